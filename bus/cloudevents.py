@@ -1,0 +1,113 @@
+"""Reading CloudEvents off the wire: structured JSON and binary mode (``ce-`` headers).
+
+Binary mode follows the CloudEvents NATS binding draft (also the HTTP binding): every context
+attribute is a ``ce-<name>`` header whose value is percent-encoded; ``data`` is the body. A plain
+``Content-Type`` such as ``application/json`` is the datacontenttype, as the Go SDK sends it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+
+import orjson
+
+from schemas.envelope import ATTRIBUTES, STRUCTURED_CONTENT_TYPE
+
+
+class Malformed(ValueError):
+    """The bytes are not a CloudEvent at all (bad JSON, bad UTF-8, bad header encoding)."""
+
+    def __init__(self, code: str, msg: str, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.loc = loc
+
+
+def header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """Case-insensitive header lookup."""
+    if not headers:
+        return None
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lname = name.lower()
+    for key, val in headers.items():
+        if key.lower() == lname:
+            return val
+    return None
+
+
+def loads(body: bytes, what: str = "body") -> Any:
+    """Parse JSON, telling invalid UTF-8 apart from invalid JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            raise Malformed("utf8_invalid", f"the {what} is not valid UTF-8 (byte {uexc.start})") from None
+        raise Malformed("json_invalid", f"the {what} is not valid JSON: {exc}") from None
+
+
+def is_structured(headers: Mapping[str, str] | None) -> bool:
+    """Structured mode unless the message carries binary-mode ``ce-`` attributes."""
+    content_type = (header(headers, "content-type") or "").strip().lower()
+    if content_type.startswith("application/cloudevents"):
+        return True
+    return not any(key.lower().startswith("ce-") for key in (headers or {}))
+
+
+def parse_structured(body: bytes) -> dict[str, Any]:
+    """A structured-mode CloudEvent: the whole event is one JSON object."""
+    event = loads(body)
+    if not isinstance(event, dict):
+        raise Malformed("json_invalid", f"a structured CloudEvent is a JSON object, not {type(event).__name__}")
+    return event
+
+
+def _decode_header_value(name: str, value: str) -> str:
+    try:
+        return unquote_to_bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise Malformed("utf8_invalid", f"header ce-{name} is not percent-encoded UTF-8", (name,)) from None
+
+
+def parse_binary(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
+    """A binary-mode CloudEvent: attributes in ``ce-`` headers, the data in the body."""
+    event: dict[str, Any] = {}
+    for key, value in headers.items():
+        lkey = key.lower()
+        if lkey.startswith("ce-"):
+            name = lkey[3:]
+            event[name] = _decode_header_value(name, value)
+    content_type = header(headers, "content-type")
+    if "datacontenttype" not in event and content_type:
+        event["datacontenttype"] = content_type.split(";")[0].strip()
+    if body:
+        event["data"] = loads(body, "data")
+    return event
+
+
+def parse(body: bytes, headers: Mapping[str, str] | None) -> dict[str, Any]:
+    """Parse a CloudEvent in whichever mode the message uses."""
+    if is_structured(headers):
+        return parse_structured(body)
+    assert headers is not None
+    return parse_binary(body, headers)
+
+
+def to_binary(event: Mapping[str, Any]) -> tuple[dict[str, str], bytes]:
+    """Headers and body of ``event`` in binary mode (used by clients and tests)."""
+    headers = {"content-type": str(event.get("datacontenttype", "application/json"))}
+    for name in ATTRIBUTES:
+        if name in event and event[name] is not None and name != "datacontenttype":
+            headers[f"ce-{name}"] = quote(str(event[name]), safe="")
+    headers["ce-datacontenttype"] = headers["content-type"]
+    return headers, orjson.dumps(event.get("data"))
+
+
+def structured_headers() -> dict[str, str]:
+    return {"content-type": STRUCTURED_CONTENT_TYPE}

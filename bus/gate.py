@@ -1,0 +1,260 @@
+"""The gatekeeper: the one door into the event log (CONTRACT §4).
+
+Every event from outside — NATS ingress or HTTP — goes through :meth:`Gate.admit`: size limit,
+parse (structured or binary), envelope and data validation with every error listed, ``source``
+must be the authenticated institution, the institution must be a member whose kind may emit the
+type, then the event is published to the log under its id, so the same id twice is one event.
+The gate keeps no state of its own, so any number of bus processes can share the ingress.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import Error as JetStreamError
+from pydantic import BaseModel, ValidationError
+
+from bus import cloudevents
+from bus.membership import Membership
+from bus.streams import EVENTS_STREAM
+from bus.verdict import Problem, Rejection, Verdict, reject
+from schemas import registry
+from schemas.envelope import ATTRIBUTES, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, CloudEvent, source_of
+
+log = logging.getLogger("collabbus.gate")
+
+#: What NATS adds to a message besides its payload and our headers (the HPUB line), generously.
+_PROTOCOL_OVERHEAD = 256
+
+
+def log_subject(event: Mapping[str, Any]) -> str:
+    """``collab.events.{institution}.{domain}.{event}.{subject}`` of an accepted event."""
+    institution = str(event["source"]).removeprefix("/institutions/")
+    return f"collab.events.{institution}.{event['type']}.{event['subject']}"
+
+
+def canonical_bytes(event: Mapping[str, Any]) -> bytes:
+    """The canonical structured JSON of an event: attributes in a fixed order, then ``data``."""
+    ordered = {name: event[name] for name in ATTRIBUTES if event.get(name) is not None}
+    ordered["data"] = event["data"]
+    return orjson.dumps(ordered)
+
+
+def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[Problem]:
+    return [Problem(prefix + tuple(err["loc"]), err["msg"], err["type"]) for err in exc.errors(include_url=False)]
+
+
+_typed_envelopes: dict[tuple[str, int], type[CloudEvent]] = {}
+
+
+def typed_envelope(spec: registry.EventSpec) -> type[CloudEvent]:
+    """The CloudEvent model whose ``data`` is the spec's model, built once per type."""
+    key = (spec.type, spec.major)
+    model = _typed_envelopes.get(key)
+    if model is None:
+        from pydantic import create_model
+
+        name = "".join(part.title() for part in spec.type.replace("_", ".").split(".")) + f"V{spec.major}Event"
+        model = create_model(name, __base__=CloudEvent, data=(spec.model, ...))
+        _typed_envelopes[key] = model
+    return model
+
+
+def validate(raw: dict[str, Any], body: bytes | None = None) -> tuple[registry.EventSpec, CloudEvent]:
+    """Validate envelope and data; raise a :class:`Rejection` listing every problem.
+
+    ``body`` is the raw JSON of ``raw`` when the caller has it (structured mode), saving a dump.
+    """
+    problems: list[Problem] = []
+    spec: registry.EventSpec | None = None
+    etype = raw.get("type")
+    if isinstance(etype, str):
+        try:
+            major = registry.parse_dataschema(raw.get("dataschema"), etype)
+            spec = registry.spec_for(etype, major)
+        except registry.UnknownEventType as exc:
+            problems.append(Problem(("type",), str(exc), "unknown_type"))
+        except registry.UnknownMajorVersion as exc:
+            problems.append(Problem(("dataschema",), str(exc), "unknown_major"))
+        except ValueError as exc:
+            problems.append(Problem(("dataschema",), str(exc), "dataschema_invalid"))
+    model: type[CloudEvent] = typed_envelope(spec) if spec is not None else CloudEvent
+    try:
+        event = model.model_validate_json(body if body is not None else orjson.dumps(raw))
+    except ValidationError as exc:
+        problems.extend(_problems(exc))
+        raise Rejection("invalid", *problems) from None
+    if problems or spec is None:
+        raise Rejection("invalid", *problems)
+    data = event.data
+    assert isinstance(data, BaseModel)
+    expected = getattr(data, spec.subject_field, None)
+    if expected is not None and str(expected) != event.subject:
+        raise reject(
+            "invalid",
+            "subject_mismatch",
+            f"subject {event.subject!r} must be the {spec.subject_field} of the data ({expected!r})",
+            "subject",
+        )
+    return spec, event
+
+
+class Gate:
+    """Admits events to the log. One instance per bus process; stateless apart from caches."""
+
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        membership: Membership,
+        *,
+        max_event_bytes: int,
+        stream: str = EVENTS_STREAM,
+        publish_timeout: float = 5.0,
+    ) -> None:
+        self.nc = nc
+        self.js = js
+        self.membership = membership
+        self.max_event_bytes = max_event_bytes
+        self.stream = stream
+        self.publish_timeout = publish_timeout
+
+    async def admit(
+        self,
+        institution: str,
+        body: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        offered_type: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Verdict:
+        """Judge an event offered by ``institution`` (already authenticated) and log it if good.
+
+        Never raises: anything wrong with the input, or with the log, becomes a rejection.
+        """
+        raw: dict[str, Any] | None = None
+        try:
+            raw = self._parse(body, headers)
+            spec, event = validate(raw, body if cloudevents.is_structured(headers) else None)
+            if offered_type is not None and offered_type != event.type:
+                raise reject(
+                    "invalid", "type_mismatch",
+                    f"type {event.type!r} does not match the ingress subject's {offered_type!r}", "type",
+                )
+            if event.source != source_of(institution):
+                raise reject(
+                    "forbidden", "source_mismatch",
+                    f"source {event.source!r} is not the authenticated institution ({source_of(institution)!r})",
+                    "source",
+                )
+            kind = await self.membership.kind_of(institution)
+            if kind is None:
+                raise reject("forbidden", "not_member", f"{institution!r} is not a member of the network", "source")
+            if not registry.may_emit(kind, spec.type, spec.major):
+                if not spec.emitters:
+                    msg = f"{spec.type} is emitted by the bus's workflows only"
+                else:
+                    msg = f"an institution of kind {kind!r} may not emit {spec.type}"
+                raise reject("forbidden", "kind_may_not_emit", msg, "type")
+            return await self._log(raw, spec, extra_headers)
+        except Rejection as exc:
+            event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+            return Verdict("rejected", event_id, errors=exc.problems, reason=exc.reason)
+        except Exception:  # a bug must cost one event, never the gate
+            log.exception("gate failed on an offered event")
+            event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+            return Verdict(
+                "rejected", event_id, reason="unavailable",
+                errors=(Problem((), "internal error while judging the event; retry with the same id", "internal"),),
+            )
+
+    async def publish_internal(self, event: Mapping[str, Any], extra_headers: Mapping[str, str] | None = None) -> Verdict:
+        """Log an event the bus itself emits (workflows, the operator's bootstrap).
+
+        The same validation as outside events, without the emitter checks: workflow events are
+        emitted in the name of the aggregate's owner.
+        """
+        raw = dict(event)
+        try:
+            spec, _ = validate(raw)
+            return await self._log(raw, spec, extra_headers)
+        except Rejection as exc:
+            return Verdict("rejected", raw.get("id"), errors=exc.problems, reason=exc.reason)
+
+    def _parse(self, body: bytes, headers: Mapping[str, str] | None) -> dict[str, Any]:
+        size = len(body) + sum(len(k) + len(v) for k, v in (headers or {}).items())
+        if size > self.max_event_bytes:
+            raise reject(
+                "too_large", "too_large",
+                f"the event is {size} bytes; the limit is {self.max_event_bytes} bytes",
+            )
+        try:
+            return cloudevents.parse(body, headers)
+        except cloudevents.Malformed as exc:
+            raise reject("malformed", exc.code, exc.msg, *exc.loc) from None
+
+    async def _log(
+        self, raw: dict[str, Any], spec: registry.EventSpec, extra_headers: Mapping[str, str] | None
+    ) -> Verdict:
+        if raw.get("time") is None:
+            raw["time"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        raw.setdefault("datacontenttype", DATA_CONTENT_TYPE)
+        payload = canonical_bytes(raw)
+        if len(payload) > self.max_event_bytes:
+            raise reject(
+                "too_large", "too_large",
+                f"the event is {len(payload)} bytes serialized; the limit is {self.max_event_bytes} bytes",
+            )
+        event_id = str(raw["id"])
+        headers = {"Nats-Msg-Id": event_id, "Content-Type": STRUCTURED_CONTENT_TYPE}
+        if extra_headers:
+            headers.update(extra_headers)
+        check_fits(self.nc, payload, headers)
+        subject = log_subject(raw)
+        try:
+            ack = await self.js.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
+        except (NatsTimeoutError, NatsError, JetStreamError) as exc:
+            log.warning("log did not confirm %s: %s", event_id, exc)
+            raise reject(
+                "unavailable", "log_unavailable",
+                f"the event log did not confirm the event ({type(exc).__name__}); retry with the same id",
+            ) from None
+        if ack.duplicate:
+            await self._check_duplicate(raw, ack.seq)
+        elif spec.domain == "institution":
+            self.membership.learn(raw)
+        return Verdict("accepted", event_id, seq=ack.seq, duplicate=bool(ack.duplicate), event=raw)
+
+    async def _check_duplicate(self, raw: Mapping[str, Any], seq: int) -> None:
+        # JetStream deduplicates on the id alone; an id another institution used first is a clash, not a retry.
+        try:
+            logged = orjson.loads((await self.js.get_msg(self.stream, seq)).data or b"{}")
+        except (NatsError, JetStreamError):
+            return
+        if logged.get("source") != raw.get("source"):
+            raise reject(
+                "invalid", "id_taken",
+                f"event id {raw.get('id')!r} is already used by another institution; choose a unique id", "id",
+            )
+
+
+def check_fits(nc: Client, payload: bytes, headers: Mapping[str, str]) -> None:
+    """Refuse a message NATS would refuse: headers + payload over the server's ``max_payload``.
+
+    nats-py checks only the payload; a larger message makes the server close the connection.
+    """
+    size = len(payload) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + _PROTOCOL_OVERHEAD
+    limit = nc.max_payload
+    if size > limit:
+        raise reject(
+            "too_large", "too_large_for_nats",
+            f"the event with its headers is {size} bytes; the NATS server accepts at most {limit} bytes per message",
+        )

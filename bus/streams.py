@@ -1,0 +1,111 @@
+"""The two JetStream streams, declared explicitly (CONTRACT §4).
+
+The bus owns these settings: on start it creates a missing stream, and where an existing stream
+differs from what the settings ask it applies the change and logs every field it changed. Fields a
+stream cannot change in place (storage) are reported as an error instead of being papered over.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+EVENTS_STREAM = "COLLAB_EVENTS"
+DLQ_STREAM = "COLLAB_DLQ"
+EVENTS_SUBJECTS = "collab.events.>"
+DLQ_SUBJECTS = "collab.dlq.>"
+
+log = logging.getLogger("collabbus.streams")
+
+
+class StreamConfigError(RuntimeError):
+    """An existing stream cannot be brought to the configured settings."""
+
+
+@dataclass(frozen=True)
+class StreamChange:
+    stream: str
+    field: str
+    old: object
+    new: object
+
+
+def desired_streams(*, replicas: int, duplicate_window: float, max_msg_size: int) -> list[StreamConfig]:
+    """The streams as the settings want them."""
+    return [
+        StreamConfig(
+            name=EVENTS_STREAM,
+            description="collabbus: the accepted event log, the network's audit trail",
+            subjects=[EVENTS_SUBJECTS],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            num_replicas=replicas,
+            duplicate_window=duplicate_window,
+            deny_delete=True,
+            deny_purge=True,
+            allow_direct=True,
+            max_msg_size=max_msg_size,
+        ),
+        StreamConfig(
+            name=DLQ_STREAM,
+            description="collabbus: dead letters, one subject per consumer",
+            subjects=[DLQ_SUBJECTS],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            num_replicas=replicas,
+            deny_delete=False,
+            deny_purge=False,
+            allow_direct=True,
+        ),
+    ]
+
+# Fields the bus owns on an existing stream; the rest (limits an operator may have set by hand) are left alone.
+_OWNED = ("subjects", "num_replicas", "duplicate_window", "deny_delete", "deny_purge", "allow_direct", "max_msg_size")
+_IMMUTABLE = ("storage", "retention")
+
+
+async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> list[StreamChange]:
+    """Create missing streams and bring existing ones to ``configs``; returns the changes made."""
+    changes: list[StreamChange] = []
+    for wanted in configs:
+        assert wanted.name
+        try:
+            info = await js.stream_info(wanted.name)
+        except NotFoundError:
+            await js.add_stream(wanted)
+            log.info("created stream %s", wanted.name)
+            continue
+        current = info.config
+        for name in _IMMUTABLE:
+            if getattr(current, name) != getattr(wanted, name):
+                raise StreamConfigError(
+                    f"stream {wanted.name} has {name}={getattr(current, name)}, the bus needs "
+                    f"{getattr(wanted, name)}; this cannot be changed in place"
+                )
+        diff = [
+            StreamChange(wanted.name, name, getattr(current, name), getattr(wanted, name))
+            for name in _OWNED
+            if _normal(getattr(current, name)) != _normal(getattr(wanted, name))
+        ]
+        if diff:
+            for name in _OWNED:
+                setattr(current, name, getattr(wanted, name))
+            await js.update_stream(current)
+            for change in diff:
+                log.warning("stream %s: %s changed from %r to %r", change.stream, change.field, change.old, change.new)
+            changes.extend(diff)
+    return changes
+
+
+def _normal(value: object) -> object:
+    if isinstance(value, list):
+        return sorted(value)
+    if isinstance(value, float):
+        return round(value, 3)
+    return value

@@ -1,0 +1,76 @@
+"""The gatekeeper's answer to an offered event (CONTRACT §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+#: Why an event was refused, coarsely: the HTTP gateway maps these to status codes.
+Reason = Literal["malformed", "invalid", "too_large", "unsupported", "forbidden", "unavailable"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an event: where (``loc``), what (``msg``) and a stable code (``type``)."""
+
+    loc: tuple[str | int, ...]
+    msg: str
+    type: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Accepted (with the log sequence) or rejected (with every problem found)."""
+
+    status: Literal["accepted", "rejected"]
+    id: str | None
+    seq: int | None = None
+    duplicate: bool = False
+    errors: tuple[Problem, ...] = ()
+    reason: Reason | None = None
+    event: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.accepted:
+            return {"status": "accepted", "id": self.id, "seq": self.seq, "duplicate": self.duplicate}
+        return {
+            "status": "rejected",
+            "id": self.id,
+            "reason": self.reason,
+            "errors": [problem.as_dict() for problem in self.errors],
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.as_dict())
+
+    @classmethod
+    def from_json(cls, body: bytes) -> "Verdict":
+        """Read a verdict as a partner's client does."""
+        data = orjson.loads(body)
+        if data.get("status") == "accepted":
+            return cls("accepted", data.get("id"), data.get("seq"), bool(data.get("duplicate")))
+        errors = tuple(Problem(tuple(e.get("loc", ())), e.get("msg", ""), e.get("type", "")) for e in data.get("errors", ()))
+        return cls("rejected", data.get("id"), errors=errors, reason=data.get("reason"))
+
+
+class Rejection(Exception):
+    """Raised inside the gate to refuse an event; carries the problems found."""
+
+    def __init__(self, reason: Reason, *problems: Problem) -> None:
+        super().__init__("; ".join(p.msg for p in problems))
+        self.reason = reason
+        self.problems = problems
+
+
+def reject(reason: Reason, code: str, msg: str, *loc: str | int) -> Rejection:
+    """A one-problem rejection."""
+    return Rejection(reason, Problem(tuple(loc), msg, code))

@@ -1,0 +1,77 @@
+"""The one settings class (CONTRACT §1): environment variables prefixed ``COLLABBUS_``."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import Annotated
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Configuration shared by every command; each field is also a command-line option."""
+
+    model_config = SettingsConfigDict(env_prefix="COLLABBUS_", extra="ignore")
+
+    data_dir: Path = Field(Path("./.collabbus"), description="everything the embedded default writes")
+    nats_url: str | None = Field(None, description="comma-separated NATS URLs; unset starts the embedded server")
+    nats_listen: str = Field("127.0.0.1:4222", description="where the embedded nats-server listens")
+    operator: str = Field("operator", pattern=r"^[a-z0-9][a-z0-9-]{1,62}$", description="id of the network's operator institution")
+    operator_name: str = Field("Network operator", description="display name of the operator institution")
+    operator_country: str = Field("FI", pattern=r"^[A-Z]{2}$", description="ISO 3166-1 country of the operator")
+    nats_creds: Path | None = Field(None, description="credentials file or nkey seed for the bus's own connection")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the read models; default SQLite under the data dir")
+    http: str = Field("127.0.0.1:8080", description="address of the HTTP gateway")
+    stream_replicas: int = Field(1, ge=1, le=5, description="JetStream replicas for the streams")
+    max_event_bytes: int = Field(262144, ge=1024, description="largest accepted event, serialized")
+    duplicate_window: float = Field(
+        86400.0, gt=0, description="seconds JetStream remembers event ids for deduplication"
+    )
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+    )
+    webhook_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    portal_url: str | None = None
+    portal_token: str | None = None
+    portal_interval: float = 300.0
+
+    _split_lists = field_validator("webhook_retry_schedule", "webhook_allow_networks", mode="before")(
+        lambda cls, v: _split(v)
+    )
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The URLs to connect to: the configured cluster, or the embedded server."""
+        if self.nats_url:
+            return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+        return [f"nats://{self.nats_listen}"]
+
+    @property
+    def embedded(self) -> bool:
+        """True when the bus runs its own nats-server."""
+        return not self.nats_url
+
+    @property
+    def db_url(self) -> str:
+        """The read models' database URL."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'collabbus.db').resolve()}"
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.nats_listen.rpartition(":")
+        return host or "127.0.0.1", int(port)

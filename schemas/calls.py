@@ -1,0 +1,142 @@
+"""Calls for funding, partnership, tenders, challenges and trainings, and applications to them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Self
+
+from pydantic import model_validator
+
+from schemas.common import (
+    AggregateId,
+    Changes,
+    CountryCode,
+    EventData,
+    InstitutionId,
+    InstitutionKind,
+    LocalizedText,
+    Money,
+    NotClearable,
+    Reason,
+    Theme,
+    Timestamp,
+    WebUrl,
+)
+
+__all__ = [
+    "ApplicationReceived",
+    "ApplicationRefusal",
+    "ApplicationRejected",
+    "ApplicationSubmitted",
+    "CallAmended",
+    "CallChanges",
+    "CallClosed",
+    "CallPublished",
+]
+
+CallKind = Literal["funding", "partnership", "tender", "challenge", "training"]
+DeadlineModel = Literal["single_stage", "two_stage"]
+
+
+def _check_window(opens_at: datetime | None, deadline: datetime | None) -> None:
+    if opens_at is not None and deadline is not None and deadline <= opens_at:
+        raise ValueError("deadline must be after opens_at")
+
+
+class CallPublished(EventData):
+    """A call opened to the network. The publisher (the event's source) owns it. Empty
+    `eligible_kinds` / `eligible_countries` mean everyone."""
+
+    call_id: AggregateId
+    title: LocalizedText
+    summary: LocalizedText | None = None
+    kind: CallKind
+    themes: tuple[Theme, ...] = ()
+    eligible_kinds: tuple[InstitutionKind, ...] = ()
+    eligible_countries: tuple[CountryCode, ...] = ()
+    budget: Money | None = None
+    opens_at: Timestamp
+    deadline: Timestamp
+    deadline_model: DeadlineModel
+    url: WebUrl | None = None
+
+    @model_validator(mode="after")
+    def _deadline_after_opening(self) -> Self:
+        _check_window(self.opens_at, self.deadline)
+        return self
+
+
+class CallChanges(Changes):
+    """The amendable fields of a call. Only the window given here is checked; whether a new
+    deadline fits the call's stored `opens_at` is the calls workflow's business."""
+
+    title: NotClearable[LocalizedText] = None
+    summary: LocalizedText | None = None
+    themes: NotClearable[tuple[Theme, ...]] = None
+    eligible_kinds: NotClearable[tuple[InstitutionKind, ...]] = None
+    eligible_countries: NotClearable[tuple[CountryCode, ...]] = None
+    budget: Money | None = None
+    opens_at: NotClearable[Timestamp] = None
+    deadline: NotClearable[Timestamp] = None
+    url: WebUrl | None = None
+
+    @model_validator(mode="after")
+    def _deadline_after_opening(self) -> Self:
+        _check_window(self.opens_at, self.deadline)
+        return self
+
+
+class CallAmended(EventData):
+    """The call's owner changed some of its terms, and says why."""
+
+    call_id: AggregateId
+    changes: CallChanges
+    reason: LocalizedText
+
+
+class CallClosed(EventData):
+    """No more applications: by the owner, or by the bus at the deadline."""
+
+    call_id: AggregateId
+    reason: Literal["deadline_passed", "cancelled", "filled"]
+
+
+class ApplicationSubmitted(EventData):
+    """An institution (the source) applies to a call, possibly with partners and a project."""
+
+    call_id: AggregateId
+    application_id: AggregateId
+    project_id: AggregateId | None = None
+    partners: tuple[InstitutionId, ...] = ()
+    requested_amount: Money | None = None
+
+
+class ApplicationReceived(EventData):
+    """The calls workflow accepted an application; emitted in the call owner's name."""
+
+    call_id: AggregateId
+    application_id: AggregateId
+    applicant: InstitutionId
+
+
+class ApplicationRefusal(Reason):
+    """Why an application was refused."""
+
+    code: Literal[
+        "unknown_call",
+        "before_opening",
+        "after_deadline",
+        "call_closed",
+        "ineligible_kind",
+        "ineligible_country",
+        "duplicate_application",
+    ]
+
+
+class ApplicationRejected(EventData):
+    """The calls workflow refused an application; `causationid` names the submission."""
+
+    call_id: AggregateId
+    application_id: AggregateId
+    applicant: InstitutionId
+    reason: ApplicationRefusal

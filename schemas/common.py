@@ -1,0 +1,323 @@
+"""Field types shared by every event of the catalog (CONTRACT.md §3 and §5).
+
+The constraints live in the types, so pydantic enforces them and the exported JSON Schemas say the
+same thing to partners who validate in other languages. Regular expressions spell out ASCII
+classes (`[0-9]`, not `\\d`): pydantic's regex engine treats `\\d` as any Unicode digit.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    model_validator,
+)
+
+__all__ = [
+    "COUNTRY_CODES",
+    "CRITERIA",
+    "CURRENCY_CODES",
+    "THEMES",
+    "AggregateId",
+    "Changes",
+    "CountryCode",
+    "Criterion",
+    "CurrencyCode",
+    "Day",
+    "DecimalString",
+    "EmailAddress",
+    "EventData",
+    "EventId",
+    "EvidenceLevel",
+    "ExternalRef",
+    "InstitutionId",
+    "InstitutionKind",
+    "Label",
+    "LanguageTag",
+    "LocalizedText",
+    "Money",
+    "NonNegativeDecimalString",
+    "NotClearable",
+    "Reason",
+    "Score",
+    "Theme",
+    "Timestamp",
+    "ValueObject",
+    "WebUrl",
+    "theme_codes",
+]
+
+T = TypeVar("T")
+JsonDict = dict[str, Any]
+
+# --- identifiers ------------------------------------------------------------------------------
+
+InstitutionId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
+"""An institution of the network, e.g. `tr-mersin-bb`, `fi-thl`."""
+
+AggregateId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_:-]{1,128}$")]
+"""Id of a call, project, validation, day, application, registration...: no dot, since it
+becomes the NATS subject token of the envelope `subject`."""
+
+EventId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+"""A CloudEvent `id` (dots allowed), for events that name another event."""
+
+# --- text -------------------------------------------------------------------------------------
+
+LanguageTag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
+"""A BCP 47 language tag such as `fi`, `tr`, `ar`, `sv-FI`."""
+
+LocalizedText = Annotated[
+    dict[LanguageTag, Annotated[str, StringConstraints(min_length=1)]],
+    Field(min_length=1, json_schema_extra={"additionalProperties": False}),
+]
+"""Text meant for people, per language. Stored exactly as sent: no stripping, no normalising."""
+
+Label = Annotated[str, StringConstraints(min_length=1, max_length=300)]
+"""A short single-language string (a region, an address, a unit), kept exactly as sent."""
+
+WebUrl = Annotated[
+    str,
+    StringConstraints(max_length=2048, pattern=r"^https?://[^\s/?#]+[^\s]*$"),
+    Field(json_schema_extra={"format": "uri"}),
+]
+"""An http(s) address. A plain string rather than `HttpUrl`, which would rewrite what was sent."""
+
+EmailAddress = Annotated[
+    str,
+    StringConstraints(max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),
+    Field(json_schema_extra={"format": "email"}),
+]
+
+# --- places and money -------------------------------------------------------------------------
+
+# ISO 3166-1 alpha-2, all 249 officially assigned codes.
+COUNTRY_CODES: frozenset[str] = frozenset(
+    """
+    AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS
+    BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE
+    EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM
+    HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC
+    LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA
+    NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW
+    SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO
+    TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW
+    """.split()
+)
+
+# ISO 4217 currencies in use (2025): fund, metal, test and no-currency codes left out; withdrawn
+# HRK, CUC, SLL, ZWL and ANG replaced by their successors (EUR, CUP, SLE, ZWG, XCG).
+CURRENCY_CODES: frozenset[str] = frozenset(
+    """
+    AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP BYN BZD
+    CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP
+    GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD
+    KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN
+    NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP
+    SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VED VES
+    VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG
+    """.split()
+)
+
+
+def _member_of(codes: frozenset[str], what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in codes:
+            raise ValueError(f"{value!r} is not an assigned {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+CountryCode = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Z]{2}$"),
+    _member_of(COUNTRY_CODES, "ISO 3166-1 alpha-2 country code"),
+    Field(json_schema_extra={"enum": sorted(COUNTRY_CODES)}),
+]
+
+CurrencyCode = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Z]{3}$"),
+    _member_of(CURRENCY_CODES, "ISO 4217 currency code"),
+    Field(json_schema_extra={"enum": sorted(CURRENCY_CODES)}),
+]
+
+DecimalString = Annotated[str, StringConstraints(pattern=r"^-?[0-9]+(\.[0-9]+)?$")]
+"""A decimal number as a string ("1500000.00"), so no amount is rounded through a float."""
+
+NonNegativeDecimalString = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?$")]
+
+# --- time -------------------------------------------------------------------------------------
+
+
+def _text_or(kind: type) -> BeforeValidator:
+    """Refuse numbers (Unix timestamps) that pydantic would otherwise turn into times: the
+    contract, and the JSON Schema, say RFC 3339 text."""
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, (str, kind)):
+            raise ValueError(f"expected an RFC 3339 string, got {type(value).__name__}")
+        return value
+
+    return BeforeValidator(check)
+
+
+Timestamp = Annotated[AwareDatetime, _text_or(datetime)]
+"""A moment with its UTC offset; naive datetimes are refused."""
+
+Day = Annotated[date, _text_or(date)]
+"""A calendar date (`2026-03-01`)."""
+
+# --- vocabularies -----------------------------------------------------------------------------
+
+# Sosyokent specialisation areas: domain -> sub-codes. Extend here; everything else follows.
+THEMES: dict[str, frozenset[str]] = {
+    "migration_population": frozenset({"migrants", "ageing", "cohesion"}),
+    "environment_urbanisation": frozenset(
+        {"climate", "urban_transformation", "urbanisation", "municipal_services"}
+    ),
+    "economy": frozenset({"income_inequality", "disability_participation", "disadvantaged_groups"}),
+    "education": frozenset({"literacy", "schooling", "lifelong_learning", "quality"}),
+    "health_care": frozenset({"basic_services", "elderly_care", "public_health"}),
+}
+
+
+def theme_codes() -> list[str]:
+    """Every valid theme code, sorted: each domain alone and each `domain.sub_code`."""
+    return sorted([*THEMES, *(f"{d}.{s}" for d, subs in THEMES.items() for s in subs)])
+
+
+def _check_theme(value: str) -> str:
+    domain, dot, sub = value.partition(".")
+    if domain not in THEMES or (dot and sub not in THEMES[domain]):
+        raise ValueError(f"unknown theme code {value!r}")
+    return value
+
+
+Theme = Annotated[
+    str,
+    AfterValidator(_check_theme),
+    # Built when the schema is, so an extended THEMES shows up in the exported schemas too.
+    Field(json_schema_extra=lambda schema: schema.update(enum=theme_codes())),
+]
+
+
+class InstitutionKind(StrEnum):
+    """What an institution is; decides which event types it may offer (the registry's emitters)."""
+
+    UNIVERSITY = "university"
+    MUNICIPALITY = "municipality"
+    NGO = "ngo"
+    COOPERATIVE = "cooperative"
+    COMPETENCE_CENTRE = "competence_centre"
+    PUBLIC_AGENCY = "public_agency"
+    FUNDER = "funder"
+    COMPANY = "company"
+    SOCIAL_ENTERPRISE = "social_enterprise"
+    OPERATOR = "operator"
+
+
+Criterion = Literal[
+    "novelty", "effectiveness", "user_involvement", "transferability", "sustainability", "equity"
+]
+"""The validation criteria every review scores."""
+
+CRITERIA: tuple[Criterion, ...] = (
+    "novelty",
+    "effectiveness",
+    "user_involvement",
+    "transferability",
+    "sustainability",
+    "equity",
+)
+
+# Strict: "3", 3.7 and true are not scores.
+Score = Annotated[int, Strict(), Field(ge=1, le=5)]
+EvidenceLevel = Annotated[int, Strict(), Field(ge=1, le=5)]
+"""Nesta standards of evidence, level 1 (a logical account) to 5 (proven to scale)."""
+
+# --- base classes and small shared parts ------------------------------------------------------
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class ValueObject(BaseModel):
+    """A part of event data (money, a partner, a venue): frozen, unknown fields refused."""
+
+    model_config = _FROZEN
+
+
+class EventData(BaseModel):
+    """The `data` of one event type. Frozen, since events are facts; unknown fields are refused,
+    so a typo surfaces at the gate instead of being silently dropped."""
+
+    model_config = _FROZEN
+
+
+class Money(ValueObject):
+    """An amount in a currency; the amount is decimal text so it is never rounded."""
+
+    amount: NonNegativeDecimalString
+    currency: CurrencyCode
+
+
+class ExternalRef(ValueObject):
+    """How another system (e.g. Innokylä) names the same thing."""
+
+    system: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+    id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    url: WebUrl | None = None
+
+
+def _refuse_null(value: T | None) -> T:
+    if value is None:
+        raise ValueError("cannot be cleared (null); leave the field out to keep its value")
+    return value
+
+
+def _drop_null_branch(schema: JsonDict) -> None:
+    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        schema.update(branches[0])
+    else:
+        schema["anyOf"] = branches
+    schema.pop("default", None)
+
+
+NotClearable = Annotated[
+    T | None, AfterValidator(_refuse_null), Field(json_schema_extra=_drop_null_branch)
+]
+"""A field of a change set that may be replaced but not cleared: leaving it out keeps the value,
+`null` is refused. Clearable fields of a change set are plain `X | None = None`."""
+
+
+class Changes(ValueObject):
+    """A change set (call.amended, project.updated): the fields present are the new values; a
+    present `null` clears an optional field. At least one field must be present."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    @model_validator(mode="after")
+    def _names_a_field(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError("changes must name at least one field")
+        return self
+
+
+class Reason(ValueObject):
+    """Why a workflow refused something: a code for machines (each refusal event narrows it to
+    its own vocabulary), an optional message for people."""
+
+    code: str
+    message: LocalizedText | None = None

@@ -1,0 +1,203 @@
+"""Gatherings — innovation days, trainings, study visits — their registrations and matchmaking.
+
+The organiser is the source of `innovation_day.scheduled`, so it is not repeated in the data.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal, Self
+
+from pydantic import Field, Strict, model_validator
+
+from schemas.common import (
+    AggregateId,
+    CountryCode,
+    EventData,
+    InstitutionId,
+    Label,
+    LanguageTag,
+    LocalizedText,
+    Reason,
+    Theme,
+    Timestamp,
+    ValueObject,
+    WebUrl,
+)
+
+__all__ = [
+    "InnovationDayCancelled",
+    "InnovationDayHeld",
+    "InnovationDayRescheduled",
+    "InnovationDayScheduled",
+    "Meeting",
+    "MeetingsProposed",
+    "RegistrationCancelled",
+    "RegistrationConfirmed",
+    "RegistrationRefusal",
+    "RegistrationRejected",
+    "RegistrationRequested",
+    "RegistrationWaitlisted",
+    "Venue",
+]
+
+Attendees = Annotated[int, Strict(), Field(ge=1)]
+
+
+class Venue(ValueObject):
+    """Where an offline or mixed gathering takes place."""
+
+    name: LocalizedText
+    address: Label | None = None
+    municipality: Label | None = None
+    country: CountryCode | None = None
+
+
+def _check_times(
+    starts_at: datetime, ends_at: datetime, registration_deadline: datetime | None
+) -> None:
+    if ends_at <= starts_at:
+        raise ValueError("ends_at must be after starts_at")
+    if registration_deadline is not None and registration_deadline > starts_at:
+        raise ValueError("registration_deadline must not be after starts_at")
+
+
+class InnovationDayScheduled(EventData):
+    """A gathering is announced. Offline needs a venue, online an `online_url`, mixed both.
+    `capacity` counts attendees (a registration may bring several)."""
+
+    day_id: AggregateId
+    title: LocalizedText
+    summary: LocalizedText | None = None
+    format: Literal["innovation_day", "training", "study_visit", "webinar", "workshop"]
+    starts_at: Timestamp
+    ends_at: Timestamp
+    attendance_mode: Literal["offline", "online", "mixed"]
+    venue: Venue | None = None
+    online_url: WebUrl | None = None
+    capacity: Attendees
+    registration_deadline: Timestamp
+    themes: tuple[Theme, ...] = ()
+    languages: tuple[LanguageTag, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _check_times(self.starts_at, self.ends_at, self.registration_deadline)
+        if self.attendance_mode != "online" and self.venue is None:
+            raise ValueError(f"an {self.attendance_mode} gathering needs a venue")
+        if self.attendance_mode != "offline" and self.online_url is None:
+            raise ValueError(f"an {self.attendance_mode} gathering needs an online_url")
+        return self
+
+
+class InnovationDayRescheduled(EventData):
+    """The organiser moved the gathering; a registration deadline left out stays as it was."""
+
+    day_id: AggregateId
+    starts_at: Timestamp
+    ends_at: Timestamp
+    registration_deadline: Timestamp | None = None
+    reason: LocalizedText | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _check_times(self.starts_at, self.ends_at, self.registration_deadline)
+        return self
+
+
+class InnovationDayCancelled(EventData):
+    """The organiser called the gathering off."""
+
+    day_id: AggregateId
+    reason: LocalizedText
+
+
+class InnovationDayHeld(EventData):
+    """The gathering took place."""
+
+    day_id: AggregateId
+    attendees: Annotated[int, Strict(), Field(ge=0)] | None = None
+    summary: LocalizedText | None = None
+
+
+class RegistrationRequested(EventData):
+    """An institution asks to attend; the workflow answers with confirmed, waitlisted or
+    rejected. `interests` (themes) and `project_id` feed the matchmaking."""
+
+    day_id: AggregateId
+    registration_id: AggregateId
+    participant: InstitutionId
+    role: Literal["innovator", "funder", "observer", "speaker"]
+    attendees: Attendees
+    project_id: AggregateId | None = None
+    interests: tuple[Theme, ...] = ()
+
+
+class RegistrationConfirmed(EventData):
+    """A seat for the registration, within capacity (also when promoted from the waitlist)."""
+
+    day_id: AggregateId
+    registration_id: AggregateId
+    participant: InstitutionId | None = None
+    attendees: Attendees | None = None
+
+
+class RegistrationWaitlisted(EventData):
+    """No seat yet: the registration waits at `position` (1 = next to be promoted)."""
+
+    day_id: AggregateId
+    registration_id: AggregateId
+    position: Annotated[int, Strict(), Field(ge=1)]
+    participant: InstitutionId | None = None
+
+
+class RegistrationRefusal(Reason):
+    """Why a registration (or its cancellation) was refused."""
+
+    code: Literal[
+        "unknown_day",
+        "after_deadline",
+        "day_cancelled",
+        "already_registered",
+        "unknown_registration",
+        "not_participant",
+    ]
+
+
+class RegistrationRejected(EventData):
+    """The workflow refused a registration request; `causationid` names it."""
+
+    day_id: AggregateId
+    registration_id: AggregateId
+    reason: RegistrationRefusal
+    participant: InstitutionId | None = None
+
+
+class RegistrationCancelled(EventData):
+    """The participant gives up its registration; the waitlist moves up."""
+
+    day_id: AggregateId
+    registration_id: AggregateId
+
+
+class Meeting(ValueObject):
+    """One proposed innovator–funder meeting; they share at least one theme."""
+
+    innovator: InstitutionId
+    funder: InstitutionId
+    project_id: AggregateId | None = None
+    slot_start: Timestamp
+    shared_themes: Annotated[tuple[Theme, ...], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _two_parties(self) -> Self:
+        if self.innovator == self.funder:
+            raise ValueError("innovator and funder must be different institutions")
+        return self
+
+
+class MeetingsProposed(EventData):
+    """Matchmaking at the registration deadline; may be empty when nobody matches."""
+
+    day_id: AggregateId
+    meetings: tuple[Meeting, ...]

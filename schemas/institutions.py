@@ -1,0 +1,80 @@
+"""Membership of the network: `institution.*`, offered by the operator alone."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+
+from pydantic import ConfigDict, StringConstraints, model_validator
+
+from schemas.common import (
+    CountryCode,
+    EmailAddress,
+    EventData,
+    InstitutionId,
+    InstitutionKind,
+    Label,
+    LocalizedText,
+    NotClearable,
+    Theme,
+    ValueObject,
+    WebUrl,
+)
+
+__all__ = ["Identifier", "InstitutionJoined", "InstitutionLeft", "InstitutionUpdated"]
+
+MunicipalityLevel = Literal["metropolitan", "provincial", "district"]
+
+
+class Identifier(ValueObject):
+    """How another register names the institution (`fi-business-id`, `tr-tax-id`); the portal
+    connector maps organisations to members through these."""
+
+    scheme: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+    value: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class InstitutionJoined(EventData):
+    """An institution became a member; its kind decides what it may offer to the network."""
+
+    id: InstitutionId
+    name: LocalizedText
+    kind: InstitutionKind
+    country: CountryCode
+    region: Label | None = None
+    municipality_level: MunicipalityLevel | None = None
+    themes: tuple[Theme, ...] = ()
+    identifiers: tuple[Identifier, ...] = ()
+    website: WebUrl | None = None
+    contact_email: EmailAddress | None = None
+
+
+class InstitutionUpdated(EventData):
+    """Some facts about a member changed: `id` plus only the fields that changed, with the same
+    meaning as in `institution.joined`. A present `null` clears an optional field; `name`, `kind`
+    and `country` cannot be cleared; lists are replaced whole."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 2})
+
+    id: InstitutionId
+    name: NotClearable[LocalizedText] = None
+    kind: NotClearable[InstitutionKind] = None
+    country: NotClearable[CountryCode] = None
+    region: Label | None = None
+    municipality_level: MunicipalityLevel | None = None
+    themes: NotClearable[tuple[Theme, ...]] = None
+    identifiers: NotClearable[tuple[Identifier, ...]] = None
+    website: WebUrl | None = None
+    contact_email: EmailAddress | None = None
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> Self:
+        if not self.model_fields_set - {"id"}:
+            raise ValueError("institution.updated must carry at least one changed field")
+        return self
+
+
+class InstitutionLeft(EventData):
+    """A member left the network; its past events stay in the log."""
+
+    id: InstitutionId
+    reason: LocalizedText | None = None

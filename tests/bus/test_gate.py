@@ -1,0 +1,332 @@
+"""The gatekeeper against a real nats-server (CONTRACT §4): what gets in, what is refused and why."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+from nats.aio.client import Client
+
+from bus.client import offer, offer_raw
+from bus.runtime import Bus
+from bus.streams import EVENTS_STREAM
+from bus.verdict import Verdict
+from schemas import registry
+from tests.conftest import load_fixtures, unique
+
+FIXTURES = load_fixtures()
+
+
+def fresh(type_: str, **changes: Any) -> tuple[str, dict[str, Any]]:
+    """(institution, event) of a fixture with a new event id; ``changes`` replace envelope attributes."""
+    fixture = copy.deepcopy(FIXTURES[type_])
+    event = fixture["event"]
+    event["id"] = unique("ev")
+    event.update(changes)
+    return fixture["as"], event
+
+
+async def logged(bus: Bus, seq: int) -> tuple[dict[str, Any], bytes]:
+    msg = await bus.js.get_msg(EVENTS_STREAM, seq)
+    assert msg.data is not None
+    return orjson.loads(msg.data), msg.data
+
+
+def codes(verdict: Verdict) -> set[str]:
+    return {problem.type for problem in verdict.errors}
+
+
+def locs(verdict: Verdict) -> set[tuple[str | int, ...]]:
+    return {problem.loc for problem in verdict.errors}
+
+
+async def stream_messages(bus: Bus) -> int:
+    return (await bus.js.stream_info(EVENTS_STREAM)).state.messages
+
+
+@pytest.fixture(autouse=True)
+async def _members(members: dict[str, str]) -> None:
+    """Every test here runs with the fixture institutions as members."""
+
+
+# --------------------------------------------------------------------------- every type
+
+
+OUTSIDE = sorted(t for t in FIXTURES if registry.spec_for(t).emitters)
+BUS_ONLY = sorted(t for t in FIXTURES if not registry.spec_for(t).emitters)
+
+
+def test_fixtures_cover_the_whole_catalog() -> None:
+    assert sorted(FIXTURES) == registry.event_types()
+
+
+@pytest.mark.parametrize("type_", OUTSIDE)
+async def test_every_type_offered_from_outside_is_accepted_and_logged(bus: Bus, partner: Client, type_: str) -> None:
+    institution, event = fresh(type_)
+    verdict = await offer(partner, institution, event)
+    assert verdict.accepted, verdict.as_dict()
+    assert verdict.id == event["id"] and not verdict.duplicate
+    stored, _ = await logged(bus, verdict.seq or 0)
+    assert stored["data"] == event["data"]
+    assert stored["type"] == type_ and stored["source"] == f"/institutions/{institution}"
+    msg = await bus.js.get_msg(EVENTS_STREAM, verdict.seq or 0)
+    assert msg.subject == f"collab.events.{institution}.{type_}.{event['subject']}"
+    assert msg.headers and msg.headers["Nats-Msg-Id"] == event["id"]
+
+
+@pytest.mark.parametrize("type_", BUS_ONLY)
+async def test_bus_only_types_are_logged_by_the_bus_and_refused_from_outside(
+    bus: Bus, partner: Client, type_: str
+) -> None:
+    institution, event = fresh(type_)
+    refused = await offer(partner, institution, event)
+    assert refused.status == "rejected" and codes(refused) == {"kind_may_not_emit"}
+    assert "workflows only" in refused.errors[0].msg
+
+    verdict = await bus.gate.publish_internal(event)
+    assert verdict.accepted, verdict.as_dict()
+    stored, _ = await logged(bus, verdict.seq or 0)
+    assert stored["data"] == event["data"] and stored["type"] == type_
+
+
+# --------------------------------------------------------------------------- malformed input
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"specversion": "1.0", "id": ', "json_invalid"),
+        (b"\xff\xfe{not even text", "utf8_invalid"),
+        (b'{"specversion":"1.0","id":"x\xc3\x28"}', "utf8_invalid"),
+        (b"[1, 2, 3]", "json_invalid"),
+        (b"", "json_invalid"),
+    ],
+)
+async def test_malformed_bytes_are_rejected_with_a_specific_error(partner: Client, body: bytes, code: str) -> None:
+    verdict = await offer_raw(partner, "collab.ingress.tr-mersin-bb.project.registered", body)
+    assert verdict.status == "rejected" and verdict.reason == "malformed"
+    assert codes(verdict) == {code}
+
+
+async def test_missing_and_mistyped_fields_are_all_listed(partner: Client) -> None:
+    institution, event = fresh("innovation_day.registration_requested")
+    del event["data"]["registration_id"]
+    event["data"]["attendees"] = "3"
+    event["specversion"] = 1.0
+    verdict = await offer(partner, institution, event)
+    assert verdict.reason == "invalid"
+    assert {("data", "registration_id"), ("data", "attendees"), ("specversion",)} <= locs(verdict)
+    problems = {p.loc: p for p in verdict.errors}
+    assert problems[("data", "registration_id")].type == "missing"
+    assert problems[("data", "attendees")].type == "int_type"
+
+
+async def test_unknown_fields_in_data_are_refused(partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    event["data"]["titel"] = {"en": "typo"}
+    verdict = await offer(partner, institution, event)
+    assert ("data", "titel") in locs(verdict) and codes(verdict) == {"extra_forbidden"}
+
+
+async def test_unknown_type_and_unknown_major_version(partner: Client) -> None:
+    institution, event = fresh("project.registered", type="project.teleported")
+    verdict = await offer(partner, institution, event)
+    assert codes(verdict) == {"unknown_type"} and "project.teleported" in verdict.errors[0].msg
+
+    institution, event = fresh("project.registered", dataschema="urn:collabbus:schema:project.registered:7")
+    verdict = await offer(partner, institution, event)
+    assert codes(verdict) == {"unknown_major"} and locs(verdict) == {("dataschema",)}
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "loc"),
+    [
+        ("id", "has space", ("id",)),
+        ("id", "x" * 129, ("id",)),
+        ("id", 42, ("id",)),
+        ("subject", "with.dot", ("subject",)),
+        ("source", "/institutions/Not_Valid", ("source",)),
+        ("source", "tr-mersin-bb", ("source",)),
+        ("correlationid", "a b", ("correlationid",)),
+    ],
+)
+async def test_bad_ids_are_refused(partner: Client, attribute: str, value: Any, loc: tuple[str, ...]) -> None:
+    institution, event = fresh("project.registered", **{attribute: value})
+    verdict = await offer(partner, institution, event)
+    assert verdict.status == "rejected" and loc in locs(verdict)
+
+
+async def test_bad_aggregate_id_in_data_is_refused(partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    event["data"]["project_id"] = "has.dot"
+    verdict = await offer(partner, institution, event)
+    assert ("data", "project_id") in locs(verdict)
+
+
+async def test_naive_datetimes_are_refused(partner: Client) -> None:
+    institution, event = fresh("call.published", time="2026-11-23T10:00:00")
+    event["data"]["deadline"] = "2027-01-31T23:59:59"
+    verdict = await offer(partner, institution, event)
+    assert {("time",), ("data", "deadline")} <= locs(verdict)
+    assert codes(verdict) == {"timezone_aware"}
+
+
+async def test_subject_must_name_the_aggregate(partner: Client) -> None:
+    institution, event = fresh("project.registered", subject="another-project")
+    verdict = await offer(partner, institution, event)
+    assert codes(verdict) == {"subject_mismatch"}
+
+
+# --------------------------------------------------------------------------- who may publish
+
+
+async def test_a_spoofed_source_is_forbidden(partner: Client) -> None:
+    _, event = fresh("project.registered")
+    verdict = await offer(partner, "fi-thl", event)  # fi-thl offering an event in Mersin's name
+    assert verdict.reason == "forbidden" and codes(verdict) == {"source_mismatch"}
+
+
+async def test_the_ingress_subject_must_match_the_type(partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    body = orjson.dumps(event)
+    verdict = await offer_raw(partner, f"collab.ingress.{institution}.project.updated", body)
+    assert codes(verdict) == {"type_mismatch"}
+    verdict = await offer_raw(partner, f"collab.ingress.{institution}.project", body)
+    assert codes(verdict) == {"subject_invalid"}
+
+
+async def test_a_kind_that_may_not_emit_the_type_is_forbidden(partner: Client) -> None:
+    institution, event = fresh("call.published")
+    event["source"] = "/institutions/operator"
+    verdict = await offer(partner, "operator", event)
+    assert verdict.reason == "forbidden" and codes(verdict) == {"kind_may_not_emit"}
+    assert "operator" in verdict.errors[0].msg
+
+
+async def test_non_members_may_not_publish(partner: Client) -> None:
+    _, event = fresh("project.registered", source="/institutions/xx-stranger")
+    verdict = await offer(partner, "xx-stranger", event)
+    assert verdict.reason == "forbidden" and codes(verdict) == {"not_member"}
+
+
+async def test_a_member_can_publish_as_soon_as_it_has_joined(bus: Bus, partner: Client) -> None:
+    from tests.conftest import join
+
+    newcomer = unique("fi-new")
+    await join(partner, newcomer, "ngo")
+    _, event = fresh("project.registered", source=f"/institutions/{newcomer}")
+    verdict = await offer(partner, newcomer, event)
+    assert verdict.accepted, verdict.as_dict()
+
+
+# --------------------------------------------------------------------------- size
+
+
+async def test_an_oversize_event_is_refused_and_the_next_one_flows(bus: Bus, partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    event["data"]["summary"] = {"en": "x" * (bus.settings.max_event_bytes + 10)}
+    before = await stream_messages(bus)
+    verdict = await offer(partner, institution, event)
+    assert verdict.reason == "too_large" and codes(verdict) == {"too_large"}
+    assert str(bus.settings.max_event_bytes) in verdict.errors[0].msg
+    assert await stream_messages(bus) == before
+
+    institution, event = fresh("project.registered")
+    assert (await offer(partner, institution, event)).accepted
+
+
+# --------------------------------------------------------------------------- idempotence
+
+
+async def test_the_same_id_twice_is_one_event(bus: Bus, partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    first = await offer(partner, institution, event)
+    before = await stream_messages(bus)
+    second = await offer(partner, institution, event)
+    assert first.accepted and second.accepted
+    assert (first.duplicate, second.duplicate) == (False, True)
+    assert second.seq == first.seq
+    assert await stream_messages(bus) == before
+
+
+async def test_an_id_taken_by_another_institution_is_refused(bus: Bus, partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    assert (await offer(partner, institution, event)).accepted
+    other, second = fresh("validation.reviewer_assigned", id=event["id"])
+    assert other != institution
+    verdict = await offer(partner, other, second)
+    assert verdict.status == "rejected" and codes(verdict) == {"id_taken"}
+
+
+# --------------------------------------------------------------------------- binary mode and text
+
+
+async def test_binary_mode_is_accepted_and_stored_structured(bus: Bus, partner: Client) -> None:
+    institution, event = fresh("project.registered", time="2026-11-23T09:30:00+03:00", correlationid="conv:mersin.1")
+    verdict = await offer(partner, institution, event, binary=True)
+    assert verdict.accepted, verdict.as_dict()
+    msg = await bus.js.get_msg(EVENTS_STREAM, verdict.seq or 0)
+    assert msg.headers and msg.headers["Content-Type"] == "application/cloudevents+json"
+    stored = orjson.loads(msg.data or b"")
+    assert stored == {**event, "datacontenttype": "application/json"}
+
+
+async def test_binary_mode_values_are_percent_decoded(bus: Bus, partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": event["id"],
+        "ce-source": "%2Finstitutions%2F" + institution,
+        "ce-type": "project.registered",
+        "ce-subject": event["subject"],
+        "ce-time": "2026-11-23T09%3A30%3A00%2B03%3A00",
+        "Content-Type": "application/json",
+    }
+    verdict = await offer_raw(partner, f"collab.ingress.{institution}.project.registered", orjson.dumps(event["data"]), headers)
+    assert verdict.accepted, verdict.as_dict()
+    stored, _ = await logged(bus, verdict.seq or 0)
+    assert stored["time"] == "2026-11-23T09:30:00+03:00"
+    assert stored["source"] == f"/institutions/{institution}"
+    assert stored["datacontenttype"] == "application/json"
+
+
+async def test_binary_mode_with_bad_percent_encoding_is_rejected(partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    headers = {"ce-specversion": "1.0", "ce-id": "%FF%FE", "ce-type": "project.registered"}
+    verdict = await offer_raw(partner, f"collab.ingress.{institution}.project.registered", b"{}", headers)
+    assert verdict.reason == "malformed" and codes(verdict) == {"utf8_invalid"}
+
+
+TEXTS = {
+    "fi": "Sosiaalisten innovaatioiden osaamiskeskus – äö å ÄÖÅ",
+    "tr": "Mahalle Mutfakları: İyi uygulamaların ışığında ıIiİ ğüşöç",
+    "ar": "مراكز الابتكار الاجتماعي تدعم المبتكرين",
+    "en": "Neighbourhood kitchens 🍲🤝 with zero-width joiner 👩‍🍳",
+}
+
+
+async def test_unicode_survives_byte_for_byte(bus: Bus, partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    event["data"]["title"] = TEXTS
+    event["data"]["summary"] = {"ar": TEXTS["ar"], "tr": TEXTS["tr"]}
+    for binary in (False, True):
+        event["id"] = unique("uni")
+        verdict = await offer(partner, institution, event, binary=binary)
+        assert verdict.accepted, verdict.as_dict()
+        stored, raw = await logged(bus, verdict.seq or 0)
+        assert stored["data"]["title"] == TEXTS
+        for text in TEXTS.values():
+            assert text.encode("utf-8") in raw  # stored as UTF-8, not escaped or normalised
+
+
+# --------------------------------------------------------------------------- time
+
+
+async def test_the_gate_sets_the_time_when_absent(bus: Bus, partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    event.pop("time", None)
+    verdict = await offer(partner, institution, event)
+    stored, _ = await logged(bus, verdict.seq or 0)
+    assert stored["time"].endswith("+00:00")

@@ -1,0 +1,124 @@
+"""The embedded nats-server and the streams the bus declares (CONTRACT §1, §4)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import StorageType
+
+from bus.client import offer
+from bus.runtime import Bus
+from bus.server import EmbeddedNats, EmbeddedServerError, free_port
+from bus.streams import DLQ_STREAM, EVENTS_STREAM, StreamConfigError, desired_streams, ensure_streams
+from ops.settings import Settings
+from tests.conftest import load_fixtures, unique
+
+
+def embedded_settings(data_dir: Path, port: int, **extra: object) -> Settings:
+    return Settings(data_dir=data_dir, nats_listen=f"127.0.0.1:{port}", **extra)  # type: ignore[arg-type]
+
+
+async def test_restart_on_the_same_data_dir_keeps_the_log(tmp_path: Path) -> None:
+    port = free_port()
+    settings = embedded_settings(tmp_path, port)
+    fixture = load_fixtures()["project.registered"]
+    event = dict(fixture["event"], id=unique("keep"))
+
+    bus = Bus(settings)
+    await bus.start()
+    try:
+        assert bus.server is not None
+        config = bus.server.config_path.read_text()
+        assert "sync_interval: always" in config
+        assert str((tmp_path / "nats" / "jetstream").resolve()) in config
+        nc = await nats.connect(bus.server.url)
+        await _join(nc, settings.operator, fixture["as"], fixture["kind"])
+        verdict = await offer(nc, fixture["as"], event)
+        assert verdict.accepted, verdict.as_dict()
+        await nc.close()
+        before = (await bus.js.stream_info(EVENTS_STREAM)).state.messages
+    finally:
+        await bus.stop()
+
+    again = Bus(embedded_settings(tmp_path, port))
+    await again.start()
+    try:
+        streams = [s.config.name for s in await again.js.streams_info()]
+        assert sorted(streams) == [DLQ_STREAM, EVENTS_STREAM]
+        info = await again.js.stream_info(EVENTS_STREAM)
+        assert info.state.messages == before  # nothing lost, the operator is not joined twice
+        assert info.config.storage == StorageType.FILE and info.config.deny_delete and info.config.deny_purge
+        nc = await nats.connect(again.server.url)  # type: ignore[union-attr]
+        duplicate = await offer(nc, fixture["as"], event)
+        assert duplicate.accepted and duplicate.duplicate and duplicate.seq == verdict.seq
+        await nc.close()
+    finally:
+        await again.stop()
+
+
+async def _join(nc: nats.NATS, operator: str, institution: str, kind: str) -> None:
+    from bus.client import offer as offer_
+
+    verdict = await offer_(
+        nc,
+        operator,
+        {
+            "specversion": "1.0",
+            "id": unique("join"),
+            "source": f"/institutions/{operator}",
+            "type": "institution.joined",
+            "subject": institution,
+            "data": {"id": institution, "name": {"en": institution}, "kind": kind, "country": "TR"},
+        },
+    )
+    assert verdict.accepted, verdict.as_dict()
+
+
+def test_a_taken_port_gives_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = EmbeddedNats(tmp_path, port=port)
+        with pytest.raises(EmbeddedServerError, match=f"127.0.0.1:{port} is already in use"):
+            server.start()
+
+
+async def test_stream_settings_are_owned_and_changes_are_logged(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    name = unique("S").upper().replace("-", "_")
+    try:
+        wanted = desired_streams(replicas=1, duplicate_window=120, max_msg_size=300_000)[0]
+        wanted.name, wanted.subjects = name, [f"{name.lower()}.>"]
+        assert await ensure_streams(js, [wanted]) == []
+        assert await ensure_streams(js, [wanted]) == []  # declaring again changes nothing
+
+        wanted.duplicate_window = 3600
+        with caplog.at_level(logging.WARNING, logger="collabbus.streams"):
+            changes = await ensure_streams(js, [wanted])
+        assert [(c.field, c.new) for c in changes] == [("duplicate_window", 3600)]
+        assert "duplicate_window changed" in caplog.text
+        assert (await js.stream_info(name)).config.duplicate_window == 3600
+
+        wanted.storage = StorageType.MEMORY
+        with pytest.raises(StreamConfigError, match="storage"):
+            await ensure_streams(js, [wanted])
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
+
+
+async def test_the_log_refuses_deletes_and_purges(bus: Bus) -> None:
+    from nats.js.errors import APIError
+
+    with pytest.raises(APIError, match="purge not permitted"):
+        await bus.js.purge_stream(EVENTS_STREAM)
+    with pytest.raises(APIError, match="delete not permitted"):
+        await bus.js.delete_msg(EVENTS_STREAM, 1)

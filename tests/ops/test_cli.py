@@ -1,0 +1,146 @@
+"""The ``collabbus`` command line as a person or a script uses it, against a real running bus."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from bus.server import free_port
+from schemas import registry
+from tests.conftest import load_fixtures, unique
+
+COLLABBUS = [sys.executable, "-m", "ops"]
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COLLABBUS, *args], env=env, capture_output=True, text=True, timeout=timeout, input=stdin
+    )
+
+
+@pytest.fixture(scope="module")
+def running_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``collabbus up`` in its own process on a fresh data dir, as ``make run`` starts it."""
+    data_dir = tmp_path_factory.mktemp("cli-data")
+    port = free_port()
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(data_dir), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{port}"}
+    env.pop("COLLABBUS_NATS_URL", None)
+    proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "is up" in line:
+            break
+        if proc.poll() is not None:
+            pytest.fail("collabbus up exited: " + "".join(lines))
+    else:
+        proc.kill()
+        pytest.fail("collabbus up did not come up: " + "".join(lines))
+    yield env
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=30) == 0, rest
+    assert "stopped" in rest
+
+
+def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp_path: Path) -> None:
+    env = running_bus
+    fixture = load_fixtures()["project.registered"]
+    added = cli(
+        "institutions", "add", fixture["as"], "--name", "Mersin Büyükşehir Belediyesi", "--lang", "tr",
+        "--kind", "municipality", "--country", "TR", "--municipality-level", "metropolitan", env=env,
+    )
+    assert added.returncode == 0, added.stderr + added.stdout
+    assert "accepted" in added.stdout
+
+    data_file = tmp_path / "project.json"
+    data_file.write_text(json.dumps(fixture["event"]["data"], ensure_ascii=False), encoding="utf-8")
+    event_id = unique("cli")
+    published = cli("publish", "project.registered", "--as", fixture["as"], "--data", f"@{data_file}", "--id", event_id, env=env)
+    assert published.returncode == 0, published.stderr + published.stdout
+    assert f"accepted {event_id}" in published.stdout
+
+    again = cli("publish", "project.registered", "--as", fixture["as"], "--data", f"@{data_file}", "--id", event_id, "--json", env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["duplicate"] is True
+
+    tailed = cli("tail", "--type", "project.registered", "--since", "all", "--count", "1", "--json", env=env)
+    assert tailed.returncode == 0, tailed.stderr
+    event = json.loads(tailed.stdout.splitlines()[0])
+    assert event["id"] == event_id and event["data"] == fixture["event"]["data"]
+
+    readable = cli("tail", "--since", "all", "--count", "3", env=env)
+    assert readable.returncode == 0 and "institution.joined" in readable.stdout
+
+    listed = cli("institutions", "list", "--json", env=env)
+    ids = {item["id"] for item in json.loads(listed.stdout)["items"]}
+    assert {"operator", fixture["as"]} <= ids
+
+
+def test_publish_reports_a_rejection_with_its_reasons(running_bus: dict[str, str]) -> None:
+    fixture = load_fixtures()["project.registered"]
+    data = dict(fixture["event"]["data"])
+    data.pop("title")
+    result = cli("publish", "project.registered", "--as", fixture["as"], "--data", json.dumps(data), env=running_bus)
+    assert result.returncode == 1
+    assert "rejected" in result.stdout and "data.title" in result.stdout
+
+    result = cli("publish", "project.registered", "--as", fixture["as"], "--data", "@/no/such/file.json", env=running_bus)
+    assert result.returncode == 2 and "no such file" in result.stderr
+
+
+def test_publish_without_a_bus_says_so(tmp_path: Path) -> None:
+    env = {**os.environ, "COLLABBUS_NATS_URL": f"nats://127.0.0.1:{free_port()}"}
+    result = cli("publish", "project.registered", "--as", "x1", "--data", "{}", env=env)
+    assert result.returncode == 1 and "cannot reach NATS" in result.stderr
+
+
+def test_up_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{port}"}
+        env.pop("COLLABBUS_NATS_URL", None)
+        result = cli("up", env=env, timeout=30)
+    assert result.returncode == 1 and "already in use" in result.stderr
+
+
+def test_settings_are_options_too(tmp_path: Path) -> None:
+    result = cli("publish", "project.registered", "--as", "x1", "--data", "{}", "--stream-replicas", "nine", env=dict(os.environ))
+    assert result.returncode == 2 and "stream_replicas" in result.stderr
+
+
+def test_exported_json_schemas_validate_every_fixture(tmp_path: Path) -> None:
+    result = cli("schemas", "export", str(tmp_path), env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    for type_, fixture in load_fixtures().items():
+        schema = json.loads((tmp_path / f"{type_}.v1.json").read_text())
+        jsonschema.Draft202012Validator(schema).validate(fixture["event"]["data"])
+
+
+def test_asyncapi_lists_every_event_type() -> None:
+    result = cli("asyncapi", env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["asyncapi"].startswith("3.")
+    addresses = {channel["address"] for channel in document["channels"].values()}
+    for type_ in registry.event_types():
+        spec = registry.spec_for(type_)
+        assert f"collab.events.{{institution}}.{type_}.{{subject}}" in addresses
+        if spec.emitters:
+            assert f"collab.ingress.{{institution}}.{type_}" in addresses
+    yaml_result = cli("asyncapi", "--yaml", env=dict(os.environ))
+    assert yaml_result.returncode == 0 and yaml_result.stdout.startswith("asyncapi:")

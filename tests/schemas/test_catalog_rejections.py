@@ -1,0 +1,239 @@
+"""What the catalog refuses, and where the error points (the gate reports `loc` to partners)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from schemas import REGISTRY, spec_for
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "events"
+
+
+def data_of(type_: str, **changes: Any) -> dict[str, Any]:
+    """The fixture's data for `type_`, with some top-level fields replaced."""
+    event = json.loads((FIXTURES / f"{type_}.json").read_text(encoding="utf-8"))["event"]
+    return {**event["data"], **changes}
+
+
+def errors(type_: str, data: dict[str, Any]) -> list[ErrorDetails]:
+    with pytest.raises(ValidationError) as caught:
+        spec_for(type_).adapter.validate_python(data)
+    return caught.value.errors(include_url=False)
+
+
+def locs(type_: str, data: dict[str, Any]) -> set[tuple[str | int, ...]]:
+    return {tuple(e["loc"]) for e in errors(type_, data)}
+
+
+def test_models_are_frozen() -> None:
+    for spec in REGISTRY.values():
+        data = spec.adapter.validate_python(data_of(spec.type))
+        with pytest.raises(ValidationError, match="frozen"):
+            setattr(data, spec.subject_field, "other")
+
+
+def test_unknown_fields_are_refused_where_they_are() -> None:
+    for spec in REGISTRY.values():
+        assert locs(spec.type, data_of(spec.type, titel={"en": "typo"})) == {("titel",)}
+    nested = data_of("call.published", budget={"amount": "1", "currency": "EUR", "vat": "0"})
+    assert locs("call.published", nested) == {("budget", "vat")}
+
+
+def test_naive_datetime() -> None:
+    [error] = errors("call.published", data_of("call.published", opens_at="2026-03-01T09:00:00"))
+    assert (error["loc"], error["type"]) == (("opens_at",), "timezone_aware")
+
+
+def test_timestamps_are_text_not_numbers() -> None:
+    assert locs("call.published", data_of("call.published", opens_at=1772352000)) == {("opens_at",)}
+    assert locs("project.registered", data_of("project.registered", started_on=20200401)) == {
+        ("started_on",)
+    }
+
+
+@pytest.mark.parametrize("bad", ["TR-Mersin-BB", "tr_mersin_bb", "x", "-tr-mersin", "tr.mersin"])
+def test_bad_institution_id(bad: str) -> None:
+    assert locs("project.registered", data_of("project.registered", owner=bad)) == {("owner",)}
+
+
+@pytest.mark.parametrize("bad", ["mersin.mahalle", "", "a" * 129, "mahalle mutfakları"])
+def test_bad_aggregate_id(bad: str) -> None:
+    assert locs("project.adopted", data_of("project.adopted", project_id=bad)) == {("project_id",)}
+
+
+def test_localized_text() -> None:
+    assert locs("project.registered", data_of("project.registered", title={})) == {("title",)}
+    assert locs("project.registered", data_of("project.registered", title={"tr": ""})) == {
+        ("title", "tr")
+    }
+    assert locs("project.registered", data_of("project.registered", title={"tr_TR": "x"})) == {
+        ("title", "tr_TR", "[key]")
+    }
+    exact = {"tr": "  Mahalle\u00a0Mutfakları\n", "ar": "المطابخ المجتمعية ", "sv-FI": "Kök 🍲"}
+    data = spec_for("project.registered").adapter.validate_python(
+        data_of("project.registered", title=exact)
+    )
+    assert data.title == exact  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("code", ["sports", "health_care.dentistry", "education.", ".literacy"])
+def test_unknown_theme_code_is_named(code: str) -> None:
+    [error] = errors("project.registered", data_of("project.registered", themes=["economy", code]))
+    assert error["loc"] == ("themes", 1)
+    assert repr(code) in error["msg"]
+
+
+def test_known_theme_codes() -> None:
+    themes = ["education", "education.literacy", "migration_population.ageing"]
+    spec_for("project.registered").adapter.validate_python(
+        data_of("project.registered", themes=themes)
+    )
+
+
+@pytest.mark.parametrize("bad", ["XX", "tr", "TUR", "UK", "EU"])
+def test_bad_country(bad: str) -> None:
+    location = {"country": bad, "region": "Mersin"}
+    assert locs("project.registered", data_of("project.registered", location=location)) == {
+        ("location", "country")
+    }
+
+
+@pytest.mark.parametrize("bad", ["EUX", "eur", "HRK", "XAU", "€"])
+def test_bad_currency(bad: str) -> None:
+    budget = {"amount": "1500000.00", "currency": bad}
+    assert locs("call.published", data_of("call.published", budget=budget)) == {
+        ("budget", "currency")
+    }
+
+
+@pytest.mark.parametrize(
+    "bad", ["1.500.000,00", "1e6", "-5.00", "", ".5", "5.", "١٥٠٠", 1500000, "1 500 000"]
+)
+def test_bad_amount(bad: object) -> None:
+    budget = {"amount": bad, "currency": "EUR"}
+    assert locs("call.published", data_of("call.published", budget=budget)) == {
+        ("budget", "amount")
+    }
+
+
+def test_indicator_values_may_be_negative_decimals() -> None:
+    indicators = [{"name": {"en": "Change in waiting time"}, "value": "-3.5", "unit": "days"}]
+    spec_for("project.impact_reported").adapter.validate_python(
+        data_of("project.impact_reported", indicators=indicators)
+    )
+
+
+@pytest.mark.parametrize("bad", [0, 6, "3", 3.5, True, None])
+def test_bad_score(bad: object) -> None:
+    scores = {**data_of("validation.review_submitted")["scores"], "equity": bad}
+    assert locs(
+        "validation.review_submitted", data_of("validation.review_submitted", scores=scores)
+    ) == {("scores", "equity")}
+
+
+def test_review_scores_every_criterion() -> None:
+    scores = dict(data_of("validation.review_submitted")["scores"])
+    del scores["equity"]
+    assert locs(
+        "validation.review_submitted", data_of("validation.review_submitted", scores=scores)
+    ) == {("scores", "equity")}
+
+
+def test_deadline_before_opening() -> None:
+    [error] = errors(
+        "call.published",
+        data_of("call.published", deadline="2026-02-28T23:59:59+03:00"),
+    )
+    assert error["loc"] == ()
+    assert "deadline must be after opens_at" in error["msg"]
+
+
+def test_call_amendment_changes_something_and_keeps_required_fields() -> None:
+    assert locs("call.amended", data_of("call.amended", changes={})) == {("changes",)}
+    assert locs("call.amended", data_of("call.amended", changes={"title": None})) == {
+        ("changes", "title")
+    }
+    assert locs("call.amended", data_of("call.amended", changes={"deadlin": "x"})) == {
+        ("changes", "deadlin")
+    }
+    amended = spec_for("call.amended").adapter.validate_python(
+        data_of("call.amended", changes={"budget": None})
+    )
+    assert amended.changes.model_fields_set == {"budget"}  # type: ignore[attr-defined]
+
+
+def test_institution_update_shape() -> None:
+    assert locs("institution.updated", {"id": "tr-genc-isi-koop"}) == {()}
+    assert locs("institution.updated", {"id": "tr-genc-isi-koop", "kind": None}) == {("kind",)}
+    cleared = spec_for("institution.updated").adapter.validate_python(
+        {"id": "tr-genc-isi-koop", "website": None}
+    )
+    assert cleared.model_fields_set == {"id", "website"}
+
+
+def test_validation_names_exactly_one_subject() -> None:
+    ref = {"system": "innokyla", "id": "toimintamalli-2231"}
+    assert locs("validation.requested", data_of("validation.requested", external_ref=ref)) == {()}
+    assert locs("validation.requested", data_of("validation.requested", project_id=None)) == {()}
+    spec_for("validation.requested").adapter.validate_python(
+        data_of("validation.requested", project_id=None, external_ref=ref)
+    )
+
+
+def test_decision_by_rule_carries_every_median() -> None:
+    medians = {"novelty": 3.5, "effectiveness": 4}
+    assert locs("validation.decided", data_of("validation.decided", median_scores=medians)) == {()}
+    medians = {**data_of("validation.decided")["median_scores"], "equity": 3.25}
+    assert locs("validation.decided", data_of("validation.decided", median_scores=medians)) == {
+        ("median_scores", "equity")
+    }
+    spec_for("validation.decided").adapter.validate_python(
+        data_of("validation.decided", decided_by="coordinator", median_scores={})
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"attendance_mode": "offline", "venue": None}, "needs a venue"),
+        ({"attendance_mode": "online", "online_url": None}, "needs an online_url"),
+        ({"ends_at": "2026-09-17T09:00:00+03:00"}, "ends_at must be after starts_at"),
+        ({"registration_deadline": "2026-09-17T10:00:00+03:00"}, "must not be after starts_at"),
+    ],
+)
+def test_innovation_day_consistency(changes: dict[str, Any], message: str) -> None:
+    [error] = errors("innovation_day.scheduled", data_of("innovation_day.scheduled", **changes))
+    assert error["loc"] == ()
+    assert message in error["msg"]
+
+
+def test_capacity_and_attendees_are_positive() -> None:
+    assert locs("innovation_day.scheduled", data_of("innovation_day.scheduled", capacity=0)) == {
+        ("capacity",)
+    }
+    type_ = "innovation_day.registration_requested"
+    assert locs(type_, data_of(type_, attendees=0)) == {("attendees",)}
+
+
+def test_meeting_needs_two_parties_and_a_shared_theme() -> None:
+    type_ = "innovation_day.meetings_proposed"
+    meeting = data_of(type_)["meetings"][0]
+    assert locs(type_, data_of(type_, meetings=[{**meeting, "funder": meeting["innovator"]}])) == {
+        ("meetings", 0)
+    }
+    assert locs(type_, data_of(type_, meetings=[{**meeting, "shared_themes": []}])) == {
+        ("meetings", 0, "shared_themes")
+    }
+
+
+def test_impact_period_in_order() -> None:
+    type_ = "project.impact_reported"
+    period = {"start": "2025-12-31", "end": "2025-01-01"}
+    assert locs(type_, data_of(type_, period=period)) == {("period",)}
+    assert locs(type_, data_of(type_, indicators=[])) == {("indicators",)}
