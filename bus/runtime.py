@@ -15,9 +15,11 @@ from faststream.nats import NatsBroker
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from bus.consumer import Consumer, ConsumerSettings
 from bus.gate import Gate
 from bus.ingress import add_ingress
 from bus.membership import Membership
+from bus.relay import Relay
 from bus.server import EmbeddedNats
 from bus.streams import desired_streams, ensure_streams
 from bus.verdict import Verdict
@@ -25,6 +27,8 @@ from ops.settings import Settings
 from schemas.envelope import source_of
 
 log = logging.getLogger("collabbus.bus")
+
+NETWORK_CONSUMER = "network"
 
 
 def connect_options(settings: Settings, name: str) -> dict[str, Any]:
@@ -58,6 +62,13 @@ class Bus:
     broker: NatsBroker = field(init=False)
     gate: Gate = field(init=False)
     membership: Membership = field(init=False)
+    engine: Any = None
+    service: Any = None
+    consumer: Consumer | None = None
+    relay: Relay | None = None
+    network_factory: Any = None
+    """Builds the handlers' ``Network`` (default: every domain's routes); a seam for tests."""
+    consumer_settings: ConsumerSettings = field(default_factory=lambda: ConsumerSettings(NETWORK_CONSUMER))
 
     @property
     def nc(self) -> Client:
@@ -67,7 +78,7 @@ class Bus:
     def js(self) -> JetStreamContext:
         return self.broker.config.connection_state.stream
 
-    async def start(self, *, ingress: bool = True) -> None:
+    async def start(self, *, ingress: bool = True, state: bool = True) -> None:
         """Start NATS if embedded, declare the streams, bootstrap the operator, open the ingress."""
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +102,23 @@ class Bus:
         if ingress:
             add_ingress(self.broker, self.gate)
         await self.broker.start()
+        if state:
+            await self.start_state()
+
+    async def start_state(self) -> None:
+        """The read models: migrate, then run the network consumer, the timers and the outbox relay."""
+        from handlers.db import make_engine, migrate
+        from handlers.routes import network
+        from handlers.service import NetworkService
+
+        self.engine = make_engine(self.settings.db_url)
+        await asyncio.to_thread(migrate, self.engine)
+        self.service = NetworkService(self.engine, (self.network_factory or network)())
+        lock = asyncio.Lock()
+        self.relay = Relay(self.gate, self.service, lock)
+        self.consumer = Consumer(self.js, self.consumer_settings, self.service, on_derived=self.relay.wake.set, db_lock=lock)
+        await self.relay.start()
+        await self.consumer.start()
 
     async def ensure_operator(self) -> Verdict | None:
         """The network's operator is its first member, created on the first start."""
@@ -119,6 +147,15 @@ class Bus:
 
     async def stop(self) -> None:
         """Drain subscriptions and connections, then stop the embedded server."""
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
         if hasattr(self, "membership"):
             await self.membership.stop()
         if hasattr(self, "broker"):

@@ -1,0 +1,109 @@
+"""Getting derived events from the outbox into the log, and running the timers.
+
+The workflows write derived events to the outbox in the same transaction as their state; the relay
+publishes them through the gate's internal path with their deterministic ids (``Nats-Msg-Id``), and
+forgets them only once the log has confirmed them. A crash anywhere in between republishes the same
+ids, which the log deduplicates: each derived event is logged exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from bus.gate import Gate
+
+log = logging.getLogger("collabbus.relay")
+
+
+class Outbox(Protocol):
+    def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]: ...
+
+    def outbox_done(self, event_ids: list[str]) -> None: ...
+
+    def tick(self) -> int: ...
+
+
+@dataclass
+class Relay:
+    """Publishes the outbox whenever woken (and every ``interval`` seconds); runs the timers too."""
+
+    gate: Gate
+    store: Outbox
+    db_lock: asyncio.Lock
+    interval: float = 1.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    published: int = 0
+    _task: asyncio.Task[None] | None = None
+    _stopping: bool = False
+
+    async def start(self) -> None:
+        await self.tick()  # deadlines that passed while the bus was down are acted on at once
+        await self.drain()
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="relay")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await self.drain()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                await self.tick()
+            self.wake.clear()
+            await self.drain()
+
+    async def tick(self) -> int:
+        """Run the timers once (deadlines due now)."""
+        async with self.db_lock:
+            try:
+                return await asyncio.to_thread(self.store.tick)
+            except Exception:
+                log.exception("timers failed")
+                return 0
+
+    async def drain(self) -> int:
+        """Publish everything in the outbox; returns how many events the log confirmed."""
+        confirmed = 0
+        while True:
+            async with self.db_lock:
+                try:
+                    pending = await asyncio.to_thread(self.store.outbox)
+                except Exception as exc:
+                    log.error("outbox unreadable: %s", exc)
+                    return confirmed
+            if not pending:
+                return confirmed
+            done: list[str] = []
+            for event_id, body in pending:
+                verdict = await self.gate.publish_internal(orjson.loads(body))
+                if verdict.accepted:
+                    done.append(event_id)
+                elif verdict.reason == "unavailable":
+                    break
+                else:  # a workflow decided an event the catalog refuses: a bug, kept visible in the DLQ
+                    log.error("derived event %s refused by the catalog: %s", event_id, verdict.as_dict())
+                    await self.gate.js.publish(
+                        "collab.dlq.relay", body,
+                        headers={"Collabbus-Error": "derived event refused", "Collabbus-Error-Detail": orjson.dumps(verdict.as_dict()).decode()[:1500]},
+                        stream="COLLAB_DLQ",
+                    )
+                    done.append(event_id)
+            async with self.db_lock:
+                await asyncio.to_thread(self.store.outbox_done, done)
+            confirmed += len(done)
+            self.published += len(done)
+            if len(done) < len(pending):
+                await asyncio.sleep(0.5)  # the log is not answering; try again shortly
+                return confirmed

@@ -1,0 +1,237 @@
+"""The unit of work that turns logged events into network state (projections) and consequences
+(workflow decisions), exactly once.
+
+For each event, in one transaction: the deciders registered for its type look at the state and
+may *refuse* it (its effects are then not applied; a ``…_rejected`` event says why) or *emit*
+derived events; the projections apply the event; each derived event is applied at once, recorded
+as applied by its deterministic id, and — when live — written to the outbox for the relay to log.
+When a derived event's copy later arrives from the log it is recognised and skipped.
+
+Deciders run during a rebuild too (they are deterministic functions of state and event, using the
+log's acceptance time as "now"), so a rebuilt state equals the incrementally built one; only the
+outbox is left out, since the derived events are already in the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Generic, TypeVar
+
+import orjson
+from pydantic import BaseModel
+from sqlmodel import Session
+
+from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
+from schemas import registry
+from schemas.common import EventData
+
+D = TypeVar("D", bound=EventData)
+
+
+@dataclass(frozen=True)
+class Event(Generic[D]):
+    """An accepted event as handlers see it: typed data, who said it, when the log took it."""
+
+    id: str
+    type: str
+    source: str
+    """The institution id (``source`` without ``/institutions/``)."""
+    subject: str
+    time: datetime
+    """The producer's time."""
+    logged_at: datetime
+    """When the log accepted it (a derived event: its cause's). Rules about deadlines use this."""
+    data: D
+    seq: int | None = None
+    correlationid: str | None = None
+    causationid: str | None = None
+    envelope: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_envelope(cls, envelope: Mapping[str, Any], *, seq: int | None, logged_at: datetime) -> "Event[Any]":
+        """Read a canonical envelope from the log (already validated by the gate)."""
+        spec = registry.spec_for(envelope["type"], registry.parse_dataschema(envelope.get("dataschema"), envelope["type"]))
+        data = spec.adapter.validate_python(envelope["data"])
+        time = envelope.get("time")
+        return cls(
+            id=envelope["id"],
+            type=envelope["type"],
+            source=str(envelope["source"]).removeprefix("/institutions/"),
+            subject=envelope["subject"],
+            time=datetime.fromisoformat(time) if isinstance(time, str) else logged_at,
+            logged_at=logged_at,
+            data=data,
+            seq=seq,
+            correlationid=envelope.get("correlationid"),
+            causationid=envelope.get("causationid"),
+            envelope=envelope,
+        )
+
+
+def derived_id(event_type: str, cause: str, key: str = "") -> str:
+    """The deterministic id of an event derived from ``cause`` (an event id, or a timer's name)."""
+    digest = hashlib.sha256(f"{cause}\x1f{event_type}\x1f{key}".encode()).hexdigest()[:32]
+    return f"{event_type}.{digest}"
+
+
+class Context:
+    """What a decider gets: the session, the event (None for timers), and ways to emit or refuse."""
+
+    def __init__(self, session: Session, event: Event[Any] | None, *, now: datetime, live: bool) -> None:
+        self.session = session
+        self.event = event
+        self.now = now
+        self.live = live
+        self.derived: list[Event[Any]] = []
+        self.refused = False
+
+    def emit(
+        self,
+        event_type: str,
+        data: EventData | Mapping[str, Any],
+        *,
+        source: str,
+        subject: str | None = None,
+        key: str = "",
+        cause: str | None = None,
+    ) -> Event[Any]:
+        """Decide a derived event, emitted in the name of ``source`` (the aggregate's owner).
+
+        ``key`` tells apart several events of one type from one cause (e.g. each promotion).
+        """
+        spec = registry.spec_for(event_type)
+        model = data if isinstance(data, BaseModel) else spec.adapter.validate_python(dict(data))
+        payload = model.model_dump(mode="json", exclude_unset=True)
+        subject = subject or str(getattr(model, spec.subject_field))
+        cause_id = cause or (self.event.id if self.event else "timer")
+        event_id = derived_id(event_type, cause_id, key or subject)
+        envelope: dict[str, Any] = {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": f"/institutions/{source}",
+            "type": event_type,
+            "subject": subject,
+            "time": self.now.isoformat(),
+            "datacontenttype": "application/json",
+        }
+        if self.event is not None:
+            envelope["correlationid"] = self.event.correlationid or self.event.id
+            envelope["causationid"] = self.event.id
+            if "traceparent" in self.event.envelope:
+                envelope["traceparent"] = self.event.envelope["traceparent"]
+        envelope["data"] = payload
+        derived: Event[Any] = Event(
+            id=event_id,
+            type=event_type,
+            source=source,
+            subject=subject,
+            time=self.now,
+            logged_at=self.now,
+            data=model,
+            correlationid=envelope.get("correlationid"),
+            causationid=envelope.get("causationid"),
+            envelope=envelope,
+        )
+        self.derived.append(derived)
+        return derived
+
+    def refuse(self, event_type: str, data: EventData | Mapping[str, Any], *, source: str, key: str = "") -> Event[Any]:
+        """Refuse the current event: its projections are skipped and ``event_type`` says why."""
+        self.refused = True
+        return self.emit(event_type, data, source=source, key=key or "refused")
+
+
+Projection = Callable[[Session, Event[Any]], None]
+Decider = Callable[[Context], None]
+Timer = Callable[[Context], None]
+
+
+@dataclass
+class Routes:
+    """Which projections and deciders handle which event types: the whole routing in one table."""
+
+    projections: dict[str, list[Projection]] = field(default_factory=dict)
+    deciders: dict[str, list[Decider]] = field(default_factory=dict)
+    timers: list[Timer] = field(default_factory=list)
+
+    def add(
+        self,
+        projections: Mapping[str, Projection | Iterable[Projection]] = {},
+        deciders: Mapping[str, Decider | Iterable[Decider]] = {},
+        timers: Iterable[Timer] = (),
+    ) -> "Routes":
+        for table, target in ((projections, self.projections), (deciders, self.deciders)):
+            for event_type, handlers in table.items():
+                registry.spec_for(event_type)  # a typo in a route fails at start-up, not at run time
+                items = [handlers] if callable(handlers) else list(handlers)
+                target.setdefault(event_type, []).extend(items)  # type: ignore[arg-type]
+        self.timers.extend(timers)
+        return self
+
+
+class Network:
+    """Applies events to the read models through ``routes``, recording what it applied."""
+
+    def __init__(self, routes: Routes, consumer: str = "network") -> None:
+        self.routes = routes
+        self.consumer = consumer
+
+    def apply(self, session: Session, event: Event[Any], *, live: bool) -> list[Event[Any]]:
+        """Apply one logged event; returns the derived events decided. A seen id changes nothing."""
+        if session.get(AppliedEvent, event.id) is not None:
+            self._advance(session, event.seq)
+            return []
+        context = Context(session, event, now=event.logged_at, live=live)
+        for decide in self.routes.deciders.get(event.type, ()):
+            decide(context)
+        if not context.refused:
+            self._project(session, event)
+        session.add(AppliedEvent(event_id=event.id, seq=event.seq))
+        self._apply_derived(session, context.derived, live=live)
+        self._advance(session, event.seq)
+        return context.derived
+
+    def tick(self, session: Session, now: datetime | None = None, *, live: bool = True) -> list[Event[Any]]:
+        """Run the timers (deadlines): events due at ``now`` are decided and applied."""
+        context = Context(session, None, now=now or datetime.now(timezone.utc), live=live)
+        for timer in self.routes.timers:
+            timer(context)
+        self._apply_derived(session, context.derived, live=live)
+        return context.derived
+
+    def _project(self, session: Session, event: Event[Any]) -> None:
+        for project in self.routes.projections.get(event.type, ()):
+            project(session, event)
+
+    def _apply_derived(self, session: Session, derived: list[Event[Any]], *, live: bool) -> None:
+        for event in derived:
+            if session.get(AppliedEvent, event.id) is not None:
+                continue
+            self._project(session, event)
+            session.add(AppliedEvent(event_id=event.id, seq=None))
+            if live:
+                session.add(
+                    OutboxEvent(
+                        event_id=event.id,
+                        event=orjson.dumps(dict(event.envelope)),
+                        created_at=datetime.now(timezone.utc),
+                    )
+                )
+            session.flush()
+
+    def _advance(self, session: Session, seq: int | None) -> None:
+        if seq is None:
+            return
+        position = session.get(ConsumerPosition, self.consumer)
+        if position is None:
+            session.add(ConsumerPosition(consumer=self.consumer, seq=seq))
+        elif seq > position.seq:
+            position.seq = seq
+
+    def position(self, session: Session) -> int:
+        """The last log sequence applied."""
+        position = session.get(ConsumerPosition, self.consumer)
+        return position.seq if position else 0

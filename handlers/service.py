@@ -1,0 +1,97 @@
+"""The network's state behind a small synchronous port, for the consumer plumbing in ``bus/``.
+
+The consumer hands over batches of logged events; each batch is one transaction, each event a
+savepoint in it, so one failing event is rolled back alone and the rest of the batch commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, delete
+from sqlmodel import select
+
+from handlers.bookkeeping import OutboxEvent
+from handlers.db import session_scope
+from handlers.network import Event, Network
+
+log = logging.getLogger("collabbus.handlers")
+
+
+@dataclass(frozen=True)
+class LoggedItem:
+    """One event read from the log."""
+
+    seq: int
+    envelope: dict[str, Any]
+    logged_at: datetime
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one event could not be applied. ``permanent``: retrying cannot help (unreadable event)."""
+
+    error: str
+    detail: str
+    permanent: bool
+
+
+class NetworkService:
+    """Applies logged events to the read models and runs the timers; owns the outbox."""
+
+    def __init__(self, engine: Engine, network: Network) -> None:
+        self.engine = engine
+        self.network = network
+
+    def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True) -> tuple[list[Failure | None], int]:
+        """Apply a batch in one transaction; returns a failure (or None) per item and how many
+        derived events were decided. Raises only when the transaction itself fails (database down)."""
+        failures: list[Failure | None] = []
+        derived = 0
+        with session_scope(self.engine) as session:
+            for item in items:
+                try:
+                    event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at)
+                except Exception as exc:  # the gate validated it; a schema change can still make it unreadable
+                    failures.append(Failure(type(exc).__name__, str(exc)[:2000], permanent=True))
+                    continue
+                try:
+                    with session.begin_nested():
+                        derived += len(self.network.apply(session, event, live=live))
+                    failures.append(None)
+                except Exception as exc:
+                    log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc)
+                    failures.append(Failure(type(exc).__name__, _describe(exc), permanent=False))
+        return failures, derived
+
+    def tick(self, now: datetime | None = None) -> int:
+        """Run the timers once; returns how many events they decided."""
+        with session_scope(self.engine) as session:
+            return len(self.network.tick(session, now))
+
+    def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
+        """Derived events waiting to be logged, oldest first."""
+        with session_scope(self.engine) as session:
+            rows = session.exec(select(OutboxEvent).order_by(OutboxEvent.position).limit(limit)).all()  # type: ignore[call-overload]
+            return [(row.event_id, row.event) for row in rows]
+
+    def outbox_done(self, event_ids: Sequence[str]) -> None:
+        """Forget derived events the log has confirmed."""
+        if not event_ids:
+            return
+        with session_scope(self.engine) as session:
+            session.exec(delete(OutboxEvent).where(OutboxEvent.event_id.in_(event_ids)))  # type: ignore[call-overload,attr-defined]
+
+    def position(self) -> int:
+        """The last log sequence applied."""
+        with session_scope(self.engine) as session:
+            return self.network.position(session)
+
+
+def _describe(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))[-2000:]

@@ -1,0 +1,153 @@
+"""The network consumer against a real nats-server: exactly-once application, retries, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from sqlmodel import Session, select
+
+from bus.client import offer
+from bus.consumer import ConsumerSettings, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_ERROR, DLQ_STREAM_SEQ, ensure_consumer
+from bus.runtime import Bus
+from bus.server import EmbeddedNats, free_port
+from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from handlers.bookkeeping import AppliedEvent
+from handlers.network import Event, Network, Routes
+from ops.settings import Settings
+from tests.conftest import join, load_fixtures, unique
+
+FIXTURE = load_fixtures()["project.registered"]
+
+
+def project_event(project_id: str) -> dict[str, Any]:
+    event = copy.deepcopy(FIXTURE["event"])
+    event["id"] = unique("ev")
+    event["subject"] = project_id
+    event["data"]["project_id"] = project_id
+    return event
+
+
+class Recorder:
+    """A projection that records what it saw and raises for the poison project (a test seam)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.poison: set[str] = set()
+        self.attempts: dict[str, int] = {}
+
+    def __call__(self, session: Session, event: Event[Any]) -> None:
+        self.attempts[event.id] = self.attempts.get(event.id, 0) + 1
+        if event.subject in self.poison:
+            raise RuntimeError(f"cannot apply {event.subject}")
+        self.seen.append(event.subject)
+
+
+async def start_bus(tmp: Path, server: EmbeddedNats, factory: Callable[[], Network], **consumer: Any) -> Bus:
+    bus = Bus(
+        Settings(data_dir=tmp, nats_url=server.url),
+        network_factory=factory,
+        consumer_settings=ConsumerSettings("network", **consumer),
+    )
+    await bus.start()
+    return bus
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    await server.astart()
+    yield server
+    await server.astop()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_poison_event_is_dead_lettered_and_the_rest_flow(tmp_path: Path, server: EmbeddedNats) -> None:
+    recorder = Recorder()
+    recorder.poison.add("poison-project")
+    bus = await start_bus(tmp_path, server, lambda: Network(Routes().add(projections={"project.registered": recorder})),
+                          max_deliver=3, backoff=(0.05, 0.1))
+    nc = await nats.connect(server.url)
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        before, poison, after = project_event("before-1"), project_event("poison-project"), project_event("after-1")
+        seqs = {}
+        for event in (before, poison, after):
+            verdict = await offer(nc, FIXTURE["as"], event)
+            assert verdict.accepted
+            seqs[event["id"]] = verdict.seq
+        await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+        await wait_for(lambda: "after-1" in recorder.seen)
+        assert recorder.seen == ["before-1", "after-1"]
+        assert recorder.attempts[poison["id"]] == 3  # max_deliver deliveries, then the dead-letter queue
+
+        msg = await bus.js.get_last_msg(DLQ_STREAM, "collab.dlq.network")
+        assert msg.headers is not None
+        assert msg.headers[DLQ_ERROR] == "RuntimeError"
+        assert "cannot apply poison-project" in msg.headers["Collabbus-Error-Detail"]
+        assert msg.headers[DLQ_CONSUMER] == "network"
+        assert msg.headers[DLQ_DELIVERIES] == "3"
+        assert msg.headers[DLQ_STREAM_SEQ] == str(seqs[poison["id"]])
+        assert msg.headers["Collabbus-Original-Subject"].endswith(".project.registered.poison-project")
+        assert msg.data == (await bus.js.get_msg(EVENTS_STREAM, seqs[poison["id"]])).data
+
+        with Session(bus.engine) as session:
+            applied = set(session.exec(select(AppliedEvent.event_id)).all())
+        assert before["id"] in applied and after["id"] in applied and poison["id"] not in applied
+        info = await bus.js.consumer_info(EVENTS_STREAM, "network")
+        assert info.num_pending == 0 and info.num_ack_pending == 0
+    finally:
+        await nc.close()
+        await bus.stop()
+
+
+async def test_redelivery_and_restart_apply_each_event_once(tmp_path: Path, server: EmbeddedNats) -> None:
+    recorder = Recorder()
+    factory = lambda: Network(Routes().add(projections={"project.registered": recorder}))  # noqa: E731
+    bus = await start_bus(tmp_path, server, factory)
+    nc = await nats.connect(server.url)
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        events = [project_event(f"p-{i}") for i in range(20)]
+        for event in events[:10]:
+            assert (await offer(nc, FIXTURE["as"], event)).accepted
+        await wait_for(lambda: len(recorder.seen) == 10)
+        await bus.stop()
+        bus = await start_bus(tmp_path, server, factory)
+        for event in events[10:] + events[:3]:  # the first three again: duplicates
+            assert (await offer(nc, FIXTURE["as"], event)).accepted
+        await wait_for(lambda: len(recorder.seen) == 20)
+        await asyncio.sleep(0.3)
+        assert sorted(recorder.seen) == sorted(e["subject"] for e in events)
+    finally:
+        await nc.close()
+        await bus.stop()
+
+
+async def test_consumer_settings_are_owned(server: EmbeddedNats) -> None:
+    nc = await nats.connect(server.url)
+    js = nc.jetstream()
+    try:
+        bus_settings = Settings(nats_url=server.url)
+        from bus.streams import desired_streams, ensure_streams
+
+        await ensure_streams(js, desired_streams(replicas=1, duplicate_window=60, max_msg_size=300_000))
+        assert await ensure_consumer(js, ConsumerSettings("owned", max_deliver=5)) == []
+        assert await ensure_consumer(js, ConsumerSettings("owned", max_deliver=5)) == []
+        assert await ensure_consumer(js, ConsumerSettings("owned", max_deliver=9)) == ["max_deliver"]
+        assert (await js.consumer_info(EVENTS_STREAM, "owned")).config.max_deliver == 9
+        assert bus_settings.nats_servers == [server.url]
+    finally:
+        await nc.close()

@@ -1,0 +1,53 @@
+"""Databases for the handler tests: every test body runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from handlers.db import make_engine, migrate
+from tests.postgres import postgres_url
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str | None]:
+    with postgres_url() as url:
+        yield url
+
+
+def fresh_database(kind: str, tmp_path: object, pg_server_url: str | None) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path}/network.db"
+        return
+    if pg_server_url is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is required in CI: no PostgreSQL binaries or COLLABBUS_TEST_POSTGRES_URL")
+        pytest.skip("no PostgreSQL on this machine (set COLLABBUS_TEST_POSTGRES_URL)")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: object, pg_server_url: str | None) -> Iterator[str]:
+    yield from fresh_database(request.param, tmp_path, pg_server_url)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
