@@ -51,12 +51,15 @@ class ConsumerSettings:
     ack_wait: float = 60.0
     batch: int = 256
     max_ack_pending: int = 4096
+    start_seq: int | None = None
+    """Start at this log sequence instead of the beginning (a consumer added to an existing log)."""
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
             durable_name=self.name,
             description=f"collabbus consumer group {self.name}",
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self.start_seq else DeliverPolicy.ALL,
+            opt_start_seq=self.start_seq,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,

@@ -50,6 +50,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _stop_with_parent() -> None:
+    """On Linux, have the kernel stop the server when the bus process dies, even by SIGKILL, so
+    a crashed bus never leaves an orphan holding the port and the store."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class EmbeddedNats:
     """A nats-server child process with JetStream under ``store_dir``.
 
@@ -111,7 +121,8 @@ class EmbeddedNats:
             [str(find_binary()), "-c", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # Ctrl-C in the terminal reaches the bus, which drains first
+            preexec_fn=_stop_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout

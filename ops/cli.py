@@ -297,6 +297,94 @@ def tail(
         pass
 
 
+# --------------------------------------------------------------------------- rebuild
+
+
+@app.command()
+@with_settings
+def rebuild(
+    projection: Annotated[Optional[str], typer.Option(help="the consumer group to rebuild (network)")] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even though a bus seems to be consuming")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Drop the read models and replay them from the log, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bus.rebuild import rebuild as replay
+    from bus.runtime import NETWORK_CONSUMER, embedded_server
+    from bus.server import port_is_taken
+    from bus.streams import EVENTS_STREAM
+    from handlers.db import make_engine, migrate
+    from handlers.routes import network
+    from handlers.service import NetworkService
+
+    if projection not in (None, NETWORK_CONSUMER):
+        raise typer.BadParameter(f"unknown projection {projection!r}; the consumer groups are: {NETWORK_CONSUMER}", param_hint="--projection")
+
+    async def main() -> Any:
+        server = None
+        if settings.embedded and not port_is_taken(*settings.listen_host_port):
+            server = embedded_server(settings)
+            await server.astart()
+        nc = await _connect(settings, "collabbus-rebuild")
+        try:
+            js = nc.jetstream()
+            if not force and await _consumer_active(js, EVENTS_STREAM, NETWORK_CONSUMER):
+                err.print("[red]error:[/red] a running bus is consuming the log; stop it (Ctrl-C on collabbus up) "
+                          "before a rebuild, or pass --force")
+                raise typer.Exit(1)
+            engine = make_engine(settings.db_url)
+            await asyncio.to_thread(migrate, engine)
+            service = NetworkService(engine, network())
+            with Progress(
+                TextColumn("[bold]rebuilding[/bold]"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:>8.0f} events/s"), TimeRemainingColumn(),
+                console=err, disable=as_json, transient=False,
+            ) as bar:
+                task = bar.add_task("rebuild", total=None, rate=0.0)
+                started = asyncio.get_running_loop().time()
+
+                def progress(done: int, total: int) -> None:
+                    elapsed = max(asyncio.get_running_loop().time() - started, 1e-6)
+                    bar.update(task, completed=done, total=total, rate=done / elapsed)
+
+                report = await replay(js, service, progress=progress)
+            engine.dispose()
+            return report
+        finally:
+            await nc.close()
+            if server is not None:
+                await server.astop()
+
+    report = run(main())
+    if as_json:
+        out.print_json(data=report.as_dict())
+    else:
+        out.print(f"rebuilt the read models from {report.events} events in {report.seconds:.1f} s "
+                  f"({report.rate:,.0f} events/s), up to #{report.last_seq}")
+        for failure in report.failures:
+            out.print(f"  [red]failed[/red] #{failure['seq']} {failure['id']}: {failure['error']}")
+    if report.failures:
+        raise typer.Exit(1)
+
+
+async def _consumer_active(js: Any, stream: str, name: str) -> bool:
+    """True when some process is pulling from the durable consumer right now."""
+    from nats.js.errors import NotFoundError
+
+    for _ in range(3):
+        try:
+            info = await js.consumer_info(stream, name)
+        except NotFoundError:
+            return False
+        if info.num_waiting:
+            return True
+        await asyncio.sleep(0.3)
+    return False
+
+
 # --------------------------------------------------------------------------- institutions
 
 

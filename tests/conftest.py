@@ -47,7 +47,7 @@ def settings(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 async def bus(settings: Settings) -> AsyncIterator[Bus]:
     running = Bus(settings)
-    await running.start()
+    await running.start(state=False)  # the gate alone; scenario tests run their own network consumers
     yield running
     await running.stop()
 
