@@ -64,3 +64,33 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
             yield session
+
+
+def table_checksums(engine: Engine, *, exclude: tuple[str, ...] = ("outbox",)) -> dict[str, str]:
+    """A SHA-256 of every table's rows in primary-key order, to compare two databases' state."""
+    import hashlib
+
+    import sqlalchemy as sa
+    from sqlmodel import SQLModel
+
+    import handlers.tables  # noqa: F401
+
+    sums: dict[str, str] = {}
+    with engine.connect() as connection:
+        for table in SQLModel.metadata.sorted_tables:
+            if table.name in exclude:
+                continue
+            order = list(table.primary_key.columns) or list(table.columns)
+            digest = hashlib.sha256()
+            for row in connection.execute(sa.select(table).order_by(*order)):
+                digest.update(repr(tuple(_comparable(v) for v in row)).encode())
+            sums[table.name] = digest.hexdigest()
+    return sums
+
+
+def _comparable(value: Any) -> Any:
+    from datetime import datetime, timezone
+
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value

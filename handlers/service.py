@@ -87,6 +87,18 @@ class NetworkService:
         with session_scope(self.engine) as session:
             session.exec(delete(OutboxEvent).where(OutboxEvent.event_id.in_(event_ids)))  # type: ignore[call-overload,attr-defined]
 
+    def reset(self) -> None:
+        """Empty every read model and the bookkeeping of what was applied (not the outbox: it
+        holds derived events the log has not confirmed yet)."""
+        from sqlmodel import SQLModel
+
+        import handlers.tables  # noqa: F401  (every table on the metadata)
+
+        with session_scope(self.engine) as session:
+            for table in reversed(SQLModel.metadata.sorted_tables):
+                if table.name != OutboxEvent.__tablename__:
+                    session.execute(table.delete())
+
     def position(self) -> int:
         """The last log sequence applied."""
         with session_scope(self.engine) as session:
