@@ -1,12 +1,18 @@
 """Durable pull consumers over the event log, with retries and dead letters (CONTRACT §4).
 
 Acknowledgement is explicit and chosen on purpose: an event is acked only after its effects are
-committed (the handlers record what they applied in the same transaction, so a crash between
-commit and ack changes nothing on redelivery). A handler failure is nak'ed with the consumer's
-backoff and redelivered up to ``max_deliver`` times; after that — or at once for an event that can
-never be read — it is published to ``collab.dlq.{consumer}`` with headers saying why, and acked, so
-one poison event never stalls the rest. A database outage is not the event's fault: the batch is
-held (the server is told the work is in progress) and retried until the database answers.
+committed, and the handlers record what they applied — and how far they have read the log — in
+the same transaction. Events are applied strictly in log order, because the workflows' decisions
+depend on it (a waitlist is the order of registrations). So a handler failure is retried in place,
+with the consumer's backoff between deliveries, up to ``max_deliver`` deliveries; after that — or
+at once for an event that can never be read — it is published to ``collab.dlq.{consumer}`` with
+headers saying why, acked and skipped, so one poison event never stalls the rest. A database
+outage is not the event's fault: the batch is held (the server is told the work is in progress)
+and retried until the database answers.
+
+The database, not the consumer's ack state, is the record of progress: on start, when the
+durable consumer does not agree with it (a crash between commit and ack, a rebuilt database), the
+consumer is recreated to continue right after the last applied sequence, in order.
 """
 
 from __future__ import annotations
@@ -104,7 +110,11 @@ def _normal(value: object) -> object:
 class Applier(Protocol):
     """The database side (``handlers.service.NetworkService``)."""
 
-    def apply_batch(self, items: Sequence[Any], *, live: bool = True) -> tuple[list[Any], int]: ...
+    def apply_batch(self, items: Sequence[Any], *, live: bool = True) -> tuple[int, Any, int]: ...
+
+    def skip(self, seq: int) -> None: ...
+
+    def position(self) -> int: ...
 
 
 @dataclass
@@ -124,9 +134,27 @@ class Consumer:
 
     async def start(self) -> None:
         await ensure_consumer(self.js, self.settings, self.stream)
+        await self._continue_from_database()
         self._sub = await self.js.pull_subscribe_bind(self.settings.name, self.stream)
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.settings.name}")
+
+    async def _continue_from_database(self) -> None:
+        position = await asyncio.to_thread(self.applier.position)
+        info = await self.js.consumer_info(self.stream, self.settings.name)
+        expected = position or max((self.settings.start_seq or 1) - 1, 0)
+        acked = info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
+        if info.num_ack_pending == 0 and acked == expected:
+            return
+        log.warning(
+            "consumer %s: the database has applied the log up to #%d, the consumer acked up to #%s with %d in flight; "
+            "continuing from #%d", self.settings.name, position, acked, info.num_ack_pending, expected + 1,
+        )
+        await self.js.delete_consumer(self.stream, self.settings.name)
+        config = self.settings.config()
+        start_seq = expected + 1
+        config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start_seq
+        await self.js.add_consumer(self.stream, config)
 
     async def stop(self) -> None:
         """Finish the batch in hand, then stop."""
@@ -140,54 +168,81 @@ class Consumer:
         while not self._stopping.is_set():
             try:
                 msgs = await self._sub.fetch(self.settings.batch, timeout=0.5)
-            except NatsTimeoutError:
+            except (NatsTimeoutError, asyncio.TimeoutError):
                 continue
             except Exception as exc:  # connection trouble: nats-py reconnects; try again shortly
                 if self._stopping.is_set():
                     return
-                log.warning("consumer %s: fetch failed: %s", self.settings.name, exc)
+                log.warning("consumer %s: fetch failed: %r", self.settings.name, exc)
                 await asyncio.sleep(0.5)
                 continue
             await self.handle(msgs)
 
     async def handle(self, msgs: list[Msg]) -> None:
-        """Apply a batch, then ack, nak or dead-letter each message."""
+        """Apply a batch in order; ack what was applied, retry a failure in place, then dead-letter it."""
         from handlers.service import Failure, LoggedItem  # the port's value types; handlers never import nats
 
-        failures: list[Any] = [None] * len(msgs)
-        readable: list[int] = []
-        items: list[LoggedItem] = []
-        for index, msg in enumerate(msgs):
-            meta = msg.metadata
-            try:
-                envelope = orjson.loads(msg.data)
-            except orjson.JSONDecodeError as exc:
-                failures[index] = Failure("JSONDecodeError", str(exc), permanent=True)
-                continue
-            logged_at = meta.timestamp if meta.timestamp.tzinfo else meta.timestamp.replace(tzinfo=timezone.utc)
-            readable.append(index)
-            items.append(LoggedItem(meta.sequence.stream, envelope, logged_at))
-        outcome = await self._apply_holding(msgs, items)
-        if outcome is None:  # stopping while the database is down: the messages were handed back
-            return
-        results, derived = outcome
-        for index, failure in zip(readable, results):
-            failures[index] = failure
-        for msg, failure in zip(msgs, failures):
-            if failure is None:
-                await msg.ack()
-                self.applied += 1
-                continue
-            deliveries = msg.metadata.num_delivered
-            if failure.permanent or deliveries >= self.settings.max_deliver:
-                await self.dead_letter(msg, failure.error, failure.detail)
-                await msg.ack()
+        pending = list(msgs)
+        attempts = 0
+        derived = 0
+        while pending:
+            items: list[LoggedItem] = []
+            unreadable: Failure | None = None
+            for msg in pending:
+                try:
+                    envelope = orjson.loads(msg.data)
+                except orjson.JSONDecodeError as exc:
+                    unreadable = Failure("JSONDecodeError", str(exc), permanent=True)
+                    break
+                meta = msg.metadata
+                logged_at = meta.timestamp if meta.timestamp.tzinfo else meta.timestamp.replace(tzinfo=timezone.utc)
+                items.append(LoggedItem(meta.sequence.stream, envelope, logged_at))
+            applied, failure, decided = (0, None, 0)
+            if items:
+                outcome = await self._apply_holding(pending, items)
+                if outcome is None:  # stopping while the database is down: the messages were handed back
+                    return
+                applied, failure, decided = outcome
             else:
-                await msg.nak(delay=self.settings.delay(deliveries))
+                failure = unreadable
+            derived += decided
+            for msg in pending[:applied]:
+                await msg.ack()
+            self.applied += applied
+            if applied:
+                attempts = 0
+            pending = pending[applied:]
+            if failure is None and applied == len(items) and unreadable is not None:
+                failure = unreadable
+            if failure is None:
+                continue
+            head = pending[0]
+            attempts += 1
+            deliveries = head.metadata.num_delivered + attempts - 1
+            if failure.permanent or deliveries >= self.settings.max_deliver:
+                await self.dead_letter(head, failure.error, failure.detail, deliveries)
+                await asyncio.to_thread(self.applier.skip, head.metadata.sequence.stream)
+                await head.ack()
+                pending = pending[1:]
+                attempts = 0
+            else:
+                await self._hold(pending, self.settings.delay(deliveries))
         if derived and self.on_derived is not None:
             self.on_derived()
 
-    async def _apply_holding(self, msgs: list[Msg], items: list[Any]) -> tuple[list[Any], int] | None:
+    async def _hold(self, msgs: list[Msg], seconds: float) -> None:
+        """Wait before a retry, telling the server the messages are still being worked on."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while not self._stopping.is_set():
+            for msg in msgs:
+                await msg.in_progress()
+            left = until - loop.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, self.settings.ack_wait / 3))
+
+    async def _apply_holding(self, msgs: list[Msg], items: list[Any]) -> tuple[int, Any, int] | None:
         """Apply in a worker thread; while the database is unreachable, keep the batch in progress."""
         wait = 0.2
         while True:
@@ -205,18 +260,19 @@ class Consumer:
             await asyncio.sleep(wait)
             wait = min(wait * 2, 10.0)
 
-    async def dead_letter(self, msg: Msg, error: str, detail: str) -> None:
+    async def dead_letter(self, msg: Msg, error: str, detail: str, deliveries: int | None = None) -> None:
         """Publish ``msg`` to ``collab.dlq.{consumer}`` with the reason in its headers."""
         meta = msg.metadata
+        deliveries = deliveries or meta.num_delivered
         headers = dict(msg.headers or {})
         headers.pop("Nats-Msg-Id", None)
         headers.update(
             {
-                "Nats-Msg-Id": f"dlq.{self.settings.name}.{meta.sequence.stream}.{meta.num_delivered}",
+                "Nats-Msg-Id": f"dlq.{self.settings.name}.{meta.sequence.stream}.{deliveries}",
                 DLQ_ERROR: error[:200],
                 DLQ_DETAIL: _header_text(detail),
                 DLQ_CONSUMER: self.settings.name,
-                DLQ_DELIVERIES: str(meta.num_delivered),
+                DLQ_DELIVERIES: str(deliveries),
                 DLQ_SUBJECT: msg.subject,
                 DLQ_STREAM_NAME: meta.stream,
                 DLQ_STREAM_SEQ: str(meta.sequence.stream),
@@ -225,7 +281,7 @@ class Consumer:
         )
         await self.js.publish(f"collab.dlq.{self.settings.name}", msg.data, headers=headers, stream="COLLAB_DLQ")
         self.dead_lettered += 1
-        log.error("consumer %s: event #%s dead-lettered after %d deliveries: %s", self.settings.name, meta.sequence.stream, meta.num_delivered, error)
+        log.error("consumer %s: event #%s dead-lettered after %d deliveries: %s", self.settings.name, meta.sequence.stream, deliveries, error)
 
 
 def _header_text(text: str) -> str:

@@ -92,10 +92,15 @@ async def rebuild(
                     break
                 stamp = meta.timestamp if meta.timestamp.tzinfo else meta.timestamp.replace(tzinfo=timezone.utc)
                 items.append(LoggedItem(seq, orjson.loads(msg.data), stamp))
-            failures, _ = await asyncio.to_thread(service.apply_batch, items, live=False)
-            for item, failure in zip(items, failures):
-                if failure is not None:
-                    report.failures.append({"seq": item.seq, "id": item.envelope.get("id"), "error": failure.error})
+            rest = items
+            while rest:
+                applied, failure, _ = await asyncio.to_thread(service.apply_batch, rest, live=False)
+                if failure is None:
+                    break
+                failed = rest[applied]
+                report.failures.append({"seq": failed.seq, "id": failed.envelope.get("id"), "error": failure.error})
+                await asyncio.to_thread(service.skip, failed.seq)
+                rest = rest[applied + 1:]
             report.events += len(items)
             if progress:
                 progress(report.events, total)

@@ -66,6 +66,12 @@ class Bus:
     service: Any = None
     consumer: Consumer | None = None
     relay: Relay | None = None
+    http: Any = None
+    """The HTTP gateway (``connectors.http.server.HttpGateway``) once :meth:`start_http` ran."""
+    webhooks: Any = None
+    """The webhook dispatcher (``connectors.webhooks.dispatcher.WebhookDispatcher``) once :meth:`start_state` ran."""
+    webhook_timeout: float = 15.0
+    """Seconds a webhook request may take (CONTRACT §7); a seam for tests."""
     network_factory: Any = None
     """Builds the handlers' ``Network`` (default: every domain's routes); a seam for tests."""
     consumer_settings: ConsumerSettings = field(default_factory=lambda: ConsumerSettings(NETWORK_CONSUMER))
@@ -119,6 +125,21 @@ class Bus:
         self.consumer = Consumer(self.js, self.consumer_settings, self.service, on_derived=self.relay.wake.set, db_lock=lock)
         await self.relay.start()
         await self.consumer.start()
+        from connectors.webhooks.dispatcher import WebhookDispatcher, webhook_consumer
+
+        self.webhooks = WebhookDispatcher(
+            self.engine, self.js, self.settings, consumer_settings=webhook_consumer(self.consumer_settings),
+            timeout=self.webhook_timeout, db_lock=lock,
+        )
+        await self.webhooks.start()
+
+    async def start_http(self) -> None:
+        """Serve the HTTP gateway at ``settings.http`` in this event loop (after :meth:`start`)."""
+        from connectors.http.server import HttpGateway
+
+        host, port = self.settings.http_host_port
+        self.http = HttpGateway(self, host, port)
+        await self.http.start()
 
     async def ensure_operator(self) -> Verdict | None:
         """The network's operator is its first member, created on the first start."""
@@ -147,6 +168,12 @@ class Bus:
 
     async def stop(self) -> None:
         """Drain subscriptions and connections, then stop the embedded server."""
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+            self.webhooks = None
         if self.consumer is not None:
             await self.consumer.stop()
             self.consumer = None

@@ -59,6 +59,7 @@ def desired_streams(*, replicas: int, duplicate_window: float, max_msg_size: int
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.OLD,
             num_replicas=replicas,
+            duplicate_window=120.0,
             deny_delete=False,
             deny_purge=False,
             allow_direct=True,

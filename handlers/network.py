@@ -182,7 +182,7 @@ class Network:
     def apply(self, session: Session, event: Event[Any], *, live: bool) -> list[Event[Any]]:
         """Apply one logged event; returns the derived events decided. A seen id changes nothing."""
         if session.get(AppliedEvent, event.id) is not None:
-            self._advance(session, event.seq)
+            self.advance(session, event.seq)
             return []
         context = Context(session, event, now=event.logged_at, live=live)
         for decide in self.routes.deciders.get(event.type, ()):
@@ -191,7 +191,7 @@ class Network:
             self._project(session, event)
         session.add(AppliedEvent(event_id=event.id, seq=event.seq))
         self._apply_derived(session, context.derived, live=live)
-        self._advance(session, event.seq)
+        self.advance(session, event.seq)
         return context.derived
 
     def tick(self, session: Session, now: datetime | None = None, *, live: bool = True) -> list[Event[Any]]:
@@ -222,7 +222,8 @@ class Network:
                 )
             session.flush()
 
-    def _advance(self, session: Session, seq: int | None) -> None:
+    def advance(self, session: Session, seq: int | None) -> None:
+        """Record that the log has been read up to ``seq``."""
         if seq is None:
             return
         position = session.get(ConsumerPosition, self.consumer)

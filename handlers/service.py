@@ -48,26 +48,36 @@ class NetworkService:
         self.engine = engine
         self.network = network
 
-    def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True) -> tuple[list[Failure | None], int]:
-        """Apply a batch in one transaction; returns a failure (or None) per item and how many
-        derived events were decided. Raises only when the transaction itself fails (database down)."""
-        failures: list[Failure | None] = []
-        derived = 0
+    def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True) -> tuple[int, Failure | None, int]:
+        """Apply a batch in log order in one transaction, stopping at the first event that fails.
+
+        Returns how many events were applied (the failed one is rolled back alone; the ones before
+        it are committed), the failure if any, and how many derived events were decided. Raises
+        only when the transaction itself fails (database down).
+        """
+        applied = derived = 0
+        failure: Failure | None = None
         with session_scope(self.engine) as session:
             for item in items:
                 try:
                     event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at)
                 except Exception as exc:  # the gate validated it; a schema change can still make it unreadable
-                    failures.append(Failure(type(exc).__name__, str(exc)[:2000], permanent=True))
-                    continue
+                    failure = Failure(type(exc).__name__, str(exc)[:2000], permanent=True)
+                    break
                 try:
                     with session.begin_nested():
                         derived += len(self.network.apply(session, event, live=live))
-                    failures.append(None)
                 except Exception as exc:
                     log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc)
-                    failures.append(Failure(type(exc).__name__, _describe(exc), permanent=False))
-        return failures, derived
+                    failure = Failure(type(exc).__name__, _describe(exc), permanent=False)
+                    break
+                applied += 1
+        return applied, failure, derived
+
+    def skip(self, seq: int) -> None:
+        """Move past an event that was dead-lettered: it is not applied, and later events are."""
+        with session_scope(self.engine) as session:
+            self.network.advance(session, seq)
 
     def tick(self, now: datetime | None = None) -> int:
         """Run the timers once; returns how many events they decided."""

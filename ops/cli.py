@@ -140,7 +140,11 @@ def _print_verdict(verdict: Any, as_json: bool) -> None:
 
 @app.command()
 @with_settings
-def up(settings: Settings) -> None:
+def up(
+    demo: Annotated[bool, typer.Option("--demo", help="load the demo network once (see `collabbus demo`)")] = False,
+    *,
+    settings: Settings,
+) -> None:
     """Start the bus: embedded NATS (unless a URL is set), streams, gatekeeper. Ctrl-C drains and stops."""
     from bus.runtime import Bus
 
@@ -151,18 +155,96 @@ def up(settings: Settings) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await bus.start()
+        try:
+            await bus.start_http()
+        except OSError as exc:
+            await bus.stop()
+            err.print(f"[red]error:[/red] {exc.strerror or exc} (set COLLABBUS_HTTP to another address)")
+            raise typer.Exit(1) from None
         where = f"embedded nats-server at {settings.nats_servers[0]}" if settings.embedded else ", ".join(settings.nats_servers)
         err.print(f"[bold]collabbus[/bold] is up: NATS {where}, data in {settings.data_dir.resolve()}")
         err.print(f"  operator: {settings.operator} · ingress: collab.ingress.{{institution}}.{{domain}}.{{event}}")
+        err.print(f"  HTTP gateway: {bus.http.url} (docs at {bus.http.url}/docs)")
         err.print("  Ctrl-C to stop")
+        loading = asyncio.create_task(_load_demo(settings, bus)) if demo else None
         try:
             await stop.wait()
         finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+                await asyncio.gather(loading, return_exceptions=True)
             err.print("draining…")
             await bus.stop()
             err.print("stopped")
 
     run(main())
+
+
+async def _load_demo(settings: Settings, bus: Any) -> None:
+    """``up --demo``: once the bus serves, load the demo network through its public interfaces."""
+    from ops import demo
+
+    try:
+        nc = await _connect(settings, "collabbus-demo")
+        try:
+            summary = await demo.run(nc, operator=settings.operator, gateway_url=bus.http.url, engine=bus.engine, progress=err)
+        finally:
+            await nc.close()
+    except (demo.DemoError, ConnectionRefusedError) as exc:
+        err.print(f"[red]demo:[/red] {exc}")
+        return
+    if summary["status"] == "already_loaded":
+        err.print("  demo network: already loaded (`collabbus demo` prints it)")
+    else:
+        demo.render(summary, out)
+        err.print("  demo network loaded")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _gateway_url(settings: Settings) -> str:
+    """Where a client reaches the gateway the settings describe (a wildcard address means this host)."""
+    host, port = settings.http_host_port
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@app.command()
+@with_settings
+def demo(
+    as_json: Annotated[bool, typer.Option("--json", help="print a machine-readable summary")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Publish the demo network (institutions and stories from the seed documents) through the public
+    interfaces of a running bus, then print what happened, read back from the HTTP read API."""
+    from handlers.db import make_engine
+    from ops import demo as demo_network
+
+    async def main() -> Any:
+        nc = await _connect(settings, "collabbus-demo")
+        engine = make_engine(settings.db_url)
+        try:
+            return await demo_network.run(
+                nc, operator=settings.operator, gateway_url=_gateway_url(settings), engine=engine,
+                progress=None if as_json else err,
+            )
+        finally:
+            await nc.close()
+            engine.dispose()
+
+    try:
+        summary = run(main())
+    except demo_network.DemoError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    else:
+        demo_network.render(summary, out)
+    if summary["published"] and summary["published"]["refused"]:
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- publish
@@ -479,6 +561,37 @@ def institutions_list(
         name = member.get("name") or {}
         table.add_row(member.get("id"), next(iter(name.values()), ""), member.get("kind"), member.get("country"), member.get("municipality_level") or "")
     out.print(table)
+
+
+@institutions_app.command("token")
+@with_settings
+def institutions_token(
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's id")],
+    *,
+    settings: Settings,
+) -> None:
+    """Print a new HTTP token for a member, and nothing else (only its hash is stored)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from handlers import tokens
+    from handlers.db import make_engine, migrate, session_scope
+    from handlers.institutions import member
+
+    engine = make_engine(settings.db_url)
+    try:
+        migrate(engine)
+        with session_scope(engine) as session:
+            if member(session, institution_id) is None:
+                err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the read models "
+                          f"at {settings.db_url}); add it with `collabbus institutions add` first")
+                raise typer.Exit(1)
+            token = tokens.issue(session, institution_id)
+    except SQLAlchemyError as exc:
+        err.print(f"[red]error:[/red] the database is not reachable: {exc.__class__.__name__}: {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    sys.stdout.write(token + "\n")
 
 
 # --------------------------------------------------------------------------- schemas, asyncapi

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     nats_creds: Path | None = Field(None, description="credentials file or nkey seed for the bus's own connection")
     database_url: str | None = Field(None, description="SQLAlchemy URL of the read models; default SQLite under the data dir")
     http: str = Field("127.0.0.1:8080", description="address of the HTTP gateway")
+    http_rate_limit: float = Field(50.0, gt=0, description="events per second an institution may post over HTTP (sustained)")
+    http_rate_burst: int = Field(200, ge=1, description="events an institution may post over HTTP at once (token bucket size)")
     stream_replicas: int = Field(1, ge=1, le=5, description="JetStream replicas for the streams")
     max_event_bytes: int = Field(262144, ge=1024, description="largest accepted event, serialized")
     duplicate_window: float = Field(
@@ -70,6 +72,12 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         """The read models' database URL."""
         return self.database_url or f"sqlite:///{(self.data_dir / 'collabbus.db').resolve()}"
+
+    @property
+    def http_host_port(self) -> tuple[str, int]:
+        """Where the HTTP gateway listens."""
+        host, _, port = self.http.rpartition(":")
+        return host or "127.0.0.1", int(port)
 
     @property
     def listen_host_port(self) -> tuple[str, int]:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from schemas.common import (
     AggregateId,
     Changes,
     CountryCode,
     EventData,
+    EventId,
     InstitutionId,
     InstitutionKind,
     LocalizedText,
@@ -28,6 +29,8 @@ __all__ = [
     "ApplicationRefusal",
     "ApplicationRejected",
     "ApplicationSubmitted",
+    "CallActionRefusal",
+    "CallActionRejected",
     "CallAmended",
     "CallChanges",
     "CallClosed",
@@ -140,3 +143,21 @@ class ApplicationRejected(EventData):
     application_id: AggregateId
     applicant: InstitutionId
     reason: ApplicationRefusal
+
+
+class CallActionRefusal(Reason):
+    """Why the calls workflow refused a publication, an amendment or a closing."""
+
+    code: Literal["unknown_call", "already_published", "not_owner", "call_closed", "invalid_window"]
+
+
+class CallActionRejected(EventData):
+    """The calls workflow refused an event about a call that passed the gate (a state rule);
+    emitted in the call owner's name (for an unknown call: the refused event's source), with
+    `causationid` naming the refused event, repeated here with its type and source."""
+
+    call_id: AggregateId
+    rejected_type: Annotated[str, Field(pattern=r"^call\.[a-z_]+$")]
+    rejected_event_id: EventId
+    actor: InstitutionId
+    reason: CallActionRefusal

@@ -14,11 +14,13 @@ from schemas.common import (
     Day,
     DecimalString,
     EventData,
+    EventId,
     ExternalRef,
     InstitutionId,
     Label,
     LocalizedText,
     NotClearable,
+    Reason,
     Theme,
     ValueObject,
 )
@@ -30,6 +32,8 @@ __all__ = [
     "Partner",
     "PartnerJoined",
     "Period",
+    "ProjectActionRefusal",
+    "ProjectActionRejected",
     "ProjectAdopted",
     "ProjectChanges",
     "ProjectCompleted",
@@ -173,3 +177,29 @@ class ProjectCompleted(EventData):
     project_id: AggregateId
     outcome: LocalizedText
     ended_on: Day | None = None
+
+
+class ProjectActionRefusal(Reason):
+    """Why the projects workflow refused an event about a project."""
+
+    code: Literal[
+        "unknown_project",
+        "already_registered",
+        "not_owner",
+        "not_owner_or_partner",
+        "not_owner_or_adopter",
+        "duplicate_adoption",
+        "invalid_dates",
+    ]
+
+
+class ProjectActionRejected(EventData):
+    """The projects workflow refused an event about a project that passed the gate (a state
+    rule); emitted in the project owner's name (for an unknown project: the refused event's
+    source), with `causationid` naming the refused event, repeated here with its type and source."""
+
+    project_id: AggregateId
+    rejected_type: Annotated[str, Field(pattern=r"^project\.[a-z_]+$")]
+    rejected_event_id: EventId
+    actor: InstitutionId
+    reason: ProjectActionRefusal

@@ -33,7 +33,8 @@ def unique(prefix: str = "t") -> str:
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), port=free_port())
+    # Tests do not survive power cuts; JetStream's default sync interval keeps them fast.
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), port=free_port(), sync_always=False)
     server.start()
     yield server
     server.stop()

@@ -61,7 +61,7 @@ async def start_bus(tmp: Path, server: EmbeddedNats, factory: Callable[[], Netwo
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), sync_always=False)
     await server.astart()
     yield server
     await server.astop()

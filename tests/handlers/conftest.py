@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
+from bus.consumer import ConsumerSettings
+from bus.runtime import Bus
+from bus.server import EmbeddedNats, free_port
 from handlers.db import make_engine, migrate
+from ops.settings import Settings
+from tests.handlers.harness import BusScenario
 from tests.postgres import postgres_url
 
 
@@ -43,6 +50,21 @@ def fresh_database(kind: str, tmp_path: object, pg_server_url: str | None) -> It
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: object, pg_server_url: str | None) -> Iterator[str]:
     yield from fresh_database(request.param, tmp_path, pg_server_url)
+
+
+@pytest.fixture
+async def scenario(database_url: str, tmp_path: Path) -> AsyncIterator[BusScenario]:
+    """A bus of its own — own nats-server, own log — applying to this test's database."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), sync_always=False)
+    await server.astart()
+    settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, database_url=database_url)
+    bus = Bus(settings, consumer_settings=ConsumerSettings("network", backoff=(0.05, 0.1)))
+    await bus.start(ingress=False)
+    try:
+        yield BusScenario(bus)
+    finally:
+        await bus.stop()
+        await server.astop()
 
 
 @pytest.fixture

@@ -79,3 +79,75 @@ class DirectScenario:
     def session(self) -> Iterator[Session]:
         with Session(self.engine) as session:
             yield session
+
+
+class BusScenario:
+    """Offers events through the gatekeeper of a real bus on a real nats-server and waits until the
+    network consumer has applied them and the relay has logged what the workflows derived."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+
+    async def given(self, *events: dict[str, Any]) -> None:
+        for event in events:
+            await self.when(event)
+
+    async def when(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        import orjson
+
+        institution = str(event["source"]).removeprefix("/institutions/")
+        if event["type"].startswith("institution.") and institution != self.bus.settings.operator:
+            event = {**event, "source": f"/institutions/{self.bus.settings.operator}"}
+            institution = self.bus.settings.operator
+        verdict = await self.bus.gate.admit(institution, orjson.dumps(event))
+        assert verdict.accepted, f"the gate refused a scenario event: {verdict.as_dict()}"
+        await self._settle(verdict.seq)
+        return await self._derived_from(event["id"], after=verdict.seq)
+
+    async def tick(self, now: datetime | None = None) -> list[dict[str, Any]]:
+        import asyncio
+
+        relay = self.bus.relay
+        async with relay.db_lock:
+            def run() -> list[dict[str, Any]]:
+                with session_scope(self.bus.engine) as session:
+                    return [dict(d.envelope) for d in self.bus.service.network.tick(session, now)]
+
+            derived = await asyncio.to_thread(run)
+        last = (await self.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
+        await relay.drain()
+        await self._settle(last + len(derived))
+        return derived
+
+    async def _settle(self, seq: int | None) -> None:
+        """Wait until the consumer applied ``seq`` and the outbox is empty and applied too."""
+        import asyncio
+
+        service = self.bus.service
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            position = await asyncio.to_thread(service.position)
+            pending = await asyncio.to_thread(service.outbox)
+            last = (await self.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
+            if position >= (seq or 0) and not pending and position >= last:
+                return
+            assert loop.time() < deadline, f"the network consumer did not catch up (at {position}, log at {last})"
+            self.bus.relay.wake.set()
+            await asyncio.sleep(0.02)
+
+    async def _derived_from(self, cause: str, *, after: int | None) -> list[dict[str, Any]]:
+        import orjson
+
+        last = (await self.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
+        derived = []
+        for seq in range((after or 0) + 1, last + 1):
+            logged = orjson.loads((await self.bus.js.get_msg("COLLAB_EVENTS", seq)).data)
+            if logged.get("causationid") == cause:
+                derived.append(logged)
+        return derived
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.bus.engine) as session:
+            yield session

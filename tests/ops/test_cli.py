@@ -33,7 +33,8 @@ def running_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     """``collabbus up`` in its own process on a fresh data dir, as ``make run`` starts it."""
     data_dir = tmp_path_factory.mktemp("cli-data")
     port = free_port()
-    env = {**os.environ, "COLLABBUS_DATA_DIR": str(data_dir), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{port}"}
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(data_dir), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{port}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
     env.pop("COLLABBUS_NATS_URL", None)
     proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None

@@ -37,9 +37,9 @@ FIXTURE_FILES = sorted(FIXTURES.glob("*.json"))
 CATALOG_V1 = {
     "institution.joined", "institution.updated", "institution.left",
     "call.published", "call.amended", "call.closed", "call.application_submitted",
-    "call.application_received", "call.application_rejected",
+    "call.application_received", "call.application_rejected", "call.action_rejected",
     "project.registered", "project.updated", "project.partner_joined", "project.adopted",
-    "project.impact_reported", "project.completed",
+    "project.impact_reported", "project.completed", "project.action_rejected",
     "validation.requested", "validation.reviewer_assigned", "validation.info_requested",
     "validation.info_provided", "validation.review_submitted", "validation.decided",
     "validation.withdrawn", "validation.action_rejected",
@@ -65,7 +65,7 @@ def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def test_registry_covers_exactly_the_v1_catalog() -> None:
-    assert len(CATALOG_V1) == 33
+    assert len(CATALOG_V1) == 35
     assert set(event_types()) == CATALOG_V1
     assert event_types() == sorted(CATALOG_V1)
     assert set(REGISTRY) == {(t, 1) for t in CATALOG_V1}
@@ -133,6 +133,8 @@ def test_dataschema() -> None:
         ("operator", "project.registered", True),
         ("cooperative", "innovation_day.registration_requested", True),
         ("competence_centre", "validation.action_rejected", False),
+        ("funder", "call.action_rejected", False),
+        ("municipality", "project.action_rejected", False),
         ("funder", "call.application_received", False),
         ("municipality", "no.such_type", False),
         ("municipality", "project.registered", True),
@@ -146,7 +148,8 @@ def test_may_emit(kind: str, type_: str, allowed: bool) -> None:
 
 def test_nobody_outside_emits_bus_only_types() -> None:
     bus_only = {
-        "call.application_received", "call.application_rejected", "validation.action_rejected",
+        "call.application_received", "call.application_rejected", "call.action_rejected",
+        "project.action_rejected", "validation.action_rejected",
         "innovation_day.registration_confirmed", "innovation_day.registration_waitlisted",
         "innovation_day.registration_rejected", "innovation_day.meetings_proposed",
     }  # fmt: skip
@@ -208,7 +211,7 @@ def test_json_schema_head() -> None:
 
 def test_exported_schemas_agree_with_the_models(tmp_path: Path) -> None:
     paths = export_json_schemas(tmp_path)
-    assert len(paths) == 33
+    assert len(paths) == 35
     assert {p.name for p in tmp_path.iterdir()} == {f"{t}.v1.json" for t in CATALOG_V1}
     for path in FIXTURE_FILES:
         event = load(path)["event"]

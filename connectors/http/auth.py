@@ -1,0 +1,92 @@
+"""Who is calling: ``Authorization: Bearer <token>`` → the institution (and the request's bus).
+
+Publishing needs a valid token only: the gatekeeper itself refuses non-members, with the same
+reasons as over NATS. Reading needs a token of a current member.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Query, Request
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+
+from connectors.http.problems import ApiProblem
+from handlers import tokens
+
+if TYPE_CHECKING:
+    from bus.runtime import Bus
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="collabbus"'}
+
+
+def bus_of(request: Request) -> "Bus":
+    """The bus this gateway serves."""
+    return request.app.state.bus  # type: ignore[no-any-return]
+
+
+def engine_of(request: Request) -> Any:
+    """The read models' engine; 503 while the bus runs without them."""
+    engine = bus_of(request).engine
+    if engine is None:
+        raise ApiProblem(503, "the read models are not running in this bus process", headers={"Retry-After": "5"})
+    return engine
+
+
+def read_session(request: Request) -> Iterator[Session]:
+    """A session for reading, closed as soon as the endpoint returns (SQLite's lock with it)."""
+    with Session(engine_of(request)) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(read_session, scope="function")]
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _institution_of(engine: Any, token: str) -> str | None:
+    with Session(engine) as session:
+        return tokens.institution_of(session, token)
+
+
+async def _authenticate(request: Request, token: str | None) -> str:
+    if token is None:
+        raise ApiProblem(401, "send Authorization: Bearer <token>; `collabbus institutions token ID` issues one", headers=_CHALLENGE)
+    institution = await run_in_threadpool(_institution_of, engine_of(request), token)
+    if institution is None:
+        raise ApiProblem(401, "the token is unknown or revoked", headers=_CHALLENGE)
+    return institution
+
+
+async def token_holder(request: Request) -> str:
+    """The institution whose token the request carries."""
+    return await _authenticate(request, _bearer(request))
+
+
+async def _require_member(request: Request, institution: str) -> str:
+    if await bus_of(request).membership.kind_of(institution) is None:
+        raise ApiProblem(403, f"{institution!r} is not a member of the network", kind="not_member")
+    return institution
+
+
+async def member(request: Request) -> str:
+    """The calling institution, a current member."""
+    return await _require_member(request, await token_holder(request))
+
+
+async def calendar_member(
+    request: Request,
+    token: Annotated[str | None, Query(description="the token, for calendar clients that cannot send headers")] = None,
+) -> str:
+    """Like :func:`member`, also accepting ``?token=``."""
+    return await _require_member(request, await _authenticate(request, _bearer(request) or token))
+
+
+Publisher = Annotated[str, Depends(token_holder)]
+Member = Annotated[str, Depends(member)]
+CalendarMember = Annotated[str, Depends(calendar_member)]

@@ -1,0 +1,91 @@
+"""``/innovation-days.ics``: the gatherings as an RFC 5545 calendar feed, one VEVENT per day.
+
+Calendar clients subscribe to a URL and cannot send headers, so the feed also takes ``?token=``.
+Texts are given in the language asked for (``?lang=``), else English, else the first one there.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from icalendar import Calendar, Event, vText
+from sqlmodel import col, select
+
+from connectors.http.auth import CalendarMember, SessionDep
+from connectors.http.problems import documented
+from handlers.innovation_days import InnovationDay
+
+router = APIRouter(tags=["read"])
+
+ICS = "text/calendar"
+_STATUS = {"scheduled": "CONFIRMED", "held": "CONFIRMED", "cancelled": "CANCELLED"}
+
+
+def _text(localized: dict[str, str] | None, lang: str) -> str | None:
+    if not localized:
+        return None
+    return localized.get(lang) or localized.get("en") or next(iter(localized.values()))
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def _location(day: InnovationDay, lang: str) -> str | None:
+    venue: dict[str, Any] = day.venue or {}
+    parts = [_text(venue.get("name"), lang), venue.get("address"), venue.get("municipality"), venue.get("country")]
+    text = ", ".join(str(part) for part in parts if part)
+    return text or day.online_url
+
+
+def _vevent(day: InnovationDay, lang: str, stamp: datetime) -> Event:
+    event = Event()
+    event.add("uid", f"{day.day_id}@collabbus")
+    event.add("dtstamp", stamp)
+    event.add("dtstart", _utc(day.starts_at))
+    event.add("dtend", _utc(day.ends_at))
+    event.add("summary", _text(day.title, lang) or day.day_id)
+    description = _text(day.summary, lang)
+    if description:
+        event.add("description", description)
+    location = _location(day, lang)
+    if location:
+        event.add("location", location)
+    if day.online_url:
+        event.add("url", day.online_url)
+    if day.themes:
+        event.add("categories", [vText(theme) for theme in day.themes])
+    event.add("status", _STATUS.get(day.status, "TENTATIVE"))
+    event.add("organizer", f"urn:collabbus:institution:{day.organizer}")
+    return event
+
+
+def feed(days: list[InnovationDay], lang: str) -> bytes:
+    """The calendar of ``days``."""
+    calendar = Calendar()
+    calendar.add("prodid", "-//collabbus//innovation days//EN")
+    calendar.add("version", "2.0")
+    calendar.add("calscale", "GREGORIAN")
+    calendar.add("x-wr-calname", "collabbus innovation days")
+    stamp = datetime.now(timezone.utc).replace(microsecond=0)
+    for day in days:
+        calendar.add_component(_vevent(day, lang, stamp))
+    return calendar.to_ical()
+
+
+@router.get(
+    "/innovation-days.ics",
+    response_class=Response,
+    responses={200: {"content": {ICS: {"schema": {"type": "string"}}}, "description": "RFC 5545 calendar"}, **documented(401, 403, 422)},
+)
+def calendar_feed(
+    _viewer: CalendarMember,
+    session: SessionDep,
+    lang: Annotated[str, Query(max_length=35, description="preferred language (BCP 47)")] = "en",
+) -> Response:
+    """Every innovation day (and other gathering) as an iCalendar feed."""
+    days = session.exec(select(InnovationDay).order_by(col(InnovationDay.starts_at), col(InnovationDay.day_id))).all()
+    return Response(feed(list(days), lang), media_type=f"{ICS}; charset=utf-8")

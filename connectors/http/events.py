@@ -1,0 +1,227 @@
+"""``/events``: offering events in the three CloudEvents HTTP modes, and reading the log.
+
+Every offered event goes through the gatekeeper (``bus.gate.admit``), exactly as over NATS: the
+gateway only finds the events in the request (structured, binary or batch), enforces transport
+limits (body size, rate) and maps the verdict to an HTTP status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from nats.js.errors import NotFoundError
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+
+from bus import cloudevents
+from bus.log import event_filter
+from bus.streams import EVENTS_STREAM
+from connectors.http import resources
+from connectors.http.auth import Member, Publisher, bus_of, engine_of
+from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page
+from connectors.http.problems import ApiProblem, documented, rejection, retry_after
+from connectors.http.ratelimit import RateLimiter
+from handlers.validations import validation_view
+from schemas.envelope import INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
+
+router = APIRouter(tags=["events"])
+
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+STRUCTURED = {"content-type": STRUCTURED_CONTENT_TYPE}
+#: Most events one batch may carry (also never more than the rate limit's burst).
+MAX_BATCH_EVENTS = 500
+#: A batch body may be this many times the largest event.
+BATCH_BODY_FACTOR = 8
+
+Mode = Literal["structured", "binary", "batch"]
+
+
+def _media_type(headers: Mapping[str, str]) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def transport_mode(headers: Mapping[str, str]) -> Mode:
+    """Which CloudEvents HTTP mode a request uses; 415 for a body that cannot hold JSON events.
+
+    ``application/json`` without ``ce-`` headers is taken as a structured event (what a plain
+    HTTP client sends); with them, it is binary mode's data.
+    """
+    media_type = _media_type(headers)
+    if media_type == BATCH_CONTENT_TYPE:
+        return "batch"
+    if media_type == STRUCTURED_CONTENT_TYPE:
+        return "structured"
+    binary = any(key.lower().startswith("ce-") for key in headers)
+    if not media_type.startswith("application/cloudevents") and _is_json(media_type):
+        return "binary" if binary else "structured"
+    if binary and not media_type:
+        return "binary"
+    shown = media_type or "no Content-Type"
+    raise ApiProblem(
+        415,
+        f"{shown} is not accepted: send {STRUCTURED_CONTENT_TYPE}, {BATCH_CONTENT_TYPE}, "
+        "or ce- headers with application/json data",
+        kind="unsupported",
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed ``limit`` — before reading it when
+    ``Content-Length`` says so."""
+    declared = request.headers.get("content-length", "")
+    too_large = ApiProblem(413, f"the body exceeds the limit of {limit} bytes", kind="too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _throttle(limiter: RateLimiter, institution: str, cost: int) -> None:
+    wait = limiter.take(institution, cost)
+    if wait is not None:
+        raise ApiProblem(
+            429, f"{institution!r} is over its rate limit ({limiter.rate:g} events/s, burst {limiter.burst})",
+            kind="rate_limited", headers=retry_after(wait),
+        )
+
+
+def _split_batch(body: bytes) -> list[bytes]:
+    """The events of a batch as separate JSON documents, each for the gatekeeper to judge."""
+    try:
+        events = cloudevents.loads(body)
+    except cloudevents.Malformed as exc:
+        raise ApiProblem(400, exc.msg, kind="malformed") from None
+    if not isinstance(events, list):
+        raise ApiProblem(400, f"a batch is a JSON array of structured events, not {type(events).__name__}", kind="malformed")
+    return [orjson.dumps(event) for event in events]
+
+
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        STRUCTURED_CONTENT_TYPE: {"schema": {"type": "object", "description": "a structured CloudEvent"}},
+        BATCH_CONTENT_TYPE: {"schema": {"type": "array", "items": {"type": "object"}, "description": "structured CloudEvents"}},
+        "application/json": {"schema": {"type": "object", "description": "binary mode: the data, attributes in ce- headers"}},
+    },
+}
+
+
+@router.post(
+    "/events",
+    status_code=202,
+    summary="Offer events (structured, binary or batch CloudEvents)",
+    response_model=resources.Verdict | list[resources.Verdict],
+    responses=documented(400, 401, 403, 413, 415, 422, 429, 503),
+    openapi_extra={"requestBody": _REQUEST_BODY},
+)
+async def offer_events(request: Request, institution: Publisher) -> JSONResponse:
+    """Offer one event (structured or binary mode: 202 with the verdict, or a problem) or a batch
+    (202 with one verdict per event, each judged on its own)."""
+    bus = bus_of(request)
+    limiter: RateLimiter = request.app.state.rate_limiter
+    metrics = request.app.state.metrics
+    mode = transport_mode(request.headers)
+    if mode == "batch":
+        events = _split_batch(await _read_body(request, bus.settings.max_event_bytes * BATCH_BODY_FACTOR))
+        most = min(MAX_BATCH_EVENTS, limiter.burst)
+        if len(events) > most:
+            raise ApiProblem(413, f"a batch holds at most {most} events; this one has {len(events)}", kind="too_large")
+        _throttle(limiter, institution, len(events))
+        verdicts = []
+        for event in events:  # in order: later events of a batch may depend on earlier ones
+            verdict = await bus.gate.admit(institution, event, STRUCTURED)
+            metrics.verdict(verdict)
+            verdicts.append(verdict.as_dict())
+        return JSONResponse(verdicts, status_code=202)
+    _throttle(limiter, institution, 1)
+    body = await _read_body(request, bus.settings.max_event_bytes)
+    if mode == "structured":
+        headers = STRUCTURED
+    else:
+        headers = {key: value for key, value in request.headers.items() if key.startswith("ce-") or key == "content-type"}
+    verdict = await bus.gate.admit(institution, body, headers)
+    metrics.verdict(verdict)
+    if not verdict.accepted:
+        raise rejection(verdict)
+    return JSONResponse(verdict.as_dict(), status_code=202)
+
+
+# --- reading the log ---------------------------------------------------------------------------
+
+#: Events whose content the resources show only to some members: shown here on the same terms.
+_GUARDED = {
+    "validation.review_submitted": "reviews",
+    "validation.info_requested": "info_requests",
+    "validation.info_provided": "info_requests",
+}
+
+
+def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
+    """Whether ``viewer`` may see a guarded event: when ``/validations/{id}`` shows it what the
+    event carries (a review: that reviewer's review). Unknown to the read model yet: only its source."""
+    if event.get("source") == f"/institutions/{viewer}":
+        return True
+    part = _GUARDED[event["type"]]
+    with Session(engine) as session:
+        view = validation_view(session, str(event["data"].get("validation_id")), viewer)
+    if view is None or part not in view:
+        return False
+    if part == "reviews":
+        reviewer = str(event["source"]).removeprefix("/institutions/")
+        return any(review["reviewer"] == reviewer for review in view["reviews"])
+    return True
+
+
+@router.get(
+    "/events",
+    summary="Page through the event log",
+    response_model=Page[resources.LoggedEvent],
+    responses=documented(400, 401, 403, 422),
+)
+async def read_log(
+    request: Request,
+    viewer: Member,
+    type: Annotated[str | None, Query(pattern=r"^[a-z][a-z_]*(\.[a-z][a-z_]*)?$", description="a type or a domain")] = None,
+    institution: Annotated[str | None, Query(pattern=INSTITUTION_PATTERN)] = None,
+    subject: Annotated[str | None, Query(pattern=SUBJECT_PATTERN)] = None,
+    after_seq: Annotated[int | None, Query(ge=0, description="start after this log sequence")] = None,
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+) -> dict[str, Any]:
+    """Logged events in log order with their sequence; ``next_cursor`` is the next ``after_seq``
+    (also accepted as ``cursor``). Confidential workflow content (reviews before the decision,
+    information requests) is left out for members who may not see it."""
+    bus = bus_of(request)
+    if cursor is not None:
+        if not cursor.isdigit():
+            raise ApiProblem(400, "the cursor of /events is a log sequence (the previous next_cursor)", kind="bad_cursor")
+        after_seq = int(cursor)
+    subjects = event_filter(type, institution, subject)
+    seq = (after_seq or 0) + 1
+    items: list[dict[str, Any]] = []
+    while len(items) <= limit:
+        try:
+            msg = await bus.js.get_msg(EVENTS_STREAM, seq=seq, subject=subjects, next=True)
+        except NotFoundError:
+            break
+        assert msg.seq is not None
+        seq = msg.seq + 1
+        event = orjson.loads(msg.data or b"{}")
+        if event.get("type") in _GUARDED and not await run_in_threadpool(_visible, engine_of(request), event, viewer):
+            continue
+        items.append({"seq": msg.seq, "event": event})
+    more = len(items) > limit
+    items = items[:limit]
+    return {"items": items, "next_cursor": str(items[-1]["seq"]) if more else None}

@@ -1,0 +1,179 @@
+"""Operations: liveness, readiness, Prometheus metrics, the AsyncAPI document, the bus's status."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from nats.js.errors import Error as JetStreamError
+from nats.js.errors import NotFoundError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from bus.verdict import Verdict
+from connectors.http.auth import Member, bus_of
+from connectors.http.problems import ApiProblem, documented
+
+router = APIRouter(tags=["operations"])
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, on a registry of its own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "collabbus_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "collabbus_http_request_duration_seconds", "HTTP request latency", ["method", "route"], registry=self.registry
+        )
+        self.verdicts = Counter(
+            "collabbus_http_events", "events offered over HTTP, by verdict", ["status", "reason"], registry=self.registry
+        )
+        self.log_last_seq = Gauge("collabbus_log_last_seq", "last sequence of the event log", registry=self.registry)
+        self.consumer_pending = Gauge(
+            "collabbus_consumer_pending", "logged events a consumer group has not applied yet", ["consumer"], registry=self.registry
+        )
+        self.dead_letters = Gauge("collabbus_dead_letters", "messages in the dead-letter stream", registry=self.registry)
+
+    def verdict(self, verdict: Verdict) -> None:
+        self.verdicts.labels(verdict.status, verdict.reason or "").inc()
+
+    async def middleware(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Count and time every request by its route template (not its path: ids would explode the labels)."""
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        self.requests.labels(request.method, route, str(response.status_code)).inc()
+        self.latency.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    """``ready``, or ``not_ready`` with what is missing; each check is ``ok`` or the reason."""
+
+    status: str
+    checks: dict[str, str]
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> dict[str, str]:
+    """The process is alive and serving."""
+    return {"status": "ok"}
+
+
+def _database_check(engine: Any) -> str:
+    if engine is None:
+        return "read models not running"
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # any driver error means not ready
+        return f"unreachable: {type(exc).__name__}"
+    return "ok"
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
+async def readyz(request: Request) -> JSONResponse:
+    """Ready when NATS is connected, the database answers and the network consumer is bound."""
+    bus = bus_of(request)
+    checks = {
+        "nats": "ok" if bus.nc.is_connected else "disconnected",
+        "database": await run_in_threadpool(_database_check, bus.engine),
+        "consumer": "ok" if bus.consumer is not None else "not bound",
+    }
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503)
+
+
+async def bus_status(bus: Any) -> dict[str, Any]:
+    """Streams, the network consumer's lag and the dead letters, as ``collabbus status`` shows them."""
+    streams: dict[str, dict[str, Any] | None] = {}
+    for name in (EVENTS_STREAM, DLQ_STREAM):
+        try:
+            state = (await bus.js.stream_info(name)).state
+            streams[name] = {"messages": state.messages, "bytes": state.bytes, "last_seq": state.last_seq}
+        except (NotFoundError, JetStreamError):
+            streams[name] = None
+    consumers: dict[str, dict[str, Any] | None] = {}
+    if bus.consumer is not None:
+        name = bus.consumer_settings.name
+        try:
+            info = await bus.js.consumer_info(EVENTS_STREAM, name)
+            consumers[name] = {
+                "pending": info.num_pending or 0,
+                "ack_pending": info.num_ack_pending or 0,
+                "redelivered": info.num_redelivered or 0,
+                "applied": bus.consumer.applied,
+                "dead_lettered": bus.consumer.dead_lettered,
+            }
+        except (NotFoundError, JetStreamError):
+            consumers[name] = None
+    return {"streams": streams, "consumers": consumers}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    registry: Metrics = request.app.state.metrics
+    status = await bus_status(bus_of(request))
+    events, dlq = status["streams"][EVENTS_STREAM], status["streams"][DLQ_STREAM]
+    if events:
+        registry.log_last_seq.set(events["last_seq"])
+    if dlq:
+        registry.dead_letters.set(dlq["messages"])
+    for name, consumer in status["consumers"].items():
+        if consumer:
+            registry.consumer_pending.labels(name).set(consumer["pending"])
+    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/ops/status", responses=documented(401, 403))
+async def ops_status(request: Request, caller: Member) -> dict[str, Any]:
+    """The bus's streams and consumers, for the network's operator."""
+    bus = bus_of(request)
+    if caller != bus.settings.operator:
+        raise ApiProblem(403, "the bus's status is for the network's operator", kind="operator_only")
+    return await bus_status(bus)
+
+
+@router.get("/asyncapi.json")
+async def asyncapi_json() -> dict[str, Any]:
+    """The AsyncAPI 3 document of the NATS interface."""
+    from bus.asyncapi import asyncapi_document
+
+    return asyncapi_document()
+
+
+class _Document:
+    """What FastStream's HTML renderer reads of a specification: the title and the JSON."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.title = document.get("info", {}).get("title", "collabbus")
+        self._document = document
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self._document)
+
+
+@router.get("/docs/asyncapi", response_class=HTMLResponse)
+async def asyncapi_html() -> HTMLResponse:
+    """The AsyncAPI document rendered for people (FastStream's AsyncAPI page)."""
+    from faststream.specification import get_asyncapi_html
+
+    from bus.asyncapi import asyncapi_document
+
+    return HTMLResponse(get_asyncapi_html(_Document(asyncapi_document()), try_it_out_path=None))  # type: ignore[arg-type]

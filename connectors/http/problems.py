@@ -1,0 +1,163 @@
+"""Errors as RFC 9457 problem details (``application/problem+json``), one shape for every failure.
+
+A refused event's problem lists every error the gatekeeper found, as ``{loc, msg, type}``; so does
+a request whose query parameters are wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bus.verdict import Problem as GateProblem
+from bus.verdict import Reason, Verdict
+
+PROBLEM_JSON = "application/problem+json"
+
+TITLES = {
+    400: "Malformed request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    413: "Content too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    429: "Too many requests",
+    500: "Internal error",
+    503: "Unavailable",
+}
+
+#: The HTTP status of each reason the gatekeeper refuses an event for (CONTRACT §6).
+STATUS_OF_REASON: dict[Reason, int] = {
+    "malformed": 400,
+    "invalid": 422,
+    "forbidden": 403,
+    "too_large": 413,
+    "unsupported": 415,
+    "unavailable": 503,
+}
+
+#: Seconds a client should wait before retrying when the log is unavailable.
+UNAVAILABLE_RETRY_AFTER = 2
+
+
+class ProblemItem(BaseModel):
+    """One thing wrong: where (``loc``), what (``msg``), a stable code (``type``)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ProblemDetail(BaseModel):
+    """RFC 9457 problem details; ``errors`` lists every problem found, ``id`` names the refused event."""
+
+    type: str = Field(description="a URI naming the kind of problem")
+    title: str
+    status: int
+    detail: str
+    errors: list[ProblemItem] = Field(default_factory=list)
+    id: str | None = Field(default=None, description="the refused event's id, when it had one")
+
+
+class ApiProblem(Exception):
+    """Raised anywhere in a request to answer with a problem."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        kind: str | None = None,
+        errors: Iterable[GateProblem] = (),
+        headers: Mapping[str, str] | None = None,
+        event_id: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.kind = kind or _slug(status)
+        self.errors = tuple(errors)
+        self.headers = dict(headers or {})
+        self.event_id = event_id
+
+    def response(self) -> JSONResponse:
+        return problem_response(
+            self.status, self.detail, kind=self.kind, errors=[e.as_dict() for e in self.errors],
+            headers=self.headers, event_id=self.event_id,
+        )
+
+
+def _slug(status: int) -> str:
+    return TITLES.get(status, "error").lower().replace(" ", "_")
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    kind: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+    event_id: str | None = None,
+) -> JSONResponse:
+    """A ``application/problem+json`` response."""
+    body: dict[str, Any] = {
+        "type": f"urn:collabbus:problem:{kind or _slug(status)}",
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        "errors": errors or [],
+    }
+    if event_id is not None:
+        body["id"] = event_id
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}), media_type=PROBLEM_JSON)
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """A ``Retry-After`` header: whole seconds, at least one."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def rejection(verdict: Verdict) -> ApiProblem:
+    """The problem answering a refused event, status by the gatekeeper's reason."""
+    reason = verdict.reason or "invalid"
+    status = STATUS_OF_REASON[reason]
+    headers = retry_after(UNAVAILABLE_RETRY_AFTER) if reason == "unavailable" else None
+    detail = "; ".join(problem.msg for problem in verdict.errors) or f"the event was refused ({reason})"
+    return ApiProblem(status, detail, kind=reason, errors=verdict.errors, headers=headers, event_id=verdict.id)
+
+
+def install(app: FastAPI) -> None:
+    """Answer every error — ours, routing's, parameter validation's — as a problem."""
+
+    async def api_problem(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiProblem)
+        return exc.response()
+
+    async def http_exception(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    async def invalid_parameters(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        return problem_response(422, detail or "invalid request", errors=errors)
+
+    app.add_exception_handler(ApiProblem, api_problem)
+    app.add_exception_handler(StarletteHTTPException, http_exception)
+    app.add_exception_handler(RequestValidationError, invalid_parameters)
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for problem answers (the app moves them to ``application/problem+json``)."""
+    return {status: {"model": ProblemDetail, "description": TITLES.get(status, "Error")} for status in statuses}

@@ -1,0 +1,38 @@
+"""Per-institution rate limit on publishing: a token bucket each (``http_rate_limit`` events per
+second sustained, ``http_rate_burst`` at once). In memory, per bus process: it protects the
+process, and a partner spreading over several processes gets a share of each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+@dataclass
+class RateLimiter:
+    """Token buckets keyed by institution."""
+
+    rate: float
+    burst: int
+    clock: Callable[[], float] = time.monotonic
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def take(self, key: str, cost: int = 1) -> float | None:
+        """Take ``cost`` tokens; None when granted, else the seconds until they will be there."""
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(float(self.burst), now)
+        bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.at) * self.rate)
+        bucket.at = now
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
+            return None
+        return (cost - bucket.tokens) / self.rate

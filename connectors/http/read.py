@@ -1,0 +1,310 @@
+"""The read API over the read models (members only): lists paged by keyset, resources by id.
+
+Endpoints are plain ``def`` functions: FastAPI runs them in its thread pool, so the synchronous
+database work never blocks the bus's event loop. Resources come from the domains' own view
+functions where they have one (``validation_view``, ``day_view``, ``registrations``,
+``meetings``), so who may see what is decided in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query
+from pydantic import AwareDatetime
+from sqlmodel import col, select
+
+from connectors.http import resources
+from connectors.http.auth import Member, SessionDep
+from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page, keyset_page, list_page
+from connectors.http.problems import ApiProblem, documented
+from handlers import innovation_days as days
+from handlers.calls import Call, status_is
+from handlers.institutions import Institution
+from handlers.projects import (
+    Project,
+    ProjectAdoption,
+    ProjectImpactReport,
+    ProjectPartner,
+    adoptions_by_municipality_level,
+)
+from handlers.validations import Validation, validation_view
+
+router = APIRouter(tags=["read"])
+
+LIST_ERRORS = documented(400, 401, 403, 422)
+ITEM_ERRORS = documented(401, 403, 404, 422)
+
+Id = Annotated[str, Path(min_length=1, max_length=128)]
+Theme = Annotated[str | None, Query(max_length=64, description="a theme code; an area (`health_care`) matches its sub-themes")]
+
+
+def _has_theme(themes: list[str], wanted: str) -> bool:
+    return any(theme == wanted or theme.startswith(wanted + ".") for theme in themes)
+
+
+def _theme_filter(wanted: str | None, themes_of: Callable[[Any], list[str]]) -> Callable[[Any], bool] | None:
+    return None if wanted is None else (lambda row: _has_theme(themes_of(row), wanted))
+
+
+def _page(items: list[Any], next_cursor: str | None) -> dict[str, Any]:
+    return {"items": items, "next_cursor": next_cursor}
+
+
+def _not_found(what: str, id: str) -> ApiProblem:
+    return ApiProblem(404, f"no {what} {id!r}", kind="not_found")
+
+
+# --- institutions ------------------------------------------------------------------------------
+
+
+@router.get("/institutions", response_model=Page[resources.Institution], responses=LIST_ERRORS)
+def list_institutions(
+    _viewer: Member,
+    session: SessionDep,
+    kind: str | None = None,
+    country: str | None = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    """The current members, by id."""
+    query = select(Institution).where(col(Institution.left_at).is_(None))
+    if kind is not None:
+        query = query.where(Institution.kind == kind)
+    if country is not None:
+        query = query.where(Institution.country == country)
+    rows, next_cursor = keyset_page(session, query, [col(Institution.id)], limit=limit, cursor=cursor)
+    return _page([row.model_dump(exclude={"left_at"}) for row in rows], next_cursor)
+
+
+# --- calls -------------------------------------------------------------------------------------
+
+
+def _call(row: Call, now: datetime) -> dict[str, Any]:
+    return {**row.model_dump(), "status": row.status(now)}
+
+
+@router.get("/calls", response_model=Page[resources.Call], responses=LIST_ERRORS)
+def list_calls(
+    _viewer: Member,
+    session: SessionDep,
+    status: Literal["upcoming", "open", "closed"] | None = None,
+    theme: Theme = None,
+    eligible_kind: Annotated[str | None, Query(description="calls open to this kind of institution")] = None,
+    country: Annotated[str | None, Query(description="calls open to institutions of this country")] = None,
+    deadline_before: AwareDatetime | None = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    """Calls by deadline. An empty eligibility list means open to all."""
+    now = datetime.now(timezone.utc)
+    query = select(Call)
+    if status is not None:
+        query = query.where(status_is(status, now))
+    if deadline_before is not None:
+        query = query.where(col(Call.deadline) < deadline_before)
+
+    def keep(call: Call) -> bool:
+        return (
+            (theme is None or _has_theme(call.themes, theme))
+            and (eligible_kind is None or not call.eligible_kinds or eligible_kind in call.eligible_kinds)
+            and (country is None or not call.eligible_countries or country in call.eligible_countries)
+        )
+
+    filtered = theme is not None or eligible_kind is not None or country is not None
+    rows, next_cursor = keyset_page(
+        session, query, [col(Call.deadline), col(Call.call_id)], limit=limit, cursor=cursor, keep=keep if filtered else None
+    )
+    return _page([_call(row, now) for row in rows], next_cursor)
+
+
+@router.get("/calls/{call_id}", response_model=resources.Call, responses=ITEM_ERRORS)
+def get_call(call_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
+    call = session.get(Call, call_id)
+    if call is None:
+        raise _not_found("call", call_id)
+    return _call(call, datetime.now(timezone.utc))
+
+
+# --- projects ----------------------------------------------------------------------------------
+
+
+def _project(row: Project) -> dict[str, Any]:
+    values = row.model_dump(exclude={"country", "region", "municipality"})
+    location = {"country": row.country, "region": row.region, "municipality": row.municipality}
+    values["location"] = location if any(location.values()) else None
+    return values
+
+
+@router.get("/projects", response_model=Page[resources.Project], responses=LIST_ERRORS)
+def list_projects(
+    _viewer: Member,
+    session: SessionDep,
+    theme: Theme = None,
+    country: str | None = None,
+    municipality: str | None = None,
+    status: str | None = None,
+    owner: str | None = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    """Projects and good practices, by id."""
+    query = select(Project)
+    for column, value in ((Project.country, country), (Project.municipality, municipality), (Project.status, status), (Project.owner, owner)):
+        if value is not None:
+            query = query.where(column == value)
+    rows, next_cursor = keyset_page(
+        session, query, [col(Project.project_id)], limit=limit, cursor=cursor,
+        keep=_theme_filter(theme, lambda project: project.themes),
+    )
+    return _page([_project(row) for row in rows], next_cursor)
+
+
+@router.get("/projects/{project_id}", response_model=resources.ProjectDetail, responses=ITEM_ERRORS)
+def get_project(project_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
+    """A project with its partners, the adoptions of it as a good practice, and its impact reports."""
+    project = session.get(Project, project_id)
+    if project is None:
+        raise _not_found("project", project_id)
+    partners = session.exec(
+        select(ProjectPartner).where(ProjectPartner.project_id == project_id).order_by(col(ProjectPartner.institution))
+    ).all()
+    adoptions = session.exec(
+        select(ProjectAdoption)
+        .where(ProjectAdoption.project_id == project_id)
+        .order_by(col(ProjectAdoption.adopted_at), col(ProjectAdoption.adoption_id))
+    ).all()
+    reports = session.exec(
+        select(ProjectImpactReport)
+        .where(ProjectImpactReport.project_id == project_id)
+        .order_by(col(ProjectImpactReport.period_start), col(ProjectImpactReport.id))
+    ).all()
+    return {
+        **_project(project),
+        "partners": [p.model_dump(exclude={"project_id"}) for p in partners],
+        "adoptions": [a.model_dump(exclude={"project_id"}) for a in adoptions],
+        "impact": [
+            {"period": {"start": r.period_start, "end": r.period_end}, "indicators": r.indicators, "reported_at": r.reported_at}
+            for r in reports
+        ],
+    }
+
+
+@router.get("/stats/adoptions", response_model=resources.AdoptionStats, responses=documented(401, 403, 422))
+def adoption_stats(
+    _viewer: Member,
+    session: SessionDep,
+    owner: Annotated[str | None, Query(description="only the practices of this institution")] = None,
+) -> dict[str, Any]:
+    """How far good practices spread: adopting municipalities and adoptions per municipality level."""
+    spread = adoptions_by_municipality_level(session, owner=owner)
+    return {"by_municipality_level": [vars(level) for level in spread]}
+
+
+# --- validations -------------------------------------------------------------------------------
+
+_VALIDATION_SUMMARY = set(resources.Validation.model_fields)
+
+
+@router.get("/validations", response_model=Page[resources.Validation], responses=LIST_ERRORS)
+def list_validations(
+    _viewer: Member,
+    session: SessionDep,
+    status: str | None = None,
+    outcome: str | None = None,
+    project_id: str | None = None,
+    coordinator: str | None = None,
+    requester: str | None = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    """Validations by request time; reviews are only on ``/validations/{id}``, for those who may see them."""
+    query = select(Validation)
+    filters = ((Validation.status, status), (Validation.outcome, outcome), (Validation.project_id, project_id),
+               (Validation.coordinator, coordinator), (Validation.requester, requester))
+    for column, value in filters:
+        if value is not None:
+            query = query.where(column == value)
+    rows, next_cursor = keyset_page(
+        session, query, [col(Validation.requested_at), col(Validation.validation_id)], limit=limit, cursor=cursor
+    )
+    return _page([row.model_dump(include=_VALIDATION_SUMMARY) for row in rows], next_cursor)
+
+
+@router.get(
+    "/validations/{validation_id}",
+    response_model=resources.ValidationDetail,
+    response_model_exclude_unset=True,
+    responses=ITEM_ERRORS,
+)
+def get_validation(validation_id: Id, viewer: Member, session: SessionDep) -> dict[str, Any]:
+    """A validation as the caller may see it: ``reviews`` for the coordinator, the requester, a
+    reviewer (their own) and, after the decision, everyone."""
+    view = validation_view(session, validation_id, viewer)
+    if view is None:
+        raise _not_found("validation", validation_id)
+    return view
+
+
+# --- innovation days ---------------------------------------------------------------------------
+
+
+def _day(session: Any, day_id: str) -> dict[str, Any]:
+    view = days.day_view(session, day_id)
+    if view is None:
+        raise _not_found("innovation day", day_id)
+    return view
+
+
+@router.get("/innovation-days", response_model=Page[resources.InnovationDay], responses=LIST_ERRORS)
+def list_innovation_days(
+    _viewer: Member,
+    session: SessionDep,
+    status: Annotated[str | None, Query(description="scheduled, cancelled or held")] = None,
+    theme: Theme = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    """Innovation days and other gatherings, by start."""
+    query = select(days.InnovationDay)
+    if status is not None:
+        query = query.where(days.InnovationDay.status == status)
+    rows, next_cursor = keyset_page(
+        session, query, [col(days.InnovationDay.starts_at), col(days.InnovationDay.day_id)], limit=limit, cursor=cursor,
+        keep=_theme_filter(theme, lambda day: day.themes),
+    )
+    return _page([_day(session, row.day_id) for row in rows], next_cursor)
+
+
+@router.get("/innovation-days/{day_id}", response_model=resources.InnovationDay, responses=ITEM_ERRORS)
+def get_innovation_day(day_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
+    """A day with its ``capacity``, ``confirmed`` attendees and the ``waitlisted`` in order."""
+    return _day(session, day_id)
+
+
+@router.get(
+    "/innovation-days/{day_id}/registrations",
+    response_model=Page[resources.Registration],
+    responses=documented(400, 401, 403, 404, 422),
+)
+def list_registrations(day_id: Id, _viewer: Member, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict[str, Any]:
+    """A day's registrations in the order they were requested, refused ones included."""
+    _day(session, day_id)
+    rows, next_cursor = list_page(days.registrations(session, day_id), lambda r: r["registration_id"], limit=limit, cursor=cursor)
+    return _page(rows, next_cursor)
+
+
+@router.get(
+    "/innovation-days/{day_id}/meetings",
+    response_model=Page[resources.Meeting],
+    responses=documented(400, 401, 403, 404, 422),
+)
+def list_meetings(day_id: Id, _viewer: Member, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict[str, Any]:
+    """The meetings the matchmaking proposed for a day, by slot."""
+    _day(session, day_id)
+    rows, next_cursor = list_page(
+        days.meetings(session, day_id), lambda m: f"{m['slot_start']}|{m['funder']}", limit=limit, cursor=cursor
+    )
+    return _page(rows, next_cursor)

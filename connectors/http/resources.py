@@ -1,0 +1,230 @@
+"""The read API's resources as response models, so ``/openapi.json`` describes every answer.
+
+Field names are the catalog's (CONTRACT §5). Resources allow extra fields: a read model that
+grows a column shows it without breaking the schema.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LocalizedText = dict[str, str]
+
+
+class Resource(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Institution(Resource):
+    id: str
+    name: LocalizedText
+    kind: str
+    country: str
+    region: str | None = None
+    municipality_level: str | None = None
+    themes: list[str] = []
+    identifiers: list[dict[str, str]] = []
+    website: str | None = None
+    contact_email: str | None = None
+    joined_at: datetime
+
+
+class Call(Resource):
+    call_id: str
+    owner: str
+    title: LocalizedText
+    summary: LocalizedText | None = None
+    kind: str
+    themes: list[str] = []
+    eligible_kinds: list[str] = []
+    eligible_countries: list[str] = []
+    budget: dict[str, str] | None = None
+    opens_at: datetime
+    deadline: datetime
+    deadline_model: str
+    url: str | None = None
+    status: Literal["upcoming", "open", "closed"]
+    published_at: datetime
+    closed_at: datetime | None = None
+    closed_reason: str | None = None
+
+
+class Location(Resource):
+    country: str | None = None
+    region: str | None = None
+    municipality: str | None = None
+
+
+class Project(Resource):
+    project_id: str
+    owner: str
+    title: LocalizedText
+    summary: LocalizedText | None = None
+    themes: list[str] = []
+    status: str
+    started_on: date | None = None
+    ends_on: date | None = None
+    location: Location | None = None
+    service_model: str | None = None
+    external_refs: list[dict[str, str]] = []
+    sdgs: list[int] = []
+    registered_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None = None
+    outcome: LocalizedText | None = None
+
+
+class Partner(Resource):
+    institution: str
+    role: str
+    relation: str | None = None
+
+
+class Adoption(Resource):
+    adoption_id: str
+    adopter: str
+    support: list[str]
+    adapted_project_id: str | None = None
+    adopted_at: datetime
+
+
+class Period(Resource):
+    start: date
+    end: date
+
+
+class ImpactReport(Resource):
+    period: Period
+    indicators: list[dict[str, Any]]
+    reported_at: datetime
+
+
+class ProjectDetail(Project):
+    partners: list[Partner]
+    adoptions: list[Adoption]
+    impact: list[ImpactReport]
+
+
+class Validation(Resource):
+    validation_id: str
+    requester: str
+    coordinator: str
+    project_id: str | None = None
+    external_ref: dict[str, Any] | None = None
+    quorum: int
+    due_by: datetime | None = None
+    requested_at: datetime
+    status: str
+    outcome: str | None = None
+    evidence_level: int | None = None
+    median_scores: dict[str, float] = {}
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+
+
+class Review(Resource):
+    reviewer: str
+    scores: dict[str, int]
+    evidence_level: int
+    recommendation: str
+    comments: LocalizedText | None = None
+    submitted_at: datetime
+    revision: int
+
+
+class ValidationDetail(Validation):
+    """``reviews`` and ``info_requests`` are present only when the caller may see them."""
+
+    self_assessment: dict[str, Any] | None = None
+    withdrawn_reason: LocalizedText | None = None
+    withdrawn_at: datetime | None = None
+    reviewers: list[dict[str, Any]] = []
+    reviews: list[Review] | None = Field(default=None, description="absent when the caller may not see reviews")
+    info_requests: list[dict[str, Any]] | None = Field(default=None, description="for the workflow's parties only")
+
+
+class WaitlistEntry(Resource):
+    registration_id: str
+    participant: str
+    attendees: int | None = None
+    position: int | None = None
+
+
+class InnovationDay(Resource):
+    day_id: str
+    organizer: str
+    title: LocalizedText
+    summary: LocalizedText | None = None
+    format: str
+    starts_at: datetime
+    ends_at: datetime
+    attendance_mode: str
+    venue: dict[str, Any] | None = None
+    online_url: str | None = None
+    capacity: int
+    registration_deadline: datetime
+    themes: list[str] = []
+    languages: list[str] = []
+    status: str
+    confirmed: int = Field(description="confirmed attendees")
+    waitlisted: list[WaitlistEntry] = []
+
+
+class Registration(Resource):
+    registration_id: str
+    day_id: str
+    participant: str
+    role: str | None = None
+    attendees: int | None = None
+    project_id: str | None = None
+    interests: list[str] = []
+    status: str
+    position: int | None = None
+    reason: dict[str, Any] | None = None
+    requested_at: datetime | None = None
+    decided_at: datetime | None = None
+
+
+class Meeting(Resource):
+    innovator: str
+    funder: str
+    project_id: str | None = None
+    slot_start: datetime
+    shared_themes: list[str] = []
+
+
+class LoggedEvent(BaseModel):
+    """An event as it stands in the log (canonical structured CloudEvent) with its sequence."""
+
+    seq: int
+    event: dict[str, Any]
+
+
+class LevelSpread(BaseModel):
+    municipality_level: str
+    municipalities: int = Field(description="distinct adopting municipalities of this level")
+    adoptions: int
+
+
+class AdoptionStats(BaseModel):
+    by_municipality_level: list[LevelSpread]
+
+
+class VerdictItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Verdict(BaseModel):
+    """The gatekeeper's verdict on one event (CONTRACT §4)."""
+
+    status: Literal["accepted", "rejected"]
+    id: str | None
+    seq: int | None = None
+    duplicate: bool | None = None
+    reason: str | None = None
+    errors: list[VerdictItem] | None = None

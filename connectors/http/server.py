@@ -1,0 +1,81 @@
+"""Serving the gateway with uvicorn inside the bus's own event loop.
+
+One loop for both: the endpoints call the gate, the membership cache and JetStream directly,
+which belong to the bus's loop. The bus owns the signals (Ctrl-C drains everything), so uvicorn
+installs none; the socket is bound here, so an address in use is an ordinary ``OSError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+from connectors.http.app import create_app
+from connectors.http.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from bus.runtime import Bus
+
+log = logging.getLogger("collabbus.http")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpGateway:
+    """The HTTP gateway of ``bus`` at ``host:port`` (port 0: any free port, see :attr:`port`)."""
+
+    def __init__(self, bus: "Bus", host: str, port: int, *, rate_limiter: RateLimiter | None = None) -> None:
+        self.bus = bus
+        self.host = host
+        self.port = port
+        self.app = create_app(bus, rate_limiter=rate_limiter)
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen and serve; returns once requests are being answered. Raises ``OSError`` when
+        the address cannot be bound."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"the HTTP gateway cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+            server_header=False,
+        )
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-gateway")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise RuntimeError("the HTTP gateway stopped while starting")
+            await asyncio.sleep(0.01)
+        log.info("HTTP gateway at %s", self.url)
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in progress finish (5 s at most), close."""
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        self._server = self._task = None

@@ -1,0 +1,322 @@
+"""``/webhooks``: an institution's webhook endpoints, their deliveries, resending and recovery
+(CONTRACT §6). Each endpoint belongs to the institution whose token registered it; another
+institution's endpoints answer 404, as if they did not exist.
+
+The secret is shown twice only: when the endpoint is created and when it is rotated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
+
+from bus.streams import EVENTS_STREAM
+from bus.verdict import Problem
+from connectors.http.auth import Member, bus_of, engine_of
+from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page, keyset_page
+from connectors.http.problems import ApiProblem, documented
+from connectors.webhooks import dispatcher, store, targets
+from connectors.webhooks.signing import new_secret
+from connectors.webhooks.store import Delivery, Endpoint
+from handlers.db import session_scope
+from schemas import registry
+
+if TYPE_CHECKING:
+    from connectors.webhooks.dispatcher import WebhookDispatcher
+
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+ROTATION_OVERLAP = timedelta(hours=24)
+"""How long a rotated-out secret keeps signing, so receivers can switch at their own pace."""
+
+EndpointId = Annotated[str, Path(min_length=1, max_length=32)]
+T = TypeVar("T")
+
+
+# --- bodies -------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EndpointCreate(_Body):
+    url: str = Field(max_length=targets.MAX_URL_LENGTH, description="http(s) URL that receives the events")
+    event_types: list[str] = Field(
+        default_factory=list, max_length=100, description="types (`project.registered`) or domains (`project.*`); empty: all"
+    )
+    description: str = Field("", max_length=1000)
+
+
+class EndpointChange(_Body):
+    url: str | None = Field(None, max_length=targets.MAX_URL_LENGTH)
+    event_types: list[str] | None = Field(None, max_length=100)
+    description: str | None = Field(None, max_length=1000)
+    enabled: bool | None = Field(None, description="false disables the endpoint, true enables it again")
+    rotate_secret: bool = Field(False, description="issue a new secret; the old one keeps signing for 24 h")
+
+
+class Recovery(_Body):
+    since: AwareDatetime
+    until: AwareDatetime | None = Field(None, description="default: now")
+
+
+class WebhookEndpoint(BaseModel):
+    id: str
+    url: str
+    event_types: list[str]
+    description: str
+    enabled: bool
+    disabled_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    last_success_at: datetime | None
+    failing_since: datetime | None
+    previous_secret_until: datetime | None = Field(description="until then the previous secret signs too")
+
+
+class WebhookEndpointWithSecret(WebhookEndpoint):
+    secret: str = Field(description="`whsec_…`: verify deliveries with it (Standard Webhooks)")
+
+
+class WebhookEndpointChanged(WebhookEndpoint):
+    secret: str | None = Field(None, description="the new secret, when the change rotated it")
+
+
+class DeliveryAttempt(BaseModel):
+    attempted_at: datetime
+    status_code: int | None
+    latency_ms: int
+    error: str | None
+    response: str | None = Field(description="the first KiB of the response body")
+
+
+class WebhookDelivery(BaseModel):
+    id: int
+    event_id: str
+    event_type: str
+    seq: int
+    status: store.DeliveryStatus
+    next_attempt_at: datetime | None
+    created_at: datetime
+    delivered_at: datetime | None
+    attempts: list[DeliveryAttempt]
+
+
+class Recovered(BaseModel):
+    queued: int = Field(description="events owed to the endpoint again")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _dispatcher(request: Request) -> "WebhookDispatcher | None":
+    return bus_of(request).webhooks  # type: ignore[no-any-return]
+
+
+def _check_event_types(event_types: list[str], field: str = "event_types") -> list[str]:
+    """The types, each once; 422 naming every one that is neither a type nor a domain of the catalog."""
+    known = set(registry.event_types())
+    domains = {event_type.split(".", 1)[0] for event_type in known}
+    errors = [
+        Problem((field, i), f"{wanted!r} is neither an event type nor a domain wildcard such as 'project.*'", "unknown_event_type")
+        for i, wanted in enumerate(event_types)
+        if wanted not in known and not (wanted.endswith(".*") and wanted[:-2] in domains)
+    ]
+    if errors:
+        raise ApiProblem(422, "; ".join(e.msg for e in errors), kind="invalid", errors=errors)
+    return list(dict.fromkeys(event_types))
+
+
+async def _check_url(request: Request, url: str) -> str:
+    """422 when the URL's host resolves to no address webhooks may go to."""
+    try:
+        await targets.resolve(url, targets.networks(bus_of(request).settings.webhook_allow_networks))
+    except targets.RefusedTarget as exc:
+        raise ApiProblem(422, str(exc), kind="refused_target", errors=[Problem(("url",), str(exc), "refused_target")]) from None
+    return url
+
+
+def _not_found(endpoint_id: str) -> ApiProblem:
+    return ApiProblem(404, f"no webhook endpoint {endpoint_id!r}", kind="not_found")
+
+
+async def _in_transaction(request: Request, work: Callable[[Session], T]) -> T:
+    def run() -> T:
+        with session_scope(engine_of(request)) as session:
+            return work(session)
+
+    return await run_in_threadpool(run)
+
+
+async def _owned(request: Request, institution: str, endpoint_id: str) -> Endpoint:
+    def find(session: Session) -> Endpoint:
+        endpoint = store.endpoint_of(session, institution, endpoint_id)
+        if endpoint is None:
+            raise _not_found(endpoint_id)
+        return endpoint
+
+    return await _in_transaction(request, find)
+
+
+def _endpoint(endpoint: Endpoint, *, secret: bool = False) -> dict[str, Any]:
+    hidden = {"institution", "after_seq", "previous_secret"} | (set() if secret else {"secret"})
+    return endpoint.model_dump(exclude=hidden)
+
+
+def _delivery(delivery: Delivery, attempts: list[store.Attempt]) -> dict[str, Any]:
+    return {**delivery.model_dump(), "attempts": [attempt.model_dump() for attempt in attempts]}
+
+
+# --- endpoints ------------------------------------------------------------------------------------
+
+ERRORS = documented(401, 403, 404, 422)
+
+
+@router.post("", status_code=201, response_model=WebhookEndpointWithSecret, responses=documented(401, 403, 422))
+async def create_endpoint(request: Request, body: EndpointCreate, institution: Member) -> dict[str, Any]:
+    """Register an endpoint; it receives the events logged from now on. Keep the secret: it is not shown again."""
+    event_types = _check_event_types(body.event_types)
+    await _check_url(request, body.url)
+    after_seq = (await bus_of(request).js.stream_info(EVENTS_STREAM)).state.last_seq
+    now = datetime.now(timezone.utc)
+    endpoint = await _in_transaction(
+        request, lambda s: store.create_endpoint(s, institution, body.url, event_types, body.description, after_seq=after_seq, now=now)
+    )
+    if (running := _dispatcher(request)) is not None:
+        await running.endpoint_changed(endpoint.id, True)
+    return _endpoint(endpoint, secret=True)
+
+
+@router.get("", response_model=Page[WebhookEndpoint], responses=documented(400, 401, 403, 422))
+async def list_endpoints(request: Request, institution: Member, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict[str, Any]:
+    """Your endpoints, oldest first."""
+
+    def page(session: Session) -> dict[str, Any]:
+        query = select(Endpoint).where(Endpoint.institution == institution)
+        rows, next_cursor = keyset_page(session, query, [col(Endpoint.created_at), col(Endpoint.id)], limit=limit, cursor=cursor)
+        return {"items": [_endpoint(row) for row in rows], "next_cursor": next_cursor}
+
+    return await _in_transaction(request, page)
+
+
+@router.get("/{endpoint_id}", response_model=WebhookEndpoint, responses=ERRORS)
+async def get_endpoint(request: Request, endpoint_id: EndpointId, institution: Member) -> dict[str, Any]:
+    return _endpoint(await _owned(request, institution, endpoint_id))
+
+
+@router.patch("/{endpoint_id}", response_model=WebhookEndpointChanged, responses=ERRORS)
+async def change_endpoint(request: Request, endpoint_id: EndpointId, body: EndpointChange, institution: Member) -> dict[str, Any]:
+    """Change the URL, the event types or the description; enable or disable; rotate the secret
+    (the answer then holds the new one)."""
+    event_types = None if body.event_types is None else _check_event_types(body.event_types)
+    if body.url is not None:
+        await _check_url(request, body.url)
+    now = datetime.now(timezone.utc)
+
+    def change(session: Session) -> Endpoint:
+        endpoint = store.endpoint_of(session, institution, endpoint_id)
+        if endpoint is None:
+            raise _not_found(endpoint_id)
+        for name, value in (("url", body.url), ("event_types", event_types), ("description", body.description)):
+            if value is not None:
+                setattr(endpoint, name, value)
+        if body.enabled is False and endpoint.enabled:
+            store.disable(endpoint, "disabled by its owner", now)
+        elif body.enabled and not endpoint.enabled:
+            endpoint.enabled, endpoint.disabled_reason, endpoint.failing_since = True, None, None
+        if body.rotate_secret:
+            endpoint.previous_secret, endpoint.previous_secret_until = endpoint.secret, now + ROTATION_OVERLAP
+            endpoint.secret = new_secret()
+        endpoint.updated_at = now
+        session.add(endpoint)
+        return endpoint
+
+    endpoint = await _in_transaction(request, change)
+    if (running := _dispatcher(request)) is not None:
+        await running.endpoint_changed(endpoint.id, endpoint.enabled)
+    return _endpoint(endpoint, secret=body.rotate_secret)
+
+
+@router.delete("/{endpoint_id}", status_code=204, response_class=Response, responses=ERRORS)
+async def delete_endpoint(request: Request, endpoint_id: EndpointId, institution: Member) -> Response:
+    """Forget the endpoint, its deliveries and their attempts."""
+
+    def delete(session: Session) -> None:
+        endpoint = store.endpoint_of(session, institution, endpoint_id)
+        if endpoint is None:
+            raise _not_found(endpoint_id)
+        store.delete_endpoint(session, endpoint)
+
+    await _owned(request, institution, endpoint_id)
+    if (running := _dispatcher(request)) is not None:
+        await running.endpoint_changed(endpoint_id, False)  # its attempts under way end before the delete
+    await _in_transaction(request, delete)
+    return Response(status_code=204)
+
+
+# --- deliveries -----------------------------------------------------------------------------------
+
+
+@router.get("/{endpoint_id}/deliveries", response_model=Page[WebhookDelivery], responses=documented(400, 401, 403, 404, 422))
+async def list_deliveries(
+    request: Request,
+    endpoint_id: EndpointId,
+    institution: Member,
+    status: Annotated[store.DeliveryStatus | None, Query()] = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    """The endpoint's deliveries, oldest first, each with every attempt made (time, HTTP status,
+    latency, error, the first KiB of the response)."""
+
+    def page(session: Session) -> dict[str, Any]:
+        if store.endpoint_of(session, institution, endpoint_id) is None:
+            raise _not_found(endpoint_id)
+        query = select(Delivery).where(Delivery.endpoint_id == endpoint_id)
+        if status is not None:
+            query = query.where(Delivery.status == status)
+        rows, next_cursor = keyset_page(session, query, [col(Delivery.id)], limit=limit, cursor=cursor)
+        attempts = store.attempts_of(session, [row.id for row in rows if row.id is not None])
+        return {"items": [_delivery(row, attempts[row.id]) for row in rows if row.id is not None], "next_cursor": next_cursor}
+
+    return await _in_transaction(request, page)
+
+
+@router.post("/{endpoint_id}/deliveries/{delivery_id}/resend", status_code=202, response_model=WebhookDelivery, responses=ERRORS)
+async def resend_delivery(request: Request, endpoint_id: EndpointId, delivery_id: int, institution: Member) -> dict[str, Any]:
+    """Send the delivery again now, with the same ``webhook-id``, from a new round of the schedule
+    (a disabled endpoint gets it once enabled again)."""
+
+    def resend(session: Session) -> dict[str, Any]:
+        delivery = session.get(Delivery, delivery_id)
+        if store.endpoint_of(session, institution, endpoint_id) is None or delivery is None or delivery.endpoint_id != endpoint_id:
+            raise ApiProblem(404, f"no delivery {delivery_id} of webhook endpoint {endpoint_id!r}", kind="not_found")
+        store.requeue(delivery, datetime.now(timezone.utc))
+        session.add(delivery)
+        return _delivery(delivery, store.attempts_of(session, [delivery_id])[delivery_id])
+
+    answer = await _in_transaction(request, resend)
+    if (running := _dispatcher(request)) is not None:
+        running.wake(endpoint_id)
+    return answer
+
+
+@router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovered, responses=ERRORS)
+async def recover(request: Request, endpoint_id: EndpointId, body: Recovery, institution: Member) -> dict[str, Any]:
+    """Deliver again the endpoint's events that the log took between ``since`` and ``until``
+    (read back from the log), whether they were delivered before or not."""
+    until = body.until or datetime.now(timezone.utc)
+    if until < body.since:
+        raise ApiProblem(422, "until is before since", kind="invalid", errors=[Problem(("until",), "before since", "invalid_window")])
+    endpoint = await _owned(request, institution, endpoint_id)
+    queued = await dispatcher.recover(bus_of(request).js, engine_of(request), endpoint, body.since, until)
+    if (running := _dispatcher(request)) is not None:
+        running.wake(endpoint_id)
+    return {"queued": queued}

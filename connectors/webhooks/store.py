@@ -1,0 +1,306 @@
+"""Webhook endpoints, the deliveries owed to them and every attempt made, in the bus's database.
+
+Like the HTTP tokens, these tables are not a read model: nothing in the log can restore an
+endpoint's secret or what was already delivered. They live on metadata of their own
+(:data:`WEBHOOKS`, created by migration ``0006``) so ``collabbus rebuild``, which empties every
+table of ``SQLModel.metadata``, leaves them alone — the webhooks consumer's position included, so
+a rebuild does not replay the log into deliveries.
+
+A delivery is owed while it has a ``next_attempt_at``; the body is not stored: it is the event's
+canonical bytes, read back from the log by sequence.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import JSON, Column
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from connectors.webhooks.signing import new_secret
+from handlers.institutions import UtcDateTime
+from schemas.envelope import SOURCE_PREFIX
+
+#: The webhook tables, kept out of the read models' metadata (see the module docstring).
+WEBHOOKS = sa.MetaData()
+
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+
+class _Webhooks(SQLModel):
+    metadata = WEBHOOKS
+
+
+def _when(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(UtcDateTime(), nullable=nullable))
+
+
+class Endpoint(_Webhooks, table=True):
+    """A URL of an institution that receives the events it asked for."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: str = Field(primary_key=True, max_length=32)
+    institution: str = Field(index=True, max_length=63)
+    url: str = Field(max_length=2048)
+    event_types: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    """Types and domain wildcards (``project.*``); empty: every event."""
+    description: str = Field(default="", max_length=1000)
+    secret: str = Field(max_length=128)
+    previous_secret: str | None = Field(default=None, max_length=128)
+    previous_secret_until: datetime | None = _when()
+    """Until then the secret replaced by a rotation still signs too."""
+    enabled: bool = True
+    disabled_reason: str | None = Field(default=None, max_length=200)
+    after_seq: int = 0
+    """Events logged after this sequence are delivered: an endpoint starts with the log as it is."""
+    created_at: datetime = _when(nullable=False)
+    updated_at: datetime = _when(nullable=False)
+    last_success_at: datetime | None = _when()
+    failing_since: datetime | None = _when()
+    """The first failed attempt since the last success (None while healthy)."""
+
+    def signing_secrets(self, now: datetime) -> tuple[str, ...]:
+        """The secrets that sign a delivery now: the current one, and the previous one for a day
+        after a rotation."""
+        if self.previous_secret and self.previous_secret_until and now < self.previous_secret_until:
+            return (self.secret, self.previous_secret)
+        return (self.secret,)
+
+
+class Delivery(_Webhooks, table=True):
+    """One event owed (or delivered) to one endpoint; at most one per (endpoint, event)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
+        sa.Index("ix_webhook_deliveries_due", "endpoint_id", "next_attempt_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    endpoint_id: str = Field(foreign_key="webhook_endpoints.id", max_length=32)
+    event_id: str = Field(max_length=128)
+    event_type: str = Field(max_length=64)
+    seq: int
+    """Where the event is in the log."""
+    status: str = Field(default=PENDING, max_length=16)
+    attempts: int = 0
+    """Attempts made in this round of the retry schedule (a resend starts a new round)."""
+    next_attempt_at: datetime | None = _when()
+    created_at: datetime = _when(nullable=False)
+    delivered_at: datetime | None = _when()
+
+
+class Attempt(_Webhooks, table=True):
+    """One HTTP attempt of a delivery, whatever came of it."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: int = Field(foreign_key="webhook_deliveries.id", index=True)
+    attempted_at: datetime = _when(nullable=False)
+    status_code: int | None = None
+    latency_ms: int = 0
+    error: str | None = Field(default=None, max_length=500)
+    response: str | None = Field(default=None, max_length=1024)
+    """The first KiB of the response body."""
+
+
+class ValidationParty(_Webhooks, table=True):
+    """Who takes part in a validation, as the log says: what decides who receives its
+    confidential events. Kept by the webhooks consumer itself, so it never depends on how far
+    the read models have got."""
+
+    __tablename__ = "webhook_validation_parties"
+
+    validation_id: str = Field(primary_key=True, max_length=128)
+    institution: str = Field(primary_key=True, max_length=63)
+    role: str = Field(max_length=16)
+    """``requester``, ``coordinator`` or ``reviewer``."""
+
+
+class ConsumerPosition(_Webhooks, table=True):
+    """The last log sequence the webhooks consumer has recorded deliveries for (the shape of
+    ``handlers.bookkeeping.ConsumerPosition``, kept here so a rebuild does not reset it)."""
+
+    __tablename__ = "webhook_consumer_positions"
+
+    consumer: str = Field(primary_key=True, max_length=64)
+    seq: int = 0
+
+
+# --- endpoints ------------------------------------------------------------------------------------
+
+
+def create_endpoint(
+    session: Session, institution: str, url: str, event_types: list[str], description: str, *, after_seq: int, now: datetime
+) -> Endpoint:
+    """A new, enabled endpoint with a fresh secret."""
+    endpoint = Endpoint(
+        id="ep_" + secrets.token_hex(10), institution=institution, url=url, event_types=event_types,
+        description=description, secret=new_secret(), after_seq=after_seq, created_at=now, updated_at=now,
+    )
+    session.add(endpoint)
+    return endpoint
+
+
+def endpoint_of(session: Session, institution: str, endpoint_id: str) -> Endpoint | None:
+    """The endpoint, when it belongs to ``institution``."""
+    endpoint = session.get(Endpoint, endpoint_id)
+    return endpoint if endpoint is not None and endpoint.institution == institution else None
+
+
+def disable(endpoint: Endpoint, reason: str, now: datetime) -> None:
+    endpoint.enabled, endpoint.disabled_reason, endpoint.updated_at = False, reason[:200], now
+
+
+def delete_endpoint(session: Session, endpoint: Endpoint) -> None:
+    """Forget the endpoint with its deliveries and their attempts."""
+    deliveries = select(Delivery.id).where(Delivery.endpoint_id == endpoint.id)
+    session.execute(sa.delete(Attempt).where(col(Attempt.delivery_id).in_(deliveries)))
+    session.execute(sa.delete(Delivery).where(col(Delivery.endpoint_id) == endpoint.id))
+    session.delete(endpoint)
+
+
+def matches(event_types: Sequence[str], event_type: str) -> bool:
+    """Whether an endpoint asking for ``event_types`` wants events of ``event_type``."""
+    return not event_types or any(
+        wanted == event_type or (wanted.endswith(".*") and event_type.startswith(wanted[:-1])) for wanted in event_types
+    )
+
+
+# --- who may receive what -------------------------------------------------------------------------
+
+
+def _institution(source: object) -> str:
+    return str(source).removeprefix(SOURCE_PREFIX)
+
+
+def note_parties(session: Session, envelope: dict[str, Any]) -> None:
+    """Remember who takes part in a validation, from its requests and reviewer assignments."""
+    data = envelope.get("data") or {}
+    if envelope.get("type") == "validation.requested":
+        parties = [(_institution(envelope.get("source")), "requester"), (str(data.get("coordinator")), "coordinator")]
+    elif envelope.get("type") == "validation.reviewer_assigned":
+        parties = [(str(data.get("reviewer")), "reviewer")]
+    else:
+        return
+    rows = [{"validation_id": str(data.get("validation_id")), "institution": who, "role": role} for who, role in parties]
+    insert_ignore(session, ValidationParty, rows, ["validation_id", "institution"])
+
+
+def audience(session: Session, envelope: dict[str, Any]) -> frozenset[str] | None:
+    """The institutions that may receive ``envelope``; None: every member.
+
+    The rule of ``/validations/{id}`` (``handlers.validations.validation_view``) at the moment
+    the event is logged, before any decision: a review goes to its reviewer, the coordinator and
+    the requester; information asked and given to the parties of the validation.
+    """
+    event_type = envelope.get("type")
+    if event_type not in ("validation.review_submitted", "validation.info_requested", "validation.info_provided"):
+        return None
+    roles = ("requester", "coordinator") if event_type == "validation.review_submitted" else ("requester", "coordinator", "reviewer")
+    validation_id = str((envelope.get("data") or {}).get("validation_id"))
+    parties = session.exec(
+        select(ValidationParty.institution).where(
+            ValidationParty.validation_id == validation_id, col(ValidationParty.role).in_(roles)
+        )
+    ).all()
+    return frozenset([*parties, _institution(envelope.get("source"))])
+
+
+# --- deliveries -----------------------------------------------------------------------------------
+
+
+def insert_ignore(session: Session, table: type[SQLModel], rows: list[dict[str, Any]], keys: list[str]) -> int:
+    """Insert ``rows``, leaving out those whose ``keys`` are already there; returns how many went in."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        module: Any = sqlite if dialect == "sqlite" else postgresql
+        statement = module.insert(table).values(rows).on_conflict_do_nothing(index_elements=keys)
+        return int(session.execute(statement).rowcount or 0)  # type: ignore[attr-defined]
+    inserted = 0
+    for row in rows:  # other databases: portable, slower
+        if session.exec(select(table).filter_by(**{key: row[key] for key in keys})).first() is None:
+            session.add(table(**row))
+            inserted += 1
+    return inserted
+
+
+def owe(session: Session, endpoint_ids: Iterable[str], envelope: dict[str, Any], seq: int, at: datetime) -> int:
+    """Record the event as owed to each endpoint (once: a replay adds nothing)."""
+    rows = [
+        {
+            "endpoint_id": endpoint_id, "event_id": str(envelope.get("id")), "event_type": str(envelope.get("type")),
+            "seq": seq, "status": PENDING, "attempts": 0, "next_attempt_at": at, "created_at": at,
+        }
+        for endpoint_id in endpoint_ids
+    ]
+    return insert_ignore(session, Delivery, rows, ["endpoint_id", "event_id"])
+
+
+def owe_again(session: Session, endpoint_id: str, events: Sequence[tuple[int, dict[str, Any]]], at: datetime) -> int:
+    """Owe (seq, envelope) events to the endpoint from a new round of the schedule, whether or
+    not they were delivered before; returns how many."""
+    ids = [str(envelope.get("id")) for _, envelope in events]
+    known = set(
+        session.exec(select(Delivery.event_id).where(Delivery.endpoint_id == endpoint_id, col(Delivery.event_id).in_(ids))).all()
+    )
+    if known:
+        session.execute(
+            sa.update(Delivery)
+            .where(col(Delivery.endpoint_id) == endpoint_id, col(Delivery.event_id).in_(known))
+            .values(status=PENDING, attempts=0, next_attempt_at=at)
+        )
+    for seq, envelope in events:
+        if envelope.get("id") not in known:
+            owe(session, [endpoint_id], envelope, seq, at)
+    return len(events)
+
+
+def requeue(delivery: Delivery, at: datetime) -> None:
+    """Send the delivery again, from a new round of the schedule."""
+    delivery.status, delivery.attempts, delivery.next_attempt_at = PENDING, 0, at
+
+
+def due(session: Session, endpoint_id: str, now: datetime, *, held: Iterable[int], limit: int) -> tuple[list[int], datetime | None]:
+    """Up to ``limit`` deliveries of the endpoint due by ``now`` (leaving out ``held``, already in
+    hand), oldest first, and when the next one not among them falls due."""
+    owed = select(Delivery.id, Delivery.next_attempt_at).where(
+        Delivery.endpoint_id == endpoint_id, col(Delivery.next_attempt_at).is_not(None), col(Delivery.id).not_in(list(held))
+    )
+    rows = session.exec(owed.order_by(col(Delivery.next_attempt_at), col(Delivery.id)).limit(limit + 1)).all()
+    ready = [delivery_id for delivery_id, at in rows if at <= now][:limit]  # type: ignore[operator]
+    later = [at for delivery_id, at in rows if delivery_id not in ready]
+    return ready, (later[0] if later else None)  # type: ignore[return-value]
+
+
+def attempts_of(session: Session, delivery_ids: Sequence[int]) -> dict[int, list[Attempt]]:
+    """Every attempt of the deliveries, in order."""
+    found: dict[int, list[Attempt]] = {delivery_id: [] for delivery_id in delivery_ids}
+    rows = session.exec(select(Attempt).where(col(Attempt.delivery_id).in_(delivery_ids)).order_by(col(Attempt.id))).all()
+    for row in rows:
+        found[row.delivery_id].append(row)
+    return found
+
+
+def position(session: Session, consumer: str) -> int:
+    row = session.get(ConsumerPosition, consumer)
+    return row.seq if row is not None else 0
+
+
+def advance(session: Session, consumer: str, seq: int) -> None:
+    row = session.get(ConsumerPosition, consumer)
+    if row is None:
+        session.add(ConsumerPosition(consumer=consumer, seq=seq))
+    elif seq > row.seq:
+        row.seq = seq
+        session.add(row)

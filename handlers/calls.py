@@ -1,0 +1,281 @@
+"""Calls and applications to them: the read model, the workflow's glue, and the deadline timer.
+
+The decisions are in :mod:`handlers.rules.calls`; this module loads their snapshots, turns their
+answers into events, and projects the events. A call belongs to its publisher: the workflow's
+events about it are emitted in the publisher's name.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from handlers.institutions import UtcDateTime, column_values, member, upsert
+from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.rules import Refusal
+from handlers.rules import calls as rules
+from handlers.rules.calls import Applicant, CallSnapshot, CallStatus
+from schemas.calls import (
+    ApplicationRejected,
+    ApplicationSubmitted,
+    CallAmended,
+    CallClosed,
+    CallPublished,
+)
+
+
+class Call(SQLModel, table=True):
+    """A call as published and amended; its status is derived from the time (:meth:`status`)."""
+
+    __tablename__ = "calls"
+
+    call_id: str = Field(primary_key=True, max_length=128)
+    owner: str = Field(index=True, max_length=63)
+    """The publisher (source of ``call.published``)."""
+    title: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))
+    summary: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    kind: str = Field(max_length=16)
+    themes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    eligible_kinds: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    eligible_countries: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    budget: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """``{amount, currency}``"""
+    opens_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    deadline: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False, index=True))
+    deadline_model: str = Field(max_length=16)
+    url: str | None = Field(default=None, max_length=2048)
+    published_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    closed_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    closed_reason: str | None = Field(default=None, max_length=16)
+
+    def snapshot(self) -> CallSnapshot:
+        """What the workflow rules see of this call."""
+        return CallSnapshot(
+            call_id=self.call_id,
+            owner=self.owner,
+            opens_at=self.opens_at,
+            deadline=self.deadline,
+            eligible_kinds=frozenset(self.eligible_kinds),
+            eligible_countries=frozenset(self.eligible_countries),
+            closed_at=self.closed_at,
+        )
+
+    def status(self, now: datetime) -> CallStatus:
+        """``upcoming``, ``open`` or ``closed`` at ``now``."""
+        return rules.call_status(self.snapshot(), now)
+
+
+def status_is(status: CallStatus, now: datetime) -> sa.ColumnElement[bool]:
+    """A WHERE clause selecting the calls whose :meth:`Call.status` at ``now`` is ``status``
+    (for listing and paging in SQL); the same definition as :func:`rules.call_status`."""
+    closed = sa.or_(col(Call.closed_at).is_not(None), col(Call.deadline) < now)
+    if status == "closed":
+        return closed
+    if status == "upcoming":
+        return sa.and_(sa.not_(closed), col(Call.opens_at) > now)
+    return sa.and_(sa.not_(closed), col(Call.opens_at) <= now)
+
+
+class CallApplication(SQLModel, table=True):
+    """The latest answer to an application to a known call. A rejected one keeps only who applied
+    and why (the rejection event carries no more) and may be submitted again under its id; a
+    received one stays as it is."""
+
+    __tablename__ = "call_applications"
+
+    call_id: str = Field(primary_key=True, max_length=128)
+    application_id: str = Field(primary_key=True, max_length=128)
+    applicant: str = Field(index=True, max_length=63)
+    project_id: str | None = Field(default=None, max_length=128)
+    partners: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    requested_amount: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    status: str = Field(max_length=16)
+    """``received`` or ``rejected``"""
+    reason: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """``{code, message}`` of a rejection."""
+    submitted_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+
+
+def _snapshot(session: Session, call_id: str) -> CallSnapshot | None:
+    call = session.get(Call, call_id)
+    return call.snapshot() if call is not None else None
+
+
+# --- workflow ------------------------------------------------------------------------------------
+
+
+def _refuse_action(ctx: Context, call_id: str, call: CallSnapshot | None, refusal: Refusal) -> None:
+    """Refuse the current event about a call, in the owner's name (unknown call: the source's)."""
+    event = ctx.event
+    assert event is not None
+    ctx.refuse(
+        "call.action_rejected",
+        {
+            "call_id": call_id,
+            "rejected_type": event.type,
+            "rejected_event_id": event.id,
+            "actor": event.source,
+            "reason": refusal.as_reason(),
+        },
+        source=call.owner if call is not None else event.source,
+    )
+
+
+def decide_publication(ctx: Context) -> None:
+    """A call id is published once."""
+    assert ctx.event is not None
+    data: CallPublished = ctx.event.data
+    existing = _snapshot(ctx.session, data.call_id)
+    refusal = rules.publication_refusal(existing)
+    if refusal is not None:
+        _refuse_action(ctx, data.call_id, existing, refusal)
+
+
+def decide_application(ctx: Context) -> None:
+    """Receive or reject an application, judged by the call and the applicant's membership."""
+    event = ctx.event
+    assert event is not None
+    data: ApplicationSubmitted = event.data
+    call = _snapshot(ctx.session, data.call_id)
+    institution = member(ctx.session, event.source)
+    applicant = Applicant(
+        institution=event.source,
+        kind=institution.kind if institution else None,
+        country=institution.country if institution else None,
+    )
+    previous = ctx.session.get(CallApplication, (data.call_id, data.application_id))
+    duplicate = previous is not None and previous.status == "received"
+    refusal = rules.application_refusal(call, applicant, event.logged_at, duplicate=duplicate)
+    answer = {"call_id": data.call_id, "application_id": data.application_id, "applicant": event.source}
+    owner = call.owner if call is not None else event.source
+    if refusal is None:
+        ctx.emit("call.application_received", answer, source=owner)
+    else:
+        ctx.refuse("call.application_rejected", {**answer, "reason": refusal.as_reason()}, source=owner)
+
+
+def decide_amendment(ctx: Context) -> None:
+    """Only the owner amends an open (or upcoming) call, keeping its window valid."""
+    event = ctx.event
+    assert event is not None
+    data: CallAmended = event.data
+    call = _snapshot(ctx.session, data.call_id)
+    refusal = rules.amendment_refusal(
+        call, event.source, event.logged_at, opens_at=data.changes.opens_at, deadline=data.changes.deadline
+    )
+    if refusal is not None:
+        _refuse_action(ctx, data.call_id, call, refusal)
+
+
+def decide_closing(ctx: Context) -> None:
+    """Only the owner closes a call, once."""
+    event = ctx.event
+    assert event is not None
+    data: CallClosed = event.data
+    call = _snapshot(ctx.session, data.call_id)
+    refusal = rules.closing_refusal(call, event.source, event.logged_at, data.reason)
+    if refusal is not None:
+        _refuse_action(ctx, data.call_id, call, refusal)
+
+
+def close_overdue_calls(ctx: Context) -> None:
+    """Timer: close every call whose deadline has come, in its owner's name — also those whose
+    deadline passed while the bus was down. A closed call is not selected again, so a second
+    tick emits nothing."""
+    overdue = select(Call).where(col(Call.closed_at).is_(None), col(Call.deadline) <= ctx.now)
+    for call in ctx.session.exec(overdue.order_by(col(Call.deadline), col(Call.call_id))).all():
+        ctx.emit(
+            "call.closed",
+            {"call_id": call.call_id, "reason": "deadline_passed"},
+            source=call.owner,
+            key=call.call_id,
+        )
+
+
+# --- projections -------------------------------------------------------------------------------
+
+
+def published(session: Session, event: Event[CallPublished]) -> None:
+    session.add(
+        Call(
+            **column_values(event.data, CallPublished.model_fields.keys()),
+            owner=event.source,
+            published_at=event.logged_at,
+        )
+    )
+
+
+def amended(session: Session, event: Event[CallAmended]) -> None:
+    """The changed terms replace the stored ones; a present null clears."""
+    call = session.get(Call, event.data.call_id)
+    assert call is not None  # the decider refused amendments of unknown calls
+    changes = event.data.changes
+    call.sqlmodel_update(column_values(changes, changes.model_fields_set))
+    session.add(call)
+
+
+def closed(session: Session, event: Event[CallClosed]) -> None:
+    call = session.get(Call, event.data.call_id)
+    assert call is not None
+    call.closed_at = rules.closed_at(call.snapshot(), event.logged_at)
+    call.closed_reason = event.data.reason
+    session.add(call)
+
+
+def _record(session: Session, call_id: str, application_id: str, **values: Any) -> None:
+    upsert(session, CallApplication, (call_id, application_id), {"call_id": call_id, "application_id": application_id, **values})
+
+
+def application_submitted(session: Session, event: Event[ApplicationSubmitted]) -> None:
+    """Projected only when the workflow received the application (a rejection skips it)."""
+    data = event.data
+    _record(
+        session,
+        data.call_id,
+        data.application_id,
+        **column_values(data, {"project_id", "partners", "requested_amount"}),
+        applicant=event.source,
+        status="received",
+        reason=None,
+        submitted_at=event.logged_at,
+    )
+
+
+def application_rejected(session: Session, event: Event[ApplicationRejected]) -> None:
+    """Record a rejection, except for an unknown call (nothing to attach it to) or a duplicate
+    (the received application stays as it was)."""
+    data = event.data
+    if data.reason.code in ("unknown_call", "duplicate_application"):
+        return
+    _record(
+        session,
+        data.call_id,
+        data.application_id,
+        applicant=data.applicant,
+        project_id=None,
+        partners=[],
+        requested_amount=None,
+        status="rejected",
+        reason=data.reason.model_dump(mode="json", exclude_none=True),
+        submitted_at=event.logged_at,
+    )
+
+
+PROJECTIONS: dict[str, Projection] = {
+    "call.published": published,
+    "call.amended": amended,
+    "call.closed": closed,
+    "call.application_submitted": application_submitted,
+    "call.application_rejected": application_rejected,
+}
+DECIDERS: dict[str, Decider] = {
+    "call.published": decide_publication,
+    "call.application_submitted": decide_application,
+    "call.amended": decide_amendment,
+    "call.closed": decide_closing,
+}
+TIMERS: tuple[Timer, ...] = (close_overdue_calls,)

@@ -1,0 +1,635 @@
+"""Innovation days — gatherings, their registrations, waitlist and matchmaking — as read model and
+workflow.
+
+The deciders load a :class:`~handlers.rules.innovation_days.DayState`, let the pure rules decide
+and emit the answers in the organiser's name; the projections apply the facts. Every derived
+event carries what its projection needs (a waitlist position, a promotion), so a rebuild from the
+log gives the same state. Waitlist positions close up in the projections whenever a registration
+leaves the waitlist: they follow from the order of the events, so no renumbering event is needed.
+
+Organiser-only actions (`rescheduled`, `cancelled`, `held`) by anybody else have no effect: the
+catalog has no refusal type for them, so the projection ignores them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.rules import innovation_days as rules
+from schemas.innovation_days import (
+    InnovationDayCancelled,
+    InnovationDayHeld,
+    InnovationDayRescheduled,
+    InnovationDayScheduled,
+    MeetingsProposed,
+    RegistrationCancelled,
+    RegistrationConfirmed,
+    RegistrationRejected,
+    RegistrationRequested,
+    RegistrationWaitlisted,
+)
+
+__all__ = [
+    "DECIDERS",
+    "PROJECTIONS",
+    "TIMERS",
+    "InnovationDay",
+    "ProposedMeetingRow",
+    "Registration",
+    "day_view",
+    "meetings",
+    "propose_meetings",
+    "registrations",
+]
+
+LIVE = ("confirmed", "waitlisted")
+
+
+def _utc(moment: datetime) -> datetime:
+    """Aware UTC; SQLite hands timestamps back naive (they are stored in UTC)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def _utc_or_none(moment: datetime | None) -> datetime | None:
+    return None if moment is None else _utc(moment)
+
+
+def _timestamp(nullable: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(sa.DateTime(timezone=True), nullable=nullable))
+
+
+def _json(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(JSON, nullable=nullable))
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+class InnovationDay(SQLModel, table=True):
+    """A gathering as the catalog describes it, with its status and matchmaking mark."""
+
+    __tablename__ = "innovation_days"
+
+    day_id: str = Field(primary_key=True, max_length=128)
+    organizer: str = Field(index=True, max_length=63)
+    """The source of `innovation_day.scheduled`: the only one who may change the day."""
+    title: dict[str, str] = _json(nullable=False)
+    summary: dict[str, str] | None = _json()
+    format: str = Field(max_length=32)
+    starts_at: datetime = _timestamp()
+    ends_at: datetime = _timestamp()
+    attendance_mode: str = Field(max_length=16)
+    venue: dict[str, Any] | None = _json()
+    online_url: str | None = Field(default=None, max_length=2048)
+    capacity: int
+    registration_deadline: datetime = _timestamp()
+    themes: list[str] = _json(nullable=False)
+    languages: list[str] = _json(nullable=False)
+    status: str = Field(default="scheduled", index=True, max_length=16)
+    cancelled_reason: dict[str, str] | None = _json()
+    held_attendees: int | None = None
+    held_summary: dict[str, str] | None = _json()
+    meetings_proposed_at: datetime | None = _timestamp(nullable=True)
+
+
+class Registration(SQLModel, table=True):
+    """A registration to a gathering. ``role`` and ``attendees`` are unknown (null) for a request
+    refused outright, which is kept with its reason."""
+
+    __tablename__ = "innovation_day_registrations"
+
+    registration_id: str = Field(primary_key=True, max_length=128)
+    day_id: str = Field(index=True, max_length=128)
+    participant: str = Field(max_length=63)
+    role: str | None = Field(default=None, max_length=16)
+    attendees: int | None = None
+    project_id: str | None = Field(default=None, max_length=128)
+    interests: list[str] = _json(nullable=False)
+    status: str = Field(max_length=16)
+    """`requested` (until the workflow's answer is applied), `confirmed`, `waitlisted`,
+    `rejected` or `cancelled`."""
+    waitlist_position: int | None = None
+    reason: dict[str, Any] | None = _json()
+    requested_seq: int | None = Field(default=None, index=True)
+    """The request's position in the log: the order of the waitlist and of matchmaking."""
+    requested_at: datetime = _timestamp()
+    decided_at: datetime | None = _timestamp(nullable=True)
+
+
+class ProposedMeetingRow(SQLModel, table=True):
+    """One meeting proposed by the matchmaking. A funder is never double-booked, so the day, the
+    slot and the funder name it (no surrogate id, so a rebuild gives identical rows)."""
+
+    __tablename__ = "innovation_day_meetings"
+
+    day_id: str = Field(primary_key=True, max_length=128)
+    slot_start: datetime = Field(sa_column=Column(sa.DateTime(timezone=True), primary_key=True))
+    funder: str = Field(primary_key=True, max_length=63)
+    innovator: str = Field(max_length=63)
+    project_id: str | None = Field(default=None, max_length=128)
+    shared_themes: list[str] = _json(nullable=False)
+
+
+# --- state snapshots --------------------------------------------------------------------------
+
+
+def _day_state(session: Session, day_id: str) -> rules.DayState | None:
+    day = session.get(InnovationDay, day_id)
+    if day is None:
+        return None
+    rows = session.exec(
+        select(Registration).where(Registration.day_id == day_id, col(Registration.status).in_(LIVE))
+    ).all()
+    seats = tuple(
+        rules.Seat(r.registration_id, r.participant, r.attendees or 1, r.status, r.waitlist_position)  # type: ignore[arg-type]
+        for r in rows
+    )
+    return rules.DayState(
+        day.day_id,
+        day.organizer,
+        day.status,  # type: ignore[arg-type]
+        day.capacity,
+        _utc(day.registration_deadline),
+        seats,
+    )
+
+
+def _answerer(session: Session, day_id: str, fallback: str) -> str:
+    """In whose name the workflow answers: the organiser, or — for an unknown day, which has
+    none — the institution that asked."""
+    day = session.get(InnovationDay, day_id)
+    return day.organizer if day is not None else fallback
+
+
+# --- deciders ---------------------------------------------------------------------------------
+
+
+def _refuse(ctx: Context, refusal: rules.Refuse, *, day_id: str, registration_id: str, participant: str | None) -> None:
+    assert ctx.event is not None
+    ctx.refuse(
+        "innovation_day.registration_rejected",
+        RegistrationRejected.model_validate(
+            {
+                "day_id": day_id,
+                "registration_id": registration_id,
+                **({"participant": participant} if participant else {}),
+                "reason": {"code": refusal.code, "message": {"en": refusal.message}},
+            }
+        ),
+        source=_answerer(ctx.session, day_id, ctx.event.source),
+    )
+
+
+def _confirm(ctx: Context, day_id: str, organizer: str, confirm: rules.Confirm) -> None:
+    ctx.emit(
+        "innovation_day.registration_confirmed",
+        RegistrationConfirmed(
+            day_id=day_id,
+            registration_id=confirm.registration_id,
+            participant=confirm.participant,
+            attendees=confirm.attendees,
+        ),
+        source=organizer,
+        key=confirm.registration_id,
+    )
+
+
+def decide_registration(ctx: Context) -> None:
+    """Confirm, waitlist or reject a registration request."""
+    assert ctx.event is not None
+    data: RegistrationRequested = ctx.event.data
+    day = _day_state(ctx.session, data.day_id)
+    decision = rules.decide_registration(
+        day,
+        registration_id=data.registration_id,
+        participant=data.participant,
+        attendees=data.attendees,
+        already_registered=ctx.session.get(Registration, data.registration_id) is not None,
+        at=_utc(ctx.event.logged_at),
+    )
+    if isinstance(decision, rules.Refuse):
+        _refuse(ctx, decision, day_id=data.day_id, registration_id=data.registration_id, participant=data.participant)
+    elif isinstance(decision, rules.Confirm):
+        assert day is not None
+        _confirm(ctx, data.day_id, day.organizer, decision)
+    else:
+        assert day is not None
+        ctx.emit(
+            "innovation_day.registration_waitlisted",
+            RegistrationWaitlisted(
+                day_id=data.day_id,
+                registration_id=decision.registration_id,
+                position=decision.position,
+                participant=decision.participant,
+            ),
+            source=day.organizer,
+            key=decision.registration_id,
+        )
+
+
+def decide_cancellation(ctx: Context) -> None:
+    """Refuse a cancellation, or promote the waitlisted registrations it makes room for."""
+    assert ctx.event is not None
+    data: RegistrationCancelled = ctx.event.data
+    registration = ctx.session.get(Registration, data.registration_id)
+    day = _day_state(ctx.session, data.day_id)
+    decision = rules.decide_cancellation(
+        day, registration_id=data.registration_id, by=ctx.event.source, at=_utc(ctx.event.logged_at)
+    )
+    if isinstance(decision, rules.Refuse):
+        participant = registration.participant if registration is not None else None
+        _refuse(ctx, decision, day_id=data.day_id, registration_id=data.registration_id, participant=participant)
+        return
+    assert day is not None
+    for promoted in decision:
+        _confirm(ctx, data.day_id, day.organizer, promoted)
+
+
+# --- matchmaking (timer) ----------------------------------------------------------------------
+
+
+def _project_themes(session: Session, project_ids: set[str]) -> dict[str, list[str]]:
+    """Themes of the given projects, read from the projects read model when it is there."""
+    if not project_ids or not sa.inspect(session.connection()).has_table("projects"):
+        return {}
+    rows = session.connection().execute(
+        sa.text("SELECT project_id, themes FROM projects WHERE project_id IN :ids").bindparams(
+            sa.bindparam("ids", expanding=True)
+        ),
+        {"ids": sorted(project_ids)},
+    )
+    themes: dict[str, list[str]] = {}
+    for project_id, value in rows:
+        if isinstance(value, str):  # SQLite hands raw JSON text to a textual query
+            value = json.loads(value)
+        themes[project_id] = list(value or [])
+    return themes
+
+
+def _candidates(session: Session, day: InnovationDay) -> list[rules.Candidate]:
+    """The confirmed innovators and funders with the themes they bring: their interests, an
+    innovator's project's themes, or — when that leaves nothing — the day's themes."""
+    rows = session.exec(
+        select(Registration).where(
+            Registration.day_id == day.day_id,
+            Registration.status == "confirmed",
+            col(Registration.role).in_(("innovator", "funder")),
+        )
+    ).all()
+    rows = sorted(rows, key=lambda r: (r.requested_seq is None, r.requested_seq or 0, _utc(r.requested_at), r.registration_id))
+    projects = _project_themes(session, {r.project_id for r in rows if r.project_id and r.role == "innovator"})
+    candidates = []
+    for order, row in enumerate(rows):
+        themes = set(row.interests or [])
+        if row.role == "innovator" and row.project_id:
+            themes |= set(projects.get(row.project_id, []))
+        candidates.append(
+            rules.Candidate(
+                registration_id=row.registration_id,
+                participant=row.participant,
+                role=row.role,  # type: ignore[arg-type]
+                themes=frozenset(themes or day.themes),
+                order=order,
+                project_id=row.project_id if row.role == "innovator" else None,
+            )
+        )
+    return candidates
+
+
+def propose_meetings(ctx: Context) -> None:
+    """Timer: once per day whose registration deadline has come (and which is neither cancelled
+    nor held), propose the meetings; ``meetings_proposed_at`` marks it done."""
+    now = _utc(ctx.now)
+    days = ctx.session.exec(
+        select(InnovationDay)
+        .where(InnovationDay.status == "scheduled", col(InnovationDay.meetings_proposed_at).is_(None))
+        .order_by(col(InnovationDay.day_id))
+    ).all()
+    for day in days:
+        if _utc(day.registration_deadline) > now:
+            continue
+        proposed = rules.propose_meetings(
+            _candidates(ctx.session, day), starts_at=_utc(day.starts_at), ends_at=_utc(day.ends_at)
+        )
+        ctx.emit(
+            "innovation_day.meetings_proposed",
+            MeetingsProposed.model_validate(
+                {
+                    "day_id": day.day_id,
+                    "meetings": [
+                        {
+                            "innovator": m.innovator,
+                            "funder": m.funder,
+                            **({"project_id": m.project_id} if m.project_id else {}),
+                            "slot_start": m.slot_start,
+                            "shared_themes": list(m.shared_themes),
+                        }
+                        for m in proposed
+                    ],
+                }
+            ),
+            source=day.organizer,
+            key=day.day_id,
+        )
+
+
+# --- projections ------------------------------------------------------------------------------
+
+
+def _organised_day(session: Session, event: Event[Any], *, statuses: Sequence[str] = ("scheduled",)) -> InnovationDay | None:
+    """The day an organiser-only event is about, if its source is the organiser and the day is
+    in one of ``statuses``; otherwise None (the event has no effect)."""
+    day = session.get(InnovationDay, event.data.day_id)
+    if day is None or day.organizer != event.source or day.status not in statuses:
+        return None
+    return day
+
+
+def on_scheduled(session: Session, event: Event[InnovationDayScheduled]) -> None:
+    data = event.data
+    if session.get(InnovationDay, data.day_id) is not None:
+        return  # a day id is announced once; the first announcement stands
+    session.add(
+        InnovationDay(
+            day_id=data.day_id,
+            organizer=event.source,
+            title=dict(data.title),
+            summary=dict(data.summary) if data.summary else None,
+            format=data.format,
+            starts_at=_utc(data.starts_at),
+            ends_at=_utc(data.ends_at),
+            attendance_mode=data.attendance_mode,
+            venue=data.venue.model_dump(mode="json", exclude_none=True) if data.venue else None,
+            online_url=data.online_url,
+            capacity=data.capacity,
+            registration_deadline=_utc(data.registration_deadline),
+            themes=list(data.themes),
+            languages=list(data.languages),
+            status="scheduled",
+        )
+    )
+
+
+def on_rescheduled(session: Session, event: Event[InnovationDayRescheduled]) -> None:
+    """Move the day; a deadline left out stays, but never after the new start."""
+    day = _organised_day(session, event)
+    if day is None:
+        return
+    data = event.data
+    day.starts_at = _utc(data.starts_at)
+    day.ends_at = _utc(data.ends_at)
+    deadline = _utc(data.registration_deadline) if data.registration_deadline else _utc(day.registration_deadline)
+    day.registration_deadline = min(deadline, day.starts_at)
+    session.add(day)
+
+
+def on_cancelled(session: Session, event: Event[InnovationDayCancelled]) -> None:
+    day = _organised_day(session, event)
+    if day is None:
+        return
+    day.status = "cancelled"
+    day.cancelled_reason = dict(event.data.reason)
+    session.add(day)
+
+
+def on_held(session: Session, event: Event[InnovationDayHeld]) -> None:
+    day = _organised_day(session, event)
+    if day is None:
+        return
+    day.status = "held"
+    day.held_attendees = event.data.attendees
+    day.held_summary = dict(event.data.summary) if event.data.summary else None
+    session.add(day)
+
+
+def on_registration_requested(session: Session, event: Event[RegistrationRequested]) -> None:
+    """Record the request; the workflow's answer (applied right after) sets its status."""
+    data = event.data
+    if session.get(Registration, data.registration_id) is not None:
+        return
+    seq = event.seq
+    if seq is None:  # not from the log (a test applying events by hand): after everything else
+        seq = (session.exec(select(sa.func.max(Registration.requested_seq))).one() or 0) + 1
+    session.add(
+        Registration(
+            registration_id=data.registration_id,
+            day_id=data.day_id,
+            participant=data.participant,
+            role=data.role,
+            attendees=data.attendees,
+            project_id=data.project_id,
+            interests=list(data.interests),
+            status="requested",
+            requested_seq=seq,
+            requested_at=_utc(event.logged_at),
+        )
+    )
+
+
+def _close_up_waitlist(session: Session, day_id: str) -> None:
+    """Renumber the waitlist 1, 2, 3… keeping its order, after a registration left it."""
+    waiting = session.exec(
+        select(Registration)
+        .where(Registration.day_id == day_id, Registration.status == "waitlisted")
+        .order_by(col(Registration.waitlist_position))
+    ).all()
+    for position, registration in enumerate(waiting, start=1):
+        if registration.waitlist_position != position:
+            registration.waitlist_position = position
+            session.add(registration)
+
+
+def _leave_waitlist_or_seat(session: Session, registration_id: str, status: str, at: datetime) -> None:
+    """Set a registration's new status; if it was waiting, the waitlist behind it moves up."""
+    registration = session.get(Registration, registration_id)
+    if registration is None:
+        return
+    was_waiting = registration.status == "waitlisted"
+    registration.status = status
+    registration.waitlist_position = None
+    registration.decided_at = _utc(at)
+    session.add(registration)
+    session.flush()
+    if was_waiting:
+        _close_up_waitlist(session, registration.day_id)
+
+
+# A derived event's ``time`` is its cause's acceptance time, the same live and in a rebuild.
+
+
+def on_registration_confirmed(session: Session, event: Event[RegistrationConfirmed]) -> None:
+    _leave_waitlist_or_seat(session, event.data.registration_id, "confirmed", event.time)
+
+
+def on_registration_cancelled(session: Session, event: Event[RegistrationCancelled]) -> None:
+    _leave_waitlist_or_seat(session, event.data.registration_id, "cancelled", event.logged_at)
+
+
+def on_registration_waitlisted(session: Session, event: Event[RegistrationWaitlisted]) -> None:
+    registration = session.get(Registration, event.data.registration_id)
+    if registration is None:
+        return
+    registration.status = "waitlisted"
+    registration.waitlist_position = event.data.position
+    registration.decided_at = _utc(event.time)
+    session.add(registration)
+
+
+def on_registration_rejected(session: Session, event: Event[RegistrationRejected]) -> None:
+    """Keep a refused request with its reason. A refused cancellation (or a duplicate id) leaves
+    the registration it names as it was."""
+    data = event.data
+    if data.reason.code == "unknown_registration" or session.get(Registration, data.registration_id) is not None:
+        return
+    session.add(
+        Registration(
+            registration_id=data.registration_id,
+            day_id=data.day_id,
+            participant=data.participant or event.source,
+            interests=[],
+            status="rejected",
+            reason=data.reason.model_dump(mode="json", exclude_none=True),
+            requested_at=_utc(event.time),
+            decided_at=_utc(event.time),
+        )
+    )
+
+
+def on_meetings_proposed(session: Session, event: Event[MeetingsProposed]) -> None:
+    day = session.get(InnovationDay, event.data.day_id)
+    if day is None:
+        return
+    session.execute(sa.delete(ProposedMeetingRow).where(col(ProposedMeetingRow.day_id) == day.day_id))
+    for meeting in event.data.meetings:
+        session.add(
+            ProposedMeetingRow(
+                day_id=day.day_id,
+                funder=meeting.funder,
+                innovator=meeting.innovator,
+                project_id=meeting.project_id,
+                slot_start=_utc(meeting.slot_start),
+                shared_themes=list(meeting.shared_themes),
+            )
+        )
+    day.meetings_proposed_at = _utc(event.time)
+    session.add(day)
+
+
+PROJECTIONS: dict[str, Projection] = {
+    "innovation_day.scheduled": on_scheduled,
+    "innovation_day.rescheduled": on_rescheduled,
+    "innovation_day.cancelled": on_cancelled,
+    "innovation_day.held": on_held,
+    "innovation_day.registration_requested": on_registration_requested,
+    "innovation_day.registration_confirmed": on_registration_confirmed,
+    "innovation_day.registration_waitlisted": on_registration_waitlisted,
+    "innovation_day.registration_rejected": on_registration_rejected,
+    "innovation_day.registration_cancelled": on_registration_cancelled,
+    "innovation_day.meetings_proposed": on_meetings_proposed,
+}
+DECIDERS: dict[str, Decider] = {
+    "innovation_day.registration_requested": decide_registration,
+    "innovation_day.registration_cancelled": decide_cancellation,
+}
+TIMERS: list[Timer] = [propose_meetings]
+
+
+# --- queries (the read API) -------------------------------------------------------------------
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else _utc(moment).isoformat()
+
+
+def _registration_view(r: Registration) -> dict[str, Any]:
+    return {
+        "registration_id": r.registration_id,
+        "day_id": r.day_id,
+        "participant": r.participant,
+        "role": r.role,
+        "attendees": r.attendees,
+        "project_id": r.project_id,
+        "interests": list(r.interests or []),
+        "status": r.status,
+        "position": r.waitlist_position,
+        "reason": r.reason,
+        "requested_at": _iso(r.requested_at),
+        "decided_at": _iso(r.decided_at),
+    }
+
+
+def _in_log_order(rows: Sequence[Registration]) -> list[Registration]:
+    return sorted(rows, key=lambda r: (_utc(r.requested_at), r.requested_seq is None, r.requested_seq or 0, r.registration_id))
+
+
+def registrations(session: Session, day_id: str) -> list[dict[str, Any]]:
+    """Every registration of a day (refused ones included), in the order they were requested."""
+    rows = session.exec(select(Registration).where(Registration.day_id == day_id)).all()
+    return [_registration_view(r) for r in _in_log_order(rows)]
+
+
+def meetings(session: Session, day_id: str) -> list[dict[str, Any]]:
+    """The proposed meetings of a day, by slot."""
+    rows = session.exec(select(ProposedMeetingRow).where(ProposedMeetingRow.day_id == day_id)).all()
+    rows = sorted(rows, key=lambda m: (_utc(m.slot_start), m.funder, m.innovator, m.project_id or ""))
+    return [
+        {
+            "innovator": m.innovator,
+            "funder": m.funder,
+            "project_id": m.project_id,
+            "slot_start": _iso(m.slot_start),
+            "shared_themes": list(m.shared_themes),
+        }
+        for m in rows
+    ]
+
+
+def day_view(session: Session, day_id: str) -> dict[str, Any] | None:
+    """A day with the catalog's field names plus ``capacity``, ``confirmed`` (attendees) and
+    ``waitlisted`` (in order, with positions); None when there is no such day. JSON-ready."""
+    day = session.get(InnovationDay, day_id)
+    if day is None:
+        return None
+    live = session.exec(
+        select(Registration).where(Registration.day_id == day_id, col(Registration.status).in_(LIVE))
+    ).all()
+    waiting = sorted((r for r in live if r.status == "waitlisted"), key=lambda r: r.waitlist_position or 0)
+    return {
+        "day_id": day.day_id,
+        "organizer": day.organizer,
+        "title": day.title,
+        "summary": day.summary,
+        "format": day.format,
+        "starts_at": _iso(day.starts_at),
+        "ends_at": _iso(day.ends_at),
+        "attendance_mode": day.attendance_mode,
+        "venue": day.venue,
+        "online_url": day.online_url,
+        "capacity": day.capacity,
+        "registration_deadline": _iso(day.registration_deadline),
+        "themes": list(day.themes),
+        "languages": list(day.languages),
+        "status": day.status,
+        "cancelled_reason": day.cancelled_reason,
+        "held_attendees": day.held_attendees,
+        "held_summary": day.held_summary,
+        "meetings_proposed_at": _iso(day.meetings_proposed_at),
+        "confirmed": sum(r.attendees or 0 for r in live if r.status == "confirmed"),
+        "waitlisted": [
+            {
+                "registration_id": r.registration_id,
+                "participant": r.participant,
+                "attendees": r.attendees,
+                "position": r.waitlist_position,
+            }
+            for r in waiting
+        ],
+    }

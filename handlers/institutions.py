@@ -1,0 +1,142 @@
+"""Who is in the network: the members' read model, from ``institution.*`` (offered by the operator).
+
+Other domains ask it about an institution (kind and country for call eligibility, municipality
+level for adoption counts) through :func:`member`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime, timezone
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from handlers.network import Decider, Event, Projection, Timer
+from schemas.institutions import InstitutionJoined, InstitutionLeft, InstitutionUpdated
+
+# --- storage helpers shared by this package's read models --------------------------------------
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A moment, stored in UTC and read back timezone-aware on every database. (SQLite keeps no
+    offset: an aware datetime would otherwise be stored as its local wall time and come back
+    naive, and times with different offsets would compare wrongly.)"""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: store moments with their offset")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def column_values(data: BaseModel, fields: Iterable[str]) -> dict[str, Any]:
+    """Event data fields as the columns take them: dates and moments as they are, everything else
+    in its JSON form (lists for tuples, values for enumerations, dicts for value objects)."""
+    names = set(fields)
+    as_json = data.model_dump(mode="json", include=names)
+    values = {}
+    for name in names:
+        value = getattr(data, name)
+        values[name] = value if isinstance(value, (date, datetime)) else as_json[name]
+    return values
+
+
+Row = TypeVar("Row", bound=SQLModel)
+
+
+def upsert(session: Session, table: type[Row], key: Any, values: dict[str, Any]) -> Row:
+    """The row of ``table`` with primary key ``key`` set to ``values`` (which include the key's
+    columns), inserted if it does not exist yet."""
+    row = session.get(table, key)
+    if row is None:
+        row = table(**values)
+    else:
+        row.sqlmodel_update(values)
+    session.add(row)
+    return row
+
+
+# --- the read model ----------------------------------------------------------------------------
+
+
+class Institution(SQLModel, table=True):
+    """A member of the network (or a former one: ``left_at`` is set)."""
+
+    __tablename__ = "institutions"
+
+    id: str = Field(primary_key=True, max_length=63)
+    name: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))
+    kind: str = Field(max_length=32)
+    country: str = Field(max_length=2)
+    region: str | None = Field(default=None, max_length=300)
+    municipality_level: str | None = Field(default=None, max_length=16)
+    themes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    identifiers: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """``[{scheme, value}]``: how other registers name it."""
+    website: str | None = Field(default=None, max_length=2048)
+    contact_email: str | None = Field(default=None, max_length=320)
+    joined_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    left_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+
+    @property
+    def active(self) -> bool:
+        """Still a member."""
+        return self.left_at is None
+
+
+def member(session: Session, institution: str) -> Institution | None:
+    """The institution while it is a member; None when it never joined or has left."""
+    found = session.get(Institution, institution)
+    return found if found is not None and found.active else None
+
+
+def member_by_identifier(session: Session, scheme: str, value: str) -> Institution | None:
+    """The member another register names ``value`` in ``scheme`` (e.g. a business id)."""
+    for candidate in session.exec(select(Institution).where(col(Institution.left_at).is_(None))):
+        if {"scheme": scheme, "value": value} in candidate.identifiers:
+            return candidate
+    return None
+
+
+# --- projections -------------------------------------------------------------------------------
+
+
+def joined(session: Session, event: Event[InstitutionJoined]) -> None:
+    """A (re)joining member: every fact is restated, so earlier values do not linger."""
+    facts = column_values(event.data, InstitutionJoined.model_fields.keys())
+    upsert(session, Institution, event.data.id, {**facts, "joined_at": event.logged_at, "left_at": None})
+
+
+def updated(session: Session, event: Event[InstitutionUpdated]) -> None:
+    """Only the fields present change; a present null clears."""
+    institution = session.get(Institution, event.data.id)
+    if institution is None:  # the gate admits updates of members only; nothing to change
+        return
+    institution.sqlmodel_update(column_values(event.data, event.data.model_fields_set - {"id"}))
+    session.add(institution)
+
+
+def left(session: Session, event: Event[InstitutionLeft]) -> None:
+    """The member leaves; its row stays, since past events still name it."""
+    institution = session.get(Institution, event.data.id)
+    if institution is not None and institution.left_at is None:
+        institution.left_at = event.logged_at
+        session.add(institution)
+
+
+PROJECTIONS: dict[str, Projection] = {"institution.joined": joined, "institution.updated": updated, "institution.left": left}
+DECIDERS: dict[str, Decider] = {}
+TIMERS: tuple[Timer, ...] = ()

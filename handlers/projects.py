@@ -1,0 +1,285 @@
+"""Projects and good practices: the read model (partners, adoptions, impact), the workflow's glue,
+and how far practices spread (adoptions by municipality level).
+
+Other domains read ``projects.owner``, ``projects.themes`` and ``project_partners.institution``
+(e.g. conflicts of interest in validations). Who may say what is :mod:`handlers.rules.projects`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import date, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from handlers.institutions import Institution, UtcDateTime, column_values, upsert
+from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.rules.projects import ProjectAction, ProjectSnapshot, action_refusal
+from schemas.institutions import MunicipalityLevel
+from schemas.projects import (
+    ImpactReported,
+    Partner,
+    PartnerJoined,
+    ProjectAdopted,
+    ProjectCompleted,
+    ProjectRegistered,
+    ProjectUpdated,
+)
+
+
+class Project(SQLModel, table=True):
+    """A project or good practice, with its location flattened for filtering."""
+
+    __tablename__ = "projects"
+
+    project_id: str = Field(primary_key=True, max_length=128)
+    owner: str = Field(index=True, max_length=63)
+    title: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))
+    summary: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    themes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(max_length=16)
+    started_on: date | None = None
+    ends_on: date | None = None
+    country: str | None = Field(default=None, max_length=2)
+    region: str | None = Field(default=None, max_length=300)
+    municipality: str | None = Field(default=None, max_length=300)
+    service_model: str | None = Field(default=None, max_length=32)
+    external_refs: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """``[{system, id, url}]``, e.g. the Innokylä entry."""
+    sdgs: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    registered_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    completed_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    outcome: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+    def snapshot(self) -> ProjectSnapshot:
+        """What the workflow rules see of this project."""
+        return ProjectSnapshot(project_id=self.project_id, owner=self.owner)
+
+
+class ProjectPartner(SQLModel, table=True):
+    """An institution taking part in a project (the owner is not listed unless named)."""
+
+    __tablename__ = "project_partners"
+
+    project_id: str = Field(primary_key=True, max_length=128)
+    institution: str = Field(primary_key=True, index=True, max_length=63)
+    role: str = Field(max_length=16)
+    relation: str | None = Field(default=None, max_length=16)
+
+
+class ProjectAdoption(SQLModel, table=True):
+    """Another institution took up the practice ``project_id``, with the owner's support."""
+
+    __tablename__ = "project_adoptions"
+
+    adoption_id: str = Field(primary_key=True, max_length=128)
+    project_id: str = Field(index=True, max_length=128)
+    adopter: str = Field(index=True, max_length=63)
+    support: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    adapted_project_id: str | None = Field(default=None, max_length=128)
+    adopted_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+
+
+class ProjectImpactReport(SQLModel, table=True):
+    """Measured results of a project over a period."""
+
+    __tablename__ = "project_impact_reports"
+
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: str = Field(index=True, max_length=128)
+    period_start: date
+    period_end: date
+    indicators: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    """``[{name, value, unit}]``"""
+    reported_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+
+
+# --- queries -----------------------------------------------------------------------------------
+
+MUNICIPALITY_LEVELS: tuple[MunicipalityLevel, ...] = ("metropolitan", "provincial", "district")
+
+
+@dataclass(frozen=True)
+class AdoptionSpread:
+    """How many municipalities of one level took practices up, in how many adoptions."""
+
+    municipality_level: MunicipalityLevel
+    municipalities: int
+    adoptions: int
+
+
+def adoptions_by_municipality_level(session: Session, *, owner: str | None = None) -> list[AdoptionSpread]:
+    """Mersin-style spread: distinct adopting municipalities and adoptions per level of the
+    adopter, every level listed (zero included); ``owner``: only the practices of that owner.
+    Adopters without a municipality level (not municipalities) are not counted."""
+    level = col(Institution.municipality_level)
+    query = (
+        select(level, sa.func.count(sa.distinct(col(ProjectAdoption.adopter))), sa.func.count())
+        .select_from(ProjectAdoption)
+        .join(Institution, col(Institution.id) == col(ProjectAdoption.adopter))
+        .where(level.is_not(None))
+        .group_by(level)
+    )
+    if owner is not None:
+        query = query.join(Project, col(Project.project_id) == col(ProjectAdoption.project_id)).where(
+            col(Project.owner) == owner
+        )
+    counts = {row[0]: (row[1], row[2]) for row in session.exec(query)}
+    return [AdoptionSpread(lvl, *counts.get(lvl, (0, 0))) for lvl in MUNICIPALITY_LEVELS]
+
+
+# --- workflow ----------------------------------------------------------------------------------
+
+
+def _action(session: Session, event: Event[Any], project: Project | None) -> ProjectAction:
+    """The event as the rules see it, with the dates the project would have afterwards."""
+    data = event.data
+    action = ProjectAction(type=event.type, actor=event.source)
+    if isinstance(data, PartnerJoined):
+        return replace(action, partner=data.partner.institution)
+    if isinstance(data, ProjectAdopted):
+        known = session.get(ProjectAdoption, data.adoption_id) is not None
+        return replace(action, adopter=data.adopter, adoption_known=known)
+    if project is not None and isinstance(data, ProjectUpdated):
+        changed = data.changes.model_fields_set
+        return replace(
+            action,
+            started_on=data.changes.started_on if "started_on" in changed else project.started_on,
+            ends_on=data.changes.ends_on if "ends_on" in changed else project.ends_on,
+        )
+    if project is not None and isinstance(data, ProjectCompleted):
+        return replace(action, started_on=project.started_on, ends_on=data.ended_on or project.ends_on)
+    return action
+
+
+def decide(ctx: Context) -> None:
+    """Refuse an event about a project from someone who may not say it (see the rules), in the
+    owner's name (unknown project: in the source's name)."""
+    event = ctx.event
+    assert event is not None
+    project = ctx.session.get(Project, event.data.project_id)
+    refusal = action_refusal(project.snapshot() if project else None, _action(ctx.session, event, project))
+    if refusal is None:
+        return
+    ctx.refuse(
+        "project.action_rejected",
+        {
+            "project_id": event.data.project_id,
+            "rejected_type": event.type,
+            "rejected_event_id": event.id,
+            "actor": event.source,
+            "reason": refusal.as_reason(),
+        },
+        source=project.owner if project is not None else event.source,
+    )
+
+
+# --- projections -------------------------------------------------------------------------------
+
+
+def _join(session: Session, project_id: str, partner: Partner) -> None:
+    values = {"project_id": project_id, **column_values(partner, {"institution", "role", "relation"})}
+    upsert(session, ProjectPartner, (project_id, partner.institution), values)
+
+
+def _set_partners(session: Session, project_id: str, partners: tuple[Partner, ...]) -> None:
+    """The partner list is replaced whole (an institution named twice: the last mention wins)."""
+    wanted = {partner.institution: partner for partner in partners}
+    for row in session.exec(select(ProjectPartner).where(col(ProjectPartner.project_id) == project_id)):
+        if row.institution not in wanted:
+            session.delete(row)
+    for partner in wanted.values():
+        _join(session, project_id, partner)
+
+
+def _columns(facts: BaseModel, fields: set[str]) -> dict[str, Any]:
+    """``fields`` of a registration or a change set as the project's columns (partners aside)."""
+    values = column_values(facts, fields - {"location", "partners"})
+    if "location" in fields:
+        location = getattr(facts, "location")
+        values["country"] = location.country if location else None
+        values["region"] = location.region if location else None
+        values["municipality"] = location.municipality if location else None
+    return values
+
+
+def registered(session: Session, event: Event[ProjectRegistered]) -> None:
+    """A new project, or its owner restating every fact of it (e.g. a re-sync)."""
+    data = event.data
+    values = {**_columns(data, set(ProjectRegistered.model_fields)), "updated_at": event.logged_at}
+    if session.get(Project, data.project_id) is None:
+        values["registered_at"] = event.logged_at
+    upsert(session, Project, data.project_id, values)
+    _set_partners(session, data.project_id, data.partners)
+
+
+def _project(session: Session, project_id: str, event: Event[Any]) -> Project:
+    project = session.get(Project, project_id)
+    assert project is not None  # the decider refused events about unknown projects
+    project.updated_at = event.logged_at
+    session.add(project)
+    return project
+
+
+def updated(session: Session, event: Event[ProjectUpdated]) -> None:
+    """Only the fields present change; a present null clears; lists are replaced whole."""
+    project = _project(session, event.data.project_id, event)
+    changes = event.data.changes
+    project.sqlmodel_update(_columns(changes, set(changes.model_fields_set)))
+    if changes.partners is not None:
+        _set_partners(session, project.project_id, changes.partners)
+
+
+def partner_joined(session: Session, event: Event[PartnerJoined]) -> None:
+    """One more partner (a partner already listed gets the new role and relation)."""
+    _project(session, event.data.project_id, event)
+    _join(session, event.data.project_id, event.data.partner)
+
+
+def adopted(session: Session, event: Event[ProjectAdopted]) -> None:
+    data = event.data
+    session.add(
+        ProjectAdoption(
+            **column_values(data, {"adoption_id", "project_id", "adopter", "support", "adapted_project_id"}),
+            adopted_at=event.logged_at,
+        )
+    )
+
+
+def impact_reported(session: Session, event: Event[ImpactReported]) -> None:
+    data = event.data
+    session.add(
+        ProjectImpactReport(
+            project_id=data.project_id,
+            period_start=data.period.start,
+            period_end=data.period.end,
+            indicators=column_values(data, {"indicators"})["indicators"],
+            reported_at=event.logged_at,
+        )
+    )
+
+
+def completed(session: Session, event: Event[ProjectCompleted]) -> None:
+    project = _project(session, event.data.project_id, event)
+    project.status = "completed"
+    project.completed_at = event.logged_at
+    project.outcome = dict(event.data.outcome)
+    if event.data.ended_on is not None:
+        project.ends_on = event.data.ended_on
+
+
+PROJECTIONS: dict[str, Projection] = {
+    "project.registered": registered,
+    "project.updated": updated,
+    "project.partner_joined": partner_joined,
+    "project.adopted": adopted,
+    "project.impact_reported": impact_reported,
+    "project.completed": completed,
+}
+DECIDERS: dict[str, Decider] = {event_type: decide for event_type in PROJECTIONS}
+TIMERS: tuple[Timer, ...] = ()

@@ -1,0 +1,130 @@
+"""The calls workflow (CONTRACT.md §5): who may amend or close a call, when an application is
+received, when the bus closes a call. Times are the log's acceptance times."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from handlers.rules import Refusal
+
+CallStatus = Literal["upcoming", "open", "closed"]
+
+
+@dataclass(frozen=True)
+class CallSnapshot:
+    """What the rules need to know about a call. Empty eligibility sets mean everyone."""
+
+    call_id: str
+    owner: str
+    opens_at: datetime
+    deadline: datetime
+    eligible_kinds: frozenset[str] = frozenset()
+    eligible_countries: frozenset[str] = frozenset()
+    closed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Applicant:
+    """The applying institution as the membership read model knows it (None: not a member)."""
+
+    institution: str
+    kind: str | None
+    country: str | None
+
+
+def call_status(call: CallSnapshot, now: datetime) -> CallStatus:
+    """``upcoming`` before ``opens_at``, ``open`` until the deadline (included), ``closed``
+    afterwards or once closed. Derived, never stored, so it cannot go stale."""
+    if call.closed_at is not None or now > call.deadline:
+        return "closed"
+    if now < call.opens_at:
+        return "upcoming"
+    return "open"
+
+
+def publication_refusal(existing: CallSnapshot | None) -> Refusal | None:
+    """A call id names one call: publishing it again is refused (amend it instead)."""
+    if existing is not None:
+        return Refusal("already_published", f"Call {existing.call_id} was already published by {existing.owner}.")
+    return None
+
+
+def application_refusal(
+    call: CallSnapshot | None, applicant: Applicant, logged_at: datetime, *, duplicate: bool = False
+) -> Refusal | None:
+    """Why an application logged at ``logged_at`` is rejected, or None when it is received.
+    ``duplicate``: an application with the same id was already received (a rejected one may be
+    submitted again).
+
+    The deadline is checked before the closing, so an application after the deadline gets the
+    same answer whether or not the bus's closing came first (live and in a rebuild).
+    """
+    if call is None:
+        return Refusal("unknown_call", "There is no such call.")
+    if duplicate:
+        return Refusal("duplicate_application", "An application with this id was already received.")
+    if logged_at < call.opens_at:
+        return Refusal("before_opening", f"The call opens at {call.opens_at.isoformat()}.")
+    if logged_at > call.deadline:
+        return Refusal("after_deadline", f"The call's deadline was {call.deadline.isoformat()}.")
+    if call.closed_at is not None:
+        return Refusal("call_closed", "The call was closed by its publisher.")
+    if not _eligible(applicant.kind, call.eligible_kinds):
+        return Refusal("ineligible_kind", f"The call is open to {_listed(call.eligible_kinds)} only.")
+    if not _eligible(applicant.country, call.eligible_countries):
+        return Refusal("ineligible_country", f"The call is open to institutions in {_listed(call.eligible_countries)} only.")
+    return None
+
+
+def amendment_refusal(
+    call: CallSnapshot | None,
+    actor: str,
+    logged_at: datetime,
+    *,
+    opens_at: datetime | None = None,
+    deadline: datetime | None = None,
+) -> Refusal | None:
+    """Only the owner amends, only while the call is not closed, and the amended window must
+    still open before its deadline (``opens_at``/``deadline``: the new values, if changed)."""
+    refusal = _owner_action_refusal(call, actor, logged_at)
+    if refusal is not None or call is None:
+        return refusal
+    if (deadline or call.deadline) <= (opens_at or call.opens_at):
+        return Refusal("invalid_window", "The amended deadline would not be after the call's opening.")
+    return None
+
+
+def closing_refusal(call: CallSnapshot | None, actor: str, logged_at: datetime, reason: str) -> Refusal | None:
+    """Only the owner closes, and only a call still open. A ``deadline_passed`` closing after the
+    deadline is the bus's own (or the owner saying the same): it is the one closing that is
+    accepted once the deadline is over."""
+    if call is not None and reason == "deadline_passed" and call.closed_at is None and actor == call.owner:
+        return None
+    return _owner_action_refusal(call, actor, logged_at)
+
+
+def closed_at(call: CallSnapshot, logged_at: datetime) -> datetime:
+    """When an accepted closing takes effect: when it was logged, but never after the deadline (a
+    call closes at its deadline even when the bus says so later, e.g. after downtime)."""
+    return min(call.deadline, logged_at)
+
+
+def _owner_action_refusal(call: CallSnapshot | None, actor: str, logged_at: datetime) -> Refusal | None:
+    if call is None:
+        return Refusal("unknown_call", "There is no such call.")
+    if actor != call.owner:
+        return Refusal("not_owner", f"Only {call.owner}, who published the call, may amend or close it.")
+    if call_status(call, logged_at) == "closed":
+        return Refusal("call_closed", "The call is closed.")
+    return None
+
+
+def _eligible(value: str | None, allowed: Collection[str]) -> bool:
+    return not allowed or value in allowed
+
+
+def _listed(values: Collection[str]) -> str:
+    return ", ".join(sorted(values))

@@ -1,0 +1,310 @@
+"""The innovation days' rules (CONTRACT.md §5) as pure functions of a state snapshot.
+
+Finland's yearly Social Innovation Day, Genç İşi's trainings for municipalities and Mersin's study
+visits are all gatherings with a capacity counted in attendees. The rules:
+
+- confirmed attendees never exceed the capacity; beyond it a registration is waitlisted, in the
+  order the log accepted the requests;
+- a cancellation promotes the waitlist **in strict FIFO order**: the head is confirmed while it
+  fits and promotion stops at the first registration that does not (no later, smaller
+  registration overtakes it). The one exception is a registration that brings more attendees
+  than the whole capacity: it can never fit, so it keeps its place without holding up the queue;
+- waitlist positions are 1, 2, 3… in log order among the waitlisted registrations; they close up
+  when a registration leaves the waitlist (promoted or cancelled), so the position of a
+  registration is derived from the order and needs no event of its own;
+- nothing is accepted at or after the registration deadline (the log's acceptance time counts);
+- matchmaking at the deadline pairs innovators and funders sharing a theme, at most
+  ``MEETINGS_PER_FUNDER`` meetings per funder, no participant twice in one slot.
+
+The glue in ``handlers/innovation_days.py`` loads a ``DayState``, calls these functions and emits
+what they return.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+__all__ = [
+    "MEETINGS_PER_FUNDER",
+    "SLOT_LENGTH",
+    "Candidate",
+    "Confirm",
+    "DayState",
+    "ProposedMeeting",
+    "Refuse",
+    "Seat",
+    "Waitlist",
+    "decide_cancellation",
+    "decide_registration",
+    "promotions",
+    "propose_meetings",
+    "shared_themes",
+    "slots",
+]
+
+MEETINGS_PER_FUNDER = 3
+"""At most this many meetings are proposed to one funder (institution) per day."""
+
+SLOT_LENGTH = timedelta(minutes=20)
+"""Length of a matchmaking slot; slots run back to back from the day's start until its end."""
+
+DayStatus = Literal["scheduled", "cancelled", "held"]
+SeatStatus = Literal["confirmed", "waitlisted"]
+RefusalCode = Literal[
+    "unknown_day",
+    "after_deadline",
+    "day_cancelled",
+    "already_registered",
+    "unknown_registration",
+    "not_participant",
+]
+
+
+@dataclass(frozen=True)
+class Seat:
+    """A live registration: confirmed, or waiting at ``position`` (1 = next in line)."""
+
+    registration_id: str
+    participant: str
+    attendees: int
+    status: SeatStatus
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class DayState:
+    """What the registration rules need to know about one gathering."""
+
+    day_id: str
+    organizer: str
+    status: DayStatus
+    capacity: int
+    registration_deadline: datetime
+    seats: tuple[Seat, ...] = ()
+    """Confirmed and waitlisted registrations (cancelled and rejected ones are gone)."""
+
+    @property
+    def confirmed_attendees(self) -> int:
+        return sum(s.attendees for s in self.seats if s.status == "confirmed")
+
+    @property
+    def waitlist(self) -> tuple[Seat, ...]:
+        """The waitlisted registrations in order (by position)."""
+        waiting = [s for s in self.seats if s.status == "waitlisted"]
+        return tuple(sorted(waiting, key=lambda s: s.position or 0))
+
+    def fits_ever(self, seat: Seat) -> bool:
+        """Whether the registration could be confirmed at all (it is not bigger than the day)."""
+        return seat.attendees <= self.capacity
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """Confirm the registration (a seat within the capacity)."""
+
+    registration_id: str
+    participant: str
+    attendees: int
+
+
+@dataclass(frozen=True)
+class Waitlist:
+    """Put the registration on the waitlist at ``position``."""
+
+    registration_id: str
+    participant: str
+    position: int
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Refuse the registration request or cancellation, with a reason code and a message."""
+
+    code: RefusalCode
+    message: str
+
+
+def _closed(day: DayState, at: datetime) -> Refuse | None:
+    """Why the day accepts no registration changes at ``at``, if it does not."""
+    if day.status == "cancelled":
+        return Refuse("day_cancelled", "the gathering is cancelled")
+    if day.status == "held":
+        return Refuse("after_deadline", "the gathering has already taken place")
+    if at >= day.registration_deadline:
+        return Refuse("after_deadline", f"registration closed at {day.registration_deadline.isoformat()}")
+    return None
+
+
+def decide_registration(
+    day: DayState | None,
+    *,
+    registration_id: str,
+    participant: str,
+    attendees: int,
+    already_registered: bool,
+    at: datetime,
+) -> Confirm | Waitlist | Refuse:
+    """Answer a registration request accepted into the log at ``at``.
+
+    It is confirmed when it fits and nobody who could fit is waiting ahead of it; otherwise it
+    joins the end of the waitlist (strict FIFO: a small late request does not overtake).
+    """
+    if already_registered:
+        return Refuse("already_registered", f"registration {registration_id} already exists")
+    if day is None:
+        return Refuse("unknown_day", "no such gathering")
+    if (closed := _closed(day, at)) is not None:
+        return closed
+    waitlist = day.waitlist
+    queue_ahead = any(day.fits_ever(s) for s in waitlist)
+    if not queue_ahead and day.confirmed_attendees + attendees <= day.capacity:
+        return Confirm(registration_id, participant, attendees)
+    return Waitlist(registration_id, participant, len(waitlist) + 1)
+
+
+def decide_cancellation(
+    day: DayState | None,
+    *,
+    registration_id: str,
+    by: str,
+    at: datetime,
+) -> list[Confirm] | Refuse:
+    """Answer a cancellation by ``by`` at ``at``: refuse it, or list the waitlisted registrations
+    it promotes (strict FIFO, see the module docstring)."""
+    seat = next((s for s in day.seats if s.registration_id == registration_id), None) if day else None
+    if day is None or seat is None:
+        return Refuse("unknown_registration", f"no live registration {registration_id} for this gathering")
+    if seat.participant != by:
+        return Refuse("not_participant", "only the registered participant may cancel")
+    if (closed := _closed(day, at)) is not None:
+        return closed
+    remaining = DayState(
+        day.day_id,
+        day.organizer,
+        day.status,
+        day.capacity,
+        day.registration_deadline,
+        tuple(s for s in day.seats if s.registration_id != registration_id),
+    )
+    return promotions(remaining)
+
+
+def promotions(day: DayState) -> list[Confirm]:
+    """The waitlisted registrations that fit now, taken from the head until one does not fit."""
+    free = day.capacity - day.confirmed_attendees
+    promoted: list[Confirm] = []
+    for seat in day.waitlist:
+        if not day.fits_ever(seat):
+            continue  # can never fit: it must not block the others
+        if seat.attendees > free:
+            break
+        promoted.append(Confirm(seat.registration_id, seat.participant, seat.attendees))
+        free -= seat.attendees
+    return promoted
+
+
+# --- matchmaking ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A confirmed innovator or funder taking part in matchmaking.
+
+    ``themes``: the registration's interests, for an innovator together with its project's
+    themes; the glue falls back to the day's themes when these are empty.
+    """
+
+    registration_id: str
+    participant: str
+    role: Literal["innovator", "funder"]
+    themes: frozenset[str]
+    order: int
+    """Registration order (log order of the requests): earlier registrations are served first."""
+    project_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ProposedMeeting:
+    """One innovator–funder meeting in one slot."""
+
+    innovator: str
+    funder: str
+    project_id: str | None
+    slot_start: datetime
+    shared_themes: tuple[str, ...] = field(default=())
+
+
+def shared_themes(a: Iterable[str], b: Iterable[str]) -> tuple[str, ...]:
+    """The themes two parties share, sorted: a theme of one side counts when the other side names
+    it or its whole domain (`economy` covers `economy.disadvantaged_groups`)."""
+    left, right = frozenset(a), frozenset(b)
+
+    def covered(theme: str, other: frozenset[str]) -> bool:
+        return theme in other or theme.partition(".")[0] in other
+
+    return tuple(sorted({t for t in left if covered(t, right)} | {t for t in right if covered(t, left)}))
+
+
+def slots(starts_at: datetime, ends_at: datetime, length: timedelta | None = None) -> list[datetime]:
+    """Back-to-back slots of ``length`` that fit entirely between the start and the end."""
+    length = length or SLOT_LENGTH
+    found: list[datetime] = []
+    start = starts_at
+    while start + length <= ends_at:
+        found.append(start)
+        start += length
+    return found
+
+
+def propose_meetings(
+    candidates: Sequence[Candidate],
+    *,
+    starts_at: datetime,
+    ends_at: datetime,
+    per_funder: int | None = None,
+    slot_length: timedelta | None = None,
+) -> list[ProposedMeeting]:
+    """Pair innovators and funders who share at least one theme, greedily and deterministically.
+
+    Pairs are served by most shared themes, then by the innovator's and the funder's registration
+    order; each gets the earliest slot in which neither institution is busy, as long as the funder
+    has fewer than ``per_funder`` meetings. The result does not depend on the order of
+    ``candidates``, so a rebuild or a second run reproduces exactly the same meetings.
+    """
+    limit = MEETINGS_PER_FUNDER if per_funder is None else per_funder
+    day_slots = slots(starts_at, ends_at, slot_length)
+    ordered = sorted(candidates, key=lambda c: (c.order, c.registration_id))
+    innovators = [c for c in ordered if c.role == "innovator"]
+    funders = [c for c in ordered if c.role == "funder"]
+    pairs = [
+        (shared, innovator, funder)
+        for innovator in innovators
+        for funder in funders
+        if innovator.participant != funder.participant
+        and (shared := shared_themes(innovator.themes, funder.themes))
+    ]
+    pairs.sort(key=lambda p: (-len(p[0]), p[1].order, p[1].registration_id, p[2].order, p[2].registration_id))
+
+    busy: dict[str, set[int]] = {}
+    per_funder_count: Counter[str] = Counter()
+    seen: set[tuple[str, str, str | None]] = set()
+    meetings: list[ProposedMeeting] = []
+    for shared, innovator, funder in pairs:
+        pair = (innovator.participant, funder.participant, innovator.project_id)
+        if pair in seen or per_funder_count[funder.participant] >= limit:
+            continue
+        taken = busy.setdefault(innovator.participant, set()) | busy.setdefault(funder.participant, set())
+        slot = next((i for i in range(len(day_slots)) if i not in taken), None)
+        if slot is None:
+            continue
+        seen.add(pair)
+        busy[innovator.participant].add(slot)
+        busy[funder.participant].add(slot)
+        per_funder_count[funder.participant] += 1
+        meetings.append(ProposedMeeting(innovator.participant, funder.participant, innovator.project_id, day_slots[slot], shared))
+    meetings.sort(key=lambda m: (m.slot_start, m.funder, m.innovator, m.project_id or ""))
+    return meetings

@@ -1,0 +1,58 @@
+"""The projects workflow: who may say what about a project (CONTRACT.md §5, "emitted by")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+from handlers.rules import Refusal
+
+OWNER_ONLY = frozenset({"project.updated", "project.impact_reported", "project.completed"})
+
+
+@dataclass(frozen=True)
+class ProjectSnapshot:
+    """What the rules need to know about a project."""
+
+    project_id: str
+    owner: str
+
+
+@dataclass(frozen=True)
+class ProjectAction:
+    """An event about a project, reduced to what the rules look at."""
+
+    type: str
+    actor: str
+    """The event's source."""
+    partner: str | None = None
+    """``project.partner_joined``: the institution joining."""
+    adopter: str | None = None
+    """``project.adopted``: the institution taking the practice up."""
+    adoption_known: bool = False
+    """``project.adopted``: the adoption id was used before."""
+    started_on: date | None = None
+    ends_on: date | None = None
+    """The project's dates as they would be after the event."""
+
+
+def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Refusal | None:
+    """Why ``action`` is refused given the project it is about (None: not registered), or None."""
+    if action.type == "project.registered":
+        if project is not None and action.actor != project.owner:
+            return Refusal("already_registered", f"Project {project.project_id} is already registered by {project.owner}.")
+        return None
+    if project is None:
+        return Refusal("unknown_project", "There is no such project.")
+    if action.type in OWNER_ONLY and action.actor != project.owner:
+        return Refusal("not_owner", f"Only {project.owner}, the project's owner, may do this.")
+    if action.type == "project.partner_joined" and action.actor not in (project.owner, action.partner):
+        return Refusal("not_owner_or_partner", f"Only {project.owner} or the joining partner may add a partner.")
+    if action.type == "project.adopted":
+        if action.actor not in (project.owner, action.adopter):
+            return Refusal("not_owner_or_adopter", f"Only {project.owner} or the adopter may record an adoption.")
+        if action.adoption_known:
+            return Refusal("duplicate_adoption", "An adoption with this id was already recorded.")
+    if action.started_on is not None and action.ends_on is not None and action.ends_on < action.started_on:
+        return Refusal("invalid_dates", "The project would end before it starts.")
+    return None

@@ -1,0 +1,85 @@
+"""HTTP tokens of the institutions (CONTRACT §6): who a ``Bearer`` token speaks for.
+
+A token is ``cb_`` + 32 random bytes (URL-safe base64); only its SHA-256 is stored, so a copy of
+the database gives nobody a working token.
+
+Tokens are credentials, not a read model: nothing in the log can restore them. Their table
+therefore lives on metadata of its own (:data:`CREDENTIALS`) so that a rebuild, which empties
+every table of ``SQLModel.metadata``, leaves them alone, and table checksums of a rebuilt
+database still compare equal. Migration ``0005`` creates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy import Column
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from handlers.institutions import UtcDateTime
+
+PREFIX = "cb_"
+
+#: Tables of credentials, kept out of the read models' metadata (see the module docstring).
+CREDENTIALS = sa.MetaData()
+
+
+class _Credentials(SQLModel):
+    metadata = CREDENTIALS
+
+
+class InstitutionToken(_Credentials, table=True):
+    """One token of an institution; revoked ones are kept for the record."""
+
+    __tablename__ = "institution_tokens"
+
+    token_hash: str = Field(primary_key=True, min_length=64, max_length=64)
+    """SHA-256 of the token, hex."""
+    institution: str = Field(index=True, max_length=63)
+    created_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+
+
+def token_hash(token: str) -> str:
+    """What is stored of a token."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def issue(session: Session, institution: str) -> str:
+    """A new token for ``institution``; the only moment the token itself exists in clear."""
+    token = PREFIX + secrets.token_urlsafe(32)
+    session.add(InstitutionToken(token_hash=token_hash(token), institution=institution, created_at=datetime.now(timezone.utc)))
+    return token
+
+
+def institution_of(session: Session, token: str) -> str | None:
+    """The institution a valid token speaks for; None for an unknown or revoked token."""
+    if not token.startswith(PREFIX) or len(token) > 128:
+        return None
+    row = session.get(InstitutionToken, token_hash(token))
+    return row.institution if row is not None and row.revoked_at is None else None
+
+
+def revoke(session: Session, token: str) -> bool:
+    """Revoke a token; False when it was unknown or already revoked."""
+    row = session.get(InstitutionToken, token_hash(token))
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = datetime.now(timezone.utc)
+    session.add(row)
+    return True
+
+
+def revoke_all(session: Session, institution: str) -> int:
+    """Revoke every token of an institution (e.g. when it leaves); returns how many."""
+    rows = session.exec(
+        select(InstitutionToken).where(InstitutionToken.institution == institution, col(InstitutionToken.revoked_at).is_(None))
+    ).all()
+    now = datetime.now(timezone.utc)
+    for row in rows:
+        row.revoked_at = now
+        session.add(row)
+    return len(rows)

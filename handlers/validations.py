@@ -1,0 +1,456 @@
+"""Validations: the read model (requests, reviewers, reviews, information requests) and the
+workflow that guards it (CONTRACT.md §5). The rules are in ``handlers/rules/validations.py``.
+
+The members (``institutions``) and projects (``projects``, ``project_partners``) are other
+domains' tables, read here with plain SQL so this module depends on their columns only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from handlers.institutions import UtcDateTime  # moments stored in UTC, read back aware, on every database
+from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.rules import validations as rules
+from schemas.common import CRITERIA, Criterion
+from schemas.validations import (
+    CriterionScores,
+    InfoProvided,
+    InfoRequested,
+    ReviewerAssigned,
+    ReviewSubmitted,
+    ValidationActionRejected,
+    ValidationDecided,
+    ValidationRefusal,
+    ValidationRequested,
+    ValidationWithdrawn,
+)
+
+__all__ = [
+    "DECIDERS",
+    "PROJECTIONS",
+    "TIMERS",
+    "InfoRequest",
+    "Validation",
+    "ValidationReview",
+    "ValidationReviewer",
+    "validation_view",
+]
+
+
+def _when(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(UtcDateTime(), nullable=nullable))
+
+
+def _json(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(JSON, nullable=nullable))
+
+
+class Validation(SQLModel, table=True):
+    """One validation request and where it stands; the decision's facts once decided."""
+
+    __tablename__ = "validations"
+
+    validation_id: str = Field(primary_key=True, max_length=128)
+    requester: str = Field(max_length=63, index=True)
+    coordinator: str = Field(max_length=63, index=True)
+    project_id: str | None = Field(default=None, max_length=128, index=True)
+    external_ref: dict[str, Any] | None = _json()
+    self_assessment: dict[str, Any] = _json(nullable=False)
+    quorum: int
+    due_by: datetime | None = _when()
+    status: str = Field(max_length=16, index=True)
+    outcome: str | None = Field(default=None, max_length=16)
+    evidence_level: int | None = None
+    median_scores: dict[Criterion, float] | None = _json()
+    decided_by: str | None = Field(default=None, max_length=16)
+    decided_at: datetime | None = _when()
+    withdrawn_reason: dict[str, str] | None = _json()
+    withdrawn_at: datetime | None = _when()
+    requested_at: datetime = _when(nullable=False)
+
+
+class ValidationReviewer(SQLModel, table=True):
+    """An institution the coordinator asked to review (assigning again moves its due date)."""
+
+    __tablename__ = "validation_reviewers"
+
+    validation_id: str = Field(primary_key=True, max_length=128)
+    reviewer: str = Field(primary_key=True, max_length=63)
+    due_by: datetime | None = _when()
+    assigned_at: datetime = _when(nullable=False)
+
+
+class ValidationReview(SQLModel, table=True):
+    """A reviewer's current review; a new one replaces it (``revision`` counts them) until the decision."""
+
+    __tablename__ = "validation_reviews"
+
+    validation_id: str = Field(primary_key=True, max_length=128)
+    reviewer: str = Field(primary_key=True, max_length=63)
+    scores: dict[Criterion, int] = _json(nullable=False)
+    evidence_level: int
+    recommendation: str = Field(max_length=16)
+    comments: dict[str, str] | None = _json()
+    submitted_at: datetime = _when(nullable=False)
+    revision: int = 1
+
+
+class InfoRequest(SQLModel, table=True):
+    """Questions to the requester (``id`` is the asking event's id) and the answers given so far;
+    ``answered_at`` is set once every question has an answer."""
+
+    __tablename__ = "validation_info_requests"
+
+    id: str = Field(primary_key=True, max_length=128)
+    validation_id: str = Field(max_length=128, index=True)
+    asked_by: str = Field(max_length=63)
+    questions: list[dict[str, Any]] = _json(nullable=False)
+    asked_at: datetime = _when(nullable=False)
+    answers: list[dict[str, Any]] = _json(nullable=False)
+    answered_at: datetime | None = _when()
+
+
+# --- other domains' tables, by name --------------------------------------------------------------
+
+_institutions = sa.table("institutions", sa.column("id"), sa.column("kind"), sa.column("left_at"))
+_projects = sa.table("projects", sa.column("project_id"), sa.column("owner"))
+_project_partners = sa.table("project_partners", sa.column("project_id"), sa.column("institution"))
+
+
+def _member_kind(session: Session, institution: str) -> str | None:
+    """The kind of a current member; None for an unknown or former one."""
+    query = sa.select(_institutions.c.kind).where(_institutions.c.id == institution, _institutions.c.left_at.is_(None))
+    return session.execute(query).scalar()
+
+
+def _project_parties(session: Session, validation: Validation) -> tuple[str, frozenset[str]]:
+    """The project's owner and partners; for an external practice, the requester and nobody."""
+    if validation.project_id is None:
+        return validation.requester, frozenset()
+    owner = session.execute(sa.select(_projects.c.owner).where(_projects.c.project_id == validation.project_id)).scalar()
+    partners = session.execute(
+        sa.select(_project_partners.c.institution).where(_project_partners.c.project_id == validation.project_id)
+    ).scalars()
+    return owner or validation.requester, frozenset(partners)
+
+
+# --- reading state --------------------------------------------------------------------------------
+
+
+def _reviewers(session: Session, validation_id: str) -> list[ValidationReviewer]:
+    query = select(ValidationReviewer).where(ValidationReviewer.validation_id == validation_id)
+    return list(session.exec(query.order_by(col(ValidationReviewer.assigned_at), col(ValidationReviewer.reviewer))))
+
+
+def _reviews(session: Session, validation_id: str) -> list[ValidationReview]:
+    query = select(ValidationReview).where(ValidationReview.validation_id == validation_id)
+    return list(session.exec(query.order_by(col(ValidationReview.submitted_at), col(ValidationReview.reviewer))))
+
+
+def _info_requests(session: Session, validation_id: str) -> list[InfoRequest]:
+    query = select(InfoRequest).where(InfoRequest.validation_id == validation_id)
+    return list(session.exec(query.order_by(col(InfoRequest.asked_at), col(InfoRequest.id))))
+
+
+def _state(session: Session, validation: Validation) -> rules.ValidationState:
+    owner, partners = _project_parties(session, validation)
+    return rules.ValidationState(
+        validation_id=validation.validation_id,
+        requester=validation.requester,
+        coordinator=validation.coordinator,
+        status=cast(rules.Status, validation.status),
+        quorum=validation.quorum,
+        reviewers=frozenset(r.reviewer for r in _reviewers(session, validation.validation_id)),
+        asked_questions=frozenset(
+            q["question_id"] for request in _info_requests(session, validation.validation_id) for q in request.questions
+        ),
+        project_owner=owner,
+        project_partners=partners,
+    )
+
+
+def _review(row: ValidationReview) -> rules.Review:
+    return rules.Review(row.reviewer, row.scores, row.evidence_level, cast(rules.Recommendation, row.recommendation))
+
+
+def _scores(scores: CriterionScores) -> dict[Criterion, int]:
+    return {criterion: getattr(scores, criterion) for criterion in CRITERIA}
+
+
+def _submitted(event: Event[ReviewSubmitted]) -> rules.Review:
+    data = event.data
+    return rules.Review(event.source, _scores(data.scores), data.evidence_level, data.recommendation)
+
+
+# --- the workflow ---------------------------------------------------------------------------------
+
+
+def _refuse(ctx: Context, event: Event[Any], refusal: rules.Refusal, *, name: str) -> None:
+    """Refuse ``event``, answering in the name of ``name`` (the coordinator when one is known)."""
+    ctx.refuse(
+        "validation.action_rejected",
+        ValidationActionRejected(
+            validation_id=event.data.validation_id,
+            rejected_type=event.type,
+            rejected_event_id=event.id,
+            actor=event.source,
+            reason=ValidationRefusal(code=refusal.code, message={"en": refusal.message}),
+        ),
+        source=name,
+    )
+
+
+def check_request(ctx: Context) -> None:
+    """A request needs a fresh id and a member competence centre as coordinator.
+
+    Refused requests are answered in the coordinator's name when the validation exists, else in
+    the requester's own (an unknown or non-centre coordinator owns nothing it could answer for).
+    """
+    event = cast(Event[ValidationRequested], ctx.event)
+    existing = ctx.session.get(Validation, event.data.validation_id)
+    kind = _member_kind(ctx.session, event.data.coordinator)
+    refusal = rules.request_refusal(existing is not None, event.data.coordinator, kind)
+    if refusal is not None:
+        _refuse(ctx, event, refusal, name=existing.coordinator if existing else event.source)
+
+
+def check_action(ctx: Context) -> None:
+    """Every later event: who may do it in which status; a review may bring the decision."""
+    event = cast(Event[Any], ctx.event)
+    validation = ctx.session.get(Validation, event.data.validation_id)
+    state = _state(ctx.session, validation) if validation is not None else None
+    refusal = rules.action_refusal(state, event.source, event.data)
+    if refusal is not None:
+        _refuse(ctx, event, refusal, name=state.coordinator if state else event.source)
+        return
+    if isinstance(event.data, ReviewSubmitted):
+        assert state is not None
+        reviews = [_review(r) for r in _reviews(ctx.session, state.validation_id)]
+        decision = rules.decision_at_quorum(state, reviews, _submitted(event))
+        if decision is not None:
+            ctx.emit(
+                "validation.decided",
+                ValidationDecided(
+                    validation_id=state.validation_id,
+                    outcome=decision.outcome,
+                    evidence_level=decision.evidence_level,
+                    median_scores=dict(decision.median_scores),
+                    decided_by="rule",
+                ),
+                source=state.coordinator,
+            )
+
+
+# --- projections ----------------------------------------------------------------------------------
+
+
+def _validation(session: Session, validation_id: str) -> Validation:
+    validation = session.get(Validation, validation_id)
+    if validation is None:  # the deciders refuse events about unknown validations
+        raise LookupError(f"unknown validation {validation_id!r}")
+    return validation
+
+
+def _refresh_status(session: Session, validation: Validation) -> None:
+    if validation.status in rules.OPEN:
+        session.flush()
+        validation.status = rules.open_status(
+            has_reviewers=bool(_reviewers(session, validation.validation_id)),
+            has_open_questions=any(r.answered_at is None for r in _info_requests(session, validation.validation_id)),
+        )
+
+
+def _dump(value: Any) -> Any:
+    return None if value is None else value.model_dump(mode="json", exclude_none=True)
+
+
+def on_requested(session: Session, event: Event[ValidationRequested]) -> None:
+    data = event.data
+    session.add(
+        Validation(
+            validation_id=data.validation_id,
+            requester=event.source,
+            coordinator=data.coordinator,
+            project_id=data.project_id,
+            external_ref=_dump(data.external_ref),
+            self_assessment=_dump(data.self_assessment),
+            quorum=data.quorum,
+            due_by=data.due_by,
+            status="requested",
+            requested_at=event.logged_at,
+        )
+    )
+
+
+def on_reviewer_assigned(session: Session, event: Event[ReviewerAssigned]) -> None:
+    data = event.data
+    validation = _validation(session, data.validation_id)
+    reviewer = session.get(ValidationReviewer, (data.validation_id, data.reviewer))
+    if reviewer is None:
+        session.add(
+            ValidationReviewer(
+                validation_id=data.validation_id,
+                reviewer=data.reviewer,
+                due_by=data.due_by,
+                assigned_at=event.logged_at,
+            )
+        )
+    else:
+        reviewer.due_by = data.due_by
+    _refresh_status(session, validation)
+
+
+def on_review_submitted(session: Session, event: Event[ReviewSubmitted]) -> None:
+    """A reviewer's review, replacing their earlier one."""
+    data = event.data
+    earlier = session.get(ValidationReview, (data.validation_id, event.source))
+    review = ValidationReview(
+        validation_id=data.validation_id,
+        reviewer=event.source,
+        scores=_scores(data.scores),
+        evidence_level=data.evidence_level,
+        recommendation=data.recommendation,
+        comments=data.comments,
+        submitted_at=event.logged_at,
+        revision=earlier.revision + 1 if earlier else 1,
+    )
+    session.merge(review)
+
+
+def on_info_requested(session: Session, event: Event[InfoRequested]) -> None:
+    data = event.data
+    validation = _validation(session, data.validation_id)
+    session.add(
+        InfoRequest(
+            id=event.id,
+            validation_id=data.validation_id,
+            asked_by=event.source,
+            questions=[_dump(q) for q in data.questions],
+            asked_at=event.logged_at,
+            answers=[],
+        )
+    )
+    _refresh_status(session, validation)
+
+
+def on_info_provided(session: Session, event: Event[InfoProvided]) -> None:
+    """Each answer goes to every request that asked its question; a new answer replaces an old one."""
+    data = event.data
+    validation = _validation(session, data.validation_id)
+    answers = {a.question_id: _dump(a) for a in data.answers}
+    for request in _info_requests(session, data.validation_id):
+        asked = [q["question_id"] for q in request.questions]
+        if not answers.keys() & set(asked):
+            continue
+        merged = {a["question_id"]: a for a in request.answers} | {q: answers[q] for q in asked if q in answers}
+        request.answers = [merged[q] for q in asked if q in merged]  # a new list: JSON columns track assignment
+        if len(request.answers) == len(asked) and request.answered_at is None:
+            request.answered_at = event.logged_at
+    _refresh_status(session, validation)
+
+
+def on_decided(session: Session, event: Event[ValidationDecided]) -> None:
+    data = event.data
+    validation = _validation(session, data.validation_id)
+    validation.status = "decided"
+    validation.outcome = data.outcome
+    validation.evidence_level = data.evidence_level
+    validation.median_scores = dict(data.median_scores)
+    validation.decided_by = data.decided_by
+    validation.decided_at = event.logged_at
+
+
+def on_withdrawn(session: Session, event: Event[ValidationWithdrawn]) -> None:
+    validation = _validation(session, event.data.validation_id)
+    validation.status = "withdrawn"
+    validation.withdrawn_reason = event.data.reason
+    validation.withdrawn_at = event.logged_at
+
+
+PROJECTIONS: dict[str, Projection] = {
+    "validation.requested": on_requested,
+    "validation.reviewer_assigned": on_reviewer_assigned,
+    "validation.review_submitted": on_review_submitted,
+    "validation.info_requested": on_info_requested,
+    "validation.info_provided": on_info_provided,
+    "validation.decided": on_decided,
+    "validation.withdrawn": on_withdrawn,
+}
+DECIDERS: dict[str, Decider] = {
+    "validation.requested": check_request,
+    **{event_type: check_action for event_type in PROJECTIONS if event_type != "validation.requested"},
+}
+TIMERS: list[Timer] = []
+
+
+# --- the resource, for the read API ---------------------------------------------------------------
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def validation_view(session: Session, validation_id: str, viewer: str) -> dict[str, Any] | None:
+    """``/validations/{id}`` as ``viewer`` (a member) may see it, with the catalog's field names;
+    None when unknown. ``reviews`` is present only when the viewer may see some (scores and
+    comments are confidential until the decision); the information asked and given is shown to
+    the parties of the workflow (coordinator, requester, reviewers) only."""
+    validation = session.get(Validation, validation_id)
+    if validation is None:
+        return None
+    reviewers = _reviewers(session, validation_id)
+    view: dict[str, Any] = {
+        "validation_id": validation.validation_id,
+        "requester": validation.requester,
+        "coordinator": validation.coordinator,
+        "project_id": validation.project_id,
+        "external_ref": validation.external_ref,
+        "self_assessment": validation.self_assessment,
+        "quorum": validation.quorum,
+        "due_by": _iso(validation.due_by),
+        "requested_at": _iso(validation.requested_at),
+        "status": validation.status,
+        "outcome": validation.outcome,
+        "evidence_level": validation.evidence_level,
+        "median_scores": validation.median_scores or {},
+        "decided_by": validation.decided_by,
+        "decided_at": _iso(validation.decided_at),
+        "withdrawn_reason": validation.withdrawn_reason,
+        "withdrawn_at": _iso(validation.withdrawn_at),
+        "reviewers": [
+            {"reviewer": r.reviewer, "due_by": _iso(r.due_by), "assigned_at": _iso(r.assigned_at)} for r in reviewers
+        ],
+    }
+    state = _state(session, validation)
+    parties = {state.coordinator, state.requester, *state.reviewers}
+    if state.status == "decided" or viewer in parties:
+        view["reviews"] = [
+            {
+                "reviewer": r.reviewer,
+                "scores": r.scores,
+                "evidence_level": r.evidence_level,
+                "recommendation": r.recommendation,
+                "comments": r.comments,
+                "submitted_at": _iso(r.submitted_at),
+                "revision": r.revision,
+            }
+            for r in rules.visible_reviews(state, _reviews(session, validation_id), viewer)
+        ]
+    if viewer in parties:
+        view["info_requests"] = [
+            {
+                "asked_by": r.asked_by,
+                "questions": r.questions,
+                "asked_at": _iso(r.asked_at),
+                "answers": r.answers,
+                "answered_at": _iso(r.answered_at),
+            }
+            for r in _info_requests(session, validation_id)
+        ]
+    return view

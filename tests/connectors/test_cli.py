@@ -1,0 +1,65 @@
+"""``collabbus institutions token`` and ``collabbus up`` serving the gateway, as an operator uses them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bus.server import free_port
+from tests.connectors.conftest import Gateway, institution_id
+
+COLLABBUS = [sys.executable, "-m", "ops"]
+
+
+def token_command(institution: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COLLABBUS, "institutions", "token", institution], env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_the_cli_prints_a_token_that_works(gateway: Gateway, tmp_path: Path) -> None:
+    member = await gateway.join("university")
+    await gateway.settle()
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_DATABASE_URL": gateway.database_url}
+
+    issued = token_command(member, env)
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.removesuffix("\n")
+    assert token.startswith("cb_") and "\n" not in token and issued.stdout.endswith("\n")
+    response = await gateway.client.get("/institutions", params={"limit": 500}, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200 and member in {item["id"] for item in response.json()["items"]}
+
+    refused = token_command(institution_id("stranger"), env)
+    assert refused.returncode == 1 and refused.stdout == "" and "not a member" in refused.stderr
+
+
+def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
+    http = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_HTTP": http}
+    for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL"):
+        env.pop(name, None)
+    proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        lines: list[str] = []
+        while not any("Ctrl-C" in line for line in lines):
+            lines.append(proc.stderr.readline())
+            if proc.poll() is not None:
+                pytest.fail("collabbus up exited: " + "".join(lines))
+        assert any(f"http://{http}" in line for line in lines)
+        assert httpx.get(f"http://{http}/readyz").json()["status"] == "ready"
+        deadline = time.monotonic() + 20
+        while (issued := token_command("operator", env)).returncode != 0:  # the operator's join is being applied
+            assert time.monotonic() < deadline, issued.stderr
+            time.sleep(0.2)
+        response = httpx.get(f"http://{http}/institutions", headers={"Authorization": f"Bearer {issued.stdout.strip()}"})
+        assert response.status_code == 200 and [i["id"] for i in response.json()["items"]] == ["operator"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == 0, rest

@@ -1,0 +1,429 @@
+"""The HTTP gateway as a partner uses it (CONTRACT §6), against a real uvicorn server, a real
+nats-server and read models on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from icalendar import Calendar
+
+from bus.cloudevents import to_binary
+from connectors.http.paging import encode
+from connectors.http.ratelimit import RateLimiter
+from connectors.http.server import HttpGateway
+from handlers import tokens
+from handlers.db import session_scope
+from tests.conftest import unique
+from tests.connectors.conftest import Gateway
+from tests.handlers.harness import envelope
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def project(owner: str, project_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "project_id": project_id or unique("p"),
+        "title": {"tr": "Mahalle Mutfakları", "en": "Neighbourhood Kitchens"},
+        "themes": ["health_care.basic_services"],
+        "owner": owner,
+        "status": "active",
+        "location": {"country": "TR", "region": "Mersin", "municipality": "Akdeniz"},
+        **extra,
+    }
+
+
+def problem(response: httpx.Response, status: int, kind: str) -> dict[str, Any]:
+    """Check a problem answer and return its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM_JSON)
+    body = response.json()
+    assert body["status"] == status and body["type"] == f"urn:collabbus:problem:{kind}"
+    assert body["title"] and body["detail"]
+    return body  # type: ignore[no-any-return]
+
+
+async def walk(client: httpx.AsyncClient, path: str, headers: dict[str, str], **params: Any) -> list[list[dict[str, Any]]]:
+    """Every page of a list, following next_cursor."""
+    pages = []
+    cursor = None
+    while True:
+        response = await client.get(path, params={**params, **({"cursor": cursor} if cursor else {})}, headers=headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        pages.append(body["items"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return pages
+
+
+@pytest.fixture(scope="module")
+async def municipality(gateway: Gateway) -> str:
+    return await gateway.join("municipality", "TR", municipality_level="metropolitan")
+
+
+# --- publishing ----------------------------------------------------------------------------------
+
+
+async def test_an_event_posted_in_each_mode_is_logged_and_readable(gateway: Gateway, municipality: str) -> None:
+    auth = gateway.auth(municipality)
+    structured, binary, batched = project(municipality), project(municipality), project(municipality)
+
+    response = await gateway.post(auth, envelope("project.registered", municipality, structured))
+    assert response.status_code == 202 and response.json()["status"] == "accepted"
+
+    headers, body = to_binary(envelope("project.registered", municipality, binary))
+    response = await gateway.client.post("/events", content=body, headers={**headers, **auth})
+    assert response.status_code == 202 and response.json()["status"] == "accepted", response.text
+
+    batch = [
+        envelope("project.registered", municipality, batched),
+        envelope("project.registered", municipality, {"project_id": unique("p")}),  # judged on its own: invalid
+        {"specversion": "1.0"},
+    ]
+    response = await gateway.client.post(
+        "/events", content=orjson.dumps(batch), headers={"content-type": "application/cloudevents-batch+json", **auth}
+    )
+    assert response.status_code == 202, response.text
+    verdicts = response.json()
+    assert [v["status"] for v in verdicts] == ["accepted", "rejected", "rejected"]
+    assert verdicts[1]["reason"] == "invalid" and verdicts[1]["id"] == batch[1]["id"]
+
+    logged = await gateway.client.get("/events", params={"institution": municipality, "type": "project.registered"}, headers=auth)
+    assert [item["event"]["data"]["project_id"] for item in logged.json()["items"]] == [
+        structured["project_id"], binary["project_id"], batched["project_id"],
+    ]
+    await gateway.settle()
+    for data in (structured, binary, batched):
+        response = await gateway.client.get(f"/projects/{data['project_id']}", headers=auth)
+        assert response.status_code == 200, response.text
+        resource = response.json()
+        assert resource["title"] == data["title"]  # Unicode as sent
+        assert resource["location"] == data["location"] and resource["owner"] == municipality
+        assert resource["partners"] == [] and resource["adoptions"] == [] and resource["impact"] == []
+
+
+async def test_a_retried_event_is_one_event(gateway: Gateway, municipality: str) -> None:
+    event = envelope("project.registered", municipality, project(municipality))
+    first = await gateway.post(municipality, event)
+    again = await gateway.post(municipality, event)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["duplicate"] is True and again.json()["seq"] == first.json()["seq"]
+
+
+async def test_malformed_bodies_are_400(gateway: Gateway, municipality: str) -> None:
+    auth = {**gateway.auth(municipality), "content-type": "application/cloudevents+json"}
+    body = problem(await gateway.client.post("/events", content=b'{"specversion": ', headers=auth), 400, "malformed")
+    assert body["errors"][0]["type"] == "json_invalid"
+    batch_headers = {**auth, "content-type": "application/cloudevents-batch+json"}
+    problem(await gateway.client.post("/events", content=b'{"not": "a list"}', headers=batch_headers), 400, "malformed")
+
+
+async def test_no_unknown_or_revoked_token_is_401(gateway: Gateway, municipality: str) -> None:
+    event = envelope("project.registered", municipality, project(municipality))
+    response = await gateway.client.post("/events", json=event, headers={"content-type": "application/cloudevents+json"})
+    problem(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    problem(await gateway.post({"Authorization": "Bearer cb_not-a-token"}, event), 401, "unauthorized")
+    token = gateway.token(municipality)
+    with session_scope(gateway.bus.engine) as session:
+        assert tokens.revoke(session, token)
+    problem(await gateway.post({"Authorization": f"Bearer {token}"}, event), 401, "unauthorized")
+    problem(await gateway.client.get("/projects", headers={"Authorization": f"Bearer {token}"}), 401, "unauthorized")
+
+
+async def test_publishing_as_another_institution_or_a_type_your_kind_may_not_emit_is_403(gateway: Gateway, municipality: str) -> None:
+    other = await gateway.join("ngo")
+    body = problem(await gateway.post(municipality, envelope("project.registered", other, project(other))), 403, "forbidden")
+    assert [e["type"] for e in body["errors"]] == ["source_mismatch"] and body["errors"][0]["loc"] == ["source"]
+
+    joined = {"id": unique("x"), "name": {"en": "x"}, "kind": "ngo", "country": "FI"}
+    body = problem(await gateway.post(municipality, envelope("institution.joined", municipality, joined)), 403, "forbidden")
+    assert [e["type"] for e in body["errors"]] == ["kind_may_not_emit"]
+
+
+async def test_an_invalid_event_is_422_with_every_error_listed(gateway: Gateway, municipality: str) -> None:
+    data = project(municipality, status="bogus")
+    del data["title"]
+    event = envelope("project.registered", municipality, data, id="not a valid id!")
+    body = problem(await gateway.post(municipality, event), 422, "invalid")
+    locs = {tuple(error["loc"]) for error in body["errors"]}
+    assert {("id",), ("data", "title"), ("data", "status")} <= locs
+    assert all(error["msg"] and error["type"] for error in body["errors"])
+
+
+async def test_too_large_bodies_are_413_also_when_streamed(gateway: Gateway, municipality: str) -> None:
+    limit = gateway.bus.settings.max_event_bytes
+    data = project(municipality, summary={"en": "x" * limit})
+    problem(await gateway.post(municipality, envelope("project.registered", municipality, data)), 413, "too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit applies while reading
+        for _ in range(limit // 4096 + 2):
+            yield b" " * 4096
+
+    headers = {**gateway.auth(municipality), "content-type": "application/cloudevents+json"}
+    problem(await gateway.client.post("/events", content=chunks(), headers=headers), 413, "too_large")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "application/cloudevents+xml", None])
+async def test_unsupported_content_types_are_415(gateway: Gateway, municipality: str, content_type: str | None) -> None:
+    headers = gateway.auth(municipality)
+    if content_type:
+        headers["content-type"] = content_type
+    problem(await gateway.client.post("/events", content=b"<event/>", headers=headers), 415, "unsupported")
+
+
+async def test_over_the_rate_limit_is_429_with_retry_after(gateway: Gateway, municipality: str) -> None:
+    limited = HttpGateway(gateway.bus, "127.0.0.1", 0, rate_limiter=RateLimiter(rate=0.5, burst=2, clock=lambda: 0.0))
+    await limited.start()
+    try:
+        async with httpx.AsyncClient(base_url=limited.url) as client:
+            auth = {**gateway.auth(municipality), "content-type": "application/cloudevents+json"}
+            for _ in range(2):
+                event = envelope("project.registered", municipality, project(municipality))
+                assert (await client.post("/events", content=orjson.dumps(event), headers=auth)).status_code == 202
+            event = envelope("project.registered", municipality, project(municipality))
+            response = await client.post("/events", content=orjson.dumps(event), headers=auth)
+            problem(response, 429, "rate_limited")
+            assert int(response.headers["retry-after"]) == 2  # one token at 0.5/s
+            other = await gateway.join("ngo")  # the limit is per institution
+            event = envelope("project.registered", other, project(other))
+            headers = {**gateway.auth(other), "content-type": "application/cloudevents+json"}
+            assert (await client.post("/events", content=orjson.dumps(event), headers=headers)).status_code == 202
+    finally:
+        await limited.stop()
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+async def test_paging_walks_a_list_without_gaps_or_duplicates(gateway: Gateway) -> None:
+    owner = await gateway.join("ngo")
+    ids = [f"{owner}-{n:02d}" for n in range(7)]
+    for n, project_id in enumerate(reversed(ids)):
+        themes = ["education.literacy"] if n % 2 else ["health_care.elderly_care"]
+        await gateway.offer(owner, "project.registered", project(owner, project_id, themes=themes))
+    await gateway.settle()
+    auth = gateway.auth(owner)
+
+    pages = await walk(gateway.client, "/projects", auth, owner=owner, limit=3)
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert [item["project_id"] for page in pages for item in page] == ids
+
+    pages = await walk(gateway.client, "/projects", auth, owner=owner, theme="health_care", limit=2)
+    assert [item["project_id"] for page in pages for item in page] == [ids[0], ids[2], ids[4], ids[6]]
+    assert all(len(page) == 2 for page in pages)
+
+    for cursor in ("bm90LWEtY3Vyc29y", encode([5]), encode(["a", "b"])):  # not ours, a number for an id, too long
+        problem(await gateway.client.get("/projects", params={"cursor": cursor}, headers=auth), 400, "bad_cursor")
+    problem(await gateway.client.get("/projects", params={"limit": 0}, headers=auth), 422, "invalid_request")
+    problem(await gateway.client.get(f"/projects/{owner}-nope", headers=auth), 404, "not_found")
+
+
+async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, municipality: str) -> None:
+    funder = await gateway.join("funder", "SE")
+    now = datetime.now(timezone.utc)
+
+    def call(kinds: list[str], countries: list[str]) -> dict[str, Any]:
+        return {
+            "call_id": unique("c"), "title": {"en": "Social inclusion pilots"}, "kind": "funding",
+            "themes": ["economy.disadvantaged_groups"], "eligible_kinds": kinds, "eligible_countries": countries,
+            "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat(),
+            "deadline_model": "single_stage",
+        }
+
+    for_municipalities, for_ngos, for_all = call(["municipality"], ["TR"]), call(["ngo"], []), call([], [])
+    for data in (for_municipalities, for_ngos, for_all):
+        await gateway.offer(funder, "call.published", data)
+    await gateway.settle()
+    auth = gateway.auth(municipality)
+    pages = await walk(gateway.client, "/calls", auth, status="open", eligible_kind="municipality", country="TR", theme="economy")
+    found = {item["call_id"] for page in pages for item in page}
+    assert for_municipalities["call_id"] in found and for_all["call_id"] in found and for_ngos["call_id"] not in found
+    response = await gateway.client.get(f"/calls/{for_ngos['call_id']}", headers=auth)
+    assert response.json()["status"] == "open" and response.json()["eligible_kinds"] == ["ngo"]
+
+
+async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gateway, municipality: str) -> None:
+    coordinator = await gateway.join("competence_centre")
+    first = await gateway.join("university")
+    second = await gateway.join("university")
+    outsider = await gateway.join("university")
+    practice = project(municipality)
+    await gateway.offer(municipality, "project.registered", practice)
+    validation_id = unique("v")
+    await gateway.offer(municipality, "validation.requested", {
+        "validation_id": validation_id, "project_id": practice["project_id"], "coordinator": coordinator, "quorum": 2,
+        "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2, "statement": {"en": "we think it works"}},
+    })
+    for reviewer in (first, second):
+        await gateway.offer(coordinator, "validation.reviewer_assigned", {"validation_id": validation_id, "reviewer": reviewer})
+    scores = {c: 4 for c in ("novelty", "effectiveness", "user_involvement", "transferability", "sustainability", "equity")}
+    review = {"validation_id": validation_id, "scores": scores, "evidence_level": 3, "recommendation": "validate",
+              "comments": {"fi": "Vahva näyttö."}}
+    await gateway.offer(first, "validation.review_submitted", review)
+    await gateway.settle()
+
+    async def seen_by(institution: str) -> tuple[list[str] | None, int]:
+        auth = gateway.auth(institution)
+        view = (await gateway.client.get(f"/validations/{validation_id}", headers=auth)).json()
+        logged = await gateway.client.get("/events", params={"type": "validation.review_submitted", "subject": validation_id}, headers=auth)
+        reviews = [r["reviewer"] for r in view["reviews"]] if "reviews" in view else None
+        return reviews, len(logged.json()["items"])
+
+    assert await seen_by(outsider) == (None, 0)
+    assert await seen_by(second) == ([], 0)  # an assigned reviewer sees only their own
+    assert await seen_by(first) == ([first], 1)
+    assert await seen_by(municipality) == ([first], 1)
+    assert await seen_by(coordinator) == ([first], 1)
+
+    await gateway.offer(second, "validation.review_submitted", review)  # quorum: the rule decides
+    await gateway.settle()
+    response = await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(outsider))
+    assert response.json()["status"] == "decided" and response.json()["outcome"] == "validated"
+    assert await seen_by(outsider) == ([first, second], 2)
+    listed = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
+    assert [v["validation_id"] for page in listed for v in page] == [validation_id]
+    assert "reviews" not in listed[0][0]
+
+
+async def test_innovation_days_their_registrations_and_the_calendar(gateway: Gateway, municipality: str) -> None:
+    organiser = await gateway.join("competence_centre")
+    funder = await gateway.join("funder")
+    start = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=60)
+    days = []
+    for n, capacity in enumerate((2, 100)):
+        day_id = unique("day")
+        days.append(day_id)
+        await gateway.offer(organiser, "innovation_day.scheduled", {
+            "day_id": day_id, "title": {"fi": f"Sosiaalisten innovaatioiden päivä {n}", "en": f"Social Innovation Day {n}"},
+            "format": "innovation_day", "starts_at": (start + timedelta(days=n)).isoformat(),
+            "ends_at": (start + timedelta(days=n, hours=7)).isoformat(), "attendance_mode": "offline",
+            "venue": {"name": {"fi": "Tieteiden talo"}, "address": "Kirkkokatu 6, Helsinki", "country": "FI"},
+            "capacity": capacity, "registration_deadline": (start - timedelta(days=7)).isoformat(),
+            "themes": ["health_care"], "languages": ["fi", "en"],
+        })
+    registrations = [unique("reg"), unique("reg")]
+    for registration_id, participant in zip(registrations, (municipality, funder)):
+        await gateway.offer(participant, "innovation_day.registration_requested", {
+            "day_id": days[0], "registration_id": registration_id, "participant": participant,
+            "role": "innovator" if participant == municipality else "funder", "attendees": 2,
+        })
+    await gateway.settle()
+    auth = gateway.auth(funder)
+
+    day = (await gateway.client.get(f"/innovation-days/{days[0]}", headers=auth)).json()
+    assert day["capacity"] == 2 and day["confirmed"] == 2
+    assert [w["registration_id"] for w in day["waitlisted"]] == [registrations[1]]
+    pages = await walk(gateway.client, f"/innovation-days/{days[0]}/registrations", auth, limit=1)
+    assert [[r["registration_id"] for r in page] for page in pages] == [[registrations[0]], [registrations[1]]]
+    assert [r["status"] for page in pages for r in page] == ["confirmed", "waitlisted"]
+    meetings = await gateway.client.get(f"/innovation-days/{days[0]}/meetings", headers=auth)
+    assert meetings.json() == {"items": [], "next_cursor": None}
+    problem(await gateway.client.get(f"/innovation-days/{unique('day')}", headers=auth), 404, "not_found")
+
+    all_days = [d["day_id"] for page in await walk(gateway.client, "/innovation-days", auth, limit=500) for d in page]
+    token = gateway.token(funder)
+    feed = await gateway.client.get("/innovation-days.ics", params={"token": token, "lang": "fi"})  # no header
+    assert feed.status_code == 200 and feed.headers["content-type"].startswith("text/calendar")
+    calendar = Calendar.from_ical(feed.content)
+    events = {str(e["uid"]): e for e in calendar.walk("VEVENT")}
+    assert len(events) == len(all_days) and set(days) <= {uid.removesuffix("@collabbus") for uid in events}
+    first = events[f"{days[0]}@collabbus"]
+    assert str(first["summary"]) == "Sosiaalisten innovaatioiden päivä 0"
+    assert first.decoded("dtstart") == start and "Tieteiden talo" in str(first["location"])
+    problem(await gateway.client.get("/innovation-days.ics"), 401, "unauthorized")
+
+
+async def test_adoptions_are_counted_by_municipality_level(gateway: Gateway, municipality: str) -> None:
+    district = await gateway.join("municipality", "TR", municipality_level="district")
+    practice = project(municipality)
+    await gateway.offer(municipality, "project.registered", practice)
+    await gateway.offer(municipality, "project.adopted", {
+        "adoption_id": unique("a"), "project_id": practice["project_id"], "adopter": district, "support": ["study_visit"],
+    })
+    await gateway.settle()
+    auth = gateway.auth(district)
+    stats = (await gateway.client.get("/stats/adoptions", params={"owner": municipality}, headers=auth)).json()
+    levels = {level["municipality_level"]: level for level in stats["by_municipality_level"]}
+    assert levels["district"]["municipalities"] == 1 and levels["district"]["adoptions"] == 1
+    assert levels["provincial"]["adoptions"] == 0
+    detail = (await gateway.client.get(f"/projects/{practice['project_id']}", headers=auth)).json()
+    assert [a["adopter"] for a in detail["adoptions"]] == [district]
+
+
+async def test_events_pages_through_the_log(gateway: Gateway) -> None:
+    owner = await gateway.join("cooperative")
+    posted = [(await gateway.offer(owner, "project.registered", project(owner)))["seq"] for _ in range(5)]
+    auth = gateway.auth(owner)
+    pages = await walk(gateway.client, "/events", auth, institution=owner, limit=2)
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert [item["seq"] for page in pages for item in page] == posted
+    assert all(item["event"]["source"] == f"/institutions/{owner}" for page in pages for item in page)
+    response = await gateway.client.get("/events", params={"institution": owner, "after_seq": posted[2]}, headers=auth)
+    assert [item["seq"] for item in response.json()["items"]] == posted[3:]
+    problem(await gateway.client.get("/events", params={"subject": "a.b"}, headers=auth), 422, "invalid_request")
+
+
+async def test_a_former_member_cannot_read(gateway: Gateway) -> None:
+    leaving = await gateway.join("ngo")
+    auth = gateway.auth(leaving)
+    assert (await gateway.client.get("/institutions", headers=auth)).status_code == 200
+    await gateway.offer("operator", "institution.left", {"id": leaving, "reason": {"en": "moved on"}})
+    problem(await gateway.client.get("/institutions", headers=auth), 403, "not_member")
+
+
+# --- operations ----------------------------------------------------------------------------------
+
+
+async def test_operations_endpoints(gateway: Gateway) -> None:
+    client = gateway.client
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "checks": {"nats": "ok", "database": "ok", "consumer": "ok"}}
+    openapi = (await client.get("/openapi.json")).json()
+    assert {"/events", "/projects/{project_id}", "/innovation-days.ics"} <= set(openapi["paths"])
+    assert "application/problem+json" in openapi["paths"]["/events"]["post"]["responses"]["422"]["content"]
+    assert (await client.get("/docs")).status_code == 200
+    asyncapi = (await client.get("/asyncapi.json")).json()
+    assert asyncapi["asyncapi"].startswith("3.")
+    page = await client.get("/docs/asyncapi")
+    assert page.status_code == 200 and "AsyncApiStandalone" in page.text
+    metrics = await client.get("/metrics")
+    assert "collabbus_http_requests_total" in metrics.text and "collabbus_log_last_seq" in metrics.text
+    problem(await client.get("/ops/status", headers=gateway.auth(await gateway.join("ngo"))), 403, "operator_only")
+    status = (await client.get("/ops/status", headers=gateway.auth("operator"))).json()
+    assert status["streams"]["COLLAB_EVENTS"]["last_seq"] > 0
+    problem(await client.get("/no-such-thing"), 404, "not_found")
+
+
+async def test_the_readiness_check_reports_a_missing_consumer(gateway: Gateway) -> None:
+    consumer, gateway.bus.consumer = gateway.bus.consumer, None
+    try:
+        response = await gateway.client.get("/readyz")
+    finally:
+        gateway.bus.consumer = consumer
+    assert response.status_code == 503 and response.json()["checks"]["consumer"] == "not bound"
+
+
+def test_the_rate_limit_refills_over_time() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=10, burst=5, clock=lambda: now[0])
+    assert limiter.take("a", 5) is None and limiter.take("a") == pytest.approx(0.1)
+    now[0] = 0.35  # three tokens back
+    assert limiter.take("a", 3) is None and limiter.take("a") is not None
+    assert limiter.take("b", 5) is None  # buckets are per institution
+
+
+def test_an_unavailable_log_is_503_with_retry_after() -> None:
+    from bus.verdict import Problem, Verdict
+    from connectors.http.problems import rejection
+
+    refused = rejection(Verdict("rejected", "e-1", reason="unavailable", errors=(Problem((), "no log", "log_unavailable"),)))
+    response = refused.response()
+    assert response.status_code == 503 and "retry-after" in response.headers
+    assert orjson.loads(response.body)["errors"] == [{"loc": [], "msg": "no log", "type": "log_unavailable"}]

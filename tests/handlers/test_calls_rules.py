@@ -1,0 +1,195 @@
+"""The calls workflow's rules, without a database: status, applications, amendments, closing."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from handlers.rules import Refusal
+from handlers.rules.calls import (
+    Applicant,
+    CallSnapshot,
+    amendment_refusal,
+    application_refusal,
+    call_status,
+    closed_at,
+    closing_refusal,
+    publication_refusal,
+)
+
+OPENS = datetime(2026, 3, 1, 8, 0, tzinfo=timezone.utc)
+DEADLINE = datetime(2026, 5, 31, 20, 59, 59, tzinfo=timezone.utc)
+DURING = datetime(2026, 4, 15, 12, 0, tzinfo=timezone.utc)
+OWNER = "eu-esf-fund"
+CALL = CallSnapshot(
+    call_id="esf-2026-social-inclusion",
+    owner=OWNER,
+    opens_at=OPENS,
+    deadline=DEADLINE,
+    eligible_kinds=frozenset({"municipality", "cooperative"}),
+    eligible_countries=frozenset({"TR", "FI"}),
+)
+COOPERATIVE = Applicant("tr-genc-isi-koop", "cooperative", "TR")
+
+
+def code(refusal: Refusal | None) -> str | None:
+    return refusal.code if refusal else None
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def test_status_follows_the_window() -> None:
+    assert call_status(CALL, OPENS - timedelta(seconds=1)) == "upcoming"
+    assert call_status(CALL, OPENS) == "open"
+    assert call_status(CALL, DEADLINE) == "open"
+    assert call_status(CALL, DEADLINE + timedelta(microseconds=1)) == "closed"
+
+
+def test_a_closed_call_is_closed_whatever_the_time() -> None:
+    cancelled = replace(CALL, closed_at=OPENS - timedelta(days=1))
+    assert call_status(cancelled, OPENS - timedelta(hours=1)) == "closed"
+    assert call_status(cancelled, DURING) == "closed"
+
+
+# --- applications ------------------------------------------------------------------------------
+
+
+def test_an_eligible_application_in_the_window_is_received() -> None:
+    assert application_refusal(CALL, COOPERATIVE, DURING) is None
+    assert application_refusal(CALL, COOPERATIVE, OPENS) is None
+    assert application_refusal(CALL, COOPERATIVE, DEADLINE) is None
+
+
+@pytest.mark.parametrize(
+    ("call", "applicant", "logged_at", "expected"),
+    [
+        (None, COOPERATIVE, DURING, "unknown_call"),
+        (CALL, COOPERATIVE, OPENS - timedelta(seconds=1), "before_opening"),
+        (CALL, COOPERATIVE, DEADLINE + timedelta(seconds=1), "after_deadline"),
+        (replace(CALL, closed_at=DURING - timedelta(days=1)), COOPERATIVE, DURING, "call_closed"),
+        (CALL, Applicant("fi-thl", "competence_centre", "FI"), DURING, "ineligible_kind"),
+        (CALL, Applicant("se-coop", "cooperative", "SE"), DURING, "ineligible_country"),
+        (CALL, Applicant("nobody", None, None), DURING, "ineligible_kind"),
+    ],
+)
+def test_application_refusals(
+    call: CallSnapshot | None, applicant: Applicant, logged_at: datetime, expected: str
+) -> None:
+    refusal = application_refusal(call, applicant, logged_at)
+    assert code(refusal) == expected
+    assert refusal is not None and refusal.as_reason() == {"code": expected, "message": {"en": refusal.message}}
+
+
+def test_empty_eligibility_means_everyone() -> None:
+    open_to_all = replace(CALL, eligible_kinds=frozenset(), eligible_countries=frozenset())
+    assert application_refusal(open_to_all, Applicant("jo-amman-sic", "ngo", "JO"), DURING) is None
+    assert application_refusal(open_to_all, Applicant("not-a-member", None, None), DURING) is None
+
+
+def test_a_duplicate_is_refused_before_anything_else() -> None:
+    assert code(application_refusal(CALL, COOPERATIVE, DURING, duplicate=True)) == "duplicate_application"
+    assert code(application_refusal(CALL, COOPERATIVE, DEADLINE + timedelta(days=1), duplicate=True)) == "duplicate_application"
+
+
+def test_after_the_deadline_is_said_whether_or_not_the_closing_came_first() -> None:
+    """The bus's closing is applied before it reaches the log: live it precedes a late
+    application, in a rebuild it may follow it. Both must give the same answer."""
+    late = DEADLINE + timedelta(minutes=5)
+    closed_by_bus = replace(CALL, closed_at=DEADLINE)
+    assert code(application_refusal(CALL, COOPERATIVE, late)) == "after_deadline"
+    assert code(application_refusal(closed_by_bus, COOPERATIVE, late)) == "after_deadline"
+
+
+KINDS = st.sampled_from(["municipality", "cooperative", "ngo", "university", "funder"])
+COUNTRIES = st.sampled_from(["TR", "FI", "SE", "JO"])
+
+
+@given(
+    opens_in=st.integers(-1000, 1000),
+    lasts=st.integers(1, 1000),
+    logged_in=st.integers(-2000, 2000),
+    closed_in=st.one_of(st.none(), st.integers(-2000, 2000)),
+    eligible_kinds=st.frozensets(KINDS),
+    eligible_countries=st.frozensets(COUNTRIES),
+    kind=st.one_of(st.none(), KINDS),
+    country=st.one_of(st.none(), COUNTRIES),
+)
+def test_received_iff_in_the_window_not_closed_and_eligible(
+    opens_in: int,
+    lasts: int,
+    logged_in: int,
+    closed_in: int | None,
+    eligible_kinds: frozenset[str],
+    eligible_countries: frozenset[str],
+    kind: str | None,
+    country: str | None,
+) -> None:
+    minute = timedelta(minutes=1)
+    call = CallSnapshot(
+        call_id="c",
+        owner=OWNER,
+        opens_at=DURING + opens_in * minute,
+        deadline=DURING + (opens_in + lasts) * minute,
+        eligible_kinds=eligible_kinds,
+        eligible_countries=eligible_countries,
+        closed_at=None if closed_in is None else DURING + closed_in * minute,
+    )
+    logged_at = DURING + logged_in * minute
+    received = (
+        call.opens_at <= logged_at <= call.deadline
+        and call.closed_at is None
+        and (not eligible_kinds or kind in eligible_kinds)
+        and (not eligible_countries or country in eligible_countries)
+    )
+    assert (application_refusal(call, Applicant("applicant", kind, country), logged_at) is None) == received
+
+
+# --- publication, amendments, closing ----------------------------------------------------------
+
+
+def test_a_call_id_is_published_once() -> None:
+    assert publication_refusal(None) is None
+    assert code(publication_refusal(CALL)) == "already_published"
+
+
+def test_only_the_owner_amends_an_unclosed_call() -> None:
+    assert amendment_refusal(CALL, OWNER, OPENS - timedelta(days=1)) is None  # upcoming
+    assert amendment_refusal(CALL, OWNER, DURING) is None
+    assert code(amendment_refusal(None, OWNER, DURING)) == "unknown_call"
+    assert code(amendment_refusal(CALL, "fi-soste", DURING)) == "not_owner"
+    assert code(amendment_refusal(CALL, OWNER, DEADLINE + timedelta(seconds=1))) == "call_closed"
+    assert code(amendment_refusal(replace(CALL, closed_at=DURING), OWNER, DURING)) == "call_closed"
+
+
+def test_an_amended_window_must_still_open_before_its_deadline() -> None:
+    assert amendment_refusal(CALL, OWNER, DURING, deadline=DEADLINE + timedelta(days=15)) is None
+    assert code(amendment_refusal(CALL, OWNER, DURING, deadline=OPENS)) == "invalid_window"
+    assert code(amendment_refusal(CALL, OWNER, DURING, opens_at=DEADLINE + timedelta(days=1))) == "invalid_window"
+    both = amendment_refusal(CALL, OWNER, DURING, opens_at=DEADLINE, deadline=DEADLINE + timedelta(days=1))
+    assert both is None
+
+
+def test_only_the_owner_closes_an_open_call() -> None:
+    assert closing_refusal(CALL, OWNER, DURING, "cancelled") is None
+    assert code(closing_refusal(None, OWNER, DURING, "cancelled")) == "unknown_call"
+    assert code(closing_refusal(CALL, "fi-soste", DURING, "filled")) == "not_owner"
+    assert code(closing_refusal(replace(CALL, closed_at=DURING), OWNER, DURING, "filled")) == "call_closed"
+    assert code(closing_refusal(CALL, OWNER, DEADLINE + timedelta(hours=1), "filled")) == "call_closed"
+
+
+def test_the_deadline_closing_is_accepted_once_after_the_deadline() -> None:
+    """The bus's own ``call.closed`` is logged after the deadline; replayed, it must still apply."""
+    late = DEADLINE + timedelta(days=3)  # e.g. the bus was down
+    assert closing_refusal(CALL, OWNER, late, "deadline_passed") is None
+    assert code(closing_refusal(replace(CALL, closed_at=DEADLINE), OWNER, late, "deadline_passed")) == "call_closed"
+    assert code(closing_refusal(CALL, "fi-soste", late, "deadline_passed")) == "not_owner"
+
+
+def test_a_call_closes_when_logged_but_never_after_its_deadline() -> None:
+    assert closed_at(CALL, DURING) == DURING
+    assert closed_at(CALL, DEADLINE + timedelta(days=3)) == DEADLINE

@@ -1,0 +1,346 @@
+"""The calls workflow (CONTRACT.md §5): given events → when an event → then state and emitted events."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import col, select
+
+from handlers.calls import Call, CallApplication, status_is
+from handlers.routes import network
+from tests.handlers.harness import Scenario, envelope
+
+OWNER = "eu-esf-fund"
+OTHER_FUNDER = "fi-stea"
+COOPERATIVE = "tr-genc-isi-koop"
+UNIVERSITY = "tr-mersin-uni"
+SWEDISH_COOPERATIVE = "se-coop-vast"
+NON_MEMBER = "fi-not-a-member"
+
+
+def joined(institution: str, kind: str, country: str) -> dict[str, Any]:
+    data = {"id": institution, "name": {"en": institution}, "kind": kind, "country": country}
+    return envelope("institution.joined", "operator", data)
+
+
+MEMBERS = [
+    joined(OWNER, "funder", "BE"),
+    joined(OTHER_FUNDER, "funder", "FI"),
+    joined(COOPERATIVE, "cooperative", "TR"),
+    joined(UNIVERSITY, "university", "TR"),
+    joined(SWEDISH_COOPERATIVE, "cooperative", "SE"),
+]
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def published(call_id: str, *, opens_in: timedelta = -timedelta(days=1), closes_in: timedelta = timedelta(days=30), by: str = OWNER) -> dict[str, Any]:
+    """A funding call for municipalities and cooperatives in Türkiye and Finland."""
+    data = {
+        "call_id": call_id,
+        "title": {"en": "ESF+ Social Inclusion Pilots", "tr": "ESF+ Sosyal İçerme Pilotları"},
+        "summary": {"en": "Neighbourhood-based services with disadvantaged groups."},
+        "kind": "funding",
+        "themes": ["economy.disadvantaged_groups"],
+        "eligible_kinds": ["municipality", "cooperative"],
+        "eligible_countries": ["TR", "FI"],
+        "budget": {"amount": "1500000.00", "currency": "EUR"},
+        "opens_at": (now() + opens_in).isoformat(),
+        "deadline": (now() + closes_in).isoformat(),
+        "deadline_model": "single_stage",
+        "url": "https://esf-fund.example.eu/calls/2026-social-inclusion",
+    }
+    return envelope("call.published", by, data)
+
+
+def application(call_id: str, application_id: str, *, by: str = COOPERATIVE) -> dict[str, Any]:
+    data = {
+        "call_id": call_id,
+        "application_id": application_id,
+        "project_id": "genc-isi-belediye-isbirligi",
+        "partners": ["tr-mersin-bb"],
+        "requested_amount": {"amount": "240000.00", "currency": "EUR"},
+    }
+    return envelope("call.application_submitted", by, data)
+
+
+def amended(call_id: str, changes: dict[str, Any], *, by: str = OWNER) -> dict[str, Any]:
+    return envelope("call.amended", by, {"call_id": call_id, "changes": changes, "reason": {"en": "Information days"}})
+
+
+def closed(call_id: str, reason: str = "cancelled", *, by: str = OWNER) -> dict[str, Any]:
+    return envelope("call.closed", by, {"call_id": call_id, "reason": reason})
+
+
+def the_only(emitted: list[dict[str, Any]], type_: str) -> dict[str, Any]:
+    assert [e["type"] for e in emitted] == [type_], emitted
+    return emitted[0]
+
+
+@pytest.fixture
+def call_id() -> str:
+    return f"call-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def members(scenario: Scenario) -> None:
+    await scenario.given(*MEMBERS)
+
+
+pytestmark = pytest.mark.usefixtures("members")
+
+
+# --- publication ---------------------------------------------------------------------------------
+
+
+async def test_a_published_call_belongs_to_its_publisher_and_its_status_follows_the_clock(
+    scenario: Scenario, call_id: str
+) -> None:
+    publication = published(call_id, opens_in=timedelta(days=1), closes_in=timedelta(days=10))
+    assert await scenario.when(publication) == []
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None
+        assert call.owner == OWNER and call.title["tr"] == "ESF+ Sosyal İçerme Pilotları"
+        assert call.eligible_kinds == ["municipality", "cooperative"]
+        assert call.budget == {"amount": "1500000.00", "currency": "EUR"}
+        assert call.deadline == datetime.fromisoformat(publication["data"]["deadline"])
+        assert call.closed_at is None
+        moments = {"upcoming": now(), "open": now() + timedelta(days=2), "closed": now() + timedelta(days=11)}
+        for status, moment in moments.items():
+            assert call.status(moment) == status
+            listed = session.exec(select(Call.call_id).where(col(Call.call_id) == call_id, status_is(status, moment))).all()
+            assert listed == [call_id], status
+
+
+async def test_a_call_id_is_published_once(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id))
+    again = published(call_id, by=OTHER_FUNDER, closes_in=timedelta(days=3))
+    rejection = the_only(await scenario.when(again), "call.action_rejected")
+    assert rejection["source"] == f"/institutions/{OWNER}" and rejection["causationid"] == again["id"]
+    assert rejection["data"]["reason"]["code"] == "already_published"
+    assert rejection["data"]["actor"] == OTHER_FUNDER and rejection["data"]["rejected_type"] == "call.published"
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.owner == OWNER and call.deadline > now() + timedelta(days=20)
+
+
+# --- applications --------------------------------------------------------------------------------
+
+
+async def test_an_eligible_application_in_the_window_is_received(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id))
+    submission = application(call_id, "app-1")
+    received = the_only(await scenario.when(submission), "call.application_received")
+    assert received["source"] == f"/institutions/{OWNER}"  # in the name of the call's owner
+    assert received["causationid"] == submission["id"]
+    assert received["data"] == {"call_id": call_id, "application_id": "app-1", "applicant": COOPERATIVE}
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "received" and stored.reason is None
+        assert stored.applicant == COOPERATIVE and stored.partners == ["tr-mersin-bb"]
+        assert stored.requested_amount == {"amount": "240000.00", "currency": "EUR"}
+
+
+@pytest.mark.parametrize(
+    ("window", "applicant", "reason"),
+    [
+        ((timedelta(days=1), timedelta(days=30)), COOPERATIVE, "before_opening"),
+        ((-timedelta(days=30), -timedelta(days=1)), COOPERATIVE, "after_deadline"),
+        ((-timedelta(days=1), timedelta(days=30)), UNIVERSITY, "ineligible_kind"),
+        ((-timedelta(days=1), timedelta(days=30)), SWEDISH_COOPERATIVE, "ineligible_country"),
+    ],
+)
+async def test_an_application_outside_the_window_or_from_an_ineligible_member_is_rejected(
+    scenario: Scenario, call_id: str, window: tuple[timedelta, timedelta], applicant: str, reason: str
+) -> None:
+    opens_in, closes_in = window
+    await scenario.given(published(call_id, opens_in=opens_in, closes_in=closes_in))
+    submission = application(call_id, "app-1", by=applicant)
+    rejection = the_only(await scenario.when(submission), "call.application_rejected")
+    assert rejection["source"] == f"/institutions/{OWNER}" and rejection["causationid"] == submission["id"]
+    assert rejection["data"]["reason"]["code"] == reason and rejection["data"]["applicant"] == applicant
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "rejected"
+        assert stored.reason is not None and stored.reason["code"] == reason
+
+
+async def test_an_application_to_a_call_closed_by_its_owner_is_rejected(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id), closed(call_id, "filled"))
+    rejection = the_only(await scenario.when(application(call_id, "app-1")), "call.application_rejected")
+    assert rejection["data"]["reason"]["code"] == "call_closed"
+
+
+async def test_eligibility_follows_the_membership_read_model(scenario: Scenario, call_id: str) -> None:
+    moved = envelope("institution.updated", "operator", {"id": COOPERATIVE, "country": "SE"})
+    await scenario.given(published(call_id), moved)
+    rejection = the_only(await scenario.when(application(call_id, "app-1")), "call.application_rejected")
+    assert rejection["data"]["reason"]["code"] == "ineligible_country"
+
+
+async def test_an_application_to_an_unknown_call_is_rejected_in_the_applicants_name(scenario: Scenario, call_id: str) -> None:
+    rejection = the_only(await scenario.when(application(call_id, "app-1")), "call.application_rejected")
+    assert rejection["source"] == f"/institutions/{COOPERATIVE}"
+    assert rejection["data"]["reason"]["code"] == "unknown_call"
+    with scenario.session() as session:
+        assert session.exec(select(CallApplication).where(col(CallApplication.call_id) == call_id)).all() == []
+
+
+async def test_a_second_application_with_the_same_id_is_a_duplicate(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id), application(call_id, "app-1"))
+    second = application(call_id, "app-1", by=SWEDISH_COOPERATIVE)
+    rejection = the_only(await scenario.when(second), "call.application_rejected")
+    assert rejection["data"]["reason"]["code"] == "duplicate_application"
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "received" and stored.applicant == COOPERATIVE
+
+
+async def test_a_rejected_application_may_be_submitted_again_under_its_id(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id, opens_in=timedelta(days=1)), application(call_id, "app-1"))
+    await scenario.given(amended(call_id, {"opens_at": (now() - timedelta(hours=1)).isoformat()}))
+    the_only(await scenario.when(application(call_id, "app-1")), "call.application_received")
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "received" and stored.reason is None
+
+
+# --- amendments and closing by the owner --------------------------------------------------------
+
+
+async def test_the_owner_amends_the_call(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id))
+    new_deadline = now() + timedelta(days=45)
+    changes = {
+        "deadline": new_deadline.isoformat(),
+        "budget": {"amount": "1800000.00", "currency": "EUR"},
+        "eligible_countries": ["TR", "FI", "SE"],
+        "summary": None,
+    }
+    assert await scenario.when(amended(call_id, changes)) == []
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None
+        assert call.deadline == new_deadline and call.budget == {"amount": "1800000.00", "currency": "EUR"}
+        assert call.eligible_countries == ["TR", "FI", "SE"] and call.summary is None
+        assert call.title["en"] == "ESF+ Social Inclusion Pilots"  # untouched
+    the_only(await scenario.when(application(call_id, "app-se", by=SWEDISH_COOPERATIVE)), "call.application_received")
+
+
+async def test_an_amendment_from_another_institution_is_refused_and_changes_nothing(
+    scenario: Scenario, call_id: str
+) -> None:
+    await scenario.given(published(call_id))
+    with scenario.session() as session:
+        before = session.get(Call, call_id)
+        assert before is not None
+    amendment = amended(call_id, {"deadline": (now() + timedelta(days=90)).isoformat()}, by=OTHER_FUNDER)
+    rejection = the_only(await scenario.when(amendment), "call.action_rejected")
+    assert rejection["source"] == f"/institutions/{OWNER}" and rejection["causationid"] == amendment["id"]
+    assert rejection["data"] == {
+        "call_id": call_id,
+        "rejected_type": "call.amended",
+        "rejected_event_id": amendment["id"],
+        "actor": OTHER_FUNDER,
+        "reason": rejection["data"]["reason"],
+    }
+    assert rejection["data"]["reason"]["code"] == "not_owner"
+    with scenario.session() as session:
+        after = session.get(Call, call_id)
+        assert after is not None and after.model_dump() == before.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("given", "changes", "reason"),
+    [
+        ("open", {"deadline": "opens_before"}, "invalid_window"),
+        ("closed", {"budget": None}, "call_closed"),
+        ("unknown", {"budget": None}, "unknown_call"),
+    ],
+)
+async def test_amendments_the_call_cannot_take_are_refused(
+    scenario: Scenario, call_id: str, given: str, changes: dict[str, Any], reason: str
+) -> None:
+    if given != "unknown":
+        await scenario.given(published(call_id))
+    if given == "closed":
+        await scenario.given(closed(call_id))
+    if changes.get("deadline") == "opens_before":
+        changes = {"deadline": (now() - timedelta(days=2)).isoformat()}  # before the stored opens_at
+    rejection = the_only(await scenario.when(amended(call_id, changes)), "call.action_rejected")
+    assert rejection["data"]["reason"]["code"] == reason
+    assert rejection["source"] == f"/institutions/{OWNER}"  # the owner's call, or the owner's own event
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is None if given == "unknown" else call is not None and call.budget is not None
+
+
+async def test_the_owner_closes_the_call(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id))
+    assert await scenario.when(closed(call_id, "filled")) == []
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.closed_reason == "filled" and call.status(now()) == "closed"
+        assert call.closed_at is not None and call.closed_at <= now()
+    again = the_only(await scenario.when(closed(call_id, "cancelled")), "call.action_rejected")
+    assert again["data"]["reason"]["code"] == "call_closed"
+
+
+async def test_closing_by_another_institution_or_of_an_unknown_call_is_refused(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id))
+    rejection = the_only(await scenario.when(closed(call_id, by=OTHER_FUNDER)), "call.action_rejected")
+    assert rejection["data"]["reason"]["code"] == "not_owner" and rejection["source"] == f"/institutions/{OWNER}"
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.closed_at is None
+    unknown = the_only(await scenario.when(closed("no-such-call", by=OTHER_FUNDER)), "call.action_rejected")
+    assert unknown["data"]["reason"]["code"] == "unknown_call"
+    assert unknown["source"] == f"/institutions/{OTHER_FUNDER}"  # in the name of the event's own source
+
+
+# --- the deadline --------------------------------------------------------------------------------
+
+
+async def test_the_bus_closes_an_overdue_call_exactly_once(scenario: Scenario, call_id: str) -> None:
+    """The deadline passed while the bus was down: the first tick after the restart closes it."""
+    overdue = published(call_id, opens_in=-timedelta(days=30), closes_in=-timedelta(days=2))
+    future = f"{call_id}-later"
+    await scenario.given(overdue, published(future))
+    closing = the_only(await scenario.tick(now()), "call.closed")
+    assert closing["source"] == f"/institutions/{OWNER}"  # in the name of the call's owner
+    assert closing["data"] == {"call_id": call_id, "reason": "deadline_passed"}
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.closed_reason == "deadline_passed"
+        assert call.closed_at == datetime.fromisoformat(overdue["data"]["deadline"])  # closed at its deadline
+        later = session.get(Call, future)
+        assert later is not None and later.closed_at is None
+    assert await scenario.tick(now()) == []
+
+
+async def test_the_bus_closes_a_call_at_its_deadline_not_before(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id, closes_in=timedelta(hours=2)))
+    assert await scenario.tick(now() + timedelta(hours=1)) == []
+    the_only(await scenario.tick(now() + timedelta(hours=3)), "call.closed")
+
+
+async def test_an_application_after_the_bus_closed_the_call_is_rejected(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id, closes_in=timedelta(hours=2)))
+    the_only(await scenario.tick(now() + timedelta(hours=3)), "call.closed")
+    rejection = the_only(await scenario.when(application(call_id, "app-late")), "call.application_rejected")
+    assert rejection["data"]["reason"]["code"] == "call_closed"
+
+
+async def test_a_call_closed_by_its_owner_is_not_closed_again_by_the_bus(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id, closes_in=timedelta(hours=2)), closed(call_id, "cancelled"))
+    assert await scenario.tick(now() + timedelta(days=1)) == []
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.closed_reason == "cancelled"

@@ -1,0 +1,248 @@
+"""The innovation days' rules as pure functions: no database, no broker."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta, timezone
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from handlers.rules.innovation_days import (
+    Candidate,
+    Confirm,
+    DayState,
+    Refuse,
+    Seat,
+    Waitlist,
+    decide_cancellation,
+    decide_registration,
+    promotions,
+    propose_meetings,
+    shared_themes,
+    slots,
+)
+
+NOON = datetime(2026, 9, 17, 12, 0, tzinfo=timezone.utc)
+DEADLINE = datetime(2026, 9, 3, 21, 0, tzinfo=timezone.utc)
+BEFORE = DEADLINE - timedelta(days=1)
+
+
+def day(capacity: int = 10, *seats: Seat, status: str = "scheduled") -> DayState:
+    return DayState("fi-si-day-2026", "fi-thl", status, capacity, DEADLINE, seats)  # type: ignore[arg-type]
+
+
+def confirmed(rid: str, attendees: int, participant: str = "") -> Seat:
+    return Seat(rid, participant or f"p-{rid}", attendees, "confirmed")
+
+
+def waiting(rid: str, attendees: int, position: int, participant: str = "") -> Seat:
+    return Seat(rid, participant or f"p-{rid}", attendees, "waitlisted", position)
+
+
+def register(state: DayState | None, attendees: int = 1, *, at: datetime = BEFORE, already: bool = False) -> object:
+    return decide_registration(
+        state, registration_id="r-new", participant="p-new", attendees=attendees, already_registered=already, at=at
+    )
+
+
+# --- registration -----------------------------------------------------------------------------
+
+
+def test_a_registration_that_fits_is_confirmed() -> None:
+    assert register(day(10, confirmed("a", 6)), 4) == Confirm("r-new", "p-new", 4)
+
+
+def test_beyond_capacity_a_registration_is_waitlisted_at_the_end() -> None:
+    state = day(10, confirmed("a", 8), waiting("b", 3, 1), waiting("c", 1, 2))
+    assert register(state, 3) == Waitlist("r-new", "p-new", 3)
+
+
+def test_a_small_late_registration_does_not_overtake_the_waitlist() -> None:
+    # 2 seats free and 1 asked, but "b" (3 attendees) waits ahead: strict FIFO
+    assert register(day(10, confirmed("a", 8), waiting("b", 3, 1)), 1) == Waitlist("r-new", "p-new", 2)
+
+
+def test_a_registration_bigger_than_the_day_does_not_hold_up_the_queue() -> None:
+    assert register(day(5, confirmed("a", 3), waiting("huge", 9, 1)), 2) == Confirm("r-new", "p-new", 2)
+
+
+def test_refusals() -> None:
+    assert register(day(), already=True) == Refuse("already_registered", "registration r-new already exists")
+    assert isinstance(refused := register(None), Refuse) and refused.code == "unknown_day"
+    assert isinstance(refused := register(day(status="cancelled")), Refuse) and refused.code == "day_cancelled"
+    assert isinstance(refused := register(day(status="held")), Refuse) and refused.code == "after_deadline"
+    assert isinstance(refused := register(day(), at=DEADLINE), Refuse) and refused.code == "after_deadline"
+    assert isinstance(register(day(), at=DEADLINE - timedelta(microseconds=1)), Confirm)
+
+
+# --- cancellation and promotion ---------------------------------------------------------------
+
+
+def cancel(state: DayState | None, rid: str, by: str | None = None, *, at: datetime = BEFORE) -> object:
+    return decide_cancellation(state, registration_id=rid, by=by or f"p-{rid}", at=at)
+
+
+def test_a_cancellation_promotes_the_head_of_the_waitlist() -> None:
+    state = day(10, confirmed("a", 4), confirmed("b", 6), waiting("c", 3, 1), waiting("d", 2, 2))
+    assert cancel(state, "a") == [Confirm("c", "p-c", 3)]
+
+
+def test_promotion_takes_everyone_who_fits_in_order() -> None:
+    state = day(10, confirmed("a", 10), waiting("c", 3, 1), waiting("d", 2, 2), waiting("e", 4, 3))
+    assert cancel(state, "a") == [Confirm("c", "p-c", 3), Confirm("d", "p-d", 2), Confirm("e", "p-e", 4)]
+
+
+def test_promotion_stops_at_the_first_that_does_not_fit() -> None:
+    state = day(10, confirmed("a", 3), confirmed("b", 7), waiting("c", 4, 1), waiting("d", 1, 2))
+    assert cancel(state, "a") == []  # 3 free: "c" needs 4, so "d" waits behind it
+
+
+def test_cancelling_the_blocking_head_lets_the_next_in() -> None:
+    state = day(10, confirmed("a", 8), waiting("c", 4, 1), waiting("d", 2, 2))
+    assert cancel(state, "c") == [Confirm("d", "p-d", 2)]
+
+
+def test_promotion_skips_a_registration_that_can_never_fit() -> None:
+    assert promotions(day(5, confirmed("a", 2), waiting("huge", 6, 1), waiting("d", 3, 2))) == [Confirm("d", "p-d", 3)]
+
+
+def test_cancellation_refusals() -> None:
+    state = day(10, confirmed("a", 4))
+    assert isinstance(refused := cancel(state, "zzz"), Refuse) and refused.code == "unknown_registration"
+    assert isinstance(refused := cancel(None, "a"), Refuse) and refused.code == "unknown_registration"
+    assert isinstance(refused := cancel(state, "a", by="someone-else"), Refuse) and refused.code == "not_participant"
+    assert isinstance(refused := cancel(state, "a", at=DEADLINE), Refuse) and refused.code == "after_deadline"
+    cancelled = day(10, confirmed("a", 4), status="cancelled")
+    assert isinstance(refused := cancel(cancelled, "a"), Refuse) and refused.code == "day_cancelled"
+
+
+@settings(max_examples=100, deadline=None)
+@given(capacity=st.integers(1, 12), sizes=st.lists(st.integers(1, 5), max_size=25), data=st.data())
+def test_registrations_and_cancellations_keep_the_invariants(capacity: int, sizes: list[int], data: st.DataObject) -> None:
+    """Pure model of the log: capacity holds, the waitlist keeps log order, its head never fits."""
+    state = day(capacity)
+    log_order: list[str] = []
+    for n, size in enumerate(sizes):
+        cancelling: bool = bool(state.seats) and data.draw(st.booleans(), label="cancel")
+        if cancelling:
+            victim = data.draw(st.sampled_from([s.registration_id for s in state.seats]))
+            decision = cancel(state, victim, by=next(s.participant for s in state.seats if s.registration_id == victim))
+            assert isinstance(decision, list)
+            promoted = {c.registration_id for c in decision}
+            seats = [s for s in state.seats if s.registration_id != victim]
+        else:
+            rid = f"r{n}"
+            log_order.append(rid)
+            decision = decide_registration(state, registration_id=rid, participant=f"p-{rid}", attendees=size, already_registered=False, at=BEFORE)
+            assert isinstance(decision, (Confirm, Waitlist))
+            promoted = set()
+            seats = [*state.seats, Seat(rid, f"p-{rid}", size, "confirmed" if isinstance(decision, Confirm) else "waitlisted", getattr(decision, "position", None))]
+        # apply: promoted leave the waitlist, the rest close up in order
+        seats = [Seat(s.registration_id, s.participant, s.attendees, "confirmed") if s.registration_id in promoted else s for s in seats]
+        queue = sorted((s for s in seats if s.status == "waitlisted"), key=lambda s: s.position or 0)
+        renumbered = {s.registration_id: i for i, s in enumerate(queue, start=1)}
+        seats = [Seat(s.registration_id, s.participant, s.attendees, s.status, renumbered.get(s.registration_id)) for s in seats]
+        state = day(capacity, *seats)
+
+        assert state.confirmed_attendees <= capacity
+        queue_ids = [s.registration_id for s in state.waitlist]
+        assert queue_ids == [r for r in log_order if r in set(queue_ids)]
+        head = next((s for s in state.waitlist if state.fits_ever(s)), None)
+        assert head is None or head.attendees > capacity - state.confirmed_attendees
+
+
+# --- matchmaking ------------------------------------------------------------------------------
+
+
+def test_shared_themes_count_a_whole_domain() -> None:
+    assert shared_themes({"economy"}, {"economy.disadvantaged_groups", "education"}) == ("economy.disadvantaged_groups",)
+    assert shared_themes({"health_care"}, {"health_care"}) == ("health_care",)
+    assert shared_themes({"economy.income_inequality"}, {"economy.disadvantaged_groups"}) == ()
+
+
+def test_slots_fit_between_start_and_end() -> None:
+    assert slots(NOON, NOON + timedelta(minutes=50)) == [NOON, NOON + timedelta(minutes=20)]
+
+
+def candidate(rid: str, role: str, themes: set[str], order: int, participant: str = "", project: str | None = None) -> Candidate:
+    return Candidate(rid, participant or rid, role, frozenset(themes), order, project)  # type: ignore[arg-type]
+
+
+def test_meetings_pair_innovators_and_funders_sharing_a_theme() -> None:
+    candidates = [
+        candidate("mersin", "innovator", {"economy.disadvantaged_groups", "health_care"}, 0, project="kitchens"),
+        candidate("genc-isi", "innovator", {"education.lifelong_learning"}, 1),
+        candidate("esf", "funder", {"economy", "education.lifelong_learning"}, 2),
+        candidate("observer", "innovator", {"environment_urbanisation"}, 3),
+    ]
+    meetings = propose_meetings(candidates, starts_at=NOON, ends_at=NOON + timedelta(hours=1))
+    assert [(m.innovator, m.funder, m.project_id, m.slot_start, m.shared_themes) for m in meetings] == [
+        ("mersin", "esf", "kitchens", NOON, ("economy.disadvantaged_groups",)),
+        ("genc-isi", "esf", None, NOON + timedelta(minutes=20), ("education.lifelong_learning",)),
+    ]
+
+
+def test_a_funder_gets_at_most_n_meetings_and_more_shared_themes_go_first() -> None:
+    innovators = [candidate(f"i{n}", "innovator", {"health_care"}, n) for n in range(4)]
+    best = candidate("i9", "innovator", {"health_care", "economy"}, 9)
+    funder = candidate("f", "funder", {"health_care", "economy"}, 10)
+    meetings = propose_meetings([*innovators, best, funder], starts_at=NOON, ends_at=NOON + timedelta(hours=3), per_funder=2)
+    assert [m.innovator for m in meetings] == ["i9", "i0"]
+
+
+def test_nobody_is_double_booked_when_slots_run_out() -> None:
+    candidates = [candidate("i", "innovator", {"health_care"}, 0), candidate("f1", "funder", {"health_care"}, 1), candidate("f2", "funder", {"health_care"}, 2)]
+    meetings = propose_meetings(candidates, starts_at=NOON, ends_at=NOON + timedelta(minutes=20))
+    assert [(m.innovator, m.funder) for m in meetings] == [("i", "f1")]
+
+
+def test_an_institution_does_not_meet_itself() -> None:
+    candidates = [candidate("a", "innovator", {"health_care"}, 0, participant="x"), candidate("b", "funder", {"health_care"}, 1, participant="x")]
+    assert propose_meetings(candidates, starts_at=NOON, ends_at=NOON + timedelta(hours=1)) == []
+
+
+THEMES = ["health_care", "health_care.elderly_care", "economy", "economy.disadvantaged_groups", "education", "migration_population.ageing"]
+
+
+@st.composite
+def candidate_lists(draw: st.DrawFn) -> list[Candidate]:
+    institutions = [f"inst-{n}" for n in range(draw(st.integers(1, 8)))]
+    count = draw(st.integers(0, 16))
+    return [
+        Candidate(
+            registration_id=f"r{n}",
+            participant=draw(st.sampled_from(institutions)),
+            role=draw(st.sampled_from(["innovator", "funder"])),
+            themes=frozenset(draw(st.sets(st.sampled_from(THEMES), max_size=3))),
+            order=n,
+            project_id=draw(st.none() | st.sampled_from(["p1", "p2"])),
+        )
+        for n in range(count)
+    ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(candidates=candidate_lists(), per_funder=st.integers(0, 4), minutes=st.integers(0, 200), seed=st.integers(0, 1000))
+def test_matchmaking_properties(candidates: list[Candidate], per_funder: int, minutes: int, seed: int) -> None:
+    ends_at = NOON + timedelta(minutes=minutes)
+    meetings = propose_meetings(candidates, starts_at=NOON, ends_at=ends_at, per_funder=per_funder)
+    themes_of: dict[tuple[str, str], set[str]] = {}
+    for c in candidates:
+        themes_of.setdefault((c.participant, c.role), set()).update(c.themes)
+    funders_count: dict[str, int] = {}
+    booked: set[tuple[str, datetime]] = set()
+    for m in meetings:
+        funders_count[m.funder] = funders_count.get(m.funder, 0) + 1
+        assert m.innovator != m.funder
+        assert m.shared_themes and set(m.shared_themes) <= themes_of[(m.innovator, "innovator")] | themes_of[(m.funder, "funder")]
+        assert shared_themes(themes_of[(m.innovator, "innovator")], themes_of[(m.funder, "funder")])
+        assert NOON <= m.slot_start and m.slot_start + timedelta(minutes=20) <= ends_at
+        for who in (m.innovator, m.funder):
+            assert (who, m.slot_start) not in booked
+            booked.add((who, m.slot_start))
+    assert all(n <= per_funder for n in funders_count.values())
+    # deterministic, whatever order the candidates come in
+    shuffled = list(candidates)
+    random.Random(seed).shuffle(shuffled)
+    assert propose_meetings(shuffled, starts_at=NOON, ends_at=ends_at, per_funder=per_funder) == meetings

@@ -1,0 +1,323 @@
+"""Projects and good practices: given events → when an event → then state and emitted events."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import col, select
+
+from handlers.projects import (
+    AdoptionSpread,
+    Project,
+    ProjectAdoption,
+    ProjectImpactReport,
+    ProjectPartner,
+    adoptions_by_municipality_level,
+)
+from handlers.routes import network
+from tests.handlers.harness import Scenario, envelope
+
+OWNER = "tr-mersin-bb"
+COOPERATIVE = "tr-genc-isi-koop"
+UNIVERSITY = "tr-mersin-uni"
+TARSUS = "tr-tarsus-bld"
+OUTSIDER = "fi-soste"
+
+
+def joined(institution: str, kind: str, country: str = "TR", level: str | None = None) -> dict[str, Any]:
+    data = {"id": institution, "name": {"tr": institution}, "kind": kind, "country": country}
+    if level is not None:
+        data["municipality_level"] = level
+    return envelope("institution.joined", "operator", data)
+
+
+MEMBERS = [
+    joined(OWNER, "municipality", level="metropolitan"),
+    joined(COOPERATIVE, "cooperative"),
+    joined(UNIVERSITY, "university"),
+    joined(TARSUS, "municipality", level="district"),
+    joined(OUTSIDER, "ngo", "FI"),
+]
+
+
+def registered(project_id: str, *, by: str = OWNER, owner: str = OWNER, **extra: Any) -> dict[str, Any]:
+    data = {
+        "project_id": project_id,
+        "title": {"tr": "Mahalle Mutfakları", "en": "Neighbourhood Kitchens"},
+        "summary": {"tr": "Mahallelerde sıcak yemek. 🍲"},
+        "themes": ["health_care.basic_services", "migration_population.cohesion"],
+        "owner": owner,
+        "partners": [{"institution": COOPERATIVE, "role": "partner", "relation": "procurement"}],
+        "status": "active",
+        "started_on": "2020-04-01",
+        "location": {"country": "TR", "region": "Mersin", "municipality": "Akdeniz"},
+        "service_model": "neighbourhood_based",
+        "sdgs": [1, 2, 10],
+        **extra,
+    }
+    return envelope("project.registered", by, data)
+
+
+def updated(project_id: str, changes: dict[str, Any], *, by: str = OWNER) -> dict[str, Any]:
+    return envelope("project.updated", by, {"project_id": project_id, "changes": changes})
+
+
+def partner_joined(project_id: str, partner: str, *, by: str = OWNER, role: str = "supporter") -> dict[str, Any]:
+    data = {"project_id": project_id, "partner": {"institution": partner, "role": role, "relation": "coordination"}}
+    return envelope("project.partner_joined", by, data)
+
+
+def adopted(project_id: str, adopter: str, *, by: str | None = None, adoption_id: str | None = None) -> dict[str, Any]:
+    data = {
+        "adoption_id": adoption_id or f"adopt-{uuid.uuid4().hex[:12]}",
+        "project_id": project_id,
+        "adopter": adopter,
+        "support": ["presentation", "technical_support", "study_visit"],
+        "adapted_project_id": f"{project_id}-{adopter}",
+    }
+    return envelope("project.adopted", by or adopter, data)
+
+
+def impact_reported(project_id: str, *, by: str = OWNER) -> dict[str, Any]:
+    data = {
+        "project_id": project_id,
+        "period": {"start": "2025-01-01", "end": "2025-12-31"},
+        "indicators": [{"name": {"tr": "Dağıtılan sıcak yemek", "en": "Hot meals served"}, "value": "412500", "unit": "meals"}],
+    }
+    return envelope("project.impact_reported", by, data)
+
+
+def completed(project_id: str, *, by: str = OWNER, ended_on: str | None = "2026-04-30") -> dict[str, Any]:
+    data: dict[str, Any] = {"project_id": project_id, "outcome": {"en": "Taken over by the neighbourhoods."}}
+    if ended_on is not None:
+        data["ended_on"] = ended_on
+    return envelope("project.completed", by, data)
+
+
+def the_only(emitted: list[dict[str, Any]], type_: str) -> dict[str, Any]:
+    assert [e["type"] for e in emitted] == [type_], emitted
+    return emitted[0]
+
+
+def refused(emitted: list[dict[str, Any]], event: dict[str, Any], code: str, *, source: str = OWNER) -> None:
+    """``event`` was answered by ``project.action_rejected`` with ``code``, in ``source``'s name."""
+    rejection = the_only(emitted, "project.action_rejected")
+    assert rejection["source"] == f"/institutions/{source}" and rejection["causationid"] == event["id"]
+    assert rejection["data"]["rejected_type"] == event["type"] and rejection["data"]["rejected_event_id"] == event["id"]
+    assert rejection["data"]["actor"] == event["source"].removeprefix("/institutions/")
+    assert rejection["data"]["reason"]["code"] == code
+
+
+def partners_of(session: Any, project_id: str) -> dict[str, tuple[str, str | None]]:
+    rows = session.exec(select(ProjectPartner).where(col(ProjectPartner.project_id) == project_id))
+    return {row.institution: (row.role, row.relation) for row in rows}
+
+
+@pytest.fixture
+def project_id() -> str:
+    return f"proj-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def members(scenario: Scenario) -> None:
+    await scenario.given(*MEMBERS)
+
+
+pytestmark = pytest.mark.usefixtures("members")
+
+
+# --- registration --------------------------------------------------------------------------------
+
+
+async def test_a_registered_project_is_stored_with_its_partners_and_place(scenario: Scenario, project_id: str) -> None:
+    assert await scenario.when(registered(project_id)) == []
+    with scenario.session() as session:
+        project = session.get(Project, project_id)
+        assert project is not None
+        assert project.owner == OWNER and project.title["tr"] == "Mahalle Mutfakları"
+        assert project.summary == {"tr": "Mahallelerde sıcak yemek. 🍲"}
+        assert project.themes == ["health_care.basic_services", "migration_population.cohesion"]
+        assert (project.country, project.region, project.municipality) == ("TR", "Mersin", "Akdeniz")
+        assert project.started_on == date(2020, 4, 1) and project.ends_on is None
+        assert project.status == "active" and project.sdgs == [1, 2, 10] and project.external_refs == []
+        assert project.registered_at == project.updated_at
+        assert partners_of(session, project_id) == {COOPERATIVE: ("partner", "procurement")}
+
+
+async def test_another_institution_cannot_register_the_same_project_id(scenario: Scenario, project_id: str) -> None:
+    await scenario.given(registered(project_id))
+    again = registered(project_id, by=TARSUS, owner=TARSUS, partners=[])
+    refused(await scenario.when(again), again, "already_registered")
+    with scenario.session() as session:
+        project = session.get(Project, project_id)
+        assert project is not None and project.owner == OWNER
+        assert partners_of(session, project_id) == {COOPERATIVE: ("partner", "procurement")}
+
+
+async def test_the_owner_registering_again_restates_the_project(scenario: Scenario, project_id: str) -> None:
+    await scenario.given(registered(project_id))
+    restated = registered(project_id, partners=[{"institution": UNIVERSITY, "role": "supporter"}], summary=None)
+    assert await scenario.when(restated) == []
+    with scenario.session() as session:
+        project = session.get(Project, project_id)
+        assert project is not None and project.summary is None
+        assert partners_of(session, project_id) == {UNIVERSITY: ("supporter", None)}
+
+
+# --- changes by the owner ------------------------------------------------------------------------
+
+
+async def test_the_owner_updates_the_project(scenario: Scenario, project_id: str) -> None:
+    await scenario.given(registered(project_id))
+    changes = {
+        "summary": None,
+        "sdgs": [1, 2, 5, 10],
+        "location": {"country": "TR", "region": "Mersin"},
+        "partners": [{"institution": UNIVERSITY, "role": "supporter", "relation": "coordination"}],
+        "external_refs": [{"system": "innokyla", "id": "1234", "url": "https://innokyla.example.fi/1234"}],
+    }
+    assert await scenario.when(updated(project_id, changes)) == []
+    with scenario.session() as session:
+        project = session.get(Project, project_id)
+        assert project is not None
+        assert project.summary is None and project.sdgs == [1, 2, 5, 10]
+        assert (project.country, project.region, project.municipality) == ("TR", "Mersin", None)
+        assert project.external_refs == [{"system": "innokyla", "id": "1234", "url": "https://innokyla.example.fi/1234"}]
+        assert project.title["en"] == "Neighbourhood Kitchens"  # untouched
+        assert project.updated_at > project.registered_at
+        assert partners_of(session, project_id) == {UNIVERSITY: ("supporter", "coordination")}
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: updated(p, {"status": "suspended"}, by=COOPERATIVE),
+    lambda p: impact_reported(p, by=COOPERATIVE),
+    lambda p: completed(p, by=COOPERATIVE),
+], ids=["updated", "impact_reported", "completed"])  # fmt: skip
+async def test_only_the_owner_updates_reports_impact_and_completes(scenario: Scenario, project_id: str, make: Any) -> None:
+    await scenario.given(registered(project_id))
+    event = make(project_id)
+    refused(await scenario.when(event), event, "not_owner")  # even a partner may not
+    with scenario.session() as session:
+        project = session.get(Project, project_id)
+        assert project is not None and project.status == "active" and project.completed_at is None
+        assert session.exec(select(ProjectImpactReport).where(col(ProjectImpactReport.project_id) == project_id)).all() == []
+
+
+async def test_a_project_cannot_end_before_it_starts(scenario: Scenario, project_id: str) -> None:
+    await scenario.given(registered(project_id))
+    event = updated(project_id, {"ends_on": "2019-12-31"})
+    refused(await scenario.when(event), event, "invalid_dates")
+    with scenario.session() as session:
+        project = session.get(Project, project_id)
+        assert project is not None and project.ends_on is None
+
+
+async def test_the_owner_reports_impact(scenario: Scenario, project_id: str) -> None:
+    await scenario.given(registered(project_id))
+    assert await scenario.when(impact_reported(project_id)) == []
+    with scenario.session() as session:
+        [report] = session.exec(select(ProjectImpactReport).where(col(ProjectImpactReport.project_id) == project_id)).all()
+        assert (report.period_start, report.period_end) == (date(2025, 1, 1), date(2025, 12, 31))
+        assert report.indicators == [
+            {"name": {"tr": "Dağıtılan sıcak yemek", "en": "Hot meals served"}, "value": "412500", "unit": "meals"}
+        ]
+
+
+async def test_the_owner_completes_the_project(scenario: Scenario, project_id: str) -> None:
+    await scenario.given(registered(project_id))
+    assert await scenario.when(completed(project_id)) == []
+    with scenario.session() as session:
+        project = session.get(Project, project_id)
+        assert project is not None and project.status == "completed"
+        assert project.outcome == {"en": "Taken over by the neighbourhoods."}
+        assert project.ends_on == date(2026, 4, 30) and project.completed_at is not None
+
+
+# --- partners and adoptions ----------------------------------------------------------------------
+
+
+async def test_a_partner_joins_by_the_owner_or_by_itself_but_not_by_a_third(scenario: Scenario, project_id: str) -> None:
+    await scenario.given(registered(project_id))
+    assert await scenario.when(partner_joined(project_id, UNIVERSITY)) == []
+    assert await scenario.when(partner_joined(project_id, TARSUS, by=TARSUS, role="partner")) == []
+    by_third = partner_joined(project_id, OUTSIDER, by=COOPERATIVE)
+    refused(await scenario.when(by_third), by_third, "not_owner_or_partner")
+    with scenario.session() as session:
+        assert partners_of(session, project_id) == {
+            COOPERATIVE: ("partner", "procurement"),
+            UNIVERSITY: ("supporter", "coordination"),
+            TARSUS: ("partner", "coordination"),
+        }
+
+
+async def test_an_adoption_is_recorded_by_the_adopter_or_the_owner(scenario: Scenario, project_id: str) -> None:
+    await scenario.given(registered(project_id))
+    by_adopter = adopted(project_id, TARSUS, adoption_id=f"{project_id}-tarsus")
+    assert await scenario.when(by_adopter) == []
+    assert await scenario.when(adopted(project_id, OUTSIDER, by=OWNER)) == []
+    by_third = adopted(project_id, UNIVERSITY, by=COOPERATIVE)
+    refused(await scenario.when(by_third), by_third, "not_owner_or_adopter")
+    duplicate = adopted(project_id, UNIVERSITY, by=OWNER, adoption_id=f"{project_id}-tarsus")
+    refused(await scenario.when(duplicate), duplicate, "duplicate_adoption")
+    with scenario.session() as session:
+        adoptions = session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == project_id)).all()
+        assert sorted(a.adopter for a in adoptions) == sorted([TARSUS, OUTSIDER])
+        tarsus = session.get(ProjectAdoption, f"{project_id}-tarsus")
+        assert tarsus is not None and tarsus.support == ["presentation", "technical_support", "study_visit"]
+        assert tarsus.adapted_project_id == f"{project_id}-{TARSUS}"
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: updated(p, {"status": "suspended"}, by=TARSUS),
+    lambda p: partner_joined(p, TARSUS, by=TARSUS),
+    lambda p: adopted(p, TARSUS),
+    lambda p: impact_reported(p, by=TARSUS),
+    lambda p: completed(p, by=TARSUS),
+], ids=["updated", "partner_joined", "adopted", "impact_reported", "completed"])  # fmt: skip
+async def test_events_about_an_unknown_project_are_refused_in_the_sources_name(
+    scenario: Scenario, project_id: str, make: Any
+) -> None:
+    event = make(project_id)
+    refused(await scenario.when(event), event, "unknown_project", source=TARSUS)
+    with scenario.session() as session:
+        assert session.get(Project, project_id) is None
+        assert session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == project_id)).all() == []
+
+
+async def test_adoptions_counted_by_municipality_level(scenario: Scenario) -> None:
+    """Mersin spreads its practices: how many metropolitan, provincial and district municipalities
+    took them up, in how many adoptions (the same municipality may adopt several practices)."""
+    owner = f"tr-mersin-{uuid.uuid4().hex[:8]}"  # its own owner, so other tests' adoptions do not count
+    municipalities = {
+        "metropolitan": [f"tr-metro-{i}-{owner[-8:]}" for i in range(2)],
+        "provincial": [f"tr-il-{owner[-8:]}"],
+        "district": [f"tr-ilce-{i}-{owner[-8:]}" for i in range(3)],
+    }
+    await scenario.given(
+        joined(owner, "municipality", level="metropolitan"),
+        *(joined(m, "municipality", level=level) for level, ms in municipalities.items() for m in ms),
+    )
+    kitchens, climate = f"{owner}-kitchens", f"{owner}-climate"
+    await scenario.given(registered(kitchens, by=owner, owner=owner), registered(climate, by=owner, owner=owner))
+    metro, provincial, district = municipalities["metropolitan"], municipalities["provincial"], municipalities["district"]
+    await scenario.given(
+        *(adopted(kitchens, m) for m in metro + provincial + district),
+        adopted(climate, metro[0]),
+        adopted(climate, district[0]),
+        adopted(climate, COOPERATIVE, by=owner),  # not a municipality: not counted
+    )
+    with scenario.session() as session:
+        assert adoptions_by_municipality_level(session, owner=owner) == [
+            AdoptionSpread("metropolitan", municipalities=2, adoptions=3),
+            AdoptionSpread("provincial", municipalities=1, adoptions=1),
+            AdoptionSpread("district", municipalities=3, adoptions=4),
+        ]
+        assert adoptions_by_municipality_level(session, owner=OUTSIDER) == [
+            AdoptionSpread(level, 0, 0) for level in ("metropolitan", "provincial", "district")
+        ]
+        network_wide = {s.municipality_level: s for s in adoptions_by_municipality_level(session)}
+        assert network_wide["district"].adoptions >= 4

@@ -1,0 +1,292 @@
+"""The validation rules as pure functions, and one property over whole histories through the network."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine
+
+from handlers.db import make_engine, migrate, session_scope
+from handlers.network import Event
+from handlers.routes import network
+from handlers.rules.validations import (
+    Decision,
+    Review,
+    ValidationState,
+    action_refusal,
+    decide,
+    decision_at_quorum,
+    open_status,
+    request_refusal,
+    visible_reviews,
+)
+from schemas.common import CRITERIA
+from schemas.validations import (
+    InfoProvided,
+    InfoRequested,
+    ReviewerAssigned,
+    ReviewSubmitted,
+    ValidationDecided,
+    ValidationWithdrawn,
+)
+from tests.handlers.harness import envelope
+
+VALIDATION = ValidationState(
+    validation_id="val-1",
+    requester="tr-mersin-bb",
+    coordinator="fi-thl",
+    status="in_review",
+    quorum=2,
+    reviewers=frozenset({"fi-lut", "fi-diak"}),
+    asked_questions=frozenset({"q1"}),
+    project_owner="tr-mersin-bb",
+    project_partners=frozenset({"tr-genc-isi-koop"}),
+)
+SCORES = {criterion: 4 for criterion in CRITERIA}
+
+
+def review(reviewer: str, recommendation: str = "validate", evidence_level: int = 3, **scores: int) -> Review:
+    return Review(reviewer, {**SCORES, **scores}, evidence_level, recommendation)  # type: ignore[arg-type, dict-item]
+
+
+def submitted(recommendation: str = "validate") -> ReviewSubmitted:
+    return ReviewSubmitted(validation_id="val-1", scores=SCORES, evidence_level=3, recommendation=recommendation)
+
+
+def assigned(reviewer: str) -> ReviewerAssigned:
+    return ReviewerAssigned(validation_id="val-1", reviewer=reviewer)
+
+
+def asked() -> InfoRequested:
+    return InfoRequested(validation_id="val-1", questions=[{"question_id": "q2", "text": {"en": "How?"}}])
+
+
+def answered(question_id: str = "q1") -> InfoProvided:
+    return InfoProvided(validation_id="val-1", answers=[{"question_id": question_id, "text": {"en": "So."}}])
+
+
+def decided(decided_by: str = "coordinator") -> ValidationDecided:
+    medians = {c: 3.0 for c in CRITERIA} if decided_by == "rule" else {}
+    return ValidationDecided(validation_id="val-1", outcome="validated", decided_by=decided_by, median_scores=medians)
+
+
+WITHDRAWN = ValidationWithdrawn(validation_id="val-1", reason={"en": "not ready"})
+
+
+def code(validation: ValidationState | None, actor: str, data: Any) -> str | None:
+    refusal = action_refusal(validation, actor, data)
+    return refusal.code if refusal else None
+
+
+# --- the decision rule -----------------------------------------------------------------------------
+
+
+def test_validated_when_every_median_is_at_least_3_and_most_recommend_validate() -> None:
+    decision = decide([review("a", novelty=3), review("b", novelty=2), review("c", "revise", novelty=5)])
+    assert decision.outcome == "validated"
+    assert decision.median_scores == {**{c: 4.0 for c in CRITERIA}, "novelty": 3.0}
+
+
+def test_half_of_the_recommendations_is_not_most() -> None:
+    assert decide([review("a"), review("b", "revise")]).outcome == "needs_revision"
+
+
+def test_a_median_below_3_stops_validation() -> None:
+    assert decide([review("a", equity=2), review("b", equity=3)]).outcome == "needs_revision"  # median 2.5
+
+
+def test_not_validated_when_a_median_is_below_2() -> None:
+    decision = decide([review("a", equity=1), review("b", equity=2)])
+    assert (decision.outcome, decision.median_scores["equity"]) == ("not_validated", 1.5)
+
+
+def test_not_validated_when_most_recommend_reject() -> None:
+    assert decide([review("a", "reject"), review("b", "reject"), review("c")]).outcome == "not_validated"
+
+
+def test_otherwise_needs_revision() -> None:
+    assert decide([review("a", "revise"), review("b", "reject"), review("c")]).outcome == "needs_revision"
+
+
+def test_evidence_level_is_the_median_rounded_down() -> None:
+    assert decide([review("a", evidence_level=2), review("b", evidence_level=3)]).evidence_level == 2
+    assert decide([review(r, evidence_level=e) for r, e in zip("abc", (1, 4, 5))]).evidence_level == 4
+
+
+def test_the_rule_decides_once_the_current_reviews_reach_the_quorum() -> None:
+    assert decision_at_quorum(VALIDATION, [], review("fi-lut")) is None
+    assert decision_at_quorum(VALIDATION, [review("fi-lut")], review("fi-lut", "reject")) is None  # a replacement
+    decision = decision_at_quorum(VALIDATION, [review("fi-lut", "reject")], review("fi-diak", "reject"))
+    assert decision is not None and decision.outcome == "not_validated"
+
+
+# --- who may do what, when -------------------------------------------------------------------------
+
+
+def test_a_request_needs_a_fresh_id_and_a_competence_centre() -> None:
+    assert request_refusal(False, "fi-thl", "competence_centre") is None
+    assert request_refusal(True, "fi-thl", "competence_centre").code == "already_requested"  # type: ignore[union-attr]
+    assert request_refusal(False, "fi-lut", "university").code == "coordinator_not_competence_centre"  # type: ignore[union-attr]
+    assert request_refusal(False, "nobody", None).code == "coordinator_not_competence_centre"  # type: ignore[union-attr]
+
+
+def test_only_the_coordinator_assigns_and_never_a_conflicted_reviewer() -> None:
+    assert code(VALIDATION, "fi-thl", assigned("fi-kuntoutussaatio")) is None
+    assert code(VALIDATION, "fi-lut", assigned("fi-kuntoutussaatio")) == "not_coordinator"
+    for conflicted in ("tr-mersin-bb", "tr-genc-isi-koop"):
+        assert code(VALIDATION, "fi-thl", assigned(conflicted)) == "conflict_of_interest"
+    external = replace(VALIDATION, requester="fi-silta", project_owner=None, project_partners=frozenset())
+    assert code(external, "fi-thl", assigned("fi-silta")) == "conflict_of_interest"
+
+
+def test_only_assigned_unconflicted_reviewers_review() -> None:
+    assert code(VALIDATION, "fi-lut", submitted()) is None
+    assert code(VALIDATION, "fi-thl", submitted()) == "not_assigned"
+    became_partner = replace(VALIDATION, project_partners=frozenset({"fi-lut"}))
+    assert code(became_partner, "fi-lut", submitted()) == "conflict_of_interest"
+
+
+def test_the_coordinator_or_a_reviewer_asks_and_the_requester_answers_asked_questions() -> None:
+    assert code(VALIDATION, "fi-thl", asked()) is None
+    assert code(VALIDATION, "fi-diak", asked()) is None
+    assert code(VALIDATION, "tr-mersin-bb", asked()) == "not_assigned"
+    assert code(VALIDATION, "tr-mersin-bb", answered()) is None
+    assert code(VALIDATION, "fi-thl", answered()) == "not_requester"
+    assert code(VALIDATION, "tr-mersin-bb", answered("q9")) == "unknown_question"
+
+
+def test_the_coordinator_decides_and_the_requester_withdraws() -> None:
+    assert code(VALIDATION, "fi-thl", decided()) is None
+    assert code(VALIDATION, "fi-lut", decided()) == "not_coordinator"
+    assert code(VALIDATION, "fi-thl", decided("rule")) == "not_coordinator"
+    assert code(VALIDATION, "tr-mersin-bb", WITHDRAWN) is None
+    assert code(VALIDATION, "fi-thl", WITHDRAWN) == "not_requester"
+
+
+@pytest.mark.parametrize("status, refused", [("decided", "already_decided"), ("withdrawn", "withdrawn")])
+def test_nothing_is_accepted_after_a_decision_or_withdrawal(status: str, refused: str) -> None:
+    closed = replace(VALIDATION, status=status)  # type: ignore[arg-type]
+    actions = [
+        ("fi-thl", assigned("fi-kuntoutussaatio")),
+        ("fi-lut", submitted()),
+        ("fi-thl", asked()),
+        ("tr-mersin-bb", answered()),
+        ("fi-thl", decided()),
+        ("tr-mersin-bb", WITHDRAWN),
+    ]
+    assert {code(closed, actor, data) for actor, data in actions} == {refused}
+
+
+def test_events_about_an_unknown_validation_are_refused() -> None:
+    assert code(None, "fi-lut", submitted()) == "unknown_validation"
+
+
+def test_the_status_of_an_open_validation() -> None:
+    assert open_status(has_reviewers=False, has_open_questions=False) == "requested"
+    assert open_status(has_reviewers=True, has_open_questions=False) == "in_review"
+    assert open_status(has_reviewers=False, has_open_questions=True) == "info_requested"
+
+
+def test_reviews_are_confidential_until_the_decision() -> None:
+    reviews = [review("fi-lut"), review("fi-diak")]
+    for viewer in ("fi-thl", "tr-mersin-bb"):
+        assert visible_reviews(VALIDATION, reviews, viewer) == reviews
+    assert visible_reviews(VALIDATION, reviews, "fi-lut") == [reviews[0]]
+    assert visible_reviews(VALIDATION, reviews, "tr-genc-isi-koop") == []
+    assert visible_reviews(replace(VALIDATION, status="decided"), reviews, "tr-genc-isi-koop") == reviews
+
+
+# --- a property of whole histories, through the network ----------------------------------------------
+
+COORDINATOR, REQUESTER = "fi-thl", "tr-mersin-bb"
+REVIEWERS = ["fi-lut", "fi-diak", "fi-soste", "fi-kuntaliitto"]
+
+# Scores near a per-review level, so that every outcome comes up.
+score_sets = st.integers(1, 5).flatmap(
+    lambda level: st.fixed_dictionaries({c: st.integers(max(1, level - 1), min(5, level + 1)) for c in CRITERIA})
+)
+submissions = st.tuples(
+    st.sampled_from(REVIEWERS), score_sets, st.integers(1, 5), st.sampled_from(["validate", "revise", "reject"])
+)
+
+
+@pytest.fixture(scope="module")
+def sqlite_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    path: Path = tmp_path_factory.mktemp("validation-histories") / "network.db"
+    engine = make_engine(f"sqlite:///{path}")
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    quorum=st.integers(1, 4),
+    assigned_reviewers=st.lists(st.sampled_from(REVIEWERS), min_size=1, unique=True),
+    history=st.lists(submissions, min_size=1, max_size=12),
+)
+def test_the_decision_is_the_rule_over_the_current_reviews_and_ends_the_validation(
+    sqlite_engine: Engine, quorum: int, assigned_reviewers: list[str], history: list[tuple[Any, ...]]
+) -> None:
+    """Random reviewers (assigned or not), scores, recommendations and replacements: the network
+    decides exactly when the current reviews reach the quorum, with the rule's decision on them,
+    and refuses every review after that."""
+    validation_id = f"val-{uuid.uuid4().hex[:12]}"
+    the_network = network()
+    clock = iter(datetime.now(timezone.utc) + timedelta(seconds=i) for i in range(10_000))
+
+    def apply(event_type: str, source: str, data: dict[str, Any]) -> list[Event[Any]]:
+        event = Event.from_envelope(envelope(event_type, source, data), seq=None, logged_at=next(clock))
+        with session_scope(sqlite_engine) as session:
+            return the_network.apply(session, event, live=False)
+
+    apply("institution.joined", "operator", {"id": COORDINATOR, "name": {"fi": "THL"}, "kind": "competence_centre", "country": "FI"})
+    request = {
+        "validation_id": validation_id,
+        "external_ref": {"system": "innokyla", "id": validation_id},
+        "coordinator": COORDINATOR,
+        "self_assessment": {"statement": {"en": "works"}},
+        "quorum": quorum,
+    }
+    assert apply("validation.requested", REQUESTER, request) == []
+    for reviewer in assigned_reviewers:
+        assert apply("validation.reviewer_assigned", COORDINATOR, {"validation_id": validation_id, "reviewer": reviewer}) == []
+
+    current: dict[str, Review] = {}
+    decision: Decision | None = None
+    for reviewer, scores, evidence_level, recommendation in history:
+        data = {"validation_id": validation_id, "scores": scores, "evidence_level": evidence_level, "recommendation": recommendation}
+        derived = apply("validation.review_submitted", reviewer, data)
+        if decision is not None or reviewer not in assigned_reviewers:
+            assert [(d.type, d.data.reason.code) for d in derived] == [
+                ("validation.action_rejected", "already_decided" if decision else "not_assigned")
+            ]
+            continue
+        current[reviewer] = Review(reviewer, scores, evidence_level, recommendation)
+        if len(current) < quorum:
+            assert derived == []
+            continue
+        decision = decide(list(current.values()))
+        [decided_event] = derived
+        assert (decided_event.type, decided_event.source) == ("validation.decided", COORDINATOR)
+        assert decided_event.data.decided_by == "rule"
+        assert decided_event.data.outcome == decision.outcome
+        assert decided_event.data.evidence_level == decision.evidence_level
+        assert decided_event.data.median_scores == decision.median_scores
+    event(decision.outcome if decision else "undecided")
+    if decision is not None:
+        after: list[tuple[str, str, dict[str, Any]]] = [
+            ("validation.reviewer_assigned", COORDINATOR, {"validation_id": validation_id, "reviewer": "fi-sitra"}),
+            ("validation.info_requested", COORDINATOR, {"validation_id": validation_id, "questions": [{"question_id": "q1", "text": {"en": "?"}}]}),
+            ("validation.withdrawn", REQUESTER, {"validation_id": validation_id, "reason": {"en": "late"}}),
+        ]
+        for event_type, source, late in after:
+            assert [d.data.reason.code for d in apply(event_type, source, late)] == ["already_decided"]

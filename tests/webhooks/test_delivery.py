@@ -1,0 +1,319 @@
+"""Webhook delivery (CONTRACT §7) to real receivers: signatures the Standard Webhooks reference
+implementation accepts, the retry schedule, Retry-After, 410, resend and recover, confidential
+events, isolation of slow endpoints, restarts in the middle of retries, targets refused at
+delivery time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from bus.runtime import Bus
+from handlers.db import session_scope
+from tests.conftest import load_fixtures, unique
+from tests.connectors.conftest import Gateway
+from tests.connectors.test_gateway import problem
+from tests.handlers.harness import envelope
+from tests.webhooks.conftest import SCHEDULE, Answer, Network, Received, Receiver, deliveries, eventually, project, register
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def project_event(owner: str, **attributes: Any) -> dict[str, Any]:
+    return envelope("project.registered", owner, project(owner), **attributes)
+
+
+async def offer_project(gateway: Gateway, owner: str, **attributes: Any) -> dict[str, Any]:
+    """Log a ``project.registered`` of ``owner`` through the gateway; returns the event."""
+    event = project_event(owner, **attributes)
+    response = await gateway.post(owner, event)
+    assert response.status_code == 202, response.text
+    return event
+
+
+def gaps(received: list[Received]) -> list[float]:
+    return [later.at - earlier.at for earlier, later in zip(received, received[1:])]
+
+
+def ids(received: list[Received]) -> list[str]:
+    return [r.headers["webhook-id"] for r in received]
+
+
+async def settled(gateway: Gateway, owner: str, endpoint_id: str, count: int) -> list[dict[str, Any]]:
+    """The endpoint's deliveries once ``count`` of them are no longer owed."""
+
+    async def check() -> list[dict[str, Any]] | None:
+        found = await deliveries(gateway, owner, endpoint_id)
+        return found if len(found) == count and all(d["next_attempt_at"] is None for d in found) else None
+
+    return await eventually(check, what=f"{count} settled deliveries")  # type: ignore[no-any-return]
+
+
+async def test_deliveries_are_signed_and_verify_across_a_secret_rotation(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    projects = await register(gateway, owner, receiver.url("/projects"), ["project.*"])
+    everything = await register(gateway, owner, receiver.url("/all"))
+
+    first = await offer_project(gateway, owner, traceparent=TRACEPARENT)
+    (received,) = await eventually(lambda: receiver.at("/projects"), what="the first delivery")
+    assert received.verify(projects["secret"]) == json.loads(received.body)
+    assert received.headers["webhook-id"] == first["id"]
+    assert received.headers["content-type"] == "application/cloudevents+json"
+    assert received.headers["traceparent"] == TRACEPARENT
+    assert abs(int(received.headers["webhook-timestamp"]) - datetime.now(timezone.utc).timestamp()) < 10
+    logged = (await gateway.client.get("/events", params={"subject": first["subject"]}, headers=gateway.auth(owner))).json()
+    assert orjson.loads(received.body) == logged["items"][0]["event"]  # the structured CloudEvent as logged
+    assert len(received.headers["webhook-signature"].split(" ")) == 1
+
+    auth = gateway.auth(owner)
+    rotated = (await gateway.client.patch(f"/webhooks/{projects['id']}", json={"rotate_secret": True}, headers=auth)).json()
+    await gateway.join("ngo")  # not a project event: only the catch-all endpoint gets it
+    second = await offer_project(gateway, owner)
+    await eventually(lambda: len(receiver.at("/projects")) == 2 and len(receiver.at("/all")) == 3, what="the later deliveries")
+    delivered = receiver.at("/projects")[1]
+    assert delivered.headers["webhook-id"] == second["id"] and "traceparent" not in delivered.headers
+    new_signature, old_signature = delivered.headers["webhook-signature"].split(" ")
+    for secret in (rotated["secret"], projects["secret"]):  # during the rotation either secret verifies
+        assert delivered.verify(secret)["id"] == second["id"]
+    Webhook(rotated["secret"]).verify(delivered.body, {**delivered.headers, "webhook-signature": new_signature})
+    Webhook(projects["secret"]).verify(delivered.body, {**delivered.headers, "webhook-signature": old_signature})
+    with pytest.raises(WebhookVerificationError):
+        Webhook(projects["secret"]).verify(delivered.body, {**delivered.headers, "webhook-signature": new_signature})
+    for request in receiver.at("/all"):
+        request.verify(everything["secret"])
+    assert [d["event_type"] for d in await deliveries(gateway, owner, projects["id"])] == ["project.registered"] * 2
+
+
+async def test_failing_attempts_follow_the_retry_schedule_and_are_logged(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()  # schedule 0, 0.2, 0.4, 0.8 s
+    owner = await gateway.join("municipality")
+    receiver.answer("/down", Answer(500, body=b"x" * 3000))
+    endpoint = await register(gateway, owner, receiver.url("/down"))
+    event = await offer_project(gateway, owner)
+
+    (delivery,) = await settled(gateway, owner, endpoint["id"], 1)
+    await asyncio.sleep(2 * SCHEDULE[-1])  # and nothing after the last attempt
+    received = receiver.at("/down")
+    assert len(received) == len(SCHEDULE) and set(ids(received)) == {event["id"]}
+    for gap, delay in zip(gaps(received), SCHEDULE[1:]):
+        assert delay * 0.8 - 0.01 <= gap <= delay * 1.2 + 0.2, (gaps(received), SCHEDULE)  # + the machine's own time
+    assert delivery["status"] == "failed" and delivery["event_id"] == event["id"] and delivery["delivered_at"] is None
+    assert len(delivery["attempts"]) == len(SCHEDULE)
+    for attempt in delivery["attempts"]:
+        assert attempt["status_code"] == 500 and attempt["error"] == "HTTP 500" and attempt["latency_ms"] >= 0
+        assert attempt["response"] == "x" * 1024  # the first KiB
+    shown = (await gateway.client.get(f"/webhooks/{endpoint['id']}", headers=gateway.auth(owner))).json()
+    assert shown["failing_since"] is not None and shown["last_success_at"] is None and shown["enabled"] is True
+
+
+async def test_retry_after_is_honoured_and_redirects_are_not_followed(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    receiver.answer("/busy", Answer(503, {"retry-after": "1"}), Answer(200))
+    receiver.answer("/moved", Answer(302, {"location": receiver.url("/elsewhere")}), Answer(200))
+    busy = await register(gateway, owner, receiver.url("/busy"))
+    moved = await register(gateway, owner, receiver.url("/moved"))
+    await offer_project(gateway, owner)
+
+    (delivery,) = await settled(gateway, owner, busy["id"], 1)
+    assert [a["status_code"] for a in delivery["attempts"]] == [503, 200] and delivery["status"] == "delivered"
+    (gap,) = gaps(receiver.at("/busy"))
+    assert 1.0 <= gap < 2.0  # Retry-After, later than the schedule's 0.2 s
+
+    (delivery,) = await settled(gateway, owner, moved["id"], 1)
+    assert [a["status_code"] for a in delivery["attempts"]] == [302, 200]
+    assert "redirects are not followed" in delivery["attempts"][0]["error"]
+    assert receiver.at("/elsewhere") == []
+
+
+async def test_410_disables_the_endpoint(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    receiver.answer("/gone", Answer(410))
+    gone = await register(gateway, owner, receiver.url("/gone"))
+    probe = await register(gateway, owner, receiver.url("/probe"))
+    await offer_project(gateway, owner)
+
+    (delivery,) = await settled(gateway, owner, gone["id"], 1)
+    assert delivery["status"] == "failed" and [a["status_code"] for a in delivery["attempts"]] == [410]
+    shown = (await gateway.client.get(f"/webhooks/{gone['id']}", headers=gateway.auth(owner))).json()
+    assert shown["enabled"] is False and "410" in shown["disabled_reason"]
+
+    later = await offer_project(gateway, owner)
+    await eventually(lambda: later["id"] in ids(receiver.at("/probe")), what="the probe's delivery")
+    assert len(await deliveries(gateway, owner, gone["id"])) == 1 and len(receiver.at("/gone")) == 1
+    probed = (await gateway.client.get(f"/webhooks/{probe['id']}", headers=gateway.auth(owner))).json()
+    assert probed["last_success_at"] is not None and probed["failing_since"] is None
+
+
+async def test_an_endpoint_failing_for_five_days_is_disabled(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    receiver.answer("/flaky", Answer(500))
+    endpoint = await register(gateway, owner, receiver.url("/flaky"))
+    assert network.bus is not None
+    with session_scope(network.bus.engine) as session:  # its last success was six days ago
+        session.execute(
+            sa.text("UPDATE webhook_endpoints SET failing_since = :since WHERE id = :id"),
+            {"since": datetime.now(timezone.utc) - timedelta(days=6), "id": endpoint["id"]},
+        )
+    await offer_project(gateway, owner)
+
+    async def disabled() -> dict[str, Any] | None:
+        shown = (await gateway.client.get(f"/webhooks/{endpoint['id']}", headers=gateway.auth(owner))).json()
+        return shown if not shown["enabled"] else None
+
+    shown = await eventually(disabled, what="the endpoint disabled")
+    assert shown["disabled_reason"] == "no successful delivery for 5 days"
+    assert len(receiver.at("/flaky")) == 1
+
+
+async def test_resend_and_recover_deliver_the_right_events_again(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    endpoint = await register(gateway, owner, receiver.url("/r"), ["project.registered"])
+    auth = gateway.auth(owner)
+    since = datetime.now(timezone.utc)
+    first, second = await offer_project(gateway, owner), await offer_project(gateway, owner)
+    await gateway.join("ngo")  # in the window, but not a type the endpoint asked for
+    await eventually(lambda: len(receiver.at("/r")) == 2, what="the first deliveries")
+    until = datetime.now(timezone.utc)
+    await asyncio.sleep(0.05)
+    third = await offer_project(gateway, owner)  # after the window
+    await settled(gateway, owner, endpoint["id"], 3)
+
+    (delivery,) = [d for d in await deliveries(gateway, owner, endpoint["id"]) if d["event_id"] == first["id"]]
+    response = await gateway.client.post(f"/webhooks/{endpoint['id']}/deliveries/{delivery['id']}/resend", headers=auth)
+    assert response.status_code == 202, response.text
+    assert response.json()["id"] == delivery["id"] and response.json()["status"] == "pending"
+    await eventually(lambda: len(receiver.at("/r")) == 4, what="the resent delivery")
+    assert ids(receiver.at("/r"))[3] == first["id"]
+    problem(await gateway.client.post(f"/webhooks/{endpoint['id']}/deliveries/999999/resend", headers=auth), 404, "not_found")
+
+    body = {"since": since.isoformat(), "until": until.isoformat()}
+    response = await gateway.client.post(f"/webhooks/{endpoint['id']}/recover", json=body, headers=auth)
+    assert response.status_code == 202, response.text
+    assert response.json() == {"queued": 2}
+    await eventually(lambda: len(receiver.at("/r")) == 6, what="the recovered deliveries")
+    await asyncio.sleep(0.5)
+    received = receiver.at("/r")
+    assert len(received) == 6 and sorted(ids(received)[4:]) == sorted([first["id"], second["id"]])
+    assert ids(received).count(third["id"]) == 1
+    for request in received:
+        request.verify(endpoint["secret"])
+    found = {d["event_id"]: d for d in await settled(gateway, owner, endpoint["id"], 3)}
+    assert [len(found[e["id"]]["attempts"]) for e in (first, second, third)] == [3, 2, 1]
+
+    backwards = {"since": until.isoformat(), "until": since.isoformat()}
+    problem(await gateway.client.post(f"/webhooks/{endpoint['id']}/recover", json=backwards, headers=auth), 422, "invalid")
+
+
+async def test_confidential_validation_events_reach_only_its_parties(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    requester, coordinator = await gateway.join("municipality"), await gateway.join("competence_centre")
+    reviewer, outsider = await gateway.join("university"), await gateway.join("ngo")
+    members = {"requester": requester, "coordinator": coordinator, "reviewer": reviewer, "outsider": outsider}
+    for role, institution in members.items():
+        await register(gateway, institution, receiver.url(f"/{role}"), ["validation.*"])
+
+    fixtures = load_fixtures()
+    validation_id = unique("v")
+
+    def event(event_type: str, source: str, **data: Any) -> dict[str, Any]:
+        template = fixtures[event_type]["event"]["data"]
+        return envelope(event_type, source, {**template, "validation_id": validation_id, **data})
+
+    for offered in (
+        event("validation.requested", requester, coordinator=coordinator),
+        event("validation.reviewer_assigned", coordinator, reviewer=reviewer),
+        event("validation.info_requested", coordinator),
+        event("validation.review_submitted", reviewer),
+    ):
+        response = await gateway.post(str(offered["source"]).rsplit("/", 1)[1], offered)
+        assert response.status_code == 202, response.text
+
+    def types(role: str) -> list[str]:
+        return sorted(json.loads(r.body)["type"] for r in receiver.at(f"/{role}"))
+
+    everything = sorted(["validation.requested", "validation.reviewer_assigned", "validation.info_requested", "validation.review_submitted"])
+    for role in ("requester", "coordinator", "reviewer"):
+        await eventually(lambda: types(role) == everything, what=f"the {role}'s deliveries")
+    assert types("outsider") == ["validation.requested", "validation.reviewer_assigned"]
+
+
+async def test_a_slow_endpoint_never_delays_the_others(network: Network, receiver: Receiver) -> None:
+    """45 endpoints answer at once, 5 never do: every delivery to the 45 arrives before the first
+    request to the 5 is given up (the bus's timeout, long enough for a busy test machine)."""
+    gateway = await network.start(timeout=10)
+    owner = await gateway.join("municipality")
+    fast = [f"/fast/{i}" for i in range(45)]
+    slow = [f"/slow/{i}" for i in range(5)]
+    for path in slow:
+        receiver.answer(path, Answer(hang=True))
+    for path in slow[:3] + fast + slow[3:]:
+        await register(gateway, owner, receiver.url(path))
+    events = [await offer_project(gateway, owner) for _ in range(2)]
+
+    await eventually(lambda: all(len(receiver.at(path)) == len(events) for path in fast), what="the fast deliveries")
+    await eventually(lambda: ("abandoned", slow[0]) in receiver.log, what="a slow request given up")
+    last_fast = max(i for i, (_, path) in enumerate(receiver.log) if path in fast)
+    first_abandoned = receiver.log.index(next(entry for entry in receiver.log if entry[0] == "abandoned"))
+    assert last_fast < first_abandoned
+    assert all(sorted(ids(receiver.at(path))) == sorted(e["id"] for e in events) for path in fast)
+
+
+async def test_a_restart_in_the_middle_of_retries_loses_nothing_and_resends_nothing_early(
+    network: Network, receiver: Receiver, bus: Bus
+) -> None:
+    schedule = [0.0, 2.0, 2.0]
+    gateway = await network.start(schedule=schedule)
+    owner = await gateway.join("municipality")
+    receiver.answer("/retry", Answer(500), Answer(200))
+    retried = await register(gateway, owner, receiver.url("/retry"))
+    await register(gateway, owner, receiver.url("/ok"))
+    before = await offer_project(gateway, owner)
+    await eventually(lambda: receiver.at("/retry") and receiver.at("/ok"), what="the first attempts")
+
+    await network.stop()  # the second attempt to /retry is owed
+    during = project_event(owner)  # logged while this bus is down, by another bus's gate
+    assert (await bus.gate.admit(owner, orjson.dumps(during))).accepted
+    gateway = await network.start(schedule=schedule)
+
+    await eventually(lambda: len(receiver.at("/retry")) == 3, what="the owed retry and the event logged meanwhile")
+    await settled(gateway, owner, retried["id"], 2)
+    await asyncio.sleep(0.5)
+    first, *later = receiver.at("/retry")
+    (retry,) = [r for r in later if r.headers["webhook-id"] == before["id"]]
+    assert retry.at - first.at >= schedule[1] * 0.8  # not early
+    assert sorted(ids(later)) == sorted([before["id"], during["id"]])
+    assert sorted(ids(receiver.at("/ok"))) == sorted([before["id"], during["id"]])  # nothing delivered is sent again
+
+
+async def test_a_target_refused_at_delivery_time_is_not_sent(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    endpoint = await register(gateway, owner, receiver.url("/private"))
+    await network.stop()
+    gateway = await network.start(allow=[])  # the operator no longer allows the loopback network
+
+    await offer_project(gateway, owner)
+
+    async def refused() -> dict[str, Any] | None:
+        found = await deliveries(gateway, owner, endpoint["id"])
+        return found[0] if found and found[0]["attempts"] else None
+
+    delivery = await eventually(refused, what="the refused attempt")
+    attempt = delivery["attempts"][0]
+    assert attempt["status_code"] is None and attempt["error"].startswith("refused:") and "127.0.0.1" in attempt["error"]
+    assert receiver.requests == []
+    response = await gateway.client.post("/webhooks", json={"url": receiver.url("/again")}, headers=gateway.auth(owner))
+    problem(response, 422, "refused_target")

@@ -1,0 +1,81 @@
+"""Registering webhook endpoints (CONTRACT §6): each belongs to the token's institution, and only
+targets that may receive webhooks are accepted."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from tests.connectors.test_gateway import problem
+from tests.webhooks.conftest import Network, Receiver, register
+
+
+async def test_an_institution_manages_its_own_endpoints(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner, other = await gateway.join("municipality"), await gateway.join("ngo")
+    auth, foreign = gateway.auth(owner), gateway.auth(other)
+
+    created = await register(gateway, owner, receiver.url("/hooks"), ["project.*", "call.published"])
+    assert created["id"].startswith("ep_") and created["enabled"] is True
+    assert created["event_types"] == ["project.*", "call.published"] and created["description"] == "test"
+    assert created["secret"].startswith("whsec_") and len(base64.b64decode(created["secret"][6:])) >= 24
+    endpoint = f"/webhooks/{created['id']}"
+
+    listed = (await gateway.client.get("/webhooks", headers=auth)).json()
+    assert [e["id"] for e in listed["items"]] == [created["id"]] and listed["next_cursor"] is None
+    assert "secret" not in listed["items"][0]
+    shown = (await gateway.client.get(endpoint, headers=auth)).json()
+    assert "secret" not in shown and shown["url"] == receiver.url("/hooks")
+
+    # Another member sees nothing of it.
+    assert (await gateway.client.get("/webhooks", headers=foreign)).json()["items"] == []
+    for method, path, body in [
+        ("GET", endpoint, None), ("PATCH", endpoint, {"description": "mine"}), ("DELETE", endpoint, None),
+        ("GET", f"{endpoint}/deliveries", None), ("POST", f"{endpoint}/deliveries/1/resend", None),
+        ("POST", f"{endpoint}/recover", {"since": "2026-01-01T00:00:00Z"}),
+    ]:
+        problem(await gateway.client.request(method, path, json=body, headers=foreign), 404, "not_found")
+
+    changed = await gateway.client.patch(endpoint, json={"description": "kitchens", "event_types": ["project.registered"]}, headers=auth)
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["description"] == "kitchens" and changed.json()["event_types"] == ["project.registered"]
+    assert changed.json()["secret"] is None
+    disabled = (await gateway.client.patch(endpoint, json={"enabled": False}, headers=auth)).json()
+    assert disabled["enabled"] is False and disabled["disabled_reason"] == "disabled by its owner"
+    enabled = (await gateway.client.patch(endpoint, json={"enabled": True}, headers=auth)).json()
+    assert enabled["enabled"] is True and enabled["disabled_reason"] is None
+
+    rotated = (await gateway.client.patch(endpoint, json={"rotate_secret": True}, headers=auth)).json()
+    assert rotated["secret"].startswith("whsec_") and rotated["secret"] != created["secret"]
+    assert rotated["previous_secret_until"] is not None
+
+    assert (await gateway.client.delete(endpoint, headers=auth)).status_code == 204
+    problem(await gateway.client.get(endpoint, headers=auth), 404, "not_found")
+
+
+async def test_bad_registrations_are_refused_with_problems(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+
+    async def refused(body: dict[str, object], kind: str) -> dict[str, Any]:
+        return problem(await gateway.client.post("/webhooks", json=body, headers=auth), 422, kind)
+
+    body = await refused({"url": receiver.url("/"), "event_types": ["project.registerd", "nothing.*", "call.*"]}, "invalid")
+    assert [e["loc"] for e in body["errors"]] == [["event_types", 0], ["event_types", 1]]
+    for url in ("ftp://127.0.0.1/x", "not a url", "http:///path"):
+        await refused({"url": url}, "refused_target")
+    await refused({"url": "http://no-such-host.invalid/hook"}, "refused_target")
+    problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/")}), 401, "unauthorized")
+    problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/"), "secret": "mine"}, headers=auth), 422, "invalid_request")
+
+
+async def test_loopback_targets_are_refused_unless_allowed(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start(allow=[])
+    owner = await gateway.join("municipality")
+    for url in (receiver.url("/hook"), receiver.url("/hook", host="localhost"), "http://[::1]/", "http://10.1.2.3/",
+                "http://169.254.169.254/latest/meta-data", "http://[::ffff:127.0.0.1]/"):
+        response = await gateway.client.post("/webhooks", json={"url": url}, headers=gateway.auth(owner))
+        body = problem(response, 422, "refused_target")
+        assert "COLLABBUS_WEBHOOK_ALLOW_NETWORKS" in body["detail"], body  # says why, and what would allow it
+    assert (await gateway.client.get("/webhooks", headers=gateway.auth(owner))).json()["items"] == []
