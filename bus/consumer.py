@@ -131,6 +131,7 @@ class Consumer:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     applied: int = 0
     dead_lettered: int = 0
+    _handling: bool = False
 
     async def start(self) -> None:
         await ensure_consumer(self.js, self.settings, self.stream)
@@ -157,10 +158,15 @@ class Consumer:
         await self.js.add_consumer(self.stream, config)
 
     async def stop(self) -> None:
-        """Finish the batch in hand, then stop."""
+        """Finish the batch in hand, then stop (a pending fetch is abandoned at once)."""
         self._stopping.set()
         if self._task is not None:
-            await self._task
+            if not self._handling:
+                self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
             self._task = None
         await self._sub.unsubscribe()
 
@@ -176,7 +182,11 @@ class Consumer:
                 log.warning("consumer %s: fetch failed: %r", self.settings.name, exc)
                 await asyncio.sleep(0.5)
                 continue
-            await self.handle(msgs)
+            self._handling = True
+            try:
+                await self.handle(msgs)
+            finally:
+                self._handling = False
 
     async def handle(self, msgs: list[Msg]) -> None:
         """Apply a batch in order; ack what was applied, retry a failure in place, then dead-letter it."""

@@ -179,9 +179,15 @@ class Network:
         self.routes = routes
         self.consumer = consumer
 
-    def apply(self, session: Session, event: Event[Any], *, live: bool) -> list[Event[Any]]:
-        """Apply one logged event; returns the derived events decided. A seen id changes nothing."""
-        if session.get(AppliedEvent, event.id) is not None:
+    def apply(
+        self, session: Session, event: Event[Any], *, live: bool, seen: set[str] | None = None
+    ) -> list[Event[Any]]:
+        """Apply one logged event; returns the derived events decided. A seen id changes nothing.
+
+        ``seen``: the ids among a batch already applied, when the caller looked them up at once.
+        """
+        already = event.id in seen if seen is not None else session.get(AppliedEvent, event.id) is not None
+        if already:
             self.advance(session, event.seq)
             return []
         context = Context(session, event, now=event.logged_at, live=live)
@@ -190,7 +196,7 @@ class Network:
         if not context.refused:
             self._project(session, event)
         session.add(AppliedEvent(event_id=event.id, seq=event.seq))
-        self._apply_derived(session, context.derived, live=live)
+        self._apply_derived(session, context.derived, live=live, check=False)
         self.advance(session, event.seq)
         return context.derived
 
@@ -206,9 +212,11 @@ class Network:
         for project in self.routes.projections.get(event.type, ()):
             project(session, event)
 
-    def _apply_derived(self, session: Session, derived: list[Event[Any]], *, live: bool) -> None:
+    def _apply_derived(self, session: Session, derived: list[Event[Any]], *, live: bool, check: bool = True) -> None:
+        # An event's consequences are new by construction (their ids derive from a cause applied
+        # once); a timer's may have been decided before, so those are looked up.
         for event in derived:
-            if session.get(AppliedEvent, event.id) is not None:
+            if check and session.get(AppliedEvent, event.id) is not None:
                 continue
             self._project(session, event)
             session.add(AppliedEvent(event_id=event.id, seq=None))

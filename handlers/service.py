@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, delete
-from sqlmodel import select
+from sqlmodel import col, select
 
-from handlers.bookkeeping import OutboxEvent
+from handlers.bookkeeping import AppliedEvent, OutboxEvent
 from handlers.db import session_scope
 from handlers.network import Event, Network
 
@@ -58,6 +58,8 @@ class NetworkService:
         applied = derived = 0
         failure: Failure | None = None
         with session_scope(self.engine) as session:
+            ids = [str(item.envelope.get("id")) for item in items]
+            seen = set(session.exec(select(AppliedEvent.event_id).where(col(AppliedEvent.event_id).in_(ids))).all())
             for item in items:
                 try:
                     event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at)
@@ -66,7 +68,7 @@ class NetworkService:
                     break
                 try:
                     with session.begin_nested():
-                        derived += len(self.network.apply(session, event, live=live))
+                        derived += len(self.network.apply(session, event, live=live, seen=seen))
                 except Exception as exc:
                     log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc)
                     failure = Failure(type(exc).__name__, _describe(exc), permanent=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,18 +29,47 @@ def pg_server_url() -> Iterator[str | None]:
         yield url
 
 
+_templates: dict[str, str] = {}
+
+
+def _template(kind: str, pg_server_url: str | None) -> str:
+    """A database migrated once per test process; each test gets a copy (migrating is slow)."""
+    if kind not in _templates:
+        if kind == "sqlite":
+            path = Path(tempfile.mkdtemp(prefix="collabbus-template-")) / "network.db"
+            url = f"sqlite:///{path}"
+            _templates[kind] = str(path)
+        else:
+            assert pg_server_url is not None
+            name = f"template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+            admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as connection:
+                connection.execute(sa.text(f"CREATE DATABASE {name}"))
+            admin.dispose()
+            url = pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+            _templates[kind] = name
+        engine = make_engine(url)
+        migrate(engine)
+        engine.dispose()  # also checkpoints SQLite's write-ahead log into the file
+    return _templates[kind]
+
+
 def fresh_database(kind: str, tmp_path: object, pg_server_url: str | None) -> Iterator[str]:
+    """A migrated database of ``kind`` for one test, dropped afterwards."""
     if kind == "sqlite":
-        yield f"sqlite:///{tmp_path}/network.db"
+        target = Path(str(tmp_path)) / "network.db"
+        shutil.copyfile(_template("sqlite", None), target)
+        yield f"sqlite:///{target}"
         return
     if pg_server_url is None:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is required in CI: no PostgreSQL binaries or COLLABBUS_TEST_POSTGRES_URL")
         pytest.skip("no PostgreSQL on this machine (set COLLABBUS_TEST_POSTGRES_URL)")
+    template = _template("postgresql", pg_server_url)
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(sa.text(f"CREATE DATABASE {name}"))
+        connection.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE {template}"))
     try:
         yield pg_server_url.rsplit("/", 1)[0] + f"/{name}"
     finally:

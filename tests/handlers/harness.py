@@ -134,7 +134,7 @@ class BusScenario:
                 return
             assert loop.time() < deadline, f"the network consumer did not catch up (at {position}, log at {last})"
             self.bus.relay.wake.set()
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)
 
     async def _derived_from(self, cause: str, *, after: int | None) -> list[dict[str, Any]]:
         import orjson
