@@ -2,6 +2,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The suite mostly waits on servers (NATS, PostgreSQL, HTTP): more workers than cores pay off.
+TEST_WORKERS ?= 4
 
 .PHONY: run test bench clean
 
@@ -16,7 +18,7 @@ run: $(STAMP)
 	$(BIN)/collabbus up --demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/collabbus bench

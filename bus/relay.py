@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 
@@ -93,7 +93,7 @@ class Relay:
                 elif verdict.reason == "unavailable":
                     break
                 else:  # a workflow decided an event the catalog refuses: a bug, kept visible in the DLQ
-                    log.error("derived event %s refused by the catalog: %s", event_id, verdict.as_dict())
+                    log.error("derived event %s refused by the catalog: %s", event_id, verdict.as_dict(), extra={"event_id": event_id})
                     await self.gate.js.publish(
                         "collab.dlq.relay", body,
                         headers={"Collabbus-Error": "derived event refused", "Collabbus-Error-Detail": orjson.dumps(verdict.as_dict()).decode()[:1500]},

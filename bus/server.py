@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -94,7 +95,7 @@ class EmbeddedNats:
         """Write the server's configuration file and return its path."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         lines = [
-            f'listen: "{self.host}:{self.port}"',
+            f'listen: "{self.host}:{self.port or -1}"',
             "jetstream {",
             f'  store_dir: "{(self.store_dir / "jetstream").resolve()}"',
         ]
@@ -107,8 +108,12 @@ class EmbeddedNats:
         return self.config_path
 
     def start(self, timeout: float = 15.0) -> None:
-        """Start the server and wait until it accepts connections with JetStream ready."""
-        if port_is_taken(self.host, self.port):
+        """Start the server and wait until it accepts connections with JetStream ready.
+
+        Port 0 lets the server choose a free port (read back from its log): tests running in
+        parallel never race for one.
+        """
+        if self.port and port_is_taken(self.host, self.port):
             raise EmbeddedServerError(
                 f"cannot start the embedded NATS server: {self.host}:{self.port} is already in use. "
                 "Stop whatever listens there, choose another address with COLLABBUS_NATS_LISTEN, "
@@ -116,6 +121,7 @@ class EmbeddedNats:
             )
         config = self.write_config()
         log_path = self.store_dir / "nats-server.log"
+        log_path.unlink(missing_ok=True)  # readiness is read from this start's lines
         log = open(log_path, "ab")
         self.process = subprocess.Popen(
             [str(find_binary()), "-c", str(config)],
@@ -132,11 +138,21 @@ class EmbeddedNats:
                 raise EmbeddedServerError(
                     f"the embedded NATS server exited with code {self.process.returncode}: " + " | ".join(tail)
                 )
-            if port_is_taken(self.host, self.port) and self._jetstream_ready(log_path):
-                return
+            if self._jetstream_ready(log_path):
+                if not self.port:
+                    self.port = self._listening_port(log_path)
+                if port_is_taken(self.host, self.port):
+                    return
             time.sleep(0.05)
         self.stop()
         raise EmbeddedServerError(f"the embedded NATS server did not become ready within {timeout:.0f} s")
+
+    @staticmethod
+    def _listening_port(log_path: Path) -> int:
+        match = re.search(r"Listening for client connections on [^\s]+:(\d+)", log_path.read_text(errors="replace"))
+        if match is None:
+            raise EmbeddedServerError("the embedded NATS server did not say where it listens")
+        return int(match.group(1))
 
     @staticmethod
     def _jetstream_ready(log_path: Path) -> bool:

@@ -14,7 +14,7 @@ from nats.aio.client import Client
 
 from bus.client import offer
 from bus.runtime import Bus
-from bus.server import EmbeddedNats, free_port
+from bus.server import EmbeddedNats
 from ops.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
@@ -34,7 +34,7 @@ def unique(prefix: str = "t") -> str:
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
     # Tests do not survive power cuts; JetStream's default sync interval keeps them fast.
-    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), port=free_port(), sync_always=False)
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), port=0, sync_always=False)
     server.start()
     yield server
     server.stop()

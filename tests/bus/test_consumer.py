@@ -10,13 +10,12 @@ from typing import Any
 
 import nats
 import pytest
-from nats.aio.client import Client
 from sqlmodel import Session, select
 
 from bus.client import offer
 from bus.consumer import ConsumerSettings, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_ERROR, DLQ_STREAM_SEQ, ensure_consumer
 from bus.runtime import Bus
-from bus.server import EmbeddedNats, free_port
+from bus.server import EmbeddedNats
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from handlers.bookkeeping import AppliedEvent
 from handlers.network import Event, Network, Routes
@@ -61,7 +60,7 @@ async def start_bus(tmp: Path, server: EmbeddedNats, factory: Callable[[], Netwo
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "nats", port=free_port(), sync_always=False)
+    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
     await server.astart()
     yield server
     await server.astop()

@@ -58,7 +58,7 @@ def caught_up(url: str, last_seq: int) -> bool:
 
 @pytest.mark.timeout(300)
 async def test_sigkill_at_random_points_then_restart_equals_a_clean_rebuild(tmp_path: Path) -> None:
-    server = EmbeddedNats(tmp_path / "nats", port=free_port(), sync_always=False)  # the consumer crashes, not the server
+    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)  # the consumer crashes, not the server
     await server.astart()
     live_url = f"sqlite:///{tmp_path / 'live.db'}"
     env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_DATABASE_URL": live_url,

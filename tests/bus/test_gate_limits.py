@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import nats
 import orjson
@@ -16,7 +15,7 @@ from nats.aio.client import Client
 
 from bus.client import offer, offer_raw
 from bus.runtime import Bus
-from bus.server import EmbeddedNats, free_port
+from bus.server import EmbeddedNats
 from ops.settings import Settings
 from tests.conftest import join, load_fixtures, unique
 
@@ -91,7 +90,7 @@ async def test_after_the_storm_the_bus_still_serves(bus: Bus, partner: Client) -
 @pytest.fixture(scope="module")
 async def small_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Bus, Client]]:
     """A server whose max_payload (32 KiB) is below the bus's event limit (256 KiB)."""
-    server = EmbeddedNats(tmp_path_factory.mktemp("small"), port=free_port(), max_payload=32 * 1024)
+    server = EmbeddedNats(tmp_path_factory.mktemp("small"), port=0, max_payload=32 * 1024)
     await server.astart()
     bus = Bus(Settings(data_dir=tmp_path_factory.mktemp("small-data"), nats_url=server.url))
     await bus.start()

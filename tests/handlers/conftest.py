@@ -8,7 +8,6 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -16,7 +15,7 @@ from sqlalchemy import Engine
 
 from bus.consumer import ConsumerSettings
 from bus.runtime import Bus
-from bus.server import EmbeddedNats, free_port
+from bus.server import EmbeddedNats
 from handlers.db import make_engine, migrate
 from ops.settings import Settings
 from tests.handlers.harness import BusScenario
@@ -86,7 +85,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: object, pg_server_url
 @pytest.fixture
 async def scenario(database_url: str, tmp_path: Path) -> AsyncIterator[BusScenario]:
     """A bus of its own — own nats-server, own log — applying to this test's database."""
-    server = EmbeddedNats(tmp_path / "nats", port=free_port(), sync_always=False)
+    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
     await server.astart()
     settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, database_url=database_url)
     bus = Bus(settings, consumer_settings=ConsumerSettings("network", backoff=(0.05, 0.1)))

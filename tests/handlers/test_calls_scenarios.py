@@ -7,11 +7,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from handlers.calls import Call, CallApplication, status_is
-from handlers.routes import network
 from tests.handlers.harness import Scenario, envelope
 
 OWNER = "eu-esf-fund"

@@ -14,7 +14,6 @@ from sqlalchemy import Engine
 from sqlmodel import SQLModel
 
 from handlers.institutions import Institution, member, member_by_identifier
-from handlers.routes import network
 from tests.handlers.harness import Scenario, envelope
 
 NETWORK_TABLES = {

@@ -7,7 +7,6 @@ from datetime import date
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from handlers.projects import (
@@ -18,7 +17,6 @@ from handlers.projects import (
     ProjectPartner,
     adoptions_by_municipality_level,
 )
-from handlers.routes import network
 from tests.handlers.harness import Scenario, envelope
 
 OWNER = "tr-mersin-bb"

@@ -8,13 +8,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
 from sqlmodel import select
 
-from handlers.routes import network
 from handlers.validations import InfoRequest, Validation, ValidationReview, ValidationReviewer, validation_view
 from schemas.common import CRITERIA
-from tests.handlers.harness import Scenario, envelope
+from tests.handlers.harness import envelope
 
 COORDINATOR = "fi-thl"
 OTHER_CENTRE = "fi-kuntoutussaatio"
