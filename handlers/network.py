@@ -198,6 +198,8 @@ class Network:
         session.add(AppliedEvent(event_id=event.id, seq=event.seq))
         self._apply_derived(session, context.derived, live=live, check=False)
         self.advance(session, event.seq)
+        if seen is not None:  # a derived event's copy can come later in the same batch (a rebuild)
+            seen.update([event.id, *(d.id for d in context.derived)])
         return context.derived
 
     def tick(self, session: Session, now: datetime | None = None, *, live: bool = True) -> list[Event[Any]]:

@@ -36,6 +36,7 @@ ROTATION_OVERLAP = timedelta(hours=24)
 """How long a rotated-out secret keeps signing, so receivers can switch at their own pace."""
 
 EndpointId = Annotated[str, Path(min_length=1, max_length=32)]
+DeliveryId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 T = TypeVar("T")
 
 
@@ -120,12 +121,12 @@ def _dispatcher(request: Request) -> "WebhookDispatcher | None":
     return bus_of(request).webhooks  # type: ignore[no-any-return]
 
 
-def _check_event_types(event_types: list[str], field: str = "event_types") -> list[str]:
+def _check_event_types(event_types: list[str]) -> list[str]:
     """The types, each once; 422 naming every one that is neither a type nor a domain of the catalog."""
     known = set(registry.event_types())
     domains = {event_type.split(".", 1)[0] for event_type in known}
     errors = [
-        Problem((field, i), f"{wanted!r} is neither an event type nor a domain wildcard such as 'project.*'", "unknown_event_type")
+        Problem(("event_types", i), f"{wanted!r} is neither an event type nor a domain wildcard such as 'project.*'", "unknown_event_type")
         for i, wanted in enumerate(event_types)
         if wanted not in known and not (wanted.endswith(".*") and wanted[:-2] in domains)
     ]
@@ -134,13 +135,12 @@ def _check_event_types(event_types: list[str], field: str = "event_types") -> li
     return list(dict.fromkeys(event_types))
 
 
-async def _check_url(request: Request, url: str) -> str:
+async def _check_url(request: Request, url: str) -> None:
     """422 when the URL's host resolves to no address webhooks may go to."""
     try:
         await targets.resolve(url, targets.networks(bus_of(request).settings.webhook_allow_networks))
     except targets.RefusedTarget as exc:
         raise ApiProblem(422, str(exc), kind="refused_target", errors=[Problem(("url",), str(exc), "refused_target")]) from None
-    return url
 
 
 def _not_found(endpoint_id: str) -> ApiProblem:
@@ -290,7 +290,7 @@ async def list_deliveries(
 
 
 @router.post("/{endpoint_id}/deliveries/{delivery_id}/resend", status_code=202, response_model=WebhookDelivery, responses=ERRORS)
-async def resend_delivery(request: Request, endpoint_id: EndpointId, delivery_id: int, institution: Member) -> dict[str, Any]:
+async def resend_delivery(request: Request, endpoint_id: EndpointId, delivery_id: DeliveryId, institution: Member) -> dict[str, Any]:
     """Send the delivery again now, with the same ``webhook-id``, from a new round of the schedule
     (a disabled endpoint gets it once enabled again)."""
 
