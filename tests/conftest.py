@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,12 +13,15 @@ from typing import Any
 
 import nats
 import pytest
+import sqlalchemy as sa
 from nats.aio.client import Client
 
 from bus.client import offer
 from bus.runtime import Bus
 from bus.server import EmbeddedNats
+from handlers.db import make_engine, migrate
 from ops.settings import Settings
+from tests.postgres import postgres_url
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 OPERATOR = "operator"
@@ -85,3 +91,68 @@ async def members(partner: Client) -> dict[str, str]:
     for institution, kind in wanted.items():
         await join(partner, institution, kind)
     return wanted
+
+
+# --------------------------------------------------------------------------- databases
+# Every read-model test body runs on SQLite and on PostgreSQL (one throw-away cluster per test process).
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str | None]:
+    with postgres_url() as url:
+        yield url
+
+
+_templates: dict[str, str] = {}
+
+
+def _template(kind: str, pg_server_url: str | None) -> str:
+    """A database migrated once per test process; each test gets a copy (migrating is slow)."""
+    key = f"{kind}:{pg_server_url}"
+    if key not in _templates:
+        if kind == "sqlite":
+            path = Path(tempfile.mkdtemp(prefix="collabbus-template-")) / "network.db"
+            url = f"sqlite:///{path}"
+            _templates[key] = str(path)
+        else:
+            assert pg_server_url is not None
+            name = f"template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+            admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as connection:
+                connection.execute(sa.text(f"CREATE DATABASE {name}"))
+            admin.dispose()
+            url = pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+            _templates[key] = name
+        engine = make_engine(url)
+        migrate(engine)
+        engine.dispose()  # also checkpoints SQLite's write-ahead log into the file
+    return _templates[key]
+
+
+def fresh_database(kind: str, tmp_path: object, pg_server_url: str | None) -> Iterator[str]:
+    """A migrated database of ``kind`` for one test, dropped afterwards."""
+    if kind == "sqlite":
+        target = Path(str(tmp_path)) / "network.db"
+        shutil.copyfile(_template("sqlite", None), target)
+        yield f"sqlite:///{target}"
+        return
+    if pg_server_url is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is required in CI: no PostgreSQL binaries or COLLABBUS_TEST_POSTGRES_URL")
+        pytest.skip("no PostgreSQL on this machine (set COLLABBUS_TEST_POSTGRES_URL)")
+    template = _template("postgresql", pg_server_url)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE {template}"))
+    try:
+        yield pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: object, pg_server_url: str | None) -> Iterator[str]:
+    yield from fresh_database(request.param, tmp_path, pg_server_url)

@@ -22,7 +22,7 @@ from handlers import tokens
 from handlers.db import session_scope
 from ops.settings import Settings
 from tests.conftest import OPERATOR
-from tests.handlers.conftest import fresh_database, pg_server_url  # noqa: F401  (fixture)
+from tests.conftest import fresh_database
 from tests.handlers.harness import envelope
 
 
@@ -90,7 +90,7 @@ async def gateway(
     request: pytest.FixtureRequest,
     nats_server: EmbeddedNats,
     tmp_path_factory: pytest.TempPathFactory,
-    pg_server_url: str | None,  # noqa: F811
+    pg_server_url: str | None,
 ) -> AsyncIterator[Gateway]:
     """``collabbus up``'s gateway on a bus whose consumer starts after what is already logged."""
     tmp_path: Path = tmp_path_factory.mktemp("gateway")

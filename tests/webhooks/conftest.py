@@ -26,7 +26,6 @@ from bus.streams import EVENTS_STREAM
 from ops.settings import Settings
 from tests.conftest import OPERATOR, unique
 from tests.connectors.conftest import Gateway
-from tests.handlers.conftest import database_url, pg_server_url  # noqa: F401  (fixtures)
 
 SCHEDULE = [0, 0.2, 0.4, 0.8]
 LOOPBACK = ["127.0.0.0/8"]
