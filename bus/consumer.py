@@ -157,6 +157,11 @@ class Consumer:
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start_seq
         await self.js.add_consumer(self.stream, config)
 
+    @property
+    def running(self) -> bool:
+        """Whether it is following the log (started, not stopped, not crashed)."""
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         """Finish the batch in hand, then stop (a pending fetch is abandoned at once)."""
         self._stopping.set()
@@ -275,7 +280,7 @@ class Consumer:
         meta = msg.metadata
         deliveries = deliveries or meta.num_delivered
         headers = dict(msg.headers or {})
-        headers.pop("Nats-Msg-Id", None)
+        event_id = headers.pop("Nats-Msg-Id", None)
         headers.update(
             {
                 "Nats-Msg-Id": f"dlq.{self.settings.name}.{meta.sequence.stream}.{deliveries}",
@@ -291,7 +296,10 @@ class Consumer:
         )
         await self.js.publish(f"collab.dlq.{self.settings.name}", msg.data, headers=headers, stream="COLLAB_DLQ")
         self.dead_lettered += 1
-        log.error("consumer %s: event #%s dead-lettered after %d deliveries: %s", self.settings.name, meta.sequence.stream, deliveries, error)
+        log.error(
+            "consumer %s: event #%s dead-lettered after %d deliveries: %s", self.settings.name, meta.sequence.stream, deliveries, error,
+            extra={"event_id": event_id, "consumer": self.settings.name},
+        )
 
 
 def _header_text(text: str) -> str:

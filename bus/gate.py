@@ -26,6 +26,7 @@ from bus import cloudevents
 from bus.membership import Membership
 from bus.streams import EVENTS_STREAM
 from bus.verdict import Problem, Rejection, Verdict, reject
+from ops import metrics
 from schemas import registry
 from schemas.envelope import ATTRIBUTES, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, CloudEvent, source_of
 
@@ -164,17 +165,20 @@ class Gate:
                 else:
                     msg = f"an institution of kind {kind!r} may not emit {spec.type}"
                 raise reject("forbidden", "kind_may_not_emit", msg, "type")
-            return await self._log(raw, spec, extra_headers)
+            verdict = await self._log(raw, spec, extra_headers)
         except Rejection as exc:
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
-            return Verdict("rejected", event_id, errors=exc.problems, reason=exc.reason)
+            verdict = Verdict("rejected", event_id, errors=exc.problems, reason=exc.reason)
         except Exception:  # a bug must cost one event, never the gate
-            log.exception("gate failed on an offered event")
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
-            return Verdict(
+            log.exception("gate failed on an offered event", extra={"event_id": event_id})
+            verdict = Verdict(
                 "rejected", event_id, reason="unavailable",
                 errors=(Problem((), "internal error while judging the event; retry with the same id", "internal"),),
             )
+        member = institution if self.membership.known(institution) else metrics.OTHER_INSTITUTION
+        metrics.count_offer(member, raw if isinstance(raw, dict) else None, offered_type, verdict)
+        return verdict
 
     async def publish_internal(self, event: Mapping[str, Any], extra_headers: Mapping[str, str] | None = None) -> Verdict:
         """Log an event the bus itself emits (workflows, the operator's bootstrap).
@@ -222,7 +226,7 @@ class Gate:
         try:
             ack = await self.js.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
         except (NatsTimeoutError, NatsError, JetStreamError) as exc:
-            log.warning("log did not confirm %s: %s", event_id, exc)
+            log.warning("log did not confirm %s: %s", event_id, exc, extra={"event_id": event_id})
             raise reject(
                 "unavailable", "log_unavailable",
                 f"the event log did not confirm the event ({type(exc).__name__}); retry with the same id",

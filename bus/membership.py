@@ -68,6 +68,10 @@ class Membership:
         else:
             self._kinds[institution] = kind
 
+    def known(self, institution: str) -> bool:
+        """Whether ``institution`` is a member as far as the cache knows (no lookup)."""
+        return institution in self._kinds
+
     async def kind_of(self, institution: str) -> str | None:
         """The member's kind, or None when it has not joined (or has left)."""
         kind = self._kinds.get(institution)

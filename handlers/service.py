@@ -7,6 +7,7 @@ savepoint in it, so one failing event is rolled back alone and the rest of the b
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from sqlmodel import col, select
 from handlers.bookkeeping import AppliedEvent, OutboxEvent
 from handlers.db import session_scope
 from handlers.network import Event, Network
+from ops.metrics import HANDLER_SECONDS
 
 log = logging.getLogger("collabbus.handlers")
 
@@ -66,13 +68,15 @@ class NetworkService:
                 except Exception as exc:  # the gate validated it; a schema change can still make it unreadable
                     failure = Failure(type(exc).__name__, str(exc)[:2000], permanent=True)
                     break
+                started = time.perf_counter()
                 try:
                     with session.begin_nested():
                         derived += len(self.network.apply(session, event, live=live, seen=seen))
                 except Exception as exc:
-                    log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc)
+                    log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
                     failure = Failure(type(exc).__name__, _describe(exc), permanent=False)
                     break
+                HANDLER_SECONDS.labels(event.type).observe(time.perf_counter() - started)
                 applied += 1
         return applied, failure, derived
 

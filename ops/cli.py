@@ -7,13 +7,14 @@ Every command takes the settings of §1 as options too (``--data-dir``, ``--nats
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -21,6 +22,7 @@ import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ops.settings import Settings
@@ -34,8 +36,10 @@ app = typer.Typer(
 )
 institutions_app = typer.Typer(help="Membership of the network.", no_args_is_help=True)
 schemas_app = typer.Typer(help="The event catalog's JSON Schemas.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead letters: events a consumer gave up on.", no_args_is_help=True)
 app.add_typer(institutions_app, name="institutions")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(dlq_app, name="dlq")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -105,6 +109,28 @@ async def _connect(settings: Settings, name: str) -> Any:
         raise ConnectionRefusedError(f"{', '.join(settings.nats_servers)} ({exc.__class__.__name__})") from None
 
 
+@contextlib.asynccontextmanager
+async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
+    """A connection to the bus's NATS; when the embedded server is not running, it is started for
+    the command (so operations work with the bus stopped) and stopped after it."""
+    from bus.runtime import embedded_server
+    from bus.server import port_is_taken
+
+    server = None
+    if settings.embedded and not port_is_taken(*settings.listen_host_port):
+        server = embedded_server(settings)
+        await server.astart()
+    try:
+        nc = await _connect(settings, name)
+        try:
+            yield nc
+        finally:
+            await nc.close()
+    finally:
+        if server is not None:
+            await server.astop()
+
+
 def _load_data(value: str) -> Any:
     """``@file.json``, ``-`` (standard input) or inline JSON."""
     if value == "-":
@@ -147,6 +173,9 @@ def up(
 ) -> None:
     """Start the bus: embedded NATS (unless a URL is set), streams, gatekeeper. Ctrl-C drains and stops."""
     from bus.runtime import Bus
+    from ops.logs import configure_logging
+
+    configure_logging()
 
     async def main() -> None:
         bus = Bus(settings)
@@ -167,9 +196,13 @@ def up(
         err.print(f"  HTTP gateway: {bus.http.url} (docs at {bus.http.url}/docs)")
         err.print("  Ctrl-C to stop")
         loading = asyncio.create_task(_load_demo(settings, bus)) if demo else None
+        portal = asyncio.create_task(_run_portal(settings, bus, stop)) if settings.portal_url else None
         try:
             await stop.wait()
         finally:
+            if portal is not None:  # safe mid-page: the cursor is stored per page and event ids are deterministic
+                portal.cancel()
+                await asyncio.gather(portal, return_exceptions=True)
             if loading is not None and not loading.done():
                 loading.cancel()
                 await asyncio.gather(loading, return_exceptions=True)
@@ -178,6 +211,23 @@ def up(
             err.print("stopped")
 
     run(main())
+
+
+async def _run_portal(settings: Settings, bus: Any, stop: asyncio.Event) -> None:
+    """``up`` with ``COLLABBUS_PORTAL_URL``: the portal connector, every ``COLLABBUS_PORTAL_INTERVAL`` s."""
+    from connectors.portal.connector import from_settings, push_decisions, sync_periodically
+    from connectors.webhooks.targets import RefusedTarget
+
+    try:
+        sync = await from_settings(settings, bus.gate, bus.engine)
+    except RefusedTarget as exc:
+        err.print(f"[red]portal:[/red] {exc}")
+        return
+    err.print(f"  portal connector: {settings.portal_url} every {settings.portal_interval:g} s")
+    try:
+        await asyncio.gather(sync_periodically(sync, settings.portal_interval, stop), push_decisions(bus.js, sync, stop))
+    finally:
+        await sync.client.aclose()
 
 
 async def _load_demo(settings: Settings, bus: Any) -> None:
@@ -395,8 +445,7 @@ def rebuild(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bus.rebuild import rebuild as replay
-    from bus.runtime import NETWORK_CONSUMER, embedded_server
-    from bus.server import port_is_taken
+    from bus.runtime import NETWORK_CONSUMER
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
     from handlers.routes import network
@@ -406,12 +455,7 @@ def rebuild(
         raise typer.BadParameter(f"unknown projection {projection!r}; the consumer groups are: {NETWORK_CONSUMER}", param_hint="--projection")
 
     async def main() -> Any:
-        server = None
-        if settings.embedded and not port_is_taken(*settings.listen_host_port):
-            server = embedded_server(settings)
-            await server.astart()
-        nc = await _connect(settings, "collabbus-rebuild")
-        try:
+        async with _nats(settings, "collabbus-rebuild") as nc:
             js = nc.jetstream()
             if not force and await _consumer_active(js, EVENTS_STREAM, NETWORK_CONSUMER):
                 err.print("[red]error:[/red] a running bus is consuming the log; stop it (Ctrl-C on collabbus up) "
@@ -435,10 +479,6 @@ def rebuild(
                 report = await replay(js, service, progress=progress)
             engine.dispose()
             return report
-        finally:
-            await nc.close()
-            if server is not None:
-                await server.astop()
 
     report = run(main())
     if as_json:
@@ -465,6 +505,238 @@ async def _consumer_active(js: Any, stream: str, name: str) -> bool:
             return True
         await asyncio.sleep(0.3)
     return False
+
+
+# --------------------------------------------------------------------------- status
+
+
+@app.command()
+@with_settings
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Streams, consumers and their lag, dead letters, the read models' position, webhook endpoints."""
+    from ops.status import collect_status
+
+    async def main() -> dict[str, Any]:
+        engine = _existing_database(settings)
+        try:
+            async with _nats(settings, "collabbus-status") as nc:
+                return await collect_status(nc.jetstream(), engine)
+        finally:
+            if engine is not None:
+                engine.dispose()
+
+    report = run(main())
+    if as_json:
+        out.print_json(data=report)
+    else:
+        _render_status(report)
+
+
+def _existing_database(settings: Settings) -> Any:
+    """An engine for the read models, unless they are a SQLite file that does not exist (a report
+    must not create one)."""
+    from handlers.db import make_engine
+
+    url = settings.db_url
+    if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
+        return None
+    return make_engine(url)
+
+
+def _render_status(report: dict[str, Any]) -> None:
+    streams = Table("stream", "messages", "bytes", "first #", "last #", "replicas", title="streams", title_justify="left")
+    for name, stream in report["streams"].items():
+        if stream is None:
+            streams.add_row(name, "[red]missing[/red]", "", "", "", "")
+        else:
+            streams.add_row(name, f"{stream['messages']:,}", f"{stream['bytes']:,}", str(stream["first_seq"]),
+                            str(stream["last_seq"]), str(stream["replicas"]))
+    out.print(streams)
+    positions = report.get("database", {}).get("positions", {})
+    consumers = Table("consumer", "pending", "unacked", "redelivered", "waiting", "last #", "db #", "dlq",
+                      title="consumers", title_justify="left")
+    for name, consumer in report["consumers"].items():
+        lag = consumer["pending"] + consumer["ack_pending"]
+        consumers.add_row(
+            escape(name), f"[{'yellow' if lag else 'green'}]{consumer['pending']:,}[/]", f"{consumer['ack_pending']:,}",
+            f"{consumer['redelivered']:,}", str(consumer["waiting"]), f"#{consumer['last_delivered']}",
+            f"#{positions[name]['seq']}" if name in positions else "",
+            str(report["dead_letters"].get(name, 0)),
+        )
+    out.print(consumers)
+    others = {k: v for k, v in report["dead_letters"].items() if k not in report["consumers"]}
+    if others:
+        out.print("dead letters of other senders: " + ", ".join(f"{escape(k)} {v}" for k, v in others.items()))
+    database = report.get("database")
+    if database is None:
+        out.print("database: none yet (the bus has not run with these settings)")
+    elif "error" in database:
+        out.print(f"database {escape(database['url'])}: [red]{escape(database['error'])}[/red]")
+    else:
+        behind = ", ".join(f"{escape(k)} at #{v['seq']} ({v['behind']} behind)" for k, v in positions.items()) or "nothing applied yet"
+        out.print(f"database {escape(database['url'])}: {behind}")
+    if report.get("webhooks"):
+        hooks = Table("endpoint", "institution", "url", "enabled", "failing since", "last success", "owed",
+                      title="webhook endpoints", title_justify="left")
+        for hook in report["webhooks"]:
+            enabled = "[green]yes[/green]" if hook["enabled"] else f"[red]no[/red] {escape(hook['disabled_reason'] or '')}"
+            hooks.add_row(escape(hook["id"]), escape(hook["institution"]), escape(hook["url"]), enabled,
+                          (hook["failing_since"] or "")[:19], (hook["last_success_at"] or "")[:19], str(hook["owed"]))
+        out.print(hooks)
+
+
+# --------------------------------------------------------------------------- dlq
+
+
+@dlq_app.command("list")
+@with_settings
+def dlq_list(
+    consumer: Annotated[Optional[str], typer.Option(help="only this consumer's dead letters")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the list as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """The dead letters, oldest first: where each came from and why it failed."""
+    from ops import dlq
+
+    async def main() -> list[Any]:
+        async with _nats(settings, "collabbus-dlq") as nc:
+            return await dlq.dead_letters(nc.jetstream(), consumer)
+
+    letters = run(main())
+    if as_json:
+        out.print_json(data={"items": [letter.summary() for letter in letters]})
+        return
+    if not letters:
+        out.print("no dead letters")
+        return
+    table = Table("#", "consumer", "event id", "type", "log #", "deliveries", "failed at", "reason",
+                  title=f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}")
+    for letter in letters:
+        table.add_row(
+            str(letter.seq), escape(letter.consumer), escape(letter.event_id or "") or "[dim]unreadable[/dim]",
+            escape(letter.type or ""), str(letter.original_seq or ""), str(letter.deliveries or ""),
+            (letter.failed_at or "")[:19].replace("T", " "), escape(letter.reason),
+        )
+    out.print(table)
+
+
+@dlq_app.command("show")
+@with_settings
+def dlq_show(
+    seq: Annotated[int, typer.Argument(metavar="N", help="the dead letter's number (dlq list)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print it as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """One dead letter in full: the headers, the error's detail and the event."""
+    from ops import dlq
+
+    async def main() -> Any:
+        async with _nats(settings, "collabbus-dlq") as nc:
+            return await dlq.dead_letter(nc.jetstream(), seq)
+
+    letter = run(main())
+    if letter is None:
+        err.print(f"[red]error:[/red] no dead letter #{seq} (see collabbus dlq list)")
+        raise typer.Exit(1)
+    if as_json:
+        out.print_json(data=letter.as_dict())
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in letter.as_dict().items():
+        if key not in ("detail", "event", "raw"):
+            table.add_row(f"[bold]{key}[/bold]", "" if value is None else escape(str(value)))
+    out.print(table)
+    out.print("[bold]detail[/bold]")
+    out.print("\n".join(f"  {line}" for line in letter.detail.split(" | ")), markup=False)
+    out.print("[bold]event[/bold]")
+    if letter.event is not None:
+        out.print_json(data=letter.event)
+    else:
+        out.print(letter.raw or "", markup=False)
+
+
+@dlq_app.command("replay")
+@with_settings
+def dlq_replay(
+    seqs: Annotated[Optional[list[int]], typer.Argument(metavar="[N]...", help="dead letters to replay; none: all")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Apply dead-lettered events again through their consumer (each at most once); those applied
+    leave the dead-letter queue, those failing again stay."""
+    from ops import dlq
+
+    async def main() -> list[Any]:
+        async with _nats(settings, "collabbus-dlq") as nc:
+            engine, appliers = await _appliers(settings)
+            try:
+                return await dlq.replay(nc.jetstream(), appliers, seqs or None)
+            finally:
+                engine.dispose()
+
+    results = run(main())
+    if as_json:
+        out.print_json(data={"items": [result.as_dict() for result in results]})
+    elif not results:
+        out.print("no dead letters")
+    else:
+        for result in results:
+            if result.applied:
+                out.print(f"[green]replayed[/green] #{result.seq} {escape(result.event_id or '')} ({escape(result.consumer or '')})")
+            else:
+                out.print(f"[red]kept[/red] #{result.seq} {escape(result.event_id or '')}: {escape(result.error or '')}")
+    if any(not result.applied for result in results):
+        raise typer.Exit(1)
+
+
+async def _appliers(settings: Settings) -> tuple[Any, dict[str, Any]]:
+    """The database and, per consumer group, what applies its events (as the running bus has them)."""
+    from bus.runtime import NETWORK_CONSUMER
+    from connectors.webhooks.dispatcher import WEBHOOKS_CONSUMER, DeliveryRecorder, RetrySchedule
+    from handlers.db import make_engine, migrate
+    from handlers.routes import network
+    from handlers.service import NetworkService
+
+    engine = make_engine(settings.db_url)
+    await asyncio.to_thread(migrate, engine)
+    schedule = RetrySchedule(tuple(settings.webhook_retry_schedule) or (0.0,))
+    return engine, {
+        NETWORK_CONSUMER: NetworkService(engine, network()),
+        WEBHOOKS_CONSUMER: DeliveryRecorder(engine, WEBHOOKS_CONSUMER, schedule),
+    }
+
+
+@dlq_app.command("purge")
+@with_settings
+def dlq_purge(
+    consumer: Annotated[Optional[str], typer.Option(help="only this consumer's dead letters")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Delete the dead letters for good (after a confirmation)."""
+    from ops import dlq
+
+    async def main() -> int:
+        async with _nats(settings, "collabbus-dlq") as nc:
+            js = nc.jetstream()
+            count = sum(n for name, n in (await dlq.counts(js)).items() if consumer in (None, name))
+            if not count:
+                return 0
+            if not yes and not typer.confirm(f"delete {count} dead letter{'s' if count != 1 else ''} for good?"):
+                err.print("nothing deleted")
+                raise typer.Exit(1)
+            return await dlq.purge(js, consumer)
+
+    deleted = run(main())
+    out.print(f"deleted {deleted} dead letter{'s' if deleted != 1 else ''}" if deleted else "no dead letters")
 
 
 # --------------------------------------------------------------------------- institutions
@@ -625,6 +897,147 @@ def asyncapi(
         output.write_text(text)
     else:
         sys.stdout.write(text + "\n")
+
+
+# --------------------------------------------------------------------------- portal (CONTRACT §8)
+
+portal_app = typer.Typer(help="The portal connector (an Innokylä-style portal, CONTRACT §8).", no_args_is_help=True)
+app.add_typer(portal_app, name="portal")
+
+
+def _render_portal_report(report: Any) -> None:
+    summary = report.as_dict()
+    state = "[green]complete[/green]" if report.complete else f"[red]stopped[/red]: {escape(report.error or '')} (the next sync resumes)"
+    out.print(f"portal sync of {escape(report.portal)}: {state}")
+    out.print(f"  listed {report.listed} entries in {report.pages} pages, {report.seconds:.1f} s "
+              f"({summary['entries_per_second']:,.0f} entries/s); retries {report.retries}")
+    out.print(f"  emitted {report.registered} project.registered, {report.updated} project.updated"
+              f" ({report.duplicates} already in the log); unchanged {report.unchanged}")
+    if report.deleted:
+        out.print(f"  [yellow]deleted before they could be read[/yellow] ({len(report.deleted)}): {', '.join(report.deleted[:10])}")
+    if report.unmapped:
+        out.print(f"  [yellow]unmapped organisations[/yellow] ({len(report.unmapped)}, {summary['unmapped_entries']} entries; "
+                  "add their business id to a member's identifiers as fi-business-id, then sync --full):")
+        for business_id, seen in sorted(report.unmapped.items()):
+            out.print(f"    {escape(business_id)} {escape(str(seen['name'] or ''))}: {seen['entries']} entries")
+    for rejected in report.rejected[:10]:
+        out.print(f"  [red]rejected[/red] entry {escape(rejected['entry'])}: {rejected['reason']} {rejected['errors']}")
+    if report.owner_changed:
+        out.print(f"  [yellow]organisation changed to another member[/yellow] (not applied): {', '.join(report.owner_changed[:10])}")
+
+
+@portal_app.command("sync")
+@with_settings
+def portal_sync(
+    once: Annotated[bool, typer.Option("--once", help="one sync, then exit (default: every COLLABBUS_PORTAL_INTERVAL s)")] = False,
+    full: Annotated[bool, typer.Option("--full", help="read every entry, not only those changed since the last sync")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print each summary as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Pull the portal's entries into the bus as projects of the members they belong to.
+
+    Members are mapped through the read models that the running bus keeps (their `fi-business-id`
+    identifiers)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from bus.runtime import Bus
+    from bus.server import port_is_taken
+    from connectors.portal.connector import from_settings
+    from connectors.webhooks.targets import RefusedTarget
+    from handlers.db import make_engine, migrate
+
+    if not settings.portal_url:
+        err.print("[red]error:[/red] no portal configured: set COLLABBUS_PORTAL_URL (or --portal-url)")
+        raise typer.Exit(2)
+    if settings.embedded and port_is_taken(*settings.listen_host_port):
+        settings = settings.model_copy(update={"nats_url": f"nats://{settings.nats_listen}"})  # the running bus's server
+
+    async def main() -> bool:
+        bus = Bus(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await bus.start(ingress=False, state=False)
+        engine = make_engine(settings.db_url)
+        ok, whole = True, full
+        try:
+            await asyncio.to_thread(migrate, engine)
+            try:
+                sync = await from_settings(settings, bus.gate, engine)
+            except RefusedTarget as exc:
+                err.print(f"[red]error:[/red] the portal: {exc}")
+                raise typer.Exit(1) from None
+            try:
+                while True:
+                    with Progress(SpinnerColumn(), TextColumn("[bold]portal sync[/bold] {task.description}"),
+                                  console=err, disable=as_json, transient=True) as bar:
+                        task = bar.add_task("listing…")
+
+                        def progress(report: Any, task: Any = task) -> None:
+                            bar.update(task, description=f"{report.pages} pages, {report.listed} entries, "
+                                       f"{report.emitted} events, {report.rate:,.0f} entries/s")
+
+                        report = await sync.sync(full=whole, progress=progress)
+                    whole = False  # later passes read what changed since
+                    ok = report.complete
+                    if as_json:
+                        out.print_json(data=report.as_dict())
+                    else:
+                        _render_portal_report(report)
+                    if once:
+                        break
+                    try:
+                        await asyncio.wait_for(stop.wait(), timeout=settings.portal_interval)
+                        break
+                    except TimeoutError:
+                        continue
+            finally:
+                await sync.client.aclose()
+        finally:
+            engine.dispose()
+            await bus.stop()
+        return ok
+
+    if not run(main()):
+        raise typer.Exit(1)
+
+
+@portal_app.command("sandbox")
+@with_settings
+def portal_sandbox(
+    listen: Annotated[str, typer.Option("--listen", metavar="HOST:PORT", help="where the sandbox portal listens")] = "127.0.0.1:8090",
+    token: Annotated[Optional[str], typer.Option("--token", help="the Bearer token it accepts (default: any)")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="create this many sample entries first")] = 0,
+    *,
+    settings: Settings,
+) -> None:
+    """Serve a local portal that speaks CONTRACT §8 (entries in <data dir>/portal-sandbox.db), with
+    switchable faults (POST /_sandbox/faults) for trying the connector."""
+    from connectors.portal.sandbox import PortalSandbox, sample_entries
+
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise typer.BadParameter(f"{listen!r} is not HOST:PORT", param_hint="--listen")
+
+    async def main() -> None:
+        sandbox = PortalSandbox(settings.data_dir / "portal-sandbox.db", host or "127.0.0.1", int(port), token=token)
+        if seed:
+            sandbox.store.seed(sample_entries(seed, [{"name": "Esimerkki ry", "business_id": "0000000-0"}]))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await sandbox.start()
+        err.print(f"portal sandbox at {sandbox.url} (API under /api/v1, docs at {sandbox.url}/docs), "
+                  f"{len(sandbox.store.ids())} entries; Ctrl-C to stop")
+        try:
+            await stop.wait()
+        finally:
+            await sandbox.stop()
+
+    run(main())
 
 
 def main() -> None:  # pragma: no cover - console script

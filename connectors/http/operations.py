@@ -9,13 +9,11 @@ from typing import Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from bus.verdict import Verdict
 from connectors.http.auth import Member, bus_of
 from connectors.http.problems import ApiProblem, documented
@@ -37,11 +35,6 @@ class Metrics:
         self.verdicts = Counter(
             "collabbus_http_events", "events offered over HTTP, by verdict", ["status", "reason"], registry=self.registry
         )
-        self.log_last_seq = Gauge("collabbus_log_last_seq", "last sequence of the event log", registry=self.registry)
-        self.consumer_pending = Gauge(
-            "collabbus_consumer_pending", "logged events a consumer group has not applied yet", ["consumer"], registry=self.registry
-        )
-        self.dead_letters = Gauge("collabbus_dead_letters", "messages in the dead-letter stream", registry=self.registry)
 
     def verdict(self, verdict: Verdict) -> None:
         self.verdicts.labels(verdict.status, verdict.reason or "").inc()
@@ -86,57 +79,66 @@ def _database_check(engine: Any) -> str:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
-    """Ready when NATS is connected, the database answers and the network consumer is bound."""
+    """Ready when NATS is connected, the database answers and the consumer groups are bound;
+    otherwise each failing check says why."""
     bus = bus_of(request)
+    nc = bus.nc
     checks = {
-        "nats": "ok" if bus.nc.is_connected else "disconnected",
+        "nats": "ok" if nc.is_connected else "reconnecting" if nc.is_reconnecting else "disconnected",
         "database": await run_in_threadpool(_database_check, bus.engine),
-        "consumer": "ok" if bus.consumer is not None else "not bound",
+        "consumer": await _consumers_check(bus, server=nc.is_connected),
     }
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503)
 
 
+async def _consumers_check(bus: Any, *, server: bool) -> str:
+    """``ok`` when every consumer group of this process follows the log and (``server``: when NATS
+    can be asked) its durable consumer exists; else what is wrong."""
+    if bus.consumer is None:
+        return "not bound"
+    problems = []
+    for name, consumer in running_consumers(bus).items():
+        if not consumer.running:
+            problems.append(f"{name} is not running")
+        elif server:
+            try:
+                await bus.js.consumer_info(consumer.stream, name, timeout=2.0)
+            except NotFoundError:
+                problems.append(f"{name} is missing on the server")
+            except Exception as exc:  # timeouts, JetStream errors: not ready either way
+                problems.append(f"{name}: {type(exc).__name__}")
+    return "; ".join(problems) or "ok"
+
+
+def running_consumers(bus: Any) -> dict[str, Any]:
+    """The consumer groups this process runs: name → ``bus.consumer.Consumer``."""
+    running = {bus.consumer_settings.name: bus.consumer} if bus.consumer is not None else {}
+    if bus.webhooks is not None:
+        running[bus.webhooks.consumer.settings.name] = bus.webhooks.consumer
+    return running
+
+
 async def bus_status(bus: Any) -> dict[str, Any]:
-    """Streams, the network consumer's lag and the dead letters, as ``collabbus status`` shows them."""
-    streams: dict[str, dict[str, Any] | None] = {}
-    for name in (EVENTS_STREAM, DLQ_STREAM):
-        try:
-            state = (await bus.js.stream_info(name)).state
-            streams[name] = {"messages": state.messages, "bytes": state.bytes, "last_seq": state.last_seq}
-        except (NotFoundError, JetStreamError):
-            streams[name] = None
-    consumers: dict[str, dict[str, Any] | None] = {}
-    if bus.consumer is not None:
-        name = bus.consumer_settings.name
-        try:
-            info = await bus.js.consumer_info(EVENTS_STREAM, name)
-            consumers[name] = {
-                "pending": info.num_pending or 0,
-                "ack_pending": info.num_ack_pending or 0,
-                "redelivered": info.num_redelivered or 0,
-                "applied": bus.consumer.applied,
-                "dead_lettered": bus.consumer.dead_lettered,
-            }
-        except (NotFoundError, JetStreamError):
-            consumers[name] = None
-    return {"streams": streams, "consumers": consumers}
+    """Streams, consumers and their lag, dead letters, database positions, webhook endpoints:
+    what ``collabbus status`` shows (``ops.status.collect_status``)."""
+    from ops.status import collect_status
+
+    return await collect_status(bus.js, bus.engine, running=running_consumers(bus))
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition."""
+    """Prometheus text exposition: the gateway's, the process's (gate, handlers) and the bus's
+    state read now (log, consumer lag, dead letters, webhook attempts; ``ops.metrics``)."""
+    from ops.metrics import exposition, webhook_attempts
+    from ops.status import collect_status
+
+    bus = bus_of(request)
+    status = await collect_status(bus.js)
+    attempts = await run_in_threadpool(webhook_attempts, bus.engine)
     registry: Metrics = request.app.state.metrics
-    status = await bus_status(bus_of(request))
-    events, dlq = status["streams"][EVENTS_STREAM], status["streams"][DLQ_STREAM]
-    if events:
-        registry.log_last_seq.set(events["last_seq"])
-    if dlq:
-        registry.dead_letters.set(dlq["messages"])
-    for name, consumer in status["consumers"].items():
-        if consumer:
-            registry.consumer_pending.labels(name).set(consumer["pending"])
-    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(status, attempts, registry.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/ops/status", responses=documented(401, 403))

@@ -61,7 +61,11 @@ class HttpGateway:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app, lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+            log_config=None,  # uvicorn's records go to the process's logging (ops.logs), not handlers of its own
             server_header=False,
+            # Longer than the idle time of partners' pooled connections (uvicorn's 5 s default
+            # makes a client reusing a just-closed connection see a reset).
+            timeout_keep_alive=75,
         )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-gateway")

@@ -1,0 +1,233 @@
+"""Dead-letter tooling (``collabbus dlq``): list, show, replay and purge ``COLLAB_DLQ``.
+
+A dead letter is the original canonical event with headers saying which consumer gave up on it,
+where it was in the log and why (``bus.consumer``). Replaying one applies the event through the
+consumer's normal applier — for ``network`` the ``NetworkService``, which records applied events
+by id, so a replay applies an event at most once however often it is run — and deletes the dead
+letter only once the event is applied. Workflows' derived events go to the outbox as usual; the
+bus's relay logs them (at once when a bus runs, else on its next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from bus.consumer import (
+    DLQ_CONSUMER,
+    DLQ_DELIVERIES,
+    DLQ_DETAIL,
+    DLQ_ERROR,
+    DLQ_FAILED_AT,
+    DLQ_STREAM_NAME,
+    DLQ_STREAM_SEQ,
+    DLQ_SUBJECT,
+    Applier,
+)
+from bus.streams import DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message of ``COLLAB_DLQ``; ``seq`` is its sequence there (what the commands take)."""
+
+    seq: int
+    consumer: str
+    event_id: str | None
+    type: str | None
+    original_seq: int | None
+    original_subject: str | None
+    original_stream: str | None
+    deliveries: int | None
+    error: str
+    detail: str
+    failed_at: str | None
+    event: dict[str, Any] | None = field(repr=False)
+    """The event as logged; None when it is not readable JSON (then ``raw`` holds it)."""
+    raw: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_message(cls, seq: int, subject: str, headers: Mapping[str, str] | None, data: bytes | None) -> "DeadLetter":
+        headers = headers or {}
+        try:
+            event = orjson.loads(data or b"")
+            raw = None
+        except orjson.JSONDecodeError:
+            event, raw = None, (data or b"").decode("utf-8", "replace")
+        if not isinstance(event, dict):
+            event, raw = None, raw if raw is not None else (data or b"").decode("utf-8", "replace")
+        return cls(
+            seq=seq,
+            consumer=headers.get(DLQ_CONSUMER) or subject.removeprefix("collab.dlq."),
+            event_id=_text(event, "id"),
+            type=_text(event, "type"),
+            original_seq=_int(headers.get(DLQ_STREAM_SEQ)),
+            original_subject=headers.get(DLQ_SUBJECT),
+            original_stream=headers.get(DLQ_STREAM_NAME),
+            deliveries=_int(headers.get(DLQ_DELIVERIES)),
+            error=headers.get(DLQ_ERROR, ""),
+            detail=headers.get(DLQ_DETAIL, ""),
+            failed_at=headers.get(DLQ_FAILED_AT),
+            event=event,
+            raw=raw,
+        )
+
+    @property
+    def reason(self) -> str:
+        """The error in one line: the detail's last line (a traceback's names the exception)."""
+        last = self.detail.rsplit(" | ", 1)[-1].strip()
+        if not last or last.startswith(self.error):
+            return last or self.error
+        return f"{self.error}: {last}" if self.error else last
+
+    def summary(self) -> dict[str, Any]:
+        """What ``dlq list`` shows."""
+        hidden = ("detail", "event", "raw", "original_subject", "original_stream")
+        return {**{k: v for k, v in asdict(self).items() if k not in hidden}, "reason": self.reason}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything, as ``dlq show`` prints it."""
+        return {**asdict(self), "reason": self.reason}
+
+
+def _text(event: Any, key: str) -> str | None:
+    value = event.get(key) if isinstance(event, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def dead_letters(js: JetStreamContext, consumer: str | None = None) -> list[DeadLetter]:
+    """Every dead letter (of ``consumer``, when given), oldest first."""
+    subject = f"collab.dlq.{consumer}" if consumer else DLQ_SUBJECTS
+    try:
+        state = (await js.stream_info(DLQ_STREAM)).state
+    except NotFoundError:
+        return []
+    found: list[DeadLetter] = []
+    seq = state.first_seq or 1
+    while state.messages and seq <= state.last_seq:
+        try:  # the next message at or after ``seq`` on the subject: deleted sequences are skipped
+            msg = await js.get_msg(DLQ_STREAM, seq=seq, subject=subject, next=True)
+        except NotFoundError:
+            break
+        assert msg.seq is not None and msg.subject is not None
+        found.append(DeadLetter.from_message(msg.seq, msg.subject, msg.headers, msg.data))
+        seq = msg.seq + 1
+    return found
+
+
+async def dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:
+    """The dead letter at ``seq`` of ``COLLAB_DLQ``, or None."""
+    try:
+        msg = await js.get_msg(DLQ_STREAM, seq=seq)
+    except NotFoundError:
+        return None
+    assert msg.subject is not None
+    return DeadLetter.from_message(seq, msg.subject, msg.headers, msg.data)
+
+
+async def counts(js: JetStreamContext) -> dict[str, int]:
+    """How many dead letters each consumer has."""
+    try:
+        state = (await js.stream_info(DLQ_STREAM, subjects_filter=DLQ_SUBJECTS)).state
+    except NotFoundError:
+        return {}
+    return {subject.removeprefix("collab.dlq."): n for subject, n in sorted((state.subjects or {}).items())}
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """What replaying one dead letter came to: ``applied`` (and removed from the DLQ), or not and why."""
+
+    seq: int
+    consumer: str | None
+    event_id: str | None
+    applied: bool
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def replay(
+    js: JetStreamContext, appliers: Mapping[str, Applier], seqs: Iterable[int] | None = None
+) -> list[Replayed]:
+    """Re-apply dead letters (``seqs``, or all) through their consumer's applier, oldest first.
+
+    A dead letter is deleted once its event is applied; one that fails again stays, with why.
+    The appliers are idempotent by event id, so an event already applied is not applied again.
+    """
+    if seqs is None:
+        letters: list[DeadLetter | int] = list(await dead_letters(js))
+    else:
+        letters = [await dead_letter(js, seq) or seq for seq in sorted(set(seqs))]
+    results = []
+    for letter in letters:
+        if isinstance(letter, int):
+            results.append(Replayed(letter, None, None, False, f"no dead letter #{letter}"))
+            continue
+        error = await _apply(js, appliers, letter)
+        if error is None:
+            await js.delete_msg(DLQ_STREAM, letter.seq)
+        results.append(Replayed(letter.seq, letter.consumer, letter.event_id, error is None, error))
+    return results
+
+
+async def _apply(js: JetStreamContext, appliers: Mapping[str, Applier], letter: DeadLetter) -> str | None:
+    """Apply one dead letter's event; None when applied, else why not."""
+    from handlers.service import LoggedItem
+
+    applier = appliers.get(letter.consumer)
+    if applier is None:
+        return f"cannot replay dead letters of {letter.consumer!r} (replayable: {', '.join(sorted(appliers)) or 'none'})"
+    if letter.event is None:
+        return "the dead letter is not a readable event"
+    if letter.original_seq is None:
+        return "the dead letter does not say where the event is in the log"
+    item = LoggedItem(letter.original_seq, letter.event, await _logged_at(js, letter))
+    try:
+        applied, failure, _ = await asyncio.to_thread(applier.apply_batch, [item])
+    except Exception as exc:  # the database, most likely
+        return f"{type(exc).__name__}: {exc}"
+    if failure is not None:
+        lines = failure.detail.strip().splitlines()
+        return lines[-1] if lines else failure.error  # a traceback's last line names the exception
+    return None if applied == 1 else "not applied"
+
+
+async def _logged_at(js: JetStreamContext, letter: DeadLetter) -> datetime:
+    """When the log accepted the event: the workflows judge deadlines by it, not by now."""
+    assert letter.original_seq is not None
+    try:
+        msg = await js.get_msg(letter.original_stream or EVENTS_STREAM, seq=letter.original_seq)
+        if msg.time is not None:
+            return msg.time if msg.time.tzinfo else msg.time.replace(tzinfo=timezone.utc)
+    except NotFoundError:
+        pass
+    return datetime.now(timezone.utc)
+
+
+async def purge(js: JetStreamContext, consumer: str | None = None) -> int:
+    """Delete every dead letter (of ``consumer``, when given); returns how many there were."""
+    subject = f"collab.dlq.{consumer}" if consumer else None
+    try:
+        before = (await js.stream_info(DLQ_STREAM, subjects_filter=subject or DLQ_SUBJECTS)).state
+    except NotFoundError:
+        return 0
+    count = sum((before.subjects or {}).values())
+    if count:
+        await js.purge_stream(DLQ_STREAM, subject=subject)
+    return count

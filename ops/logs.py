@@ -1,0 +1,68 @@
+"""Logging for a bus process: JSON lines for machines, readable lines for people.
+
+``collabbus up`` configures it once. When standard error is not a terminal (a container, a
+service manager, a pipe) every record is one JSON object per line, so a log pipeline can search
+by field; on a terminal it is one readable line. Context the code passes with ``extra`` — above
+all ``event_id`` where a log line is about an event — is kept in both.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+import orjson
+
+# What every LogRecord has; anything else on a record came in through ``extra``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+def extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a log call added with ``extra``."""
+    return {key: value for key, value in vars(record).items() if key not in _STANDARD and not key.startswith("_")}
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, the extras, the exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **extras(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class Readable(logging.Formatter):
+    """``12:00:01 WARNING collabbus.gate: message  event_id=…`` and the traceback, if any."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = "  ".join(f"{key}={value}" for key, value in extras(record).items())
+        if not context:
+            return line
+        first, sep, rest = line.partition("\n")  # the context goes on the message's line, before a traceback
+        return f"{first}  {context}{sep}{rest}"
+
+
+def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> None:
+    """Send every logger's records to ``stream`` (standard error), JSON unless it is a terminal."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(Readable() if stream.isatty() else JsonLines())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))  # every migration step is noise at start

@@ -1,0 +1,126 @@
+"""Prometheus metrics of a bus process, served at ``/metrics`` (CONTRACT §6).
+
+Two kinds:
+
+- what the code counts as it happens — offers judged by the gate, time spent applying each event —
+  on prometheus-client's process-wide registry (beside its process and GC metrics);
+- what is read from the shared sources of truth when scraped (:func:`snapshot`): the log's last
+  sequence, each consumer group's lag, the dead letters per consumer, webhook attempts by outcome.
+  Those hold for the whole bus, whichever process serves them, and survive restarts.
+
+Label values are bounded: an event type the catalog does not know is ``unknown``, an institution
+the gate does not know as a member is ``other`` (an ingress subject can name anything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from functools import cache
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from bus.streams import EVENTS_STREAM
+from bus.verdict import Verdict
+
+disable_created_metrics()  # ``*_created`` samples double the text and no dashboard reads them
+
+OFFERED = Counter("collabbus_events_offered", "events offered to the gate", ["type", "institution"])
+ACCEPTED = Counter("collabbus_events_accepted", "events the gate accepted into the log (duplicates included)", ["type", "institution"])
+REJECTED = Counter("collabbus_events_rejected", "events the gate rejected, by reason", ["type", "institution", "reason"])
+HANDLER_SECONDS = Histogram(
+    "collabbus_handler_duration_seconds", "time to apply one logged event to the read models (projections and workflows)",
+    ["type"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+OTHER_INSTITUTION = "other"
+UNKNOWN_TYPE = "unknown"
+
+
+@cache
+def _known_types() -> frozenset[str]:
+    from schemas import registry
+
+    return frozenset(registry.event_types())
+
+
+def event_type_label(*candidates: object) -> str:
+    """The first candidate that is a catalog type, else ``unknown``."""
+    known = _known_types()
+    return next((c for c in candidates if isinstance(c, str) and c in known), UNKNOWN_TYPE)
+
+
+def count_offer(institution: str, raw: Mapping[str, Any] | None, offered_type: str | None, verdict: Verdict) -> None:
+    """Count one offer the gate judged (``institution``: already bounded by the caller)."""
+    event_type = event_type_label(raw.get("type") if raw else None, offered_type)
+    OFFERED.labels(event_type, institution).inc()
+    if verdict.accepted:
+        ACCEPTED.labels(event_type, institution).inc()
+    else:
+        REJECTED.labels(event_type, institution, verdict.reason or "unknown").inc()
+
+
+class _Snapshot(Collector):
+    """Metric families from one reading of the bus's status and the webhook attempts."""
+
+    def __init__(self, status: Mapping[str, Any], webhook_attempts: Mapping[str, int] | None) -> None:
+        self.status = status
+        self.webhook_attempts = webhook_attempts
+
+    def collect(self) -> Iterator[Metric]:
+        events = self.status["streams"].get(EVENTS_STREAM)
+        if events is not None:
+            yield GaugeMetricFamily("collabbus_log_last_seq", "last sequence of the event log", value=events["last_seq"])
+        pending = GaugeMetricFamily("collabbus_consumer_pending", "logged events not yet delivered to a consumer group", labels=["consumer"])
+        acks = GaugeMetricFamily("collabbus_consumer_ack_pending", "events delivered to a consumer group, not yet acknowledged", labels=["consumer"])
+        lag = GaugeMetricFamily("collabbus_consumer_lag", "logged events a consumer group has not applied yet (pending + ack pending)", labels=["consumer"])
+        for name, consumer in self.status["consumers"].items():
+            pending.add_metric([name], consumer["pending"])
+            acks.add_metric([name], consumer["ack_pending"])
+            lag.add_metric([name], consumer["pending"] + consumer["ack_pending"])
+        yield from (pending, acks, lag)
+        dead = GaugeMetricFamily("collabbus_dead_letters", "messages in the dead-letter stream, per consumer", labels=["consumer"])
+        for name, count in self.status["dead_letters"].items():
+            dead.add_metric([name], count)
+        yield dead
+        if self.webhook_attempts is not None:
+            attempts = CounterMetricFamily(
+                "collabbus_webhook_attempts", "webhook delivery attempts recorded, by outcome (delivered: 2xx; failed: "
+                "another status; error: no answer, refused target or timeout)", labels=["outcome"],
+            )
+            for outcome in ("delivered", "failed", "error"):
+                attempts.add_metric([outcome], self.webhook_attempts.get(outcome, 0))
+            yield attempts
+
+
+def exposition(status: Mapping[str, Any], webhook_attempts: Mapping[str, int] | None, *registries: CollectorRegistry) -> bytes:
+    """The Prometheus text of ``registries``, the process-wide metrics and a status snapshot."""
+    snapshot = CollectorRegistry(auto_describe=False)
+    snapshot.register(_Snapshot(status, webhook_attempts))
+    return b"".join(generate_latest(registry) for registry in (*registries, REGISTRY, snapshot))
+
+
+def webhook_attempts(engine: Any) -> dict[str, int] | None:
+    """Webhook attempts recorded in the database, by outcome; None without webhook tables.
+
+    Read from the attempt log the dispatcher keeps (CONTRACT §7), so the numbers hold across
+    processes and restarts without a hook in the dispatcher.
+    """
+    import sqlalchemy as sa
+
+    if engine is None:
+        return None
+    try:
+        with engine.connect() as connection:
+            if not sa.inspect(connection).has_table("webhook_attempts"):
+                return None
+            rows = connection.execute(sa.text(
+                "SELECT CASE WHEN status_code IS NULL THEN 'error' "
+                "WHEN status_code BETWEEN 200 AND 299 THEN 'delivered' ELSE 'failed' END AS outcome, COUNT(*) "
+                "FROM webhook_attempts GROUP BY 1"
+            )).all()
+    except sa.exc.SQLAlchemyError:
+        return None
+    return {outcome: count for outcome, count in rows}

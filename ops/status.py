@@ -1,0 +1,125 @@
+"""The bus's status in one dictionary: what ``collabbus status`` prints and ``/ops/status`` answers.
+
+Everything comes from the shared sources of truth — JetStream for the streams, the consumer groups
+and the dead letters; the database for how far the read models have applied the log and how the
+webhook endpoints are doing — so it reads the same from any process, with the bus running or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from ops import dlq
+
+
+async def collect_status(
+    js: JetStreamContext, engine: sa.Engine | None = None, *, running: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Streams, durable consumer groups, dead letters per consumer, the database's positions and
+    the webhook endpoints' health (when the database has them).
+
+    ``running``: consumer name → the ``bus.consumer.Consumer`` running in this process, whose
+    counters (events applied, dead-lettered since start) are added.
+    """
+    streams = {name: await _stream(js, name) for name in (EVENTS_STREAM, DLQ_STREAM)}
+    consumers = await _consumers(js, EVENTS_STREAM)
+    for name, consumer in (running or {}).items():
+        if name in consumers and consumer is not None:
+            consumers[name].update(applied=consumer.applied, dead_lettered=consumer.dead_lettered)
+    status: dict[str, Any] = {"streams": streams, "consumers": consumers, "dead_letters": await dlq.counts(js)}
+    if engine is not None:
+        last_seq = (streams[EVENTS_STREAM] or {}).get("last_seq", 0)
+        database, webhooks = await asyncio.to_thread(_database, engine, last_seq)
+        status["database"] = database
+        if webhooks is not None:
+            status["webhooks"] = webhooks
+    return status
+
+
+async def _stream(js: JetStreamContext, name: str) -> dict[str, Any] | None:
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        return None
+    state = info.state
+    return {
+        "messages": state.messages,
+        "bytes": state.bytes,
+        "first_seq": state.first_seq,
+        "last_seq": state.last_seq,
+        "replicas": info.config.num_replicas or 1,
+        "consumers": state.consumer_count,
+    }
+
+
+async def _consumers(js: JetStreamContext, stream: str) -> dict[str, dict[str, Any]]:
+    """The stream's durable consumers (the groups; tools' short-lived cursors are left out)."""
+    try:
+        infos = await js.consumers_info(stream)
+    except NotFoundError:
+        return {}
+    found = {}
+    for info in sorted(infos, key=lambda i: i.name):
+        if not info.config.durable_name:
+            continue
+        delivered = info.delivered
+        found[info.name] = {
+            "stream": stream,
+            "pending": info.num_pending or 0,
+            "ack_pending": info.num_ack_pending or 0,
+            "redelivered": info.num_redelivered or 0,
+            "waiting": info.num_waiting or 0,
+            "last_delivered": delivered.stream_seq if delivered else 0,
+            "last_active": _time(delivered.last_active) if delivered else None,
+            "acked": info.ack_floor.stream_seq if info.ack_floor else 0,
+        }
+    return found
+
+
+def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """How far each consumer's database position is (and how far behind the log), and the
+    webhook endpoints (None when the database has no webhook tables)."""
+    database: dict[str, Any] = {"url": engine.url.render_as_string(hide_password=True)}
+    try:
+        with engine.connect() as connection:
+            tables = set(sa.inspect(connection).get_table_names())
+            positions: dict[str, int] = {}
+            for table in ("consumer_positions", "webhook_consumer_positions"):
+                if table in tables:
+                    positions.update(connection.execute(sa.text(f"SELECT consumer, seq FROM {table}")).all())
+            database["positions"] = {
+                name: {"seq": seq, "behind": max(last_seq - seq, 0)} for name, seq in sorted(positions.items())
+            }
+            if "webhook_endpoints" not in tables:
+                return database, None
+            owed: dict[str, int] = dict(connection.execute(sa.text(
+                "SELECT endpoint_id, COUNT(*) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL GROUP BY endpoint_id"
+            )).all())
+            rows = connection.execute(sa.text(
+                "SELECT id, institution, url, enabled, disabled_reason, failing_since, last_success_at "
+                "FROM webhook_endpoints ORDER BY institution, id"
+            )).mappings().all()
+    except sa.exc.SQLAlchemyError as exc:
+        database["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return database, None
+    webhooks = [
+        {
+            "id": row["id"], "institution": row["institution"], "url": row["url"], "enabled": bool(row["enabled"]),
+            "disabled_reason": row["disabled_reason"], "failing_since": _time(row["failing_since"]),
+            "last_success_at": _time(row["last_success_at"]), "owed": owed.get(row["id"], 0),
+        }
+        for row in rows
+    ]
+    return database, webhooks
+
+
+def _time(value: datetime | str | None) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else value

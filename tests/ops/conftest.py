@@ -1,0 +1,67 @@
+"""What the operations tests share: a bus with a poison seam, and the command line in a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from sqlmodel import Session, select
+
+from bus.runtime import Bus
+from bus.server import EmbeddedNats
+from handlers.bookkeeping import AppliedEvent
+from handlers.network import Network, Routes
+from tests.bus.test_consumer import FIXTURE, Recorder, server, start_bus  # noqa: F401  (server: fixture)
+from tests.conftest import join
+
+COLLABBUS = [sys.executable, "-m", "ops"]
+
+
+async def collabbus(*args: str, env: dict[str, str], stdin: bytes = b"") -> tuple[int, str, str]:
+    """The command line in its own process (without blocking the bus running in this one)."""
+    proc = await asyncio.create_subprocess_exec(
+        *COLLABBUS, *args, env=env, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(stdin), 60)
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+def cli_env(bus: Bus) -> dict[str, str]:
+    env = {**os.environ, "COLLABBUS_NATS_URL": bus.settings.nats_servers[0], "COLLABBUS_DATA_DIR": str(bus.settings.data_dir),
+           "COLUMNS": "200"}
+    env.pop("COLLABBUS_DATABASE_URL", None)
+    return env
+
+
+class Poisoned:
+    """A bus whose projection of ``project.registered`` raises for the poison projects, until fixed."""
+
+    def __init__(self, bus: Bus, recorder: Recorder, nc: Client) -> None:
+        self.bus, self.recorder, self.nc = bus, recorder, nc
+
+    def applied(self) -> set[str]:
+        with Session(self.bus.engine) as session:
+            return set(session.exec(select(AppliedEvent.event_id)).all())
+
+
+@pytest.fixture
+async def poisoned(tmp_path: Path, server: EmbeddedNats) -> AsyncIterator[Poisoned]:  # noqa: F811
+    recorder = Recorder()
+    recorder.poison.update({"poison-a", "poison-b"})
+    bus = await start_bus(tmp_path, server, lambda: Network(Routes().add(projections={"project.registered": recorder})),
+                          max_deliver=2, backoff=(0.05,))
+    nc = await nats.connect(server.url)
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        yield Poisoned(bus, recorder, nc)
+    finally:
+        await nc.close()
+        await bus.stop()

@@ -1,0 +1,80 @@
+"""``collabbus dlq``: a poison event is listed with its reason, replayed once fixed (exactly once),
+and gone from the dead-letter queue; purge asks first."""
+
+from __future__ import annotations
+
+import orjson
+
+from bus.client import offer
+from bus.streams import DLQ_STREAM
+from ops import dlq
+from tests.bus.test_consumer import FIXTURE, project_event, wait_for
+from tests.ops.conftest import Poisoned, cli_env, collabbus
+
+
+async def test_a_poison_event_is_listed_replayed_once_fixed_and_gone(poisoned: Poisoned) -> None:
+    bus, recorder = poisoned.bus, poisoned.recorder
+    a, b, after = project_event("poison-a"), project_event("poison-b"), project_event("after-1")
+    seqs = {}
+    for event in (a, b, after):
+        verdict = await offer(poisoned.nc, FIXTURE["as"], event)
+        assert verdict.accepted
+        seqs[event["id"]] = verdict.seq
+    await wait_for(lambda: "after-1" in recorder.seen and bus.consumer is not None and bus.consumer.dead_lettered == 2)
+
+    # Given two dead letters, when listed, then each says where it came from and why.
+    letters = await dlq.dead_letters(bus.js)
+    assert [(x.consumer, x.event_id, x.type, x.original_seq) for x in letters] == [
+        ("network", a["id"], "project.registered", seqs[a["id"]]),
+        ("network", b["id"], "project.registered", seqs[b["id"]]),
+    ]
+    first = letters[0]
+    assert first.reason == "RuntimeError: cannot apply poison-a" and first.deliveries == 2 and first.error == "RuntimeError"
+    assert first.event == (await dlq.dead_letter(bus.js, first.seq)).event == a  # type: ignore[union-attr]
+
+    env = cli_env(bus)
+    code, listed, _ = await collabbus("dlq", "list", env=env)
+    assert code == 0 and "2 dead letters" in listed
+    assert a["id"] in listed and "RuntimeError: cannot apply poison-a" in listed and "project.registered" in listed
+    code, shown, _ = await collabbus("dlq", "show", str(first.seq), env=env)
+    assert code == 0 and "Traceback" in shown and '"project_id": "poison-a"' in shown
+    code, _, missing = await collabbus("dlq", "show", "999", env=env)
+    assert code == 1 and "no dead letter #999" in missing
+
+    # While the handler still fails, a replay keeps the dead letter and says why.
+    kept = await dlq.replay(bus.js, {"network": bus.service}, [first.seq])
+    assert [(r.applied, r.error) for r in kept] == [(False, "RuntimeError: cannot apply poison-a")]
+    assert a["id"] not in poisoned.applied()
+
+    # Once fixed, the replay applies it and removes it from the queue.
+    recorder.poison.clear()
+    replayed = await dlq.replay(bus.js, {"network": bus.service}, [first.seq, 999])
+    assert [(r.seq, r.applied, r.error) for r in replayed] == [(first.seq, True, None), (999, False, "no dead letter #999")]
+    assert recorder.seen.count("poison-a") == 1 and a["id"] in poisoned.applied()
+    assert [x.event_id for x in await dlq.dead_letters(bus.js)] == [b["id"]]
+
+    # The same dead letter back (a replay interrupted before the delete): replaying it changes nothing.
+    headers = {"Collabbus-Consumer": "network", "Collabbus-Original-Seq": str(seqs[a["id"]]),
+               "Collabbus-Original-Stream": "COLLAB_EVENTS", "Collabbus-Error": "RuntimeError", "Nats-Msg-Id": "copy-of-a"}
+    await bus.js.publish("collab.dlq.network", orjson.dumps(a), headers=headers, stream=DLQ_STREAM)
+    again = await dlq.replay(bus.js, {"network": bus.service})
+    assert [(r.event_id, r.applied) for r in again] == [(b["id"], True), (a["id"], True)]
+    assert recorder.seen.count("poison-a") == 1 and recorder.seen.count("poison-b") == 1
+    assert await dlq.dead_letters(bus.js) == []
+    assert await dlq.replay(bus.js, {"network": bus.service}) == []
+
+
+async def test_purge_asks_first(poisoned: Poisoned) -> None:
+    bus = poisoned.bus
+    event = project_event("poison-a")
+    assert (await offer(poisoned.nc, FIXTURE["as"], event)).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+    env = cli_env(bus)
+
+    code, _, _ = await collabbus("dlq", "purge", env=env, stdin=b"n\n")
+    assert code == 1 and len(await dlq.dead_letters(bus.js)) == 1
+    code, out, _ = await collabbus("dlq", "purge", "--yes", env=env)
+    assert code == 0 and "deleted 1 dead letter" in out
+    assert await dlq.dead_letters(bus.js) == [] and await dlq.counts(bus.js) == {}
+    code, out, _ = await collabbus("dlq", "list", "--json", env=env)
+    assert code == 0 and '"items": []' in out

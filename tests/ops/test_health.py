@@ -1,0 +1,88 @@
+"""``/readyz`` says why a bus is not ready; logs carry the event id, as JSON lines off a terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from bus.client import offer
+from bus.streams import EVENTS_STREAM
+from connectors.http.app import create_app
+from ops.logs import JsonLines, Readable, configure_logging
+from tests.bus.test_consumer import FIXTURE, project_event, wait_for
+from tests.ops.conftest import Poisoned
+
+
+@pytest.fixture
+async def client(poisoned: Poisoned) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(poisoned.bus)), base_url="http://bus") as client:
+        yield client
+
+
+async def readiness(client: httpx.AsyncClient) -> tuple[int, dict[str, str]]:
+    response = await client.get("/readyz")
+    return response.status_code, response.json()["checks"]
+
+
+async def test_readiness_names_what_is_missing(poisoned: Poisoned, client: httpx.AsyncClient) -> None:
+    bus = poisoned.bus
+    assert await readiness(client) == (200, {"nats": "ok", "database": "ok", "consumer": "ok"})
+
+    assert bus.consumer is not None
+    await bus.consumer.stop()
+    assert await readiness(client) == (503, {"nats": "ok", "database": "ok", "consumer": "network is not running"})
+    await bus.consumer.start()
+
+    await bus.js.delete_consumer(EVENTS_STREAM, "webhooks")
+    assert (await readiness(client))[1]["consumer"] == "webhooks is missing on the server"
+
+    engine, bus.engine = bus.engine, None
+    try:
+        assert (await readiness(client))[1]["database"] == "read models not running"
+    finally:
+        bus.engine = engine
+
+
+async def test_a_dead_letter_is_logged_with_its_event_id(poisoned: Poisoned, caplog: pytest.LogCaptureFixture) -> None:
+    event = project_event("poison-a")
+    assert (await offer(poisoned.nc, FIXTURE["as"], event)).accepted
+    await wait_for(lambda: poisoned.bus.consumer is not None and poisoned.bus.consumer.dead_lettered == 1)
+    about = [r for r in caplog.records if getattr(r, "event_id", None) == event["id"]]
+    assert {r.name for r in about} >= {"collabbus.handlers", "collabbus.consumer"}
+
+
+def record(**extra: object) -> logging.LogRecord:
+    log = logging.getLogger("collabbus.test")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        return log.makeRecord(log.name, logging.ERROR, __file__, 1, "event %s failed", ("e-1",), sys.exc_info(), extra=extra)
+
+
+def test_json_lines_carry_the_extras_and_the_exception() -> None:
+    entry = json.loads(JsonLines().format(record(event_id="e-1", consumer="network")))
+    assert entry["message"] == "event e-1 failed" and entry["level"] == "error" and entry["logger"] == "collabbus.test"
+    assert entry["event_id"] == "e-1" and entry["consumer"] == "network" and "ValueError: boom" in entry["exception"]
+    assert entry["time"].endswith("+00:00")
+
+    first = Readable().format(record(event_id="e-1")).splitlines()[0]
+    assert first.endswith("ERROR   collabbus.test: event e-1 failed  event_id=e-1")
+
+
+def test_json_unless_a_terminal() -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()  # not a terminal
+    try:
+        configure_logging(stream=stream)
+        logging.getLogger("collabbus.test").warning("about %s", "e-2", extra={"event_id": "e-2"})
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert json.loads(stream.getvalue().splitlines()[-1])["event_id"] == "e-2"

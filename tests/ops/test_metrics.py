@@ -1,0 +1,105 @@
+"""``/metrics``: Prometheus text whose counters move as events are offered, rejected and fail, and
+whose consumer lag follows a stopped consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bus.client import offer
+from connectors.http.app import create_app
+from connectors.webhooks import store
+from handlers.db import session_scope
+from tests.bus.test_consumer import FIXTURE, project_event, wait_for
+from tests.ops.conftest import Poisoned
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+Scrape = Callable[[], Awaitable[Samples]]
+MEMBER = FIXTURE["as"]
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture
+async def scrape(poisoned: Poisoned) -> AsyncIterator[Scrape]:
+    transport = httpx.ASGITransport(app=create_app(poisoned.bus))
+    async with httpx.AsyncClient(transport=transport, base_url="http://bus") as client:
+
+        async def read() -> Samples:
+            response = await client.get("/metrics")
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+            return {
+                (s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(response.text) for s in family.samples
+            }
+
+        yield read
+
+
+async def test_counters_move_with_offers_rejections_and_failures(poisoned: Poisoned, scrape: Scrape) -> None:
+    bus, nc = poisoned.bus, poisoned.nc
+    before = await scrape()
+    for event in (project_event("m-1"), project_event("m-2"), project_event("poison-a")):
+        assert (await offer(nc, MEMBER, event)).accepted
+    invalid = project_event("m-3")
+    del invalid["data"]["title"]
+    assert not (await offer(nc, MEMBER, invalid)).accepted
+    stranger = copy.deepcopy(project_event("m-4"))
+    stranger["source"] = "/institutions/x-nobody"
+    assert (await offer(nc, "x-nobody", stranger)).reason == "forbidden"
+    await wait_for(lambda: "m-2" in poisoned.recorder.seen and bus.consumer is not None and bus.consumer.dead_lettered == 1)
+    after = await scrape()
+
+    def moved(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    registered = {"type": "project.registered"}
+    assert moved("collabbus_events_offered_total", institution=MEMBER, **registered) == 4
+    assert moved("collabbus_events_accepted_total", institution=MEMBER, **registered) == 3
+    assert moved("collabbus_events_rejected_total", institution=MEMBER, reason="invalid", **registered) == 1
+    assert moved("collabbus_events_rejected_total", institution="other", reason="forbidden", **registered) == 1
+    assert moved("collabbus_handler_duration_seconds_count", **registered) == 2  # the poison event never completed
+    assert sample(after, "collabbus_dead_letters", consumer="network") == 1
+    assert sample(after, "collabbus_log_last_seq") == 5
+
+
+async def test_consumer_lag_follows_a_stopped_consumer(poisoned: Poisoned, scrape: Scrape) -> None:
+    bus = poisoned.bus
+    assert bus.consumer is not None
+    await bus.consumer.stop()
+    for i in range(3):
+        assert (await offer(poisoned.nc, MEMBER, project_event(f"lag-{i}"))).accepted
+    stopped = await scrape()
+    assert sample(stopped, "collabbus_consumer_lag", consumer="network") == 3
+    assert sample(stopped, "collabbus_consumer_pending", consumer="network") == 3
+
+    await bus.consumer.start()
+    deadline = asyncio.get_running_loop().time() + 20
+    while sample(await scrape(), "collabbus_consumer_lag", consumer="network") != 0:
+        assert asyncio.get_running_loop().time() < deadline, "the consumer did not catch up"
+        await asyncio.sleep(0.05)
+    assert poisoned.recorder.seen[-3:] == ["lag-0", "lag-1", "lag-2"]
+
+
+async def test_webhook_attempts_by_outcome(poisoned: Poisoned, scrape: Scrape) -> None:
+    now = datetime.now(timezone.utc)
+    with session_scope(poisoned.bus.engine) as session:
+        endpoint = store.create_endpoint(session, MEMBER, "https://example.org/hook", [], "", after_seq=0, now=now)
+        session.flush()
+        delivery = store.Delivery(endpoint_id=endpoint.id, event_id="e-1", event_type="project.registered", seq=1, created_at=now)
+        session.add(delivery)
+        session.flush()
+        assert delivery.id is not None
+        for status_code in (200, 204, 500, None):
+            session.add(store.Attempt(delivery_id=delivery.id, attempted_at=now, status_code=status_code))
+    samples = await scrape()
+    counts = {o: sample(samples, "collabbus_webhook_attempts_total", outcome=o) for o in ("delivered", "failed", "error")}
+    assert counts == {"delivered": 2, "failed": 1, "error": 1}

@@ -1,0 +1,55 @@
+"""``collabbus status`` (and ``/ops/status``, the same function) for a known history."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timezone
+
+from bus.client import offer
+from connectors.http.operations import bus_status
+from connectors.webhooks import store
+from handlers.db import session_scope
+from tests.bus.test_consumer import FIXTURE, project_event, wait_for
+from tests.ops.conftest import Poisoned, cli_env, collabbus
+
+
+async def test_status_reports_streams_consumers_dead_letters_and_positions(poisoned: Poisoned) -> None:
+    bus = poisoned.bus
+    with session_scope(bus.engine) as session:
+        endpoint = store.create_endpoint(session, FIXTURE["as"], "https://example.org/hook", ["project.*"], "",
+                                         after_seq=10**6, now=datetime.now(timezone.utc))
+    # Given: the operator and one member joined (#1, #2), three projects and one poison event (#3–#6).
+    events = [project_event("p-1"), project_event("poison-a"), project_event("p-2"), project_event("p-3")]
+    for event in events:
+        assert (await offer(poisoned.nc, FIXTURE["as"], event)).accepted
+
+    async def caught_up() -> dict:
+        while True:
+            status = await bus_status(bus)
+            if all(c["pending"] == 0 and c["ack_pending"] == 0 and c["last_delivered"] == 6 for c in status["consumers"].values()):
+                return status
+            await asyncio.sleep(0.05)
+
+    await wait_for(lambda: "p-3" in poisoned.recorder.seen)
+    in_process = await asyncio.wait_for(caught_up(), 20)
+    assert in_process["consumers"]["network"]["dead_lettered"] == 1  # the running process's own counters
+
+    code, out, err = await collabbus("status", "--json", env=cli_env(bus))
+    assert code == 0, err
+    status = json.loads(out)
+    events_stream = status["streams"]["COLLAB_EVENTS"]
+    assert (events_stream["messages"], events_stream["first_seq"], events_stream["last_seq"], events_stream["replicas"]) == (6, 1, 6, 1)
+    assert status["streams"]["COLLAB_DLQ"]["messages"] == 1
+    assert set(status["consumers"]) == {"network", "webhooks"}
+    network = status["consumers"]["network"]
+    assert (network["pending"], network["ack_pending"], network["last_delivered"], network["acked"]) == (0, 0, 6, 6)
+    assert status["dead_letters"] == {"network": 1}
+    assert status["database"]["positions"] == {"network": {"seq": 6, "behind": 0}, "webhooks": {"seq": 6, "behind": 0}}
+    assert [(w["id"], w["enabled"], w["failing_since"], w["last_success_at"]) for w in status["webhooks"]] == [
+        (endpoint.id, True, None, None)
+    ]
+
+    code, out, err = await collabbus("status", env=cli_env(bus))
+    assert code == 0, err
+    assert "COLLAB_EVENTS" in out and "network" in out and "webhook endpoints" in out and "(0 behind)" in out

@@ -1,0 +1,97 @@
+"""A sandbox portal (CONTRACT §8) over real HTTP on 127.0.0.1, and the gateway's bus to sync into."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bus.log import read
+from connectors.portal.connector import PortalClient, PortalSync
+from connectors.portal.sandbox import Faults, PortalSandbox
+from tests.conftest import OPERATOR
+from tests.connectors.conftest import Gateway, gateway, institution_id  # noqa: F401  (fixture)
+from tests.handlers.harness import envelope
+
+TOKEN = "sandbox-token"
+
+
+def business_id() -> str:
+    """A fresh Finnish business id (Y-tunnus shape)."""
+    digits = f"{uuid.uuid4().int % 10**7:07d}"
+    return f"{digits}-{uuid.uuid4().int % 10}"
+
+
+@dataclass
+class Network:
+    """Members with business ids, and an organisation that names no member."""
+
+    members: dict[str, str]
+    """business id → member"""
+    organisations: list[dict[str, str]]
+    unmapped: dict[str, str]
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[PortalSandbox]:
+    portal = PortalSandbox(tmp_path / "portal.db", token=TOKEN)
+    await portal.start()
+    try:
+        yield portal
+    finally:
+        await portal.stop()
+
+
+async def join(gateway: Gateway, kind: str, bid: str) -> str:  # noqa: F811
+    """A new member holding business id ``bid``, admitted by the operator through the gate.
+
+    (Not over the gateway's HTTP client: after a test that keeps it idle for seconds, its pooled
+    connection may meet uvicorn's keep-alive timeout.)"""
+    member = institution_id()
+    data = {"id": member, "name": {"en": member}, "kind": kind, "country": "FI",
+            "identifiers": [{"scheme": "fi-business-id", "value": bid}]}
+    verdict = await gateway.bus.gate.admit(OPERATOR, orjson.dumps(envelope("institution.joined", OPERATOR, data)),
+                                           {"content-type": "application/cloudevents+json"})
+    assert verdict.accepted, verdict.as_dict()
+    return member
+
+
+@pytest.fixture
+async def network(gateway: Gateway) -> Network:  # noqa: F811
+    members: dict[str, str] = {}
+    organisations = []
+    for kind in ("ngo", "municipality"):
+        bid = business_id()
+        member = await join(gateway, kind, bid)
+        members[bid] = member
+        organisations.append({"name": f"Organisaatio {member}", "business_id": bid})
+    unmapped = {"name": "Tuntematon säätiö sr", "business_id": business_id()}
+    await gateway.settle()  # the connector maps organisations through the members' read model
+    return Network(members, organisations, unmapped)
+
+
+def portal_sync(gateway: Gateway, sandbox: PortalSandbox, **client: Any) -> PortalSync:  # noqa: F811
+    """A connector as a fresh process would build it (state only in the database)."""
+    options: dict[str, Any] = {"timeout": 5.0, "backoff": 0.02, "attempts": 8, **client}
+    page_size = options.pop("page_size", 100)
+    # Sandboxes of earlier tests may have had the same port: their state is kept apart by the store's path.
+    key = f"{sandbox.url}#{sandbox.store.path}"
+    return PortalSync(gateway.bus.gate, gateway.bus.engine, PortalClient(sandbox.url, TOKEN, **options),
+                      portal=key, page_size=page_size)
+
+
+async def project_events(gateway: Gateway, members: list[str]) -> list[dict[str, Any]]:  # noqa: F811
+    """Every project event the members have in the log, in log order."""
+    found: list[tuple[int, dict[str, Any]]] = []
+    for member in members:
+        async for logged in read(gateway.bus.js, f"collab.events.{member}.project.>", since="all", idle_timeout=0.5):
+            found.append((logged.seq, logged.event))
+    return [event for _, event in sorted(found, key=lambda pair: pair[0])]
+
+
+__all__ = ["Faults", "Network", "business_id", "portal_sync", "project_events"]

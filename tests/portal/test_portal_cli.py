@@ -1,0 +1,59 @@
+"""``collabbus portal sandbox`` and ``collabbus portal sync --once --json`` as an operator runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+
+from bus.server import free_port
+from tests.connectors.conftest import Gateway
+from tests.portal.conftest import Network
+
+COLLABBUS = [sys.executable, "-m", "ops"]
+
+
+async def test_sandbox_and_sync_commands(gateway: Gateway, network: Network, tmp_path: Path) -> None:
+    port = free_port()
+    sandbox = await asyncio.create_subprocess_exec(
+        *COLLABBUS, "portal", "sandbox", "--listen", f"127.0.0.1:{port}", "--token", "cli-token",
+        "--data-dir", str(tmp_path / "sandbox"), stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer cli-token"}) as http:
+            for _ in range(300):
+                try:
+                    if (await http.get("/api/v1/entries")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            [member_bid, _] = list(network.members)
+            seeded = await http.post("/_sandbox/seed", json={"count": 12, "organisations": [
+                {"name": "Jäsen ry", "business_id": member_bid}, network.unmapped]})
+            assert seeded.json()["created"] == 12
+            assert (await http.get("/api/v1/entries", headers={"Authorization": "Bearer wrong"})).status_code == 401
+
+        env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "",
+               "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
+               "COLLABBUS_PORTAL_URL": f"http://127.0.0.1:{port}", "COLLABBUS_PORTAL_TOKEN": "cli-token"}
+        refused = await asyncio.create_subprocess_exec(*COLLABBUS, "portal", "sync", "--once", env=env,
+                                                       stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await refused.communicate()
+        assert refused.returncode == 1 and b"COLLABBUS_WEBHOOK_ALLOW_NETWORKS" in stderr  # loopback is not a portal by default
+
+        env["COLLABBUS_WEBHOOK_ALLOW_NETWORKS"] = "127.0.0.0/8"
+        sync = await asyncio.create_subprocess_exec(*COLLABBUS, "portal", "sync", "--once", "--json", env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = await sync.communicate()
+        assert sync.returncode == 0, stderr.decode()
+        summary = json.loads(stdout)
+        assert (summary["complete"], summary["listed"], summary["registered"], summary["unmapped_entries"]) == (True, 12, 6, 6)
+        assert summary["unmapped"] == {network.unmapped["business_id"]: {"name": network.unmapped["name"], "entries": 6}}
+    finally:
+        sandbox.send_signal(signal.SIGINT)
+        await asyncio.wait_for(sandbox.wait(), 20)
