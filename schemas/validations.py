@@ -159,21 +159,25 @@ class ValidationWithdrawn(EventData):
     reason: LocalizedText
 
 
+ValidationRefusalCode = Literal[
+    "unknown_validation",
+    "already_requested",
+    "coordinator_not_competence_centre",
+    "not_coordinator",
+    "not_requester",
+    "conflict_of_interest",
+    "not_assigned",
+    "unknown_question",
+    "already_decided",
+    "withdrawn",
+]
+"""The validation workflow's refusal codes (the rules decide them; the catalog carries them)."""
+
+
 class ValidationRefusal(Reason):
     """Why the validation workflow refused an event."""
 
-    code: Literal[
-        "unknown_validation",
-        "already_requested",
-        "coordinator_not_competence_centre",
-        "not_coordinator",
-        "not_requester",
-        "conflict_of_interest",
-        "not_assigned",
-        "unknown_question",
-        "already_decided",
-        "withdrawn",
-    ]
+    code: ValidationRefusalCode
 
 
 class ValidationActionRejected(EventData):

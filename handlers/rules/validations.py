@@ -22,6 +22,7 @@ from schemas.validations import (
     ReviewerAssigned,
     ReviewSubmitted,
     ValidationDecided,
+    ValidationRefusalCode,
     ValidationWithdrawn,
 )
 
@@ -47,18 +48,7 @@ OPEN: frozenset[str] = frozenset({"requested", "in_review", "info_requested"})
 
 Recommendation = Literal["validate", "revise", "reject"]
 Outcome = Literal["validated", "needs_revision", "not_validated"]
-RefusalCode = Literal[
-    "unknown_validation",
-    "already_requested",
-    "coordinator_not_competence_centre",
-    "not_coordinator",
-    "not_requester",
-    "conflict_of_interest",
-    "not_assigned",
-    "unknown_question",
-    "already_decided",
-    "withdrawn",
-]
+RefusalCode = ValidationRefusalCode
 
 
 @dataclass(frozen=True)
