@@ -148,6 +148,23 @@ def _load_data(value: str) -> Any:
         raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--data") from None
 
 
+def _offer_and_report(settings: Settings, institution: str, event: dict[str, Any], *, binary: bool = False, as_json: bool) -> None:
+    """Offer one event over NATS ingress as ``institution``, print the verdict, exit 1 if refused."""
+    from bus.client import offer
+
+    async def main() -> Any:
+        nc = await _connect(settings, "collabbus-cli")
+        try:
+            return await offer(nc, institution, event, binary=binary)
+        finally:
+            await nc.close()
+
+    verdict = run(main())
+    _print_verdict(verdict, as_json)
+    if not verdict.accepted:
+        raise typer.Exit(1)
+
+
 def _print_verdict(verdict: Any, as_json: bool) -> None:
     if as_json:
         out.print_json(data=verdict.as_dict())
@@ -321,7 +338,6 @@ def publish(
     settings: Settings,
 ) -> None:
     """Publish one event through the gatekeeper; prints accepted or rejected with reasons."""
-    from bus.client import offer
     from schemas import registry
 
     payload = _load_data(data)
@@ -345,17 +361,7 @@ def publish(
     if causation_id:
         event["causationid"] = causation_id
 
-    async def main() -> Any:
-        nc = await _connect(settings, "collabbus-cli")
-        try:
-            return await offer(nc, as_, event, binary=binary)
-        finally:
-            await nc.close()
-
-    verdict = run(main())
-    _print_verdict(verdict, as_json)
-    if not verdict.accepted:
-        raise typer.Exit(1)
+    _offer_and_report(settings, as_, event, binary=binary, as_json=as_json)
 
 
 # --------------------------------------------------------------------------- tail
@@ -761,7 +767,6 @@ def institutions_add(
     settings: Settings,
 ) -> None:
     """Add a member: the operator publishes institution.joined."""
-    from bus.client import offer
 
     data: dict[str, Any] = {"id": institution_id, "name": {lang: name}, "kind": kind, "country": country}
     optional = {"region": region, "municipality_level": municipality_level, "website": website, "contact_email": contact_email}
@@ -785,17 +790,7 @@ def institutions_add(
         "data": data,
     }
 
-    async def main() -> Any:
-        nc = await _connect(settings, "collabbus-cli")
-        try:
-            return await offer(nc, settings.operator, event)
-        finally:
-            await nc.close()
-
-    verdict = run(main())
-    _print_verdict(verdict, as_json)
-    if not verdict.accepted:
-        raise typer.Exit(1)
+    _offer_and_report(settings, settings.operator, event, as_json=as_json)
 
 
 @institutions_app.command("list")
