@@ -408,9 +408,6 @@ async def test_a_funder_gets_at_most_n_meetings(scenario: Scenario, monkeypatch:
 
 @pytest.mark.usefixtures("members")
 async def test_matchmaking_counts_the_projects_themes(scenario: Scenario) -> None:
-    with scenario.session() as session:
-        if not sa.inspect(session.connection()).has_table("projects"):
-            pytest.skip("the projects read model is not there yet")
     project = envelope(
         "project.registered",
         MERSIN,
