@@ -54,7 +54,7 @@ class Event(Generic[D]):
     def from_envelope(cls, envelope: Mapping[str, Any], *, seq: int | None, logged_at: datetime) -> "Event[Any]":
         """Read a canonical envelope from the log (already validated by the gate)."""
         spec = registry.spec_for(envelope["type"], registry.parse_dataschema(envelope.get("dataschema"), envelope["type"]))
-        data = spec.adapter.validate_python(envelope["data"])
+        data: Any = spec.adapter.validate_python(envelope["data"])
         time = envelope.get("time")
         return cls(
             id=envelope["id"],

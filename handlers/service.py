@@ -93,7 +93,7 @@ class NetworkService:
     def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
         """Derived events waiting to be logged, oldest first."""
         with session_scope(self.engine) as session:
-            rows = session.exec(select(OutboxEvent).order_by(OutboxEvent.position).limit(limit)).all()  # type: ignore[call-overload]
+            rows = session.exec(select(OutboxEvent).order_by(col(OutboxEvent.position)).limit(limit)).all()
             return [(row.event_id, row.event) for row in rows]
 
     def outbox_done(self, event_ids: Sequence[str]) -> None:

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="seconds JetStream remembers event ids for deduplication"
     )
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
-        default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0]
     )
     webhook_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     portal_url: str | None = None

@@ -51,7 +51,7 @@ class CloudEvent(BaseModel):
     type: Annotated[str, StringConstraints(pattern=TYPE_PATTERN)]
     subject: Annotated[str, StringConstraints(pattern=SUBJECT_PATTERN)]
     time: AwareDatetime | None = None
-    datacontenttype: Literal["application/json"] = DATA_CONTENT_TYPE
+    datacontenttype: Literal["application/json"] = "application/json"
     dataschema: str | None = None
     correlationid: EventId | None = None
     causationid: EventId | None = None
