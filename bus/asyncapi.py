@@ -8,31 +8,14 @@ publishes to, so the document always matches the registry.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any, Literal
+from typing import Any
 
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
-from pydantic import BaseModel
 
 from bus.gate import typed_envelope
+from bus.verdict import VerdictBody
 from schemas import registry
-
-
-class ProblemDoc(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
-
-
-class VerdictDoc(BaseModel):
-    """The gatekeeper's reply to an offered event."""
-
-    status: Literal["accepted", "rejected"]
-    id: str | None
-    seq: int | None = None
-    duplicate: bool | None = None
-    reason: str | None = None
-    errors: list[ProblemDoc] | None = None
 
 
 def _documentation_broker() -> NatsBroker:
@@ -50,7 +33,7 @@ def _documentation_broker() -> NatsBroker:
         if not spec.emitters:
             continue
 
-        def offer(event: Any) -> VerdictDoc:  # pragma: no cover - documentation only
+        def offer(event: Any) -> VerdictBody:  # pragma: no cover - documentation only
             raise NotImplementedError
 
         offer.__annotations__["event"] = envelope
@@ -100,7 +83,7 @@ def _add_parameters_and_replies(document: dict[str, Any]) -> None:
         if params:
             channel["parameters"] = params
     components = document.setdefault("components", {})
-    components.setdefault("schemas", {})["Verdict"] = VerdictDoc.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.setdefault("schemas", {})["Verdict"] = VerdictBody.model_json_schema(ref_template="#/components/schemas/{model}")
     for name, schema in components["schemas"]["Verdict"].pop("$defs", {}).items():
         components["schemas"].setdefault(name, schema)
     components.setdefault("messages", {})["Verdict"] = {

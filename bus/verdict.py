@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
+from pydantic import BaseModel
 
 #: Why an event was refused, coarsely: the HTTP gateway maps these to status codes.
 Reason = Literal["malformed", "invalid", "too_large", "unsupported", "forbidden", "unavailable"]
@@ -60,6 +61,25 @@ class Verdict:
             return cls("accepted", data.get("id"), data.get("seq"), bool(data.get("duplicate")))
         errors = tuple(Problem(tuple(e.get("loc", ())), e.get("msg", ""), e.get("type", "")) for e in data.get("errors", ()))
         return cls("rejected", data.get("id"), errors=errors, reason=data.get("reason"))
+
+
+class ProblemBody(BaseModel):
+    """One problem as the verdict's JSON carries it."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class VerdictBody(BaseModel):
+    """The verdict's JSON (``Verdict.as_dict``), for the OpenAPI and AsyncAPI documents."""
+
+    status: Literal["accepted", "rejected"]
+    id: str | None
+    seq: int | None = None
+    duplicate: bool | None = None
+    reason: str | None = None
+    errors: list[ProblemBody] | None = None
 
 
 class Rejection(Exception):

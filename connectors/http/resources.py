@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bus.verdict import VerdictBody
+
 LocalizedText = dict[str, str]
 
 
@@ -213,18 +215,4 @@ class AdoptionStats(BaseModel):
     by_municipality_level: list[LevelSpread]
 
 
-class VerdictItem(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
-
-
-class Verdict(BaseModel):
-    """The gatekeeper's verdict on one event (CONTRACT §4)."""
-
-    status: Literal["accepted", "rejected"]
-    id: str | None
-    seq: int | None = None
-    duplicate: bool | None = None
-    reason: str | None = None
-    errors: list[VerdictItem] | None = None
+Verdict = VerdictBody
