@@ -32,6 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from bus.streams import EVENTS_STREAM
+from ops import tracing
 
 log = logging.getLogger("collabbus.consumer")
 
@@ -211,7 +212,8 @@ class Consumer:
                     break
                 meta = msg.metadata
                 logged_at = meta.timestamp if meta.timestamp.tzinfo else meta.timestamp.replace(tzinfo=timezone.utc)
-                items.append(LoggedItem(meta.sequence.stream, envelope, logged_at))
+                traceparent = msg.headers.get(tracing.TRACEPARENT) if msg.headers else None
+                items.append(LoggedItem(meta.sequence.stream, envelope, logged_at, traceparent))
             applied, failure, decided = (0, None, 0)
             if items:
                 outcome = await self._apply_holding(pending, items)
@@ -263,7 +265,8 @@ class Consumer:
         while True:
             async with self.db_lock:
                 try:
-                    return await asyncio.to_thread(self.applier.apply_batch, items)
+                    with tracing.log_contexts(items):  # the worker thread starts in this context
+                        return await asyncio.to_thread(self.applier.apply_batch, items)
                 except Exception as exc:
                     log.error("consumer %s: database unavailable, holding %d events: %s", self.settings.name, len(msgs), exc)
             if self._stopping.is_set():

@@ -9,6 +9,7 @@ The gate keeps no state of its own, so any number of bus processes can share the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -20,13 +21,14 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import Error as JetStreamError
+from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
 from bus import cloudevents
 from bus.membership import Membership
 from bus.streams import EVENTS_STREAM
 from bus.verdict import Problem, Rejection, Verdict, reject
-from ops import metrics
+from ops import metrics, tracing
 from schemas import registry
 from schemas.envelope import ATTRIBUTES, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, CloudEvent, source_of
 
@@ -120,8 +122,10 @@ class Gate:
         max_event_bytes: int,
         stream: str = EVENTS_STREAM,
         publish_timeout: float = 5.0,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.nc = nc
+        self.tracer = tracer or trace.NoOpTracer()
         self.js = js
         self.membership = membership
         self.max_event_bytes = max_event_bytes
@@ -178,6 +182,8 @@ class Gate:
             )
         member = institution if self.membership.known(institution) else metrics.OTHER_INSTITUTION
         metrics.count_offer(member, raw if isinstance(raw, dict) else None, offered_type, verdict)
+        if not verdict.accepted:  # the entry's span (HTTP or ingress) says the offer was refused
+            tracing.mark_failed(trace.get_current_span(), f"rejected ({verdict.reason})")
         return verdict
 
     async def publish_internal(self, event: Mapping[str, Any], extra_headers: Mapping[str, str] | None = None) -> Verdict:
@@ -221,21 +227,50 @@ class Gate:
         headers = {"Nats-Msg-Id": event_id, "Content-Type": STRUCTURED_CONTENT_TYPE}
         if extra_headers:
             headers.update(extra_headers)
-        check_fits(self.nc, payload, headers)
         subject = log_subject(raw)
-        try:
-            ack = await self.js.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
-        except (NatsTimeoutError, NatsError, JetStreamError) as exc:
-            log.warning("log did not confirm %s: %s", event_id, exc, extra={"event_id": event_id})
-            raise reject(
-                "unavailable", "log_unavailable",
-                f"the event log did not confirm the event ({type(exc).__name__}); retry with the same id",
-            ) from None
-        if ack.duplicate:
-            await self._check_duplicate(raw, ack.seq)
-        elif spec.domain == "institution":
-            self.membership.learn(raw)
+        with self._producer_span(raw, subject) as span:
+            # The log message carries the producer's context; the envelope's traceparent stays the partner's.
+            tracing.inject(headers)
+            check_fits(self.nc, payload, headers)
+            try:
+                ack = await self.js.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
+            except (NatsTimeoutError, NatsError, JetStreamError) as exc:
+                log.warning("log did not confirm %s: %s", event_id, exc, extra={"event_id": event_id})
+                raise reject(
+                    "unavailable", "log_unavailable",
+                    f"the event log did not confirm the event ({type(exc).__name__}); retry with the same id",
+                ) from None
+            if span.is_recording():
+                span.set_attributes({tracing.LOG_SEQ: ack.seq, tracing.DUPLICATE: bool(ack.duplicate)})
+            if ack.duplicate:
+                await self._check_duplicate(raw, ack.seq)
+            elif spec.domain == "institution":
+                self.membership.learn(raw)
         return Verdict("accepted", event_id, seq=ack.seq, duplicate=bool(ack.duplicate), event=raw)
+
+    def _producer_span(self, raw: Mapping[str, Any], subject: str) -> Any:
+        """The publish to the log: a producer span, child of the current one (the entry's) or, for
+        an event the bus emits, of the deciding span its envelope names; linked to the envelope's
+        ``traceparent`` (the context the event was created in) when that is another."""
+        parent = None
+        links = None
+        created = tracing.context_of(raw.get("traceparent"))
+        created_span = trace.get_current_span(created).get_span_context()
+        if not trace.get_current_span().get_span_context().is_valid:
+            parent = created
+        elif created_span.is_valid:
+            links = [trace.Link(created_span)]
+        attributes = tracing.event_attributes(raw)
+        attributes.update({
+            tracing.MESSAGING_SYSTEM: "nats",
+            tracing.MESSAGING_DESTINATION: subject,
+            tracing.MESSAGING_MESSAGE_ID: str(raw["id"]),
+            tracing.MESSAGING_OPERATION_TYPE: "send",
+            tracing.MESSAGING_OPERATION_NAME: "publish",
+        })
+        return self.tracer.start_as_current_span(
+            f"publish {self.stream}", context=parent, kind=trace.SpanKind.PRODUCER, attributes=attributes, links=links,
+        )
 
     async def _check_duplicate(self, raw: Mapping[str, Any], seq: int) -> None:
         # JetStream deduplicates on the id alone; an id another institution used first is a clash, not a retry.

@@ -24,6 +24,7 @@ from bus.server import EmbeddedNats
 from bus.streams import desired_streams, ensure_streams
 from bus.verdict import Verdict
 from ops.settings import Settings
+from ops.tracing import TracedNetwork, Tracing, activate
 from schemas.envelope import source_of
 
 log = logging.getLogger("collabbus.bus")
@@ -75,6 +76,9 @@ class Bus:
     network_factory: Any = None
     """Builds the handlers' ``Network`` (default: every domain's routes); a seam for tests."""
     consumer_settings: ConsumerSettings = field(default_factory=lambda: ConsumerSettings(NETWORK_CONSUMER))
+    tracing: Tracing | None = None
+    """Where this bus's spans go; by default as the ``OTEL_*`` variables say (``ops.tracing``)."""
+    _own_tracing: bool = field(default=False, init=False, repr=False)
 
     @property
     def nc(self) -> Client:
@@ -88,6 +92,9 @@ class Bus:
         """Start NATS if embedded, declare the streams, bootstrap the operator, open the ingress."""
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.tracing is None:
+            self.tracing, self._own_tracing = Tracing.configure(settings.data_dir), True
+        activate(self.tracing)
         if settings.embedded and self.server is None:
             self.server = embedded_server(settings)
             await self.server.astart()
@@ -103,7 +110,7 @@ class Bus:
         )
         self.membership = Membership(self.nc, self.js)
         await self.membership.start()
-        self.gate = Gate(self.nc, self.js, self.membership, max_event_bytes=settings.max_event_bytes)
+        self.gate = Gate(self.nc, self.js, self.membership, max_event_bytes=settings.max_event_bytes, tracer=self.tracing.tracer)
         await self.ensure_operator()
         if ingress:
             add_ingress(self.broker, self.gate)
@@ -119,7 +126,9 @@ class Bus:
 
         self.engine = make_engine(self.settings.db_url)
         await asyncio.to_thread(migrate, self.engine)
-        self.service = NetworkService(self.engine, (self.network_factory or network)())
+        assert self.tracing is not None
+        traced: Any = TracedNetwork((self.network_factory or network)(), self.consumer_settings.name, self.tracing)
+        self.service = NetworkService(self.engine, traced)
         lock = asyncio.Lock()
         self.relay = Relay(self.gate, self.service, lock)
         self.consumer = Consumer(self.js, self.consumer_settings, self.service, on_derived=self.relay.wake.set, db_lock=lock)
@@ -129,7 +138,7 @@ class Bus:
 
         self.webhooks = WebhookDispatcher(
             self.engine, self.js, self.settings, consumer_settings=webhook_consumer(self.consumer_settings),
-            timeout=self.webhook_timeout, db_lock=lock,
+            timeout=self.webhook_timeout, db_lock=lock, tracing=self.tracing,
         )
         await self.webhooks.start()
 
@@ -190,6 +199,9 @@ class Bus:
         if self.server is not None:
             await self.server.astop()
             self.server = None
+        if self.tracing is not None and self._own_tracing:
+            await asyncio.to_thread(self.tracing.shutdown)  # what is left is written out
+            self.tracing, self._own_tracing = None, False
 
     async def __aenter__(self) -> "Bus":
         await self.start()

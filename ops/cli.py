@@ -11,12 +11,13 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, NoReturn, Optional, TypeVar
 
 import orjson
 import typer
@@ -240,6 +241,8 @@ async def _run_portal(settings: Settings, bus: Any, stop: asyncio.Event) -> None
     except RefusedTarget as exc:
         err.print(f"[red]portal:[/red] {exc}")
         return
+    if bus.tracing is not None:
+        bus.tracing.instrument_httpx(sync.client.http)  # portal calls as client spans
     err.print(f"  portal connector: {settings.portal_url} every {settings.portal_interval:g} s")
     try:
         await asyncio.gather(sync_periodically(sync, settings.portal_interval, stop), push_decisions(bus.js, sync, stop))
@@ -593,6 +596,95 @@ def _render_status(report: dict[str, Any]) -> None:
             hooks.add_row(escape(hook["id"]), escape(hook["institution"]), escape(hook["url"]), enabled,
                           (hook["failing_since"] or "")[:19], (hook["last_success_at"] or "")[:19], str(hook["owed"]))
         out.print(hooks)
+
+
+# --------------------------------------------------------------------------- traces
+
+
+@app.command()
+@with_settings
+def traces(
+    trace_id: Annotated[Optional[str], typer.Argument(metavar="[TRACE_ID]", help="show this trace (32 hex digits)")] = None,
+    event: Annotated[Optional[str], typer.Option("--event", metavar="ID", help="show the trace of this event")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="how many recent traces to show")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="print the traces as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Recent traces as trees — service, operation, institution, event type, duration, status,
+    errors — from the embedded trace store (<data dir>/traces.db); one trace by id or by event."""
+    from ops import tracing
+
+    if trace_id is not None and event is not None:
+        err.print("[red]error:[/red] give a TRACE_ID or --event, not both")
+        raise typer.Exit(2)
+    if trace_id is not None and not tracing.TRACE_ID_PATTERN.match(trace_id.lower()):
+        err.print(f"[red]error:[/red] {trace_id!r} is not a trace id (32 hexadecimal digits)")
+        raise typer.Exit(2)
+    store = settings.data_dir / tracing.STORE_FILE
+    try:
+        if event is not None:
+            trace_id = tracing.trace_of_event(store, event)
+            if trace_id is None:
+                _no_trace(f"no trace of event {event!r} in {store}")
+        if trace_id is not None:
+            found = tracing.load_trace(store, trace_id)
+            if found is None:
+                _no_trace(f"no trace {trace_id.lower()} in {store}")
+            shown = [found]
+        else:
+            shown = tracing.recent_traces(store, limit)
+    except tracing.TraceStoreMissing as exc:
+        _no_trace(str(exc))
+    if as_json:
+        out.print_json(data=shown[0] if trace_id is not None else {"traces": shown})
+        return
+    if not shown:
+        out.print(f"no traces in {store} yet")
+    for number, one in enumerate(shown):
+        if number:
+            out.print()
+        _render_trace(one)
+
+
+def _no_trace(message: str) -> NoReturn:
+    from ops.tracing import otlp_traces_endpoint
+
+    endpoint = otlp_traces_endpoint(os.environ)
+    err.print(f"[red]error:[/red] {message}")
+    if endpoint is not None:
+        err.print(f"  spans go to OTLP at {endpoint} (OTEL_EXPORTER_OTLP_ENDPOINT), not to the local store")
+    raise typer.Exit(1)
+
+
+def _render_trace(found: dict[str, Any]) -> None:
+    from rich.tree import Tree
+
+    from ops.tracing import walk
+
+    errors = found["errors"]
+    title = (
+        f"[bold]trace {found['trace_id']}[/bold]  {found['started_at']}  ·  {found['spans']} spans  ·  "
+        f"{found['duration_ms']:.1f} ms" + (f"  ·  [red]{errors} failed[/red]" if errors else "")
+    )
+    tree = Tree(title)
+    branches: dict[str, Tree] = {}
+    for span in walk(found):
+        parent = branches.get(span["parent_id"] or "", tree)
+        branches[span["span_id"]] = parent.add(_span_line(span))
+    out.print(tree)
+
+
+def _span_line(span: Mapping[str, Any]) -> str:
+    parts = [f"[bold]{escape(span['operation'])}[/bold]", f"[dim]{span['kind']} · {escape(span['service'] or '')}[/dim]"]
+    if span["event_type"]:
+        parts.append(escape(span["event_type"]))
+    if span["institution"]:
+        parts.append(f"[cyan]{escape(span['institution'])}[/cyan]")
+    parts.append(f"{span['duration_ms']:.1f} ms")
+    if span["status"] == "error":
+        parts.append("[red]error[/red]" + "".join(f" [red]{escape(text)}[/red]" for text in span["errors"][:3]))
+    return "  ".join(parts)
 
 
 # --------------------------------------------------------------------------- dlq

@@ -150,6 +150,29 @@ async def ops_status(request: Request, caller: Member) -> dict[str, Any]:
     return await bus_status(bus)
 
 
+@router.get("/ops/traces/{trace_id}", responses=documented(401, 403, 404))
+async def ops_trace(trace_id: str, request: Request, caller: Member) -> dict[str, Any]:
+    """One trace as a tree of spans (service, operation, institution, event type, duration,
+    status, errors), from the embedded trace store, for the network's operator."""
+    from ops import tracing
+
+    bus = bus_of(request)
+    if caller != bus.settings.operator:
+        raise ApiProblem(403, "traces are for the network's operator", kind="operator_only")
+    trace_id = trace_id.lower()
+    if not tracing.TRACE_ID_PATTERN.match(trace_id):
+        raise ApiProblem(404, f"no trace {trace_id!r}: a trace id is 32 hexadecimal digits", kind="not_found")
+    store = bus.settings.data_dir / tracing.STORE_FILE
+    try:
+        found = await run_in_threadpool(tracing.load_trace, store, trace_id)
+    except tracing.TraceStoreMissing:
+        found = None
+    if found is None:
+        where = "" if bus.tracing is None or bus.tracing.exporter == "local" else f" (spans are not kept here: {bus.tracing.describe()})"
+        raise ApiProblem(404, f"no trace {trace_id} in the trace store{where}", kind="not_found")
+    return found
+
+
 @router.get("/asyncapi.json")
 async def asyncapi_json() -> dict[str, Any]:
     """The AsyncAPI 3 document of the NATS interface."""

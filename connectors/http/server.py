@@ -39,6 +39,8 @@ class HttpGateway:
         self.host = host
         self.port = port
         self.app = create_app(bus, rate_limiter=rate_limiter)
+        if bus.tracing is not None:
+            bus.tracing.instrument_gateway(self.app)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 

@@ -43,7 +43,9 @@ from connectors.webhooks.signing import signature_header
 from connectors.webhooks.store import Attempt, Delivery, Endpoint
 from handlers.db import session_scope
 from handlers.service import Failure, LoggedItem
+from ops import tracing as traces
 from ops.settings import Settings
+from ops.tracing import Tracing
 from schemas.envelope import STRUCTURED_CONTENT_TYPE
 
 log = logging.getLogger("collabbus.webhooks")
@@ -146,10 +148,11 @@ class DeliveryRecorder:
     endpoints concerned are in :attr:`touched` for the dispatcher to wake.
     """
 
-    def __init__(self, engine: Engine, consumer: str, schedule: RetrySchedule) -> None:
+    def __init__(self, engine: Engine, consumer: str, schedule: RetrySchedule, tracing: Tracing | None = None) -> None:
         self.engine = engine
         self.consumer = consumer
         self.schedule = schedule
+        self.tracing = tracing or Tracing.off()
         self.touched: set[str] = set()
 
     def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True) -> tuple[int, Failure | None, int]:
@@ -163,7 +166,8 @@ class DeliveryRecorder:
             endpoints = session.exec(select(Endpoint).where(Endpoint.enabled == True)).all()  # noqa: E712
             for item in items:
                 try:
-                    with session.begin_nested():
+                    with traces.consume_span(self.consumer, item.envelope, item.seq, item.traceparent, tracing=self.tracing), \
+                            session.begin_nested():
                         recorded += self._record(session, endpoints, item, due_at)
                 except Exception as exc:
                     failure = Failure(type(exc).__name__, str(exc)[:2000], permanent=False)
@@ -212,6 +216,7 @@ class EndpointWorker:
         self.client = httpx.AsyncClient(
             follow_redirects=False, timeout=dispatcher.timeout, limits=httpx.Limits(max_connections=concurrency),
         )
+        dispatcher.tracing.instrument_httpx(self.client)  # a client span per attempt, its traceparent sent
         self._feeder = asyncio.create_task(self._feed(), name=f"webhooks-feed-{endpoint_id}")
         self._senders = [asyncio.create_task(self._send(), name=f"webhooks-send-{endpoint_id}") for _ in range(concurrency)]
 
@@ -280,8 +285,10 @@ class WebhookDispatcher:
         failing_limit: timedelta = FAILING_LIMIT,
         poll: float = 5.0,
         db_lock: asyncio.Lock | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.engine = engine
+        self.tracing = tracing or Tracing.off()
         self.js = js
         self.allow = targets.networks(settings.webhook_allow_networks)
         self.schedule = RetrySchedule(tuple(settings.webhook_retry_schedule) or (0.0,))
@@ -291,7 +298,7 @@ class WebhookDispatcher:
         self.failing_limit = failing_limit
         self.poll = poll
         consumer_settings = consumer_settings or ConsumerSettings(WEBHOOKS_CONSUMER)
-        self.recorder = DeliveryRecorder(engine, consumer_settings.name, self.schedule)
+        self.recorder = DeliveryRecorder(engine, consumer_settings.name, self.schedule, self.tracing)
         self.consumer = Consumer(js, consumer_settings, self.recorder, on_derived=self._recorded, db_lock=db_lock or asyncio.Lock())
         self.workers: dict[str, EndpointWorker] = {}
         self._bodies: OrderedDict[int, tuple[bytes, str | None]] = OrderedDict()
@@ -446,13 +453,15 @@ class WebhookDispatcher:
         extensions = {"sni_hostname": target.sni} if target.sni else {}
         started = time.perf_counter()
         try:
+            # The attempt continues the event's trace from its log message (the gatekeeper's publish).
             async with asyncio.timeout(self.timeout):
-                async with client.stream("POST", target.url, content=body, headers=headers, extensions=extensions) as response:
-                    kept = bytearray()
-                    async for chunk in response.aiter_raw():
-                        kept += chunk
-                        if len(kept) >= RESPONSE_KEPT:
-                            break
+                with traces.continued(traceparent):
+                    async with client.stream("POST", target.url, content=body, headers=headers, extensions=extensions) as response:
+                        kept = bytearray()
+                        async for chunk in response.aiter_raw():
+                            kept += chunk
+                            if len(kept) >= RESPONSE_KEPT:
+                                break
         except (TimeoutError, httpx.TimeoutException):
             return Outcome(None, elapsed(), f"no answer within {self.timeout:g} s")
         except httpx.HTTPError as exc:
@@ -468,13 +477,14 @@ class WebhookDispatcher:
         return Outcome(status, elapsed(), error, text, retry_after)
 
     async def _event(self, seq: int) -> tuple[bytes, str | None]:
-        """The event's canonical bytes from the log, and its ``traceparent`` (recent ones cached:
-        every endpoint receives the same event at about the same time)."""
+        """The event's canonical bytes from the log, and the trace context to deliver it in: the
+        log message's (the gatekeeper's publish), else the envelope's own ``traceparent`` (recent
+        ones cached: every endpoint receives the same event at about the same time)."""
         cached = self._bodies.get(seq)
         if cached is None:
             msg = await self.js.get_msg(EVENTS_STREAM, seq=seq)
             body = msg.data or b""
-            traceparent = orjson.loads(body).get("traceparent")
+            traceparent = (msg.headers or {}).get(traces.TRACEPARENT) or orjson.loads(body).get("traceparent")
             cached = self._bodies[seq] = (body, traceparent if isinstance(traceparent, str) else None)
             while len(self._bodies) > 256:
                 self._bodies.popitem(last=False)

@@ -1,0 +1,557 @@
+"""Tracing: one trace follows an event across institutions (OpenTelemetry, W3C trace context).
+
+The trace of an event starts where a partner hands it over — the HTTP server span of
+``POST /events`` or the span of the NATS ingress, continuing the partner's ``traceparent`` — and
+goes on through the gatekeeper's publish to the log (a producer span whose context travels in the
+log message's ``traceparent`` header), each consumer's processing of it (consumer spans, children
+of the producer and linked to it), the events the workflows derive from it (their envelope's
+``traceparent`` is the deciding consumer span), the relay's publish of those, and the webhook
+deliveries (client spans; the receiver gets a ``traceparent`` of the trace to continue it).
+
+Each :class:`Bus <bus.runtime.Bus>` owns a :class:`Tracing` — its own tracer provider, never the
+process-global one — configured by OpenTelemetry's own variables: with
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) spans go there over
+OTLP/HTTP; otherwise to the embedded default, a bounded :class:`SpanStore` in
+``<data dir>/traces.db`` that ``collabbus traces`` and ``/ops/traces/{trace_id}`` read from another
+process. Spans are handed to a batch processor, which writes them from a thread of its own: the
+hot path never waits for I/O. ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` turns
+tracing off; ``OTEL_TRACES_SAMPLER`` and the other standard variables are honoured by the SDK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger("collabbus.tracing")
+
+TRACEPARENT = "traceparent"
+STORE_FILE = "traces.db"
+STORE_LIMIT = 20_000
+"""Spans the embedded store keeps; the oldest are dropped beyond it."""
+SERVICE = "collabbus"
+
+# Attribute names: OpenTelemetry's messaging and CloudEvents conventions, and the project's own.
+MESSAGING_SYSTEM = "messaging.system"
+MESSAGING_DESTINATION = "messaging.destination.name"
+MESSAGING_MESSAGE_ID = "messaging.message.id"
+MESSAGING_OPERATION_TYPE = "messaging.operation.type"
+MESSAGING_OPERATION_NAME = "messaging.operation.name"
+MESSAGING_CONSUMER_GROUP = "messaging.consumer.group.name"
+EVENT_ID = "cloudevents.event_id"
+EVENT_TYPE = "cloudevents.event_type"
+EVENT_SOURCE = "cloudevents.event_source"
+EVENT_SUBJECT = "cloudevents.event_subject"
+INSTITUTION = "collabbus.institution"
+LOG_SEQ = "collabbus.log.seq"
+DUPLICATE = "collabbus.duplicate"
+VERDICT = "collabbus.verdict"
+
+TRACE_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+
+_propagator = TraceContextTextMapPropagator()
+
+
+# --- the tracing of one bus -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Tracing:
+    """A bus's tracer provider and where its spans go (``exporter``: ``local``, ``otlp`` or ``off``)."""
+
+    tracer: trace.Tracer
+    exporter: str
+    provider: TracerProvider | None = None
+    store: Path | None = None
+    """The embedded store's file, when spans go there."""
+    endpoint: str | None = None
+    """The OTLP traces endpoint, when spans go there."""
+
+    @classmethod
+    def off(cls) -> "Tracing":
+        """No spans at all."""
+        return cls(trace.NoOpTracer(), "off")
+
+    @classmethod
+    def configure(cls, data_dir: Path, environ: Mapping[str, str] | None = None) -> "Tracing":
+        """Tracing as the ``OTEL_*`` variables ask (the process environment by default)."""
+        env = os.environ if environ is None else environ
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return cls.off()
+        chosen = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+        if chosen == "none":
+            return cls.off()
+        endpoint = otlp_traces_endpoint(env)
+        attributes = {} if env.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: SERVICE}
+        provider = TracerProvider(resource=Resource.create(attributes))
+        tracer = provider.get_tracer("collabbus")
+        if endpoint is not None or chosen == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+            return cls(tracer, "otlp", provider, endpoint=endpoint)
+        store = data_dir / STORE_FILE
+        # Written within a second, so ``collabbus traces`` shows what just happened.
+        delay = None if env.get("OTEL_BSP_SCHEDULE_DELAY") else 1000
+        processor = BatchSpanProcessor(SpanStore(store), schedule_delay_millis=delay, max_queue_size=8192, max_export_batch_size=1024)
+        provider.add_span_processor(processor)
+        return cls(tracer, "local", provider, store=store)
+
+    @property
+    def enabled(self) -> bool:
+        return self.provider is not None
+
+    def describe(self) -> str:
+        """Where the spans go, for people."""
+        if self.exporter == "otlp":
+            return f"OTLP to {self.endpoint or 'the default endpoint'}"
+        if self.exporter == "local":
+            return f"kept in {self.store}"
+        return "off"
+
+    def flush(self, timeout_millis: int = 10_000) -> bool:
+        """Export every finished span now; True when all were exported in time."""
+        return self.provider.force_flush(timeout_millis) if self.provider is not None else True
+
+    def shutdown(self) -> None:
+        """Export what is left and stop the exporter's thread."""
+        if self.provider is not None:
+            self.provider.shutdown()
+
+    def instrument_httpx(self, client: Any) -> None:
+        """Client spans, with ``traceparent`` sent, for every request of an ``httpx`` client."""
+        if self.provider is None:
+            return
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        HTTPXClientInstrumentor.instrument_client(client, tracer_provider=self.provider)
+
+    def instrument_gateway(self, app: Any) -> None:
+        """Server spans for ``/events`` of the HTTP gateway, continuing the caller's ``traceparent``.
+
+        Only the entry of events is traced: reads, documents and probes are not part of any
+        event's story, and every span costs.
+        """
+        if self.provider is None:
+            return
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(
+            app, tracer_provider=self.provider, excluded_urls=r"^(?!https?://[^/]+/events/?(\?|$))",
+            exclude_spans=["receive", "send"],
+        )
+
+
+def otlp_traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """The OTLP/HTTP traces URL the standard variables name, or None."""
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if traces:
+        return traces
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if base:
+        return base.rstrip("/") + "/v1/traces"
+    return None
+
+
+# --- the spans of an event's journey ----------------------------------------------------------
+
+_active: ContextVar[Tracing | None] = ContextVar("collabbus_tracing", default=None)
+_consuming: ContextVar[tuple[str, int | None] | None] = ContextVar("collabbus_consuming", default=None)
+_log_contexts: ContextVar[Mapping[int, str]] = ContextVar("collabbus_log_contexts", default={})
+
+
+def activate(tracing: Tracing) -> None:
+    """Make ``tracing`` the one that :func:`consume_span` uses in this context and the tasks and
+    worker threads started from it (the bus calls this on start)."""
+    _active.set(tracing)
+
+
+def context_of(traceparent: str | None) -> otel_context.Context:
+    """The trace context a ``traceparent`` value carries (empty when absent or malformed)."""
+    if not traceparent:
+        return otel_context.Context()
+    return _propagator.extract({TRACEPARENT: traceparent}, context=otel_context.Context())
+
+
+def context_from_headers(headers: Mapping[str, str] | None) -> otel_context.Context:
+    """The trace context of a message's or request's headers (W3C ``traceparent``/``tracestate``)."""
+    if not headers:
+        return otel_context.Context()
+    return _propagator.extract(headers, context=otel_context.Context())
+
+
+def inject(headers: dict[str, str]) -> None:
+    """Put the current span's context in ``headers`` (nothing when there is no span)."""
+    _propagator.inject(headers)
+
+
+def current_traceparent() -> str | None:
+    """The ``traceparent`` of the current span, for an envelope the bus produces; None without one."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return carrier.get(TRACEPARENT)
+
+
+def event_attributes(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """The CloudEvents attributes of a span about ``envelope``, and the institution behind it."""
+    source = str(envelope.get("source", ""))
+    return {
+        EVENT_ID: str(envelope.get("id", "")),
+        EVENT_TYPE: str(envelope.get("type", "")),
+        EVENT_SOURCE: source,
+        EVENT_SUBJECT: str(envelope.get("subject", "")),
+        INSTITUTION: source.removeprefix("/institutions/"),
+    }
+
+
+def mark_failed(span: trace.Span, description: str) -> None:
+    """Record on ``span`` that what it stands for failed, and why."""
+    if span.is_recording():
+        span.set_status(Status(StatusCode.ERROR, description))
+
+
+@contextlib.contextmanager
+def consume_span(
+    consumer: str, envelope: Mapping[str, Any], seq: int | None, traceparent: str | None, *, tracing: Tracing | None = None
+) -> Iterator[trace.Span | None]:
+    """A consumer's processing of one logged event, as the current span.
+
+    ``traceparent``: the log message's header (the gatekeeper's producer span); the span is its
+    child and links to it. Without one (an event logged before tracing), the envelope's own
+    ``traceparent`` is continued. A span already open for the same consumer and event is reused,
+    so callers at two levels do not nest two spans. ``tracing``: the bus's (default: the one
+    :func:`activate` made current); without one, nothing.
+    """
+    tracing = tracing or _active.get()
+    if tracing is None or not tracing.enabled or _consuming.get() == (consumer, seq):
+        yield None
+        return
+    parent = context_of(traceparent or envelope.get(TRACEPARENT))
+    producer = trace.get_current_span(parent).get_span_context()
+    attributes = event_attributes(envelope)
+    attributes.update({
+        MESSAGING_SYSTEM: "nats",
+        MESSAGING_OPERATION_TYPE: "process",
+        MESSAGING_CONSUMER_GROUP: consumer,
+        MESSAGING_MESSAGE_ID: attributes[EVENT_ID],
+    })
+    if seq is not None:
+        attributes[LOG_SEQ] = seq
+    with tracing.tracer.start_as_current_span(
+        f"process {consumer}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes,
+        links=[Link(producer)] if producer.is_valid else None,
+    ) as span:
+        token = _consuming.set((consumer, seq))
+        try:
+            yield span
+        finally:
+            _consuming.reset(token)
+
+
+@contextlib.contextmanager
+def log_contexts(items: Sequence[Any]) -> Iterator[None]:
+    """Make the log messages' ``traceparent`` headers of a batch (``LoggedItem``s) known to
+    :class:`TracedNetwork` in this context and the worker thread applying the batch."""
+    token = _log_contexts.set({item.seq: item.traceparent for item in items if getattr(item, "traceparent", None)})
+    try:
+        yield
+    finally:
+        _log_contexts.reset(token)
+
+
+class TracedNetwork:
+    """The handlers' ``Network`` with each event applied inside its consumer span, and the events
+    it derives carrying that span as their ``traceparent``.
+
+    This is the seam from outside the handlers; when the service opens the span itself
+    (:func:`consume_span` around ``Network.apply``) this one steps aside for it.
+    """
+
+    def __init__(self, network: Any, consumer: str, tracing: Tracing) -> None:
+        self._network = network
+        self._consumer = consumer
+        self._tracing = tracing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._network, name)
+
+    def apply(self, session: Any, event: Any, **options: Any) -> Any:
+        if not self._tracing.enabled or _consuming.get() == (self._consumer, event.seq):
+            return self._network.apply(session, event, **options)
+        traceparent = _log_contexts.get().get(event.seq)
+        with consume_span(self._consumer, event.envelope, event.seq, traceparent, tracing=self._tracing):
+            traceparent = current_traceparent()
+            if traceparent is not None:
+                # The workflows copy their cause's traceparent into what they derive.
+                event = dataclasses.replace(event, envelope={**event.envelope, TRACEPARENT: traceparent})
+            return self._network.apply(session, event, **options)
+
+
+@contextlib.contextmanager
+def continued(traceparent: str | None) -> Iterator[None]:
+    """Run the block in the trace context ``traceparent`` names (as the parent of its spans)."""
+    if not traceparent:
+        yield
+        return
+    token = otel_context.attach(context_of(traceparent))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+# --- the embedded store -------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spans (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    parent_id TEXT,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    service TEXT,
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    status_message TEXT,
+    event_id TEXT,
+    event_type TEXT,
+    institution TEXT,
+    attributes TEXT NOT NULL,
+    events TEXT NOT NULL,
+    links TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS spans_by_trace ON spans (trace_id);
+CREATE INDEX IF NOT EXISTS spans_by_event ON spans (event_id);
+"""
+
+_COLUMNS = (
+    "trace_id, span_id, parent_id, name, kind, service, start_ns, end_ns, status, status_message, "
+    "event_id, event_type, institution, attributes, events, links"
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+    connection.execute("PRAGMA busy_timeout = 10000")
+    return connection
+
+
+def _attributes(values: Any) -> dict[str, Any]:
+    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in (values or {}).items()}
+
+
+class SpanStore(SpanExporter):
+    """The embedded default: finished spans in a SQLite file, the last ``limit`` of them.
+
+    Called by the batch processor's thread only; other processes (the command line) read the file.
+    """
+
+    def __init__(self, path: Path, limit: int = STORE_LIMIT) -> None:
+        self.path = path
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+
+    def _open(self) -> sqlite3.Connection:
+        if self._connection is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            connection = _connect(self.path)
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.executescript(_SCHEMA)
+            self._connection = connection
+        return self._connection
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        rows = [_row(span) for span in spans]
+        try:
+            with self._lock:
+                connection = self._open()
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    connection.executemany(f"INSERT INTO spans ({_COLUMNS}) VALUES ({', '.join('?' * 16)})", rows)
+                    last = connection.execute("SELECT max(id) FROM spans").fetchone()[0] or 0
+                    if last > self.limit:
+                        connection.execute("DELETE FROM spans WHERE id <= ?", (last - self.limit,))
+                    connection.execute("COMMIT")
+                except BaseException:
+                    connection.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            log.warning("trace store %s: %d spans not kept: %s", self.path, len(rows), exc)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def _row(span: ReadableSpan) -> tuple[Any, ...]:
+    context = span.get_span_context()
+    assert context is not None
+    attributes = _attributes(span.attributes)
+    status = span.status
+    events = [
+        {"name": event.name, "time_ns": event.timestamp, "attributes": _attributes(event.attributes)} for event in span.events
+    ]
+    links = [{"trace_id": f"{link.context.trace_id:032x}", "span_id": f"{link.context.span_id:016x}"} for link in span.links]
+    return (
+        f"{context.trace_id:032x}",
+        f"{context.span_id:016x}",
+        f"{span.parent.span_id:016x}" if span.parent is not None else None,
+        span.name,
+        span.kind.name.lower(),
+        str(span.resource.attributes.get(SERVICE_NAME, "")) or None,
+        span.start_time or 0,
+        span.end_time or span.start_time or 0,
+        status.status_code.name.lower(),
+        status.description,
+        attributes.get(EVENT_ID) or attributes.get(MESSAGING_MESSAGE_ID),
+        attributes.get(EVENT_TYPE),
+        attributes.get(INSTITUTION),
+        orjson.dumps(attributes, default=str).decode(),
+        orjson.dumps(events, default=str).decode(),
+        orjson.dumps(links).decode(),
+    )
+
+
+# --- reading the store: traces as trees -----------------------------------------------------------
+
+
+class TraceStoreMissing(Exception):
+    """There is no embedded trace store (nothing traced yet, or spans go elsewhere)."""
+
+
+def _read(path: Path, sql: str, parameters: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    if not path.is_file():
+        raise TraceStoreMissing(f"no traces kept in {path} yet")
+    connection = _connect(path)
+    try:
+        connection.row_factory = sqlite3.Row
+        try:
+            return connection.execute(sql, parameters).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                raise TraceStoreMissing(f"no traces kept in {path} yet") from None
+            raise
+    finally:
+        connection.close()
+
+
+def load_trace(path: Path, trace_id: str) -> dict[str, Any] | None:
+    """One trace as a tree (see :func:`trace_tree`), or None when the store does not hold it."""
+    rows = _read(path, f"SELECT {_COLUMNS} FROM spans WHERE trace_id = ? ORDER BY start_ns, id", (trace_id.lower(),))
+    return trace_tree(trace_id.lower(), [_span(row) for row in rows]) if rows else None
+
+
+def trace_of_event(path: Path, event_id: str) -> str | None:
+    """The trace in which the event was first logged (a later duplicate offer is a trace of its own)."""
+    rows = _read(
+        path,
+        "SELECT trace_id FROM spans WHERE event_id = ? ORDER BY (kind = 'producer') DESC, start_ns LIMIT 1",
+        (event_id,),
+    )
+    return str(rows[0]["trace_id"]) if rows else None
+
+
+def recent_traces(path: Path, limit: int = 10) -> list[dict[str, Any]]:
+    """The ``limit`` most recently started traces, newest first, each as a tree."""
+    rows = _read(
+        path, "SELECT trace_id, min(start_ns) AS started FROM spans GROUP BY trace_id ORDER BY started DESC LIMIT ?", (limit,)
+    )
+    traces = [load_trace(path, str(row["trace_id"])) for row in rows]
+    return [found for found in traces if found is not None]
+
+
+def _span(row: sqlite3.Row) -> dict[str, Any]:
+    attributes = orjson.loads(row["attributes"])
+    events = orjson.loads(row["events"])
+    errors = [
+        str(event["attributes"].get("exception.message") or event["attributes"].get("exception.type") or event["name"])
+        for event in events
+        if event["name"] == "exception"
+    ]
+    if row["status"] == "error" and row["status_message"] and row["status_message"] not in errors:
+        errors.insert(0, row["status_message"])
+    return {
+        "span_id": row["span_id"],
+        "parent_id": row["parent_id"],
+        "service": row["service"],
+        "operation": row["name"],
+        "kind": row["kind"],
+        "institution": row["institution"],
+        "event_type": row["event_type"],
+        "event_id": row["event_id"],
+        "started_at": _iso(row["start_ns"]),
+        "duration_ms": round((row["end_ns"] - row["start_ns"]) / 1e6, 3),
+        "status": row["status"],
+        "errors": errors,
+        "attributes": attributes,
+        "links": orjson.loads(row["links"]),
+        "children": [],
+        "_start_ns": row["start_ns"],
+        "_end_ns": row["end_ns"],
+    }
+
+
+def _iso(nanoseconds: int) -> str:
+    return datetime.fromtimestamp(nanoseconds / 1e9, timezone.utc).isoformat(timespec="microseconds")
+
+
+def trace_tree(trace_id: str, spans: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"trace_id", "started_at", "duration_ms", "spans", "errors", "roots": [span…]}``: each
+    span with its ``children`` in order of start; a span whose parent is not kept (the partner's
+    own span) is a root."""
+    by_id = {span["span_id"]: span for span in spans}
+    roots: list[dict[str, Any]] = []
+    for span in spans:
+        parent = by_id.get(span["parent_id"]) if span["parent_id"] else None
+        (parent["children"] if parent is not None else roots).append(span)
+    start = min(span["_start_ns"] for span in spans)
+    end = max(span["_end_ns"] for span in spans)
+    for span in spans:
+        del span["_start_ns"], span["_end_ns"]
+    return {
+        "trace_id": trace_id,
+        "started_at": _iso(start),
+        "duration_ms": round((end - start) / 1e6, 3),
+        "spans": len(spans),
+        "errors": sum(1 for span in spans if span["status"] == "error"),
+        "roots": roots,
+    }
+
+
+def walk(trace_or_spans: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    """Every span of a trace tree, depth first."""
+    stack = list(trace_or_spans["roots"] if isinstance(trace_or_spans, Mapping) else trace_or_spans)[::-1]
+    while stack:
+        span = stack.pop()
+        yield span
+        stack.extend(reversed(span["children"]))

@@ -1,0 +1,462 @@
+"""Tracing across institutions, against a real nats-server, real HTTP sockets and a real OTLP
+receiver: one connected trace from a partner's entry (HTTP or NATS ingress) through the
+gatekeeper, the read models' consumer and its workflow, the derived event's publish, to the
+webhook delivery whose receiver gets the trace's ``traceparent``; and the embedded trace store
+read by ``collabbus traces`` and ``/ops/traces/{trace_id}``."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import gzip
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import orjson
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from bus.consumer import ConsumerSettings
+from bus.runtime import Bus
+from bus.server import EmbeddedNats, free_port
+from bus.streams import EVENTS_STREAM
+from ops import tracing
+from ops.settings import Settings
+from tests.conftest import OPERATOR, load_fixtures, unique
+from tests.connectors.conftest import Gateway
+from tests.handlers.harness import envelope
+from tests.ops.conftest import cli_env, collabbus
+from tests.webhooks.conftest import Receiver, eventually, register
+
+PARTNER_TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARTNER_SPAN = "b7ad6b7169203331"
+CONFIRMED = "innovation_day.registration_confirmed"
+
+
+# --- an OTLP/HTTP receiver ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    trace_id: str
+    span_id: str
+    parent_id: str
+    name: str
+    kind: str
+    service: str
+    attributes: dict[str, Any]
+    links: tuple[tuple[str, str], ...]
+    status: str
+
+
+def _value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(item) for item in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+_KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+_STATUSES = {0: "unset", 1: "ok", 2: "error"}
+
+
+@dataclass
+class OtlpReceiver:
+    """``POST /v1/traces`` with protobuf ``ExportTraceServiceRequest``s, decoded and kept."""
+
+    spans: list[ReceivedSpan] = field(default_factory=list)
+    requests: int = 0
+
+    def __post_init__(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                if self.headers.get("content-encoding") == "gzip":
+                    body = gzip.decompress(body)
+                assert self.path == "/v1/traces", self.path
+                assert self.headers.get("content-type") == "application/x-protobuf"
+                receiver.take(ExportTraceServiceRequest.FromString(body))
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def take(self, request: ExportTraceServiceRequest) -> None:
+        decoded = []
+        for resource_spans in request.resource_spans:
+            service = next(
+                (_value(a.value) for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+            )
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    decoded.append(
+                        ReceivedSpan(
+                            trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), parent_id=span.parent_span_id.hex(),
+                            name=span.name, kind=_KINDS[span.kind], service=service,
+                            attributes={a.key: _value(a.value) for a in span.attributes},
+                            links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
+                            status=_STATUSES[span.status.code],
+                        )
+                    )
+        with self._lock:
+            self.spans.extend(decoded)
+            self.requests += 1
+
+    def of_trace(self, trace_id: str) -> list[ReceivedSpan]:
+        with self._lock:
+            return [span for span in self.spans if span.trace_id == trace_id]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def otlp(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
+    """An OTLP receiver, named by ``OTEL_EXPORTER_OTLP_ENDPOINT`` for the buses started meanwhile."""
+    receiver = OtlpReceiver()
+    receiver.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def local_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OTLP endpoint: buses keep their spans in the embedded store."""
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# --- a network: a bus on its own nats-server, its gateway, a receiver ---------------------------
+
+
+@dataclass
+class Network:
+    gateway: Gateway
+    organizer: str
+    participant: str
+    day_id: str
+    endpoint: dict[str, Any]
+
+    @property
+    def bus(self) -> Bus:
+        return self.gateway.bus
+
+    def registration(self, **attributes: Any) -> dict[str, Any]:
+        data = {
+            "day_id": self.day_id, "registration_id": unique("reg"), "participant": self.participant,
+            "role": "innovator", "attendees": 2, "interests": ["health_care.basic_services"],
+        }
+        return envelope("innovation_day.registration_requested", self.participant, data, **attributes)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    running = Receiver()
+    await running.start()
+    yield running
+    await running.stop()
+
+
+async def start_network(data_dir: Path, server: EmbeddedNats, receiver: Receiver) -> Network:
+    """A bus with its gateway, two members, an innovation day with room, and the organizer's
+    webhook for confirmed registrations."""
+    settings = Settings(
+        data_dir=data_dir, nats_url=server.url, operator=OPERATOR, http=f"127.0.0.1:{free_port()}",
+        webhook_allow_networks=["127.0.0.0/8"], webhook_retry_schedule=[0, 0.2, 0.4],
+    )
+    bus = Bus(settings, consumer_settings=ConsumerSettings("network", backoff=(0.05, 0.1)), webhook_timeout=5.0)
+    await bus.start()
+    await bus.start_http()
+    gateway = Gateway(bus, settings.db_url, httpx.AsyncClient(base_url=bus.http.url, timeout=30))
+    organizer = await gateway.join("competence_centre")
+    participant = await gateway.join("municipality", country="TR")
+    day = copy.deepcopy(load_fixtures()["innovation_day.scheduled"]["event"]["data"])
+    day.update(
+        day_id=unique("day"), capacity=50, starts_at="2099-09-17T09:00:00+03:00", ends_at="2099-09-17T16:30:00+03:00",
+        registration_deadline="2099-09-03T23:59:00+03:00",
+    )
+    await gateway.offer(organizer, "innovation_day.scheduled", day)
+    endpoint = await register(gateway, organizer, receiver.url("/confirmed"), [CONFIRMED])
+    return Network(gateway, organizer, participant, day["day_id"], endpoint)
+
+
+@pytest.fixture
+async def network(tmp_path: Path, server: EmbeddedNats, receiver: Receiver) -> AsyncIterator[Network]:
+    running = await start_network(tmp_path / "bus", server, receiver)
+    try:
+        yield running
+    finally:
+        await running.gateway.client.aclose()
+        await running.bus.stop()
+
+
+async def logged(bus: Bus, event_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The event as the log holds it, and its message's headers."""
+    info = await bus.js.stream_info(EVENTS_STREAM)
+    for seq in range(info.state.last_seq, 0, -1):
+        msg = await bus.js.get_msg(EVENTS_STREAM, seq)
+        if (msg.headers or {}).get("Nats-Msg-Id") == event_id:
+            return orjson.loads(msg.data or b""), dict(msg.headers or {})
+    raise AssertionError(f"{event_id} is not in the log")
+
+
+def traceparent_parts(value: str) -> tuple[str, str]:
+    version, trace_id, span_id, flags = value.split("-")
+    assert version == "00" and len(trace_id) == 32 and len(span_id) == 16 and int(flags, 16) & 1, value  # sampled
+    return trace_id, span_id
+
+
+async def delivered_confirmation(receiver: Receiver, registration_id: str) -> dict[str, str]:
+    """The headers of the webhook delivery of the registration's confirmation."""
+
+    def find() -> dict[str, str] | None:
+        for request in receiver.at("/confirmed"):
+            if json.loads(request.body)["data"]["registration_id"] == registration_id:
+                return request.headers
+        return None
+
+    return await eventually(find, what="the delivery of the confirmation")  # type: ignore[no-any-return]
+
+
+def one(spans: list[ReceivedSpan], **wanted: Any) -> ReceivedSpan:
+    """The single span with these fields and attributes (``attr_`` prefix: an attribute)."""
+    found = [
+        span for span in spans
+        if all(
+            (span.attributes.get(key[5:].replace("__", ".")) if key.startswith("attr_") else getattr(span, key)) == value
+            for key, value in wanted.items()
+        )
+    ]
+    assert len(found) == 1, (wanted, [(s.name, s.kind, s.attributes.get(tracing.EVENT_TYPE)) for s in spans])
+    return found[0]
+
+
+async def the_trace(otlp: OtlpReceiver, bus: Bus, trace_id: str, *, derived_id: str) -> list[ReceivedSpan]:
+    """The trace's spans once the webhook delivery's client span has been exported."""
+    assert bus.tracing is not None
+    await asyncio.to_thread(bus.tracing.flush)
+
+    def complete() -> list[ReceivedSpan] | None:
+        spans = otlp.of_trace(trace_id)
+        delivered = any(s.kind == "client" for s in spans)
+        consumed = sum(1 for s in spans if s.kind == "consumer" and s.attributes.get(tracing.EVENT_ID) == derived_id)
+        return spans if delivered and consumed >= 2 else None
+
+    return await eventually(complete, what=f"the spans of trace {trace_id}")  # type: ignore[no-any-return]
+
+
+def assert_connected_journey(spans: list[ReceivedSpan], event: dict[str, Any], derived: dict[str, Any],
+                             delivery_traceparent: str) -> ReceivedSpan:
+    """gatekeeper → projection and workflow → derived event → its publish → webhook delivery, each
+    span the child of the one before; returns the gatekeeper's producer span."""
+    by_id = {span.span_id: span for span in spans}
+    assert all(span.service == "collabbus" for span in spans)
+
+    publish = one(spans, kind="producer", attr_messaging__message__id=event["id"])
+    assert publish.attributes[tracing.MESSAGING_SYSTEM] == "nats"
+    assert publish.attributes[tracing.MESSAGING_DESTINATION].startswith(f"collab.events.{event['source'].split('/')[-1]}.innovation_day.")
+    assert publish.attributes[tracing.EVENT_TYPE] == "innovation_day.registration_requested"
+
+    applied = one(spans, kind="consumer", name="process network", attr_cloudevents__event_id=event["id"])
+    assert applied.parent_id == publish.span_id and (publish.trace_id, publish.span_id) in applied.links
+    recorded = one(spans, kind="consumer", name="process webhooks", attr_cloudevents__event_id=event["id"])
+    assert recorded.parent_id == publish.span_id
+
+    # The workflow's decision continues the trace: the derived event's envelope names the deciding span.
+    assert derived["causationid"] == event["id"]
+    assert traceparent_parts(derived["traceparent"]) == (applied.trace_id, applied.span_id)
+    relayed = one(spans, kind="producer", attr_messaging__message__id=derived["id"])
+    assert relayed.parent_id == applied.span_id and relayed.attributes[tracing.EVENT_TYPE] == CONFIRMED
+    for consumer in ("network", "webhooks"):
+        assert one(spans, kind="consumer", name=f"process {consumer}", attr_cloudevents__event_id=derived["id"]).parent_id == relayed.span_id
+
+    # The delivery is a client span of the derived event's log context, and the receiver got it.
+    delivery = one(spans, kind="client")
+    status = delivery.attributes.get("http.response.status_code", delivery.attributes.get("http.status_code"))
+    assert delivery.parent_id == relayed.span_id and status == 200
+    assert traceparent_parts(delivery_traceparent) == (delivery.trace_id, delivery.span_id)
+    entries = [span for span in spans if span.parent_id not in by_id]
+    assert len(entries) == 1, entries  # one connected tree, from the partner's entry
+    return publish
+
+
+# --- the journeys ---------------------------------------------------------------------------------
+
+
+async def test_an_event_offered_over_http_is_one_trace_to_the_webhook_receiver(
+    otlp: OtlpReceiver, network: Network, receiver: Receiver
+) -> None:
+    event = network.registration()
+    response = await network.gateway.post(network.participant, event)
+    assert response.status_code == 202, response.text
+
+    headers = await delivered_confirmation(receiver, event["data"]["registration_id"])
+    trace_id, _ = traceparent_parts(headers["traceparent"])
+    original, original_headers = await logged(network.bus, event["id"])
+    assert "traceparent" not in original  # the envelope is left as the partner sent it
+    assert traceparent_parts(original_headers["traceparent"])[0] == trace_id  # the log message carries the trace
+    derived_id = json.loads(next(r.body for r in receiver.at("/confirmed")))["id"]
+    derived, _ = await logged(network.bus, derived_id)
+
+    spans = await the_trace(otlp, network.bus, trace_id, derived_id=derived_id)
+    publish = assert_connected_journey(spans, event, derived, headers["traceparent"])
+    entry = one(spans, kind="server")
+    assert entry.name == "POST /events" and entry.parent_id == ""  # the trace starts at the gateway
+    assert publish.parent_id == entry.span_id
+    assert traceparent_parts(original_headers["traceparent"]) == (publish.trace_id, publish.span_id)
+
+
+async def test_an_event_offered_over_nats_continues_the_partners_trace(
+    otlp: OtlpReceiver, network: Network, receiver: Receiver, server: EmbeddedNats
+) -> None:
+    event = network.registration()
+    partner = await nats.connect(server.url)
+    try:
+        reply = await partner.request(
+            f"collab.ingress.{network.participant}.innovation_day.registration_requested", orjson.dumps(event),
+            headers={"Content-Type": "application/cloudevents+json", "traceparent": f"00-{PARTNER_TRACE}-{PARTNER_SPAN}-01"},
+            timeout=10,
+        )
+    finally:
+        await partner.close()
+    assert json.loads(reply.data)["status"] == "accepted", reply.data
+
+    headers = await delivered_confirmation(receiver, event["data"]["registration_id"])
+    assert traceparent_parts(headers["traceparent"])[0] == PARTNER_TRACE  # the receiver can continue the partner's trace
+    derived_id = next(
+        json.loads(r.body)["id"] for r in receiver.at("/confirmed")
+        if json.loads(r.body)["data"]["registration_id"] == event["data"]["registration_id"]
+    )
+    derived, _ = await logged(network.bus, derived_id)
+
+    spans = await the_trace(otlp, network.bus, PARTNER_TRACE, derived_id=derived_id)
+    publish = assert_connected_journey(spans, event, derived, headers["traceparent"])
+    entry = one(spans, name="process collab.ingress")
+    assert entry.kind == "consumer" and entry.parent_id == PARTNER_SPAN
+    assert entry.attributes[tracing.MESSAGING_DESTINATION] == f"collab.ingress.{network.participant}.innovation_day.registration_requested"
+    assert publish.parent_id == entry.span_id
+
+
+async def test_a_refused_offer_marks_its_entry_span_failed(otlp: OtlpReceiver, network: Network) -> None:
+    event = network.registration()
+    event["data"]["attendees"] = 0
+    trace_id = "5e1f0c2b7a9d4e3f8a6b0c1d2e3f4a5b"
+    response = await network.gateway.post(
+        network.participant, event, headers={"traceparent": f"00-{trace_id}-{PARTNER_SPAN}-01"}
+    )
+    assert response.status_code == 422, response.text
+    assert network.bus.tracing is not None
+    await asyncio.to_thread(network.bus.tracing.flush)
+    spans = await eventually(lambda: otlp.of_trace(trace_id), what="the refused offer's span")
+    entry = one(spans, kind="server")
+    assert entry.status == "error" and entry.parent_id == PARTNER_SPAN
+    assert not [span for span in spans if span.kind == "producer"]  # nothing reached the log
+
+
+# --- the embedded store: collabbus traces and /ops/traces ------------------------------------------
+
+
+async def test_collabbus_traces_and_the_operations_endpoint_show_a_trace_from_the_local_store(
+    local_store: None, network: Network, receiver: Receiver
+) -> None:
+    bus = network.bus
+    assert bus.tracing is not None and bus.tracing.exporter == "local"
+    event = network.registration()
+    response = await network.gateway.post(network.participant, event)
+    assert response.status_code == 202, response.text
+    headers = await delivered_confirmation(receiver, event["data"]["registration_id"])
+    trace_id, _ = traceparent_parts(headers["traceparent"])
+    store = bus.settings.data_dir / tracing.STORE_FILE
+
+    def stored() -> bool:
+        bus.tracing.flush()  # type: ignore[union-attr]
+        found = tracing.load_trace(store, trace_id)
+        return found is not None and any(span["kind"] == "client" for span in tracing.walk(found))
+
+    await eventually(lambda: asyncio.to_thread(stored), what="the trace in the local store")
+
+    env = cli_env(bus)
+    code, out, err = await collabbus("traces", "--event", event["id"], "--json", env=env)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["trace_id"] == trace_id
+    (root,) = shown["roots"]
+    assert (root["operation"], root["kind"], root["service"]) == ("POST /events", "server", "collabbus")
+    (publish,) = root["children"]
+    assert publish["kind"] == "producer" and publish["event_id"] == event["id"]
+    assert publish["event_type"] == "innovation_day.registration_requested" and publish["institution"] == network.participant
+    operations = {(span["operation"], span["event_type"]) for span in tracing.walk(shown)}
+    assert {("process network", "innovation_day.registration_requested"), ("publish COLLAB_EVENTS", CONFIRMED),
+            ("process webhooks", CONFIRMED)} <= operations
+    assert all(span["status"] != "error" and span["duration_ms"] >= 0 for span in tracing.walk(shown))
+
+    code, out, err = await collabbus("traces", trace_id, env=env)
+    assert code == 0, err
+    assert f"trace {trace_id}" in out
+    for text in ("POST /events", "publish COLLAB_EVENTS", "process network", "POST", CONFIRMED, network.participant):
+        assert text in out, (text, out)
+
+    code, out, err = await collabbus("traces", "--json", "--limit", "50", env=env)
+    assert code == 0, err
+    assert trace_id in [found["trace_id"] for found in json.loads(out)["traces"]]
+
+    code, out, err = await collabbus("traces", "0" * 32, env=env)
+    assert code == 1 and "no trace" in err
+    code, out, err = await collabbus("traces", "not-a-trace", env=env)
+    assert code == 2 and "not a trace id" in err
+
+    client, auth = network.gateway.client, network.gateway.auth(OPERATOR)
+    answer = await client.get(f"/ops/traces/{trace_id}", headers=auth)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["trace_id"] == trace_id and answer.json()["roots"][0]["operation"] == "POST /events"
+    missing = await client.get(f"/ops/traces/{'f' * 32}", headers=auth)
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("application/problem+json")
+    assert (await client.get(f"/ops/traces/{trace_id}", headers=network.gateway.auth(network.participant))).status_code == 403
+    assert (await client.get(f"/ops/traces/{trace_id}")).status_code == 401
+
+
+def test_the_local_store_keeps_the_latest_spans_only(tmp_path: Path) -> None:
+    path = tmp_path / tracing.STORE_FILE
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(tracing.SpanStore(path, limit=5)))
+    tracer = provider.get_tracer("test")
+    names = [f"span-{n}" for n in range(8)]
+    for name in names:
+        with tracer.start_as_current_span(name):
+            pass
+    provider.shutdown()
+    kept = [span["operation"] for found in tracing.recent_traces(path, limit=20) for span in tracing.walk(found)]
+    assert sorted(kept) == sorted(names[-5:])
