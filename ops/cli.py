@@ -1011,6 +1011,11 @@ def _render_portal_report(report: Any) -> None:
         out.print(f"  [red]rejected[/red] entry {escape(rejected['entry'])}: {rejected['reason']} {rejected['errors']}")
     if report.owner_changed:
         out.print(f"  [yellow]organisation changed to another member[/yellow] (not applied): {', '.join(report.owner_changed[:10])}")
+    if report.published or report.pushed or report.conflicts or report.waiting:
+        out.print(f"  published {report.published} projects, wrote {report.pushed} changes to their entries"
+                  f" ({report.conflicts} concurrent portal edits merged); waiting for the read model: {len(report.waiting)}")
+    for failed in report.publish_errors[:10]:
+        out.print(f"  [red]not published[/red] {escape(failed['project'])}: {escape(failed['error'])} (retried by the next sync)")
 
 
 @portal_app.command("sync")
@@ -1089,6 +1094,50 @@ def portal_sync(
 
     if not run(main()):
         raise typer.Exit(1)
+
+
+@portal_app.command("publish")
+@with_settings
+def portal_publish(
+    project_id: Annotated[str, typer.Argument(help="the project to publish on the portal")],
+    entry_type: Annotated[str, typer.Option("--type", help="the portal entry's type: whole (a project) or practice")] = "whole",
+    as_json: Annotated[bool, typer.Option("--json", help="print the publication as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Mark a project of the network for publication on the portal (on its owner's request).
+
+    The connector (`collabbus portal sync`, or `collabbus up`) creates the entry on its next sync,
+    adds the entry to the project's external_refs, and from then on writes the project's changes to
+    it. Marking a project again changes nothing."""
+    from connectors.portal.connector import PublicationRefused, mark_for_publication, portal_key
+    from handlers.db import make_engine, migrate
+
+    if not settings.portal_url:
+        err.print("[red]error:[/red] no portal configured: set COLLABBUS_PORTAL_URL (or --portal-url)")
+        raise typer.Exit(2)
+    engine = make_engine(settings.db_url)
+    try:
+        migrate(engine)
+        try:
+            mark = mark_for_publication(engine, portal_key(settings.portal_url), project_id, entry_type)
+        except PublicationRefused as exc:
+            err.print(f"[red]refused:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    summary = {"portal": mark.portal, "project_id": mark.project_id, "entry_type": mark.entry_type,
+               "entry_id": mark.entry_id, "marked_at": mark.marked_at.isoformat(),
+               "pushed_at": mark.pushed_at.isoformat() if mark.pushed_at else None, "error": mark.error}
+    if as_json:
+        out.print_json(data=summary)
+    elif mark.entry_id:
+        out.print(f"project {escape(project_id)} is published as portal entry {escape(mark.entry_id)}")
+    else:
+        out.print(f"project {escape(project_id)} is marked for publication on {escape(mark.portal)}; "
+                  "the connector creates its entry on its next sync")
+        if mark.error:
+            out.print(f"  [yellow]last attempt:[/yellow] {escape(mark.error)}")
 
 
 @portal_app.command("sandbox")

@@ -41,8 +41,8 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 import httpx
 import orjson
@@ -52,7 +52,9 @@ from sqlmodel import select
 from bus import cloudevents
 from connectors.portal import store
 from handlers.db import session_scope
+from handlers.bookkeeping import AppliedEvent
 from handlers.institutions import Institution
+from handlers.projects import Project
 
 log = logging.getLogger("collabbus.portal")
 
@@ -60,11 +62,26 @@ SYSTEM = "innokyla"
 BUSINESS_ID_SCHEME = "fi-business-id"
 STATUS = {"draft": "planned", "published": "active", "archived": "completed"}
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
+PORTAL_STATUS = {"planned": "draft", "active": "published", "completed": "archived",
+                 "cancelled": "archived", "suspended": "archived"}
+ENTRY_TYPES = ("whole", "practice")
+PUSHED_FIELDS = ("title", "summary", "organisation", "region", "municipality", "status")
+"""The entry fields a published project determines; the others are the portal's own."""
+WRITABLE_FIELDS = ("type", "title", "summary", "organisation", "region", "municipality", "funder", "parent_id", "tags", "status")
+FACT_SOURCES = {"title": ("title",), "summary": ("summary",), "status": ("status",), "location": ("region", "municipality")}
+"""project fact → the entry fields it is made of."""
+PUBLICATION_TAG_PREFIX = "collabbus:"
+CREATION_CLAIM = timedelta(minutes=2)
+MAX_CONFLICTS = 5
 _UNSAFE = re.compile(r"[^A-Za-z0-9_:-]")
 
 
 class PortalUnavailable(Exception):
     """The portal kept failing after every retry."""
+
+
+class PublicationRefused(Exception):
+    """A project that cannot be marked for publication (the reason is the message)."""
 
 
 # --- the portal's HTTP API ----------------------------------------------------------------------
@@ -96,18 +113,26 @@ class PortalClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One request, retried while the portal answers with a transient failure."""
+    async def request(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> httpx.Response:
+        """One request, retried while the portal answers with a transient failure.
+
+        A request that is not ``idempotent`` (creating an entry) is retried only when the portal
+        certainly did not act on it: 429 and 503 answers, and connections never made. After a
+        timeout or another 5xx it may have, so :class:`PortalUnavailable` is raised instead."""
         problem = ""
         for attempt in range(self.attempts):
             try:
                 response = await self.http.request(method, path, **kwargs)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 problem = f"{type(exc).__name__}"
+                if not idempotent and not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    raise PortalUnavailable(f"{method} {path}: {problem}; the portal may have acted on it") from exc
                 wait = self._backoff(attempt)
             else:
                 if response.status_code not in RETRYABLE:
                     return response
+                if not idempotent and response.status_code not in (429, 503):
+                    raise PortalUnavailable(f"{method} {path}: HTTP {response.status_code}; the portal may have acted on it")
                 problem = f"HTTP {response.status_code}"
                 told = _retry_after(response)
                 wait = self._backoff(attempt) if told is None else told
@@ -139,6 +164,32 @@ class PortalClient:
             return None
         response.raise_for_status()
         return response.json(), response.headers.get("etag")
+
+    async def create_entry(self, body: Mapping[str, Any]) -> str:
+        """Create an entry (``POST /entries``); its id."""
+        response = await self.request("POST", "/api/v1/entries", json=dict(body), idempotent=False)
+        response.raise_for_status()
+        created = response.json()
+        if not isinstance(created, dict) or not created.get("id"):
+            raise ValueError("the portal created an entry but did not say its id")
+        return str(created["id"])
+
+    async def put_entry(
+        self, entry_id: str, body: Mapping[str, Any], etag: str | None
+    ) -> tuple[dict[str, Any], str | None] | Literal["conflict"] | None:
+        """Write the entry if it is still at ``etag`` (``If-Match``): the entry as written and its
+        new ETag; ``"conflict"`` on 412 (it changed meanwhile); None when it is gone."""
+        headers = {"If-Match": etag} if etag else {}
+        response = await self.request("PUT", f"/api/v1/entries/{entry_id}", json=dict(body), headers=headers)
+        if response.status_code == 412:
+            return "conflict"
+        if response.status_code in (404, 410):
+            return None
+        response.raise_for_status()
+        written = response.json() if response.content else None
+        if isinstance(written, dict) and written.get("id"):
+            return written, response.headers.get("etag")
+        return await self.get_entry(entry_id)  # a portal that answers the write without the entry
 
     async def put_validation(self, entry_id: str, body: Mapping[str, Any]) -> bool:
         """Write a validation decision to the entry; False when the entry is gone."""
@@ -176,10 +227,13 @@ def project_id_of(entry_id: str) -> str:
     return f"{SYSTEM}-{safe}"
 
 
-def project_facts(entry: Mapping[str, Any], owner: str) -> dict[str, Any]:
-    """The ``project.registered`` data an entry stands for (see the module docstring)."""
+def project_facts(
+    entry: Mapping[str, Any], owner: str, *, project_id: str | None = None, country: str = "FI"
+) -> dict[str, Any]:
+    """The ``project.registered`` data an entry stands for (see the module docstring); a
+    published project keeps its own id and country."""
     facts: dict[str, Any] = {
-        "project_id": project_id_of(str(entry["id"])),
+        "project_id": project_id or project_id_of(str(entry["id"])),
         "title": entry.get("title"),
         "owner": owner,
         "status": STATUS.get(str(entry.get("status")), "active"),
@@ -187,12 +241,67 @@ def project_facts(entry: Mapping[str, Any], owner: str) -> dict[str, Any]:
     }
     if entry.get("summary"):
         facts["summary"] = entry["summary"]
-    location = {"country": "FI"}
+    location = {"country": country}
     for name in ("region", "municipality"):
         if entry.get(name):
             location[name] = entry[name]
     facts["location"] = location
     return facts
+
+
+def portal_key(url: str) -> str:
+    """How the connector's tables name a portal: its base URL as the HTTP client holds it."""
+    base = httpx.URL(url.rstrip("/"))
+    return str(base if base.raw_path.endswith(b"/") else base.copy_with(raw_path=base.raw_path + b"/"))
+
+
+def publication_tag(project_id: str) -> str:
+    """The tag an entry the connector created carries, naming the project it stands for."""
+    return f"{PUBLICATION_TAG_PREFIX}{project_id}"
+
+
+def published_project_of(entry: Mapping[str, Any]) -> str | None:
+    """The project an entry says it was published from (its :func:`publication_tag`)."""
+    for tag in entry.get("tags") or []:
+        if isinstance(tag, str) and tag.startswith(PUBLICATION_TAG_PREFIX):
+            return tag.removeprefix(PUBLICATION_TAG_PREFIX)
+    return None
+
+
+def organisation_of(institution: Institution) -> dict[str, str] | None:
+    """The portal's ``organisation`` for a member: its name and business id (None without one)."""
+    for identifier in institution.identifiers:
+        if identifier.get("scheme") == BUSINESS_ID_SCHEME and identifier.get("value"):
+            names = institution.name or {}
+            name = names.get("fi") or names.get("en") or next(iter(names.values()), institution.id)
+            return {"name": name, "business_id": str(identifier["value"])}
+    return None
+
+
+def entry_fields(project: Project, organisation: Mapping[str, str]) -> dict[str, Any]:
+    """The entry fields a published project determines (:data:`PUSHED_FIELDS`)."""
+    return {
+        "title": dict(project.title),
+        "summary": dict(project.summary) if project.summary else None,
+        "organisation": dict(organisation),
+        "region": project.region,
+        "municipality": project.municipality,
+        "status": PORTAL_STATUS.get(project.status, "published"),
+    }
+
+
+def _pushed_value(entry: Mapping[str, Any], name: str) -> Any:
+    """An entry's field as :func:`entry_fields` would write it (an empty text is no text)."""
+    value = entry.get(name)
+    return value if value not in ({}, "") else None
+
+
+def _facts(entry: Mapping[str, Any], owner: str, known: store.PortalEntry | None) -> dict[str, Any]:
+    """The facts of an entry, for the project it already stands for when it was synced before."""
+    if known is None:
+        return project_facts(entry, owner)
+    country = (known.data.get("location") or {}).get("country") or "FI"
+    return project_facts(entry, owner, project_id=known.project_id, country=country)
 
 
 def content_hash(facts: Mapping[str, Any]) -> str:
@@ -230,6 +339,16 @@ class SyncReport:
     """business id → {name, entries}: organisations that name no member."""
     rejected: list[dict[str, Any]] = field(default_factory=list)
     owner_changed: list[str] = field(default_factory=list)
+    published: int = 0
+    """Projects marked for publication that became entries on the portal."""
+    pushed: int = 0
+    """Changes of published projects written to their entries."""
+    conflicts: int = 0
+    """Writes the portal refused with 412 (the entry changed meanwhile), resolved by re-reading."""
+    waiting: list[str] = field(default_factory=list)
+    """Published projects not pushed yet: the read model has not applied the connector's last event."""
+    publish_errors: list[dict[str, str]] = field(default_factory=list)
+    """{project, error}: publications that could not be pushed (retried by the next sync)."""
     retries: int = 0
     complete: bool = False
     error: str | None = None
@@ -251,6 +370,8 @@ class SyncReport:
             "unchanged": self.unchanged, "duplicates": self.duplicates, "deleted": self.deleted,
             "unmapped": self.unmapped, "unmapped_entries": sum(u["entries"] for u in self.unmapped.values()),
             "rejected": self.rejected, "owner_changed": self.owner_changed, "retries": self.retries,
+            "published": self.published, "pushed": self.pushed, "conflicts": self.conflicts,
+            "waiting": self.waiting, "publish_errors": self.publish_errors,
             "seconds": round(self.seconds, 3), "entries_per_second": round(self.rate, 1),
             "events_per_second": round(self.emitted / self.seconds, 1) if self.seconds > 0 else 0.0,
         }
@@ -272,7 +393,9 @@ class PortalSync:
         self.gate = gate
         self.engine = engine
         self.client = client
-        self.portal = portal or str(client.http.base_url)
+        self.portal = portal or portal_key(str(client.http.base_url))
+        self._publications: dict[str, store.PortalPublication] = {}
+        """project id → this portal's publications, as loaded when a sync starts."""
         self.page_size = page_size
         self.concurrency = concurrency
 
@@ -297,6 +420,7 @@ class PortalSync:
         members = await asyncio.to_thread(self._members)
         with session_scope(self.engine) as session:
             position = store.load_cursor(session, self.portal)
+            self._publications = {row.project_id: row for row in store.publications(session, self.portal)}
         mapping = content_hash(members)
         if position.mapping is not None and position.mapping != mapping:
             full = True  # organisations skipped as unmapped may name a member now
@@ -329,11 +453,15 @@ class PortalSync:
         except (PortalUnavailable, httpx.HTTPError, ValueError) as exc:
             report.error = str(exc) or type(exc).__name__
             log.warning("portal sync stopped: %s (the next sync resumes from the last page)", report.error)
+        if report.complete:
+            # After a complete pull only: it has adopted entries whose creation was cut short and
+            # has carried the portal's own changes, which a push must not undo.
+            await self.push_publications(report)
         report.seconds = time.monotonic() - started
         report.retries = self.client.retries - retries_before
         return report
 
-    def _save(self, rows: list[store.PortalEntry], position: store.PortalCursor) -> None:
+    def _save(self, rows: list[Any], position: store.PortalCursor) -> None:
         with session_scope(self.engine) as session:
             for row in rows:
                 session.merge(row)
@@ -341,12 +469,12 @@ class PortalSync:
 
     async def _apply_page(
         self, items: list[dict[str, Any]], members: dict[str, str], report: SyncReport
-    ) -> list[store.PortalEntry]:
+    ) -> list[Any]:
         with session_scope(self.engine) as session:
             known = store.known_entries(session, self.portal, [str(item["id"]) for item in items])
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def one(item: dict[str, Any]) -> store.PortalEntry | None:
+        async def one(item: dict[str, Any]) -> list[Any] | None:
             async with gate:
                 return await self._apply(item, known.get(str(item["id"])), members, report)
 
@@ -357,7 +485,7 @@ class PortalSync:
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
             raise failures[0]
-        return [row for row in results if isinstance(row, store.PortalEntry)]
+        return [row for rows in results if isinstance(rows, list) for row in rows]
 
     def _owner(self, entry: Mapping[str, Any], members: dict[str, str], report: SyncReport) -> str | None:
         organisation = entry.get("organisation") or {}
@@ -370,12 +498,13 @@ class PortalSync:
 
     async def _apply(
         self, listed: dict[str, Any], known: store.PortalEntry | None, members: dict[str, str], report: SyncReport
-    ) -> store.PortalEntry | None:
+    ) -> list[Any] | None:
+        """What one listed entry becomes: the rows to store with the page (None: nothing)."""
         entry_id = str(listed["id"])
         owner = self._owner(listed, members, report)
         if owner is None:
             return None
-        if known is not None and content_hash(project_facts(listed, owner)) == known.content_hash:
+        if known is not None and content_hash(_facts(listed, owner, known)) == known.content_hash:
             report.unchanged += 1
             return None
         # Changed or new as listed: read the entry itself, which may have moved on (or gone) since.
@@ -388,7 +517,9 @@ class PortalSync:
             owner = self._owner(entry, members, report)
             if owner is None:
                 return None
-        facts = project_facts(entry, owner)
+        if known is None and (marked := published_project_of(entry)) is not None and marked in self._publications:
+            return await self._adopt(entry, etag, owner, self._publications[marked], report)
+        facts = _facts(entry, owner, known)
         digest = content_hash(facts)
         if known is not None and digest == known.content_hash:
             report.unchanged += 1
@@ -420,10 +551,234 @@ class PortalSync:
             report.registered += 1
         else:
             report.updated += 1
-        return store.PortalEntry(
+        rows: list[Any] = [store.PortalEntry(
             portal=self.portal, entry_id=entry_id, project_id=facts["project_id"], owner=owner, content_hash=digest,
             revision=revision, data=facts, etag=etag, synced_at=datetime.now(UTC),
-        )
+        )]
+        publication = self._publications.get(facts["project_id"])
+        if known is not None and publication is not None and publication.entry_id == entry_id:
+            # The portal changed a published project: what it says now is the base the next push
+            # compares the project with, and no push may run before the read model has the change.
+            pushed = dict(publication.pushed or {})
+            for fact in data["changes"]:
+                for name in FACT_SOURCES.get(fact, ()):
+                    pushed[name] = _pushed_value(entry, name)
+            publication.pushed = pushed
+            publication.waiting_for = str(event["id"])
+            rows.append(publication)
+        return rows
+
+    async def _adopt(
+        self, entry: dict[str, Any], etag: str | None, owner: str, publication: store.PortalPublication, report: SyncReport
+    ) -> list[Any] | None:
+        """An entry the connector created for a published project, found by its tag: when the
+        creation was cut short before its id was stored, the publication takes it now; any other
+        entry with the tag (a copy) is reported, never registered as a new project."""
+        entry_id = str(entry["id"])
+        if publication.entry_id is not None and publication.entry_id != entry_id:
+            report.rejected.append({"entry": entry_id, "event_id": None, "reason": "copy_of_published_entry",
+                                    "errors": [f"carries the tag of project {publication.project_id}, "
+                                               f"published as entry {publication.entry_id}"]})
+            return None
+        country = await asyncio.to_thread(self._country, publication.project_id)
+        facts = project_facts(entry, owner, project_id=publication.project_id, country=country)
+        publication.entry_id, publication.etag, publication.attempted_at = entry_id, etag, None
+        publication.pushed = {name: _pushed_value(entry, name) for name in PUSHED_FIELDS}
+        publication.pushed_at = datetime.now(UTC)
+        report.published += 1
+        return [publication, store.PortalEntry(
+            portal=self.portal, entry_id=entry_id, project_id=publication.project_id, owner=owner,
+            content_hash=content_hash(facts), revision=1, data=facts, etag=etag, synced_at=datetime.now(UTC),
+        )]
+
+    def _country(self, project_id: str) -> str:
+        with session_scope(self.engine) as session:
+            project = session.get(Project, project_id)
+            return project.country if project is not None and project.country else "FI"
+
+    # --- publication: projects of the network pushed to the portal ----------------------------
+
+    async def push_publications(self, report: SyncReport) -> None:
+        """Create the entries of newly marked projects and write the changes of published ones."""
+        with session_scope(self.engine) as session:
+            marks = store.publications(session, self.portal)
+        for mark in marks:
+            try:
+                problem = await self._push(mark, report)
+            except (PortalUnavailable, httpx.HTTPError, ValueError) as exc:
+                problem = str(exc) or type(exc).__name__
+            if problem is not None:
+                report.publish_errors.append({"project": mark.project_id, "error": problem})
+                log.warning("publishing project %s on the portal: %s", mark.project_id, problem)
+            if problem != mark.error:
+                await asyncio.to_thread(self._note, mark.project_id, error=problem)
+
+    def _note(self, project_id: str, **values: Any) -> store.PortalPublication | None:
+        """Store ``values`` on the project's publication; the row as stored."""
+        with session_scope(self.engine) as session:
+            row = session.get(store.PortalPublication, (self.portal, project_id))
+            if row is None:
+                return None
+            row.sqlmodel_update(values)
+            session.add(row)
+            return row
+
+    async def _push(self, mark: store.PortalPublication, report: SyncReport) -> str | None:
+        """One publication's turn; what went wrong, or None."""
+        with session_scope(self.engine) as session:
+            project = session.get(Project, mark.project_id)
+            owner = session.get(Institution, project.owner) if project is not None else None
+            waiting = mark.waiting_for is not None and session.get(AppliedEvent, mark.waiting_for) is None
+        if project is None or owner is None:
+            return "the project is not in the read model"
+        if waiting:
+            report.waiting.append(mark.project_id)
+            return None
+        organisation = organisation_of(owner)
+        if organisation is None:
+            return f"the owner {owner.id} has no {BUSINESS_ID_SCHEME} identifier"
+        desired = entry_fields(project, organisation)
+        if mark.entry_id is None:
+            created = await self._create(mark, project, desired, report)
+            if created is None:
+                return None
+            mark = created
+        if not mark.announced:
+            problem = await self._announce(mark, project)
+            if problem is not None:
+                return problem
+        return await self._update(mark, project, desired, report)
+
+    def _claim(self, project_id: str) -> bool:
+        """Claim the creation of the project's entry, unless another pass is at it (or was, and
+        stopped within :data:`CREATION_CLAIM`: the next complete pull adopts what it created)."""
+        now = datetime.now(UTC)
+        with session_scope(self.engine) as session:
+            row = session.get(store.PortalPublication, (self.portal, project_id), with_for_update=True)
+            if row is None or row.entry_id is not None:
+                return False
+            if row.attempted_at is not None and row.attempted_at > now - CREATION_CLAIM:
+                return False
+            row.attempted_at = now
+            session.add(row)
+            return True
+
+    async def _create(
+        self, mark: store.PortalPublication, project: Project, desired: dict[str, Any], report: SyncReport
+    ) -> store.PortalPublication | None:
+        """POST the entry, then store its id (and what it stands for, so the pull knows it)."""
+        if not await asyncio.to_thread(self._claim, mark.project_id):
+            report.waiting.append(mark.project_id)
+            return None
+        body = {"type": mark.entry_type, **desired, "funder": None, "parent_id": None,
+                "tags": [publication_tag(mark.project_id)]}
+        entry_id = await self.client.create_entry(body)
+        fetched = await self.client.get_entry(entry_id)
+        if fetched is None:
+            raise ValueError(f"the entry {entry_id} the portal just created is gone")
+        entry, etag = fetched
+        facts = project_facts(entry, project.owner, project_id=project.project_id, country=project.country or "FI")
+        now = datetime.now(UTC)
+
+        def record() -> store.PortalPublication:
+            with session_scope(self.engine) as session:
+                row = session.get(store.PortalPublication, (self.portal, mark.project_id))
+                assert row is not None  # publications are never deleted
+                row.sqlmodel_update({"entry_id": entry_id, "etag": etag, "pushed": desired, "pushed_at": now,
+                                     "attempted_at": None, "error": None})
+                session.add(row)
+                session.merge(store.PortalEntry(
+                    portal=self.portal, entry_id=entry_id, project_id=project.project_id, owner=project.owner,
+                    content_hash=content_hash(facts), revision=1, data=facts, etag=etag, synced_at=now,
+                ))
+                return row
+
+        report.published += 1
+        return await asyncio.to_thread(record)
+
+    async def _announce(self, mark: store.PortalPublication, project: Project) -> str | None:
+        """Offer ``project.updated`` with the entry's ``innokyla`` reference, in the owner's name."""
+        assert mark.entry_id is not None
+        with session_scope(self.engine) as session:
+            known = session.get(store.PortalEntry, (self.portal, mark.entry_id))
+        ref = next((r for r in (known.data.get("external_refs") or []) if r.get("system") == SYSTEM), None) if known else None
+        ref = ref or {"system": SYSTEM, "id": mark.entry_id}
+        refs = [{k: v for k, v in r.items() if v is not None} for r in project.external_refs
+                if not (r.get("system") == SYSTEM and r.get("id") == mark.entry_id)]
+        event = {
+            "specversion": "1.0",
+            "id": f"{SYSTEM}.published.{_UNSAFE.sub('_', mark.entry_id)[:80]}",
+            "source": f"/institutions/{project.owner}",
+            "type": "project.updated",
+            "subject": project.project_id,
+            "data": {"project_id": project.project_id, "changes": {"external_refs": [*refs, ref]}},
+        }
+        verdict = await self.gate.admit(project.owner, orjson.dumps(event), cloudevents.structured_headers())
+        if not verdict.accepted:
+            return f"the reference to the entry was refused: {verdict.reason} {[p.as_dict() for p in verdict.errors]}"
+        await asyncio.to_thread(self._note, mark.project_id, announced=True, waiting_for=event["id"])
+        mark.announced, mark.waiting_for = True, str(event["id"])
+        return None
+
+    async def _update(
+        self, mark: store.PortalPublication, project: Project, desired: dict[str, Any], report: SyncReport
+    ) -> str | None:
+        """Write what the bus changed since the last push (and only that) to the entry.
+
+        Three-way: ``mark.pushed`` is the last pushed version, ``desired`` the project now, and
+        the portal's entry is read right before the write; the fields that differ between the
+        first two are laid over the third and written with ``If-Match``. On 412 someone changed
+        the entry between the read and the write: read it again and lay the same fields over it."""
+        assert mark.entry_id is not None
+        base = mark.pushed or {}
+        ours = {name: desired.get(name) for name in PUSHED_FIELDS if desired.get(name) != base.get(name)}
+        if not ours:
+            return None
+        written: tuple[dict[str, Any], str | None] | None = None
+        for _ in range(MAX_CONFLICTS + 1):
+            fetched = await self.client.get_entry(mark.entry_id)
+            if fetched is None:
+                return f"the entry {mark.entry_id} was deleted on the portal"
+            current, etag = fetched
+            body = {**{name: current.get(name) for name in WRITABLE_FIELDS if name in current}, **ours}
+            result = await self.client.put_entry(mark.entry_id, body, etag)
+            if result is None:
+                return f"the entry {mark.entry_id} was deleted on the portal"
+            if result != "conflict":
+                written = result
+                break
+            report.conflicts += 1
+            log.info("portal entry %s changed while being written; merging again", mark.entry_id)
+        if written is None:
+            return f"the entry {mark.entry_id} kept changing while being written ({MAX_CONFLICTS + 1} attempts)"
+        entry, etag = written
+        now = datetime.now(UTC)
+
+        def record() -> None:
+            # The pull must not bring back what the connector wrote, but must still bring what the
+            # portal changed: only the facts made of the fields written are taken from the entry.
+            with session_scope(self.engine) as session:
+                row = session.get(store.PortalPublication, (self.portal, mark.project_id))
+                known = session.get(store.PortalEntry, (self.portal, mark.entry_id))
+                assert row is not None
+                row.sqlmodel_update({"pushed": {**base, **ours}, "etag": etag, "pushed_at": now, "error": None})
+                session.add(row)
+                if known is not None:
+                    country = (known.data.get("location") or {}).get("country") or "FI"
+                    written_facts = project_facts(entry, known.owner, project_id=known.project_id, country=country)
+                    data = dict(known.data)
+                    for fact, sources in FACT_SOURCES.items():
+                        if set(sources) & set(ours):
+                            if fact in written_facts:
+                                data[fact] = written_facts[fact]
+                            else:
+                                data.pop(fact, None)
+                    known.data, known.content_hash, known.etag, known.synced_at = data, content_hash(data), etag, now
+                    session.add(known)
+
+        await asyncio.to_thread(record)
+        report.pushed += 1
+        return None
 
     async def push_validation(self, decided: Mapping[str, Any], project_id: str, *, url: str | None = None) -> bool | None:
         """Write a ``validation.decided`` (its data) about ``project_id`` to the portal entry the
@@ -495,6 +850,42 @@ async def push_decisions(js: Any, sync: PortalSync, stop: asyncio.Event, *, dura
                     await msg.ack()
     finally:
         await sub.unsubscribe()
+
+
+# --- marking projects for publication ----------------------------------------------------------
+
+
+def mark_for_publication(engine: Engine, portal: str, project_id: str, entry_type: str = "whole") -> store.PortalPublication:
+    """Mark a project of the network for publication on ``portal`` (a :func:`portal_key`); the
+    connector creates its entry on its next sync. Marking again changes nothing.
+
+    Refused (:class:`PublicationRefused`) when the project is unknown, came from the portal, or
+    its owner has no business id (the portal names organisations by it, and the pull maps the
+    entry back to the owner by it)."""
+    if entry_type not in ENTRY_TYPES:
+        raise PublicationRefused(f"the entry type must be one of {', '.join(ENTRY_TYPES)}, not {entry_type!r}")
+    with session_scope(engine) as session:
+        existing = session.get(store.PortalPublication, (portal, project_id))
+        if existing is not None:
+            return existing
+        source = store.entry_of_project(session, project_id)
+        project = session.get(Project, project_id)
+        if project is None and source is None:
+            raise PublicationRefused(f"no project {project_id!r} in the network")
+        refs = [r for r in project.external_refs if r.get("system") == SYSTEM] if project is not None else []
+        if source is not None or refs:
+            entry = source.entry_id if source is not None else refs[0].get("id")
+            raise PublicationRefused(f"project {project_id!r} is on the portal already (entry {entry})")
+        assert project is not None
+        owner = session.get(Institution, project.owner)
+        if owner is None or organisation_of(owner) is None:
+            raise PublicationRefused(
+                f"the owner {project.owner!r} has no {BUSINESS_ID_SCHEME} identifier: the portal names "
+                f"organisations by business id (add one with `collabbus institutions` and an institution.updated)"
+            )
+        row = store.PortalPublication(portal=portal, project_id=project_id, entry_type=entry_type, marked_at=datetime.now(UTC))
+        session.add(row)
+        return row
 
 
 # --- running it ---------------------------------------------------------------------------------

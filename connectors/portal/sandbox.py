@@ -11,7 +11,10 @@ and the faults a real portal has, switchable while it runs (``POST /_sandbox/fau
 - ``change_every`` / ``change_count``: before every Nth list page, that many entries change
   (a page that changes while being read);
 - ``delete_every``: after every Nth list page, the page's last entry is deleted (deleted
-  between list and get).
+  between list and get);
+- ``edits_before_put`` / ``edit_before_put``: the next that many ``PUT /entries/{id}`` with
+  ``If-Match`` find the entry just edited by someone else (``edit_before_put`` applied to it), so
+  they answer 412: the race between a client's read and its write, made deterministic.
 
 ``POST /_sandbox/seed`` (or :meth:`PortalStore.seed`) creates many entries at once for tests.
 """
@@ -59,6 +62,8 @@ class Faults:
     change_every: int = 0
     change_count: int = 1
     delete_every: int = 0
+    edits_before_put: int = 0
+    edit_before_put: dict[str, Any] | None = None
 
 
 @dataclass
@@ -70,6 +75,7 @@ class FaultLog:
     slowed: int = 0
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    edited_before_put: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -314,8 +320,15 @@ def create_app(store: PortalStore, *, token: str | None, faults: Faults | None =
     @api.put("/entries/{entry_id}")
     async def put_entry(entry_id: str, request: Request, if_match: str | None = Header(None)) -> Any:
         body = await request.json()
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "an object of the fields to change"}, status_code=400)
         version = _version(if_match)
         changes = {k: v for k, v in body.items() if k in _WRITABLE}
+        f: Faults = state.faults
+        if version is not None and f.edits_before_put > 0 and f.edit_before_put:
+            f.edits_before_put -= 1
+            if store.update(entry_id, dict(f.edit_before_put)) != "missing":
+                log.edited_before_put.append(entry_id)
         result = store.update(entry_id, changes, if_version=version)
         if result == "missing":
             return JSONResponse({"error": "not found"}, status_code=404)

@@ -1,9 +1,10 @@
 """The portal connector's own state: where the last sync stopped and what each entry became.
 
-Not a read model: nothing in the log says which portal entries were seen or how far a paged read
-got, so these tables live on metadata of their own (like ``handlers.tokens``) and a rebuild,
-which empties the tables of ``SQLModel.metadata``, leaves them alone. Migration ``0007_portal``
-creates them.
+Not a read model: nothing in the log says which portal entries were seen, how far a paged read
+got or which projects an operator marked for publication, so these tables live on metadata of
+their own (like ``handlers.tokens``) and a rebuild, which empties the tables of
+``SQLModel.metadata``, leaves them alone. Migrations ``0007_portal`` and
+``0008_portal_publications`` create them.
 """
 
 from __future__ import annotations
@@ -60,6 +61,34 @@ class PortalEntry(_PortalState, table=True):
     synced_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
 
 
+class PortalPublication(_PortalState, table=True):
+    """A project of the network marked for publication on a portal, and how far that got.
+
+    ``entry_id`` is None until the entry exists on the portal. ``pushed`` holds the entry's
+    writable fields as the connector last wrote (or agreed with) them and ``etag`` the version
+    they were written as: the base of the three-way merge when the project changes."""
+
+    __tablename__ = "portal_publications"
+
+    portal: str = Field(primary_key=True, max_length=2048)
+    project_id: str = Field(primary_key=True, max_length=128)
+    entry_type: str = Field(max_length=16)
+    entry_id: str | None = Field(default=None, index=True, max_length=256)
+    etag: str | None = Field(default=None, max_length=256)
+    pushed: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    announced: bool = False
+    """The ``innokyla`` external reference was accepted into the log."""
+    waiting_for: str | None = Field(default=None, max_length=128)
+    """An event the connector emitted about the project: pushes wait until the read model has it,
+    so a project read before it is applied never undoes it on the portal."""
+    marked_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    attempted_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    """When the entry was last being created (a claim: another process leaves it alone a while)."""
+    pushed_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    error: str | None = Field(default=None, max_length=2048)
+    """Why the last push did not happen (e.g. the owner has no business id)."""
+
+
 def load_cursor(session: Session, portal: str) -> PortalCursor:
     """The portal's cursor row (a fresh one when it was never synced)."""
     return session.get(PortalCursor, portal) or PortalCursor(portal=portal, saved_at=datetime.now(UTC))
@@ -82,3 +111,9 @@ def known_entries(session: Session, portal: str, entry_ids: Iterable[str]) -> di
 def entry_of_project(session: Session, project_id: str) -> PortalEntry | None:
     """The portal entry a project came from, if it came from one."""
     return session.exec(select(PortalEntry).where(PortalEntry.project_id == project_id)).first()
+
+
+def publications(session: Session, portal: str) -> list[PortalPublication]:
+    """The portal's publications, oldest mark first."""
+    query = select(PortalPublication).where(PortalPublication.portal == portal).order_by(col(PortalPublication.marked_at))
+    return list(session.exec(query))

@@ -1,0 +1,73 @@
+"""``collabbus portal sync`` as a real process, killed with SIGKILL in the middle of a first sync
+and started again: the log ends with exactly one ``project.registered`` per entry.
+
+``COLLABBUS_PORTAL_KILL_ENTRIES`` sets the portal's size (default 3,000)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from connectors.portal import store
+from connectors.portal.connector import portal_key
+from connectors.portal.sandbox import PortalSandbox, sample_entries
+from tests.connectors.conftest import Gateway
+from tests.portal.conftest import TOKEN, Network, project_events
+from tests.portal.test_portal_sync import assert_exact
+
+ENTRIES = int(os.environ.get("COLLABBUS_PORTAL_KILL_ENTRIES", "3000"))
+COLLABBUS = [sys.executable, "-m", "ops"]
+
+
+def synced(engine: Engine, portal: str) -> int:
+    """How many entries the connector has stored as synced."""
+    with engine.connect() as connection:
+        table = store.PortalEntry.__table__  # type: ignore[attr-defined]
+        return int(connection.execute(sa.select(sa.func.count()).select_from(table).where(table.c.portal == portal)).scalar_one())
+
+
+@pytest.mark.timeout(900)
+async def test_a_killed_sync_process_restarts_into_the_exact_state(
+    gateway: Gateway, sandbox: PortalSandbox, network: Network, tmp_path: Path
+) -> None:
+    sandbox.store.seed(sample_entries(ENTRIES, network.organisations))
+    portal = portal_key(sandbox.url)
+    env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "",
+           "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
+           "COLLABBUS_PORTAL_URL": sandbox.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
+           "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}
+    command = [*COLLABBUS, "portal", "sync", "--once", "--json"]
+
+    first = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.PIPE)
+    while (progress := await asyncio.to_thread(synced, gateway.bus.engine, portal)) < ENTRIES // 4:
+        assert first.returncode is None, (await first.communicate())[1].decode()
+        await asyncio.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    await first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    stored = await asyncio.to_thread(synced, gateway.bus.engine, portal)
+    assert progress <= stored < ENTRIES, "the process was not killed in the middle of the sync"
+    registered_before = len(await project_events(gateway, list(network.members.values())))
+    assert stored <= registered_before < ENTRIES  # events of the page under way may be logged but not stored
+
+    second = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE,
+                                                  stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await second.communicate()
+    assert second.returncode == 0, stderr.decode()
+    summary = json.loads(stdout)
+    assert summary["complete"] and summary["rejected"] == []
+    assert summary["registered"] == ENTRIES - stored  # resumed from the stored cursor, not from the start
+    assert summary["duplicates"] == registered_before - stored  # the page under way, recognised by its ids
+    assert await asyncio.to_thread(synced, gateway.bus.engine, portal) == ENTRIES
+
+    events = await assert_exact(gateway, sandbox, network)  # one project.registered per entry, content exact
+    assert len(events) == ENTRIES and {e["type"] for e in events} == {"project.registered"}
