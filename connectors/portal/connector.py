@@ -29,6 +29,29 @@ Push: :func:`push_decisions` follows ``validation.decided`` in the log and write
 about a project that came from the portal (or names an ``innokyla`` reference) to the entry (``PUT /entries/{id}/validation``). That changes the entry's
 ``updated_at`` but none of the facts above, so the next pull emits nothing: the connector's own
 change is not echoed back.
+
+Publication: a project of the network goes onto the portal when an operator marks it, on its
+owner's request, with ``collabbus portal publish PROJECT_ID [--type whole|practice]``
+(:func:`mark_for_publication`: a row in the connector's own ``portal_publications`` table; the
+owner must hold a business id, which is how the portal names organisations and how the pull maps
+the entry back). After every complete pull, :meth:`PortalSync.push_publications`:
+
+- creates the entry of a newly marked project (``POST /entries``; title, summary, organisation,
+  region, municipality, status mapped back: ``planned`` → ``draft``, ``active`` → ``published``,
+  the rest → ``archived``), tagged ``collabbus:{project id}``; stores entry ↔ project *before*
+  anything else, as a synced entry, so the pull maps the entry to the project and never registers
+  it again; then offers ``project.updated`` adding ``{system: "innokyla", id, url}`` to the
+  project's ``external_refs``, through the gate in the owner's name. A creation whose answer was
+  lost (timeout, crash) is not repeated for a while; the next pull finds the entry by its tag and
+  adopts it;
+- writes later changes of the project (from the read model) to the entry, three-way: the fields
+  that differ between the last pushed version and the project now are laid over the entry as just
+  read, and written with ``If-Match``; on 412 (the entry changed between the read and the write)
+  the entry is read again and the same fields laid over it, so neither side loses a change to
+  another field. What the connector wrote is taken into the entry's synced facts, so it is not
+  pulled back; what the portal changed meanwhile is, by the next pull;
+- waits while the read model has not applied the connector's last event about the project (the
+  reference, or a portal change it pulled), so a project read too early never undoes it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``collabbus portal sandbox`` and ``collabbus portal sync --once --json`` as an operator runs them."""
+"""``collabbus portal sandbox``, ``portal sync --once --json`` and ``portal publish`` as an operator runs them."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import json
 import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
+import orjson
 
 from bus.server import free_port
+from connectors.portal.sandbox import PortalSandbox
 from tests.connectors.conftest import Gateway
-from tests.portal.conftest import Network
+from tests.handlers.harness import envelope
+from tests.portal.conftest import TOKEN, Network
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 
@@ -57,3 +61,43 @@ async def test_sandbox_and_sync_commands(gateway: Gateway, network: Network, tmp
     finally:
         sandbox.send_signal(signal.SIGINT)
         await asyncio.wait_for(sandbox.wait(), 20)
+
+
+async def test_publish_command_marks_a_project_and_sync_creates_its_entry(
+    gateway: Gateway, network: Network, sandbox: PortalSandbox, tmp_path: Path
+) -> None:
+    business_id, owner = next(iter(network.members.items()))
+    project_id = f"p-{uuid.uuid4().hex[:12]}"
+    registered = envelope("project.registered", owner, {"project_id": project_id, "title": {"fi": "Kotihoito"}, "owner": owner,
+                                                          "status": "planned"})
+    assert (await gateway.bus.gate.admit(owner, orjson.dumps(registered), {"content-type": "application/cloudevents+json"})).accepted
+    await gateway.settle()
+    env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "",
+           "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
+           "COLLABBUS_PORTAL_URL": sandbox.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
+           "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}
+
+    async def collabbus(*args: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(*COLLABBUS, *args, env=env, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, stdout.decode(), stderr.decode()
+
+    code, _, stderr = await collabbus("portal", "publish", "no-such-project")
+    assert code == 1 and "no project 'no-such-project'" in stderr
+    code, stdout, stderr = await collabbus("portal", "publish", project_id, "--type", "practice", "--json")
+    assert code == 0, stderr
+    marked = json.loads(stdout)
+    assert (marked["project_id"], marked["entry_type"], marked["entry_id"]) == (project_id, "practice", None)
+
+    code, stdout, stderr = await collabbus("portal", "sync", "--once", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert (summary["published"], summary["registered"], summary["publish_errors"]) == (1, 0, [])
+    [entry] = [e for e in sandbox.store.all() if f"collabbus:{project_id}" in e["tags"]]
+    assert (entry["type"], entry["title"], entry["status"], entry["organisation"]["business_id"]) == (
+        "practice", {"fi": "Kotihoito"}, "draft", business_id)
+
+    code, stdout, _ = await collabbus("portal", "publish", project_id)
+    assert code == 0 and f"published as portal entry {entry['id']}" in " ".join(stdout.split())
