@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # The suite mostly waits on servers (NATS, PostgreSQL, HTTP): more workers than cores pay off.
 TEST_WORKERS ?= 4
 
-.PHONY: run test clean
+.PHONY: run test bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -19,6 +19,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/collabbus bench
 
 clean:
 	rm -rf $(VENV) .collabbus .pytest_cache

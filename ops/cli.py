@@ -1176,5 +1176,91 @@ def portal_sandbox(
     run(main())
 
 
+# --------------------------------------------------------------------------- bench (CONTRACT §9)
+
+
+@app.command()
+def bench(
+    events: Annotated[Optional[int], typer.Option(min=50, help="events per throughput phase [default: 5000; --quick 200]")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="a smoke run: few events, every phase, well under a minute of measuring")] = False,
+    only: Annotated[Optional[str], typer.Option(help="comma-separated phases: raw,bus,http,latency,webhooks,rebuild")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="comma-separated nats-server configurations: sync_always,sync_default")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="requests in flight, for the bus and for raw nats-py alike")] = 64,
+    rebuild_events: Annotated[Optional[int], typer.Option(min=100, help="events in the log for the rebuild [default: 100000; --quick 1000]")] = None,
+    budget: Annotated[Optional[float], typer.Option(min=1, help="seconds a bus throughput phase may take [default: 18; --quick 60]")] = None,
+    output: Annotated[Path, typer.Option("--out", help="where to write the results as JSON")] = Path("bench/results.json"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+) -> None:
+    """The benchmark: raw nats-py against the bus (NATS and HTTP), latency at a fixed rate, webhook
+    fan-out, rebuild and memory, on fresh nats-servers in both sync configurations."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ops import bench as benchmark
+
+    def names(value: Optional[str], allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+        if value is None:
+            return allowed
+        chosen = tuple(part.strip() for part in value.split(",") if part.strip())
+        unknown = [part for part in chosen if part not in allowed]
+        if unknown or not chosen:
+            raise typer.BadParameter(f"{', '.join(map(repr, unknown)) or repr(value)}: choose from {', '.join(allowed)}", param_hint=option)
+        return chosen
+
+    changes: dict[str, Any] = {
+        "phases": names(only, benchmark.PHASES, "--only"),
+        "configurations": names(config, tuple(benchmark.CONFIGURATIONS), "--config"),
+        "concurrency": concurrency,
+    }
+    for name, value in (("events", events), ("rebuild_events", rebuild_events), ("budget", budget)):
+        if value is not None:
+            changes[name] = value
+    options = benchmark.BenchOptions.quick_run(**changes) if quick else benchmark.BenchOptions(**changes)
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+        current = {"description": ""}
+
+        def progress(description: str, done: int, total: int | None) -> None:
+            if description != current["description"]:
+                current["description"] = description
+                bar.reset(task, description=description, total=total, completed=done)
+            else:
+                bar.update(task, completed=done, total=total)
+
+        results = run(benchmark.run(options, progress))
+    benchmark.write(results, output)
+    if as_json:
+        sys.stdout.write(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    else:
+        _render_bench(results, output)
+    if benchmark.failed_phases(results):
+        err.print(f"[red]failed:[/red] {', '.join(benchmark.failed_phases(results))} (see {output})")
+        raise typer.Exit(1)
+
+
+def _render_bench(results: dict[str, Any], output: Path) -> None:
+    from ops.bench import rows
+
+    machine = results["machine"]
+    out.print(f"[bold]collabbus bench[/bold] on {escape(machine['cpu'])}, {machine['cores']} cores, "
+              f"{machine['memory']['value']:g} GB, Python {machine['python']}, {escape(machine['nats_server'])}; "
+              f"{results['seconds']['value']:g} s")
+    table = Table("configuration", "figure", "value", "status", title="measured", title_justify="left")
+    for configuration, label, value, status in rows(results):
+        colour = "green" if status == "ok" else "yellow" if status == "timed_out" else "red" if status else ""
+        table.add_row(configuration, label, value, f"[{colour}]{escape(status)}[/]" if colour else "")
+    out.print(table)
+    targets = Table("target", "value", "met", title="targets (issue 7)", title_justify="left")
+    for target in results["targets"]:
+        measured = target["measured"]
+        value = "—" if measured["value"] is None else f"{measured['value']:,} {measured['unit']}"
+        met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "[dim]not measured[/dim]"}[target["met"]]
+        table_note = f" ({escape(target['note'])})" if target["note"] else ""
+        targets.add_row(target["target"], value, met + table_note)
+    out.print(targets)
+    out.print(f"results written to {output}")
+
+
 def main() -> None:  # pragma: no cover - console script
     app()

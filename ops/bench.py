@@ -1,0 +1,1080 @@
+"""The benchmark (CONTRACT §9): how close the bus comes to nats-py alone, measured in one run.
+
+Each phase gets a fresh nats-server in a temporary directory, in one of two configurations: the
+shipped default (``sync_interval: always``, an fsync per write) and JetStream's own default (sync
+every two minutes). The bus runs as a separate process (``collabbus up`` pointed at that server),
+so its memory is its own; the bench offers events to it as partners do and reads how far it has
+committed by polling the network consumer's position in the SQLite read model (read-only; WAL lets
+a reader look while the bus writes).
+
+Every phase has a time budget: a bus that is too slow is reported as such ("timed_out", with what
+was measured until then) instead of holding the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import contextlib
+import hashlib
+import hmac
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+
+from bus.client import offer
+from bus.gate import canonical_bytes, log_subject
+from bus.server import EmbeddedNats, find_binary, free_port
+from ops.workload import Workload
+
+Event = tuple[str, dict[str, Any]]
+Progress = Callable[[str, int, int | None], None]
+"""``progress(description, done, total)``: what a phase reports while it runs."""
+
+CONFIGURATIONS: dict[str, dict[str, Any]] = {
+    "sync_always": {"sync_always": True, "nats": "sync_interval: always (the shipped default, fsync per write)"},
+    "sync_default": {"sync_always": False, "nats": "JetStream's default sync interval (2 min)"},
+}
+PHASES = ("raw", "bus", "http", "latency", "webhooks", "rebuild")
+# Which phases run on which configuration: throughput on both; latency and webhooks on the shipped
+# default; the rebuild needs 100,000 events in the log, which only the default interval writes fast.
+PLAN: dict[str, tuple[str, ...]] = {
+    "sync_always": ("raw", "bus", "http", "latency", "webhooks"),
+    "sync_default": ("raw", "bus", "http", "rebuild"),
+}
+POLL_INTERVAL = 0.002
+"""Seconds between two reads of the committed position (the latency's resolution)."""
+NETWORK_CONSUMER = "network"
+MEMBERS = 40
+WEBHOOK_TYPES = ("project.registered", "project.adopted")
+"""What the webhook endpoints ask for (not ``project.*``: the workflows' own ``project.action_rejected``
+would make the number of deliveries owed depend on the order the offers were logged in)."""
+REBUILD_CHUNK = 10_000
+"""Events per ``Workload`` when filling the log for the rebuild (several runs, each with its own members)."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure, how much, and how long each phase may take."""
+
+    events: int = 5000
+    concurrency: int = 64
+    latency_rate: float = 500.0
+    latency_seconds: float = 6.0
+    webhook_endpoints: int = 20
+    webhook_events: int = 500
+    rebuild_events: int = 100_000
+    phases: tuple[str, ...] = PHASES
+    configurations: tuple[str, ...] = tuple(CONFIGURATIONS)
+    budget: float = 15.0
+    """Seconds a bus throughput phase may take from the first offer to the last commit."""
+    latency_drain: float = 6.0
+    webhook_budget: float = 20.0
+    load_budget: float = 40.0
+    """Seconds to fill the log for the rebuild and let the bus apply it live."""
+    rebuild_budget: float = 35.0
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **changes: Any) -> "BenchOptions":
+        """A smoke run of every phase in well under a minute of measuring."""
+        base = cls(events=200, latency_seconds=1.0, webhook_events=20, rebuild_events=1000, budget=60.0,
+                   latency_drain=30.0, webhook_budget=60.0, load_budget=60.0, rebuild_budget=60.0, quick=True)
+        return replace(base, **changes)
+
+
+def figure(value: float | int | None, unit: str, digits: int = 1) -> dict[str, Any]:
+    """A measured value with its unit (None when it could not be measured)."""
+    return {"value": None if value is None else round(float(value), digits), "unit": unit}
+
+
+# --- the machine ------------------------------------------------------------------------------
+
+
+def machine(temp_dir: Path) -> dict[str, Any]:
+    """CPU, cores, memory, Python, nats-server and the disk under the temporary directory."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    mem_kb = next((int(line.split()[1]) for line in _read_lines("/proc/meminfo") if line.startswith("MemTotal:")), 0)
+    try:
+        version = subprocess.run([str(find_binary()), "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        version = f"unknown ({exc})"
+    usage = shutil.disk_usage(temp_dir)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": figure(mem_kb * 1024 / 1e9, "GB"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "nats_server": version,
+        "disk": {"path": str(temp_dir), **_mount_of(temp_dir), "size": figure(usage.total / 1e9, "GB")},
+    }
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _mount_of(path: Path) -> dict[str, str]:
+    """The device and file system that hold ``path`` (the longest mount point above it)."""
+    best = ("", "", "")
+    resolved = str(path.resolve())
+    for line in _read_lines("/proc/mounts"):
+        parts = line.split()
+        if len(parts) >= 3 and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/")):
+            if len(parts[1]) > len(best[1]):
+                best = (parts[0], parts[1], parts[2])
+    return {"device": best[0], "mount": best[1], "filesystem": best[2]}
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` (peak) of a process, in bytes ({} once it is gone)."""
+    found: dict[str, int] = {}
+    for line in _read_lines(f"/proc/{pid}/status"):
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(rest.split()[0]) * 1024
+    return found
+
+
+# --- watching the committed position --------------------------------------------------------------
+
+
+class PositionWatcher:
+    """Polls the network consumer's applied position in the bus's SQLite database from a thread,
+    read-only, every ``POLL_INTERVAL`` s, and remembers when each new position was first seen."""
+
+    def __init__(self, database: Path, consumer: str = NETWORK_CONSUMER, interval: float = POLL_INTERVAL) -> None:
+        self.database = database
+        self.consumer = consumer
+        self.interval = interval
+        self.times: list[float] = []
+        self.positions: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-position", daemon=True)
+
+    @property
+    def position(self) -> int:
+        return self.positions[-1] if self.positions else 0
+
+    def start(self) -> "PositionWatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        connection: sqlite3.Connection | None = None
+        query = "SELECT seq FROM consumer_positions WHERE consumer = ?"
+        while not self._stop.is_set():
+            try:
+                if connection is None:
+                    connection = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=1.0)
+                row = connection.execute(query, (self.consumer,)).fetchone()
+            except sqlite3.Error:  # not created or migrated yet
+                if connection is not None:
+                    connection.close()
+                connection = None
+                row = None
+            now = time.perf_counter()
+            seq = int(row[0]) if row else 0
+            if seq != self.position:
+                if self.positions and seq < self.position:  # emptied by a rebuild: start over
+                    self.times.clear()
+                    self.positions.clear()
+                self.times.append(now)
+                self.positions.append(seq)
+            self._stop.wait(self.interval)
+        if connection is not None:
+            connection.close()
+
+    def reached_at(self, seq: int) -> float | None:
+        """When the position was first seen at or past ``seq`` (None: not yet)."""
+        index = bisect.bisect_left(self.positions, seq)
+        return self.times[index] if index < len(self.positions) else None
+
+    async def wait_for(self, seq: int, deadline: float, progress: Callable[[int], None] | None = None) -> float | None:
+        """Wait until the position reaches ``seq`` or ``deadline`` (perf_counter) passes."""
+        while True:
+            reached = self.reached_at(seq)
+            if progress is not None:
+                progress(self.position)
+            if reached is not None or time.perf_counter() >= deadline:
+                return reached
+            await asyncio.sleep(0.02)
+
+
+# --- the bus in its own process ------------------------------------------------------------------
+
+
+class BusProcess:
+    """``collabbus up`` in a process of its own, pointed at the phase's nats-server."""
+
+    def __init__(self, nats_url: str, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.data_dir = work_dir / "bus"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COLLABBUS_", "OTEL_"))}
+        self.env.update(
+            COLLABBUS_NATS_URL=nats_url,
+            COLLABBUS_DATA_DIR=str(self.data_dir),
+            COLLABBUS_HTTP=f"127.0.0.1:{self.port}",
+            # The gateway's per-institution rate limit protects a shared bus; the bench measures its speed.
+            COLLABBUS_HTTP_RATE_LIMIT="1000000",
+            COLLABBUS_HTTP_RATE_BURST="1000000",
+            COLLABBUS_WEBHOOK_ALLOW_NETWORKS="127.0.0.0/8",
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self.peak_rss = 0
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "collabbus.db"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "bus.log"
+
+    def command(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        """Another ``collabbus`` command on the same data (e.g. ``rebuild``)."""
+        return subprocess.run([sys.executable, "-m", "ops", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start the bus and wait until ``/readyz`` says it is ready."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=self.env, stdout=log, stderr=log)
+        deadline = time.perf_counter() + timeout
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while time.perf_counter() < deadline:
+                if self.process.poll() is not None:
+                    raise BenchError(f"the bus exited with code {self.process.returncode}: {self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{self.url}/readyz")).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise BenchError(f"the bus was not ready within {timeout:g} s: {self.log_tail()}")
+
+    def memory(self) -> dict[str, int]:
+        """The bus's current and peak RSS, in bytes; remembers the peak for after it stopped."""
+        if self.process is None:
+            return {}
+        found = memory_of(self.process.pid)
+        self.peak_rss = max(self.peak_rss, found.get("VmHWM", 0))
+        return found
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM (the bus drains), then SIGKILL after ``grace`` s: a bus with a backlog would
+        otherwise spend the run's time finishing work nobody measures (its database stays
+        consistent either way: every batch is one transaction)."""
+        if self.process is None:
+            return
+        self.memory()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.process.wait, grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                await asyncio.to_thread(self.process.wait)
+        self.process = None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def issue_tokens(self, institutions: Iterable[str]) -> dict[str, str]:
+        """HTTP tokens for institutions, written as ``collabbus institutions token`` does."""
+        from handlers import tokens
+        from handlers.db import make_engine, session_scope
+
+        engine = make_engine(f"sqlite:///{self.database}")
+        try:
+            with session_scope(engine) as session:
+                return {institution: tokens.issue(session, institution) for institution in institutions}
+        finally:
+            engine.dispose()
+
+
+class BenchError(RuntimeError):
+    """Something the bench needs did not work (the bus did not start, refused events, …)."""
+
+
+@contextlib.asynccontextmanager
+async def fresh_server(root: Path, name: str, configuration: str) -> AsyncIterator[EmbeddedNats]:
+    """A nats-server of its own for one phase, in ``configuration``, removed afterwards."""
+    work = root / name
+    server = EmbeddedNats(work / "nats", port=0, sync_always=CONFIGURATIONS[configuration]["sync_always"])
+    await server.astart()
+    try:
+        yield server
+    finally:
+        await server.astop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def running_bus(server: EmbeddedNats, work: Path) -> AsyncIterator[tuple[BusProcess, PositionWatcher]]:
+    """A started bus process and a watcher of its committed position."""
+    bus = BusProcess(server.url, work)
+    try:
+        await bus.start()
+        watcher = PositionWatcher(bus.database).start()
+        try:
+            yield bus, watcher
+        finally:
+            watcher.stop()
+    finally:
+        await bus.stop()
+
+
+# --- offering ------------------------------------------------------------------------------------
+
+
+def workload(run: str, n: int) -> tuple[list[Event], list[Event]]:
+    """``n`` catalog events: (the members joining, the rest)."""
+    events = list(Workload(run, members=MEMBERS).events(n))
+    return events[:MEMBERS], events[MEMBERS:]
+
+
+@dataclass
+class Offers:
+    """What came back from offering events."""
+
+    accepted: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    last_seq: int = 0
+    seqs: list[int] = field(default_factory=list)
+
+    def take(self, accepted: bool, seq: int | None, detail: Any) -> None:
+        if accepted and seq is not None:
+            self.accepted += 1
+            self.seqs.append(seq)
+            self.last_seq = max(self.last_seq, seq)
+        elif len(self.rejected) < 5:
+            self.rejected.append(detail)
+        else:
+            self.rejected.append({})
+
+
+async def pipelined(items: list[Any], send: Callable[[Any], Any], concurrency: int, deadline: float) -> int:
+    """Send ``items`` with ``concurrency`` requests in flight; stops starting new ones at ``deadline``.
+    Returns how many were sent."""
+    feed = iter(items)
+    sent = 0
+
+    async def worker() -> None:
+        nonlocal sent
+        for item in feed:
+            if time.perf_counter() >= deadline:
+                return
+            sent += 1
+            await send(item)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sent
+
+
+class NatsOfferer:
+    """Offers events over NATS ingress as a partner does (``bus.client.offer``)."""
+
+    def __init__(self, nc: Client, offers: Offers) -> None:
+        self.nc = nc
+        self.offers = offers
+
+    async def __call__(self, item: Event) -> None:
+        institution, event = item
+        verdict = await offer(self.nc, institution, event)
+        self.offers.take(verdict.accepted, verdict.seq, verdict.as_dict())
+
+
+class HttpOfferer:
+    """Offers events with ``POST /events`` (structured mode), each with its institution's token."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, tokens: dict[str, str], offers: Offers) -> None:
+        self.client = client
+        self.url = f"{url}/events"
+        self.tokens = tokens
+        self.offers = offers
+
+    async def __call__(self, item: Event) -> None:
+        institution, event = item
+        headers = {"Authorization": f"Bearer {self.tokens[institution]}", "Content-Type": "application/cloudevents+json"}
+        try:
+            response = await self.client.post(self.url, content=orjson.dumps(event), headers=headers)
+        except httpx.HTTPError as exc:
+            self.offers.take(False, None, {"error": repr(exc)})
+            return
+        body = response.json() if response.headers.get("content-type", "").endswith("json") else {}
+        accepted = response.status_code == 202 and body.get("status") == "accepted"
+        self.offers.take(accepted, body.get("seq"), {"status": response.status_code, **body})
+
+
+# --- phases ------------------------------------------------------------------------------------------
+
+
+async def raw_phase(server: EmbeddedNats, options: BenchOptions, progress: Progress) -> dict[str, Any]:
+    """nats-py alone: the events' canonical bytes published to a file stream with ``Nats-Msg-Id``,
+    ``concurrency`` publishes in flight, pull-consumed in batches and acked, at the same time."""
+    members, rest = workload("raw", options.events)
+    messages = []
+    for _, event in members + rest:
+        logged = {**event, "time": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
+        messages.append((log_subject(logged), canonical_bytes(logged), str(event["id"])))
+    n = len(messages)
+    nc = await nats.connect(server.url, name="bench-raw")
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="BENCH_RAW", subjects=["collab.events.>"], storage=StorageType.FILE,
+                                         duplicate_window=86400.0))
+        await js.add_consumer("BENCH_RAW", ConsumerConfig(durable_name="bench", ack_policy=AckPolicy.EXPLICIT,
+                                                          max_ack_pending=options.concurrency * 256))
+        sub = await js.pull_subscribe_bind("bench", "BENCH_RAW")
+        started = time.perf_counter()
+        deadline = started + max(options.budget * 3, 60.0)
+        acked = 0
+        published = 0
+
+        async def consume() -> float:
+            nonlocal acked
+            while acked < n and time.perf_counter() < deadline:
+                try:
+                    msgs = await sub.fetch(256, timeout=0.5)
+                except nats.errors.TimeoutError:
+                    continue
+                for msg in msgs:
+                    await msg.ack()
+                acked += len(msgs)
+                progress("raw nats-py", acked, n)
+            return time.perf_counter()
+
+        async def publish(message: tuple[str, bytes, str]) -> None:
+            nonlocal published
+            subject, payload, event_id = message
+            await js.publish(subject, payload, headers={"Nats-Msg-Id": event_id})
+            published += 1
+
+        consumer = asyncio.create_task(consume())
+        await pipelined(messages, publish, options.concurrency, deadline)
+        published_at = time.perf_counter()
+        finished = await consumer
+        await nc.flush()
+    finally:
+        await nc.close()
+    seconds = finished - started
+    return {
+        "status": "ok" if acked >= n else "timed_out",
+        "events": n,
+        "published": published,
+        "acked": acked,
+        "seconds": figure(seconds, "s", 3),
+        "publish_rate": figure(published / (published_at - started), "events/s"),
+        "throughput": figure(acked / seconds, "events/s"),
+    }
+
+
+async def bus_phase(server: EmbeddedNats, work: Path, via: str, options: BenchOptions, progress: Progress) -> dict[str, Any]:
+    """The same events offered to the bus (over NATS ingress or ``POST /events``), validated,
+    logged, projected and committed; the clock stops when the committed position reaches the
+    last offered event's log sequence."""
+    members, rest = workload(via, options.events)
+    label = "bus over NATS" if via == "nats" else "bus over HTTP"
+    async with running_bus(server, work) as (bus, watcher), _sender(via, server, bus) as make_offerer:
+        offers = Offers()
+        send = await make_offerer(offers, [institution for institution, _ in members + rest])
+        n = len(members) + len(rest)
+        started = time.perf_counter()
+        deadline = started + options.budget
+        await pipelined(members, send, options.concurrency, deadline)  # members first: every event passes the gate
+
+        async def report_offers() -> None:
+            while True:
+                progress(f"{label}: offering", offers.accepted, n)
+                await asyncio.sleep(0.2)
+
+        reporter = asyncio.create_task(report_offers())
+        try:
+            sent = len(members) + await pipelined(rest, send, options.concurrency, deadline)
+        finally:
+            reporter.cancel()
+        offered_at = time.perf_counter()
+        reached = await watcher.wait_for(
+            offers.last_seq, deadline,
+            lambda position: progress(f"{label}: committing", sum(1 for s in offers.seqs if s <= position), n),
+        )
+        end = reached if reached is not None else time.perf_counter()
+        committed = sum(1 for seq in offers.seqs if (watcher.reached_at(seq) or end + 1) <= end)
+        memory = bus.memory()
+    seconds = end - started
+    status = "ok" if reached is not None and sent == n and offers.accepted == n else "timed_out"
+    if offers.rejected:
+        status = "failed"
+    return {
+        "status": status,
+        "events": n,
+        "offered": sent,
+        "accepted": offers.accepted,
+        "rejected": len(offers.rejected),
+        "rejections": offers.rejected[:5],
+        "committed": committed,
+        "last_seq": offers.last_seq,
+        "seconds": figure(seconds, "s", 3),
+        "offer_rate": figure(sent / (offered_at - started), "events/s"),
+        "throughput": figure(committed / seconds if seconds > 0 else None, "events/s"),
+        "rss": figure(memory.get("VmRSS", 0) / 1e6, "MB"),
+        "rss_peak": figure(bus.peak_rss / 1e6, "MB"),
+    }
+
+
+@contextlib.asynccontextmanager
+async def _sender(via: str, server: EmbeddedNats, bus: BusProcess) -> AsyncIterator[Callable[..., Any]]:
+    """A factory of offerers over NATS or HTTP; HTTP tokens are issued for every institution first."""
+    if via == "nats":
+        nc = await nats.connect(server.url, name="bench-partner")
+        try:
+            async def make(offers: Offers, institutions: list[str]) -> Callable[[Event], Any]:
+                return NatsOfferer(nc, offers)
+
+            yield make
+        finally:
+            await nc.close()
+    else:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+            async def make(offers: Offers, institutions: list[str]) -> Callable[[Event], Any]:
+                tokens = await asyncio.to_thread(bus.issue_tokens, sorted(set(institutions)))
+                return HttpOfferer(client, bus.url, tokens, offers)
+
+            yield make
+
+
+async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions, progress: Progress) -> dict[str, Any]:
+    """Events offered over NATS at a fixed rate (open loop: each at its time, whatever the answers
+    before it); per event, the time from sending it to the committed position passing its sequence."""
+    total = int(options.latency_rate * options.latency_seconds)
+    members, rest = workload("latency", total + MEMBERS)
+    async with running_bus(server, work) as (bus, watcher):
+        nc = await nats.connect(server.url, name="bench-latency")
+        try:
+            warmup = Offers()
+            await pipelined(members, NatsOfferer(nc, warmup), options.concurrency, time.perf_counter() + options.budget)
+            if warmup.rejected or not await watcher.wait_for(warmup.last_seq, time.perf_counter() + options.budget):
+                raise BenchError(f"the members did not join: {warmup.rejected[:1]}")
+            sent_at: list[float] = [0.0] * len(rest)
+            seqs: list[int | None] = [None] * len(rest)
+            rejected: list[Any] = []
+            unanswered = 0
+
+            async def one(index: int) -> None:
+                nonlocal unanswered
+                institution, event = rest[index]
+                sent_at[index] = time.perf_counter()
+                verdict = await offer(nc, institution, event)
+                if verdict.accepted:
+                    seqs[index] = verdict.seq
+                elif verdict.reason == "unavailable":  # no verdict in time: the bus is behind, not refusing
+                    unanswered += 1
+                else:
+                    rejected.append(verdict.as_dict())
+
+            tasks = []
+            started = time.perf_counter()
+            for index in range(len(rest)):
+                delay = started + index / options.latency_rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(index)))
+                if index % 50 == 0:
+                    progress("latency at a fixed rate: offering", index, len(rest))
+            last_sent = time.perf_counter()
+            await asyncio.gather(*tasks)
+            accepted = [s for s in seqs if s is not None]
+            deadline = time.perf_counter() + options.latency_drain
+            await watcher.wait_for(max(accepted, default=0), deadline,
+                                   lambda p: progress("latency at a fixed rate: committing", sum(1 for s in accepted if s <= p), len(rest)))
+        finally:
+            await nc.close()
+        memory = bus.memory()
+    latencies: list[float] = []
+    for when, seq in zip(sent_at, seqs):
+        reached = watcher.reached_at(seq) if seq is not None else None
+        latencies.append((reached - when) * 1000 if reached is not None else float("inf"))
+    latencies.sort()
+    committed = sum(1 for value in latencies if value != float("inf"))
+    status = "failed" if rejected else ("ok" if committed == len(rest) else "timed_out")
+    return {
+        "status": status,
+        "rate": figure(options.latency_rate, "events/s"),
+        "events": len(rest),
+        "achieved_rate": figure(len(rest) / (last_sent - started) if last_sent > started else None, "events/s"),
+        "rejected": len(rejected),
+        "rejections": rejected[:5],
+        "unanswered": unanswered,
+        "committed": committed,
+        "p50": figure(_percentile(latencies, 0.50), "ms", 2),
+        "p99": figure(_percentile(latencies, 0.99), "ms", 2),
+        "max": figure(_percentile(latencies, 1.0), "ms", 2),
+        "poll_interval": figure(POLL_INTERVAL * 1000, "ms", 1),
+        "rss_peak": figure(bus.peak_rss / 1e6, "MB"),
+        "rss": figure(memory.get("VmRSS", 0) / 1e6, "MB"),
+    }
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """The nearest-rank percentile; None when it falls on an event never committed."""
+    if not ordered:
+        return None
+    value = ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+    return None if value == float("inf") else value
+
+
+class WebhookReceiver:
+    """Local endpoints ``/hook/{i}`` that count deliveries and check each Standard Webhooks signature."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.secrets: dict[str, bytes] = {}
+        self.seen: set[tuple[str, str]] = set()
+        self.deliveries = 0
+        self.duplicates = 0
+        self.verified = 0
+        self.invalid = 0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    def url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.port}/hook/{index}"
+
+    def add_secret(self, index: int, secret: str) -> None:
+        self.secrets[str(index)] = base64.b64decode(secret.removeprefix("whsec_"))
+
+    def check(self, endpoint: str, headers: dict[str, str], body: bytes) -> bool:
+        """Standard Webhooks 1.0: base64 HMAC-SHA256 of ``{id}.{timestamp}.{body}`` among the ``v1,`` signatures."""
+        key = self.secrets.get(endpoint)
+        msg_id, stamp = headers.get("webhook-id", ""), headers.get("webhook-timestamp", "")
+        if key is None or not msg_id or not stamp.isdigit():
+            return False
+        expected = base64.b64encode(hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()).decode()
+        offered = [part.partition(",")[2] for part in headers.get("webhook-signature", "").split() if part.startswith("v1,")]
+        return any(hmac.compare_digest(expected, candidate) for candidate in offered)
+
+    async def app(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[dict[str, Any]], Any]) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        endpoint = scope["path"].rpartition("/")[2]
+        now = time.perf_counter()
+        self.first_at = self.first_at or now
+        self.last_at = now
+        key = (endpoint, headers.get("webhook-id", ""))
+        if key in self.seen:
+            self.duplicates += 1
+        else:
+            self.seen.add(key)
+            self.deliveries += 1
+        if self.check(endpoint, headers, body):
+            self.verified += 1
+        else:
+            self.invalid += 1
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def start(self) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
+                                lifespan="off", backlog=2048, interface="asgi3")
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await asyncio.wait_for(self._task, 10)
+
+
+async def webhooks_phase(server: EmbeddedNats, work: Path, options: BenchOptions, progress: Progress) -> dict[str, Any]:
+    """Endpoints registered through the HTTP API, then project events offered over NATS; the
+    rate is the deliveries received (each signature checked) from the first offer to the last delivery."""
+    members, rest = workload("webhooks", MEMBERS + options.webhook_events * 12)
+    projects = [item for item in rest if item[1]["type"] in WEBHOOK_TYPES][: options.webhook_events]
+    owner = members[0][0]
+    expected = len(projects) * options.webhook_endpoints
+    receiver = WebhookReceiver()
+    await receiver.start()
+    try:
+        async with running_bus(server, work) as (bus, watcher):
+            nc = await nats.connect(server.url, name="bench-webhooks")
+            try:
+                joined = Offers()
+                await pipelined(members, NatsOfferer(nc, joined), options.concurrency, time.perf_counter() + options.budget)
+                token = (await asyncio.to_thread(bus.issue_tokens, [owner]))[owner]
+                async with httpx.AsyncClient(timeout=30.0) as client:
+                    for index in range(options.webhook_endpoints):
+                        response = await client.post(
+                            f"{bus.url}/webhooks", headers={"Authorization": f"Bearer {token}"},
+                            json={"url": receiver.url(index), "event_types": list(WEBHOOK_TYPES), "description": f"bench {index}"},
+                        )
+                        if response.status_code != 201:
+                            raise BenchError(f"registering a webhook endpoint: {response.status_code} {response.text[:300]}")
+                        receiver.add_secret(index, response.json()["secret"])
+                offers = Offers()
+                started = time.perf_counter()
+                deadline = started + options.webhook_budget
+                reporter = asyncio.create_task(_report_until(
+                    lambda: progress("webhook deliveries", receiver.deliveries, expected),
+                    lambda: receiver.deliveries >= expected or time.perf_counter() >= deadline))
+                await pipelined(projects, NatsOfferer(nc, offers), options.concurrency, deadline)
+                await reporter
+            finally:
+                await nc.close()
+            memory = bus.memory()
+    finally:
+        await receiver.stop()
+    end = receiver.last_at if receiver.deliveries >= expected and receiver.last_at else time.perf_counter()
+    seconds = end - started
+    status = "ok" if receiver.deliveries >= expected and receiver.invalid == 0 else "timed_out"
+    if offers.rejected or receiver.invalid:
+        status = "failed"
+    return {
+        "status": status,
+        "endpoints": options.webhook_endpoints,
+        "events": len(projects),
+        "accepted": offers.accepted,
+        "expected": expected,
+        "delivered": receiver.deliveries,
+        "duplicates": receiver.duplicates,
+        "signatures_verified": receiver.verified,
+        "signatures_invalid": receiver.invalid,
+        "seconds": figure(seconds, "s", 3),
+        "throughput": figure(receiver.deliveries / seconds if seconds > 0 else None, "deliveries/s"),
+        "rss_peak": figure(bus.peak_rss / 1e6, "MB"),
+        "rss": figure(memory.get("VmRSS", 0) / 1e6, "MB"),
+    }
+
+
+async def _report_until(report: Callable[[], None], done: Callable[[], bool]) -> None:
+    while not done():
+        report()
+        await asyncio.sleep(0.05)
+    report()
+
+
+async def rebuild_phase(server: EmbeddedNats, work: Path, options: BenchOptions, progress: Progress) -> dict[str, Any]:
+    """Fill the log with ``rebuild_events`` canonical events, published as the gate would (the bus
+    running and applying them live: its memory after them is measured), then stop the bus and run
+    ``collabbus rebuild --json`` over them in a process of its own."""
+    chunks = []
+    for index, start in enumerate(range(0, options.rebuild_events, REBUILD_CHUNK)):
+        members, rest = workload(f"rb{index}", min(REBUILD_CHUNK, options.rebuild_events - start))
+        chunks.append((members, rest))
+    n = sum(len(members) + len(rest) for members, rest in chunks)
+    bus = BusProcess(server.url, work)
+    live: dict[str, Any] = {}
+    try:
+        await bus.start()
+        watcher = PositionWatcher(bus.database).start()
+        try:
+            nc = await nats.connect(server.url, name="bench-loader")
+            js = nc.jetstream()
+            published = 0
+            last_seq = 0
+            started = time.perf_counter()
+            deadline = started + options.load_budget
+
+            async def publish(item: Event) -> None:
+                nonlocal published, last_seq
+                event = {**item[1], "time": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
+                ack = await js.publish(log_subject(event), canonical_bytes(event),
+                                       headers={"Nats-Msg-Id": str(event["id"]), "Content-Type": "application/cloudevents+json"})
+                published += 1
+                last_seq = max(last_seq, ack.seq)
+                if published % 500 == 0:
+                    progress("rebuild: filling the log", published, n)
+
+            try:
+                for members, rest in chunks:  # members first, as the gate would have them
+                    await pipelined(members, publish, options.concurrency, deadline)
+                    await pipelined(rest, publish, options.concurrency, deadline)
+            finally:
+                await nc.close()
+            filled_at = time.perf_counter()
+            reached = await watcher.wait_for(last_seq, deadline, lambda p: progress("rebuild: the bus applies them live", min(p, n), n))
+            memory = bus.memory()
+            end = reached if reached is not None else time.perf_counter()
+            applied = watcher.position
+            live = {
+                "status": "ok" if reached is not None and published == n else "timed_out",
+                "events": n,
+                "published": published,
+                "publish_rate": figure(published / (filled_at - started), "events/s"),
+                "applied": min(applied, last_seq),
+                "throughput": figure(min(applied, last_seq) / (end - started), "events/s"),
+                "rss": figure(memory.get("VmRSS", 0) / 1e6, "MB"),
+            }
+        finally:
+            watcher.stop()
+    finally:
+        await bus.stop()
+    live["rss_peak"] = figure(bus.peak_rss / 1e6, "MB")
+    result = await _rebuild(bus, options, progress)
+    return {"status": result["status"], "events": n, "live": live, **{k: v for k, v in result.items() if k != "status"}}
+
+
+async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -> dict[str, Any]:
+    """``collabbus rebuild --json`` with a time budget; its own report, or (timed out) the rate
+    read from the read model's position while it ran."""
+    watcher = PositionWatcher(bus.database).start()
+    peak = 0
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ops", "rebuild", "--json", "--force", env=bus.env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    output = asyncio.create_task(process.communicate())
+    deadline = started + options.rebuild_budget
+    try:
+        while not output.done() and time.perf_counter() < deadline:
+            peak = max(peak, memory_of(process.pid).get("VmHWM", 0))
+            progress("rebuild: replaying the log", watcher.position, None)
+            await asyncio.wait([output], timeout=0.2)
+        timed_out = not output.done()
+        if timed_out:
+            process.kill()
+        stdout, stderr = await output
+    finally:
+        watcher.stop()
+    seconds = time.perf_counter() - started
+    if timed_out:
+        done = watcher.position
+        span = (watcher.times[-1] - watcher.times[0]) if len(watcher.times) > 1 else 0.0
+        return {
+            "status": "timed_out",
+            "replayed": done,
+            "seconds": figure(seconds, "s", 3),
+            "throughput": figure((watcher.positions[-1] - watcher.positions[0]) / span if span else None, "events/s"),
+            "measured_by": "the read model's position while the rebuild ran (it did not finish in its budget)",
+            "rss_peak": figure(peak / 1e6, "MB"),
+        }
+    try:
+        report = json.loads(stdout)
+    except json.JSONDecodeError:
+        return {"status": "failed", "error": f"collabbus rebuild exited {process.returncode}: {stderr.decode()[-500:]}"}
+    return {
+        "status": "ok" if process.returncode == 0 else "failed",
+        "replayed": report["events"],
+        "failures": len(report.get("failures", [])),
+        "seconds": figure(report["seconds"], "s", 3),
+        "throughput": figure(report["events_per_second"], "events/s"),
+        "measured_by": "collabbus rebuild --json",
+        "process_seconds": figure(seconds, "s", 3),
+        "rss_peak": figure(peak / 1e6, "MB"),
+    }
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+
+TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
+    ("bus over NATS ≥ 0.75 × raw (sync_interval: always)", "sync_always.ratio", ">=", 0.75, "ratio"),
+    ("bus over NATS ≥ 0.5 × raw (default sync interval)", "sync_default.ratio", ">=", 0.5, "ratio"),
+    ("publish→committed p99 ≤ 20 ms at 500 events/s", "sync_always.latency.p99", "<=", 20.0, "ms"),
+    ("rebuild ≥ 10,000 events/s", "sync_default.rebuild.throughput", ">=", 10_000.0, "events/s"),
+    ("webhook fan-out ≥ 1,000 signed deliveries/s", "sync_always.webhooks.throughput", ">=", 1_000.0, "deliveries/s"),
+    ("bus RSS ≤ 200 MB after 100,000 events", "sync_default.rebuild.live.rss", "<=", 200.0, "MB"),
+)
+
+
+def _lookup(results: dict[str, Any], path: str) -> tuple[Any, str | None]:
+    """The figure at ``path`` and the status of the phase holding it."""
+    node: Any = results["configurations"]
+    status = None
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None, None
+        node = node[part]
+        if isinstance(node, dict) and "status" in node:
+            status = node["status"]
+    return node, status
+
+
+def judge(results: dict[str, Any], options: BenchOptions) -> list[dict[str, Any]]:
+    """Each target of the issue with the measured value and whether it is met."""
+    judged = []
+    for name, path, op, bound, unit in TARGETS:
+        node, status = _lookup(results, path)
+        value = node.get("value") if isinstance(node, dict) else None
+        met: bool | None = None
+        note = None
+        if node is None:
+            note = "not measured in this run"
+        elif value is None:
+            met, note = False, f"no value ({status})"
+        else:
+            met = value >= bound if op == ">=" else value <= bound
+            if status not in (None, "ok"):
+                met, note = False, f"the phase {status}"
+        if path.endswith("live.rss") and node is not None:
+            live = results["configurations"]["sync_default"]["rebuild"]["live"]
+            if live.get("applied", 0) < 100_000:
+                met, note = False, f"after {live.get('applied', 0):,} events, not 100,000"
+        judged.append({"target": name, "figure": path, "bound": {"value": bound, "unit": unit, "op": op},
+                       "measured": {"value": value, "unit": unit}, "met": met, "note": note})
+    return judged
+
+
+async def run(options: BenchOptions, progress: Progress, temp_root: Path | None = None) -> dict[str, Any]:
+    """Run the phases of every configuration asked for and return the results (JSON-ready)."""
+    root = Path(tempfile.mkdtemp(prefix="collabbus-bench-", dir=temp_root))
+    began = time.perf_counter()
+    results: dict[str, Any] = {
+        "benchmark": "collabbus bench",
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(root),
+        "options": {
+            "events": options.events, "concurrency": options.concurrency, "quick": options.quick,
+            "latency_rate": figure(options.latency_rate, "events/s"), "latency_seconds": figure(options.latency_seconds, "s"),
+            "webhook_endpoints": options.webhook_endpoints, "webhook_events": options.webhook_events,
+            "rebuild_events": options.rebuild_events, "poll_interval": figure(POLL_INTERVAL * 1000, "ms"),
+            "budgets": {"bus": figure(options.budget, "s"), "latency_drain": figure(options.latency_drain, "s"),
+                        "webhooks": figure(options.webhook_budget, "s"), "load": figure(options.load_budget, "s"),
+                        "rebuild": figure(options.rebuild_budget, "s")},
+        },
+        "configurations": {},
+    }
+    try:
+        for configuration in options.configurations:
+            section: dict[str, Any] = {"nats": CONFIGURATIONS[configuration]["nats"]}
+            results["configurations"][configuration] = section
+            for phase in PLAN[configuration]:
+                if phase not in options.phases:
+                    continue
+                key = {"bus": "bus_nats", "http": "bus_http"}.get(phase, phase)
+                async with fresh_server(root, f"{configuration}-{phase}", configuration) as server:
+                    work = root / f"{configuration}-{phase}"
+                    step = (lambda description, done, total, c=configuration:  # noqa: E731
+                            progress(f"{c} · {description}", done, total))
+                    began_phase = time.perf_counter()
+                    try:
+                        section[key] = await _phase(phase, server, work, options, step)
+                    except BenchError as exc:
+                        section[key] = {"status": "failed", "error": str(exc)}
+                    section[key]["wall_seconds"] = figure(time.perf_counter() - began_phase, "s")
+            raw, bus = section.get("raw", {}), section.get("bus_nats", {})
+            if raw.get("throughput", {}).get("value") and bus.get("throughput", {}).get("value") is not None:
+                ratio = bus["throughput"]["value"] / raw["throughput"]["value"]
+                section["ratio"] = {**figure(ratio, "ratio", 3), "of": "bus_nats.throughput / raw.throughput"}
+                if section.get("bus_http", {}).get("throughput", {}).get("value") is not None:
+                    section["ratio_http"] = {**figure(section["bus_http"]["throughput"]["value"] / raw["throughput"]["value"], "ratio", 3),
+                                             "of": "bus_http.throughput / raw.throughput"}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    peaks = [phase["rss_peak"]["value"] for section in results["configurations"].values() for phase in section.values()
+             if isinstance(phase, dict) and isinstance(phase.get("rss_peak"), dict) and phase["rss_peak"]["value"]]
+    results["bus_rss_peak"] = {**figure(max(peaks) if peaks else None, "MB"), "of": "the largest VmHWM of the bus processes"}
+    results["targets"] = judge(results, options)
+    results["seconds"] = figure(time.perf_counter() - began, "s")
+    return results
+
+
+async def _phase(phase: str, server: EmbeddedNats, work: Path, options: BenchOptions, progress: Progress) -> dict[str, Any]:
+    if phase == "raw":
+        return await raw_phase(server, options, progress)
+    if phase in ("bus", "http"):
+        return await bus_phase(server, work, "nats" if phase == "bus" else "http", options, progress)
+    if phase == "latency":
+        return await latency_phase(server, work, options, progress)
+    if phase == "webhooks":
+        return await webhooks_phase(server, work, options, progress)
+    return await rebuild_phase(server, work, options, progress)
+
+
+def failed_phases(results: dict[str, Any]) -> list[str]:
+    """``configuration.phase`` of every phase that failed (not merely slow)."""
+    return [f"{name}.{key}" for name, section in results["configurations"].items() for key, phase in section.items()
+            if isinstance(phase, dict) and phase.get("status") == "failed"]
+
+
+def rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+    """(configuration, figure, value with unit, status) for the table a person reads."""
+
+    def show(value: dict[str, Any] | None) -> str:
+        if not value or value.get("value") is None:
+            return "—"
+        number = value["value"]
+        text = f"{number:,.3f}" if value["unit"] == "ratio" else f"{number:,.2f}" if value["unit"] == "ms" else f"{number:,.0f}"
+        return f"{text} {value['unit']}"
+
+    for name, section in results["configurations"].items():
+        for key, label, metric in (
+            ("raw", "raw nats-py: publish → ack", "throughput"),
+            ("bus_nats", "bus over NATS: offer → committed", "throughput"),
+            ("bus_http", "bus over HTTP: offer → committed", "throughput"),
+            ("latency", "latency p50 at the fixed rate", "p50"),
+            ("latency", "latency p99 at the fixed rate", "p99"),
+            ("webhooks", "webhook deliveries (signed)", "throughput"),
+            ("rebuild", "bus applying the log live", None),
+            ("rebuild", "collabbus rebuild", "throughput"),
+        ):
+            phase = section.get(key)
+            if not isinstance(phase, dict):
+                continue
+            if key == "rebuild" and metric is None:
+                live = phase.get("live", {})
+                if live:
+                    yield name, label, show(live.get("throughput")), live.get("status", "")
+                    yield name, "bus RSS after the live log", show(live.get("rss")) + f" ({live.get('applied', 0):,} events)", live.get("status", "")
+                continue
+            yield name, label, show(phase.get(metric or "")), phase.get("status", "") + (f": {phase['error']}" if phase.get("error") else "")
+        if "ratio" in section:
+            yield name, "bus/raw (NATS)", show(section["ratio"]), ""
+        if "ratio_http" in section:
+            yield name, "bus/raw (HTTP)", show(section["ratio_http"]), ""
+    yield "", "bus peak RSS (VmHWM)", show(results.get("bus_rss_peak")), ""
+
+
+def write(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,145 @@
+"""``collabbus bench``: the quick run measures every phase against real nats-servers and a real bus
+process, and its JSON is complete and consistent (no figure here is compared with a speed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from ops.bench import TARGETS, WebhookReceiver, _percentile
+
+COLLABBUS = [sys.executable, "-m", "ops"]
+
+
+def figures(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every ``{"value": …, "unit": …}`` in the results, with where it is."""
+    found = []
+    if isinstance(node, dict):
+        if "value" in node:
+            found.append((path, node))
+        for key, child in node.items():
+            found.extend(figures(child, f"{path}.{key}" if path else key))
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            found.extend(figures(child, f"{path}[{index}]"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One quick run of the whole bench: (the JSON printed, the JSON written)."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLLABBUS_")}
+    done = subprocess.run([*COLLABBUS, "bench", "--quick", "--json", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout), json.loads(out.read_text())
+
+
+@pytest.mark.timeout(480)
+def test_quick_run_measures_every_phase_in_both_configurations(quick_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    printed, written = quick_run
+    assert printed == written
+    results = written
+    assert results["options"]["quick"] is True
+    events = results["options"]["events"]
+
+    machine = results["machine"]
+    assert machine["cores"] >= 1 and machine["memory"]["value"] > 0 and machine["cpu"]
+    assert machine["python"].startswith("3.") and "nats-server" in machine["nats_server"]
+    assert machine["disk"]["filesystem"] and machine["disk"]["size"]["value"] > 0
+
+    assert set(results["configurations"]) == {"sync_always", "sync_default"}
+    for name, section in results["configurations"].items():
+        raw = section["raw"]
+        assert raw["status"] == "ok", (name, raw)
+        assert raw["events"] == raw["published"] == raw["acked"] == events
+        for key in ("bus_nats", "bus_http"):
+            bus = section[key]
+            assert bus["status"] == "ok", (name, key, bus)
+            assert bus["events"] == bus["offered"] == bus["accepted"] == bus["committed"] == events
+            assert bus["rejected"] == 0 and bus["last_seq"] >= events
+            assert bus["throughput"]["value"] > 0 and bus["rss_peak"]["value"] >= bus["rss"]["value"] > 0
+        # ratios are of the rounded throughputs, to three decimals
+        assert math.isclose(section["ratio"]["value"], section["bus_nats"]["throughput"]["value"] / raw["throughput"]["value"], abs_tol=1e-3)
+        assert math.isclose(section["ratio_http"]["value"], section["bus_http"]["throughput"]["value"] / raw["throughput"]["value"], abs_tol=1e-3)
+
+    latency = results["configurations"]["sync_always"]["latency"]
+    assert latency["status"] == "ok", latency
+    assert latency["events"] == latency["committed"] == 500 and latency["rejected"] == 0
+    assert 0 < latency["p50"]["value"] <= latency["p99"]["value"] <= latency["max"]["value"]
+    assert latency["p50"]["unit"] == "ms" and latency["poll_interval"]["value"] > 0
+
+    hooks = results["configurations"]["sync_always"]["webhooks"]
+    assert hooks["status"] == "ok", hooks
+    assert hooks["endpoints"] == 20 and hooks["accepted"] == hooks["events"] == 20
+    assert hooks["delivered"] == hooks["expected"] == 20 * 20
+    assert hooks["signatures_verified"] == hooks["delivered"] + hooks["duplicates"] and hooks["signatures_invalid"] == 0
+    assert hooks["throughput"]["value"] > 0
+
+    rebuild = results["configurations"]["sync_default"]["rebuild"]
+    assert rebuild["status"] == "ok", rebuild
+    assert rebuild["live"]["published"] == rebuild["events"] == 1000
+    # the log also holds the operator and the events the workflows derived
+    assert rebuild["replayed"] > rebuild["events"] and rebuild["failures"] == 0
+    assert rebuild["live"]["applied"] >= rebuild["events"] and rebuild["live"]["rss"]["value"] > 0
+    assert rebuild["throughput"]["value"] > 0 and rebuild["measured_by"] == "collabbus rebuild --json"
+
+    peaks = [node["value"] for path, node in figures(results["configurations"]) if path.endswith("rss_peak")]
+    assert results["bus_rss_peak"]["value"] == max(peaks)
+
+    for path, node in figures(results):
+        assert isinstance(node.get("unit"), str) and node["unit"], path
+    assert [target["target"] for target in results["targets"]] == [target[0] for target in TARGETS]
+    for target in results["targets"]:
+        bound = target["bound"]
+        assert isinstance(target["met"], bool), target
+        if target["note"] is None:
+            value = target["measured"]["value"]
+            holds = value >= bound["value"] if bound["op"] == ">=" else value <= bound["value"]
+            assert target["met"] == holds, target
+        else:
+            assert target["met"] is False, target
+    # the quick run's log holds 1,000 events, not the 100,000 the memory target names
+    assert "not 100,000" in results["targets"][-1]["note"]
+
+
+def test_unknown_phase_is_a_usage_error(tmp_path: Path) -> None:
+    done = subprocess.run([*COLLABBUS, "bench", "--only", "raw,speed", "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    message = " ".join(done.stderr.replace("│", " ").split())
+    assert "'speed': choose from raw, bus, http, latency, webhooks, rebuild" in message
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_receiver_checks_signatures_as_standard_webhooks_makes_them() -> None:
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    receiver = WebhookReceiver()
+    receiver.add_secret(3, secret)
+    body = '{"id":"e-1","type":"project.registered"}'
+    stamp = datetime.now(timezone.utc)
+    signature = Webhook(secret).sign("e-1", stamp, body)
+    headers = {"webhook-id": "e-1", "webhook-timestamp": str(int(stamp.timestamp())), "webhook-signature": f"v1,bogus {signature}"}
+    assert receiver.check("3", headers, body.encode())
+    assert not receiver.check("3", headers, body.encode() + b" ")
+    assert not receiver.check("4", headers, body.encode())
+    assert not receiver.check("3", {**headers, "webhook-id": "e-2"}, body.encode())
+
+
+def test_percentiles_are_nearest_rank_and_never_hide_an_uncommitted_event() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert _percentile(values, 0.5) == 50.0 and _percentile(values, 0.99) == 99.0 and _percentile(values, 1.0) == 100.0
+    assert _percentile(values[:99] + [math.inf], 0.99) == 99.0
+    assert _percentile(values[:98] + [math.inf, math.inf], 0.99) is None
+    assert _percentile([], 0.5) is None
