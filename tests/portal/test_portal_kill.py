@@ -1,7 +1,7 @@
 """``collabbus portal sync`` as a real process, killed with SIGKILL in the middle of a first sync
 and started again: the log ends with exactly one ``project.registered`` per entry.
 
-``COLLABBUS_PORTAL_KILL_ENTRIES`` sets the portal's size (default 3,000)."""
+``COLLABBUS_PORTAL_KILL_ENTRIES`` sets the portal's size (default 2,000)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tests.connectors.conftest import Gateway
 from tests.portal.conftest import TOKEN, Network, project_events
 from tests.portal.test_portal_sync import assert_exact
 
-ENTRIES = int(os.environ.get("COLLABBUS_PORTAL_KILL_ENTRIES", "3000"))
+ENTRIES = int(os.environ.get("COLLABBUS_PORTAL_KILL_ENTRIES", "2000"))
 COLLABBUS = [sys.executable, "-m", "ops"]
 
 

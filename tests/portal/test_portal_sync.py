@@ -1,11 +1,15 @@
 """The portal connector against the sandbox portal over real HTTP (CONTRACT §8, sync rules).
 
 ``COLLABBUS_PORTAL_TEST_ENTRIES`` sets the size of the first sync (default 2,000; the issue's
-10,000 runs the same way, just longer)."""
+10,000 runs the same way, just longer). The first sync reports its rate (printed with ``-s`` and
+recorded as the test's ``entries_per_second`` property): with the sandbox, the connector and the
+read models sharing one process on two cores it is about 70-80 entries/s, so 10,000 entries would
+take over two minutes per database."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -89,7 +93,9 @@ async def assert_exact(gateway: Gateway, sandbox: PortalSandbox, network: Networ
 
 
 @pytest.mark.timeout(1800)
-async def test_first_sync_then_nothing_then_exactly_the_edits(gateway: Gateway, sandbox: PortalSandbox, network: Network) -> None:
+async def test_first_sync_then_nothing_then_exactly_the_edits(
+    gateway: Gateway, sandbox: PortalSandbox, network: Network, record_property: Callable[[str, object], None]
+) -> None:
     entries = seed(sandbox, network, ENTRIES, unmapped_every=50)
     unmapped = len(range(0, ENTRIES, 50))
     mapped = ENTRIES - unmapped
@@ -97,6 +103,7 @@ async def test_first_sync_then_nothing_then_exactly_the_edits(gateway: Gateway, 
     first = await portal_sync(gateway, sandbox).sync()
     print(f"\nfirst sync of {ENTRIES} entries: {first.seconds:.1f} s, {first.rate:,.0f} entries/s, "
           f"{first.emitted / first.seconds:,.0f} events/s")
+    record_property("entries_per_second", round(first.rate, 1))
     assert first.complete and first.error is None
     assert (first.listed, first.registered, first.updated, first.rejected) == (ENTRIES, mapped, 0, [])
     assert first.unmapped == {network.unmapped["business_id"]: {"name": network.unmapped["name"], "entries": unmapped}}
@@ -245,6 +252,7 @@ async def test_logged_decisions_about_portal_projects_are_pushed(gateway: Gatewa
     with session_scope(gateway.bus.engine) as session:  # as validation.requested leaves it in the read model
         session.add(Validation(validation_id=validation_id, requester=owner, coordinator=owner, project_id=project_id_of(entry["id"]),
                                self_assessment={}, quorum=2, status="requested", requested_at=datetime.now(UTC)))
+    gateway.bus.service.forget()  # written beside the network service, which keeps what it read
     verdict = await gateway.bus.gate.publish_internal({
         "specversion": "1.0", "id": f"decided-{validation_id}", "source": f"/institutions/{owner}",
         "type": "validation.decided", "subject": validation_id,
