@@ -182,8 +182,8 @@ class Gate:
             )
         member = institution if self.membership.known(institution) else metrics.OTHER_INSTITUTION
         metrics.count_offer(member, raw if isinstance(raw, dict) else None, offered_type, verdict)
-        if not verdict.accepted:  # the entry's span (HTTP or ingress) says the offer was refused
-            tracing.mark_failed(trace.get_current_span(), f"rejected ({verdict.reason})")
+        if not verdict.accepted:  # the entry's span (HTTP or ingress) says the offer was refused, and why
+            tracing.mark_refused(trace.get_current_span(), verdict)
         return verdict
 
     async def publish_internal(self, event: Mapping[str, Any], extra_headers: Mapping[str, str] | None = None) -> Verdict:
@@ -261,13 +261,7 @@ class Gate:
         elif created_span.is_valid:
             links = [trace.Link(created_span)]
         attributes = tracing.event_attributes(raw)
-        attributes.update({
-            tracing.MESSAGING_SYSTEM: "nats",
-            tracing.MESSAGING_DESTINATION: subject,
-            tracing.MESSAGING_MESSAGE_ID: str(raw["id"]),
-            tracing.MESSAGING_OPERATION_TYPE: "send",
-            tracing.MESSAGING_OPERATION_NAME: "publish",
-        })
+        attributes.update({tracing.MESSAGING_SYSTEM: "nats", tracing.MESSAGING_DESTINATION: subject, tracing.MESSAGING_OPERATION_TYPE: "send"})
         return self.tracer.start_as_current_span(
             f"publish {self.stream}", context=parent, kind=trace.SpanKind.PRODUCER, attributes=attributes, links=links,
         )

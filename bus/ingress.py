@@ -41,31 +41,27 @@ def add_ingress(broker: NatsBroker, gate: Gate, *, workers: int = 64) -> None:
     )
     async def ingress(body: bytes, msg: NatsMessage) -> NatsResponse:
         raw = msg.raw_message
+        institution, offered = split_ingress_subject(raw.subject)
         # The partner's entry: a span continuing the traceparent its request carries.
         with gate.tracer.start_as_current_span(
             "process collab.ingress", context=tracing.context_from_headers(raw.headers), kind=trace.SpanKind.CONSUMER,
             attributes={
                 tracing.MESSAGING_SYSTEM: "nats", tracing.MESSAGING_DESTINATION: raw.subject,
                 tracing.MESSAGING_OPERATION_TYPE: "process", tracing.MESSAGING_CONSUMER_GROUP: GATE_QUEUE,
+                tracing.INSTITUTION: institution, tracing.EVENT_TYPE: offered or "",
             },
         ) as span:
-            verdict = await _judge(raw.subject, body, raw.headers)
-            if span.is_recording():
-                span.set_attribute(tracing.VERDICT, verdict.status)
-                if verdict.id:
-                    span.set_attribute(tracing.MESSAGING_MESSAGE_ID, verdict.id)
+            if offered is None:
+                verdict = Verdict(
+                    "rejected", None, reason="invalid",
+                    errors=reject(
+                        "invalid", "subject_invalid",
+                        f"offer events on collab.ingress.{{institution}}.{{domain}}.{{event}}, not {raw.subject}",
+                    ).problems,
+                )
+                tracing.mark_refused(span, verdict)
+            else:
+                verdict = await gate.admit(institution, body, raw.headers, offered_type=offered)
+            if verdict.id and span.is_recording():
+                span.set_attribute(tracing.MESSAGING_MESSAGE_ID, verdict.id)
         return NatsResponse(verdict.to_json(), headers=REPLY_HEADERS)
-
-    async def _judge(subject: str, body: bytes, headers: dict[str, str] | None) -> Verdict:
-        institution, offered = split_ingress_subject(subject)
-        if offered is None:
-            verdict = Verdict(
-                "rejected", None, reason="invalid",
-                errors=reject(
-                    "invalid", "subject_invalid",
-                    f"offer events on collab.ingress.{{institution}}.{{domain}}.{{event}}, not {subject}",
-                ).problems,
-            )
-            tracing.mark_failed(trace.get_current_span(), "rejected (invalid)")
-            return verdict
-        return await gate.admit(institution, body, headers, offered_type=offered)

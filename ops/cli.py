@@ -664,7 +664,7 @@ def _render_trace(found: dict[str, Any]) -> None:
 
     errors = found["errors"]
     title = (
-        f"[bold]trace {found['trace_id']}[/bold]  {found['started_at']}  ·  {found['spans']} spans  ·  "
+        f"[bold]trace {found['trace_id']}[/bold]  {found['started_at']}  ·  {found['spans']} span{'s' if found['spans'] != 1 else ''}  ·  "
         f"{found['duration_ms']:.1f} ms" + (f"  ·  [red]{errors} failed[/red]" if errors else "")
     )
     tree = Tree(title)

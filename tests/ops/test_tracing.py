@@ -57,6 +57,7 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     links: tuple[tuple[str, str], ...]
     status: str
+    status_message: str
 
 
 def _value(value: AnyValue) -> Any:
@@ -120,7 +121,7 @@ class OtlpReceiver:
                             name=span.name, kind=_KINDS[span.kind], service=service,
                             attributes={a.key: _value(a.value) for a in span.attributes},
                             links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
-                            status=_STATUSES[span.status.code],
+                            status=_STATUSES[span.status.code], status_message=span.status.message,
                         )
                     )
         with self._lock:
@@ -272,7 +273,7 @@ async def the_trace(otlp: OtlpReceiver, bus: Bus, trace_id: str, *, derived_id: 
     def complete() -> list[ReceivedSpan] | None:
         spans = otlp.of_trace(trace_id)
         delivered = any(s.kind == "client" for s in spans)
-        consumed = sum(1 for s in spans if s.kind == "consumer" and s.attributes.get(tracing.EVENT_ID) == derived_id)
+        consumed = sum(1 for s in spans if s.kind == "consumer" and s.attributes.get(tracing.MESSAGING_MESSAGE_ID) == derived_id)
         return spans if delivered and consumed >= 2 else None
 
     return await eventually(complete, what=f"the spans of trace {trace_id}")  # type: ignore[no-any-return]
@@ -290,9 +291,9 @@ def assert_connected_journey(spans: list[ReceivedSpan], event: dict[str, Any], d
     assert publish.attributes[tracing.MESSAGING_DESTINATION].startswith(f"collab.events.{event['source'].split('/')[-1]}.innovation_day.")
     assert publish.attributes[tracing.EVENT_TYPE] == "innovation_day.registration_requested"
 
-    applied = one(spans, kind="consumer", name="process network", attr_cloudevents__event_id=event["id"])
+    applied = one(spans, kind="consumer", name="process network", attr_messaging__message__id=event["id"])
     assert applied.parent_id == publish.span_id and (publish.trace_id, publish.span_id) in applied.links
-    recorded = one(spans, kind="consumer", name="process webhooks", attr_cloudevents__event_id=event["id"])
+    recorded = one(spans, kind="consumer", name="process webhooks", attr_messaging__message__id=event["id"])
     assert recorded.parent_id == publish.span_id
 
     # The workflow's decision continues the trace: the derived event's envelope names the deciding span.
@@ -301,7 +302,7 @@ def assert_connected_journey(spans: list[ReceivedSpan], event: dict[str, Any], d
     relayed = one(spans, kind="producer", attr_messaging__message__id=derived["id"])
     assert relayed.parent_id == applied.span_id and relayed.attributes[tracing.EVENT_TYPE] == CONFIRMED
     for consumer in ("network", "webhooks"):
-        assert one(spans, kind="consumer", name=f"process {consumer}", attr_cloudevents__event_id=derived["id"]).parent_id == relayed.span_id
+        assert one(spans, kind="consumer", name=f"process {consumer}", attr_messaging__message__id=derived["id"]).parent_id == relayed.span_id
 
     # The delivery is a client span of the derived event's log context, and the receiver got it.
     delivery = one(spans, kind="client")
@@ -383,6 +384,7 @@ async def test_a_refused_offer_marks_its_entry_span_failed(otlp: OtlpReceiver, n
     spans = await eventually(lambda: otlp.of_trace(trace_id), what="the refused offer's span")
     entry = one(spans, kind="server")
     assert entry.status == "error" and entry.parent_id == PARTNER_SPAN
+    assert entry.status_message.startswith("rejected (invalid): data.attendees: "), entry.status_message  # why, for the operator
     assert not [span for span in spans if span.kind == "producer"]  # nothing reached the log
 
 
