@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Protocol
 
 import orjson
@@ -25,7 +26,7 @@ class Outbox(Protocol):
 
     def outbox_done(self, event_ids: list[str]) -> None: ...
 
-    def tick(self) -> int: ...
+    def tick(self) -> Sequence[object]: ...
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Relay:
         """Run the timers once (deadlines due now)."""
         async with self.db_lock:
             try:
-                return await asyncio.to_thread(self.store.tick)
+                return len(await asyncio.to_thread(self.store.tick))
             except Exception:
                 log.exception("timers failed")
                 return 0

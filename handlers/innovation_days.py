@@ -23,6 +23,7 @@ from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.session import children
 from handlers.rules import innovation_days as rules
 from schemas.innovation_days import (
     InnovationDayCancelled,
@@ -141,13 +142,17 @@ class ProposedMeetingRow(SQLModel, table=True):
 # --- state snapshots --------------------------------------------------------------------------
 
 
+def _registrations(session: Session, day_id: str, statuses: Sequence[str]) -> list[Registration]:
+    """The day's registrations in one of ``statuses``, in the order they were requested."""
+    rows = [r for r in children(session, Registration, "day_id", day_id) if r.status in statuses]
+    return sorted(rows, key=lambda r: (r.requested_seq is None, r.requested_seq or 0, _utc(r.requested_at), r.registration_id))
+
+
 def _day_state(session: Session, day_id: str) -> rules.DayState | None:
     day = session.get(InnovationDay, day_id)
     if day is None:
         return None
-    rows = session.exec(
-        select(Registration).where(Registration.day_id == day_id, col(Registration.status).in_(LIVE))
-    ).all()
+    rows = _registrations(session, day_id, LIVE)
     seats = tuple(
         rules.Seat(r.registration_id, r.participant, r.attendees or 1, r.status, r.waitlist_position)  # type: ignore[arg-type]
         for r in rows
@@ -436,11 +441,7 @@ def on_registration_requested(session: Session, event: Event[RegistrationRequest
 
 def _close_up_waitlist(session: Session, day_id: str) -> None:
     """Renumber the waitlist 1, 2, 3… keeping its order, after a registration left it."""
-    waiting = session.exec(
-        select(Registration)
-        .where(Registration.day_id == day_id, Registration.status == "waitlisted")
-        .order_by(col(Registration.waitlist_position))
-    ).all()
+    waiting = sorted(_registrations(session, day_id, ("waitlisted",)), key=lambda r: r.waitlist_position or 0)
     for position, registration in enumerate(waiting, start=1):
         if registration.waitlist_position != position:
             registration.waitlist_position = position

@@ -172,6 +172,14 @@ class Routes:
         return self
 
 
+@dataclass
+class Book:
+    """What a batch applied, recorded once at its end (:meth:`Network.record`)."""
+
+    applied: list[tuple[str, int | None]] = field(default_factory=list)
+    seq: int = 0
+
+
 class Network:
     """Applies events to the read models through ``routes``, recording what it applied."""
 
@@ -180,27 +188,55 @@ class Network:
         self.consumer = consumer
 
     def apply(
-        self, session: Session, event: Event[Any], *, live: bool, seen: set[str] | None = None
+        self,
+        session: Session,
+        event: Event[Any],
+        *,
+        live: bool,
+        seen: set[str] | None = None,
+        book: "Book | None" = None,
     ) -> list[Event[Any]]:
         """Apply one logged event; returns the derived events decided. A seen id changes nothing.
 
         ``seen``: the ids among a batch already applied, when the caller looked them up at once.
+        ``book``: collect what was applied and how far the log was read, for the caller to record
+        once per batch (:meth:`record`); without it, both are recorded at once.
         """
         already = event.id in seen if seen is not None else session.get(AppliedEvent, event.id) is not None
         if already:
-            self.advance(session, event.seq)
+            self._advance(session, event.seq, book)
             return []
         context = Context(session, event, now=event.logged_at, live=live)
         for decide in self.routes.deciders.get(event.type, ()):
             decide(context)
         if not context.refused:
             self._project(session, event)
-        session.add(AppliedEvent(event_id=event.id, seq=event.seq))
-        self._apply_derived(session, context.derived, live=live, check=False)
-        self.advance(session, event.seq)
+        if book is None:
+            session.add(AppliedEvent(event_id=event.id, seq=event.seq))
+        self._apply_derived(session, context.derived, live=live, check=False, book=book)
+        if book is not None:
+            book.applied.append((event.id, event.seq))
+        self._advance(session, event.seq, book)
         if seen is not None:  # a derived event's copy can come later in the same batch (a rebuild)
             seen.update([event.id, *(d.id for d in context.derived)])
         return context.derived
+
+    def record(self, session: Session, book: "Book") -> None:
+        """Write down what ``book`` collected: the applied ids in one statement, the position once."""
+        if book.applied:
+            session.execute(
+                AppliedEvent.__table__.insert(),  # type: ignore[attr-defined]
+                [{"event_id": event_id, "seq": seq} for event_id, seq in book.applied],
+            )
+        if book.seq:
+            self.advance(session, book.seq)
+        book.applied.clear()
+
+    def _advance(self, session: Session, seq: int | None, book: "Book | None") -> None:
+        if book is None:
+            self.advance(session, seq)
+        elif seq is not None and seq > book.seq:
+            book.seq = seq
 
     def tick(self, session: Session, now: datetime | None = None, *, live: bool = True) -> list[Event[Any]]:
         """Run the timers (deadlines): events due at ``now`` are decided and applied."""
@@ -214,14 +250,19 @@ class Network:
         for project in self.routes.projections.get(event.type, ()):
             project(session, event)
 
-    def _apply_derived(self, session: Session, derived: list[Event[Any]], *, live: bool, check: bool = True) -> None:
+    def _apply_derived(
+        self, session: Session, derived: list[Event[Any]], *, live: bool, check: bool = True, book: "Book | None" = None
+    ) -> None:
         # An event's consequences are new by construction (their ids derive from a cause applied
         # once); a timer's may have been decided before, so those are looked up.
         for event in derived:
             if check and session.get(AppliedEvent, event.id) is not None:
                 continue
             self._project(session, event)
-            session.add(AppliedEvent(event_id=event.id, seq=None))
+            if book is None:
+                session.add(AppliedEvent(event_id=event.id, seq=None))
+            else:
+                book.applied.append((event.id, None))
             if live:
                 session.add(
                     OutboxEvent(
@@ -230,7 +271,8 @@ class Network:
                         created_at=datetime.now(timezone.utc),
                     )
                 )
-            session.flush()
+            if book is None:
+                session.flush()
 
     def advance(self, session: Session, seq: int | None) -> None:
         """Record that the log has been read up to ``seq``."""

@@ -18,6 +18,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from handlers.institutions import Institution, UtcDateTime, column_values, upsert
 from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.session import children
 from handlers.rules.projects import ProjectAction, ProjectSnapshot, action_refusal
 from schemas.institutions import MunicipalityLevel
 from schemas.projects import (
@@ -190,7 +191,7 @@ def _join(session: Session, project_id: str, partner: Partner) -> None:
 def _set_partners(session: Session, project_id: str, partners: tuple[Partner, ...]) -> None:
     """The partner list is replaced whole (an institution named twice: the last mention wins)."""
     wanted = {partner.institution: partner for partner in partners}
-    for row in session.exec(select(ProjectPartner).where(col(ProjectPartner.project_id) == project_id)):
+    for row in children(session, ProjectPartner, "project_id", project_id):
         if row.institution not in wanted:
             session.delete(row)
     for partner in wanted.values():

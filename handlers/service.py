@@ -1,28 +1,40 @@
 """The network's state behind a small synchronous port, for the consumer plumbing in ``bus/``.
 
-The consumer hands over batches of logged events; each batch is one transaction, each event a
-savepoint in it, so one failing event is rolled back alone and the rest of the batch commits.
+The consumer hands over batches of logged events; each batch is one transaction. It is first
+applied straight through (no savepoints, the bookkeeping written once at the end); only when an
+event fails is the batch rolled back and applied again with a savepoint per event, so the failing
+event is rolled back alone and the ones before it commit.
+
+The service is the read models' only writer, so it keeps one session and the rows it has read
+(up to :data:`HELD_ROWS`) from batch to batch: members, calls, days and validations that many
+events touch are read once, not once per event.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, delete
-from sqlmodel import col, select
+from sqlalchemy import event as sa_event
+from sqlmodel import Session, col, select
 
 from handlers.bookkeeping import AppliedEvent, OutboxEvent
-from handlers.db import session_scope
-from handlers.network import Event, Network
+from handlers.network import Book, Event, Network
+from handlers.session import KnownKeysSession, tracked_tables
 from ops.metrics import HANDLER_SECONDS
 
 log = logging.getLogger("collabbus.handlers")
+
+HELD_ROWS = 50_000
+"""How many rows the service's session keeps between batches before it starts afresh."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,8 @@ class LoggedItem:
     seq: int
     envelope: dict[str, Any]
     logged_at: datetime
+    traceparent: str | None = None
+    """The W3C trace context the log message carries (its producer's span)."""
 
 
 @dataclass(frozen=True)
@@ -49,19 +63,86 @@ class NetworkService:
     def __init__(self, engine: Engine, network: Network) -> None:
         self.engine = engine
         self.network = network
+        from sqlmodel import SQLModel
+
+        import handlers.tables  # noqa: F401  (every table on the metadata)
+
+        tracked = tracked_tables(SQLModel.metadata, leave_out=(AppliedEvent,))
+        self._session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked)
+        self._held: list[Any] = []
+        self._mutex = threading.Lock()
+
+        def hold(_session: Any, instance: Any) -> None:
+            self._held.append(instance)
+
+        # The identity map holds rows weakly; these keep them while they are likely to be used again.
+        sa_event.listen(self._session, "loaded_as_persistent", hold)
+        sa_event.listen(self._session, "pending_to_persistent", hold)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """One transaction on the service's session: committed when the block ends, rolled back if
+        it raises (and then nothing read in it is trusted any more)."""
+        with self._mutex:
+            session = self._session
+            if len(self._held) > HELD_ROWS:
+                self._forget()
+            try:
+                with session.begin():
+                    yield session
+            except BaseException:
+                self._forget()
+                raise
+
+    def forget(self) -> None:
+        """Drop what the service keeps of the read models; call it after writing them elsewhere."""
+        with self._mutex:
+            self._forget()
+            self._session.forget_keys()
+
+    def _forget(self) -> None:
+        self._session.forget_children()
+        self._session.expunge_all()
+        self._held.clear()
+
+    def close(self) -> None:
+        with self._mutex:
+            self._forget()
+            self._session.close()
 
     def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True) -> tuple[int, Failure | None, int]:
         """Apply a batch in log order in one transaction, stopping at the first event that fails.
 
-        Returns how many events were applied (the failed one is rolled back alone; the ones before
-        it are committed), the failure if any, and how many derived events were decided. Raises
+        Returns how many events were applied (the ones before the failed one are committed, the
+        failed one is not), the failure if any, and how many derived events were decided. Raises
         only when the transaction itself fails (database down).
+
+        The batch is applied straight through; when an event fails, everything is rolled back and
+        the events before it are applied again and committed (handlers are deterministic, so they
+        do the same again; the failed event is not run twice). When the failure cannot be pinned
+        on one event (the commit itself failed), the batch is applied event by event, each in a
+        savepoint.
         """
-        applied = derived = 0
+        end, failure = len(items), None
+        while end:
+            try:
+                with self._transaction() as session:
+                    derived = self._apply(session, items[:end], live=live)
+                return end, failure, derived
+            except _Failed as failed:
+                end, failure = failed.index, failed.failure
+            except Exception as exc:
+                log.debug("batch of %d failed as a whole (%s); applying event by event", end, exc)
+                return self._apply_isolated(items, live=live)
+        return 0, failure, 0
+
+    def _apply_isolated(self, items: Sequence[LoggedItem], *, live: bool) -> tuple[int, Failure | None, int]:
+        applied = 0
         failure: Failure | None = None
-        with session_scope(self.engine) as session:
-            ids = [str(item.envelope.get("id")) for item in items]
-            seen = set(session.exec(select(AppliedEvent.event_id).where(col(AppliedEvent.event_id).in_(ids))).all())
+        book = Book()
+        with self._transaction() as session:
+            seen = self._seen(session, items)
+            derived = 0
             for item in items:
                 try:
                     event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at)
@@ -69,38 +150,69 @@ class NetworkService:
                     failure = Failure(type(exc).__name__, str(exc)[:2000], permanent=True)
                     break
                 started = time.perf_counter()
+                mark = len(book.applied), book.seq
                 try:
                     with session.begin_nested():
-                        derived += len(self.network.apply(session, event, live=live, seen=seen))
+                        derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
                 except Exception as exc:
+                    del book.applied[mark[0]:]
+                    book.seq = mark[1]
                     log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
                     failure = Failure(type(exc).__name__, _describe(exc), permanent=False)
                     break
                 HANDLER_SECONDS.labels(event.type).observe(time.perf_counter() - started)
                 applied += 1
+            self.network.record(session, book)
         return applied, failure, derived
+
+    def _apply(self, session: Session, items: Sequence[LoggedItem], *, live: bool) -> int:
+        """Apply every item straight through; a failing event raises :class:`_Failed` (and the
+        whole batch is rolled back)."""
+        seen = self._seen(session, items)
+        book = Book()
+        derived = 0
+        observe = HANDLER_SECONDS.labels
+        for index, item in enumerate(items):
+            try:
+                event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at)
+            except Exception as exc:  # the gate validated it; a schema change can still make it unreadable
+                raise _Failed(index, Failure(type(exc).__name__, str(exc)[:2000], permanent=True)) from exc
+            started = time.perf_counter()
+            try:
+                derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
+            except Exception as exc:
+                log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
+                raise _Failed(index, Failure(type(exc).__name__, _describe(exc), permanent=False)) from exc
+            observe(event.type).observe(time.perf_counter() - started)
+        self.network.record(session, book)
+        return derived
+
+    @staticmethod
+    def _seen(session: Session, items: Sequence[LoggedItem]) -> set[str]:
+        ids = [str(item.envelope.get("id")) for item in items]
+        return set(session.exec(select(AppliedEvent.event_id).where(col(AppliedEvent.event_id).in_(ids))).all())
 
     def skip(self, seq: int) -> None:
         """Move past an event that was dead-lettered: it is not applied, and later events are."""
-        with session_scope(self.engine) as session:
+        with self._transaction() as session:
             self.network.advance(session, seq)
 
-    def tick(self, now: datetime | None = None) -> int:
-        """Run the timers once; returns how many events they decided."""
-        with session_scope(self.engine) as session:
-            return len(self.network.tick(session, now))
+    def tick(self, now: datetime | None = None) -> list[Event[Any]]:
+        """Run the timers once; returns the events they decided."""
+        with self._transaction() as session:
+            return self.network.tick(session, now)
 
     def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
         """Derived events waiting to be logged, oldest first."""
-        with session_scope(self.engine) as session:
-            rows = session.exec(select(OutboxEvent).order_by(col(OutboxEvent.position)).limit(limit)).all()
-            return [(row.event_id, row.event) for row in rows]
+        with self._transaction() as session:
+            query = select(OutboxEvent.event_id, OutboxEvent.event).order_by(col(OutboxEvent.position)).limit(limit)
+            return [(event_id, body) for event_id, body in session.exec(query).all()]
 
     def outbox_done(self, event_ids: Sequence[str]) -> None:
         """Forget derived events the log has confirmed."""
         if not event_ids:
             return
-        with session_scope(self.engine) as session:
+        with self._transaction() as session:
             session.exec(delete(OutboxEvent).where(OutboxEvent.event_id.in_(event_ids)))  # type: ignore[call-overload,attr-defined]
 
     def reset(self) -> None:
@@ -108,17 +220,27 @@ class NetworkService:
         holds derived events the log has not confirmed yet)."""
         from sqlmodel import SQLModel
 
-        import handlers.tables  # noqa: F401  (every table on the metadata)
-
-        with session_scope(self.engine) as session:
+        with self._transaction() as session:
             for table in reversed(SQLModel.metadata.sorted_tables):
                 if table.name != OutboxEvent.__tablename__:
                     session.execute(table.delete())
+        with self._mutex:
+            self._forget()
+            self._session.know_empty()
 
     def position(self) -> int:
         """The last log sequence applied."""
-        with session_scope(self.engine) as session:
+        with self._transaction() as session:
             return self.network.position(session)
+
+
+class _Failed(Exception):
+    """The event at ``index`` of a batch applied straight through could not be read or applied."""
+
+    def __init__(self, index: int, failure: Failure) -> None:
+        super().__init__(failure.error)
+        self.index = index
+        self.failure = failure
 
 
 def _describe(exc: BaseException) -> str:

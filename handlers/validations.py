@@ -14,7 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from handlers.institutions import UtcDateTime  # moments stored in UTC, read back aware, on every database
+from handlers.institutions import UtcDateTime, member  # moments stored in UTC, read back aware, on every database
+from handlers.projects import Project, ProjectPartner
+from handlers.session import children
 from handlers.network import Context, Decider, Event, Projection, Timer
 from handlers.rules import validations as rules
 from schemas.common import CRITERIA, Criterion
@@ -116,46 +118,40 @@ class InfoRequest(SQLModel, table=True):
     answered_at: datetime | None = _when()
 
 
-# --- other domains' tables, by name --------------------------------------------------------------
-
-_institutions = sa.table("institutions", sa.column("id"), sa.column("kind"), sa.column("left_at"))
-_projects = sa.table("projects", sa.column("project_id"), sa.column("owner"))
-_project_partners = sa.table("project_partners", sa.column("project_id"), sa.column("institution"))
+# --- other domains' state ---------------------------------------------------------------------
 
 
 def _member_kind(session: Session, institution: str) -> str | None:
     """The kind of a current member; None for an unknown or former one."""
-    query = sa.select(_institutions.c.kind).where(_institutions.c.id == institution, _institutions.c.left_at.is_(None))
-    return session.execute(query).scalar()
+    found = member(session, institution)
+    return found.kind if found is not None else None
 
 
 def _project_parties(session: Session, validation: Validation) -> tuple[str, frozenset[str]]:
     """The project's owner and partners; for an external practice, the requester and nobody."""
     if validation.project_id is None:
         return validation.requester, frozenset()
-    owner = session.execute(sa.select(_projects.c.owner).where(_projects.c.project_id == validation.project_id)).scalar()
-    partners = session.execute(
-        sa.select(_project_partners.c.institution).where(_project_partners.c.project_id == validation.project_id)
-    ).scalars()
-    return owner or validation.requester, frozenset(partners)
+    project = session.get(Project, validation.project_id)
+    partners = children(session, ProjectPartner, "project_id", validation.project_id)
+    return project.owner if project is not None else validation.requester, frozenset(p.institution for p in partners)
 
 
 # --- reading state --------------------------------------------------------------------------------
 
 
 def _reviewers(session: Session, validation_id: str) -> list[ValidationReviewer]:
-    query = select(ValidationReviewer).where(ValidationReviewer.validation_id == validation_id)
-    return list(session.exec(query.order_by(col(ValidationReviewer.assigned_at), col(ValidationReviewer.reviewer))))
+    rows = children(session, ValidationReviewer, "validation_id", validation_id)
+    return sorted(rows, key=lambda r: (r.assigned_at, r.reviewer))
 
 
 def _reviews(session: Session, validation_id: str) -> list[ValidationReview]:
-    query = select(ValidationReview).where(ValidationReview.validation_id == validation_id)
-    return list(session.exec(query.order_by(col(ValidationReview.submitted_at), col(ValidationReview.reviewer))))
+    rows = children(session, ValidationReview, "validation_id", validation_id)
+    return sorted(rows, key=lambda r: (r.submitted_at, r.reviewer))
 
 
 def _info_requests(session: Session, validation_id: str) -> list[InfoRequest]:
-    query = select(InfoRequest).where(InfoRequest.validation_id == validation_id)
-    return list(session.exec(query.order_by(col(InfoRequest.asked_at), col(InfoRequest.id))))
+    rows = children(session, InfoRequest, "validation_id", validation_id)
+    return sorted(rows, key=lambda r: (r.asked_at, r.id))
 
 
 def _state(session: Session, validation: Validation) -> rules.ValidationState:
@@ -309,18 +305,19 @@ def on_reviewer_assigned(session: Session, event: Event[ReviewerAssigned]) -> No
 def on_review_submitted(session: Session, event: Event[ReviewSubmitted]) -> None:
     """A reviewer's review, replacing their earlier one."""
     data = event.data
+    values: dict[str, Any] = {
+        "scores": _scores(data.scores),
+        "evidence_level": data.evidence_level,
+        "recommendation": data.recommendation,
+        "comments": data.comments,
+        "submitted_at": event.logged_at,
+    }
     earlier = session.get(ValidationReview, (data.validation_id, event.source))
-    review = ValidationReview(
-        validation_id=data.validation_id,
-        reviewer=event.source,
-        scores=_scores(data.scores),
-        evidence_level=data.evidence_level,
-        recommendation=data.recommendation,
-        comments=data.comments,
-        submitted_at=event.logged_at,
-        revision=earlier.revision + 1 if earlier else 1,
-    )
-    session.merge(review)
+    if earlier is None:
+        session.add(ValidationReview(validation_id=data.validation_id, reviewer=event.source, **values, revision=1))
+    else:
+        earlier.sqlmodel_update({**values, "revision": earlier.revision + 1})
+        session.add(earlier)
 
 
 def on_info_requested(session: Session, event: Event[InfoRequested]) -> None:

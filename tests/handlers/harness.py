@@ -110,8 +110,7 @@ class BusScenario:
         relay = self.bus.relay
         async with relay.db_lock:
             def run() -> list[dict[str, Any]]:
-                with session_scope(self.bus.engine) as session:
-                    return [dict(d.envelope) for d in self.bus.service.network.tick(session, now)]
+                return [dict(d.envelope) for d in self.bus.service.tick(now)]
 
             derived = await asyncio.to_thread(run)
         last = (await self.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
