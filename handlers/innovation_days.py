@@ -458,7 +458,6 @@ def _leave_waitlist_or_seat(session: Session, registration_id: str, status: str,
     registration.waitlist_position = None
     registration.decided_at = _utc(at)
     session.add(registration)
-    session.flush()
     if was_waiting:
         _close_up_waitlist(session, registration.day_id)
 

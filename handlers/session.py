@@ -40,6 +40,8 @@ class KnownKeysSession(Session):
         self._keys: dict[type[Any], set[_Key]] | None = None
         self._children: dict[tuple[type[Any], str], dict[Any, list[Any]]] = {}
         self._pending: dict[tuple[type[Any], _Key], Any] = {}
+        self._parents: dict[tuple[type[Any], str], set[Any]] = {}
+        """Per (class, attribute): every value the attribute has in some row (a superset)."""
         """Rows added and not flushed yet: a lookup answers them without flushing first."""
         event.listen(self, "transient_to_pending", self._track_added)
         event.listen(self, "persistent_to_deleted", self._track_deleted)
@@ -54,11 +56,13 @@ class KnownKeysSession(Session):
         self._keys = None
         self._children.clear()
         self._pending.clear()
+        self._parents.clear()
 
     def know_empty(self) -> None:
         """Every tracked table has just been emptied by this session."""
         self._children.clear()
         self._pending.clear()
+        self._parents.clear()
         self._keys = {cls: set() for cls in self._tracked}
 
     def children(self, cls: type[Row], attribute: str, parent: Any) -> list[Row]:
@@ -66,7 +70,11 @@ class KnownKeysSession(Session):
         index = self._children.setdefault((cls, attribute), {})
         rows = index.get(parent)
         if rows is None:
-            rows = index[parent] = list(self.exec(select(cls).where(getattr(cls, attribute) == parent)).all())
+            column = getattr(cls, attribute)
+            present = self._parents.get((cls, attribute))
+            if present is None:
+                present = self._parents[cls, attribute] = set(self.exec(select(column).distinct()).all())
+            rows = index[parent] = list(self.exec(select(cls).where(column == parent)).all()) if parent in present else []
         return list(rows)
 
     def _known(self) -> dict[type[Any], set[_Key]]:
@@ -80,6 +88,9 @@ class KnownKeysSession(Session):
 
     def _track_added(self, _session: Any, instance: Any) -> None:
         cls = type(instance)
+        for (indexed, attribute), present in self._parents.items():
+            if indexed is cls:
+                present.add(getattr(instance, attribute))
         for (indexed, attribute), index in self._children.items():
             if indexed is cls:
                 rows = index.get(getattr(instance, attribute))

@@ -255,7 +255,6 @@ def _validation(session: Session, validation_id: str) -> Validation:
 
 def _refresh_status(session: Session, validation: Validation) -> None:
     if validation.status in rules.OPEN:
-        session.flush()
         validation.status = rules.open_status(
             has_reviewers=bool(_reviewers(session, validation.validation_id)),
             has_open_questions=any(r.answered_at is None for r in _info_requests(session, validation.validation_id)),
