@@ -166,8 +166,7 @@ class DeliveryRecorder:
             endpoints = session.exec(select(Endpoint).where(Endpoint.enabled == True)).all()  # noqa: E712
             for item in items:
                 try:
-                    with traces.consume_span(self.consumer, item.envelope, item.seq, item.traceparent, tracing=self.tracing), \
-                            session.begin_nested():
+                    with session.begin_nested():
                         recorded += self._record(session, endpoints, item, due_at)
                 except Exception as exc:
                     failure = Failure(type(exc).__name__, str(exc)[:2000], permanent=False)
@@ -183,10 +182,12 @@ class DeliveryRecorder:
         wanted = [e for e in endpoints if e.after_seq < item.seq and store.matches(e.event_types, str(envelope.get("type")))]
         if not wanted:
             return 0
-        allowed = store.audience(session, envelope)
-        ids = [e.id for e in wanted if allowed is None or e.institution in allowed]
-        self.touched.update(ids)
-        return store.owe(session, ids, envelope, item.seq, due_at)
+        # A span only for events owed somewhere: one no endpoint asked for is no part of its trace.
+        with traces.consume_span(self.consumer, envelope, item.seq, item.traceparent, tracing=self.tracing):
+            allowed = store.audience(session, envelope)
+            ids = [e.id for e in wanted if allowed is None or e.institution in allowed]
+            self.touched.update(ids)
+            return store.owe(session, ids, envelope, item.seq, due_at)
 
     def skip(self, seq: int) -> None:
         with session_scope(self.engine) as session:
