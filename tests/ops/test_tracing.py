@@ -449,6 +449,20 @@ async def test_collabbus_traces_and_the_operations_endpoint_show_a_trace_from_th
     assert (await client.get(f"/ops/traces/{trace_id}", headers=network.gateway.auth(network.participant))).status_code == 403
     assert (await client.get(f"/ops/traces/{trace_id}")).status_code == 401
 
+    # Only the entry of events is traced at the gateway: reads and operations add no spans.
+    assert (await client.get("/institutions", headers=auth)).status_code == 200
+    marker = "7d3c1b0a9e8f4d2c6b5a4e3d2c1b0a9f"
+    refused = await network.gateway.post(network.participant, {"nonsense": True}, headers={"traceparent": f"00-{marker}-{PARTNER_SPAN}-01"})
+    assert refused.status_code in (400, 422), refused.text
+
+    def gateway_spans() -> list[str] | None:
+        bus.tracing.flush()  # type: ignore[union-attr]
+        found = tracing.recent_traces(store, limit=1000)
+        names = [span["operation"] for one in found for span in tracing.walk(one) if span["kind"] == "server"]
+        return names if any(one["trace_id"] == marker for one in found) else None
+
+    assert set(await eventually(lambda: asyncio.to_thread(gateway_spans), what="the refused offer's span")) == {"POST /events"}
+
 
 def test_the_local_store_keeps_the_latest_spans_only(tmp_path: Path) -> None:
     path = tmp_path / tracing.STORE_FILE
@@ -462,3 +476,23 @@ def test_the_local_store_keeps_the_latest_spans_only(tmp_path: Path) -> None:
     provider.shutdown()
     kept = [span["operation"] for found in tracing.recent_traces(path, limit=20) for span in tracing.walk(found)]
     assert sorted(kept) == sorted(names[-5:])
+
+
+def test_the_otel_variables_choose_where_spans_go(tmp_path: Path) -> None:
+    local = tracing.Tracing.configure(tmp_path, environ={})
+    otlp = tracing.Tracing.configure(tmp_path, environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"})
+    traces_only = tracing.Tracing.configure(
+        tmp_path, environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4318/x"}
+    )
+    try:
+        assert (local.exporter, local.store) == ("local", tmp_path / tracing.STORE_FILE)
+        assert (otlp.exporter, otlp.endpoint) == ("otlp", "http://collector:4318/v1/traces")
+        assert (traces_only.exporter, traces_only.endpoint) == ("otlp", "http://traces:4318/x")
+    finally:
+        for configured in (local, otlp, traces_only):
+            configured.shutdown()
+    for off in ({"OTEL_TRACES_EXPORTER": "none"}, {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}):
+        disabled = tracing.Tracing.configure(tmp_path, environ=off)
+        assert disabled.exporter == "off" and not disabled.enabled
+        with disabled.tracer.start_as_current_span("nothing") as span:
+            assert not span.is_recording()
