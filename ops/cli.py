@@ -1181,13 +1181,13 @@ def portal_sandbox(
 
 @app.command()
 def bench(
-    events: Annotated[Optional[int], typer.Option(min=50, help="events per throughput phase [default: 5000; --quick 200]")] = None,
+    events: Annotated[Optional[int], typer.Option(min=50, help="events per throughput phase (default 5000, with --quick 200)")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="a smoke run: few events, every phase, well under a minute of measuring")] = False,
     only: Annotated[Optional[str], typer.Option(help="comma-separated phases: raw,bus,http,latency,webhooks,rebuild")] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="comma-separated nats-server configurations: sync_always,sync_default")] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=1024, help="requests in flight, for the bus and for raw nats-py alike")] = 64,
-    rebuild_events: Annotated[Optional[int], typer.Option(min=100, help="events in the log for the rebuild [default: 100000; --quick 1000]")] = None,
-    budget: Annotated[Optional[float], typer.Option(min=1, help="seconds a bus throughput phase may take [default: 12; --quick 60]")] = None,
+    rebuild_events: Annotated[Optional[int], typer.Option(min=100, help="events in the log for the rebuild (default 100000, with --quick 1000)")] = None,
+    budget: Annotated[Optional[float], typer.Option(min=1, help="seconds a bus throughput phase may take (default 12, with --quick 60)")] = None,
     output: Annotated[Path, typer.Option("--out", help="where to write the results as JSON")] = Path("bench/results.json"),
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
 ) -> None:
