@@ -3,7 +3,8 @@
 ``collabbus up`` configures it once. When standard error is not a terminal (a container, a
 service manager, a pipe) every record is one JSON object per line, so a log pipeline can search
 by field; on a terminal it is one readable line. Context the code passes with ``extra`` — above
-all ``event_id`` where a log line is about an event — is kept in both.
+all ``event_id`` where a log line is about an event — is kept in both, and a line written inside a
+traced operation carries its ``trace_id`` and ``span_id``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 import orjson
+from opentelemetry import trace
 
 # What every LogRecord has; anything else on a record came in through ``extra``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
@@ -22,6 +24,18 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"m
 def extras(record: logging.LogRecord) -> dict[str, Any]:
     """The fields a log call added with ``extra``."""
     return {key: value for key, value in vars(record).items() if key not in _STANDARD and not key.startswith("_")}
+
+
+class TraceContext(logging.Filter):
+    """Adds ``trace_id`` and ``span_id`` of the current span, so a log line leads to its trace
+    (``collabbus traces TRACE_ID``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid and not hasattr(record, "trace_id"):
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        return True
 
 
 class JsonLines(logging.Formatter):
@@ -60,6 +74,7 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(Readable() if stream.isatty() else JsonLines())
+    handler.addFilter(TraceContext())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

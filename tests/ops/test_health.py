@@ -86,3 +86,24 @@ def test_json_unless_a_terminal() -> None:
         root.handlers[:] = handlers
         root.setLevel(level)
     assert json.loads(stream.getvalue().splitlines()[-1])["event_id"] == "e-2"
+
+
+def test_a_line_written_inside_a_span_names_its_trace() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    tracer = TracerProvider().get_tracer("collabbus.test")
+    try:
+        configure_logging(stream=stream)
+        logging.getLogger("collabbus.test").warning("outside")
+        with tracer.start_as_current_span("work") as span:
+            logging.getLogger("collabbus.test").warning("inside")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    outside, inside = (json.loads(line) for line in stream.getvalue().splitlines()[-2:])
+    assert "trace_id" not in outside
+    context = span.get_span_context()
+    assert inside["trace_id"] == format(context.trace_id, "032x") and inside["span_id"] == format(context.span_id, "016x")
