@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import logging
 
-from faststream.nats import NatsBroker, NatsMessage, NatsResponse
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from opentelemetry import trace
 
 from bus.gate import Gate
@@ -15,10 +19,7 @@ INGRESS_SUBJECT = "collab.ingress.*.>"
 GATE_QUEUE = "collabbus-gate"
 REPLY_HEADERS = {"Content-Type": "application/json"}
 
-
-def _raw_body(message: Any) -> bytes:
-    # The gate reads the bytes itself: malformed JSON must become a rejection, not a decoder error.
-    return bytes(message.body)
+log = logging.getLogger("collabbus.ingress")
 
 
 def split_ingress_subject(subject: str) -> tuple[str, str | None]:
@@ -29,24 +30,58 @@ def split_ingress_subject(subject: str) -> tuple[str, str | None]:
     return institution, offered
 
 
-def add_ingress(broker: NatsBroker, gate: Gate, *, workers: int = 64) -> None:
-    """Subscribe the gate to the ingress subjects of every institution."""
+class Ingress:
+    """The gate's subscription to every institution's ingress subjects (queue group ``collabbus-gate``).
 
-    @broker.subscriber(
-        INGRESS_SUBJECT,
-        queue=GATE_QUEUE,
-        decoder=_raw_body,
-        max_workers=workers,
-        include_in_schema=False,
-    )
-    async def ingress(body: bytes, msg: NatsMessage) -> NatsResponse:
-        raw = msg.raw_message
-        institution, offered = split_ingress_subject(raw.subject)
+    Offers are judged concurrently, up to ``workers`` at a time; a reply goes back to each
+    request's inbox. It speaks nats-py directly: an offer is one small request/reply on the hot
+    path, and the framework's per-message machinery cost more than judging the event.
+    """
+
+    def __init__(self, nc: Client, gate: Gate, *, workers: int = 64) -> None:
+        self.nc = nc
+        self.gate = gate
+        self.workers = workers
+        self._slots = asyncio.Semaphore(workers)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(INGRESS_SUBJECT, queue=GATE_QUEUE, cb=self._take)
+
+    async def stop(self) -> None:
+        """Stop taking offers, then let the ones in hand be answered."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _take(self, msg: Msg) -> None:
+        await self._slots.acquire()  # the subscription's own queue holds the rest meanwhile
+        task = asyncio.create_task(self._answer(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, msg: Msg) -> None:
+        try:
+            verdict = await self.judge(msg.subject, msg.data, msg.headers)
+            if msg.reply:
+                await self.nc.publish(msg.reply, verdict.to_json(), headers=REPLY_HEADERS)
+        except Exception:  # a failed reply costs this offer only; the partner retries with the same id
+            log.exception("ingress could not answer an offer on %s", msg.subject)
+        finally:
+            self._slots.release()
+
+    async def judge(self, subject: str, body: bytes, headers: dict[str, str] | None) -> Verdict:
+        institution, offered = split_ingress_subject(subject)
+        gate = self.gate
         # The partner's entry: a span continuing the traceparent its request carries.
         with gate.tracer.start_as_current_span(
-            "process collab.ingress", context=tracing.context_from_headers(raw.headers), kind=trace.SpanKind.CONSUMER,
+            "process collab.ingress", context=tracing.context_from_headers(headers), kind=trace.SpanKind.CONSUMER,
             attributes={
-                tracing.MESSAGING_SYSTEM: "nats", tracing.MESSAGING_DESTINATION: raw.subject,
+                tracing.MESSAGING_SYSTEM: "nats", tracing.MESSAGING_DESTINATION: subject,
                 tracing.MESSAGING_OPERATION_TYPE: "process", tracing.MESSAGING_CONSUMER_GROUP: GATE_QUEUE,
                 tracing.INSTITUTION: institution, tracing.EVENT_TYPE: offered or "",
             },
@@ -56,12 +91,12 @@ def add_ingress(broker: NatsBroker, gate: Gate, *, workers: int = 64) -> None:
                     "rejected", None, reason="invalid",
                     errors=reject(
                         "invalid", "subject_invalid",
-                        f"offer events on collab.ingress.{{institution}}.{{domain}}.{{event}}, not {raw.subject}",
+                        f"offer events on collab.ingress.{{institution}}.{{domain}}.{{event}}, not {subject}",
                     ).problems,
                 )
                 tracing.mark_refused(span, verdict)
             else:
-                verdict = await gate.admit(institution, body, raw.headers, offered_type=offered)
+                verdict = await gate.admit(institution, body, headers, offered_type=offered)
             if verdict.id and span.is_recording():
                 span.set_attribute(tracing.MESSAGING_MESSAGE_ID, verdict.id)
-        return NatsResponse(verdict.to_json(), headers=REPLY_HEADERS)
+        return verdict

@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 
 from bus.consumer import Consumer, ConsumerSettings
 from bus.gate import Gate
-from bus.ingress import add_ingress
+from bus.ingress import Ingress
 from bus.membership import Membership
 from bus.relay import Relay
 from bus.server import EmbeddedNats
@@ -67,6 +67,7 @@ class Bus:
     service: Any = None
     consumer: Consumer | None = None
     relay: Relay | None = None
+    ingress: Ingress | None = None
     http: Any = None
     """The HTTP gateway (``connectors.http.server.HttpGateway``) once :meth:`start_http` ran."""
     webhooks: Any = None
@@ -113,7 +114,8 @@ class Bus:
         self.gate = Gate(self.nc, self.js, self.membership, max_event_bytes=settings.max_event_bytes, tracer=self.tracing.tracer)
         await self.ensure_operator()
         if ingress:
-            add_ingress(self.broker, self.gate)
+            self.ingress = Ingress(self.nc, self.gate)
+            await self.ingress.start()
         await self.broker.start()
         if state:
             await self.start_state()
@@ -177,6 +179,9 @@ class Bus:
 
     async def stop(self) -> None:
         """Drain subscriptions and connections, then stop the embedded server."""
+        if self.ingress is not None:
+            await self.ingress.stop()
+            self.ingress = None
         if self.http is not None:
             await self.http.stop()
             self.http = None
