@@ -141,6 +141,15 @@ class Claim:
 # --- recording what is owed ---------------------------------------------------------------------
 
 
+class _Unrecordable(Exception):
+    """The event at ``index`` of a batch could not be recorded."""
+
+    def __init__(self, index: int, failure: Failure) -> None:
+        super().__init__(failure.error)
+        self.index = index
+        self.failure = failure
+
+
 class DeliveryRecorder:
     """The applier of the webhooks consumer (the port ``bus.consumer.Applier``).
 
@@ -156,25 +165,29 @@ class DeliveryRecorder:
         self.touched: set[str] = set()
 
     def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True) -> tuple[int, Failure | None, int]:
-        """Record what each event owes, in log order, in one transaction with the position;
-        an event that cannot be recorded is rolled back alone and reported (the consumer retries
-        it, then dead-letters it)."""
-        applied = recorded = 0
-        failure: Failure | None = None
+        """Record what each event owes, in log order, in one transaction with the position.
+
+        The batch is recorded straight through; an event that cannot be recorded rolls the batch
+        back, the events before it are recorded again and committed, and it is reported (the
+        consumer retries it, then dead-letters it).
+        """
+        end, failure = len(items), None
         due_at = datetime.now(timezone.utc) + self.schedule.first()
-        with session_scope(self.engine) as session:
-            endpoints = session.exec(select(Endpoint).where(Endpoint.enabled == True)).all()  # noqa: E712
-            for item in items:
-                try:
-                    with session.begin_nested():
-                        recorded += self._record(session, endpoints, item, due_at)
-                except Exception as exc:
-                    failure = Failure(type(exc).__name__, str(exc)[:2000], permanent=False)
-                    break
-                applied += 1
-            if applied:
-                store.advance(session, self.consumer, items[applied - 1].seq)
-        return applied, failure, recorded
+        while end:
+            try:
+                with session_scope(self.engine) as session:
+                    endpoints = session.exec(select(Endpoint).where(Endpoint.enabled == True)).all()  # noqa: E712
+                    recorded = 0
+                    for index, item in enumerate(items[:end]):
+                        try:
+                            recorded += self._record(session, endpoints, item, due_at)
+                        except Exception as exc:
+                            raise _Unrecordable(index, Failure(type(exc).__name__, str(exc)[:2000], permanent=False)) from exc
+                    store.advance(session, self.consumer, items[end - 1].seq)
+                return end, failure, recorded
+            except _Unrecordable as unrecordable:
+                end, failure = unrecordable.index, unrecordable.failure
+        return 0, failure, 0
 
     def _record(self, session: Session, endpoints: Sequence[Endpoint], item: LoggedItem, due_at: datetime) -> int:
         envelope = item.envelope

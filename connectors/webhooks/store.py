@@ -225,6 +225,10 @@ def insert_ignore(session: Session, table: type[SQLModel], rows: list[dict[str, 
     dialect = session.get_bind().dialect.name
     if dialect in ("sqlite", "postgresql"):
         module: Any = sqlite if dialect == "sqlite" else postgresql
+        if len(rows) <= 4:  # one cached statement per row is cheaper than compiling a multi-row one
+            statement = module.insert(table.__table__).on_conflict_do_nothing(index_elements=keys)  # type: ignore[attr-defined]
+            counts: list[int] = [session.execute(statement, row).rowcount or 0 for row in rows]  # type: ignore[attr-defined]
+            return sum(counts)
         statement = module.insert(table).values(rows).on_conflict_do_nothing(index_elements=keys)
         return int(session.execute(statement).rowcount or 0)  # type: ignore[attr-defined]
     inserted = 0
