@@ -26,7 +26,7 @@ from sqlalchemy import Engine, delete
 from sqlalchemy import event as sa_event
 from sqlmodel import Session, col, select
 
-from handlers.bookkeeping import AppliedEvent, OutboxEvent
+from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
 from handlers.network import Book, Event, Network
 from handlers.session import KnownKeysSession, tracked_tables
 from ops.metrics import HANDLER_SECONDS
@@ -67,7 +67,7 @@ class NetworkService:
 
         import handlers.tables  # noqa: F401  (every table on the metadata)
 
-        tracked = tracked_tables(SQLModel.metadata, leave_out=(AppliedEvent,))
+        tracked = tracked_tables(SQLModel.metadata, leave_out=(AppliedEvent, ConsumerPosition))
         self._session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked)
         self._held: list[Any] = []
         self._mutex = threading.Lock()
@@ -126,8 +126,11 @@ class NetworkService:
         end, failure = len(items), None
         while end:
             try:
+                timings: list[tuple[str, float]] = []
                 with self._transaction() as session:
-                    derived = self._apply(session, items[:end], live=live)
+                    derived = self._apply(session, items[:end], live=live, timings=timings)
+                for event_type, seconds in timings:  # only what was committed is counted
+                    HANDLER_SECONDS.labels(event_type).observe(seconds)
                 return end, failure, derived
             except _Failed as failed:
                 end, failure = failed.index, failed.failure
@@ -165,13 +168,12 @@ class NetworkService:
             self.network.record(session, book)
         return applied, failure, derived
 
-    def _apply(self, session: Session, items: Sequence[LoggedItem], *, live: bool) -> int:
-        """Apply every item straight through; a failing event raises :class:`_Failed` (and the
-        whole batch is rolled back)."""
+    def _apply(self, session: Session, items: Sequence[LoggedItem], *, live: bool, timings: list[tuple[str, float]]) -> int:
+        """Apply every item straight through, noting each one's handling time in ``timings``; a
+        failing event raises :class:`_Failed` (and the whole batch is rolled back)."""
         seen = self._seen(session, items)
         book = Book()
         derived = 0
-        observe = HANDLER_SECONDS.labels
         for index, item in enumerate(items):
             try:
                 event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at)
@@ -183,7 +185,7 @@ class NetworkService:
             except Exception as exc:
                 log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
                 raise _Failed(index, Failure(type(exc).__name__, _describe(exc), permanent=False)) from exc
-            observe(event.type).observe(time.perf_counter() - started)
+            timings.append((event.type, time.perf_counter() - started))
         self.network.record(session, book)
         return derived
 
@@ -217,12 +219,15 @@ class NetworkService:
 
     def reset(self) -> None:
         """Empty every read model and the bookkeeping of what was applied (not the outbox: it
-        holds derived events the log has not confirmed yet)."""
+        holds derived events the log has not confirmed yet; not the positions of other consumers
+        of the log, such as the webhooks')."""
         from sqlmodel import SQLModel
 
         with self._transaction() as session:
             for table in reversed(SQLModel.metadata.sorted_tables):
-                if table.name != OutboxEvent.__tablename__:
+                if table.name == ConsumerPosition.__tablename__:  # other consumers' positions are theirs
+                    session.execute(table.delete().where(table.c.consumer == self.network.consumer))
+                elif table.name != OutboxEvent.__tablename__:
                     session.execute(table.delete())
         with self._mutex:
             self._forget()

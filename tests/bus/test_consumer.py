@@ -89,7 +89,9 @@ async def test_a_poison_event_is_dead_lettered_and_the_rest_flow(tmp_path: Path,
             seqs[event["id"]] = verdict.seq
         await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
         await wait_for(lambda: "after-1" in recorder.seen)
-        assert recorder.seen == ["before-1", "after-1"]
+        # The batch is rolled back when the poison fails, and the event before it applied again
+        # (projections are transactional); what was committed is checked below.
+        assert list(dict.fromkeys(recorder.seen)) == ["before-1", "after-1"]
         assert recorder.attempts[poison["id"]] == 3  # max_deliver deliveries, then the dead-letter queue
 
         msg = await bus.js.get_last_msg(DLQ_STREAM, "collab.dlq.network")
