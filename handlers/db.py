@@ -11,6 +11,7 @@ from sqlalchemy import Engine, event
 from sqlmodel import Session, create_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+READ_ONLY = "collabbus_read_only"
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -19,6 +20,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # A pool big enough for the gateway's concurrent readers: a connection opened and closed
+        # per request would cost more than the request.
+        kwargs = {"pool_size": 20, "max_overflow": 20, **kwargs} if path and path != ":memory:" else kwargs
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
         @event.listens_for(engine, "connect")
@@ -26,17 +30,28 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             # Let SQLAlchemy issue BEGIN itself: pysqlite's own transaction handling breaks SAVEPOINT.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            # WAL is a property of the file, set once; setting it again would wait for the writer.
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Any) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # A writer takes the write lock at once (a deferred one could fail to upgrade its lock
+            # later); a reader must not, or every read would wait for the writer's batch.
+            read_only = connection.get_execution_options().get(READ_ONLY, False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def reading(engine: Engine) -> Engine:
+    """``engine`` for sessions that only read: on SQLite they do not take the write lock, so they
+    never wait for a writer (WAL readers see the last commit)."""
+    return engine.execution_options(**{READ_ONLY: True})
 
 
 def alembic_config(engine: Engine) -> Any:

@@ -113,7 +113,9 @@ def webhook_attempts(engine: Any) -> dict[str, int] | None:
     if engine is None:
         return None
     try:
-        with engine.connect() as connection:
+        from handlers.db import reading
+
+        with reading(engine).connect() as connection:
             if not sa.inspect(connection).has_table("webhook_attempts"):
                 return None
             rows = connection.execute(sa.text(

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from handlers.db import reading
 from ops import dlq
 
 
@@ -89,7 +90,7 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
     webhook endpoints (None when the database has no webhook tables)."""
     database: dict[str, Any] = {"url": engine.url.render_as_string(hide_password=True)}
     try:
-        with engine.connect() as connection:
+        with reading(engine).connect() as connection:
             tables = set(sa.inspect(connection).get_table_names())
             positions: dict[str, int] = {}
             for table in ("consumer_positions", "webhook_consumer_positions"):

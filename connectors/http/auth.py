@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from connectors.http.problems import ApiProblem
 from handlers import tokens
+from handlers.db import reading
 
 if TYPE_CHECKING:
     from bus.runtime import Bus
@@ -37,7 +38,7 @@ def engine_of(request: Request) -> Any:
 
 def read_session(request: Request) -> Iterator[Session]:
     """A session for reading, closed as soon as the endpoint returns (SQLite's lock with it)."""
-    with Session(engine_of(request)) as session:
+    with Session(reading(engine_of(request))) as session:
         yield session
 
 
@@ -50,14 +51,18 @@ def _bearer(request: Request) -> str | None:
 
 
 def _institution_of(engine: Any, token: str) -> str | None:
-    with Session(engine) as session:
+    with Session(reading(engine)) as session:
         return tokens.institution_of(session, token)
 
 
 async def _authenticate(request: Request, token: str | None) -> str:
     if token is None:
         raise ApiProblem(401, "send Authorization: Bearer <token>; `collabbus institutions token ID` issues one", headers=_CHALLENGE)
-    institution = await run_in_threadpool(_institution_of, engine_of(request), token)
+    engine = engine_of(request)
+    if engine.dialect.name == "sqlite":  # a primary-key read takes less than handing it to a thread
+        institution = _institution_of(engine, token)
+    else:
+        institution = await run_in_threadpool(_institution_of, engine, token)
     if institution is None:
         raise ApiProblem(401, "the token is unknown or revoked", headers=_CHALLENGE)
     return institution

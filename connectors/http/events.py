@@ -25,6 +25,7 @@ from connectors.http.auth import Member, Publisher, bus_of, engine_of
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page
 from connectors.http.problems import ApiProblem, documented, rejection, retry_after
 from connectors.http.ratelimit import RateLimiter
+from handlers.db import reading
 from handlers.validations import validation_view
 from schemas.envelope import INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
 
@@ -174,7 +175,7 @@ def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
     if event.get("source") == f"/institutions/{viewer}":
         return True
     part = _GUARDED[event["type"]]
-    with Session(engine) as session:
+    with Session(reading(engine)) as session:
         view = validation_view(session, str(event["data"].get("validation_id")), viewer)
     if view is None or part not in view:
         return False

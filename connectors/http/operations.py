@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from bus.verdict import Verdict
 from connectors.http.auth import Member, bus_of
 from connectors.http.problems import ApiProblem, documented
+from handlers.db import reading
 
 router = APIRouter(tags=["operations"])
 
@@ -70,7 +71,7 @@ def _database_check(engine: Any) -> str:
     if engine is None:
         return "read models not running"
     try:
-        with engine.connect() as connection:
+        with reading(engine).connect() as connection:
             connection.execute(sa.text("SELECT 1"))
     except Exception as exc:  # any driver error means not ready
         return f"unreachable: {type(exc).__name__}"

@@ -41,7 +41,7 @@ from bus.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 from connectors.webhooks import store, targets
 from connectors.webhooks.signing import signature_header
 from connectors.webhooks.store import Attempt, Delivery, Endpoint
-from handlers.db import session_scope
+from handlers.db import reading, session_scope
 from handlers.service import Failure, LoggedItem
 from ops import tracing as traces
 from ops.settings import Settings
@@ -207,7 +207,7 @@ class DeliveryRecorder:
             store.advance(session, self.consumer, seq)
 
     def position(self) -> int:
-        with Session(self.engine) as session:
+        with Session(reading(self.engine)) as session:
             return store.position(session, self.consumer)
 
 
@@ -321,7 +321,7 @@ class WebhookDispatcher:
     async def start(self) -> None:
         """Start a worker for every enabled endpoint (what was owed before a restart is sent on
         schedule), then follow the log."""
-        with Session(self.engine) as session:
+        with Session(reading(self.engine)) as session:
             enabled = session.exec(select(Endpoint.id).where(Endpoint.enabled == True)).all()  # noqa: E712
         for endpoint_id in enabled:
             self._worker(endpoint_id)
@@ -361,7 +361,7 @@ class WebhookDispatcher:
     # --- one attempt ----------------------------------------------------------------------------
 
     def due(self, endpoint_id: str, held: set[int], limit: int) -> tuple[list[int], datetime | None]:
-        with Session(self.engine) as session:
+        with Session(reading(self.engine)) as session:
             return store.due(session, endpoint_id, datetime.now(timezone.utc), held=held, limit=limit)
 
     async def attempt(self, client: httpx.AsyncClient, delivery_id: int) -> bool:
