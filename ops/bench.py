@@ -420,12 +420,51 @@ class NatsOfferer:
         self.offers.take(verdict.accepted, verdict.seq, verdict.as_dict())
 
 
+class HttpConnections:
+    """Keep-alive HTTP/1.1 connections to the gateway, one request at a time on each.
+
+    The sender must not be what is measured: httpx's connection pool tops out at a few hundred
+    requests per second on this machine, far below what a plain socket sends, so the benchmark
+    speaks the few lines of HTTP/1.1 it needs itself.
+    """
+
+    def __init__(self, url: str, size: int) -> None:
+        parsed = httpx.URL(url)
+        self.host, self.port = parsed.host, parsed.port or 80
+        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        self.size = size
+        self.opened = 0
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.idle.empty() and self.opened < self.size:
+            self.opened += 1
+            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
+        reader, writer = await self.idle.get()
+        try:
+            head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+            head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            writer.write(head.encode() + b"\r\n" + body)
+            status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            fields = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines if line)}
+            content = await reader.readexactly(int(fields.get("content-length", "0")))
+        except BaseException:
+            writer.close()
+            self.opened -= 1
+            raise
+        self.idle.put_nowait((reader, writer))
+        return int(status_line.split()[1]), content
+
+    async def close(self) -> None:
+        while not self.idle.empty():
+            _, writer = self.idle.get_nowait()
+            writer.close()
+
+
 class HttpOfferer:
     """Offers events with ``POST /events`` (structured mode), each with its institution's token."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, tokens: dict[str, str], offers: Offers) -> None:
-        self.client = client
-        self.url = f"{url}/events"
+    def __init__(self, connections: HttpConnections, tokens: dict[str, str], offers: Offers) -> None:
+        self.connections = connections
         self.tokens = tokens
         self.offers = offers
 
@@ -433,13 +472,13 @@ class HttpOfferer:
         institution, event = item
         headers = {"Authorization": f"Bearer {self.tokens[institution]}", "Content-Type": "application/cloudevents+json"}
         try:
-            response = await self.client.post(self.url, content=orjson.dumps(event), headers=headers)
-        except httpx.HTTPError as exc:
+            status, content = await self.connections.post("/events", orjson.dumps(event), headers)
+            body = orjson.loads(content) if content else {}
+        except (OSError, asyncio.IncompleteReadError, orjson.JSONDecodeError) as exc:
             self.offers.take(False, None, {"error": repr(exc)})
             return
-        body = response.json() if response.headers.get("content-type", "").endswith("json") else {}
-        accepted = response.status_code == 202 and body.get("status") == "accepted"
-        self.offers.take(accepted, body.get("seq"), {"status": response.status_code, **body})
+        accepted = status == 202 and body.get("status") == "accepted"
+        self.offers.take(accepted, body.get("seq"), {"status": status, **body})
 
 
 # --- phases ------------------------------------------------------------------------------------------
@@ -511,7 +550,7 @@ async def bus_phase(server: EmbeddedNats, work: Path, via: str, options: BenchOp
     last offered event's log sequence."""
     members, rest = workload(via, options.events)
     label = "bus over NATS" if via == "nats" else "bus over HTTP"
-    async with running_bus(server, work) as (bus, watcher), _sender(via, server, bus) as make_offerer:
+    async with running_bus(server, work) as (bus, watcher), _sender(via, server, bus, options.concurrency) as make_offerer:
         offers = Offers()
         send = await make_offerer(offers, [institution for institution, _ in members + rest])
         n = len(members) + len(rest)
@@ -559,7 +598,7 @@ async def bus_phase(server: EmbeddedNats, work: Path, via: str, options: BenchOp
 
 
 @contextlib.asynccontextmanager
-async def _sender(via: str, server: EmbeddedNats, bus: BusProcess) -> AsyncIterator[Callable[..., Any]]:
+async def _sender(via: str, server: EmbeddedNats, bus: BusProcess, concurrency: int) -> AsyncIterator[Callable[..., Any]]:
     """A factory of offerers over NATS or HTTP; HTTP tokens are issued for every institution first."""
     if via == "nats":
         nc = await nats.connect(server.url, name="bench-partner")
@@ -571,13 +610,15 @@ async def _sender(via: str, server: EmbeddedNats, bus: BusProcess) -> AsyncItera
         finally:
             await nc.close()
     else:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+        connections = HttpConnections(bus.url, concurrency)
+        try:
             async def make(offers: Offers, institutions: list[str]) -> Callable[[Event], Any]:
                 tokens = await asyncio.to_thread(bus.issue_tokens, sorted(set(institutions)))
-                return HttpOfferer(client, bus.url, tokens, offers)
+                return HttpOfferer(connections, tokens, offers)
 
             yield make
+        finally:
+            await connections.close()
 
 
 async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions, progress: Progress) -> dict[str, Any]:
