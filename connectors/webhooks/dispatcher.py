@@ -23,10 +23,10 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import orjson
@@ -47,6 +47,9 @@ from ops import tracing as traces
 from ops.settings import Settings
 from ops.tracing import Tracing
 from schemas.envelope import STRUCTURED_CONTENT_TYPE
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 log = logging.getLogger("collabbus.webhooks")
 
@@ -214,6 +217,42 @@ class DeliveryRecorder:
 # --- sending ------------------------------------------------------------------------------------
 
 
+class Batched(Generic[Item, Result]):
+    """Calls ``work`` in a worker thread with every item asked for meanwhile, in one go; each
+    caller gets its own item's result (or the exception, which fails the whole batch)."""
+
+    def __init__(self, work: Callable[[list[Item]], list[Result]], lock: asyncio.Lock, most: int = 256) -> None:
+        self.work = work
+        self.lock = lock
+        """The bus's writers take turns in the process rather than in SQLite's busy handler, which
+        sleeps in growing steps while it waits."""
+        self.most = most
+        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self.most], self._waiting[self.most:]
+            try:
+                async with self.lock:
+                    results = await asyncio.to_thread(self.work, [item for item, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+
 class EndpointWorker:
     """Sends one endpoint's due deliveries: a feeder fills a bounded queue from the database, and
     ``concurrency`` senders take from it."""
@@ -313,10 +352,15 @@ class WebhookDispatcher:
         self.poll = poll
         consumer_settings = consumer_settings or ConsumerSettings(WEBHOOKS_CONSUMER)
         self.recorder = DeliveryRecorder(engine, consumer_settings.name, self.schedule, self.tracing)
-        self.consumer = Consumer(js, consumer_settings, self.recorder, on_derived=self._recorded, db_lock=db_lock or asyncio.Lock())
+        self.db_lock = db_lock or asyncio.Lock()
+        self.consumer = Consumer(js, consumer_settings, self.recorder, on_derived=self._recorded, db_lock=self.db_lock)
         self.workers: dict[str, EndpointWorker] = {}
         self._bodies: OrderedDict[int, tuple[bytes, str | None]] = OrderedDict()
         self._retiring: set[asyncio.Task[None]] = set()
+        # Every sender's claim and record go to the database together: one transaction for all
+        # that are waiting, not one each.
+        self._claims: Batched[int, Claim | None] = Batched(self._claim_all, self.db_lock)
+        self._settles: Batched[tuple[Claim, Outcome], tuple[bool, bool]] = Batched(self._settle_all, self.db_lock)
 
     async def start(self) -> None:
         """Start a worker for every enabled endpoint (what was owed before a restart is sent on
@@ -366,7 +410,7 @@ class WebhookDispatcher:
 
     async def attempt(self, client: httpx.AsyncClient, delivery_id: int) -> bool:
         """Make one attempt of a due delivery and record it; True while the delivery is still owed."""
-        claim = await asyncio.to_thread(self._claim, delivery_id)
+        claim = await self._claims(delivery_id)
         if claim is None:
             return False
         try:
@@ -375,7 +419,7 @@ class WebhookDispatcher:
             interrupted = Outcome(None, 0, "interrupted: the bus stopped during the attempt")
             await asyncio.shield(asyncio.to_thread(self._settle, claim, interrupted))
             raise
-        owed, disabled = await asyncio.to_thread(self._settle, claim, outcome)
+        owed, disabled = await self._settles((claim, outcome))
         if disabled:
             log.warning("webhooks: endpoint %s disabled", claim.endpoint_id)
             task = asyncio.get_running_loop().create_task(self.endpoint_changed(claim.endpoint_id, False))
@@ -383,61 +427,72 @@ class WebhookDispatcher:
             task.add_done_callback(self._retiring.discard)
         return owed
 
-    def _claim(self, delivery_id: int) -> Claim | None:
-        """Take a due delivery for an attempt, with the time of the next one already recorded."""
+    def _claim_all(self, delivery_ids: Sequence[int]) -> list[Claim | None]:
+        """Claim deliveries for attempts, in one transaction."""
         now = datetime.now(timezone.utc)
         with session_scope(self.engine) as session:
-            delivery = session.exec(select(Delivery).where(Delivery.id == delivery_id).with_for_update()).first()
-            if delivery is None or delivery.next_attempt_at is None or delivery.next_attempt_at > now:
-                return None  # delivered, resent or taken meanwhile
-            endpoint = session.get(Endpoint, delivery.endpoint_id)
-            if endpoint is None or not endpoint.enabled:
-                return None
-            if delivery.attempts >= self.schedule.attempts:  # the last attempt was cut short by a crash
-                delivery.status, delivery.next_attempt_at = store.FAILED, None
-                session.add(Attempt(delivery_id=delivery_id, attempted_at=now, error="interrupted: the bus stopped during the last attempt"))
-                return None
-            delivery.attempts += 1
-            retry_in = self.schedule.after(delivery.attempts)
-            # Should this attempt never report (a crash), the next one comes no earlier than planned.
-            delivery.next_attempt_at = now + timedelta(seconds=self.timeout + (retry_in or 0.0) + 1.0)
-            session.add(delivery)
-            return Claim(
-                delivery_id, endpoint.id, delivery.event_id, delivery.seq, endpoint.url, endpoint.signing_secrets(now), retry_in
-            )
+            return [self._claim_in(session, delivery_id, now) for delivery_id in delivery_ids]
+
+    def _claim_in(self, session: Session, delivery_id: int, now: datetime) -> Claim | None:
+        """Take a due delivery for an attempt, with the time of the next one already recorded."""
+        delivery = session.exec(select(Delivery).where(Delivery.id == delivery_id).with_for_update()).first()
+        if delivery is None or delivery.next_attempt_at is None or delivery.next_attempt_at > now:
+            return None  # delivered, resent or taken meanwhile
+        endpoint = session.get(Endpoint, delivery.endpoint_id)
+        if endpoint is None or not endpoint.enabled:
+            return None
+        if delivery.attempts >= self.schedule.attempts:  # the last attempt was cut short by a crash
+            delivery.status, delivery.next_attempt_at = store.FAILED, None
+            session.add(Attempt(delivery_id=delivery_id, attempted_at=now, error="interrupted: the bus stopped during the last attempt"))
+            return None
+        delivery.attempts += 1
+        retry_in = self.schedule.after(delivery.attempts)
+        # Should this attempt never report (a crash), the next one comes no earlier than planned.
+        delivery.next_attempt_at = now + timedelta(seconds=self.timeout + (retry_in or 0.0) + 1.0)
+        session.add(delivery)
+        return Claim(
+            delivery_id, endpoint.id, delivery.event_id, delivery.seq, endpoint.url, endpoint.signing_secrets(now), retry_in
+        )
 
     def _settle(self, claim: Claim, outcome: Outcome) -> tuple[bool, bool]:
-        """Record the attempt and what follows from it: whether the delivery is still owed, and
-        whether the endpoint got disabled."""
+        return self._settle_all([(claim, outcome)])[0]
+
+    def _settle_all(self, settled: Sequence[tuple[Claim, Outcome]]) -> list[tuple[bool, bool]]:
+        """Record attempts, in one transaction."""
         now = datetime.now(timezone.utc)
         with session_scope(self.engine) as session:
-            delivery = session.get(Delivery, claim.delivery_id)
-            endpoint = session.get(Endpoint, claim.endpoint_id)
-            if delivery is None or endpoint is None:  # deleted meanwhile
-                return False, False
-            session.add(
-                Attempt(
-                    delivery_id=claim.delivery_id, attempted_at=now - timedelta(milliseconds=outcome.latency_ms),
-                    status_code=outcome.status_code, latency_ms=outcome.latency_ms,
-                    error=outcome.error[:500] if outcome.error else None, response=outcome.response,
-                )
+            return [self._settle_in(session, claim, outcome, now) for claim, outcome in settled]
+
+    def _settle_in(self, session: Session, claim: Claim, outcome: Outcome, now: datetime) -> tuple[bool, bool]:
+        """Record the attempt and what follows from it: whether the delivery is still owed, and
+        whether the endpoint got disabled."""
+        delivery = session.get(Delivery, claim.delivery_id)
+        endpoint = session.get(Endpoint, claim.endpoint_id)
+        if delivery is None or endpoint is None:  # deleted meanwhile
+            return False, False
+        session.add(
+            Attempt(
+                delivery_id=claim.delivery_id, attempted_at=now - timedelta(milliseconds=outcome.latency_ms),
+                status_code=outcome.status_code, latency_ms=outcome.latency_ms,
+                error=outcome.error[:500] if outcome.error else None, response=outcome.response,
             )
-            if outcome.delivered:
-                delivery.status, delivery.delivered_at, delivery.next_attempt_at = store.DELIVERED, now, None
-                endpoint.last_success_at, endpoint.failing_since = now, None
-                return False, False
-            endpoint.failing_since = endpoint.failing_since or now
-            if claim.retry_in is None or outcome.status_code == 410:
-                delivery.status, delivery.next_attempt_at = store.FAILED, None
-            else:
-                delay = max(claim.retry_in, outcome.retry_after or 0.0)
-                delivery.next_attempt_at = now + timedelta(seconds=delay)
-            if outcome.status_code == 410:
-                store.disable(endpoint, "the endpoint answered 410 Gone", now)
-            elif endpoint.enabled and now - endpoint.failing_since >= self.failing_limit:
-                days = self.failing_limit / timedelta(days=1)
-                store.disable(endpoint, f"no successful delivery for {days:g} days", now)
-            return delivery.next_attempt_at is not None, not endpoint.enabled
+        )
+        if outcome.delivered:
+            delivery.status, delivery.delivered_at, delivery.next_attempt_at = store.DELIVERED, now, None
+            endpoint.last_success_at, endpoint.failing_since = now, None
+            return False, False
+        endpoint.failing_since = endpoint.failing_since or now
+        if claim.retry_in is None or outcome.status_code == 410:
+            delivery.status, delivery.next_attempt_at = store.FAILED, None
+        else:
+            delay = max(claim.retry_in, outcome.retry_after or 0.0)
+            delivery.next_attempt_at = now + timedelta(seconds=delay)
+        if outcome.status_code == 410:
+            store.disable(endpoint, "the endpoint answered 410 Gone", now)
+        elif endpoint.enabled and now - endpoint.failing_since >= self.failing_limit:
+            days = self.failing_limit / timedelta(days=1)
+            store.disable(endpoint, f"no successful delivery for {days:g} days", now)
+        return delivery.next_attempt_at is not None, not endpoint.enabled
 
     async def _post(self, client: httpx.AsyncClient, claim: Claim) -> Outcome:
         """POST the event to the endpoint, signed; never raises for the endpoint's faults."""
