@@ -33,8 +33,9 @@ from ops.metrics import HANDLER_SECONDS
 
 log = logging.getLogger("collabbus.handlers")
 
-HELD_ROWS = 50_000
-"""How many rows the service's session keeps between batches before it starts afresh."""
+HELD_ROWS = 20_000
+"""How many rows the service's session holds on to between batches; past that, the older half is
+let go (the identity map keeps rows only while something refers to them)."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,9 @@ class NetworkService:
         it raises (and then nothing read in it is trusted any more)."""
         with self._mutex:
             session = self._session
-            if len(self._held) > HELD_ROWS:
-                self._forget()
+            if len(self._held) > HELD_ROWS:  # keep the newest half; the rest may leave the identity map
+                del self._held[: len(self._held) - HELD_ROWS // 2]
+                session.forget_children()
             try:
                 with session.begin():
                     yield session
