@@ -3,6 +3,11 @@
 JetStream keeps its store under the data dir and fsyncs every write (``sync_interval: always``):
 the log is the network's audit trail, and the server's default of syncing every two minutes can
 lose acknowledged events on a power cut.
+
+The server authenticates every connection (``bus.credentials``): the bus connects with its own
+credentials from ``<store dir>/auth/bus.creds``, members with the ones ``collabbus institutions
+creds`` issues. Whoever holds the store dir gets the bus's connection options from
+:meth:`EmbeddedNats.connect_options`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
+
+from bus.credentials import Authority
 
 
 class EmbeddedServerError(RuntimeError):
@@ -65,6 +73,8 @@ class EmbeddedNats:
     """A nats-server child process with JetStream under ``store_dir``.
 
     ``sync_always`` is the shipped default; the benchmark also runs JetStream's own interval.
+    ``auth`` (the default) makes the server accept only connections with credentials of its
+    account (``bus.credentials``); ``auth=False`` is an open server, for nothing that is shipped.
     """
 
     def __init__(
@@ -75,12 +85,14 @@ class EmbeddedNats:
         *,
         sync_always: bool = True,
         max_payload: int | None = None,
+        auth: bool = True,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
         self.sync_always = sync_always
         self.max_payload = max_payload
+        self.authority: Authority | None = Authority.load_or_create(self.store_dir / Authority.DIRECTORY) if auth else None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -91,20 +103,33 @@ class EmbeddedNats:
     def config_path(self) -> Path:
         return self.store_dir / "nats-server.conf"
 
+    @property
+    def bus_creds(self) -> Path | None:
+        """The credentials of the bus's own connection (every right), None on an open server."""
+        return self.authority.bus_creds if self.authority is not None else None
+
+    def connect_options(self) -> dict[str, Any]:
+        """nats-py ``connect`` options that authenticate as the bus (none on an open server)."""
+        return {"user_credentials": str(self.bus_creds)} if self.bus_creds is not None else {}
+
     def write_config(self) -> Path:
         """Write the server's configuration file and return its path."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        store = (self.store_dir / "jetstream").resolve()
         lines = [
             f'listen: "{self.host}:{self.port or -1}"',
             "jetstream {",
-            f'  store_dir: "{(self.store_dir / "jetstream").resolve()}"',
+            f'  store_dir: "{store}"',
         ]
         if self.sync_always:
             lines.append("  sync_interval: always")
         lines.append("}")
         if self.max_payload:
             lines.append(f"max_payload: {self.max_payload}")
-        self.config_path.write_text("\n".join(lines) + "\n")
+        if self.authority is not None:
+            self.authority.adopt_open_store(store)
+            lines.extend(self.authority.server_config())
+        self.config_path.write_text("\n".join(lines) + "\n")  # JWTs and public keys: no secret
         return self.config_path
 
     def start(self, timeout: float = 15.0) -> None:

@@ -239,7 +239,7 @@ class PositionWatcher:
 class BusProcess:
     """``collabbus up`` in a process of its own, pointed at the phase's nats-server."""
 
-    def __init__(self, nats_url: str, work_dir: Path) -> None:
+    def __init__(self, nats_url: str, work_dir: Path, nats_creds: Path | None = None) -> None:
         self.work_dir = work_dir
         self.data_dir = work_dir / "bus"
         self.port = free_port()
@@ -247,6 +247,8 @@ class BusProcess:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COLLABBUS_", "OTEL_"))}
         self.env.update(
             COLLABBUS_NATS_URL=nats_url,
+            # The same credentials as the raw side's connections: both pay the same for authentication.
+            **({"COLLABBUS_NATS_CREDS": str(nats_creds)} if nats_creds else {}),
             COLLABBUS_DATA_DIR=str(self.data_dir),
             COLLABBUS_HTTP=f"127.0.0.1:{self.port}",
             # The gateway's per-institution rate limit protects a shared bus; the bench measures its speed.
@@ -348,7 +350,7 @@ async def fresh_server(root: Path, name: str, configuration: str) -> AsyncIterat
 @contextlib.asynccontextmanager
 async def running_bus(server: EmbeddedNats, work: Path) -> AsyncIterator[tuple[BusProcess, PositionWatcher]]:
     """A started bus process and a watcher of its committed position."""
-    bus = BusProcess(server.url, work)
+    bus = BusProcess(server.url, work, server.bus_creds)
     try:
         await bus.start()
         watcher = PositionWatcher(bus.database).start()
@@ -493,7 +495,7 @@ async def raw_phase(server: EmbeddedNats, options: BenchOptions, progress: Progr
         logged = {**event, "time": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
         messages.append((log_subject(logged), canonical_bytes(logged), str(event["id"])))
     n = len(messages)
-    nc = await nats.connect(server.url, name="bench-raw")
+    nc = await nats.connect(server.url, name="bench-raw", **server.connect_options())
     try:
         js = nc.jetstream()
         await js.add_stream(StreamConfig(name="BENCH_RAW", subjects=["collab.events.>"], storage=StorageType.FILE,
@@ -601,7 +603,7 @@ async def bus_phase(server: EmbeddedNats, work: Path, via: str, options: BenchOp
 async def _sender(via: str, server: EmbeddedNats, bus: BusProcess, concurrency: int) -> AsyncIterator[Callable[..., Any]]:
     """A factory of offerers over NATS or HTTP; HTTP tokens are issued for every institution first."""
     if via == "nats":
-        nc = await nats.connect(server.url, name="bench-partner")
+        nc = await nats.connect(server.url, name="bench-partner", **server.connect_options())
         try:
             async def make(offers: Offers, institutions: list[str]) -> Callable[[Event], Any]:
                 return NatsOfferer(nc, offers)
@@ -627,7 +629,7 @@ async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
     total = int(options.latency_rate * options.latency_seconds)
     members, rest = workload("latency", total + MEMBERS)
     async with running_bus(server, work) as (bus, watcher):
-        nc = await nats.connect(server.url, name="bench-latency")
+        nc = await nats.connect(server.url, name="bench-latency", **server.connect_options())
         try:
             warmup = Offers()
             await pipelined(members, NatsOfferer(nc, warmup), options.concurrency, time.perf_counter() + options.budget)
@@ -789,7 +791,7 @@ async def webhooks_phase(server: EmbeddedNats, work: Path, options: BenchOptions
     await receiver.start()
     try:
         async with running_bus(server, work) as (bus, watcher):
-            nc = await nats.connect(server.url, name="bench-webhooks")
+            nc = await nats.connect(server.url, name="bench-webhooks", **server.connect_options())
             try:
                 joined = Offers()
                 await pipelined(members, NatsOfferer(nc, joined), options.concurrency, time.perf_counter() + options.budget)
@@ -854,7 +856,7 @@ async def rebuild_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
         members, rest = workload(f"rb{index}", min(REBUILD_CHUNK, options.rebuild_events - start))
         chunks.append((members, rest))
     n = sum(len(members) + len(rest) for members, rest in chunks)
-    bus = BusProcess(server.url, work)
+    bus = BusProcess(server.url, work, server.bus_creds)
     await bus.start()  # the streams, the operator, the migrated database
     await bus.stop()
     published, last_seq, fill_seconds = await _fill_log(server, chunks, n, options, progress)
@@ -913,7 +915,7 @@ def _checksums(database: Path) -> dict[str, str]:
 async def _settle(server: EmbeddedNats, watcher: "PositionWatcher", deadline: float) -> bool:
     """Wait until the bus has applied the whole log, the events its workflows derived included,
     and the log has stopped growing for a second."""
-    nc = await nats.connect(server.url, name="bench-settle")
+    nc = await nats.connect(server.url, name="bench-settle", **server.connect_options())
     try:
         js = nc.jetstream()
         last, since = -1, time.perf_counter()
@@ -933,7 +935,7 @@ async def _fill_log(server: EmbeddedNats, chunks: list[tuple[list[Event], list[E
                     options: BenchOptions, progress: Progress) -> tuple[int, int, float]:
     """Publish the events to the log as the gate does (canonical bytes, ``Nats-Msg-Id``, each
     workload's members first); returns (published, last sequence, seconds)."""
-    nc = await nats.connect(server.url, name="bench-loader")
+    nc = await nats.connect(server.url, name="bench-loader", **server.connect_options())
     js = nc.jetstream()
     published = last_seq = 0
 

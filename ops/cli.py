@@ -953,6 +953,56 @@ def institutions_token(
     sys.stdout.write(token + "\n")
 
 
+@institutions_app.command("creds")
+@with_settings
+def institutions_creds(
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's id")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the file here (0600) instead of stdout")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="report where the file went, as JSON (with --output)")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Write new NATS credentials for a member: it may offer events as itself, nothing else.
+
+    A standard `.creds` file (user JWT + nkey seed) for any NATS client. Signed with the embedded
+    server's account key, or with COLLABBUS_NATS_ACCOUNT_SEED on an external server; the server
+    needs no reload. Earlier credentials of the member stay valid."""
+    from bus.credentials import CredentialsError, partner_creds, public_key, read_account_seed, write_secret
+    from bus.membership import Membership
+    from bus.runtime import embedded_authority
+
+    try:
+        if settings.nats_account_seed is not None:
+            account = read_account_seed(settings.nats_account_seed.get_secret_value())
+        elif settings.embedded:
+            account = embedded_authority(settings).account
+        else:
+            err.print("[red]error:[/red] issuing NATS credentials for an external server needs its account's signing key: "
+                      "set COLLABBUS_NATS_ACCOUNT_SEED (or --nats-account-seed) to the account's nkey seed (SA…) or a file holding it")
+            raise typer.Exit(1)
+    except CredentialsError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+    async def main() -> str | None:
+        async with _nats(settings, "collabbus-cli") as nc:
+            return await Membership(nc, nc.jetstream()).kind_of(institution_id)
+
+    if run(main()) is None:
+        err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the log); "
+                  "add it with `collabbus institutions add` first")
+        raise typer.Exit(1)
+    creds = partner_creds(account, institution_id)
+    if output is None:
+        sys.stdout.write(creds)
+        return
+    write_secret(output, creds)
+    if as_json:
+        out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account)})
+    else:
+        out.print(f"wrote NATS credentials for {institution_id} to {output}")
+
+
 # --------------------------------------------------------------------------- schemas, asyncapi
 
 
@@ -1043,7 +1093,10 @@ def portal_sync(
         err.print("[red]error:[/red] no portal configured: set COLLABBUS_PORTAL_URL (or --portal-url)")
         raise typer.Exit(2)
     if settings.embedded and port_is_taken(*settings.listen_host_port):
-        settings = settings.model_copy(update={"nats_url": f"nats://{settings.nats_listen}"})  # the running bus's server
+        from bus.runtime import embedded_bus_creds
+
+        settings = settings.model_copy(update={  # the running bus's server, as the bus connects to it
+            "nats_url": f"nats://{settings.nats_listen}", "nats_creds": settings.nats_creds or embedded_bus_creds(settings)})
 
     async def main() -> bool:
         bus = Bus(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing import Annotated
 
@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     operator_name: str = Field("Network operator", description="display name of the operator institution")
     operator_country: str = Field("FI", pattern=r"^[A-Z]{2}$", description="ISO 3166-1 country of the operator")
     nats_creds: Path | None = Field(None, description="credentials file or nkey seed for the bus's own connection")
+    nats_account_seed: SecretStr | None = Field(
+        None,
+        description="the NATS account's nkey seed (SA…), or a file holding it: signs members' credentials "
+        "(`institutions creds`) on an external server; the embedded server uses its own",
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL of the read models; default SQLite under the data dir")
     http: str = Field("127.0.0.1:8080", description="address of the HTTP gateway")
     http_rate_limit: float = Field(50.0, gt=0, description="events per second an institution may post over HTTP (sustained)")

@@ -48,7 +48,8 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNa
 
 @pytest.fixture(scope="session")
 def settings(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(data_dir=tmp_path_factory.mktemp("data"), nats_url=nats_server.url, operator=OPERATOR)
+    return Settings(data_dir=tmp_path_factory.mktemp("data"), nats_url=nats_server.url, nats_creds=nats_server.bus_creds,
+                    operator=OPERATOR)
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +62,10 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
 
 @pytest.fixture(scope="session")
 async def partner(nats_server: EmbeddedNats, bus: Bus) -> AsyncIterator[Client]:
-    """A partner's own NATS connection, as a client in another process would have."""
-    nc = await nats.connect(nats_server.url, name="partner")
+    """A NATS connection of another process that offers events as any member (the operator, the
+    fixtures' institutions), so it holds the bus's credentials; what a member's own credentials
+    allow is tested in tests/bus/test_creds.py."""
+    nc = await nats.connect(nats_server.url, name="partner", **nats_server.connect_options())
     yield nc
     await nc.close()
 

@@ -50,7 +50,7 @@ class Recorder:
 
 async def start_bus(tmp: Path, server: EmbeddedNats, factory: Callable[[], Network], **consumer: Any) -> Bus:
     bus = Bus(
-        Settings(data_dir=tmp, nats_url=server.url),
+        Settings(data_dir=tmp, nats_url=server.url, nats_creds=server.bus_creds),
         network_factory=factory,
         consumer_settings=ConsumerSettings("network", **consumer),
     )
@@ -78,7 +78,7 @@ async def test_a_poison_event_is_dead_lettered_and_the_rest_flow(tmp_path: Path,
     recorder.poison.add("poison-project")
     bus = await start_bus(tmp_path, server, lambda: Network(Routes().add(projections={"project.registered": recorder})),
                           max_deliver=3, backoff=(0.05, 0.1))
-    nc = await nats.connect(server.url)
+    nc = await nats.connect(server.url, **server.connect_options())
     try:
         await join(nc, FIXTURE["as"], FIXTURE["kind"])
         before, poison, after = project_event("before-1"), project_event("poison-project"), project_event("after-1")
@@ -118,7 +118,7 @@ async def test_redelivery_and_restart_apply_each_event_once(tmp_path: Path, serv
     recorder = Recorder()
     factory = lambda: Network(Routes().add(projections={"project.registered": recorder}))  # noqa: E731
     bus = await start_bus(tmp_path, server, factory)
-    nc = await nats.connect(server.url)
+    nc = await nats.connect(server.url, **server.connect_options())
     try:
         await join(nc, FIXTURE["as"], FIXTURE["kind"])
         events = [project_event(f"p-{i}") for i in range(20)]
@@ -138,10 +138,10 @@ async def test_redelivery_and_restart_apply_each_event_once(tmp_path: Path, serv
 
 
 async def test_consumer_settings_are_owned(server: EmbeddedNats) -> None:
-    nc = await nats.connect(server.url)
+    nc = await nats.connect(server.url, **server.connect_options())
     js = nc.jetstream()
     try:
-        bus_settings = Settings(nats_url=server.url)
+        bus_settings = Settings(nats_url=server.url, nats_creds=server.bus_creds)
         from bus.streams import desired_streams, ensure_streams
 
         await ensure_streams(js, desired_streams(replicas=1, duplicate_window=60, max_msg_size=300_000))

@@ -61,10 +61,11 @@ async def test_sigkill_at_random_points_then_restart_equals_a_clean_rebuild(tmp_
     server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)  # the consumer crashes, not the server
     await server.astart()
     live_url = f"sqlite:///{tmp_path / 'live.db'}"
-    env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_DATABASE_URL": live_url,
+    env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
+           "COLLABBUS_DATABASE_URL": live_url,
            "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
            "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
-    publisher = Bus(Settings(data_dir=tmp_path / "publisher", nats_url=server.url))
+    publisher = Bus(Settings(data_dir=tmp_path / "publisher", nats_url=server.url, nats_creds=server.bus_creds))
     await publisher.start(ingress=False, state=False)
     rng = random.Random(20261123)
     proc = start_consumer_process(env)
@@ -96,7 +97,7 @@ async def test_sigkill_at_random_points_then_restart_equals_a_clean_rebuild(tmp_
     assert kills == KILLS
 
     # Every event in the log exactly once, and the derived ones are what the consumer decided.
-    nc_bus = Bus(Settings(data_dir=tmp_path / "reader", nats_url=server.url))
+    nc_bus = Bus(Settings(data_dir=tmp_path / "reader", nats_url=server.url, nats_creds=server.bus_creds))
     await nc_bus.start(ingress=False, state=False)
     ids: collections.Counter[str] = collections.Counter()
     info = await nc_bus.js.stream_info(EVENTS_STREAM)

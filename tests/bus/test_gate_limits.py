@@ -92,9 +92,9 @@ async def small_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     """A server whose max_payload (32 KiB) is below the bus's event limit (256 KiB)."""
     server = EmbeddedNats(tmp_path_factory.mktemp("small"), port=0, max_payload=32 * 1024)
     await server.astart()
-    bus = Bus(Settings(data_dir=tmp_path_factory.mktemp("small-data"), nats_url=server.url))
+    bus = Bus(Settings(data_dir=tmp_path_factory.mktemp("small-data"), nats_url=server.url, nats_creds=server.bus_creds))
     await bus.start()
-    nc = await nats.connect(server.url)
+    nc = await nats.connect(server.url, **server.connect_options())
     await join(nc, FIXTURE["as"], FIXTURE["kind"])
     yield bus, nc
     await nc.close()

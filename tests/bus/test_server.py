@@ -35,7 +35,7 @@ async def test_restart_on_the_same_data_dir_keeps_the_log(tmp_path: Path) -> Non
         config = bus.server.config_path.read_text()
         assert "sync_interval: always" in config
         assert str((tmp_path / "nats" / "jetstream").resolve()) in config
-        nc = await nats.connect(bus.server.url)
+        nc = await nats.connect(bus.server.url, **bus.server.connect_options())
         await _join(nc, settings.operator, fixture["as"], fixture["kind"])
         verdict = await offer(nc, fixture["as"], event)
         assert verdict.accepted, verdict.as_dict()
@@ -52,7 +52,7 @@ async def test_restart_on_the_same_data_dir_keeps_the_log(tmp_path: Path) -> Non
         info = await again.js.stream_info(EVENTS_STREAM)
         assert info.state.messages == before  # nothing lost, the operator is not joined twice
         assert info.config.storage == StorageType.FILE and info.config.deny_delete and info.config.deny_purge
-        nc = await nats.connect(again.server.url)  # type: ignore[union-attr]
+        nc = await nats.connect(again.server.url, **again.server.connect_options())  # type: ignore[union-attr]
         duplicate = await offer(nc, fixture["as"], event)
         assert duplicate.accepted and duplicate.duplicate and duplicate.seq == verdict.seq
         await nc.close()
@@ -91,7 +91,7 @@ def test_a_taken_port_gives_a_clear_error(tmp_path: Path) -> None:
 async def test_stream_settings_are_owned_and_changes_are_logged(
     nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
 ) -> None:
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_server.connect_options())
     js = nc.jetstream()
     name = unique("S").upper().replace("-", "_")
     try:

@@ -97,7 +97,7 @@ async def gateway(
     databases = fresh_database(request.param, tmp_path, pg_server_url)
     database_url = next(databases)
     settings = Settings(
-        data_dir=tmp_path / "bus", nats_url=nats_server.url, database_url=database_url,
+        data_dir=tmp_path / "bus", nats_url=nats_server.url, nats_creds=nats_server.bus_creds, database_url=database_url,
         operator=OPERATOR, http=f"127.0.0.1:{free_port()}",
     )
     bus = Bus(settings, consumer_settings=ConsumerSettings(f"gateway-{uuid.uuid4().hex[:10]}"))
@@ -111,7 +111,7 @@ async def gateway(
             yield Gateway(bus, database_url, client)
     finally:
         await bus.stop()
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_server.url, **nats_server.connect_options())
         await nc.jetstream().delete_consumer(EVENTS_STREAM, bus.consumer_settings.name)
         await nc.close()
         next(databases, None)

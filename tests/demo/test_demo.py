@@ -24,11 +24,13 @@ import nats
 import pytest
 
 from bus.client import offer
+from bus.runtime import embedded_bus_creds
 from bus.server import free_port
 from bus.streams import EVENTS_STREAM
 from handlers import tokens
 from handlers.db import make_engine, session_scope
 from ops import demo_data as d
+from ops.settings import Settings
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 CRITERIA = ("novelty", "effectiveness", "user_involvement", "transferability", "sustainability", "equity")
@@ -95,6 +97,11 @@ class DemoBus:
     def env(self) -> dict[str, str]:
         return self.up.env
 
+    @property
+    def bus_creds(self) -> str:
+        """The running bus's own NATS credentials (its embedded server authenticates everyone)."""
+        return str(embedded_bus_creds(Settings(data_dir=Path(self.env["COLLABBUS_DATA_DIR"]))))
+
     def token(self, institution: str = "operator") -> str:
         """A token, as ``collabbus institutions token`` issues it."""
         with session_scope(self.engine) as session:
@@ -107,7 +114,7 @@ class DemoBus:
         return response.json()
 
     async def log_length(self) -> int:
-        nc = await nats.connect(f"nats://{self.env['COLLABBUS_NATS_LISTEN']}")
+        nc = await nats.connect(f"nats://{self.env['COLLABBUS_NATS_LISTEN']}", user_credentials=self.bus_creds)
         try:
             return (await nc.jetstream().stream_info(EVENTS_STREAM)).state.messages
         finally:
@@ -283,7 +290,7 @@ async def test_running_the_demo_again_changes_nothing_and_prints_the_same(demo_b
     [late] = [a for a in again["calls"]["esf"]["applications"] if a["outcome"] == "rejected"]
     assert (late["application_id"], late["reason"]) == (d.LATE_APPLICATION, "after_deadline")
     # The ids are deterministic: offered once more, an event is a duplicate of what the log holds.
-    nc = await nats.connect(f"nats://{demo_bus.env['COLLABBUS_NATS_LISTEN']}")
+    nc = await nats.connect(f"nats://{demo_bus.env['COLLABBUS_NATS_LISTEN']}", user_credentials=demo_bus.bus_creds)
     try:
         first = d.Plan("operator").opening()[0]
         assert isinstance(first, d.Offer)

@@ -21,7 +21,7 @@ async def scenario(database_url: str, tmp_path: Path) -> AsyncIterator[BusScenar
     """A bus of its own — own nats-server, own log — applying to this test's database."""
     server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
     await server.astart()
-    settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, database_url=database_url)
+    settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, database_url=database_url)
     bus = Bus(settings, consumer_settings=ConsumerSettings("network", backoff=(0.05, 0.1)))
     await bus.start(ingress=False)
     try:

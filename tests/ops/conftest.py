@@ -36,7 +36,7 @@ async def collabbus(*args: str, env: dict[str, str], stdin: bytes = b"") -> tupl
 
 def cli_env(bus: Bus) -> dict[str, str]:
     env = {**os.environ, "COLLABBUS_NATS_URL": bus.settings.nats_servers[0], "COLLABBUS_DATA_DIR": str(bus.settings.data_dir),
-           "COLUMNS": "200"}
+           "COLLABBUS_NATS_CREDS": str(bus.settings.nats_creds), "COLUMNS": "200"}
     env.pop("COLLABBUS_DATABASE_URL", None)
     return env
 
@@ -58,7 +58,7 @@ async def poisoned(tmp_path: Path, server: EmbeddedNats) -> AsyncIterator[Poison
     recorder.poison.update({"poison-a", "poison-b"})
     bus = await start_bus(tmp_path, server, lambda: Network(Routes().add(projections={"project.registered": recorder})),
                           max_deliver=2, backoff=(0.05,))
-    nc = await nats.connect(server.url)
+    nc = await nats.connect(server.url, **server.connect_options())
     try:
         await join(nc, FIXTURE["as"], FIXTURE["kind"])
         yield Poisoned(bus, recorder, nc)

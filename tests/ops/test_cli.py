@@ -145,3 +145,55 @@ def test_asyncapi_lists_every_event_type() -> None:
             assert f"collab.ingress.{{institution}}.{type_}" in addresses
     yaml_result = cli("asyncapi", "--yaml", env=dict(os.environ))
     assert yaml_result.returncode == 0 and yaml_result.stdout.startswith("asyncapi:")
+
+
+async def test_institutions_creds_writes_credentials_that_work(running_bus: dict[str, str], tmp_path: Path) -> None:
+    """A member's credentials from `collabbus institutions creds`, used by a plain NATS client."""
+    import nats
+
+    from bus.client import offer
+
+    env = running_bus
+    fixture = load_fixtures()["project.registered"]
+    member = unique("creds")
+    added = cli("institutions", "add", member, "--name", "Creds", "--kind", fixture["kind"], "--country", "TR", env=env)
+    assert added.returncode == 0, added.stderr + added.stdout
+
+    path = tmp_path / f"{member}.creds"
+    written = cli("institutions", "creds", member, "--output", str(path), "--json", env=env)
+    assert written.returncode == 0, written.stderr
+    assert json.loads(written.stdout)["output"] == str(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+    printed = cli("institutions", "creds", member, env=env)
+    assert printed.returncode == 0 and printed.stdout.startswith("-----BEGIN NATS USER JWT-----")
+    assert "-----BEGIN USER NKEY SEED-----" in printed.stdout
+
+    refused = cli("institutions", "creds", "no-such-member", env=env)
+    assert refused.returncode == 1 and refused.stdout == "" and "not a member" in refused.stderr
+
+    errors: list[Exception] = []
+
+    async def record(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(f"nats://{env['COLLABBUS_NATS_LISTEN']}", user_credentials=str(path), error_cb=record)
+    try:
+        event = dict(fixture["event"], id=unique("via-creds"), source=f"/institutions/{member}")
+        event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
+        event["subject"] = event["data"]["project_id"]
+        verdict = await offer(nc, member, event)
+        assert verdict.accepted, verdict.as_dict()
+        impostor = dict(event, id=unique("impostor"), source="/institutions/operator")
+        assert (await offer(nc, "operator", impostor, timeout=1.0)).reason == "unavailable"
+        assert any("permissions violation" in str(e) for e in errors), errors
+    finally:
+        await nc.close()
+
+
+def test_institutions_creds_on_an_external_server_needs_the_account_seed() -> None:
+    env = {**os.environ, "COLLABBUS_NATS_URL": f"nats://127.0.0.1:{free_port()}"}
+    env.pop("COLLABBUS_NATS_ACCOUNT_SEED", None)
+    result = cli("institutions", "creds", "fi-thl", env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "COLLABBUS_NATS_ACCOUNT_SEED" in result.stderr

@@ -195,7 +195,7 @@ async def start_network(data_dir: Path, server: EmbeddedNats, receiver: Receiver
     """A bus with its gateway, two members, an innovation day with room, and the organizer's
     webhook for confirmed registrations."""
     settings = Settings(
-        data_dir=data_dir, nats_url=server.url, operator=OPERATOR, http=f"127.0.0.1:{free_port()}",
+        data_dir=data_dir, nats_url=server.url, nats_creds=server.bus_creds, operator=OPERATOR, http=f"127.0.0.1:{free_port()}",
         webhook_allow_networks=["127.0.0.0/8"], webhook_retry_schedule=[0, 0.2, 0.4],
     )
     bus = Bus(settings, consumer_settings=ConsumerSettings("network", backoff=(0.05, 0.1)), webhook_timeout=5.0)
@@ -344,7 +344,7 @@ async def test_an_event_offered_over_nats_continues_the_partners_trace(
     otlp: OtlpReceiver, network: Network, receiver: Receiver, server: EmbeddedNats
 ) -> None:
     event = network.registration()
-    partner = await nats.connect(server.url)
+    partner = await nats.connect(server.url, **server.connect_options())
     try:
         reply = await partner.request(
             f"collab.ingress.{network.participant}.innovation_day.registration_requested", orjson.dumps(event),

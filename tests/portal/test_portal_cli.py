@@ -43,6 +43,7 @@ async def test_sandbox_and_sync_commands(gateway: Gateway, network: Network, tmp
             assert (await http.get("/api/v1/entries", headers={"Authorization": "Bearer wrong"})).status_code == 401
 
         env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "",
+               "COLLABBUS_NATS_CREDS": str(gateway.bus.settings.nats_creds),
                "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
                "COLLABBUS_PORTAL_URL": f"http://127.0.0.1:{port}", "COLLABBUS_PORTAL_TOKEN": "cli-token"}
         refused = await asyncio.create_subprocess_exec(*COLLABBUS, "portal", "sync", "--once", env=env,
@@ -73,6 +74,7 @@ async def test_publish_command_marks_a_project_and_sync_creates_its_entry(
     assert (await gateway.bus.gate.admit(owner, orjson.dumps(registered), {"content-type": "application/cloudevents+json"})).accepted
     await gateway.settle()
     env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "",
+               "COLLABBUS_NATS_CREDS": str(gateway.bus.settings.nats_creds),
            "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
            "COLLABBUS_PORTAL_URL": sandbox.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
            "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}

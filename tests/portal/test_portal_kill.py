@@ -40,7 +40,7 @@ async def test_a_killed_sync_process_restarts_into_the_exact_state(
 ) -> None:
     sandbox.store.seed(sample_entries(ENTRIES, network.organisations))
     portal = portal_key(sandbox.url)
-    env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "",
+    env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "", "COLLABBUS_NATS_CREDS": str(gateway.bus.settings.nats_creds),
            "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
            "COLLABBUS_PORTAL_URL": sandbox.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
            "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}

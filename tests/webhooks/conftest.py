@@ -146,8 +146,9 @@ class Network:
     """A bus (read models, webhooks, gateway) that can be stopped and started again on the same
     database and log, with other settings."""
 
-    def __init__(self, nats_url: str, database_url: str, data_dir: Path) -> None:
+    def __init__(self, nats_url: str, database_url: str, data_dir: Path, nats_creds: Path | None = None) -> None:
         self.nats_url = nats_url
+        self.nats_creds = nats_creds
         self.database_url = database_url
         self.data_dir = data_dir
         self.consumer = f"wh-{uuid.uuid4().hex[:10]}"
@@ -157,7 +158,8 @@ class Network:
 
     async def start(self, *, allow: list[str] = LOOPBACK, schedule: list[float] = SCHEDULE, timeout: float = TIMEOUT) -> Gateway:
         settings = Settings(
-            data_dir=self.data_dir, nats_url=self.nats_url, database_url=self.database_url, operator=OPERATOR,
+            data_dir=self.data_dir, nats_url=self.nats_url, nats_creds=self.nats_creds, database_url=self.database_url,
+            operator=OPERATOR,
             http=f"127.0.0.1:{free_port()}", webhook_allow_networks=allow, webhook_retry_schedule=schedule,
         )
         bus = Bus(settings, webhook_timeout=timeout)
@@ -180,12 +182,12 @@ class Network:
 
 @pytest.fixture
 async def network(nats_server: EmbeddedNats, database_url: str, tmp_path: Path) -> AsyncIterator[Network]:  # noqa: F811
-    running = Network(nats_server.url, database_url, tmp_path / "bus")
+    running = Network(nats_server.url, database_url, tmp_path / "bus", nats_server.bus_creds)
     try:
         yield running
     finally:
         await running.stop()
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_server.url, **nats_server.connect_options())
         for name in (running.consumer, f"{running.consumer}-webhooks"):
             with contextlib.suppress(Exception):
                 await nc.jetstream().delete_consumer(EVENTS_STREAM, name)

@@ -1,0 +1,288 @@
+"""Who may say what on the bus's NATS: decentralized JWT authentication (CONTRACT §2 ``creds ID``).
+
+The gatekeeper takes the sender's institution from the ingress subject
+(``collab.ingress.{institution}.…``), so the subject must be something the server itself stops a
+partner from choosing. NATS's decentralized auth does that without a round trip to the bus: a
+chain of ed25519 keys (nkeys) in which an *operator* signs an *account*, and the account signs
+*user* JWTs that carry their publish/subscribe permissions. The server needs only the operator's
+and the accounts' JWTs (preloaded into its ``MEMORY`` resolver); a user JWT is checked on
+connection against the account's public key. So issuing credentials for a new member is a
+signature made here — no server reload, no restart, no list of users in the server's config.
+
+Partners get a standard ``.creds`` file (user JWT + user nkey seed, with the usual armour), the
+same format ``nsc`` writes, so any NATS client (Go, JS, Java, Python) uses it unchanged. Their
+JWT allows publishing to ``collab.ingress.{their id}.>`` and subscribing to ``_INBOX.>`` (the
+verdict replies), nothing else: not the raw log (reviews in it stay confidential until a
+decision), not the JetStream API. The bus's own user has no permission list, which in NATS
+means every right within the account.
+
+The JWT encoding follows nats-io/jwt v2: header ``{"typ":"JWT","alg":"ed25519-nkey"}``,
+base64url without padding, the signature an nkey signature of ``header.payload``, and ``jti`` the
+base32 (no padding) SHA-512/256 of the standard claims serialized with an empty ``jti``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nkeys
+
+ACCOUNT_NAME = "COLLABBUS"
+SYSTEM_ACCOUNT_NAME = "SYS"
+OPERATOR_NAME = "collabbus"
+BUS_USER_NAME = "collabbus-bus"
+
+_SEED_LIKE = re.compile(r"S[A-Z2-7]{57}")
+_JWT_HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
+_UNLIMITED = -1
+
+
+class CredentialsError(RuntimeError):
+    """Credentials could not be issued (no signing key, a key that is not an account's, …)."""
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def new_seed(prefix: int) -> bytes:
+    """A fresh nkey seed of the given role (``nkeys.PREFIX_BYTE_OPERATOR``, ``…_ACCOUNT``, ``…_USER``)."""
+    return bytes(nkeys.encode_seed(os.urandom(32), prefix))
+
+
+def public_key(pair: nkeys.KeyPair) -> str:
+    return bytes(pair.public_key).decode()
+
+
+def account_key(seed: str | bytes) -> nkeys.KeyPair:
+    """The account key pair of ``seed`` (``SA…``); anything else is refused with a reason."""
+    raw = seed.strip().encode() if isinstance(seed, str) else seed.strip()
+    if not raw.startswith(b"SA"):
+        raise CredentialsError("not an account nkey seed: it should start with 'SA'")
+    try:
+        return nkeys.from_seed(bytearray(raw))
+    except nkeys.NkeysError as exc:
+        raise CredentialsError(f"not a valid account nkey seed ({exc.__class__.__name__})") from None
+
+
+def read_account_seed(value: str) -> nkeys.KeyPair:
+    """``COLLABBUS_NATS_ACCOUNT_SEED``: the seed itself, or the path of a file that holds it.
+
+    A seed is never repeated in an error message: it is a secret.
+    """
+    text = value.strip()
+    if _SEED_LIKE.fullmatch(text):
+        return account_key(text)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise CredentialsError(f"the account seed is neither an nkey seed (SA…) nor a readable file: {path}")
+    return account_key(path.read_bytes())
+
+
+# --------------------------------------------------------------------------- JWTs
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_jwt(signer: nkeys.KeyPair, subject: str, name: str, nats: dict[str, Any]) -> str:
+    """A NATS JWT for ``subject`` signed by ``signer``, as nats-io/jwt v2 encodes one."""
+    standard = {"iat": int(time.time()), "iss": public_key(signer), "name": name, "sub": subject}
+    # nats-io/jwt hashes the standard claims (Go's field order, jti still empty) for a repeatable id.
+    jti = base64.b32encode(hashlib.new("sha512_256", _json(standard)).digest()).rstrip(b"=").decode()
+    claims = {"jti": jti, **standard, "nats": nats}
+    signing_input = f"{_b64(_json(_JWT_HEADER))}.{_b64(_json(claims))}"
+    return f"{signing_input}.{_b64(signer.sign(signing_input.encode()))}"
+
+
+def decode_jwt_claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT (not verified: for reading back what was issued)."""
+    payload = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return claims
+
+
+def operator_jwt(operator: nkeys.KeyPair, system_account: str) -> str:
+    """The self-signed operator JWT, naming the system account the server uses for its own traffic."""
+    return encode_jwt(operator, public_key(operator), OPERATOR_NAME,
+                      {"system_account": system_account, "type": "operator", "version": 2})
+
+
+def account_jwt(operator: nkeys.KeyPair, account: str, name: str, *, jetstream: bool) -> str:
+    """An account JWT signed by the operator, without limits (and with JetStream unlimited when asked)."""
+    limits: dict[str, Any] = {
+        "subs": _UNLIMITED, "data": _UNLIMITED, "payload": _UNLIMITED,
+        "imports": _UNLIMITED, "exports": _UNLIMITED, "wildcards": True, "conn": _UNLIMITED, "leaf": _UNLIMITED,
+    }
+    if jetstream:  # both storages 0 (absent) means JetStream is off for the account
+        limits.update({"mem_storage": _UNLIMITED, "disk_storage": _UNLIMITED, "streams": _UNLIMITED, "consumer": _UNLIMITED})
+    return encode_jwt(operator, account, name,
+                      {"limits": limits, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2})
+
+
+def user_jwt(account: nkeys.KeyPair, user: str, name: str, permissions: dict[str, Any] | None) -> str:
+    """A user JWT signed by the account; ``permissions`` None means every right within the account."""
+    nats: dict[str, Any] = {"subs": _UNLIMITED, "data": _UNLIMITED, "payload": _UNLIMITED, "type": "user", "version": 2}
+    if permissions:
+        nats.update(permissions)
+    return encode_jwt(account, user, name, nats)
+
+
+def partner_permissions(institution: str) -> dict[str, Any]:
+    """What a member's connection may do: offer events as itself and receive the verdicts."""
+    return {
+        "pub": {"allow": [f"collab.ingress.{institution}.>"]},
+        "sub": {"allow": ["_INBOX.>"]},
+    }
+
+
+def format_creds(token: str, seed: bytes) -> str:
+    """A ``.creds`` file in the standard NATS layout (as ``nsc`` and nats-io/jwt's FormatUserConfig write it)."""
+    return (
+        "-----BEGIN NATS USER JWT-----\n"
+        f"{token}\n"
+        "------END NATS USER JWT------\n"
+        "\n"
+        "************************* IMPORTANT *************************\n"
+        "NKEY Seed printed below can be used to sign and prove identity.\n"
+        "NKEYs are sensitive and should be treated as secrets.\n"
+        "\n"
+        "-----BEGIN USER NKEY SEED-----\n"
+        f"{seed.decode()}\n"
+        "------END USER NKEY SEED------\n"
+        "\n"
+        "*************************************************************\n"
+    )
+
+
+def issue_creds(account: nkeys.KeyPair, name: str, permissions: dict[str, Any] | None) -> str:
+    """New credentials (a fresh user key) signed by ``account``, as the text of a ``.creds`` file."""
+    seed = new_seed(nkeys.PREFIX_BYTE_USER)
+    user = public_key(nkeys.from_seed(bytearray(seed)))
+    return format_creds(user_jwt(account, user, name, permissions), seed)
+
+
+def partner_creds(account: nkeys.KeyPair, institution: str) -> str:
+    """A member's ``.creds``: it may offer events on its own ingress subjects and read its verdicts."""
+    return issue_creds(account, institution, partner_permissions(institution))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_secret(path: Path, content: bytes | str, *, replace: bool = True) -> bool:
+    """Write a secret readable by its owner only (0600), atomically.
+
+    With ``replace=False`` an existing file wins (returns False): two processes creating the keys
+    of a fresh data dir at once end up with one set, never a half-written file.
+    """
+    data = content.encode() if isinstance(content, str) else content
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- the embedded server's trust chain
+
+
+@dataclass(frozen=True)
+class Authority:
+    """The embedded server's keys: operator → the bus's account (bus and partners) and the system account.
+
+    Created once under ``directory`` (``<data dir>/nats/auth``) and kept: credentials issued
+    before a restart stay valid, since they are checked against the same account key.
+    """
+
+    directory: Path
+    operator: nkeys.KeyPair
+    account: nkeys.KeyPair
+    system: nkeys.KeyPair
+
+    DIRECTORY = "auth"
+    """Its place in the embedded server's store dir."""
+    OPERATOR_SEED = "operator.nk"
+    ACCOUNT_SEED = "account.nk"
+    SYSTEM_SEED = "system-account.nk"
+    BUS_CREDS = "bus.creds"
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> "Authority":
+        """The keys under ``directory``, created (with the bus's credentials) where missing."""
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        pairs = []
+        for name, prefix in ((cls.OPERATOR_SEED, nkeys.PREFIX_BYTE_OPERATOR), (cls.ACCOUNT_SEED, nkeys.PREFIX_BYTE_ACCOUNT),
+                             (cls.SYSTEM_SEED, nkeys.PREFIX_BYTE_ACCOUNT)):
+            path = directory / name
+            if not path.exists():
+                write_secret(path, new_seed(prefix) + b"\n", replace=False)
+            pairs.append(nkeys.from_seed(bytearray(path.read_bytes().strip())))
+        authority = cls(directory, *pairs)
+        if not authority.bus_creds.exists():
+            write_secret(authority.bus_creds, issue_creds(authority.account, BUS_USER_NAME, None), replace=False)
+        return authority
+
+    @property
+    def account_seed_path(self) -> Path:
+        """The account's seed: what signs members' credentials (``COLLABBUS_NATS_ACCOUNT_SEED`` elsewhere)."""
+        return self.directory / self.ACCOUNT_SEED
+
+    @property
+    def bus_creds(self) -> Path:
+        """The bus's own credentials: every right within the account."""
+        return self.directory / self.BUS_CREDS
+
+    def server_config(self) -> list[str]:
+        """The nats-server configuration lines that enforce this trust chain."""
+        system = public_key(self.system)
+        account = public_key(self.account)
+        return [
+            f'operator: "{operator_jwt(self.operator, system)}"',
+            f'system_account: "{system}"',
+            "resolver: MEMORY",
+            "resolver_preload: {",
+            f'  {account}: "{account_jwt(self.operator, account, ACCOUNT_NAME, jetstream=True)}"',
+            f'  {system}: "{account_jwt(self.operator, system, SYSTEM_ACCOUNT_NAME, jetstream=False)}"',
+            "}",
+        ]
+
+    def adopt_open_store(self, store_dir: Path) -> None:
+        """Move a JetStream store written before authentication into the account (once).
+
+        ``store_dir`` is the configured JetStream ``store_dir``; the server keeps each account's
+        streams under ``jetstream/<account>`` inside it, and without auth that account is the
+        global ``$G``. A data dir from an earlier version keeps its log this way.
+        """
+        old, new = store_dir / "jetstream" / "$G", store_dir / "jetstream" / public_key(self.account)
+        if old.is_dir() and not new.exists():
+            shutil.move(str(old), str(new))

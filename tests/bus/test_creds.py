@@ -1,0 +1,250 @@
+"""NATS authentication: a member's credentials let it offer events as itself and nothing else.
+
+Against a real nats-server running with the embedded server's trust chain (operator → account),
+the way ``collabbus up`` runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import nkeys
+import orjson
+import pytest
+from nats.aio.client import Client
+from nats.js.errors import NotFoundError
+
+from bus.client import offer
+from bus.credentials import (
+    Authority,
+    CredentialsError,
+    decode_jwt_claims,
+    new_seed,
+    partner_creds,
+    public_key,
+    read_account_seed,
+)
+from bus.runtime import Bus
+from bus.server import EmbeddedNats, free_port
+from bus.streams import EVENTS_STREAM
+from ops.settings import Settings
+from tests.conftest import join, load_fixtures, unique
+
+FIXTURE = load_fixtures()["project.registered"]
+
+
+def project_event(institution: str) -> dict[str, Any]:
+    event = copy.deepcopy(FIXTURE["event"])
+    event.update(id=unique("creds"), source=f"/institutions/{institution}")
+    event["data"].update(project_id=unique("p"), owner=institution)
+    event["subject"] = event["data"]["project_id"]
+    return event
+
+
+class Member:
+    """A member's own connection, authenticated with the credentials the bus issued to it."""
+
+    def __init__(self, institution: str, nc: Client, errors: list[Exception]) -> None:
+        self.institution, self.nc, self.errors = institution, nc, errors
+
+    async def violations(self, expected: int = 1, timeout: float = 5.0) -> list[str]:
+        """The permission violations the server reported on this connection (waits for ``expected``)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            found = [str(e) for e in self.errors if "permissions violation" in str(e)]
+            if len(found) >= expected:
+                return found
+            await asyncio.sleep(0.05)
+        return [str(e) for e in self.errors if "permissions violation" in str(e)]
+
+
+async def connect_member(url: str, creds: Path, institution: str) -> Member:
+    errors: list[Exception] = []
+
+    async def record(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(url, user_credentials=str(creds), error_cb=record, name=institution)
+    return Member(institution, nc, errors)
+
+
+@pytest.fixture
+async def member(nats_server: EmbeddedNats, partner: Client, tmp_path: Path) -> AsyncIterator[Member]:
+    institution = unique("m")
+    await join(partner, institution, FIXTURE["kind"], country="TR")
+    assert nats_server.authority is not None
+    creds = tmp_path / f"{institution}.creds"
+    creds.write_text(partner_creds(nats_server.authority.account, institution))
+    connected = await connect_member(nats_server.url, creds, institution)
+    yield connected
+    await connected.nc.close()
+
+
+async def test_a_member_offers_events_as_itself(member: Member) -> None:
+    verdict = await offer(member.nc, member.institution, project_event(member.institution))
+    assert verdict.accepted, verdict.as_dict()
+    assert member.errors == []
+
+
+async def test_offering_as_another_member_is_refused_by_the_server(member: Member, partner: Client, bus: Bus) -> None:
+    other = unique("other")
+    await join(partner, other, FIXTURE["kind"], country="TR")
+    event = project_event(other)  # a well-formed event in the other member's name
+    verdict = await offer(member.nc, other, event, timeout=1.0)  # the server drops it: the gate never sees it
+    assert verdict.reason == "unavailable" and "no verdict" in verdict.errors[0].msg
+    assert await member.violations() == [
+        f'nats: permissions violation for publish to "collab.ingress.{other}.project.registered"'
+    ]
+    with pytest.raises(NotFoundError):
+        await bus.js.get_last_msg(EVENTS_STREAM, f"collab.events.{other}.project.registered.{event['subject']}")
+    # Its own subjects still work on the same connection.
+    assert (await offer(member.nc, member.institution, project_event(member.institution))).accepted
+
+
+async def test_a_member_cannot_read_the_log_nor_use_jetstream(member: Member) -> None:
+    await member.nc.subscribe("collab.events.>")
+    await member.nc.flush()
+    assert await member.violations() == ['nats: permissions violation for subscription to "collab.events.>"']
+
+    with pytest.raises(nats.errors.TimeoutError):
+        await member.nc.jetstream(timeout=1.0).stream_info(EVENTS_STREAM)
+    violations = await member.violations(2)
+    assert any('publish to "$js.api.stream.info.collab_events"' in v.lower() for v in violations), violations
+
+
+@pytest.mark.parametrize("how", ["no credentials", "a foreign account"])
+async def test_a_connection_without_valid_credentials_is_refused(nats_server: EmbeddedNats, tmp_path: Path, how: str) -> None:
+    options: dict[str, Any] = {}
+    if how == "a foreign account":
+        foreign = nkeys.from_seed(bytearray(new_seed(nkeys.PREFIX_BYTE_ACCOUNT)))
+        creds = tmp_path / "foreign.creds"
+        creds.write_text(partner_creds(foreign, "tr-mersin-bb"))
+        options["user_credentials"] = str(creds)
+    errors: list[Exception] = []
+
+    async def record(exc: Exception) -> None:
+        errors.append(exc)
+
+    with pytest.raises(Exception):
+        await nats.connect(nats_server.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3,
+                           error_cb=record, **options)
+    assert any("Authorization Violation" in str(e) for e in errors), errors
+
+
+def test_issued_credentials_are_a_standard_creds_file(nats_server: EmbeddedNats) -> None:
+    assert nats_server.authority is not None
+    account = nats_server.authority.account
+    text = partner_creds(account, "fi-thl")
+    lines = text.splitlines()
+    assert lines[0] == "-----BEGIN NATS USER JWT-----" and lines[2] == "------END NATS USER JWT------"
+    assert "-----BEGIN USER NKEY SEED-----" in lines and "------END USER NKEY SEED------" in lines
+    token, seed = lines[1], lines[lines.index("-----BEGIN USER NKEY SEED-----") + 1]
+    assert seed.startswith("SU")
+    header, payload, signature = token.split(".")
+    assert orjson.loads(base64.urlsafe_b64decode(header + "==")) == {"typ": "JWT", "alg": "ed25519-nkey"}
+    claims = decode_jwt_claims(token)
+    user = public_key(nkeys.from_seed(bytearray(seed.encode())))
+    assert claims["iss"] == public_key(account) and claims["sub"] == user and claims["name"] == "fi-thl"
+    assert len(claims["jti"]) == 52  # base32 of a SHA-512/256 digest, as nats-io/jwt computes it
+    assert claims["nats"]["pub"] == {"allow": ["collab.ingress.fi-thl.>"]}
+    assert claims["nats"]["sub"] == {"allow": ["_INBOX.>"]}
+    assert claims["nats"]["type"] == "user" and claims["nats"]["version"] == 2
+    signature_bytes = base64.urlsafe_b64decode(signature + "==")
+    assert account.verify(f"{header}.{payload}".encode(), signature_bytes)
+
+
+def test_an_account_seed_is_read_from_the_setting_or_a_file(tmp_path: Path) -> None:
+    seed = new_seed(nkeys.PREFIX_BYTE_ACCOUNT)
+    (tmp_path / "account.nk").write_bytes(seed + b"\n")
+    expected = public_key(nkeys.from_seed(bytearray(seed)))
+    assert public_key(read_account_seed(seed.decode())) == expected
+    assert public_key(read_account_seed(str(tmp_path / "account.nk"))) == expected
+    user_seed = new_seed(nkeys.PREFIX_BYTE_USER).decode()
+    with pytest.raises(CredentialsError, match="start with 'SA'") as refused:
+        read_account_seed(user_seed)
+    assert user_seed not in str(refused.value)  # a secret is never echoed
+    with pytest.raises(CredentialsError, match="neither"):
+        read_account_seed(str(tmp_path / "missing.nk"))
+
+
+async def test_a_restarted_bus_keeps_its_keys_and_earlier_credentials_work(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, nats_listen=f"127.0.0.1:{free_port()}")
+    institution = unique("m")
+    bus = Bus(settings)
+    await bus.start(state=False)
+    try:
+        assert bus.server is not None and bus.server.authority is not None
+        auth_dir = bus.server.authority.directory
+        seeds = {p.name: p.read_bytes() for p in auth_dir.glob("*.nk")}
+        assert sorted(seeds) == sorted([Authority.OPERATOR_SEED, Authority.ACCOUNT_SEED, Authority.SYSTEM_SEED])
+        for path in [*auth_dir.iterdir()]:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert stat.S_IMODE(auth_dir.stat().st_mode) == 0o700
+        await join(bus.nc, institution, FIXTURE["kind"], country="TR")
+        creds = tmp_path / "member.creds"
+        creds.write_text(partner_creds(bus.server.authority.account, institution))
+    finally:
+        await bus.stop()
+
+    again = Bus(settings)
+    await again.start(state=False)
+    try:
+        assert again.server is not None
+        assert {p.name: p.read_bytes() for p in auth_dir.glob("*.nk")} == seeds
+        member = await connect_member(again.server.url, creds, institution)
+        verdict = await offer(member.nc, institution, project_event(institution))
+        assert verdict.accepted, verdict.as_dict()
+        await member.nc.close()
+    finally:
+        await again.stop()
+
+
+async def test_a_store_from_before_authentication_keeps_its_streams(tmp_path: Path) -> None:
+    open_server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False, auth=False)
+    await open_server.astart()
+    nc = await nats.connect(open_server.url)
+    await nc.jetstream().add_stream(name="OLD", subjects=["old.>"])
+    await nc.jetstream().publish("old.1", b"kept")
+    await nc.close()
+    await open_server.astop()
+
+    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
+    await server.astart()
+    try:
+        nc = await nats.connect(server.url, **server.connect_options())
+        assert (await nc.jetstream().get_msg("OLD", 1)).data == b"kept"
+        await nc.close()
+    finally:
+        await server.astop()
+
+
+async def test_the_cli_signs_with_the_account_seed_of_an_external_server(
+    nats_server: EmbeddedNats, bus: Bus, partner: Client, tmp_path: Path
+) -> None:
+    """With COLLABBUS_NATS_URL the bus does not own the server: the account's seed is a setting."""
+    from tests.ops.conftest import cli_env, collabbus
+
+    institution = unique("ext")
+    await join(partner, institution, FIXTURE["kind"], country="TR")
+    assert nats_server.authority is not None
+    env = {**cli_env(bus), "COLLABBUS_NATS_ACCOUNT_SEED": str(nats_server.authority.account_seed_path)}
+    path = tmp_path / "ext.creds"
+    code, _, stderr = await collabbus("institutions", "creds", institution, "--output", str(path), env=env)
+    assert code == 0, stderr
+    member = await connect_member(nats_server.url, path, institution)
+    try:
+        verdict = await offer(member.nc, institution, project_event(institution))
+        assert verdict.accepted, verdict.as_dict()
+    finally:
+        await member.nc.close()
+
+    env["COLLABBUS_NATS_ACCOUNT_SEED"] = new_seed(nkeys.PREFIX_BYTE_OPERATOR).decode()
+    code, stdout, stderr = await collabbus("institutions", "creds", institution, env=env)
+    assert code == 1 and stdout == "" and "not an account nkey seed" in stderr
