@@ -21,6 +21,8 @@ import asyncio
 import email.utils
 import logging
 import random
+import re
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,14 +35,16 @@ import orjson
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from bus.consumer import Consumer, ConsumerSettings
 from bus.streams import EVENTS_STREAM, EVENTS_SUBJECTS
-from connectors.webhooks import store, targets
+from connectors.webhooks import http, store, targets
 from connectors.webhooks.signing import signature_header
-from connectors.webhooks.store import Attempt, Delivery, Endpoint
+from connectors.webhooks.store import Endpoint
 from handlers.db import reading, session_scope
 from handlers.service import Failure, LoggedItem
 from ops import tracing as traces
@@ -61,6 +65,7 @@ FAILING_LIMIT = timedelta(days=5)
 RESPONSE_KEPT = 1024
 JITTER = 0.2
 RETRY_AFTER_STATUSES = frozenset({429, 502, 503, 504})
+TRACEPARENT_FORM = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def webhook_consumer(network: ConsumerSettings) -> ConsumerSettings:
@@ -139,6 +144,9 @@ class Claim:
     secrets: tuple[str, ...]
     retry_in: float | None
     """Seconds before the next attempt should this one fail; None: it is the last."""
+    attempts_before: int = 0
+    due_at: datetime | None = None
+    """The delivery's attempts and next attempt before the claim (to give it back unattempted)."""
 
 
 # --- recording what is owed ---------------------------------------------------------------------
@@ -254,71 +262,72 @@ class Batched(Generic[Item, Result]):
 
 
 class EndpointWorker:
-    """Sends one endpoint's due deliveries: a feeder fills a bounded queue from the database, and
-    ``concurrency`` senders take from it."""
+    """Sends one endpoint's due deliveries, at most ``concurrency`` at a time: it claims as many
+    as it has free senders (never more, so nothing is claimed that is not attempted at once),
+    and claims again as each attempt ends."""
 
-    def __init__(self, dispatcher: "WebhookDispatcher", endpoint_id: str, *, concurrency: int, queue_size: int) -> None:
+    def __init__(self, dispatcher: "WebhookDispatcher", endpoint_id: str, *, concurrency: int) -> None:
         self.dispatcher = dispatcher
         self.endpoint_id = endpoint_id
-        self.queue: asyncio.Queue[int | None] = asyncio.Queue(queue_size)
-        self.held: set[int] = set()
-        """Deliveries queued or being attempted here."""
+        self.concurrency = concurrency
         self.wake = asyncio.Event()
-        self._backlog = False
-        """The last read filled the queue: more may be due as soon as a sender is free."""
-        self.client = httpx.AsyncClient(
-            follow_redirects=False, timeout=dispatcher.timeout, limits=httpx.Limits(max_connections=concurrency),
-        )
-        dispatcher.tracing.instrument_httpx(self.client)  # a client span per attempt, its traceparent sent
+        self.sending: set[asyncio.Task[None]] = set()
+        self.client = http.Client(lambda: dispatcher.ssl_context, keep_alive=concurrency)
+        self._stopping = False
         self._feeder = asyncio.create_task(self._feed(), name=f"webhooks-feed-{endpoint_id}")
-        self._senders = [asyncio.create_task(self._send(), name=f"webhooks-send-{endpoint_id}") for _ in range(concurrency)]
 
     async def _feed(self) -> None:
-        while True:
+        while not self._stopping:
             self.wake.clear()
-            free = self.queue.maxsize - self.queue.qsize()
+            free = self.concurrency - len(self.sending)
             wait = self.dispatcher.poll
             if free > 0:
+                claiming = asyncio.ensure_future(self.dispatcher.claim(self.endpoint_id, free))
                 try:
-                    ready, next_due = await asyncio.to_thread(self.dispatcher.due, self.endpoint_id, set(self.held), free)
+                    claims, next_due = await asyncio.shield(claiming)
+                except asyncio.CancelledError:  # stopped meanwhile: what gets claimed is given back
+                    claiming.add_done_callback(self.dispatcher.give_back)
+                    raise
                 except Exception as exc:
-                    log.warning("webhooks: cannot read the deliveries of %s: %s", self.endpoint_id, exc)
-                    ready, next_due = [], None
-                for delivery_id in ready:
-                    self.held.add(delivery_id)
-                    self.queue.put_nowait(delivery_id)
-                self._backlog = len(ready) == free
-                if not self._backlog and next_due is not None:
+                    log.warning("webhooks: cannot claim the deliveries of %s: %s", self.endpoint_id, exc)
+                    claims, next_due = [], None
+                if self._stopping:  # claimed as the worker stopped: given back, not attempted
+                    await self.dispatcher.release(claims)
+                    return
+                for claim in claims:
+                    task = asyncio.create_task(self._send(claim))
+                    self.sending.add(task)
+                    task.add_done_callback(self._sent)
+                if len(claims) == free:
+                    wait = self.dispatcher.poll  # more may be due: a sender ending wakes the feeder
+                elif next_due is not None:
                     wait = min(wait, max(0.0, (next_due - datetime.now(timezone.utc)).total_seconds()))
             try:
                 await asyncio.wait_for(self.wake.wait(), wait)
             except asyncio.TimeoutError:
                 pass
 
-    async def _send(self) -> None:
-        while (delivery_id := await self.queue.get()) is not None:
-            owed = True
-            try:
-                owed = await self.dispatcher.attempt(self.client, delivery_id)
-            except Exception:
-                log.exception("webhooks: delivery %s to %s failed unexpectedly", delivery_id, self.endpoint_id)
-            finally:
-                self.held.discard(delivery_id)
-                if owed or self._backlog:  # the feeder learns when the retry is due, or fills the queue up
-                    self.wake.set()
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self.sending.discard(task)
+        self.wake.set()  # a sender is free, and the feeder learns when a retry is due
+
+    async def _send(self, claim: Claim) -> None:
+        try:
+            await self.dispatcher.attempt(self.client, claim)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("webhooks: delivery %s to %s failed unexpectedly", claim.delivery_id, self.endpoint_id)
 
     async def stop(self, grace: float) -> None:
-        """Stop taking deliveries; attempts under way get ``grace`` seconds, then are interrupted
+        """Stop claiming deliveries; attempts under way get ``grace`` seconds, then are interrupted
         (recorded as such; the schedule already holds their next attempt)."""
-        self._feeder.cancel()
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        for _ in self._senders:
-            self.queue.put_nowait(None)
-        _, late = await asyncio.wait([self._feeder, *self._senders], timeout=grace)
+        self._stopping = True
+        self.wake.set()
+        _, late = await asyncio.wait([self._feeder, *self.sending], timeout=grace)
         for task in late:
             task.cancel()
-        await asyncio.gather(self._feeder, *self._senders, return_exceptions=True)
+        await asyncio.gather(self._feeder, *self.sending, return_exceptions=True)
         await self.client.aclose()
 
 
@@ -333,8 +342,7 @@ class WebhookDispatcher:
         *,
         consumer_settings: ConsumerSettings | None = None,
         timeout: float = TIMEOUT,
-        concurrency: int = 4,
-        queue_size: int = 64,
+        concurrency: int = 8,
         failing_limit: timedelta = FAILING_LIMIT,
         poll: float = 5.0,
         db_lock: asyncio.Lock | None = None,
@@ -347,7 +355,6 @@ class WebhookDispatcher:
         self.schedule = RetrySchedule(tuple(settings.webhook_retry_schedule) or (0.0,))
         self.timeout = timeout
         self.concurrency = concurrency
-        self.queue_size = queue_size
         self.failing_limit = failing_limit
         self.poll = poll
         consumer_settings = consumer_settings or ConsumerSettings(WEBHOOKS_CONSUMER)
@@ -355,12 +362,20 @@ class WebhookDispatcher:
         self.db_lock = db_lock or asyncio.Lock()
         self.consumer = Consumer(js, consumer_settings, self.recorder, on_derived=self._recorded, db_lock=self.db_lock)
         self.workers: dict[str, EndpointWorker] = {}
+        self._ssl_context: ssl.SSLContext | None = None
         self._bodies: OrderedDict[int, tuple[bytes, str | None]] = OrderedDict()
         self._retiring: set[asyncio.Task[None]] = set()
-        # Every sender's claim and record go to the database together: one transaction for all
-        # that are waiting, not one each.
-        self._claims: Batched[int, Claim | None] = Batched(self._claim_all, self.db_lock)
+        # Every worker's claims and every sender's record go to the database together: one
+        # transaction for all that are waiting, not one each.
+        self._claims: Batched[tuple[str, int], tuple[list[Claim], datetime | None]] = Batched(self._claim_all, self.db_lock)
         self._settles: Batched[tuple[Claim, Outcome], tuple[bool, bool]] = Batched(self._settle_all, self.db_lock)
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """One TLS context for every endpoint's client (making one reads the CA bundle: slow)."""
+        if self._ssl_context is None:
+            self._ssl_context = httpx.create_ssl_context()
+        return self._ssl_context
 
     async def start(self) -> None:
         """Start a worker for every enabled endpoint (what was owed before a restart is sent on
@@ -375,13 +390,12 @@ class WebhookDispatcher:
         await self.consumer.stop()
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(worker.stop(grace=min(self.timeout, 5.0)) for worker in workers))
+        await asyncio.gather(*self._retiring, return_exceptions=True)  # claims given back, workers retired
 
     def _worker(self, endpoint_id: str) -> EndpointWorker:
         worker = self.workers.get(endpoint_id)
         if worker is None:
-            worker = self.workers[endpoint_id] = EndpointWorker(
-                self, endpoint_id, concurrency=self.concurrency, queue_size=self.queue_size
-            )
+            worker = self.workers[endpoint_id] = EndpointWorker(self, endpoint_id, concurrency=self.concurrency)
         return worker
 
     def _recorded(self) -> None:
@@ -402,17 +416,84 @@ class WebhookDispatcher:
         elif (worker := self.workers.pop(endpoint_id, None)) is not None:
             await worker.stop(grace=0)
 
+    # --- claiming -------------------------------------------------------------------------------
+
+    async def claim(self, endpoint_id: str, limit: int) -> tuple[list[Claim], datetime | None]:
+        """Up to ``limit`` due deliveries of the endpoint, claimed for an attempt each (the time
+        of the next one already recorded), and when the next one not among them falls due."""
+        return await self._claims((endpoint_id, limit))
+
+    def _claim_all(self, wanted: Sequence[tuple[str, int]]) -> list[tuple[list[Claim], datetime | None]]:
+        """Claim what is due for each (endpoint, limit), in one transaction."""
+        now = datetime.now(timezone.utc)
+        with self.engine.begin() as connection:
+            ids = list(dict.fromkeys(endpoint_id for endpoint_id, _ in wanted))
+            endpoints = {row.id: row for row in connection.execute(store.ENDPOINTS_TO_SEND, {"ids": ids})}
+            claimed: list[dict[str, Any]] = []
+            interrupted: list[dict[str, Any]] = []
+            answers: list[tuple[list[Claim], datetime | None]] = []
+            for endpoint_id, limit in wanted:
+                endpoint = endpoints.get(endpoint_id)
+                if endpoint is None or not endpoint.enabled:
+                    answers.append(([], None))
+                    continue
+                secrets = store.signing_secrets(endpoint.secret, endpoint.previous_secret, endpoint.previous_secret_until, now)
+                rows = connection.execute(store.DUE, {"endpoint_id": endpoint_id, "limit": limit + 1}).all()
+                claims: list[Claim] = []
+                next_due = None
+                for row in rows:
+                    if row.next_attempt_at > now or len(claims) == limit:
+                        next_due = row.next_attempt_at
+                        break
+                    if row.attempts >= self.schedule.attempts:  # the last attempt was cut short by a crash
+                        interrupted.append({"b_id": row.id, "b_at": now})
+                        continue
+                    retry_in = self.schedule.after(row.attempts + 1)
+                    # Should this attempt never report (a crash), the next one comes no earlier than planned.
+                    claimed.append({
+                        "b_id": row.id, "b_attempts": row.attempts + 1,
+                        "b_next": now + timedelta(seconds=self.timeout + (retry_in or 0.0) + 1.0),
+                    })
+                    claims.append(Claim(row.id, endpoint_id, row.event_id, row.seq, endpoint.url, secrets, retry_in,
+                                        row.attempts, row.next_attempt_at))
+                answers.append((claims, next_due))
+            if claimed:
+                connection.execute(store.CLAIM, claimed)
+            if interrupted:
+                connection.execute(store.GIVE_UP, interrupted)
+                connection.execute(store.ADD_ATTEMPT, [
+                    {"delivery_id": row["b_id"], "attempted_at": now, "status_code": None, "latency_ms": 0,
+                     "error": "interrupted: the bus stopped during the last attempt", "response": None}
+                    for row in interrupted
+                ])
+            return answers
+
+    def give_back(self, claiming: "asyncio.Future[tuple[list[Claim], datetime | None]]") -> None:
+        """Release what a claim cut short by a stopping worker took, once it is known."""
+        if claiming.cancelled() or claiming.exception() is not None or not claiming.result()[0]:
+            return
+        task = asyncio.get_running_loop().create_task(self.release(claiming.result()[0]))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def release(self, claims: Sequence[Claim]) -> None:
+        """Give back claims that were never attempted (the worker stopped meanwhile)."""
+        if not claims:
+            return
+
+        def give_back() -> None:
+            with self.engine.begin() as connection:
+                connection.execute(store.CLAIM, [
+                    {"b_id": c.delivery_id, "b_attempts": c.attempts_before, "b_next": c.due_at} for c in claims
+                ])
+
+        async with self.db_lock:
+            await asyncio.shield(asyncio.to_thread(give_back))
+
     # --- one attempt ----------------------------------------------------------------------------
 
-    def due(self, endpoint_id: str, held: set[int], limit: int) -> tuple[list[int], datetime | None]:
-        with Session(reading(self.engine)) as session:
-            return store.due(session, endpoint_id, datetime.now(timezone.utc), held=held, limit=limit)
-
-    async def attempt(self, client: httpx.AsyncClient, delivery_id: int) -> bool:
-        """Make one attempt of a due delivery and record it; True while the delivery is still owed."""
-        claim = await self._claims(delivery_id)
-        if claim is None:
-            return False
+    async def attempt(self, client: http.Client, claim: Claim) -> bool:
+        """Make one attempt of a claimed delivery and record it; True while the delivery is still owed."""
         try:
             outcome = await self._post(client, claim)
         except asyncio.CancelledError:
@@ -427,74 +508,71 @@ class WebhookDispatcher:
             task.add_done_callback(self._retiring.discard)
         return owed
 
-    def _claim_all(self, delivery_ids: Sequence[int]) -> list[Claim | None]:
-        """Claim deliveries for attempts, in one transaction."""
-        now = datetime.now(timezone.utc)
-        with session_scope(self.engine) as session:
-            return [self._claim_in(session, delivery_id, now) for delivery_id in delivery_ids]
-
-    def _claim_in(self, session: Session, delivery_id: int, now: datetime) -> Claim | None:
-        """Take a due delivery for an attempt, with the time of the next one already recorded."""
-        delivery = session.exec(select(Delivery).where(Delivery.id == delivery_id).with_for_update()).first()
-        if delivery is None or delivery.next_attempt_at is None or delivery.next_attempt_at > now:
-            return None  # delivered, resent or taken meanwhile
-        endpoint = session.get(Endpoint, delivery.endpoint_id)
-        if endpoint is None or not endpoint.enabled:
-            return None
-        if delivery.attempts >= self.schedule.attempts:  # the last attempt was cut short by a crash
-            delivery.status, delivery.next_attempt_at = store.FAILED, None
-            session.add(Attempt(delivery_id=delivery_id, attempted_at=now, error="interrupted: the bus stopped during the last attempt"))
-            return None
-        delivery.attempts += 1
-        retry_in = self.schedule.after(delivery.attempts)
-        # Should this attempt never report (a crash), the next one comes no earlier than planned.
-        delivery.next_attempt_at = now + timedelta(seconds=self.timeout + (retry_in or 0.0) + 1.0)
-        session.add(delivery)
-        return Claim(
-            delivery_id, endpoint.id, delivery.event_id, delivery.seq, endpoint.url, endpoint.signing_secrets(now), retry_in
-        )
-
     def _settle(self, claim: Claim, outcome: Outcome) -> tuple[bool, bool]:
         return self._settle_all([(claim, outcome)])[0]
 
     def _settle_all(self, settled: Sequence[tuple[Claim, Outcome]]) -> list[tuple[bool, bool]]:
-        """Record attempts, in one transaction."""
+        """Record attempts and what follows from them, in one transaction: for each, whether the
+        delivery is still owed, and whether the endpoint got disabled."""
         now = datetime.now(timezone.utc)
-        with session_scope(self.engine) as session:
-            return [self._settle_in(session, claim, outcome, now) for claim, outcome in settled]
+        with self.engine.begin() as connection:
+            endpoint_ids = list(dict.fromkeys(claim.endpoint_id for claim, _ in settled))
+            endpoints = {row.id: dict(row._mapping) for row in connection.execute(store.ENDPOINTS_TO_SETTLE, {"ids": endpoint_ids})}
+            present = set(connection.scalars(store.DELIVERIES_PRESENT, {"ids": [claim.delivery_id for claim, _ in settled]}))
+            attempts: list[dict[str, Any]] = []
+            delivered: list[dict[str, Any]] = []
+            failed: list[dict[str, Any]] = []
+            changed: set[str] = set()
+            disabled: set[str] = set()
+            answers: list[tuple[bool, bool]] = []
+            for claim, outcome in settled:
+                endpoint = endpoints.get(claim.endpoint_id)
+                if endpoint is None or claim.delivery_id not in present:  # deleted meanwhile
+                    answers.append((False, False))
+                    continue
+                attempts.append({
+                    "delivery_id": claim.delivery_id, "attempted_at": now - timedelta(milliseconds=outcome.latency_ms),
+                    "status_code": outcome.status_code, "latency_ms": outcome.latency_ms,
+                    "error": outcome.error[:500] if outcome.error else None, "response": outcome.response,
+                })
+                changed.add(claim.endpoint_id)
+                if outcome.delivered:
+                    delivered.append({"b_id": claim.delivery_id, "b_at": now})
+                    endpoint["last_success_at"], endpoint["failing_since"] = now, None
+                    answers.append((False, False))
+                    continue
+                endpoint["failing_since"] = endpoint["failing_since"] or now
+                if claim.retry_in is None or outcome.status_code == 410:
+                    next_at, status = None, store.FAILED
+                else:
+                    next_at, status = now + timedelta(seconds=max(claim.retry_in, outcome.retry_after or 0.0)), store.PENDING
+                failed.append({"b_id": claim.delivery_id, "b_status": status, "b_next": next_at})
+                if endpoint["enabled"] and outcome.status_code == 410:
+                    endpoint["enabled"], endpoint["disabled_reason"] = False, "the endpoint answered 410 Gone"
+                    disabled.add(claim.endpoint_id)
+                elif endpoint["enabled"] and now - endpoint["failing_since"] >= self.failing_limit:
+                    days = self.failing_limit / timedelta(days=1)
+                    endpoint["enabled"], endpoint["disabled_reason"] = False, f"no successful delivery for {days:g} days"
+                    disabled.add(claim.endpoint_id)
+                answers.append((next_at is not None, not endpoint["enabled"]))
+            if attempts:
+                connection.execute(store.ADD_ATTEMPT, attempts)
+            if delivered:
+                connection.execute(store.DELIVERED_NOW, delivered)
+            if failed:
+                connection.execute(store.NOT_DELIVERED, failed)
+            if changed:
+                connection.execute(store.ENDPOINT_HEALTH, [
+                    {"b_id": e, "b_last_success_at": endpoints[e]["last_success_at"], "b_failing_since": endpoints[e]["failing_since"]}
+                    for e in changed
+                ])
+            if disabled:
+                connection.execute(store.ENDPOINT_DISABLED, [
+                    {"b_id": e, "b_disabled_reason": endpoints[e]["disabled_reason"], "b_updated_at": now} for e in disabled
+                ])
+            return answers
 
-    def _settle_in(self, session: Session, claim: Claim, outcome: Outcome, now: datetime) -> tuple[bool, bool]:
-        """Record the attempt and what follows from it: whether the delivery is still owed, and
-        whether the endpoint got disabled."""
-        delivery = session.get(Delivery, claim.delivery_id)
-        endpoint = session.get(Endpoint, claim.endpoint_id)
-        if delivery is None or endpoint is None:  # deleted meanwhile
-            return False, False
-        session.add(
-            Attempt(
-                delivery_id=claim.delivery_id, attempted_at=now - timedelta(milliseconds=outcome.latency_ms),
-                status_code=outcome.status_code, latency_ms=outcome.latency_ms,
-                error=outcome.error[:500] if outcome.error else None, response=outcome.response,
-            )
-        )
-        if outcome.delivered:
-            delivery.status, delivery.delivered_at, delivery.next_attempt_at = store.DELIVERED, now, None
-            endpoint.last_success_at, endpoint.failing_since = now, None
-            return False, False
-        endpoint.failing_since = endpoint.failing_since or now
-        if claim.retry_in is None or outcome.status_code == 410:
-            delivery.status, delivery.next_attempt_at = store.FAILED, None
-        else:
-            delay = max(claim.retry_in, outcome.retry_after or 0.0)
-            delivery.next_attempt_at = now + timedelta(seconds=delay)
-        if outcome.status_code == 410:
-            store.disable(endpoint, "the endpoint answered 410 Gone", now)
-        elif endpoint.enabled and now - endpoint.failing_since >= self.failing_limit:
-            days = self.failing_limit / timedelta(days=1)
-            store.disable(endpoint, f"no successful delivery for {days:g} days", now)
-        return delivery.next_attempt_at is not None, not endpoint.enabled
-
-    async def _post(self, client: httpx.AsyncClient, claim: Claim) -> Outcome:
+    async def _post(self, client: http.Client, claim: Claim) -> Outcome:
         """POST the event to the endpoint, signed; never raises for the endpoint's faults."""
         started = time.perf_counter()
 
@@ -517,33 +595,35 @@ class WebhookDispatcher:
             "webhook-id": claim.event_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature_header(claim.secrets, claim.event_id, timestamp, body),
-            **({"traceparent": traceparent} if traceparent else {}),
         }
-        extensions = {"sni_hostname": target.sni} if target.sni else {}
+        # The attempt is a client span continuing the event's trace from its log message (the
+        # gatekeeper's publish); the receiver gets the span's own trace context to continue.
+        span = _client_span(self.tracing, target, traceparent)
+        sent_traceparent = _traceparent_of(span) if span is not None else traceparent
+        if sent_traceparent and TRACEPARENT_FORM.fullmatch(sent_traceparent):
+            headers["traceparent"] = sent_traceparent
+        url = target.url
+        origin = (url.host, url.port or (443 if url.scheme == "https" else 80), target.sni)
         started = time.perf_counter()
         try:
-            # The attempt continues the event's trace from its log message (the gatekeeper's publish).
             async with asyncio.timeout(self.timeout):
-                with traces.continued(traceparent):
-                    async with client.stream("POST", target.url, content=body, headers=headers, extensions=extensions) as response:
-                        kept = bytearray()
-                        async for chunk in response.aiter_raw():
-                            kept += chunk
-                            if len(kept) >= RESPONSE_KEPT:
-                                break
-        except (TimeoutError, httpx.TimeoutException):
-            return Outcome(None, elapsed(), f"no answer within {self.timeout:g} s")
-        except httpx.HTTPError as exc:
-            return Outcome(None, elapsed(), f"{type(exc).__name__}: {exc}")
-        status = response.status_code
+                answer = await client.post(origin, url.raw_path.decode("ascii"), headers, body, keep=RESPONSE_KEPT)
+        except TimeoutError:
+            return _ended(span, Outcome(None, elapsed(), f"no answer within {self.timeout:g} s"))
+        except (http.HttpError, OSError) as exc:  # OSError: connecting, TLS included
+            return _ended(span, Outcome(None, elapsed(), f"{type(exc).__name__}: {exc}"))
+        except BaseException as exc:
+            _ended(span, Outcome(None, elapsed(), f"{type(exc).__name__}: {exc}"))
+            raise
+        status = answer.status
         error = None
         if not 200 <= status < 300:
             error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
         retry_after = None
         if status in RETRY_AFTER_STATUSES:
-            retry_after = retry_after_seconds(response.headers.get("retry-after"), datetime.now(timezone.utc))
-        text = bytes(kept[:RESPONSE_KEPT]).decode("utf-8", "replace")
-        return Outcome(status, elapsed(), error, text, retry_after)
+            retry_after = retry_after_seconds(answer.headers.get("retry-after"), datetime.now(timezone.utc))
+        text = answer.body[:RESPONSE_KEPT].decode("utf-8", "replace")
+        return _ended(span, Outcome(status, elapsed(), error, text, retry_after))
 
     async def _event(self, seq: int) -> tuple[bytes, str | None]:
         """The event's canonical bytes from the log, and the trace context to deliver it in: the
@@ -558,6 +638,43 @@ class WebhookDispatcher:
             while len(self._bodies) > 256:
                 self._bodies.popitem(last=False)
         return cached
+
+
+
+def _client_span(tracing: Tracing, target: targets.Target, traceparent: str | None) -> trace.Span | None:
+    """A client span for one attempt, the child of the event's log context; None without tracing.
+
+    One span made directly, not through an instrumentation of the HTTP client (which costs as
+    much as the request itself)."""
+    if not tracing.enabled:
+        return None
+    url, host = target.url, target.host
+    address = host[1:host.index("]")] if host.startswith("[") else host.partition(":")[0]
+    attributes: dict[str, Any] = {
+        "http.request.method": "POST", "url.full": str(url), "server.address": address,
+        "server.port": url.port or (443 if url.scheme == "https" else 80),
+    }
+    return tracing.tracer.start_span("POST", context=traces.context_of(traceparent), kind=SpanKind.CLIENT, attributes=attributes)
+
+
+def _traceparent_of(span: trace.Span) -> str | None:
+    """The W3C ``traceparent`` naming ``span`` (what the receiver continues)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
+def _ended(span: trace.Span | None, outcome: Outcome) -> Outcome:
+    """End the attempt's span with what came of it."""
+    if span is not None:
+        if outcome.status_code is not None:
+            span.set_attribute("http.response.status_code", outcome.status_code)
+        if outcome.status_code is None or outcome.status_code >= 400:
+            span.set_attribute("error.type", str(outcome.status_code or "error"))
+            span.set_status(Status(StatusCode.ERROR, outcome.error or ""))
+        span.end()
+    return outcome
 
 
 # --- recovery ----------------------------------------------------------------------------------

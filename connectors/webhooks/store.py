@@ -69,9 +69,14 @@ class Endpoint(_Webhooks, table=True):
     def signing_secrets(self, now: datetime) -> tuple[str, ...]:
         """The secrets that sign a delivery now: the current one, and the previous one for a day
         after a rotation."""
-        if self.previous_secret and self.previous_secret_until and now < self.previous_secret_until:
-            return (self.secret, self.previous_secret)
-        return (self.secret,)
+        return signing_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
+
+
+def signing_secrets(secret: str, previous: str | None, previous_until: datetime | None, now: datetime) -> tuple[str, ...]:
+    """:meth:`Endpoint.signing_secrets` of an endpoint's columns."""
+    if previous and previous_until and now < previous_until:
+        return (secret, previous)
+    return (secret,)
 
 
 class Delivery(_Webhooks, table=True):
@@ -225,12 +230,13 @@ def insert_ignore(session: Session, table: type[SQLModel], rows: list[dict[str, 
     dialect = session.get_bind().dialect.name
     if dialect in ("sqlite", "postgresql"):
         module: Any = sqlite if dialect == "sqlite" else postgresql
-        if len(rows) <= 4:  # one cached statement per row is cheaper than compiling a multi-row one
-            statement = module.insert(table.__table__).on_conflict_do_nothing(index_elements=keys)  # type: ignore[attr-defined]
-            counts: list[int] = [session.execute(statement, row).rowcount or 0 for row in rows]  # type: ignore[attr-defined]
-            return sum(counts)
-        statement = module.insert(table).values(rows).on_conflict_do_nothing(index_elements=keys)
-        return int(session.execute(statement).rowcount or 0)  # type: ignore[attr-defined]
+        # One cached statement, executed for every row at once (a multi-row VALUES would be
+        # compiled anew for each number of rows).
+        statement = module.insert(table.__table__).on_conflict_do_nothing(index_elements=keys)  # type: ignore[attr-defined]
+        if len(rows) == 1:
+            return max(0, session.execute(statement, rows[0]).rowcount)  # type: ignore[attr-defined]
+        count = session.execute(statement, rows).rowcount  # type: ignore[attr-defined]
+        return int(count) if count is not None and count >= 0 else len(rows)
     inserted = 0
     for row in rows:  # other databases: portable, slower
         if session.exec(select(table).filter_by(**{key: row[key] for key in keys})).first() is None:
@@ -285,6 +291,52 @@ def due(session: Session, endpoint_id: str, now: datetime, *, held: Iterable[int
     ready = [delivery_id for delivery_id, at in rows if at <= now][:limit]  # type: ignore[operator]
     later = [at for delivery_id, at in rows if delivery_id not in ready]
     return ready, (later[0] if later else None)  # type: ignore[return-value]
+
+
+# --- what the dispatcher runs: Core statements, compiled once and cached ---------------------------
+
+_ENDPOINTS: sa.Table = Endpoint.__table__  # type: ignore[attr-defined]
+_DELIVERIES: sa.Table = Delivery.__table__  # type: ignore[attr-defined]
+_ATTEMPTS: sa.Table = Attempt.__table__  # type: ignore[attr-defined]
+_E, _D = _ENDPOINTS.c, _DELIVERIES.c
+
+ENDPOINTS_TO_SEND = sa.select(_E.id, _E.url, _E.secret, _E.previous_secret, _E.previous_secret_until, _E.enabled).where(
+    _E.id.in_(sa.bindparam("ids", expanding=True))
+)
+"""Where and how to send, for the endpoints ``ids``."""
+DUE = (
+    sa.select(_D.id, _D.event_id, _D.seq, _D.attempts, _D.next_attempt_at)
+    .where(_D.endpoint_id == sa.bindparam("endpoint_id"), _D.next_attempt_at.is_not(None))
+    .order_by(_D.next_attempt_at, _D.id)
+    .limit(sa.bindparam("limit"))
+    .with_for_update()
+)
+"""An endpoint's owed deliveries, the next due first (``limit`` of them)."""
+CLAIM = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(
+    attempts=sa.bindparam("b_attempts"), next_attempt_at=sa.bindparam("b_next")
+)
+"""A delivery's attempts and next attempt (``b_id``, ``b_attempts``, ``b_next``): claimed, or given back."""
+GIVE_UP = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(status=FAILED, next_attempt_at=None)
+DELIVERED_NOW = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(
+    status=DELIVERED, delivered_at=sa.bindparam("b_at"), next_attempt_at=None
+)
+NOT_DELIVERED = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(
+    status=sa.bindparam("b_status"), next_attempt_at=sa.bindparam("b_next")
+)
+ADD_ATTEMPT = sa.insert(_ATTEMPTS)
+"""One attempt (``delivery_id``, ``attempted_at``, ``status_code``, ``latency_ms``, ``error``, ``response``)."""
+DELIVERIES_PRESENT = sa.select(_D.id).where(_D.id.in_(sa.bindparam("ids", expanding=True)))
+ENDPOINTS_TO_SETTLE = (
+    sa.select(_E.id, _E.enabled, _E.disabled_reason, _E.updated_at, _E.last_success_at, _E.failing_since)
+    .where(_E.id.in_(sa.bindparam("ids", expanding=True)))
+    .with_for_update()
+)
+ENDPOINT_HEALTH = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).values(
+    last_success_at=sa.bindparam("b_last_success_at"), failing_since=sa.bindparam("b_failing_since")
+)
+ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).values(
+    enabled=False, disabled_reason=sa.bindparam("b_disabled_reason"), updated_at=sa.bindparam("b_updated_at")
+)
 
 
 def attempts_of(session: Session, delivery_ids: Sequence[int]) -> dict[int, list[Attempt]]:

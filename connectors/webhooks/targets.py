@@ -69,13 +69,22 @@ def parse(url: str) -> httpx.URL:
     return parsed
 
 
+_LITERAL: dict[tuple[str, tuple[IPNetwork, ...]], Target] = {}
+"""Checked URLs that name an address (nothing to resolve: the answer never changes)."""
+
+
 async def resolve(url: str, allow: Sequence[IPNetwork]) -> Target:
     """Resolve ``url``'s host and pick a permitted address; :class:`RefusedTarget` when it has none."""
+    key = (url, tuple(allow))
+    if (known := _LITERAL.get(key)) is not None:
+        return known
     parsed = parse(url)
     host = parsed.raw_host.decode("ascii")
+    literal = True
     try:
         addresses: list[IPAddress] = [ipaddress.ip_address(parsed.host)]
     except ValueError:
+        literal = False
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
             found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -89,8 +98,13 @@ async def resolve(url: str, allow: Sequence[IPNetwork]) -> Target:
             f"{host!r} resolves to {shown}: private, loopback, link-local and reserved addresses do not "
             "receive webhooks unless COLLABBUS_WEBHOOK_ALLOW_NETWORKS allows them"
         )
-    return Target(
+    target = Target(
         url=parsed.copy_with(host=str(allowed[0])),
         host=parsed.netloc.decode("ascii"),
         sni=host if parsed.scheme == "https" else None,
     )
+    if literal:
+        if len(_LITERAL) >= 4096:
+            _LITERAL.clear()
+        _LITERAL[key] = target
+    return target
