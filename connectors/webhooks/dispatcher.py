@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlmodel import Session, select
 
 from bus.consumer import Consumer, ConsumerSettings
@@ -53,6 +53,8 @@ from ops.tracing import Tracing
 from schemas.envelope import STRUCTURED_CONTENT_TYPE
 
 Item = TypeVar("Item")
+_Work = tuple[str, Any]
+"""``("claim", (endpoint_id, limit))`` or ``("settle", (claim, outcome))``."""
 Result = TypeVar("Result")
 
 log = logging.getLogger("collabbus.webhooks")
@@ -366,9 +368,8 @@ class WebhookDispatcher:
         self._bodies: OrderedDict[int, tuple[bytes, str | None]] = OrderedDict()
         self._retiring: set[asyncio.Task[None]] = set()
         # Every worker's claims and every sender's record go to the database together: one
-        # transaction for all that are waiting, not one each.
-        self._claims: Batched[tuple[str, int], tuple[list[Claim], datetime | None]] = Batched(self._claim_all, self.db_lock)
-        self._settles: Batched[tuple[Claim, Outcome], tuple[bool, bool]] = Batched(self._settle_all, self.db_lock)
+        # transaction for all that are waiting (records first, then claims), not one each.
+        self._turns: Batched[_Work, Any] = Batched(self._turn, self.db_lock)
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -421,52 +422,65 @@ class WebhookDispatcher:
     async def claim(self, endpoint_id: str, limit: int) -> tuple[list[Claim], datetime | None]:
         """Up to ``limit`` due deliveries of the endpoint, claimed for an attempt each (the time
         of the next one already recorded), and when the next one not among them falls due."""
-        return await self._claims((endpoint_id, limit))
+        return await self._turns(("claim", (endpoint_id, limit)))  # type: ignore[no-any-return]
 
-    def _claim_all(self, wanted: Sequence[tuple[str, int]]) -> list[tuple[list[Claim], datetime | None]]:
-        """Claim what is due for each (endpoint, limit), in one transaction."""
+    def _turn(self, work: Sequence[_Work]) -> list[Any]:
+        """Record the attempts and make the claims asked for meanwhile, in one transaction."""
         now = datetime.now(timezone.utc)
+        answers: list[Any] = [None] * len(work)
+        settles = [index for index, (kind, _) in enumerate(work) if kind == "settle"]
+        claims = [index for index, (kind, _) in enumerate(work) if kind == "claim"]
         with self.engine.begin() as connection:
-            ids = list(dict.fromkeys(endpoint_id for endpoint_id, _ in wanted))
-            endpoints = {row.id: row for row in connection.execute(store.ENDPOINTS_TO_SEND, {"ids": ids})}
-            claimed: list[dict[str, Any]] = []
-            interrupted: list[dict[str, Any]] = []
-            answers: list[tuple[list[Claim], datetime | None]] = []
-            for endpoint_id, limit in wanted:
-                endpoint = endpoints.get(endpoint_id)
-                if endpoint is None or not endpoint.enabled:
-                    answers.append(([], None))
+            if settles:
+                for index, settled in zip(settles, self._settle_in(connection, [work[i][1] for i in settles], now)):
+                    answers[index] = settled
+            if claims:
+                for index, claimed in zip(claims, self._claim_in(connection, [work[i][1] for i in claims], now)):
+                    answers[index] = claimed
+        return answers
+
+    def _claim_in(self, connection: Connection, wanted: Sequence[tuple[str, int]], now: datetime) -> list[tuple[list[Claim], datetime | None]]:
+        """Claim what is due for each (endpoint, limit)."""
+        ids = list(dict.fromkeys(endpoint_id for endpoint_id, _ in wanted))
+        endpoints = {row.id: row for row in connection.execute(store.ENDPOINTS_TO_SEND, {"ids": ids})}
+        claimed: list[dict[str, Any]] = []
+        interrupted: list[dict[str, Any]] = []
+        answers: list[tuple[list[Claim], datetime | None]] = []
+        for endpoint_id, limit in wanted:
+            endpoint = endpoints.get(endpoint_id)
+            if endpoint is None or not endpoint.enabled:
+                answers.append(([], None))
+                continue
+            secrets = store.signing_secrets(endpoint.secret, endpoint.previous_secret, endpoint.previous_secret_until, now)
+            rows = connection.execute(store.DUE, {"endpoint_id": endpoint_id, "limit": limit + 1}).all()
+            claims: list[Claim] = []
+            next_due = None
+            for row in rows:
+                if row.next_attempt_at > now or len(claims) == limit:
+                    next_due = row.next_attempt_at
+                    break
+                if row.attempts >= self.schedule.attempts:  # the last attempt was cut short by a crash
+                    interrupted.append({"b_id": row.id, "b_at": now})
                     continue
-                secrets = store.signing_secrets(endpoint.secret, endpoint.previous_secret, endpoint.previous_secret_until, now)
-                rows = connection.execute(store.DUE, {"endpoint_id": endpoint_id, "limit": limit + 1}).all()
-                claims: list[Claim] = []
-                next_due = None
-                for row in rows:
-                    if row.next_attempt_at > now or len(claims) == limit:
-                        next_due = row.next_attempt_at
-                        break
-                    if row.attempts >= self.schedule.attempts:  # the last attempt was cut short by a crash
-                        interrupted.append({"b_id": row.id, "b_at": now})
-                        continue
-                    retry_in = self.schedule.after(row.attempts + 1)
-                    # Should this attempt never report (a crash), the next one comes no earlier than planned.
-                    claimed.append({
-                        "b_id": row.id, "b_attempts": row.attempts + 1,
-                        "b_next": now + timedelta(seconds=self.timeout + (retry_in or 0.0) + 1.0),
-                    })
-                    claims.append(Claim(row.id, endpoint_id, row.event_id, row.seq, endpoint.url, secrets, retry_in,
-                                        row.attempts, row.next_attempt_at))
-                answers.append((claims, next_due))
-            if claimed:
-                connection.execute(store.CLAIM, claimed)
-            if interrupted:
-                connection.execute(store.GIVE_UP, interrupted)
-                connection.execute(store.ADD_ATTEMPT, [
-                    {"delivery_id": row["b_id"], "attempted_at": now, "status_code": None, "latency_ms": 0,
-                     "error": "interrupted: the bus stopped during the last attempt", "response": None}
-                    for row in interrupted
-                ])
-            return answers
+                retry_in = self.schedule.after(row.attempts + 1)
+                # Should this attempt never report (a crash), the next one comes no earlier than planned.
+                claimed.append({
+                    "b_id": row.id, "b_attempts": row.attempts + 1,
+                    "b_next": now + timedelta(seconds=self.timeout + (retry_in or 0.0) + 1.0),
+                })
+                claims.append(Claim(row.id, endpoint_id, row.event_id, row.seq, endpoint.url, secrets, retry_in,
+                                    row.attempts, row.next_attempt_at))
+            answers.append((claims, next_due))
+        if claimed:
+            connection.execute(store.CLAIM, claimed)
+        if interrupted:
+            connection.execute(store.GIVE_UP, interrupted)
+            connection.execute(store.ADD_ATTEMPT, [
+                {"delivery_id": row["b_id"], "attempted_at": now, "status_code": None, "latency_ms": 0,
+                 "error": "interrupted: the bus stopped during the last attempt", "response": None}
+                for row in interrupted
+            ])
+        return answers
 
     def give_back(self, claiming: "asyncio.Future[tuple[list[Claim], datetime | None]]") -> None:
         """Release what a claim cut short by a stopping worker took, once it is known."""
@@ -500,7 +514,7 @@ class WebhookDispatcher:
             interrupted = Outcome(None, 0, "interrupted: the bus stopped during the attempt")
             await asyncio.shield(asyncio.to_thread(self._settle, claim, interrupted))
             raise
-        owed, disabled = await self._settles((claim, outcome))
+        owed, disabled = await self._turns(("settle", (claim, outcome)))
         if disabled:
             log.warning("webhooks: endpoint %s disabled", claim.endpoint_id)
             task = asyncio.get_running_loop().create_task(self.endpoint_changed(claim.endpoint_id, False))
@@ -512,65 +526,68 @@ class WebhookDispatcher:
         return self._settle_all([(claim, outcome)])[0]
 
     def _settle_all(self, settled: Sequence[tuple[Claim, Outcome]]) -> list[tuple[bool, bool]]:
-        """Record attempts and what follows from them, in one transaction: for each, whether the
-        delivery is still owed, and whether the endpoint got disabled."""
-        now = datetime.now(timezone.utc)
+        """Record attempts, in one transaction."""
         with self.engine.begin() as connection:
-            endpoint_ids = list(dict.fromkeys(claim.endpoint_id for claim, _ in settled))
-            endpoints = {row.id: dict(row._mapping) for row in connection.execute(store.ENDPOINTS_TO_SETTLE, {"ids": endpoint_ids})}
-            present = set(connection.scalars(store.DELIVERIES_PRESENT, {"ids": [claim.delivery_id for claim, _ in settled]}))
-            attempts: list[dict[str, Any]] = []
-            delivered: list[dict[str, Any]] = []
-            failed: list[dict[str, Any]] = []
-            changed: set[str] = set()
-            disabled: set[str] = set()
-            answers: list[tuple[bool, bool]] = []
-            for claim, outcome in settled:
-                endpoint = endpoints.get(claim.endpoint_id)
-                if endpoint is None or claim.delivery_id not in present:  # deleted meanwhile
-                    answers.append((False, False))
-                    continue
-                attempts.append({
-                    "delivery_id": claim.delivery_id, "attempted_at": now - timedelta(milliseconds=outcome.latency_ms),
-                    "status_code": outcome.status_code, "latency_ms": outcome.latency_ms,
-                    "error": outcome.error[:500] if outcome.error else None, "response": outcome.response,
-                })
-                changed.add(claim.endpoint_id)
-                if outcome.delivered:
-                    delivered.append({"b_id": claim.delivery_id, "b_at": now})
-                    endpoint["last_success_at"], endpoint["failing_since"] = now, None
-                    answers.append((False, False))
-                    continue
-                endpoint["failing_since"] = endpoint["failing_since"] or now
-                if claim.retry_in is None or outcome.status_code == 410:
-                    next_at, status = None, store.FAILED
-                else:
-                    next_at, status = now + timedelta(seconds=max(claim.retry_in, outcome.retry_after or 0.0)), store.PENDING
-                failed.append({"b_id": claim.delivery_id, "b_status": status, "b_next": next_at})
-                if endpoint["enabled"] and outcome.status_code == 410:
-                    endpoint["enabled"], endpoint["disabled_reason"] = False, "the endpoint answered 410 Gone"
-                    disabled.add(claim.endpoint_id)
-                elif endpoint["enabled"] and now - endpoint["failing_since"] >= self.failing_limit:
-                    days = self.failing_limit / timedelta(days=1)
-                    endpoint["enabled"], endpoint["disabled_reason"] = False, f"no successful delivery for {days:g} days"
-                    disabled.add(claim.endpoint_id)
-                answers.append((next_at is not None, not endpoint["enabled"]))
-            if attempts:
-                connection.execute(store.ADD_ATTEMPT, attempts)
-            if delivered:
-                connection.execute(store.DELIVERED_NOW, delivered)
-            if failed:
-                connection.execute(store.NOT_DELIVERED, failed)
-            if changed:
-                connection.execute(store.ENDPOINT_HEALTH, [
-                    {"b_id": e, "b_last_success_at": endpoints[e]["last_success_at"], "b_failing_since": endpoints[e]["failing_since"]}
-                    for e in changed
-                ])
-            if disabled:
-                connection.execute(store.ENDPOINT_DISABLED, [
-                    {"b_id": e, "b_disabled_reason": endpoints[e]["disabled_reason"], "b_updated_at": now} for e in disabled
-                ])
-            return answers
+            return self._settle_in(connection, settled, datetime.now(timezone.utc))
+
+    def _settle_in(self, connection: Connection, settled: Sequence[tuple[Claim, Outcome]], now: datetime) -> list[tuple[bool, bool]]:
+        """Record attempts and what follows from them: for each, whether the delivery is still
+        owed, and whether the endpoint got disabled."""
+        endpoint_ids = list(dict.fromkeys(claim.endpoint_id for claim, _ in settled))
+        endpoints = {row.id: dict(row._mapping) for row in connection.execute(store.ENDPOINTS_TO_SETTLE, {"ids": endpoint_ids})}
+        present = set(connection.scalars(store.DELIVERIES_PRESENT, {"ids": [claim.delivery_id for claim, _ in settled]}))
+        attempts: list[dict[str, Any]] = []
+        delivered: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+        changed: set[str] = set()
+        disabled: set[str] = set()
+        answers: list[tuple[bool, bool]] = []
+        for claim, outcome in settled:
+            endpoint = endpoints.get(claim.endpoint_id)
+            if endpoint is None or claim.delivery_id not in present:  # deleted meanwhile
+                answers.append((False, False))
+                continue
+            attempts.append({
+                "delivery_id": claim.delivery_id, "attempted_at": now - timedelta(milliseconds=outcome.latency_ms),
+                "status_code": outcome.status_code, "latency_ms": outcome.latency_ms,
+                "error": outcome.error[:500] if outcome.error else None, "response": outcome.response,
+            })
+            changed.add(claim.endpoint_id)
+            if outcome.delivered:
+                delivered.append({"b_id": claim.delivery_id, "b_at": now})
+                endpoint["last_success_at"], endpoint["failing_since"] = now, None
+                answers.append((False, False))
+                continue
+            endpoint["failing_since"] = endpoint["failing_since"] or now
+            if claim.retry_in is None or outcome.status_code == 410:
+                next_at, status = None, store.FAILED
+            else:
+                next_at, status = now + timedelta(seconds=max(claim.retry_in, outcome.retry_after or 0.0)), store.PENDING
+            failed.append({"b_id": claim.delivery_id, "b_status": status, "b_next": next_at})
+            if endpoint["enabled"] and outcome.status_code == 410:
+                endpoint["enabled"], endpoint["disabled_reason"] = False, "the endpoint answered 410 Gone"
+                disabled.add(claim.endpoint_id)
+            elif endpoint["enabled"] and now - endpoint["failing_since"] >= self.failing_limit:
+                days = self.failing_limit / timedelta(days=1)
+                endpoint["enabled"], endpoint["disabled_reason"] = False, f"no successful delivery for {days:g} days"
+                disabled.add(claim.endpoint_id)
+            answers.append((next_at is not None, not endpoint["enabled"]))
+        if attempts:
+            connection.execute(store.ADD_ATTEMPT, attempts)
+        if delivered:
+            connection.execute(store.DELIVERED_NOW, delivered)
+        if failed:
+            connection.execute(store.NOT_DELIVERED, failed)
+        if changed:
+            connection.execute(store.ENDPOINT_HEALTH, [
+                {"b_id": e, "b_last_success_at": endpoints[e]["last_success_at"], "b_failing_since": endpoints[e]["failing_since"]}
+                for e in changed
+            ])
+        if disabled:
+            connection.execute(store.ENDPOINT_DISABLED, [
+                {"b_id": e, "b_disabled_reason": endpoints[e]["disabled_reason"], "b_updated_at": now} for e in disabled
+            ])
+        return answers
 
     async def _post(self, client: http.Client, claim: Claim) -> Outcome:
         """POST the event to the endpoint, signed; never raises for the endpoint's faults."""
