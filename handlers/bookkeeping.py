@@ -9,10 +9,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import Column, LargeBinary
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
+
+from handlers.rows import TableRow
 
 
-class AppliedEvent(SQLModel, table=True):
+class AppliedEvent(TableRow, table=True):
     """An event whose effects are in the read models (by event id: derived events are applied
     when decided, before their copy arrives from the log)."""
 
@@ -22,7 +24,7 @@ class AppliedEvent(SQLModel, table=True):
     seq: int | None = Field(default=None, index=True)
 
 
-class ConsumerPosition(SQLModel, table=True):
+class ConsumerPosition(TableRow, table=True):
     """The last log sequence a consumer group has applied."""
 
     __tablename__ = "consumer_positions"
@@ -31,7 +33,7 @@ class ConsumerPosition(SQLModel, table=True):
     seq: int = 0
 
 
-class OutboxEvent(SQLModel, table=True):
+class OutboxEvent(TableRow, table=True):
     """A derived event decided but not yet confirmed by the log. Kept across rebuilds."""
 
     __tablename__ = "outbox"

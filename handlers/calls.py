@@ -12,10 +12,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import JSON, Column
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Field, Session, col, select
 
 from handlers.institutions import UtcDateTime, column_values, member, upsert
 from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.rows import TableRow
 from handlers.rules import Refusal
 from handlers.rules import calls as rules
 from handlers.rules.calls import Applicant, CallSnapshot, CallStatus
@@ -28,7 +29,7 @@ from schemas.calls import (
 )
 
 
-class Call(SQLModel, table=True):
+class Call(TableRow, table=True):
     """A call as published and amended; its status is derived from the time (:meth:`status`)."""
 
     __tablename__ = "calls"
@@ -80,7 +81,7 @@ def status_is(status: CallStatus, now: datetime) -> sa.ColumnElement[bool]:
     return sa.and_(sa.not_(closed), col(Call.opens_at) <= now)
 
 
-class CallApplication(SQLModel, table=True):
+class CallApplication(TableRow, table=True):
     """The latest answer to an application to a known call. A rejected one keeps only who applied
     and why (the rejection event carries no more) and may be submitted again under its id; a
     received one stays as it is."""

@@ -20,11 +20,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import JSON, Column
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Field, Session, col, select
 
 from handlers.network import Context, Decider, Event, Projection, Timer
-from handlers.session import children
+from handlers.rows import TableRow
 from handlers.rules import innovation_days as rules
+from handlers.session import children
 from schemas.innovation_days import (
     InnovationDayCancelled,
     InnovationDayHeld,
@@ -74,7 +75,7 @@ def _json(nullable: bool = True) -> Any:
 # --- tables -----------------------------------------------------------------------------------
 
 
-class InnovationDay(SQLModel, table=True):
+class InnovationDay(TableRow, table=True):
     """A gathering as the catalog describes it, with its status and matchmaking mark."""
 
     __tablename__ = "innovation_days"
@@ -101,7 +102,7 @@ class InnovationDay(SQLModel, table=True):
     meetings_proposed_at: datetime | None = _timestamp(nullable=True)
 
 
-class Registration(SQLModel, table=True):
+class Registration(TableRow, table=True):
     """A registration to a gathering. ``role`` and ``attendees`` are unknown (null) for a request
     refused outright, which is kept with its reason."""
 
@@ -125,7 +126,7 @@ class Registration(SQLModel, table=True):
     decided_at: datetime | None = _timestamp(nullable=True)
 
 
-class ProposedMeetingRow(SQLModel, table=True):
+class ProposedMeetingRow(TableRow, table=True):
     """One meeting proposed by the matchmaking. A funder is never double-booked, so the day, the
     slot and the funder name it (no surrogate id, so a rebuild gives identical rows)."""
 

@@ -16,6 +16,7 @@ from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from handlers.network import Decider, Event, Projection, Timer
+from handlers.rows import TableRow
 from schemas.institutions import InstitutionJoined, InstitutionLeft, InstitutionUpdated
 
 # --- storage helpers shared by this package's read models --------------------------------------
@@ -72,7 +73,7 @@ def upsert(session: Session, table: type[Row], key: Any, values: dict[str, Any])
 # --- the read model ----------------------------------------------------------------------------
 
 
-class Institution(SQLModel, table=True):
+class Institution(TableRow, table=True):
     """A member of the network (or a former one: ``left_at`` is set)."""
 
     __tablename__ = "institutions"

@@ -14,12 +14,13 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlalchemy import JSON, Column
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Field, Session, col, select
 
 from handlers.institutions import Institution, UtcDateTime, column_values, upsert
 from handlers.network import Context, Decider, Event, Projection, Timer
-from handlers.session import children
+from handlers.rows import TableRow
 from handlers.rules.projects import ProjectAction, ProjectSnapshot, action_refusal
+from handlers.session import children
 from schemas.institutions import MunicipalityLevel
 from schemas.projects import (
     ImpactReported,
@@ -32,7 +33,7 @@ from schemas.projects import (
 )
 
 
-class Project(SQLModel, table=True):
+class Project(TableRow, table=True):
     """A project or good practice, with its location flattened for filtering."""
 
     __tablename__ = "projects"
@@ -62,7 +63,7 @@ class Project(SQLModel, table=True):
         return ProjectSnapshot(project_id=self.project_id, owner=self.owner)
 
 
-class ProjectPartner(SQLModel, table=True):
+class ProjectPartner(TableRow, table=True):
     """An institution taking part in a project (the owner is not listed unless named)."""
 
     __tablename__ = "project_partners"
@@ -73,7 +74,7 @@ class ProjectPartner(SQLModel, table=True):
     relation: str | None = Field(default=None, max_length=16)
 
 
-class ProjectAdoption(SQLModel, table=True):
+class ProjectAdoption(TableRow, table=True):
     """Another institution took up the practice ``project_id``, with the owner's support."""
 
     __tablename__ = "project_adoptions"
@@ -86,7 +87,7 @@ class ProjectAdoption(SQLModel, table=True):
     adopted_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
 
 
-class ProjectImpactReport(SQLModel, table=True):
+class ProjectImpactReport(TableRow, table=True):
     """Measured results of a project over a period."""
 
     __tablename__ = "project_impact_reports"

@@ -88,7 +88,7 @@ class NetworkService:
             session = self._session
             if len(self._held) > HELD_ROWS:  # keep the newest half; the rest may leave the identity map
                 del self._held[: len(self._held) - HELD_ROWS // 2]
-                session.forget_children()
+                session.forget_children(keep=0.5)  # the days and validations still in use keep their rows
             try:
                 with session.begin():
                     yield session

@@ -18,6 +18,7 @@ work. A bulk ``DELETE``/``UPDATE`` statement on a table, or any rollback, drops 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -68,13 +69,14 @@ class KnownKeysSession(Session):
     def children(self, cls: type[Row], attribute: str, parent: Any) -> list[Row]:
         """The rows of ``cls`` whose ``attribute`` is ``parent`` (in no particular order)."""
         index = self._children.setdefault((cls, attribute), {})
-        rows = index.get(parent)
+        rows = index.pop(parent, None)  # (re)inserted last: the index is in order of use
         if rows is None:
             column = getattr(cls, attribute)
             present = self._parents.get((cls, attribute))
             if present is None:
                 present = self._parents[cls, attribute] = set(self.exec(select(column).distinct()).all())
-            rows = index[parent] = list(self.exec(select(cls).where(column == parent)).all()) if parent in present else []
+            rows = list(self.exec(select(cls).where(column == parent)).all()) if parent in present else []
+        index[parent] = rows
         return list(rows)
 
     def _known(self) -> dict[type[Any], set[_Key]]:
@@ -112,9 +114,13 @@ class KnownKeysSession(Session):
                 if rows is not None:
                     rows[:] = [row for row in rows if row is not instance]
 
-    def forget_children(self) -> None:
-        """Drop the rows kept per parent (they are read again when next asked for)."""
-        self._children.clear()
+    def forget_children(self, keep: float = 0.0) -> None:
+        """Drop the rows kept per parent (they are read again when next asked for), except for
+        the ``keep`` fraction of parents asked for most recently."""
+        for index in self._children.values():
+            drop = len(index) - int(len(index) * keep)
+            for parent in list(itertools.islice(index, drop)):
+                del index[parent]
         self._pending.clear()
 
     def _track_deleted(self, _session: Any, instance: Any) -> None:

@@ -10,15 +10,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast
 
-import sqlalchemy as sa
 from sqlalchemy import JSON, Column
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Field, Session
 
-from handlers.institutions import UtcDateTime, member  # moments stored in UTC, read back aware, on every database
-from handlers.projects import Project, ProjectPartner
-from handlers.session import children
+from handlers.institutions import (  # moments stored in UTC, read back aware, on every database
+    UtcDateTime,
+    member,
+)
 from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.projects import Project, ProjectPartner
+from handlers.rows import TableRow
 from handlers.rules import validations as rules
+from handlers.session import children
 from schemas.common import CRITERIA, Criterion
 from schemas.validations import (
     CriterionScores,
@@ -53,7 +56,7 @@ def _json(nullable: bool = True) -> Any:
     return Field(default=None, sa_column=Column(JSON, nullable=nullable))
 
 
-class Validation(SQLModel, table=True):
+class Validation(TableRow, table=True):
     """One validation request and where it stands; the decision's facts once decided."""
 
     __tablename__ = "validations"
@@ -77,7 +80,7 @@ class Validation(SQLModel, table=True):
     requested_at: datetime = _when(nullable=False)
 
 
-class ValidationReviewer(SQLModel, table=True):
+class ValidationReviewer(TableRow, table=True):
     """An institution the coordinator asked to review (assigning again moves its due date)."""
 
     __tablename__ = "validation_reviewers"
@@ -88,7 +91,7 @@ class ValidationReviewer(SQLModel, table=True):
     assigned_at: datetime = _when(nullable=False)
 
 
-class ValidationReview(SQLModel, table=True):
+class ValidationReview(TableRow, table=True):
     """A reviewer's current review; a new one replaces it (``revision`` counts them) until the decision."""
 
     __tablename__ = "validation_reviews"
@@ -103,7 +106,7 @@ class ValidationReview(SQLModel, table=True):
     revision: int = 1
 
 
-class InfoRequest(SQLModel, table=True):
+class InfoRequest(TableRow, table=True):
     """Questions to the requester (``id`` is the asking event's id) and the answers given so far;
     ``answered_at`` is set once every question has an answer."""
 

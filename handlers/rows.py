@@ -1,0 +1,45 @@
+"""The base of the read models' tables: rows the handlers create cost a dictionary, not a validation.
+
+SQLModel builds a table row by assigning every field through both pydantic's and SQLAlchemy's
+attribute machinery (about 100 µs a row); applying the log creates rows by the hundred thousand.
+A table row is not validated on creation anyway (SQLModel skips validation for ``table=True``),
+so :class:`TableRow` fills the instance's ``__dict__`` — which pydantic and SQLAlchemy share — with the
+given values and the fields' defaults, as ``model_construct`` does. SQLAlchemy reads a new row's
+values from that dictionary when it inserts it; later assignments take the usual path.
+
+Unknown field names are refused (SQLModel would drop them silently).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from sqlmodel import SQLModel
+from sqlmodel.main import finish_init
+
+
+class TableRow(SQLModel):
+    """Base of the handlers' tables (see module)."""
+
+    __row_defaults__: ClassVar[dict[type[Any], tuple[frozenset[str], tuple[tuple[str, Any], ...]]]] = {}
+
+    def __init__(self, **data: Any) -> None:
+        if not finish_init.get():  # SQLModel's own validation path builds the row itself
+            return
+        cls = type(self)
+        plan = TableRow.__row_defaults__.get(cls)
+        if plan is None:
+            plan = TableRow.__row_defaults__[cls] = (
+                frozenset(cls.model_fields),
+                tuple((name, field) for name, field in cls.model_fields.items() if not field.is_required()),
+            )
+        names, optional = plan
+        unknown = data.keys() - names
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+        values = {name: field.get_default(call_default_factory=True) for name, field in optional if name not in data}
+        values.update(data)
+        self.__dict__.update(values)
+        object.__setattr__(self, "__pydantic_fields_set__", set(data))
+        object.__setattr__(self, "__pydantic_extra__", None)
+        object.__setattr__(self, "__pydantic_private__", None)
