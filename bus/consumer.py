@@ -18,6 +18,7 @@ consumer is recreated to continue right after the last applied sequence, in orde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,9 @@ class ConsumerSettings:
             description=f"collabbus consumer group {self.name}",
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self.start_seq else DeliverPolicy.ALL,
             opt_start_seq=self.start_seq,
-            ack_policy=AckPolicy.EXPLICIT,
+            # Batches are applied and acknowledged in log order, so one ack for the last event applied
+            # stands for the ones before it: a batch costs one ack, not one per event.
+            ack_policy=AckPolicy.ALL,
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,
             filter_subject=self.filter_subject,
@@ -97,7 +100,12 @@ async def ensure_consumer(js: JetStreamContext, settings: ConsumerSettings, stre
         await js.add_consumer(stream, wanted)
         return []
     changed = [name for name in _OWNED if _normal(getattr(current, name)) != _normal(getattr(wanted, name))]
-    if changed:
+    if "ack_policy" in changed:
+        # The server cannot change a consumer's ack policy: it is made again (it continues from
+        # the database's position when it starts, see ``Consumer``).
+        await js.delete_consumer(stream, settings.name)
+        await js.add_consumer(stream, wanted)
+    elif changed:
         await js.add_consumer(stream, wanted)
         for name in changed:
             log.warning("consumer %s: %s changed from %r to %r", settings.name, name, getattr(current, name), getattr(wanted, name))
@@ -133,6 +141,7 @@ class Consumer:
     applied: int = 0
     dead_lettered: int = 0
     _handling: bool = False
+    _ahead: asyncio.Task[list[Msg]] | None = None
 
     async def start(self) -> None:
         await ensure_consumer(self.js, self.settings, self.stream)
@@ -177,22 +186,57 @@ class Consumer:
         await self._sub.unsubscribe()
 
     async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                msgs = await self._sub.fetch(self.settings.batch, timeout=0.5)
-            except (NatsTimeoutError, asyncio.TimeoutError):
-                continue
-            except Exception as exc:  # connection trouble: nats-py reconnects; try again shortly
-                if self._stopping.is_set():
-                    return
+        # The next batch is read while this one is applied: the fetch, the parsing of the
+        # messages and the database work overlap instead of taking turns.
+        ahead: asyncio.Task[list[Msg]] | None = None
+        try:
+            while not self._stopping.is_set():
+                if ahead is None:
+                    ahead = asyncio.create_task(self._fetch())
+                msgs = await ahead
+                ahead = self._ahead = None
+                if not msgs or self._stopping.is_set():
+                    await self._hand_back(msgs)
+                    continue
+                ahead = self._ahead = asyncio.create_task(self._fetch())
+                self._handling = True
+                try:
+                    await self.handle(msgs)
+                finally:
+                    self._handling = False
+        finally:
+            self._ahead = None
+            if ahead is not None:
+                if ahead.done() and not ahead.cancelled() and ahead.exception() is None:
+                    await self._hand_back(ahead.result())
+                else:
+                    ahead.cancel()
+
+    async def _fetch(self) -> list[Msg]:
+        """The next batch, or nothing (none within half a second, or the connection is in trouble)."""
+        try:
+            return await self._sub.fetch(self.settings.batch, timeout=0.5)
+        except (NatsTimeoutError, asyncio.TimeoutError):
+            return []
+        except Exception as exc:  # connection trouble: nats-py reconnects; try again shortly
+            if not self._stopping.is_set():
                 log.warning("consumer %s: fetch failed: %r", self.settings.name, exc)
                 await asyncio.sleep(0.5)
-                continue
-            self._handling = True
-            try:
-                await self.handle(msgs)
-            finally:
-                self._handling = False
+            return []
+
+    async def _hand_back(self, msgs: list[Msg]) -> None:
+        """Messages read ahead and not applied (stopping): back to the server at once, so the
+        next start does not wait for their ack deadline."""
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+    def _read_ahead(self) -> list[Msg]:
+        """The batch already read behind the one in hand (it waits while that one is retried)."""
+        ahead = self._ahead
+        if ahead is None or not ahead.done() or ahead.cancelled() or ahead.exception() is not None:
+            return []
+        return ahead.result()
 
     async def handle(self, msgs: list[Msg]) -> None:
         """Apply a batch in order; ack what was applied, retry a failure in place, then dead-letter it."""
@@ -223,8 +267,8 @@ class Consumer:
             else:
                 failure = unreadable
             derived += decided
-            for msg in pending[:applied]:
-                await msg.ack()
+            if applied:
+                await pending[applied - 1].ack()  # acknowledges the ones before it too (AckPolicy.ALL)
             self.applied += applied
             if applied:
                 attempts = 0
@@ -252,7 +296,7 @@ class Consumer:
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
         while not self._stopping.is_set():
-            for msg in msgs:
+            for msg in [*msgs, *self._read_ahead()]:
                 await msg.in_progress()
             left = until - loop.time()
             if left <= 0:
@@ -273,7 +317,7 @@ class Consumer:
                 for msg in msgs:
                     await msg.nak()
                 return None
-            for msg in msgs:
+            for msg in [*msgs, *self._read_ahead()]:
                 await msg.in_progress()
             await asyncio.sleep(wait)
             wait = min(wait * 2, 10.0)

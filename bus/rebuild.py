@@ -77,12 +77,21 @@ async def rebuild(
         ),
     )
     sub = await js.pull_subscribe_bind(name, EVENTS_STREAM)
+
+    async def read() -> list[Any]:
+        try:
+            return await sub.fetch(batch, timeout=2.0)
+        except NatsTimeoutError:
+            return []
+
+    # The next batch is read while this one is applied (the fetch and the database work overlap).
+    ahead: asyncio.Task[list[Any]] | None = asyncio.create_task(read())
     try:
         seq = 0
-        while seq < report.last_seq:
-            try:
-                msgs = await sub.fetch(batch, timeout=2.0)
-            except NatsTimeoutError:
+        while ahead is not None and seq < report.last_seq:
+            msgs = await ahead
+            ahead = None
+            if not msgs:
                 break
             items = []
             for msg in msgs:
@@ -92,6 +101,8 @@ async def rebuild(
                     break
                 stamp = meta.timestamp if meta.timestamp.tzinfo else meta.timestamp.replace(tzinfo=timezone.utc)
                 items.append(LoggedItem(seq, orjson.loads(msg.data), stamp))
+            if seq < report.last_seq:
+                ahead = asyncio.create_task(read())
             rest = items
             while rest:
                 applied, failure, _ = await asyncio.to_thread(service.apply_batch, rest, live=False)
@@ -105,6 +116,8 @@ async def rebuild(
             if progress:
                 progress(report.events, total)
     finally:
+        if ahead is not None:
+            ahead.cancel()
         await sub.unsubscribe()
         try:
             await js.delete_consumer(EVENTS_STREAM, name)

@@ -87,12 +87,14 @@ class Relay:
             if not pending:
                 return confirmed
             done: list[str] = []
-            for event_id, body in pending:
-                verdict = await self.gate.publish_internal(orjson.loads(body))
+            # Published together and confirmed together: the messages leave on the one connection
+            # in outbox order (nothing before the write yields), so the log keeps that order.
+            verdicts = await asyncio.gather(*(self.gate.publish_internal(orjson.loads(body)) for _, body in pending))
+            for (event_id, body), verdict in zip(pending, verdicts):
                 if verdict.accepted:
                     done.append(event_id)
                 elif verdict.reason == "unavailable":
-                    break
+                    continue  # stays in the outbox; the next drain offers it again
                 else:  # a workflow decided an event the catalog refuses: a bug, kept visible in the DLQ
                     log.error("derived event %s refused by the catalog: %s", event_id, verdict.as_dict(), extra={"event_id": event_id})
                     await self.gate.js.publish(

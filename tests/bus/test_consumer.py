@@ -149,6 +149,14 @@ async def test_consumer_settings_are_owned(server: EmbeddedNats) -> None:
         assert await ensure_consumer(js, ConsumerSettings("owned", max_deliver=5)) == []
         assert await ensure_consumer(js, ConsumerSettings("owned", max_deliver=9)) == ["max_deliver"]
         assert (await js.consumer_info(EVENTS_STREAM, "owned")).config.max_deliver == 9
+        # A consumer made with an earlier ack policy (the server cannot update that one) is made again.
+        from nats.js.api import AckPolicy
+
+        old = ConsumerSettings("earlier").config()
+        old.ack_policy = AckPolicy.EXPLICIT
+        await js.add_consumer(EVENTS_STREAM, old)
+        assert await ensure_consumer(js, ConsumerSettings("earlier")) == ["ack_policy"]
+        assert (await js.consumer_info(EVENTS_STREAM, "earlier")).config.ack_policy == AckPolicy.ALL
         assert bus_settings.nats_servers == [server.url]
     finally:
         await nc.close()
