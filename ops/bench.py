@@ -859,7 +859,7 @@ async def rebuild_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
     bus = BusProcess(server.url, work, server.bus_creds)
     await bus.start()  # the streams, the operator, the migrated database
     await bus.stop()
-    published, last_seq, fill_seconds = await _fill_log(server, chunks, n, options, progress)
+    published, last_seq, fill_seconds = await fill_log(server, chunks, n, options, progress)
     try:
         await bus.start()
         watcher = PositionWatcher(bus.database).start()
@@ -931,7 +931,7 @@ async def _settle(server: EmbeddedNats, watcher: "PositionWatcher", deadline: fl
         await nc.close()
 
 
-async def _fill_log(server: EmbeddedNats, chunks: list[tuple[list[Event], list[Event]]], n: int,
+async def fill_log(server: EmbeddedNats, chunks: list[tuple[list[Event], list[Event]]], n: int,
                     options: BenchOptions, progress: Progress) -> tuple[int, int, float]:
     """Publish the events to the log as the gate does (canonical bytes, ``Nats-Msg-Id``, each
     workload's members first); returns (published, last sequence, seconds)."""
