@@ -61,6 +61,7 @@ INSTITUTION = "collabbus.institution"
 LOG_SEQ = "collabbus.log.seq"
 DUPLICATE = "collabbus.duplicate"
 VERDICT = "collabbus.verdict"
+PORTAL = "collabbus.portal"
 
 TRACE_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
@@ -173,6 +174,11 @@ def otlp_traces_endpoint(env: Mapping[str, str]) -> str | None:
 _active: ContextVar[Tracing | None] = ContextVar("collabbus_tracing", default=None)
 _consuming: ContextVar[tuple[str, int | None] | None] = ContextVar("collabbus_consuming", default=None)
 _log_contexts: ContextVar[Mapping[int, str]] = ContextVar("collabbus_log_contexts", default={})
+
+
+def active() -> Tracing | None:
+    """The tracing :func:`activate` made current here (None outside a bus)."""
+    return _active.get()
 
 
 def activate(tracing: Tracing) -> None:

@@ -69,6 +69,7 @@ from typing import Any, Literal
 
 import httpx
 import orjson
+from opentelemetry import trace
 from sqlalchemy import Engine
 from sqlmodel import select
 
@@ -78,6 +79,7 @@ from handlers.db import session_scope
 from handlers.bookkeeping import AppliedEvent
 from handlers.institutions import Institution
 from handlers.projects import Project
+from ops import tracing as traces
 
 log = logging.getLogger("collabbus.portal")
 
@@ -412,10 +414,16 @@ class PortalSync:
         portal: str | None = None,
         page_size: int = 100,
         concurrency: int = 8,
+        tracing: Any = None,
     ) -> None:
         self.gate = gate
         self.engine = engine
         self.client = client
+        # Each pass is a span; the portal calls (client spans) and the events offered from it
+        # (the gate's producer spans) are in its trace. Default: the bus's tracing.
+        self.tracing = tracing if tracing is not None else traces.active()
+        if self.tracing is not None:
+            self.tracing.instrument_httpx(client.http)
         self.portal = portal or portal_key(str(client.http.base_url))
         self._publications: dict[str, store.PortalPublication] = {}
         """project id → this portal's publications, as loaded when a sync starts."""
@@ -437,6 +445,19 @@ class PortalSync:
     async def sync(self, *, full: bool = False, progress: Callable[[SyncReport], None] | None = None) -> SyncReport:
         """One pass over what changed since the last sync (``full``: over everything; entries
         unchanged since they were synced still emit nothing)."""
+        if self.tracing is None or not self.tracing.enabled:
+            return await self._sync(full=full, progress=progress)
+        with self.tracing.tracer.start_as_current_span(
+            "portal sync", attributes={traces.PORTAL: self.portal, "collabbus.portal.full": full},
+        ) as span:
+            report = await self._sync(full=full, progress=progress)
+            span.set_attributes({"collabbus.portal.listed": report.listed, "collabbus.portal.registered": report.registered,
+                                 "collabbus.portal.updated": report.updated})
+            if report.error:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, report.error))
+            return report
+
+    async def _sync(self, *, full: bool, progress: Callable[[SyncReport], None] | None) -> SyncReport:
         report = SyncReport(self.portal)
         started = time.monotonic()
         retries_before = self.client.retries
@@ -649,9 +670,12 @@ class PortalSync:
     async def _push(self, mark: store.PortalPublication, report: SyncReport) -> str | None:
         """One publication's turn; what went wrong, or None."""
         with session_scope(self.engine) as session:
+            # Whether the event is applied is read before the project: on PostgreSQL (read
+            # committed) each statement sees the latest commit, and the project read first could
+            # predate the very commit that then shows the event applied (a push would undo it).
+            waiting = mark.waiting_for is not None and session.get(AppliedEvent, mark.waiting_for) is None
             project = session.get(Project, mark.project_id)
             owner = session.get(Institution, project.owner) if project is not None else None
-            waiting = mark.waiting_for is not None and session.get(AppliedEvent, mark.waiting_for) is None
         if project is None or owner is None:
             return "the project is not in the read model"
         if waiting:

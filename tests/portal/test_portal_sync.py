@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from sqlmodel import select
 
 from bus.streams import EVENTS_STREAM
 from connectors.portal.connector import (
+    PortalClient,
     PortalSync,
     SyncReport,
     content_hash,
@@ -279,3 +281,37 @@ async def test_logged_decisions_about_portal_projects_are_pushed(gateway: Gatewa
         await pushing
         await gateway.bus.js.delete_consumer(EVENTS_STREAM, durable)
     assert (await sync.sync()).emitted == 0  # not echoed back
+
+
+
+async def test_a_sync_pass_is_one_trace_with_its_portal_calls_and_the_events_it_offered(
+    gateway: Gateway, sandbox: PortalSandbox, network: Network, tmp_path: Path,
+) -> None:
+    from bus.log import read
+    from ops.tracing import Tracing, recent_traces
+
+    seed(sandbox, network, 3)
+    (tmp_path / "connector").mkdir()
+    tracing = Tracing.configure(tmp_path / "connector", environ={})
+    plain = portal_sync(gateway, sandbox)  # (its client reports to the gateway's bus: a client of its own here)
+    client = PortalClient(sandbox.url, TOKEN, timeout=5.0, backoff=0.02)
+    connector = PortalSync(plain.gate, plain.engine, client, portal=plain.portal, tracing=tracing)
+    report = await connector.sync()
+    assert report.registered == 3
+    assert tracing.flush() and tracing.store is not None
+    [found] = recent_traces(tracing.store, limit=5)
+    [root] = found["roots"]
+    assert root["operation"] == "portal sync" and root["status"] != "error"
+    calls = [span["operation"] for span in root["children"]]
+    assert calls.count("GET") >= 4, calls  # the list, then each entry
+    # The events offered during the pass were logged in its trace (the gate's producer span is its child).
+    logged = []
+    for member in network.members.values():
+        async for item in read(gateway.bus.js, f"collab.events.{member}.project.>", since="all", idle_timeout=0.5):
+            logged.append(item.seq)
+    assert len(logged) == 3
+    for seq in logged:
+        message = await gateway.bus.js.get_msg(EVENTS_STREAM, seq)
+        assert message.headers and message.headers["traceparent"].split("-")[1] == found["trace_id"]
+    await client.http.aclose()
+    tracing.shutdown()
