@@ -186,8 +186,9 @@ class Consumer:
         await self._sub.unsubscribe()
 
     async def _run(self) -> None:
-        # The next batch is read while this one is applied: the fetch, the parsing of the
-        # messages and the database work overlap instead of taking turns.
+        # Behind the log (a full batch came), the next batch is read while this one is applied:
+        # the fetch, the parsing and the database work overlap. Otherwise the next fetch waits
+        # for this batch, so that what arrives meanwhile makes one batch, not many small ones.
         ahead: asyncio.Task[list[Msg]] | None = None
         try:
             while not self._stopping.is_set():
@@ -198,7 +199,8 @@ class Consumer:
                 if not msgs or self._stopping.is_set():
                     await self._hand_back(msgs)
                     continue
-                ahead = self._ahead = asyncio.create_task(self._fetch())
+                if len(msgs) >= self.settings.batch:
+                    ahead = self._ahead = asyncio.create_task(self._fetch())
                 self._handling = True
                 try:
                     await self.handle(msgs)
