@@ -1179,9 +1179,7 @@ def portal_publish(
             raise typer.Exit(1) from None
     finally:
         engine.dispose()
-    summary = {"portal": mark.portal, "project_id": mark.project_id, "entry_type": mark.entry_type,
-               "entry_id": mark.entry_id, "marked_at": mark.marked_at.isoformat(),
-               "pushed_at": mark.pushed_at.isoformat() if mark.pushed_at else None, "error": mark.error}
+    summary = _publication(mark)
     if as_json:
         out.print_json(data=summary)
     elif mark.entry_id:
@@ -1191,6 +1189,50 @@ def portal_publish(
                   "the connector creates its entry on its next sync")
         if mark.error:
             out.print(f"  [yellow]last attempt:[/yellow] {escape(mark.error)}")
+
+
+def _publication(mark: Any) -> dict[str, Any]:
+    """A publication mark as ``portal publish``/``publications`` report it."""
+    return {"portal": mark.portal, "project_id": mark.project_id, "entry_type": mark.entry_type,
+            "entry_id": mark.entry_id, "marked_at": mark.marked_at.isoformat(),
+            "pushed_at": mark.pushed_at.isoformat() if mark.pushed_at else None, "error": mark.error}
+
+
+@portal_app.command("publications")
+@with_settings
+def portal_publications(
+    as_json: Annotated[bool, typer.Option("--json", help="print the publications as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """The projects marked for publication on the portal: their entries, last push and last error."""
+    from connectors.portal.connector import portal_key
+    from connectors.portal.store import publications
+    from handlers.db import make_engine, migrate, session_scope
+
+    if not settings.portal_url:
+        err.print("[red]error:[/red] no portal configured: set COLLABBUS_PORTAL_URL (or --portal-url)")
+        raise typer.Exit(2)
+    engine = make_engine(settings.db_url)
+    try:
+        migrate(engine)
+        with session_scope(engine) as session:
+            found = [_publication(mark) for mark in publications(session, portal_key(settings.portal_url))]
+    finally:
+        engine.dispose()
+    if as_json:
+        out.print_json(data=found)
+        return
+    if not found:
+        out.print("no project is marked for publication on this portal")
+        return
+    for mark in found:
+        entry = f"entry {escape(mark['entry_id'])}" if mark["entry_id"] else "no entry yet"
+        pushed = f", last push {mark['pushed_at'][:19]}" if mark["pushed_at"] else ""
+        out.print(f"{escape(mark['project_id'])} ({mark['entry_type']}): {entry}, marked {mark['marked_at'][:19]}{pushed}",
+                  soft_wrap=True)
+        if mark["error"]:
+            out.print(f"  [yellow]last error:[/yellow] {escape(mark['error'])}", soft_wrap=True)
 
 
 @portal_app.command("sandbox")

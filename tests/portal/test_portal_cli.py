@@ -103,3 +103,10 @@ async def test_publish_command_marks_a_project_and_sync_creates_its_entry(
 
     code, stdout, _ = await collabbus("portal", "publish", project_id)
     assert code == 0 and f"published as portal entry {entry['id']}" in " ".join(stdout.split())
+    code, stdout, stderr = await collabbus("portal", "publications", "--json")
+    assert code == 0, stderr
+    [listed] = json.loads(stdout)
+    assert (listed["project_id"], listed["entry_type"], listed["entry_id"], listed["error"]) == (project_id, "practice", entry["id"], None)
+    assert listed["pushed_at"] is not None
+    code, stdout, _ = await collabbus("portal", "publications")
+    assert code == 0 and project_id in stdout and entry["id"] in stdout
