@@ -157,8 +157,13 @@ class Consumer:
         acked = info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
         if info.num_ack_pending == 0 and acked == expected:
             return
-        log.warning(
-            "consumer %s: the database has applied the log up to #%d, the consumer acked up to #%s with %d in flight; "
+        # Messages in flight past what was applied (read ahead, or delivered when the process
+        # stopped) would come back only after their ack wait, behind newer ones: the consumer is
+        # made again at the database's position, so the log is applied in order. That is routine;
+        # the database and the consumer disagreeing about what was applied is worth a warning.
+        level = logging.INFO if acked == expected else logging.WARNING
+        log.log(
+            level, "consumer %s: the database has applied the log up to #%d, the consumer acked up to #%s with %d in flight; "
             "continuing from #%d", self.settings.name, position, acked, info.num_ack_pending, expected + 1,
         )
         await self.js.delete_consumer(self.stream, self.settings.name)

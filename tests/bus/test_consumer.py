@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -160,3 +162,37 @@ async def test_consumer_settings_are_owned(server: EmbeddedNats) -> None:
         assert bus_settings.nats_servers == [server.url]
     finally:
         await nc.close()
+
+
+async def test_a_consumer_stopped_behind_the_log_continues_in_order_and_applies_each_event_once(
+    tmp_path: Path, server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Slow(Recorder):
+        def __call__(self, session: Session, event: Event[Any]) -> None:
+            time.sleep(0.02)  # applying a batch takes long enough for the next one to be read ahead
+            super().__call__(session, event)
+
+    recorder = Slow()
+    factory = lambda: Network(Routes().add(projections={"project.registered": recorder}))  # noqa: E731
+    bus = await start_bus(tmp_path, server, factory, batch=5)
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        events = [project_event(f"ahead-{i}") for i in range(40)]
+        await asyncio.gather(*(offer(nc, FIXTURE["as"], event) for event in events))
+        await wait_for(lambda: len(recorder.seen) >= 10)
+        await bus.stop()  # behind the log, with a batch read ahead
+        assert len(set(recorder.seen)) < 40
+        caplog.set_level(logging.INFO, logger="collabbus.consumer")
+        bus = await start_bus(tmp_path, server, factory, batch=5)
+        await wait_for(lambda: len(set(recorder.seen)) == 40)
+        # The next start continued from the database's position; nothing disagreed (no warning).
+        continued = [r for r in caplog.records if r.name == "collabbus.consumer" and "continuing from" in r.getMessage()]
+        assert continued and all(r.levelno == logging.INFO for r in continued)
+        with Session(bus.engine) as session:
+            applied = set(session.exec(select(AppliedEvent.event_id)).all())
+        assert {event["id"] for event in events} <= applied
+        assert sorted(recorder.seen) == sorted(event["subject"] for event in events)  # none projected twice
+    finally:
+        await nc.close()
+        await bus.stop()
