@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional, TypeVar
 
@@ -1089,9 +1089,7 @@ def portal_sync(
     from connectors.webhooks.targets import RefusedTarget
     from handlers.db import make_engine, migrate
 
-    if not settings.portal_url:
-        err.print("[red]error:[/red] no portal configured: set COLLABBUS_PORTAL_URL (or --portal-url)")
-        raise typer.Exit(2)
+    _portal_url(settings)
     if settings.embedded and port_is_taken(*settings.listen_host_port):
         from bus.runtime import embedded_bus_creds
 
@@ -1164,21 +1162,14 @@ def portal_publish(
     adds the entry to the project's external_refs, and from then on writes the project's changes to
     it. Marking a project again changes nothing."""
     from connectors.portal.connector import PublicationRefused, mark_for_publication, portal_key
-    from handlers.db import make_engine, migrate
 
-    if not settings.portal_url:
-        err.print("[red]error:[/red] no portal configured: set COLLABBUS_PORTAL_URL (or --portal-url)")
-        raise typer.Exit(2)
-    engine = make_engine(settings.db_url)
-    try:
-        migrate(engine)
+    portal = portal_key(_portal_url(settings))
+    with _read_models(settings) as engine:
         try:
-            mark = mark_for_publication(engine, portal_key(settings.portal_url), project_id, entry_type)
+            mark = mark_for_publication(engine, portal, project_id, entry_type)
         except PublicationRefused as exc:
             err.print(f"[red]refused:[/red] {escape(str(exc))}")
             raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
     summary = _publication(mark)
     if as_json:
         out.print_json(data=summary)
@@ -1189,6 +1180,27 @@ def portal_publish(
                   "the connector creates its entry on its next sync")
         if mark.error:
             out.print(f"  [yellow]last attempt:[/yellow] {escape(mark.error)}")
+
+
+def _portal_url(settings: Settings) -> str:
+    """The configured portal's URL; without one, a usage error."""
+    if not settings.portal_url:
+        err.print("[red]error:[/red] no portal configured: set COLLABBUS_PORTAL_URL (or --portal-url)")
+        raise typer.Exit(2)
+    return settings.portal_url
+
+
+@contextlib.contextmanager
+def _read_models(settings: Settings) -> Iterator[Any]:
+    """An engine on the migrated read models, disposed afterwards."""
+    from handlers.db import make_engine, migrate
+
+    engine = make_engine(settings.db_url)
+    try:
+        migrate(engine)
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def _publication(mark: Any) -> dict[str, Any]:
@@ -1208,18 +1220,11 @@ def portal_publications(
     """The projects marked for publication on the portal: their entries, last push and last error."""
     from connectors.portal.connector import portal_key
     from connectors.portal.store import publications
-    from handlers.db import make_engine, migrate, session_scope
+    from handlers.db import session_scope
 
-    if not settings.portal_url:
-        err.print("[red]error:[/red] no portal configured: set COLLABBUS_PORTAL_URL (or --portal-url)")
-        raise typer.Exit(2)
-    engine = make_engine(settings.db_url)
-    try:
-        migrate(engine)
-        with session_scope(engine) as session:
-            found = [_publication(mark) for mark in publications(session, portal_key(settings.portal_url))]
-    finally:
-        engine.dispose()
+    portal = portal_key(_portal_url(settings))
+    with _read_models(settings) as engine, session_scope(engine) as session:
+        found = [_publication(mark) for mark in publications(session, portal)]
     if as_json:
         out.print_json(data=found)
         return
