@@ -232,8 +232,9 @@ class Consumer:
             return []
 
     async def _hand_back(self, msgs: list[Msg]) -> None:
-        """Messages read ahead and not applied (stopping): back to the server at once, so the
-        next start does not wait for their ack deadline."""
+        """Messages read ahead and not applied (stopping): back to the server at once, so another
+        bus process sharing the consumer gets them without waiting for their ack deadline (this
+        process's next start continues from the database's position, see ``start``)."""
         for msg in msgs:
             with contextlib.suppress(Exception):
                 await msg.nak()
