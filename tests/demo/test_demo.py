@@ -131,13 +131,16 @@ async def demo_bus(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[De
         env.pop(name, None)
     up = await Up.start(env, data_dir / "up.out", until="demo network")
     engine = make_engine(f"sqlite:///{data_dir / 'collabbus.db'}")
+    bus: DemoBus | None = None
     try:
         async with httpx.AsyncClient(base_url=f"http://{http}", timeout=30) as client:
-            yield DemoBus(up, client, engine)
+            bus = DemoBus(up, client, engine)
+            yield bus
     finally:
         engine.dispose()
-        rest = await up.stop()
-        assert up.proc.returncode in (0, None), "".join(up.stderr) + rest
+        running = bus.up if bus is not None else up  # a test may have restarted it
+        rest = await running.stop()
+        assert running.proc.returncode in (0, None), "".join(running.stderr) + rest
 
 
 async def test_up_with_demo_loads_the_network_and_prints_what_happened(demo_bus: DemoBus) -> None:
