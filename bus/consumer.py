@@ -27,11 +27,11 @@ from typing import Any, Protocol
 
 import orjson
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from bus.pull import Puller, position
 from bus.streams import EVENTS_STREAM
 from ops import tracing
 
@@ -141,12 +141,13 @@ class Consumer:
     applied: int = 0
     dead_lettered: int = 0
     _handling: bool = False
-    _ahead: asyncio.Task[list[Msg]] | None = None
+    _puller: Puller = field(init=False)
 
     async def start(self) -> None:
         await ensure_consumer(self.js, self.settings, self.stream)
         await self._continue_from_database()
-        self._sub = await self.js.pull_subscribe_bind(self.settings.name, self.stream)
+        self._puller = Puller(self.js._nc, self.stream, self.settings.name, batch=self.settings.batch)
+        await self._puller.start()
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.settings.name}")
 
@@ -178,7 +179,7 @@ class Consumer:
         return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
-        """Finish the batch in hand, then stop (a pending fetch is abandoned at once)."""
+        """Finish the batch in hand, then stop (a pending wait for messages is abandoned at once)."""
         self._stopping.set()
         if self._task is not None:
             if not self._handling:
@@ -188,43 +189,28 @@ class Consumer:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        await self._sub.unsubscribe()
+        await self._hand_back(await self._puller.stop())
 
     async def _run(self) -> None:
-        # Behind the log (a full batch came), the next batch is read while this one is applied:
-        # the fetch, the parsing and the database work overlap. Otherwise the next fetch waits
-        # for this batch, so that what arrives meanwhile makes one batch, not many small ones.
-        ahead: asyncio.Task[list[Msg]] | None = None
-        try:
-            while not self._stopping.is_set():
-                if ahead is None:
-                    ahead = asyncio.create_task(self._fetch())
-                msgs = await ahead
-                ahead = self._ahead = None
-                if not msgs or self._stopping.is_set():
-                    await self._hand_back(msgs)
-                    continue
-                if len(msgs) >= self.settings.batch:
-                    ahead = self._ahead = asyncio.create_task(self._fetch())
-                self._handling = True
-                try:
-                    await self.handle(msgs)
-                finally:
-                    self._handling = False
-        finally:
-            self._ahead = None
-            if ahead is not None:
-                if ahead.done() and not ahead.cancelled() and ahead.exception() is None:
-                    await self._hand_back(ahead.result())
-                else:
-                    ahead.cancel()
+        # The puller keeps a pull request open, so what is logged while a batch is applied arrives
+        # meanwhile and makes the next batch; a trickle is applied as it comes.
+        while not self._stopping.is_set():
+            msgs = await self._fetch()
+            if not msgs:
+                continue
+            if self._stopping.is_set():
+                await self._hand_back(msgs)
+                return
+            self._handling = True
+            try:
+                await self.handle(msgs)
+            finally:
+                self._handling = False
 
     async def _fetch(self) -> list[Msg]:
         """The next batch, or nothing (none within half a second, or the connection is in trouble)."""
         try:
-            return await self._sub.fetch(self.settings.batch, timeout=0.5)
-        except (NatsTimeoutError, asyncio.TimeoutError):
-            return []
+            return await self._puller.fetch(timeout=0.5)
         except Exception as exc:  # connection trouble: nats-py reconnects; try again shortly
             if not self._stopping.is_set():
                 log.warning("consumer %s: fetch failed: %r", self.settings.name, exc)
@@ -232,7 +218,7 @@ class Consumer:
             return []
 
     async def _hand_back(self, msgs: list[Msg]) -> None:
-        """Messages read ahead and not applied (stopping): back to the server at once, so another
+        """Messages received and not applied (stopping): back to the server at once, so another
         bus process sharing the consumer gets them without waiting for their ack deadline (this
         process's next start continues from the database's position, see ``start``)."""
         for msg in msgs:
@@ -240,11 +226,8 @@ class Consumer:
                 await msg.nak()
 
     def _read_ahead(self) -> list[Msg]:
-        """The batch already read behind the one in hand (it waits while that one is retried)."""
-        ahead = self._ahead
-        if ahead is None or not ahead.done() or ahead.cancelled() or ahead.exception() is not None:
-            return []
-        return ahead.result()
+        """The messages received behind the batch in hand (they wait while that one is retried)."""
+        return self._puller.buffered
 
     async def handle(self, msgs: list[Msg]) -> None:
         """Apply a batch in order; ack what was applied, retry a failure in place, then dead-letter it."""
@@ -262,10 +245,9 @@ class Consumer:
                 except orjson.JSONDecodeError as exc:
                     unreadable = Failure("JSONDecodeError", str(exc), permanent=True)
                     break
-                meta = msg.metadata
-                logged_at = meta.timestamp if meta.timestamp.tzinfo else meta.timestamp.replace(tzinfo=timezone.utc)
+                seq, _, logged_at = position(msg)
                 traceparent = msg.headers.get(tracing.TRACEPARENT) if msg.headers else None
-                items.append(LoggedItem(meta.sequence.stream, envelope, logged_at, traceparent))
+                items.append(LoggedItem(seq, envelope, logged_at, traceparent))
             applied, failure, decided = (0, None, 0)
             if items:
                 outcome = await self._apply_holding(pending, items)
@@ -287,10 +269,10 @@ class Consumer:
                 continue
             head = pending[0]
             attempts += 1
-            deliveries = head.metadata.num_delivered + attempts - 1
+            deliveries = position(head)[1] + attempts - 1
             if failure.permanent or deliveries >= self.settings.max_deliver:
                 await self.dead_letter(head, failure.error, failure.detail, deliveries)
-                await asyncio.to_thread(self.applier.skip, head.metadata.sequence.stream)
+                await asyncio.to_thread(self.applier.skip, position(head)[0])
                 await head.ack()
                 pending = pending[1:]
                 attempts = 0

@@ -11,14 +11,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timezone
 from typing import Any
 
 import orjson
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from bus.pull import Puller, position
 from bus.streams import EVENTS_STREAM
 
 
@@ -76,33 +75,25 @@ async def rebuild(
             max_waiting=1,
         ),
     )
-    sub = await js.pull_subscribe_bind(name, EVENTS_STREAM)
-
-    async def read() -> list[Any]:
-        try:
-            return await sub.fetch(batch, timeout=2.0)
-        except NatsTimeoutError:
-            return []
-
-    # The next batch is read while this one is applied (the fetch and the database work overlap).
-    ahead: asyncio.Task[list[Any]] | None = asyncio.create_task(read())
+    puller = Puller(js._nc, EVENTS_STREAM, name, batch=batch)
+    await puller.start()
     try:
-        seq = 0
-        while ahead is not None and seq < report.last_seq:
-            msgs = await ahead
-            ahead = None
+        seq = idle = 0
+        while seq < report.last_seq:
+            # The puller keeps a request open: the next batch arrives while this one is applied.
+            msgs = await puller.fetch(timeout=2.0)
             if not msgs:
-                break
+                idle += 1
+                if idle >= 5:  # the log has nothing more for ten seconds (messages removed by their limits)
+                    break
+                continue
+            idle = 0
             items = []
             for msg in msgs:
-                meta = msg.metadata
-                seq = meta.sequence.stream
+                seq, _, stamp = position(msg)
                 if seq > report.last_seq:
                     break
-                stamp = meta.timestamp if meta.timestamp.tzinfo else meta.timestamp.replace(tzinfo=timezone.utc)
                 items.append(LoggedItem(seq, orjson.loads(msg.data), stamp))
-            if seq < report.last_seq:
-                ahead = asyncio.create_task(read())
             rest = items
             while rest:
                 applied, failure, _ = await asyncio.to_thread(service.apply_batch, rest, live=False)
@@ -116,9 +107,7 @@ async def rebuild(
             if progress:
                 progress(report.events, total)
     finally:
-        if ahead is not None:
-            ahead.cancel()
-        await sub.unsubscribe()
+        await puller.stop()
         try:
             await js.delete_consumer(EVENTS_STREAM, name)
         except Exception:  # it expires by itself after inactive_threshold

@@ -1,0 +1,140 @@
+"""Batches from a JetStream pull consumer, with one pull request kept open.
+
+nats-py's ``fetch`` makes a task (and a uuid) per message, and once a waiting request has brought
+its first message it waits for the whole batch or the timeout: under a trickle every batch waited
+out its timeout, which is what an event's time from offer to commit showed. Here one pull request
+is kept open on the consumer, so the server pushes messages as they are logged; :meth:`Puller.fetch`
+returns what has arrived as soon as there is something, and a new request goes out when the open
+one is used up or has expired. At most about two batches are held (the one handed out and the one
+arriving), so a slow reader holds back the server rather than filling memory.
+
+Messages keep their reply subjects: ``ack``, ``nak`` and ``in_progress`` work as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger("collabbus.consumer")
+
+_STATUS = "Status"
+_DESCRIPTION = "Description"
+_HEARTBEAT = "100"
+_ENDED = ("404", "408")  # no messages (no_wait), request expired: the request is over, nothing wrong
+
+
+class Puller:
+    """Keeps one pull request open on ``stream``/``consumer`` and hands out what arrives."""
+
+    def __init__(self, nc: Client, stream: str, consumer: str, *, batch: int, expires: float = 5.0) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.consumer = consumer
+        self.batch = batch
+        self.expires = expires
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._request_body = orjson.dumps({"batch": batch, "expires": int(expires * 1e9)})
+        self._buffer: list[Msg] = []
+        self._open = 0
+        """How many messages the open request may still bring (0: none is open)."""
+        self._deadline = 0.0
+        self._trouble: str | None = None
+        self._wake = asyncio.Event()
+        self._sub: Subscription | None = None
+        self._inbox = ""
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._take)
+        await self._refresh()
+
+    async def stop(self) -> list[Msg]:
+        """Stop taking messages; returns the ones received and not handed out."""
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is going away: nothing more arrives either way
+                pass
+        self._wake.set()
+        left, self._buffer = self._buffer, []
+        return left
+
+    @property
+    def buffered(self) -> list[Msg]:
+        """Messages received and not handed out yet."""
+        return list(self._buffer)
+
+    async def fetch(self, timeout: float) -> list[Msg]:
+        """Up to ``batch`` messages: at once when some have arrived, else the first that arrive
+        within ``timeout`` s (with whatever came with them), else none."""
+        if self._sub is None:
+            return []
+        if not self._buffer:
+            await self._refresh()
+            if not self._buffer:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            if not self._buffer and self._trouble is not None:
+                log.warning("consumer %s: pull request refused: %s", self.consumer, self._trouble)
+                self._trouble = None
+                await asyncio.sleep(min(timeout, 0.5))  # e.g. the consumer is being made again
+        msgs = self._buffer[: self.batch]
+        del self._buffer[: self.batch]
+        await self._refresh()
+        return msgs
+
+    async def _refresh(self) -> None:
+        """Open a new request when none is open and there is room for its batch."""
+        if self._sub is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._open and loop.time() > self._deadline:
+            self._open = 0  # its end never arrived (e.g. the connection was lost meanwhile)
+        if self._open or len(self._buffer) >= self.batch:
+            return
+        self._open = self.batch
+        self._deadline = loop.time() + self.expires + 1.0
+        try:
+            await self.nc.publish(self._subject, self._request_body, reply=self._inbox)
+        except Exception as exc:  # reconnecting: asked again after the deadline
+            log.warning("consumer %s: pull request not sent: %r", self.consumer, exc)
+
+    async def _take(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers and not msg.data and _STATUS in headers:
+            status = headers[_STATUS]
+            if status == _HEARTBEAT:
+                return
+            self._open = 0
+            if status not in _ENDED:
+                self._trouble = f"{status} {headers.get(_DESCRIPTION, '')}".strip()
+            self._wake.set()
+            return
+        self._buffer.append(msg)
+        if self._open:
+            self._open -= 1
+        self._wake.set()
+        if not self._open and len(self._buffer) < self.batch:
+            await self._refresh()
+
+
+def position(msg: Msg) -> tuple[int, int, datetime]:
+    """(stream sequence, deliveries, time logged) of a message from a pull consumer, read from its
+    reply subject without building nats-py's metadata objects."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        delivered, seq, stamp = tokens[4], tokens[5], tokens[7]
+    else:  # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+        delivered, seq, stamp = tokens[6], tokens[7], tokens[9]
+    return int(seq), int(delivered), datetime.fromtimestamp(int(stamp) / 1_000_000_000.0, timezone.utc)
