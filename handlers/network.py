@@ -180,6 +180,9 @@ class Book:
     seq: int = 0
 
 
+_APPLIED_INSERT = AppliedEvent.__table__.insert()  # type: ignore[attr-defined]
+
+
 class Network:
     """Applies events to the read models through ``routes``, recording what it applied."""
 
@@ -223,11 +226,8 @@ class Network:
 
     def record(self, session: Session, book: "Book") -> None:
         """Write down what ``book`` collected: the applied ids in one statement, the position once."""
-        if book.applied:
-            session.execute(
-                AppliedEvent.__table__.insert(),  # type: ignore[attr-defined]
-                [{"event_id": event_id, "seq": seq} for event_id, seq in book.applied],
-            )
+        if book.applied:  # straight to the connection: the session has nothing to track here
+            session.connection().execute(_APPLIED_INSERT, [{"event_id": event_id, "seq": seq} for event_id, seq in book.applied])
         if book.seq:
             self.advance(session, book.seq)
         book.applied.clear()

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, ORMExecuteState
+from sqlalchemy.orm.attributes import instance_state
 from sqlmodel import Session, select
 
 _Key = tuple[Any, ...]
@@ -144,9 +145,14 @@ class KnownKeysSession(Session):
                 return None
             pending = self._pending.get((entity, key))
             if pending is not None:
-                if sa.inspect(pending).pending:
+                if instance_state(pending).pending:
                     return pending
                 del self._pending[entity, key]
+            # A row already in the identity map, as the ORM's own lookup finds it (rows do not
+            # expire here: the service's session keeps them past commits), without its checks.
+            found = self.identity_map.get((self._tracked[entity]._identity_class, key, None))
+            if found is not None and not instance_state(found).expired:
+                return found
         return super().get(entity, ident, **kwargs)
 
 
