@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from bus import cloudevents
 from bus.membership import Membership
+from bus.publisher import LogPublisher
 from bus.streams import EVENTS_STREAM
 from bus.verdict import Problem, Rejection, Verdict, reject
 from ops import metrics, tracing
@@ -131,6 +132,18 @@ class Gate:
         self.max_event_bytes = max_event_bytes
         self.stream = stream
         self.publish_timeout = publish_timeout
+        self.publisher: LogPublisher | None = None
+
+    async def start(self) -> None:
+        """Open the subscription the log's acknowledgements come back on."""
+        publisher = LogPublisher(self.nc)
+        await publisher.start()
+        self.publisher = publisher
+
+    async def stop(self) -> None:
+        if self.publisher is not None:
+            publisher, self.publisher = self.publisher, None
+            await publisher.stop()
 
     async def admit(
         self,
@@ -233,7 +246,10 @@ class Gate:
             tracing.inject(headers)
             check_fits(self.nc, payload, headers)
             try:
-                ack = await self.js.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
+                if self.publisher is not None:
+                    ack = await self.publisher.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
+                else:
+                    ack = await self.js.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
             except (NatsTimeoutError, NatsError, JetStreamError) as exc:
                 log.warning("log did not confirm %s: %s", event_id, exc, extra={"event_id": event_id})
                 raise reject(

@@ -148,6 +148,7 @@ class Bus:
         self.membership = Membership(self.nc, self.js)
         await self.membership.start()
         self.gate = Gate(self.nc, self.js, self.membership, max_event_bytes=settings.max_event_bytes, tracer=self.tracing.tracer)
+        await self.gate.start()
         await self.ensure_operator()
         if ingress:
             self.ingress = Ingress(self.nc, self.gate)
@@ -233,6 +234,8 @@ class Bus:
         if self.engine is not None:
             self.engine.dispose()
             self.engine = None
+        if hasattr(self, "gate"):
+            await self.gate.stop()
         if hasattr(self, "membership"):
             await self.membership.stop()
         if hasattr(self, "broker"):
