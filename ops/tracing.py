@@ -21,6 +21,7 @@ tracing off; ``OTEL_TRACES_SAMPLER`` and the other standard variables are honour
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -39,7 +40,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger("collabbus.tracing")
@@ -259,21 +260,82 @@ def consume_span(
     if tracing is None or not tracing.enabled or _consuming.get() == (consumer, seq):
         yield None
         return
-    parent = context_of(traceparent or envelope.get(TRACEPARENT))
-    producer = trace.get_current_span(parent).get_span_context()
-    attributes = event_attributes(envelope)
-    attributes.update({MESSAGING_SYSTEM: "nats", MESSAGING_OPERATION_TYPE: "process", MESSAGING_CONSUMER_GROUP: consumer})
+    span = _consumer_span(tracing.tracer, f"process {consumer}", consumer, envelope, seq, traceparent)
+    with _current(span, consumer, seq):
+        yield span
+
+
+def _consumer_span(
+    tracer: trace.Tracer, name: str, consumer: str, envelope: Mapping[str, Any], seq: int | None, traceparent: str | None
+) -> trace.Span:
+    """The (started) consumer span of :func:`consume_span`."""
+    producer = _remote_context(traceparent or envelope.get(TRACEPARENT))
+    attributes: dict[str, Any] = {
+        MESSAGING_MESSAGE_ID: str(envelope.get("id", "")),
+        EVENT_TYPE: str(envelope.get("type", "")),
+        INSTITUTION: str(envelope.get("source", "")).removeprefix("/institutions/"),
+        MESSAGING_SYSTEM: "nats",
+        MESSAGING_OPERATION_TYPE: "process",
+        MESSAGING_CONSUMER_GROUP: consumer,
+    }
     if seq is not None:
         attributes[LOG_SEQ] = seq
-    with tracing.tracer.start_as_current_span(
-        f"process {consumer}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes,
-        links=[Link(producer)] if producer.is_valid else None,
-    ) as span:
-        token = _consuming.set((consumer, seq))
-        try:
-            yield span
-        finally:
-            _consuming.reset(token)
+    if producer is None:
+        return tracer.start_span(name, context=_ROOT, kind=SpanKind.CONSUMER, attributes=attributes)
+    return tracer.start_span(
+        name, context=trace.set_span_in_context(NonRecordingSpan(producer), _ROOT), kind=SpanKind.CONSUMER,
+        attributes=attributes, links=(Link(producer),),
+    )
+
+
+_ROOT = otel_context.Context()
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def _remote_context(traceparent: Any) -> SpanContext | None:
+    """The valid span context a ``traceparent`` names, or None (what :func:`context_of` extracts,
+    without building a context for the usual version-00 value)."""
+    if not traceparent or not isinstance(traceparent, str):
+        return None
+    match = _TRACEPARENT_00.fullmatch(traceparent)
+    if match is None:
+        found = trace.get_current_span(context_of(traceparent)).get_span_context()
+        return found if found.is_valid else None
+    trace_id, span_id = int(match[1], 16), int(match[2], 16)
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(match[3], 16)))
+
+
+@contextlib.contextmanager
+def _current(span: trace.Span, consumer: str, seq: int | None) -> Iterator[None]:
+    """``span`` as the current span (log lines carry its ids) for the block, ended after it; an
+    exception leaving the block is recorded on it, as ``start_as_current_span`` does."""
+    token = otel_context.attach(trace.set_span_in_context(span))
+    consuming = _consuming.set((consumer, seq))
+    try:
+        yield
+    except Exception as exc:
+        _record_failure(span, exc)
+        raise
+    finally:
+        _consuming.reset(consuming)
+        otel_context.detach(token)
+        span.end()
+
+
+def _record_failure(span: trace.Span, exc: Exception) -> None:
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+def _traceparent_of(span: trace.Span) -> str | None:
+    """The ``traceparent`` naming ``span`` (what :func:`current_traceparent` gives inside it)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 @contextlib.contextmanager
@@ -299,20 +361,34 @@ class TracedNetwork:
         self._network = network
         self._consumer = consumer
         self._tracing = tracing
+        self._name = f"process {consumer}"
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._network, name)
 
     def apply(self, session: Any, event: Any, **options: Any) -> Any:
-        if not self._tracing.enabled or _consuming.get() == (self._consumer, event.seq):
+        seq = event.seq
+        if not self._tracing.enabled or _consuming.get() == (self._consumer, seq):
             return self._network.apply(session, event, **options)
-        traceparent = _log_contexts.get().get(event.seq)
-        with consume_span(self._consumer, event.envelope, event.seq, traceparent, tracing=self._tracing):
-            traceparent = current_traceparent()
-            if traceparent is not None:
-                # The workflows copy their cause's traceparent into what they derive.
-                event = dataclasses.replace(event, envelope={**event.envelope, TRACEPARENT: traceparent})
+        span = _consumer_span(self._tracing.tracer, self._name, self._consumer, event.envelope, seq, _log_contexts.get().get(seq))
+        traceparent = _traceparent_of(span)
+        if traceparent is not None:
+            # The workflows copy their cause's traceparent into what they derive. (A copy of the
+            # frozen event with another envelope: ``dataclasses.replace`` costs twice as much.)
+            event = copy.copy(event)
+            object.__setattr__(event, "envelope", {**event.envelope, TRACEPARENT: traceparent})
+        # What ``_current`` does, without a generator per event.
+        token = otel_context.attach(trace.set_span_in_context(span))
+        consuming = _consuming.set((self._consumer, seq))
+        try:
             return self._network.apply(session, event, **options)
+        except Exception as exc:
+            _record_failure(span, exc)
+            raise
+        finally:
+            _consuming.reset(consuming)
+            otel_context.detach(token)
+            span.end()
 
 
 @contextlib.contextmanager
