@@ -163,6 +163,48 @@ class _Unrecordable(Exception):
         self.failure = failure
 
 
+@dataclass(frozen=True)
+class _Wanting:
+    """What the recorder needs of an enabled endpoint."""
+
+    id: str
+    institution: str
+    event_types: list[str]
+    after_seq: int
+
+
+class _Batch:
+    """The state of recording one batch: its transaction, the enabled endpoints (and which want
+    each type met so far), and the validation parties noted but not yet written."""
+
+    def __init__(self, session: Session, endpoints: list[_Wanting]) -> None:
+        self.session = session
+        self.endpoints = endpoints
+        self._by_type: dict[str, list[_Wanting]] = {}
+        self.parties: list[tuple[int, dict[str, Any]]] = []
+        """(index of the event in the batch, row)."""
+
+    def wanting(self, event_type: str) -> list[_Wanting]:
+        found = self._by_type.get(event_type)
+        if found is None:
+            found = self._by_type[event_type] = [e for e in self.endpoints if store.matches(e.event_types, event_type)]
+        return found
+
+    def note_parties(self) -> None:
+        """Write the parties noted so far (a failure is the first event's they came from)."""
+        if not self.parties:
+            return
+        try:
+            store.add_parties(self.session, [row for _, row in self.parties])
+        except Exception as exc:
+            raise _Unrecordable(self.parties[0][0], _failure(exc)) from exc
+        self.parties.clear()
+
+
+def _failure(exc: Exception) -> Failure:
+    return Failure(type(exc).__name__, str(exc)[:2000], permanent=False)
+
+
 class DeliveryRecorder:
     """The applier of the webhooks consumer (the port ``bus.consumer.Applier``).
 
@@ -183,37 +225,48 @@ class DeliveryRecorder:
         The batch is recorded straight through; an event that cannot be recorded rolls the batch
         back, the events before it are recorded again and committed, and it is reported (the
         consumer retries it, then dead-letters it).
+
+        Most events are owed nowhere: which endpoints want a type is worked out once per type and
+        batch, so such an event costs a look-up. Who takes part in validations is written in one
+        statement for the batch, before any event whose audience depends on it.
         """
         end, failure = len(items), None
         due_at = datetime.now(timezone.utc) + self.schedule.first()
         while end:
             try:
                 with session_scope(self.engine) as session:
-                    endpoints = session.exec(select(Endpoint).where(Endpoint.enabled == True)).all()  # noqa: E712
+                    endpoints = [_Wanting(*row) for row in session.execute(store.ENDPOINTS_ENABLED)]
+                    batch = _Batch(session, endpoints)
                     recorded = 0
                     for index, item in enumerate(items[:end]):
                         try:
-                            recorded += self._record(session, endpoints, item, due_at)
+                            recorded += self._record(batch, index, item, due_at)
+                        except _Unrecordable:
+                            raise
                         except Exception as exc:
-                            raise _Unrecordable(index, Failure(type(exc).__name__, str(exc)[:2000], permanent=False)) from exc
+                            raise _Unrecordable(index, _failure(exc)) from exc
+                    batch.note_parties()
                     store.advance(session, self.consumer, items[end - 1].seq)
                 return end, failure, recorded
             except _Unrecordable as unrecordable:
                 end, failure = unrecordable.index, unrecordable.failure
         return 0, failure, 0
 
-    def _record(self, session: Session, endpoints: Sequence[Endpoint], item: LoggedItem, due_at: datetime) -> int:
+    def _record(self, batch: _Batch, index: int, item: LoggedItem, due_at: datetime) -> int:
         envelope = item.envelope
-        store.note_parties(session, envelope)
-        wanted = [e for e in endpoints if e.after_seq < item.seq and store.matches(e.event_types, str(envelope.get("type")))]
+        event_type = str(envelope.get("type"))
+        if event_type in store.PARTY_EVENTS:
+            batch.parties.extend((index, row) for row in store.parties_of(envelope))
+        wanted = [e for e in batch.wanting(event_type) if e.after_seq < item.seq]
         if not wanted:
             return 0
         # A span only for events owed somewhere: one no endpoint asked for is no part of its trace.
         with traces.consume_span(self.consumer, envelope, item.seq, item.traceparent, tracing=self.tracing):
-            allowed = store.audience(session, envelope)
+            batch.note_parties()
+            allowed = store.audience(batch.session, envelope)
             ids = [e.id for e in wanted if allowed is None or e.institution in allowed]
             self.touched.update(ids)
-            return store.owe(session, ids, envelope, item.seq, due_at)
+            return store.owe(batch.session, ids, envelope, item.seq, due_at)
 
     def skip(self, seq: int) -> None:
         with session_scope(self.engine) as session:

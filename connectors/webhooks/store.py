@@ -187,16 +187,29 @@ def _institution(source: object) -> str:
     return str(source).removeprefix(SOURCE_PREFIX)
 
 
-def note_parties(session: Session, envelope: dict[str, Any]) -> None:
-    """Remember who takes part in a validation, from its requests and reviewer assignments."""
+PARTY_EVENTS = frozenset({"validation.requested", "validation.reviewer_assigned"})
+"""The event types that say who takes part in a validation."""
+
+
+def parties_of(envelope: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``ValidationParty`` rows an event says (none but for :data:`PARTY_EVENTS`)."""
     data = envelope.get("data") or {}
     if envelope.get("type") == "validation.requested":
         parties = [(_institution(envelope.get("source")), "requester"), (str(data.get("coordinator")), "coordinator")]
     elif envelope.get("type") == "validation.reviewer_assigned":
         parties = [(str(data.get("reviewer")), "reviewer")]
     else:
-        return
-    rows = [{"validation_id": str(data.get("validation_id")), "institution": who, "role": role} for who, role in parties]
+        return []
+    return [{"validation_id": str(data.get("validation_id")), "institution": who, "role": role} for who, role in parties]
+
+
+def note_parties(session: Session, envelope: dict[str, Any]) -> None:
+    """Remember who takes part in a validation, from its requests and reviewer assignments."""
+    add_parties(session, parties_of(envelope))
+
+
+def add_parties(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Remember :func:`parties_of` rows (of any number of events), in one statement."""
     insert_ignore(session, ValidationParty, rows, ["validation_id", "institution"])
 
 
@@ -300,6 +313,8 @@ _DELIVERIES: sa.Table = Delivery.__table__  # type: ignore[attr-defined]
 _ATTEMPTS: sa.Table = Attempt.__table__  # type: ignore[attr-defined]
 _E, _D = _ENDPOINTS.c, _DELIVERIES.c
 
+ENDPOINTS_ENABLED = sa.select(_E.id, _E.institution, _E.event_types, _E.after_seq).where(_E.enabled == True)  # noqa: E712
+"""What the recorder needs of the enabled endpoints."""
 ENDPOINTS_TO_SEND = sa.select(_E.id, _E.url, _E.secret, _E.previous_secret, _E.previous_secret_until, _E.enabled).where(
     _E.id.in_(sa.bindparam("ids", expanding=True))
 )
