@@ -7,6 +7,7 @@ and the tests start it and read its parts.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,17 @@ class Bus:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def keep_startup_objects() -> None:
+    """For a long-running process, once it has started: what start-up built (modules, schemas,
+    models, the app) lives as long as the process, so the garbage collector stops walking it.
+    Otherwise every full collection walks it all, and the whole process stalls for 100–200 ms
+    while it does; a bus answering within milliseconds cannot have that. Young objects are also
+    collected less often (most die young either way)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 async def run_forever(bus: Bus, stop: asyncio.Event) -> None:

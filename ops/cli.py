@@ -190,7 +190,7 @@ def up(
     settings: Settings,
 ) -> None:
     """Start the bus: embedded NATS (unless a URL is set), streams, gatekeeper. Ctrl-C drains and stops."""
-    from bus.runtime import Bus
+    from bus.runtime import Bus, keep_startup_objects
     from ops.logs import configure_logging
 
     configure_logging()
@@ -213,6 +213,7 @@ def up(
         err.print(f"  operator: {settings.operator} · ingress: collab.ingress.{{institution}}.{{domain}}.{{event}}")
         err.print(f"  HTTP gateway: {bus.http.url} (docs at {bus.http.url}/docs)")
         err.print("  Ctrl-C to stop")
+        keep_startup_objects()
         loading = asyncio.create_task(_load_demo(settings, bus)) if demo else None
         portal = asyncio.create_task(_run_portal(settings, bus, stop)) if settings.portal_url else None
         try:
@@ -454,7 +455,7 @@ def rebuild(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bus.rebuild import rebuild as replay
-    from bus.runtime import NETWORK_CONSUMER
+    from bus.runtime import NETWORK_CONSUMER, keep_startup_objects
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
     from handlers.routes import network
@@ -473,6 +474,7 @@ def rebuild(
             engine = make_engine(settings.db_url)
             await asyncio.to_thread(migrate, engine)
             service = NetworkService(engine, network())
+            keep_startup_objects()
             with Progress(
                 TextColumn("[bold]rebuilding[/bold]"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]:>8.0f} events/s"), TimeRemainingColumn(),
