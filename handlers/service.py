@@ -33,9 +33,10 @@ from ops.metrics import HANDLER_SECONDS
 
 log = logging.getLogger("collabbus.handlers")
 
-HELD_ROWS = 20_000
-"""How many rows the service's session holds on to between batches; past that, the older half is
-let go (the identity map keeps rows only while something refers to them)."""
+HELD_ROWS = 8_000
+"""How many rows the service's session holds on to between batches; past that, the half least
+recently asked for is let go (the identity map keeps rows only while something refers to them).
+Each costs a few kilobytes: 8,000 keep a bus that has applied 100,000 events under 200 MB."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,15 @@ class NetworkService:
 
         tracked = tracked_tables(SQLModel.metadata, leave_out=(AppliedEvent, ConsumerPosition))
         self._session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked)
-        self._held: list[Any] = []
         self._mutex = threading.Lock()
+        held = self._session.held
 
         def hold(_session: Any, instance: Any) -> None:
-            self._held.append(instance)
+            held[id(instance)] = instance
 
-        # The identity map holds rows weakly; these keep them while they are likely to be used again.
+        # The identity map holds rows weakly; these keep them while they are likely to be used
+        # again: the session moves a row it is asked for to the end, so the rows let go are the
+        # ones least recently used (a network's members and open calls stay).
         sa_event.listen(self._session, "loaded_as_persistent", hold)
         sa_event.listen(self._session, "pending_to_persistent", hold)
 
@@ -86,8 +89,10 @@ class NetworkService:
         it raises (and then nothing read in it is trusted any more)."""
         with self._mutex:
             session = self._session
-            if len(self._held) > HELD_ROWS:  # keep the newest half; the rest may leave the identity map
-                del self._held[: len(self._held) - HELD_ROWS // 2]
+            held = session.held
+            if len(held) > HELD_ROWS:  # keep the most recently used half; the rest may leave the identity map
+                for _ in range(len(held) - HELD_ROWS // 2):
+                    held.popitem(last=False)
                 session.forget_children(keep=0.5)  # the days and validations still in use keep their rows
             try:
                 with session.begin():
@@ -105,7 +110,7 @@ class NetworkService:
     def _forget(self) -> None:
         self._session.forget_children()
         self._session.expunge_all()
-        self._held.clear()
+        self._session.held.clear()
 
     def close(self) -> None:
         with self._mutex:

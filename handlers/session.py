@@ -19,6 +19,7 @@ work. A bulk ``DELETE``/``UPDATE`` statement on a table, or any rollback, drops 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -43,6 +44,9 @@ class KnownKeysSession(Session):
         self._children: dict[tuple[type[Any], str], dict[Any, list[Any]]] = {}
         self._pending: dict[tuple[type[Any], _Key], Any] = {}
         self._parents: dict[tuple[type[Any], str], set[Any]] = {}
+        self.held: OrderedDict[int, Any] = OrderedDict()
+        """Rows kept alive between transactions by their holder (``NetworkService``), least
+        recently asked for first."""
         """Per (class, attribute): every value the attribute has in some row (a superset)."""
         """Rows added and not flushed yet: a lookup answers them without flushing first."""
         event.listen(self, "transient_to_pending", self._track_added)
@@ -152,6 +156,8 @@ class KnownKeysSession(Session):
             # expire here: the service's session keeps them past commits), without its checks.
             found = self.identity_map.get((self._tracked[entity]._identity_class, key, None))
             if found is not None and not instance_state(found).expired:
+                if id(found) in self.held:
+                    self.held.move_to_end(id(found))
                 return found
         return super().get(entity, ident, **kwargs)
 
