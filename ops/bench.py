@@ -93,9 +93,9 @@ class BenchOptions:
     webhook_budget: float = 15.0
     fill_budget: float = 90.0
     """Seconds to fill the log for the rebuild (a safety net: nats-py alone does it in seconds)."""
-    live_budget: float = 55.0
+    live_budget: float = 110.0
     """Seconds the bus may take to apply the filled log live."""
-    rebuild_budget: float = 80.0
+    rebuild_budget: float = 60.0
     quick: bool = False
 
     @classmethod
