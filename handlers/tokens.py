@@ -63,6 +63,18 @@ def institution_of(session: Session, token: str) -> str | None:
     return row.institution if row is not None and row.revoked_at is None else None
 
 
+_HOLDER = sa.select(InstitutionToken.institution).where(  # type: ignore[call-overload]
+    InstitutionToken.token_hash == sa.bindparam("token_hash"), col(InstitutionToken.revoked_at).is_(None)
+)
+
+
+def institution_on(connection: sa.Connection, token: str) -> str | None:
+    """:func:`institution_of` with a plain connection (the HTTP gateway checks every request)."""
+    if not token.startswith(PREFIX) or len(token) > 128:
+        return None
+    return connection.execute(_HOLDER, {"token_hash": token_hash(token)}).scalar()
+
+
 def revoke(session: Session, token: str) -> bool:
     """Revoke a token; False when it was unknown or already revoked."""
     row = session.get(InstitutionToken, token_hash(token))

@@ -30,7 +30,7 @@ def create_app(bus: "Bus", *, rate_limiter: RateLimiter | None = None) -> FastAP
     app.state.bus = bus
     app.state.rate_limiter = rate_limiter or RateLimiter(bus.settings.http_rate_limit, bus.settings.http_rate_burst)
     app.state.metrics = operations.Metrics()
-    app.middleware("http")(app.state.metrics.middleware)
+    app.add_middleware(operations.MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
     for router in (events.router, read.router, calendar.router, webhooks.router, operations.router):
         app.include_router(router)
