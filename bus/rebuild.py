@@ -48,7 +48,7 @@ async def rebuild(
     js: JetStreamContext,
     service: Any,
     *,
-    batch: int = 1000,
+    batch: int = 4000,
     progress: Callable[[int, int], None] | None = None,
 ) -> RebuildReport:
     """Empty the read models of ``service`` and replay the whole log into them."""
