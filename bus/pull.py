@@ -21,11 +21,12 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import Header
 
 log = logging.getLogger("collabbus.consumer")
 
-_STATUS = "Status"
-_DESCRIPTION = "Description"
+_STATUS = Header.STATUS
+_DESCRIPTION = Header.DESCRIPTION
 _HEARTBEAT = "100"
 _ENDED = ("404", "408")  # no messages (no_wait), request expired: the request is over, nothing wrong
 
