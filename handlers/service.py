@@ -33,10 +33,10 @@ from ops.metrics import HANDLER_SECONDS
 
 log = logging.getLogger("collabbus.handlers")
 
-HELD_ROWS = 8_000
+HELD_ROWS = 6_000
 """How many rows the service's session holds on to between batches; past that, the half least
 recently asked for is let go (the identity map keeps rows only while something refers to them).
-Each costs a few kilobytes: 8,000 keep a bus that has applied 100,000 events under 200 MB."""
+Each costs a few kilobytes: 6,000 keep a bus that has applied 100,000 events under 200 MB."""
 
 
 @dataclass(frozen=True)
