@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from nats.aio.msg import Msg
@@ -36,6 +36,8 @@ from bus.streams import EVENTS_STREAM
 from ops import tracing
 
 log = logging.getLogger("collabbus.consumer")
+
+T = TypeVar("T")
 
 # Dead-letter headers: what an operator needs at 3 a.m. to see what failed, where and why.
 DLQ_ERROR = "Collabbus-Error"
@@ -112,6 +114,20 @@ async def ensure_consumer(js: JetStreamContext, settings: ConsumerSettings, stre
     return changed
 
 
+async def call_database(inline: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` (database work) in this thread when ``inline``, else in a worker thread.
+
+    SQLite work is local and CPU-bound: in a worker thread it took turns for the interpreter
+    with the event loop at every statement (the SQLite module lets go of it around each), and a
+    batch took several times as long while offers were coming in. Inline it holds the loop for
+    the batch and no longer. A database across the network (PostgreSQL) waits on the network
+    instead: that wait belongs in a thread, where the loop goes on meanwhile.
+    """
+    if inline:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
 def _normal(value: object) -> object:
     return round(value, 3) if isinstance(value, float) else value
 
@@ -142,6 +158,11 @@ class Consumer:
     dead_lettered: int = 0
     _handling: bool = False
     _puller: Puller = field(init=False)
+    inline: bool = False
+    """Apply in the event loop's thread (SQLite, see :func:`call_database`) while the bus keeps up
+    with the log. A batch of a quarter of the batch size or more means a backlog: then throughput counts,
+    and in a worker thread SQLite's own work runs beside the loop's (the latency a thread costs
+    matters less when events wait for earlier ones anyway)."""
 
     async def start(self) -> None:
         await ensure_consumer(self.js, self.settings, self.stream)
@@ -152,7 +173,7 @@ class Consumer:
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.settings.name}")
 
     async def _continue_from_database(self) -> None:
-        position = await asyncio.to_thread(self.applier.position)
+        position = await call_database(self.inline, self.applier.position)
         info = await self.js.consumer_info(self.stream, self.settings.name)
         expected = position or max((self.settings.start_seq or 1) - 1, 0)
         acked = info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
@@ -272,7 +293,7 @@ class Consumer:
             deliveries = position(head)[1] + attempts - 1
             if failure.permanent or deliveries >= self.settings.max_deliver:
                 await self.dead_letter(head, failure.error, failure.detail, deliveries)
-                await asyncio.to_thread(self.applier.skip, position(head)[0])
+                await call_database(self.inline, self.applier.skip, position(head)[0])
                 await head.ack()
                 pending = pending[1:]
                 attempts = 0
@@ -300,7 +321,7 @@ class Consumer:
             async with self.db_lock:
                 try:
                     with tracing.log_contexts(items):  # the worker thread starts in this context
-                        return await asyncio.to_thread(self.applier.apply_batch, items)
+                        return await call_database(self.inline and len(items) < self.settings.batch // 4, self.applier.apply_batch, items)
                 except Exception as exc:
                     log.error("consumer %s: database unavailable, holding %d events: %s", self.settings.name, len(msgs), exc)
             if self._stopping.is_set():

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import orjson
 
+from bus.consumer import call_database
 from bus.gate import Gate
 
 log = logging.getLogger("collabbus.relay")
@@ -41,6 +42,8 @@ class Relay:
     published: int = 0
     _task: asyncio.Task[None] | None = None
     _stopping: bool = False
+    inline: bool = False
+    """Read and write the outbox in the event loop's thread (SQLite, see ``call_database``)."""
 
     async def start(self) -> None:
         await self.tick()  # deadlines that passed while the bus was down are acted on at once
@@ -69,7 +72,7 @@ class Relay:
         """Run the timers once (deadlines due now)."""
         async with self.db_lock:
             try:
-                return len(await asyncio.to_thread(self.store.tick))
+                return len(await call_database(self.inline, self.store.tick))
             except Exception:
                 log.exception("timers failed")
                 return 0
@@ -80,7 +83,7 @@ class Relay:
         while True:
             async with self.db_lock:
                 try:
-                    pending = await asyncio.to_thread(self.store.outbox)
+                    pending = await call_database(self.inline, self.store.outbox)
                 except Exception as exc:
                     log.error("outbox unreadable: %s", exc)
                     return confirmed
@@ -104,7 +107,7 @@ class Relay:
                     )
                     done.append(event_id)
             async with self.db_lock:
-                await asyncio.to_thread(self.store.outbox_done, done)
+                await call_database(self.inline, self.store.outbox_done, done)
             confirmed += len(done)
             self.published += len(done)
             if len(done) < len(pending):

@@ -170,8 +170,11 @@ class Bus:
         traced: Any = TracedNetwork((self.network_factory or network)(), self.consumer_settings.name, self.tracing)
         self.service = NetworkService(self.engine, traced)
         lock = asyncio.Lock()
-        self.relay = Relay(self.gate, self.service, lock)
-        self.consumer = Consumer(self.js, self.consumer_settings, self.service, on_derived=self.relay.wake.set, db_lock=lock)
+        inline = self.engine.dialect.name == "sqlite"  # see bus.consumer.call_database
+        self.relay = Relay(self.gate, self.service, lock, inline=inline)
+        self.consumer = Consumer(
+            self.js, self.consumer_settings, self.service, on_derived=self.relay.wake.set, db_lock=lock, inline=inline,
+        )
         await self.relay.start()
         await self.consumer.start()
         from connectors.webhooks.dispatcher import WebhookDispatcher, webhook_consumer

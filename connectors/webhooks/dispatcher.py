@@ -415,7 +415,10 @@ class WebhookDispatcher:
         consumer_settings = consumer_settings or ConsumerSettings(WEBHOOKS_CONSUMER)
         self.recorder = DeliveryRecorder(engine, consumer_settings.name, self.schedule, self.tracing)
         self.db_lock = db_lock or asyncio.Lock()
-        self.consumer = Consumer(js, consumer_settings, self.recorder, on_derived=self._recorded, db_lock=self.db_lock)
+        self.consumer = Consumer(
+            js, consumer_settings, self.recorder, on_derived=self._recorded, db_lock=self.db_lock,
+            inline=engine.dialect.name == "sqlite",  # see bus.consumer.call_database
+        )
         self.workers: dict[str, EndpointWorker] = {}
         self._ssl_context: ssl.SSLContext | None = None
         self._bodies: OrderedDict[int, tuple[bytes, str | None]] = OrderedDict()
