@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from bus.pull import Puller, position
+from bus.pull import Puller
 from bus.streams import EVENTS_STREAM
 from ops import tracing
 
@@ -246,6 +246,10 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await msg.nak()
 
+    def _inline_for(self, items: list[Any]) -> bool:
+        """See :attr:`inline`: a batch of a quarter of the batch size or more is a backlog."""
+        return self.inline and len(items) < self.settings.batch // 4
+
     def _read_ahead(self) -> list[Msg]:
         """The messages received behind the batch in hand (they wait while that one is retried)."""
         return self._puller.buffered
@@ -266,9 +270,9 @@ class Consumer:
                 except orjson.JSONDecodeError as exc:
                     unreadable = Failure("JSONDecodeError", str(exc), permanent=True)
                     break
-                seq, _, logged_at = position(msg)
+                meta = msg.metadata
                 traceparent = msg.headers.get(tracing.TRACEPARENT) if msg.headers else None
-                items.append(LoggedItem(seq, envelope, logged_at, traceparent))
+                items.append(LoggedItem(meta.sequence.stream, envelope, meta.timestamp, traceparent))
             applied, failure, decided = (0, None, 0)
             if items:
                 outcome = await self._apply_holding(pending, items)
@@ -290,10 +294,10 @@ class Consumer:
                 continue
             head = pending[0]
             attempts += 1
-            deliveries = position(head)[1] + attempts - 1
+            deliveries = head.metadata.num_delivered + attempts - 1
             if failure.permanent or deliveries >= self.settings.max_deliver:
                 await self.dead_letter(head, failure.error, failure.detail, deliveries)
-                await call_database(self.inline, self.applier.skip, position(head)[0])
+                await call_database(self.inline, self.applier.skip, head.metadata.sequence.stream)
                 await head.ack()
                 pending = pending[1:]
                 attempts = 0
@@ -321,7 +325,7 @@ class Consumer:
             async with self.db_lock:
                 try:
                     with tracing.log_contexts(items):  # the worker thread starts in this context
-                        return await call_database(self.inline and len(items) < self.settings.batch // 4, self.applier.apply_batch, items)
+                        return await call_database(self._inline_for(items), self.applier.apply_batch, items)
                 except Exception as exc:
                     log.error("consumer %s: database unavailable, holding %d events: %s", self.settings.name, len(msgs), exc)
             if self._stopping.is_set():

@@ -132,18 +132,14 @@ class Gate:
         self.max_event_bytes = max_event_bytes
         self.stream = stream
         self.publish_timeout = publish_timeout
-        self.publisher: LogPublisher | None = None
+        self.publisher = LogPublisher(nc)
 
     async def start(self) -> None:
-        """Open the subscription the log's acknowledgements come back on."""
-        publisher = LogPublisher(self.nc)
-        await publisher.start()
-        self.publisher = publisher
+        """Open the subscription the log's acknowledgements come back on (before the first event)."""
+        await self.publisher.start()
 
     async def stop(self) -> None:
-        if self.publisher is not None:
-            publisher, self.publisher = self.publisher, None
-            await publisher.stop()
+        await self.publisher.stop()
 
     async def admit(
         self,
@@ -246,10 +242,7 @@ class Gate:
             tracing.inject(headers)
             check_fits(self.nc, payload, headers)
             try:
-                if self.publisher is not None:
-                    ack = await self.publisher.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
-                else:
-                    ack = await self.js.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
+                ack = await self.publisher.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
             except (NatsTimeoutError, NatsError, JetStreamError) as exc:
                 log.warning("log did not confirm %s: %s", event_id, exc, extra={"event_id": event_id})
                 raise reject(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
 
 import orjson
 from nats.aio.client import Client
@@ -129,13 +128,3 @@ class Puller:
         if not self._open and len(self._buffer) < self.batch:
             await self._refresh()
 
-
-def position(msg: Msg) -> tuple[int, int, datetime]:
-    """(stream sequence, deliveries, time logged) of a message from a pull consumer, read from its
-    reply subject without building nats-py's metadata objects."""
-    tokens = msg.reply.split(".")
-    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        delivered, seq, stamp = tokens[4], tokens[5], tokens[7]
-    else:  # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
-        delivered, seq, stamp = tokens[6], tokens[7], tokens[9]
-    return int(seq), int(delivered), datetime.fromtimestamp(int(stamp) / 1_000_000_000.0, timezone.utc)

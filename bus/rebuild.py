@@ -17,7 +17,7 @@ import orjson
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from bus.pull import Puller, position
+from bus.pull import Puller
 from bus.streams import EVENTS_STREAM
 
 
@@ -90,10 +90,11 @@ async def rebuild(
             idle = 0
             items = []
             for msg in msgs:
-                seq, _, stamp = position(msg)
+                meta = msg.metadata
+                seq = meta.sequence.stream
                 if seq > report.last_seq:
                     break
-                items.append(LoggedItem(seq, orjson.loads(msg.data), stamp))
+                items.append(LoggedItem(seq, orjson.loads(msg.data), meta.timestamp))
             rest = items
             while rest:
                 applied, failure, _ = await asyncio.to_thread(service.apply_batch, rest, live=False)

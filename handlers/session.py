@@ -43,12 +43,12 @@ class KnownKeysSession(Session):
         self._keys: dict[type[Any], set[_Key]] | None = None
         self._children: dict[tuple[type[Any], str], dict[Any, list[Any]]] = {}
         self._pending: dict[tuple[type[Any], _Key], Any] = {}
+        """Rows added and not flushed yet: a lookup answers them without flushing first."""
         self._parents: dict[tuple[type[Any], str], set[Any]] = {}
+        """Per (class, attribute): every value the attribute has in some row (a superset)."""
         self.held: OrderedDict[int, Any] = OrderedDict()
         """Rows kept alive between transactions by their holder (``NetworkService``), least
         recently asked for first."""
-        """Per (class, attribute): every value the attribute has in some row (a superset)."""
-        """Rows added and not flushed yet: a lookup answers them without flushing first."""
         event.listen(self, "transient_to_pending", self._track_added)
         event.listen(self, "persistent_to_deleted", self._track_deleted)
         event.listen(self, "after_soft_rollback", lambda *_: self.forget_keys())

@@ -377,18 +377,8 @@ class TracedNetwork:
             # frozen event with another envelope: ``dataclasses.replace`` costs twice as much.)
             event = copy.copy(event)
             object.__setattr__(event, "envelope", {**event.envelope, TRACEPARENT: traceparent})
-        # What ``_current`` does, without a generator per event.
-        token = otel_context.attach(trace.set_span_in_context(span))
-        consuming = _consuming.set((self._consumer, seq))
-        try:
+        with _current(span, self._consumer, seq):
             return self._network.apply(session, event, **options)
-        except Exception as exc:
-            _record_failure(span, exc)
-            raise
-        finally:
-            _consuming.reset(consuming)
-            otel_context.detach(token)
-            span.end()
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ def _bearer(request: Request) -> str | None:
 
 def _institution_of(engine: Any, token: str) -> str | None:
     with reading(engine).connect() as connection:  # one indexed read: no session or ORM rows needed
-        return tokens.institution_on(connection, token)
+        return tokens.institution_of(connection, token)
 
 
 async def _authenticate(request: Request, token: str | None) -> str:

@@ -41,7 +41,6 @@ class Metrics:
         self.verdicts.labels(verdict.status, verdict.reason or "").inc()
 
 
-
 class MetricsMiddleware:
     """Counts and times every request by its route template (not its path: ids would explode the
     labels). Plain ASGI: Starlette's ``BaseHTTPMiddleware`` runs each request in a task group of

@@ -203,11 +203,6 @@ def parties_of(envelope: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"validation_id": str(data.get("validation_id")), "institution": who, "role": role} for who, role in parties]
 
 
-def note_parties(session: Session, envelope: dict[str, Any]) -> None:
-    """Remember who takes part in a validation, from its requests and reviewer assignments."""
-    add_parties(session, parties_of(envelope))
-
-
 def add_parties(session: Session, rows: list[dict[str, Any]]) -> None:
     """Remember :func:`parties_of` rows (of any number of events), in one statement."""
     insert_ignore(session, ValidationParty, rows, ["validation_id", "institution"])

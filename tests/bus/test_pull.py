@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from bus.publisher import LogPublisher
-from bus.pull import Puller, position
+from bus.pull import Puller
 from bus.server import EmbeddedNats
 
 STREAM = "PULLTEST"
@@ -54,7 +54,7 @@ async def test_what_has_arrived_is_handed_out_without_waiting_for_a_full_batch(n
         later = await publish(nc, b"four")
         msgs = await asyncio.wait_for(puller.fetch(timeout=60), 10)
         assert [m.data for m in msgs] == [b"four"]
-        assert position(msgs[0])[:2] == (later[0], 1) and seqs == [1, 2, 3]
+        assert (msgs[0].metadata.sequence.stream, msgs[0].metadata.num_delivered) == (later[0], 1) and seqs == [1, 2, 3]
     finally:
         await puller.stop()
 
@@ -102,9 +102,10 @@ async def test_stopping_returns_what_was_received_and_not_handed_out(nc: Client)
 
 async def test_a_consumer_that_goes_away_and_comes_back(nc: Client, caplog: pytest.LogCaptureFixture) -> None:
     name = await consumer(nc)
-    puller = Puller(nc, STREAM, name, batch=10, expires=0.5)
+    puller = Puller(nc, STREAM, name, batch=10, expires=2.0)
     await puller.start()
     try:
+        assert await puller.fetch(timeout=0.05) == []  # a request is open when the consumer goes
         await nc.jetstream().delete_consumer(STREAM, name)
         with caplog.at_level("WARNING", logger="collabbus.consumer"):
             assert await puller.fetch(timeout=1.0) == []

@@ -395,6 +395,11 @@ async def test_operations_endpoints(gateway: Gateway) -> None:
     assert page.status_code == 200 and "AsyncApiStandalone" in page.text
     metrics = await client.get("/metrics")
     assert "collabbus_http_requests_total" in metrics.text and "collabbus_log_last_seq" in metrics.text
+    # counted by route template and status, whatever the path
+    assert 'collabbus_http_requests_total{method="GET",route="/healthz",status="200"}' in metrics.text
+    await client.get("/projects/no-such-project", headers=gateway.auth("operator"))
+    metrics = await client.get("/metrics")
+    assert 'route="/projects/{project_id}",status="404"' in metrics.text
     problem(await client.get("/ops/status", headers=gateway.auth(await gateway.join("ngo"))), 403, "operator_only")
     status = (await client.get("/ops/status", headers=gateway.auth("operator"))).json()
     assert status["streams"]["COLLAB_EVENTS"]["last_seq"] > 0
