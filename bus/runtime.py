@@ -114,6 +114,9 @@ class Bus:
     network_factory: Any = None
     """Builds the handlers' ``Network`` (default: every domain's routes); a seam for tests."""
     consumer_settings: ConsumerSettings = field(default_factory=lambda: ConsumerSettings(NETWORK_CONSUMER))
+    gates: Any = None
+    """The gatekeeper processes (``bus.gates.GateProcesses``) once :meth:`start_gatekeepers` ran
+    with any to start."""
     tracing: Tracing | None = None
     """Where this bus's spans go; by default as the ``OTEL_*`` variables say (``ops.tracing``)."""
     _own_tracing: bool = field(default=False, init=False, repr=False)
@@ -152,11 +155,60 @@ class Bus:
         await self.gate.start()
         await self.ensure_operator()
         if ingress:
-            self.ingress = Ingress(self.nc, self.gate)
-            await self.ingress.start()
+            await self.open_ingress()
         await self.broker.start()
         if state:
             await self.start_state()
+
+    async def start_gatekeeper(self) -> None:
+        """Only the gatekeeper and its ingress, on a NATS whose streams the main process declared:
+        a process of its own that judges offers beside the others (``collabbus gate``)."""
+        settings = self.settings
+        if self.tracing is None:
+            self.tracing, self._own_tracing = Tracing.configure(settings.data_dir), True
+        activate(self.tracing)
+        self.broker = NatsBroker(**broker_options(settings, "collabbus-gate"), logger=None)
+        await self.broker.connect()
+        self.membership = Membership(self.nc, self.js)
+        await self.membership.start()
+        self.gate = Gate(self.nc, self.js, self.membership, max_event_bytes=settings.max_event_bytes, tracer=self.tracing.tracer)
+        await self.gate.start()
+        await self.open_ingress()
+
+    async def start_gatekeepers(self) -> None:
+        """Start ``COLLABBUS_GATE_PROCESSES`` gatekeeper processes (``bus.gates``) and let them judge
+        NATS offers; this process judges them itself whenever none of them is ready."""
+        from bus.gates import GateProcesses, default_count
+
+        count = self.settings.gate_processes
+        count = default_count() if count is None else count
+        if count == 0:
+            return
+
+        async def ready(processes: int) -> None:
+            if processes:
+                await self.close_ingress()
+            else:
+                log.warning("no gatekeeper process is ready: this process judges NATS offers until one is")
+                await self.open_ingress()
+
+        creds = self.settings.nats_creds
+        if creds is None and self.settings.embedded:
+            creds = embedded_bus_creds(self.settings)
+        self.gates = GateProcesses(self.settings, count, ready)
+        await self.gates.start(creds if creds is not None and creds.exists() else None)
+
+    async def open_ingress(self) -> None:
+        """Judge offers from NATS ingress in this process (queue group ``collabbus-gate``)."""
+        if self.ingress is None:
+            self.ingress = Ingress(self.nc, self.gate)
+            await self.ingress.start()
+
+    async def close_ingress(self) -> None:
+        """Stop judging NATS offers here (other gatekeepers take them); the ones in hand are answered."""
+        if self.ingress is not None:
+            ingress, self.ingress = self.ingress, None
+            await ingress.stop()
 
     async def start_state(self) -> None:
         """The read models: migrate, then run the network consumer, the timers and the outbox relay."""
@@ -220,9 +272,10 @@ class Bus:
 
     async def stop(self) -> None:
         """Drain subscriptions and connections, then stop the embedded server."""
-        if self.ingress is not None:
-            await self.ingress.stop()
-            self.ingress = None
+        if self.gates is not None:
+            await self.gates.stop()
+            self.gates = None
+        await self.close_ingress()
         if self.http is not None:
             await self.http.stop()
             self.http = None

@@ -154,6 +154,20 @@ def _mount_of(path: Path) -> dict[str, str]:
     return {"device": best[0], "mount": best[1], "filesystem": best[2]}
 
 
+def child_processes(parent: int, command: str) -> list[int]:
+    """Pids of ``parent``'s child processes whose command line contains ``command``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == parent and command in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
 def memory_of(pid: int) -> dict[str, int]:
     """``VmRSS`` and ``VmHWM`` (peak) of a process, in bytes ({} once it is gone)."""
     found: dict[str, int] = {}
@@ -288,12 +302,23 @@ class BusProcess:
         raise BenchError(f"the bus was not ready within {timeout:g} s: {self.log_tail()}")
 
     def memory(self) -> dict[str, int]:
-        """The bus's current and peak RSS, in bytes; remembers the peak for after it stopped."""
+        """The bus's current and peak RSS, in bytes, and its gatekeeper processes' RSS together
+        (``Gatekeepers``); remembers the peaks for after it stopped."""
         if self.process is None:
             return {}
         found = memory_of(self.process.pid)
         self.peak_rss = max(self.peak_rss, found.get("VmHWM", 0))
+        found["Gatekeepers"] = sum(memory_of(pid).get("VmRSS", 0) for pid in child_processes(self.process.pid, "ops gate"))
         return found
+
+    def rss(self, memory: dict[str, int]) -> dict[str, Any]:
+        """The memory figures of a phase: the bus process's RSS now and at its peak, and beside it
+        its gatekeeper processes' (``bus.gates``), which hold no state and do not grow with the log."""
+        return {
+            "rss": figure(memory.get("VmRSS", 0) / 1e6, "MB"),
+            "rss_peak": figure(self.peak_rss / 1e6, "MB"),
+            "gatekeepers_rss": figure(memory.get("Gatekeepers", 0) / 1e6, "MB"),
+        }
 
     async def stop(self, grace: float = 2.0) -> None:
         """SIGTERM (the bus drains), then SIGKILL after ``grace`` s: a bus with a backlog would
@@ -594,8 +619,7 @@ async def bus_phase(server: EmbeddedNats, work: Path, via: str, options: BenchOp
         "seconds": figure(seconds, "s", 3),
         "offer_rate": figure(sent / (offered_at - started), "events/s"),
         "throughput": figure(committed / seconds if seconds > 0 else None, "events/s"),
-        "rss": figure(memory.get("VmRSS", 0) / 1e6, "MB"),
-        "rss_peak": figure(bus.peak_rss / 1e6, "MB"),
+        **bus.rss(memory),
     }
 
 
@@ -690,8 +714,7 @@ async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
         "p99": figure(_percentile(latencies, 0.99), "ms", 2),
         "max": figure(_percentile(latencies, 1.0), "ms", 2),
         "poll_interval": figure(POLL_INTERVAL * 1000, "ms", 1),
-        "rss_peak": figure(bus.peak_rss / 1e6, "MB"),
-        "rss": figure(memory.get("VmRSS", 0) / 1e6, "MB"),
+        **bus.rss(memory),
     }
 
 
@@ -835,8 +858,7 @@ async def webhooks_phase(server: EmbeddedNats, work: Path, options: BenchOptions
         "signatures_invalid": receiver.invalid,
         "seconds": figure(seconds, "s", 3),
         "throughput": figure(receiver.deliveries / seconds if seconds > 0 else None, "deliveries/s"),
-        "rss_peak": figure(bus.peak_rss / 1e6, "MB"),
-        "rss": figure(memory.get("VmRSS", 0) / 1e6, "MB"),
+        **bus.rss(memory),
     }
 
 
@@ -885,8 +907,7 @@ async def rebuild_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
         "log_seq": last_seq,
         "applied": applied,
         "throughput": figure(applied / (end - started), "events/s"),
-        "rss": figure(memory.get("VmRSS", 0) / 1e6, "MB"),
-        "rss_peak": figure(bus.peak_rss / 1e6, "MB"),
+        **bus.rss(memory),
     }
     incremental = await asyncio.to_thread(_checksums, bus.database) if live["status"] == "ok" else None
     result = await _rebuild(bus, options, progress)
@@ -1165,6 +1186,8 @@ def rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
                 if live:
                     yield name, label, show(live.get("throughput")), live.get("status", "")
                     yield name, "bus RSS after the live log", show(live.get("rss")) + f" ({live.get('applied', 0):,} events)", live.get("status", "")
+                    if (live.get("gatekeepers_rss") or {}).get("value"):
+                        yield name, "its gatekeeper processes' RSS", show(live.get("gatekeepers_rss")), live.get("status", "")
                 continue
             yield name, label, show(phase.get(metric or "")), phase.get("status", "") + (f": {phase['error']}" if phase.get("error") else "")
             if key == "rebuild" and phase.get("equals_incremental") is not None:

@@ -203,14 +203,17 @@ def up(
             loop.add_signal_handler(sig, stop.set)
         await bus.start()
         try:
+            await bus.start_gatekeepers()
             await bus.start_http()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             await bus.stop()
-            err.print(f"[red]error:[/red] {exc.strerror or exc} (set COLLABBUS_HTTP to another address)")
+            hint = " (set COLLABBUS_HTTP to another address)" if isinstance(exc, OSError) else ""
+            err.print(f"[red]error:[/red] {getattr(exc, 'strerror', None) or exc}{hint}")
             raise typer.Exit(1) from None
         where = f"embedded nats-server at {settings.nats_servers[0]}" if settings.embedded else ", ".join(settings.nats_servers)
         err.print(f"[bold]collabbus[/bold] is up: NATS {where}, data in {settings.data_dir.resolve()}")
-        err.print(f"  operator: {settings.operator} · ingress: collab.ingress.{{institution}}.{{domain}}.{{event}}")
+        judged = f"{bus.gates.count} gatekeeper process{'es' if bus.gates.count > 1 else ''}" if bus.gates else "this process"
+        err.print(f"  operator: {settings.operator} · ingress: collab.ingress.{{institution}}.{{domain}}.{{event}}, judged by {judged}")
         err.print(f"  HTTP gateway: {bus.http.url} (docs at {bus.http.url}/docs)")
         err.print("  Ctrl-C to stop")
         keep_startup_objects()
@@ -269,6 +272,41 @@ async def _load_demo(settings: Settings, bus: Any) -> None:
     else:
         demo.render(summary, out)
         err.print("  demo network loaded")
+
+
+@app.command()
+@with_settings
+def gate(*, settings: Settings) -> None:
+    """Run a gatekeeper alone: judge offers from NATS ingress (queue group collabbus-gate) and log
+    the accepted ones, on a bus another process runs. `up` starts COLLABBUS_GATE_PROCESSES of these."""
+    from bus.gates import READY_LINE, stop_with_parent
+    from bus.runtime import Bus, keep_startup_objects
+    from ops.logs import configure_logging
+
+    configure_logging()
+
+    async def main() -> None:
+        bus = Bus(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await bus.start_gatekeeper()
+        except BaseException:
+            await bus.stop()
+            raise
+        keep_startup_objects()
+        sys.stdout.buffer.write(READY_LINE + b"\n")
+        sys.stdout.flush()
+        orphaned = asyncio.create_task(stop_with_parent(stop))
+        try:
+            await stop.wait()
+        finally:
+            orphaned.cancel()
+            await bus.stop()
+
+    run(main())
 
 
 # --------------------------------------------------------------------------- demo

@@ -14,12 +14,14 @@ the gate does not know as a member is ``other`` (an ingress subject can name any
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from functools import cache
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
 from prometheus_client.registry import Collector
 
 from bus.streams import EVENTS_STREAM
@@ -95,11 +97,46 @@ class _Snapshot(Collector):
             yield attempts
 
 
-def exposition(status: Mapping[str, Any], webhook_attempts: Mapping[str, int] | None, *registries: CollectorRegistry) -> bytes:
-    """The Prometheus text of ``registries``, the process-wide metrics and a status snapshot."""
+class _WithGatekeepers(Collector):
+    """This process's metrics with the gatekeeper processes' counters added in (``bus.gates``):
+    one family per name, each sample the sum over the processes."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        theirs: dict[str, Metric] = {}
+        with contextlib.suppress(OSError):  # the directory is made again when the bus starts
+            theirs = {family.name: family for family in MultiProcessCollector(None, path=self.directory).collect()}
+        for family in REGISTRY.collect():
+            other = theirs.pop(family.name, None)
+            if other is not None:
+                totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+                for sample in (*family.samples, *other.samples):
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    totals[key] = totals.get(key, 0.0) + sample.value
+                family.samples = [Sample(name, dict(labels), value) for (name, labels), value in totals.items()]
+            yield family
+        yield from theirs.values()
+
+
+def exposition(
+    status: Mapping[str, Any],
+    webhook_attempts: Mapping[str, int] | None,
+    *registries: CollectorRegistry,
+    gatekeepers: str | None = None,
+) -> bytes:
+    """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
+    gatekeeper processes whose files are in the directory ``gatekeepers``) and a status snapshot."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts))
-    return b"".join(generate_latest(registry) for registry in (*registries, REGISTRY, snapshot))
+    process: Any = REGISTRY
+    if gatekeepers is not None:
+        process = CollectorRegistry(auto_describe=False)
+        process.register(_WithGatekeepers(gatekeepers))
+    return b"".join(generate_latest(registry) for registry in (*registries, process, snapshot))
 
 
 def webhook_attempts(engine: Any) -> dict[str, int] | None:

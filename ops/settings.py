@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     http: str = Field("127.0.0.1:8080", description="address of the HTTP gateway")
     http_rate_limit: float = Field(50.0, gt=0, description="events per second an institution may post over HTTP (sustained)")
     http_rate_burst: int = Field(200, ge=1, description="events an institution may post over HTTP at once (token bucket size)")
+    gate_processes: int | None = Field(
+        None, ge=0, le=64,
+        description="gatekeeper processes `collabbus up` runs beside itself to judge NATS offers "
+        "(0: it judges them itself; default 1 on a machine with two cores or more)",
+    )
     stream_replicas: int = Field(1, ge=1, le=5, description="JetStream replicas for the streams")
     max_event_bytes: int = Field(262144, ge=1024, description="largest accepted event, serialized")
     duplicate_window: float = Field(

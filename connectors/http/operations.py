@@ -110,6 +110,8 @@ async def readyz(request: Request) -> JSONResponse:
         "database": await run_in_threadpool(_database_check, bus.engine),
         "consumer": await _consumers_check(bus, server=nc.is_connected),
     }
+    if bus.gates is not None:
+        checks["gatekeepers"] = bus.gates.check()
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503)
 
@@ -160,7 +162,8 @@ async def metrics(request: Request) -> Response:
     status = await collect_status(bus.js)
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)
     registry: Metrics = request.app.state.metrics
-    return Response(exposition(status, attempts, registry.registry), media_type=CONTENT_TYPE_LATEST)
+    gates = str(bus.gates.metrics_dir) if bus.gates is not None else None
+    return Response(exposition(status, attempts, registry.registry, gatekeepers=gates), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/ops/status", responses=documented(401, 403))

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from bus.server import free_port
+from ops.bench import child_processes
 from tests.connectors.conftest import Gateway, institution_id
 
 COLLABBUS = [sys.executable, "-m", "ops"]
@@ -40,11 +41,13 @@ async def test_the_cli_prints_a_token_that_works(gateway: Gateway, tmp_path: Pat
 
 def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
     http = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_HTTP": http}
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_HTTP": http,
+           "COLLABBUS_GATE_PROCESSES": "1"}
     for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL"):
         env.pop(name, None)
     proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
+    gatekeepers: list[int] = []
     try:
         lines: list[str] = []
         while not any("Ctrl-C" in line for line in lines):
@@ -52,7 +55,11 @@ def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
             if proc.poll() is not None:
                 pytest.fail("collabbus up exited: " + "".join(lines))
         assert any(f"http://{http}" in line for line in lines)
-        assert httpx.get(f"http://{http}/readyz").json()["status"] == "ready"
+        assert any("judged by 1 gatekeeper process" in line for line in lines)
+        readiness = httpx.get(f"http://{http}/readyz").json()
+        assert readiness["status"] == "ready" and readiness["checks"]["gatekeepers"] == "ok"
+        gatekeepers = child_processes(proc.pid, "ops gate")
+        assert len(gatekeepers) == 1
         deadline = time.monotonic() + 20
         while (issued := token_command("operator", env)).returncode != 0:  # the operator's join is being applied
             assert time.monotonic() < deadline, issued.stderr
@@ -63,3 +70,6 @@ def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         rest = proc.stderr.read()
         assert proc.wait(timeout=30) == 0, rest
+    assert not [pid for pid in gatekeepers if Path(f"/proc/{pid}").exists()]  # stopped with the bus
+    assert "starting it again" not in rest  # stopped on purpose, not restarted
+

@@ -1,0 +1,150 @@
+"""Gatekeeper processes (``bus.gates``): real ``collabbus gate`` processes on a nats-server of
+their own, judging the offers of a bus whose own ingress is closed while they are ready."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from bus.client import offer
+from bus.gates import PARENT_VARIABLE, stop_with_parent
+from bus.runtime import Bus
+from bus.server import EmbeddedNats
+from ops import metrics
+from ops.settings import Settings
+from tests.conftest import OPERATOR, unique
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    nats_server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
+    await nats_server.astart()
+    yield nats_server
+    await nats_server.astop()
+
+
+@pytest.fixture
+async def bus(server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Bus]:
+    settings = Settings(
+        data_dir=tmp_path / "data", nats_url=server.url, nats_creds=server.bus_creds, operator=OPERATOR, gate_processes=2,
+    )
+    running = Bus(settings)
+    await running.start(state=False)
+    try:
+        await running.start_gatekeepers()
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+async def partner(server: EmbeddedNats, bus: Bus) -> AsyncIterator[Client]:
+    nc = await nats.connect(server.url, name="partner", **server.connect_options())
+    yield nc
+    await nc.close()
+
+
+def joined(institution: str) -> dict[str, Any]:
+    return {
+        "specversion": "1.0", "id": unique("join"), "source": f"/institutions/{OPERATOR}", "type": "institution.joined",
+        "subject": institution, "data": {"id": institution, "name": {"en": institution}, "kind": "ngo", "country": "FI"},
+    }
+
+
+def judged_here() -> float:
+    """The offers of ``institution.joined`` by the operator this (test) process's gate counted."""
+    return metrics.OFFERED.labels("institution.joined", OPERATOR)._value.get()
+
+
+def exposed_offers(bus: Bus) -> float:
+    """The same count as ``/metrics`` shows it: this process's and the gatekeepers' together."""
+    text = metrics.exposition({"streams": {}, "consumers": {}, "dead_letters": {}}, None, gatekeepers=str(bus.gates.metrics_dir))
+    wanted = f'collabbus_events_offered_total{{institution="{OPERATOR}",type="institution.joined"}} '
+    lines = [line for line in text.decode().splitlines() if line.startswith(wanted)]
+    assert len(lines) == 1, text.decode()  # one family and one sample, whichever processes counted
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_gatekeeper_processes_judge_the_offers_and_metrics_add_up_their_counts(bus: Bus, partner: Client) -> None:
+    assert bus.gates is not None and bus.gates.ready == 2 and bus.gates.check() == "ok"
+    assert bus.ingress is None  # the bus's own process leaves NATS offers to them
+    here, exposed = judged_here(), exposed_offers(bus)
+
+    verdicts = await asyncio.gather(*(offer(partner, OPERATOR, joined(unique("m"))) for _ in range(40)))
+
+    assert all(v.accepted for v in verdicts), [v.as_dict() for v in verdicts if not v.accepted]
+    assert len({v.seq for v in verdicts}) == 40
+    assert judged_here() == here  # judged elsewhere…
+    assert exposed_offers(bus) == exposed + 40  # …and counted where the operator looks
+
+
+async def test_a_gatekeeper_that_dies_is_started_again_and_meanwhile_the_bus_judges_offers(bus: Bus, partner: Client) -> None:
+    assert bus.gates is not None
+    first = [p.process.pid for p in bus.gates.processes if p.process is not None]
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+
+    await eventually(lambda: bus.ingress is not None)  # none ready: this process took the offers over
+    assert bus.gates.check() != "ok"
+    here = judged_here()
+    verdict = await offer(partner, OPERATOR, joined(unique("m")))
+    assert verdict.accepted, verdict.as_dict()
+    assert judged_here() == here + 1
+
+    await eventually(lambda: bus.gates.ready == 2 and bus.ingress is None)
+    assert bus.gates.restarts == 2 and bus.gates.check() == "ok"
+    assert not {p.process.pid for p in bus.gates.processes if p.process is not None} & set(first)
+    here, exposed = judged_here(), exposed_offers(bus)
+    assert (await offer(partner, OPERATOR, joined(unique("m")))).accepted
+    assert judged_here() == here and exposed_offers(bus) == exposed + 1  # the counts of the dead ones are kept
+
+
+async def test_stopping_the_bus_stops_its_gatekeepers(server: EmbeddedNats, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "own", nats_url=server.url, nats_creds=server.bus_creds, operator=OPERATOR, gate_processes=1)
+    running = Bus(settings)
+    await running.start(state=False)
+    await running.start_gatekeepers()
+    process = running.gates.processes[0].process
+    assert process is not None and process.returncode is None
+    await running.stop()
+    assert process.returncode == 0  # drained and exited on SIGTERM, not killed
+
+
+async def test_a_gatekeeper_whose_bus_is_gone_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    stop = asyncio.Event()
+    monkeypatch.setenv(PARENT_VARIABLE, str(os.getppid()))
+    waiting = asyncio.create_task(stop_with_parent(stop, interval=0.01))
+    await asyncio.sleep(0.05)
+    assert not stop.is_set()  # its parent is there
+    waiting.cancel()
+
+    monkeypatch.setenv(PARENT_VARIABLE, str(os.getppid() + 1))  # as after the parent died: another parent
+    await asyncio.wait_for(stop_with_parent(stop, interval=0.01), 2)
+    assert stop.is_set()
+
+
+async def test_no_gatekeeper_processes_when_asked_for_none(server: EmbeddedNats, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "none", nats_url=server.url, nats_creds=server.bus_creds, operator=OPERATOR, gate_processes=0)
+    running = Bus(settings)
+    await running.start(state=False)
+    try:
+        await running.start_gatekeepers()
+        assert running.gates is None and running.ingress is not None
+    finally:
+        await running.stop()
