@@ -21,10 +21,11 @@ from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
 
 import orjson
+import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
+from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent, advance_position, read_position
 from schemas import registry
 from schemas.common import EventData
 
@@ -180,7 +181,20 @@ class Book:
     seq: int = 0
 
 
-_APPLIED_INSERT = AppliedEvent.__table__.insert()  # type: ignore[attr-defined]
+# The bookkeeping is written and read with Core statements built once: it happens once per batch
+# (or per event on a trickle), and the ORM's unit of work cost more than the statements.
+_APPLIED = AppliedEvent.__table__  # type: ignore[attr-defined]
+_APPLIED_INSERT = _APPLIED.insert()
+_APPLIED_AMONG = sa.select(_APPLIED.c.event_id).where(_APPLIED.c.event_id.in_(sa.bindparam("ids", expanding=True)))
+_POSITIONS = ConsumerPosition.__table__  # type: ignore[attr-defined]
+
+
+def applied_among(session: Session, event_ids: Iterable[str]) -> set[str]:
+    """Which of ``event_ids`` have been applied."""
+    ids = list(event_ids)
+    if not ids:
+        return set()
+    return set(session.connection().execute(_APPLIED_AMONG, {"ids": ids}).scalars())
 
 
 class Network:
@@ -205,7 +219,7 @@ class Network:
         ``book``: collect what was applied and how far the log was read, for the caller to record
         once per batch (:meth:`record`); without it, both are recorded at once.
         """
-        already = event.id in seen if seen is not None else session.get(AppliedEvent, event.id) is not None
+        already = event.id in (seen if seen is not None else applied_among(session, [event.id]))
         if already:
             self._advance(session, event.seq, book)
             return []
@@ -256,7 +270,7 @@ class Network:
         # An event's consequences are new by construction (their ids derive from a cause applied
         # once); a timer's may have been decided before, so those are looked up.
         for event in derived:
-            if check and session.get(AppliedEvent, event.id) is not None:
+            if check and applied_among(session, [event.id]):
                 continue
             self._project(session, event)
             if book is None:
@@ -275,16 +289,11 @@ class Network:
                 session.flush()
 
     def advance(self, session: Session, seq: int | None) -> None:
-        """Record that the log has been read up to ``seq``."""
+        """Record that the log has been read up to ``seq`` (never backwards)."""
         if seq is None:
             return
-        position = session.get(ConsumerPosition, self.consumer)
-        if position is None:
-            session.add(ConsumerPosition(consumer=self.consumer, seq=seq))
-        elif seq > position.seq:
-            position.seq = seq
+        advance_position(session.connection(), _POSITIONS, self.consumer, seq)
 
     def position(self, session: Session) -> int:
         """The last log sequence applied."""
-        position = session.get(ConsumerPosition, self.consumer)
-        return position.seq if position else 0
+        return read_position(session.connection(), _POSITIONS, self.consumer)

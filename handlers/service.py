@@ -27,7 +27,7 @@ from sqlalchemy import event as sa_event
 from sqlmodel import Session, col, select
 
 from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
-from handlers.network import Book, Event, Network
+from handlers.network import Book, Event, Network, applied_among
 from handlers.session import KnownKeysSession, tracked_tables
 from ops.metrics import HANDLER_SECONDS
 
@@ -198,8 +198,7 @@ class NetworkService:
 
     @staticmethod
     def _seen(session: Session, items: Sequence[LoggedItem]) -> set[str]:
-        ids = [str(item.envelope.get("id")) for item in items]
-        return set(session.exec(select(AppliedEvent.event_id).where(col(AppliedEvent.event_id).in_(ids))).all())
+        return applied_among(session, (str(item.envelope.get("id")) for item in items))
 
     def skip(self, seq: int) -> None:
         """Move past an event that was dead-lettered: it is not applied, and later events are."""

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from connectors.webhooks.signing import new_secret
+from handlers.bookkeeping import advance_position, read_position
 from handlers.institutions import UtcDateTime
 from schemas.envelope import SOURCE_PREFIX
 
@@ -359,14 +360,8 @@ def attempts_of(session: Session, delivery_ids: Sequence[int]) -> dict[int, list
 
 
 def position(session: Session, consumer: str) -> int:
-    row = session.get(ConsumerPosition, consumer)
-    return row.seq if row is not None else 0
+    return read_position(session.connection(), ConsumerPosition.__table__, consumer)  # type: ignore[attr-defined]
 
 
 def advance(session: Session, consumer: str, seq: int) -> None:
-    row = session.get(ConsumerPosition, consumer)
-    if row is None:
-        session.add(ConsumerPosition(consumer=consumer, seq=seq))
-    elif seq > row.seq:
-        row.seq = seq
-        session.add(row)
+    advance_position(session.connection(), ConsumerPosition.__table__, consumer, seq)  # type: ignore[attr-defined]
