@@ -179,6 +179,8 @@ class Book:
 
     applied: list[tuple[str, int | None]] = field(default_factory=list)
     seq: int = 0
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+    """Derived events for the outbox, in the order they were decided."""
 
 
 # The bookkeeping is written and read with Core statements built once: it happens once per batch
@@ -187,6 +189,7 @@ _APPLIED = AppliedEvent.__table__  # type: ignore[attr-defined]
 _APPLIED_INSERT = _APPLIED.insert()
 _APPLIED_AMONG = sa.select(_APPLIED.c.event_id).where(_APPLIED.c.event_id.in_(sa.bindparam("ids", expanding=True)))
 _POSITIONS = ConsumerPosition.__table__  # type: ignore[attr-defined]
+_OUTBOX_INSERT = OutboxEvent.__table__.insert()  # type: ignore[attr-defined]
 
 
 def applied_among(session: Session, event_ids: Iterable[str]) -> set[str]:
@@ -229,7 +232,7 @@ class Network:
         if not context.refused:
             self._project(session, event)
         if book is None:
-            session.add(AppliedEvent(event_id=event.id, seq=event.seq))
+            session.connection().execute(_APPLIED_INSERT, [{"event_id": event.id, "seq": event.seq}])
         self._apply_derived(session, context.derived, live=live, check=False, book=book)
         if book is not None:
             book.applied.append((event.id, event.seq))
@@ -239,12 +242,17 @@ class Network:
         return context.derived
 
     def record(self, session: Session, book: "Book") -> None:
-        """Write down what ``book`` collected: the applied ids in one statement, the position once."""
-        if book.applied:  # straight to the connection: the session has nothing to track here
-            session.connection().execute(_APPLIED_INSERT, [{"event_id": event_id, "seq": seq} for event_id, seq in book.applied])
+        """Write down what ``book`` collected: the applied ids and the outbox in one statement
+        each, the position once."""
+        connection = session.connection()  # straight to the connection: the session has nothing to track here
+        if book.applied:
+            connection.execute(_APPLIED_INSERT, [{"event_id": event_id, "seq": seq} for event_id, seq in book.applied])
+        if book.outbox:
+            connection.execute(_OUTBOX_INSERT, book.outbox)
         if book.seq:
             self.advance(session, book.seq)
         book.applied.clear()
+        book.outbox.clear()
 
     def _advance(self, session: Session, seq: int | None, book: "Book | None") -> None:
         if book is None:
@@ -273,20 +281,19 @@ class Network:
             if check and applied_among(session, [event.id]):
                 continue
             self._project(session, event)
+            waiting = (
+                {"event_id": event.id, "event": orjson.dumps(dict(event.envelope)), "created_at": datetime.now(timezone.utc)}
+                if live else None
+            )
             if book is None:
-                session.add(AppliedEvent(event_id=event.id, seq=None))
+                connection = session.connection()
+                connection.execute(_APPLIED_INSERT, [{"event_id": event.id, "seq": None}])
+                if waiting is not None:
+                    connection.execute(_OUTBOX_INSERT, [waiting])
             else:
                 book.applied.append((event.id, None))
-            if live:
-                session.add(
-                    OutboxEvent(
-                        event_id=event.id,
-                        event=orjson.dumps(dict(event.envelope)),
-                        created_at=datetime.now(timezone.utc),
-                    )
-                )
-            if book is None:
-                session.flush()
+                if waiting is not None:
+                    book.outbox.append(waiting)
 
     def advance(self, session: Session, seq: int | None) -> None:
         """Record that the log has been read up to ``seq`` (never backwards)."""

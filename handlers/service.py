@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete
+import sqlalchemy as sa
+from sqlalchemy import Engine
 from sqlalchemy import event as sa_event
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
 from handlers.network import Book, Event, Network, applied_among
@@ -212,16 +213,15 @@ class NetworkService:
 
     def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
         """Derived events waiting to be logged, oldest first."""
-        with self._transaction() as session:
-            query = select(OutboxEvent.event_id, OutboxEvent.event).order_by(col(OutboxEvent.position)).limit(limit)
-            return [(event_id, body) for event_id, body in session.exec(query).all()]
+        with self.engine.connect() as connection:  # a read of its own: the service's session is not needed
+            return [(event_id, body) for event_id, body in connection.execute(_OUTBOX, {"most": limit})]
 
     def outbox_done(self, event_ids: Sequence[str]) -> None:
         """Forget derived events the log has confirmed."""
         if not event_ids:
             return
-        with self._transaction() as session:
-            session.exec(delete(OutboxEvent).where(OutboxEvent.event_id.in_(event_ids)))  # type: ignore[call-overload,attr-defined]
+        with self.engine.begin() as connection:
+            connection.execute(_OUTBOX_DONE, {"ids": list(event_ids)})
 
     def reset(self) -> None:
         """Empty every read model and the bookkeeping of what was applied (not the outbox: it
@@ -243,6 +243,15 @@ class NetworkService:
         """The last log sequence applied."""
         with self._transaction() as session:
             return self.network.position(session)
+
+
+_OUTBOX_TABLE = OutboxEvent.__table__  # type: ignore[attr-defined]
+_OUTBOX = (
+    sa.select(_OUTBOX_TABLE.c.event_id, _OUTBOX_TABLE.c.event)
+    .order_by(_OUTBOX_TABLE.c.position)
+    .limit(sa.bindparam("most"))
+)
+_OUTBOX_DONE = _OUTBOX_TABLE.delete().where(_OUTBOX_TABLE.c.event_id.in_(sa.bindparam("ids", expanding=True)))
 
 
 class _Failed(Exception):
