@@ -159,6 +159,12 @@ class KnownKeysSession(Session):
                 if id(found) in self.held:
                     self.held.move_to_end(id(found))
                 return found
+            if found is None:
+                # A known row that is neither pending nor in the identity map was flushed earlier
+                # and has no changes waiting (a changed row stays in the map until flushed): its
+                # row in the database is current, so it is read without flushing the others first.
+                with self.no_autoflush:
+                    return super().get(entity, ident, **kwargs)
         return super().get(entity, ident, **kwargs)
 
 

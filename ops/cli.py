@@ -497,7 +497,7 @@ def rebuild(
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
     from handlers.routes import network
-    from handlers.service import NetworkService
+    from handlers.service import REBUILD_HELD_ROWS, NetworkService
 
     if projection not in (None, NETWORK_CONSUMER):
         raise typer.BadParameter(f"unknown projection {projection!r}; the consumer groups are: {NETWORK_CONSUMER}", param_hint="--projection")
@@ -511,7 +511,7 @@ def rebuild(
                 raise typer.Exit(1)
             engine = make_engine(settings.db_url)
             await asyncio.to_thread(migrate, engine)
-            service = NetworkService(engine, network())
+            service = NetworkService(engine, network(), held_rows=REBUILD_HELD_ROWS)
             keep_startup_objects()
             with Progress(
                 TextColumn("[bold]rebuilding[/bold]"), BarColumn(), MofNCompleteColumn(),

@@ -1,0 +1,45 @@
+"""The service's session (``handlers.session``): lookups by known keys, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import gc
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine, event
+from sqlmodel import SQLModel
+
+from handlers.calls import Call
+from handlers.institutions import Institution
+from handlers.session import KnownKeysSession, tracked_tables
+from tests.conftest import unique
+
+
+def member(institution_id: str) -> Institution:
+    now = datetime.now(timezone.utc)
+    return Institution(id=institution_id, name={"en": institution_id}, kind="ngo", country="FI", joined_at=now)
+
+
+def test_a_known_row_let_go_is_read_again_without_flushing_what_is_pending(engine: Engine) -> None:
+    session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked_tables(SQLModel.metadata))
+    first, second = unique("m"), unique("m")
+    with session.begin():
+        assert session.get(Institution, first) is None  # the keys are read once, here
+        session.add(member(first))
+    gc.collect()  # nothing holds the row: it leaves the identity map
+    flushes: list[int] = []
+    event.listen(session, "before_flush", lambda *_: flushes.append(1))
+    with session.begin():
+        session.add(member(second))  # pending
+        found = session.get(Institution, first)
+        assert found is not None and found.id == first  # read from the database…
+        assert flushes == []  # …without flushing the pending row first
+        assert session.get(Institution, second) is not None  # the pending one answers from the session
+        assert session.get(Institution, unique("m")) is None and session.get(Call, unique("c")) is None
+        changed = session.get(Institution, first)
+        assert changed is found
+        changed.name = {"en": "renamed"}
+    with session.begin():
+        assert session.get(Institution, first).name == {"en": "renamed"}
+    with engine.connect() as connection:
+        assert {row.id for row in connection.execute(Institution.__table__.select())} >= {first, second}
+    session.close()
