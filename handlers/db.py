@@ -50,8 +50,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 def reading(engine: Engine) -> Engine:
     """``engine`` for sessions that only read: on SQLite they do not take the write lock, so they
-    never wait for a writer (WAL readers see the last commit)."""
-    return engine.execution_options(**{READ_ONLY: True})
+    never wait for a writer (WAL readers see the last commit). Made once per engine: the HTTP
+    gateway reads on every request, and a new one per call set up its event dispatch each time."""
+    found: Engine | None = getattr(engine, "_collabbus_reading", None)
+    if found is None:
+        found = engine.execution_options(**{READ_ONLY: True})
+        engine._collabbus_reading = found  # type: ignore[attr-defined]
+    return found
 
 
 def alembic_config(engine: Engine) -> Any:
