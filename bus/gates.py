@@ -29,15 +29,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from bus.server import stop_with_parent
 from ops.settings import Settings
 
 log = logging.getLogger("collabbus.gates")
 
 READY_LINE = b"gatekeeper ready"
 """What a gatekeeper process prints on stdout once its ingress subscription is open."""
-
-PARENT_VARIABLE = "COLLABBUS_GATE_PARENT"
-"""Set for a gatekeeper ``up`` started: the pid it stops with (not left behind if ``up`` is killed)."""
 
 METRICS_DIRECTORY = "gate-metrics"
 RESTART_PAUSE = (1.0, 30.0)
@@ -84,6 +82,7 @@ class GateProcess:
             self.process = await asyncio.create_subprocess_exec(
                 *self.command, env=self.env, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches the bus, which stops its gatekeepers in turn
+                preexec_fn=stop_with_parent,
             )
             assert self.process.stdout is not None
             async for line in self.process.stdout:
@@ -160,7 +159,6 @@ class GateProcesses:
             COLLABBUS_NATS_URL=",".join(settings.nats_servers),
             COLLABBUS_MAX_EVENT_BYTES=str(settings.max_event_bytes),
             PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir),
-            **{PARENT_VARIABLE: str(os.getpid())},
         )
         if nats_creds is not None:
             env["COLLABBUS_NATS_CREDS"] = str(nats_creds.resolve())
@@ -199,15 +197,3 @@ class GateProcesses:
             return "ok"
         return f"{ready} of {self.count} gatekeeper processes ready (the others are restarting)"
 
-
-async def stop_with_parent(stop: asyncio.Event, interval: float = 1.0) -> None:
-    """Set ``stop`` once the process that started this one (:data:`PARENT_VARIABLE`) is gone."""
-    parent = os.environ.get(PARENT_VARIABLE)
-    if not parent or not parent.isdigit():
-        return
-    while not stop.is_set():
-        if os.getppid() != int(parent):
-            log.warning("the bus process that started this gatekeeper is gone; stopping")
-            stop.set()
-            return
-        await asyncio.sleep(interval)

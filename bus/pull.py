@@ -8,6 +8,10 @@ returns what has arrived as soon as there is something, and a new request goes o
 one is used up or has expired. At most about two batches are held (the one handed out and the one
 arriving), so a slow reader holds back the server rather than filling memory.
 
+The open request asks the server for idle heartbeats: when they stop (the connection was lost
+and made again, the server restarted), the request is taken for gone and a new one goes out, so a
+consumer carries on within a few seconds rather than when the lost request would have expired.
+
 Messages keep their reply subjects: ``ack``, ``nak`` and ``in_progress`` work as usual.
 """
 
@@ -33,18 +37,25 @@ _ENDED = ("404", "408")  # no messages (no_wait), request expired: the request i
 class Puller:
     """Keeps one pull request open on ``stream``/``consumer`` and hands out what arrives."""
 
-    def __init__(self, nc: Client, stream: str, consumer: str, *, batch: int, expires: float = 5.0) -> None:
+    def __init__(
+        self, nc: Client, stream: str, consumer: str, *, batch: int, expires: float = 5.0, heartbeat: float = 1.0
+    ) -> None:
         self.nc = nc
         self.stream = stream
         self.consumer = consumer
         self.batch = batch
         self.expires = expires
+        self.heartbeat = min(heartbeat, expires / 2)
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._request_body = orjson.dumps({"batch": batch, "expires": int(expires * 1e9)})
+        self._request_body = orjson.dumps(
+            {"batch": batch, "expires": int(expires * 1e9), "idle_heartbeat": int(self.heartbeat * 1e9)}
+        )
         self._buffer: list[Msg] = []
         self._open = 0
         """How many messages the open request may still bring (0: none is open)."""
         self._deadline = 0.0
+        self._heard = 0.0
+        """When the server last sent anything for the open request (a message or a heartbeat)."""
         self._trouble: str | None = None
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
@@ -99,18 +110,21 @@ class Puller:
         if self._sub is None:
             return
         loop = asyncio.get_running_loop()
-        if self._open and loop.time() > self._deadline:
-            self._open = 0  # its end never arrived (e.g. the connection was lost meanwhile)
+        now = loop.time()
+        if self._open and (now > self._deadline or now - self._heard > 2 * self.heartbeat + 0.5):
+            self._open = 0  # its end or its heartbeats never arrived (e.g. the connection was lost meanwhile)
         if self._open or len(self._buffer) >= self.batch:
             return
         self._open = self.batch
-        self._deadline = loop.time() + self.expires + 1.0
+        self._deadline = now + self.expires + 1.0
+        self._heard = now
         try:
             await self.nc.publish(self._subject, self._request_body, reply=self._inbox)
         except Exception as exc:  # reconnecting: asked again after the deadline
             log.warning("consumer %s: pull request not sent: %r", self.consumer, exc)
 
     async def _take(self, msg: Msg) -> None:
+        self._heard = asyncio.get_running_loop().time()
         headers = msg.headers
         if headers and not msg.data and _STATUS in headers:
             status = headers[_STATUS]

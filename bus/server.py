@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -59,14 +60,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _stop_with_parent() -> None:
-    """On Linux, have the kernel stop the server when the bus process dies, even by SIGKILL, so
-    a crashed bus never leaves an orphan holding the port and the store."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+# Loaded in the parent: a child between fork and exec must not import (another thread of the
+# parent may have held the import lock when it forked).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+def stop_with_parent() -> None:
+    """On Linux, have the kernel stop this child (SIGTERM) when the bus process dies, even by
+    SIGKILL, so a crashed bus never leaves an orphan behind (a server holding the port and the
+    store, a gatekeeper judging offers for nobody). Called in the child before it runs."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedNats:
@@ -153,7 +158,7 @@ class EmbeddedNats:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C in the terminal reaches the bus, which drains first
-            preexec_fn=_stop_with_parent,
+            preexec_fn=stop_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout

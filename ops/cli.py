@@ -279,7 +279,7 @@ async def _load_demo(settings: Settings, bus: Any) -> None:
 def gate(*, settings: Settings) -> None:
     """Run a gatekeeper alone: judge offers from NATS ingress (queue group collabbus-gate) and log
     the accepted ones, on a bus another process runs. `up` starts COLLABBUS_GATE_PROCESSES of these."""
-    from bus.gates import READY_LINE, stop_with_parent
+    from bus.gates import READY_LINE
     from bus.runtime import Bus, keep_startup_objects
     from ops.logs import configure_logging
 
@@ -299,11 +299,9 @@ def gate(*, settings: Settings) -> None:
         keep_startup_objects()
         sys.stdout.buffer.write(READY_LINE + b"\n")
         sys.stdout.flush()
-        orphaned = asyncio.create_task(stop_with_parent(stop))
         try:
             await stop.wait()
         finally:
-            orphaned.cancel()
             await bus.stop()
 
     run(main())

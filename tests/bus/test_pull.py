@@ -122,6 +122,35 @@ async def test_a_consumer_that_goes_away_and_comes_back(nc: Client, caplog: pyte
         await puller.stop()
 
 
+async def test_after_the_server_is_back_it_asks_again_without_waiting_for_the_lost_request(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
+    await server.astart()
+    client = await nats.connect(server.url, reconnect_time_wait=0.2, max_reconnect_attempts=-1, **server.connect_options())
+    try:
+        await client.jetstream().add_stream(StreamConfig(name=STREAM, subjects=["pulltest.>"]))
+        # The request would stay open for a minute: only the missing heartbeats tell it is gone.
+        puller = Puller(client, STREAM, await consumer(client), batch=10, expires=60, heartbeat=0.5)
+        await puller.start()
+        await publish(client, b"before")
+        assert [m.data for m in await asyncio.wait_for(puller.fetch(timeout=5), 10)] == [b"before"]
+        await server.astop()
+        await server.astart()  # same port, same store: the client reconnects, the open request is lost
+        while not client.is_connected:
+            await asyncio.sleep(0.05)
+        await publish(client, b"after")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        got: list[bytes] = []
+        while not got:
+            assert loop.time() < deadline, "the puller still waits on the request the restart lost"
+            got = [m.data for m in await puller.fetch(timeout=0.5)]
+        assert got == [b"after"]
+        await puller.stop()
+    finally:
+        await client.close()
+        await server.astop()
+
+
 async def test_the_log_publisher_answers_as_jetstream_publish_does(nc: Client) -> None:
     publisher = LogPublisher(nc)
     await publisher.start()

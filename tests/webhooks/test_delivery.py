@@ -108,7 +108,7 @@ async def test_failing_attempts_follow_the_retry_schedule_and_are_logged(network
     received = receiver.at("/down")
     assert len(received) == len(SCHEDULE) and set(ids(received)) == {event["id"]}
     for gap, delay in zip(gaps(received), SCHEDULE[1:]):
-        assert delay * 0.8 - 0.01 <= gap <= delay * 1.2 + 0.2, (gaps(received), SCHEDULE)  # + the machine's own time
+        assert delay * 0.8 - 0.01 <= gap <= delay * 1.2 + 0.5, (gaps(received), SCHEDULE)  # + the machine's own time under load
     assert delivery["status"] == "failed" and delivery["event_id"] == event["id"] and delivery["delivered_at"] is None
     assert len(delivery["attempts"]) == len(SCHEDULE)
     for attempt in delivery["attempts"]:
