@@ -57,11 +57,16 @@ def event_type_label(*candidates: object) -> str:
 def count_offer(institution: str, raw: Mapping[str, Any] | None, offered_type: str | None, verdict: Verdict) -> None:
     """Count one offer the gate judged (``institution``: already bounded by the caller)."""
     event_type = event_type_label(raw.get("type") if raw else None, offered_type)
-    OFFERED.labels(event_type, institution).inc()
-    if verdict.accepted:
-        ACCEPTED.labels(event_type, institution).inc()
-    else:
-        REJECTED.labels(event_type, institution, verdict.reason or "unknown").inc()
+    key = (event_type, institution, None if verdict.accepted else verdict.reason or "unknown")
+    counters = _offer_counters.get(key)
+    if counters is None:  # the labelled children, looked up once per label set (the labels are bounded)
+        outcome = ACCEPTED.labels(event_type, institution) if key[2] is None else REJECTED.labels(*key)
+        counters = _offer_counters[key] = (OFFERED.labels(event_type, institution), outcome)
+    counters[0].inc()
+    counters[1].inc()
+
+
+_offer_counters: dict[tuple[str, str, str | None], tuple[Any, Any]] = {}
 
 
 class _Snapshot(Collector):
@@ -122,20 +127,35 @@ class _WithGatekeepers(Collector):
         yield from theirs.values()
 
 
+class _Gatekeepers(Collector):
+    """How the bus's gatekeeper processes are doing (``bus.gates.GateProcesses``)."""
+
+    def __init__(self, gates: Any) -> None:
+        self.gates = gates
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("collabbus_gatekeepers", "gatekeeper processes the bus runs", value=self.gates.count)
+        yield GaugeMetricFamily("collabbus_gatekeepers_ready", "gatekeeper processes judging offers now", value=self.gates.ready)
+        yield CounterMetricFamily(
+            "collabbus_gatekeeper_restarts", "gatekeeper processes started again after they exited", value=self.gates.restarts,
+        )
+
+
 def exposition(
     status: Mapping[str, Any],
     webhook_attempts: Mapping[str, int] | None,
     *registries: CollectorRegistry,
-    gatekeepers: str | None = None,
+    gates: Any = None,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
-    gatekeeper processes whose files are in the directory ``gatekeepers``) and a status snapshot."""
+    gatekeeper processes ``gates``, when the bus runs any) and a status snapshot."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts))
     process: Any = REGISTRY
-    if gatekeepers is not None:
+    if gates is not None:
         process = CollectorRegistry(auto_describe=False)
-        process.register(_WithGatekeepers(gatekeepers))
+        process.register(_WithGatekeepers(str(gates.metrics_dir)))
+        snapshot.register(_Gatekeepers(gates))
     return b"".join(generate_latest(registry) for registry in (*registries, process, snapshot))
 
 

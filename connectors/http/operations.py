@@ -162,8 +162,7 @@ async def metrics(request: Request) -> Response:
     status = await collect_status(bus.js)
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)
     registry: Metrics = request.app.state.metrics
-    gates = str(bus.gates.metrics_dir) if bus.gates is not None else None
-    return Response(exposition(status, attempts, registry.registry, gatekeepers=gates), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(status, attempts, registry.registry, gates=bus.gates), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/ops/status", responses=documented(401, 403))

@@ -67,13 +67,16 @@ def judged_here() -> float:
     return metrics.OFFERED.labels("institution.joined", OPERATOR)._value.get()
 
 
-def exposed_offers(bus: Bus) -> float:
-    """The same count as ``/metrics`` shows it: this process's and the gatekeepers' together."""
-    text = metrics.exposition({"streams": {}, "consumers": {}, "dead_letters": {}}, None, gatekeepers=str(bus.gates.metrics_dir))
-    wanted = f'collabbus_events_offered_total{{institution="{OPERATOR}",type="institution.joined"}} '
-    lines = [line for line in text.decode().splitlines() if line.startswith(wanted)]
-    assert len(lines) == 1, text.decode()  # one family and one sample, whichever processes counted
+def exposed(bus: Bus, sample: str) -> float:
+    """A sample as ``/metrics`` shows it (this process's counts and the gatekeepers' together)."""
+    text = metrics.exposition({"streams": {}, "consumers": {}, "dead_letters": {}}, None, gates=bus.gates).decode()
+    lines = [line for line in text.splitlines() if line.startswith(sample + " ")]
+    assert len(lines) == 1, text  # one family and one sample, whichever processes counted
     return float(lines[0].rsplit(" ", 1)[1])
+
+
+def exposed_offers(bus: Bus) -> float:
+    return exposed(bus, f'collabbus_events_offered_total{{institution="{OPERATOR}",type="institution.joined"}}')
 
 
 async def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -86,14 +89,15 @@ async def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> No
 async def test_gatekeeper_processes_judge_the_offers_and_metrics_add_up_their_counts(bus: Bus, partner: Client) -> None:
     assert bus.gates is not None and bus.gates.ready == 2 and bus.gates.check() == "ok"
     assert bus.ingress is None  # the bus's own process leaves NATS offers to them
-    here, exposed = judged_here(), exposed_offers(bus)
+    assert exposed(bus, "collabbus_gatekeepers_ready") == 2 and exposed(bus, "collabbus_gatekeeper_restarts_total") == 0
+    here, shown = judged_here(), exposed_offers(bus)
 
     verdicts = await asyncio.gather(*(offer(partner, OPERATOR, joined(unique("m"))) for _ in range(40)))
 
     assert all(v.accepted for v in verdicts), [v.as_dict() for v in verdicts if not v.accepted]
     assert len({v.seq for v in verdicts}) == 40
     assert judged_here() == here  # judged elsewhere…
-    assert exposed_offers(bus) == exposed + 40  # …and counted where the operator looks
+    assert exposed_offers(bus) == shown + 40  # …and counted where the operator looks
 
 
 async def test_a_gatekeeper_that_dies_is_started_again_and_meanwhile_the_bus_judges_offers(bus: Bus, partner: Client) -> None:
@@ -111,10 +115,11 @@ async def test_a_gatekeeper_that_dies_is_started_again_and_meanwhile_the_bus_jud
 
     await eventually(lambda: bus.gates.ready == 2 and bus.ingress is None)
     assert bus.gates.restarts == 2 and bus.gates.check() == "ok"
+    assert exposed(bus, "collabbus_gatekeeper_restarts_total") == 2 and exposed(bus, "collabbus_gatekeepers") == 2
     assert not {p.process.pid for p in bus.gates.processes if p.process is not None} & set(first)
-    here, exposed = judged_here(), exposed_offers(bus)
+    here, shown = judged_here(), exposed_offers(bus)
     assert (await offer(partner, OPERATOR, joined(unique("m")))).accepted
-    assert judged_here() == here and exposed_offers(bus) == exposed + 1  # the counts of the dead ones are kept
+    assert judged_here() == here and exposed_offers(bus) == shown + 1  # the counts of the dead ones are kept
 
 
 async def test_stopping_the_bus_stops_its_gatekeepers(server: EmbeddedNats, tmp_path: Path) -> None:
