@@ -146,7 +146,15 @@ class ProposedMeetingRow(TableRow, table=True):
 def _registrations(session: Session, day_id: str, statuses: Sequence[str]) -> list[Registration]:
     """The day's registrations in one of ``statuses``, in the order they were requested."""
     rows = [r for r in children(session, Registration, "day_id", day_id) if r.status in statuses]
-    return sorted(rows, key=lambda r: (r.requested_seq is None, r.requested_seq or 0, _utc(r.requested_at), r.registration_id))
+    return sorted(rows, key=_request_order)
+
+
+def _request_order(r: Registration) -> tuple[Any, ...]:
+    """Log order; a registration not requested through the log (a refusal kept with its reason)
+    has no sequence and goes last, by time."""
+    if r.requested_seq is not None:
+        return (False, r.requested_seq)
+    return (True, 0, _utc(r.requested_at), r.registration_id)
 
 
 def _day_state(session: Session, day_id: str) -> rules.DayState | None:
