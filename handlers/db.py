@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, event
 from sqlmodel import Session, create_engine
 
@@ -23,7 +24,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # A pool big enough for the gateway's concurrent readers: a connection opened and closed
         # per request would cost more than the request.
         kwargs = {"pool_size": 20, "max_overflow": 20, **kwargs} if path and path != ":memory:" else kwargs
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **_JSON, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -45,7 +46,16 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    return create_engine(url, pool_pre_ping=True, **_JSON, **kwargs)
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+# JSON columns are written and read with orjson: the standard library's encoder was about a
+# twentieth of applying an event (titles, themes, reasons and parties are JSON).
+_JSON: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
 def reading(engine: Engine) -> Engine:
