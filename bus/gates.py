@@ -69,7 +69,7 @@ class GateProcess:
         """Start it and wait until it is ready; raise if it exits or takes longer than ``timeout``."""
         self._runner = asyncio.create_task(self._run(), name=f"gatekeeper-{self.index}")
         waiter = asyncio.create_task(self._first_ready.wait())
-        done, _ = await asyncio.wait({waiter, self._runner}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({waiter, self._runner}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if not self._first_ready.is_set():
             reason = f"exited with code {self._first_exit}" if self._first_exit is not None else f"was not ready within {timeout:g} s"

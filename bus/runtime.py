@@ -133,14 +133,11 @@ class Bus:
         """Start NATS if embedded, declare the streams, bootstrap the operator, open the ingress."""
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.tracing is None:
-            self.tracing, self._own_tracing = Tracing.configure(settings.data_dir), True
-        activate(self.tracing)
+        self._trace()
         if settings.embedded and self.server is None:
             self.server = embedded_server(settings)
             await self.server.astart()
-        self.broker = NatsBroker(**broker_options(settings, "collabbus"), logger=None)
-        await self.broker.connect()
+        await self._connect("collabbus")
         await ensure_streams(
             self.js,
             desired_streams(
@@ -149,10 +146,7 @@ class Bus:
                 max_msg_size=min(self.nc.max_payload, settings.max_event_bytes + 4096),
             ),
         )
-        self.membership = Membership(self.nc, self.js)
-        await self.membership.start()
-        self.gate = Gate(self.nc, self.js, self.membership, max_event_bytes=settings.max_event_bytes, tracer=self.tracing.tracer)
-        await self.gate.start()
+        await self._start_gate()
         await self.ensure_operator()
         if ingress:
             await self.open_ingress()
@@ -163,17 +157,27 @@ class Bus:
     async def start_gatekeeper(self) -> None:
         """Only the gatekeeper and its ingress, on a NATS whose streams the main process declared:
         a process of its own that judges offers beside the others (``collabbus gate``)."""
-        settings = self.settings
+        self._trace()
+        await self._connect("collabbus-gate")
+        await self._start_gate()
+        await self.open_ingress()
+
+    def _trace(self) -> None:
         if self.tracing is None:
-            self.tracing, self._own_tracing = Tracing.configure(settings.data_dir), True
+            self.tracing, self._own_tracing = Tracing.configure(self.settings.data_dir), True
         activate(self.tracing)
-        self.broker = NatsBroker(**broker_options(settings, "collabbus-gate"), logger=None)
+
+    async def _connect(self, name: str) -> None:
+        self.broker = NatsBroker(**broker_options(self.settings, name), logger=None)
         await self.broker.connect()
+
+    async def _start_gate(self) -> None:
+        """The members as the log knows them, and the gate that judges offers against them."""
+        assert self.tracing is not None
         self.membership = Membership(self.nc, self.js)
         await self.membership.start()
-        self.gate = Gate(self.nc, self.js, self.membership, max_event_bytes=settings.max_event_bytes, tracer=self.tracing.tracer)
+        self.gate = Gate(self.nc, self.js, self.membership, max_event_bytes=self.settings.max_event_bytes, tracer=self.tracing.tracer)
         await self.gate.start()
-        await self.open_ingress()
 
     async def start_gatekeepers(self) -> None:
         """Start ``COLLABBUS_GATE_PROCESSES`` gatekeeper processes (``bus.gates``) and let them judge

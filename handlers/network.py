@@ -222,24 +222,26 @@ class Network:
         ``book``: collect what was applied and how far the log was read, for the caller to record
         once per batch (:meth:`record`); without it, both are recorded at once.
         """
-        already = event.id in (seen if seen is not None else applied_among(session, [event.id]))
-        if already:
-            self._advance(session, event.seq, book)
-            return []
-        context = Context(session, event, now=event.logged_at, live=live)
-        for decide in self.routes.deciders.get(event.type, ()):
-            decide(context)
-        if not context.refused:
-            self._project(session, event)
-        if book is None:
-            session.connection().execute(_APPLIED_INSERT, [{"event_id": event.id, "seq": event.seq}])
-        self._apply_derived(session, context.derived, live=live, check=False, book=book)
-        if book is not None:
+        own = book is None
+        book = book or Book()
+        if event.id in (seen if seen is not None else applied_among(session, [event.id])):
+            derived: list[Event[Any]] = []
+        else:
+            context = Context(session, event, now=event.logged_at, live=live)
+            for decide in self.routes.deciders.get(event.type, ()):
+                decide(context)
+            if not context.refused:
+                self._project(session, event)
             book.applied.append((event.id, event.seq))
-        self._advance(session, event.seq, book)
-        if seen is not None:  # a derived event's copy can come later in the same batch (a rebuild)
-            seen.update([event.id, *(d.id for d in context.derived)])
-        return context.derived
+            self._apply_derived(session, context.derived, live=live, check=False, book=book)
+            derived = context.derived
+            if seen is not None:  # a derived event's copy can come later in the same batch (a rebuild)
+                seen.update([event.id, *(d.id for d in derived)])
+        if event.seq is not None and event.seq > book.seq:
+            book.seq = event.seq
+        if own:
+            self.record(session, book)
+        return derived
 
     def record(self, session: Session, book: "Book") -> None:
         """Write down what ``book`` collected: the applied ids and the outbox in one statement
@@ -254,46 +256,34 @@ class Network:
         book.applied.clear()
         book.outbox.clear()
 
-    def _advance(self, session: Session, seq: int | None, book: "Book | None") -> None:
-        if book is None:
-            self.advance(session, seq)
-        elif seq is not None and seq > book.seq:
-            book.seq = seq
-
     def tick(self, session: Session, now: datetime | None = None, *, live: bool = True) -> list[Event[Any]]:
         """Run the timers (deadlines): events due at ``now`` are decided and applied."""
         context = Context(session, None, now=now or datetime.now(timezone.utc), live=live)
         for timer in self.routes.timers:
             timer(context)
-        self._apply_derived(session, context.derived, live=live)
+        book = Book()
+        self._apply_derived(session, context.derived, live=live, check=True, book=book)
+        self.record(session, book)
         return context.derived
 
     def _project(self, session: Session, event: Event[Any]) -> None:
         for project in self.routes.projections.get(event.type, ()):
             project(session, event)
 
-    def _apply_derived(
-        self, session: Session, derived: list[Event[Any]], *, live: bool, check: bool = True, book: "Book | None" = None
-    ) -> None:
+    def _apply_derived(self, session: Session, derived: list[Event[Any]], *, live: bool, check: bool, book: "Book") -> None:
         # An event's consequences are new by construction (their ids derive from a cause applied
         # once); a timer's may have been decided before, so those are looked up.
+        recorded = {event_id for event_id, _ in book.applied} if check else set()
         for event in derived:
-            if check and applied_among(session, [event.id]):
+            if check and (event.id in recorded or applied_among(session, [event.id])):
                 continue
+            recorded.add(event.id)
             self._project(session, event)
-            waiting = (
-                {"event_id": event.id, "event": orjson.dumps(dict(event.envelope)), "created_at": datetime.now(timezone.utc)}
-                if live else None
-            )
-            if book is None:
-                connection = session.connection()
-                connection.execute(_APPLIED_INSERT, [{"event_id": event.id, "seq": None}])
-                if waiting is not None:
-                    connection.execute(_OUTBOX_INSERT, [waiting])
-            else:
-                book.applied.append((event.id, None))
-                if waiting is not None:
-                    book.outbox.append(waiting)
+            book.applied.append((event.id, None))
+            if live:
+                book.outbox.append(
+                    {"event_id": event.id, "event": orjson.dumps(dict(event.envelope)), "created_at": datetime.now(timezone.utc)}
+                )
 
     def advance(self, session: Session, seq: int | None) -> None:
         """Record that the log has been read up to ``seq`` (never backwards)."""

@@ -28,6 +28,7 @@ from sqlalchemy import event as sa_event
 from sqlmodel import Session
 
 from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
+from handlers.db import reading
 from handlers.network import Book, Event, Network, applied_among
 from handlers.session import KnownKeysSession, tracked_tables
 from ops.metrics import HANDLER_SECONDS
@@ -220,7 +221,7 @@ class NetworkService:
 
     def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
         """Derived events waiting to be logged, oldest first."""
-        with self.engine.connect() as connection:  # a read of its own: the service's session is not needed
+        with reading(self.engine).connect() as connection:  # a read of its own: no session, no write lock
             return [(event_id, body) for event_id, body in connection.execute(_OUTBOX, {"most": limit})]
 
     def outbox_done(self, event_ids: Sequence[str]) -> None:

@@ -197,10 +197,7 @@ def up(
 
     async def main() -> None:
         bus = Bus(settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         await bus.start()
         try:
             await bus.start_gatekeepers()
@@ -233,6 +230,15 @@ def up(
             err.print("stopped")
 
     run(main())
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM: a long-running command drains and stops when it is."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def _run_portal(settings: Settings, bus: Any, stop: asyncio.Event) -> None:
@@ -287,10 +293,7 @@ def gate(*, settings: Settings) -> None:
 
     async def main() -> None:
         bus = Bus(settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         try:
             await bus.start_gatekeeper()
         except BaseException:
@@ -1136,10 +1139,7 @@ def portal_sync(
 
     async def main() -> bool:
         bus = Bus(settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         await bus.start(ingress=False, state=False)
         engine = make_engine(settings.db_url)
         ok, whole = True, full
@@ -1299,10 +1299,7 @@ def portal_sandbox(
         sandbox = PortalSandbox(settings.data_dir / "portal-sandbox.db", host or "127.0.0.1", int(port), token=token)
         if seed:
             sandbox.store.seed(sample_entries(seed, [{"name": "Esimerkki ry", "business_id": "0000000-0"}]))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         await sandbox.start()
         err.print(f"portal sandbox at {sandbox.url} (API under /api/v1, docs at {sandbox.url}/docs), "
                   f"{len(sandbox.store.ids())} entries; Ctrl-C to stop")

@@ -46,6 +46,15 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNa
     server.stop()
 
 
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    """A nats-server of the test's own (for a test that restarts it, or needs its log to itself)."""
+    nats_server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
+    await nats_server.astart()
+    yield nats_server
+    await nats_server.astop()
+
+
 @pytest.fixture(scope="session")
 def settings(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(data_dir=tmp_path_factory.mktemp("data"), nats_url=nats_server.url, nats_creds=nats_server.bus_creds,

@@ -6,7 +6,7 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,6 @@ async def start_bus(tmp: Path, server: EmbeddedNats, factory: Callable[[], Netwo
     )
     await bus.start()
     return bus
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
-    await server.astart()
-    yield server
-    await server.astop()
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:

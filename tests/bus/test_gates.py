@@ -27,14 +27,6 @@ from tests.conftest import OPERATOR, unique
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    nats_server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
-    await nats_server.astart()
-    yield nats_server
-    await nats_server.astop()
-
-
-@pytest.fixture
 async def bus(server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Bus]:
     settings = Settings(
         data_dir=tmp_path / "data", nats_url=server.url, nats_creds=server.bus_creds, operator=OPERATOR, gate_processes=2,

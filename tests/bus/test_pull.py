@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import nats
 import nats.errors
@@ -21,14 +20,11 @@ STREAM = "PULLTEST"
 
 
 @pytest.fixture
-async def nc(tmp_path: Path) -> AsyncIterator[Client]:
-    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
-    await server.astart()
+async def nc(server: EmbeddedNats) -> AsyncIterator[Client]:
     client = await nats.connect(server.url, **server.connect_options())
     await client.jetstream().add_stream(StreamConfig(name=STREAM, subjects=["pulltest.>"]))
     yield client
     await client.close()
-    await server.astop()
 
 
 async def consumer(nc: Client, name: str = "c") -> str:
@@ -122,9 +118,7 @@ async def test_a_consumer_that_goes_away_and_comes_back(nc: Client, caplog: pyte
         await puller.stop()
 
 
-async def test_after_the_server_is_back_it_asks_again_without_waiting_for_the_lost_request(tmp_path: Path) -> None:
-    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
-    await server.astart()
+async def test_after_the_server_is_back_it_asks_again_without_waiting_for_the_lost_request(server: EmbeddedNats) -> None:
     client = await nats.connect(server.url, reconnect_time_wait=0.2, max_reconnect_attempts=-1, **server.connect_options())
     try:
         await client.jetstream().add_stream(StreamConfig(name=STREAM, subjects=["pulltest.>"]))
@@ -148,7 +142,6 @@ async def test_after_the_server_is_back_it_asks_again_without_waiting_for_the_lo
         await puller.stop()
     finally:
         await client.close()
-        await server.astop()
 
 
 async def test_the_log_publisher_answers_as_jetstream_publish_does(nc: Client) -> None:

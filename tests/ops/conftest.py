@@ -17,7 +17,7 @@ from bus.runtime import Bus
 from bus.server import EmbeddedNats
 from handlers.bookkeeping import AppliedEvent
 from handlers.network import Network, Routes
-from tests.bus.test_consumer import FIXTURE, Recorder, server, start_bus  # noqa: F401  (server: fixture)
+from tests.bus.test_consumer import FIXTURE, Recorder, start_bus
 from tests.conftest import join
 
 COLLABBUS = [sys.executable, "-m", "ops"]
