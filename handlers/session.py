@@ -39,6 +39,12 @@ class KnownKeysSession(Session):
     def __init__(self, *args: Any, tracked: Iterable[type[Any]] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._tracked: dict[type[Any], Mapper[Any]] = {cls: sa.inspect(cls) for cls in tracked}
+        self._key_attributes: dict[type[Any], tuple[str, ...]] = {
+            cls: tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+            for cls, mapper in self._tracked.items()
+        }
+        """Per class, the attributes its primary key is read from (``Mapper.primary_key_from_instance``
+        goes through the instance's state and identity key: a tenth of applying an event)."""
         self._tables = {mapper.local_table for mapper in self._tracked.values()}
         self._keys: dict[type[Any], set[_Key]] | None = None
         self._children: dict[tuple[type[Any], str], dict[Any, list[Any]]] = {}
@@ -104,7 +110,7 @@ class KnownKeysSession(Session):
                 if rows is not None:
                     rows.append(instance)
         if self._keys is not None and cls in self._tracked:
-            key = tuple(self._tracked[cls].primary_key_from_instance(instance))
+            key = tuple(getattr(instance, name) for name in self._key_attributes[cls])
             if any(part is None for part in key):
                 self.forget_keys()  # a key the database will make up: cannot follow it
             else:
@@ -131,7 +137,7 @@ class KnownKeysSession(Session):
     def _track_deleted(self, _session: Any, instance: Any) -> None:
         cls = type(instance)
         if self._keys is not None and cls in self._tracked:
-            self._keys[cls].discard(tuple(self._tracked[cls].primary_key_from_instance(instance)))
+            self._keys[cls].discard(tuple(getattr(instance, name) for name in self._key_attributes[cls]))
 
     def _track_bulk(self, state: ORMExecuteState) -> None:
         if self._keys is None or not (state.is_delete or state.is_update or state.is_insert):
