@@ -163,6 +163,10 @@ class Consumer:
     with the log. A batch of a quarter of the batch size or more means a backlog: then throughput counts,
     and in a worker thread SQLite's own work runs beside the loop's (the latency a thread costs
     matters less when events wait for earlier ones anyway)."""
+    gather: float = 0.0
+    """Seconds to let a batch that is not full grow before it is applied. For a consumer whose
+    work does not wait on it (the webhooks' recorder): under a trickle of events it then runs a
+    transaction for a few dozen of them instead of one for every one or two."""
 
     async def start(self) -> None:
         await ensure_consumer(self.js, self.settings, self.stream)
@@ -219,11 +223,15 @@ class Consumer:
             msgs = await self._fetch()
             if not msgs:
                 continue
-            if self._stopping.is_set():
-                await self._hand_back(msgs)
-                return
-            self._handling = True
+            self._handling = True  # from here on, stopping waits for these messages to be applied or handed back
             try:
+                if self.gather and len(msgs) < self.settings.batch:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), self.gather)
+                    msgs += await self._puller.take(self.settings.batch - len(msgs))
+                if self._stopping.is_set():
+                    await self._hand_back(msgs)
+                    return
                 await self.handle(msgs)
             finally:
                 self._handling = False

@@ -105,6 +105,13 @@ class Puller:
         await self._refresh()
         return msgs
 
+    async def take(self, most: int) -> list[Msg]:
+        """Up to ``most`` of the messages received and not handed out yet, without waiting."""
+        msgs = self._buffer[:most]
+        del self._buffer[:most]
+        await self._refresh()
+        return msgs
+
     async def _refresh(self) -> None:
         """Open a new request when none is open and there is room for its batch."""
         if self._sub is None:

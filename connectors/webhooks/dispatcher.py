@@ -62,6 +62,9 @@ log = logging.getLogger("collabbus.webhooks")
 WEBHOOKS_CONSUMER = "webhooks"
 TIMEOUT = 15.0
 """Seconds a delivery request may take (CONTRACT §7)."""
+RECORD_GATHER = 0.05
+"""Seconds the webhooks consumer lets a batch grow before recording what it owes: a delivery
+starts at most this much later, and a trickle of events costs a transaction per few dozen."""
 FAILING_LIMIT = timedelta(days=5)
 """An endpoint failing without a success for this long is disabled."""
 RESPONSE_KEPT = 1024
@@ -418,6 +421,7 @@ class WebhookDispatcher:
         self.consumer = Consumer(
             js, consumer_settings, self.recorder, on_derived=self._recorded, db_lock=self.db_lock,
             inline=engine.dialect.name == "sqlite",  # see bus.consumer.call_database
+            gather=RECORD_GATHER,
         )
         self.workers: dict[str, EndpointWorker] = {}
         self._ssl_context: ssl.SSLContext | None = None

@@ -188,3 +188,57 @@ async def test_a_consumer_stopped_behind_the_log_continues_in_order_and_applies_
     finally:
         await nc.close()
         await bus.stop()
+
+
+class Batches:
+    """An applier that notes each batch's log sequences (the port ``bus.consumer.Applier``)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def apply_batch(self, items: Any, *, live: bool = True) -> tuple[int, Any, int]:
+        self.batches.append([item.seq for item in items])
+        return len(items), None, 0
+
+    def skip(self, seq: int) -> None:
+        raise AssertionError("nothing fails here")
+
+    def position(self) -> int:
+        return self.batches[-1][-1] if self.batches else 0
+
+
+async def test_a_gathering_consumer_applies_a_trickle_in_few_batches_and_stopping_hands_back_what_it_gathers(
+    server: EmbeddedNats,
+) -> None:
+    from nats.js.api import StreamConfig
+
+    from bus.consumer import Consumer
+
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="GATHER", subjects=["gather.>"]))
+        settings = ConsumerSettings("gathering", filter_subject="gather.>", batch=64)
+        applier = Batches()
+        consumer = Consumer(js, settings, applier, stream="GATHER", gather=0.6)
+        await consumer.start()
+        seqs = []
+        for i in range(10):  # one every 20 ms: without gathering, a batch (a transaction) each
+            seqs.append((await js.publish("gather.x", b"{}")).seq)
+            await asyncio.sleep(0.02)
+        await wait_for(lambda: sum(map(len, applier.batches)) == 10)
+        assert [seq for batch in applier.batches for seq in batch] == seqs
+        assert len(applier.batches) <= 3, applier.batches
+        await wait_for(lambda: consumer.applied == 10)
+
+        # Stopping while a batch is gathered: nothing of it is applied, and it is handed back at once.
+        late = (await js.publish("gather.x", b"{}")).seq
+        await asyncio.sleep(0.2)
+        started = time.perf_counter()
+        await consumer.stop()
+        assert time.perf_counter() - started < 0.5
+        assert [seq for batch in applier.batches for seq in batch] == seqs
+        info = await js.consumer_info("GATHER", "gathering")
+        assert late == seqs[-1] + 1 and info.ack_floor.stream_seq == seqs[-1]  # not acknowledged: applied on the next start
+    finally:
+        await nc.close()
