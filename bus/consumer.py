@@ -233,8 +233,26 @@ class Consumer:
                     await self._hand_back(msgs)
                     return
                 await self.handle(msgs)
+            except Exception:  # a fault of the bus itself: the consumer must not end with it
+                log.exception("consumer %s: a batch of %d events could not be handled; continuing from the database's position",
+                              self.settings.name, len(msgs))
+                await self._restart()
             finally:
                 self._handling = False
+
+    async def _restart(self) -> None:
+        """Start over from what the database has applied, as after a restart of the process:
+        whatever was received and not applied is handed back and delivered again in log order."""
+        await self._hand_back(await self._puller.stop())
+        while not self._stopping.is_set():
+            try:
+                await self._continue_from_database()
+                self._puller = Puller(self.js._nc, self.stream, self.settings.name, batch=self.settings.batch)
+                await self._puller.start()
+                return
+            except Exception as exc:
+                log.error("consumer %s: cannot continue yet: %r", self.settings.name, exc)
+                await asyncio.sleep(1.0)
 
     async def _fetch(self) -> list[Msg]:
         """The next batch, or nothing (none within half a second, or the connection is in trouble)."""

@@ -11,10 +11,14 @@ signature made here — no server reload, no restart, no list of users in the se
 
 Partners get a standard ``.creds`` file (user JWT + user nkey seed, with the usual armour), the
 same format ``nsc`` writes, so any NATS client (Go, JS, Java, Python) uses it unchanged. Their
-JWT allows publishing to ``collab.ingress.{their id}.>`` and subscribing to ``_INBOX.>`` (the
-verdict replies), nothing else: not the raw log (reviews in it stay confidential until a
-decision), not the JetStream API. The bus's own user has no permission list, which in NATS
-means every right within the account.
+JWT allows publishing to ``collab.ingress.{their id}.>`` and subscribing to their own inboxes,
+``_INBOX.{their id}.>`` (the verdict replies; a client is told to use the prefix
+``_INBOX.{their id}``, which every NATS client takes as its custom inbox prefix), nothing else:
+not the raw log (reviews in it stay confidential until a decision), not the JetStream API, not
+another member's verdicts. The bus's own user has no permission list, which in NATS means every
+right within the account; its connections make their inboxes under :data:`BUS_INBOX_PREFIX`,
+which is outside ``_INBOX.``: no member's permissions reach it, and the gate answers offers only
+on ``_INBOX.`` subjects, so no member can make the bus publish into its own inboxes or the log.
 
 The JWT encoding follows nats-io/jwt v2: header ``{"typ":"JWT","alg":"ed25519-nkey"}``,
 base64url without padding, the signature an nkey signature of ``header.payload``, and ``jti`` the
@@ -42,6 +46,11 @@ ACCOUNT_NAME = "COLLABBUS"
 SYSTEM_ACCOUNT_NAME = "SYS"
 OPERATOR_NAME = "collabbus"
 BUS_USER_NAME = "collabbus-bus"
+
+MEMBER_INBOXES = "_INBOX"
+"""Members' inboxes are ``_INBOX.{institution}.…`` (see :func:`member_inbox_prefix`)."""
+BUS_INBOX_PREFIX = "_COLLABBUS.INBOX"
+"""The inbox prefix of the bus's own connections: outside every member's permissions."""
 
 _SEED_LIKE = re.compile(r"S[A-Z2-7]{57}")
 _JWT_HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
@@ -143,11 +152,17 @@ def user_jwt(account: nkeys.KeyPair, user: str, name: str, permissions: dict[str
     return encode_jwt(account, user, name, nats)
 
 
+def member_inbox_prefix(institution: str) -> str:
+    """The inbox prefix a member's client connects with (nats-py ``inbox_prefix``, Go
+    ``nats.CustomInboxPrefix``, …): its credentials let it subscribe to these inboxes only."""
+    return f"{MEMBER_INBOXES}.{institution}"
+
+
 def partner_permissions(institution: str) -> dict[str, Any]:
-    """What a member's connection may do: offer events as itself and receive the verdicts."""
+    """What a member's connection may do: offer events as itself and receive its verdicts."""
     return {
         "pub": {"allow": [f"collab.ingress.{institution}.>"]},
-        "sub": {"allow": ["_INBOX.>"]},
+        "sub": {"allow": [f"{member_inbox_prefix(institution)}.>"]},
     }
 
 

@@ -11,6 +11,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry import trace
 
+from bus.credentials import BUS_INBOX_PREFIX, MEMBER_INBOXES
 from bus.gate import Gate
 from bus.verdict import Verdict, reject
 from ops import tracing
@@ -28,6 +29,11 @@ def split_ingress_subject(subject: str) -> tuple[str, str | None]:
     institution = tokens[2] if len(tokens) > 2 else ""
     offered = ".".join(tokens[3:5]) if len(tokens) == 5 else None
     return institution, offered
+
+
+REPLY_INBOXES = (f"{MEMBER_INBOXES}.", f"{BUS_INBOX_PREFIX}.")
+"""Verdicts are sent to reply subjects under these prefixes only: members' inboxes and the bus's
+own (its operator's offers), whose names no member can see (``bus.credentials``)."""
 
 
 class Ingress:
@@ -67,8 +73,13 @@ class Ingress:
     async def _answer(self, msg: Msg) -> None:
         try:
             verdict = await self.judge(msg.subject, msg.data, msg.headers)
-            if msg.reply:
+            if msg.reply.startswith(REPLY_INBOXES):
                 await self.nc.publish(msg.reply, verdict.to_json(), headers=REPLY_HEADERS)
+            elif msg.reply:
+                # The bus publishes with every right: a reply subject a member chose is answered
+                # only where a member's own inbox can be, never into the log or the bus's inboxes.
+                log.warning("ingress: no verdict sent to %r for an offer on %s (verdicts go to inboxes only)",
+                            msg.reply[:200], msg.subject)
         except Exception:  # a failed reply costs this offer only; the partner retries with the same id
             log.exception("ingress could not answer an offer on %s", msg.subject)
         finally:

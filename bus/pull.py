@@ -31,6 +31,7 @@ log = logging.getLogger("collabbus.consumer")
 _STATUS = Header.STATUS
 _DESCRIPTION = Header.DESCRIPTION
 _HEARTBEAT = "100"
+_DELIVERY = "$JS.ACK."
 _ENDED = ("404", "408")  # no messages (no_wait), request expired: the request is over, nothing wrong
 
 
@@ -141,6 +142,12 @@ class Puller:
             if status not in _ENDED:
                 self._trouble = f"{status} {headers.get(_DESCRIPTION, '')}".strip()
             self._wake.set()
+            return
+        if not msg.reply.startswith(_DELIVERY):
+            # Not the server's: only a JetStream delivery carries an ack subject. Whatever else
+            # reaches the inbox is no event of the log and is dropped.
+            log.warning("consumer %s: dropped a message on its pull inbox that is not a JetStream delivery (reply %r)",
+                        self.consumer, msg.reply[:100])
             return
         self._buffer.append(msg)
         if self._open:

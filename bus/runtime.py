@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus.consumer import Consumer, ConsumerSettings
-from bus.credentials import Authority
+from bus.credentials import BUS_INBOX_PREFIX, Authority
 from bus.gate import Gate
 from bus.ingress import Ingress
 from bus.membership import Membership
@@ -47,6 +47,7 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
         "name": name,
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
+        "inbox_prefix": BUS_INBOX_PREFIX,  # replies to the bus out of every member's sight
     }
     creds = settings.nats_creds
     if creds is None and settings.embedded and embedded_bus_creds(settings).exists():

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bus.credentials import Authority
+from bus.credentials import BUS_INBOX_PREFIX, Authority
 
 
 class EmbeddedServerError(RuntimeError):
@@ -115,7 +115,9 @@ class EmbeddedNats:
 
     def connect_options(self) -> dict[str, Any]:
         """nats-py ``connect`` options that authenticate as the bus (none on an open server)."""
-        return {"user_credentials": str(self.bus_creds)} if self.bus_creds is not None else {}
+        if self.bus_creds is None:
+            return {}
+        return {"user_credentials": str(self.bus_creds), "inbox_prefix": BUS_INBOX_PREFIX}
 
     def write_config(self) -> Path:
         """Write the server's configuration file and return its path."""

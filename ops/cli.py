@@ -1005,10 +1005,12 @@ def institutions_creds(
 ) -> None:
     """Write new NATS credentials for a member: it may offer events as itself, nothing else.
 
-    A standard `.creds` file (user JWT + nkey seed) for any NATS client. Signed with the embedded
+    A standard `.creds` file (user JWT + nkey seed) for any NATS client, which connects with the
+    inbox prefix `_INBOX.ID` (e.g. Go `nats.CustomInboxPrefix`, nats-py `inbox_prefix`): the
+    credentials let it read those inboxes only, where its verdicts arrive. Signed with the embedded
     server's account key, or with COLLABBUS_NATS_ACCOUNT_SEED on an external server; the server
     needs no reload. Earlier credentials of the member stay valid."""
-    from bus.credentials import CredentialsError, partner_creds, public_key, read_account_seed, write_secret
+    from bus.credentials import CredentialsError, member_inbox_prefix, partner_creds, public_key, read_account_seed, write_secret
     from bus.membership import Membership
     from bus.runtime import embedded_authority
 
@@ -1034,14 +1036,18 @@ def institutions_creds(
                   "add it with `collabbus institutions add` first")
         raise typer.Exit(1)
     creds = partner_creds(account, institution_id)
+    prefix = member_inbox_prefix(institution_id)
     if output is None:
         sys.stdout.write(creds)
+        err.print(f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these credentials may read)")
         return
     write_secret(output, creds)
     if as_json:
-        out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account)})
+        out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account),
+                             "inbox_prefix": prefix})
     else:
-        out.print(f"wrote NATS credentials for {institution_id} to {output}")
+        out.print(f"wrote NATS credentials for {institution_id} to {output}; connect with the inbox prefix {prefix} "
+                  f"(verdicts come to {prefix}.>, the only inboxes these credentials may read)")
 
 
 # --------------------------------------------------------------------------- schemas, asyncapi

@@ -242,3 +242,46 @@ async def test_a_gathering_consumer_applies_a_trickle_in_few_batches_and_stoppin
         assert late == seqs[-1] + 1 and info.ack_floor.stream_seq == seqs[-1]  # not acknowledged: applied on the next start
     finally:
         await nc.close()
+
+
+async def test_a_stray_message_on_the_pull_inbox_or_a_fault_in_handling_does_not_stop_the_consumer(
+    tmp_path: Path, server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    factory = lambda: Network(Routes().add(projections={"project.registered": recorder}))  # noqa: E731
+    bus = await start_bus(tmp_path, server, factory)
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        consumer = bus.consumer
+        assert consumer is not None
+        # Anything published to the consumer's pull inbox that the server did not deliver.
+        inbox = consumer._puller._inbox
+        await nc.publish(inbox, b'{"status": "accepted"}', reply="_INBOX.someone")
+        await nc.publish(inbox, b"not even json")
+        assert (await offer(nc, FIXTURE["as"], project_event("after-stray"))).accepted
+        await wait_for(lambda: recorder.seen == ["after-stray"])
+        assert consumer.running
+        assert "not a JetStream delivery" in caplog.text
+
+        # A fault of the consumer itself (not of an event): logged, and it continues from the database's position.
+        handle, failed = consumer.handle, []
+
+        async def faulty(msgs: Any) -> None:
+            if not failed:
+                failed.append(len(msgs))
+                raise RuntimeError("a bug in the consumer")
+            await handle(msgs)
+
+        consumer.handle = faulty  # type: ignore[method-assign]
+        events = [project_event(f"after-fault-{i}") for i in range(5)]
+        for event in events:
+            assert (await offer(nc, FIXTURE["as"], event)).accepted
+        await wait_for(lambda: len(recorder.seen) == 6)
+        await asyncio.sleep(0.3)
+        assert failed and recorder.seen[1:] == [e["subject"] for e in events]  # each once, in log order
+        assert consumer.running
+        assert "could not be handled" in caplog.text and "a bug in the consumer" in caplog.text
+    finally:
+        await nc.close()
+        await bus.stop()

@@ -26,6 +26,7 @@ from bus.credentials import (
     Authority,
     CredentialsError,
     decode_jwt_claims,
+    member_inbox_prefix,
     new_seed,
     partner_creds,
     public_key,
@@ -71,7 +72,8 @@ async def connect_member(url: str, creds: Path, institution: str) -> Member:
     async def record(exc: Exception) -> None:
         errors.append(exc)
 
-    nc = await nats.connect(url, user_credentials=str(creds), error_cb=record, name=institution)
+    nc = await nats.connect(url, user_credentials=str(creds), error_cb=record, name=institution,
+                            inbox_prefix=member_inbox_prefix(institution))
     return Member(institution, nc, errors)
 
 
@@ -119,6 +121,48 @@ async def test_a_member_cannot_read_the_log_nor_use_jetstream(member: Member) ->
     assert any('publish to "$js.api.stream.info.collab_events"' in v.lower() for v in violations), violations
 
 
+async def test_a_member_sees_neither_the_bus_nor_other_members_through_inboxes(
+    member: Member, partner: Client, nats_server: EmbeddedNats, tmp_path: Path, bus: Bus
+) -> None:
+    """What reaches inboxes — the bus's pull deliveries (whole events), other members' verdicts,
+    the gate's acks — is out of a member's reach; and no reply subject a member chooses makes the
+    bus publish anywhere but an inbox."""
+    for subject in ("_INBOX.>", "_COLLABBUS.INBOX.>"):
+        await member.nc.subscribe(subject)
+        await member.nc.flush()
+    violations = await member.violations(2)  # (the server writes the subject in lower case)
+    assert sorted(violations) == sorted(f'nats: permissions violation for subscription to "{subject}"'
+                                        for subject in ("_inbox.>", "_collabbus.inbox.>"))
+    # The bus's connections have their inboxes outside ``_INBOX.``.
+    assert bus.nc._inbox_prefix == bytearray(b"_COLLABBUS.INBOX")
+
+    other = unique("other")
+    await join(partner, other, FIXTURE["kind"], country="TR")
+    assert nats_server.authority is not None
+    creds = tmp_path / f"{other}.creds"
+    creds.write_text(partner_creds(nats_server.authority.account, other))
+    neighbour = await connect_member(nats_server.url, creds, other)
+    try:
+        await member.nc.subscribe(f"_INBOX.{other}.>")
+        await member.nc.flush()
+        assert f'nats: permissions violation for subscription to "_inbox.{other}.>"' in await member.violations(3)
+        assert (await offer(neighbour.nc, other, project_event(other))).accepted
+    finally:
+        await neighbour.nc.close()
+
+    # A reply subject in the log: the gate judges the offer but sends no verdict there.
+    event = project_event(member.institution)
+    target = f"collab.events.{member.institution}.project.registered.injected"
+    await member.nc.publish(f"collab.ingress.{member.institution}.project.registered", orjson.dumps(event),
+                            reply=target, headers={"Content-Type": "application/cloudevents+json"})
+    await member.nc.flush()
+    await asyncio.sleep(0.5)
+    with pytest.raises(NotFoundError):
+        await bus.js.get_last_msg(EVENTS_STREAM, target)
+    again = await offer(member.nc, member.institution, event)  # the same event offered properly
+    assert again.accepted and again.duplicate, again.as_dict()
+
+
 @pytest.mark.parametrize("how", ["no credentials", "a foreign account"])
 async def test_a_connection_without_valid_credentials_is_refused(nats_server: EmbeddedNats, tmp_path: Path, how: str) -> None:
     options: dict[str, Any] = {}
@@ -154,7 +198,7 @@ def test_issued_credentials_are_a_standard_creds_file(nats_server: EmbeddedNats)
     assert claims["iss"] == public_key(account) and claims["sub"] == user and claims["name"] == "fi-thl"
     assert len(claims["jti"]) == 52  # base32 of a SHA-512/256 digest, as nats-io/jwt computes it
     assert claims["nats"]["pub"] == {"allow": ["collab.ingress.fi-thl.>"]}
-    assert claims["nats"]["sub"] == {"allow": ["_INBOX.>"]}
+    assert claims["nats"]["sub"] == {"allow": ["_INBOX.fi-thl.>"]}  # its own inboxes, not everyone's
     assert claims["nats"]["type"] == "user" and claims["nats"]["version"] == 2
     signature_bytes = base64.urlsafe_b64decode(signature + "==")
     assert account.verify(f"{header}.{payload}".encode(), signature_bytes)

@@ -163,6 +163,7 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
     written = cli("institutions", "creds", member, "--output", str(path), "--json", env=env)
     assert written.returncode == 0, written.stderr
     assert json.loads(written.stdout)["output"] == str(path)
+    assert json.loads(written.stdout)["inbox_prefix"] == f"_INBOX.{member}"
     assert path.stat().st_mode & 0o777 == 0o600
 
     printed = cli("institutions", "creds", member, env=env)
@@ -177,7 +178,8 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
     async def record(exc: Exception) -> None:
         errors.append(exc)
 
-    nc = await nats.connect(f"nats://{env['COLLABBUS_NATS_LISTEN']}", user_credentials=str(path), error_cb=record)
+    nc = await nats.connect(f"nats://{env['COLLABBUS_NATS_LISTEN']}", user_credentials=str(path), error_cb=record,
+                            inbox_prefix=f"_INBOX.{member}")
     try:
         event = dict(fixture["event"], id=unique("via-creds"), source=f"/institutions/{member}")
         event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
