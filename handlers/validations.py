@@ -392,7 +392,8 @@ TIMERS: list[Timer] = []
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
+    """A moment as the rest of the API writes it (UTC, ``Z``)."""
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
 
 
 def validation_view(session: Session, validation_id: str, viewer: str) -> dict[str, Any] | None:

@@ -994,6 +994,48 @@ def institutions_token(
     sys.stdout.write(token + "\n")
 
 
+@institutions_app.command("revoke")
+@with_settings
+def institutions_revoke(
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's (or former member's) id")],
+    token: Annotated[Optional[str], typer.Option("--token", help="revoke this token only ('-': read it from stdin)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print {institution, revoked} as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Revoke a member's HTTP tokens: every one it holds, or the one given with --token (a leaked
+    token, a developer who left). Takes effect on the gateway's next request."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from handlers import tokens
+    from handlers.db import make_engine, migrate, session_scope
+
+    if token == "-":
+        token = sys.stdin.readline().strip()
+    engine = make_engine(settings.db_url)
+    try:
+        migrate(engine)
+        with session_scope(engine) as session:
+            if token is not None:
+                if tokens.institution_of(session.connection(), token) not in (institution_id, None):
+                    err.print(f"[red]error:[/red] that token is not {institution_id}'s")
+                    raise typer.Exit(1)
+                revoked = int(tokens.revoke(session, token))
+            else:
+                revoked = tokens.revoke_all(session, institution_id)
+    except SQLAlchemyError as exc:
+        err.print(f"[red]error:[/red] the database is not reachable: {exc.__class__.__name__}: {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    if as_json:
+        out.print_json(data={"institution": institution_id, "revoked": revoked})
+    elif token is not None:
+        out.print(f"revoked the token of {institution_id}" if revoked else f"that token of {institution_id} was unknown or revoked already")
+    else:
+        out.print(f"revoked {revoked} token{'s' if revoked != 1 else ''} of {institution_id}")
+
+
 @institutions_app.command("creds")
 @with_settings
 def institutions_creds(

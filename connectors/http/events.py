@@ -34,6 +34,8 @@ router = APIRouter(tags=["events"])
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 STRUCTURED = {"content-type": STRUCTURED_CONTENT_TYPE}
 #: Most events one batch may carry (also never more than the rate limit's burst).
+MAX_SEQ = 2**63 - 1
+"""The largest log sequence ``after_seq`` may name (JetStream's sequences are 64-bit)."""
 MAX_BATCH_EVENTS = 500
 #: A batch body may be this many times the largest event.
 BATCH_BODY_FACTOR = 8
@@ -197,7 +199,7 @@ async def read_log(
     type: Annotated[str | None, Query(pattern=r"^[a-z][a-z_]*(\.[a-z][a-z_]*)?$", description="a type or a domain")] = None,
     institution: Annotated[str | None, Query(pattern=INSTITUTION_PATTERN)] = None,
     subject: Annotated[str | None, Query(pattern=SUBJECT_PATTERN)] = None,
-    after_seq: Annotated[int | None, Query(ge=0, description="start after this log sequence")] = None,
+    after_seq: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="start after this log sequence")] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
 ) -> dict[str, Any]:
@@ -206,7 +208,7 @@ async def read_log(
     information requests) is left out for members who may not see it."""
     bus = bus_of(request)
     if cursor is not None:
-        if not cursor.isdigit():
+        if not cursor.isdigit() or int(cursor) > MAX_SEQ:
             raise ApiProblem(400, "the cursor of /events is a log sequence (the previous next_cursor)", kind="bad_cursor")
         after_seq = int(cursor)
     subjects = event_filter(type, institution, subject)

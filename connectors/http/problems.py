@@ -6,6 +6,7 @@ a request whose query parameters are wrong.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bus.verdict import Problem as GateProblem
 from bus.verdict import Reason, Verdict
+
+log = logging.getLogger("collabbus.http")
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -153,9 +156,30 @@ def install(app: FastAPI) -> None:
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         return problem_response(422, detail or "invalid request", errors=errors)
 
+    async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
+        return problem_response(500, "the bus could not answer this request; the error is in its log", kind="internal_error")
+
     app.add_exception_handler(ApiProblem, api_problem)
     app.add_exception_handler(StarletteHTTPException, http_exception)
     app.add_exception_handler(RequestValidationError, invalid_parameters)
+    app.add_exception_handler(Exception, internal_error)
+
+
+class KeepConnection:
+    """The outermost layer: an exception the app answered with a 500 problem (Starlette raises it
+    again after answering) is logged here, not handed to uvicorn — which would close the
+    connection, and a partner's pooled client would see its next request fail."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            if scope["type"] != "http":
+                raise
+            log.exception("HTTP %s %s failed", scope.get("method"), scope.get("path"))
 
 
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -230,7 +230,9 @@ def list_validations(
     rows, next_cursor = keyset_page(
         session, query, [col(Validation.requested_at), col(Validation.validation_id)], limit=limit, cursor=cursor
     )
-    return _page([row.model_dump(include=_VALIDATION_SUMMARY) for row in rows], next_cursor)
+    # An undecided validation has no medians yet (None in its row; ``{}`` in the resource).
+    return _page([{**row.model_dump(include=_VALIDATION_SUMMARY), "median_scores": row.median_scores or {}} for row in rows],
+                 next_cursor)
 
 
 @router.get(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from connectors.http.app import create_app
+from connectors.http.problems import KeepConnection
 from connectors.http.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class HttpGateway:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app, lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+            KeepConnection(self.app), lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=5,
             log_config=None,  # uvicorn's records go to the process's logging (ops.logs), not handlers of its own
             server_header=False,
             # Longer than the idle time of partners' pooled connections (uvicorn's 5 s default

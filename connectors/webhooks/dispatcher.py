@@ -62,6 +62,7 @@ log = logging.getLogger("collabbus.webhooks")
 WEBHOOKS_CONSUMER = "webhooks"
 TIMEOUT = 15.0
 """Seconds a delivery request may take (CONTRACT §7)."""
+LEFT_REASON = "the institution left the network"
 RECORD_GATHER = 0.05
 """Seconds the webhooks consumer lets a batch grow before recording what it owes: a delivery
 starts at most this much later, and a trickle of events costs a transaction per few dozen."""
@@ -187,6 +188,16 @@ class _Batch:
         self.parties: list[tuple[int, dict[str, Any]]] = []
         """(index of the event in the batch, row)."""
 
+    def leave(self, institution: str, now: datetime) -> list[str]:
+        """Disable the endpoints of an institution that left the network (a former member
+        receives nothing more, and its token no longer lets it manage them); returns their ids."""
+        gone = [e.id for e in self.endpoints if e.institution == institution]
+        if gone:
+            self.session.execute(store.DISABLE_ENDPOINTS, {"ids": gone, "reason": LEFT_REASON, "now": now})
+            self.endpoints = [e for e in self.endpoints if e.institution != institution]
+            self._by_type.clear()
+        return gone
+
     def wanting(self, event_type: str) -> list[_Wanting]:
         found = self._by_type.get(event_type)
         if found is None:
@@ -221,6 +232,8 @@ class DeliveryRecorder:
         self.schedule = schedule
         self.tracing = tracing or Tracing.off()
         self.touched: set[str] = set()
+        self.retired: set[str] = set()
+        """Endpoints disabled because their institution left: their workers stop."""
 
     def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True) -> tuple[int, Failure | None, int]:
         """Record what each event owes, in log order, in one transaction with the position.
@@ -260,16 +273,22 @@ class DeliveryRecorder:
         event_type = str(envelope.get("type"))
         if event_type in store.PARTY_EVENTS:
             batch.parties.extend((index, row) for row in store.parties_of(envelope))
+        owed = 0
+        if event_type == "institution.left":  # its endpoints stop, its own leaving included
+            data = envelope.get("data")
+            gone = batch.leave(str(data.get("id")) if isinstance(data, dict) else "", due_at)
+            self.retired.update(gone)
+            owed += len(gone)  # (what tells the dispatcher to look)
         wanted = [e for e in batch.wanting(event_type) if e.after_seq < item.seq]
-        if not wanted:
-            return 0
-        # A span only for events owed somewhere: one no endpoint asked for is no part of its trace.
-        with traces.consume_span(self.consumer, envelope, item.seq, item.traceparent, tracing=self.tracing):
-            batch.note_parties()
-            allowed = store.audience(batch.session, envelope)
-            ids = [e.id for e in wanted if allowed is None or e.institution in allowed]
-            self.touched.update(ids)
-            return store.owe(batch.session, ids, envelope, item.seq, due_at)
+        if wanted:
+            # A span only for events owed somewhere: one no endpoint asked for is no part of its trace.
+            with traces.consume_span(self.consumer, envelope, item.seq, item.traceparent, tracing=self.tracing):
+                batch.note_parties()
+                allowed = store.audience(batch.session, envelope)
+                ids = [e.id for e in wanted if allowed is None or e.institution in allowed]
+                self.touched.update(ids)
+                owed += store.owe(batch.session, ids, envelope, item.seq, due_at)
+        return owed
 
     def skip(self, seq: int) -> None:
         with session_scope(self.engine) as session:
@@ -463,6 +482,11 @@ class WebhookDispatcher:
         touched, self.recorder.touched = self.recorder.touched, set()
         for endpoint_id in touched:
             self.wake(endpoint_id)
+        retired, self.recorder.retired = self.recorder.retired, set()
+        for endpoint_id in retired:
+            task = asyncio.get_running_loop().create_task(self.endpoint_changed(endpoint_id, False))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     def wake(self, endpoint_id: str) -> None:
         """Something may be due for the endpoint."""

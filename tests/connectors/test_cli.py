@@ -39,6 +39,33 @@ async def test_the_cli_prints_a_token_that_works(gateway: Gateway, tmp_path: Pat
     assert refused.returncode == 1 and refused.stdout == "" and "not a member" in refused.stderr
 
 
+async def test_the_cli_revokes_one_token_or_all_of_a_member(gateway: Gateway, tmp_path: Path) -> None:
+    import json
+
+    member, other = await gateway.join("university"), await gateway.join("university")
+    await gateway.settle()
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_DATABASE_URL": gateway.database_url}
+    first, second = (token_command(member, env).stdout.strip() for _ in range(2))
+    stranger = token_command(other, env).stdout.strip()
+
+    async def status(token: str) -> int:
+        return (await gateway.client.get("/institutions", headers={"Authorization": f"Bearer {token}"})).status_code
+
+    def revoke(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*COLLABBUS, "institutions", "revoke", *args], env=env, input=stdin, capture_output=True, text=True,
+                              timeout=60)
+
+    assert [await status(t) for t in (first, second, stranger)] == [200, 200, 200]
+    refused = revoke(member, "--token", stranger)  # not the member's: left alone
+    assert refused.returncode == 1 and "not" in refused.stderr and await status(stranger) == 200
+    one = revoke(member, "--token", "-", "--json", stdin=first + "\n")
+    assert one.returncode == 0 and json.loads(one.stdout) == {"institution": member, "revoked": 1}, one.stderr
+    assert [await status(t) for t in (first, second)] == [401, 200]
+    every = revoke(member)
+    assert every.returncode == 0 and "revoked 1 token of" in every.stdout, every.stderr
+    assert [await status(t) for t in (first, second, stranger)] == [401, 401, 200]
+
+
 def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
     http = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_HTTP": http,

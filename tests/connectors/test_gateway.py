@@ -3,6 +3,7 @@ nats-server and read models on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -277,6 +278,12 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
 
     assert await seen_by(outsider) == (None, 0)
     assert await seen_by(second) == ([], 0)  # an assigned reviewer sees only their own
+    undecided = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
+    assert [(v["validation_id"], v["status"], v["median_scores"]) for page in undecided for v in page] == [
+        (validation_id, "in_review", {})]
+    detail = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(coordinator))).json()
+    assert all(r["assigned_at"].endswith("Z") for r in detail["reviewers"])
+    assert detail["requested_at"].endswith("Z")
     assert await seen_by(first) == ([first], 1)
     assert await seen_by(municipality) == ([first], 1)
     assert await seen_by(coordinator) == ([first], 1)
@@ -432,3 +439,40 @@ def test_an_unavailable_log_is_503_with_retry_after() -> None:
     response = refused.response()
     assert response.status_code == 503 and "retry-after" in response.headers
     assert orjson.loads(response.body)["errors"] == [{"loc": [], "msg": "no log", "type": "log_unavailable"}]
+
+
+async def test_an_internal_error_is_a_problem_and_the_connection_stays_open(
+    gateway: Gateway, municipality: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import connectors.http.read as read
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the read API")
+
+    monkeypatch.setattr(read, "keyset_page", broken)
+    token = gateway.token(municipality)
+    host, port = gateway.url.removeprefix("http://").rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        request = f"GET {{}} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        answers = []
+        for path in ("/projects", "/healthz"):  # two requests on one connection, as a pooled client sends them
+            writer.write(request.format(path).encode())
+            await writer.drain()
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+            length = int(next(line.split(":")[1] for line in head.split("\r\n") if line.lower().startswith("content-length")))
+            answers.append((head.split(" ")[1], head.lower(), await reader.readexactly(length)))
+    finally:
+        writer.close()
+    (status, head, body), (second, _, _) = answers
+    assert status == "500" and "application/problem+json" in head and "connection: close" not in head
+    assert orjson.loads(body)["type"] == "urn:collabbus:problem:internal_error"
+    assert second == "200"
+    assert "a bug in the read API" in caplog.text  # the traceback is in the bus's log
+
+
+async def test_a_log_sequence_beyond_64_bits_is_a_422(gateway: Gateway, municipality: str) -> None:
+    auth = gateway.auth(municipality)
+    for params in ({"after_seq": 10**20}, {"cursor": str(10**20)}):
+        response = await gateway.client.get("/events", params=params, headers=auth)
+        assert response.status_code in (400, 422) and response.headers["content-type"] == "application/problem+json", response.text

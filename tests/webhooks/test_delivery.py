@@ -323,3 +323,28 @@ async def test_a_target_refused_at_delivery_time_is_not_sent(network: Network, r
     assert receiver.requests == []
     response = await gateway.client.post("/webhooks", json={"url": receiver.url("/again")}, headers=gateway.auth(owner))
     problem(response, 422, "refused_target")
+
+
+async def test_an_institution_that_leaves_receives_nothing_more(network: Network, receiver: Receiver) -> None:
+    from tests.conftest import OPERATOR
+
+    gateway = await network.start()
+    leaver, stayer = await gateway.join("municipality"), await gateway.join("municipality")
+    leaving = await register(gateway, leaver, receiver.url("/leaver"))
+    staying = await register(gateway, stayer, receiver.url("/stayer"))
+    before = await offer_project(gateway, stayer)
+    await eventually(lambda: before["id"] in ids(receiver.at("/leaver")), what="the leaver's delivery before it left")
+
+    left = await gateway.offer(OPERATOR, "institution.left", {"id": leaver, "reason": {"en": "moved on"}})
+    after = await offer_project(gateway, stayer)
+    await eventually(lambda: after["id"] in ids(receiver.at("/stayer")), what="the stayer's delivery")
+    await asyncio.sleep(0.5)
+    assert after["id"] not in ids(receiver.at("/leaver"))
+    assert left["id"] in ids(receiver.at("/stayer")) and left["id"] not in ids(receiver.at("/leaver"))
+    with session_scope(gateway.bus.engine) as session:
+        from connectors.webhooks.store import Endpoint
+
+        endpoint = session.get(Endpoint, leaving["id"])
+        assert endpoint is not None and endpoint.enabled is False and endpoint.disabled_reason == "the institution left the network"
+        assert session.get(Endpoint, staying["id"]).enabled is True  # type: ignore[union-attr]
+    assert leaving["id"] not in gateway.bus.webhooks.workers
