@@ -45,6 +45,26 @@ def log_subject(event: Mapping[str, Any]) -> str:
     return f"collab.events.{institution}.{event['type']}.{event['subject']}"
 
 
+_MODE_HINT = (
+    "read as a structured CloudEvent (no ce- headers, no Content-Type application/cloudevents+json): "
+    "send the whole event with that Content-Type, or the attributes as ce- headers and the data as the body"
+)
+
+
+def _says_mode(headers: Mapping[str, str] | None) -> bool:
+    """Whether a message names its CloudEvents mode (a cloudevents Content-Type or ``ce-`` headers)."""
+    for key, value in (headers or {}).items():
+        lowered = key.lower()
+        if lowered.startswith("ce-") or (lowered == "content-type" and value.strip().lower().startswith("application/cloudevents")):
+            return True
+    return False
+
+
+INPUT_FACTOR = 2
+"""Input (a body and its ``ce-`` headers) this many times the event size limit is refused before
+it is parsed; within it, the limit is checked on the event serialized."""
+
+
 def canonical_bytes(event: Mapping[str, Any]) -> bytes:
     """The canonical structured JSON of an event: attributes in a fixed order, then ``data``."""
     ordered = {name: event[name] for name in ATTRIBUTES if event.get(name) is not None}
@@ -111,6 +131,18 @@ def validate(raw: dict[str, Any], body: bytes | None = None) -> tuple[registry.E
     return spec, event
 
 
+def _spec_named(raw: Mapping[str, Any]) -> registry.EventSpec | None:
+    """The spec of the type and dataschema an event names, when both are known (else None:
+    :func:`validate` says what is wrong)."""
+    etype = raw.get("type")
+    if not isinstance(etype, str):
+        return None
+    try:
+        return registry.spec_for(etype, registry.parse_dataschema(raw.get("dataschema"), etype))
+    except (registry.UnknownEventType, registry.UnknownMajorVersion, ValueError):
+        return None
+
+
 class Gate:
     """Admits events to the log. One instance per bus process; stateless apart from caches."""
 
@@ -157,31 +189,23 @@ class Gate:
         raw: dict[str, Any] | None = None
         try:
             raw = self._parse(body, headers)
+            # Who may say it is judged before what it says: a sender is not asked to correct data
+            # it may not send at all.
+            await self._check_sender(institution, raw.get("source"), _spec_named(raw))
             spec, event = validate(raw, body if cloudevents.is_structured(headers) else None)
             if offered_type is not None and offered_type != event.type:
                 raise reject(
                     "invalid", "type_mismatch",
                     f"type {event.type!r} does not match the ingress subject's {offered_type!r}", "type",
                 )
-            if event.source != source_of(institution):
-                raise reject(
-                    "forbidden", "source_mismatch",
-                    f"source {event.source!r} is not the authenticated institution ({source_of(institution)!r})",
-                    "source",
-                )
-            kind = await self.membership.kind_of(institution)
-            if kind is None:
-                raise reject("forbidden", "not_member", f"{institution!r} is not a member of the network", "source")
-            if not registry.may_emit(kind, spec.type, spec.major):
-                if not spec.emitters:
-                    msg = f"{spec.type} is emitted by the bus's workflows only"
-                else:
-                    msg = f"an institution of kind {kind!r} may not emit {spec.type}"
-                raise reject("forbidden", "kind_may_not_emit", msg, "type")
+            await self._check_sender(institution, event.source, spec)
             verdict = await self._log(raw, spec, extra_headers)
         except Rejection as exc:
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
-            verdict = Verdict("rejected", event_id, errors=exc.problems, reason=exc.reason)
+            problems = exc.problems
+            if any(p.type == "missing" and p.loc == ("specversion",) for p in problems) and not _says_mode(headers):
+                problems = (*problems, Problem((), _MODE_HINT, "mode_unclear"))
+            verdict = Verdict("rejected", event_id, errors=problems, reason=exc.reason)
         except Exception:  # a bug must cost one event, never the gate
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
             log.exception("gate failed on an offered event", extra={"event_id": event_id})
@@ -194,6 +218,27 @@ class Gate:
         if not verdict.accepted:  # the entry's span (HTTP or ingress) says the offer was refused, and why
             tracing.mark_refused(trace.get_current_span(), verdict)
         return verdict
+
+    async def _check_sender(self, institution: str, source: Any, spec: registry.EventSpec | None) -> None:
+        """Refuse a ``source`` other than the authenticated institution, a sender that is not a
+        member, and a type its kind may not emit (``spec`` None: not known yet, not checked)."""
+        if isinstance(source, str) and source != source_of(institution):
+            raise reject(
+                "forbidden", "source_mismatch",
+                f"source {source!r} is not the authenticated institution ({source_of(institution)!r})",
+                "source",
+            )
+        if spec is None:
+            return
+        kind = await self.membership.kind_of(institution)
+        if kind is None:
+            raise reject("forbidden", "not_member", f"{institution!r} is not a member of the network", "source")
+        if not registry.may_emit(kind, spec.type, spec.major):
+            if not spec.emitters:
+                msg = f"{spec.type} is emitted by the bus's workflows only"
+            else:
+                msg = f"an institution of kind {kind!r} may not emit {spec.type}"
+            raise reject("forbidden", "kind_may_not_emit", msg, "type")
 
     async def publish_internal(self, event: Mapping[str, Any], extra_headers: Mapping[str, str] | None = None) -> Verdict:
         """Log an event the bus itself emits (workflows, the operator's bootstrap).
@@ -209,11 +254,12 @@ class Gate:
             return Verdict("rejected", raw.get("id"), errors=exc.problems, reason=exc.reason)
 
     def _parse(self, body: bytes, headers: Mapping[str, str] | None) -> dict[str, Any]:
-        size = len(body) + sum(len(k) + len(v) for k, v in (headers or {}).items())
-        if size > self.max_event_bytes:
+        # The limit is on the event serialized (``_log``); what is far beyond it is not even read.
+        size = len(body) + sum(len(k) + len(v) for k, v in (headers or {}).items() if k[:3].lower() == "ce-")
+        if size > INPUT_FACTOR * self.max_event_bytes:
             raise reject(
                 "too_large", "too_large",
-                f"the event is {size} bytes; the limit is {self.max_event_bytes} bytes",
+                f"the event is at least {size} bytes; the limit is {self.max_event_bytes} bytes serialized",
             )
         try:
             return cloudevents.parse(body, headers)
@@ -223,14 +269,18 @@ class Gate:
     async def _log(
         self, raw: dict[str, Any], spec: registry.EventSpec, extra_headers: Mapping[str, str] | None
     ) -> Verdict:
+        added = 0  # what the gate sets is not the sender's to count: the limit is on the event as sent
         if raw.get("time") is None:
             raw["time"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-        raw.setdefault("datacontenttype", DATA_CONTENT_TYPE)
+            added += len(raw["time"]) + len('"time":"",')
+        if raw.get("datacontenttype") is None:
+            raw["datacontenttype"] = DATA_CONTENT_TYPE
+            added += len(DATA_CONTENT_TYPE) + len('"datacontenttype":"",')
         payload = canonical_bytes(raw)
-        if len(payload) > self.max_event_bytes:
+        if len(payload) - added > self.max_event_bytes:
             raise reject(
                 "too_large", "too_large",
-                f"the event is {len(payload)} bytes serialized; the limit is {self.max_event_bytes} bytes",
+                f"the event is {len(payload) - added} bytes serialized; the limit is {self.max_event_bytes} bytes",
             )
         event_id = str(raw["id"])
         headers = {"Nats-Msg-Id": event_id, "Content-Type": STRUCTURED_CONTENT_TYPE}

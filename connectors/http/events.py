@@ -18,6 +18,7 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from bus import cloudevents
+from bus.gate import INPUT_FACTOR
 from bus.log import event_filter
 from bus.streams import EVENTS_STREAM
 from connectors.http import resources
@@ -149,7 +150,7 @@ async def offer_events(request: Request, institution: Publisher) -> JSONResponse
             verdicts.append(verdict.as_dict())
         return JSONResponse(verdicts, status_code=202)
     _throttle(limiter, institution, 1)
-    body = await _read_body(request, bus.settings.max_event_bytes)
+    body = await _read_body(request, bus.settings.max_event_bytes * INPUT_FACTOR)  # the limit itself: on the event serialized
     if mode == "structured":
         headers = STRUCTURED
     else:

@@ -205,6 +205,20 @@ async def test_a_kind_that_may_not_emit_the_type_is_forbidden(partner: Client) -
     assert "operator" in verdict.errors[0].msg
 
 
+async def test_who_may_say_it_is_judged_before_what_it_says(partner: Client) -> None:
+    # A workflow-only type with data that would not validate: forbidden, not a list of data errors.
+    institution, event = fresh("project.registered")
+    event.update(type="call.application_received", subject=event["subject"], data={"nothing": "right"})
+    verdict = await offer(partner, institution, event)
+    assert verdict.reason == "forbidden" and codes(verdict) == {"kind_may_not_emit"}, verdict.as_dict()
+    assert "workflows only" in verdict.errors[0].msg
+    # A spoofed source with broken data: the source is what is refused.
+    institution, event = fresh("project.registered", source="/institutions/someone-else")
+    event["data"] = {"project_id": 7}
+    verdict = await offer(partner, institution, event)
+    assert verdict.reason == "forbidden" and codes(verdict) == {"source_mismatch"}, verdict.as_dict()
+
+
 async def test_non_members_may_not_publish(partner: Client) -> None:
     _, event = fresh("project.registered", source="/institutions/xx-stranger")
     verdict = await offer(partner, "xx-stranger", event)

@@ -136,3 +136,39 @@ async def test_a_client_never_sends_what_nats_would_refuse(small_nats: tuple[Bus
     assert verdict.reason == "too_large" and {p.type for p in verdict.errors} == {"too_large_for_nats"}
     assert nc.is_connected
     assert (await offer(nc, FIXTURE["as"], valid_event())).accepted
+
+
+# --------------------------------------------------------------------------- the event size limit
+
+
+async def test_the_limit_is_the_event_as_sent_serialized(bus: Bus, partner: Client) -> None:
+    """An event of exactly COLLABBUS_MAX_EVENT_BYTES is accepted, structured (its Content-Type
+    header does not count, nor the time the gate adds) and binary (its attributes do count); one
+    byte more is refused, with the size in the message."""
+    from bus.cloudevents import to_binary
+
+    limit = bus.settings.max_event_bytes
+    structured = {"content-type": "application/cloudevents+json"}
+    verdict = await offer_raw(partner, SUBJECT, padded(limit), structured)
+    assert verdict.accepted, verdict.as_dict()
+    verdict = await offer_raw(partner, SUBJECT, padded(limit + 1), structured)
+    assert verdict.reason == "too_large" and f"is {limit + 1} bytes serialized" in verdict.errors[0].msg, verdict.as_dict()
+
+    headers, body = to_binary(orjson.loads(padded(limit)))
+    assert (await offer_raw(partner, SUBJECT, body, headers)).accepted
+    headers, body = to_binary(orjson.loads(padded(limit + 1)))
+    assert (await offer_raw(partner, SUBJECT, body, headers)).reason == "too_large"
+
+    far = padded(3 * limit)  # refused before it is parsed
+    verdict = await offer_raw(partner, SUBJECT, far, structured)
+    assert verdict.reason == "too_large" and "at least" in verdict.errors[0].msg
+    assert (await offer(partner, FIXTURE["as"], valid_event())).accepted
+
+
+async def test_data_sent_without_ce_headers_is_told_how_to_name_the_mode(partner: Client) -> None:
+    data = orjson.dumps(valid_event()["data"])
+    for headers in ({}, {"content-type": "application/json"}):
+        verdict = await offer_raw(partner, SUBJECT, data, headers)
+        assert verdict.reason == "invalid" and "mode_unclear" in {p.type for p in verdict.errors}, verdict.as_dict()
+    verdict = await offer_raw(partner, SUBJECT, data, {"content-type": "application/cloudevents+json"})
+    assert verdict.reason == "invalid" and "mode_unclear" not in {p.type for p in verdict.errors}

@@ -14,6 +14,7 @@ import pytest
 from icalendar import Calendar
 
 from bus.cloudevents import to_binary
+from bus.gate import INPUT_FACTOR
 from connectors.http.paging import encode
 from connectors.http.ratelimit import RateLimiter
 from connectors.http.server import HttpGateway
@@ -162,8 +163,8 @@ async def test_too_large_bodies_are_413_also_when_streamed(gateway: Gateway, mun
     data = project(municipality, summary={"en": "x" * limit})
     problem(await gateway.post(municipality, envelope("project.registered", municipality, data)), 413, "too_large")
 
-    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit applies while reading
-        for _ in range(limit // 4096 + 2):
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the input limit applies while reading
+        for _ in range(INPUT_FACTOR * limit // 4096 + 2):
             yield b" " * 4096
 
     headers = {**gateway.auth(municipality), "content-type": "application/cloudevents+json"}
