@@ -7,6 +7,7 @@ publishes to, so the document always matches the registry.
 
 from __future__ import annotations
 
+import copy
 from functools import cache
 from typing import Any
 
@@ -27,7 +28,11 @@ def _documentation_broker() -> NatsBroker:
         broker.publisher(
             f"collab.events.{{institution}}.{spec.domain}.{spec.event}.{{subject}}",
             title=f"log:{spec.type}",
-            description=f"The accepted `{spec.type}` events (emitted by: {who}).",
+            description=(
+                f"The accepted `{spec.type}` events (emitted by: {who}), in canonical structured form. The log is "
+                "read by the bus itself: members' credentials do not reach it; they follow it over HTTP "
+                "(`GET /events`) and webhooks."
+            ),
             schema=envelope,
         )
         if not spec.emitters:
@@ -42,16 +47,40 @@ def _documentation_broker() -> NatsBroker:
             queue="collabbus-gate",
             title=f"ingress:{spec.type}",
             description=(
-                f"Offer a `{spec.type}` event (structured or binary CloudEvent) as `institution`; "
-                f"the reply is the gatekeeper's verdict. May be emitted by: {who}."
+                f"Offer a `{spec.type}` event as `institution` (request/reply); the reply is the gatekeeper's "
+                f"verdict. May be emitted by: {who}. " + _OFFERING
             ),
         )(offer)
     return broker
 
 
+_OFFERING = (
+    "Structured mode: the whole CloudEvent as the JSON body with the header `Content-Type: "
+    "application/cloudevents+json`. Binary mode: every attribute in a `ce-<name>` header (values "
+    "percent-encoded as in the CloudEvents NATS binding), the data as the JSON body, `Content-Type: "
+    "application/json`. A message with neither is read as structured."
+)
+
+_CONNECTING = (
+    "Authenticate with the `.creds` file `collabbus institutions creds ID` writes (NATS decentralized JWT "
+    "auth) and connect with the inbox prefix `_INBOX.{ID}` (Go `nats.CustomInboxPrefix`, nats.js "
+    "`inboxPrefix`, nats-py `inbox_prefix`): the credentials allow publishing to `collab.ingress.{ID}.>` and "
+    "reading the inboxes `_INBOX.{ID}.>`, where verdicts come back; verdicts are sent to inboxes only."
+)
+
+
+def asyncapi_document(server: str | None = None) -> dict[str, Any]:
+    """The AsyncAPI 3.0 document as a JSON-ready dict; ``server``: the NATS address partners
+    connect to (``host:port``), when known."""
+    document = copy.deepcopy(_document())
+    if server:
+        for entry in document["servers"].values():
+            entry["host"] = server
+    return document
+
+
 @cache
-def asyncapi_document() -> dict[str, Any]:
-    """The AsyncAPI 3.0 document as a JSON-ready dict."""
+def _document() -> dict[str, Any]:
     from importlib.metadata import version
 
     spec = AsyncAPI(
@@ -67,6 +96,12 @@ def asyncapi_document() -> dict[str, Any]:
     )
     document: dict[str, Any] = spec.to_specification().to_jsonable()
     _add_parameters_and_replies(document)
+    document["defaultContentType"] = "application/cloudevents+json"
+    for message in document.get("components", {}).get("messages", {}).values():
+        message.pop("correlationId", None)  # NATS request/reply correlates by the reply inbox, no header
+    for entry in document.get("servers", {}).values():
+        entry["description"] = f"{entry.get('description', 'collabbus')}. {_CONNECTING}"
+        entry.pop("protocolVersion", None)
     return {"asyncapi": document.pop("asyncapi"), **document}
 
 
@@ -94,7 +129,7 @@ def _add_parameters_and_replies(document: dict[str, Any]) -> None:
     }
     document["channels"]["ingress-reply"] = {
         "address": None,
-        "description": "The reply inbox of an ingress request (NATS request/reply).",
+        "description": "The reply inbox of an ingress request (NATS request/reply): `_INBOX.{institution}.…` for a member.",
         "messages": {"Verdict": {"$ref": "#/components/messages/Verdict"}},
     }
     for name, operation in document["operations"].items():

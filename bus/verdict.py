@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 #: Why an event was refused, coarsely: the HTTP gateway maps these to status codes.
 Reason = Literal["malformed", "invalid", "too_large", "unsupported", "forbidden", "unavailable"]
@@ -66,9 +66,14 @@ class Verdict:
 class ProblemBody(BaseModel):
     """One problem as the verdict's JSON carries it."""
 
-    loc: list[str | int]
-    msg: str
-    type: str
+    loc: list[str | int] = Field(description="where: attribute names and data path (empty: the event as a whole)")
+    msg: str = Field(description="what, for people")
+    type: str = Field(description=(
+        "a stable code: the gate's own (e.g. `json_invalid`, `utf8_invalid`, `unknown_type`, `unknown_major`, "
+        "`dataschema_invalid`, `type_mismatch`, `subject_invalid`, `subject_mismatch`, `source_mismatch`, "
+        "`not_member`, `kind_may_not_emit`, `too_large`, `too_large_for_nats`, `id_taken`, `log_unavailable`, "
+        "`mode_unclear`) or pydantic's error type for a field (e.g. `missing`, `string_type`, `extra_forbidden`)"
+    ))
 
 
 class VerdictBody(BaseModel):
@@ -78,7 +83,10 @@ class VerdictBody(BaseModel):
     id: str | None
     seq: int | None = None
     duplicate: bool | None = None
-    reason: str | None = None
+    reason: Reason | None = Field(None, description=(
+        "why it was refused: `malformed` (not readable), `invalid` (envelope or data), `too_large`, `unsupported`, "
+        "`forbidden` (source, membership, kind), `unavailable` (the log did not confirm it: retry with the same id)"
+    ))
     errors: list[ProblemBody] | None = None
 
 

@@ -197,12 +197,17 @@ async def ops_trace(trace_id: str, request: Request, caller: Member) -> dict[str
     return found
 
 
+def _nats_address(request: Request) -> str:
+    """The bus's (first) NATS address as ``host:port``, for the document's server."""
+    return bus_of(request).settings.nats_servers[0].split("://", 1)[-1].rsplit("@", 1)[-1]
+
+
 @router.get("/asyncapi.json")
-async def asyncapi_json() -> dict[str, Any]:
+async def asyncapi_json(request: Request) -> dict[str, Any]:
     """The AsyncAPI 3 document of the NATS interface."""
     from bus.asyncapi import asyncapi_document
 
-    return asyncapi_document()
+    return asyncapi_document(_nats_address(request))
 
 
 class _Document:
@@ -219,10 +224,10 @@ class _Document:
 
 
 @router.get("/docs/asyncapi", response_class=HTMLResponse)
-async def asyncapi_html() -> HTMLResponse:
+async def asyncapi_html(request: Request) -> HTMLResponse:
     """The AsyncAPI document rendered for people (FastStream's AsyncAPI page)."""
     from faststream.specification import get_asyncapi_html
 
     from bus.asyncapi import asyncapi_document
 
-    return HTMLResponse(get_asyncapi_html(_Document(asyncapi_document()), try_it_out_path=None))  # type: ignore[arg-type]
+    return HTMLResponse(get_asyncapi_html(_Document(asyncapi_document(_nats_address(request))), try_it_out_path=None))  # type: ignore[arg-type]

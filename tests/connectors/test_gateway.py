@@ -399,6 +399,10 @@ async def test_operations_endpoints(gateway: Gateway) -> None:
     assert (await client.get("/docs")).status_code == 200
     asyncapi = (await client.get("/asyncapi.json")).json()
     assert asyncapi["asyncapi"].startswith("3.")
+    server = next(iter(asyncapi["servers"].values()))
+    assert server["host"] == gateway.bus.settings.nats_servers[0].split("://")[-1]  # where this bus's NATS is
+    assert "_INBOX.{ID}" in server["description"] and asyncapi["defaultContentType"] == "application/cloudevents+json"
+    assert not [m for m in asyncapi["components"]["messages"].values() if "correlationId" in m]
     page = await client.get("/docs/asyncapi")
     assert page.status_code == 200 and "AsyncApiStandalone" in page.text
     metrics = await client.get("/metrics")
