@@ -30,7 +30,11 @@ from handlers.projects import (
     ProjectPartner,
     adoptions_by_municipality_level,
 )
+from handlers.rules.validations import Outcome as ValidationOutcome
+from handlers.rules.validations import Status as ValidationStatus
 from handlers.validations import Validation, validation_view
+from schemas.common import InstitutionKind
+from schemas.projects import ProjectStatus
 
 router = APIRouter(tags=["read"])
 
@@ -38,6 +42,8 @@ LIST_ERRORS = documented(400, 401, 403, 422)
 ITEM_ERRORS = documented(401, 403, 404, 422)
 
 Id = Annotated[str, Path(min_length=1, max_length=128)]
+COUNTRY = r"^[A-Za-z]{2}$"
+Country = Annotated[str | None, Query(pattern=COUNTRY, description="an ISO 3166-1 alpha-2 code (either case)")]
 Theme = Annotated[str | None, Query(max_length=64, description="a theme code; an area (`health_care`) matches its sub-themes")]
 
 
@@ -64,12 +70,13 @@ def _not_found(what: str, id: str) -> ApiProblem:
 def list_institutions(
     _viewer: Member,
     session: SessionDep,
-    kind: str | None = None,
-    country: str | None = None,
+    kind: InstitutionKind | None = None,
+    country: Country = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """The current members, by id."""
+    country = country.upper() if country else None
     query = select(Institution).where(col(Institution.left_at).is_(None))
     if kind is not None:
         query = query.where(Institution.kind == kind)
@@ -92,14 +99,15 @@ def list_calls(
     session: SessionDep,
     status: Literal["upcoming", "open", "closed"] | None = None,
     theme: Theme = None,
-    eligible_kind: Annotated[str | None, Query(description="calls open to this kind of institution")] = None,
-    country: Annotated[str | None, Query(description="calls open to institutions of this country")] = None,
+    eligible_kind: Annotated[InstitutionKind | None, Query(description="calls open to this kind of institution")] = None,
+    country: Annotated[str | None, Query(pattern=COUNTRY, description="calls open to institutions of this country")] = None,
     deadline_before: AwareDatetime | None = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """Calls by deadline. An empty eligibility list means open to all."""
     now = datetime.now(timezone.utc)
+    country = country.upper() if country else None
     query = select(Call)
     if status is not None:
         query = query.where(status_is(status, now))
@@ -143,14 +151,15 @@ def list_projects(
     _viewer: Member,
     session: SessionDep,
     theme: Theme = None,
-    country: str | None = None,
+    country: Country = None,
     municipality: str | None = None,
-    status: str | None = None,
+    status: ProjectStatus | None = None,
     owner: str | None = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """Projects and good practices, by id."""
+    country = country.upper() if country else None
     query = select(Project)
     for column, value in ((Project.country, country), (Project.municipality, municipality), (Project.status, status), (Project.owner, owner)):
         if value is not None:
@@ -212,8 +221,8 @@ _VALIDATION_SUMMARY = set(resources.Validation.model_fields)
 def list_validations(
     _viewer: Member,
     session: SessionDep,
-    status: str | None = None,
-    outcome: str | None = None,
+    status: ValidationStatus | None = None,
+    outcome: ValidationOutcome | None = None,
     project_id: str | None = None,
     coordinator: str | None = None,
     requester: str | None = None,

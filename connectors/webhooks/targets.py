@@ -66,6 +66,9 @@ def parse(url: str) -> httpx.URL:
         raise RefusedTarget(f"{url!r} is not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise RefusedTarget(f"{url!r} is not an http or https URL with a host")
+    if parsed.userinfo:
+        # Never sent (deliveries are signed instead), and shown back in every listing.
+        raise RefusedTarget("the URL carries a user name or password: deliveries are signed, not sent with credentials")
     return parsed
 
 

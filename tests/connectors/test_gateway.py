@@ -481,3 +481,22 @@ async def test_a_log_sequence_beyond_64_bits_is_a_422(gateway: Gateway, municipa
     for params in ({"after_seq": 10**20}, {"cursor": str(10**20)}):
         response = await gateway.client.get("/events", params=params, headers=auth)
         assert response.status_code in (400, 422) and response.headers["content-type"] == "application/problem+json", response.text
+
+
+async def test_filters_take_only_values_that_can_match(gateway: Gateway, municipality: str) -> None:
+    auth = gateway.auth(municipality)
+    for path, params in (("/projects", {"status": "bogus"}), ("/calls", {"eligible_kind": "spaceship"}),
+                         ("/institutions", {"kind": "spaceship"}), ("/validations", {"status": "pending"}),
+                         ("/projects", {"country": "TUR"})):
+        response = await gateway.client.get(path, params=params, headers=auth)
+        assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json", (path, response.text)
+        assert next(iter(params)) in response.json()["detail"]
+    practice = project(municipality)
+    await gateway.offer(municipality, "project.registered", practice)
+    await gateway.settle()
+    country = practice["location"]["country"]
+    found = {}
+    for code in (country, country.lower()):
+        pages = await walk(gateway.client, "/projects", auth, country=code, owner=municipality)
+        found[code] = [item["project_id"] for page in pages for item in page]
+    assert found[country] == found[country.lower()] and practice["project_id"] in found[country]

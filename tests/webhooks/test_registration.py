@@ -65,6 +65,8 @@ async def test_bad_registrations_are_refused_with_problems(network: Network, rec
     assert [e["loc"] for e in body["errors"]] == [["event_types", 0], ["event_types", 1]]
     for url in ("ftp://127.0.0.1/x", "not a url", "http:///path"):
         await refused({"url": url}, "refused_target")
+    with_credentials = await refused({"url": receiver.url("/").replace("http://", "http://user:secret@")}, "refused_target")
+    assert "password" in with_credentials["detail"] and "secret" not in with_credentials["detail"]
     await refused({"url": "http://no-such-host.invalid/hook"}, "refused_target")
     problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/")}), 401, "unauthorized")
     problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/"), "secret": "mine"}, headers=auth), 422, "invalid_request")
