@@ -88,22 +88,22 @@ async def rebuild(
                     break
                 continue
             idle = 0
-            items = []
+            items: list[LoggedItem] = []
             for msg in msgs:
                 meta = msg.metadata
                 seq = meta.sequence.stream
                 if seq > report.last_seq:
                     break
-                items.append(LoggedItem(seq, orjson.loads(msg.data), meta.timestamp))
-            rest = items
-            while rest:
-                applied, failure, _ = await asyncio.to_thread(service.apply_batch, rest, live=False)
-                if failure is None:
-                    break
-                failed = rest[applied]
-                report.failures.append({"seq": failed.seq, "id": failed.envelope.get("id"), "error": failure.error})
-                await asyncio.to_thread(service.skip, failed.seq)
-                rest = rest[applied + 1:]
+                try:
+                    items.append(LoggedItem(seq, orjson.loads(msg.data), meta.timestamp))
+                except orjson.JSONDecodeError as exc:  # not an event (the live consumer dead-letters it): past it
+                    await _apply(service, items, report)
+                    report.events += len(items) + 1
+                    items = []
+                    report.failures.append({"seq": seq, "id": (msg.headers or {}).get("Nats-Msg-Id"),
+                                            "error": f"unreadable: {exc}"})
+                    await asyncio.to_thread(service.skip, seq)
+            await _apply(service, items, report)
             report.events += len(items)
             if progress:
                 progress(report.events, total)
@@ -115,3 +115,16 @@ async def rebuild(
             pass
     report.seconds = time.perf_counter() - started
     return report
+
+
+async def _apply(service: Any, items: list[Any], report: RebuildReport) -> None:
+    """Apply ``items`` in order; an event that fails is noted in the report and passed."""
+    rest = items
+    while rest:
+        applied, failure, _ = await asyncio.to_thread(service.apply_batch, rest, live=False)
+        if failure is None:
+            break
+        failed = rest[applied]
+        report.failures.append({"seq": failed.seq, "id": failed.envelope.get("id"), "error": failure.error})
+        await asyncio.to_thread(service.skip, failed.seq)
+        rest = rest[applied + 1:]

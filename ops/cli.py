@@ -117,8 +117,19 @@ async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
     from bus.runtime import embedded_server
     from bus.server import port_is_taken
 
-    server = None
+    server = held = None
     if settings.embedded and not port_is_taken(*settings.listen_host_port):
+        from ops import datadir
+
+        try:  # never a second nats-server on the store of a running bus
+            held = datadir.lock(settings.data_dir, "a collabbus command")
+        except datadir.DataDirBusy as exc:
+            raise ConnectionRefusedError(
+                f"nothing answers at {settings.nats_servers[0]}, yet the data dir {settings.data_dir} is in use "
+                f"({'pid ' + str(exc.pid) if exc.pid else 'another process'}{': ' + exc.what if exc.what else ''}): "
+                "its nats-server is down or starting"
+            ) from None
+        err.print(f"[yellow]the bus is not running[/yellow]: its nats-server was started for this command ({settings.nats_servers[0]})")
         server = embedded_server(settings)
         await server.astart()
     try:
@@ -130,6 +141,8 @@ async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
     finally:
         if server is not None:
             await server.astop()
+        if held is not None:
+            held.close()
 
 
 def _load_data(value: str) -> Any:
@@ -191,9 +204,20 @@ def up(
 ) -> None:
     """Start the bus: embedded NATS (unless a URL is set), streams, gatekeeper. Ctrl-C drains and stops."""
     from bus.runtime import Bus, keep_startup_objects
+    from ops import datadir
     from ops.logs import configure_logging
 
     configure_logging()
+    try:
+        held = datadir.lock(settings.data_dir, "collabbus up")
+    except datadir.DataDirBusy as exc:
+        err.print(f"[red]error:[/red] another collabbus is running on the data dir {settings.data_dir.resolve()} "
+                  f"({'pid ' + str(exc.pid) if exc.pid else 'another process'}{': ' + exc.what if exc.what else ''}); "
+                  "stop it first, or give this bus a data dir of its own (COLLABBUS_DATA_DIR)")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        err.print(f"[red]error:[/red] the data dir {settings.data_dir} cannot be used: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
 
     async def main() -> None:
         bus = Bus(settings)
@@ -229,7 +253,10 @@ def up(
             await bus.stop()
             err.print("stopped")
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        held.close()
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -285,3 +285,36 @@ async def test_a_stray_message_on_the_pull_inbox_or_a_fault_in_handling_does_not
     finally:
         await nc.close()
         await bus.stop()
+
+
+async def test_a_rebuild_passes_what_is_no_event_as_the_consumer_does(tmp_path: Path, server: EmbeddedNats) -> None:
+    """Something in the log that is not an event (written past the gate by a holder of the bus's
+    own credentials) is dead-lettered live; a rebuild notes it, passes it, and ends with the same
+    state and position."""
+    from bus.rebuild import rebuild
+    from handlers.service import NetworkService
+
+    recorder = Recorder()
+    factory = lambda: Network(Routes().add(projections={"project.registered": recorder}))  # noqa: E731
+    bus = await start_bus(tmp_path, server, factory)
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        assert (await offer(nc, FIXTURE["as"], project_event("before-junk"))).accepted
+        junk = await bus.js.publish(f"collab.events.{FIXTURE['as']}.project.registered.junk", b"not an event",
+                                    headers={"Nats-Msg-Id": "junk-1"})
+        after = await offer(nc, FIXTURE["as"], project_event("after-junk"))
+        await wait_for(lambda: recorder.seen == ["before-junk", "after-junk"])
+        assert bus.service is not None
+        position = await asyncio.to_thread(bus.service.position)
+        assert position == after.seq
+        recorder.seen.clear()
+        service = NetworkService(bus.engine, factory())
+        report = await rebuild(bus.js, service)
+        assert recorder.seen == ["before-junk", "after-junk"]
+        assert [(f["seq"], f["id"]) for f in report.failures] == [(junk.seq, "junk-1")]
+        assert "unreadable" in report.failures[0]["error"]
+        assert await asyncio.to_thread(service.position) == position
+    finally:
+        await nc.close()
+        await bus.stop()

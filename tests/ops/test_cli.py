@@ -199,3 +199,17 @@ def test_institutions_creds_on_an_external_server_needs_the_account_seed() -> No
     result = cli("institutions", "creds", "fi-thl", env=env)
     assert result.returncode == 1 and result.stdout == ""
     assert "COLLABBUS_NATS_ACCOUNT_SEED" in result.stderr
+
+
+def test_a_second_bus_on_the_same_data_dir_is_refused(running_bus: dict[str, str]) -> None:
+    """Two buses on one data dir would run two nats-servers on one JetStream store (an accepted
+    event could vanish): the second `up` stops before it starts anything, whatever its ports."""
+    env = {**running_bus, "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
+    config = Path(env["COLLABBUS_DATA_DIR"]) / "nats" / "nats-server.conf"
+    before = config.read_text()
+    second = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert "another collabbus is running on the data dir" in second.stderr and "collabbus up" in second.stderr, second.stderr
+    assert config.read_text() == before  # the running server's configuration is untouched
+    status = cli("status", "--json", env=running_bus)  # the running bus still answers
+    assert status.returncode == 0, status.stderr

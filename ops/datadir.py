@@ -1,0 +1,66 @@
+"""One process at a time owns a data dir: its nats-server store and its SQLite files.
+
+Two buses on one data dir run two nats-servers on one JetStream store, and an event one of them
+accepted can vanish from the log. ``collabbus up`` holds an exclusive lock on
+``<data dir>/collabbus.lock`` (``flock``: the kernel lets go when the process ends, however it
+ends) with its pid in the file; a command that would start the embedded server for itself takes
+the same lock for as long as it runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import IO
+
+LOCK_FILE = "collabbus.lock"
+
+
+class DataDirBusy(RuntimeError):
+    """Another process holds the data dir."""
+
+    def __init__(self, data_dir: Path, pid: int | None, what: str | None) -> None:
+        self.data_dir, self.pid, self.what = data_dir, pid, what
+        who = f"pid {pid}" + (f": {what}" if what else "") if pid else "another process"
+        super().__init__(f"the data dir {data_dir} is in use by {who}")
+
+
+def lock(data_dir: Path, what: str) -> IO[str]:
+    """Take the data dir for this process (``what`` it is, for the message another one gets);
+    keep the returned file open for as long as it is held. Raises :class:`DataDirBusy`."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid, found = _read(handle.read())
+        handle.close()
+        raise DataDirBusy(data_dir, pid, found) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {what}\n")
+    handle.flush()
+    return handle
+
+
+def holder(data_dir: Path) -> tuple[int, str | None] | None:
+    """The process holding the data dir (pid, what it is), or None when none does."""
+    path = data_dir / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid, what = _read(handle.read())
+            return (pid or 0, what)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+def _read(text: str) -> tuple[int | None, str | None]:
+    pid, _, what = text.strip().partition(" ")
+    return (int(pid) if pid.isdigit() else None, what or None)
