@@ -98,6 +98,7 @@ class Bus:
 
     settings: Settings
     server: EmbeddedNats | None = None
+    _watching: asyncio.Task[None] | None = None
     broker: NatsBroker = field(init=False)
     gate: Gate = field(init=False)
     membership: Membership = field(init=False)
@@ -138,6 +139,7 @@ class Bus:
         if settings.embedded and self.server is None:
             self.server = embedded_server(settings)
             await self.server.astart()
+            self._watching = asyncio.create_task(self._watch_server(), name="embedded-nats-watch")
         await self._connect("collabbus")
         await ensure_streams(
             self.js,
@@ -162,6 +164,30 @@ class Bus:
         await self._connect("collabbus-gate")
         await self._start_gate()
         await self.open_ingress()
+
+    async def _watch_server(self, every: float = 0.5) -> None:
+        """The embedded nats-server is the bus's own: when it exits, it is started again (with
+        growing pauses while it cannot be), and the connections carry on by themselves."""
+        pause = every
+        while self.server is not None:
+            await asyncio.sleep(every)
+            server = self.server
+            process = server.process if server is not None else None
+            if server is None or process is None or process.poll() is None:
+                continue
+            log.error("the embedded nats-server exited with code %s (its log: %s); starting it again",
+                      process.returncode, server.store_dir / "nats-server.log")
+            server.process = None
+            try:
+                await server.astart()
+            except Exception as exc:
+                log.error("the embedded nats-server could not be started again: %s; next try in %.0f s", exc, pause)
+                server.process = process  # still exited: the next round tries again
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)
+                continue
+            pause = every
+            log.warning("the embedded nats-server runs again at %s", server.url)
 
     def _trace(self) -> None:
         if self.tracing is None:
@@ -302,6 +328,10 @@ class Bus:
             await self.membership.stop()
         if hasattr(self, "broker"):
             await self.broker.stop()
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
+            self._watching = None
         if self.server is not None:
             await self.server.astop()
             self.server = None

@@ -153,7 +153,8 @@ class EmbeddedNats:
             )
         config = self.write_config()
         log_path = self.store_dir / "nats-server.log"
-        log_path.unlink(missing_ok=True)  # readiness is read from this start's lines
+        if log_path.exists():  # readiness is read from this start's lines; the last run's stay beside them
+            log_path.replace(log_path.with_suffix(".log.previous"))
         log = open(log_path, "ab")
         self.process = subprocess.Popen(
             [str(find_binary()), "-c", str(config)],

@@ -72,11 +72,20 @@ _offer_counters: dict[tuple[str, str, str | None], tuple[Any, Any]] = {}
 class _Snapshot(Collector):
     """Metric families from one reading of the bus's status and the webhook attempts."""
 
-    def __init__(self, status: Mapping[str, Any], webhook_attempts: Mapping[str, int] | None) -> None:
+    def __init__(self, status: Mapping[str, Any] | None, webhook_attempts: Mapping[str, int] | None, nats_connected: bool) -> None:
         self.status = status
         self.webhook_attempts = webhook_attempts
+        self.nats_connected = nats_connected
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("collabbus_nats_connected", "1 while the bus's connection to NATS is up",
+                                value=1 if self.nats_connected else 0)
+        yield GaugeMetricFamily("collabbus_status_readable", "1 when the log's and consumers' state could be read "
+                                "from NATS for this scrape (0: the log, lag and dead-letter series are missing)",
+                                value=0 if self.status is None else 1)
+        yield from self._webhooks()
+        if self.status is None:
+            return
         events = self.status["streams"].get(EVENTS_STREAM)
         if events is not None:
             yield GaugeMetricFamily("collabbus_log_last_seq", "last sequence of the event log", value=events["last_seq"])
@@ -89,9 +98,13 @@ class _Snapshot(Collector):
             lag.add_metric([name], consumer["pending"] + consumer["ack_pending"])
         yield from (pending, acks, lag)
         dead = GaugeMetricFamily("collabbus_dead_letters", "messages in the dead-letter stream, per consumer", labels=["consumer"])
-        for name, count in self.status["dead_letters"].items():
+        counts = {name: 0 for name in self.status["consumers"]}  # a series for each consumer group, none dead-lettered included
+        counts.update(self.status["dead_letters"])
+        for name, count in sorted(counts.items()):
             dead.add_metric([name], count)
         yield dead
+
+    def _webhooks(self) -> Iterator[Metric]:
         if self.webhook_attempts is not None:
             attempts = CounterMetricFamily(
                 "collabbus_webhook_attempts", "webhook delivery attempts recorded, by outcome (delivered: 2xx; failed: "
@@ -142,15 +155,17 @@ class _Gatekeepers(Collector):
 
 
 def exposition(
-    status: Mapping[str, Any],
+    status: Mapping[str, Any] | None,
     webhook_attempts: Mapping[str, int] | None,
     *registries: CollectorRegistry,
     gates: Any = None,
+    nats_connected: bool = True,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
-    gatekeeper processes ``gates``, when the bus runs any) and a status snapshot."""
+    gatekeeper processes ``gates``, when the bus runs any) and a status snapshot (None: NATS could
+    not be read; everything else is still served)."""
     snapshot = CollectorRegistry(auto_describe=False)
-    snapshot.register(_Snapshot(status, webhook_attempts))
+    snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
     process: Any = REGISTRY
     if gates is not None:
         process = CollectorRegistry(auto_describe=False)

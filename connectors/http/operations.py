@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -151,6 +152,10 @@ async def bus_status(bus: Any) -> dict[str, Any]:
     return await collect_status(bus.js, bus.engine, running=running_consumers(bus))
 
 
+METRICS_NATS_TIMEOUT = 2.0
+"""Seconds /metrics waits for the log's and consumers' state before it answers without them."""
+
+
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition: the gateway's, the process's (gate, handlers) and the bus's
@@ -159,10 +164,14 @@ async def metrics(request: Request) -> Response:
     from ops.status import collect_status
 
     bus = bus_of(request)
-    status = await collect_status(bus.js)
+    try:  # with NATS away, the rest is still served (a scrape must not fail exactly then)
+        status: dict[str, Any] | None = await asyncio.wait_for(collect_status(bus.js), METRICS_NATS_TIMEOUT)
+    except Exception:
+        status = None
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)
     registry: Metrics = request.app.state.metrics
-    return Response(exposition(status, attempts, registry.registry, gates=bus.gates), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=bus.nc.is_connected),
+                    media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/ops/status", responses=documented(401, 403))

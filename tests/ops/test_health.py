@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -107,3 +109,41 @@ def test_a_line_written_inside_a_span_names_its_trace() -> None:
     assert "trace_id" not in outside
     context = span.get_span_context()
     assert inside["trace_id"] == format(context.trace_id, "032x") and inside["span_id"] == format(context.span_id, "016x")
+
+
+async def test_the_embedded_nats_server_is_started_again_when_it_dies(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Killed under a running bus, the embedded nats-server is started again (and said so); meanwhile
+    /readyz says NATS is away and /metrics still answers, without the series it cannot read."""
+    from bus.runtime import Bus
+    from bus.server import free_port
+    from ops.settings import Settings
+    from ops.tracing import Tracing
+    from tests.conftest import join
+
+    bus = Bus(Settings(data_dir=tmp_path, nats_listen=f"127.0.0.1:{free_port()}"), tracing=Tracing.off())
+    await bus.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(bus)), base_url="http://bus") as client:
+            assert bus.server is not None and bus.server.process is not None and bus._watching is not None
+            first = bus.server.process.pid
+            bus._watching.cancel()  # the outage held open while it is looked at; the watch resumes below
+            bus.server.process.kill()
+            await wait_for(lambda: not bus.nc.is_connected, timeout=10)
+            status, checks = await readiness(client)
+            assert status == 503 and checks["nats"] != "ok"
+            metrics = await client.get("/metrics")
+            assert metrics.status_code == 200
+            assert "collabbus_nats_connected 0.0" in metrics.text and "collabbus_status_readable 0.0" in metrics.text
+            assert "collabbus_http_requests_total" in metrics.text  # the rest is served
+
+            bus._watching = asyncio.create_task(bus._watch_server())
+
+            await wait_for(lambda: bus.nc.is_connected, timeout=30)
+            assert bus.server.process is not None and bus.server.process.pid != first
+            assert "the embedded nats-server exited" in caplog.text and "runs again" in caplog.text
+            await join(bus.nc, FIXTURE["as"], FIXTURE["kind"])
+            assert (await offer(bus.nc, FIXTURE["as"], project_event("after-restart"))).accepted
+            metrics_after = await client.get("/metrics")
+            assert "collabbus_status_readable 1.0" in metrics_after.text and 'collabbus_dead_letters{consumer="network"} 0.0' in metrics_after.text
+    finally:
+        await bus.stop()
