@@ -48,6 +48,8 @@ DLQ_SUBJECT = "Collabbus-Original-Subject"
 DLQ_STREAM_SEQ = "Collabbus-Original-Seq"
 DLQ_STREAM_NAME = "Collabbus-Original-Stream"
 DLQ_FAILED_AT = "Collabbus-Failed-At"
+DLQ_EVENT_ID = "Collabbus-Event-Id"
+"""The logged message's ``Nats-Msg-Id`` (the event id, also when the event cannot be read)."""
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,7 @@ class Consumer:
                 DLQ_STREAM_NAME: meta.stream,
                 DLQ_STREAM_SEQ: str(meta.sequence.stream),
                 DLQ_FAILED_AT: datetime.now(timezone.utc).isoformat(),
+                **({DLQ_EVENT_ID: _header_text(event_id)} if event_id else {}),
             }
         )
         await self.js.publish(f"collab.dlq.{self.settings.name}", msg.data, headers=headers, stream="COLLAB_DLQ")

@@ -25,6 +25,7 @@ from bus.consumer import (
     DLQ_DELIVERIES,
     DLQ_DETAIL,
     DLQ_ERROR,
+    DLQ_EVENT_ID,
     DLQ_FAILED_AT,
     DLQ_STREAM_NAME,
     DLQ_STREAM_SEQ,
@@ -32,6 +33,9 @@ from bus.consumer import (
     Applier,
 )
 from bus.streams import DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM
+
+REASON_LENGTH = 300
+"""How much of an error ``DeadLetter.reason`` keeps (the whole is in ``detail``)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class DeadLetter:
         return cls(
             seq=seq,
             consumer=headers.get(DLQ_CONSUMER) or subject.removeprefix("collab.dlq."),
-            event_id=_text(event, "id"),
+            event_id=_text(event, "id") or headers.get(DLQ_EVENT_ID),
             type=_text(event, "type"),
             original_seq=_int(headers.get(DLQ_STREAM_SEQ)),
             original_subject=headers.get(DLQ_SUBJECT),
@@ -81,11 +85,19 @@ class DeadLetter:
 
     @property
     def reason(self) -> str:
-        """The error in one line: the detail's last line (a traceback's names the exception)."""
-        last = self.detail.rsplit(" | ", 1)[-1].strip()
+        """The error in one line: from the line of a traceback that names the exception, with
+        what follows it (a validation error's fields), without the library's reference links."""
+        lines = [line.strip() for line in self.detail.split(" | ") if line.strip()]
+        named = [i for i, line in enumerate(lines) if self.error and f"{self.error}:" in line.split(" ", 1)[0] + " "]
+        if named:
+            first = lines[named[-1]]
+            first = first[first.index(f"{self.error}:"):]  # without the exception's module
+            rest = [line for line in lines[named[-1] + 1:] if not line.startswith("For further information")]
+            return "; ".join([first, *rest])[:REASON_LENGTH]
+        last = lines[-1] if lines else ""
         if not last or last.startswith(self.error):
-            return last or self.error
-        return f"{self.error}: {last}" if self.error else last
+            return (last or self.error)[:REASON_LENGTH]
+        return (f"{self.error}: {last}" if self.error else last)[:REASON_LENGTH]
 
     def summary(self) -> dict[str, Any]:
         """What ``dlq list`` shows."""

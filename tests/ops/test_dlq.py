@@ -78,3 +78,36 @@ async def test_purge_asks_first(poisoned: Poisoned) -> None:
     assert await dlq.dead_letters(bus.js) == [] and await dlq.counts(bus.js) == {}
     code, out, _ = await collabbus("dlq", "list", "--json", env=env)
     assert code == 0 and '"items": []' in out
+
+
+async def test_a_dead_letter_names_its_event_and_the_cause_also_when_unreadable_or_invalid(poisoned: Poisoned) -> None:
+    """An unreadable message keeps its event id (its Nats-Msg-Id); a validation error's reason is
+    its fields, not the library's reference link."""
+    from pydantic import BaseModel
+
+    bus = poisoned.bus
+    await bus.js.publish(f"collab.events.{FIXTURE['as']}.project.registered.x", b"{not json", headers={"Nats-Msg-Id": "broken-1"})
+
+    class Strict(BaseModel):
+        title: str
+
+    def invalid(_session: object, event: object) -> None:
+        Strict.model_validate({})
+
+    original = type(poisoned.recorder).__call__
+
+    def call(recorder: object, session: object, event: object) -> None:
+        if getattr(event, "subject", None) == "invalid-1":
+            invalid(session, event)
+        original(recorder, session, event)  # type: ignore[arg-type]
+
+    type(poisoned.recorder).__call__ = call  # type: ignore[method-assign]
+    try:
+        assert (await offer(poisoned.nc, FIXTURE["as"], project_event("invalid-1"))).accepted
+        await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 2)
+    finally:
+        type(poisoned.recorder).__call__ = original  # type: ignore[method-assign]
+    unreadable, invalid_letter = [x for x in await dlq.dead_letters(bus.js) if x.consumer == "network"]
+    assert unreadable.event_id == "broken-1" and unreadable.event is None and unreadable.error == "JSONDecodeError"
+    assert invalid_letter.reason.startswith("ValidationError: 1 validation error for Strict; title; Field required")
+    assert "errors.pydantic.dev" not in invalid_letter.reason
