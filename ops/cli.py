@@ -487,15 +487,17 @@ def tail(
         nc = await _connect(settings, "collabbus-tail")
         seen = 0
         try:
-            async for logged in log.read(nc.jetstream(), subject_filter, since=since, follow=follow):
-                if as_json:
-                    sys.stdout.write(orjson.dumps(logged.event).decode() + "\n")
-                    sys.stdout.flush()
-                else:
-                    out.print(_render_line(logged))
-                seen += 1
-                if count is not None and seen >= count:
-                    return
+            # Closed before the connection: its subscription ends while the connection still can.
+            async with contextlib.aclosing(log.read(nc.jetstream(), subject_filter, since=since, follow=follow)) as events:
+                async for logged in events:
+                    if as_json:
+                        sys.stdout.write(orjson.dumps(logged.event).decode() + "\n")
+                        sys.stdout.flush()
+                    else:
+                        out.print(_render_line(logged))
+                    seen += 1
+                    if count is not None and seen >= count:
+                        return
         finally:
             await nc.close()
 
@@ -594,7 +596,8 @@ def status(
     *,
     settings: Settings,
 ) -> None:
-    """Streams, consumers and their lag, dead letters, the read models' position, webhook endpoints."""
+    """Streams, consumers and their lag, dead letters, the read models' position, webhook endpoints.
+    Exits 1 when the read models' database cannot be read."""
     from ops.status import collect_status
 
     async def main() -> dict[str, Any]:
@@ -611,6 +614,8 @@ def status(
         out.print_json(data=report)
     else:
         _render_status(report)
+    if "error" in report.get("database", {}):  # for scripts and health checks: not a healthy report
+        raise typer.Exit(1)
 
 
 def _existing_database(settings: Settings) -> Any:

@@ -84,6 +84,8 @@ def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp
 
     readable = cli("tail", "--since", "all", "--count", "3", env=env)
     assert readable.returncode == 0 and "institution.joined" in readable.stdout
+    for ended in (tailed, readable):  # stopping after --count leaves nothing behind to complain
+        assert "Traceback" not in ended.stderr and "exception was never retrieved" not in ended.stderr, ended.stderr
 
     listed = cli("institutions", "list", "--json", env=env)
     ids = {item["id"] for item in json.loads(listed.stdout)["items"]}

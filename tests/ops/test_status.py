@@ -53,3 +53,11 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
     code, out, err = await collabbus("status", env=cli_env(bus))
     assert code == 0, err
     assert "COLLAB_EVENTS" in out and "network" in out and "webhook endpoints" in out and "(0 behind)" in out
+
+
+async def test_status_exits_1_when_the_database_cannot_be_read(poisoned: Poisoned) -> None:
+    env = {**cli_env(poisoned.bus), "COLLABBUS_DATABASE_URL": "postgresql+psycopg://nobody:x@127.0.0.1:1/nodb"}
+    code, out, err = await collabbus("status", "--json", env=env)
+    assert code == 1, err
+    assert "error" in json.loads(out)["database"]  # the report is still printed, streams and all
+    assert "COLLAB_EVENTS" in json.loads(out)["streams"]
