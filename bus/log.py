@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -67,7 +67,7 @@ async def read(
     since: str | None = "all",
     follow: bool = False,
     idle_timeout: float = 1.0,
-) -> AsyncIterator[LoggedEvent]:
+) -> AsyncGenerator[LoggedEvent, None]:
     """Yield logged events matching the filter; stop when caught up unless ``follow``."""
     from nats.errors import TimeoutError as NatsTimeoutError
     from nats.js.api import ConsumerConfig

@@ -42,8 +42,15 @@ app.add_typer(institutions_app, name="institutions")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(dlq_app, name="dlq")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+def _width(stream: Any) -> int | None:
+    """The terminal's width; piped (a log, ssh without a terminal) wide enough that tables keep
+    their ids and times whole, unless COLUMNS says otherwise."""
+    return None if os.environ.get("COLUMNS") or stream.isatty() else PIPED_WIDTH
+
+
+PIPED_WIDTH = 160
+out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))  # one message, one line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,13 +91,24 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run a command's coroutine; an operation that fails prints why and exits 1."""
     from bus.server import EmbeddedServerError
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         return asyncio.run(coro)
     except EmbeddedServerError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
-    except (ConnectionRefusedError, OSError) as exc:
-        err.print(f"[red]error:[/red] cannot reach NATS: {exc}. Is the bus running (collabbus up)?")
+    except SQLAlchemyError as exc:  # the read models' database: unreachable, refused, or a URL it cannot use
+        orig = getattr(exc, "orig", None)
+        first = str(orig if orig is not None else exc).strip().splitlines()
+        err.print(f"[red]error:[/red] the read models' database cannot be used ({type(exc).__name__}): "
+                  f"{first[0] if first else exc!r}. Check COLLABBUS_DATABASE_URL.")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        if exc.filename is not None and not isinstance(exc, ConnectionError):  # a file or directory, not the network
+            err.print(f"[red]error:[/red] cannot use {exc.filename}: {exc.strerror or exc}. Check COLLABBUS_DATA_DIR.")
+        else:
+            err.print(f"[red]error:[/red] cannot reach NATS: {exc}. Is the bus running (collabbus up)?")
         raise typer.Exit(1) from None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -123,4 +123,16 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
 
 
 def _time(value: datetime | str | None) -> str | None:
-    return value.isoformat() if isinstance(value, datetime) else value
+    """A stored moment as the API writes it: UTC, ``Z`` (SQLite hands back naive text)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    else:
+        moment = value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")

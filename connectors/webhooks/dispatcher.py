@@ -648,6 +648,13 @@ class WebhookDispatcher:
             else:
                 next_at, status = now + timedelta(seconds=max(claim.retry_in, outcome.retry_after or 0.0)), store.PENDING
             failed.append({"b_id": claim.delivery_id, "b_status": status, "b_next": next_at})
+            log.warning(
+                "webhooks: endpoint %s did not take event %s (attempt %d: %s); %s", claim.endpoint_id, claim.event_id,
+                claim.attempts_before + 1,
+                f"HTTP {outcome.status_code}" if outcome.status_code is not None else (outcome.error or "no answer")[:200],
+                f"next attempt at {next_at.isoformat(timespec='seconds')}" if next_at is not None else "no more attempts",
+                extra={"event_id": claim.event_id, "endpoint_id": claim.endpoint_id},
+            )
             if endpoint["enabled"] and outcome.status_code == 410:
                 endpoint["enabled"], endpoint["disabled_reason"] = False, "the endpoint answered 410 Gone"
                 disabled.add(claim.endpoint_id)

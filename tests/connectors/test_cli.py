@@ -100,3 +100,23 @@ def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
     assert not [pid for pid in gatekeepers if Path(f"/proc/{pid}").exists()]  # stopped with the bus
     assert "starting it again" not in rest  # stopped on purpose, not restarted
 
+
+
+@pytest.mark.parametrize("problem", ["database unreachable", "database URL", "data dir is a file"])
+def test_up_says_in_one_line_what_is_wrong(tmp_path: Path, problem: str) -> None:
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "data"), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "0"}
+    env.pop("COLLABBUS_NATS_URL", None)
+    if problem == "database unreachable":
+        env["COLLABBUS_DATABASE_URL"] = "postgresql+psycopg://nobody:secret@127.0.0.1:1/nodb"
+        expected = "the read models' database cannot be used"
+    elif problem == "database URL":
+        env["COLLABBUS_DATABASE_URL"] = "notaurl"
+        expected = "the read models' database cannot be used"
+    else:
+        (tmp_path / "data").write_text("")
+        expected = "cannot be used"
+    result = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "secret" not in result.stderr

@@ -19,6 +19,7 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
     with session_scope(bus.engine) as session:
         endpoint = store.create_endpoint(session, FIXTURE["as"], "https://example.org/hook", ["project.*"], "",
                                          after_seq=10**6, now=datetime.now(timezone.utc))
+        endpoint.failing_since = datetime(2026, 12, 2, 3, 0, 1, 250000, tzinfo=timezone.utc)
     # Given: the operator and one member joined (#1, #2), three projects and one poison event (#3–#6).
     events = [project_event("p-1"), project_event("poison-a"), project_event("p-2"), project_event("p-3")]
     for event in events:
@@ -47,7 +48,7 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
     assert status["dead_letters"] == {"network": 1}
     assert status["database"]["positions"] == {"network": {"seq": 6, "behind": 0}, "webhooks": {"seq": 6, "behind": 0}}
     assert [(w["id"], w["enabled"], w["failing_since"], w["last_success_at"]) for w in status["webhooks"]] == [
-        (endpoint.id, True, None, None)
+        (endpoint.id, True, "2026-12-02T03:00:01.250000Z", None)  # in UTC with its Z, as everywhere else
     ]
 
     code, out, err = await collabbus("status", env=cli_env(bus))

@@ -96,7 +96,9 @@ async def test_deliveries_are_signed_and_verify_across_a_secret_rotation(network
     assert [d["event_type"] for d in await deliveries(gateway, owner, projects["id"])] == ["project.registered"] * 2
 
 
-async def test_failing_attempts_follow_the_retry_schedule_and_are_logged(network: Network, receiver: Receiver) -> None:
+async def test_failing_attempts_follow_the_retry_schedule_and_are_logged(
+    network: Network, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
     gateway = await network.start()  # schedule 0, 0.2, 0.4, 0.8 s
     owner = await gateway.join("municipality")
     receiver.answer("/down", Answer(500, body=b"x" * 3000))
@@ -116,6 +118,10 @@ async def test_failing_attempts_follow_the_retry_schedule_and_are_logged(network
         assert attempt["response"] == "x" * 1024  # the first KiB
     shown = (await gateway.client.get(f"/webhooks/{endpoint['id']}", headers=gateway.auth(owner))).json()
     assert shown["failing_since"] is not None and shown["last_success_at"] is None and shown["enabled"] is True
+    # The operator's log has a line per failed attempt, with the event, the answer and what comes next.
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "endpoint_id", None) == endpoint["id"]]
+    assert len(lines) == len(SCHEDULE) and all(f"event {event['id']}" in line and "HTTP 500" in line for line in lines)
+    assert "next attempt at" in lines[0] and lines[-1].endswith("no more attempts")
 
 
 async def test_retry_after_is_honoured_and_redirects_are_not_followed(network: Network, receiver: Receiver) -> None:
