@@ -73,7 +73,15 @@ def canonical_bytes(event: Mapping[str, Any]) -> bytes:
 
 
 def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[Problem]:
-    return [Problem(prefix + tuple(err["loc"]), err["msg"], err["type"]) for err in exc.errors(include_url=False)]
+    errors = exc.errors(include_url=False)
+    # A list whose only item is invalid is also "too short" once that item is left out: the item's
+    # own error says what is wrong, the count would send the sender looking for a missing item.
+    inner = {tuple(err["loc"][:i]) for err in errors for i in range(len(err["loc"]))}
+    return [
+        Problem(prefix + tuple(err["loc"]), err["msg"], err["type"])
+        for err in errors
+        if not (err["type"] == "too_short" and tuple(err["loc"]) in inner)
+    ]
 
 
 _typed_envelopes: dict[tuple[str, int], type[CloudEvent]] = {}

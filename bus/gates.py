@@ -169,7 +169,8 @@ class GateProcesses:
         shutil.rmtree(self.metrics_dir, ignore_errors=True)  # counters of earlier runs' processes
         self.metrics_dir.mkdir(parents=True)
         env = self.environment(nats_creds)
-        command = [sys.executable, "-m", "ops", "gate"]
+        # The data dir on the command line too: `ps` tells whose gatekeepers these are.
+        command = [sys.executable, "-m", "ops", "gate", "--data-dir", str(self.metrics_dir.parent)]
         self.processes = [GateProcess(index, command, env, self._changed) for index in range(1, self.count + 1)]
         try:
             await asyncio.gather(*(process.start(timeout) for process in self.processes))

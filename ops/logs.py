@@ -81,3 +81,4 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))  # every migration step is noise at start
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # a line per request of the bus's own clients

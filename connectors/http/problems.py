@@ -135,7 +135,9 @@ def rejection(verdict: Verdict) -> ApiProblem:
     reason = verdict.reason or "invalid"
     status = STATUS_OF_REASON[reason]
     headers = retry_after(UNAVAILABLE_RETRY_AFTER) if reason == "unavailable" else None
-    detail = "; ".join(problem.msg for problem in verdict.errors) or f"the event was refused ({reason})"
+    detail = "; ".join(
+        f"{'.'.join(map(str, problem.loc))}: {problem.msg}" if problem.loc else problem.msg for problem in verdict.errors
+    ) or f"the event was refused ({reason})"
     return ApiProblem(status, detail, kind=reason, errors=verdict.errors, headers=headers, event_id=verdict.id)
 
 
@@ -154,6 +156,8 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        if any(e["type"] == "json_invalid" for e in errors):  # not JSON at all: malformed, as POST /events answers it
+            return problem_response(400, detail or "the body is not valid JSON", kind="malformed", errors=errors)
         return problem_response(422, detail or "invalid request", errors=errors)
 
     async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:

@@ -500,3 +500,13 @@ async def test_filters_take_only_values_that_can_match(gateway: Gateway, municip
         pages = await walk(gateway.client, "/projects", auth, country=code, owner=municipality)
         found[code] = [item["project_id"] for page in pages for item in page]
     assert found[country] == found[country.lower()] and practice["project_id"] in found[country]
+
+
+async def test_an_invalid_item_of_a_list_is_one_problem_named_by_its_place(gateway: Gateway, municipality: str) -> None:
+    practice = project(municipality)
+    await gateway.offer(municipality, "project.registered", practice)
+    report = {"project_id": practice["project_id"], "period": {"start": "2026-01-01", "end": "2026-06-30"},
+              "indicators": [{"name": {"en": "meals served"}, "value": 48200, "unit": "meal"}]}  # a number, not a string
+    body = problem(await gateway.post(municipality, envelope("project.impact_reported", municipality, report)), 422, "invalid")
+    assert [e["loc"] for e in body["errors"]] == [["data", "indicators", 0, "value"]]  # not also "too short"
+    assert body["detail"].startswith("data.indicators.0.value: ")

@@ -68,6 +68,8 @@ async def test_bad_registrations_are_refused_with_problems(network: Network, rec
     with_credentials = await refused({"url": receiver.url("/").replace("http://", "http://user:secret@")}, "refused_target")
     assert "password" in with_credentials["detail"] and "secret" not in with_credentials["detail"]
     await refused({"url": "http://no-such-host.invalid/hook"}, "refused_target")
+    malformed = await gateway.client.post("/webhooks", content=b'{"url": ', headers={**auth, "content-type": "application/json"})
+    problem(malformed, 400, "malformed")  # as POST /events answers what is not JSON
     problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/")}), 401, "unauthorized")
     problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/"), "secret": "mine"}, headers=auth), 422, "invalid_request")
 
