@@ -905,17 +905,29 @@ async def _appliers(settings: Settings) -> tuple[Any, dict[str, Any]]:
 @dlq_app.command("purge")
 @with_settings
 def dlq_purge(
+    seqs: Annotated[Optional[list[int]], typer.Argument(metavar="[N]...", help="only these dead letters (numbers from `dlq list`)")] = None,
     consumer: Annotated[Optional[str], typer.Option(help="only this consumer's dead letters")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
     *,
     settings: Settings,
 ) -> None:
-    """Delete the dead letters for good (after a confirmation)."""
+    """Delete dead letters for good (after a confirmation): the ones given, or all (of --consumer)."""
     from ops import dlq
 
     async def main() -> int:
         async with _nats(settings, "collabbus-dlq") as nc:
             js = nc.jetstream()
+            if seqs:
+                found = [letter.seq for letter in await dlq.dead_letters(js, consumer) if letter.seq in set(seqs)]
+                missing = sorted(set(seqs) - set(found))
+                if missing:
+                    err.print(f"no dead letter {', '.join(f'#{n}' for n in missing)}" + (f" of {consumer}" if consumer else ""))
+                if not found:
+                    raise typer.Exit(1)
+                if not yes and not typer.confirm(f"delete {len(found)} dead letter{'s' if len(found) != 1 else ''} for good?"):
+                    err.print("nothing deleted")
+                    raise typer.Exit(1)
+                return len(await dlq.discard(js, found))
             count = sum(n for name, n in (await dlq.counts(js)).items() if consumer in (None, name))
             if not count:
                 return 0

@@ -243,3 +243,16 @@ async def purge(js: JetStreamContext, consumer: str | None = None) -> int:
     if count:
         await js.purge_stream(DLQ_STREAM, subject=subject)
     return count
+
+
+async def discard(js: JetStreamContext, seqs: Iterable[int]) -> list[int]:
+    """Delete the dead letters ``seqs`` (their numbers in the dead-letter queue); returns the ones
+    that were there."""
+    deleted = []
+    for seq in seqs:
+        try:
+            if await js.delete_msg(DLQ_STREAM, seq):
+                deleted.append(seq)
+        except NotFoundError:
+            continue
+    return deleted

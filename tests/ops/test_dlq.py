@@ -111,3 +111,17 @@ async def test_a_dead_letter_names_its_event_and_the_cause_also_when_unreadable_
     assert unreadable.event_id == "broken-1" and unreadable.event is None and unreadable.error == "JSONDecodeError"
     assert invalid_letter.reason.startswith("ValidationError: 1 validation error for Strict; title; Field required")
     assert "errors.pydantic.dev" not in invalid_letter.reason
+
+
+async def test_one_dead_letter_is_purged_alone(poisoned: Poisoned) -> None:
+    bus = poisoned.bus
+    for name in ("poison-a", "poison-b"):
+        assert (await offer(poisoned.nc, FIXTURE["as"], project_event(name))).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 2)
+    first, second = [x for x in await dlq.dead_letters(bus.js) if x.consumer == "network"]
+    env = cli_env(bus)
+    code, out, err = await collabbus("dlq", "purge", str(first.seq), "999999", "--yes", env=env)
+    assert code == 0 and "deleted 1 dead letter" in out and "no dead letter #999999" in err, (out, err)
+    assert [x.seq for x in await dlq.dead_letters(bus.js) if x.consumer == "network"] == [second.seq]
+    code, _, err = await collabbus("dlq", "purge", "999999", "--yes", env=env)
+    assert code == 1 and "no dead letter #999999" in err
