@@ -40,6 +40,8 @@ log = logging.getLogger("collabbus.consumer")
 T = TypeVar("T")
 
 # Dead-letter headers: what an operator needs at 3 a.m. to see what failed, where and why.
+WAIT_RETRY = 0.2
+"""Seconds before an event whose applier asked to wait is tried again."""
 DLQ_ERROR = "Collabbus-Error"
 DLQ_DETAIL = "Collabbus-Error-Detail"
 DLQ_CONSUMER = "Collabbus-Consumer"
@@ -320,6 +322,12 @@ class Consumer:
                 failure = unreadable
             if failure is None:
                 continue
+            if failure.wait:  # not a failure of the event: held, then tried again, for as long as it takes
+                await self._hold(pending, WAIT_RETRY)
+                if self._stopping.is_set():
+                    await self._hand_back(pending)
+                    return
+                continue
             head = pending[0]
             attempts += 1
             deliveries = head.metadata.num_delivered + attempts - 1
@@ -331,6 +339,9 @@ class Consumer:
                 attempts = 0
             else:
                 await self._hold(pending, self.settings.delay(deliveries))
+                if self._stopping.is_set():  # stopped while waiting to retry: not a failed attempt
+                    await self._hand_back(pending)
+                    return
         if derived and self.on_derived is not None:
             self.on_derived()
 

@@ -264,7 +264,7 @@ class Bus:
 
         self.webhooks = WebhookDispatcher(
             self.engine, self.js, self.settings, consumer_settings=webhook_consumer(self.consumer_settings),
-            timeout=self.webhook_timeout, db_lock=lock, tracing=self.tracing,
+            timeout=self.webhook_timeout, db_lock=lock, tracing=self.tracing, network_consumer=traced.consumer,  # whose position in the read models says what they have applied
         )
         await self.webhooks.start()
 

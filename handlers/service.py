@@ -60,11 +60,14 @@ class LoggedItem:
 
 @dataclass(frozen=True)
 class Failure:
-    """Why one event could not be applied. ``permanent``: retrying cannot help (unreadable event)."""
+    """Why one event could not be applied. ``permanent``: retrying cannot help (unreadable event);
+    ``wait``: nothing is wrong with it, it is to be tried again later without counting a delivery
+    (what it depends on is not there yet)."""
 
     error: str
     detail: str
     permanent: bool
+    wait: bool = False
 
 
 class NetworkService:

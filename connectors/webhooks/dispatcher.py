@@ -45,6 +45,7 @@ from bus.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 from connectors.webhooks import http, store, targets
 from connectors.webhooks.signing import signature_header
 from connectors.webhooks.store import Endpoint
+from handlers.bookkeeping import ConsumerPosition, read_position
 from handlers.db import reading, session_scope
 from handlers.service import Failure, LoggedItem
 from ops import tracing as traces
@@ -63,6 +64,7 @@ WEBHOOKS_CONSUMER = "webhooks"
 TIMEOUT = 15.0
 """Seconds a delivery request may take (CONTRACT §7)."""
 LEFT_REASON = "the institution left the network"
+_NETWORK_POSITIONS = ConsumerPosition.__table__  # type: ignore[attr-defined]
 RECORD_GATHER = 0.05
 """Seconds the webhooks consumer lets a batch grow before recording what it owes: a delivery
 starts at most this much later, and a trickle of events costs a transaction per few dozen."""
@@ -179,14 +181,20 @@ class _Wanting:
 
 class _Batch:
     """The state of recording one batch: its transaction, the enabled endpoints (and which want
-    each type met so far), and the validation parties noted but not yet written."""
+    each type met so far), and how far the read models have applied the log (read when needed)."""
 
-    def __init__(self, session: Session, endpoints: list[_Wanting]) -> None:
+    def __init__(self, session: Session, endpoints: list[_Wanting], network_consumer: str | None) -> None:
         self.session = session
         self.endpoints = endpoints
         self._by_type: dict[str, list[_Wanting]] = {}
-        self.parties: list[tuple[int, dict[str, Any]]] = []
-        """(index of the event in the batch, row)."""
+        self.network_consumer = network_consumer
+        self._applied: int | None = None
+
+    def applied(self) -> int:
+        """The read models' position (the network consumer's); read once per batch."""
+        if self._applied is None:
+            self._applied = read_position(self.session.connection(), _NETWORK_POSITIONS, self.network_consumer or "")
+        return self._applied
 
     def leave(self, institution: str, now: datetime) -> list[str]:
         """Disable the endpoints of an institution that left the network (a former member
@@ -204,15 +212,6 @@ class _Batch:
             found = self._by_type[event_type] = [e for e in self.endpoints if store.matches(e.event_types, event_type)]
         return found
 
-    def note_parties(self) -> None:
-        """Write the parties noted so far (a failure is the first event's they came from)."""
-        if not self.parties:
-            return
-        try:
-            store.add_parties(self.session, [row for _, row in self.parties])
-        except Exception as exc:
-            raise _Unrecordable(self.parties[0][0], _failure(exc)) from exc
-        self.parties.clear()
 
 
 def _failure(exc: Exception) -> Failure:
@@ -226,9 +225,13 @@ class DeliveryRecorder:
     endpoints concerned are in :attr:`touched` for the dispatcher to wake.
     """
 
-    def __init__(self, engine: Engine, consumer: str, schedule: RetrySchedule, tracing: Tracing | None = None) -> None:
+    def __init__(self, engine: Engine, consumer: str, schedule: RetrySchedule, tracing: Tracing | None = None,
+                 network_consumer: str | None = "network") -> None:
         self.engine = engine
         self.consumer = consumer
+        self.network_consumer = network_consumer
+        """Whose read models say who takes part in a validation (None: nobody's — confidential
+        events then go to their sender alone)."""
         self.schedule = schedule
         self.tracing = tracing or Tracing.off()
         self.touched: set[str] = set()
@@ -243,8 +246,9 @@ class DeliveryRecorder:
         consumer retries it, then dead-letters it).
 
         Most events are owed nowhere: which endpoints want a type is worked out once per type and
-        batch, so such an event costs a look-up. Who takes part in validations is written in one
-        statement for the batch, before any event whose audience depends on it.
+        batch, so such an event costs a look-up. A validation's confidential event waits until the
+        read models have applied it (its audience is who the workflow accepted as a party: a
+        request or assignment it refused makes nobody one); the consumer holds it meanwhile.
         """
         end, failure = len(items), None
         due_at = datetime.now(timezone.utc) + self.schedule.first()
@@ -252,7 +256,7 @@ class DeliveryRecorder:
             try:
                 with session_scope(self.engine) as session:
                     endpoints = [_Wanting(*row) for row in session.execute(store.ENDPOINTS_ENABLED)]
-                    batch = _Batch(session, endpoints)
+                    batch = _Batch(session, endpoints, self.network_consumer)
                     recorded = 0
                     for index, item in enumerate(items[:end]):
                         try:
@@ -261,7 +265,6 @@ class DeliveryRecorder:
                             raise
                         except Exception as exc:
                             raise _Unrecordable(index, _failure(exc)) from exc
-                    batch.note_parties()
                     store.advance(session, self.consumer, items[end - 1].seq)
                 return end, failure, recorded
             except _Unrecordable as unrecordable:
@@ -271,8 +274,6 @@ class DeliveryRecorder:
     def _record(self, batch: _Batch, index: int, item: LoggedItem, due_at: datetime) -> int:
         envelope = item.envelope
         event_type = str(envelope.get("type"))
-        if event_type in store.PARTY_EVENTS:
-            batch.parties.extend((index, row) for row in store.parties_of(envelope))
         owed = 0
         if event_type == "institution.left":  # its endpoints stop, its own leaving included
             data = envelope.get("data")
@@ -280,10 +281,13 @@ class DeliveryRecorder:
             self.retired.update(gone)
             owed += len(gone)  # (what tells the dispatcher to look)
         wanted = [e for e in batch.wanting(event_type) if e.after_seq < item.seq]
+        if wanted and event_type in store.CONFIDENTIAL and self.network_consumer and batch.applied() < item.seq:
+            raise _Unrecordable(index, Failure(
+                "waiting", f"the read models have not applied #{item.seq} yet: its audience is not known", permanent=False, wait=True,
+            ))
         if wanted:
             # A span only for events owed somewhere: one no endpoint asked for is no part of its trace.
             with traces.consume_span(self.consumer, envelope, item.seq, item.traceparent, tracing=self.tracing):
-                batch.note_parties()
                 allowed = store.audience(batch.session, envelope)
                 ids = [e.id for e in wanted if allowed is None or e.institution in allowed]
                 self.touched.update(ids)
@@ -424,6 +428,7 @@ class WebhookDispatcher:
         poll: float = 5.0,
         db_lock: asyncio.Lock | None = None,
         tracing: Tracing | None = None,
+        network_consumer: str | None = "network",
     ) -> None:
         self.engine = engine
         self.tracing = tracing or Tracing.off()
@@ -435,7 +440,7 @@ class WebhookDispatcher:
         self.failing_limit = failing_limit
         self.poll = poll
         consumer_settings = consumer_settings or ConsumerSettings(WEBHOOKS_CONSUMER)
-        self.recorder = DeliveryRecorder(engine, consumer_settings.name, self.schedule, self.tracing)
+        self.recorder = DeliveryRecorder(engine, consumer_settings.name, self.schedule, self.tracing, network_consumer=network_consumer)
         self.db_lock = db_lock or asyncio.Lock()
         self.consumer = Consumer(
             js, consumer_settings, self.recorder, on_derived=self._recorded, db_lock=self.db_lock,

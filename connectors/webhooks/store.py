@@ -118,19 +118,6 @@ class Attempt(_Webhooks, table=True):
     """The first KiB of the response body."""
 
 
-class ValidationParty(_Webhooks, table=True):
-    """Who takes part in a validation, as the log says: what decides who receives its
-    confidential events. Kept by the webhooks consumer itself, so it never depends on how far
-    the read models have got."""
-
-    __tablename__ = "webhook_validation_parties"
-
-    validation_id: str = Field(primary_key=True, max_length=128)
-    institution: str = Field(primary_key=True, max_length=63)
-    role: str = Field(max_length=16)
-    """``requester``, ``coordinator`` or ``reviewer``."""
-
-
 class ConsumerPosition(_Webhooks, table=True):
     """The last log sequence the webhooks consumer has recorded deliveries for (the shape of
     ``handlers.bookkeeping.ConsumerPosition``, kept here so a rebuild does not reset it)."""
@@ -188,45 +175,34 @@ def _institution(source: object) -> str:
     return str(source).removeprefix(SOURCE_PREFIX)
 
 
-PARTY_EVENTS = frozenset({"validation.requested", "validation.reviewer_assigned"})
-"""The event types that say who takes part in a validation."""
-
-
-def parties_of(envelope: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``ValidationParty`` rows an event says (none but for :data:`PARTY_EVENTS`)."""
-    data = envelope.get("data") or {}
-    if envelope.get("type") == "validation.requested":
-        parties = [(_institution(envelope.get("source")), "requester"), (str(data.get("coordinator")), "coordinator")]
-    elif envelope.get("type") == "validation.reviewer_assigned":
-        parties = [(str(data.get("reviewer")), "reviewer")]
-    else:
-        return []
-    return [{"validation_id": str(data.get("validation_id")), "institution": who, "role": role} for who, role in parties]
-
-
-def add_parties(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Remember :func:`parties_of` rows (of any number of events), in one statement."""
-    insert_ignore(session, ValidationParty, rows, ["validation_id", "institution"])
+CONFIDENTIAL = frozenset({"validation.review_submitted", "validation.info_requested", "validation.info_provided"})
+"""Event types delivered only to the parties of their validation (the rule of ``/validations/{id}``)."""
 
 
 def audience(session: Session, envelope: dict[str, Any]) -> frozenset[str] | None:
     """The institutions that may receive ``envelope``; None: every member.
 
-    The rule of ``/validations/{id}`` (``handlers.validations.validation_view``) at the moment
-    the event is logged, before any decision: a review goes to its reviewer, the coordinator and
-    the requester; information asked and given to the parties of the validation.
+    The rule of ``/validations/{id}`` (``handlers.validations.validation_view``) before any
+    decision: a review goes to its reviewer, the coordinator and the requester; information asked
+    and given to those and the assigned reviewers. Who they are is what the workflow accepted —
+    the read models, which the caller lets apply the event first — never a request or an
+    assignment it refused.
     """
     event_type = envelope.get("type")
-    if event_type not in ("validation.review_submitted", "validation.info_requested", "validation.info_provided"):
+    if event_type not in CONFIDENTIAL:
         return None
-    roles = ("requester", "coordinator") if event_type == "validation.review_submitted" else ("requester", "coordinator", "reviewer")
+    from handlers.validations import Validation, ValidationReviewer
+
     validation_id = str((envelope.get("data") or {}).get("validation_id"))
-    parties = session.exec(
-        select(ValidationParty.institution).where(
-            ValidationParty.validation_id == validation_id, col(ValidationParty.role).in_(roles)
-        )
-    ).all()
-    return frozenset([*parties, _institution(envelope.get("source"))])
+    parties = {_institution(envelope.get("source"))}
+    validation = session.exec(
+        select(Validation.requester, Validation.coordinator).where(Validation.validation_id == validation_id)
+    ).first()
+    if validation is not None:
+        parties.update(validation)
+        if event_type != "validation.review_submitted":
+            parties.update(session.exec(select(ValidationReviewer.reviewer).where(ValidationReviewer.validation_id == validation_id)))
+    return frozenset(parties)
 
 
 # --- deliveries -----------------------------------------------------------------------------------
