@@ -1270,7 +1270,19 @@ def portal_sync(
                             bar.update(task, description=f"{report.pages} pages, {report.listed} entries, "
                                        f"{report.emitted} events, {report.rate:,.0f} entries/s")
 
-                        report = await sync.sync(full=whole, progress=progress)
+                        # Stopped mid-pass, the pass is cut short: safe, the cursor is stored per page and
+                        # event ids are deterministic, so the next sync carries on where this one was.
+                        passing = asyncio.create_task(sync.sync(full=whole, progress=progress))
+                        stopping = asyncio.create_task(stop.wait())
+                        await asyncio.wait({passing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                        stopping.cancel()
+                        if not passing.done():
+                            passing.cancel()
+                            await asyncio.gather(passing, return_exceptions=True)
+                            err.print("portal sync stopped mid-pass; the next one carries on from the last page stored")
+                            ok = False
+                            break
+                        report = passing.result()
                     whole = False  # later passes read what changed since
                     ok = report.complete
                     if as_json:

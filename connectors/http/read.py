@@ -32,7 +32,7 @@ from handlers.projects import (
 )
 from handlers.rules.validations import Outcome as ValidationOutcome
 from handlers.rules.validations import Status as ValidationStatus
-from handlers.validations import Validation, validation_view
+from handlers.validations import Validation, ValidationReviewer, validation_view
 from schemas.common import InstitutionKind
 from schemas.projects import ProjectStatus
 
@@ -226,11 +226,15 @@ def list_validations(
     project_id: str | None = None,
     coordinator: str | None = None,
     requester: str | None = None,
+    reviewer: Annotated[str | None, Query(description="validations this institution is assigned to review")] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """Validations by request time; reviews are only on ``/validations/{id}``, for those who may see them."""
     query = select(Validation)
+    if reviewer is not None:
+        assigned = select(ValidationReviewer.validation_id).where(ValidationReviewer.reviewer == reviewer)
+        query = query.where(col(Validation.validation_id).in_(assigned))
     filters = ((Validation.status, status), (Validation.outcome, outcome), (Validation.project_id, project_id),
                (Validation.coordinator, coordinator), (Validation.requester, requester))
     for column, value in filters:

@@ -282,6 +282,9 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     undecided = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
     assert [(v["validation_id"], v["status"], v["median_scores"]) for page in undecided for v in page] == [
         (validation_id, "in_review", {})]
+    for who, expected in ((second, [validation_id]), (outsider, [])):  # a reviewer's own assignments
+        mine = await walk(gateway.client, "/validations", gateway.auth(who), reviewer=who)
+        assert [v["validation_id"] for page in mine for v in page] == expected
     detail = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(coordinator))).json()
     assert all(r["assigned_at"].endswith("Z") for r in detail["reviewers"])
     assert detail["requested_at"].endswith("Z")

@@ -71,3 +71,31 @@ async def test_a_killed_sync_process_restarts_into_the_exact_state(
 
     events = await assert_exact(gateway, sandbox, network)  # one project.registered per entry, content exact
     assert len(events) == ENTRIES and {e["type"] for e in events} == {"project.registered"}
+
+
+@pytest.mark.timeout(900)
+async def test_sigterm_stops_a_sync_mid_pass_and_the_next_one_carries_on(
+    gateway: Gateway, sandbox: PortalSandbox, network: Network, tmp_path: Path
+) -> None:
+    entries = ENTRIES // 2
+    sandbox.store.seed(sample_entries(entries, network.organisations))
+    portal = portal_key(sandbox.url)
+    env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "", "COLLABBUS_NATS_CREDS": str(gateway.bus.settings.nats_creds),
+           "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
+           "COLLABBUS_PORTAL_URL": sandbox.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
+           "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}
+    command = [*COLLABBUS, "portal", "sync", "--once", "--json"]
+    first = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    while await asyncio.to_thread(synced, gateway.bus.engine, portal) < entries // 4:
+        assert first.returncode is None, (await first.communicate())[1].decode()
+        await asyncio.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(first.communicate(), 15)  # not at the end of the pass: now
+    assert first.returncode == 1 and "stopped mid-pass" in stderr.decode(), stderr.decode()
+    assert await asyncio.to_thread(synced, gateway.bus.engine, portal) < entries
+
+    second = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await second.communicate()
+    assert second.returncode == 0 and json.loads(stdout)["complete"], stderr.decode()
+    events = await assert_exact(gateway, sandbox, network)
+    assert len(events) == entries and {e["type"] for e in events} == {"project.registered"}
