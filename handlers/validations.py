@@ -224,7 +224,8 @@ def check_action(ctx: Context) -> None:
     event = cast(Event[Any], ctx.event)
     validation = ctx.session.get(Validation, event.data.validation_id)
     state = _state(ctx.session, validation) if validation is not None else None
-    refusal = rules.action_refusal(state, event.source, event.data)
+    refusal = rules.action_refusal(state, event.source, event.data,
+                                   is_member=lambda institution: _member_kind(ctx.session, institution) is not None)
     if refusal is not None:
         _refuse(ctx, event, refusal, name=state.coordinator if state else event.source)
         return

@@ -166,6 +166,7 @@ ValidationRefusalCode = Literal[
     "not_coordinator",
     "not_requester",
     "conflict_of_interest",
+    "not_member",
     "not_assigned",
     "unknown_question",
     "already_decided",

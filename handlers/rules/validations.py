@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
@@ -114,11 +114,14 @@ def is_conflicted(validation: ValidationState, institution: str) -> bool:
     return institution in {validation.requester, validation.project_owner, *validation.project_partners}
 
 
-def action_refusal(validation: ValidationState | None, actor: str, data: EventData) -> Refusal | None:
+def action_refusal(
+    validation: ValidationState | None, actor: str, data: EventData, *, is_member: Callable[[str], bool] = lambda _: True
+) -> Refusal | None:
     """Whether ``actor`` may do what ``data`` says (any validation event but the request) now.
 
     None means accepted. A ``validation.decided`` reaching this function comes from outside (the
     rule's own decisions are applied as derived events), so it must be the coordinator's.
+    ``is_member``: whether an institution is a current member (a reviewer must be one).
     """
     if validation is None:
         return Refusal("unknown_validation", "no validation with this id was requested")
@@ -130,6 +133,8 @@ def action_refusal(validation: ValidationState | None, actor: str, data: EventDa
     if isinstance(data, ReviewerAssigned):
         if actor != coordinator:
             return Refusal("not_coordinator", f"only the coordinator {coordinator} assigns reviewers")
+        if not is_member(data.reviewer):  # a typo would otherwise hold a place no one can fill
+            return Refusal("not_member", f"{data.reviewer} is not a member of the network")
         if is_conflicted(validation, data.reviewer):
             return Refusal("conflict_of_interest", _conflict_message(validation, data.reviewer))
     elif isinstance(data, ReviewSubmitted):
@@ -174,8 +179,12 @@ def current_reviews(reviews: Iterable[Review], review: Review) -> list[Review]:
 
 
 def decision_at_quorum(validation: ValidationState, reviews: Iterable[Review], review: Review) -> Decision | None:
-    """The rule's decision when ``review`` brings the current reviews to the quorum, else None."""
-    current = current_reviews(reviews, review)
+    """The rule's decision when ``review`` brings the current reviews to the quorum, else None.
+
+    A review counts only while its reviewer may review: one who has since become the project's
+    owner or a partner (a conflict of interest) no longer counts towards the quorum or the medians.
+    """
+    current = [r for r in current_reviews(reviews, review) if not is_conflicted(validation, r.reviewer)]
     return decide(current) if len(current) >= validation.quorum else None
 
 

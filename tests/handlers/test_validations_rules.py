@@ -128,6 +128,14 @@ def test_the_rule_decides_once_the_current_reviews_reach_the_quorum() -> None:
     assert decision is not None and decision.outcome == "not_validated"
 
 
+def test_a_reviewer_who_has_since_become_a_partner_no_longer_counts() -> None:
+    later = replace(VALIDATION, quorum=2, project_partners=frozenset({"tr-genc-isi-koop", "fi-lut"}))
+    assert decision_at_quorum(later, [review("fi-lut", **{c: 5 for c in CRITERIA})], review("fi-diak")) is None  # 1 of 2
+    three = replace(later, quorum=1)
+    decision = decision_at_quorum(three, [review("fi-lut", "reject", **{c: 1 for c in CRITERIA})], review("fi-diak"))
+    assert decision is not None and decision.outcome == "validated" and decision.median_scores["novelty"] == 4.0
+
+
 # --- who may do what, when -------------------------------------------------------------------------
 
 
@@ -145,6 +153,11 @@ def test_only_the_coordinator_assigns_and_never_a_conflicted_reviewer() -> None:
         assert code(VALIDATION, "fi-thl", assigned(conflicted)) == "conflict_of_interest"
     external = replace(VALIDATION, requester="fi-silta", project_owner=None, project_partners=frozenset())
     assert code(external, "fi-thl", assigned("fi-silta")) == "conflict_of_interest"
+
+
+def test_a_reviewer_must_be_a_member() -> None:
+    refusal = action_refusal(VALIDATION, "fi-thl", assigned("fi-ghost"), is_member=lambda who: who != "fi-ghost")
+    assert refusal is not None and refusal.code == "not_member" and "fi-ghost" in refusal.message
 
 
 def test_only_assigned_unconflicted_reviewers_review() -> None:
@@ -249,6 +262,8 @@ def test_the_decision_is_the_rule_over_the_current_reviews_and_ends_the_validati
             return the_network.apply(session, event, live=False)
 
     apply("institution.joined", "operator", {"id": COORDINATOR, "name": {"fi": "THL"}, "kind": "competence_centre", "country": "FI"})
+    for reviewer in REVIEWERS:  # reviewers are members
+        apply("institution.joined", "operator", {"id": reviewer, "name": {"fi": reviewer}, "kind": "university", "country": "FI"})
     request = {
         "validation_id": validation_id,
         "external_ref": {"system": "innokyla", "id": validation_id},
