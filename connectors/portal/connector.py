@@ -71,7 +71,7 @@ import httpx
 import orjson
 from opentelemetry import trace
 from sqlalchemy import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 
 from bus import cloudevents
 from connectors.portal import store
@@ -741,7 +741,13 @@ class PortalSync:
                 return row
 
         report.published += 1
-        return await asyncio.to_thread(record)
+        created = await asyncio.to_thread(record)
+        # A validation decided before the project was published: the portal learns it with the
+        # entry (later decisions come through push_decisions).
+        decided = await asyncio.to_thread(self._latest_decision, project.project_id)
+        if decided is not None:
+            await self.client.put_validation(entry_id, decided)
+        return created
 
     async def _announce(self, mark: store.PortalPublication, project: Project) -> str | None:
         """Offer ``project.updated`` with the entry's ``innokyla`` reference, in the owner's name."""
@@ -826,6 +832,23 @@ class PortalSync:
         await asyncio.to_thread(record)
         report.pushed += 1
         return None
+
+    def _latest_decision(self, project_id: str) -> dict[str, Any] | None:
+        """The body of the project's most recent validation decision, if it has one."""
+        from handlers.validations import Validation
+
+        with session_scope(self.engine) as session:
+            validation = session.exec(
+                select(Validation).where(Validation.project_id == project_id, Validation.status == "decided")
+                .order_by(col(Validation.decided_at).desc())
+            ).first()
+            if validation is None:
+                return None
+            return _validation_body({
+                "validation_id": validation.validation_id, "outcome": validation.outcome,
+                "evidence_level": validation.evidence_level,
+                "decided_at": validation.decided_at.isoformat() if validation.decided_at else None,
+            }, None)
 
     async def push_validation(self, decided: Mapping[str, Any], project_id: str, *, url: str | None = None) -> bool | None:
         """Write a ``validation.decided`` (its data) about ``project_id`` to the portal entry the

@@ -215,3 +215,27 @@ async def test_what_cannot_be_marked_is_refused(gateway: Gateway, sandbox: Porta
         mark_for_publication(gateway.bus.engine, sync.portal, f"innokyla-{pulled['id']}")
     first = mark_for_publication(gateway.bus.engine, sync.portal, project_id)
     assert mark_for_publication(gateway.bus.engine, sync.portal, project_id).marked_at == first.marked_at
+
+
+async def test_a_validation_decided_before_publication_reaches_the_new_entry(
+    gateway: Gateway, sandbox: PortalSandbox, network: Network
+) -> None:
+    import uuid
+    from datetime import UTC, datetime
+
+    from handlers.validations import Validation
+
+    project_id, owner, _ = await bus_project(gateway, network)
+    validation_id = f"val-{uuid.uuid4().hex[:12]}"
+    decided_at = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    with session_scope(gateway.bus.engine) as session:  # as the workflow leaves a decided validation
+        session.add(Validation(validation_id=validation_id, requester=owner, coordinator=owner, project_id=project_id,
+                               self_assessment={}, quorum=2, status="decided", outcome="validated", evidence_level=2,
+                               requested_at=decided_at, decided_at=decided_at))
+    gateway.bus.service.forget()  # written beside the network service, which keeps what it read
+    sync = portal_sync(gateway, sandbox)
+    mark_for_publication(gateway.bus.engine, sync.portal, project_id)
+    assert (await sync.sync()).published == 1
+    [entry] = tagged(sandbox, project_id)
+    assert entry["validation"] is not None and entry["validation"]["validation_id"] == validation_id
+    assert (entry["validation"]["outcome"], entry["validation"]["evidence_level"]) == ("validated", 2)
