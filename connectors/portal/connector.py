@@ -165,7 +165,7 @@ class PortalClient:
                 wait = min(wait, self.max_wait)
                 self.retries += 1
                 self.waited += wait
-                log.info("portal %s %s: %s; retrying in %.2f s", method, path, problem, wait)
+                log.debug("portal %s %s: %s; retrying in %.2f s", method, path, problem, wait)  # counted in the pass's retries
                 await asyncio.sleep(wait)
         raise PortalUnavailable(f"{method} {path}: {problem} after {self.attempts} attempts")
 
@@ -974,6 +974,28 @@ async def from_settings(settings: Any, gate: Any, engine: Engine, **options: Any
     return PortalSync(gate, engine, client, **options)
 
 
+def _log_pass(report: SyncReport) -> None:
+    """One line per pass with its counts (JSON fields in the log), and a warning per thing an
+    operator has to act on: entries refused, organisations that map to no member, owner changes,
+    publications that failed."""
+    summary = report.as_dict()
+    counts = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+    log.info("portal sync %s: %d listed, %d registered, %d updated, %d unchanged, %d retries, %.1f s",
+             "complete" if report.complete else f"stopped ({report.error})", report.listed, report.registered,
+             report.updated, report.unchanged, report.retries, report.seconds, extra={"portal_sync": counts})
+    for rejected in summary["rejected"]:
+        log.warning("portal entry refused by the gate: %s", rejected, extra={"portal_sync": {"rejected": rejected}})
+    for organisation, unmapped in summary["unmapped"].items():
+        log.warning("portal organisation %s (business id %s) maps to no member (%s entries): add the business id to a "
+                    "member's identifiers (an institution.updated), then sync --full", unmapped.get("name"), organisation,
+                    unmapped.get("entries"),
+                    extra={"portal_sync": {"unmapped": organisation}})
+    for changed in summary["owner_changed"]:
+        log.warning("portal entry's organisation changed to another member (not applied): %s", changed)
+    for problem in summary["publish_errors"]:
+        log.warning("portal publication failed: %s", problem)
+
+
 async def sync_periodically(
     sync: PortalSync, interval: float, stop: asyncio.Event, *, on_report: Callable[[SyncReport], None] | None = None
 ) -> None:
@@ -984,7 +1006,7 @@ async def sync_periodically(
         except Exception:  # a bug in one pass must not end the connector; the cursor is safe
             log.exception("portal sync failed")
         else:
-            log.info("portal sync: %s", {k: v for k, v in report.as_dict().items() if not isinstance(v, (list, dict))})
+            _log_pass(report)
             if on_report is not None:
                 on_report(report)
         try:

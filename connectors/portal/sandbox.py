@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -354,6 +354,11 @@ def create_app(store: PortalStore, *, token: str | None, faults: Faults | None =
     @app.post("/_sandbox/faults")
     async def set_faults(request: Request) -> Any:
         body = await request.json()
+        known = sorted(f.name for f in fields(Faults))
+        if not isinstance(body, dict) or set(body) - set(known):
+            unknown = sorted(set(body) - set(known)) if isinstance(body, dict) else []
+            what = f"unknown faults {unknown}" if unknown else "a JSON object of faults"
+            return JSONResponse({"error": f"{what}; the faults are {known}"}, status_code=422)
         state.faults = Faults(**body)
         return asdict(state.faults)
 

@@ -99,7 +99,7 @@ async def resolve(url: str, allow: Sequence[IPNetwork]) -> Target:
         shown = ", ".join(map(str, addresses))
         raise RefusedTarget(
             f"{host!r} resolves to {shown}: private, loopback, link-local and reserved addresses do not "
-            "receive webhooks unless COLLABBUS_WEBHOOK_ALLOW_NETWORKS allows them"
+            "receive the bus's requests (webhooks, the portal connector's) unless COLLABBUS_WEBHOOK_ALLOW_NETWORKS allows them"
         )
     target = Target(
         url=parsed.copy_with(host=str(allowed[0])),

@@ -239,3 +239,10 @@ async def test_a_validation_decided_before_publication_reaches_the_new_entry(
     [entry] = tagged(sandbox, project_id)
     assert entry["validation"] is not None and entry["validation"]["validation_id"] == validation_id
     assert (entry["validation"]["outcome"], entry["validation"]["evidence_level"]) == ("validated", 2)
+
+
+async def test_a_fault_the_sandbox_does_not_know_is_a_422_naming_the_known_ones(sandbox: PortalSandbox) -> None:
+    async with httpx.AsyncClient(base_url=sandbox.url) as http:
+        response = await http.post("/_sandbox/faults", json={"rate_limit": 3})
+        assert response.status_code == 422 and "rate_limit_every" in response.json()["error"]
+        assert (await http.post("/_sandbox/faults", json={"rate_limit_every": 3})).json()["rate_limit_every"] == 3

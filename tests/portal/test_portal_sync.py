@@ -315,3 +315,19 @@ async def test_a_sync_pass_is_one_trace_with_its_portal_calls_and_the_events_it_
         assert message.headers and message.headers["traceparent"].split("-")[1] == found["trace_id"]
     await client.http.aclose()
     tracing.shutdown()
+
+
+def test_a_pass_is_logged_in_one_line_and_what_needs_an_operator_in_one_each(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from connectors.portal.connector import SyncReport, _log_pass
+
+    report = SyncReport(portal="p", listed=3, registered=1, complete=True,
+                        unmapped={"1234567-8": {"name": "Silta-Valmennus", "entries": 2}},
+                        rejected=[{"entry": "e-1", "event_id": "x", "reason": "invalid", "errors": []}])
+    with caplog.at_level(logging.INFO, logger="collabbus.portal"):
+        _log_pass(report)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("portal sync complete: 3 listed, 1 registered")
+    assert any("Silta-Valmennus" in line and "1234567-8" in line and "institution.updated" in line for line in lines)
+    assert any("refused by the gate" in line and "e-1" in line for line in lines)
