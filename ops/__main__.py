@@ -1,3 +1,3 @@
-from ops.cli import app
+from ops.entry import main
 
-app(prog_name="collabbus")
+main()

@@ -120,3 +120,13 @@ def test_up_says_in_one_line_what_is_wrong(tmp_path: Path, problem: str) -> None
     assert result.returncode == 1
     assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "secret" not in result.stderr
+
+
+@pytest.mark.parametrize("after", [0.15, 0.3, 0.6])
+def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(tmp_path: Path, after: float) -> None:
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.Popen([*COLLABBUS, "status"], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
