@@ -52,12 +52,23 @@ def loads(body: bytes, what: str = "body") -> Any:
         raise Malformed("json_invalid", f"the {what} is not valid JSON: {exc}") from None
 
 
+def _says_structured(headers: Mapping[str, str] | None) -> bool:
+    return (header(headers, "content-type") or "").strip().lower().startswith("application/cloudevents")
+
+
+def _has_attributes(headers: Mapping[str, str] | None) -> bool:
+    return any(key.lower().startswith("ce-") for key in (headers or {}))
+
+
 def is_structured(headers: Mapping[str, str] | None) -> bool:
     """Structured mode unless the message carries binary-mode ``ce-`` attributes."""
-    content_type = (header(headers, "content-type") or "").strip().lower()
-    if content_type.startswith("application/cloudevents"):
-        return True
-    return not any(key.lower().startswith("ce-") for key in (headers or {}))
+    return _says_structured(headers) or not _has_attributes(headers)
+
+
+def names_mode(headers: Mapping[str, str] | None) -> bool:
+    """Whether a message says which mode it is in (a cloudevents Content-Type or ``ce-`` headers);
+    one that says neither is read as structured (:func:`is_structured`)."""
+    return _says_structured(headers) or _has_attributes(headers)
 
 
 def parse_structured(body: bytes) -> dict[str, Any]:

@@ -175,10 +175,13 @@ class Consumer:
     async def start(self) -> None:
         await ensure_consumer(self.js, self.settings, self.stream)
         await self._continue_from_database()
-        self._puller = Puller(self.js._nc, self.stream, self.settings.name, batch=self.settings.batch)
-        await self._puller.start()
+        await self._open_puller()
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.settings.name}")
+
+    async def _open_puller(self) -> None:
+        self._puller = Puller(self.js._nc, self.stream, self.settings.name, batch=self.settings.batch)
+        await self._puller.start()
 
     async def _continue_from_database(self) -> None:
         position = await call_database(self.inline, self.applier.position)
@@ -251,8 +254,7 @@ class Consumer:
         while not self._stopping.is_set():
             try:
                 await self._continue_from_database()
-                self._puller = Puller(self.js._nc, self.stream, self.settings.name, batch=self.settings.batch)
-                await self._puller.start()
+                await self._open_puller()
                 return
             except Exception as exc:
                 log.error("consumer %s: cannot continue yet: %r", self.settings.name, exc)
@@ -323,9 +325,7 @@ class Consumer:
             if failure is None:
                 continue
             if failure.wait:  # not a failure of the event: held, then tried again, for as long as it takes
-                await self._hold(pending, WAIT_RETRY)
-                if self._stopping.is_set():
-                    await self._hand_back(pending)
+                if not await self._hold(pending, WAIT_RETRY):
                     return
                 continue
             head = pending[0]
@@ -338,15 +338,15 @@ class Consumer:
                 pending = pending[1:]
                 attempts = 0
             else:
-                await self._hold(pending, self.settings.delay(deliveries))
-                if self._stopping.is_set():  # stopped while waiting to retry: not a failed attempt
-                    await self._hand_back(pending)
+                if not await self._hold(pending, self.settings.delay(deliveries)):
                     return
         if derived and self.on_derived is not None:
             self.on_derived()
 
-    async def _hold(self, msgs: list[Msg], seconds: float) -> None:
-        """Wait before a retry, telling the server the messages are still being worked on."""
+    async def _hold(self, msgs: list[Msg], seconds: float) -> bool:
+        """Wait before a retry, telling the server the messages are still being worked on. False
+        when the consumer is stopping meanwhile: the messages are handed back (stopping is no
+        failed attempt of theirs)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
         while not self._stopping.is_set():
@@ -354,8 +354,10 @@ class Consumer:
                 await msg.in_progress()
             left = until - loop.time()
             if left <= 0:
-                return
+                return True
             await asyncio.sleep(min(left, self.settings.ack_wait / 3))
+        await self._hand_back(msgs)
+        return False
 
     async def _apply_holding(self, msgs: list[Msg], items: list[Any]) -> tuple[int, Any, int] | None:
         """Apply in a worker thread; while the database is unreachable, keep the batch in progress."""

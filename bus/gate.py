@@ -51,15 +51,6 @@ _MODE_HINT = (
 )
 
 
-def _says_mode(headers: Mapping[str, str] | None) -> bool:
-    """Whether a message names its CloudEvents mode (a cloudevents Content-Type or ``ce-`` headers)."""
-    for key, value in (headers or {}).items():
-        lowered = key.lower()
-        if lowered.startswith("ce-") or (lowered == "content-type" and value.strip().lower().startswith("application/cloudevents")):
-            return True
-    return False
-
-
 INPUT_FACTOR = 2
 """Input (a body and its ``ce-`` headers) this many times the event size limit is refused before
 it is parsed; within it, the limit is checked on the event serialized."""
@@ -100,24 +91,32 @@ def typed_envelope(spec: registry.EventSpec) -> type[CloudEvent]:
     return model
 
 
-def validate(raw: dict[str, Any], body: bytes | None = None) -> tuple[registry.EventSpec, CloudEvent]:
+def named_spec(raw: Mapping[str, Any]) -> tuple[registry.EventSpec | None, list[Problem]]:
+    """The spec of the type and dataschema an event names, or what is wrong with them (no type
+    at all: neither; :func:`validate` reports it as a missing attribute)."""
+    etype = raw.get("type")
+    if not isinstance(etype, str):
+        return None, []
+    try:
+        return registry.spec_for(etype, registry.parse_dataschema(raw.get("dataschema"), etype)), []
+    except registry.UnknownEventType as exc:
+        return None, [Problem(("type",), str(exc), "unknown_type")]
+    except registry.UnknownMajorVersion as exc:
+        return None, [Problem(("dataschema",), str(exc), "unknown_major")]
+    except ValueError as exc:
+        return None, [Problem(("dataschema",), str(exc), "dataschema_invalid")]
+
+
+def validate(
+    raw: dict[str, Any], body: bytes | None = None, named: tuple[registry.EventSpec | None, list[Problem]] | None = None
+) -> tuple[registry.EventSpec, CloudEvent]:
     """Validate envelope and data; raise a :class:`Rejection` listing every problem.
 
-    ``body`` is the raw JSON of ``raw`` when the caller has it (structured mode), saving a dump.
+    ``body`` is the raw JSON of ``raw`` when the caller has it (structured mode), saving a dump;
+    ``named`` is :func:`named_spec` of ``raw`` when the caller has looked it up already.
     """
-    problems: list[Problem] = []
-    spec: registry.EventSpec | None = None
-    etype = raw.get("type")
-    if isinstance(etype, str):
-        try:
-            major = registry.parse_dataschema(raw.get("dataschema"), etype)
-            spec = registry.spec_for(etype, major)
-        except registry.UnknownEventType as exc:
-            problems.append(Problem(("type",), str(exc), "unknown_type"))
-        except registry.UnknownMajorVersion as exc:
-            problems.append(Problem(("dataschema",), str(exc), "unknown_major"))
-        except ValueError as exc:
-            problems.append(Problem(("dataschema",), str(exc), "dataschema_invalid"))
+    spec, found = named if named is not None else named_spec(raw)
+    problems = list(found)
     model: type[CloudEvent] = typed_envelope(spec) if spec is not None else CloudEvent
     try:
         event = model.model_validate_json(body if body is not None else orjson.dumps(raw))
@@ -137,18 +136,6 @@ def validate(raw: dict[str, Any], body: bytes | None = None) -> tuple[registry.E
             "subject",
         )
     return spec, event
-
-
-def _spec_named(raw: Mapping[str, Any]) -> registry.EventSpec | None:
-    """The spec of the type and dataschema an event names, when both are known (else None:
-    :func:`validate` says what is wrong)."""
-    etype = raw.get("type")
-    if not isinstance(etype, str):
-        return None
-    try:
-        return registry.spec_for(etype, registry.parse_dataschema(raw.get("dataschema"), etype))
-    except (registry.UnknownEventType, registry.UnknownMajorVersion, ValueError):
-        return None
 
 
 class Gate:
@@ -198,20 +185,24 @@ class Gate:
         try:
             raw = self._parse(body, headers)
             # Who may say it is judged before what it says: a sender is not asked to correct data
-            # it may not send at all.
-            await self._check_sender(institution, raw.get("source"), _spec_named(raw))
-            spec, event = validate(raw, body if cloudevents.is_structured(headers) else None)
+            # it may not send at all. What could not be judged yet (no readable source or type) is
+            # judged once the envelope is valid.
+            named = named_spec(raw)
+            judged = isinstance(raw.get("source"), str) and named[0] is not None
+            await self._check_sender(institution, raw.get("source"), named[0])
+            spec, event = validate(raw, body if cloudevents.is_structured(headers) else None, named)
             if offered_type is not None and offered_type != event.type:
                 raise reject(
                     "invalid", "type_mismatch",
                     f"type {event.type!r} does not match the ingress subject's {offered_type!r}", "type",
                 )
-            await self._check_sender(institution, event.source, spec)
+            if not judged:
+                await self._check_sender(institution, event.source, spec)
             verdict = await self._log(raw, spec, extra_headers)
         except Rejection as exc:
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
             problems = exc.problems
-            if any(p.type == "missing" and p.loc == ("specversion",) for p in problems) and not _says_mode(headers):
+            if any(p.type == "missing" and p.loc == ("specversion",) for p in problems) and not cloudevents.names_mode(headers):
                 problems = (*problems, Problem((), _MODE_HINT, "mode_unclear"))
             verdict = Verdict("rejected", event_id, errors=problems, reason=exc.reason)
         except Exception:  # a bug must cost one event, never the gate

@@ -99,17 +99,22 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     except SQLAlchemyError as exc:  # the read models' database: unreachable, refused, or a URL it cannot use
-        orig = getattr(exc, "orig", None)
-        first = str(orig if orig is not None else exc).strip().splitlines()
-        err.print(f"[red]error:[/red] the read models' database cannot be used ({type(exc).__name__}): "
-                  f"{first[0] if first else exc!r}. Check COLLABBUS_DATABASE_URL.")
-        raise typer.Exit(1) from None
+        _database_problem(exc)
     except OSError as exc:
         if exc.filename is not None and not isinstance(exc, ConnectionError):  # a file or directory, not the network
             err.print(f"[red]error:[/red] cannot use {exc.filename}: {exc.strerror or exc}. Check COLLABBUS_DATA_DIR.")
         else:
             err.print(f"[red]error:[/red] cannot reach NATS: {exc}. Is the bus running (collabbus up)?")
         raise typer.Exit(1) from None
+
+
+def _database_problem(exc: Exception) -> NoReturn:
+    """End a command whose read models' database cannot be used, in one line."""
+    orig = getattr(exc, "orig", None)
+    first = str(orig if orig is not None else exc).strip().splitlines()
+    err.print(f"[red]error:[/red] the read models' database cannot be used ({type(exc).__name__}): "
+              f"{first[0] if first else exc!r}. Check COLLABBUS_DATABASE_URL.")
+    raise typer.Exit(1) from None
 
 
 async def _connect(settings: Settings, name: str) -> Any:
@@ -143,9 +148,7 @@ async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
             held = datadir.lock(settings.data_dir, "a collabbus command")
         except datadir.DataDirBusy as exc:
             raise ConnectionRefusedError(
-                f"nothing answers at {settings.nats_servers[0]}, yet the data dir {settings.data_dir} is in use "
-                f"({'pid ' + str(exc.pid) if exc.pid else 'another process'}{': ' + exc.what if exc.what else ''}): "
-                "its nats-server is down or starting"
+                f"nothing answers at {settings.nats_servers[0]}, yet {exc}: its nats-server is down or starting"
             ) from None
         err.print(f"[yellow]the bus is not running[/yellow]: its nats-server was started for this command ({settings.nats_servers[0]})")
         server = embedded_server(settings)
@@ -229,8 +232,7 @@ def up(
     try:
         held = datadir.lock(settings.data_dir, "collabbus up")
     except datadir.DataDirBusy as exc:
-        err.print(f"[red]error:[/red] another collabbus is running on the data dir {settings.data_dir.resolve()} "
-                  f"({'pid ' + str(exc.pid) if exc.pid else 'another process'}{': ' + exc.what if exc.what else ''}); "
+        err.print(f"[red]error:[/red] another collabbus is running on the data dir {settings.data_dir.resolve()} ({exc.holder}); "
                   "stop it first, or give this bus a data dir of its own (COLLABBUS_DATA_DIR)")
         raise typer.Exit(1) from None
     except OSError as exc:
@@ -1033,26 +1035,16 @@ def institutions_token(
     settings: Settings,
 ) -> None:
     """Print a new HTTP token for a member, and nothing else (only its hash is stored)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     from handlers import tokens
-    from handlers.db import make_engine, migrate, session_scope
+    from handlers.db import session_scope
     from handlers.institutions import member
 
-    engine = make_engine(settings.db_url)
-    try:
-        migrate(engine)
-        with session_scope(engine) as session:
-            if member(session, institution_id) is None:
-                err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the read models "
-                          f"at {settings.db_url}); add it with `collabbus institutions add` first")
-                raise typer.Exit(1)
-            token = tokens.issue(session, institution_id)
-    except SQLAlchemyError as exc:
-        err.print(f"[red]error:[/red] the database is not reachable: {exc.__class__.__name__}: {exc}")
-        raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
+    with _read_models(settings) as engine, session_scope(engine) as session:
+        if member(session, institution_id) is None:
+            err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the read models "
+                      f"at {settings.db_url}); add it with `collabbus institutions add` first")
+            raise typer.Exit(1)
+        token = tokens.issue(session, institution_id)
     sys.stdout.write(token + "\n")
 
 
@@ -1067,29 +1059,19 @@ def institutions_revoke(
 ) -> None:
     """Revoke a member's HTTP tokens: every one it holds, or the one given with --token (a leaked
     token, a developer who left). Takes effect on the gateway's next request."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     from handlers import tokens
-    from handlers.db import make_engine, migrate, session_scope
+    from handlers.db import session_scope
 
     if token == "-":
         token = sys.stdin.readline().strip()
-    engine = make_engine(settings.db_url)
-    try:
-        migrate(engine)
-        with session_scope(engine) as session:
-            if token is not None:
-                if tokens.institution_of(session.connection(), token) not in (institution_id, None):
-                    err.print(f"[red]error:[/red] that token is not {institution_id}'s")
-                    raise typer.Exit(1)
-                revoked = int(tokens.revoke(session, token))
-            else:
-                revoked = tokens.revoke_all(session, institution_id)
-    except SQLAlchemyError as exc:
-        err.print(f"[red]error:[/red] the database is not reachable: {exc.__class__.__name__}: {exc}")
-        raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
+    with _read_models(settings) as engine, session_scope(engine) as session:
+        if token is not None:
+            if tokens.institution_of(session.connection(), token) not in (institution_id, None):
+                err.print(f"[red]error:[/red] that token is not {institution_id}'s")
+                raise typer.Exit(1)
+            revoked = int(tokens.revoke(session, token))
+        else:
+            revoked = tokens.revoke_all(session, institution_id)
     if as_json:
         out.print_json(data={"institution": institution_id, "revoked": revoked})
     elif token is not None:
@@ -1352,13 +1334,18 @@ def _portal_url(settings: Settings) -> str:
 
 @contextlib.contextmanager
 def _read_models(settings: Settings) -> Iterator[Any]:
-    """An engine on the migrated read models, disposed afterwards."""
+    """An engine on the migrated read models, disposed afterwards; a database that cannot be
+    reached ends the command with one line."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from handlers.db import make_engine, migrate
 
     engine = make_engine(settings.db_url)
     try:
         migrate(engine)
         yield engine
+    except SQLAlchemyError as exc:
+        _database_problem(exc)
     finally:
         engine.dispose()
 

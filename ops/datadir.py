@@ -22,8 +22,9 @@ class DataDirBusy(RuntimeError):
 
     def __init__(self, data_dir: Path, pid: int | None, what: str | None) -> None:
         self.data_dir, self.pid, self.what = data_dir, pid, what
-        who = f"pid {pid}" + (f": {what}" if what else "") if pid else "another process"
-        super().__init__(f"the data dir {data_dir} is in use by {who}")
+        self.holder = f"pid {pid}" + (f": {what}" if what else "") if pid else "another process"
+        """Who holds it, for people (``pid 4242: collabbus up``)."""
+        super().__init__(f"the data dir {data_dir.resolve()} is in use ({self.holder})")
 
 
 def lock(data_dir: Path, what: str) -> IO[str]:
@@ -43,22 +44,6 @@ def lock(data_dir: Path, what: str) -> IO[str]:
     handle.write(f"{os.getpid()} {what}\n")
     handle.flush()
     return handle
-
-
-def holder(data_dir: Path) -> tuple[int, str | None] | None:
-    """The process holding the data dir (pid, what it is), or None when none does."""
-    path = data_dir / LOCK_FILE
-    if not path.exists():
-        return None
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            pid, what = _read(handle.read())
-            return (pid or 0, what)
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return None
 
 
 def _read(text: str) -> tuple[int | None, str | None]:

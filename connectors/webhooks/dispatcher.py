@@ -183,7 +183,7 @@ class _Batch:
     """The state of recording one batch: its transaction, the enabled endpoints (and which want
     each type met so far), and how far the read models have applied the log (read when needed)."""
 
-    def __init__(self, session: Session, endpoints: list[_Wanting], network_consumer: str | None) -> None:
+    def __init__(self, session: Session, endpoints: list[_Wanting], network_consumer: str) -> None:
         self.session = session
         self.endpoints = endpoints
         self._by_type: dict[str, list[_Wanting]] = {}
@@ -193,7 +193,7 @@ class _Batch:
     def applied(self) -> int:
         """The read models' position (the network consumer's); read once per batch."""
         if self._applied is None:
-            self._applied = read_position(self.session.connection(), _NETWORK_POSITIONS, self.network_consumer or "")
+            self._applied = read_position(self.session.connection(), _NETWORK_POSITIONS, self.network_consumer)
         return self._applied
 
     def leave(self, institution: str, now: datetime) -> list[str]:
@@ -201,7 +201,7 @@ class _Batch:
         receives nothing more, and its token no longer lets it manage them); returns their ids."""
         gone = [e.id for e in self.endpoints if e.institution == institution]
         if gone:
-            self.session.execute(store.DISABLE_ENDPOINTS, {"ids": gone, "reason": LEFT_REASON, "now": now})
+            self.session.execute(store.ENDPOINT_DISABLED, [{"b_id": e, "b_disabled_reason": LEFT_REASON, "b_updated_at": now} for e in gone])
             self.endpoints = [e for e in self.endpoints if e.institution != institution]
             self._by_type.clear()
         return gone
@@ -226,12 +226,12 @@ class DeliveryRecorder:
     """
 
     def __init__(self, engine: Engine, consumer: str, schedule: RetrySchedule, tracing: Tracing | None = None,
-                 network_consumer: str | None = "network") -> None:
+                 network_consumer: str = "network") -> None:
         self.engine = engine
         self.consumer = consumer
         self.network_consumer = network_consumer
-        """Whose read models say who takes part in a validation (None: nobody's — confidential
-        events then go to their sender alone)."""
+        """Whose position in the read models says they have applied an event (they say who takes
+        part in a validation)."""
         self.schedule = schedule
         self.tracing = tracing or Tracing.off()
         self.touched: set[str] = set()
@@ -281,7 +281,7 @@ class DeliveryRecorder:
             self.retired.update(gone)
             owed += len(gone)  # (what tells the dispatcher to look)
         wanted = [e for e in batch.wanting(event_type) if e.after_seq < item.seq]
-        if wanted and event_type in store.CONFIDENTIAL and self.network_consumer and batch.applied() < item.seq:
+        if wanted and event_type in store.CONFIDENTIAL and batch.applied() < item.seq:
             raise _Unrecordable(index, Failure(
                 "waiting", f"the read models have not applied #{item.seq} yet: its audience is not known", permanent=False, wait=True,
             ))
@@ -428,7 +428,7 @@ class WebhookDispatcher:
         poll: float = 5.0,
         db_lock: asyncio.Lock | None = None,
         tracing: Tracing | None = None,
-        network_consumer: str | None = "network",
+        network_consumer: str = "network",
     ) -> None:
         self.engine = engine
         self.tracing = tracing or Tracing.off()

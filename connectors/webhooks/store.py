@@ -285,11 +285,6 @@ _DELIVERIES: sa.Table = Delivery.__table__  # type: ignore[attr-defined]
 _ATTEMPTS: sa.Table = Attempt.__table__  # type: ignore[attr-defined]
 _E, _D = _ENDPOINTS.c, _DELIVERIES.c
 
-DISABLE_ENDPOINTS = (
-    sa.update(_ENDPOINTS)
-    .where(_E.id.in_(sa.bindparam("ids", expanding=True)), _E.enabled == True)  # noqa: E712
-    .values(enabled=False, disabled_reason=sa.bindparam("reason"), updated_at=sa.bindparam("now"))
-)
 ENDPOINTS_ENABLED = sa.select(_E.id, _E.institution, _E.event_types, _E.after_seq).where(_E.enabled == True)  # noqa: E712
 """What the recorder needs of the enabled endpoints."""
 ENDPOINTS_TO_SEND = sa.select(_E.id, _E.url, _E.secret, _E.previous_secret, _E.previous_secret_until, _E.enabled).where(

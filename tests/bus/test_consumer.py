@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client
 from sqlmodel import Session, select
 
 from bus.client import offer
@@ -60,6 +62,26 @@ async def start_bus(tmp: Path, server: EmbeddedNats, factory: Callable[[], Netwo
     return bus
 
 
+def recording(recorder: Recorder) -> Callable[[], Network]:
+    """A network factory whose one projection, of ``project.registered``, is ``recorder``."""
+    return lambda: Network(Routes().add(projections={"project.registered": recorder}))
+
+
+@contextlib.asynccontextmanager
+async def recording_bus(tmp: Path, server: EmbeddedNats, **consumer: Any) -> AsyncIterator[tuple[Bus, Client, Recorder]]:
+    """A bus projecting ``project.registered`` into a :class:`Recorder`, and a connection to its
+    NATS on which the fixture's member has joined; both closed after the block."""
+    recorder = Recorder()
+    bus = await start_bus(tmp, server, recording(recorder), **consumer)
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        yield bus, nc, recorder
+    finally:
+        await nc.close()
+        await bus.stop()
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
@@ -70,7 +92,7 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None
 async def test_a_poison_event_is_dead_lettered_and_the_rest_flow(tmp_path: Path, server: EmbeddedNats) -> None:
     recorder = Recorder()
     recorder.poison.add("poison-project")
-    bus = await start_bus(tmp_path, server, lambda: Network(Routes().add(projections={"project.registered": recorder})),
+    bus = await start_bus(tmp_path, server, recording(recorder),
                           max_deliver=3, backoff=(0.05, 0.1))
     nc = await nats.connect(server.url, **server.connect_options())
     try:
@@ -110,7 +132,7 @@ async def test_a_poison_event_is_dead_lettered_and_the_rest_flow(tmp_path: Path,
 
 async def test_redelivery_and_restart_apply_each_event_once(tmp_path: Path, server: EmbeddedNats) -> None:
     recorder = Recorder()
-    factory = lambda: Network(Routes().add(projections={"project.registered": recorder}))  # noqa: E731
+    factory = recording(recorder)
     bus = await start_bus(tmp_path, server, factory)
     nc = await nats.connect(server.url, **server.connect_options())
     try:
@@ -165,7 +187,7 @@ async def test_a_consumer_stopped_behind_the_log_continues_in_order_and_applies_
             super().__call__(session, event)
 
     recorder = Slow()
-    factory = lambda: Network(Routes().add(projections={"project.registered": recorder}))  # noqa: E731
+    factory = recording(recorder)
     bus = await start_bus(tmp_path, server, factory, batch=5)
     nc = await nats.connect(server.url, **server.connect_options())
     try:
@@ -247,12 +269,7 @@ async def test_a_gathering_consumer_applies_a_trickle_in_few_batches_and_stoppin
 async def test_a_stray_message_on_the_pull_inbox_or_a_fault_in_handling_does_not_stop_the_consumer(
     tmp_path: Path, server: EmbeddedNats, caplog: pytest.LogCaptureFixture
 ) -> None:
-    recorder = Recorder()
-    factory = lambda: Network(Routes().add(projections={"project.registered": recorder}))  # noqa: E731
-    bus = await start_bus(tmp_path, server, factory)
-    nc = await nats.connect(server.url, **server.connect_options())
-    try:
-        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+    async with recording_bus(tmp_path, server) as (bus, nc, recorder):
         consumer = bus.consumer
         assert consumer is not None
         # Anything published to the consumer's pull inbox that the server did not deliver.
@@ -282,9 +299,6 @@ async def test_a_stray_message_on_the_pull_inbox_or_a_fault_in_handling_does_not
         assert failed and recorder.seen[1:] == [e["subject"] for e in events]  # each once, in log order
         assert consumer.running
         assert "could not be handled" in caplog.text and "a bug in the consumer" in caplog.text
-    finally:
-        await nc.close()
-        await bus.stop()
 
 
 async def test_a_rebuild_passes_what_is_no_event_as_the_consumer_does(tmp_path: Path, server: EmbeddedNats) -> None:
@@ -294,12 +308,7 @@ async def test_a_rebuild_passes_what_is_no_event_as_the_consumer_does(tmp_path: 
     from bus.rebuild import rebuild
     from handlers.service import NetworkService
 
-    recorder = Recorder()
-    factory = lambda: Network(Routes().add(projections={"project.registered": recorder}))  # noqa: E731
-    bus = await start_bus(tmp_path, server, factory)
-    nc = await nats.connect(server.url, **server.connect_options())
-    try:
-        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+    async with recording_bus(tmp_path, server) as (bus, nc, recorder):
         assert (await offer(nc, FIXTURE["as"], project_event("before-junk"))).accepted
         junk = await bus.js.publish(f"collab.events.{FIXTURE['as']}.project.registered.junk", b"not an event",
                                     headers={"Nats-Msg-Id": "junk-1"})
@@ -309,12 +318,10 @@ async def test_a_rebuild_passes_what_is_no_event_as_the_consumer_does(tmp_path: 
         position = await asyncio.to_thread(bus.service.position)
         assert position == after.seq
         recorder.seen.clear()
-        service = NetworkService(bus.engine, factory())
+        service = NetworkService(bus.engine, recording(recorder)())
         report = await rebuild(bus.js, service)
         assert recorder.seen == ["before-junk", "after-junk"]
         assert [(f["seq"], f["id"]) for f in report.failures] == [(junk.seq, "junk-1")]
         assert "unreadable" in report.failures[0]["error"]
         assert await asyncio.to_thread(service.position) == position
-    finally:
-        await nc.close()
-        await bus.stop()
+

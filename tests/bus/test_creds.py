@@ -77,14 +77,19 @@ async def connect_member(url: str, creds: Path, institution: str) -> Member:
     return Member(institution, nc, errors)
 
 
-@pytest.fixture
-async def member(nats_server: EmbeddedNats, partner: Client, tmp_path: Path) -> AsyncIterator[Member]:
-    institution = unique("m")
+async def new_member(nats_server: EmbeddedNats, partner: Client, tmp_path: Path, prefix: str = "m") -> Member:
+    """A new member, joined, with credentials the bus issued and its own connection."""
+    institution = unique(prefix)
     await join(partner, institution, FIXTURE["kind"], country="TR")
     assert nats_server.authority is not None
     creds = tmp_path / f"{institution}.creds"
     creds.write_text(partner_creds(nats_server.authority.account, institution))
-    connected = await connect_member(nats_server.url, creds, institution)
+    return await connect_member(nats_server.url, creds, institution)
+
+
+@pytest.fixture
+async def member(nats_server: EmbeddedNats, partner: Client, tmp_path: Path) -> AsyncIterator[Member]:
+    connected = await new_member(nats_server, partner, tmp_path)
     yield connected
     await connected.nc.close()
 
@@ -136,12 +141,8 @@ async def test_a_member_sees_neither_the_bus_nor_other_members_through_inboxes(
     # The bus's connections have their inboxes outside ``_INBOX.``.
     assert bus.nc._inbox_prefix == bytearray(b"_COLLABBUS.INBOX")
 
-    other = unique("other")
-    await join(partner, other, FIXTURE["kind"], country="TR")
-    assert nats_server.authority is not None
-    creds = tmp_path / f"{other}.creds"
-    creds.write_text(partner_creds(nats_server.authority.account, other))
-    neighbour = await connect_member(nats_server.url, creds, other)
+    neighbour = await new_member(nats_server, partner, tmp_path, "other")
+    other = neighbour.institution
     try:
         await member.nc.subscribe(f"_INBOX.{other}.>")
         await member.nc.flush()

@@ -27,6 +27,17 @@ ENTRIES = int(os.environ.get("COLLABBUS_PORTAL_KILL_ENTRIES", "2000"))
 COLLABBUS = [sys.executable, "-m", "ops"]
 
 
+SYNC = [*COLLABBUS, "portal", "sync", "--once", "--json"]
+
+
+def sync_env(gateway: Gateway, sandbox: PortalSandbox, tmp_path: Path) -> dict[str, str]:
+    """``collabbus portal sync`` of the sandbox into the gateway's bus, as a process of its own."""
+    return {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "", "COLLABBUS_NATS_CREDS": str(gateway.bus.settings.nats_creds),
+            "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
+            "COLLABBUS_PORTAL_URL": sandbox.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
+            "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}
+
+
 def synced(engine: Engine, portal: str) -> int:
     """How many entries the connector has stored as synced."""
     with engine.connect() as connection:
@@ -40,14 +51,9 @@ async def test_a_killed_sync_process_restarts_into_the_exact_state(
 ) -> None:
     sandbox.store.seed(sample_entries(ENTRIES, network.organisations))
     portal = portal_key(sandbox.url)
-    env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "", "COLLABBUS_NATS_CREDS": str(gateway.bus.settings.nats_creds),
-           "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
-           "COLLABBUS_PORTAL_URL": sandbox.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
-           "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}
-    command = [*COLLABBUS, "portal", "sync", "--once", "--json"]
+    env = sync_env(gateway, sandbox, tmp_path)
 
-    first = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE,
-                                                 stderr=asyncio.subprocess.PIPE)
+    first = await asyncio.create_subprocess_exec(*SYNC, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     while (progress := await asyncio.to_thread(synced, gateway.bus.engine, portal)) < ENTRIES // 4:
         assert first.returncode is None, (await first.communicate())[1].decode()
         await asyncio.sleep(0.05)
@@ -59,8 +65,7 @@ async def test_a_killed_sync_process_restarts_into_the_exact_state(
     registered_before = len(await project_events(gateway, list(network.members.values())))
     assert stored <= registered_before < ENTRIES  # events of the page under way may be logged but not stored
 
-    second = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE,
-                                                  stderr=asyncio.subprocess.PIPE)
+    second = await asyncio.create_subprocess_exec(*SYNC, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await second.communicate()
     assert second.returncode == 0, stderr.decode()
     summary = json.loads(stdout)
@@ -80,12 +85,8 @@ async def test_sigterm_stops_a_sync_mid_pass_and_the_next_one_carries_on(
     entries = ENTRIES // 2
     sandbox.store.seed(sample_entries(entries, network.organisations))
     portal = portal_key(sandbox.url)
-    env = {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "", "COLLABBUS_NATS_CREDS": str(gateway.bus.settings.nats_creds),
-           "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
-           "COLLABBUS_PORTAL_URL": sandbox.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
-           "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}
-    command = [*COLLABBUS, "portal", "sync", "--once", "--json"]
-    first = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    env = sync_env(gateway, sandbox, tmp_path)
+    first = await asyncio.create_subprocess_exec(*SYNC, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     while await asyncio.to_thread(synced, gateway.bus.engine, portal) < entries // 4:
         assert first.returncode is None, (await first.communicate())[1].decode()
         await asyncio.sleep(0.05)
@@ -94,7 +95,7 @@ async def test_sigterm_stops_a_sync_mid_pass_and_the_next_one_carries_on(
     assert first.returncode == 1 and "stopped mid-pass" in stderr.decode(), stderr.decode()
     assert await asyncio.to_thread(synced, gateway.bus.engine, portal) < entries
 
-    second = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    second = await asyncio.create_subprocess_exec(*SYNC, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await second.communicate()
     assert second.returncode == 0 and json.loads(stdout)["complete"], stderr.decode()
     events = await assert_exact(gateway, sandbox, network)
