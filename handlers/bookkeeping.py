@@ -22,9 +22,20 @@ class AppliedEvent(TableRow, table=True):
     when decided, before their copy arrives from the log)."""
 
     __tablename__ = "applied_events"
+    __table_args__ = (
+        sa.Index(
+            "ix_applied_events_caused_by",
+            "caused_by",
+            sqlite_where=sa.text("caused_by IS NOT NULL"),
+            postgresql_where=sa.text("caused_by IS NOT NULL"),
+        ),
+    )
 
     event_id: str = Field(primary_key=True, max_length=128)
     seq: int | None = Field(default=None, index=True)
+    """Its log sequence; a derived event gets it when its copy arrives from the log."""
+    caused_by: str | None = Field(default=None, max_length=128)
+    """For a derived event, the id of the event it was decided on (its ``causationid``)."""
 
 
 class ConsumerPosition(TableRow, table=True):
@@ -74,3 +85,17 @@ def advance_position(connection: sa.Connection, table: sa.Table, consumer: str, 
     if connection.execute(forward, {"of_consumer": consumer, "to_seq": seq}).rowcount == 0:
         if connection.execute(read, {"of_consumer": consumer}).first() is None:
             connection.execute(insert, {"consumer": consumer, "seq": seq})
+
+
+def applied_event(connection: sa.Connection, event_id: str) -> tuple[int | None, list[tuple[str, int | None]]] | None:
+    """Where an applied event is in the log (``None`` for a derived event not logged yet) and the
+    events derived from it with theirs, in log order (those not logged yet last); ``None`` when no
+    event of this id has been applied."""
+    table = AppliedEvent.__table__  # type: ignore[attr-defined]
+    row = connection.execute(sa.select(table.c.seq).where(table.c.event_id == event_id)).first()
+    if row is None:
+        return None
+    derived = connection.execute(sa.select(table.c.event_id, table.c.seq).where(table.c.caused_by == event_id)).all()
+    ordered = sorted(((str(i), s) for i, s in derived), key=lambda item: (item[1] is None, item[1] or 0, item[0]))
+    return row[0], ordered
+

@@ -78,6 +78,12 @@ def derived_id(event_type: str, cause: str, key: str = "") -> str:
     return f"{event_type}.{digest}"
 
 
+def derived_type(event_id: str) -> str | None:
+    """The type of a derived event, read off its id (:func:`derived_id`)."""
+    event_type, _, digest = event_id.rpartition(".")
+    return event_type if len(digest) == 32 and event_type else None
+
+
 class Context:
     """What a decider gets: the session, the event (None for timers), and ways to emit or refuse."""
 
@@ -177,7 +183,10 @@ class Routes:
 class Book:
     """What a batch applied, recorded once at its end (:meth:`Network.record`)."""
 
-    applied: list[tuple[str, int | None]] = field(default_factory=list)
+    applied: list[tuple[str, int | None, str | None]] = field(default_factory=list)
+    """``(event id, log sequence, cause)``: the cause is a derived event's ``causationid``."""
+    logged: list[tuple[str, int]] = field(default_factory=list)
+    """Events seen again with their log sequence (a derived event's copy arriving from the log)."""
     seq: int = 0
     outbox: list[dict[str, Any]] = field(default_factory=list)
     """Derived events for the outbox, in the order they were decided."""
@@ -188,6 +197,11 @@ class Book:
 _APPLIED = AppliedEvent.__table__  # type: ignore[attr-defined]
 _APPLIED_INSERT = _APPLIED.insert()
 _APPLIED_AMONG = sa.select(_APPLIED.c.event_id).where(_APPLIED.c.event_id.in_(sa.bindparam("ids", expanding=True)))
+_APPLIED_LOGGED = (
+    _APPLIED.update()
+    .where(_APPLIED.c.event_id == sa.bindparam("logged_id"), _APPLIED.c.seq.is_(None))
+    .values(seq=sa.bindparam("logged_seq"))
+)
 _POSITIONS = ConsumerPosition.__table__  # type: ignore[attr-defined]
 _OUTBOX_INSERT = OutboxEvent.__table__.insert()  # type: ignore[attr-defined]
 
@@ -226,13 +240,15 @@ class Network:
         book = book or Book()
         if event.id in (seen if seen is not None else applied_among(session, [event.id])):
             derived: list[Event[Any]] = []
+            if event.seq is not None:  # a derived event's copy: where it is in the log
+                book.logged.append((event.id, event.seq))
         else:
             context = Context(session, event, now=event.logged_at, live=live)
             for decide in self.routes.deciders.get(event.type, ()):
                 decide(context)
             if not context.refused:
                 self._project(session, event)
-            book.applied.append((event.id, event.seq))
+            book.applied.append((event.id, event.seq, None))
             self._apply_derived(session, context.derived, live=live, check=False, book=book)
             derived = context.derived
             if seen is not None:  # a derived event's copy can come later in the same batch (a rebuild)
@@ -244,16 +260,22 @@ class Network:
         return derived
 
     def record(self, session: Session, book: "Book") -> None:
-        """Write down what ``book`` collected: the applied ids and the outbox in one statement
-        each, the position once."""
+        """Write down what ``book`` collected: the applied ids, the log sequences of derived
+        events' copies and the outbox in one statement each, the position once."""
         connection = session.connection()  # straight to the connection: the session has nothing to track here
         if book.applied:
-            connection.execute(_APPLIED_INSERT, [{"event_id": event_id, "seq": seq} for event_id, seq in book.applied])
+            connection.execute(
+                _APPLIED_INSERT,
+                [{"event_id": event_id, "seq": seq, "caused_by": cause} for event_id, seq, cause in book.applied],
+            )
+        if book.logged:
+            connection.execute(_APPLIED_LOGGED, [{"logged_id": event_id, "logged_seq": seq} for event_id, seq in book.logged])
         if book.outbox:
             connection.execute(_OUTBOX_INSERT, book.outbox)
         if book.seq:
             self.advance(session, book.seq)
         book.applied.clear()
+        book.logged.clear()
         book.outbox.clear()
 
     def tick(self, session: Session, now: datetime | None = None, *, live: bool = True) -> list[Event[Any]]:
@@ -273,13 +295,13 @@ class Network:
     def _apply_derived(self, session: Session, derived: list[Event[Any]], *, live: bool, check: bool, book: "Book") -> None:
         # An event's consequences are new by construction (their ids derive from a cause applied
         # once); a timer's may have been decided before, so those are looked up.
-        recorded = {event_id for event_id, _ in book.applied} if check else set()
+        recorded = {event_id for event_id, _, _ in book.applied} if check else set()
         for event in derived:
             if check and (event.id in recorded or applied_among(session, [event.id])):
                 continue
             recorded.add(event.id)
             self._project(session, event)
-            book.applied.append((event.id, None))
+            book.applied.append((event.id, None, event.causationid))
             if live:
                 book.outbox.append(
                     {"event_id": event.id, "event": orjson.dumps(dict(event.envelope)), "created_at": datetime.now(timezone.utc)}

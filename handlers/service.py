@@ -172,13 +172,14 @@ class NetworkService:
                     failure = Failure(type(exc).__name__, str(exc)[:2000], permanent=True)
                     break
                 started = time.perf_counter()
-                mark = len(book.applied), book.seq
+                mark = len(book.applied), len(book.logged), book.seq
                 try:
                     with session.begin_nested():
                         derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
                 except Exception as exc:
                     del book.applied[mark[0]:]
-                    book.seq = mark[1]
+                    del book.logged[mark[1]:]
+                    book.seq = mark[2]
                     log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
                     failure = Failure(type(exc).__name__, _describe(exc), permanent=False)
                     break

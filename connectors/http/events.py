@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from nats.js.errors import NotFoundError
 from sqlmodel import Session
@@ -26,9 +26,11 @@ from connectors.http.auth import Member, Publisher, bus_of, engine_of
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page
 from connectors.http.problems import ApiProblem, documented, rejection, retry_after
 from connectors.http.ratelimit import RateLimiter
+from handlers.bookkeeping import applied_event
 from handlers.db import reading
+from handlers.network import derived_type
 from handlers.validations import validation_view
-from schemas.envelope import INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
+from schemas.envelope import EVENT_ID_PATTERN, INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
 
 router = APIRouter(tags=["events"])
 
@@ -229,3 +231,74 @@ async def read_log(
     more = len(items) > limit
     items = items[:limit]
     return {"items": items, "next_cursor": str(items[-1]["seq"]) if more else None}
+
+
+def _applied(engine: Any, event_id: str) -> tuple[int | None, list[tuple[str, int | None]]] | None:
+    with reading(engine).connect() as connection:
+        return applied_event(connection, event_id)
+
+
+async def _logged_event(request: Request, seq: int, viewer: str) -> dict[str, Any] | None:
+    """The event at ``seq`` of the log, if it is still there and ``viewer`` may see it."""
+    try:
+        msg = await bus_of(request).js.get_msg(EVENTS_STREAM, seq=seq)
+    except NotFoundError:
+        return None
+    event: dict[str, Any] = orjson.loads(msg.data or b"{}")
+    if event.get("type") in _GUARDED and not await run_in_threadpool(_visible, engine_of(request), event, viewer):
+        return None
+    return event
+
+
+@router.get(
+    "/events/{event_id}",
+    summary="One event and what became of it",
+    response_model=resources.EventOutcome,
+    responses=documented(401, 403, 404, 422),
+)
+async def read_event(
+    request: Request,
+    viewer: Member,
+    event_id: Annotated[str, Path(pattern=EVENT_ID_PATTERN, description="the event's `id`")],
+) -> dict[str, Any]:
+    """An event the network has applied, with what it led to: whether a workflow rule refused it
+    (``outcome``, and the refusal with its reason) and the events the workflows decided on it.
+
+    A ``202`` from ``POST /events`` means the event is logged; it is applied moments later, and
+    a refusal (say, a change to a project by a member who is not its owner) is an event of its
+    own, in the owner's name: this is where its sender finds it. 404 while the event is not
+    applied yet (or never was: refused at the gate, or dead-lettered) and for confidential events
+    the caller may not see."""
+    applied = await run_in_threadpool(_applied, engine_of(request), event_id)
+    not_found = ApiProblem(
+        404,
+        f"no applied event {event_id!r}: an event is applied moments after its 202 (try again), "
+        "and one the gateway refused was never logged",
+        kind="not_found",
+    )
+    if applied is None or applied[0] is None:
+        raise not_found
+    seq, consequences = applied
+    event = await _logged_event(request, seq, viewer)
+    if event is None:
+        raise not_found
+    derived: list[dict[str, Any]] = []
+    pending: list[str] = []
+    for derived_id, derived_seq in consequences:
+        if derived_seq is None:
+            pending.append(derived_id)
+            continue
+        logged = await _logged_event(request, derived_seq, viewer)
+        if logged is not None:
+            derived.append({"seq": derived_seq, "event": logged})
+    refusal = next((item for item in derived if str(item["event"].get("type", "")).endswith("_rejected")), None)
+    refused = refusal is not None or any(str(derived_type(i)).endswith("_rejected") for i in pending)
+    return {
+        "seq": seq,
+        "event": event,
+        "outcome": "refused" if refused else "applied",
+        "refusal": refusal,
+        "derived": derived,
+        "derived_pending": pending,
+    }
+

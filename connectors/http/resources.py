@@ -205,6 +205,25 @@ class LoggedEvent(BaseModel):
     event: dict[str, Any]
 
 
+class EventOutcome(BaseModel):
+    """One logged event and what became of it once the network applied it."""
+
+    seq: int = Field(description="its log sequence")
+    event: dict[str, Any] = Field(description="the event as logged (canonical structured CloudEvent)")
+    outcome: Literal["applied", "refused"] = Field(
+        description="`refused`: a workflow rule refused it (its effects were not applied; `refusal` says why)"
+    )
+    refusal: LoggedEvent | None = Field(
+        description="the `…_rejected` event the bus logged about it, with the reason (`data.reason.code`)"
+    )
+    derived: list[LoggedEvent] = Field(
+        description="every event the workflows decided on it (the refusal included), in log order"
+    )
+    derived_pending: list[str] = Field(
+        description="ids of events decided on it that the bus is still logging (they appear in `derived` moments later)"
+    )
+
+
 class LevelSpread(BaseModel):
     municipality_level: str
     municipalities: int = Field(description="distinct adopting municipalities of this level")

@@ -267,7 +267,7 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     scores = {c: 4 for c in ("novelty", "effectiveness", "user_involvement", "transferability", "sustainability", "equity")}
     review = {"validation_id": validation_id, "scores": scores, "evidence_level": 3, "recommendation": "validate",
               "comments": {"fi": "Vahva näyttö."}}
-    await gateway.offer(first, "validation.review_submitted", review)
+    submitted = await gateway.offer(first, "validation.review_submitted", review)
     await gateway.settle()
 
     async def seen_by(institution: str) -> tuple[list[str] | None, int]:
@@ -278,6 +278,10 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
         return reviews, len(logged.json()["items"])
 
     assert await seen_by(outsider) == (None, 0)
+    hidden = await gateway.client.get(f"/events/{submitted['id']}", headers=gateway.auth(outsider))
+    assert hidden.status_code == 404  # a confidential review is not there for those who may not see it
+    shown = await gateway.client.get(f"/events/{submitted['id']}", headers=gateway.auth(municipality))
+    assert shown.status_code == 200 and shown.json()["event"]["data"]["comments"] == review["comments"]
     assert await seen_by(second) == ([], 0)  # an assigned reviewer sees only their own
     undecided = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
     assert [(v["validation_id"], v["status"], v["median_scores"]) for page in undecided for v in page] == [
@@ -378,6 +382,55 @@ async def test_events_pages_through_the_log(gateway: Gateway) -> None:
     response = await gateway.client.get("/events", params={"institution": owner, "after_seq": posted[2]}, headers=auth)
     assert [item["seq"] for item in response.json()["items"]] == posted[3:]
     problem(await gateway.client.get("/events", params={"subject": "a.b"}, headers=auth), 422, "invalid_request")
+
+
+async def test_an_event_can_be_looked_up_with_its_refusal_and_what_it_led_to(gateway: Gateway) -> None:
+    owner = await gateway.join("cooperative")
+    outsider = await gateway.join("ngo")
+    organiser = await gateway.join("competence_centre")
+    practice = project(owner)
+    registered = await gateway.offer(owner, "project.registered", practice)
+    changed = await gateway.offer(outsider, "project.updated", {
+        "project_id": practice["project_id"], "changes": {"title": {"en": "Taken over"}}})
+    day_id, registration_id = unique("day"), unique("reg")
+    start = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=30)
+    await gateway.offer(organiser, "innovation_day.scheduled", {
+        "day_id": day_id, "title": {"en": "Innovation day"}, "format": "innovation_day",
+        "starts_at": start.isoformat(), "ends_at": (start + timedelta(hours=6)).isoformat(), "attendance_mode": "online",
+        "online_url": "https://meet.example.org/day", "capacity": 10, "registration_deadline": start.isoformat(),
+        "themes": ["health_care"], "languages": ["en"]})
+    registration = await gateway.offer(owner, "innovation_day.registration_requested", {
+        "day_id": day_id, "registration_id": registration_id, "participant": owner, "role": "innovator", "attendees": 1})
+    await gateway.settle()
+    auth = gateway.auth(outsider)
+
+    def types(outcome: dict[str, Any]) -> list[str]:
+        return [item["event"]["type"] for item in outcome["derived"]]
+
+    applied = (await gateway.client.get(f"/events/{registered['id']}", headers=auth)).json()
+    assert (applied["seq"], applied["event"]["id"], applied["outcome"]) == (registered["seq"], registered["id"], "applied")
+    assert (applied["refusal"], applied["derived"], applied["derived_pending"]) == (None, [], [])
+
+    refused = (await gateway.client.get(f"/events/{changed['id']}", headers=auth)).json()
+    assert refused["outcome"] == "refused" and types(refused) == ["project.action_rejected"]
+    refusal = refused["refusal"]
+    assert refusal == refused["derived"][0] and refusal["seq"] > changed["seq"]
+    assert refusal["event"]["source"] == f"/institutions/{owner}"  # in the owner's name, yet found by its sender
+    assert refusal["event"]["data"]["rejected_event_id"] == changed["id"]
+    assert (refusal["event"]["data"]["actor"], refusal["event"]["data"]["reason"]["code"]) == (outsider, "not_owner")
+    title = (await gateway.client.get(f"/projects/{practice['project_id']}", headers=auth)).json()["title"]
+    assert title == practice["title"]
+
+    confirmed = (await gateway.client.get(f"/events/{registration['id']}", headers=auth)).json()
+    assert confirmed["outcome"] == "applied" and types(confirmed) == ["innovation_day.registration_confirmed"]
+    assert confirmed["derived"][0]["event"]["causationid"] == registration["id"]
+    own = (await gateway.client.get(f"/events/{refusal['event']['id']}", headers=auth)).json()  # a derived event itself
+    assert (own["seq"], own["outcome"]) == (refusal["seq"], "applied")
+
+    missing = problem(await gateway.client.get(f"/events/{unique('e')}", headers=auth), 404, "not_found")
+    assert "moments" in missing["detail"]
+    problem(await gateway.client.get("/events/not%20an%20id", headers=auth), 422, "invalid_request")
+    problem(await gateway.client.get(f"/events/{registered['id']}"), 401, "unauthorized")
 
 
 async def test_a_former_member_cannot_read(gateway: Gateway) -> None:
