@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -93,3 +93,77 @@ async def read(
                 return
     finally:
         await sub.unsubscribe()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An applied event and what became of it (``GET /events/{id}``, ``collabbus publish``)."""
+
+    seq: int
+    event: dict[str, Any]
+    derived: list[tuple[int, dict[str, Any]]]
+    """The events decided on it that are logged, in log order."""
+    pending: list[str]
+    """Ids of events decided on it that are not logged yet."""
+
+    @property
+    def refusal(self) -> tuple[int, dict[str, Any]] | None:
+        """The ``…_rejected`` event a workflow rule logged about it, if one did."""
+        return next((item for item in self.derived if str(item[1].get("type", "")).endswith("_rejected")), None)
+
+    @property
+    def refused(self) -> bool:
+        from handlers.network import derived_type
+
+        return self.refusal is not None or any(str(derived_type(event_id)).endswith("_rejected") for event_id in self.pending)
+
+    def as_dict(self) -> dict[str, Any]:
+        """As ``GET /events/{id}`` answers it."""
+        refusal = self.refusal
+        return {
+            "seq": self.seq,
+            "event": self.event,
+            "outcome": "refused" if self.refused else "applied",
+            "refusal": {"seq": refusal[0], "event": refusal[1]} if refusal else None,
+            "derived": [{"seq": seq, "event": event} for seq, event in self.derived],
+            "derived_pending": self.pending,
+        }
+
+
+async def logged_at(js: JetStreamContext, seq: int) -> dict[str, Any] | None:
+    """The event at ``seq`` of the log (``None`` when it is no longer there)."""
+    from nats.js.errors import NotFoundError
+
+    try:
+        msg = await js.get_msg(EVENTS_STREAM, seq=seq)
+    except NotFoundError:
+        return None
+    return orjson.loads(msg.data or b"{}")  # type: ignore[no-any-return]
+
+
+async def outcome(
+    js: JetStreamContext,
+    applied: tuple[int | None, list[tuple[str, int | None]]] | None,
+    visible: Callable[[dict[str, Any]], Awaitable[bool]] | None = None,
+) -> Outcome | None:
+    """What became of an event, from what the read models recorded of it
+    (:func:`handlers.bookkeeping.applied_event`) and the log; ``None`` when it is not applied,
+    not logged yet, no longer in the log or (by ``visible``) not to be shown."""
+    if applied is None:
+        return None
+    seq, consequences = applied
+    if seq is None:
+        return None
+    event = await logged_at(js, seq)
+    if event is None or (visible is not None and not await visible(event)):
+        return None
+    derived: list[tuple[int, dict[str, Any]]] = []
+    pending: list[str] = []
+    for derived_id, derived_seq in consequences:
+        if derived_seq is None:
+            pending.append(derived_id)
+            continue
+        logged = await logged_at(js, derived_seq)
+        if logged is not None and (visible is None or await visible(logged)):
+            derived.append((derived_seq, logged))
+    return Outcome(seq, event, derived, pending)

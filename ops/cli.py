@@ -183,21 +183,112 @@ def _load_data(value: str) -> Any:
         raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--data") from None
 
 
-def _offer_and_report(settings: Settings, institution: str, event: dict[str, Any], *, binary: bool = False, as_json: bool) -> None:
-    """Offer one event over NATS ingress as ``institution``, print the verdict, exit 1 if refused."""
+OUTCOME_WAIT = 10.0
+"""Seconds ``publish`` waits for the network to apply an accepted event before it says so."""
+
+
+def _offer_and_report(
+    settings: Settings, institution: str, event: dict[str, Any], *, binary: bool = False, as_json: bool, wait: bool = False
+) -> None:
+    """Offer one event over NATS ingress as ``institution``, print the verdict, exit 1 if refused.
+
+    ``wait``: once accepted, wait for the network to apply it and report what became of it (a
+    workflow rule may refuse it there: exit 1 then too)."""
     from bus.client import offer
 
-    async def main() -> Any:
+    async def main() -> tuple[Any, Any, bool]:
         nc = await _connect(settings, "collabbus-cli")
         try:
-            return await offer(nc, institution, event, binary=binary)
+            verdict = await offer(nc, institution, event, binary=binary)
+            if not (wait and verdict.accepted and verdict.id):
+                return verdict, None, False
+            found = await _outcome_of(settings, nc.jetstream(), verdict.id, OUTCOME_WAIT)
+            return verdict, found, True
         finally:
             await nc.close()
 
-    verdict = run(main())
-    _print_verdict(verdict, as_json)
-    if not verdict.accepted:
+    verdict, found, waited = run(main())
+    if as_json:
+        body = verdict.as_dict()
+        if waited:
+            body["outcome"] = found.as_dict() if found is not None else None
+        out.print_json(data=body)
+    else:
+        _print_verdict(verdict, False)
+        if waited:
+            _print_outcome(verdict.id, found)
+    if not verdict.accepted or (found is not None and found.refused):
         raise typer.Exit(1)
+
+
+async def _outcome_of(settings: Settings, js: Any, event_id: str, timeout: float) -> Any:
+    """What became of an accepted event once the network applied it (its refusal, what it led
+    to); ``None`` when the read models did not have it within ``timeout`` seconds or cannot be read."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from bus import log
+    from handlers.bookkeeping import applied_event
+
+    engine = _existing_read_models(settings)
+    if engine is None:
+        return None
+
+    def look() -> Any:
+        with engine.connect() as connection:
+            return applied_event(connection, event_id)
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        while True:
+            try:
+                applied = await asyncio.to_thread(look)
+            except SQLAlchemyError:  # not migrated yet, or another machine's database: nothing to wait for
+                return None
+            found = await log.outcome(js, applied)
+            settled = found is not None and not found.pending
+            if settled or asyncio.get_running_loop().time() >= deadline:
+                return found
+            await asyncio.sleep(0.05)
+    finally:
+        engine.dispose()
+
+
+def _existing_read_models(settings: Settings) -> Any:
+    """A read-only engine on the read models when they exist here (the bus may run elsewhere:
+    a SQLite file is not created for a look), else ``None``. The caller disposes of it."""
+    from sqlalchemy.engine import make_url
+
+    from handlers.db import make_engine, reading
+
+    url = make_url(settings.db_url)
+    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).exists()):
+        return None
+    return reading(make_engine(settings.db_url))
+
+
+def _print_outcome(event_id: str, found: Any) -> None:
+    if found is None:
+        out.print(
+            f"[yellow]not applied yet[/yellow]: the network did not apply it within {OUTCOME_WAIT:.0f} s "
+            f"(is the bus running? `collabbus status`); its outcome later: GET /events/{event_id}"
+        )
+        return
+    refusal = found.refusal
+    if refusal is not None:
+        seq, rejected = refusal
+        reason = (rejected.get("data") or {}).get("reason") or {}
+        message = reason.get("message")
+        text = next(iter(message.values())) if isinstance(message, dict) and message else ""
+        owner = str(rejected.get("source", "")).removeprefix("/institutions/")
+        out.print(f"[red]refused[/red] by the workflow: {reason.get('code', '?')}" + (f" — {text}" if text else ""))
+        out.print(f"  {rejected.get('type')} #{seq} in {owner}'s name")
+    elif found.refused:
+        out.print("[red]refused[/red] by the workflow (its refusal is being logged)")
+    else:
+        out.print(f"[green]applied[/green] #{found.seq}")
+    for seq, derived in found.derived:
+        if refusal is None or seq != refusal[0]:
+            out.print(f"  led to {derived.get('type')} #{seq}")
 
 
 def _print_verdict(verdict: Any, as_json: bool) -> None:
@@ -423,11 +514,14 @@ def publish(
     correlation_id: Annotated[Optional[str], typer.Option(help="conversation the event belongs to")] = None,
     causation_id: Annotated[Optional[str], typer.Option(help="the event that caused this one")] = None,
     binary: Annotated[bool, typer.Option(help="send in binary mode (ce- headers)")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False,
+    wait: Annotated[bool, typer.Option(help="once accepted, wait for the network to apply it and report what became of it")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdict (and its outcome) as JSON")] = False,
     *,
     settings: Settings,
 ) -> None:
-    """Publish one event through the gatekeeper; prints accepted or rejected with reasons."""
+    """Publish one event through the gatekeeper; prints accepted or rejected with reasons, then
+    (unless --no-wait) whether the network applied it or a workflow rule refused it, and what it
+    led to. Exits 1 when it is rejected or refused."""
     from schemas import registry
 
     payload = _load_data(data)
@@ -451,7 +545,7 @@ def publish(
     if causation_id:
         event["causationid"] = causation_id
 
-    _offer_and_report(settings, as_, event, binary=binary, as_json=as_json)
+    _offer_and_report(settings, as_, event, binary=binary, as_json=as_json, wait=wait)
 
 
 # --------------------------------------------------------------------------- tail
@@ -959,11 +1053,21 @@ def institutions_add(
     identifier: Annotated[Optional[list[str]], typer.Option(help="SCHEME=VALUE, e.g. fi-business-id=0245895-8")] = None,
     website: Annotated[Optional[str], typer.Option()] = None,
     contact_email: Annotated[Optional[str], typer.Option()] = None,
+    replace: Annotated[bool, typer.Option(help="an existing member: restate all its facts (those not given are cleared)")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     *,
     settings: Settings,
 ) -> None:
-    """Add a member: the operator publishes institution.joined."""
+    """Add a member: the operator publishes institution.joined. An ID that is already a member
+    is refused unless --replace (to change some facts, publish institution.updated)."""
+    present = None if replace else _current_member(settings, institution_id)
+    if present is not None:
+        err.print(
+            f"[red]error:[/red] {institution_id} is already a member ({present}). `institutions add` would restate "
+            "every fact of it and clear those not given: pass --replace for that, or publish institution.updated "
+            "to change some."
+        )
+        raise typer.Exit(1)
 
     data: dict[str, Any] = {"id": institution_id, "name": {lang: name}, "kind": kind, "country": country}
     optional = {"region": region, "municipality_level": municipality_level, "website": website, "contact_email": contact_email}
@@ -988,6 +1092,30 @@ def institutions_add(
     }
 
     _offer_and_report(settings, settings.operator, event, as_json=as_json)
+
+
+def _current_member(settings: Settings, institution_id: str) -> str | None:
+    """How the read models here describe ``institution_id`` while it is a member, else ``None``
+    (also when there are no read models here to ask)."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlmodel import Session
+
+    from handlers.institutions import member
+
+    engine = _existing_read_models(settings)
+    if engine is None:
+        return None
+    try:
+        with Session(engine) as session:
+            found = member(session, institution_id)
+            if found is None:
+                return None
+            name = next(iter(found.name.values()), found.id)
+            return f"{name}, {found.kind}, {found.country}"
+    except SQLAlchemyError:  # not migrated yet, or not reachable: the bus decides as it always does
+        return None
+    finally:
+        engine.dispose()
 
 
 @institutions_app.command("list")

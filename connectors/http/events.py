@@ -17,7 +17,7 @@ from nats.js.errors import NotFoundError
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from bus import cloudevents
+from bus import cloudevents, log
 from bus.gate import INPUT_FACTOR
 from bus.log import event_filter
 from bus.streams import EVENTS_STREAM
@@ -28,7 +28,6 @@ from connectors.http.problems import ApiProblem, documented, rejection, retry_af
 from connectors.http.ratelimit import RateLimiter
 from handlers.bookkeeping import applied_event
 from handlers.db import reading
-from handlers.network import derived_type
 from handlers.validations import validation_view
 from schemas.envelope import EVENT_ID_PATTERN, INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
 
@@ -238,18 +237,6 @@ def _applied(engine: Any, event_id: str) -> tuple[int | None, list[tuple[str, in
         return applied_event(connection, event_id)
 
 
-async def _logged_event(request: Request, seq: int, viewer: str) -> dict[str, Any] | None:
-    """The event at ``seq`` of the log, if it is still there and ``viewer`` may see it."""
-    try:
-        msg = await bus_of(request).js.get_msg(EVENTS_STREAM, seq=seq)
-    except NotFoundError:
-        return None
-    event: dict[str, Any] = orjson.loads(msg.data or b"{}")
-    if event.get("type") in _GUARDED and not await run_in_threadpool(_visible, engine_of(request), event, viewer):
-        return None
-    return event
-
-
 @router.get(
     "/events/{event_id}",
     summary="One event and what became of it",
@@ -269,36 +256,18 @@ async def read_event(
     own, in the owner's name: this is where its sender finds it. 404 while the event is not
     applied yet (or never was: refused at the gate, or dead-lettered) and for confidential events
     the caller may not see."""
-    applied = await run_in_threadpool(_applied, engine_of(request), event_id)
-    not_found = ApiProblem(
-        404,
-        f"no applied event {event_id!r}: an event is applied moments after its 202 (try again), "
-        "and one the gateway refused was never logged",
-        kind="not_found",
-    )
-    if applied is None or applied[0] is None:
-        raise not_found
-    seq, consequences = applied
-    event = await _logged_event(request, seq, viewer)
-    if event is None:
-        raise not_found
-    derived: list[dict[str, Any]] = []
-    pending: list[str] = []
-    for derived_id, derived_seq in consequences:
-        if derived_seq is None:
-            pending.append(derived_id)
-            continue
-        logged = await _logged_event(request, derived_seq, viewer)
-        if logged is not None:
-            derived.append({"seq": derived_seq, "event": logged})
-    refusal = next((item for item in derived if str(item["event"].get("type", "")).endswith("_rejected")), None)
-    refused = refusal is not None or any(str(derived_type(i)).endswith("_rejected") for i in pending)
-    return {
-        "seq": seq,
-        "event": event,
-        "outcome": "refused" if refused else "applied",
-        "refusal": refusal,
-        "derived": derived,
-        "derived_pending": pending,
-    }
+    engine = engine_of(request)
 
+    async def visible(event: dict[str, Any]) -> bool:
+        return event.get("type") not in _GUARDED or bool(await run_in_threadpool(_visible, engine, event, viewer))
+
+    applied = await run_in_threadpool(_applied, engine, event_id)
+    found = await log.outcome(bus_of(request).js, applied, visible)
+    if found is None:
+        raise ApiProblem(
+            404,
+            f"no applied event {event_id!r}: an event is applied moments after its 202 (try again), "
+            "and one the gateway refused was never logged",
+            kind="not_found",
+        )
+    return found.as_dict()

@@ -73,6 +73,7 @@ def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp
     published = cli("publish", "project.registered", "--as", fixture["as"], "--data", f"@{data_file}", "--id", event_id, env=env)
     assert published.returncode == 0, published.stderr + published.stdout
     assert f"accepted {event_id}" in published.stdout
+    assert "applied #" in published.stdout  # it waited for the network to apply it
 
     again = cli("publish", "project.registered", "--as", fixture["as"], "--data", f"@{data_file}", "--id", event_id, "--json", env=env)
     assert again.returncode == 0 and json.loads(again.stdout)["duplicate"] is True
@@ -102,6 +103,38 @@ def test_publish_reports_a_rejection_with_its_reasons(running_bus: dict[str, str
 
     result = cli("publish", "project.registered", "--as", fixture["as"], "--data", "@/no/such/file.json", env=running_bus)
     assert result.returncode == 2 and "no such file" in result.stderr
+
+
+def test_publish_reports_a_refusal_by_the_workflow(running_bus: dict[str, str]) -> None:
+    env = running_bus
+    owner, outsider = unique("owner"), unique("ngo")
+    for institution, kind in ((owner, "municipality"), (outsider, "ngo")):
+        added = cli("institutions", "add", institution, "--name", institution, "--kind", kind, "--country", "FI", env=env)
+        assert added.returncode == 0, added.stderr + added.stdout
+    again = cli("institutions", "add", owner, "--name", "Typo", "--kind", "ngo", "--country", "SE", env=env)
+    assert again.returncode == 1 and "already a member" in again.stderr and "--replace" in again.stderr
+    assert f"{owner}, municipality, FI" in again.stderr  # what it would have replaced
+    replaced = cli("institutions", "add", owner, "--name", owner, "--kind", "municipality", "--country", "FI",
+                   "--replace", env=env)
+    assert replaced.returncode == 0 and "accepted" in replaced.stdout, replaced.stderr
+    project_id = unique("p")
+    registered = cli("publish", "project.registered", "--as", owner, "--data", json.dumps({
+        "project_id": project_id, "title": {"fi": "Kotihoito"}, "owner": owner, "status": "active"}), env=env)
+    assert registered.returncode == 0 and "applied #" in registered.stdout, registered.stdout + registered.stderr
+
+    change = json.dumps({"project_id": project_id, "changes": {"title": {"fi": "Meidän nyt"}}})
+    refused = cli("publish", "project.updated", "--as", outsider, "--data", change, env=env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "accepted" in refused.stdout and "refused by the workflow: not_owner" in refused.stdout
+    assert "project.action_rejected #" in refused.stdout and f"in {owner}'s name" in refused.stdout
+
+    scripted = cli("publish", "project.updated", "--as", outsider, "--data", change, "--json", env=env)
+    body = json.loads(scripted.stdout)
+    assert scripted.returncode == 1 and body["status"] == "accepted"
+    assert body["outcome"]["outcome"] == "refused" and body["outcome"]["refusal"]["event"]["data"]["actor"] == outsider
+
+    unwaited = cli("publish", "project.updated", "--as", outsider, "--data", change, "--no-wait", env=env)
+    assert unwaited.returncode == 0 and "accepted" in unwaited.stdout and "refused" not in unwaited.stdout
 
 
 def test_publish_without_a_bus_says_so(tmp_path: Path) -> None:
