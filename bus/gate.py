@@ -107,6 +107,12 @@ def named_spec(raw: Mapping[str, Any]) -> tuple[registry.EventSpec | None, list[
         return None, [Problem(("dataschema",), str(exc), "dataschema_invalid")]
 
 
+SENDER_NAMED: dict[str, str] = {"project.registered": "owner"}
+"""Types whose data names the institution saying them: it must be the event's source. (A member
+registers its own projects; one registered in another's name would be a project its registrant
+cannot change, shown as the other's. Others take part as partners.)"""
+
+
 def validate(
     raw: dict[str, Any], body: bytes | None = None, named: tuple[registry.EventSpec | None, list[Problem]] | None = None
 ) -> tuple[registry.EventSpec, CloudEvent]:
@@ -134,6 +140,16 @@ def validate(
             "subject_mismatch",
             f"subject {event.subject!r} must be the {spec.subject_field} of the data ({expected!r})",
             "subject",
+        )
+    field = SENDER_NAMED.get(spec.type)
+    if field is not None and source_of(str(getattr(data, field))) != event.source:
+        raise reject(
+            "forbidden",
+            f"{field}_mismatch",
+            f"{field} {getattr(data, field)!r} must be the sender ({event.source!r}): "
+            f"an institution says {spec.type} of its own",
+            "data",
+            field,
         )
     return spec, event
 

@@ -188,6 +188,16 @@ async def test_a_spoofed_source_is_forbidden(partner: Client) -> None:
     assert verdict.reason == "forbidden" and codes(verdict) == {"source_mismatch"}
 
 
+async def test_a_project_is_registered_by_its_owner(partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    event["data"]["owner"] = "fi-thl"  # Mersin registering a project as THL's
+    verdict = await offer(partner, institution, event)
+    assert verdict.reason == "forbidden" and codes(verdict) == {"owner_mismatch"}
+    assert locs(verdict) == {("data", "owner")} and "must be the sender" in verdict.errors[0].msg
+    institution, event = fresh("project.registered")
+    assert (await offer(partner, institution, event)).accepted  # the next one, its own, goes through
+
+
 async def test_the_ingress_subject_must_match_the_type(partner: Client) -> None:
     institution, event = fresh("project.registered")
     body = orjson.dumps(event)
@@ -231,6 +241,7 @@ async def test_a_member_can_publish_as_soon_as_it_has_joined(bus: Bus, partner: 
     newcomer = unique("fi-new")
     await join(partner, newcomer, "ngo")
     _, event = fresh("project.registered", source=f"/institutions/{newcomer}")
+    event["data"]["owner"] = newcomer
     verdict = await offer(partner, newcomer, event)
     assert verdict.accepted, verdict.as_dict()
 
