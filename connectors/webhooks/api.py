@@ -75,6 +75,9 @@ class WebhookEndpoint(BaseModel):
     description: str
     enabled: bool
     disabled_reason: str | None
+    disabled_at: datetime | None = Field(
+        description="when it was last disabled (kept after it is enabled again: `POST …/recover` from then fetches what it missed)"
+    )
     created_at: datetime
     updated_at: datetime
     last_success_at: datetime | None

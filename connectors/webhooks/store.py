@@ -59,6 +59,9 @@ class Endpoint(_Webhooks, table=True):
     """Until then the secret replaced by a rotation still signs too."""
     enabled: bool = True
     disabled_reason: str | None = Field(default=None, max_length=200)
+    disabled_at: datetime | None = _when()
+    """When it was last disabled; kept once it is enabled again, so that ``/recover`` from then
+    fetches what it missed."""
     after_seq: int = 0
     """Events logged after this sequence are delivered: an endpoint starts with the log as it is."""
     created_at: datetime = _when(nullable=False)
@@ -150,7 +153,7 @@ def endpoint_of(session: Session, institution: str, endpoint_id: str) -> Endpoin
 
 
 def disable(endpoint: Endpoint, reason: str, now: datetime) -> None:
-    endpoint.enabled, endpoint.disabled_reason, endpoint.updated_at = False, reason[:200], now
+    endpoint.enabled, endpoint.disabled_reason, endpoint.disabled_at, endpoint.updated_at = False, reason[:200], now, now
 
 
 def delete_endpoint(session: Session, endpoint: Endpoint) -> None:
@@ -322,7 +325,10 @@ ENDPOINT_HEALTH = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).val
     last_success_at=sa.bindparam("b_last_success_at"), failing_since=sa.bindparam("b_failing_since")
 )
 ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).values(
-    enabled=False, disabled_reason=sa.bindparam("b_disabled_reason"), updated_at=sa.bindparam("b_updated_at")
+    enabled=False,
+    disabled_reason=sa.bindparam("b_disabled_reason"),
+    disabled_at=sa.bindparam("b_updated_at"),
+    updated_at=sa.bindparam("b_updated_at"),
 )
 
 

@@ -155,7 +155,7 @@ async def test_410_disables_the_endpoint(network: Network, receiver: Receiver) -
     (delivery,) = await settled(gateway, owner, gone["id"], 1)
     assert delivery["status"] == "failed" and [a["status_code"] for a in delivery["attempts"]] == [410]
     shown = (await gateway.client.get(f"/webhooks/{gone['id']}", headers=gateway.auth(owner))).json()
-    assert shown["enabled"] is False and "410" in shown["disabled_reason"]
+    assert shown["enabled"] is False and "410" in shown["disabled_reason"] and shown["disabled_at"] is not None
 
     later = await offer_project(gateway, owner)
     await eventually(lambda: later["id"] in ids(receiver.at("/probe")), what="the probe's delivery")
@@ -182,7 +182,7 @@ async def test_an_endpoint_failing_for_five_days_is_disabled(network: Network, r
         return shown if not shown["enabled"] else None
 
     shown = await eventually(disabled, what="the endpoint disabled")
-    assert shown["disabled_reason"] == "no successful delivery for 5 days"
+    assert shown["disabled_reason"] == "no successful delivery for 5 days" and shown["disabled_at"] is not None
     assert len(receiver.at("/flaky")) == 1
 
 
@@ -360,5 +360,6 @@ async def test_an_institution_that_leaves_receives_nothing_more(network: Network
 
         endpoint = session.get(Endpoint, leaving["id"])
         assert endpoint is not None and endpoint.enabled is False and endpoint.disabled_reason == "the institution left the network"
+        assert endpoint.disabled_at is not None
         assert session.get(Endpoint, staying["id"]).enabled is True  # type: ignore[union-attr]
     assert leaving["id"] not in gateway.bus.webhooks.workers

@@ -16,7 +16,7 @@ async def test_an_institution_manages_its_own_endpoints(network: Network, receiv
     auth, foreign = gateway.auth(owner), gateway.auth(other)
 
     created = await register(gateway, owner, receiver.url("/hooks"), ["project.*", "call.published"])
-    assert created["id"].startswith("ep_") and created["enabled"] is True
+    assert created["id"].startswith("ep_") and created["enabled"] is True and created["disabled_at"] is None
     assert created["event_types"] == ["project.*", "call.published"] and created["description"] == "test"
     assert created["secret"].startswith("whsec_") and len(base64.b64decode(created["secret"][6:])) >= 24
     endpoint = f"/webhooks/{created['id']}"
@@ -42,8 +42,10 @@ async def test_an_institution_manages_its_own_endpoints(network: Network, receiv
     assert changed.json()["secret"] is None
     disabled = (await gateway.client.patch(endpoint, json={"enabled": False}, headers=auth)).json()
     assert disabled["enabled"] is False and disabled["disabled_reason"] == "disabled by its owner"
+    assert disabled["disabled_at"] is not None and disabled["disabled_at"] >= created["created_at"]
     enabled = (await gateway.client.patch(endpoint, json={"enabled": True}, headers=auth)).json()
     assert enabled["enabled"] is True and enabled["disabled_reason"] is None
+    assert enabled["disabled_at"] == disabled["disabled_at"]  # from when to recover what it missed
 
     rotated = (await gateway.client.patch(endpoint, json={"rotate_secret": True}, headers=auth)).json()
     assert rotated["secret"].startswith("whsec_") and rotated["secret"] != created["secret"]
