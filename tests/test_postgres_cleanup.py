@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_a_cluster_left_by_a_killed_run_is_stopped_by_the_next() -> None:
     url = run.stdout.readline().strip()
     assert url.startswith("postgresql"), url
     port = url.rsplit(":", 1)[1].split("/")[0]
-    owned = [d for d in Path("/tmp").glob("collabbus-pg-*")
+    owned = [d for d in Path(tempfile.gettempdir()).glob("collabbus-pg-*")
              if (d / postgres.OWNER_FILE).exists() and (d / postgres.OWNER_FILE).read_text() == str(run.pid)]
     assert len(owned) == 1
     run.send_signal(signal.SIGKILL)  # as a timeout kills a run: no clean-up of its own
