@@ -7,7 +7,7 @@ domains' tables, read here with plain SQL so this module depends on their column
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, cast
 
 from sqlalchemy import JSON, Column
@@ -430,6 +430,15 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
     }
     state = _state(session, validation)
     parties = {state.coordinator, state.requester, *state.reviewers}
+    reviews = _reviews(session, validation_id)
+    if viewer in parties:  # who has reviewed, and who is late, is the workflow's own business
+        reviewed = {r.reviewer for r in reviews}
+        now = datetime.now(timezone.utc)
+        open_ = state.status not in ("decided", "withdrawn")
+        for shown in view["reviewers"]:
+            due = next((r.due_by for r in reviewers if r.reviewer == shown["reviewer"]), None) or validation.due_by
+            shown["reviewed"] = shown["reviewer"] in reviewed
+            shown["overdue"] = open_ and not shown["reviewed"] and due is not None and due < now
     if state.status == "decided" or viewer in parties:
         view["reviews"] = [
             {
@@ -441,7 +450,7 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
                 "submitted_at": _iso(r.submitted_at),
                 "revision": r.revision,
             }
-            for r in rules.visible_reviews(state, _reviews(session, validation_id), viewer)
+            for r in rules.visible_reviews(state, reviews, viewer)
         ]
     if viewer in parties:
         view["info_requests"] = [

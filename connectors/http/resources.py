@@ -143,7 +143,10 @@ class ValidationDetail(Validation):
     self_assessment: dict[str, Any] | None = None
     withdrawn_reason: LocalizedText | None = None
     withdrawn_at: datetime | None = None
-    reviewers: list[dict[str, Any]] = []
+    reviewers: list[dict[str, Any]] = Field(default=[], description=(
+        "`reviewer`, `due_by`, `assigned_at`; for the workflow's parties also `reviewed` and `overdue` "
+        "(open, not reviewed, past its due date or the validation's)"
+    ))
     reviews: list[Review] | None = Field(default=None, description="absent when the caller may not see reviews")
     info_requests: list[dict[str, Any]] | None = Field(default=None, description="for the workflow's parties only")
 

@@ -262,8 +262,9 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
         "validation_id": validation_id, "project_id": practice["project_id"], "coordinator": coordinator, "quorum": 2,
         "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2, "statement": {"en": "we think it works"}},
     })
-    for reviewer in (first, second):
-        await gateway.offer(coordinator, "validation.reviewer_assigned", {"validation_id": validation_id, "reviewer": reviewer})
+    for reviewer, due_by in ((first, "2099-01-01T00:00:00Z"), (second, "2020-01-01T00:00:00Z")):
+        await gateway.offer(coordinator, "validation.reviewer_assigned",
+                            {"validation_id": validation_id, "reviewer": reviewer, "due_by": due_by})
     scores = {c: 4 for c in ("novelty", "effectiveness", "user_involvement", "transferability", "sustainability", "equity")}
     review = {"validation_id": validation_id, "scores": scores, "evidence_level": 3, "recommendation": "validate",
               "comments": {"fi": "Vahva näyttö."}}
@@ -291,6 +292,10 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
         assert [v["validation_id"] for page in mine for v in page] == expected
     detail = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(coordinator))).json()
     assert all(r["assigned_at"].endswith("Z") for r in detail["reviewers"])
+    progress = {r["reviewer"]: (r["reviewed"], r["overdue"]) for r in detail["reviewers"]}
+    assert progress == {first: (True, False), second: (False, True)}  # the second is past the due date
+    outsiders_view = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(outsider))).json()
+    assert all("reviewed" not in r and "overdue" not in r for r in outsiders_view["reviewers"])
     assert detail["requested_at"].endswith("Z")
     assert await seen_by(first) == ([first], 1)
     assert await seen_by(municipality) == ([first], 1)
