@@ -1520,7 +1520,7 @@ def portal_publications(
 def portal_sandbox(
     listen: Annotated[str, typer.Option("--listen", metavar="HOST:PORT", help="where the sandbox portal listens")] = "127.0.0.1:8090",
     token: Annotated[Optional[str], typer.Option("--token", help="the Bearer token it accepts (default: any)")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="create this many sample entries first")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="create this many sample entries first, when it has none yet")] = 0,
     *,
     settings: Settings,
 ) -> None:
@@ -1534,7 +1534,11 @@ def portal_sandbox(
 
     async def main() -> None:
         sandbox = PortalSandbox(settings.data_dir / "portal-sandbox.db", host or "127.0.0.1", int(port), token=token)
-        if seed:
+        present = len(sandbox.store.ids())
+        if seed and present:  # kept from an earlier run: seeding again would add as many again
+            err.print(f"[yellow]not seeding:[/yellow] the sandbox keeps {present} entries from before "
+                      f"(in {settings.data_dir / 'portal-sandbox.db'}; delete the file to start empty)")
+        elif seed:
             sandbox.store.seed(sample_entries(seed, [{"name": "Esimerkki ry", "business_id": "0000000-0"}]))
         stop = _stop_on_signals()
         await sandbox.start()

@@ -110,3 +110,28 @@ async def test_publish_command_marks_a_project_and_sync_creates_its_entry(
     assert listed["pushed_at"] is not None
     code, stdout, _ = await collabbus("portal", "publications")
     assert code == 0 and project_id in stdout and entry["id"] in stdout
+
+
+async def test_the_sandbox_seeds_only_when_it_is_empty(tmp_path: Path) -> None:
+    async def start_and_stop() -> str:
+        port = free_port()
+        sandbox = await asyncio.create_subprocess_exec(
+            *COLLABBUS, "portal", "sandbox", "--listen", f"127.0.0.1:{port}", "--seed", "3",
+            "--data-dir", str(tmp_path / "sandbox"), stderr=asyncio.subprocess.PIPE,
+        )
+        assert sandbox.stderr is not None
+        said = []
+        try:
+            while not said or "Ctrl-C to stop" not in said[-1]:
+                line = (await asyncio.wait_for(sandbox.stderr.readline(), 30)).decode()
+                assert line, "".join(said)
+                said.append(line)
+        finally:
+            sandbox.send_signal(signal.SIGINT)
+            await asyncio.wait_for(sandbox.wait(), 20)
+        return "".join(said)
+
+    first = await start_and_stop()
+    assert "3 entries" in first and "not seeding" not in first
+    again = await start_and_stop()  # a restart keeps what it had and adds nothing
+    assert "not seeding" in again and "3 entries" in again
