@@ -214,7 +214,13 @@ def check_request(ctx: Context) -> None:
     event = cast(Event[ValidationRequested], ctx.event)
     existing = ctx.session.get(Validation, event.data.validation_id)
     kind = _member_kind(ctx.session, event.data.coordinator)
-    refusal = rules.request_refusal(existing is not None, event.data.coordinator, kind)
+    project = None
+    if event.data.project_id is not None and (found := ctx.session.get(Project, event.data.project_id)) is not None:
+        project = (found.owner, frozenset(p.institution for p in children(ctx.session, ProjectPartner, "project_id", found.project_id)))
+    refusal = rules.request_refusal(
+        existing is not None, event.data.coordinator, kind,
+        requester=event.source, project=project, names_project=event.data.project_id is not None,
+    )
     if refusal is not None:
         _refuse(ctx, event, refusal, name=existing.coordinator if existing else event.source)
 
@@ -224,14 +230,15 @@ def check_action(ctx: Context) -> None:
     event = cast(Event[Any], ctx.event)
     validation = ctx.session.get(Validation, event.data.validation_id)
     state = _state(ctx.session, validation) if validation is not None else None
-    refusal = rules.action_refusal(state, event.source, event.data,
-                                   is_member=lambda institution: _member_kind(ctx.session, institution) is not None)
+    may_review = {None, "operator"}  # not a member, or the bus's own institution
+    reviews = [_review(r) for r in _reviews(ctx.session, state.validation_id)] if state is not None else []
+    refusal = rules.action_refusal(state, event.source, event.data, reviews=reviews,
+                                   is_member=lambda institution: _member_kind(ctx.session, institution) not in may_review)
     if refusal is not None:
         _refuse(ctx, event, refusal, name=state.coordinator if state else event.source)
         return
     if isinstance(event.data, ReviewSubmitted):
         assert state is not None
-        reviews = [_review(r) for r in _reviews(ctx.session, state.validation_id)]
         decision = rules.decision_at_quorum(state, reviews, _submitted(event))
         if decision is not None:
             ctx.emit(
@@ -300,7 +307,7 @@ def on_reviewer_assigned(session: Session, event: Event[ReviewerAssigned]) -> No
                 assigned_at=event.logged_at,
             )
         )
-    else:
+    elif "due_by" in data.model_fields_set:  # assigned again: a new due date, or the one it had
         reviewer.due_by = data.due_by
     _refresh_status(session, validation)
 
@@ -424,8 +431,9 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
         "decided_at": _iso(validation.decided_at),
         "withdrawn_reason": validation.withdrawn_reason,
         "withdrawn_at": _iso(validation.withdrawn_at),
-        "reviewers": [
-            {"reviewer": r.reviewer, "due_by": _iso(r.due_by), "assigned_at": _iso(r.assigned_at)} for r in reviewers
+        "reviewers": [  # a reviewer's own due date, else the validation's
+            {"reviewer": r.reviewer, "due_by": _iso(r.due_by or validation.due_by), "assigned_at": _iso(r.assigned_at)}
+            for r in reviewers
         ],
     }
     state = _state(session, validation)
@@ -438,6 +446,7 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
         for shown in view["reviewers"]:
             due = next((r.due_by for r in reviewers if r.reviewer == shown["reviewer"]), None) or validation.due_by
             shown["reviewed"] = shown["reviewer"] in reviewed
+            shown["counted"] = shown["reviewed"] and not rules.is_conflicted(state, shown["reviewer"])
             shown["overdue"] = open_ and not shown["reviewed"] and due is not None and due < now
     if state.status == "decided" or viewer in parties:
         view["reviews"] = [

@@ -171,6 +171,10 @@ ValidationRefusalCode = Literal[
     "unknown_question",
     "already_decided",
     "withdrawn",
+    "unknown_project",
+    "not_owner_or_partner",
+    "question_taken",
+    "medians_not_from_reviews",
 ]
 """The validation workflow's refusal codes (the rules decide them; the catalog carries them)."""
 

@@ -181,6 +181,8 @@ def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
     part = _GUARDED[event["type"]]
     with Session(reading(engine)) as session:
         view = validation_view(session, str(event["data"].get("validation_id")), viewer)
+    if view is not None and view["coordinator"] == viewer:  # refused ones too: refused in its name
+        return True
     if view is None or part not in view:
         return False
     if part == "reviews":
@@ -266,8 +268,9 @@ async def read_event(
     if found is None:
         raise ApiProblem(
             404,
-            f"no applied event {event_id!r}: an event is applied moments after its 202 (try again), "
-            "and one the gateway refused was never logged",
+            f"no applied event {event_id!r} that you may see: an event is applied moments after its 202 "
+            "(try again), one the gateway refused was never logged, and a validation's confidential events "
+            "are shown to its parties only",
             kind="not_found",
         )
     return found.as_dict()

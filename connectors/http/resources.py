@@ -144,8 +144,9 @@ class ValidationDetail(Validation):
     withdrawn_reason: LocalizedText | None = None
     withdrawn_at: datetime | None = None
     reviewers: list[dict[str, Any]] = Field(default=[], description=(
-        "`reviewer`, `due_by`, `assigned_at`; for the workflow's parties also `reviewed` and `overdue` "
-        "(open, not reviewed, past its due date or the validation's)"
+        "`reviewer`, `due_by` (its own, else the validation's), `assigned_at`; for the workflow's parties also "
+        "`reviewed`, `counted` (its review counts towards the quorum: it has no stake in the practice since) "
+        "and `overdue` (open, not reviewed, past `due_by`)"
     ))
     reviews: list[Review] | None = Field(default=None, description="absent when the caller may not see reviews")
     info_requests: list[dict[str, Any]] | None = Field(default=None, description="for the workflow's parties only")

@@ -96,8 +96,18 @@ class Refusal:
     message: str
 
 
-def request_refusal(already_requested: bool, coordinator: str, coordinator_kind: str | None) -> Refusal | None:
-    """A new validation needs a fresh id and a member competence centre as coordinator."""
+def request_refusal(
+    already_requested: bool,
+    coordinator: str,
+    coordinator_kind: str | None,
+    *,
+    requester: str,
+    project: tuple[str, frozenset[str]] | None = None,
+    names_project: bool = False,
+) -> Refusal | None:
+    """A new validation needs a fresh id, a member competence centre as coordinator that has no
+    stake in the practice, and — for a project of the network (``names_project``; ``project`` its
+    owner and partners, None when unknown) — a requester that is its owner or a partner."""
     if already_requested:
         return Refusal("already_requested", "a validation with this id was already requested")
     if coordinator_kind != "competence_centre":
@@ -106,22 +116,38 @@ def request_refusal(already_requested: bool, coordinator: str, coordinator_kind:
             "coordinator_not_competence_centre",
             f"the coordinator {coordinator} is {what}, not a competence centre",
         )
+    if names_project and project is None:
+        return Refusal("unknown_project", "no such project is registered (an outside practice is named by external_ref)")
+    owner, partners = project if project is not None else (requester, frozenset[str]())
+    if requester != owner and requester not in partners:
+        return Refusal("not_owner_or_partner", f"only the project's owner {owner} or a partner requests its validation")
+    if coordinator in {requester, owner, *partners}:
+        return Refusal("conflict_of_interest", f"the coordinator {coordinator} has a stake in the practice and may not coordinate it")
     return None
 
 
 def is_conflicted(validation: ValidationState, institution: str) -> bool:
-    """Whether ``institution`` may not review: it is the requester, the project's owner or a partner."""
-    return institution in {validation.requester, validation.project_owner, *validation.project_partners}
+    """Whether ``institution`` may not review: it is the coordinator, the requester, the
+    project's owner or a partner."""
+    return institution in {
+        validation.coordinator, validation.requester, validation.project_owner, *validation.project_partners
+    }
 
 
 def action_refusal(
-    validation: ValidationState | None, actor: str, data: EventData, *, is_member: Callable[[str], bool] = lambda _: True
+    validation: ValidationState | None,
+    actor: str,
+    data: EventData,
+    *,
+    is_member: Callable[[str], bool] = lambda _: True,
+    reviews: Sequence[Review] = (),
 ) -> Refusal | None:
     """Whether ``actor`` may do what ``data`` says (any validation event but the request) now.
 
     None means accepted. A ``validation.decided`` reaching this function comes from outside (the
     rule's own decisions are applied as derived events), so it must be the coordinator's.
-    ``is_member``: whether an institution is a current member (a reviewer must be one).
+    ``is_member``: whether an institution may review (a current member that is not the bus's
+    operator); ``reviews``: the current reviews (a coordinator's medians must be theirs).
     """
     if validation is None:
         return Refusal("unknown_validation", "no validation with this id was requested")
@@ -134,7 +160,7 @@ def action_refusal(
         if actor != coordinator:
             return Refusal("not_coordinator", f"only the coordinator {coordinator} assigns reviewers")
         if not is_member(data.reviewer):  # a typo would otherwise hold a place no one can fill
-            return Refusal("not_member", f"{data.reviewer} is not a member of the network")
+            return Refusal("not_member", f"{data.reviewer} is not a member of the network that may review")
         if is_conflicted(validation, data.reviewer):
             return Refusal("conflict_of_interest", _conflict_message(validation, data.reviewer))
     elif isinstance(data, ReviewSubmitted):
@@ -145,6 +171,9 @@ def action_refusal(
     elif isinstance(data, InfoRequested):
         if actor != coordinator and actor not in validation.reviewers:
             return Refusal("not_assigned", "only the coordinator or an assigned reviewer asks for information")
+        taken = sorted({q.question_id for q in data.questions} & validation.asked_questions)
+        if taken:  # an answer names its question: two questions of one id could not be told apart
+            return Refusal("question_taken", f"a question with this id was asked already: {', '.join(taken)}")
     elif isinstance(data, InfoProvided):
         if actor != validation.requester:
             return Refusal("not_requester", f"only the requester {validation.requester} provides information")
@@ -157,6 +186,14 @@ def action_refusal(
         if data.decided_by != "coordinator":
             # The catalog has no closer code; a decision by rule is the bus's alone.
             return Refusal("not_coordinator", "a coordinator's decision has decided_by 'coordinator'")
+        counted = [r for r in reviews if not is_conflicted(validation, r.reviewer)]
+        medians = dict(decide(counted).median_scores) if counted else {}
+        if any(medians.get(criterion) != median for criterion, median in data.median_scores.items()):
+            return Refusal(
+                "medians_not_from_reviews",
+                "the medians given must be those of the reviews that count: "
+                + (", ".join(f"{c} {m:g}" for c, m in medians.items()) if medians else "(there are none: leave them out)"),
+            )
     elif isinstance(data, ValidationWithdrawn):
         if actor != validation.requester:
             return Refusal("not_requester", f"only the requester {validation.requester} withdraws")

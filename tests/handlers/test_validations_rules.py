@@ -140,10 +140,52 @@ def test_a_reviewer_who_has_since_become_a_partner_no_longer_counts() -> None:
 
 
 def test_a_request_needs_a_fresh_id_and_a_competence_centre() -> None:
-    assert request_refusal(False, "fi-thl", "competence_centre") is None
-    assert request_refusal(True, "fi-thl", "competence_centre").code == "already_requested"  # type: ignore[union-attr]
-    assert request_refusal(False, "fi-lut", "university").code == "coordinator_not_competence_centre"  # type: ignore[union-attr]
-    assert request_refusal(False, "nobody", None).code == "coordinator_not_competence_centre"  # type: ignore[union-attr]
+    def refused(already: bool, coordinator: str, kind: str | None) -> str | None:
+        refusal = request_refusal(already, coordinator, kind, requester="fi-silta")  # an outside practice
+        return refusal.code if refusal else None
+
+    assert refused(False, "fi-thl", "competence_centre") is None
+    assert refused(True, "fi-thl", "competence_centre") == "already_requested"
+    assert refused(False, "fi-lut", "university") == "coordinator_not_competence_centre"
+    assert refused(False, "nobody", None) == "coordinator_not_competence_centre"
+
+
+def test_a_project_is_put_forward_by_its_owner_or_a_partner_to_a_coordinator_without_a_stake() -> None:
+    project = ("tr-mersin-bb", frozenset({"tr-genc-isi-koop", "fi-thl-partner"}))
+
+    def refused(requester: str, coordinator: str = "fi-thl", known: bool = True) -> str | None:
+        refusal = request_refusal(False, coordinator, "competence_centre", requester=requester,
+                                  project=project if known else None, names_project=True)
+        return refusal.code if refusal else None
+
+    assert refused("tr-mersin-bb") is None and refused("tr-genc-isi-koop") is None
+    assert refused("fi-lut") == "not_owner_or_partner"  # someone else's practice
+    assert refused("tr-mersin-bb", known=False) == "unknown_project"
+    assert refused("tr-mersin-bb", coordinator="fi-thl-partner") == "conflict_of_interest"
+    assert refused("fi-silta-centre", coordinator="fi-silta-centre") == "not_owner_or_partner"
+    own = request_refusal(False, "fi-silta", "competence_centre", requester="fi-silta")  # a centre's own outside practice
+    assert own is not None and own.code == "conflict_of_interest"
+
+
+def test_the_coordinator_neither_reviews_nor_invents_medians() -> None:
+    assert code(VALIDATION, "fi-thl", assigned("fi-thl")) == "conflict_of_interest"
+    invented = ValidationDecided(validation_id="val-1", outcome="validated", decided_by="coordinator",
+                                 median_scores={c: 5.0 for c in CRITERIA})
+    refusal = action_refusal(VALIDATION, "fi-thl", invented)
+    assert refusal is not None and refusal.code == "medians_not_from_reviews" and "none" in refusal.message
+    reviews = [review("fi-lut", novelty=3), review("fi-diak", novelty=5)]
+    assert action_refusal(VALIDATION, "fi-thl", invented, reviews=reviews) is not None  # novelty's median is 4
+    theirs = ValidationDecided(validation_id="val-1", outcome="validated", decided_by="coordinator",
+                               median_scores={"novelty": 4.0, "equity": 4.0})  # partial, and theirs
+    assert action_refusal(VALIDATION, "fi-thl", theirs, reviews=reviews) is None
+    assert code(VALIDATION, "fi-thl", decided()) is None  # no medians at all: the coordinator's judgement
+
+
+def test_a_question_id_is_asked_once() -> None:
+    again = InfoRequested(validation_id="val-1", questions=[{"question_id": "q1", "text": {"en": "Budget?"}}])
+    refusal = action_refusal(VALIDATION, "fi-lut", again)
+    assert refusal is not None and refusal.code == "question_taken" and "q1" in refusal.message
+    assert code(VALIDATION, "fi-lut", asked()) is None
 
 
 def test_only_the_coordinator_assigns_and_never_a_conflicted_reviewer() -> None:

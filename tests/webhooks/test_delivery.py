@@ -242,11 +242,13 @@ async def test_confidential_validation_events_reach_only_its_parties(network: Ne
         return envelope(event_type, source, {**template, "validation_id": validation_id, **data})
 
     intruder = await gateway.join("competence_centre")
+    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p"), "owner": requester}
     for offered in (
-        event("validation.requested", requester, coordinator=coordinator),
+        envelope("project.registered", requester, project),
+        event("validation.requested", requester, coordinator=coordinator, project_id=project["project_id"]),
         event("validation.reviewer_assigned", coordinator, reviewer=reviewer),
         # Logged, and refused by the workflow: they make the outsider no party of the validation.
-        event("validation.requested", outsider, coordinator=coordinator),
+        event("validation.requested", outsider, coordinator=coordinator, project_id=project["project_id"]),
         event("validation.reviewer_assigned", intruder, reviewer=outsider),
         event("validation.info_requested", coordinator),
         event("validation.review_submitted", reviewer),
