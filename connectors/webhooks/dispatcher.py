@@ -109,20 +109,26 @@ class RetrySchedule:
         return self.delays[attempts_made] * self.rng.uniform(1 - JITTER, 1 + JITTER)
 
 
+RETRY_AFTER_MOST = 86_400.0
+"""The longest ``Retry-After`` honoured (a day, the default schedule's longest pause): an
+endpoint asking for more is tried again after that."""
+
+
 def retry_after_seconds(value: str | None, now: datetime) -> float | None:
-    """``Retry-After`` as seconds from ``now``: delay-seconds or an HTTP date; None if absent or unreadable."""
+    """``Retry-After`` as seconds from ``now`` (at most :data:`RETRY_AFTER_MOST`): delay-seconds or
+    an HTTP date; None if absent or unreadable."""
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        return min(float(value), RETRY_AFTER_MOST)
     try:
         moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return max(0.0, (moment - now).total_seconds())
+    return min(max(0.0, (moment - now).total_seconds()), RETRY_AFTER_MOST)
 
 
 @dataclass(frozen=True)

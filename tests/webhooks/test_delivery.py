@@ -144,6 +144,30 @@ async def test_retry_after_is_honoured_and_redirects_are_not_followed(network: N
     assert receiver.at("/elsewhere") == []
 
 
+async def test_an_absurd_retry_after_is_capped_and_costs_no_other_endpoint_anything(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    receiver.answer("/forever", Answer(429, {"retry-after": "99999999999999"}))
+    forever = await register(gateway, owner, receiver.url("/forever"))
+    healthy = await register(gateway, owner, receiver.url("/healthy"))
+    await asyncio.gather(*(offer_project(gateway, owner) for _ in range(10)))
+
+    delivered = await settled(gateway, owner, healthy["id"], 10)
+    assert all(d["status"] == "delivered" and len(d["attempts"]) == 1 for d in delivered)
+
+    async def tried_once() -> list[dict[str, Any]] | None:
+        found = await deliveries(gateway, owner, forever["id"])
+        return found if len(found) == 10 and all(len(d["attempts"]) == 1 for d in found) else None
+
+    waiting = await eventually(tried_once, what="one recorded attempt of each")
+    for delivery in waiting:  # recorded, and tried again in a day, not in 3 million years
+        assert delivery["status"] == "pending" and delivery["attempts"][0]["status_code"] == 429
+        next_at = datetime.fromisoformat(delivery["next_attempt_at"])
+        assert timedelta(hours=23) < next_at - datetime.fromisoformat(delivery["attempts"][0]["attempted_at"]) <= timedelta(days=1, seconds=5)
+    await asyncio.sleep(1.0)
+    assert len(receiver.at("/healthy")) == 10  # none sent again for want of a record
+
+
 async def test_410_disables_the_endpoint(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner = await gateway.join("municipality")

@@ -10,7 +10,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from connectors.webhooks import signing
-from connectors.webhooks.dispatcher import RetrySchedule, retry_after_seconds
+from connectors.webhooks.dispatcher import RETRY_AFTER_MOST, RetrySchedule, retry_after_seconds
 from connectors.webhooks.store import matches
 from connectors.webhooks.targets import networks, permitted
 
@@ -42,6 +42,8 @@ def test_retry_after_in_seconds_or_as_an_http_date() -> None:
     assert retry_after_seconds(format_datetime(now + timedelta(minutes=2), usegmt=True), now) == 120
     assert retry_after_seconds(format_datetime(now - timedelta(minutes=2), usegmt=True), now) == 0
     assert retry_after_seconds("soon", now) is None and retry_after_seconds(None, now) is None
+    assert retry_after_seconds("99999999999999", now) == RETRY_AFTER_MOST  # a day at most
+    assert retry_after_seconds(format_datetime(now + timedelta(days=400), usegmt=True), now) == RETRY_AFTER_MOST
 
 
 @pytest.mark.parametrize(
