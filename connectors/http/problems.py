@@ -152,9 +152,16 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
-    async def invalid_parameters(_request: Request, exc: Exception) -> JSONResponse:
+    async def invalid_parameters(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        not_json = media_type != "application/json" and not media_type.endswith("+json")
+        if not_json and any(e["loc"] == ["body"] for e in errors):  # JSON sent as a form (curl -d), or not JSON at all
+            return problem_response(
+                415, f"the body is read as JSON: send it with Content-Type: application/json (not {media_type or 'none'})",
+                kind="unsupported",
+            )
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         if any(e["type"] == "json_invalid" for e in errors):  # not JSON at all: malformed, as POST /events answers it
             return problem_response(400, detail or "the body is not valid JSON", kind="malformed", errors=errors)

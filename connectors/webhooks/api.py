@@ -316,6 +316,8 @@ async def recover(request: Request, endpoint_id: EndpointId, body: Recovery, ins
     """Deliver again the endpoint's events that the log took between ``since`` and ``until``
     (read back from the log), whether they were delivered before or not."""
     until = body.until or datetime.now(timezone.utc)
+    if body.until is None and until < body.since:
+        raise ApiProblem(422, "since is in the future", kind="invalid", errors=[Problem(("since",), "in the future", "invalid_window")])
     if until < body.since:
         raise ApiProblem(422, "until is before since", kind="invalid", errors=[Problem(("until",), "before since", "invalid_window")])
     endpoint = await _owned(request, institution, endpoint_id)

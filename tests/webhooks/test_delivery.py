@@ -247,7 +247,11 @@ async def test_resend_and_recover_deliver_the_right_events_again(network: Networ
     assert [len(found[e["id"]]["attempts"]) for e in (first, second, third)] == [3, 2, 1]
 
     backwards = {"since": until.isoformat(), "until": since.isoformat()}
-    problem(await gateway.client.post(f"/webhooks/{endpoint['id']}/recover", json=backwards, headers=auth), 422, "invalid")
+    refused = problem(await gateway.client.post(f"/webhooks/{endpoint['id']}/recover", json=backwards, headers=auth), 422, "invalid")
+    assert refused["errors"][0]["loc"] == ["until"]
+    future = {"since": (datetime.now(timezone.utc) + timedelta(days=1)).isoformat()}  # no until: now
+    refused = problem(await gateway.client.post(f"/webhooks/{endpoint['id']}/recover", json=future, headers=auth), 422, "invalid")
+    assert refused["detail"] == "since is in the future" and refused["errors"][0]["loc"] == ["since"]
 
 
 async def test_confidential_validation_events_reach_only_its_parties(network: Network, receiver: Receiver) -> None:

@@ -72,6 +72,9 @@ async def test_bad_registrations_are_refused_with_problems(network: Network, rec
     await refused({"url": "http://no-such-host.invalid/hook"}, "refused_target")
     malformed = await gateway.client.post("/webhooks", content=b'{"url": ', headers={**auth, "content-type": "application/json"})
     problem(malformed, 400, "malformed")  # as POST /events answers what is not JSON
+    as_form = await gateway.client.post("/webhooks", content=b'{"url": "http://x"}', headers={  # curl -d without -H
+        **auth, "content-type": "application/x-www-form-urlencoded"})
+    assert "Content-Type: application/json" in problem(as_form, 415, "unsupported")["detail"]
     problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/")}), 401, "unauthorized")
     problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/"), "secret": "mine"}, headers=auth), 422, "invalid_request")
 
