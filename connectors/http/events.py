@@ -170,6 +170,7 @@ _GUARDED = {
     "validation.review_submitted": "reviews",
     "validation.info_requested": "info_requests",
     "validation.info_provided": "info_requests",
+    "validation.action_rejected": "info_requests",  # (shown to the parties, as information asked is)
 }
 
 
@@ -177,6 +178,8 @@ def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
     """Whether ``viewer`` may see a guarded event: when ``/validations/{id}`` shows it what the
     event carries (a review: that reviewer's review). Unknown to the read model yet: only its source."""
     if event.get("source") == f"/institutions/{viewer}":
+        return True
+    if event["type"] == "validation.action_rejected" and event["data"].get("actor") == viewer:  # its own refusal
         return True
     part = _GUARDED[event["type"]]
     with Session(reading(engine)) as session:
@@ -209,7 +212,8 @@ async def read_log(
 ) -> dict[str, Any]:
     """Logged events in log order with their sequence; ``next_cursor`` is the next ``after_seq``
     (also accepted as ``cursor``). Confidential workflow content (reviews before the decision,
-    information requests) is left out for members who may not see it."""
+    information requests, what the validation workflow refused and whom) is left out for members
+    who may not see it."""
     bus = bus_of(request)
     if cursor is not None:
         if not cursor.isdigit() or int(cursor) > MAX_SEQ:

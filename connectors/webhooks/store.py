@@ -178,8 +178,11 @@ def _institution(source: object) -> str:
     return str(source).removeprefix(SOURCE_PREFIX)
 
 
-CONFIDENTIAL = frozenset({"validation.review_submitted", "validation.info_requested", "validation.info_provided"})
-"""Event types delivered only to the parties of their validation (the rule of ``/validations/{id}``)."""
+CONFIDENTIAL = frozenset({
+    "validation.review_submitted", "validation.info_requested", "validation.info_provided", "validation.action_rejected",
+})
+"""Event types delivered only to the parties of their validation (the rule of ``/validations/{id}``);
+a refusal also to the institution refused."""
 
 
 def audience(session: Session, envelope: dict[str, Any]) -> frozenset[str] | None:
@@ -196,8 +199,11 @@ def audience(session: Session, envelope: dict[str, Any]) -> frozenset[str] | Non
         return None
     from handlers.validations import Validation, ValidationReviewer
 
-    validation_id = str((envelope.get("data") or {}).get("validation_id"))
+    data = envelope.get("data") or {}
+    validation_id = str(data.get("validation_id"))
     parties = {_institution(envelope.get("source"))}
+    if event_type == "validation.action_rejected":  # what was refused is between the workflow and whom it refused
+        parties.add(str(data.get("actor")))
     validation = session.exec(
         select(Validation.requester, Validation.coordinator).where(Validation.validation_id == validation_id)
     ).first()

@@ -283,6 +283,20 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     assert hidden.status_code == 404  # a confidential review is not there for those who may not see it
     shown = await gateway.client.get(f"/events/{submitted['id']}", headers=gateway.auth(municipality))
     assert shown.status_code == 200 and shown.json()["event"]["data"]["comments"] == review["comments"]
+    intruder = await gateway.join("university")
+    intruding = await gateway.offer(intruder, "validation.review_submitted", review)  # not assigned: refused
+    await gateway.settle()
+
+    async def refusals(who: str) -> list[str]:
+        found = await gateway.client.get("/events", params={"type": "validation.action_rejected", "subject": validation_id},
+                                         headers=gateway.auth(who))
+        return [item["event"]["data"]["rejected_event_id"] for item in found.json()["items"]]
+
+    for who in (intruder, coordinator, second):  # whom it refused and the parties see it; nobody else
+        assert await refusals(who) == [intruding["id"]], who
+    assert await refusals(outsider) == []
+    refused = (await gateway.client.get(f"/events/{intruding['id']}", headers=gateway.auth(coordinator))).json()
+    assert refused["outcome"] == "refused" and refused["refusal"]["event"]["data"]["reason"]["code"] == "not_assigned"
     assert await seen_by(second) == ([], 0)  # an assigned reviewer sees only their own
     undecided = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
     assert [(v["validation_id"], v["status"], v["median_scores"]) for page in undecided for v in page] == [
@@ -299,7 +313,7 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     assert detail["requested_at"].endswith("Z")
     assert await seen_by(first) == ([first], 1)
     assert await seen_by(municipality) == ([first], 1)
-    assert await seen_by(coordinator) == ([first], 1)
+    assert await seen_by(coordinator) == ([first], 2)  # and the intruder's review it refused
 
     await gateway.offer(second, "validation.review_submitted", review)  # quorum: the rule decides
     await gateway.settle()

@@ -299,6 +299,14 @@ async def test_confidential_validation_events_reach_only_its_parties(network: Ne
     await asyncio.sleep(0.5)
     assert types("outsider") == public
 
+    def refusals(role: str) -> list[str]:
+        return sorted(json.loads(r.body)["data"]["actor"] for r in receiver.at(f"/{role}")
+                      if json.loads(r.body)["type"] == "validation.action_rejected")
+
+    for role in ("requester", "coordinator", "reviewer"):  # the parties: every refusal of the validation
+        await eventually(lambda: refusals(role) == sorted([outsider, intruder]), what=f"the {role}'s refusals")
+    assert refusals("outsider") == [outsider]  # its own only; not that the intruder tried
+
 
 async def test_a_slow_endpoint_never_delays_the_others(network: Network, receiver: Receiver) -> None:
     """45 endpoints answer at once, 5 never do: every delivery to the 45 arrives before the first
