@@ -448,6 +448,8 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
             shown["reviewed"] = shown["reviewer"] in reviewed
             shown["counted"] = shown["reviewed"] and not rules.is_conflicted(state, shown["reviewer"])
             shown["overdue"] = open_ and not shown["reviewed"] and due is not None and due < now
+        eligible = [r for r in view["reviewers"] if not rules.is_conflicted(state, r["reviewer"])]
+        view["quorum_reachable"] = not open_ or len(eligible) >= validation.quorum
     if state.status == "decided" or viewer in parties:
         view["reviews"] = [
             {

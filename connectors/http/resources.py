@@ -148,6 +148,10 @@ class ValidationDetail(Validation):
         "`reviewed`, `counted` (its review counts towards the quorum: it has no stake in the practice since) "
         "and `overdue` (open, not reviewed, past `due_by`)"
     ))
+    quorum_reachable: bool | None = Field(default=None, description=(
+        "for the workflow's parties: whether enough reviewers without a stake in the practice are assigned for the "
+        "quorum (false: the rule cannot decide until the coordinator assigns more)"
+    ))
     reviews: list[Review] | None = Field(default=None, description="absent when the caller may not see reviews")
     info_requests: list[dict[str, Any]] | None = Field(default=None, description="for the workflow's parties only")
 

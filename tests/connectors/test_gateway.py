@@ -308,8 +308,10 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     assert all(r["assigned_at"].endswith("Z") for r in detail["reviewers"])
     progress = {r["reviewer"]: (r["reviewed"], r["overdue"]) for r in detail["reviewers"]}
     assert progress == {first: (True, False), second: (False, True)}  # the second is past the due date
+    assert all(r["counted"] is r["reviewed"] for r in detail["reviewers"]) and detail["quorum_reachable"] is True
     outsiders_view = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(outsider))).json()
     assert all("reviewed" not in r and "overdue" not in r for r in outsiders_view["reviewers"])
+    assert "quorum_reachable" not in outsiders_view
     assert detail["requested_at"].endswith("Z")
     assert await seen_by(first) == ([first], 1)
     assert await seen_by(municipality) == ([first], 1)

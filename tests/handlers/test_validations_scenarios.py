@@ -371,3 +371,29 @@ async def test_reviews_are_confidential_until_the_decision(scenario: Any, flow: 
     assert view is not None and (view["status"], view["outcome"], view["evidence_level"]) == ("decided", "validated", 3)
     assert view["reviews"][0]["comments"] == {"fi": f"Arvio: {view['reviews'][0]['reviewer']}"}
     assert "info_requests" not in view
+
+
+async def test_a_request_for_another_institutions_or_an_unknown_project_is_refused(scenario: Any, flow: Workflow) -> None:
+    await scenario.given(*members(), flow.project_registered())
+    someone_else = flow.requested(by=OUTSIDER)
+    refused(await scenario.when(someone_else), someone_else, code="not_owner_or_partner", name=OUTSIDER)
+    by_partner = flow.requested(by=PARTNER)  # a partner puts the practice forward: accepted
+    assert await scenario.when(by_partner) == [] and state(scenario, flow).requester == PARTNER
+
+    unknown = Workflow(validation_id=f"val-{uuid.uuid4().hex[:10]}", project_id="no-such-project")
+    ghost = unknown.requested()
+    refused(await scenario.when(ghost), ghost, code="unknown_project", name=REQUESTER)
+    assert stored(scenario, unknown) is None
+
+
+async def test_a_review_that_stops_counting_shows_and_so_does_an_unreachable_quorum(scenario: Any, flow: Workflow) -> None:
+    await open_validation(scenario, flow, *REVIEWERS[:2])
+    await scenario.given(flow.review(REVIEWERS[0]))
+    joined = {"project_id": flow.project_id, "partner": {"institution": REVIEWERS[0], "role": "partner"}}
+    await scenario.given(envelope("project.partner_joined", REQUESTER, joined))  # the first reviewer gains a stake
+    assert await scenario.when(flow.review(REVIEWERS[1])) == []  # two reviews, one counts: no decision
+    with scenario.session() as session:
+        view = validation_view(session, flow.validation_id, COORDINATOR)
+    assert view is not None and view["status"] == "in_review"
+    assert {r["reviewer"]: r["counted"] for r in view["reviewers"]} == {REVIEWERS[0]: False, REVIEWERS[1]: True}
+    assert view["quorum_reachable"] is False  # the coordinator has to assign another reviewer
