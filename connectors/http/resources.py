@@ -125,6 +125,10 @@ class Validation(Resource):
     median_scores: dict[str, float] = {}
     decided_by: str | None = None
     decided_at: datetime | None = None
+    assignment: dict[str, Any] | None = Field(default=None, description=(
+        "with `?reviewer=` naming the caller: its own assignment — `due_by` (its own, else the validation's), "
+        "`reviewed`, `overdue`"
+    ))
 
 
 class Review(Resource):

@@ -304,6 +304,10 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     for who, expected in ((second, [validation_id]), (outsider, [])):  # a reviewer's own assignments
         mine = await walk(gateway.client, "/validations", gateway.auth(who), reviewer=who)
         assert [v["validation_id"] for page in mine for v in page] == expected
+    worklist = await walk(gateway.client, "/validations", gateway.auth(second), reviewer=second)
+    assert worklist[0][0]["assignment"] == {"due_by": "2020-01-01T00:00:00Z", "reviewed": False, "overdue": True}
+    others = await walk(gateway.client, "/validations", gateway.auth(outsider), reviewer=second)
+    assert others[0][0]["assignment"] is None  # another's work list shows no progress
     detail = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(coordinator))).json()
     assert all(r["assigned_at"].endswith("Z") for r in detail["reviewers"])
     progress = {r["reviewer"]: (r["reviewed"], r["overdue"]) for r in detail["reviewers"]}
