@@ -148,7 +148,10 @@ class ValidationDecided(EventData):
     @model_validator(mode="after")
     def _rule_has_all_medians(self) -> Self:
         if self.decided_by == "rule" and set(self.median_scores) != set(CRITERIA):
-            raise ValueError("a decision by rule carries the median of every criterion")
+            raise ValueError(
+                "a decision by rule is the bus's own and carries the median of every criterion; "
+                "a coordinator decides with decided_by 'coordinator'"
+            )
         return self
 
 

@@ -154,15 +154,15 @@ def install(app: FastAPI) -> None:
 
     async def invalid_parameters(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
+        errors = [{"loc": _loc(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         not_json = media_type != "application/json" and not media_type.endswith("+json")
-        if not_json and any(e["loc"] == ["body"] for e in errors):  # JSON sent as a form (curl -d), or not JSON at all
+        if not_json and any(e["loc"] == [] for e in errors):  # JSON sent as a form (curl -d), or not JSON at all
             return problem_response(
                 415, f"the body is read as JSON: send it with Content-Type: application/json (not {media_type or 'none'})",
                 kind="unsupported",
             )
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
         if any(e["type"] == "json_invalid" for e in errors):  # not JSON at all: malformed, as POST /events answers it
             return problem_response(400, detail or "the body is not valid JSON", kind="malformed", errors=errors)
         return problem_response(422, detail or "invalid request", errors=errors)
@@ -174,6 +174,13 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_exception)
     app.add_exception_handler(RequestValidationError, invalid_parameters)
     app.add_exception_handler(Exception, internal_error)
+
+
+def _loc(loc: Any) -> list[Any]:
+    """A problem's place as the bus's own checks name it: a body's fields by their names (FastAPI
+    puts ``body`` first), query and path parameters with where they came from."""
+    parts = list(loc)
+    return parts[1:] if parts[:1] == ["body"] else parts
 
 
 class KeepConnection:

@@ -76,7 +76,9 @@ async def test_bad_registrations_are_refused_with_problems(network: Network, rec
         **auth, "content-type": "application/x-www-form-urlencoded"})
     assert "Content-Type: application/json" in problem(as_form, 415, "unsupported")["detail"]
     problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/")}), 401, "unauthorized")
-    problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/"), "secret": "mine"}, headers=auth), 422, "invalid_request")
+    extra = problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/"), "secret": "mine"}, headers=auth),
+                    422, "invalid_request")
+    assert [e["loc"] for e in extra["errors"]] == [["secret"]]  # named as the service's own checks name places
 
 
 async def test_loopback_targets_are_refused_unless_allowed(network: Network, receiver: Receiver) -> None:
