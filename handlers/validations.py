@@ -220,6 +220,7 @@ def check_request(ctx: Context) -> None:
     refusal = rules.request_refusal(
         existing is not None, event.data.coordinator, kind,
         requester=event.source, project=project, names_project=event.data.project_id is not None,
+        due_by=event.data.due_by, now=event.logged_at,
     )
     if refusal is not None:
         _refuse(ctx, event, refusal, name=existing.coordinator if existing else event.source)
@@ -232,7 +233,7 @@ def check_action(ctx: Context) -> None:
     state = _state(ctx.session, validation) if validation is not None else None
     may_review = {None, "operator"}  # not a member, or the bus's own institution
     reviews = [_review(r) for r in _reviews(ctx.session, state.validation_id)] if state is not None else []
-    refusal = rules.action_refusal(state, event.source, event.data, reviews=reviews,
+    refusal = rules.action_refusal(state, event.source, event.data, reviews=reviews, now=event.logged_at,
                                    is_member=lambda institution: _member_kind(ctx.session, institution) not in may_review)
     if refusal is not None:
         _refuse(ctx, event, refusal, name=state.coordinator if state else event.source)

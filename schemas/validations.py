@@ -178,6 +178,7 @@ ValidationRefusalCode = Literal[
     "not_owner_or_partner",
     "question_taken",
     "medians_not_from_reviews",
+    "due_in_past",
 ]
 """The validation workflow's refusal codes (the rules decide them; the catalog carries them)."""
 

@@ -13,6 +13,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal, Protocol, TypeVar
 
 from schemas.common import CRITERIA, Criterion, EventData
@@ -104,6 +105,8 @@ def request_refusal(
     requester: str,
     project: tuple[str, frozenset[str]] | None = None,
     names_project: bool = False,
+    due_by: datetime | None = None,
+    now: datetime | None = None,
 ) -> Refusal | None:
     """A new validation needs a fresh id, a member competence centre as coordinator that has no
     stake in the practice, and — for a project of the network (``names_project``; ``project`` its
@@ -123,6 +126,13 @@ def request_refusal(
         return Refusal("not_owner_or_partner", f"only the project's owner {owner} or a partner requests its validation")
     if coordinator in {requester, owner, *partners}:
         return Refusal("conflict_of_interest", f"the coordinator {coordinator} has a stake in the practice and may not coordinate it")
+    return _past(due_by, now)
+
+
+def _past(due_by: datetime | None, now: datetime | None) -> Refusal | None:
+    """A due date already past when the log took the event (it would be overdue from the start)."""
+    if due_by is not None and now is not None and due_by <= now:
+        return Refusal("due_in_past", f"the due date {due_by.isoformat()} has passed already")
     return None
 
 
@@ -141,6 +151,7 @@ def action_refusal(
     *,
     is_member: Callable[[str], bool] = lambda _: True,
     reviews: Sequence[Review] = (),
+    now: datetime | None = None,
 ) -> Refusal | None:
     """Whether ``actor`` may do what ``data`` says (any validation event but the request) now.
 
@@ -163,6 +174,8 @@ def action_refusal(
             return Refusal("not_member", f"{data.reviewer} is not a member of the network that may review")
         if is_conflicted(validation, data.reviewer):
             return Refusal("conflict_of_interest", _conflict_message(validation, data.reviewer))
+        if (past := _past(data.due_by, now)) is not None:
+            return past
     elif isinstance(data, ReviewSubmitted):
         if actor not in validation.reviewers:
             return Refusal("not_assigned", f"{actor} is not assigned to review this validation")

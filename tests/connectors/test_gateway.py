@@ -262,7 +262,8 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
         "validation_id": validation_id, "project_id": practice["project_id"], "coordinator": coordinator, "quorum": 2,
         "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2, "statement": {"en": "we think it works"}},
     })
-    for reviewer, due_by in ((first, "2099-01-01T00:00:00Z"), (second, "2020-01-01T00:00:00Z")):
+    soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=2)  # due dates may not be past already
+    for reviewer, due_by in ((first, "2099-01-01T00:00:00Z"), (second, soon.isoformat().replace("+00:00", "Z"))):
         await gateway.offer(coordinator, "validation.reviewer_assigned",
                             {"validation_id": validation_id, "reviewer": reviewer, "due_by": due_by})
     scores = {c: 4 for c in ("novelty", "effectiveness", "user_involvement", "transferability", "sustainability", "equity")}
@@ -301,11 +302,12 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     undecided = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
     assert [(v["validation_id"], v["status"], v["median_scores"]) for page in undecided for v in page] == [
         (validation_id, "in_review", {})]
+    await asyncio.sleep(max(0.0, (soon - datetime.now(timezone.utc)).total_seconds()) + 0.1)  # the second is late now
     for who, expected in ((second, [validation_id]), (outsider, [])):  # a reviewer's own assignments
         mine = await walk(gateway.client, "/validations", gateway.auth(who), reviewer=who)
         assert [v["validation_id"] for page in mine for v in page] == expected
     worklist = await walk(gateway.client, "/validations", gateway.auth(second), reviewer=second)
-    assert worklist[0][0]["assignment"] == {"due_by": "2020-01-01T00:00:00Z", "reviewed": False, "overdue": True}
+    assert worklist[0][0]["assignment"] == {"due_by": soon.isoformat().replace("+00:00", "Z"), "reviewed": False, "overdue": True}
     others = await walk(gateway.client, "/validations", gateway.auth(outsider), reviewer=second)
     assert others[0][0]["assignment"] is None  # another's work list shows no progress
     detail = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(coordinator))).json()

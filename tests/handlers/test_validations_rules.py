@@ -181,6 +181,20 @@ def test_the_coordinator_neither_reviews_nor_invents_medians() -> None:
     assert code(VALIDATION, "fi-thl", decided()) is None  # no medians at all: the coordinator's judgement
 
 
+def test_a_due_date_may_not_have_passed_already() -> None:
+    now = datetime(2026, 12, 2, 9, 0, tzinfo=timezone.utc)
+    late = ReviewerAssigned(validation_id="val-1", reviewer="fi-soste", due_by=now - timedelta(days=1))
+    refusal = action_refusal(VALIDATION, "fi-thl", late, now=now)
+    assert refusal is not None and refusal.code == "due_in_past"
+    assert action_refusal(VALIDATION, "fi-thl", replace_due(late, now + timedelta(days=30)), now=now) is None
+    past = request_refusal(False, "fi-thl", "competence_centre", requester="fi-silta", due_by=now, now=now)
+    assert past is not None and past.code == "due_in_past"
+
+
+def replace_due(assignment: ReviewerAssigned, due_by: datetime) -> ReviewerAssigned:
+    return assignment.model_copy(update={"due_by": due_by})
+
+
 def test_a_question_id_is_asked_once() -> None:
     again = InfoRequested(validation_id="val-1", questions=[{"question_id": "q1", "text": {"en": "Budget?"}}])
     refusal = action_refusal(VALIDATION, "fi-lut", again)
