@@ -110,7 +110,7 @@ async def test_failing_attempts_follow_the_retry_schedule_and_are_logged(
     received = receiver.at("/down")
     assert len(received) == len(SCHEDULE) and set(ids(received)) == {event["id"]}
     for gap, delay in zip(gaps(received), SCHEDULE[1:]):
-        assert delay * 0.8 - 0.01 <= gap <= delay * 1.2 + 0.5, (gaps(received), SCHEDULE)  # + the machine's own time under load
+        assert delay * 0.8 - 0.01 <= gap <= delay * 1.2 + 1.0, (gaps(received), SCHEDULE)  # + the machine's own time under load (a busy 2-core run took 0.78 s more)
     assert delivery["status"] == "failed" and delivery["event_id"] == event["id"] and delivery["delivered_at"] is None
     assert len(delivery["attempts"]) == len(SCHEDULE)
     for attempt in delivery["attempts"]:
