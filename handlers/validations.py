@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any, cast
 
 from sqlalchemy import JSON, Column
-from sqlmodel import Field, Session
+from sqlmodel import Field, Session, col, select
 
 from handlers.institutions import (  # moments stored in UTC, read back aware, on every database
     UtcDateTime,
@@ -130,13 +130,18 @@ def _member_kind(session: Session, institution: str) -> str | None:
     return found.kind if found is not None else None
 
 
+def _project_of(session: Session, project_id: str) -> tuple[str, frozenset[str]] | None:
+    """A registered project's owner and partners; None when it is not registered."""
+    project = session.get(Project, project_id)
+    if project is None:
+        return None
+    return project.owner, frozenset(p.institution for p in children(session, ProjectPartner, "project_id", project_id))
+
+
 def _project_parties(session: Session, validation: Validation) -> tuple[str, frozenset[str]]:
     """The project's owner and partners; for an external practice, the requester and nobody."""
-    if validation.project_id is None:
-        return validation.requester, frozenset()
-    project = session.get(Project, validation.project_id)
-    partners = children(session, ProjectPartner, "project_id", validation.project_id)
-    return project.owner if project is not None else validation.requester, frozenset(p.institution for p in partners)
+    found = _project_of(session, validation.project_id) if validation.project_id is not None else None
+    return found if found is not None else (validation.requester, frozenset())
 
 
 # --- reading state --------------------------------------------------------------------------------
@@ -214,9 +219,7 @@ def check_request(ctx: Context) -> None:
     event = cast(Event[ValidationRequested], ctx.event)
     existing = ctx.session.get(Validation, event.data.validation_id)
     kind = _member_kind(ctx.session, event.data.coordinator)
-    project = None
-    if event.data.project_id is not None and (found := ctx.session.get(Project, event.data.project_id)) is not None:
-        project = (found.owner, frozenset(p.institution for p in children(ctx.session, ProjectPartner, "project_id", found.project_id)))
+    project = _project_of(ctx.session, event.data.project_id) if event.data.project_id is not None else None
     refusal = rules.request_refusal(
         existing is not None, event.data.coordinator, kind,
         requester=event.source, project=project, names_project=event.data.project_id is not None,
@@ -232,7 +235,8 @@ def check_action(ctx: Context) -> None:
     validation = ctx.session.get(Validation, event.data.validation_id)
     state = _state(ctx.session, validation) if validation is not None else None
     may_review = {None, "operator"}  # not a member, or the bus's own institution
-    reviews = [_review(r) for r in _reviews(ctx.session, state.validation_id)] if state is not None else []
+    judged_on_reviews = isinstance(event.data, (ReviewSubmitted, ValidationDecided))  # the quorum, a coordinator's medians
+    reviews = [_review(r) for r in _reviews(ctx.session, state.validation_id)] if state and judged_on_reviews else []
     refusal = rules.action_refusal(state, event.source, event.data, reviews=reviews, now=event.logged_at,
                                    is_member=lambda institution: _member_kind(ctx.session, institution) not in may_review)
     if refusal is not None:
@@ -405,6 +409,30 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat().replace("+00:00", "Z")
 
 
+def _progress(validation: Validation, assigned: ValidationReviewer, reviewed: bool, now: datetime) -> dict[str, Any]:
+    """How far a reviewer is: its due date (its own, else the validation's), whether it has
+    reviewed, and whether it is late (the validation open, no review, the due date past)."""
+    due = assigned.due_by or validation.due_by
+    late = validation.status in rules.OPEN and not reviewed and due is not None and due < now
+    return {"due_by": due, "reviewed": reviewed, "overdue": late}
+
+
+def assignments_of(session: Session, reviewer: str, validations: list[Validation]) -> dict[str, dict[str, Any]]:
+    """``reviewer``'s own assignment in each of ``validations`` it is assigned to (its work list)."""
+    ids = [v.validation_id for v in validations]
+    if not ids:
+        return {}
+    assigned = {r.validation_id: r for r in session.exec(select(ValidationReviewer).where(
+        ValidationReviewer.reviewer == reviewer, col(ValidationReviewer.validation_id).in_(ids)))}
+    reviewed = set(session.exec(select(ValidationReview.validation_id).where(
+        ValidationReview.reviewer == reviewer, col(ValidationReview.validation_id).in_(ids))))
+    now = datetime.now(timezone.utc)
+    return {
+        v.validation_id: _progress(v, assigned[v.validation_id], v.validation_id in reviewed, now)
+        for v in validations if v.validation_id in assigned
+    }
+
+
 def validation_view(session: Session, validation_id: str, viewer: str) -> dict[str, Any] | None:
     """``/validations/{id}`` as ``viewer`` (a member) may see it, with the catalog's field names;
     None when unknown. ``reviews`` is present only when the viewer may see some (scores and
@@ -443,14 +471,13 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
     if viewer in parties:  # who has reviewed, and who is late, is the workflow's own business
         reviewed = {r.reviewer for r in reviews}
         now = datetime.now(timezone.utc)
-        open_ = state.status not in ("decided", "withdrawn")
-        for shown in view["reviewers"]:
-            due = next((r.due_by for r in reviewers if r.reviewer == shown["reviewer"]), None) or validation.due_by
-            shown["reviewed"] = shown["reviewer"] in reviewed
-            shown["counted"] = shown["reviewed"] and not rules.is_conflicted(state, shown["reviewer"])
-            shown["overdue"] = open_ and not shown["reviewed"] and due is not None and due < now
-        eligible = [r for r in view["reviewers"] if not rules.is_conflicted(state, r["reviewer"])]
-        view["quorum_reachable"] = not open_ or len(eligible) >= validation.quorum
+        eligible = 0
+        for shown, row in zip(view["reviewers"], reviewers):
+            progress = _progress(validation, row, row.reviewer in reviewed, now)
+            free = not rules.is_conflicted(state, row.reviewer)
+            shown.update(reviewed=progress["reviewed"], counted=progress["reviewed"] and free, overdue=progress["overdue"])
+            eligible += free
+        view["quorum_reachable"] = state.status not in rules.OPEN or eligible >= validation.quorum
     if state.status == "decided" or viewer in parties:
         view["reviews"] = [
             {

@@ -32,7 +32,7 @@ from handlers.projects import (
 )
 from handlers.rules.validations import Outcome as ValidationOutcome
 from handlers.rules.validations import Status as ValidationStatus
-from handlers.validations import Validation, ValidationReview, ValidationReviewer, validation_view
+from handlers.validations import Validation, ValidationReviewer, assignments_of, validation_view
 from schemas.common import InstitutionKind
 from schemas.projects import ProjectStatus
 
@@ -217,30 +217,6 @@ def adoption_stats(
 _VALIDATION_SUMMARY = set(resources.Validation.model_fields) - {"assignment"}
 
 
-def _assignments(session: Any, reviewer: str, validations: list[Validation]) -> dict[str, dict[str, Any]]:
-    """``reviewer``'s own assignment in each of ``validations`` (its work list)."""
-    ids = [v.validation_id for v in validations]
-    if not ids:
-        return {}
-    assigned = {r.validation_id: r for r in session.exec(select(ValidationReviewer).where(
-        ValidationReviewer.reviewer == reviewer, col(ValidationReviewer.validation_id).in_(ids)))}
-    reviewed = set(session.exec(select(ValidationReview.validation_id).where(
-        ValidationReview.reviewer == reviewer, col(ValidationReview.validation_id).in_(ids))))
-    now = datetime.now(timezone.utc)
-    found = {}
-    for validation in validations:
-        row = assigned.get(validation.validation_id)
-        if row is None:
-            continue
-        due = row.due_by or validation.due_by
-        done = validation.validation_id in reviewed
-        open_ = validation.status not in ("decided", "withdrawn")
-        found[validation.validation_id] = {
-            "due_by": due, "reviewed": done, "overdue": open_ and not done and due is not None and due < now,
-        }
-    return found
-
-
 @router.get("/validations", response_model=Page[resources.Validation], responses=LIST_ERRORS)
 def list_validations(
     viewer: Member,
@@ -270,7 +246,7 @@ def list_validations(
     # An undecided validation has no medians yet (None in its row; ``{}`` in the resource).
     items = [{**row.model_dump(include=_VALIDATION_SUMMARY), "median_scores": row.median_scores or {}} for row in rows]
     if reviewer is not None and reviewer == viewer:  # a reviewer's work list: its own due dates and progress
-        mine = _assignments(session, viewer, rows)
+        mine = assignments_of(session, viewer, rows)
         for item in items:
             item["assignment"] = mine.get(item["validation_id"])
     return _page(items, next_cursor)
