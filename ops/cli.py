@@ -214,7 +214,7 @@ def _offer_and_report(
             body["outcome"] = found.as_dict() if found is not None else None
         out.print_json(data=body)
     else:
-        _print_verdict(verdict, False)
+        _print_verdict(verdict)
         if waited:
             _print_outcome(verdict.id, found)
     if not verdict.accepted or (found is not None and found.refused):
@@ -291,10 +291,8 @@ def _print_outcome(event_id: str, found: Any) -> None:
             out.print(f"  led to {derived.get('type')} #{seq}")
 
 
-def _print_verdict(verdict: Any, as_json: bool) -> None:
-    if as_json:
-        out.print_json(data=verdict.as_dict())
-    elif verdict.accepted:
+def _print_verdict(verdict: Any) -> None:
+    if verdict.accepted:
         dup = " (duplicate: already in the log)" if verdict.duplicate else ""
         out.print(f"[green]accepted[/green] {verdict.id} as #{verdict.seq}{dup}")
     else:
