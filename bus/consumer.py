@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from bus.pull import Puller
+from bus.pull import Puller, delivery
 from bus.streams import EVENTS_STREAM
 from ops import tracing
 
@@ -302,9 +302,9 @@ class Consumer:
                 except orjson.JSONDecodeError as exc:
                     unreadable = Failure("JSONDecodeError", str(exc), permanent=True)
                     break
-                meta = msg.metadata
+                seq, logged_at = delivery(msg)
                 traceparent = msg.headers.get(tracing.TRACEPARENT) if msg.headers else None
-                items.append(LoggedItem(meta.sequence.stream, envelope, meta.timestamp, traceparent))
+                items.append(LoggedItem(seq, envelope, logged_at, traceparent))
             applied, failure, decided = (0, None, 0)
             if items:
                 outcome = await self._apply_holding(pending, items)

@@ -17,7 +17,7 @@ import orjson
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from bus.pull import Puller
+from bus.pull import Puller, delivery
 from bus.streams import EVENTS_STREAM
 
 
@@ -90,12 +90,11 @@ async def rebuild(
             idle = 0
             items: list[LoggedItem] = []
             for msg in msgs:
-                meta = msg.metadata
-                seq = meta.sequence.stream
+                seq, logged_at = delivery(msg)
                 if seq > report.last_seq:
                     break
                 try:
-                    items.append(LoggedItem(seq, orjson.loads(msg.data), meta.timestamp))
+                    items.append(LoggedItem(seq, orjson.loads(msg.data), logged_at))
                 except orjson.JSONDecodeError as exc:  # not an event (the live consumer dead-letters it): past it
                     await _apply(service, items, report)
                     report.events += len(items) + 1

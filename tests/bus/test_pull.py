@@ -10,10 +10,11 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from bus.publisher import LogPublisher
-from bus.pull import Puller
+from bus.pull import Puller, delivery
 from bus.server import EmbeddedNats
 
 STREAM = "PULLTEST"
@@ -159,3 +160,22 @@ async def test_the_log_publisher_answers_as_jetstream_publish_does(nc: Client) -
         await publisher.stop()
     with pytest.raises(nats.errors.ConnectionClosedError):
         await publisher.publish("pulltest.p", b"x", timeout=5)
+
+
+async def test_a_deliverys_sequence_and_log_time_are_read_as_nats_py_reads_them(nc: Client) -> None:
+    seqs = await publish(nc, b"one", b"two")
+    puller = Puller(nc, STREAM, await consumer(nc), batch=10)
+    await puller.start()
+    try:
+        msgs: list[Msg] = []
+        while len(msgs) < 2:
+            msgs += await asyncio.wait_for(puller.fetch(timeout=5), 10)
+    finally:
+        await puller.stop()
+    assert [delivery(msg) for msg in msgs] == [(msg.metadata.sequence.stream, msg.metadata.timestamp) for msg in msgs]
+    assert [seq for seq, _ in map(delivery, msgs)] == seqs
+    # The form with a domain and an account hash (servers since 2.9 may send it).
+    long = Msg(nc, subject="pulltest.x", reply="$JS.ACK.hub.ACCHASH.PULLTEST.c.3.41.40.1764669652548947000.0.rnd")
+    assert delivery(long) == (long.metadata.sequence.stream, long.metadata.timestamp) == (41, long.metadata.timestamp)
+    with pytest.raises(nats.errors.NotJSMessageError):
+        delivery(Msg(nc, subject="pulltest.x", reply="_INBOX.abc"))
