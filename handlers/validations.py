@@ -7,6 +7,7 @@ domains' tables, read here with plain SQL so this module depends on their column
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -37,6 +38,7 @@ from schemas.validations import (
 )
 
 __all__ = [
+    "CONFIDENTIAL",
     "DECIDERS",
     "PROJECTIONS",
     "TIMERS",
@@ -44,6 +46,7 @@ __all__ = [
     "Validation",
     "ValidationReview",
     "ValidationReviewer",
+    "audience",
     "validation_view",
 ]
 
@@ -503,3 +506,54 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
             for r in _info_requests(session, validation_id)
         ]
     return view
+
+
+# --- who may see the workflow's events -------------------------------------------------------------
+
+CONFIDENTIAL = frozenset({
+    "validation.review_submitted", "validation.info_requested", "validation.info_provided", "validation.action_rejected",
+})
+"""The validation workflow's event types that not every member may see (the rest are public)."""
+
+
+def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | None:
+    """The institutions that may see a logged event, as ``GET /events`` shows it and webhooks
+    deliver it; None: every member. The rule of :func:`validation_view`:
+
+    - a review: its reviewer and the coordinator; the requester too when the workflow took it
+      (its reviewer has a review); every member once the validation is decided, when it took it;
+    - information asked and given: the parties (coordinator, requester, assigned reviewers);
+    - a refusal (``validation.action_rejected``): the parties and the institution it refused.
+
+    Whoever said an event sees it. The parties are those the workflow accepted, as the read models
+    have them — never a request or an assignment it refused; of a validation the read models do
+    not know (yet), only who said the event and whom it refused.
+    """
+    event_type = envelope.get("type")
+    if event_type not in CONFIDENTIAL:
+        return None
+    data = envelope.get("data")
+    data = data if isinstance(data, Mapping) else {}
+    validation_id = str(data.get("validation_id"))
+    source = str(envelope.get("source")).removeprefix("/institutions/")
+    allowed = {source}
+    if event_type == "validation.action_rejected":
+        allowed.add(str(data.get("actor")))
+    found = session.exec(
+        select(Validation.requester, Validation.coordinator, Validation.status).where(Validation.validation_id == validation_id)
+    ).first()
+    if found is None:
+        return frozenset(allowed)
+    requester, coordinator, status = found
+    allowed.add(coordinator)  # refused events too: they were refused in its name
+    if event_type == "validation.review_submitted":
+        taken = session.exec(select(ValidationReview.reviewer).where(
+            ValidationReview.validation_id == validation_id, ValidationReview.reviewer == source)).first() is not None
+        if taken and status == "decided":
+            return None
+        if taken:
+            allowed.add(requester)
+        return frozenset(allowed)
+    allowed.add(requester)
+    allowed.update(session.exec(select(ValidationReviewer.reviewer).where(ValidationReviewer.validation_id == validation_id)))
+    return frozenset(allowed)

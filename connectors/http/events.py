@@ -28,7 +28,7 @@ from connectors.http.problems import ApiProblem, documented, rejection, retry_af
 from connectors.http.ratelimit import RateLimiter
 from handlers.bookkeeping import applied_event
 from handlers.db import reading
-from handlers.validations import validation_view
+from handlers.validations import CONFIDENTIAL, audience
 from schemas.envelope import EVENT_ID_PATTERN, INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
 
 router = APIRouter(tags=["events"])
@@ -166,32 +166,12 @@ async def offer_events(request: Request, institution: Publisher) -> JSONResponse
 # --- reading the log ---------------------------------------------------------------------------
 
 #: Events whose content the resources show only to some members: shown here on the same terms.
-_GUARDED = {
-    "validation.review_submitted": "reviews",
-    "validation.info_requested": "info_requests",
-    "validation.info_provided": "info_requests",
-    "validation.action_rejected": "info_requests",  # (shown to the parties, as information asked is)
-}
-
-
 def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
-    """Whether ``viewer`` may see a guarded event: when ``/validations/{id}`` shows it what the
-    event carries (a review: that reviewer's review). Unknown to the read model yet: only its source."""
-    if event.get("source") == f"/institutions/{viewer}":
-        return True
-    if event["type"] == "validation.action_rejected" and event["data"].get("actor") == viewer:  # its own refusal
-        return True
-    part = _GUARDED[event["type"]]
+    """Whether ``viewer`` may see a confidential event of the validation workflow
+    (``handlers.validations.audience``, the rule webhooks deliver by)."""
     with Session(reading(engine)) as session:
-        view = validation_view(session, str(event["data"].get("validation_id")), viewer)
-    if view is not None and view["coordinator"] == viewer:  # refused ones too: refused in its name
-        return True
-    if view is None or part not in view:
-        return False
-    if part == "reviews":
-        reviewer = str(event["source"]).removeprefix("/institutions/")
-        return any(review["reviewer"] == reviewer for review in view["reviews"])
-    return True
+        allowed = audience(session, event)
+    return allowed is None or viewer in allowed
 
 
 @router.get(
@@ -230,7 +210,7 @@ async def read_log(
         assert msg.seq is not None
         seq = msg.seq + 1
         event = orjson.loads(msg.data or b"{}")
-        if event.get("type") in _GUARDED and not await run_in_threadpool(_visible, engine_of(request), event, viewer):
+        if event.get("type") in CONFIDENTIAL and not await run_in_threadpool(_visible, engine_of(request), event, viewer):
             continue
         items.append({"seq": msg.seq, "event": event})
     more = len(items) > limit
@@ -265,7 +245,7 @@ async def read_event(
     engine = engine_of(request)
 
     async def visible(event: dict[str, Any]) -> bool:
-        return event.get("type") not in _GUARDED or bool(await run_in_threadpool(_visible, engine, event, viewer))
+        return event.get("type") not in CONFIDENTIAL or bool(await run_in_threadpool(_visible, engine, event, viewer))
 
     applied = await run_in_threadpool(_applied, engine, event_id)
     found = await log.outcome(bus_of(request).js, applied, visible)

@@ -48,6 +48,7 @@ from connectors.webhooks.store import Endpoint
 from handlers.bookkeeping import ConsumerPosition, read_position
 from handlers.db import reading, session_scope
 from handlers.service import Failure, LoggedItem
+from handlers.validations import CONFIDENTIAL, audience
 from ops import tracing as traces
 from ops.settings import Settings
 from ops.tracing import Tracing
@@ -287,14 +288,14 @@ class DeliveryRecorder:
             self.retired.update(gone)
             owed += len(gone)  # (what tells the dispatcher to look)
         wanted = [e for e in batch.wanting(event_type) if e.after_seq < item.seq]
-        if wanted and event_type in store.CONFIDENTIAL and batch.applied() < item.seq:
+        if wanted and event_type in CONFIDENTIAL and batch.applied() < item.seq:
             raise _Unrecordable(index, Failure(
                 "waiting", f"the read models have not applied #{item.seq} yet: its audience is not known", permanent=False, wait=True,
             ))
         if wanted:
             # A span only for events owed somewhere: one no endpoint asked for is no part of its trace.
             with traces.consume_span(self.consumer, envelope, item.seq, item.traceparent, tracing=self.tracing):
-                allowed = store.audience(batch.session, envelope)
+                allowed = audience(batch.session, envelope)
                 ids = [e.id for e in wanted if allowed is None or e.institution in allowed]
                 self.touched.update(ids)
                 owed += store.owe(batch.session, ids, envelope, item.seq, due_at)
@@ -802,7 +803,8 @@ def _ended(span: trace.Span | None, outcome: Outcome) -> Outcome:
 async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, since: datetime, until: datetime) -> int:
     """Owe the endpoint again every event it asked for (and may see) that the log took between
     ``since`` and ``until``, delivered before or not; returns how many. Who may see a
-    confidential event is judged by the validation's parties as they are now."""
+    confidential event is judged by its validation as it is now (a review the workflow took is
+    every member's once the validation is decided, as over HTTP)."""
     events = [
         (seq, envelope)
         async for seq, envelope in logged_between(js, since, until)
@@ -813,7 +815,7 @@ async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, sinc
         with session_scope(engine) as session:
             visible = [
                 (seq, envelope) for seq, envelope in events
-                if (allowed := store.audience(session, envelope)) is None or endpoint.institution in allowed
+                if (allowed := audience(session, envelope)) is None or endpoint.institution in allowed
             ]
             return store.owe_again(session, endpoint.id, visible, datetime.now(timezone.utc))
 

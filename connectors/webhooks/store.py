@@ -25,7 +25,6 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from connectors.webhooks.signing import new_secret
 from handlers.bookkeeping import advance_position, read_position
 from handlers.institutions import UtcDateTime
-from schemas.envelope import SOURCE_PREFIX
 
 #: The webhook tables, kept out of the read models' metadata (see the module docstring).
 WEBHOOKS = sa.MetaData()
@@ -169,49 +168,6 @@ def matches(event_types: Sequence[str], event_type: str) -> bool:
     return not event_types or any(
         wanted == event_type or (wanted.endswith(".*") and event_type.startswith(wanted[:-1])) for wanted in event_types
     )
-
-
-# --- who may receive what -------------------------------------------------------------------------
-
-
-def _institution(source: object) -> str:
-    return str(source).removeprefix(SOURCE_PREFIX)
-
-
-CONFIDENTIAL = frozenset({
-    "validation.review_submitted", "validation.info_requested", "validation.info_provided", "validation.action_rejected",
-})
-"""Event types delivered only to the parties of their validation (the rule of ``/validations/{id}``);
-a refusal also to the institution refused."""
-
-
-def audience(session: Session, envelope: dict[str, Any]) -> frozenset[str] | None:
-    """The institutions that may receive ``envelope``; None: every member.
-
-    The rule of ``/validations/{id}`` (``handlers.validations.validation_view``) before any
-    decision: a review goes to its reviewer, the coordinator and the requester; information asked
-    and given to those and the assigned reviewers. Who they are is what the workflow accepted —
-    the read models, which the caller lets apply the event first — never a request or an
-    assignment it refused.
-    """
-    event_type = envelope.get("type")
-    if event_type not in CONFIDENTIAL:
-        return None
-    from handlers.validations import Validation, ValidationReviewer
-
-    data = envelope.get("data") or {}
-    validation_id = str(data.get("validation_id"))
-    parties = {_institution(envelope.get("source"))}
-    if event_type == "validation.action_rejected":  # what was refused is between the workflow and whom it refused
-        parties.add(str(data.get("actor")))
-    validation = session.exec(
-        select(Validation.requester, Validation.coordinator).where(Validation.validation_id == validation_id)
-    ).first()
-    if validation is not None:
-        parties.update(validation)
-        if event_type != "validation.review_submitted":
-            parties.update(session.exec(select(ValidationReviewer.reviewer).where(ValidationReviewer.validation_id == validation_id)))
-    return frozenset(parties)
 
 
 # --- deliveries -----------------------------------------------------------------------------------

@@ -401,3 +401,59 @@ async def test_an_institution_that_leaves_receives_nothing_more(network: Network
         assert endpoint.disabled_at is not None
         assert session.get(Endpoint, staying["id"]).enabled is True  # type: ignore[union-attr]
     assert leaving["id"] not in gateway.bus.webhooks.workers
+
+
+async def test_reviews_reach_the_parties_until_the_decision_and_every_member_after_it(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    requester, coordinator = await gateway.join("municipality"), await gateway.join("competence_centre")
+    first, second, outsider = await gateway.join("university"), await gateway.join("university"), await gateway.join("ngo")
+    members = {"requester": requester, "coordinator": coordinator, "first": first, "second": second, "outsider": outsider}
+    endpoints = {role: await register(gateway, institution, receiver.url(f"/{role}"), ["validation.review_submitted"])
+                 for role, institution in members.items()}
+    since = datetime.now(timezone.utc)
+    fixtures = load_fixtures()
+    validation_id = unique("v")
+
+    def event(event_type: str, source: str, **data: Any) -> dict[str, Any]:
+        template = {k: v for k, v in fixtures[event_type]["event"]["data"].items() if k != "due_by"}
+        return envelope(event_type, source, {**template, "validation_id": validation_id, **data})
+
+    def reviewers(role: str) -> list[str]:
+        return sorted(str(json.loads(r.body)["source"]).rsplit("/", 1)[1] for r in receiver.at(f"/{role}"))
+
+    async def offer(offered: dict[str, Any]) -> None:
+        response = await gateway.post(str(offered["source"]).rsplit("/", 1)[1], offered)
+        assert response.status_code == 202, response.text
+
+    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p"), "owner": requester}
+    await offer(envelope("project.registered", requester, project))
+    await offer(event("validation.requested", requester, coordinator=coordinator, project_id=project["project_id"], quorum=2))
+    await offer(event("validation.reviewer_assigned", coordinator, reviewer=first))
+    await offer(event("validation.reviewer_assigned", coordinator, reviewer=second))
+    await offer(event("validation.review_submitted", first))
+    await offer(event("validation.review_submitted", outsider))  # not assigned: refused
+
+    # Before the decision: a review to its reviewer, the coordinator and the requester; a refused
+    # one to its author and the coordinator, in whose name it was refused.
+    await eventually(lambda: reviewers("coordinator") == sorted([first, outsider]), what="the coordinator's reviews")
+    await eventually(lambda: reviewers("requester") == [first] and reviewers("first") == [first], what="the first review")
+    await eventually(lambda: reviewers("outsider") == [outsider], what="the outsider's own review")
+    await asyncio.sleep(0.5)
+    assert reviewers("second") == [] and reviewers("requester") == [first] and reviewers("outsider") == [outsider]
+
+    await offer(event("validation.review_submitted", second))  # the quorum: the rule decides
+    # The review that decides is every member's already when it is delivered.
+    for role in ("requester", "coordinator", "first", "second", "outsider"):
+        await eventually(lambda: second in reviewers(role), what=f"the deciding review at the {role}'s")
+    assert reviewers("second") == [second] and reviewers("outsider") == sorted([outsider, second])
+
+    # Decided: recovering the window gives the outsider every review the workflow took, as
+    # GET /events shows them now; a refused review stays with its author and the coordinator.
+    response = await gateway.client.post(f"/webhooks/{endpoints['second']['id']}/recover", json={"since": since.isoformat()},
+                                         headers=gateway.auth(second))
+    assert response.status_code == 202 and response.json() == {"queued": 2}, response.text
+    await eventually(lambda: reviewers("second") == sorted([first, second, second]), what="the second's recovered reviews")
+    logged = (await gateway.client.get("/events", params={"type": "validation.review_submitted", "after_seq": 0,
+                                                           "limit": 500}, headers=gateway.auth(second))).json()["items"]
+    shown = sorted(e["event"]["source"].rsplit("/", 1)[1] for e in logged if e["event"]["data"]["validation_id"] == validation_id)
+    assert shown == sorted([first, second])
