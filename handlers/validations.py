@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, cast
 
+import sqlalchemy as sa
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
@@ -418,6 +419,21 @@ def _progress(validation: Validation, assigned: ValidationReviewer, reviewed: bo
     due = assigned.due_by or validation.due_by
     late = validation.status in rules.OPEN and not reviewed and due is not None and due < now
     return {"due_by": due, "reviewed": reviewed, "overdue": late}
+
+
+def overdue_reviewers(now: datetime, reviewer: str | None = None) -> Any:
+    """A condition on ``Validation``: it is open and a reviewer (``reviewer``, else any) has not
+    reviewed by its due date (its own, else the validation's) — what ``overdue`` in
+    :func:`_progress` says of one reviewer, for a query."""
+    reviewed = select(ValidationReview.reviewer).where(
+        ValidationReview.validation_id == ValidationReviewer.validation_id, ValidationReview.reviewer == ValidationReviewer.reviewer)
+    due = sa.func.coalesce(ValidationReviewer.due_by, Validation.due_by)
+    late = select(ValidationReviewer.reviewer).where(
+        ValidationReviewer.validation_id == Validation.validation_id, ~reviewed.exists(), due < sa.bindparam("now", now, type_=UtcDateTime()),
+    )
+    if reviewer is not None:
+        late = late.where(ValidationReviewer.reviewer == reviewer)
+    return sa.and_(col(Validation.status).in_(sorted(rules.OPEN)), late.exists())
 
 
 def assignments_of(session: Session, reviewer: str, validations: list[Validation]) -> dict[str, dict[str, Any]]:

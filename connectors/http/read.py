@@ -16,6 +16,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import AwareDatetime
 from sqlmodel import col, select
 
+from bus.verdict import Problem
 from connectors.http import resources
 from connectors.http.auth import Member, SessionDep
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page, keyset_page, list_page
@@ -32,7 +33,7 @@ from handlers.projects import (
 )
 from handlers.rules.validations import Outcome as ValidationOutcome
 from handlers.rules.validations import Status as ValidationStatus
-from handlers.validations import Validation, ValidationReviewer, assignments_of, validation_view
+from handlers.validations import Validation, ValidationReviewer, assignments_of, overdue_reviewers, validation_view
 from schemas.common import InstitutionKind
 from schemas.projects import ProjectStatus
 
@@ -227,6 +228,10 @@ def list_validations(
     coordinator: str | None = None,
     requester: str | None = None,
     reviewer: Annotated[str | None, Query(description="validations this institution is assigned to review")] = None,
+    overdue: Annotated[bool | None, Query(description=(
+        "true: open validations where a reviewer (the one `reviewer` names, else any) has not reviewed by its due "
+        "date; false: the others. Who is late is the parties' business: name yourself as `reviewer`, "
+        "`coordinator` or `requester`"))] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
@@ -235,6 +240,13 @@ def list_validations(
     if reviewer is not None:
         assigned = select(ValidationReviewer.validation_id).where(ValidationReviewer.reviewer == reviewer)
         query = query.where(col(Validation.validation_id).in_(assigned))
+    if overdue is not None:
+        if viewer not in (reviewer, coordinator, requester):
+            raise ApiProblem(422, "overdue is for a validation's parties: give reviewer, coordinator or requester as yourself",
+                             kind="invalid", errors=[Problem(("overdue",), "needs reviewer, coordinator or requester naming you",
+                                                             "party_required")])
+        late = overdue_reviewers(datetime.now(timezone.utc), reviewer)
+        query = query.where(late if overdue else ~late)
     filters = ((Validation.status, status), (Validation.outcome, outcome), (Validation.project_id, project_id),
                (Validation.coordinator, coordinator), (Validation.requester, requester))
     for column, value in filters:

@@ -310,6 +310,19 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     assert worklist[0][0]["assignment"] == {"due_by": soon.isoformat().replace("+00:00", "Z"), "reviewed": False, "overdue": True}
     others = await walk(gateway.client, "/validations", gateway.auth(outsider), reviewer=second)
     assert others[0][0]["assignment"] is None  # another's work list shows no progress
+
+    async def late(who: str, **filters: str) -> list[str]:
+        pages = await walk(gateway.client, "/validations", gateway.auth(who), overdue="true", **filters)
+        return [v["validation_id"] for page in pages for v in page]
+
+    assert await late(coordinator, coordinator=coordinator) == [validation_id]  # the coordinator's list to chase
+    assert await late(second, reviewer=second) == [validation_id] and await late(first, reviewer=first) == []
+    on_time = await walk(gateway.client, "/validations", gateway.auth(first), reviewer=first, overdue="false")
+    assert [v["validation_id"] for page in on_time for v in page] == [validation_id]
+    nosy = problem(await gateway.client.get("/validations", params={"overdue": "true", "reviewer": second},
+                                            headers=gateway.auth(outsider)), 422, "invalid")
+    assert nosy["errors"] == [{"loc": ["overdue"], "msg": "needs reviewer, coordinator or requester naming you",
+                               "type": "party_required"}]
     detail = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(coordinator))).json()
     assert all(r["assigned_at"].endswith("Z") for r in detail["reviewers"])
     progress = {r["reviewer"]: (r["reviewed"], r["overdue"]) for r in detail["reviewers"]}
@@ -327,6 +340,7 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     await gateway.settle()
     response = await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(outsider))
     assert response.json()["status"] == "decided" and response.json()["outcome"] == "validated"
+    assert await late(coordinator, coordinator=coordinator) == []  # decided: nobody is late any more
     assert await seen_by(outsider) == ([first, second], 2)
     listed = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
     assert [v["validation_id"] for page in listed for v in page] == [validation_id]
