@@ -113,6 +113,11 @@ registers its own projects; one registered in another's name would be a project 
 cannot change, shown as the other's. Others take part as partners.)"""
 
 
+ABOUT_A_MEMBER = frozenset({"institution.updated", "institution.left"})
+"""Types about a current member (their subject, ``data.id``): of any other institution they
+would change nothing, and the operator would be told they were accepted."""
+
+
 def validate(
     raw: dict[str, Any], body: bytes | None = None, named: tuple[registry.EventSpec | None, list[Problem]] | None = None
 ) -> tuple[registry.EventSpec, CloudEvent]:
@@ -214,6 +219,12 @@ class Gate:
                 )
             if not judged:
                 await self._check_sender(institution, event.source, spec)
+            if spec.type in ABOUT_A_MEMBER and await self.membership.kind_of(event.subject) is None:
+                raise reject(
+                    "invalid", "not_member",
+                    f"{event.subject!r} is not a member of the network: {spec.type} is about a member "
+                    "(institution.joined makes one)", "data", "id",
+                )
             verdict = await self._log(raw, spec, extra_headers)
         except Rejection as exc:
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None

@@ -124,7 +124,7 @@ def joined(session: Session, event: Event[InstitutionJoined]) -> None:
 def updated(session: Session, event: Event[InstitutionUpdated]) -> None:
     """Only the fields present change; a present null clears."""
     institution = session.get(Institution, event.data.id)
-    if institution is None:  # the gate admits updates of members only; nothing to change
+    if institution is None:  # the gate admits updates of members only (one logged before it did: nothing to change)
         return
     institution.sqlmodel_update(column_values(event.data, event.data.model_fields_set - {"id"}))
     session.add(institution)

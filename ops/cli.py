@@ -1056,14 +1056,15 @@ def institutions_add(
     *,
     settings: Settings,
 ) -> None:
-    """Add a member: the operator publishes institution.joined. An ID that is already a member
-    is refused unless --replace (to change some facts, publish institution.updated)."""
+    """Add a member: the operator publishes institution.joined (and the command waits until the
+    network has applied it). An ID that is already a member is refused unless --replace (to change
+    some facts: ``institutions update``)."""
     present = None if replace else _current_member(settings, institution_id)
     if present is not None:
         err.print(
             f"[red]error:[/red] {institution_id} is already a member ({present}). `institutions add` would restate "
-            "every fact of it and clear those not given: pass --replace for that, or publish institution.updated "
-            "to change some."
+            "every fact of it and clear those not given: pass --replace for that, or use `collabbus institutions "
+            "update` to change some."
         )
         raise typer.Exit(1)
 
@@ -1073,23 +1074,79 @@ def institutions_add(
     if theme:
         data["themes"] = theme
     if identifier:
-        pairs = []
-        for item in identifier:
-            scheme, sep, value = item.partition("=")
-            if not sep:
-                raise typer.BadParameter(f"{item!r}: use SCHEME=VALUE", param_hint="--identifier")
-            pairs.append({"scheme": scheme, "value": value})
-        data["identifiers"] = pairs
-    event = {
+        data["identifiers"] = _identifiers(identifier)
+    _offer_and_report(settings, settings.operator, _operator_event(settings, "institution.joined", data), as_json=as_json, wait=True)
+
+
+_CLEARABLE = ("region", "municipality_level", "website", "contact_email")
+
+
+@institutions_app.command("update")
+@with_settings
+def institutions_update(
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member, e.g. tr-mersin-bb")],
+    name: Annotated[Optional[str], typer.Option(help="the institution's name (in --lang; replaces every language)")] = None,
+    kind: Annotated[Optional[str], typer.Option()] = None,
+    country: Annotated[Optional[str], typer.Option(help="ISO 3166-1 alpha-2 code")] = None,
+    lang: Annotated[str, typer.Option(help="language of the name (BCP 47)")] = "en",
+    region: Annotated[Optional[str], typer.Option()] = None,
+    municipality_level: Annotated[Optional[str], typer.Option(help="metropolitan, provincial or district")] = None,
+    theme: Annotated[Optional[list[str]], typer.Option(help="theme code; repeat for several (replaces the list)")] = None,
+    identifier: Annotated[Optional[list[str]], typer.Option(help="SCHEME=VALUE; repeat for several (replaces the list)")] = None,
+    website: Annotated[Optional[str], typer.Option()] = None,
+    contact_email: Annotated[Optional[str], typer.Option()] = None,
+    clear: Annotated[Optional[list[str]], typer.Option(help=f"a fact to clear: {', '.join(_CLEARABLE)}, themes, identifiers; repeat for several")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Change some facts of a member: the operator publishes institution.updated with only those
+    given (the others stay as they are)."""
+    data: dict[str, Any] = {"id": institution_id}
+    if name is not None:
+        data["name"] = {lang: name}
+    given = {"kind": kind, "country": country, "region": region, "municipality_level": municipality_level,
+             "website": website, "contact_email": contact_email}
+    data.update({k: v for k, v in given.items() if v is not None})
+    if theme:
+        data["themes"] = theme
+    if identifier:
+        data["identifiers"] = _identifiers(identifier)
+    for fact in clear or ():
+        if fact in ("themes", "identifiers"):
+            data[fact] = []
+        elif fact in _CLEARABLE:
+            data[fact] = None
+        else:
+            raise typer.BadParameter(f"{fact!r}: one of {', '.join(_CLEARABLE)}, themes, identifiers "
+                                     "(name, kind and country can be changed, not cleared)", param_hint="--clear")
+        if fact in given and given[fact] is not None or fact == "themes" and theme or fact == "identifiers" and identifier:
+            raise typer.BadParameter(f"{fact} is both given and cleared", param_hint="--clear")
+    if len(data) == 1:
+        raise typer.BadParameter("nothing to change: give at least one fact (or --clear one)")
+    _offer_and_report(settings, settings.operator, _operator_event(settings, "institution.updated", data), as_json=as_json, wait=True)
+
+
+def _identifiers(items: list[str]) -> list[dict[str, str]]:
+    pairs = []
+    for item in items:
+        scheme, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r}: use SCHEME=VALUE", param_hint="--identifier")
+        pairs.append({"scheme": scheme, "value": value})
+    return pairs
+
+
+def _operator_event(settings: Settings, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A membership event in the operator's name, about the institution ``data`` names."""
+    return {
         "specversion": "1.0",
         "id": new_event_id(),
         "source": f"/institutions/{settings.operator}",
-        "type": "institution.joined",
-        "subject": institution_id,
+        "type": event_type,
+        "subject": data["id"],
         "data": data,
     }
-
-    _offer_and_report(settings, settings.operator, event, as_json=as_json)
 
 
 def _current_member(settings: Settings, institution_id: str) -> str | None:

@@ -10,6 +10,7 @@ import pytest
 from nats.aio.client import Client
 
 from bus.client import offer, offer_raw
+from bus.gate import ABOUT_A_MEMBER
 from bus.runtime import Bus
 from bus.streams import EVENTS_STREAM
 from bus.verdict import Verdict
@@ -65,6 +66,11 @@ def test_fixtures_cover_the_whole_catalog() -> None:
 @pytest.mark.parametrize("type_", OUTSIDE)
 async def test_every_type_offered_from_outside_is_accepted_and_logged(bus: Bus, partner: Client, type_: str) -> None:
     institution, event = fresh(type_)
+    if type_ in ABOUT_A_MEMBER:  # of a member of its own: the catalog's example may have left in another test
+        from tests.conftest import join
+
+        event["subject"] = event["data"]["id"] = unique("fi-member")
+        await join(partner, event["subject"], "ngo")
     verdict = await offer(partner, institution, event)
     assert verdict.accepted, verdict.as_dict()
     assert verdict.id == event["id"] and not verdict.duplicate
@@ -244,6 +250,27 @@ async def test_a_member_can_publish_as_soon_as_it_has_joined(bus: Bus, partner: 
     event["data"]["owner"] = newcomer
     verdict = await offer(partner, newcomer, event)
     assert verdict.accepted, verdict.as_dict()
+
+
+async def test_updates_and_leaving_are_about_members_only(bus: Bus, partner: Client) -> None:
+    from tests.conftest import OPERATOR, join
+
+    def about(event_type: str, institution: str, **data: Any) -> dict[str, Any]:
+        return {"specversion": "1.0", "id": unique("ev"), "source": f"/institutions/{OPERATOR}", "type": event_type,
+                "subject": institution, "data": {"id": institution, **data}}
+
+    ghost = unique("xx-ghost")  # a typo of the operator's: it would be accepted and change nothing
+    for refused in (about("institution.updated", ghost, website="https://example.org"),
+                    about("institution.left", ghost)):
+        verdict = await offer(partner, OPERATOR, refused)
+        assert verdict.reason == "invalid" and [(p.loc, p.type) for p in verdict.errors] == [(("data", "id"), "not_member")]
+        assert f"{ghost!r} is not a member of the network" in verdict.errors[0].msg
+    member = unique("fi-member")
+    await join(partner, member, "ngo")
+    assert (await offer(partner, OPERATOR, about("institution.updated", member, website="https://example.org"))).accepted
+    assert (await offer(partner, OPERATOR, about("institution.left", member))).accepted
+    again = await offer(partner, OPERATOR, about("institution.left", member))  # it left already
+    assert codes(again) == {"not_member"}
 
 
 # --------------------------------------------------------------------------- size

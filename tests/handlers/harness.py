@@ -101,7 +101,7 @@ class BusScenario:
             institution = self.bus.settings.operator
         verdict = await self.bus.gate.admit(institution, orjson.dumps(event))
         assert verdict.accepted, f"the gate refused a scenario event: {verdict.as_dict()}"
-        await self._settle(verdict.seq)
+        await self.settle(verdict.seq)
         return await self._derived_from(event["id"], after=verdict.seq)
 
     async def tick(self, now: datetime | None = None) -> list[dict[str, Any]]:
@@ -115,10 +115,10 @@ class BusScenario:
             derived = await asyncio.to_thread(run)
         last = (await self.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
         await relay.drain()
-        await self._settle(last + len(derived))
+        await self.settle(last + len(derived))
         return derived
 
-    async def _settle(self, seq: int | None) -> None:
+    async def settle(self, seq: int | None) -> None:
         """Wait until the consumer applied ``seq`` and the outbox is empty and applied too."""
         import asyncio
 

@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -14,7 +15,7 @@ from sqlalchemy import Engine
 from sqlmodel import SQLModel
 
 from handlers.institutions import Institution, member, member_by_identifier
-from tests.handlers.harness import Scenario, envelope
+from tests.handlers.harness import BusScenario, Scenario, envelope
 
 NETWORK_TABLES = {
     "institutions",
@@ -97,8 +98,17 @@ async def test_a_member_that_left_is_no_member_until_it_joins_again(scenario: Sc
         assert rejoined.region is None and rejoined.website is None  # every fact restated
 
 
-async def test_an_update_of_an_unknown_institution_changes_nothing(scenario: Scenario, institution: str) -> None:
-    assert await scenario.when(updated(institution, region="Tampere")) == []
+async def test_an_update_of_an_unknown_institution_is_refused_and_one_logged_changes_nothing(
+    scenario: BusScenario, institution: str
+) -> None:
+    event = updated(institution, region="Tampere")
+    operator = scenario.bus.settings.operator
+    event["source"] = f"/institutions/{operator}"
+    refused = await scenario.bus.gate.admit(operator, orjson.dumps(event))
+    assert [(p.loc, p.type) for p in refused.errors] == [(("data", "id"), "not_member")]
+    logged = await scenario.bus.gate.publish_internal(event)  # as one logged before the gate checked it
+    assert logged.accepted
+    await scenario.settle(logged.seq)
     with scenario.session() as session:
         assert session.get(Institution, institution) is None
 

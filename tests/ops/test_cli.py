@@ -117,6 +117,18 @@ def test_publish_reports_a_refusal_by_the_workflow(running_bus: dict[str, str]) 
     replaced = cli("institutions", "add", owner, "--name", owner, "--kind", "municipality", "--country", "FI",
                    "--replace", env=env)
     assert replaced.returncode == 0 and "accepted" in replaced.stdout, replaced.stderr
+    updated = cli("institutions", "update", owner, "--contact-email", "info@example.org", "--theme", "education.quality",
+                  "--clear", "region", env=env)
+    assert updated.returncode == 0 and "applied #" in updated.stdout, updated.stdout + updated.stderr
+    listed = {item["id"]: item for item in json.loads(cli("institutions", "list", "--json", env=env).stdout)["items"]}
+    assert listed[owner]["contact_email"] == "info@example.org" and listed[owner]["themes"] == ["education.quality"]
+    assert listed[owner]["name"] == {"en": owner} and listed[owner]["kind"] == "municipality"  # the rest as it was
+    nothing = cli("institutions", "update", owner, env=env)
+    assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
+    uncleared = cli("institutions", "update", owner, "--clear", "name", env=env)
+    assert uncleared.returncode == 2 and "not cleared" in uncleared.stderr
+    ghost = cli("institutions", "update", unique("ghost"), "--website", "https://example.org", env=env)
+    assert ghost.returncode == 1 and "rejected" in ghost.stdout and "is not a member of the network" in ghost.stdout, ghost.stdout
     project_id = unique("p")
     registered = cli("publish", "project.registered", "--as", owner, "--data", json.dumps({
         "project_id": project_id, "title": {"fi": "Kotihoito"}, "owner": owner, "status": "active"}), env=env)
