@@ -17,8 +17,10 @@ JWT allows publishing to ``collab.ingress.{their id}.>`` and subscribing to thei
 not the raw log (reviews in it stay confidential until a decision), not the JetStream API, not
 another member's verdicts. The bus's own user has no permission list, which in NATS means every
 right within the account; its connections make their inboxes under :data:`BUS_INBOX_PREFIX`,
-which is outside ``_INBOX.``: no member's permissions reach it, and the gate answers offers only
-on ``_INBOX.`` subjects, so no member can make the bus publish into its own inboxes or the log.
+which is outside ``_INBOX.``: no member's permissions reach it. The gate answers an offer only on
+the offering institution's own inboxes (or the bus's, by their unguessable names) and never on a
+wildcard subject (``bus.ingress.reply_allowed``), so no member can make the bus publish into
+another's inboxes or the log.
 
 The JWT encoding follows nats-io/jwt v2: header ``{"typ":"JWT","alg":"ed25519-nkey"}``,
 base64url without padding, the signature an nkey signature of ``header.payload``, and ``jti`` the

@@ -31,9 +31,15 @@ def split_ingress_subject(subject: str) -> tuple[str, str | None]:
     return institution, offered
 
 
-REPLY_INBOXES = (f"{MEMBER_INBOXES}.", f"{BUS_INBOX_PREFIX}.")
-"""Verdicts are sent to reply subjects under these prefixes only: members' inboxes and the bus's
-own (its operator's offers), whose names no member can see (``bus.credentials``)."""
+def reply_allowed(reply: str, institution: str) -> bool:
+    """Whether a verdict may go to ``reply``, a reply subject the offering client chose: the
+    offering institution's own inbox (``_INBOX.{institution}.…``) or the bus's (its operator's
+    offers; ``bus.credentials``), a plain subject without wildcards. The bus publishes with every
+    right, so a member could otherwise have it write into another member's inboxes (which that
+    member's credentials cannot), into the bus's own or onto wildcard subjects."""
+    if not reply.startswith((f"{MEMBER_INBOXES}.{institution}.", f"{BUS_INBOX_PREFIX}.")):
+        return False
+    return all(token and token not in ("*", ">") for token in reply.split("."))
 
 
 class Ingress:
@@ -73,13 +79,11 @@ class Ingress:
     async def _answer(self, msg: Msg) -> None:
         try:
             verdict = await self.judge(msg.subject, msg.data, msg.headers)
-            if msg.reply.startswith(REPLY_INBOXES):
+            if msg.reply and reply_allowed(msg.reply, split_ingress_subject(msg.subject)[0]):
                 await self.nc.publish(msg.reply, verdict.to_json(), headers=REPLY_HEADERS)
             elif msg.reply:
-                # The bus publishes with every right: a reply subject a member chose is answered
-                # only where a member's own inbox can be, never into the log or the bus's inboxes.
-                log.warning("ingress: no verdict sent to %r for an offer on %s (verdicts go to inboxes only)",
-                            msg.reply[:200], msg.subject)
+                log.warning("ingress: no verdict sent to %r for an offer on %s (verdicts go to the offering "
+                            "institution's own inboxes only)", msg.reply[:200], msg.subject)
         except Exception:  # a failed reply costs this offer only; the partner retries with the same id
             log.exception("ingress could not answer an offer on %s", msg.subject)
         finally:

@@ -148,6 +148,25 @@ async def test_a_member_sees_neither_the_bus_nor_other_members_through_inboxes(
         await member.nc.flush()
         assert f'nats: permissions violation for subscription to "_inbox.{other}.>"' in await member.violations(3)
         assert (await offer(neighbour.nc, other, project_event(other))).accepted
+        # Nor can a member have the gate write into another's inboxes or onto wildcard subjects (the
+        # bus's own inboxes are answered, for its operator's offers: their names are unguessable).
+        landed: list[str] = []
+
+        async def land(msg: Any) -> None:
+            landed.append(msg.subject)
+
+        await neighbour.nc.subscribe(f"_INBOX.{other}.>", cb=land)
+        await partner.subscribe("_COLLABBUS.INBOX.spoofed.>", cb=land)  # (the bus's own connection watching)
+        await neighbour.nc.flush()
+        await partner.flush()
+        for reply in (f"_INBOX.{other}.spoofed", f"_INBOX.{other}.*", f"_INBOX.{other}.>", "_COLLABBUS.INBOX.spoofed.>",
+                      f"_INBOX.{member.institution}.*"):
+            await member.nc.publish(f"collab.ingress.{member.institution}.project.registered",
+                                    orjson.dumps(project_event(member.institution)), reply=reply)
+        await member.nc.flush()
+        await asyncio.sleep(0.5)
+        assert landed == []
+        assert (await offer(member.nc, member.institution, project_event(member.institution))).accepted  # its own: answered
     finally:
         await neighbour.nc.close()
 
