@@ -107,10 +107,12 @@ def named_spec(raw: Mapping[str, Any]) -> tuple[registry.EventSpec | None, list[
         return None, [Problem(("dataschema",), str(exc), "dataschema_invalid")]
 
 
-SENDER_NAMED: dict[str, str] = {"project.registered": "owner"}
-"""Types whose data names the institution saying them: it must be the event's source. (A member
-registers its own projects; one registered in another's name would be a project its registrant
-cannot change, shown as the other's. Others take part as partners.)"""
+SENDER_NAMED: dict[str, str] = {"project.registered": "owner", "innovation_day.registration_requested": "participant"}
+"""Types whose data names the institution saying them: it must be the event's source. A member
+registers its own projects (one registered in another's name would be a project its registrant
+cannot change, shown as the other's; others take part as partners) and itself for a day (a seat
+taken in another's name — or a made-up one's — could be cancelled by nobody: only the
+participant cancels)."""
 
 
 ABOUT_A_MEMBER = frozenset({"institution.updated", "institution.left"})

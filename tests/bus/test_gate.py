@@ -204,6 +204,17 @@ async def test_a_project_is_registered_by_its_owner(partner: Client) -> None:
     assert (await offer(partner, institution, event)).accepted  # the next one, its own, goes through
 
 
+async def test_an_institution_registers_itself_for_a_day(partner: Client) -> None:
+    institution, event = fresh("innovation_day.registration_requested")
+    for someone in ("fi-thl", "no-such-member"):  # seats in another's name that nobody could cancel
+        event["data"]["participant"] = someone
+        verdict = await offer(partner, institution, event)
+        assert verdict.reason == "forbidden" and codes(verdict) == {"participant_mismatch"}
+        assert locs(verdict) == {("data", "participant")}
+    institution, event = fresh("innovation_day.registration_requested")
+    assert (await offer(partner, institution, event)).accepted
+
+
 async def test_the_ingress_subject_must_match_the_type(partner: Client) -> None:
     institution, event = fresh("project.registered")
     body = orjson.dumps(event)
