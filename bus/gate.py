@@ -132,7 +132,12 @@ def validate(
     problems = list(found)
     model: type[CloudEvent] = typed_envelope(spec) if spec is not None else CloudEvent
     try:
-        event = model.model_validate_json(body if body is not None else orjson.dumps(raw))
+        if body is None:
+            body = orjson.dumps(raw)
+    except orjson.JSONEncodeError as exc:  # data read from binary mode nested deeper than JSON is written
+        raise reject("invalid", "json_invalid", f"the event cannot be read: {exc} (nested too deeply)", "data") from None
+    try:
+        event = model.model_validate_json(body)
     except ValidationError as exc:
         problems.extend(_problems(exc))
         raise Rejection("invalid", *problems) from None

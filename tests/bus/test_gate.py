@@ -362,6 +362,20 @@ async def test_binary_mode_with_bad_percent_encoding_is_rejected(partner: Client
     assert verdict.reason == "malformed" and codes(verdict) == {"utf8_invalid"}
 
 
+async def test_deeply_nested_data_is_refused_in_either_mode_and_the_next_event_flows(partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    nested = b'{"zz": ' + b"[" * 400 + b"]" * 400 + b"}"
+    headers = {"ce-specversion": "1.0", "ce-id": event["id"], "ce-source": event["source"], "ce-type": event["type"],
+               "ce-subject": event["subject"], "Content-Type": "application/json"}
+    subject = f"collab.ingress.{institution}.project.registered"
+    binary = await offer_raw(partner, subject, nested, headers)  # (it was an internal error, "retry with the same id")
+    structured = orjson.dumps({k: v for k, v in event.items() if k != "data"})[:-1] + b', "data": ' + nested + b"}"
+    whole = await offer_raw(partner, subject, structured, {"Content-Type": "application/cloudevents+json"})
+    for verdict in (binary, whole):
+        assert verdict.reason == "invalid" and codes(verdict) == {"json_invalid"}, verdict.as_dict()
+    assert (await offer(partner, institution, event)).accepted
+
+
 TEXTS = {
     "fi": "Sosiaalisten innovaatioiden osaamiskeskus – äö å ÄÖÅ",
     "tr": "Mahalle Mutfakları: İyi uygulamaların ışığında ıIiİ ğüşöç",
