@@ -78,11 +78,11 @@ def transport_mode(headers: Mapping[str, str]) -> Mode:
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, why: str) -> bytes:
     """The body, refused (413) as soon as it is known to exceed ``limit`` — before reading it when
-    ``Content-Length`` says so."""
+    ``Content-Length`` says so; ``why`` says where the limit comes from."""
     declared = request.headers.get("content-length", "")
-    too_large = ApiProblem(413, f"the body exceeds the limit of {limit} bytes", kind="too_large")
+    too_large = ApiProblem(413, f"the body is over {limit} bytes, {why}", kind="too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
@@ -139,7 +139,10 @@ async def offer_events(request: Request, institution: Publisher) -> JSONResponse
     metrics = request.app.state.metrics
     mode = transport_mode(request.headers)
     if mode == "batch":
-        events = _split_batch(await _read_body(request, bus.settings.max_event_bytes * BATCH_BODY_FACTOR))
+        events = _split_batch(await _read_body(
+            request, bus.settings.max_event_bytes * BATCH_BODY_FACTOR,
+            f"the most a batch may be ({BATCH_BODY_FACTOR} events of the limit of {bus.settings.max_event_bytes} bytes each)",
+        ))
         most = min(MAX_BATCH_EVENTS, limiter.burst)
         if len(events) > most:
             raise ApiProblem(413, f"a batch holds at most {most} events; this one has {len(events)}", kind="too_large")
@@ -151,7 +154,10 @@ async def offer_events(request: Request, institution: Publisher) -> JSONResponse
             verdicts.append(verdict.as_dict())
         return JSONResponse(verdicts, status_code=202)
     _throttle(limiter, institution, 1)
-    body = await _read_body(request, bus.settings.max_event_bytes * INPUT_FACTOR)  # the limit itself: on the event serialized
+    body = await _read_body(  # the limit itself is on the event serialized (the gatekeeper's)
+        request, bus.settings.max_event_bytes * INPUT_FACTOR,
+        f"{INPUT_FACTOR} times an event's limit of {bus.settings.max_event_bytes} bytes: not read",
+    )
     if mode == "structured":
         headers = STRUCTURED
     else:

@@ -162,9 +162,13 @@ def install(app: FastAPI) -> None:
                 415, f"the body is read as JSON: send it with Content-Type: application/json (not {media_type or 'none'})",
                 kind="unsupported",
             )
+        broken = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if broken is not None:  # not JSON at all: malformed, as POST /events answers it (FastAPI: "8: JSON decode error")
+            where = broken.get("loc", ())[-1:]
+            reason = str((broken.get("ctx") or {}).get("error") or "not JSON").rstrip(".").lower()
+            msg = f"the body is not valid JSON: {reason}" + (f" at character {where[0]}" if where and isinstance(where[0], int) else "")
+            return problem_response(400, msg, kind="malformed", errors=[{"loc": [], "msg": msg, "type": "json_invalid"}])
         detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
-        if any(e["type"] == "json_invalid" for e in errors):  # not JSON at all: malformed, as POST /events answers it
-            return problem_response(400, detail or "the body is not valid JSON", kind="malformed", errors=errors)
         return problem_response(422, detail or "invalid request", errors=errors)
 
     async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:

@@ -168,7 +168,9 @@ async def test_too_large_bodies_are_413_also_when_streamed(gateway: Gateway, mun
             yield b" " * 4096
 
     headers = {**gateway.auth(municipality), "content-type": "application/cloudevents+json"}
-    problem(await gateway.client.post("/events", content=chunks(), headers=headers), 413, "too_large")
+    refused = problem(await gateway.client.post("/events", content=chunks(), headers=headers), 413, "too_large")
+    # It names the event's limit, not only the input limit it ran into.
+    assert refused["detail"] == f"the body is over {INPUT_FACTOR * limit} bytes, {INPUT_FACTOR} times an event's limit of {limit} bytes: not read"
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "application/cloudevents+xml", None])

@@ -71,7 +71,9 @@ async def test_bad_registrations_are_refused_with_problems(network: Network, rec
     assert "password" in with_credentials["detail"] and "secret" not in with_credentials["detail"]
     await refused({"url": "http://no-such-host.invalid/hook"}, "refused_target")
     malformed = await gateway.client.post("/webhooks", content=b'{"url": ', headers={**auth, "content-type": "application/json"})
-    problem(malformed, 400, "malformed")  # as POST /events answers what is not JSON
+    body = problem(malformed, 400, "malformed")  # as POST /events answers what is not JSON
+    assert body["detail"] == "the body is not valid JSON: expecting value at character 8"  # (FastAPI's: "8: JSON decode error")
+    assert body["errors"] == [{"loc": [], "msg": body["detail"], "type": "json_invalid"}]
     as_form = await gateway.client.post("/webhooks", content=b'{"url": "http://x"}', headers={  # curl -d without -H
         **auth, "content-type": "application/x-www-form-urlencoded"})
     assert "Content-Type: application/json" in problem(as_form, 415, "unsupported")["detail"]
