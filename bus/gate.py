@@ -369,6 +369,14 @@ class Gate:
                 "invalid", "id_taken",
                 f"event id {raw.get('id')!r} is already used by another institution; choose a unique id", "id",
             )
+        # A retry is the same event again; a new event under a used id would be dropped unseen.
+        differing = [name for name in ("type", "subject", "data") if logged.get(name) != raw.get(name)]
+        if differing:
+            raise reject(
+                "invalid", "id_taken",
+                f"event id {raw.get('id')!r} is already used (#{seq}) for a different event (its {' and '.join(differing)} "
+                "differ): a retry sends the same event again; a new event needs a new id", "id",
+            )
 
 
 def check_fits(nc: Client, payload: bytes, headers: Mapping[str, str]) -> None:

@@ -323,6 +323,18 @@ async def test_an_id_taken_by_another_institution_is_refused(bus: Bus, partner: 
     assert verdict.status == "rejected" and codes(verdict) == {"id_taken"}
 
 
+async def test_an_id_used_again_for_a_different_event_is_refused_not_dropped(bus: Bus, partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    first = await offer(partner, institution, event)
+    retry = await offer(partner, institution, {**event, "time": "2026-12-01T10:00:00Z"})  # the same event, sent again later
+    assert retry.accepted and retry.duplicate and retry.seq == first.seq
+    changed = copy.deepcopy(event)
+    changed["data"]["title"] = {"en": "Another project under the same id"}
+    verdict = await offer(partner, institution, changed)  # it answered "duplicate" and dropped it
+    assert verdict.reason == "invalid" and codes(verdict) == {"id_taken"} and locs(verdict) == {("id",)}
+    assert f"already used (#{first.seq}) for a different event (its data differ)" in verdict.errors[0].msg
+
+
 # --------------------------------------------------------------------------- binary mode and text
 
 
