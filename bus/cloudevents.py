@@ -102,6 +102,23 @@ def parse_binary(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
     return event
 
 
+def unsupported_content_type(headers: Mapping[str, str] | None) -> str | None:
+    """Why a message's Content-Type cannot be read as one event (None: it can): a batch, a
+    structured format other than JSON, a charset other than UTF-8."""
+    media, _, parameters = (header(headers, "content-type") or "").partition(";")
+    media = media.strip().lower()
+    if media == "application/cloudevents-batch+json":
+        return "a batch (application/cloudevents-batch+json) is offered over HTTP (POST /events); over NATS, one event a message"
+    if media.startswith("application/cloudevents") and media != "application/cloudevents+json":
+        return f"{media} is not supported: a structured event is application/cloudevents+json"
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            return f"charset {charset} is not supported: events are UTF-8"
+    return None
+
+
 def parse(body: bytes, headers: Mapping[str, str] | None) -> dict[str, Any]:
     """Parse a CloudEvent in whichever mode the message uses."""
     if is_structured(headers):

@@ -294,6 +294,9 @@ class Gate:
                 "too_large", "too_large",
                 f"the event is at least {size} bytes; the limit is {self.max_event_bytes} bytes serialized",
             )
+        unsupported = cloudevents.unsupported_content_type(headers)
+        if unsupported is not None:
+            raise reject("unsupported", "unsupported_content_type", unsupported)
         try:
             return cloudevents.parse(body, headers)
         except cloudevents.Malformed as exc:

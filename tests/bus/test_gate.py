@@ -388,6 +388,23 @@ async def test_deeply_nested_data_is_refused_in_either_mode_and_the_next_event_f
     assert (await offer(partner, institution, event)).accepted
 
 
+@pytest.mark.parametrize("content_type, says", [
+    ("application/cloudevents-batch+json", "is offered over HTTP (POST /events)"),
+    ("application/cloudevents+xml", "a structured event is application/cloudevents+json"),
+    ("application/cloudevents+json; charset=latin-1", "charset latin-1 is not supported"),
+    ("application/json; charset=iso-8859-9", "charset iso-8859-9 is not supported"),
+])
+async def test_content_types_that_are_not_one_json_event_are_unsupported(partner: Client, content_type: str, says: str) -> None:
+    institution, event = fresh("project.registered")
+    body = orjson.dumps([event] if "batch" in content_type else event)
+    verdict = await offer_raw(partner, f"collab.ingress.{institution}.project.registered", body, {"Content-Type": content_type})
+    assert verdict.reason == "unsupported" and codes(verdict) == {"unsupported_content_type"}, verdict.as_dict()
+    assert says in verdict.errors[0].msg
+    fine = await offer_raw(partner, f"collab.ingress.{institution}.project.registered", orjson.dumps(event),
+                           {"Content-Type": "application/cloudevents+json; charset=UTF-8"})
+    assert fine.accepted, fine.as_dict()
+
+
 TEXTS = {
     "fi": "Sosiaalisten innovaatioiden osaamiskeskus – äö å ÄÖÅ",
     "tr": "Mahalle Mutfakları: İyi uygulamaların ışığında ıIiİ ğüşöç",
