@@ -194,9 +194,23 @@ def issue_creds(account: nkeys.KeyPair, name: str, permissions: dict[str, Any] |
     return format_creds(user_jwt(account, user, name, permissions), seed)
 
 
-def partner_creds(account: nkeys.KeyPair, institution: str) -> str:
-    """A member's ``.creds``: it may offer events on its own ingress subjects and read its verdicts."""
-    return issue_creds(account, institution, partner_permissions(institution))
+MEMBER_SUBSCRIPTIONS = 100
+"""Subscriptions a member's connection may hold (a client needs one or two, for its inbox)."""
+HEADER_ROOM = 16 * 1024
+"""What a member's message may carry in headers beyond the largest body the gate reads."""
+
+
+def partner_creds(account: nkeys.KeyPair, institution: str, *, max_event_bytes: int) -> str:
+    """A member's ``.creds``: it may offer events on its own ingress subjects and read its verdicts.
+
+    Its messages may be at most as large as the gate reads (twice ``max_event_bytes``, plus room
+    for headers): the server refuses larger ones and closes that connection, so one member cannot
+    flood the gatekeepers with large messages nobody will read. (Credentials keep the limit of the
+    day they were issued; issue new ones after raising ``COLLABBUS_MAX_EVENT_BYTES``.)"""
+    from bus.gate import INPUT_FACTOR
+
+    limits = {"payload": INPUT_FACTOR * max_event_bytes + HEADER_ROOM, "subs": MEMBER_SUBSCRIPTIONS}
+    return issue_creds(account, institution, {**partner_permissions(institution), **limits})
 
 
 # --------------------------------------------------------------------------- files

@@ -1304,7 +1304,7 @@ def institutions_creds(
         err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the log); "
                   "add it with `collabbus institutions add` first")
         raise typer.Exit(1)
-    creds = partner_creds(account, institution_id)
+    creds = partner_creds(account, institution_id, max_event_bytes=settings.max_event_bytes)
     prefix = member_inbox_prefix(institution_id)
     if output is None:
         sys.stdout.write(creds)
