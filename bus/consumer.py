@@ -23,7 +23,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.header import decode_header, make_header
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote, unquote
 
 import orjson
 from nats.aio.msg import Msg
@@ -387,7 +389,7 @@ class Consumer:
         headers.update(
             {
                 "Nats-Msg-Id": f"dlq.{self.settings.name}.{meta.sequence.stream}.{deliveries}",
-                DLQ_ERROR: error[:200],
+                DLQ_ERROR: _header_text(error[:200]),
                 DLQ_DETAIL: _header_text(detail),
                 DLQ_CONSUMER: self.settings.name,
                 DLQ_DELIVERIES: str(deliveries),
@@ -406,6 +408,24 @@ class Consumer:
         )
 
 
+_HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
+
+
 def _header_text(text: str) -> str:
-    """Header values are one line of printable text."""
-    return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())[-1500:]
+    """Header values are one line of printable ASCII: any other character (a Turkish title in an
+    error, say) is percent-encoded, as the CloudEvents NATS binding encodes attributes — nats-py
+    reads a header with other bytes back as an ``email.header.Header``, not as text."""
+    line = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())[-1500:]
+    return quote(line, safe=_HEADER_SAFE)
+
+
+def header_text(value: object) -> str:
+    """A dead letter's header value as it was written (:func:`_header_text`). One written before
+    values were encoded may come back from nats-py as an ``email.header.Header``."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return unquote(value)
+    with contextlib.suppress(Exception):
+        return str(make_header(decode_header(value)))  # type: ignore[arg-type]
+    return str(value)

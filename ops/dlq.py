@@ -31,11 +31,33 @@ from bus.consumer import (
     DLQ_STREAM_SEQ,
     DLQ_SUBJECT,
     Applier,
+    header_text,
 )
 from bus.streams import DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM
 
 REASON_LENGTH = 300
 """How much of an error ``DeadLetter.reason`` keeps (the whole is in ``detail``)."""
+
+
+_NOISE = ("For further information visit", "(Background on this error at:", "[SQL:", "[parameters:")
+"""Lines of an error that point elsewhere (pydantic's and SQLAlchemy's links, the statement and
+its parameters): the detail keeps them, the reason leaves them out."""
+
+
+def reason_of(error: str, detail: Iterable[str]) -> str:
+    """An error in one line: from the line of a traceback that names the exception (without its
+    module), with what follows it (a validation error's fields); else the error's name and the
+    detail's own lines (``str`` of a validation error) — never the libraries' reference links."""
+    lines = [line.strip() for line in detail if line.strip() and not line.strip().startswith(_NOISE)]
+    named = [i for i, line in enumerate(lines) if error and f"{error}:" in line.split(" ", 1)[0] + " "]
+    if named:
+        first = lines[named[-1]]
+        first = first[first.index(f"{error}:"):]
+        return "; ".join([first, *lines[named[-1] + 1:]])[:REASON_LENGTH]
+    text = "; ".join(lines)
+    if not text or text.startswith(error):
+        return (text or error)[:REASON_LENGTH]
+    return (f"{error}: {text}" if error else text)[:REASON_LENGTH]
 
 
 @dataclass(frozen=True)
@@ -70,14 +92,14 @@ class DeadLetter:
         return cls(
             seq=seq,
             consumer=headers.get(DLQ_CONSUMER) or subject.removeprefix("collab.dlq."),
-            event_id=_text(event, "id") or headers.get(DLQ_EVENT_ID),
+            event_id=_text(event, "id") or header_text(headers.get(DLQ_EVENT_ID)) or None,
             type=_text(event, "type"),
             original_seq=_int(headers.get(DLQ_STREAM_SEQ)),
             original_subject=headers.get(DLQ_SUBJECT),
             original_stream=headers.get(DLQ_STREAM_NAME),
             deliveries=_int(headers.get(DLQ_DELIVERIES)),
-            error=headers.get(DLQ_ERROR, ""),
-            detail=headers.get(DLQ_DETAIL, ""),
+            error=header_text(headers.get(DLQ_ERROR)),
+            detail=header_text(headers.get(DLQ_DETAIL)),
             failed_at=headers.get(DLQ_FAILED_AT),
             event=event,
             raw=raw,
@@ -85,19 +107,8 @@ class DeadLetter:
 
     @property
     def reason(self) -> str:
-        """The error in one line: from the line of a traceback that names the exception, with
-        what follows it (a validation error's fields), without the library's reference links."""
-        lines = [line.strip() for line in self.detail.split(" | ") if line.strip()]
-        named = [i for i, line in enumerate(lines) if self.error and f"{self.error}:" in line.split(" ", 1)[0] + " "]
-        if named:
-            first = lines[named[-1]]
-            first = first[first.index(f"{self.error}:"):]  # without the exception's module
-            rest = [line for line in lines[named[-1] + 1:] if not line.startswith("For further information")]
-            return "; ".join([first, *rest])[:REASON_LENGTH]
-        last = lines[-1] if lines else ""
-        if not last or last.startswith(self.error):
-            return (last or self.error)[:REASON_LENGTH]
-        return (f"{self.error}: {last}" if self.error else last)[:REASON_LENGTH]
+        """The error in one line (:func:`reason_of`)."""
+        return reason_of(self.error, self.detail.split(" | "))
 
     def summary(self) -> dict[str, Any]:
         """What ``dlq list`` shows."""
@@ -215,8 +226,7 @@ async def _apply(js: JetStreamContext, appliers: Mapping[str, Applier], letter: 
     except Exception as exc:  # the database, most likely
         return f"{type(exc).__name__}: {exc}"
     if failure is not None:
-        lines = failure.detail.strip().splitlines()
-        return lines[-1] if lines else failure.error  # a traceback's last line names the exception
+        return reason_of(failure.error, failure.detail.splitlines())
     return None if applied == 1 else "not applied"
 
 

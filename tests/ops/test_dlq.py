@@ -125,3 +125,36 @@ async def test_one_dead_letter_is_purged_alone(poisoned: Poisoned) -> None:
     assert [x.seq for x in await dlq.dead_letters(bus.js) if x.consumer == "network"] == [second.seq]
     code, _, err = await collabbus("dlq", "purge", "999999", "--yes", env=env)
     assert code == 1 and "no dead letter #999999" in err
+
+
+async def test_a_dead_letter_in_any_language_is_listed_with_a_readable_reason(poisoned: Poisoned) -> None:
+    """An error text with Turkish in it (the event's own title) is kept as written: nats-py read
+    such a header back as an ``email.header.Header``, and ``dlq list`` crashed on the whole queue."""
+    bus = poisoned.bus
+    broken = {"specversion": "1.0", "id": "bad-tr-1", "source": f"/institutions/{FIXTURE['as']}", "type": "project.registered",
+              "subject": "bad-tr-1", "time": "2026-12-02T10:00:00+00:00", "datacontenttype": "application/json",
+              "data": {"project_id": "bad-tr-1", "title": {"tr": "Şehir Büyük Mahalle Mutfakları"}}}
+    await bus.js.publish(f"collab.events.{FIXTURE['as']}.project.registered.bad-tr-1", orjson.dumps(broken),
+                         headers={"Nats-Msg-Id": "bad-tr-1"})
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+    (letter,) = [x for x in await dlq.dead_letters(bus.js) if x.consumer == "network"]
+    assert letter.event_id == "bad-tr-1" and "Mahalle Mutfakları" in letter.detail
+    assert letter.reason.startswith("ValidationError: ") and "Field required" in letter.reason
+    assert "errors.pydantic.dev" not in letter.reason and "For further information" not in letter.reason
+    env = cli_env(bus)
+    code, listed, err = await collabbus("dlq", "list", "--json", env=env)
+    assert code == 0, err
+    assert [item["event_id"] for item in orjson.loads(listed)["items"]] == ["bad-tr-1"]
+    code, shown, err = await collabbus("dlq", "show", str(letter.seq), env=env)
+    assert code == 0 and "Şehir Büyük" in shown, err
+
+
+def test_a_reason_leaves_out_the_libraries_links_and_statements() -> None:
+    traceback = [
+        "Traceback (most recent call last):", '  File "handlers/service.py", line 204, in _apply',
+        "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) attempt to write a readonly database",
+        "[SQL: INSERT INTO projects (project_id, title) VALUES (?, ?)]", "[parameters: ('p', '{\"tr\": \"Mahalle\"}')]",
+        "(Background on this error at: https://sqlalche.me/e/21/e3q8)",
+    ]
+    assert dlq.reason_of("OperationalError", traceback) == (
+        "OperationalError: (sqlite3.OperationalError) attempt to write a readonly database")
