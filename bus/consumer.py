@@ -162,6 +162,8 @@ class Consumer:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     applied: int = 0
     dead_lettered: int = 0
+    trouble: str | None = None
+    """Why it is holding events (the database cannot be written), while it is; ``/readyz`` says so."""
     _handling: bool = False
     _puller: Puller = field(init=False)
     inline: bool = False
@@ -368,8 +370,12 @@ class Consumer:
             async with self.db_lock:
                 try:
                     with tracing.log_contexts(items):  # the worker thread starts in this context
-                        return await call_database(self._inline_for(items), self.applier.apply_batch, items)
+                        outcome = await call_database(self._inline_for(items), self.applier.apply_batch, items)
+                    self.trouble = None
+                    return outcome
                 except Exception as exc:
+                    since = self.trouble.split(": ", 1)[0] if self.trouble else f"holding events since {datetime.now(timezone.utc):%H:%M:%S} UTC"
+                    self.trouble = f"{since}: {_first_line(exc)}"
                     log.error("consumer %s: database unavailable, holding %d events: %s", self.settings.name, len(msgs), exc)
             if self._stopping.is_set():
                 for msg in msgs:
@@ -406,6 +412,11 @@ class Consumer:
             "consumer %s: event #%s dead-lettered after %d deliveries: %s", self.settings.name, meta.sequence.stream, deliveries, error,
             extra={"event_id": event_id, "consumer": self.settings.name},
         )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 _HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")

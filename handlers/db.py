@@ -58,6 +58,16 @@ def _json_text(value: Any) -> str:
 _JSON: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database failing (it cannot be written, reached or opened; the
+    schema is not there), not an event's handling: the event is then held, never dead-lettered."""
+    import sqlalchemy.exc as sa_exc
+
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
 def reading(engine: Engine) -> Engine:
     """``engine`` for sessions that only read: on SQLite they do not take the write lock, so they
     never wait for a writer (WAL readers see the last commit). Made once per engine: the HTTP

@@ -28,7 +28,7 @@ from sqlalchemy import event as sa_event
 from sqlmodel import Session
 
 from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
-from handlers.db import reading
+from handlers.db import database_unavailable, reading
 from handlers.network import Book, Event, Network, applied_among
 from handlers.session import KnownKeysSession, tracked_tables
 from ops.metrics import HANDLER_SECONDS
@@ -109,8 +109,10 @@ class NetworkService:
             try:
                 with session.begin():
                     yield session
-            except BaseException:
+            except BaseException as exc:
                 self._forget()
+                if database_unavailable(exc):  # a connection opened read-only, or lost: new ones next time
+                    self.engine.dispose()
                 raise
 
     def forget(self) -> None:
@@ -154,6 +156,8 @@ class NetworkService:
             except _Failed as failed:
                 end, failure = failed.index, failed.failure
             except Exception as exc:
+                if database_unavailable(exc):  # not the events': the consumer holds them
+                    raise
                 log.debug("batch of %d failed as a whole (%s); applying event by event", end, exc)
                 return self._apply_isolated(items, live=live)
         return 0, failure, 0
@@ -177,6 +181,8 @@ class NetworkService:
                     with session.begin_nested():
                         derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
                 except Exception as exc:
+                    if database_unavailable(exc):
+                        raise
                     del book.applied[mark[0]:]
                     del book.logged[mark[1]:]
                     book.seq = mark[2]
@@ -203,6 +209,8 @@ class NetworkService:
             try:
                 derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
             except Exception as exc:
+                if database_unavailable(exc):  # (a handler's query flushed the session, say)
+                    raise
                 log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
                 raise _Failed(index, Failure(type(exc).__name__, _describe(exc), permanent=False)) from exc
             timings.append((event.type, time.perf_counter() - started))

@@ -126,6 +126,8 @@ async def _consumers_check(bus: Any, *, server: bool) -> str:
     for name, consumer in running_consumers(bus).items():
         if not consumer.running:
             problems.append(f"{name} is not running")
+        elif consumer.trouble is not None:  # it cannot write the database: events wait
+            problems.append(f"{name} is {consumer.trouble}")
         elif server:
             try:
                 await bus.js.consumer_info(consumer.stream, name, timeout=2.0)

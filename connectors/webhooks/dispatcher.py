@@ -46,7 +46,7 @@ from connectors.webhooks import http, store, targets
 from connectors.webhooks.signing import signature_header
 from connectors.webhooks.store import Endpoint
 from handlers.bookkeeping import ConsumerPosition, read_position
-from handlers.db import reading, session_scope
+from handlers.db import database_unavailable, reading, session_scope
 from handlers.service import Failure, LoggedItem
 from handlers.validations import CONFIDENTIAL, audience
 from ops import tracing as traces
@@ -271,11 +271,17 @@ class DeliveryRecorder:
                         except _Unrecordable:
                             raise
                         except Exception as exc:
+                            if database_unavailable(exc):  # not the event's: the consumer holds it
+                                raise
                             raise _Unrecordable(index, _failure(exc)) from exc
                     store.advance(session, self.consumer, items[end - 1].seq)
                 return end, failure, recorded
             except _Unrecordable as unrecordable:
                 end, failure = unrecordable.index, unrecordable.failure
+            except Exception as exc:
+                if database_unavailable(exc):  # a connection opened read-only, or lost: new ones next time
+                    self.engine.dispose()
+                raise
         return 0, failure, 0
 
     def _record(self, batch: _Batch, index: int, item: LoggedItem, due_at: datetime) -> int:

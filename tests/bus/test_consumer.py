@@ -325,3 +325,64 @@ async def test_a_rebuild_passes_what_is_no_event_as_the_consumer_does(tmp_path: 
         assert "unreadable" in report.failures[0]["error"]
         assert await asyncio.to_thread(service.position) == position
 
+
+
+async def test_a_database_that_cannot_be_written_holds_the_events_says_so_and_recovers(tmp_path: Path, server: EmbeddedNats) -> None:
+    """A read models' file made read-only under a running bus: the events wait (they are not at
+    fault, and were dead-lettered as if they were), /readyz says why, and once the file can be
+    written again they are applied without a restart (SQLite keeps a connection read-only that it
+    opened so: the bus opens new ones)."""
+    import threading
+
+    import httpx
+    import sqlalchemy as sa
+    from sqlalchemy import event as sa_event
+
+    from bus.server import free_port
+
+    recorder = Recorder()
+
+    def writes(session: Session, event: Event[Any]) -> None:  # a handler whose statement writes (an autoflush, say)
+        session.connection().execute(sa.text("DELETE FROM outbox WHERE event_id = 'none'"))
+        recorder(session, event)
+
+    port = free_port()
+    bus = Bus(Settings(data_dir=tmp_path, nats_url=server.url, nats_creds=server.bus_creds, http=f"127.0.0.1:{port}"),
+              network_factory=lambda: Network(Routes().add(projections={"project.registered": writes})),
+              consumer_settings=ConsumerSettings("network", max_deliver=2, backoff=(0.05,)))
+    await bus.start()
+    await bus.start_http()
+    assert bus.engine is not None and bus.consumer is not None and bus.webhooks is not None
+    read_only = threading.Event()
+
+    @sa_event.listens_for(bus.engine, "connect")
+    def as_if_read_only(dbapi_connection: Any, _record: Any) -> None:  # SQLite answers as for a read-only file
+        if read_only.is_set():
+            dbapi_connection.execute("PRAGMA query_only = ON")
+
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await join(nc, FIXTURE["as"], FIXTURE["kind"])
+            await wait_for(lambda: (bus.consumer.applied if bus.consumer else 0) >= 2)
+            read_only.set()
+            bus.engine.dispose()
+            held = project_event("held-1")
+            assert (await offer(nc, FIXTURE["as"], held)).accepted
+            await wait_for(lambda: bus.consumer is not None and bus.consumer.trouble is not None)
+            await asyncio.sleep(1.0)  # well past max_deliver's two deliveries
+            assert bus.consumer.dead_lettered == 0 and bus.webhooks.consumer.dead_lettered == 0
+            assert "held-1" not in recorder.seen
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert "network is holding events since" in ready.json()["checks"]["consumer"]
+            assert "readonly database" in ready.json()["checks"]["consumer"]
+
+            read_only.clear()  # the file can be written again
+            await wait_for(lambda: "held-1" in recorder.seen)
+            await wait_for(lambda: bus.consumer is not None and bus.consumer.trouble is None)
+            assert (await client.get("/readyz")).status_code == 200
+            assert bus.consumer.dead_lettered == 0
+    finally:
+        await nc.close()
+        await bus.stop()
