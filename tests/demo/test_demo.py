@@ -24,6 +24,7 @@ import nats
 import pytest
 
 from bus.client import offer
+from bus.credentials import BUS_INBOX_PREFIX
 from bus.runtime import embedded_bus_creds
 from bus.server import free_port
 from bus.streams import EVENTS_STREAM
@@ -114,7 +115,8 @@ class DemoBus:
         return response.json()
 
     async def log_length(self) -> int:
-        nc = await nats.connect(f"nats://{self.env['COLLABBUS_NATS_LISTEN']}", user_credentials=self.bus_creds)
+        nc = await nats.connect(f"nats://{self.env['COLLABBUS_NATS_LISTEN']}", user_credentials=self.bus_creds,
+                                inbox_prefix=BUS_INBOX_PREFIX)
         try:
             return (await nc.jetstream().stream_info(EVENTS_STREAM)).state.messages
         finally:
@@ -293,7 +295,8 @@ async def test_running_the_demo_again_changes_nothing_and_prints_the_same(demo_b
     [late] = [a for a in again["calls"]["esf"]["applications"] if a["outcome"] == "rejected"]
     assert (late["application_id"], late["reason"]) == (d.LATE_APPLICATION, "after_deadline")
     # The ids are deterministic: offered once more, an event is a duplicate of what the log holds.
-    nc = await nats.connect(f"nats://{demo_bus.env['COLLABBUS_NATS_LISTEN']}", user_credentials=demo_bus.bus_creds)
+    nc = await nats.connect(f"nats://{demo_bus.env['COLLABBUS_NATS_LISTEN']}", user_credentials=demo_bus.bus_creds,
+                             inbox_prefix=BUS_INBOX_PREFIX)
     try:
         first = d.Plan("operator").opening()[0]
         assert isinstance(first, d.Offer)
