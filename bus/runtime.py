@@ -175,8 +175,8 @@ class Bus:
             process = server.process if server is not None else None
             if server is None or process is None or process.poll() is None:
                 continue
-            log.error("the embedded nats-server exited with code %s (its log: %s); starting it again",
-                      process.returncode, server.store_dir / "nats-server.log")
+            log.error("the embedded nats-server exited with code %s (its log is kept as %s); starting it again",
+                      process.returncode, server.store_dir / "nats-server.log.previous")
             server.process = None
             try:
                 await server.astart()

@@ -710,16 +710,21 @@ def status(
 ) -> None:
     """Streams, consumers and their lag, dead letters, the read models' position, webhook endpoints.
     Exits 1 when the read models' database cannot be read."""
+    from bus.server import port_is_taken
     from ops.status import collect_status
 
     async def main() -> dict[str, Any]:
         engine = _existing_database(settings)
+        stopped = settings.embedded and not port_is_taken(*settings.listen_host_port)  # (its server is started for this)
         try:
             async with _nats(settings, "collabbus-status") as nc:
-                return await collect_status(nc.jetstream(), engine)
+                report = await collect_status(nc.jetstream(), engine)
         finally:
             if engine is not None:
                 engine.dispose()
+        # Running: its consumers keep a pull request open (one of another process's counts too).
+        report["bus_running"] = not stopped and any(c["waiting"] for c in report["consumers"].values())
+        return report
 
     report = run(main())
     if as_json:

@@ -260,3 +260,11 @@ def test_a_second_bus_on_the_same_data_dir_is_refused(running_bus: dict[str, str
     assert config.read_text() == before  # the running server's configuration is untouched
     status = cli("status", "--json", env=running_bus)  # the running bus still answers
     assert status.returncode == 0, status.stderr
+
+
+def test_status_of_a_stopped_bus_says_so_also_to_scripts(tmp_path: Path) -> None:
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}"}
+    env.pop("COLLABBUS_NATS_URL", None)
+    result = cli("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bus_running"] is False and "the bus is not running" in result.stderr

@@ -43,6 +43,7 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
     assert (events_stream["messages"], events_stream["first_seq"], events_stream["last_seq"], events_stream["replicas"]) == (6, 1, 6, 1)
     assert status["streams"]["COLLAB_DLQ"]["messages"] == 1
     assert set(status["consumers"]) == {"network", "webhooks"}
+    assert status["bus_running"] is True  # its consumers are pulling (a script tells a stopped bus by it)
     network = status["consumers"]["network"]
     assert (network["pending"], network["ack_pending"], network["last_delivered"], network["acked"]) == (0, 0, 6, 6)
     assert status["dead_letters"] == {"network": 1}
