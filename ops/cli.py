@@ -588,6 +588,7 @@ def tail(
     """Follow the event log live, readable."""
     from bus import log
     from nats.js.api import DeliverPolicy  # noqa: F401  (validated below)
+    from nats.js.errors import NotFoundError
 
     try:
         log.parse_since(since)
@@ -596,9 +597,10 @@ def tail(
     subject_filter = log.event_filter(event_type, institution, subject)
 
     async def main() -> None:
-        nc = await _connect(settings, "collabbus-tail")
         seen = 0
-        try:
+        # With the bus stopped its log is read all the same (after an incident, say): ``_nats``
+        # starts the embedded server for the command.
+        async with _nats(settings, "collabbus-tail") as nc:
             # Closed before the connection: its subscription ends while the connection still can.
             async with contextlib.aclosing(log.read(nc.jetstream(), subject_filter, since=since, follow=follow)) as events:
                 async for logged in events:
@@ -610,13 +612,15 @@ def tail(
                     seen += 1
                     if count is not None and seen >= count:
                         return
-        finally:
-            await nc.close()
 
     try:
         run(main())
     except KeyboardInterrupt:
         pass
+    except NotFoundError:
+        err.print("[red]error:[/red] no event log here yet: the bus has never run with this data dir and NATS "
+                  f"({settings.data_dir}); start it once (collabbus up)")
+        raise typer.Exit(1) from None
 
 
 # --------------------------------------------------------------------------- rebuild

@@ -262,9 +262,24 @@ def test_a_second_bus_on_the_same_data_dir_is_refused(running_bus: dict[str, str
     assert status.returncode == 0, status.stderr
 
 
-def test_status_of_a_stopped_bus_says_so_also_to_scripts(tmp_path: Path) -> None:
-    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}"}
+def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
     env.pop("COLLABBUS_NATS_URL", None)
+    never = cli("tail", "--since", "all", "--no-follow", env=env)  # a data dir the bus never ran on
+    assert never.returncode == 1 and "no event log here yet" in never.stderr and "Traceback" not in never.stderr
+    up = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    assert up.stderr is not None
+    deadline = time.monotonic() + 30
+    while "is up" not in up.stderr.readline():
+        assert time.monotonic() < deadline and up.poll() is None, "collabbus up did not come up"
+    up.send_signal(signal.SIGINT)
+    assert up.wait(timeout=30) == 0
+
     result = cli("status", "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["bus_running"] is False and "the bus is not running" in result.stderr
+    # Its log is read all the same (after an incident, when it is down).
+    logged = cli("tail", "--since", "all", "--no-follow", "--json", env=env)
+    assert logged.returncode == 0, logged.stderr
+    assert [json.loads(line)["type"] for line in logged.stdout.splitlines()] == ["institution.joined"]  # the operator
