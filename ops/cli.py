@@ -675,7 +675,11 @@ def rebuild(
             engine.dispose()
             return report
 
-    report = run(main())
+    try:
+        report = run(main())
+    except KeyboardInterrupt:
+        _rebuild_interrupted(settings)
+        raise typer.Exit(130) from None
     if as_json:
         out.print_json(data=report.as_dict())
     else:
@@ -685,6 +689,25 @@ def rebuild(
             out.print(f"  [red]failed[/red] #{failure['seq']} {failure['id']}: {failure['error']}")
     if report.failures:
         raise typer.Exit(1)
+
+
+def _rebuild_interrupted(settings: Settings) -> None:
+    """Tell the operator what an interrupted rebuild left: read models up to some point of the log."""
+    from handlers.bookkeeping import ConsumerPosition, read_position
+
+    engine = _existing_read_models(settings)
+    position = None
+    if engine is not None:
+        try:
+            with engine.connect() as connection:
+                position = read_position(connection, ConsumerPosition.__table__, "network")  # type: ignore[attr-defined]
+        except Exception:  # nothing more to say than that it stopped
+            pass
+        finally:
+            engine.dispose()
+    where = f"up to #{position} of the log" if position is not None else "part of the log"
+    err.print(f"[yellow]rebuild interrupted[/yellow]: the read models hold {where} only. Run `collabbus rebuild` "
+              "again, or start the bus: it carries on from there.")
 
 
 async def _consumer_active(js: Any, stream: str, name: str) -> bool:
