@@ -1364,14 +1364,18 @@ def schemas_export(directory: Annotated[Path, typer.Argument(metavar="DIR")]) ->
 
 
 @app.command()
+@with_settings
 def asyncapi(
     yaml: Annotated[bool, typer.Option("--yaml", help="YAML instead of JSON")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write to a file")] = None,
+    *,
+    settings: Settings,
 ) -> None:
-    """Print the AsyncAPI 3 document of the bus's subjects and event payloads."""
+    """Print the AsyncAPI 3 document of the bus's subjects and event payloads (its server: the
+    bus's NATS address, as the gateway's /asyncapi.json gives it)."""
     from bus.asyncapi import asyncapi_document
 
-    document = asyncapi_document()
+    document = asyncapi_document(settings.nats_address)
     if yaml:
         import yaml as pyyaml
 

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         return [f"nats://{self.nats_listen}"]
 
     @property
+    def nats_address(self) -> str:
+        """The first NATS server as ``host:port`` (no scheme, no credentials): what partners are told."""
+        return self.nats_servers[0].split("://", 1)[-1].rsplit("@", 1)[-1]
+
+    @property
     def embedded(self) -> bool:
         """True when the bus runs its own nats-server."""
         return not self.nats_url

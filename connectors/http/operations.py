@@ -210,7 +210,7 @@ async def ops_trace(trace_id: str, request: Request, caller: Member) -> dict[str
 
 def _nats_address(request: Request) -> str:
     """The bus's (first) NATS address as ``host:port``, for the document's server."""
-    return bus_of(request).settings.nats_servers[0].split("://", 1)[-1].rsplit("@", 1)[-1]
+    return str(bus_of(request).settings.nats_address)
 
 
 @router.get("/asyncapi.json")

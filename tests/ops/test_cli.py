@@ -190,6 +190,8 @@ def test_asyncapi_lists_every_event_type() -> None:
         assert f"collab.events.{{institution}}.{type_}.{{subject}}" in addresses
         if spec.emitters:
             assert f"collab.ingress.{{institution}}.{type_}" in addresses
+    listening = cli("asyncapi", env={**os.environ, "COLLABBUS_NATS_LISTEN": "127.0.0.1:14502"})
+    assert [server["host"] for server in json.loads(listening.stdout)["servers"].values()] == ["127.0.0.1:14502"]
     yaml_result = cli("asyncapi", "--yaml", env=dict(os.environ))
     assert yaml_result.returncode == 0 and yaml_result.stdout.startswith("asyncapi:")
 
