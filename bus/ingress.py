@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -13,8 +14,9 @@ from opentelemetry import trace
 
 from bus.credentials import BUS_INBOX_PREFIX, MEMBER_INBOXES
 from bus.gate import Gate
-from bus.verdict import Verdict, reject
-from ops import tracing
+from bus.ratelimit import RateLimiter
+from bus.verdict import Problem, Verdict, reject
+from ops import metrics, tracing
 
 INGRESS_SUBJECT = "collab.ingress.*.>"
 GATE_QUEUE = "collabbus-gate"
@@ -50,10 +52,14 @@ class Ingress:
     path, and the framework's per-message machinery cost more than judging the event.
     """
 
-    def __init__(self, nc: Client, gate: Gate, *, workers: int = 64) -> None:
+    def __init__(self, nc: Client, gate: Gate, *, workers: int = 64, limiter: RateLimiter | None = None) -> None:
         self.nc = nc
         self.gate = gate
         self.workers = workers
+        self.limiter = limiter
+        """Offers an institution may make (``ingress_rate_limit``): beyond it an offer is answered
+        at once, unread — one member's flood must not starve the gate (and, with it, everyone)."""
+        self._warned: dict[str, float] = {}
         self._slots = asyncio.Semaphore(workers)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
@@ -71,10 +77,33 @@ class Ingress:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _take(self, msg: Msg) -> None:
+        if self.limiter is not None:
+            institution = split_ingress_subject(msg.subject)[0]
+            wait = self.limiter.take(institution)
+            if wait is not None:
+                await self._throttle(msg, institution, wait)
+                return
         await self._slots.acquire()  # the subscription's own queue holds the rest meanwhile
         task = asyncio.create_task(self._answer(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _throttle(self, msg: Msg, institution: str, wait: float) -> None:
+        """Refuse an offer over the institution's rate, unread: the cheapest answer there is."""
+        assert self.limiter is not None
+        verdict = Verdict("rejected", None, reason="unavailable", errors=(Problem((), (
+            f"{institution!r} is over its rate limit over NATS ({self.limiter.rate:g} offers/s, burst "
+            f"{self.limiter.burst}); retry in {wait:.2f} s with the same id"), "rate_limited"),))
+        member = institution if self.gate.membership.known(institution) else metrics.OTHER_INSTITUTION
+        metrics.count_offer(member, None, split_ingress_subject(msg.subject)[1], verdict)
+        now = time.monotonic()
+        if now - self._warned.get(member, -60.0) >= 60.0:  # a line a minute, not one per offer
+            self._warned[member] = now
+            log.warning("ingress: %s is over its rate limit (%g offers/s, burst %d); offers refused unread",
+                        institution, self.limiter.rate, self.limiter.burst)
+        if msg.reply and reply_allowed(msg.reply, institution):
+            with contextlib.suppress(Exception):
+                await self.nc.publish(msg.reply, verdict.to_json(), headers=REPLY_HEADERS)
 
     async def _answer(self, msg: Msg) -> None:
         try:

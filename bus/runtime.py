@@ -22,6 +22,7 @@ from bus.credentials import BUS_INBOX_PREFIX, Authority
 from bus.gate import Gate
 from bus.ingress import Ingress
 from bus.membership import Membership
+from bus.ratelimit import RateLimiter
 from bus.relay import Relay
 from bus.server import EmbeddedNats
 from bus.streams import desired_streams, ensure_streams
@@ -232,7 +233,8 @@ class Bus:
     async def open_ingress(self) -> None:
         """Judge offers from NATS ingress in this process (queue group ``collabbus-gate``)."""
         if self.ingress is None:
-            self.ingress = Ingress(self.nc, self.gate)
+            limiter = RateLimiter(self.settings.ingress_rate_limit, self.settings.ingress_rate_burst)
+            self.ingress = Ingress(self.nc, self.gate, limiter=limiter)
             await self.ingress.start()
 
     async def close_ingress(self) -> None:

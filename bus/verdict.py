@@ -72,8 +72,8 @@ class ProblemBody(BaseModel):
         "a stable code: the gate's own (e.g. `json_invalid`, `utf8_invalid`, `unknown_type`, `unknown_major`, "
         "`dataschema_invalid`, `type_mismatch`, `subject_invalid`, `subject_mismatch`, `source_mismatch`, "
         "`owner_mismatch`, `participant_mismatch`, `not_member`, `kind_may_not_emit`, `too_large`, `too_large_for_nats`, "
-        "`id_taken`, `log_unavailable`, `mode_unclear`, `unsupported_content_type`) or pydantic's error type for a "
-        "field (e.g. `missing`, `string_type`, `extra_forbidden`)"
+        "`id_taken`, `log_unavailable`, `rate_limited`, `mode_unclear`, `unsupported_content_type`) or pydantic's "
+        "error type for a field (e.g. `missing`, `string_type`, `extra_forbidden`)"
     ))
 
 
@@ -86,7 +86,8 @@ class VerdictBody(BaseModel):
     duplicate: bool | None = None
     reason: Reason | None = Field(None, description=(
         "why it was refused: `malformed` (not readable), `invalid` (envelope or data), `too_large`, `unsupported`, "
-        "`forbidden` (source, membership, kind), `unavailable` (the log did not confirm it: retry with the same id)"
+        "`forbidden` (source, membership, kind), `unavailable` (the log did not confirm it, or the institution is over "
+        "its rate limit: retry with the same id)"
     ))
     errors: list[ProblemBody] | None = None
 

@@ -265,9 +265,11 @@ class BusProcess:
             **({"COLLABBUS_NATS_CREDS": str(nats_creds)} if nats_creds else {}),
             COLLABBUS_DATA_DIR=str(self.data_dir),
             COLLABBUS_HTTP=f"127.0.0.1:{self.port}",
-            # The gateway's per-institution rate limit protects a shared bus; the bench measures its speed.
+            # The per-institution rate limits (HTTP, NATS) protect a shared bus; the bench measures its speed.
             COLLABBUS_HTTP_RATE_LIMIT="1000000",
             COLLABBUS_HTTP_RATE_BURST="1000000",
+            COLLABBUS_INGRESS_RATE_LIMIT="1000000",
+            COLLABBUS_INGRESS_RATE_BURST="1000000",
             COLLABBUS_WEBHOOK_ALLOW_NETWORKS="127.0.0.0/8",
         )
         self.process: subprocess.Popen[bytes] | None = None

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     http: str = Field("127.0.0.1:8080", description="address of the HTTP gateway")
     http_rate_limit: float = Field(50.0, gt=0, description="events per second an institution may post over HTTP (sustained)")
     http_rate_burst: int = Field(200, ge=1, description="events an institution may post over HTTP at once (token bucket size)")
+    ingress_rate_limit: float = Field(
+        500.0, gt=0, description="offers per second an institution may make over NATS, per gatekeeper process (sustained)")
+    ingress_rate_burst: int = Field(
+        2000, ge=1, description="offers an institution may make over NATS at once, per gatekeeper process (token bucket size)")
     gate_processes: int | None = Field(
         None, ge=0, le=64,
         description="gatekeeper processes `collabbus up` runs beside itself to judge NATS offers "

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 from connectors.http import calendar, events, operations, problems, read
-from connectors.http.ratelimit import RateLimiter
+from bus.ratelimit import RateLimiter
 from connectors.webhooks import api as webhooks
 
 if TYPE_CHECKING:

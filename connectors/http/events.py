@@ -25,7 +25,7 @@ from connectors.http import resources
 from connectors.http.auth import Member, Publisher, bus_of, engine_of
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page
 from connectors.http.problems import ApiProblem, documented, rejection, retry_after
-from connectors.http.ratelimit import RateLimiter
+from bus.ratelimit import RateLimiter
 from handlers.bookkeeping import applied_event
 from handlers.db import reading
 from handlers.validations import CONFIDENTIAL, audience

@@ -18,7 +18,7 @@ import uvicorn
 
 from connectors.http.app import create_app
 from connectors.http.problems import KeepConnection
-from connectors.http.ratelimit import RateLimiter
+from bus.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from bus.runtime import Bus

@@ -337,3 +337,30 @@ async def test_the_cli_signs_with_the_account_seed_of_an_external_server(
     env["COLLABBUS_NATS_ACCOUNT_SEED"] = new_seed(nkeys.PREFIX_BYTE_OPERATOR).decode()
     code, stdout, stderr = await collabbus("institutions", "creds", institution, env=env)
     assert code == 1 and stdout == "" and "not an account nkey seed" in stderr
+
+
+async def test_a_member_over_its_rate_is_refused_unread_and_the_others_are_served(server: EmbeddedNats, tmp_path: Path) -> None:
+    """A member flooding NATS ingress had the gatekeeper judge every message, until the server cut
+    the gatekeeper's connection as a slow consumer — and nobody's offers were answered."""
+    settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds,
+                        ingress_rate_limit=20, ingress_rate_burst=10)
+    bus = Bus(settings)
+    await bus.start(state=False)
+    partner = await nats.connect(server.url, **server.connect_options())
+    flooding, other = await new_member(server, partner, tmp_path, "flood"), await new_member(server, partner, tmp_path, "calm")
+    try:
+        for _ in range(2000):  # fire and forget: no reply to send, nothing read
+            await flooding.nc.publish(f"collab.ingress.{flooding.institution}.project.registered", b"{}")
+        verdicts = await asyncio.gather(*(offer(flooding.nc, flooding.institution, project_event(flooding.institution))
+                                          for _ in range(5)))
+        refused = [v for v in verdicts if not v.accepted]
+        assert refused and all(v.reason == "unavailable" and [p.type for p in v.errors] == ["rate_limited"] for v in refused)
+        assert "is over its rate limit over NATS (20 offers/s, burst 10); retry in" in refused[0].errors[0].msg
+        assert (await offer(other.nc, other.institution, project_event(other.institution))).accepted  # its own bucket
+        await asyncio.sleep(0.6)  # the flooder's bucket refills
+        assert (await offer(flooding.nc, flooding.institution, project_event(flooding.institution))).accepted
+    finally:
+        await flooding.nc.close()
+        await other.nc.close()
+        await partner.close()
+        await bus.stop()

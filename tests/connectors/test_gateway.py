@@ -16,7 +16,7 @@ from icalendar import Calendar
 from bus.cloudevents import to_binary
 from bus.gate import INPUT_FACTOR
 from connectors.http.paging import encode
-from connectors.http.ratelimit import RateLimiter
+from bus.ratelimit import RateLimiter
 from connectors.http.server import HttpGateway
 from handlers import tokens
 from handlers.db import session_scope

@@ -1,6 +1,7 @@
-"""Per-institution rate limit on publishing: a token bucket each (``http_rate_limit`` events per
-second sustained, ``http_rate_burst`` at once). In memory, per bus process: it protects the
-process, and a partner spreading over several processes gets a share of each."""
+"""Per-institution rate limits on offering events: a token bucket each (events per second
+sustained, a burst at once) — over HTTP (``http_rate_limit``/``http_rate_burst``) and over NATS
+(``ingress_rate_limit``/``ingress_rate_burst``). In memory, per process: it protects the process,
+and a partner spreading over several processes (gatekeepers) gets a share of each."""
 
 from __future__ import annotations
 
