@@ -111,9 +111,10 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def encode_jwt(signer: nkeys.KeyPair, subject: str, name: str, nats: dict[str, Any]) -> str:
-    """A NATS JWT for ``subject`` signed by ``signer``, as nats-io/jwt v2 encodes one."""
-    standard = {"iat": int(time.time()), "iss": public_key(signer), "name": name, "sub": subject}
+def encode_jwt(signer: nkeys.KeyPair, subject: str, name: str, nats: dict[str, Any], *, issued_at: int | None = None) -> str:
+    """A NATS JWT for ``subject`` signed by ``signer``, as nats-io/jwt v2 encodes one (issued now,
+    unless ``issued_at`` says when)."""
+    standard = {"iat": int(time.time()) if issued_at is None else issued_at, "iss": public_key(signer), "name": name, "sub": subject}
     # nats-io/jwt hashes the standard claims (Go's field order, jti still empty) for a repeatable id.
     jti = base64.b32encode(hashlib.new("sha512_256", _json(standard)).digest()).rstrip(b"=").decode()
     claims = {"jti": jti, **standard, "nats": nats}
@@ -128,22 +129,27 @@ def decode_jwt_claims(token: str) -> dict[str, Any]:
     return claims
 
 
-def operator_jwt(operator: nkeys.KeyPair, system_account: str) -> str:
+def operator_jwt(operator: nkeys.KeyPair, system_account: str, *, issued_at: int | None = None) -> str:
     """The self-signed operator JWT, naming the system account the server uses for its own traffic."""
     return encode_jwt(operator, public_key(operator), OPERATOR_NAME,
-                      {"system_account": system_account, "type": "operator", "version": 2})
+                      {"system_account": system_account, "type": "operator", "version": 2}, issued_at=issued_at)
 
 
-def account_jwt(operator: nkeys.KeyPair, account: str, name: str, *, jetstream: bool) -> str:
-    """An account JWT signed by the operator, without limits (and with JetStream unlimited when asked)."""
+def account_jwt(
+    operator: nkeys.KeyPair, account: str, name: str, *, jetstream: bool, revocations: dict[str, int] | None = None
+) -> str:
+    """An account JWT signed by the operator, without limits (and with JetStream unlimited when
+    asked); ``revocations``: user public key → the time before which its credentials are refused."""
     limits: dict[str, Any] = {
         "subs": _UNLIMITED, "data": _UNLIMITED, "payload": _UNLIMITED,
         "imports": _UNLIMITED, "exports": _UNLIMITED, "wildcards": True, "conn": _UNLIMITED, "leaf": _UNLIMITED,
     }
     if jetstream:  # both storages 0 (absent) means JetStream is off for the account
         limits.update({"mem_storage": _UNLIMITED, "disk_storage": _UNLIMITED, "streams": _UNLIMITED, "consumer": _UNLIMITED})
-    return encode_jwt(operator, account, name,
-                      {"limits": limits, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2})
+    nats: dict[str, Any] = {"limits": limits, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2}
+    if revocations:
+        nats["revocations"] = dict(sorted(revocations.items()))
+    return encode_jwt(operator, account, name, nats)
 
 
 def user_jwt(account: nkeys.KeyPair, user: str, name: str, permissions: dict[str, Any] | None) -> str:
@@ -265,6 +271,10 @@ class Authority:
     ACCOUNT_SEED = "account.nk"
     SYSTEM_SEED = "system-account.nk"
     BUS_CREDS = "bus.creds"
+    ISSUED = "issued.jsonl"
+    """One line per member credentials issued: the institution and the user's public key."""
+    REVOKED = "revoked.json"
+    """User public key → when its credentials were revoked (the account JWT carries it)."""
 
     @classmethod
     def load_or_create(cls, directory: Path) -> "Authority":
@@ -297,15 +307,46 @@ class Authority:
         """The nats-server configuration lines that enforce this trust chain."""
         system = public_key(self.system)
         account = public_key(self.account)
+        # The operator's JWT is the same at every writing (a server refuses to reload a changed
+        # operator); the account's changes with its revocations, which a reload applies.
+        created = int((self.directory / self.OPERATOR_SEED).stat().st_mtime)
         return [
-            f'operator: "{operator_jwt(self.operator, system)}"',
+            f'operator: "{operator_jwt(self.operator, system, issued_at=created)}"',
             f'system_account: "{system}"',
             "resolver: MEMORY",
             "resolver_preload: {",
-            f'  {account}: "{account_jwt(self.operator, account, ACCOUNT_NAME, jetstream=True)}"',
+            f'  {account}: "{account_jwt(self.operator, account, ACCOUNT_NAME, jetstream=True, revocations=self.revocations())}"',
             f'  {system}: "{account_jwt(self.operator, system, SYSTEM_ACCOUNT_NAME, jetstream=False)}"',
             "}",
         ]
+
+    def member_creds(self, institution: str, *, max_event_bytes: int) -> str:
+        """New credentials for a member (:func:`partner_creds`), noted so that they can be revoked."""
+        text = partner_creds(self.account, institution, max_event_bytes=max_event_bytes)
+        user = decode_jwt_claims(text.splitlines()[1])["sub"]
+        line = json.dumps({"institution": institution, "user": user, "issued_at": int(time.time())}) + "\n"
+        path = self.directory / self.ISSUED
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as handle:
+            handle.write(line)
+        return text
+
+    def revocations(self) -> dict[str, int]:
+        path = self.directory / self.REVOKED
+        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+
+    def revoke(self, institution: str) -> int:
+        """Revoke every credentials issued to ``institution`` (:meth:`member_creds`); returns how
+        many were not revoked already. The server refuses them once its configuration is reloaded
+        (its connections with them are closed then)."""
+        path = self.directory / self.ISSUED
+        issued = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        revoked = self.revocations()
+        now = int(time.time())
+        fresh = {entry["user"] for entry in issued if entry.get("institution") == institution} - set(revoked)
+        if fresh:
+            write_secret(self.directory / self.REVOKED, json.dumps({**revoked, **{user: now for user in fresh}}, indent=1))
+        return len(fresh)
 
     def adopt_open_store(self, store_dir: Path) -> None:
         """Move a JetStream store written before authentication into the account (once).

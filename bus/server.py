@@ -113,6 +113,25 @@ class EmbeddedNats:
         """The credentials of the bus's own connection (every right), None on an open server."""
         return self.authority.bus_creds if self.authority is not None else None
 
+    @property
+    def pid_path(self) -> Path:
+        return self.store_dir / "nats-server.pid"
+
+    def reload(self) -> bool:
+        """Write the configuration again and have the running server (this one's, or one started
+        by another process on the same store) reload it — what changes revocations take effect
+        with. False when no server of this store is running."""
+        self.write_config()
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return False
+        if not command or not Path(command[0].decode(errors="replace")).name.startswith("nats-server"):
+            return False  # a pid file left behind, its number now another process's
+        os.kill(pid, signal.SIGHUP)
+        return True
+
     def connect_options(self) -> dict[str, Any]:
         """nats-py ``connect`` options that authenticate as the bus (none on an open server)."""
         if self.bus_creds is None:
@@ -133,6 +152,7 @@ class EmbeddedNats:
         lines.append("}")
         if self.max_payload:
             lines.append(f"max_payload: {self.max_payload}")
+        lines.append(f'pid_file: "{self.pid_path.resolve()}"')
         if self.authority is not None:
             self.authority.adopt_open_store(store)
             lines.extend(self.authority.server_config())

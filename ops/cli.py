@@ -1272,8 +1272,12 @@ def institutions_revoke(
     *,
     settings: Settings,
 ) -> None:
-    """Revoke a member's HTTP tokens: every one it holds, or the one given with --token (a leaked
-    token, a developer who left). Takes effect on the gateway's next request."""
+    """Revoke a member's access: every HTTP token it holds and every NATS credentials issued to it
+    (a member that left, a leak, a developer who left), or only the HTTP token given with --token.
+    Tokens stop at the gateway's next request; the embedded server refuses the credentials at once
+    and closes their connections (on an external server, revoke them in its account's JWT)."""
+    from bus.credentials import Authority
+    from bus.runtime import embedded_authority, embedded_server, embedded_store
     from handlers import tokens
     from handlers.db import session_scope
 
@@ -1287,12 +1291,21 @@ def institutions_revoke(
             revoked = int(tokens.revoke(session, token))
         else:
             revoked = tokens.revoke_all(session, institution_id)
+    credentials, reloaded = None, False
+    if token is None and settings.embedded and (embedded_store(settings) / Authority.DIRECTORY).is_dir():
+        credentials = embedded_authority(settings).revoke(institution_id)
+        if credentials:  # a running server applies it now; a stopped one when it starts
+            reloaded = embedded_server(settings).reload()
     if as_json:
-        out.print_json(data={"institution": institution_id, "revoked": revoked})
+        out.print_json(data={"institution": institution_id, "revoked": revoked,
+                             **({"nats_credentials_revoked": credentials} if credentials is not None else {})})
     elif token is not None:
         out.print(f"revoked the token of {institution_id}" if revoked else f"that token of {institution_id} was unknown or revoked already")
     else:
         out.print(f"revoked {revoked} token{'s' if revoked != 1 else ''} of {institution_id}")
+        if credentials:
+            out.print(f"revoked {credentials} NATS credential{'s' if credentials != 1 else ''} of {institution_id}: "
+                      + ("the server closed their connections" if reloaded else "refused from the bus's next start"))
 
 
 @institutions_app.command("creds")
@@ -1310,7 +1323,7 @@ def institutions_creds(
     inbox prefix `_INBOX.ID` (e.g. Go `nats.CustomInboxPrefix`, nats-py `inbox_prefix`): the
     credentials let it read those inboxes only, where its verdicts arrive. Signed with the embedded
     server's account key, or with COLLABBUS_NATS_ACCOUNT_SEED on an external server; the server
-    needs no reload. Earlier credentials of the member stay valid."""
+    needs no reload. Earlier credentials of the member stay valid until `institutions revoke ID`."""
     from bus.credentials import CredentialsError, member_inbox_prefix, partner_creds, public_key, read_account_seed, write_secret
     from bus.membership import Membership
     from bus.runtime import embedded_authority
@@ -1336,7 +1349,10 @@ def institutions_creds(
         err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the log); "
                   "add it with `collabbus institutions add` first")
         raise typer.Exit(1)
-    creds = partner_creds(account, institution_id, max_event_bytes=settings.max_event_bytes)
+    if settings.nats_account_seed is None and settings.embedded:  # noted, so that `institutions revoke` can revoke them
+        creds = embedded_authority(settings).member_creds(institution_id, max_event_bytes=settings.max_event_bytes)
+    else:
+        creds = partner_creds(account, institution_id, max_event_bytes=settings.max_event_bytes)
     prefix = member_inbox_prefix(institution_id)
     if output is None:
         sys.stdout.write(creds)

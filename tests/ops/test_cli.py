@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -238,6 +239,20 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
         impostor = dict(event, id=unique("impostor"), source="/institutions/operator")
         assert (await offer(nc, "operator", impostor, timeout=1.0)).reason == "unavailable"
         assert any("permissions violation" in str(e) for e in errors), errors
+
+        # Revoked (it left, or the file leaked): the server closes the connection and refuses the credentials.
+        revoked = cli("institutions", "revoke", member, "--json", env=env)
+        assert revoked.returncode == 0, revoked.stderr
+        assert json.loads(revoked.stdout) == {"institution": member, "revoked": 0, "nats_credentials_revoked": 2}
+        deadline = time.monotonic() + 10
+        while nc.is_connected:
+            assert time.monotonic() < deadline, "the revoked connection stayed open"
+            await asyncio.sleep(0.05)
+        with pytest.raises(Exception, match="Authorization Violation"):
+            await nats.connect(f"nats://{env['COLLABBUS_NATS_LISTEN']}", user_credentials=str(path), allow_reconnect=False,
+                               max_reconnect_attempts=0, connect_timeout=3, inbox_prefix=f"_INBOX.{member}")
+        again = cli("institutions", "revoke", member, "--json", env=env)
+        assert json.loads(again.stdout)["nats_credentials_revoked"] == 0  # nothing left to revoke
     finally:
         await nc.close()
 
