@@ -65,7 +65,8 @@ _CONNECTING = (
     "Authenticate with the `.creds` file `collabbus institutions creds ID` writes (NATS decentralized JWT "
     "auth) and connect with the inbox prefix `_INBOX.{ID}` (Go `nats.CustomInboxPrefix`, nats.js "
     "`inboxPrefix`, nats-py `inbox_prefix`): the credentials allow publishing to `collab.ingress.{ID}.>` and "
-    "reading the inboxes `_INBOX.{ID}.>`, where verdicts come back; a verdict is sent only to an inbox of the offering institution's own."
+    "reading the inboxes `_INBOX.{ID}.>`, where verdicts come back; a verdict is sent only to an inbox of the "
+    "offering institution's own."
 )
 
 

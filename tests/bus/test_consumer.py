@@ -380,7 +380,9 @@ async def test_a_database_that_cannot_be_written_holds_the_events_says_so_and_re
 
             read_only.clear()  # the file can be written again
             await wait_for(lambda: "held-1" in recorder.seen)
-            await wait_for(lambda: bus.consumer is not None and bus.consumer.trouble is None)
+            # Each consumer tries again after its own wait (up to 10 s).
+            await wait_for(lambda: bus.consumer is not None and bus.consumer.trouble is None
+                           and bus.webhooks is not None and bus.webhooks.consumer.trouble is None, timeout=30)
             assert (await client.get("/readyz")).status_code == 200
             assert bus.consumer.dead_lettered == 0
     finally:
