@@ -331,6 +331,13 @@ class Authority:
             handle.write(line)
         return text
 
+    def holders(self) -> set[str]:
+        """The institutions holding credentials issued here that are not all revoked."""
+        path = self.directory / self.ISSUED
+        issued = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        revoked = self.revocations()
+        return {entry["institution"] for entry in issued if entry.get("user") not in revoked}
+
     def revocations(self) -> dict[str, int]:
         path = self.directory / self.REVOKED
         return {str(k): int(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}

@@ -9,6 +9,7 @@ so an institution can publish the moment its ``institution.joined`` is accepted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import orjson
 from nats.aio.client import Client
@@ -40,6 +41,8 @@ class Membership:
         self._stream = stream
         self._kinds: dict[str, str] = {}
         self._sub: Subscription | None = None
+        self.on_left: Callable[[str], Awaitable[None]] | None = None
+        """Called with an institution's id when its ``institution.left`` is logged (while this runs)."""
 
     async def start(self) -> None:
         """Follow institution events live so cached answers never go stale."""
@@ -52,9 +55,16 @@ class Membership:
 
     async def _on_event(self, msg: Msg) -> None:
         try:
-            self.learn(orjson.loads(msg.data))
+            event = orjson.loads(msg.data)
+            self.learn(event)
         except (orjson.JSONDecodeError, AttributeError):  # the log holds only validated events
             log.warning("unreadable institution event on %s", msg.subject)
+            return
+        if self.on_left is not None and event.get("type") == "institution.left" and isinstance(event.get("subject"), str):
+            try:
+                await self.on_left(event["subject"])
+            except Exception:  # what follows a member's leaving must not stop membership being followed
+                log.exception("could not act on %s leaving", event["subject"])
 
     def learn(self, event: dict[str, object]) -> None:
         """Apply one logged ``institution.*`` event to the cache."""

@@ -152,6 +152,7 @@ class Bus:
         )
         await self._start_gate()
         await self.ensure_operator()
+        await self.revoke_departed()
         if ingress:
             await self.open_ingress()
         await self.broker.start()
@@ -203,9 +204,29 @@ class Bus:
         """The members as the log knows them, and the gate that judges offers against them."""
         assert self.tracing is not None
         self.membership = Membership(self.nc, self.js)
+        if self.server is not None and self.server.authority is not None:
+            self.membership.on_left = self._revoke_credentials
         await self.membership.start()
         self.gate = Gate(self.nc, self.js, self.membership, max_event_bytes=self.settings.max_event_bytes, tracer=self.tracing.tracer)
         await self.gate.start()
+
+    async def _revoke_credentials(self, institution: str) -> None:
+        """An institution left: the credentials the embedded server's account issued to it are
+        revoked (it could no longer offer events, but could still connect and send)."""
+        assert self.server is not None and self.server.authority is not None
+        authority, server = self.server.authority, self.server
+        revoked = await asyncio.to_thread(authority.revoke, institution)
+        if revoked:
+            await asyncio.to_thread(server.reload)
+            log.info("revoked %d NATS credentials of %s, which left the network", revoked, institution)
+
+    async def revoke_departed(self) -> None:
+        """Revoke the credentials of institutions that left while this bus was not running."""
+        if self.server is None or self.server.authority is None:
+            return
+        for institution in sorted(await asyncio.to_thread(self.server.authority.holders)):
+            if await self.membership.kind_of(institution) is None:
+                await self._revoke_credentials(institution)
 
     async def start_gatekeepers(self) -> None:
         """Start ``COLLABBUS_GATE_PROCESSES`` gatekeeper processes (``bus.gates``) and let them judge

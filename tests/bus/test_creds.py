@@ -37,7 +37,7 @@ from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
 from bus.streams import EVENTS_STREAM
 from ops.settings import Settings
-from tests.conftest import join, load_fixtures, unique
+from tests.conftest import OPERATOR, join, load_fixtures, unique
 
 FIXTURE = load_fixtures()["project.registered"]
 MAX_EVENT_BYTES = Settings().max_event_bytes
@@ -363,4 +363,48 @@ async def test_a_member_over_its_rate_is_refused_unread_and_the_others_are_serve
         await flooding.nc.close()
         await other.nc.close()
         await partner.close()
+        await bus.stop()
+
+
+async def test_a_member_that_leaves_loses_its_credentials_also_when_it_left_while_the_bus_was_down(tmp_path: Path) -> None:
+    """It could offer nothing any more (not_member), but could still connect and send."""
+    settings = Settings(data_dir=tmp_path, nats_listen=f"127.0.0.1:{free_port()}")
+    bus = Bus(settings)
+    await bus.start(state=False)
+    leaving, missed, staying = unique("leaving"), unique("missed"), unique("staying")
+    members: dict[str, Member] = {}
+    try:
+        assert bus.server is not None and bus.server.authority is not None
+        for institution in (leaving, missed, staying):
+            await join(bus.nc, institution, FIXTURE["kind"], country="TR")
+            creds = tmp_path / f"{institution}.creds"
+            creds.write_text(bus.server.authority.member_creds(institution, max_event_bytes=MAX_EVENT_BYTES))
+            members[institution] = await connect_member(bus.server.url, creds, institution)
+
+        async def leave(institution: str) -> None:
+            event = {"specversion": "1.0", "id": unique("left"), "source": f"/institutions/{OPERATOR}",
+                     "type": "institution.left", "subject": institution, "data": {"id": institution}}
+            assert (await offer(bus.nc, OPERATOR, event)).accepted
+
+        await leave(leaving)
+        deadline = asyncio.get_running_loop().time() + 10
+        while members[leaving].nc.is_connected:  # the server closed its connection
+            assert asyncio.get_running_loop().time() < deadline, "the leaving member stayed connected"
+            await asyncio.sleep(0.05)
+        bus.membership.on_left = None  # as if the bus had been down when the next one left
+        await leave(missed)
+        await asyncio.sleep(0.3)
+        assert members[missed].nc.is_connected
+        await bus.revoke_departed()  # what the bus does on start
+        while members[missed].nc.is_connected:
+            assert asyncio.get_running_loop().time() < deadline, "the member that left meanwhile stayed connected"
+            await asyncio.sleep(0.05)
+        for institution in (leaving, missed):
+            with pytest.raises(Exception, match="Authorization Violation"):
+                await nats.connect(bus.server.url, user_credentials=str(tmp_path / f"{institution}.creds"), allow_reconnect=False,
+                                   max_reconnect_attempts=0, connect_timeout=3, inbox_prefix=member_inbox_prefix(institution))
+        assert (await offer(members[staying].nc, staying, project_event(staying))).accepted  # the others are untouched
+    finally:
+        for member in members.values():
+            await member.nc.close()
         await bus.stop()
