@@ -342,18 +342,19 @@ class Authority:
         path = self.directory / self.REVOKED
         return {str(k): int(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
 
-    def revoke(self, institution: str) -> int:
+    def revoke(self, institution: str) -> tuple[int, int]:
         """Revoke every credentials issued to ``institution`` (:meth:`member_creds`); returns how
-        many were not revoked already. The server refuses them once its configuration is reloaded
-        (its connections with them are closed then)."""
+        many were revoked now and how many in all. The server refuses them once its configuration
+        is reloaded (its connections with them are closed then)."""
         path = self.directory / self.ISSUED
         issued = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         revoked = self.revocations()
         now = int(time.time())
-        fresh = {entry["user"] for entry in issued if entry.get("institution") == institution} - set(revoked)
+        theirs = {entry["user"] for entry in issued if entry.get("institution") == institution}
+        fresh = theirs - set(revoked)
         if fresh:
             write_secret(self.directory / self.REVOKED, json.dumps({**revoked, **{user: now for user in fresh}}, indent=1))
-        return len(fresh)
+        return len(fresh), len(theirs)
 
     def adopt_open_store(self, store_dir: Path) -> None:
         """Move a JetStream store written before authentication into the account (once).

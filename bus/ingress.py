@@ -59,7 +59,7 @@ class Ingress:
         self.limiter = limiter
         """Offers an institution may make (``ingress_rate_limit``): beyond it an offer is answered
         at once, unread — one member's flood must not starve the gate (and, with it, everyone)."""
-        self._warned: dict[str, float] = {}
+        self._warned: dict[tuple[str, str], float] = {}
         self._slots = asyncio.Semaphore(workers)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
@@ -96,23 +96,32 @@ class Ingress:
             f"{self.limiter.burst}); retry in {wait:.2f} s with the same id"), "rate_limited"),))
         member = institution if self.gate.membership.known(institution) else metrics.OTHER_INSTITUTION
         metrics.count_offer(member, None, split_ingress_subject(msg.subject)[1], verdict)
-        now = time.monotonic()
-        if now - self._warned.get(member, -60.0) >= 60.0:  # a line a minute, not one per offer
-            self._warned[member] = now
+        if self._first_in_a_minute(("rate", member)):  # a line a minute, not one per offer
             log.warning("ingress: %s is over its rate limit (%g offers/s, burst %d); offers refused unread",
                         institution, self.limiter.rate, self.limiter.burst)
         if msg.reply and reply_allowed(msg.reply, institution):
             with contextlib.suppress(Exception):
                 await self.nc.publish(msg.reply, verdict.to_json(), headers=REPLY_HEADERS)
 
+    def _first_in_a_minute(self, key: tuple[str, str]) -> bool:
+        """Whether a warning about ``key`` (what, whose) is due: one a minute, so that a member
+        cannot fill the log by repeating what is warned about."""
+        if len(self._warned) > 10_000:  # (keys come from subjects; bounded all the same)
+            self._warned.clear()
+        now = time.monotonic()
+        if now - self._warned.get(key, -60.0) < 60.0:
+            return False
+        self._warned[key] = now
+        return True
+
     async def _answer(self, msg: Msg) -> None:
         try:
             verdict = await self.judge(msg.subject, msg.data, msg.headers)
             if msg.reply and reply_allowed(msg.reply, split_ingress_subject(msg.subject)[0]):
                 await self.nc.publish(msg.reply, verdict.to_json(), headers=REPLY_HEADERS)
-            elif msg.reply:
+            elif msg.reply and self._first_in_a_minute(("reply", split_ingress_subject(msg.subject)[0])):
                 log.warning("ingress: no verdict sent to %r for an offer on %s (verdicts go to the offering "
-                            "institution's own inboxes only)", msg.reply[:200], msg.subject)
+                            "institution's own inboxes only; said once a minute)", msg.reply[:200], msg.subject)
         except Exception:  # a failed reply costs this offer only; the partner retries with the same id
             log.exception("ingress could not answer an offer on %s", msg.subject)
         finally:

@@ -24,7 +24,7 @@ from bus.ingress import Ingress
 from bus.membership import Membership
 from bus.ratelimit import RateLimiter
 from bus.relay import Relay
-from bus.server import EmbeddedNats
+from bus.server import EmbeddedNats, EmbeddedServerError
 from bus.streams import desired_streams, ensure_streams
 from bus.verdict import Verdict
 from ops.settings import Settings
@@ -215,9 +215,13 @@ class Bus:
         revoked (it could no longer offer events, but could still connect and send)."""
         assert self.server is not None and self.server.authority is not None
         authority, server = self.server.authority, self.server
-        revoked = await asyncio.to_thread(authority.revoke, institution)
+        revoked, _ = await asyncio.to_thread(authority.revoke, institution)
         if revoked:
-            await asyncio.to_thread(server.reload)
+            try:
+                await asyncio.to_thread(server.reload)
+            except EmbeddedServerError as exc:  # they are refused from the server's next start
+                log.error("revoked %d NATS credentials of %s, which left the network; %s", revoked, institution, exc)
+                return
             log.info("revoked %d NATS credentials of %s, which left the network", revoked, institution)
 
     async def revoke_departed(self) -> None:

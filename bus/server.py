@@ -117,20 +117,41 @@ class EmbeddedNats:
     def pid_path(self) -> Path:
         return self.store_dir / "nats-server.pid"
 
-    def reload(self) -> bool:
-        """Write the configuration again and have the running server (this one's, or one started
-        by another process on the same store) reload it — what changes revocations take effect
-        with. False when no server of this store is running."""
-        self.write_config()
+    def reload(self, timeout: float = 5.0) -> bool:
+        """Have the running server of this store (this one, or one another process started) take
+        the authority's configuration again — what revocations take effect with. Only the
+        authority's part of its configuration file is written again: the rest is the running
+        server's own (another process's settings may differ; a server refuses to reload a changed
+        listen address). False when no server of this store runs; raises :class:`EmbeddedServerError`
+        with the server's reason when it refuses the new configuration."""
+        assert self.authority is not None
         try:
             pid = int(self.pid_path.read_text().strip())
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
+            self.write_config()  # for its next start
             return False
         if not command or not Path(command[0].decode(errors="replace")).name.startswith("nats-server"):
+            self.write_config()
             return False  # a pid file left behind, its number now another process's
+        lines = self.config_path.read_text().splitlines()
+        own = next((i for i, line in enumerate(lines) if line.startswith("operator:")), len(lines))
+        self.config_path.write_text("\n".join([*lines[:own], *self.authority.server_config()]) + "\n")
+        log_path = self.store_dir / "nats-server.log"
+        seen = log_path.stat().st_size if log_path.exists() else 0
         os.kill(pid, signal.SIGHUP)
-        return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(log_path, "rb") as handle:
+                handle.seek(seen)
+                said = handle.read().decode(errors="replace")
+            failed = re.search(r"Failed to reload server configuration: (.*)", said)
+            if failed:
+                raise EmbeddedServerError(f"the nats-server refused the new configuration: {failed.group(1)[:300]}")
+            if "Reloaded server configuration" in said:
+                return True
+            time.sleep(0.05)
+        raise EmbeddedServerError(f"the nats-server (pid {pid}) did not say within {timeout:.0f} s that it reloaded its configuration")
 
     def connect_options(self) -> dict[str, Any]:
         """nats-py ``connect`` options that authenticate as the bus (none on an open server)."""

@@ -1278,6 +1278,7 @@ def institutions_revoke(
     and closes their connections (on an external server, revoke them in its account's JWT)."""
     from bus.credentials import Authority
     from bus.runtime import embedded_authority, embedded_server, embedded_store
+    from bus.server import EmbeddedServerError
     from handlers import tokens
     from handlers.db import session_scope
 
@@ -1293,9 +1294,14 @@ def institutions_revoke(
             revoked = tokens.revoke_all(session, institution_id)
     credentials, reloaded = None, False
     if token is None and settings.embedded and (embedded_store(settings) / Authority.DIRECTORY).is_dir():
-        credentials = embedded_authority(settings).revoke(institution_id)
-        if credentials:  # a running server applies it now; a stopped one when it starts
-            reloaded = embedded_server(settings).reload()
+        credentials, theirs = embedded_authority(settings).revoke(institution_id)
+        if theirs:  # (again, when revoked before: a reload that failed then is tried again)
+            try:  # a running server applies it now; a stopped one when it starts
+                reloaded = embedded_server(settings).reload()
+            except EmbeddedServerError as exc:
+                err.print(f"[red]error:[/red] the credentials of {institution_id} are revoked in {embedded_store(settings)}, "
+                          f"but the running server has not applied it: {exc}. Run this command again, or restart the bus.")
+                raise typer.Exit(1) from None
     if as_json:
         out.print_json(data={"institution": institution_id, "revoked": revoked,
                              **({"nats_credentials_revoked": credentials} if credentials is not None else {})})
@@ -1306,6 +1312,8 @@ def institutions_revoke(
         if credentials:
             out.print(f"revoked {credentials} NATS credential{'s' if credentials != 1 else ''} of {institution_id}: "
                       + ("the server closed their connections" if reloaded else "refused from the bus's next start"))
+        elif reloaded:
+            out.print(f"the NATS credentials of {institution_id} were revoked before; the running server has them refused")
 
 
 @institutions_app.command("creds")

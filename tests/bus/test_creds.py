@@ -151,7 +151,7 @@ async def test_a_member_cannot_read_the_log_nor_use_jetstream(member: Member) ->
 
 
 async def test_a_member_sees_neither_the_bus_nor_other_members_through_inboxes(
-    member: Member, partner: Client, nats_server: EmbeddedNats, tmp_path: Path, bus: Bus
+    member: Member, partner: Client, nats_server: EmbeddedNats, tmp_path: Path, bus: Bus, caplog: pytest.LogCaptureFixture
 ) -> None:
     """What reaches inboxes — the bus's pull deliveries (whole events), other members' verdicts,
     the gate's acks — is out of a member's reach; and no reply subject a member chooses makes the
@@ -190,6 +190,9 @@ async def test_a_member_sees_neither_the_bus_nor_other_members_through_inboxes(
         await member.nc.flush()
         await asyncio.sleep(0.5)
         assert landed == []
+        # Said in the log once a minute, not once an offer (a member could fill the disk with it).
+        refusals = [r for r in caplog.records if "no verdict sent" in r.getMessage() and member.institution in r.getMessage()]
+        assert len(refusals) == 1, [r.getMessage() for r in refusals]
         assert (await offer(member.nc, member.institution, project_event(member.institution))).accepted  # its own: answered
     finally:
         await neighbour.nc.close()
