@@ -226,12 +226,8 @@ class Gate:
                 )
             if not judged:
                 await self._check_sender(institution, event.source, spec)
-            if spec.type in ABOUT_A_MEMBER and await self.membership.kind_of(event.subject) is None:
-                raise reject(
-                    "invalid", "not_member",
-                    f"{event.subject!r} is not a member of the network: {spec.type} is about a member "
-                    "(institution.joined makes one)", "data", "id",
-                )
+            if spec.type in ABOUT_A_MEMBER or spec.type == "institution.joined":
+                await self._check_membership_change(spec.type, event.subject, raw.get("data"))
             verdict = await self._log(raw, spec, extra_headers)
         except Rejection as exc:
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
@@ -272,6 +268,29 @@ class Gate:
             else:
                 msg = f"an institution of kind {kind!r} may not emit {spec.type}"
             raise reject("forbidden", "kind_may_not_emit", msg, "type")
+
+    async def _check_membership_change(self, event_type: str, institution: str, data: Any) -> None:
+        """Refuse an update or a leaving of an institution that is not a member, and anything that
+        would make the network's operator stop being one: it alone admits, changes and removes
+        members, so the network would have nobody left who can (and the log cannot be undone)."""
+        kind = await self.membership.kind_of(institution)
+        if event_type in ABOUT_A_MEMBER and kind is None:
+            raise reject(
+                "invalid", "not_member",
+                f"{institution!r} is not a member of the network: {event_type} is about a member "
+                "(institution.joined makes one)", "data", "id",
+            )
+        if kind != "operator":
+            return
+        if event_type == "institution.left":
+            raise reject("forbidden", "operator_kept", f"{institution!r} is the network's operator: it cannot leave", "data", "id")
+        new_kind = data.get("kind") if isinstance(data, Mapping) else None
+        if new_kind is not None and new_kind != "operator":
+            raise reject(
+                "forbidden", "operator_kept",
+                f"{institution!r} is the network's operator: its kind stays operator (it alone admits and changes members)",
+                "data", "kind",
+            )
 
     async def publish_internal(self, event: Mapping[str, Any], extra_headers: Mapping[str, str] | None = None) -> Verdict:
         """Log an event the bus itself emits (workflows, the operator's bootstrap).

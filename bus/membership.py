@@ -100,9 +100,19 @@ class Membership:
         return kind
 
     async def _kind_before_update(self, institution: str) -> str | None:
-        # An update that does not restate the kind keeps the kind from the join.
+        """The kind of the last join, as the updates since then changed it: an update that does
+        not restate the kind keeps the one before it (the read models' rule)."""
         try:
             msg = await self._js.get_last_msg(self._stream, f"collab.events.*.institution.joined.{institution}")
         except NotFoundError:
             return None
-        return kind_after(orjson.loads(msg.data or b"{}"))
+        kind = kind_after(orjson.loads(msg.data or b"{}"))
+        seq = msg.seq or 0
+        while True:  # (a member's updates are few; read one by one, in log order)
+            try:
+                update = await self._js.get_msg(self._stream, seq + 1, subject=f"collab.events.*.institution.updated.{institution}",
+                                                next=True)
+            except NotFoundError:
+                return kind
+            kind = kind_after(orjson.loads(update.data or b"{}")) or kind
+            seq = update.seq or seq + 1

@@ -282,6 +282,12 @@ async def test_updates_and_leaving_are_about_members_only(bus: Bus, partner: Cli
     assert (await offer(partner, OPERATOR, about("institution.left", member))).accepted
     again = await offer(partner, OPERATOR, about("institution.left", member))  # it left already
     assert codes(again) == {"not_member"}
+    # The network's operator stays one: it alone admits, changes and removes members.
+    for locked in (about("institution.updated", OPERATOR, kind="university"), about("institution.left", OPERATOR),
+                   {**about("institution.joined", OPERATOR, name={"en": "x"}, kind="ngo", country="FI")}):
+        verdict = await offer(partner, OPERATOR, locked)
+        assert verdict.reason == "forbidden" and codes(verdict) == {"operator_kept"}, verdict.as_dict()
+    assert (await offer(partner, OPERATOR, about("institution.updated", OPERATOR, website="https://example.org"))).accepted
 
 
 # --------------------------------------------------------------------------- size
@@ -436,3 +442,23 @@ async def test_the_gate_sets_the_time_when_absent(bus: Bus, partner: Client) -> 
     verdict = await offer(partner, institution, event)
     stored, _ = await logged(bus, verdict.seq or 0)
     assert stored["time"].endswith("+00:00")
+
+
+async def test_a_members_kind_is_the_last_one_an_update_gave_it_also_when_read_afresh(bus: Bus, partner: Client) -> None:
+    """A gate that starts (or restarts) reads a member's kind from the log: an update that does not
+    restate the kind keeps the one an earlier update gave, not the one it joined with."""
+    from bus.membership import Membership
+    from tests.conftest import OPERATOR, join
+
+    institution = unique("fi-promoted")
+    await join(partner, institution, "public_agency")
+
+    async def update(**data: Any) -> None:
+        event = {"specversion": "1.0", "id": unique("ev"), "source": f"/institutions/{OPERATOR}", "type": "institution.updated",
+                 "subject": institution, "data": {"id": institution, **data}}
+        assert (await offer(partner, OPERATOR, event)).accepted
+
+    await update(kind="competence_centre")
+    await update(website="https://example.org")
+    fresh = Membership(bus.nc, bus.js)  # nothing cached: as after a restart
+    assert await fresh.kind_of(institution) == "competence_centre"
