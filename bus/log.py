@@ -60,6 +60,15 @@ def parse_since(value: str | None) -> dict[str, Any]:
     return {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": start.astimezone(timezone.utc).isoformat()}
 
 
+def readable(data: bytes | None) -> dict[str, Any] | str:
+    """A logged message's event, or why it is none (not JSON, not an object)."""
+    try:
+        event = orjson.loads(data or b"")
+    except orjson.JSONDecodeError as exc:
+        return f"not JSON: {exc}"
+    return event if isinstance(event, dict) else f"not an event: a JSON {type(event).__name__}"
+
+
 async def read(
     js: JetStreamContext,
     subject_filter: str = "collab.events.>",
@@ -67,8 +76,11 @@ async def read(
     since: str | None = "all",
     follow: bool = False,
     idle_timeout: float = 1.0,
+    on_unreadable: Callable[[int, str], None] | None = None,
 ) -> AsyncGenerator[LoggedEvent, None]:
-    """Yield logged events matching the filter; stop when caught up unless ``follow``."""
+    """Yield logged events matching the filter; stop when caught up unless ``follow``. What in the
+    log is not an event (it can only have been put there by hand: the consumers dead-letter it) is
+    passed, told to ``on_unreadable`` (its sequence and why)."""
     from nats.errors import TimeoutError as NatsTimeoutError
     from nats.js.api import ConsumerConfig
 
@@ -88,7 +100,11 @@ async def read(
                     continue
                 return
             meta = msg.metadata
-            yield LoggedEvent(meta.sequence.stream, msg.subject, orjson.loads(msg.data), meta.num_pending)
+            event = readable(msg.data)
+            if isinstance(event, dict):
+                yield LoggedEvent(meta.sequence.stream, msg.subject, event, meta.num_pending)
+            elif on_unreadable is not None:
+                on_unreadable(meta.sequence.stream, event)
             if not follow and meta.num_pending == 0:
                 return
     finally:

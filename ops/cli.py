@@ -602,7 +602,11 @@ def tail(
         # starts the embedded server for the command.
         async with _nats(settings, "collabbus-tail") as nc:
             # Closed before the connection: its subscription ends while the connection still can.
-            async with contextlib.aclosing(log.read(nc.jetstream(), subject_filter, since=since, follow=follow)) as events:
+            def unreadable(seq: int, why: str) -> None:
+                err.print(f"[yellow]#{seq} is not an event[/yellow] ({escape(why[:200])}); the consumers dead-letter it")
+
+            reading = log.read(nc.jetstream(), subject_filter, since=since, follow=follow, on_unreadable=unreadable)
+            async with contextlib.aclosing(reading) as events:
                 async for logged in events:
                     if as_json:
                         sys.stdout.write(orjson.dumps(logged.event).decode() + "\n")
@@ -1307,6 +1311,8 @@ def institutions_revoke(
                              **({"nats_credentials_revoked": credentials} if credentials is not None else {})})
     elif token is not None:
         out.print(f"revoked the token of {institution_id}" if revoked else f"that token of {institution_id} was unknown or revoked already")
+    if token is not None and not revoked:  # a script revoking a leaked token must not take a typo for success
+        raise typer.Exit(1)
     else:
         out.print(f"revoked {revoked} token{'s' if revoked != 1 else ''} of {institution_id}")
         if credentials:

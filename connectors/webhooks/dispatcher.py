@@ -41,6 +41,7 @@ from sqlalchemy import Connection, Engine
 from sqlmodel import Session, select
 
 from bus.consumer import Consumer, ConsumerSettings
+from bus.log import readable
 from bus.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 from connectors.webhooks import http, store, targets
 from connectors.webhooks.signing import signature_header
@@ -845,7 +846,9 @@ async def logged_between(js: JetStreamContext, since: datetime, until: datetime)
             logged_at = meta.timestamp if meta.timestamp.tzinfo else meta.timestamp.replace(tzinfo=timezone.utc)
             if logged_at > until:
                 return
-            yield meta.sequence.stream, orjson.loads(msg.data)
+            event = readable(msg.data)
+            if isinstance(event, dict):  # (what is not an event was never delivered: nothing to recover)
+                yield meta.sequence.stream, event
             if meta.sequence.stream >= last or meta.num_pending == 0:
                 return
     finally:

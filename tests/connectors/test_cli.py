@@ -61,6 +61,8 @@ async def test_the_cli_revokes_one_token_or_all_of_a_member(gateway: Gateway, tm
     one = revoke(member, "--token", "-", "--json", stdin=first + "\n")
     assert one.returncode == 0 and json.loads(one.stdout) == {"institution": member, "revoked": 1}, one.stderr
     assert [await status(t) for t in (first, second)] == [401, 200]
+    typo = revoke(member, "--token", first + "x")  # nothing revoked: a script must not take it for success
+    assert typo.returncode == 1 and "unknown or revoked already" in typo.stdout
     every = revoke(member)
     assert every.returncode == 0 and "revoked 1 token of" in every.stdout, every.stderr
     assert [await status(t) for t in (first, second, stranger)] == [401, 401, 200]

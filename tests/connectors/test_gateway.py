@@ -609,3 +609,29 @@ async def test_an_invalid_item_of_a_list_is_one_problem_named_by_its_place(gatew
     body = problem(await gateway.post(municipality, envelope("project.impact_reported", municipality, report)), 422, "invalid")
     assert [e["loc"] for e in body["errors"]] == [["data", "indicators", 0, "value"]]  # not also "too short"
     assert body["detail"].startswith("data.indicators.0.value: ")
+
+
+async def test_what_in_the_log_is_no_event_is_passed_by_the_readers(gateway: Gateway, municipality: str, tmp_path: Path) -> None:
+    """Bytes put into the log by hand (the bus's own credentials can): the consumers dead-letter
+    them; GET /events, a webhook recovery and `collabbus tail` pass them (they answered 500 and a
+    traceback for every page, window and reader that spanned them, for good)."""
+    from datetime import datetime, timezone
+
+    since = datetime.now(timezone.utc)
+    before = await gateway.offer(municipality, "project.registered", project(municipality))
+    junk = await gateway.bus.js.publish(f"collab.events.{municipality}.project.registered.junk", b"\xff\xfe not json",
+                                        headers={"Nats-Msg-Id": unique("junk")})
+    after = await gateway.offer(municipality, "project.registered", project(municipality))
+    auth = gateway.auth(municipality)
+    page = await gateway.client.get("/events", params={"after_seq": junk.seq - 2, "limit": 10}, headers=auth)
+    assert page.status_code == 200, page.text
+    ids = [item["event"]["id"] for item in page.json()["items"]]
+    assert before["id"] in ids and after["id"] in ids and junk.seq not in [item["seq"] for item in page.json()["items"]]
+    from bus import log
+    from connectors.webhooks.dispatcher import logged_between
+
+    recovered = [seq async for seq, _ in logged_between(gateway.bus.js, since, datetime.now(timezone.utc))]  # a recovery's window
+    assert junk.seq not in recovered and {before["seq"], after["seq"]} <= set(recovered)
+    told: list[int] = []  # what `collabbus tail` prints a warning line for
+    tailed = [e.seq async for e in log.read(gateway.bus.js, since=str(junk.seq - 1), on_unreadable=lambda seq, _: told.append(seq))]
+    assert junk.seq not in tailed and after["seq"] in tailed and told == [junk.seq]
