@@ -1311,8 +1311,6 @@ def institutions_revoke(
                              **({"nats_credentials_revoked": credentials} if credentials is not None else {})})
     elif token is not None:
         out.print(f"revoked the token of {institution_id}" if revoked else f"that token of {institution_id} was unknown or revoked already")
-    if token is not None and not revoked:  # a script revoking a leaked token must not take a typo for success
-        raise typer.Exit(1)
     else:
         out.print(f"revoked {revoked} token{'s' if revoked != 1 else ''} of {institution_id}")
         if credentials:
@@ -1320,6 +1318,8 @@ def institutions_revoke(
                       + ("the server closed their connections" if reloaded else "refused from the bus's next start"))
         elif reloaded:
             out.print(f"the NATS credentials of {institution_id} were revoked before; the running server has them refused")
+    if token is not None and not revoked:  # a script revoking a leaked token must not take a typo for success
+        raise typer.Exit(1)
 
 
 @institutions_app.command("creds")
