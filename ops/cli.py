@@ -652,6 +652,8 @@ def rebuild(
     if projection not in (None, NETWORK_CONSUMER):
         raise typer.BadParameter(f"unknown projection {projection!r}; the consumer groups are: {NETWORK_CONSUMER}", param_hint="--projection")
 
+    replayed: dict[str, Any] = {"done": 0, "total": None}
+
     async def main() -> Any:
         async with _nats(settings, "collabbus-rebuild") as nc:
             js = nc.jetstream()
@@ -674,6 +676,7 @@ def rebuild(
                 def progress(done: int, total: int) -> None:
                     elapsed = max(asyncio.get_running_loop().time() - started, 1e-6)
                     bar.update(task, completed=done, total=total, rate=done / elapsed)
+                    replayed.update(done=done, total=total)
 
                 report = await replay(js, service, progress=progress)
             engine.dispose()
@@ -682,7 +685,10 @@ def rebuild(
     try:
         report = run(main())
     except KeyboardInterrupt:
-        _rebuild_interrupted(settings)
+        if replayed["total"] is not None and replayed["done"] >= replayed["total"]:
+            err.print("[yellow]rebuild interrupted[/yellow] as it ended: every event had been replayed")
+        else:
+            _rebuild_interrupted(settings)
         raise typer.Exit(130) from None
     if as_json:
         out.print_json(data=report.as_dict())
@@ -709,9 +715,9 @@ def _rebuild_interrupted(settings: Settings) -> None:
             pass
         finally:
             engine.dispose()
-    where = f"up to #{position} of the log" if position is not None else "part of the log"
-    err.print(f"[yellow]rebuild interrupted[/yellow]: the read models hold {where} only. Run `collabbus rebuild` "
-              "again, or start the bus: it carries on from there.")
+    where = f"the log up to #{position}" if position is not None else "part of the log"
+    err.print(f"[yellow]rebuild interrupted[/yellow]: the read models hold {where}. Run `collabbus rebuild` "
+              "again to replay it all, or start the bus: it carries on from there.")
 
 
 async def _consumer_active(js: Any, stream: str, name: str) -> bool:
