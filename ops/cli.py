@@ -1503,9 +1503,12 @@ def portal_sync(
                                   console=err, disable=as_json, transient=True) as bar:
                         task = bar.add_task("listing…")
 
+                        latest: list[Any] = []
+
                         def progress(report: Any, task: Any = task) -> None:
                             bar.update(task, description=f"{report.pages} pages, {report.listed} entries, "
                                        f"{report.emitted} events, {report.rate:,.0f} entries/s")
+                            latest[:] = [report]
 
                         # Stopped mid-pass, the pass is cut short: safe, the cursor is stored per page and
                         # event ids are deterministic, so the next sync carries on where this one was.
@@ -1517,6 +1520,9 @@ def portal_sync(
                             passing.cancel()
                             await asyncio.gather(passing, return_exceptions=True)
                             err.print("portal sync stopped mid-pass; the next one carries on from the last page stored")
+                            if as_json:  # what the pass did until then, for a script (complete: false)
+                                cut = latest[0].as_dict() if latest else {"portal": settings.portal_url, "complete": False}
+                                out.print_json(data={**cut, "complete": False, "error": "interrupted"})
                             ok = False
                             break
                         report = passing.result()
@@ -1668,7 +1674,11 @@ def portal_sandbox(
         elif seed:
             sandbox.store.seed(sample_entries(seed, [{"name": "Esimerkki ry", "business_id": "0000000-0"}]))
         stop = _stop_on_signals()
-        await sandbox.start()
+        try:
+            await sandbox.start()
+        except OSError as exc:  # (run() would take it for NATS; the sandbox has nothing to do with it)
+            err.print(f"[red]error:[/red] the sandbox cannot listen on {listen}: {exc.strerror or exc}; choose another --listen")
+            raise typer.Exit(1) from None
         err.print(f"portal sandbox at {sandbox.url} (API under /api/v1, docs at {sandbox.url}/docs), "
                   f"{len(sandbox.store.ids())} entries; Ctrl-C to stop")
         try:

@@ -346,6 +346,17 @@ def event_id(entry_id: str, revision: int, digest: str) -> str:
 # --- the sync -----------------------------------------------------------------------------------
 
 
+def _portal_problem(exc: Exception) -> str:
+    """Why a sync stopped, for people: what the portal said, not httpx's advice links."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        if status in (401, 403):
+            return (f"the portal refused the token ({status} from {exc.request.url.host}): check COLLABBUS_PORTAL_TOKEN; "
+                    "no later sync gets further until it is right")
+        return f"the portal answered {status} {exc.response.reason_phrase} to {exc.request.method} {exc.request.url.path}"
+    return str(exc) or type(exc).__name__
+
+
 @dataclass
 class SyncReport:
     """What one sync did; ``as_dict`` is the ``--json`` output."""
@@ -495,7 +506,7 @@ class PortalSync:
                     break
             report.complete = True
         except (PortalUnavailable, httpx.HTTPError, ValueError) as exc:
-            report.error = str(exc) or type(exc).__name__
+            report.error = _portal_problem(exc)
             log.warning("portal sync stopped: %s (the next sync resumes from the last page)", report.error)
         if report.complete:
             # After a complete pull only: it has adopted entries whose creation was cut short and

@@ -66,6 +66,20 @@ class Faults:
     edit_before_put: dict[str, Any] | None = None
 
 
+_FAULT_TYPES = {f.name: str(f.type) for f in fields(Faults)}
+
+
+def _fits(annotation: str, value: Any) -> bool:
+    """Whether ``value`` is of a fault's type (``int``, ``float``, or an object or null)."""
+    if isinstance(value, bool):
+        return False
+    if annotation == "int":
+        return isinstance(value, int) and value >= 0
+    if annotation == "float":
+        return isinstance(value, (int, float)) and value >= 0
+    return value is None or isinstance(value, dict)
+
+
 @dataclass
 class FaultLog:
     """What the sandbox did to its clients, so tests can check the faults really happened."""
@@ -359,6 +373,11 @@ def create_app(store: PortalStore, *, token: str | None, faults: Faults | None =
             unknown = sorted(set(body) - set(known)) if isinstance(body, dict) else []
             what = f"unknown faults {unknown}" if unknown else "a JSON object of faults"
             return JSONResponse({"error": f"{what}; the faults are {known}"}, status_code=422)
+        # Numbers as numbers: a "3" was taken, and every request then answered 500.
+        wrong = [name for name, value in body.items() if not _fits(_FAULT_TYPES[name], value)]
+        if wrong:
+            expected = ", ".join(f"{name}: {_FAULT_TYPES[name]}" for name in wrong)
+            return JSONResponse({"error": f"invalid faults ({expected})"}, status_code=422)
         state.faults = Faults(**body)
         return asdict(state.faults)
 

@@ -305,3 +305,14 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
     logged = cli("tail", "--since", "all", "--no-follow", "--json", env=env)
     assert logged.returncode == 0, logged.stderr
     assert [json.loads(line)["type"] for line in logged.stdout.splitlines()] == ["institution.joined"]  # the operator
+
+
+def test_the_portal_sandbox_on_a_taken_port_says_so(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path)}
+        result = cli("portal", "sandbox", "--listen", f"127.0.0.1:{port}", env=env, timeout=30)
+    assert result.returncode == 1 and f"the sandbox cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "NATS" not in result.stderr  # (it blamed NATS)

@@ -91,8 +91,10 @@ async def test_sigterm_stops_a_sync_mid_pass_and_the_next_one_carries_on(
         assert first.returncode is None, (await first.communicate())[1].decode()
         await asyncio.sleep(0.05)
     first.send_signal(signal.SIGTERM)
-    _, stderr = await asyncio.wait_for(first.communicate(), 15)  # not at the end of the pass: now
+    stdout, stderr = await asyncio.wait_for(first.communicate(), 15)  # not at the end of the pass: now
     assert first.returncode == 1 and "stopped mid-pass" in stderr.decode(), stderr.decode()
+    cut = json.loads(stdout)  # a script still gets a report: what the pass did until then
+    assert cut["complete"] is False and cut["error"] == "interrupted" and 0 < cut["listed"] < entries
     assert await asyncio.to_thread(synced, gateway.bus.engine, portal) < entries
 
     second = await asyncio.create_subprocess_exec(*SYNC, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -245,4 +245,7 @@ async def test_a_fault_the_sandbox_does_not_know_is_a_422_naming_the_known_ones(
     async with httpx.AsyncClient(base_url=sandbox.url) as http:
         response = await http.post("/_sandbox/faults", json={"rate_limit": 3})
         assert response.status_code == 422 and "rate_limit_every" in response.json()["error"]
-        assert (await http.post("/_sandbox/faults", json={"rate_limit_every": 3})).json()["rate_limit_every"] == 3
+        quoted = await http.post("/_sandbox/faults", json={"rate_limit_every": "3"})  # (every request then answered 500)
+        assert quoted.status_code == 422 and "rate_limit_every" in quoted.json()["error"]
+        assert (await http.get("/_sandbox/faults")).json()["faults"]["rate_limit_every"] == 0  # left as it was
+        assert (await http.post("/_sandbox/faults", json={"rate_limit_every": 3, "slow_seconds": 1})).json()["rate_limit_every"] == 3

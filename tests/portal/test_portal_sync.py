@@ -199,6 +199,16 @@ async def test_a_page_that_keeps_failing_resumes_from_the_cursor(gateway: Gatewa
     assert len(await assert_exact(gateway, sandbox, network, check_read_model=False)) == 200
 
 
+async def test_a_wrong_token_is_said_plainly(gateway: Gateway, sandbox: PortalSandbox, network: Network) -> None:
+    seed(sandbox, network, 5)
+    connector = portal_sync(gateway, sandbox)
+    connector.client = PortalClient(sandbox.url, "wrong", timeout=5.0, backoff=0.02, attempts=2)
+    stopped = await connector.sync()
+    assert not stopped.complete and stopped.registered == 0
+    assert stopped.error is not None and stopped.error.startswith("the portal refused the token (401 from 127.0.0.1)")
+    assert "COLLABBUS_PORTAL_TOKEN" in stopped.error and "developer.mozilla.org" not in stopped.error  # (httpx's advice)
+
+
 class _CrashAfterLogging(PortalSync):
     def _save(self, rows: Any, position: Any) -> None:
         raise RuntimeError("the process died before storing what it emitted")
