@@ -1441,10 +1441,11 @@ def _render_portal_report(report: Any) -> None:
     if report.deleted:
         out.print(f"  [yellow]deleted before they could be read[/yellow] ({len(report.deleted)}): {', '.join(report.deleted[:10])}")
     if report.unmapped:
-        out.print(f"  [yellow]unmapped organisations[/yellow] ({len(report.unmapped)}, {summary['unmapped_entries']} entries; "
-                  "add their business id to a member's identifiers as fi-business-id, then sync --full):")
+        out.print(f"  [yellow]unmapped organisations[/yellow] ({len(report.unmapped)}, {summary['unmapped_entries']} entries "
+                  "read in this pass; add their business id to a member's identifiers as fi-business-id: the next sync "
+                  "then reads the whole portal again by itself):")
         for business_id, seen in sorted(report.unmapped.items()):
-            out.print(f"    {escape(business_id)} {escape(str(seen['name'] or ''))}: {seen['entries']} entries")
+            out.print(f"    {escape(business_id)} {escape(str(seen['name'] or ''))}: {seen['entries']} entries in this pass")
     for rejected in report.rejected[:10]:
         out.print(f"  [red]rejected[/red] entry {escape(rejected['entry'])}: {rejected['reason']} {rejected['errors']}")
     if report.owner_changed:

@@ -997,9 +997,10 @@ def _log_pass(report: SyncReport) -> None:
     for rejected in summary["rejected"]:
         log.warning("portal entry refused by the gate: %s", rejected, extra={"portal_sync": {"rejected": rejected}})
     for organisation, unmapped in summary["unmapped"].items():
-        log.warning("portal organisation %s (business id %s) maps to no member (%s entries): add the business id to a "
-                    "member's identifiers (an institution.updated), then sync --full", unmapped.get("name"), organisation,
-                    unmapped.get("entries"),
+        log.warning("portal organisation %s (business id %s) maps to no member (%s entries read in this pass): add the "
+                    "business id to a member's identifiers (collabbus institutions update ID --identifier "
+                    "fi-business-id=…); the next sync then reads the whole portal again by itself", unmapped.get("name"),
+                    organisation, unmapped.get("entries"),
                     extra={"portal_sync": {"unmapped": organisation}})
     for changed in summary["owner_changed"]:
         log.warning("portal entry's organisation changed to another member (not applied): %s", changed)

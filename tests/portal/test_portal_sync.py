@@ -339,5 +339,6 @@ def test_a_pass_is_logged_in_one_line_and_what_needs_an_operator_in_one_each(cap
         _log_pass(report)
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("portal sync complete: 3 listed, 1 registered")
-    assert any("Silta-Valmennus" in line and "1234567-8" in line and "institution.updated" in line for line in lines)
+    assert any("Silta-Valmennus" in line and "1234567-8" in line and "institutions update ID --identifier" in line
+               and "reads the whole portal again by itself" in line for line in lines)
     assert any("refused by the gate" in line and "e-1" in line for line in lines)
