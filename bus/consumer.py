@@ -164,6 +164,7 @@ class Consumer:
     dead_lettered: int = 0
     trouble: str | None = None
     """Why it is holding events (the database cannot be written), while it is; ``/readyz`` says so."""
+    _trouble_since: datetime | None = None
     _handling: bool = False
     _puller: Puller = field(init=False)
     inline: bool = False
@@ -371,11 +372,11 @@ class Consumer:
                 try:
                     with tracing.log_contexts(items):  # the worker thread starts in this context
                         outcome = await call_database(self._inline_for(items), self.applier.apply_batch, items)
-                    self.trouble = None
+                    self.trouble = self._trouble_since = None
                     return outcome
                 except Exception as exc:
-                    since = self.trouble.split(": ", 1)[0] if self.trouble else f"holding events since {datetime.now(timezone.utc):%H:%M:%S} UTC"
-                    self.trouble = f"{since}: {_first_line(exc)}"
+                    self._trouble_since = self._trouble_since or datetime.now(timezone.utc)
+                    self.trouble = f"holding events since {self._trouble_since:%H:%M:%S} UTC: {_first_line(exc)}"
                     log.error("consumer %s: database unavailable, holding %d events: %s", self.settings.name, len(msgs), exc)
             if self._stopping.is_set():
                 for msg in msgs:

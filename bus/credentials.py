@@ -202,20 +202,16 @@ def issue_creds(account: nkeys.KeyPair, name: str, permissions: dict[str, Any] |
 
 MEMBER_SUBSCRIPTIONS = 100
 """Subscriptions a member's connection may hold (a client needs one or two, for its inbox)."""
-HEADER_ROOM = 16 * 1024
-"""What a member's message may carry in headers beyond the largest body the gate reads."""
 
 
-def partner_creds(account: nkeys.KeyPair, institution: str, *, max_event_bytes: int) -> str:
+def partner_creds(account: nkeys.KeyPair, institution: str) -> str:
     """A member's ``.creds``: it may offer events on its own ingress subjects and read its verdicts.
 
-    Its messages may be at most as large as the gate reads (twice ``max_event_bytes``, plus room
-    for headers): the server refuses larger ones and closes that connection, so one member cannot
-    flood the gatekeepers with large messages nobody will read. (Credentials keep the limit of the
-    day they were issued; issue new ones after raising ``COLLABBUS_MAX_EVENT_BYTES``.)"""
-    from bus.gate import INPUT_FACTOR
-
-    limits = {"payload": INPUT_FACTOR * max_event_bytes + HEADER_ROOM, "subs": MEMBER_SUBSCRIPTIONS}
+    Its message size is the server's: a member's oversize offer is refused by the gate, unread
+    (CONTRACT §4: malformed input gets a rejection, never a dropped connection — a smaller limit
+    in the credentials would make the server drop it); a flood of them is what the ingress rate
+    limit is for."""
+    limits = {"subs": MEMBER_SUBSCRIPTIONS}
     return issue_creds(account, institution, {**partner_permissions(institution), **limits})
 
 
@@ -320,9 +316,9 @@ class Authority:
             "}",
         ]
 
-    def member_creds(self, institution: str, *, max_event_bytes: int) -> str:
+    def member_creds(self, institution: str) -> str:
         """New credentials for a member (:func:`partner_creds`), noted so that they can be revoked."""
-        text = partner_creds(self.account, institution, max_event_bytes=max_event_bytes)
+        text = partner_creds(self.account, institution)
         user = decode_jwt_claims(text.splitlines()[1])["sub"]
         line = json.dumps({"institution": institution, "user": user, "issued_at": int(time.time())}) + "\n"
         path = self.directory / self.ISSUED
@@ -331,12 +327,15 @@ class Authority:
             handle.write(line)
         return text
 
+    def _issued(self) -> list[dict[str, Any]]:
+        """What :meth:`member_creds` noted: one ``{institution, user, issued_at}`` per credentials."""
+        path = self.directory / self.ISSUED
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
     def holders(self) -> set[str]:
         """The institutions holding credentials issued here that are not all revoked."""
-        path = self.directory / self.ISSUED
-        issued = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         revoked = self.revocations()
-        return {entry["institution"] for entry in issued if entry.get("user") not in revoked}
+        return {entry["institution"] for entry in self._issued() if entry.get("user") not in revoked}
 
     def revocations(self) -> dict[str, int]:
         path = self.directory / self.REVOKED
@@ -346,11 +345,9 @@ class Authority:
         """Revoke every credentials issued to ``institution`` (:meth:`member_creds`); returns how
         many were revoked now and how many in all. The server refuses them once its configuration
         is reloaded (its connections with them are closed then)."""
-        path = self.directory / self.ISSUED
-        issued = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         revoked = self.revocations()
         now = int(time.time())
-        theirs = {entry["user"] for entry in issued if entry.get("institution") == institution}
+        theirs = {entry["user"] for entry in self._issued() if entry.get("institution") == institution}
         fresh = theirs - set(revoked)
         if fresh:
             write_secret(self.directory / self.REVOKED, json.dumps({**revoked, **{user: now for user in fresh}}, indent=1))

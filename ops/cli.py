@@ -1370,9 +1370,9 @@ def institutions_creds(
                   "add it with `collabbus institutions add` first")
         raise typer.Exit(1)
     if settings.nats_account_seed is None and settings.embedded:  # noted, so that `institutions revoke` can revoke them
-        creds = embedded_authority(settings).member_creds(institution_id, max_event_bytes=settings.max_event_bytes)
+        creds = embedded_authority(settings).member_creds(institution_id)
     else:
-        creds = partner_creds(account, institution_id, max_event_bytes=settings.max_event_bytes)
+        creds = partner_creds(account, institution_id)
     prefix = member_inbox_prefix(institution_id)
     if output is None:
         sys.stdout.write(creds)
