@@ -37,8 +37,15 @@ _ENDED = ("404", "408")  # no messages (no_wait), request expired: the request i
 
 
 def delivery(msg: Msg) -> tuple[int, datetime]:
-    """A JetStream delivery's stream sequence and when the log took it, read off its reply subject
-    as ``msg.metadata`` reads them (that builds three objects per message; this runs per event).
+    """A JetStream delivery's stream sequence and when the log took it (:func:`delivery_ns`)."""
+    seq, nanos = delivery_ns(msg)
+    return seq, datetime.fromtimestamp(nanos / 1_000_000_000.0, timezone.utc)
+
+
+def delivery_ns(msg: Msg) -> tuple[int, int]:
+    """A JetStream delivery's stream sequence and when the log took it (ns since the epoch), read
+    off its reply subject as ``msg.metadata`` reads them (that builds three objects per message;
+    this runs per event).
 
     ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``, or the
     form with a domain and an account hash after ``$JS.ACK`` (12 tokens, a 13th reserved)."""
@@ -46,13 +53,11 @@ def delivery(msg: Msg) -> tuple[int, datetime]:
     if tokens[:2] != ["$JS", "ACK"]:
         tokens = []
     if len(tokens) == 9:
-        seq, nanos = tokens[5], tokens[7]
-    elif len(tokens) >= 11:
-        seq, nanos = tokens[7], tokens[9]
-    else:
-        meta = msg.metadata  # raises as nats-py does for what is not a JetStream delivery
-        return meta.sequence.stream, meta.timestamp
-    return int(seq), datetime.fromtimestamp(int(nanos) / 1_000_000_000.0, timezone.utc)
+        return int(tokens[5]), int(tokens[7])
+    if len(tokens) >= 11:
+        return int(tokens[7]), int(tokens[9])
+    meta = msg.metadata  # raises as nats-py does for what is not a JetStream delivery
+    return meta.sequence.stream, round(meta.timestamp.timestamp() * 1_000_000) * 1000
 
 
 class Puller:

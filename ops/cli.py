@@ -643,7 +643,7 @@ def rebuild(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bus.rebuild import rebuild as replay
-    from bus.runtime import NETWORK_CONSUMER, keep_startup_objects
+    from bus.runtime import NETWORK_CONSUMER, connect_options, keep_startup_objects
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
     from handlers.routes import network
@@ -678,7 +678,8 @@ def rebuild(
                     bar.update(task, completed=done, total=total, rate=done / elapsed)
                     replayed.update(done=done, total=total)
 
-                report = await replay(js, service, progress=progress)
+                reader = connect_options(settings, "collabbus-rebuild-reader")
+                report = await replay(js, service, connect=reader, progress=progress)
             engine.dispose()
             return report
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -319,11 +320,38 @@ async def test_a_rebuild_passes_what_is_no_event_as_the_consumer_does(tmp_path: 
         assert position == after.seq
         recorder.seen.clear()
         service = NetworkService(bus.engine, recording(recorder)())
-        report = await rebuild(bus.js, service)
+        report = await rebuild(bus.js, service, connect={"servers": [server.url], **server.connect_options()})
         assert recorder.seen == ["before-junk", "after-junk"]
         assert [(f["seq"], f["id"]) for f in report.failures] == [(junk.seq, "junk-1")]
         assert "unreadable" in report.failures[0]["error"]
         assert await asyncio.to_thread(service.position) == position
+
+
+async def test_a_rebuild_whose_log_reader_cannot_read_says_why(tmp_path: Path, server: EmbeddedNats) -> None:
+    """The log is read by a process of its own: when it cannot read (here: NATS refuses its
+    credentials), the rebuild fails with the reader's reason, the process is gone, and the
+    garbage collector is on again."""
+    import gc
+
+    from bus.rebuild import LogReadError, rebuild
+    from handlers.service import NetworkService
+
+    async with recording_bus(tmp_path, server) as (bus, nc, recorder):
+        assert (await offer(nc, FIXTURE["as"], project_event("logged"))).accepted
+        await wait_for(lambda: recorder.seen == ["logged"])
+        service = NetworkService(bus.engine, recording(recorder)())
+        with pytest.raises(LogReadError, match="reading the log failed: .*([Aa]uthorization|credentials)"):
+            await rebuild(bus.js, service, connect={"servers": [server.url], "connect_timeout": 3})
+        assert gc.isenabled()
+        children = [p for p in Path("/proc").glob("[0-9]*") if _parent_of(p) == os.getpid()]
+        assert all("reader_main" not in (p / "cmdline").read_bytes().decode(errors="replace") for p in children)
+
+
+def _parent_of(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 
