@@ -60,12 +60,19 @@ class Relay:
         await self.drain()
 
     async def _run(self) -> None:
+        # The timers run every ``interval`` whether or not the relay was woken meanwhile: on a busy
+        # network derived events wake it more often than that, and deadlines must still be met.
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + self.interval
         while not self._stopping:
             try:
-                await asyncio.wait_for(self.wake.wait(), self.interval)
+                await asyncio.wait_for(self.wake.wait(), max(0.0, next_tick - loop.time()))
             except asyncio.TimeoutError:
-                await self.tick()
+                pass
             self.wake.clear()
+            if not self._stopping and loop.time() >= next_tick:
+                await self.tick()
+                next_tick = loop.time() + self.interval
             await self.drain()
 
     async def tick(self) -> int:
