@@ -117,10 +117,19 @@ def _database_problem(exc: Exception) -> NoReturn:
     raise typer.Exit(1) from None
 
 
+def _no_network_here(settings: Settings, what: str) -> NoReturn:
+    """End a command run where the bus's network is not (usually: another directory than the
+    bus's, whose default data dir ``./.collabbus`` is then another one)."""
+    err.print(f"[red]error:[/red] {what}: is {settings.data_dir.resolve()} the running bus's data dir? Run the "
+              "command in the bus's project directory, or set COLLABBUS_DATA_DIR (or COLLABBUS_DATABASE_URL and "
+              "COLLABBUS_NATS_CREDS) as the bus has them.")
+    raise typer.Exit(1)
+
+
 async def _connect(settings: Settings, name: str) -> Any:
     import nats
 
-    from bus.runtime import connect_options
+    from bus.runtime import connect_options, embedded_bus_creds
 
     options = connect_options(settings, name)
     async def quiet(_exc: Exception) -> None:  # the failure is reported once, below
@@ -130,6 +139,13 @@ async def _connect(settings: Settings, name: str) -> Any:
     try:
         return await nats.connect(**options)
     except Exception as exc:  # nats-py raises several kinds here
+        if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
+            used = options.get("user_credentials") or options.get("nkeys_seed")
+            if used is None and settings.embedded:
+                what = f"no bus credentials at {embedded_bus_creds(settings)}"
+            else:
+                what = f"with {used or 'no credentials'}"
+            _no_network_here(settings, f"NATS at {', '.join(settings.nats_servers)} refused this command ({what})")
         raise ConnectionRefusedError(f"{', '.join(settings.nats_servers)} ({exc.__class__.__name__})") from None
 
 
@@ -166,6 +182,23 @@ async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
             held.close()
 
 
+def _known_type(event_type: str, hint: str, *, domains: bool = False) -> None:
+    """Refuse an event type the catalog does not have (a domain such as ``project`` too, when
+    ``domains``), suggesting the nearest ones."""
+    import difflib
+
+    from schemas import registry
+
+    types = registry.event_types()
+    known = set(types) | ({t.partition(".")[0] for t in types} if domains else set())
+    if event_type in known:
+        return
+    near = difflib.get_close_matches(event_type, sorted(known), n=3, cutoff=0.6)
+    suggestion = f"did you mean {' or '.join(near)}? " if near else ""
+    raise typer.BadParameter(f"unknown event type {event_type!r}; {suggestion}`collabbus schemas list` lists them",
+                             param_hint=hint)
+
+
 def _load_data(value: str) -> Any:
     """``@file.json``, ``-`` (standard input) or inline JSON."""
     if value == "-":
@@ -180,7 +213,8 @@ def _load_data(value: str) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--data") from None
+        hint = f" (to read the file {value}, write @{value})" if not value.startswith(("@", "-")) and Path(value).is_file() else ""
+        raise typer.BadParameter(f"not valid JSON: {exc}{hint}", param_hint="--data") from None
 
 
 OUTCOME_WAIT = 10.0
@@ -522,13 +556,11 @@ def publish(
     led to. Exits 1 when it is rejected or refused."""
     from schemas import registry
 
+    _known_type(event_type, "TYPE")
     payload = _load_data(data)
     if subject is None and isinstance(payload, dict):
-        try:
-            field = registry.spec_for(event_type).subject_field
-            subject = str(payload.get(field)) if payload.get(field) is not None else None
-        except LookupError:
-            subject = None
+        field = registry.spec_for(event_type).subject_field
+        subject = str(payload.get(field)) if payload.get(field) is not None else None
     event = {
         "specversion": "1.0",
         "id": event_id or new_event_id(),
@@ -558,6 +590,8 @@ def _summary(event: dict[str, Any]) -> str:
     for key in ("outcome", "reason", "recommendation", "status"):
         if isinstance(data.get(key), str):
             return f"{key}={data[key]}"
+        if key == "reason" and isinstance(data.get(key), dict) and data[key].get("code"):  # a refusal's
+            return f"reason={data[key]['code']}"
     return ""
 
 
@@ -594,6 +628,8 @@ def tail(
         log.parse_since(since)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--since") from None
+    if event_type is not None:  # a typo would follow nothing, silently
+        _known_type(event_type, "--type", domains=True)
     subject_filter = log.event_filter(event_type, institution, subject)
 
     async def main() -> None:
@@ -1391,6 +1427,37 @@ def institutions_creds(
 # --------------------------------------------------------------------------- schemas, asyncapi
 
 
+@schemas_app.command("list")
+def schemas_list(
+    as_json: Annotated[bool, typer.Option("--json", help="the catalog as JSON")] = False,
+) -> None:
+    """The event catalog: each type, who may offer it, and the data field naming its aggregate
+    (the envelope's subject)."""
+    from rich.table import Table
+
+    from schemas import registry
+    from schemas.common import InstitutionKind
+
+    rows = [
+        {"type": spec.type, "major": spec.major, "dataschema": spec.dataschema,
+         "offered_by": sorted(spec.emitters), "by_workflows": spec.workflow, "subject_field": spec.subject_field}
+        for _, spec in sorted(registry.REGISTRY.items())
+    ]
+    if as_json:
+        out.print_json(data=rows)
+        return
+    members = {kind.value for kind in InstitutionKind} - {"operator"}
+    table = Table("type", "offered by", "subject (data field)", box=None)
+    for row in rows:
+        offered = set(row["offered_by"])
+        named = sorted(offered - members) if members <= offered else sorted(offered)
+        who = ", ".join((["every member"] if members <= offered else []) + named)
+        if row["by_workflows"]:
+            who = f"{who} [dim](and the workflows)[/dim]" if who else "[dim]the workflows[/dim]"
+        table.add_row(row["type"] + (f" v{row['major']}" if row["major"] != 1 else ""), who, row["subject_field"])
+    out.print(table)
+
+
 @schemas_app.command("export")
 def schemas_export(directory: Annotated[Path, typer.Argument(metavar="DIR")]) -> None:
     """Write one JSON Schema per event type (and major version) into DIR."""
@@ -1601,8 +1668,13 @@ def _read_models(settings: Settings) -> Iterator[Any]:
     reached ends the command with one line."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from sqlalchemy.engine import make_url
+
     from handlers.db import make_engine, migrate
 
+    url = make_url(settings.db_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        _no_network_here(settings, f"no read models at {url.database}")
     engine = make_engine(settings.db_url)
     try:
         migrate(engine)

@@ -29,6 +29,11 @@ def cli(*args: str, env: dict[str, str], timeout: float = 60, stdin: str | None 
     )
 
 
+def flat(text: str) -> str:
+    """A message as one line: without the frame Typer draws around errors, and unwrapped."""
+    return " ".join(text.translate(str.maketrans("", "", "│╭╮╰╯─")).split())
+
+
 @pytest.fixture(scope="module")
 def running_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """``collabbus up`` in its own process on a fresh data dir, as ``make run`` starts it."""
@@ -154,6 +159,72 @@ def test_publish_without_a_bus_says_so(tmp_path: Path) -> None:
     env = {**os.environ, "COLLABBUS_NATS_URL": f"nats://127.0.0.1:{free_port()}"}
     result = cli("publish", "project.registered", "--as", "x1", "--data", "{}", env=env)
     assert result.returncode == 1 and "cannot reach NATS" in result.stderr
+
+
+def test_publish_of_an_unknown_type_suggests_the_near_ones_before_offering(tmp_path: Path) -> None:
+    """A typo in the type is caught by the command (the bus need not run) with what was meant;
+    before, the gate's answer added a second, baffling error about the subject."""
+    env = {**os.environ, "COLLABBUS_NATS_URL": f"nats://127.0.0.1:{free_port()}"}
+    result = cli("publish", "project.registred", "--as", "x1", "--data", "{}", env=env)
+    assert result.returncode == 2
+    message = flat(result.stderr)
+    assert "unknown event type 'project.registred'" in message and "did you mean project.registered" in message
+    assert "schemas list" in message and "subject" not in message and "cannot reach NATS" not in message
+
+
+def test_data_naming_a_file_without_the_at_sign_says_how(tmp_path: Path) -> None:
+    (tmp_path / "project.json").write_text("{}")
+    result = subprocess.run([*COLLABBUS, "publish", "project.registered", "--as", "x1", "--data", "project.json"],
+                            env=dict(os.environ), capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "write @project.json" in flat(result.stderr)
+
+
+def test_tail_of_an_unknown_type_is_refused_rather_than_following_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "COLLABBUS_NATS_URL": f"nats://127.0.0.1:{free_port()}"}
+    result = cli("tail", "--type", "call.aplication_rejected", "--since", "all", env=env, timeout=30)
+    assert result.returncode == 2
+    assert "did you mean call.application_rejected" in flat(result.stderr)
+    domain = cli("tail", "--type", "calls", env=env, timeout=30)
+    assert domain.returncode == 2 and "did you mean call" in flat(domain.stderr)
+
+
+def test_tail_shows_a_refusal_s_reason_code() -> None:
+    from ops.cli import _summary
+
+    refusal = {"data": {"rejected_type": "call.application_submitted",
+                        "reason": {"code": "after_deadline", "message": {"en": "the call closed"}}}}
+    assert _summary(refusal) == "reason=after_deadline"
+    assert _summary({"data": {"reason": "deadline_passed"}}) == "reason=deadline_passed"
+
+
+def test_schemas_list_is_the_catalog() -> None:
+    result = cli("schemas", "list", "--json", env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    rows = {row["type"]: row for row in json.loads(result.stdout)}
+    assert sorted(rows) == registry.event_types()
+    assert "municipality" in rows["project.registered"]["offered_by"]
+    assert rows["call.application_received"]["offered_by"] == [] and rows["call.application_received"]["by_workflows"]
+    assert rows["innovation_day.registration_requested"]["subject_field"] == "day_id"
+    table = cli("schemas", "list", env=dict(os.environ))
+    assert "project.registered" in table.stdout and "every member" in table.stdout and "the workflows" in table.stdout
+
+
+def test_a_command_run_in_another_directory_says_that_it_found_no_network_there(
+    running_bus: dict[str, str], tmp_path: Path
+) -> None:
+    """Run elsewhere, the default data dir is another one: no bus credentials (NATS refuses the
+    command) and no read models. Both say so and what to do, instead of "is the bus running?"
+    (it is) or "not a member" (it is); and no stray database is left behind."""
+    elsewhere = {**running_bus, "COLLABBUS_DATA_DIR": str(tmp_path / "not-the-bus")}
+    published = cli("publish", "project.registered", "--as", "x1", "--data", "{}", env=elsewhere)
+    text = flat(published.stderr)
+    assert published.returncode == 1 and "refused this command (no bus credentials at" in text
+    assert "COLLABBUS_DATA_DIR" in text and "cannot reach NATS" not in text
+    token = cli("institutions", "token", "x1", env=elsewhere)
+    text = flat(token.stderr)
+    assert token.returncode == 1 and "no read models at" in text and "COLLABBUS_DATA_DIR" in text
+    assert not (tmp_path / "not-the-bus" / "collabbus.db").exists()
 
 
 def test_up_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
