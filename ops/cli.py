@@ -1438,23 +1438,22 @@ def schemas_list(
     from schemas import registry
     from schemas.common import InstitutionKind
 
-    rows = [
-        {"type": spec.type, "major": spec.major, "dataschema": spec.dataschema,
-         "offered_by": sorted(spec.emitters), "by_workflows": spec.workflow, "subject_field": spec.subject_field}
-        for _, spec in sorted(registry.REGISTRY.items())
-    ]
+    specs = [spec for _, spec in sorted(registry.REGISTRY.items())]
     if as_json:
-        out.print_json(data=rows)
+        out.print_json(data=[
+            {"type": spec.type, "major": spec.major, "dataschema": spec.dataschema, "offered_by": sorted(spec.emitters),
+             "by_workflows": spec.workflow, "subject_field": spec.subject_field}
+            for spec in specs
+        ])
         return
     members = {kind.value for kind in InstitutionKind} - {"operator"}
     table = Table("type", "offered by", "subject (data field)", box=None)
-    for row in rows:
-        offered = set(row["offered_by"])
-        named = sorted(offered - members) if members <= offered else sorted(offered)
-        who = ", ".join((["every member"] if members <= offered else []) + named)
-        if row["by_workflows"]:
+    for spec in specs:
+        everyone = members <= spec.emitters
+        who = ", ".join((["every member"] if everyone else []) + sorted(spec.emitters - members if everyone else spec.emitters))
+        if spec.workflow:
             who = f"{who} [dim](and the workflows)[/dim]" if who else "[dim]the workflows[/dim]"
-        table.add_row(row["type"] + (f" v{row['major']}" if row["major"] != 1 else ""), who, row["subject_field"])
+        table.add_row(spec.type + (f" v{spec.major}" if spec.major != 1 else ""), who, spec.subject_field)
     out.print(table)
 
 
