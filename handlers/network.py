@@ -62,7 +62,7 @@ class Event(Generic[D]):
             type=envelope["type"],
             source=str(envelope["source"]).removeprefix("/institutions/"),
             subject=envelope["subject"],
-            time=datetime.fromisoformat(time) if isinstance(time, str) else logged_at,
+            time=datetime.fromisoformat(time.upper()) if isinstance(time, str) else logged_at,  # RFC 3339 allows t, z
             logged_at=logged_at,
             data=data,
             seq=seq,

@@ -7,6 +7,7 @@ classes (`[0-9]`, not `\\d`): pydantic's regex engine treats `\\d` as any Unicod
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self, TypeVar
@@ -22,6 +23,7 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "COUNTRY_CODES",
@@ -88,10 +90,15 @@ Label = Annotated[str, StringConstraints(min_length=1, max_length=300)]
 
 WebUrl = Annotated[
     str,
-    StringConstraints(max_length=2048, pattern=r"^https?://[^\s/?#]+[^\s]*$"),
-    Field(json_schema_extra={"format": "uri"}),
+    StringConstraints(
+        max_length=2048,
+        pattern=r"^https?://(?:\[[0-9A-Fa-f:.]+\](?::[0-9]+)?|[^\s/?#%\[\]]+)(?:[/?#](?:[^\s%]|%[0-9A-Fa-f]{2})*)?$",
+    ),
+    Field(json_schema_extra={"format": "iri"}),
 ]
-"""An http(s) address. A plain string rather than `HttpUrl`, which would rewrite what was sent."""
+"""An http(s) address. A plain string rather than `HttpUrl`, which would rewrite what was sent.
+An IRI: letters beyond ASCII are kept as written (`https://example.fi/päivä`); a `%` must begin
+an escape (`%C3%A4`), and brackets only enclose an IPv6 host."""
 
 EmailAddress = Annotated[
     str,
@@ -161,16 +168,40 @@ NonNegativeDecimalString = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.
 # --- time -------------------------------------------------------------------------------------
 
 
+RFC3339_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+"""RFC 3339's ``date-time`` (section 5.6), which JSON Schema's ``format: date-time`` names. Python
+and pydantic read more (a space for the ``T``, ``+0000``, no seconds), which clients in other
+languages (Go's ``time.RFC3339``, JSON Schema validators) refuse: such a value in the log would
+break them."""
+
+RFC3339_FULL_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_LOCAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?")
+
+
 def _text_or(kind: type) -> BeforeValidator:
-    """Refuse numbers (Unix timestamps) that pydantic would otherwise turn into times: the
-    contract, and the JSON Schema, say RFC 3339 text."""
+    """Refuse numbers (Unix timestamps) that pydantic would otherwise turn into times, and text
+    that is not RFC 3339: the contract, and the JSON Schema, say RFC 3339 text."""
+    form, example = (RFC3339_DATE_TIME, "2026-03-01T09:00:00+02:00") if kind is datetime else (RFC3339_FULL_DATE, "2026-03-01")
+
+    code = "datetime_parsing" if kind is datetime else "date_parsing"  # pydantic's own, for text it cannot read
 
     def check(value: Any) -> Any:
-        if not isinstance(value, (str, kind)):
+        if isinstance(value, str):
+            problem = f"Input should be an RFC 3339 {'date-time' if kind is datetime else 'full-date'} such as {example}"
+            if not form.fullmatch(value):
+                if kind is datetime and _LOCAL_TIME.fullmatch(value):
+                    raise PydanticCustomError("timezone_aware", "Input should have timezone info (Z or an offset such as +02:00)")
+                raise PydanticCustomError(code, problem)
+            try:  # read here, as the strict models take no text (``t``/``z`` may be lower case)
+                return datetime.fromisoformat(value.upper()) if kind is datetime else date.fromisoformat(value)
+            except ValueError:
+                raise PydanticCustomError(code, f"{problem}: this one does not exist") from None
+        if not isinstance(value, kind):
             raise ValueError(f"expected an RFC 3339 string, got {type(value).__name__}")
         return value
 
     return BeforeValidator(check)
+
 
 
 Timestamp = Annotated[AwareDatetime, _text_or(datetime)]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict, StringConstraints
+
+from schemas.common import Timestamp
 
 EVENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 SUBJECT_PATTERN = r"^[A-Za-z0-9_:-]{1,128}$"
@@ -50,7 +52,7 @@ class CloudEvent(BaseModel):
     source: Annotated[str, StringConstraints(pattern=SOURCE_PATTERN)]
     type: Annotated[str, StringConstraints(pattern=TYPE_PATTERN)]
     subject: Annotated[str, StringConstraints(pattern=SUBJECT_PATTERN)]
-    time: AwareDatetime | None = None
+    time: Timestamp | None = None
     datacontenttype: Literal["application/json"] = "application/json"
     dataschema: str | None = None
     correlationid: EventId | None = None

@@ -41,7 +41,11 @@ __all__ = [
     "Venue",
 ]
 
-Attendees = Annotated[int, Strict(), Field(ge=1)]
+MAX_ATTENDEES = 100_000
+"""The most people a gathering (or one registration) counts; larger numbers are typos, and past
+64 bits they could not be stored at all."""
+
+Attendees = Annotated[int, Strict(), Field(ge=1, le=MAX_ATTENDEES)]
 
 
 class Venue(ValueObject):
@@ -116,7 +120,7 @@ class InnovationDayHeld(EventData):
     """The gathering took place."""
 
     day_id: AggregateId
-    attendees: Annotated[int, Strict(), Field(ge=0)] | None = None
+    attendees: Annotated[int, Strict(), Field(ge=0, le=MAX_ATTENDEES)] | None = None
     summary: LocalizedText | None = None
 
 
@@ -147,7 +151,7 @@ class RegistrationWaitlisted(EventData):
 
     day_id: AggregateId
     registration_id: AggregateId
-    position: Annotated[int, Strict(), Field(ge=1)]
+    position: Annotated[int, Strict(), Field(ge=1, le=2**31 - 1)]
     participant: InstitutionId | None = None
 
 

@@ -78,7 +78,7 @@ class ValidationRequested(EventData):
     external_ref: ExternalRef | None = None
     coordinator: InstitutionId
     self_assessment: SelfAssessment
-    quorum: Annotated[int, Strict(), Field(ge=1)] = 2
+    quorum: Annotated[int, Strict(), Field(ge=1, le=100)] = 2
     due_by: Timestamp | None = None
 
     @model_validator(mode="after")

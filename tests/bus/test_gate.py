@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -177,6 +178,69 @@ async def test_naive_datetimes_are_refused(partner: Client) -> None:
     verdict = await offer(partner, institution, event)
     assert {("time",), ("data", "deadline")} <= locs(verdict)
     assert codes(verdict) == {"timezone_aware"}
+
+
+@pytest.mark.parametrize("text", ["2026-11-23 10:00:00Z", "2026-11-23T10:00:00+0000", "2026-11-23T10:00Z", "2026-02-30T10:00:00Z"])
+async def test_times_are_rfc_3339_as_the_schemas_publish(partner: Client, text: str) -> None:
+    """Python reads more than RFC 3339 (a space, +0000, no seconds); clients in other languages
+    refuse such times, so the log must not carry them: refused at the gate, in the envelope and
+    in the data alike."""
+    institution, event = fresh("call.published", time=text)
+    event["data"]["deadline"] = text
+    verdict = await offer(partner, institution, event)
+    assert verdict.status == "rejected"
+    assert locs(verdict) == {("time",), ("data", "deadline")} and codes(verdict) == {"datetime_parsing"}
+    assert all("RFC 3339" in error.msg for error in verdict.errors or [])
+
+
+async def test_lower_case_t_and_z_are_rfc_3339_too(bus: Bus, partner: Client) -> None:
+    from handlers.network import Event
+
+    institution, event = fresh("call.published", time="2026-11-23t10:00:00z")
+    event["data"]["deadline"] = "2099-01-31t23:59:59z"
+    verdict = await offer(partner, institution, event)
+    assert verdict.accepted, verdict
+    assert verdict.seq is not None
+    envelope, _ = await logged(bus, verdict.seq)
+    applied = Event.from_envelope(envelope, seq=verdict.seq, logged_at=datetime.now(timezone.utc))  # as the consumers read it
+    assert applied.time == datetime(2026, 11, 23, 10, tzinfo=timezone.utc)
+
+
+async def test_dates_are_dates(partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    event["data"]["started_on"] = "2026-01-01T00:00:00Z"
+    verdict = await offer(partner, institution, event)
+    assert locs(verdict) == {("data", "started_on")} and codes(verdict) == {"date_parsing"}
+
+
+@pytest.mark.parametrize("url", ["https://example.org/%zz", "https://[::1/x", "https://example.org/a b"])
+async def test_web_addresses_are_well_formed(partner: Client, url: str) -> None:
+    institution, event = fresh("call.published")
+    event["data"]["url"] = url
+    verdict = await offer(partner, institution, event)
+    assert locs(verdict) == {("data", "url")}
+
+
+async def test_web_addresses_may_be_iris(partner: Client) -> None:
+    institution, event = fresh("call.published")
+    event["data"]["url"] = "https://kunta.fi/päivä?kieli=fi#ohjelma"
+    assert (await offer(partner, institution, event)).accepted
+    assert registry.json_schema("call.published")["properties"]["url"]["anyOf"][0]["format"] == "iri"
+
+
+async def test_counts_have_an_upper_bound(partner: Client) -> None:
+    """A number past 64 bits was logged, then could not be stored (the consumer retried it for
+    minutes, holding every later event back) or came back as a float."""
+    import json
+
+    institution, event = fresh("innovation_day.scheduled")
+    event["data"]["capacity"] = 10**20  # (JSON has no limit; orjson, which the bus's own client uses, stops at 64 bits)
+    verdict = await offer_raw(partner, f"collab.ingress.{institution}.innovation_day.scheduled", json.dumps(event).encode())
+    assert locs(verdict) == {("data", "capacity")}
+    institution, event = fresh("validation.requested")
+    event["data"]["quorum"] = 2**63
+    verdict = await offer_raw(partner, f"collab.ingress.{institution}.validation.requested", json.dumps(event).encode())
+    assert locs(verdict) == {("data", "quorum")} and codes(verdict) == {"less_than_equal"}
 
 
 async def test_subject_must_name_the_aggregate(partner: Client) -> None:
