@@ -33,7 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from bus.pull import Puller, delivery
+from bus.pull import Puller, delivery, pending_after
 from bus.streams import EVENTS_STREAM
 from ops import tracing
 
@@ -167,6 +167,11 @@ class Consumer:
     _trouble_since: datetime | None = None
     _handling: bool = False
     _puller: Puller = field(init=False)
+    _log_time: datetime | None = None
+    """When the log took the last event handled."""
+    _behind: int | None = None
+    """How many events the log still held for this consumer past the last one handled (None: not
+    known yet)."""
     inline: bool = False
     """Apply in the event loop's thread (SQLite, see :func:`call_database`) while the bus keeps up
     with the log. A batch of a quarter of the batch size or more means a backlog: then throughput counts,
@@ -180,6 +185,8 @@ class Consumer:
     async def start(self) -> None:
         await ensure_consumer(self.js, self.settings, self.stream)
         await self._continue_from_database()
+        info = await self.js.consumer_info(self.stream, self.settings.name)
+        self._behind, self._log_time = (info.num_pending or 0) + (info.num_ack_pending or 0), None
         await self._open_puller()
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.settings.name}")
@@ -209,6 +216,16 @@ class Consumer:
         start_seq = expected + 1
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start_seq
         await self.js.add_consumer(self.stream, config)
+
+    def timers_now(self) -> datetime | None:
+        """The moment up to which timers may act on what this consumer applied: now, when it has
+        applied everything logged; else when the log took the last event it handled, so that a
+        deadline waits for the events logged before it (an application in time must not find its
+        call closed by a timer that ran ahead of a backlog); None while that is not known yet."""
+        now = datetime.now(timezone.utc)
+        if self._behind == 0 and not self._handling and not self._puller.buffered:
+            return now
+        return min(now, self._log_time) if self._log_time is not None else None
 
     @property
     def running(self) -> bool:
@@ -345,6 +362,8 @@ class Consumer:
             else:
                 if not await self._hold(pending, self.settings.delay(deliveries)):
                     return
+        if msgs:
+            self._log_time, self._behind = delivery(msgs[-1])[1], pending_after(msgs[-1])
         if derived and self.on_derived is not None:
             self.on_derived()
 

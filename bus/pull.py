@@ -60,6 +60,16 @@ def delivery_ns(msg: Msg) -> tuple[int, int]:
     return meta.sequence.stream, round(meta.timestamp.timestamp() * 1_000_000) * 1000
 
 
+def pending_after(msg: Msg) -> int | None:
+    """How many messages the consumer had still to deliver after this one when it was delivered
+    (the last token of its reply subject), or None when that is not a JetStream delivery's."""
+    tokens = msg.reply.split(".")
+    if tokens[:2] != ["$JS", "ACK"]:
+        return None
+    index = 8 if len(tokens) == 9 else 10 if len(tokens) >= 11 else None  # the forms of delivery_ns
+    return int(tokens[index]) if index is not None and tokens[index].isdigit() else None
+
+
 class Puller:
     """Keeps one pull request open on ``stream``/``consumer`` and hands out what arrives."""
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from typing import Protocol
 
 import orjson
@@ -27,7 +28,7 @@ class Outbox(Protocol):
 
     def outbox_done(self, event_ids: list[str]) -> None: ...
 
-    def tick(self) -> Sequence[object]: ...
+    def tick(self, now: datetime | None = None) -> Sequence[object]: ...
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Relay:
     _stopping: bool = False
     inline: bool = False
     """Read and write the outbox in the event loop's thread (SQLite, see ``call_database``)."""
+    clock: Callable[[], datetime | None] | None = None
+    """The moment up to which the timers may act (the network consumer's :meth:`timers_now`):
+    None skips the timers this time; without a clock they act on the wall clock."""
 
     async def start(self) -> None:
         await self.tick()  # deadlines that passed while the bus was down are acted on at once
@@ -76,10 +80,13 @@ class Relay:
             await self.drain()
 
     async def tick(self) -> int:
-        """Run the timers once (deadlines due now)."""
+        """Run the timers once (deadlines due now, or as far as the log has been applied)."""
+        now = self.clock() if self.clock is not None else datetime.now(timezone.utc)
+        if now is None:
+            return 0
         async with self.db_lock:
             try:
-                return len(await call_database(self.inline, self.store.tick))
+                return len(await call_database(self.inline, self.store.tick, now))
             except Exception:
                 log.exception("timers failed")
                 return 0

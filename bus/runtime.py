@@ -285,8 +285,9 @@ class Bus:
         self.consumer = Consumer(
             self.js, self.consumer_settings, self.service, on_derived=self.relay.wake.set, db_lock=lock, inline=inline,
         )
-        await self.relay.start()
+        self.relay.clock = self.consumer.timers_now  # deadlines wait for what was logged before them
         await self.consumer.start()
+        await self.relay.start()
         from connectors.webhooks.dispatcher import WebhookDispatcher, webhook_consumer
 
         self.webhooks = WebhookDispatcher(

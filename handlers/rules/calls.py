@@ -70,7 +70,7 @@ def application_refusal(
         return Refusal("before_opening", f"The call opens at {call.opens_at.isoformat()}.")
     if logged_at > call.deadline:
         return Refusal("after_deadline", f"The call's deadline was {call.deadline.isoformat()}.")
-    if call.closed_at is not None:
+    if call.closed_at is not None and logged_at > call.closed_at:  # (applied late, an application in time stays in time)
         return Refusal("call_closed", "The call was closed by its publisher.")
     if not _eligible(applicant.kind, call.eligible_kinds):
         return Refusal("ineligible_kind", f"The call is open to {_listed(call.eligible_kinds)} only.")

@@ -8,6 +8,7 @@ import copy
 import logging
 import os
 import time
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -416,3 +417,31 @@ async def test_a_database_that_cannot_be_written_holds_the_events_says_so_and_re
     finally:
         await nc.close()
         await bus.stop()
+
+
+async def test_timers_wait_for_what_was_logged_before_their_deadline(tmp_path: Path, server: EmbeddedNats) -> None:
+    """While the network consumer is behind the log, the timers' "now" is the log time of the
+    last event it handled, not the wall clock: a deadline passing meanwhile is acted on only once
+    the events logged before it are applied (an application in time found its call closed)."""
+    async with recording_bus(tmp_path, server) as (bus, nc, recorder):
+        consumer = bus.consumer
+        assert consumer is not None and bus.relay is not None and bus.relay.clock == consumer.timers_now
+        await wait_for(lambda: (now := consumer.timers_now()) is not None
+                       and abs((datetime.now(timezone.utc) - now).total_seconds()) < 1)  # caught up: the wall clock
+
+        release = asyncio.Event()
+        handle = consumer.handle
+
+        async def held(msgs: list[Any]) -> None:
+            await release.wait()
+            await handle(msgs)
+
+        consumer.handle = held  # type: ignore[method-assign]
+        before = datetime.now(timezone.utc)
+        assert (await offer(nc, FIXTURE["as"], project_event("held-back"))).accepted
+        await asyncio.sleep(0.5)
+        behind = consumer.timers_now()
+        assert behind is not None and behind < before  # the last event applied was logged before the held one
+        release.set()
+        await wait_for(lambda: recorder.seen == ["held-back"])
+        await wait_for(lambda: (now := consumer.timers_now()) is not None and now > before)

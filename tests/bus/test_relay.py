@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
 from typing import cast
 
 from bus.gate import Gate
@@ -15,6 +16,7 @@ class Store:
 
     def __init__(self) -> None:
         self.ticks = 0
+        self.times: list[datetime | None] = []
 
     def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
         return []
@@ -22,8 +24,9 @@ class Store:
     def outbox_done(self, event_ids: list[str]) -> None:
         raise AssertionError("nothing was published")
 
-    def tick(self) -> Sequence[object]:
+    def tick(self, now: datetime | None = None) -> Sequence[object]:
         self.ticks += 1
+        self.times.append(now)
         return []
 
 
@@ -50,3 +53,16 @@ async def test_a_quiet_relay_runs_the_timers_every_interval() -> None:
     await asyncio.sleep(0.55)
     await relay.stop()
     assert 3 <= store.ticks - 1 <= 6, store.ticks
+
+
+async def test_the_timers_act_only_as_far_as_the_clock_lets_them() -> None:
+    """With the network consumer behind the log, the timers act up to the last applied event's
+    log time (what the clock gives), and not at all while that is unknown."""
+    store = Store()
+    behind = datetime.now(timezone.utc) - timedelta(minutes=5)
+    answers: list[datetime | None] = [None, behind]
+    relay = Relay(gate=cast(Gate, None), store=store, db_lock=asyncio.Lock(), inline=True,
+                  clock=lambda: answers.pop(0) if answers else None)
+    assert await relay.tick() == 0 and store.ticks == 0  # not known yet: skipped
+    await relay.tick()
+    assert store.times == [behind]

@@ -85,6 +85,17 @@ def test_application_refusals(
     assert refusal is not None and refusal.as_reason() == {"code": expected, "message": {"en": refusal.message}}
 
 
+def test_an_application_logged_before_the_call_closed_stays_in_time_when_applied_later() -> None:
+    """Closed at its deadline by the timer while the application, logged in time, waited to be
+    applied (a backlog, a restart): it is received, as a replay of the log in order would."""
+    closed_by_timer = replace(CALL, closed_at=DEADLINE)
+    assert application_refusal(closed_by_timer, COOPERATIVE, DEADLINE - timedelta(seconds=1)) is None
+    assert application_refusal(closed_by_timer, COOPERATIVE, DEADLINE) is None  # the deadline is included
+    cancelled = replace(CALL, closed_at=DURING)
+    assert application_refusal(cancelled, COOPERATIVE, DURING - timedelta(seconds=1)) is None
+    assert code(application_refusal(cancelled, COOPERATIVE, DURING + timedelta(seconds=1))) == "call_closed"
+
+
 def test_empty_eligibility_means_everyone() -> None:
     open_to_all = replace(CALL, eligible_kinds=frozenset(), eligible_countries=frozenset())
     assert application_refusal(open_to_all, Applicant("jo-amman-sic", "ngo", "JO"), DURING) is None
@@ -142,7 +153,7 @@ def test_received_iff_in_the_window_not_closed_and_eligible(
     logged_at = DURING + logged_in * minute
     received = (
         call.opens_at <= logged_at <= call.deadline
-        and call.closed_at is None
+        and (call.closed_at is None or logged_at <= call.closed_at)  # not closed when it was logged
         and (not eligible_kinds or kind in eligible_kinds)
         and (not eligible_countries or country in eligible_countries)
     )

@@ -329,9 +329,18 @@ async def test_the_bus_closes_a_call_at_its_deadline_not_before(scenario: Scenar
     the_only(await scenario.tick(now() + timedelta(hours=3)), "call.closed")
 
 
-async def test_an_application_after_the_bus_closed_the_call_is_rejected(scenario: Scenario, call_id: str) -> None:
+async def test_an_application_logged_in_time_is_received_though_the_timer_closed_the_call_meanwhile(
+    scenario: Scenario, call_id: str
+) -> None:
+    """The deadline's timer ran before an application logged in time was applied (the bus behind
+    the log): it is received, as a replay of the log in order receives it."""
     await scenario.given(published(call_id, closes_in=timedelta(hours=2)))
     the_only(await scenario.tick(now() + timedelta(hours=3)), "call.closed")
+    the_only(await scenario.when(application(call_id, "app-in-time")), "call.application_received")
+
+
+async def test_an_application_after_its_owner_closed_the_call_is_rejected(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id, closes_in=timedelta(hours=2)), closed(call_id, "cancelled"))
     rejection = the_only(await scenario.when(application(call_id, "app-late")), "call.application_rejected")
     assert rejection["data"]["reason"]["code"] == "call_closed"
 
