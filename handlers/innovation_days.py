@@ -7,8 +7,9 @@ event carries what its projection needs (a waitlist position, a promotion), so a
 log gives the same state. Waitlist positions close up in the projections whenever a registration
 leaves the waitlist: they follow from the order of the events, so no renumbering event is needed.
 
-Organiser-only actions (`rescheduled`, `cancelled`, `held`) by anybody else have no effect: the
-catalog has no refusal type for them, so the projection ignores them.
+The organiser's own events (`scheduled`, `rescheduled`, `cancelled`, `held`) are refused by an
+`innovation_day.action_rejected` when they cannot stand (another's day, a day no longer
+scheduled, a day whose meetings were proposed moved); the projections apply only what stands.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import JSON, Column
@@ -199,6 +200,26 @@ def _refuse(ctx: Context, refusal: rules.Refuse, *, day_id: str, registration_id
             }
         ),
         source=_answerer(ctx.session, day_id, ctx.event.source),
+    )
+
+
+def decide_day_action(ctx: Context) -> None:
+    """An organiser's event about a day (announced, moved, cancelled, held): refused, in the
+    organiser's name, when the rules say so (it used to pass silently, changing nothing while
+    the log and webhooks carried it as if it had)."""
+    event = ctx.event
+    assert event is not None
+    data = event.data
+    day = ctx.session.get(InnovationDay, data.day_id)
+    facts = None if day is None else rules.DayFacts(day.organizer, cast(rules.DayStatus, day.status), day.meetings_proposed_at is not None)
+    refusal = rules.day_action_refusal(facts, event.type.removeprefix("innovation_day."), event.source)
+    if refusal is None:
+        return
+    ctx.refuse(
+        "innovation_day.action_rejected",
+        {"day_id": data.day_id, "rejected_type": event.type, "rejected_event_id": event.id, "actor": event.source,
+         "reason": {"code": refusal.code, "message": {"en": refusal.message}}},
+        source=day.organizer if day is not None else event.source,
     )
 
 
@@ -545,6 +566,10 @@ PROJECTIONS: dict[str, Projection] = {
     "innovation_day.meetings_proposed": on_meetings_proposed,
 }
 DECIDERS: dict[str, Decider] = {
+    "innovation_day.scheduled": decide_day_action,
+    "innovation_day.rescheduled": decide_day_action,
+    "innovation_day.cancelled": decide_day_action,
+    "innovation_day.held": decide_day_action,
     "innovation_day.registration_requested": decide_registration,
     "innovation_day.registration_cancelled": decide_cancellation,
 }

@@ -14,6 +14,7 @@ from schemas.common import (
     AggregateId,
     CountryCode,
     EventData,
+    EventId,
     InstitutionId,
     Label,
     LanguageTag,
@@ -26,6 +27,8 @@ from schemas.common import (
 )
 
 __all__ = [
+    "DayActionRefusal",
+    "InnovationDayActionRejected",
     "InnovationDayCancelled",
     "InnovationDayHeld",
     "InnovationDayRescheduled",
@@ -205,3 +208,31 @@ class MeetingsProposed(EventData):
 
     day_id: AggregateId
     meetings: tuple[Meeting, ...]
+
+
+class DayActionRefusal(Reason):
+    """Why the innovation days' workflow refused an announcement, a move, a cancellation or the
+    report that a day was held."""
+
+    code: Literal[
+        "unknown_day",
+        "already_scheduled",
+        "not_organizer",
+        "day_cancelled",
+        "day_held",
+        "meetings_proposed",
+    ]
+
+
+class InnovationDayActionRejected(EventData):
+    """The workflow refused an organiser's event about a day that passed the gate (a state rule);
+    emitted in the organiser's name (for an unknown day: the refused event's source), with
+    `causationid` naming the refused event, repeated here with its type and source."""
+
+    day_id: AggregateId
+    rejected_type: Annotated[
+        str, Field(pattern=r"^innovation_day\.(scheduled|rescheduled|cancelled|held)$")
+    ]
+    rejected_event_id: EventId
+    actor: InstitutionId
+    reason: DayActionRefusal

@@ -25,6 +25,7 @@ from schemas.calls import (
 )
 from schemas.common import EventData, InstitutionKind
 from schemas.innovation_days import (
+    InnovationDayActionRejected,
     InnovationDayCancelled,
     InnovationDayHeld,
     InnovationDayRescheduled,
@@ -166,6 +167,7 @@ _CATALOG: tuple[tuple[str, EventModel, frozenset[str], bool, str], ...] = (
     ("innovation_day.registration_rejected", RegistrationRejected, _BUS, True, "day_id"),
     ("innovation_day.registration_cancelled", RegistrationCancelled, _ALL, False, "day_id"),
     ("innovation_day.meetings_proposed", MeetingsProposed, _BUS, True, "day_id"),
+    ("innovation_day.action_rejected", InnovationDayActionRejected, _BUS, True, "day_id"),
 )
 
 REGISTRY: Mapping[tuple[str, int], EventSpec] = MappingProxyType(

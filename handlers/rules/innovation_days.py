@@ -30,6 +30,8 @@ from typing import Literal
 
 __all__ = [
     "MEETINGS_PER_FUNDER",
+    "DayFacts",
+    "day_action_refusal",
     "SLOT_LENGTH",
     "Candidate",
     "Confirm",
@@ -126,6 +128,52 @@ class Refuse:
 
     code: RefusalCode
     message: str
+
+
+DayActionCode = Literal[
+    "unknown_day", "already_scheduled", "not_organizer", "day_cancelled", "day_held", "meetings_proposed",
+]
+
+
+@dataclass(frozen=True)
+class DayFacts:
+    """What the organiser's rules need to know about a day."""
+
+    organizer: str
+    status: DayStatus
+    meetings_proposed: bool
+
+
+@dataclass(frozen=True)
+class RefuseAction:
+    """Refuse an organiser's event about a day, with a reason code and a message."""
+
+    code: DayActionCode
+    message: str
+
+
+def day_action_refusal(day: DayFacts | None, action: str, actor: str) -> RefuseAction | None:
+    """Why ``action`` (``scheduled``, ``rescheduled``, ``cancelled``, ``held``) by ``actor`` is
+    refused, or None when it stands.
+
+    A day id is announced once; only its organiser moves, cancels or reports it, while it is
+    scheduled; a day is not moved once its meetings were proposed (they were for its times and
+    registrations: cancel it and announce a new one)."""
+    if action == "scheduled":
+        if day is not None:
+            return RefuseAction("already_scheduled", f"the day was announced already by {day.organizer}")
+    elif day is None:
+        return RefuseAction("unknown_day", "no such day has been announced")
+    elif actor != day.organizer:
+        return RefuseAction("not_organizer", f"only its organiser, {day.organizer}, may do this")
+    elif day.status == "cancelled":
+        return RefuseAction("day_cancelled", "the gathering is cancelled")
+    elif day.status == "held":
+        return RefuseAction("day_held", "the gathering has already taken place")
+    elif action == "rescheduled" and day.meetings_proposed:
+        return RefuseAction("meetings_proposed", "its meetings were proposed for its times and registrations: "
+                                                 "cancel it and announce a new day instead")
+    return None
 
 
 def _closed(day: DayState, at: datetime) -> Refuse | None:

@@ -33,6 +33,11 @@ SITRA = "fi-sitra"
 OUTSIDER = "tr-ankara-univ"
 
 
+def the_only(emitted: list[dict[str, Any]], type_: str) -> dict[str, Any]:
+    assert [e["type"] for e in emitted] == [type_], emitted
+    return emitted[0]
+
+
 MEMBERS = {
     ORGANIZER: ("competence_centre", "FI"),
     MERSIN: ("municipality", "TR"),
@@ -184,7 +189,10 @@ async def test_only_the_organiser_reschedules_cancels_or_marks_a_day_held(scenar
     new_deadline = day.deadline + timedelta(days=2)
 
     for foreign in (day.rescheduled(deadline=new_deadline, by=OUTSIDER), day.cancelled(by=OUTSIDER), day.held(by=OUTSIDER)):
-        assert await scenario.when(foreign) == []
+        refusal = the_only(await scenario.when(foreign), "innovation_day.action_rejected")
+        assert refusal["source"] == f"/institutions/{ORGANIZER}" and refusal["causationid"] == foreign["id"]
+        assert refusal["data"]["reason"]["code"] == "not_organizer" and refusal["data"]["actor"] == OUTSIDER
+        assert refusal["data"]["rejected_type"] == foreign["type"]
     unchanged = view(scenario, day.day_id)
     assert unchanged["status"] == "scheduled"
     assert datetime.fromisoformat(unchanged["registration_deadline"]) == day.deadline
@@ -197,6 +205,22 @@ async def test_only_the_organiser_reschedules_cancels_or_marks_a_day_held(scenar
     await scenario.when(day.held())
     held = view(scenario, day.day_id)
     assert (held["status"], held["held_attendees"]) == ("held", 7)
+    for late in (day.cancelled(), day.rescheduled(deadline=new_deadline)):  # a day held stays held
+        assert the_only(await scenario.when(late), "innovation_day.action_rejected")["data"]["reason"]["code"] == "day_held"
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_day_is_announced_once_and_an_unknown_day_cannot_be_moved(scenario: Scenario) -> None:
+    day = Day.fresh()
+    unknown = day.cancelled()
+    assert the_only(await scenario.when(unknown), "innovation_day.action_rejected")["data"]["reason"]["code"] == "unknown_day"
+    await scenario.given(day.scheduled())
+    again = day.scheduled(by=OUTSIDER)
+    refusal = the_only(await scenario.when(again), "innovation_day.action_rejected")
+    assert refusal["data"]["reason"]["code"] == "already_scheduled" and refusal["source"] == f"/institutions/{ORGANIZER}"
+    assert view(scenario, day.day_id)["organizer"] == ORGANIZER
+    await scenario.when(day.cancelled())
+    assert the_only(await scenario.when(day.cancelled()), "innovation_day.action_rejected")["data"]["reason"]["code"] == "day_cancelled"
 
 
 @pytest.mark.usefixtures("members")

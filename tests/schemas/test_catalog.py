@@ -47,8 +47,10 @@ CATALOG_V1 = {
     "innovation_day.held", "innovation_day.registration_requested",
     "innovation_day.registration_confirmed", "innovation_day.registration_waitlisted",
     "innovation_day.registration_rejected", "innovation_day.registration_cancelled",
-    "innovation_day.meetings_proposed",
+    "innovation_day.meetings_proposed", "innovation_day.action_rejected",
 }  # fmt: skip
+"""The contract's v1 catalog, with ``innovation_day.action_rejected`` added by the bus (an
+organiser's event that cannot stand is refused, as calls', projects' and validations' are)."""
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def test_registry_covers_exactly_the_v1_catalog() -> None:
-    assert len(CATALOG_V1) == 35
+    assert len(CATALOG_V1) == 36
     assert set(event_types()) == CATALOG_V1
     assert event_types() == sorted(CATALOG_V1)
     assert set(REGISTRY) == {(t, 1) for t in CATALOG_V1}
@@ -151,7 +153,7 @@ def test_nobody_outside_emits_bus_only_types() -> None:
         "call.application_received", "call.application_rejected", "call.action_rejected",
         "project.action_rejected", "validation.action_rejected",
         "innovation_day.registration_confirmed", "innovation_day.registration_waitlisted",
-        "innovation_day.registration_rejected", "innovation_day.meetings_proposed",
+        "innovation_day.registration_rejected", "innovation_day.meetings_proposed", "innovation_day.action_rejected",
     }  # fmt: skip
     for type_ in bus_only:
         assert spec_for(type_).workflow and not spec_for(type_).emitters
@@ -211,7 +213,7 @@ def test_json_schema_head() -> None:
 
 def test_exported_schemas_agree_with_the_models(tmp_path: Path) -> None:
     paths = export_json_schemas(tmp_path)
-    assert len(paths) == 35
+    assert len(paths) == 36
     assert {p.name for p in tmp_path.iterdir()} == {f"{t}.v1.json" for t in CATALOG_V1}
     for path in FIXTURE_FILES:
         event = load(path)["event"]
