@@ -97,6 +97,9 @@ def _document() -> dict[str, Any]:
     )
     document: dict[str, Any] = spec.to_specification().to_jsonable()
     _add_parameters_and_replies(document)
+    _pin_envelopes(document)
+    _add_headers(document)
+    _add_dead_letters(document)
     document["defaultContentType"] = "application/cloudevents+json"
     for message in document.get("components", {}).get("messages", {}).values():
         message.pop("correlationId", None)  # NATS request/reply correlates by the reply inbox, no header
@@ -139,3 +142,107 @@ def _add_parameters_and_replies(document: dict[str, Any]) -> None:
                 "channel": {"$ref": "#/channels/ingress-reply"},
                 "messages": [{"$ref": "#/channels/ingress-reply/messages/Verdict"}],
             }
+
+
+def _pin_envelopes(document: dict[str, Any]) -> None:
+    """Make the per-type envelopes say which type they are, and drop the titles pydantic gives
+    inline schemas.
+
+    Each ``…V1Event`` schema's ``type`` is a constant and its ``dataschema`` the one URN it may
+    carry, so a generator can build a union of events told apart by ``type``. Pydantic titles an
+    inline schema after its field (``Code``, ``Reason``), and code generators take schemas of one
+    title for one type: every refusal's ``code`` became one enum of the validation codes."""
+    schemas = document.get("components", {}).get("schemas", {})
+    for type_ in registry.event_types():
+        spec = registry.spec_for(type_)
+        envelope = schemas.get(typed_envelope(spec).__name__)
+        if envelope is None:
+            continue
+        properties = envelope["properties"]
+        properties["type"] = {"const": spec.type, "type": "string"}
+        properties["dataschema"] = {"anyOf": [{"const": spec.dataschema, "type": "string"}, {"type": "null"}], "default": None}
+    for schema in schemas.values():
+        for value in schema.values():
+            _drop_titles(value)
+
+
+def _drop_titles(node: Any) -> None:
+    """Remove ``title`` keywords below a component schema (a property named ``title`` stays:
+    its value is a schema, not a string)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("title"), str):
+            del node["title"]
+        for value in node.values():
+            _drop_titles(value)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_titles(value)
+
+
+_LOG_HEADERS = {
+    "type": "object",
+    "properties": {
+        "Nats-Msg-Id": {"type": "string", "description": "the event's id (JetStream deduplicates by it)"},
+        "Content-Type": {"const": "application/cloudevents+json", "type": "string"},
+        "traceparent": {"type": "string", "description": "W3C trace context of the span that logged the event"},
+    },
+    "required": ["Nats-Msg-Id", "Content-Type"],
+}
+
+_INGRESS_HEADERS = {
+    "type": "object",
+    "properties": {
+        "Content-Type": {
+            "enum": ["application/cloudevents+json", "application/json"],
+            "type": "string",
+            "description": "structured mode (the whole event in the body) or binary mode (the data in the body, "
+                           "every other attribute in a `ce-<name>` header)",
+        },
+        "traceparent": {"type": "string", "description": "W3C trace context, to continue the sender's trace"},
+    },
+    "patternProperties": {
+        "^ce-[a-z0-9]+$": {"type": "string", "description": "binary mode: a CloudEvents attribute, percent-encoded"},
+    },
+}
+
+
+def _add_headers(document: dict[str, Any]) -> None:
+    """Declare the NATS headers of the messages: what the log carries, what an offer may."""
+    for name, message in document.get("components", {}).get("messages", {}).items():
+        if name.startswith("log:"):
+            message["headers"] = _LOG_HEADERS
+        elif name.startswith("ingress:"):
+            message["headers"] = _INGRESS_HEADERS
+
+
+def _add_dead_letters(document: dict[str, Any]) -> None:
+    """The dead-letter subjects (the bus's own; members' credentials do not reach them)."""
+    from bus import consumer
+
+    document.setdefault("components", {}).setdefault("messages", {})["DeadLetter"] = {
+        "name": "DeadLetter",
+        "title": "dead letter",
+        "summary": "a logged message a consumer could not apply, as it was in the log",
+        "headers": {
+            "type": "object",
+            "properties": {name: {"type": "string", "description": text} for name, text in (
+                (consumer.DLQ_ERROR, "what went wrong (percent-encoded)"),
+                (consumer.DLQ_DETAIL, "the details (percent-encoded)"),
+                (consumer.DLQ_CONSUMER, "the consumer that gave up on it"),
+                (consumer.DLQ_DELIVERIES, "how often it was tried"),
+                (consumer.DLQ_SUBJECT, "its subject in the log"),
+                (consumer.DLQ_STREAM_NAME, "the stream it was in"),
+                (consumer.DLQ_STREAM_SEQ, "its sequence there"),
+                (consumer.DLQ_FAILED_AT, "when the consumer gave up (RFC 3339)"),
+                (consumer.DLQ_EVENT_ID, "the event's id, when it could be read"),
+            )},
+        },
+        "payload": {"description": "the original message's bytes"},
+    }
+    document["channels"]["dead-letters"] = {
+        "address": "collab.dlq.{consumer}",
+        "description": "Events a consumer of the log could not apply (`collabbus dlq list/show/replay`), in the "
+                       "COLLAB_DLQ stream; the bus's own subjects.",
+        "parameters": {"consumer": {"description": "the consumer that gave up on it (network, webhooks, relay)"}},
+        "messages": {"DeadLetter": {"$ref": "#/components/messages/DeadLetter"}},
+    }
