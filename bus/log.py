@@ -54,7 +54,11 @@ def parse_since(value: str | None) -> dict[str, Any]:
         delta = timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]: amount})
         start = datetime.now(timezone.utc) - delta
     else:
-        start = datetime.fromisoformat(value)
+        try:
+            start = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"--since {value!r}: use all, new, a sequence number, a duration (10m, 2h, 1d) "
+                             "or an RFC 3339 time (2026-12-01T08:00:00+02:00)") from None
         if start.tzinfo is None:
             raise ValueError(f"--since {value!r}: give a time zone offset, e.g. {value}+00:00")
     return {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": start.astimezone(timezone.utc).isoformat()}

@@ -137,10 +137,10 @@ CURRENCY_CODES: frozenset[str] = frozenset(
 )
 
 
-def _member_of(codes: frozenset[str], what: str) -> AfterValidator:
+def _member_of(codes: frozenset[str], what: str, example: str) -> AfterValidator:
     def check(value: str) -> str:
         if value not in codes:
-            raise ValueError(f"{value!r} is not an assigned {what}")
+            raise ValueError(f"{value!r} is not an assigned {what}, such as {example}")
         return value
 
     return AfterValidator(check)
@@ -148,15 +148,14 @@ def _member_of(codes: frozenset[str], what: str) -> AfterValidator:
 
 CountryCode = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Z]{2}$"),
-    _member_of(COUNTRY_CODES, "ISO 3166-1 alpha-2 country code"),
+    _member_of(COUNTRY_CODES, "ISO 3166-1 alpha-2 country code (two capital letters)", "FI or TR"),
     Field(json_schema_extra={"enum": sorted(COUNTRY_CODES)}),
 ]
 
 CurrencyCode = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Z]{3}$"),
-    _member_of(CURRENCY_CODES, "ISO 4217 currency code"),
+    _member_of(CURRENCY_CODES, "ISO 4217 currency code", "EUR or TRY"),
     Field(json_schema_extra={"enum": sorted(CURRENCY_CODES)}),
 ]
 

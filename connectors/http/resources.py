@@ -183,6 +183,10 @@ class InnovationDay(Resource):
     themes: list[str] = []
     languages: list[str] = []
     status: str
+    cancelled_reason: LocalizedText | None = Field(None, description="why it was cancelled (status cancelled)")
+    held_attendees: int | None = Field(None, description="how many attended, as its organiser reported (status held)")
+    held_summary: LocalizedText | None = Field(None, description="its organiser's summary (status held)")
+    meetings_proposed_at: datetime | None = Field(None, description="when the matchmaking proposed its meetings")
     confirmed: int = Field(description="confirmed attendees")
     waitlisted: list[WaitlistEntry] = []
 

@@ -962,7 +962,8 @@ def mark_for_publication(engine: Engine, portal: str, project_id: str, entry_typ
         if owner is None or organisation_of(owner) is None:
             raise PublicationRefused(
                 f"the owner {project.owner!r} has no {BUSINESS_ID_SCHEME} identifier: the portal names "
-                f"organisations by business id (add one with `collabbus institutions` and an institution.updated)"
+                f"organisations by business id (add it: `collabbus institutions update {project.owner} "
+                f"--identifier {BUSINESS_ID_SCHEME}=…`)"
             )
         row = store.PortalPublication(portal=portal, project_id=project_id, entry_type=entry_type, marked_at=datetime.now(UTC))
         session.add(row)
