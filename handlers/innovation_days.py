@@ -101,6 +101,8 @@ class InnovationDay(TableRow, table=True):
     held_attendees: int | None = None
     held_summary: dict[str, str] | None = _json()
     meetings_proposed_at: datetime | None = _timestamp(nullable=True)
+    revision: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    """How often the organiser changed the day (moved, cancelled, held): the calendar's SEQUENCE."""
 
 
 class Registration(TableRow, table=True):
@@ -423,6 +425,7 @@ def on_rescheduled(session: Session, event: Event[InnovationDayRescheduled]) -> 
     day.ends_at = _utc(data.ends_at)
     deadline = _utc(data.registration_deadline) if data.registration_deadline else _utc(day.registration_deadline)
     day.registration_deadline = min(deadline, day.starts_at)
+    day.revision += 1
     session.add(day)
 
 
@@ -432,6 +435,7 @@ def on_cancelled(session: Session, event: Event[InnovationDayCancelled]) -> None
         return
     day.status = "cancelled"
     day.cancelled_reason = dict(event.data.reason)
+    day.revision += 1
     session.add(day)
 
 
@@ -442,6 +446,7 @@ def on_held(session: Session, event: Event[InnovationDayHeld]) -> None:
     day.status = "held"
     day.held_attendees = event.data.attendees
     day.held_summary = dict(event.data.summary) if event.data.summary else None
+    day.revision += 1
     session.add(day)
 
 

@@ -45,6 +45,7 @@ def _vevent(day: InnovationDay, lang: str, stamp: datetime) -> Event:
     event = Event()
     event.add("uid", f"{day.day_id}@collabbus")
     event.add("dtstamp", stamp)
+    event.add("sequence", day.revision)  # a moved or cancelled day replaces the one calendars keep (RFC 5545 §3.8.7.4)
     event.add("dtstart", _utc(day.starts_at))
     event.add("dtend", _utc(day.ends_at))
     event.add("summary", _text(day.title, lang) or day.day_id)

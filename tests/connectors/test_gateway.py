@@ -396,6 +396,18 @@ async def test_innovation_days_their_registrations_and_the_calendar(gateway: Gat
     first = events[f"{days[0]}@collabbus"]
     assert str(first["summary"]) == "Sosiaalisten innovaatioiden päivä 0"
     assert first.decoded("dtstart") == start and "Tieteiden talo" in str(first["location"])
+    assert int(first["sequence"]) == 0
+
+    # Moved, then cancelled: each change raises SEQUENCE, so calendars replace what they keep.
+    await gateway.offer(organiser, "innovation_day.rescheduled", {
+        "day_id": days[1], "starts_at": (start + timedelta(days=9)).isoformat(), "ends_at": (start + timedelta(days=9, hours=7)).isoformat(),
+    })
+    await gateway.offer(organiser, "innovation_day.cancelled", {"day_id": days[1], "reason": {"en": "storm warning"}})
+    await gateway.settle()
+    feed = await gateway.client.get("/innovation-days.ics", params={"token": token})
+    changed = {str(e["uid"]): e for e in Calendar.from_ical(feed.content).walk("VEVENT")}[f"{days[1]}@collabbus"]
+    assert int(changed["sequence"]) == 2 and str(changed["status"]) == "CANCELLED"
+    assert changed.decoded("dtstart") == start + timedelta(days=9)
     problem(await gateway.client.get("/innovation-days.ics"), 401, "unauthorized")
 
 
