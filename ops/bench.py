@@ -987,7 +987,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
     """``collabbus rebuild --json`` with a time budget; its own report, or (timed out) the rate
     read from the read model's position while it ran."""
     watcher = PositionWatcher(bus.database).start()
-    peak = 0
+    peak = reader_peak = 0
     started = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ops", "rebuild", "--json", "--force", env=bus.env,
@@ -998,6 +998,8 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
     try:
         while not output.done() and time.perf_counter() < deadline:
             peak = max(peak, memory_of(process.pid).get("VmHWM", 0))
+            for reader in child_processes(process.pid, "reader_main"):  # the process reading the log for it
+                reader_peak = max(reader_peak, memory_of(reader).get("VmHWM", 0))
             progress("rebuild: replaying the log", watcher.position, None)
             await asyncio.wait([output], timeout=0.2)
         timed_out = not output.done()
@@ -1017,6 +1019,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
             "throughput": figure((watcher.positions[-1] - watcher.positions[0]) / span if span else None, "events/s"),
             "measured_by": "the read model's position while the rebuild ran (it did not finish in its budget)",
             "process_rss_peak": figure(peak / 1e6, "MB"),
+            "reader_rss_peak": figure(reader_peak / 1e6 if reader_peak else None, "MB"),
         }
     try:
         report = json.loads(stdout)
@@ -1031,6 +1034,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
         "measured_by": "collabbus rebuild --json",
         "process_seconds": figure(seconds, "s", 3),
         "process_rss_peak": figure(peak / 1e6, "MB"),
+        "reader_rss_peak": figure(reader_peak / 1e6 if reader_peak else None, "MB"),
     }
 
 
