@@ -1462,6 +1462,9 @@ def schemas_export(directory: Annotated[Path, typer.Argument(metavar="DIR")]) ->
     """Write one JSON Schema per event type (and major version) into DIR."""
     from schemas import registry
 
+    if (directory / "__init__.py").exists():  # e.g. the catalog's own package, schemas/
+        raise typer.BadParameter(f"{directory} holds Python code (__init__.py): choose a directory of its own, "
+                                 "e.g. exported-schemas/", param_hint="DIR")
     paths = registry.export_json_schemas(directory)
     err.print(f"wrote {len(paths)} schemas to {directory}")
 

@@ -251,6 +251,13 @@ def test_exported_json_schemas_validate_every_fixture(tmp_path: Path) -> None:
         jsonschema.Draft202012Validator(schema).validate(fixture["event"]["data"])
 
 
+def test_schemas_are_not_exported_into_a_python_package(tmp_path: Path) -> None:
+    (tmp_path / "__init__.py").write_text("")
+    result = cli("schemas", "export", str(tmp_path), env=dict(os.environ))
+    assert result.returncode == 2 and "choose a directory of its own" in flat(result.stderr)
+    assert list(tmp_path.iterdir()) == [tmp_path / "__init__.py"]
+
+
 def test_asyncapi_lists_every_event_type() -> None:
     result = cli("asyncapi", env=dict(os.environ))
     assert result.returncode == 0, result.stderr
