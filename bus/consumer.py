@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.header import decode_header, make_header
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, unquote
@@ -165,6 +165,9 @@ class Consumer:
     trouble: str | None = None
     """Why it is holding events (the database cannot be written), while it is; ``/readyz`` says so."""
     _trouble_since: datetime | None = None
+    retrying: str | None = None
+    """Which event failed and waits to be tried again (holding back the ones after it), while it
+    does; ``/ops/status`` says so."""
     _handling: bool = False
     _puller: Puller = field(init=False)
     _log_time: datetime | None = None
@@ -360,8 +363,15 @@ class Consumer:
                 pending = pending[1:]
                 attempts = 0
             else:
-                if not await self._hold(pending, self.settings.delay(deliveries)):
-                    return
+                seq = delivery(head)[0]
+                self.retrying = (f"#{seq} failed {deliveries} of {self.settings.max_deliver} times ({failure.error}); "
+                                 f"tried again at {datetime.now(timezone.utc) + timedelta(seconds=self.settings.delay(deliveries)):%H:%M:%S} UTC, "
+                                 "the events after it wait")
+                try:
+                    if not await self._hold(pending, self.settings.delay(deliveries)):
+                        return
+                finally:
+                    self.retrying = None
         if msgs:
             self._log_time, self._behind = delivery(msgs[-1])[1], pending_after(msgs[-1])
         if derived and self.on_derived is not None:

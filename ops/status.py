@@ -28,13 +28,15 @@ async def collect_status(
     the webhook endpoints' health (when the database has them).
 
     ``running``: consumer name → the ``bus.consumer.Consumer`` running in this process, whose
-    counters (events applied, dead-lettered since start) are added.
+    counters (events applied, dead-lettered since start) are added, and what it is waiting on: an
+    event to try again (``retrying``), a database it cannot write (``holding``).
     """
     streams = {name: await _stream(js, name) for name in (EVENTS_STREAM, DLQ_STREAM)}
     consumers = await _consumers(js, EVENTS_STREAM)
     for name, consumer in (running or {}).items():
         if name in consumers and consumer is not None:
-            consumers[name].update(applied=consumer.applied, dead_lettered=consumer.dead_lettered)
+            consumers[name].update(applied=consumer.applied, dead_lettered=consumer.dead_lettered,
+                                   retrying=consumer.retrying, holding=consumer.trouble)
     status: dict[str, Any] = {"streams": streams, "consumers": consumers, "dead_letters": await dlq.counts(js)}
     if engine is not None:
         last_seq = (streams[EVENTS_STREAM] or {}).get("last_seq", 0)

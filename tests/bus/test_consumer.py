@@ -445,3 +445,28 @@ async def test_timers_wait_for_what_was_logged_before_their_deadline(tmp_path: P
         release.set()
         await wait_for(lambda: recorder.seen == ["held-back"])
         await wait_for(lambda: (now := consumer.timers_now()) is not None and now > before)
+
+
+async def test_an_event_waiting_for_its_retry_is_named_in_the_status(tmp_path: Path, server: EmbeddedNats) -> None:
+    """While a failed event waits to be tried again, the events after it wait too: the bus's
+    status names it, how often it failed and when it is tried again, then forgets it."""
+    from ops.status import collect_status
+
+    recorder = Recorder()
+    recorder.poison.add("poison-project")
+    bus = await start_bus(tmp_path, server, recording(recorder), max_deliver=2, backoff=(1.5,))
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        verdict = await offer(nc, FIXTURE["as"], project_event("poison-project"))
+        consumer = bus.consumer
+        assert consumer is not None
+        await wait_for(lambda: consumer.retrying is not None)
+        assert f"#{verdict.seq} failed 1 of 2 times (RuntimeError)" in consumer.retrying
+        report = await collect_status(bus.js, bus.engine, running={"network": consumer})
+        assert report["consumers"]["network"]["retrying"] == consumer.retrying
+        await wait_for(lambda: consumer.dead_lettered == 1)
+        assert consumer.retrying is None
+    finally:
+        await nc.close()
+        await bus.stop()
