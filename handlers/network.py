@@ -27,7 +27,9 @@ from sqlmodel import Session
 
 from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent, advance_position, read_position
 from schemas import registry
-from schemas.common import EventData
+from schemas.common import LOGGED, EventData
+
+LOGGED_CONTEXT = {LOGGED: True}
 
 D = TypeVar("D", bound=EventData)
 
@@ -55,7 +57,7 @@ class Event(Generic[D]):
     def from_envelope(cls, envelope: Mapping[str, Any], *, seq: int | None, logged_at: datetime) -> "Event[Any]":
         """Read a canonical envelope from the log (already validated by the gate)."""
         spec = registry.spec_for(envelope["type"], registry.parse_dataschema(envelope.get("dataschema"), envelope["type"]))
-        data: Any = spec.adapter.validate_python(envelope["data"])
+        data: Any = spec.adapter.validate_python(envelope["data"], context=LOGGED_CONTEXT)  # as the gate accepted it then
         time = envelope.get("time")
         return cls(
             id=envelope["id"],

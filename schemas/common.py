@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     Strict,
     StringConstraints,
+    ValidationInfo,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -88,17 +89,32 @@ LocalizedText = Annotated[
 Label = Annotated[str, StringConstraints(min_length=1, max_length=300)]
 """A short single-language string (a region, an address, a unit), kept exactly as sent."""
 
+_WEB_URL = (
+    r"^https?://(?:\[[0-9A-Fa-f:.]+\](?::[0-9]+)?|(?:[^\s/?#%\[\]]|%[0-9A-Fa-f]{2})+)"
+    r"(?:[/?#](?:[^\s%\[\]]|%[0-9A-Fa-f]{2})*)?$"
+)
+_WEB_URL_FORM = re.compile(_WEB_URL)
+
+
+def _web_url(value: str, info: ValidationInfo) -> str:
+    if not _WEB_URL_FORM.match(value) and not logged(info):
+        raise PydanticCustomError(
+            "string_pattern_mismatch",
+            "Input should be an http(s) address: a % begins an escape such as %C3%A4, brackets only enclose an IPv6 host",
+        )
+    return value
+
+
 WebUrl = Annotated[
     str,
-    StringConstraints(
-        max_length=2048,
-        pattern=r"^https?://(?:\[[0-9A-Fa-f:.]+\](?::[0-9]+)?|[^\s/?#%\[\]]+)(?:[/?#](?:[^\s%]|%[0-9A-Fa-f]{2})*)?$",
-    ),
-    Field(json_schema_extra={"format": "iri"}),
+    StringConstraints(max_length=2048, pattern=r"^https?://[^\s/?#]+[^\s]*$"),
+    AfterValidator(_web_url),
+    Field(json_schema_extra={"format": "iri", "pattern": _WEB_URL}),
 ]
 """An http(s) address. A plain string rather than `HttpUrl`, which would rewrite what was sent.
 An IRI: letters beyond ASCII are kept as written (`https://example.fi/päivä`); a `%` must begin
-an escape (`%C3%A4`), and brackets only enclose an IPv6 host."""
+an escape (`%C3%A4`), and brackets only enclose an IPv6 host (checked at the gate; the looser
+form before it is what older logs hold)."""
 
 EmailAddress = Annotated[
     str,
@@ -167,14 +183,26 @@ NonNegativeDecimalString = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.
 # --- time -------------------------------------------------------------------------------------
 
 
-RFC3339_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+LOGGED = "logged"
+"""Validation context key: the data is an event the log already holds (``{LOGGED: True}``). What an
+earlier version of the gate accepted then stands: the checks added to the gate since (RFC 3339
+text, bounds on counts, well-formed web addresses) are not applied again, or a replay of an older
+log would refuse events that were accepted and applied, and everything that followed from them."""
+
+
+def logged(info: ValidationInfo) -> bool:
+    """Whether ``info`` is of reading an event from the log (see :data:`LOGGED`)."""
+    return bool(info.context) and info.context.get(LOGGED) is True
+
+
+RFC3339_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})")
 """RFC 3339's ``date-time`` (section 5.6), which JSON Schema's ``format: date-time`` names. Python
 and pydantic read more (a space for the ``T``, ``+0000``, no seconds), which clients in other
 languages (Go's ``time.RFC3339``, JSON Schema validators) refuse: such a value in the log would
 break them."""
 
-RFC3339_FULL_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_LOCAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?")
+RFC3339_FULL_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_LOCAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?")
 
 
 def _text_or(kind: type) -> BeforeValidator:
@@ -184,10 +212,12 @@ def _text_or(kind: type) -> BeforeValidator:
 
     code = "datetime_parsing" if kind is datetime else "date_parsing"  # pydantic's own, for text it cannot read
 
-    def check(value: Any) -> Any:
+    def check(value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
             problem = f"Input should be an RFC 3339 {'date-time' if kind is datetime else 'full-date'} such as {example}"
             if not form.fullmatch(value):
+                if logged(info):  # accepted by an earlier gate: read as it was then
+                    return value
                 if kind is datetime and _LOCAL_TIME.fullmatch(value):
                     raise PydanticCustomError("timezone_aware", "Input should have timezone info (Z or an offset such as +02:00)")
                 raise PydanticCustomError(code, problem)
@@ -200,6 +230,18 @@ def _text_or(kind: type) -> BeforeValidator:
         return value
 
     return BeforeValidator(check)
+
+
+def at_most(limit: int) -> tuple[Any, ...]:
+    """An upper bound for a count, checked at the gate (the JSON Schema's ``maximum``); an event
+    the log already holds is read as it was accepted (see :data:`LOGGED`)."""
+
+    def check(value: int, info: ValidationInfo) -> int:
+        if value > limit and not logged(info):
+            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": limit})
+        return value
+
+    return (AfterValidator(check), Field(json_schema_extra={"maximum": limit}))
 
 
 

@@ -24,6 +24,7 @@ from schemas.common import (
     Timestamp,
     ValueObject,
     WebUrl,
+    at_most,
 )
 
 __all__ = [
@@ -48,7 +49,7 @@ MAX_ATTENDEES = 100_000
 """The most people a gathering (or one registration) counts; larger numbers are typos, and past
 64 bits they could not be stored at all."""
 
-Attendees = Annotated[int, Strict(), Field(ge=1, le=MAX_ATTENDEES)]
+Attendees = Annotated[int, Strict(), Field(ge=1), *at_most(MAX_ATTENDEES)]
 
 
 class Venue(ValueObject):
@@ -123,7 +124,7 @@ class InnovationDayHeld(EventData):
     """The gathering took place."""
 
     day_id: AggregateId
-    attendees: Annotated[int, Strict(), Field(ge=0, le=MAX_ATTENDEES)] | None = None
+    attendees: Annotated[int, Strict(), Field(ge=0), *at_most(MAX_ATTENDEES)] | None = None
     summary: LocalizedText | None = None
 
 

@@ -243,6 +243,22 @@ async def test_counts_have_an_upper_bound(partner: Client) -> None:
     assert locs(verdict) == {("data", "quorum")} and codes(verdict) == {"less_than_equal"}
 
 
+def test_events_the_log_holds_are_read_as_an_earlier_gate_accepted_them() -> None:
+    """The checks added to the gate (RFC 3339 text, bounds on counts, well-formed addresses) are
+    not applied again to logged events: a replay of an older log (rebuild, dlq replay, the live
+    consumer's backlog) would refuse events that were accepted, and all that followed from them."""
+    from handlers.network import Event
+
+    institution, event = fresh("innovation_day.scheduled")
+    event["data"].update(starts_at="2026-09-17 09:00:00+03:00", capacity=250_000, attendance_mode="online",
+                         online_url="https://example.fi/?q=100%")
+    applied = Event.from_envelope(event, seq=7, logged_at=datetime.now(timezone.utc))
+    assert applied.data.capacity == 250_000 and applied.data.starts_at == datetime.fromisoformat("2026-09-17T09:00:00+03:00")
+    with pytest.raises(ValueError) as refused:  # the gate's own reading
+        registry.spec_for("innovation_day.scheduled").adapter.validate_python(event["data"])
+    assert {error["loc"] for error in refused.value.errors()} == {("starts_at",), ("capacity",), ("online_url",)}  # type: ignore[attr-defined]
+
+
 async def test_subject_must_name_the_aggregate(partner: Client) -> None:
     institution, event = fresh("project.registered", subject="another-project")
     verdict = await offer(partner, institution, event)
