@@ -192,7 +192,8 @@ log would refuse events that were accepted and applied, and everything that foll
 
 def logged(info: ValidationInfo) -> bool:
     """Whether ``info`` is of reading an event from the log (see :data:`LOGGED`)."""
-    return bool(info.context) and info.context.get(LOGGED) is True
+    context = info.context
+    return isinstance(context, dict) and context.get(LOGGED) is True
 
 
 RFC3339_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})")
