@@ -99,7 +99,7 @@ async def rebuild(
         return report
     reader = _start_reader(connect, report.last_seq, batch)
     receiving = reader.connection
-    collected = 0
+    collected = received = 0
     gc_was_enabled = gc.isenabled()
     gc.disable()  # collected every COLLECT_EVERY events instead (see there)
     try:
@@ -109,10 +109,13 @@ async def rebuild(
             except EOFError:
                 raise LogReadError(f"the log's reader process ended unexpectedly ({reader.ended()})") from None
             frame = pickle.loads(blob)
-            if frame is None:  # the end of the log
+            if frame is None:  # the end of the log, or what the reader took for it
+                await _check_end(js, received, report.last_seq)
                 break
             if isinstance(frame, str):
                 raise LogReadError(frame)
+            if frame:
+                received = frame[-1][0]
             items: list[LoggedItem] = []
             for seq, nanos, msg_id, data in frame:
                 logged_at = datetime.fromtimestamp(nanos / 1_000_000_000.0, timezone.utc)
@@ -137,6 +140,21 @@ async def rebuild(
         reader.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+async def _check_end(js: Any, received: int, last_seq: int) -> None:
+    """The reader stops when the log brings nothing more for a while before its last sequence:
+    fine when the messages left were removed (by the stream's limits, by hand), not when they are
+    there and only did not come."""
+    if received >= last_seq:
+        return
+    from nats.js.errors import NotFoundError
+
+    try:
+        await js.get_msg(EVENTS_STREAM, last_seq)
+    except NotFoundError:
+        return
+    raise LogReadError(f"the log's reader stopped at #{received}, before the log's end at #{last_seq}")
 
 
 async def _apply(service: Any, items: list[Any], report: RebuildReport) -> None:
@@ -169,39 +187,46 @@ class _Reader:
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
     def close(self) -> None:
-        self.connection.close()  # a reader still sending gets a broken pipe and ends
+        """End the reader (it has ended by itself after the log's end), then close the pipe: in
+        that order, a thread still reading the pipe gets its end rather than a closed descriptor."""
         try:
-            self.process.wait(timeout=5.0)
+            self.process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.connection.close()
 
 
 def _start_reader(connect: Mapping[str, Any], last_seq: int, batch: int) -> _Reader:
     """Start the reader process (:func:`reader_main`), writing to a pipe of which this process
     keeps the reading end. A process of its own, not ``multiprocessing``'s: that would import the
-    calling program's main module again in the child."""
+    calling program's main module again in the child. It imports from this process's ``sys.path``
+    (the same ``bus`` however collabbus is installed), is told what to read on its standard input
+    (connection options may hold credentials, which a command line shows to every user), and runs
+    in a session of its own (a Ctrl-C at the terminal is the rebuilding process's to handle)."""
     read_fd, write_fd = os.pipe()
     arguments = orjson.dumps({"connect": dict(connect), "stream": EVENTS_STREAM, "last_seq": last_seq,
-                              "batch": batch, "fd": write_fd}).decode()
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+                              "batch": batch, "fd": write_fd})
+    bootstrap = "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from bus.rebuild import reader_main; reader_main()"
     try:
         process = subprocess.Popen(
-            [sys.executable, "-c", "from bus.rebuild import reader_main; reader_main()", arguments],
-            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=env,
+            [sys.executable, "-c", bootstrap, orjson.dumps(sys.path).decode()],
+            pass_fds=(write_fd,), stdin=subprocess.PIPE, start_new_session=True,
         )
     except BaseException:
         os.close(read_fd)
         raise
     finally:
         os.close(write_fd)  # the reader's end: when it exits, reading ends instead of waiting
+    assert process.stdin is not None
+    with process.stdin:
+        process.stdin.write(arguments)
     return _Reader(process, Connection(read_fd, writable=False))
 
 
 def reader_main() -> None:
-    """The reader process's entry point: its arguments are one JSON object (``_start_reader``)."""
-    arguments = orjson.loads(sys.argv[1])
+    """The reader process's entry point: what to read is one JSON object on its standard input."""
+    arguments = orjson.loads(sys.stdin.buffer.read())
     out = Connection(arguments["fd"], readable=False)
     read_log(arguments["connect"], arguments["stream"], arguments["last_seq"], arguments["batch"], out)
 
@@ -210,7 +235,7 @@ def read_log(connect: dict[str, Any], stream: str, last_seq: int, batch: int, ou
     """The reader process: every message of ``stream`` up to ``last_seq``, in order, sent to
     ``out`` as pickled lists of ``(sequence, logged at in ns, Nats-Msg-Id, bytes)`` per batch
     received; then ``None``. A failure is sent as its description (a ``str``)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the rebuilding process's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (sent to the group of a session it is not in, or by hand)
     try:
         asyncio.run(_read(connect, stream, last_seq, batch, out))
         out.send_bytes(pickle.dumps(None))
@@ -232,7 +257,10 @@ def _send_failure(out: Connection, exc: BaseException) -> None:
 async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int, out: Connection) -> None:
     import nats
 
-    nc = await nats.connect(**{**connect, "allow_reconnect": False})
+    async def quiet(_exc: Exception) -> None:  # a lost connection ends the read below, with its reason
+        return None
+
+    nc = await nats.connect(**{**connect, "allow_reconnect": False, "error_cb": quiet})
     try:
         js = nc.jetstream()
         name = f"rebuild-{uuid.uuid4().hex[:12]}"
@@ -248,10 +276,11 @@ async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int,
                 # The puller keeps a request open: the next batch arrives while this one is sent.
                 msgs = await puller.fetch(timeout=2.0)
                 if not msgs:
+                    if nc.is_closed or not nc.is_connected:
+                        raise ConnectionError(f"the connection to NATS was lost after #{seq} of #{last_seq}")
                     if time.monotonic() - idle_since >= READ_IDLE_SECONDS:
                         break
                     continue
-                idle_since = time.monotonic()
                 frame = []
                 for msg in msgs:
                     seq, nanos = delivery_ns(msg)
@@ -260,6 +289,7 @@ async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int,
                     frame.append((seq, nanos, (msg.headers or {}).get("Nats-Msg-Id"), msg.data))
                 if sending is not None:
                     await sending  # one batch in the pipe at a time, in order
+                idle_since = time.monotonic()  # (waiting for the rebuilding process is not the log being idle)
                 sending = asyncio.ensure_future(asyncio.to_thread(out.send_bytes, pickle.dumps(frame, protocol=5)))
             if sending is not None:
                 await sending

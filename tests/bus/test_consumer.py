@@ -470,3 +470,21 @@ async def test_an_event_waiting_for_its_retry_is_named_in_the_status(tmp_path: P
     finally:
         await nc.close()
         await bus.stop()
+
+
+async def test_a_rebuild_whose_reader_stopped_early_fails_unless_the_rest_was_removed(tmp_path: Path, server: EmbeddedNats) -> None:
+    """The reader stops when the log brings nothing more for a while; a rebuild that did not get
+    to the log's end must not report success, unless the messages left are gone from the log."""
+    from bus.rebuild import LogReadError, _check_end
+
+    async with recording_bus(tmp_path, server) as (bus, nc, recorder):
+        seqs = []
+        for n in range(3):
+            verdict = await offer(nc, FIXTURE["as"], project_event(f"end-{n}"))
+            assert verdict.accepted and verdict.seq is not None
+            seqs.append(verdict.seq)
+        await _check_end(bus.js, seqs[-1], seqs[-1])  # got to the end
+        with pytest.raises(LogReadError, match=f"stopped at #{seqs[0]}, before the log's end at #{seqs[-1]}"):
+            await _check_end(bus.js, seqs[0], seqs[-1])
+        # (The log refuses deletes; what its limits removed is not there either.)
+        await _check_end(bus.js, seqs[-1], seqs[-1] + 1000)  # the rest is not there: that is its end
