@@ -153,8 +153,7 @@ def _pin_envelopes(document: dict[str, Any]) -> None:
     inline schema after its field (``Code``, ``Reason``), and code generators take schemas of one
     title for one type: every refusal's ``code`` became one enum of the validation codes."""
     schemas = document.get("components", {}).get("schemas", {})
-    for type_ in registry.event_types():
-        spec = registry.spec_for(type_)
+    for spec in registry.REGISTRY.values():
         envelope = schemas.get(typed_envelope(spec).__name__)
         if envelope is None:
             continue

@@ -275,6 +275,7 @@ class Consumer:
     async def _restart(self) -> None:
         """Start over from what the database has applied, as after a restart of the process:
         whatever was received and not applied is handed back and delivered again in log order."""
+        self._behind = None  # not known until a batch is handled again: timers keep to the last log time
         await self._hand_back(await self._puller.stop())
         while not self._stopping.is_set():
             try:

@@ -9,7 +9,7 @@ leaves the waitlist: they follow from the order of the events, so no renumbering
 
 The organiser's own events (`scheduled`, `rescheduled`, `cancelled`, `held`) are refused by an
 `innovation_day.action_rejected` when they cannot stand (another's day, a day no longer
-scheduled, a day whose meetings were proposed moved); the projections apply only what stands.
+scheduled); the projections apply only what stands.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def decide_day_action(ctx: Context) -> None:
     assert event is not None
     data = event.data
     day = ctx.session.get(InnovationDay, data.day_id)
-    facts = None if day is None else rules.DayFacts(day.organizer, cast(rules.DayStatus, day.status), day.meetings_proposed_at is not None)
+    facts = None if day is None else rules.DayFacts(day.organizer, cast(rules.DayStatus, day.status))
     refusal = rules.day_action_refusal(facts, event.type.removeprefix("innovation_day."), event.source)
     if refusal is None:
         return

@@ -1675,7 +1675,8 @@ def _read_models(settings: Settings) -> Iterator[Any]:
     from handlers.db import make_engine, migrate
 
     url = make_url(settings.db_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+    if (url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:"
+            and not url.database.startswith("file:") and not Path(url.database).exists()):
         _no_network_here(settings, f"no read models at {url.database}")
     engine = make_engine(settings.db_url)
     try:

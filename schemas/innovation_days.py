@@ -221,7 +221,6 @@ class DayActionRefusal(Reason):
         "not_organizer",
         "day_cancelled",
         "day_held",
-        "meetings_proposed",
     ]
 
 

@@ -131,7 +131,7 @@ class Refuse:
 
 
 DayActionCode = Literal[
-    "unknown_day", "already_scheduled", "not_organizer", "day_cancelled", "day_held", "meetings_proposed",
+    "unknown_day", "already_scheduled", "not_organizer", "day_cancelled", "day_held",
 ]
 
 
@@ -141,7 +141,6 @@ class DayFacts:
 
     organizer: str
     status: DayStatus
-    meetings_proposed: bool
 
 
 @dataclass(frozen=True)
@@ -157,8 +156,9 @@ def day_action_refusal(day: DayFacts | None, action: str, actor: str) -> RefuseA
     refused, or None when it stands.
 
     A day id is announced once; only its organiser moves, cancels or reports it, while it is
-    scheduled; a day is not moved once its meetings were proposed (they were for its times and
-    registrations: cancel it and announce a new one)."""
+    scheduled. (Whether its meetings were proposed is no rule's business: the matchmaking is a
+    timer's, logged after the events before it were applied, so a replay in log order could see
+    the day otherwise.)"""
     if action == "scheduled":
         if day is not None:
             return RefuseAction("already_scheduled", f"the day was announced already by {day.organizer}")
@@ -170,9 +170,6 @@ def day_action_refusal(day: DayFacts | None, action: str, actor: str) -> RefuseA
         return RefuseAction("day_cancelled", "the gathering is cancelled")
     elif day.status == "held":
         return RefuseAction("day_held", "the gathering has already taken place")
-    elif action == "rescheduled" and day.meetings_proposed:
-        return RefuseAction("meetings_proposed", "its meetings were proposed for its times and registrations: "
-                                                 "cancel it and announce a new day instead")
     return None
 
 
