@@ -220,7 +220,7 @@ def decide_day_action(ctx: Context) -> None:
     ctx.refuse(
         "innovation_day.action_rejected",
         {"day_id": data.day_id, "rejected_type": event.type, "rejected_event_id": event.id, "actor": event.source,
-         "reason": {"code": refusal.code, "message": {"en": refusal.message}}},
+         "reason": refusal.as_reason()},
         source=day.organizer if day is not None else event.source,
     )
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
+from handlers.rules import Refusal
+
 __all__ = [
     "MEETINGS_PER_FUNDER",
     "DayFacts",
@@ -130,11 +132,6 @@ class Refuse:
     message: str
 
 
-DayActionCode = Literal[
-    "unknown_day", "already_scheduled", "not_organizer", "day_cancelled", "day_held",
-]
-
-
 @dataclass(frozen=True)
 class DayFacts:
     """What the organiser's rules need to know about a day."""
@@ -143,15 +140,7 @@ class DayFacts:
     status: DayStatus
 
 
-@dataclass(frozen=True)
-class RefuseAction:
-    """Refuse an organiser's event about a day, with a reason code and a message."""
-
-    code: DayActionCode
-    message: str
-
-
-def day_action_refusal(day: DayFacts | None, action: str, actor: str) -> RefuseAction | None:
+def day_action_refusal(day: DayFacts | None, action: str, actor: str) -> Refusal | None:
     """Why ``action`` (``scheduled``, ``rescheduled``, ``cancelled``, ``held``) by ``actor`` is
     refused, or None when it stands.
 
@@ -161,15 +150,15 @@ def day_action_refusal(day: DayFacts | None, action: str, actor: str) -> RefuseA
     the day otherwise.)"""
     if action == "scheduled":
         if day is not None:
-            return RefuseAction("already_scheduled", f"the day was announced already by {day.organizer}")
+            return Refusal("already_scheduled", f"the day was announced already by {day.organizer}")
     elif day is None:
-        return RefuseAction("unknown_day", "no such day has been announced")
+        return Refusal("unknown_day", "no such day has been announced")
     elif actor != day.organizer:
-        return RefuseAction("not_organizer", f"only its organiser, {day.organizer}, may do this")
+        return Refusal("not_organizer", f"only its organiser, {day.organizer}, may do this")
     elif day.status == "cancelled":
-        return RefuseAction("day_cancelled", "the gathering is cancelled")
+        return Refusal("day_cancelled", "the gathering is cancelled")
     elif day.status == "held":
-        return RefuseAction("day_held", "the gathering has already taken place")
+        return Refusal("day_held", "the gathering has already taken place")
     return None
 
 
