@@ -39,35 +39,43 @@ _ENDED = ("404", "408")  # no messages (no_wait), request expired: the request i
 def delivery(msg: Msg) -> tuple[int, datetime]:
     """A JetStream delivery's stream sequence and when the log took it (:func:`delivery_ns`)."""
     seq, nanos = delivery_ns(msg)
-    return seq, datetime.fromtimestamp(nanos / 1_000_000_000.0, timezone.utc)
+    return seq, log_time(nanos)
+
+
+def log_time(nanos: int) -> datetime:
+    """A log time given in ns since the epoch, as the consumers read it."""
+    return datetime.fromtimestamp(nanos / 1_000_000_000.0, timezone.utc)
+
+
+def _ack_tokens(msg: Msg) -> tuple[str, str, str] | None:
+    """(stream sequence, ns, pending) of a JetStream delivery's reply subject, as ``msg.metadata``
+    reads them (that builds three objects per message; this runs per event), or None for another
+    form: ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``,
+    or the form with a domain and an account hash after ``$JS.ACK`` (12 tokens, a 13th reserved)."""
+    tokens = msg.reply.split(".")
+    if tokens[:2] != ["$JS", "ACK"]:
+        return None
+    if len(tokens) == 9:
+        return tokens[5], tokens[7], tokens[8]
+    if len(tokens) >= 11:
+        return tokens[7], tokens[9], tokens[10]
+    return None
 
 
 def delivery_ns(msg: Msg) -> tuple[int, int]:
-    """A JetStream delivery's stream sequence and when the log took it (ns since the epoch), read
-    off its reply subject as ``msg.metadata`` reads them (that builds three objects per message;
-    this runs per event).
-
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``, or the
-    form with a domain and an account hash after ``$JS.ACK`` (12 tokens, a 13th reserved)."""
-    tokens = msg.reply.split(".")
-    if tokens[:2] != ["$JS", "ACK"]:
-        tokens = []
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[7])
-    if len(tokens) >= 11:
-        return int(tokens[7]), int(tokens[9])
+    """A JetStream delivery's stream sequence and when the log took it (ns since the epoch)."""
+    found = _ack_tokens(msg)
+    if found is not None:
+        return int(found[0]), int(found[1])
     meta = msg.metadata  # raises as nats-py does for what is not a JetStream delivery
     return meta.sequence.stream, round(meta.timestamp.timestamp() * 1_000_000) * 1000
 
 
 def pending_after(msg: Msg) -> int | None:
-    """How many messages the consumer had still to deliver after this one when it was delivered
-    (the last token of its reply subject), or None when that is not a JetStream delivery's."""
-    tokens = msg.reply.split(".")
-    if tokens[:2] != ["$JS", "ACK"]:
-        return None
-    index = 8 if len(tokens) == 9 else 10 if len(tokens) >= 11 else None  # the forms of delivery_ns
-    return int(tokens[index]) if index is not None and tokens[index].isdigit() else None
+    """How many messages the consumer had still to deliver after this one when it was delivered,
+    or None when that is not a JetStream delivery's."""
+    found = _ack_tokens(msg)
+    return int(found[2]) if found is not None and found[2].isdigit() else None
 
 
 class Puller:

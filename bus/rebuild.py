@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from bus.pull import Puller, delivery_ns
+from bus.pull import Puller, delivery_ns, log_time
 from bus.streams import EVENTS_STREAM
 
 COLLECT_EVERY = 100_000
@@ -118,9 +117,8 @@ async def rebuild(
                 received = frame[-1][0]
             items: list[LoggedItem] = []
             for seq, nanos, msg_id, data in frame:
-                logged_at = datetime.fromtimestamp(nanos / 1_000_000_000.0, timezone.utc)
                 try:
-                    items.append(LoggedItem(seq, orjson.loads(data), logged_at))
+                    items.append(LoggedItem(seq, orjson.loads(data), log_time(nanos)))
                 except orjson.JSONDecodeError as exc:  # not an event (the live consumer dead-letters it): past it
                     await _apply(service, items, report)
                     report.events += len(items) + 1

@@ -988,6 +988,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
     read from the read model's position while it ran."""
     watcher = PositionWatcher(bus.database).start()
     peak = reader_peak = 0
+    readers: list[int] = []
     started = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ops", "rebuild", "--json", "--force", env=bus.env,
@@ -998,7 +999,8 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
     try:
         while not output.done() and time.perf_counter() < deadline:
             peak = max(peak, memory_of(process.pid).get("VmHWM", 0))
-            for reader in child_processes(process.pid, "reader_main"):  # the process reading the log for it
+            readers = readers or child_processes(process.pid, "reader_main")  # the process reading the log for it
+            for reader in readers:
                 reader_peak = max(reader_peak, memory_of(reader).get("VmHWM", 0))
             progress("rebuild: replaying the log", watcher.position, None)
             await asyncio.wait([output], timeout=0.2)

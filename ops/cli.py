@@ -287,15 +287,27 @@ async def _outcome_of(settings: Settings, js: Any, event_id: str, timeout: float
         engine.dispose()
 
 
+def _missing_sqlite_file(settings: Settings) -> str | None:
+    """The read models' SQLite file when the settings name one that does not exist, or none at
+    all (in memory: another process's are out of reach), else None. Commands look at the bus's
+    read models; none creates them."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.db_url)
+    path = url.database
+    if url.get_backend_name() != "sqlite" or (path or "").startswith("file:"):
+        return None
+    if not path or path == ":memory:":
+        return ":memory:"
+    return None if Path(path).exists() else path
+
+
 def _existing_read_models(settings: Settings) -> Any:
     """A read-only engine on the read models when they exist here (the bus may run elsewhere:
     a SQLite file is not created for a look), else ``None``. The caller disposes of it."""
-    from sqlalchemy.engine import make_url
-
     from handlers.db import make_engine, reading
 
-    url = make_url(settings.db_url)
-    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).exists()):
+    if _missing_sqlite_file(settings) is not None:
         return None
     return reading(make_engine(settings.db_url))
 
@@ -814,10 +826,9 @@ def _existing_database(settings: Settings) -> Any:
     must not create one)."""
     from handlers.db import make_engine
 
-    url = settings.db_url
-    if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
+    if _missing_sqlite_file(settings) is not None:
         return None
-    return make_engine(url)
+    return make_engine(settings.db_url)
 
 
 def _render_status(report: dict[str, Any]) -> None:
@@ -1670,14 +1681,11 @@ def _read_models(settings: Settings) -> Iterator[Any]:
     reached ends the command with one line."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from sqlalchemy.engine import make_url
-
     from handlers.db import make_engine, migrate
 
-    url = make_url(settings.db_url)
-    if (url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:"
-            and not url.database.startswith("file:") and not Path(url.database).exists()):
-        _no_network_here(settings, f"no read models at {url.database}")
+    missing = _missing_sqlite_file(settings)
+    if missing is not None:
+        _no_network_here(settings, f"no read models at {missing}")
     engine = make_engine(settings.db_url)
     try:
         migrate(engine)
