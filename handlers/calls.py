@@ -109,21 +109,10 @@ def _snapshot(session: Session, call_id: str) -> CallSnapshot | None:
 # --- workflow ------------------------------------------------------------------------------------
 
 
-def _refuse_action(ctx: Context, call_id: str, call: CallSnapshot | None, refusal: Refusal) -> None:
+def _refuse_action(ctx: Context, call: CallSnapshot | None, refusal: Refusal) -> None:
     """Refuse the current event about a call, in the owner's name (unknown call: the source's)."""
-    event = ctx.event
-    assert event is not None
-    ctx.refuse(
-        "call.action_rejected",
-        {
-            "call_id": call_id,
-            "rejected_type": event.type,
-            "rejected_event_id": event.id,
-            "actor": event.source,
-            "reason": refusal.as_reason(),
-        },
-        source=call.owner if call is not None else event.source,
-    )
+    assert ctx.event is not None
+    ctx.refuse_action(refusal, source=call.owner if call is not None else ctx.event.source)
 
 
 def decide_publication(ctx: Context) -> None:
@@ -133,7 +122,7 @@ def decide_publication(ctx: Context) -> None:
     existing = _snapshot(ctx.session, data.call_id)
     refusal = rules.publication_refusal(existing)
     if refusal is not None:
-        _refuse_action(ctx, data.call_id, existing, refusal)
+        _refuse_action(ctx, existing, refusal)
 
 
 def decide_application(ctx: Context) -> None:
@@ -169,7 +158,7 @@ def decide_amendment(ctx: Context) -> None:
         call, event.source, event.logged_at, opens_at=data.changes.opens_at, deadline=data.changes.deadline
     )
     if refusal is not None:
-        _refuse_action(ctx, data.call_id, call, refusal)
+        _refuse_action(ctx, call, refusal)
 
 
 def decide_closing(ctx: Context) -> None:
@@ -180,7 +169,7 @@ def decide_closing(ctx: Context) -> None:
     call = _snapshot(ctx.session, data.call_id)
     refusal = rules.closing_refusal(call, event.source, event.logged_at, data.reason)
     if refusal is not None:
-        _refuse_action(ctx, data.call_id, call, refusal)
+        _refuse_action(ctx, call, refusal)
 
 
 def close_overdue_calls(ctx: Context) -> None:

@@ -217,12 +217,7 @@ def decide_day_action(ctx: Context) -> None:
     refusal = rules.day_action_refusal(facts, event.type.removeprefix("innovation_day."), event.source)
     if refusal is None:
         return
-    ctx.refuse(
-        "innovation_day.action_rejected",
-        {"day_id": data.day_id, "rejected_type": event.type, "rejected_event_id": event.id, "actor": event.source,
-         "reason": refusal.as_reason()},
-        source=day.organizer if day is not None else event.source,
-    )
+    ctx.refuse_action(refusal, source=day.organizer if day is not None else event.source)
 
 
 def _confirm(ctx: Context, day_id: str, organizer: str, confirm: rules.Confirm) -> None:

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from sqlmodel import Session
 
 from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent, advance_position, read_position
+from handlers.rules import Refusal
 from schemas import registry
 from schemas.common import LOGGED, EventData
 
@@ -146,6 +147,20 @@ class Context:
         )
         self.derived.append(derived)
         return derived
+
+    def refuse_action(self, refusal: Refusal, *, source: str) -> Event[Any]:
+        """Refuse the current event with its domain's ``….action_rejected`` (the aggregate, what
+        was refused and whose it was, why), in the name of ``source``."""
+        event = self.event
+        assert event is not None
+        refusal_type = f"{event.type.partition('.')[0]}.action_rejected"
+        aggregate = registry.spec_for(refusal_type).subject_field
+        return self.refuse(
+            refusal_type,
+            {aggregate: getattr(event.data, aggregate), "rejected_type": event.type, "rejected_event_id": event.id,
+             "actor": event.source, "reason": refusal.as_reason()},
+            source=source,
+        )
 
     def refuse(self, event_type: str, data: EventData | Mapping[str, Any], *, source: str, key: str = "") -> Event[Any]:
         """Refuse the current event: its projections are skipped and ``event_type`` says why."""

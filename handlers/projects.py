@@ -168,17 +168,7 @@ def decide(ctx: Context) -> None:
     refusal = action_refusal(project.snapshot() if project else None, _action(ctx.session, event, project))
     if refusal is None:
         return
-    ctx.refuse(
-        "project.action_rejected",
-        {
-            "project_id": event.data.project_id,
-            "rejected_type": event.type,
-            "rejected_event_id": event.id,
-            "actor": event.source,
-            "reason": refusal.as_reason(),
-        },
-        source=project.owner if project is not None else event.source,
-    )
+    ctx.refuse_action(refusal, source=project.owner if project is not None else event.source)
 
 
 # --- projections -------------------------------------------------------------------------------

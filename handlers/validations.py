@@ -31,9 +31,7 @@ from schemas.validations import (
     InfoRequested,
     ReviewerAssigned,
     ReviewSubmitted,
-    ValidationActionRejected,
     ValidationDecided,
-    ValidationRefusal,
     ValidationRequested,
     ValidationWithdrawn,
 )
@@ -201,17 +199,7 @@ def _submitted(event: Event[ReviewSubmitted]) -> rules.Review:
 
 def _refuse(ctx: Context, event: Event[Any], refusal: rules.Refusal, *, name: str) -> None:
     """Refuse ``event``, answering in the name of ``name`` (the coordinator when one is known)."""
-    ctx.refuse(
-        "validation.action_rejected",
-        ValidationActionRejected(
-            validation_id=event.data.validation_id,
-            rejected_type=event.type,
-            rejected_event_id=event.id,
-            actor=event.source,
-            reason=ValidationRefusal(code=refusal.code, message={"en": refusal.message}),
-        ),
-        source=name,
-    )
+    ctx.refuse_action(refusal, source=name)
 
 
 def check_request(ctx: Context) -> None:

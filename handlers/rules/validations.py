@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol, TypeVar
 
+import handlers.rules
 from schemas.common import CRITERIA, Criterion, EventData
 from schemas.validations import (
     InfoProvided,
@@ -90,11 +91,11 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class Refusal:
-    """Why an event is refused: a code of the catalog's vocabulary, and a message for people."""
+class Refusal(handlers.rules.Refusal):
+    """Why an event is refused: a code of the validation refusals' vocabulary, and a message for
+    people."""
 
     code: RefusalCode
-    message: str
 
 
 def request_refusal(
