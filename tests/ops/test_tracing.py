@@ -496,3 +496,78 @@ def test_the_otel_variables_choose_where_spans_go(tmp_path: Path) -> None:
         assert disabled.exporter == "off" and not disabled.enabled
         with disabled.tracer.start_as_current_span("nothing") as span:
             assert not span.is_recording()
+
+
+# --- the bus's light spans ----------------------------------------------------------------------
+
+
+def _exported(span: Any) -> dict[str, Any]:
+    """What an exporter reads of a span (ids aside), to compare the light spans with the SDK's."""
+    return {
+        "name": span.name, "kind": span.kind, "attributes": dict(span.attributes), "status": span.status.status_code,
+        "description": span.status.description, "links": [(link.context.trace_id, link.context.span_id) for link in span.links],
+        "events": [(event.name, sorted(event.attributes)) for event in span.events],
+        "parent": (span.parent.trace_id, span.parent.span_id) if span.parent else None,
+        "resource": dict(span.resource.attributes), "scope": span.instrumentation_scope.name,
+    }
+
+
+def test_a_light_span_exports_as_the_sdks_span_does() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "collabbus"}))
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    light = tracing.LightTracer(provider.get_tracer(tracing.SERVICE), processor, provider.resource)
+    sdk = provider.get_tracer(tracing.SERVICE)
+    partner = tracing.context_of(f"00-{PARTNER_TRACE}-{PARTNER_SPAN}-01")
+    producer = trace.get_current_span(partner).get_span_context()
+
+    def journey(tracer: Any) -> None:
+        with pytest.raises(ValueError):
+            with tracer.start_as_current_span(
+                "publish collab", context=partner, kind=trace.SpanKind.PRODUCER,
+                attributes={tracing.EVENT_TYPE: "project.registered", tracing.LOG_SEQ: 7}, links=[trace.Link(producer)],
+            ) as span:
+                span.set_attribute(tracing.DUPLICATE, False)
+                with tracer.start_as_current_span("child") as child:
+                    child.set_status(trace.Status(trace.StatusCode.OK))
+                    child.set_status(trace.Status(trace.StatusCode.ERROR, "ignored: OK is final"))
+                raise ValueError("the log is gone")
+
+    journey(sdk)
+    from_sdk = sorted(exporter.get_finished_spans(), key=lambda span: span.name)
+    exporter.clear()
+    journey(light)
+    from_light = sorted(exporter.get_finished_spans(), key=lambda span: span.name)
+    assert [_exported(span) for span in from_light][1]["parent"] == (int(PARTNER_TRACE, 16), int(PARTNER_SPAN, 16))
+    for ours, theirs in zip(from_light, from_sdk, strict=True):
+        assert {**_exported(ours), "parent": None} == {**_exported(theirs), "parent": None}
+    child, publish = from_light
+    assert child.parent is not None and child.parent.span_id == publish.context.span_id
+    assert child.context.trace_id == publish.context.trace_id == int(PARTNER_TRACE, 16)
+    assert publish.status.description == "ValueError: the log is gone"
+    assert publish.events[0].attributes["exception.message"] == "the log is gone"
+
+
+def test_spans_under_another_sampler_or_an_unsampled_parent_are_the_sdks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = tracing.Tracing.configure(tmp_path, environ={})
+    try:
+        assert isinstance(default.tracer, tracing.LightTracer)
+        unsampled = tracing.context_of(f"00-{PARTNER_TRACE}-{PARTNER_SPAN}-00")
+        with default.tracer.start_as_current_span("process collab.ingress", context=unsampled) as span:
+            assert not span.is_recording()
+            assert f"{span.get_span_context().trace_id:032x}" == PARTNER_TRACE
+    finally:
+        default.shutdown()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    off = tracing.Tracing.configure(tmp_path, environ={})
+    try:
+        assert not isinstance(off.tracer, tracing.LightTracer)
+        with off.tracer.start_as_current_span("process collab.ingress") as span:
+            assert not span.is_recording()
+    finally:
+        off.shutdown()
