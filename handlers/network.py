@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
@@ -75,6 +76,12 @@ class Event(Generic[D]):
         )
 
 
+deciding_traceparent: ContextVar[Callable[[], str | None] | None] = ContextVar("collabbus_deciding_traceparent", default=None)
+"""Set by whoever traces the application of an event: the ``traceparent`` of the span deciding
+it, which the events derived from it carry (without one: their cause's own ``traceparent``).
+A function, so that only an event that derives something pays for formatting it."""
+
+
 def derived_id(event_type: str, cause: str, key: str = "") -> str:
     """The deterministic id of an event derived from ``cause`` (an event id, or a timer's name)."""
     digest = hashlib.sha256(f"{cause}\x1f{event_type}\x1f{key}".encode()).hexdigest()[:32]
@@ -130,8 +137,10 @@ class Context:
         if self.event is not None:
             envelope["correlationid"] = self.event.correlationid or self.event.id
             envelope["causationid"] = self.event.id
-            if "traceparent" in self.event.envelope:
-                envelope["traceparent"] = self.event.envelope["traceparent"]
+            deciding = deciding_traceparent.get()
+            traceparent = (deciding() if deciding is not None else None) or self.event.envelope.get("traceparent")
+            if traceparent:
+                envelope["traceparent"] = traceparent
         envelope["data"] = payload
         derived: Event[Any] = Event(
             id=event_id,

@@ -21,12 +21,11 @@ tracing off; ``OTEL_TRACES_SAMPLER`` and the other standard variables are honour
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import os
-import re
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -47,6 +46,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from handlers.network import deciding_traceparent
 
 log = logging.getLogger("collabbus.tracing")
 
@@ -535,14 +536,13 @@ class TracedNetwork:
         if not self._tracing.enabled or _consuming.get() == (self._consumer, seq):
             return self._network.apply(session, event, **options)
         span = _consumer_span(self._tracing.tracer, self._name, self._consumer, event.envelope, seq, _log_contexts.get().get(seq))
-        traceparent = _traceparent_of(span)
-        if traceparent is not None:
-            # The workflows copy their cause's traceparent into what they derive. (A copy of the
-            # frozen event with another envelope: ``dataclasses.replace`` costs twice as much.)
-            event = copy.copy(event)
-            object.__setattr__(event, "envelope", {**event.envelope, TRACEPARENT: traceparent})
-        with _current(span, self._consumer, seq):
-            return self._network.apply(session, event, **options)
+        # The workflows give what they derive this span as its traceparent.
+        deciding = deciding_traceparent.set(lambda: _traceparent_of(span))
+        try:
+            with _current(span, self._consumer, seq):
+                return self._network.apply(session, event, **options)
+        finally:
+            deciding_traceparent.reset(deciding)
 
 
 @contextlib.contextmanager
