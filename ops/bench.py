@@ -71,6 +71,8 @@ WEBHOOK_TYPES = ("project.registered", "project.adopted")
 """What the webhook endpoints ask for (not ``project.*``: the workflows' own ``project.action_rejected``
 would make the number of deliveries owed depend on the order the offers were logged in)."""
 REBUILD_CHUNK = 10_000
+REBUILD_OVERHEAD = 25.0
+"""Seconds the rebuild phase needs beside its budgets (servers, the bus started three times, checksums)."""
 """Events per ``Workload`` when filling the log for the rebuild (several runs, each with its own members)."""
 
 
@@ -96,13 +98,28 @@ class BenchOptions:
     live_budget: float = 110.0
     """Seconds the bus may take to apply the filled log live."""
     rebuild_budget: float = 60.0
+    total_budget: float = 280.0
+    """Seconds the whole run may take: the rebuild phase, the last, gets what is left of it (its
+    fill, live and rebuild budgets shrink alike), so a slow machine still finishes in five minutes."""
     quick: bool = False
+
+    def within(self, seconds_left: float) -> "BenchOptions":
+        """These options with the rebuild phase's budgets fitted into ``seconds_left`` (less
+        ``REBUILD_OVERHEAD`` for starting and stopping servers and the bus, and the checksums)."""
+        wanted = self.fill_budget + self.live_budget + self.rebuild_budget
+        share = (seconds_left - REBUILD_OVERHEAD) / wanted
+        if share >= 1.0:
+            return self
+        share = max(share, 0.1)  # a run already past its limit still measures something
+        return replace(self, fill_budget=self.fill_budget * share, live_budget=self.live_budget * share,
+                       rebuild_budget=self.rebuild_budget * share)
 
     @classmethod
     def quick_run(cls, **changes: Any) -> "BenchOptions":
         """A smoke run of every phase in well under a minute of measuring."""
         base = cls(events=200, latency_seconds=1.0, webhook_events=20, rebuild_events=1000, budget=60.0,
-                   latency_drain=30.0, webhook_budget=60.0, live_budget=60.0, rebuild_budget=60.0, quick=True)
+                   latency_drain=30.0, webhook_budget=60.0, live_budget=60.0, rebuild_budget=60.0, total_budget=900.0,
+                   quick=True)
         return replace(base, **changes)
 
 
@@ -1107,7 +1124,7 @@ async def run(options: BenchOptions, progress: Progress, temp_root: Path | None 
             "budgets": {"bus": figure(options.budget, "s"), "latency_drain": figure(options.latency_drain, "s"),
                         "webhooks": figure(options.webhook_budget, "s"), "fill": figure(options.fill_budget, "s"),
                         "live": figure(options.live_budget, "s"),
-                        "rebuild": figure(options.rebuild_budget, "s")},
+                        "rebuild": figure(options.rebuild_budget, "s"), "total": figure(options.total_budget, "s")},
         },
         "configurations": {},
     }
@@ -1124,11 +1141,15 @@ async def run(options: BenchOptions, progress: Progress, temp_root: Path | None 
                     step = (lambda description, done, total, c=configuration:  # noqa: E731
                             progress(f"{c} · {description}", done, total))
                     began_phase = time.perf_counter()
+                    fitted = options.within(options.total_budget - (began_phase - began)) if phase == "rebuild" else options
                     try:
-                        section[key] = await _phase(phase, server, work, options, step)
+                        section[key] = await _phase(phase, server, work, fitted, step)
                     except BenchError as exc:
                         section[key] = {"status": "failed", "error": str(exc)}
                     section[key]["wall_seconds"] = figure(time.perf_counter() - began_phase, "s")
+                    if fitted is not options:  # what the run's time limit left this phase
+                        section[key]["budgets"] = {name: figure(getattr(fitted, f"{name}_budget"), "s")
+                                                   for name in ("fill", "live", "rebuild")}
             raw, bus = section.get("raw", {}), section.get("bus_nats", {})
             if raw.get("throughput", {}).get("value") and bus.get("throughput", {}).get("value") is not None:
                 ratio = bus["throughput"]["value"] / raw["throughput"]["value"]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from ops.bench import TARGETS, WebhookReceiver, _percentile
+from ops.bench import REBUILD_OVERHEAD, TARGETS, BenchOptions, WebhookReceiver, _percentile
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 
@@ -146,3 +146,16 @@ def test_percentiles_are_nearest_rank_and_never_hide_an_uncommitted_event() -> N
     assert _percentile(values[:99] + [math.inf], 0.99) == 99.0
     assert _percentile(values[:98] + [math.inf, math.inf], 0.99) is None
     assert _percentile([], 0.5) is None
+
+
+def test_the_rebuild_phase_gets_what_the_runs_time_limit_leaves() -> None:
+    options = BenchOptions()
+    wanted = options.fill_budget + options.live_budget + options.rebuild_budget
+    assert options.within(wanted + REBUILD_OVERHEAD + 1) is options  # time enough: the budgets stay
+    half = options.within(wanted / 2 + REBUILD_OVERHEAD)
+    assert (half.fill_budget, half.live_budget, half.rebuild_budget) == pytest.approx(
+        (options.fill_budget / 2, options.live_budget / 2, options.rebuild_budget / 2))
+    assert half.budget == options.budget and half.total_budget == options.total_budget  # other phases are not touched
+    late = options.within(-30.0)  # already past the limit: a tenth of each, so the phase still measures
+    assert late.live_budget == pytest.approx(options.live_budget / 10)
+    assert options.total_budget < 300  # the issue: a run finishes in under five minutes
