@@ -73,6 +73,8 @@ would make the number of deliveries owed depend on the order the offers were log
 REBUILD_CHUNK = 10_000
 REBUILD_OVERHEAD = 25.0
 """Seconds the rebuild phase needs beside its budgets (servers, the bus started three times, checksums)."""
+REBUILD_TAIL = 12.0
+"""Of those, the seconds after the live apply (the bus stopped, checksums, the rebuild started, the server stopped)."""
 """Events per ``Workload`` when filling the log for the rebuild (several runs, each with its own members)."""
 
 
@@ -103,16 +105,25 @@ class BenchOptions:
     fill, live and rebuild budgets shrink alike), so a slow machine still finishes in five minutes."""
     quick: bool = False
 
+    phase_ends: float | None = None
+    """When (``time.perf_counter``) the rebuild phase must be done, under the run's limit (:meth:`within`)."""
+
     def within(self, seconds_left: float) -> "BenchOptions":
-        """These options with the rebuild phase's budgets fitted into ``seconds_left`` (less
-        ``REBUILD_OVERHEAD`` for starting and stopping servers and the bus, and the checksums)."""
+        """These options for a rebuild phase that must be done in ``seconds_left``: its fill
+        budget shortened in proportion when the three budgets ask for more (less
+        ``REBUILD_OVERHEAD`` for starting and stopping servers and the bus, and the checksums);
+        the live and rebuild budgets are fitted when their turn comes (:meth:`fitted`)."""
         wanted = self.fill_budget + self.live_budget + self.rebuild_budget
-        share = (seconds_left - REBUILD_OVERHEAD) / wanted
-        if share >= 1.0:
-            return self
-        share = max(share, 0.1)  # a run already past its limit still measures something
-        return replace(self, fill_budget=self.fill_budget * share, live_budget=self.live_budget * share,
-                       rebuild_budget=self.rebuild_budget * share)
+        share = min(max((seconds_left - REBUILD_OVERHEAD) / wanted, 0.1), 1.0)  # past the limit: still measure a little
+        return replace(self, fill_budget=self.fill_budget * share, phase_ends=time.perf_counter() + seconds_left)
+
+    def fitted(self, budget: float, *following: float) -> float:
+        """``budget``, or under the run's limit what is left of the phase for it now, shared in
+        proportion with the ``following`` budgets (what the fill did not use goes to the others)."""
+        if self.phase_ends is None:
+            return budget
+        left = self.phase_ends - time.perf_counter() - REBUILD_TAIL
+        return max(min(budget, left * budget / (budget + sum(following))), budget * 0.1)
 
     @classmethod
     def quick_run(cls, **changes: Any) -> "BenchOptions":
@@ -901,18 +912,19 @@ async def rebuild_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
     await bus.start()  # the streams, the operator, the migrated database
     await bus.stop()
     published, last_seq, fill_seconds = await fill_log(server, chunks, n, options, progress)
+    budgets = {"fill": options.fill_budget, "live": options.fitted(options.live_budget, options.rebuild_budget)}
     try:
         await bus.start()
         watcher = PositionWatcher(bus.database).start()
         try:
             started = time.perf_counter()
-            reached = await watcher.wait_for(last_seq, started + options.live_budget,
+            reached = await watcher.wait_for(last_seq, started + budgets["live"],
                                              lambda p: progress("rebuild: the bus applies the log live", min(p, last_seq), last_seq))
             memory = bus.memory()
             end = reached if reached is not None else time.perf_counter()
             applied = min(watcher.position, last_seq)
             if reached is not None:  # the workflows' derived events follow in the log: let them be applied too
-                settled = await _settle(server, watcher, started + options.live_budget)
+                settled = await _settle(server, watcher, started + budgets["live"])
                 reached = reached if settled else None
         finally:
             watcher.stop()
@@ -929,7 +941,8 @@ async def rebuild_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
         **bus.rss(memory),
     }
     incremental = await asyncio.to_thread(_checksums, bus.database) if live["status"] == "ok" else None
-    result = await _rebuild(bus, options, progress)
+    budgets["rebuild"] = options.fitted(options.rebuild_budget)
+    result = await _rebuild(bus, replace(options, rebuild_budget=budgets["rebuild"]), progress)
     if incremental is not None and result["status"] == "ok":
         rebuilt = await asyncio.to_thread(_checksums, bus.database)
         result["equals_incremental"] = rebuilt == incremental
@@ -938,7 +951,8 @@ async def rebuild_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
             result["status"] = "failed"
     else:
         result["equals_incremental"] = None  # not compared: the live apply did not finish in its budget
-    return {"status": result["status"], "events": n, "live": live, **{k: v for k, v in result.items() if k != "status"}}
+    limited = {"budgets": {name: figure(seconds, "s") for name, seconds in budgets.items()}} if options.phase_ends else {}
+    return {"status": result["status"], "events": n, "live": live, **{k: v for k, v in result.items() if k != "status"}, **limited}
 
 
 def _checksums(database: Path) -> dict[str, str]:
@@ -1147,9 +1161,6 @@ async def run(options: BenchOptions, progress: Progress, temp_root: Path | None 
                     except BenchError as exc:
                         section[key] = {"status": "failed", "error": str(exc)}
                     section[key]["wall_seconds"] = figure(time.perf_counter() - began_phase, "s")
-                    if fitted is not options:  # what the run's time limit left this phase
-                        section[key]["budgets"] = {name: figure(getattr(fitted, f"{name}_budget"), "s")
-                                                   for name in ("fill", "live", "rebuild")}
             raw, bus = section.get("raw", {}), section.get("bus_nats", {})
             if raw.get("throughput", {}).get("value") and bus.get("throughput", {}).get("value") is not None:
                 ratio = bus["throughput"]["value"] / raw["throughput"]["value"]

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from ops.bench import REBUILD_OVERHEAD, TARGETS, BenchOptions, WebhookReceiver, _percentile
+from ops.bench import REBUILD_OVERHEAD, REBUILD_TAIL, TARGETS, BenchOptions, WebhookReceiver, _percentile
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 
@@ -151,11 +152,19 @@ def test_percentiles_are_nearest_rank_and_never_hide_an_uncommitted_event() -> N
 def test_the_rebuild_phase_gets_what_the_runs_time_limit_leaves() -> None:
     options = BenchOptions()
     wanted = options.fill_budget + options.live_budget + options.rebuild_budget
-    assert options.within(wanted + REBUILD_OVERHEAD + 1) is options  # time enough: the budgets stay
+    roomy = options.within(wanted + REBUILD_OVERHEAD + 100)  # time enough: the budgets stay
+    assert roomy.fill_budget == options.fill_budget
+    assert roomy.fitted(options.live_budget, options.rebuild_budget) == options.live_budget
     half = options.within(wanted / 2 + REBUILD_OVERHEAD)
-    assert (half.fill_budget, half.live_budget, half.rebuild_budget) == pytest.approx(
-        (options.fill_budget / 2, options.live_budget / 2, options.rebuild_budget / 2))
+    assert half.fill_budget == pytest.approx(options.fill_budget / 2)
     assert half.budget == options.budget and half.total_budget == options.total_budget  # other phases are not touched
+    # What is left when the live apply starts is shared between it and the rebuild, in proportion.
+    live = half.fitted(options.live_budget, options.rebuild_budget)
+    assert half.phase_ends is not None
+    left = half.phase_ends - time.perf_counter() - REBUILD_TAIL
+    assert live == pytest.approx(left * options.live_budget / (options.live_budget + options.rebuild_budget), rel=0.01)
     late = options.within(-30.0)  # already past the limit: a tenth of each, so the phase still measures
-    assert late.live_budget == pytest.approx(options.live_budget / 10)
+    assert late.fill_budget == pytest.approx(options.fill_budget / 10)
+    assert late.fitted(options.rebuild_budget) == pytest.approx(options.rebuild_budget / 10)
+    assert BenchOptions().fitted(options.live_budget) == options.live_budget  # no limit set: the budget as asked
     assert options.total_budget < 300  # the issue: a run finishes in under five minutes
