@@ -123,6 +123,8 @@ class Bus:
     tracing: Tracing | None = None
     """Where this bus's spans go; by default as the ``OTEL_*`` variables say (``ops.tracing``)."""
     _own_tracing: bool = field(default=False, init=False, repr=False)
+    _state_file: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    """Writes what the consumers wait on for ``collabbus status`` (``ops.status.keep_consumer_state``)."""
 
     @property
     def nc(self) -> Client:
@@ -295,6 +297,10 @@ class Bus:
             timeout=self.webhook_timeout, db_lock=lock, tracing=self.tracing, network_consumer=traced.consumer,  # whose position in the read models says what they have applied
         )
         await self.webhooks.start()
+        from ops.status import keep_consumer_state, running_consumers
+
+        self._state_file = asyncio.create_task(
+            keep_consumer_state(self.settings.data_dir, lambda: running_consumers(self)), name="consumer-state")
 
     async def start_http(self) -> None:
         """Serve the HTTP gateway at ``settings.http`` in this event loop (after :meth:`start`)."""
@@ -338,6 +344,10 @@ class Bus:
         if self.http is not None:
             await self.http.stop()
             self.http = None
+        if self._state_file is not None:
+            self._state_file.cancel()
+            await asyncio.gather(self._state_file, return_exceptions=True)
+            self._state_file = None
         if self.webhooks is not None:
             await self.webhooks.stop()
             self.webhooks = None

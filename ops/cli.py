@@ -797,7 +797,7 @@ def status(
     """Streams, consumers and their lag, dead letters, the read models' position, webhook endpoints.
     Exits 1 when the read models' database cannot be read."""
     from bus.server import port_is_taken
-    from ops.status import collect_status
+    from ops.status import collect_status, read_consumer_state
 
     async def main() -> dict[str, Any]:
         engine = _existing_database(settings)
@@ -810,6 +810,10 @@ def status(
                 engine.dispose()
         # Running: its consumers keep a pull request open (one of another process's counts too).
         report["bus_running"] = not stopped and any(c["waiting"] for c in report["consumers"].values())
+        waiting_on = read_consumer_state(settings.data_dir) if report["bus_running"] else None
+        for name, state in (waiting_on or {}).items():  # what the running bus's consumers wait on, as /ops/status says
+            if name in report["consumers"] and isinstance(state, dict):
+                report["consumers"][name].update(retrying=state.get("retrying"), holding=state.get("holding"))
         return report
 
     report = run(main())
@@ -852,6 +856,11 @@ def _render_status(report: dict[str, Any]) -> None:
             str(report["dead_letters"].get(name, 0)),
         )
     out.print(consumers)
+    for name, consumer in report["consumers"].items():
+        if consumer.get("holding"):
+            out.print(f"[red]{escape(name)} is {escape(consumer['holding'])}[/red]")
+        if consumer.get("retrying"):
+            out.print(f"[yellow]{escape(name)}: {escape(consumer['retrying'])}[/yellow]")
     others = {k: v for k, v in report["dead_letters"].items() if k not in report["consumers"]}
     if others:
         out.print("dead letters of other senders: " + ", ".join(f"{escape(k)} {v}" for k, v in others.items()))

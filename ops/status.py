@@ -8,9 +8,16 @@ webhook endpoints are doing — so it reads the same from any process, with the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 import sqlalchemy as sa
 from nats.js import JetStreamContext
@@ -19,6 +26,8 @@ from nats.js.errors import NotFoundError
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from handlers.db import reading
 from ops import dlq
+
+log = logging.getLogger("collabbus.status")
 
 
 async def collect_status(
@@ -45,6 +54,76 @@ async def collect_status(
         if webhooks is not None:
             status["webhooks"] = webhooks
     return status
+
+
+# --- what the running bus's consumers wait on, for commands in other processes -----------------
+
+STATE_FILE = "consumers.state.json"
+"""In the data dir: the running bus's consumers and what each waits on (``retrying``, ``holding``)."""
+STATE_EVERY = 1.0
+STATE_FRESH = 10.0
+"""A state file not written for this long is a stopped bus's, whatever its pid."""
+
+
+def running_consumers(bus: Any) -> dict[str, Any]:
+    """The consumer groups a bus process runs: name → ``bus.consumer.Consumer``."""
+    running = {bus.consumer_settings.name: bus.consumer} if bus.consumer is not None else {}
+    if bus.webhooks is not None:
+        running[bus.webhooks.consumer.settings.name] = bus.webhooks.consumer
+    return running
+
+
+def consumer_state(running: Mapping[str, Any]) -> dict[str, dict[str, str | None]]:
+    """What each running consumer waits on: an event to try again, a database it cannot write."""
+    return {name: {"retrying": consumer.retrying, "holding": consumer.trouble}
+            for name, consumer in running.items() if consumer is not None}
+
+
+async def keep_consumer_state(data_dir: Path, running: Callable[[], Mapping[str, Any]], every: float = STATE_EVERY) -> None:
+    """Write :func:`consumer_state` to ``<data dir>/consumers.state.json`` every ``every`` s until
+    cancelled, then remove it: ``collabbus status`` runs in another process and reads it there
+    (``/ops/status`` asks the consumers directly)."""
+    path = data_dir / STATE_FILE
+    staging = path.with_name(f".{STATE_FILE}.{os.getpid()}")
+    try:
+        while True:
+            try:
+                staging.write_bytes(orjson.dumps({"pid": os.getpid(), "consumers": consumer_state(running())}))
+                os.replace(staging, path)  # a reader sees the old state or the new one, never half of one
+            except OSError as exc:  # a full disk must not stop the bus: only the report goes without
+                log.debug("consumer state not written: %s", exc)
+            await asyncio.sleep(every)
+    finally:
+        for leftover in (staging, path):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def read_consumer_state(data_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """The running bus's consumer state (:func:`keep_consumer_state`), or None when there is none,
+    or it is a stopped bus's (not written lately, or its process is gone)."""
+    path = data_dir / STATE_FILE
+    try:
+        written = path.stat().st_mtime
+        state = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if time.time() - written > STATE_FRESH or not isinstance(state, dict) or not _alive(state.get("pid")):
+        return None
+    consumers = state.get("consumers")
+    return consumers if isinstance(consumers, dict) else None
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process, alive
+        return True
+    return True
 
 
 async def _stream(js: JetStreamContext, name: str) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from bus.verdict import Verdict
 from connectors.http.auth import Member, bus_of
 from connectors.http.problems import ApiProblem, documented
 from handlers.db import reading
+from ops.status import running_consumers
 
 router = APIRouter(tags=["operations"])
 
@@ -136,14 +137,6 @@ async def _consumers_check(bus: Any, *, server: bool) -> str:
             except Exception as exc:  # timeouts, JetStream errors: not ready either way
                 problems.append(f"{name}: {type(exc).__name__}")
     return "; ".join(problems) or "ok"
-
-
-def running_consumers(bus: Any) -> dict[str, Any]:
-    """The consumer groups this process runs: name → ``bus.consumer.Consumer``."""
-    running = {bus.consumer_settings.name: bus.consumer} if bus.consumer is not None else {}
-    if bus.webhooks is not None:
-        running[bus.webhooks.consumer.settings.name] = bus.webhooks.consumer
-    return running
 
 
 async def bus_status(bus: Any) -> dict[str, Any]:

@@ -465,6 +465,44 @@ async def test_an_event_waiting_for_its_retry_is_named_in_the_status(tmp_path: P
         await bus.stop()
 
 
+async def test_collabbus_status_in_another_process_names_the_event_waiting_for_its_retry(
+    tmp_path: Path, server: EmbeddedNats
+) -> None:
+    """``collabbus status`` runs in a process of its own: the bus writes what its consumers wait on
+    into the data dir, the command reads it while the bus runs, and the file goes when it stops."""
+    import json
+
+    from ops.status import STATE_FILE
+    from tests.ops.conftest import cli_env, collabbus
+
+    recorder = Recorder()
+    recorder.poison.add("poison-project")
+    bus = await start_bus(tmp_path, server, recording(recorder), max_deliver=2, backoff=(60.0,))
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        verdict = await offer(nc, FIXTURE["as"], project_event("poison-project"))
+        consumer = bus.consumer
+        assert consumer is not None
+        await wait_for(lambda: consumer.retrying is not None)
+        env = cli_env(bus)
+        deadline = time.monotonic() + 30
+        while True:
+            code, out, err = await collabbus("status", "--json", env=env)
+            assert code == 0, err
+            network = json.loads(out)["consumers"]["network"]
+            if network.get("retrying") or time.monotonic() > deadline:
+                break
+        assert network["retrying"] == consumer.retrying and f"#{verdict.seq} failed 1 of 2 times" in network["retrying"]
+        assert network["holding"] is None
+        code, out, err = await collabbus("status", env=env)
+        assert code == 0 and f"network: #{verdict.seq} failed 1 of 2 times (RuntimeError)" in out, out + err
+    finally:
+        await nc.close()
+        await bus.stop()
+    assert not (tmp_path / STATE_FILE).exists()  # a stopped bus's consumers wait on nothing
+
+
 async def test_a_rebuild_whose_reader_stopped_early_fails_unless_the_rest_was_removed(tmp_path: Path, server: EmbeddedNats) -> None:
     """The reader stops when the log brings nothing more for a while; a rebuild that did not get
     to the log's end must not report success, unless the messages left are gone from the log."""

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
 
 from bus.client import offer
 from connectors.http.operations import bus_status
 from connectors.webhooks import store
 from handlers.db import session_scope
+from ops.status import STATE_FILE, STATE_FRESH, read_consumer_state
 from tests.bus.test_consumer import FIXTURE, project_event, wait_for
 from tests.ops.conftest import Poisoned, cli_env, collabbus
 
@@ -63,3 +70,20 @@ async def test_status_exits_1_when_the_database_cannot_be_read(poisoned: Poisone
     assert code == 1, err
     assert "error" in json.loads(out)["database"]  # the report is still printed, streams and all
     assert "COLLAB_EVENTS" in json.loads(out)["streams"]
+
+
+def test_the_consumer_state_of_a_stopped_bus_is_not_read(tmp_path: Path) -> None:
+    path = tmp_path / STATE_FILE
+    waiting = {"network": {"retrying": "#7 failed 1 of 5 times (RuntimeError)", "holding": None}}
+    assert read_consumer_state(tmp_path) is None  # no bus has written one
+    path.write_bytes(orjson.dumps({"pid": os.getpid(), "consumers": waiting}))
+    assert read_consumer_state(tmp_path) == waiting
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    path.write_bytes(orjson.dumps({"pid": int(gone), "consumers": waiting}))
+    assert read_consumer_state(tmp_path) is None  # its process ended without removing it (killed)
+    path.write_bytes(orjson.dumps({"pid": os.getpid(), "consumers": waiting}))
+    old = path.stat().st_mtime - STATE_FRESH - 1
+    os.utime(path, (old, old))
+    assert read_consumer_state(tmp_path) is None  # not written lately: a pid taken by another process since
+    path.write_bytes(b"{half")
+    assert read_consumer_state(tmp_path) is None
