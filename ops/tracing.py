@@ -270,6 +270,10 @@ class LightSpan(trace.Span):
     def get_span_context(self) -> SpanContext:
         return self._context
 
+    @property
+    def status(self) -> Status:
+        return self._status
+
     def is_recording(self) -> bool:
         return self._end is None
 
@@ -395,6 +399,13 @@ def mark_failed(span: trace.Span, description: str) -> None:
     """Record on ``span`` that what it stands for failed, and why."""
     if span.is_recording():
         span.set_status(Status(StatusCode.ERROR, description))
+
+
+def mark_failed_unless_failed(span: trace.Span, description: str) -> None:
+    """:func:`mark_failed`, unless the span says already why it failed."""
+    status = getattr(span, "status", None)  # the SDK's spans and LightSpan have it; the API does not
+    if not (isinstance(status, Status) and status.status_code is StatusCode.ERROR):
+        mark_failed(span, description)
 
 
 def mark_refused(span: trace.Span, verdict: Any) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
+from opentelemetry import trace
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bus.verdict import Problem as GateProblem
 from bus.verdict import Reason, Verdict
+from ops import tracing
 
 log = logging.getLogger("collabbus.http")
 
@@ -146,6 +148,9 @@ def install(app: FastAPI) -> None:
 
     async def api_problem(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiProblem)
+        # The request's span (POST /events is traced) says why it was refused: a missing token, a
+        # rate limit, an oversize body. A refused event's own reasons are on it already.
+        tracing.mark_failed_unless_failed(trace.get_current_span(), f"{exc.status} {exc.kind}: {exc.detail}")
         return exc.response()
 
     async def http_exception(_request: Request, exc: Exception) -> JSONResponse:

@@ -388,6 +388,22 @@ async def test_a_refused_offer_marks_its_entry_span_failed(otlp: OtlpReceiver, n
     assert not [span for span in spans if span.kind == "producer"]  # nothing reached the log
 
 
+async def test_a_request_refused_before_its_event_is_read_marks_its_span_failed(otlp: OtlpReceiver, network: Network) -> None:
+    """No token (401): the operator sees the refusal and why on the partner's trace."""
+    event = network.registration()
+    trace_id = "7a1f0c2b7a9d4e3f8a6b0c1d2e3f4a5c"
+    response = await network.gateway.client.post(
+        "/events", json=event,
+        headers={"content-type": "application/cloudevents+json", "traceparent": f"00-{trace_id}-{PARTNER_SPAN}-01"},
+    )
+    assert response.status_code == 401, response.text
+    assert network.bus.tracing is not None
+    await asyncio.to_thread(network.bus.tracing.flush)
+    entry = one(await eventually(lambda: otlp.of_trace(trace_id), what="the refused request's span"), kind="server")
+    assert entry.status == "error" and entry.parent_id == PARTNER_SPAN
+    assert entry.status_message.startswith("401 unauthorized: send Authorization: Bearer <token>"), entry.status_message
+
+
 # --- the embedded store: collabbus traces and /ops/traces ------------------------------------------
 
 
