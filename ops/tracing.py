@@ -219,20 +219,13 @@ class LightTracer(trace.Tracer):
 
     @contextlib.contextmanager
     def start_as_current_span(  # type: ignore[override]
-        self,
-        name: str,
-        context: otel_context.Context | None = None,
-        kind: SpanKind = SpanKind.INTERNAL,
-        attributes: Mapping[str, Any] | None = None,
-        links: Sequence[Link] | None = None,
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
-        end_on_exit: bool = True,
+        self, name: str, *args: Any, end_on_exit: bool = True, **options: Any
     ) -> Iterator[trace.Span]:
-        span = self.start_span(name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception)
+        """:meth:`start_span` (the same arguments) as the current span for the block."""
+        span = self.start_span(name, *args, **options)
         with trace.use_span(
-            span, end_on_exit=end_on_exit, record_exception=record_exception, set_status_on_exception=set_status_on_exception
+            span, end_on_exit=end_on_exit, record_exception=options.get("record_exception", True),
+            set_status_on_exception=options.get("set_status_on_exception", True),
         ) as current:
             yield current
 

@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from sqlmodel import Session, select
 
 from bus.client import offer
-from bus.consumer import ConsumerSettings, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_ERROR, DLQ_STREAM_SEQ, ensure_consumer
+from bus.consumer import Consumer, ConsumerSettings, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_ERROR, DLQ_STREAM_SEQ, ensure_consumer
 from bus.runtime import Bus
 from bus.server import EmbeddedNats
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
@@ -440,29 +440,37 @@ async def test_timers_wait_for_what_was_logged_before_their_deadline(tmp_path: P
         await wait_for(lambda: (now := consumer.timers_now()) is not None and now > before)
 
 
-async def test_an_event_waiting_for_its_retry_is_named_in_the_status(tmp_path: Path, server: EmbeddedNats) -> None:
-    """While a failed event waits to be tried again, the events after it wait too: the bus's
-    status names it, how often it failed and when it is tried again, then forgets it."""
-    from ops.status import collect_status
-
+@contextlib.asynccontextmanager
+async def retrying_bus(tmp: Path, server: EmbeddedNats, backoff: float) -> AsyncIterator[tuple[Bus, Consumer, int]]:
+    """A bus whose one event failed once and waits ``backoff`` s to be tried again (the last time):
+    (the bus, its network consumer, the event's log sequence); stopped after the block."""
     recorder = Recorder()
     recorder.poison.add("poison-project")
-    bus = await start_bus(tmp_path, server, recording(recorder), max_deliver=2, backoff=(1.5,))
+    bus = await start_bus(tmp, server, recording(recorder), max_deliver=2, backoff=(backoff,))
     nc = await nats.connect(server.url, **server.connect_options())
     try:
         await join(nc, FIXTURE["as"], FIXTURE["kind"])
         verdict = await offer(nc, FIXTURE["as"], project_event("poison-project"))
         consumer = bus.consumer
-        assert consumer is not None
+        assert consumer is not None and verdict.seq is not None
         await wait_for(lambda: consumer.retrying is not None)
-        assert f"#{verdict.seq} failed 1 of 2 times (RuntimeError)" in consumer.retrying
+        yield bus, consumer, verdict.seq
+    finally:
+        await nc.close()
+        await bus.stop()
+
+
+async def test_an_event_waiting_for_its_retry_is_named_in_the_status(tmp_path: Path, server: EmbeddedNats) -> None:
+    """While a failed event waits to be tried again, the events after it wait too: the bus's
+    status names it, how often it failed and when it is tried again, then forgets it."""
+    from ops.status import collect_status
+
+    async with retrying_bus(tmp_path, server, backoff=1.5) as (bus, consumer, seq):
+        assert f"#{seq} failed 1 of 2 times (RuntimeError)" in (consumer.retrying or "")
         report = await collect_status(bus.js, bus.engine, running={"network": consumer})
         assert report["consumers"]["network"]["retrying"] == consumer.retrying
         await wait_for(lambda: consumer.dead_lettered == 1)
         assert consumer.retrying is None
-    finally:
-        await nc.close()
-        await bus.stop()
 
 
 async def test_collabbus_status_in_another_process_names_the_event_waiting_for_its_retry(
@@ -475,31 +483,19 @@ async def test_collabbus_status_in_another_process_names_the_event_waiting_for_i
     from ops.status import STATE_FILE
     from tests.ops.conftest import cli_env, collabbus
 
-    recorder = Recorder()
-    recorder.poison.add("poison-project")
-    bus = await start_bus(tmp_path, server, recording(recorder), max_deliver=2, backoff=(60.0,))
-    nc = await nats.connect(server.url, **server.connect_options())
-    try:
-        await join(nc, FIXTURE["as"], FIXTURE["kind"])
-        verdict = await offer(nc, FIXTURE["as"], project_event("poison-project"))
-        consumer = bus.consumer
-        assert consumer is not None
-        await wait_for(lambda: consumer.retrying is not None)
+    async with retrying_bus(tmp_path, server, backoff=60.0) as (bus, consumer, seq):
         env = cli_env(bus)
         deadline = time.monotonic() + 30
-        while True:
+        while True:  # the bus writes the file every second
             code, out, err = await collabbus("status", "--json", env=env)
             assert code == 0, err
             network = json.loads(out)["consumers"]["network"]
             if network.get("retrying") or time.monotonic() > deadline:
                 break
-        assert network["retrying"] == consumer.retrying and f"#{verdict.seq} failed 1 of 2 times" in network["retrying"]
+        assert network["retrying"] == consumer.retrying and f"#{seq} failed 1 of 2 times" in network["retrying"]
         assert network["holding"] is None
         code, out, err = await collabbus("status", env=env)
-        assert code == 0 and f"network: #{verdict.seq} failed 1 of 2 times (RuntimeError)" in out, out + err
-    finally:
-        await nc.close()
-        await bus.stop()
+        assert code == 0 and f"network: #{seq} failed 1 of 2 times (RuntimeError)" in out, out + err
     assert not (tmp_path / STATE_FILE).exists()  # a stopped bus's consumers wait on nothing
 
 
