@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
 import sqlalchemy as sa
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
