@@ -144,13 +144,21 @@ class Tracing:
         if self.provider is not None:
             self.provider.shutdown()
 
+    @property
+    def instrumented(self) -> trace.TracerProvider | None:
+        """The tracer provider given to the instrumentations (HTTP server and client spans): the
+        bus's light spans when its tracer makes them, each instrumentation under its own name."""
+        if isinstance(self.tracer, LightTracer):
+            return LightTracerProvider(self.tracer)
+        return self.provider
+
     def instrument_httpx(self, client: Any) -> None:
         """Client spans, with ``traceparent`` sent, for every request of an ``httpx`` client."""
         if self.provider is None:
             return
         from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
-        HTTPXClientInstrumentor.instrument_client(client, tracer_provider=self.provider)
+        HTTPXClientInstrumentor.instrument_client(client, tracer_provider=self.instrumented)
 
     def instrument_gateway(self, app: Any) -> None:
         """Server spans for ``/events`` of the HTTP gateway, continuing the caller's ``traceparent``.
@@ -163,7 +171,7 @@ class Tracing:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         FastAPIInstrumentor.instrument_app(
-            app, tracer_provider=self.provider, excluded_urls=r"^(?!https?://[^/]+/events/?(\?|$))",
+            app, tracer_provider=self.instrumented, excluded_urls=r"^(?!https?://[^/]+/events/?(\?|$))",
             exclude_spans=["receive", "send"],
         )
 
@@ -214,7 +222,7 @@ class LightTracer(trace.Tracer):
         return LightSpan(
             self, name, span_context, parent if parent.is_valid else None, kind,
             {key: value for key, value in (attributes or {}).items() if value is not None}, list(links or ()),
-            start_time or time.time_ns(),
+            start_time or time.time_ns(), record_exception=record_exception, set_status_on_exception=set_status_on_exception,
         )
 
     @contextlib.contextmanager
@@ -228,6 +236,22 @@ class LightTracer(trace.Tracer):
             set_status_on_exception=options.get("set_status_on_exception", True),
         ) as current:
             yield current
+
+
+class LightTracerProvider(trace.TracerProvider):
+    """Hands out :class:`LightTracer` s like ``tracer`` (its processor and resource), each with the
+    scope it is asked for: what the instrumentations are given."""
+
+    def __init__(self, tracer: LightTracer) -> None:
+        self._tracer = tracer
+
+    def get_tracer(  # type: ignore[override]
+        self, instrumenting_module_name: str, instrumenting_library_version: str | None = None,
+        schema_url: str | None = None, attributes: Any = None,
+    ) -> trace.Tracer:
+        tracer = LightTracer(self._tracer._sdk, self._tracer.processor, self._tracer.resource)
+        tracer.scope = InstrumentationScope(instrumenting_module_name, instrumenting_library_version, schema_url)
+        return tracer
 
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -246,9 +270,12 @@ class LightSpan(trace.Span):
 
     def __init__(
         self, tracer: LightTracer, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
-        attributes: dict[str, Any], links: list[Link], start_time: int,
+        attributes: dict[str, Any], links: list[Link], start_time: int, *, record_exception: bool = True,
+        set_status_on_exception: bool = True,
     ) -> None:
         self._tracer = tracer
+        self._record_exception = record_exception
+        self._set_status_on_exception = set_status_on_exception
         self._name = name
         self._context = context
         self._parent = parent
@@ -266,6 +293,14 @@ class LightSpan(trace.Span):
     @property
     def status(self) -> Status:
         return self._status
+
+    @property
+    def kind(self) -> SpanKind:
+        return self._kind
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     def is_recording(self) -> bool:
         return self._end is None
@@ -291,10 +326,21 @@ class LightSpan(trace.Span):
             self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        # As the SDK: an OK status is final; a status code with a description is an ERROR's.
-        if self._end is not None or self._status.status_code is StatusCode.OK:
+        # As the SDK: an OK status is final, and UNSET changes nothing.
+        code = status.status_code if isinstance(status, Status) else status
+        if self._end is not None or self._status.status_code is StatusCode.OK or code is StatusCode.UNSET:
             return
         self._status = status if isinstance(status, Status) else Status(status, description)
+
+    def __exit__(self, exc_type: Any, exc_val: BaseException | None, exc_tb: Any) -> None:
+        """Ends the span; as the SDK's, ``with tracer.start_span(…) as span:`` records an exception
+        leaving the block (unless the span was started not to)."""
+        if exc_val is not None and self.is_recording():
+            if self._record_exception:
+                self.record_exception(exc_val, escaped=True)
+            if self._set_status_on_exception:
+                self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+        super().__exit__(exc_type, exc_val, exc_tb)
 
     def record_exception(
         self, exception: BaseException, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None,

@@ -552,6 +552,11 @@ def test_a_light_span_exports_as_the_sdks_span_does() -> None:
                 with tracer.start_as_current_span("child") as child:
                     child.set_status(trace.Status(trace.StatusCode.OK))
                     child.set_status(trace.Status(trace.StatusCode.ERROR, "ignored: OK is final"))
+                with pytest.raises(KeyError), tracer.start_span("lookup", kind=trace.SpanKind.CLIENT):
+                    raise KeyError("gone")  # recorded by the span used as a context manager, as the SDK's
+                with tracer.start_as_current_span("refused") as refused:
+                    refused.set_status(trace.Status(trace.StatusCode.ERROR, "rejected (invalid)"))
+                    refused.set_status(trace.Status(trace.StatusCode.UNSET))  # changes nothing
                 raise ValueError("the log is gone")
 
     journey(sdk)
@@ -559,10 +564,13 @@ def test_a_light_span_exports_as_the_sdks_span_does() -> None:
     exporter.clear()
     journey(light)
     from_light = sorted(exporter.get_finished_spans(), key=lambda span: span.name)
-    assert [_exported(span) for span in from_light][1]["parent"] == (int(PARTNER_TRACE, 16), int(PARTNER_SPAN, 16))
+    assert [span.name for span in from_light] == ["child", "lookup", "publish collab", "refused"]
+    assert _exported(from_light[2])["parent"] == (int(PARTNER_TRACE, 16), int(PARTNER_SPAN, 16))
     for ours, theirs in zip(from_light, from_sdk, strict=True):
         assert {**_exported(ours), "parent": None} == {**_exported(theirs), "parent": None}
-    child, publish = from_light
+    child, lookup, publish, refused = from_light
+    assert lookup.status.description == "KeyError: 'gone'" and lookup.events[0].attributes["exception.escaped"] == "True"
+    assert refused.status.status_code is trace.StatusCode.ERROR and refused.status.description == "rejected (invalid)"
     assert child.parent is not None and child.parent.span_id == publish.context.span_id
     assert child.context.trace_id == publish.context.trace_id == int(PARTNER_TRACE, 16)
     assert publish.status.description == "ValueError: the log is gone"
