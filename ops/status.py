@@ -79,17 +79,24 @@ def consumer_state(running: Mapping[str, Any]) -> dict[str, dict[str, str | None
 
 
 async def keep_consumer_state(data_dir: Path, running: Callable[[], Mapping[str, Any]], every: float = STATE_EVERY) -> None:
-    """Write :func:`consumer_state` to ``<data dir>/consumers.state.json`` every ``every`` s until
-    cancelled, then remove it: ``collabbus status`` runs in another process and reads it there
+    """Keep :func:`consumer_state` in ``<data dir>/consumers.state.json`` (written when it changes,
+    its time renewed every ``every`` s) until cancelled, then remove it: ``collabbus status`` runs in another process and reads it there
     (``/ops/status`` asks the consumers directly)."""
     path = data_dir / STATE_FILE
     staging = path.with_name(f".{STATE_FILE}.{os.getpid()}")
+    written: bytes | None = None
     try:
         while True:
+            state = orjson.dumps({"pid": os.getpid(), "consumers": consumer_state(running())})
             try:
-                staging.write_bytes(orjson.dumps({"pid": os.getpid(), "consumers": consumer_state(running())}))
-                os.replace(staging, path)  # a reader sees the old state or the new one, never half of one
+                if state == written:
+                    os.utime(path)  # unchanged: only says the bus still runs
+                else:
+                    staging.write_bytes(state)
+                    os.replace(staging, path)  # a reader sees the old state or the new one, never half of one
+                    written = state
             except OSError as exc:  # a full disk must not stop the bus: only the report goes without
+                written = None
                 log.debug("consumer state not written: %s", exc)
             await asyncio.sleep(every)
     finally:

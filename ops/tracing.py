@@ -201,6 +201,12 @@ class LightTracer(trace.Tracer):
         self.resource = resource
         self.scope = InstrumentationScope(SERVICE)
 
+    def scoped(self, scope: InstrumentationScope) -> "LightTracer":
+        """A tracer like this one whose spans name ``scope`` (an instrumentation's)."""
+        tracer = LightTracer(self._sdk, self.processor, self.resource)
+        tracer.scope = scope
+        return tracer
+
     def start_span(  # type: ignore[override]
         self,
         name: str,
@@ -249,9 +255,7 @@ class LightTracerProvider(trace.TracerProvider):
         self, instrumenting_module_name: str, instrumenting_library_version: str | None = None,
         schema_url: str | None = None, attributes: Any = None,
     ) -> trace.Tracer:
-        tracer = LightTracer(self._tracer._sdk, self._tracer.processor, self._tracer.resource)
-        tracer.scope = InstrumentationScope(instrumenting_module_name, instrumenting_library_version, schema_url)
-        return tracer
+        return self._tracer.scoped(InstrumentationScope(instrumenting_module_name, instrumenting_library_version, schema_url))
 
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
