@@ -71,11 +71,11 @@ WEBHOOK_TYPES = ("project.registered", "project.adopted")
 """What the webhook endpoints ask for (not ``project.*``: the workflows' own ``project.action_rejected``
 would make the number of deliveries owed depend on the order the offers were logged in)."""
 REBUILD_CHUNK = 10_000
+"""Events per ``Workload`` when filling the log for the rebuild (several runs, each with its own members)."""
 REBUILD_OVERHEAD = 25.0
 """Seconds the rebuild phase needs beside its budgets (servers, the bus started three times, checksums)."""
 REBUILD_TAIL = 12.0
 """Of those, the seconds after the live apply (the bus stopped, checksums, the rebuild started, the server stopped)."""
-"""Events per ``Workload`` when filling the log for the rebuild (several runs, each with its own members)."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,8 @@ class BenchOptions:
     """Seconds the bus may take to apply the filled log live."""
     rebuild_budget: float = 60.0
     total_budget: float = 280.0
-    """Seconds the whole run may take: the rebuild phase, the last, gets what is left of it (its
-    fill, live and rebuild budgets shrink alike), so a slow machine still finishes in five minutes."""
+    """Seconds the whole run may take: the rebuild phase, the last, gets what is left of it
+    (:meth:`within`, :meth:`fitted`), so a slow machine still finishes in five minutes."""
     quick: bool = False
 
     phase_ends: float | None = None
