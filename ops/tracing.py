@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import re
 import sqlite3
 import threading
@@ -43,6 +42,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import Event as SpanEvent
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -197,6 +197,8 @@ class LightTracer(trace.Tracer):
 
     def __init__(self, sdk: trace.Tracer, processor: SpanProcessor, resource: Resource) -> None:
         self._sdk = sdk
+        self._ids: IdGenerator = getattr(sdk, "id_generator", None) or RandomIdGenerator()
+        """The SDK tracer's id generator (``OTEL_PYTHON_ID_GENERATOR`` is honoured as by its spans)."""
         self.processor = processor
         self.resource = resource
         self.scope = InstrumentationScope(SERVICE)
@@ -222,7 +224,7 @@ class LightTracer(trace.Tracer):
         if parent.is_valid and not parent.trace_flags.sampled:
             return self._sdk.start_span(name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception)
         span_context = SpanContext(
-            parent.trace_id if parent.is_valid else _new_id(128), _new_id(64), is_remote=False,
+            parent.trace_id if parent.is_valid else self._ids.generate_trace_id(), self._ids.generate_span_id(), is_remote=False,
             trace_flags=_SAMPLED, trace_state=parent.trace_state if parent.is_valid else None,
         )
         return LightSpan(
@@ -259,14 +261,6 @@ class LightTracerProvider(trace.TracerProvider):
 
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-
-
-def _new_id(bits: int) -> int:
-    """A random trace or span id, never the invalid 0 (the SDK's ``RandomIdGenerator``)."""
-    while True:
-        found = random.getrandbits(bits)
-        if found:
-            return found
 
 
 class LightSpan(trace.Span):
