@@ -338,39 +338,82 @@ def _candidates(session: Session, day: InnovationDay) -> list[rules.Candidate]:
 
 def propose_meetings(ctx: Context) -> None:
     """Timer: once per day whose registration deadline has come (and which is neither cancelled
-    nor held), propose the meetings; ``meetings_proposed_at`` marks it done."""
+    nor held), propose the meetings; ``meetings_proposed_at`` marks it done. A proposal made
+    before the deadline (a move after matchmaking that opened registration again withdrew the
+    meetings) does not count: the day gets its meetings when its new deadline comes."""
     now = _utc(ctx.now)
+    proposed_at = col(InnovationDay.meetings_proposed_at)
     days = ctx.session.exec(
         select(InnovationDay)
-        .where(InnovationDay.status == "scheduled", col(InnovationDay.meetings_proposed_at).is_(None))
+        .where(
+            InnovationDay.status == "scheduled",
+            sa.or_(proposed_at.is_(None), proposed_at < col(InnovationDay.registration_deadline)),
+        )
         .order_by(col(InnovationDay.day_id))
     ).all()
     for day in days:
-        if _utc(day.registration_deadline) > now:
+        deadline = _utc(day.registration_deadline)
+        if deadline > now:
             continue
-        proposed = rules.propose_meetings(
-            _candidates(ctx.session, day), starts_at=_utc(day.starts_at), ends_at=_utc(day.ends_at)
-        )
-        ctx.emit(
-            "innovation_day.meetings_proposed",
-            MeetingsProposed.model_validate(
-                {
-                    "day_id": day.day_id,
-                    "meetings": [
-                        {
-                            "innovator": m.innovator,
-                            "funder": m.funder,
-                            **({"project_id": m.project_id} if m.project_id else {}),
-                            "slot_start": m.slot_start,
-                            "shared_themes": list(m.shared_themes),
-                        }
-                        for m in proposed
-                    ],
-                }
-            ),
-            source=day.organizer,
-            key=day.day_id,
-        )
+        # A timer's events are told apart by their key: the day's first proposal has the day's id
+        # (as it always had), one after registration was opened again also names its deadline.
+        key = day.day_id if day.meetings_proposed_at is None else f"{day.day_id} {deadline.isoformat()}"
+        _propose(ctx, day, starts_at=_utc(day.starts_at), ends_at=_utc(day.ends_at), key=key)
+
+
+def rematch_moved_day(ctx: Context) -> None:
+    """A day moved after its meetings were proposed: the meetings were at the old times. They
+    are proposed again for the new times, among the same confirmed participants, when the
+    registration deadline stays passed; when the move opens registration again (a later
+    deadline), they are withdrawn (an empty proposal) and proposed at the new deadline."""
+    event = ctx.event
+    assert event is not None
+    if ctx.refused:
+        return
+    data: InnovationDayRescheduled = event.data
+    day = ctx.session.get(InnovationDay, data.day_id)
+    if day is None or day.status != "scheduled" or day.meetings_proposed_at is None:
+        return
+    starts_at, ends_at = _utc(data.starts_at), _utc(data.ends_at)
+    deadline = min(_utc(data.registration_deadline or day.registration_deadline), starts_at)  # as on_rescheduled
+    reopened = deadline > _utc(ctx.now)
+    _propose(ctx, day, starts_at=starts_at, ends_at=ends_at, key=day.day_id, candidates=[] if reopened else None)
+
+
+def _propose(
+    ctx: Context,
+    day: InnovationDay,
+    *,
+    starts_at: datetime,
+    ends_at: datetime,
+    key: str,
+    candidates: list[rules.Candidate] | None = None,
+) -> None:
+    """Emit the day's ``meetings_proposed``: the matchmaking over its confirmed innovators and
+    funders (or over ``candidates``) in the window ``starts_at``–``ends_at``."""
+    proposed = rules.propose_meetings(
+        _candidates(ctx.session, day) if candidates is None else candidates, starts_at=starts_at, ends_at=ends_at
+    )
+    ctx.emit(
+        "innovation_day.meetings_proposed",
+        MeetingsProposed.model_validate(
+            {
+                "day_id": day.day_id,
+                "meetings": [
+                    {
+                        "innovator": m.innovator,
+                        "funder": m.funder,
+                        **({"project_id": m.project_id} if m.project_id else {}),
+                        "slot_start": m.slot_start,
+                        "shared_themes": list(m.shared_themes),
+                    }
+                    for m in proposed
+                ],
+            }
+        ),
+        source=day.organizer,
+        key=key,
+    )
 
 
 # --- projections ------------------------------------------------------------------------------
@@ -565,9 +608,9 @@ PROJECTIONS: dict[str, Projection] = {
     "innovation_day.registration_cancelled": on_registration_cancelled,
     "innovation_day.meetings_proposed": on_meetings_proposed,
 }
-DECIDERS: dict[str, Decider] = {
+DECIDERS: dict[str, Decider | list[Decider]] = {
     "innovation_day.scheduled": decide_day_action,
-    "innovation_day.rescheduled": decide_day_action,
+    "innovation_day.rescheduled": [decide_day_action, rematch_moved_day],
     "innovation_day.cancelled": decide_day_action,
     "innovation_day.held": decide_day_action,
     "innovation_day.registration_requested": decide_registration,

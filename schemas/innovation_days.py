@@ -205,7 +205,9 @@ class Meeting(ValueObject):
 
 
 class MeetingsProposed(EventData):
-    """Matchmaking at the registration deadline; may be empty when nobody matches."""
+    """Matchmaking at the registration deadline, and again for the new times when the day is
+    moved after it; replaces the day's earlier proposal. Empty when nobody matches, or when a move
+    opened registration again (the meetings are withdrawn until the new deadline)."""
 
     day_id: AggregateId
     meetings: tuple[Meeting, ...]

@@ -6,6 +6,7 @@ acceptance time is what the deadline rules use.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -428,6 +429,63 @@ async def test_a_funder_gets_at_most_n_meetings(scenario: Scenario, monkeypatch:
 
     proposed = only(await scenario.tick(day.deadline + timedelta(seconds=1)))
     assert [m["innovator"] for m in proposed["data"]["meetings"]] == [MERSIN, GENC_ISI]
+
+
+def stored_meetings(scenario: Scenario, day_id: str) -> list[tuple[str, str, datetime]]:
+    with scenario.session() as session:
+        return [(m["innovator"], m["funder"], datetime.fromisoformat(m["slot_start"])) for m in meetings(session, day_id)]
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_day_moved_after_matchmaking_gets_its_meetings_at_the_new_times(scenario: Scenario) -> None:
+    day = Day.fresh(deadline_in=timedelta(seconds=3))
+    await scenario.given(
+        day.scheduled(themes=("health_care",)),
+        day.registration(MERSIN, role="innovator"),
+        day.registration(ESF, role="funder"),
+    )
+    await asyncio.sleep(max(0.0, (day.deadline - datetime.now(timezone.utc)).total_seconds()) + 0.1)
+    first = only(await scenario.tick(datetime.now(timezone.utc)))
+    old_slot = day.starts_at.astimezone(timezone.utc)
+    assert [datetime.fromisoformat(m["slot_start"]) for m in first["data"]["meetings"]] == [old_slot]
+
+    moved = day.rescheduled()  # a day later; the registration deadline stays passed
+    again = only(await scenario.when(moved))
+    assert again["type"] == "innovation_day.meetings_proposed" and again["causationid"] == moved["id"]
+    assert again["source"] == f"/institutions/{ORGANIZER}" and again["id"] != first["id"]
+    new_slot = datetime.fromisoformat(moved["data"]["starts_at"]).astimezone(timezone.utc)
+    assert [(m["innovator"], m["funder"], datetime.fromisoformat(m["slot_start"])) for m in again["data"]["meetings"]] == [
+        (MERSIN, ESF, new_slot)
+    ]
+    assert stored_meetings(scenario, day.day_id) == [(MERSIN, ESF, new_slot)]
+    assert await scenario.tick(datetime.now(timezone.utc)) == []  # proposed once for the new times
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_move_that_opens_registration_again_withdraws_the_meetings_until_the_new_deadline(scenario: Scenario) -> None:
+    day = Day.fresh(deadline_in=timedelta(hours=1))
+    await scenario.given(
+        day.scheduled(themes=("health_care",)),
+        day.registration(MERSIN, role="innovator"),
+        day.registration(ESF, role="funder"),
+    )
+    assert len(only(await scenario.tick(day.deadline + timedelta(seconds=1)))["data"]["meetings"]) == 1
+
+    new_deadline = datetime.now(timezone.utc) + timedelta(hours=2)
+    withdrawn = only(await scenario.when(day.rescheduled(deadline=new_deadline)))
+    assert withdrawn["type"] == "innovation_day.meetings_proposed" and withdrawn["data"]["meetings"] == []
+    assert stored_meetings(scenario, day.day_id) == []
+
+    late = day.registration(AMMAN, role="innovator")  # registration is open again
+    assert only(await scenario.when(late))["type"] == "innovation_day.registration_confirmed"
+    assert await scenario.tick(new_deadline - timedelta(seconds=1)) == []
+    proposed = only(await scenario.tick(new_deadline + timedelta(seconds=1)))
+    new_start = (day.starts_at + timedelta(days=1)).astimezone(timezone.utc)
+    # The late registrant is matched too; the funder meets the two innovators one after the other.
+    got = sorted((datetime.fromisoformat(m["slot_start"]), m["innovator"], m["funder"]) for m in proposed["data"]["meetings"])
+    assert [(i, f) for _, i, f in got] == [(MERSIN, ESF), (AMMAN, ESF)]
+    assert got[0][0] == new_start and got[1][0] > new_start
+    assert await scenario.tick(new_deadline + timedelta(minutes=5)) == []
 
 
 @pytest.mark.usefixtures("members")
