@@ -690,6 +690,7 @@ async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
             if warmup.rejected or not await watcher.wait_for(warmup.last_seq, time.perf_counter() + options.budget):
                 raise BenchError(f"the members did not join: {warmup.rejected[:1]}")
             sent_at: list[float] = [0.0] * len(rest)
+            answered_at: list[float] = [0.0] * len(rest)
             seqs: list[int | None] = [None] * len(rest)
             rejected: list[Any] = []
             unanswered = 0
@@ -699,6 +700,7 @@ async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
                 institution, event = rest[index]
                 sent_at[index] = time.perf_counter()
                 verdict = await offer(nc, institution, event)
+                answered_at[index] = time.perf_counter()
                 if verdict.accepted:
                     seqs[index] = verdict.seq
                 elif verdict.reason == "unavailable":  # no verdict in time: the bus is behind, not refusing
@@ -730,6 +732,7 @@ async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
         latencies.append((reached - when) * 1000 if reached is not None else float("inf"))
     latencies.sort()
     committed = sum(1 for value in latencies if value != float("inf"))
+    logging_times = sorted((answered - sent) * 1000 for sent, answered, seq in zip(sent_at, answered_at, seqs) if seq is not None)
     status = "failed" if rejected else ("ok" if committed == len(rest) else "timed_out")
     return {
         "status": status,
@@ -743,6 +746,8 @@ async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
         "p50": figure(_percentile(latencies, 0.50), "ms", 2),
         "p99": figure(_percentile(latencies, 0.99), "ms", 2),
         "max": figure(_percentile(latencies, 1.0), "ms", 2),
+        "logged_p50": figure(_percentile(logging_times, 0.50), "ms", 2),
+        "logged_p99": figure(_percentile(logging_times, 0.99), "ms", 2),
         "poll_interval": figure(POLL_INTERVAL * 1000, "ms", 1),
         **bus.rss(memory),
     }
@@ -1214,6 +1219,7 @@ def rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
             ("bus_http", "bus over HTTP: offer → committed", "throughput"),
             ("latency", "latency p50 at the fixed rate", "p50"),
             ("latency", "latency p99 at the fixed rate", "p99"),
+            ("latency", "its offer → logged part, p99", "logged_p99"),
             ("webhooks", "webhook deliveries (signed)", "throughput"),
             ("rebuild", "bus applying the log live", None),
             ("rebuild", "collabbus rebuild", "throughput"),

@@ -79,6 +79,7 @@ def test_quick_run_measures_every_phase_in_both_configurations(quick_run: tuple[
     assert latency["status"] == "ok", latency
     assert latency["events"] == latency["committed"] == 500 and latency["rejected"] == 0
     assert 0 < latency["p50"]["value"] <= latency["p99"]["value"] <= latency["max"]["value"]
+    assert 0 < latency["logged_p50"]["value"] <= latency["logged_p99"]["value"] <= latency["max"]["value"]
     assert latency["p50"]["unit"] == "ms" and latency["poll_interval"]["value"] > 0
 
     hooks = results["configurations"]["sync_always"]["webhooks"]
