@@ -52,6 +52,10 @@ class KnownKeysSession(Session):
         """Rows added and not flushed yet: a lookup answers them without flushing first."""
         self._parents: dict[tuple[type[Any], str], set[Any]] = {}
         """Per (class, attribute): every value the attribute has in some row (a superset)."""
+        self._unflushed: dict[tuple[type[Any], str], dict[Any, list[Any]]] = {}
+        """Per (class, attribute) of ``_parents``: the rows added since the last flush, by value."""
+        self._deleting: set[type[Any]] = set()
+        """Classes with rows deleted since the last flush."""
         self.held: OrderedDict[int, Any] = OrderedDict()
         """Rows kept alive between transactions by their holder (``NetworkService``), least
         recently asked for first."""
@@ -59,22 +63,27 @@ class KnownKeysSession(Session):
         event.listen(self, "persistent_to_deleted", self._track_deleted)
         event.listen(self, "after_soft_rollback", lambda *_: self.forget_keys())
         event.listen(self, "do_orm_execute", self._track_bulk)
-        event.listen(self, "after_flush_postexec", lambda *_: self._pending.clear())
+        event.listen(self, "after_flush_postexec", lambda *_: self._flushed())
 
     # --- what is known ----------------------------------------------------------------------
+
+    def _flushed(self) -> None:
+        self._pending.clear()
+        self._unflushed.clear()
+        self._deleting.clear()
 
     def forget_keys(self) -> None:
         """Stop trusting what is known; keys and children are read again when next needed."""
         self._keys = None
         self._children.clear()
-        self._pending.clear()
         self._parents.clear()
+        self._flushed()
 
     def know_empty(self) -> None:
         """Every tracked table has just been emptied by this session."""
         self._children.clear()
-        self._pending.clear()
         self._parents.clear()
+        self._flushed()
         self._keys = {cls: set() for cls in self._tracked}
 
     def children(self, cls: type[Row], attribute: str, parent: Any) -> list[Row]:
@@ -86,9 +95,24 @@ class KnownKeysSession(Session):
             present = self._parents.get((cls, attribute))
             if present is None:
                 present = self._parents[cls, attribute] = set(self.exec(select(column).distinct()).all())
-            rows = list(self.exec(select(cls).where(column == parent)).all()) if parent in present else []
+            rows = self._read_children(cls, attribute, parent) if parent in present else []
         index[parent] = rows
         return list(rows)
+
+    def _read_children(self, cls: type[Row], attribute: str, parent: Any) -> list[Row]:
+        """The rows of ``cls`` whose ``attribute`` is ``parent``, from the database and the rows
+        added since the last flush. Without flushing first: a flush for every parent read cost
+        more than the query (the rows are flushed together at the commit instead). Rows that are
+        changed and not flushed yet are the identity map's, which the query returns as they are
+        (the attribute a row belongs to its parent by is never changed); only a deletion waiting
+        for the flush needs one."""
+        statement = select(cls).where(getattr(cls, attribute) == parent)
+        if cls in self._deleting:
+            return list(self.exec(statement).all())
+        with self.no_autoflush:
+            rows = list(self.exec(statement).all())
+        rows.extend(self._unflushed.get((cls, attribute), {}).get(parent, ()))
+        return rows
 
     def _known(self) -> dict[type[Any], set[_Key]]:
         if self._keys is None:
@@ -103,7 +127,9 @@ class KnownKeysSession(Session):
         cls = type(instance)
         for (indexed, attribute), present in self._parents.items():
             if indexed is cls:
-                present.add(getattr(instance, attribute))
+                value = getattr(instance, attribute)
+                present.add(value)
+                self._unflushed.setdefault((cls, attribute), {}).setdefault(value, []).append(instance)
         for (indexed, attribute), index in self._children.items():
             if indexed is cls:
                 rows = index.get(getattr(instance, attribute))
@@ -119,6 +145,7 @@ class KnownKeysSession(Session):
 
     def delete(self, instance: object) -> None:
         super().delete(instance)
+        self._deleting.add(type(instance))
         for (indexed, attribute), index in self._children.items():
             if indexed is type(instance):
                 rows = index.get(getattr(instance, attribute))
@@ -132,7 +159,7 @@ class KnownKeysSession(Session):
             drop = len(index) - int(len(index) * keep)
             for parent in list(itertools.islice(index, drop)):
                 del index[parent]
-        self._pending.clear()
+        self._flushed()
 
     def _track_deleted(self, _session: Any, instance: Any) -> None:
         cls = type(instance)
