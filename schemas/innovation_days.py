@@ -169,6 +169,7 @@ class RegistrationRefusal(Reason):
         "already_registered",
         "unknown_registration",
         "not_participant",
+        "exceeds_capacity",
     ]
 
 

@@ -7,8 +7,11 @@ visits are all gatherings with a capacity counted in attendees. The rules:
   order the log accepted the requests;
 - a cancellation promotes the waitlist **in strict FIFO order**: the head is confirmed while it
   fits and promotion stops at the first registration that does not (no later, smaller
-  registration overtakes it). The one exception is a registration that brings more attendees
-  than the whole capacity: it can never fit, so it keeps its place without holding up the queue;
+  registration overtakes it);
+- a registration that brings more attendees than the whole capacity is refused: it could never
+  be seated (the capacity does not change), and a place on the waitlist would only tell its
+  participant to wait. (A log from before this rule may hold one on the waitlist: it keeps its
+  place there without holding up the queue.)
 - waitlist positions are 1, 2, 3… in log order among the waitlisted registrations; they close up
   when a registration leaves the waitlist (promoted or cancelled), so the position of a
   registration is derived from the order and needs no event of its own;
@@ -65,6 +68,7 @@ RefusalCode = Literal[
     "already_registered",
     "unknown_registration",
     "not_participant",
+    "exceeds_capacity",
 ]
 
 
@@ -193,6 +197,8 @@ def decide_registration(
         return Refuse("unknown_day", "no such gathering")
     if (closed := _closed(day, at)) is not None:
         return closed
+    if attendees > day.capacity:
+        return Refuse("exceeds_capacity", f"{attendees} attendees is more than the gathering's whole capacity of {day.capacity}")
     waitlist = day.waitlist
     queue_ahead = any(day.fits_ever(s) for s in waitlist)
     if not queue_ahead and day.confirmed_attendees + attendees <= day.capacity:

@@ -63,7 +63,14 @@ def test_a_small_late_registration_does_not_overtake_the_waitlist() -> None:
     assert register(day(10, confirmed("a", 8), waiting("b", 3, 1)), 1) == Waitlist("r-new", "p-new", 2)
 
 
-def test_a_registration_bigger_than_the_day_does_not_hold_up_the_queue() -> None:
+def test_a_registration_bigger_than_the_whole_day_is_refused() -> None:
+    refused = register(day(5), 6)
+    assert isinstance(refused, Refuse) and refused.code == "exceeds_capacity" and "capacity of 5" in refused.message
+    assert register(day(5), 5) == Confirm("r-new", "p-new", 5)  # exactly the capacity fits
+    assert register(day(5, confirmed("a", 1)), 5) == Waitlist("r-new", "p-new", 1)  # fits once others leave
+
+
+def test_one_bigger_than_the_day_from_an_older_log_does_not_hold_up_the_queue() -> None:
     assert register(day(5, confirmed("a", 3), waiting("huge", 9, 1)), 2) == Confirm("r-new", "p-new", 2)
 
 
@@ -135,6 +142,10 @@ def test_registrations_and_cancellations_keep_the_invariants(capacity: int, size
             rid = f"r{n}"
             log_order.append(rid)
             decision = decide_registration(state, registration_id=rid, participant=f"p-{rid}", attendees=size, already_registered=False, at=BEFORE)
+            if size > capacity:  # could never be seated
+                assert isinstance(decision, Refuse) and decision.code == "exceeds_capacity"
+                log_order.pop()
+                continue
             assert isinstance(decision, (Confirm, Waitlist))
             promoted = set()
             seats = [*state.seats, Seat(rid, f"p-{rid}", size, "confirmed" if isinstance(decision, Confirm) else "waitlisted", getattr(decision, "position", None))]

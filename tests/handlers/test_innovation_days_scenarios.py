@@ -294,7 +294,7 @@ async def test_promotion_is_strictly_in_order(scenario: Scenario) -> None:
 async def test_a_cancelled_waitlisted_registration_leaves_the_queue(scenario: Scenario) -> None:
     day = Day.fresh()
     first, second, third = day.registration(GENC_ISI, 2), day.registration(AMMAN, 2), day.registration(ESF, 2)
-    await scenario.given(day.scheduled(1), day.registration(MERSIN, 1), first, second, third)
+    await scenario.given(day.scheduled(2), day.registration(MERSIN, 2), first, second, third)
 
     assert await scenario.when(day.cancellation(second)) == []
     assert waitlist(scenario, day.day_id) == [(rid(first), 1), (rid(third), 2)]
@@ -338,6 +338,21 @@ async def test_registrations_to_an_unknown_or_cancelled_day_are_rejected(scenari
     await scenario.given(day.scheduled(), day.cancelled())
     assert_rejected(await scenario.when(day.registration(MERSIN)), "day_cancelled")
     assert view(scenario, day.day_id)["status"] == "cancelled"
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_registration_bigger_than_the_whole_day_is_rejected_and_the_waitlist_stays_as_it_was(scenario: Scenario) -> None:
+    day = Day.fresh()
+    waiting = day.registration(AMMAN, 2)
+    await scenario.given(day.scheduled(3), day.registration(MERSIN, 2), waiting)
+    assert waitlist(scenario, day.day_id) == [(rid(waiting), 1)]
+
+    rejected = assert_rejected(await scenario.when(day.registration(GENC_ISI, 4)), "exceeds_capacity")
+    assert "capacity of 3" in rejected["data"]["reason"]["message"]["en"]
+    assert waitlist(scenario, day.day_id) == [(rid(waiting), 1)]
+    later = day.registration(OUTSIDER, 1)
+    assert only(await scenario.when(later))["type"] == "innovation_day.registration_waitlisted"
+    assert waitlist(scenario, day.day_id) == [(rid(waiting), 1), (rid(later), 2)]
 
 
 @pytest.mark.usefixtures("members")
