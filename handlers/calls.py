@@ -7,6 +7,7 @@ events about it are emitted in the publisher's name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -269,3 +270,37 @@ DECIDERS: dict[str, Decider] = {
     "call.closed": decide_closing,
 }
 TIMERS: tuple[Timer, ...] = (close_overdue_calls,)
+
+
+# --- who may see the workflow's events -------------------------------------------------------------
+
+CONFIDENTIAL = frozenset({"call.application_submitted", "call.application_received", "call.application_rejected"})
+"""Applications and the answers to them: not every member's business (competing applicants would
+see each other's requests and amounts)."""
+
+
+def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str]:
+    """Who may see an application or the answer to it, as ``GET /events`` shows it and webhooks
+    deliver it: whoever said it, the call's publisher, the applicant and the partners the
+    application names (as the read model has it; a submission's own partners too)."""
+    data = envelope.get("data")
+    data = data if isinstance(data, Mapping) else {}
+    source = str(envelope.get("source")).removeprefix("/institutions/")
+    allowed = {source}
+    call_id, application_id = str(data.get("call_id")), str(data.get("application_id"))
+    if envelope.get("type") == "call.application_submitted":
+        allowed.update(str(partner) for partner in data.get("partners") or ())
+    else:
+        allowed.add(str(data.get("applicant")))
+    owner = session.exec(select(Call.owner).where(Call.call_id == call_id)).first()
+    if owner is not None:
+        allowed.add(owner)
+    application = session.exec(
+        select(CallApplication.applicant, CallApplication.partners)
+        .where(CallApplication.call_id == call_id, CallApplication.application_id == application_id)
+    ).first()
+    if application is not None:
+        applicant, partners = application
+        allowed.add(applicant)
+        allowed.update(partners or ())
+    return frozenset(allowed)

@@ -337,7 +337,8 @@ async def _calls(gateway: Gateway) -> dict[str, Any]:
     ]
     esf = await gateway.get(f"/calls/{d.ESF_CALL}")
     applications: dict[str, dict[str, Any]] = {}
-    for item in await gateway.items("/events", type="call", subject=d.ESF_CALL):
+    # Applications are shown to the call's publisher (and each to its applicant), as the funder reads them.
+    for item in await gateway.items("/events", as_=d.ESF_FUND, type="call", subject=d.ESF_CALL):
         event, data = item["event"], item["event"]["data"]
         if event["type"] == "call.application_submitted":
             applications[data["application_id"]] = {

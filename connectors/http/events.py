@@ -28,7 +28,7 @@ from connectors.http.problems import ApiProblem, documented, rejection, retry_af
 from bus.ratelimit import RateLimiter
 from handlers.bookkeeping import applied_event
 from handlers.db import reading
-from handlers.validations import CONFIDENTIAL, audience
+from handlers.audience import CONFIDENTIAL, audience
 from schemas.envelope import EVENT_ID_PATTERN, INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
 
 router = APIRouter(tags=["events"])
@@ -173,8 +173,8 @@ async def offer_events(request: Request, institution: Publisher) -> JSONResponse
 
 #: Events whose content the resources show only to some members: shown here on the same terms.
 def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
-    """Whether ``viewer`` may see a confidential event of the validation workflow
-    (``handlers.validations.audience``, the rule webhooks deliver by)."""
+    """Whether ``viewer`` may see a workflow's confidential event (``handlers.audience``, the
+    rule webhooks deliver by)."""
     with Session(reading(engine)) as session:
         allowed = audience(session, event)
     return allowed is None or viewer in allowed
@@ -198,8 +198,8 @@ async def read_log(
 ) -> dict[str, Any]:
     """Logged events in log order with their sequence; ``next_cursor`` is the next ``after_seq``
     (also accepted as ``cursor``). Confidential workflow content (reviews before the decision,
-    information requests, what the validation workflow refused and whom) is left out for members
-    who may not see it."""
+    information requests, what the validation workflow refused and whom, applications to a call
+    and the answers to them) is left out for members who may not see it."""
     bus = bus_of(request)
     if cursor is not None:
         if not cursor.isdigit() or int(cursor) > MAX_SEQ:
@@ -261,8 +261,8 @@ async def read_event(
         raise ApiProblem(
             404,
             f"no applied event {event_id!r} that you may see: an event is applied moments after its 202 "
-            "(try again), one the gateway refused was never logged, and a validation's confidential events "
-            "are shown to its parties only",
+            "(try again), one the gateway refused was never logged, and the workflows' confidential events "
+            "(a validation's reviews and questions, applications to a call) are shown to their parties only",
             kind="not_found",
         )
     return found.as_dict()

@@ -49,7 +49,7 @@ from connectors.webhooks.store import Endpoint
 from handlers.bookkeeping import ConsumerPosition, read_position
 from handlers.db import database_unavailable, reading, session_scope
 from handlers.service import Failure, LoggedItem
-from handlers.validations import CONFIDENTIAL, audience
+from handlers.audience import CONFIDENTIAL, audience
 from ops import tracing as traces
 from ops.settings import Settings
 from ops.tracing import Tracing
@@ -254,9 +254,10 @@ class DeliveryRecorder:
         consumer retries it, then dead-letters it).
 
         Most events are owed nowhere: which endpoints want a type is worked out once per type and
-        batch, so such an event costs a look-up. A validation's confidential event waits until the
-        read models have applied it (its audience is who the workflow accepted as a party: a
-        request or assignment it refused makes nobody one); the consumer holds it meanwhile.
+        batch, so such an event costs a look-up. A workflow's confidential event (a validation's
+        review, an application to a call) waits until the read models have applied it (its audience
+        is who the workflow accepted as a party: a request or assignment it refused makes nobody
+        one); the consumer holds it meanwhile.
         """
         end, failure = len(items), None
         due_at = datetime.now(timezone.utc) + self.schedule.first()
@@ -810,8 +811,8 @@ def _ended(span: trace.Span | None, outcome: Outcome) -> Outcome:
 async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, since: datetime, until: datetime) -> int:
     """Owe the endpoint again every event it asked for (and may see) that the log took between
     ``since`` and ``until``, delivered before or not; returns how many. Who may see a
-    confidential event is judged by its validation as it is now (a review the workflow took is
-    every member's once the validation is decided, as over HTTP)."""
+    confidential event is judged by the read models as they are now (a review the workflow took
+    is every member's once the validation is decided, as over HTTP)."""
     events = [
         (seq, envelope)
         async for seq, envelope in logged_between(js, since, until)

@@ -252,6 +252,41 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
     assert response.json()["status"] == "open" and response.json()["eligible_kinds"] == ["ngo"]
 
 
+async def test_applications_to_a_call_are_shown_to_its_parties_only(gateway: Gateway, municipality: str) -> None:
+    funder, partner = await gateway.join("funder", "SE"), await gateway.join("ngo")
+    competitor, outsider = await gateway.join("ngo"), await gateway.join("university")
+    now = datetime.now(timezone.utc)
+    call_id = unique("c")
+    await gateway.offer(funder, "call.published", {
+        "call_id": call_id, "title": {"en": "Social inclusion pilots"}, "kind": "funding",
+        "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat(),
+        "deadline_model": "single_stage",
+    })
+    ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "requested_amount": {"amount": "90000", "currency": "EUR"}}
+    theirs = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "60000", "currency": "EUR"}}
+    submitted = await gateway.offer(municipality, "call.application_submitted", ours)
+    await gateway.offer(competitor, "call.application_submitted", theirs)
+    await gateway.settle()
+
+    async def seen_by(institution: str) -> list[tuple[str, str]]:
+        found = await gateway.client.get("/events", params={"type": "call", "subject": call_id}, headers=gateway.auth(institution))
+        assert found.status_code == 200, found.text
+        return sorted((item["event"]["type"], item["event"]["data"].get("application_id", "")) for item in found.json()["items"])
+
+    def answered(*applications: dict[str, Any]) -> list[tuple[str, str]]:
+        ids = [a["application_id"] for a in applications]
+        return sorted([("call.published", ""), *((t, i) for i in ids for t in ("call.application_submitted", "call.application_received"))])
+
+    assert await seen_by(funder) == answered(ours, theirs)  # the call's publisher sees every application
+    assert await seen_by(municipality) == answered(ours) == await seen_by(partner)  # the applicant and its partners
+    assert await seen_by(competitor) == answered(theirs)
+    assert await seen_by(outsider) == answered()
+    hidden = await gateway.client.get(f"/events/{submitted['id']}", headers=gateway.auth(competitor))
+    assert hidden.status_code == 404
+    shown = await gateway.client.get(f"/events/{submitted['id']}", headers=gateway.auth(partner))
+    assert shown.status_code == 200 and shown.json()["event"]["data"]["requested_amount"]["amount"] == "90000"
+
+
 async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gateway, municipality: str) -> None:
     coordinator = await gateway.join("competence_centre")
     first = await gateway.join("university")

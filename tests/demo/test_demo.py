@@ -226,7 +226,7 @@ async def test_the_social_innovation_day_is_full_with_a_waitlist_a_promotion_and
 
 
 async def test_the_late_application_is_refused_after_the_deadline(demo_bus: DemoBus) -> None:
-    log = [item["event"] for item in (await demo_bus.get("/events", type="call", subject=d.ESF_CALL))["items"]]
+    log = [item["event"] for item in (await demo_bus.get("/events", as_=d.ESF_FUND, type="call", subject=d.ESF_CALL))["items"]]
     rejected = {e["data"]["application_id"]: e["data"]["reason"]["code"]
                 for e in log if e["type"] == "call.application_rejected"}
     received = {e["data"]["application_id"] for e in log if e["type"] == "call.application_received"}

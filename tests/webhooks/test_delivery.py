@@ -308,6 +308,40 @@ async def test_confidential_validation_events_reach_only_its_parties(network: Ne
     assert refusals("outsider") == [outsider]  # its own only; not that the intruder tried
 
 
+async def test_applications_to_a_call_reach_only_its_parties(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    funder, applicant = await gateway.join("funder"), await gateway.join("municipality")
+    partner, competitor = await gateway.join("ngo"), await gateway.join("ngo")
+    members = {"funder": funder, "applicant": applicant, "partner": partner, "competitor": competitor}
+    for role, institution in members.items():
+        await register(gateway, institution, receiver.url(f"/{role}"), ["call.*"])
+
+    now = datetime.now(timezone.utc)
+    call_id = unique("c")
+    call = {"call_id": call_id, "title": {"en": "Social inclusion pilots"}, "kind": "funding", "opens_at": (now - timedelta(days=1)).isoformat(),
+            "deadline": (now + timedelta(days=30)).isoformat(), "deadline_model": "single_stage"}
+    ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "requested_amount": {"amount": "90000", "currency": "EUR"}}
+    theirs = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "60000", "currency": "EUR"}}
+    for source, event_type, data in ((funder, "call.published", call), (applicant, "call.application_submitted", ours),
+                                     (competitor, "call.application_submitted", theirs)):
+        response = await gateway.post(source, envelope(event_type, source, data))
+        assert response.status_code == 202, response.text
+
+    def seen(role: str) -> list[tuple[str, str]]:
+        return sorted((body["type"], body["data"].get("application_id", "")) for r in receiver.at(f"/{role}") if (body := json.loads(r.body)))
+
+    def applications(*answered: dict[str, Any]) -> list[tuple[str, str]]:
+        return sorted([("call.published", ""),
+                       *((t, a["application_id"]) for a in answered for t in ("call.application_submitted", "call.application_received"))])
+
+    expected = {"funder": applications(ours, theirs), "applicant": applications(ours), "partner": applications(ours),
+                "competitor": applications(theirs)}
+    for role, events in expected.items():
+        await eventually(lambda: seen(role) == events, what=f"the {role}'s deliveries")
+    await asyncio.sleep(0.5)  # nothing more arrives: the competitors do not see each other's applications
+    assert {role: seen(role) for role in expected} == expected
+
+
 async def test_a_slow_endpoint_never_delays_the_others(network: Network, receiver: Receiver) -> None:
     """45 endpoints answer at once, 5 never do: every delivery to the 45 arrives before the first
     request to the 5 is given up (the bus's timeout, long enough for a busy test machine)."""
