@@ -451,14 +451,20 @@ def stored_meetings(scenario: Scenario, day_id: str) -> list[tuple[str, str, dat
         return [(m["innovator"], m["funder"], datetime.fromisoformat(m["slot_start"])) for m in meetings(session, day_id)]
 
 
-@pytest.mark.usefixtures("members")
-async def test_a_day_moved_after_matchmaking_gets_its_meetings_at_the_new_times(scenario: Scenario) -> None:
-    day = Day.fresh(deadline_in=timedelta(seconds=3))
+async def innovator_and_funder(scenario: Scenario, *, deadline_in: timedelta) -> Day:
+    """A day with one innovator and one funder confirmed, who share the day's theme."""
+    day = Day.fresh(deadline_in=deadline_in)
     await scenario.given(
         day.scheduled(themes=("health_care",)),
         day.registration(MERSIN, role="innovator"),
         day.registration(ESF, role="funder"),
     )
+    return day
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_day_moved_after_matchmaking_gets_its_meetings_at_the_new_times(scenario: Scenario) -> None:
+    day = await innovator_and_funder(scenario, deadline_in=timedelta(seconds=3))
     await asyncio.sleep(max(0.0, (day.deadline - datetime.now(timezone.utc)).total_seconds()) + 0.1)
     first = only(await scenario.tick(datetime.now(timezone.utc)))
     old_slot = day.starts_at.astimezone(timezone.utc)
@@ -478,12 +484,7 @@ async def test_a_day_moved_after_matchmaking_gets_its_meetings_at_the_new_times(
 
 @pytest.mark.usefixtures("members")
 async def test_a_move_that_opens_registration_again_withdraws_the_meetings_until_the_new_deadline(scenario: Scenario) -> None:
-    day = Day.fresh(deadline_in=timedelta(hours=1))
-    await scenario.given(
-        day.scheduled(themes=("health_care",)),
-        day.registration(MERSIN, role="innovator"),
-        day.registration(ESF, role="funder"),
-    )
+    day = await innovator_and_funder(scenario, deadline_in=timedelta(hours=1))
     assert len(only(await scenario.tick(day.deadline + timedelta(seconds=1)))["data"]["meetings"]) == 1
 
     new_deadline = datetime.now(timezone.utc) + timedelta(hours=2)

@@ -254,13 +254,20 @@ async def test_resend_and_recover_deliver_the_right_events_again(network: Networ
     assert refused["detail"] == "since is in the future" and refused["errors"][0]["loc"] == ["since"]
 
 
+async def members_listening(gateway: Gateway, receiver: Receiver, kinds: dict[str, str], event_types: list[str]) -> list[str]:
+    """A new member of each kind, in order, each with an endpoint at ``/{role}`` for ``event_types``."""
+    members = []
+    for role, kind in kinds.items():
+        members.append(institution := await gateway.join(kind))
+        await register(gateway, institution, receiver.url(f"/{role}"), event_types)
+    return members
+
+
 async def test_confidential_validation_events_reach_only_its_parties(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
-    requester, coordinator = await gateway.join("municipality"), await gateway.join("competence_centre")
-    reviewer, outsider = await gateway.join("university"), await gateway.join("ngo")
-    members = {"requester": requester, "coordinator": coordinator, "reviewer": reviewer, "outsider": outsider}
-    for role, institution in members.items():
-        await register(gateway, institution, receiver.url(f"/{role}"), ["validation.*"])
+    requester, coordinator, reviewer, outsider = await members_listening(gateway, receiver, {
+        "requester": "municipality", "coordinator": "competence_centre", "reviewer": "university", "outsider": "ngo",
+    }, ["validation.*"])
 
     fixtures = load_fixtures()
     validation_id = unique("v")
@@ -310,11 +317,9 @@ async def test_confidential_validation_events_reach_only_its_parties(network: Ne
 
 async def test_applications_to_a_call_reach_only_its_parties(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
-    funder, applicant = await gateway.join("funder"), await gateway.join("municipality")
-    partner, competitor = await gateway.join("ngo"), await gateway.join("ngo")
-    members = {"funder": funder, "applicant": applicant, "partner": partner, "competitor": competitor}
-    for role, institution in members.items():
-        await register(gateway, institution, receiver.url(f"/{role}"), ["call.*"])
+    funder, applicant, partner, competitor = await members_listening(gateway, receiver, {
+        "funder": "funder", "applicant": "municipality", "partner": "ngo", "competitor": "ngo",
+    }, ["call.*"])
 
     now = datetime.now(timezone.utc)
     call_id = unique("c")
