@@ -64,6 +64,7 @@ class Call(TableRow, table=True):
             eligible_kinds=frozenset(self.eligible_kinds),
             eligible_countries=frozenset(self.eligible_countries),
             closed_at=self.closed_at,
+            currency=self.budget.get("currency") if self.budget else None,
         )
 
     def status(self, now: datetime) -> CallStatus:
@@ -140,7 +141,8 @@ def decide_application(ctx: Context) -> None:
     )
     previous = ctx.session.get(CallApplication, (data.call_id, data.application_id))
     duplicate = previous is not None and previous.status == "received"
-    refusal = rules.application_refusal(call, applicant, event.logged_at, duplicate=duplicate)
+    currency = data.requested_amount.currency if data.requested_amount is not None else None
+    refusal = rules.application_refusal(call, applicant, event.logged_at, duplicate=duplicate, currency=currency)
     answer = {"call_id": data.call_id, "application_id": data.application_id, "applicant": event.source}
     owner = call.owner if call is not None else event.source
     if refusal is None:

@@ -133,6 +133,7 @@ class ApplicationRefusal(Reason):
         "ineligible_kind",
         "ineligible_country",
         "duplicate_application",
+        "currency_mismatch",
     ]
 
 

@@ -24,6 +24,8 @@ class CallSnapshot:
     eligible_kinds: frozenset[str] = frozenset()
     eligible_countries: frozenset[str] = frozenset()
     closed_at: datetime | None = None
+    currency: str | None = None
+    """The currency of the call's budget (None: the call states no budget)."""
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,18 @@ def publication_refusal(existing: CallSnapshot | None) -> Refusal | None:
 
 
 def application_refusal(
-    call: CallSnapshot | None, applicant: Applicant, logged_at: datetime, *, duplicate: bool = False
+    call: CallSnapshot | None,
+    applicant: Applicant,
+    logged_at: datetime,
+    *,
+    duplicate: bool = False,
+    currency: str | None = None,
 ) -> Refusal | None:
     """Why an application logged at ``logged_at`` is rejected, or None when it is received.
     ``duplicate``: an application with the same id was already received (a rejected one may be
-    submitted again).
+    submitted again); ``currency``: that of the amount it requests (None: it names none). A
+    request in another currency than the call's budget is refused: the publisher could not
+    weigh the requests against the budget or against each other.
 
     The deadline is checked before the closing, so an application after the deadline gets the
     same answer whether or not the bus's closing came first (live and in a rebuild).
@@ -76,6 +85,8 @@ def application_refusal(
         return Refusal("ineligible_kind", f"The call is open to {_listed(call.eligible_kinds)} only.")
     if not _eligible(applicant.country, call.eligible_countries):
         return Refusal("ineligible_country", f"The call is open to institutions in {_listed(call.eligible_countries)} only.")
+    if currency is not None and call.currency is not None and currency != call.currency:
+        return Refusal("currency_mismatch", f"The call's budget is in {call.currency}: request the amount in {call.currency}, not {currency}.")
     return None
 
 

@@ -85,6 +85,14 @@ def test_application_refusals(
     assert refusal is not None and refusal.as_reason() == {"code": expected, "message": {"en": refusal.message}}
 
 
+def test_an_amount_in_another_currency_than_the_budgets_is_refused() -> None:
+    in_euros = replace(CALL, currency="EUR")
+    assert code(application_refusal(in_euros, COOPERATIVE, DURING, currency="TRY")) == "currency_mismatch"
+    assert application_refusal(in_euros, COOPERATIVE, DURING, currency="EUR") is None
+    assert application_refusal(in_euros, COOPERATIVE, DURING) is None  # no amount requested
+    assert application_refusal(CALL, COOPERATIVE, DURING, currency="TRY") is None  # the call states no budget
+
+
 def test_an_application_logged_before_the_call_closed_stays_in_time_when_applied_later() -> None:
     """Closed at its deadline by the timer while the application, logged in time, waited to be
     applied (a backlog, a restart): it is received, as a replay of the log in order would."""

@@ -57,13 +57,13 @@ def published(call_id: str, *, opens_in: timedelta = -timedelta(days=1), closes_
     return envelope("call.published", by, data)
 
 
-def application(call_id: str, application_id: str, *, by: str = COOPERATIVE) -> dict[str, Any]:
+def application(call_id: str, application_id: str, *, by: str = COOPERATIVE, currency: str = "EUR") -> dict[str, Any]:
     data = {
         "call_id": call_id,
         "application_id": application_id,
         "project_id": "genc-isi-belediye-isbirligi",
         "partners": ["tr-mersin-bb"],
-        "requested_amount": {"amount": "240000.00", "currency": "EUR"},
+        "requested_amount": {"amount": "240000.00", "currency": currency},
     }
     return envelope("call.application_submitted", by, data)
 
@@ -168,6 +168,15 @@ async def test_an_application_outside_the_window_or_from_an_ineligible_member_is
         stored = session.get(CallApplication, (call_id, "app-1"))
         assert stored is not None and stored.status == "rejected"
         assert stored.reason is not None and stored.reason["code"] == reason
+
+
+async def test_an_amount_requested_in_another_currency_than_the_budgets_is_rejected(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id))  # a budget in EUR
+    rejection = the_only(await scenario.when(application(call_id, "app-1", currency="TRY")), "call.application_rejected")
+    assert rejection["data"]["reason"]["code"] == "currency_mismatch"
+    assert "EUR" in rejection["data"]["reason"]["message"]["en"]
+    received = the_only(await scenario.when(application(call_id, "app-2")), "call.application_received")
+    assert received["data"]["application_id"] == "app-2"
 
 
 async def test_an_application_to_a_call_closed_by_its_owner_is_rejected(scenario: Scenario, call_id: str) -> None:
