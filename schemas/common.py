@@ -31,6 +31,7 @@ __all__ = [
     "CRITERIA",
     "CURRENCY_CODES",
     "THEMES",
+    "Whole",
     "AggregateId",
     "Changes",
     "CountryCode",
@@ -315,9 +316,22 @@ CRITERIA: tuple[Criterion, ...] = (
     "equity",
 )
 
-# Strict: "3", 3.7 and true are not scores.
-Score = Annotated[int, Strict(), Field(ge=1, le=5)]
-EvidenceLevel = Annotated[int, Strict(), Field(ge=1, le=5)]
+def _whole(value: Any) -> Any:
+    """A number without a fraction (``4.0``) is the integer it names, as JSON Schema's ``integer``
+    reads it (a client whose language writes whole floats that way sends it so); text, booleans
+    and fractions are left as they are, for the strict check to refuse."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+Whole = BeforeValidator(_whole)
+"""For a strict ``int``, after its bounds (so that they stay in its JSON Schema): ``4`` or
+``4.0``; not ``"4"``, ``4.5`` or ``true``."""
+
+# Strict: "3", 3.7 and true are not scores (3.0 is 3).
+Score = Annotated[int, Strict(), Field(ge=1, le=5), Whole]
+EvidenceLevel = Annotated[int, Strict(), Field(ge=1, le=5), Whole]
 """Nesta standards of evidence, level 1 (a logical account) to 5 (proven to scale)."""
 
 # --- base classes and small shared parts ------------------------------------------------------

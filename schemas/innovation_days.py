@@ -24,6 +24,7 @@ from schemas.common import (
     Timestamp,
     ValueObject,
     WebUrl,
+    Whole,
     at_most,
 )
 
@@ -49,7 +50,7 @@ MAX_ATTENDEES = 100_000
 """The most people a gathering (or one registration) counts; larger numbers are typos, and past
 64 bits they could not be stored at all."""
 
-Attendees = Annotated[int, Strict(), Field(ge=1), *at_most(MAX_ATTENDEES)]
+Attendees = Annotated[int, Strict(), Field(ge=1), *at_most(MAX_ATTENDEES), Whole]
 
 
 class Venue(ValueObject):
@@ -124,7 +125,7 @@ class InnovationDayHeld(EventData):
     """The gathering took place."""
 
     day_id: AggregateId
-    attendees: Annotated[int, Strict(), Field(ge=0), *at_most(MAX_ATTENDEES)] | None = None
+    attendees: Annotated[int, Strict(), Field(ge=0), *at_most(MAX_ATTENDEES), Whole] | None = None
     summary: LocalizedText | None = None
 
 
@@ -155,7 +156,7 @@ class RegistrationWaitlisted(EventData):
 
     day_id: AggregateId
     registration_id: AggregateId
-    position: Annotated[int, Strict(), Field(ge=1, le=2**31 - 1)]
+    position: Annotated[int, Strict(), Field(ge=1, le=2**31 - 1), Whole]
     participant: InstitutionId | None = None
 
 

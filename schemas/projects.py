@@ -23,6 +23,7 @@ from schemas.common import (
     Reason,
     Theme,
     ValueObject,
+    Whole,
 )
 
 __all__ = [
@@ -46,7 +47,7 @@ ServiceModel = Literal["home_based", "neighbourhood_based", "other"]
 Support = Literal[
     "presentation", "technical_support", "planning_support", "study_visit", "training"
 ]
-Sdg = Annotated[int, Strict(), Field(ge=1, le=17)]
+Sdg = Annotated[int, Strict(), Field(ge=1, le=17), Whole]
 
 
 class Partner(ValueObject):

@@ -20,6 +20,7 @@ from schemas.common import (
     Score,
     Timestamp,
     ValueObject,
+    Whole,
     at_most,
 )
 
@@ -79,7 +80,7 @@ class ValidationRequested(EventData):
     external_ref: ExternalRef | None = None
     coordinator: InstitutionId
     self_assessment: SelfAssessment
-    quorum: Annotated[int, Strict(), Field(ge=1), *at_most(100)] = 2
+    quorum: Annotated[int, Strict(), Field(ge=1), *at_most(100), Whole] = 2
     due_by: Timestamp | None = None
 
     @model_validator(mode="after")

@@ -205,6 +205,18 @@ async def test_over_the_rate_limit_is_429_with_retry_after(gateway: Gateway, mun
 # --- reading -------------------------------------------------------------------------------------
 
 
+async def test_a_whole_number_sent_as_a_float_is_accepted_as_the_integer(gateway: Gateway, municipality: str) -> None:
+    """What JSON Schema's ``integer`` allows (3.0) passes the gate and reads back as 3; 3.5 does not."""
+    accepted = project(municipality, sdgs=[3.0, 11])
+    response = await gateway.post(municipality, envelope("project.registered", municipality, accepted))
+    assert response.status_code == 202, response.text
+    refused = await gateway.post(municipality, envelope("project.registered", municipality, project(municipality, sdgs=[3.5])))
+    assert [e["loc"] for e in problem(refused, 422, "invalid")["errors"]] == [["data", "sdgs", 0]]
+    await gateway.settle()
+    found = await gateway.client.get(f"/projects/{accepted['project_id']}", headers=gateway.auth(municipality))
+    assert found.status_code == 200 and found.json()["sdgs"] == [3, 11]
+
+
 async def test_paging_walks_a_list_without_gaps_or_duplicates(gateway: Gateway) -> None:
     owner = await gateway.join("ngo")
     ids = [f"{owner}-{n:02d}" for n in range(7)]

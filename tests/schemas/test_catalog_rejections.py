@@ -137,6 +137,20 @@ def test_bad_score(bad: object) -> None:
     ) == {("scores", "equity")}
 
 
+def test_a_whole_number_written_with_a_fraction_of_zero_is_the_integer() -> None:
+    """JSON Schema's ``integer`` takes 4.0 (some clients write whole floats that way); the models
+    read it as 4, in Python and from JSON text, and still refuse 4.5, "4" and true."""
+    scores = {**data_of("validation.review_submitted")["scores"], "equity": 4.0}
+    review = spec_for("validation.review_submitted").adapter.validate_python(data_of("validation.review_submitted", scores=scores))
+    assert review.scores.equity == 4 and type(review.scores.equity) is int
+    type_ = "innovation_day.registration_requested"
+    registration = spec_for(type_).adapter.validate_json(json.dumps(data_of(type_, attendees=3.0)))
+    assert registration.attendees == 3 and type(registration.attendees) is int
+    for bad in (2.5, "2", True, 0.0):
+        assert locs(type_, data_of(type_, attendees=bad)) == {("attendees",)}, bad
+    assert spec_for(type_).adapter.json_schema()["properties"]["attendees"]["minimum"] == 1
+
+
 def test_review_scores_every_criterion() -> None:
     scores = dict(data_of("validation.review_submitted")["scores"])
     del scores["equity"]
