@@ -31,7 +31,6 @@ __all__ = [
     "CRITERIA",
     "CURRENCY_CODES",
     "THEMES",
-    "Whole",
     "AggregateId",
     "Changes",
     "CountryCode",
@@ -57,6 +56,7 @@ __all__ = [
     "Theme",
     "Timestamp",
     "ValueObject",
+    "Whole",
     "WebUrl",
     "theme_codes",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, Strict, model_validator
+from pydantic import ConfigDict, Field, Strict, model_validator
 
 from schemas.common import (
     AggregateId,
@@ -73,7 +73,16 @@ def _check_times(
 
 class InnovationDayScheduled(EventData):
     """A gathering is announced. Offline needs a venue, online an `online_url`, mixed both.
-    `capacity` counts attendees (a registration may bring several)."""
+    `capacity` counts attendees (a registration may bring several). It starts before it ends,
+    and registration closes no later than it starts."""
+
+    # What the JSON Schema can say of the rule below (the order of the times it cannot).
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"attendance_mode": {"enum": ["offline", "mixed"]}}},
+         "then": {"required": ["venue"], "properties": {"venue": {"type": "object"}}}},
+        {"if": {"properties": {"attendance_mode": {"enum": ["online", "mixed"]}}},
+         "then": {"required": ["online_url"], "properties": {"online_url": {"type": "string"}}}},
+    ]})
 
     day_id: AggregateId
     title: LocalizedText

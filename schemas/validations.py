@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, Strict, model_validator
+from pydantic import ConfigDict, Field, Strict, model_validator
 
 from schemas.common import (
     CRITERIA,
@@ -64,6 +64,11 @@ class SelfAssessment(ValueObject):
     evidence_level: EvidenceLevel | None = None
     statement: LocalizedText | None = None
 
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["scores"], "properties": {"scores": {"minProperties": 1}}},
+        {"required": ["statement"], "properties": {"statement": {"type": "object"}}},
+    ]})
+
     @model_validator(mode="after")
     def _not_empty(self) -> Self:
         if not self.scores and self.statement is None:
@@ -74,6 +79,11 @@ class SelfAssessment(ValueObject):
 class ValidationRequested(EventData):
     """The source asks a competence centre (`coordinator`) to validate a project of the network
     (`project_id`) or one known elsewhere (`external_ref`) — exactly one of the two."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["project_id"], "properties": {"project_id": {"type": "string"}}},
+        {"required": ["external_ref"], "properties": {"external_ref": {"type": "object"}}},
+    ]})
 
     validation_id: AggregateId
     project_id: AggregateId | None = None
@@ -140,6 +150,11 @@ class ReviewSubmitted(EventData):
 class ValidationDecided(EventData):
     """The outcome. By `rule` at quorum (then every criterion has a median), or by the
     coordinator, who may decide on fewer reviews (then medians may be partial or empty)."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"decided_by": {"const": "rule"}}},
+        "then": {"properties": {"median_scores": {"required": list(CRITERIA)}}},
+    })
 
     validation_id: AggregateId
     outcome: Literal["validated", "needs_revision", "not_validated"]

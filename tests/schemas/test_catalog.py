@@ -234,6 +234,52 @@ def test_exported_schemas_agree_with_the_models(tmp_path: Path) -> None:
                 spec_for(event["type"]).adapter.validate_python(invalid)
 
 
+def fixture_data(event_type: str, **changes: Any) -> dict[str, Any]:
+    data = {**load(FIXTURES / f"{event_type}.json")["event"]["data"], **changes}
+    return {key: value for key, value in data.items() if value is not DROP}
+
+
+DROP = object()
+"""A field left out by :func:`fixture_data`."""
+
+
+@pytest.mark.parametrize(("event_type", "changes", "valid"), [
+    # An offline gathering needs a venue, an online one an online_url, a mixed one both.
+    ("innovation_day.scheduled", {"attendance_mode": "offline", "online_url": DROP}, True),
+    ("innovation_day.scheduled", {"attendance_mode": "offline", "venue": DROP}, False),
+    ("innovation_day.scheduled", {"attendance_mode": "online", "venue": DROP}, True),
+    ("innovation_day.scheduled", {"attendance_mode": "online", "online_url": DROP}, False),
+    ("innovation_day.scheduled", {"attendance_mode": "mixed", "online_url": None}, False),
+    # A validation is of a project of the network or of one known elsewhere: exactly one.
+    ("validation.requested", {"project_id": DROP, "external_ref": {"system": "innokyla", "id": "1234"}}, True),
+    ("validation.requested", {"external_ref": {"system": "innokyla", "id": "1234"}}, False),
+    ("validation.requested", {"project_id": DROP}, False),
+    ("validation.requested", {"project_id": None, "external_ref": {"system": "innokyla", "id": "1234"}}, True),
+    # A self-assessment says something: a score or a statement.
+    ("validation.requested", {"self_assessment": {"scores": {"novelty": 4}}}, True),
+    ("validation.requested", {"self_assessment": {"statement": {"en": "we think it works"}}}, True),
+    ("validation.requested", {"self_assessment": {"scores": {}}}, False),
+    ("validation.requested", {"self_assessment": {"evidence_level": 2}}, False),
+    # A decision by the rule carries every criterion's median; a coordinator's need not.
+    ("validation.decided", {"decided_by": "rule", "median_scores": {"novelty": 4}}, False),
+    ("validation.decided", {"decided_by": "coordinator", "median_scores": {"novelty": 4}}, True),
+])
+def test_exported_schema_says_which_fields_go_together_as_the_model_does(
+    tmp_path: Path, event_type: str, changes: dict[str, Any], valid: bool
+) -> None:
+    """Rules across fields that JSON Schema can state (not the order of times): a partner's own
+    validator refuses what the gate refuses."""
+    export_json_schemas(tmp_path)
+    validator = Draft202012Validator(load(tmp_path / f"{event_type}.v1.json"))
+    data = fixture_data(event_type, **changes)
+    assert validator.is_valid(data) is valid, list(validator.iter_errors(data))
+    if valid:
+        spec_for(event_type).adapter.validate_python(data)
+    else:
+        with pytest.raises(ValidationError):
+            spec_for(event_type).adapter.validate_python(data)
+
+
 def test_exported_schema_refuses_what_the_model_refuses_in_vocabularies(tmp_path: Path) -> None:
     export_json_schemas(tmp_path)
     validator = Draft202012Validator(load(tmp_path / "project.registered.v1.json"))
