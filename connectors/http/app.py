@@ -68,5 +68,50 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 operation["security"] = [{"bearer": []}] + ([{"token": []}] if path_name.endswith(".ics") else [])
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+    schemas["CloudEvent"] = _cloud_event_schema()
+    document["webhooks"] = {"event": _WEBHOOK}
     app.openapi_schema = document
     return document
+
+
+def _cloud_event_schema() -> dict[str, Any]:
+    """The envelope as the gatekeeper reads it; ``data`` is checked against its type's schema."""
+    from schemas.envelope import CloudEvent
+
+    schema = CloudEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+    assert "$defs" not in schema  # (a flat model: nothing to move into the components)
+    schema["properties"]["data"] = {
+        "type": "object",
+        "description": "the event's data, as the JSON Schema of its type (and major, `dataschema`) says: "
+                       "`urn:collabbus:schema:{type}:{major}`, listed by `collabbus schemas list` and in `/asyncapi.json`",
+    }
+    return schema
+
+
+_WEBHOOK = {
+    "post": {
+        "summary": "An event delivered to a registered endpoint (Standard Webhooks 1.0)",
+        "description": (
+            "Each event an endpoint asked for (`POST /webhooks`) and its institution may see, as a structured "
+            "CloudEvent. Verify the signature with any Standard Webhooks library and the endpoint's secret; "
+            "answer any 2xx quickly. Anything else is tried again on the retry schedule; 410 disables the "
+            "endpoint; 429, 502, 503 and 504 are retried after `Retry-After`. Deliveries are not in log order."
+        ),
+        "parameters": [
+            {"name": "webhook-id", "in": "header", "required": True, "schema": {"type": "string"},
+             "description": "the event's id: the same on every retry"},
+            {"name": "webhook-timestamp", "in": "header", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"},
+             "description": "Unix seconds of this attempt"},
+            {"name": "webhook-signature", "in": "header", "required": True, "schema": {"type": "string"},
+             "description": "the Standard Webhooks signature: `v1,<base64 HMAC-SHA256 of id.timestamp.body>`, space-separated during a secret rotation"},
+            {"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"},
+             "description": "the W3C trace context of the delivery"},
+        ],
+        "requestBody": {"required": True, "content": {"application/cloudevents+json": {"schema": events.CLOUD_EVENT_REF}}},
+        "responses": {
+            "2XX": {"description": "delivered"},
+            "410": {"description": "gone: the endpoint is disabled"},
+            "429": {"description": "tried again after Retry-After"},
+        },
+    }
+}

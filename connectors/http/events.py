@@ -113,11 +113,14 @@ def _split_batch(body: bytes) -> list[bytes]:
     return [orjson.dumps(event) for event in events]
 
 
+CLOUD_EVENT_REF = {"$ref": "#/components/schemas/CloudEvent"}
+"""The structured CloudEvent in the gateway's OpenAPI document (the app adds the component)."""
+
 _REQUEST_BODY = {
     "required": True,
     "content": {
-        STRUCTURED_CONTENT_TYPE: {"schema": {"type": "object", "description": "a structured CloudEvent"}},
-        BATCH_CONTENT_TYPE: {"schema": {"type": "array", "items": {"type": "object"}, "description": "structured CloudEvents"}},
+        STRUCTURED_CONTENT_TYPE: {"schema": CLOUD_EVENT_REF},
+        BATCH_CONTENT_TYPE: {"schema": {"type": "array", "items": CLOUD_EVENT_REF, "description": "structured CloudEvents"}},
         "application/json": {"schema": {"type": "object", "description": "binary mode: the data, attributes in ce- headers"}},
     },
 }

@@ -548,6 +548,27 @@ async def test_a_former_member_cannot_read(gateway: Gateway) -> None:
 # --- operations ----------------------------------------------------------------------------------
 
 
+async def test_the_openapi_document_types_offered_events_and_describes_webhook_deliveries(gateway: Gateway, municipality: str) -> None:
+    from jsonschema import Draft202012Validator
+
+    openapi = (await gateway.client.get("/openapi.json")).json()
+    assert openapi["openapi"].startswith("3.1")  # (webhooks are 3.1's)
+    content = openapi["paths"]["/events"]["post"]["requestBody"]["content"]
+    assert content["application/cloudevents+json"]["schema"] == {"$ref": "#/components/schemas/CloudEvent"}
+    assert content["application/cloudevents-batch+json"]["schema"]["items"] == {"$ref": "#/components/schemas/CloudEvent"}
+    envelope_schema = openapi["components"]["schemas"]["CloudEvent"]
+    assert {"specversion", "id", "source", "type", "subject", "data"} <= set(envelope_schema["required"])
+    validator = Draft202012Validator(envelope_schema)
+    offered = envelope("project.registered", municipality, project(municipality))
+    assert validator.is_valid(offered), list(validator.iter_errors(offered))
+    assert not validator.is_valid({**offered, "colour": "blue"})  # unknown attributes are refused, as by the gate
+    assert (await gateway.post(municipality, {**offered, "colour": "blue"})).status_code == 422
+
+    delivery = openapi["webhooks"]["event"]["post"]
+    assert {p["name"] for p in delivery["parameters"] if p["required"]} == {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    assert delivery["requestBody"]["content"]["application/cloudevents+json"]["schema"] == {"$ref": "#/components/schemas/CloudEvent"}
+
+
 async def test_operations_endpoints(gateway: Gateway) -> None:
     client = gateway.client
     assert (await client.get("/healthz")).json() == {"status": "ok"}
