@@ -8,6 +8,7 @@ publishes to, so the document always matches the registry.
 from __future__ import annotations
 
 import copy
+import re
 from functools import cache
 from typing import Any
 
@@ -106,6 +107,7 @@ def _document() -> dict[str, Any]:
     for entry in document.get("servers", {}).values():
         entry["description"] = f"{entry.get('description', 'collabbus')}. {_CONNECTING}"
         entry.pop("protocolVersion", None)
+    _name_for_generators(document)
     return {"asyncapi": document.pop("asyncapi"), **document}
 
 
@@ -245,3 +247,53 @@ def _add_dead_letters(document: dict[str, Any]) -> None:
         "parameters": {"consumer": {"description": "the consumer that gave up on it (network, webhooks, relay)"}},
         "messages": {"DeadLetter": {"$ref": "#/components/messages/DeadLetter"}},
     }
+
+
+_NOT_A_KEY = re.compile(r"[^A-Za-z0-9._-]")
+_CHANNEL_MESSAGES = {"SubscribeMessage": "offer", "Message": "event"}
+"""FastStream's names of a channel's one message, and what they are here."""
+
+
+def _name_for_generators(document: dict[str, Any]) -> None:
+    """AsyncAPI 3.0 keys are ``[A-Za-z0-9._-]`` (FastStream names channels ``ingress:{type}`` and
+    their messages ``…:SubscribeMessage``, which validators and code generators refuse): the
+    channels, operations and messages become ``ingress.{type}`` and ``log.{type}``, a channel's
+    message ``offer`` or ``event``, and every reference follows."""
+    renamed: dict[str, dict[str, str]] = {}
+    for section, mapping in (("channels", document["channels"]), ("operations", document["operations"]),
+                             ("messages", document["components"]["messages"])):
+        names = {old: _NOT_A_KEY.sub(".", old.removesuffix(":SubscribeMessage").removesuffix(":Message")) for old in mapping}
+        assert len(set(names.values())) == len(names), "two names would become one"
+        items = [(names[old], value) for old, value in mapping.items()]
+        mapping.clear()
+        mapping.update(items)
+        renamed[section] = names
+    for name, message in document["components"]["messages"].items():
+        if ":" in str(message.get("title", "")):
+            kind, _, event_type = name.partition(".")
+            message["title"] = f"{event_type} ({'offered' if kind == 'ingress' else 'logged'})"
+    for channel in document["channels"].values():
+        messages = channel.get("messages", {})
+        channel["messages"] = {_CHANNEL_MESSAGES.get(key, key): value for key, value in messages.items()}
+
+    def follow(ref: str) -> str:
+        parts = ref.split("/")
+        if len(parts) > 2 and parts[1] in ("channels", "operations"):
+            parts[2] = renamed[parts[1]].get(parts[2], parts[2])
+            if len(parts) > 4 and parts[1] == "channels" and parts[3] == "messages":
+                parts[4] = _CHANNEL_MESSAGES.get(parts[4], parts[4])
+        elif len(parts) > 3 and parts[1:3] == ["components", "messages"]:
+            parts[3] = renamed["messages"].get(parts[3], parts[3])
+        return "/".join(parts)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                node["$ref"] = follow(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document)

@@ -5,6 +5,7 @@ headers and the dead-letter subjects are declared."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from bus.asyncapi import asyncapi_document
@@ -49,10 +50,38 @@ def test_inline_schemas_have_no_titles_but_properties_named_title_stay() -> None
 def test_the_messages_declare_their_headers_and_the_dead_letters_their_channel() -> None:
     document = asyncapi_document()
     messages = document["components"]["messages"]
-    log = messages["log:project.registered:Message"]["headers"]
+    log = messages["log.project.registered"]["headers"]
     assert set(log["required"]) == {"Nats-Msg-Id", "Content-Type"}
-    offer = messages["ingress:project.registered:SubscribeMessage"]["headers"]
+    offer = messages["ingress.project.registered"]["headers"]
     assert "^ce-[a-z0-9]+$" in offer["patternProperties"]
     assert offer["properties"]["Content-Type"]["enum"] == ["application/cloudevents+json", "application/json"]
     assert document["channels"]["dead-letters"]["address"] == "collab.dlq.{consumer}"
     assert "Collabbus-Error" in messages["DeadLetter"]["headers"]["properties"]
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_keys_are_what_asyncapi_allows_and_every_reference_resolves() -> None:
+    """AsyncAPI 3.0 keys are ``[A-Za-z0-9._-]``: validators and code generators refuse the
+    ``ingress:{type}:SubscribeMessage`` FastStream writes."""
+    document = asyncapi_document()
+    key = re.compile(r"^[A-Za-z0-9._-]+$")
+    sections = {"channels": document["channels"], "operations": document["operations"], **{
+        f"components.{name}": items for name, items in document["components"].items()}}
+    for section, items in sections.items():
+        assert [name for name in items if not key.match(name)] == [], section
+    assert "ingress.project.registered" in document["operations"] and "log.project.registered" in document["channels"]
+    assert document["components"]["messages"]["ingress.project.registered"]["title"] == "project.registered (offered)"
+    refs = _refs(document)
+    assert len(refs) > 100
+    for ref in refs:
+        node: Any = document
+        for part in ref.removeprefix("#/").split("/"):
+            assert isinstance(node, dict) and part in node, ref
+            node = node[part]
