@@ -14,6 +14,7 @@ from typing import Any
 
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
+from pydantic import TypeAdapter
 
 from bus.gate import typed_envelope
 from bus.verdict import VerdictBody
@@ -124,7 +125,9 @@ def _add_parameters_and_replies(document: dict[str, Any]) -> None:
         if params:
             channel["parameters"] = params
     components = document.setdefault("components", {})
-    components.setdefault("schemas", {})["Verdict"] = VerdictBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    verdict = TypeAdapter(VerdictBody).json_schema(ref_template="#/components/schemas/{model}")
+    verdict["discriminator"] = verdict["discriminator"]["propertyName"]  # AsyncAPI's is the property's name alone
+    components.setdefault("schemas", {})["Verdict"] = verdict
     for name, schema in components["schemas"]["Verdict"].pop("$defs", {}).items():
         components["schemas"].setdefault(name, schema)
     components.setdefault("messages", {})["Verdict"] = {

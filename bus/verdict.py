@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, Field
@@ -77,19 +77,32 @@ class ProblemBody(BaseModel):
     ))
 
 
-class VerdictBody(BaseModel):
-    """The verdict's JSON (``Verdict.as_dict``), for the OpenAPI and AsyncAPI documents."""
+class AcceptedVerdict(BaseModel):
+    """The event is in the log: its sequence there (an id offered again: the first one's, with
+    ``duplicate``)."""
 
-    status: Literal["accepted", "rejected"]
-    id: str | None
-    seq: int | None = None
-    duplicate: bool | None = None
-    reason: Reason | None = Field(None, description=(
+    status: Literal["accepted"]
+    id: str
+    seq: int
+    duplicate: bool
+
+
+class RejectedVerdict(BaseModel):
+    """The event was refused and is not in the log; ``errors`` lists every problem found."""
+
+    status: Literal["rejected"]
+    id: str | None = Field(description="the offered event's id, when it could be read")
+    reason: Reason = Field(description=(
         "why it was refused: `malformed` (not readable), `invalid` (envelope or data), `too_large`, `unsupported`, "
         "`forbidden` (source, membership, kind), `unavailable` (the log did not confirm it, or the institution is over "
         "its rate limit: retry with the same id)"
     ))
-    errors: list[ProblemBody] | None = None
+    errors: list[ProblemBody]
+
+
+VerdictBody = Annotated[AcceptedVerdict | RejectedVerdict, Field(discriminator="status")]
+"""The verdict's JSON (``Verdict.as_dict``), for the OpenAPI and AsyncAPI documents: told apart by
+``status``, so a client generator gives two types."""
 
 
 class Rejection(Exception):

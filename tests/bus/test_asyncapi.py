@@ -85,3 +85,23 @@ def test_keys_are_what_asyncapi_allows_and_every_reference_resolves() -> None:
         for part in ref.removeprefix("#/").split("/"):
             assert isinstance(node, dict) and part in node, ref
             node = node[part]
+
+
+def test_the_verdict_is_one_of_two_shapes_told_apart_by_status() -> None:
+    from jsonschema import Draft202012Validator
+
+    from bus.verdict import Problem, Verdict
+
+    schemas = asyncapi_document()["components"]["schemas"]
+    assert schemas["Verdict"]["discriminator"] == "status"  # AsyncAPI's form: the property's name
+    assert schemas["Verdict"]["oneOf"] == [{"$ref": "#/components/schemas/AcceptedVerdict"}, {"$ref": "#/components/schemas/RejectedVerdict"}]
+
+    def validator(name: str) -> Any:  # the component, its references resolved within the document
+        return Draft202012Validator({**schemas[name], "components": {"schemas": schemas}})
+
+    accepted, rejected = validator("AcceptedVerdict"), validator("RejectedVerdict")
+    ok = Verdict("accepted", "e-1", seq=7).as_dict()
+    refused = Verdict("rejected", "e-2", errors=(Problem(("data", "title"), "missing", "missing"),), reason="invalid").as_dict()
+    assert accepted.is_valid(ok) and not rejected.is_valid(ok)
+    assert rejected.is_valid(refused) and not accepted.is_valid(refused)
+    assert not rejected.is_valid({**refused, "errors": [{"loc": [], "msg": "no type"}]})
