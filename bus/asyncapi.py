@@ -8,7 +8,6 @@ publishes to, so the document always matches the registry.
 from __future__ import annotations
 
 import copy
-import re
 from functools import cache
 from typing import Any
 
@@ -29,7 +28,7 @@ def _documentation_broker() -> NatsBroker:
         who = ", ".join(sorted(spec.emitters)) if spec.emitters else "the bus's workflows only"
         broker.publisher(
             f"collab.events.{{institution}}.{spec.domain}.{spec.event}.{{subject}}",
-            title=f"log:{spec.type}",
+            title=f"log.{spec.type}",
             description=(
                 f"The accepted `{spec.type}` events (emitted by: {who}), in canonical structured form. The log is "
                 "read by the bus itself: members' credentials do not reach it; they follow it over HTTP "
@@ -47,7 +46,7 @@ def _documentation_broker() -> NatsBroker:
         broker.subscriber(
             f"collab.ingress.{{institution}}.{spec.domain}.{spec.event}",
             queue="collabbus-gate",
-            title=f"ingress:{spec.type}",
+            title=f"ingress.{spec.type}",
             description=(
                 f"Offer a `{spec.type}` event as `institution` (request/reply); the reply is the gatekeeper's "
                 f"verdict. May be emitted by: {who}. " + _OFFERING
@@ -142,7 +141,7 @@ def _add_parameters_and_replies(document: dict[str, Any]) -> None:
         "messages": {"Verdict": {"$ref": "#/components/messages/Verdict"}},
     }
     for name, operation in document["operations"].items():
-        if name.startswith("ingress:"):
+        if name.startswith("ingress."):
             operation["reply"] = {
                 "channel": {"$ref": "#/channels/ingress-reply"},
                 "messages": [{"$ref": "#/channels/ingress-reply/messages/Verdict"}],
@@ -213,9 +212,9 @@ _INGRESS_HEADERS = {
 def _add_headers(document: dict[str, Any]) -> None:
     """Declare the NATS headers of the messages: what the log carries, what an offer may."""
     for name, message in document.get("components", {}).get("messages", {}).items():
-        if name.startswith("log:"):
+        if name.startswith("log."):
             message["headers"] = _LOG_HEADERS
-        elif name.startswith("ingress:"):
+        elif name.startswith("ingress."):
             message["headers"] = _INGRESS_HEADERS
 
 
@@ -252,41 +251,32 @@ def _add_dead_letters(document: dict[str, Any]) -> None:
     }
 
 
-_NOT_A_KEY = re.compile(r"[^A-Za-z0-9._-]")
 _CHANNEL_MESSAGES = {"SubscribeMessage": "offer", "Message": "event"}
 """FastStream's names of a channel's one message, and what they are here."""
 
 
 def _name_for_generators(document: dict[str, Any]) -> None:
-    """AsyncAPI 3.0 keys are ``[A-Za-z0-9._-]`` (FastStream names channels ``ingress:{type}`` and
-    their messages ``…:SubscribeMessage``, which validators and code generators refuse): the
-    channels, operations and messages become ``ingress.{type}`` and ``log.{type}``, a channel's
-    message ``offer`` or ``event``, and every reference follows."""
-    renamed: dict[str, dict[str, str]] = {}
-    for section, mapping in (("channels", document["channels"]), ("operations", document["operations"]),
-                             ("messages", document["components"]["messages"])):
-        names = {old: _NOT_A_KEY.sub(".", old.removesuffix(":SubscribeMessage").removesuffix(":Message")) for old in mapping}
-        assert len(set(names.values())) == len(names), "two names would become one"
-        items = [(names[old], value) for old, value in mapping.items()]
-        mapping.clear()
-        mapping.update(items)
-        renamed[section] = names
+    """AsyncAPI 3.0 keys are ``[A-Za-z0-9._-]``. The channels and operations are named by their
+    titles (``ingress.{type}``, ``log.{type}``); FastStream names their messages after them with
+    ``:SubscribeMessage`` or ``:Message``, which validators and code generators refuse: a message is
+    named as its channel, a channel's one message ``offer`` or ``event``, and the references follow."""
+    messages = document["components"]["messages"]
+    renamed = {old: old.removesuffix(":SubscribeMessage").removesuffix(":Message") for old in messages}
+    assert len(set(renamed.values())) == len(renamed), "two messages would have one name"
+    document["components"]["messages"] = {renamed[old]: message for old, message in messages.items()}
     for name, message in document["components"]["messages"].items():
-        if ":" in str(message.get("title", "")):
-            kind, _, event_type = name.partition(".")
+        kind, _, event_type = name.partition(".")
+        if kind in ("ingress", "log") and ":" in str(message.get("title", "")):  # FastStream's title, the old name
             message["title"] = f"{event_type} ({'offered' if kind == 'ingress' else 'logged'})"
     for channel in document["channels"].values():
-        messages = channel.get("messages", {})
-        channel["messages"] = {_CHANNEL_MESSAGES.get(key, key): value for key, value in messages.items()}
+        channel["messages"] = {_CHANNEL_MESSAGES.get(key, key): value for key, value in channel.get("messages", {}).items()}
 
     def follow(ref: str) -> str:
         parts = ref.split("/")
-        if len(parts) > 2 and parts[1] in ("channels", "operations"):
-            parts[2] = renamed[parts[1]].get(parts[2], parts[2])
-            if len(parts) > 4 and parts[1] == "channels" and parts[3] == "messages":
-                parts[4] = _CHANNEL_MESSAGES.get(parts[4], parts[4])
-        elif len(parts) > 3 and parts[1:3] == ["components", "messages"]:
-            parts[3] = renamed["messages"].get(parts[3], parts[3])
+        if len(parts) == 5 and parts[1] == "channels" and parts[3] == "messages":
+            parts[4] = _CHANNEL_MESSAGES.get(parts[4], parts[4])
+        elif len(parts) == 4 and parts[1:3] == ["components", "messages"]:
+            parts[3] = renamed.get(parts[3], parts[3])
         return "/".join(parts)
 
     def walk(node: Any) -> None:
@@ -300,3 +290,4 @@ def _name_for_generators(document: dict[str, Any]) -> None:
                 walk(value)
 
     walk(document)
+
