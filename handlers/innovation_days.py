@@ -374,10 +374,9 @@ def rematch_moved_day(ctx: Context) -> None:
     day = ctx.session.get(InnovationDay, data.day_id)
     if day is None or day.status != "scheduled" or day.meetings_proposed_at is None:
         return
-    starts_at, ends_at = _utc(data.starts_at), _utc(data.ends_at)
-    deadline = min(_utc(data.registration_deadline or day.registration_deadline), starts_at)  # as on_rescheduled
-    reopened = deadline > _utc(ctx.now)
-    _propose(ctx, day, starts_at=starts_at, ends_at=ends_at, key=day.day_id, candidates=[] if reopened else None)
+    reopened = _moved_deadline(day, data) > _utc(ctx.now)
+    _propose(ctx, day, starts_at=_utc(data.starts_at), ends_at=_utc(data.ends_at), key=day.day_id,
+             candidates=[] if reopened else None)
 
 
 def _propose(
@@ -453,16 +452,21 @@ def on_scheduled(session: Session, event: Event[InnovationDayScheduled]) -> None
     )
 
 
+def _moved_deadline(day: InnovationDay, moved: InnovationDayRescheduled) -> datetime:
+    """A moved day's registration deadline: the one given, else the one it had, but never after
+    the new start."""
+    return min(_utc(moved.registration_deadline or day.registration_deadline), _utc(moved.starts_at))
+
+
 def on_rescheduled(session: Session, event: Event[InnovationDayRescheduled]) -> None:
-    """Move the day; a deadline left out stays, but never after the new start."""
+    """Move the day (:func:`_moved_deadline`)."""
     day = _organised_day(session, event)
     if day is None:
         return
     data = event.data
+    day.registration_deadline = _moved_deadline(day, data)
     day.starts_at = _utc(data.starts_at)
     day.ends_at = _utc(data.ends_at)
-    deadline = _utc(data.registration_deadline) if data.registration_deadline else _utc(day.registration_deadline)
-    day.registration_deadline = min(deadline, day.starts_at)
     day.revision += 1
     session.add(day)
 
