@@ -56,10 +56,14 @@ class Event(Generic[D]):
     envelope: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_envelope(cls, envelope: Mapping[str, Any], *, seq: int | None, logged_at: datetime) -> "Event[Any]":
-        """Read a canonical envelope from the log (already validated by the gate)."""
-        spec = registry.spec_for(envelope["type"], registry.parse_dataschema(envelope.get("dataschema"), envelope["type"]))
-        data: Any = spec.adapter.validate_python(envelope["data"], context=LOGGED_CONTEXT)  # as the gate accepted it then
+    def from_envelope(cls, envelope: Mapping[str, Any], *, seq: int | None, logged_at: datetime, read: bool = True) -> "Event[Any]":
+        """Read a canonical envelope from the log (already validated by the gate). ``read=False``:
+        for an event applied before (a derived event's copy arriving from the log, a redelivery),
+        which changes nothing: its data is not read again (``data`` is None)."""
+        data: Any = None
+        if read:
+            spec = registry.spec_for(envelope["type"], registry.parse_dataschema(envelope.get("dataschema"), envelope["type"]))
+            data = spec.adapter.validate_python(envelope["data"], context=LOGGED_CONTEXT)  # as the gate accepted it then
         time = envelope.get("time")
         return cls(
             id=envelope["id"],

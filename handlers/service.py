@@ -171,7 +171,7 @@ class NetworkService:
             derived = 0
             for item in items:
                 try:
-                    event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at)
+                    event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at, read=item.envelope.get("id") not in seen)
                 except Exception as exc:  # the gate validated it; a schema change can still make it unreadable
                     failure = Failure(type(exc).__name__, str(exc)[:2000], permanent=True)
                     break
@@ -202,7 +202,7 @@ class NetworkService:
         derived = 0
         for index, item in enumerate(items):
             try:
-                event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at)
+                event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at, read=item.envelope.get("id") not in seen)
             except Exception as exc:  # the gate validated it; a schema change can still make it unreadable
                 raise _Failed(index, Failure(type(exc).__name__, str(exc)[:2000], permanent=True)) from exc
             started = time.perf_counter()
