@@ -104,6 +104,7 @@ class Bus:
     gate: Gate = field(init=False)
     membership: Membership = field(init=False)
     engine: Any = None
+    checkpointer: Any = None
     service: Any = None
     consumer: Consumer | None = None
     relay: Relay | None = None
@@ -272,12 +273,15 @@ class Bus:
 
     async def start_state(self) -> None:
         """The read models: migrate, then run the network consumer, the timers and the outbox relay."""
-        from handlers.db import make_engine, migrate
+        from handlers.db import WalCheckpointer, make_engine, migrate
         from handlers.routes import network
         from handlers.service import NetworkService
 
-        self.engine = make_engine(self.settings.db_url)
+        self.engine = make_engine(self.settings.db_url, checkpoints_in_background=True)
         await asyncio.to_thread(migrate, self.engine)
+        self.checkpointer = WalCheckpointer.for_engine(self.engine)
+        if self.checkpointer is not None:
+            self.checkpointer.start()
         assert self.tracing is not None
         traced: Any = TracedNetwork((self.network_factory or network)(), self.consumer_settings.name, self.tracing)
         self.service = NetworkService(self.engine, traced)
@@ -357,6 +361,9 @@ class Bus:
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
+        if self.checkpointer is not None:
+            await asyncio.to_thread(self.checkpointer.stop)
+            self.checkpointer = None
         if self.engine is not None:
             self.engine.dispose()
             self.engine = None
