@@ -78,6 +78,8 @@ def test_quick_run_measures_every_phase_in_both_configurations(quick_run: tuple[
     latency = results["configurations"]["sync_always"]["latency"]
     assert latency["status"] == "ok", latency
     assert latency["events"] == latency["committed"] == 500 and latency["rejected"] == 0
+    # a fifth of a second's worth offered first at the same rate, not measured
+    assert latency["warmup_events"] == 100 and results["options"]["latency_warmup"] == {"value": 0.2, "unit": "s"}
     assert 0 < latency["p50"]["value"] <= latency["p99"]["value"] <= latency["max"]["value"]
     assert 0 < latency["logged_p50"]["value"] <= latency["logged_p99"]["value"] <= latency["max"]["value"]
     assert latency["p50"]["unit"] == "ms" and latency["poll_interval"]["value"] > 0
