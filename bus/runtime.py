@@ -104,7 +104,8 @@ class Bus:
     gate: Gate = field(init=False)
     membership: Membership = field(init=False)
     engine: Any = None
-    checkpointer: Any = None
+    checkpointers: list[Any] = field(default_factory=list)
+    """Background checkpoints of the SQLite files this bus writes (``ops.wal``)."""
     service: Any = None
     consumer: Consumer | None = None
     relay: Relay | None = None
@@ -273,16 +274,20 @@ class Bus:
 
     async def start_state(self) -> None:
         """The read models: migrate, then run the network consumer, the timers and the outbox relay."""
-        from handlers.db import WalCheckpointer, make_engine, migrate
+        from handlers.db import make_engine, migrate
         from handlers.routes import network
         from handlers.service import NetworkService
+        from ops.wal import WalCheckpointer
 
         self.engine = make_engine(self.settings.db_url, checkpoints_in_background=True)
         await asyncio.to_thread(migrate, self.engine)
-        self.checkpointer = WalCheckpointer.for_engine(self.engine)
-        if self.checkpointer is not None:
-            self.checkpointer.start()
         assert self.tracing is not None
+        # The read models' write-ahead log and the span store's are checkpointed off the commits.
+        read_models = WalCheckpointer.for_engine(self.engine)
+        span_store = WalCheckpointer(self.tracing.store) if self.tracing.store is not None else None
+        self.checkpointers = [checkpointer for checkpointer in (read_models, span_store) if checkpointer is not None]
+        for checkpointer in self.checkpointers:
+            checkpointer.start()
         traced: Any = TracedNetwork((self.network_factory or network)(), self.consumer_settings.name, self.tracing)
         self.service = NetworkService(self.engine, traced)
         lock = asyncio.Lock()
@@ -361,9 +366,9 @@ class Bus:
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
-        if self.checkpointer is not None:
-            await asyncio.to_thread(self.checkpointer.stop)
-            self.checkpointer = None
+        for checkpointer in self.checkpointers:
+            await asyncio.to_thread(checkpointer.stop)
+        self.checkpointers = []
         if self.engine is not None:
             self.engine.dispose()
             self.engine = None

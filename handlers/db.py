@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,23 +11,17 @@ import orjson
 from sqlalchemy import Engine, event
 from sqlmodel import Session, create_engine
 
+from ops.wal import FALLBACK_AUTOCHECKPOINT
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 READ_ONLY = "collabbus_read_only"
-
-log = logging.getLogger("collabbus.handlers")
-
-CHECKPOINT_INTERVAL = 0.05
-"""Seconds between the background checkpoints of a bus's SQLite write-ahead log (:class:`WalCheckpointer`)."""
-FALLBACK_AUTOCHECKPOINT = 10_000
-"""Pages (of 4 KiB) the write-ahead log may reach before a commit checkpoints it after all, on an
-engine whose checkpoints are made in the background: should they stop, the log stays bounded."""
 
 
 def make_engine(url: str, *, checkpoints_in_background: bool = False, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and enforced foreign keys.
 
     ``checkpoints_in_background``: its commits leave copying the write-ahead log into the
-    database file to a :class:`WalCheckpointer` (up to :data:`FALLBACK_AUTOCHECKPOINT` pages)."""
+    database file to a :class:`ops.wal.WalCheckpointer` (up to :data:`ops.wal.FALLBACK_AUTOCHECKPOINT` pages)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -63,78 +54,6 @@ def make_engine(url: str, *, checkpoints_in_background: bool = False, **kwargs: 
 
         return engine
     return create_engine(url, pool_pre_ping=True, **_JSON, **kwargs)
-
-
-class WalCheckpointer:
-    """Copies a SQLite database's write-ahead log into the database file from a thread of its
-    own, every :data:`CHECKPOINT_INTERVAL` seconds while the log is written to.
-
-    SQLite does this by itself in the commit that takes the log past 1,000 pages: a commit in
-    every few hundred (every fifth of a second at 500 events/s) then wrote and synced about 4 MB
-    to the database file before it returned, while the events behind it waited, and the disk
-    was busy for everything else on it for as long (a nats-server syncing each write to the log,
-    say). Checkpoints made here are small and frequent, and never in a commit: the thread holds
-    no lock a writer waits for (a passive checkpoint), and the interpreter's lock is let go while
-    SQLite works. Used with an engine made with ``checkpoints_in_background``."""
-
-    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL) -> None:
-        self.path = path
-        self.interval = interval
-        self.checkpoints = 0
-        """Checkpoints made so far."""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @classmethod
-    def for_engine(cls, engine: Engine, interval: float = CHECKPOINT_INTERVAL) -> "WalCheckpointer | None":
-        """One for ``engine``'s database when it is a SQLite file, else None."""
-        database = engine.url.database
-        if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-            return None
-        return cls(Path(database), interval)
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="wal-checkpoints", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop after a last checkpoint."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        wal = self.path.with_name(self.path.name + "-wal")
-        try:
-            connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            log.warning("cannot checkpoint %s: %s; commits checkpoint it past %d pages", self.path, exc, FALLBACK_AUTOCHECKPOINT)
-            return
-        last: tuple[int, int] | None = None
-        failing = False
-        try:
-            while True:
-                stopping = self._stop.wait(self.interval)
-                try:
-                    stat = wal.stat()
-                except FileNotFoundError:
-                    stat = None
-                written = (stat.st_size, stat.st_mtime_ns) if stat is not None else None
-                if written is not None and written != last:  # an idle log is not looked at again
-                    try:
-                        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                        self.checkpoints += 1
-                        last, failing = written, False
-                    except sqlite3.Error as exc:  # commits checkpoint by themselves past the fallback
-                        if not failing:
-                            log.warning("checkpoint of %s failed: %s; trying again", self.path, exc)
-                        failing = True
-                if stopping:
-                    return
-        finally:
-            connection.close()
 
 
 def _json_text(value: Any) -> str:

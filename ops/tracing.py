@@ -48,6 +48,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, S
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from handlers.network import deciding_traceparent
+from ops.wal import FALLBACK_AUTOCHECKPOINT
 
 log = logging.getLogger("collabbus.tracing")
 
@@ -669,6 +670,9 @@ class SpanStore(SpanExporter):
             connection = _connect(self.path)
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = NORMAL")
+            # The running bus checkpoints the store in the background (``ops.wal``): the commit that
+            # took the log past SQLite's 1,000 pages synced ~4 MB, and the disk was busy for the log's own writes.
+            connection.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_AUTOCHECKPOINT}")
             connection.executescript(_SCHEMA)
             self._connection = connection
         return self._connection

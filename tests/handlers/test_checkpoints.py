@@ -11,7 +11,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from handlers.db import FALLBACK_AUTOCHECKPOINT, WalCheckpointer, make_engine
+from handlers.db import make_engine
+from ops.wal import FALLBACK_AUTOCHECKPOINT, WalCheckpointer
 
 ROWS = 3_000
 """Rows of ~4 KiB: well past the 1,000 pages after which SQLite's commits checkpoint by themselves."""
@@ -82,20 +83,21 @@ async def test_a_running_bus_checkpoints_its_read_models_in_the_background(tmp_p
     bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds))
     await bus.start()
     try:
-        assert bus.checkpointer is not None and bus.checkpointer.path == tmp_path / "bus" / "collabbus.db"
+        read_models, span_store = bus.checkpointers
+        assert read_models.path == tmp_path / "bus" / "collabbus.db" and span_store.path == tmp_path / "bus" / "traces.db"
         with bus.engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == FALLBACK_AUTOCHECKPOINT
-        made = bus.checkpointer.checkpoints
+        made = read_models.checkpoints, span_store.checkpoints
         nc = await nats.connect(server.url, **server.connect_options())
         try:
             await join(nc, "fi-checkpoints", "university")
         finally:
             await nc.close()
         deadline = time.monotonic() + 10
-        while bus.checkpointer.checkpoints == made and time.monotonic() < deadline:
+        while not (read_models.checkpoints > made[0] and span_store.checkpoints > made[1]) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert bus.checkpointer.checkpoints > made  # what the member's joining wrote was checkpointed
-        checkpointer = bus.checkpointer
+        # what the member's joining wrote (its rows, its spans) was checkpointed
+        assert read_models.checkpoints > made[0] and span_store.checkpoints > made[1]
     finally:
         await bus.stop()
-    assert bus.checkpointer is None and checkpointer._thread is None
+    assert bus.checkpointers == [] and read_models._thread is None and span_store._thread is None
