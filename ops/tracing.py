@@ -670,8 +670,8 @@ class SpanStore(SpanExporter):
             connection = _connect(self.path)
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = NORMAL")
-            # The running bus checkpoints the store in the background (``ops.wal``): the commit that
-            # took the log past SQLite's 1,000 pages synced ~4 MB, and the disk was busy for the log's own writes.
+            # The running bus checkpoints the store in the background (``ops.wal``): the commit that took
+            # the log past SQLite's 1,000 pages synced ~4 MB, and held up nats-server's syncs of the event log.
             connection.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_AUTOCHECKPOINT}")
             connection.executescript(_SCHEMA)
             self._connection = connection

@@ -76,9 +76,11 @@ class WalCheckpointer:
                     try:
                         if connection is None:
                             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        _, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                         self.checkpoints += 1
-                        last, failing = written, False
+                        failing = False
+                        # A reader of an older snapshot can keep frames from being copied: looked at again then.
+                        last = written if copied >= frames else None
                     except sqlite3.Error as exc:  # commits checkpoint by themselves past the fallback
                         if not failing:
                             log.warning("checkpoint of %s failed: %s; trying again (commits checkpoint it past %d pages)",
