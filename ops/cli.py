@@ -808,9 +808,10 @@ def status(
         finally:
             if engine is not None:
                 engine.dispose()
-        # Running: its consumers keep a pull request open (one of another process's counts too).
-        report["bus_running"] = not stopped and any(c["waiting"] for c in report["consumers"].values())
-        waiting_on = read_consumer_state(settings.data_dir) if report["bus_running"] else None
+        # Running: a bus on this data dir keeps its consumer state fresh; any bus's consumers keep a
+        # pull request open (not between one expiring and the next, so that alone can miss it).
+        waiting_on = None if stopped else read_consumer_state(settings.data_dir)
+        report["bus_running"] = not stopped and (waiting_on is not None or any(c["waiting"] for c in report["consumers"].values()))
         for name, state in (waiting_on or {}).items():  # what the running bus's consumers wait on, as /ops/status says
             if name in report["consumers"] and isinstance(state, dict):
                 report["consumers"][name].update(retrying=state.get("retrying"), holding=state.get("holding"))

@@ -87,3 +87,24 @@ def test_the_consumer_state_of_a_stopped_bus_is_not_read(tmp_path: Path) -> None
     assert read_consumer_state(tmp_path) is None  # not written lately: a pid taken by another process since
     path.write_bytes(b"{half")
     assert read_consumer_state(tmp_path) is None
+
+
+async def test_a_bus_whose_consumers_are_between_two_pull_requests_is_still_running(poisoned: Poisoned) -> None:
+    """A consumer's pull request expires and the next one follows; in between none is open. The
+    bus's fresh consumer state says it runs all the same (before, `bus_running` was false then,
+    and what its consumers wait on went unreported)."""
+    bus = poisoned.bus
+    assert bus.consumer is not None and bus.webhooks is not None
+    await bus.consumer.stop()  # no pull request of theirs any more, as between two
+    await bus.webhooks.consumer.stop()
+
+    async def none_waiting() -> None:
+        while any(c["waiting"] for c in (await bus_status(bus))["consumers"].values()):
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(none_waiting(), 15)  # (the server forgets a request when it expires)
+    code, out, err = await collabbus("status", "--json", env=cli_env(bus))
+    assert code == 0, err
+    status = json.loads(out)
+    assert all(c["waiting"] == 0 for c in status["consumers"].values())
+    assert status["bus_running"] is True
