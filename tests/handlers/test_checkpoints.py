@@ -73,7 +73,7 @@ def test_only_a_sqlite_file_gets_a_checkpointer() -> None:
     assert WalCheckpointer.for_engine(make_engine("postgresql+psycopg://u@127.0.0.1:1/none")) is None
 
 
-async def test_a_running_bus_checkpoints_its_read_models_in_the_background(tmp_path: Path, server: Any) -> None:
+async def test_a_running_bus_checkpoints_its_read_models_and_its_span_store_in_the_background(tmp_path: Path, server: Any) -> None:
     import nats
 
     from bus.runtime import Bus
