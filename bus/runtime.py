@@ -167,6 +167,7 @@ class Bus:
         """Only the gatekeeper and its ingress, on a NATS whose streams the main process declared:
         a process of its own that judges offers beside the others (``collabbus gate``)."""
         self._trace()
+        self._checkpoint_in_background(self._span_store())  # a gatekeeper on another machine has no bus beside it
         await self._connect("collabbus-gate")
         await self._start_gate()
         await self.open_ingress()
@@ -194,6 +195,21 @@ class Bus:
                 continue
             pause = every
             log.warning("the embedded nats-server runs again at %s", server.url)
+
+    def _span_store(self) -> Any:
+        """A checkpointer (``ops.wal``) of the span store, when spans are kept in one."""
+        from ops.wal import WalCheckpointer
+
+        return WalCheckpointer(self.tracing.store) if self.tracing is not None and self.tracing.store is not None else None
+
+    def _checkpoint_in_background(self, *checkpointers: Any) -> None:
+        """Start these checkpointers of SQLite files the process writes; they stop with the bus.
+        Several on one file (the bus's and its gatekeepers' on the span store) take turns: a
+        checkpoint finding another under way is skipped."""
+        for checkpointer in checkpointers:
+            if checkpointer is not None:
+                checkpointer.start()
+                self.checkpointers.append(checkpointer)
 
     def _trace(self) -> None:
         if self.tracing is None:
@@ -282,12 +298,7 @@ class Bus:
         self.engine = make_engine(self.settings.db_url, checkpoints_in_background=True)
         await asyncio.to_thread(migrate, self.engine)
         assert self.tracing is not None
-        # The read models' write-ahead log and the span store's are checkpointed off the commits.
-        read_models = WalCheckpointer.for_engine(self.engine)
-        span_store = WalCheckpointer(self.tracing.store) if self.tracing.store is not None else None
-        self.checkpointers = [checkpointer for checkpointer in (read_models, span_store) if checkpointer is not None]
-        for checkpointer in self.checkpointers:
-            checkpointer.start()
+        self._checkpoint_in_background(WalCheckpointer.for_engine(self.engine), self._span_store())
         traced: Any = TracedNetwork((self.network_factory or network)(), self.consumer_settings.name, self.tracing)
         self.service = NetworkService(self.engine, traced)
         lock = asyncio.Lock()

@@ -28,8 +28,10 @@ class WalCheckpointer:
     say). Checkpoints made here are small and frequent, and never in a commit: the thread holds
     no lock a writer waits for (a passive checkpoint), and the interpreter's lock is let go while
     SQLite works. The running bus has one for its read models (an engine made with
-    ``checkpoints_in_background``) and one for its span store, whose writers (the bus and its
-    gatekeeper processes) set :data:`FALLBACK_AUTOCHECKPOINT` on their connections."""
+    ``checkpoints_in_background``) and one for its span store, and each gatekeeper process one for
+    the span store (a gatekeeper may run on another machine); the writers of both set
+    :data:`FALLBACK_AUTOCHECKPOINT` on their connections. Checkpointers of one file take turns:
+    one finding another's checkpoint under way skips its own."""
 
     def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL) -> None:
         self.path = path

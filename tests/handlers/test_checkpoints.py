@@ -101,3 +101,18 @@ async def test_a_running_bus_checkpoints_its_read_models_and_its_span_store_in_t
     finally:
         await bus.stop()
     assert bus.checkpointers == [] and read_models._thread is None and span_store._thread is None
+
+
+async def test_a_gatekeeper_process_checkpoints_the_span_store_it_writes(tmp_path: Path, server: Any) -> None:
+    """``collabbus gate`` may run on another machine, with no bus beside it on its data dir."""
+    from bus.runtime import Bus
+    from ops.settings import Settings
+
+    gate = Bus(Settings(data_dir=tmp_path / "gate", nats_url=server.url, nats_creds=server.bus_creds))
+    await gate.start_gatekeeper()
+    try:
+        (span_store,) = gate.checkpointers
+        assert span_store.path == tmp_path / "gate" / "traces.db" and span_store._thread is not None
+    finally:
+        await gate.stop()
+    assert gate.checkpointers == [] and span_store._thread is None
