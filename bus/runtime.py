@@ -29,6 +29,7 @@ from bus.streams import desired_streams, ensure_streams
 from bus.verdict import Verdict
 from ops.settings import Settings
 from ops.tracing import TracedNetwork, Tracing, activate
+from ops.wal import WalCheckpointer
 from schemas.envelope import source_of
 
 log = logging.getLogger("collabbus.bus")
@@ -104,7 +105,7 @@ class Bus:
     gate: Gate = field(init=False)
     membership: Membership = field(init=False)
     engine: Any = None
-    checkpointers: list[Any] = field(default_factory=list)
+    checkpointers: list[WalCheckpointer] = field(default_factory=list)
     """Background checkpoints of the SQLite files this bus writes (``ops.wal``)."""
     service: Any = None
     consumer: Consumer | None = None
@@ -167,7 +168,7 @@ class Bus:
         """Only the gatekeeper and its ingress, on a NATS whose streams the main process declared:
         a process of its own that judges offers beside the others (``collabbus gate``)."""
         self._trace()
-        self._checkpoint_in_background(self._span_store())  # a gatekeeper on another machine has no bus beside it
+        self._checkpoint_in_background(self._span_store_checkpointer())  # a gatekeeper on another machine has no bus beside it
         await self._connect("collabbus-gate")
         await self._start_gate()
         await self.open_ingress()
@@ -196,13 +197,11 @@ class Bus:
             pause = every
             log.warning("the embedded nats-server runs again at %s", server.url)
 
-    def _span_store(self) -> Any:
+    def _span_store_checkpointer(self) -> WalCheckpointer | None:
         """A checkpointer (``ops.wal``) of the span store, when spans are kept in one."""
-        from ops.wal import WalCheckpointer
-
         return WalCheckpointer(self.tracing.store) if self.tracing is not None and self.tracing.store is not None else None
 
-    def _checkpoint_in_background(self, *checkpointers: Any) -> None:
+    def _checkpoint_in_background(self, *checkpointers: WalCheckpointer | None) -> None:
         """Start these checkpointers of SQLite files the process writes; they stop with the bus.
         Several on one file (the bus's and its gatekeepers' on the span store) take turns: a
         checkpoint finding another under way is skipped."""
@@ -293,12 +292,11 @@ class Bus:
         from handlers.db import make_engine, migrate
         from handlers.routes import network
         from handlers.service import NetworkService
-        from ops.wal import WalCheckpointer
 
         self.engine = make_engine(self.settings.db_url, checkpoints_in_background=True)
         await asyncio.to_thread(migrate, self.engine)
         assert self.tracing is not None
-        self._checkpoint_in_background(WalCheckpointer.for_engine(self.engine), self._span_store())
+        self._checkpoint_in_background(WalCheckpointer.for_engine(self.engine), self._span_store_checkpointer())
         traced: Any = TracedNetwork((self.network_factory or network)(), self.consumer_settings.name, self.tracing)
         self.service = NetworkService(self.engine, traced)
         lock = asyncio.Lock()
