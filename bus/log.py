@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
 
 from bus.streams import EVENTS_STREAM
 
@@ -115,6 +116,72 @@ async def read(
         await sub.unsubscribe()
 
 
+DIRECT_BATCH_SINCE = (2, 11)
+"""The nats-server version from which a direct get answers a batch (ADR-31): older servers answer
+one message per request."""
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message as a stream stores it."""
+
+    seq: int
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+
+
+async def stored(
+    js: JetStreamContext, stream: str, subject: str, *, start_seq: int = 1, batch: int = 100,
+) -> AsyncGenerator[StoredMessage, None]:
+    """The messages of ``stream`` on ``subject`` from ``start_seq`` on, in order, read ``batch``
+    at a time with one request each (a page of the log: one round trip, not one per message).
+
+    Direct gets need the stream's ``allow_direct`` (the bus's streams have it); on a server older
+    than 2.11 each message is asked for on its own."""
+    nc = js._nc
+    version = nc.connected_server_version
+    if (version.major, version.minor) < DIRECT_BATCH_SINCE:
+        async for message in _stored_one_by_one(js, stream, subject, start_seq):
+            yield message
+        return
+    request_subject = f"{js._prefix}.DIRECT.GET.{stream}"
+    seq = max(start_seq, 1)
+    while True:
+        sub = await nc.subscribe(nc.new_inbox(), max_msgs=batch + 1)
+        try:
+            await nc.publish(request_subject, orjson.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}),
+                             reply=sub.subject)
+            while True:
+                msg = await sub.next_msg(timeout=js._timeout)
+                headers = dict(msg.headers or {})
+                status = headers.get("Status")
+                if status == "404":  # nothing (more) at or after seq on the subject
+                    return
+                if status == "204":  # the end of this batch: Nats-Num-Pending more match after it
+                    if int(headers.get("Nats-Num-Pending") or 0) == 0:
+                        return
+                    break
+                if status:
+                    raise APIError(code=int(status), description=headers.get("Description") or f"direct get of {stream} failed")
+                message = StoredMessage(int(headers["Nats-Sequence"]), headers["Nats-Subject"], headers, msg.data)
+                seq = message.seq + 1
+                yield message
+        finally:
+            await sub.unsubscribe()
+
+
+async def _stored_one_by_one(js: JetStreamContext, stream: str, subject: str, seq: int) -> AsyncGenerator[StoredMessage, None]:
+    while True:
+        try:  # the next message at or after ``seq`` on the subject: deleted sequences are skipped
+            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except NotFoundError:
+            return
+        assert msg.seq is not None and msg.subject is not None
+        seq = msg.seq + 1
+        yield StoredMessage(msg.seq, msg.subject, dict(msg.headers or {}), msg.data or b"")
+
+
 @dataclass(frozen=True)
 class Outcome:
     """An applied event and what became of it (``GET /events/{id}``, ``collabbus publish``)."""
@@ -152,8 +219,6 @@ class Outcome:
 
 async def logged_at(js: JetStreamContext, seq: int) -> dict[str, Any] | None:
     """The event at ``seq`` of the log (``None`` when it is no longer there)."""
-    from nats.js.errors import NotFoundError
-
     try:
         msg = await js.get_msg(EVENTS_STREAM, seq=seq)
     except NotFoundError:

@@ -33,6 +33,7 @@ from bus.consumer import (
     Applier,
     header_text,
 )
+from bus import log
 from bus.streams import DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM
 
 REASON_LENGTH = 300
@@ -42,6 +43,9 @@ REASON_LENGTH = 300
 _NOISE = ("For further information visit", "(Background on this error at:", "[SQL:", "[parameters:")
 """Lines of an error that point elsewhere (pydantic's and SQLAlchemy's links, the statement and
 its parameters): the detail keeps them, the reason leaves them out."""
+
+DLQ_BATCH = 256
+"""Dead letters read with one request when listing them."""
 
 
 def reason_of(error: str, detail: Iterable[str]) -> str:
@@ -139,17 +143,13 @@ async def dead_letters(js: JetStreamContext, consumer: str | None = None) -> lis
         state = (await js.stream_info(DLQ_STREAM)).state
     except NotFoundError:
         return []
-    found: list[DeadLetter] = []
-    seq = state.first_seq or 1
-    while state.messages and seq <= state.last_seq:
-        try:  # the next message at or after ``seq`` on the subject: deleted sequences are skipped
-            msg = await js.get_msg(DLQ_STREAM, seq=seq, subject=subject, next=True)
-        except NotFoundError:
-            break
-        assert msg.seq is not None and msg.subject is not None
-        found.append(DeadLetter.from_message(msg.seq, msg.subject, msg.headers, msg.data))
-        seq = msg.seq + 1
-    return found
+    if not state.messages:
+        return []
+    return [
+        DeadLetter.from_message(msg.seq, msg.subject, msg.headers, msg.data)
+        async for msg in log.stored(js, DLQ_STREAM, subject, start_seq=state.first_seq or 1, batch=DLQ_BATCH)
+        if msg.seq <= state.last_seq
+    ]
 
 
 async def dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:

@@ -8,12 +8,12 @@ limits (body size, rate) and maps the verdict to an HTTP status.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
-from nats.js.errors import NotFoundError
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -209,21 +209,17 @@ async def read_log(
             raise ApiProblem(400, "the cursor of /events is a log sequence (the previous next_cursor)", kind="bad_cursor")
         after_seq = int(cursor)
     subjects = event_filter(type, institution, subject)
-    seq = (after_seq or 0) + 1
     items: list[dict[str, Any]] = []
-    while len(items) <= limit:
-        try:
-            msg = await bus.js.get_msg(EVENTS_STREAM, seq=seq, subject=subjects, next=True)
-        except NotFoundError:
-            break
-        assert msg.seq is not None
-        seq = msg.seq + 1
-        event = log.readable(msg.data)
-        if not isinstance(event, dict):  # not an event (put in the log by hand; dead-lettered by the consumers)
-            continue
-        if event.get("type") in CONFIDENTIAL and not await run_in_threadpool(_visible, engine_of(request), event, viewer):
-            continue
-        items.append({"seq": msg.seq, "event": event})
+    async with aclosing(log.stored(bus.js, EVENTS_STREAM, subjects, start_seq=(after_seq or 0) + 1, batch=limit + 1)) as messages:
+        async for msg in messages:
+            event = log.readable(msg.data)
+            if not isinstance(event, dict):  # not an event (put in the log by hand; dead-lettered by the consumers)
+                continue
+            if event.get("type") in CONFIDENTIAL and not await run_in_threadpool(_visible, engine_of(request), event, viewer):
+                continue
+            items.append({"seq": msg.seq, "event": event})
+            if len(items) > limit:
+                break
     more = len(items) > limit
     items = items[:limit]
     return {"items": items, "next_cursor": str(items[-1]["seq"]) if more else None}
