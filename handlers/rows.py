@@ -21,25 +21,42 @@ from sqlmodel.main import finish_init
 class TableRow(SQLModel):
     """Base of the handlers' tables (see module)."""
 
-    __row_defaults__: ClassVar[dict[type[Any], tuple[frozenset[str], tuple[tuple[str, Any], ...]]]] = {}
+    __row_defaults__: ClassVar[dict[type[Any], tuple[frozenset[str], dict[str, Any], tuple[tuple[str, Any], ...]]]] = {}
+    """Per class: its field names, the defaults that can be shared (immutable values) and the
+    fields whose default is made anew for each row (a list, by its factory)."""
 
     def __init__(self, **data: Any) -> None:
         if not finish_init.get():  # SQLModel's own validation path builds the row itself
             return
         cls = type(self)
-        plan = TableRow.__row_defaults__.get(cls)
-        if plan is None:
-            plan = TableRow.__row_defaults__[cls] = (
-                frozenset(cls.model_fields),
-                tuple((name, field) for name, field in cls.model_fields.items() if not field.is_required()),
-            )
-        names, optional = plan
+        plan = TableRow.__row_defaults__.get(cls) or _plan(cls)
+        names, shared, made = plan
         unknown = data.keys() - names
         if unknown:
             raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
-        values = {name: field.get_default(call_default_factory=True) for name, field in optional if name not in data}
+        values = shared.copy()
+        for name, field in made:
+            if name not in data:
+                values[name] = field.get_default(call_default_factory=True)
         values.update(data)
         self.__dict__.update(values)
         object.__setattr__(self, "__pydantic_fields_set__", set(data))
         object.__setattr__(self, "__pydantic_extra__", None)
         object.__setattr__(self, "__pydantic_private__", None)
+
+
+_SHAREABLE = (type(None), bool, int, float, str, bytes, tuple, frozenset)
+
+
+def _plan(cls: type[TableRow]) -> tuple[frozenset[str], dict[str, Any], tuple[tuple[str, Any], ...]]:
+    shared: dict[str, Any] = {}
+    made: list[tuple[str, Any]] = []
+    for name, field in cls.model_fields.items():
+        if field.is_required():
+            continue
+        if field.default_factory is None and isinstance(field.default, _SHAREABLE):
+            shared[name] = field.default
+        else:
+            made.append((name, field))
+    plan = TableRow.__row_defaults__[cls] = (frozenset(cls.model_fields), shared, tuple(made))
+    return plan
