@@ -44,6 +44,11 @@ class TableRow(SQLModel):
         object.__setattr__(self, "__pydantic_extra__", None)
         object.__setattr__(self, "__pydantic_private__", None)
 
+    def __getattr__(self, name: str) -> Any:
+        if name == "_sa_instance_state":  # asked (by hasattr) of every new row: not there yet
+            raise AttributeError(name)
+        return super().__getattr__(name)  # type: ignore[misc]
+
 
 _SHAREABLE = (type(None), bool, int, float, str, bytes, tuple, frozenset)
 
