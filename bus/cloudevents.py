@@ -13,6 +13,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 import orjson
 
+from schemas.common import json_type
 from schemas.envelope import ATTRIBUTES, STRUCTURED_CONTENT_TYPE
 
 
@@ -75,7 +76,7 @@ def parse_structured(body: bytes) -> dict[str, Any]:
     """A structured-mode CloudEvent: the whole event is one JSON object."""
     event = loads(body)
     if not isinstance(event, dict):
-        raise Malformed("json_invalid", f"a structured CloudEvent is a JSON object, not {type(event).__name__}")
+        raise Malformed("json_invalid", f"a structured CloudEvent is a JSON object, not {json_type(event)}")
     return event
 
 

@@ -228,7 +228,7 @@ def _text_or(kind: type) -> BeforeValidator:
             except ValueError:
                 raise PydanticCustomError(code, f"{problem}: this one does not exist") from None
         if not isinstance(value, kind):
-            raise ValueError(f"expected an RFC 3339 string, got {type(value).__name__}")
+            raise ValueError(f"expected an RFC 3339 string, got {json_type(value)}")
         return value
 
     return BeforeValidator(check)
@@ -408,3 +408,20 @@ class Reason(ValueObject):
 
     code: str
     message: LocalizedText | None = None
+
+
+def json_type(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words: messages go to clients written in any language."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

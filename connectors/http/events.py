@@ -29,6 +29,7 @@ from bus.ratelimit import RateLimiter
 from handlers.bookkeeping import applied_event
 from handlers.db import reading
 from handlers.audience import CONFIDENTIAL, audience
+from schemas.common import json_type
 from schemas.envelope import EVENT_ID_PATTERN, INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
 
 router = APIRouter(tags=["events"])
@@ -109,7 +110,7 @@ def _split_batch(body: bytes) -> list[bytes]:
     except cloudevents.Malformed as exc:
         raise ApiProblem(400, exc.msg, kind="malformed") from None
     if not isinstance(events, list):
-        raise ApiProblem(400, f"a batch is a JSON array of structured events, not {type(events).__name__}", kind="malformed")
+        raise ApiProblem(400, f"a batch is a JSON array of structured events, not {json_type(events)}", kind="malformed")
     return [orjson.dumps(event) for event in events]
 
 

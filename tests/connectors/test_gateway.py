@@ -122,7 +122,12 @@ async def test_malformed_bodies_are_400(gateway: Gateway, municipality: str) -> 
     body = problem(await gateway.client.post("/events", content=b'{"specversion": ', headers=auth), 400, "malformed")
     assert body["errors"][0]["type"] == "json_invalid"
     batch_headers = {**auth, "content-type": "application/cloudevents-batch+json"}
-    problem(await gateway.client.post("/events", content=b'{"not": "a list"}', headers=batch_headers), 400, "malformed")
+    not_a_list = problem(await gateway.client.post("/events", content=b'{"not": "a list"}', headers=batch_headers), 400, "malformed")
+    assert not_a_list["detail"].endswith("not an object")  # in JSON's words: clients are written in any language
+    answered = await gateway.client.post("/events", content=b'[1, "x", null, []]', headers=batch_headers)
+    assert answered.status_code == 202
+    assert [v["errors"][0]["msg"].rpartition(", not ")[2] for v in answered.json()] == ["a number", "a string", "null", "an array"]
+    assert {v["status"] for v in answered.json()} == {"rejected"}
 
 
 async def test_no_unknown_or_revoked_token_is_401(gateway: Gateway, municipality: str) -> None:
