@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Annotated, Any, Literal
+import zlib
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request
@@ -79,18 +80,54 @@ def transport_mode(headers: Mapping[str, str]) -> Mode:
     )
 
 
+CONTENT_CODINGS = ("gzip", "x-gzip", "identity")
+"""The ``Content-Encoding`` values a body may come in (``x-gzip`` is gzip's old name)."""
+
+
+def content_coding(headers: Mapping[str, str]) -> str | None:
+    """``gzip`` for a compressed body, None for a plain one; 415 for a coding not taken."""
+    codings = [c.strip().lower() for c in headers.get("content-encoding", "").split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return None
+    if codings in (["gzip"], ["x-gzip"]):
+        return "gzip"
+    raise ApiProblem(
+        415, f"Content-Encoding {headers.get('content-encoding')!r} is not accepted: send the body as it is, or gzip it",
+        kind="unsupported", headers={"Accept-Encoding": "gzip"},
+    )
+
+
 async def _read_body(request: Request, limit: int, why: str) -> bytes:
     """The body, refused (413) as soon as it is known to exceed ``limit`` — before reading it when
-    ``Content-Length`` says so; ``why`` says where the limit comes from."""
+    ``Content-Length`` says so; ``why`` says where the limit comes from. A gzipped body is
+    inflated as it arrives, and the limit holds for what it inflates to (and for what is sent)."""
+    coding = content_coding(request.headers)
     declared = request.headers.get("content-length", "")
     too_large = ApiProblem(413, f"the body is over {limit} bytes, {why}", kind="too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
+    inflate = zlib.decompressobj(wbits=31) if coding == "gzip" else None  # (31: with gzip's header)
+    sent = 0
     async for chunk in request.stream():
+        sent += len(chunk)
+        if inflate is not None:
+            if sent > limit:
+                raise too_large
+            try:  # never more than one byte past the limit: a small body may inflate to gigabytes
+                chunk = inflate.decompress(chunk, limit + 1 - len(body))
+            except zlib.error as exc:
+                raise ApiProblem(400, f"the body is not valid gzip ({exc})", kind="malformed") from None
         body += chunk
         if len(body) > limit:
             raise too_large
+    if inflate is not None:
+        if inflate.unconsumed_tail:
+            raise too_large
+        if not inflate.eof or inflate.unused_data:
+            raise ApiProblem(400, "the body is not valid gzip (it ends early, or something follows the gzip data)",
+                             kind="malformed")
     return bytes(body)
 
 
@@ -137,7 +174,8 @@ _REQUEST_BODY = {
 )
 async def offer_events(request: Request, institution: Publisher) -> JSONResponse:
     """Offer one event (structured or binary mode: 202 with the verdict, or a problem) or a batch
-    (202 with one verdict per event, each judged on its own)."""
+    (202 with one verdict per event, each judged on its own). The body may be gzipped
+    (`Content-Encoding: gzip`); the size limits hold for it inflated."""
     bus = bus_of(request)
     limiter: RateLimiter = request.app.state.rate_limiter
     metrics = request.app.state.metrics

@@ -4,6 +4,7 @@ nats-server and read models on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -176,6 +177,37 @@ async def test_too_large_bodies_are_413_also_when_streamed(gateway: Gateway, mun
     refused = problem(await gateway.client.post("/events", content=chunks(), headers=headers), 413, "too_large")
     # It names the event's limit, not only the input limit it ran into.
     assert refused["detail"] == f"the body is over {INPUT_FACTOR * limit} bytes, {INPUT_FACTOR} times an event's limit of {limit} bytes: not read"
+
+
+async def test_a_gzipped_body_is_inflated_within_the_limits(gateway: Gateway, municipality: str) -> None:
+    auth = gateway.auth(municipality)
+    structured = {**auth, "content-type": "application/cloudevents+json", "content-encoding": "gzip"}
+    event = envelope("project.registered", municipality, project(municipality, title={"fi": "Kävelykeskusta"}))
+    accepted = await gateway.client.post("/events", content=gzip.compress(orjson.dumps(event)), headers=structured)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["id"] == event["id"] and accepted.json()["duplicate"] is False
+
+    batch = [envelope("project.registered", municipality, project(municipality)) for _ in range(3)]
+    batched = await gateway.client.post("/events", content=gzip.compress(orjson.dumps(batch)),
+                                        headers={**structured, "content-type": "application/cloudevents-batch+json"})
+    assert [v["id"] for v in batched.json() if v["status"] == "accepted"] == [e["id"] for e in batch]
+
+    # A small body that inflates past the limit is refused as it inflates (the limit is on the events).
+    limit = gateway.bus.settings.max_event_bytes
+    bomb = envelope("project.registered", municipality, project(municipality, summary={"en": "x" * (INPUT_FACTOR * limit)}))
+    packed = gzip.compress(orjson.dumps(bomb))
+    assert len(packed) < limit // 10
+    problem(await gateway.client.post("/events", content=packed, headers=structured), 413, "too_large")
+
+    for broken in (b"not gzip at all", gzip.compress(orjson.dumps(event))[:-12], gzip.compress(b"{}") + b"trailing"):
+        detail = problem(await gateway.client.post("/events", content=broken, headers=structured), 400, "malformed")["detail"]
+        assert "not valid gzip" in detail
+    refused = await gateway.client.post("/events", content=b"x", headers={**structured, "content-encoding": "br"})
+    assert "Content-Encoding 'br'" in problem(refused, 415, "unsupported")["detail"]
+    assert refused.headers["accept-encoding"] == "gzip"
+    plain = await gateway.client.post("/events", content=orjson.dumps(envelope("project.registered", municipality, project(municipality))),
+                                      headers={**structured, "content-encoding": "identity"})
+    assert plain.status_code == 202, plain.text
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "application/cloudevents+xml", None])
