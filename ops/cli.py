@@ -1158,7 +1158,7 @@ def institutions_add(
 ) -> None:
     """Add a member: the operator publishes institution.joined (and the command waits until the
     network has applied it). An ID that is already a member is refused unless --replace (to change
-    some facts: ``institutions update``)."""
+    some facts: `institutions update`)."""
     present = None if replace else _current_member(settings, institution_id)
     if present is not None:
         err.print(
@@ -1872,3 +1872,17 @@ def _render_bench(results: dict[str, Any], output: Path) -> None:
 
 def main() -> None:  # pragma: no cover - console script
     app()
+
+
+def _summaries_on_one_line(group: typer.Typer) -> None:
+    """A command list shows each command's first paragraph; Typer keeps its docstring's line breaks
+    there (they break the text at the width of the source, not the terminal's), so it is given joined."""
+    for command in group.registered_commands:
+        if command.short_help is None and command.help is None and command.callback is not None and command.callback.__doc__:
+            command.short_help = " ".join(inspect.cleandoc(command.callback.__doc__).split("\n\n")[0].split())
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _summaries_on_one_line(sub.typer_instance)
+
+
+_summaries_on_one_line(app)

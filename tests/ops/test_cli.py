@@ -399,3 +399,17 @@ def test_the_portal_sandbox_on_a_taken_port_says_so(tmp_path: Path) -> None:
         result = cli("portal", "sandbox", "--listen", f"127.0.0.1:{port}", env=env, timeout=30)
     assert result.returncode == 1 and f"the sandbox cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
     assert "NATS" not in result.stderr  # (it blamed NATS)
+
+
+def test_the_command_lists_show_each_summary_as_flowing_text() -> None:
+    """A docstring's line breaks (at the source's width) are not the terminal's: each command's
+    summary in a list reads as one paragraph, wrapped at the list's width only."""
+    from ops.cli import app, institutions_app
+
+    env = {**os.environ, "COLUMNS": "400"}  # wide enough for every summary on one line
+    listed = cli("--help", env=env).stdout
+    row = next(line for line in listed.splitlines() if line.startswith("│ gate "))
+    assert row.rstrip(" │").endswith("`up` starts COLLABBUS_GATE_PROCESSES of these.")  # the whole summary, one row
+    for group in (app, institutions_app):
+        for command in group.registered_commands:
+            assert command.short_help and "\n" not in command.short_help, command.name
