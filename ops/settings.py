@@ -52,12 +52,16 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="seconds JetStream remembers event ids for deduplication"
     )
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
-        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0]
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0],
+        description="comma-separated seconds before each webhook delivery attempt (jitter ±20 % on all but the first)",
     )
-    webhook_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    portal_url: str | None = None
-    portal_token: str | None = None
-    portal_interval: float = 300.0
+    webhook_allow_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated CIDRs that webhook and portal targets may resolve to besides public addresses",
+    )
+    portal_url: str | None = Field(None, description="the portal's base URL; the portal connector runs when it is set")
+    portal_token: str | None = Field(None, description="the Bearer token the portal connector sends")
+    portal_interval: float = Field(300.0, gt=0, description="seconds between the portal connector's syncs")
 
     _split_lists = field_validator("webhook_retry_schedule", "webhook_allow_networks", mode="before")(
         lambda cls, v: _split(v)

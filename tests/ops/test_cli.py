@@ -246,6 +246,15 @@ def test_up_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
 def test_settings_are_options_too(tmp_path: Path) -> None:
     result = cli("publish", "project.registered", "--as", "x1", "--data", "{}", "--stream-replicas", "nine", env=dict(os.environ))
     assert result.returncode == 2 and "stream_replicas" in result.stderr
+    result = cli("status", "--portal-interval", "0", env=dict(os.environ))  # a sync loop without a pause
+    assert result.returncode == 2 and "portal_interval" in result.stderr
+
+
+def test_every_setting_says_what_it_is() -> None:
+    from ops.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        assert field.description and "COLLABBUS_" not in field.description, name
 
 
 def test_exported_json_schemas_validate_every_fixture(tmp_path: Path) -> None:
