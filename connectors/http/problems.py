@@ -153,9 +153,16 @@ def install(app: FastAPI) -> None:
         tracing.mark_failed_unless_failed(trace.get_current_span(), f"{exc.status} {exc.kind}: {exc.detail}")
         return exc.response()
 
-    async def http_exception(_request: Request, exc: Exception) -> JSONResponse:
+    async def http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
+        detail = str(exc.detail)
+        # Routing's own answers say what was asked and where to look, not only the status's name.
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no resource at {request.url.path}; the API is described at /docs (and /openapi.json)"
+        elif exc.status_code == 405 and detail == "Method Not Allowed":
+            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+            detail = f"{request.method} is not allowed on {request.url.path}" + (f"; allowed: {allowed}" if allowed else "")
+        return problem_response(exc.status_code, detail, headers=exc.headers)
 
     async def invalid_parameters(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

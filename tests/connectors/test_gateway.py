@@ -179,6 +179,15 @@ async def test_too_large_bodies_are_413_also_when_streamed(gateway: Gateway, mun
     assert refused["detail"] == f"the body is over {INPUT_FACTOR * limit} bytes, {INPUT_FACTOR} times an event's limit of {limit} bytes: not read"
 
 
+async def test_a_wrong_path_or_method_is_a_problem_saying_what_was_asked(gateway: Gateway, municipality: str) -> None:
+    auth = gateway.auth(municipality)
+    missing = problem(await gateway.client.get("/project", headers=auth), 404, "not_found")
+    assert missing["detail"] == "no resource at /project; the API is described at /docs (and /openapi.json)"
+    refused = await gateway.client.delete("/projects/p-1", headers=auth)
+    assert problem(refused, 405, "method_not_allowed")["detail"] == "DELETE is not allowed on /projects/p-1; allowed: GET"
+    assert refused.headers["allow"] == "GET"
+
+
 async def test_a_gzipped_body_is_inflated_within_the_limits(gateway: Gateway, municipality: str) -> None:
     auth = gateway.auth(municipality)
     structured = {**auth, "content-type": "application/cloudevents+json", "content-encoding": "gzip"}
