@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, make_url
 from sqlmodel import Session, create_engine
 
 from ops.wal import FALLBACK_AUTOCHECKPOINT
@@ -23,12 +23,13 @@ def make_engine(url: str, *, checkpoints_in_background: bool = False, **kwargs: 
     ``checkpoints_in_background``: its commits leave copying the write-ahead log into the
     database file to a :class:`ops.wal.WalCheckpointer` (up to :data:`ops.wal.FALLBACK_AUTOCHECKPOINT` pages)."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
+        path = make_url(url).database  # None, "" or ":memory:" for a database in memory
+        in_memory = not path or path == ":memory:" or path.startswith("file::memory:")
+        if not in_memory:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # A pool big enough for the gateway's concurrent readers: a connection opened and closed
         # per request would cost more than the request.
-        kwargs = {"pool_size": 20, "max_overflow": 20, **kwargs} if path and path != ":memory:" else kwargs
+        kwargs = kwargs if in_memory else {"pool_size": 20, "max_overflow": 20, **kwargs}
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **_JSON, **kwargs)
 
         @event.listens_for(engine, "connect")
