@@ -23,7 +23,7 @@ def make_engine(url: str, *, checkpoints_in_background: bool = False, **kwargs: 
     ``checkpoints_in_background``: its commits leave copying the write-ahead log into the
     database file to a :class:`ops.wal.WalCheckpointer` (up to :data:`ops.wal.FALLBACK_AUTOCHECKPOINT` pages)."""
     if url.startswith("sqlite"):
-        path = make_url(url).database  # None, "" or ":memory:" for a database in memory
+        path = make_url(url).database or ""  # "" or ":memory:" for a database in memory
         in_memory = not path or path == ":memory:" or path.startswith("file::memory:")
         if not in_memory:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
