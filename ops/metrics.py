@@ -15,7 +15,7 @@ the gate does not know as a member is ``other`` (an ingress subject can name any
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from typing import Any
 
@@ -154,18 +154,40 @@ class _Gatekeepers(Collector):
         )
 
 
+class _Checkpoints(Collector):
+    """The SQLite files the bus checkpoints in the background (``ops.wal``): how far their
+    write-ahead logs have grown (one that keeps growing is not being checkpointed) and how many
+    checkpoints were made."""
+
+    def __init__(self, checkpointers: Sequence[Any]) -> None:
+        self.checkpointers = checkpointers
+
+    def collect(self) -> Iterator[Metric]:
+        size = GaugeMetricFamily("collabbus_sqlite_wal_bytes", "size of a SQLite database's write-ahead log "
+                                 "(checkpointed in the background; bounded at 40 MB should that stop)", labels=["database"])
+        made = CounterMetricFamily("collabbus_sqlite_checkpoints", "background checkpoints of a SQLite database's "
+                                   "write-ahead log", labels=["database"])
+        for checkpointer in self.checkpointers:
+            size.add_metric([checkpointer.path.name], checkpointer.wal_bytes)
+            made.add_metric([checkpointer.path.name], checkpointer.checkpoints)
+        yield from (size, made)
+
+
 def exposition(
     status: Mapping[str, Any] | None,
     webhook_attempts: Mapping[str, int] | None,
     *registries: CollectorRegistry,
     gates: Any = None,
     nats_connected: bool = True,
+    checkpointers: Sequence[Any] = (),
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
-    gatekeeper processes ``gates``, when the bus runs any) and a status snapshot (None: NATS could
-    not be read; everything else is still served)."""
+    gatekeeper processes ``gates``, when the bus runs any), a status snapshot (None: NATS could
+    not be read; everything else is still served) and the background checkpoints of SQLite files."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
+    if checkpointers:
+        snapshot.register(_Checkpoints(checkpointers))
     process: Any = REGISTRY
     if gates is not None:
         process = CollectorRegistry(auto_describe=False)

@@ -49,6 +49,14 @@ class WalCheckpointer:
             return None
         return cls(Path(database), interval)
 
+    @property
+    def wal_bytes(self) -> int:
+        """The size of the write-ahead log now (0 when there is none)."""
+        try:
+            return self.path.with_name(self.path.name + "-wal").stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def start(self) -> None:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="wal-checkpoints", daemon=True)

@@ -165,7 +165,8 @@ async def metrics(request: Request) -> Response:
         status = None
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)
     registry: Metrics = request.app.state.metrics
-    return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=bus.nc.is_connected),
+    return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=bus.nc.is_connected,
+                               checkpointers=bus.checkpointers),
                     media_type=CONTENT_TYPE_LATEST)
 
 

@@ -103,3 +103,16 @@ async def test_webhook_attempts_by_outcome(poisoned: Poisoned, scrape: Scrape) -
     samples = await scrape()
     counts = {o: sample(samples, "collabbus_webhook_attempts_total", outcome=o) for o in ("delivered", "failed", "error")}
     assert counts == {"delivered": 2, "failed": 1, "error": 1}
+
+
+async def test_the_background_checkpoints_of_the_sqlite_files_are_counted_with_their_logs_size(poisoned: Poisoned, scrape: Scrape) -> None:
+    checkpointers = {c.path.name: c for c in poisoned.bus.checkpointers}
+    assert set(checkpointers) == {"collabbus.db", "traces.db"}
+    verdict = await offer(poisoned.nc, MEMBER, project_event("checkpointed"))
+    assert verdict.accepted
+    await wait_for(lambda: all(c.checkpoints > 0 for c in checkpointers.values()))
+    samples = await scrape()
+    for name, checkpointer in checkpointers.items():
+        assert sample(samples, "collabbus_sqlite_checkpoints_total", database=name) >= 1, name
+        logged = int(sample(samples, "collabbus_sqlite_wal_bytes", database=name))
+        assert logged > 32 and (logged - 32) % (24 + 4096) == 0, (name, logged)  # a write-ahead log: a header, then frames
