@@ -133,16 +133,18 @@ class StoredMessage:
 
 
 async def stored(
-    js: JetStreamContext, stream: str, subject: str, *, start_seq: int = 1, batch: int = 100,
+    js: JetStreamContext, stream: str, subject: str, *, start_seq: int = 1, batch: int = 100, from_leader: bool = False,
 ) -> AsyncGenerator[StoredMessage, None]:
     """The messages of ``stream`` on ``subject`` from ``start_seq`` on, in order, read ``batch``
     at a time with one request each (a page of the log: one round trip, not one per message).
 
-    Direct gets need the stream's ``allow_direct`` (the bus's streams have it); on a server older
-    than 2.11 each message is asked for on its own."""
+    Direct gets need the stream's ``allow_direct`` (the bus's streams have it), and any replica
+    of the stream answers them: one a moment behind its leader may not have the newest messages
+    yet. ``from_leader`` (for a replicated stream whose reader must see everything acknowledged)
+    and a server older than 2.11 ask the leader for each message on its own."""
     nc = js._nc
     version = nc.connected_server_version
-    if (version.major, version.minor) < DIRECT_BATCH_SINCE:
+    if from_leader or (version.major, version.minor) < DIRECT_BATCH_SINCE:
         async for message in _stored_one_by_one(js, stream, subject, start_seq):
             yield message
         return

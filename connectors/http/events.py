@@ -249,7 +249,10 @@ async def read_log(
         after_seq = int(cursor)
     subjects = event_filter(type, institution, subject)
     items: list[dict[str, Any]] = []
-    async with aclosing(log.stored(bus.js, EVENTS_STREAM, subjects, start_seq=(after_seq or 0) + 1, batch=limit + 1)) as messages:
+    # An event is on the page once its 202 was sent: a replica of the log may be a moment behind its leader.
+    leader = bus.settings.stream_replicas > 1
+    async with aclosing(log.stored(bus.js, EVENTS_STREAM, subjects, start_seq=(after_seq or 0) + 1, batch=limit + 1,
+                                   from_leader=leader)) as messages:
         async for msg in messages:
             event = log.readable(msg.data)
             if not isinstance(event, dict):  # not an event (put in the log by hand; dead-lettered by the consumers)

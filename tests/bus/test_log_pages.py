@@ -103,3 +103,21 @@ async def test_a_server_without_batched_direct_gets_is_read_one_message_at_a_tim
     assert [(m.seq, m.subject, m.data) for m in one_by_one] == [(m.seq, m.subject, m.data) for m in batched]
     assert [m.seq for m in batched] == sequences["pagetest.b"][1:]
     assert requested.count(f"$JS.API.STREAM.MSG.GET.{STREAM}") == len(batched) + 1  # and one finding no more
+
+
+async def test_a_reader_that_must_see_all_that_was_acknowledged_asks_the_leader(nc: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any replica answers a direct get; the leader answers the stream API's own get."""
+    sequences = await fill(nc, 6)
+    requested: list[str] = []
+    original = nc.request
+
+    async def counting(subject: str, *args: object, **kwargs: object) -> object:
+        requested.append(subject)
+        return await original(subject, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nc, "request", counting)
+    found = []
+    async for message in log.stored(nc.jetstream(), STREAM, "pagetest.a", batch=50, from_leader=True):
+        found.append(message.seq)
+    assert found == sequences["pagetest.a"]
+    assert requested == [f"$JS.API.STREAM.MSG.GET.{STREAM}"] * (len(found) + 1)
