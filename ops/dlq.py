@@ -140,14 +140,16 @@ async def dead_letters(js: JetStreamContext, consumer: str | None = None) -> lis
     """Every dead letter (of ``consumer``, when given), oldest first."""
     subject = f"collab.dlq.{consumer}" if consumer else DLQ_SUBJECTS
     try:
-        state = (await js.stream_info(DLQ_STREAM)).state
+        info = await js.stream_info(DLQ_STREAM)
     except NotFoundError:
         return []
+    state = info.state
     if not state.messages:
         return []
+    replicated = (info.config.num_replicas or 1) > 1  # a replica may be a moment behind: what is listed is acted on
     return [
         DeadLetter.from_message(msg.seq, msg.subject, msg.headers, msg.data)
-        async for msg in log.stored(js, DLQ_STREAM, subject, start_seq=state.first_seq or 1, batch=DLQ_BATCH)
+        async for msg in log.stored(js, DLQ_STREAM, subject, start_seq=state.first_seq or 1, batch=DLQ_BATCH, from_leader=replicated)
         if msg.seq <= state.last_seq
     ]
 

@@ -7,10 +7,10 @@ limits (body size, rate) and maps the verdict to an HTTP status.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Annotated, Any, Literal
-import zlib
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request
@@ -80,12 +80,9 @@ def transport_mode(headers: Mapping[str, str]) -> Mode:
     )
 
 
-CONTENT_CODINGS = ("gzip", "x-gzip", "identity")
-"""The ``Content-Encoding`` values a body may come in (``x-gzip`` is gzip's old name)."""
-
-
 def content_coding(headers: Mapping[str, str]) -> str | None:
-    """``gzip`` for a compressed body, None for a plain one; 415 for a coding not taken."""
+    """``gzip`` for a compressed body (``x-gzip`` is gzip's old name), None for a plain one
+    (``identity``); 415 for a coding not taken."""
     codings = [c.strip().lower() for c in headers.get("content-encoding", "").split(",") if c.strip()]
     codings = [c for c in codings if c != "identity"]
     if not codings:
