@@ -14,7 +14,6 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
 from bus.streams import EVENTS_STREAM
-from schemas.common import json_type
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,11 @@ def readable(data: bytes | None) -> dict[str, Any] | str:
         event = orjson.loads(data or b"")
     except orjson.JSONDecodeError as exc:
         return f"not JSON: {exc}"
-    return event if isinstance(event, dict) else f"not an event: {json_type(event)}, not a JSON object"
+    if isinstance(event, dict):
+        return event
+    from schemas.common import json_type  # (the catalog is not loaded for reading the log)
+
+    return f"not an event: {json_type(event)}, not a JSON object"
 
 
 async def read(

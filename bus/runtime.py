@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus.consumer import Consumer, ConsumerSettings
-from bus.credentials import BUS_INBOX_PREFIX, Authority
+from bus.connection import connect_options, embedded_bus_creds, embedded_server
 from bus.gate import Gate
 from bus.ingress import Ingress
 from bus.membership import Membership
@@ -37,31 +37,6 @@ log = logging.getLogger("collabbus.bus")
 NETWORK_CONSUMER = "network"
 
 
-def connect_options(settings: Settings, name: str) -> dict[str, Any]:
-    """nats-py connection options for a bus process.
-
-    The bus authenticates with ``COLLABBUS_NATS_CREDS`` when it is set; otherwise, when it runs
-    the embedded server, with the credentials that server created under the data dir on its
-    first start (``bus.credentials``).
-    """
-    options: dict[str, Any] = {
-        "servers": settings.nats_servers,
-        "name": name,
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
-        "inbox_prefix": BUS_INBOX_PREFIX,  # replies to the bus out of every member's sight
-    }
-    creds = settings.nats_creds
-    if creds is None and settings.embedded and embedded_bus_creds(settings).exists():
-        creds = embedded_bus_creds(settings)
-    if creds is not None:
-        if creds.read_text().lstrip().startswith("SU"):
-            options["nkeys_seed"] = str(creds)
-        else:
-            options["user_credentials"] = str(creds)
-    return options
-
-
 def broker_options(settings: Settings, name: str) -> dict[str, Any]:
     """:func:`connect_options` for FastStream's broker, which takes credentials as ``security=``."""
     from faststream.nats import NatsCredentials, NatsNKey
@@ -72,26 +47,6 @@ def broker_options(settings: Settings, name: str) -> dict[str, Any]:
     elif "nkeys_seed" in options:
         options["security"] = NatsNKey(options.pop("nkeys_seed"))
     return options
-
-
-def embedded_store(settings: Settings) -> Path:
-    """Where the embedded server keeps its configuration, keys and JetStream store."""
-    return settings.data_dir / "nats"
-
-
-def embedded_bus_creds(settings: Settings) -> Path:
-    """The bus's own credentials for the embedded server (written on its first start)."""
-    return embedded_store(settings) / Authority.DIRECTORY / Authority.BUS_CREDS
-
-
-def embedded_authority(settings: Settings) -> Authority:
-    """The embedded server's keys (created when the data dir has none yet)."""
-    return Authority.load_or_create(embedded_store(settings) / Authority.DIRECTORY)
-
-
-def embedded_server(settings: Settings) -> EmbeddedNats:
-    host, port = settings.listen_host_port
-    return EmbeddedNats(embedded_store(settings), host, port)  # with authentication (the default)
 
 
 @dataclass

@@ -129,7 +129,7 @@ def _no_network_here(settings: Settings, what: str) -> NoReturn:
 async def _connect(settings: Settings, name: str) -> Any:
     import nats
 
-    from bus.runtime import connect_options, embedded_bus_creds
+    from bus.connection import connect_options, embedded_bus_creds
 
     options = connect_options(settings, name)
     async def quiet(_exc: Exception) -> None:  # the failure is reported once, below
@@ -153,7 +153,7 @@ async def _connect(settings: Settings, name: str) -> Any:
 async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
     """A connection to the bus's NATS; when the embedded server is not running, it is started for
     the command (so operations work with the bus stopped) and stopped after it."""
-    from bus.runtime import embedded_server
+    from bus.connection import embedded_server
     from bus.server import port_is_taken
 
     server = held = None
@@ -691,7 +691,8 @@ def rebuild(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bus.rebuild import rebuild as replay
-    from bus.runtime import NETWORK_CONSUMER, connect_options, keep_startup_objects
+    from bus.connection import connect_options
+    from bus.runtime import NETWORK_CONSUMER, keep_startup_objects
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
     from handlers.routes import network
@@ -1345,7 +1346,7 @@ def institutions_revoke(
     Tokens stop at the gateway's next request; the embedded server refuses the credentials at once
     and closes their connections (on an external server, revoke them in its account's JWT)."""
     from bus.credentials import Authority
-    from bus.runtime import embedded_authority, embedded_server, embedded_store
+    from bus.connection import embedded_authority, embedded_server, embedded_store
     from bus.server import EmbeddedServerError
     from handlers import tokens
     from handlers.db import session_scope
@@ -1404,7 +1405,7 @@ def institutions_creds(
     needs no reload. Earlier credentials of the member stay valid until `institutions revoke ID`."""
     from bus.credentials import CredentialsError, member_inbox_prefix, partner_creds, public_key, read_account_seed, write_secret
     from bus.membership import Membership
-    from bus.runtime import embedded_authority
+    from bus.connection import embedded_authority
 
     try:
         if settings.nats_account_seed is not None:
@@ -1571,7 +1572,7 @@ def portal_sync(
 
     _portal_url(settings)
     if settings.embedded and port_is_taken(*settings.listen_host_port):
-        from bus.runtime import embedded_bus_creds
+        from bus.connection import embedded_bus_creds
 
         settings = settings.model_copy(update={  # the running bus's server, as the bus connects to it
             "nats_url": f"nats://{settings.nats_listen}", "nats_creds": settings.nats_creds or embedded_bus_creds(settings)})

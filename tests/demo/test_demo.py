@@ -24,8 +24,8 @@ import nats
 import pytest
 
 from bus.client import offer
+from bus.connection import embedded_bus_creds
 from bus.credentials import BUS_INBOX_PREFIX
-from bus.runtime import embedded_bus_creds
 from bus.server import free_port
 from bus.streams import EVENTS_STREAM
 from handlers import tokens
