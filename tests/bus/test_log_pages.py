@@ -36,6 +36,19 @@ async def fill(nc: Client, count: int) -> dict[str, list[int]]:
     return sequences
 
 
+def count_requests(nc: Client, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The subjects of the requests ``nc`` makes from now on (the stream API's gets are requests)."""
+    requested: list[str] = []
+    original = nc.request
+
+    async def counting(subject: str, *args: object, **kwargs: object) -> object:
+        requested.append(subject)
+        return await original(subject, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nc, "request", counting)
+    return requested
+
+
 async def read(nc: Client, subject: str, *, start_seq: int = 1, batch: int = 7, most: int | None = None) -> list[log.StoredMessage]:
     found: list[log.StoredMessage] = []
     async with aclosing(log.stored(nc.jetstream(), STREAM, subject, start_seq=start_seq, batch=batch)) as messages:
@@ -91,14 +104,7 @@ async def test_a_server_without_batched_direct_gets_is_read_one_message_at_a_tim
     sequences = await fill(nc, 12)
     batched = await read(nc, "pagetest.b", start_seq=3, batch=2)
     monkeypatch.setattr(log, "DIRECT_BATCH_SINCE", (99, 0))  # as if the server were older than 2.11
-    requested: list[str] = []
-    original = nc.request
-
-    async def counting(subject: str, *args: object, **kwargs: object) -> object:
-        requested.append(subject)
-        return await original(subject, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(nc, "request", counting)
+    requested = count_requests(nc, monkeypatch)
     one_by_one = await read(nc, "pagetest.b", start_seq=3, batch=2)
     assert [(m.seq, m.subject, m.data) for m in one_by_one] == [(m.seq, m.subject, m.data) for m in batched]
     assert [m.seq for m in batched] == sequences["pagetest.b"][1:]
@@ -108,14 +114,7 @@ async def test_a_server_without_batched_direct_gets_is_read_one_message_at_a_tim
 async def test_a_reader_that_must_see_all_that_was_acknowledged_asks_the_leader(nc: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     """Any replica answers a direct get; the leader answers the stream API's own get."""
     sequences = await fill(nc, 6)
-    requested: list[str] = []
-    original = nc.request
-
-    async def counting(subject: str, *args: object, **kwargs: object) -> object:
-        requested.append(subject)
-        return await original(subject, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(nc, "request", counting)
+    requested = count_requests(nc, monkeypatch)
     found = []
     async for message in log.stored(nc.jetstream(), STREAM, "pagetest.a", batch=50, from_leader=True):
         found.append(message.seq)
