@@ -20,6 +20,7 @@ import orjson
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from bus import log
 from bus.consumer import (
     DLQ_CONSUMER,
     DLQ_DELIVERIES,
@@ -33,7 +34,6 @@ from bus.consumer import (
     Applier,
     header_text,
 )
-from bus import log
 from bus.streams import DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM
 
 REASON_LENGTH = 300
