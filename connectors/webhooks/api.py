@@ -50,7 +50,7 @@ class _Body(BaseModel):
 class EndpointCreate(_Body):
     url: str = Field(max_length=targets.MAX_URL_LENGTH, description="http(s) URL that receives the events")
     event_types: list[str] = Field(
-        default_factory=list, max_length=100, description="types (`project.registered`) or domains (`project.*`); empty: all"
+        default_factory=list, max_length=100, description="types (`project.registered`) or domains (`project` or `project.*`); empty: all"
     )
     description: str = Field("", max_length=1000)
 
@@ -125,17 +125,19 @@ def _dispatcher(request: Request) -> "WebhookDispatcher | None":
 
 
 def _check_event_types(event_types: list[str]) -> list[str]:
-    """The types, each once; 422 naming every one that is neither a type nor a domain of the catalog."""
+    """The types, each once; 422 naming every one that is neither a type nor a domain of the catalog.
+    A domain is ``project.*``, or ``project`` as ``GET /events?type=`` takes it (kept as ``project.*``)."""
     known = set(registry.event_types())
     domains = {event_type.split(".", 1)[0] for event_type in known}
+    wanted = [f"{name}.*" if name in domains else name for name in event_types]
     errors = [
-        Problem(("event_types", i), f"{wanted!r} is neither an event type nor a domain wildcard such as 'project.*'", "unknown_event_type")
-        for i, wanted in enumerate(event_types)
-        if wanted not in known and not (wanted.endswith(".*") and wanted[:-2] in domains)
+        Problem(("event_types", i), f"{name!r} is neither an event type nor a domain such as 'project' or 'project.*'", "unknown_event_type")
+        for i, name in enumerate(wanted)
+        if name not in known and not (name.endswith(".*") and name[:-2] in domains)
     ]
     if errors:
         raise ApiProblem(422, "; ".join(e.msg for e in errors), kind="invalid", errors=errors)
-    return list(dict.fromkeys(event_types))
+    return list(dict.fromkeys(wanted))
 
 
 async def _check_url(request: Request, url: str) -> None:
