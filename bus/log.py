@@ -153,9 +153,9 @@ async def stored(
         return
     request_subject = f"{js._prefix}.DIRECT.GET.{stream}"
     seq = max(start_seq, 1)
-    while True:
-        sub = await nc.subscribe(nc.new_inbox(), max_msgs=batch + 1)
-        try:
+    sub = await nc.subscribe(nc.new_inbox())  # each batch is read to its end before the next is asked for
+    try:
+        while True:
             await nc.publish(request_subject, orjson.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}),
                              reply=sub.subject)
             while True:
@@ -173,8 +173,8 @@ async def stored(
                 message = StoredMessage(int(headers["Nats-Sequence"]), headers["Nats-Subject"], headers, msg.data)
                 seq = message.seq + 1
                 yield message
-        finally:
-            await sub.unsubscribe()
+    finally:
+        await sub.unsubscribe()
 
 
 async def _stored_one_by_one(js: JetStreamContext, stream: str, subject: str, seq: int) -> AsyncGenerator[StoredMessage, None]:

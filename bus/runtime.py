@@ -10,15 +10,14 @@ import asyncio
 import gc
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from faststream.nats import NatsBroker
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus.consumer import Consumer, ConsumerSettings
 from bus.connection import connect_options, embedded_bus_creds, embedded_server
+from bus.consumer import Consumer, ConsumerSettings
 from bus.gate import Gate
 from bus.ingress import Ingress
 from bus.membership import Membership

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -147,11 +148,14 @@ async def dead_letters(js: JetStreamContext, consumer: str | None = None) -> lis
     if not state.messages:
         return []
     replicated = (info.config.num_replicas or 1) > 1  # a replica may be a moment behind: what is listed is acted on
-    return [
-        DeadLetter.from_message(msg.seq, msg.subject, msg.headers, msg.data)
-        async for msg in log.stored(js, DLQ_STREAM, subject, start_seq=state.first_seq or 1, batch=DLQ_BATCH, from_leader=replicated)
-        if msg.seq <= state.last_seq
-    ]
+    found: list[DeadLetter] = []
+    reading = log.stored(js, DLQ_STREAM, subject, start_seq=state.first_seq or 1, batch=DLQ_BATCH, from_leader=replicated)
+    async with aclosing(reading) as messages:
+        async for msg in messages:
+            if msg.seq > state.last_seq:  # dead-lettered since the listing began
+                break
+            found.append(DeadLetter.from_message(msg.seq, msg.subject, msg.headers, msg.data))
+    return found
 
 
 async def dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:
