@@ -281,6 +281,13 @@ CONFIDENTIAL = frozenset({"call.application_submitted", "call.application_receiv
 see each other's requests and amounts)."""
 
 
+def may_see_application(application: CallApplication, owner: str, viewer: str) -> bool:
+    """Whether ``viewer`` may see an application to a call published by ``owner``: the call's
+    publisher, the applicant and the partners the application names (as for its events,
+    :func:`audience`)."""
+    return viewer in (owner, application.applicant) or viewer in application.partners
+
+
 def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str]:
     """Who may see an application or the answer to it, as ``GET /events`` shows it and webhooks
     deliver it: whoever said it, the call's publisher, the applicant and the partners the

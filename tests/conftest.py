@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -123,7 +124,9 @@ def _template(kind: str, pg_server_url: str | None) -> str:
     key = f"{kind}:{pg_server_url}"
     if key not in _templates:
         if kind == "sqlite":
-            path = Path(tempfile.mkdtemp(prefix="collabbus-template-")) / "network.db"
+            directory = tempfile.mkdtemp(prefix="collabbus-template-")
+            atexit.register(shutil.rmtree, directory, True)  # removed when the test process ends
+            path = Path(directory) / "network.db"
             url = f"sqlite:///{path}"
             _templates[key] = str(path)
         else:

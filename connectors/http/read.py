@@ -22,7 +22,7 @@ from connectors.http.auth import Member, SessionDep
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page, keyset_page, list_page
 from connectors.http.problems import ApiProblem, documented
 from handlers import innovation_days as days
-from handlers.calls import Call, status_is
+from handlers.calls import Call, CallApplication, may_see_application, status_is
 from handlers.institutions import Institution
 from handlers.projects import (
     Project,
@@ -129,12 +129,61 @@ def list_calls(
     return _page([_call(row, now) for row in rows], next_cursor)
 
 
-@router.get("/calls/{call_id}", response_model=resources.Call, responses=ITEM_ERRORS)
-def get_call(call_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
+def _known_call(session: Any, call_id: str) -> Call:
     call = session.get(Call, call_id)
     if call is None:
         raise _not_found("call", call_id)
-    return _call(call, datetime.now(timezone.utc))
+    return call
+
+
+@router.get("/calls/{call_id}", response_model=resources.Call, responses=ITEM_ERRORS)
+def get_call(call_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
+    return _call(_known_call(session, call_id), datetime.now(timezone.utc))
+
+
+ApplicationStatus = Literal["received", "rejected"]
+
+
+@router.get(
+    "/calls/{call_id}/applications",
+    response_model=Page[resources.Application],
+    responses=documented(400, 401, 403, 404, 422),
+)
+def list_applications(
+    call_id: Id,
+    viewer: Member,
+    session: SessionDep,
+    status: ApplicationStatus | None = None,
+    applicant: Annotated[str | None, Query(max_length=63, description="applications this institution made")] = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    """Applications to a call in the order they were answered. The call's publisher sees every
+    one; any other member only those it made or is named a partner in (applications are not the
+    competitors' business)."""
+    call = _known_call(session, call_id)
+    query = select(CallApplication).where(CallApplication.call_id == call_id)
+    if status is not None:
+        query = query.where(CallApplication.status == status)
+    if applicant is not None:
+        query = query.where(CallApplication.applicant == applicant)
+    keep = None if viewer == call.owner else (lambda row: may_see_application(row, call.owner, viewer))
+    rows, next_cursor = keyset_page(
+        session, query, [col(CallApplication.submitted_at), col(CallApplication.application_id)],
+        limit=limit, cursor=cursor, keep=keep,
+    )
+    return _page([row.model_dump() for row in rows], next_cursor)
+
+
+@router.get("/calls/{call_id}/applications/{application_id}", response_model=resources.Application, responses=ITEM_ERRORS)
+def get_application(call_id: Id, application_id: Id, viewer: Member, session: SessionDep) -> dict[str, Any]:
+    """One application to a call, for the call's publisher, the applicant and its partners; to
+    anyone else it does not exist."""
+    call = _known_call(session, call_id)
+    row = session.get(CallApplication, (call_id, application_id))
+    if row is None or not may_see_application(row, call.owner, viewer):
+        raise ApiProblem(404, f"no application {application_id!r} to call {call_id!r}", kind="not_found")
+    return row.model_dump()
 
 
 # --- projects ----------------------------------------------------------------------------------

@@ -54,6 +54,22 @@ class Call(Resource):
     closed_reason: str | None = None
 
 
+class Application(Resource):
+    """An application to a call as the call's answer left it: ``received``, or ``rejected`` with
+    the ``reason`` (a rejected one keeps only who applied and why)."""
+
+    call_id: str
+    application_id: str
+    applicant: str
+    project_id: str | None = None
+    partners: list[str] = []
+    requested_amount: dict[str, str] | None = None
+    status: Literal["received", "rejected"]
+    reason: dict[str, Any] | None = None
+    submitted_at: datetime
+    """When the answer was logged (a resubmission under a rejected application's id: its time)."""
+
+
 class Location(Resource):
     country: str | None = None
     region: str | None = None

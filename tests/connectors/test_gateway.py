@@ -345,6 +345,56 @@ async def test_applications_to_a_call_are_shown_to_its_parties_only(gateway: Gat
     assert shown.status_code == 200 and shown.json()["event"]["data"]["requested_amount"]["amount"] == "90000"
 
 
+async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applicant_sees_its_own(
+    gateway: Gateway, municipality: str
+) -> None:
+    funder, partner = await gateway.join("funder", "SE"), await gateway.join("ngo")
+    competitor, late = await gateway.join("ngo"), await gateway.join("university")
+    outsider = await gateway.join("university")
+    now = datetime.now(timezone.utc)
+    call_id = unique("c")
+    await gateway.offer(funder, "call.published", {
+        "call_id": call_id, "title": {"en": "Care at home"}, "kind": "funding",
+        "budget": {"amount": "500000", "currency": "EUR"},
+        "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat(),
+        "deadline_model": "single_stage",
+    })
+    ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "requested_amount": {"amount": "90000", "currency": "EUR"}}
+    theirs = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "60000", "currency": "EUR"}}
+    refused = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "1000", "currency": "SEK"}}
+    for institution, data in ((municipality, ours), (competitor, theirs), (late, refused)):
+        await gateway.offer(institution, "call.application_submitted", data)
+    await gateway.settle()
+    path = f"/calls/{call_id}/applications"
+
+    async def listed(institution: str, **params: Any) -> list[tuple[str, str]]:
+        pages = await walk(gateway.client, path, gateway.auth(institution), limit=1, **params)
+        return [(item["application_id"], item["status"]) for page in pages for item in page]
+
+    # The publisher sees every application, in the order they were answered, one page at a time.
+    assert await listed(funder) == [(ours["application_id"], "received"), (theirs["application_id"], "received"),
+                                    (refused["application_id"], "rejected")]
+    assert await listed(funder, status="rejected") == [(refused["application_id"], "rejected")]
+    assert await listed(funder, applicant=competitor) == [(theirs["application_id"], "received")]
+    # Anyone else: what it applied for or is a partner in, nothing of the competitors'.
+    assert await listed(municipality) == [(ours["application_id"], "received")] == await listed(partner)
+    assert await listed(competitor) == [(theirs["application_id"], "received")]
+    assert await listed(late) == [(refused["application_id"], "rejected")]
+    assert await listed(outsider) == []
+
+    item = await gateway.client.get(f"{path}/{ours['application_id']}", headers=gateway.auth(partner))
+    assert item.status_code == 200, item.text
+    assert item.json()["applicant"] == municipality and item.json()["requested_amount"] == ours["requested_amount"]
+    assert item.json()["partners"] == [partner]
+    rejection = (await gateway.client.get(f"{path}/{refused['application_id']}", headers=gateway.auth(funder))).json()
+    assert rejection["status"] == "rejected" and rejection["reason"]["code"] == "currency_mismatch"
+    hidden = await gateway.client.get(f"{path}/{ours['application_id']}", headers=gateway.auth(competitor))
+    assert "no application" in problem(hidden, 404, "not_found")["detail"]
+    assert "no call" in problem(await gateway.client.get("/calls/c-none/applications", headers=gateway.auth(funder)),
+                                404, "not_found")["detail"]
+    problem(await gateway.client.get(path, params={"status": "pending"}, headers=gateway.auth(funder)), 422, "invalid_request")
+
+
 async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gateway, municipality: str) -> None:
     coordinator = await gateway.join("competence_centre")
     first = await gateway.join("university")
