@@ -31,6 +31,7 @@ from bus.streams import EVENTS_STREAM
 from bus.verdict import Problem, Rejection, Verdict, reject
 from ops import metrics, tracing
 from schemas import registry
+from schemas.common import error_message
 from schemas.envelope import ATTRIBUTES, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, CloudEvent, source_of
 
 log = logging.getLogger("collabbus.gate")
@@ -69,7 +70,7 @@ def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[
     # own error says what is wrong, the count would send the sender looking for a missing item.
     inner = {tuple(err["loc"][:i]) for err in errors for i in range(len(err["loc"]))}
     return [
-        Problem(prefix + tuple(err["loc"]), err["msg"], err["type"])
+        Problem(prefix + tuple(err["loc"]), error_message(err), err["type"])
         for err in errors
         if not (err["type"] == "too_short" and tuple(err["loc"]) in inner)
     ]

@@ -8,6 +8,7 @@ classes (`[0-9]`, not `\\d`): pydantic's regex engine treats `\\d` as any Unicod
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self, TypeVar
@@ -425,3 +426,43 @@ def json_type(value: object) -> str:
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
+
+
+# What each pattern of the catalog and the API asks for, in words: "String should match pattern
+# '^[a-z0-9][a-z0-9-]{1,62}$'" is exact, and a person has to decode it. The JSON Schemas keep the
+# patterns themselves.
+_PATTERN_WORDS = {
+    r"^[a-z0-9][a-z0-9-]{1,62}$": "an institution id: 2 to 63 lower-case letters (a-z), digits and hyphens, "
+                                  "not beginning with a hyphen, e.g. mersin-bb",
+    r"^/institutions/[a-z0-9][a-z0-9-]{1,62}$": "/institutions/ and the sender's institution id (2 to 63 lower-case "
+                                                "letters, digits and hyphens), e.g. /institutions/mersin-bb",
+    r"^[A-Za-z0-9_:-]{1,128}$": "an id of 1 to 128 letters (A-Z, a-z), digits, '_', ':' and '-' (no dots or spaces)",
+    r"^[A-Za-z0-9._:-]{1,128}$": "an id of 1 to 128 letters (A-Z, a-z), digits, '.', '_', ':' and '-' (no spaces)",
+    r"^[a-z][a-z_]*\.[a-z][a-z_]*$": "an event type: its domain and name in lower case joined by a dot, "
+                                      "e.g. project.registered",
+    r"^[a-z][a-z_]*(\.[a-z][a-z_]*)?$": "an event type or a domain in lower case, e.g. project.registered or project",
+    r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$": "a W3C traceparent in lower-case hex: "
+                                                            "version-trace id-parent id-flags, e.g. "
+                                                            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$": "a language tag (BCP 47) such as fi, sv or sv-FI",
+    r"^[^@\s]+@[^@\s]+\.[^@\s]+$": "an email address such as info@example.org",
+    r"^[A-Z]{3}$": "an ISO 4217 currency code in capitals, e.g. EUR",
+    r"^-?[0-9]+(\.[0-9]+)?$": 'a decimal number written as a string, e.g. "1500000.00"',
+    r"^[0-9]+(\.[0-9]+)?$": 'a decimal number of at least 0 written as a string, e.g. "1500000.00"',
+    r"^[A-Za-z]{2}$": "a two-letter country code (ISO 3166-1 alpha-2), e.g. FI",
+    r"^https?://[^\s/?#]+[^\s]*$": "an http(s) address, e.g. https://example.fi/page",
+    _WEB_URL: "an http(s) address, e.g. https://example.fi/page",
+    r"^[a-z0-9][a-z0-9_-]{0,62}$": "a code of 1 to 63 lower-case letters (a-z), digits, '_' and '-', "
+                                   "not beginning with either, e.g. innokyla",
+    r"^[a-z0-9][a-z0-9-]{0,62}$": "a code of 1 to 63 lower-case letters (a-z), digits and '-', "
+                                  "not beginning with '-', e.g. fi-business-id",
+}
+
+
+def error_message(error: Mapping[str, Any]) -> str:
+    """The message of one of pydantic's errors, with a pattern the value did not match said in words."""
+    if error.get("type") == "string_pattern_mismatch":
+        words = _PATTERN_WORDS.get(str((error.get("ctx") or {}).get("pattern")))
+        if words is not None:
+            return f"Input should be {words}"
+    return str(error.get("msg", ""))

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bus.verdict import Problem as GateProblem
 from bus.verdict import Reason, Verdict
 from ops import tracing
+from schemas.common import error_message
 
 log = logging.getLogger("collabbus.http")
 
@@ -166,7 +167,7 @@ def install(app: FastAPI) -> None:
 
     async def invalid_parameters(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = [{"loc": _loc(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
+        errors = [{"loc": _loc(e.get("loc", ())), "msg": error_message(e), "type": str(e.get("type", ""))} for e in exc.errors()]
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         not_json = media_type != "application/json" and not media_type.endswith("+json")
         if not_json and any(e["loc"] == [] for e in errors):  # JSON sent as a form (curl -d), or not JSON at all

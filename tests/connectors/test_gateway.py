@@ -162,6 +162,8 @@ async def test_an_invalid_event_is_422_with_every_error_listed(gateway: Gateway,
     locs = {tuple(error["loc"]) for error in body["errors"]}
     assert {("id",), ("data", "title"), ("data", "status")} <= locs
     assert all(error["msg"] and error["type"] for error in body["errors"])
+    (bad_id,) = (error for error in body["errors"] if error["loc"] == ["id"])  # the pattern in words
+    assert bad_id["msg"] == "Input should be an id of 1 to 128 letters (A-Z, a-z), digits, '.', '_', ':' and '-' (no spaces)"
 
 
 async def test_too_large_bodies_are_413_also_when_streamed(gateway: Gateway, municipality: str) -> None:
@@ -768,6 +770,11 @@ async def test_filters_take_only_values_that_can_match(gateway: Gateway, municip
         response = await gateway.client.get(path, params=params, headers=auth)
         assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json", (path, response.text)
         assert next(iter(params)) in response.json()["detail"]
+    wrong_case = await gateway.client.get("/events", params={"type": "Project"}, headers=auth)
+    assert problem(wrong_case, 422, "invalid_request")["errors"] == [{
+        "loc": ["query", "type"], "type": "string_pattern_mismatch",
+        "msg": "Input should be an event type or a domain in lower case, e.g. project.registered or project",
+    }]
     practice = project(municipality)
     await gateway.offer(municipality, "project.registered", practice)
     await gateway.settle()

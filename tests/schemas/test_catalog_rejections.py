@@ -251,3 +251,34 @@ def test_impact_period_in_order() -> None:
     period = {"start": "2025-12-31", "end": "2025-01-01"}
     assert locs(type_, data_of(type_, period=period)) == {("period",)}
     assert locs(type_, data_of(type_, indicators=[])) == {("indicators",)}
+
+
+def _patterns(schema: Any) -> set[str]:
+    if isinstance(schema, dict):
+        return {v for k, v in schema.items() if k == "pattern" and isinstance(v, str)} | {
+            p for v in schema.values() for p in _patterns(v)
+        }
+    if isinstance(schema, list):
+        return {p for v in schema for p in _patterns(v)}
+    return set()
+
+
+def test_every_pattern_a_member_sends_to_is_said_in_words() -> None:
+    from schemas.common import _PATTERN_WORDS
+    from schemas.envelope import CloudEvent
+
+    offered = [spec for spec in REGISTRY.values() if spec.emitters]  # what the workflows alone emit, nobody sends
+    patterns = _patterns(CloudEvent.model_json_schema()) | {
+        p for spec in offered for p in _patterns(spec.adapter.json_schema(mode="validation"))
+    }
+    assert patterns and not patterns - set(_PATTERN_WORDS), sorted(patterns - set(_PATTERN_WORDS))
+
+
+def test_a_pattern_mismatch_says_what_is_wanted_in_words() -> None:
+    from schemas.common import error_message
+
+    (error,) = errors("project.registered", data_of("project.registered", project_id="has spaces"))
+    assert error["type"] == "string_pattern_mismatch" and "pattern" in error["msg"]
+    assert error_message(error) == "Input should be an id of 1 to 128 letters (A-Z, a-z), digits, '_', ':' and '-' (no dots or spaces)"
+    other = {"type": "string_pattern_mismatch", "msg": "String should match pattern '^x$'", "ctx": {"pattern": "^x$"}}
+    assert error_message(other) == other["msg"]  # a pattern without words keeps pydantic's message
