@@ -336,24 +336,16 @@ async def _calls(gateway: Gateway) -> dict[str, Any]:
         for c in await gateway.items("/calls", status="open")
     ]
     esf = await gateway.get(f"/calls/{d.ESF_CALL}")
-    applications: dict[str, dict[str, Any]] = {}
     # Applications are shown to the call's publisher (and each to its applicant), as the funder reads them.
-    for item in await gateway.items("/events", as_=d.ESF_FUND, type="call", subject=d.ESF_CALL):
-        event, data = item["event"], item["event"]["data"]
-        if event["type"] == "call.application_submitted":
-            applications[data["application_id"]] = {
-                "application_id": data["application_id"], "applicant": event["source"].removeprefix("/institutions/"),
-                "requested_amount": data.get("requested_amount"), "submitted_at": event["time"], "outcome": "pending",
-                "reason": None,
-            }
-        elif event["type"] == "call.application_received" and data["application_id"] in applications:
-            applications[data["application_id"]]["outcome"] = "received"
-        elif event["type"] == "call.application_rejected" and data["application_id"] in applications:
-            applications[data["application_id"]].update(outcome="rejected", reason=data["reason"]["code"])
+    applications = [
+        {"application_id": a["application_id"], "applicant": a["applicant"], "requested_amount": a.get("requested_amount"),
+         "submitted_at": a["submitted_at"], "outcome": a["status"], "reason": (a.get("reason") or {}).get("code")}
+        for a in await gateway.items(f"/calls/{d.ESF_CALL}/applications", as_=d.ESF_FUND)
+    ]
     return {
         "open": open_calls,
         "esf": {"call_id": esf["call_id"], "title": esf["title"], "status": esf["status"], "deadline": esf["deadline"],
-                "closed_reason": esf.get("closed_reason"), "applications": list(applications.values())},
+                "closed_reason": esf.get("closed_reason"), "applications": applications},
     }
 
 
@@ -416,6 +408,7 @@ def explore(url: str) -> dict[str, str]:
         "projects": f"{url}/projects",
         "Mersin's spread": f"{url}/stats/adoptions?owner={d.MERSIN}",
         "open calls": f"{url}/calls?status=open",
+        f"ESF+ applications (as {d.ESF_FUND})": f"{url}/calls/{d.ESF_CALL}/applications",
         "validation": f"{url}/validations/{d.VALIDATION}",
         "Social Innovation Day": f"{url}/innovation-days/{d.SI_DAY}",
         "its meetings": f"{url}/innovation-days/{d.SI_DAY}/meetings",
