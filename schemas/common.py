@@ -7,6 +7,7 @@ classes (`[0-9]`, not `\\d`): pydantic's regex engine treats `\\d` as any Unicod
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from datetime import date, datetime
@@ -276,8 +277,20 @@ def theme_codes() -> list[str]:
 def _check_theme(value: str) -> str:
     domain, dot, sub = value.partition(".")
     if domain not in THEMES or (dot and sub not in THEMES[domain]):
-        raise ValueError(f"unknown theme code {value!r}")
+        raise ValueError(f"unknown theme code {value!r}{_theme_hint(value)}")
     return value
+
+
+def _theme_hint(value: str) -> str:
+    """The codes a wrong one was probably meant to be: a sub-code without its area
+    (``elderly_care``), the start of an area (``health``), or a misspelling."""
+    codes = theme_codes()
+    meant = [code for code in codes if "." in code and code.partition(".")[2] == value]
+    meant = meant or [code for code in THEMES if value and code.startswith(value)]
+    meant = meant or difflib.get_close_matches(value, codes, n=3, cutoff=0.75)
+    if meant:
+        return f"; did you mean {' or '.join(repr(code) for code in meant[:3])}?"
+    return f"; the areas are {', '.join(sorted(THEMES))}, each alone or with a sub-code (`collabbus schemas list`)"
 
 
 Theme = Annotated[

@@ -89,6 +89,17 @@ def test_unknown_theme_code_is_named(code: str) -> None:
     assert repr(code) in error["msg"]
 
 
+@pytest.mark.parametrize(("code", "hint"), [
+    ("elderly_care", "did you mean 'health_care.elderly_care'?"),
+    ("health", "did you mean 'health_care'?"),
+    ("educaton.literacy", "did you mean 'education.literacy'"),
+    ("sports", "the areas are economy, education, environment_urbanisation, health_care, migration_population,"),
+])
+def test_an_unknown_theme_code_is_answered_with_the_codes_it_was_probably_meant_to_be(code: str, hint: str) -> None:
+    [error] = errors("project.registered", data_of("project.registered", themes=[code]))
+    assert hint in error["msg"], error["msg"]
+
+
 def test_known_theme_codes() -> None:
     themes = ["education", "education.literacy", "migration_population.ageing"]
     spec_for("project.registered").adapter.validate_python(
