@@ -30,6 +30,7 @@ from schemas.validations import (
     InfoProvided,
     InfoRequested,
     ReviewerAssigned,
+    ReviewerUnassigned,
     ReviewSubmitted,
     ValidationDecided,
     ValidationRequested,
@@ -227,7 +228,8 @@ def check_action(ctx: Context) -> None:
     validation = ctx.session.get(Validation, event.data.validation_id)
     state = _state(ctx.session, validation) if validation is not None else None
     may_review = {None, "operator"}  # not a member, or the bus's own institution
-    judged_on_reviews = isinstance(event.data, (ReviewSubmitted, ValidationDecided))  # the quorum, a coordinator's medians
+    # The quorum, a coordinator's medians, a reviewer who has reviewed already:
+    judged_on_reviews = isinstance(event.data, (ReviewSubmitted, ValidationDecided, ReviewerUnassigned))
     reviews = [_review(r) for r in _reviews(ctx.session, state.validation_id)] if state and judged_on_reviews else []
     refusal = rules.action_refusal(state, event.source, event.data, reviews=reviews, now=event.logged_at,
                                    is_member=lambda institution: _member_kind(ctx.session, institution) not in may_review)
@@ -309,6 +311,16 @@ def on_reviewer_assigned(session: Session, event: Event[ReviewerAssigned]) -> No
     _refresh_status(session, validation)
 
 
+def on_reviewer_unassigned(session: Session, event: Event[ReviewerUnassigned]) -> None:
+    data = event.data
+    validation = _validation(session, data.validation_id)
+    reviewer = session.get(ValidationReviewer, (data.validation_id, data.reviewer))
+    if reviewer is not None:  # the decider refuses unassigning one who is not assigned
+        session.delete(reviewer)
+        session.flush()  # gone before anything later in the batch looks it up (an assignment again)
+    _refresh_status(session, validation)
+
+
 def on_review_submitted(session: Session, event: Event[ReviewSubmitted]) -> None:
     """A reviewer's review, replacing their earlier one."""
     data = event.data
@@ -380,6 +392,7 @@ def on_withdrawn(session: Session, event: Event[ValidationWithdrawn]) -> None:
 PROJECTIONS: dict[str, Projection] = {
     "validation.requested": on_requested,
     "validation.reviewer_assigned": on_reviewer_assigned,
+    "validation.reviewer_unassigned": on_reviewer_unassigned,
     "validation.review_submitted": on_review_submitted,
     "validation.info_requested": on_info_requested,
     "validation.info_provided": on_info_provided,

@@ -32,6 +32,7 @@ __all__ = [
     "Question",
     "ReviewSubmitted",
     "ReviewerAssigned",
+    "ReviewerUnassigned",
     "SelfAssessment",
     "ValidationActionRejected",
     "ValidationDecided",
@@ -106,6 +107,16 @@ class ReviewerAssigned(EventData):
     validation_id: AggregateId
     reviewer: InstitutionId
     due_by: Timestamp | None = None
+
+
+class ReviewerUnassigned(EventData):
+    """The coordinator takes an assigned reviewer off the validation before it has reviewed (a
+    conflict of interest found late, a reviewer who cannot do it); it may be assigned again.
+    Public, as the assignment is: so is the reason, if one is given."""
+
+    validation_id: AggregateId
+    reviewer: InstitutionId
+    reason: LocalizedText | None = None
 
 
 class Question(ValueObject):
@@ -188,6 +199,7 @@ ValidationRefusalCode = Literal[
     "conflict_of_interest",
     "not_member",
     "not_assigned",
+    "already_reviewed",
     "unknown_question",
     "already_decided",
     "withdrawn",

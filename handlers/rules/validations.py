@@ -22,6 +22,7 @@ from schemas.validations import (
     InfoProvided,
     InfoRequested,
     ReviewerAssigned,
+    ReviewerUnassigned,
     ReviewSubmitted,
     ValidationDecided,
     ValidationRefusalCode,
@@ -177,6 +178,14 @@ def action_refusal(
             return Refusal("conflict_of_interest", _conflict_message(validation, data.reviewer))
         if (past := _past(data.due_by, now)) is not None:
             return past
+    elif isinstance(data, ReviewerUnassigned):
+        if actor != coordinator:
+            return Refusal("not_coordinator", f"only the coordinator {coordinator} unassigns reviewers")
+        if data.reviewer not in validation.reviewers:
+            return Refusal("not_assigned", f"{data.reviewer} is not assigned to review this validation")
+        if any(review.reviewer == data.reviewer for review in reviews):  # a review in hand counts towards the quorum
+            return Refusal("already_reviewed", f"{data.reviewer} has reviewed already and its review counts; "
+                                               "the coordinator may decide instead")
     elif isinstance(data, ReviewSubmitted):
         if actor not in validation.reviewers:
             return Refusal("not_assigned", f"{actor} is not assigned to review this validation")

@@ -46,3 +46,35 @@ def test_a_copy_of_an_applied_event_is_not_read_again_only_its_place_in_the_log_
         assert sorted(rows, key=lambda row: row[1]) == [(first["id"], 1), (second["id"], 3)]
     finally:
         service.close()
+
+
+def test_a_reviewer_taken_off_and_assigned_again_in_one_batch_stays_assigned(engine: Engine) -> None:
+    """A row deleted and added again under the same key within one transaction: the second
+    event must see the first's deletion, not the row waiting to be deleted."""
+    from handlers.routes import network
+    from handlers.validations import ValidationReviewer
+    from tests.handlers.harness import envelope
+
+    validation_id, reviewer, coordinator, requester = unique("val"), unique("uni"), unique("centre"), unique("town")
+    members = [envelope("institution.joined", "operator", {"id": i, "name": {"en": i}, "kind": kind, "country": "FI"})
+               for i, kind in ((coordinator, "competence_centre"), (requester, "municipality"), (reviewer, "university"))]
+    about = {"validation_id": validation_id}
+    events = [
+        *members,
+        envelope("validation.requested", requester, {**about, "external_ref": {"system": "innokyla", "id": "1"},
+                                                     "coordinator": coordinator, "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2}}),
+        envelope("validation.reviewer_assigned", coordinator, {**about, "reviewer": reviewer}),
+        envelope("validation.reviewer_unassigned", coordinator, {**about, "reviewer": reviewer}),
+        envelope("validation.reviewer_assigned", coordinator, {**about, "reviewer": reviewer}),
+    ]
+    service = NetworkService(engine, network())
+    now = datetime.now(timezone.utc)
+    try:
+        applied, failure, derived = service.apply_batch([LoggedItem(seq, event, now) for seq, event in enumerate(events, 1)])
+        assert (applied, failure, derived) == (len(events), None, 0), failure
+        with engine.connect() as connection:
+            rows = connection.execute(sa.select(ValidationReviewer.__table__.c.reviewer)  # type: ignore[attr-defined]
+                                      .where(ValidationReviewer.__table__.c.validation_id == validation_id)).all()  # type: ignore[attr-defined]
+        assert [row[0] for row in rows] == [reviewer]
+    finally:
+        service.close()

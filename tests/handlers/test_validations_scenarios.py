@@ -72,6 +72,10 @@ class Workflow:
         data = {"validation_id": self.validation_id, "reviewer": reviewer}
         return envelope("validation.reviewer_assigned", by, data)
 
+    def unassigned(self, reviewer: str, *, by: str = COORDINATOR) -> dict[str, Any]:
+        data = {"validation_id": self.validation_id, "reviewer": reviewer, "reason": {"en": "a conflict of interest came to light"}}
+        return envelope("validation.reviewer_unassigned", by, data)
+
     def review(self, reviewer: str, recommendation: str = "validate", evidence_level: int = 3, **scores: int) -> dict[str, Any]:
         all_scores: dict[str, int] = {**dict.fromkeys(CRITERIA, 4), **scores}
         data = {
@@ -212,6 +216,33 @@ async def test_for_an_external_practice_the_requester_counts_as_owner(scenario: 
     assignment = flow.assigned(REQUESTER)
     refused(await scenario.when(assignment), assignment, code="conflict_of_interest")
     assert await scenario.when(flow.assigned(PARTNER)) == []  # no partners outside the network
+
+
+async def test_the_coordinator_takes_a_reviewer_off_who_may_then_not_review(scenario: Any, flow: Workflow) -> None:
+    await open_validation(scenario, flow, *REVIEWERS[:2])
+    assert await scenario.when(flow.unassigned(REVIEWERS[0])) == []
+    assert [r.reviewer for r in rows(scenario, ValidationReviewer, flow)] == [REVIEWERS[1]]
+    assert state(scenario, flow).status == "in_review"
+    review = flow.review(REVIEWERS[0])
+    refused(await scenario.when(review), review, code="not_assigned")
+    assert await scenario.when(flow.unassigned(REVIEWERS[1])) == []
+    assert rows(scenario, ValidationReviewer, flow) == [] and state(scenario, flow).status == "requested"  # nobody to review
+    assert await scenario.when(flow.assigned(REVIEWERS[0])) == []  # and may be assigned again
+    assert [r.reviewer for r in rows(scenario, ValidationReviewer, flow)] == [REVIEWERS[0]]
+    assert await scenario.when(flow.review(REVIEWERS[0])) == []
+
+
+async def test_only_the_coordinator_unassigns_only_an_assigned_reviewer_who_has_not_reviewed(scenario: Any, flow: Workflow) -> None:
+    await open_validation(scenario, flow, *REVIEWERS)
+    await scenario.given(flow.review(REVIEWERS[0]))
+    for event, code in ((flow.unassigned(REVIEWERS[1], by=OTHER_CENTRE), "not_coordinator"),
+                        (flow.unassigned(OUTSIDER), "not_assigned"),
+                        (flow.unassigned(REVIEWERS[0]), "already_reviewed")):  # its review counts towards the quorum
+        refused(await scenario.when(event), event, code=code)
+    assert sorted(r.reviewer for r in rows(scenario, ValidationReviewer, flow)) == sorted(REVIEWERS)
+    await scenario.given(flow.review(REVIEWERS[1]))  # the quorum of two: decided
+    late = flow.unassigned(REVIEWERS[2])
+    refused(await scenario.when(late), late, code="already_decided")
 
 
 # --- reviews and the decision at quorum ---------------------------------------------------------------
