@@ -54,8 +54,6 @@ class KnownKeysSession(Session):
         """Per (class, attribute): every value the attribute has in some row (a superset)."""
         self._unflushed: dict[tuple[type[Any], str], dict[Any, list[Any]]] = {}
         """Per (class, attribute) of ``_parents``: the rows added since the last flush, by value."""
-        self._deleting: set[type[Any]] = set()
-        """Classes with rows deleted since the last flush."""
         self.held: OrderedDict[int, Any] = OrderedDict()
         """Rows kept alive between transactions by their holder (``NetworkService``), least
         recently asked for first."""
@@ -70,7 +68,6 @@ class KnownKeysSession(Session):
     def _flushed(self) -> None:
         self._pending.clear()
         self._unflushed.clear()
-        self._deleting.clear()
 
     def forget_keys(self) -> None:
         """Stop trusting what is known; keys and children are read again when next needed."""
@@ -104,11 +101,9 @@ class KnownKeysSession(Session):
         added since the last flush. Without flushing first: a flush for every parent read cost
         more than the query (the rows are flushed together at the commit instead). Rows that are
         changed and not flushed yet are the identity map's, which the query returns as they are
-        (the attribute a row belongs to its parent by is never changed); only a deletion waiting
-        for the flush needs one."""
+        (the attribute a row belongs to its parent by is never changed); deletions are flushed
+        when they are made (:meth:`delete`)."""
         statement = select(cls).where(getattr(cls, attribute) == parent)
-        if cls in self._deleting:
-            return list(self.exec(statement).all())
         with self.no_autoflush:
             rows = list(self.exec(statement).all())
         rows.extend(self._unflushed.get((cls, attribute), {}).get(parent, ()))
@@ -144,13 +139,26 @@ class KnownKeysSession(Session):
                 self._pending[cls, key] = instance
 
     def delete(self, instance: object) -> None:
-        super().delete(instance)
-        self._deleting.add(type(instance))
+        """Delete a row at once, so that what comes next in the transaction sees it gone: a row
+        waiting to be deleted is still the identity map's, and an event adding the same key again
+        (a partner removed and joining again within a batch) would be given it back. A row added
+        and not flushed yet is taken out of the session (the ORM refuses to delete it)."""
+        cls = type(instance)
+        if instance_state(instance).pending:
+            self.expunge(instance)
+            if self._keys is not None and cls in self._tracked:
+                key = tuple(getattr(instance, name) for name in self._key_attributes[cls])
+                self._keys[cls].discard(key)
+                self._pending.pop((cls, key), None)
+            for (indexed, attribute), added in self._unflushed.items():
+                if indexed is cls:
+                    _drop(added.get(getattr(instance, attribute)), instance)
+        else:
+            super().delete(instance)
+            self.flush()
         for (indexed, attribute), index in self._children.items():
-            if indexed is type(instance):
-                rows = index.get(getattr(instance, attribute))
-                if rows is not None:
-                    rows[:] = [row for row in rows if row is not instance]
+            if indexed is cls:
+                _drop(index.get(getattr(instance, attribute)), instance)
 
     def forget_children(self, keep: float = 0.0) -> None:
         """Drop the rows kept per parent (they are read again when next asked for), except for
@@ -199,6 +207,11 @@ class KnownKeysSession(Session):
                 with self.no_autoflush:
                     return super().get(entity, ident, **kwargs)
         return super().get(entity, ident, **kwargs)
+
+
+def _drop(rows: list[Any] | None, instance: object) -> None:
+    if rows is not None:
+        rows[:] = [row for row in rows if row is not instance]
 
 
 def children(session: Session, cls: type[Row], attribute: str, parent: Any) -> list[Row]:

@@ -317,7 +317,6 @@ def on_reviewer_unassigned(session: Session, event: Event[ReviewerUnassigned]) -
     reviewer = session.get(ValidationReviewer, (data.validation_id, data.reviewer))
     if reviewer is not None:  # the decider refuses unassigning one who is not assigned
         session.delete(reviewer)
-        session.flush()  # gone before anything later in the batch looks it up (an assignment again)
     _refresh_status(session, validation)
 
 

@@ -6,6 +6,7 @@ import copy
 from datetime import datetime, timezone
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
@@ -76,5 +77,49 @@ def test_a_reviewer_taken_off_and_assigned_again_in_one_batch_stays_assigned(eng
             rows = connection.execute(sa.select(ValidationReviewer.__table__.c.reviewer)  # type: ignore[attr-defined]
                                       .where(ValidationReviewer.__table__.c.validation_id == validation_id)).all()  # type: ignore[attr-defined]
         assert [row[0] for row in rows] == [reviewer]
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("first_batch", [0, 3], ids=["one-batch", "registered-in-an-earlier-batch"])
+def test_a_partner_removed_and_joining_again_within_a_batch_is_a_partner(engine: Engine, first_batch: int) -> None:
+    """Rows deleted within a transaction, whether added in it or before: the deletion does not
+    fail the batch, and an event adding the same row again later in the batch (and one reading
+    the project's partners after it) sees it as it then is."""
+    from handlers.projects import ProjectPartner
+    from handlers.routes import network
+    from tests.handlers.harness import envelope
+
+    owner, partner, centre = unique("town"), unique("coop"), unique("centre")
+    members = [envelope("institution.joined", "operator", {"id": i, "name": {"en": i}, "kind": kind, "country": "FI"})
+               for i, kind in ((owner, "municipality"), (partner, "cooperative"), (centre, "competence_centre"))]
+    project_id = unique("p")
+    registration = {**FIXTURE["event"]["data"], "project_id": project_id, "owner": owner,
+                    "partners": [{"institution": partner, "role": "partner", "relation": "partnership"}]}
+    events = [
+        *members,  # (3 events: an earlier batch ends here when first_batch is 3)
+        envelope("project.registered", owner, registration),
+        envelope("project.updated", owner, {"project_id": project_id, "changes": {"partners": []}}),
+        envelope("project.partner_joined", owner, {"project_id": project_id,
+                                                   "partner": {"institution": partner, "role": "supporter", "relation": "coordination"}}),
+        envelope("project.updated", owner, {"project_id": project_id, "changes": {"partners": []}}),
+        envelope("project.partner_joined", owner, {"project_id": project_id,
+                                                   "partner": {"institution": partner, "role": "funder", "relation": "donation"}}),
+        # A partner may put the project forward for validation: read from the partners as they now are.
+        envelope("validation.requested", partner, {
+            "validation_id": unique("val"), "project_id": project_id, "coordinator": centre,
+            "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2}}),
+    ]
+    items = [LoggedItem(seq, event, datetime.now(timezone.utc)) for seq, event in enumerate(events, 1)]
+    service = NetworkService(engine, network())
+    try:
+        for batch in (items[:first_batch], items[first_batch:]):
+            if batch:
+                applied, failure, derived = service.apply_batch(batch)
+                assert (applied, failure, derived) == (len(batch), None, 0), failure  # nothing refused
+        with engine.connect() as connection:
+            table = ProjectPartner.__table__  # type: ignore[attr-defined]
+            rows = connection.execute(sa.select(table.c.institution, table.c.role).where(table.c.project_id == project_id)).all()
+        assert [tuple(row) for row in rows] == [(partner, "funder")]
     finally:
         service.close()
