@@ -161,7 +161,7 @@ async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
         from ops import datadir
 
         try:  # never a second nats-server on the store of a running bus
-            held = datadir.lock(settings.data_dir, "a collabbus command")
+            held = datadir.lock(settings.data_dir, _this_command())
         except datadir.DataDirBusy as exc:
             raise ConnectionRefusedError(
                 f"nothing answers at {settings.nats_servers[0]}, yet {exc}: its nats-server is down or starting"
@@ -180,6 +180,17 @@ async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
             await server.astop()
         if held is not None:
             held.close()
+
+
+def _this_command() -> str:
+    """The command this process runs, as an operator typed it (``collabbus dlq list``): its
+    words before the first option."""
+    words = ["collabbus"]
+    for word in sys.argv[1:3]:
+        if word.startswith("-"):
+            break
+        words.append(word)
+    return " ".join(words)
 
 
 def _known_type(event_type: str, hint: str, *, domains: bool = False) -> None:

@@ -397,6 +397,15 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
     logged = cli("tail", "--since", "all", "--no-follow", "--json", env=env)
     assert logged.returncode == 0, logged.stderr
     assert [json.loads(line)["type"] for line in logged.stdout.splitlines()] == ["institution.joined"]  # the operator
+    # A command following the stopped bus's log holds its store: `up` says which one to stop.
+    follower = subprocess.Popen([*COLLABBUS, "tail"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        assert follower.stderr is not None and "the bus is not running" in follower.stderr.readline()
+        refused = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and f"(pid {follower.pid}: collabbus tail)" in refused.stderr, refused.stderr
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
 
 
 def test_the_portal_sandbox_on_a_taken_port_says_so(tmp_path: Path) -> None:
