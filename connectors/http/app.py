@@ -95,7 +95,8 @@ _WEBHOOK = {
             "Each event an endpoint asked for (`POST /webhooks`) and its institution may see, as a structured "
             "CloudEvent. Verify the signature with any Standard Webhooks library and the endpoint's secret; "
             "answer any 2xx quickly. Anything else is tried again on the retry schedule; 410 disables the "
-            "endpoint; 429, 502, 503 and 504 are retried after `Retry-After`. Deliveries are not in log order."
+            "endpoint; 429, 502, 503 and 504 are retried after `Retry-After`. Deliveries are not in log order: "
+            "`collabbus-sequence` is each event's place in the log."
         ),
         "parameters": [
             {"name": "webhook-id", "in": "header", "required": True, "schema": {"type": "string"},
@@ -104,6 +105,9 @@ _WEBHOOK = {
              "description": "Unix seconds of this attempt"},
             {"name": "webhook-signature", "in": "header", "required": True, "schema": {"type": "string"},
              "description": "the Standard Webhooks signature: `v1,<base64 HMAC-SHA256 of id.timestamp.body>`, space-separated during a secret rotation"},
+            {"name": "collabbus-sequence", "in": "header", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"},
+             "description": "the event's sequence in the network's log (`seq` of `GET /events`): deliveries are not in "
+                            "log order, and of two events about one thing the higher sequence is the later"},
             {"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"},
              "description": "the W3C trace context of the delivery"},
         ],

@@ -76,6 +76,8 @@ RESPONSE_KEPT = 1024
 JITTER = 0.2
 RETRY_AFTER_STATUSES = frozenset({429, 502, 503, 504})
 TRACEPARENT_FORM = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+SEQUENCE_HEADER = "collabbus-sequence"
+"""The delivered event's sequence in the network's log (as ``GET /events`` gives it)."""
 
 
 def webhook_consumer(network: ConsumerSettings) -> ConsumerSettings:
@@ -723,6 +725,9 @@ class WebhookDispatcher:
             "webhook-id": claim.event_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature_header(claim.secrets, claim.event_id, timestamp, body),
+            # Deliveries are not in log order: the event's place in the log lets a receiver tell
+            # which of two events about one thing is the later (an older update arriving last).
+            SEQUENCE_HEADER: str(claim.seq),
         }
         # The attempt is a client span continuing the event's trace from its log message (the
         # gatekeeper's publish); the receiver gets the span's own trace context to continue.

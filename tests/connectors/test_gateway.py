@@ -663,7 +663,8 @@ async def test_the_openapi_document_types_offered_events_and_describes_webhook_d
     assert (await gateway.post(municipality, {**offered, "colour": "blue"})).status_code == 422
 
     delivery = openapi["webhooks"]["event"]["post"]
-    assert {p["name"] for p in delivery["parameters"] if p["required"]} == {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    assert {p["name"] for p in delivery["parameters"] if p["required"]} == {"webhook-id", "webhook-timestamp", "webhook-signature",
+                                                                             "collabbus-sequence"}
     assert delivery["requestBody"]["content"]["application/cloudevents+json"]["schema"] == {"$ref": "#/components/schemas/CloudEvent"}
 
 

@@ -74,6 +74,7 @@ async def test_deliveries_are_signed_and_verify_across_a_secret_rotation(network
     assert abs(int(received.headers["webhook-timestamp"]) - datetime.now(timezone.utc).timestamp()) < 10
     logged = (await gateway.client.get("/events", params={"subject": first["subject"]}, headers=gateway.auth(owner))).json()
     assert orjson.loads(received.body) == logged["items"][0]["event"]  # the structured CloudEvent as logged
+    assert received.headers["collabbus-sequence"] == str(logged["items"][0]["seq"])  # its place in the log
     assert len(received.headers["webhook-signature"].split(" ")) == 1
 
     auth = gateway.auth(owner)
@@ -83,6 +84,7 @@ async def test_deliveries_are_signed_and_verify_across_a_secret_rotation(network
     await eventually(lambda: len(receiver.at("/projects")) == 2 and len(receiver.at("/all")) == 3, what="the later deliveries")
     delivered = receiver.at("/projects")[1]
     assert delivered.headers["webhook-id"] == second["id"]
+    assert int(delivered.headers["collabbus-sequence"]) > int(received.headers["collabbus-sequence"])
     assert delivered.headers["traceparent"].split("-")[1] != received.headers["traceparent"].split("-")[1]  # a trace per event
     new_signature, old_signature = delivered.headers["webhook-signature"].split(" ")
     for secret in (rotated["secret"], projects["secret"]):  # during the rotation either secret verifies
