@@ -220,7 +220,7 @@ def _add_headers(document: dict[str, Any]) -> None:
 
 def _add_dead_letters(document: dict[str, Any]) -> None:
     """The dead-letter subjects (the bus's own; members' credentials do not reach them)."""
-    from bus import consumer
+    from bus import deadletters
 
     document.setdefault("components", {}).setdefault("messages", {})["DeadLetter"] = {
         "name": "DeadLetter",
@@ -229,15 +229,15 @@ def _add_dead_letters(document: dict[str, Any]) -> None:
         "headers": {
             "type": "object",
             "properties": {name: {"type": "string", "description": text} for name, text in (
-                (consumer.DLQ_ERROR, "what went wrong (percent-encoded)"),
-                (consumer.DLQ_DETAIL, "the details (percent-encoded)"),
-                (consumer.DLQ_CONSUMER, "the consumer that gave up on it"),
-                (consumer.DLQ_DELIVERIES, "how often it was tried"),
-                (consumer.DLQ_SUBJECT, "its subject in the log"),
-                (consumer.DLQ_STREAM_NAME, "the stream it was in"),
-                (consumer.DLQ_STREAM_SEQ, "its sequence there"),
-                (consumer.DLQ_FAILED_AT, "when the consumer gave up (RFC 3339)"),
-                (consumer.DLQ_EVENT_ID, "the event's id, when it could be read"),
+                (deadletters.DLQ_ERROR, "what went wrong (percent-encoded)"),
+                (deadletters.DLQ_DETAIL, "the details (percent-encoded)"),
+                (deadletters.DLQ_CONSUMER, "the consumer that gave up on it"),
+                (deadletters.DLQ_DELIVERIES, "how often it was tried"),
+                (deadletters.DLQ_SUBJECT, "its subject in the log"),
+                (deadletters.DLQ_STREAM_NAME, "the stream it was in"),
+                (deadletters.DLQ_STREAM_SEQ, "its sequence there"),
+                (deadletters.DLQ_FAILED_AT, "when the consumer gave up (RFC 3339)"),
+                (deadletters.DLQ_EVENT_ID, "the event's id, when it could be read"),
             )},
         },
         "payload": {"description": "the original message's bytes"},

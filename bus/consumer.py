@@ -23,9 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from email.header import decode_header, make_header
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote, unquote
 
 import orjson
 from nats.aio.msg import Msg
@@ -33,6 +31,18 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from bus.deadletters import (
+    DLQ_CONSUMER,
+    DLQ_DELIVERIES,
+    DLQ_DETAIL,
+    DLQ_ERROR,
+    DLQ_EVENT_ID,
+    DLQ_FAILED_AT,
+    DLQ_STREAM_NAME,
+    DLQ_STREAM_SEQ,
+    DLQ_SUBJECT,
+    header_value,
+)
 from bus.pull import Puller, delivery, pending_after
 from bus.streams import EVENTS_STREAM
 from ops import tracing
@@ -41,19 +51,8 @@ log = logging.getLogger("collabbus.consumer")
 
 T = TypeVar("T")
 
-# Dead-letter headers: what an operator needs at 3 a.m. to see what failed, where and why.
 WAIT_RETRY = 0.2
 """Seconds before an event whose applier asked to wait is tried again."""
-DLQ_ERROR = "Collabbus-Error"
-DLQ_DETAIL = "Collabbus-Error-Detail"
-DLQ_CONSUMER = "Collabbus-Consumer"
-DLQ_DELIVERIES = "Collabbus-Deliveries"
-DLQ_SUBJECT = "Collabbus-Original-Subject"
-DLQ_STREAM_SEQ = "Collabbus-Original-Seq"
-DLQ_STREAM_NAME = "Collabbus-Original-Stream"
-DLQ_FAILED_AT = "Collabbus-Failed-At"
-DLQ_EVENT_ID = "Collabbus-Event-Id"
-"""The logged message's ``Nats-Msg-Id`` (the event id, also when the event cannot be read)."""
 
 
 @dataclass(frozen=True)
@@ -426,15 +425,15 @@ class Consumer:
         headers.update(
             {
                 "Nats-Msg-Id": f"dlq.{self.settings.name}.{meta.sequence.stream}.{deliveries}",
-                DLQ_ERROR: _header_text(error[:200]),
-                DLQ_DETAIL: _header_text(detail),
+                DLQ_ERROR: header_value(error[:200]),
+                DLQ_DETAIL: header_value(detail),
                 DLQ_CONSUMER: self.settings.name,
                 DLQ_DELIVERIES: str(deliveries),
                 DLQ_SUBJECT: msg.subject,
                 DLQ_STREAM_NAME: meta.stream,
                 DLQ_STREAM_SEQ: str(meta.sequence.stream),
                 DLQ_FAILED_AT: datetime.now(timezone.utc).isoformat(),
-                **({DLQ_EVENT_ID: _header_text(event_id)} if event_id else {}),
+                **({DLQ_EVENT_ID: header_value(event_id)} if event_id else {}),
             }
         )
         await self.js.publish(f"collab.dlq.{self.settings.name}", msg.data, headers=headers, stream="COLLAB_DLQ")
@@ -450,24 +449,3 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-_HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
-
-
-def _header_text(text: str) -> str:
-    """Header values are one line of printable ASCII: any other character (a Turkish title in an
-    error, say) is percent-encoded, as the CloudEvents NATS binding encodes attributes — nats-py
-    reads a header with other bytes back as an ``email.header.Header``, not as text."""
-    line = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())[-1500:]
-    return quote(line, safe=_HEADER_SAFE)
-
-
-def header_text(value: object) -> str:
-    """A dead letter's header value as it was written (:func:`_header_text`). One written before
-    values were encoded may come back from nats-py as an ``email.header.Header``."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return unquote(value)
-    with contextlib.suppress(Exception):
-        return str(make_header(decode_header(value)))  # type: ignore[arg-type]
-    return str(value)

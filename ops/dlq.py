@@ -15,14 +15,14 @@ from collections.abc import Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bus import log
-from bus.consumer import (
+from bus.deadletters import (
     DLQ_CONSUMER,
     DLQ_DELIVERIES,
     DLQ_DETAIL,
@@ -32,10 +32,12 @@ from bus.consumer import (
     DLQ_STREAM_NAME,
     DLQ_STREAM_SEQ,
     DLQ_SUBJECT,
-    Applier,
     header_text,
 )
 from bus.streams import DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM
+
+if TYPE_CHECKING:
+    from bus.consumer import Applier
 
 REASON_LENGTH = 300
 """How much of an error ``DeadLetter.reason`` keeps (the whole is in ``detail``)."""

@@ -19,7 +19,8 @@ from nats.aio.client import Client
 from sqlmodel import Session, select
 
 from bus.client import offer
-from bus.consumer import Consumer, ConsumerSettings, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_ERROR, DLQ_STREAM_SEQ, ensure_consumer
+from bus.consumer import Consumer, ConsumerSettings, ensure_consumer
+from bus.deadletters import DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_ERROR, DLQ_STREAM_SEQ
 from bus.runtime import Bus
 from bus.server import EmbeddedNats
 from bus.streams import DLQ_STREAM, EVENTS_STREAM

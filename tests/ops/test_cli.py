@@ -436,8 +436,8 @@ def test_the_command_lists_show_each_summary_as_flowing_text() -> None:
 def test_commands_that_only_connect_and_read_the_log_load_neither_the_bus_nor_the_catalog() -> None:
     """`institutions list`, `tail`, `status`, `dlq list` start in well under a second: the modules
     they connect and read with keep the whole bus (``bus.runtime``) and the event catalog out."""
-    probe = ("import sys; from ops import cli; from bus import connection, log; "
-             "print(sorted(m for m in ('bus.runtime', 'schemas.registry', 'faststream') if m in sys.modules))")
+    probe = ("import sys; from ops import cli, dlq, status; from bus import connection, log; "
+             "print(sorted(m for m in ('bus.runtime', 'bus.consumer', 'schemas.registry', 'faststream') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"

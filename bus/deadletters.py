@@ -1,0 +1,44 @@
+"""The headers of a dead letter: what an operator needs at 3 a.m. to see what failed, where and why.
+
+The consumers write them (``bus.consumer``); ``collabbus dlq`` and ``collabbus status`` read them.
+Kept apart from the consumers so that the commands which only read do not load them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from email.header import decode_header, make_header
+from urllib.parse import quote, unquote
+
+DLQ_ERROR = "Collabbus-Error"
+DLQ_DETAIL = "Collabbus-Error-Detail"
+DLQ_CONSUMER = "Collabbus-Consumer"
+DLQ_DELIVERIES = "Collabbus-Deliveries"
+DLQ_SUBJECT = "Collabbus-Original-Subject"
+DLQ_STREAM_SEQ = "Collabbus-Original-Seq"
+DLQ_STREAM_NAME = "Collabbus-Original-Stream"
+DLQ_FAILED_AT = "Collabbus-Failed-At"
+DLQ_EVENT_ID = "Collabbus-Event-Id"
+"""The logged message's ``Nats-Msg-Id`` (the event id, also when the event cannot be read)."""
+
+_HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
+
+
+def header_value(text: str) -> str:
+    """Header values are one line of printable ASCII: any other character (a Turkish title in an
+    error, say) is percent-encoded, as the CloudEvents NATS binding encodes attributes — nats-py
+    reads a header with other bytes back as an ``email.header.Header``, not as text."""
+    line = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())[-1500:]
+    return quote(line, safe=_HEADER_SAFE)
+
+
+def header_text(value: object) -> str:
+    """A dead letter's header value as it was written (:func:`header_value`). One written before
+    values were encoded may come back from nats-py as an ``email.header.Header``."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return unquote(value)
+    with contextlib.suppress(Exception):
+        return str(make_header(decode_header(value)))  # type: ignore[arg-type]
+    return str(value)
