@@ -31,18 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from bus.deadletters import (
-    DLQ_CONSUMER,
-    DLQ_DELIVERIES,
-    DLQ_DETAIL,
-    DLQ_ERROR,
-    DLQ_EVENT_ID,
-    DLQ_FAILED_AT,
-    DLQ_STREAM_NAME,
-    DLQ_STREAM_SEQ,
-    DLQ_SUBJECT,
-    header_value,
-)
+from bus import deadletters
 from bus.pull import Puller, delivery, pending_after
 from bus.streams import EVENTS_STREAM
 from ops import tracing
@@ -425,15 +414,15 @@ class Consumer:
         headers.update(
             {
                 "Nats-Msg-Id": f"dlq.{self.settings.name}.{meta.sequence.stream}.{deliveries}",
-                DLQ_ERROR: header_value(error[:200]),
-                DLQ_DETAIL: header_value(detail),
-                DLQ_CONSUMER: self.settings.name,
-                DLQ_DELIVERIES: str(deliveries),
-                DLQ_SUBJECT: msg.subject,
-                DLQ_STREAM_NAME: meta.stream,
-                DLQ_STREAM_SEQ: str(meta.sequence.stream),
-                DLQ_FAILED_AT: datetime.now(timezone.utc).isoformat(),
-                **({DLQ_EVENT_ID: header_value(event_id)} if event_id else {}),
+                deadletters.DLQ_ERROR: deadletters.header_value(error[:200]),
+                deadletters.DLQ_DETAIL: deadletters.header_value(detail),
+                deadletters.DLQ_CONSUMER: self.settings.name,
+                deadletters.DLQ_DELIVERIES: str(deliveries),
+                deadletters.DLQ_SUBJECT: msg.subject,
+                deadletters.DLQ_STREAM_NAME: meta.stream,
+                deadletters.DLQ_STREAM_SEQ: str(meta.sequence.stream),
+                deadletters.DLQ_FAILED_AT: datetime.now(timezone.utc).isoformat(),
+                **({deadletters.DLQ_EVENT_ID: deadletters.header_value(event_id)} if event_id else {}),
             }
         )
         await self.js.publish(f"collab.dlq.{self.settings.name}", msg.data, headers=headers, stream="COLLAB_DLQ")
