@@ -35,6 +35,7 @@ from handlers.rules.validations import Outcome as ValidationOutcome
 from handlers.rules.validations import Status as ValidationStatus
 from handlers.validations import Validation, ValidationReviewer, assignments_of, overdue_reviewers, validation_view
 from schemas.common import InstitutionKind
+from schemas.envelope import INSTITUTION_PATTERN
 from schemas.projects import ProjectStatus
 
 router = APIRouter(tags=["read"])
@@ -84,7 +85,20 @@ def list_institutions(
     if country is not None:
         query = query.where(Institution.country == country)
     rows, next_cursor = keyset_page(session, query, [col(Institution.id)], limit=limit, cursor=cursor)
-    return _page([row.model_dump(exclude={"left_at"}) for row in rows], next_cursor)
+    return _page([row.model_dump() for row in rows], next_cursor)
+
+
+@router.get("/institutions/{institution_id}", response_model=resources.Institution, responses=ITEM_ERRORS)
+def get_institution(
+    institution_id: Annotated[str, Path(pattern=INSTITUTION_PATTERN, description="the institution's id")],
+    _viewer: Member,
+    session: SessionDep,
+) -> dict[str, Any]:
+    """A member, or a former one (``left_at`` set): the log still names those as sources."""
+    institution = session.get(Institution, institution_id)
+    if institution is None:
+        raise _not_found("institution", institution_id)
+    return institution.model_dump()
 
 
 # --- calls -------------------------------------------------------------------------------------

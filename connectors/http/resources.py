@@ -32,6 +32,8 @@ class Institution(Resource):
     website: str | None = None
     contact_email: str | None = None
     joined_at: datetime
+    left_at: datetime | None = None
+    """When a former member left (``GET /institutions/{id}``); the list has current members only."""
 
 
 class Call(Resource):

@@ -635,12 +635,25 @@ async def test_an_event_can_be_looked_up_with_its_refusal_and_what_it_led_to(gat
     problem(await gateway.client.get(f"/events/{registered['id']}"), 401, "unauthorized")
 
 
-async def test_a_former_member_cannot_read(gateway: Gateway) -> None:
-    leaving = await gateway.join("ngo")
-    auth = gateway.auth(leaving)
+async def test_a_former_member_cannot_read_and_is_shown_as_one(gateway: Gateway, municipality: str) -> None:
+    leaving = await gateway.join("ngo", "TR", website="https://example.org/ngo")
+    auth, reader = gateway.auth(leaving), gateway.auth(municipality)
     assert (await gateway.client.get("/institutions", headers=auth)).status_code == 200
+    member = await gateway.client.get(f"/institutions/{leaving}", headers=reader)
+    assert member.status_code == 200, member.text
+    assert {k: member.json()[k] for k in ("id", "kind", "country", "website", "left_at")} == {
+        "id": leaving, "kind": "ngo", "country": "TR", "website": "https://example.org/ngo", "left_at": None}
     await gateway.offer("operator", "institution.left", {"id": leaving, "reason": {"en": "moved on"}})
+    await gateway.settle()
     problem(await gateway.client.get("/institutions", headers=auth), 403, "not_member")
+    # The log still names it as a source: who it was stays readable, with when it left.
+    former = (await gateway.client.get(f"/institutions/{leaving}", headers=reader)).json()
+    assert former["id"] == leaving and former["left_at"] is not None
+    current = [item["id"] for page in await walk(gateway.client, "/institutions", reader, limit=500) for item in page]
+    assert leaving not in current and municipality in current
+    problem(await gateway.client.get("/institutions/t-nobody-here", headers=reader), 404, "not_found")
+    wrong = problem(await gateway.client.get("/institutions/Not_An_Id", headers=reader), 422, "invalid_request")
+    assert "an institution id" in wrong["detail"]
 
 
 # --- operations ----------------------------------------------------------------------------------
