@@ -388,10 +388,19 @@ def up(
     async def main() -> None:
         bus = Bus(settings)
         stop = _stop_on_signals()
-        await bus.start()
-        try:
-            await bus.start_gatekeepers()
+        await bus.start(state=False)  # NATS, the streams, the operator; this process judges offers until a gatekeeper is ready
+
+        async def state_and_gateway() -> None:
+            await bus.start_state()
             await bus.start_http()
+
+        try:
+            # The gatekeeper processes start (a Python process each, loading the bus) while this one
+            # migrates the read models and builds the gateway: on two cores, side by side.
+            started = await asyncio.gather(bus.start_gatekeepers(), state_and_gateway(), return_exceptions=True)
+            for outcome in started:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         except (OSError, RuntimeError) as exc:
             await bus.stop()
             hint = " (set COLLABBUS_HTTP to another address)" if isinstance(exc, OSError) else ""

@@ -408,6 +408,23 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
         follower.wait(timeout=30)
 
 
+def test_up_on_a_taken_http_port_says_so(tmp_path: Path) -> None:
+    """The gatekeeper process starts while the gateway is built: when the gateway cannot listen,
+    the bus stops it again, with its nats-server."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_HTTP": f"127.0.0.1:{port}",
+               "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "1"}
+        env.pop("COLLABBUS_NATS_URL", None)
+        result = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "set COLLABBUS_HTTP to another address" in result.stderr
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "processes of this data dir are still running"
+
+
 def test_the_portal_sandbox_on_a_taken_port_says_so(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
