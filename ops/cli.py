@@ -388,7 +388,7 @@ def up(
     async def main() -> None:
         bus = Bus(settings)
         stop = _stop_on_signals()
-        await bus.start(state=False)  # NATS, the streams, the operator; this process judges offers until a gatekeeper is ready
+        await bus.start(state=False)  # NATS, the streams, the operator; offers are judged here until a gatekeeper is ready
 
         async def state_and_gateway() -> None:
             await bus.start_state()
