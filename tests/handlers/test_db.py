@@ -27,3 +27,34 @@ def test_a_file_database_gets_its_directory_also_with_query_options(tmp_path: Pa
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     assert path.exists() and not (tmp_path / "nested" / "read-models.db?timeout=5").exists()
     assert engine.pool.size() == 20  # the gateway's readers share a pool
+
+
+def test_a_current_schema_is_known_without_alembic_and_an_older_one_is_migrated(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heads read from the migrations' lines are what Alembic writes into ``alembic_version``
+    (a migrated database is checked without loading it); a schema one migration behind is still
+    brought up to date by Alembic."""
+    from alembic import command
+
+    from handlers.db import migration_heads
+
+    engine = make_engine(database_url)  # a migrated copy (tests/conftest.py)
+    try:
+        with engine.connect() as connection:
+            written = frozenset(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+        assert written == migration_heads() and "0012_day_revision" in written
+
+        upgrades: list[str] = []
+        real_upgrade = command.upgrade
+        monkeypatch.setattr(command, "upgrade", lambda config, target: (upgrades.append(target), real_upgrade(config, target)))
+        migrate(engine)
+        assert upgrades == []  # current: Alembic not asked
+        with engine.begin() as connection:  # as if the newest migration had not run yet
+            connection.execute(text("UPDATE alembic_version SET version_num = '0004' WHERE version_num = '0012_day_revision'"))
+            connection.execute(text("ALTER TABLE innovation_days DROP COLUMN revision"))
+        migrate(engine)
+        assert upgrades == ["heads"]
+        with engine.connect() as connection:
+            assert frozenset(connection.execute(text("SELECT version_num FROM alembic_version")).scalars()) == migration_heads()
+            assert connection.execute(text("SELECT count(revision) FROM innovation_days")).scalar() == 0
+    finally:
+        engine.dispose()
