@@ -47,7 +47,6 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from handlers.network import deciding_traceparent
 from ops.wal import FALLBACK_AUTOCHECKPOINT
 
 log = logging.getLogger("collabbus.tracing")
@@ -572,10 +571,13 @@ class TracedNetwork:
     """
 
     def __init__(self, network: Any, consumer: str, tracing: Tracing) -> None:
+        from handlers.network import deciding_traceparent  # here: a gatekeeper, which applies nothing, never loads the handlers
+
         self._network = network
         self._consumer = consumer
         self._tracing = tracing
         self._name = f"process {consumer}"
+        self._deciding = deciding_traceparent
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._network, name)
@@ -586,12 +588,12 @@ class TracedNetwork:
             return self._network.apply(session, event, **options)
         span = _consumer_span(self._tracing.tracer, self._name, self._consumer, event.envelope, seq, _log_contexts.get().get(seq))
         # The workflows give what they derive this span as its traceparent.
-        deciding = deciding_traceparent.set(lambda: _traceparent_of(span))
+        deciding = self._deciding.set(lambda: _traceparent_of(span))
         try:
             with _current(span, self._consumer, seq):
                 return self._network.apply(session, event, **options)
         finally:
-            deciding_traceparent.reset(deciding)
+            self._deciding.reset(deciding)
 
 
 @contextlib.contextmanager
