@@ -458,3 +458,9 @@ def test_commands_that_only_connect_and_read_the_log_load_neither_the_bus_nor_th
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"
+    # A gatekeeper process (`collabbus gate`) loads the bus, yet applies nothing: no handlers, no SQL.
+    gatekeeper = ("import sys; from ops import cli; import bus.runtime; "
+                  "print(sorted(m for m in ('handlers.network', 'sqlalchemy', 'sqlmodel') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", gatekeeper], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
