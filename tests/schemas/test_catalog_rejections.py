@@ -274,11 +274,11 @@ def _patterns(schema: Any) -> set[str]:
     return set()
 
 
-def test_every_pattern_a_member_sends_to_is_said_in_words() -> None:
+def test_every_pattern_in_what_a_member_sends_is_said_in_words() -> None:
     from schemas.common import _PATTERN_WORDS
     from schemas.envelope import CloudEvent
 
-    offered = [spec for spec in REGISTRY.values() if spec.emitters]  # what the workflows alone emit, nobody sends
+    offered = [spec for spec in REGISTRY.values() if spec.emitters]  # (what only the workflows emit, nobody sends)
     patterns = _patterns(CloudEvent.model_json_schema()) | {
         p for spec in offered for p in _patterns(spec.adapter.json_schema(mode="validation"))
     }
