@@ -169,6 +169,7 @@ def list_applications(
     session: SessionDep,
     status: ApplicationStatus | None = None,
     applicant: Annotated[str | None, Query(max_length=63, description="applications this institution made")] = None,
+    project_id: Annotated[str | None, Query(max_length=128, description="applications for this project")] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
@@ -181,6 +182,8 @@ def list_applications(
         query = query.where(CallApplication.status == status)
     if applicant is not None:
         query = query.where(CallApplication.applicant == applicant)
+    if project_id is not None:
+        query = query.where(CallApplication.project_id == project_id)
     keep = None if viewer == call.owner else (lambda row: may_see_application(row, call.owner, viewer))
     rows, next_cursor = keyset_page(
         session, query, [col(CallApplication.submitted_at), col(CallApplication.application_id)],

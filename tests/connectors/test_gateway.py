@@ -361,7 +361,10 @@ async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applic
         "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat(),
         "deadline_model": "single_stage",
     })
-    ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "requested_amount": {"amount": "90000", "currency": "EUR"}}
+    practice = project(municipality)
+    await gateway.offer(municipality, "project.registered", practice)
+    ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "project_id": practice["project_id"],
+            "requested_amount": {"amount": "90000", "currency": "EUR"}}
     theirs = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "60000", "currency": "EUR"}}
     refused = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "1000", "currency": "SEK"}}
     for institution, data in ((municipality, ours), (competitor, theirs), (late, refused)):
@@ -378,6 +381,7 @@ async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applic
                                     (refused["application_id"], "rejected")]
     assert await listed(funder, status="rejected") == [(refused["application_id"], "rejected")]
     assert await listed(funder, applicant=competitor) == [(theirs["application_id"], "received")]
+    assert await listed(funder, project_id=practice["project_id"]) == [(ours["application_id"], "received")]
     # Anyone else: what it applied for or is a partner in, nothing of the competitors'.
     assert await listed(municipality) == [(ours["application_id"], "received")] == await listed(partner)
     assert await listed(competitor) == [(theirs["application_id"], "received")]
