@@ -31,6 +31,7 @@ from handlers.projects import (
     ProjectPartner,
     adoptions_by_municipality_level,
 )
+from handlers.rules.calls import ApplicationStatus
 from handlers.rules.validations import Outcome as ValidationOutcome
 from handlers.rules.validations import Status as ValidationStatus
 from handlers.validations import Validation, ValidationReviewer, assignments_of, overdue_reviewers, validation_view
@@ -153,9 +154,6 @@ def _known_call(session: Any, call_id: str) -> Call:
 @router.get("/calls/{call_id}", response_model=resources.Call, responses=ITEM_ERRORS)
 def get_call(call_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
     return _call(_known_call(session, call_id), datetime.now(timezone.utc))
-
-
-ApplicationStatus = Literal["received", "rejected"]
 
 
 @router.get(

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bus.verdict import VerdictBody
+from handlers.rules.calls import ApplicationStatus
 
 LocalizedText = dict[str, str]
 
@@ -66,7 +67,7 @@ class Application(Resource):
     project_id: str | None = None
     partners: list[str] = []
     requested_amount: dict[str, str] | None = None
-    status: Literal["received", "rejected"]
+    status: ApplicationStatus
     reason: dict[str, Any] | None = None
     submitted_at: datetime
     """When the answer was logged (a resubmission under a rejected application's id: its time)."""

@@ -11,6 +11,8 @@ from typing import Literal
 from handlers.rules import Refusal
 
 CallStatus = Literal["upcoming", "open", "closed"]
+ApplicationStatus = Literal["received", "rejected"]
+"""Where an application stands once the call answered it."""
 
 
 @dataclass(frozen=True)
