@@ -20,10 +20,12 @@ from handlers.network import Context, Decider, Event, Projection, Timer
 from handlers.rows import TableRow
 from handlers.rules import Refusal
 from handlers.rules import calls as rules
-from handlers.rules.calls import Applicant, CallSnapshot, CallStatus
+from handlers.rules.calls import Applicant, ApplicationSnapshot, CallSnapshot, CallStatus
 from schemas.calls import (
+    ApplicationDecided,
     ApplicationRejected,
     ApplicationSubmitted,
+    ApplicationWithdrawn,
     CallAmended,
     CallClosed,
     CallPublished,
@@ -84,9 +86,10 @@ def status_is(status: CallStatus, now: datetime) -> sa.ColumnElement[bool]:
 
 
 class CallApplication(TableRow, table=True):
-    """The latest answer to an application to a known call. A rejected one keeps only who applied
-    and why (the rejection event carries no more) and may be submitted again under its id; a
-    received one stays as it is."""
+    """An application to a known call as it stands: the call's answer, then the publisher's
+    decision or the applicant's withdrawal. A rejected one keeps only who applied and why (the
+    rejection event carries no more) and may be submitted again under its id; any other keeps
+    its id."""
 
     __tablename__ = "call_applications"
 
@@ -97,10 +100,25 @@ class CallApplication(TableRow, table=True):
     partners: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     requested_amount: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     status: str = Field(max_length=16)
-    """``received`` or ``rejected``"""
+    """:data:`handlers.rules.calls.ApplicationStatus`"""
     reason: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     """``{code, message}`` of a rejection."""
     submitted_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    decided_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    """When the publisher's decision, or the withdrawal, was logged."""
+    awarded_amount: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """``{amount, currency}`` granted with an ``awarded`` decision, when it names one."""
+    comment: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """The decision's comment, or the reason given for the withdrawal."""
+
+    def snapshot(self) -> ApplicationSnapshot:
+        """What the workflow rules see of this application."""
+        return ApplicationSnapshot(
+            application_id=self.application_id,
+            applicant=self.applicant,
+            status=self.status,  # type: ignore[arg-type]
+            partners=frozenset(self.partners),
+        )
 
 
 def _snapshot(session: Session, call_id: str) -> CallSnapshot | None:
@@ -140,7 +158,7 @@ def decide_application(ctx: Context) -> None:
         country=institution.country if institution else None,
     )
     previous = ctx.session.get(CallApplication, (data.call_id, data.application_id))
-    duplicate = previous is not None and previous.status == "received"
+    duplicate = previous is not None and previous.status != "rejected"
     currency = data.requested_amount.currency if data.requested_amount is not None else None
     refusal = rules.application_refusal(call, applicant, event.logged_at, duplicate=duplicate, currency=currency)
     answer = {"call_id": data.call_id, "application_id": data.application_id, "applicant": event.source}
@@ -149,6 +167,36 @@ def decide_application(ctx: Context) -> None:
         ctx.emit("call.application_received", answer, source=owner)
     else:
         ctx.refuse("call.application_rejected", {**answer, "reason": refusal.as_reason()}, source=owner)
+
+
+def _application(session: Session, call_id: str, application_id: str) -> ApplicationSnapshot | None:
+    row = session.get(CallApplication, (call_id, application_id))
+    return row.snapshot() if row is not None else None
+
+
+def decide_decision(ctx: Context) -> None:
+    """Only the publisher decides, once, on a received application."""
+    event = ctx.event
+    assert event is not None
+    data: ApplicationDecided = event.data
+    call = _snapshot(ctx.session, data.call_id)
+    application = _application(ctx.session, data.call_id, data.application_id)
+    currency = data.awarded_amount.currency if data.awarded_amount is not None else None
+    refusal = rules.decision_refusal(call, application, event.source, currency=currency)
+    if refusal is not None:
+        _refuse_action(ctx, call, refusal)
+
+
+def decide_withdrawal(ctx: Context) -> None:
+    """Only the applicant withdraws, before the publisher decided."""
+    event = ctx.event
+    assert event is not None
+    data: ApplicationWithdrawn = event.data
+    call = _snapshot(ctx.session, data.call_id)
+    application = _application(ctx.session, data.call_id, data.application_id)
+    refusal = rules.withdrawal_refusal(call, application, event.source)
+    if refusal is not None:
+        _refuse_action(ctx, call, refusal)
 
 
 def decide_amendment(ctx: Context) -> None:
@@ -258,16 +306,42 @@ def application_rejected(session: Session, event: Event[ApplicationRejected]) ->
     )
 
 
+def application_decided(session: Session, event: Event[ApplicationDecided]) -> None:
+    """Projected only when the workflow accepted the decision."""
+    data = event.data
+    row = session.get(CallApplication, (data.call_id, data.application_id))
+    assert row is not None  # the decider refused decisions on unknown applications
+    row.sqlmodel_update({
+        **column_values(data, {"awarded_amount", "comment"}),
+        "status": data.decision,
+        "decided_at": event.logged_at,
+    })
+    session.add(row)
+
+
+def application_withdrawn(session: Session, event: Event[ApplicationWithdrawn]) -> None:
+    """Projected only when the workflow accepted the withdrawal."""
+    data = event.data
+    row = session.get(CallApplication, (data.call_id, data.application_id))
+    assert row is not None
+    row.sqlmodel_update({"status": "withdrawn", "decided_at": event.logged_at, "comment": column_values(data, {"reason"})["reason"]})
+    session.add(row)
+
+
 PROJECTIONS: dict[str, Projection] = {
     "call.published": published,
     "call.amended": amended,
     "call.closed": closed,
     "call.application_submitted": application_submitted,
     "call.application_rejected": application_rejected,
+    "call.application_decided": application_decided,
+    "call.application_withdrawn": application_withdrawn,
 }
 DECIDERS: dict[str, Decider] = {
     "call.published": decide_publication,
     "call.application_submitted": decide_application,
+    "call.application_decided": decide_decision,
+    "call.application_withdrawn": decide_withdrawal,
     "call.amended": decide_amendment,
     "call.closed": decide_closing,
 }
@@ -276,9 +350,17 @@ TIMERS: tuple[Timer, ...] = (close_overdue_calls,)
 
 # --- who may see the workflow's events -------------------------------------------------------------
 
-CONFIDENTIAL = frozenset({"call.application_submitted", "call.application_received", "call.application_rejected"})
-"""Applications and the answers to them: not every member's business (competing applicants would
-see each other's requests and amounts)."""
+APPLICATION_EVENTS = frozenset({
+    "call.application_submitted", "call.application_received", "call.application_rejected",
+    "call.application_decided", "call.application_withdrawn",
+})
+"""Applications, the answers to them, and what becomes of them: not every member's business
+(competing applicants would see each other's requests, amounts and awards)."""
+
+CONFIDENTIAL = APPLICATION_EVENTS | {"call.action_rejected"}
+"""The calls' event types not every member may see: the application events, and the refusal of
+a decision on or withdrawal of an application (a refused publication, amendment or closing is
+public, as the call is)."""
 
 
 def may_see_application(application: CallApplication, owner: str, viewer: str) -> bool:
@@ -288,18 +370,27 @@ def may_see_application(application: CallApplication, owner: str, viewer: str) -
     return viewer in (owner, application.applicant) or viewer in application.partners
 
 
-def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str]:
-    """Who may see an application or the answer to it, as ``GET /events`` shows it and webhooks
-    deliver it: whoever said it, the call's publisher, the applicant and the partners the
-    application names (as the read model has it; a submission's own partners too)."""
+def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | None:
+    """Who may see an application event, as ``GET /events`` shows it and webhooks deliver it:
+    whoever said it, the call's publisher, the applicant and the partners the application names
+    (as the read model has it; a submission's own partners too). A refused decision or withdrawal:
+    the publisher and the institution refused. None: every member (any other refusal)."""
     data = envelope.get("data")
     data = data if isinstance(data, Mapping) else {}
     source = str(envelope.get("source")).removeprefix("/institutions/")
     allowed = {source}
+    event_type = envelope.get("type")
+    if event_type == "call.action_rejected":
+        if data.get("rejected_type") not in APPLICATION_EVENTS:
+            return None
+        # Said in the call publisher's name, to the institution whose action it refuses: the
+        # application's other parties need not hear of an attempt that changed nothing.
+        allowed.add(str(data.get("actor")))
+        return frozenset(allowed)
     call_id, application_id = str(data.get("call_id")), str(data.get("application_id"))
-    if envelope.get("type") == "call.application_submitted":
+    if event_type == "call.application_submitted":
         allowed.update(str(partner) for partner in data.get("partners") or ())
-    else:
+    elif data.get("applicant") is not None:
         allowed.add(str(data.get("applicant")))
     owner = session.exec(select(Call.owner).where(Call.call_id == call_id)).first()
     if owner is not None:

@@ -339,7 +339,8 @@ async def _calls(gateway: Gateway) -> dict[str, Any]:
     # Applications are shown to the call's publisher (and each to its applicant), as the funder reads them.
     applications = [
         {"application_id": a["application_id"], "applicant": a["applicant"], "requested_amount": a.get("requested_amount"),
-         "submitted_at": a["submitted_at"], "outcome": a["status"], "reason": (a.get("reason") or {}).get("code")}
+         "submitted_at": a["submitted_at"], "outcome": a["status"], "reason": (a.get("reason") or {}).get("code"),
+         "awarded_amount": a.get("awarded_amount")}
         for a in await gateway.items(f"/calls/{d.ESF_CALL}/applications", as_=d.ESF_FUND)
     ]
     return {
@@ -462,8 +463,13 @@ def _render_calls(calls: dict[str, Any], console: Console) -> None:
         f"{text(esf['title'])}: {esf['status']} (deadline {esf['deadline'][11:19]} UTC, seconds after it opened)"),
         title_justify="left")
     for application in esf["applications"]:
-        outcome = application["outcome"]
-        shown = f"[green]{outcome}[/green]" if outcome == "received" else f"[red]{outcome}: {application['reason']}[/red]"
+        outcome, awarded = application["outcome"], application.get("awarded_amount")
+        if outcome == "rejected":
+            shown = f"[red]{outcome}: {application['reason']}[/red]"
+        elif awarded:
+            shown = f"[green]{outcome}: {awarded['amount']} {awarded['currency']}[/green]"
+        else:
+            shown = f"[green]{outcome}[/green]" if outcome in ("received", "awarded") else outcome
         table.add_row(application["application_id"], application["applicant"], application["submitted_at"][11:19], shown)
     console.print(table)
 

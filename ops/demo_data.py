@@ -5,7 +5,8 @@
   technical support and the study visits of the Social Policy Tour. The article names none of
   those municipalities: the ones below are real municipalities, chosen as an **illustration**.
 - Genç İşi Kooperatif trains municipalities to work with social cooperatives (a `training`).
-- An ESF+-style funding call receives applications; one arrives after the deadline.
+- An ESF+-style funding call receives applications; one arrives after the deadline; its funder
+  awards one and declines another.
 - Finland's social innovation competence centre (THL-led, with Diak, Kuntoutussäätiö, LUT,
   Silta-Valmennusyhdistys, Kuntaliitto and SOSTE) validates a practice and holds the Social
   Innovation Day in November, where developers meet funders.
@@ -373,6 +374,21 @@ def _application(applicant: str, application_id: str, amount: str, chapter: str,
     return Offer(applicant, event("call.application_submitted", applicant, data, key=application_id), chapter)
 
 
+def funding_decisions() -> list[Offer]:
+    """After the ESF+ call's deadline its funder decides: Genç İşi's application is funded, with
+    less than it asked for; Diak's is declined."""
+    chapter = "Funding decisions"
+    awarded: dict[str, Any] = {"call_id": ESF_CALL, "application_id": "app-esf-genc-isi", "decision": "awarded",
+               "awarded_amount": {"amount": "200000.00", "currency": "EUR"},
+               "comment": {"en": "Funded for 24 months; the study visits are the partners' own share.",
+                           "tr": "24 ay için desteklendi; çalışma ziyaretleri ortakların kendi payıdır."}}
+    declined: dict[str, Any] = {"call_id": ESF_CALL, "application_id": "app-esf-diak", "decision": "declined",
+                "comment": {"en": "Strong, but outside this round's priority on neighbourhood services.",
+                            "fi": "Vahva hakemus, mutta tämän kierroksen painopiste on lähipalveluissa."}}
+    return [Offer(ESF_FUND, event("call.application_decided", ESF_FUND, data, key=data["application_id"]), chapter)
+            for data in (awarded, declined)]
+
+
 def _validation(source: str, event_type: str, data: dict[str, Any], key: str) -> Offer:
     data = {"validation_id": VALIDATION, **data}
     return Offer(source, event(event_type, source, data, key=key), "Validation (over HTTP)", via="http")
@@ -575,6 +591,7 @@ class Plan:
             *gatherings(now),
             WaitUntil(now + timedelta(seconds=CALL_SECONDS + 0.5), "After the call's deadline"),
             late,
+            *funding_decisions(),
             WaitUntil(day_deadline, "Matchmaking at the registration deadline"),
             WaitForMeetings(SI_DAY, "Matchmaking at the registration deadline"),
         ]

@@ -25,10 +25,12 @@ from schemas.common import (
 )
 
 __all__ = [
+    "ApplicationDecided",
     "ApplicationReceived",
     "ApplicationRefusal",
     "ApplicationRejected",
     "ApplicationSubmitted",
+    "ApplicationWithdrawn",
     "CallActionRefusal",
     "CallActionRejected",
     "CallAmended",
@@ -146,10 +148,50 @@ class ApplicationRejected(EventData):
     reason: ApplicationRefusal
 
 
-class CallActionRefusal(Reason):
-    """Why the calls workflow refused a publication, an amendment or a closing."""
+class ApplicationDecided(EventData):
+    """The call's publisher decides on a received application: it is `awarded` (with the amount
+    granted, when the call gives money) or `declined`. The `comment` is for the applicant and its
+    partners, who alone see the decision with the publisher."""
 
-    code: Literal["unknown_call", "already_published", "not_owner", "call_closed", "invalid_window"]
+    call_id: AggregateId
+    application_id: AggregateId
+    decision: Literal["awarded", "declined"]
+    awarded_amount: Money | None = None
+    comment: LocalizedText | None = None
+
+    @model_validator(mode="after")
+    def _amount_only_when_awarded(self) -> Self:
+        if self.awarded_amount is not None and self.decision != "awarded":
+            raise ValueError("awarded_amount is given only with the decision 'awarded'")
+        return self
+
+
+class ApplicationWithdrawn(EventData):
+    """The applicant takes back an application the call received, before its publisher decided
+    on it."""
+
+    call_id: AggregateId
+    application_id: AggregateId
+    reason: LocalizedText | None = None
+
+
+class CallActionRefusal(Reason):
+    """Why the calls workflow refused a publication, an amendment, a closing, or a decision on or
+    withdrawal of an application."""
+
+    code: Literal[
+        "unknown_call",
+        "already_published",
+        "not_owner",
+        "call_closed",
+        "invalid_window",
+        "unknown_application",
+        "not_received",
+        "not_applicant",
+        "already_decided",
+        "already_withdrawn",
+        "currency_mismatch",
+    ]
 
 
 class CallActionRejected(EventData):

@@ -15,9 +15,11 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from schemas.calls import (
+    ApplicationDecided,
     ApplicationReceived,
     ApplicationRejected,
     ApplicationSubmitted,
+    ApplicationWithdrawn,
     CallActionRejected,
     CallAmended,
     CallClosed,
@@ -142,6 +144,8 @@ _CATALOG: tuple[tuple[str, EventModel, frozenset[str], bool, str], ...] = (
     ("call.application_submitted", ApplicationSubmitted, _MEMBERS, False, "call_id"),
     ("call.application_received", ApplicationReceived, _BUS, True, "call_id"),
     ("call.application_rejected", ApplicationRejected, _BUS, True, "call_id"),
+    ("call.application_decided", ApplicationDecided, _MEMBERS, False, "call_id"),
+    ("call.application_withdrawn", ApplicationWithdrawn, _MEMBERS, False, "call_id"),
     ("call.action_rejected", CallActionRejected, _BUS, True, "call_id"),
     ("project.registered", ProjectRegistered, _ALL, False, "project_id"),
     ("project.updated", ProjectUpdated, _ALL, False, "project_id"),

@@ -58,8 +58,10 @@ class Call(Resource):
 
 
 class Application(Resource):
-    """An application to a call as the call's answer left it: ``received``, or ``rejected`` with
-    the ``reason`` (a rejected one keeps only who applied and why)."""
+    """An application to a call as it stands: ``received`` or ``rejected`` (with the ``reason``;
+    a rejected one keeps only who applied and why) by the call; then ``awarded`` or ``declined``
+    by the call's publisher, or ``withdrawn`` by the applicant (``decided_at``, and the
+    decision's ``comment`` or the withdrawal's reason)."""
 
     call_id: str
     application_id: str
@@ -71,6 +73,11 @@ class Application(Resource):
     reason: dict[str, Any] | None = None
     submitted_at: datetime
     """When the answer was logged (a resubmission under a rejected application's id: its time)."""
+    decided_at: datetime | None = None
+    """When the publisher's decision, or the withdrawal, was logged."""
+    awarded_amount: dict[str, str] | None = None
+    """``{amount, currency}`` granted, when the decision names it."""
+    comment: LocalizedText | None = None
 
 
 class Location(Resource):

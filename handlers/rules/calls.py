@@ -11,8 +11,13 @@ from typing import Literal
 from handlers.rules import Refusal
 
 CallStatus = Literal["upcoming", "open", "closed"]
-ApplicationStatus = Literal["received", "rejected"]
-"""Where an application stands once the call answered it."""
+ApplicationStatus = Literal["received", "rejected", "awarded", "declined", "withdrawn"]
+"""Where an application stands: the call's answer (``received``, ``rejected``), then the
+publisher's decision on a received one (``awarded``, ``declined``) or the applicant taking it
+back (``withdrawn``)."""
+
+FINAL: frozenset[str] = frozenset({"awarded", "declined", "withdrawn"})
+"""The statuses after which an application does not change any more."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,16 @@ class CallSnapshot:
     closed_at: datetime | None = None
     currency: str | None = None
     """The currency of the call's budget (None: the call states no budget)."""
+
+
+@dataclass(frozen=True)
+class ApplicationSnapshot:
+    """What the rules need to know about an application the call answered."""
+
+    application_id: str
+    applicant: str
+    status: ApplicationStatus
+    partners: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,48 @@ def closing_refusal(call: CallSnapshot | None, actor: str, logged_at: datetime, 
     if call is not None and reason == "deadline_passed" and call.closed_at is None and actor == call.owner:
         return None
     return _owner_action_refusal(call, actor, logged_at)
+
+
+def decision_refusal(
+    call: CallSnapshot | None, application: ApplicationSnapshot | None, actor: str, *, currency: str | None = None
+) -> Refusal | None:
+    """Only the call's publisher decides, on a received application, once. ``currency``: that of
+    the amount awarded (None: none named); it must be the call's budget's."""
+    if call is None:
+        return Refusal("unknown_call", "There is no such call.")
+    if actor != call.owner:
+        return Refusal("not_owner", f"Only {call.owner}, who published the call, decides on its applications.")
+    refusal = _open_application_refusal(application)
+    if refusal is not None:
+        return refusal
+    if currency is not None and call.currency is not None and currency != call.currency:
+        return Refusal("currency_mismatch", f"The call's budget is in {call.currency}: award the amount in {call.currency}, not {currency}.")
+    return None
+
+
+def withdrawal_refusal(call: CallSnapshot | None, application: ApplicationSnapshot | None, actor: str) -> Refusal | None:
+    """Only the applicant withdraws, a received application its call's publisher has not decided
+    on. To an institution that may not see the application (neither the publisher, the applicant
+    nor a partner), it does not exist."""
+    if call is None:
+        return Refusal("unknown_call", "There is no such call.")
+    if application is None or actor not in {call.owner, application.applicant, *application.partners}:
+        return Refusal("unknown_application", "The call has no such application.")
+    if actor != application.applicant:
+        return Refusal("not_applicant", f"Only {application.applicant}, who made the application, may withdraw it.")
+    return _open_application_refusal(application)
+
+
+def _open_application_refusal(application: ApplicationSnapshot | None) -> Refusal | None:
+    if application is None:
+        return Refusal("unknown_application", "The call has no such application.")
+    if application.status == "rejected":
+        return Refusal("not_received", f"Application {application.application_id} was rejected by the call: there is nothing to decide or withdraw.")
+    if application.status == "withdrawn":
+        return Refusal("already_withdrawn", f"Application {application.application_id} was withdrawn by {application.applicant}.")
+    if application.status in FINAL:
+        return Refusal("already_decided", f"Application {application.application_id} was already decided: {application.status}.")
+    return None
 
 
 def closed_at(call: CallSnapshot, logged_at: datetime) -> datetime:

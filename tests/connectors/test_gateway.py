@@ -401,6 +401,59 @@ async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applic
     problem(await gateway.client.get(path, params={"status": "pending"}, headers=gateway.auth(funder)), 422, "invalid_request")
 
 
+async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applications_parties_only(
+    gateway: Gateway, municipality: str
+) -> None:
+    funder, partner = await gateway.join("funder", "SE"), await gateway.join("ngo")
+    competitor, outsider = await gateway.join("ngo"), await gateway.join("university")
+    now = datetime.now(timezone.utc)
+    call_id = unique("c")
+    await gateway.offer(funder, "call.published", {
+        "call_id": call_id, "title": {"en": "Care at home"}, "kind": "funding",
+        "budget": {"amount": "500000", "currency": "EUR"},
+        "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat(),
+        "deadline_model": "single_stage",
+    })
+    ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "requested_amount": {"amount": "90000", "currency": "EUR"}}
+    theirs = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "60000", "currency": "EUR"}}
+    await gateway.offer(municipality, "call.application_submitted", ours)
+    await gateway.offer(competitor, "call.application_submitted", theirs)
+    await gateway.settle()
+    award = await gateway.offer(funder, "call.application_decided", {
+        "call_id": call_id, "application_id": ours["application_id"], "decision": "awarded",
+        "awarded_amount": {"amount": "75000", "currency": "EUR"}, "comment": {"en": "Funded for 18 months"},
+    })
+    await gateway.offer(competitor, "call.application_withdrawn", {"call_id": call_id, "application_id": theirs["application_id"]})
+    snooping = await gateway.offer(outsider, "call.application_withdrawn", {"call_id": call_id, "application_id": ours["application_id"]})
+    await gateway.settle()
+
+    path = f"/calls/{call_id}/applications"
+    listed = await gateway.client.get(path, headers=gateway.auth(funder))
+    assert [(item["application_id"], item["status"]) for item in listed.json()["items"]] == [
+        (ours["application_id"], "awarded"), (theirs["application_id"], "withdrawn")]
+    item = (await gateway.client.get(f"{path}/{ours['application_id']}", headers=gateway.auth(partner))).json()
+    assert item["awarded_amount"] == {"amount": "75000", "currency": "EUR"} and item["comment"] == {"en": "Funded for 18 months"}
+    assert item["decided_at"] is not None and item["requested_amount"] == ours["requested_amount"]
+    awarded = await gateway.client.get(path, params={"status": "awarded"}, headers=gateway.auth(competitor))
+    assert awarded.json()["items"] == []  # a competitor learns nothing of the award
+
+    async def seen_by(institution: str) -> list[tuple[str, str]]:
+        found = await gateway.client.get("/events", params={"type": "call", "subject": call_id}, headers=gateway.auth(institution))
+        assert found.status_code == 200, found.text
+        return sorted((item["event"]["type"], item["event"]["data"].get("reason", {}).get("code", "")) for item in found.json()["items"]
+                      if item["event"]["type"] in ("call.application_decided", "call.application_withdrawn", "call.action_rejected"))
+
+    decision, withdrawal = ("call.application_decided", ""), ("call.application_withdrawn", "")
+    refusal = ("call.action_rejected", "unknown_application")
+    assert await seen_by(funder) == sorted([decision, withdrawal, withdrawal, refusal])
+    assert await seen_by(municipality) == [decision, withdrawal] == await seen_by(partner)  # the outsider's try, not its refusal
+    assert await seen_by(competitor) == [withdrawal]
+    assert await seen_by(outsider) == sorted([withdrawal, refusal])  # what it said, and the answer to it
+    hidden = await gateway.client.get(f"/events/{award['id']}", headers=gateway.auth(competitor))
+    assert hidden.status_code == 404
+    assert (await gateway.client.get(f"/events/{snooping['id']}", headers=gateway.auth(outsider))).status_code == 200
+
+
 async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gateway, municipality: str) -> None:
     coordinator = await gateway.join("competence_centre")
     first = await gateway.join("university")

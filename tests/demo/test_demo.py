@@ -294,6 +294,9 @@ async def test_running_the_demo_again_changes_nothing_and_prints_the_same(demo_b
     assert [r["participant"] for r in day["registrations"] if r["promoted"]] == [d.KUNTOUTUSSAATIO]
     [late] = [a for a in again["calls"]["esf"]["applications"] if a["outcome"] == "rejected"]
     assert (late["application_id"], late["reason"]) == (d.LATE_APPLICATION, "after_deadline")
+    outcomes = {a["application_id"]: (a["outcome"], a["awarded_amount"]) for a in again["calls"]["esf"]["applications"]}
+    assert outcomes["app-esf-genc-isi"] == ("awarded", {"amount": "200000.00", "currency": "EUR"})
+    assert outcomes["app-esf-diak"] == ("declined", None) and outcomes["app-esf-mersin-bb"] == ("received", None)
     # The ids are deterministic: offered once more, an event is a duplicate of what the log holds.
     nc = await nats.connect(f"nats://{demo_bus.env['COLLABBUS_NATS_LISTEN']}", user_credentials=demo_bus.bus_creds,
                              inbox_prefix=BUS_INBOX_PREFIX)

@@ -17,6 +17,7 @@ OTHER_FUNDER = "fi-stea"
 COOPERATIVE = "tr-genc-isi-koop"
 UNIVERSITY = "tr-mersin-uni"
 SWEDISH_COOPERATIVE = "se-coop-vast"
+PARTNER = "tr-mersin-bb"
 NON_MEMBER = "fi-not-a-member"
 
 
@@ -31,6 +32,7 @@ MEMBERS = [
     joined(COOPERATIVE, "cooperative", "TR"),
     joined(UNIVERSITY, "university", "TR"),
     joined(SWEDISH_COOPERATIVE, "cooperative", "SE"),
+    joined(PARTNER, "municipality", "TR"),
 ]
 
 
@@ -62,10 +64,24 @@ def application(call_id: str, application_id: str, *, by: str = COOPERATIVE, cur
         "call_id": call_id,
         "application_id": application_id,
         "project_id": "genc-isi-belediye-isbirligi",
-        "partners": ["tr-mersin-bb"],
+        "partners": [PARTNER],
         "requested_amount": {"amount": "240000.00", "currency": currency},
     }
     return envelope("call.application_submitted", by, data)
+
+
+def decided(call_id: str, application_id: str, decision: str = "awarded", *, by: str = OWNER,
+            amount: dict[str, str] | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {"call_id": call_id, "application_id": application_id, "decision": decision,
+                            "comment": {"en": "Thank you", "tr": "Teşekkürler"}}
+    if amount is not None:
+        data["awarded_amount"] = amount
+    return envelope("call.application_decided", by, data)
+
+
+def withdrawn(call_id: str, application_id: str, *, by: str = COOPERATIVE) -> dict[str, Any]:
+    return envelope("call.application_withdrawn", by,
+                    {"call_id": call_id, "application_id": application_id, "reason": {"en": "No co-funding this year"}})
 
 
 def amended(call_id: str, changes: dict[str, Any], *, by: str = OWNER) -> dict[str, Any]:
@@ -217,6 +233,104 @@ async def test_a_rejected_application_may_be_submitted_again_under_its_id(scenar
     with scenario.session() as session:
         stored = session.get(CallApplication, (call_id, "app-1"))
         assert stored is not None and stored.status == "received" and stored.reason is None
+
+
+# --- decisions and withdrawals ------------------------------------------------------------------
+
+
+async def test_the_publisher_awards_a_received_application_with_the_amount_granted(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id), application(call_id, "app-1"))
+    before = now()
+    decision = decided(call_id, "app-1", amount={"amount": "200000.00", "currency": "EUR"})
+    assert await scenario.when(decision) == []
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "awarded"
+        assert stored.decided_at is not None and before <= stored.decided_at <= now()  # when the log took the decision
+        decided_at = stored.decided_at
+        assert stored.awarded_amount == {"amount": "200000.00", "currency": "EUR"}
+        assert stored.comment == {"en": "Thank you", "tr": "Teşekkürler"}
+        assert stored.requested_amount == {"amount": "240000.00", "currency": "EUR"}  # the request stays as it was
+    # Decided once: neither a second decision nor a withdrawal changes it.
+    again = the_only(await scenario.when(decided(call_id, "app-1", "declined")), "call.action_rejected")
+    assert again["data"]["reason"]["code"] == "already_decided" and "awarded" in again["data"]["reason"]["message"]["en"]
+    late = the_only(await scenario.when(withdrawn(call_id, "app-1")), "call.action_rejected")
+    assert late["data"]["reason"]["code"] == "already_decided" and late["data"]["actor"] == COOPERATIVE
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "awarded" and stored.decided_at == decided_at
+    # Its id stays taken.
+    duplicate = the_only(await scenario.when(application(call_id, "app-1")), "call.application_rejected")
+    assert duplicate["data"]["reason"]["code"] == "duplicate_application"
+
+
+async def test_the_publisher_declines_an_application_without_an_amount(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id), application(call_id, "app-1"))
+    assert await scenario.when(decided(call_id, "app-1", "declined")) == []
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "declined" and stored.awarded_amount is None
+        assert stored.decided_at is not None and stored.comment == {"en": "Thank you", "tr": "Teşekkürler"}
+
+
+@pytest.mark.parametrize(
+    ("setup", "decision", "code"),
+    [
+        ("received", {"by": OTHER_FUNDER}, "not_owner"),
+        ("received", {"application_id": "app-none"}, "unknown_application"),
+        ("rejected", {}, "not_received"),
+        ("received", {"amount": {"amount": "1000.00", "currency": "SEK"}}, "currency_mismatch"),
+        ("no call", {}, "unknown_call"),
+    ],
+)
+async def test_decisions_the_workflow_cannot_take_are_refused_and_change_nothing(
+    scenario: Scenario, call_id: str, setup: str, decision: dict[str, Any], code: str
+) -> None:
+    if setup != "no call":
+        await scenario.given(published(call_id), application(call_id, "app-1", by=COOPERATIVE if setup == "received" else UNIVERSITY))
+    options = dict(decision)
+    event = decided(call_id, options.pop("application_id", "app-1"), **options)
+    refusal = the_only(await scenario.when(event), "call.action_rejected")
+    assert refusal["causationid"] == event["id"] and refusal["data"]["rejected_type"] == "call.application_decided"
+    assert refusal["data"]["reason"]["code"] == code and refusal["data"]["actor"] == event["source"].removeprefix("/institutions/")
+    assert refusal["source"] == (f"/institutions/{OWNER}" if setup != "no call" else event["source"])
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is None if setup == "no call" else (stored is not None and stored.decided_at is None)
+        assert stored is None or stored.status == setup
+
+
+async def test_the_applicant_withdraws_an_application_before_the_decision(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id), application(call_id, "app-1"))
+    assert await scenario.when(withdrawn(call_id, "app-1")) == []
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "withdrawn" and stored.decided_at is not None
+        assert stored.comment == {"en": "No co-funding this year"}
+    refused = the_only(await scenario.when(decided(call_id, "app-1")), "call.action_rejected")
+    assert refused["data"]["reason"]["code"] == "already_withdrawn"
+    again = the_only(await scenario.when(withdrawn(call_id, "app-1")), "call.action_rejected")
+    assert again["data"]["reason"]["code"] == "already_withdrawn"
+    resubmitted = the_only(await scenario.when(application(call_id, "app-1")), "call.application_rejected")
+    assert resubmitted["data"]["reason"]["code"] == "duplicate_application"
+
+
+@pytest.mark.parametrize(
+    ("by", "code"),
+    [
+        (PARTNER, "not_applicant"),  # a partner the application names
+        (OWNER, "not_applicant"),  # the publisher declines instead
+        (UNIVERSITY, "unknown_application"),  # to anyone else the application does not exist
+    ],
+)
+async def test_only_the_applicant_withdraws(scenario: Scenario, call_id: str, by: str, code: str) -> None:
+    await scenario.given(published(call_id), application(call_id, "app-1"))
+    refusal = the_only(await scenario.when(withdrawn(call_id, "app-1", by=by)), "call.action_rejected")
+    assert refusal["data"]["reason"]["code"] == code and refusal["data"]["actor"] == by
+    assert COOPERATIVE not in refusal["data"]["reason"]["message"]["en"] or code == "not_applicant"
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "received"
 
 
 # --- amendments and closing by the owner --------------------------------------------------------

@@ -37,7 +37,8 @@ FIXTURE_FILES = sorted(FIXTURES.glob("*.json"))
 CATALOG_V1 = {
     "institution.joined", "institution.updated", "institution.left",
     "call.published", "call.amended", "call.closed", "call.application_submitted",
-    "call.application_received", "call.application_rejected", "call.action_rejected",
+    "call.application_received", "call.application_rejected", "call.application_decided",
+    "call.application_withdrawn", "call.action_rejected",
     "project.registered", "project.updated", "project.partner_joined", "project.adopted",
     "project.impact_reported", "project.completed", "project.action_rejected",
     "validation.requested", "validation.reviewer_assigned", "validation.reviewer_unassigned", "validation.info_requested",
@@ -51,7 +52,9 @@ CATALOG_V1 = {
 }  # fmt: skip
 """The contract's v1 catalog, with ``innovation_day.action_rejected`` added by the bus (an
 organiser's event that cannot stand is refused, as calls', projects' and validations' are) and
-``validation.reviewer_unassigned`` (a coordinator could assign a reviewer, never take one off)."""
+``validation.reviewer_unassigned`` (a coordinator could assign a reviewer, never take one off),
+``call.application_decided`` and ``call.application_withdrawn`` (a funder could receive
+applications, never say which it funds; an applicant could not take one back)."""
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -68,7 +71,7 @@ def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def test_registry_covers_exactly_the_v1_catalog() -> None:
-    assert len(CATALOG_V1) == 37
+    assert len(CATALOG_V1) == 39
     assert set(event_types()) == CATALOG_V1
     assert event_types() == sorted(CATALOG_V1)
     assert set(REGISTRY) == {(t, 1) for t in CATALOG_V1}

@@ -179,6 +179,14 @@ def test_deadline_before_opening() -> None:
     assert "deadline must be after opens_at" in error["msg"]
 
 
+def test_an_amount_is_awarded_only_with_an_award() -> None:
+    [error] = errors("call.application_decided", data_of("call.application_decided", decision="declined"))
+    assert error["loc"] == () and "awarded_amount is given only with the decision 'awarded'" in error["msg"]
+    declined = data_of("call.application_decided", decision="declined", awarded_amount=None)
+    assert spec_for("call.application_decided").adapter.validate_python(declined).decision == "declined"
+    assert locs("call.application_decided", data_of("call.application_decided", decision="granted")) == {("decision",)}
+
+
 def test_call_amendment_changes_something_and_keeps_required_fields() -> None:
     assert locs("call.amended", data_of("call.amended", changes={})) == {("changes",)}
     assert locs("call.amended", data_of("call.amended", changes={"title": None})) == {
