@@ -169,6 +169,17 @@ def decide_application(ctx: Context) -> None:
         ctx.refuse("call.application_rejected", {**answer, "reason": refusal.as_reason()}, source=owner)
 
 
+def _refuse_application_action(ctx: Context, call: CallSnapshot | None, refusal: Refusal, application_id: str) -> None:
+    """Refuse a decision on or withdrawal of an application, naming it (its parties see the
+    refusal when they saw what it refuses: :func:`audience`)."""
+    event = ctx.event
+    assert event is not None
+    ctx.refuse("call.action_rejected", {
+        "call_id": event.data.call_id, "rejected_type": event.type, "rejected_event_id": event.id, "actor": event.source,
+        "reason": refusal.as_reason(), "application_id": application_id,
+    }, source=call.owner if call is not None else event.source)
+
+
 def _application(session: Session, call_id: str, application_id: str) -> ApplicationSnapshot | None:
     row = session.get(CallApplication, (call_id, application_id))
     return row.snapshot() if row is not None else None
@@ -184,7 +195,7 @@ def decide_decision(ctx: Context) -> None:
     currency = data.awarded_amount.currency if data.awarded_amount is not None else None
     refusal = rules.decision_refusal(call, application, event.source, currency=currency)
     if refusal is not None:
-        _refuse_action(ctx, call, refusal)
+        _refuse_application_action(ctx, call, refusal, data.application_id)
 
 
 def decide_withdrawal(ctx: Context) -> None:
@@ -196,7 +207,7 @@ def decide_withdrawal(ctx: Context) -> None:
     application = _application(ctx.session, data.call_id, data.application_id)
     refusal = rules.withdrawal_refusal(call, application, event.source)
     if refusal is not None:
-        _refuse_action(ctx, call, refusal)
+        _refuse_application_action(ctx, call, refusal, data.application_id)
 
 
 def decide_amendment(ctx: Context) -> None:
@@ -358,6 +369,8 @@ APPLICATION_EVENTS = frozenset({
 (competing applicants would see each other's requests, amounts and awards)."""
 
 CONFIDENTIAL = APPLICATION_EVENTS | {"call.action_rejected"}
+TRIED = frozenset({"call.application_decided", "call.application_withdrawn", "call.action_rejected"})
+"""What any member may try on an application and be refused."""
 """The calls' event types not every member may see: the application events, and the refusal of
 a decision on or withdrawal of an application (a refused publication, amendment or closing is
 public, as the call is)."""
@@ -373,20 +386,17 @@ def may_see_application(application: CallApplication, owner: str, viewer: str) -
 def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | None:
     """Who may see an application event, as ``GET /events`` shows it and webhooks deliver it:
     whoever said it, the call's publisher, the applicant and the partners the application names
-    (as the read model has it; a submission's own partners too). A refused decision or withdrawal:
-    the publisher and the institution refused. None: every member (any other refusal)."""
+    (as the read model has it; a submission's own partners too). A decision or withdrawal, and the
+    refusal of one, reach the application's parties only when one of them or the publisher did
+    it; otherwise the publisher and whoever tried. None: every member (a refusal of anything
+    else than an application's decision or withdrawal)."""
     data = envelope.get("data")
     data = data if isinstance(data, Mapping) else {}
     source = str(envelope.get("source")).removeprefix("/institutions/")
     allowed = {source}
     event_type = envelope.get("type")
-    if event_type == "call.action_rejected":
-        if data.get("rejected_type") not in APPLICATION_EVENTS:
-            return None
-        # Said in the call publisher's name, to the institution whose action it refuses: the
-        # application's other parties need not hear of an attempt that changed nothing.
-        allowed.add(str(data.get("actor")))
-        return frozenset(allowed)
+    if event_type == "call.action_rejected" and data.get("rejected_type") not in APPLICATION_EVENTS:
+        return None
     call_id, application_id = str(data.get("call_id")), str(data.get("application_id"))
     if event_type == "call.application_submitted":
         allowed.update(str(partner) for partner in data.get("partners") or ())
@@ -401,6 +411,13 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
     ).first()
     if application is not None:
         applicant, partners = application
-        allowed.add(applicant)
-        allowed.update(partners or ())
+        parties = {applicant, *(partners or ())}
+        # A decision, a withdrawal and the refusal of one reach the application's parties when a
+        # party did it (the applicant sees the publisher's second decision refused, say), not
+        # when someone else tried: that stays between it and the publisher.
+        actor = str(data.get("actor")) if event_type == "call.action_rejected" else source
+        if event_type not in TRIED or actor in parties or actor == owner:
+            allowed.update(parties)
+    if event_type == "call.action_rejected":
+        allowed.add(str(data.get("actor")))
     return frozenset(allowed)

@@ -204,3 +204,5 @@ class CallActionRejected(EventData):
     rejected_event_id: EventId
     actor: InstitutionId
     reason: CallActionRefusal
+    application_id: AggregateId | None = None
+    """The application a refused decision or withdrawal was about."""

@@ -292,6 +292,7 @@ async def test_decisions_the_workflow_cannot_take_are_refused_and_change_nothing
     event = decided(call_id, options.pop("application_id", "app-1"), **options)
     refusal = the_only(await scenario.when(event), "call.action_rejected")
     assert refusal["causationid"] == event["id"] and refusal["data"]["rejected_type"] == "call.application_decided"
+    assert refusal["data"]["application_id"] == event["data"]["application_id"]
     assert refusal["data"]["reason"]["code"] == code and refusal["data"]["actor"] == event["source"].removeprefix("/institutions/")
     assert refusal["source"] == (f"/institutions/{OWNER}" if setup != "no call" else event["source"])
     with scenario.session() as session:

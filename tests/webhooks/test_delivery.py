@@ -348,6 +348,25 @@ async def test_applications_to_a_call_reach_only_its_parties(network: Network, r
     await asyncio.sleep(0.5)  # nothing more arrives: the competitors do not see each other's applications
     assert {role: seen(role) for role in expected} == expected
 
+    # What becomes of each application goes to its parties too; a refused decision to the one refused.
+    award = {"call_id": call_id, "application_id": ours["application_id"], "decision": "awarded",
+             "awarded_amount": {"amount": "80000", "currency": "EUR"}}
+    withdrawal = {"call_id": call_id, "application_id": theirs["application_id"]}
+    for source, event_type, data in ((funder, "call.application_decided", award), (competitor, "call.application_withdrawn", withdrawal),
+                                     (competitor, "call.application_decided", {**award, "decision": "declined", "awarded_amount": None})):
+        response = await gateway.post(source, envelope(event_type, source, data))
+        assert response.status_code == 202, response.text
+    decided, withdrawn = ("call.application_decided", ours["application_id"]), ("call.application_withdrawn", theirs["application_id"])
+    refused = ("call.action_rejected", ours["application_id"])
+    expected = {"funder": sorted([*expected["funder"], decided, withdrawn, decided, refused]),
+                "applicant": sorted([*expected["applicant"], decided]), "partner": sorted([*expected["partner"], decided]),
+                # its own try at deciding on the others' application, and the answer: the others hear of neither
+                "competitor": sorted([*expected["competitor"], withdrawn, decided, refused])}
+    for role, events in expected.items():
+        await eventually(lambda: seen(role) == events, what=f"the {role}'s deliveries")
+    await asyncio.sleep(0.5)
+    assert {role: seen(role) for role in expected} == expected
+
 
 async def test_a_slow_endpoint_never_delays_the_others(network: Network, receiver: Receiver) -> None:
     """45 endpoints answer at once, 5 never do: every delivery to the 45 arrives before the first
