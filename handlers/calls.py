@@ -7,7 +7,7 @@ events about it are emitted in the publisher's name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -187,27 +187,28 @@ def _application(session: Session, call_id: str, application_id: str) -> Applica
 
 def decide_decision(ctx: Context) -> None:
     """Only the publisher decides, once, on a received application."""
-    event = ctx.event
-    assert event is not None
-    data: ApplicationDecided = event.data
-    call = _snapshot(ctx.session, data.call_id)
-    application = _application(ctx.session, data.call_id, data.application_id)
+    assert ctx.event is not None
+    data: ApplicationDecided = ctx.event.data
     currency = data.awarded_amount.currency if data.awarded_amount is not None else None
-    refusal = rules.decision_refusal(call, application, event.source, currency=currency)
-    if refusal is not None:
-        _refuse_application_action(ctx, call, refusal, data.application_id)
+    _judge_application_action(ctx, lambda call, application, actor: rules.decision_refusal(call, application, actor, currency=currency))
 
 
 def decide_withdrawal(ctx: Context) -> None:
     """Only the applicant withdraws, before the publisher decided."""
+    _judge_application_action(ctx, rules.withdrawal_refusal)
+
+
+def _judge_application_action(
+    ctx: Context, refusal_of: Callable[[CallSnapshot | None, ApplicationSnapshot | None, str], Refusal | None]
+) -> None:
+    """Refuse the current decision or withdrawal when ``refusal_of`` (the call, the application,
+    the actor) says why."""
     event = ctx.event
     assert event is not None
-    data: ApplicationWithdrawn = event.data
-    call = _snapshot(ctx.session, data.call_id)
-    application = _application(ctx.session, data.call_id, data.application_id)
-    refusal = rules.withdrawal_refusal(call, application, event.source)
+    call = _snapshot(ctx.session, event.data.call_id)
+    refusal = refusal_of(call, _application(ctx.session, event.data.call_id, event.data.application_id), event.source)
     if refusal is not None:
-        _refuse_application_action(ctx, call, refusal, data.application_id)
+        _refuse_application_action(ctx, call, refusal, event.data.application_id)
 
 
 def decide_amendment(ctx: Context) -> None:

@@ -347,12 +347,8 @@ async def test_applications_to_a_call_are_shown_to_its_parties_only(gateway: Gat
     assert shown.status_code == 200 and shown.json()["event"]["data"]["requested_amount"]["amount"] == "90000"
 
 
-async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applicant_sees_its_own(
-    gateway: Gateway, municipality: str
-) -> None:
-    funder, partner = await gateway.join("funder", "SE"), await gateway.join("ngo")
-    competitor, late = await gateway.join("ngo"), await gateway.join("university")
-    outsider = await gateway.join("university")
+async def open_funding_call(gateway: Gateway, funder: str) -> str:
+    """A funding call open for a month with a budget in euros; returns its id."""
     now = datetime.now(timezone.utc)
     call_id = unique("c")
     await gateway.offer(funder, "call.published", {
@@ -361,6 +357,16 @@ async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applic
         "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat(),
         "deadline_model": "single_stage",
     })
+    return call_id
+
+
+async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applicant_sees_its_own(
+    gateway: Gateway, municipality: str
+) -> None:
+    funder, partner = await gateway.join("funder", "SE"), await gateway.join("ngo")
+    competitor, late = await gateway.join("ngo"), await gateway.join("university")
+    outsider = await gateway.join("university")
+    call_id = await open_funding_call(gateway, funder)
     practice = project(municipality)
     await gateway.offer(municipality, "project.registered", practice)
     ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "project_id": practice["project_id"],
@@ -406,14 +412,7 @@ async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applicat
 ) -> None:
     funder, partner = await gateway.join("funder", "SE"), await gateway.join("ngo")
     competitor, outsider = await gateway.join("ngo"), await gateway.join("university")
-    now = datetime.now(timezone.utc)
-    call_id = unique("c")
-    await gateway.offer(funder, "call.published", {
-        "call_id": call_id, "title": {"en": "Care at home"}, "kind": "funding",
-        "budget": {"amount": "500000", "currency": "EUR"},
-        "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat(),
-        "deadline_model": "single_stage",
-    })
+    call_id = await open_funding_call(gateway, funder)
     ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "requested_amount": {"amount": "90000", "currency": "EUR"}}
     theirs = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "60000", "currency": "EUR"}}
     await gateway.offer(municipality, "call.application_submitted", ours)
