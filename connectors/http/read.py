@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Path, Query
 from pydantic import AwareDatetime
 from sqlmodel import col, select
@@ -154,6 +155,41 @@ def _known_call(session: Any, call_id: str) -> Call:
 @router.get("/calls/{call_id}", response_model=resources.Call, responses=ITEM_ERRORS)
 def get_call(call_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
     return _call(_known_call(session, call_id), datetime.now(timezone.utc))
+
+
+@router.get("/applications", response_model=Page[resources.Application], responses=LIST_ERRORS)
+def list_my_applications(
+    viewer: Member,
+    session: SessionDep,
+    status: ApplicationStatus | None = None,
+    call_id: Annotated[str | None, Query(max_length=128, description="applications to this call")] = None,
+    applicant: Annotated[str | None, Query(max_length=63, description="applications this institution made")] = None,
+    project_id: Annotated[str | None, Query(max_length=128, description="applications for this project")] = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    """The applications the caller is a party to, across calls, in the order they were
+    answered: those it made, those naming it a partner, and every application to a call it
+    published."""
+    published = select(Call.call_id).where(Call.owner == viewer)
+    owned = set(session.exec(published).all())
+    query = select(CallApplication).where(sa.or_(
+        col(CallApplication.call_id).in_(published),
+        CallApplication.applicant == viewer,
+        # (a superset, narrowed below: JSON lists are not portably searched in SQL)
+        sa.cast(CallApplication.partners, sa.Text).contains(f'"{viewer}"', autoescape=True),
+    ))
+    for column, value in ((CallApplication.status, status), (CallApplication.call_id, call_id),
+                          (CallApplication.applicant, applicant), (CallApplication.project_id, project_id)):
+        if value is not None:
+            query = query.where(column == value)
+    rows, next_cursor = keyset_page(
+        session, query,
+        [col(CallApplication.submitted_at), col(CallApplication.call_id), col(CallApplication.application_id)],
+        limit=limit, cursor=cursor,
+        keep=lambda row: row.call_id in owned or row.applicant == viewer or viewer in row.partners,
+    )
+    return _page([row.model_dump() for row in rows], next_cursor)
 
 
 @router.get(

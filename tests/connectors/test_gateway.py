@@ -393,6 +393,18 @@ async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applic
     assert await listed(competitor) == [(theirs["application_id"], "received")]
     assert await listed(late) == [(refused["application_id"], "rejected")]
     assert await listed(outsider) == []
+    # Across calls, each sees the applications it is a party to.
+    mine = await walk(gateway.client, "/applications", gateway.auth(funder), limit=2)
+    assert [(item["call_id"], item["application_id"]) for page in mine for item in page] == [
+        (call_id, a["application_id"]) for a in (ours, theirs, refused)]
+    for institution, expected in ((partner, [ours]), (competitor, [theirs]), (outsider, [])):
+        pages = await walk(gateway.client, "/applications", gateway.auth(institution))
+        assert [item["application_id"] for page in pages for item in page] == [a["application_id"] for a in expected]
+    pages = await walk(gateway.client, "/applications", gateway.auth(municipality))  # (it applies in other tests too)
+    made = {item["application_id"] for page in pages for item in page}
+    assert ours["application_id"] in made and not made & {theirs["application_id"], refused["application_id"]}
+    filtered = await gateway.client.get("/applications", params={"status": "rejected", "call_id": call_id}, headers=gateway.auth(funder))
+    assert [item["application_id"] for item in filtered.json()["items"]] == [refused["application_id"]]
 
     item = await gateway.client.get(f"{path}/{ours['application_id']}", headers=gateway.auth(partner))
     assert item.status_code == 200, item.text
