@@ -175,7 +175,7 @@ def list_my_applications(
     owned = set(session.exec(published).all())
     query = select(CallApplication).where(sa.or_(
         col(CallApplication.call_id).in_(published),
-        CallApplication.applicant == viewer,
+        col(CallApplication.applicant) == viewer,
         # (a superset, narrowed below: JSON lists are not portably searched in SQL)
         sa.cast(CallApplication.partners, sa.Text).contains(f'"{viewer}"', autoescape=True),
     ))
