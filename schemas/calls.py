@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from schemas.common import (
     AggregateId,
@@ -159,11 +160,12 @@ class ApplicationDecided(EventData):
     awarded_amount: Money | None = None
     comment: LocalizedText | None = None
 
-    @model_validator(mode="after")
-    def _amount_only_when_awarded(self) -> Self:
-        if self.awarded_amount is not None and self.decision != "awarded":
-            raise ValueError("awarded_amount is given only with the decision 'awarded'")
-        return self
+    @field_validator("awarded_amount")
+    @classmethod
+    def _amount_only_when_awarded(cls, amount: Money | None, info: ValidationInfo) -> Money | None:
+        if amount is not None and info.data.get("decision", "awarded") != "awarded":
+            raise PydanticCustomError("awarded_only", "An amount is awarded only with the decision 'awarded'")
+        return amount
 
 
 class ApplicationWithdrawn(EventData):

@@ -181,7 +181,8 @@ def test_deadline_before_opening() -> None:
 
 def test_an_amount_is_awarded_only_with_an_award() -> None:
     [error] = errors("call.application_decided", data_of("call.application_decided", decision="declined"))
-    assert error["loc"] == () and "awarded_amount is given only with the decision 'awarded'" in error["msg"]
+    assert (error["loc"], error["type"]) == (("awarded_amount",), "awarded_only")
+    assert error["msg"] == "An amount is awarded only with the decision 'awarded'"
     declined = data_of("call.application_decided", decision="declined", awarded_amount=None)
     assert spec_for("call.application_decided").adapter.validate_python(declined).decision == "declined"
     assert locs("call.application_decided", data_of("call.application_decided", decision="granted")) == {("decision",)}
