@@ -87,9 +87,9 @@ def status_is(status: CallStatus, now: datetime) -> sa.ColumnElement[bool]:
 
 class CallApplication(TableRow, table=True):
     """An application to a known call as it stands: the call's answer, then the publisher's
-    decision or the applicant's withdrawal. A rejected one keeps only who applied and why (the
-    rejection event carries no more) and may be submitted again under its id; any other keeps
-    its id."""
+    decision or the applicant's withdrawal. A rejected one keeps why, and what it asked for as its
+    rejection repeats it (rejections logged before they did keep only who applied), and may be
+    submitted again under its id; any other keeps its id."""
 
     __tablename__ = "call_applications"
 
@@ -166,7 +166,8 @@ def decide_application(ctx: Context) -> None:
     if refusal is None:
         ctx.emit("call.application_received", answer, source=owner)
     else:
-        ctx.refuse("call.application_rejected", {**answer, "reason": refusal.as_reason()}, source=owner)
+        asked = column_values(data, data.model_fields_set & {"project_id", "partners", "requested_amount"})
+        ctx.refuse("call.application_rejected", {**answer, "reason": refusal.as_reason(), **asked}, source=owner)
 
 
 def _refuse_application_action(ctx: Context, call: CallSnapshot | None, refusal: Refusal, application_id: str) -> None:
@@ -309,9 +310,7 @@ def application_rejected(session: Session, event: Event[ApplicationRejected]) ->
         data.call_id,
         data.application_id,
         applicant=data.applicant,
-        project_id=None,
-        partners=[],
-        requested_amount=None,
+        **column_values(data, {"project_id", "partners", "requested_amount"}),
         status="rejected",
         reason=data.reason.model_dump(mode="json", exclude_none=True),
         submitted_at=event.logged_at,

@@ -141,12 +141,16 @@ class ApplicationRefusal(Reason):
 
 
 class ApplicationRejected(EventData):
-    """The calls workflow refused an application; `causationid` names the submission."""
+    """The calls workflow refused an application; `causationid` names the submission, and what
+    it asked for is repeated (`project_id`, `partners`, `requested_amount`, when it named them)."""
 
     call_id: AggregateId
     application_id: AggregateId
     applicant: InstitutionId
     reason: ApplicationRefusal
+    project_id: AggregateId | None = None
+    partners: tuple[InstitutionId, ...] = ()
+    requested_amount: Money | None = None
 
 
 class ApplicationDecided(EventData):

@@ -58,8 +58,8 @@ class Call(Resource):
 
 
 class Application(Resource):
-    """An application to a call as it stands: ``received`` or ``rejected`` (with the ``reason``;
-    a rejected one keeps only who applied and why) by the call; then ``awarded`` or ``declined``
+    """An application to a call as it stands: ``received`` or ``rejected`` (with the ``reason``)
+    by the call; then ``awarded`` or ``declined``
     by the call's publisher, or ``withdrawn`` by the applicant (``decided_at``, and the
     decision's ``comment`` or the withdrawal's reason)."""
 

@@ -180,10 +180,23 @@ async def test_an_application_outside_the_window_or_from_an_ineligible_member_is
     rejection = the_only(await scenario.when(submission), "call.application_rejected")
     assert rejection["source"] == f"/institutions/{OWNER}" and rejection["causationid"] == submission["id"]
     assert rejection["data"]["reason"]["code"] == reason and rejection["data"]["applicant"] == applicant
+    asked = {key: submission["data"][key] for key in ("project_id", "partners", "requested_amount")}
+    assert {key: rejection["data"][key] for key in asked} == asked  # what was asked, for the publisher and the partners
     with scenario.session() as session:
         stored = session.get(CallApplication, (call_id, "app-1"))
         assert stored is not None and stored.status == "rejected"
         assert stored.reason is not None and stored.reason["code"] == reason
+        assert (stored.project_id, stored.partners, stored.requested_amount) == tuple(asked.values())
+
+
+async def test_a_rejection_repeats_only_what_the_application_named(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id, opens_in=timedelta(days=1)))
+    bare = envelope("call.application_submitted", COOPERATIVE, {"call_id": call_id, "application_id": "app-1"})
+    rejection = the_only(await scenario.when(bare), "call.application_rejected")
+    assert set(rejection["data"]) == {"call_id", "application_id", "applicant", "reason"}
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and (stored.project_id, stored.partners, stored.requested_amount) == (None, [], None)
 
 
 async def test_an_amount_requested_in_another_currency_than_the_budgets_is_rejected(scenario: Scenario, call_id: str) -> None:
