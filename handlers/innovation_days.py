@@ -379,6 +379,19 @@ def rematch_moved_day(ctx: Context) -> None:
              candidates=[] if reopened else None)
 
 
+def withdraw_meetings_of_cancelled_day(ctx: Context) -> None:
+    """A day cancelled after its meetings were proposed: they are withdrawn by an empty proposal,
+    as when a move opens registration again, so that whoever follows the meetings hears of it."""
+    event = ctx.event
+    assert event is not None
+    if ctx.refused:
+        return
+    day = ctx.session.get(InnovationDay, event.data.day_id)
+    if day is None or day.status != "scheduled" or day.meetings_proposed_at is None:
+        return
+    _propose(ctx, day, starts_at=_utc(day.starts_at), ends_at=_utc(day.ends_at), key=day.day_id, candidates=[])
+
+
 def _propose(
     ctx: Context,
     day: InnovationDay,
@@ -615,7 +628,7 @@ PROJECTIONS: dict[str, Projection] = {
 DECIDERS: dict[str, Decider | list[Decider]] = {
     "innovation_day.scheduled": decide_day_action,
     "innovation_day.rescheduled": [decide_day_action, rematch_moved_day],
-    "innovation_day.cancelled": decide_day_action,
+    "innovation_day.cancelled": [decide_day_action, withdraw_meetings_of_cancelled_day],
     "innovation_day.held": decide_day_action,
     "innovation_day.registration_requested": decide_registration,
     "innovation_day.registration_cancelled": decide_cancellation,

@@ -217,8 +217,9 @@ class Meeting(ValueObject):
 
 class MeetingsProposed(EventData):
     """Matchmaking at the registration deadline, and again for the new times when the day is
-    moved after it; replaces the day's earlier proposal. Empty when nobody matches, or when a move
-    opened registration again (the meetings are withdrawn until the new deadline)."""
+    moved after it; replaces the day's earlier proposal. Empty when nobody matches, when a move
+    opened registration again (the meetings are withdrawn until the new deadline), or when the
+    day was cancelled after its meetings were proposed."""
 
     day_id: AggregateId
     meetings: tuple[Meeting, ...]

@@ -436,6 +436,18 @@ async def test_no_meetings_for_a_cancelled_day(scenario: Scenario) -> None:
 
 
 @pytest.mark.usefixtures("members")
+async def test_a_day_cancelled_after_matchmaking_withdraws_its_meetings(scenario: Scenario) -> None:
+    day = await innovator_and_funder(scenario, deadline_in=timedelta(hours=1))
+    assert len(only(await scenario.tick(day.deadline + timedelta(seconds=1)))["data"]["meetings"]) == 1
+    cancellation = day.cancelled()
+    withdrawn = only(await scenario.when(cancellation))
+    assert withdrawn["type"] == "innovation_day.meetings_proposed" and withdrawn["data"]["meetings"] == []
+    assert withdrawn["causationid"] == cancellation["id"] and withdrawn["source"] == f"/institutions/{ORGANIZER}"
+    assert stored_meetings(scenario, day.day_id) == [] and view(scenario, day.day_id)["status"] == "cancelled"
+    assert await scenario.tick(day.deadline + timedelta(minutes=5)) == []  # and none are proposed again
+
+
+@pytest.mark.usefixtures("members")
 async def test_a_funder_gets_at_most_n_meetings(scenario: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(innovation_days.rules, "MEETINGS_PER_FUNDER", 2)
     day = Day.fresh(deadline_in=timedelta(hours=1))
