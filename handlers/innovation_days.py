@@ -106,8 +106,9 @@ class InnovationDay(TableRow, table=True):
 
 
 class Registration(TableRow, table=True):
-    """A registration to a gathering. ``role`` and ``attendees`` are unknown (null) for a request
-    refused outright, which is kept with its reason."""
+    """A registration to a gathering. A request refused outright is kept with its reason, and
+    with the role, attendees and project it asked for as its rejection repeats them (unknown,
+    null, for a rejection logged before they did)."""
 
     __tablename__ = "innovation_day_registrations"
 
@@ -189,7 +190,11 @@ def _answerer(session: Session, day_id: str, fallback: str) -> str:
 # --- deciders ---------------------------------------------------------------------------------
 
 
-def _refuse(ctx: Context, refusal: rules.Refuse, *, day_id: str, registration_id: str, participant: str | None) -> None:
+def _refuse(
+    ctx: Context, refusal: rules.Refuse, *, day_id: str, registration_id: str, participant: str | None, **asked: Any
+) -> None:
+    """Refuse the current request or cancellation; ``asked``: what a refused request asked for
+    (its role, attendees, project), repeated in the rejection."""
     assert ctx.event is not None
     ctx.refuse(
         "innovation_day.registration_rejected",
@@ -199,6 +204,7 @@ def _refuse(ctx: Context, refusal: rules.Refuse, *, day_id: str, registration_id
                 "registration_id": registration_id,
                 **({"participant": participant} if participant else {}),
                 "reason": {"code": refusal.code, "message": {"en": refusal.message}},
+                **{key: value for key, value in asked.items() if value is not None},
             }
         ),
         source=_answerer(ctx.session, day_id, ctx.event.source),
@@ -248,7 +254,8 @@ def decide_registration(ctx: Context) -> None:
         at=_utc(ctx.event.logged_at),
     )
     if isinstance(decision, rules.Refuse):
-        _refuse(ctx, decision, day_id=data.day_id, registration_id=data.registration_id, participant=data.participant)
+        _refuse(ctx, decision, day_id=data.day_id, registration_id=data.registration_id, participant=data.participant,
+                role=data.role, attendees=data.attendees, project_id=data.project_id)
     elif isinstance(decision, rules.Confirm):
         assert day is not None
         _confirm(ctx, data.day_id, day.organizer, decision)
@@ -584,6 +591,9 @@ def on_registration_rejected(session: Session, event: Event[RegistrationRejected
             registration_id=data.registration_id,
             day_id=data.day_id,
             participant=data.participant or event.source,
+            role=data.role,
+            attendees=data.attendees,
+            project_id=data.project_id,
             interests=[],
             status="rejected",
             reason=data.reason.model_dump(mode="json", exclude_none=True),

@@ -138,6 +138,9 @@ class InnovationDayHeld(EventData):
     summary: LocalizedText | None = None
 
 
+Role = Literal["innovator", "funder", "observer", "speaker"]
+
+
 class RegistrationRequested(EventData):
     """An institution asks to attend; the workflow answers with confirmed, waitlisted or
     rejected. `interests` (themes) and `project_id` feed the matchmaking."""
@@ -145,7 +148,7 @@ class RegistrationRequested(EventData):
     day_id: AggregateId
     registration_id: AggregateId
     participant: InstitutionId
-    role: Literal["innovator", "funder", "observer", "speaker"]
+    role: Role
     attendees: Attendees
     project_id: AggregateId | None = None
     interests: tuple[Theme, ...] = ()
@@ -184,12 +187,16 @@ class RegistrationRefusal(Reason):
 
 
 class RegistrationRejected(EventData):
-    """The workflow refused a registration request; `causationid` names it."""
+    """The workflow refused a registration request (or a cancellation); `causationid` names it.
+    A refused request is repeated: as what (`role`), how many `attendees`, with which project."""
 
     day_id: AggregateId
     registration_id: AggregateId
     reason: RegistrationRefusal
     participant: InstitutionId | None = None
+    role: Role | None = None
+    attendees: Attendees | None = None
+    project_id: AggregateId | None = None
 
 
 class RegistrationCancelled(EventData):

@@ -347,8 +347,14 @@ async def test_a_registration_bigger_than_the_whole_day_is_rejected_and_the_wait
     await scenario.given(day.scheduled(3), day.registration(MERSIN, 2), waiting)
     assert waitlist(scenario, day.day_id) == [(rid(waiting), 1)]
 
-    rejected = assert_rejected(await scenario.when(day.registration(GENC_ISI, 4)), "exceeds_capacity")
+    too_big = day.registration(GENC_ISI, 4, role="innovator", project_id="genc-isi-egitim")
+    rejected = assert_rejected(await scenario.when(too_big), "exceeds_capacity")
     assert "capacity of 3" in rejected["data"]["reason"]["message"]["en"]
+    asked = {"participant": GENC_ISI, "role": "innovator", "attendees": 4, "project_id": "genc-isi-egitim"}
+    assert {key: rejected["data"][key] for key in asked} == asked  # what was asked, for the organiser
+    with scenario.session() as session:
+        [kept] = [r for r in registrations(session, day.day_id) if r["registration_id"] == rid(too_big)]
+    assert (kept["status"], kept["role"], kept["attendees"], kept["project_id"]) == ("rejected", "innovator", 4, "genc-isi-egitim")
     assert waitlist(scenario, day.day_id) == [(rid(waiting), 1)]
     later = day.registration(OUTSIDER, 1)
     assert only(await scenario.when(later))["type"] == "innovation_day.registration_waitlisted"
