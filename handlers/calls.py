@@ -369,11 +369,13 @@ APPLICATION_EVENTS = frozenset({
 (competing applicants would see each other's requests, amounts and awards)."""
 
 CONFIDENTIAL = APPLICATION_EVENTS | {"call.action_rejected"}
-TRIED = frozenset({"call.application_decided", "call.application_withdrawn", "call.action_rejected"})
-"""What any member may try on an application and be refused."""
 """The calls' event types not every member may see: the application events, and the refusal of
 a decision on or withdrawal of an application (a refused publication, amendment or closing is
 public, as the call is)."""
+
+TRIED = frozenset({"call.application_decided", "call.application_withdrawn", "call.action_rejected"})
+"""What any member may try on an application and be refused: its parties hear of it only when a
+party (or the publisher) tried."""
 
 
 def may_see_application(application: CallApplication, owner: str, viewer: str) -> bool:

@@ -59,9 +59,8 @@ class Call(Resource):
 
 class Application(Resource):
     """An application to a call as it stands: ``received`` or ``rejected`` (with the ``reason``)
-    by the call; then ``awarded`` or ``declined``
-    by the call's publisher, or ``withdrawn`` by the applicant (``decided_at``, and the
-    decision's ``comment`` or the withdrawal's reason)."""
+    by the call; then ``awarded`` or ``declined`` by the call's publisher, or ``withdrawn`` by the
+    applicant (``decided_at``, and the decision's ``comment`` or the withdrawal's reason)."""
 
     call_id: str
     application_id: str
@@ -78,6 +77,7 @@ class Application(Resource):
     awarded_amount: dict[str, str] | None = None
     """``{amount, currency}`` granted, when the decision names it."""
     comment: LocalizedText | None = None
+    """The publisher's comment on its decision, or the applicant's reason for withdrawing."""
 
 
 class Location(Resource):
