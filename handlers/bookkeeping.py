@@ -6,7 +6,7 @@ the relay has them in the log; ``ConsumerPosition`` is how far a consumer has re
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import cache
 from typing import Any
 
@@ -99,3 +99,12 @@ def applied_event(connection: sa.Connection, event_id: str) -> tuple[int | None,
     ordered = sorted(((str(i), s) for i, s in derived), key=lambda item: (item[1] is None, item[1] or 0, item[0]))
     return row[0], ordered
 
+
+def outbox_backlog(connection: sa.Connection) -> tuple[int, datetime | None]:
+    """How many derived events wait in the outbox for the relay to log them, and since when the
+    oldest has waited (a UTC time; None when none waits)."""
+    table = OutboxEvent.__table__  # type: ignore[attr-defined]
+    waiting, oldest = connection.execute(sa.select(sa.func.count(), sa.func.min(table.c.created_at))).one()
+    if oldest is not None and oldest.tzinfo is None:  # stored without its zone: it was written in UTC
+        oldest = oldest.replace(tzinfo=timezone.utc)
+    return int(waiting), oldest

@@ -894,6 +894,11 @@ def _render_status(report: dict[str, Any]) -> None:
     else:
         behind = ", ".join(f"{escape(k)} at #{v['seq']} ({v['behind']} behind)" for k, v in positions.items()) or "nothing applied yet"
         out.print(f"database {escape(database['url'])}: {behind}")
+        outbox = database.get("outbox")
+        if outbox and outbox["waiting"]:
+            out.print(f"[yellow]outbox: {outbox['waiting']} derived event(s) not logged yet, the oldest since "
+                      f"{(outbox['oldest'] or '')[:19]}[/yellow] (the relay logs them; a count that keeps growing "
+                      "means it cannot)")
     if report.get("webhooks"):
         hooks = Table("endpoint", "institution", "url", "enabled", "failing since", "last success", "owed",
                       title="webhook endpoints", title_justify="left")

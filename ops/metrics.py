@@ -5,7 +5,8 @@ Two kinds:
 - what the code counts as it happens — offers judged by the gate, time spent applying each event —
   on prometheus-client's process-wide registry (beside its process and GC metrics);
 - what is read from the shared sources of truth when scraped (:func:`snapshot`): the log's last
-  sequence, each consumer group's lag, the dead letters per consumer, webhook attempts by outcome.
+  sequence, each consumer group's lag, the dead letters per consumer, webhook attempts by outcome,
+  the derived events waiting in the outbox.
   Those hold for the whole bus, whichever process serves them, and survive restarts.
 
 Label values are bounded: an event type the catalog does not know is ``unknown``, an institution
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
 from functools import cache
 from typing import Any
 
@@ -173,6 +175,20 @@ class _Checkpoints(Collector):
         yield from (size, made)
 
 
+class _Outbox(Collector):
+    """The derived events the relay has not logged yet."""
+
+    def __init__(self, waiting: int, oldest_age: float | None) -> None:
+        self.waiting, self.oldest_age = waiting, oldest_age
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("collabbus_outbox_events", "derived events (the workflows' answers) waiting in the outbox "
+                                "for the relay to log them", value=self.waiting)
+        yield GaugeMetricFamily("collabbus_outbox_oldest_age_seconds", "how long the oldest derived event in the outbox "
+                                "has waited (0 when none waits): one that keeps growing is not being logged",
+                                value=self.oldest_age or 0.0)
+
+
 def exposition(
     status: Mapping[str, Any] | None,
     webhook_attempts: Mapping[str, int] | None,
@@ -180,12 +196,16 @@ def exposition(
     gates: Any = None,
     nats_connected: bool = True,
     checkpointers: Sequence[Any] = (),
+    outbox: tuple[int, float | None] | None = None,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
     gatekeeper processes ``gates``, when the bus runs any), a status snapshot (None: NATS could
-    not be read; everything else is still served) and the background checkpoints of SQLite files."""
+    not be read; everything else is still served), the background checkpoints of SQLite files
+    and the outbox (:func:`outbox_waiting`)."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
+    if outbox is not None:
+        snapshot.register(_Outbox(*outbox))
     if checkpointers:
         snapshot.register(_Checkpoints(checkpointers))
     process: Any = REGISTRY
@@ -194,6 +214,25 @@ def exposition(
         process.register(_WithGatekeepers(str(gates.metrics_dir)))
         snapshot.register(_Gatekeepers(gates))
     return b"".join(generate_latest(registry) for registry in (*registries, process, snapshot))
+
+
+def outbox_waiting(engine: Any) -> tuple[int, float | None] | None:
+    """How many derived events wait in the outbox and the oldest one's age in seconds; None
+    without the read models (or when they cannot be read)."""
+    import sqlalchemy as sa
+
+    if engine is None:
+        return None
+    try:
+        from handlers.bookkeeping import outbox_backlog
+        from handlers.db import reading
+
+        with reading(engine).connect() as connection:
+            waiting, oldest = outbox_backlog(connection)
+    except sa.exc.SQLAlchemyError:
+        return None
+    age = None if oldest is None else max((datetime.now(timezone.utc) - oldest).total_seconds(), 0.0)
+    return waiting, age
 
 
 def webhook_attempts(engine: Any) -> dict[str, int] | None:

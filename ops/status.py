@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from handlers.bookkeeping import outbox_backlog
 from handlers.db import reading
 from ops import dlq
 
@@ -186,6 +187,9 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
             database["positions"] = {
                 name: {"seq": seq, "behind": max(last_seq - seq, 0)} for name, seq in sorted(positions.items())
             }
+            if "outbox" in tables:
+                waiting, oldest = outbox_backlog(connection)
+                database["outbox"] = {"waiting": waiting, "oldest": _time(oldest)}
             if "webhook_endpoints" not in tables:
                 return database, None
             owed: dict[str, int] = dict(connection.execute(sa.text(

@@ -155,7 +155,7 @@ METRICS_NATS_TIMEOUT = 2.0
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition: the gateway's, the process's (gate, handlers) and the bus's
     state read now (log, consumer lag, dead letters, webhook attempts; ``ops.metrics``)."""
-    from ops.metrics import exposition, webhook_attempts
+    from ops.metrics import exposition, outbox_waiting, webhook_attempts
     from ops.status import collect_status
 
     bus = bus_of(request)
@@ -164,9 +164,10 @@ async def metrics(request: Request) -> Response:
     except Exception:
         status = None
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)
+    outbox = await run_in_threadpool(outbox_waiting, bus.engine)
     registry: Metrics = request.app.state.metrics
     return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=bus.nc.is_connected,
-                               checkpointers=bus.checkpointers),
+                               checkpointers=bus.checkpointers, outbox=outbox),
                     media_type=CONTENT_TYPE_LATEST)
 
 

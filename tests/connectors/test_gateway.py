@@ -13,11 +13,13 @@ import httpx
 import orjson
 import pytest
 from icalendar import Calendar
+from prometheus_client.parser import text_string_to_metric_families
 
 from bus.cloudevents import to_binary
 from bus.gate import INPUT_FACTOR
 from connectors.http.paging import encode
 from bus.ratelimit import RateLimiter
+from bus.streams import EVENTS_STREAM
 from connectors.http.server import HttpGateway
 from handlers import tokens
 from handlers.db import session_scope
@@ -778,6 +780,39 @@ async def test_operations_endpoints(gateway: Gateway) -> None:
     status = (await client.get("/ops/status", headers=gateway.auth("operator"))).json()
     assert status["streams"]["COLLAB_EVENTS"]["last_seq"] > 0
     problem(await client.get("/no-such-thing"), 404, "not_found")
+
+
+async def test_derived_events_the_relay_has_not_logged_show_in_metrics_and_status(gateway: Gateway, municipality: str) -> None:
+    bus = gateway.bus
+    relay, service = bus.relay, bus.service
+    assert relay is not None and service is not None
+    await gateway.settle()
+    await relay.stop()  # as when the relay cannot log: the workflows' answers wait in the outbox
+    try:
+        funder = await gateway.join("funder")
+        call_id = await open_funding_call(gateway, funder)
+        await gateway.offer(municipality, "call.application_submitted", {"call_id": call_id, "application_id": unique("a")})
+        while (await asyncio.to_thread(service.position)) < (await bus.js.stream_info(EVENTS_STREAM)).state.last_seq:
+            await asyncio.sleep(0.05)
+        waiting = await asyncio.to_thread(service.outbox)
+        assert any(event_id.startswith("call.application_received.") for event_id, _ in waiting)
+
+        def scraped(text: str, name: str) -> float:
+            return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+        metrics = (await gateway.client.get("/metrics")).text
+        assert scraped(metrics, "collabbus_outbox_events") == len(waiting)
+        assert scraped(metrics, "collabbus_outbox_oldest_age_seconds") > 0
+        status = (await gateway.client.get("/ops/status", headers=gateway.auth("operator"))).json()
+        assert status["database"]["outbox"]["waiting"] == len(waiting)
+        assert status["database"]["outbox"]["oldest"].endswith("Z")
+    finally:
+        await relay.start()
+    await gateway.settle()  # logged once the relay runs again
+    metrics = (await gateway.client.get("/metrics")).text
+    assert scraped(metrics, "collabbus_outbox_events") == 0 and scraped(metrics, "collabbus_outbox_oldest_age_seconds") == 0
+    status = (await gateway.client.get("/ops/status", headers=gateway.auth("operator"))).json()
+    assert status["database"]["outbox"] == {"waiting": 0, "oldest": None}
 
 
 async def test_the_readiness_check_reports_a_missing_consumer(gateway: Gateway) -> None:
