@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
+import pytest
 
 from bus.client import offer
 from connectors.http.operations import bus_status
@@ -108,3 +109,16 @@ async def test_a_bus_whose_consumers_are_between_two_pull_requests_is_still_runn
     status = json.loads(out)
     assert all(c["waiting"] == 0 for c in status["consumers"].values())
     assert status["bus_running"] is True
+
+
+def test_the_status_table_warns_of_derived_events_waiting_in_the_outbox(capsys: pytest.CaptureFixture[str]) -> None:
+    from ops.cli import _render_status
+
+    database = {"url": "sqlite:///collabbus.db", "positions": {"network": {"seq": 5, "behind": 0}}}
+    report = {"streams": {}, "consumers": {}, "dead_letters": {},
+              "database": {**database, "outbox": {"waiting": 3, "oldest": "2026-12-03T11:00:00.250000Z"}}}
+    _render_status(report)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "outbox: 3 derived event(s) not logged yet, the oldest since 2026-12-03T11:00:00" in shown
+    _render_status({**report, "database": {**database, "outbox": {"waiting": 0, "oldest": None}}})
+    assert "outbox" not in capsys.readouterr().out  # nothing to say when nothing waits
