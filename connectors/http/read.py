@@ -13,17 +13,19 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import AwareDatetime
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from bus.verdict import Problem
 from connectors.http import resources
-from connectors.http.auth import Member, SessionDep
+from connectors.http.auth import Member, SessionDep, bus_of, engine_of
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page, keyset_page, list_page
 from connectors.http.problems import ApiProblem, documented
 from handlers import innovation_days as days
 from handlers.calls import Call, CallApplication, may_see_application, status_is
+from handlers.db import reading
 from handlers.institutions import Institution
 from handlers.projects import (
     Project,
@@ -39,6 +41,7 @@ from handlers.validations import Validation, ValidationReviewer, assignments_of,
 from schemas.common import InstitutionKind
 from schemas.envelope import INSTITUTION_PATTERN
 from schemas.projects import ProjectStatus
+from schemas.registry import event_types, may_emit
 
 router = APIRouter(tags=["read"])
 
@@ -88,6 +91,25 @@ def list_institutions(
         query = query.where(Institution.country == country)
     rows, next_cursor = keyset_page(session, query, [col(Institution.id)], limit=limit, cursor=cursor)
     return _page([row.model_dump() for row in rows], next_cursor)
+
+
+@router.get("/me", response_model=resources.Me, responses=documented(401, 403))
+async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
+    """The member the token speaks for, and the event types its kind may offer: what to check
+    first when the gate refuses an event as ``forbidden``."""
+    kind = await bus_of(request).membership.kind_of(viewer)
+
+    def read() -> dict[str, Any] | None:
+        with Session(reading(engine_of(request))) as session:
+            row = session.get(Institution, viewer)
+            return row.model_dump() if row is not None else None
+
+    return {
+        "id": viewer,
+        "kind": kind,
+        "institution": await run_in_threadpool(read),
+        "may_emit": [event_type for event_type in event_types() if kind is not None and may_emit(kind, event_type)],
+    }
 
 
 @router.get("/institutions/{institution_id}", response_model=resources.Institution, responses=ITEM_ERRORS)

@@ -37,6 +37,19 @@ class Institution(Resource):
     """When a former member left (``GET /institutions/{id}``); the list has current members only."""
 
 
+class Me(Resource):
+    """The member a token speaks for (``GET /me``)."""
+
+    id: str
+    kind: str | None
+    """Its kind as the gate knows it (None: a member that has just left)."""
+    institution: Institution | None
+    """As the read models have it (None for a moment after it joined, until they applied that)."""
+    may_emit: list[str]
+    """The event types its kind may offer. Who owns a call or coordinates a validation is for the
+    workflows, which refuse what the owner alone may do."""
+
+
 class Call(Resource):
     call_id: str
     owner: str

@@ -815,6 +815,28 @@ async def test_derived_events_the_relay_has_not_logged_show_in_metrics_and_statu
     assert status["database"]["outbox"] == {"waiting": 0, "oldest": None}
 
 
+async def test_a_token_tells_whom_it_speaks_for_and_what_its_kind_may_offer(gateway: Gateway, municipality: str) -> None:
+    await gateway.settle()  # (until the read models have applied its joining, `institution` is null)
+    me = await gateway.client.get("/me", headers=gateway.auth(municipality))
+    assert me.status_code == 200, me.text
+    body = me.json()
+    assert (body["id"], body["kind"], body["institution"]["id"], body["institution"]["kind"]) == (
+        municipality, "municipality", municipality, "municipality")
+    assert {"project.registered", "call.application_submitted", "validation.requested"} <= set(body["may_emit"])
+    assert not {"institution.joined", "call.application_received", "validation.decided"} & set(body["may_emit"])
+    assert body["may_emit"] == sorted(body["may_emit"])
+    centre = (await gateway.client.get("/me", headers=gateway.auth(await gateway.join("competence_centre")))).json()
+    assert {"validation.reviewer_assigned", "validation.decided"} <= set(centre["may_emit"])
+    operator = (await gateway.client.get("/me", headers=gateway.auth("operator"))).json()
+    assert operator["kind"] == "operator" and "institution.joined" in operator["may_emit"]
+    assert "project.registered" in operator["may_emit"] and "call.published" not in operator["may_emit"]
+    problem(await gateway.client.get("/me"), 401, "unauthorized")
+    gone = await gateway.join("ngo")
+    token = gateway.auth(gone)
+    await gateway.offer("operator", "institution.left", {"id": gone, "reason": {"en": "merged"}})
+    problem(await gateway.client.get("/me", headers=token), 403, "not_member")
+
+
 async def test_the_readiness_check_reports_a_missing_consumer(gateway: Gateway) -> None:
     consumer, gateway.bus.consumer = gateway.bus.consumer, None
     try:
