@@ -31,7 +31,7 @@ from bus.streams import EVENTS_STREAM
 from bus.verdict import Problem, Rejection, Verdict, reject
 from ops import metrics, tracing
 from schemas import registry
-from schemas.common import error_message
+from schemas.common import InstitutionKind, error_message
 from schemas.envelope import ATTRIBUTES, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, CloudEvent, source_of
 
 log = logging.getLogger("collabbus.gate")
@@ -167,6 +167,15 @@ def validate(
     return spec, event
 
 
+def _emitters(kinds: frozenset[str]) -> str:
+    """The kinds that may offer a type, in words: the few, or all but the few."""
+    allowed = {str(getattr(kind, "value", kind)) for kind in kinds}
+    others = sorted({kind.value for kind in InstitutionKind} - allowed)
+    if len(others) < len(allowed):
+        return "every kind but " + " and ".join(repr(kind) for kind in others)
+    return "only " + ", ".join(repr(kind) for kind in sorted(allowed))
+
+
 class Gate:
     """Admits events to the log. One instance per bus process; stateless apart from caches."""
 
@@ -267,7 +276,8 @@ class Gate:
             if not spec.emitters:
                 msg = f"{spec.type} is emitted by the bus's workflows only"
             else:
-                msg = f"an institution of kind {kind!r} may not emit {spec.type}"
+                msg = (f"an institution of kind {kind!r} may not emit {spec.type}: {_emitters(spec.emitters)} may "
+                       "(GET /me lists what yours may)")
             raise reject("forbidden", "kind_may_not_emit", msg, "type")
 
     async def _check_membership_change(self, event_type: str, institution: str, data: Any) -> None:

@@ -309,7 +309,12 @@ async def test_a_kind_that_may_not_emit_the_type_is_forbidden(partner: Client) -
     event["source"] = "/institutions/operator"
     verdict = await offer(partner, "operator", event)
     assert verdict.reason == "forbidden" and codes(verdict) == {"kind_may_not_emit"}
-    assert "operator" in verdict.errors[0].msg
+    assert verdict.errors[0].msg == ("an institution of kind 'operator' may not emit call.published: every kind but "
+                                     "'operator' may (GET /me lists what yours may)")
+    event = fresh("validation.reviewer_assigned")[1]
+    verdict = await offer(partner, institution, {**event, "source": f"/institutions/{institution}"})
+    assert codes(verdict) == {"kind_may_not_emit"}
+    assert ": only 'competence_centre' may (GET /me" in verdict.errors[0].msg
 
 
 async def test_who_may_say_it_is_judged_before_what_it_says(partner: Client) -> None:
