@@ -56,7 +56,18 @@ def make_engine(url: str, *, checkpoints_in_background: bool = False, **kwargs: 
             connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **_JSON, **kwargs)
+    engine = create_engine(url, pool_pre_ping=True, **_JSON, **kwargs)
+    if engine.dialect.name == "postgresql":
+
+        @event.listens_for(engine, "connect")
+        def _utc_session(dbapi_connection: Any, _record: Any) -> None:
+            # The read models' times are UTC; a column without a zone (the outbox's created_at)
+            # would otherwise be written and read in the server's or the client's (PGTZ) zone.
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET TIME ZONE 'UTC'")
+            dbapi_connection.commit()  # (a SET in a transaction rolled back would be undone)
+
+    return engine
 
 
 def _json_text(value: Any) -> str:

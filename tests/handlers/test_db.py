@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import text
 
 from handlers.db import make_engine, migrate
@@ -58,3 +59,25 @@ def test_a_current_schema_is_known_without_alembic_and_an_older_one_is_migrated(
             assert connection.execute(text("SELECT count(revision) FROM innovation_days")).scalar() == 0
     finally:
         engine.dispose()
+
+
+def test_postgresql_sessions_keep_time_in_utc_whatever_the_client_s_zone(pg_server_url: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A column without a zone (the outbox's ``created_at``) is written and read in the session's
+    zone: the bus's sessions are in UTC even where the client's PGTZ or the server say otherwise."""
+    if pg_server_url is None:
+        pytest.skip("no PostgreSQL on this machine")
+    monkeypatch.setenv("PGTZ", "Asia/Tokyo")
+    engine = make_engine(pg_server_url)
+    try:
+        for _ in range(2):  # a new connection and one from the pool
+            with engine.connect() as connection:
+                assert connection.exec_driver_sql("SHOW TimeZone").scalar() == "UTC"
+                connection.rollback()
+    finally:
+        engine.dispose()
+    plain = sa.create_engine(pg_server_url)
+    try:
+        with plain.connect() as connection:  # what a session without it would have
+            assert connection.exec_driver_sql("SHOW TimeZone").scalar() == "Asia/Tokyo"
+    finally:
+        plain.dispose()
