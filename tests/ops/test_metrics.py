@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus.client import offer
+from bus.runtime import Bus
+from bus.server import EmbeddedNats, free_port
 from connectors.http.app import create_app
 from connectors.webhooks import store
 from handlers.db import session_scope
 from tests.bus.test_consumer import FIXTURE, project_event, wait_for
+from ops.settings import Settings
+from ops.tracing import Tracing
+from tests.conftest import OPERATOR
 from tests.ops.conftest import Poisoned
+
+ALERT_RULES = Path(__file__).parents[2] / "ops" / "prometheus-alerts.yml"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Scrape = Callable[[], Awaitable[Samples]]
@@ -116,3 +126,26 @@ async def test_the_background_checkpoints_of_the_sqlite_files_are_counted_with_t
         assert sample(samples, "collabbus_sqlite_checkpoints_total", database=name) >= 1, name
         logged = int(sample(samples, "collabbus_sqlite_wal_bytes", database=name))
         assert logged > 32 and (logged - 32) % (24 + 4096) == 0, (name, logged)  # a write-ahead log: a header, then frames
+
+
+async def test_every_metric_the_shipped_alert_rules_use_is_served(server: EmbeddedNats, tmp_path: Path) -> None:
+    """``ops/prometheus-alerts.yml`` names only series a bus serves: a full bus (read models,
+    gateway, a gatekeeper process) scraped over its HTTP socket."""
+    rules = yaml.safe_load(ALERT_RULES.read_text(encoding="utf-8"))
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert alerts and all(rule["alert"].startswith("Collabbus") and rule["annotations"]["summary"] for rule in alerts)
+    used = {name for rule in alerts for name in re.findall(r"\bcollabbus_[a-z_]+", rule["expr"])}
+    settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, operator=OPERATOR,
+                        http=f"127.0.0.1:{free_port()}", gate_processes=1)
+    bus = Bus(settings, tracing=Tracing.off())
+    await bus.start()
+    try:
+        await bus.start_gatekeepers()
+        await bus.start_http()
+        assert bus.http is not None
+        async with httpx.AsyncClient(base_url=bus.http.url) as client:
+            text = (await client.get("/metrics")).text
+    finally:
+        await bus.stop()
+    served = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    assert used <= served, sorted(used - served)
