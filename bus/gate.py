@@ -169,8 +169,8 @@ def validate(
 
 def _emitters(kinds: frozenset[str]) -> str:
     """The kinds that may offer a type, in words: the few, or all but the few."""
-    allowed = {str(getattr(kind, "value", kind)) for kind in kinds}
-    others = sorted({kind.value for kind in InstitutionKind} - allowed)
+    allowed = set(map(str, kinds))
+    others = sorted(set(map(str, InstitutionKind)) - allowed)
     if len(others) < len(allowed):
         return "every kind but " + " and ".join(repr(kind) for kind in others)
     return "only " + ", ".join(repr(kind) for kind in sorted(allowed))

@@ -335,7 +335,7 @@ def application_withdrawn(session: Session, event: Event[ApplicationWithdrawn]) 
     data = event.data
     row = session.get(CallApplication, (data.call_id, data.application_id))
     assert row is not None
-    row.sqlmodel_update({"status": "withdrawn", "decided_at": event.logged_at, "comment": column_values(data, {"reason"})["reason"]})
+    row.sqlmodel_update({"status": "withdrawn", "decided_at": event.logged_at, "comment": dict(data.reason) if data.reason else None})
     session.add(row)
 
 
@@ -378,11 +378,10 @@ TRIED = frozenset({"call.application_decided", "call.application_withdrawn", "ca
 party (or the publisher) tried."""
 
 
-def may_see_application(application: CallApplication, owner: str, viewer: str) -> bool:
-    """Whether ``viewer`` may see an application to a call published by ``owner``: the call's
-    publisher, the applicant and the partners the application names (as for its events,
-    :func:`audience`)."""
-    return viewer in (owner, application.applicant) or viewer in application.partners
+def may_see_application(application: CallApplication, owner: str | None, viewer: str) -> bool:
+    """Whether ``viewer`` may see an application to a call published by ``owner`` (None: a call
+    not the viewer's): :func:`handlers.rules.calls.may_see`, as for its events (:func:`audience`)."""
+    return rules.may_see(application.snapshot(), owner, viewer)
 
 
 def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | None:

@@ -193,10 +193,9 @@ def list_my_applications(
     """The applications the caller is a party to, across calls, in the order they were
     answered: those it made, those naming it a partner, and every application to a call it
     published."""
-    published = select(Call.call_id).where(Call.owner == viewer)
-    owned = set(session.exec(published).all())
+    owned = set(session.exec(select(Call.call_id).where(Call.owner == viewer)).all())
     query = select(CallApplication).where(sa.or_(
-        col(CallApplication.call_id).in_(published),
+        col(CallApplication.call_id).in_(owned),
         col(CallApplication.applicant) == viewer,
         # (a superset, narrowed below: JSON lists are not portably searched in SQL)
         sa.cast(CallApplication.partners, sa.Text).contains(f'"{viewer}"', autoescape=True),
@@ -209,7 +208,7 @@ def list_my_applications(
         session, query,
         [col(CallApplication.submitted_at), col(CallApplication.call_id), col(CallApplication.application_id)],
         limit=limit, cursor=cursor,
-        keep=lambda row: row.call_id in owned or row.applicant == viewer or viewer in row.partners,
+        keep=lambda row: may_see_application(row, viewer if row.call_id in owned else None, viewer),
     )
     return _page([row.model_dump() for row in rows], next_cursor)
 

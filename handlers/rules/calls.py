@@ -45,6 +45,13 @@ class ApplicationSnapshot:
     partners: frozenset[str] = frozenset()
 
 
+def may_see(application: ApplicationSnapshot, owner: str | None, viewer: str) -> bool:
+    """Whether ``viewer`` may see an application to a call published by ``owner``: the call's
+    publisher, the applicant and the partners the application names; to anyone else it does not
+    exist."""
+    return viewer in (owner, application.applicant) or viewer in application.partners
+
+
 @dataclass(frozen=True)
 class Applicant:
     """The applying institution as the membership read model knows it (None: not a member)."""
@@ -157,7 +164,7 @@ def withdrawal_refusal(call: CallSnapshot | None, application: ApplicationSnapsh
     nor a partner), it does not exist."""
     if call is None:
         return Refusal("unknown_call", "There is no such call.")
-    if application is None or actor not in {call.owner, application.applicant, *application.partners}:
+    if application is None or not may_see(application, call.owner, actor):
         return Refusal("unknown_application", "The call has no such application.")
     if actor != application.applicant:
         return Refusal("not_applicant", f"Only {application.applicant}, who made the application, may withdraw it.")
