@@ -52,6 +52,10 @@ class RebuildReport:
     seconds: float = 0.0
     last_seq: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    held_rows: int | None = None
+    """Read-model rows the rebuild kept in memory at most."""
+    rows_let_go: int = 0
+    """Rows it let go because more were held (and read again when an event needed them)."""
 
     @property
     def rate(self) -> float:
@@ -63,6 +67,8 @@ class RebuildReport:
             "seconds": round(self.seconds, 3),
             "events_per_second": round(self.rate, 1),
             "last_seq": self.last_seq,
+            "held_rows": self.held_rows,
+            "rows_let_go": self.rows_let_go,
             "failures": self.failures,
         }
 
@@ -85,7 +91,7 @@ async def rebuild(
     options for the reader process (``nats.connect(**connect)``)."""
     from handlers.service import LoggedItem
 
-    report = RebuildReport()
+    report = RebuildReport(held_rows=getattr(service, "held_rows", None))
     info = await js.stream_info(EVENTS_STREAM)
     report.last_seq = info.state.last_seq
     total = info.state.messages
@@ -137,6 +143,7 @@ async def rebuild(
             gc.enable()
         reader.close()
     report.seconds = time.perf_counter() - started
+    report.rows_let_go = getattr(service, "rows_let_go", 0)
     return report
 
 

@@ -77,6 +77,8 @@ class NetworkService:
         self.engine = engine
         self.network = network
         self.held_rows = held_rows
+        self.rows_let_go = 0
+        """Rows let go so far because more than ``held_rows`` were held (read again when needed)."""
         from sqlmodel import SQLModel
 
         import handlers.tables  # noqa: F401  (every table on the metadata)
@@ -103,8 +105,10 @@ class NetworkService:
             session = self._session
             held = session.held
             if len(held) > self.held_rows:  # keep the most recently used half; the rest may leave the identity map
-                for _ in range(len(held) - self.held_rows // 2):
+                let_go = len(held) - self.held_rows // 2
+                for _ in range(let_go):
                     held.popitem(last=False)
+                self.rows_let_go += let_go
                 session.forget_children(keep=0.5)  # the days and validations still in use keep their rows
             try:
                 with session.begin():

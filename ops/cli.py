@@ -704,6 +704,10 @@ def rebuild(
     projection: Annotated[Optional[str], typer.Option(help="the consumer group to rebuild (network)")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even though a bus seems to be consuming")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    held_rows: Annotated[Optional[int], typer.Option(
+        "--held-rows", min=1000, show_default=False,
+        help="read-model rows kept in memory between batches (default 50,000, ~100 MB); fewer on a small "
+             "machine, at some cost in speed")] = None,
     *,
     settings: Settings,
 ) -> None:
@@ -732,7 +736,7 @@ def rebuild(
                 raise typer.Exit(1)
             engine = make_engine(settings.db_url)
             await asyncio.to_thread(migrate, engine)
-            service = NetworkService(engine, network(), held_rows=REBUILD_HELD_ROWS)
+            service = NetworkService(engine, network(), held_rows=held_rows or REBUILD_HELD_ROWS)
             keep_startup_objects()
             with Progress(
                 TextColumn("[bold]rebuilding[/bold]"), BarColumn(), MofNCompleteColumn(),
@@ -765,6 +769,9 @@ def rebuild(
     else:
         out.print(f"rebuilt the read models from {report.events} events in {report.seconds:.1f} s "
                   f"({report.rate:,.0f} events/s), up to #{report.last_seq}")
+        if report.rows_let_go:
+            out.print(f"  [dim]it kept up to {report.held_rows:,} read-model rows in memory and let {report.rows_let_go:,} "
+                      "go on the way (--held-rows)[/dim]")
         for failure in report.failures:
             out.print(f"  [red]failed[/red] #{failure['seq']} {failure['id']}: {failure['error']}")
     if report.failures:
