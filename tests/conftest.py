@@ -28,18 +28,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "events"
 OPERATOR = "operator"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests marked ``slow`` first, longest first (``slow(seconds)``, about what one takes on
-    a busy worker): pytest-xdist hands tests to its workers in this order, so a long one does not
-    start near the end and keep the whole suite waiting for it."""
-
-    def weight(item: pytest.Item) -> float:
-        mark = item.get_closest_marker("slow")
-        return -float(mark.args[0]) if mark is not None and mark.args else 0.0
-
-    items.sort(key=weight)
-
-
 def load_fixtures() -> dict[str, dict[str, Any]]:
     """type → {"as", "kind", "event"} for every catalog fixture."""
     return {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in sorted(FIXTURES.glob("*.json"))}

@@ -56,7 +56,6 @@ def caught_up(url: str, last_seq: int) -> bool:
         engine.dispose()
 
 
-@pytest.mark.slow(70)
 @pytest.mark.timeout(300)
 async def test_sigkill_at_random_points_then_restart_equals_a_clean_rebuild(tmp_path: Path) -> None:
     server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)  # the consumer crashes, not the server

@@ -53,7 +53,6 @@ def applied_position(engine: sa.Engine) -> tuple[int, int]:
     return position or 0, pending or 0
 
 
-@pytest.mark.slow(100)
 @pytest.mark.timeout(900)
 async def test_rebuild_of_a_large_log_finishes_reports_its_rate_and_equals_the_incremental_state(tmp_path: Path) -> None:
     # JetStream's own sync interval: what is measured here is the bus, not the disk.

@@ -47,7 +47,6 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     return json.loads(done.stdout), json.loads(out.read_text())
 
 
-@pytest.mark.slow(95)
 @pytest.mark.timeout(480)
 def test_quick_run_measures_every_phase_in_both_configurations(quick_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
     printed, written = quick_run

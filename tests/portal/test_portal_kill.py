@@ -45,7 +45,6 @@ def synced(engine: Engine, portal: str) -> int:
         return int(connection.execute(sa.select(sa.func.count()).select_from(table).where(table.c.portal == portal)).scalar_one())
 
 
-@pytest.mark.slow(40)
 @pytest.mark.timeout(900)
 async def test_a_killed_sync_process_restarts_into_the_exact_state(
     gateway: Gateway, sandbox: PortalSandbox, network: Network, tmp_path: Path
