@@ -1,6 +1,7 @@
 """A realistic, reproducible stream of network events: members join, municipalities register and
-adopt each other's projects, funders open calls and receive applications, competence centres run
-validations and innovation days with registrations, waitlists and cancellations.
+adopt each other's projects, funders open calls, receive applications and award or decline them
+(and applicants withdraw some), competence centres run validations and innovation days with
+registrations, waitlists and cancellations.
 
 Used by the crash-recovery and rebuild tests and by the benchmark; every event passes the gate and
 most of them make the workflows decide something.
@@ -53,7 +54,8 @@ class Workload:
             self.by_kind.setdefault(kind, []).append(member)
         self.projects: list[tuple[str, str]] = []  # (project_id, owner)
         self.days: list[tuple[str, str, list[tuple[str, str]]]] = []  # (day_id, organiser, registrations)
-        self.calls: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, str]] = []  # (call_id, funder)
+        self.applications: list[tuple[str, str, str]] = []  # (call_id, application_id, applicant), not yet answered
 
     def _id(self) -> str:
         self.count += 1
@@ -79,7 +81,8 @@ class Workload:
                 data["municipality_level"] = LEVELS[index % 3]
             yield self._event("institution.joined", self.operator, member, data)
         steps = (self._project, self._adoption, self._day, self._registration, self._registration,
-                 self._cancellation, self._call, self._application, self._validation)
+                 self._cancellation, self._call, self._application, self._application, self._answer,
+                 self._validation)
         while True:
             yield from self.random.choice(steps)()
 
@@ -155,10 +158,34 @@ class Workload:
             return
         call_id, _ = self.random.choice(self.calls)
         applicant, _ = self.random.choice(self.members)
+        application_id = f"{self.run}-ap{self.count}"
+        self.applications.append((call_id, application_id, applicant))
         yield self._event("call.application_submitted", applicant, call_id, {
-            "call_id": call_id, "application_id": f"{self.run}-ap{self.count}",
+            "call_id": call_id, "application_id": application_id,
             "requested_amount": {"amount": "50000.00", "currency": "EUR"},
         })
+
+    def _answer(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The call's funder awards or declines an application, or its applicant takes it back
+        (some were rejected on arrival, ineligible: the workflow refuses to decide on those)."""
+        if not self.applications:
+            return
+        call_id, application_id, applicant = self.applications.pop(self.random.randrange(len(self.applications)))
+        funder = dict(self.calls)[call_id]
+        choice = self.random.random()
+        if choice < 0.25:
+            yield self._event("call.application_withdrawn", applicant, call_id,
+                              {"call_id": call_id, "application_id": application_id, "reason": {"en": "Plans changed"}})
+        elif choice < 0.6:
+            yield self._event("call.application_decided", funder, call_id, {
+                "call_id": call_id, "application_id": application_id, "decision": "awarded",
+                "awarded_amount": {"amount": "40000.00", "currency": "EUR"},
+            })
+        else:
+            yield self._event("call.application_decided", funder, call_id, {
+                "call_id": call_id, "application_id": application_id, "decision": "declined",
+                "comment": {"en": "Not this round"},
+            })
 
     def _validation(self) -> Iterator[tuple[str, dict[str, Any]]]:
         if not self.projects:
