@@ -281,8 +281,9 @@ class Gate:
             raise reject("forbidden", "kind_may_not_emit", msg, "type")
 
     async def _check_membership_change(self, event_type: str, institution: str, data: Any) -> None:
-        """Refuse an update or a leaving of an institution that is not a member, and anything that
-        would make the network's operator stop being one: it alone admits, changes and removes
+        """Refuse an update or a leaving of an institution that is not a member, a municipality
+        level for a member that is not a municipality, and anything that would make the network's
+        operator stop being one: it alone admits, changes and removes
         members, so the network would have nobody left who can (and the log cannot be undone)."""
         kind = await self.membership.kind_of(institution)
         if event_type in ABOUT_A_MEMBER and kind is None:
@@ -290,6 +291,13 @@ class Gate:
                 "invalid", "not_member",
                 f"{institution!r} is not a member of the network: {event_type} is about a member "
                 "(institution.joined makes one)", "data", "id",
+            )
+        if (event_type == "institution.updated" and kind is not None and isinstance(data, Mapping)
+                and data.get("municipality_level") is not None and data.get("kind", kind) != "municipality"):
+            raise reject(
+                "invalid", "municipalities_only",
+                f"a municipality level is for municipalities only; {institution!r} is of kind {kind!r} "
+                "(an update that makes it a municipality may give it one)", "data", "municipality_level",
             )
         if kind != "operator":
             return

@@ -122,11 +122,14 @@ def joined(session: Session, event: Event[InstitutionJoined]) -> None:
 
 
 def updated(session: Session, event: Event[InstitutionUpdated]) -> None:
-    """Only the fields present change; a present null clears."""
+    """Only the fields present change; a present null clears. A member that stops being a
+    municipality loses its municipality level (the adoption statistics count municipalities by it)."""
     institution = session.get(Institution, event.data.id)
     if institution is None:  # the gate admits updates of members only (one logged before it did: nothing to change)
         return
     institution.sqlmodel_update(column_values(event.data, event.data.model_fields_set - {"id"}))
+    if institution.kind != "municipality":
+        institution.municipality_level = None
     session.add(institution)
 
 

@@ -124,7 +124,7 @@ def adoptions_by_municipality_level(session: Session, *, owner: str | None = Non
         select(level, sa.func.count(sa.distinct(col(ProjectAdoption.adopter))), sa.func.count())
         .select_from(ProjectAdoption)
         .join(Institution, col(Institution.id) == col(ProjectAdoption.adopter))
-        .where(level.is_not(None))
+        .where(level.is_not(None), col(Institution.kind) == "municipality")  # (a level given to another kind by an older bus)
         .group_by(level)
     )
     if owner is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import ConfigDict, StringConstraints, model_validator
+from pydantic import ConfigDict, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from schemas.common import (
     CountryCode,
@@ -25,6 +26,17 @@ __all__ = ["Identifier", "InstitutionJoined", "InstitutionLeft", "InstitutionUpd
 MunicipalityLevel = Literal["metropolitan", "provincial", "district"]
 
 
+def level_of_a_municipality(level: MunicipalityLevel | None, kind: object) -> MunicipalityLevel | None:
+    """A municipality level belongs to a municipality: it is what the adoption statistics count
+    municipalities by (``kind``: the kind the event gives the institution, None when it gives none)."""
+    if level is not None and kind is not None and kind != "municipality":
+        raise PydanticCustomError(
+            "municipalities_only", "A municipality level is for municipalities only; this institution's kind is '{kind}'",
+            {"kind": kind},
+        )
+    return level
+
+
 class Identifier(ValueObject):
     """How another register names the institution (`fi-business-id`, `tr-tax-id`); the portal
     connector maps organisations to members through these."""
@@ -34,7 +46,8 @@ class Identifier(ValueObject):
 
 
 class InstitutionJoined(EventData):
-    """An institution became a member; its kind decides what it may offer to the network."""
+    """An institution became a member; its kind decides what it may offer to the network. A
+    `municipality_level` is given to a municipality only."""
 
     id: InstitutionId
     name: LocalizedText
@@ -47,11 +60,17 @@ class InstitutionJoined(EventData):
     website: WebUrl | None = None
     contact_email: EmailAddress | None = None
 
+    @field_validator("municipality_level")
+    @classmethod
+    def _level_of_a_municipality(cls, level: MunicipalityLevel | None, info: ValidationInfo) -> MunicipalityLevel | None:
+        return level_of_a_municipality(level, info.data.get("kind"))
+
 
 class InstitutionUpdated(EventData):
     """Some facts about a member changed: `id` plus only the fields that changed, with the same
     meaning as in `institution.joined`. A present `null` clears an optional field; `name`, `kind`
-    and `country` cannot be cleared; lists are replaced whole."""
+    and `country` cannot be cleared; lists are replaced whole. A member whose kind changes from
+    `municipality` to another loses its `municipality_level`."""
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 2})
 
@@ -65,6 +84,11 @@ class InstitutionUpdated(EventData):
     identifiers: NotClearable[tuple[Identifier, ...]] = None
     website: WebUrl | None = None
     contact_email: EmailAddress | None = None
+
+    @field_validator("municipality_level")
+    @classmethod
+    def _level_of_a_municipality(cls, level: MunicipalityLevel | None, info: ValidationInfo) -> MunicipalityLevel | None:
+        return level_of_a_municipality(level, info.data.get("kind"))
 
     @model_validator(mode="after")
     def _changes_something(self) -> Self:

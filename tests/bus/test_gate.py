@@ -375,6 +375,35 @@ async def test_updates_and_leaving_are_about_members_only(bus: Bus, partner: Cli
     assert (await offer(partner, OPERATOR, about("institution.updated", OPERATOR, website="https://example.org"))).accepted
 
 
+async def test_a_municipality_level_is_refused_for_a_member_that_is_no_municipality(bus: Bus, partner: Client) -> None:
+    from tests.conftest import OPERATOR, join
+
+    def update(institution: str, **changes: Any) -> dict[str, Any]:
+        return {"specversion": "1.0", "id": unique("ev"), "source": f"/institutions/{OPERATOR}",
+                "type": "institution.updated", "subject": institution, "data": {"id": institution, **changes}}
+
+    ngo, town = unique("tr-ngo"), unique("tr-town")
+    await join(partner, ngo, "ngo", "TR")
+    await join(partner, town, "municipality", "TR", municipality_level="district")
+    refused = await offer(partner, OPERATOR, update(ngo, municipality_level="district"))
+    assert refused.reason == "invalid" and [(p.loc, p.type) for p in refused.errors] == [
+        (("data", "municipality_level"), "municipalities_only")]
+    assert f"{ngo!r} is of kind 'ngo'" in refused.errors[0].msg
+    said_kind = await offer(partner, OPERATOR, update(town, kind="university", municipality_level="district"))
+    assert said_kind.reason == "invalid" and codes(said_kind) == {"municipalities_only"}
+    for accepted in (update(town, municipality_level="metropolitan"),  # a municipality's level changes
+                     update(ngo, kind="municipality", municipality_level="provincial"),  # it becomes one
+                     update(town, kind="cooperative"),  # it stops being one (and loses its level)
+                     update(town, municipality_level=None)):
+        verdict = await offer(partner, OPERATOR, accepted)
+        assert verdict.accepted, verdict.as_dict()
+    joined_wrong = await offer(partner, OPERATOR, {
+        "specversion": "1.0", "id": unique("ev"), "source": f"/institutions/{OPERATOR}", "type": "institution.joined",
+        "subject": unique("fi-uni"), "data": {"id": "x", "name": {"en": "U"}, "kind": "university", "country": "FI",
+                                              "municipality_level": "district"}})
+    assert ("data", "municipality_level") in [p.loc for p in joined_wrong.errors] and "municipalities_only" in codes(joined_wrong)
+
+
 # --------------------------------------------------------------------------- size
 
 

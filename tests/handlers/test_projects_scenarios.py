@@ -7,8 +7,10 @@ from datetime import date
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlmodel import col, select
 
+from handlers.institutions import Institution
 from handlers.projects import (
     AdoptionSpread,
     Project,
@@ -319,3 +321,31 @@ async def test_adoptions_counted_by_municipality_level(scenario: Scenario) -> No
         ]
         network_wide = {s.municipality_level: s for s in adoptions_by_municipality_level(session)}
         assert network_wide["district"].adoptions >= 4
+
+
+async def test_a_member_that_stops_being_a_municipality_loses_its_level_and_is_not_counted(scenario: Scenario) -> None:
+    owner = f"tr-mersin-{uuid.uuid4().hex[:8]}"
+    metro, district = f"tr-metro-{owner[-8:]}", f"tr-ilce-{owner[-8:]}"
+    await scenario.given(
+        joined(owner, "municipality", level="metropolitan"),
+        joined(metro, "municipality", level="metropolitan"),
+        joined(district, "municipality", level="district"),
+    )
+    kitchens = f"{owner}-kitchens"
+    await scenario.given(registered(kitchens, by=owner, owner=owner), adopted(kitchens, metro), adopted(kitchens, district))
+    with scenario.session() as session:
+        assert [s.adoptions for s in adoptions_by_municipality_level(session, owner=owner)] == [1, 0, 1]
+
+    # The operator corrects a kind: a cooperative has no municipality level.
+    await scenario.when(envelope("institution.updated", "operator", {"id": district, "kind": "cooperative"}))
+    with scenario.session() as session:
+        former = session.get(Institution, district)
+        assert former is not None and (former.kind, former.municipality_level) == ("cooperative", None)
+        assert [s.adoptions for s in adoptions_by_municipality_level(session, owner=owner)] == [1, 0, 0]
+
+    # A level given to another kind before the bus refused that still does not count it.
+    with scenario.session() as session:
+        session.execute(sa.update(Institution).where(col(Institution.id) == metro).values(kind="university"))
+        session.commit()
+    with scenario.session() as session:
+        assert [s.adoptions for s in adoptions_by_municipality_level(session, owner=owner)] == [0, 0, 0]

@@ -302,3 +302,19 @@ def test_a_pattern_mismatch_says_what_is_wanted_in_words() -> None:
     assert error_message(error) == "Input should be an id of 1 to 128 letters (A-Z, a-z), digits, '_', ':' and '-' (no dots or spaces)"
     other = {"type": "string_pattern_mismatch", "msg": "String should match pattern '^x$'", "ctx": {"pattern": "^x$"}}
     assert error_message(other) == other["msg"]  # a pattern without words keeps pydantic's message
+
+
+def test_a_municipality_level_is_given_to_municipalities_only() -> None:
+    [error] = errors("institution.joined", data_of("institution.joined", kind="university", municipality_level="district"))
+    assert (error["loc"], error["type"]) == (("municipality_level",), "municipalities_only")
+    assert error["msg"] == "A municipality level is for municipalities only; this institution's kind is 'university'"
+    joined = spec_for("institution.joined").adapter.validate_python(
+        data_of("institution.joined", kind="municipality", municipality_level="district"))
+    assert joined.municipality_level == "district"
+    assert spec_for("institution.joined").adapter.validate_python(
+        data_of("institution.joined", kind="university", municipality_level=None)).municipality_level is None
+    changed = {"id": "tr-tarsus-bld", "kind": "ngo", "municipality_level": "district"}
+    assert locs("institution.updated", changed) == {("municipality_level",)}
+    # Without a kind the event cannot tell: the gate asks what the member is.
+    assert spec_for("institution.updated").adapter.validate_python({"id": "tr-tarsus-bld", "municipality_level": "district"})
+    assert spec_for("institution.updated").adapter.validate_python({**changed, "municipality_level": None})
