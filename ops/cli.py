@@ -778,6 +778,139 @@ def rebuild(
         raise typer.Exit(1)
 
 
+def _copy_progress(as_json: bool) -> Any:
+    """A progress display of what a backup or restore copies, by item, in bytes (on stderr)."""
+    from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description:<16}"), DownloadColumn(), TransferSpeedColumn(),
+                    console=err, disable=as_json, transient=False)
+
+
+def _progress_callback(bar: Any) -> Any:
+    tasks: dict[str, Any] = {}
+
+    def progress(item: str, copied: int) -> None:
+        if item not in tasks:
+            for earlier in tasks.values():
+                bar.update(earlier, total=bar.tasks[earlier].completed)
+            tasks[item] = bar.add_task(item, total=None)
+        bar.update(tasks[item], completed=copied)
+
+    return progress
+
+
+@app.command()
+@with_settings
+def backup(
+    target: Annotated[Path, typer.Argument(help="a new directory to write the backup into")],
+    as_json: Annotated[bool, typer.Option("--json", help="print what was backed up as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Back the network up: the log and the dead letters (JetStream snapshots), the SQLite read
+    models (webhook endpoints, tokens and the portal connector's state are only there) and the
+    embedded server's keys. Runs while the bus runs. The backup holds secrets: keep it so."""
+    from bus.connection import embedded_store
+    from bus.credentials import Authority
+    from ops import backup as copies
+
+    if settings.embedded and not embedded_store(settings).is_dir():
+        _no_network_here(settings, f"no embedded nats-server store at {embedded_store(settings)}")
+    auth_dir = embedded_store(settings) / Authority.DIRECTORY if settings.embedded else None
+
+    async def main() -> Any:
+        async with _nats(settings, "collabbus-backup") as nc:
+            with _copy_progress(as_json) as bar:
+                return await copies.back_up(nc, target, network=settings.operator, db_url=settings.db_url,
+                                            auth_dir=auth_dir, progress=_progress_callback(bar))
+
+    try:
+        manifest = run(main())
+    except copies.BackupError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(data=manifest.as_dict())
+        return
+    for stream in manifest.streams:
+        out.print(f"{stream.name}: {stream.messages:,} messages (#{stream.first_seq}–#{stream.last_seq}), "
+                  f"{stream.consumers} consumers, {stream.bytes:,} bytes")
+    database = manifest.database
+    if database.get("file"):
+        out.print(f"read models: {database['file']}, {database['bytes']:,} bytes")
+    else:
+        out.print(f"[yellow]read models:[/yellow] not copied: they are in {database.get('kind')}; back that database up "
+                  "with its own tools (pg_dump), before this backup (the log must hold all it applied)")
+    if manifest.auth:
+        out.print("the embedded server's keys: copied (members' credentials stay valid after a restore)")
+    out.print(f"backed up into {target} — it holds secrets; `collabbus restore {target}` puts it into a new data dir")
+
+
+@app.command()
+@with_settings
+def restore(
+    source: Annotated[Path, typer.Argument(help="a directory `collabbus backup` wrote")],
+    as_json: Annotated[bool, typer.Option("--json", help="print what was restored as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Restore a backup into a new data dir (or a NATS without the network's streams): the log,
+    the dead letters, the read models and the embedded server's keys. Start the bus on it after:
+    it applies whatever the log holds past the read models' copy."""
+    from bus.connection import embedded_store
+    from bus.credentials import Authority
+    from bus.server import port_is_taken
+    from ops import backup as copies
+
+    try:
+        manifest = copies.read_manifest(source)
+        copies.check_database_target(source, settings.db_url)  # before anything is written
+        if settings.embedded:
+            if port_is_taken(*settings.listen_host_port):
+                raise copies.BackupError(f"something listens at {settings.nats_listen} already (a running bus?): restore "
+                                         "into a data dir no bus runs on, then start it")
+            auth_placed = copies.place_auth(source, embedded_store(settings) / Authority.DIRECTORY)
+        else:
+            auth_placed = False
+    except copies.BackupError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+    async def main() -> dict[str, Any]:
+        async with _nats(settings, "collabbus-restore") as nc:
+            there = await copies.existing_streams(nc)
+            if there:
+                raise copies.BackupError(f"this NATS has the network's streams already ({', '.join(there)}): restore "
+                                         "into a new data dir, or a NATS without them")
+            states = {}
+            with _copy_progress(as_json) as bar:
+                progress = _progress_callback(bar)
+                for stream in manifest["streams"]:
+                    states[stream["name"]] = await copies.restore(nc, source / "streams" / stream["name"], progress)
+            return states
+
+    try:
+        states = run(main())
+        database = copies.place_database(source, settings.db_url)
+    except copies.BackupError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    report = {"source": str(source), "created_at": manifest["created_at"], "streams": states,
+              "database": str(database) if database else None, "auth": auth_placed}
+    if as_json:
+        out.print_json(data=report)
+        return
+    for name, state in states.items():
+        out.print(f"{name}: {state.get('messages', 0):,} messages (#{state.get('first_seq', 0)}–#{state.get('last_seq', 0)})")
+    out.print(f"read models: {database}" if database else
+              "[yellow]read models:[/yellow] none in the backup: restore their database's own backup (pg_dump) now; "
+              "without one, `collabbus rebuild` makes the read models from the log, but webhook endpoints, tokens "
+              "and the portal connector's state were only in the database")
+    if auth_placed:
+        out.print("the embedded server's keys: restored")
+    out.print(f"restored the backup of {manifest['created_at']}; start the bus on it (collabbus up)")
+
+
 def _rebuild_interrupted(settings: Settings) -> None:
     """Tell the operator what an interrupted rebuild left: read models up to some point of the log."""
     from handlers.bookkeeping import ConsumerPosition, read_position

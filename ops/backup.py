@@ -1,0 +1,272 @@
+"""Backing a network up and restoring it: the log, the read models' database, the server's keys.
+
+A backup directory holds:
+
+- ``streams/<stream>/backup.json`` and ``stream.tar.s2`` for the log (``COLLAB_EVENTS``) and the
+  dead letters (``COLLAB_DLQ``), with their consumers: JetStream's own snapshot (``$JS.API.STREAM.
+  SNAPSHOT``), kept as the server sends it, in the layout ``nats stream backup`` writes (so ``nats
+  stream restore`` reads it too);
+- ``collabbus.db``: a SQLite read-model database, copied with SQLite's online backup (consistent
+  while the bus writes). It holds what the log does not: webhook endpoints, HTTP tokens, the
+  portal connector's cursor and publications. A PostgreSQL database is the operator's to dump;
+- ``nats-auth/``: the embedded server's keys and the credentials it issued, so that members'
+  credentials stay valid after a restore (secrets: the directory is the owner's only);
+- ``collabbus-backup.json``: what is there, when, and from which bus.
+
+The database is copied before the log is snapshotted, so the log holds everything the copy
+applied: after a restore the bus carries on from the database's position and applies the rest
+(each event once, as after any restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bus.streams import DLQ_STREAM, EVENTS_STREAM
+
+STREAMS = (EVENTS_STREAM, DLQ_STREAM)
+MANIFEST = "collabbus-backup.json"
+DATABASE = "collabbus.db"
+AUTH = "nats-auth"
+CHUNK_SIZE = 128 * 1024
+"""Bytes per message of a snapshot and of a restore."""
+API = "$JS.API"
+FORMAT = 1
+"""The backup directory's layout version (``format`` in the manifest)."""
+
+
+class BackupError(RuntimeError):
+    """A backup or restore that cannot go on; the message says why, for people."""
+
+
+@dataclass
+class StreamCopy:
+    """One stream in a backup: its messages and sequences when it was taken, and the archive's size."""
+
+    name: str
+    messages: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    consumers: int = 0
+    bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class Manifest:
+    """``collabbus-backup.json``."""
+
+    created_at: str
+    network: str
+    streams: list[StreamCopy] = field(default_factory=list)
+    database: dict[str, Any] = field(default_factory=dict)
+    auth: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "created_at": self.created_at, "network": self.network,
+                "streams": [s.as_dict() for s in self.streams], "database": self.database, "auth": self.auth}
+
+
+Progress = Callable[[str, int], None]
+"""Called with what is being copied and the bytes copied of it so far."""
+
+
+def sqlite_file(db_url: str) -> Path | None:
+    """The file of a SQLite database URL (None: another database, or one in memory)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url)
+    if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
+
+
+def copy_sqlite(source: Path, target: Path) -> int:
+    """An online copy of ``source`` (consistent while another process writes it); its size."""
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    with sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30) as reader, sqlite3.connect(partial) as writer:
+        reader.backup(writer, pages=4096)
+    reader.close()
+    writer.close()
+    partial.replace(target)
+    return target.stat().st_size
+
+
+async def snapshot(nc: Any, stream: str, directory: Path, progress: Progress | None = None) -> StreamCopy:
+    """JetStream's snapshot of ``stream`` (with its consumers) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    archive = directory / "stream.tar.s2"
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    received = 0
+    inbox = nc.new_inbox()
+
+    with open(archive, "wb") as out:
+        async def chunk(msg: Any) -> None:
+            nonlocal received
+            if done.done():
+                return
+            if not msg.data:  # the end: a status 204, or the server's reason it stopped
+                status = (msg.headers or {}).get("Status")
+                if status and status != "204":
+                    description = (msg.headers or {}).get("Description", "")
+                    done.set_exception(BackupError(f"the server stopped the snapshot of {stream}: {status} {description}".strip()))
+                else:
+                    done.set_result(None)
+                return
+            if msg.reply:  # flow control: the server sends more once this is answered
+                await nc.publish(msg.reply, b"")
+            out.write(msg.data)
+            received += len(msg.data)
+            if progress is not None:
+                progress(stream, received)
+
+        sub = await nc.subscribe(inbox, cb=chunk, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        try:
+            request = {"deliver_subject": inbox, "no_consumers": False, "chunk_size": CHUNK_SIZE, "jsck": False}
+            answer = await _api(nc, f"{API}.STREAM.SNAPSHOT.{stream}", request)
+            await asyncio.wait_for(done, timeout=None)
+        finally:
+            await sub.unsubscribe()
+    (directory / "backup.json").write_text(
+        json.dumps({"config": answer["config"], "state": answer["state"]}, indent=2) + "\n", encoding="utf-8")
+    state = answer["state"]
+    return StreamCopy(stream, state.get("messages", 0), state.get("first_seq", 0), state.get("last_seq", 0),
+                      state.get("consumer_count", 0), archive.stat().st_size)
+
+
+async def restore(nc: Any, directory: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Create the stream saved in ``directory`` from its snapshot; the stream's state afterwards."""
+    meta = json.loads((directory / "backup.json").read_text(encoding="utf-8"))
+    name = meta["config"]["name"]
+    answer = await _api(nc, f"{API}.STREAM.RESTORE.{name}", {"config": meta["config"], "state": meta["state"]})
+    deliver = answer["deliver_subject"]
+    sent = 0
+    with open(directory / "stream.tar.s2", "rb") as archive:
+        while piece := archive.read(CHUNK_SIZE):
+            _check(name, (await nc.request(deliver, piece, timeout=30)).data)
+            sent += len(piece)
+            if progress is not None:
+                progress(name, sent)
+    final = _check(name, (await nc.request(deliver, b"", timeout=600)).data)  # the server unpacks it now
+    return dict(final.get("state") or {})
+
+
+async def _api(nc: Any, subject: str, request: dict[str, Any]) -> dict[str, Any]:
+    stream = subject.rsplit(".", 1)[-1]
+    return _check(stream, (await nc.request(subject, json.dumps(request).encode(), timeout=10)).data)
+
+
+def _check(stream: str, data: bytes) -> dict[str, Any]:
+    answer: dict[str, Any] = json.loads(data) if data else {}
+    error = answer.get("error")
+    if error:
+        raise BackupError(f"{stream}: {error.get('description', error)} (JetStream error {error.get('err_code', error.get('code'))})")
+    return answer
+
+
+async def back_up(nc: Any, target: Path, *, network: str, db_url: str, auth_dir: Path | None,
+                  progress: Progress | None = None) -> Manifest:
+    """Write a backup of the network into ``target`` (new or empty)."""
+    if target.exists() and any(target.iterdir()):
+        raise BackupError(f"{target} is not empty: a backup goes into a new directory")
+    present = await existing_streams(nc)
+    if EVENTS_STREAM not in present:
+        raise BackupError(f"this NATS has no log ({EVENTS_STREAM}): is it the network's?")
+    target.mkdir(parents=True, exist_ok=True)
+    target.chmod(0o700)  # it holds the keys and the tokens' hashes
+    manifest = Manifest(created_at=datetime.now(UTC).isoformat(timespec="seconds"), network=network)
+    database = sqlite_file(db_url)
+    if database is not None and database.exists():
+        if progress is not None:
+            progress(DATABASE, 0)
+        size = await asyncio.to_thread(copy_sqlite, database, target / DATABASE)
+        manifest.database = {"kind": "sqlite", "file": DATABASE, "bytes": size}
+        if progress is not None:
+            progress(DATABASE, size)
+    elif database is None:
+        manifest.database = {"kind": db_url.split(":", 1)[0].split("+", 1)[0], "file": None}
+    for stream in (s for s in STREAMS if s in present):
+        manifest.streams.append(await snapshot(nc, stream, target / "streams" / stream, progress))
+    if auth_dir is not None and auth_dir.is_dir():
+        shutil.copytree(auth_dir, target / AUTH)
+        manifest.auth = True
+    (target / MANIFEST).write_text(json.dumps(manifest.as_dict(), indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_manifest(source: Path) -> dict[str, Any]:
+    """The manifest of the backup in ``source``, checked to be one this bus can restore."""
+    path = source / MANIFEST
+    if not path.is_file():
+        raise BackupError(f"{source} holds no collabbus backup (no {MANIFEST})")
+    manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise BackupError(f"{path} is of format {manifest.get('format')!r}; this bus restores format {FORMAT}")
+    return manifest
+
+
+def place_auth(source: Path, auth_dir: Path) -> bool:
+    """Put the backup's server keys where the embedded server looks for them (before it starts).
+    False when the backup has none; refuses a data dir with keys of its own."""
+    if not (source / AUTH).is_dir():
+        return False
+    if auth_dir.exists() and any(auth_dir.iterdir()):
+        raise BackupError(f"{auth_dir} holds a server's keys already: restore into a new data dir")
+    auth_dir.parent.mkdir(parents=True, exist_ok=True)
+    if auth_dir.exists():
+        auth_dir.rmdir()
+    shutil.copytree(source / AUTH, auth_dir)
+    auth_dir.chmod(0o700)
+    return True
+
+
+def check_database_target(source: Path, db_url: str) -> Path | None:
+    """Where the backup's SQLite database goes (None when the backup has none); refuses a
+    database URL that is not a SQLite file, and a file that exists."""
+    if not (source / DATABASE).is_file():
+        return None
+    target = sqlite_file(db_url)
+    if target is None:
+        raise BackupError(f"the backup's read models are a SQLite file, and the database here is not one ({db_url.split(':', 1)[0]})")
+    if target.exists():
+        raise BackupError(f"{target} exists: restore into a new data dir (or move it away first)")
+    return target
+
+
+def place_database(source: Path, db_url: str) -> Path | None:
+    """Put the backup's SQLite database where ``db_url`` says (None when the backup has none)."""
+    target = check_database_target(source, db_url)
+    if target is None:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source / DATABASE, partial)
+    os.replace(partial, target)
+    return target
+
+
+async def existing_streams(nc: Any) -> list[str]:
+    """The network's streams the server has already."""
+    from nats.js.errors import NotFoundError
+
+    js = nc.jetstream()
+    found = []
+    for stream in STREAMS:
+        try:
+            await js.stream_info(stream)
+        except NotFoundError:
+            continue
+        found.append(stream)
+    return found

@@ -1,0 +1,133 @@
+"""``collabbus backup`` of a running bus and ``collabbus restore`` into a new data dir: the log,
+the dead letters, the read models and the server's keys come back, and the bus carries on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from bus.client import offer
+from bus.server import free_port
+from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from tests.conftest import load_fixtures, unique
+from tests.ops.test_cli import COLLABBUS, cli
+
+
+def bus_env(data_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(data_dir), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
+    for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL", "COLLABBUS_NATS_CREDS"):
+        env.pop(name, None)
+    return env
+
+
+@contextmanager
+def running(env: dict[str, str]) -> Iterator[None]:
+    """``collabbus up`` on ``env``'s data dir until the block ends."""
+    proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "is up" in line:
+            break
+        if proc.poll() is not None:
+            pytest.fail("collabbus up exited: " + "".join(lines))
+    else:
+        proc.kill()
+        pytest.fail("collabbus up did not come up: " + "".join(lines))
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == 0, rest
+
+
+def log_state(env: dict[str, str]) -> dict[str, int]:
+    status = cli("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    streams = json.loads(status.stdout)["streams"]
+    return {name: streams[name]["messages"] for name in (EVENTS_STREAM, DLQ_STREAM)}
+
+
+@pytest.mark.timeout(300)
+async def test_a_backup_of_a_running_bus_restores_into_a_new_data_dir_with_its_log_state_and_keys(tmp_path: Path) -> None:
+    fixture = load_fixtures()["project.registered"]
+    member, project = unique("tr-backup"), unique("p")
+    old = bus_env(tmp_path / "old")
+    backup = tmp_path / "backup"
+    with running(old):
+        added = cli("institutions", "add", member, "--name", "Backup", "--kind", fixture["kind"], "--country", "TR", env=old)
+        assert added.returncode == 0, added.stderr + added.stdout
+        data = dict(fixture["event"]["data"], owner=member, project_id=project)
+        published = cli("publish", "project.registered", "--as", member, "--data", json.dumps(data), env=old)
+        assert published.returncode == 0 and "applied #" in published.stdout, published.stdout + published.stderr
+        token = cli("institutions", "token", member, env=old).stdout.strip()
+        creds = tmp_path / "member.creds"
+        assert cli("institutions", "creds", member, "--output", str(creds), env=old).returncode == 0
+        before = log_state(old)
+
+        made = cli("backup", str(backup), "--json", env=old)  # while the bus runs
+        assert made.returncode == 0, made.stderr + made.stdout
+        manifest = json.loads(made.stdout)
+        assert {s["name"]: s["messages"] for s in manifest["streams"]} == before
+        assert manifest["database"]["kind"] == "sqlite" and manifest["auth"] is True
+        assert backup.stat().st_mode & 0o777 == 0o700
+        assert (backup / "streams" / EVENTS_STREAM / "stream.tar.s2").stat().st_size > 0
+        assert json.loads((backup / "streams" / EVENTS_STREAM / "backup.json").read_text())["config"]["name"] == EVENTS_STREAM
+
+        again = cli("backup", str(backup), env=old)
+        assert again.returncode == 1 and "not empty" in again.stderr
+        told = cli("backup", str(tmp_path / "second"), env=old)  # as a person reads it
+        assert told.returncode == 0, told.stderr
+        assert f"{EVENTS_STREAM}: {before[EVENTS_STREAM]:,} messages" in told.stdout
+        assert "read models: collabbus.db" in told.stdout and "it holds secrets" in told.stdout
+
+    new = bus_env(tmp_path / "new")
+    restored = cli("restore", str(backup), env=new)
+    assert restored.returncode == 0, restored.stderr + restored.stdout
+    assert f"{EVENTS_STREAM}: {before[EVENTS_STREAM]:,} messages" in restored.stdout
+    assert "keys: restored" in restored.stdout
+
+    refused = cli("restore", str(backup), env=new)  # not over what is there
+    assert refused.returncode == 1 and "exists: restore into a new data dir" in refused.stderr
+
+    with running(new):
+        assert log_state(new) == before
+        async with httpx.AsyncClient(base_url=f"http://{new['COLLABBUS_HTTP']}", timeout=10) as http:
+            # the token was issued before the backup: the read models came back with it
+            answer = await http.get(f"/projects/{project}", headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["owner"] == member
+        # credentials issued by the old data dir's server are good on the restored one
+        nc = await nats.connect(f"nats://{new['COLLABBUS_NATS_LISTEN']}", user_credentials=str(creds),
+                                inbox_prefix=f"_INBOX.{member}")
+        try:
+            event = dict(fixture["event"], id=unique("after"), source=f"/institutions/{member}", subject=unique("p"))
+            event["data"] = dict(data, project_id=event["subject"])
+            verdict = await offer(nc, member, event)
+            assert verdict.accepted and verdict.seq == before[EVENTS_STREAM] + 1, verdict.as_dict()
+        finally:
+            await nc.close()
+
+
+def test_restore_says_what_is_wrong_with_what_it_was_given(tmp_path: Path) -> None:
+    env = bus_env(tmp_path / "new")
+    nothing = cli("restore", str(tmp_path), env=env)
+    assert nothing.returncode == 1 and "holds no collabbus backup" in nothing.stderr
+    nowhere = cli("backup", str(tmp_path / "b"), env=env)
+    assert nowhere.returncode == 1 and "no embedded nats-server store" in nowhere.stderr
+    assert not (tmp_path / "b").exists()
