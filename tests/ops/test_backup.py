@@ -131,3 +131,47 @@ def test_restore_says_what_is_wrong_with_what_it_was_given(tmp_path: Path) -> No
     nowhere = cli("backup", str(tmp_path / "b"), env=env)
     assert nowhere.returncode == 1 and "no embedded nats-server store" in nowhere.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.timeout(300)
+async def test_a_bus_on_postgresql_and_its_own_nats_is_backed_up_to_another_nats(
+    tmp_path: Path, pg_server_url: str | None
+) -> None:
+    """The log goes to a NATS without the network's streams; the read models in PostgreSQL are
+    the operator's to dump, and both commands say so."""
+    from bus.server import EmbeddedNats
+    from tests.conftest import fresh_database
+
+    databases = fresh_database("postgresql", tmp_path, pg_server_url)
+    database_url = next(databases)
+    first, second = (EmbeddedNats(tmp_path / name, port=0, sync_always=False) for name in ("nats-a", "nats-b"))
+    await first.astart()
+    await second.astart()
+    try:
+        env = {**bus_env(tmp_path / "old"), "COLLABBUS_NATS_URL": first.url, "COLLABBUS_NATS_CREDS": str(first.bus_creds),
+               "COLLABBUS_DATABASE_URL": database_url}
+        with running(env):
+            member = unique("fi-pg")
+            added = cli("institutions", "add", member, "--name", "PG", "--kind", "ngo", "--country", "FI", env=env)
+            assert added.returncode == 0, added.stderr + added.stdout
+            before = log_state(env)
+            made = cli("backup", str(tmp_path / "backup"), env=env)
+        assert made.returncode == 0, made.stderr + made.stdout
+        assert "not copied: they are in postgresql" in " ".join(made.stdout.split()) and "pg_dump" in made.stdout
+        assert not (tmp_path / "backup" / "collabbus.db").exists() and not (tmp_path / "backup" / "nats-auth").exists()
+
+        target = {**env, "COLLABBUS_DATA_DIR": str(tmp_path / "new"), "COLLABBUS_NATS_URL": second.url,
+                  "COLLABBUS_NATS_CREDS": str(second.bus_creds)}
+        restored = cli("restore", str(tmp_path / "backup"), "--json", env=target)
+        assert restored.returncode == 0, restored.stderr + restored.stdout
+        report = json.loads(restored.stdout)
+        assert report["database"] is None and report["auth"] is False
+        assert {name: state["messages"] for name, state in report["streams"].items()} == before
+        assert log_state(target) == before  # read back from the other server
+        onto_a_network = cli("restore", str(tmp_path / "backup"), env=target)
+        assert onto_a_network.returncode == 1 and "has the network's streams already" in onto_a_network.stderr
+    finally:
+        await first.astop()
+        await second.astop()
+        for _ in databases:
+            pass
