@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,7 +15,7 @@ from bus.client import offer
 from bus.server import free_port
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from tests.conftest import load_fixtures, unique
-from tests.ops.test_cli import COLLABBUS, cli
+from tests.ops.test_cli import cli, collabbus_up
 
 
 def bus_env(data_dir: Path) -> dict[str, str]:
@@ -29,31 +24,6 @@ def bus_env(data_dir: Path) -> dict[str, str]:
     for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL", "COLLABBUS_NATS_CREDS"):
         env.pop(name, None)
     return env
-
-
-@contextmanager
-def running(env: dict[str, str]) -> Iterator[None]:
-    """``collabbus up`` on ``env``'s data dir until the block ends."""
-    proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    lines = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        lines.append(line)
-        if "is up" in line:
-            break
-        if proc.poll() is not None:
-            pytest.fail("collabbus up exited: " + "".join(lines))
-    else:
-        proc.kill()
-        pytest.fail("collabbus up did not come up: " + "".join(lines))
-    try:
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        rest = proc.stderr.read()
-        assert proc.wait(timeout=30) == 0, rest
 
 
 def log_state(env: dict[str, str]) -> dict[str, int]:
@@ -69,7 +39,7 @@ async def test_a_backup_of_a_running_bus_restores_into_a_new_data_dir_with_its_l
     member, project = unique("tr-backup"), unique("p")
     old = bus_env(tmp_path / "old")
     backup = tmp_path / "backup"
-    with running(old):
+    with collabbus_up(old):
         added = cli("institutions", "add", member, "--name", "Backup", "--kind", fixture["kind"], "--country", "TR", env=old)
         assert added.returncode == 0, added.stderr + added.stdout
         data = dict(fixture["event"]["data"], owner=member, project_id=project)
@@ -105,7 +75,7 @@ async def test_a_backup_of_a_running_bus_restores_into_a_new_data_dir_with_its_l
     refused = cli("restore", str(backup), env=new)  # not over what is there
     assert refused.returncode == 1 and "exists: restore into a new data dir" in refused.stderr
 
-    with running(new):
+    with collabbus_up(new):
         assert log_state(new) == before
         async with httpx.AsyncClient(base_url=f"http://{new['COLLABBUS_HTTP']}", timeout=10) as http:
             # the token was issued before the backup: the read models came back with it
@@ -150,7 +120,7 @@ async def test_a_bus_on_postgresql_and_its_own_nats_is_backed_up_to_another_nats
     try:
         env = {**bus_env(tmp_path / "old"), "COLLABBUS_NATS_URL": first.url, "COLLABBUS_NATS_CREDS": str(first.bus_creds),
                "COLLABBUS_DATABASE_URL": database_url}
-        with running(env):
+        with collabbus_up(env):
             member = unique("fi-pg")
             added = cli("institutions", "add", member, "--name", "PG", "--kind", "ngo", "--country", "FI", env=env)
             assert added.returncode == 0, added.stderr + added.stdout

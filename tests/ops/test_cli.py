@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import jsonschema
@@ -34,14 +35,9 @@ def flat(text: str) -> str:
     return " ".join(text.translate(str.maketrans("", "", "│╭╮╰╯─")).split())
 
 
-@pytest.fixture(scope="module")
-def running_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """``collabbus up`` in its own process on a fresh data dir, as ``make run`` starts it."""
-    data_dir = tmp_path_factory.mktemp("cli-data")
-    port = free_port()
-    env = {**os.environ, "COLLABBUS_DATA_DIR": str(data_dir), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{port}",
-           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
-    env.pop("COLLABBUS_NATS_URL", None)
+@contextmanager
+def collabbus_up(env: dict[str, str]) -> Iterator[None]:
+    """``collabbus up`` in its own process with ``env`` until the block ends; it stops on Ctrl-C."""
     proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines = []
@@ -56,11 +52,25 @@ def running_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     else:
         proc.kill()
         pytest.fail("collabbus up did not come up: " + "".join(lines))
-    yield env
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=30) == 0, rest
-    assert "stopped" in rest
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == 0, rest
+        assert "stopped" in rest
+
+
+@pytest.fixture(scope="module")
+def running_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``collabbus up`` in its own process on a fresh data dir, as ``make run`` starts it."""
+    data_dir = tmp_path_factory.mktemp("cli-data")
+    port = free_port()
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(data_dir), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{port}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
+    env.pop("COLLABBUS_NATS_URL", None)
+    with collabbus_up(env):
+        yield env
 
 
 def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp_path: Path) -> None:
