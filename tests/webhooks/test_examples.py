@@ -1,0 +1,117 @@
+"""The examples a member's developer starts from (``examples/``), run as they would run them:
+``http_partner.py`` offers events to a real gateway, ``webhook_receiver.py`` receives the
+network's deliveries over a real socket and checks them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+from standardwebhooks import Webhook
+
+from bus.server import free_port
+from tests.conftest import unique
+from tests.connectors.conftest import Gateway
+from tests.handlers.harness import envelope
+from tests.webhooks.conftest import Network, eventually, project, register
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+async def partner(gateway: Gateway, institution: str, event: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``http_partner.py`` offering ``event`` as ``institution``."""
+    path = tmp_path / f"{event['id']}.json"
+    path.write_text(json.dumps(event, ensure_ascii=False), encoding="utf-8")
+    env = {**os.environ, "COLLABBUS_URL": gateway.url, "COLLABBUS_TOKEN": gateway.token(institution)}
+    return await asyncio.to_thread(subprocess.run, [sys.executable, str(EXAMPLES / "http_partner.py"), str(path)],
+                                   env=env, capture_output=True, text=True, timeout=60)
+
+
+class Lines:
+    """What the receiver prints, one JSON object a line, read as it comes."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.items: list[dict[str, Any]] = []
+
+    async def until(self, count: int) -> list[dict[str, Any]]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 20
+        while len(self.items) < count:
+            assert time.monotonic() < deadline, f"the receiver printed {self.items}"
+            line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout=20)
+            assert line, "the receiver exited"
+            self.items.append(json.loads(line))
+        return self.items
+
+
+async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(network: Network, tmp_path: Path) -> None:
+    gateway = await network.start()
+    owner, other = await gateway.join("municipality"), await gateway.join("ngo")
+    port = free_port()
+    endpoint = await register(gateway, owner, f"http://127.0.0.1:{port}/", ["project.*"])
+    receiver = subprocess.Popen([sys.executable, str(EXAMPLES / "webhook_receiver.py"), str(port)], text=True,
+                                env={**os.environ, "COLLABBUS_WEBHOOK_SECRET": endpoint["secret"]},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert receiver.stderr is not None and "listening" in receiver.stderr.readline()
+        lines = Lines(receiver)
+
+        data = project(owner)
+        registered = envelope("project.registered", owner, data, id=unique("ex"))
+        offered = await partner(gateway, owner, registered, tmp_path)
+        assert offered.returncode == 0, offered.stdout + offered.stderr
+        assert "accepted as #" in offered.stdout and "applied" in offered.stdout
+
+        change = envelope("project.updated", other, {"project_id": data["project_id"], "changes": {"status": "completed"}},
+                          id=unique("ex"))
+        refused = await partner(gateway, other, change, tmp_path)
+        assert refused.returncode == 1 and "refused by the workflow: not_owner" in refused.stdout, refused.stdout
+
+        broken = envelope("project.registered", owner, {**project(owner), "status": "finished"}, id=unique("ex"))
+        rejected = await partner(gateway, owner, broken, tmp_path)
+        assert rejected.returncode == 1 and "refused by the gateway (422" in rejected.stdout, rejected.stdout
+        assert "data.status:" in rejected.stdout
+
+        # The registration, the refused update and its refusal, each verified and printed once.
+        received = await lines.until(3)
+        assert sorted(item["type"] for item in received) == ["project.action_rejected", "project.registered", "project.updated"]
+        assert {item["id"] for item in received} >= {registered["id"], change["id"]}
+
+        # What the receiver itself does: signatures, repeats, order.
+        url = f"http://127.0.0.1:{port}/"
+        signer = Webhook(endpoint["secret"])
+
+        def delivery(event_id: str, subject: str, sequence: int) -> tuple[bytes, dict[str, str]]:
+            body = json.dumps({"specversion": "1.0", "id": event_id, "source": f"/institutions/{owner}",
+                               "type": "project.updated", "subject": subject, "data": {}}).encode()
+            now = int(time.time())
+            signature = signer.sign(event_id, datetime.fromtimestamp(now, tz=timezone.utc), body.decode())
+            return body, {"webhook-id": event_id, "webhook-timestamp": str(now), "webhook-signature": signature,
+                          "collabbus-sequence": str(sequence), "content-type": "application/cloudevents+json"}
+
+        async with httpx.AsyncClient(timeout=10) as http:
+            subject = unique("p")
+            newer, older = delivery(unique("ev"), subject, 9_000_001), delivery(unique("ev"), subject, 9_000_000)
+            for body, headers in (newer, newer, older):  # a retry of the first, then an older event arriving late
+                assert (await http.post(url, content=body, headers=headers)).status_code == 204
+            forged = {**newer[1], "webhook-id": unique("ev")}  # the signature is the first one's
+            assert (await http.post(url, content=newer[0], headers=forged)).status_code == 400
+            unsigned = {k: v for k, v in newer[1].items() if k != "webhook-signature"}
+            assert (await http.post(url, content=newer[0], headers=unsigned)).status_code == 400
+        received = await lines.until(5)
+        assert [(item["sequence"], item["stale"]) for item in received[3:]] == [(9_000_001, False), (9_000_000, True)]
+        await asyncio.sleep(0.5)  # nothing more: the repeat and the forgeries were not printed
+        assert receiver.poll() is None
+    finally:
+        receiver.terminate()
+        rest, _ = receiver.communicate(timeout=10)
+    assert rest == "", rest
