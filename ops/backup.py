@@ -35,6 +35,8 @@ from bus.streams import DLQ_STREAM, EVENTS_STREAM
 
 STREAMS = (EVENTS_STREAM, DLQ_STREAM)
 MANIFEST = "collabbus-backup.json"
+LAST_BACKUP = "last-backup.json"
+"""In the data dir: when its network was last backed up, and where to (``collabbus status``, ``/metrics``)."""
 DATABASE = "collabbus.db"
 AUTH = "nats-auth"
 CHUNK_SIZE = 128 * 1024
@@ -204,6 +206,26 @@ async def back_up(nc: Any, target: Path, *, network: str, db_url: str, auth_dir:
         manifest.auth = True
     (target / MANIFEST).write_text(json.dumps(manifest.as_dict(), indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def note_done(data_dir: Path, target: Path, manifest: Manifest) -> None:
+    """Remember in the data dir that its network was backed up into ``target``."""
+    record = {"at": manifest.created_at, "into": str(target.resolve()),
+              "last_seq": {stream.name: stream.last_seq for stream in manifest.streams},
+              "database": manifest.database.get("kind")}
+    partial = data_dir / (LAST_BACKUP + ".partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    partial.replace(data_dir / LAST_BACKUP)
+
+
+def last_backup(data_dir: Path) -> dict[str, Any] | None:
+    """What :func:`note_done` last wrote in ``data_dir`` (None: no backup was made from it)."""
+    try:
+        record: dict[str, Any] = json.loads((data_dir / LAST_BACKUP).read_text(encoding="utf-8"))
+        datetime.fromisoformat(record["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
 
 
 def read_manifest(source: Path) -> dict[str, Any]:

@@ -829,6 +829,7 @@ def backup(
     except copies.BackupError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
+    copies.note_done(settings.data_dir, target, manifest)
     if as_json:
         out.print_json(data=manifest.as_dict())
         return
@@ -958,6 +959,7 @@ def status(
     """Streams, consumers and their lag, dead letters, the read models' position, webhook endpoints.
     Exits 1 when the read models' database cannot be read."""
     from bus.server import port_is_taken
+    from ops.backup import last_backup
     from ops.status import collect_status, read_consumer_state
 
     async def main() -> dict[str, Any]:
@@ -971,6 +973,7 @@ def status(
                 engine.dispose()
         # Running: a bus on this data dir keeps its consumer state fresh; any bus's consumers keep a
         # pull request open (not between one expiring and the next, so that alone can miss it).
+        report["backup"] = last_backup(settings.data_dir)
         waiting_on = None if stopped else read_consumer_state(settings.data_dir)
         report["bus_running"] = not stopped and (waiting_on is not None or any(c["waiting"] for c in report["consumers"].values()))
         for name, state in (waiting_on or {}).items():  # what the running bus's consumers wait on, as /ops/status says
@@ -1039,6 +1042,12 @@ def _render_status(report: dict[str, Any]) -> None:
             out.print(f"[yellow]outbox: {outbox['waiting']} derived event(s) not logged yet, the oldest since "
                       f"{(outbox['oldest'] or '')[:19]}[/yellow] (the relay logs them; a count that keeps growing "
                       "means it cannot)")
+    if "backup" in report:
+        backup = report["backup"]
+        if backup is None:
+            out.print("[yellow]backup: none made from this data dir[/yellow] (collabbus backup DIR; README, Backups)")
+        else:
+            out.print(f"backup: the last at {backup['at'][:19].replace('T', ' ')} UTC into {escape(backup['into'])}")
     if report.get("webhooks"):
         hooks = Table("endpoint", "institution", "url", "enabled", "failing since", "last success", "owed",
                       title="webhook endpoints", title_justify="left")

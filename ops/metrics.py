@@ -189,6 +189,17 @@ class _Outbox(Collector):
                                 value=self.oldest_age or 0.0)
 
 
+class _Backup(Collector):
+    """When the network was last backed up from this data dir (``collabbus backup``)."""
+
+    def __init__(self, record: Mapping[str, Any]) -> None:
+        self.at = datetime.fromisoformat(record["at"]).timestamp() if record.get("at") else 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("collabbus_backup_last_timestamp_seconds", "when the last `collabbus backup` of this data "
+                                "dir's network was made (Unix time; 0: none was)", value=self.at)
+
+
 def exposition(
     status: Mapping[str, Any] | None,
     webhook_attempts: Mapping[str, int] | None,
@@ -197,15 +208,19 @@ def exposition(
     nats_connected: bool = True,
     checkpointers: Sequence[Any] = (),
     outbox: tuple[int, float | None] | None = None,
+    backup: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
     gatekeeper processes ``gates``, when the bus runs any), a status snapshot (None: NATS could
     not be read; everything else is still served), the background checkpoints of SQLite files
-    and the outbox (:func:`outbox_waiting`)."""
+    and the outbox (:func:`outbox_waiting`); ``backup``: the data dir's last backup record
+    (``ops.backup.last_backup``, ``{}`` when there is none)."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
     if outbox is not None:
         snapshot.register(_Outbox(*outbox))
+    if backup is not None:
+        snapshot.register(_Backup(backup))
     if checkpointers:
         snapshot.register(_Checkpoints(checkpointers))
     process: Any = REGISTRY

@@ -140,11 +140,14 @@ async def _consumers_check(bus: Any, *, server: bool) -> str:
 
 
 async def bus_status(bus: Any) -> dict[str, Any]:
-    """Streams, consumers and their lag, dead letters, database positions, webhook endpoints:
-    what ``collabbus status`` shows (``ops.status.collect_status``)."""
+    """Streams, consumers and their lag, dead letters, database positions, webhook endpoints, the
+    last backup: what ``collabbus status`` shows (``ops.status.collect_status``)."""
+    from ops.backup import last_backup
     from ops.status import collect_status
 
-    return await collect_status(bus.js, bus.engine, running=running_consumers(bus))
+    status = await collect_status(bus.js, bus.engine, running=running_consumers(bus))
+    status["backup"] = last_backup(bus.settings.data_dir)
+    return status
 
 
 METRICS_NATS_TIMEOUT = 2.0
@@ -155,6 +158,7 @@ METRICS_NATS_TIMEOUT = 2.0
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition: the gateway's, the process's (gate, handlers) and the bus's
     state read now (log, consumer lag, dead letters, webhook attempts; ``ops.metrics``)."""
+    from ops.backup import last_backup
     from ops.metrics import exposition, outbox_waiting, webhook_attempts
     from ops.status import collect_status
 
@@ -167,7 +171,8 @@ async def metrics(request: Request) -> Response:
     outbox = await run_in_threadpool(outbox_waiting, bus.engine)
     registry: Metrics = request.app.state.metrics
     return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=bus.nc.is_connected,
-                               checkpointers=bus.checkpointers, outbox=outbox),
+                               checkpointers=bus.checkpointers, outbox=outbox,
+                               backup=last_backup(bus.settings.data_dir) or {}),
                     media_type=CONTENT_TYPE_LATEST)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -49,6 +50,8 @@ async def test_a_backup_of_a_running_bus_restores_into_a_new_data_dir_with_its_l
         creds = tmp_path / "member.creds"
         assert cli("institutions", "creds", member, "--output", str(creds), env=old).returncode == 0
         before = log_state(old)
+        assert json.loads(cli("status", "--json", env=old).stdout)["backup"] is None
+        assert "backup: none made from this data dir" in cli("status", env=old).stdout
 
         made = cli("backup", str(backup), "--json", env=old)  # while the bus runs
         assert made.returncode == 0, made.stderr + made.stdout
@@ -61,10 +64,18 @@ async def test_a_backup_of_a_running_bus_restores_into_a_new_data_dir_with_its_l
 
         again = cli("backup", str(backup), env=old)
         assert again.returncode == 1 and "not empty" in again.stderr
+        noted = json.loads(cli("status", "--json", env=old).stdout)["backup"]
+        assert noted["into"] == str(backup.resolve()) and noted["at"] == manifest["created_at"]
+        assert noted["last_seq"][EVENTS_STREAM] == manifest["streams"][0]["last_seq"]
+        scraped = httpx.get(f"http://{old['COLLABBUS_HTTP']}/metrics").text
+        served = float(next(line.split()[1] for line in scraped.splitlines()
+                            if line.startswith("collabbus_backup_last_timestamp_seconds ")))
+        assert served == datetime.fromisoformat(manifest["created_at"]).timestamp()
         told = cli("backup", str(tmp_path / "second"), env=old)  # as a person reads it
         assert told.returncode == 0, told.stderr
         assert f"{EVENTS_STREAM}: {before[EVENTS_STREAM]:,} messages" in told.stdout
         assert "read models: collabbus.db" in told.stdout and "it holds secrets" in told.stdout
+        assert f"into {tmp_path / 'second'}" in " ".join(cli("status", env=old).stdout.split())  # the last one
 
     new = bus_env(tmp_path / "new")
     restored = cli("restore", str(backup), env=new)
