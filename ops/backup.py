@@ -26,6 +26,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +42,8 @@ DATABASE = "collabbus.db"
 AUTH = "nats-auth"
 CHUNK_SIZE = 128 * 1024
 """Bytes per message of a snapshot and of a restore."""
+STALL_SECONDS = 30.0
+"""A snapshot that brings nothing for this long has failed."""
 API = "$JS.API"
 FORMAT = 1
 """The backup directory's layout version (``format`` in the manifest)."""
@@ -98,10 +101,9 @@ def copy_sqlite(source: Path, target: Path) -> int:
     """An online copy of ``source`` (consistent while another process writes it); its size."""
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
-    with sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30) as reader, sqlite3.connect(partial) as writer:
+    with closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)) as reader, \
+            closing(sqlite3.connect(partial)) as writer:
         reader.backup(writer, pages=4096)
-    reader.close()
-    writer.close()
     partial.replace(target)
     return target.stat().st_size
 
@@ -138,7 +140,14 @@ async def snapshot(nc: Any, stream: str, directory: Path, progress: Progress | N
         try:
             request = {"deliver_subject": inbox, "no_consumers": False, "chunk_size": CHUNK_SIZE, "jsck": False}
             answer = await _api(nc, f"{API}.STREAM.SNAPSHOT.{stream}", request)
-            await asyncio.wait_for(done, timeout=None)
+            while not done.done():  # as long as chunks keep coming
+                before = received
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), timeout=STALL_SECONDS)
+                except TimeoutError:
+                    if received == before:
+                        raise BackupError(f"the snapshot of {stream} stalled: nothing came for {STALL_SECONDS:.0f} s") from None
+            done.result()
         finally:
             await sub.unsubscribe()
     (directory / "backup.json").write_text(
