@@ -108,8 +108,10 @@ def copy_sqlite(source: Path, target: Path) -> int:
     return target.stat().st_size
 
 
-async def snapshot(nc: Any, stream: str, directory: Path, progress: Progress | None = None) -> StreamCopy:
-    """JetStream's snapshot of ``stream`` (with its consumers) into ``directory``."""
+async def snapshot(nc: Any, stream: str, directory: Path, progress: Progress | None = None, *,
+                   check: bool = False) -> StreamCopy:
+    """JetStream's snapshot of ``stream`` (with its consumers) into ``directory``; ``check``: the
+    server first verifies every stored message's checksum (and refuses a damaged stream)."""
     directory.mkdir(parents=True, exist_ok=True)
     archive = directory / "stream.tar.s2"
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -138,7 +140,7 @@ async def snapshot(nc: Any, stream: str, directory: Path, progress: Progress | N
 
         sub = await nc.subscribe(inbox, cb=chunk, pending_msgs_limit=-1, pending_bytes_limit=-1)
         try:
-            request = {"deliver_subject": inbox, "no_consumers": False, "chunk_size": CHUNK_SIZE, "jsck": False}
+            request = {"deliver_subject": inbox, "no_consumers": False, "chunk_size": CHUNK_SIZE, "jsck": check}
             answer = await _api(nc, f"{API}.STREAM.SNAPSHOT.{stream}", request)
             while not done.done():  # as long as chunks keep coming
                 before = received
@@ -188,8 +190,8 @@ def _check(stream: str, data: bytes) -> dict[str, Any]:
 
 
 async def back_up(nc: Any, target: Path, *, network: str, db_url: str, auth_dir: Path | None,
-                  progress: Progress | None = None) -> Manifest:
-    """Write a backup of the network into ``target`` (new or empty)."""
+                  progress: Progress | None = None, check: bool = False) -> Manifest:
+    """Write a backup of the network into ``target`` (new or empty); ``check``: see :func:`snapshot`."""
     if target.exists() and any(target.iterdir()):
         raise BackupError(f"{target} is not empty: a backup goes into a new directory")
     present = await existing_streams(nc)
@@ -209,7 +211,7 @@ async def back_up(nc: Any, target: Path, *, network: str, db_url: str, auth_dir:
     elif database is None:
         manifest.database = {"kind": db_url.split(":", 1)[0].split("+", 1)[0], "file": None}
     for stream in (s for s in STREAMS if s in present):
-        manifest.streams.append(await snapshot(nc, stream, target / "streams" / stream, progress))
+        manifest.streams.append(await snapshot(nc, stream, target / "streams" / stream, progress, check=check))
     if auth_dir is not None and auth_dir.is_dir():
         shutil.copytree(auth_dir, target / AUTH)
         manifest.auth = True

@@ -803,6 +803,8 @@ def _progress_callback(bar: Any) -> Any:
 @with_settings
 def backup(
     target: Annotated[Path, typer.Argument(help="a new directory to write the backup into")],
+    check: Annotated[bool, typer.Option("--check", help="have NATS verify every stored message's checksum first "
+                                                          "(slower; a damaged log is refused, not copied)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print what was backed up as JSON")] = False,
     *,
     settings: Settings,
@@ -822,7 +824,7 @@ def backup(
         async with _nats(settings, "collabbus-backup") as nc:
             with _copy_progress(as_json) as bar:
                 return await copies.back_up(nc, target, network=settings.operator, db_url=settings.db_url,
-                                            auth_dir=auth_dir, progress=_progress_callback(bar))
+                                            auth_dir=auth_dir, progress=_progress_callback(bar), check=check)
 
     try:
         manifest = run(main())

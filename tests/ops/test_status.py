@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -122,3 +123,15 @@ def test_the_status_table_warns_of_derived_events_waiting_in_the_outbox(capsys: 
     assert "outbox: 3 derived event(s) not logged yet, the oldest since 2026-12-03T11:00:00" in shown
     _render_status({**report, "database": {**database, "outbox": {"waiting": 0, "oldest": None}}})
     assert "outbox" not in capsys.readouterr().out  # nothing to say when nothing waits
+
+
+def test_the_status_table_says_when_the_network_was_last_backed_up(capsys: pytest.CaptureFixture[str]) -> None:
+    from ops.cli import _render_status
+
+    report: dict[str, Any] = {"streams": {}, "consumers": {}, "dead_letters": {}, "backup": None}
+    _render_status(report)
+    assert "backup: none made from this data dir" in capsys.readouterr().out
+    _render_status({**report, "backup": {"at": "2026-12-03T14:00:05+00:00", "into": "/srv/backups/b1", "last_seq": {}}})
+    assert "backup: the last at 2026-12-03 14:00:05 UTC into /srv/backups/b1" in capsys.readouterr().out
+    _render_status({k: v for k, v in report.items() if k != "backup"})  # a report without it (an older bus's)
+    assert "backup" not in capsys.readouterr().out

@@ -1,7 +1,9 @@
 """``collabbus portal sync`` as a real process, killed with SIGKILL in the middle of a first sync
 and started again: the log ends with exactly one ``project.registered`` per entry.
 
-``COLLABBUS_PORTAL_KILL_ENTRIES`` sets the portal's size (default 2,000)."""
+The portal has 1,000 entries (ten pages of the connector's 100): the kill comes after a quarter
+of them is stored, pages into the sync, and the restart has pages left to do.
+``COLLABBUS_PORTAL_KILL_ENTRIES`` sets another size."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from tests.connectors.conftest import Gateway
 from tests.portal.conftest import TOKEN, Network, project_events
 from tests.portal.test_portal_sync import assert_exact
 
-ENTRIES = int(os.environ.get("COLLABBUS_PORTAL_KILL_ENTRIES", "2000"))
+ENTRIES = int(os.environ.get("COLLABBUS_PORTAL_KILL_ENTRIES", "1000"))
 COLLABBUS = [sys.executable, "-m", "ops"]
 
 
