@@ -474,3 +474,60 @@ def test_commands_that_only_connect_and_read_the_log_load_neither_the_bus_nor_th
     loaded = subprocess.run([sys.executable, "-c", gatekeeper], capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"
+
+
+def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credentials(running_bus: dict[str, str], tmp_path: Path) -> None:
+    """``examples/nats_partner.py``: nats-py alone, as a partner's client in any language would do it."""
+    env = running_bus
+    member = unique("tr-nats")
+    added = cli("institutions", "add", member, "--name", "NATS partner", "--kind", "municipality", "--country", "TR", env=env)
+    assert added.returncode == 0, added.stderr + added.stdout
+    creds = tmp_path / "member.creds"
+    assert cli("institutions", "creds", member, "--output", str(creds), env=env).returncode == 0
+
+    def run_example(event: dict[str, object], *flags: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"{event['id']}.json"
+        path.write_text(json.dumps(event, ensure_ascii=False), encoding="utf-8")
+        example = Path(__file__).resolve().parents[2] / "examples" / "nats_partner.py"
+        return subprocess.run([sys.executable, str(example), f"nats://{env['COLLABBUS_NATS_LISTEN']}", str(creds), member,
+                               str(path), *flags], capture_output=True, text=True, timeout=60)
+
+    def registered(title: dict[str, str]) -> dict[str, object]:
+        project_id = unique("p")
+        return {"specversion": "1.0", "id": unique("nx"), "source": f"/institutions/{member}", "type": "project.registered",
+                "subject": project_id, "data": {"project_id": project_id, "title": title, "owner": member, "status": "active"}}
+
+    structured = registered({"tr": "Mahalle Mutfakları"})
+    first = run_example(structured)
+    assert first.returncode == 0 and "accepted as #" in first.stdout, first.stdout + first.stderr
+    again = run_example(structured)
+    assert again.returncode == 0 and first.stdout.split()[2] in again.stdout and "sent before" in again.stdout
+
+    as_headers = {**registered({"ar": "مطابخ الأحياء", "fi": "Kortteli \"keittiöt\" 100%"}), "time": "2026-12-03T12:00:00+03:00"}
+    second = run_example(as_headers, "--binary")  # the attributes as ce- headers, the data (non-ASCII) as the body
+    assert second.returncode == 0, second.stdout + second.stderr
+    seq = second.stdout.split("#")[1].split()[0]
+    logged = cli("tail", "--since", seq, "--count", "1", "--no-follow", "--json", env=env)
+    assert logged.returncode == 0, logged.stderr
+    event = json.loads(logged.stdout.splitlines()[0])
+    assert (event["id"], event["time"]) == (as_headers["id"], "2026-12-03T12:00:00+03:00")
+    assert event["data"]["title"] == {"ar": "مطابخ الأحياء", "fi": "Kortteli \"keittiöt\" 100%"}
+
+    wrong = run_example({**registered({"tr": "x"}), "source": "/institutions/someone-else"}, "--binary")
+    assert wrong.returncode == 1 and "rejected (forbidden)" in wrong.stdout and "source:" in wrong.stdout, wrong.stdout
+
+
+def test_the_nats_partner_example_percent_encodes_header_values_as_the_gate_decodes_them() -> None:
+    import importlib.util
+    from urllib.parse import unquote_to_bytes
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "nats_partner.py"
+    spec = importlib.util.spec_from_file_location("nats_partner", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for value in ('Kortteli "keittiöt" 100%', "مطابخ الأحياء", "2026-12-03T12:00:00+03:00", "a b\tc"):
+        encoded = example.percent_encoded(value)
+        assert all(0x21 <= ord(c) <= 0x7E and c != '"' for c in encoded), encoded
+        assert unquote_to_bytes(encoded).decode("utf-8") == value
+    assert example.percent_encoded("2026-12-03T12:00:00+03:00") == "2026-12-03T12:00:00+03:00"  # left as it is
