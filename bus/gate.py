@@ -283,8 +283,8 @@ class Gate:
     async def _check_membership_change(self, event_type: str, institution: str, data: Any) -> None:
         """Refuse an update or a leaving of an institution that is not a member, a municipality
         level for a member that is not a municipality, and anything that would make the network's
-        operator stop being one: it alone admits, changes and removes
-        members, so the network would have nobody left who can (and the log cannot be undone)."""
+        operator stop being one: it alone admits, changes and removes members, so the network
+        would have nobody left who can (and the log cannot be undone)."""
         kind = await self.membership.kind_of(institution)
         if event_type in ABOUT_A_MEMBER and kind is None:
             raise reject(

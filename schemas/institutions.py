@@ -19,6 +19,7 @@ from schemas.common import (
     Theme,
     ValueObject,
     WebUrl,
+    logged,
 )
 
 __all__ = ["Identifier", "InstitutionJoined", "InstitutionLeft", "InstitutionUpdated"]
@@ -26,10 +27,12 @@ __all__ = ["Identifier", "InstitutionJoined", "InstitutionLeft", "InstitutionUpd
 MunicipalityLevel = Literal["metropolitan", "provincial", "district"]
 
 
-def level_of_a_municipality(level: MunicipalityLevel | None, kind: object) -> MunicipalityLevel | None:
+def level_of_a_municipality(level: MunicipalityLevel | None, info: ValidationInfo) -> MunicipalityLevel | None:
     """A municipality level belongs to a municipality: it is what the adoption statistics count
-    municipalities by (``kind``: the kind the event gives the institution, None when it gives none)."""
-    if level is not None and kind is not None and kind != "municipality":
+    municipalities by. Checked on offers only: an event logged before the check stands (and the
+    statistics count members of kind `municipality` alone)."""
+    kind = info.data.get("kind")
+    if level is not None and kind is not None and kind != "municipality" and not logged(info):
         raise PydanticCustomError(
             "municipalities_only", "A municipality level is for municipalities only; this institution's kind is '{kind}'",
             {"kind": kind},
@@ -63,7 +66,7 @@ class InstitutionJoined(EventData):
     @field_validator("municipality_level")
     @classmethod
     def _level_of_a_municipality(cls, level: MunicipalityLevel | None, info: ValidationInfo) -> MunicipalityLevel | None:
-        return level_of_a_municipality(level, info.data.get("kind"))
+        return level_of_a_municipality(level, info)
 
 
 class InstitutionUpdated(EventData):
@@ -88,7 +91,7 @@ class InstitutionUpdated(EventData):
     @field_validator("municipality_level")
     @classmethod
     def _level_of_a_municipality(cls, level: MunicipalityLevel | None, info: ValidationInfo) -> MunicipalityLevel | None:
-        return level_of_a_municipality(level, info.data.get("kind"))
+        return level_of_a_municipality(level, info)
 
     @model_validator(mode="after")
     def _changes_something(self) -> Self:

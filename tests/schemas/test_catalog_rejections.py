@@ -318,3 +318,11 @@ def test_a_municipality_level_is_given_to_municipalities_only() -> None:
     # Without a kind the event cannot tell: the gate asks what the member is.
     assert spec_for("institution.updated").adapter.validate_python({"id": "tr-tarsus-bld", "municipality_level": "district"})
     assert spec_for("institution.updated").adapter.validate_python({**changed, "municipality_level": None})
+
+
+def test_a_municipality_level_logged_before_the_check_is_read_as_it_was() -> None:
+    from schemas.common import LOGGED
+
+    data = data_of("institution.joined", kind="university", municipality_level="district")
+    read = spec_for("institution.joined").adapter.validate_python(data, context={LOGGED: True})
+    assert (read.kind, read.municipality_level) == ("university", "district")
