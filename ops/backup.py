@@ -41,7 +41,9 @@ LAST_BACKUP = "last-backup.json"
 DATABASE = "collabbus.db"
 AUTH = "nats-auth"
 CHUNK_SIZE = 128 * 1024
-"""Bytes per message of a snapshot and of a restore."""
+"""Bytes per message of a snapshot."""
+RESTORE_CHUNK_SIZE = 64 * 1024
+"""Bytes per message of a restore (as the ``nats`` CLI sends them)."""
 STALL_SECONDS = 30.0
 """A snapshot that brings nothing for this long has failed."""
 API = "$JS.API"
@@ -167,7 +169,7 @@ async def restore(nc: Any, directory: Path, progress: Progress | None = None) ->
     deliver = answer["deliver_subject"]
     sent = 0
     with open(directory / "stream.tar.s2", "rb") as archive:
-        while piece := archive.read(CHUNK_SIZE):
+        while piece := archive.read(RESTORE_CHUNK_SIZE):
             _check(name, (await nc.request(deliver, piece, timeout=30)).data)
             sent += len(piece)
             if progress is not None:

@@ -126,7 +126,8 @@ async def test_a_bus_on_postgresql_and_its_own_nats_is_backed_up_to_another_nats
     tmp_path: Path, pg_server_url: str | None
 ) -> None:
     """The log goes to a NATS without the network's streams; the read models in PostgreSQL are
-    the operator's to dump, and both commands say so."""
+    the operator's to dump, and both commands say so. The log is a few megabytes, so the snapshot
+    comes in many chunks under the server's flow control and the restore sends many."""
     from bus.server import EmbeddedNats
     from tests.conftest import fresh_database
 
@@ -142,9 +143,19 @@ async def test_a_bus_on_postgresql_and_its_own_nats_is_backed_up_to_another_nats
             member = unique("fi-pg")
             added = cli("institutions", "add", member, "--name", "PG", "--kind", "ngo", "--country", "FI", env=env)
             assert added.returncode == 0, added.stderr + added.stdout
-            before = log_state(env)
-            made = cli("backup", str(tmp_path / "backup"), env=env)
+        # Bulk for the log (with the bus stopped: it is not for applying), ~3 MB that do not compress.
+        nc = await nats.connect(first.url, user_credentials=str(first.bus_creds))
+        try:
+            js = nc.jetstream()
+            for index in range(2000):
+                await js.publish(f"collab.events.{member}.project.registered.bulk{index}", os.urandom(1500),
+                                 headers={"Nats-Msg-Id": unique("bulk")})
+        finally:
+            await nc.close()
+        before = log_state(env)  # (the command starts nothing: the NATS is the bus's own)
+        made = cli("backup", str(tmp_path / "backup"), env=env)
         assert made.returncode == 0, made.stderr + made.stdout
+        assert (tmp_path / "backup" / "streams" / EVENTS_STREAM / "stream.tar.s2").stat().st_size > 2_500_000
         assert "not copied: they are in postgresql" in " ".join(made.stdout.split()) and "pg_dump" in made.stdout
         assert not (tmp_path / "backup" / "collabbus.db").exists() and not (tmp_path / "backup" / "nats-auth").exists()
 
