@@ -28,6 +28,13 @@ FIXTURES = Path(__file__).parent / "fixtures" / "events"
 OPERATOR = "operator"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``early`` first, the rest in collection order: pytest-xdist hands tests to its
+    workers in this order, and a long test that works one core (the 10,000-entry portal sync, the
+    type check), collected last, kept the suite waiting on it with the other core idle."""
+    items.sort(key=lambda item: item.get_closest_marker("early") is None)
+
+
 def load_fixtures() -> dict[str, dict[str, Any]]:
     """type → {"as", "kind", "event"} for every catalog fixture."""
     return {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in sorted(FIXTURES.glob("*.json"))}

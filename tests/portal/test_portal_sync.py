@@ -97,6 +97,7 @@ async def assert_exact(gateway: Gateway, sandbox: PortalSandbox, network: Networ
     return events
 
 
+@pytest.mark.early
 @pytest.mark.timeout(1800)
 async def test_first_sync_then_nothing_then_exactly_the_edits(
     gateway: Gateway, sandbox: PortalSandbox, network: Network, record_property: Callable[[str, object], None]
