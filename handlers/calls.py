@@ -129,10 +129,13 @@ def _snapshot(session: Session, call_id: str) -> CallSnapshot | None:
 # --- workflow ------------------------------------------------------------------------------------
 
 
-def _refuse_action(ctx: Context, call: CallSnapshot | None, refusal: Refusal) -> None:
-    """Refuse the current event about a call, in the owner's name (unknown call: the source's)."""
+def _refuse_action(ctx: Context, call: CallSnapshot | None, refusal: Refusal, **extra: Any) -> None:
+    """Refuse the current event about a call, in the owner's name (unknown call: the source's);
+    ``extra``: more fields of ``call.action_rejected`` (the ``application_id`` a refused decision
+    or withdrawal was about: its parties see the refusal when they saw what it refuses,
+    :func:`audience`)."""
     assert ctx.event is not None
-    ctx.refuse_action(refusal, source=call.owner if call is not None else ctx.event.source)
+    ctx.refuse_action(refusal, source=call.owner if call is not None else ctx.event.source, **extra)
 
 
 def decide_publication(ctx: Context) -> None:
@@ -170,17 +173,6 @@ def decide_application(ctx: Context) -> None:
         ctx.refuse("call.application_rejected", {**answer, "reason": refusal.as_reason(), **asked}, source=owner)
 
 
-def _refuse_application_action(ctx: Context, call: CallSnapshot | None, refusal: Refusal, application_id: str) -> None:
-    """Refuse a decision on or withdrawal of an application, naming it (its parties see the
-    refusal when they saw what it refuses: :func:`audience`)."""
-    event = ctx.event
-    assert event is not None
-    ctx.refuse("call.action_rejected", {
-        "call_id": event.data.call_id, "rejected_type": event.type, "rejected_event_id": event.id, "actor": event.source,
-        "reason": refusal.as_reason(), "application_id": application_id,
-    }, source=call.owner if call is not None else event.source)
-
-
 def _application(session: Session, call_id: str, application_id: str) -> ApplicationSnapshot | None:
     row = session.get(CallApplication, (call_id, application_id))
     return row.snapshot() if row is not None else None
@@ -209,7 +201,7 @@ def _judge_application_action(
     call = _snapshot(ctx.session, event.data.call_id)
     refusal = refusal_of(call, _application(ctx.session, event.data.call_id, event.data.application_id), event.source)
     if refusal is not None:
-        _refuse_application_action(ctx, call, refusal, event.data.application_id)
+        _refuse_action(ctx, call, refusal, application_id=event.data.application_id)
 
 
 def decide_amendment(ctx: Context) -> None:
@@ -319,23 +311,19 @@ def application_rejected(session: Session, event: Event[ApplicationRejected]) ->
 
 def application_decided(session: Session, event: Event[ApplicationDecided]) -> None:
     """Projected only when the workflow accepted the decision."""
-    data = event.data
-    row = session.get(CallApplication, (data.call_id, data.application_id))
-    assert row is not None  # the decider refused decisions on unknown applications
-    row.sqlmodel_update({
-        **column_values(data, {"awarded_amount", "comment"}),
-        "status": data.decision,
-        "decided_at": event.logged_at,
-    })
-    session.add(row)
+    _answered(session, event, event.data.decision, column_values(event.data, {"awarded_amount", "comment"}))
 
 
 def application_withdrawn(session: Session, event: Event[ApplicationWithdrawn]) -> None:
     """Projected only when the workflow accepted the withdrawal."""
-    data = event.data
-    row = session.get(CallApplication, (data.call_id, data.application_id))
-    assert row is not None
-    row.sqlmodel_update({"status": "withdrawn", "decided_at": event.logged_at, "comment": dict(data.reason) if data.reason else None})
+    _answered(session, event, "withdrawn", {"comment": dict(event.data.reason) if event.data.reason else None})
+
+
+def _answered(session: Session, event: Event[Any], status: str, values: Mapping[str, Any]) -> None:
+    """The application the decision or withdrawal ``event`` is about takes ``status`` and ``values``."""
+    row = session.get(CallApplication, (event.data.call_id, event.data.application_id))
+    assert row is not None  # the decider refused decisions on, and withdrawals of, unknown applications
+    row.sqlmodel_update({**values, "status": status, "decided_at": event.logged_at})
     session.add(row)
 
 

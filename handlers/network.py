@@ -161,9 +161,10 @@ class Context:
         self.derived.append(derived)
         return derived
 
-    def refuse_action(self, refusal: Refusal, *, source: str) -> Event[Any]:
+    def refuse_action(self, refusal: Refusal, *, source: str, **extra: Any) -> Event[Any]:
         """Refuse the current event with its domain's ``….action_rejected`` (the aggregate, what
-        was refused and whose it was, why), in the name of ``source``."""
+        was refused and whose it was, why, and the ``extra`` fields its type has), in the name of
+        ``source``."""
         event = self.event
         assert event is not None
         refusal_type = f"{event.type.partition('.')[0]}.action_rejected"
@@ -171,7 +172,7 @@ class Context:
         return self.refuse(
             refusal_type,
             {aggregate: getattr(event.data, aggregate), "rejected_type": event.type, "rejected_event_id": event.id,
-             "actor": event.source, "reason": refusal.as_reason()},
+             "actor": event.source, "reason": refusal.as_reason(), **extra},
             source=source,
         )
 

@@ -961,7 +961,6 @@ def status(
     """Streams, consumers and their lag, dead letters, the read models' position, webhook endpoints.
     Exits 1 when the read models' database cannot be read."""
     from bus.server import port_is_taken
-    from ops.backup import last_backup
     from ops.status import collect_status, read_consumer_state
 
     async def main() -> dict[str, Any]:
@@ -969,13 +968,12 @@ def status(
         stopped = settings.embedded and not port_is_taken(*settings.listen_host_port)  # (its server is started for this)
         try:
             async with _nats(settings, "collabbus-status") as nc:
-                report = await collect_status(nc.jetstream(), engine)
+                report = await collect_status(nc.jetstream(), engine, data_dir=settings.data_dir)
         finally:
             if engine is not None:
                 engine.dispose()
         # Running: a bus on this data dir keeps its consumer state fresh; any bus's consumers keep a
         # pull request open (not between one expiring and the next, so that alone can miss it).
-        report["backup"] = last_backup(settings.data_dir)
         waiting_on = None if stopped else read_consumer_state(settings.data_dir)
         report["bus_running"] = not stopped and (waiting_on is not None or any(c["waiting"] for c in report["consumers"].values()))
         for name, state in (waiting_on or {}).items():  # what the running bus's consumers wait on, as /ops/status says

@@ -26,12 +26,14 @@ from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from handlers.bookkeeping import outbox_backlog
 from handlers.db import reading
 from ops import dlq
+from ops.backup import last_backup
 
 log = logging.getLogger("collabbus.status")
 
 
 async def collect_status(
-    js: JetStreamContext, engine: sa.Engine | None = None, *, running: Mapping[str, Any] | None = None
+    js: JetStreamContext, engine: sa.Engine | None = None, *, running: Mapping[str, Any] | None = None,
+    data_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Streams, durable consumer groups, dead letters per consumer, the database's positions and
     the webhook endpoints' health (when the database has them).
@@ -39,6 +41,9 @@ async def collect_status(
     ``running``: consumer name → the ``bus.consumer.Consumer`` running in this process, whose
     counters (events applied, dead-lettered since start) are added, and what it is waiting on: an
     event to try again (``retrying``), a database it cannot write (``holding``).
+
+    ``data_dir``: the bus's data dir, whose last backup is reported (``backup``; None when none
+    was made from it).
     """
     streams = {name: await _stream(js, name) for name in (EVENTS_STREAM, DLQ_STREAM)}
     consumers = await _consumers(js, EVENTS_STREAM)
@@ -47,6 +52,8 @@ async def collect_status(
             consumers[name].update(applied=consumer.applied, dead_lettered=consumer.dead_lettered,
                                    retrying=consumer.retrying, holding=consumer.trouble)
     status: dict[str, Any] = {"streams": streams, "consumers": consumers, "dead_letters": await dlq.counts(js)}
+    if data_dir is not None:
+        status["backup"] = last_backup(data_dir)
     if engine is not None:
         last_seq = (streams[EVENTS_STREAM] or {}).get("last_seq", 0)
         database, webhooks = await asyncio.to_thread(_database, engine, last_seq)

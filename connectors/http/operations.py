@@ -142,12 +142,9 @@ async def _consumers_check(bus: Any, *, server: bool) -> str:
 async def bus_status(bus: Any) -> dict[str, Any]:
     """Streams, consumers and their lag, dead letters, database positions, webhook endpoints, the
     last backup: what ``collabbus status`` shows (``ops.status.collect_status``)."""
-    from ops.backup import last_backup
     from ops.status import collect_status
 
-    status = await collect_status(bus.js, bus.engine, running=running_consumers(bus))
-    status["backup"] = last_backup(bus.settings.data_dir)
-    return status
+    return await collect_status(bus.js, bus.engine, running=running_consumers(bus), data_dir=bus.settings.data_dir)
 
 
 METRICS_NATS_TIMEOUT = 2.0
