@@ -57,9 +57,10 @@ class Receiver(BaseHTTPRequestHandler):
             stale = sequence < latest.get(thing, 0)
             if not stale:
                 latest[thing] = sequence
-        line = {"id": event["id"], "type": event["type"], "subject": event.get("subject"), "sequence": sequence,
-                "source": event["source"], "stale": stale}
-        print(json.dumps(line, ensure_ascii=False), flush=True)
+            line = {"id": event["id"], "type": event["type"], "subject": event.get("subject"), "sequence": sequence,
+                    "source": event["source"], "stale": stale}
+            # Under the lock: deliveries are handled in parallel, and two prints could interleave.
+            print(json.dumps(line, ensure_ascii=False), flush=True)
 
     def log_message(self, format: str, *args: object) -> None:  # quiet: the JSON lines are the output
         pass

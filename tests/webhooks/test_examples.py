@@ -109,6 +109,14 @@ async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(net
             assert (await http.post(url, content=newer[0], headers=unsigned)).status_code == 400
         received = await lines.until(5)
         assert [(item["sequence"], item["stale"]) for item in received[3:]] == [(9_000_001, False), (9_000_000, True)]
+
+        # Deliveries handled in parallel (the bus sends up to 8 at a time to an endpoint) each print one whole line.
+        burst = [delivery(unique("ev"), unique("p"), 1) for _ in range(100)]
+        async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=8)) as http:
+            answers = await asyncio.gather(*(http.post(url, content=body, headers=headers) for body, headers in burst))
+        assert {answer.status_code for answer in answers} == {204}
+        received = await lines.until(105)
+        assert {item["id"] for item in received[5:]} == {json.loads(body)["id"] for body, _ in burst}
         await asyncio.sleep(0.5)  # nothing more: the repeat and the forgeries were not printed
         assert receiver.poll() is None
     finally:
