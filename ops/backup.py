@@ -11,16 +11,21 @@ A backup directory holds:
   portal connector's cursor and publications. A PostgreSQL database is the operator's to dump;
 - ``nats-auth/``: the embedded server's keys and the credentials it issued, so that members'
   credentials stay valid after a restore (secrets: the directory is the owner's only);
-- ``collabbus-backup.json``: what is there, when, and from which bus.
+- ``collabbus-backup.json``: what is there, when, and from which bus, with every file's size and
+  SHA-256 (a restore checks them all before it writes anything).
 
 The database is copied before the log is snapshotted, so the log holds everything the copy
 applied: after a restore the bus carries on from the database's position and applies the rest
 (each event once, as after any restart).
+
+Neither leaves half a result behind: a backup that fails removes what it wrote, and a restore that
+fails removes the streams, the database and the keys it put in place, so that it can be run again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -79,10 +84,13 @@ class Manifest:
     streams: list[StreamCopy] = field(default_factory=list)
     database: dict[str, Any] = field(default_factory=dict)
     auth: bool = False
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every other file of the backup, by path under it: its ``bytes`` and ``sha256``."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "created_at": self.created_at, "network": self.network,
-                "streams": [s.as_dict() for s in self.streams], "database": self.database, "auth": self.auth}
+                "streams": [s.as_dict() for s in self.streams], "database": self.database, "auth": self.auth,
+                "files": self.files}
 
 
 Progress = Callable[[str, int], None]
@@ -178,6 +186,43 @@ async def restore(nc: Any, directory: Path, progress: Progress | None = None) ->
     return dict(final.get("state") or {})
 
 
+async def restore_all(nc: Any, source: Path, manifest: dict[str, Any], db_url: str,
+                      progress: Progress | None = None) -> tuple[dict[str, dict[str, Any]], Path | None]:
+    """Restore every stream of the backup, then its SQLite database; the streams' states and where
+    the database went. The server must not have the streams yet: on failure, those begun are
+    removed again (a :class:`BackupError` says whether that worked)."""
+    states: dict[str, dict[str, Any]] = {}
+    begun: list[str] = []
+    try:
+        for stream in manifest["streams"]:
+            begun.append(stream["name"])
+            states[stream["name"]] = await restore(nc, source / "streams" / stream["name"], progress)
+        database = await asyncio.to_thread(place_database, source, db_url)
+    except BaseException as exc:
+        left = await remove_streams(nc, begun)
+        if isinstance(exc, BackupError):
+            undone = (f"; {', '.join(left)} could not be removed again: delete it before restoring again "
+                      "(nats stream rm)" if left else "; what it restored was removed again")
+            raise BackupError(f"{exc}{undone}") from None
+        raise
+    return states, database
+
+
+async def remove_streams(nc: Any, names: list[str]) -> list[str]:
+    """Delete ``names`` from the server (as far as they are there); those it could not delete."""
+    left = []
+    for name in names:
+        try:
+            answer = json.loads((await nc.request(f"{API}.STREAM.DELETE.{name}", b"", timeout=10)).data or b"{}")
+        except Exception:
+            left.append(name)
+            continue
+        error = answer.get("error")
+        if error and error.get("err_code") != 10059:  # (10059: no such stream)
+            left.append(name)
+    return left
+
+
 async def _api(nc: Any, subject: str, request: dict[str, Any]) -> dict[str, Any]:
     stream = subject.rsplit(".", 1)[-1]
     return _check(stream, (await nc.request(subject, json.dumps(request).encode(), timeout=10)).data)
@@ -193,14 +238,28 @@ def _check(stream: str, data: bytes) -> dict[str, Any]:
 
 async def back_up(nc: Any, target: Path, *, network: str, db_url: str, auth_dir: Path | None,
                   progress: Progress | None = None, check: bool = False) -> Manifest:
-    """Write a backup of the network into ``target`` (new or empty); ``check``: see :func:`snapshot`."""
+    """Write a backup of the network into ``target`` (new or empty); ``check``: see :func:`snapshot`.
+    A backup that fails (or is interrupted) removes what it wrote."""
     if target.exists() and any(target.iterdir()):
         raise BackupError(f"{target} is not empty: a backup goes into a new directory")
     present = await existing_streams(nc)
     if EVENTS_STREAM not in present:
         raise BackupError(f"this NATS has no log ({EVENTS_STREAM}): is it the network's?")
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     target.chmod(0o700)  # it holds the keys and the tokens' hashes
+    try:
+        return await _back_up(nc, target, present, network=network, db_url=db_url, auth_dir=auth_dir,
+                              progress=progress, check=check)
+    except BaseException as exc:
+        _empty(target, remove=created)
+        if isinstance(exc, BackupError):
+            raise BackupError(f"{exc}; what the backup had written into {target} was removed") from None
+        raise
+
+
+async def _back_up(nc: Any, target: Path, present: list[str], *, network: str, db_url: str, auth_dir: Path | None,
+                   progress: Progress | None, check: bool) -> Manifest:
     manifest = Manifest(created_at=datetime.now(UTC).isoformat(timespec="seconds"), network=network)
     database = sqlite_file(db_url)
     if database is not None and database.exists():
@@ -217,8 +276,61 @@ async def back_up(nc: Any, target: Path, *, network: str, db_url: str, auth_dir:
     if auth_dir is not None and auth_dir.is_dir():
         shutil.copytree(auth_dir, target / AUTH)
         manifest.auth = True
-    (target / MANIFEST).write_text(json.dumps(manifest.as_dict(), indent=2) + "\n", encoding="utf-8")
+    manifest.files = await asyncio.to_thread(_sums, target)
+    partial = target / (MANIFEST + ".partial")  # the manifest last, and whole: it says the backup is complete
+    partial.write_text(json.dumps(manifest.as_dict(), indent=2) + "\n", encoding="utf-8")
+    partial.replace(target / MANIFEST)
     return manifest
+
+
+def _empty(directory: Path, *, remove: bool) -> None:
+    """Remove what is in ``directory``, and ``directory`` itself when ``remove``."""
+    if remove:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for path in directory.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _sums(target: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``target`` (the manifest's ``files``)."""
+    return {path.relative_to(target).as_posix(): {"bytes": path.stat().st_size, "sha256": _digest(path)}
+            for path in sorted(target.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
+def verify(source: Path, manifest: dict[str, Any], progress: Progress | None = None) -> bool:
+    """Check every file the manifest lists against its size and SHA-256; False when the manifest
+    lists none (a backup made before it did). Raises :class:`BackupError` at the first file that
+    is missing or differs."""
+    files: dict[str, dict[str, Any]] | None = manifest.get("files")
+    if not files:
+        return False
+    total = sum(int(entry["bytes"]) for entry in files.values())
+    checked = 0
+    for name, entry in files.items():
+        path = source / name
+        if not path.is_file():
+            raise BackupError(f"the backup is incomplete: {path} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"] or _digest(path) != entry["sha256"]:
+            raise BackupError(f"the backup is damaged: {path} is not the file that was backed up "
+                              f"({size:,} bytes, {entry['bytes']:,} when written; its SHA-256 differs)"
+                              if size == entry["bytes"] else
+                              f"the backup is damaged: {path} has {size:,} bytes, {entry['bytes']:,} when written")
+        checked += size
+        if progress is not None:
+            progress("checking", checked)
+    if progress is not None:
+        progress("checking", total)
+    return True
 
 
 def note_done(data_dir: Path, target: Path, manifest: Manifest) -> None:
@@ -287,8 +399,12 @@ def place_database(source: Path, db_url: str) -> Path | None:
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    shutil.copyfile(source / DATABASE, partial)
-    os.replace(partial, target)
+    try:
+        shutil.copyfile(source / DATABASE, partial)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return target
 
 

@@ -858,8 +858,11 @@ def restore(
     settings: Settings,
 ) -> None:
     """Restore a backup into a new data dir (or a NATS without the network's streams): the log,
-    the dead letters, the read models and the embedded server's keys. Start the bus on it after:
-    it applies whatever the log holds past the read models' copy."""
+    the dead letters, the read models and the embedded server's keys. Every file is checked
+    against the backup's checksums first, and a restore that fails is undone. Start the bus on it
+    after: it applies whatever the log holds past the read models' copy."""
+    import shutil
+
     from bus.connection import embedded_store
     from bus.credentials import Authority
     from bus.server import port_is_taken
@@ -868,43 +871,45 @@ def restore(
     try:
         manifest = copies.read_manifest(source)
         copies.check_database_target(source, settings.db_url)  # before anything is written
-        if settings.embedded:
-            if port_is_taken(*settings.listen_host_port):
-                raise copies.BackupError(f"something listens at {settings.nats_listen} already (a running bus?): restore "
-                                         "into a data dir no bus runs on, then start it")
-            auth_placed = copies.place_auth(source, embedded_store(settings) / Authority.DIRECTORY)
-        else:
-            auth_placed = False
+        if settings.embedded and port_is_taken(*settings.listen_host_port):
+            raise copies.BackupError(f"something listens at {settings.nats_listen} already (a running bus?): restore "
+                                     "into a data dir no bus runs on, then start it")
+        with _copy_progress(as_json) as bar:
+            verified = copies.verify(source, manifest, _progress_callback(bar))
+        auth_dir = embedded_store(settings) / Authority.DIRECTORY if settings.embedded else None
+        auth_placed = copies.place_auth(source, auth_dir) if auth_dir is not None else False
     except copies.BackupError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
 
-    async def main() -> dict[str, Any]:
+    async def main() -> tuple[dict[str, Any], Path | None]:
         async with _nats(settings, "collabbus-restore") as nc:
             there = await copies.existing_streams(nc)
             if there:
                 raise copies.BackupError(f"this NATS has the network's streams already ({', '.join(there)}): restore "
                                          "into a new data dir, or a NATS without them")
-            states = {}
             with _copy_progress(as_json) as bar:
-                progress = _progress_callback(bar)
-                for stream in manifest["streams"]:
-                    states[stream["name"]] = await copies.restore(nc, source / "streams" / stream["name"], progress)
-            return states
+                return await copies.restore_all(nc, source, manifest, settings.db_url, _progress_callback(bar))
 
     try:
-        states = run(main())
-        database = copies.place_database(source, settings.db_url)
-    except copies.BackupError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        states, database = run(main())
+    except BaseException as exc:
+        if auth_placed and auth_dir is not None:  # the restore is undone: it can be run again
+            shutil.rmtree(auth_dir, ignore_errors=True)
+        if isinstance(exc, copies.BackupError):
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+        raise
     report = {"source": str(source), "created_at": manifest["created_at"], "streams": states,
-              "database": str(database) if database else None, "auth": auth_placed}
+              "database": str(database) if database else None, "auth": auth_placed, "verified": verified}
     if as_json:
         out.print_json(data=report)
         return
     for name, state in states.items():
         out.print(f"{name}: {state.get('messages', 0):,} messages (#{state.get('first_seq', 0)}–#{state.get('last_seq', 0)})")
+    if not verified:
+        out.print("[yellow]checksums:[/yellow] none in the backup's manifest (made by an older collabbus): its files "
+                  "were not checked before the restore")
     out.print(f"read models: {database}" if database else
               "[yellow]read models:[/yellow] none in the backup: restore their database's own backup (pg_dump) now; "
               "without one, `collabbus rebuild` makes the read models from the log, but webhook endpoints, tokens "

@@ -3,8 +3,11 @@ the dead letters, the read models and the server's keys come back, and the bus c
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import pytest
 from bus.client import offer
 from bus.server import free_port
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from ops import backup as copies
 from tests.conftest import load_fixtures, unique
 from tests.ops.test_cli import cli, collabbus_up
 
@@ -64,6 +68,11 @@ async def test_a_backup_of_a_running_bus_restores_into_a_new_data_dir_with_its_l
         assert {s["name"]: s["messages"] for s in manifest["streams"]} == before
         assert manifest["database"]["kind"] == "sqlite" and manifest["auth"] is True
         assert backup.stat().st_mode & 0o777 == 0o700
+        files = manifest["files"]  # every file, with its size and checksum
+        assert {f"streams/{EVENTS_STREAM}/stream.tar.s2", f"streams/{EVENTS_STREAM}/backup.json", "collabbus.db"} <= set(files)
+        assert any(name.startswith("nats-auth/") for name in files)
+        assert files["collabbus.db"] == {"bytes": (backup / "collabbus.db").stat().st_size,
+                                         "sha256": hashlib.sha256((backup / "collabbus.db").read_bytes()).hexdigest()}
         assert (backup / "streams" / EVENTS_STREAM / "stream.tar.s2").stat().st_size > 0
         assert json.loads((backup / "streams" / EVENTS_STREAM / "backup.json").read_text())["config"]["name"] == EVENTS_STREAM
 
@@ -83,6 +92,31 @@ async def test_a_backup_of_a_running_bus_restores_into_a_new_data_dir_with_its_l
         assert f"into {tmp_path / 'second'}" in cli("status", env=old).stdout  # the last one
 
     new = bus_env(tmp_path / "new")
+    # A backup damaged since it was made is refused before anything is written.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(backup, damaged)
+    archive = damaged / "streams" / EVENTS_STREAM / "stream.tar.s2"
+    content = bytearray(archive.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    archive.write_bytes(bytes(content))
+    refused = cli("restore", str(damaged), env=new)
+    assert refused.returncode == 1 and f"the backup is damaged: {archive} is not the file" in refused.stderr, refused.stderr
+    assert not (tmp_path / "new").exists()
+    # One the server cannot unpack (its checksums agree: damaged before they were taken) fails
+    # half-way, after the log was restored; the restore is undone, so it can be run again.
+    unpackable = tmp_path / "unpackable"
+    shutil.copytree(backup, unpackable)
+    (unpackable / "streams" / DLQ_STREAM / "stream.tar.s2").write_bytes(os.urandom(4096))
+    listed = json.loads((unpackable / "collabbus-backup.json").read_text())
+    listed["files"][f"streams/{DLQ_STREAM}/stream.tar.s2"] = {
+        "bytes": 4096, "sha256": hashlib.sha256((unpackable / "streams" / DLQ_STREAM / "stream.tar.s2").read_bytes()).hexdigest()}
+    (unpackable / "collabbus-backup.json").write_text(json.dumps(listed))
+    failed = cli("restore", str(unpackable), env=new)
+    assert failed.returncode == 1 and f"error: {DLQ_STREAM}:" in failed.stderr, failed.stderr + failed.stdout
+    assert "what it restored was removed again" in failed.stderr
+    assert not (tmp_path / "new" / "collabbus.db").exists()
+    assert not list((tmp_path / "new").rglob("nats-auth"))
+
     restored = cli("restore", str(backup), env=new)
     assert restored.returncode == 0, restored.stderr + restored.stdout
     assert f"{EVENTS_STREAM}: {before[EVENTS_STREAM]:,} messages" in restored.stdout
@@ -159,12 +193,30 @@ async def test_a_bus_on_postgresql_and_its_own_nats_is_backed_up_to_another_nats
         assert "not copied: they are in postgresql" in " ".join(made.stdout.split()) and "pg_dump" in made.stdout
         assert not (tmp_path / "backup" / "collabbus.db").exists() and not (tmp_path / "backup" / "nats-auth").exists()
 
+        # A backup interrupted in the middle of the log's snapshot leaves nothing behind.
+        interrupted = tmp_path / "interrupted"
+        nc = await nats.connect(first.url, user_credentials=str(first.bus_creds))
+        try:
+            copying: asyncio.Task[Any] | None = None
+
+            def progress(item: str, copied: int) -> None:
+                if item == EVENTS_STREAM and copied and copying is not None:
+                    copying.cancel()
+
+            copying = asyncio.create_task(copies.back_up(nc, interrupted, network="operator", db_url=database_url,
+                                                         auth_dir=None, progress=progress))
+            with pytest.raises(asyncio.CancelledError):
+                await copying
+        finally:
+            await nc.close()
+        assert not interrupted.exists()
+
         target = {**env, "COLLABBUS_DATA_DIR": str(tmp_path / "new"), "COLLABBUS_NATS_URL": second.url,
                   "COLLABBUS_NATS_CREDS": str(second.bus_creds)}
         restored = cli("restore", str(tmp_path / "backup"), "--json", env=target)
         assert restored.returncode == 0, restored.stderr + restored.stdout
         report = json.loads(restored.stdout)
-        assert report["database"] is None and report["auth"] is False
+        assert report["database"] is None and report["auth"] is False and report["verified"] is True
         assert {name: state["messages"] for name, state in report["streams"].items()} == before
         assert log_state(target) == before  # read back from the other server
         onto_a_network = cli("restore", str(tmp_path / "backup"), env=target)
