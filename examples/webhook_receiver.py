@@ -10,9 +10,9 @@ is a structured CloudEvent signed as Standard Webhooks prescribe. This receiver
 - checks the signature and the timestamp, and answers 400 to anything that fails;
 - answers 204 at once (the bus tries again on anything but a 2xx, and waits for no one);
 - drops repeats: a retry carries the same ``webhook-id``, the event's id;
-- keeps, of the events about one thing (type domain and subject), the latest in the log:
-  deliveries are not in log order, and each carries its place in the log as
-  ``collabbus-sequence``;
+- keeps, of the events about one thing (type domain and subject), the latest in the log: the
+  bus sends those in log order, but a resend or a recovery brings older ones again, and each
+  carries its place in the log as ``collabbus-sequence``;
 
 and prints every new event as one JSON line (``"stale": true`` for one older than what it holds
 already). A place to start from, not a product: a real receiver keeps ``seen`` and ``latest`` in

@@ -95,8 +95,9 @@ _WEBHOOK = {
             "Each event an endpoint asked for (`POST /webhooks`) and its institution may see, as a structured "
             "CloudEvent. Verify the signature with any Standard Webhooks library and the endpoint's secret; "
             "answer any 2xx quickly. Anything else is tried again on the retry schedule; 410 disables the "
-            "endpoint; 429, 502, 503 and 504 are retried after `Retry-After`. Deliveries are not in log order: "
-            "`collabbus-sequence` is each event's place in the log."
+            "endpoint; 429, 502, 503 and 504 are retried after `Retry-After`. Deliveries about one thing (an "
+            "event's domain and subject) arrive in log order, each after the one before it was delivered or given "
+            "up; deliveries about different things go in parallel. `collabbus-sequence` is each event's place in the log."
         ),
         "parameters": [
             {"name": "webhook-id", "in": "header", "required": True, "schema": {"type": "string"},

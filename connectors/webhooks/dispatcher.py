@@ -725,8 +725,8 @@ class WebhookDispatcher:
             "webhook-id": claim.event_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature_header(claim.secrets, claim.event_id, timestamp, body),
-            # Deliveries are not in log order: the event's place in the log lets a receiver tell
-            # which of two events about one thing is the later (an older update arriving last).
+            # Deliveries about different things are in no order, and a resend or recovery brings
+            # older events again: the event's place in the log tells a receiver which is the later.
             SEQUENCE_HEADER: str(claim.seq),
         }
         # The attempt is a client span continuing the event's trace from its log message (the

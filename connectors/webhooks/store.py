@@ -8,6 +8,11 @@ a rebuild does not replay the log into deliveries.
 
 A delivery is owed while it has a ``next_attempt_at``; the body is not stored: it is the event's
 canonical bytes, read back from the log by sequence.
+
+Deliveries about one thing (an event's domain and subject: a project, a call, a validation, a
+day, a member) go to an endpoint in log order: one is not sent while an earlier one about the
+same thing is still owed to that endpoint (in flight, or waiting for its retry). Deliveries
+about different things go in parallel.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ class Delivery(_Webhooks, table=True):
     __table_args__ = (
         sa.UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
         sa.Index("ix_webhook_deliveries_due", "endpoint_id", "next_attempt_at"),
+        sa.Index("ix_webhook_deliveries_order", "endpoint_id", "ordering_key", "seq"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -97,6 +103,9 @@ class Delivery(_Webhooks, table=True):
     event_type: str = Field(max_length=64)
     seq: int
     """Where the event is in the log."""
+    ordering_key: str | None = Field(default=None, max_length=200)
+    """What the event is about (:func:`ordering_key`): deliveries with the same key go in log
+    order. None for deliveries recorded before there was one (they go in any order)."""
     status: str = Field(default=PENDING, max_length=16)
     attempts: int = 0
     """Attempts made in this round of the retry schedule (a resend starts a new round)."""
@@ -195,12 +204,18 @@ def insert_ignore(session: Session, table: type[SQLModel], rows: list[dict[str, 
     return inserted
 
 
+def ordering_key(envelope: dict[str, Any]) -> str:
+    """What an event is about: its type's domain and its subject (``project/p-123``)."""
+    return f"{str(envelope.get('type')).split('.', 1)[0]}/{envelope.get('subject')}"
+
+
 def owe(session: Session, endpoint_ids: Iterable[str], envelope: dict[str, Any], seq: int, at: datetime) -> int:
     """Record the event as owed to each endpoint (once: a replay adds nothing)."""
+    key = ordering_key(envelope)
     rows = [
         {
             "endpoint_id": endpoint_id, "event_id": str(envelope.get("id")), "event_type": str(envelope.get("type")),
-            "seq": seq, "status": PENDING, "attempts": 0, "next_attempt_at": at, "created_at": at,
+            "seq": seq, "ordering_key": key, "status": PENDING, "attempts": 0, "next_attempt_at": at, "created_at": at,
         }
         for endpoint_id in endpoint_ids
     ]
@@ -231,18 +246,6 @@ def requeue(delivery: Delivery, at: datetime) -> None:
     delivery.status, delivery.attempts, delivery.next_attempt_at = PENDING, 0, at
 
 
-def due(session: Session, endpoint_id: str, now: datetime, *, held: Iterable[int], limit: int) -> tuple[list[int], datetime | None]:
-    """Up to ``limit`` deliveries of the endpoint due by ``now`` (leaving out ``held``, already in
-    hand), oldest first, and when the next one not among them falls due."""
-    owed = select(Delivery.id, Delivery.next_attempt_at).where(
-        Delivery.endpoint_id == endpoint_id, col(Delivery.next_attempt_at).is_not(None), col(Delivery.id).not_in(list(held))
-    )
-    rows = session.exec(owed.order_by(col(Delivery.next_attempt_at), col(Delivery.id)).limit(limit + 1)).all()
-    ready = [delivery_id for delivery_id, at in rows if at <= now][:limit]  # type: ignore[operator]
-    later = [at for delivery_id, at in rows if delivery_id not in ready]
-    return ready, (later[0] if later else None)  # type: ignore[return-value]
-
-
 # --- what the dispatcher runs: Core statements, compiled once and cached ---------------------------
 
 _ENDPOINTS: sa.Table = Endpoint.__table__  # type: ignore[attr-defined]
@@ -256,14 +259,25 @@ ENDPOINTS_TO_SEND = sa.select(_E.id, _E.url, _E.secret, _E.previous_secret, _E.p
     _E.id.in_(sa.bindparam("ids", expanding=True))
 )
 """Where and how to send, for the endpoints ``ids``."""
+_EARLIER = _DELIVERIES.alias("earlier")
 DUE = (
     sa.select(_D.id, _D.event_id, _D.seq, _D.attempts, _D.next_attempt_at)
-    .where(_D.endpoint_id == sa.bindparam("endpoint_id"), _D.next_attempt_at.is_not(None))
+    .where(
+        _D.endpoint_id == sa.bindparam("endpoint_id"),
+        _D.next_attempt_at.is_not(None),
+        ~sa.exists().where(
+            _EARLIER.c.endpoint_id == _D.endpoint_id,
+            _EARLIER.c.ordering_key == _D.ordering_key,
+            _EARLIER.c.seq < _D.seq,
+            _EARLIER.c.next_attempt_at.is_not(None),
+        ),
+    )
     .order_by(_D.next_attempt_at, _D.id)
     .limit(sa.bindparam("limit"))
     .with_for_update()
 )
-"""An endpoint's owed deliveries, the next due first (``limit`` of them)."""
+"""An endpoint's owed deliveries, the next due first (``limit`` of them), leaving out those
+waiting for an earlier delivery about the same thing (see the module)."""
 CLAIM = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(
     attempts=sa.bindparam("b_attempts"), next_attempt_at=sa.bindparam("b_next")
 )

@@ -146,6 +146,34 @@ async def test_retry_after_is_honoured_and_redirects_are_not_followed(network: N
     assert receiver.at("/elsewhere") == []
 
 
+async def test_deliveries_about_one_thing_arrive_in_log_order_and_others_do_not_wait(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    receiver.answer("/ordered", Answer(503, {"retry-after": "600"}), Answer(200))
+    endpoint = await register(gateway, owner, receiver.url("/ordered"), ["project.*"])
+    first = await offer_project(gateway, owner)  # refused: its next attempt would come in 10 minutes
+    await eventually(lambda: len(receiver.at("/ordered")) == 1, what="the first attempt")
+    update = envelope("project.updated", owner, {"project_id": first["subject"], "changes": {"status": "completed"}},
+                      id=unique("up"))
+    assert (await gateway.post(owner, update)).status_code == 202
+    other = await offer_project(gateway, owner)
+    await eventually(lambda: other["id"] in ids(receiver.at("/ordered")), what="the other project's delivery")
+
+    # The update waits for the registration's retry, unattempted; the other project did not wait.
+    owed = {d["event_id"]: d for d in await deliveries(gateway, owner, endpoint["id"])}
+    assert owed[update["id"]]["attempts"] == [] and owed[update["id"]]["next_attempt_at"] is not None
+    assert owed[first["id"]]["status"] == "pending" and [a["status_code"] for a in owed[first["id"]]["attempts"]] == [503]
+    assert ids(receiver.at("/ordered")) == [first["id"], other["id"]]
+
+    resent = await gateway.client.post(f"/webhooks/{endpoint['id']}/deliveries/{owed[first['id']]['id']}/resend",
+                                       headers=gateway.auth(owner))
+    assert resent.status_code == 202, resent.text
+    await settled(gateway, owner, endpoint["id"], 3)
+    assert ids(receiver.at("/ordered")) == [first["id"], other["id"], first["id"], update["id"]]
+    sequences = [int(r.headers["collabbus-sequence"]) for r in receiver.at("/ordered")]
+    assert sequences[2] < sequences[3]
+
+
 async def test_an_absurd_retry_after_is_capped_and_costs_no_other_endpoint_anything(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner = await gateway.join("municipality")
