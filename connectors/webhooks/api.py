@@ -7,7 +7,7 @@ The secret is shown twice only: when the endpoint is created and when it is rota
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -106,6 +106,10 @@ class WebhookDelivery(BaseModel):
     event_id: str
     event_type: str
     seq: int
+    ordering_key: str | None = Field(description="what the event is about (`{domain}/{subject}`): deliveries with the same "
+                                                 "key reach the endpoint in log order")
+    waiting_for: int | None = Field(description="the delivery about the same thing still owed that goes first: this one "
+                                                "is sent after it was delivered or given up")
     status: store.DeliveryStatus
     next_attempt_at: datetime | None
     created_at: datetime
@@ -175,8 +179,14 @@ def _endpoint(endpoint: Endpoint, *, secret: bool = False) -> dict[str, Any]:
     return endpoint.model_dump(exclude=hidden)
 
 
-def _delivery(delivery: Delivery, attempts: list[store.Attempt]) -> dict[str, Any]:
-    return {**delivery.model_dump(), "attempts": [attempt.model_dump() for attempt in attempts]}
+def _deliveries(session: Session, deliveries: Sequence[Delivery]) -> list[dict[str, Any]]:
+    """The deliveries as shown, each with its attempts and what it waits for."""
+    ids = [delivery.id for delivery in deliveries if delivery.id is not None]
+    attempts = store.attempts_of(session, ids)
+    waiting = store.waiting_for(session, deliveries)
+    return [{**delivery.model_dump(), "waiting_for": waiting.get(delivery.id),
+             "attempts": [attempt.model_dump() for attempt in attempts[delivery.id]]}
+            for delivery in deliveries if delivery.id is not None]
 
 
 # --- endpoints ------------------------------------------------------------------------------------
@@ -279,7 +289,8 @@ async def list_deliveries(
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """The endpoint's deliveries, oldest first, each with every attempt made (time, HTTP status,
-    latency, error, the first KiB of the response)."""
+    latency, error, the first KiB of the response), and for one held back by an earlier delivery
+    about the same thing, which (``waiting_for``)."""
 
     def page(session: Session) -> dict[str, Any]:
         if store.endpoint_of(session, institution, endpoint_id) is None:
@@ -288,8 +299,7 @@ async def list_deliveries(
         if status is not None:
             query = query.where(Delivery.status == status)
         rows, next_cursor = keyset_page(session, query, [col(Delivery.id)], limit=limit, cursor=cursor)
-        attempts = store.attempts_of(session, [row.id for row in rows if row.id is not None])
-        return {"items": [_delivery(row, attempts[row.id]) for row in rows if row.id is not None], "next_cursor": next_cursor}
+        return {"items": _deliveries(session, rows), "next_cursor": next_cursor}
 
     return await _in_transaction(request, page)
 
@@ -305,7 +315,8 @@ async def resend_delivery(request: Request, endpoint_id: EndpointId, delivery_id
             raise ApiProblem(404, f"no delivery {delivery_id} of webhook endpoint {endpoint_id!r}", kind="not_found")
         store.requeue(delivery, datetime.now(timezone.utc))
         session.add(delivery)
-        return _delivery(delivery, store.attempts_of(session, [delivery_id])[delivery_id])
+        session.flush()
+        return _deliveries(session, [delivery])[0]
 
     answer = await _in_transaction(request, resend)
     if (running := _dispatcher(request)) is not None:

@@ -308,6 +308,32 @@ ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).v
 )
 
 
+def waiting_for(session: Session, deliveries: Sequence[Delivery]) -> dict[int, int]:
+    """Of ``deliveries`` (one endpoint's), those held back by an earlier delivery about the same
+    thing still owed: the id of the oldest such, which goes first."""
+    owed = [d for d in deliveries if d.next_attempt_at is not None and d.ordering_key is not None and d.id is not None]
+    if not owed:
+        return {}
+    endpoint_id = owed[0].endpoint_id
+    keys = sorted({d.ordering_key for d in owed if d.ordering_key is not None})
+    heads: dict[str, tuple[int, int]] = {}  # ordering key -> (seq, id) of its oldest owed delivery
+    rows = session.execute(
+        sa.select(_D.ordering_key, sa.func.min(_D.seq))
+        .where(_D.endpoint_id == endpoint_id, _D.ordering_key.in_(keys), _D.next_attempt_at.is_not(None))
+        .group_by(_D.ordering_key)
+    ).all()
+    firsts = {key: seq for key, seq in rows}
+    ids = session.execute(
+        sa.select(_D.ordering_key, _D.seq, _D.id)
+        .where(_D.endpoint_id == endpoint_id, _D.ordering_key.in_(list(firsts)), _D.seq.in_(list(firsts.values())))
+    ).all()
+    for key, seq, delivery_id in ids:
+        if firsts.get(key) == seq:
+            heads[key] = (seq, delivery_id)
+    return {d.id: heads[d.ordering_key][1] for d in owed  # type: ignore[index, misc]
+            if d.ordering_key in heads and heads[d.ordering_key][0] < d.seq}
+
+
 def attempts_of(session: Session, delivery_ids: Sequence[int]) -> dict[int, list[Attempt]]:
     """Every attempt of the deliveries, in order."""
     found: dict[int, list[Attempt]] = {delivery_id: [] for delivery_id in delivery_ids}

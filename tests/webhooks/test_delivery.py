@@ -162,13 +162,18 @@ async def test_deliveries_about_one_thing_arrive_in_log_order_and_others_do_not_
     # The update waits for the registration's retry, unattempted; the other project did not wait.
     owed = {d["event_id"]: d for d in await deliveries(gateway, owner, endpoint["id"])}
     assert owed[update["id"]]["attempts"] == [] and owed[update["id"]]["next_attempt_at"] is not None
+    assert owed[update["id"]]["waiting_for"] == owed[first["id"]]["id"]  # what an integrator sees: why it waits
+    assert owed[update["id"]]["ordering_key"] == owed[first["id"]]["ordering_key"] == f"project/{first['subject']}"
+    assert owed[first["id"]]["waiting_for"] is None and owed[other["id"]]["waiting_for"] is None
     assert owed[first["id"]]["status"] == "pending" and [a["status_code"] for a in owed[first["id"]]["attempts"]] == [503]
     assert ids(receiver.at("/ordered")) == [first["id"], other["id"]]
 
     resent = await gateway.client.post(f"/webhooks/{endpoint['id']}/deliveries/{owed[first['id']]['id']}/resend",
                                        headers=gateway.auth(owner))
     assert resent.status_code == 202, resent.text
-    await settled(gateway, owner, endpoint["id"], 3)
+    assert resent.json()["waiting_for"] is None
+    done = await settled(gateway, owner, endpoint["id"], 3)
+    assert all(d["waiting_for"] is None for d in done)
     assert ids(receiver.at("/ordered")) == [first["id"], other["id"], first["id"], update["id"]]
     sequences = [int(r.headers["collabbus-sequence"]) for r in receiver.at("/ordered")]
     assert sequences[2] < sequences[3]
