@@ -29,6 +29,7 @@ from schemas.calls import (
     CallAmended,
     CallClosed,
     CallPublished,
+    FullProposalSubmitted,
 )
 
 
@@ -51,6 +52,8 @@ class Call(TableRow, table=True):
     opens_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     deadline: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False, index=True))
     deadline_model: str = Field(max_length=16)
+    full_proposal_deadline: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    """A two-stage call's deadline for full proposals."""
     url: str | None = Field(default=None, max_length=2048)
     published_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     closed_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
@@ -67,6 +70,8 @@ class Call(TableRow, table=True):
             eligible_countries=frozenset(self.eligible_countries),
             closed_at=self.closed_at,
             currency=self.budget.get("currency") if self.budget else None,
+            two_stage=self.deadline_model == "two_stage",
+            full_proposal_deadline=self.full_proposal_deadline,
         )
 
     def status(self, now: datetime) -> CallStatus:
@@ -110,6 +115,14 @@ class CallApplication(TableRow, table=True):
     """``{amount, currency}`` granted with an ``awarded`` decision, when it names one."""
     comment: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     """The decision's comment, or the reason given for the withdrawal."""
+    invited_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    """When the invitation to a two-stage call's second stage was logged."""
+    invitation_comment: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """The publisher's comment with its invitation."""
+    full_proposal: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """``{summary, requested_amount, url}`` as the full proposal gave them."""
+    full_proposal_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    """When the full proposal was logged."""
 
     def snapshot(self) -> ApplicationSnapshot:
         """What the workflow rules see of this application."""
@@ -179,11 +192,23 @@ def _application(session: Session, call_id: str, application_id: str) -> Applica
 
 
 def decide_decision(ctx: Context) -> None:
-    """Only the publisher decides, once, on a received application."""
+    """Only the publisher decides, once, on a received application (a two-stage call's: invites
+    it first, and awards it once it sent its full proposal)."""
     assert ctx.event is not None
     data: ApplicationDecided = ctx.event.data
     currency = data.awarded_amount.currency if data.awarded_amount is not None else None
-    _judge_application_action(ctx, lambda call, application, actor: rules.decision_refusal(call, application, actor, currency=currency))
+    _judge_application_action(ctx, lambda call, application, actor: rules.decision_refusal(
+        call, application, actor, decision=data.decision, currency=currency))
+
+
+def decide_full_proposal(ctx: Context) -> None:
+    """Only the applicant of an invited application sends its full proposal, once, in time."""
+    event = ctx.event
+    assert event is not None
+    data: FullProposalSubmitted = event.data
+    currency = data.requested_amount.currency if data.requested_amount is not None else None
+    _judge_application_action(ctx, lambda call, application, actor: rules.full_proposal_refusal(
+        call, application, actor, event.logged_at, currency=currency))
 
 
 def decide_withdrawal(ctx: Context) -> None:
@@ -211,7 +236,8 @@ def decide_amendment(ctx: Context) -> None:
     data: CallAmended = event.data
     call = _snapshot(ctx.session, data.call_id)
     refusal = rules.amendment_refusal(
-        call, event.source, event.logged_at, opens_at=data.changes.opens_at, deadline=data.changes.deadline
+        call, event.source, event.logged_at, opens_at=data.changes.opens_at, deadline=data.changes.deadline,
+        full_proposal_deadline=data.changes.full_proposal_deadline, changed=frozenset(data.changes.model_fields_set),
     )
     if refusal is not None:
         _refuse_action(ctx, call, refusal)
@@ -310,8 +336,25 @@ def application_rejected(session: Session, event: Event[ApplicationRejected]) ->
 
 
 def application_decided(session: Session, event: Event[ApplicationDecided]) -> None:
-    """Projected only when the workflow accepted the decision."""
+    """Projected only when the workflow accepted the decision. An invitation to the second stage
+    is not the decision yet: it keeps its own time and comment."""
+    if event.data.decision == "invited":
+        row = session.get(CallApplication, (event.data.call_id, event.data.application_id))
+        assert row is not None  # the decider refused invitations of unknown applications
+        comment = column_values(event.data, {"comment"}).get("comment")
+        row.sqlmodel_update({"status": "invited", "invited_at": event.logged_at, "invitation_comment": comment})
+        session.add(row)
+        return
     _answered(session, event, event.data.decision, column_values(event.data, {"awarded_amount", "comment"}))
+
+
+def full_proposal_submitted(session: Session, event: Event[FullProposalSubmitted]) -> None:
+    """Projected only when the workflow took the full proposal."""
+    row = session.get(CallApplication, (event.data.call_id, event.data.application_id))
+    assert row is not None  # the decider refused full proposals for unknown applications
+    proposal = column_values(event.data, {"summary", "requested_amount", "url"})
+    row.sqlmodel_update({"status": "proposal_sent", "full_proposal_at": event.logged_at, "full_proposal": proposal})
+    session.add(row)
 
 
 def application_withdrawn(session: Session, event: Event[ApplicationWithdrawn]) -> None:
@@ -335,12 +378,14 @@ PROJECTIONS: dict[str, Projection] = {
     "call.application_rejected": application_rejected,
     "call.application_decided": application_decided,
     "call.application_withdrawn": application_withdrawn,
+    "call.full_proposal_submitted": full_proposal_submitted,
 }
 DECIDERS: dict[str, Decider] = {
     "call.published": decide_publication,
     "call.application_submitted": decide_application,
     "call.application_decided": decide_decision,
     "call.application_withdrawn": decide_withdrawal,
+    "call.full_proposal_submitted": decide_full_proposal,
     "call.amended": decide_amendment,
     "call.closed": decide_closing,
 }
@@ -351,7 +396,7 @@ TIMERS: tuple[Timer, ...] = (close_overdue_calls,)
 
 APPLICATION_EVENTS = frozenset({
     "call.application_submitted", "call.application_received", "call.application_rejected",
-    "call.application_decided", "call.application_withdrawn",
+    "call.application_decided", "call.application_withdrawn", "call.full_proposal_submitted",
 })
 """Applications, the answers to them, and what becomes of them: not every member's business
 (competing applicants would see each other's requests, amounts and awards)."""
@@ -361,7 +406,7 @@ CONFIDENTIAL = APPLICATION_EVENTS | {"call.action_rejected"}
 a decision on or withdrawal of an application (a refused publication, amendment or closing is
 public, as the call is)."""
 
-TRIED = frozenset({"call.application_decided", "call.application_withdrawn", "call.action_rejected"})
+TRIED = frozenset({"call.application_decided", "call.application_withdrawn", "call.full_proposal_submitted", "call.action_rejected"})
 """What any member may try on an application and be refused: its parties hear of it only when a
 party (or the publisher) tried."""
 

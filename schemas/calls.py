@@ -38,20 +38,28 @@ __all__ = [
     "CallChanges",
     "CallClosed",
     "CallPublished",
+    "FullProposalSubmitted",
 ]
 
 CallKind = Literal["funding", "partnership", "tender", "challenge", "training"]
 DeadlineModel = Literal["single_stage", "two_stage"]
 
 
-def _check_window(opens_at: datetime | None, deadline: datetime | None) -> None:
+def _check_window(opens_at: datetime | None, deadline: datetime | None, full_proposal_deadline: datetime | None = None) -> None:
     if opens_at is not None and deadline is not None and deadline <= opens_at:
         raise ValueError("deadline must be after opens_at")
+    if deadline is not None and full_proposal_deadline is not None and full_proposal_deadline <= deadline:
+        raise ValueError("full_proposal_deadline must be after deadline (the first stage's)")
 
 
 class CallPublished(EventData):
     """A call opened to the network. The publisher (the event's source) owns it. Empty
-    `eligible_kinds` / `eligible_countries` mean everyone."""
+    `eligible_kinds` / `eligible_countries` mean everyone.
+
+    A `two_stage` call takes short applications until its `deadline`; its publisher invites some
+    of them (`call.application_decided` with `invited`) to send a full proposal
+    (`call.full_proposal_submitted`) by the `full_proposal_deadline` (none: no limit), and awards
+    only applications with one."""
 
     call_id: AggregateId
     title: LocalizedText
@@ -64,11 +72,19 @@ class CallPublished(EventData):
     opens_at: Timestamp
     deadline: Timestamp
     deadline_model: DeadlineModel
+    full_proposal_deadline: Timestamp | None = None
     url: WebUrl | None = None
+
+    @field_validator("full_proposal_deadline")
+    @classmethod
+    def _second_stage_only(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        if value is not None and info.data.get("deadline_model", "two_stage") != "two_stage":
+            raise PydanticCustomError("two_stage_only", "A full_proposal_deadline is for a two_stage call only")
+        return value
 
     @model_validator(mode="after")
     def _deadline_after_opening(self) -> Self:
-        _check_window(self.opens_at, self.deadline)
+        _check_window(self.opens_at, self.deadline, self.full_proposal_deadline)
         return self
 
 
@@ -84,11 +100,13 @@ class CallChanges(Changes):
     budget: Money | None = None
     opens_at: NotClearable[Timestamp] = None
     deadline: NotClearable[Timestamp] = None
+    full_proposal_deadline: Timestamp | None = None
+    """A two-stage call's second deadline (null: no limit)."""
     url: WebUrl | None = None
 
     @model_validator(mode="after")
     def _deadline_after_opening(self) -> Self:
-        _check_window(self.opens_at, self.deadline)
+        _check_window(self.opens_at, self.deadline, self.full_proposal_deadline)
         return self
 
 
@@ -155,12 +173,13 @@ class ApplicationRejected(EventData):
 
 class ApplicationDecided(EventData):
     """The call's publisher decides on a received application: it is `awarded` (with the amount
-    granted, when the call gives money) or `declined`. The `comment` is for the applicant and its
-    partners, who alone see the decision with the publisher."""
+    granted, when the call gives money) or `declined`; in a two-stage call it is first `invited`
+    to send a full proposal, and awarded only once it has. The `comment` is for the applicant and
+    its partners, who alone see the decision with the publisher."""
 
     call_id: AggregateId
     application_id: AggregateId
-    decision: Literal["awarded", "declined"]
+    decision: Literal["awarded", "declined", "invited"]
     awarded_amount: Money | None = None
     comment: LocalizedText | None = None
 
@@ -181,9 +200,21 @@ class ApplicationWithdrawn(EventData):
     reason: LocalizedText | None = None
 
 
+class FullProposalSubmitted(EventData):
+    """The applicant of an application invited to a two-stage call's second stage sends its full
+    proposal: what it now asks for (`requested_amount`, in the budget's currency), a `summary`
+    and where the proposal is (`url`)."""
+
+    call_id: AggregateId
+    application_id: AggregateId
+    summary: LocalizedText | None = None
+    requested_amount: Money | None = None
+    url: WebUrl | None = None
+
+
 class CallActionRefusal(Reason):
-    """Why the calls workflow refused a publication, an amendment, a closing, or a decision on or
-    withdrawal of an application."""
+    """Why the calls workflow refused a publication, an amendment, a closing, or a decision on,
+    withdrawal of or full proposal for an application."""
 
     code: Literal[
         "unknown_call",
@@ -197,6 +228,11 @@ class CallActionRefusal(Reason):
         "already_decided",
         "already_withdrawn",
         "currency_mismatch",
+        "single_stage",
+        "not_invited",
+        "no_full_proposal",
+        "already_submitted",
+        "after_full_proposal_deadline",
     ]
 
 
@@ -211,4 +247,4 @@ class CallActionRejected(EventData):
     actor: InstitutionId
     reason: CallActionRefusal
     application_id: AggregateId | None = None
-    """The application a refused decision or withdrawal was about."""
+    """The application a refused decision, withdrawal or full proposal was about."""

@@ -24,6 +24,7 @@ from schemas.calls import (
     CallAmended,
     CallClosed,
     CallPublished,
+    FullProposalSubmitted,
 )
 from schemas.common import EventData, InstitutionKind
 from schemas.innovation_days import (
@@ -146,6 +147,7 @@ _CATALOG: tuple[tuple[str, EventModel, frozenset[str], bool, str], ...] = (
     ("call.application_rejected", ApplicationRejected, _BUS, True, "call_id"),
     ("call.application_decided", ApplicationDecided, _MEMBERS, False, "call_id"),
     ("call.application_withdrawn", ApplicationWithdrawn, _MEMBERS, False, "call_id"),
+    ("call.full_proposal_submitted", FullProposalSubmitted, _MEMBERS, False, "call_id"),
     ("call.action_rejected", CallActionRejected, _BUS, True, "call_id"),
     ("project.registered", ProjectRegistered, _ALL, False, "project_id"),
     ("project.updated", ProjectUpdated, _ALL, False, "project_id"),

@@ -63,6 +63,8 @@ class Call(Resource):
     opens_at: datetime
     deadline: datetime
     deadline_model: str
+    full_proposal_deadline: datetime | None = None
+    """A two-stage call's deadline for full proposals (none: no limit)."""
     url: str | None = None
     status: Literal["upcoming", "open", "closed"]
     published_at: datetime
@@ -70,10 +72,21 @@ class Call(Resource):
     closed_reason: str | None = None
 
 
+class FullProposal(Resource):
+    """What an application invited to a two-stage call's second stage sent."""
+
+    summary: LocalizedText | None = None
+    requested_amount: dict[str, str] | None = None
+    url: str | None = None
+
+
 class Application(Resource):
     """An application to a call as it stands: ``received`` or ``rejected`` (with the ``reason``)
     by the call; then ``awarded`` or ``declined`` by the call's publisher, or ``withdrawn`` by the
-    applicant (``decided_at``, and the decision's ``comment`` or the withdrawal's reason)."""
+    applicant (``decided_at``, and the decision's ``comment`` or the withdrawal's reason). In a
+    two-stage call a received application is ``invited`` to the second stage first
+    (``invited_at``, ``invitation_comment``), then ``proposal_sent`` (``full_proposal``,
+    ``full_proposal_at``)."""
 
     call_id: str
     application_id: str
@@ -91,6 +104,10 @@ class Application(Resource):
     """``{amount, currency}`` granted, when the decision names it."""
     comment: LocalizedText | None = None
     """The publisher's comment on its decision, or the applicant's reason for withdrawing."""
+    invited_at: datetime | None = None
+    invitation_comment: LocalizedText | None = None
+    full_proposal: FullProposal | None = None
+    full_proposal_at: datetime | None = None
 
 
 class Location(Resource):

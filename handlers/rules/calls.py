@@ -11,10 +11,11 @@ from typing import Literal
 from handlers.rules import Refusal
 
 CallStatus = Literal["upcoming", "open", "closed"]
-ApplicationStatus = Literal["received", "rejected", "awarded", "declined", "withdrawn"]
+ApplicationStatus = Literal["received", "rejected", "invited", "proposal_sent", "awarded", "declined", "withdrawn"]
 """Where an application stands: the call's answer (``received``, ``rejected``), then the
 publisher's decision on a received one (``awarded``, ``declined``) or the applicant taking it
-back (``withdrawn``)."""
+back (``withdrawn``). In a two-stage call a received application is first ``invited`` to the
+second stage, then ``proposal_sent`` once its full proposal came, and awarded only then."""
 
 FINAL: frozenset[str] = frozenset({"awarded", "declined", "withdrawn"})
 """The statuses after which an application does not change any more."""
@@ -33,6 +34,9 @@ class CallSnapshot:
     closed_at: datetime | None = None
     currency: str | None = None
     """The currency of the call's budget (None: the call states no budget)."""
+    two_stage: bool = False
+    full_proposal_deadline: datetime | None = None
+    """A two-stage call's deadline for full proposals (None: no limit)."""
 
 
 @dataclass(frozen=True)
@@ -121,14 +125,29 @@ def amendment_refusal(
     *,
     opens_at: datetime | None = None,
     deadline: datetime | None = None,
+    full_proposal_deadline: datetime | None = None,
+    changed: frozenset[str] = frozenset(),
 ) -> Refusal | None:
     """Only the owner amends, only while the call is not closed, and the amended window must
-    still open before its deadline (``opens_at``/``deadline``: the new values, if changed)."""
+    still open before its deadline, and a two-stage call's full proposals come after it
+    (``opens_at``/``deadline``/``full_proposal_deadline``: the new values, if changed;
+    ``changed``: the fields the amendment sets or clears). Once a two-stage call's first stage
+    is over, its deadline for full proposals may still be moved (unless the publisher closed
+    the call before its deadline)."""
+    full_proposal_deadline_given = "full_proposal_deadline" in changed
     refusal = _owner_action_refusal(call, actor, logged_at)
+    if (refusal is not None and refusal.code == "call_closed" and call is not None and call.two_stage
+            and changed == {"full_proposal_deadline"} and not _closed_early(call)):
+        refusal = None  # the second stage's deadline, after the first stage
     if refusal is not None or call is None:
         return refusal
     if (deadline or call.deadline) <= (opens_at or call.opens_at):
         return Refusal("invalid_window", "The amended deadline would not be after the call's opening.")
+    if full_proposal_deadline_given and full_proposal_deadline is not None and not call.two_stage:
+        return Refusal("single_stage", "The call has a single stage: it takes no full proposals, and has no deadline for them.")
+    second = full_proposal_deadline if full_proposal_deadline_given else call.full_proposal_deadline
+    if second is not None and second <= (deadline or call.deadline):
+        return Refusal("invalid_window", "The deadline for full proposals would not be after the call's deadline.")
     return None
 
 
@@ -142,19 +161,69 @@ def closing_refusal(call: CallSnapshot | None, actor: str, logged_at: datetime, 
 
 
 def decision_refusal(
-    call: CallSnapshot | None, application: ApplicationSnapshot | None, actor: str, *, currency: str | None = None
+    call: CallSnapshot | None,
+    application: ApplicationSnapshot | None,
+    actor: str,
+    *,
+    decision: str = "awarded",
+    currency: str | None = None,
 ) -> Refusal | None:
     """Only the call's publisher decides, on a received application, once. ``currency``: that of
-    the amount awarded (None: none named); it must be the call's budget's."""
+    the amount awarded (None: none named); it must be the call's budget's. In a two-stage call it
+    first invites applications to the second stage (``invited``, once) and awards only those that
+    sent their full proposal; it may decline at either stage."""
     if call is None:
         return Refusal("unknown_call", "There is no such call.")
     if actor != call.owner:
         return Refusal("not_owner", f"Only {call.owner}, who published the call, decides on its applications.")
     refusal = _open_application_refusal(application)
-    if refusal is not None:
+    if refusal is not None or application is None:
         return refusal
+    if decision == "invited":
+        if not call.two_stage:
+            return Refusal("single_stage", "The call has a single stage: award or decline the application.")
+        if application.status != "received":
+            return Refusal("already_decided", f"Application {application.application_id} was already invited to the second stage.")
+    elif decision == "awarded" and call.two_stage and application.status != "proposal_sent":
+        return Refusal("no_full_proposal", f"Application {application.application_id} has no full proposal: a two-stage call "
+                                           "awards an application once it sent one (invite it first).")
     if currency is not None and call.currency is not None and currency != call.currency:
         return Refusal("currency_mismatch", f"The call's budget is in {call.currency}: award the amount in {call.currency}, not {currency}.")
+    return None
+
+
+def full_proposal_refusal(
+    call: CallSnapshot | None,
+    application: ApplicationSnapshot | None,
+    actor: str,
+    logged_at: datetime,
+    *,
+    currency: str | None = None,
+) -> Refusal | None:
+    """Only the applicant sends the full proposal of an application invited to the second stage,
+    once, by the call's deadline for full proposals, while the call was not cancelled or filled
+    by its publisher; an amount in the budget's currency (``currency``: that asked for, if any)."""
+    if call is None:
+        return Refusal("unknown_call", "There is no such call.")
+    if application is None or not may_see(application, call.owner, actor):
+        return Refusal("unknown_application", "The call has no such application.")
+    if actor != application.applicant:
+        return Refusal("not_applicant", f"Only {application.applicant}, who made the application, sends its full proposal.")
+    refusal = _open_application_refusal(application)
+    if refusal is not None:
+        return refusal
+    if application.status == "proposal_sent":
+        return Refusal("already_submitted", f"Application {application.application_id} has its full proposal already.")
+    if application.status != "invited":
+        second = "its publisher has not invited it to the second stage" if call.two_stage else "the call has a single stage"
+        return Refusal("not_invited", f"Application {application.application_id} takes no full proposal: {second}.")
+    if call.full_proposal_deadline is not None and logged_at > call.full_proposal_deadline:
+        return Refusal("after_full_proposal_deadline",
+                       f"The call's deadline for full proposals was {call.full_proposal_deadline.isoformat()}.")
+    if _closed_early(call):
+        return Refusal("call_closed", "The call was closed by its publisher.")
+    if currency is not None and call.currency is not None and currency != call.currency:
+        return Refusal("currency_mismatch", f"The call's budget is in {call.currency}: request the amount in {call.currency}, not {currency}.")
     return None
 
 
@@ -187,6 +256,11 @@ def closed_at(call: CallSnapshot, logged_at: datetime) -> datetime:
     """When an accepted closing takes effect: when it was logged, but never after the deadline (a
     call closes at its deadline even when the bus says so later, e.g. after downtime)."""
     return min(call.deadline, logged_at)
+
+
+def _closed_early(call: CallSnapshot) -> bool:
+    """Closed by its publisher before its deadline (cancelled, or filled)."""
+    return call.closed_at is not None and call.closed_at < call.deadline
 
 
 def _owner_action_refusal(call: CallSnapshot | None, actor: str, logged_at: datetime) -> Refusal | None:

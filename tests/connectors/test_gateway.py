@@ -349,15 +349,17 @@ async def test_applications_to_a_call_are_shown_to_its_parties_only(gateway: Gat
     assert shown.status_code == 200 and shown.json()["event"]["data"]["requested_amount"]["amount"] == "90000"
 
 
-async def open_funding_call(gateway: Gateway, funder: str) -> str:
-    """A funding call open for a month with a budget in euros; returns its id."""
+async def open_funding_call(gateway: Gateway, funder: str, *, two_stage: bool = False) -> str:
+    """A funding call open for a month with a budget in euros (``two_stage``: with full proposals
+    due a month later); returns its id."""
     now = datetime.now(timezone.utc)
     call_id = unique("c")
+    second = {"deadline_model": "two_stage", "full_proposal_deadline": (now + timedelta(days=60)).isoformat()}
     await gateway.offer(funder, "call.published", {
         "call_id": call_id, "title": {"en": "Care at home"}, "kind": "funding",
         "budget": {"amount": "500000", "currency": "EUR"},
         "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat(),
-        "deadline_model": "single_stage",
+        "deadline_model": "single_stage", **(second if two_stage else {}),
     })
     return call_id
 
@@ -466,6 +468,37 @@ async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applicat
     assert hidden.status_code == 404
     assert (await gateway.client.get(f"/events/{snooping['id']}", headers=gateway.auth(outsider))).status_code == 200
     assert (await gateway.client.get(f"/events/{snooping['id']}", headers=gateway.auth(municipality))).status_code == 404
+
+
+async def test_a_two_stage_calls_invitation_and_full_proposal_are_seen_by_the_applications_parties_only(
+    gateway: Gateway, municipality: str
+) -> None:
+    funder, partner, competitor = await gateway.join("funder", "SE"), await gateway.join("ngo"), await gateway.join("ngo")
+    call_id = await open_funding_call(gateway, funder, two_stage=True)
+    ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "requested_amount": {"amount": "90000", "currency": "EUR"}}
+    await gateway.offer(municipality, "call.application_submitted", ours)
+    await gateway.settle()
+    await gateway.offer(funder, "call.application_decided", {"call_id": call_id, "application_id": ours["application_id"],
+                                                             "decision": "invited", "comment": {"en": "Please detail the budget"}})
+    await gateway.settle()
+    proposal = await gateway.offer(municipality, "call.full_proposal_submitted", {
+        "call_id": call_id, "application_id": ours["application_id"], "summary": {"fi": "Kotihoito kolmessa kunnassa"},
+        "requested_amount": {"amount": "85000", "currency": "EUR"}, "url": "https://example.org/full-proposal.pdf"})
+    await gateway.settle()
+
+    call = (await gateway.client.get(f"/calls/{call_id}", headers=gateway.auth(competitor))).json()
+    assert call["deadline_model"] == "two_stage" and call["full_proposal_deadline"] is not None
+    item = (await gateway.client.get(f"/calls/{call_id}/applications/{ours['application_id']}", headers=gateway.auth(partner))).json()
+    assert item["status"] == "proposal_sent" and item["invited_at"] is not None and item["full_proposal_at"] is not None
+    assert item["invitation_comment"] == {"en": "Please detail the budget"}
+    assert item["full_proposal"] == {"summary": {"fi": "Kotihoito kolmessa kunnassa"},
+                                     "requested_amount": {"amount": "85000", "currency": "EUR"}, "url": "https://example.org/full-proposal.pdf"}
+    assert item["requested_amount"] == ours["requested_amount"]
+    for party in (funder, municipality, partner):
+        assert (await gateway.client.get(f"/events/{proposal['id']}", headers=gateway.auth(party))).status_code == 200
+    assert (await gateway.client.get(f"/events/{proposal['id']}", headers=gateway.auth(competitor))).status_code == 404
+    listed = await gateway.client.get("/applications", params={"status": "proposal_sent"}, headers=gateway.auth(partner))
+    assert [entry["application_id"] for entry in listed.json()["items"]] == [ours["application_id"]]
 
 
 async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gateway, municipality: str) -> None:

@@ -488,3 +488,114 @@ async def test_a_call_closed_by_its_owner_is_not_closed_again_by_the_bus(scenari
     with scenario.session() as session:
         call = session.get(Call, call_id)
         assert call is not None and call.closed_reason == "cancelled"
+
+
+# --- two-stage calls -----------------------------------------------------------------------------
+
+
+def two_stage(call_id: str, *, full_proposals_in: timedelta | None = timedelta(days=60)) -> dict[str, Any]:
+    """The ESF+ call with a second stage: full proposals by ``full_proposals_in`` from now (None: no limit)."""
+    event = published(call_id)
+    event["data"]["deadline_model"] = "two_stage"
+    if full_proposals_in is not None:
+        event["data"]["full_proposal_deadline"] = (now() + full_proposals_in).isoformat()
+    return event
+
+
+def full_proposal(call_id: str, application_id: str, *, by: str = COOPERATIVE, currency: str = "EUR") -> dict[str, Any]:
+    return envelope("call.full_proposal_submitted", by, {
+        "call_id": call_id, "application_id": application_id,
+        "summary": {"en": "Procurement from women's cooperatives in three districts", "tr": "Üç ilçede kadın kooperatiflerinden alım"},
+        "requested_amount": {"amount": "235000.00", "currency": currency},
+        "url": "https://genc-isi.example.org/esf-2026/full-proposal.pdf",
+    })
+
+
+def refused(emitted: list[dict[str, Any]], code: str) -> dict[str, Any]:
+    refusal = the_only(emitted, "call.action_rejected")
+    assert refusal["data"]["reason"]["code"] == code, refusal["data"]["reason"]
+    return refusal
+
+
+async def test_a_two_stage_call_invites_takes_full_proposals_and_awards_only_those_that_sent_one(
+    scenario: Scenario, call_id: str
+) -> None:
+    await scenario.given(two_stage(call_id), application(call_id, "app-1"), application(call_id, "app-2", by=PARTNER))
+    refused(await scenario.when(decided(call_id, "app-1", amount={"amount": "200000.00", "currency": "EUR"})), "no_full_proposal")
+    early = refused(await scenario.when(full_proposal(call_id, "app-1")), "not_invited")
+    assert early["data"]["application_id"] == "app-1" and early["data"]["rejected_type"] == "call.full_proposal_submitted"
+    assert "not invited it to the second stage" in early["data"]["reason"]["message"]["en"]
+
+    before = now()
+    assert await scenario.when(decided(call_id, "app-1", "invited")) == []
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "invited" and stored.decided_at is None
+        assert stored.invited_at is not None and before <= stored.invited_at <= now()
+        assert stored.invitation_comment == {"en": "Thank you", "tr": "Teşekkürler"}
+    refused(await scenario.when(decided(call_id, "app-1", "invited")), "already_decided")
+
+    refused(await scenario.when(full_proposal(call_id, "app-1", by=PARTNER)), "not_applicant")  # a partner sees it
+    refused(await scenario.when(full_proposal(call_id, "app-1", by=OTHER_FUNDER)), "unknown_application")
+    refused(await scenario.when(full_proposal(call_id, "app-1", currency="TRY")), "currency_mismatch")
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "invited" and stored.full_proposal is None
+
+    assert await scenario.when(full_proposal(call_id, "app-1")) == []
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "proposal_sent" and stored.full_proposal_at is not None
+        assert stored.full_proposal == {
+            "summary": {"en": "Procurement from women's cooperatives in three districts", "tr": "Üç ilçede kadın kooperatiflerinden alım"},
+            "requested_amount": {"amount": "235000.00", "currency": "EUR"},
+            "url": "https://genc-isi.example.org/esf-2026/full-proposal.pdf",
+        }
+        assert stored.requested_amount == {"amount": "240000.00", "currency": "EUR"}  # the first stage's request, as it was
+    refused(await scenario.when(full_proposal(call_id, "app-1")), "already_submitted")
+
+    assert await scenario.when(decided(call_id, "app-1", amount={"amount": "200000.00", "currency": "EUR"})) == []
+    assert await scenario.when(decided(call_id, "app-2", "declined")) == []  # declined at the first stage
+    refused(await scenario.when(full_proposal(call_id, "app-2", by=PARTNER)), "already_decided")
+    with scenario.session() as session:
+        first = session.get(CallApplication, (call_id, "app-1"))
+        second = session.get(CallApplication, (call_id, "app-2"))
+        assert first is not None and first.status == "awarded" and first.decided_at is not None
+        assert first.awarded_amount == {"amount": "200000.00", "currency": "EUR"} and first.full_proposal is not None
+        assert second is not None and second.status == "declined" and second.invited_at is None
+
+
+async def test_a_single_stage_call_neither_invites_nor_takes_full_proposals(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id), application(call_id, "app-1"))
+    refused(await scenario.when(decided(call_id, "app-1", "invited")), "single_stage")
+    single = refused(await scenario.when(full_proposal(call_id, "app-1")), "not_invited")
+    assert "single stage" in single["data"]["reason"]["message"]["en"]
+    later = (now() + timedelta(days=90)).isoformat()
+    refused(await scenario.when(amended(call_id, {"full_proposal_deadline": later})), "single_stage")
+    assert await scenario.when(decided(call_id, "app-1", amount={"amount": "200000.00", "currency": "EUR"})) == []  # awarded at once
+
+
+async def test_full_proposals_come_by_their_deadline_which_may_move_after_the_first_stage(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(two_stage(call_id), application(call_id, "app-1"), decided(call_id, "app-1", "invited"))
+    # The first stage ends; the second stage's deadline is moved into the past.
+    await scenario.given(amended(call_id, {"deadline": (now() - timedelta(hours=2)).isoformat(),
+                                           "full_proposal_deadline": (now() - timedelta(hours=1)).isoformat()}))
+    late = refused(await scenario.when(full_proposal(call_id, "app-1")), "after_full_proposal_deadline")
+    assert "deadline for full proposals was" in late["data"]["reason"]["message"]["en"]
+    # After the first stage only the second stage's deadline may still change, and only after the first's.
+    refused(await scenario.when(amended(call_id, {"full_proposal_deadline": (now() - timedelta(hours=3)).isoformat()})), "invalid_window")
+    refused(await scenario.when(amended(call_id, {"deadline": (now() + timedelta(days=1)).isoformat()})), "call_closed")
+    assert await scenario.when(amended(call_id, {"full_proposal_deadline": (now() + timedelta(days=7)).isoformat()})) == []
+    assert await scenario.when(full_proposal(call_id, "app-1")) == []
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert call is not None and call.full_proposal_deadline is not None and call.full_proposal_deadline > now()
+        assert stored is not None and stored.status == "proposal_sent"
+
+
+async def test_a_call_its_publisher_cancelled_takes_no_full_proposals(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(two_stage(call_id, full_proposals_in=None), application(call_id, "app-1"),
+                         decided(call_id, "app-1", "invited"), closed(call_id, "cancelled"))
+    refused(await scenario.when(full_proposal(call_id, "app-1")), "call_closed")
+    refused(await scenario.when(amended(call_id, {"full_proposal_deadline": (now() + timedelta(days=90)).isoformat()})), "call_closed")

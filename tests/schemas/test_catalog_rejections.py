@@ -179,6 +179,21 @@ def test_deadline_before_opening() -> None:
     assert "deadline must be after opens_at" in error["msg"]
 
 
+def test_a_deadline_for_full_proposals_is_a_two_stage_calls_and_after_its_deadline() -> None:
+    # (the fixture's call has a single stage, its deadline at 2026-05-31T23:59:59+03:00)
+    [error] = errors("call.published", data_of("call.published", full_proposal_deadline="2026-06-30T23:59:59+03:00"))
+    assert (error["loc"], error["type"]) == (("full_proposal_deadline",), "two_stage_only")
+    two_stage = data_of("call.published", deadline_model="two_stage", full_proposal_deadline="2026-06-30T23:59:59+03:00")
+    assert spec_for("call.published").adapter.validate_python(two_stage).full_proposal_deadline is not None
+    [error] = errors("call.published", {**two_stage, "full_proposal_deadline": "2026-05-31T23:59:59+03:00"})
+    assert error["loc"] == () and "full_proposal_deadline must be after deadline" in error["msg"]
+    [error] = errors("call.amended", data_of("call.amended", changes={"deadline": "2026-05-31T23:59:59+03:00",
+                                                                      "full_proposal_deadline": "2026-05-01T00:00:00+03:00"}))
+    assert error["loc"] == ("changes",) and "full_proposal_deadline must be after deadline" in error["msg"]
+    invited = data_of("call.application_decided", decision="invited", awarded_amount=None)
+    assert spec_for("call.application_decided").adapter.validate_python(invited).decision == "invited"
+
+
 def test_an_amount_is_awarded_only_with_an_award() -> None:
     [error] = errors("call.application_decided", data_of("call.application_decided", decision="declined"))
     assert (error["loc"], error["type"]) == (("awarded_amount",), "awarded_only")
