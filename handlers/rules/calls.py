@@ -203,14 +203,8 @@ def full_proposal_refusal(
     """Only the applicant sends the full proposal of an application invited to the second stage,
     once, by the call's deadline for full proposals, while the call was not cancelled or filled
     by its publisher; an amount in the budget's currency (``currency``: that asked for, if any)."""
-    if call is None:
-        return Refusal("unknown_call", "There is no such call.")
-    if application is None or not may_see(application, call.owner, actor):
-        return Refusal("unknown_application", "The call has no such application.")
-    if actor != application.applicant:
-        return Refusal("not_applicant", f"Only {application.applicant}, who made the application, sends its full proposal.")
-    refusal = _open_application_refusal(application)
-    if refusal is not None:
+    refusal = _applicant_action_refusal(call, application, actor, "sends its full proposal")
+    if refusal is not None or call is None or application is None:
         return refusal
     if application.status == "proposal_sent":
         return Refusal("already_submitted", f"Application {application.application_id} has its full proposal already.")
@@ -231,12 +225,19 @@ def withdrawal_refusal(call: CallSnapshot | None, application: ApplicationSnapsh
     """Only the applicant withdraws, a received application its call's publisher has not decided
     on. To an institution that may not see the application (neither the publisher, the applicant
     nor a partner), it does not exist."""
+    return _applicant_action_refusal(call, application, actor, "may withdraw it")
+
+
+def _applicant_action_refusal(
+    call: CallSnapshot | None, application: ApplicationSnapshot | None, actor: str, what: str
+) -> Refusal | None:
+    """What only the applicant of an application still open may do (``what``, for the message)."""
     if call is None:
         return Refusal("unknown_call", "There is no such call.")
     if application is None or not may_see(application, call.owner, actor):
         return Refusal("unknown_application", "The call has no such application.")
     if actor != application.applicant:
-        return Refusal("not_applicant", f"Only {application.applicant}, who made the application, may withdraw it.")
+        return Refusal("not_applicant", f"Only {application.applicant}, who made the application, {what}.")
     return _open_application_refusal(application)
 
 
