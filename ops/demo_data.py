@@ -375,9 +375,19 @@ def _application(applicant: str, application_id: str, amount: str, chapter: str,
 
 
 def funding_decisions() -> list[Offer]:
-    """After the ESF+ call's deadline its funder decides: Genç İşi's application is funded, with
-    less than it asked for; Diak's is declined."""
+    """After the ESF+ call's first stage its funder decides: it invites Genç İşi to the second
+    stage, which sends its full proposal and is funded, with less than it asked for; Diak's
+    application is declined."""
     chapter = "Funding decisions"
+    invited: dict[str, Any] = {"call_id": ESF_CALL, "application_id": "app-esf-genc-isi", "decision": "invited",
+               "comment": {"en": "Please detail the municipalities' co-funding in the full proposal.",
+                           "tr": "Lütfen tam teklifte belediyelerin eş finansmanını ayrıntılandırın."}}
+    proposal: dict[str, Any] = {"call_id": ESF_CALL, "application_id": "app-esf-genc-isi",
+                "summary": {"tr": "Mersin ve Tarsus belediyeleri kadın kooperatiflerinden hizmet alımı yapar; "
+                                  "çalışma ziyaretleri ortakların kendi payından karşılanır.",
+                            "en": "Mersin and Tarsus buy services from women's cooperatives; the study visits are "
+                                  "the partners' own share."},
+                "requested_amount": {"amount": "220000.00", "currency": "EUR"}}
     awarded: dict[str, Any] = {"call_id": ESF_CALL, "application_id": "app-esf-genc-isi", "decision": "awarded",
                "awarded_amount": {"amount": "200000.00", "currency": "EUR"},
                "comment": {"en": "Funded for 24 months; the study visits are the partners' own share.",
@@ -385,8 +395,12 @@ def funding_decisions() -> list[Offer]:
     declined: dict[str, Any] = {"call_id": ESF_CALL, "application_id": "app-esf-diak", "decision": "declined",
                 "comment": {"en": "Strong, but outside this round's priority on neighbourhood services.",
                             "fi": "Vahva hakemus, mutta tämän kierroksen painopiste on lähipalveluissa."}}
-    return [Offer(ESF_FUND, event("call.application_decided", ESF_FUND, data, key=data["application_id"]), chapter)
-            for data in (awarded, declined)]
+    return [
+        Offer(ESF_FUND, event("call.application_decided", ESF_FUND, invited, key="invite-app-esf-genc-isi"), chapter),
+        Offer(GENC_ISI, event("call.full_proposal_submitted", GENC_ISI, proposal, key="proposal-app-esf-genc-isi"), chapter),
+        *(Offer(ESF_FUND, event("call.application_decided", ESF_FUND, data, key=data["application_id"]), chapter)
+          for data in (awarded, declined)),
+    ]
 
 
 def _validation(source: str, event_type: str, data: dict[str, Any], key: str) -> Offer:
@@ -408,7 +422,8 @@ def calls(now: datetime) -> list[Offer]:
               "funding", ["economy.disadvantaged_groups", "health_care.basic_services", "education.lifelong_learning"],
               now - timedelta(days=30), esf_deadline,
               eligible_kinds=["municipality", "cooperative", "ngo", "university"], eligible_countries=["TR", "FI"],
-              budget={"amount": "1500000.00", "currency": "EUR"}),
+              budget={"amount": "1500000.00", "currency": "EUR"},
+              deadline_model="two_stage", full_proposal_deadline=_iso(esf_deadline + timedelta(days=45))),
         _application(GENC_ISI, "app-esf-genc-isi", "240000.00", "Calls", partners=[MERSIN, "tr-tarsus-bld"]),
         _application(MERSIN, "app-esf-mersin-bb", "300000.00", "Calls", project_id="mersin-mahalle-mutfaklari"),
         _application(DIAK, "app-esf-diak", "180000.00", "Calls", partners=[SOSTE, KUNTALIITTO]),

@@ -297,6 +297,8 @@ async def test_running_the_demo_again_changes_nothing_and_prints_the_same(demo_b
     outcomes = {a["application_id"]: (a["outcome"], a["awarded_amount"]) for a in again["calls"]["esf"]["applications"]}
     assert outcomes["app-esf-genc-isi"] == ("awarded", {"amount": "200000.00", "currency": "EUR"})
     assert outcomes["app-esf-diak"] == ("declined", None) and outcomes["app-esf-mersin-bb"] == ("received", None)
+    funded = await demo_bus.get(f"/calls/{d.ESF_CALL}/applications/app-esf-genc-isi", as_=d.GENC_ISI)  # a two-stage call
+    assert funded["invited_at"] is not None and funded["full_proposal"]["requested_amount"]["amount"] == "220000.00"
     # The ids are deterministic: offered once more, an event is a duplicate of what the log holds.
     nc = await nats.connect(f"nats://{demo_bus.env['COLLABBUS_NATS_LISTEN']}", user_credentials=demo_bus.bus_creds,
                              inbox_prefix=BUS_INBOX_PREFIX)
