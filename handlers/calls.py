@@ -69,6 +69,7 @@ class Call(TableRow, table=True):
             eligible_kinds=frozenset(self.eligible_kinds),
             eligible_countries=frozenset(self.eligible_countries),
             closed_at=self.closed_at,
+            closed_reason=self.closed_reason,
             currency=self.budget.get("currency") if self.budget else None,
             two_stage=self.deadline_model == "two_stage",
             full_proposal_deadline=self.full_proposal_deadline,

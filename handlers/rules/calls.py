@@ -34,6 +34,7 @@ class CallSnapshot:
     closed_at: datetime | None = None
     currency: str | None = None
     """The currency of the call's budget (None: the call states no budget)."""
+    closed_reason: str | None = None
     two_stage: bool = False
     full_proposal_deadline: datetime | None = None
     """A two-stage call's deadline for full proposals (None: no limit)."""
@@ -154,8 +155,12 @@ def amendment_refusal(
 def closing_refusal(call: CallSnapshot | None, actor: str, logged_at: datetime, reason: str) -> Refusal | None:
     """Only the owner closes, and only a call still open. A ``deadline_passed`` closing after the
     deadline is the bus's own (or the owner saying the same): it is the one closing that is
-    accepted once the deadline is over."""
+    accepted once the deadline is over, except that a two-stage call in its second stage may
+    still be cancelled or declared filled by its owner (no more full proposals)."""
     if call is not None and reason == "deadline_passed" and call.closed_at is None and actor == call.owner:
+        return None
+    if (call is not None and call.two_stage and actor == call.owner and reason != "deadline_passed"
+            and logged_at > call.deadline and not _closed_early(call)):
         return None
     return _owner_action_refusal(call, actor, logged_at)
 
@@ -260,8 +265,9 @@ def closed_at(call: CallSnapshot, logged_at: datetime) -> datetime:
 
 
 def _closed_early(call: CallSnapshot) -> bool:
-    """Closed by its publisher before its deadline (cancelled, or filled)."""
-    return call.closed_at is not None and call.closed_at < call.deadline
+    """Closed by its publisher (cancelled, or filled), not by its deadline: before it, or in a
+    two-stage call's second stage."""
+    return call.closed_at is not None and (call.closed_at < call.deadline or call.closed_reason not in (None, "deadline_passed"))
 
 
 def _owner_action_refusal(call: CallSnapshot | None, actor: str, logged_at: datetime) -> Refusal | None:

@@ -599,3 +599,15 @@ async def test_a_call_its_publisher_cancelled_takes_no_full_proposals(scenario: 
                          decided(call_id, "app-1", "invited"), closed(call_id, "cancelled"))
     refused(await scenario.when(full_proposal(call_id, "app-1")), "call_closed")
     refused(await scenario.when(amended(call_id, {"full_proposal_deadline": (now() + timedelta(days=90)).isoformat()})), "call_closed")
+
+
+async def test_a_two_stage_call_may_be_cancelled_in_its_second_stage(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(two_stage(call_id), application(call_id, "app-1"), decided(call_id, "app-1", "invited"),
+                         amended(call_id, {"deadline": (now() - timedelta(hours=1)).isoformat()}))  # the first stage is over
+    assert await scenario.when(closed(call_id, "cancelled")) == []
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.closed_reason == "cancelled" and call.closed_at == call.deadline
+    refused(await scenario.when(full_proposal(call_id, "app-1")), "call_closed")
+    refused(await scenario.when(closed(call_id, "filled")), "call_closed")  # once
+    assert await scenario.when(decided(call_id, "app-1", "declined")) == []  # its publisher still answers it
