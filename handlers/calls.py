@@ -353,7 +353,7 @@ def full_proposal_submitted(session: Session, event: Event[FullProposalSubmitted
     """Projected only when the workflow took the full proposal."""
     row = session.get(CallApplication, (event.data.call_id, event.data.application_id))
     assert row is not None  # the decider refused full proposals for unknown applications
-    proposal = column_values(event.data, {"summary", "requested_amount", "url"})
+    proposal = column_values(event.data, ("summary", "requested_amount", "url"))  # (stored as JSON: in this order)
     row.sqlmodel_update({"status": "proposal_sent", "full_proposal_at": event.logged_at, "full_proposal": proposal})
     session.add(row)
 

@@ -45,9 +45,11 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
 
 def column_values(data: BaseModel, fields: Iterable[str]) -> dict[str, Any]:
     """Event data fields as the columns take them: dates and moments as they are, everything else
-    in its JSON form (lists for tuples, values for enumerations, dicts for value objects)."""
-    names = set(fields)
-    as_json = data.model_dump(mode="json", include=names)
+    in its JSON form (lists for tuples, values for enumerations, dicts for value objects). In the
+    order of ``fields`` when it has one (the dict may be stored as JSON, byte for byte the same in
+    every process)."""
+    names = list(dict.fromkeys(fields))
+    as_json = data.model_dump(mode="json", include=set(names))
     values = {}
     for name in names:
         value = getattr(data, name)

@@ -1,5 +1,6 @@
 """A realistic, reproducible stream of network events: members join, municipalities register and
-adopt each other's projects, funders open calls, receive applications and award or decline them
+adopt each other's projects, funders open calls (every other one in two stages), receive
+applications, invite some to a second stage and take their full proposals, award or decline them
 (and applicants withdraw some), competence centres run validations and innovation days with
 registrations, waitlists and cancellations.
 
@@ -56,6 +57,8 @@ class Workload:
         self.days: list[tuple[str, str, list[tuple[str, str]]]] = []  # (day_id, organiser, registrations)
         self.calls: list[tuple[str, str]] = []  # (call_id, funder)
         self.applications: list[tuple[str, str, str]] = []  # (call_id, application_id, applicant), not yet answered
+        self.two_stage: set[str] = set()  # the calls in two stages
+        self.stage: dict[str, str] = {}  # application_id -> "invited" / "proposed", in a two-stage call
 
     def _id(self) -> str:
         self.count += 1
@@ -144,13 +147,17 @@ class Workload:
     def _call(self) -> Iterator[tuple[str, dict[str, Any]]]:
         funder = self.random.choice(self.by_kind["funder"])
         call_id = f"{self.run}-c{len(self.calls)}"
+        stages: dict[str, Any] = {"deadline_model": "single_stage"}
+        if len(self.calls) % 2:
+            self.two_stage.add(call_id)
+            stages = {"deadline_model": "two_stage", "full_proposal_deadline": (self.now + timedelta(days=60)).isoformat()}
         self.calls.append((call_id, funder))
         yield self._event("call.published", funder, call_id, {
             "call_id": call_id, "title": {"en": f"Call {len(self.calls)}"}, "kind": "funding",
             "eligible_kinds": ["municipality", "ngo"], "eligible_countries": ["TR", "FI"],
             "budget": {"amount": "250000.00", "currency": "EUR"},
             "opens_at": (self.now - timedelta(days=1)).isoformat(), "deadline": (self.now + timedelta(days=30)).isoformat(),
-            "deadline_model": "single_stage",
+            **stages,
         })
 
     def _application(self) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -167,12 +174,32 @@ class Workload:
 
     def _answer(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """The call's funder awards or declines an application, or its applicant takes it back
-        (some were rejected on arrival, ineligible: the workflow refuses to decide on those)."""
+        (some were rejected on arrival, ineligible: the workflow refuses to decide on those). In a
+        two-stage call the funder first invites most to the second stage, and the applicant sends
+        its full proposal, before the award."""
         if not self.applications:
             return
-        call_id, application_id, applicant = self.applications.pop(self.random.randrange(len(self.applications)))
+        picked = self.applications.pop(self.random.randrange(len(self.applications)))
+        call_id, application_id, applicant = picked
         funder = dict(self.calls)[call_id]
         choice = self.random.random()
+        stage = self.stage.get(application_id)
+        if call_id in self.two_stage and choice >= 0.25 and stage != "proposed":
+            if stage == "invited":
+                self.stage[application_id] = "proposed"
+                self.applications.append(picked)
+                yield self._event("call.full_proposal_submitted", applicant, call_id, {
+                    "call_id": call_id, "application_id": application_id, "summary": {"en": "The full proposal"},
+                    "requested_amount": {"amount": "45000.00", "currency": "EUR"},
+                })
+                return
+            if choice < 0.8:
+                self.stage[application_id] = "invited"
+                self.applications.append(picked)
+                yield self._event("call.application_decided", funder, call_id, {
+                    "call_id": call_id, "application_id": application_id, "decision": "invited",
+                })
+                return
         if choice < 0.25:
             yield self._event("call.application_withdrawn", applicant, call_id,
                               {"call_id": call_id, "application_id": application_id, "reason": {"en": "Plans changed"}})
