@@ -53,6 +53,8 @@ class EndpointCreate(_Body):
         default_factory=list, max_length=100, description="types (`project.registered`) or domains (`project` or `project.*`); empty: all"
     )
     description: str = Field("", max_length=1000)
+    ordered: bool = Field(True, description="deliveries about one thing (an event's domain and subject) in log order, "
+                                            "each after the one before it was delivered or given up; false: all in any order")
 
 
 class EndpointChange(_Body):
@@ -60,6 +62,7 @@ class EndpointChange(_Body):
     event_types: list[str] | None = Field(None, max_length=100)
     description: str | None = Field(None, max_length=1000)
     enabled: bool | None = Field(None, description="false disables the endpoint, true enables it again")
+    ordered: bool | None = Field(None, description="deliveries about one thing in log order (true) or all in any order (false)")
     rotate_secret: bool = Field(False, description="issue a new secret; the old one keeps signing for 24 h")
 
 
@@ -74,6 +77,7 @@ class WebhookEndpoint(BaseModel):
     event_types: list[str]
     description: str
     enabled: bool
+    ordered: bool = Field(description="deliveries about one thing go in log order")
     disabled_reason: str | None
     disabled_at: datetime | None = Field(
         description="when it was last disabled (kept after it is enabled again: `POST …/recover` from then fetches what it missed)"
@@ -179,11 +183,11 @@ def _endpoint(endpoint: Endpoint, *, secret: bool = False) -> dict[str, Any]:
     return endpoint.model_dump(exclude=hidden)
 
 
-def _deliveries(session: Session, deliveries: Sequence[Delivery]) -> list[dict[str, Any]]:
-    """The deliveries as shown, each with its attempts and what it waits for."""
+def _deliveries(session: Session, endpoint: Endpoint, deliveries: Sequence[Delivery]) -> list[dict[str, Any]]:
+    """The endpoint's deliveries as shown, each with its attempts and what it waits for."""
     ids = [delivery.id for delivery in deliveries if delivery.id is not None]
     attempts = store.attempts_of(session, ids)
-    waiting = store.waiting_for(session, deliveries)
+    waiting = store.waiting_for(session, deliveries) if endpoint.ordered else {}
     return [{**delivery.model_dump(), "waiting_for": waiting.get(delivery.id),
              "attempts": [attempt.model_dump() for attempt in attempts[delivery.id]]}
             for delivery in deliveries if delivery.id is not None]
@@ -202,7 +206,9 @@ async def create_endpoint(request: Request, body: EndpointCreate, institution: M
     after_seq = (await bus_of(request).js.stream_info(EVENTS_STREAM)).state.last_seq
     now = datetime.now(timezone.utc)
     endpoint = await _in_transaction(
-        request, lambda s: store.create_endpoint(s, institution, body.url, event_types, body.description, after_seq=after_seq, now=now)
+        request,
+        lambda s: store.create_endpoint(s, institution, body.url, event_types, body.description, after_seq=after_seq, now=now,
+                                        ordered=body.ordered),
     )
     if (running := _dispatcher(request)) is not None:
         await running.endpoint_changed(endpoint.id, True)
@@ -228,8 +234,8 @@ async def get_endpoint(request: Request, endpoint_id: EndpointId, institution: M
 
 @router.patch("/{endpoint_id}", response_model=WebhookEndpointChanged, responses=ERRORS)
 async def change_endpoint(request: Request, endpoint_id: EndpointId, body: EndpointChange, institution: Member) -> dict[str, Any]:
-    """Change the URL, the event types or the description; enable or disable; rotate the secret
-    (the answer then holds the new one)."""
+    """Change the URL, the event types, the description or whether deliveries are ordered; enable
+    or disable; rotate the secret (the answer then holds the new one)."""
     event_types = None if body.event_types is None else _check_event_types(body.event_types)
     if body.url is not None:
         await _check_url(request, body.url)
@@ -239,7 +245,8 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
         endpoint = store.endpoint_of(session, institution, endpoint_id)
         if endpoint is None:
             raise _not_found(endpoint_id)
-        for name, value in (("url", body.url), ("event_types", event_types), ("description", body.description)):
+        for name, value in (("url", body.url), ("event_types", event_types), ("description", body.description),
+                            ("ordered", body.ordered)):
             if value is not None:
                 setattr(endpoint, name, value)
         if body.enabled is False and endpoint.enabled:
@@ -293,13 +300,14 @@ async def list_deliveries(
     about the same thing, which (``waiting_for``)."""
 
     def page(session: Session) -> dict[str, Any]:
-        if store.endpoint_of(session, institution, endpoint_id) is None:
+        endpoint = store.endpoint_of(session, institution, endpoint_id)
+        if endpoint is None:
             raise _not_found(endpoint_id)
         query = select(Delivery).where(Delivery.endpoint_id == endpoint_id)
         if status is not None:
             query = query.where(Delivery.status == status)
         rows, next_cursor = keyset_page(session, query, [col(Delivery.id)], limit=limit, cursor=cursor)
-        return {"items": _deliveries(session, rows), "next_cursor": next_cursor}
+        return {"items": _deliveries(session, endpoint, rows), "next_cursor": next_cursor}
 
     return await _in_transaction(request, page)
 
@@ -311,12 +319,13 @@ async def resend_delivery(request: Request, endpoint_id: EndpointId, delivery_id
 
     def resend(session: Session) -> dict[str, Any]:
         delivery = session.get(Delivery, delivery_id)
-        if store.endpoint_of(session, institution, endpoint_id) is None or delivery is None or delivery.endpoint_id != endpoint_id:
+        endpoint = store.endpoint_of(session, institution, endpoint_id)
+        if endpoint is None or delivery is None or delivery.endpoint_id != endpoint_id:
             raise ApiProblem(404, f"no delivery {delivery_id} of webhook endpoint {endpoint_id!r}", kind="not_found")
         store.requeue(delivery, datetime.now(timezone.utc))
         session.add(delivery)
         session.flush()
-        return _deliveries(session, [delivery])[0]
+        return _deliveries(session, endpoint, [delivery])[0]
 
     answer = await _in_transaction(request, resend)
     if (running := _dispatcher(request)) is not None:

@@ -558,7 +558,8 @@ class WebhookDispatcher:
                 answers.append(([], None))
                 continue
             secrets = store.signing_secrets(endpoint.secret, endpoint.previous_secret, endpoint.previous_secret_until, now)
-            rows = connection.execute(store.DUE, {"endpoint_id": endpoint_id, "limit": limit + 1}).all()
+            due = store.DUE if endpoint.ordered else store.DUE_ANY_ORDER
+            rows = connection.execute(due, {"endpoint_id": endpoint_id, "limit": limit + 1}).all()
             claims: list[Claim] = []
             next_due = None
             for row in rows:

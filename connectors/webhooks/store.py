@@ -12,7 +12,8 @@ canonical bytes, read back from the log by sequence.
 Deliveries about one thing (an event's domain and subject: a project, a call, a validation, a
 day, a member) go to an endpoint in log order: one is not sent while an earlier one about the
 same thing is still owed to that endpoint (in flight, or waiting for its retry). Deliveries
-about different things go in parallel.
+about different things go in parallel, and so does everything for an endpoint its owner made
+unordered (``ordered``: a receiver that orders by itself need not wait behind a failing event).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Endpoint(_Webhooks, table=True):
     previous_secret_until: datetime | None = _when()
     """Until then the secret replaced by a rotation still signs too."""
     enabled: bool = True
+    ordered: bool = Field(default=True, sa_column=Column(sa.Boolean(), nullable=False, server_default=sa.true()))
+    """Deliveries about one thing go in log order (see the module); false: all in any order."""
     disabled_reason: str | None = Field(default=None, max_length=200)
     disabled_at: datetime | None = _when()
     """When it was last disabled; kept once it is enabled again, so that ``/recover`` from then
@@ -143,12 +146,13 @@ class ConsumerPosition(_Webhooks, table=True):
 
 
 def create_endpoint(
-    session: Session, institution: str, url: str, event_types: list[str], description: str, *, after_seq: int, now: datetime
+    session: Session, institution: str, url: str, event_types: list[str], description: str, *, after_seq: int, now: datetime,
+    ordered: bool = True,
 ) -> Endpoint:
     """A new, enabled endpoint with a fresh secret."""
     endpoint = Endpoint(
         id="ep_" + secrets.token_hex(10), institution=institution, url=url, event_types=event_types,
-        description=description, secret=new_secret(), after_seq=after_seq, created_at=now, updated_at=now,
+        description=description, secret=new_secret(), after_seq=after_seq, created_at=now, updated_at=now, ordered=ordered,
     )
     session.add(endpoint)
     return endpoint
@@ -255,29 +259,29 @@ _E, _D = _ENDPOINTS.c, _DELIVERIES.c
 
 ENDPOINTS_ENABLED = sa.select(_E.id, _E.institution, _E.event_types, _E.after_seq).where(_E.enabled == True)  # noqa: E712
 """What the recorder needs of the enabled endpoints."""
-ENDPOINTS_TO_SEND = sa.select(_E.id, _E.url, _E.secret, _E.previous_secret, _E.previous_secret_until, _E.enabled).where(
+ENDPOINTS_TO_SEND = sa.select(_E.id, _E.url, _E.secret, _E.previous_secret, _E.previous_secret_until, _E.enabled, _E.ordered).where(
     _E.id.in_(sa.bindparam("ids", expanding=True))
 )
 """Where and how to send, for the endpoints ``ids``."""
 _EARLIER = _DELIVERIES.alias("earlier")
-DUE = (
+DUE_ANY_ORDER = (
     sa.select(_D.id, _D.event_id, _D.seq, _D.attempts, _D.next_attempt_at)
-    .where(
-        _D.endpoint_id == sa.bindparam("endpoint_id"),
-        _D.next_attempt_at.is_not(None),
-        ~sa.exists().where(
-            _EARLIER.c.endpoint_id == _D.endpoint_id,
-            _EARLIER.c.ordering_key == _D.ordering_key,
-            _EARLIER.c.seq < _D.seq,
-            _EARLIER.c.next_attempt_at.is_not(None),
-        ),
-    )
+    .where(_D.endpoint_id == sa.bindparam("endpoint_id"), _D.next_attempt_at.is_not(None))
     .order_by(_D.next_attempt_at, _D.id)
     .limit(sa.bindparam("limit"))
     .with_for_update()
 )
-"""An endpoint's owed deliveries, the next due first (``limit`` of them), leaving out those
-waiting for an earlier delivery about the same thing (see the module)."""
+"""An endpoint's owed deliveries, the next due first (``limit`` of them)."""
+DUE = DUE_ANY_ORDER.where(
+    ~sa.exists().where(
+        _EARLIER.c.endpoint_id == _D.endpoint_id,
+        _EARLIER.c.ordering_key == _D.ordering_key,
+        _EARLIER.c.seq < _D.seq,
+        _EARLIER.c.next_attempt_at.is_not(None),
+    )
+)
+"""The same, leaving out those waiting for an earlier delivery about the same thing (an
+ordered endpoint's: see the module)."""
 CLAIM = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(
     attempts=sa.bindparam("b_attempts"), next_attempt_at=sa.bindparam("b_next")
 )
@@ -309,8 +313,8 @@ ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).v
 
 
 def waiting_for(session: Session, deliveries: Sequence[Delivery]) -> dict[int, int]:
-    """Of ``deliveries`` (one endpoint's), those held back by an earlier delivery about the same
-    thing still owed: the id of the oldest such, which goes first."""
+    """Of ``deliveries`` (one ordered endpoint's), those held back by an earlier delivery about the
+    same thing still owed: the id of the oldest such, which goes first."""
     owed = [d for d in deliveries if d.next_attempt_at is not None and d.ordering_key is not None and d.id is not None]
     if not owed:
         return {}

@@ -179,6 +179,32 @@ async def test_deliveries_about_one_thing_arrive_in_log_order_and_others_do_not_
     assert sequences[2] < sequences[3]
 
 
+async def test_an_unordered_endpoint_gets_what_waited_behind_a_failing_delivery_at_once(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    receiver.answer("/stuck", Answer(503, {"retry-after": "600"}), Answer(200))
+    endpoint = await register(gateway, owner, receiver.url("/stuck"), ["project.*"])
+    assert endpoint["ordered"] is True  # the default
+    first = await offer_project(gateway, owner)
+    await eventually(lambda: len(receiver.at("/stuck")) == 1, what="the first attempt")
+    update = envelope("project.updated", owner, {"project_id": first["subject"], "changes": {"status": "completed"}},
+                      id=unique("up"))
+    assert (await gateway.post(owner, update)).status_code == 202
+
+    async def held_back() -> bool:
+        return any(d["event_id"] == update["id"] and d["waiting_for"] is not None for d in await deliveries(gateway, owner, endpoint["id"]))
+
+    await eventually(held_back, what="the update held back")
+
+    changed = await gateway.client.patch(f"/webhooks/{endpoint['id']}", json={"ordered": False}, headers=gateway.auth(owner))
+    assert changed.status_code == 200 and changed.json()["ordered"] is False, changed.text
+    await eventually(lambda: update["id"] in ids(receiver.at("/stuck")), what="the update, no longer held back")
+    assert ids(receiver.at("/stuck")) == [first["id"], update["id"]]  # the registration still waits for its retry
+    owed = {d["event_id"]: d for d in await deliveries(gateway, owner, endpoint["id"])}
+    assert owed[first["id"]]["status"] == "pending" and owed[update["id"]]["status"] == "delivered"
+    assert owed[update["id"]]["waiting_for"] is None
+
+
 async def test_an_absurd_retry_after_is_capped_and_costs_no_other_endpoint_anything(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner = await gateway.join("municipality")
