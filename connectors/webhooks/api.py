@@ -333,6 +333,30 @@ async def resend_delivery(request: Request, endpoint_id: EndpointId, delivery_id
     return answer
 
 
+@router.post("/{endpoint_id}/deliveries/{delivery_id}/cancel", response_model=WebhookDelivery, responses=documented(401, 403, 404, 409, 422))
+async def cancel_delivery(request: Request, endpoint_id: EndpointId, delivery_id: DeliveryId, institution: Member) -> dict[str, Any]:
+    """Attempt a delivery no more: it is ``failed``, as when its retry schedule ends, and the
+    deliveries about the same thing held back behind it go (``resend`` sends it again later).
+    409 for a delivery already delivered."""
+
+    def cancel(session: Session) -> dict[str, Any]:
+        delivery = session.get(Delivery, delivery_id)
+        endpoint = store.endpoint_of(session, institution, endpoint_id)
+        if endpoint is None or delivery is None or delivery.endpoint_id != endpoint_id:
+            raise ApiProblem(404, f"no delivery {delivery_id} of webhook endpoint {endpoint_id!r}", kind="not_found")
+        if delivery.status == store.DELIVERED:
+            raise ApiProblem(409, f"delivery {delivery_id} was delivered already: there is nothing to cancel", kind="conflict")
+        store.give_up(delivery)
+        session.add(delivery)
+        session.flush()
+        return _deliveries(session, endpoint, [delivery])[0]
+
+    answer = await _in_transaction(request, cancel)
+    if (running := _dispatcher(request)) is not None:
+        running.wake(endpoint_id)
+    return answer
+
+
 @router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovered, responses=ERRORS)
 async def recover(request: Request, endpoint_id: EndpointId, body: Recovery, institution: Member) -> dict[str, Any]:
     """Deliver again the endpoint's events that the log took between ``since`` and ``until``

@@ -250,6 +250,11 @@ def requeue(delivery: Delivery, at: datetime) -> None:
     delivery.status, delivery.attempts, delivery.next_attempt_at = PENDING, 0, at
 
 
+def give_up(delivery: Delivery) -> None:
+    """Attempt the delivery no more (as when the schedule ends): deliveries held back behind it go."""
+    delivery.status, delivery.next_attempt_at = FAILED, None
+
+
 # --- what the dispatcher runs: Core statements, compiled once and cached ---------------------------
 
 _ENDPOINTS: sa.Table = Endpoint.__table__  # type: ignore[attr-defined]

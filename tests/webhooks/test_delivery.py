@@ -179,6 +179,36 @@ async def test_deliveries_about_one_thing_arrive_in_log_order_and_others_do_not_
     assert sequences[2] < sequences[3]
 
 
+async def test_a_delivery_cancelled_by_its_owner_lets_those_behind_it_go(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    receiver.answer("/cancel", Answer(503, {"retry-after": "600"}), Answer(200))
+    endpoint = await register(gateway, owner, receiver.url("/cancel"), ["project.*"])
+    first = await offer_project(gateway, owner)
+    await eventually(lambda: len(receiver.at("/cancel")) == 1, what="the first attempt")
+    update = envelope("project.updated", owner, {"project_id": first["subject"], "changes": {"status": "completed"}},
+                      id=unique("up"))
+    assert (await gateway.post(owner, update)).status_code == 202
+    path = f"/webhooks/{endpoint['id']}/deliveries"
+
+    async def held() -> dict[str, Any] | None:
+        found = {d["event_id"]: d for d in await deliveries(gateway, owner, endpoint["id"])}
+        return found if update["id"] in found and found[update["id"]]["waiting_for"] is not None else None
+
+    owed = await eventually(held, what="the update held back")
+    cancelled = await gateway.client.post(f"{path}/{owed[first['id']]['id']}/cancel", headers=gateway.auth(owner))
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "failed" and cancelled.json()["next_attempt_at"] is None
+    await eventually(lambda: update["id"] in ids(receiver.at("/cancel")), what="the update, no longer held back")
+    await settled(gateway, owner, endpoint["id"], 2)
+    assert ids(receiver.at("/cancel")) == [first["id"], update["id"]]  # the registration was not attempted again
+
+    delivered = await gateway.client.post(f"{path}/{owed[update['id']]['id']}/cancel", headers=gateway.auth(owner))
+    assert "delivered already" in problem(delivered, 409, "conflict")["detail"]
+    other = await gateway.join("ngo")
+    problem(await gateway.client.post(f"{path}/{owed[first['id']]['id']}/cancel", headers=gateway.auth(other)), 404, "not_found")
+
+
 async def test_an_unordered_endpoint_gets_what_waited_behind_a_failing_delivery_at_once(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner = await gateway.join("municipality")
@@ -200,9 +230,13 @@ async def test_an_unordered_endpoint_gets_what_waited_behind_a_failing_delivery_
     assert changed.status_code == 200 and changed.json()["ordered"] is False, changed.text
     await eventually(lambda: update["id"] in ids(receiver.at("/stuck")), what="the update, no longer held back")
     assert ids(receiver.at("/stuck")) == [first["id"], update["id"]]  # the registration still waits for its retry
-    owed = {d["event_id"]: d for d in await deliveries(gateway, owner, endpoint["id"])}
-    assert owed[first["id"]]["status"] == "pending" and owed[update["id"]]["status"] == "delivered"
-    assert owed[update["id"]]["waiting_for"] is None
+
+    async def update_delivered() -> dict[str, Any] | None:
+        found = {d["event_id"]: d for d in await deliveries(gateway, owner, endpoint["id"])}
+        return found if found[update["id"]]["status"] == "delivered" else None
+
+    owed = await eventually(update_delivered, what="the update's delivery settled")
+    assert owed[first["id"]]["status"] == "pending" and owed[update["id"]]["waiting_for"] is None
 
 
 async def test_an_absurd_retry_after_is_capped_and_costs_no_other_endpoint_anything(network: Network, receiver: Receiver) -> None:
