@@ -97,7 +97,8 @@ _WEBHOOK = {
             "answer any 2xx quickly. Anything else is tried again on the retry schedule; 410 disables the "
             "endpoint; 429, 502, 503 and 504 are retried after `Retry-After`. Deliveries about one thing (an "
             "event's domain and subject) arrive in log order, each after the one before it was delivered or given "
-            "up; deliveries about different things go in parallel. `collabbus-sequence` is each event's place in the log."
+            "up (`waiting_for` on a delivery held back; an endpoint with `ordered: false` gets all in any order); "
+            "deliveries about different things go in parallel. `collabbus-sequence` is each event's place in the log."
         ),
         "parameters": [
             {"name": "webhook-id", "in": "header", "required": True, "schema": {"type": "string"},
