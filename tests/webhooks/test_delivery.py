@@ -112,7 +112,9 @@ async def test_failing_attempts_follow_the_retry_schedule_and_are_logged(
     received = receiver.at("/down")
     assert len(received) == len(SCHEDULE) and set(ids(received)) == {event["id"]}
     for gap, delay in zip(gaps(received), SCHEDULE[1:]):
-        assert delay * 0.8 - 0.01 <= gap <= delay * 1.2 + 1.0, (gaps(received), SCHEDULE)  # + the machine's own time under load (a busy 2-core run took 0.78 s more)
+        # Never early; late by at most the machine's own time under load (busy 2-core runs took 0.78 s
+        # and 1.17 s more), well short of the dispatcher's 5 s poll, which a retry missing its wake-up would wait for.
+        assert delay * 0.8 - 0.01 <= gap <= delay * 1.2 + 2.5, (gaps(received), SCHEDULE)
     assert delivery["status"] == "failed" and delivery["event_id"] == event["id"] and delivery["delivered_at"] is None
     assert len(delivery["attempts"]) == len(SCHEDULE)
     for attempt in delivery["attempts"]:
