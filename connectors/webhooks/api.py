@@ -316,21 +316,8 @@ async def list_deliveries(
 async def resend_delivery(request: Request, endpoint_id: EndpointId, delivery_id: DeliveryId, institution: Member) -> dict[str, Any]:
     """Send the delivery again now, with the same ``webhook-id``, from a new round of the schedule
     (a disabled endpoint gets it once enabled again)."""
-
-    def resend(session: Session) -> dict[str, Any]:
-        delivery = session.get(Delivery, delivery_id)
-        endpoint = store.endpoint_of(session, institution, endpoint_id)
-        if endpoint is None or delivery is None or delivery.endpoint_id != endpoint_id:
-            raise ApiProblem(404, f"no delivery {delivery_id} of webhook endpoint {endpoint_id!r}", kind="not_found")
-        store.requeue(delivery, datetime.now(timezone.utc))
-        session.add(delivery)
-        session.flush()
-        return _deliveries(session, endpoint, [delivery])[0]
-
-    answer = await _in_transaction(request, resend)
-    if (running := _dispatcher(request)) is not None:
-        running.wake(endpoint_id)
-    return answer
+    return await _change_delivery(request, institution, endpoint_id, delivery_id,
+                                  lambda delivery: store.requeue(delivery, datetime.now(timezone.utc)))
 
 
 @router.post("/{endpoint_id}/deliveries/{delivery_id}/cancel", response_model=WebhookDelivery, responses=documented(401, 403, 404, 409, 422))
@@ -339,19 +326,30 @@ async def cancel_delivery(request: Request, endpoint_id: EndpointId, delivery_id
     deliveries about the same thing held back behind it go (``resend`` sends it again later).
     409 for a delivery already delivered."""
 
-    def cancel(session: Session) -> dict[str, Any]:
+    def cancel(delivery: Delivery) -> None:
+        if delivery.status == store.DELIVERED:
+            raise ApiProblem(409, f"delivery {delivery.id} was delivered already: there is nothing to cancel", kind="conflict")
+        store.give_up(delivery)
+
+    return await _change_delivery(request, institution, endpoint_id, delivery_id, cancel)
+
+
+async def _change_delivery(request: Request, institution: str, endpoint_id: str, delivery_id: int,
+                           change: Callable[[Delivery], None]) -> dict[str, Any]:
+    """Apply ``change`` to one of the institution's deliveries (404 for any other), answer the
+    delivery as it is then, and let the endpoint's worker look at what is due."""
+
+    def changed(session: Session) -> dict[str, Any]:
         delivery = session.get(Delivery, delivery_id)
         endpoint = store.endpoint_of(session, institution, endpoint_id)
         if endpoint is None or delivery is None or delivery.endpoint_id != endpoint_id:
             raise ApiProblem(404, f"no delivery {delivery_id} of webhook endpoint {endpoint_id!r}", kind="not_found")
-        if delivery.status == store.DELIVERED:
-            raise ApiProblem(409, f"delivery {delivery_id} was delivered already: there is nothing to cancel", kind="conflict")
-        store.give_up(delivery)
+        change(delivery)
         session.add(delivery)
         session.flush()
         return _deliveries(session, endpoint, [delivery])[0]
 
-    answer = await _in_transaction(request, cancel)
+    answer = await _in_transaction(request, changed)
     if (running := _dispatcher(request)) is not None:
         running.wake(endpoint_id)
     return answer
