@@ -340,22 +340,16 @@ def application_decided(session: Session, event: Event[ApplicationDecided]) -> N
     """Projected only when the workflow accepted the decision. An invitation to the second stage
     is not the decision yet: it keeps its own time and comment."""
     if event.data.decision == "invited":
-        row = session.get(CallApplication, (event.data.call_id, event.data.application_id))
-        assert row is not None  # the decider refused invitations of unknown applications
         comment = column_values(event.data, {"comment"}).get("comment")
-        row.sqlmodel_update({"status": "invited", "invited_at": event.logged_at, "invitation_comment": comment})
-        session.add(row)
+        _update(session, event, {"status": "invited", "invited_at": event.logged_at, "invitation_comment": comment})
         return
     _answered(session, event, event.data.decision, column_values(event.data, {"awarded_amount", "comment"}))
 
 
 def full_proposal_submitted(session: Session, event: Event[FullProposalSubmitted]) -> None:
     """Projected only when the workflow took the full proposal."""
-    row = session.get(CallApplication, (event.data.call_id, event.data.application_id))
-    assert row is not None  # the decider refused full proposals for unknown applications
     proposal = column_values(event.data, ("summary", "requested_amount", "url"))  # (stored as JSON: in this order)
-    row.sqlmodel_update({"status": "proposal_sent", "full_proposal_at": event.logged_at, "full_proposal": proposal})
-    session.add(row)
+    _update(session, event, {"status": "proposal_sent", "full_proposal_at": event.logged_at, "full_proposal": proposal})
 
 
 def application_withdrawn(session: Session, event: Event[ApplicationWithdrawn]) -> None:
@@ -365,9 +359,15 @@ def application_withdrawn(session: Session, event: Event[ApplicationWithdrawn]) 
 
 def _answered(session: Session, event: Event[Any], status: str, values: Mapping[str, Any]) -> None:
     """The application the decision or withdrawal ``event`` is about takes ``status`` and ``values``."""
+    _update(session, event, {**values, "status": status, "decided_at": event.logged_at})
+
+
+def _update(session: Session, event: Event[Any], values: Mapping[str, Any]) -> None:
+    """The application ``event`` is about (a decision, withdrawal or full proposal the workflow
+    accepted) takes ``values``."""
     row = session.get(CallApplication, (event.data.call_id, event.data.application_id))
-    assert row is not None  # the decider refused decisions on, and withdrawals of, unknown applications
-    row.sqlmodel_update({**values, "status": status, "decided_at": event.logged_at})
+    assert row is not None  # the deciders refuse all three for unknown applications
+    row.sqlmodel_update(dict(values))
     session.add(row)
 
 
