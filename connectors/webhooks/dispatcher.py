@@ -165,6 +165,10 @@ class Claim:
     attempts_before: int = 0
     due_at: datetime | None = None
     """The delivery's attempts and next attempt before the claim (to give it back unattempted)."""
+    lease: datetime | None = None
+    """The next attempt the claim wrote (no earlier than this attempt's end). The attempt's outcome
+    changes the delivery only while it still says so: a delivery given up (``cancel``) or sent again
+    (``resend``) while its attempt was under way keeps what its owner asked for."""
 
 
 # --- recording what is owed ---------------------------------------------------------------------
@@ -571,12 +575,10 @@ class WebhookDispatcher:
                     continue
                 retry_in = self.schedule.after(row.attempts + 1)
                 # Should this attempt never report (a crash), the next one comes no earlier than planned.
-                claimed.append({
-                    "b_id": row.id, "b_attempts": row.attempts + 1,
-                    "b_next": now + timedelta(seconds=self.timeout + (retry_in or 0.0) + 1.0),
-                })
+                lease = now + timedelta(seconds=self.timeout + (retry_in or 0.0) + 1.0)
+                claimed.append({"b_id": row.id, "b_attempts": row.attempts + 1, "b_next": lease})
                 claims.append(Claim(row.id, endpoint_id, row.event_id, row.seq, endpoint.url, secrets, retry_in,
-                                    row.attempts, row.next_attempt_at))
+                                    row.attempts, row.next_attempt_at, lease))
             answers.append((claims, next_due))
         if claimed:
             connection.execute(store.CLAIM, claimed)
@@ -604,8 +606,9 @@ class WebhookDispatcher:
 
         def give_back() -> None:
             with self.engine.begin() as connection:
-                connection.execute(store.CLAIM, [
-                    {"b_id": c.delivery_id, "b_attempts": c.attempts_before, "b_next": c.due_at} for c in claims
+                connection.execute(store.RELEASE, [
+                    {"b_id": c.delivery_id, "b_attempts": c.attempts_before, "b_next": c.due_at, "b_lease": c.lease}
+                    for c in claims
                 ])
 
         async with self.db_lock:
@@ -642,7 +645,7 @@ class WebhookDispatcher:
         owed, and whether the endpoint got disabled."""
         endpoint_ids = list(dict.fromkeys(claim.endpoint_id for claim, _ in settled))
         endpoints = {row.id: dict(row._mapping) for row in connection.execute(store.ENDPOINTS_TO_SETTLE, {"ids": endpoint_ids})}
-        present = set(connection.scalars(store.DELIVERIES_PRESENT, {"ids": [claim.delivery_id for claim, _ in settled]}))
+        leases = {row.id: row.next_attempt_at for row in connection.execute(store.DELIVERIES_LEASED, {"ids": [claim.delivery_id for claim, _ in settled]})}
         attempts: list[dict[str, Any]] = []
         delivered: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
@@ -651,32 +654,37 @@ class WebhookDispatcher:
         answers: list[tuple[bool, bool]] = []
         for claim, outcome in settled:
             endpoint = endpoints.get(claim.endpoint_id)
-            if endpoint is None or claim.delivery_id not in present:  # deleted meanwhile
+            if endpoint is None or claim.delivery_id not in leases:  # deleted meanwhile
                 answers.append((False, False))
                 continue
+            kept = leases[claim.delivery_id] != claim.lease  # given up or sent again meanwhile (see Claim.lease)
             attempts.append({
                 "delivery_id": claim.delivery_id, "attempted_at": now - timedelta(milliseconds=outcome.latency_ms),
                 "status_code": outcome.status_code, "latency_ms": outcome.latency_ms,
                 "error": outcome.error[:500] if outcome.error else None, "response": outcome.response,
             })
             changed.add(claim.endpoint_id)
-            if outcome.delivered:
+            if outcome.delivered:  # the receiver has it, whatever was asked meanwhile
                 delivered.append({"b_id": claim.delivery_id, "b_at": now})
                 endpoint["last_success_at"], endpoint["failing_since"] = now, None
                 answers.append((False, False))
                 continue
             endpoint["failing_since"] = endpoint["failing_since"] or now
-            if claim.retry_in is None or outcome.status_code == 410:
-                next_at, status = None, store.FAILED
+            if kept:
+                next_at = leases[claim.delivery_id]
+                then = "its delivery was given up or sent again meanwhile"
             else:
-                next_at, status = now + timedelta(seconds=max(claim.retry_in, outcome.retry_after or 0.0)), store.PENDING
-            failed.append({"b_id": claim.delivery_id, "b_status": status, "b_next": next_at})
+                if claim.retry_in is None or outcome.status_code == 410:
+                    next_at, status = None, store.FAILED
+                else:
+                    next_at, status = now + timedelta(seconds=max(claim.retry_in, outcome.retry_after or 0.0)), store.PENDING
+                failed.append({"b_id": claim.delivery_id, "b_status": status, "b_next": next_at})
+                then = f"next attempt at {next_at.isoformat(timespec='seconds')}" if next_at is not None else "no more attempts"
             log.warning(
                 "webhooks: endpoint %s did not take event %s (attempt %d: %s); %s", claim.endpoint_id, claim.event_id,
                 claim.attempts_before + 1,
                 f"HTTP {outcome.status_code}" if outcome.status_code is not None else (outcome.error or "no answer")[:200],
-                f"next attempt at {next_at.isoformat(timespec='seconds')}" if next_at is not None else "no more attempts",
-                extra={"event_id": claim.event_id, "endpoint_id": claim.endpoint_id},
+                then, extra={"event_id": claim.event_id, "endpoint_id": claim.endpoint_id},
             )
             if endpoint["enabled"] and outcome.status_code == 410:
                 endpoint["enabled"], endpoint["disabled_reason"] = False, "the endpoint answered 410 Gone"

@@ -300,7 +300,14 @@ NOT_DELIVERED = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).valu
 )
 ADD_ATTEMPT = sa.insert(_ATTEMPTS)
 """One attempt (``delivery_id``, ``attempted_at``, ``status_code``, ``latency_ms``, ``error``, ``response``)."""
-DELIVERIES_PRESENT = sa.select(_D.id).where(_D.id.in_(sa.bindparam("ids", expanding=True)))
+RELEASE = CLAIM.where(_D.next_attempt_at == sa.bindparam("b_lease"))
+"""A claim given back unattempted (``b_lease``: the next attempt the claim wrote), unless the
+delivery was changed meanwhile."""
+DELIVERIES_LEASED = (
+    sa.select(_D.id, _D.next_attempt_at).where(_D.id.in_(sa.bindparam("ids", expanding=True))).with_for_update()
+)
+"""The next attempt of the deliveries ``ids`` that still exist: what a claim wrote, unless they
+were changed meanwhile."""
 ENDPOINTS_TO_SETTLE = (
     sa.select(_E.id, _E.enabled, _E.disabled_reason, _E.updated_at, _E.last_success_at, _E.failing_since)
     .where(_E.id.in_(sa.bindparam("ids", expanding=True)))

@@ -38,12 +38,14 @@ TIMEOUT = 3.0
 
 @dataclass(frozen=True)
 class Answer:
-    """How a receiver answers one request; ``hang``: never, until the sender gives up."""
+    """How a receiver answers one request; ``hang``: never, until the sender gives up; ``hold``:
+    once the test sets this event."""
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b"ok"
     hang: bool = False
+    hold: asyncio.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class Receiver:
                 pass
             self.log.append(("abandoned", path))
             return
+        if answer.hold is not None:
+            await answer.hold.wait()
         await send({"type": "http.response.start", "status": answer.status, "headers": [(k.encode(), v.encode()) for k, v in answer.headers.items()]})
         await send({"type": "http.response.body", "body": answer.body})
 

@@ -211,6 +211,61 @@ async def test_a_delivery_cancelled_by_its_owner_lets_those_behind_it_go(network
     problem(await gateway.client.post(f"{path}/{owed[first['id']]['id']}/cancel", headers=gateway.auth(other)), 404, "not_found")
 
 
+async def attempt_under_way(gateway: Gateway, receiver: Receiver, path: str) -> tuple[str, str, dict[str, Any], asyncio.Event]:
+    """An endpoint of a new member whose first attempt is held by the receiver until the returned
+    event is set, then answered 500 (later attempts 200); returns the member, the endpoint's id,
+    the delivery and the event."""
+    owner = await gateway.join("municipality")
+    go_on = asyncio.Event()
+    receiver.answer(path, Answer(500, hold=go_on), Answer(200))
+    endpoint = await register(gateway, owner, receiver.url(path), ["project.*"])
+    await offer_project(gateway, owner)
+    await eventually(lambda: len(receiver.at(path)) == 1, what="the attempt under way")
+    [delivery] = await deliveries(gateway, owner, endpoint["id"])
+    assert delivery["attempts"] == [] and delivery["next_attempt_at"] is not None  # claimed, not settled
+    return owner, endpoint["id"], delivery, go_on
+
+
+async def test_a_delivery_given_up_while_its_attempt_is_under_way_stays_given_up(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner, endpoint_id, delivery, go_on = await attempt_under_way(gateway, receiver, "/given-up")
+    path = f"/webhooks/{endpoint_id}/deliveries"
+    cancelled = await gateway.client.post(f"{path}/{delivery['id']}/cancel", headers=gateway.auth(owner))
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "failed", cancelled.text
+    go_on.set()  # the attempt fails now: recorded, and the delivery stays given up
+
+    async def recorded() -> dict[str, Any] | None:
+        [found] = await deliveries(gateway, owner, endpoint_id)
+        return found if found["attempts"] else None
+
+    settled_one = await eventually(recorded, what="the attempt recorded")
+    assert [a["status_code"] for a in settled_one["attempts"]] == [500]
+    assert settled_one["status"] == "failed" and settled_one["next_attempt_at"] is None
+    await asyncio.sleep(SCHEDULE[1] + 1.0)  # past when its retry would have come
+    assert len(receiver.at("/given-up")) == 1
+
+
+async def test_a_delivery_sent_again_while_its_attempt_is_under_way_is_not_undone_by_it(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner, endpoint_id, delivery, go_on = await attempt_under_way(gateway, receiver, "/sent-again")
+    path = f"/webhooks/{endpoint_id}/deliveries"
+    resent = await gateway.client.post(f"{path}/{delivery['id']}/resend", headers=gateway.auth(owner))
+    assert resent.status_code == 202, resent.text
+    await eventually(lambda: len(receiver.at("/sent-again")) == 2, what="the delivery sent again")
+    await settled(gateway, owner, endpoint_id, 1)
+    go_on.set()  # the first attempt fails after the second one delivered
+
+    async def both_recorded() -> dict[str, Any] | None:
+        [found] = await deliveries(gateway, owner, endpoint_id)
+        return found if len(found["attempts"]) == 2 else None
+
+    found = await eventually(both_recorded, what="both attempts recorded")
+    assert sorted(a["status_code"] for a in found["attempts"]) == [200, 500]
+    assert found["status"] == "delivered" and found["next_attempt_at"] is None
+    await asyncio.sleep(SCHEDULE[1] + 1.0)
+    assert len(receiver.at("/sent-again")) == 2
+
+
 async def test_an_unordered_endpoint_gets_what_waited_behind_a_failing_delivery_at_once(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner = await gateway.join("municipality")
