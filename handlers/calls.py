@@ -23,6 +23,7 @@ from handlers.rules import calls as rules
 from handlers.rules.calls import Applicant, ApplicationSnapshot, CallSnapshot, CallStatus
 from schemas.calls import (
     ApplicationDecided,
+    ApplicationLapsed,
     ApplicationRejected,
     ApplicationSubmitted,
     ApplicationWithdrawn,
@@ -105,7 +106,7 @@ class CallApplication(TableRow, table=True):
     project_id: str | None = Field(default=None, max_length=128)
     partners: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     requested_amount: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
-    status: str = Field(max_length=16)
+    status: str = Field(index=True, max_length=16)
     """:data:`handlers.rules.calls.ApplicationStatus`"""
     reason: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     """``{code, message}`` of a rejection."""
@@ -269,6 +270,27 @@ def close_overdue_calls(ctx: Context) -> None:
         )
 
 
+def lapse_invitations(ctx: Context) -> None:
+    """Timer: an application invited to a two-stage call's second stage that sent no full
+    proposal lapses once the call's deadline for full proposals has passed (a proposal logged at
+    that moment was still in time), in the publisher's name. A lapsed application is not
+    selected again, so a second tick emits nothing."""
+    lapsing = (
+        select(CallApplication.call_id, CallApplication.application_id, CallApplication.applicant, Call.owner)
+        .join(Call, col(Call.call_id) == col(CallApplication.call_id))
+        .where(col(CallApplication.status) == "invited", col(Call.deadline_model) == "two_stage",
+               col(Call.full_proposal_deadline).is_not(None), col(Call.full_proposal_deadline) < ctx.now)
+        .order_by(col(Call.full_proposal_deadline), col(CallApplication.call_id), col(CallApplication.application_id))
+    )
+    for call_id, application_id, applicant, owner in ctx.session.exec(lapsing).all():
+        ctx.emit(
+            "call.application_lapsed",
+            {"call_id": call_id, "application_id": application_id, "applicant": applicant},
+            source=owner,
+            key=f"{call_id}/{application_id}",
+        )
+
+
 # --- projections -------------------------------------------------------------------------------
 
 
@@ -357,6 +379,14 @@ def application_withdrawn(session: Session, event: Event[ApplicationWithdrawn]) 
     _answered(session, event, "withdrawn", {"comment": dict(event.data.reason) if event.data.reason else None})
 
 
+def application_lapsed(session: Session, event: Event[ApplicationLapsed]) -> None:
+    """The application lapsed at the call's deadline for full proposals (also when the bus says
+    so later, after downtime)."""
+    call = session.get(Call, event.data.call_id)
+    assert call is not None and call.full_proposal_deadline is not None  # the timer's selection
+    _update(session, event, {"status": "lapsed", "decided_at": min(call.full_proposal_deadline, event.logged_at)})
+
+
 def _answered(session: Session, event: Event[Any], status: str, values: Mapping[str, Any]) -> None:
     """The application the decision or withdrawal ``event`` is about takes ``status`` and ``values``."""
     _update(session, event, {**values, "status": status, "decided_at": event.logged_at})
@@ -364,9 +394,9 @@ def _answered(session: Session, event: Event[Any], status: str, values: Mapping[
 
 def _update(session: Session, event: Event[Any], values: Mapping[str, Any]) -> None:
     """The application ``event`` is about (a decision, withdrawal or full proposal the workflow
-    accepted) takes ``values``."""
+    accepted, or its lapse) takes ``values``."""
     row = session.get(CallApplication, (event.data.call_id, event.data.application_id))
-    assert row is not None  # the deciders refuse all three for unknown applications
+    assert row is not None  # the deciders refuse the first three for unknown applications; the timer lapses known ones
     row.sqlmodel_update(dict(values))
     session.add(row)
 
@@ -380,6 +410,7 @@ PROJECTIONS: dict[str, Projection] = {
     "call.application_decided": application_decided,
     "call.application_withdrawn": application_withdrawn,
     "call.full_proposal_submitted": full_proposal_submitted,
+    "call.application_lapsed": application_lapsed,
 }
 DECIDERS: dict[str, Decider] = {
     "call.published": decide_publication,
@@ -390,7 +421,7 @@ DECIDERS: dict[str, Decider] = {
     "call.amended": decide_amendment,
     "call.closed": decide_closing,
 }
-TIMERS: tuple[Timer, ...] = (close_overdue_calls,)
+TIMERS: tuple[Timer, ...] = (close_overdue_calls, lapse_invitations)
 
 
 # --- who may see the workflow's events -------------------------------------------------------------
@@ -398,6 +429,7 @@ TIMERS: tuple[Timer, ...] = (close_overdue_calls,)
 APPLICATION_EVENTS = frozenset({
     "call.application_submitted", "call.application_received", "call.application_rejected",
     "call.application_decided", "call.application_withdrawn", "call.full_proposal_submitted",
+    "call.application_lapsed",
 })
 """Applications, the answers to them, and what becomes of them: not every member's business
 (competing applicants would see each other's requests, amounts and awards)."""

@@ -27,6 +27,7 @@ from schemas.common import (
 
 __all__ = [
     "ApplicationDecided",
+    "ApplicationLapsed",
     "ApplicationReceived",
     "ApplicationRefusal",
     "ApplicationRejected",
@@ -59,7 +60,8 @@ class CallPublished(EventData):
     A `two_stage` call takes short applications until its `deadline`; its publisher invites some
     of them (`call.application_decided` with `invited`) to send a full proposal
     (`call.full_proposal_submitted`) by the `full_proposal_deadline` (none: no limit), and awards
-    only applications with one."""
+    only applications with one. An invited application without one when that deadline has
+    passed lapses (`call.application_lapsed`)."""
 
     call_id: AggregateId
     title: LocalizedText
@@ -212,6 +214,16 @@ class FullProposalSubmitted(EventData):
     url: WebUrl | None = None
 
 
+class ApplicationLapsed(EventData):
+    """An application invited to a two-stage call's second stage sent no full proposal by the
+    call's `full_proposal_deadline`: the bus says so once that deadline has passed, in the
+    publisher's name. Nothing more can be done with the application."""
+
+    call_id: AggregateId
+    application_id: AggregateId
+    applicant: InstitutionId
+
+
 class CallActionRefusal(Reason):
     """Why the calls workflow refused a publication, an amendment, a closing, or a decision on,
     withdrawal of or full proposal for an application."""
@@ -233,6 +245,7 @@ class CallActionRefusal(Reason):
         "no_full_proposal",
         "already_submitted",
         "after_full_proposal_deadline",
+        "lapsed",
     ]
 
 

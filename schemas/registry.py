@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 
 from schemas.calls import (
     ApplicationDecided,
+    ApplicationLapsed,
     ApplicationReceived,
     ApplicationRejected,
     ApplicationSubmitted,
@@ -148,6 +149,7 @@ _CATALOG: tuple[tuple[str, EventModel, frozenset[str], bool, str], ...] = (
     ("call.application_decided", ApplicationDecided, _MEMBERS, False, "call_id"),
     ("call.application_withdrawn", ApplicationWithdrawn, _MEMBERS, False, "call_id"),
     ("call.full_proposal_submitted", FullProposalSubmitted, _MEMBERS, False, "call_id"),
+    ("call.application_lapsed", ApplicationLapsed, _BUS, True, "call_id"),
     ("call.action_rejected", CallActionRejected, _BUS, True, "call_id"),
     ("project.registered", ProjectRegistered, _ALL, False, "project_id"),
     ("project.updated", ProjectUpdated, _ALL, False, "project_id"),

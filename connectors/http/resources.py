@@ -86,7 +86,8 @@ class Application(Resource):
     applicant (``decided_at``, and the decision's ``comment`` or the withdrawal's reason). In a
     two-stage call a received application is ``invited`` to the second stage first
     (``invited_at``, ``invitation_comment``), then ``proposal_sent`` (``full_proposal``,
-    ``full_proposal_at``)."""
+    ``full_proposal_at``), or ``lapsed`` without one when the deadline for full proposals has
+    passed (``decided_at``: that deadline)."""
 
     call_id: str
     application_id: str

@@ -11,13 +11,14 @@ from typing import Literal
 from handlers.rules import Refusal
 
 CallStatus = Literal["upcoming", "open", "closed"]
-ApplicationStatus = Literal["received", "rejected", "invited", "proposal_sent", "awarded", "declined", "withdrawn"]
+ApplicationStatus = Literal["received", "rejected", "invited", "proposal_sent", "awarded", "declined", "withdrawn", "lapsed"]
 """Where an application stands: the call's answer (``received``, ``rejected``), then the
 publisher's decision on a received one (``awarded``, ``declined``) or the applicant taking it
 back (``withdrawn``). In a two-stage call a received application is first ``invited`` to the
-second stage, then ``proposal_sent`` once its full proposal came, and awarded only then."""
+second stage, then ``proposal_sent`` once its full proposal came, and awarded only then; an
+invited one without a full proposal when the deadline for them has passed is ``lapsed``."""
 
-FINAL: frozenset[str] = frozenset({"awarded", "declined", "withdrawn"})
+FINAL: frozenset[str] = frozenset({"awarded", "declined", "withdrawn", "lapsed"})
 """The statuses after which an application does not change any more."""
 
 
@@ -134,8 +135,14 @@ def amendment_refusal(
     (``opens_at``/``deadline``/``full_proposal_deadline``: the new values, if changed;
     ``changed``: the fields the amendment sets or clears). Once a two-stage call's first stage
     is over, its deadline for full proposals may still be moved (unless the publisher closed
-    the call before its deadline)."""
+    the call before its deadline), until it has passed: the invited applications without a full
+    proposal lapse then."""
     full_proposal_deadline_given = "full_proposal_deadline" in changed
+    if (full_proposal_deadline_given and call is not None and actor == call.owner
+            and call.full_proposal_deadline is not None and logged_at > call.full_proposal_deadline):
+        return Refusal("after_full_proposal_deadline",
+                       f"The call's deadline for full proposals was {call.full_proposal_deadline.isoformat()}: "
+                       "the second stage is over.")
     refusal = _owner_action_refusal(call, actor, logged_at)
     if (refusal is not None and refusal.code == "call_closed" and call is not None and call.two_stage
             and changed == {"full_proposal_deadline"} and not _closed_early(call)):
@@ -253,6 +260,9 @@ def _open_application_refusal(application: ApplicationSnapshot | None) -> Refusa
         return Refusal("not_received", f"Application {application.application_id} was rejected by the call: there is nothing to decide or withdraw.")
     if application.status == "withdrawn":
         return Refusal("already_withdrawn", f"Application {application.application_id} was withdrawn by {application.applicant}.")
+    if application.status == "lapsed":
+        return Refusal("lapsed", f"Application {application.application_id} lapsed: it sent no full proposal by the call's "
+                                 "deadline for full proposals.")
     if application.status in FINAL:
         return Refusal("already_decided", f"Application {application.application_id} was already decided: {application.status}.")
     return None

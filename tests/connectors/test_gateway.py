@@ -501,6 +501,39 @@ async def test_a_two_stage_calls_invitation_and_full_proposal_are_seen_by_the_ap
     assert [entry["application_id"] for entry in listed.json()["items"]] == [ours["application_id"]]
 
 
+async def test_an_invitation_that_lapses_is_seen_lapsed_by_the_applications_parties_only(gateway: Gateway, municipality: str) -> None:
+    funder, partner, competitor = await gateway.join("funder", "SE"), await gateway.join("ngo"), await gateway.join("ngo")
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    call_id, application_id = unique("c"), unique("a")
+    due = now + timedelta(seconds=5)  # the bus's own timer lapses the invitation once this has passed
+    await gateway.offer(funder, "call.published", {
+        "call_id": call_id, "title": {"en": "Care at home"}, "kind": "funding", "opens_at": (now - timedelta(days=1)).isoformat(),
+        "deadline": (now + timedelta(seconds=3)).isoformat(), "deadline_model": "two_stage", "full_proposal_deadline": due.isoformat(),
+    })
+    await gateway.offer(municipality, "call.application_submitted", {"call_id": call_id, "application_id": application_id, "partners": [partner]})
+    await gateway.settle()
+    await gateway.offer(funder, "call.application_decided", {"call_id": call_id, "application_id": application_id, "decision": "invited"})
+    path = f"/calls/{call_id}/applications/{application_id}"
+    deadline = asyncio.get_running_loop().time() + 30
+    while (item := (await gateway.client.get(path, headers=gateway.auth(partner))).json())["status"] != "lapsed":
+        assert asyncio.get_running_loop().time() < deadline, item
+        await asyncio.sleep(0.2)
+    assert datetime.fromisoformat(item["decided_at"]) == due and item["invited_at"] is not None and item["full_proposal"] is None
+    await gateway.settle()
+
+    async def lapses_seen(institution: str) -> list[dict[str, Any]]:
+        found = await gateway.client.get("/events", params={"type": "call.application_lapsed", "subject": call_id},
+                                         headers=gateway.auth(institution))
+        return [item["event"] for item in found.json()["items"]]
+
+    for party in (funder, municipality, partner):
+        [lapse] = await lapses_seen(party)
+        assert lapse["source"] == f"/institutions/{funder}" and lapse["data"]["application_id"] == application_id
+    assert await lapses_seen(competitor) == []
+    listed = await gateway.client.get("/applications", params={"status": "lapsed"}, headers=gateway.auth(municipality))
+    assert [entry["application_id"] for entry in listed.json()["items"]] == [application_id]
+
+
 async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gateway, municipality: str) -> None:
     coordinator = await gateway.join("competence_centre")
     first = await gateway.join("university")

@@ -493,9 +493,10 @@ async def test_a_call_closed_by_its_owner_is_not_closed_again_by_the_bus(scenari
 # --- two-stage calls -----------------------------------------------------------------------------
 
 
-def two_stage(call_id: str, *, full_proposals_in: timedelta | None = timedelta(days=60)) -> dict[str, Any]:
+def two_stage(call_id: str, *, full_proposals_in: timedelta | None = timedelta(days=60),
+              closes_in: timedelta = timedelta(days=30)) -> dict[str, Any]:
     """The ESF+ call with a second stage: full proposals by ``full_proposals_in`` from now (None: no limit)."""
-    event = published(call_id)
+    event = published(call_id, closes_in=closes_in)
     event["data"]["deadline_model"] = "two_stage"
     if full_proposals_in is not None:
         event["data"]["full_proposal_deadline"] = (now() + full_proposals_in).isoformat()
@@ -577,14 +578,10 @@ async def test_a_single_stage_call_neither_invites_nor_takes_full_proposals(scen
 
 async def test_full_proposals_come_by_their_deadline_which_may_move_after_the_first_stage(scenario: Scenario, call_id: str) -> None:
     await scenario.given(two_stage(call_id), application(call_id, "app-1"), decided(call_id, "app-1", "invited"))
-    # The first stage ends; the second stage's deadline is moved into the past.
-    await scenario.given(amended(call_id, {"deadline": (now() - timedelta(hours=2)).isoformat(),
-                                           "full_proposal_deadline": (now() - timedelta(hours=1)).isoformat()}))
-    late = refused(await scenario.when(full_proposal(call_id, "app-1")), "after_full_proposal_deadline")
-    assert "deadline for full proposals was" in late["data"]["reason"]["message"]["en"]
-    # After the first stage only the second stage's deadline may still change, and only after the first's.
-    refused(await scenario.when(amended(call_id, {"full_proposal_deadline": (now() - timedelta(hours=3)).isoformat()})), "invalid_window")
+    # The first stage ends; the second stage's deadline may still move, only after the first's.
+    await scenario.given(amended(call_id, {"deadline": (now() - timedelta(hours=2)).isoformat()}))
     refused(await scenario.when(amended(call_id, {"deadline": (now() + timedelta(days=1)).isoformat()})), "call_closed")
+    refused(await scenario.when(amended(call_id, {"full_proposal_deadline": (now() - timedelta(hours=3)).isoformat()})), "invalid_window")
     assert await scenario.when(amended(call_id, {"full_proposal_deadline": (now() + timedelta(days=7)).isoformat()})) == []
     assert await scenario.when(full_proposal(call_id, "app-1")) == []
     with scenario.session() as session:
@@ -592,6 +589,51 @@ async def test_full_proposals_come_by_their_deadline_which_may_move_after_the_fi
         stored = session.get(CallApplication, (call_id, "app-1"))
         assert call is not None and call.full_proposal_deadline is not None and call.full_proposal_deadline > now()
         assert stored is not None and stored.status == "proposal_sent"
+
+
+async def test_an_invited_application_without_a_full_proposal_lapses_once_their_deadline_has_passed(
+    scenario: Scenario, call_id: str
+) -> None:
+    await scenario.given(two_stage(call_id), application(call_id, "app-1"), application(call_id, "app-2", by=PARTNER),
+                         application(call_id, "app-3"), decided(call_id, "app-1", "invited"), decided(call_id, "app-2", "invited"))
+    assert await scenario.when(full_proposal(call_id, "app-1")) == []
+    # Both deadlines are moved into the past: app-2 sent nothing in time, app-3 was never invited.
+    due = now() - timedelta(hours=1)
+    await scenario.given(amended(call_id, {"deadline": (now() - timedelta(hours=2)).isoformat(), "full_proposal_deadline": due.isoformat()}))
+    late = refused(await scenario.when(full_proposal(call_id, "app-2", by=PARTNER)), "after_full_proposal_deadline")
+    assert "deadline for full proposals was" in late["data"]["reason"]["message"]["en"]
+    moved = refused(await scenario.when(amended(call_id, {"full_proposal_deadline": (now() + timedelta(days=7)).isoformat()})),
+                    "after_full_proposal_deadline")
+    assert "the second stage is over" in moved["data"]["reason"]["message"]["en"]
+
+    ticked = await scenario.tick(now())
+    assert sorted(e["type"] for e in ticked) == ["call.application_lapsed", "call.closed"]  # the first stage's end too
+    lapsed = the_only([e for e in ticked if e["type"] != "call.closed"], "call.application_lapsed")
+    assert lapsed["source"] == f"/institutions/{OWNER}"  # in the publisher's name, like the call's closing
+    assert lapsed["data"] == {"call_id": call_id, "application_id": "app-2", "applicant": PARTNER}
+    assert await scenario.tick(now()) == []  # once
+    with scenario.session() as session:
+        statuses = {a.application_id: a for a in session.exec(select(CallApplication).where(CallApplication.call_id == call_id))}
+        assert {k: a.status for k, a in statuses.items()} == {"app-1": "proposal_sent", "app-2": "lapsed", "app-3": "received"}
+        assert statuses["app-2"].decided_at == due  # at the deadline, not when the timer said so
+
+    # Nothing more can be done with it.
+    for tried in (decided(call_id, "app-2", "declined"), withdrawn(call_id, "app-2", by=PARTNER),
+                  full_proposal(call_id, "app-2", by=PARTNER)):
+        assert "lapsed: it sent no full proposal" in refused(await scenario.when(tried), "lapsed")["data"]["reason"]["message"]["en"]
+    assert await scenario.when(decided(call_id, "app-1", amount={"amount": "200000.00", "currency": "EUR"})) == []
+
+
+async def test_no_application_lapses_before_the_deadline_for_full_proposals_or_without_one(scenario: Scenario, call_id: str) -> None:
+    unlimited = f"{call_id}-unlimited"
+    soon = timedelta(minutes=30)
+    await scenario.given(two_stage(call_id, full_proposals_in=timedelta(hours=2), closes_in=soon), application(call_id, "app-1"),
+                         decided(call_id, "app-1", "invited"), two_stage(unlimited, full_proposals_in=None, closes_in=soon),
+                         application(unlimited, "app-1"), decided(unlimited, "app-1", "invited"))
+    closings = await scenario.tick(now() + timedelta(hours=1))  # the first stages end; nothing lapses yet
+    assert [e["type"] for e in closings] == ["call.closed", "call.closed"]
+    lapsed = the_only(await scenario.tick(now() + timedelta(hours=3)), "call.application_lapsed")
+    assert lapsed["data"]["call_id"] == call_id  # the call without a deadline for full proposals has none to pass
 
 
 async def test_a_call_its_publisher_cancelled_takes_no_full_proposals(scenario: Scenario, call_id: str) -> None:

@@ -38,7 +38,7 @@ CATALOG_V1 = {
     "institution.joined", "institution.updated", "institution.left",
     "call.published", "call.amended", "call.closed", "call.application_submitted",
     "call.application_received", "call.application_rejected", "call.application_decided",
-    "call.application_withdrawn", "call.full_proposal_submitted", "call.action_rejected",
+    "call.application_withdrawn", "call.full_proposal_submitted", "call.application_lapsed", "call.action_rejected",
     "project.registered", "project.updated", "project.partner_joined", "project.adopted",
     "project.impact_reported", "project.completed", "project.action_rejected",
     "validation.requested", "validation.reviewer_assigned", "validation.reviewer_unassigned", "validation.info_requested",
@@ -55,7 +55,8 @@ organiser's event that cannot stand is refused, as calls', projects' and validat
 ``validation.reviewer_unassigned`` (a coordinator could assign a reviewer, never take one off),
 ``call.application_decided`` and ``call.application_withdrawn`` (a funder could receive
 applications, never say which it funds; an applicant could not take one back), and
-``call.full_proposal_submitted`` (a call's ``two_stage`` deadline model had no second stage)."""
+``call.full_proposal_submitted`` and ``call.application_lapsed`` (a call's ``two_stage`` deadline
+model had no second stage)."""
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def test_registry_covers_exactly_the_v1_catalog() -> None:
-    assert len(CATALOG_V1) == 40
+    assert len(CATALOG_V1) == 41
     assert set(event_types()) == CATALOG_V1
     assert event_types() == sorted(CATALOG_V1)
     assert set(REGISTRY) == {(t, 1) for t in CATALOG_V1}
@@ -155,7 +156,7 @@ def test_may_emit(kind: str, type_: str, allowed: bool) -> None:
 
 def test_nobody_outside_emits_bus_only_types() -> None:
     bus_only = {
-        "call.application_received", "call.application_rejected", "call.action_rejected",
+        "call.application_received", "call.application_rejected", "call.application_lapsed", "call.action_rejected",
         "project.action_rejected", "validation.action_rejected",
         "innovation_day.registration_confirmed", "innovation_day.registration_waitlisted",
         "innovation_day.registration_rejected", "innovation_day.meetings_proposed", "innovation_day.action_rejected",
