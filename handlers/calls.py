@@ -199,8 +199,9 @@ def decide_decision(ctx: Context) -> None:
     assert ctx.event is not None
     data: ApplicationDecided = ctx.event.data
     currency = data.awarded_amount.currency if data.awarded_amount is not None else None
+    logged_at = ctx.event.logged_at
     _judge_application_action(ctx, lambda call, application, actor: rules.decision_refusal(
-        call, application, actor, decision=data.decision, currency=currency))
+        call, application, actor, decision=data.decision, currency=currency, logged_at=logged_at))
 
 
 def decide_full_proposal(ctx: Context) -> None:

@@ -179,11 +179,13 @@ def decision_refusal(
     *,
     decision: str = "awarded",
     currency: str | None = None,
+    logged_at: datetime | None = None,
 ) -> Refusal | None:
     """Only the call's publisher decides, on a received application, once. ``currency``: that of
     the amount awarded (None: none named); it must be the call's budget's. In a two-stage call it
-    first invites applications to the second stage (``invited``, once) and awards only those that
-    sent their full proposal; it may decline at either stage."""
+    first invites applications to the second stage (``invited``, once, while the deadline for full
+    proposals has not passed at ``logged_at``) and awards only those that sent their full
+    proposal; it may decline at either stage."""
     if call is None:
         return Refusal("unknown_call", "There is no such call.")
     if actor != call.owner:
@@ -196,6 +198,9 @@ def decision_refusal(
             return Refusal("single_stage", "The call has a single stage: award or decline the application.")
         if application.status != "received":
             return Refusal("already_decided", f"Application {application.application_id} was already invited to the second stage.")
+        if call.full_proposal_deadline is not None and logged_at is not None and logged_at > call.full_proposal_deadline:
+            return Refusal("after_full_proposal_deadline", f"The call's deadline for full proposals was "
+                                                           f"{call.full_proposal_deadline.isoformat()}: the second stage is over.")
     elif decision == "awarded" and call.two_stage and application.status != "proposal_sent":
         return Refusal("no_full_proposal", f"Application {application.application_id} has no full proposal: a two-stage call "
                                            "awards an application once it sent one (invite it first).")

@@ -605,6 +605,7 @@ async def test_an_invited_application_without_a_full_proposal_lapses_once_their_
     moved = refused(await scenario.when(amended(call_id, {"full_proposal_deadline": (now() + timedelta(days=7)).isoformat()})),
                     "after_full_proposal_deadline")
     assert "the second stage is over" in moved["data"]["reason"]["message"]["en"]
+    refused(await scenario.when(decided(call_id, "app-3", "invited")), "after_full_proposal_deadline")  # too late to invite
 
     ticked = await scenario.tick(now())
     assert sorted(e["type"] for e in ticked) == ["call.application_lapsed", "call.closed"]  # the first stage's end too
