@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -476,9 +477,34 @@ def test_commands_that_only_connect_and_read_the_log_load_neither_the_bus_nor_th
     assert loaded.stdout.strip() == "[]"
 
 
-def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credentials(running_bus: dict[str, str], tmp_path: Path) -> None:
-    """``examples/nats_partner.py``: nats-py alone, as a partner's client in any language would do it."""
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="session")
+def node_example(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """``examples/node/nats_partner.mjs`` with the package its lock file pins (``npm ci``, from the
+    npm registry), as a command to run."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        if os.environ.get("CI"):
+            pytest.fail("the Node.js example needs node and npm in CI")
+        pytest.skip("node and npm are not installed")
+    work = tmp_path_factory.mktemp("node-example")
+    for name in ("nats_partner.mjs", "package.json", "package-lock.json"):
+        shutil.copy(EXAMPLES / "node" / name, work / name)
+    installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-2000:]
+    return [node, str(work / "nats_partner.mjs")]
+
+
+@pytest.mark.parametrize("language", ["python", "node"])
+def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credentials(
+    running_bus: dict[str, str], tmp_path: Path, language: str, request: pytest.FixtureRequest
+) -> None:
+    """``examples/nats_partner.py`` (nats-py alone) and ``examples/node/nats_partner.mjs`` (the
+    ``nats`` package alone), as a partner's client in any language would do it."""
     env = running_bus
+    example = [sys.executable, str(EXAMPLES / "nats_partner.py")] if language == "python" else request.getfixturevalue("node_example")
     member = unique("tr-nats")
     added = cli("institutions", "add", member, "--name", "NATS partner", "--kind", "municipality", "--country", "TR", env=env)
     assert added.returncode == 0, added.stderr + added.stdout
@@ -488,9 +514,8 @@ def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credential
     def run_example(event: dict[str, object], *flags: str) -> subprocess.CompletedProcess[str]:
         path = tmp_path / f"{event['id']}.json"
         path.write_text(json.dumps(event, ensure_ascii=False), encoding="utf-8")
-        example = Path(__file__).resolve().parents[2] / "examples" / "nats_partner.py"
-        return subprocess.run([sys.executable, str(example), f"nats://{env['COLLABBUS_NATS_LISTEN']}", str(creds), member,
-                               str(path), *flags], capture_output=True, text=True, timeout=60)
+        return subprocess.run([*example, f"nats://{env['COLLABBUS_NATS_LISTEN']}", str(creds), member, str(path), *flags],
+                              capture_output=True, text=True, timeout=60)
 
     def registered(title: dict[str, str]) -> dict[str, object]:
         project_id = unique("p")
@@ -517,17 +542,33 @@ def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credential
     assert wrong.returncode == 1 and "rejected (forbidden)" in wrong.stdout and "source:" in wrong.stdout, wrong.stdout
 
 
+HEADER_VALUES = ('Kortteli "keittiöt" 100%', "مطابخ الأحياء", "2026-12-03T12:00:00+03:00", "a b\tc")
+
+
 def test_the_nats_partner_example_percent_encodes_header_values_as_the_gate_decodes_them() -> None:
     import importlib.util
     from urllib.parse import unquote_to_bytes
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "nats_partner.py"
-    spec = importlib.util.spec_from_file_location("nats_partner", path)
+    spec = importlib.util.spec_from_file_location("nats_partner", EXAMPLES / "nats_partner.py")
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    for value in ('Kortteli "keittiöt" 100%', "مطابخ الأحياء", "2026-12-03T12:00:00+03:00", "a b\tc"):
+    for value in HEADER_VALUES:
         encoded = example.percent_encoded(value)
         assert all(0x21 <= ord(c) <= 0x7E and c != '"' for c in encoded), encoded
         assert unquote_to_bytes(encoded).decode("utf-8") == value
     assert example.percent_encoded("2026-12-03T12:00:00+03:00") == "2026-12-03T12:00:00+03:00"  # left as it is
+
+
+def test_the_node_example_percent_encodes_header_values_as_the_python_one(node_example: list[str]) -> None:
+    import importlib.util
+
+    node, module = node_example
+    script = f"import({json.dumps(Path(module).as_uri())}).then(m => console.log(JSON.stringify({json.dumps(HEADER_VALUES)}.map(m.percentEncoded))))"
+    encoded = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60)
+    assert encoded.returncode == 0, encoded.stderr
+    spec = importlib.util.spec_from_file_location("nats_partner", EXAMPLES / "nats_partner.py")
+    assert spec is not None and spec.loader is not None
+    python = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(python)
+    assert json.loads(encoded.stdout) == [python.percent_encoded(value) for value in HEADER_VALUES]
