@@ -1,12 +1,13 @@
 """The examples a member's developer starts from (``examples/``), run as they would run them:
-``http_partner.py`` offers events to a real gateway, ``webhook_receiver.py`` receives the
-network's deliveries over a real socket and checks them."""
+``http_partner.py`` offers events to a real gateway, ``webhook_receiver.py`` and
+``node/webhook_receiver.mjs`` receive the network's deliveries over a real socket and check them."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from standardwebhooks import Webhook
 
 from bus.server import free_port
@@ -53,12 +55,26 @@ class Lines:
         return self.items
 
 
-async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(network: Network, tmp_path: Path) -> None:
+def receiver_command(language: str) -> list[str]:
+    """How to start the receiver example in ``language`` (Node.js: without any package)."""
+    if language == "python":
+        return [sys.executable, str(EXAMPLES / "webhook_receiver.py")]
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI"):
+            pytest.fail("the Node.js example needs node in CI")
+        pytest.skip("node is not installed")
+    return [node, str(EXAMPLES / "node" / "webhook_receiver.mjs")]
+
+
+@pytest.mark.parametrize("language", ["python", "node"])
+async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(network: Network, tmp_path: Path, language: str) -> None:
+    command = receiver_command(language)
     gateway = await network.start()
     owner, other = await gateway.join("municipality"), await gateway.join("ngo")
     port = free_port()
     endpoint = await register(gateway, owner, f"http://127.0.0.1:{port}/", ["project.*"])
-    receiver = subprocess.Popen([sys.executable, str(EXAMPLES / "webhook_receiver.py"), str(port)], text=True,
+    receiver = subprocess.Popen([*command, str(port)], text=True,
                                 env={**os.environ, "COLLABBUS_WEBHOOK_SECRET": endpoint["secret"]},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
