@@ -1,6 +1,7 @@
 """The examples a member's developer starts from (``examples/``), run as they would run them:
-``http_partner.py`` offers events to a real gateway, ``webhook_receiver.py`` and
-``node/webhook_receiver.mjs`` receive the network's deliveries over a real socket and check them."""
+``http_partner.py`` offers events to a real gateway, ``webhook_receiver.py`` receives the
+network's deliveries over a real socket and checks them; so do their Node.js twins in
+``examples/node``."""
 
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ from tests.webhooks.conftest import Network, eventually, project, register
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-async def partner(gateway: Gateway, institution: str, event: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """``http_partner.py`` offering ``event`` as ``institution``."""
+async def partner(
+    gateway: Gateway, institution: str, event: dict[str, Any], tmp_path: Path, command: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """The HTTP partner example (``command``) offering ``event`` as ``institution``."""
     path = tmp_path / f"{event['id']}.json"
     path.write_text(json.dumps(event, ensure_ascii=False), encoding="utf-8")
     env = {**os.environ, "COLLABBUS_URL": gateway.url, "COLLABBUS_TOKEN": gateway.token(institution)}
-    return await asyncio.to_thread(subprocess.run, [sys.executable, str(EXAMPLES / "http_partner.py"), str(path)],
-                                   env=env, capture_output=True, text=True, timeout=60)
+    return await asyncio.to_thread(subprocess.run, [*command, str(path)], env=env, capture_output=True, text=True, timeout=60)
 
 
 class Lines:
@@ -55,26 +57,27 @@ class Lines:
         return self.items
 
 
-def receiver_command(language: str) -> list[str]:
-    """How to start the receiver example in ``language`` (Node.js: without any package)."""
+def commands(language: str) -> tuple[list[str], list[str]]:
+    """How to run the HTTP partner and the webhook receiver examples in ``language`` (Node.js:
+    without any package)."""
     if language == "python":
-        return [sys.executable, str(EXAMPLES / "webhook_receiver.py")]
+        return [sys.executable, str(EXAMPLES / "http_partner.py")], [sys.executable, str(EXAMPLES / "webhook_receiver.py")]
     node = shutil.which("node")
     if node is None:
         if os.environ.get("CI"):
-            pytest.fail("the Node.js example needs node in CI")
+            pytest.fail("the Node.js examples need node in CI")
         pytest.skip("node is not installed")
-    return [node, str(EXAMPLES / "node" / "webhook_receiver.mjs")]
+    return [node, str(EXAMPLES / "node" / "http_partner.mjs")], [node, str(EXAMPLES / "node" / "webhook_receiver.mjs")]
 
 
 @pytest.mark.parametrize("language", ["python", "node"])
 async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(network: Network, tmp_path: Path, language: str) -> None:
-    command = receiver_command(language)
+    offering, receiving = commands(language)
     gateway = await network.start()
     owner, other = await gateway.join("municipality"), await gateway.join("ngo")
     port = free_port()
     endpoint = await register(gateway, owner, f"http://127.0.0.1:{port}/", ["project.*"])
-    receiver = subprocess.Popen([*command, str(port)], text=True,
+    receiver = subprocess.Popen([*receiving, str(port)], text=True,
                                 env={**os.environ, "COLLABBUS_WEBHOOK_SECRET": endpoint["secret"]},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -83,17 +86,17 @@ async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(net
 
         data = project(owner)
         registered = envelope("project.registered", owner, data, id=unique("ex"))
-        offered = await partner(gateway, owner, registered, tmp_path)
+        offered = await partner(gateway, owner, registered, tmp_path, offering)
         assert offered.returncode == 0, offered.stdout + offered.stderr
         assert "accepted as #" in offered.stdout and "applied" in offered.stdout
 
         change = envelope("project.updated", other, {"project_id": data["project_id"], "changes": {"status": "completed"}},
                           id=unique("ex"))
-        refused = await partner(gateway, other, change, tmp_path)
+        refused = await partner(gateway, other, change, tmp_path, offering)
         assert refused.returncode == 1 and "refused by the workflow: not_owner" in refused.stdout, refused.stdout
 
         broken = envelope("project.registered", owner, {**project(owner), "status": "finished"}, id=unique("ex"))
-        rejected = await partner(gateway, owner, broken, tmp_path)
+        rejected = await partner(gateway, owner, broken, tmp_path, offering)
         assert rejected.returncode == 1 and "refused by the gateway (422" in rejected.stdout, rejected.stdout
         assert "data.status:" in rejected.stdout
 
