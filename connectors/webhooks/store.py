@@ -330,22 +330,18 @@ def waiting_for(session: Session, deliveries: Sequence[Delivery]) -> dict[int, i
     owed = [d for d in deliveries if d.next_attempt_at is not None and d.ordering_key is not None and d.id is not None]
     if not owed:
         return {}
-    endpoint_id = owed[0].endpoint_id
-    keys = sorted({d.ordering_key for d in owed if d.ordering_key is not None})
-    heads: dict[str, tuple[int, int]] = {}  # ordering key -> (seq, id) of its oldest owed delivery
-    rows = session.execute(
-        sa.select(_D.ordering_key, sa.func.min(_D.seq))
-        .where(_D.endpoint_id == endpoint_id, _D.ordering_key.in_(keys), _D.next_attempt_at.is_not(None))
-        .group_by(_D.ordering_key)
-    ).all()
-    firsts = {key: seq for key, seq in rows}
-    ids = session.execute(
-        sa.select(_D.ordering_key, _D.seq, _D.id)
-        .where(_D.endpoint_id == endpoint_id, _D.ordering_key.in_(list(firsts)), _D.seq.in_(list(firsts.values())))
-    ).all()
-    for key, seq, delivery_id in ids:
-        if firsts.get(key) == seq:
-            heads[key] = (seq, delivery_id)
+    head_seq = (
+        sa.select(sa.func.min(_EARLIER.c.seq))
+        .where(_EARLIER.c.endpoint_id == _D.endpoint_id, _EARLIER.c.ordering_key == _D.ordering_key,
+               _EARLIER.c.next_attempt_at.is_not(None))
+        .scalar_subquery()
+    )
+    heads = {  # ordering key -> (seq, id) of its oldest owed delivery
+        key: (seq, delivery_id) for key, seq, delivery_id in session.execute(
+            sa.select(_D.ordering_key, _D.seq, _D.id).where(
+                _D.endpoint_id == owed[0].endpoint_id, _D.ordering_key.in_({d.ordering_key for d in owed}), _D.seq == head_seq)
+        )
+    }
     return {d.id: heads[d.ordering_key][1] for d in owed  # type: ignore[index, misc]
             if d.ordering_key in heads and heads[d.ordering_key][0] < d.seq}
 

@@ -115,9 +115,7 @@ def application_refusal(
         return Refusal("ineligible_kind", f"The call is open to {_listed(call.eligible_kinds)} only.")
     if not _eligible(applicant.country, call.eligible_countries):
         return Refusal("ineligible_country", f"The call is open to institutions in {_listed(call.eligible_countries)} only.")
-    if currency is not None and call.currency is not None and currency != call.currency:
-        return Refusal("currency_mismatch", f"The call's budget is in {call.currency}: request the amount in {call.currency}, not {currency}.")
-    return None
+    return _currency_refusal(call, currency, "request")
 
 
 def amendment_refusal(
@@ -138,11 +136,8 @@ def amendment_refusal(
     the call before its deadline), until it has passed: the invited applications without a full
     proposal lapse then."""
     full_proposal_deadline_given = "full_proposal_deadline" in changed
-    if (full_proposal_deadline_given and call is not None and actor == call.owner
-            and call.full_proposal_deadline is not None and logged_at > call.full_proposal_deadline):
-        return Refusal("after_full_proposal_deadline",
-                       f"The call's deadline for full proposals was {call.full_proposal_deadline.isoformat()}: "
-                       "the second stage is over.")
+    if full_proposal_deadline_given and call is not None and actor == call.owner and (over := _second_stage_over(call, logged_at)):
+        return over
     refusal = _owner_action_refusal(call, actor, logged_at)
     if (refusal is not None and refusal.code == "call_closed" and call is not None and call.two_stage
             and changed == {"full_proposal_deadline"} and not _closed_early(call)):
@@ -177,9 +172,9 @@ def decision_refusal(
     application: ApplicationSnapshot | None,
     actor: str,
     *,
-    decision: str = "awarded",
-    currency: str | None = None,
-    logged_at: datetime | None = None,
+    decision: str,
+    currency: str | None,
+    logged_at: datetime,
 ) -> Refusal | None:
     """Only the call's publisher decides, on a received application, once. ``currency``: that of
     the amount awarded (None: none named); it must be the call's budget's. In a two-stage call it
@@ -198,15 +193,12 @@ def decision_refusal(
             return Refusal("single_stage", "The call has a single stage: award or decline the application.")
         if application.status != "received":
             return Refusal("already_decided", f"Application {application.application_id} was already invited to the second stage.")
-        if call.full_proposal_deadline is not None and logged_at is not None and logged_at > call.full_proposal_deadline:
-            return Refusal("after_full_proposal_deadline", f"The call's deadline for full proposals was "
-                                                           f"{call.full_proposal_deadline.isoformat()}: the second stage is over.")
+        if over := _second_stage_over(call, logged_at):
+            return over
     elif decision == "awarded" and call.two_stage and application.status != "proposal_sent":
         return Refusal("no_full_proposal", f"Application {application.application_id} has no full proposal: a two-stage call "
                                            "awards an application once it sent one (invite it first).")
-    if currency is not None and call.currency is not None and currency != call.currency:
-        return Refusal("currency_mismatch", f"The call's budget is in {call.currency}: award the amount in {call.currency}, not {currency}.")
-    return None
+    return _currency_refusal(call, currency, "award")
 
 
 def full_proposal_refusal(
@@ -228,14 +220,11 @@ def full_proposal_refusal(
     if application.status != "invited":
         second = "its publisher has not invited it to the second stage" if call.two_stage else "the call has a single stage"
         return Refusal("not_invited", f"Application {application.application_id} takes no full proposal: {second}.")
-    if call.full_proposal_deadline is not None and logged_at > call.full_proposal_deadline:
-        return Refusal("after_full_proposal_deadline",
-                       f"The call's deadline for full proposals was {call.full_proposal_deadline.isoformat()}.")
+    if over := _second_stage_over(call, logged_at):
+        return over
     if _closed_early(call):
         return Refusal("call_closed", "The call was closed by its publisher.")
-    if currency is not None and call.currency is not None and currency != call.currency:
-        return Refusal("currency_mismatch", f"The call's budget is in {call.currency}: request the amount in {call.currency}, not {currency}.")
-    return None
+    return _currency_refusal(call, currency, "request")
 
 
 def withdrawal_refusal(call: CallSnapshot | None, application: ApplicationSnapshot | None, actor: str) -> Refusal | None:
@@ -277,6 +266,23 @@ def closed_at(call: CallSnapshot, logged_at: datetime) -> datetime:
     """When an accepted closing takes effect: when it was logged, but never after the deadline (a
     call closes at its deadline even when the bus says so later, e.g. after downtime)."""
     return min(call.deadline, logged_at)
+
+
+def _second_stage_over(call: CallSnapshot, logged_at: datetime) -> Refusal | None:
+    """``after_full_proposal_deadline`` once the call's deadline for full proposals has passed:
+    nothing more is invited, proposed, or moved in its second stage."""
+    if call.full_proposal_deadline is None or logged_at <= call.full_proposal_deadline:
+        return None
+    return Refusal("after_full_proposal_deadline",
+                   f"The call's deadline for full proposals was {call.full_proposal_deadline.isoformat()}: the second stage is over.")
+
+
+def _currency_refusal(call: CallSnapshot, currency: str | None, verb: str) -> Refusal | None:
+    """``currency_mismatch`` for an amount (``currency``: its currency, None: no amount) not in the
+    call's budget's currency (``verb``: what the amount is for, in the message)."""
+    if currency is None or call.currency is None or currency == call.currency:
+        return None
+    return Refusal("currency_mismatch", f"The call's budget is in {call.currency}: {verb} the amount in {call.currency}, not {currency}.")
 
 
 def _closed_early(call: CallSnapshot) -> bool:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -545,14 +546,21 @@ def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credential
 HEADER_VALUES = ('Kortteli "keittiöt" 100%', "مطابخ الأحياء", "2026-12-03T12:00:00+03:00", "a b\tc")
 
 
-def test_the_nats_partner_example_percent_encodes_header_values_as_the_gate_decodes_them() -> None:
+def python_nats_example() -> Any:
+    """``examples/nats_partner.py`` as a module."""
     import importlib.util
-    from urllib.parse import unquote_to_bytes
 
     spec = importlib.util.spec_from_file_location("nats_partner", EXAMPLES / "nats_partner.py")
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_the_nats_partner_example_percent_encodes_header_values_as_the_gate_decodes_them() -> None:
+    from urllib.parse import unquote_to_bytes
+
+    example = python_nats_example()
     for value in HEADER_VALUES:
         encoded = example.percent_encoded(value)
         assert all(0x21 <= ord(c) <= 0x7E and c != '"' for c in encoded), encoded
@@ -561,14 +569,9 @@ def test_the_nats_partner_example_percent_encodes_header_values_as_the_gate_deco
 
 
 def test_the_node_example_percent_encodes_header_values_as_the_python_one(node_example: list[str]) -> None:
-    import importlib.util
-
     node, module = node_example
     script = f"import({json.dumps(Path(module).as_uri())}).then(m => console.log(JSON.stringify({json.dumps(HEADER_VALUES)}.map(m.percentEncoded))))"
     encoded = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60)
     assert encoded.returncode == 0, encoded.stderr
-    spec = importlib.util.spec_from_file_location("nats_partner", EXAMPLES / "nats_partner.py")
-    assert spec is not None and spec.loader is not None
-    python = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(python)
+    python = python_nats_example()
     assert json.loads(encoded.stdout) == [python.percent_encoded(value) for value in HEADER_VALUES]
