@@ -275,12 +275,17 @@ def lapse_invitations(ctx: Context) -> None:
     """Timer: an application invited to a two-stage call's second stage that sent no full
     proposal lapses once the call's deadline for full proposals has passed (a proposal logged at
     that moment was still in time), in the publisher's name. A lapsed application is not
-    selected again, so a second tick emits nothing."""
+    selected again, so a second tick emits nothing. Nothing lapses in a call its publisher
+    cancelled or declared filled (:func:`rules._closed_early`): the closing took the second stage
+    away, so its invited applications are not to blame for sending nothing; they stay invited
+    for the publisher to decline."""
+    by_deadline = sa.and_(col(Call.closed_reason) == "deadline_passed", col(Call.closed_at) >= col(Call.deadline))
     lapsing = (
         select(CallApplication.call_id, CallApplication.application_id, CallApplication.applicant, Call.owner)
         .join(Call, col(Call.call_id) == col(CallApplication.call_id))
         .where(col(CallApplication.status) == "invited", col(Call.deadline_model) == "two_stage",
-               col(Call.full_proposal_deadline).is_not(None), col(Call.full_proposal_deadline) < ctx.now)
+               col(Call.full_proposal_deadline).is_not(None), col(Call.full_proposal_deadline) < ctx.now,
+               sa.or_(col(Call.closed_at).is_(None), by_deadline))
         .order_by(col(Call.full_proposal_deadline), col(CallApplication.call_id), col(CallApplication.application_id))
     )
     for call_id, application_id, applicant, owner in ctx.session.exec(lapsing).all():

@@ -61,7 +61,7 @@ class CallPublished(EventData):
     of them (`call.application_decided` with `invited`) to send a full proposal
     (`call.full_proposal_submitted`) by the `full_proposal_deadline` (none: no limit), and awards
     only applications with one. An invited application without one when that deadline has
-    passed lapses (`call.application_lapsed`)."""
+    passed lapses (`call.application_lapsed`), unless the publisher cancelled or filled the call."""
 
     call_id: AggregateId
     title: LocalizedText

@@ -87,7 +87,7 @@ class Application(Resource):
     two-stage call a received application is ``invited`` to the second stage first
     (``invited_at``, ``invitation_comment``), then ``proposal_sent`` (``full_proposal``,
     ``full_proposal_at``), or ``lapsed`` without one when the deadline for full proposals has
-    passed (``decided_at``: that deadline)."""
+    passed (``decided_at``: that deadline), unless its publisher cancelled or filled the call."""
 
     call_id: str
     application_id: str

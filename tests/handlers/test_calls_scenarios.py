@@ -653,4 +653,32 @@ async def test_a_two_stage_call_may_be_cancelled_in_its_second_stage(scenario: S
         assert call is not None and call.closed_reason == "cancelled" and call.closed_at == call.deadline
     refused(await scenario.when(full_proposal(call_id, "app-1")), "call_closed")
     refused(await scenario.when(closed(call_id, "filled")), "call_closed")  # once
+    # Its invitation does not lapse when the deadline for full proposals passes: the call took
+    # the second stage away, the applicant did not miss it.
+    assert await scenario.tick(now() + timedelta(days=61)) == []
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "invited"
     assert await scenario.when(decided(call_id, "app-1", "declined")) == []  # its publisher still answers it
+
+
+async def test_no_invitation_lapses_in_a_call_closed_early_and_in_one_closed_at_its_deadline_they_do(
+    scenario: Scenario, call_id: str
+) -> None:
+    filled, early, on_time = f"{call_id}-filled", f"{call_id}-early", f"{call_id}-on-time"
+    soon = timedelta(minutes=30)
+    for each in (filled, early, on_time):
+        await scenario.given(two_stage(each, full_proposals_in=timedelta(hours=2), closes_in=soon), application(each, "app-1"),
+                             decided(each, "app-1", "invited"))
+    # One filled in its second stage (its first stage ended an hour ago); one closed by its
+    # publisher before its first deadline (saying "deadline_passed", which closes a call early as
+    # any closing before the deadline does); one the bus closes at its deadline.
+    await scenario.given(amended(filled, {"deadline": (now() - timedelta(hours=1)).isoformat()}), closed(filled, "filled"),
+                         closed(early, "deadline_passed"))
+    closings = await scenario.tick(now() + timedelta(hours=1))
+    assert [e["data"]["call_id"] for e in closings] == [on_time]
+    lapsed = the_only(await scenario.tick(now() + timedelta(hours=3)), "call.application_lapsed")
+    assert lapsed["data"]["call_id"] == on_time
+    with scenario.session() as session:
+        statuses = {c: session.get(CallApplication, (c, "app-1")) for c in (filled, early, on_time)}
+        assert {c: a.status for c, a in statuses.items() if a is not None} == {filled: "invited", early: "invited", on_time: "lapsed"}
