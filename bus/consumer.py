@@ -144,6 +144,7 @@ class Consumer:
     settings: ConsumerSettings
     applier: Applier
     on_derived: Any = None  # called (no arguments) when a batch decided derived events
+    on_applied: Any = None  # called with the last log sequence of each batch handled
     stream: str = EVENTS_STREAM
     db_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _task: asyncio.Task[None] | None = None
@@ -362,7 +363,10 @@ class Consumer:
                 finally:
                     self.retrying = None
         if msgs:
-            self._log_time, self._behind = delivery(msgs[-1])[1], pending_after(msgs[-1])
+            last_seq, self._log_time = delivery(msgs[-1])
+            self._behind = pending_after(msgs[-1])
+            if self.on_applied is not None:
+                self.on_applied(last_seq)
         if derived and self.on_derived is not None:
             self.on_derived()
 

@@ -26,6 +26,7 @@ from bus.relay import Relay
 from bus.server import EmbeddedNats, EmbeddedServerError
 from bus.streams import desired_streams, ensure_streams
 from bus.verdict import Verdict
+from bus.watch import AppliedWatch
 from ops.settings import Settings
 from ops.tracing import TracedNetwork, Tracing, activate
 from ops.wal import WalCheckpointer
@@ -65,6 +66,8 @@ class Bus:
     consumer: Consumer | None = None
     relay: Relay | None = None
     ingress: Ingress | None = None
+    applied: AppliedWatch | None = None
+    """How far the read models have applied the log (``bus.watch``), once :meth:`start_state` ran."""
     http: Any = None
     """The HTTP gateway (``connectors.http.server.HttpGateway``) once :meth:`start_http` ran."""
     webhooks: Any = None
@@ -256,8 +259,10 @@ class Bus:
         lock = asyncio.Lock()
         inline = self.engine.dialect.name == "sqlite"  # see bus.consumer.call_database
         self.relay = Relay(self.gate, self.service, lock, inline=inline)
+        self.applied = AppliedWatch()
         self.consumer = Consumer(
             self.js, self.consumer_settings, self.service, on_derived=self.relay.wake.set, db_lock=lock, inline=inline,
+            on_applied=self.applied.applied,
         )
         self.relay.clock = self.consumer.timers_now  # deadlines wait for what was logged before them
         await self.consumer.start()
@@ -313,6 +318,8 @@ class Bus:
             await self.gates.stop()
             self.gates = None
         await self.close_ingress()
+        if self.applied is not None:
+            self.applied.close()  # long polls answer now, not at the end of their wait
         if self.http is not None:
             await self.http.stop()
             self.http = None

@@ -7,6 +7,7 @@ limits (body size, rate) and maps the verdict to an HTTP status.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import Mapping
 from contextlib import aclosing
@@ -37,9 +38,13 @@ router = APIRouter(tags=["events"])
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 STRUCTURED = {"content-type": STRUCTURED_CONTENT_TYPE}
-#: Most events one batch may carry (also never more than the rate limit's burst).
 MAX_SEQ = 2**63 - 1
 """The largest log sequence ``after_seq`` may name (JetStream's sequences are 64-bit)."""
+MAX_WAIT = 60
+"""The longest long poll of ``GET /events``, in seconds."""
+LONG_POLL_RECHECK = 5.0
+"""Seconds a long poll waits for this process's consumer before it looks at the log again anyway."""
+#: Most events one batch may carry (also never more than the rate limit's burst).
 MAX_BATCH_EVENTS = 500
 #: A batch body may be this many times the largest event.
 BATCH_BODY_FACTOR = 8
@@ -234,17 +239,41 @@ async def read_log(
     after_seq: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="start after this log sequence")] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
+    wait: Annotated[int, Query(ge=0, le=MAX_WAIT, description=(
+        "a long poll: with nothing to show yet, wait up to this many seconds for an event to show "
+        "(the answer comes as soon as one does; give your HTTP client a longer timeout)"))] = 0,
 ) -> dict[str, Any]:
     """Logged events in log order with their sequence; ``next_cursor`` is the next ``after_seq``
     (also accepted as ``cursor``). Confidential workflow content (reviews before the decision,
     information requests, what the validation workflow refused and whom, applications to a call
-    and the answers to them) is left out for members who may not see it."""
+    and the answers to them) is left out for members who may not see it.
+
+    To follow the log without webhooks (behind a firewall, say), ask again with ``after_seq``
+    the ``seq`` of the last item seen and ``wait`` a number of seconds: an empty page then
+    comes only after that long, and an event that shows meanwhile is answered at once."""
     bus = bus_of(request)
     if cursor is not None:
         if not cursor.isdigit() or int(cursor) > MAX_SEQ:
             raise ApiProblem(400, "the cursor of /events is a log sequence (the previous next_cursor)", kind="bad_cursor")
         after_seq = int(cursor)
     subjects = event_filter(type, institution, subject)
+    watch = bus.applied
+    loop = asyncio.get_running_loop()
+    until = loop.time() + wait
+    while True:
+        seen = watch.position if watch is not None else 0
+        page = await _log_page(request, viewer, subjects, after_seq, limit)
+        left = until - loop.time()
+        if page["items"] or left <= 0 or watch is None or watch.closed:
+            return page
+        # Woken when the read models have applied more of the log; looked at again at least every
+        # few seconds whatever this process's consumer says (the log may grow by other means).
+        await watch.wait_beyond(max(seen, after_seq or 0), min(left, LONG_POLL_RECHECK))
+
+
+async def _log_page(request: Request, viewer: str, subjects: str, after_seq: int | None, limit: int) -> dict[str, Any]:
+    """One page of ``GET /events``: the events after ``after_seq`` on ``subjects`` that ``viewer`` may see."""
+    bus = bus_of(request)
     items: list[dict[str, Any]] = []
     # An event is on the page once its 202 was sent: a replica of the log may be a moment behind its leader.
     leader = bus.settings.stream_replicas > 1

@@ -517,9 +517,21 @@ class PortalSync:
         return report
 
     def _save(self, rows: list[Any], position: store.PortalCursor) -> None:
+        """Store a page's rows with its cursor. The page's stored entries are read in one query, so
+        merging a changed one finds it in the session; a new one is added (``merge`` would look
+        each up by a query of its own: a first sync is all new entries)."""
         with session_scope(self.engine) as session:
+            entries = {row.entry_id: row for row in rows if isinstance(row, store.PortalEntry)}  # an entry listed twice: its last
+            stored = store.known_entries(session, self.portal, entries)
             for row in rows:
-                session.merge(row)
+                if not isinstance(row, store.PortalEntry):
+                    session.merge(row)
+                elif entries[row.entry_id] is not row:
+                    pass  # listed again later in the page: its last row is stored
+                elif row.entry_id in stored:
+                    session.merge(row)
+                else:
+                    session.add(row)
             store.save_cursor(session, position)
 
     async def _apply_page(

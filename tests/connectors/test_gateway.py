@@ -723,6 +723,58 @@ async def test_events_pages_through_the_log(gateway: Gateway) -> None:
     problem(await gateway.client.get("/events", params={"subject": "a.b"}, headers=auth), 422, "invalid_request")
 
 
+async def test_a_long_poll_of_the_log_is_answered_as_soon_as_an_event_shows(gateway: Gateway) -> None:
+    owner = await gateway.join("cooperative")
+    first = await gateway.offer(owner, "project.registered", project(owner))
+    await gateway.settle()
+    auth = gateway.auth(owner)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    params = {"institution": owner, "after_seq": first["seq"], "wait": 30}
+    polling = asyncio.create_task(gateway.client.get("/events", params=params, headers=auth, timeout=60))
+    await asyncio.sleep(1.0)
+    assert not polling.done()  # nothing after it yet: the poll waits
+    second = await gateway.offer(owner, "project.registered", project(owner))
+    response = await polling
+    assert response.status_code == 200, response.text
+    assert [item["seq"] for item in response.json()["items"]] == [second["seq"]]
+    assert loop.time() - started < 30  # when the event showed, not at the end of the wait
+
+    started = loop.time()
+    quiet = await gateway.client.get("/events", params={**params, "after_seq": second["seq"], "wait": 1}, headers=auth)
+    assert quiet.json() == {"items": [], "next_cursor": None}
+    assert loop.time() - started >= 1  # nothing showed: an empty page once the wait is over
+    assert len((await gateway.client.get("/events", params={**params, "after_seq": first["seq"], "wait": 1},
+                                         headers=auth)).json()["items"]) == 1  # something to show: at once, as without a wait
+    for wait in (61, -1):
+        problem(await gateway.client.get("/events", params={"wait": wait}, headers=auth), 422, "invalid_request")
+
+
+async def test_a_long_poll_is_not_answered_by_an_event_its_caller_may_not_see(gateway: Gateway, municipality: str) -> None:
+    funder, competitor = await gateway.join("funder", "SE"), await gateway.join("ngo")
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    call_id = unique("c")
+    published = await gateway.offer(funder, "call.published", {
+        "call_id": call_id, "title": {"en": "Care at home"}, "kind": "funding", "opens_at": (now - timedelta(days=1)).isoformat(),
+        "deadline": (now + timedelta(days=30)).isoformat(), "deadline_model": "single_stage",
+    })
+    await gateway.settle()
+    loop = asyncio.get_running_loop()
+
+    def poll(institution: str, wait: int) -> asyncio.Task[httpx.Response]:
+        params = {"subject": call_id, "after_seq": published["seq"], "wait": wait}
+        return asyncio.create_task(gateway.client.get("/events", params=params, headers=gateway.auth(institution), timeout=60))
+
+    started = loop.time()
+    theirs, ours = poll(competitor, 3), poll(funder, 30)
+    await asyncio.sleep(0.5)
+    applied = await gateway.offer(municipality, "call.application_submitted", {"call_id": call_id, "application_id": unique("a")})
+    assert [item["event"]["id"] for item in (await ours).json()["items"]] == [applied["id"]]  # the call's publisher sees it
+    assert loop.time() - started < 30
+    assert (await theirs).json()["items"] == []  # to another member the application does not exist
+    assert loop.time() - started >= 3
+
+
 async def test_an_event_can_be_looked_up_with_its_refusal_and_what_it_led_to(gateway: Gateway) -> None:
     owner = await gateway.join("cooperative")
     outsider = await gateway.join("ngo")
