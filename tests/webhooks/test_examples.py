@@ -1,7 +1,7 @@
 """The examples a member's developer starts from (``examples/``), run as they would run them:
 ``http_partner.py`` offers events to a real gateway, ``webhook_receiver.py`` receives the
-network's deliveries over a real socket and checks them; so do their Node.js twins in
-``examples/node``."""
+network's deliveries over a real socket and checks them, ``http_follower.py`` follows the log by
+long polls; so do their Node.js twins in ``examples/node``."""
 
 from __future__ import annotations
 
@@ -57,17 +57,21 @@ class Lines:
         return self.items
 
 
-def commands(language: str) -> tuple[list[str], list[str]]:
-    """How to run the HTTP partner and the webhook receiver examples in ``language`` (Node.js:
-    without any package)."""
+def example(language: str, name: str) -> list[str]:
+    """How to run the example ``name`` (without its suffix) in ``language`` (Node.js: without any package)."""
     if language == "python":
-        return [sys.executable, str(EXAMPLES / "http_partner.py")], [sys.executable, str(EXAMPLES / "webhook_receiver.py")]
+        return [sys.executable, str(EXAMPLES / f"{name}.py")]
     node = shutil.which("node")
     if node is None:
         if os.environ.get("CI"):
             pytest.fail("the Node.js examples need node in CI")
         pytest.skip("node is not installed")
-    return [node, str(EXAMPLES / "node" / "http_partner.mjs")], [node, str(EXAMPLES / "node" / "webhook_receiver.mjs")]
+    return [node, str(EXAMPLES / "node" / f"{name}.mjs")]
+
+
+def commands(language: str) -> tuple[list[str], list[str]]:
+    """How to run the HTTP partner and the webhook receiver examples in ``language``."""
+    return example(language, "http_partner"), example(language, "webhook_receiver")
 
 
 @pytest.mark.parametrize("language", ["python", "node"])
@@ -142,3 +146,51 @@ async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(net
         receiver.terminate()
         rest, _ = receiver.communicate(timeout=10)
     assert rest == "", rest
+
+
+@pytest.mark.parametrize("language", ["python", "node"])
+async def test_the_follower_example_prints_the_log_as_it_grows_and_goes_on_where_it_stopped(
+    network: Network, tmp_path: Path, language: str
+) -> None:
+    command = [*example(language, "http_follower"), "project"]
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    position = tmp_path / "follower.position"
+    assert network.start_seq is not None
+    position.write_text(str(network.start_seq - 1))  # the session's log holds other tests' events: after them
+    env = {**os.environ, "COLLABBUS_URL": gateway.url, "COLLABBUS_TOKEN": gateway.token(owner),
+           "COLLABBUS_POSITION_FILE": str(position)}
+    before = [await gateway.offer(owner, "project.registered", project(owner)) for _ in range(2)]
+
+    def start() -> tuple[subprocess.Popen[str], Lines]:
+        proc = subprocess.Popen(command, text=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return proc, Lines(proc)
+
+    def seqs(items: list[dict[str, Any]]) -> list[int]:
+        return [item["seq"] for item in items]
+
+    follower, lines = start()
+    try:
+        assert seqs(await lines.until(2)) == [v["seq"] for v in before]  # what was logged before it started
+        assert {item["event"]["type"] for item in lines.items} == {"project.registered"}  # of the type asked for
+        await asyncio.sleep(1.0)  # waiting in a long poll now
+        later = await gateway.offer(owner, "project.registered", project(owner))
+        assert seqs(await lines.until(3))[2] == later["seq"]  # printed as it is logged, well within the poll's 30 s
+        assert await eventually(lambda: position.read_text() == str(later["seq"]))
+    finally:
+        follower.terminate()
+        follower.communicate(timeout=10)
+
+    missed = await gateway.offer(owner, "project.registered", project(owner))  # logged while it is not running
+    follower, lines = start()
+    try:
+        assert seqs(await lines.until(1)) == [missed["seq"]]  # from where it stopped: nothing again, nothing skipped
+        await asyncio.sleep(0.5)
+        assert len(lines.items) == 1 and follower.poll() is None
+    finally:
+        follower.terminate()
+        follower.communicate(timeout=10)
+
+    refused = await asyncio.to_thread(subprocess.run, command, env={**env, "COLLABBUS_TOKEN": "cb_not-a-token"},
+                                      capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "refused by the gateway (401" in refused.stderr, refused.stderr
