@@ -613,7 +613,7 @@ def continued(traceparent: str | None) -> Iterator[None]:
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     trace_id TEXT NOT NULL,
     span_id TEXT NOT NULL,
     parent_id TEXT,
@@ -631,9 +631,14 @@ CREATE TABLE IF NOT EXISTS spans (
     events TEXT NOT NULL,
     links TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS spans_by_trace ON spans (trace_id);
-CREATE INDEX IF NOT EXISTS spans_by_event ON spans (event_id);
+DROP INDEX IF EXISTS spans_by_trace;
+DROP INDEX IF EXISTS spans_by_event;
 """
+"""The store has no index but its order: spans go in at the end and leave at the start, a few
+thousand a second, while it is read now and then, by an operator. Indexes on the trace's and the
+event's random ids cost four times what the rows themselves do to write (and their scattered pages
+are what the checkpoints copy); a look-up by either id reads the ``STORE_LIMIT`` rows instead, a
+few milliseconds. (Stores made with those indexes lose them when next opened.)"""
 
 _COLUMNS = (
     "trace_id, span_id, parent_id, name, kind, service, start_ns, end_ns, status, status_message, "
@@ -803,12 +808,19 @@ def trace_of_event(path: Path, event_id: str) -> str | None:
 
 
 def recent_traces(path: Path, limit: int = 10) -> list[dict[str, Any]]:
-    """The ``limit`` most recently started traces, newest first, each as a tree."""
+    """The ``limit`` most recently started traces, newest first, each as a tree (read at once:
+    one pass over the store for them all)."""
     rows = _read(
-        path, "SELECT trace_id, min(start_ns) AS started FROM spans GROUP BY trace_id ORDER BY started DESC LIMIT ?", (limit,)
+        path,
+        "WITH recent AS (SELECT trace_id FROM spans GROUP BY trace_id ORDER BY min(start_ns) DESC LIMIT ?) "
+        f"SELECT {_COLUMNS} FROM spans WHERE trace_id IN (SELECT trace_id FROM recent) ORDER BY start_ns, id",
+        (limit,),
     )
-    traces = [load_trace(path, str(row["trace_id"])) for row in rows]
-    return [found for found in traces if found is not None]
+    spans: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:  # in order of start: a trace's first span is its start
+        spans.setdefault(str(row["trace_id"]), []).append(_span(row))
+    newest_first = sorted(spans.items(), key=lambda item: item[1][0]["_start_ns"], reverse=True)
+    return [trace_tree(trace_id, found) for trace_id, found in newest_first]
 
 
 def _span(row: sqlite3.Row) -> dict[str, Any]:

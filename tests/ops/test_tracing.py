@@ -10,6 +10,7 @@ import asyncio
 import copy
 import gzip
 import json
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -492,6 +493,37 @@ def test_the_local_store_keeps_the_latest_spans_only(tmp_path: Path) -> None:
     provider.shutdown()
     kept = [span["operation"] for found in tracing.recent_traces(path, limit=20) for span in tracing.walk(found)]
     assert sorted(kept) == sorted(names[-5:])
+
+
+def test_the_local_store_is_read_by_trace_and_by_event_and_has_no_index_to_keep(tmp_path: Path) -> None:
+    path = tmp_path / tracing.STORE_FILE
+    with sqlite3.connect(path) as made_before:  # a store as earlier versions made it: indexed by both ids
+        made_before.executescript(
+            "CREATE TABLE spans (id INTEGER PRIMARY KEY AUTOINCREMENT, trace_id TEXT NOT NULL, span_id TEXT NOT NULL, "
+            "parent_id TEXT, name TEXT NOT NULL, kind TEXT NOT NULL, service TEXT, start_ns INTEGER NOT NULL, "
+            "end_ns INTEGER NOT NULL, status TEXT NOT NULL, status_message TEXT, event_id TEXT, event_type TEXT, "
+            "institution TEXT, attributes TEXT NOT NULL, events TEXT NOT NULL, links TEXT NOT NULL);"
+            "CREATE INDEX spans_by_trace ON spans (trace_id); CREATE INDEX spans_by_event ON spans (event_id);")
+    made_before.close()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(tracing.SpanStore(path)))
+    tracer = provider.get_tracer("test")
+    traces = {}
+    for n in range(3):
+        with tracer.start_as_current_span(f"offer-{n}", attributes={tracing.MESSAGING_MESSAGE_ID: f"ev-{n}"}) as root:
+            with tracer.start_as_current_span(f"apply-{n}"):
+                pass
+        traces[n] = format(root.get_span_context().trace_id, "032x")
+    provider.shutdown()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall() == []
+    connection.close()
+    assert tracing.trace_of_event(path, "ev-1") == traces[1]
+    found = tracing.load_trace(path, traces[1])
+    assert found is not None and [span["operation"] for span in tracing.walk(found)] == ["offer-1", "apply-1"]
+    recent = tracing.recent_traces(path, limit=2)
+    assert [one["trace_id"] for one in recent] == [traces[2], traces[1]]  # newest first, each whole
+    assert [[span["operation"] for span in tracing.walk(one)] for one in recent] == [["offer-2", "apply-2"], ["offer-1", "apply-1"]]
 
 
 def test_the_otel_variables_choose_where_spans_go(tmp_path: Path) -> None:
