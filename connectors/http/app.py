@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -30,6 +32,7 @@ def create_app(bus: "Bus", *, rate_limiter: RateLimiter | None = None) -> FastAP
     app.state.bus = bus
     app.state.rate_limiter = rate_limiter or RateLimiter(bus.settings.http_rate_limit, bus.settings.http_rate_burst)
     app.state.metrics = operations.Metrics()
+    app.state.long_polls = Counter()  # per institution, its long polls of /events waiting now
     app.add_middleware(operations.MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
     for router in (events.router, read.router, calendar.router, webhooks.router, operations.router):

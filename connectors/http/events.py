@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Annotated, Any, Literal
@@ -44,6 +45,9 @@ MAX_WAIT = 60
 """The longest long poll of ``GET /events``, in seconds."""
 LONG_POLL_RECHECK = 5.0
 """Seconds a long poll waits for this process's consumer before it looks at the log again anyway."""
+MAX_LONG_POLLS = 8
+"""Long polls one institution may have waiting at once: more are answered 429 (a follower needs
+one; a shared bus does not hold connections without end)."""
 #: Most events one batch may carry (also never more than the rate limit's burst).
 MAX_BATCH_EVENTS = 500
 #: A batch body may be this many times the largest event.
@@ -228,7 +232,7 @@ def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
     "/events",
     summary="Page through the event log",
     response_model=Page[resources.LoggedEvent],
-    responses=documented(400, 401, 403, 422),
+    responses=documented(400, 401, 403, 422, 429),
 )
 async def read_log(
     request: Request,
@@ -258,17 +262,31 @@ async def read_log(
         after_seq = int(cursor)
     subjects = event_filter(type, institution, subject)
     watch = bus.applied
-    loop = asyncio.get_running_loop()
-    until = loop.time() + wait
-    while True:
-        seen = watch.position if watch is not None else 0
-        page = await _log_page(request, viewer, subjects, after_seq, limit)
-        left = until - loop.time()
-        if page["items"] or left <= 0 or watch is None or watch.closed:
-            return page
-        # Woken when the read models have applied more of the log; looked at again at least every
-        # few seconds whatever this process's consumer says (the log may grow by other means).
-        await watch.wait_beyond(max(seen, after_seq or 0), min(left, LONG_POLL_RECHECK))
+    if not wait or watch is None:
+        return await _log_page(request, viewer, subjects, after_seq, limit)
+    polls: Counter[str] = request.app.state.long_polls
+    if polls[viewer] >= MAX_LONG_POLLS:
+        raise ApiProblem(
+            429, f"{viewer!r} has {MAX_LONG_POLLS} long polls of /events waiting already: let one answer first",
+            kind="rate_limited", headers=retry_after(1),
+        )
+    polls[viewer] += 1
+    try:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait
+        while True:
+            seen = watch.position
+            page = await _log_page(request, viewer, subjects, after_seq, limit)
+            left = until - loop.time()
+            if page["items"] or left <= 0 or watch.closed:
+                return page
+            # Woken when the read models have applied more of the log; looked at again at least
+            # every few seconds whatever this process's consumer says (the log may grow by other means).
+            await watch.wait_beyond(max(seen, after_seq or 0), min(left, LONG_POLL_RECHECK))
+    finally:
+        polls[viewer] -= 1
+        if not polls[viewer]:
+            del polls[viewer]
 
 
 async def _log_page(request: Request, viewer: str, subjects: str, after_seq: int | None, limit: int) -> dict[str, Any]:

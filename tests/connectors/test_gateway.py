@@ -750,6 +750,27 @@ async def test_a_long_poll_of_the_log_is_answered_as_soon_as_an_event_shows(gate
         problem(await gateway.client.get("/events", params={"wait": wait}, headers=auth), 422, "invalid_request")
 
 
+async def test_a_member_has_at_most_eight_long_polls_waiting_at_once(gateway: Gateway) -> None:
+    owner = await gateway.join("cooperative")
+    first = await gateway.offer(owner, "project.registered", project(owner))
+    await gateway.settle()
+    auth = gateway.auth(owner)
+    params = {"institution": owner, "after_seq": first["seq"], "wait": 30}
+    waiting = [asyncio.create_task(gateway.client.get("/events", params=params, headers=auth, timeout=60)) for _ in range(8)]
+    await asyncio.sleep(1.0)
+    assert not any(poll.done() for poll in waiting)
+    ninth = problem(await gateway.client.get("/events", params=params, headers=auth), 429, "rate_limited")
+    assert "8 long polls" in ninth["detail"]
+    other = await gateway.join("ngo")  # another member's are its own
+    assert (await gateway.client.get("/events", params={**params, "wait": 1}, headers=gateway.auth(other))).status_code == 200
+    assert (await gateway.client.get("/events", params={**params, "wait": 0}, headers=auth)).status_code == 200  # no wait, no limit
+    second = await gateway.offer(owner, "project.registered", project(owner))
+    answers = await asyncio.gather(*waiting)
+    assert {tuple(item["seq"] for item in answer.json()["items"]) for answer in answers} == {(second["seq"],)}
+    again = await gateway.client.get("/events", params={**params, "after_seq": second["seq"], "wait": 1}, headers=auth)
+    assert again.status_code == 200  # they answered: room again
+
+
 async def test_a_long_poll_is_not_answered_by_an_event_its_caller_may_not_see(gateway: Gateway, municipality: str) -> None:
     funder, competitor = await gateway.join("funder", "SE"), await gateway.join("ngo")
     now = datetime.now(timezone.utc).replace(microsecond=0)
