@@ -37,7 +37,9 @@ def follow(client: httpx.Client, position_file: Path, event_type: str | None) ->
     after = int(position_file.read_text().strip() or 0) if position_file.exists() else 0
     pause = 1.0
     while True:
-        params = {"after_seq": after, "wait": WAIT, **({"type": event_type} if event_type else {})}
+        params: dict[str, str | int] = {"after_seq": after, "wait": WAIT}
+        if event_type:
+            params["type"] = event_type
         try:
             answer = client.get("/events", params=params, timeout=WAIT + 15)  # longer than the wait
         except httpx.TransportError as exc:
