@@ -271,6 +271,8 @@ async def read_log(
             kind="rate_limited", headers=retry_after(1),
         )
     polls[viewer] += 1
+    gauge = request.app.state.metrics.long_polls
+    gauge.inc()
     try:
         loop = asyncio.get_running_loop()
         until = loop.time() + wait
@@ -284,6 +286,7 @@ async def read_log(
             # every few seconds whatever this process's consumer says (the log may grow by other means).
             await watch.wait_beyond(max(seen, after_seq or 0), min(left, LONG_POLL_RECHECK))
     finally:
+        gauge.dec()
         polls[viewer] -= 1
         if not polls[viewer]:
             del polls[viewer]

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.js.errors import NotFoundError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -37,6 +37,10 @@ class Metrics:
         )
         self.verdicts = Counter(
             "collabbus_http_events", "events offered over HTTP, by verdict", ["status", "reason"], registry=self.registry
+        )
+        self.long_polls = Gauge(
+            "collabbus_http_long_polls", "long polls of GET /events waiting now (their time counts in the request duration)",
+            registry=self.registry,
         )
 
     def verdict(self, verdict: Verdict) -> None:

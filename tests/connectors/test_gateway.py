@@ -761,6 +761,13 @@ async def test_a_member_has_at_most_eight_long_polls_waiting_at_once(gateway: Ga
     assert not any(poll.done() for poll in waiting)
     ninth = problem(await gateway.client.get("/events", params=params, headers=auth), 429, "rate_limited")
     assert "8 long polls" in ninth["detail"]
+
+    def long_polls() -> float:
+        [family] = [f for f in text_string_to_metric_families(metrics.text) if f.name == "collabbus_http_long_polls"]
+        return float(family.samples[0].value)
+
+    metrics = await gateway.client.get("/metrics")
+    assert long_polls() == 8
     other = await gateway.join("ngo")  # another member's are its own
     assert (await gateway.client.get("/events", params={**params, "wait": 1}, headers=gateway.auth(other))).status_code == 200
     assert (await gateway.client.get("/events", params={**params, "wait": 0}, headers=auth)).status_code == 200  # no wait, no limit
@@ -769,6 +776,8 @@ async def test_a_member_has_at_most_eight_long_polls_waiting_at_once(gateway: Ga
     assert {tuple(item["seq"] for item in answer.json()["items"]) for answer in answers} == {(second["seq"],)}
     again = await gateway.client.get("/events", params={**params, "after_seq": second["seq"], "wait": 1}, headers=auth)
     assert again.status_code == 200  # they answered: room again
+    metrics = await gateway.client.get("/metrics")
+    assert long_polls() == 0
 
 
 async def test_a_long_poll_is_not_answered_by_an_event_its_caller_may_not_see(gateway: Gateway, municipality: str) -> None:
