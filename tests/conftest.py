@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import resource
 import shutil
 import tempfile
 import uuid
@@ -42,6 +43,52 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for index, item in enumerate(early):
         ordered.insert(min(index * batch, len(ordered)) if workers > 1 else index, item)
     items[:] = ordered
+
+
+# --- where the suite's CPU goes: ``--cpu-report N`` ------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-report", type=int, default=0, metavar="N",
+        help="after the run, list the N tests that took the most CPU: the test process's own and that of the processes "
+             "it started (nats-servers, collabbus commands), counted when they are reaped",
+    )
+
+
+def _cpu_seconds() -> float:
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.config.getoption("cpu_report"):
+        item.stash[_CPU_AT_START] = _cpu_seconds()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    started = item.stash.get(_CPU_AT_START, None)
+    if call.when == "teardown" and started is not None:  # (the report travels from an xdist worker with its properties)
+        outcome.get_result().user_properties.append(("cpu_seconds", round(_cpu_seconds() - started, 2)))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    shown = config.getoption("cpu_report")
+    if not shown:
+        return
+    spent = [(dict(report.user_properties)["cpu_seconds"], report.nodeid)
+             for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "teardown" and "cpu_seconds" in dict(getattr(report, "user_properties", ()))]
+    spent.sort(reverse=True)
+    terminalreporter.write_sep("=", f"CPU: {sum(s for s, _ in spent):,.0f} s in {len(spent)} tests; the {min(shown, len(spent))} that took most")
+    for seconds, nodeid in spent[:shown]:
+        terminalreporter.write_line(f"{seconds:8.1f} s  {nodeid}")
+
+
+_CPU_AT_START = pytest.StashKey[float]()
 
 
 def load_fixtures() -> dict[str, dict[str, Any]]:
