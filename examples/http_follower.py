@@ -1,5 +1,5 @@
-"""Follow a collabbus network's event log over HTTP: for a member that can neither keep a NATS
-connection nor take webhooks (behind a firewall that lets no request in, say).
+"""Follow a collabbus network's event log over HTTP: for a member that cannot take webhooks
+(behind a firewall that lets no request in, say).
 
     pip install httpx
     COLLABBUS_URL=http://127.0.0.1:8080 COLLABBUS_TOKEN=… python http_follower.py [TYPE]

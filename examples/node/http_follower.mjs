@@ -1,6 +1,6 @@
 // Follow a collabbus network's event log over HTTP, in Node.js with its built-in fetch alone (the
-// same steps as http_follower.py): for a member that can neither keep a NATS connection nor take
-// webhooks (behind a firewall that lets no request in, say).
+// same steps as http_follower.py): for a member that cannot take webhooks (behind a firewall that
+// lets no request in, say).
 //
 //     COLLABBUS_URL=http://127.0.0.1:8080 COLLABBUS_TOKEN=… node http_follower.mjs [TYPE]
 //
