@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from bus import cloudevents, log
 from bus.gate import INPUT_FACTOR
 from bus.log import event_filter
+from bus.watch import AppliedWatch
 from bus.streams import EVENTS_STREAM
 from connectors.http import resources
 from connectors.http.auth import Member, Publisher, bus_of, engine_of
@@ -45,6 +46,8 @@ MAX_WAIT = 60
 """The longest long poll of ``GET /events``, in seconds."""
 LONG_POLL_RECHECK = 5.0
 """Seconds a long poll waits for this process's consumer before it looks at the log again anyway."""
+DISCONNECT_CHECK = 1.0
+"""Seconds between a waiting long poll's looks whether its client is still there."""
 MAX_LONG_POLLS = 8
 """Long polls one institution may have waiting at once: more are answered 429 (a follower needs
 one; a shared bus does not hold connections without end)."""
@@ -284,12 +287,27 @@ async def read_log(
                 return page
             # Woken when the read models have applied more of the log; looked at again at least
             # every few seconds whatever this process's consumer says (the log may grow by other means).
-            await watch.wait_beyond(max(seen, after_seq or 0), min(left, LONG_POLL_RECHECK))
+            if not await _wait_while_connected(request, watch, max(seen, after_seq or 0), min(left, LONG_POLL_RECHECK)):
+                return page  # nobody to answer: the poll's place is free at once
     finally:
         gauge.dec()
         polls[viewer] -= 1
         if not polls[viewer]:
             del polls[viewer]
+
+
+async def _wait_while_connected(request: Request, watch: AppliedWatch, beyond: int, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the log to be applied past ``beyond``, making sure every second
+    that the client still waits too; False as soon as it has gone (a follower that restarts must
+    not find its own abandoned polls holding its places)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while (left := until - loop.time()) > 0:
+        if await watch.wait_beyond(beyond, min(left, DISCONNECT_CHECK)) or watch.closed:
+            return True
+        if await request.is_disconnected():
+            return False
+    return True
 
 
 async def _log_page(request: Request, viewer: str, subjects: str, after_seq: int | None, limit: int) -> dict[str, Any]:

@@ -779,6 +779,22 @@ async def test_a_member_has_at_most_eight_long_polls_waiting_at_once(gateway: Ga
     metrics = await gateway.client.get("/metrics")
     assert long_polls() == 0
 
+    # A client that goes away (a follower restarting) does not keep its place until the wait is over.
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as leaving:
+        gone = [asyncio.create_task(leaving.get("/events", params={**params, "after_seq": second["seq"], "wait": 60}, headers=auth))
+                for _ in range(8)]
+        await asyncio.sleep(1.0)
+        metrics = await gateway.client.get("/metrics")
+        assert long_polls() == 8
+        for poll in gone:
+            poll.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+    deadline = asyncio.get_running_loop().time() + 10  # (a waiting poll looks every second)
+    while (metrics := await gateway.client.get("/metrics")) and long_polls() > 0:
+        assert asyncio.get_running_loop().time() < deadline, "the abandoned polls kept their places"
+        await asyncio.sleep(0.2)
+    assert (await gateway.client.get("/events", params={**params, "after_seq": second["seq"], "wait": 1}, headers=auth)).status_code == 200
+
 
 async def test_a_long_poll_is_not_answered_by_an_event_its_caller_may_not_see(gateway: Gateway, municipality: str) -> None:
     funder, competitor = await gateway.join("funder", "SE"), await gateway.join("ngo")
