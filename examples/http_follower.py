@@ -34,7 +34,12 @@ def handle(item: dict) -> None:
 
 
 def follow(client: httpx.Client, position_file: Path, event_type: str | None) -> int:
-    after = int(position_file.read_text().strip() or 0) if position_file.exists() else 0
+    kept = (position_file.read_text().strip() if position_file.exists() else "") or "0"
+    if not kept.isdigit():
+        print(f"{position_file} holds no log sequence ({kept[:40]!r}): correct it, or remove it to start from the beginning",
+              file=sys.stderr)
+        return 2
+    after = int(kept)
     pause = 1.0
     while True:
         params: dict[str, str | int] = {"after_seq": after, "wait": WAIT}
@@ -54,7 +59,10 @@ def follow(client: httpx.Client, position_file: Path, event_type: str | None) ->
             pause = min(pause * 2, 60.0)
             continue
         if answer.status_code != 200:  # a problem (RFC 9457): retrying the same request cannot help
-            body = answer.json()
+            try:
+                body = answer.json()
+            except ValueError:  # not the gateway's answer (a proxy's page, say)
+                body = {"title": answer.reason_phrase, "detail": answer.text[:200]}
             print(f"refused by the gateway ({answer.status_code} {body.get('title')}): {body.get('detail')}", file=sys.stderr)
             return 2
         pause = 1.0

@@ -27,7 +27,12 @@ function handle(item) { // what to do with one event: here, print it
 }
 
 async function follow(eventType) {
-  let after = existsSync(positionFile) ? Number(readFileSync(positionFile, "utf8").trim() || "0") : 0;
+  const kept = (existsSync(positionFile) ? readFileSync(positionFile, "utf8").trim() : "") || "0";
+  if (!/^[0-9]+$/.test(kept)) {
+    console.error(`${positionFile} holds no log sequence (${JSON.stringify(kept.slice(0, 40))}): correct it, or remove it to start from the beginning`);
+    return 2;
+  }
+  let after = Number(kept);
   let pause = 1;
   for (;;) {
     const params = new URLSearchParams({ after_seq: String(after), wait: String(WAIT), ...(eventType ? { type: eventType } : {}) });
@@ -48,7 +53,13 @@ async function follow(eventType) {
       pause = Math.min(pause * 2, 60);
       continue;
     }
-    const body = await answer.json();
+    const text = await answer.text();
+    let body;
+    try {
+      body = JSON.parse(text);
+    } catch { // not the gateway's answer (a proxy's page, say)
+      body = { title: answer.statusText, detail: text.slice(0, 200) };
+    }
     if (answer.status !== 200) { // a problem (RFC 9457): retrying the same request cannot help
       console.error(`refused by the gateway (${answer.status} ${body.title}): ${body.detail}`);
       return 2;

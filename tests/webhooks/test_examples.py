@@ -194,3 +194,6 @@ async def test_the_follower_example_prints_the_log_as_it_grows_and_goes_on_where
     refused = await asyncio.to_thread(subprocess.run, command, env={**env, "COLLABBUS_TOKEN": "cb_not-a-token"},
                                       capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "refused by the gateway (401" in refused.stderr, refused.stderr
+    position.write_text("not a number")
+    garbled = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True, timeout=60)
+    assert garbled.returncode == 2 and "holds no log sequence ('not a number'" in garbled.stderr.replace('"', "'"), garbled.stderr
