@@ -31,6 +31,7 @@ from schemas.validations import (
     InfoRequested,
     ReviewerAssigned,
     ReviewerUnassigned,
+    ReviewOverdue,
     ReviewSubmitted,
     ValidationDecided,
     ValidationRequested,
@@ -92,6 +93,8 @@ class ValidationReviewer(TableRow, table=True):
     reviewer: str = Field(primary_key=True, max_length=63)
     due_by: datetime | None = _when()
     assigned_at: datetime = _when(nullable=False)
+    overdue_noted_for: datetime | None = _when()
+    """The due date for which the bus said the reviewer was late (``validation.review_overdue``)."""
 
 
 class ValidationReview(TableRow, table=True):
@@ -388,6 +391,38 @@ def on_withdrawn(session: Session, event: Event[ValidationWithdrawn]) -> None:
     validation.withdrawn_at = event.logged_at
 
 
+def on_review_overdue(session: Session, event: Event[ReviewOverdue]) -> None:
+    assigned = session.get(ValidationReviewer, (event.data.validation_id, event.data.reviewer))
+    if assigned is not None:  # (taken off meanwhile: there is nothing to note on)
+        assigned.overdue_noted_for = event.data.due_by
+
+
+def note_overdue_reviews(ctx: Context) -> None:
+    """Timer: a reviewer of an open validation that has not reviewed by its due date (its own,
+    else the validation's, as ``overdue`` in :func:`_progress`) is named late by the coordinator
+    (``validation.review_overdue``), once for each due date: the projection notes the date, so a
+    second tick says nothing, and a later date (assigned again) that passes too is said again."""
+    reviewed = select(ValidationReview.reviewer).where(
+        ValidationReview.validation_id == ValidationReviewer.validation_id, ValidationReview.reviewer == ValidationReviewer.reviewer)
+    due = sa.func.coalesce(ValidationReviewer.due_by, Validation.due_by)
+    noted = col(ValidationReviewer.overdue_noted_for)
+    late = (
+        select(ValidationReviewer.validation_id, ValidationReviewer.reviewer, due, Validation.coordinator)
+        .join(Validation, col(Validation.validation_id) == col(ValidationReviewer.validation_id))
+        .where(col(Validation.status).in_(sorted(rules.OPEN)), ~reviewed.exists(),
+               due < sa.bindparam("now", ctx.now, type_=UtcDateTime()), sa.or_(noted.is_(None), noted != due))
+        .order_by(due, col(ValidationReviewer.validation_id), col(ValidationReviewer.reviewer))
+    )
+    for validation_id, reviewer, due_by, coordinator in ctx.session.exec(late).all():
+        when = _iso(due_by)
+        ctx.emit(
+            "validation.review_overdue",
+            {"validation_id": validation_id, "reviewer": reviewer, "due_by": when},
+            source=coordinator,
+            key=f"{validation_id}/{reviewer}/{when}",
+        )
+
+
 PROJECTIONS: dict[str, Projection] = {
     "validation.requested": on_requested,
     "validation.reviewer_assigned": on_reviewer_assigned,
@@ -397,12 +432,13 @@ PROJECTIONS: dict[str, Projection] = {
     "validation.info_provided": on_info_provided,
     "validation.decided": on_decided,
     "validation.withdrawn": on_withdrawn,
+    "validation.review_overdue": on_review_overdue,
 }
 DECIDERS: dict[str, Decider] = {
     "validation.requested": check_request,
-    **{event_type: check_action for event_type in PROJECTIONS if event_type != "validation.requested"},
+    **{event_type: check_action for event_type in PROJECTIONS if event_type not in ("validation.requested", "validation.review_overdue")},
 }
-TIMERS: list[Timer] = []
+TIMERS: list[Timer] = [note_overdue_reviews]
 
 
 # --- the resource, for the read API ---------------------------------------------------------------
@@ -528,6 +564,7 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
 
 CONFIDENTIAL = frozenset({
     "validation.review_submitted", "validation.info_requested", "validation.info_provided", "validation.action_rejected",
+    "validation.review_overdue",
 })
 """The validation workflow's event types that not every member may see (the rest are public)."""
 
@@ -538,7 +575,8 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
 
     - a review: its reviewer and the coordinator; the requester too when the workflow took it
       (its reviewer has a review); every member once the validation is decided, when it took it;
-    - information asked and given: the parties (coordinator, requester, assigned reviewers);
+    - information asked and given, and a reviewer named late: the parties (coordinator,
+      requester, assigned reviewers; the late reviewer also once taken off);
     - a refusal (``validation.action_rejected``): the parties and the institution it refused.
 
     Whoever said an event sees it. The parties are those the workflow accepted, as the read models
@@ -572,4 +610,6 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
         return frozenset(allowed)
     allowed.add(requester)
     allowed.update(session.exec(select(ValidationReviewer.reviewer).where(ValidationReviewer.validation_id == validation_id)))
+    if event_type == "validation.review_overdue":
+        allowed.add(str(data.get("reviewer")))  # the late reviewer, also once taken off
     return frozenset(allowed)

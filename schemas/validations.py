@@ -30,6 +30,7 @@ __all__ = [
     "InfoProvided",
     "InfoRequested",
     "Question",
+    "ReviewOverdue",
     "ReviewSubmitted",
     "ReviewerAssigned",
     "ReviewerUnassigned",
@@ -117,6 +118,18 @@ class ReviewerUnassigned(EventData):
     validation_id: AggregateId
     reviewer: InstitutionId
     reason: LocalizedText | None = None
+
+
+class ReviewOverdue(EventData):
+    """The bus says, in the coordinator's name, that an assigned reviewer of an open validation
+    has not reviewed by its due date (its own, else the validation's): once for each due date, so
+    a reviewer assigned again with a later date that passes too is named again. Who is late is the
+    workflow's own business: seen by the validation's parties (the coordinator, the requester, the
+    reviewers) only."""
+
+    validation_id: AggregateId
+    reviewer: InstitutionId
+    due_by: Timestamp
 
 
 class Question(ValueObject):

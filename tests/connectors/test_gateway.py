@@ -600,6 +600,19 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
         return [v["validation_id"] for page in pages for v in page]
 
     assert await late(coordinator, coordinator=coordinator) == [validation_id]  # the coordinator's list to chase
+
+    async def named_late(who: str) -> list[str]:
+        found = await gateway.client.get("/events", params={"type": "validation.review_overdue", "subject": validation_id},
+                                         headers=gateway.auth(who))
+        return [item["event"]["data"]["reviewer"] for item in found.json()["items"]]
+
+    deadline = asyncio.get_running_loop().time() + 30  # the bus's own timer names the late reviewer, once
+    while await named_late(coordinator) != [second]:
+        assert asyncio.get_running_loop().time() < deadline, "nobody named the late reviewer"
+        await asyncio.sleep(0.2)
+    for party in (municipality, first, second):  # the validation's parties; not the outsider
+        assert await named_late(party) == [second], party
+    assert await named_late(outsider) == []
     assert await late(second, reviewer=second) == [validation_id] and await late(first, reviewer=first) == []
     on_time = await walk(gateway.client, "/validations", gateway.auth(first), reviewer=first, overdue="false")
     assert [v["validation_id"] for page in on_time for v in page] == [validation_id]

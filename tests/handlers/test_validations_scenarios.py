@@ -428,3 +428,40 @@ async def test_a_review_that_stops_counting_shows_and_so_does_an_unreachable_quo
     assert view is not None and view["status"] == "in_review"
     assert {r["reviewer"]: r["counted"] for r in view["reviewers"]} == {REVIEWERS[0]: False, REVIEWERS[1]: True}
     assert view["quorum_reachable"] is False  # the coordinator has to assign another reviewer
+
+
+async def test_a_reviewer_late_with_its_review_is_named_once_for_each_due_date(scenario: Any, flow: Workflow) -> None:
+    await open_validation(scenario, flow, "fi-lut", "fi-diak", "fi-soste", quorum=3)
+    await scenario.given(flow.review("fi-diak"))
+    with scenario.session() as session:
+        validation = session.get(Validation, flow.validation_id)
+        assert validation is not None and validation.due_by is not None
+        due = validation.due_by  # the reviewers have no due date of their own: the validation's
+    now = datetime.now(timezone.utc)
+    assert await scenario.tick(due - timedelta(seconds=1)) == []  # not late yet
+    ticked = await scenario.tick(due + timedelta(days=1))
+    assert [(e["type"], e["data"]["reviewer"]) for e in ticked] == [
+        ("validation.review_overdue", "fi-lut"), ("validation.review_overdue", "fi-soste")]  # not the one that reviewed
+    assert {e["source"] for e in ticked} == {f"/institutions/{COORDINATOR}"}  # in the coordinator's name
+    assert all(datetime.fromisoformat(e["data"]["due_by"]) == due and e["data"]["validation_id"] == flow.validation_id for e in ticked)
+    assert await scenario.tick(due + timedelta(days=2)) == []  # once
+    with scenario.session() as session:
+        noted = {r.reviewer: r.overdue_noted_for for r in session.exec(
+            select(ValidationReviewer).where(ValidationReviewer.validation_id == flow.validation_id))}
+        assert noted == {"fi-lut": due, "fi-diak": None, "fi-soste": due}
+
+    # Assigned again with a later date of its own: named again once that one has passed, not before.
+    later = now + timedelta(days=90)
+    again = envelope("validation.reviewer_assigned", COORDINATOR,
+                     {"validation_id": flow.validation_id, "reviewer": "fi-lut", "due_by": later.isoformat()})
+    assert await scenario.when(again) == []
+    assert await scenario.tick(due + timedelta(days=3)) == []
+    [renamed] = await scenario.tick(later + timedelta(seconds=1))
+    assert renamed["type"] == "validation.review_overdue" and renamed["data"]["reviewer"] == "fi-lut"
+    assert datetime.fromisoformat(renamed["data"]["due_by"]) == later
+
+    # Nobody is named late in a validation that is decided or withdrawn.
+    assert await scenario.when(flow.decided()) == []
+    other = Workflow(validation_id=f"{flow.validation_id}-2", project_id=flow.project_id)
+    await scenario.given(other.requested(), other.assigned("fi-soste"), other.withdrawn())
+    assert await scenario.tick(later + timedelta(days=100)) == []

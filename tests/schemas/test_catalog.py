@@ -42,7 +42,7 @@ CATALOG_V1 = {
     "project.registered", "project.updated", "project.partner_joined", "project.adopted",
     "project.impact_reported", "project.completed", "project.action_rejected",
     "validation.requested", "validation.reviewer_assigned", "validation.reviewer_unassigned", "validation.info_requested",
-    "validation.info_provided", "validation.review_submitted", "validation.decided",
+    "validation.info_provided", "validation.review_submitted", "validation.review_overdue", "validation.decided",
     "validation.withdrawn", "validation.action_rejected",
     "innovation_day.scheduled", "innovation_day.rescheduled", "innovation_day.cancelled",
     "innovation_day.held", "innovation_day.registration_requested",
@@ -56,7 +56,8 @@ organiser's event that cannot stand is refused, as calls', projects' and validat
 ``call.application_decided`` and ``call.application_withdrawn`` (a funder could receive
 applications, never say which it funds; an applicant could not take one back), and
 ``call.full_proposal_submitted`` and ``call.application_lapsed`` (a call's ``two_stage`` deadline
-model had no second stage)."""
+model had no second stage), and ``validation.review_overdue`` (a coordinator learnt of a late
+reviewer only by looking)."""
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def test_registry_covers_exactly_the_v1_catalog() -> None:
-    assert len(CATALOG_V1) == 41
+    assert len(CATALOG_V1) == 42
     assert set(event_types()) == CATALOG_V1
     assert event_types() == sorted(CATALOG_V1)
     assert set(REGISTRY) == {(t, 1) for t in CATALOG_V1}
@@ -157,7 +158,7 @@ def test_may_emit(kind: str, type_: str, allowed: bool) -> None:
 def test_nobody_outside_emits_bus_only_types() -> None:
     bus_only = {
         "call.application_received", "call.application_rejected", "call.application_lapsed", "call.action_rejected",
-        "project.action_rejected", "validation.action_rejected",
+        "project.action_rejected", "validation.review_overdue", "validation.action_rejected",
         "innovation_day.registration_confirmed", "innovation_day.registration_waitlisted",
         "innovation_day.registration_rejected", "innovation_day.meetings_proposed", "innovation_day.action_rejected",
     }  # fmt: skip
