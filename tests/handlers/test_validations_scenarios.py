@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from handlers.validations import InfoRequest, Validation, ValidationReview, ValidationReviewer, validation_view
 from schemas.common import CRITERIA
@@ -460,8 +460,16 @@ async def test_a_reviewer_late_with_its_review_is_named_once_for_each_due_date(s
     assert renamed["type"] == "validation.review_overdue" and renamed["data"]["reviewer"] == "fi-lut"
     assert datetime.fromisoformat(renamed["data"]["due_by"]) == later
 
-    # Nobody is named late in a validation that is decided or withdrawn.
+    # Nobody is named late in a validation that is decided or withdrawn (each with a reviewer
+    # that has not reviewed and whose date passes).
     assert await scenario.when(flow.decided()) == []
-    other = Workflow(validation_id=f"{flow.validation_id}-2", project_id=flow.project_id)
-    await scenario.given(other.requested(), other.assigned("fi-soste"), other.withdrawn())
+    decided = Workflow(validation_id=f"{flow.validation_id}-d", project_id=flow.project_id)
+    withdrawn = Workflow(validation_id=f"{flow.validation_id}-w", project_id=flow.project_id)
+    await scenario.given(decided.requested(), decided.assigned("fi-soste"), decided.decided(),
+                         withdrawn.requested(), withdrawn.assigned("fi-soste"), withdrawn.withdrawn())
+    with scenario.session() as session:
+        ended = {v.validation_id: v.status for v in session.exec(
+            select(Validation).where(col(Validation.validation_id).in_([decided.validation_id, withdrawn.validation_id])))}
+        assert ended == {decided.validation_id: "decided", withdrawn.validation_id: "withdrawn"}
+        assert session.get(ValidationReviewer, (decided.validation_id, "fi-soste")) is not None
     assert await scenario.tick(later + timedelta(days=100)) == []
