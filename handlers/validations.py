@@ -402,15 +402,12 @@ def note_overdue_reviews(ctx: Context) -> None:
     else the validation's, as ``overdue`` in :func:`_progress`) is named late by the coordinator
     (``validation.review_overdue``), once for each due date: the projection notes the date, so a
     second tick says nothing, and a later date (assigned again) that passes too is said again."""
-    reviewed = select(ValidationReview.reviewer).where(
-        ValidationReview.validation_id == ValidationReviewer.validation_id, ValidationReview.reviewer == ValidationReviewer.reviewer)
-    due = sa.func.coalesce(ValidationReviewer.due_by, Validation.due_by)
+    due = _due()
     noted = col(ValidationReviewer.overdue_noted_for)
     late = (
         select(ValidationReviewer.validation_id, ValidationReviewer.reviewer, due, Validation.coordinator)
         .join(Validation, col(Validation.validation_id) == col(ValidationReviewer.validation_id))
-        .where(col(Validation.status).in_(sorted(rules.OPEN)), ~reviewed.exists(),
-               due < sa.bindparam("now", ctx.now, type_=UtcDateTime()), sa.or_(noted.is_(None), noted != due))
+        .where(col(Validation.status).in_(sorted(rules.OPEN)), *_late_at(ctx.now), sa.or_(noted.is_(None), noted != due))
         .order_by(due, col(ValidationReviewer.validation_id), col(ValidationReviewer.reviewer))
     )
     for validation_id, reviewer, due_by, coordinator in ctx.session.exec(late).all():
@@ -461,15 +458,23 @@ def overdue_reviewers(now: datetime, reviewer: str | None = None) -> Any:
     """A condition on ``Validation``: it is open and a reviewer (``reviewer``, else any) has not
     reviewed by its due date (its own, else the validation's) — what ``overdue`` in
     :func:`_progress` says of one reviewer, for a query."""
-    reviewed = select(ValidationReview.reviewer).where(
-        ValidationReview.validation_id == ValidationReviewer.validation_id, ValidationReview.reviewer == ValidationReviewer.reviewer)
-    due = sa.func.coalesce(ValidationReviewer.due_by, Validation.due_by)
     late = select(ValidationReviewer.reviewer).where(
-        ValidationReviewer.validation_id == Validation.validation_id, ~reviewed.exists(), due < sa.bindparam("now", now, type_=UtcDateTime()),
-    )
+        ValidationReviewer.validation_id == Validation.validation_id, *_late_at(now))
     if reviewer is not None:
         late = late.where(ValidationReviewer.reviewer == reviewer)
     return sa.and_(col(Validation.status).in_(sorted(rules.OPEN)), late.exists())
+
+
+def _due() -> Any:
+    """A reviewer's due date, its own else its validation's (``ValidationReviewer`` with ``Validation``)."""
+    return sa.func.coalesce(ValidationReviewer.due_by, Validation.due_by)
+
+
+def _late_at(now: datetime) -> tuple[Any, Any]:
+    """The conditions of a reviewer (with its validation) late at ``now``: no review, its due date past."""
+    reviewed = select(ValidationReview.reviewer).where(
+        ValidationReview.validation_id == ValidationReviewer.validation_id, ValidationReview.reviewer == ValidationReviewer.reviewer)
+    return ~reviewed.exists(), _due() < sa.bindparam("now", now, type_=UtcDateTime())
 
 
 def assignments_of(session: Session, reviewer: str, validations: list[Validation]) -> dict[str, dict[str, Any]]:
