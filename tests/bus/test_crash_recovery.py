@@ -26,7 +26,7 @@ from handlers.db import make_engine, table_checksums
 from ops.settings import Settings
 from ops.workload import Workload
 
-EVENTS = 5000
+EVENTS = 3000
 KILLS = 4
 
 

@@ -1,6 +1,6 @@
 """The portal connector against the sandbox portal over real HTTP (CONTRACT §8, sync rules).
 
-The first sync reads the issue's 10,000 entries on SQLite and 2,000 on PostgreSQL (the same
+The first sync reads the issue's 10,000 entries on SQLite and 1,000 on PostgreSQL (the same
 code path, a shorter run); ``COLLABBUS_PORTAL_TEST_ENTRIES`` sets both. It reports its rate
 (printed with ``-s`` and recorded as the test's ``entries_per_second`` property): with the
 sandbox, the connector and the read models sharing one process it is about 110-130 entries/s on
@@ -33,8 +33,8 @@ from tests.connectors.conftest import Gateway
 from tests.portal.conftest import TOKEN, Network, join, portal_sync, project_events
 
 def first_sync_size(gateway: Gateway) -> int:
-    """Entries in the first sync: 10,000 on SQLite, 2,000 on PostgreSQL, unless set."""
-    default = "10000" if gateway.bus.settings.db_url.startswith("sqlite") else "2000"
+    """Entries in the first sync: 10,000 on SQLite, 1,000 on PostgreSQL, unless set."""
+    default = "10000" if gateway.bus.settings.db_url.startswith("sqlite") else "1000"
     return int(os.environ.get("COLLABBUS_PORTAL_TEST_ENTRIES", default))
 
 
