@@ -21,6 +21,8 @@ from schemas import registry
 
 
 def _documentation_broker() -> NatsBroker:
+    from handlers.audience import CONFIDENTIAL
+
     broker = NatsBroker("nats://127.0.0.1:4222", description="collabbus event bus (NATS JetStream)")
     for type_ in registry.event_types():
         spec = registry.spec_for(type_)
@@ -30,9 +32,8 @@ def _documentation_broker() -> NatsBroker:
             f"collab.events.{{institution}}.{spec.domain}.{spec.event}.{{subject}}",
             title=f"log.{spec.type}",
             description=(
-                f"The accepted `{spec.type}` events (emitted by: {who}), in canonical structured form. The log is "
-                "read by the bus itself: members' credentials do not reach it; they follow it over HTTP "
-                "(`GET /events`) and webhooks."
+                f"The accepted `{spec.type}` events (emitted by: {who}), in canonical structured form, the event "
+                "id in the `Nats-Msg-Id` header. " + (_CONFIDENTIAL if spec.type in CONFIDENTIAL else _PUBLIC)
             ),
             schema=envelope,
         )
@@ -55,6 +56,16 @@ def _documentation_broker() -> NatsBroker:
     return broker
 
 
+_PUBLIC = (
+    "Every member may see these: members' credentials let them subscribe to this subject (core NATS, live, "
+    "at most once: a subscriber that was away reads what it missed with `GET /events?after_seq=`, and drops "
+    "repeats by id)."
+)
+_CONFIDENTIAL = (
+    "Confidential: only the parties of its call or validation may see it, which a subject cannot say, so "
+    "members' credentials do not reach this subject; its parties read it over HTTP (`GET /events`) and webhooks."
+)
+
 _OFFERING = (
     "Structured mode: the whole CloudEvent as the JSON body with the header `Content-Type: "
     "application/cloudevents+json`. Binary mode: every attribute in a `ce-<name>` header (values "
@@ -65,9 +76,9 @@ _OFFERING = (
 _CONNECTING = (
     "Authenticate with the `.creds` file `collabbus institutions creds ID` writes (NATS decentralized JWT "
     "auth) and connect with the inbox prefix `_INBOX.{ID}` (Go `nats.CustomInboxPrefix`, nats.js "
-    "`inboxPrefix`, nats-py `inbox_prefix`): the credentials allow publishing to `collab.ingress.{ID}.>` and "
-    "reading the inboxes `_INBOX.{ID}.>`, where verdicts come back; a verdict is sent only to an inbox of the "
-    "offering institution's own."
+    "`inboxPrefix`, nats-py `inbox_prefix`): the credentials allow publishing to `collab.ingress.{ID}.>`, "
+    "reading the inboxes `_INBOX.{ID}.>`, where verdicts come back (a verdict is sent only to an inbox of the "
+    "offering institution's own), and subscribing to the log subjects of the events every member may see."
 )
 
 

@@ -13,9 +13,11 @@ Partners get a standard ``.creds`` file (user JWT + user nkey seed, with the usu
 same format ``nsc`` writes, so any NATS client (Go, JS, Java, Python) uses it unchanged. Their
 JWT allows publishing to ``collab.ingress.{their id}.>`` and subscribing to their own inboxes,
 ``_INBOX.{their id}.>`` (the verdict replies; a client is told to use the prefix
-``_INBOX.{their id}``, which every NATS client takes as its custom inbox prefix), nothing else:
-not the raw log (reviews in it stay confidential until a decision), not the JetStream API, not
-another member's verdicts. The bus's own user has no permission list, which in NATS means every
+``_INBOX.{their id}``, which every NATS client takes as its custom inbox prefix), and to the log
+subjects of the event types every member may see (``handlers.audience.public_log_subjects``:
+the events as the log takes them, live), nothing else: not the confidential events' subjects
+(reviews stay confidential until a decision, applications are the call's and the applicant's),
+not the JetStream API, not another member's verdicts. The bus's own user has no permission list, which in NATS means every
 right within the account; its connections make their inboxes under :data:`BUS_INBOX_PREFIX`,
 which is outside ``_INBOX.``: no member's permissions reach it. The gate answers an offer only on
 the offering institution's own inboxes (or the bus's, by their unguessable names) and never on a
@@ -167,10 +169,13 @@ def member_inbox_prefix(institution: str) -> str:
 
 
 def partner_permissions(institution: str) -> dict[str, Any]:
-    """What a member's connection may do: offer events as itself and receive its verdicts."""
+    """What a member's connection may do: offer events as itself, receive its verdicts, and
+    subscribe to the log subjects of the events every member may see."""
+    from handlers.audience import public_log_subjects
+
     return {
         "pub": {"allow": [f"collab.ingress.{institution}.>"]},
-        "sub": {"allow": [f"{member_inbox_prefix(institution)}.>"]},
+        "sub": {"allow": [f"{member_inbox_prefix(institution)}.>", *public_log_subjects()]},
     }
 
 
@@ -201,7 +206,8 @@ def issue_creds(account: nkeys.KeyPair, name: str, permissions: dict[str, Any] |
 
 
 MEMBER_SUBSCRIPTIONS = 100
-"""Subscriptions a member's connection may hold (a client needs one or two, for its inbox)."""
+"""Subscriptions a member's connection may hold (one or two for its inbox, a dozen to follow
+every public log subject)."""
 
 
 def partner_creds(account: nkeys.KeyPair, institution: str) -> str:

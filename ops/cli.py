@@ -1575,16 +1575,19 @@ def institutions_creds(
     *,
     settings: Settings,
 ) -> None:
-    """Write new NATS credentials for a member: it may offer events as itself, nothing else.
+    """Write new NATS credentials for a member: it may offer events as itself and follow the public log.
 
     A standard `.creds` file (user JWT + nkey seed) for any NATS client, which connects with the
     inbox prefix `_INBOX.ID` (e.g. Go `nats.CustomInboxPrefix`, nats-py `inbox_prefix`): the
-    credentials let it read those inboxes only, where its verdicts arrive. Signed with the embedded
+    credentials let it read those inboxes only, where its verdicts arrive, and subscribe to the
+    log subjects of the events every member sees (listed by `--json`; the confidential ones are
+    read over HTTP and webhooks). Signed with the embedded
     server's account key, or with COLLABBUS_NATS_ACCOUNT_SEED on an external server; the server
     needs no reload. Earlier credentials of the member stay valid until `institutions revoke ID`."""
+    from bus.connection import embedded_authority
     from bus.credentials import CredentialsError, member_inbox_prefix, partner_creds, public_key, read_account_seed, write_secret
     from bus.membership import Membership
-    from bus.connection import embedded_authority
+    from handlers.audience import public_log_subjects
 
     try:
         if settings.nats_account_seed is not None:
@@ -1612,17 +1615,20 @@ def institutions_creds(
     else:
         creds = partner_creds(account, institution_id)
     prefix = member_inbox_prefix(institution_id)
+    follow = ("they may also subscribe to the log subjects of the events every member sees: "
+              + ", ".join(public_log_subjects()))
     if output is None:
         sys.stdout.write(creds)
-        err.print(f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these credentials may read)")
+        err.print(f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these credentials may read); "
+                  + follow, soft_wrap=True)
         return
     write_secret(output, creds)
     if as_json:
         out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account),
-                             "inbox_prefix": prefix})
+                             "inbox_prefix": prefix, "log_subjects": public_log_subjects()})
     else:
         out.print(f"wrote NATS credentials for {institution_id} to {output}; connect with the inbox prefix {prefix} "
-                  f"(verdicts come to {prefix}.>, the only inboxes these credentials may read)")
+                  f"(verdicts come to {prefix}.>, the only inboxes these credentials may read); " + follow, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- schemas, asyncapi

@@ -29,13 +29,16 @@ from bus.credentials import (
     member_inbox_prefix,
     new_seed,
     partner_creds,
+    partner_permissions,
     public_key,
     read_account_seed,
 )
 from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
 from bus.streams import EVENTS_STREAM
+from handlers.audience import CONFIDENTIAL, public_log_subjects
 from ops.settings import Settings
+from schemas import registry
 from tests.conftest import OPERATOR, join, load_fixtures, unique
 
 FIXTURE = load_fixtures()["project.registered"]
@@ -126,14 +129,70 @@ async def test_offering_as_another_member_is_refused_by_the_server(member: Membe
     assert (await offer(member.nc, member.institution, project_event(member.institution))).accepted
 
 
-async def test_a_member_cannot_read_the_log_nor_use_jetstream(member: Member) -> None:
-    await member.nc.subscribe("collab.events.>")
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` one or more at the end."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or token not in ("*", tokens[index]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+def test_the_public_log_subjects_are_those_of_every_type_but_the_confidential_ones() -> None:
+    subjects = public_log_subjects()
+    assert "collab.events.*.project.>" in subjects and "collab.events.*.call.published.*" in subjects
+    for event_type in registry.event_types():
+        logged = f"collab.events.some-member.{event_type}.some-subject"
+        matched = [pattern for pattern in subjects if subject_matches(pattern, logged)]
+        assert len(matched) == (0 if event_type in CONFIDENTIAL else 1), (event_type, matched)
+    assert partner_permissions("m-1")["sub"]["allow"] == [f"{member_inbox_prefix('m-1')}.>", *subjects]
+
+
+async def test_a_member_follows_the_public_log_live(member: Member, nats_server: EmbeddedNats, partner: Client, tmp_path: Path) -> None:
+    """Subscribed to every public log subject, a member receives another member's joining and
+    its event as the log took them, with no permission violation."""
+    received: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def take(msg: Any) -> None:
+        await received.put(msg)
+
+    for subject in public_log_subjects():
+        await member.nc.subscribe(subject, cb=take)
     await member.nc.flush()
-    assert await member.violations() == ['nats: permissions violation for subscription to "collab.events.>"']
+    neighbour = await new_member(nats_server, partner, tmp_path, "other")
+    try:
+        event = project_event(neighbour.institution)
+        verdict = await offer(neighbour.nc, neighbour.institution, event)
+        assert verdict.accepted, verdict.as_dict()
+        subjects = []
+        while not subjects or subjects[-1] != f"collab.events.{neighbour.institution}.project.registered.{event['subject']}":
+            msg = await asyncio.wait_for(received.get(), timeout=5.0)
+            subjects.append(msg.subject)
+    finally:
+        await neighbour.nc.close()
+    assert f"collab.events.{OPERATOR}.institution.joined.{neighbour.institution}" in subjects  # its joining, too
+    assert msg.headers["Nats-Msg-Id"] == event["id"]
+    logged = await partner.jetstream().get_msg(EVENTS_STREAM, verdict.seq)
+    assert msg.data == logged.data and orjson.loads(msg.data)["data"]["project_id"] == event["data"]["project_id"]
+    await member.nc.flush()
+    assert member.errors == []
+
+
+async def test_a_member_cannot_read_the_whole_log_nor_confidential_subjects_nor_use_jetstream(member: Member) -> None:
+    for subject in ("collab.events.>", "collab.events.*.call.>", "collab.events.*.call.application_submitted.*",
+                    "collab.events.*.validation.review_submitted.*"):
+        await member.nc.subscribe(subject)
+    await member.nc.flush()
+    assert sorted(await member.violations(4)) == sorted(
+        f'nats: permissions violation for subscription to "{subject}"'
+        for subject in ("collab.events.>", "collab.events.*.call.>", "collab.events.*.call.application_submitted.*",
+                        "collab.events.*.validation.review_submitted.*"))
 
     with pytest.raises(nats.errors.TimeoutError):
         await member.nc.jetstream(timeout=1.0).stream_info(EVENTS_STREAM)
-    violations = await member.violations(2)
+    violations = await member.violations(5)
     assert any('publish to "$js.api.stream.info.collab_events"' in v.lower() for v in violations), violations
 
 
@@ -232,7 +291,8 @@ def test_issued_credentials_are_a_standard_creds_file(nats_server: EmbeddedNats)
     assert claims["iss"] == public_key(account) and claims["sub"] == user and claims["name"] == "fi-thl"
     assert len(claims["jti"]) == 52  # base32 of a SHA-512/256 digest, as nats-io/jwt computes it
     assert claims["nats"]["pub"] == {"allow": ["collab.ingress.fi-thl.>"]}
-    assert claims["nats"]["sub"] == {"allow": ["_INBOX.fi-thl.>"]}  # its own inboxes, not everyone's
+    # its own inboxes, not everyone's, and the public log subjects
+    assert claims["nats"]["sub"] == {"allow": ["_INBOX.fi-thl.>", *public_log_subjects()]}
     assert claims["nats"]["type"] == "user" and claims["nats"]["version"] == 2
     assert claims["nats"]["payload"] == -1 and claims["nats"]["subs"] == 100  # the server's message size (see above)
     signature_bytes = base64.urlsafe_b64decode(signature + "==")

@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 
 from bus.server import free_port
+from handlers.audience import CONFIDENTIAL, public_log_subjects
 from schemas import registry
 from tests.conftest import load_fixtures, unique
 
@@ -289,10 +290,13 @@ def test_asyncapi_lists_every_event_type() -> None:
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["asyncapi"].startswith("3.")
-    addresses = {channel["address"] for channel in document["channels"].values()}
+    addresses = {channel["address"]: channel for channel in document["channels"].values()}
     for type_ in registry.event_types():
         spec = registry.spec_for(type_)
-        assert f"collab.events.{{institution}}.{type_}.{{subject}}" in addresses
+        log_channel = addresses[f"collab.events.{{institution}}.{type_}.{{subject}}"]
+        # whether members may subscribe to it: every member may see it, or it is confidential
+        said = "Confidential" if type_ in CONFIDENTIAL else "members' credentials let them subscribe"
+        assert said in log_channel["description"], (type_, log_channel["description"])
         if spec.emitters:
             assert f"collab.ingress.{{institution}}.{type_}" in addresses
     listening = cli("asyncapi", env={**os.environ, "COLLABBUS_NATS_LISTEN": "127.0.0.1:14502"})
@@ -318,11 +322,13 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
     assert written.returncode == 0, written.stderr
     assert json.loads(written.stdout)["output"] == str(path)
     assert json.loads(written.stdout)["inbox_prefix"] == f"_INBOX.{member}"
+    assert json.loads(written.stdout)["log_subjects"] == public_log_subjects()
     assert path.stat().st_mode & 0o777 == 0o600
 
     printed = cli("institutions", "creds", member, env=env)
     assert printed.returncode == 0 and printed.stdout.startswith("-----BEGIN NATS USER JWT-----")
     assert "-----BEGIN USER NKEY SEED-----" in printed.stdout
+    assert "subscribe to the log subjects" in printed.stderr and "collab.events.*.project.>" in printed.stderr
 
     refused = cli("institutions", "creds", "no-such-member", env=env)
     assert refused.returncode == 1 and refused.stdout == "" and "not a member" in refused.stderr
@@ -335,11 +341,15 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
     nc = await nats.connect(f"nats://{env['COLLABBUS_NATS_LISTEN']}", user_credentials=str(path), error_cb=record,
                             inbox_prefix=f"_INBOX.{member}")
     try:
+        followed = await nc.subscribe("collab.events.*.project.>")  # the public log, live
         event = dict(fixture["event"], id=unique("via-creds"), source=f"/institutions/{member}")
         event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
         event["subject"] = event["data"]["project_id"]
         verdict = await offer(nc, member, event)
         assert verdict.accepted, verdict.as_dict()
+        seen = []  # (other tests may offer projects to the same bus meanwhile)
+        while event["id"] not in seen:
+            seen.append(json.loads((await followed.next_msg(timeout=5)).data)["id"])
         impostor = dict(event, id=unique("impostor"), source="/institutions/operator")
         assert (await offer(nc, "operator", impostor, timeout=1.0)).reason == "unavailable"
         assert any("permissions violation" in str(e) for e in errors), errors
@@ -541,6 +551,40 @@ def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credential
 
     wrong = run_example({**registered({"tr": "x"}), "source": "/institutions/someone-else"}, "--binary")
     assert wrong.returncode == 1 and "rejected (forbidden)" in wrong.stdout and "source:" in wrong.stdout, wrong.stdout
+
+
+def test_the_nats_follower_example_prints_public_events_live_and_is_refused_a_confidential_subject(
+    running_bus: dict[str, str], tmp_path: Path
+) -> None:
+    """``examples/nats_follower.py``: a member's client following the public log over NATS."""
+    env = running_bus
+    member = unique("fi-follow")
+    added = cli("institutions", "add", member, "--name", "NATS follower", "--kind", "municipality", "--country", "FI", env=env)
+    assert added.returncode == 0, added.stderr + added.stdout
+    creds = tmp_path / "member.creds"
+    assert cli("institutions", "creds", member, "--output", str(creds), env=env).returncode == 0
+    url = f"nats://{env['COLLABBUS_NATS_LISTEN']}"
+    example = [sys.executable, str(EXAMPLES / "nats_follower.py"), url, str(creds), member]
+
+    following = subprocess.Popen([*example, f"collab.events.{member}.project.>", "--count", "1"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert following.stderr is not None
+        assert following.stderr.readline().startswith("following collab.events."), "the follower did not subscribe"
+        project_id = unique("p")
+        published = cli("publish", "project.registered", "--as", member, "--data", json.dumps({
+            "project_id": project_id, "title": {"fi": "Kotihoito"}, "owner": member, "status": "active"}), env=env)
+        assert published.returncode == 0, published.stdout + published.stderr
+        out, _ = following.communicate(timeout=30)
+    finally:
+        following.kill()
+    assert following.returncode == 0
+    event = json.loads(out.splitlines()[0])
+    assert (event["type"], event["subject"], event["source"]) == ("project.registered", project_id, f"/institutions/{member}")
+
+    refused = subprocess.run([*example, "collab.events.*.call.application_submitted.*"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "refused a subscription" in refused.stderr, refused.stderr
+    assert "call.application_submitted" in refused.stderr
 
 
 HEADER_VALUES = ('Kortteli "keittiöt" 100%', "مطابخ الأحياء", "2026-12-03T12:00:00+03:00", "a b\tc")
