@@ -494,14 +494,14 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 @pytest.fixture(scope="session")
 def node_example(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """``examples/node/nats_partner.mjs`` with the package its lock file pins (``npm ci``, from the
-    npm registry), as a command to run."""
+    npm registry), as a command to run (``nats_follower.mjs`` beside it)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         if os.environ.get("CI"):
             pytest.fail("the Node.js example needs node and npm in CI")
         pytest.skip("node and npm are not installed")
     work = tmp_path_factory.mktemp("node-example")
-    for name in ("nats_partner.mjs", "package.json", "package-lock.json"):
+    for name in ("nats_partner.mjs", "nats_follower.mjs", "package.json", "package-lock.json"):
         shutil.copy(EXAMPLES / "node" / name, work / name)
     installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=work, capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-2000:]
@@ -553,10 +553,12 @@ def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credential
     assert wrong.returncode == 1 and "rejected (forbidden)" in wrong.stdout and "source:" in wrong.stdout, wrong.stdout
 
 
+@pytest.mark.parametrize("language", ["python", "node"])
 def test_the_nats_follower_example_prints_public_events_live_and_is_refused_a_confidential_subject(
-    running_bus: dict[str, str], tmp_path: Path
+    running_bus: dict[str, str], tmp_path: Path, language: str, request: pytest.FixtureRequest
 ) -> None:
-    """``examples/nats_follower.py``: a member's client following the public log over NATS."""
+    """``examples/nats_follower.py`` (nats-py alone) and ``examples/node/nats_follower.mjs`` (the
+    ``nats`` package alone): a member's client following the public log over NATS."""
     env = running_bus
     member = unique("fi-follow")
     added = cli("institutions", "add", member, "--name", "NATS follower", "--kind", "municipality", "--country", "FI", env=env)
@@ -564,7 +566,11 @@ def test_the_nats_follower_example_prints_public_events_live_and_is_refused_a_co
     creds = tmp_path / "member.creds"
     assert cli("institutions", "creds", member, "--output", str(creds), env=env).returncode == 0
     url = f"nats://{env['COLLABBUS_NATS_LISTEN']}"
-    example = [sys.executable, str(EXAMPLES / "nats_follower.py"), url, str(creds), member]
+    if language == "python":
+        example = [sys.executable, str(EXAMPLES / "nats_follower.py"), url, str(creds), member]
+    else:
+        node, partner = request.getfixturevalue("node_example")
+        example = [node, str(Path(partner).with_name("nats_follower.mjs")), url, str(creds), member]
 
     following = subprocess.Popen([*example, f"collab.events.{member}.project.>", "--count", "1"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
