@@ -58,8 +58,8 @@ def _documentation_broker() -> NatsBroker:
 
 _PUBLIC = (
     "Every member may see these: members' credentials let them subscribe to this subject (core NATS, live, "
-    "at most once: a subscriber that was away reads what it missed with `GET /events?after_seq=`, and drops "
-    "repeats by id)."
+    "at most once: a subscriber that was away reads what it missed over HTTP, `GET /events/{id}` of the last "
+    "event it received giving its `seq` and `GET /events?after_seq={seq}` what came after, and drops repeats by id)."
 )
 _CONFIDENTIAL = (
     "Confidential: only the parties of its call or validation may see it, which a subject cannot say, so "

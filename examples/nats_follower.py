@@ -13,8 +13,9 @@ nats-py and nothing of collabbus, so the same steps carry over to a NATS client 
 - Each message is one event as the log took it: the structured CloudEvent as JSON, its id in the
   ``Nats-Msg-Id`` header. It is printed as one JSON line on standard output.
 - Live, at most once: what is logged while this is not connected does not come again. A follower
-  that must miss nothing reads the gap with ``GET /events?after_seq=…`` (or takes webhooks) and
-  drops repeats by id. The confidential events (applications, reviews before a decision) are not
+  that must miss nothing reads the gap over HTTP (``GET /events/{id}`` of the last event it
+  received gives that event's ``seq``, ``GET /events?after_seq={seq}`` what came after) and drops
+  repeats by id. The confidential events (applications, reviews before a decision) are not
   on these subjects for anyone: their parties read them over HTTP and webhooks.
 - A subject the credentials do not allow is refused by the server: said on standard error, exit 2.
 

@@ -12,7 +12,8 @@
 // - Each message is one event as the log took it: the structured CloudEvent as JSON, its id in the
 //   `Nats-Msg-Id` header. It is printed as one JSON line on standard output.
 // - Live, at most once: what is logged while this is not connected does not come again; a follower
-//   that must miss nothing reads the gap with `GET /events?after_seq=…` and drops repeats by id.
+//   that must miss nothing reads the gap over HTTP (`GET /events/{id}` of the last event it received
+//   gives that event's `seq`, `GET /events?after_seq={seq}` what came after) and drops repeats by id.
 // - A subject the credentials do not allow is refused by the server: said on standard error, exit 2.
 //
 // Runs until interrupted, or until --count events were printed (exit 0). A place to start from,
