@@ -37,6 +37,17 @@ class Institution(Resource):
     """When a former member left (``GET /institutions/{id}``); the list has current members only."""
 
 
+class MemberNats(Resource):
+    """What a member's NATS credentials (``collabbus institutions creds ID``) let its client do."""
+
+    ingress: str
+    """The subjects it offers events on: ``collab.ingress.{id}.>``."""
+    inbox_prefix: str
+    """The inbox prefix its client connects with; its verdicts come back there."""
+    log_subjects: list[str]
+    """The log subjects it may subscribe to: those of the events every member may see."""
+
+
 class Me(Resource):
     """The member a token speaks for (``GET /me``)."""
 
@@ -48,6 +59,8 @@ class Me(Resource):
     may_emit: list[str]
     """The event types its kind may offer. Who owns a call or coordinates a validation is for the
     workflows, which refuse what the owner alone may do."""
+    nats: MemberNats
+    """Its way in over NATS."""
 
 
 class Call(Resource):
