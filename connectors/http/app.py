@@ -6,6 +6,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from connectors.http import calendar, events, operations, problems, read
 from bus.ratelimit import RateLimiter
@@ -27,7 +28,9 @@ def create_app(bus: "Bus", *, rate_limiter: RateLimiter | None = None) -> FastAP
     settings' ``http_rate_limit``/``http_rate_burst``."""
     from importlib.metadata import version
 
-    app = FastAPI(title="collabbus", version=version("collabbus"), description=DESCRIPTION)
+    # /docs (Swagger UI) and /redoc from files the gateway serves itself, under /docs/static: an
+    # institution's closed network, which reaches no CDN, sees them too.
+    app = FastAPIOffline(title="collabbus", version=version("collabbus"), description=DESCRIPTION, static_url="/docs/static")
     app.state.bus = bus
     app.state.rate_limiter = rate_limiter or RateLimiter(bus.settings.http_rate_limit, bus.settings.http_rate_burst)
     app.state.metrics = operations.Metrics()
