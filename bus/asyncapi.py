@@ -21,7 +21,7 @@ from schemas import registry
 
 
 def _documentation_broker() -> NatsBroker:
-    from handlers.audience import CONFIDENTIAL
+    from handlers.confidential import CONFIDENTIAL
 
     broker = NatsBroker("nats://127.0.0.1:4222", description="collabbus event bus (NATS JetStream)")
     for type_ in registry.event_types():

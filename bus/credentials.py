@@ -14,7 +14,7 @@ same format ``nsc`` writes, so any NATS client (Go, JS, Java, Python) uses it un
 JWT allows publishing to ``collab.ingress.{their id}.>`` and subscribing to their own inboxes,
 ``_INBOX.{their id}.>`` (the verdict replies; a client is told to use the prefix
 ``_INBOX.{their id}``, which every NATS client takes as its custom inbox prefix), and to the log
-subjects of the event types every member may see (``handlers.audience.public_log_subjects``:
+subjects of the event types every member may see (``handlers.confidential.public_log_subjects``:
 the events as the log takes them, live), nothing else: not the confidential events' subjects
 (reviews stay confidential until a decision, applications are the call's and the applicant's),
 not the JetStream API, not another member's verdicts. The bus's own user has no permission list, which in NATS means every
@@ -171,7 +171,7 @@ def member_inbox_prefix(institution: str) -> str:
 def partner_permissions(institution: str) -> dict[str, Any]:
     """What a member's connection may do: offer events as itself, receive its verdicts, and
     subscribe to the log subjects of the events every member may see."""
-    from handlers.audience import public_log_subjects
+    from handlers.confidential import public_log_subjects
 
     return {
         "pub": {"allow": [f"collab.ingress.{institution}.>"]},

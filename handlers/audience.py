@@ -1,8 +1,8 @@
 """Who may see a logged event: every member, or for the workflows' confidential events only some.
 
-``GET /events`` shows an event, webhooks deliver it, and a member's NATS credentials let it
-subscribe to its log subject by this one rule; each domain with confidential events says which
-they are and who may see them.
+``GET /events`` shows an event and webhooks deliver it by this one rule; which types are
+confidential is :mod:`handlers.confidential`'s (a member's NATS credentials let it subscribe to the
+others' log subjects), who may see one is each domain's.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from typing import Any
 from sqlmodel import Session
 
 from handlers import calls, validations
-from schemas import registry
+from handlers.confidential import CONFIDENTIAL
 
-CONFIDENTIAL = validations.CONFIDENTIAL | calls.CONFIDENTIAL
-"""The event types not every member may see."""
+__all__ = ["CONFIDENTIAL", "audience"]
 
 
 def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | None:
@@ -28,21 +27,3 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
         return calls.audience(session, envelope)
     return None
 
-
-def public_log_subjects() -> list[str]:
-    """The log subjects of the event types every member may see, which members' NATS credentials
-    let them subscribe to: a domain's ``collab.events.*.{domain}.>`` when none of its types is
-    confidential, else ``collab.events.*.{domain}.{event}.*`` for each of its public types.
-    (A confidential event is for some members only, which a subject cannot say: its parties read
-    it over HTTP and webhooks.)"""
-    by_domain: dict[str, list[str]] = {}
-    for event_type in registry.event_types():
-        by_domain.setdefault(event_type.partition(".")[0], []).append(event_type)
-    subjects = []
-    for domain, types in sorted(by_domain.items()):
-        public = [event_type for event_type in types if event_type not in CONFIDENTIAL]
-        if len(public) == len(types):
-            subjects.append(f"collab.events.*.{domain}.>")
-        else:
-            subjects.extend(f"collab.events.*.{event_type}.*" for event_type in public)
-    return subjects

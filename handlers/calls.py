@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
+from handlers import confidential
 from handlers.institutions import UtcDateTime, column_values, member, upsert
 from handlers.network import Context, Decider, Event, Projection, Timer
 from handlers.rows import TableRow
@@ -432,18 +433,9 @@ TIMERS: tuple[Timer, ...] = (close_overdue_calls, lapse_invitations)
 
 # --- who may see the workflow's events -------------------------------------------------------------
 
-APPLICATION_EVENTS = frozenset({
-    "call.application_submitted", "call.application_received", "call.application_rejected",
-    "call.application_decided", "call.application_withdrawn", "call.full_proposal_submitted",
-    "call.application_lapsed",
-})
-"""Applications, the answers to them, and what becomes of them: not every member's business
-(competing applicants would see each other's requests, amounts and awards)."""
-
-CONFIDENTIAL = APPLICATION_EVENTS | {"call.action_rejected"}
-"""The calls' event types not every member may see: the application events, and the refusal of
-a decision on or withdrawal of an application (a refused publication, amendment or closing is
-public, as the call is)."""
+APPLICATION_EVENTS = confidential.CALL_APPLICATION_EVENTS
+CONFIDENTIAL = confidential.CALL_EVENTS
+"""The calls' event types not every member may see (:mod:`handlers.confidential`)."""
 
 TRIED = frozenset({"call.application_decided", "call.application_withdrawn", "call.full_proposal_submitted", "call.action_rejected"})
 """What any member may try on an application and be refused: its parties hear of it only when a

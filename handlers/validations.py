@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
+from handlers import confidential
 from handlers.institutions import (  # moments stored in UTC, read back aware, on every database
     UtcDateTime,
     member,
@@ -567,11 +568,8 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
 
 # --- who may see the workflow's events -------------------------------------------------------------
 
-CONFIDENTIAL = frozenset({
-    "validation.review_submitted", "validation.info_requested", "validation.info_provided", "validation.action_rejected",
-    "validation.review_overdue",
-})
-"""The validation workflow's event types that not every member may see (the rest are public)."""
+CONFIDENTIAL = confidential.VALIDATION_EVENTS
+"""The validation workflow's event types that not every member may see (:mod:`handlers.confidential`)."""
 
 
 def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | None:

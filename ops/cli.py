@@ -1587,7 +1587,7 @@ def institutions_creds(
     from bus.connection import embedded_authority
     from bus.credentials import CredentialsError, member_inbox_prefix, partner_creds, public_key, read_account_seed, write_secret
     from bus.membership import Membership
-    from handlers.audience import public_log_subjects
+    from handlers.confidential import public_log_subjects
 
     try:
         if settings.nats_account_seed is not None:

@@ -25,7 +25,7 @@ from connectors.http.auth import Member, SessionDep, bus_of, engine_of
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page, keyset_page, list_page
 from connectors.http.problems import ApiProblem, documented
 from handlers import innovation_days as days
-from handlers.audience import public_log_subjects
+from handlers.confidential import public_log_subjects
 from handlers.calls import Call, CallApplication, may_see_application, status_is
 from handlers.db import reading
 from handlers.institutions import Institution

@@ -36,7 +36,7 @@ from bus.credentials import (
 from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
 from bus.streams import EVENTS_STREAM
-from handlers.audience import CONFIDENTIAL, public_log_subjects
+from handlers.confidential import CONFIDENTIAL, public_log_subjects
 from ops.settings import Settings
 from schemas import registry
 from tests.conftest import OPERATOR, join, load_fixtures, unique

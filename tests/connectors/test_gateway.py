@@ -22,7 +22,7 @@ from bus.ratelimit import RateLimiter
 from bus.streams import EVENTS_STREAM
 from connectors.http.server import HttpGateway
 from handlers import tokens
-from handlers.audience import public_log_subjects
+from handlers.confidential import public_log_subjects
 from handlers.db import session_scope
 from tests.conftest import unique
 from tests.connectors.conftest import Gateway

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 
 from bus.server import free_port
-from handlers.audience import CONFIDENTIAL, public_log_subjects
+from handlers.confidential import CONFIDENTIAL, public_log_subjects
 from schemas import registry
 from tests.conftest import load_fixtures, unique
 
@@ -484,6 +484,12 @@ def test_commands_that_only_connect_and_read_the_log_load_neither_the_bus_nor_th
     gatekeeper = ("import sys; from ops import cli; import bus.runtime; "
                   "print(sorted(m for m in ('handlers.network', 'sqlalchemy', 'sqlmodel') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", gatekeeper], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
+    # A member's NATS credentials name the public log subjects without loading the read models.
+    credentials = ("import sys; from bus.credentials import partner_permissions; partner_permissions('m-1'); "
+                   "print(sorted(m for m in ('handlers.audience', 'sqlalchemy', 'sqlmodel') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", credentials], capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"
 
