@@ -17,9 +17,11 @@ JWT allows publishing to ``collab.ingress.{their id}.>`` and subscribing to thei
 subjects of the event types every member may see (``handlers.confidential.public_log_subjects``:
 the events as the log takes them, live), nothing else: not the confidential events' subjects
 (reviews stay confidential until a decision, applications are the call's and the applicant's),
-not the JetStream API, not another member's verdicts. The bus's own user has no permission list, which in NATS means every
-right within the account; its connections make their inboxes under :data:`BUS_INBOX_PREFIX`,
-which is outside ``_INBOX.``: no member's permissions reach it. The gate answers an offer only on
+not the JetStream API (a pull request's messages go to whatever reply subject it names, the
+log's own subjects included), not another member's verdicts. The bus's own user has no
+permission list, which in NATS means every right within the account; its connections make their
+inboxes under :data:`BUS_INBOX_PREFIX`, which is outside ``_INBOX.``: no member's permissions
+reach it. The gate answers an offer only on
 the offering institution's own inboxes (or the bus's, by their unguessable names) and never on a
 wildcard subject (``bus.ingress.reply_allowed``), so no member can make the bus publish into
 another's inboxes or the log.
