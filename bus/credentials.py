@@ -170,13 +170,18 @@ def member_inbox_prefix(institution: str) -> str:
     return f"{MEMBER_INBOXES}.{institution}"
 
 
+def member_ingress(institution: str) -> str:
+    """The subjects a member offers events on: its credentials let it publish there only."""
+    return f"collab.ingress.{institution}.>"
+
+
 def partner_permissions(institution: str) -> dict[str, Any]:
     """What a member's connection may do: offer events as itself, receive its verdicts, and
     subscribe to the log subjects of the events every member may see."""
     from handlers.confidential import public_log_subjects
 
     return {
-        "pub": {"allow": [f"collab.ingress.{institution}.>"]},
+        "pub": {"allow": [member_ingress(institution)]},
         "sub": {"allow": [f"{member_inbox_prefix(institution)}.>", *public_log_subjects()]},
     }
 

@@ -26,4 +26,3 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
     if event_type in calls.CONFIDENTIAL:
         return calls.audience(session, envelope)
     return None
-

@@ -1615,20 +1615,19 @@ def institutions_creds(
     else:
         creds = partner_creds(account, institution_id)
     prefix = member_inbox_prefix(institution_id)
-    follow = ("they may also subscribe to the log subjects of the events every member sees: "
-              + ", ".join(public_log_subjects()))
+    connecting = (f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these "
+                  "credentials may read); they may also subscribe to the log subjects of the events every member sees: "
+                  + ", ".join(public_log_subjects()))
     if output is None:
         sys.stdout.write(creds)
-        err.print(f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these credentials may read); "
-                  + follow, soft_wrap=True)
+        err.print(connecting, soft_wrap=True)
         return
     write_secret(output, creds)
     if as_json:
         out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account),
                              "inbox_prefix": prefix, "log_subjects": public_log_subjects()})
     else:
-        out.print(f"wrote NATS credentials for {institution_id} to {output}; connect with the inbox prefix {prefix} "
-                  f"(verdicts come to {prefix}.>, the only inboxes these credentials may read); " + follow, soft_wrap=True)
+        out.print(f"wrote NATS credentials for {institution_id} to {output}; {connecting}", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- schemas, asyncapi

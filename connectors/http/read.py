@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import AwareDatetime
 from sqlmodel import Session, col, select
 
-from bus.credentials import member_inbox_prefix
+from bus.credentials import member_inbox_prefix, member_ingress
 from bus.verdict import Problem
 from connectors.http import resources
 from connectors.http.auth import Member, SessionDep, bus_of, engine_of
@@ -113,7 +113,7 @@ async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
         "kind": kind,
         "institution": await run_in_threadpool(read),
         "may_emit": [event_type for event_type in event_types() if kind is not None and may_emit(kind, event_type)],
-        "nats": {"ingress": f"collab.ingress.{viewer}.>", "inbox_prefix": member_inbox_prefix(viewer),
+        "nats": {"ingress": member_ingress(viewer), "inbox_prefix": member_inbox_prefix(viewer),
                  "log_subjects": public_log_subjects()},
     }
 
