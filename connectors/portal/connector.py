@@ -57,6 +57,7 @@ the entry back). After every complete pull, :meth:`PortalSync.push_publications`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import logging
@@ -69,6 +70,7 @@ from typing import Any, Literal
 
 import httpx
 import orjson
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from sqlalchemy import Engine
 from sqlmodel import col, select
@@ -430,8 +432,9 @@ class PortalSync:
         self.gate = gate
         self.engine = engine
         self.client = client
-        # Each pass is a span; the portal calls (client spans) and the events offered from it
-        # (the gate's producer spans) are in its trace. Default: the bus's tracing.
+        # Each pass is a span, with its list calls in its trace; each entry that changed is a
+        # trace of its own linked to it (its GET, the event offered from it: the gate's producer
+        # span, and that event's way through the bus). Default: the bus's tracing.
         self.tracing = tracing if tracing is not None else traces.active()
         if self.tracing is not None:
             self.tracing.instrument_httpx(client.http)
@@ -574,6 +577,26 @@ class PortalSync:
         if known is not None and content_hash(_facts(listed, owner, known)) == known.content_hash:
             report.unchanged += 1
             return None
+        with self._entry_trace(entry_id):
+            return await self._apply_changed(entry_id, listed, known, owner, members, report)
+
+    def _entry_trace(self, entry_id: str) -> Any:
+        """A trace of its own for an entry that changed (its ``GET``, the event it makes and that
+        event's way through the bus), linked to the pass's span: a first sync of thousands of
+        entries is then thousands of small traces, each whole, not one that no viewer opens."""
+        if self.tracing is None or not self.tracing.enabled:
+            return contextlib.nullcontext()
+        passing = trace.get_current_span().get_span_context()
+        return self.tracing.tracer.start_as_current_span(
+            "portal entry", context=otel_context.Context(),
+            links=[trace.Link(passing)] if passing.is_valid else None,
+            attributes={traces.PORTAL: self.portal, "collabbus.portal.entry": entry_id},
+        )
+
+    async def _apply_changed(
+        self, entry_id: str, listed: dict[str, Any], known: store.PortalEntry | None, owner: str,
+        members: dict[str, str], report: SyncReport,
+    ) -> list[Any] | None:
         # Changed or new as listed: read the entry itself, which may have moved on (or gone) since.
         fetched = await self.client.get_entry(entry_id)
         if fetched is None:
@@ -581,9 +604,10 @@ class PortalSync:
             return None
         entry, etag = fetched
         if (entry.get("organisation") or {}).get("business_id") != (listed.get("organisation") or {}).get("business_id"):
-            owner = self._owner(entry, members, report)
-            if owner is None:
+            found = self._owner(entry, members, report)
+            if found is None:
                 return None
+            owner = found
         if known is None and (marked := published_project_of(entry)) is not None and marked in self._publications:
             return await self._adopt(entry, etag, owner, self._publications[marked], report)
         facts = _facts(entry, owner, known)

@@ -295,9 +295,12 @@ async def test_logged_decisions_about_portal_projects_are_pushed(gateway: Gatewa
 
 
 
-async def test_a_sync_pass_is_one_trace_with_its_portal_calls_and_the_events_it_offered(
+async def test_a_sync_pass_is_a_trace_and_each_changed_entry_one_of_its_own_linked_to_it(
     gateway: Gateway, sandbox: PortalSandbox, network: Network, tmp_path: Path,
 ) -> None:
+    """The pass's trace holds its list calls; each entry that changed is a trace of its own (its
+    GET and the event offered from it), linked to the pass's span, so that a first sync of
+    thousands of entries is as many small traces; a pass over unchanged entries makes none."""
     from bus.log import read
     from ops.tracing import Tracing, recent_traces
 
@@ -310,20 +313,36 @@ async def test_a_sync_pass_is_one_trace_with_its_portal_calls_and_the_events_it_
     report = await connector.sync()
     assert report.registered == 3
     assert tracing.flush() and tracing.store is not None
-    [found] = recent_traces(tracing.store, limit=5)
-    [root] = found["roots"]
-    assert root["operation"] == "portal sync" and root["status"] != "error"
-    calls = [span["operation"] for span in root["children"]]
-    assert calls.count("GET") >= 4, calls  # the list, then each entry
-    # The events offered during the pass were logged in its trace (the gate's producer span is its child).
+    found = recent_traces(tracing.store, limit=10)
+    [passing] = [t for t in found if t["roots"][0]["operation"] == "portal sync"]
+    [root] = passing["roots"]
+    assert root["status"] != "error"
+    assert [span["operation"] for span in root["children"]] == ["GET"]  # the list: one page
+    entries = [t for t in found if t["roots"][0]["operation"] == "portal entry"]
+    assert len(entries) == 3 and len(found) == 4
+    for entry in entries:
+        [head] = entry["roots"]
+        assert head["links"] == [{"trace_id": passing["trace_id"], "span_id": root["span_id"]}]
+        assert head["attributes"]["collabbus.portal.entry"]
+        assert [span["operation"] for span in head["children"]] == ["GET"]  # the entry itself
+    # Each event offered was logged in its entry's trace (the gate's producer span is its child).
     logged = []
     for member in network.members.values():
         async for item in read(gateway.bus.js, f"collab.events.{member}.project.>", since="all", idle_timeout=0.5):
             logged.append(item.seq)
     assert len(logged) == 3
+    traced = set()
     for seq in logged:
         message = await gateway.bus.js.get_msg(EVENTS_STREAM, seq)
-        assert message.headers and message.headers["traceparent"].split("-")[1] == found["trace_id"]
+        assert message.headers
+        traced.add(message.headers["traceparent"].split("-")[1])
+    assert traced == {entry["trace_id"] for entry in entries}
+
+    again = await connector.sync(full=True)
+    assert again.complete and again.unchanged == 3
+    assert tracing.flush()
+    after = recent_traces(tracing.store, limit=10)
+    assert sorted(t["roots"][0]["operation"] for t in after) == ["portal entry"] * 3 + ["portal sync"] * 2
     await client.http.aclose()
     tracing.shutdown()
 
