@@ -449,7 +449,7 @@ async def _run_portal(settings: Settings, bus: Any, stop: asyncio.Event) -> None
     from connectors.webhooks.targets import RefusedTarget
 
     try:
-        sync = await from_settings(settings, bus.gate, bus.engine)
+        sync = await from_settings(settings, bus.gate, bus.engine, traced_entries=settings.portal_traced_entries)
     except RefusedTarget as exc:
         err.print(f"[red]portal:[/red] {exc}")
         return
@@ -1770,7 +1770,7 @@ def portal_sync(
         try:
             await asyncio.to_thread(migrate, engine)
             try:
-                sync = await from_settings(settings, bus.gate, engine)
+                sync = await from_settings(settings, bus.gate, engine, traced_entries=settings.portal_traced_entries)
             except RefusedTarget as exc:
                 err.print(f"[red]error:[/red] the portal: {exc}")
                 raise typer.Exit(1) from None

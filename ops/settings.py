@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     portal_url: str | None = Field(None, description="the portal's base URL; the portal connector runs when it is set")
     portal_token: str | None = Field(None, description="the Bearer token the portal connector sends")
     portal_interval: float = Field(300.0, gt=0, description="seconds between the portal connector's syncs")
+    portal_traced_entries: int = Field(
+        100, ge=0, description="changed portal entries per sync pass that get a trace of their own when tracing is on "
+        "(the rest are counted on the pass's span, not traced: a first sync of thousands would fill the span store)",
+    )
 
     _split_lists = field_validator("webhook_retry_schedule", "webhook_allow_networks", mode="before")(
         lambda cls, v: _split(v)

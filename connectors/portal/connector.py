@@ -72,6 +72,7 @@ import httpx
 import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
@@ -101,6 +102,7 @@ PUBLICATION_TAG_PREFIX = "collabbus:"
 CREATION_CLAIM = timedelta(minutes=2)
 MAX_CONFLICTS = 5
 _UNSAFE = re.compile(r"[^A-Za-z0-9_:-]")
+_ids = RandomIdGenerator()
 
 
 class PortalUnavailable(Exception):
@@ -391,6 +393,10 @@ class SyncReport:
     complete: bool = False
     error: str | None = None
     seconds: float = 0.0
+    traced: int = 0
+    """Changed entries that got a trace of their own (at most the connector's ``traced_entries``)."""
+    untraced: int = 0
+    """Changed entries beyond that: their events carry an unsampled ``traceparent``."""
 
     @property
     def emitted(self) -> int:
@@ -428,14 +434,18 @@ class PortalSync:
         page_size: int = 100,
         concurrency: int = 8,
         tracing: Any = None,
+        traced_entries: int = 100,
     ) -> None:
         self.gate = gate
         self.engine = engine
         self.client = client
         # Each pass is a span, with its list calls in its trace; each entry that changed is a
         # trace of its own linked to it (its GET, the event offered from it: the gate's producer
-        # span, and that event's way through the bus). Default: the bus's tracing.
+        # span, and that event's way through the bus), up to ``traced_entries`` per pass: the
+        # entries beyond are not traced at all, so that a first sync of thousands of entries does
+        # not push everything else out of the span store. Default: the bus's tracing.
         self.tracing = tracing if tracing is not None else traces.active()
+        self.traced_entries = traced_entries
         if self.tracing is not None:
             self.tracing.instrument_httpx(client.http)
         self.portal = portal or portal_key(str(client.http.base_url))
@@ -466,7 +476,8 @@ class PortalSync:
         ) as span:
             report = await self._sync(full=full, progress=progress)
             span.set_attributes({"collabbus.portal.listed": report.listed, "collabbus.portal.registered": report.registered,
-                                 "collabbus.portal.updated": report.updated})
+                                 "collabbus.portal.updated": report.updated, "collabbus.portal.entry_traces": report.traced,
+                                 "collabbus.portal.entries_untraced": report.untraced})
             if report.error:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, report.error))
             return report
@@ -577,15 +588,25 @@ class PortalSync:
         if known is not None and content_hash(_facts(listed, owner, known)) == known.content_hash:
             report.unchanged += 1
             return None
-        with self._entry_trace(entry_id):
+        with self._entry_trace(entry_id, report):
             return await self._apply_changed(entry_id, listed, known, owner, members, report)
 
-    def _entry_trace(self, entry_id: str) -> Any:
+    def _entry_trace(self, entry_id: str, report: SyncReport) -> Any:
         """A trace of its own for an entry that changed (its ``GET``, the event it makes and that
         event's way through the bus), linked to the pass's span: a first sync of thousands of
-        entries is then thousands of small traces, each whole, not one that no viewer opens."""
+        entries is then thousands of small traces, each whole, not one that no viewer opens.
+
+        Past the pass's ``traced_entries``, an entry runs under a context that is not sampled (a
+        trace id of its own, flags ``00``): nothing of it is recorded, neither here nor by the bus
+        (parent-based sampling), and its event carries that ``traceparent``."""
         if self.tracing is None or not self.tracing.enabled:
             return contextlib.nullcontext()
+        if report.traced >= self.traced_entries:
+            report.untraced += 1
+            unsampled = trace.SpanContext(_ids.generate_trace_id(), _ids.generate_span_id(), is_remote=False,
+                                          trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT))
+            return trace.use_span(trace.NonRecordingSpan(unsampled))
+        report.traced += 1
         passing = trace.get_current_span().get_span_context()
         return self.tracing.tracer.start_as_current_span(
             "portal entry", context=otel_context.Context(),

@@ -347,6 +347,50 @@ async def test_a_sync_pass_is_a_trace_and_each_changed_entry_one_of_its_own_link
     tracing.shutdown()
 
 
+async def test_a_pass_traces_its_first_changed_entries_and_leaves_the_others_untraced_end_to_end(
+    gateway: Gateway, sandbox: PortalSandbox, network: Network, tmp_path: Path,
+) -> None:
+    """Past ``traced_entries`` a pass records nothing of an entry — no span of its own, its GET's or
+    the bus's for its event — and counts it on the pass's span; its event's ``traceparent`` says
+    "not sampled", so a first sync of thousands of entries leaves the span store to the rest."""
+    from bus.log import read
+    from ops.tracing import Tracing, load_trace, recent_traces
+
+    seed(sandbox, network, 3)
+    (tmp_path / "connector").mkdir()
+    tracing = Tracing.configure(tmp_path / "connector", environ={})
+    plain = portal_sync(gateway, sandbox)
+    client = PortalClient(sandbox.url, TOKEN, timeout=5.0, backoff=0.02)
+    connector = PortalSync(plain.gate, plain.engine, client, portal=plain.portal, tracing=tracing, traced_entries=1)
+    report = await connector.sync()
+    assert report.registered == 3 and (report.traced, report.untraced) == (1, 2)
+    await gateway.settle()
+    assert tracing.flush() and tracing.store is not None
+    found = recent_traces(tracing.store, limit=10)
+    assert sorted(t["roots"][0]["operation"] for t in found) == ["portal entry", "portal sync"]
+    [passing] = [t for t in found if t["roots"][0]["operation"] == "portal sync"]
+    attributes = passing["roots"][0]["attributes"]
+    assert (attributes["collabbus.portal.entry_traces"], attributes["collabbus.portal.entries_untraced"]) == (1, 2)
+    [entry] = [t for t in found if t["roots"][0]["operation"] == "portal entry"]
+
+    flags: dict[str, str] = {}
+    for member in network.members.values():
+        async for item in read(gateway.bus.js, f"collab.events.{member}.project.>", since="all", idle_timeout=0.5):
+            message = await gateway.bus.js.get_msg(EVENTS_STREAM, item.seq)
+            assert message.headers
+            _, trace_id, _, sampled = message.headers["traceparent"].split("-")
+            flags[trace_id] = sampled
+    assert len(flags) == 3 and flags.pop(entry["trace_id"]) == "01"
+    assert list(flags.values()) == ["00", "00"]  # two traces of their own, neither sampled
+    bus_store = gateway.bus.tracing.store
+    assert gateway.bus.tracing.flush() and bus_store is not None
+    assert load_trace(bus_store, entry["trace_id"]) is not None  # the bus recorded the traced event's way ...
+    for trace_id in flags:  # ... and nothing of the others, nor did the connector
+        assert load_trace(bus_store, trace_id) is None and load_trace(tracing.store, trace_id) is None
+    await client.http.aclose()
+    tracing.shutdown()
+
+
 def test_a_pass_is_logged_in_one_line_and_what_needs_an_operator_in_one_each(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
