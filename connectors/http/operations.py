@@ -237,7 +237,17 @@ class _Document:
 
 @router.get("/docs/asyncapi", response_class=HTMLResponse)
 async def asyncapi_html(request: Request) -> HTMLResponse:
-    """The AsyncAPI document rendered for people (FastStream's AsyncAPI page)."""
+    """The AsyncAPI document rendered for people: subjects, messages and schemas, on a page that
+    needs nothing from outside the gateway."""
+    from bus.asyncapi import asyncapi_document
+    from connectors.http.asyncapi_page import render
+
+    return HTMLResponse(render(asyncapi_document(_nats_address(request)), interactive="/docs/asyncapi/interactive"))
+
+
+@router.get("/docs/asyncapi/interactive", response_class=HTMLResponse)
+async def asyncapi_interactive(request: Request) -> HTMLResponse:
+    """FastStream's AsyncAPI page (its script and style come from a public CDN)."""
     from faststream.specification import get_asyncapi_html
 
     from bus.asyncapi import asyncapi_document

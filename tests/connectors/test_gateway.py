@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import html
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -951,8 +953,18 @@ async def test_operations_endpoints(gateway: Gateway) -> None:
     assert server["host"] == gateway.bus.settings.nats_servers[0].split("://")[-1]  # where this bus's NATS is
     assert "_INBOX.{ID}" in server["description"] and asyncapi["defaultContentType"] == "application/cloudevents+json"
     assert not [m for m in asyncapi["components"]["messages"].values() if "correlationId" in m]
-    page = await client.get("/docs/asyncapi")
-    assert page.status_code == 200 and "AsyncApiStandalone" in page.text
+    page = await client.get("/docs/asyncapi")  # rendered by the gateway: no script, nothing fetched from elsewhere
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script" not in page.text and "src=" not in page.text and not re.search(r'href="(?!#|/)', page.text)
+    for key, channel in asyncapi["channels"].items():  # (the verdicts' reply channel has no address of its own)
+        assert f'<code class="subject">{html.escape(channel.get("address") or key)}</code>' in page.text
+    linked = set(re.findall(r'href="#schema-([^"]+)"', page.text))
+    assert linked and linked <= set(re.findall(r'id="schema-([^"]+)"', page.text)) == set(asyncapi["components"]["schemas"])
+    prose = re.sub(r"<pre>.*?</pre>", "", page.text, flags=re.S)  # (schemas are shown as they are)
+    assert "<code>_INBOX.{ID}</code>" in prose and "`" not in prose  # the descriptions' code spans
+    interactive = await client.get("/docs/asyncapi/interactive")  # FastStream's page, linked from it
+    assert interactive.status_code == 200 and "AsyncApiStandalone" in interactive.text
+    assert 'href="/docs/asyncapi/interactive"' in page.text
     metrics = await client.get("/metrics")
     assert "collabbus_http_requests_total" in metrics.text and "collabbus_log_last_seq" in metrics.text
     # counted by route template and status, whatever the path

@@ -1,0 +1,112 @@
+"""The AsyncAPI document as a page for people, rendered here (``GET /docs/asyncapi``).
+
+Plain HTML with its style inline and no script: a closed network that reaches no CDN reads it
+as well as any other, and so does a partner writing a NATS client in another language, who wants
+the subjects, what to send there, what comes back and each payload's JSON Schema.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+_CODE = re.compile(r"`([^`]+)`")
+_SCHEMA_REF = re.compile(r"&quot;#/components/schemas/([A-Za-z0-9_.-]+)&quot;")
+_STYLE = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:70rem;padding:1rem 2rem;color:#1d232a}
+h1{margin-bottom:.2rem}h2{margin-top:2.5rem;border-bottom:1px solid #d0d7de}h3{margin:1.6rem 0 .3rem;font-size:1rem}
+code,pre{font:13px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+code{background:#f2f4f6;padding:0 .25rem;border-radius:3px}
+pre{background:#f6f8fa;padding:.8rem;overflow:auto;border-radius:4px}
+.subject{font-size:15px}.tag{display:inline-block;font-size:12px;padding:0 .4rem;border-radius:3px;margin-right:.4rem;color:#fff}
+.send{background:#1a7f37}.receive{background:#0969da}nav a{margin-right:1rem}details{margin:.3rem 0}
+summary{cursor:pointer}table{border-collapse:collapse}td,th{text-align:left;padding:.15rem .8rem .15rem 0;vertical-align:top}
+"""
+
+
+def _text(value: Any) -> str:
+    """A description: escaped, with its `code` spans set as code."""
+    return _CODE.sub(r"<code>\1</code>", html.escape(str(value or "")))
+
+
+def _json(value: Any) -> str:
+    """Pretty JSON, escaped, its schema references linked to the schemas below."""
+    shown = html.escape(json.dumps(value, indent=2, ensure_ascii=False))
+    return _SCHEMA_REF.sub(r'<a href="#schema-\1">&quot;#/components/schemas/\1&quot;</a>', shown)
+
+
+def _resolve(document: Mapping[str, Any], reference: str) -> Any:
+    node: Any = document
+    for part in reference.removeprefix("#/").split("/"):
+        node = node.get(part, {}) if isinstance(node, Mapping) else {}
+    return node
+
+
+def _message(document: Mapping[str, Any], message: Mapping[str, Any]) -> str:
+    message = _resolve(document, message["$ref"]) if "$ref" in message else message
+    payload = message.get("payload") or {}
+    name = str(payload.get("$ref", "")).rpartition("/")[2]
+    parts = [f"<p>{_text(message.get('title') or message.get('name'))}"]
+    if name:
+        parts.append(f' — payload <a href="#schema-{html.escape(name)}"><code>{html.escape(name)}</code></a>')
+    parts.append("</p>")
+    if payload and not name:
+        parts.append(f"<details><summary>payload</summary><pre>{_json(payload)}</pre></details>")
+    if message.get("headers"):
+        parts.append(f"<details><summary>headers</summary><pre>{_json(message['headers'])}</pre></details>")
+    return "".join(parts)
+
+
+def _channel(document: Mapping[str, Any], key: str, channel: Mapping[str, Any], actions: Mapping[str, str]) -> str:
+    action = actions.get(key)
+    # The document speaks for the bus: it receives offers and sends the log; a partner does the opposite.
+    tag = {"receive": '<span class="tag send">partner sends</span>', "send": '<span class="tag receive">partner receives</span>'}
+    parts = [f'<section id="channel-{html.escape(key)}"><h3>{tag.get(action or "", "")}'
+             f'<code class="subject">{html.escape(str(channel.get("address") or key))}</code></h3>',
+             f"<p>{_text(channel.get('description'))}</p>"]
+    parameters = channel.get("parameters") or {}
+    if parameters:
+        rows = "".join(f"<tr><td><code>{{{html.escape(name)}}}</code></td><td>{_text(p.get('description'))}</td></tr>"
+                       for name, p in parameters.items())
+        parts.append(f"<table>{rows}</table>")
+    for message in (channel.get("messages") or {}).values():
+        parts.append(_message(document, message))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def render(document: Mapping[str, Any], *, interactive: str | None = None) -> str:
+    """The page for ``document`` (AsyncAPI 3); ``interactive``: where the scripted view is."""
+    info = document.get("info") or {}
+    title = f"{info.get('title', 'AsyncAPI')} {info.get('version', '')}".strip()
+    actions = {}
+    for operation in (document.get("operations") or {}).values():
+        channel = str((operation.get("channel") or {}).get("$ref", "")).rpartition("/")[2]
+        actions[channel] = str(operation.get("action", ""))
+    channels = document.get("channels") or {}
+    groups = {"Offering events (request/reply)": [k for k in channels if k.startswith("ingress.")],
+              "The log": [k for k in channels if k.startswith("log.")]}
+    groups["Other subjects"] = [k for k in channels if k not in groups["Offering events (request/reply)"] + groups["The log"]]
+    nav = ['<a href="/asyncapi.json">the document (JSON)</a>', '<a href="#schemas">schemas</a>']
+    if interactive:
+        nav.append(f'<a href="{html.escape(interactive)}">interactive view</a> (loads its script from a CDN)')
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>AsyncAPI {html.escape(str(document.get('asyncapi', '')))} · "
+            f"content type <code>{html.escape(str(document.get('defaultContentType', '')))}</code></p>",
+            f"<nav>{''.join(nav)}</nav>", f"<p>{_text(info.get('description'))}</p>", "<h2>Servers</h2>"]
+    for name, server in (document.get("servers") or {}).items():
+        body.append(f"<h3>{html.escape(name)}: <code>{html.escape(str(server.get('protocol', '')))}://"
+                    f"{html.escape(str(server.get('host', '')))}</code></h3><p>{_text(server.get('description'))}</p>")
+    for heading, keys in groups.items():
+        if keys:
+            body.append(f"<h2>{html.escape(heading)}</h2>")
+            body.extend(_channel(document, key, channels[key], actions) for key in sorted(keys))
+    body.append('<h2 id="schemas">Schemas</h2>')
+    for name, schema in sorted(((document.get("components") or {}).get("schemas") or {}).items()):
+        body.append(f'<details id="schema-{html.escape(name)}"><summary><code>{html.escape(name)}</code></summary>'
+                    f"<pre>{_json(schema)}</pre></details>")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1"><title>{html.escape(title)} — AsyncAPI</title>'
+            f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>")
