@@ -24,6 +24,8 @@ pre{background:#f6f8fa;padding:.8rem;overflow:auto;border-radius:4px}
 .subject{font-size:15px}.tag{display:inline-block;font-size:12px;padding:0 .4rem;border-radius:3px;margin-right:.4rem;color:#fff}
 .send{background:#1a7f37}.receive{background:#0969da}nav a{margin-right:1rem}details{margin:.3rem 0}
 summary{cursor:pointer}table{border-collapse:collapse}td,th{text-align:left;padding:.15rem .8rem .15rem 0;vertical-align:top}
+.schema h3{margin:.2rem 0;font-weight:normal}.schema pre{display:none}.schema:target pre{display:block}
+.schema:target h3{font-weight:bold}
 """
 
 
@@ -103,10 +105,14 @@ def render(document: Mapping[str, Any], *, interactive: str | None = None) -> st
         if keys:
             body.append(f"<h2>{html.escape(heading)}</h2>")
             body.extend(_channel(document, key, channels[key], actions) for key in sorted(keys))
+    # Each schema is shown when it is the page's target (a payload's link, a ``$ref`` in another
+    # schema, or its own name here), the others folded: without a script, a link to a folded
+    # <details> would land on it closed.
     body.append('<h2 id="schemas">Schemas</h2>')
     for name, schema in sorted(((document.get("components") or {}).get("schemas") or {}).items()):
-        body.append(f'<details id="schema-{html.escape(name)}"><summary><code>{html.escape(name)}</code></summary>'
-                    f"<pre>{_json(schema)}</pre></details>")
+        anchor = html.escape(name)
+        body.append(f'<section class="schema" id="schema-{anchor}"><h3><a href="#schema-{anchor}"><code>{anchor}</code></a>'
+                    f"</h3><pre>{_json(schema)}</pre></section>")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width, initial-scale=1"><title>{html.escape(title)} — AsyncAPI</title>'
             f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>")

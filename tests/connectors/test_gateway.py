@@ -960,6 +960,7 @@ async def test_operations_endpoints(gateway: Gateway) -> None:
         assert f'<code class="subject">{html.escape(channel.get("address") or key)}</code>' in page.text
     linked = set(re.findall(r'href="#schema-([^"]+)"', page.text))
     assert linked and linked <= set(re.findall(r'id="schema-([^"]+)"', page.text)) == set(asyncapi["components"]["schemas"])
+    assert ".schema:target pre{display:block}" in page.text  # a linked schema shows itself, no script needed
     prose = re.sub(r"<pre>.*?</pre>", "", page.text, flags=re.S)  # (schemas are shown as they are)
     assert "<code>_INBOX.{ID}</code>" in prose and "`" not in prose  # the descriptions' code spans
     interactive = await client.get("/docs/asyncapi/interactive")  # FastStream's page, linked from it
