@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -239,10 +240,16 @@ class _Document:
 async def asyncapi_html(request: Request) -> HTMLResponse:
     """The AsyncAPI document rendered for people: subjects, messages and schemas, on a page that
     needs nothing from outside the gateway."""
+    return HTMLResponse(await run_in_threadpool(_asyncapi_page, _nats_address(request)))
+
+
+@functools.lru_cache(maxsize=8)
+def _asyncapi_page(address: str) -> str:
+    """The page for the NATS ``address`` partners are told (built once: the catalog is fixed)."""
     from bus.asyncapi import asyncapi_document
     from connectors.http.asyncapi_page import render
 
-    return HTMLResponse(render(asyncapi_document(_nats_address(request)), interactive="/docs/asyncapi/interactive"))
+    return render(asyncapi_document(address), interactive="/docs/asyncapi/interactive")
 
 
 @router.get("/docs/asyncapi/interactive", response_class=HTMLResponse)
