@@ -144,6 +144,14 @@ class Tracing:
         if self.provider is not None:
             self.provider.shutdown()
 
+    def unsampled(self) -> Any:
+        """A context manager under which nothing is traced: a trace of its own (ids from the
+        provider's generator) that is not sampled, which the spans started under it follow
+        (parent-based sampling) and whose ``traceparent`` (flags ``00``) travels with what is sent."""
+        ids = self.provider.id_generator if self.provider is not None else RandomIdGenerator()
+        context = SpanContext(ids.generate_trace_id(), ids.generate_span_id(), is_remote=False, trace_flags=TraceFlags(TraceFlags.DEFAULT))
+        return trace.use_span(NonRecordingSpan(context))
+
     @property
     def instrumented(self) -> trace.TracerProvider | None:
         """The tracer provider given to the instrumentations (HTTP server and client spans): the

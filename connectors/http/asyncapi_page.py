@@ -89,9 +89,10 @@ def render(document: Mapping[str, Any], *, interactive: str | None = None) -> st
         channel = str((operation.get("channel") or {}).get("$ref", "")).rpartition("/")[2]
         actions[channel] = str(operation.get("action", ""))
     channels = document.get("channels") or {}
-    groups = {"Offering events (request/reply)": [k for k in channels if k.startswith("ingress.")],
-              "The log": [k for k in channels if k.startswith("log.")]}
-    groups["Other subjects"] = [k for k in channels if k not in groups["Offering events (request/reply)"] + groups["The log"]]
+    groups: dict[str, list[str]] = {"Offering events (request/reply)": [], "The log": [], "Other subjects": []}
+    for key in sorted(channels):
+        kind = key.partition(".")[0]
+        groups["Offering events (request/reply)" if kind == "ingress" else "The log" if kind == "log" else "Other subjects"].append(key)
     nav = ['<a href="/asyncapi.json">the document (JSON)</a>', '<a href="#schemas">schemas</a>']
     if interactive:
         nav.append(f'<a href="{html.escape(interactive)}">interactive view</a> (loads its script from a CDN)')
@@ -104,7 +105,7 @@ def render(document: Mapping[str, Any], *, interactive: str | None = None) -> st
     for heading, keys in groups.items():
         if keys:
             body.append(f"<h2>{html.escape(heading)}</h2>")
-            body.extend(_channel(document, key, channels[key], actions) for key in sorted(keys))
+            body.extend(_channel(document, key, channels[key], actions) for key in keys)
     # Each schema is shown when it is the page's target (a payload's link, a ``$ref`` in another
     # schema, or its own name here), the others folded: without a script, a link to a folded
     # <details> would land on it closed.

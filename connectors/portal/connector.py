@@ -72,7 +72,6 @@ import httpx
 import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
@@ -102,7 +101,6 @@ PUBLICATION_TAG_PREFIX = "collabbus:"
 CREATION_CLAIM = timedelta(minutes=2)
 MAX_CONFLICTS = 5
 _UNSAFE = re.compile(r"[^A-Za-z0-9_:-]")
-_ids = RandomIdGenerator()
 
 
 class PortalUnavailable(Exception):
@@ -603,9 +601,7 @@ class PortalSync:
             return contextlib.nullcontext()
         if report.traced >= self.traced_entries:
             report.untraced += 1
-            unsampled = trace.SpanContext(_ids.generate_trace_id(), _ids.generate_span_id(), is_remote=False,
-                                          trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT))
-            return trace.use_span(trace.NonRecordingSpan(unsampled))
+            return self.tracing.unsampled()
         report.traced += 1
         passing = trace.get_current_span().get_span_context()
         return self.tracing.tracer.start_as_current_span(

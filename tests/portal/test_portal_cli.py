@@ -15,6 +15,7 @@ import orjson
 
 from bus.server import free_port
 from connectors.portal.sandbox import PortalSandbox
+from ops.tracing import STORE_FILE, recent_traces
 from tests.connectors.conftest import Gateway
 from tests.handlers.harness import envelope
 from tests.portal.conftest import TOKEN, Network
@@ -52,6 +53,9 @@ async def test_sandbox_and_sync_commands(gateway: Gateway, network: Network, tmp
         assert refused.returncode == 1 and b"COLLABBUS_WEBHOOK_ALLOW_NETWORKS" in stderr  # loopback is not a portal by default
 
         env["COLLABBUS_WEBHOOK_ALLOW_NETWORKS"] = "127.0.0.0/8"
+        env["COLLABBUS_PORTAL_TRACED_ENTRIES"] = "2"
+        for name in ("OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_ENDPOINT"):  # spans in the data dir's store
+            env.pop(name, None)
         sync = await asyncio.create_subprocess_exec(*COLLABBUS, "portal", "sync", "--once", "--json", env=env,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         stdout, stderr = await sync.communicate()
@@ -59,6 +63,11 @@ async def test_sandbox_and_sync_commands(gateway: Gateway, network: Network, tmp
         summary = json.loads(stdout)
         assert (summary["complete"], summary["listed"], summary["registered"], summary["unmapped_entries"]) == (True, 12, 6, 6)
         assert summary["unmapped"] == {network.unmapped["business_id"]: {"name": network.unmapped["name"], "entries": 6}}
+        # The setting reaches the connector: 2 of the 6 changed entries traced, the pass says so.
+        found = recent_traces(tmp_path / "bus" / STORE_FILE, limit=20)
+        [passing] = [t["roots"][0] for t in found if t["roots"][0]["operation"] == "portal sync"]
+        assert (passing["attributes"]["collabbus.portal.entry_traces"], passing["attributes"]["collabbus.portal.entries_untraced"]) == (2, 4)
+        assert sum(t["roots"][0]["operation"] == "portal entry" for t in found) == 2
     finally:
         sandbox.send_signal(signal.SIGINT)
         await asyncio.wait_for(sandbox.wait(), 20)
