@@ -7,11 +7,18 @@ The log is read by a process of its own (:func:`read_log`), which hands the even
 batches as they arrive: receiving ~100,000 NATS messages costs nats-py a few seconds of the
 interpreter, and in the applying process that time was taken in turns with applying (one
 interpreter lock), a quarter of the whole rebuild. The reader runs on another core meanwhile.
+
+With :class:`Lanes`, the domains are replayed side by side (``handlers.routes.REBUILD_LANES``):
+the reader sends each lane the events of its domains, a process of its own applies each lane but
+the first into a scratch SQLite database, and when the log has been replayed those rows are copied
+into the read models' database. Applying events is the interpreter's work, so on two cores two
+lanes take about half the time of one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import pickle
@@ -56,6 +63,9 @@ class RebuildReport:
     """Read-model rows the rebuild kept in memory at most."""
     rows_let_go: int = 0
     """Rows it let go because more were held (and read again when an event needed them)."""
+    lanes: list[dict[str, Any]] | None = None
+    """Each process that replayed domains side by side (None: one process did it all): its
+    ``domains``, the ``events`` it applied and the ``cpu_seconds`` it took."""
 
     @property
     def rate(self) -> float:
@@ -69,12 +79,65 @@ class RebuildReport:
             "last_seq": self.last_seq,
             "held_rows": self.held_rows,
             "rows_let_go": self.rows_let_go,
+            "lanes": self.lanes,
             "failures": self.failures,
         }
 
 
 class LogReadError(RuntimeError):
     """The reader process could not read the log to its end."""
+
+
+class LaneError(RuntimeError):
+    """A lane of a rebuild in several processes could not replay its part of the log."""
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """Replay the domains side by side: ``domains[0]`` in the rebuilding process (its service must
+    apply exactly those), each other lane in a process of its own writing to a scratch database in
+    ``scratch`` (a directory), copied into the read models' database at the end."""
+
+    domains: tuple[tuple[str, ...], ...]
+    scratch: Path
+    held_rows: int
+
+    def routing(self) -> dict[str, list[int]]:
+        """Per domain, the lanes its events go to."""
+        routing: dict[str, list[int]] = {}
+        for index, domains in enumerate(self.domains):
+            for domain in domains:
+                routing.setdefault(domain, []).append(index)
+        return routing
+
+
+@dataclass
+class _Lane:
+    """What a lane checks of the events it is sent: an event of another lane's domain under a
+    subject of this lane's (written past the gate) would be applied without its handlers."""
+
+    own: frozenset[str]
+    others: frozenset[str]
+    shared: set[str] | None = None
+    """The ids of the shared domain's events, kept by a lane that is not the first."""
+
+    def check(self, seq: int, envelope: Any) -> None:
+        event_type = envelope.get("type") if isinstance(envelope, dict) else None
+        if not isinstance(event_type, str):
+            return
+        domain = event_type.partition(".")[0]
+        if domain in self.own:
+            if self.shared is not None and domain == _shared_domain():
+                self.shared.add(str(envelope.get("id")))
+        elif domain in self.others:
+            raise LaneError(f"#{seq} is a {event_type} event under a subject of another domain (written past the gate); "
+                            "replay it in one process (collabbus rebuild --processes 1)")
+
+
+def _shared_domain() -> str:
+    from handlers.routes import SHARED_DOMAIN
+
+    return SHARED_DOMAIN
 
 
 async def rebuild(
@@ -84,67 +147,122 @@ async def rebuild(
     connect: Mapping[str, Any],
     batch: int = 4000,
     progress: Callable[[int, int], None] | None = None,
+    lanes: Lanes | None = None,
 ) -> RebuildReport:
     """Empty the read models of ``service`` and replay the whole log into them.
 
     ``js``: this process's JetStream context (the log's extent); ``connect``: nats-py connection
-    options for the reader process (``nats.connect(**connect)``)."""
-    from handlers.service import LoggedItem
-
+    options for the reader process (``nats.connect(**connect)``); ``lanes``: replay the domains
+    side by side (see :class:`Lanes`)."""
     report = RebuildReport(held_rows=getattr(service, "held_rows", None))
     info = await js.stream_info(EVENTS_STREAM)
     report.last_seq = info.state.last_seq
     total = info.state.messages
-    started = time.perf_counter()
-    await asyncio.to_thread(service.reset)
-    if progress:
-        progress(0, total)
-    if total == 0:
-        report.seconds = time.perf_counter() - started
-        return report
-    reader = _start_reader(connect, report.last_seq, batch)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if total == 0 or lanes is None or len(lanes.domains) < 2:
+        lanes = None
+    helpers = _start_lanes(lanes) if lanes is not None else []  # they start up while the read models are emptied
+    try:
+        await asyncio.to_thread(service.reset)
+        if progress:
+            progress(0, total)
+        if total == 0:
+            report.seconds = time.perf_counter() - started
+            return report
+        reader = _start_reader(connect, report.last_seq, batch, [helper.frames_fd for helper in helpers],
+                               lanes.routing() if lanes is not None else None)
+        for helper in helpers:
+            os.close(helper.frames_fd)  # the reader's now: when it exits, the lane's reading ends
+        lane = None
+        if lanes is not None:
+            own = frozenset(lanes.domains[0])
+            lane = _Lane(own, frozenset(d for domains in lanes.domains for d in domains) - own)
+        first_seq = info.state.first_seq
+
+        def replayed(seq: int) -> None:
+            if progress:  # with lanes, how far the log has been read (the others' events are not counted here yet)
+                progress(min(seq - first_seq + 1, total) if lanes is not None else report.events, total)
+
+        if lanes is not None:
+            service.network.keeps_position = False  # until every lane's rows are in (see there)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # collected every COLLECT_EVERY events instead (see there)
+        try:
+            seq = await _replay(reader, service, report, lane, replayed)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+            reader.close()
+        own_events, own_cpu = report.events, time.process_time() - cpu_started
+        results = [await asyncio.to_thread(helper.result) for helper in helpers]
+        seq = max([seq, *(result["seq"] for result in results)])
+        await _check_end(js, seq, report.last_seq)
+        for helper, result in zip(helpers, results):
+            await _merge(service, helper, result, report)
+        if lanes is not None:
+            service.network.keeps_position = True
+            await asyncio.to_thread(service.skip, seq)  # the furthest any lane got
+    finally:
+        if lanes is not None:
+            service.network.keeps_position = True
+        for helper in helpers:
+            helper.close()
+        if lanes is not None:
+            with contextlib.suppress(OSError):  # (left when something else is in it)
+                lanes.scratch.rmdir()
+    report.seconds = time.perf_counter() - started
+    report.rows_let_go += getattr(service, "rows_let_go", 0)
+    if lanes is not None:
+        report.lanes = [{"domains": list(lanes.domains[0]), "events": own_events, "cpu_seconds": round(own_cpu, 3)}]
+        report.lanes += [{"domains": list(helper.domains), "events": result["events"], "cpu_seconds": round(result["cpu_seconds"], 3)}
+                         for helper, result in zip(helpers, results)]
+    return report
+
+
+async def _replay(reader: "_Reader", service: Any, report: RebuildReport, lane: _Lane | None,
+                  progress: Callable[[int], None]) -> int:
+    """Apply what the reader sends until the log's end; returns the last sequence received."""
     receiving = reader.connection
     collected = received = 0
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # collected every COLLECT_EVERY events instead (see there)
-    try:
-        while True:
-            try:
-                blob = await asyncio.to_thread(receiving.recv_bytes)
-            except EOFError:
-                raise LogReadError(f"the log's reader process ended unexpectedly ({reader.ended()})") from None
-            frame = pickle.loads(blob)
-            if frame is None:  # the end of the log, or what the reader took for it
-                await _check_end(js, received, report.last_seq)
-                break
-            if isinstance(frame, str):
-                raise LogReadError(frame)
-            if frame:
-                received = frame[-1][0]
-            items: list[LoggedItem] = []
-            for seq, nanos, msg_id, data in frame:
-                try:
-                    items.append(LoggedItem(seq, orjson.loads(data), log_time(nanos)))
-                except orjson.JSONDecodeError as exc:  # not an event (the live consumer dead-letters it): past it
-                    await _apply(service, items, report)
-                    report.events += len(items) + 1
-                    items = []
-                    report.failures.append({"seq": seq, "id": msg_id, "error": f"unreadable: {exc}"})
-                    await asyncio.to_thread(service.skip, seq)
-            await _apply(service, items, report)
-            report.events += len(items)
-            if report.events - collected >= COLLECT_EVERY:
-                collected = report.events
-                gc.collect()
-            if progress:
-                progress(report.events, total)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-        reader.close()
-    report.seconds = time.perf_counter() - started
-    report.rows_let_go = getattr(service, "rows_let_go", 0)
-    return report
+    while True:
+        try:
+            blob = await asyncio.to_thread(receiving.recv_bytes)
+        except EOFError:
+            raise LogReadError(f"the log's reader process ended unexpectedly ({reader.ended()})") from None
+        frame = pickle.loads(blob)
+        if frame is None:  # the end of the log, or what the reader took for it
+            return received
+        if isinstance(frame, str):
+            raise LogReadError(frame)
+        if frame:
+            received = frame[-1][0]
+        await asyncio.to_thread(replay_frame, service, frame, report, lane)
+        if report.events - collected >= COLLECT_EVERY:
+            collected = report.events
+            gc.collect()
+        progress(received)
+
+
+def replay_frame(service: Any, frame: list[tuple[int, int, str | None, bytes]], report: RebuildReport,
+                 lane: _Lane | None = None) -> None:
+    """Read and apply one batch from the reader, in order; what is no event is noted and passed."""
+    from handlers.service import LoggedItem
+
+    items: list[Any] = []
+    for seq, nanos, msg_id, data in frame:
+        try:
+            envelope = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:  # not an event (the live consumer dead-letters it): past it
+            _apply(service, items, report)
+            items = []
+            report.events += 1
+            report.failures.append({"seq": seq, "id": msg_id, "error": f"unreadable: {exc}"})
+            service.skip(seq)
+            continue
+        if lane is not None:
+            lane.check(seq, envelope)
+        items.append(LoggedItem(seq, envelope, log_time(nanos)))
+    _apply(service, items, report)
 
 
 async def _check_end(js: Any, received: int, last_seq: int) -> None:
@@ -162,17 +280,240 @@ async def _check_end(js: Any, received: int, last_seq: int) -> None:
     raise LogReadError(f"the log's reader stopped at #{received}, before the log's end at #{last_seq}")
 
 
-async def _apply(service: Any, items: list[Any], report: RebuildReport) -> None:
+def _apply(service: Any, items: list[Any], report: RebuildReport) -> None:
     """Apply ``items`` in order; an event that fails is noted in the report and passed."""
     rest = items
     while rest:
-        applied, failure, _ = await asyncio.to_thread(service.apply_batch, rest, live=False)
+        applied, failure, _ = service.apply_batch(rest, live=False)
         if failure is None:
             break
         failed = rest[applied]
         report.failures.append({"seq": failed.seq, "id": failed.envelope.get("id"), "error": failure.error})
-        await asyncio.to_thread(service.skip, failed.seq)
+        service.skip(failed.seq)
         rest = rest[applied + 1:]
+    report.events += len(items)
+
+
+# --------------------------------------------------------------------------- the other lanes
+
+
+@dataclass
+class _Helper:
+    """A lane's process: it reads its events from ``frames_fd`` (handed to the reader) and answers
+    on ``results``."""
+
+    process: subprocess.Popen[bytes]
+    frames_fd: int
+    results: Connection
+    domains: tuple[str, ...]
+    database: Path
+
+    def result(self) -> dict[str, Any]:
+        try:
+            answer = pickle.loads(self.results.recv_bytes())
+        except EOFError:
+            raise LaneError(f"the process replaying {', '.join(self.domains)} ended unexpectedly ({_ended(self.process)})") from None
+        if isinstance(answer, str):
+            raise LaneError(answer)
+        return dict(answer)
+
+    def close(self) -> None:
+        try:
+            self.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.results.close()
+        for path in (self.database, self.database.with_name(self.database.name + "-wal"),
+                     self.database.with_name(self.database.name + "-shm")):
+            path.unlink(missing_ok=True)
+
+
+def _start_lanes(lanes: Lanes) -> list[_Helper]:
+    helpers: list[_Helper] = []
+    lanes.scratch.mkdir(parents=True, exist_ok=True)
+    others = {d for domains in lanes.domains for d in domains}
+    try:
+        for index, domains in enumerate(lanes.domains[1:], start=1):
+            database = lanes.scratch / f"lane-{index}-{uuid.uuid4().hex[:8]}.db"
+            frames_read, frames_write = os.pipe()
+            results_read, results_write = os.pipe()
+            arguments = {"database": str(database), "domains": list(domains), "others": sorted(others - set(domains)),
+                         "held_rows": lanes.held_rows, "frames_fd": frames_read, "results_fd": results_write}
+            try:
+                process = _python("lane_main", arguments, (frames_read, results_write))
+            except BaseException:
+                for fd in (frames_write, results_read):
+                    os.close(fd)
+                raise
+            finally:
+                for fd in (frames_read, results_write):
+                    os.close(fd)
+            helpers.append(_Helper(process, frames_write, Connection(results_read, writable=False), tuple(domains), database))
+    except BaseException:
+        for helper in helpers:
+            os.close(helper.frames_fd)
+            helper.process.kill()
+            helper.close()
+        raise
+    return helpers
+
+
+async def _merge(service: Any, helper: _Helper, result: dict[str, Any], report: RebuildReport) -> None:
+    """Count a lane's events and failures in the report and copy its rows into the read models."""
+    report.events += result["events"]
+    known = {failure["seq"] for failure in report.failures}
+    report.failures.extend(failure for failure in result["failures"] if failure["seq"] not in known)
+    report.failures.sort(key=lambda failure: failure["seq"])
+    report.rows_let_go += result["rows_let_go"]
+    await asyncio.to_thread(copy_lane, service.engine, helper.database, helper.domains)
+    service.forget()  # its session did not see those rows written
+
+
+def copy_lane(engine: Any, database: Path, domains: tuple[str, ...]) -> int:
+    """Copy the rows of ``domains`` (the shared one aside) and the events applied, from a lane's
+    scratch SQLite ``database`` into ``engine``'s database, in one transaction; returns the rows."""
+    import sqlalchemy as sa
+
+    from handlers.bookkeeping import AppliedEvent
+    from handlers.routes import SHARED_DOMAIN, domain_tables
+
+    tables = [table for domain in domains if domain != SHARED_DOMAIN for table in domain_tables(domain)]
+    tables.append(AppliedEvent.__table__)  # type: ignore[attr-defined]
+    copied = 0
+    if engine.dialect.name == "sqlite":  # inside SQLite, file to file
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("ATTACH DATABASE ? AS lane", (str(database),))
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    for table in tables:
+                        columns = ", ".join(f'"{column.name}"' for column in table.columns)
+                        cursor.execute(f'INSERT INTO main."{table.name}" ({columns}) SELECT {columns} FROM lane."{table.name}"')
+                        copied += max(cursor.rowcount, 0)
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
+            finally:
+                cursor.execute("DETACH DATABASE lane")
+        finally:
+            raw.close()
+        return copied
+    from handlers.db import make_engine
+
+    source = make_engine(f"sqlite:///{database}")
+    try:
+        with source.connect() as reading, engine.begin() as writing:
+            for table in tables:
+                result = reading.execution_options(yield_per=5000).execute(sa.select(*table.columns))
+                for rows in result.partitions():
+                    writing.execute(table.insert(), [row._asdict() for row in rows])
+                    copied += len(rows)
+    finally:
+        source.dispose()
+    return copied
+
+
+def lane_main() -> None:
+    """A lane's process: what to replay and where is one JSON object on its standard input."""
+    arguments = orjson.loads(sys.stdin.buffer.read())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rebuilding process ends it
+    frames = Connection(arguments["frames_fd"], writable=False)
+    results = Connection(arguments["results_fd"], readable=False)
+    try:
+        answer: Any = _replay_lane(frames, arguments)
+    except LaneError as exc:
+        answer = str(exc)
+    except LogReadError:  # the rebuilding process has it from the reader too
+        return
+    except Exception as exc:
+        answer = f"the process replaying {', '.join(arguments['domains'])} failed: {exc.__class__.__name__}: {exc}"
+    finally:
+        frames.close()
+    try:
+        results.send_bytes(pickle.dumps(answer))
+    except OSError:  # the rebuilding process has gone
+        pass
+    finally:
+        results.close()
+
+
+def _replay_lane(frames: Connection, arguments: dict[str, Any]) -> dict[str, Any]:
+    import sqlalchemy as sa
+    from sqlmodel import SQLModel
+
+    import handlers.tables  # noqa: F401  (every table on the metadata)
+    from handlers.bookkeeping import AppliedEvent
+    from handlers.db import make_engine
+    from handlers.routes import network
+    from handlers.service import NetworkService
+
+    engine = make_engine(f"sqlite:///{arguments['database']}")
+    try:
+        SQLModel.metadata.create_all(engine)
+        service = NetworkService(engine, network(arguments["domains"]), held_rows=arguments["held_rows"])
+        lane = _Lane(frozenset(arguments["domains"]), frozenset(arguments["others"]), shared=set())
+        report = RebuildReport()
+        collected = received = 0
+        cpu_started = time.process_time()
+        gc.disable()
+        while True:
+            try:
+                frame = pickle.loads(frames.recv_bytes())
+            except EOFError:
+                raise LogReadError("the log's reader ended") from None
+            if frame is None:
+                break
+            if isinstance(frame, str):
+                raise LogReadError(frame)
+            if frame:
+                received = frame[-1][0]
+            replay_frame(service, frame, report, lane)
+            if report.events - collected >= COLLECT_EVERY:
+                collected = report.events
+                gc.collect()
+        assert lane.shared is not None
+        applied = AppliedEvent.__table__  # type: ignore[attr-defined]
+        shared = sorted(lane.shared)
+        with engine.begin() as connection:  # the first lane records the shared domain's events
+            for start in range(0, len(shared), 500):
+                connection.execute(applied.delete().where(applied.c.event_id.in_(shared[start:start + 500])))
+        rows_let_go = service.rows_let_go
+        service.close()
+        return {"events": report.events - len(shared), "failures": report.failures, "rows_let_go": rows_let_go,
+                "seq": received, "cpu_seconds": time.process_time() - cpu_started}
+    finally:
+        engine.dispose()
+
+
+def _ended(process: subprocess.Popen[bytes]) -> str:
+    """How a process ended, for a message."""
+    try:
+        code = process.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        return "it is still running"
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def _python(entry: str, arguments: dict[str, Any], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    """Start ``bus.rebuild.<entry>()`` in a Python process of its own. Not ``multiprocessing``'s:
+    that would import the calling program's main module again in the child. It imports from this
+    process's ``sys.path`` (the same ``bus`` however collabbus is installed), is told what to do
+    on its standard input (connection options may hold credentials, which a command line shows to
+    every user), and runs in a session of its own (a Ctrl-C at the terminal is the rebuilding
+    process's to handle)."""
+    bootstrap = f"import json, sys; sys.path[:] = json.loads(sys.argv[1]); from bus.rebuild import {entry}; {entry}()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", bootstrap, orjson.dumps(sys.path).decode()],
+        pass_fds=fds, stdin=subprocess.PIPE, start_new_session=True,
+    )
+    assert process.stdin is not None
+    with process.stdin:
+        process.stdin.write(orjson.dumps(arguments))
+    return process
 
 
 # --------------------------------------------------------------------------- the reader process
@@ -185,11 +526,7 @@ class _Reader:
 
     def ended(self) -> str:
         """How the process ended, for a message."""
-        try:
-            code = self.process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            return "it is still running"
-        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        return _ended(self.process)
 
     def close(self) -> None:
         """End the reader (it has ended by itself after the log's end), then close the pipe: in
@@ -202,54 +539,52 @@ class _Reader:
         self.connection.close()
 
 
-def _start_reader(connect: Mapping[str, Any], last_seq: int, batch: int) -> _Reader:
+def _start_reader(connect: Mapping[str, Any], last_seq: int, batch: int, lane_fds: list[int] | None = None,
+                  routing: dict[str, list[int]] | None = None) -> _Reader:
     """Start the reader process (:func:`reader_main`), writing to a pipe of which this process
-    keeps the reading end. A process of its own, not ``multiprocessing``'s: that would import the
-    calling program's main module again in the child. It imports from this process's ``sys.path``
-    (the same ``bus`` however collabbus is installed), is told what to read on its standard input
-    (connection options may hold credentials, which a command line shows to every user), and runs
-    in a session of its own (a Ctrl-C at the terminal is the rebuilding process's to handle)."""
+    keeps the reading end, and to ``lane_fds`` (the other lanes' pipes, by ``routing``)."""
     read_fd, write_fd = os.pipe()
-    arguments = orjson.dumps({"connect": dict(connect), "stream": EVENTS_STREAM, "last_seq": last_seq,
-                              "batch": batch, "fd": write_fd})
-    bootstrap = "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from bus.rebuild import reader_main; reader_main()"
+    fds = [write_fd, *(lane_fds or ())]
+    arguments = {"connect": dict(connect), "stream": EVENTS_STREAM, "last_seq": last_seq, "batch": batch, "fds": fds,
+                 "routing": routing}
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-c", bootstrap, orjson.dumps(sys.path).decode()],
-            pass_fds=(write_fd,), stdin=subprocess.PIPE, start_new_session=True,
-        )
+        process = _python("reader_main", arguments, tuple(fds))
     except BaseException:
         os.close(read_fd)
         raise
     finally:
         os.close(write_fd)  # the reader's end: when it exits, reading ends instead of waiting
-    assert process.stdin is not None
-    with process.stdin:
-        process.stdin.write(arguments)
     return _Reader(process, Connection(read_fd, writable=False))
 
 
 def reader_main() -> None:
     """The reader process's entry point: what to read is one JSON object on its standard input."""
     arguments = orjson.loads(sys.stdin.buffer.read())
-    out = Connection(arguments["fd"], readable=False)
-    read_log(arguments["connect"], arguments["stream"], arguments["last_seq"], arguments["batch"], out)
+    outs = [Connection(fd, readable=False) for fd in arguments["fds"]]
+    read_log(arguments["connect"], arguments["stream"], arguments["last_seq"], arguments["batch"], outs,
+             arguments.get("routing"))
 
 
-def read_log(connect: dict[str, Any], stream: str, last_seq: int, batch: int, out: Connection) -> None:
+def read_log(connect: dict[str, Any], stream: str, last_seq: int, batch: int, outs: list[Connection],
+             routing: dict[str, list[int]] | None = None) -> None:
     """The reader process: every message of ``stream`` up to ``last_seq``, in order, sent to
-    ``out`` as pickled lists of ``(sequence, logged at in ns, Nats-Msg-Id, bytes)`` per batch
-    received; then ``None``. A failure is sent as its description (a ``str``)."""
+    ``outs`` as pickled lists of ``(sequence, logged at in ns, Nats-Msg-Id, bytes)`` per batch
+    received; then ``None``. A failure is sent as its description (a ``str``). With ``routing``
+    (per domain, the indexes of ``outs`` its events go to), each message goes where the domain
+    its subject names is routed (``collab.events.{institution}.{domain}.…``), else to the first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (sent to the group of a session it is not in, or by hand)
     try:
-        asyncio.run(_read(connect, stream, last_seq, batch, out))
-        out.send_bytes(pickle.dumps(None))
-    except BrokenPipeError:  # the rebuilding process has gone: nothing to tell
+        asyncio.run(_read(connect, stream, last_seq, batch, outs, routing or {}))
+        for out in outs:
+            out.send_bytes(pickle.dumps(None))
+    except BrokenPipeError:  # a rebuilding process has gone: nothing to tell
         pass
     except Exception as exc:
-        _send_failure(out, exc)
+        for out in outs:
+            _send_failure(out, exc)
     finally:
-        out.close()
+        for out in outs:
+            out.close()
 
 
 def _send_failure(out: Connection, exc: BaseException) -> None:
@@ -259,7 +594,8 @@ def _send_failure(out: Connection, exc: BaseException) -> None:
         pass
 
 
-async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int, out: Connection) -> None:
+async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int, outs: list[Connection],
+                routing: dict[str, list[int]]) -> None:
     import nats
 
     async def quiet(_exc: Exception) -> None:  # a lost connection ends the read below, with its reason
@@ -274,7 +610,8 @@ async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int,
         ))
         puller = Puller(nc, stream, name, batch=batch)
         await puller.start()
-        sending: asyncio.Future[None] | None = None
+        sending: list[asyncio.Future[None] | None] = [None] * len(outs)
+        first = [0]
         try:
             seq, idle_since = 0, time.monotonic()
             while seq < last_seq:
@@ -286,18 +623,29 @@ async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int,
                     if time.monotonic() - idle_since >= READ_IDLE_SECONDS:
                         break
                     continue
-                frame = []
+                frames: list[list[tuple[int, int, str | None, bytes]]] = [[] for _ in outs]
                 for msg in msgs:
                     seq, nanos = delivery_ns(msg)
                     if seq > last_seq:
                         break
-                    frame.append((seq, nanos, (msg.headers or {}).get("Nats-Msg-Id"), msg.data))
-                if sending is not None:
-                    await sending  # one batch in the pipe at a time, in order
-                idle_since = time.monotonic()  # (waiting for the rebuilding process is not the log being idle)
-                sending = asyncio.ensure_future(asyncio.to_thread(out.send_bytes, pickle.dumps(frame, protocol=5)))
-            if sending is not None:
-                await sending
+                    record = (seq, nanos, (msg.headers or {}).get("Nats-Msg-Id"), msg.data)
+                    if routing:
+                        tokens = msg.subject.split(".", 4)
+                        for lane in routing.get(tokens[3], first) if len(tokens) > 4 else first:
+                            frames[lane].append(record)
+                    else:
+                        frames[0].append(record)
+                for index, (out, frame) in enumerate(zip(outs, frames)):
+                    if not frame:
+                        continue
+                    previous = sending[index]
+                    if previous is not None:
+                        await previous  # one batch in each pipe at a time, in order
+                    sending[index] = asyncio.ensure_future(asyncio.to_thread(out.send_bytes, pickle.dumps(frame, protocol=5)))
+                idle_since = time.monotonic()  # (waiting for the rebuilding processes is not the log being idle)
+            for previous in sending:
+                if previous is not None:
+                    await previous
         finally:
             await puller.stop()
             try:

@@ -251,6 +251,11 @@ class Network:
     def __init__(self, routes: Routes, consumer: str = "network") -> None:
         self.routes = routes
         self.consumer = consumer
+        self.keeps_position = True
+        """Whether it records how far the log has been applied. A rebuild's first lane does not
+        until the other lanes' rows are in (``bus.rebuild``): a bus started after the rebuild was
+        cut short must start from the log's beginning (passing what was applied), not from where
+        that lane got."""
 
     def apply(
         self,
@@ -340,7 +345,7 @@ class Network:
 
     def advance(self, session: Session, seq: int | None) -> None:
         """Record that the log has been read up to ``seq`` (never backwards)."""
-        if seq is None:
+        if seq is None or not self.keeps_position:
             return
         advance_position(session.connection(), _POSITIONS, self.consumer, seq)
 

@@ -1,22 +1,72 @@
-"""The network's routing table: every event type's projections, deciders and the timers."""
+"""The network's routing table: every event type's projections, deciders and the timers; and how
+the domains split into lanes that a rebuild replays side by side."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
 
 from handlers import calls, innovation_days, institutions, projects, validations
 from handlers.network import Network, Routes
 
+DOMAINS: dict[str, ModuleType] = {
+    "institution": institutions,
+    "call": calls,
+    "project": projects,
+    "validation": validations,
+    "innovation_day": innovation_days,
+}
+"""Each domain (an event type's first part) and the module with its tables, PROJECTIONS, DECIDERS
+and TIMERS."""
 
-def network_routes() -> Routes:
-    """Projections and workflows of every domain, in one table."""
+SHARED_DOMAIN = "institution"
+"""Read by every other domain (who is a member, of which kind): every lane applies it, the first
+lane's database keeps it."""
+
+REBUILD_LANES: tuple[tuple[str, ...], ...] = (
+    ("institution", "project", "validation"),
+    ("institution", "call"),
+    ("institution", "innovation_day"),
+)
+"""The domains a rebuild may replay in processes of their own, one lane each. A lane holds every
+domain its handlers read: validations read projects (conflicts of interest) and members, projects
+and calls read members, innovation days only their own tables. An event and the events derived
+from it are of one domain, so each lane decides and applies its events as the whole network does.
+Tables whose keys the database generates stay in the first lane (a later lane's rows are copied
+with their keys into the first lane's database)."""
+
+
+def rebuild_lanes(processes: int) -> tuple[tuple[str, ...], ...]:
+    """:data:`REBUILD_LANES` for ``processes`` processes: with fewer processes than lanes, the
+    last ones are replayed together by the last process (lanes joined keep what each reads)."""
+    count = max(1, min(processes, len(REBUILD_LANES)))
+    joined = [set(lane) for lane in REBUILD_LANES[:count - 1]]
+    joined.append({domain for lane in REBUILD_LANES[count - 1:] for domain in lane})
+    return tuple(tuple(domain for domain in DOMAINS if domain in lane) for lane in joined)
+
+
+def network_routes(domains: Iterable[str] | None = None) -> Routes:
+    """Projections and workflows of every domain (or of ``domains``), in one table."""
     routes = Routes()
     # Each domain module contributes PROJECTIONS, DECIDERS and TIMERS.
-    routes.add(projections=institutions.PROJECTIONS, deciders=institutions.DECIDERS, timers=institutions.TIMERS)
-    routes.add(projections=calls.PROJECTIONS, deciders=calls.DECIDERS, timers=calls.TIMERS)
-    routes.add(projections=projects.PROJECTIONS, deciders=projects.DECIDERS, timers=projects.TIMERS)
-    routes.add(projections=validations.PROJECTIONS, deciders=validations.DECIDERS, timers=validations.TIMERS)
-    routes.add(projections=innovation_days.PROJECTIONS, deciders=innovation_days.DECIDERS, timers=innovation_days.TIMERS)
+    for domain in DOMAINS if domains is None else domains:
+        module = DOMAINS[domain]
+        routes.add(projections=module.PROJECTIONS, deciders=module.DECIDERS, timers=module.TIMERS)
     return routes
 
 
-def network() -> Network:
-    return Network(network_routes())
+def network(domains: Iterable[str] | None = None) -> Network:
+    return Network(network_routes(domains))
+
+
+def domain_tables(domain: str) -> list[Any]:
+    """The read-model tables (``sqlalchemy.Table``) of ``domain``, in the order they can be filled."""
+    from sqlmodel import SQLModel
+
+    import handlers.tables  # noqa: F401  (every table on the metadata)
+
+    module = DOMAINS[domain].__name__
+    own = {mapper.local_table for mapper in SQLModel._sa_registry.mappers  # type: ignore[attr-defined]
+           if mapper.class_.__module__ == module}
+    return [table for table in SQLModel.metadata.sorted_tables if table in own]

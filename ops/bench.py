@@ -1100,6 +1100,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
         "seconds": figure(report["seconds"], "s", 3),
         "throughput": figure(report["events_per_second"], "events/s"),
         "measured_by": "collabbus rebuild --json",
+        "lanes": report.get("lanes"),
         "process_seconds": figure(seconds, "s", 3),
         "process_rss_peak": figure(peak / 1e6, "MB"),
         "reader_rss_peak": figure(reader_peak / 1e6 if reader_peak else None, "MB"),

@@ -708,23 +708,31 @@ def rebuild(
         "--held-rows", min=1000, show_default=False,
         help="read-model rows kept in memory between batches (default 50,000, ~100 MB); fewer on a small "
              "machine, at some cost in speed")] = None,
+    processes: Annotated[Optional[int], typer.Option(
+        "--processes", min=1, show_default=False,
+        help="processes replaying the domains side by side (default: 2 on a machine with two cores or more, "
+             "the most there are); 1 replays everything in this one")] = None,
     *,
     settings: Settings,
 ) -> None:
     """Drop the read models and replay them from the log, with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from bus.rebuild import Lanes
     from bus.rebuild import rebuild as replay
     from bus.connection import connect_options
     from bus.runtime import NETWORK_CONSUMER, keep_startup_objects
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
-    from handlers.routes import network
+    from handlers.routes import REBUILD_LANES, network, rebuild_lanes
     from handlers.service import REBUILD_HELD_ROWS, NetworkService
 
     if projection not in (None, NETWORK_CONSUMER):
         raise typer.BadParameter(f"unknown projection {projection!r}; the consumer groups are: {NETWORK_CONSUMER}", param_hint="--projection")
 
+    if processes is not None and processes > len(REBUILD_LANES):
+        raise typer.BadParameter(f"the domains are replayed in {len(REBUILD_LANES)} processes at most", param_hint="--processes")
+    lane_count = processes or min(len(REBUILD_LANES), os.cpu_count() or 1)
     replayed: dict[str, Any] = {"done": 0, "total": None}
 
     async def main() -> Any:
@@ -736,7 +744,11 @@ def rebuild(
                 raise typer.Exit(1)
             engine = make_engine(settings.db_url)
             await asyncio.to_thread(migrate, engine)
-            service = NetworkService(engine, network(), held_rows=held_rows or REBUILD_HELD_ROWS)
+            rows = held_rows or REBUILD_HELD_ROWS
+            lanes = None
+            if lane_count > 1:
+                lanes = Lanes(rebuild_lanes(lane_count), settings.data_dir / ".rebuild", rows)
+            service = NetworkService(engine, network(lanes.domains[0] if lanes else None), held_rows=rows)
             keep_startup_objects()
             with Progress(
                 TextColumn("[bold]rebuilding[/bold]"), BarColumn(), MofNCompleteColumn(),
@@ -752,7 +764,7 @@ def rebuild(
                     replayed.update(done=done, total=total)
 
                 reader = connect_options(settings, "collabbus-rebuild-reader")
-                report = await replay(js, service, connect=reader, progress=progress)
+                report = await replay(js, service, connect=reader, progress=progress, lanes=lanes)
             engine.dispose()
             return report
 
@@ -769,6 +781,9 @@ def rebuild(
     else:
         out.print(f"rebuilt the read models from {report.events} events in {report.seconds:.1f} s "
                   f"({report.rate:,.0f} events/s), up to #{report.last_seq}")
+        if report.lanes:
+            out.print(f"  [dim]in {len(report.lanes)} processes side by side: "
+                      + "; ".join(f"{', '.join(lane['domains'])} ({lane['events']:,} events)" for lane in report.lanes) + "[/dim]")
         if report.rows_let_go:
             out.print(f"  [dim]it kept up to {report.held_rows:,} read-model rows in memory and let {report.rows_let_go:,} "
                       "go on the way (--held-rows)[/dim]")
@@ -933,7 +948,7 @@ def _rebuild_interrupted(settings: Settings) -> None:
             pass
         finally:
             engine.dispose()
-    where = f"the log up to #{position}" if position is not None else "part of the log"
+    where = f"the log up to #{position}" if position else "part of the log"
     err.print(f"[yellow]rebuild interrupted[/yellow]: the read models hold {where}. Run `collabbus rebuild` "
               "again to replay it all, or start the bus: it carries on from there.")
 
@@ -1264,7 +1279,7 @@ async def _appliers(settings: Settings) -> tuple[Any, dict[str, Any]]:
     from bus.runtime import NETWORK_CONSUMER
     from connectors.webhooks.dispatcher import WEBHOOKS_CONSUMER, DeliveryRecorder, RetrySchedule
     from handlers.db import make_engine, migrate
-    from handlers.routes import network
+    from handlers.routes import REBUILD_LANES, network, rebuild_lanes
     from handlers.service import NetworkService
 
     engine = make_engine(settings.db_url)

@@ -1,0 +1,175 @@
+"""A rebuild replays the domains side by side (``collabbus rebuild``'s processes): the same log
+gives the same read models, bookkeeping, position and report as a rebuild in one process, on
+SQLite and on PostgreSQL; the lanes hold every table their handlers read; an event the lanes
+cannot tell apart fails the rebuild with what to do."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import SQLModel
+
+from bus.gate import canonical_bytes
+from bus.rebuild import LaneError, Lanes, rebuild
+from bus.runtime import Bus
+from bus.server import EmbeddedNats
+from bus.streams import EVENTS_STREAM
+from handlers.db import make_engine, migrate, table_checksums
+from handlers.routes import DOMAINS, REBUILD_LANES, SHARED_DOMAIN, domain_tables, network, rebuild_lanes
+from handlers.service import NetworkService
+from ops import bench
+from ops.bench import child_processes
+from ops.settings import Settings
+from ops.tracing import Tracing
+from tests.conftest import load_fixtures
+
+WORKLOAD_EVENTS = 1_500
+
+
+def _tables_used_by(module: ModuleType) -> set[str]:
+    """The read-model tables a domain module's code names (its own and those it imports)."""
+    import handlers.tables  # noqa: F401
+
+    tables = {table.name for table in SQLModel.metadata.sorted_tables}
+    return {getattr(value, "__tablename__") for value in vars(module).values()
+            if isinstance(value, type) and getattr(value, "__tablename__", None) in tables}
+
+
+def _domain_of_table(name: str) -> str | None:
+    for domain in DOMAINS:
+        if name in {table.name for table in domain_tables(domain)}:
+            return domain
+    return None
+
+
+def test_each_lane_holds_every_domain_its_handlers_read() -> None:
+    for lanes in (REBUILD_LANES, *(rebuild_lanes(n) for n in range(1, len(REBUILD_LANES) + 1))):
+        assert {domain for lane in lanes for domain in lane} == set(DOMAINS)  # every domain is replayed
+        for lane in lanes:
+            assert SHARED_DOMAIN in lane
+            for domain in lane:
+                read = {_domain_of_table(name) for name in _tables_used_by(DOMAINS[domain])} - {None}
+                assert read <= set(lane), (domain, lane, read)
+        others = [domain for lane in lanes for domain in lane if domain != SHARED_DOMAIN]
+        assert len(others) == len(set(others))  # each domain's tables are written by one lane
+    # validations read projects' tables: that is what keeps them in one lane
+    assert "projects" in _tables_used_by(DOMAINS["validation"])
+    # a later lane's rows are copied with their keys: no table there has keys the database makes up
+    for lane in REBUILD_LANES[1:]:
+        for domain in lane:
+            if domain == SHARED_DOMAIN:
+                continue
+            for table in domain_tables(domain):
+                key = list(table.primary_key.columns)
+                assert not (len(key) == 1 and isinstance(key[0].type, sa.Integer)), table.name
+
+
+def test_fewer_processes_replay_the_last_lanes_together() -> None:
+    assert rebuild_lanes(1) == (tuple(DOMAINS),)
+    assert rebuild_lanes(2) == (REBUILD_LANES[0], ("institution", "call", "innovation_day"))
+    assert rebuild_lanes(len(REBUILD_LANES)) == REBUILD_LANES
+    assert rebuild_lanes(99) == REBUILD_LANES
+
+
+async def _log(tmp_path: Path, server: EmbeddedNats, database_url: str) -> Bus:
+    """A log of every workflow's events as the gate writes them, and something that is no event
+    under a later lane's subject."""
+    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, database_url=database_url),
+              tracing=Tracing.off())
+    await bus.start(ingress=False, state=False)
+    chunks = [bench.workload("lanes", WORKLOAD_EVENTS)]
+    published, _, _ = await bench.fill_log(server, chunks, WORKLOAD_EVENTS, bench.BenchOptions(fill_budget=120.0),
+                                           lambda *_: None)
+    assert published == WORKLOAD_EVENTS
+    await bus.js.publish("collab.events.lanes-m000.call.published.junk", b"not an event", headers={"Nats-Msg-Id": "junk-1"})
+    return bus
+
+
+def _position(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        return connection.execute(sa.text("SELECT seq FROM consumer_positions WHERE consumer = 'network'")).scalar() or 0
+
+
+async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path, server: EmbeddedNats, database_url: str) -> None:
+    bus = await _log(tmp_path, server, database_url)
+    connect = {"servers": [server.url], **server.connect_options()}
+    engine = make_engine(database_url)
+    try:
+        info = await bus.js.stream_info(EVENTS_STREAM)
+        one = await rebuild(bus.js, NetworkService(engine, network()), connect=connect)
+        serial, serial_position = table_checksums(engine), _position(engine)
+
+        scratch = tmp_path / "scratch"
+        lanes = Lanes(rebuild_lanes(2), scratch, held_rows=50_000)
+        service = NetworkService(engine, network(lanes.domains[0]))
+        seen: list[tuple[int, int]] = []
+        two = await rebuild(bus.js, service, connect=connect, lanes=lanes, progress=lambda done, total: seen.append((done, total)))
+        assert table_checksums(engine) == serial  # every table, the applied events and the position among them
+        assert _position(engine) == serial_position == info.state.last_seq
+        with engine.connect() as connection:  # the workflows decided in both lanes
+            for table in ("validations", "call_applications", "innovation_day_registrations"):
+                assert connection.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar()
+            applied = connection.execute(sa.text("SELECT COUNT(*) FROM applied_events")).scalar()
+        assert applied and applied > WORKLOAD_EVENTS
+
+        assert two.events == one.events == info.state.messages
+        assert two.failures == one.failures and [f["id"] for f in two.failures] == ["junk-1"]  # noted by the lane it went to
+        assert one.lanes is None
+        assert two.lanes is not None and [lane["domains"] for lane in two.lanes] == [list(lane) for lane in lanes.domains]
+        assert sum(lane["events"] for lane in two.lanes) >= two.events - 1  # (the junk is no event of a lane)
+        assert all(lane["events"] > 0 and lane["cpu_seconds"] > 0 for lane in two.lanes)
+        assert seen[0] == (0, info.state.messages) and seen[-1][0] <= info.state.messages
+        assert not scratch.exists()  # the lanes' scratch databases are gone
+        assert child_processes(os.getpid(), "lane_main") == [] and child_processes(os.getpid(), "reader_main") == []
+
+        # The first lane's service knew nothing of the copied rows: it is told to read them afresh.
+        with engine.connect() as connection:
+            call_id = connection.execute(sa.text("SELECT call_id FROM calls LIMIT 1")).scalar()
+        from handlers.calls import Call
+
+        with service._transaction() as session:
+            assert session.get(Call, call_id) is not None
+    finally:
+        engine.dispose()
+        await bus.stop()
+
+
+async def test_an_event_under_another_domains_subject_fails_a_rebuild_in_lanes_with_what_to_do(
+    tmp_path: Path, server: EmbeddedNats
+) -> None:
+    """Only a holder of the bus's own credentials can write past the gate; one lane would apply
+    such an event without its handlers, so the rebuild stops and says to replay in one process."""
+    database_url = f"sqlite:///{tmp_path / 'network.db'}"
+    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, database_url=database_url),
+              tracing=Tracing.off())
+    await bus.start(ingress=False, state=False)
+    engine = make_engine(database_url)
+    migrate(engine)
+    try:
+        fixture = load_fixtures()["call.published"]
+        event = copy.deepcopy(fixture["event"])
+        event["id"] = "misfiled-1"
+        event["time"] = "2026-01-01T00:00:00Z"
+        await bus.js.publish(f"collab.events.{fixture['as']}.project.registered.x", canonical_bytes(event),
+                             headers={"Nats-Msg-Id": "misfiled-1"})
+        lanes = Lanes(rebuild_lanes(2), tmp_path / "scratch", held_rows=1_000)
+        with pytest.raises(LaneError, match=r"call\.published event under a subject of another domain.*--processes 1"):
+            await rebuild(bus.js, NetworkService(engine, network(lanes.domains[0])),
+                          connect={"servers": [server.url], **server.connect_options()}, lanes=lanes, batch=1)
+        assert child_processes(os.getpid(), "lane_main") == []
+        # The first lane applied what came before it, and says it has applied nothing of the log:
+        # a bus started now replays the log from its beginning, as the lanes' rows are not together.
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT COUNT(*) FROM applied_events")).scalar() == 1
+        assert _position(engine) == 0
+        report = await rebuild(bus.js, NetworkService(engine, network()), connect={"servers": [server.url], **server.connect_options()})
+        info = await bus.js.stream_info(EVENTS_STREAM)
+        assert report.events == info.state.messages and report.failures == []  # in one process: as the live consumer applied it
+    finally:
+        engine.dispose()
+        await bus.stop()
