@@ -102,6 +102,11 @@ class Lanes:
     scratch: Path
     held_rows: int
 
+    def kept(self, index: int) -> tuple[str, ...]:
+        """The domains whose rows lane ``index`` keeps: those no earlier lane applies."""
+        earlier = {domain for domains in self.domains[:index] for domain in domains}
+        return tuple(domain for domain in self.domains[index] if domain not in earlier)
+
     def routing(self) -> dict[str, list[int]]:
         """Per domain, the lanes its events go to."""
         routing: dict[str, list[int]] = {}
@@ -118,8 +123,10 @@ class _Lane:
 
     own: frozenset[str]
     others: frozenset[str]
-    shared: set[str] | None = None
-    """The ids of the shared domain's events, kept by a lane that is not the first."""
+    replicated: frozenset[str] = frozenset()
+    """Domains it applies because its own read them, whose rows an earlier lane keeps."""
+    copies: set[str] = field(default_factory=set)
+    """The ids of the replicated domains' events it applied."""
 
     def check(self, seq: int, envelope: Any) -> None:
         event_type = envelope.get("type") if isinstance(envelope, dict) else None
@@ -127,17 +134,11 @@ class _Lane:
             return
         domain = event_type.partition(".")[0]
         if domain in self.own:
-            if self.shared is not None and domain == _shared_domain():
-                self.shared.add(str(envelope.get("id")))
+            if domain in self.replicated:
+                self.copies.add(str(envelope.get("id")))
         elif domain in self.others:
             raise LaneError(f"#{seq} is a {event_type} event under a subject of another domain (written past the gate); "
                             "replay it in one process (collabbus rebuild --processes 1)")
-
-
-def _shared_domain() -> str:
-    from handlers.routes import SHARED_DOMAIN
-
-    return SHARED_DOMAIN
 
 
 async def rebuild(
@@ -306,6 +307,8 @@ class _Helper:
     frames_fd: int
     results: Connection
     domains: tuple[str, ...]
+    kept: tuple[str, ...]
+    """The domains whose rows it keeps (see :meth:`Lanes.kept`)."""
     database: Path
 
     def result(self) -> dict[str, Any]:
@@ -339,7 +342,8 @@ def _start_lanes(lanes: Lanes) -> list[_Helper]:
             frames_read, frames_write = os.pipe()
             results_read, results_write = os.pipe()
             arguments = {"database": str(database), "domains": list(domains), "others": sorted(others - set(domains)),
-                         "held_rows": lanes.held_rows, "frames_fd": frames_read, "results_fd": results_write}
+                         "kept": list(lanes.kept(index)), "held_rows": lanes.held_rows,
+                         "frames_fd": frames_read, "results_fd": results_write}
             try:
                 process = _python("lane_main", arguments, (frames_read, results_write))
             except BaseException:
@@ -349,7 +353,8 @@ def _start_lanes(lanes: Lanes) -> list[_Helper]:
             finally:
                 for fd in (frames_read, results_write):
                     os.close(fd)
-            helpers.append(_Helper(process, frames_write, Connection(results_read, writable=False), tuple(domains), database))
+            helpers.append(_Helper(process, frames_write, Connection(results_read, writable=False), tuple(domains),
+                                   lanes.kept(index), database))
     except BaseException:
         for helper in helpers:
             os.close(helper.frames_fd)
@@ -366,19 +371,19 @@ async def _merge(service: Any, helper: _Helper, result: dict[str, Any], report: 
     report.failures.extend(failure for failure in result["failures"] if failure["seq"] not in known)
     report.failures.sort(key=lambda failure: failure["seq"])
     report.rows_let_go += result["rows_let_go"]
-    await asyncio.to_thread(copy_lane, service.engine, helper.database, helper.domains)
+    await asyncio.to_thread(copy_lane, service.engine, helper.database, helper.kept)
     service.forget()  # its session did not see those rows written
 
 
 def copy_lane(engine: Any, database: Path, domains: tuple[str, ...]) -> int:
-    """Copy the rows of ``domains`` (the shared one aside) and the events applied, from a lane's
-    scratch SQLite ``database`` into ``engine``'s database, in one transaction; returns the rows."""
+    """Copy the rows of ``domains`` and the events applied, from a lane's scratch SQLite
+    ``database`` into ``engine``'s database, in one transaction; returns the rows."""
     import sqlalchemy as sa
 
     from handlers.bookkeeping import AppliedEvent
-    from handlers.routes import SHARED_DOMAIN, domain_tables
+    from handlers.routes import domain_tables
 
-    tables = [table for domain in domains if domain != SHARED_DOMAIN for table in domain_tables(domain)]
+    tables = [table for domain in domains for table in domain_tables(domain)]
     tables.append(AppliedEvent.__table__)  # type: ignore[attr-defined]
     copied = 0
     if engine.dialect.name == "sqlite":  # inside SQLite, file to file
@@ -455,7 +460,8 @@ def _replay_lane(frames: Connection, arguments: dict[str, Any]) -> dict[str, Any
     try:
         SQLModel.metadata.create_all(engine)
         service = NetworkService(engine, network(arguments["domains"]), held_rows=arguments["held_rows"])
-        lane = _Lane(frozenset(arguments["domains"]), frozenset(arguments["others"]), shared=set())
+        domains = frozenset(arguments["domains"])
+        lane = _Lane(domains, frozenset(arguments["others"]), replicated=domains - set(arguments["kept"]))
         report = RebuildReport()
         collected = received = 0
         cpu_started = time.process_time()
@@ -475,15 +481,17 @@ def _replay_lane(frames: Connection, arguments: dict[str, Any]) -> dict[str, Any
             if report.events - collected >= COLLECT_EVERY:
                 collected = report.events
                 gc.collect()
-        assert lane.shared is not None
         applied = AppliedEvent.__table__  # type: ignore[attr-defined]
-        shared = sorted(lane.shared)
-        with engine.begin() as connection:  # the first lane records the shared domain's events
-            for start in range(0, len(shared), 500):
-                connection.execute(applied.delete().where(applied.c.event_id.in_(shared[start:start + 500])))
+        copies = sorted(lane.copies)
+        with engine.begin() as connection:  # the lane keeping a replicated domain records its events
+            for start in range(0, len(copies), 500):
+                connection.execute(applied.delete().where(applied.c.event_id.in_(copies[start:start + 500])))
+            for domain in lane.replicated:  # and those derived from them (``handlers.network.derived_id``)
+                connection.execute(applied.delete().where(applied.c.caused_by.is_not(None),
+                                                          applied.c.event_id.startswith(f"{domain}.", autoescape=True)))
         rows_let_go = service.rows_let_go
         service.close()
-        return {"events": report.events - len(shared), "failures": report.failures, "rows_let_go": rows_let_go,
+        return {"events": report.events - len(copies), "failures": report.failures, "rows_let_go": rows_let_go,
                 "seq": received, "cpu_seconds": time.process_time() - cpu_started}
     finally:
         engine.dispose()

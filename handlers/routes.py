@@ -20,21 +20,18 @@ DOMAINS: dict[str, ModuleType] = {
 """Each domain (an event type's first part) and the module with its tables, PROJECTIONS, DECIDERS
 and TIMERS."""
 
-SHARED_DOMAIN = "institution"
-"""Read by every other domain (who is a member, of which kind): every lane applies it, the first
-lane's database keeps it."""
-
 REBUILD_LANES: tuple[tuple[str, ...], ...] = (
     ("institution", "project", "validation"),
     ("institution", "call"),
-    ("institution", "innovation_day"),
+    ("institution", "project", "innovation_day"),
 )
 """The domains a rebuild may replay in processes of their own, one lane each. A lane holds every
-domain its handlers read: validations read projects (conflicts of interest) and members, projects
-and calls read members, innovation days only their own tables. An event and the events derived
-from it are of one domain, so each lane decides and applies its events as the whole network does.
-Tables whose keys the database generates stay in the first lane (a later lane's rows are copied
-with their keys into the first lane's database)."""
+domain its handlers read: every domain reads the members (institutions), validations read
+projects (conflicts of interest), innovation days read projects' themes (matchmaking when a day
+moves). A domain in several lanes is applied by each and kept by the first (its rows, and the
+record of its events applied); an event and the events derived from it are of one domain, so each
+lane decides and applies its events as the whole network does. Tables whose keys the database
+generates are kept by the first lane (a later lane's rows are copied with their keys)."""
 
 
 def rebuild_lanes(processes: int) -> tuple[tuple[str, ...], ...]:

@@ -6,7 +6,9 @@ cannot tell apart fails the rebuild with what to do."""
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -14,13 +16,13 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import SQLModel
 
-from bus.gate import canonical_bytes
+from bus.gate import canonical_bytes, log_subject
 from bus.rebuild import LaneError, Lanes, rebuild
 from bus.runtime import Bus
 from bus.server import EmbeddedNats
 from bus.streams import EVENTS_STREAM
 from handlers.db import make_engine, migrate, table_checksums
-from handlers.routes import DOMAINS, REBUILD_LANES, SHARED_DOMAIN, domain_tables, network, rebuild_lanes
+from handlers.routes import DOMAINS, REBUILD_LANES, domain_tables, network, rebuild_lanes
 from handlers.service import NetworkService
 from ops import bench
 from ops.bench import child_processes
@@ -32,12 +34,15 @@ WORKLOAD_EVENTS = 1_500
 
 
 def _tables_used_by(module: ModuleType) -> set[str]:
-    """The read-model tables a domain module's code names (its own and those it imports)."""
+    """The read-model tables a domain module's code names: its own, the classes it imports, and
+    tables its SQL text reads."""
     import handlers.tables  # noqa: F401
 
     tables = {table.name for table in SQLModel.metadata.sorted_tables}
-    return {getattr(value, "__tablename__") for value in vars(module).values()
-            if isinstance(value, type) and getattr(value, "__tablename__", None) in tables}
+    named = {getattr(value, "__tablename__") for value in vars(module).values()
+             if isinstance(value, type) and getattr(value, "__tablename__", None) in tables}
+    source = inspect.getsource(module)
+    return named | {name for name in tables if re.search(rf"\b(FROM|JOIN)\s+\"?{name}\b", source, re.IGNORECASE)}
 
 
 def _domain_of_table(name: str) -> str | None:
@@ -48,30 +53,30 @@ def _domain_of_table(name: str) -> str | None:
 
 
 def test_each_lane_holds_every_domain_its_handlers_read() -> None:
-    for lanes in (REBUILD_LANES, *(rebuild_lanes(n) for n in range(1, len(REBUILD_LANES) + 1))):
-        assert {domain for lane in lanes for domain in lane} == set(DOMAINS)  # every domain is replayed
-        for lane in lanes:
-            assert SHARED_DOMAIN in lane
+    # what keeps domains together: validations read projects (conflicts of interest), innovation
+    # days read projects' themes in SQL of their own (matchmaking when a day moves)
+    assert "projects" in _tables_used_by(DOMAINS["validation"])
+    assert "projects" in _tables_used_by(DOMAINS["innovation_day"])
+    for processes in range(1, len(REBUILD_LANES) + 1):
+        lanes = Lanes(rebuild_lanes(processes), Path("unused"), held_rows=1_000)
+        assert {domain for lane in lanes.domains for domain in lane} == set(DOMAINS)  # every domain is replayed
+        for lane in lanes.domains:
             for domain in lane:
                 read = {_domain_of_table(name) for name in _tables_used_by(DOMAINS[domain])} - {None}
                 assert read <= set(lane), (domain, lane, read)
-        others = [domain for lane in lanes for domain in lane if domain != SHARED_DOMAIN]
-        assert len(others) == len(set(others))  # each domain's tables are written by one lane
-    # validations read projects' tables: that is what keeps them in one lane
-    assert "projects" in _tables_used_by(DOMAINS["validation"])
-    # a later lane's rows are copied with their keys: no table there has keys the database makes up
-    for lane in REBUILD_LANES[1:]:
-        for domain in lane:
-            if domain == SHARED_DOMAIN:
-                continue
-            for table in domain_tables(domain):
-                key = list(table.primary_key.columns)
-                assert not (len(key) == 1 and isinstance(key[0].type, sa.Integer)), table.name
+        kept = [domain for index in range(len(lanes.domains)) for domain in lanes.kept(index)]
+        assert sorted(kept) == sorted(DOMAINS)  # each domain's rows are kept by one lane
+        # a later lane's rows are copied with their keys: no table there has keys the database makes up
+        for index in range(1, len(lanes.domains)):
+            for domain in lanes.kept(index):
+                for table in domain_tables(domain):
+                    key = list(table.primary_key.columns)
+                    assert not (len(key) == 1 and isinstance(key[0].type, sa.Integer)), table.name
 
 
 def test_fewer_processes_replay_the_last_lanes_together() -> None:
     assert rebuild_lanes(1) == (tuple(DOMAINS),)
-    assert rebuild_lanes(2) == (REBUILD_LANES[0], ("institution", "call", "innovation_day"))
+    assert rebuild_lanes(2) == (REBUILD_LANES[0], ("institution", "call", "project", "innovation_day"))
     assert rebuild_lanes(len(REBUILD_LANES)) == REBUILD_LANES
     assert rebuild_lanes(99) == REBUILD_LANES
 
@@ -87,6 +92,12 @@ async def _log(tmp_path: Path, server: EmbeddedNats, database_url: str) -> Bus:
                                            lambda *_: None)
     assert published == WORKLOAD_EVENTS
     await bus.js.publish("collab.events.lanes-m000.call.published.junk", b"not an event", headers={"Nats-Msg-Id": "junk-1"})
+    # A project event the workflow refuses: its refusal is derived in both lanes that apply
+    # projects, and only its cause is in the log (no live bus logged the refusal).
+    refused = copy.deepcopy(load_fixtures()["project.completed"]["event"])
+    refused.update(id="refused-1", source="/institutions/lanes-m001", time="2026-01-01T00:00:00Z")
+    refused["data"]["project_id"] = refused["subject"] = "no-such-project"
+    await bus.js.publish(log_subject(refused), canonical_bytes(refused), headers={"Nats-Msg-Id": "refused-1"})
     return bus
 
 
@@ -114,6 +125,8 @@ async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path
         with engine.connect() as connection:  # the workflows decided in both lanes
             for table in ("validations", "call_applications", "innovation_day_registrations"):
                 assert connection.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar()
+            refusals = connection.execute(sa.text("SELECT COUNT(*) FROM applied_events WHERE caused_by = 'refused-1'")).scalar()
+            assert refusals == 1  # kept once, by the lane that keeps projects
             applied = connection.execute(sa.text("SELECT COUNT(*) FROM applied_events")).scalar()
         assert applied and applied > WORKLOAD_EVENTS
 
