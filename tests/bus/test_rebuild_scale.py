@@ -32,6 +32,7 @@ from bus.runtime import Bus
 from bus.server import EmbeddedNats
 from bus.streams import EVENTS_STREAM
 from handlers.db import make_engine, table_checksums
+from handlers.routes import REBUILD_LANES, rebuild_lanes
 from ops import bench
 from ops.settings import Settings
 from ops.tracing import Tracing
@@ -106,12 +107,22 @@ async def test_rebuild_of_a_large_log_finishes_reports_its_rate_and_equals_the_i
     rebuilt_url = f"sqlite:///{tmp_path / 'rebuilt.db'}"
     env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
            "COLLABBUS_DATA_DIR": str(tmp_path / "rebuild"), "COLLABBUS_DATABASE_URL": rebuilt_url}
+    refused = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "ops", "rebuild", "--processes", "9"], env=env, capture_output=True, text=True, timeout=120,
+    )
+    message = " ".join(refused.stderr.replace("│", " ").split())
+    assert refused.returncode == 2 and f"in {len(REBUILD_LANES)} processes at most" in message, message
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "ops", "rebuild", "--json", "--held-rows", str(HELD_ROWS)], env=env, capture_output=True, text=True, timeout=600,
+        subprocess.run, [sys.executable, "-m", "ops", "rebuild", "--json", "--held-rows", str(HELD_ROWS), "--processes", "2"],
+        env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
     report = json.loads(result.stdout)
     assert report["events"] == info.state.messages and report["failures"] == []
+    # the domains replayed side by side, each lane's events counted once (a lane's copies of what it reads aside)
+    assert [lane["domains"] for lane in report["lanes"]] == [list(lane) for lane in rebuild_lanes(2)]
+    assert sum(lane["events"] for lane in report["lanes"]) == report["events"]
+    assert not (tmp_path / "rebuild" / ".rebuild").exists()
     assert report["events_per_second"] > 0 and report["seconds"] > 0
     assert report["held_rows"] == HELD_ROWS and report["rows_let_go"] > 0  # it let rows go and read them again
     rebuilt = make_engine(rebuilt_url)
