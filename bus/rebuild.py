@@ -170,10 +170,12 @@ async def rebuild(
         if total == 0:
             report.seconds = time.perf_counter() - started
             return report
-        reader = _start_reader(connect, report.last_seq, batch, [helper.frames_fd for helper in helpers],
-                               lanes.routing() if lanes is not None else None)
-        for helper in helpers:
-            os.close(helper.frames_fd)  # the reader's now: when it exits, the lane's reading ends
+        try:
+            reader = _start_reader(connect, report.last_seq, batch, [helper.frames_fd for helper in helpers],
+                                   lanes.routing() if lanes is not None else None)
+        finally:
+            for helper in helpers:
+                os.close(helper.frames_fd)  # the reader's now: when it exits, the lane's reading ends
         lane = None
         if lanes is not None:
             own = frozenset(lanes.domains[0])
@@ -190,6 +192,10 @@ async def rebuild(
         gc.disable()  # collected every COLLECT_EVERY events instead (see there)
         try:
             seq = await _replay(reader, service, report, lane, replayed)
+        except LogReadError:  # the reader stops when a lane has stopped: that lane's reason first
+            for helper in helpers:
+                helper.raise_failure()
+            raise
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -310,6 +316,11 @@ class _Helper:
     kept: tuple[str, ...]
     """The domains whose rows it keeps (see :meth:`Lanes.kept`)."""
     database: Path
+
+    def raise_failure(self) -> None:
+        """Raise the lane's failure if it has stopped with one."""
+        if self.results.poll(2.0):
+            self.result()
 
     def result(self) -> dict[str, Any]:
         try:

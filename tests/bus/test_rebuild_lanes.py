@@ -152,11 +152,13 @@ async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path
         await bus.stop()
 
 
+@pytest.mark.parametrize("lane", [0, 1])
 async def test_an_event_under_another_domains_subject_fails_a_rebuild_in_lanes_with_what_to_do(
-    tmp_path: Path, server: EmbeddedNats
+    tmp_path: Path, server: EmbeddedNats, lane: int
 ) -> None:
     """Only a holder of the bus's own credentials can write past the gate; one lane would apply
-    such an event without its handlers, so the rebuild stops and says to replay in one process."""
+    such an event without its handlers, so the rebuild stops and says to replay in one process,
+    whether the lane is the rebuilding process's or another's."""
     database_url = f"sqlite:///{tmp_path / 'network.db'}"
     bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, database_url=database_url),
               tracing=Tracing.off())
@@ -164,14 +166,15 @@ async def test_an_event_under_another_domains_subject_fails_a_rebuild_in_lanes_w
     engine = make_engine(database_url)
     migrate(engine)
     try:
-        fixture = load_fixtures()["call.published"]
+        event_type, subject = [("call.published", "project.registered"), ("validation.requested", "call.published")][lane]
+        fixture = load_fixtures()[event_type]
         event = copy.deepcopy(fixture["event"])
         event["id"] = "misfiled-1"
         event["time"] = "2026-01-01T00:00:00Z"
-        await bus.js.publish(f"collab.events.{fixture['as']}.project.registered.x", canonical_bytes(event),
+        await bus.js.publish(f"collab.events.{fixture['as']}.{subject}.x", canonical_bytes(event),
                              headers={"Nats-Msg-Id": "misfiled-1"})
         lanes = Lanes(rebuild_lanes(2), tmp_path / "scratch", held_rows=1_000)
-        with pytest.raises(LaneError, match=r"call\.published event under a subject of another domain.*--processes 1"):
+        with pytest.raises(LaneError, match=rf"{event_type}".replace(".", r"\.") + " event under a subject of another domain.*--processes 1"):
             await rebuild(bus.js, NetworkService(engine, network(lanes.domains[0])),
                           connect={"servers": [server.url], **server.connect_options()}, lanes=lanes, batch=1)
         assert child_processes(os.getpid(), "lane_main") == []
