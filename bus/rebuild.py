@@ -92,28 +92,54 @@ class LaneError(RuntimeError):
     """A lane of a rebuild in several processes could not replay its part of the log."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lanes:
     """Replay the domains side by side: ``domains[0]`` in the rebuilding process (its service must
     apply exactly those), each other lane in a process of its own writing to a scratch database in
-    ``scratch`` (a directory), copied into the read models' database at the end."""
+    ``scratch`` (a directory), copied into the read models' database at the end. A lane's entries
+    are domains, or event types of a domain alone (``handlers.routes.REBUILD_LANES``)."""
 
     domains: tuple[tuple[str, ...], ...]
     scratch: Path
     held_rows: int
+    _helpers: "list[_Helper] | None" = field(default=None, repr=False, compare=False)
+
+    def start(self) -> "list[_Helper]":
+        """Start the other lanes' processes (once): a caller may start them early, so that they
+        start up while it does its own work (they wait for their events)."""
+        if self._helpers is None:
+            self._helpers = _start_lanes(self) if len(self.domains) > 1 else []
+        return self._helpers
+
+    def close(self) -> None:
+        """End the other lanes' processes and remove their scratch databases."""
+        for helper in self._helpers or ():
+            helper.close()
+        self._helpers = None
+        with contextlib.suppress(OSError):  # (left when something else is in it)
+            self.scratch.rmdir()
 
     def kept(self, index: int) -> tuple[str, ...]:
-        """The domains whose rows lane ``index`` keeps: those no earlier lane applies."""
-        earlier = {domain for domains in self.domains[:index] for domain in domains}
-        return tuple(domain for domain in self.domains[index] if domain not in earlier)
+        """The domains whose rows lane ``index`` keeps: those it has whole and no earlier lane has."""
+        earlier = {entry for entries in self.domains[:index] for entry in entries}
+        return tuple(entry for entry in self.domains[index] if "." not in entry and entry not in earlier)
 
     def routing(self) -> dict[str, list[int]]:
-        """Per domain, the lanes its events go to."""
+        """Per domain or event type, the lanes its events go to."""
         routing: dict[str, list[int]] = {}
-        for index, domains in enumerate(self.domains):
-            for domain in domains:
-                routing.setdefault(domain, []).append(index)
+        for index, entries in enumerate(self.domains):
+            for entry in entries:
+                routing.setdefault(entry, []).append(index)
         return routing
+
+    def lane(self, index: int) -> "_Lane":
+        """What lane ``index`` checks of the events it is sent."""
+        entries = set(self.domains[index])
+        whole = frozenset(entry for entry in entries if "." not in entry)
+        types = frozenset(entry for entry in entries if "." in entry)
+        others = {entry.partition(".")[0] for position, lane in enumerate(self.domains) if position != index for entry in lane}
+        return _Lane(whole, types, frozenset(others - whole),
+                     replicated=frozenset((whole - set(self.kept(index))) | {t.partition(".")[0] for t in types}))
 
 
 @dataclass
@@ -121,10 +147,14 @@ class _Lane:
     """What a lane checks of the events it is sent: an event of another lane's domain under a
     subject of this lane's (written past the gate) would be applied without its handlers."""
 
-    own: frozenset[str]
+    whole: frozenset[str]
+    """The domains it applies whole."""
+    types: frozenset[str]
+    """The event types it applies of domains it does not have whole."""
     others: frozenset[str]
+    """The domains of the other lanes' events."""
     replicated: frozenset[str] = frozenset()
-    """Domains it applies because its own read them, whose rows an earlier lane keeps."""
+    """Domains (whole or in part) it applies because its own read them, whose rows another lane keeps."""
     copies: set[str] = field(default_factory=set)
     """The ids of the replicated domains' events it applied."""
 
@@ -133,7 +163,7 @@ class _Lane:
         if not isinstance(event_type, str):
             return
         domain = event_type.partition(".")[0]
-        if domain in self.own:
+        if domain in self.whole or event_type in self.types:
             if domain in self.replicated:
                 self.copies.add(str(envelope.get("id")))
         elif domain in self.others:
@@ -160,9 +190,10 @@ async def rebuild(
     report.last_seq = info.state.last_seq
     total = info.state.messages
     started, cpu_started = time.perf_counter(), time.process_time()
-    if total == 0 or lanes is None or len(lanes.domains) < 2:
+    if lanes is not None and (total == 0 or len(lanes.domains) < 2):
+        lanes.close()
         lanes = None
-    helpers = _start_lanes(lanes) if lanes is not None else []  # they start up while the read models are emptied
+    helpers = lanes.start() if lanes is not None else []  # (started now unless the caller did) they start up while the read models are emptied
     try:
         await asyncio.to_thread(service.reset)
         if progress:
@@ -175,11 +206,8 @@ async def rebuild(
                                    lanes.routing() if lanes is not None else None)
         finally:
             for helper in helpers:
-                os.close(helper.frames_fd)  # the reader's now: when it exits, the lane's reading ends
-        lane = None
-        if lanes is not None:
-            own = frozenset(lanes.domains[0])
-            lane = _Lane(own, frozenset(d for domains in lanes.domains for d in domains) - own)
+                helper.hand_over()  # the reader's now: when it exits, the lane's reading ends
+        lane = lanes.lane(0) if lanes is not None else None
         first_seq = info.state.first_seq
 
         def replayed(seq: int) -> None:
@@ -212,11 +240,7 @@ async def rebuild(
     finally:
         if lanes is not None:
             service.network.keeps_position = True
-        for helper in helpers:
-            helper.close()
-        if lanes is not None:
-            with contextlib.suppress(OSError):  # (left when something else is in it)
-                lanes.scratch.rmdir()
+            lanes.close()
     report.seconds = time.perf_counter() - started
     report.rows_let_go += getattr(service, "rows_let_go", 0)
     if lanes is not None:
@@ -317,6 +341,12 @@ class _Helper:
     """The domains whose rows it keeps (see :meth:`Lanes.kept`)."""
     database: Path
 
+    def hand_over(self) -> None:
+        """Close this process's copy of the pipe the lane reads (the reader has its own)."""
+        if self.frames_fd >= 0:
+            os.close(self.frames_fd)
+            self.frames_fd = -1
+
     def raise_failure(self) -> None:
         """Raise the lane's failure if it has stopped with one."""
         if self.results.poll(2.0):
@@ -332,6 +362,7 @@ class _Helper:
         return dict(answer)
 
     def close(self) -> None:
+        self.hand_over()  # (a lane whose events never came ends on that)
         try:
             self.process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
@@ -346,15 +377,15 @@ class _Helper:
 def _start_lanes(lanes: Lanes) -> list[_Helper]:
     helpers: list[_Helper] = []
     lanes.scratch.mkdir(parents=True, exist_ok=True)
-    others = {d for domains in lanes.domains for d in domains}
     try:
         for index, domains in enumerate(lanes.domains[1:], start=1):
             database = lanes.scratch / f"lane-{index}-{uuid.uuid4().hex[:8]}.db"
             frames_read, frames_write = os.pipe()
             results_read, results_write = os.pipe()
-            arguments = {"database": str(database), "domains": list(domains), "others": sorted(others - set(domains)),
-                         "kept": list(lanes.kept(index)), "held_rows": lanes.held_rows,
-                         "frames_fd": frames_read, "results_fd": results_write}
+            lane = lanes.lane(index)
+            arguments = {"database": str(database), "domains": list(domains), "whole": sorted(lane.whole),
+                         "types": sorted(lane.types), "others": sorted(lane.others), "replicated": sorted(lane.replicated),
+                         "held_rows": lanes.held_rows, "frames_fd": frames_read, "results_fd": results_write}
             try:
                 process = _python("lane_main", arguments, (frames_read, results_write))
             except BaseException:
@@ -368,7 +399,6 @@ def _start_lanes(lanes: Lanes) -> list[_Helper]:
                                    lanes.kept(index), database))
     except BaseException:
         for helper in helpers:
-            os.close(helper.frames_fd)
             helper.process.kill()
             helper.close()
         raise
@@ -471,8 +501,8 @@ def _replay_lane(frames: Connection, arguments: dict[str, Any]) -> dict[str, Any
     try:
         SQLModel.metadata.create_all(engine)
         service = NetworkService(engine, network(arguments["domains"]), held_rows=arguments["held_rows"])
-        domains = frozenset(arguments["domains"])
-        lane = _Lane(domains, frozenset(arguments["others"]), replicated=domains - set(arguments["kept"]))
+        lane = _Lane(frozenset(arguments["whole"]), frozenset(arguments["types"]), frozenset(arguments["others"]),
+                     replicated=frozenset(arguments["replicated"]))
         report = RebuildReport()
         collected = received = 0
         cpu_started = time.process_time()
@@ -649,8 +679,14 @@ async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int,
                         break
                     record = (seq, nanos, (msg.headers or {}).get("Nats-Msg-Id"), msg.data)
                     if routing:
-                        tokens = msg.subject.split(".", 4)
-                        for lane in routing.get(tokens[3], first) if len(tokens) > 4 else first:
+                        tokens = msg.subject.split(".", 5)
+                        lanes, alone = first, None
+                        if len(tokens) >= 5:
+                            lanes = routing.get(tokens[3], first)
+                            alone = routing.get(f"{tokens[3]}.{tokens[4]}")
+                        if alone:  # the event type goes to the lanes that have it alone as well
+                            lanes = sorted({*lanes, *alone}) if tokens[3] in routing else alone
+                        for lane in lanes:
                             frames[lane].append(record)
                     else:
                         frames[0].append(record)

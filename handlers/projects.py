@@ -275,3 +275,11 @@ PROJECTIONS: dict[str, Projection] = {
 }
 DECIDERS: dict[str, Decider] = {event_type: decide for event_type in PROJECTIONS}
 TIMERS: tuple[Timer, ...] = ()
+
+THEMES_DECIDED_BY: tuple[str, ...] = ("project.registered", "project.updated", "project.completed")
+"""What a project's row, owner and themes come from: the events that set them (a registration,
+an update) and every event that changes what decides whether those stand (the owner, set at the
+registration; the dates, which a completion can move). Applied alone, with their deciders, they
+give every project's ``owner``, ``themes`` and dates as all of the domain's events do (adoptions,
+partners and impact reports change none of them): what another domain may read of projects
+without applying the rest (a rebuild's lane, ``handlers.routes.REBUILD_LANES``)."""

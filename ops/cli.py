@@ -735,42 +735,49 @@ def rebuild(
     lane_count = processes or min(len(REBUILD_LANES), os.cpu_count() or 1)
     replayed: dict[str, Any] = {"done": 0, "total": None}
 
+    rows = held_rows or REBUILD_HELD_ROWS
+    lanes = Lanes(rebuild_lanes(lane_count), settings.data_dir / ".rebuild", rows) if lane_count > 1 else None
+
     async def main() -> Any:
-        async with _nats(settings, "collabbus-rebuild") as nc:
-            js = nc.jetstream()
-            if not force and await _consumer_active(js, EVENTS_STREAM, NETWORK_CONSUMER):
-                err.print("[red]error:[/red] a running bus is consuming the log; stop it (Ctrl-C on collabbus up) "
-                          "before a rebuild, or pass --force")
-                raise typer.Exit(1)
-            engine = make_engine(settings.db_url)
-            await asyncio.to_thread(migrate, engine)
-            rows = held_rows or REBUILD_HELD_ROWS
-            lanes = None
-            if lane_count > 1:
-                lanes = Lanes(rebuild_lanes(lane_count), settings.data_dir / ".rebuild", rows)
-            service = NetworkService(engine, network(lanes.domains[0] if lanes else None), held_rows=rows)
-            keep_startup_objects()
-            with Progress(
-                TextColumn("[bold]rebuilding[/bold]"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:>8.0f} events/s"), TimeRemainingColumn(),
-                console=err, disable=as_json, transient=False,
-            ) as bar:
-                task = bar.add_task("rebuild", total=None, rate=0.0)
-                started = asyncio.get_running_loop().time()
+        try:
+            async with _nats(settings, "collabbus-rebuild") as nc:
+                js = nc.jetstream()
+                if lanes is not None:
+                    lanes.start()  # the other lanes' processes start up while the bus is looked for and the schema checked
+                if not force and await _consumer_active(js, EVENTS_STREAM, NETWORK_CONSUMER):
+                    err.print("[red]error:[/red] a running bus is consuming the log; stop it (Ctrl-C on collabbus up) "
+                              "before a rebuild, or pass --force")
+                    raise typer.Exit(1)
+                engine = make_engine(settings.db_url)
+                await asyncio.to_thread(migrate, engine)
+                service = NetworkService(engine, network(lanes.domains[0] if lanes else None), held_rows=rows)
+                keep_startup_objects()
+                with Progress(
+                    TextColumn("[bold]rebuilding[/bold]"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]:>8.0f} events/s"), TimeRemainingColumn(),
+                    console=err, disable=as_json, transient=False,
+                ) as bar:
+                    task = bar.add_task("rebuild", total=None, rate=0.0)
+                    started = asyncio.get_running_loop().time()
 
-                def progress(done: int, total: int) -> None:
-                    elapsed = max(asyncio.get_running_loop().time() - started, 1e-6)
-                    bar.update(task, completed=done, total=total, rate=done / elapsed)
-                    replayed.update(done=done, total=total)
+                    def progress(done: int, total: int) -> None:
+                        elapsed = max(asyncio.get_running_loop().time() - started, 1e-6)
+                        bar.update(task, completed=done, total=total, rate=done / elapsed)
+                        replayed.update(done=done, total=total)
 
-                reader = connect_options(settings, "collabbus-rebuild-reader")
-                report = await replay(js, service, connect=reader, progress=progress, lanes=lanes)
-            engine.dispose()
-            return report
+                    reader = connect_options(settings, "collabbus-rebuild-reader")
+                    report = await replay(js, service, connect=reader, progress=progress, lanes=lanes)
+                engine.dispose()
+                return report
+        finally:
+            if lanes is not None:
+                lanes.close()  # (also when the bus is running, or the schema could not be brought up to date)
 
     try:
         report = run(main())
     except KeyboardInterrupt:
+        if lanes is not None:
+            lanes.close()
         if replayed["total"] is not None and replayed["done"] >= replayed["total"]:
             err.print("[yellow]rebuild interrupted[/yellow] as it ended: every event had been replayed")
         else:

@@ -9,6 +9,7 @@ import copy
 import inspect
 import os
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
 
@@ -22,8 +23,9 @@ from bus.runtime import Bus
 from bus.server import EmbeddedNats
 from bus.streams import EVENTS_STREAM
 from handlers.db import make_engine, migrate, table_checksums
+from handlers.projects import THEMES_DECIDED_BY
 from handlers.routes import DOMAINS, REBUILD_LANES, domain_tables, network, rebuild_lanes
-from handlers.service import NetworkService
+from handlers.service import LoggedItem, NetworkService
 from ops import bench
 from ops.bench import child_processes
 from ops.settings import Settings
@@ -59,11 +61,15 @@ def test_each_lane_holds_every_domain_its_handlers_read() -> None:
     assert "projects" in _tables_used_by(DOMAINS["innovation_day"])
     for processes in range(1, len(REBUILD_LANES) + 1):
         lanes = Lanes(rebuild_lanes(processes), Path("unused"), held_rows=1_000)
-        assert {domain for lane in lanes.domains for domain in lane} == set(DOMAINS)  # every domain is replayed
+        assert {entry for lane in lanes.domains for entry in lane if "." not in entry} == set(DOMAINS)  # every domain is replayed
         for lane in lanes.domains:
-            for domain in lane:
+            whole = {entry for entry in lane if "." not in entry}
+            alone = {entry for entry in lane if "." in entry}
+            for domain in whole:
                 read = {_domain_of_table(name) for name in _tables_used_by(DOMAINS[domain])} - {None}
-                assert read <= set(lane), (domain, lane, read)
+                for other in read - whole:  # what is not whole in the lane: what decides it is there
+                    assert other == "project" and alone == set(THEMES_DECIDED_BY), (domain, lane, other)
+                    assert _tables_used_by(DOMAINS[domain]) & {t.name for t in domain_tables(other)} == {"projects"}
         kept = [domain for index in range(len(lanes.domains)) for domain in lanes.kept(index)]
         assert sorted(kept) == sorted(DOMAINS)  # each domain's rows are kept by one lane
         # a later lane's rows are copied with their keys: no table there has keys the database makes up
@@ -74,11 +80,50 @@ def test_each_lane_holds_every_domain_its_handlers_read() -> None:
                     assert not (len(key) == 1 and isinstance(key[0].type, sa.Integer)), table.name
 
 
-def test_fewer_processes_replay_the_last_lanes_together() -> None:
-    assert rebuild_lanes(1) == (tuple(DOMAINS),)
-    assert rebuild_lanes(2) == (REBUILD_LANES[0], ("institution", "call", "project", "innovation_day"))
-    assert rebuild_lanes(len(REBUILD_LANES)) == REBUILD_LANES
-    assert rebuild_lanes(99) == REBUILD_LANES
+def test_the_events_projects_themes_are_decided_by_give_the_themes_all_of_the_domain_gives(tmp_path: Path) -> None:
+    """What the lane of innovation days applies of projects (``THEMES_DECIDED_BY``) gives every
+    project's owner, themes and dates as the whole domain does, refusals included: an update by
+    another member, an update that would end the project before it starts once its completion
+    moved its end, a registration of a taken id."""
+    fixtures = load_fixtures()
+    owner, other = "tr-mersin-bb", "tr-other"
+    when = datetime(2026, 5, 1, tzinfo=timezone.utc)
+
+    def event(event_type: str, source: str, data: dict[str, object], index: int) -> LoggedItem:
+        envelope = copy.deepcopy(fixtures[event_type]["event"])
+        envelope.update(id=f"themes-{index}", source=f"/institutions/{source}", time="2026-05-01T00:00:00Z")
+        envelope["data"] = {**envelope["data"], **data}
+        envelope["subject"] = str(envelope["data"]["project_id"])
+        return LoggedItem(index, envelope, when + timedelta(minutes=index))
+
+    registered = fixtures["project.registered"]["event"]["data"]
+    log = [
+        event("project.registered", owner, {"themes": ["environment_urbanisation.climate"], "ends_on": "2027-12-31"}, 1),
+        event("project.adopted", owner, {}, 2),
+        event("project.updated", owner, {"changes": {"themes": ["education.lifelong_learning"]}}, 3),
+        event("project.updated", other, {"changes": {"themes": ["health_care.elderly_care"]}}, 4),  # not the owner
+        event("project.completed", owner, {"project_id": registered["project_id"], "ended_on": "2026-04-30"}, 5),
+        event("project.updated", owner, {"changes": {"started_on": "2026-07-01", "themes": ["economy.disadvantaged_groups"]}}, 6),
+        event("project.registered", other, {"owner": other, "themes": ["health_care.elderly_care"]}, 7),  # taken
+        event("project.registered", other, {"project_id": "another", "owner": other, "themes": ["health_care.elderly_care"]}, 8),
+    ]
+    states = []
+    for name, selectors in (("whole", ["institution", "project"]), ("alone", ["institution", *THEMES_DECIDED_BY])):
+        engine = make_engine(f"sqlite:///{tmp_path / name}.db")
+        migrate(engine)
+        service = NetworkService(engine, network(selectors))
+        applied, failure, derived = service.apply_batch(log, live=False)
+        assert (applied, failure) == (len(log), None)
+        with engine.connect() as connection:
+            states.append(connection.execute(sa.text(
+                "SELECT project_id, owner, themes, started_on, ends_on FROM projects ORDER BY project_id")).all())
+        assert derived == 3  # the refusals of events 4, 6 and 7
+        service.close()
+        engine.dispose()
+    assert states[0] == states[1]
+    assert [(row[0], row[1], row[4]) for row in states[0]] == [
+        ("another", other, None), (registered["project_id"], owner, "2026-04-30")]
+    assert "education.lifelong_learning" in str(states[0][1][2])  # the owner's update stands, the refused ones do not
 
 
 async def _log(tmp_path: Path, server: EmbeddedNats, database_url: str) -> Bus:
