@@ -11,8 +11,9 @@ interpreter lock), a quarter of the whole rebuild. The reader runs on another co
 With :class:`Lanes`, the domains are replayed side by side (``handlers.routes.REBUILD_LANES``):
 the reader sends each lane the events of its domains, a process of its own applies each lane but
 the first into a scratch SQLite database, and when the log has been replayed those rows are copied
-into the read models' database. Applying events is the interpreter's work, so on two cores two
-lanes take about half the time of one.
+into the read models' database. Applying events is the interpreter's work, and one interpreter
+runs on one core: on two cores two lanes replay the benchmark's log in ~0.55–0.7 of the time of
+one (``bench/README.md``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Lanes:
     domains: tuple[tuple[str, ...], ...]
     scratch: Path
     held_rows: int
-    _helpers: "list[_Helper] | None" = field(default=None, repr=False, compare=False)
+    _helpers: "list[_Helper] | None" = field(default=None, init=False, repr=False, compare=False)
 
     def start(self) -> "list[_Helper]":
         """Start the other lanes' processes (once): a caller may start them early, so that they
@@ -488,7 +489,6 @@ def lane_main() -> None:
 
 
 def _replay_lane(frames: Connection, arguments: dict[str, Any]) -> dict[str, Any]:
-    import sqlalchemy as sa
     from sqlmodel import SQLModel
 
     import handlers.tables  # noqa: F401  (every table on the metadata)

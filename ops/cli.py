@@ -710,8 +710,8 @@ def rebuild(
              "machine, at some cost in speed")] = None,
     processes: Annotated[Optional[int], typer.Option(
         "--processes", min=1, show_default=False,
-        help="processes replaying the domains side by side (default: 2 on a machine with two cores or more, "
-             "the most there are); 1 replays everything in this one")] = None,
+        help="processes replaying the domains side by side (default: one per core, up to 3, the lanes there are); "
+             "1 replays everything in this one")] = None,
     *,
     settings: Settings,
 ) -> None:
