@@ -364,11 +364,7 @@ class _Helper:
 
     def close(self) -> None:
         self.hand_over()  # (a lane whose events never came ends on that)
-        try:
-            self.process.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        _end(self.process)
         self.results.close()
         for path in (self.database, self.database.with_name(self.database.name + "-wal"),
                      self.database.with_name(self.database.name + "-shm")):
@@ -538,6 +534,15 @@ def _replay_lane(frames: Connection, arguments: dict[str, Any]) -> dict[str, Any
         engine.dispose()
 
 
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """Wait a moment for a process that has ended or is ending by itself, then kill it."""
+    try:
+        process.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _ended(process: subprocess.Popen[bytes]) -> str:
     """How a process ended, for a message."""
     try:
@@ -580,11 +585,7 @@ class _Reader:
     def close(self) -> None:
         """End the reader (it has ended by itself after the log's end), then close the pipe: in
         that order, a thread still reading the pipe gets its end rather than a closed descriptor."""
-        try:
-            self.process.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        _end(self.process)
         self.connection.close()
 
 
