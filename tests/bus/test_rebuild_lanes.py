@@ -5,10 +5,13 @@ cannot tell apart fails the rebuild with what to do."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import inspect
 import os
 import re
+import signal
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
@@ -234,3 +237,66 @@ async def test_an_event_under_another_domains_subject_fails_a_rebuild_in_lanes_w
     finally:
         engine.dispose()
         await bus.stop()
+
+
+async def test_a_lane_killed_during_a_rebuild_fails_it_with_why_and_the_bus_would_start_from_the_beginning(
+    tmp_path: Path, server: EmbeddedNats
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'network.db'}"
+    bus = await _log(tmp_path, server, database_url)
+    engine = make_engine(database_url)
+    migrate(engine)
+    try:
+        lanes = Lanes(rebuild_lanes(2), tmp_path / "scratch", held_rows=1_000)
+        service = NetworkService(engine, network(lanes.domains[0]))
+        killed: list[int] = []
+
+        def kill_the_lane(done: int, total: int) -> None:
+            if done > 200 and not killed:  # well under way (one event a batch)
+                for pid in child_processes(os.getpid(), "lane_main"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+        with pytest.raises(LaneError, match=r"replaying institution, call, innovation_day.* ended unexpectedly \(killed by signal 9\)"):
+            await rebuild(bus.js, service, connect={"servers": [server.url], **server.connect_options()}, lanes=lanes,
+                          batch=1, progress=kill_the_lane)
+        assert killed
+        assert child_processes(os.getpid(), "lane_main") == [] and child_processes(os.getpid(), "reader_main") == []
+        assert not (tmp_path / "scratch").exists()
+        with engine.connect() as connection:  # the first lane had applied events: still, nothing says so to a bus
+            assert (connection.execute(sa.text("SELECT COUNT(*) FROM applied_events")).scalar() or 0) > 0
+        assert _position(engine) == 0
+    finally:
+        engine.dispose()
+        await bus.stop()
+
+
+async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_left(tmp_path: Path, server: EmbeddedNats) -> None:
+    database_url = f"sqlite:///{tmp_path / 'network.db'}"
+    bus = await _log(tmp_path, server, database_url)
+    await bus.stop()
+    env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
+           "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_DATABASE_URL": database_url}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ops", "rebuild", "--processes", "2", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    lane: list[int] = []
+    for _ in range(300):  # the other lane's process is up (started before the log is read)
+        lane = child_processes(process.pid, "lane_main")
+        if lane:
+            break
+        await asyncio.sleep(0.05)
+    assert lane, "no lane process"
+    process.send_signal(signal.SIGINT)
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    message = " ".join(stderr.decode().split())
+    assert process.returncode == 130, message
+    assert "rebuild interrupted" in message and "Run `collabbus rebuild` again" in message
+    assert not Path(f"/proc/{lane[0]}").exists()  # ended with the command, not left behind
+    assert not (tmp_path / "bus" / ".rebuild").exists()
+    engine = make_engine(database_url)
+    try:
+        assert _position(engine) == 0  # a bus started now replays the log from its beginning
+    finally:
+        engine.dispose()
