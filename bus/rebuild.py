@@ -238,6 +238,8 @@ async def rebuild(
         if lanes is not None:
             service.network.keeps_position = True
             await asyncio.to_thread(service.skip, seq)  # the furthest any lane got
+            if progress:  # every lane's events now
+                progress(report.events, total)
     finally:
         if lanes is not None:
             service.network.keeps_position = True
