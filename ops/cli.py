@@ -1286,7 +1286,7 @@ async def _appliers(settings: Settings) -> tuple[Any, dict[str, Any]]:
     from bus.runtime import NETWORK_CONSUMER
     from connectors.webhooks.dispatcher import WEBHOOKS_CONSUMER, DeliveryRecorder, RetrySchedule
     from handlers.db import make_engine, migrate
-    from handlers.routes import REBUILD_LANES, network, rebuild_lanes
+    from handlers.routes import network
     from handlers.service import NetworkService
 
     engine = make_engine(settings.db_url)
