@@ -83,6 +83,18 @@ def test_each_lane_holds_every_domain_its_handlers_read() -> None:
                     assert not (len(key) == 1 and isinstance(key[0].type, sa.Integer)), table.name
 
 
+def test_fewer_processes_replay_the_last_lanes_together() -> None:
+    assert rebuild_lanes(1) == (tuple(DOMAINS),)
+    assert rebuild_lanes(2) == (REBUILD_LANES[0], ("institution", "call", "innovation_day", *sorted(THEMES_DECIDED_BY)))
+    assert rebuild_lanes(len(REBUILD_LANES)) == rebuild_lanes(99)
+    assert [set(lane) for lane in rebuild_lanes(99)] == [set(lane) for lane in REBUILD_LANES]
+    lanes = Lanes(rebuild_lanes(2), Path("unused"), held_rows=1_000)
+    assert lanes.kept(0) == REBUILD_LANES[0]
+    assert lanes.kept(1) == ("call", "innovation_day")  # the projects' theme events are applied, not kept
+    assert lanes.routing()["project"] == [0] and lanes.routing()["project.updated"] == [1]
+    assert lanes.routing()["institution"] == [0, 1]
+
+
 def test_the_events_projects_themes_are_decided_by_give_the_themes_all_of_the_domain_gives(tmp_path: Path) -> None:
     """What the lane of innovation days applies of projects (``THEMES_DECIDED_BY``) gives every
     project's owner, themes and dates as the whole domain does, refusals included: an update by
