@@ -715,7 +715,8 @@ def rebuild(
     *,
     settings: Settings,
 ) -> None:
-    """Drop the read models and replay them from the log, with a progress bar."""
+    """Drop the read models and replay them from the log, with a progress bar: the domains side by
+    side in a process each (--processes), the log read by one more."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bus.rebuild import Lanes
