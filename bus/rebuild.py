@@ -215,8 +215,9 @@ async def rebuild(
             if progress:  # with lanes, how far the log has been read (the others' events are not counted here yet)
                 progress(min(seq - first_seq + 1, total) if lanes is not None else report.events, total)
 
-        if lanes is not None:
-            service.network.keeps_position = False  # until every lane's rows are in (see there)
+        network = service.network
+        if lanes is not None:  # the first lane's own position until every lane's rows are in (see there)
+            network.positions_as = network.consumer + _rebuilding()
         gc_was_enabled = gc.isenabled()
         gc.disable()  # collected every COLLECT_EVERY events instead (see there)
         try:
@@ -236,14 +237,16 @@ async def rebuild(
         for helper, result in zip(helpers, results):
             await _merge(service, helper, result, report)
         if lanes is not None:
-            service.network.keeps_position = True
+            network.positions_as = network.consumer
             await asyncio.to_thread(service.skip, seq)  # the furthest any lane got
             if progress:  # every lane's events now
                 progress(report.events, total)
     finally:
         if lanes is not None:
-            service.network.keeps_position = True
+            service.network.positions_as = service.network.consumer
             lanes.close()
+            with contextlib.suppress(Exception):  # (a database that failed: the next rebuild empties it)
+                await asyncio.to_thread(service.drop_position, service.network.consumer + _rebuilding())
     report.seconds = time.perf_counter() - started
     report.rows_let_go += getattr(service, "rows_let_go", 0)
     if lanes is not None:
@@ -275,6 +278,12 @@ async def _replay(reader: "_Reader", service: Any, report: RebuildReport, lane: 
             collected = report.events
             gc.collect()
         progress(received)
+
+
+def _rebuilding() -> str:
+    from handlers.network import REBUILDING
+
+    return REBUILDING
 
 
 def replay_frame(service: Any, frame: list[tuple[int, int, str | None, bytes]], report: RebuildReport,

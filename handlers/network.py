@@ -245,17 +245,22 @@ def applied_among(session: Session, event_ids: Iterable[str]) -> set[str]:
     return set(session.connection().execute(_APPLIED_AMONG, {"ids": ids}).scalars())
 
 
+REBUILDING = ":rebuild"
+"""The suffix of the position a rebuild's first lane records while the others run (e.g.
+``network:rebuild``): how far the rebuild has got, for ``collabbus status`` and the benchmark."""
+
+
 class Network:
     """Applies events to the read models through ``routes``, recording what it applied."""
 
     def __init__(self, routes: Routes, consumer: str = "network") -> None:
         self.routes = routes
         self.consumer = consumer
-        self.keeps_position = True
-        """Whether it records how far the log has been applied. A rebuild's first lane does not
-        until the other lanes' rows are in (``bus.rebuild``): a bus started after the rebuild was
-        cut short must start from the log's beginning (passing what was applied), not from where
-        that lane got."""
+        self.positions_as = consumer
+        """Whose position it records how far the log has been applied as: its consumer's, but a
+        rebuild's first lane records its own (:data:`REBUILDING`) until the other lanes' rows are
+        in (``bus.rebuild``), so that a bus started after the rebuild was cut short starts from
+        the log's beginning (passing what was applied), not from where that lane got."""
 
     def apply(
         self,
@@ -345,9 +350,9 @@ class Network:
 
     def advance(self, session: Session, seq: int | None) -> None:
         """Record that the log has been read up to ``seq`` (never backwards)."""
-        if seq is None or not self.keeps_position:
+        if seq is None:
             return
-        advance_position(session.connection(), _POSITIONS, self.consumer, seq)
+        advance_position(session.connection(), _POSITIONS, self.positions_as, seq)
 
     def position(self, session: Session) -> int:
         """The last log sequence applied."""

@@ -29,7 +29,7 @@ from sqlmodel import Session
 
 from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
 from handlers.db import database_unavailable, reading
-from handlers.network import Book, Event, Network, applied_among
+from handlers.network import REBUILDING, Book, Event, Network, applied_among
 from handlers.session import KnownKeysSession, tracked_tables
 from ops.metrics import HANDLER_SECONDS
 
@@ -256,12 +256,19 @@ class NetworkService:
         with self._transaction() as session:
             for table in reversed(SQLModel.metadata.sorted_tables):
                 if table.name == ConsumerPosition.__tablename__:  # other consumers' positions are theirs
-                    session.execute(table.delete().where(table.c.consumer == self.network.consumer))
+                    own = (self.network.consumer, self.network.consumer + REBUILDING)  # (one a rebuild cut short left)
+                    session.execute(table.delete().where(table.c.consumer.in_(own)))
                 elif table.name != OutboxEvent.__tablename__:
                     session.execute(table.delete())
         with self._mutex:
             self._forget()
             self._session.know_empty()
+
+    def drop_position(self, consumer: str) -> None:
+        """Forget ``consumer``'s position (a rebuild's, once it is done)."""
+        table = ConsumerPosition.__table__  # type: ignore[attr-defined]
+        with self._transaction() as session:
+            session.execute(table.delete().where(table.c.consumer == consumer))
 
     def position(self) -> int:
         """The last log sequence applied."""

@@ -213,11 +213,12 @@ def memory_of(pid: int) -> dict[str, int]:
 
 class PositionWatcher:
     """Polls the network consumer's applied position in the bus's SQLite database from a thread,
-    read-only, every ``POLL_INTERVAL`` s, and remembers when each new position was first seen."""
+    read-only, every ``POLL_INTERVAL`` s, and remembers when each new position was first seen.
+    ``consumers``: the furthest of these positions (a rebuild's first lane records its own)."""
 
-    def __init__(self, database: Path, consumer: str = NETWORK_CONSUMER, interval: float = POLL_INTERVAL) -> None:
+    def __init__(self, database: Path, consumers: tuple[str, ...] = (NETWORK_CONSUMER,), interval: float = POLL_INTERVAL) -> None:
         self.database = database
-        self.consumer = consumer
+        self.consumers = consumers
         self.interval = interval
         self.times: list[float] = []
         self.positions: list[int] = []
@@ -238,19 +239,19 @@ class PositionWatcher:
 
     def _run(self) -> None:
         connection: sqlite3.Connection | None = None
-        query = "SELECT seq FROM consumer_positions WHERE consumer = ?"
+        query = f"SELECT MAX(seq) FROM consumer_positions WHERE consumer IN ({', '.join('?' * len(self.consumers))})"
         while not self._stop.is_set():
             try:
                 if connection is None:
                     connection = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=1.0)
-                row = connection.execute(query, (self.consumer,)).fetchone()
+                row = connection.execute(query, self.consumers).fetchone()
             except sqlite3.Error:  # not created or migrated yet
                 if connection is not None:
                     connection.close()
                 connection = None
                 row = None
             now = time.perf_counter()
-            seq = int(row[0]) if row else 0
+            seq = int(row[0]) if row and row[0] is not None else 0
             if seq != self.position:
                 if self.positions and seq < self.position:  # emptied by a rebuild: start over
                     self.times.clear()
@@ -1051,8 +1052,10 @@ async def fill_log(server: EmbeddedNats, chunks: list[tuple[list[Event], list[Ev
 
 async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -> dict[str, Any]:
     """``collabbus rebuild --json`` with a time budget; its own report, or (timed out) the rate
-    read from the read model's position while it ran."""
-    watcher = PositionWatcher(bus.database).start()
+    read from the read model's position while it ran (in lanes: the first lane's, see ``bus.rebuild``)."""
+    from handlers.network import REBUILDING
+
+    watcher = PositionWatcher(bus.database, (NETWORK_CONSUMER, NETWORK_CONSUMER + REBUILDING)).start()
     peak = reader_peak = 0
     readers: list[int] = []
     started = time.perf_counter()

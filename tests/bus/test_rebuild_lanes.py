@@ -161,9 +161,9 @@ async def _log(tmp_path: Path, server: EmbeddedNats, database_url: str) -> Bus:
     return bus
 
 
-def _position(engine: sa.Engine) -> int:
+def _position(engine: sa.Engine, consumer: str = "network") -> int:
     with engine.connect() as connection:
-        return connection.execute(sa.text("SELECT seq FROM consumer_positions WHERE consumer = 'network'")).scalar() or 0
+        return connection.execute(sa.text("SELECT seq FROM consumer_positions WHERE consumer = :c"), {"c": consumer}).scalar() or 0
 
 
 async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path, server: EmbeddedNats, database_url: str) -> None:
@@ -180,7 +180,7 @@ async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path
         service = NetworkService(engine, network(lanes.domains[0]))
         seen: list[tuple[int, int]] = []
         two = await rebuild(bus.js, service, connect=connect, lanes=lanes, progress=lambda done, total: seen.append((done, total)))
-        assert table_checksums(engine) == serial  # every table, the applied events and the position among them
+        assert table_checksums(engine) == serial  # every table, the applied events and the positions among them (the lane's gone)
         assert _position(engine) == serial_position == info.state.last_seq
         with engine.connect() as connection:  # the workflows decided in both lanes
             for table in ("validations", "call_applications", "innovation_day_registrations"):
@@ -262,8 +262,10 @@ async def test_a_lane_killed_during_a_rebuild_fails_it_with_why_and_the_bus_woul
         lanes = Lanes(rebuild_lanes(2), tmp_path / "scratch", held_rows=1_000)
         service = NetworkService(engine, network(lanes.domains[0]))
         killed: list[int] = []
+        seen: list[tuple[int, int]] = []
 
         def kill_the_lane(done: int, total: int) -> None:
+            seen.append((_position(engine), _position(engine, "network:rebuild")))  # as `collabbus status` reads them
             if done > 200 and not killed:  # well under way (one event a batch)
                 for pid in child_processes(os.getpid(), "lane_main"):
                     os.kill(pid, signal.SIGKILL)
@@ -278,6 +280,9 @@ async def test_a_lane_killed_during_a_rebuild_fails_it_with_why_and_the_bus_woul
         with engine.connect() as connection:  # the first lane had applied events: still, nothing says so to a bus
             assert (connection.execute(sa.text("SELECT COUNT(*) FROM applied_events")).scalar() or 0) > 0
         assert _position(engine) == 0
+        # while it ran, the first lane's progress was its own position, and that is gone with it
+        assert {network for network, _ in seen} == {0} and max(lane for _, lane in seen) > 200
+        assert _position(engine, "network:rebuild") == 0
     finally:
         engine.dispose()
         await bus.stop()
