@@ -63,10 +63,13 @@ class Gateway:
         return response.json()  # type: ignore[no-any-return]
 
     async def join(self, kind: str, country: str = "FI", prefix: str = "t", **extra: Any) -> str:
-        """A new member of ``kind``, admitted by the operator over HTTP; returns its id."""
+        """A new member of ``kind``, admitted by the operator over HTTP and applied to the read
+        models (an accepted offer is logged, not yet applied: a test reading the member at once
+        could find nothing); returns its id."""
         institution = institution_id(prefix)
         data = {"id": institution, "name": {"en": institution}, "kind": kind, "country": country, **extra}
         await self.offer(OPERATOR, "institution.joined", data)
+        await self.settle()
         return institution
 
     async def settle(self) -> None:
