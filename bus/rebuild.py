@@ -385,6 +385,8 @@ class _Helper:
 def _start_lanes(lanes: Lanes) -> list[_Helper]:
     helpers: list[_Helper] = []
     lanes.scratch.mkdir(parents=True, exist_ok=True)
+    for stale in lanes.scratch.glob("lane-*.db*"):  # a rebuild killed outright left it (one rebuild runs at a time)
+        stale.unlink(missing_ok=True)
     try:
         for index, domains in enumerate(lanes.domains[1:], start=1):
             database = lanes.scratch / f"lane-{index}-{uuid.uuid4().hex[:8]}.db"

@@ -176,6 +176,9 @@ async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path
         serial, serial_position = table_checksums(engine), _position(engine)
 
         scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        (scratch / "lane-1-0badc0de.db").write_bytes(b"\0" * 4096)  # what a rebuild killed outright (SIGKILL) leaves
+        (scratch / "lane-1-0badc0de.db-wal").write_bytes(b"\0" * 4096)
         lanes = Lanes(rebuild_lanes(2), scratch, held_rows=50_000)
         service = NetworkService(engine, network(lanes.domains[0]))
         seen: list[tuple[int, int]] = []
@@ -197,7 +200,7 @@ async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path
         assert sum(lane["events"] for lane in two.lanes) >= two.events - 1  # (the junk is no event of a lane)
         assert all(lane["events"] > 0 and lane["cpu_seconds"] > 0 for lane in two.lanes)
         assert seen[0] == (0, info.state.messages) and seen[-1] == (two.events, info.state.messages)
-        assert not scratch.exists()  # the lanes' scratch databases are gone
+        assert not scratch.exists()  # the lanes' scratch databases are gone, and what an earlier rebuild left
         assert child_processes(os.getpid(), "lane_main") == [] and child_processes(os.getpid(), "reader_main") == []
 
         # The first lane's service knew nothing of the copied rows: it is told to read them afresh.
