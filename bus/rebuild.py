@@ -186,6 +186,8 @@ async def rebuild(
     ``js``: this process's JetStream context (the log's extent); ``connect``: nats-py connection
     options for the reader process (``nats.connect(**connect)``); ``lanes``: replay the domains
     side by side (see :class:`Lanes`)."""
+    from handlers.network import REBUILDING
+
     report = RebuildReport(held_rows=getattr(service, "held_rows", None))
     info = await js.stream_info(EVENTS_STREAM)
     report.last_seq = info.state.last_seq
@@ -217,7 +219,7 @@ async def rebuild(
 
         network = service.network
         if lanes is not None:  # the first lane's own position until every lane's rows are in (see there)
-            network.positions_as = network.consumer + _rebuilding()
+            network.positions_as = network.consumer + REBUILDING
         gc_was_enabled = gc.isenabled()
         gc.disable()  # collected every COLLECT_EVERY events instead (see there)
         try:
@@ -246,7 +248,7 @@ async def rebuild(
             service.network.positions_as = service.network.consumer
             lanes.close()
             with contextlib.suppress(Exception):  # (a database that failed: the next rebuild empties it)
-                await asyncio.to_thread(service.drop_position, service.network.consumer + _rebuilding())
+                await asyncio.to_thread(service.drop_position, service.network.consumer + REBUILDING)
     report.seconds = time.perf_counter() - started
     report.rows_let_go += getattr(service, "rows_let_go", 0)
     if lanes is not None:
@@ -259,31 +261,43 @@ async def rebuild(
 async def _replay(reader: "_Reader", service: Any, report: RebuildReport, lane: _Lane | None,
                   progress: Callable[[int], None]) -> int:
     """Apply what the reader sends until the log's end; returns the last sequence received."""
-    receiving = reader.connection
-    collected = received = 0
+    replay = _Frames(service, report, lane)
     while True:
         try:
-            blob = await asyncio.to_thread(receiving.recv_bytes)
+            blob = await asyncio.to_thread(reader.connection.recv_bytes)
         except EOFError:
             raise LogReadError(f"the log's reader process ended unexpectedly ({reader.ended()})") from None
+        if not await asyncio.to_thread(replay.take, blob):  # the end of the log, or what the reader took for it
+            return replay.received
+        progress(replay.received)
+
+
+@dataclass
+class _Frames:
+    """What a lane does with each batch the reader sends: read it, apply it, collect the garbage
+    every :data:`COLLECT_EVERY` events."""
+
+    service: Any
+    report: RebuildReport
+    lane: _Lane | None
+    received: int = 0
+    """The last log sequence received."""
+    collected: int = 0
+
+    def take(self, blob: bytes) -> bool:
+        """Apply one batch; False at the end of the log. The reader's failure raises."""
         frame = pickle.loads(blob)
-        if frame is None:  # the end of the log, or what the reader took for it
-            return received
+        if frame is None:
+            return False
         if isinstance(frame, str):
             raise LogReadError(frame)
         if frame:
-            received = frame[-1][0]
-        await asyncio.to_thread(replay_frame, service, frame, report, lane)
-        if report.events - collected >= COLLECT_EVERY:
-            collected = report.events
+            self.received = frame[-1][0]
+        replay_frame(self.service, frame, self.report, self.lane)
+        if self.report.events - self.collected >= COLLECT_EVERY:
+            self.collected = self.report.events
             gc.collect()
-        progress(received)
-
-
-def _rebuilding() -> str:
-    from handlers.network import REBUILDING
-
-    return REBUILDING
+        return True
 
 
 def replay_frame(service: Any, frame: list[tuple[int, int, str | None, bytes]], report: RebuildReport,
@@ -392,9 +406,7 @@ def _start_lanes(lanes: Lanes) -> list[_Helper]:
             database = lanes.scratch / f"lane-{index}-{uuid.uuid4().hex[:8]}.db"
             frames_read, frames_write = os.pipe()
             results_read, results_write = os.pipe()
-            lane = lanes.lane(index)
-            arguments = {"database": str(database), "domains": list(domains), "whole": sorted(lane.whole),
-                         "types": sorted(lane.types), "others": sorted(lane.others), "replicated": sorted(lane.replicated),
+            arguments = {"database": str(database), "lanes": [list(entries) for entries in lanes.domains], "index": index,
                          "held_rows": lanes.held_rows, "frames_fd": frames_read, "results_fd": results_write}
             try:
                 process = _python("lane_main", arguments, (frames_read, results_write))
@@ -426,9 +438,9 @@ async def _merge(service: Any, helper: _Helper, result: dict[str, Any], report: 
     service.forget()  # its session did not see those rows written
 
 
-def copy_lane(engine: Any, database: Path, domains: tuple[str, ...]) -> int:
+def copy_lane(engine: Any, database: Path, domains: tuple[str, ...]) -> None:
     """Copy the rows of ``domains`` and the events applied, from a lane's scratch SQLite
-    ``database`` into ``engine``'s database, in one transaction; returns the rows."""
+    ``database`` into ``engine``'s database, in one transaction."""
     import sqlalchemy as sa
 
     from handlers.bookkeeping import AppliedEvent
@@ -436,7 +448,6 @@ def copy_lane(engine: Any, database: Path, domains: tuple[str, ...]) -> int:
 
     tables = [table for domain in domains for table in domain_tables(domain)]
     tables.append(AppliedEvent.__table__)  # type: ignore[attr-defined]
-    copied = 0
     if engine.dialect.name == "sqlite":  # inside SQLite, file to file
         raw = engine.raw_connection()
         try:
@@ -448,7 +459,6 @@ def copy_lane(engine: Any, database: Path, domains: tuple[str, ...]) -> int:
                     for table in tables:
                         columns = ", ".join(f'"{column.name}"' for column in table.columns)
                         cursor.execute(f'INSERT INTO main."{table.name}" ({columns}) SELECT {columns} FROM lane."{table.name}"')
-                        copied += max(cursor.rowcount, 0)
                     cursor.execute("COMMIT")
                 except BaseException:
                     cursor.execute("ROLLBACK")
@@ -457,7 +467,7 @@ def copy_lane(engine: Any, database: Path, domains: tuple[str, ...]) -> int:
                 cursor.execute("DETACH DATABASE lane")
         finally:
             raw.close()
-        return copied
+        return
     from handlers.db import make_engine
 
     source = make_engine(f"sqlite:///{database}")
@@ -467,10 +477,8 @@ def copy_lane(engine: Any, database: Path, domains: tuple[str, ...]) -> int:
                 result = reading.execution_options(yield_per=5000).execute(sa.select(*table.columns))
                 for rows in result.partitions():
                     writing.execute(table.insert(), [row._asdict() for row in rows])
-                    copied += len(rows)
     finally:
         source.dispose()
-    return copied
 
 
 def lane_main() -> None:
@@ -486,7 +494,7 @@ def lane_main() -> None:
     except LogReadError:  # the rebuilding process has it from the reader too
         return
     except Exception as exc:
-        answer = f"the process replaying {', '.join(arguments['domains'])} failed: {exc.__class__.__name__}: {exc}"
+        answer = f"the process replaying {', '.join(arguments['lanes'][arguments['index']])} failed: {exc.__class__.__name__}: {exc}"
     finally:
         frames.close()
     try:
@@ -506,31 +514,25 @@ def _replay_lane(frames: Connection, arguments: dict[str, Any]) -> dict[str, Any
     from handlers.routes import network
     from handlers.service import NetworkService
 
-    engine = make_engine(f"sqlite:///{arguments['database']}")
+    database = Path(arguments["database"])
+    lanes = Lanes(tuple(tuple(entries) for entries in arguments["lanes"]), database.parent, arguments["held_rows"])
+    index = arguments["index"]
+    lane = lanes.lane(index)
+    engine = make_engine(f"sqlite:///{database}")
     try:
         SQLModel.metadata.create_all(engine)
-        service = NetworkService(engine, network(arguments["domains"]), held_rows=arguments["held_rows"])
-        lane = _Lane(frozenset(arguments["whole"]), frozenset(arguments["types"]), frozenset(arguments["others"]),
-                     replicated=frozenset(arguments["replicated"]))
+        service = NetworkService(engine, network(lanes.domains[index]), held_rows=lanes.held_rows)
         report = RebuildReport()
-        collected = received = 0
+        replay = _Frames(service, report, lane)
         cpu_started = time.process_time()
         gc.disable()
         while True:
             try:
-                frame = pickle.loads(frames.recv_bytes())
+                blob = frames.recv_bytes()
             except EOFError:
                 raise LogReadError("the log's reader ended") from None
-            if frame is None:
+            if not replay.take(blob):
                 break
-            if isinstance(frame, str):
-                raise LogReadError(frame)
-            if frame:
-                received = frame[-1][0]
-            replay_frame(service, frame, report, lane)
-            if report.events - collected >= COLLECT_EVERY:
-                collected = report.events
-                gc.collect()
         applied = AppliedEvent.__table__  # type: ignore[attr-defined]
         copies = sorted(lane.copies)
         with engine.begin() as connection:  # the lane keeping a replicated domain records its events
@@ -542,7 +544,7 @@ def _replay_lane(frames: Connection, arguments: dict[str, Any]) -> dict[str, Any
         rows_let_go = service.rows_let_go
         service.close()
         return {"events": report.events - len(copies), "failures": report.failures, "rows_let_go": rows_let_go,
-                "seq": received, "cpu_seconds": time.process_time() - cpu_started}
+                "seq": replay.received, "cpu_seconds": time.process_time() - cpu_started}
     finally:
         engine.dispose()
 
@@ -675,6 +677,7 @@ async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int,
         await puller.start()
         sending: list[asyncio.Future[None] | None] = [None] * len(outs)
         first = [0]
+        by_type = {entry.partition(".")[0] for entry in routing if "." in entry}
         try:
             seq, idle_since = 0, time.monotonic()
             while seq < last_seq:
@@ -692,18 +695,8 @@ async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int,
                     if seq > last_seq:
                         break
                     record = (seq, nanos, (msg.headers or {}).get("Nats-Msg-Id"), msg.data)
-                    if routing:
-                        tokens = msg.subject.split(".", 5)
-                        lanes, alone = first, None
-                        if len(tokens) >= 5:
-                            lanes = routing.get(tokens[3], first)
-                            alone = routing.get(f"{tokens[3]}.{tokens[4]}")
-                        if alone:  # the event type goes to the lanes that have it alone as well
-                            lanes = sorted({*lanes, *alone}) if tokens[3] in routing else alone
-                        for lane in lanes:
-                            frames[lane].append(record)
-                    else:
-                        frames[0].append(record)
+                    for lane in _lanes_of(msg.subject, routing, by_type) if routing else first:
+                        frames[lane].append(record)
                 for index, (out, frame) in enumerate(zip(outs, frames)):
                     if not frame:
                         continue
@@ -723,3 +716,18 @@ async def _read(connect: dict[str, Any], stream: str, last_seq: int, batch: int,
                 pass
     finally:
         await nc.close()
+
+
+def _lanes_of(subject: str, routing: dict[str, list[int]], by_type: set[str]) -> list[int]:
+    """The lanes a log message goes to, by the domain and event its subject names
+    (``collab.events.{institution}.{domain}.{event}.{subject}``); the first when it names none.
+    ``by_type``: the domains some lane takes only some event types of."""
+    tokens = subject.split(".", 5)
+    if len(tokens) < 5:
+        return [0]
+    lanes = routing.get(tokens[3], [0])
+    if tokens[3] in by_type:
+        alone = routing.get(f"{tokens[3]}.{tokens[4]}")
+        if alone:  # the event type goes to the lanes that have it alone as well
+            return sorted({*lanes, *alone}) if tokens[3] in routing else alone
+    return lanes

@@ -776,9 +776,7 @@ def rebuild(
 
     try:
         report = run(main())
-    except KeyboardInterrupt:
-        if lanes is not None:
-            lanes.close()
+    except KeyboardInterrupt:  # (main's own ``finally`` has ended the lanes' processes)
         if replayed["total"] is not None and replayed["done"] >= replayed["total"]:
             err.print("[yellow]rebuild interrupted[/yellow] as it ended: every event had been replayed")
         else:
