@@ -168,7 +168,8 @@ class Claim:
     lease: datetime | None = None
     """The next attempt the claim wrote (no earlier than this attempt's end). The attempt's outcome
     changes the delivery only while it still says so: a delivery given up (``cancel``) or sent again
-    (``resend``) while its attempt was under way keeps what its owner asked for."""
+    (``resend``, ``recover``) while its attempt was under way keeps what its owner asked for (a
+    success marks a given-up delivery delivered; one sent again goes again)."""
 
 
 # --- recording what is owed ---------------------------------------------------------------------
@@ -664,9 +665,14 @@ class WebhookDispatcher:
                 "error": outcome.error[:500] if outcome.error else None, "response": outcome.response,
             })
             changed.add(claim.endpoint_id)
-            if outcome.delivered:  # the receiver has it, whatever was asked meanwhile
-                delivered.append({"b_id": claim.delivery_id, "b_at": now})
+            if outcome.delivered:
                 endpoint["last_success_at"], endpoint["failing_since"] = now, None
+                if kept and leases[claim.delivery_id] is not None:
+                    # Sent again (resend, recover) after this attempt went out: it goes again, as
+                    # asked (a receiver restoring a backup asks for what it may have lost since).
+                    answers.append((True, False))
+                    continue
+                delivered.append({"b_id": claim.delivery_id, "b_at": now})  # (a cancelled one too: the receiver has it)
                 answers.append((False, False))
                 continue
             endpoint["failing_since"] = endpoint["failing_since"] or now

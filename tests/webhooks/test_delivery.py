@@ -266,6 +266,44 @@ async def test_a_delivery_sent_again_while_its_attempt_is_under_way_is_not_undon
     assert len(receiver.at("/sent-again")) == 2
 
 
+async def test_events_recovered_while_an_attempt_is_under_way_go_again_even_when_that_attempt_succeeds(
+        network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    under_way, again = asyncio.Event(), asyncio.Event()
+    # The registration; its update, held while the recovery is asked for; the registration again,
+    # held until the update's first attempt is recorded; the update again.
+    receiver.answer("/recovered", Answer(200), Answer(200, hold=under_way), Answer(200, hold=again), Answer(200))
+    endpoint = await register(gateway, owner, receiver.url("/recovered"), ["project.*"])
+    since = datetime.now(timezone.utc)
+    first = await offer_project(gateway, owner)
+    await settled(gateway, owner, endpoint["id"], 1)
+    update = envelope("project.updated", owner, {"project_id": first["subject"], "changes": {"status": "completed"}},
+                      id=unique("up"))
+    assert (await gateway.post(owner, update)).status_code == 202
+    await eventually(lambda: len(receiver.at("/recovered")) == 2, what="the update's attempt under way")
+
+    response = await gateway.client.post(f"/webhooks/{endpoint['id']}/recover", json={"since": since.isoformat()},
+                                         headers=gateway.auth(owner))
+    assert response.status_code == 202 and response.json() == {"queued": 2}, response.text
+    await eventually(lambda: len(receiver.at("/recovered")) == 3, what="the registration sent again")
+    under_way.set()  # the update's first attempt succeeds after the recovery asked for the update again
+
+    async def recorded() -> dict[str, Any] | None:
+        found = {d["event_id"]: d for d in await deliveries(gateway, owner, endpoint["id"])}
+        return found[update["id"]] if found[update["id"]]["attempts"] else None
+
+    owed = await eventually(recorded, what="the update's first attempt recorded")
+    assert [a["status_code"] for a in owed["attempts"]] == [200]
+    assert owed["status"] == "pending" and owed["next_attempt_at"] is not None  # still owed: the recovery asked for it
+    again.set()
+    await eventually(lambda: len(receiver.at("/recovered")) == 4, what="the update sent again")
+    assert ids(receiver.at("/recovered")) == [first["id"], update["id"], first["id"], update["id"]]
+    done = {d["event_id"]: d for d in await settled(gateway, owner, endpoint["id"], 2)}
+    assert [a["status_code"] for a in done[update["id"]]["attempts"]] == [200, 200]
+    assert {d["status"] for d in done.values()} == {"delivered"}
+
+
 async def test_an_unordered_endpoint_gets_what_waited_behind_a_failing_delivery_at_once(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner = await gateway.join("municipality")
