@@ -197,19 +197,21 @@ async def rebuild(
         lanes.close()
         lanes = None
     helpers = lanes.start() if lanes is not None else []  # (started now unless the caller did) they start up while the read models are emptied
+    reader: _Reader | None = None
     try:
+        if total:  # the reader starts up and reads ahead (into the pipes) while the read models are emptied
+            try:
+                reader = _start_reader(connect, report.last_seq, batch, [helper.frames_fd for helper in helpers],
+                                       lanes.routing() if lanes is not None else None)
+            finally:
+                for helper in helpers:
+                    helper.hand_over()  # the reader's now: when it exits, the lane's reading ends
         await asyncio.to_thread(service.reset)
         if progress:
             progress(0, total)
-        if total == 0:
+        if reader is None:
             report.seconds = time.perf_counter() - started
             return report
-        try:
-            reader = _start_reader(connect, report.last_seq, batch, [helper.frames_fd for helper in helpers],
-                                   lanes.routing() if lanes is not None else None)
-        finally:
-            for helper in helpers:
-                helper.hand_over()  # the reader's now: when it exits, the lane's reading ends
         lane = lanes.lane(0) if lanes is not None else None
         first_seq = info.state.first_seq
 
@@ -231,7 +233,6 @@ async def rebuild(
         finally:
             if gc_was_enabled:
                 gc.enable()
-            reader.close()
         own_events, own_cpu = report.events, time.process_time() - cpu_started
         results = [await asyncio.to_thread(helper.result) for helper in helpers]
         seq = max([seq, *(result["seq"] for result in results)])
@@ -244,6 +245,8 @@ async def rebuild(
             if progress:  # every lane's events now
                 progress(report.events, total)
     finally:
+        if reader is not None:
+            reader.close()
         if lanes is not None:
             service.network.positions_as = service.network.consumer
             lanes.close()
