@@ -1058,6 +1058,8 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
     watcher = PositionWatcher(bus.database, (NETWORK_CONSUMER, NETWORK_CONSUMER + REBUILDING)).start()
     peak = reader_peak = 0
     readers: list[int] = []
+    lanes: list[int] = []
+    lane_peaks: dict[int, int] = {}
     started = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ops", "rebuild", "--json", "--force", env=bus.env,
@@ -1071,6 +1073,9 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
             readers = readers or child_processes(process.pid, "reader_main")  # the process reading the log for it
             for reader in readers:
                 reader_peak = max(reader_peak, memory_of(reader).get("VmHWM", 0))
+            lanes = lanes or child_processes(process.pid, "lane_main")  # the other lanes' processes
+            for lane in lanes:
+                lane_peaks[lane] = max(lane_peaks.get(lane, 0), memory_of(lane).get("VmHWM", 0))
             progress("rebuild: replaying the log", watcher.position, None)
             await asyncio.wait([output], timeout=0.2)
         timed_out = not output.done()
@@ -1091,6 +1096,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
             "measured_by": "the read model's position while the rebuild ran (it did not finish in its budget)",
             "process_rss_peak": figure(peak / 1e6, "MB"),
             "reader_rss_peak": figure(reader_peak / 1e6 if reader_peak else None, "MB"),
+            "lanes_rss_peak": [figure(lane_peaks[pid] / 1e6, "MB") for pid in lanes if lane_peaks.get(pid)],
         }
     try:
         report = json.loads(stdout)
@@ -1107,6 +1113,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
         "process_seconds": figure(seconds, "s", 3),
         "process_rss_peak": figure(peak / 1e6, "MB"),
         "reader_rss_peak": figure(reader_peak / 1e6 if reader_peak else None, "MB"),
+        "lanes_rss_peak": [figure(lane_peaks[pid] / 1e6, "MB") for pid in lanes if lane_peaks.get(pid)],
     }
 
 

@@ -104,6 +104,8 @@ def test_quick_run_measures_every_phase_in_both_configurations(quick_run: tuple[
     assert len(peaks) == 7 and results["bus_rss_peak"]["value"] == max(peaks)
     assert rebuild["process_rss_peak"]["value"] > 0
     assert "reader_rss_peak" in rebuild  # (a quick rebuild may end before the bench looks at its reader)
+    assert len(rebuild["lanes_rss_peak"]) <= len(rebuild["lanes"] or [None]) - 1  # the other lanes' processes, when seen
+    assert all(lane["value"] > 0 and lane["unit"] == "MB" for lane in rebuild["lanes_rss_peak"])
 
     for path, node in figures(results):
         assert isinstance(node.get("unit"), str) and node["unit"], path

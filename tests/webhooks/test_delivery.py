@@ -245,6 +245,32 @@ async def test_a_delivery_given_up_while_its_attempt_is_under_way_stays_given_up
     assert len(receiver.at("/given-up")) == 1
 
 
+async def test_a_delivery_given_up_while_its_attempt_is_under_way_is_delivered_when_that_attempt_succeeds(
+        network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    go_on = asyncio.Event()
+    receiver.answer("/given-up-late", Answer(200, hold=go_on))
+    endpoint = await register(gateway, owner, receiver.url("/given-up-late"), ["project.*"])
+    await offer_project(gateway, owner)
+    await eventually(lambda: len(receiver.at("/given-up-late")) == 1, what="the attempt under way")
+    [delivery] = await deliveries(gateway, owner, endpoint["id"])
+    cancelled = await gateway.client.post(f"/webhooks/{endpoint['id']}/deliveries/{delivery['id']}/cancel",
+                                          headers=gateway.auth(owner))
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "failed", cancelled.text
+    go_on.set()  # the attempt succeeds now: the receiver has the event
+
+    async def recorded() -> dict[str, Any] | None:
+        [found] = await deliveries(gateway, owner, endpoint["id"])
+        return found if found["attempts"] else None
+
+    found = await eventually(recorded, what="the attempt recorded")
+    assert [a["status_code"] for a in found["attempts"]] == [200]
+    assert found["status"] == "delivered" and found["next_attempt_at"] is None
+    await asyncio.sleep(SCHEDULE[0] + 1.0)  # past when a retry would have come
+    assert len(receiver.at("/given-up-late")) == 1
+
+
 async def test_a_delivery_sent_again_while_its_attempt_is_under_way_is_not_undone_by_it(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner, endpoint_id, delivery, go_on = await attempt_under_way(gateway, receiver, "/sent-again")
