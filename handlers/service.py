@@ -151,10 +151,10 @@ class NetworkService:
         end, failure = len(items), None
         while end:
             try:
-                timings: list[tuple[str, float]] = []
+                timings: list[tuple[str, float]] | None = [] if live else None  # (a rebuild's process serves no metrics)
                 with self._transaction() as session:
                     derived = self._apply(session, items[:end], live=live, timings=timings)
-                for event_type, seconds in timings:  # only what was committed is counted
+                for event_type, seconds in timings or ():  # only what was committed is counted
                     HANDLER_SECONDS.labels(event_type).observe(seconds)
                 return end, failure, derived
             except _Failed as failed:
@@ -193,13 +193,14 @@ class NetworkService:
                     log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
                     failure = Failure(type(exc).__name__, _describe(exc), permanent=False)
                     break
-                HANDLER_SECONDS.labels(event.type).observe(time.perf_counter() - started)
+                if live:
+                    HANDLER_SECONDS.labels(event.type).observe(time.perf_counter() - started)
                 applied += 1
             self.network.record(session, book)
         return applied, failure, derived
 
-    def _apply(self, session: Session, items: Sequence[LoggedItem], *, live: bool, timings: list[tuple[str, float]]) -> int:
-        """Apply every item straight through, noting each one's handling time in ``timings``; a
+    def _apply(self, session: Session, items: Sequence[LoggedItem], *, live: bool, timings: list[tuple[str, float]] | None) -> int:
+        """Apply every item straight through, noting each one's handling time in ``timings`` (if given); a
         failing event raises :class:`_Failed` (and the whole batch is rolled back)."""
         seen = self._seen(session, items)
         book = Book()
@@ -217,7 +218,8 @@ class NetworkService:
                     raise
                 log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
                 raise _Failed(index, Failure(type(exc).__name__, _describe(exc), permanent=False)) from exc
-            timings.append((event.type, time.perf_counter() - started))
+            if timings is not None:
+                timings.append((event.type, time.perf_counter() - started))
         self.network.record(session, book)
         return derived
 
