@@ -706,7 +706,7 @@ def rebuild(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     held_rows: Annotated[Optional[int], typer.Option(
         "--held-rows", min=1000, show_default=False,
-        help="read-model rows kept in memory between batches (default 50,000, ~100 MB); fewer on a small "
+        help="read-model rows kept in memory between batches, by each process (default 50,000, ~100 MB each); fewer on a small "
              "machine, at some cost in speed")] = None,
     processes: Annotated[Optional[int], typer.Option(
         "--processes", min=1, show_default=False,
