@@ -211,13 +211,13 @@ async def test_a_delivery_cancelled_by_its_owner_lets_those_behind_it_go(network
     problem(await gateway.client.post(f"{path}/{owed[first['id']]['id']}/cancel", headers=gateway.auth(other)), 404, "not_found")
 
 
-async def attempt_under_way(gateway: Gateway, receiver: Receiver, path: str) -> tuple[str, str, dict[str, Any], asyncio.Event]:
+async def attempt_under_way(gateway: Gateway, receiver: Receiver, path: str, answer: int = 500) -> tuple[str, str, dict[str, Any], asyncio.Event]:
     """An endpoint of a new member whose first attempt is held by the receiver until the returned
-    event is set, then answered 500 (later attempts 200); returns the member, the endpoint's id,
-    the delivery and the event."""
+    event is set, then answered ``answer`` (later attempts 200); returns the member, the
+    endpoint's id, the delivery and the event."""
     owner = await gateway.join("municipality")
     go_on = asyncio.Event()
-    receiver.answer(path, Answer(500, hold=go_on), Answer(200))
+    receiver.answer(path, Answer(answer, hold=go_on), Answer(200))
     endpoint = await register(gateway, owner, receiver.url(path), ["project.*"])
     await offer_project(gateway, owner)
     await eventually(lambda: len(receiver.at(path)) == 1, what="the attempt under way")
@@ -226,49 +226,25 @@ async def attempt_under_way(gateway: Gateway, receiver: Receiver, path: str) -> 
     return owner, endpoint["id"], delivery, go_on
 
 
-async def test_a_delivery_given_up_while_its_attempt_is_under_way_stays_given_up(network: Network, receiver: Receiver) -> None:
+@pytest.mark.parametrize(("answer", "ends"), [(500, "failed"), (200, "delivered")])
+async def test_a_delivery_given_up_while_its_attempt_is_under_way_ends_as_that_attempt_does(
+        network: Network, receiver: Receiver, answer: int, ends: str) -> None:
     gateway = await network.start()
-    owner, endpoint_id, delivery, go_on = await attempt_under_way(gateway, receiver, "/given-up")
-    path = f"/webhooks/{endpoint_id}/deliveries"
-    cancelled = await gateway.client.post(f"{path}/{delivery['id']}/cancel", headers=gateway.auth(owner))
+    path = f"/given-up-{answer}"
+    owner, endpoint_id, delivery, go_on = await attempt_under_way(gateway, receiver, path, answer)
+    cancelled = await gateway.client.post(f"/webhooks/{endpoint_id}/deliveries/{delivery['id']}/cancel", headers=gateway.auth(owner))
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "failed", cancelled.text
-    go_on.set()  # the attempt fails now: recorded, and the delivery stays given up
+    go_on.set()  # the attempt ends now: a failure leaves it given up, a success marks it delivered (the receiver has it)
 
     async def recorded() -> dict[str, Any] | None:
         [found] = await deliveries(gateway, owner, endpoint_id)
         return found if found["attempts"] else None
 
     settled_one = await eventually(recorded, what="the attempt recorded")
-    assert [a["status_code"] for a in settled_one["attempts"]] == [500]
-    assert settled_one["status"] == "failed" and settled_one["next_attempt_at"] is None
+    assert [a["status_code"] for a in settled_one["attempts"]] == [answer]
+    assert settled_one["status"] == ends and settled_one["next_attempt_at"] is None
     await asyncio.sleep(SCHEDULE[1] + 1.0)  # past when its retry would have come
-    assert len(receiver.at("/given-up")) == 1
-
-
-async def test_a_delivery_given_up_while_its_attempt_is_under_way_is_delivered_when_that_attempt_succeeds(
-        network: Network, receiver: Receiver) -> None:
-    gateway = await network.start()
-    owner = await gateway.join("municipality")
-    go_on = asyncio.Event()
-    receiver.answer("/given-up-late", Answer(200, hold=go_on))
-    endpoint = await register(gateway, owner, receiver.url("/given-up-late"), ["project.*"])
-    await offer_project(gateway, owner)
-    await eventually(lambda: len(receiver.at("/given-up-late")) == 1, what="the attempt under way")
-    [delivery] = await deliveries(gateway, owner, endpoint["id"])
-    cancelled = await gateway.client.post(f"/webhooks/{endpoint['id']}/deliveries/{delivery['id']}/cancel",
-                                          headers=gateway.auth(owner))
-    assert cancelled.status_code == 200 and cancelled.json()["status"] == "failed", cancelled.text
-    go_on.set()  # the attempt succeeds now: the receiver has the event
-
-    async def recorded() -> dict[str, Any] | None:
-        [found] = await deliveries(gateway, owner, endpoint["id"])
-        return found if found["attempts"] else None
-
-    found = await eventually(recorded, what="the attempt recorded")
-    assert [a["status_code"] for a in found["attempts"]] == [200]
-    assert found["status"] == "delivered" and found["next_attempt_at"] is None
-    await asyncio.sleep(SCHEDULE[0] + 1.0)  # past when a retry would have come
-    assert len(receiver.at("/given-up-late")) == 1
+    assert len(receiver.at(path)) == 1
 
 
 async def test_a_delivery_sent_again_while_its_attempt_is_under_way_is_not_undone_by_it(network: Network, receiver: Receiver) -> None:
