@@ -189,6 +189,7 @@ async def rebuild(
     from handlers.network import REBUILDING
 
     report = RebuildReport(held_rows=getattr(service, "held_rows", None))
+    stop_if_cancelled()  # (a Ctrl-C while the caller looked for a running bus: nothing emptied)
     info = await js.stream_info(EVENTS_STREAM)
     report.last_seq = info.state.last_seq
     total = info.state.messages
@@ -206,6 +207,7 @@ async def rebuild(
             finally:
                 for helper in helpers:
                     helper.hand_over()  # the reader's now: when it exits, the lane's reading ends
+        stop_if_cancelled()
         await asyncio.to_thread(service.reset)
         if progress:
             progress(0, total)
@@ -272,7 +274,20 @@ async def _replay(reader: "_Reader", service: Any, report: RebuildReport, lane: 
             raise LogReadError(f"the log's reader process ended unexpectedly ({reader.ended()})") from None
         if not await asyncio.to_thread(replay.take, blob):  # the end of the log, or what the reader took for it
             return replay.received
+        stop_if_cancelled()
         progress(replay.received)
+
+
+def stop_if_cancelled() -> None:
+    """Raise the cancellation of the running task if one was asked for and swallowed on the way.
+
+    Python 3.11's ``asyncio.wait_for`` — which nats-py's requests await — returns the awaited
+    result when it completes as the task is cancelled, and the cancellation is lost: the Ctrl-C
+    that ``asyncio.run`` turns into one would then let a rebuild run on to its end. The task
+    still counts the request (``Task.cancelling``), which this honours."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 @dataclass

@@ -1085,6 +1085,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
     finally:
         watcher.stop()
     seconds = time.perf_counter() - started
+    lanes_rss = [figure(lane_peaks[pid] / 1e6, "MB") for pid in lanes if lane_peaks.get(pid)]
     if timed_out:
         done = watcher.position
         span = (watcher.times[-1] - watcher.times[0]) if len(watcher.times) > 1 else 0.0
@@ -1096,7 +1097,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
             "measured_by": "the read model's position while the rebuild ran (it did not finish in its budget)",
             "process_rss_peak": figure(peak / 1e6, "MB"),
             "reader_rss_peak": figure(reader_peak / 1e6 if reader_peak else None, "MB"),
-            "lanes_rss_peak": [figure(lane_peaks[pid] / 1e6, "MB") for pid in lanes if lane_peaks.get(pid)],
+            "lanes_rss_peak": lanes_rss,
         }
     try:
         report = json.loads(stdout)
@@ -1113,7 +1114,7 @@ async def _rebuild(bus: BusProcess, options: BenchOptions, progress: Progress) -
         "process_seconds": figure(seconds, "s", 3),
         "process_rss_peak": figure(peak / 1e6, "MB"),
         "reader_rss_peak": figure(reader_peak / 1e6 if reader_peak else None, "MB"),
-        "lanes_rss_peak": [figure(lane_peaks[pid] / 1e6, "MB") for pid in lanes if lane_peaks.get(pid)],
+        "lanes_rss_peak": lanes_rss,
     }
 
 

@@ -617,33 +617,31 @@ class WebhookDispatcher:
 
     # --- one attempt ----------------------------------------------------------------------------
 
-    async def attempt(self, client: http.Client, claim: Claim) -> bool:
-        """Make one attempt of a claimed delivery and record it; True while the delivery is still owed."""
+    async def attempt(self, client: http.Client, claim: Claim) -> None:
+        """Make one attempt of a claimed delivery and record it."""
         try:
             outcome = await self._post(client, claim)
         except asyncio.CancelledError:
             interrupted = Outcome(None, 0, "interrupted: the bus stopped during the attempt")
             await asyncio.shield(asyncio.to_thread(self._settle, claim, interrupted))
             raise
-        owed, disabled = await self._turns(("settle", (claim, outcome)))
+        disabled = await self._turns(("settle", (claim, outcome)))
         if disabled:
             log.warning("webhooks: endpoint %s disabled", claim.endpoint_id)
             task = asyncio.get_running_loop().create_task(self.endpoint_changed(claim.endpoint_id, False))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
-        return owed
 
-    def _settle(self, claim: Claim, outcome: Outcome) -> tuple[bool, bool]:
+    def _settle(self, claim: Claim, outcome: Outcome) -> bool:
         return self._settle_all([(claim, outcome)])[0]
 
-    def _settle_all(self, settled: Sequence[tuple[Claim, Outcome]]) -> list[tuple[bool, bool]]:
+    def _settle_all(self, settled: Sequence[tuple[Claim, Outcome]]) -> list[bool]:
         """Record attempts, in one transaction."""
         with self.engine.begin() as connection:
             return self._settle_in(connection, settled, datetime.now(timezone.utc))
 
-    def _settle_in(self, connection: Connection, settled: Sequence[tuple[Claim, Outcome]], now: datetime) -> list[tuple[bool, bool]]:
-        """Record attempts and what follows from them: for each, whether the delivery is still
-        owed, and whether the endpoint got disabled."""
+    def _settle_in(self, connection: Connection, settled: Sequence[tuple[Claim, Outcome]], now: datetime) -> list[bool]:
+        """Record attempts and what follows from them: for each, whether the endpoint got disabled."""
         endpoint_ids = list(dict.fromkeys(claim.endpoint_id for claim, _ in settled))
         endpoints = {row.id: dict(row._mapping) for row in connection.execute(store.ENDPOINTS_TO_SETTLE, {"ids": endpoint_ids})}
         leases = {row.id: row.next_attempt_at for row in connection.execute(store.DELIVERIES_LEASED, {"ids": [claim.delivery_id for claim, _ in settled]})}
@@ -652,11 +650,11 @@ class WebhookDispatcher:
         failed: list[dict[str, Any]] = []
         changed: set[str] = set()
         disabled: set[str] = set()
-        answers: list[tuple[bool, bool]] = []
+        answers: list[bool] = []
         for claim, outcome in settled:
             endpoint = endpoints.get(claim.endpoint_id)
             if endpoint is None or claim.delivery_id not in leases:  # deleted meanwhile
-                answers.append((False, False))
+                answers.append(False)
                 continue
             kept = leases[claim.delivery_id] != claim.lease  # given up or sent again meanwhile (see Claim.lease)
             attempts.append({
@@ -667,13 +665,11 @@ class WebhookDispatcher:
             changed.add(claim.endpoint_id)
             if outcome.delivered:
                 endpoint["last_success_at"], endpoint["failing_since"] = now, None
-                if kept and leases[claim.delivery_id] is not None:
-                    # Sent again (resend, recover) after this attempt went out: it goes again, as
-                    # asked (a receiver restoring a backup asks for what it may have lost since).
-                    answers.append((True, False))
-                    continue
-                delivered.append({"b_id": claim.delivery_id, "b_at": now})  # (a cancelled one too: the receiver has it)
-                answers.append((False, False))
+                if not kept or leases[claim.delivery_id] is None:  # (a cancelled one too: the receiver has it)
+                    delivered.append({"b_id": claim.delivery_id, "b_at": now})
+                # else sent again (resend, recover) after this attempt went out: it goes again, as
+                # asked (a receiver restoring a backup asks for what it may have lost since)
+                answers.append(False)
                 continue
             endpoint["failing_since"] = endpoint["failing_since"] or now
             if kept:
@@ -699,7 +695,7 @@ class WebhookDispatcher:
                 days = self.failing_limit / timedelta(days=1)
                 endpoint["enabled"], endpoint["disabled_reason"] = False, f"no successful delivery for {days:g} days"
                 disabled.add(claim.endpoint_id)
-            answers.append((next_at is not None, not endpoint["enabled"]))
+            answers.append(not endpoint["enabled"])
         if attempts:
             connection.execute(store.ADD_ATTEMPT, attempts)
         if delivered:

@@ -291,6 +291,43 @@ async def test_a_lane_killed_during_a_rebuild_fails_it_with_why_and_the_bus_woul
         await bus.stop()
 
 
+async def test_a_ctrl_c_an_awaited_request_lost_still_stops_a_rebuild_before_it_empties_anything(
+    tmp_path: Path, server: EmbeddedNats
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'network.db'}"
+    bus = await _log(tmp_path, server, database_url)
+    connect = {"servers": [server.url], **server.connect_options()}
+    engine = make_engine(database_url)
+    migrate(engine)
+    try:
+        await rebuild(bus.js, NetworkService(engine, network()), connect=connect)
+        applied, position = table_checksums(engine), _position(engine)
+        assert position > 0
+
+        # A request's answer and a Ctrl-C (asyncio.run cancels the command's task) in one turn of
+        # the loop, as when `collabbus rebuild` asks whether a bus is running: Python 3.11's
+        # wait_for, which nats-py's requests await, returns the answer and the cancellation is lost.
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        answer = loop.create_future()
+        loop.call_soon(answer.set_result, "answer")
+        loop.call_soon(task.cancel)
+        assert await asyncio.wait_for(answer, 5) == "answer"
+        assert task.cancelling() == 1  # still counted by the task
+
+        lanes = Lanes(rebuild_lanes(2), tmp_path / "scratch", held_rows=1_000)
+        try:
+            with pytest.raises(asyncio.CancelledError):
+                await rebuild(bus.js, NetworkService(engine, network(lanes.domains[0])), connect=connect, lanes=lanes)
+        finally:
+            task.uncancel()
+        assert table_checksums(engine) == applied and _position(engine) == position  # nothing emptied
+        assert child_processes(os.getpid(), "lane_main") == [] and child_processes(os.getpid(), "reader_main") == []
+    finally:
+        engine.dispose()
+        await bus.stop()
+
+
 async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_left(tmp_path: Path, server: EmbeddedNats) -> None:
     database_url = f"sqlite:///{tmp_path / 'network.db'}"
     bus = await _log(tmp_path, server, database_url)
@@ -309,9 +346,9 @@ async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_
         await asyncio.sleep(0.05)
     assert lane, "no lane process"
     process.send_signal(signal.SIGINT)
-    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     message = " ".join(stderr.decode().split())
-    assert process.returncode == 130, message
+    assert process.returncode == 130, f"{message} | {stdout.decode()}"
     assert "rebuild interrupted" in message and "Run `collabbus rebuild` again" in message
     assert not Path(f"/proc/{lane[0]}").exists()  # ended with the command, not left behind
     assert not (tmp_path / "bus" / ".rebuild").exists()
