@@ -339,12 +339,16 @@ async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     lane: list[int] = []
-    for _ in range(300):  # the other lane's process is up (started before the log is read)
+    for _ in range(1500):  # the other lane's process is up (started before the log is read)
         lane = child_processes(process.pid, "lane_main")
         if lane:
             break
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
     assert lane, "no lane process"
+    # Stopped, the lane cannot finish its part, so the Ctrl-C comes before the rebuild's end
+    # however slowly this test gets to send it; and it has to be ended by more than its pipe closing.
+    os.kill(lane[0], signal.SIGSTOP)
+    assert process.returncode is None
     process.send_signal(signal.SIGINT)
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     message = " ".join(stderr.decode().split())
