@@ -142,15 +142,16 @@ def test_the_events_projects_themes_are_decided_by_give_the_themes_all_of_the_do
     assert "education.lifelong_learning" in str(states[0][1][2])  # the owner's update stands, the refused ones do not
 
 
-async def _log(tmp_path: Path, server: EmbeddedNats, database_url: str, events: int = WORKLOAD_EVENTS) -> Bus:
+async def _log(tmp_path: Path, server: EmbeddedNats, database_url: str) -> Bus:
     """A log of every workflow's events as the gate writes them, and something that is no event
     under a later lane's subject."""
     bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, database_url=database_url),
               tracing=Tracing.off())
     await bus.start(ingress=False, state=False)
-    chunks = [bench.workload("lanes", events)]
-    published, _, _ = await bench.fill_log(server, chunks, events, bench.BenchOptions(fill_budget=120.0), lambda *_: None)
-    assert published == events
+    chunks = [bench.workload("lanes", WORKLOAD_EVENTS)]
+    published, _, _ = await bench.fill_log(server, chunks, WORKLOAD_EVENTS, bench.BenchOptions(fill_budget=120.0),
+                                           lambda *_: None)
+    assert published == WORKLOAD_EVENTS
     await bus.js.publish("collab.events.lanes-m000.call.published.junk", b"not an event", headers={"Nats-Msg-Id": "junk-1"})
     # A project event the workflow refuses: its refusal is derived in both lanes that apply
     # projects, and only its cause is in the log (no live bus logged the refusal).
@@ -328,12 +329,17 @@ async def test_a_ctrl_c_an_awaited_request_lost_still_stops_a_rebuild_before_it_
         await bus.stop()
 
 
+def _interruptible() -> None:
+    """In a child before it runs the command: SIGINT as a terminal's Ctrl-C finds it. A suite run
+    as a background job of a shell script inherits SIGINT ignored, and Python keeps an ignored
+    SIGINT ignored, so a command started from it would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_left(tmp_path: Path, server: EmbeddedNats) -> None:
     database_url = f"sqlite:///{tmp_path / 'network.db'}"
-    # A log long enough that the rebuild is still under way however late this test, on a busy
-    # machine, gets to send its Ctrl-C after the other lane's process is up (it once came after the
-    # end of a 1,500-event rebuild).
-    bus = await _log(tmp_path, server, database_url, events=6_000)
+    bus = await _log(tmp_path, server, database_url)
     await bus.stop()
     engine = make_engine(database_url)
     migrate(engine)  # (a Ctrl-C that comes while the command looks for a running bus finds the read models as they were)
@@ -343,7 +349,7 @@ async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_
                "PYTHONFAULTHANDLER": "1"}  # (SIGABRT then prints where each of its threads is)
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ops", "rebuild", "--processes", "2", env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_interruptible,
         )
         lane: list[int] = []
         for _ in range(1500):  # the other lane's process is up (started before the log is read)
