@@ -739,6 +739,9 @@ def rebuild(
     lanes = Lanes(rebuild_lanes(lane_count), settings.data_dir / ".rebuild", rows) if lane_count > 1 else None
 
     async def main() -> Any:
+        command = asyncio.current_task()
+        assert command is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, command.cancel)  # ended as by Ctrl-C
         try:
             async with _nats(settings, "collabbus-rebuild") as nc:
                 js = nc.jetstream()
@@ -774,11 +777,11 @@ def rebuild(
 
     try:
         report = run(main())
-    except KeyboardInterrupt:  # (main's own ``finally`` has ended the lanes' processes)
+    except (KeyboardInterrupt, asyncio.CancelledError) as stopped:  # Ctrl-C, SIGTERM (main's ``finally`` has ended the lanes)
         # What the read models say, not how far the replay was seen to get: with lanes, the first
         # lane can have read the whole log while the others' rows are not in.
         _rebuild_interrupted(settings)
-        raise typer.Exit(130) from None
+        raise typer.Exit(130 if isinstance(stopped, KeyboardInterrupt) else 128 + signal.SIGTERM) from None
     if as_json:
         out.print_json(data=report.as_dict())
     else:

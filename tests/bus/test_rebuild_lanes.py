@@ -337,7 +337,10 @@ def _interruptible() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_left(tmp_path: Path, server: EmbeddedNats) -> None:
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_left(
+    tmp_path: Path, server: EmbeddedNats, stop: signal.Signals, code: int
+) -> None:
     database_url = f"sqlite:///{tmp_path / 'network.db'}"
     bus = await _log(tmp_path, server, database_url)
     await bus.stop()
@@ -358,7 +361,7 @@ async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_
                 break
             await asyncio.sleep(0.01)
         assert lane, "no lane process"
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         try:
             stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
         except TimeoutError:
@@ -369,7 +372,7 @@ async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_
             _, stderr = await asyncio.wait_for(process.communicate(), 30)
             pytest.fail(f"not ended 60 s after the Ctrl-C (still there: {left}): {stderr.decode()[-6000:]}")
         message = " ".join(stderr.decode().split())
-        assert process.returncode == 130, f"{message} | {stdout.decode()}"
+        assert process.returncode == code, f"{message} | {stdout.decode()}"
         assert "rebuild interrupted" in message and "Run `collabbus rebuild` again" in message
         assert not Path(f"/proc/{lane[0]}").exists()  # ended with the command, not left behind
         assert not (tmp_path / "bus" / ".rebuild").exists()
