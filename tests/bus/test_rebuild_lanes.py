@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
@@ -167,6 +168,20 @@ def _position(engine: sa.Engine, consumer: str = "network") -> int:
         return connection.execute(sa.text("SELECT seq FROM consumer_positions WHERE consumer = :c"), {"c": consumer}).scalar() or 0
 
 
+@contextlib.asynccontextmanager
+async def _migrated_log(tmp_path: Path, server: EmbeddedNats) -> AsyncIterator[tuple[Bus, sa.Engine]]:
+    """The workload log (:func:`_log`) and empty read models on SQLite; both closed after."""
+    database_url = f"sqlite:///{tmp_path / 'network.db'}"
+    bus = await _log(tmp_path, server, database_url)
+    engine = make_engine(database_url)
+    migrate(engine)
+    try:
+        yield bus, engine
+    finally:
+        engine.dispose()
+        await bus.stop()
+
+
 async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path, server: EmbeddedNats, database_url: str) -> None:
     bus = await _log(tmp_path, server, database_url)
     connect = {"servers": [server.url], **server.connect_options()}
@@ -258,11 +273,7 @@ async def test_an_event_under_another_domains_subject_fails_a_rebuild_in_lanes_w
 async def test_a_lane_killed_during_a_rebuild_fails_it_with_why_and_the_bus_would_start_from_the_beginning(
     tmp_path: Path, server: EmbeddedNats
 ) -> None:
-    database_url = f"sqlite:///{tmp_path / 'network.db'}"
-    bus = await _log(tmp_path, server, database_url)
-    engine = make_engine(database_url)
-    migrate(engine)
-    try:
+    async with _migrated_log(tmp_path, server) as (bus, engine):
         lanes = Lanes(rebuild_lanes(2), tmp_path / "scratch", held_rows=1_000)
         service = NetworkService(engine, network(lanes.domains[0]))
         killed: list[int] = []
@@ -287,20 +298,13 @@ async def test_a_lane_killed_during_a_rebuild_fails_it_with_why_and_the_bus_woul
         # while it ran, the first lane's progress was its own position, and that is gone with it
         assert {network for network, _ in seen} == {0} and max(lane for _, lane in seen) > 200
         assert _position(engine, "network:rebuild") == 0
-    finally:
-        engine.dispose()
-        await bus.stop()
 
 
 async def test_a_ctrl_c_an_awaited_request_lost_still_stops_a_rebuild_before_it_empties_anything(
     tmp_path: Path, server: EmbeddedNats
 ) -> None:
-    database_url = f"sqlite:///{tmp_path / 'network.db'}"
-    bus = await _log(tmp_path, server, database_url)
     connect = {"servers": [server.url], **server.connect_options()}
-    engine = make_engine(database_url)
-    migrate(engine)
-    try:
+    async with _migrated_log(tmp_path, server) as (bus, engine):
         await rebuild(bus.js, NetworkService(engine, network()), connect=connect)
         applied, position = table_checksums(engine), _position(engine)
         assert position > 0
@@ -324,9 +328,6 @@ async def test_a_ctrl_c_an_awaited_request_lost_still_stops_a_rebuild_before_it_
             task.uncancel()
         assert table_checksums(engine) == applied and _position(engine) == position  # nothing emptied
         assert child_processes(os.getpid(), "lane_main") == [] and child_processes(os.getpid(), "reader_main") == []
-    finally:
-        engine.dispose()
-        await bus.stop()
 
 
 def _interruptible() -> None:
