@@ -340,7 +340,9 @@ async def _change_delivery(request: Request, institution: str, endpoint_id: str,
     delivery as it is then, and let the endpoint's worker look at what is due."""
 
     def changed(session: Session) -> dict[str, Any]:
-        delivery = session.get(Delivery, delivery_id)
+        # Locked as the dispatcher locks it to settle an attempt: an attempt ending meanwhile is
+        # settled before or after this change, never overwritten by it.
+        delivery = session.get(Delivery, delivery_id, with_for_update=True)
         endpoint = store.endpoint_of(session, institution, endpoint_id)
         if endpoint is None or delivery is None or delivery.endpoint_id != endpoint_id:
             raise ApiProblem(404, f"no delivery {delivery_id} of webhook endpoint {endpoint_id!r}", kind="not_found")
