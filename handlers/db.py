@@ -91,11 +91,19 @@ def database_unavailable(exc: BaseException) -> bool:
 
 def reading(engine: Engine) -> Engine:
     """``engine`` for sessions that only read: on SQLite they do not take the write lock, so they
-    never wait for a writer (WAL readers see the last commit). Made once per engine: the HTTP
-    gateway reads on every request, and a new one per call set up its event dispatch each time."""
+    never wait for a writer (WAL readers see the last commit). What one transaction reads is one
+    moment of the database, whatever is committed meanwhile: a delivery and its attempts, a
+    validation and its reviews, read in two statements, agree. SQLite's read transactions are
+    that already; PostgreSQL's default (``READ COMMITTED``) gives each statement its own moment,
+    so its readers ask for ``REPEATABLE READ`` (which never fails a transaction that only reads).
+    Made once per engine: the HTTP gateway reads on every request, and a new one per call set up
+    its event dispatch each time."""
     found: Engine | None = getattr(engine, "_collabbus_reading", None)
     if found is None:
-        found = engine.execution_options(**{READ_ONLY: True})
+        options: dict[str, Any] = {READ_ONLY: True}
+        if engine.dialect.name == "postgresql":
+            options["isolation_level"] = "REPEATABLE READ"
+        found = engine.execution_options(**options)
         engine._collabbus_reading = found  # type: ignore[attr-defined]
     return found
 

@@ -84,3 +84,38 @@ def test_postgresql_sessions_keep_time_in_utc_whatever_the_client_s_zone(pg_serv
             assert connection.exec_driver_sql("SHOW TimeZone").scalar() == "Asia/Tokyo"
     finally:
         plain.dispose()
+
+
+def test_what_a_reading_transaction_reads_is_one_moment_of_the_database(database_url: str) -> None:
+    """A request reads a row and then the rows that belong to it in two statements (a delivery
+    and its attempts, a validation and its reviews): a commit landing between them must not be
+    half seen. PostgreSQL's default gives each statement its own moment; SQLite's read
+    transactions keep one."""
+    from sqlmodel import Session
+
+    from handlers.db import reading
+
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            for table in ("moment_parent", "moment_child"):
+                connection.execute(text(f"CREATE TABLE {table} (n INTEGER NOT NULL)"))
+                connection.execute(text(f"INSERT INTO {table} (n) VALUES (1)"))
+        with Session(reading(engine)) as session:
+            parent = session.execute(text("SELECT n FROM moment_parent")).scalar()
+            with engine.begin() as writer:  # the writer commits between the two reads
+                writer.execute(text("UPDATE moment_parent SET n = 2"))
+                writer.execute(text("UPDATE moment_child SET n = 2"))
+            child = session.execute(text("SELECT n FROM moment_child")).scalar()
+        assert (parent, child) == (1, 1)
+        with Session(reading(engine)) as session:  # the next transaction reads the new moment
+            assert session.execute(text("SELECT n FROM moment_parent")).scalar() == 2
+            assert session.execute(text("SELECT n FROM moment_child")).scalar() == 2
+        with engine.connect() as connection:  # the pool's connections keep their own default for writers
+            level = connection.get_isolation_level()
+        assert level in ("READ COMMITTED", "SERIALIZABLE")  # PostgreSQL's default; SQLite's only one
+    finally:
+        with engine.begin() as connection:
+            for table in ("moment_parent", "moment_child"):
+                connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        engine.dispose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -245,6 +246,47 @@ async def test_a_delivery_given_up_while_its_attempt_is_under_way_ends_as_that_a
     assert settled_one["status"] == ends and settled_one["next_attempt_at"] is None
     await asyncio.sleep(SCHEDULE[1] + 1.0)  # past when its retry would have come
     assert len(receiver.at(path)) == 1
+
+
+async def test_a_page_of_deliveries_shows_each_with_the_attempts_it_had_at_one_moment(network: Network, receiver: Receiver) -> None:
+    """The page reads the deliveries, then their attempts. An attempt settled between the two
+    reads is not half shown: on PostgreSQL a cancelled delivery was once shown still ``failed``
+    beside the attempt that had just delivered it (each statement read its own moment)."""
+    gateway = await network.start()
+    owner, endpoint_id, delivery, go_on = await attempt_under_way(gateway, receiver, "/one-moment", 200)
+    cancelled = await gateway.client.post(f"/webhooks/{endpoint_id}/deliveries/{delivery['id']}/cancel", headers=gateway.auth(owner))
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "failed", cancelled.text
+    engine = gateway.bus.engine
+    loop = asyncio.get_running_loop()
+    attempts_read = sa.text("SELECT count(*) FROM webhook_attempts WHERE delivery_id = :id")
+    between: list[int] = []
+    looking_now: list[int] = []
+
+    def settle_between(connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        """Before the page's read of attempts: the held attempt is answered, and this waits
+        until the dispatcher has recorded it (and marked the delivery delivered)."""
+        if between or looking_now or "FROM webhook_attempts" not in statement:
+            return
+        looking_now.append(1)  # (the look below reads attempts too)
+        loop.call_soon_threadsafe(go_on.set)
+        deadline = time.monotonic() + 5  # (a page read holding the write lock would keep it from settling)
+        while time.monotonic() < deadline:
+            with engine.connect() as looking:
+                if looking.execute(attempts_read, {"id": delivery["id"]}).scalar():
+                    between.append(1)
+                    return
+            time.sleep(0.02)
+        between.append(0)
+
+    sa.event.listen(engine, "before_cursor_execute", settle_between)
+    try:
+        [shown] = await deliveries(gateway, owner, endpoint_id)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", settle_between)
+    assert between == [1], "the attempt was not settled between the page's reads"
+    assert (shown["status"], shown["attempts"]) == ("failed", [])  # the moment before the attempt was settled
+    [now] = await deliveries(gateway, owner, endpoint_id)
+    assert now["status"] == "delivered" and [a["status_code"] for a in now["attempts"]] == [200]
 
 
 async def test_a_delivery_sent_again_while_its_attempt_is_under_way_is_not_undone_by_it(network: Network, receiver: Receiver) -> None:
