@@ -119,3 +119,31 @@ def test_what_a_reading_transaction_reads_is_one_moment_of_the_database(database
             for table in ("moment_parent", "moment_child"):
                 connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
         engine.dispose()
+
+
+def test_a_moment_is_bound_on_sqlite_as_sqlalchemy_s_own_datetime_text_in_utc(tmp_path: Path) -> None:
+    """``UtcDateTime`` binds a moment on SQLite in one step; the text is what the ORM wrote
+    before (the offset applied, then SQLite's ``DATETIME`` format), byte for byte, so read models
+    written before and after compare and sort alike. A naive datetime is refused as before."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy.types import TypeDecorator
+
+    from handlers.institutions import UtcDateTime
+
+    dialect = make_engine(f"sqlite:///{tmp_path / 'moments.db'}").dialect
+    fast = UtcDateTime()._cached_bind_processor(dialect)  # as statements get it
+    usual = TypeDecorator.bind_processor(UtcDateTime().dialect_impl(dialect), dialect)  # process_bind_param, then DATETIME's own
+    helsinki = timezone(timedelta(hours=2))
+    moments = [
+        datetime(2026, 12, 4, 21, 5, 7, 123456, tzinfo=timezone.utc),
+        datetime(2026, 3, 29, 3, 59, 59, tzinfo=helsinki),  # across midnight and a date in UTC
+        datetime(1999, 1, 1, 0, 0, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+        datetime(2026, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=3))),
+    ]
+    assert fast is not None and usual is not None
+    assert fast.__qualname__ == "UtcDateTime.bind_processor.<locals>.process"  # one function, not the two composed
+    assert [fast(moment) for moment in moments] == [usual(moment) for moment in moments]
+    assert fast(moments[1]) == "2026-03-29 01:59:59.000000" and fast(None) is None
+    with pytest.raises(ValueError, match="naive datetime"):
+        fast(datetime(2026, 12, 4, 12, 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from datetime import datetime, timezone
 
+import pytest
 from sqlalchemy import Engine, event
 from sqlmodel import SQLModel
 
@@ -42,4 +43,35 @@ def test_a_known_row_let_go_is_read_again_without_flushing_what_is_pending(engin
         assert session.get(Institution, first).name == {"en": "renamed"}
     with engine.connect() as connection:
         assert {row.id for row in connection.execute(Institution.__table__.select())} >= {first, second}
+    session.close()
+
+
+def test_adding_a_row_walks_no_cascade_and_is_what_the_orm_s_add_is(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read models' tables have no relationships, so adding one of their rows skips the
+    ORM's walk for cascades; it is pending, followed by the known keys, and written at the
+    commit as before. A class with relationships would still be walked."""
+    from sqlalchemy import inspect
+    from sqlalchemy.orm import Mapper
+
+    tracked = tracked_tables(SQLModel.metadata)
+    session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked)
+    assert session._no_cascade == {cls for cls in tracked if not inspect(cls).relationships} and Institution in session._no_cascade
+    walked: list[object] = []
+    real_walk = Mapper.cascade_iterator
+    monkeypatch.setattr(Mapper, "cascade_iterator", lambda self, *args, **kw: (walked.append(self), real_walk(self, *args, **kw))[1])
+    added = member(unique("m"))
+    with session.begin():
+        assert session.get(Institution, added.id) is None
+        session.add(added)
+        assert added in session.new and session.get(Institution, added.id) is added
+        session.add(added)  # again: nothing changes
+        assert list(session.new).count(added) == 1
+    assert walked == []
+    with engine.connect() as connection:
+        assert connection.execute(Institution.__table__.select().where(Institution.__table__.c.id == added.id)).one().name == {"en": added.id}
+    with session.begin():  # a row already written and changed: added again, it is written again
+        added.country = "SE"
+        session.add(added)
+    with engine.connect() as connection:
+        assert connection.execute(Institution.__table__.select().where(Institution.__table__.c.id == added.id)).one().country == "SE"
     session.close()
