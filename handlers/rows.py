@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from sqlalchemy.orm.attributes import set_attribute
+from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import SQLModel
 from sqlmodel.main import finish_init
 
@@ -21,6 +23,8 @@ from sqlmodel.main import finish_init
 class TableRow(SQLModel):
     """Base of the handlers' tables (see module)."""
 
+    __row_columns__: ClassVar[dict[type[Any], frozenset[str]]] = {}
+    """Per table class: its fields that are instrumented columns (no relationships here)."""
     __row_defaults__: ClassVar[dict[type[Any], tuple[frozenset[str], dict[str, Any], tuple[tuple[str, Any], ...]]]] = {}
     """Per class: its field names, the defaults that can be shared (immutable values) and the
     fields whose default is made anew for each row (a list, by its factory)."""
@@ -44,10 +48,29 @@ class TableRow(SQLModel):
         object.__setattr__(self, "__pydantic_extra__", None)
         object.__setattr__(self, "__pydantic_private__", None)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A column is set as SQLAlchemy sets it (the value in ``__dict__``, the change noted for
+        the flush) and marked set for pydantic: what SQLModel does, without asking both libraries
+        again on every assignment whether the class is a table and the name a column (applying
+        the log sets row attributes by the hundred thousand). Anything else as SQLModel sets it."""
+        if name in (TableRow.__row_columns__.get(type(self)) or _columns(type(self))):
+            set_attribute(self, name, value)
+            self.__pydantic_fields_set__.add(name)
+        else:
+            super().__setattr__(name, value)
+
     def __getattr__(self, name: str) -> Any:
         if name == "_sa_instance_state":  # asked (by hasattr) of every new row: not there yet
             raise AttributeError(name)
         return super().__getattr__(name)  # type: ignore[misc]
+
+
+def _columns(cls: type[TableRow]) -> frozenset[str]:
+    manager = manager_of_class(cls) if cls.model_config.get("table") else None
+    relationships = getattr(cls, "__sqlmodel_relationships__", {})
+    names = frozenset(name for name in cls.model_fields if manager is not None and name in manager and name not in relationships)
+    TableRow.__row_columns__[cls] = names
+    return names
 
 
 _SHAREABLE = (type(None), bool, int, float, str, bytes, tuple, frozenset)
