@@ -53,7 +53,10 @@ class TableRow(SQLModel):
         the flush) and marked set for pydantic: what SQLModel does, without asking both libraries
         again on every assignment whether the class is a table and the name a column (applying
         the log sets row attributes by the hundred thousand). Anything else as SQLModel sets it."""
-        if name in (TableRow.__row_columns__.get(type(self)) or _columns(type(self))):
+        columns = TableRow.__row_columns__.get(type(self))
+        if columns is None:
+            columns = _columns(type(self))
+        if name in columns:
             set_attribute(self, name, value)
             self.__pydantic_fields_set__.add(name)
         else:
