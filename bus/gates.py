@@ -44,9 +44,18 @@ STEADY_SECONDS = 60.0
 """A gatekeeper that ran this long before it exited is restarted after the first pause again."""
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: the machine's, less those a CPU set (a container's,
+    ``taskset``'s) keeps it off. A CPU quota is not seen."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 def default_count() -> int:
-    """One gatekeeper process when the machine has a second core for it, else none."""
-    return 1 if (os.cpu_count() or 1) >= 2 else 0
+    """One gatekeeper process when there is a second core for it, else none."""
+    return 1 if usable_cores() >= 2 else 0
 
 
 class GateProcess:

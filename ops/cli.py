@@ -710,7 +710,7 @@ def rebuild(
              "machine, at some cost in speed")] = None,
     processes: Annotated[Optional[int], typer.Option(
         "--processes", min=1, show_default=False,
-        help="processes replaying the domains side by side (default: one per core, up to 3, the lanes there are); "
+        help="processes replaying the domains side by side (default: one per core this process may run on, up to 3, the lanes there are); "
              "1 replays everything in this one")] = None,
     *,
     settings: Settings,
@@ -719,6 +719,7 @@ def rebuild(
     side in a process each (--processes), the log read by one more."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from bus.gates import usable_cores
     from bus.rebuild import Lanes
     from bus.rebuild import rebuild as replay
     from bus.connection import connect_options
@@ -733,7 +734,7 @@ def rebuild(
 
     if processes is not None and processes > len(REBUILD_LANES):
         raise typer.BadParameter(f"the domains are replayed in {len(REBUILD_LANES)} processes at most", param_hint="--processes")
-    lane_count = processes or min(len(REBUILD_LANES), os.cpu_count() or 1)
+    lane_count = processes or min(len(REBUILD_LANES), usable_cores())
 
     rows = held_rows or REBUILD_HELD_ROWS
     lanes = Lanes(rebuild_lanes(lane_count), settings.data_dir / ".rebuild", rows) if lane_count > 1 else None

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import copy
 import inspect
+import json
 import os
 import re
 import signal
@@ -380,3 +381,29 @@ async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_
         assert _position(engine) == 0  # a bus started now replays the log from its beginning
     finally:
         engine.dispose()
+
+
+def _one_core() -> None:
+    """In a child before it runs the command: allowed one core only, as a container's CPU set allows."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+async def test_by_default_a_rebuild_takes_one_lane_per_core_it_may_run_on(tmp_path: Path, server: EmbeddedNats) -> None:
+    """Not one per core the machine has: a container's CPU set is common, and every lane is a
+    process of its own with its own rows in memory (~250 MB over the benchmark's log)."""
+    from bus.gates import default_count, usable_cores
+
+    assert usable_cores() == len(os.sched_getaffinity(0)) >= 2  # this machine: more than the one the command gets
+    async with _migrated_log(tmp_path, server) as (bus, engine):
+        await bus.stop()
+        env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
+               "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_DATABASE_URL": str(engine.url)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ops", "rebuild", "--json", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_one_core,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+        report = json.loads(stdout)
+        assert report["lanes"] is None, stderr.decode()[-2000:]  # one process: the one core
+        assert report["events"] == report["last_seq"] and _position(engine) == report["last_seq"]
+    assert default_count() == 1  # and a gatekeeper process beside the bus, where there is a second core
