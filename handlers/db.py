@@ -167,9 +167,11 @@ def migrate(engine: Engine) -> None:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """One transaction: committed when the block ends, rolled back if it raises."""
-    with Session(engine, expire_on_commit=False) as session:
+def session_scope(engine: Engine, *, read_only: bool = False) -> Iterator[Session]:
+    """One transaction: committed when the block ends, rolled back if it raises. ``read_only``: a
+    transaction that only reads, on :func:`reading`'s engine (one moment of the database, and on
+    SQLite no write lock)."""
+    with Session(reading(engine) if read_only else engine, expire_on_commit=False) as session:
         with session.begin():
             yield session
 

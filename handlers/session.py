@@ -40,14 +40,12 @@ class KnownKeysSession(Session):
     def __init__(self, *args: Any, tracked: Iterable[type[Any]] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._tracked: dict[type[Any], Mapper[Any]] = {cls: sa.inspect(cls) for cls in tracked}
-        self._key_attributes: dict[type[Any], tuple[str, ...]] = {
-            cls: tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+        self._key_of = {
+            cls: _key_getter(tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key))
             for cls, mapper in self._tracked.items()
         }
-        """Per class, the attributes its primary key is read from (``Mapper.primary_key_from_instance``
+        """Per class, its primary key read from a row's attributes, as a tuple (``Mapper.primary_key_from_instance``
         goes through the instance's state and identity key: a tenth of applying an event)."""
-        self._key_of = {cls: _key_getter(names) for cls, names in self._key_attributes.items()}
-        """Per class, its primary key read from a row, as a tuple."""
         self._tables = {mapper.local_table for mapper in self._tracked.values()}
         self._no_cascade = frozenset(cls for cls, mapper in self._tracked.items() if not mapper.relationships)
         """The tracked classes without relationships: adding one of their rows cascades to nothing (:meth:`add`)."""

@@ -63,7 +63,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -73,11 +73,11 @@ import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from sqlalchemy import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
 from bus import cloudevents
 from connectors.portal import store
-from handlers.db import reading, session_scope
+from handlers.db import session_scope
 from handlers.bookkeeping import AppliedEvent
 from handlers.institutions import Institution
 from handlers.projects import Project
@@ -452,17 +452,10 @@ class PortalSync:
         self.page_size = page_size
         self.concurrency = concurrency
 
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[Session]:
-        """A transaction that only reads: one moment of the database however many statements it
-        takes (see ``handlers.db.reading``), and on SQLite no write lock held from the bus meanwhile."""
-        with Session(reading(self.engine), expire_on_commit=False) as session, session.begin():
-            yield session
-
     def _members(self) -> dict[str, str]:
         """business id → member, of the members that name one."""
         found: dict[str, str] = {}
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             for institution in session.exec(select(Institution)):
                 if not institution.active:
                     continue
@@ -492,7 +485,7 @@ class PortalSync:
         started = time.monotonic()
         retries_before = self.client.retries
         members = await asyncio.to_thread(self._members)
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             position = store.load_cursor(session, self.portal)
             self._publications = {row.project_id: row for row in store.publications(session, self.portal)}
         mapping = content_hash(members)
@@ -556,7 +549,7 @@ class PortalSync:
     async def _apply_page(
         self, items: list[dict[str, Any]], members: dict[str, str], report: SyncReport
     ) -> list[Any]:
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             known = store.known_entries(session, self.portal, [str(item["id"]) for item in items])
         gate = asyncio.Semaphore(self.concurrency)
 
@@ -707,7 +700,7 @@ class PortalSync:
         )]
 
     def _country(self, project_id: str) -> str:
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             project = session.get(Project, project_id)
             return project.country if project is not None and project.country else "FI"
 
@@ -715,7 +708,7 @@ class PortalSync:
 
     async def push_publications(self, report: SyncReport) -> None:
         """Create the entries of newly marked projects and write the changes of published ones."""
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             marks = store.publications(session, self.portal)
         for mark in marks:
             try:
@@ -740,7 +733,7 @@ class PortalSync:
 
     async def _push(self, mark: store.PortalPublication, report: SyncReport) -> str | None:
         """One publication's turn; what went wrong, or None."""
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             # Whether the event is applied and the project, from one moment (a reading
             # transaction): a project read from before the very commit that shows the event
             # applied would undo it when pushed. (Read first all the same.)
@@ -823,7 +816,7 @@ class PortalSync:
     async def _announce(self, mark: store.PortalPublication, project: Project) -> str | None:
         """Offer ``project.updated`` with the entry's ``innokyla`` reference, in the owner's name."""
         assert mark.entry_id is not None
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             known = session.get(store.PortalEntry, (self.portal, mark.entry_id))
         ref = next((r for r in (known.data.get("external_refs") or []) if r.get("system") == SYSTEM), None) if known else None
         ref = ref or {"system": SYSTEM, "id": mark.entry_id}
@@ -908,7 +901,7 @@ class PortalSync:
         """The body of the project's most recent validation decision, if it has one."""
         from handlers.validations import Validation
 
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             validation = session.exec(
                 select(Validation).where(Validation.project_id == project_id, Validation.status == "decided")
                 .order_by(col(Validation.decided_at).desc())
@@ -924,7 +917,7 @@ class PortalSync:
     async def push_validation(self, decided: Mapping[str, Any], project_id: str, *, url: str | None = None) -> bool | None:
         """Write a ``validation.decided`` (its data) about ``project_id`` to the portal entry the
         project came from. None: the project has no portal entry; False: the entry is gone."""
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             row = store.entry_of_project(session, project_id)
         if row is None:
             return None
@@ -936,7 +929,7 @@ class PortalSync:
         from handlers.validations import Validation
 
         data = event["data"]
-        with self._reading() as session:
+        with session_scope(self.engine, read_only=True) as session:
             validation = session.get(Validation, data["validation_id"])
             entry_id: str | None = None
             if validation is not None and validation.external_ref and validation.external_ref.get("system") == SYSTEM:

@@ -24,7 +24,7 @@ from connectors.http.problems import ApiProblem, documented
 from connectors.webhooks import dispatcher, store, targets
 from connectors.webhooks.signing import new_secret
 from connectors.webhooks.store import Delivery, Endpoint
-from handlers.db import reading, session_scope
+from handlers.db import session_scope
 from schemas import registry
 
 if TYPE_CHECKING:
@@ -160,20 +160,12 @@ def _not_found(endpoint_id: str) -> ApiProblem:
     return ApiProblem(404, f"no webhook endpoint {endpoint_id!r}", kind="not_found")
 
 
-async def _in_transaction(request: Request, work: Callable[[Session], T]) -> T:
-    def run() -> T:
-        with session_scope(engine_of(request)) as session:
-            return work(session)
-
-    return await run_in_threadpool(run)
-
-
-async def _reading(request: Request, work: Callable[[Session], T]) -> T:
-    """``work`` in a transaction that only reads: what it reads in several statements (deliveries,
-    then their attempts) is one moment, even while the dispatcher settles attempts."""
+async def _in_transaction(request: Request, work: Callable[[Session], T], *, read_only: bool = False) -> T:
+    """``work`` in one transaction; ``read_only``: one that only reads, so what it reads in several
+    statements (deliveries, then their attempts) is one moment while the dispatcher settles attempts."""
 
     def run() -> T:
-        with Session(reading(engine_of(request)), expire_on_commit=False) as session, session.begin():
+        with session_scope(engine_of(request), read_only=read_only) as session:
             return work(session)
 
     return await run_in_threadpool(run)
@@ -186,7 +178,7 @@ async def _owned(request: Request, institution: str, endpoint_id: str) -> Endpoi
             raise _not_found(endpoint_id)
         return endpoint
 
-    return await _reading(request, find)
+    return await _in_transaction(request, find, read_only=True)
 
 
 def _endpoint(endpoint: Endpoint, *, secret: bool = False) -> dict[str, Any]:
@@ -235,7 +227,7 @@ async def list_endpoints(request: Request, institution: Member, limit: Limit = D
         rows, next_cursor = keyset_page(session, query, [col(Endpoint.created_at), col(Endpoint.id)], limit=limit, cursor=cursor)
         return {"items": [_endpoint(row) for row in rows], "next_cursor": next_cursor}
 
-    return await _reading(request, page)
+    return await _in_transaction(request, page, read_only=True)
 
 
 @router.get("/{endpoint_id}", response_model=WebhookEndpoint, responses=ERRORS)
@@ -320,7 +312,7 @@ async def list_deliveries(
         rows, next_cursor = keyset_page(session, query, [col(Delivery.id)], limit=limit, cursor=cursor)
         return {"items": _deliveries(session, endpoint, rows), "next_cursor": next_cursor}
 
-    return await _reading(request, page)
+    return await _in_transaction(request, page, read_only=True)
 
 
 @router.post("/{endpoint_id}/deliveries/{delivery_id}/resend", status_code=202, response_model=WebhookDelivery, responses=ERRORS)

@@ -331,6 +331,12 @@ async def test_a_ctrl_c_an_awaited_request_lost_still_stops_a_rebuild_before_it_
         assert child_processes(os.getpid(), "lane_main") == [] and child_processes(os.getpid(), "reader_main") == []
 
 
+def _command_env(tmp_path: Path, server: EmbeddedNats, database_url: str) -> dict[str, str]:
+    """The environment of a ``collabbus`` command on the test's log and read models."""
+    return {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
+            "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_DATABASE_URL": database_url}
+
+
 def _interruptible() -> None:
     """In a child before it runs the command: SIGINT as a terminal's Ctrl-C finds it. A suite run
     as a background job of a shell script inherits SIGINT ignored, and Python keeps an ignored
@@ -349,8 +355,7 @@ async def test_ctrl_c_on_a_rebuild_in_lanes_ends_every_process_and_says_what_is_
     engine = make_engine(database_url)
     migrate(engine)  # (a Ctrl-C that comes while the command looks for a running bus finds the read models as they were)
     try:
-        env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
-               "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_DATABASE_URL": database_url,
+        env = {**_command_env(tmp_path, server, database_url),
                "PYTHONFAULTHANDLER": "1"}  # (SIGABRT then prints where each of its threads is)
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ops", "rebuild", "--processes", "2", env=env,
@@ -396,8 +401,7 @@ async def test_by_default_a_rebuild_takes_one_lane_per_core_it_may_run_on(tmp_pa
     assert usable_cores() == len(os.sched_getaffinity(0)) >= 2  # this machine: more than the one the command gets
     async with _migrated_log(tmp_path, server) as (bus, engine):
         await bus.stop()
-        env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
-               "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_DATABASE_URL": str(engine.url)}
+        env = _command_env(tmp_path, server, str(engine.url))
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ops", "rebuild", "--json", env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_one_core,
