@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +45,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from bus.client import offer
 from bus.gate import canonical_bytes, log_subject
+from bus.pull import Puller
 from bus.server import EmbeddedNats, find_binary, free_port
+from bus.streams import EVENTS_STREAM
 from ops.workload import Workload
 
 Event = tuple[str, dict[str, Any]]
@@ -208,6 +210,54 @@ def memory_of(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             found[key] = int(rest.split()[0]) * 1024
     return found
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User and system CPU seconds a process has used so far, all its threads (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuMeter:
+    """CPU seconds each part of a phase takes between :meth:`start` and :meth:`stop`: the bus
+    process, its gatekeeper processes, the phase's nats-server and the bench's own process (which
+    offers the events and watches the committed position; in the raw phase it is nats-py's
+    publisher and consumer). Where the two cores went is what says what bounds a figure."""
+
+    def __init__(self, server: EmbeddedNats, bus: "BusProcess | None" = None) -> None:
+        self.pids: dict[str, list[int]] = {"nats_server": [server.process.pid] if server.process is not None else []}
+        if bus is not None and bus.process is not None:
+            self.pids["bus"] = [bus.process.pid]
+            self.pids["gatekeepers"] = child_processes(bus.process.pid, "ops gate")
+        self._before: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {part: sum(cpu_seconds(pid) or 0.0 for pid in pids) for part, pids in self.pids.items()}
+        now["bench"] = time.process_time()
+        return now
+
+    def start(self) -> "CpuMeter":
+        self._before = self._now()
+        return self
+
+    def stop(self) -> None:
+        after = self._now()
+        self.used = {part: max(after[part] - self._before.get(part, 0.0), 0.0) for part in after}
+
+    def figures(self, events: int) -> dict[str, Any]:
+        """``cpu_seconds`` per part, and ``cpu_per_event`` (µs of each part per event of the phase)."""
+        order = [part for part in ("bus", "gatekeepers", "nats_server", "bench") if part in self.used]
+        return {
+            "cpu_seconds": {part: figure(self.used[part], "s", 2) for part in order},
+            "cpu_per_event": {part: figure(self.used[part] / events * 1e6 if events else None, "µs") for part in order},
+        }
 
 
 # --- watching the committed position --------------------------------------------------------------
@@ -563,6 +613,7 @@ async def raw_phase(server: EmbeddedNats, options: BenchOptions, progress: Progr
         await js.add_consumer("BENCH_RAW", ConsumerConfig(durable_name="bench", ack_policy=AckPolicy.EXPLICIT,
                                                           max_ack_pending=options.concurrency * 256))
         sub = await js.pull_subscribe_bind("bench", "BENCH_RAW")
+        meter = CpuMeter(server).start()
         started = time.perf_counter()
         deadline = started + max(options.budget * 3, 60.0)
         acked = 0
@@ -591,6 +642,7 @@ async def raw_phase(server: EmbeddedNats, options: BenchOptions, progress: Progr
         await pipelined(messages, publish, options.concurrency, deadline)
         published_at = time.perf_counter()
         finished = await consumer
+        meter.stop()
         await nc.flush()
     finally:
         await nc.close()
@@ -603,6 +655,7 @@ async def raw_phase(server: EmbeddedNats, options: BenchOptions, progress: Progr
         "seconds": figure(seconds, "s", 3),
         "publish_rate": figure(published / (published_at - started), "events/s"),
         "throughput": figure(acked / seconds, "events/s"),
+        **meter.figures(acked),
     }
 
 
@@ -612,10 +665,13 @@ async def bus_phase(server: EmbeddedNats, work: Path, via: str, options: BenchOp
     last offered event's log sequence."""
     members, rest = workload(via, options.events)
     label = "bus over NATS" if via == "nats" else "bus over HTTP"
-    async with running_bus(server, work) as (bus, watcher), _sender(via, server, bus, options.concurrency) as make_offerer:
+    async with running_bus(server, work) as (bus, watcher), _sender(via, server, bus, options.concurrency) as make_offerer, \
+            _log_reader(server) as log_js:
         offers = Offers()
         send = await make_offerer(offers, [institution for institution, _ in members + rest])
         n = len(members) + len(rest)
+        logged_before = (await log_js.stream_info(EVENTS_STREAM)).state.last_seq
+        meter = CpuMeter(server, bus).start()
         started = time.perf_counter()
         deadline = started + options.budget
         await pipelined(members, send, options.concurrency, deadline)  # members first: every event passes the gate
@@ -635,9 +691,11 @@ async def bus_phase(server: EmbeddedNats, work: Path, via: str, options: BenchOp
             offers.last_seq, deadline,
             lambda position: progress(f"{label}: committing", sum(1 for s in offers.seqs if s <= position), n),
         )
+        meter.stop()
         end = reached if reached is not None else time.perf_counter()
         committed = sum(1 for seq in offers.seqs if (watcher.reached_at(seq) or end + 1) <= end)
         memory = bus.memory()
+        logged = await _log_grown(log_js, logged_before, time.perf_counter() + 2.0)
     seconds = end - started
     status = "ok" if reached is not None and sent == n and offers.accepted == n else "timed_out"
     if offers.rejected:
@@ -654,8 +712,33 @@ async def bus_phase(server: EmbeddedNats, work: Path, via: str, options: BenchOp
         "seconds": figure(seconds, "s", 3),
         "offer_rate": figure(sent / (offered_at - started), "events/s"),
         "throughput": figure(committed / seconds if seconds > 0 else None, "events/s"),
+        "logged": logged,
+        "logged_per_event": figure(logged / offers.accepted if offers.accepted else None, "log writes/event", 3),
+        **meter.figures(committed),
         **bus.rss(memory),
     }
+
+
+@contextlib.asynccontextmanager
+async def _log_reader(server: EmbeddedNats) -> AsyncIterator[Any]:
+    """A JetStream context on the phase's server, to read the log's state."""
+    nc = await nats.connect(server.url, name="bench-log", **server.connect_options())
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+async def _log_grown(js: Any, before: int, deadline: float) -> int:
+    """How many messages the log took since it held ``before``, once it has stopped growing for
+    a fifth of a second (the events the last offers' workflows derived come after their commit)."""
+    last = -1
+    while True:
+        seq = (await js.stream_info(EVENTS_STREAM)).state.last_seq
+        if seq == last or time.perf_counter() >= deadline:
+            return seq - before
+        last = seq
+        await asyncio.sleep(0.2)
 
 
 @contextlib.asynccontextmanager
@@ -712,18 +795,89 @@ async def at_fixed_rate(nc: Client, events: list[Event], rate: float, progress: 
         else:
             timed.rejected.append(verdict.as_dict())
 
+    timed.started, timed.last_sent = await _at_rate(len(events), rate, one, progress)
+    return timed
+
+
+async def _at_rate(n: int, rate: float, one: Callable[[int], Coroutine[Any, Any, None]], progress: Callable[[int], None]) -> tuple[float, float]:
+    """Start ``one(0)`` … ``one(n - 1)`` at ``rate`` a second, each at its time whatever became of
+    those before it; returns (when the first was started, when the last was), once all are done."""
     tasks = []
-    timed.started = time.perf_counter()
-    for index in range(len(events)):
-        delay = timed.started + index / rate - time.perf_counter()
+    started = time.perf_counter()
+    for index in range(n):
+        delay = started + index / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(index)))
         if index % 50 == 0:
             progress(index)
-    timed.last_sent = time.perf_counter()
+    last_sent = time.perf_counter()
     await asyncio.gather(*tasks)
-    return timed
+    return started, last_sent
+
+
+RAW_LATENCY_STREAM = "BENCH_RAW_LATENCY"
+
+
+async def raw_at_fixed_rate(server: EmbeddedNats, events: list[Event], warm: int, rate: float,
+                            progress: Callable[[int], None], deadline: float) -> dict[str, Any]:
+    """nats-py alone at the latency phase's rate, on the phase's server before the bus starts: each
+    event's canonical bytes published with ``Nats-Msg-Id`` to a file stream of its own, taken by a
+    pull consumer kept open as the bus keeps its own (:class:`bus.pull.Puller`) and acked. Per event,
+    publish → acknowledged (the log has it) and publish → received by the consumer; the first
+    ``warm`` events are not measured. What the server and the disk take alone, under the bus's figures."""
+    messages = []
+    for _, event in events:
+        logged = {**event, "time": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
+        messages.append((log_subject(logged), canonical_bytes(logged), str(event["id"])))
+    index = {event_id: i for i, (_, _, event_id) in enumerate(messages)}
+    n = len(messages)
+    sent_at, acked_at, received_at = [0.0] * n, [0.0] * n, [0.0] * n
+    nc = await nats.connect(server.url, name="bench-raw-latency", **server.connect_options())
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=RAW_LATENCY_STREAM, subjects=["collab.events.>"], storage=StorageType.FILE,
+                                         duplicate_window=86400.0))
+        await js.add_consumer(RAW_LATENCY_STREAM, ConsumerConfig(durable_name="bench", ack_policy=AckPolicy.EXPLICIT))
+        puller = Puller(nc, RAW_LATENCY_STREAM, "bench", batch=256)
+        await puller.start()
+        received = 0
+
+        async def consume() -> None:
+            nonlocal received
+            while received < n and time.perf_counter() < deadline:
+                msgs = await puller.fetch(timeout=0.5)
+                now = time.perf_counter()
+                for msg in msgs:
+                    received_at[index[(msg.headers or {})["Nats-Msg-Id"]]] = now
+                    await msg.ack()
+                received += len(msgs)
+
+        async def one(i: int) -> None:
+            subject, payload, event_id = messages[i]
+            sent_at[i] = time.perf_counter()
+            await js.publish(subject, payload, headers={"Nats-Msg-Id": event_id})
+            acked_at[i] = time.perf_counter()
+
+        consumer = asyncio.create_task(consume())
+        await _at_rate(n, rate, one, progress)
+        await consumer
+        await puller.stop()
+        await js.delete_stream(RAW_LATENCY_STREAM)  # the bus's log takes these subjects next
+    finally:
+        await nc.close()
+    measured = range(warm, n)
+    to_received = sorted((received_at[i] - sent_at[i]) * 1000 if received_at[i] else float("inf") for i in measured)
+    to_ack = sorted((acked_at[i] - sent_at[i]) * 1000 for i in measured)
+    return {
+        "events": len(measured),
+        "received": sum(1 for i in measured if received_at[i]),
+        "p50": figure(_percentile(to_received, 0.50), "ms", 2),
+        "p99": figure(_percentile(to_received, 0.99), "ms", 2),
+        "max": figure(_percentile(to_received, 1.0), "ms", 2),
+        "ack_p50": figure(_percentile(to_ack, 0.50), "ms", 2),
+        "ack_p99": figure(_percentile(to_ack, 0.99), "ms", 2),
+    }
 
 
 async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions, progress: Progress) -> dict[str, Any]:
@@ -734,6 +888,9 @@ async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
     warm = int(options.latency_rate * options.latency_warmup)
     members, rest = workload("latency", total + warm + MEMBERS)
     warmup_events, rest = rest[:warm], rest[warm:]
+    raw = await raw_at_fixed_rate(server, warmup_events + rest, warm, options.latency_rate,
+                                  lambda i: progress("latency at a fixed rate: raw nats-py", i, warm + total),
+                                  time.perf_counter() + options.latency_seconds + options.latency_warmup + options.latency_drain)
     async with running_bus(server, work) as (bus, watcher):
         nc = await nats.connect(server.url, name="bench-latency", **server.connect_options())
         try:
@@ -748,12 +905,14 @@ async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
             if warmed.rejected:
                 raise BenchError(f"the warm-up was refused: {warmed.rejected[:1]}")
             await watcher.wait_for(max((s for s in warmed.seqs if s is not None), default=0), time.perf_counter() + options.budget)
+            meter = CpuMeter(server, bus).start()
             timed = await at_fixed_rate(nc, rest, options.latency_rate,
                                         lambda i: progress("latency at a fixed rate: offering", i, len(rest)))
             accepted = [s for s in timed.seqs if s is not None]
             deadline = time.perf_counter() + options.latency_drain
             await watcher.wait_for(max(accepted, default=0), deadline,
                                    lambda p: progress("latency at a fixed rate: committing", sum(1 for s in accepted if s <= p), len(rest)))
+            meter.stop()
         finally:
             await nc.close()
         memory = bus.memory()
@@ -782,6 +941,8 @@ async def latency_phase(server: EmbeddedNats, work: Path, options: BenchOptions,
         "logged_p50": figure(_percentile(logging_times, 0.50), "ms", 2),
         "logged_p99": figure(_percentile(logging_times, 0.99), "ms", 2),
         "poll_interval": figure(POLL_INTERVAL * 1000, "ms", 1),
+        "raw": raw,
+        **meter.figures(len(rest)),
         **bus.rss(memory),
     }
 
@@ -1012,7 +1173,7 @@ async def _settle(server: EmbeddedNats, watcher: "PositionWatcher", deadline: fl
         js = nc.jetstream()
         last, since = -1, time.perf_counter()
         while time.perf_counter() < deadline:
-            seq = (await js.stream_info("COLLAB_EVENTS")).state.last_seq
+            seq = (await js.stream_info(EVENTS_STREAM)).state.last_seq
             if seq != last:
                 last, since = seq, time.perf_counter()
             elif watcher.position >= seq and time.perf_counter() - since >= 1.0:
@@ -1268,6 +1429,7 @@ def rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
             ("latency", "latency p50 at the fixed rate", "p50"),
             ("latency", "latency p99 at the fixed rate", "p99"),
             ("latency", "its offer → logged part, p99", "logged_p99"),
+            ("latency", "raw nats-py at that rate: publish → received, p99", "raw.p99"),
             ("webhooks", "webhook deliveries (signed)", "throughput"),
             ("rebuild", "bus applying the log live", None),
             ("rebuild", "collabbus rebuild", "throughput"),
@@ -1283,7 +1445,10 @@ def rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
                     if (live.get("gatekeepers_rss") or {}).get("value"):
                         yield name, "its gatekeeper processes' RSS", show(live.get("gatekeepers_rss")), live.get("status", "")
                 continue
-            yield name, label, show(phase.get(metric or "")), phase.get("status", "") + (f": {phase['error']}" if phase.get("error") else "")
+            value: Any = phase
+            for part in (metric or "").split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            yield name, label, show(value), phase.get("status", "") + (f": {phase['error']}" if phase.get("error") else "")
             if key == "rebuild" and phase.get("equals_incremental") is not None:
                 same = "yes" if phase["equals_incremental"] else "no: " + ", ".join(phase.get("differing_tables", []))
                 yield name, "rebuilt state = incremental state", same, phase.get("status", "")

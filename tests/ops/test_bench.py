@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from ops.bench import REBUILD_OVERHEAD, REBUILD_TAIL, TARGETS, BenchOptions, WebhookReceiver, _percentile
+from ops.bench import REBUILD_OVERHEAD, REBUILD_TAIL, TARGETS, BenchOptions, WebhookReceiver, _percentile, cpu_seconds
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 
@@ -34,6 +34,15 @@ def figures(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
         for index, child in enumerate(node):
             found.extend(figures(child, f"{path}[{index}]"))
     return found
+
+
+def assert_per_event(phase: dict[str, Any], events: int) -> None:
+    """``cpu_per_event`` is each part's ``cpu_seconds`` over the phase's events, in µs."""
+    for part, seconds in phase["cpu_seconds"].items():
+        assert seconds["unit"] == "s" and seconds["value"] >= 0, part
+        per_event = phase["cpu_per_event"][part]
+        assert per_event["unit"] == "µs"
+        assert per_event["value"] == pytest.approx(seconds["value"] / events * 1e6, abs=0.006 / events * 1e6 + 0.1), part
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +80,14 @@ def test_quick_run_measures_every_phase_in_both_configurations(quick_run: tuple[
             assert bus["events"] == bus["offered"] == bus["accepted"] == bus["committed"] == events
             assert bus["rejected"] == 0 and bus["last_seq"] >= events
             assert bus["throughput"]["value"] > 0 and bus["rss_peak"]["value"] >= bus["rss"]["value"] > 0
+            # every offered event is logged once, and the workflows log what they derive from them
+            assert bus["logged"] >= events and bus["logged_per_event"]["value"] == round(bus["logged"] / events, 3)
+            # where the CPU went: the bus, its gatekeepers (none on one core), nats-server and the bench
+            assert set(bus["cpu_seconds"]) == set(bus["cpu_per_event"]) == {"bus", "gatekeepers", "nats_server", "bench"}
+            assert bus["cpu_seconds"]["bus"]["value"] > 0, (name, key, bus["cpu_seconds"])
+            assert_per_event(bus, events)
+        assert set(raw["cpu_seconds"]) == {"nats_server", "bench"} and raw["cpu_seconds"]["bench"]["value"] > 0
+        assert_per_event(raw, events)
         # ratios are of the rounded throughputs, to three decimals
         assert math.isclose(section["ratio"]["value"], section["bus_nats"]["throughput"]["value"] / raw["throughput"]["value"], abs_tol=1e-3)
         assert math.isclose(section["ratio_http"]["value"], section["bus_http"]["throughput"]["value"] / raw["throughput"]["value"], abs_tol=1e-3)
@@ -83,6 +100,13 @@ def test_quick_run_measures_every_phase_in_both_configurations(quick_run: tuple[
     assert 0 < latency["p50"]["value"] <= latency["p99"]["value"] <= latency["max"]["value"]
     assert 0 < latency["logged_p50"]["value"] <= latency["logged_p99"]["value"] <= latency["max"]["value"]
     assert latency["p50"]["unit"] == "ms" and latency["poll_interval"]["value"] > 0
+    assert latency["cpu_seconds"]["bus"]["value"] > 0
+    assert_per_event(latency, 500)
+    # nats-py alone at the same rate on the same server, before the bus: the floor under the figures above
+    raw_latency = latency["raw"]
+    assert raw_latency["events"] == raw_latency["received"] == 500
+    assert 0 < raw_latency["p50"]["value"] <= raw_latency["p99"]["value"] <= raw_latency["max"]["value"]
+    assert 0 < raw_latency["ack_p50"]["value"] <= raw_latency["ack_p99"]["value"]
 
     hooks = results["configurations"]["sync_always"]["webhooks"]
     assert hooks["status"] == "ok", hooks
@@ -173,3 +197,19 @@ def test_the_rebuild_phase_gets_what_the_runs_time_limit_leaves() -> None:
     assert late.fitted(options.rebuild_budget) == pytest.approx(options.rebuild_budget / 10)
     assert BenchOptions().fitted(options.live_budget) == options.live_budget  # no limit set: the budget as asked
     assert options.total_budget < 300  # the issue: a run finishes in under five minutes
+
+
+def test_cpu_seconds_are_a_process_s_own_all_threads_counted() -> None:
+    burn = "import threading, time\ndef spin():\n    end = time.thread_time() + 0.2\n    while time.thread_time() < end: pass\n" \
+           "threads = [threading.Thread(target=spin) for _ in range(2)]\n[t.start() for t in threads]\n[t.join() for t in threads]\n" \
+           "print('done', flush=True)\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "done"
+        used = cpu_seconds(child.pid)
+        assert used is not None and 0.35 <= used < 5  # two threads of ~0.2 s each, and the start
+        assert cpu_seconds(os.getpid()) == pytest.approx(time.process_time(), abs=0.05)
+    finally:
+        child.kill()
+        child.wait()
+    assert cpu_seconds(child.pid) is None  # gone
