@@ -57,9 +57,11 @@ def _documentation_broker() -> NatsBroker:
 
 
 _PUBLIC = (
-    "Every member may see these: members' credentials let them subscribe to this subject (core NATS, live, "
-    "at most once: a subscriber that was away reads what it missed over HTTP, `GET /events/{id}` of the last "
-    "event it received giving its `seq` and `GET /events?after_seq={seq}` what came after, and drops repeats by id)."
+    "Every member may see these: members follow them on `collab.live.{institution}.{domain}.{event}.{subject}`, "
+    "where the log's server republishes each event it stored, in the log's order, with its place in the log in "
+    "the `Nats-Sequence` header (core NATS, live, at most once: a subscriber that was away reads what it missed "
+    "over HTTP, `GET /events?after_seq={seq}` after the last `seq` it handled). Members' credentials do not "
+    "reach the log's own subjects: what is published there is what was offered, before the log took or refused it."
 )
 _CONFIDENTIAL = (
     "Confidential: only the parties of its call or validation may see it, which a subject cannot say, so "
@@ -78,7 +80,8 @@ _CONNECTING = (
     "auth) and connect with the inbox prefix `_INBOX.{ID}` (Go `nats.CustomInboxPrefix`, nats.js "
     "`inboxPrefix`, nats-py `inbox_prefix`): the credentials allow publishing to `collab.ingress.{ID}.>`, "
     "reading the inboxes `_INBOX.{ID}.>`, where verdicts come back (a verdict is sent only to an inbox of the "
-    "offering institution's own), and subscribing to the log subjects of the events every member may see."
+    "offering institution's own), and subscribing to `collab.live.…`, where the log's server republishes the "
+    "stored events every member may see, each with its log sequence."
 )
 
 

@@ -13,9 +13,11 @@ Partners get a standard ``.creds`` file (user JWT + user nkey seed, with the usu
 same format ``nsc`` writes, so any NATS client (Go, JS, Java, Python) uses it unchanged. Their
 JWT allows publishing to ``collab.ingress.{their id}.>`` and subscribing to their own inboxes,
 ``_INBOX.{their id}.>`` (the verdict replies; a client is told to use the prefix
-``_INBOX.{their id}``, which every NATS client takes as its custom inbox prefix), and to the log
-subjects of the event types every member may see (``handlers.confidential.public_log_subjects``:
-the events as the log takes them, live), nothing else: not the confidential events' subjects
+``_INBOX.{their id}``, which every NATS client takes as its custom inbox prefix), and to the
+subjects where the log's server republishes the stored events of the types every member may see
+(``handlers.confidential.public_live_subjects``: ``collab.live.…``, each with its log sequence),
+nothing else: not the log's own subjects (what is published there is what was offered, before the
+log took or refused it: a repeat, an id another event holds), not the confidential events' subjects
 (reviews stay confidential until a decision, applications are the call's and the applicant's),
 not the JetStream API (a pull request's messages go to whatever reply subject it names, the
 log's own subjects included), not another member's verdicts. The bus's own user has no
@@ -177,12 +179,12 @@ def member_ingress(institution: str) -> str:
 
 def partner_permissions(institution: str) -> dict[str, Any]:
     """What a member's connection may do: offer events as itself, receive its verdicts, and
-    subscribe to the log subjects of the events every member may see."""
-    from handlers.confidential import public_log_subjects
+    follow the events every member may see as the log stores them (``collab.live``)."""
+    from handlers.confidential import public_live_subjects
 
     return {
         "pub": {"allow": [member_ingress(institution)]},
-        "sub": {"allow": [f"{member_inbox_prefix(institution)}.>", *public_log_subjects()]},
+        "sub": {"allow": [f"{member_inbox_prefix(institution)}.>", *public_live_subjects()]},
     }
 
 

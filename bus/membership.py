@@ -2,8 +2,10 @@
 
 The gate keeps no state of its own: an institution is a member when the last ``institution.*``
 event about it on the log is ``joined`` or ``updated``. Positive answers are cached and kept fresh by
-a subscription to the institution events as they are logged; unknown ids are looked up every time,
-so an institution can publish the moment its ``institution.joined`` is accepted.
+a subscription to the institution events as the log stores them (``collab.live``: not the log's own
+subjects, where an offer is published before the log has taken or refused it — a repeat, or an
+event under an id another holds); unknown ids are looked up every time, so an institution can
+publish the moment its ``institution.joined`` is accepted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from bus.streams import EVENTS_STREAM
+from bus.streams import EVENTS_STREAM, LIVE_SUBJECTS
 
 log = logging.getLogger("collabbus.membership")
 
@@ -46,7 +48,7 @@ class Membership:
 
     async def start(self) -> None:
         """Follow institution events live so cached answers never go stale."""
-        self._sub = await self._nc.subscribe("collab.events.*.institution.>", cb=self._on_event)
+        self._sub = await self._nc.subscribe(LIVE_SUBJECTS.replace(">", "*.institution.>"), cb=self._on_event)
 
     async def stop(self) -> None:
         if self._sub is not None:

@@ -11,12 +11,16 @@ import logging
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 EVENTS_STREAM = "COLLAB_EVENTS"
 DLQ_STREAM = "COLLAB_DLQ"
 EVENTS_SUBJECTS = "collab.events.>"
+LIVE_SUBJECTS = "collab.live.>"
+"""Where nats-server republishes each message the log has stored, with ``Nats-Stream``,
+``Nats-Sequence``, ``Nats-Time-Stamp`` and ``Nats-Last-Sequence`` headers beside the event's own:
+what members follow live over NATS (``handlers.confidential.public_live_subjects``)."""
 DLQ_SUBJECTS = "collab.dlq.>"
 
 log = logging.getLogger("collabbus.streams")
@@ -50,6 +54,7 @@ def desired_streams(*, replicas: int, duplicate_window: float, max_msg_size: int
             deny_purge=True,
             allow_direct=True,
             max_msg_size=max_msg_size,
+            republish=RePublish(src=EVENTS_SUBJECTS, dest=LIVE_SUBJECTS),
         ),
         StreamConfig(
             name=DLQ_STREAM,
@@ -67,7 +72,7 @@ def desired_streams(*, replicas: int, duplicate_window: float, max_msg_size: int
     ]
 
 # Fields the bus owns on an existing stream; the rest (limits an operator may have set by hand) are left alone.
-_OWNED = ("subjects", "num_replicas", "duplicate_window", "deny_delete", "deny_purge", "allow_direct", "max_msg_size")
+_OWNED = ("subjects", "num_replicas", "duplicate_window", "deny_delete", "deny_purge", "allow_direct", "max_msg_size", "republish")
 _IMMUTABLE = ("storage", "retention")
 
 
@@ -105,6 +110,8 @@ async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> l
 
 
 def _normal(value: object) -> object:
+    if isinstance(value, RePublish):
+        return (value.src, value.dest, bool(value.headers_only))
     if isinstance(value, list):
         return sorted(value)
     if isinstance(value, float):

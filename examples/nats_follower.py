@@ -6,17 +6,19 @@ nats-py and nothing of collabbus, so the same steps carry over to a NATS client 
 
 - Connect with the ``.creds`` file the operator issued (``collabbus institutions creds``) and the
   inbox prefix ``_INBOX.<your id>``.
-- Subscribe to log subjects, ``collab.events.<institution>.<domain>.<event>.<subject>``, of the
-  events every member may see (``collabbus institutions creds ID --json`` lists them under
-  ``log_subjects``; any narrower subject works too, ``collab.events.fi-thl.project.>`` say). By
-  default: new calls and every project event.
-- Each message is one event as the log took it: the structured CloudEvent as JSON, its id in the
-  ``Nats-Msg-Id`` header. It is printed as one JSON line on standard output.
+- Subscribe to the live subjects, ``collab.live.<institution>.<domain>.<event>.<subject>``, where
+  the log's server republishes every event it stores, of the events every member may see
+  (``collabbus institutions creds ID --json`` lists them under ``live_subjects``; any narrower
+  subject works too, ``collab.live.fi-thl.project.>`` say). By default: new calls and every
+  project event.
+- Each message is one event as the log stored it, in the log's order: the structured CloudEvent
+  as JSON, its id in the ``Nats-Msg-Id`` header and its place in the log in ``Nats-Sequence``.
+  It is printed as one JSON line on standard output: ``{"seq": …, "event": {…}}``.
 - Live, at most once: what is logged while this is not connected does not come again. A follower
-  that must miss nothing reads the gap over HTTP (``GET /events/{id}`` of the last event it
-  received gives that event's ``seq``, ``GET /events?after_seq={seq}`` what came after) and drops
-  repeats by id. The confidential events (applications, reviews before a decision) are not
-  on these subjects for anyone: their parties read them over HTTP and webhooks.
+  that must miss nothing keeps the last ``seq`` it handled and, once connected again, reads what
+  came after over HTTP (``GET /events?after_seq={seq}``), dropping what it then also receives
+  live by ``seq``. The confidential events (applications, reviews before a decision) are not on
+  these subjects for anyone: their parties read them over HTTP and webhooks.
 - A subject the credentials do not allow is refused by the server: said on standard error, exit 2.
 
 Runs until interrupted, or until ``--count`` events were printed (exit 0). A place to start
@@ -32,7 +34,7 @@ import sys
 import nats
 from nats.aio.msg import Msg
 
-DEFAULT_SUBJECTS = ("collab.events.*.call.published.*", "collab.events.*.project.>")
+DEFAULT_SUBJECTS = ("collab.live.*.call.published.*", "collab.live.*.project.>")
 
 
 async def follow(url: str, creds: str, institution: str, subjects: list[str], count: int | None) -> int:
@@ -49,8 +51,8 @@ async def follow(url: str, creds: str, institution: str, subjects: list[str], co
         nonlocal printed
         if done.is_set():
             return
-        event = json.loads(msg.data)
-        print(json.dumps(event, ensure_ascii=False), flush=True)
+        seq = int((msg.headers or {}).get("Nats-Sequence", "0"))
+        print(json.dumps({"seq": seq, "event": json.loads(msg.data)}, ensure_ascii=False), flush=True)
         printed += 1
         if count is not None and printed >= count:
             done.set()
@@ -67,7 +69,7 @@ async def follow(url: str, creds: str, institution: str, subjects: list[str], co
     finally:
         await nc.close()
     if refused:
-        print(f"the server refused a subscription: {refused[0]} (only the public log subjects are allowed; "
+        print(f"the server refused a subscription: {refused[0]} (only the public live subjects are allowed; "
               "`collabbus institutions creds ID --json` lists them)", file=sys.stderr)
         return 2
     return 0

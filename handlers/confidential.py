@@ -33,6 +33,21 @@ CONFIDENTIAL = CALL_EVENTS | VALIDATION_EVENTS
 """The event types not every member may see."""
 
 
+LOG_PREFIX = "collab.events"
+LIVE_PREFIX = "collab.live"
+"""Where the log's server republishes each event it has stored (``bus.streams``): the log as it is,
+each message with its sequence."""
+
+
+def public_live_subjects() -> list[str]:
+    """The subjects members' NATS credentials let them subscribe to: those of
+    :func:`public_log_subjects` under ``collab.live``, where nats-server republishes every event
+    the log stored, in the log's order, with its ``Nats-Sequence``. (Not the log subjects
+    themselves: what is published there is what was offered, a repeat or an id another event
+    holds included, before the log has taken or refused it.)"""
+    return [LIVE_PREFIX + subject[len(LOG_PREFIX):] for subject in public_log_subjects()]
+
+
 def public_log_subjects() -> list[str]:
     """The log subjects of the event types every member may see, which members' NATS credentials
     let them subscribe to: a domain's ``collab.events.*.{domain}.>`` when none of its types is
@@ -46,7 +61,7 @@ def public_log_subjects() -> list[str]:
     for domain, types in sorted(by_domain.items()):
         public = [event_type for event_type in types if event_type not in CONFIDENTIAL]
         if len(public) == len(types):
-            subjects.append(f"collab.events.*.{domain}.>")
+            subjects.append(f"{LOG_PREFIX}.*.{domain}.>")
         else:
-            subjects.extend(f"collab.events.*.{event_type}.*" for event_type in public)
+            subjects.extend(f"{LOG_PREFIX}.*.{event_type}.*" for event_type in public)
     return subjects

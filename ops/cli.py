@@ -1602,14 +1602,14 @@ def institutions_creds(
     A standard `.creds` file (user JWT + nkey seed) for any NATS client, which connects with the
     inbox prefix `_INBOX.ID` (e.g. Go `nats.CustomInboxPrefix`, nats-py `inbox_prefix`): the
     credentials let it read those inboxes only, where its verdicts arrive, and subscribe to the
-    log subjects of the events every member sees (listed by `--json`; the confidential ones are
-    read over HTTP and webhooks). Signed with the embedded
+    events every member sees as the log stores them, on `collab.live.…` (listed by `--json`; the
+    confidential ones are read over HTTP and webhooks). Signed with the embedded
     server's account key, or with COLLABBUS_NATS_ACCOUNT_SEED on an external server; the server
     needs no reload. Earlier credentials of the member stay valid until `institutions revoke ID`."""
     from bus.connection import embedded_authority
     from bus.credentials import CredentialsError, member_inbox_prefix, partner_creds, public_key, read_account_seed, write_secret
     from bus.membership import Membership
-    from handlers.confidential import public_log_subjects
+    from handlers.confidential import public_live_subjects
 
     try:
         if settings.nats_account_seed is not None:
@@ -1638,8 +1638,8 @@ def institutions_creds(
         creds = partner_creds(account, institution_id)
     prefix = member_inbox_prefix(institution_id)
     connecting = (f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these "
-                  "credentials may read); they may also subscribe to the log subjects of the events every member sees: "
-                  + ", ".join(public_log_subjects()))
+                  "credentials may read); they may also follow the events every member sees as the log stores them, "
+                  "each with its log sequence (the Nats-Sequence header), on " + ", ".join(public_live_subjects()))
     if output is None:
         sys.stdout.write(creds)
         err.print(connecting, soft_wrap=True)
@@ -1647,7 +1647,7 @@ def institutions_creds(
     write_secret(output, creds)
     if as_json:
         out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account),
-                             "inbox_prefix": prefix, "log_subjects": public_log_subjects()})
+                             "inbox_prefix": prefix, "live_subjects": public_live_subjects()})
     else:
         out.print(f"wrote NATS credentials for {institution_id} to {output}; {connecting}", soft_wrap=True)
 

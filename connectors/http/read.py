@@ -25,7 +25,7 @@ from connectors.http.auth import Member, SessionDep, bus_of, engine_of
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page, keyset_page, list_page
 from connectors.http.problems import ApiProblem, documented
 from handlers import innovation_days as days
-from handlers.confidential import public_log_subjects
+from handlers.confidential import public_live_subjects
 from handlers.calls import Call, CallApplication, may_see_application, status_is
 from handlers.db import reading
 from handlers.institutions import Institution
@@ -100,7 +100,7 @@ async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
     """The member the token speaks for, and the event types its kind may offer: what to check
     first when the gate refuses an event as ``forbidden``; and what its NATS credentials let its
     client do (offer on ``collab.ingress.{id}.>``, read its verdicts under its inbox prefix,
-    subscribe to the public log subjects)."""
+    follow the public events live on ``collab.live``)."""
     kind = await bus_of(request).membership.kind_of(viewer)
 
     def read() -> dict[str, Any] | None:
@@ -114,7 +114,7 @@ async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
         "institution": await run_in_threadpool(read),
         "may_emit": [event_type for event_type in event_types() if kind is not None and may_emit(kind, event_type)],
         "nats": {"ingress": member_ingress(viewer), "inbox_prefix": member_inbox_prefix(viewer),
-                 "log_subjects": public_log_subjects()},
+                 "live_subjects": public_live_subjects()},
     }
 
 

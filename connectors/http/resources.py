@@ -44,8 +44,10 @@ class MemberNats(Resource):
     """The subjects it offers events on: ``collab.ingress.{id}.>``."""
     inbox_prefix: str
     """The inbox prefix its client connects with; its verdicts come back there."""
-    log_subjects: list[str]
-    """The log subjects it may subscribe to: those of the events every member may see."""
+    live_subjects: list[str]
+    """The subjects it may subscribe to: where the log's server republishes each stored event every
+    member may see (``collab.live.{institution}.{domain}.{event}.{subject}``), with its sequence
+    in the ``Nats-Sequence`` header."""
 
 
 class Me(Resource):

@@ -6,14 +6,16 @@
 //
 // - Connect with the .creds file the operator issued (`collabbus institutions creds`) and the
 //   inbox prefix `_INBOX.<your id>`.
-// - Subscribe to log subjects, `collab.events.<institution>.<domain>.<event>.<subject>`, of the
-//   events every member may see (`collabbus institutions creds ID --json` lists them under
-//   `log_subjects`; any narrower subject works too). By default: new calls and every project event.
-// - Each message is one event as the log took it: the structured CloudEvent as JSON, its id in the
-//   `Nats-Msg-Id` header. It is printed as one JSON line on standard output.
+// - Subscribe to the live subjects, `collab.live.<institution>.<domain>.<event>.<subject>`, where
+//   the log's server republishes every event it stores, of the events every member may see
+//   (`collabbus institutions creds ID --json` lists them under `live_subjects`; any narrower
+//   subject works too). By default: new calls and every project event.
+// - Each message is one event as the log stored it, in the log's order: the structured CloudEvent
+//   as JSON, its id in the `Nats-Msg-Id` header and its place in the log in `Nats-Sequence`. It is
+//   printed as one JSON line on standard output: {"seq": …, "event": {…}}.
 // - Live, at most once: what is logged while this is not connected does not come again; a follower
-//   that must miss nothing reads the gap over HTTP (`GET /events/{id}` of the last event it received
-//   gives that event's `seq`, `GET /events?after_seq={seq}` what came after) and drops repeats by id.
+//   that must miss nothing keeps the last seq it handled and, once connected again, reads what came
+//   after over HTTP (`GET /events?after_seq={seq}`), dropping what it then also receives live by seq.
 // - A subject the credentials do not allow is refused by the server: said on standard error, exit 2.
 //
 // Runs until interrupted, or until --count events were printed (exit 0). A place to start from,
@@ -22,7 +24,7 @@
 import { readFileSync } from "node:fs";
 import { connect, credsAuthenticator } from "nats";
 
-const DEFAULT_SUBJECTS = ["collab.events.*.call.published.*", "collab.events.*.project.>"];
+const DEFAULT_SUBJECTS = ["collab.live.*.call.published.*", "collab.live.*.project.>"];
 
 async function follow(url, creds, institution, subjects, count) {
   const nc = await connect({
@@ -43,7 +45,8 @@ async function follow(url, creds, institution, subjects, count) {
           finish();
           return;
         }
-        console.log(JSON.stringify(JSON.parse(decoder.decode(msg.data))));
+        const seq = Number.parseInt(msg.headers?.get("Nats-Sequence") ?? "0", 10);
+        console.log(JSON.stringify({ seq, event: JSON.parse(decoder.decode(msg.data)) }));
         printed += 1;
         if (count !== null && printed >= count) finish();
       },
@@ -57,7 +60,7 @@ async function follow(url, creds, institution, subjects, count) {
   }
   await nc.close();
   if (refused !== null) {
-    console.error(`the server refused a subscription: ${refused} (only the public log subjects are allowed; ` +
+    console.error(`the server refused a subscription: ${refused} (only the public live subjects are allowed; ` +
       "`collabbus institutions creds ID --json` lists them)");
     return 2;
   }

@@ -36,7 +36,7 @@ from bus.credentials import (
 from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
 from bus.streams import EVENTS_STREAM
-from handlers.confidential import CONFIDENTIAL, public_log_subjects
+from handlers.confidential import CONFIDENTIAL, public_live_subjects, public_log_subjects
 from ops.settings import Settings
 from schemas import registry
 from tests.conftest import OPERATOR, join, load_fixtures, unique
@@ -147,18 +147,21 @@ def test_the_public_log_subjects_are_those_of_every_type_but_the_confidential_on
         logged = f"collab.events.some-member.{event_type}.some-subject"
         matched = [pattern for pattern in subjects if subject_matches(pattern, logged)]
         assert len(matched) == (0 if event_type in CONFIDENTIAL else 1), (event_type, matched)
-    assert partner_permissions("m-1")["sub"]["allow"] == [f"{member_inbox_prefix('m-1')}.>", *subjects]
+    # Members subscribe to the same subjects under collab.live, where the log's server republishes what it stored.
+    live = public_live_subjects()
+    assert live == [subject.replace("collab.events.", "collab.live.", 1) for subject in subjects]
+    assert partner_permissions("m-1")["sub"]["allow"] == [f"{member_inbox_prefix('m-1')}.>", *live]
 
 
 async def test_a_member_follows_the_public_log_live(member: Member, nats_server: EmbeddedNats, partner: Client, tmp_path: Path) -> None:
-    """Subscribed to every public log subject, a member receives another member's joining and
-    its event as the log took them, with no permission violation."""
+    """Subscribed to every public live subject, a member receives another member's joining and
+    its event as the log stored them, each with its log sequence, with no permission violation."""
     received: asyncio.Queue[Any] = asyncio.Queue()
 
     async def take(msg: Any) -> None:
         await received.put(msg)
 
-    for subject in public_log_subjects():
+    for subject in public_live_subjects():
         await member.nc.subscribe(subject, cb=take)
     await member.nc.flush()
     neighbour = await new_member(nats_server, partner, tmp_path, "other")
@@ -166,29 +169,74 @@ async def test_a_member_follows_the_public_log_live(member: Member, nats_server:
         event = project_event(neighbour.institution)
         verdict = await offer(neighbour.nc, neighbour.institution, event)
         assert verdict.accepted, verdict.as_dict()
-        subjects = []
-        while not subjects or subjects[-1] != f"collab.events.{neighbour.institution}.project.registered.{event['subject']}":
-            msg = await asyncio.wait_for(received.get(), timeout=5.0)
-            subjects.append(msg.subject)
+        messages = []
+        while not messages or messages[-1].subject != f"collab.live.{neighbour.institution}.project.registered.{event['subject']}":
+            messages.append(await asyncio.wait_for(received.get(), timeout=5.0))
     finally:
         await neighbour.nc.close()
-    assert f"collab.events.{OPERATOR}.institution.joined.{neighbour.institution}" in subjects  # its joining, too
+    joined = [m for m in messages if m.subject == f"collab.live.{OPERATOR}.institution.joined.{neighbour.institution}"]
+    assert len(joined) == 1  # its joining, too
+    msg = messages[-1]
     assert msg.headers["Nats-Msg-Id"] == event["id"]
+    assert msg.headers["Nats-Stream"] == EVENTS_STREAM and msg.headers["Nats-Sequence"] == str(verdict.seq)
     logged = await partner.jetstream().get_msg(EVENTS_STREAM, verdict.seq)
     assert msg.data == logged.data and orjson.loads(msg.data)["data"]["project_id"] == event["data"]["project_id"]
+    # in the log's order: each message's sequence is above the one before it
+    sequences = [int(m.headers["Nats-Sequence"]) for m in messages]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
     await member.nc.flush()
     assert member.errors == []
 
 
+async def test_what_a_member_follows_live_is_the_log_not_what_was_offered(
+    member: Member, nats_server: EmbeddedNats, partner: Client, tmp_path: Path
+) -> None:
+    """An event offered twice arrives once; an offer under an id another event holds (refused as
+    ``id_taken``) does not arrive at all, though the gate published it before the log refused it.
+    Who subscribes to the log's own subjects (the bus's user here) sees both."""
+    live: asyncio.Queue[Any] = asyncio.Queue()
+    published: asyncio.Queue[Any] = asyncio.Queue()
+    await member.nc.subscribe("collab.live.*.project.>", cb=live.put)
+    await partner.subscribe("collab.events.*.project.>", cb=published.put)
+    await member.nc.flush()
+    await partner.flush()
+    neighbour = await new_member(nats_server, partner, tmp_path, "other")
+    try:
+        event = project_event(neighbour.institution)
+        first = await offer(neighbour.nc, neighbour.institution, event)
+        again = await offer(neighbour.nc, neighbour.institution, event)
+        assert first.accepted and again.accepted and again.duplicate and again.seq == first.seq
+        clash = project_event(member.institution)
+        clash["id"] = event["id"]  # another member's event under the same id
+        taken = await offer(member.nc, member.institution, clash)
+        assert not taken.accepted and taken.errors[0].type == "id_taken", taken.as_dict()
+        last = project_event(neighbour.institution)
+        assert (await offer(neighbour.nc, neighbour.institution, last)).accepted
+        ids = []
+        while not ids or ids[-1] != last["id"]:
+            ids.append((await asyncio.wait_for(live.get(), timeout=5.0)).headers["Nats-Msg-Id"])
+        seen = []
+        while not seen or seen[-1][0] != last["id"]:
+            msg = await asyncio.wait_for(published.get(), timeout=5.0)
+            seen.append((msg.headers["Nats-Msg-Id"], orjson.loads(msg.data)["source"]))
+    finally:
+        await neighbour.nc.close()
+    assert ids == [event["id"], last["id"]]
+    assert seen == [(event["id"], event["source"]), (event["id"], event["source"]), (event["id"], clash["source"]),
+                    (last["id"], last["source"])]
+    assert member.errors == []
+
+
 async def test_a_member_cannot_read_the_whole_log_nor_confidential_subjects_nor_use_jetstream(member: Member) -> None:
-    for subject in ("collab.events.>", "collab.events.*.call.>", "collab.events.*.call.application_submitted.*",
-                    "collab.events.*.validation.review_submitted.*"):
+    refused = ("collab.live.>", "collab.live.*.call.>", "collab.live.*.call.application_submitted.*",
+               "collab.live.*.validation.review_submitted.*",
+               # nor the log's own subjects, where offers are published before the log takes or refuses them
+               "collab.events.>", "collab.events.*.project.>", "collab.events.*.call.published.*")
+    for subject in refused:
         await member.nc.subscribe(subject)
     await member.nc.flush()
-    assert sorted(await member.violations(4)) == sorted(
-        f'nats: permissions violation for subscription to "{subject}"'
-        for subject in ("collab.events.>", "collab.events.*.call.>", "collab.events.*.call.application_submitted.*",
-                        "collab.events.*.validation.review_submitted.*"))
+    assert sorted(await member.violations(len(refused))) == sorted(
+        f'nats: permissions violation for subscription to "{subject}"' for subject in refused)
 
     with pytest.raises(nats.errors.TimeoutError):
         await member.nc.jetstream(timeout=1.0).stream_info(EVENTS_STREAM)
@@ -292,7 +340,7 @@ def test_issued_credentials_are_a_standard_creds_file(nats_server: EmbeddedNats)
     assert len(claims["jti"]) == 52  # base32 of a SHA-512/256 digest, as nats-io/jwt computes it
     assert claims["nats"]["pub"] == {"allow": ["collab.ingress.fi-thl.>"]}
     # its own inboxes, not everyone's, and the public log subjects
-    assert claims["nats"]["sub"] == {"allow": ["_INBOX.fi-thl.>", *public_log_subjects()]}
+    assert claims["nats"]["sub"] == {"allow": ["_INBOX.fi-thl.>", *public_live_subjects()]}
     assert claims["nats"]["type"] == "user" and claims["nats"]["version"] == 2
     assert claims["nats"]["payload"] == -1 and claims["nats"]["subs"] == 100  # the server's message size (see above)
     signature_bytes = base64.urlsafe_b64decode(signature + "==")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from datetime import datetime, timezone
 from typing import Any
@@ -576,3 +577,33 @@ async def test_a_members_kind_is_the_last_one_an_update_gave_it_also_when_read_a
     await update(website="https://example.org")
     fresh = Membership(bus.nc, bus.js)  # nothing cached: as after a restart
     assert await fresh.kind_of(institution) == "competence_centre"
+
+
+async def test_a_members_kind_follows_the_log_not_an_update_the_log_refused(bus: Bus, partner: Client) -> None:
+    """The gate's members come from the institution events the log stored: an update offered under
+    an id another event holds is published to the log's subject before the log refuses it
+    (``id_taken``), and changes nothing; a stored update does."""
+    from tests.conftest import OPERATOR, join
+
+    institution = unique("fi-kept")
+    await join(partner, institution, "public_agency")
+    assert await bus.gate.membership.kind_of(institution) == "public_agency"
+
+    def update(event_id: str, kind: str) -> dict[str, Any]:
+        return {"specversion": "1.0", "id": event_id, "source": f"/institutions/{OPERATOR}", "type": "institution.updated",
+                "subject": institution, "data": {"id": institution, "kind": kind}}
+
+    taken_id = unique("ev")
+    assert (await offer(partner, OPERATOR, update(taken_id, "public_agency"))).accepted
+    clash = await offer(partner, OPERATOR, update(taken_id, "competence_centre"))
+    assert not clash.accepted and clash.errors[0].type == "id_taken", clash.as_dict()
+    await bus.nc.flush()  # (what the gate's connection was sent before its verdict has been read by now)
+    await asyncio.sleep(0.1)
+    assert bus.gate.membership._kinds[institution] == "public_agency"
+    assert await bus.gate.membership.kind_of(institution) == "public_agency"
+
+    assert (await offer(partner, OPERATOR, update(unique("ev"), "university"))).accepted
+    deadline = asyncio.get_running_loop().time() + 5
+    while bus.gate.membership._kinds.get(institution) != "university" and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    assert await bus.gate.membership.kind_of(institution) == "university"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import StorageType
+from nats.js.api import RePublish, StorageType
 
 from bus.client import offer
 from bus.runtime import Bus
@@ -96,7 +96,9 @@ async def test_stream_settings_are_owned_and_changes_are_logged(
     name = unique("S").upper().replace("-", "_")
     try:
         wanted = desired_streams(replicas=1, duplicate_window=120, max_msg_size=300_000)[0]
+        assert wanted.republish == RePublish(src="collab.events.>", dest="collab.live.>")
         wanted.name, wanted.subjects = name, [f"{name.lower()}.>"]
+        republish, wanted.republish = RePublish(src=f"{name.lower()}.>", dest=f"{name.lower()}_live.>"), None
         assert await ensure_streams(js, [wanted]) == []
         assert await ensure_streams(js, [wanted]) == []  # declaring again changes nothing
 
@@ -106,6 +108,19 @@ async def test_stream_settings_are_owned_and_changes_are_logged(
         assert [(c.field, c.new) for c in changes] == [("duplicate_window", 3600)]
         assert "duplicate_window changed" in caplog.text
         assert (await js.stream_info(name)).config.duplicate_window == 3600
+
+        # A log from before the live subjects gets them: what it stores from then on is republished.
+        wanted.republish = republish
+        with caplog.at_level(logging.WARNING, logger="collabbus.streams"):
+            changes = await ensure_streams(js, [wanted])
+        assert [(c.field, c.new) for c in changes] == [("republish", republish)]
+        assert await ensure_streams(js, [wanted]) == []
+        live = await nc.subscribe(f"{name.lower()}_live.>")
+        ack = await js.publish(f"{name.lower()}.a.b", b"{}", headers={"Nats-Msg-Id": "m-1"})
+        copy = await live.next_msg(timeout=5)
+        assert copy.subject == f"{name.lower()}_live.a.b" and copy.headers is not None
+        assert copy.headers["Nats-Sequence"] == str(ack.seq) and copy.headers["Nats-Stream"] == name
+        assert copy.headers["Nats-Msg-Id"] == "m-1" and copy.data == b"{}"
 
         wanted.storage = StorageType.MEMORY
         with pytest.raises(StreamConfigError, match="storage"):

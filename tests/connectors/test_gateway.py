@@ -24,7 +24,7 @@ from bus.ratelimit import RateLimiter
 from bus.streams import EVENTS_STREAM
 from connectors.http.server import HttpGateway
 from handlers import tokens
-from handlers.confidential import public_log_subjects
+from handlers.confidential import public_live_subjects
 from handlers.db import session_scope
 from tests.conftest import unique
 from tests.connectors.conftest import Gateway
@@ -1023,7 +1023,7 @@ async def test_a_token_tells_whom_it_speaks_for_and_what_its_kind_may_offer(gate
     assert not {"institution.joined", "call.application_received", "validation.decided"} & set(body["may_emit"])
     assert body["may_emit"] == sorted(body["may_emit"])
     assert body["nats"] == {"ingress": f"collab.ingress.{municipality}.>", "inbox_prefix": f"_INBOX.{municipality}",
-                            "log_subjects": public_log_subjects()}  # what its NATS credentials allow
+                            "live_subjects": public_live_subjects()}  # what its NATS credentials allow
     centre = (await gateway.client.get("/me", headers=gateway.auth(await gateway.join("competence_centre")))).json()
     assert {"validation.reviewer_assigned", "validation.decided"} <= set(centre["may_emit"])
     operator = (await gateway.client.get("/me", headers=gateway.auth("operator"))).json()

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 
 from bus.server import free_port
-from handlers.confidential import CONFIDENTIAL, public_log_subjects
+from handlers.confidential import CONFIDENTIAL, public_live_subjects
 from schemas import registry
 from tests.conftest import load_fixtures, unique
 
@@ -322,13 +322,13 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
     assert written.returncode == 0, written.stderr
     assert json.loads(written.stdout)["output"] == str(path)
     assert json.loads(written.stdout)["inbox_prefix"] == f"_INBOX.{member}"
-    assert json.loads(written.stdout)["log_subjects"] == public_log_subjects()
+    assert json.loads(written.stdout)["live_subjects"] == public_live_subjects()
     assert path.stat().st_mode & 0o777 == 0o600
 
     printed = cli("institutions", "creds", member, env=env)
     assert printed.returncode == 0 and printed.stdout.startswith("-----BEGIN NATS USER JWT-----")
     assert "-----BEGIN USER NKEY SEED-----" in printed.stdout
-    assert "subscribe to the log subjects" in printed.stderr and "collab.events.*.project.>" in printed.stderr
+    assert "follow the events every member sees" in printed.stderr and "collab.live.*.project.>" in printed.stderr
 
     refused = cli("institutions", "creds", "no-such-member", env=env)
     assert refused.returncode == 1 and refused.stdout == "" and "not a member" in refused.stderr
@@ -341,7 +341,7 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
     nc = await nats.connect(f"nats://{env['COLLABBUS_NATS_LISTEN']}", user_credentials=str(path), error_cb=record,
                             inbox_prefix=f"_INBOX.{member}")
     try:
-        followed = await nc.subscribe("collab.events.*.project.>")  # the public log, live
+        followed = await nc.subscribe("collab.live.*.project.>")  # the public log, live
         event = dict(fixture["event"], id=unique("via-creds"), source=f"/institutions/{member}")
         event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
         event["subject"] = event["data"]["project_id"]
@@ -578,23 +578,25 @@ def test_the_nats_follower_example_prints_public_events_live_and_is_refused_a_co
         node, partner = request.getfixturevalue("node_example")
         example = [node, str(Path(partner).with_name("nats_follower.mjs")), url, str(creds), member]
 
-    following = subprocess.Popen([*example, f"collab.events.{member}.project.>", "--count", "1"],
+    following = subprocess.Popen([*example, f"collab.live.{member}.project.>", "--count", "1"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert following.stderr is not None
-        assert following.stderr.readline().startswith("following collab.events."), "the follower did not subscribe"
+        assert following.stderr.readline().startswith("following collab.live."), "the follower did not subscribe"
         project_id = unique("p")
-        published = cli("publish", "project.registered", "--as", member, "--data", json.dumps({
+        published = cli("publish", "project.registered", "--as", member, "--json", "--data", json.dumps({
             "project_id": project_id, "title": {"fi": "Kotihoito"}, "owner": member, "status": "active"}), env=env)
         assert published.returncode == 0, published.stdout + published.stderr
         out, _ = following.communicate(timeout=30)
     finally:
         following.kill()
     assert following.returncode == 0
-    event = json.loads(out.splitlines()[0])
+    line = json.loads(out.splitlines()[0])
+    event = line["event"]
     assert (event["type"], event["subject"], event["source"]) == ("project.registered", project_id, f"/institutions/{member}")
+    assert line["seq"] == json.loads(published.stdout)["seq"]  # its place in the log: where an HTTP catch-up starts
 
-    refused = subprocess.run([*example, "collab.events.*.call.application_submitted.*"], capture_output=True, text=True, timeout=30)
+    refused = subprocess.run([*example, "collab.live.*.call.application_submitted.*"], capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and "refused a subscription" in refused.stderr, refused.stderr
     assert "call.application_submitted" in refused.stderr
 
