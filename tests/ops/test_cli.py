@@ -295,7 +295,7 @@ def test_asyncapi_lists_every_event_type() -> None:
         spec = registry.spec_for(type_)
         log_channel = addresses[f"collab.events.{{institution}}.{type_}.{{subject}}"]
         # whether members may subscribe to it: every member may see it, or it is confidential
-        said = "Confidential" if type_ in CONFIDENTIAL else "members' credentials let them subscribe"
+        said = "Confidential" if type_ in CONFIDENTIAL else "members follow them on `collab.live.{institution}"
         assert said in log_channel["description"], (type_, log_channel["description"])
         if spec.emitters:
             assert f"collab.ingress.{{institution}}.{type_}" in addresses
