@@ -80,8 +80,34 @@ def _channel(document: Mapping[str, Any], key: str, channel: Mapping[str, Any], 
     return "".join(parts)
 
 
-def render(document: Mapping[str, Any], *, interactive: str | None = None) -> str:
-    """The page for ``document`` (AsyncAPI 3); ``interactive``: where the scripted view is."""
+def domains(document: Mapping[str, Any]) -> list[str]:
+    """The event domains the document's channels are about (``ingress.{domain}.{event}``, ``log.…``)."""
+    return sorted({key.split(".")[1] for key in document.get("channels") or {} if key.startswith(("ingress.", "log.")) and key.count(".") >= 2})
+
+
+def _schemas_used(document: Mapping[str, Any], channels: Mapping[str, Any]) -> set[str]:
+    """The schemas the ``channels``' messages refer to, and those these refer to in turn."""
+    def refs(node: Any) -> set[str]:
+        return set(re.findall(r'"#/components/schemas/([A-Za-z0-9_.-]+)"', json.dumps(node)))
+
+    schemas = (document.get("components") or {}).get("schemas") or {}
+    messages = [_resolve(document, m["$ref"]) if "$ref" in m else m
+                for channel in channels.values() for m in (channel.get("messages") or {}).values()]
+    found, todo = set(), refs(messages)
+    while todo:
+        name = todo.pop()
+        if name not in found and name in schemas:
+            found.add(name)
+            todo |= refs(schemas[name])
+    return found
+
+
+def render(document: Mapping[str, Any], *, interactive: str | None = None, domain: str | None = None,
+           page: str = "/docs/asyncapi") -> str:
+    """The page for ``document`` (AsyncAPI 3); ``interactive``: where the scripted view is;
+    ``domain``: one domain's subjects only (offering its events, its part of the log, the verdicts)
+    with the schemas they use, for a partner who works with one (the whole page is long); ``page``:
+    where this page is served, for the links between the domains' pages."""
     info = document.get("info") or {}
     title = f"{info.get('title', 'AsyncAPI')} {info.get('version', '')}".strip()
     actions = {}
@@ -89,6 +115,11 @@ def render(document: Mapping[str, Any], *, interactive: str | None = None) -> st
         channel = str((operation.get("channel") or {}).get("$ref", "")).rpartition("/")[2]
         actions[channel] = str(operation.get("action", ""))
     channels = document.get("channels") or {}
+    if domain is not None:
+        channels = {key: channel for key, channel in channels.items()
+                    if key.startswith(("ingress.", "log.")) and key.split(".")[1] == domain
+                    or key == "ingress-reply" and any(k.startswith(f"ingress.{domain}.") for k in channels)}
+        title = f"{title} · {domain}"
     groups: dict[str, list[str]] = {"Offering events (request/reply)": [], "The log": [], "Other subjects": []}
     for key in sorted(channels):
         kind = key.partition(".")[0]
@@ -96,9 +127,13 @@ def render(document: Mapping[str, Any], *, interactive: str | None = None) -> st
     nav = ['<a href="/asyncapi.json">the document (JSON)</a>', '<a href="#schemas">schemas</a>']
     if interactive:
         nav.append(f'<a href="{html.escape(interactive)}">interactive view</a> (loads its script from a CDN)')
+    by_domain = [f'<a href="{html.escape(page)}">every domain</a>' if domain is not None else "<b>every domain</b>"]
+    by_domain += [f"<b>{html.escape(name)}</b>" if name == domain else f'<a href="{html.escape(page)}?domain={html.escape(name)}">{html.escape(name)}</a>'
+                  for name in domains(document)]
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>AsyncAPI {html.escape(str(document.get('asyncapi', '')))} · "
             f"content type <code>{html.escape(str(document.get('defaultContentType', '')))}</code></p>",
-            f"<nav>{''.join(nav)}</nav>", f"<p>{_text(info.get('description'))}</p>", "<h2>Servers</h2>"]
+            f"<nav>{''.join(nav)}</nav>", f"<nav>One domain: {' · '.join(by_domain)}</nav>",
+            f"<p>{_text(info.get('description'))}</p>", "<h2>Servers</h2>"]
     for name, server in (document.get("servers") or {}).items():
         body.append(f"<h3>{html.escape(name)}: <code>{html.escape(str(server.get('protocol', '')))}://"
                     f"{html.escape(str(server.get('host', '')))}</code></h3><p>{_text(server.get('description'))}</p>")
@@ -110,7 +145,11 @@ def render(document: Mapping[str, Any], *, interactive: str | None = None) -> st
     # schema, or its own name here), the others folded: without a script, a link to a folded
     # <details> would land on it closed.
     body.append('<h2 id="schemas">Schemas</h2>')
-    for name, schema in sorted(((document.get("components") or {}).get("schemas") or {}).items()):
+    schemas = (document.get("components") or {}).get("schemas") or {}
+    shown = set(schemas) if domain is None else _schemas_used(document, channels)
+    for name, schema in sorted(schemas.items()):
+        if name not in shown:
+            continue
         anchor = html.escape(name)
         body.append(f'<section class="schema" id="schema-{anchor}"><h3><a href="#schema-{anchor}"><code>{anchor}</code></a>'
                     f"</h3><pre>{_json(schema)}</pre></section>")

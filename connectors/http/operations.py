@@ -237,19 +237,27 @@ class _Document:
 
 
 @router.get("/docs/asyncapi", response_class=HTMLResponse)
-async def asyncapi_html(request: Request) -> HTMLResponse:
+async def asyncapi_html(request: Request, domain: str | None = None) -> HTMLResponse:
     """The AsyncAPI document rendered for people: subjects, messages and schemas, on a page that
-    needs nothing from outside the gateway."""
-    return HTMLResponse(await run_in_threadpool(_asyncapi_page, _nats_address(request)))
+    needs nothing from outside the gateway; ``?domain=call`` (say) shows one domain's subjects and
+    the schemas they use."""
+    if domain is not None:
+        from bus.asyncapi import asyncapi_document
+        from connectors.http.asyncapi_page import domains
+
+        known = domains(asyncapi_document())
+        if domain not in known:
+            raise ApiProblem(404, f"no domain {domain[:100]!r} in the catalog; the domains are {', '.join(known)}")
+    return HTMLResponse(await run_in_threadpool(_asyncapi_page, _nats_address(request), domain))
 
 
-@functools.lru_cache(maxsize=8)
-def _asyncapi_page(address: str) -> str:
-    """The page for the NATS ``address`` partners are told (built once: the catalog is fixed)."""
+@functools.lru_cache(maxsize=32)
+def _asyncapi_page(address: str, domain: str | None = None) -> str:
+    """The page for the NATS ``address`` partners are told (built once per domain: the catalog is fixed)."""
     from bus.asyncapi import asyncapi_document
     from connectors.http.asyncapi_page import render
 
-    return render(asyncapi_document(address), interactive="/docs/asyncapi/interactive")
+    return render(asyncapi_document(address), interactive="/docs/asyncapi/interactive", domain=domain)
 
 
 @router.get("/docs/asyncapi/interactive", response_class=HTMLResponse)

@@ -963,6 +963,20 @@ async def test_operations_endpoints(gateway: Gateway) -> None:
     assert ".schema:target pre{display:block}" in page.text  # a linked schema shows itself, no script needed
     prose = re.sub(r"<pre>.*?</pre>", "", page.text, flags=re.S)  # (schemas are shown as they are)
     assert "<code>_INBOX.{ID}</code>" in prose and "`" not in prose  # the descriptions' code spans
+    # One domain's page: its subjects (offering, the log, the verdicts) and the schemas they use, linked from the whole page.
+    domains = sorted({key.split(".")[1] for key in asyncapi["channels"] if key.startswith("log.")})
+    assert all(f'href="/docs/asyncapi?domain={name}"' in page.text for name in domains)
+    calls = await client.get("/docs/asyncapi", params={"domain": "call"})
+    assert calls.status_code == 200 and "<script" not in calls.text and len(calls.text) < len(page.text) / 2
+    shown = set(re.findall(r'<code class="subject">([^<]+)</code>', calls.text))
+    wanted = {html.escape(channel.get("address") or key) for key, channel in asyncapi["channels"].items()
+              if key.startswith(("ingress.call.", "log.call.")) or key == "ingress-reply"}
+    assert shown == wanted and any(".call." in subject for subject in shown)
+    on_page = set(re.findall(r'id="schema-([^"]+)"', calls.text))
+    assert set(re.findall(r'href="#schema-([^"]+)"', calls.text)) <= on_page < set(asyncapi["components"]["schemas"])
+    assert {"CallPublished", "AcceptedVerdict"} <= on_page and "ProjectRegistered" not in on_page
+    unknown = await client.get("/docs/asyncapi", params={"domain": "calls"})
+    assert unknown.status_code == 404 and "call, innovation_day, institution, project, validation" in unknown.json()["detail"]
     interactive = await client.get("/docs/asyncapi/interactive")  # FastStream's page, linked from it
     assert interactive.status_code == 200 and "AsyncApiStandalone" in interactive.text
     assert 'href="/docs/asyncapi/interactive"' in page.text
