@@ -860,10 +860,13 @@ async def raw_at_fixed_rate(server: EmbeddedNats, events: list[Event], warm: int
             acked_at[i] = time.perf_counter()
 
         consumer = asyncio.create_task(consume())
-        await _at_rate(n, rate, one, progress)
-        await consumer
-        await puller.stop()
-        await js.delete_stream(RAW_LATENCY_STREAM)  # the bus's log takes these subjects next
+        try:
+            await _at_rate(n, rate, one, progress)
+            await consumer
+        finally:
+            consumer.cancel()
+            await puller.stop()
+            await js.delete_stream(RAW_LATENCY_STREAM)  # the bus's log takes these subjects next
     finally:
         await nc.close()
     measured = range(warm, n)
