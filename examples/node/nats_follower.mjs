@@ -45,7 +45,7 @@ async function follow(url, creds, institution, subjects, count) {
           finish();
           return;
         }
-        const seq = Number.parseInt(msg.headers?.get("Nats-Sequence") ?? "0", 10);
+        const seq = Number.parseInt(msg.headers?.get("Nats-Sequence") || "0", 10);
         console.log(JSON.stringify({ seq, event: JSON.parse(decoder.decode(msg.data)) }));
         printed += 1;
         if (count !== null && printed >= count) finish();
