@@ -1,5 +1,5 @@
-"""Which event types are confidential — for some members only — and so which log subjects every
-member may subscribe to over NATS.
+"""Which event types are confidential — for some members only — and so which subjects every
+member may follow over NATS.
 
 Who among the members may see a confidential event is :mod:`handlers.audience`'s to say, from the
 read models; which types are confidential is said here, apart from them, so that what needs only
@@ -49,9 +49,10 @@ def public_live_subjects() -> list[str]:
 
 
 def public_log_subjects() -> list[str]:
-    """The log subjects of the event types every member may see, which members' NATS credentials
-    let them subscribe to: a domain's ``collab.events.*.{domain}.>`` when none of its types is
-    confidential, else ``collab.events.*.{domain}.{event}.*`` for each of its public types.
+    """The log subjects of the event types every member may see (members follow them under
+    ``collab.live``, :func:`public_live_subjects`): a domain's ``collab.events.*.{domain}.>`` when
+    none of its types is confidential, else ``collab.events.*.{domain}.{event}.*`` for each of its
+    public types.
     (A confidential event is for some members only, which a subject cannot say: its parties read
     it over HTTP and webhooks.)"""
     by_domain: dict[str, list[str]] = {}
