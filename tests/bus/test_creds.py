@@ -169,7 +169,7 @@ async def test_a_member_follows_the_public_log_live(member: Member, nats_server:
         event = project_event(neighbour.institution)
         verdict = await offer(neighbour.nc, neighbour.institution, event)
         assert verdict.accepted, verdict.as_dict()
-        messages = []
+        messages: list[Any] = []
         while not messages or messages[-1].subject != f"collab.live.{neighbour.institution}.project.registered.{event['subject']}":
             messages.append(await asyncio.wait_for(received.get(), timeout=5.0))
     finally:
@@ -212,10 +212,10 @@ async def test_what_a_member_follows_live_is_the_log_not_what_was_offered(
         assert not taken.accepted and taken.errors[0].type == "id_taken", taken.as_dict()
         last = project_event(neighbour.institution)
         assert (await offer(neighbour.nc, neighbour.institution, last)).accepted
-        ids = []
+        ids: list[str] = []
         while not ids or ids[-1] != last["id"]:
             ids.append((await asyncio.wait_for(live.get(), timeout=5.0)).headers["Nats-Msg-Id"])
-        seen = []
+        seen: list[tuple[str, str]] = []
         while not seen or seen[-1][0] != last["id"]:
             msg = await asyncio.wait_for(published.get(), timeout=5.0)
             seen.append((msg.headers["Nats-Msg-Id"], orjson.loads(msg.data)["source"]))
