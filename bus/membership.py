@@ -20,7 +20,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from bus.streams import EVENTS_STREAM, LIVE_SUBJECTS
+from bus.streams import EVENTS_STREAM, LIVE_PREFIX
 
 log = logging.getLogger("collabbus.membership")
 
@@ -48,7 +48,7 @@ class Membership:
 
     async def start(self) -> None:
         """Follow institution events live so cached answers never go stale."""
-        self._sub = await self._nc.subscribe(LIVE_SUBJECTS.replace(">", "*.institution.>"), cb=self._on_event)
+        self._sub = await self._nc.subscribe(f"{LIVE_PREFIX}.*.institution.>", cb=self._on_event)
 
     async def stop(self) -> None:
         if self._sub is not None:

@@ -17,7 +17,8 @@ from nats.js.errors import NotFoundError
 EVENTS_STREAM = "COLLAB_EVENTS"
 DLQ_STREAM = "COLLAB_DLQ"
 EVENTS_SUBJECTS = "collab.events.>"
-LIVE_SUBJECTS = "collab.live.>"
+LIVE_PREFIX = "collab.live"
+LIVE_SUBJECTS = f"{LIVE_PREFIX}.>"
 """Where nats-server republishes each message the log has stored, with ``Nats-Stream``,
 ``Nats-Sequence``, ``Nats-Time-Stamp`` and ``Nats-Last-Sequence`` headers beside the event's own:
 what members follow live over NATS (``handlers.confidential.public_live_subjects``)."""

@@ -47,7 +47,7 @@ from bus.client import offer
 from bus.gate import canonical_bytes, log_subject
 from bus.pull import Puller
 from bus.server import EmbeddedNats, find_binary, free_port
-from bus.streams import EVENTS_STREAM
+from bus.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 from ops.workload import Workload
 
 Event = tuple[str, dict[str, Any]]
@@ -212,7 +212,7 @@ def memory_of(pid: int) -> dict[str, int]:
     return found
 
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -596,22 +596,33 @@ class HttpOfferer:
 # --- phases ------------------------------------------------------------------------------------------
 
 
+def as_logged(events: Iterable[Event]) -> list[tuple[str, bytes, str]]:
+    """Each event as the gate logs it, for nats-py alone to publish: (its log subject, its
+    canonical bytes with the time the gate adds, its id for ``Nats-Msg-Id``)."""
+    messages = []
+    for _, event in events:
+        logged = {**event, "time": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
+        messages.append((log_subject(logged), canonical_bytes(logged), str(event["id"])))
+    return messages
+
+
+async def raw_stream(js: Any, name: str, **consumer: Any) -> None:
+    """A file stream ``name`` on the log's subjects, keeping ids as the log does (24 h), with an
+    explicitly acked consumer ``bench``: where nats-py alone publishes and consumes."""
+    await js.add_stream(StreamConfig(name=name, subjects=[EVENTS_SUBJECTS], storage=StorageType.FILE, duplicate_window=86400.0))
+    await js.add_consumer(name, ConsumerConfig(durable_name="bench", ack_policy=AckPolicy.EXPLICIT, **consumer))
+
+
 async def raw_phase(server: EmbeddedNats, options: BenchOptions, progress: Progress) -> dict[str, Any]:
     """nats-py alone: the events' canonical bytes published to a file stream with ``Nats-Msg-Id``,
     ``concurrency`` publishes in flight, pull-consumed in batches and acked, at the same time."""
     members, rest = workload("raw", options.events)
-    messages = []
-    for _, event in members + rest:
-        logged = {**event, "time": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
-        messages.append((log_subject(logged), canonical_bytes(logged), str(event["id"])))
+    messages = as_logged(members + rest)
     n = len(messages)
     nc = await nats.connect(server.url, name="bench-raw", **server.connect_options())
     try:
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="BENCH_RAW", subjects=["collab.events.>"], storage=StorageType.FILE,
-                                         duplicate_window=86400.0))
-        await js.add_consumer("BENCH_RAW", ConsumerConfig(durable_name="bench", ack_policy=AckPolicy.EXPLICIT,
-                                                          max_ack_pending=options.concurrency * 256))
+        await raw_stream(js, "BENCH_RAW", max_ack_pending=options.concurrency * 256)
         sub = await js.pull_subscribe_bind("bench", "BENCH_RAW")
         meter = CpuMeter(server).start()
         started = time.perf_counter()
@@ -826,19 +837,14 @@ async def raw_at_fixed_rate(server: EmbeddedNats, events: list[Event], warm: int
     pull consumer kept open as the bus keeps its own (:class:`bus.pull.Puller`) and acked. Per event,
     publish → acknowledged (the log has it) and publish → received by the consumer; the first
     ``warm`` events are not measured. What the server and the disk take alone, under the bus's figures."""
-    messages = []
-    for _, event in events:
-        logged = {**event, "time": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
-        messages.append((log_subject(logged), canonical_bytes(logged), str(event["id"])))
+    messages = as_logged(events)
     index = {event_id: i for i, (_, _, event_id) in enumerate(messages)}
     n = len(messages)
     sent_at, acked_at, received_at = [0.0] * n, [0.0] * n, [0.0] * n
     nc = await nats.connect(server.url, name="bench-raw-latency", **server.connect_options())
     try:
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name=RAW_LATENCY_STREAM, subjects=["collab.events.>"], storage=StorageType.FILE,
-                                         duplicate_window=86400.0))
-        await js.add_consumer(RAW_LATENCY_STREAM, ConsumerConfig(durable_name="bench", ack_policy=AckPolicy.EXPLICIT))
+        await raw_stream(js, RAW_LATENCY_STREAM)
         puller = Puller(nc, RAW_LATENCY_STREAM, "bench", batch=256)
         await puller.start()
         received = 0
@@ -1171,9 +1177,7 @@ def _checksums(database: Path) -> dict[str, str]:
 async def _settle(server: EmbeddedNats, watcher: "PositionWatcher", deadline: float) -> bool:
     """Wait until the bus has applied the whole log, the events its workflows derived included,
     and the log has stopped growing for a second."""
-    nc = await nats.connect(server.url, name="bench-settle", **server.connect_options())
-    try:
-        js = nc.jetstream()
+    async with _log_reader(server) as js:
         last, since = -1, time.perf_counter()
         while time.perf_counter() < deadline:
             seq = (await js.stream_info(EVENTS_STREAM)).state.last_seq
@@ -1183,8 +1187,6 @@ async def _settle(server: EmbeddedNats, watcher: "PositionWatcher", deadline: fl
                 return True
             await asyncio.sleep(0.1)
         return False
-    finally:
-        await nc.close()
 
 
 async def fill_log(server: EmbeddedNats, chunks: list[tuple[list[Event], list[Event]]], n: int,

@@ -14,7 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 _CODE = re.compile(r"`([^`]+)`")
-_SCHEMA_REF = re.compile(r"&quot;#/components/schemas/([A-Za-z0-9_.-]+)&quot;")
+_REF = r"#/components/schemas/([A-Za-z0-9_.-]+)"
+_SCHEMA_REF = re.compile(f"&quot;{_REF}&quot;")
+"""A schema reference in escaped JSON (what the page shows)."""
+_JSON_REF = re.compile(f'"{_REF}"')
+"""The same in JSON."""
 _STYLE = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:70rem;padding:1rem 2rem;color:#1d232a}
 h1{margin-bottom:.2rem}h2{margin-top:2.5rem;border-bottom:1px solid #d0d7de}h3{margin:1.6rem 0 .3rem;font-size:1rem}
@@ -88,7 +92,7 @@ def domains(document: Mapping[str, Any]) -> list[str]:
 def _schemas_used(document: Mapping[str, Any], channels: Mapping[str, Any]) -> set[str]:
     """The schemas the ``channels``' messages refer to, and those these refer to in turn."""
     def refs(node: Any) -> set[str]:
-        return set(re.findall(r'"#/components/schemas/([A-Za-z0-9_.-]+)"', json.dumps(node)))
+        return set(_JSON_REF.findall(json.dumps(node)))
 
     schemas = (document.get("components") or {}).get("schemas") or {}
     messages = [_resolve(document, m["$ref"]) if "$ref" in m else m

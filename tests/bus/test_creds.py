@@ -35,7 +35,7 @@ from bus.credentials import (
 )
 from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
-from bus.streams import EVENTS_STREAM
+from bus.streams import EVENTS_STREAM, LIVE_SUBJECTS
 from handlers.confidential import CONFIDENTIAL, public_live_subjects, public_log_subjects
 from ops.settings import Settings
 from schemas import registry
@@ -150,6 +150,7 @@ def test_the_public_log_subjects_are_those_of_every_type_but_the_confidential_on
     # Members subscribe to the same subjects under collab.live, where the log's server republishes what it stored.
     live = public_live_subjects()
     assert live == [subject.replace("collab.events.", "collab.live.", 1) for subject in subjects]
+    assert all(subject_matches(LIVE_SUBJECTS, subject) for subject in live)  # where the log's server republishes
     assert partner_permissions("m-1")["sub"]["allow"] == [f"{member_inbox_prefix('m-1')}.>", *live]
 
 
