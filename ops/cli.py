@@ -1547,8 +1547,7 @@ def institutions_revoke(
     Tokens stop at the gateway's next request; the embedded server refuses the credentials at once
     and closes their connections (on an external server, revoke them in its account's JWT)."""
     from bus.credentials import Authority
-    from bus.connection import embedded_authority, embedded_server, embedded_store
-    from bus.server import EmbeddedServerError
+    from bus.connection import embedded_store
     from handlers import tokens
     from handlers.db import session_scope
 
@@ -1564,14 +1563,7 @@ def institutions_revoke(
             revoked = tokens.revoke_all(session, institution_id)
     credentials, reloaded = None, False
     if token is None and settings.embedded and (embedded_store(settings) / Authority.DIRECTORY).is_dir():
-        credentials, theirs = embedded_authority(settings).revoke(institution_id)
-        if theirs:  # (again, when revoked before: a reload that failed then is tried again)
-            try:  # a running server applies it now; a stopped one when it starts
-                reloaded = embedded_server(settings).reload()
-            except EmbeddedServerError as exc:
-                err.print(f"[red]error:[/red] the credentials of {institution_id} are revoked in {embedded_store(settings)}, "
-                          f"but the running server has not applied it: {exc}. Run this command again, or restart the bus.")
-                raise typer.Exit(1) from None
+        credentials, reloaded = _revoke_nats_credentials(settings, institution_id)
     if as_json:
         out.print_json(data={"institution": institution_id, "revoked": revoked,
                              **({"nats_credentials_revoked": credentials} if credentials is not None else {})})
@@ -1588,12 +1580,32 @@ def institutions_revoke(
         raise typer.Exit(1)
 
 
+def _revoke_nats_credentials(settings: Settings, institution_id: str) -> tuple[int, bool]:
+    """Revoke every NATS credentials the embedded server's authority issued to ``institution_id``
+    and have a running server apply it: (how many were revoked now, whether a running server
+    reloaded). Exits 1 when the running server could not apply it."""
+    from bus.connection import embedded_authority, embedded_server, embedded_store
+    from bus.server import EmbeddedServerError
+
+    revoked, theirs = embedded_authority(settings).revoke(institution_id)
+    reloaded = False
+    if theirs:  # (again, when revoked before: a reload that failed then is tried again)
+        try:  # a running server applies it now; a stopped one when it starts
+            reloaded = embedded_server(settings).reload()
+        except EmbeddedServerError as exc:
+            err.print(f"[red]error:[/red] the credentials of {institution_id} are revoked in {embedded_store(settings)}, "
+                      f"but the running server has not applied it: {exc}. Run this command again, or restart the bus.")
+            raise typer.Exit(1) from None
+    return revoked, reloaded
+
+
 @institutions_app.command("creds")
 @with_settings
 def institutions_creds(
     institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's id")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the file here (0600) instead of stdout")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="report where the file went, as JSON (with --output)")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="revoke the member's earlier NATS credentials first (its HTTP tokens stay)")] = False,
     *,
     settings: Settings,
 ) -> None:
@@ -1605,7 +1617,9 @@ def institutions_creds(
     events every member sees as the log stores them, on `collab.live.…` (listed by `--json`; the
     confidential ones are read over HTTP and webhooks). Signed with the embedded
     server's account key, or with COLLABBUS_NATS_ACCOUNT_SEED on an external server; the server
-    needs no reload. Earlier credentials of the member stay valid until `institutions revoke ID`."""
+    needs no reload. Earlier credentials of the member stay valid until `institutions revoke ID`,
+    or are revoked at once with --replace (a rotation: a developer who left, a file that leaked,
+    credentials from an earlier version); the running server closes their connections."""
     from bus.connection import embedded_authority
     from bus.credentials import CredentialsError, member_inbox_prefix, partner_creds, public_key, read_account_seed, write_secret
     from bus.membership import Membership
@@ -1623,6 +1637,10 @@ def institutions_creds(
     except CredentialsError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
+    if replace and (settings.nats_account_seed is not None or not settings.embedded):
+        err.print("[red]error:[/red] --replace revokes the credentials the embedded server issued; "
+                  "on an external server revoke them in its account's JWT (e.g. `nsc revocations add-user`)")
+        raise typer.Exit(1)
 
     async def main() -> str | None:
         async with _nats(settings, "collabbus-cli") as nc:
@@ -1632,6 +1650,9 @@ def institutions_creds(
         err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the log); "
                   "add it with `collabbus institutions add` first")
         raise typer.Exit(1)
+    # Revoked before the new ones are issued: a revocation names every credentials issued to the
+    # member until then, so the new ones are not among them.
+    replaced, reloaded = _revoke_nats_credentials(settings, institution_id) if replace else (0, False)
     if settings.nats_account_seed is None and settings.embedded:  # noted, so that `institutions revoke` can revoke them
         creds = embedded_authority(settings).member_creds(institution_id)
     else:
@@ -1640,6 +1661,9 @@ def institutions_creds(
     connecting = (f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these "
                   "credentials may read); they may also follow the events every member sees as the log stores them, "
                   "each with its log sequence (the Nats-Sequence header), on " + ", ".join(public_live_subjects()))
+    if replace:
+        connecting = (f"revoked {replaced} earlier NATS credential{'s' if replaced != 1 else ''} of {institution_id}"
+                      + (" (the server closed their connections)" if reloaded and replaced else "") + "; " + connecting)
     if output is None:
         sys.stdout.write(creds)
         err.print(connecting, soft_wrap=True)
@@ -1647,7 +1671,8 @@ def institutions_creds(
     write_secret(output, creds)
     if as_json:
         out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account),
-                             "inbox_prefix": prefix, "live_subjects": public_live_subjects()})
+                             "inbox_prefix": prefix, "live_subjects": public_live_subjects(),
+                             **({"replaced": replaced} if replace else {})})
     else:
         out.print(f"wrote NATS credentials for {institution_id} to {output}; {connecting}", soft_wrap=True)
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 
@@ -374,6 +375,66 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
         assert f'listen: "{env["COLLABBUS_NATS_LISTEN"]}"' in config  # the running server's own address kept
     finally:
         await nc.close()
+
+
+async def test_institutions_creds_replace_rotates_a_members_credentials(running_bus: dict[str, str], tmp_path: Path) -> None:
+    """`creds --replace`: the member's earlier credentials are refused and their connections
+    closed, the new ones work, and its HTTP token is untouched."""
+    import nats
+
+    from bus.client import offer
+
+    env = running_bus
+    fixture = load_fixtures()["project.registered"]
+    member = unique("rotate")
+    added = cli("institutions", "add", member, "--name", "Rotate", "--kind", fixture["kind"], "--country", "FI", env=env)
+    assert added.returncode == 0, added.stderr + added.stdout
+    token = cli("institutions", "token", member, env=env).stdout.strip()
+    old, new = tmp_path / "old.creds", tmp_path / "new.creds"
+    assert cli("institutions", "creds", member, "--output", str(old), env=env).returncode == 0
+    url = f"nats://{env['COLLABBUS_NATS_LISTEN']}"
+    held = await nats.connect(url, user_credentials=str(old), inbox_prefix=f"_INBOX.{member}", allow_reconnect=False)
+    try:
+        rotated = cli("institutions", "creds", member, "--replace", "--output", str(new), "--json", env=env)
+        assert rotated.returncode == 0, rotated.stderr
+        assert json.loads(rotated.stdout)["replaced"] == 1
+        deadline = time.monotonic() + 10
+        while held.is_connected:
+            assert time.monotonic() < deadline, "the replaced credentials' connection stayed open"
+            await asyncio.sleep(0.05)
+    finally:
+        await held.close()
+    with pytest.raises(Exception, match="Authorization Violation"):
+        await nats.connect(url, user_credentials=str(old), allow_reconnect=False, max_reconnect_attempts=0,
+                           connect_timeout=3, inbox_prefix=f"_INBOX.{member}")
+    nc = await nats.connect(url, user_credentials=str(new), inbox_prefix=f"_INBOX.{member}")
+    try:
+        event = dict(fixture["event"], id=unique("rotated"), source=f"/institutions/{member}")
+        event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
+        event["subject"] = event["data"]["project_id"]
+        verdict = await offer(nc, member, event)
+        assert verdict.accepted, verdict.as_dict()
+    finally:
+        await nc.close()
+    async with httpx.AsyncClient(base_url=f"http://{env['COLLABBUS_HTTP']}") as client:
+        me = await client.get("/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.status_code == 200 and me.json()["id"] == member
+
+    again = cli("institutions", "creds", member, "--replace", env=env)  # printed: what it did goes to stderr
+    assert again.returncode == 0 and again.stdout.startswith("-----BEGIN NATS USER JWT-----")
+    assert f"revoked 1 earlier NATS credential of {member}" in again.stderr
+
+
+def test_institutions_creds_replace_is_refused_for_an_external_server() -> None:
+    import nkeys
+
+    from bus.credentials import new_seed
+
+    env = {**os.environ, "COLLABBUS_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+           "COLLABBUS_NATS_ACCOUNT_SEED": new_seed(nkeys.PREFIX_BYTE_ACCOUNT).decode()}
+    result = cli("institutions", "creds", "fi-thl", "--replace", env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "--replace" in result.stderr and "external server" in result.stderr
 
 
 def test_institutions_creds_on_an_external_server_needs_the_account_seed() -> None:
