@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # The suite mostly waits on servers (NATS, PostgreSQL, HTTP): more workers than cores pay off.
 TEST_WORKERS ?= 4
 
-.PHONY: run test bench clean
+.PHONY: run test typecheck bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -17,11 +17,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/collabbus up --demo
 
-test: $(STAMP)
+# Types are part of the suite: the application and its tests are to stay mypy clean.
+typecheck: $(STAMP)
+	$(BIN)/mypy .
+
+test: typecheck
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/collabbus bench
 
 clean:
-	rm -rf $(VENV) .collabbus .pytest_cache
+	rm -rf $(VENV) .collabbus .pytest_cache .mypy_cache

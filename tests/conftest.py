@@ -9,11 +9,12 @@ import resource
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import nats
+import pluggy
 import pytest
 import sqlalchemy as sa
 from nats.aio.client import Client
@@ -68,7 +69,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     started = item.stash.get(_CPU_AT_START, None)
     if call.when == "teardown" and started is not None:  # (the report travels from an xdist worker with its properties)

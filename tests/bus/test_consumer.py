@@ -285,7 +285,8 @@ async def test_a_stray_message_on_the_pull_inbox_or_a_fault_in_handling_does_not
         assert "not a JetStream delivery" in caplog.text
 
         # A fault of the consumer itself (not of an event): logged, and it continues from the database's position.
-        handle, failed = consumer.handle, []
+        handle = consumer.handle
+        failed: list[int] = []
 
         async def faulty(msgs: Any) -> None:
             if not failed:

@@ -102,7 +102,9 @@ async def test_sigkill_at_random_points_then_restart_equals_a_clean_rebuild(tmp_
     ids: collections.Counter[str] = collections.Counter()
     info = await nc_bus.js.stream_info(EVENTS_STREAM)
     for seq in range(1, info.state.last_seq + 1):
-        ids[orjson.loads((await nc_bus.js.get_msg(EVENTS_STREAM, seq)).data)["id"]] += 1
+        logged = (await nc_bus.js.get_msg(EVENTS_STREAM, seq)).data
+        assert logged is not None
+        ids[orjson.loads(logged)["id"]] += 1
     await nc_bus.stop()
     assert ids and max(ids.values()) == 1
     live = make_engine(live_url)

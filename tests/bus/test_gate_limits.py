@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import AsyncIterator
+from typing import cast
 
 import nats
 import orjson
@@ -107,9 +108,10 @@ def padded(size: int) -> bytes:
     event = valid_event()
     event.pop("time")
     event["id"] = unique("pad").ljust(128, "x")
-    event["data"]["summary"] = {"en": ""}
+    data = cast(dict[str, object], event["data"])
+    data["summary"] = {"en": ""}
     base = len(orjson.dumps(event))
-    event["data"]["summary"] = {"en": "x" * (size - base)}
+    data["summary"] = {"en": "x" * (size - base)}
     body = orjson.dumps(event)
     assert len(body) == size
     return body

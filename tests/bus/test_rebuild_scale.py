@@ -99,7 +99,7 @@ async def test_rebuild_of_a_large_log_finishes_reports_its_rate_and_equals_the_i
         rows = sum(connection.execute(sa.text(f'SELECT COUNT(*) FROM "{table}"')).scalar() or 0 for table in DOMAIN_TABLES)
     assert rows > HELD_ROWS or EVENTS < 10_000, rows
     with incremental.connect() as connection:  # funders answered applications (two-stage calls: invited first), applicants withdrew some
-        answered = dict(connection.execute(sa.text("SELECT status, COUNT(*) FROM call_applications GROUP BY status")).all())
+        answered: dict[str, int] = dict(connection.execute(sa.text("SELECT status, COUNT(*) FROM call_applications GROUP BY status")).all())
     assert all(answered.get(status) for status in (
         "received", "rejected", "invited", "proposal_sent", "awarded", "declined", "withdrawn")), answered
     assert unlogged == 0  # and each derived event knows where its copy is in the log

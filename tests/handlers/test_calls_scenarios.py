@@ -10,6 +10,7 @@ import pytest
 from sqlmodel import col, select
 
 from handlers.calls import Call, CallApplication, status_is
+from handlers.rules.calls import CallStatus
 from tests.handlers.harness import Scenario, envelope
 
 OWNER = "eu-esf-fund"
@@ -126,7 +127,7 @@ async def test_a_published_call_belongs_to_its_publisher_and_its_status_follows_
         assert call.budget == {"amount": "1500000.00", "currency": "EUR"}
         assert call.deadline == datetime.fromisoformat(publication["data"]["deadline"])
         assert call.closed_at is None
-        moments = {"upcoming": now(), "open": now() + timedelta(days=2), "closed": now() + timedelta(days=11)}
+        moments: dict[CallStatus, datetime] = {"upcoming": now(), "open": now() + timedelta(days=2), "closed": now() + timedelta(days=11)}
         for status, moment in moments.items():
             assert call.status(moment) == status
             listed = session.exec(select(Call.call_id).where(col(Call.call_id) == call_id, status_is(status, moment))).all()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import FunctionType
+from typing import cast
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import text
+from sqlalchemy.pool import QueuePool
 
 from handlers.db import make_engine, migrate
 
@@ -28,7 +31,7 @@ def test_a_file_database_gets_its_directory_also_with_query_options(tmp_path: Pa
     with engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     assert path.exists() and not (tmp_path / "nested" / "read-models.db?timeout=5").exists()
-    assert engine.pool.size() == 20  # the gateway's readers share a pool
+    assert cast(QueuePool, engine.pool).size() == 20  # the gateway's readers share a pool
 
 
 def test_a_current_schema_is_known_without_alembic_and_an_older_one_is_migrated(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,6 +39,7 @@ def test_a_current_schema_is_known_without_alembic_and_an_older_one_is_migrated(
     (a migrated database is checked without loading it); a schema one migration behind is still
     brought up to date by Alembic."""
     from alembic import command
+    from alembic.config import Config
 
     from handlers.db import migration_heads
 
@@ -47,7 +51,12 @@ def test_a_current_schema_is_known_without_alembic_and_an_older_one_is_migrated(
 
         upgrades: list[str] = []
         real_upgrade = command.upgrade
-        monkeypatch.setattr(command, "upgrade", lambda config, target: (upgrades.append(target), real_upgrade(config, target)))
+
+        def recording_upgrade(config: Config, target: str) -> None:
+            upgrades.append(target)
+            real_upgrade(config, target)
+
+        monkeypatch.setattr(command, "upgrade", recording_upgrade)
         migrate(engine)
         assert upgrades == []  # current: Alembic not asked
         with engine.begin() as connection:  # as if the newest migration had not run yet
@@ -133,7 +142,7 @@ def test_a_moment_is_bound_on_sqlite_as_sqlalchemy_s_own_datetime_text_in_utc(tm
 
     dialect = make_engine(f"sqlite:///{tmp_path / 'moments.db'}").dialect
     fast = UtcDateTime()._cached_bind_processor(dialect)  # as statements get it
-    usual = TypeDecorator.bind_processor(UtcDateTime().dialect_impl(dialect), dialect)  # process_bind_param, then DATETIME's own
+    usual = TypeDecorator.bind_processor(cast(UtcDateTime, UtcDateTime().dialect_impl(dialect)), dialect)  # process_bind_param, then DATETIME's own
     helsinki = timezone(timedelta(hours=2))
     moments = [
         datetime(2026, 12, 4, 21, 5, 7, 123456, tzinfo=timezone.utc),
@@ -142,7 +151,7 @@ def test_a_moment_is_bound_on_sqlite_as_sqlalchemy_s_own_datetime_text_in_utc(tm
         datetime(2026, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=3))),
     ]
     assert fast is not None and usual is not None
-    assert fast.__qualname__ == "UtcDateTime.bind_processor.<locals>.process"  # one function, not the two composed
+    assert cast(FunctionType, fast).__qualname__ == "UtcDateTime.bind_processor.<locals>.process"  # one function, not the two composed
     assert [fast(moment) for moment in moments] == [usual(moment) for moment in moments]
     assert fast(moments[1]) == "2026-03-29 01:59:59.000000" and fast(None) is None
     with pytest.raises(ValueError, match="naive datetime"):

@@ -32,7 +32,8 @@ def test_a_column_assigned_is_noted_for_the_flush_and_marked_set_for_pydantic(en
         assert inspect(stored).attrs.country.history.added == ["SE"] and "country" in stored.model_fields_set
         session.commit()
     with Session(engine) as session:
-        assert session.get(Institution, row_id).country == "SE"
+        changed = session.get(Institution, row_id)
+        assert changed is not None and changed.country == "SE"
 
 
 def test_a_name_that_is_no_column_is_set_as_sqlmodel_sets_it() -> None:

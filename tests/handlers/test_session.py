@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event
@@ -13,6 +15,8 @@ from handlers.calls import Call
 from handlers.institutions import Institution
 from handlers.session import KnownKeysSession, tracked_tables
 from tests.conftest import unique
+
+INSTITUTIONS = SQLModel.metadata.tables["institutions"]  # Institution's table, typed (SQLModel does not declare ``__table__``)
 
 
 def member(institution_id: str) -> Institution:
@@ -42,7 +46,7 @@ def test_a_known_row_let_go_is_read_again_without_flushing_what_is_pending(engin
     with session.begin():
         assert session.get(Institution, first).name == {"en": "renamed"}
     with engine.connect() as connection:
-        assert {row.id for row in connection.execute(Institution.__table__.select())} >= {first, second}
+        assert {row.id for row in connection.execute(INSTITUTIONS.select())} >= {first, second}
     session.close()
 
 
@@ -51,14 +55,19 @@ def test_adding_a_row_walks_no_cascade_and_is_what_the_orm_s_add_is(engine: Engi
     ORM's walk for cascades; it is pending, followed by the known keys, and written at the
     commit as before. A class with relationships would still be walked."""
     from sqlalchemy import inspect
-    from sqlalchemy.orm import Mapper
+    from sqlalchemy.orm import InstanceState, Mapper
 
     tracked = tracked_tables(SQLModel.metadata)
     session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked)
     assert session._no_cascade == {cls for cls in tracked if not inspect(cls).relationships} and Institution in session._no_cascade
     walked: list[object] = []
     real_walk = Mapper.cascade_iterator
-    monkeypatch.setattr(Mapper, "cascade_iterator", lambda self, *args, **kw: (walked.append(self), real_walk(self, *args, **kw))[1])
+
+    def walking(self: Mapper[Any], *args: Any, **kw: Any) -> Iterator[tuple[object, Mapper[Any], InstanceState[Any], dict[str, Any]]]:
+        walked.append(self)
+        return real_walk(self, *args, **kw)
+
+    monkeypatch.setattr(Mapper, "cascade_iterator", walking)
     added = member(unique("m"))
     with session.begin():
         assert session.get(Institution, added.id) is None
@@ -68,10 +77,10 @@ def test_adding_a_row_walks_no_cascade_and_is_what_the_orm_s_add_is(engine: Engi
         assert list(session.new).count(added) == 1
     assert walked == []
     with engine.connect() as connection:
-        assert connection.execute(Institution.__table__.select().where(Institution.__table__.c.id == added.id)).one().name == {"en": added.id}
+        assert connection.execute(INSTITUTIONS.select().where(INSTITUTIONS.c.id == added.id)).one().name == {"en": added.id}
     with session.begin():  # a row already written and changed: added again, it is written again
         added.country = "SE"
         session.add(added)
     with engine.connect() as connection:
-        assert connection.execute(Institution.__table__.select().where(Institution.__table__.c.id == added.id)).one().country == "SE"
+        assert connection.execute(INSTITUTIONS.select().where(INSTITUTIONS.c.id == added.id)).one().country == "SE"
     session.close()

@@ -130,7 +130,7 @@ def test_the_rule_decides_once_the_current_reviews_reach_the_quorum() -> None:
 
 def test_a_reviewer_who_has_since_become_a_partner_no_longer_counts() -> None:
     later = replace(VALIDATION, quorum=2, project_partners=frozenset({"tr-genc-isi-koop", "fi-lut"}))
-    assert decision_at_quorum(later, [review("fi-lut", **{c: 5 for c in CRITERIA})], review("fi-diak")) is None  # 1 of 2
+    assert decision_at_quorum(later, [review("fi-lut", "validate", **{c: 5 for c in CRITERIA})], review("fi-diak")) is None  # 1 of 2
     three = replace(later, quorum=1)
     decision = decision_at_quorum(three, [review("fi-lut", "reject", **{c: 1 for c in CRITERIA})], review("fi-diak"))
     assert decision is not None and decision.outcome == "validated" and decision.median_scores["novelty"] == 4.0

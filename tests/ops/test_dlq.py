@@ -3,12 +3,16 @@ and gone from the dead-letter queue; purge asks first."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
+from sqlmodel import Session
 
 from bus.client import offer
 from bus.streams import DLQ_STREAM
+from handlers.network import Event
 from ops import dlq
-from tests.bus.test_consumer import FIXTURE, project_event, wait_for
+from tests.bus.test_consumer import FIXTURE, Recorder, project_event, wait_for
 from tests.ops.conftest import Poisoned, cli_env, collabbus
 
 
@@ -96,10 +100,10 @@ async def test_a_dead_letter_names_its_event_and_the_cause_also_when_unreadable_
 
     original = type(poisoned.recorder).__call__
 
-    def call(recorder: object, session: object, event: object) -> None:
+    def call(self: Recorder, session: Session, event: Event[Any]) -> None:
         if getattr(event, "subject", None) == "invalid-1":
             invalid(session, event)
-        original(recorder, session, event)  # type: ignore[arg-type]
+        original(self, session, event)
 
     type(poisoned.recorder).__call__ = call  # type: ignore[method-assign]
     try:

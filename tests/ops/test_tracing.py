@@ -601,12 +601,13 @@ def test_a_light_span_exports_as_the_sdks_span_does() -> None:
     for ours, theirs in zip(from_light, from_sdk, strict=True):
         assert {**_exported(ours), "parent": None} == {**_exported(theirs), "parent": None}
     child, lookup, publish, refused = from_light
-    assert lookup.status.description == "KeyError: 'gone'" and lookup.events[0].attributes["exception.escaped"] == "True"
+    assert lookup.status.description == "KeyError: 'gone'" and lookup.events[0].attributes is not None
+    assert lookup.events[0].attributes["exception.escaped"] == "True"
     assert refused.status.status_code is trace.StatusCode.ERROR and refused.status.description == "rejected (invalid)"
     assert child.parent is not None and child.parent.span_id == publish.context.span_id
     assert child.context.trace_id == publish.context.trace_id == int(PARTNER_TRACE, 16)
     assert publish.status.description == "ValueError: the log is gone"
-    assert publish.events[0].attributes["exception.message"] == "the log is gone"
+    assert publish.events[0].attributes is not None and publish.events[0].attributes["exception.message"] == "the log is gone"
 
 
 def test_spans_under_another_sampler_or_an_unsampled_parent_are_the_sdks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,7 +129,7 @@ async def test_the_sandbox_seeds_only_when_it_is_empty(tmp_path: Path) -> None:
             "--data-dir", str(tmp_path / "sandbox"), stderr=asyncio.subprocess.PIPE,
         )
         assert sandbox.stderr is not None
-        said = []
+        said: list[str] = []
         try:
             while not said or "Ctrl-C to stop" not in said[-1]:
                 line = (await asyncio.wait_for(sandbox.stderr.readline(), 30)).decode()

@@ -382,6 +382,7 @@ async def test_a_pass_traces_its_first_changed_entries_and_leaves_the_others_unt
             flags[trace_id] = sampled
     assert len(flags) == 3 and flags.pop(entry["trace_id"]) == "01"
     assert list(flags.values()) == ["00", "00"]  # two traces of their own, neither sampled
+    assert gateway.bus.tracing is not None
     bus_store = gateway.bus.tracing.store
     assert gateway.bus.tracing.flush() and bus_store is not None
     assert load_trace(bus_store, entry["trace_id"]) is not None  # the bus recorded the traced event's way ...

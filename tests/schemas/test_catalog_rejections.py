@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from schemas import REGISTRY, spec_for
+from schemas.calls import ApplicationDecided, CallPublished
+from schemas.innovation_days import RegistrationRequested
+from schemas.institutions import InstitutionJoined
+from schemas.validations import ReviewSubmitted
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "events"
 
@@ -152,10 +156,10 @@ def test_a_whole_number_written_with_a_fraction_of_zero_is_the_integer() -> None
     """JSON Schema's ``integer`` takes 4.0 (some clients write whole floats that way); the models
     read it as 4, in Python and from JSON text, and still refuse 4.5, "4" and true."""
     scores = {**data_of("validation.review_submitted")["scores"], "equity": 4.0}
-    review = spec_for("validation.review_submitted").adapter.validate_python(data_of("validation.review_submitted", scores=scores))
+    review = cast(ReviewSubmitted, spec_for("validation.review_submitted").adapter.validate_python(data_of("validation.review_submitted", scores=scores)))
     assert review.scores.equity == 4 and type(review.scores.equity) is int
     type_ = "innovation_day.registration_requested"
-    registration = spec_for(type_).adapter.validate_json(json.dumps(data_of(type_, attendees=3.0)))
+    registration = cast(RegistrationRequested, spec_for(type_).adapter.validate_json(json.dumps(data_of(type_, attendees=3.0))))
     assert registration.attendees == 3 and type(registration.attendees) is int
     for bad in (2.5, "2", True, 0.0):
         assert locs(type_, data_of(type_, attendees=bad)) == {("attendees",)}, bad
@@ -184,14 +188,14 @@ def test_a_deadline_for_full_proposals_is_a_two_stage_calls_and_after_its_deadli
     [error] = errors("call.published", data_of("call.published", full_proposal_deadline="2026-06-30T23:59:59+03:00"))
     assert (error["loc"], error["type"]) == (("full_proposal_deadline",), "two_stage_only")
     two_stage = data_of("call.published", deadline_model="two_stage", full_proposal_deadline="2026-06-30T23:59:59+03:00")
-    assert spec_for("call.published").adapter.validate_python(two_stage).full_proposal_deadline is not None
+    assert cast(CallPublished, spec_for("call.published").adapter.validate_python(two_stage)).full_proposal_deadline is not None
     [error] = errors("call.published", {**two_stage, "full_proposal_deadline": "2026-05-31T23:59:59+03:00"})
     assert error["loc"] == () and "full_proposal_deadline must be after deadline" in error["msg"]
     [error] = errors("call.amended", data_of("call.amended", changes={"deadline": "2026-05-31T23:59:59+03:00",
                                                                       "full_proposal_deadline": "2026-05-01T00:00:00+03:00"}))
     assert error["loc"] == ("changes",) and "full_proposal_deadline must be after deadline" in error["msg"]
     invited = data_of("call.application_decided", decision="invited", awarded_amount=None)
-    assert spec_for("call.application_decided").adapter.validate_python(invited).decision == "invited"
+    assert cast(ApplicationDecided, spec_for("call.application_decided").adapter.validate_python(invited)).decision == "invited"
 
 
 def test_an_amount_is_awarded_only_with_an_award() -> None:
@@ -199,7 +203,7 @@ def test_an_amount_is_awarded_only_with_an_award() -> None:
     assert (error["loc"], error["type"]) == (("awarded_amount",), "awarded_only")
     assert error["msg"] == "An amount is awarded only with the decision 'awarded'"
     declined = data_of("call.application_decided", decision="declined", awarded_amount=None)
-    assert spec_for("call.application_decided").adapter.validate_python(declined).decision == "declined"
+    assert cast(ApplicationDecided, spec_for("call.application_decided").adapter.validate_python(declined)).decision == "declined"
     assert locs("call.application_decided", data_of("call.application_decided", decision="granted")) == {("decision",)}
 
 
@@ -323,11 +327,11 @@ def test_a_municipality_level_is_given_to_municipalities_only() -> None:
     [error] = errors("institution.joined", data_of("institution.joined", kind="university", municipality_level="district"))
     assert (error["loc"], error["type"]) == (("municipality_level",), "municipalities_only")
     assert error["msg"] == "A municipality level is for municipalities only; this institution's kind is 'university'"
-    joined = spec_for("institution.joined").adapter.validate_python(
-        data_of("institution.joined", kind="municipality", municipality_level="district"))
+    joined = cast(InstitutionJoined, spec_for("institution.joined").adapter.validate_python(
+        data_of("institution.joined", kind="municipality", municipality_level="district")))
     assert joined.municipality_level == "district"
-    assert spec_for("institution.joined").adapter.validate_python(
-        data_of("institution.joined", kind="university", municipality_level=None)).municipality_level is None
+    assert cast(InstitutionJoined, spec_for("institution.joined").adapter.validate_python(
+        data_of("institution.joined", kind="university", municipality_level=None))).municipality_level is None
     changed = {"id": "tr-tarsus-bld", "kind": "ngo", "municipality_level": "district"}
     assert locs("institution.updated", changed) == {("municipality_level",)}
     # Without a kind the event cannot tell: the gate asks what the member is.
@@ -339,5 +343,5 @@ def test_a_municipality_level_logged_before_the_check_is_read_as_it_was() -> Non
     from schemas.common import LOGGED
 
     data = data_of("institution.joined", kind="university", municipality_level="district")
-    read = spec_for("institution.joined").adapter.validate_python(data, context={LOGGED: True})
+    read = cast(InstitutionJoined, spec_for("institution.joined").adapter.validate_python(data, context={LOGGED: True}))
     assert (read.kind, read.municipality_level) == ("university", "district")

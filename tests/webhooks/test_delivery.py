@@ -557,10 +557,10 @@ async def test_applications_to_a_call_reach_only_its_parties(network: Network, r
 
     now = datetime.now(timezone.utc)
     call_id = unique("c")
-    call = {"call_id": call_id, "title": {"en": "Social inclusion pilots"}, "kind": "funding", "opens_at": (now - timedelta(days=1)).isoformat(),
+    call: dict[str, Any] = {"call_id": call_id, "title": {"en": "Social inclusion pilots"}, "kind": "funding", "opens_at": (now - timedelta(days=1)).isoformat(),
             "deadline": (now + timedelta(days=30)).isoformat(), "deadline_model": "single_stage"}
-    ours = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "requested_amount": {"amount": "90000", "currency": "EUR"}}
-    theirs = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "60000", "currency": "EUR"}}
+    ours: dict[str, Any] = {"call_id": call_id, "application_id": unique("a"), "partners": [partner], "requested_amount": {"amount": "90000", "currency": "EUR"}}
+    theirs: dict[str, Any] = {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "60000", "currency": "EUR"}}
     for source, event_type, data in ((funder, "call.published", call), (applicant, "call.application_submitted", ours),
                                      (competitor, "call.application_submitted", theirs)):
         response = await gateway.post(source, envelope(event_type, source, data))
