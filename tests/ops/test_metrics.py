@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ from tests.conftest import OPERATOR
 from tests.ops.conftest import Poisoned
 
 ALERT_RULES = Path(__file__).parents[2] / "ops" / "prometheus-alerts.yml"
+DASHBOARD = Path(__file__).parents[2] / "ops" / "grafana-dashboard.json"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Scrape = Callable[[], Awaitable[Samples]]
@@ -128,13 +130,48 @@ async def test_the_background_checkpoints_of_the_sqlite_files_are_counted_with_t
         assert logged > 32 and (logged - 32) % (24 + 4096) == 0, (name, logged)  # a write-ahead log: a header, then frames
 
 
-async def test_every_metric_the_shipped_alert_rules_use_is_served(server: EmbeddedNats, tmp_path: Path) -> None:
-    """``ops/prometheus-alerts.yml`` names only series a bus serves: a full bus (read models,
-    gateway, a gatekeeper process) scraped over its HTTP socket."""
+def dashboard_queries() -> list[str]:
+    """The PromQL of every query of ``ops/grafana-dashboard.json``."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", ())]
+
+
+def test_the_shipped_dashboard_is_whole() -> None:
+    """``ops/grafana-dashboard.json``: every panel queries the dashboard's Prometheus data source,
+    panels do not overlap, and a legend names only labels its query keeps."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = dashboard["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        box = panel["gridPos"]
+        assert box["x"] >= 0 and box["x"] + box["w"] <= 24, panel["title"]
+        for x in range(box["x"], box["x"] + box["w"]):
+            for y in range(box["y"], box["y"] + box["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}" and panel["description"], panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}" and "collabbus_" in target["expr"], panel["title"]
+            assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
+            kept = {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", target["expr"]) for label in group.split(",")}
+            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
+                assert label in kept, (panel["title"], label, target["expr"])
+
+
+async def test_every_metric_the_shipped_alert_rules_and_dashboard_use_is_served(server: EmbeddedNats, tmp_path: Path) -> None:
+    """``ops/prometheus-alerts.yml`` and ``ops/grafana-dashboard.json`` name only series a bus
+    serves: a full bus (read models, gateway, a gatekeeper process) scraped over its HTTP socket."""
     rules = yaml.safe_load(ALERT_RULES.read_text(encoding="utf-8"))
     alerts = [rule for group in rules["groups"] for rule in group["rules"]]
     assert alerts and all(rule["alert"].startswith("Collabbus") and rule["annotations"]["summary"] for rule in alerts)
     used = {name for rule in alerts for name in re.findall(r"\bcollabbus_[a-z_]+", rule["expr"])}
+    charted = {name for query in dashboard_queries() for name in re.findall(r"\bcollabbus_[a-z_]+", query)}
     settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, operator=OPERATOR,
                         http=f"127.0.0.1:{free_port()}", gate_processes=1)
     bus = Bus(settings, tracing=Tracing.off())
@@ -147,5 +184,11 @@ async def test_every_metric_the_shipped_alert_rules_use_is_served(server: Embedd
             text = (await client.get("/metrics")).text
     finally:
         await bus.stop()
-    served = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    families = list(text_string_to_metric_families(text))
+    served = {sample.name for family in families for sample in family.samples}
     assert used <= served, sorted(used - served)
+    # A counter's or histogram's labelled series appear once something is counted: the dashboard's
+    # names are checked against the families served, whose samples are the name with these endings.
+    endings = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    offered = {family.name + ending for family in families for ending in endings.get(family.type, ("",))}
+    assert charted <= offered | served, sorted(charted - offered - served)
