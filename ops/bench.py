@@ -224,6 +224,12 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+CPU_PARTS = ("bus", "gatekeepers", "nats_server", "bench")
+CPU_PHASES = (("raw", "raw nats-py"), ("bus_nats", "bus over NATS"), ("bus_http", "bus over HTTP"),
+              ("latency", "latency at the fixed rate"))
+"""The processes whose CPU a phase measures (:class:`CpuMeter`), and the phases that measure it."""
+
+
 class CpuMeter:
     """CPU seconds each part of a phase takes between :meth:`start` and :meth:`stop`: the bus
     process, its gatekeeper processes, the phase's nats-server and the bench's own process (which
@@ -253,7 +259,7 @@ class CpuMeter:
 
     def figures(self, events: int) -> dict[str, Any]:
         """``cpu_seconds`` per part, and ``cpu_per_event`` (µs of each part per event of the phase)."""
-        order = [part for part in ("bus", "gatekeepers", "nats_server", "bench") if part in self.used]
+        order = [part for part in CPU_PARTS if part in self.used]
         return {
             "cpu_seconds": {part: figure(self.used[part], "s", 2) for part in order},
             "cpu_per_event": {part: figure(self.used[part] / events * 1e6 if events else None, "µs") for part in order},
@@ -1462,6 +1468,19 @@ def rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
         if "ratio_http" in section:
             yield name, "bus/raw (HTTP)", show(section["ratio_http"]), ""
     yield "", "bus peak RSS (VmHWM)", show(results.get("bus_rss_peak")), ""
+
+
+def cpu_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, list[float | None], float]]:
+    """(configuration, phase, µs of CPU an event of each of :data:`CPU_PARTS` — None for a part
+    the phase does not run —, their sum): where the cores went, for the table a person reads."""
+    for name, section in results["configurations"].items():
+        for key, label in CPU_PHASES:
+            phase = section.get(key)
+            per_event = phase.get("cpu_per_event") if isinstance(phase, dict) else None
+            if not per_event:
+                continue
+            parts = [per_event[part]["value"] if part in per_event else None for part in CPU_PARTS]
+            yield name, label, parts, sum(value or 0.0 for value in parts)
 
 
 def write(results: dict[str, Any], path: Path) -> None:

@@ -2080,7 +2080,7 @@ def bench(
 
 
 def _render_bench(results: dict[str, Any], output: Path) -> None:
-    from ops.bench import rows
+    from ops.bench import CPU_PARTS, cpu_rows, rows
 
     machine = results["machine"]
     out.print(f"[bold]collabbus bench[/bold] on {escape(machine['cpu'])}, {machine['cores']} cores, "
@@ -2091,6 +2091,12 @@ def _render_bench(results: dict[str, Any], output: Path) -> None:
         colour = "green" if status == "ok" else "yellow" if status == "timed_out" else "red" if status else ""
         table.add_row(configuration, label, value, f"[{colour}]{escape(status)}[/]" if colour else "")
     out.print(table)
+    cpu = Table("configuration", "phase", *(part.replace("_", "-") for part in CPU_PARTS), "together",
+                title="CPU an event (µs): where the cores went", title_justify="left")
+    for configuration, phase, parts, together in cpu_rows(results):
+        cpu.add_row(configuration, phase, *("—" if value is None else f"{value:,.0f}" for value in parts), f"{together:,.0f}")
+    if cpu.row_count:
+        out.print(cpu)
     targets = Table("target", "value", "met", title="targets (issue 7)", title_justify="left")
     for target in results["targets"]:
         measured = target["measured"]

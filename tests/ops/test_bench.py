@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from ops.bench import REBUILD_OVERHEAD, REBUILD_TAIL, TARGETS, BenchOptions, WebhookReceiver, _percentile, cpu_seconds
+from ops.bench import (
+    CPU_PARTS, REBUILD_OVERHEAD, REBUILD_TAIL, TARGETS, BenchOptions, WebhookReceiver, _percentile, cpu_rows, cpu_seconds,
+)
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 
@@ -145,6 +147,30 @@ def test_quick_run_measures_every_phase_in_both_configurations(quick_run: tuple[
             assert target["met"] is False, target
     # the quick run's log holds 1,000 events, not the 100,000 the memory target names
     assert "not 100,000" in results["targets"][-1]["note"]
+
+
+def test_the_table_says_where_the_cores_went(quick_run: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Beside the figures, a person reads each phase's CPU an event, part by part, and their sum."""
+    from ops.cli import _render_bench
+
+    results = quick_run[0]
+    table = list(cpu_rows(results))
+    assert [(configuration, phase) for configuration, phase, _, _ in table] == [
+        (configuration, phase) for configuration in ("sync_always", "sync_default")
+        for phase in ("raw nats-py", "bus over NATS", "bus over HTTP", "latency at the fixed rate")
+        if phase != "latency at the fixed rate" or configuration == "sync_always"
+    ]
+    for configuration, phase, parts, together in table:
+        key = {"raw nats-py": "raw", "bus over NATS": "bus_nats", "bus over HTTP": "bus_http"}.get(phase, "latency")
+        measured = results["configurations"][configuration][key]["cpu_per_event"]
+        assert parts == [measured[part]["value"] if part in measured else None for part in CPU_PARTS]
+        assert (parts[0] is None) == (key == "raw") and together == pytest.approx(sum(value or 0 for value in parts))
+    _render_bench(results, tmp_path / "results.json")
+    printed = capsys.readouterr().out
+    assert "where the cores went" in printed and "nats-server" in printed
+    raw_always = table[0]
+    assert f"{raw_always[3]:,.0f}" in printed  # the sum of nats-server's and the bench's CPU for raw nats-py
 
 
 def test_unknown_phase_is_a_usage_error(tmp_path: Path) -> None:
