@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import Column, LargeBinary
 from sqlmodel import Field
 
+from handlers.db import driver_cursor
 from handlers.rows import TableRow
 
 
@@ -58,33 +59,29 @@ class OutboxEvent(TableRow, table=True):
     created_at: datetime
 
 
-# Positions are read and written once per batch (per event on a trickle), with Core statements
-# built once per table: the ORM's unit of work cost more than the statements themselves.
+# Positions are read and written once per batch (per event on a trickle): moved forward on the
+# driver's cursor (:func:`driver_cursor`), read with Core statements built once per table.
 
 
 @cache
-def _position_statements(table: sa.Table) -> tuple[Any, Any, Any]:
-    read = sa.select(table.c.seq).where(table.c.consumer == sa.bindparam("of_consumer"))
-    forward = (
-        table.update()
-        .where(table.c.consumer == sa.bindparam("of_consumer"), table.c.seq < sa.bindparam("to_seq"))
-        .values(seq=sa.bindparam("to_seq"))
-    )
-    return read, forward, table.insert()
+def _position_statements(table: sa.Table) -> Any:
+    return sa.select(table.c.seq).where(table.c.consumer == sa.bindparam("of_consumer"))
 
 
 def read_position(connection: sa.Connection, table: sa.Table, consumer: str) -> int:
     """``consumer``'s position in a positions table (``consumer``, ``seq``); 0 when it has none."""
-    read, _, _ = _position_statements(table)
-    return connection.execute(read, {"of_consumer": consumer}).scalar() or 0
+    return connection.execute(_position_statements(table), {"of_consumer": consumer}).scalar() or 0
 
 
 def advance_position(connection: sa.Connection, table: sa.Table, consumer: str, seq: int) -> None:
     """Move ``consumer``'s position forward to ``seq`` (never backwards)."""
-    read, forward, insert = _position_statements(table)
-    if connection.execute(forward, {"of_consumer": consumer, "to_seq": seq}).rowcount == 0:
-        if connection.execute(read, {"of_consumer": consumer}).first() is None:
-            connection.execute(insert, {"consumer": consumer, "seq": seq})
+    name = table.name
+    with driver_cursor(connection) as (cursor, mark):
+        cursor.execute(f"UPDATE {name} SET seq = {mark} WHERE consumer = {mark} AND seq < {mark}", (seq, consumer, seq))
+        if cursor.rowcount == 0:
+            cursor.execute(f"SELECT seq FROM {name} WHERE consumer = {mark}", (consumer,))
+            if cursor.fetchone() is None:
+                cursor.execute(f"INSERT INTO {name} (consumer, seq) VALUES ({mark}, {mark})", (consumer, seq))
 
 
 def applied_event(connection: sa.Connection, event_id: str) -> tuple[int | None, list[tuple[str, int | None]]] | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
 from sqlalchemy import Engine, event, make_url
 from sqlmodel import Session, create_engine
 
@@ -77,6 +78,27 @@ def _json_text(value: Any) -> str:
 # JSON columns are written and read with orjson: the standard library's encoder was about a
 # twentieth of applying an event (titles, themes, reasons and parties are JSON).
 _JSON: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
+
+
+@contextmanager
+def driver_cursor(connection: sa.Connection) -> Iterator[tuple[Any, str]]:
+    """A DB-API cursor in ``connection``'s transaction, and the driver's placeholder (``?`` or
+    ``%s``), for the statements every batch of the consumers runs besides its events' own (the
+    applied ids, the position): on a trickle a batch is one event, and
+    SQLAlchemy's execution of a statement (~50 µs) cost more than SQLite's. The driver's errors
+    come out as SQLAlchemy's, so a database that fails is told from an event that does
+    (:func:`database_unavailable`)."""
+    dialect = connection.dialect
+    dbapi = dialect.loaded_dbapi
+    fairy = connection.connection
+    cursor = fairy.cursor()
+    try:
+        yield cursor, "?" if dialect.paramstyle == "qmark" else "%s"
+    except dbapi.Error as exc:
+        lost = dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)
+        raise sa.exc.DBAPIError.instance(None, None, exc, dbapi.Error, connection_invalidated=lost, dialect=dialect) from exc
+    finally:
+        cursor.close()
 
 
 def database_unavailable(exc: BaseException) -> bool:

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from sqlmodel import Session
 
 from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent, advance_position, read_position
+from handlers.db import driver_cursor
 from handlers.rules import Refusal
 from schemas import registry
 from schemas.common import LOGGED, EventData
@@ -223,16 +224,10 @@ class Book:
     """Derived events for the outbox, in the order they were decided."""
 
 
-# The bookkeeping is written and read with Core statements built once: it happens once per batch
-# (or per event on a trickle), and the ORM's unit of work cost more than the statements.
+# The bookkeeping happens once per batch (or per event on a trickle): the applied ids and the
+# position go straight to the driver's cursor (:func:`driver_cursor`), the outbox through a Core
+# statement built once (its times are typed); the ORM's unit of work cost more than the statements.
 _APPLIED = AppliedEvent.__table__  # type: ignore[attr-defined]
-_APPLIED_INSERT = _APPLIED.insert()
-_APPLIED_AMONG = sa.select(_APPLIED.c.event_id).where(_APPLIED.c.event_id.in_(sa.bindparam("ids", expanding=True)))
-_APPLIED_LOGGED = (
-    _APPLIED.update()
-    .where(_APPLIED.c.event_id == sa.bindparam("logged_id"), _APPLIED.c.seq.is_(None))
-    .values(seq=sa.bindparam("logged_seq"))
-)
 _POSITIONS = ConsumerPosition.__table__  # type: ignore[attr-defined]
 _OUTBOX_INSERT = OutboxEvent.__table__.insert()  # type: ignore[attr-defined]
 
@@ -242,7 +237,12 @@ def applied_among(session: Session, event_ids: Iterable[str]) -> set[str]:
     ids = list(event_ids)
     if not ids:
         return set()
-    return set(session.connection().execute(_APPLIED_AMONG, {"ids": ids}).scalars())
+    with driver_cursor(session.connection()) as (cursor, mark):
+        if mark == "?":
+            cursor.execute(f"SELECT event_id FROM {_APPLIED.name} WHERE event_id IN ({', '.join('?' * len(ids))})", ids)
+        else:  # one statement whatever the number of ids (PostgreSQL prepares what it runs often)
+            cursor.execute(f"SELECT event_id FROM {_APPLIED.name} WHERE event_id = ANY(%s)", (ids,))
+        return {row[0] for row in cursor.fetchall()}
 
 
 REBUILDING = ":rebuild"
@@ -304,13 +304,14 @@ class Network:
         """Write down what ``book`` collected: the applied ids, the log sequences of derived
         events' copies and the outbox in one statement each, the position once."""
         connection = session.connection()  # straight to the connection: the session has nothing to track here
-        if book.applied:
-            connection.execute(
-                _APPLIED_INSERT,
-                [{"event_id": event_id, "seq": seq, "caused_by": cause} for event_id, seq, cause in book.applied],
-            )
-        if book.logged:
-            connection.execute(_APPLIED_LOGGED, [{"logged_id": event_id, "logged_seq": seq} for event_id, seq in book.logged])
+        if book.applied or book.logged:
+            with driver_cursor(connection) as (cursor, mark):
+                if book.applied:
+                    cursor.executemany(f"INSERT INTO {_APPLIED.name} (event_id, seq, caused_by) VALUES ({mark}, {mark}, {mark})",
+                                       book.applied)
+                if book.logged:
+                    cursor.executemany(f"UPDATE {_APPLIED.name} SET seq = {mark} WHERE event_id = {mark} AND seq IS NULL",
+                                       [(seq, event_id) for event_id, seq in book.logged])
         if book.outbox:
             connection.execute(_OUTBOX_INSERT, book.outbox)
         if book.seq:

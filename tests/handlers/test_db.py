@@ -156,3 +156,41 @@ def test_a_moment_is_bound_on_sqlite_as_sqlalchemy_s_own_datetime_text_in_utc(tm
     assert fast(moments[1]) == "2026-03-29 01:59:59.000000" and fast(None) is None
     with pytest.raises(ValueError, match="naive datetime"):
         fast(datetime(2026, 12, 4, 12, 0))
+
+
+def test_statements_on_the_driver_s_cursor_fail_as_sqlalchemy_s_own_would(database_url: str) -> None:
+    """The bookkeeping's statements run on the driver's cursor (``driver_cursor``): a failing one
+    raises what SQLAlchemy's own execution of it raises, so a clash is told from a database that
+    fails (``database_unavailable``), which holds the events rather than dead-lettering them."""
+    from handlers.bookkeeping import ConsumerPosition, advance_position, read_position
+    from handlers.db import database_unavailable, driver_cursor
+
+    engine = make_engine(database_url)
+    migrate(engine)
+    positions = cast(sa.Table, ConsumerPosition.__table__)  # type: ignore[attr-defined]
+    with engine.begin() as connection:
+        advance_position(connection, positions, "driver", 5)
+        advance_position(connection, positions, "driver", 3)  # never backwards
+        assert read_position(connection, positions, "driver") == 5
+        advance_position(connection, positions, "driver", 9)
+    with engine.connect() as connection:
+        assert read_position(connection, positions, "driver") == 9
+
+    statements = [
+        ("INSERT INTO consumer_positions (consumer, seq) VALUES ({mark}, {mark})", ("driver", 1)),  # a clash
+        ("SELECT seq FROM no_such_table WHERE consumer = {mark}", ("driver",)),  # what a missing schema does
+    ]
+    for statement, parameters in statements:
+        with pytest.raises(sa.exc.DBAPIError) as own:
+            with engine.begin() as connection:
+                mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+                connection.exec_driver_sql(statement.format(mark=mark), parameters)
+        with pytest.raises(sa.exc.DBAPIError) as ours:
+            with engine.begin() as connection, driver_cursor(connection) as (cursor, mark):
+                cursor.execute(statement.format(mark=mark), parameters)
+        assert type(ours.value) is type(own.value), statement
+        assert type(ours.value.orig) is type(own.value.orig)
+        assert database_unavailable(ours.value) == database_unavailable(own.value)
+        if statement.startswith("INSERT"):
+            assert isinstance(ours.value, sa.exc.IntegrityError) and not database_unavailable(ours.value)
+    engine.dispose()
