@@ -84,10 +84,9 @@ _JSON: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orj
 def driver_cursor(connection: sa.Connection) -> Iterator[tuple[Any, str]]:
     """A DB-API cursor in ``connection``'s transaction, and the driver's placeholder (``?`` or
     ``%s``), for the statements every batch of the consumers runs besides its events' own (the
-    applied ids, the position): on a trickle a batch is one event, and
-    SQLAlchemy's execution of a statement (~50 µs) cost more than SQLite's. The driver's errors
-    come out as SQLAlchemy's, so a database that fails is told from an event that does
-    (:func:`database_unavailable`)."""
+    applied ids, the position): on a trickle a batch is one event, and SQLAlchemy's execution of
+    a statement (~50 µs) cost more than SQLite's. The driver's errors come out as SQLAlchemy's,
+    so a database that fails is told from an event that does (:func:`database_unavailable`)."""
     dialect = connection.dialect
     dbapi = dialect.loaded_dbapi
     fairy = connection.connection
