@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
 
 import orjson
-import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlmodel import Session
 
