@@ -350,18 +350,20 @@ def propose_meetings(ctx: Context) -> None:
     meetings) does not count: the day gets its meetings when its new deadline comes."""
     now = _utc(ctx.now)
     proposed_at = col(InnovationDay.meetings_proposed_at)
+    deadline_at = col(InnovationDay.registration_deadline)
+    # Only the days whose deadline has come are read: the timer runs every second, and the days
+    # still open for registration are most of the scheduled ones.
     days = ctx.session.exec(
         select(InnovationDay)
         .where(
             InnovationDay.status == "scheduled",
-            sa.or_(proposed_at.is_(None), proposed_at < col(InnovationDay.registration_deadline)),
+            deadline_at <= now,
+            sa.or_(proposed_at.is_(None), proposed_at < deadline_at),
         )
         .order_by(col(InnovationDay.day_id))
     ).all()
     for day in days:
         deadline = _utc(day.registration_deadline)
-        if deadline > now:
-            continue
         # A timer's events are told apart by their key: the day's first proposal has the day's id
         # (as it always had), one after registration was opened again also names its deadline.
         key = day.day_id if day.meetings_proposed_at is None else f"{day.day_id} {deadline.isoformat()}"

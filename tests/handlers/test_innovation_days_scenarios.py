@@ -430,6 +430,34 @@ async def test_the_timer_proposes_meetings_once_at_the_deadline(scenario: Scenar
 
 
 @pytest.mark.usefixtures("members")
+async def test_the_meetings_timer_reads_only_the_days_whose_deadline_has_come(scenario: Scenario) -> None:
+    """The timer runs every second: the days still open for registration, most of the scheduled
+    ones on a living network, are not read, nor a day whose meetings were proposed."""
+    from handlers.innovation_days import InnovationDay, propose_meetings
+    from handlers.network import Context
+
+    proposed, due = Day.fresh(deadline_in=timedelta(hours=1)), Day.fresh(deadline_in=timedelta(hours=2))
+    still_open = [Day.fresh(deadline_in=timedelta(days=3)) for _ in range(3)]
+    await scenario.given(
+        proposed.scheduled(20, themes=("economy",)), due.scheduled(), *(day.scheduled() for day in still_open),
+        proposed.registration(MERSIN, role="innovator", interests=("economy.disadvantaged_groups",)),
+        proposed.registration(ESF, role="funder", interests=("economy",)),
+    )
+    assert only(await scenario.tick(proposed.deadline + timedelta(seconds=1)))["type"] == "innovation_day.meetings_proposed"
+    ours = {proposed.day_id, due.day_id, *(day.day_id for day in still_open)}
+    read: set[str] = set()
+    with scenario.session() as session:
+        def loaded(_session: Any, row: Any) -> None:
+            if isinstance(row, InnovationDay):
+                read.add(row.day_id)
+
+        sa.event.listen(session, "loaded_as_persistent", loaded)
+        propose_meetings(Context(session, None, now=due.deadline + timedelta(seconds=1), live=True))
+        session.rollback()
+    assert read & ours == {due.day_id}
+
+
+@pytest.mark.usefixtures("members")
 async def test_no_meetings_for_a_cancelled_day(scenario: Scenario) -> None:
     day = Day.fresh(deadline_in=timedelta(hours=1))
     await scenario.given(
