@@ -31,7 +31,7 @@ from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
 from handlers.db import database_unavailable, reading
 from handlers.network import REBUILDING, Book, Event, Network, applied_among
 from handlers.session import KnownKeysSession, tracked_tables
-from ops.metrics import HANDLER_SECONDS
+from ops.metrics import HANDLER_SECONDS, TIMERS_SECONDS
 
 log = logging.getLogger("collabbus.handlers")
 
@@ -234,8 +234,11 @@ class NetworkService:
 
     def tick(self, now: datetime | None = None) -> list[Event[Any]]:
         """Run the timers once; returns the events they decided."""
+        started = time.perf_counter()
         with self._transaction() as session:
-            return self.network.tick(session, now)
+            decided = self.network.tick(session, now)
+        TIMERS_SECONDS.observe(time.perf_counter() - started)
+        return decided
 
     def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
         """Derived events waiting to be logged, oldest first."""

@@ -39,6 +39,12 @@ HANDLER_SECONDS = Histogram(
     ["type"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 
+TIMERS_SECONDS = Histogram(
+    "collabbus_timers_duration_seconds", "time to run the timers once (calls closing at their deadline, invitations "
+    "lapsing, late reviewers, meetings at a day's registration deadline), every second: the bus's events wait meanwhile",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
 OTHER_INSTITUTION = "other"
 UNKNOWN_TYPE = "unknown"
 

@@ -83,6 +83,22 @@ async def test_counters_move_with_offers_rejections_and_failures(poisoned: Poiso
     assert sample(after, "collabbus_log_last_seq") == 5
 
 
+async def test_the_timers_are_timed_each_time_they_run(poisoned: Poisoned, scrape: Scrape) -> None:
+    """The timers run every second holding the bus's events back: each run is in a histogram."""
+    count = "collabbus_timers_duration_seconds_count"
+    # They act once the bus knows how far it has applied the log: an event, then they run.
+    assert (await offer(poisoned.nc, MEMBER, project_event("timed"))).accepted
+    deadline = asyncio.get_running_loop().time() + 10
+    while (before := sample(await scrape(), count)) < 1:
+        assert asyncio.get_running_loop().time() < deadline, "the timers never ran"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2.2)
+    samples = await scrape()
+    assert sample(samples, count) >= before + 2
+    assert sample(samples, "collabbus_timers_duration_seconds_sum") > 0
+    assert sample(samples, "collabbus_timers_duration_seconds_bucket", le="+Inf") == sample(samples, count)
+
+
 async def test_consumer_lag_follows_a_stopped_consumer(poisoned: Poisoned, scrape: Scrape) -> None:
     bus = poisoned.bus
     assert bus.consumer is not None
