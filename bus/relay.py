@@ -48,6 +48,11 @@ class Relay:
     clock: Callable[[], datetime | None] | None = None
     """The moment up to which the timers may act (the network consumer's :meth:`timers_now`):
     None skips the timers this time; without a clock they act on the wall clock."""
+    _clean: bool = False
+    """Whether the outbox held nothing unpublished when this relay last looked: then a store that
+    hands over what it commits (``fresh``) spares reading the table on each wake. The table is
+    read at start, after the timers ran (every ``interval``: also what other processes wrote),
+    and whenever something was not confirmed."""
 
     async def start(self) -> None:
         await self.tick()  # deadlines that passed while the bus was down are acted on at once
@@ -77,6 +82,7 @@ class Relay:
             if not self._stopping and loop.time() >= next_tick:
                 await self.tick()
                 next_tick = loop.time() + self.interval
+                self._clean = False
             await self.drain()
 
     async def tick(self) -> int:
@@ -94,14 +100,23 @@ class Relay:
     async def drain(self) -> int:
         """Publish everything in the outbox; returns how many events the log confirmed."""
         confirmed = 0
+        handed: Callable[[], list[tuple[str, bytes]] | None] | None = getattr(self.store, "fresh", None)
+        first = True
         while True:
             async with self.db_lock:
-                try:
-                    pending = await call_database(self.inline, self.store.outbox)
-                except Exception as exc:
-                    log.error("outbox unreadable: %s", exc)
-                    return confirmed
+                pending = handed() if first and self._clean and handed is not None else None
+                from_table = pending is None
+                if from_table:
+                    try:
+                        pending = await call_database(self.inline, self.store.outbox)
+                    except Exception as exc:
+                        log.error("outbox unreadable: %s", exc)
+                        self._clean = False
+                        return confirmed
+            first = False
+            assert pending is not None
             if not pending:
+                self._clean = self._clean or from_table
                 return confirmed
             done: list[str] = []
             # Published together and confirmed together: the messages leave on the one connection
@@ -125,5 +140,8 @@ class Relay:
             confirmed += len(done)
             self.published += len(done)
             if len(done) < len(pending):
+                self._clean = False  # what stayed is read from the table next time
                 await asyncio.sleep(0.5)  # the log is not answering; try again shortly
+                return confirmed
+            if not from_table:  # all that was handed over is in the log; more wakes the relay again
                 return confirmed

@@ -86,6 +86,13 @@ class NetworkService:
         tracked = tracked_tables(SQLModel.metadata, leave_out=(AppliedEvent, ConsumerPosition))
         self._session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked)
         self._mutex = threading.Lock()
+        self._fresh: list[tuple[str, bytes]] = []
+        """Derived events this service committed to the outbox since the relay last asked (:meth:`fresh`)."""
+        self._deciding: list[tuple[str, bytes]] = []
+        """Those of the transaction under way, handed over when it commits."""
+        self._outbox_known = False
+        """Whether the outbox holds nothing committed since its last reading but :attr:`_fresh`
+        (not at start; not after the timers or an event-by-event batch wrote to it)."""
         held = self._session.held
 
         def hold(_session: Any, instance: Any) -> None:
@@ -154,6 +161,9 @@ class NetworkService:
                 timings: list[tuple[str, float]] | None = [] if live else None  # (a rebuild's process serves no metrics)
                 with self._transaction() as session:
                     derived = self._apply(session, items[:end], live=live, timings=timings)
+                with self._mutex:
+                    self._fresh += self._deciding
+                    self._deciding = []
                 for event_type, seconds in timings or ():  # only what was committed is counted
                     HANDLER_SECONDS.labels(event_type).observe(seconds)
                 return end, failure, derived
@@ -170,6 +180,7 @@ class NetworkService:
         applied = 0
         failure: Failure | None = None
         book = Book()
+        self._outbox_known = False  # what it decides reaches the outbox without being handed over
         with self._transaction() as session:
             seen = self._seen(session, items)
             derived = 0
@@ -205,6 +216,7 @@ class NetworkService:
         seen = self._seen(session, items)
         book = Book()
         derived = 0
+        self._deciding = []
         for index, item in enumerate(items):
             try:
                 event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at, read=item.envelope.get("id") not in seen)
@@ -220,6 +232,7 @@ class NetworkService:
                 raise _Failed(index, Failure(type(exc).__name__, _describe(exc), permanent=False)) from exc
             if timings is not None:
                 timings.append((event.type, time.perf_counter() - started))
+        self._deciding = [(row["event_id"], row["event"]) for row in book.outbox]
         self.network.record(session, book)
         return derived
 
@@ -237,13 +250,29 @@ class NetworkService:
         started = time.perf_counter()
         with self._transaction() as session:
             decided = self.network.tick(session, now)
+        if decided:
+            self._outbox_known = False  # the timers' events reach the outbox without being handed over
         TIMERS_SECONDS.observe(time.perf_counter() - started)
         return decided
 
     def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
         """Derived events waiting to be logged, oldest first."""
+        with self._mutex:  # what was handed over is committed, so it is read here too
+            self._fresh = []
+            self._outbox_known = True
         with reading(self.engine).connect() as connection:  # a read of its own: no session, no write lock
             return [(event_id, body) for event_id, body in connection.execute(_OUTBOX, {"most": limit})]
+
+    def fresh(self) -> list[tuple[str, bytes]] | None:
+        """The derived events this service committed since the outbox was last read or this was
+        last asked, in the order they were decided — or None when the outbox may hold others
+        (it is to be read then): the relay publishes a trickle's derived events without reading
+        the table each time. Each stays in the outbox until :meth:`outbox_done`."""
+        with self._mutex:
+            if not self._outbox_known:
+                return None
+            rows, self._fresh = self._fresh, []
+            return rows
 
     def outbox_done(self, event_ids: Sequence[str]) -> None:
         """Forget derived events the log has confirmed."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -121,5 +122,42 @@ def test_a_partner_removed_and_joining_again_within_a_batch_is_a_partner(engine:
             table = ProjectPartner.__table__  # type: ignore[attr-defined]
             rows = connection.execute(sa.select(table.c.institution, table.c.role).where(table.c.project_id == project_id)).all()
         assert [tuple(row) for row in rows] == [(partner, "funder")]
+    finally:
+        service.close()
+
+
+def test_the_derived_events_committed_are_handed_to_the_relay_in_order(engine: Engine) -> None:
+    """What a batch decided is handed over once it is committed (``fresh``), in the order decided,
+    and stays in the outbox until the log confirms it; while the outbox may hold anything else
+    (at start, after the timers decided something) nothing is handed over and it is to be read."""
+    from handlers.network import Context
+
+    def close_call(ctx: Context) -> None:
+        event = ctx.event
+        assert event is not None
+        ctx.emit("call.closed", {"call_id": event.subject, "reason": "cancelled"}, source="closer")
+
+    def timer(ctx: Context) -> None:
+        if ctx.now.year == 2000:  # only when asked to
+            ctx.emit("call.closed", {"call_id": "by-timer", "reason": "cancelled"}, source="closer", cause="timer")
+
+    service = NetworkService(engine, Network(Routes().add(deciders={"project.registered": close_call}, timers=[timer])))
+    now = datetime.now(timezone.utc)
+    first, second, third = (registered(unique("p")) for _ in range(3))
+    try:
+        assert service.apply_batch([LoggedItem(1, first, now)])[2] == 1
+        assert service.fresh() is None  # the outbox was never read: it may hold anything
+        waiting = service.outbox()
+        assert [json.loads(body)["subject"] for _, body in waiting] == [first["subject"]]
+        assert service.fresh() == []
+        assert service.apply_batch([LoggedItem(2, second, now), LoggedItem(3, third, now)])[2] == 2
+        handed = service.fresh()
+        assert handed is not None and [json.loads(body)["subject"] for _, body in handed] == [second["subject"], third["subject"]]
+        assert [event_id for event_id, _ in handed] == [event_id for event_id, _ in service.outbox()][1:]  # still in the outbox
+        assert service.fresh() == []  # handed over once
+        service.outbox_done([event_id for event_id, _ in service.outbox()])
+        assert service.fresh() == [] and service.outbox() == []
+        assert service.tick(datetime(2000, 1, 1, tzinfo=timezone.utc)) and service.fresh() is None  # the timers' own
+        assert [json.loads(body)["subject"] for _, body in service.outbox()] == ["by-timer"]
     finally:
         service.close()
