@@ -106,7 +106,7 @@ class Relay:
             async with self.db_lock:
                 pending = handed() if first and self._clean and handed is not None else None
                 from_table = pending is None
-                if from_table:
+                if pending is None:
                     try:
                         pending = await call_database(self.inline, self.store.outbox)
                     except Exception as exc:
@@ -114,7 +114,6 @@ class Relay:
                         self._clean = False
                         return confirmed
             first = False
-            assert pending is not None
             if not pending:
                 self._clean = self._clean or from_table
                 return confirmed

@@ -64,13 +64,13 @@ class OutboxEvent(TableRow, table=True):
 
 
 @cache
-def _position_statements(table: sa.Table) -> Any:
+def _position_read(table: sa.Table) -> Any:
     return sa.select(table.c.seq).where(table.c.consumer == sa.bindparam("of_consumer"))
 
 
 def read_position(connection: sa.Connection, table: sa.Table, consumer: str) -> int:
     """``consumer``'s position in a positions table (``consumer``, ``seq``); 0 when it has none."""
-    return connection.execute(_position_statements(table), {"of_consumer": consumer}).scalar() or 0
+    return connection.execute(_position_read(table), {"of_consumer": consumer}).scalar() or 0
 
 
 def advance_position(connection: sa.Connection, table: sa.Table, consumer: str, seq: int) -> None:

@@ -88,8 +88,6 @@ class NetworkService:
         self._mutex = threading.Lock()
         self._fresh: list[tuple[str, bytes]] = []
         """Derived events this service committed to the outbox since the relay last asked (:meth:`fresh`)."""
-        self._deciding: list[tuple[str, bytes]] = []
-        """Those of the transaction under way, handed over when it commits."""
         self._outbox_known = False
         """Whether the outbox holds nothing committed since its last reading but :attr:`_fresh`
         (not at start; not after the timers or an event-by-event batch wrote to it)."""
@@ -160,10 +158,9 @@ class NetworkService:
             try:
                 timings: list[tuple[str, float]] | None = [] if live else None  # (a rebuild's process serves no metrics)
                 with self._transaction() as session:
-                    derived = self._apply(session, items[:end], live=live, timings=timings)
-                with self._mutex:
-                    self._fresh += self._deciding
-                    self._deciding = []
+                    derived, decided = self._apply(session, items[:end], live=live, timings=timings)
+                with self._mutex:  # handed over once committed
+                    self._fresh += decided
                 for event_type, seconds in timings or ():  # only what was committed is counted
                     HANDLER_SECONDS.labels(event_type).observe(seconds)
                 return end, failure, derived
@@ -210,13 +207,15 @@ class NetworkService:
             self.network.record(session, book)
         return applied, failure, derived
 
-    def _apply(self, session: Session, items: Sequence[LoggedItem], *, live: bool, timings: list[tuple[str, float]] | None) -> int:
+    def _apply(
+        self, session: Session, items: Sequence[LoggedItem], *, live: bool, timings: list[tuple[str, float]] | None
+    ) -> tuple[int, list[tuple[str, bytes]]]:
         """Apply every item straight through, noting each one's handling time in ``timings`` (if given); a
-        failing event raises :class:`_Failed` (and the whole batch is rolled back)."""
+        failing event raises :class:`_Failed` (and the whole batch is rolled back). Returns how many
+        derived events were decided, and what went into the outbox (id, body) in order."""
         seen = self._seen(session, items)
         book = Book()
         derived = 0
-        self._deciding = []
         for index, item in enumerate(items):
             try:
                 event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at, read=item.envelope.get("id") not in seen)
@@ -232,9 +231,9 @@ class NetworkService:
                 raise _Failed(index, Failure(type(exc).__name__, _describe(exc), permanent=False)) from exc
             if timings is not None:
                 timings.append((event.type, time.perf_counter() - started))
-        self._deciding = [(row["event_id"], row["event"]) for row in book.outbox]
+        decided = [(row["event_id"], row["event"]) for row in book.outbox]
         self.network.record(session, book)
-        return derived
+        return derived, decided
 
     @staticmethod
     def _seen(session: Session, items: Sequence[LoggedItem]) -> set[str]:

@@ -223,6 +223,11 @@ def event_types() -> list[str]:
     return sorted({t for t, _ in REGISTRY})
 
 
+def domains() -> list[str]:
+    """Every domain of the catalog (`project` for `project.registered`), sorted."""
+    return sorted({spec.domain for spec in REGISTRY.values()})
+
+
 def may_emit(kind: str, type: str, major: int = 1) -> bool:
     """Whether an institution of `kind` may offer `type` from outside. Kind-level only: who owns
     a call or coordinates a validation is for the workflows. Unknown types: nobody may."""

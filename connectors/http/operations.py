@@ -244,7 +244,7 @@ async def asyncapi_html(request: Request, domain: str | None = None) -> HTMLResp
     if domain is not None:
         from schemas import registry
 
-        known = sorted({event_type.partition(".")[0] for event_type in registry.event_types()})
+        known = registry.domains()
         if domain not in known:
             raise ApiProblem(404, f"no domain {domain[:100]!r} in the catalog; the domains are {', '.join(known)}")
     return HTMLResponse(await run_in_threadpool(_asyncapi_page, _nats_address(request), domain))

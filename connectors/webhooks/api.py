@@ -136,7 +136,7 @@ def _check_event_types(event_types: list[str]) -> list[str]:
     """The types, each once; 422 naming every one that is neither a type nor a domain of the catalog.
     A domain is ``project.*``, or ``project`` as ``GET /events?type=`` takes it (kept as ``project.*``)."""
     known = set(registry.event_types())
-    domains = {event_type.split(".", 1)[0] for event_type in known}
+    domains = set(registry.domains())
     wanted = [f"{name}.*" if name in domains else name for name in event_types]
     errors = [
         Problem(("event_types", i), f"{name!r} is neither an event type nor a domain such as 'project' or 'project.*'", "unknown_event_type")
