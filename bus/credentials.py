@@ -347,6 +347,10 @@ class Authority:
         path = self.directory / self.ISSUED
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
+    def issued_to(self, institution: str) -> list[str]:
+        """The user keys of the credentials issued to ``institution``, oldest first."""
+        return [entry["user"] for entry in self._issued() if entry.get("institution") == institution]
+
     def holders(self) -> set[str]:
         """The institutions holding credentials issued here that are not all revoked."""
         revoked = self.revocations()
@@ -356,13 +360,15 @@ class Authority:
         path = self.directory / self.REVOKED
         return {str(k): int(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
 
-    def revoke(self, institution: str) -> tuple[int, int]:
-        """Revoke every credentials issued to ``institution`` (:meth:`member_creds`); returns how
-        many were revoked now and how many in all. The server refuses them once its configuration
-        is reloaded (its connections with them are closed then)."""
+    def revoke(self, institution: str, *, keep_newest: bool = False) -> tuple[int, int]:
+        """Revoke every credentials issued to ``institution`` (:meth:`member_creds`) — or, with
+        ``keep_newest``, all but the last issued (the end of a rotation without a gap); returns how
+        many were revoked now and how many there were to revoke. The server refuses them once its
+        configuration is reloaded (its connections with them are closed then)."""
         revoked = self.revocations()
         now = int(time.time())
-        theirs = {entry["user"] for entry in self._issued() if entry.get("institution") == institution}
+        issued = self.issued_to(institution)
+        theirs = set(issued[:-1] if keep_newest else issued)
         fresh = theirs - set(revoked)
         if fresh:
             write_secret(self.directory / self.REVOKED, json.dumps({**revoked, **{user: now for user in fresh}}, indent=1))

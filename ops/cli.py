@@ -1538,6 +1538,9 @@ def institutions_token(
 def institutions_revoke(
     institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's (or former member's) id")],
     token: Annotated[Optional[str], typer.Option("--token", help="revoke this token only ('-': read it from stdin)")] = None,
+    earlier_creds: Annotated[bool, typer.Option(
+        "--earlier-creds", help="revoke only the NATS credentials issued to the member before its newest "
+        "(the end of a rotation: its newest credentials and its HTTP tokens stay)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print {institution, revoked} as JSON")] = False,
     *,
     settings: Settings,
@@ -1545,12 +1548,17 @@ def institutions_revoke(
     """Revoke a member's access: every HTTP token it holds and every NATS credentials issued to it
     (a member that left, a leak, a developer who left), or only the HTTP token given with --token.
     Tokens stop at the gateway's next request; the embedded server refuses the credentials at once
-    and closes their connections (on an external server, revoke them in its account's JWT)."""
+    and closes their connections (on an external server, revoke them in its account's JWT). A
+    rotation without a gap: `institutions creds ID -o new.creds` (the earlier credentials stay
+    valid), deploy the new file, then `institutions revoke ID --earlier-creds`."""
     from bus.credentials import Authority
     from bus.connection import embedded_store
     from handlers import tokens
     from handlers.db import session_scope
 
+    if earlier_creds:
+        _revoke_earlier_creds(settings, institution_id, as_json, token_given=token is not None)
+        return
     if token == "-":
         token = sys.stdin.readline().strip()
     with _read_models(settings) as engine, session_scope(engine) as session:
@@ -1580,14 +1588,43 @@ def institutions_revoke(
         raise typer.Exit(1)
 
 
-def _revoke_nats_credentials(settings: Settings, institution_id: str) -> tuple[int, bool]:
+def _revoke_earlier_creds(settings: Settings, institution_id: str, as_json: bool, *, token_given: bool) -> None:
+    """`institutions revoke ID --earlier-creds`: every NATS credentials issued to the member but
+    its newest, revoked and applied by a running embedded server."""
+    from bus.connection import embedded_authority, embedded_store
+    from bus.credentials import Authority
+
+    if token_given:
+        err.print("[red]error:[/red] --earlier-creds revokes NATS credentials, --token an HTTP token: give one of them")
+        raise typer.Exit(2)
+    if settings.nats_account_seed is not None or not settings.embedded:
+        err.print("[red]error:[/red] --earlier-creds revokes the credentials the embedded server issued; "
+                  "on an external server revoke them in its account's JWT (e.g. `nsc revocations add-user`)")
+        raise typer.Exit(1)
+    if not (embedded_store(settings) / Authority.DIRECTORY).is_dir() or not embedded_authority(settings).issued_to(institution_id):
+        err.print(f"[red]error:[/red] no NATS credentials were issued to {institution_id} here "
+                  f"(`collabbus institutions creds {institution_id}` issues them)")
+        raise typer.Exit(1)
+    revoked, reloaded = _revoke_nats_credentials(settings, institution_id, keep_newest=True)
+    if as_json:
+        out.print_json(data={"institution": institution_id, "revoked": 0, "nats_credentials_revoked": revoked})
+    elif revoked:
+        out.print(f"revoked {revoked} earlier NATS credential{'s' if revoked != 1 else ''} of {institution_id}: "
+                  + ("the server closed their connections" if reloaded else "refused from the bus's next start")
+                  + "; its newest credentials and its HTTP tokens stay")
+    else:
+        out.print(f"{institution_id} holds no valid NATS credentials issued before its newest")
+
+
+def _revoke_nats_credentials(settings: Settings, institution_id: str, *, keep_newest: bool = False) -> tuple[int, bool]:
     """Revoke every NATS credentials the embedded server's authority issued to ``institution_id``
-    and have a running server apply it: (how many were revoked now, whether a running server
-    reloaded). Exits 1 when the running server could not apply it."""
+    (``keep_newest``: all but the last issued) and have a running server apply it: (how many were
+    revoked now, whether a running server reloaded). Exits 1 when the running server could not
+    apply it."""
     from bus.connection import embedded_authority, embedded_server, embedded_store
     from bus.server import EmbeddedServerError
 
-    revoked, theirs = embedded_authority(settings).revoke(institution_id)
+    revoked, theirs = embedded_authority(settings).revoke(institution_id, keep_newest=keep_newest)
     reloaded = False
     if theirs:  # (again, when revoked before: a reload that failed then is tried again)
         try:  # a running server applies it now; a stopped one when it starts
@@ -1617,9 +1654,11 @@ def institutions_creds(
     events every member sees as the log stores them, on `collab.live.…` (listed by `--json`; the
     confidential ones are read over HTTP and webhooks). Signed with the embedded
     server's account key, or with COLLABBUS_NATS_ACCOUNT_SEED on an external server; the server
-    needs no reload. Earlier credentials of the member stay valid until `institutions revoke ID`,
-    or are revoked at once with --replace (a rotation: a developer who left, a file that leaked,
-    credentials from an earlier version); the running server closes their connections."""
+    needs no reload. Earlier credentials of the member stay valid until `institutions revoke ID
+    --earlier-creds` (a rotation without a gap: once the new file is deployed) or `institutions
+    revoke ID` (with its HTTP tokens), or are revoked at once with --replace (a developer who left,
+    a file that leaked, credentials from an earlier version); the running server closes their
+    connections."""
     from bus.connection import embedded_authority
     from bus.credentials import CredentialsError, member_inbox_prefix, partner_creds, public_key, read_account_seed, write_secret
     from bus.membership import Membership
@@ -1653,8 +1692,11 @@ def institutions_creds(
     # Revoked before the new ones are issued: a revocation names every credentials issued to the
     # member until then, so the new ones are not among them.
     replaced, reloaded = _revoke_nats_credentials(settings, institution_id) if replace else (0, False)
+    earlier: int | None = None  # (unknown on an external server)
     if settings.nats_account_seed is None and settings.embedded:  # noted, so that `institutions revoke` can revoke them
-        creds = embedded_authority(settings).member_creds(institution_id)
+        authority = embedded_authority(settings)
+        earlier = len(set(authority.issued_to(institution_id)) - set(authority.revocations()))
+        creds = authority.member_creds(institution_id)
     else:
         creds = partner_creds(account, institution_id)
     prefix = member_inbox_prefix(institution_id)
@@ -1664,6 +1706,11 @@ def institutions_creds(
     if replace:
         connecting = (f"revoked {replaced} earlier NATS credential{'s' if replaced != 1 else ''} of {institution_id}"
                       + (" (the server closed their connections)" if reloaded and replaced else "") + "; " + connecting)
+    elif earlier:
+        connecting += (f". {earlier} earlier NATS credential{'s' if earlier != 1 else ''} of {institution_id} "
+                       f"{'stay' if earlier != 1 else 'stays'} valid: once the new file is in use, "
+                       f"`collabbus institutions revoke {institution_id} --earlier-creds` revokes "
+                       f"{'them' if earlier != 1 else 'it'}")
     if output is None:
         sys.stdout.write(creds)
         err.print(connecting, soft_wrap=True)
@@ -1672,7 +1719,8 @@ def institutions_creds(
     if as_json:
         out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account),
                              "inbox_prefix": prefix, "live_subjects": public_live_subjects(),
-                             **({"replaced": replaced} if replace else {})})
+                             **({"replaced": replaced} if replace else {}),
+                             **({"earlier_valid": earlier} if earlier is not None and not replace else {})})
     else:
         out.print(f"wrote NATS credentials for {institution_id} to {output}; {connecting}", soft_wrap=True)
 
@@ -2112,15 +2160,18 @@ def main() -> None:  # pragma: no cover - console script
     app()
 
 
-def _summaries_on_one_line(group: typer.Typer) -> None:
-    """A command list shows each command's first paragraph; Typer keeps its docstring's line breaks
-    there (they break the text at the width of the source, not the terminal's), so it is given joined."""
+def _flowing_help(group: typer.Typer) -> None:
+    """Typer keeps a docstring's line breaks in a command list's summaries and in the paragraphs of
+    a command's help after its first (they break the text at the width of the source, not the
+    terminal's): each paragraph is given joined, and the first alone as the summary."""
     for command in group.registered_commands:
         if command.short_help is None and command.help is None and command.callback is not None and command.callback.__doc__:
-            command.short_help = " ".join(inspect.cleandoc(command.callback.__doc__).split("\n\n")[0].split())
+            paragraphs = [" ".join(paragraph.split()) for paragraph in inspect.cleandoc(command.callback.__doc__).split("\n\n")]
+            command.short_help = paragraphs[0]
+            command.help = "\n\n".join(paragraphs)
     for sub in group.registered_groups:
         if sub.typer_instance is not None:
-            _summaries_on_one_line(sub.typer_instance)
+            _flowing_help(sub.typer_instance)
 
 
-_summaries_on_one_line(app)
+_flowing_help(app)

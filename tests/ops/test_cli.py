@@ -425,6 +425,64 @@ async def test_institutions_creds_replace_rotates_a_members_credentials(running_
     assert f"revoked 1 earlier NATS credential of {member}" in again.stderr
 
 
+async def test_a_rotation_without_a_gap_retires_the_earlier_credentials_once_the_new_ones_are_in_use(
+    running_bus: dict[str, str], tmp_path: Path
+) -> None:
+    """New credentials issued beside the old (both connect), then `revoke ID --earlier-creds`: the
+    old connection is closed and its file refused, the new connection carries on, the HTTP token works."""
+    import nats
+
+    from bus.client import offer
+
+    env = running_bus
+    fixture = load_fixtures()["project.registered"]
+    member = unique("gapless")
+    added = cli("institutions", "add", member, "--name", "Gapless", "--kind", fixture["kind"], "--country", "FI", env=env)
+    assert added.returncode == 0, added.stderr + added.stdout
+    token = cli("institutions", "token", member, env=env).stdout.strip()
+    none_yet = cli("institutions", "revoke", member, "--earlier-creds", env=env)
+    assert none_yet.returncode == 1 and f"no NATS credentials were issued to {member}" in none_yet.stderr
+    old, new = tmp_path / "old.creds", tmp_path / "new.creds"
+    first = cli("institutions", "creds", member, "--output", str(old), "--json", env=env)
+    assert first.returncode == 0 and json.loads(first.stdout)["earlier_valid"] == 0, first.stderr
+    url = f"nats://{env['COLLABBUS_NATS_LISTEN']}"
+    connect = {"inbox_prefix": f"_INBOX.{member}", "allow_reconnect": False}
+    held = await nats.connect(url, user_credentials=str(old), **connect)
+    try:
+        issued = cli("institutions", "creds", member, "--output", str(new), env=env)
+        assert issued.returncode == 0, issued.stderr
+        assert f"1 earlier NATS credential of {member} stays valid" in issued.stdout
+        assert f"collabbus institutions revoke {member} --earlier-creds" in issued.stdout
+        fresh = await nats.connect(url, user_credentials=str(new), **connect)
+        try:
+            assert held.is_connected and fresh.is_connected  # both at once: no gap
+            retired = cli("institutions", "revoke", member, "--earlier-creds", "--json", env=env)
+            assert retired.returncode == 0, retired.stderr
+            assert json.loads(retired.stdout) == {"institution": member, "revoked": 0, "nats_credentials_revoked": 1}
+            deadline = time.monotonic() + 10
+            while held.is_connected:
+                assert time.monotonic() < deadline, "the earlier credentials' connection stayed open"
+                await asyncio.sleep(0.05)
+            event = dict(fixture["event"], id=unique("gapless"), source=f"/institutions/{member}")
+            event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
+            event["subject"] = event["data"]["project_id"]
+            verdict = await offer(fresh, member, event)  # the new connection was never cut
+            assert verdict.accepted, verdict.as_dict()
+        finally:
+            await fresh.close()
+    finally:
+        await held.close()
+    with pytest.raises(Exception, match="Authorization Violation"):
+        await nats.connect(url, user_credentials=str(old), max_reconnect_attempts=0, connect_timeout=3, **connect)
+    async with httpx.AsyncClient(base_url=f"http://{env['COLLABBUS_HTTP']}") as client:
+        me = await client.get("/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.status_code == 200 and me.json()["id"] == member
+    again = cli("institutions", "revoke", member, "--earlier-creds", env=env)
+    assert again.returncode == 0 and f"{member} holds no valid NATS credentials issued before its newest" in again.stdout
+    both = cli("institutions", "revoke", member, "--earlier-creds", "--token", token, env=env)
+    assert both.returncode == 2 and "give one of them" in both.stderr
+
+
 def test_institutions_creds_replace_is_refused_for_an_external_server() -> None:
     import nkeys
 
@@ -435,6 +493,9 @@ def test_institutions_creds_replace_is_refused_for_an_external_server() -> None:
     result = cli("institutions", "creds", "fi-thl", "--replace", env=env)
     assert result.returncode == 1 and result.stdout == ""
     assert "--replace" in result.stderr and "external server" in result.stderr
+    retire = cli("institutions", "revoke", "fi-thl", "--earlier-creds", env=env)
+    assert retire.returncode == 1 and retire.stdout == ""
+    assert "--earlier-creds" in retire.stderr and "external server" in retire.stderr
 
 
 def test_institutions_creds_on_an_external_server_needs_the_account_seed() -> None:
@@ -531,6 +592,14 @@ def test_the_command_lists_show_each_summary_as_flowing_text() -> None:
     for group in (app, institutions_app):
         for command in group.registered_commands:
             assert command.short_help and "\n" not in command.short_help, command.name
+    # So do the paragraphs of a command's help after its first, wrapped at the terminal's width.
+    helped = cli("institutions", "creds", "--help", env=env).stdout
+    assert ("A standard `.creds` file (user JWT + nkey seed) for any NATS client, which connects with the inbox prefix "
+            "`_INBOX.ID`") in helped
+    narrow = cli("institutions", "creds", "--help", env={**os.environ, "COLUMNS": "80"}).stdout
+    assert max(len(line.rstrip()) for line in narrow.splitlines()) <= 80
+    paragraph = narrow[narrow.index("A standard"):narrow.index("╭")].splitlines()
+    assert all(len(line.rstrip()) > 60 for line in paragraph[:-2]), paragraph  # filled lines, not the source's breaks
 
 
 def test_commands_that_only_connect_and_read_the_log_load_neither_the_bus_nor_the_catalog() -> None:
