@@ -4,9 +4,10 @@ schema export all read this table, so adding an event type is one line here."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -69,6 +70,7 @@ __all__ = [
     "EventSpec",
     "UnknownEventType",
     "UnknownMajorVersion",
+    "did_you_mean",
     "event_types",
     "export_json_schemas",
     "json_schema",
@@ -197,10 +199,20 @@ def spec_for(type: str, major: int = 1) -> EventSpec:
     except KeyError:
         majors = sorted(m for t, m in REGISTRY if t == type)
         if not majors:
-            raise UnknownEventType(f"unknown event type {type!r}") from None
+            raise UnknownEventType(f"unknown event type {type!r}{did_you_mean(type)}") from None
         raise UnknownMajorVersion(
             f"{type!r} has no major version {major} (known: {', '.join(map(str, majors))})"
         ) from None
+
+
+def did_you_mean(name: str, among: Iterable[str] | None = None) -> str:
+    """A hint naming what is nearest to a misspelt name ``among`` the catalog's types (or the names
+    given): ``"; did you mean 'project.registered'?"``, or ``""`` when nothing is near."""
+    if len(name) > 128:  # no type is this long; comparing it with each would only cost
+        return ""
+    candidates = sorted({t for t, _ in REGISTRY} if among is None else set(among))
+    near = difflib.get_close_matches(name, candidates, n=2, cutoff=0.85)
+    return f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
 
 
 def parse_dataschema(urn: str | None, type: str) -> int:

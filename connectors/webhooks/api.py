@@ -138,8 +138,10 @@ def _check_event_types(event_types: list[str]) -> list[str]:
     known = set(registry.event_types())
     domains = set(registry.domains())
     wanted = [f"{name}.*" if name in domains else name for name in event_types]
+    names = [*known, *(f"{domain}.*" for domain in domains)]
     errors = [
-        Problem(("event_types", i), f"{name!r} is neither an event type nor a domain such as 'project' or 'project.*'", "unknown_event_type")
+        Problem(("event_types", i), f"{name!r} is neither an event type nor a domain such as 'project' or 'project.*'"
+                f"{registry.did_you_mean(name, names)}", "unknown_event_type")
         for i, name in enumerate(wanted)
         if name not in known and not (name.endswith(".*") and name[:-2] in domains)
     ]

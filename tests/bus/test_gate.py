@@ -143,6 +143,10 @@ async def test_unknown_type_and_unknown_major_version(partner: Client) -> None:
     verdict = await offer(partner, institution, event)
     assert codes(verdict) == {"unknown_type"} and "project.teleported" in verdict.errors[0].msg
 
+    institution, event = fresh("project.registered", type="project.registred")  # a typo: the verdict names the type meant
+    verdict = await offer(partner, institution, event)
+    assert codes(verdict) == {"unknown_type"} and "did you mean 'project.registered'?" in verdict.errors[0].msg
+
     institution, event = fresh("project.registered", dataschema="urn:collabbus:schema:project.registered:7")
     verdict = await offer(partner, institution, event)
     assert codes(verdict) == {"unknown_major"} and locs(verdict) == {("dataschema",)}

@@ -103,8 +103,11 @@ def test_every_model_is_frozen_and_refuses_unknown_fields() -> None:
 
 
 def test_lookup_errors_name_what_is_unknown() -> None:
-    with pytest.raises(UnknownEventType, match=r"project\.deleted"):
+    with pytest.raises(UnknownEventType, match=r"project\.deleted") as unknown:
         spec_for("project.deleted")
+    assert "did you mean" not in str(unknown.value)  # nothing in the catalog is near it
+    with pytest.raises(UnknownEventType, match=r"unknown event type 'project\.registerd'; did you mean 'project\.registered'\?"):
+        spec_for("project.registerd")
     with pytest.raises(UnknownMajorVersion, match="no major version 2"):
         spec_for("project.registered", 2)
 

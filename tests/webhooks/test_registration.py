@@ -66,6 +66,10 @@ async def test_bad_registrations_are_refused_with_problems(network: Network, rec
 
     body = await refused({"url": receiver.url("/"), "event_types": ["project.registerd", "nothing.*", "call.*"]}, "invalid")
     assert [e["loc"] for e in body["errors"]] == [["event_types", 0], ["event_types", 1]]
+    assert "did you mean 'project.registered'?" in body["errors"][0]["msg"]  # a typo: named
+    assert "did you mean" not in body["errors"][1]["msg"]  # nothing near
+    body = await refused({"url": receiver.url("/"), "event_types": ["validaton.*"]}, "invalid")
+    assert body["errors"][0]["msg"].endswith("did you mean 'validation.*'?")
     for url in ("ftp://127.0.0.1/x", "not a url", "http:///path"):
         await refused({"url": url}, "refused_target")
     with_credentials = await refused({"url": receiver.url("/").replace("http://", "http://user:secret@")}, "refused_target")
