@@ -351,6 +351,13 @@ class Authority:
         """The user keys of the credentials issued to ``institution``, oldest first."""
         return [entry["user"] for entry in self._issued() if entry.get("institution") == institution]
 
+    def credentials_of(self, institution: str) -> list[dict[str, Any]]:
+        """The credentials issued to ``institution``, oldest first: ``{user, issued_at, revoked_at}``
+        (times in s since the epoch; ``revoked_at`` None while they are valid)."""
+        revoked = self.revocations()
+        return [{"user": entry["user"], "issued_at": entry.get("issued_at"), "revoked_at": revoked.get(entry["user"])}
+                for entry in self._issued() if entry.get("institution") == institution]
+
     def holders(self) -> set[str]:
         """The institutions holding credentials issued here that are not all revoked."""
         revoked = self.revocations()

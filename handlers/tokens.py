@@ -68,9 +68,22 @@ def institution_of(connection: sa.Connection, token: str) -> str | None:
     return connection.execute(_HOLDER, {"token_hash": token_hash(token)}).scalar()
 
 
+def tokens_of(session: Session, institution: str) -> list[InstitutionToken]:
+    """Every token issued to ``institution``, revoked ones included, oldest first."""
+    return list(session.exec(
+        select(InstitutionToken).where(InstitutionToken.institution == institution)
+        .order_by(col(InstitutionToken.created_at), col(InstitutionToken.token_hash))
+    ).all())
+
+
 def revoke(session: Session, token: str) -> bool:
     """Revoke a token; False when it was unknown or already revoked."""
-    row = session.get(InstitutionToken, token_hash(token))
+    return revoke_hash(session, token_hash(token))
+
+
+def revoke_hash(session: Session, hashed: str) -> bool:
+    """Revoke the token whose SHA-256 is ``hashed``; False when it was unknown or already revoked."""
+    row = session.get(InstitutionToken, hashed)
     if row is None or row.revoked_at is not None:
         return False
     row.revoked_at = datetime.now(timezone.utc)

@@ -12,6 +12,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import signal
 import sys
 import uuid
@@ -1537,7 +1538,9 @@ def institutions_token(
 @with_settings
 def institutions_revoke(
     institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's (or former member's) id")],
-    token: Annotated[Optional[str], typer.Option("--token", help="revoke this token only ('-': read it from stdin)")] = None,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", help="revoke this token only: the token ('-': read it from stdin), or the start of its SHA-256 "
+        "as `institutions access ID` lists it")] = None,
     earlier_creds: Annotated[bool, typer.Option(
         "--earlier-creds", help="revoke only the NATS credentials issued to the member before its newest "
         "(the end of a rotation: its newest credentials and its HTTP tokens stay)")] = False,
@@ -1562,7 +1565,13 @@ def institutions_revoke(
     if token == "-":
         token = sys.stdin.readline().strip()
     with _read_models(settings) as engine, session_scope(engine) as session:
-        if token is not None:
+        if token is not None and re.fullmatch(r"[0-9a-f]{8,64}", token):  # as `institutions access` names it
+            listed = [row.token_hash for row in tokens.tokens_of(session, institution_id) if row.token_hash.startswith(token)]
+            if len(listed) > 1:
+                err.print(f"[red]error:[/red] {len(listed)} tokens of {institution_id} start with {token}: give more of it")
+                raise typer.Exit(1)
+            revoked = int(tokens.revoke_hash(session, listed[0])) if listed else 0
+        elif token is not None:
             if tokens.institution_of(session.connection(), token) not in (institution_id, None):
                 err.print(f"[red]error:[/red] that token is not {institution_id}'s")
                 raise typer.Exit(1)
@@ -1723,6 +1732,61 @@ def institutions_creds(
                              **({"earlier_valid": earlier} if earlier is not None and not replace else {})})
     else:
         out.print(f"wrote NATS credentials for {institution_id} to {output}; {connecting}", soft_wrap=True)
+
+
+@institutions_app.command("access")
+@with_settings
+def institutions_access(
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's (or former member's) id")],
+    as_json: Annotated[bool, typer.Option("--json", help="print {institution, tokens, nats_credentials} as JSON")] = False,
+    *,
+    settings: Settings,
+) -> None:
+    """Who may speak for a member: every HTTP token and NATS credentials issued to it, when, and
+    whether and when they were revoked. Tokens are named by the start of their SHA-256 (only that
+    is stored); credentials by their user key (the `sub` of the file's JWT). The NATS credentials
+    are those the embedded server's keys signed (an external server's account keeps its own)."""
+    from datetime import datetime, timezone
+
+    from bus.connection import embedded_authority, embedded_store
+    from bus.credentials import Authority
+    from handlers import tokens
+    from handlers.db import session_scope
+
+    with _read_models(settings) as engine, session_scope(engine) as session:
+        held = [{"sha256": row.token_hash[:12], "created_at": row.created_at.isoformat(),
+                 "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None}
+                for row in tokens.tokens_of(session, institution_id)]
+    embedded = settings.nats_account_seed is None and settings.embedded
+    creds: list[dict[str, Any]] | None = None
+    if embedded:
+        creds = []
+        if (embedded_store(settings) / Authority.DIRECTORY).is_dir():
+            def when(seconds: int | None) -> str | None:
+                return datetime.fromtimestamp(seconds, timezone.utc).isoformat() if seconds is not None else None
+            creds = [{"user": entry["user"], "issued_at": when(entry["issued_at"]), "revoked_at": when(entry["revoked_at"])}
+                     for entry in embedded_authority(settings).credentials_of(institution_id)]
+    if as_json:
+        out.print_json(data={"institution": institution_id, "tokens": held, "nats_credentials": creds})
+        return
+
+    def shown(value: str | None) -> str:
+        return value[:19].replace("T", " ") if value else "—"
+
+    valid = sum(1 for row in held if row["revoked_at"] is None)
+    table = Table("token (sha256)", "issued (UTC)", "revoked (UTC)", title=f"HTTP tokens of {institution_id}: {valid} valid")
+    for row in held:
+        table.add_row(f"{row['sha256']}…", shown(row["created_at"]), shown(row["revoked_at"]))
+    out.print(table if held else f"HTTP tokens of {institution_id}: none issued")
+    if creds is None:
+        out.print(f"NATS credentials of {institution_id}: signed with the external server's account key, "
+                  "which keeps no list here (its account's JWT holds the revocations)")
+        return
+    valid = sum(1 for entry in creds if entry["revoked_at"] is None)
+    table = Table("user key", "issued (UTC)", "revoked (UTC)", title=f"NATS credentials of {institution_id}: {valid} valid")
+    for entry in creds:
+        table.add_row(entry["user"], shown(entry["issued_at"]), shown(entry["revoked_at"]))
+    out.print(table if creds else f"NATS credentials of {institution_id}: none issued here")
 
 
 # --------------------------------------------------------------------------- schemas, asyncapi

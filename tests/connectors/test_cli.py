@@ -68,6 +68,41 @@ async def test_the_cli_revokes_one_token_or_all_of_a_member(gateway: Gateway, tm
     assert [await status(t) for t in (first, second, stranger)] == [401, 401, 200]
 
 
+async def test_the_cli_lists_a_members_tokens_and_revokes_one_by_its_listed_hash(gateway: Gateway, tmp_path: Path) -> None:
+    """`institutions access ID` lists the tokens by the start of their SHA-256, when issued and
+    revoked; `revoke ID --token PREFIX` revokes the one listed (an operator has no copy of it)."""
+    import json
+
+    from handlers.tokens import token_hash
+
+    member, other = await gateway.join("university"), await gateway.join("university")
+    await gateway.settle()
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_DATABASE_URL": gateway.database_url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*COLLABBUS, "institutions", *args], env=env, capture_output=True, text=True, timeout=60)
+
+    empty = cli("access", member, "--json")
+    assert empty.returncode == 0 and json.loads(empty.stdout)["tokens"] == [], empty.stderr
+    first, second = (token_command(member, env).stdout.strip() for _ in range(2))
+    stranger = token_command(other, env).stdout.strip()
+    listed = json.loads(cli("access", member, "--json").stdout)
+    assert [row["sha256"] for row in listed["tokens"]] == [token_hash(first)[:12], token_hash(second)[:12]]
+    assert [row["revoked_at"] for row in listed["tokens"]] == [None, None]
+    assert first not in cli("access", member).stdout and "2 valid" in cli("access", member).stdout
+
+    not_theirs = cli("revoke", member, "--token", token_hash(stranger)[:12])  # another member's: not found among these
+    assert not_theirs.returncode == 1 and "unknown or revoked already" in not_theirs.stdout
+    one = cli("revoke", member, "--token", listed["tokens"][1]["sha256"], "--json")
+    assert one.returncode == 0 and json.loads(one.stdout) == {"institution": member, "revoked": 1}, one.stderr
+    statuses = [(await gateway.client.get("/me", headers={"Authorization": f"Bearer {t}"})).status_code for t in (first, second, stranger)]
+    assert statuses == [200, 401, 200]
+    after = json.loads(cli("access", member, "--json").stdout)["tokens"]
+    assert after[0]["revoked_at"] is None and after[1]["revoked_at"] is not None
+    again = cli("revoke", member, "--token", listed["tokens"][1]["sha256"])
+    assert again.returncode == 1 and "unknown or revoked already" in again.stdout
+
+
 def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
     http = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_HTTP": http,

@@ -20,6 +20,7 @@ import httpx
 import jsonschema
 import pytest
 
+from bus.credentials import decode_jwt_claims
 from bus.server import free_port
 from handlers.confidential import CONFIDENTIAL, public_live_subjects
 from schemas import registry
@@ -479,6 +480,15 @@ async def test_a_rotation_without_a_gap_retires_the_earlier_credentials_once_the
     assert me.status_code == 200 and me.json()["id"] == member
     again = cli("institutions", "revoke", member, "--earlier-creds", env=env)
     assert again.returncode == 0 and f"{member} holds no valid NATS credentials issued before its newest" in again.stdout
+    access = cli("institutions", "access", member, "--json", env=env)
+    assert access.returncode == 0, access.stderr
+    listed = json.loads(access.stdout)
+    users = [decode_jwt_claims(path.read_text().splitlines()[1])["sub"] for path in (old, new)]
+    assert [entry["user"] for entry in listed["nats_credentials"]] == users
+    assert listed["nats_credentials"][0]["revoked_at"] is not None and listed["nats_credentials"][1]["revoked_at"] is None
+    assert [row["revoked_at"] for row in listed["tokens"]] == [None]
+    shown = cli("institutions", "access", member, env={**env, "COLUMNS": "200"}).stdout
+    assert "NATS credentials of " + member + ": 1 valid" in shown and users[0] in shown and "HTTP tokens of" in shown
     both = cli("institutions", "revoke", member, "--earlier-creds", "--token", token, env=env)
     assert both.returncode == 2 and "give one of them" in both.stderr
 
