@@ -241,8 +241,9 @@ async def read_log(
     request: Request,
     viewer: Member,
     type: Annotated[str | None, Query(pattern=r"^[a-z][a-z_]*(\.[a-z][a-z_]*)?$", description="a type or a domain")] = None,
-    institution: Annotated[str | None, Query(pattern=INSTITUTION_PATTERN)] = None,
-    subject: Annotated[str | None, Query(pattern=SUBJECT_PATTERN)] = None,
+    institution: Annotated[str | None, Query(pattern=INSTITUTION_PATTERN, description="events this institution said (their `source`)")] = None,
+    subject: Annotated[str | None, Query(pattern=SUBJECT_PATTERN, description=(
+        "events about this thing (their `subject`): a project, call, validation or day id, or a member's id"))] = None,
     after_seq: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="start after this log sequence")] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,

@@ -6,10 +6,10 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
@@ -188,7 +188,11 @@ async def ops_status(request: Request, caller: Member) -> dict[str, Any]:
 
 
 @router.get("/ops/traces/{trace_id}", responses=documented(401, 403, 404))
-async def ops_trace(trace_id: str, request: Request, caller: Member) -> dict[str, Any]:
+async def ops_trace(
+    trace_id: Annotated[str, Path(description="a trace id (32 hexadecimal digits: the second part of an event's `traceparent`)")],
+    request: Request,
+    caller: Member,
+) -> dict[str, Any]:
     """One trace as a tree of spans (service, operation, institution, event type, duration,
     status, errors), from the embedded trace store, for the network's operator."""
     from ops import tracing
@@ -236,8 +240,11 @@ class _Document:
         return json.dumps(self._document)
 
 
-@router.get("/docs/asyncapi", response_class=HTMLResponse)
-async def asyncapi_html(request: Request, domain: str | None = None) -> HTMLResponse:
+@router.get("/docs/asyncapi", response_class=HTMLResponse, responses=documented(404))
+async def asyncapi_html(
+    request: Request,
+    domain: Annotated[str | None, Query(max_length=64, description="one domain's subjects and the schemas they use (`call`, say)")] = None,
+) -> HTMLResponse:
     """The AsyncAPI document rendered for people: subjects, messages and schemas, on a page that
     needs nothing from outside the gateway; ``?domain=call`` (say) shows one domain's subjects and
     the schemas they use."""

@@ -37,6 +37,7 @@ from handlers.projects import (
     adoptions_by_municipality_level,
 )
 from handlers.rules.calls import ApplicationStatus
+from handlers.rules.innovation_days import DayStatus
 from handlers.rules.validations import Outcome as ValidationOutcome
 from handlers.rules.validations import Status as ValidationStatus
 from handlers.validations import Validation, ValidationReviewer, assignments_of, overdue_reviewers, validation_view
@@ -50,7 +51,11 @@ router = APIRouter(tags=["read"])
 LIST_ERRORS = documented(400, 401, 403, 422)
 ITEM_ERRORS = documented(401, 403, 404, 422)
 
-Id = Annotated[str, Path(min_length=1, max_length=128)]
+CallId = Annotated[str, Path(min_length=1, max_length=128, description="the call's `call_id`")]
+ApplicationId = Annotated[str, Path(min_length=1, max_length=128, description="the application's `application_id`")]
+ProjectId = Annotated[str, Path(min_length=1, max_length=128, description="the project's `project_id`")]
+ValidationId = Annotated[str, Path(min_length=1, max_length=128, description="the validation's `validation_id`")]
+DayId = Annotated[str, Path(min_length=1, max_length=128, description="the day's `day_id`")]
 COUNTRY = r"^[A-Za-z]{2}$"
 Country = Annotated[str | None, Query(pattern=COUNTRY, description="an ISO 3166-1 alpha-2 code (either case)")]
 Theme = Annotated[str | None, Query(max_length=64, description="a theme code; an area (`health_care`) matches its sub-themes")]
@@ -79,7 +84,7 @@ def _not_found(what: str, id: str) -> ApiProblem:
 def list_institutions(
     _viewer: Member,
     session: SessionDep,
-    kind: InstitutionKind | None = None,
+    kind: Annotated[InstitutionKind | None, Query(description="members of this kind")] = None,
     country: Country = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
@@ -142,11 +147,13 @@ def _call(row: Call, now: datetime) -> dict[str, Any]:
 def list_calls(
     _viewer: Member,
     session: SessionDep,
-    status: Literal["upcoming", "open", "closed"] | None = None,
+    status: Annotated[Literal["upcoming", "open", "closed"] | None, Query(
+        description="upcoming: not open yet (`opens_at` ahead); open: taking applications; closed: past its deadline or closed early")] = None,
     theme: Theme = None,
     eligible_kind: Annotated[InstitutionKind | None, Query(description="calls open to this kind of institution")] = None,
     country: Annotated[str | None, Query(pattern=COUNTRY, description="calls open to institutions of this country")] = None,
-    deadline_before: AwareDatetime | None = None,
+    deadline_before: Annotated[AwareDatetime | None, Query(
+        description="calls whose deadline is before this time (RFC 3339, with its offset)")] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
@@ -181,7 +188,8 @@ def _known_call(session: Any, call_id: str) -> Call:
 
 
 @router.get("/calls/{call_id}", response_model=resources.Call, responses=ITEM_ERRORS)
-def get_call(call_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
+def get_call(call_id: CallId, _viewer: Member, session: SessionDep) -> dict[str, Any]:
+    """A funding call: its terms, stages and status now."""
     return _call(_known_call(session, call_id), datetime.now(timezone.utc))
 
 
@@ -189,7 +197,7 @@ def get_call(call_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any
 def list_my_applications(
     viewer: Member,
     session: SessionDep,
-    status: ApplicationStatus | None = None,
+    status: Annotated[ApplicationStatus | None, Query(description="applications in this state")] = None,
     call_id: Annotated[str | None, Query(max_length=128, description="applications to this call")] = None,
     applicant: Annotated[str | None, Query(max_length=63, description="applications this institution made")] = None,
     project_id: Annotated[str | None, Query(max_length=128, description="applications for this project")] = None,
@@ -225,10 +233,10 @@ def list_my_applications(
     responses=documented(400, 401, 403, 404, 422),
 )
 def list_applications(
-    call_id: Id,
+    call_id: CallId,
     viewer: Member,
     session: SessionDep,
-    status: ApplicationStatus | None = None,
+    status: Annotated[ApplicationStatus | None, Query(description="applications in this state")] = None,
     applicant: Annotated[str | None, Query(max_length=63, description="applications this institution made")] = None,
     project_id: Annotated[str | None, Query(max_length=128, description="applications for this project")] = None,
     limit: Limit = DEFAULT_LIMIT,
@@ -254,7 +262,7 @@ def list_applications(
 
 
 @router.get("/calls/{call_id}/applications/{application_id}", response_model=resources.Application, responses=ITEM_ERRORS)
-def get_application(call_id: Id, application_id: Id, viewer: Member, session: SessionDep) -> dict[str, Any]:
+def get_application(call_id: CallId, application_id: ApplicationId, viewer: Member, session: SessionDep) -> dict[str, Any]:
     """One application to a call, for the call's publisher, the applicant and its partners; to
     anyone else it does not exist."""
     call = _known_call(session, call_id)
@@ -280,9 +288,9 @@ def list_projects(
     session: SessionDep,
     theme: Theme = None,
     country: Country = None,
-    municipality: str | None = None,
-    status: ProjectStatus | None = None,
-    owner: str | None = None,
+    municipality: Annotated[str | None, Query(max_length=300, description="projects in this municipality (as their location names it)")] = None,
+    status: Annotated[ProjectStatus | None, Query(description="projects in this state")] = None,
+    owner: Annotated[str | None, Query(max_length=63, description="projects this institution owns")] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
@@ -300,7 +308,7 @@ def list_projects(
 
 
 @router.get("/projects/{project_id}", response_model=resources.ProjectDetail, responses=ITEM_ERRORS)
-def get_project(project_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
+def get_project(project_id: ProjectId, _viewer: Member, session: SessionDep) -> dict[str, Any]:
     """A project with its partners, the adoptions of it as a good practice, and its impact reports."""
     project = session.get(Project, project_id)
     if project is None:
@@ -349,11 +357,11 @@ _VALIDATION_SUMMARY = set(resources.Validation.model_fields) - {"assignment"}
 def list_validations(
     viewer: Member,
     session: SessionDep,
-    status: ValidationStatus | None = None,
-    outcome: ValidationOutcome | None = None,
-    project_id: str | None = None,
-    coordinator: str | None = None,
-    requester: str | None = None,
+    status: Annotated[ValidationStatus | None, Query(description="validations in this state")] = None,
+    outcome: Annotated[ValidationOutcome | None, Query(description="decided validations with this outcome")] = None,
+    project_id: Annotated[str | None, Query(max_length=128, description="validations of this project or practice")] = None,
+    coordinator: Annotated[str | None, Query(max_length=63, description="validations this institution coordinates")] = None,
+    requester: Annotated[str | None, Query(max_length=63, description="validations this institution requested")] = None,
     reviewer: Annotated[str | None, Query(description="validations this institution is assigned to review")] = None,
     overdue: Annotated[bool | None, Query(description=(
         "true: open validations where a reviewer (the one `reviewer` names, else any) has not reviewed by its due "
@@ -397,7 +405,7 @@ def list_validations(
     response_model_exclude_unset=True,
     responses=ITEM_ERRORS,
 )
-def get_validation(validation_id: Id, viewer: Member, session: SessionDep) -> dict[str, Any]:
+def get_validation(validation_id: ValidationId, viewer: Member, session: SessionDep) -> dict[str, Any]:
     """A validation as the caller may see it: ``reviews`` for the coordinator, the requester, a
     reviewer (their own) and, after the decision, everyone."""
     view = validation_view(session, validation_id, viewer)
@@ -420,7 +428,7 @@ def _day(session: Any, day_id: str) -> dict[str, Any]:
 def list_innovation_days(
     _viewer: Member,
     session: SessionDep,
-    status: Annotated[str | None, Query(description="scheduled, cancelled or held")] = None,
+    status: Annotated[DayStatus | None, Query(description="scheduled (ahead, or not marked held yet), cancelled or held")] = None,
     theme: Theme = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
@@ -437,7 +445,7 @@ def list_innovation_days(
 
 
 @router.get("/innovation-days/{day_id}", response_model=resources.InnovationDay, responses=ITEM_ERRORS)
-def get_innovation_day(day_id: Id, _viewer: Member, session: SessionDep) -> dict[str, Any]:
+def get_innovation_day(day_id: DayId, _viewer: Member, session: SessionDep) -> dict[str, Any]:
     """A day with its ``capacity``, ``confirmed`` attendees and the ``waitlisted`` in order."""
     return _day(session, day_id)
 
@@ -447,7 +455,7 @@ def get_innovation_day(day_id: Id, _viewer: Member, session: SessionDep) -> dict
     response_model=Page[resources.Registration],
     responses=documented(400, 401, 403, 404, 422),
 )
-def list_registrations(day_id: Id, _viewer: Member, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict[str, Any]:
+def list_registrations(day_id: DayId, _viewer: Member, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict[str, Any]:
     """A day's registrations in the order they were requested, refused ones included."""
     _day(session, day_id)
     rows, next_cursor = list_page(days.registrations(session, day_id), lambda r: r["registration_id"], limit=limit, cursor=cursor)
@@ -459,7 +467,7 @@ def list_registrations(day_id: Id, _viewer: Member, session: SessionDep, limit: 
     response_model=Page[resources.Meeting],
     responses=documented(400, 401, 403, 404, 422),
 )
-def list_meetings(day_id: Id, _viewer: Member, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict[str, Any]:
+def list_meetings(day_id: DayId, _viewer: Member, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict[str, Any]:
     """The meetings the matchmaking proposed for a day, by slot."""
     _day(session, day_id)
     rows, next_cursor = list_page(

@@ -35,8 +35,8 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 ROTATION_OVERLAP = timedelta(hours=24)
 """How long a rotated-out secret keeps signing, so receivers can switch at their own pace."""
 
-EndpointId = Annotated[str, Path(min_length=1, max_length=32)]
-DeliveryId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+EndpointId = Annotated[str, Path(min_length=1, max_length=32, description="the endpoint's `id`")]
+DeliveryId = Annotated[int, Path(ge=1, le=2**31 - 1, description="the delivery's `id`")]
 T = TypeVar("T")
 
 
@@ -234,6 +234,7 @@ async def list_endpoints(request: Request, institution: Member, limit: Limit = D
 
 @router.get("/{endpoint_id}", response_model=WebhookEndpoint, responses=ERRORS)
 async def get_endpoint(request: Request, endpoint_id: EndpointId, institution: Member) -> dict[str, Any]:
+    """One of the caller's endpoints: where it sends what, whether it is enabled and how it fares."""
     return _endpoint(await _owned(request, institution, endpoint_id))
 
 
@@ -296,7 +297,8 @@ async def list_deliveries(
     request: Request,
     endpoint_id: EndpointId,
     institution: Member,
-    status: Annotated[store.DeliveryStatus | None, Query()] = None,
+    status: Annotated[store.DeliveryStatus | None, Query(
+        description="pending: owed (in flight or waiting for its retry); delivered; failed: given up or cancelled")] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:

@@ -911,6 +911,33 @@ async def test_a_former_member_cannot_read_and_is_shown_as_one(gateway: Gateway,
 # --- operations ----------------------------------------------------------------------------------
 
 
+async def test_the_openapi_document_describes_every_operation_and_parameter(gateway: Gateway) -> None:
+    """What a developer reads at /docs: each operation says what it answers, each path and query
+    parameter what it selects, and the parameters with a fixed set of values list them (a typo
+    is a 422 naming them, not an empty page)."""
+    openapi = (await gateway.client.get("/openapi.json")).json()
+    undescribed = [
+        f"{method.upper()} {path} {parameter['name']}"
+        for path, operations in openapi["paths"].items()
+        for method, operation in operations.items()
+        for parameter in operation.get("parameters", [])
+        if parameter["in"] in ("path", "query") and not parameter.get("description")
+    ]
+    assert undescribed == []
+    bare = [f"{method.upper()} {path}" for path, operations in openapi["paths"].items()
+            for method, operation in operations.items() if not operation.get("description")]
+    assert bare == []
+    statuses = {path: next(p for p in ops["get"].get("parameters", []) if p["name"] == "status")
+                for path, ops in openapi["paths"].items() if "get" in ops and any(p["name"] == "status" for p in ops["get"].get("parameters", []))}
+    assert set(statuses) >= {"/calls", "/projects", "/validations", "/innovation-days", "/applications"}
+    for path, parameter in statuses.items():
+        assert "enum" in str(parameter["schema"]), path
+    member = await gateway.join("university")
+    typo = problem(await gateway.client.get("/innovation-days", params={"status": "sheduled"}, headers=gateway.auth(member)), 422,
+                   "invalid_request")
+    assert "scheduled" in typo["detail"]
+
+
 async def test_the_openapi_document_types_offered_events_and_describes_webhook_deliveries(gateway: Gateway, municipality: str) -> None:
     from jsonschema import Draft202012Validator
 
