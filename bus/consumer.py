@@ -42,6 +42,9 @@ T = TypeVar("T")
 
 WAIT_RETRY = 0.2
 """Seconds before an event whose applier asked to wait is tried again."""
+PULL_EXPIRES = 5.0
+"""Seconds a consumer's open pull request lasts before it is asked for again."""
+PULL_HEARTBEAT = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class ConsumerSettings:
     max_ack_pending: int = 4096
     start_seq: int | None = None
     """Start at this log sequence instead of the beginning (a consumer added to an existing log)."""
+    claim_patience: float = 0.0
+    """How long starting waits for another process's pull request on the consumer to go
+    (:func:`claim_consumer`); 0: as long as one of a process that ended may last."""
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -136,6 +142,41 @@ class Applier(Protocol):
     def position(self) -> int: ...
 
 
+class ConsumerBusy(RuntimeError):
+    """Another process pulls from the durable consumer this one was to run."""
+
+
+async def claim_consumer(js: JetStreamContext, stream: str, name: str, *, patience: float, every: float = 0.3) -> None:
+    """Return once no other process pulls from the durable consumer ``name`` (or it does not
+    exist yet); raise :class:`ConsumerBusy` when one still does after ``patience`` seconds.
+
+    One process applies a consumer's events: a second would take every other batch into a state
+    of its own (and, finding its database elsewhere in the log, make the consumer again under the
+    first). A running consumer keeps a pull request open (:class:`bus.pull.Puller`), which the
+    server counts as waiting, or, while it works through a backlog, has messages delivered and not
+    yet acknowledged, and moves on between two looks. Messages left unacknowledged by a process
+    that stopped do not move; a pull request it left (its connection not closed) expires within
+    ``patience``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    before: tuple[int, int] | None = None
+    while True:
+        try:
+            info = await js.consumer_info(stream, name)
+        except NotFoundError:
+            return
+        progress = (info.delivered.stream_seq if info.delivered else 0, info.ack_floor.stream_seq if info.ack_floor else 0)
+        if not info.num_waiting and (not info.num_ack_pending or progress == before):
+            return
+        if loop.time() >= deadline:
+            raise ConsumerBusy(
+                f"another process is applying the log's {name!r} consumer (it pulls from {stream} on this NATS): "
+                "one bus applies the log — stop the other one first, or run `collabbus gate` beside it for more ingress"
+            )
+        before = progress
+        await asyncio.sleep(every)
+
+
 @dataclass
 class Consumer:
     """Pulls batches from the log and hands them to ``apply`` (run in a worker thread)."""
@@ -175,6 +216,9 @@ class Consumer:
     transaction for a few dozen of them instead of one for every one or two."""
 
     async def start(self) -> None:
+        # (Before anything is changed: the consumer may be another process's, see there.)
+        await claim_consumer(self.js, self.stream, self.settings.name,
+                             patience=self.settings.claim_patience or PULL_EXPIRES + 2 * PULL_HEARTBEAT + 1.0)
         await ensure_consumer(self.js, self.settings, self.stream)
         await self._continue_from_database()
         info = await self.js.consumer_info(self.stream, self.settings.name)
@@ -184,7 +228,8 @@ class Consumer:
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.settings.name}")
 
     async def _open_puller(self) -> None:
-        self._puller = Puller(self.js._nc, self.stream, self.settings.name, batch=self.settings.batch)
+        self._puller = Puller(self.js._nc, self.stream, self.settings.name, batch=self.settings.batch,
+                              expires=PULL_EXPIRES, heartbeat=PULL_HEARTBEAT)
         await self._puller.start()
 
     async def _continue_from_database(self) -> None:

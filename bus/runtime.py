@@ -265,7 +265,11 @@ class Bus:
             on_applied=self.applied.applied,
         )
         self.relay.clock = self.consumer.timers_now  # deadlines wait for what was logged before them
-        await self.consumer.start()
+        try:
+            await self.consumer.start()  # (refused while another process applies the log: bus.consumer.claim_consumer)
+        except BaseException:
+            self.consumer = self.relay = None  # never started: nothing of theirs to stop or drain
+            raise
         await self.relay.start()
         from connectors.webhooks.dispatcher import WebhookDispatcher, webhook_consumer
 

@@ -92,6 +92,36 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None
         await asyncio.sleep(0.05)
 
 
+async def test_a_second_bus_does_not_take_the_consumer_another_applies(tmp_path: Path, server: EmbeddedNats) -> None:
+    """One bus applies the log: a second one on the same NATS (a data dir and read models of its
+    own) refuses to start its consumers, naming why, and leaves the first one's consumer alone —
+    which goes on applying; once the first has stopped, the second starts."""
+    from bus.consumer import ConsumerBusy
+
+    async with recording_bus(tmp_path / "first", server) as (first, nc, recorder):
+        created = (await first.js.consumer_info(EVENTS_STREAM, "network")).created
+        second_recorder = Recorder()
+        second = Bus(Settings(data_dir=tmp_path / "second", nats_url=server.url, nats_creds=server.bus_creds),
+                     network_factory=recording(second_recorder), consumer_settings=ConsumerSettings("network", claim_patience=1.0))
+        with pytest.raises(ConsumerBusy, match="another process is applying the log's 'network' consumer") as refused:
+            await second.start()
+        assert "collabbus gate" in str(refused.value)
+        await second.stop()
+        assert (await first.js.consumer_info(EVENTS_STREAM, "network")).created == created  # not made again under it
+        event = project_event("after-the-refusal")
+        assert (await offer(nc, FIXTURE["as"], event)).accepted
+        await wait_for(lambda: "after-the-refusal" in recorder.seen)
+        assert second_recorder.seen == []
+
+    started = time.monotonic()
+    second = await start_bus(tmp_path / "second", server, recording(second_recorder), claim_patience=1.0)
+    try:
+        assert time.monotonic() - started < 10  # the first one's pull request went with its connection
+        await wait_for(lambda: "after-the-refusal" in second_recorder.seen)  # it carries on with the whole log
+    finally:
+        await second.stop()
+
+
 async def test_a_poison_event_is_dead_lettered_and_the_rest_flow(tmp_path: Path, server: EmbeddedNats) -> None:
     recorder = Recorder()
     recorder.poison.add("poison-project")
