@@ -122,6 +122,40 @@ async def test_a_second_bus_does_not_take_the_consumer_another_applies(tmp_path:
         await second.stop()
 
 
+async def test_what_a_stopped_consumer_left_unacknowledged_does_not_hold_its_successor_back(server: EmbeddedNats) -> None:
+    """A process pulling from a consumer holds it (its request waits on the server); once its
+    connection is gone, the messages it left unacknowledged (a killed bus's) do not."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from bus.consumer import ConsumerBusy, claim_consumer
+
+    nc = await nats.connect(server.url, **server.connect_options())
+    puller = await nats.connect(server.url, **server.connect_options())
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="CLAIMED", subjects=["claimed.>"])
+        await claim_consumer(js, "CLAIMED", "gone", patience=0.5)  # no such consumer yet: free
+        await js.add_consumer("CLAIMED", ConsumerConfig(durable_name="held", ack_policy=AckPolicy.EXPLICIT))
+        for n in range(5):
+            await js.publish(f"claimed.{n}", b"{}")
+        await claim_consumer(js, "CLAIMED", "held", patience=0.5)  # nobody pulls
+        inbox = puller.new_inbox()
+        got = await puller.subscribe(inbox)
+        await puller.publish("$JS.API.CONSUMER.MSG.NEXT.CLAIMED.held", b'{"batch": 10, "expires": 30000000000}', reply=inbox)
+        for _ in range(5):
+            await got.next_msg(timeout=5)  # delivered, never acknowledged; the request waits for 5 more
+        with pytest.raises(ConsumerBusy, match="'held'"):
+            await claim_consumer(js, "CLAIMED", "held", patience=0.5)
+        await puller.close()  # the process ends: its connection closes with it
+        started = time.monotonic()
+        await claim_consumer(js, "CLAIMED", "held", patience=5.0)
+        assert time.monotonic() - started < 2.0
+        assert (await js.consumer_info("CLAIMED", "held")).num_ack_pending == 5  # left as they were
+    finally:
+        await puller.close()
+        await nc.close()
+
+
 async def test_a_poison_event_is_dead_lettered_and_the_rest_flow(tmp_path: Path, server: EmbeddedNats) -> None:
     recorder = Recorder()
     recorder.poison.add("poison-project")
