@@ -168,6 +168,8 @@ async def claim_consumer(js: JetStreamContext, stream: str, name: str, *, patien
         progress = (info.delivered.stream_seq if info.delivered else 0, info.ack_floor.stream_seq if info.ack_floor else 0)
         if not info.num_waiting and (not info.num_ack_pending or progress == before):
             return
+        if before is None and info.num_waiting:
+            log.info("consumer %s: another process pulls from it; waiting up to %g s for it to go", name, patience)
         if loop.time() >= deadline:
             raise ConsumerBusy(
                 f"another process is applying the log's {name!r} consumer (it pulls from {stream} on this NATS): "
