@@ -307,6 +307,32 @@ def test_asyncapi_lists_every_event_type() -> None:
     assert yaml_result.returncode == 0 and yaml_result.stdout.startswith("asyncapi:")
 
 
+def project_offer(member: str, prefix: str) -> dict[str, Any]:
+    """A new project of ``member``'s, as the member offers it."""
+    fixture = load_fixtures()["project.registered"]
+    event = dict(fixture["event"], id=unique(prefix), source=f"/institutions/{member}")
+    event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
+    event["subject"] = event["data"]["project_id"]
+    return event
+
+
+async def closed_by_the_server(nc: Any, what: str) -> None:
+    """Wait (up to 10 s) for the server to close a connection whose credentials were revoked."""
+    deadline = time.monotonic() + 10
+    while nc.is_connected:
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+def member_with_token(env: dict[str, str], prefix: str, name: str) -> tuple[str, str]:
+    """A new member of the running bus (added with the CLI) and an HTTP token of its."""
+    member = unique(prefix)
+    added = cli("institutions", "add", member, "--name", name, "--kind", load_fixtures()["project.registered"]["kind"],
+                "--country", "FI", env=env)
+    assert added.returncode == 0, added.stderr + added.stdout
+    return member, cli("institutions", "token", member, env=env).stdout.strip()
+
+
 async def test_institutions_creds_writes_credentials_that_work(running_bus: dict[str, str], tmp_path: Path) -> None:
     """A member's credentials from `collabbus institutions creds`, used by a plain NATS client."""
     import nats
@@ -344,9 +370,7 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
                             inbox_prefix=f"_INBOX.{member}")
     try:
         followed = await nc.subscribe("collab.live.*.project.>")  # the public log, live
-        event = dict(fixture["event"], id=unique("via-creds"), source=f"/institutions/{member}")
-        event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
-        event["subject"] = event["data"]["project_id"]
+        event = project_offer(member, "via-creds")
         verdict = await offer(nc, member, event)
         assert verdict.accepted, verdict.as_dict()
         seen = []  # (other tests may offer projects to the same bus meanwhile)
@@ -363,10 +387,7 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
         revoked = cli("institutions", "revoke", member, "--json", env=elsewhere)
         assert revoked.returncode == 0, revoked.stderr
         assert json.loads(revoked.stdout) == {"institution": member, "revoked": 0, "nats_credentials_revoked": 2}
-        deadline = time.monotonic() + 10
-        while nc.is_connected:
-            assert time.monotonic() < deadline, "the revoked connection stayed open"
-            await asyncio.sleep(0.05)
+        await closed_by_the_server(nc, "the revoked connection stayed open")
         with pytest.raises(Exception, match="Authorization Violation"):
             await nats.connect(f"nats://{env['COLLABBUS_NATS_LISTEN']}", user_credentials=str(path), allow_reconnect=False,
                                max_reconnect_attempts=0, connect_timeout=3, inbox_prefix=f"_INBOX.{member}")
@@ -386,11 +407,7 @@ async def test_institutions_creds_replace_rotates_a_members_credentials(running_
     from bus.client import offer
 
     env = running_bus
-    fixture = load_fixtures()["project.registered"]
-    member = unique("rotate")
-    added = cli("institutions", "add", member, "--name", "Rotate", "--kind", fixture["kind"], "--country", "FI", env=env)
-    assert added.returncode == 0, added.stderr + added.stdout
-    token = cli("institutions", "token", member, env=env).stdout.strip()
+    member, token = member_with_token(env, "rotate", "Rotate")
     old, new = tmp_path / "old.creds", tmp_path / "new.creds"
     assert cli("institutions", "creds", member, "--output", str(old), env=env).returncode == 0
     url = f"nats://{env['COLLABBUS_NATS_LISTEN']}"
@@ -399,10 +416,7 @@ async def test_institutions_creds_replace_rotates_a_members_credentials(running_
         rotated = cli("institutions", "creds", member, "--replace", "--output", str(new), "--json", env=env)
         assert rotated.returncode == 0, rotated.stderr
         assert json.loads(rotated.stdout)["replaced"] == 1
-        deadline = time.monotonic() + 10
-        while held.is_connected:
-            assert time.monotonic() < deadline, "the replaced credentials' connection stayed open"
-            await asyncio.sleep(0.05)
+        await closed_by_the_server(held, "the replaced credentials' connection stayed open")
     finally:
         await held.close()
     with pytest.raises(Exception, match="Authorization Violation"):
@@ -410,9 +424,7 @@ async def test_institutions_creds_replace_rotates_a_members_credentials(running_
                            connect_timeout=3, inbox_prefix=f"_INBOX.{member}")
     nc = await nats.connect(url, user_credentials=str(new), inbox_prefix=f"_INBOX.{member}")
     try:
-        event = dict(fixture["event"], id=unique("rotated"), source=f"/institutions/{member}")
-        event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
-        event["subject"] = event["data"]["project_id"]
+        event = project_offer(member, "rotated")
         verdict = await offer(nc, member, event)
         assert verdict.accepted, verdict.as_dict()
     finally:
@@ -436,11 +448,7 @@ async def test_a_rotation_without_a_gap_retires_the_earlier_credentials_once_the
     from bus.client import offer
 
     env = running_bus
-    fixture = load_fixtures()["project.registered"]
-    member = unique("gapless")
-    added = cli("institutions", "add", member, "--name", "Gapless", "--kind", fixture["kind"], "--country", "FI", env=env)
-    assert added.returncode == 0, added.stderr + added.stdout
-    token = cli("institutions", "token", member, env=env).stdout.strip()
+    member, token = member_with_token(env, "gapless", "Gapless")
     none_yet = cli("institutions", "revoke", member, "--earlier-creds", env=env)
     assert none_yet.returncode == 1 and f"no NATS credentials were issued to {member}" in none_yet.stderr
     old, new = tmp_path / "old.creds", tmp_path / "new.creds"
@@ -460,13 +468,8 @@ async def test_a_rotation_without_a_gap_retires_the_earlier_credentials_once_the
             retired = cli("institutions", "revoke", member, "--earlier-creds", "--json", env=env)
             assert retired.returncode == 0, retired.stderr
             assert json.loads(retired.stdout) == {"institution": member, "revoked": 0, "nats_credentials_revoked": 1}
-            deadline = time.monotonic() + 10
-            while held.is_connected:
-                assert time.monotonic() < deadline, "the earlier credentials' connection stayed open"
-                await asyncio.sleep(0.05)
-            event = dict(fixture["event"], id=unique("gapless"), source=f"/institutions/{member}")
-            event["data"] = dict(event["data"], owner=member, project_id=unique("p"))
-            event["subject"] = event["data"]["project_id"]
+            await closed_by_the_server(held, "the earlier credentials' connection stayed open")
+            event = project_offer(member, "gapless")
             verdict = await offer(fresh, member, event)  # the new connection was never cut
             assert verdict.accepted, verdict.as_dict()
         finally:
