@@ -117,10 +117,13 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def encode_jwt(signer: nkeys.KeyPair, subject: str, name: str, nats: dict[str, Any], *, issued_at: int | None = None) -> str:
+def encode_jwt(signer: nkeys.KeyPair, subject: str, name: str, nats: dict[str, Any], *, issued_at: int | None = None,
+               expires: int | None = None) -> str:
     """A NATS JWT for ``subject`` signed by ``signer``, as nats-io/jwt v2 encodes one (issued now,
-    unless ``issued_at`` says when)."""
-    standard = {"iat": int(time.time()) if issued_at is None else issued_at, "iss": public_key(signer), "name": name, "sub": subject}
+    unless ``issued_at`` says when; valid until ``expires``, s since the epoch, when given: the
+    server refuses it after that and closes the connections made with it)."""
+    standard = {**({"exp": expires} if expires is not None else {}),
+                "iat": int(time.time()) if issued_at is None else issued_at, "iss": public_key(signer), "name": name, "sub": subject}
     # nats-io/jwt hashes the standard claims (Go's field order, jti still empty) for a repeatable id.
     jti = base64.b32encode(hashlib.new("sha512_256", _json(standard)).digest()).rstrip(b"=").decode()
     claims = {"jti": jti, **standard, "nats": nats}
@@ -158,12 +161,12 @@ def account_jwt(
     return encode_jwt(operator, account, name, nats)
 
 
-def user_jwt(account: nkeys.KeyPair, user: str, name: str, permissions: dict[str, Any] | None) -> str:
+def user_jwt(account: nkeys.KeyPair, user: str, name: str, permissions: dict[str, Any] | None, *, expires: int | None = None) -> str:
     """A user JWT signed by the account; ``permissions`` None means every right within the account."""
     nats: dict[str, Any] = {"subs": _UNLIMITED, "data": _UNLIMITED, "payload": _UNLIMITED, "type": "user", "version": 2}
     if permissions:
         nats.update(permissions)
-    return encode_jwt(account, user, name, nats)
+    return encode_jwt(account, user, name, nats, expires=expires)
 
 
 def member_inbox_prefix(institution: str) -> str:
@@ -207,11 +210,12 @@ def format_creds(token: str, seed: bytes) -> str:
     )
 
 
-def issue_creds(account: nkeys.KeyPair, name: str, permissions: dict[str, Any] | None) -> str:
-    """New credentials (a fresh user key) signed by ``account``, as the text of a ``.creds`` file."""
+def issue_creds(account: nkeys.KeyPair, name: str, permissions: dict[str, Any] | None, *, expires: int | None = None) -> str:
+    """New credentials (a fresh user key) signed by ``account``, as the text of a ``.creds`` file
+    (valid until ``expires``, s since the epoch, when given)."""
     seed = new_seed(nkeys.PREFIX_BYTE_USER)
     user = public_key(nkeys.from_seed(bytearray(seed)))
-    return format_creds(user_jwt(account, user, name, permissions), seed)
+    return format_creds(user_jwt(account, user, name, permissions, expires=expires), seed)
 
 
 MEMBER_SUBSCRIPTIONS = 100
@@ -219,7 +223,7 @@ MEMBER_SUBSCRIPTIONS = 100
 every public log subject)."""
 
 
-def partner_creds(account: nkeys.KeyPair, institution: str) -> str:
+def partner_creds(account: nkeys.KeyPair, institution: str, *, expires: int | None = None) -> str:
     """A member's ``.creds``: it may offer events on its own ingress subjects and read its verdicts.
 
     Its message size is the server's: a member's oversize offer is refused by the gate, unread
@@ -227,7 +231,7 @@ def partner_creds(account: nkeys.KeyPair, institution: str) -> str:
     in the credentials would make the server drop it); a flood of them is what the ingress rate
     limit is for."""
     limits = {"subs": MEMBER_SUBSCRIPTIONS}
-    return issue_creds(account, institution, {**partner_permissions(institution), **limits})
+    return issue_creds(account, institution, {**partner_permissions(institution), **limits}, expires=expires)
 
 
 # --------------------------------------------------------------------------- files
@@ -331,11 +335,13 @@ class Authority:
             "}",
         ]
 
-    def member_creds(self, institution: str) -> str:
-        """New credentials for a member (:func:`partner_creds`), noted so that they can be revoked."""
-        text = partner_creds(self.account, institution)
+    def member_creds(self, institution: str, *, expires: int | None = None) -> str:
+        """New credentials for a member (:func:`partner_creds`; valid until ``expires`` when given),
+        noted so that they can be revoked."""
+        text = partner_creds(self.account, institution, expires=expires)
         user = decode_jwt_claims(text.splitlines()[1])["sub"]
-        line = json.dumps({"institution": institution, "user": user, "issued_at": int(time.time())}) + "\n"
+        noted = {"institution": institution, "user": user, "issued_at": int(time.time()), **({"expires_at": expires} if expires else {})}
+        line = json.dumps(noted) + "\n"
         path = self.directory / self.ISSUED
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as handle:
@@ -352,11 +358,19 @@ class Authority:
         return [entry["user"] for entry in self._issued() if entry.get("institution") == institution]
 
     def credentials_of(self, institution: str) -> list[dict[str, Any]]:
-        """The credentials issued to ``institution``, oldest first: ``{user, issued_at, revoked_at}``
-        (times in s since the epoch; ``revoked_at`` None while they are valid)."""
+        """The credentials issued to ``institution``, oldest first: ``{user, issued_at, expires_at,
+        revoked_at}`` (times in s since the epoch; ``expires_at`` None for credentials valid until
+        revoked, ``revoked_at`` None for those not revoked)."""
         revoked = self.revocations()
-        return [{"user": entry["user"], "issued_at": entry.get("issued_at"), "revoked_at": revoked.get(entry["user"])}
+        return [{"user": entry["user"], "issued_at": entry.get("issued_at"), "expires_at": entry.get("expires_at"),
+                 "revoked_at": revoked.get(entry["user"])}
                 for entry in self._issued() if entry.get("institution") == institution]
+
+    def valid_credentials(self, institution: str) -> list[str]:
+        """The user keys of ``institution``'s credentials neither revoked nor expired, oldest first."""
+        now = time.time()
+        return [entry["user"] for entry in self.credentials_of(institution)
+                if entry["revoked_at"] is None and (entry["expires_at"] is None or entry["expires_at"] > now)]
 
     def holders(self) -> set[str]:
         """The institutions holding credentials issued here that are not all revoked."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 from sqlalchemy import Column
@@ -41,6 +41,8 @@ class InstitutionToken(_Credentials, table=True):
     institution: str = Field(index=True, max_length=63)
     created_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     revoked_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    expires_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    """None: valid until revoked."""
 
 
 def token_hash(token: str) -> str:
@@ -48,24 +50,41 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def issue(session: Session, institution: str) -> str:
-    """A new token for ``institution``; the only moment the token itself exists in clear."""
+def issue(session: Session, institution: str, *, valid_for: timedelta | None = None) -> str:
+    """A new token for ``institution`` (valid for ``valid_for`` when given, else until revoked);
+    the only moment the token itself exists in clear."""
     token = PREFIX + secrets.token_urlsafe(32)
-    session.add(InstitutionToken(token_hash=token_hash(token), institution=institution, created_at=datetime.now(timezone.utc)))
+    now = datetime.now(timezone.utc)
+    session.add(InstitutionToken(token_hash=token_hash(token), institution=institution, created_at=now,
+                                 expires_at=now + valid_for if valid_for is not None else None))
     return token
 
 
 _HOLDER = sa.select(InstitutionToken.institution).where(  # type: ignore[call-overload]
-    InstitutionToken.token_hash == sa.bindparam("token_hash"), col(InstitutionToken.revoked_at).is_(None)
+    InstitutionToken.token_hash == sa.bindparam("token_hash"), col(InstitutionToken.revoked_at).is_(None),
+    sa.or_(col(InstitutionToken.expires_at).is_(None), col(InstitutionToken.expires_at) > sa.bindparam("now")),
+)
+_ENDED = sa.select(InstitutionToken.revoked_at, InstitutionToken.expires_at).where(  # type: ignore[call-overload]
+    InstitutionToken.token_hash == sa.bindparam("token_hash")
 )
 
 
 def institution_of(connection: sa.Connection, token: str) -> str | None:
-    """The institution a valid token speaks for; None for an unknown or revoked token. One indexed
-    read on a plain connection: the HTTP gateway checks every request."""
+    """The institution a valid token speaks for; None for an unknown, revoked or expired token.
+    One indexed read on a plain connection: the HTTP gateway checks every request."""
     if not token.startswith(PREFIX) or len(token) > 128:
         return None
-    return connection.execute(_HOLDER, {"token_hash": token_hash(token)}).scalar()
+    return connection.execute(_HOLDER, {"token_hash": token_hash(token), "now": datetime.now(timezone.utc)}).scalar()
+
+
+def why_refused(connection: sa.Connection, token: str) -> str:
+    """Why :func:`institution_of` found no institution for ``token``, for the caller to read."""
+    found = connection.execute(_ENDED, {"token_hash": token_hash(token)}).first() if token.startswith(PREFIX) and len(token) <= 128 else None
+    if found is None:
+        return "the token is unknown"
+    if found.revoked_at is not None:
+        return f"the token was revoked at {found.revoked_at.isoformat(timespec='seconds')}"
+    return f"the token expired at {found.expires_at.isoformat(timespec='seconds')}; `collabbus institutions token ID` issues a new one"
 
 
 def tokens_of(session: Session, institution: str) -> list[InstitutionToken]:

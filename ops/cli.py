@@ -15,8 +15,10 @@ import os
 import re
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional, TypeVar
 
@@ -1517,6 +1519,8 @@ def institutions_list(
 @with_settings
 def institutions_token(
     institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's id")],
+    expires: Annotated[Optional[str], typer.Option(
+        "--expires", metavar="DURATION", help="valid for this long: 90d, 12h, 30m, 2w (default: until revoked)")] = None,
     *,
     settings: Settings,
 ) -> None:
@@ -1525,13 +1529,25 @@ def institutions_token(
     from handlers.db import session_scope
     from handlers.institutions import member
 
+    valid_for = _duration(expires, "--expires") if expires is not None else None
     with _read_models(settings) as engine, session_scope(engine) as session:
         if member(session, institution_id) is None:
             err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the read models "
                       f"at {settings.db_url}); add it with `collabbus institutions add` first")
             raise typer.Exit(1)
-        token = tokens.issue(session, institution_id)
+        token = tokens.issue(session, institution_id, valid_for=valid_for)
     sys.stdout.write(token + "\n")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str, hint: str) -> timedelta:
+    """``90d``, ``12h``, ``30m``, ``2w``, ``45s``: a positive span of time."""
+    found = re.fullmatch(r"\s*([1-9][0-9]{0,6})\s*([smhdw])\s*", text.lower())
+    if found is None:
+        raise typer.BadParameter(f"{text!r} is not a duration such as 90d, 12h, 30m or 2w", param_hint=hint)
+    return timedelta(seconds=int(found.group(1)) * _DURATION_UNITS[found.group(2)])
 
 
 @institutions_app.command("revoke")
@@ -1652,6 +1668,8 @@ def institutions_creds(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the file here (0600) instead of stdout")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="report where the file went, as JSON (with --output)")] = False,
     replace: Annotated[bool, typer.Option("--replace", help="revoke the member's earlier NATS credentials first (its HTTP tokens stay)")] = False,
+    expires: Annotated[Optional[str], typer.Option(
+        "--expires", metavar="DURATION", help="valid for this long: 90d, 12h, 30m, 2w (default: until revoked)")] = None,
     *,
     settings: Settings,
 ) -> None:
@@ -1673,6 +1691,7 @@ def institutions_creds(
     from bus.membership import Membership
     from handlers.confidential import public_live_subjects
 
+    until = int(time.time() + _duration(expires, "--expires").total_seconds()) if expires is not None else None
     try:
         if settings.nats_account_seed is not None:
             account = read_account_seed(settings.nats_account_seed.get_secret_value())
@@ -1704,14 +1723,17 @@ def institutions_creds(
     earlier: int | None = None  # (unknown on an external server)
     if settings.nats_account_seed is None and settings.embedded:  # noted, so that `institutions revoke` can revoke them
         authority = embedded_authority(settings)
-        earlier = len(set(authority.issued_to(institution_id)) - set(authority.revocations()))
-        creds = authority.member_creds(institution_id)
+        earlier = len(authority.valid_credentials(institution_id))
+        creds = authority.member_creds(institution_id, expires=until)
     else:
-        creds = partner_creds(account, institution_id)
+        creds = partner_creds(account, institution_id, expires=until)
     prefix = member_inbox_prefix(institution_id)
     connecting = (f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these "
                   "credentials may read); they may also follow the events every member sees as the log stores them, "
                   "each with its log sequence (the Nats-Sequence header), on " + ", ".join(public_live_subjects()))
+    expiry = datetime.fromtimestamp(until, timezone.utc).isoformat() if until is not None else None
+    if expiry is not None:
+        connecting = f"valid until {expiry[:19].replace('T', ' ')} UTC (the server closes their connections then); " + connecting
     if replace:
         connecting = (f"revoked {replaced} earlier NATS credential{'s' if replaced != 1 else ''} of {institution_id}"
                       + (" (the server closed their connections)" if reloaded and replaced else "") + "; " + connecting)
@@ -1727,7 +1749,7 @@ def institutions_creds(
     write_secret(output, creds)
     if as_json:
         out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account),
-                             "inbox_prefix": prefix, "live_subjects": public_live_subjects(),
+                             "inbox_prefix": prefix, "live_subjects": public_live_subjects(), "expires_at": expiry,
                              **({"replaced": replaced} if replace else {}),
                              **({"earlier_valid": earlier} if earlier is not None and not replace else {})})
     else:
@@ -1742,50 +1764,55 @@ def institutions_access(
     *,
     settings: Settings,
 ) -> None:
-    """Who may speak for a member: every HTTP token and NATS credentials issued to it, when, and
-    whether and when they were revoked. Tokens are named by the start of their SHA-256 (only that
-    is stored); credentials by their user key (the `sub` of the file's JWT). The NATS credentials
-    are those the embedded server's keys signed (an external server's account keeps its own)."""
-    from datetime import datetime, timezone
-
+    """Who may speak for a member: every HTTP token and NATS credentials issued to it, when, until
+    when, and whether and when they were revoked. Tokens are named by the start of their SHA-256
+    (only that is stored); credentials by their user key (the `sub` of the file's JWT). The NATS
+    credentials are those the embedded server's keys signed (an external server's account keeps its own)."""
     from bus.connection import embedded_authority, embedded_store
     from bus.credentials import Authority
     from handlers import tokens
     from handlers.db import session_scope
 
+    def stamp(value: datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
+
     with _read_models(settings) as engine, session_scope(engine) as session:
-        held = [{"sha256": row.token_hash[:12], "created_at": row.created_at.isoformat(),
-                 "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None}
+        held = [{"sha256": row.token_hash[:12], "created_at": stamp(row.created_at), "expires_at": stamp(row.expires_at),
+                 "revoked_at": stamp(row.revoked_at)}
                 for row in tokens.tokens_of(session, institution_id)]
-    embedded = settings.nats_account_seed is None and settings.embedded
     creds: list[dict[str, Any]] | None = None
-    if embedded:
+    if settings.nats_account_seed is None and settings.embedded:
         creds = []
         if (embedded_store(settings) / Authority.DIRECTORY).is_dir():
             def when(seconds: int | None) -> str | None:
-                return datetime.fromtimestamp(seconds, timezone.utc).isoformat() if seconds is not None else None
-            creds = [{"user": entry["user"], "issued_at": when(entry["issued_at"]), "revoked_at": when(entry["revoked_at"])}
+                return stamp(datetime.fromtimestamp(seconds, timezone.utc)) if seconds is not None else None
+            creds = [{"user": entry["user"], "issued_at": when(entry["issued_at"]), "expires_at": when(entry["expires_at"]),
+                      "revoked_at": when(entry["revoked_at"])}
                      for entry in embedded_authority(settings).credentials_of(institution_id)]
     if as_json:
         out.print_json(data={"institution": institution_id, "tokens": held, "nats_credentials": creds})
         return
 
-    def shown(value: str | None) -> str:
-        return value[:19].replace("T", " ") if value else "—"
+    now = datetime.now(timezone.utc).isoformat()
 
-    valid = sum(1 for row in held if row["revoked_at"] is None)
-    table = Table("token (sha256)", "issued (UTC)", "revoked (UTC)", title=f"HTTP tokens of {institution_id}: {valid} valid")
+    def shown(value: str | None, none: str = "—") -> str:
+        return value[:19].replace("T", " ") if value else none
+
+    def valid(rows: list[dict[str, Any]]) -> int:
+        return sum(1 for row in rows if row["revoked_at"] is None and (row["expires_at"] is None or row["expires_at"] > now))
+
+    columns = ("issued (UTC)", "expires (UTC)", "revoked (UTC)")
+    table = Table("token (sha256)", *columns, title=f"HTTP tokens of {institution_id}: {valid(held)} valid")
     for row in held:
-        table.add_row(f"{row['sha256']}…", shown(row["created_at"]), shown(row["revoked_at"]))
+        table.add_row(f"{row['sha256']}…", shown(row["created_at"]), shown(row["expires_at"], "never"), shown(row["revoked_at"]))
     out.print(table if held else f"HTTP tokens of {institution_id}: none issued")
     if creds is None:
         out.print(f"NATS credentials of {institution_id}: signed with the external server's account key, "
                   "which keeps no list here (its account's JWT holds the revocations)")
         return
-    valid = sum(1 for entry in creds if entry["revoked_at"] is None)
-    table = Table("user key", "issued (UTC)", "revoked (UTC)", title=f"NATS credentials of {institution_id}: {valid} valid")
+    table = Table("user key", *columns, title=f"NATS credentials of {institution_id}: {valid(creds)} valid")
     for entry in creds:
-        table.add_row(entry["user"], shown(entry["issued_at"]), shown(entry["revoked_at"]))
+        table.add_row(entry["user"], shown(entry["issued_at"]), shown(entry["expires_at"], "never"), shown(entry["revoked_at"]))
     out.print(table if creds else f"NATS credentials of {institution_id}: none issued here")
 
 

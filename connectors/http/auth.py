@@ -64,8 +64,13 @@ async def _authenticate(request: Request, token: str | None) -> str:
     else:
         institution = await run_in_threadpool(_institution_of, engine, token)
     if institution is None:
-        raise ApiProblem(401, "the token is unknown or revoked", headers=_CHALLENGE)
+        raise ApiProblem(401, await run_in_threadpool(_why_refused, engine, token), headers=_CHALLENGE)
     return institution
+
+
+def _why_refused(engine: Any, token: str) -> str:
+    with reading(engine).connect() as connection:
+        return tokens.why_refused(connection, token)
 
 
 async def token_holder(request: Request) -> str:

@@ -324,6 +324,44 @@ async def test_a_connection_without_valid_credentials_is_refused(nats_server: Em
     assert any("Authorization Violation" in str(e) for e in errors), errors
 
 
+async def test_credentials_that_expire_work_until_then_and_are_refused_after(
+    nats_server: EmbeddedNats, partner: Client, tmp_path: Path
+) -> None:
+    """Credentials issued with an expiry: a member connects and offers with them; at the expiry
+    the server closes the connection, and they are refused from then on."""
+    import time
+
+    institution = unique("expiring")
+    await join(partner, institution, FIXTURE["kind"], country="FI")
+    assert nats_server.authority is not None
+    until = int(time.time()) + 3
+    creds = tmp_path / "expiring.creds"
+    creds.write_text(partner_creds(nats_server.authority.account, institution, expires=until))
+    assert decode_jwt_claims(creds.read_text().splitlines()[1])["exp"] == until
+    closed = asyncio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    nc = await nats.connect(nats_server.url, user_credentials=str(creds), inbox_prefix=member_inbox_prefix(institution),
+                            allow_reconnect=False, closed_cb=on_closed)
+    try:
+        assert (await offer(nc, institution, project_event(institution))).accepted
+        await asyncio.wait_for(closed.wait(), timeout=10)  # closed by the server at the expiry
+        assert time.time() >= until - 1
+    finally:
+        await nc.close()
+    errors: list[Exception] = []
+
+    async def record(exc: Exception) -> None:
+        errors.append(exc)
+
+    with pytest.raises(Exception):
+        await nats.connect(nats_server.url, user_credentials=str(creds), allow_reconnect=False, max_reconnect_attempts=0,
+                           connect_timeout=3, error_cb=record, inbox_prefix=member_inbox_prefix(institution))
+    assert any("Authorization Violation" in str(e) or "Expired" in str(e) for e in errors), errors
+
+
 def test_issued_credentials_are_a_standard_creds_file(nats_server: EmbeddedNats) -> None:
     assert nats_server.authority is not None
     account = nats_server.authority.account

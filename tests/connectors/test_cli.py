@@ -102,6 +102,21 @@ async def test_the_cli_lists_a_members_tokens_and_revokes_one_by_its_listed_hash
     again = cli("revoke", member, "--token", listed["tokens"][1]["sha256"])
     assert again.returncode == 1 and "unknown or revoked already" in again.stdout
 
+    from datetime import datetime, timedelta, timezone
+
+    lasting = subprocess.run([*COLLABBUS, "institutions", "token", member, "--expires", "12h"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert lasting.returncode == 0 and lasting.stdout.startswith("cb_"), lasting.stderr
+    expiring = json.loads(cli("access", member, "--json").stdout)["tokens"][-1]
+    assert expiring["sha256"] == token_hash(lasting.stdout.strip())[:12]
+    expires_in = datetime.fromisoformat(expiring["expires_at"]) - datetime.now(timezone.utc)
+    assert timedelta(hours=11, minutes=59) < expires_in <= timedelta(hours=12)
+    assert all(row["expires_at"] is None for row in listed["tokens"])  # the others: until revoked
+    assert "12h" not in cli("access", member).stdout and "never" in cli("access", member).stdout
+    wrong = subprocess.run([*COLLABBUS, "institutions", "token", member, "--expires", "soon"], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert wrong.returncode == 2 and "not a duration" in wrong.stderr and wrong.stdout == ""
+
 
 def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
     http = f"127.0.0.1:{free_port()}"

@@ -142,12 +142,23 @@ async def test_no_unknown_or_revoked_token_is_401(gateway: Gateway, municipality
     response = await gateway.client.post("/events", json=event, headers={"content-type": "application/cloudevents+json"})
     problem(response, 401, "unauthorized")
     assert response.headers["www-authenticate"].startswith("Bearer")
-    problem(await gateway.post({"Authorization": "Bearer cb_not-a-token"}, event), 401, "unauthorized")
+    unknown = problem(await gateway.post({"Authorization": "Bearer cb_not-a-token"}, event), 401, "unauthorized")
+    assert unknown["detail"] == "the token is unknown"
     token = gateway.token(municipality)
     with session_scope(gateway.bus.engine) as session:
         assert tokens.revoke(session, token)
-    problem(await gateway.post({"Authorization": f"Bearer {token}"}, event), 401, "unauthorized")
+    revoked = problem(await gateway.post({"Authorization": f"Bearer {token}"}, event), 401, "unauthorized")
+    assert revoked["detail"].startswith("the token was revoked at ")
     problem(await gateway.client.get("/projects", headers={"Authorization": f"Bearer {token}"}), 401, "unauthorized")
+
+
+async def test_a_token_that_expires_works_until_then_and_is_401_after(gateway: Gateway, municipality: str) -> None:
+    with session_scope(gateway.bus.engine) as session:
+        lasting = tokens.issue(session, municipality, valid_for=timedelta(seconds=1))
+    assert (await gateway.client.get("/me", headers={"Authorization": f"Bearer {lasting}"})).status_code == 200
+    await asyncio.sleep(1.2)
+    expired = problem(await gateway.client.get("/me", headers={"Authorization": f"Bearer {lasting}"}), 401, "unauthorized")
+    assert expired["detail"].startswith("the token expired at ") and "collabbus institutions token" in expired["detail"]
 
 
 async def test_publishing_as_another_institution_or_a_type_your_kind_may_not_emit_is_403(gateway: Gateway, municipality: str) -> None:

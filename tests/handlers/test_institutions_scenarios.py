@@ -139,3 +139,24 @@ def test_the_migration_creates_exactly_the_network_tables(engine: Engine) -> Non
         return str(operation[2])
 
     assert [d for d in differences if table_of(d) in NETWORK_TABLES] == []
+
+
+@pytest.mark.parametrize("kept", ["tokens", "webhooks"])
+def test_the_migrations_create_exactly_the_tables_kept_apart_from_the_read_models(engine: Engine, kept: str) -> None:
+    """The HTTP tokens' and the webhooks' tables (their own metadata, which a rebuild leaves alone)
+    agree with their migrations too: names, columns, types, indexes."""
+    from connectors.webhooks.store import WEBHOOKS
+    from handlers.tokens import CREDENTIALS
+
+    metadata = {"tokens": CREDENTIALS, "webhooks": WEBHOOKS}[kept]
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, metadata)
+
+    def about_these(difference: Any) -> bool:
+        operation = difference[0] if isinstance(difference, list) else difference
+        if operation[0] == "remove_table":  # the database's other tables: another metadata's
+            return False
+        return any(name in str(operation) for name in metadata.tables)
+
+    assert [d for d in differences if about_these(d)] == []

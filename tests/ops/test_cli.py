@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -492,6 +493,12 @@ async def test_a_rotation_without_a_gap_retires_the_earlier_credentials_once_the
     assert [row["revoked_at"] for row in listed["tokens"]] == [None]
     shown = cli("institutions", "access", member, env={**env, "COLUMNS": "200"}).stdout
     assert "NATS credentials of " + member + ": 1 valid" in shown and users[0] in shown and "HTTP tokens of" in shown
+    lasting = cli("institutions", "creds", member, "--expires", "2w", "--output", str(tmp_path / "lasting.creds"), "--json", env=env)
+    assert lasting.returncode == 0, lasting.stderr
+    expires_at = json.loads(lasting.stdout)["expires_at"]
+    claims = decode_jwt_claims((tmp_path / "lasting.creds").read_text().splitlines()[1])
+    assert claims["exp"] == int(datetime.fromisoformat(expires_at).timestamp()) and claims["exp"] - claims["iat"] == 14 * 86400
+    assert json.loads(cli("institutions", "access", member, "--json", env=env).stdout)["nats_credentials"][-1]["expires_at"] == expires_at
     both = cli("institutions", "revoke", member, "--earlier-creds", "--token", token, env=env)
     assert both.returncode == 2 and "give one of them" in both.stderr
 
