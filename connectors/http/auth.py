@@ -45,7 +45,8 @@ def read_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(read_session, scope="function")]
 
 
-def _bearer(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
+    """The token of the request's ``Authorization: Bearer`` header, if any."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
 
@@ -75,7 +76,7 @@ def _why_refused(engine: Any, token: str) -> str:
 
 async def token_holder(request: Request) -> str:
     """The institution whose token the request carries."""
-    return await _authenticate(request, _bearer(request))
+    return await _authenticate(request, bearer_token(request))
 
 
 async def _require_member(request: Request, institution: str) -> str:
@@ -94,7 +95,7 @@ async def calendar_member(
     token: Annotated[str | None, Query(description="the token, for calendar clients that cannot send headers")] = None,
 ) -> str:
     """Like :func:`member`, also accepting ``?token=``."""
-    return await _require_member(request, await _authenticate(request, _bearer(request) or token))
+    return await _require_member(request, await _authenticate(request, bearer_token(request) or token))
 
 
 Publisher = Annotated[str, Depends(token_holder)]

@@ -21,10 +21,11 @@ from sqlmodel import Session, col, select
 from bus.credentials import member_inbox_prefix, member_ingress
 from bus.verdict import Problem
 from connectors.http import resources
-from connectors.http.auth import Member, SessionDep, bus_of, engine_of
+from connectors.http.auth import Member, SessionDep, bearer_token, bus_of, engine_of
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page, keyset_page, list_page
 from connectors.http.problems import ApiProblem, documented
 from handlers import innovation_days as days
+from handlers import tokens
 from handlers.confidential import public_live_subjects
 from handlers.calls import Call, CallApplication, may_see_application, status_is
 from handlers.db import reading
@@ -107,16 +108,22 @@ async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
     client do (offer on ``collab.ingress.{id}.>``, read its verdicts under its inbox prefix,
     follow the public events live on ``collab.live``)."""
     kind = await bus_of(request).membership.kind_of(viewer)
+    bearer = bearer_token(request)
 
-    def read() -> dict[str, Any] | None:
+    def read() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         with Session(reading(engine_of(request))) as session:
             row = session.get(Institution, viewer)
-            return row.model_dump() if row is not None else None
+            held = session.get(tokens.InstitutionToken, tokens.token_hash(bearer)) if bearer is not None else None
+            token = None if held is None else {
+                "sha256": held.token_hash[:12], "created_at": held.created_at, "expires_at": held.expires_at}
+            return (row.model_dump() if row is not None else None), token
 
+    institution, token = await run_in_threadpool(read)
     return {
         "id": viewer,
         "kind": kind,
-        "institution": await run_in_threadpool(read),
+        "institution": institution,
+        "token": token,
         "may_emit": [event_type for event_type in event_types() if kind is not None and may_emit(kind, event_type)],
         "nats": {"ingress": member_ingress(viewer), "inbox_prefix": member_inbox_prefix(viewer),
                  "live_subjects": public_live_subjects()},

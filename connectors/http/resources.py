@@ -50,6 +50,16 @@ class MemberNats(Resource):
     in the ``Nats-Sequence`` header."""
 
 
+class MeToken(Resource):
+    """The token the request was made with (``collabbus institutions access ID`` lists them so)."""
+
+    sha256: str
+    """The start of its SHA-256 (only that is stored)."""
+    created_at: datetime
+    expires_at: datetime | None
+    """When it stops working (None: when it is revoked)."""
+
+
 class Me(Resource):
     """The member a token speaks for (``GET /me``)."""
 
@@ -63,6 +73,8 @@ class Me(Resource):
     workflows, which refuse what the owner alone may do."""
     nats: MemberNats
     """Its way in over NATS."""
+    token: MeToken | None = None
+    """The token this request was made with."""
 
 
 class Call(Resource):

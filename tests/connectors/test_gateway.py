@@ -155,7 +155,11 @@ async def test_no_unknown_or_revoked_token_is_401(gateway: Gateway, municipality
 async def test_a_token_that_expires_works_until_then_and_is_401_after(gateway: Gateway, municipality: str) -> None:
     with session_scope(gateway.bus.engine) as session:
         lasting = tokens.issue(session, municipality, valid_for=timedelta(seconds=1))
-    assert (await gateway.client.get("/me", headers={"Authorization": f"Bearer {lasting}"})).status_code == 200
+    me = await gateway.client.get("/me", headers={"Authorization": f"Bearer {lasting}"})
+    assert me.status_code == 200
+    said = me.json()["token"]  # the token a developer is using, and when it stops working
+    assert said["sha256"] == tokens.token_hash(lasting)[:12]
+    assert datetime.fromisoformat(said["expires_at"]) - datetime.fromisoformat(said["created_at"]) == timedelta(seconds=1)
     await asyncio.sleep(1.2)
     expired = problem(await gateway.client.get("/me", headers={"Authorization": f"Bearer {lasting}"}), 401, "unauthorized")
     assert expired["detail"].startswith("the token expired at ") and "collabbus institutions token" in expired["detail"]
@@ -1067,7 +1071,8 @@ async def test_derived_events_the_relay_has_not_logged_show_in_metrics_and_statu
 
 async def test_a_token_tells_whom_it_speaks_for_and_what_its_kind_may_offer(gateway: Gateway, municipality: str) -> None:
     await gateway.settle()  # (until the read models have applied its joining, `institution` is null)
-    me = await gateway.client.get("/me", headers=gateway.auth(municipality))
+    token = gateway.token(municipality)
+    me = await gateway.client.get("/me", headers={"Authorization": f"Bearer {token}"})
     assert me.status_code == 200, me.text
     body = me.json()
     assert (body["id"], body["kind"], body["institution"]["id"], body["institution"]["kind"]) == (
@@ -1075,6 +1080,7 @@ async def test_a_token_tells_whom_it_speaks_for_and_what_its_kind_may_offer(gate
     assert {"project.registered", "call.application_submitted", "validation.requested"} <= set(body["may_emit"])
     assert not {"institution.joined", "call.application_received", "validation.decided"} & set(body["may_emit"])
     assert body["may_emit"] == sorted(body["may_emit"])
+    assert body["token"]["sha256"] == tokens.token_hash(token)[:12] and body["token"]["expires_at"] is None  # valid until revoked
     assert body["nats"] == {"ingress": f"collab.ingress.{municipality}.>", "inbox_prefix": f"_INBOX.{municipality}",
                             "live_subjects": public_live_subjects()}  # what its NATS credentials allow
     centre = (await gateway.client.get("/me", headers=gateway.auth(await gateway.join("competence_centre")))).json()
@@ -1084,9 +1090,9 @@ async def test_a_token_tells_whom_it_speaks_for_and_what_its_kind_may_offer(gate
     assert "project.registered" in operator["may_emit"] and "call.published" not in operator["may_emit"]
     problem(await gateway.client.get("/me"), 401, "unauthorized")
     gone = await gateway.join("ngo")
-    token = gateway.auth(gone)
+    departing = gateway.auth(gone)
     await gateway.offer("operator", "institution.left", {"id": gone, "reason": {"en": "merged"}})
-    problem(await gateway.client.get("/me", headers=token), 403, "not_member")
+    problem(await gateway.client.get("/me", headers=departing), 403, "not_member")
 
 
 async def test_the_readiness_check_reports_a_missing_consumer(gateway: Gateway) -> None:
