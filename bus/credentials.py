@@ -372,6 +372,13 @@ class Authority:
         return [entry["user"] for entry in self.credentials_of(institution)
                 if entry["revoked_at"] is None and (entry["expires_at"] is None or entry["expires_at"] > now)]
 
+    def valid_expiries(self) -> list[tuple[str, int | None]]:
+        """``(institution, expires_at)`` of every credentials issued here neither revoked nor
+        expired (``expires_at`` None: valid until revoked)."""
+        revoked, now = self.revocations(), time.time()
+        return [(entry["institution"], entry.get("expires_at")) for entry in self._issued()
+                if entry.get("user") not in revoked and (entry.get("expires_at") is None or entry["expires_at"] > now)]
+
     def holders(self) -> set[str]:
         """The institutions holding credentials issued here that are not all revoked."""
         revoked = self.revocations()

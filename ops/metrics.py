@@ -195,6 +195,53 @@ class _Outbox(Collector):
                                 value=self.oldest_age or 0.0)
 
 
+class _AccessExpiries(Collector):
+    """When members lose access (``access_expiries``)."""
+
+    def __init__(self, expiries: Mapping[tuple[str, str], float]) -> None:
+        self.expiries = expiries
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "collabbus_access_expires_timestamp_seconds",
+            "when the last of a member's valid HTTP tokens (kind=token) or NATS credentials (kind=nats) expires (Unix "
+            "time); no series while it holds one valid until revoked, or none", labels=["institution", "kind"])
+        for (institution, kind), at in sorted(self.expiries.items()):
+            family.add_metric([institution, kind], at)
+        yield family
+
+
+def access_expiries(engine: Any, authority: Any = None) -> dict[tuple[str, str], float]:
+    """``(institution, "token" | "nats")`` → when the member loses that access: the latest expiry
+    of its valid tokens (the read models' ``institution_tokens``) or of the NATS credentials the
+    embedded server's ``authority`` issued, for the members all of whose valid ones expire."""
+    import sqlalchemy as sa
+
+    latest: dict[tuple[str, str], float | None] = {}
+
+    def note(institution: str, kind: str, expires: float | None) -> None:
+        key = (institution, kind)
+        known = latest.get(key, 0.0)
+        latest[key] = None if expires is None or known is None else max(known, expires)
+
+    now = datetime.now(timezone.utc)
+    if engine is not None:
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
+            from handlers.db import reading
+            from handlers.tokens import InstitutionToken
+
+            table = InstitutionToken.__table__  # type: ignore[attr-defined]
+            with reading(engine).connect() as connection:
+                rows = connection.execute(sa.select(table.c.institution, table.c.expires_at).where(
+                    table.c.revoked_at.is_(None), sa.or_(table.c.expires_at.is_(None), table.c.expires_at > now))).all()
+            for institution, expires in rows:
+                note(institution, "token", expires.timestamp() if expires is not None else None)
+    if authority is not None:
+        for institution, expires in authority.valid_expiries():
+            note(institution, "nats", expires)
+    return {key: at for key, at in latest.items() if at is not None}
+
+
 class _Backup(Collector):
     """When the network was last backed up from this data dir (``collabbus backup``)."""
 
@@ -215,18 +262,22 @@ def exposition(
     checkpointers: Sequence[Any] = (),
     outbox: tuple[int, float | None] | None = None,
     backup: Mapping[str, Any] | None = None,
+    expiries: Mapping[tuple[str, str], float] | None = None,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
     gatekeeper processes ``gates``, when the bus runs any), a status snapshot (None: NATS could
     not be read; everything else is still served), the background checkpoints of SQLite files
     and the outbox (:func:`outbox_waiting`); ``backup``: the data dir's last backup record
-    (``ops.backup.last_backup``, ``{}`` when there is none)."""
+    (``ops.backup.last_backup``, ``{}`` when there is none); ``expiries``: when members lose
+    access (:func:`access_expiries`)."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
     if outbox is not None:
         snapshot.register(_Outbox(*outbox))
     if backup is not None:
         snapshot.register(_Backup(backup))
+    if expiries is not None:
+        snapshot.register(_AccessExpiries(expiries))
     if checkpointers:
         snapshot.register(_Checkpoints(checkpointers))
     process: Any = REGISTRY

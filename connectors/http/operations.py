@@ -161,7 +161,7 @@ async def metrics(request: Request) -> Response:
     """Prometheus text exposition: the gateway's, the process's (gate, handlers) and the bus's
     state read now (log, consumer lag, dead letters, webhook attempts; ``ops.metrics``)."""
     from ops.backup import last_backup
-    from ops.metrics import exposition, outbox_waiting, webhook_attempts
+    from ops.metrics import access_expiries, exposition, outbox_waiting, webhook_attempts
     from ops.status import collect_status
 
     bus = bus_of(request)
@@ -171,10 +171,11 @@ async def metrics(request: Request) -> Response:
         status = None
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)
     outbox = await run_in_threadpool(outbox_waiting, bus.engine)
+    expiries = await run_in_threadpool(access_expiries, bus.engine, bus.server.authority if bus.server is not None else None)
     registry: Metrics = request.app.state.metrics
     return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=bus.nc.is_connected,
                                checkpointers=bus.checkpointers, outbox=outbox,
-                               backup=last_backup(bus.settings.data_dir) or {}),
+                               backup=last_backup(bus.settings.data_dir) or {}, expiries=expiries),
                     media_type=CONTENT_TYPE_LATEST)
 
 

@@ -8,7 +8,7 @@ import copy
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -21,6 +21,7 @@ from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
 from connectors.http.app import create_app
 from connectors.webhooks import store
+from handlers import tokens
 from handlers.db import session_scope
 from tests.bus.test_consumer import FIXTURE, project_event, wait_for
 from ops.settings import Settings
@@ -180,6 +181,44 @@ def test_the_shipped_dashboard_is_whole() -> None:
                 assert label in kept, (panel["title"], label, target["expr"])
 
 
+def test_a_members_access_expiry_is_when_the_last_of_its_valid_ones_expires(tmp_path: Path) -> None:
+    """``collabbus_access_expires_timestamp_seconds``: per member and kind, the latest expiry of its
+    valid tokens or NATS credentials; none for a member holding one valid until revoked."""
+    import time
+
+    from bus.credentials import Authority
+    from handlers.db import make_engine, migrate
+    from ops.metrics import access_expiries, exposition
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'read.db'}")
+    migrate(engine)
+    authority = Authority.load_or_create(tmp_path / "auth")
+    with session_scope(engine) as session:
+        soon, later = timedelta(days=2), timedelta(days=5)
+        tokens.issue(session, "fi-diak", valid_for=soon)
+        tokens.issue(session, "fi-diak", valid_for=later)
+        tokens.issue(session, "fi-thl", valid_for=soon)
+        tokens.issue(session, "fi-thl")  # valid until revoked: no expiry for fi-thl
+        revoked = tokens.issue(session, "fi-lut")
+        tokens.issue(session, "fi-lut", valid_for=soon)
+    with session_scope(engine) as session:
+        assert tokens.revoke(session, revoked)  # (its never-expiring one is revoked: fi-lut's access ends in 2 days)
+    now = time.time()
+    authority.member_creds("fi-diak", expires=int(now) + 3600)
+    authority.member_creds("fi-thl", expires=int(now) + 3600)
+    authority.member_creds("fi-thl")
+    try:
+        found = access_expiries(engine, authority)
+    finally:
+        engine.dispose()
+    assert set(found) == {("fi-diak", "token"), ("fi-lut", "token"), ("fi-diak", "nats")}
+    assert abs(found[("fi-diak", "token")] - (now + later.total_seconds())) < 60
+    assert abs(found[("fi-lut", "token")] - (now + soon.total_seconds())) < 60
+    assert found[("fi-diak", "nats")] == int(now) + 3600
+    text = exposition(None, None, expiries=found).decode()
+    assert 'collabbus_access_expires_timestamp_seconds{institution="fi-diak",kind="nats"}' in text
+
+
 async def test_every_metric_the_shipped_alert_rules_and_dashboard_use_is_served(server: EmbeddedNats, tmp_path: Path) -> None:
     """``ops/prometheus-alerts.yml`` and ``ops/grafana-dashboard.json`` name only series a bus
     serves: a full bus (read models, gateway, a gatekeeper process) scraped over its HTTP socket."""
@@ -195,6 +234,8 @@ async def test_every_metric_the_shipped_alert_rules_and_dashboard_use_is_served(
     try:
         await bus.start_gatekeepers()
         await bus.start_http()
+        with session_scope(bus.engine) as session:  # (a member's access expiring is a series of its own)
+            tokens.issue(session, OPERATOR, valid_for=timedelta(days=3))
         assert bus.http is not None
         async with httpx.AsyncClient(base_url=bus.http.url) as client:
             text = (await client.get("/metrics")).text
