@@ -43,6 +43,8 @@ class InstitutionToken(_Credentials, table=True):
     revoked_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
     expires_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
     """None: valid until revoked."""
+    label: str | None = Field(default=None, max_length=100)
+    """Whose or what for, as the operator said when issuing it (``--label``)."""
 
 
 def token_hash(token: str) -> str:
@@ -50,13 +52,13 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def issue(session: Session, institution: str, *, valid_for: timedelta | None = None) -> str:
-    """A new token for ``institution`` (valid for ``valid_for`` when given, else until revoked);
-    the only moment the token itself exists in clear."""
+def issue(session: Session, institution: str, *, valid_for: timedelta | None = None, label: str | None = None) -> str:
+    """A new token for ``institution`` (valid for ``valid_for`` when given, else until revoked;
+    ``label``: whose or what for); the only moment the token itself exists in clear."""
     token = PREFIX + secrets.token_urlsafe(32)
     now = datetime.now(timezone.utc)
     session.add(InstitutionToken(token_hash=token_hash(token), institution=institution, created_at=now,
-                                 expires_at=now + valid_for if valid_for is not None else None))
+                                 expires_at=now + valid_for if valid_for is not None else None, label=label))
     return token
 
 

@@ -1521,6 +1521,8 @@ def institutions_token(
     institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's id")],
     expires: Annotated[Optional[str], typer.Option(
         "--expires", metavar="DURATION", help="valid for this long: 90d, 12h, 30m, 2w (default: until revoked)")] = None,
+    label: Annotated[Optional[str], typer.Option(
+        "--label", help="whose or what for (up to 100 characters), as `institutions access` lists it")] = None,
     *,
     settings: Settings,
 ) -> None:
@@ -1530,12 +1532,14 @@ def institutions_token(
     from handlers.institutions import member
 
     valid_for = _duration(expires, "--expires") if expires is not None else None
+    if label is not None and not 0 < len(label.strip()) <= 100:
+        raise typer.BadParameter("a label is 1 to 100 characters", param_hint="--label")
     with _read_models(settings) as engine, session_scope(engine) as session:
         if member(session, institution_id) is None:
             err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the read models "
                       f"at {settings.db_url}); add it with `collabbus institutions add` first")
             raise typer.Exit(1)
-        token = tokens.issue(session, institution_id, valid_for=valid_for)
+        token = tokens.issue(session, institution_id, valid_for=valid_for, label=label.strip() if label else None)
     sys.stdout.write(token + "\n")
 
 
@@ -1777,8 +1781,8 @@ def institutions_access(
         return value.isoformat() if value is not None else None
 
     with _read_models(settings) as engine, session_scope(engine) as session:
-        held = [{"sha256": row.token_hash[:12], "created_at": stamp(row.created_at), "expires_at": stamp(row.expires_at),
-                 "revoked_at": stamp(row.revoked_at)}
+        held = [{"sha256": row.token_hash[:12], "label": row.label, "created_at": stamp(row.created_at),
+                 "expires_at": stamp(row.expires_at), "revoked_at": stamp(row.revoked_at)}
                 for row in tokens.tokens_of(session, institution_id)]
     creds: list[dict[str, Any]] | None = None
     if settings.nats_account_seed is None and settings.embedded:
@@ -1802,9 +1806,10 @@ def institutions_access(
         return sum(1 for row in rows if row["revoked_at"] is None and (row["expires_at"] is None or row["expires_at"] > now))
 
     columns = ("issued (UTC)", "expires (UTC)", "revoked (UTC)")
-    table = Table("token (sha256)", *columns, title=f"HTTP tokens of {institution_id}: {valid(held)} valid")
+    table = Table("token (sha256)", "label", *columns, title=f"HTTP tokens of {institution_id}: {valid(held)} valid")
     for row in held:
-        table.add_row(f"{row['sha256']}…", shown(row["created_at"]), shown(row["expires_at"], "never"), shown(row["revoked_at"]))
+        table.add_row(f"{row['sha256']}…", escape(row["label"] or "—"), shown(row["created_at"]), shown(row["expires_at"], "never"),
+                      shown(row["revoked_at"]))
     out.print(table if held else f"HTTP tokens of {institution_id}: none issued")
     if creds is None:
         out.print(f"NATS credentials of {institution_id}: signed with the external server's account key, "

@@ -115,7 +115,7 @@ async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
             row = session.get(Institution, viewer)
             held = session.get(tokens.InstitutionToken, tokens.token_hash(bearer)) if bearer is not None else None
             token = None if held is None else {
-                "sha256": held.token_hash[:12], "created_at": held.created_at, "expires_at": held.expires_at}
+                "sha256": held.token_hash[:12], "label": held.label, "created_at": held.created_at, "expires_at": held.expires_at}
             return (row.model_dump() if row is not None else None), token
 
     institution, token = await run_in_threadpool(read)

@@ -55,6 +55,8 @@ class MeToken(Resource):
 
     sha256: str
     """The start of its SHA-256 (only that is stored)."""
+    label: str | None = None
+    """Whose or what for, as the operator said when issuing it."""
     created_at: datetime
     expires_at: datetime | None
     """When it stops working (None: when it is revoked)."""

@@ -104,11 +104,12 @@ async def test_the_cli_lists_a_members_tokens_and_revokes_one_by_its_listed_hash
 
     from datetime import datetime, timedelta, timezone
 
-    lasting = subprocess.run([*COLLABBUS, "institutions", "token", member, "--expires", "12h"], env=env, capture_output=True,
-                             text=True, timeout=60)
+    lasting = subprocess.run([*COLLABBUS, "institutions", "token", member, "--expires", "12h", "--label", "CI pipeline (Ana)"],
+                             env=env, capture_output=True, text=True, timeout=60)
     assert lasting.returncode == 0 and lasting.stdout.startswith("cb_"), lasting.stderr
     expiring = json.loads(cli("access", member, "--json").stdout)["tokens"][-1]
-    assert expiring["sha256"] == token_hash(lasting.stdout.strip())[:12]
+    assert expiring["sha256"] == token_hash(lasting.stdout.strip())[:12] and expiring["label"] == "CI pipeline (Ana)"
+    assert listed["tokens"][0]["label"] is None and "CI pipeline (Ana)" in cli("access", member).stdout
     expires_in = datetime.fromisoformat(expiring["expires_at"]) - datetime.now(timezone.utc)
     assert timedelta(hours=11, minutes=59) < expires_in <= timedelta(hours=12)
     assert all(row["expires_at"] is None for row in listed["tokens"])  # the others: until revoked
@@ -116,6 +117,9 @@ async def test_the_cli_lists_a_members_tokens_and_revokes_one_by_its_listed_hash
     wrong = subprocess.run([*COLLABBUS, "institutions", "token", member, "--expires", "soon"], env=env, capture_output=True,
                            text=True, timeout=60)
     assert wrong.returncode == 2 and "not a duration" in wrong.stderr and wrong.stdout == ""
+    unlabelled = subprocess.run([*COLLABBUS, "institutions", "token", member, "--label", " "], env=env, capture_output=True,
+                                text=True, timeout=60)
+    assert unlabelled.returncode == 2 and "1 to 100 characters" in unlabelled.stderr and unlabelled.stdout == ""
 
 
 def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:

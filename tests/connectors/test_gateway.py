@@ -154,11 +154,11 @@ async def test_no_unknown_or_revoked_token_is_401(gateway: Gateway, municipality
 
 async def test_a_token_that_expires_works_until_then_and_is_401_after(gateway: Gateway, municipality: str) -> None:
     with session_scope(gateway.bus.engine) as session:
-        lasting = tokens.issue(session, municipality, valid_for=timedelta(seconds=1))
+        lasting = tokens.issue(session, municipality, valid_for=timedelta(seconds=1), label="the intranet's sync")
     me = await gateway.client.get("/me", headers={"Authorization": f"Bearer {lasting}"})
     assert me.status_code == 200
     said = me.json()["token"]  # the token a developer is using, and when it stops working
-    assert said["sha256"] == tokens.token_hash(lasting)[:12]
+    assert said["sha256"] == tokens.token_hash(lasting)[:12] and said["label"] == "the intranet's sync"
     assert datetime.fromisoformat(said["expires_at"]) - datetime.fromisoformat(said["created_at"]) == timedelta(seconds=1)
     await asyncio.sleep(1.2)
     expired = problem(await gateway.client.get("/me", headers={"Authorization": f"Bearer {lasting}"}), 401, "unauthorized")
