@@ -109,7 +109,9 @@ async def test_the_cli_lists_a_members_tokens_and_revokes_one_by_its_listed_hash
     assert lasting.returncode == 0 and lasting.stdout.startswith("cb_"), lasting.stderr
     expiring = json.loads(cli("access", member, "--json").stdout)["tokens"][-1]
     assert expiring["sha256"] == token_hash(lasting.stdout.strip())[:12] and expiring["label"] == "CI pipeline (Ana)"
-    assert listed["tokens"][0]["label"] is None and "CI pipeline (Ana)" in cli("access", member).stdout
+    table = subprocess.run([*COLLABBUS, "institutions", "access", member], env={**env, "COLUMNS": "200"}, capture_output=True,
+                           text=True, timeout=60).stdout  # (wide enough for the label on one line)
+    assert listed["tokens"][0]["label"] is None and "CI pipeline (Ana)" in table
     expires_in = datetime.fromisoformat(expiring["expires_at"]) - datetime.now(timezone.utc)
     assert timedelta(hours=11, minutes=59) < expires_in <= timedelta(hours=12)
     assert all(row["expires_at"] is None for row in listed["tokens"])  # the others: until revoked
