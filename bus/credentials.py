@@ -357,27 +357,24 @@ class Authority:
         """The user keys of the credentials issued to ``institution``, oldest first."""
         return [entry["user"] for entry in self._issued() if entry.get("institution") == institution]
 
-    def credentials_of(self, institution: str) -> list[dict[str, Any]]:
-        """The credentials issued to ``institution``, oldest first: ``{user, issued_at, expires_at,
-        revoked_at}`` (times in s since the epoch; ``expires_at`` None for credentials valid until
-        revoked, ``revoked_at`` None for those not revoked)."""
-        revoked = self.revocations()
-        return [{"user": entry["user"], "issued_at": entry.get("issued_at"), "expires_at": entry.get("expires_at"),
-                 "revoked_at": revoked.get(entry["user"])}
-                for entry in self._issued() if entry.get("institution") == institution]
-
-    def valid_credentials(self, institution: str) -> list[str]:
-        """The user keys of ``institution``'s credentials neither revoked nor expired, oldest first."""
-        now = time.time()
-        return [entry["user"] for entry in self.credentials_of(institution)
-                if entry["revoked_at"] is None and (entry["expires_at"] is None or entry["expires_at"] > now)]
-
-    def valid_expiries(self) -> list[tuple[str, int | None]]:
-        """``(institution, expires_at)`` of every credentials issued here neither revoked nor
-        expired (``expires_at`` None: valid until revoked)."""
+    def credentials_of(self, institution: str | None = None) -> list[dict[str, Any]]:
+        """The credentials issued to ``institution`` (None: to anyone), oldest first:
+        ``{institution, user, issued_at, expires_at, revoked_at, valid}`` (times in s since the
+        epoch; ``expires_at`` None for credentials valid until revoked, ``revoked_at`` None for
+        those not revoked; ``valid``: neither revoked nor expired now)."""
         revoked, now = self.revocations(), time.time()
-        return [(entry["institution"], entry.get("expires_at")) for entry in self._issued()
-                if entry.get("user") not in revoked and (entry.get("expires_at") is None or entry["expires_at"] > now)]
+        found = []
+        for entry in self._issued():
+            if institution is not None and entry.get("institution") != institution:
+                continue
+            expires, ended = entry.get("expires_at"), revoked.get(entry["user"])
+            found.append({"institution": entry["institution"], "user": entry["user"], "issued_at": entry.get("issued_at"),
+                          "expires_at": expires, "revoked_at": ended, "valid": ended is None and (expires is None or expires > now)})
+        return found
+
+    def valid_credentials(self, institution: str | None = None) -> list[dict[str, Any]]:
+        """Those of :meth:`credentials_of` valid now."""
+        return [entry for entry in self.credentials_of(institution) if entry["valid"]]
 
     def holders(self) -> set[str]:
         """The institutions holding credentials issued here that are not all revoked."""

@@ -62,10 +62,14 @@ def issue(session: Session, institution: str, *, valid_for: timedelta | None = N
     return token
 
 
-_HOLDER = sa.select(InstitutionToken.institution).where(  # type: ignore[call-overload]
-    InstitutionToken.token_hash == sa.bindparam("token_hash"), col(InstitutionToken.revoked_at).is_(None),
+_VALID = sa.and_(  # (at the time bound as ``now``)
+    col(InstitutionToken.revoked_at).is_(None),
     sa.or_(col(InstitutionToken.expires_at).is_(None), col(InstitutionToken.expires_at) > sa.bindparam("now")),
 )
+_HOLDER = sa.select(InstitutionToken.institution).where(  # type: ignore[call-overload]
+    InstitutionToken.token_hash == sa.bindparam("token_hash"), _VALID,
+)
+_VALID_EXPIRIES = sa.select(InstitutionToken.institution, InstitutionToken.expires_at).where(_VALID)  # type: ignore[call-overload]
 _ENDED = sa.select(InstitutionToken.revoked_at, InstitutionToken.expires_at).where(  # type: ignore[call-overload]
     InstitutionToken.token_hash == sa.bindparam("token_hash")
 )
@@ -77,6 +81,16 @@ def institution_of(connection: sa.Connection, token: str) -> str | None:
     if not token.startswith(PREFIX) or len(token) > 128:
         return None
     return connection.execute(_HOLDER, {"token_hash": token_hash(token), "now": datetime.now(timezone.utc)}).scalar()
+
+
+def valid_expiries(connection: sa.Connection) -> list[tuple[str, datetime | None]]:
+    """``(institution, expires_at)`` of every token valid now (``expires_at`` None: until revoked)."""
+    return [(institution, expires) for institution, expires in connection.execute(_VALID_EXPIRIES, {"now": datetime.now(timezone.utc)})]
+
+
+def is_valid(row: InstitutionToken, now: datetime) -> bool:
+    """Whether ``row``'s token is valid at ``now`` (the same rule as :func:`institution_of`'s)."""
+    return row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
 
 
 def why_refused(connection: sa.Connection, token: str) -> str:

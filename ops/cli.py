@@ -964,17 +964,14 @@ def _rebuild_interrupted(settings: Settings) -> None:
 
 
 async def _consumer_active(js: Any, stream: str, name: str) -> bool:
-    """True when some process is pulling from the durable consumer right now."""
-    from nats.js.errors import NotFoundError
+    """True when some process is applying the durable consumer right now (as a bus starting
+    looks: :func:`bus.consumer.claim_consumer`, waiting no longer than a second)."""
+    from bus.consumer import ConsumerBusy, claim_consumer
 
-    for _ in range(3):
-        try:
-            info = await js.consumer_info(stream, name)
-        except NotFoundError:
-            return False
-        if info.num_waiting:
-            return True
-        await asyncio.sleep(0.3)
+    try:
+        await claim_consumer(js, stream, name, patience=1.0)
+    except ConsumerBusy:
+        return True
     return False
 
 
@@ -1727,7 +1724,7 @@ def institutions_creds(
     earlier: int | None = None  # (unknown on an external server)
     if settings.nats_account_seed is None and settings.embedded:  # noted, so that `institutions revoke` can revoke them
         authority = embedded_authority(settings)
-        earlier = len(authority.valid_credentials(institution_id))
+        earlier = len(authority.valid_credentials(institution_id))  # (before these are noted)
         creds = authority.member_creds(institution_id, expires=until)
     else:
         creds = partner_creds(account, institution_id, expires=until)
@@ -1780,9 +1777,10 @@ def institutions_access(
     def stamp(value: datetime | None) -> str | None:
         return value.isoformat() if value is not None else None
 
+    now = datetime.now(timezone.utc)
     with _read_models(settings) as engine, session_scope(engine) as session:
-        held = [{"sha256": row.token_hash[:12], "label": row.label, "created_at": stamp(row.created_at),
-                 "expires_at": stamp(row.expires_at), "revoked_at": stamp(row.revoked_at)}
+        held: list[dict[str, Any]] = [{"sha256": row.token_hash[:12], "label": row.label, "created_at": stamp(row.created_at),
+                 "expires_at": stamp(row.expires_at), "revoked_at": stamp(row.revoked_at), "valid": tokens.is_valid(row, now)}
                 for row in tokens.tokens_of(session, institution_id)]
     creds: list[dict[str, Any]] | None = None
     if settings.nats_account_seed is None and settings.embedded:
@@ -1791,19 +1789,17 @@ def institutions_access(
             def when(seconds: int | None) -> str | None:
                 return stamp(datetime.fromtimestamp(seconds, timezone.utc)) if seconds is not None else None
             creds = [{"user": entry["user"], "issued_at": when(entry["issued_at"]), "expires_at": when(entry["expires_at"]),
-                      "revoked_at": when(entry["revoked_at"])}
+                      "revoked_at": when(entry["revoked_at"]), "valid": entry["valid"]}
                      for entry in embedded_authority(settings).credentials_of(institution_id)]
     if as_json:
         out.print_json(data={"institution": institution_id, "tokens": held, "nats_credentials": creds})
         return
 
-    now = datetime.now(timezone.utc).isoformat()
-
     def shown(value: str | None, none: str = "—") -> str:
         return value[:19].replace("T", " ") if value else none
 
     def valid(rows: list[dict[str, Any]]) -> int:
-        return sum(1 for row in rows if row["revoked_at"] is None and (row["expires_at"] is None or row["expires_at"] > now))
+        return sum(1 for row in rows if row["valid"])
 
     columns = ("issued (UTC)", "expires (UTC)", "revoked (UTC)")
     table = Table("token (sha256)", "label", *columns, title=f"HTTP tokens of {institution_id}: {valid(held)} valid")

@@ -224,21 +224,18 @@ def access_expiries(engine: Any, authority: Any = None) -> dict[tuple[str, str],
         known = latest.get(key, 0.0)
         latest[key] = None if expires is None or known is None else max(known, expires)
 
-    now = datetime.now(timezone.utc)
     if engine is not None:
         with contextlib.suppress(sa.exc.SQLAlchemyError):
             from handlers.db import reading
-            from handlers.tokens import InstitutionToken
+            from handlers.tokens import valid_expiries
 
-            table = InstitutionToken.__table__  # type: ignore[attr-defined]
             with reading(engine).connect() as connection:
-                rows = connection.execute(sa.select(table.c.institution, table.c.expires_at).where(
-                    table.c.revoked_at.is_(None), sa.or_(table.c.expires_at.is_(None), table.c.expires_at > now))).all()
+                rows = valid_expiries(connection)
             for institution, expires in rows:
                 note(institution, "token", expires.timestamp() if expires is not None else None)
     if authority is not None:
-        for institution, expires in authority.valid_expiries():
-            note(institution, "nats", expires)
+        for entry in authority.valid_credentials():
+            note(entry["institution"], "nats", entry["expires_at"])
     return {key: at for key, at in latest.items() if at is not None}
 
 

@@ -99,6 +99,7 @@ async def test_the_cli_lists_a_members_tokens_and_revokes_one_by_its_listed_hash
     assert statuses == [200, 401, 200]
     after = json.loads(cli("access", member, "--json").stdout)["tokens"]
     assert after[0]["revoked_at"] is None and after[1]["revoked_at"] is not None
+    assert [row["valid"] for row in after] == [True, False] and "1 valid" in cli("access", member).stdout
     again = cli("revoke", member, "--token", listed["tokens"][1]["sha256"])
     assert again.returncode == 1 and "unknown or revoked already" in again.stdout
 

@@ -79,6 +79,14 @@ def running_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         yield env
 
 
+def test_a_rebuild_is_refused_while_a_bus_applies_the_log(running_bus: dict[str, str]) -> None:
+    """`collabbus rebuild` empties the read models: not under a running bus (it looks for the
+    consumer as a starting bus does), unless --force."""
+    refused = cli("rebuild", env=running_bus, timeout=60)
+    assert refused.returncode == 1 and "a running bus is consuming the log" in refused.stderr, refused.stderr
+    assert "--force" in refused.stderr
+
+
 def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp_path: Path) -> None:
     env = running_bus
     fixture = load_fixtures()["project.registered"]
@@ -490,6 +498,7 @@ async def test_a_rotation_without_a_gap_retires_the_earlier_credentials_once_the
     users = [decode_jwt_claims(path.read_text().splitlines()[1])["sub"] for path in (old, new)]
     assert [entry["user"] for entry in listed["nats_credentials"]] == users
     assert listed["nats_credentials"][0]["revoked_at"] is not None and listed["nats_credentials"][1]["revoked_at"] is None
+    assert [entry["valid"] for entry in listed["nats_credentials"]] == [False, True]
     assert [row["revoked_at"] for row in listed["tokens"]] == [None]
     shown = cli("institutions", "access", member, env={**env, "COLUMNS": "200"}).stdout
     assert "NATS credentials of " + member + ": 1 valid" in shown and users[0] in shown and "HTTP tokens of" in shown
