@@ -20,6 +20,7 @@ from bus.connection import connect_options, embedded_bus_creds, embedded_server
 from bus.consumer import Consumer, ConsumerSettings
 from bus.gate import Gate
 from bus.ingress import Ingress
+from bus.lease import Lease
 from bus.membership import Membership
 from bus.ratelimit import RateLimiter
 from bus.relay import Relay
@@ -35,6 +36,9 @@ from schemas.envelope import source_of
 log = logging.getLogger("collabbus.bus")
 
 NETWORK_CONSUMER = "network"
+CLAIM_PATIENCE = 8.0
+"""Seconds a bus starting waits for another that applies the log to go (a killed one's lease goes
+stale in ``bus.lease.STALE_AFTER``) before it refuses."""
 
 
 def broker_options(settings: Settings, name: str) -> dict[str, Any]:
@@ -82,6 +86,11 @@ class Bus:
     with any to start."""
     tracing: Tracing | None = None
     """Where this bus's spans go; by default as the ``OTEL_*`` variables say (``ops.tracing``)."""
+    lease: Lease | None = None
+    """The lease by which this bus applies the log (``bus.lease``), once it holds it."""
+    lost_lease: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when another bus took the lease over while this one could not renew it: this one has
+    stopped applying the log then, and should stop."""
     _own_tracing: bool = field(default=False, init=False, repr=False)
     _state_file: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     """Writes what the consumers wait on for ``collabbus status`` (``ops.status.keep_consumer_state``)."""
@@ -250,6 +259,9 @@ class Bus:
         from handlers.routes import network
         from handlers.service import NetworkService
 
+        # Before anything is migrated or applied: a bus that applies the log elsewhere (perhaps an
+        # older version, on this database) is not disturbed.
+        await self.take_lease(patience=self.consumer_settings.claim_patience or CLAIM_PATIENCE)
         self.engine = make_engine(self.settings.db_url, checkpoints_in_background=True)
         await asyncio.to_thread(migrate, self.engine)
         assert self.tracing is not None
@@ -282,6 +294,37 @@ class Bus:
 
         self._state_file = asyncio.create_task(
             keep_consumer_state(self.settings.data_dir, lambda: running_consumers(self)), name="consumer-state")
+
+    async def take_lease(self, *, patience: float | None, on_wait: Any = None) -> None:
+        """Hold the lease by which one bus applies the log (``bus.lease``), waiting up to
+        ``patience`` seconds (None: until it is this bus's turn) for the bus holding it to go;
+        :class:`bus.lease.LogHeld` when it does not."""
+        if self.lease is not None and self.lease.held:
+            return
+        self.lease = Lease(self.js, self.consumer_settings.name, data_dir=str(self.settings.data_dir.resolve()),
+                           replicas=self.settings.stream_replicas, on_lost=self._lost)
+        try:
+            await self.lease.take(patience=patience, on_wait=on_wait)
+        except BaseException:
+            self.lease = None
+            raise
+
+    async def _lost(self, holder: dict[str, Any]) -> None:
+        """Another bus took the lease over: this one stops applying the log at once (its consumers,
+        the relay, the webhooks) and says so (:attr:`lost_lease`); what it applied stays committed."""
+        await self._stop_state()
+        self.lost_lease.set()
+
+    async def _stop_state(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+            self.webhooks = None
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
 
     async def start_http(self) -> None:
         """Serve the HTTP gateway at ``settings.http`` in this event loop (after :meth:`start`)."""
@@ -331,15 +374,10 @@ class Bus:
             self._state_file.cancel()
             await asyncio.gather(self._state_file, return_exceptions=True)
             self._state_file = None
-        if self.webhooks is not None:
-            await self.webhooks.stop()
-            self.webhooks = None
-        if self.consumer is not None:
-            await self.consumer.stop()
-            self.consumer = None
-        if self.relay is not None:
-            await self.relay.stop()
-            self.relay = None
+        await self._stop_state()
+        if self.lease is not None:
+            await self.lease.release()  # the next bus takes it at once
+            self.lease = None
         for checkpointer in self.checkpointers:
             await asyncio.to_thread(checkpointer.stop)
         self.checkpointers = []

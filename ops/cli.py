@@ -369,15 +369,33 @@ def _print_verdict(verdict: Any) -> None:
 @with_settings
 def up(
     demo: Annotated[bool, typer.Option("--demo", help="load the demo network once (see `collabbus demo`)")] = False,
+    standby: Annotated[bool, typer.Option(
+        "--standby", help="when another bus applies the log, wait and take over when it goes (an external NATS and a "
+                          "shared PostgreSQL database)")] = False,
     *,
     settings: Settings,
 ) -> None:
-    """Start the bus: embedded NATS (unless a URL is set), streams, gatekeeper. Ctrl-C drains and stops."""
+    """Start the bus: embedded NATS (unless a URL is set), streams, gatekeeper. Ctrl-C drains and stops.
+
+    One bus applies a log. With --standby, a bus finding another one applying it waits (judging
+    NATS offers meanwhile, its HTTP gateway not yet listening) and takes over within seconds when
+    that one stops or stops renewing its lease (killed, cut off from NATS); the read models,
+    tokens and webhooks it takes over are in the database both use. Exits 1 when this bus loses
+    the log to another while it runs."""
     from bus.runtime import Bus, keep_startup_objects
     from ops import datadir
     from ops.logs import configure_logging
 
     configure_logging()
+    if standby and settings.embedded:
+        err.print("[red]error:[/red] a standby waits for another bus on a NATS both reach: set COLLABBUS_NATS_URL "
+                  "(the embedded nats-server is this bus's own)")
+        raise typer.Exit(2)
+    if standby and settings.db_url.startswith("sqlite"):
+        err.print("[red]error:[/red] a standby takes over the read models, tokens and webhooks of the bus it follows: "
+                  "they must be in a database both reach (COLLABBUS_DATABASE_URL=postgresql+psycopg://…), not SQLite "
+                  "in a data dir")
+        raise typer.Exit(2)
     try:
         held = datadir.lock(settings.data_dir, "collabbus up")
     except datadir.DataDirBusy as exc:
@@ -392,6 +410,10 @@ def up(
         bus = Bus(settings)
         stop = _stop_on_signals()
         await bus.start(state=False)  # NATS, the streams, the operator; offers are judged here until a gatekeeper is ready
+        if standby and not await _wait_for_the_log(bus, stop):
+            await bus.stop()
+            err.print("stopped")
+            return
 
         async def state_and_gateway() -> None:
             await bus.start_state()
@@ -418,8 +440,9 @@ def up(
         keep_startup_objects()
         loading = asyncio.create_task(_load_demo(settings, bus)) if demo else None
         portal = asyncio.create_task(_run_portal(settings, bus, stop)) if settings.portal_url else None
+        lost = False
         try:
-            await stop.wait()
+            lost = await _until_stopped_or_lost(stop, bus.lost_lease)
         finally:
             if portal is not None:  # safe mid-page: the cursor is stored per page and event ids are deterministic
                 portal.cancel()
@@ -430,11 +453,47 @@ def up(
             err.print("draining…")
             await bus.stop()
             err.print("stopped")
+        if lost:
+            err.print("[red]error:[/red] another bus took over the log while this one could not renew its lease "
+                      "(stalled, or cut off from NATS); this one stopped applying it. Start it with --standby to "
+                      "follow the other")
+            raise typer.Exit(1)
 
     try:
         run(main())
     finally:
         held.close()
+
+
+async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
+    """``up --standby``: hold the lease by which one bus applies the log, waiting for as long as
+    another holds it; False when stopped first."""
+    from bus.lease import describe
+
+    def waiting(holder: dict[str, Any]) -> None:
+        err.print(f"standby: {describe(holder)} applies the log; this bus judges NATS offers and takes over when it goes")
+
+    taking = asyncio.create_task(bus.take_lease(patience=None, on_wait=waiting))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not taking.done():
+        taking.cancel()
+        await asyncio.gather(taking, return_exceptions=True)
+        return False
+    taking.result()
+    return True
+
+
+async def _until_stopped_or_lost(stop: asyncio.Event, lost: asyncio.Event) -> bool:
+    """Wait for Ctrl-C/SIGTERM or for the bus to lose the log to another; True for the latter."""
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(lost.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    return lost.is_set()
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -1048,6 +1107,15 @@ def _render_status(report: dict[str, Any]) -> None:
             str(report["dead_letters"].get(name, 0)),
         )
     out.print(consumers)
+    if report.get("applied_by"):
+        from bus.lease import STALE_AFTER, describe, renewed_ago
+
+        holder, ago = report["applied_by"], renewed_ago(report["applied_by"])
+        if ago is not None and ago > STALE_AFTER:
+            out.print(f"[yellow]log last applied by {escape(describe(holder))}, which has not renewed its lease for "
+                      f"{ago:,.0f} s: it is not running (the next bus to start takes over)[/yellow]")
+        else:
+            out.print(f"log applied by {escape(describe(holder))}")
     for name, consumer in report["consumers"].items():
         if consumer.get("holding"):
             out.print(f"[red]{escape(name)} is {escape(consumer['holding'])}[/red]")

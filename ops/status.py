@@ -25,6 +25,7 @@ from nats.js.errors import NotFoundError
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from handlers.bookkeeping import outbox_backlog
 from handlers.db import reading
+from bus import lease
 from ops import dlq
 from ops.backup import last_backup
 
@@ -42,6 +43,9 @@ async def collect_status(
     counters (events applied, dead-lettered since start) are added, and what it is waiting on: an
     event to try again (``retrying``), a database it cannot write (``holding``).
 
+    ``applied_by``: the bus holding the lease by which one bus applies the log (data dir, pid,
+    host, since), as the lease's key says (None: none has held it, or the last one stopped).
+
     ``data_dir``: the bus's data dir, whose last backup is reported (``backup``; None when none
     was made from it).
     """
@@ -52,6 +56,9 @@ async def collect_status(
             consumers[name].update(applied=consumer.applied, dead_lettered=consumer.dead_lettered,
                                    retrying=consumer.retrying, holding=consumer.trouble)
     status: dict[str, Any] = {"streams": streams, "consumers": consumers, "dead_letters": await dlq.counts(js)}
+    # Who holds the lease by which one bus applies the log (``bus.lease``), as its key says.
+    holder = await lease.holder_of(js, "network")
+    status["applied_by"] = {k: v for k, v in holder.items() if k != "token"} if holder else None
     if data_dir is not None:
         status["backup"] = last_backup(data_dir)
     if engine is not None:

@@ -96,16 +96,17 @@ async def test_a_second_bus_does_not_take_the_consumer_another_applies(tmp_path:
     """One bus applies the log: a second one on the same NATS (a data dir and read models of its
     own) refuses to start its consumers, naming why, and leaves the first one's consumer alone —
     which goes on applying; once the first has stopped, the second starts."""
-    from bus.consumer import ConsumerBusy
+    from bus.lease import LogHeld
 
     async with recording_bus(tmp_path / "first", server) as (first, nc, recorder):
         created = (await first.js.consumer_info(EVENTS_STREAM, "network")).created
         second_recorder = Recorder()
         second = Bus(Settings(data_dir=tmp_path / "second", nats_url=server.url, nats_creds=server.bus_creds),
                      network_factory=recording(second_recorder), consumer_settings=ConsumerSettings("network", claim_patience=1.0))
-        with pytest.raises(ConsumerBusy, match="another process is applying the log's 'network' consumer") as refused:
+        with pytest.raises(LogHeld, match="applies the log \\(its 'network' consumer on this NATS\\)") as refused:
             await second.start()
-        assert "collabbus gate" in str(refused.value)
+        assert "collabbus gate" in str(refused.value) and "--standby" in str(refused.value)
+        assert f"pid {os.getpid()}" in str(refused.value) and str((tmp_path / "first").resolve()) in str(refused.value)
         await second.stop()
         assert (await first.js.consumer_info(EVENTS_STREAM, "network")).created == created  # not made again under it
         event = project_event("after-the-refusal")

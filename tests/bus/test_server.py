@@ -48,7 +48,7 @@ async def test_restart_on_the_same_data_dir_keeps_the_log(tmp_path: Path) -> Non
     await again.start()
     try:
         streams = [s.config.name for s in await again.js.streams_info()]
-        assert sorted(streams, key=str) == [DLQ_STREAM, EVENTS_STREAM]
+        assert sorted(streams, key=str) == [DLQ_STREAM, EVENTS_STREAM, "KV_collabbus_buses"]  # the log, and who applies it
         info = await again.js.stream_info(EVENTS_STREAM)
         assert info.state.messages == before  # nothing lost, the operator is not joined twice
         assert info.config.storage == StorageType.FILE and info.config.deny_delete and info.config.deny_purge

@@ -1,0 +1,232 @@
+"""Which bus applies the log: a lease in a NATS key-value bucket (one bus applies a log).
+
+A bus that applies the log — runs its consumers, timers, relay and webhooks — holds the lease
+named after its network consumer in the bucket ``collabbus_buses``: a key it created, whose
+revision it moves every :data:`RENEW_EVERY` seconds. Creating a key is atomic on the server, so
+of two buses starting at the same moment one holds it and the other waits (or, unless it is a
+standby, refuses); a holder whose revision has not moved for :data:`STALE_AFTER` seconds is gone
+(killed, or cut off from NATS), and the lease is taken over by a compare-and-set on the revision
+seen, which again only one taker wins. A bus that stops deletes its key, so its successor starts
+at once; so does one finding that the holder was a process of this host that has ended.
+
+The holder learns that it lost the lease (it could not renew for longer than that, and another
+bus took over) at its next renewal, which is refused: it must stop applying then
+(:attr:`Lease.lost`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger("collabbus.lease")
+
+BUCKET = "collabbus_buses"
+RENEW_EVERY = 1.0
+"""Seconds between a holder's renewals."""
+STALE_AFTER = 5.0
+"""Seconds a lease's revision must stand still before another bus takes it over."""
+
+_HELD_HERE: dict[str, "Lease"] = {}
+"""The leases held by this process, by token: a holder of this host and process that is not among
+them (a bus abandoned without stopping) is gone."""
+
+
+class LogHeld(RuntimeError):
+    """Another bus holds the lease (it applies the log)."""
+
+    def __init__(self, message: str, holder: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+def describe(holder: dict[str, Any]) -> str:
+    """"the bus at /srv/collabbus (pid 4242 on host-a, since 2026-12-05T05:00:00Z)"."""
+    where = f" at {holder['data_dir']}" if holder.get("data_dir") else ""
+    return f"the bus{where} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')})"
+
+
+def renewed_ago(holder: dict[str, Any], now: datetime | None = None) -> float | None:
+    """Seconds since the holder last renewed its lease (None: not said)."""
+    try:
+        renewed = datetime.fromisoformat(str(holder["renewed_at"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return None
+    return ((now or datetime.now(timezone.utc)) - renewed).total_seconds()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
+    """The leases' bucket, made when missing (one value a key: only the newest counts)."""
+    try:
+        return await js.key_value(BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(
+            bucket=BUCKET, description="collabbus: which bus applies the log", history=1,
+            storage=StorageType.FILE, replicas=replicas))
+
+
+async def holder_of(js: JetStreamContext, name: str) -> dict[str, Any] | None:
+    """Who holds the lease ``name`` by its key (None: nobody, or no bucket yet). Whether that
+    holder still renews it takes watching; this is what the key says."""
+    try:
+        kv = await js.key_value(BUCKET)
+        entry = await kv.get(name)
+    except (BucketNotFoundError, KeyNotFoundError):
+        return None
+    return _holder(entry.value)
+
+
+def _holder(value: bytes | None) -> dict[str, Any]:
+    try:
+        holder = orjson.loads(value or b"{}")
+    except orjson.JSONDecodeError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _ended_here(holder: dict[str, Any]) -> bool:
+    """The holder was a process of this host that has ended (or a bus of this process that was
+    abandoned without stopping): nothing renews the lease any more."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    if holder["pid"] == os.getpid():
+        held = _HELD_HERE.get(holder.get("token", ""))
+        return held is None or held._renewing is None or held._renewing.done()
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass
+class Lease:
+    """The lease ``name`` (the network consumer's name), for one bus."""
+
+    js: JetStreamContext
+    name: str
+    data_dir: str = ""
+    replicas: int = 1
+    renew_every: float = RENEW_EVERY
+    stale_after: float = STALE_AFTER
+    on_lost: Callable[[dict[str, Any]], Any] | None = None
+    """Called (with the new holder) when a renewal finds that another bus took the lease over."""
+    lost: dict[str, Any] | None = None
+    """The bus that took the lease over, once this one lost it."""
+    _kv: KeyValue | None = field(default=None, init=False, repr=False)
+    _revision: int = field(default=0, init=False, repr=False)
+    _renewing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    me: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "data_dir": self.data_dir,
+                   "since": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                   "token": secrets.token_hex(8)}
+
+    def _value(self) -> bytes:
+        return orjson.dumps({**self.me, "renewed_at": _now()})
+
+    @property
+    def held(self) -> bool:
+        return self._renewing is not None and not self._renewing.done() and self.lost is None
+
+    async def take(self, *, patience: float | None, on_wait: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        """Hold the lease, waiting up to ``patience`` seconds (None: as long as it takes) for its
+        holder to go; raise :class:`LogHeld` when it is still held then. ``on_wait`` is called
+        once, with the holder, when this has to wait."""
+        loop = asyncio.get_running_loop()
+        deadline = None if patience is None else loop.time() + patience
+        self._kv = kv = await bucket(self.js, replicas=self.replicas)
+        seen: tuple[int, float] | None = None  # (revision, when first seen)
+        waited = False
+        while True:
+            try:
+                self._revision = await kv.create(self.name, self._value())
+                break
+            except KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await kv.get(self.name)
+            except KeyNotFoundError:
+                continue  # deleted meanwhile: create again
+            holder = _holder(entry.value)
+            revision = entry.revision or 0
+            now = loop.time()
+            if seen is None or seen[0] != revision:
+                seen = (revision, now)
+            if _ended_here(holder) or now - seen[1] >= self.stale_after:
+                try:
+                    self._revision = await kv.update(self.name, self._value(), last=revision)
+                except KeyWrongLastSequenceError:
+                    continue  # another bus took it first (or the holder renewed)
+                log.warning("lease %s: took it over from %s, which no longer renewed it", self.name, describe(holder))
+                break
+            if deadline is not None and now >= deadline:
+                raise LogHeld(
+                    f"{describe(holder)} applies the log (its {self.name!r} consumer on this NATS): one bus applies "
+                    "the log — stop the other one first, run this one with --standby to take over when it goes, "
+                    "or run `collabbus gate` beside it for more ingress", holder)
+            if not waited:
+                waited = True
+                if on_wait is not None:
+                    on_wait(holder)
+            await asyncio.sleep(min(0.25, self.renew_every / 2))
+        _HELD_HERE[self.me["token"]] = self
+        self._renewing = asyncio.create_task(self._renew(), name=f"lease-{self.name}")
+
+    async def _renew(self) -> None:
+        assert self._kv is not None
+        while True:
+            await asyncio.sleep(self.renew_every)
+            try:
+                self._revision = await self._kv.update(self.name, self._value(), last=self._revision)
+            except KeyWrongLastSequenceError:
+                try:
+                    self.lost = _holder((await self._kv.get(self.name)).value)
+                except KeyNotFoundError:
+                    self.lost = {}
+                log.error("lease %s: %s took it over while this bus could not renew it; this bus stops applying the log",
+                          self.name, describe(self.lost))
+                _HELD_HERE.pop(self.me["token"], None)
+                if self.on_lost is not None:
+                    outcome = self.on_lost(self.lost)
+                    if asyncio.iscoroutine(outcome):
+                        await outcome
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: try again; a bus cut off for long loses the lease
+                log.warning("lease %s: could not renew it (%s); trying again", self.name, exc)
+
+    async def release(self) -> None:
+        """Stop renewing and delete the key (if still ours): the next bus takes it at once."""
+        _HELD_HERE.pop(self.me["token"], None)
+        task, self._renewing = self._renewing, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if self.lost is None and self._kv is not None:
+            try:
+                await self._kv.delete(self.name, last=self._revision)
+            except Exception as exc:  # taken over meanwhile, or NATS away: the key goes stale
+                log.info("lease %s: not deleted (%s)", self.name, exc)
