@@ -387,13 +387,19 @@ class Authority:
 
     def revoke(self, institution: str, *, keep_newest: bool = False) -> tuple[int, int]:
         """Revoke every credentials issued to ``institution`` (:meth:`member_creds`) — or, with
-        ``keep_newest``, all but the last issued (the end of a rotation without a gap); returns how
-        many were revoked now and how many there were to revoke. The server refuses them once its
-        configuration is reloaded (its connections with them are closed then)."""
+        ``keep_newest``, all but the newest valid ones (the end of a rotation without a gap: with
+        none valid, nothing is revoked); returns how many were revoked now and how many there were
+        to revoke. The server refuses them once its configuration is reloaded (its connections with
+        them are closed then)."""
         revoked = self.revocations()
         now = int(time.time())
         issued = self.issued_to(institution)
-        theirs = set(issued[:-1] if keep_newest else issued)
+        if keep_newest:
+            valid = self.valid_credentials(institution)
+            kept = valid[-1]["user"] if valid else None
+            theirs = {user for user in issued if user != kept} if kept is not None else set()
+        else:
+            theirs = set(issued)
         fresh = theirs - set(revoked)
         if fresh:
             write_secret(self.directory / self.REVOKED, json.dumps({**revoked, **{user: now for user in fresh}}, indent=1))

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import copy
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -548,3 +549,24 @@ async def test_a_member_that_leaves_loses_its_credentials_also_when_it_left_whil
         for member in members.values():
             await member.nc.close()
         await bus.stop()
+
+
+def test_the_end_of_a_rotation_keeps_the_newest_valid_credentials(tmp_path: Path) -> None:
+    """`revoke --earlier-creds` keeps the newest credentials still valid, not merely the newest
+    issued: credentials issued last and already expired (or revoked) do not leave the member with
+    nothing; with none valid, nothing is revoked."""
+    from bus.credentials import Authority
+
+    authority = Authority.load_or_create(tmp_path / "auth")
+    users = []
+    for expires in (None, None, int(time.time()) - 10):  # the newest issued has expired already
+        users.append(decode_jwt_claims(authority.member_creds("fi-rotating", expires=expires).splitlines()[1])["sub"])
+    assert authority.revoke("fi-rotating", keep_newest=True) == (2, 2)
+    assert [entry["valid"] for entry in authority.credentials_of("fi-rotating")] == [False, True, False]
+    assert [entry["user"] for entry in authority.valid_credentials("fi-rotating")] == [users[1]]
+    assert authority.revoke("fi-rotating", keep_newest=True) == (0, 2)  # again: the same one kept
+
+    authority.revoke("fi-rotating")
+    assert authority.valid_credentials("fi-rotating") == []
+    authority.member_creds("fi-lapsed", expires=int(time.time()) - 10)
+    assert authority.revoke("fi-lapsed", keep_newest=True) == (0, 0)  # none valid: none to keep, none revoked
