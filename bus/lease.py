@@ -55,8 +55,9 @@ class LogHeld(RuntimeError):
 
 def describe(holder: dict[str, Any]) -> str:
     """"the bus at /srv/collabbus (pid 4242 on host-a, since 2026-12-05T05:00:00Z)"."""
+    what = "the rebuild of the read models" if holder.get("role") == "rebuild" else "the bus"
     where = f" at {holder['data_dir']}" if holder.get("data_dir") else ""
-    return f"the bus{where} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')})"
+    return f"{what}{where} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')})"
 
 
 def renewed_ago(holder: dict[str, Any], now: datetime | None = None) -> float | None:
@@ -125,6 +126,8 @@ class Lease:
     js: JetStreamContext
     name: str
     data_dir: str = ""
+    role: str = "bus"
+    """``bus``, or ``rebuild`` while ``collabbus rebuild`` replays the log (no bus may apply it then)."""
     replicas: int = 1
     renew_every: float = RENEW_EVERY
     stale_after: float = STALE_AFTER
@@ -138,7 +141,7 @@ class Lease:
     me: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "data_dir": self.data_dir,
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "data_dir": self.data_dir, "role": self.role,
                    "since": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                    "token": secrets.token_hex(8)}
 
@@ -181,6 +184,9 @@ class Lease:
                 log.warning("lease %s: took it over from %s, which no longer renewed it", self.name, describe(holder))
                 break
             if deadline is not None and now >= deadline:
+                if holder.get("role") == "rebuild":
+                    raise LogHeld(f"{describe(holder)} is replaying the log into the read models: start the bus once "
+                                  "it has finished (or run it with --standby to start then)", holder)
                 raise LogHeld(
                     f"{describe(holder)} applies the log (its {self.name!r} consumer on this NATS): one bus applies "
                     "the log — stop the other one first, run this one with --standby to take over when it goes, "

@@ -785,6 +785,7 @@ def rebuild(
     from bus.rebuild import Lanes
     from bus.rebuild import rebuild as replay
     from bus.connection import connect_options
+    from bus.lease import Lease, LogHeld, describe
     from bus.runtime import NETWORK_CONSUMER, keep_startup_objects
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
@@ -801,10 +802,13 @@ def rebuild(
     rows = held_rows or REBUILD_HELD_ROWS
     lanes = Lanes(rebuild_lanes(lane_count), settings.data_dir / ".rebuild", rows) if lane_count > 1 else None
 
+    lost: list[dict[str, Any]] = []  # the bus that took the log over while the rebuild could not renew its lease
+
     async def main() -> Any:
         command = asyncio.current_task()
         assert command is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, command.cancel)  # ended as by Ctrl-C
+        lease: Lease | None = None
         try:
             async with _nats(settings, "collabbus-rebuild") as nc:
                 js = nc.jetstream()
@@ -814,26 +818,44 @@ def rebuild(
                     err.print("[red]error:[/red] a running bus is consuming the log; stop it (Ctrl-C on collabbus up) "
                               "before a rebuild, or pass --force")
                     raise typer.Exit(1)
-                engine = make_engine(settings.db_url)
-                await asyncio.to_thread(migrate, engine)
-                service = NetworkService(engine, network(lanes.domains[0] if lanes else None), held_rows=rows)
-                keep_startup_objects()
-                with Progress(
-                    TextColumn("[bold]rebuilding[/bold]"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]:>8.0f} events/s"), TimeRemainingColumn(),
-                    console=err, disable=as_json, transient=False,
-                ) as bar:
-                    task = bar.add_task("rebuild", total=None, rate=0.0)
-                    started = asyncio.get_running_loop().time()
+                if not force:  # held while the read models are replayed: a bus starting meanwhile waits or refuses
+                    def stop_rebuilding(holder: dict[str, Any]) -> None:
+                        lost.append(holder)
+                        command.cancel()
 
-                    def progress(done: int, total: int) -> None:
-                        elapsed = max(asyncio.get_running_loop().time() - started, 1e-6)
-                        bar.update(task, completed=done, total=total, rate=done / elapsed)
+                    lease = Lease(js, NETWORK_CONSUMER, data_dir=str(settings.data_dir.resolve()), role="rebuild",
+                                  replicas=settings.stream_replicas, on_lost=stop_rebuilding)
+                    try:
+                        await lease.take(patience=1.0)
+                    except LogHeld as exc:
+                        lease = None
+                        err.print(f"[red]error:[/red] {describe(exc.holder)} applies the log; stop it (Ctrl-C on "
+                                  "collabbus up) before a rebuild, or pass --force")
+                        raise typer.Exit(1) from None
+                try:
+                    engine = make_engine(settings.db_url)
+                    await asyncio.to_thread(migrate, engine)
+                    service = NetworkService(engine, network(lanes.domains[0] if lanes else None), held_rows=rows)
+                    keep_startup_objects()
+                    with Progress(
+                        TextColumn("[bold]rebuilding[/bold]"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]:>8.0f} events/s"), TimeRemainingColumn(),
+                        console=err, disable=as_json, transient=False,
+                    ) as bar:
+                        task = bar.add_task("rebuild", total=None, rate=0.0)
+                        started = asyncio.get_running_loop().time()
 
-                    reader = connect_options(settings, "collabbus-rebuild-reader")
-                    report = await replay(js, service, connect=reader, progress=progress, lanes=lanes)
-                engine.dispose()
-                return report
+                        def progress(done: int, total: int) -> None:
+                            elapsed = max(asyncio.get_running_loop().time() - started, 1e-6)
+                            bar.update(task, completed=done, total=total, rate=done / elapsed)
+
+                        reader = connect_options(settings, "collabbus-rebuild-reader")
+                        report = await replay(js, service, connect=reader, progress=progress, lanes=lanes)
+                    engine.dispose()
+                    return report
+                finally:
+                    if lease is not None:  # (before the connection closes)
+                        await lease.release()
         finally:
             if lanes is not None:
                 lanes.close()  # (also when the bus is running, or the schema could not be brought up to date)
@@ -843,6 +865,11 @@ def rebuild(
     except (KeyboardInterrupt, asyncio.CancelledError) as stopped:  # Ctrl-C, SIGTERM (main's ``finally`` has ended the lanes)
         # What the read models say, not how far the replay was seen to get: with lanes, the first
         # lane can have read the whole log while the others' rows are not in.
+        if lost:
+            err.print(f"[red]error:[/red] {describe(lost[0])} took over the log while the rebuild could not renew its "
+                      "lease (stalled for 5 s); the rebuild stopped. Stop that bus, then rebuild again")
+            _rebuild_interrupted(settings)
+            raise typer.Exit(1) from None
         _rebuild_interrupted(settings)
         raise typer.Exit(130 if isinstance(stopped, KeyboardInterrupt) else 128 + signal.SIGTERM) from None
     if as_json:
@@ -1627,8 +1654,8 @@ def institutions_revoke(
         "--token", help="revoke this token only: the token ('-': read it from stdin), or the start of its SHA-256 "
         "as `institutions access ID` lists it")] = None,
     earlier_creds: Annotated[bool, typer.Option(
-        "--earlier-creds", help="revoke only the NATS credentials issued to the member before its newest "
-        "(the end of a rotation: its newest credentials and its HTTP tokens stay)")] = False,
+        "--earlier-creds", help="revoke only the NATS credentials issued to the member before its newest valid "
+        "ones (the end of a rotation: those and its HTTP tokens stay)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print {institution, revoked} as JSON")] = False,
     *,
     settings: Settings,
@@ -1684,7 +1711,7 @@ def institutions_revoke(
 
 def _revoke_earlier_creds(settings: Settings, institution_id: str, as_json: bool, *, token_given: bool) -> None:
     """`institutions revoke ID --earlier-creds`: every NATS credentials issued to the member but
-    its newest, revoked and applied by a running embedded server."""
+    its newest valid ones, revoked and applied by a running embedded server."""
     from bus.connection import embedded_authority, embedded_store
     from bus.credentials import Authority
 
@@ -1698,6 +1725,10 @@ def _revoke_earlier_creds(settings: Settings, institution_id: str, as_json: bool
     if not (embedded_store(settings) / Authority.DIRECTORY).is_dir() or not embedded_authority(settings).issued_to(institution_id):
         err.print(f"[red]error:[/red] no NATS credentials were issued to {institution_id} here "
                   f"(`collabbus institutions creds {institution_id}` issues them)")
+        raise typer.Exit(1)
+    if not embedded_authority(settings).valid_credentials(institution_id):
+        err.print(f"[red]error:[/red] {institution_id} holds no valid NATS credentials to keep (all expired or revoked): "
+                  f"nothing was revoked; `collabbus institutions creds {institution_id}` issues new ones")
         raise typer.Exit(1)
     revoked, reloaded = _revoke_nats_credentials(settings, institution_id, keep_newest=True)
     if as_json:

@@ -224,3 +224,59 @@ def test_a_standby_needs_a_shared_nats_and_database(tmp_path: Path) -> None:
     sqlite = subprocess.run([sys.executable, "-m", "ops", "up", "--standby"], capture_output=True, text=True, timeout=60,
                             env={**env, "COLLABBUS_NATS_URL": "nats://127.0.0.1:1"})
     assert sqlite.returncode == 2 and "postgresql" in sqlite.stderr and "SQLite" in sqlite.stderr
+
+
+async def test_a_rebuild_holds_the_log_while_it_replays(tmp_path: Path, server: EmbeddedNats) -> None:
+    """`collabbus rebuild` holds the lease while it empties and replays the read models, so a
+    bus starting meanwhile is refused naming the rebuild; and it refuses to start while another
+    bus holds it (here one on another host, still renewing)."""
+    from bus.runtime import Bus
+    from ops.settings import Settings
+    from ops.workload import Workload
+
+    publisher = Bus(Settings(data_dir=tmp_path / "publisher", nats_url=server.url, nats_creds=server.bus_creds))
+    await publisher.start(ingress=False, state=False)
+    try:
+        for institution, event in Workload(unique("w")).events(1500):
+            assert (await publisher.gate.admit(institution, orjson.dumps(event))).accepted
+        env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
+               "COLLABBUS_DATA_DIR": str(tmp_path / "rebuilt")}
+        rebuilding = subprocess.Popen([sys.executable, "-m", "ops", "rebuild", "--processes", "1"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen: dict[str, Any] | None = None
+        while rebuilding.poll() is None and seen is None:
+            held = await holder_of(publisher.js, "network")
+            seen = held if held and held.get("pid") == rebuilding.pid else None
+            await asyncio.sleep(0.05)
+        assert seen is not None and seen["role"] == "rebuild", "the rebuild did not hold the lease"
+        rebuilding.send_signal(signal.SIGSTOP)  # held where it is, whatever its speed (its lease is not stale before 5 s)
+        try:
+            with pytest.raises(LogHeld, match=f"the rebuild of the read models at {tmp_path / 'rebuilt'} .* is replaying the log"):
+                await Lease(publisher.js, "network").take(patience=0.3)  # as a bus starting meanwhile
+        finally:
+            rebuilding.send_signal(signal.SIGCONT)
+        out, err = rebuilding.communicate(timeout=120)
+        assert rebuilding.returncode == 0, err
+        assert await holder_of(publisher.js, "network") is None  # released
+
+        kv = await publisher.js.key_value(BUCKET)
+        other = {"host": "another-host", "pid": 1, "data_dir": "/srv/collabbus", "since": "then", "token": "x"}
+        renewing = True
+
+        async def renew() -> None:
+            revision = await kv.put("network", orjson.dumps(other))
+            while renewing:
+                await asyncio.sleep(0.3)
+                revision = await kv.update("network", orjson.dumps(other), last=revision)
+
+        renewer = asyncio.create_task(renew())
+        try:
+            blocked = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops", "rebuild", "--processes", "1"],
+                                              env=env, capture_output=True, text=True, timeout=120)
+        finally:
+            renewing = False
+            await renewer
+        assert blocked.returncode == 1
+        assert "the bus at /srv/collabbus (pid 1 on another-host" in blocked.stderr and "--force" in blocked.stderr
+    finally:
+        await publisher.stop()
