@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
+from nats.errors import Error as NatsError
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -76,11 +77,16 @@ def _now() -> str:
 async def bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
     """The leases' bucket, made when missing (one value a key: only the newest counts)."""
     try:
-        return await js.key_value(BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(
-            bucket=BUCKET, description="collabbus: which bus applies the log", history=1,
-            storage=StorageType.FILE, replicas=replicas))
+        try:
+            return await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            return await js.create_key_value(KeyValueConfig(
+                bucket=BUCKET, description="collabbus: which bus applies the log", history=1,
+                storage=StorageType.FILE, replicas=replicas))
+    except (BucketNotFoundError, NatsError) as exc:  # (permissions, a JetStream that refuses it)
+        raise RuntimeError(
+            f"the bus cannot use the NATS key-value bucket {BUCKET!r} by which one bus applies the log ({exc or type(exc).__name__}): "
+            f"its credentials need the stream KV_{BUCKET} and the subjects $KV.{BUCKET}.>") from exc
 
 
 async def holder_of(js: JetStreamContext, name: str) -> dict[str, Any] | None:
@@ -102,10 +108,21 @@ def _holder(value: bytes | None) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
+def _pid_namespace() -> str:
+    """Which processes' ids a pid names here (containers sharing a host name have their own)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _ended_here(holder: dict[str, Any]) -> bool:
-    """The holder was a process of this host that has ended (or a bus of this process that was
-    abandoned without stopping): nothing renews the lease any more."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    """The holder was a process of this host (and of this process namespace: containers may share
+    a host name) that has ended, or a bus of this process that was abandoned without stopping:
+    nothing renews the lease any more."""
+    if holder.get("host") != socket.gethostname() or holder.get("pids") != _pid_namespace():
+        return False
+    if not isinstance(holder.get("pid"), int):
         return False
     if holder["pid"] == os.getpid():
         held = _HELD_HERE.get(holder.get("token", ""))
@@ -141,7 +158,7 @@ class Lease:
     me: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "data_dir": self.data_dir, "role": self.role,
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pids": _pid_namespace(), "data_dir": self.data_dir, "role": self.role,
                    "since": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                    "token": secrets.token_hex(8)}
 

@@ -74,10 +74,16 @@ async def test_a_lease_nobody_renews_is_taken_over(server: EmbeddedNats) -> None
 
         ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
         here = unique("lease")
-        await kv.put(here, orjson.dumps({"host": socket.gethostname(), "pid": int(ended.stdout), "token": "y"}))
+        pids = os.readlink("/proc/self/ns/pid")
+        await kv.put(here, orjson.dumps({"host": socket.gethostname(), "pids": pids, "pid": int(ended.stdout), "token": "y"}))
         started = time.monotonic()
         await Lease(js, here).take(patience=10)
         assert time.monotonic() - started < 1.0  # its process is gone: no need to watch it stand still
+        # The same pid and host name in another process namespace (a container) may be alive: watched.
+        container = unique("lease")
+        await kv.put(container, orjson.dumps({"host": socket.gethostname(), "pids": "pid:[1]", "pid": int(ended.stdout), "token": "y"}))
+        with pytest.raises(LogHeld):
+            await Lease(js, container).take(patience=0.5)
     finally:
         await nc.close()
 
@@ -280,3 +286,19 @@ async def test_a_rebuild_holds_the_log_while_it_replays(tmp_path: Path, server: 
         assert "the bus at /srv/collabbus (pid 1 on another-host" in blocked.stderr and "--force" in blocked.stderr
     finally:
         await publisher.stop()
+
+
+async def test_credentials_without_the_bucket_are_told_what_they_need(server: EmbeddedNats, tmp_path: Path) -> None:
+    """A bus whose NATS credentials do not reach the leases' bucket (an external server's account
+    set up for the streams only) is told which stream and subjects it needs, not a bare timeout."""
+    from bus.credentials import member_inbox_prefix, partner_creds
+
+    assert server.authority is not None
+    creds = tmp_path / "narrow.creds"
+    creds.write_text(partner_creds(server.authority.account, "fi-narrow"))
+    nc = await nats.connect(server.url, user_credentials=str(creds), inbox_prefix=member_inbox_prefix("fi-narrow"))
+    try:
+        with pytest.raises(RuntimeError, match=r"credentials need the stream KV_collabbus_buses and the subjects \$KV\.collabbus_buses\.>"):
+            await Lease(nc.jetstream(timeout=2), "network").take(patience=1)
+    finally:
+        await nc.close()
