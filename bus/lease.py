@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
+from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -237,6 +238,10 @@ class Lease:
                 return
             except asyncio.CancelledError:
                 raise
+            except ConnectionClosedError:  # closed for good (the process is stopping): nothing renews it any more
+                log.info("lease %s: the connection closed; no longer renewed", self.name)
+                _HELD_HERE.pop(self.me["token"], None)
+                return
             except Exception as exc:  # NATS away: try again; a bus cut off for long loses the lease
                 log.warning("lease %s: could not renew it (%s); trying again", self.name, exc)
 

@@ -69,16 +69,20 @@ async def test_a_lease_nobody_renews_is_taken_over(server: EmbeddedNats) -> None
         with pytest.raises(LogHeld, match="pid 1 on another-host"):
             await taker.take(patience=0.5)  # not stale yet
         started = time.monotonic()
-        await Lease(js, elsewhere, stale_after=1.5).take(patience=10)
+        taken = Lease(js, elsewhere, stale_after=1.5)
+        await taken.take(patience=10)
         assert 1.4 <= time.monotonic() - started < 5
+        await taken.release()
 
         ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
         here = unique("lease")
         pids = os.readlink("/proc/self/ns/pid")
         await kv.put(here, orjson.dumps({"host": socket.gethostname(), "pids": pids, "pid": int(ended.stdout), "token": "y"}))
         started = time.monotonic()
-        await Lease(js, here).take(patience=10)
+        taken = Lease(js, here)
+        await taken.take(patience=10)
         assert time.monotonic() - started < 1.0  # its process is gone: no need to watch it stand still
+        await taken.release()
         # The same pid and host name in another process namespace (a container) may be alive: watched.
         container = unique("lease")
         await kv.put(container, orjson.dumps({"host": socket.gethostname(), "pids": "pid:[1]", "pid": int(ended.stdout), "token": "y"}))
