@@ -194,6 +194,9 @@ class Consumer:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     applied: int = 0
     dead_lettered: int = 0
+    may_apply: Callable[[], bool] | None = None
+    """Asked before each batch is applied: whether this process still holds the log (its lease,
+    ``bus.lease.Lease.fresh``); while it says no, the batch is held, as while the database is down."""
     trouble: str | None = None
     """Why it is holding events (the database cannot be written), while it is; ``/readyz`` says so."""
     _trouble_since: datetime | None = None
@@ -437,24 +440,32 @@ class Consumer:
         """Apply in a worker thread; while the database is unreachable, keep the batch in progress."""
         wait = 0.2
         while True:
+            unleased = False
             async with self.db_lock:
-                try:
-                    with tracing.log_contexts(items):  # the worker thread starts in this context
-                        outcome = await call_database(self._inline_for(items), self.applier.apply_batch, items)
-                    self.trouble = self._trouble_since = None
-                    return outcome
-                except Exception as exc:
+                if self.may_apply is not None and not self.may_apply():
+                    unleased = True  # (checked under the lock, right before the batch would be applied)
                     self._trouble_since = self._trouble_since or datetime.now(timezone.utc)
-                    self.trouble = f"holding events since {self._trouble_since:%H:%M:%S} UTC: {_first_line(exc)}"
-                    log.error("consumer %s: database unavailable, holding %d events: %s", self.settings.name, len(msgs), exc)
+                    self.trouble = (f"holding events since {self._trouble_since:%H:%M:%S} UTC: this bus could not renew its "
+                                    "lease on the log (is NATS reachable?)")
+                else:
+                    try:
+                        with tracing.log_contexts(items):  # the worker thread starts in this context
+                            outcome = await call_database(self._inline_for(items), self.applier.apply_batch, items)
+                        self.trouble = self._trouble_since = None
+                        return outcome
+                    except Exception as exc:
+                        self._trouble_since = self._trouble_since or datetime.now(timezone.utc)
+                        self.trouble = f"holding events since {self._trouble_since:%H:%M:%S} UTC: {_first_line(exc)}"
+                        log.error("consumer %s: database unavailable, holding %d events: %s", self.settings.name, len(msgs), exc)
             if self._stopping.is_set():
                 for msg in msgs:
                     await msg.nak()
                 return None
             for msg in [*msgs, *self._read_ahead()]:
-                await msg.in_progress()
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 10.0)
+                with contextlib.suppress(Exception):  # (NATS may be what is away)
+                    await msg.in_progress()
+            await asyncio.sleep(0.1 if unleased else wait)
+            wait = wait if unleased else min(wait * 2, 10.0)
 
     async def dead_letter(self, msg: Msg, error: str, detail: str, deliveries: int | None = None) -> None:
         """Publish ``msg`` to ``collab.dlq.{consumer}`` with the reason in its headers."""

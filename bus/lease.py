@@ -9,9 +9,12 @@ standby, refuses); a holder whose revision has not moved for :data:`STALE_AFTER`
 seen, which again only one taker wins. A bus that stops deletes its key, so its successor starts
 at once; so does one finding that the holder was a process of this host that has ended.
 
-The holder learns that it lost the lease (it could not renew for longer than that, and another
-bus took over) at its next renewal, which is refused: it must stop applying then
-(:attr:`Lease.lost`).
+A taker waits :data:`STALE_AFTER` seconds from the first moment it saw a revision; the holder
+applies events only while its last renewal that went through was sent less than
+``STALE_AFTER - FENCE_MARGIN`` seconds ago (:attr:`Lease.fresh`), both on their own monotonic
+clocks. So a holder cut off from NATS, or stalled, has stopped applying before anyone can take
+over — at most the batch in hand finishes — and it learns that it lost the lease at its next
+renewal, which is refused (:attr:`Lease.lost`): it stops for good then.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +45,8 @@ RENEW_EVERY = 1.0
 """Seconds between a holder's renewals."""
 STALE_AFTER = 5.0
 """Seconds a lease's revision must stand still before another bus takes it over."""
+FENCE_MARGIN = 1.5
+"""Seconds before a taker may act by which a holder that could not renew stops applying."""
 
 _HELD_HERE: dict[str, "Lease"] = {}
 """The leases held by this process, by token: a holder of this host and process that is not among
@@ -84,21 +90,33 @@ async def bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
             return await js.create_key_value(KeyValueConfig(
                 bucket=BUCKET, description="collabbus: which bus applies the log", history=1,
                 storage=StorageType.FILE, replicas=replicas))
-    except (BucketNotFoundError, NatsError) as exc:  # (permissions, a JetStream that refuses it)
+    except (BucketNotFoundError, NatsError) as exc:  # (permissions, no JetStream, too few servers for the replicas)
         raise RuntimeError(
-            f"the bus cannot use the NATS key-value bucket {BUCKET!r} by which one bus applies the log ({exc or type(exc).__name__}): "
-            f"its credentials need the stream KV_{BUCKET} and the subjects $KV.{BUCKET}.>") from exc
+            f"the bus cannot use the NATS key-value bucket {BUCKET!r} by which one bus applies the log "
+            f"({str(exc) or type(exc).__name__}): JetStream must be enabled for its account, and its credentials must "
+            f"allow the stream KV_{BUCKET} and the subjects $KV.{BUCKET}.>") from exc
 
 
-async def holder_of(js: JetStreamContext, name: str) -> dict[str, Any] | None:
-    """Who holds the lease ``name`` by its key (None: nobody, or no bucket yet). Whether that
-    holder still renews it takes watching; this is what the key says."""
+async def holder_of(js: JetStreamContext, name: str, *, watch: float = 1.5) -> dict[str, Any] | None:
+    """Who holds the lease ``name`` by its key (None: nobody, or no bucket yet), with ``renewing``:
+    whether it still renews it. When the time it last renewed (``renewed_at``, by its own clock)
+    is recent, it is taken to; otherwise the key is watched for ``watch`` seconds, so that a
+    holder whose clock is behind this one's is not called stopped."""
     try:
         kv = await js.key_value(BUCKET)
         entry = await kv.get(name)
     except (BucketNotFoundError, KeyNotFoundError):
         return None
-    return _holder(entry.value)
+    holder = _holder(entry.value)
+    ago = renewed_ago(holder)
+    renewing = ago is not None and ago <= STALE_AFTER
+    if not renewing:
+        await asyncio.sleep(watch)
+        try:
+            renewing = (await kv.get(name)).revision != entry.revision
+        except KeyNotFoundError:
+            return None  # it stopped meanwhile
+    return {**holder, "renewing": renewing}
 
 
 def _holder(value: bytes | None) -> dict[str, Any]:
@@ -109,19 +127,21 @@ def _holder(value: bytes | None) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
-def _pid_namespace() -> str:
-    """Which processes' ids a pid names here (containers sharing a host name have their own)."""
+def _machine() -> str:
+    """This machine since its last boot and this process namespace: two hosts of one name (cloned
+    machines) differ in the first, containers of one host in the second; "" where unknown."""
     try:
-        return os.readlink("/proc/self/ns/pid")
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return f"{boot.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return ""
 
 
 def _ended_here(holder: dict[str, Any]) -> bool:
-    """The holder was a process of this host (and of this process namespace: containers may share
-    a host name) that has ended, or a bus of this process that was abandoned without stopping:
-    nothing renews the lease any more."""
-    if holder.get("host") != socket.gethostname() or holder.get("pids") != _pid_namespace():
+    """The holder was a process of this machine and process namespace that has ended, or a bus of
+    this process that was abandoned without stopping: nothing renews the lease any more."""
+    machine = _machine()
+    if not machine or holder.get("machine") != machine or holder.get("host") != socket.gethostname():
         return False
     if not isinstance(holder.get("pid"), int):
         return False
@@ -149,6 +169,7 @@ class Lease:
     replicas: int = 1
     renew_every: float = RENEW_EVERY
     stale_after: float = STALE_AFTER
+    fence_margin: float = FENCE_MARGIN
     on_lost: Callable[[dict[str, Any]], Any] | None = None
     """Called (with the new holder) when a renewal finds that another bus took the lease over."""
     lost: dict[str, Any] | None = None
@@ -156,10 +177,13 @@ class Lease:
     _kv: KeyValue | None = field(default=None, init=False, repr=False)
     _revision: int = field(default=0, init=False, repr=False)
     _renewing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _renewed: float = field(default=0.0, init=False, repr=False)
+    """When (monotonic) the last renewal that went through, or the take, was sent."""
+    _losing: bool = field(default=False, init=False, repr=False)
     me: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pids": _pid_namespace(), "data_dir": self.data_dir, "role": self.role,
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(), "data_dir": self.data_dir, "role": self.role,
                    "since": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                    "token": secrets.token_hex(8)}
 
@@ -170,6 +194,13 @@ class Lease:
     def held(self) -> bool:
         return self._renewing is not None and not self._renewing.done() and self.lost is None
 
+    @property
+    def fresh(self) -> bool:
+        """Held, and renewed recently enough that no other bus can have taken it over yet: what
+        applies the log asks this before each batch (a taker waits ``stale_after`` from the last
+        renewal it saw; this stops ``fence_margin`` before)."""
+        return self.held and time.monotonic() - self._renewed < self.stale_after - self.fence_margin
+
     async def take(self, *, patience: float | None, on_wait: Callable[[dict[str, Any]], Any] | None = None) -> None:
         """Hold the lease, waiting up to ``patience`` seconds (None: as long as it takes) for its
         holder to go; raise :class:`LogHeld` when it is still held then. ``on_wait`` is called
@@ -177,17 +208,29 @@ class Lease:
         loop = asyncio.get_running_loop()
         deadline = None if patience is None else loop.time() + patience
         self._kv = kv = await bucket(self.js, replicas=self.replicas)
+        try:
+            await self._take(kv, loop, deadline, on_wait)
+        except asyncio.CancelledError:  # a write may have reached the server all the same
+            await self._delete_if_ours()
+            raise
+        _HELD_HERE[self.me["token"]] = self
+        self._renewing = asyncio.create_task(self._renew(), name=f"lease-{self.name}")
+
+    async def _take(self, kv: KeyValue, loop: asyncio.AbstractEventLoop, deadline: float | None,
+                    on_wait: Callable[[dict[str, Any]], Any] | None) -> None:
         seen: tuple[int, float] | None = None  # (revision, when first seen)
         waited = False
         while True:
+            sent = time.monotonic()
             try:
-                self._revision = await kv.create(self.name, self._value())
-                break
+                self._revision, self._renewed = await kv.create(self.name, self._value()), sent
+                return
             except KeyWrongLastSequenceError:
                 pass
             try:
                 entry = await kv.get(self.name)
             except KeyNotFoundError:
+                await asyncio.sleep(0.05)
                 continue  # deleted meanwhile: create again
             holder = _holder(entry.value)
             revision = entry.revision or 0
@@ -195,12 +238,14 @@ class Lease:
             if seen is None or seen[0] != revision:
                 seen = (revision, now)
             if _ended_here(holder) or now - seen[1] >= self.stale_after:
+                sent = time.monotonic()
                 try:
-                    self._revision = await kv.update(self.name, self._value(), last=revision)
+                    self._revision, self._renewed = await kv.update(self.name, self._value(), last=revision), sent
                 except KeyWrongLastSequenceError:
+                    await asyncio.sleep(0.05)
                     continue  # another bus took it first (or the holder renewed)
                 log.warning("lease %s: took it over from %s, which no longer renewed it", self.name, describe(holder))
-                break
+                return
             if deadline is not None and now >= deadline:
                 if holder.get("role") == "rebuild":
                     raise LogHeld(f"{describe(holder)} is replaying the log into the read models: start the bus once "
@@ -214,47 +259,81 @@ class Lease:
                 if on_wait is not None:
                     on_wait(holder)
             await asyncio.sleep(min(0.25, self.renew_every / 2))
-        _HELD_HERE[self.me["token"]] = self
-        self._renewing = asyncio.create_task(self._renew(), name=f"lease-{self.name}")
 
     async def _renew(self) -> None:
         assert self._kv is not None
         while True:
             await asyncio.sleep(self.renew_every)
+            sent = time.monotonic()
             try:
-                self._revision = await self._kv.update(self.name, self._value(), last=self._revision)
-            except KeyWrongLastSequenceError:
-                try:
-                    self.lost = _holder((await self._kv.get(self.name)).value)
-                except KeyNotFoundError:
-                    self.lost = {}
-                log.error("lease %s: %s took it over while this bus could not renew it; this bus stops applying the log",
-                          self.name, describe(self.lost))
-                _HELD_HERE.pop(self.me["token"], None)
-                if self.on_lost is not None:
-                    outcome = self.on_lost(self.lost)
-                    if asyncio.iscoroutine(outcome):
-                        await outcome
-                return
+                self._revision, self._renewed = await self._kv.update(self.name, self._value(), last=self._revision), sent
+                continue
             except asyncio.CancelledError:
                 raise
             except ConnectionClosedError:  # closed for good (the process is stopping): nothing renews it any more
                 log.info("lease %s: the connection closed; no longer renewed", self.name)
                 _HELD_HERE.pop(self.me["token"], None)
                 return
-            except Exception as exc:  # NATS away: try again; a bus cut off for long loses the lease
+            except KeyWrongLastSequenceError:
+                pass
+            except Exception as exc:  # NATS away: try again (meanwhile ``fresh`` lapses, and nothing is applied)
                 log.warning("lease %s: could not renew it (%s); trying again", self.name, exc)
+                continue
+            # Refused: the key moved. An earlier renewal whose answer was lost (a timeout, a reconnect)
+            # may have gone through after all; only another holder's value is a loss.
+            try:
+                entry: Any = await self._kv.get(self.name)
+            except KeyNotFoundError:
+                entry = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease %s: a renewal was refused and the key cannot be read (%s); looking again", self.name, exc)
+                continue
+            holder = _holder(entry.value) if entry is not None else {}
+            if entry is not None and holder.get("token") == self.me["token"]:
+                self._revision = entry.revision or self._revision  # ours: renewed from there on the next round
+                continue
+            await self._lose(holder)
+            return
+
+    async def _lose(self, holder: dict[str, Any]) -> None:
+        self._losing, self.lost = True, holder
+        _HELD_HERE.pop(self.me["token"], None)
+        log.error("lease %s: %s holds it now (this one could not renew it in time); this one stops applying the log",
+                  self.name, describe(holder) if holder else "nobody (its key was deleted)")
+        if self.on_lost is not None:
+            try:
+                outcome = self.on_lost(holder)
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            except Exception:
+                log.exception("lease %s: stopping after the loss failed", self.name)
 
     async def release(self) -> None:
-        """Stop renewing and delete the key (if still ours): the next bus takes it at once."""
+        """Stop renewing and delete the key if it is still this one's: the next bus takes it at once.
+        While a loss is being handled (``on_lost`` stopping what applies the log), that is waited for."""
         _HELD_HERE.pop(self.me["token"], None)
         task, self._renewing = self._renewing, None
         if task is None:
             return
+        if self._losing:
+            await asyncio.gather(task, return_exceptions=True)
+            return
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        if self.lost is None and self._kv is not None:
-            try:
-                await self._kv.delete(self.name, last=self._revision)
-            except Exception as exc:  # taken over meanwhile, or NATS away: the key goes stale
-                log.info("lease %s: not deleted (%s)", self.name, exc)
+        if self.lost is None:
+            await self._delete_if_ours()
+
+    async def _delete_if_ours(self) -> None:
+        """Delete the key if it holds this lease's value (whatever revision the last answer said)."""
+        if self._kv is None:
+            return
+        try:
+            entry = await self._kv.get(self.name)
+            if _holder(entry.value).get("token") == self.me["token"]:
+                await self._kv.delete(self.name, last=entry.revision)
+        except KeyNotFoundError:
+            pass
+        except Exception as exc:  # taken over meanwhile, or NATS away: the key goes stale
+            log.info("lease %s: not deleted (%s)", self.name, exc)

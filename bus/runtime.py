@@ -272,11 +272,17 @@ class Bus:
         inline = self.engine.dialect.name == "sqlite"  # see bus.consumer.call_database
         self.relay = Relay(self.gate, self.service, lock, inline=inline)
         self.applied = AppliedWatch()
-        self.consumer = Consumer(
+        lease = self.lease
+        assert lease is not None
+        self.consumer = consumer = Consumer(
             self.js, self.consumer_settings, self.service, on_derived=self.relay.wake.set, db_lock=lock, inline=inline,
-            on_applied=self.applied.applied,
+            on_applied=self.applied.applied, may_apply=lambda: lease.fresh,
         )
-        self.relay.clock = self.consumer.timers_now  # deadlines wait for what was logged before them
+        # Deadlines wait for what was logged before them; and timers act only while this bus holds the log.
+        self.relay.clock = lambda: consumer.timers_now() if lease.fresh else None
+        if not lease.held:  # lost while migrating: what _lost stopped had not started yet
+            self.consumer = self.relay = None
+            raise RuntimeError("another bus took over the log while this one was starting")
         try:
             await self.consumer.start()  # (refused while another process applies the log: bus.consumer.claim_consumer)
         except BaseException:
@@ -312,19 +318,23 @@ class Bus:
     async def _lost(self, holder: dict[str, Any]) -> None:
         """Another bus took the lease over: this one stops applying the log at once (its consumers,
         the relay, the webhooks) and says so (:attr:`lost_lease`); what it applied stays committed."""
-        await self._stop_state()
-        self.lost_lease.set()
+        try:
+            await self._stop_state()
+        finally:
+            self.lost_lease.set()
 
     async def _stop_state(self) -> None:
-        if self.webhooks is not None:
-            await self.webhooks.stop()
-            self.webhooks = None
-        if self.consumer is not None:
-            await self.consumer.stop()
-            self.consumer = None
-        if self.relay is not None:
-            await self.relay.stop()
-            self.relay = None
+        """Stop what applies the log; each part is taken before it is stopped, so that two callers
+        (a stop while a lost lease is being handled) do not stop one twice."""
+        webhooks, self.webhooks = self.webhooks, None
+        if webhooks is not None:
+            await webhooks.stop()
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            await consumer.stop()
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            await relay.stop()
 
     async def start_http(self) -> None:
         """Serve the HTTP gateway at ``settings.http`` in this event loop (after :meth:`start`)."""

@@ -1135,14 +1135,15 @@ def _render_status(report: dict[str, Any]) -> None:
         )
     out.print(consumers)
     if report.get("applied_by"):
-        from bus.lease import STALE_AFTER, describe, renewed_ago
+        from bus.lease import describe
 
-        holder, ago = report["applied_by"], renewed_ago(report["applied_by"])
-        if ago is not None and ago > STALE_AFTER:
-            out.print(f"[yellow]log last applied by {escape(describe(holder))}, which has not renewed its lease for "
-                      f"{ago:,.0f} s: it is not running (the next bus to start takes over)[/yellow]")
-        else:
+        holder = report["applied_by"]
+        if holder.get("renewing"):
             out.print(f"log applied by {escape(describe(holder))}")
+        else:
+            out.print(f"[yellow]log last applied by {escape(describe(holder))}, which no longer renews its lease "
+                      f"(last at {escape(str(holder.get('renewed_at')))}): it is not running, and the next bus to start "
+                      "takes over[/yellow]")
     for name, consumer in report["consumers"].items():
         if consumer.get("holding"):
             out.print(f"[red]{escape(name)} is {escape(consumer['holding'])}[/red]")

@@ -20,12 +20,14 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from nats.js import JetStreamContext
+from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from handlers.bookkeeping import outbox_backlog
 from handlers.db import reading
 from bus import lease
+from bus.runtime import NETWORK_CONSUMER as NETWORK_LEASE
 from ops import dlq
 from ops.backup import last_backup
 
@@ -44,7 +46,8 @@ async def collect_status(
     event to try again (``retrying``), a database it cannot write (``holding``).
 
     ``applied_by``: the bus holding the lease by which one bus applies the log (data dir, pid,
-    host, since), as the lease's key says (None: none has held it, or the last one stopped).
+    host, since, ``renewing``: whether it still renews it), as the lease's key says (None: none
+    has held it, or the last one stopped).
 
     ``data_dir``: the bus's data dir, whose last backup is reported (``backup``; None when none
     was made from it).
@@ -57,8 +60,12 @@ async def collect_status(
                                    retrying=consumer.retrying, holding=consumer.trouble)
     status: dict[str, Any] = {"streams": streams, "consumers": consumers, "dead_letters": await dlq.counts(js)}
     # Who holds the lease by which one bus applies the log (``bus.lease``), as its key says.
-    holder = await lease.holder_of(js, "network")
-    status["applied_by"] = {k: v for k, v in holder.items() if k != "token"} if holder else None
+    try:
+        holder = await lease.holder_of(js, NETWORK_LEASE)
+    except NatsError as exc:  # (the rest of the report does not depend on it)
+        log.warning("the lease on the log could not be read: %s", exc)
+        holder = None
+    status["applied_by"] = {k: v for k, v in holder.items() if k not in ("token", "machine")} if holder else None
     if data_dir is not None:
         status["backup"] = last_backup(data_dir)
     if engine is not None:

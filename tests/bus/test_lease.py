@@ -18,7 +18,7 @@ import nats
 import orjson
 import pytest
 
-from bus.lease import BUCKET, Lease, LogHeld, bucket, holder_of
+from bus.lease import BUCKET, Lease, LogHeld, _machine, bucket, holder_of
 from bus.server import EmbeddedNats, free_port
 from tests.conftest import unique
 
@@ -76,18 +76,21 @@ async def test_a_lease_nobody_renews_is_taken_over(server: EmbeddedNats) -> None
 
         ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
         here = unique("lease")
-        pids = os.readlink("/proc/self/ns/pid")
-        await kv.put(here, orjson.dumps({"host": socket.gethostname(), "pids": pids, "pid": int(ended.stdout), "token": "y"}))
+        machine = _machine()
+        assert machine  # (Linux: the boot id and the process namespace)
+        await kv.put(here, orjson.dumps({"host": socket.gethostname(), "machine": machine, "pid": int(ended.stdout), "token": "y"}))
         started = time.monotonic()
         taken = Lease(js, here)
         await taken.take(patience=10)
         assert time.monotonic() - started < 1.0  # its process is gone: no need to watch it stand still
         await taken.release()
-        # The same pid and host name in another process namespace (a container) may be alive: watched.
-        container = unique("lease")
-        await kv.put(container, orjson.dumps({"host": socket.gethostname(), "pids": "pid:[1]", "pid": int(ended.stdout), "token": "y"}))
-        with pytest.raises(LogHeld):
-            await Lease(js, container).take(patience=0.5)
+        # The same host name and pid on another machine (a clone) or in another process namespace (a
+        # container) may be alive: watched, not taken.
+        for elsewhere_machine in (f"another-boot/{machine.split('/', 1)[1]}", f"{machine.split('/', 1)[0]}/pid:[1]"):
+            twin = unique("lease")
+            await kv.put(twin, orjson.dumps({"host": socket.gethostname(), "machine": elsewhere_machine, "pid": int(ended.stdout), "token": "y"}))
+            with pytest.raises(LogHeld):
+                await Lease(js, twin).take(patience=0.5)
     finally:
         await nc.close()
 
@@ -115,26 +118,106 @@ async def test_a_holder_that_lost_its_lease_is_told(server: EmbeddedNats) -> Non
         await nc.close()
 
 
-async def test_a_bus_that_lost_the_log_stops_applying_it(tmp_path: Path, server: EmbeddedNats) -> None:
-    """A running bus whose lease another bus took over stops its consumer at once and says so."""
-    from bus.runtime import Bus
-    from ops.settings import Settings
-
-    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds))
-    await bus.start()
+async def test_a_renewal_refused_because_an_earlier_one_went_through_is_no_loss(server: EmbeddedNats) -> None:
+    """A renewal whose answer was lost (a timeout, a reconnect) may have been written all the same;
+    the next one, expecting the older revision, is refused: finding its own value in the key, the
+    holder carries on from there instead of stopping."""
+    nc = await nats.connect(server.url, **server.connect_options())
     try:
-        assert bus.lease is not None and bus.lease.held and bus.consumer is not None
-        from ops.status import collect_status
+        js = nc.jetstream()
+        name = unique("lease")
+        told: list[dict[str, Any]] = []
+        holder = Lease(js, name, renew_every=0.2, on_lost=told.append)
+        await holder.take(patience=1)
+        kv = await js.key_value(BUCKET)
+        await kv.put(name, holder._value())  # as a renewal whose answer never came back
+        before = (await kv.get(name)).revision or 0
+        await asyncio.sleep(1.0)
+        assert told == [] and holder.held and holder.fresh
+        assert ((await kv.get(name)).revision or 0) > before + 1  # renewed again from the revision it found
+        await holder.release()
+        assert await holder_of(js, name) is None
+    finally:
+        await nc.close()
 
+
+async def test_a_holder_cut_off_from_nats_stops_applying_before_anyone_may_take_over(tmp_path: Path) -> None:
+    """While renewals do not go through (here: the nats-server is frozen), the holder's lease stops
+    being fresh ``fence_margin`` before a taker could act, and is fresh again once they do."""
+    frozen = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
+    await frozen.astart()
+    nc = await nats.connect(frozen.url, **frozen.connect_options())
+    try:
+        js = nc.jetstream(timeout=1)
+        holder = Lease(js, unique("lease"), renew_every=0.2, stale_after=2.0, fence_margin=0.8)
+        await holder.take(patience=1)
+        assert holder.fresh
+        assert frozen.process is not None
+        frozen.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            while holder.fresh:
+                await asyncio.sleep(0.02)
+            lapsed = time.monotonic() - started
+            assert lapsed < 2.0 - 0.8 + 0.1, lapsed  # before a taker, waiting 2 s from the last renewal it saw
+            assert holder.held and holder.lost is None  # not lost: nobody took it
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while not holder.fresh:
+            assert time.monotonic() < deadline, "renewals did not resume"
+            await asyncio.sleep(0.05)
+        await holder.release()
+    finally:
+        await nc.close()
+        await frozen.astop()
+
+
+async def test_a_bus_holds_events_while_its_lease_is_not_fresh(tmp_path: Path, server: EmbeddedNats) -> None:
+    """The consumer asks the lease before each batch: while it is not fresh the batch is held (the
+    consumer says why, as ``/readyz`` does), and applied once it is."""
+    from tests.bus.test_consumer import FIXTURE, project_event, recording_bus, wait_for
+    from bus.client import offer
+
+    async with recording_bus(tmp_path, server) as (bus, nc, recorder):
+        assert bus.lease is not None and bus.consumer is not None
+        margin = bus.lease.fence_margin
+        bus.lease.fence_margin = bus.lease.stale_after  # as if no renewal had gone through for too long
+        try:
+            assert (await offer(nc, FIXTURE["as"], project_event("while-unleased"))).accepted
+            await wait_for(lambda: bus.consumer is not None and "could not renew its lease" in (bus.consumer.trouble or ""))
+            await asyncio.sleep(0.5)
+            assert "while-unleased" not in recorder.seen
+        finally:
+            bus.lease.fence_margin = margin
+        await wait_for(lambda: "while-unleased" in recorder.seen)
+        assert bus.consumer.trouble is None
+
+
+async def test_a_bus_that_lost_the_log_stops_applying_it(tmp_path: Path, server: EmbeddedNats) -> None:
+    """A running bus whose lease another bus took over stops its consumer, relay and webhooks at
+    once and says so; what is offered afterwards is not applied by it. `collabbus status` names
+    the bus holding the log."""
+    from bus.client import offer
+    from ops.status import collect_status
+    from tests.bus.test_consumer import FIXTURE, project_event, recording_bus, wait_for
+
+    async with recording_bus(tmp_path, server) as (bus, nc, recorder):
+        assert bus.lease is not None and bus.lease.held and bus.consumer is not None
         applied_by = (await collect_status(bus.js))["applied_by"]  # as `collabbus status` and /ops/status say
-        assert applied_by["data_dir"] == str((tmp_path / "bus").resolve()) and applied_by["pid"] == os.getpid()
-        assert "token" not in applied_by and applied_by["renewed_at"]
+        assert applied_by["data_dir"] == str(tmp_path.resolve()) and applied_by["pid"] == os.getpid()
+        assert applied_by["renewing"] is True and "token" not in applied_by
+        assert (await offer(nc, FIXTURE["as"], project_event("before-the-loss"))).accepted
+        await wait_for(lambda: "before-the-loss" in recorder.seen)
         kv = await bus.js.key_value(BUCKET)
         await kv.put("network", orjson.dumps({"host": "standby-host", "pid": 7, "token": "z"}))
         await asyncio.wait_for(bus.lost_lease.wait(), 5)
         assert bus.consumer is None and bus.relay is None and bus.webhooks is None
-    finally:
-        await bus.stop()
+        assert (await offer(nc, FIXTURE["as"], project_event("after-the-loss"))).accepted
+        await asyncio.sleep(1.0)
+        assert "after-the-loss" not in recorder.seen
+        applied_by = (await collect_status(bus.js))["applied_by"]
+        assert applied_by["host"] == "standby-host" and applied_by["renewing"] is False  # (its key stands still)
 
 
 def _up(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
@@ -156,11 +239,13 @@ def _wait_for_line(proc: subprocess.Popen[str], wanted: str, timeout: float = 60
 
 
 @pytest.mark.timeout(180)
-async def test_a_standby_takes_over_from_a_killed_bus(tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None) -> None:
+async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None) -> None:
     """Two buses on one NATS and one PostgreSQL database, the second `up --standby`: it waits
-    (its HTTP gateway not listening), and when the first is killed it takes over within seconds,
-    carrying on from the database's position — an event offered before the kill is there, one
-    offered after is applied by the standby — with the first one's tokens."""
+    (its HTTP gateway not listening). The first is frozen (alive, silent: as a bus cut off from
+    NATS or stalled); once its lease has stood still for 5 s the standby takes over, carrying on
+    from the database's position — an event offered before is there, one offered after is applied
+    by the standby — with the first one's tokens. Thawed, the first finds the log taken, stops
+    applying and exits 1."""
     from tests.conftest import fresh_database
 
     database = fresh_database("postgresql", tmp_path, pg_server_url)
@@ -189,16 +274,18 @@ async def test_a_standby_takes_over_from_a_killed_bus(tmp_path: Path, server: Em
             offered = await http.post(f"http://127.0.0.1:{ports[0]}/events", json=_joined(before))
             assert offered.status_code == 202, offered.text
             await _until_applied(http, ports[0], before)
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-            killed = time.monotonic()
+            first.send_signal(signal.SIGSTOP)
+            frozen = time.monotonic()
             _wait_for_line(standby, "is up")
-            assert time.monotonic() - killed < 15
+            assert 3.9 <= time.monotonic() - frozen < 40  # its last renewal, at most a second before, stood still for 5 s
             # The standby serves the same read models, with the first one's token.
             await _until_applied(http, ports[1], before)
             offered = await http.post(f"http://127.0.0.1:{ports[1]}/events", json=_joined(after))
             assert offered.status_code == 202, offered.text
             await _until_applied(http, ports[1], after)
+            first.send_signal(signal.SIGCONT)
+            _wait_for_line(first, "another bus took over the log while this one could not renew its lease")
+            assert first.wait(timeout=60) == 1
         standby.send_signal(signal.SIGINT)
         assert standby.wait(timeout=60) == 0
     finally:
@@ -302,7 +389,7 @@ async def test_credentials_without_the_bucket_are_told_what_they_need(server: Em
     creds.write_text(partner_creds(server.authority.account, "fi-narrow"))
     nc = await nats.connect(server.url, user_credentials=str(creds), inbox_prefix=member_inbox_prefix("fi-narrow"))
     try:
-        with pytest.raises(RuntimeError, match=r"credentials need the stream KV_collabbus_buses and the subjects \$KV\.collabbus_buses\.>"):
+        with pytest.raises(RuntimeError, match=r"credentials must allow the stream KV_collabbus_buses and the subjects \$KV\.collabbus_buses\.>"):
             await Lease(nc.jetstream(timeout=2), "network").take(patience=1)
     finally:
         await nc.close()
