@@ -38,9 +38,13 @@ from nats.errors import Error as NatsError
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from bus.tasks import stop_if_cancelled
+
 log = logging.getLogger("collabbus.lease")
 
 BUCKET = "collabbus_buses"
+NETWORK = "network"
+"""The lease of a bus applying the log: named after its network consumer (``bus.runtime.NETWORK_CONSUMER``)."""
 RENEW_EVERY = 1.0
 """Seconds between a holder's renewals."""
 STALE_AFTER = 5.0
@@ -180,6 +184,7 @@ class Lease:
     _renewed: float = field(default=0.0, init=False, repr=False)
     """When (monotonic) the last renewal that went through, or the take, was sent."""
     _losing: bool = field(default=False, init=False, repr=False)
+    _stopped: bool = field(default=False, init=False, repr=False)
     me: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +237,7 @@ class Lease:
             except KeyNotFoundError:
                 await asyncio.sleep(0.05)
                 continue  # deleted meanwhile: create again
+            stop_if_cancelled()  # (nats-py's requests can swallow a cancellation: see bus.tasks)
             holder = _holder(entry.value)
             revision = entry.revision or 0
             now = loop.time()
@@ -262,8 +268,9 @@ class Lease:
 
     async def _renew(self) -> None:
         assert self._kv is not None
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self.renew_every)
+            stop_if_cancelled()  # (a cancellation a request swallowed on the last round: see bus.tasks)
             sent = time.monotonic()
             try:
                 self._revision, self._renewed = await self._kv.update(self.name, self._value(), last=self._revision), sent
@@ -320,6 +327,7 @@ class Lease:
         if self._losing:
             await asyncio.gather(task, return_exceptions=True)
             return
+        self._stopped = True  # (ends the renewals even where a request swallows the cancellation)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         if self.lost is None:

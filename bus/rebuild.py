@@ -37,6 +37,7 @@ from typing import Any
 import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from bus.tasks import stop_if_cancelled
 from bus.pull import Puller, delivery_ns, log_time
 from bus.streams import EVENTS_STREAM
 
@@ -276,18 +277,6 @@ async def _replay(reader: "_Reader", service: Any, report: RebuildReport, lane: 
             return replay.received
         stop_if_cancelled()
         progress(replay.received)
-
-
-def stop_if_cancelled() -> None:
-    """Raise the cancellation of the running task if one was asked for and swallowed on the way.
-
-    Python 3.11's ``asyncio.wait_for`` — which nats-py's requests await — returns the awaited
-    result when it completes as the task is cancelled, and the cancellation is lost: the Ctrl-C
-    that ``asyncio.run`` turns into one would then let a rebuild run on to its end. The task
-    still counts the request (``Task.cancelling``), which this honours."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
 
 
 @dataclass

@@ -27,7 +27,6 @@ from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from handlers.bookkeeping import outbox_backlog
 from handlers.db import reading
 from bus import lease
-from bus.runtime import NETWORK_CONSUMER as NETWORK_LEASE
 from ops import dlq
 from ops.backup import last_backup
 
@@ -61,7 +60,7 @@ async def collect_status(
     status: dict[str, Any] = {"streams": streams, "consumers": consumers, "dead_letters": await dlq.counts(js)}
     # Who holds the lease by which one bus applies the log (``bus.lease``), as its key says.
     try:
-        holder = await lease.holder_of(js, NETWORK_LEASE)
+        holder = await lease.holder_of(js, lease.NETWORK)
     except NatsError as exc:  # (the rest of the report does not depend on it)
         log.warning("the lease on the log could not be read: %s", exc)
         holder = None
