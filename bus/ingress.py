@@ -116,12 +116,22 @@ class Ingress:
 
     async def _answer(self, msg: Msg) -> None:
         try:
+            institution = split_ingress_subject(msg.subject)[0]
+            if msg.reply and not reply_allowed(msg.reply, institution):
+                # Not judged: no verdict could reach the client (most often one connected without its
+                # inbox prefix), and an event logged without its sender knowing would be offered
+                # again, perhaps under a new id.
+                member = institution if self.gate.membership.known(institution) else metrics.OTHER_INSTITUTION
+                metrics.count_offer(member, None, split_ingress_subject(msg.subject)[1], Verdict(
+                    "rejected", None, reason="forbidden", errors=(Problem((), "reply subject not allowed", "reply_not_allowed"),)))
+                if self._first_in_a_minute(("reply", institution)):
+                    log.warning("ingress: an offer on %s was not judged (nothing logged): its reply subject %r is not an "
+                                "inbox of %s, where verdicts go (the client's inbox prefix must be _INBOX.%s); said once a minute",
+                                msg.subject, msg.reply[:200], institution, institution)
+                return
             verdict = await self.judge(msg.subject, msg.data, msg.headers)
-            if msg.reply and reply_allowed(msg.reply, split_ingress_subject(msg.subject)[0]):
+            if msg.reply:
                 await self.nc.publish(msg.reply, verdict.to_json(), headers=REPLY_HEADERS)
-            elif msg.reply and self._first_in_a_minute(("reply", split_ingress_subject(msg.subject)[0])):
-                log.warning("ingress: no verdict sent to %r for an offer on %s (verdicts go to the offering "
-                            "institution's own inboxes only; said once a minute)", msg.reply[:200], msg.subject)
         except Exception:  # a failed reply costs this offer only; the partner retries with the same id
             log.exception("ingress could not answer an offer on %s", msg.subject)
         finally:

@@ -287,13 +287,13 @@ async def test_a_member_sees_neither_the_bus_nor_other_members_through_inboxes(
         await asyncio.sleep(0.5)
         assert landed == []
         # Said in the log once a minute, not once an offer (a member could fill the disk with it).
-        refusals = [r for r in caplog.records if "no verdict sent" in r.getMessage() and member.institution in r.getMessage()]
+        refusals = [r for r in caplog.records if "was not judged" in r.getMessage() and member.institution in r.getMessage()]
         assert len(refusals) == 1, [r.getMessage() for r in refusals]
         assert (await offer(member.nc, member.institution, project_event(member.institution))).accepted  # its own: answered
     finally:
         await neighbour.nc.close()
 
-    # A reply subject in the log: the gate judges the offer but sends no verdict there.
+    # A reply subject in the log: the gate does not judge the offer (nothing logged), nor answer there.
     event = project_event(member.institution)
     target = f"collab.events.{member.institution}.project.registered.injected"
     await member.nc.publish(f"collab.ingress.{member.institution}.project.registered", orjson.dumps(event),
@@ -303,7 +303,16 @@ async def test_a_member_sees_neither_the_bus_nor_other_members_through_inboxes(
     with pytest.raises(NotFoundError):
         await bus.js.get_last_msg(EVENTS_STREAM, target)
     again = await offer(member.nc, member.institution, event)  # the same event offered properly
-    assert again.accepted and again.duplicate, again.as_dict()
+    assert again.accepted and not again.duplicate, again.as_dict()  # logged now, for the first time
+    # A client connected without its inbox prefix (the default `_INBOX.`): its offer is not judged
+    # either, so the event it will offer again (it saw only a timeout) is not logged yet.
+    unanswered = project_event(member.institution)
+    await member.nc.publish(f"collab.ingress.{member.institution}.project.registered", orjson.dumps(unanswered),
+                            reply="_INBOX.aB3dE6gH9jK2mN5pQ8rS1t.1")
+    await member.nc.flush()
+    await asyncio.sleep(0.5)
+    first = await offer(member.nc, member.institution, unanswered)
+    assert first.accepted and not first.duplicate, first.as_dict()
 
 
 @pytest.mark.parametrize("how", ["no credentials", "a foreign account"])
