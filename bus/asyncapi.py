@@ -28,15 +28,27 @@ def _documentation_broker() -> NatsBroker:
         spec = registry.spec_for(type_)
         envelope = typed_envelope(spec)
         who = ", ".join(sorted(spec.emitters)) if spec.emitters else "the bus's workflows only"
+        subject = f"`subject` is the event's `data.{spec.subject_field}`. " if spec.subject_field else ""
         broker.publisher(
             f"collab.events.{{institution}}.{spec.domain}.{spec.event}.{{subject}}",
             title=f"log.{spec.type}",
             description=(
                 f"The accepted `{spec.type}` events (emitted by: {who}), in canonical structured form, the event "
-                "id in the `Nats-Msg-Id` header. " + (_CONFIDENTIAL if spec.type in CONFIDENTIAL else _PUBLIC)
+                f"id in the `Nats-Msg-Id` header: the log's own subjects (the COLLAB_EVENTS stream), which members' "
+                f"credentials do not reach. {subject}" + (_CONFIDENTIAL if spec.type in CONFIDENTIAL else _PUBLIC)
             ),
             schema=envelope,
         )
+        if spec.type not in CONFIDENTIAL:
+            broker.publisher(
+                f"collab.live.{{institution}}.{spec.domain}.{spec.event}.{{subject}}",
+                title=f"live.{spec.type}",
+                description=(
+                    f"What members follow: each `{spec.type}` event the log stored, republished by the log's "
+                    "server in the log's order, with its place in the log in the `Nats-Sequence` header. " + subject + _LIVE
+                ),
+                schema=envelope,
+            )
         if not spec.emitters:
             continue
 
@@ -50,18 +62,22 @@ def _documentation_broker() -> NatsBroker:
             title=f"ingress.{spec.type}",
             description=(
                 f"Offer a `{spec.type}` event as `institution` (request/reply); the reply is the gatekeeper's "
-                f"verdict. May be emitted by: {who}. " + _OFFERING
+                f"verdict. May be emitted by: {who}. "
+                + (f"The event's `subject` must be its `data.{spec.subject_field}` (else `subject_mismatch`). " if spec.subject_field else "")
+                + _OFFERING
             ),
         )(offer)
     return broker
 
 
 _PUBLIC = (
-    "Every member may see these: members follow them on `collab.live.{institution}.{domain}.{event}.{subject}`, "
-    "where the log's server republishes each event it stored, in the log's order, with its place in the log in "
-    "the `Nats-Sequence` header (core NATS, live, at most once: a subscriber that was away reads what it missed "
-    "over HTTP, `GET /events?after_seq={seq}` after the last `seq` it handled). Members' credentials do not "
-    "reach the log's own subjects: what is published there is what was offered, before the log took or refused it."
+    "Every member may see these: members follow them on `collab.live.{institution}.{domain}.{event}.{subject}` "
+    "(the `live.…` channels). What is published on the log's own subjects is what was offered, before the log "
+    "took or refused it."
+)
+_LIVE = (
+    "Core NATS, live, at most once: a subscriber that was away reads what it missed over HTTP, "
+    "`GET /events?after_seq={seq}` after the last `Nats-Sequence` it handled, and drops repeats by that sequence."
 )
 _CONFIDENTIAL = (
     "Confidential: only the parties of its call or validation may see it, which a subject cannot say, so "
@@ -106,7 +122,8 @@ def _document() -> dict[str, Any]:
         description=(
             "An event-driven collaboration bus for networks of institutions. Partners offer CloudEvents "
             "on collab.ingress.{institution}.{domain}.{event} (request/reply); accepted events are logged on "
-            "collab.events.{institution}.{domain}.{event}.{subject} in the COLLAB_EVENTS stream."
+            "collab.events.{institution}.{domain}.{event}.{subject} in the COLLAB_EVENTS stream, and members follow "
+            "the ones every member may see on collab.live.{institution}.{domain}.{event}.{subject}."
         ),
         schema_version="3.0.0",
     )
@@ -206,6 +223,20 @@ _LOG_HEADERS = {
     "required": ["Nats-Msg-Id", "Content-Type"],
 }
 
+_LIVE_HEADERS = {
+    "type": "object",
+    "properties": {
+        **_LOG_HEADERS["properties"],
+        "Nats-Sequence": {"type": "string", "description": "the event's place in the log (its `seq` over HTTP): "
+                                                           "where a follower resumes, `GET /events?after_seq=`"},
+        "Nats-Stream": {"const": "COLLAB_EVENTS", "type": "string"},
+        "Nats-Time-Stamp": {"type": "string", "description": "when the log stored it (RFC 3339)"},
+        "Nats-Last-Sequence": {"type": "string", "description": "the sequence of the log's previous message (of any "
+                                                               "subject: not a gap detector for one member's view)"},
+    },
+    "required": ["Nats-Msg-Id", "Content-Type", "Nats-Sequence", "Nats-Stream"],
+}
+
 _INGRESS_HEADERS = {
     "type": "object",
     "properties": {
@@ -228,6 +259,8 @@ def _add_headers(document: dict[str, Any]) -> None:
     for name, message in document.get("components", {}).get("messages", {}).items():
         if name.startswith("log."):
             message["headers"] = _LOG_HEADERS
+        elif name.startswith("live."):
+            message["headers"] = _LIVE_HEADERS
         elif name.startswith("ingress."):
             message["headers"] = _INGRESS_HEADERS
 
@@ -280,8 +313,8 @@ def _name_for_generators(document: dict[str, Any]) -> None:
     document["components"]["messages"] = {renamed[old]: message for old, message in messages.items()}
     for name, message in document["components"]["messages"].items():
         kind, _, event_type = name.partition(".")
-        if kind in ("ingress", "log") and ":" in str(message.get("title", "")):  # FastStream's title, the old name
-            message["title"] = f"{event_type} ({'offered' if kind == 'ingress' else 'logged'})"
+        if kind in ("ingress", "log", "live") and ":" in str(message.get("title", "")):  # FastStream's title, the old name
+            message["title"] = f"{event_type} ({ {'ingress': 'offered', 'log': 'logged', 'live': 'followed'}[kind] })"
     for channel in document["channels"].values():
         channel["messages"] = {_CHANNEL_MESSAGES.get(key, key): value for key, value in channel.get("messages", {}).items()}
 

@@ -93,7 +93,7 @@ class Ingress:
         assert self.limiter is not None
         verdict = Verdict("rejected", None, reason="unavailable", errors=(Problem((), (
             f"{institution!r} is over its rate limit over NATS ({self.limiter.rate:g} offers/s, burst "
-            f"{self.limiter.burst}); retry in {wait:.2f} s with the same id"), "rate_limited"),))
+            f"{self.limiter.burst}); retry in {wait:.2f} s with the same id"), "rate_limited"),), retry_after=round(wait, 3))
         member = institution if self.gate.membership.known(institution) else metrics.OTHER_INSTITUTION
         metrics.count_offer(member, None, split_ingress_subject(msg.subject)[1], verdict)
         if self._first_in_a_minute(("rate", member)):  # a line a minute, not one per offer

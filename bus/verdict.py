@@ -35,6 +35,8 @@ class Verdict:
     errors: tuple[Problem, ...] = ()
     reason: Reason | None = None
     event: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    retry_after: float | None = None
+    """Seconds to wait before offering it again (an institution over its rate limit)."""
 
     @property
     def accepted(self) -> bool:
@@ -43,12 +45,15 @@ class Verdict:
     def as_dict(self) -> dict[str, Any]:
         if self.accepted:
             return {"status": "accepted", "id": self.id, "seq": self.seq, "duplicate": self.duplicate}
-        return {
+        body: dict[str, Any] = {
             "status": "rejected",
             "id": self.id,
             "reason": self.reason,
             "errors": [problem.as_dict() for problem in self.errors],
         }
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        return body
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.as_dict())
@@ -60,7 +65,7 @@ class Verdict:
         if data.get("status") == "accepted":
             return cls("accepted", data.get("id"), data.get("seq"), bool(data.get("duplicate")))
         errors = tuple(Problem(tuple(e.get("loc", ())), e.get("msg", ""), e.get("type", "")) for e in data.get("errors", ()))
-        return cls("rejected", data.get("id"), errors=errors, reason=data.get("reason"))
+        return cls("rejected", data.get("id"), errors=errors, reason=data.get("reason"), retry_after=data.get("retry_after"))
 
 
 class ProblemBody(BaseModel):
@@ -98,6 +103,9 @@ class RejectedVerdict(BaseModel):
         "its rate limit: retry with the same id)"
     ))
     errors: list[ProblemBody]
+    retry_after: float | None = Field(default=None, description=(
+        "seconds to wait before offering it again with the same id (present when the institution is over its rate "
+        "limit over NATS; over HTTP the `Retry-After` header says it)"))
 
 
 VerdictBody = Annotated[AcceptedVerdict | RejectedVerdict, Field(discriminator="status")]

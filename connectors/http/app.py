@@ -113,8 +113,9 @@ _WEBHOOK = {
             {"name": "webhook-signature", "in": "header", "required": True, "schema": {"type": "string"},
              "description": "the Standard Webhooks signature: `v1,<base64 HMAC-SHA256 of id.timestamp.body>`, space-separated during a secret rotation"},
             {"name": "collabbus-sequence", "in": "header", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"},
-             "description": "the event's sequence in the network's log (`seq` of `GET /events`): deliveries are not in "
-                            "log order, and of two events about one thing the higher sequence is the later"},
+             "description": "the event's sequence in the network's log (`seq` of `GET /events`): deliveries about "
+                            "different things come in no order among each other; of two events about one thing the "
+                            "higher sequence is the later (with `ordered: false`, the way to put them in order)"},
             {"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"},
              "description": "the W3C trace context of the delivery"},
         ],

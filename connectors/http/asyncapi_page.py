@@ -68,8 +68,12 @@ def _message(document: Mapping[str, Any], message: Mapping[str, Any]) -> str:
 
 def _channel(document: Mapping[str, Any], key: str, channel: Mapping[str, Any], actions: Mapping[str, str]) -> str:
     action = actions.get(key)
-    # The document speaks for the bus: it receives offers and sends the log; a partner does the opposite.
-    tag = {"receive": '<span class="tag send">partner sends</span>', "send": '<span class="tag receive">partner receives</span>'}
+    # The document speaks for the bus: it receives offers and sends the log; a partner does the opposite
+    # (on the live subjects: the log's own are the bus's, which members' credentials do not reach).
+    if action == "send" and key.startswith("log."):
+        action = "own"
+    tag = {"receive": '<span class="tag send">partner sends</span>', "send": '<span class="tag receive">partner receives</span>',
+           "own": '<span class="tag">the bus\'s own</span>'}
     parts = [f'<section id="channel-{html.escape(key)}"><h3>{tag.get(action or "", "")}'
              f'<code class="subject">{html.escape(str(channel.get("address") or key))}</code></h3>',
              f"<p>{_text(channel.get('description'))}</p>"]
@@ -86,7 +90,8 @@ def _channel(document: Mapping[str, Any], key: str, channel: Mapping[str, Any], 
 
 def domains(document: Mapping[str, Any]) -> list[str]:
     """The event domains the document's channels are about (``ingress.{domain}.{event}``, ``log.…``)."""
-    return sorted({key.split(".")[1] for key in document.get("channels") or {} if key.startswith(("ingress.", "log.")) and key.count(".") >= 2})
+    return sorted({key.split(".")[1] for key in document.get("channels") or {}
+                   if key.startswith(("ingress.", "log.", "live.")) and key.count(".") >= 2})
 
 
 def _schemas_used(document: Mapping[str, Any], channels: Mapping[str, Any]) -> set[str]:
@@ -121,13 +126,14 @@ def render(document: Mapping[str, Any], *, interactive: str | None = None, domai
     channels = document.get("channels") or {}
     if domain is not None:
         channels = {key: channel for key, channel in channels.items()
-                    if key.startswith(("ingress.", "log.")) and key.split(".")[1] == domain
+                    if key.startswith(("ingress.", "log.", "live.")) and key.split(".")[1] == domain
                     or key == "ingress-reply" and any(k.startswith(f"ingress.{domain}.") for k in channels)}
         title = f"{title} · {domain}"
-    groups: dict[str, list[str]] = {"Offering events (request/reply)": [], "The log": [], "Other subjects": []}
+    groups: dict[str, list[str]] = {"Offering events (request/reply)": [], "Following the log (live)": [],
+                                    "The log (the bus's own subjects)": [], "Other subjects": []}
+    kinds = {"ingress": "Offering events (request/reply)", "live": "Following the log (live)", "log": "The log (the bus's own subjects)"}
     for key in sorted(channels):
-        kind = key.partition(".")[0]
-        groups["Offering events (request/reply)" if kind == "ingress" else "The log" if kind == "log" else "Other subjects"].append(key)
+        groups[kinds.get(key.partition(".")[0], "Other subjects")].append(key)
     nav = ['<a href="/asyncapi.json">the document (JSON)</a>', '<a href="#schemas">schemas</a>']
     if interactive:
         nav.append(f'<a href="{html.escape(interactive)}">interactive view</a> (loads its script from a CDN)')

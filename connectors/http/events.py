@@ -252,7 +252,8 @@ async def read_log(
         "(the answer comes as soon as one does; give your HTTP client a longer timeout)"))] = 0,
 ) -> dict[str, Any]:
     """Logged events in log order with their sequence; ``next_cursor`` is the next ``after_seq``
-    (also accepted as ``cursor``). Confidential workflow content (reviews before the decision,
+    (also accepted as ``cursor``) while more pages follow, and null on the last page, where a
+    follower goes on from the last item's ``seq`` (not from the beginning). Confidential workflow content (reviews before the decision,
     information requests, what the validation workflow refused and whom, applications to a call
     and the answers to them) is left out for members who may not see it.
 

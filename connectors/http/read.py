@@ -160,7 +160,8 @@ def list_calls(
     eligible_kind: Annotated[InstitutionKind | None, Query(description="calls open to this kind of institution")] = None,
     country: Annotated[str | None, Query(pattern=COUNTRY, description="calls open to institutions of this country")] = None,
     deadline_before: Annotated[AwareDatetime | None, Query(
-        description="calls whose deadline is before this time (RFC 3339, with its offset)")] = None,
+        description="calls whose deadline is before this time (RFC 3339, with its offset: `Z`, or a `+` written as "
+                    "`%2B` in the query string, where a bare `+` reads as a space)")] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:

@@ -52,6 +52,11 @@ def test_the_messages_declare_their_headers_and_the_dead_letters_their_channel()
     messages = document["components"]["messages"]
     log = messages["log.project.registered"]["headers"]
     assert set(log["required"]) == {"Nats-Msg-Id", "Content-Type"}
+    live = messages["live.project.registered"]["headers"]  # what a follower resumes by
+    assert {"Nats-Sequence", "Nats-Stream", "Nats-Msg-Id"} <= set(live["required"])
+    assert document["channels"]["live.project.registered"]["address"] == "collab.live.{institution}.project.registered.{subject}"
+    assert "live.call.application_submitted" not in document["channels"]  # confidential: never on a live subject
+    assert "`subject` must be its `data.call_id`" in document["channels"]["ingress.call.application_submitted"]["description"]
     offer = messages["ingress.project.registered"]["headers"]
     assert "^ce-[a-z0-9]+$" in offer["patternProperties"]
     assert offer["properties"]["Content-Type"]["enum"] == ["application/cloudevents+json", "application/json"]

@@ -506,6 +506,7 @@ async def test_a_member_over_its_rate_is_refused_unread_and_the_others_are_serve
         refused = [v for v in verdicts if not v.accepted]
         assert refused and all(v.reason == "unavailable" and [p.type for p in v.errors] == ["rate_limited"] for v in refused)
         assert "is over its rate limit over NATS (20 offers/s, burst 10); retry in" in refused[0].errors[0].msg
+        assert all(v.retry_after is not None and 0 < v.retry_after <= 1.0 for v in refused)  # for a client to wait on
         assert (await offer(other.nc, other.institution, project_event(other.institution))).accepted  # its own bucket
         await asyncio.sleep(0.6)  # the flooder's bucket refills
         assert (await offer(flooding.nc, flooding.institution, project_event(flooding.institution))).accepted

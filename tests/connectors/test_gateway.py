@@ -1013,8 +1013,9 @@ async def test_operations_endpoints(gateway: Gateway) -> None:
     assert calls.status_code == 200 and "<script" not in calls.text and len(calls.text) < len(page.text) / 2
     shown = set(re.findall(r'<code class="subject">([^<]+)</code>', calls.text))
     wanted = {html.escape(channel.get("address") or key) for key, channel in asyncapi["channels"].items()
-              if key.startswith(("ingress.call.", "log.call.")) or key == "ingress-reply"}
+              if key.startswith(("ingress.call.", "log.call.", "live.call.")) or key == "ingress-reply"}
     assert shown == wanted and any(".call." in subject for subject in shown)
+    assert "collab.live.{institution}.call.published.{subject}" in shown and "Following the log (live)" in calls.text
     on_page = set(re.findall(r'id="schema-([^"]+)"', calls.text))
     assert set(re.findall(r'href="#schema-([^"]+)"', calls.text)) <= on_page < set(asyncapi["components"]["schemas"])
     assert {"CallPublished", "AcceptedVerdict"} <= on_page and "ProjectRegistered" not in on_page

@@ -308,6 +308,11 @@ def test_asyncapi_lists_every_event_type() -> None:
         # whether members may subscribe to it: every member may see it, or it is confidential
         said = "Confidential" if type_ in CONFIDENTIAL else "members follow them on `collab.live.{institution}"
         assert said in log_channel["description"], (type_, log_channel["description"])
+        assert "members' credentials do not reach" in log_channel["description"]
+        # the subject members do follow, for a client generator: a channel of its own, or none for confidential types
+        live = addresses.get(f"collab.live.{{institution}}.{type_}.{{subject}}")
+        assert (live is None) == (type_ in CONFIDENTIAL), type_
+        assert f"`data.{spec.subject_field}`" in log_channel["description"]
         if spec.emitters:
             assert f"collab.ingress.{{institution}}.{type_}" in addresses
     listening = cli("asyncapi", env={**os.environ, "COLLABBUS_NATS_LISTEN": "127.0.0.1:14502"})
