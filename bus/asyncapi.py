@@ -213,20 +213,17 @@ def _drop_titles(node: Any) -> None:
             _drop_titles(value)
 
 
-_LOG_HEADERS = {
-    "type": "object",
-    "properties": {
-        "Nats-Msg-Id": {"type": "string", "description": "the event's id (JetStream deduplicates by it)"},
-        "Content-Type": {"const": "application/cloudevents+json", "type": "string"},
-        "traceparent": {"type": "string", "description": "W3C trace context of the span that logged the event"},
-    },
-    "required": ["Nats-Msg-Id", "Content-Type"],
+_LOGGED_HEADERS: dict[str, Any] = {
+    "Nats-Msg-Id": {"type": "string", "description": "the event's id (JetStream deduplicates by it)"},
+    "Content-Type": {"const": "application/cloudevents+json", "type": "string"},
+    "traceparent": {"type": "string", "description": "W3C trace context of the span that logged the event"},
 }
+_LOG_HEADERS = {"type": "object", "properties": _LOGGED_HEADERS, "required": ["Nats-Msg-Id", "Content-Type"]}
 
 _LIVE_HEADERS = {
     "type": "object",
     "properties": {
-        **_LOG_HEADERS["properties"],
+        **_LOGGED_HEADERS,
         "Nats-Sequence": {"type": "string", "description": "the event's place in the log (its `seq` over HTTP): "
                                                            "where a follower resumes, `GET /events?after_seq=`"},
         "Nats-Stream": {"const": "COLLAB_EVENTS", "type": "string"},
