@@ -3,6 +3,8 @@ nats-py and nothing of collabbus, so the same steps carry over to a NATS client 
 
     pip install nats-py
     python nats_follower.py nats://127.0.0.1:4222 mersin.creds tr-mersin-bb [SUBJECT ...] [--count N]
+    COLLABBUS_URL=http://127.0.0.1:8080 COLLABBUS_TOKEN=… \
+        python nats_follower.py … --resume follower.position     # miss nothing, across restarts
 
 - Connect with the ``.creds`` file the operator issued (``collabbus institutions creds``) and the
   inbox prefix ``_INBOX.<your id>``.
@@ -14,10 +16,13 @@ nats-py and nothing of collabbus, so the same steps carry over to a NATS client 
 - Each message is one event as the log stored it, in the log's order: the structured CloudEvent
   as JSON, its id in the ``Nats-Msg-Id`` header and its place in the log in ``Nats-Sequence``.
   It is printed as one JSON line on standard output: ``{"seq": …, "event": {…}}``.
-- Live, at most once: what is logged while this is not connected does not come again. A follower
-  that must miss nothing keeps the last ``seq`` it handled and, once connected again, reads what
-  came after over HTTP (``GET /events?after_seq={seq}``), dropping what it then also receives
-  live by ``seq``. The confidential events (applications, reviews before a decision) are not on
+- Live, at most once: what is logged while this is not connected does not come again. With
+  ``--resume FILE`` it misses nothing: it keeps the ``seq`` of the last event it handled in FILE
+  and, once subscribed (and again after each reconnection), reads what came after it over HTTP
+  (``GET /events?after_seq={seq}``, with ``COLLABBUS_URL`` and the member's ``COLLABBUS_TOKEN``),
+  keeping the events whose live subject its subscriptions match, then carries on live, dropping
+  what it already handled by ``Nats-Sequence``. Each event is printed once, in log order, also
+  across restarts. The confidential events (applications, reviews before a decision) are not on
   these subjects for anyone: their parties read them over HTTP and webhooks.
 - A subject the credentials do not allow is refused by the server: said on standard error, exit 2.
 
@@ -29,43 +34,123 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
 
 import nats
 from nats.aio.msg import Msg
 
 DEFAULT_SUBJECTS = ("collab.live.*.call.published.*", "collab.live.*.project.>")
+PAGE = 500
 
 
-async def follow(url: str, creds: str, institution: str, subjects: list[str], count: int | None) -> int:
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, ``>`` the rest (one token or more)."""
+    want, have = pattern.split("."), subject.split(".")
+    for at, token in enumerate(want):
+        if token == ">":
+            return len(have) > at
+        if at >= len(have) or token not in ("*", have[at]):
+            return False
+    return len(want) == len(have)
+
+
+def live_subject(event: dict[str, Any]) -> str:
+    """Where the log's server republishes an event: ``collab.live.<source's id>.<type>.<subject>``."""
+    return f"collab.live.{event['source'].rsplit('/', 1)[-1]}.{event['type']}.{event.get('subject', '')}"
+
+
+class Follower:
+    """Prints each event once, in log order; with a position file, also across restarts."""
+
+    def __init__(self, subjects: list[str], count: int | None, position: Path | None) -> None:
+        self.subjects, self.count, self.position = subjects, count, position
+        self.last = int(position.read_text().strip() or 0) if position is not None and position.exists() else 0
+        self.printed = 0
+        self.done = asyncio.Event()
+
+    def handle(self, seq: int, event: dict[str, Any]) -> None:
+        if self.done.is_set() or (self.position is not None and seq <= self.last):
+            return  # handled already (read over HTTP and received live as well)
+        print(json.dumps({"seq": seq, "event": event}, ensure_ascii=False), flush=True)
+        self.last = max(self.last, seq)
+        if self.position is not None:
+            written = self.position.with_name(self.position.name + ".new")
+            written.write_text(str(self.last))
+            os.replace(written, self.position)  # whole or not at all
+        self.printed += 1
+        if self.count is not None and self.printed >= self.count:
+            self.done.set()
+
+    def catch_up(self, base_url: str, token: str) -> None:
+        """What was logged after ``last`` (and before the subscriptions took over), over HTTP."""
+        while not self.done.is_set():
+            query = urllib.parse.urlencode({"after_seq": self.last, "limit": PAGE})
+            request = urllib.request.Request(f"{base_url}/events?{query}", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                items = json.load(answer)["items"]
+            for item in items:
+                if any(matches(pattern, live_subject(item["event"])) for pattern in self.subjects):
+                    self.handle(item["seq"], item["event"])
+                else:
+                    self.last = max(self.last, item["seq"])  # not followed: passed over
+            if len(items) < PAGE:
+                return
+
+
+async def follow(url: str, creds: str, institution: str, subjects: list[str], count: int | None,
+                 position: Path | None = None) -> int:
     refused: list[str] = []
-    done = asyncio.Event()
-    printed = 0
+    follower = Follower(subjects, count, position)
+    live: asyncio.Queue[Msg] = asyncio.Queue()
+    behind = asyncio.Event()  # set when what was logged meanwhile must be read over HTTP
+    behind.set()
 
     async def error(exc: Exception) -> None:
         if "permissions violation" in str(exc).lower():
             refused.append(str(exc))
-            done.set()
+            follower.done.set()
 
-    async def show(msg: Msg) -> None:
-        nonlocal printed
-        if done.is_set():
-            return
-        seq = int((msg.headers or {}).get("Nats-Sequence", "0"))
-        print(json.dumps({"seq": seq, "event": json.loads(msg.data)}, ensure_ascii=False), flush=True)
-        printed += 1
-        if count is not None and printed >= count:
-            done.set()
+    async def reconnected() -> None:
+        behind.set()  # what was logged while the connection was down did not come live
 
-    nc = await nats.connect(url, user_credentials=creds, inbox_prefix=f"_INBOX.{institution}", error_cb=error)
+    async def take(msg: Msg) -> None:
+        await live.put(msg)
+
+    nc = await nats.connect(url, user_credentials=creds, inbox_prefix=f"_INBOX.{institution}", error_cb=error,
+                            reconnected_cb=reconnected)
     try:
         for subject in subjects:
-            await nc.subscribe(subject, cb=show)
+            await nc.subscribe(subject, cb=take)
         await nc.flush()  # the server has taken (or refused) every subscription when its answer comes
         await asyncio.sleep(0.2)
         if not refused:
             print(f"following {', '.join(subjects)}", file=sys.stderr, flush=True)
-            await done.wait()
+            base_url, token = os.environ.get("COLLABBUS_URL", "http://127.0.0.1:8080"), os.environ.get("COLLABBUS_TOKEN", "")
+            while not follower.done.is_set():
+                if position is not None and behind.is_set():
+                    behind.clear()
+                    try:
+                        await asyncio.to_thread(follower.catch_up, base_url, token)
+                    except urllib.error.HTTPError as exc:  # a wrong token, say: trying again cannot help
+                        print(f"the gateway refused the catch-up ({exc.code}): {exc.read()[:300].decode(errors='replace')}",
+                              file=sys.stderr)
+                        return 2
+                    except (urllib.error.URLError, OSError) as exc:  # not reachable: again in a while
+                        print(f"cannot read what was missed over HTTP ({exc}); again in 5 s", file=sys.stderr, flush=True)
+                        await asyncio.sleep(5)
+                        behind.set()
+                    continue
+                try:
+                    msg = await asyncio.wait_for(live.get(), 0.5)
+                except asyncio.TimeoutError:
+                    continue
+                follower.handle(int((msg.headers or {}).get("Nats-Sequence", "0")), json.loads(msg.data))
     finally:
         await nc.close()
     if refused:
@@ -77,17 +162,25 @@ async def follow(url: str, creds: str, institution: str, subjects: list[str], co
 
 def main(argv: list[str]) -> int:
     arguments = list(argv)
-    count = None
+    count, position = None, None
     if "--count" in arguments:
         at = arguments.index("--count")
         count = int(arguments[at + 1])
         del arguments[at:at + 2]
+    if "--resume" in arguments:
+        at = arguments.index("--resume")
+        position = Path(arguments[at + 1])
+        del arguments[at:at + 2]
+        if not os.environ.get("COLLABBUS_TOKEN"):
+            print("--resume reads what it missed over HTTP: set COLLABBUS_TOKEN (collabbus institutions token <your id>) "
+                  "and COLLABBUS_URL", file=sys.stderr)
+            return 2
     if len(arguments) < 3:
         print(__doc__, file=sys.stderr)
         return 2
     url, creds, institution, *subjects = arguments
     try:
-        return asyncio.run(follow(url, creds, institution, subjects or list(DEFAULT_SUBJECTS), count))
+        return asyncio.run(follow(url, creds, institution, subjects or list(DEFAULT_SUBJECTS), count, position))
     except KeyboardInterrupt:
         return 0
 

@@ -765,6 +765,52 @@ def test_the_nats_follower_example_prints_public_events_live_and_is_refused_a_co
     assert "call.application_submitted" in refused.stderr
 
 
+def test_the_nats_follower_example_resumes_without_missing_or_repeating_an_event(running_bus: dict[str, str], tmp_path: Path) -> None:
+    """``examples/nats_follower.py --resume FILE``: what was logged before it subscribed (or while
+    it was away) is read over HTTP, then it carries on live; each event once, in log order, also
+    across a restart — the README's recipe for a follower that must miss nothing."""
+    env = running_bus
+    member = unique("fi-resume")
+    added = cli("institutions", "add", member, "--name", "NATS resumer", "--kind", "municipality", "--country", "FI", env=env)
+    assert added.returncode == 0, added.stderr + added.stdout
+    creds = tmp_path / "member.creds"
+    assert cli("institutions", "creds", member, "--output", str(creds), env=env).returncode == 0
+    token = cli("institutions", "token", member, env=env).stdout.strip()
+
+    def publish() -> int:
+        published = cli("publish", "project.registered", "--as", member, "--json", "--data", json.dumps({
+            "project_id": unique("p"), "title": {"fi": "Kotihoito"}, "owner": member, "status": "active"}), env=env)
+        assert published.returncode == 0, published.stdout + published.stderr
+        return int(json.loads(published.stdout)["seq"])
+
+    position = tmp_path / "follower.position"
+    example = [sys.executable, str(EXAMPLES / "nats_follower.py"), f"nats://{env['COLLABBUS_NATS_LISTEN']}", str(creds), member,
+               f"collab.live.{member}.project.>", "--resume", str(position), "--count", "2"]
+    follower_env = {**os.environ, "COLLABBUS_URL": f"http://{env['COLLABBUS_HTTP']}", "COLLABBUS_TOKEN": token}
+    before = publish()  # logged before any follower ran
+    following = subprocess.Popen(example, env=follower_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert following.stderr is not None
+        assert following.stderr.readline().startswith("following collab.live."), "the follower did not subscribe"
+        live = publish()  # while it follows: live (and perhaps in its catch-up too: printed once all the same)
+        out, err = following.communicate(timeout=30)
+    finally:
+        following.kill()
+    assert following.returncode == 0, err
+    assert [json.loads(line)["seq"] for line in out.splitlines()] == [before, live]
+    assert position.read_text() == str(live)
+
+    away = [publish(), publish()]  # while it is not running
+    again = subprocess.run(example, env=follower_env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(line)["seq"] for line in again.stdout.splitlines()] == away  # those two, not the earlier ones
+
+    no_token = subprocess.run(example, env={**follower_env, "COLLABBUS_TOKEN": ""}, capture_output=True, text=True, timeout=60)
+    assert no_token.returncode == 2 and "COLLABBUS_TOKEN" in no_token.stderr
+    wrong_token = subprocess.run(example, env={**follower_env, "COLLABBUS_TOKEN": "cb_wrong"}, capture_output=True, text=True, timeout=60)
+    assert wrong_token.returncode == 2 and "refused the catch-up (401)" in wrong_token.stderr, wrong_token.stderr
+
+
 HEADER_VALUES = ('Kortteli "keittiöt" 100%', "مطابخ الأحياء", "2026-12-03T12:00:00+03:00", "a b\tc")
 
 
