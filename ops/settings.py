@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./.collabbus"), description="everything the embedded default writes")
     nats_url: str | None = Field(None, description="comma-separated NATS URLs; unset starts the embedded server")
     nats_listen: str = Field("127.0.0.1:4222", description="where the embedded nats-server listens")
+    nats_public_url: str | None = Field(
+        None, description="the NATS URL partners connect to, as the AsyncAPI document and GET /me tell them (default: "
+        "the bus's own, which may be a loopback or internal address)")
     operator: str = Field("operator", pattern=r"^[a-z0-9][a-z0-9-]{1,62}$", description="id of the network's operator institution")
     operator_name: str = Field("Network operator", description="display name of the operator institution")
     operator_country: str = Field("FI", pattern=r"^[A-Z]{2}$", description="ISO 3166-1 country of the operator")
@@ -87,8 +90,15 @@ class Settings(BaseSettings):
 
     @property
     def nats_address(self) -> str:
-        """The first NATS server as ``host:port`` (no scheme, no credentials): what partners are told."""
-        return self.nats_servers[0].split("://", 1)[-1].rsplit("@", 1)[-1]
+        """Where partners connect, as ``host:port`` (no scheme, no credentials): ``nats_public_url``,
+        else the first server the bus connects to."""
+        return (self.nats_public_url or self.nats_servers[0]).split("://", 1)[-1].rsplit("@", 1)[-1].rstrip("/")
+
+    @property
+    def nats_public(self) -> str:
+        """Where partners connect, as a URL (``nats://host:port`` unless ``nats_public_url`` names a scheme)."""
+        given = self.nats_public_url
+        return given.rstrip("/") if given and "://" in given else f"nats://{self.nats_address}"
 
     @property
     def embedded(self) -> bool:

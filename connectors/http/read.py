@@ -125,7 +125,8 @@ async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
         "institution": institution,
         "token": token,
         "may_emit": [event_type for event_type in event_types() if kind is not None and may_emit(kind, event_type)],
-        "nats": {"ingress": member_ingress(viewer), "inbox_prefix": member_inbox_prefix(viewer),
+        "nats": {"url": bus_of(request).settings.nats_public, "ingress": member_ingress(viewer),
+                 "inbox_prefix": member_inbox_prefix(viewer),
                  "live_subjects": public_live_subjects()},
     }
 

@@ -40,6 +40,8 @@ class Institution(Resource):
 class MemberNats(Resource):
     """What a member's NATS credentials (``collabbus institutions creds ID``) let its client do."""
 
+    url: str
+    """Where its client connects (``COLLABBUS_NATS_PUBLIC_URL``, else the bus's own NATS address)."""
     ingress: str
     """The subjects it offers events on: ``collab.ingress.{id}.>``."""
     inbox_prefix: str

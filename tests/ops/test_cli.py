@@ -274,6 +274,16 @@ def test_settings_are_options_too(tmp_path: Path) -> None:
     assert result.returncode == 2 and "portal_interval" in result.stderr
 
 
+def test_the_nats_address_partners_are_told() -> None:
+    from ops.settings import Settings
+
+    assert Settings(nats_listen="0.0.0.0:4222").nats_public == "nats://0.0.0.0:4222"  # the bus's own, by default
+    assert Settings(nats_url="nats://bus:secret@10.0.0.5:4222,nats://10.0.0.6:4222").nats_address == "10.0.0.5:4222"
+    told = Settings(nats_url="nats://10.0.0.5:4222", nats_public_url="tls://nats.collab.example.org:4222/")
+    assert (told.nats_address, told.nats_public) == ("nats.collab.example.org:4222", "tls://nats.collab.example.org:4222")
+    assert Settings(nats_public_url="nats.collab.example.org:4222").nats_public == "nats://nats.collab.example.org:4222"
+
+
 def test_every_setting_says_what_it_is() -> None:
     from ops.settings import Settings
 
@@ -317,6 +327,10 @@ def test_asyncapi_lists_every_event_type() -> None:
             assert f"collab.ingress.{{institution}}.{type_}" in addresses
     listening = cli("asyncapi", env={**os.environ, "COLLABBUS_NATS_LISTEN": "127.0.0.1:14502"})
     assert [server["host"] for server in json.loads(listening.stdout)["servers"].values()] == ["127.0.0.1:14502"]
+    # Partners on other machines are told the address given for them, not the bus's own connection's.
+    public = cli("asyncapi", env={**os.environ, "COLLABBUS_NATS_LISTEN": "127.0.0.1:14502",
+                                  "COLLABBUS_NATS_PUBLIC_URL": "tls://nats.collab.example.org:4222"})
+    assert [server["host"] for server in json.loads(public.stdout)["servers"].values()] == ["nats.collab.example.org:4222"]
     yaml_result = cli("asyncapi", "--yaml", env=dict(os.environ))
     assert yaml_result.returncode == 0 and yaml_result.stdout.startswith("asyncapi:")
 
