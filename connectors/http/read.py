@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import sqlalchemy as sa
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, BeforeValidator
 from sqlmodel import Session, col, select
 
 from bus.credentials import member_inbox_prefix, member_ingress
@@ -46,6 +46,17 @@ from schemas.common import InstitutionKind
 from schemas.envelope import INSTITUTION_PATTERN
 from schemas.projects import ProjectStatus
 from schemas.registry import event_types, may_emit
+
+
+def _offset_as_meant(value: object) -> object:
+    """``2026-12-05T10:00:00 03:00``: a ``+`` sent bare in a query string arrives as a space."""
+    if isinstance(value, str) and len(value) > 6 and value[-6] == " " and value[-3] == ":":
+        return f"{value[:-6]}+{value[-5:]}"
+    return value
+
+
+QueryTime = Annotated[AwareDatetime, BeforeValidator(_offset_as_meant)]
+"""A time in a query string, with its offset."""
 
 router = APIRouter(tags=["read"])
 
@@ -160,9 +171,9 @@ def list_calls(
     theme: Theme = None,
     eligible_kind: Annotated[InstitutionKind | None, Query(description="calls open to this kind of institution")] = None,
     country: Annotated[str | None, Query(pattern=COUNTRY, description="calls open to institutions of this country")] = None,
-    deadline_before: Annotated[AwareDatetime | None, Query(
-        description="calls whose deadline is before this time (RFC 3339, with its offset: `Z`, or a `+` written as "
-                    "`%2B` in the query string, where a bare `+` reads as a space)")] = None,
+    deadline_before: Annotated[QueryTime | None, Query(
+        description="calls whose deadline is before this time (RFC 3339, with its offset: `Z`, `+03:00` — a `+` "
+                    "left bare in a query string, which reads as a space, is taken as meant)")] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:

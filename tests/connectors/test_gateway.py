@@ -332,6 +332,18 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
     response = await gateway.client.get(f"/calls/{for_ngos['call_id']}", headers=auth)
     assert response.json()["status"] == "open" and response.json()["eligible_kinds"] == ["ngo"]
 
+    # By deadline: the offset written as a developer writes it, also with its `+` left bare in the URL.
+    soon = {**call([], []), "deadline": (now + timedelta(days=3)).isoformat()}
+    await gateway.offer(funder, "call.published", soon)
+    await gateway.settle()
+    week = (now + timedelta(days=7)).astimezone(timezone(timedelta(hours=3))).replace(microsecond=0)
+    for written in (week.isoformat(), week.isoformat().replace("+", " ")):  # the latter: what a bare `+` arrives as
+        pages = await walk(gateway.client, "/calls", auth, deadline_before=written)
+        found = {item["call_id"] for page in pages for item in page}
+        assert soon["call_id"] in found and for_all["call_id"] not in found, written
+    problem(await gateway.client.get("/calls", params={"deadline_before": "2026-12-05T10:00:00"}, headers=auth),
+            422, "invalid_request")  # no offset: which moment is meant cannot be told
+
 
 async def test_applications_to_a_call_are_shown_to_its_parties_only(gateway: Gateway, municipality: str) -> None:
     funder, partner = await gateway.join("funder", "SE"), await gateway.join("ngo")
