@@ -398,9 +398,8 @@ class _Helper:
         self.hand_over()  # (a lane whose events never came ends on that)
         _end(self.process)
         self.results.close()
-        for path in (self.database, self.database.with_name(self.database.name + "-wal"),
-                     self.database.with_name(self.database.name + "-shm")):
-            path.unlink(missing_ok=True)
+        for suffix in ("", "-wal", "-shm", "-journal"):  # (-journal: a lane ended while its database was being made)
+            self.database.with_name(self.database.name + suffix).unlink(missing_ok=True)
 
 
 def _start_lanes(lanes: Lanes) -> list[_Helper]:
