@@ -56,6 +56,7 @@ out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
 err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))  # one message, one line
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def with_settings(func: F) -> F:
@@ -473,16 +474,25 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
     def waiting(holder: dict[str, Any]) -> None:
         err.print(f"standby: {describe(holder)} applies the log; this bus judges NATS offers and takes over when it goes")
 
-    taking = asyncio.create_task(bus.take_lease(patience=None, on_wait=waiting))
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if not taking.done():
-        taking.cancel()
-        await asyncio.gather(taking, return_exceptions=True)
+    taken = await _unless_stopped(bus.take_lease(patience=None, on_wait=waiting), stop)
+    if taken is None:
         return False
-    taking.result()
+    taken.result()
     return True
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> "asyncio.Task[T] | None":
+    """Run ``work`` until it ends or ``stop`` is set, when it is cancelled: its task once it ended
+    (``result()`` raises what it raised), None when stopped first."""
+    working = asyncio.create_task(work)
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({working, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if working.done():
+        return working
+    working.cancel()
+    await asyncio.gather(working, return_exceptions=True)
+    return None
 
 
 async def _until_stopped_or_lost(stop: asyncio.Event, lost: asyncio.Event) -> bool:
@@ -2076,13 +2086,8 @@ def portal_sync(
 
                         # Stopped mid-pass, the pass is cut short: safe, the cursor is stored per page and
                         # event ids are deterministic, so the next sync carries on where this one was.
-                        passing = asyncio.create_task(sync.sync(full=whole, progress=progress))
-                        stopping = asyncio.create_task(stop.wait())
-                        await asyncio.wait({passing, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                        stopping.cancel()
-                        if not passing.done():
-                            passing.cancel()
-                            await asyncio.gather(passing, return_exceptions=True)
+                        passing = await _unless_stopped(sync.sync(full=whole, progress=progress), stop)
+                        if passing is None:
                             err.print("portal sync stopped mid-pass; the next one carries on from the last page stored")
                             if as_json:  # what the pass did until then, for a script (complete: false)
                                 cut = latest[0].as_dict() if latest else {"portal": settings.portal_url, "complete": False}

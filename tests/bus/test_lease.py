@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import httpx
 import nats
 import orjson
 import pytest
+from nats.js.kv import KeyValue
 
 from bus.lease import BUCKET, Lease, LogHeld, _machine, bucket, holder_of
 from bus.server import EmbeddedNats, free_port
@@ -95,17 +98,26 @@ async def test_a_lease_nobody_renews_is_taken_over(server: EmbeddedNats) -> None
         await nc.close()
 
 
-async def test_a_holder_that_lost_its_lease_is_told(server: EmbeddedNats) -> None:
-    """When another bus took the lease over (this one could not renew it in time), the holder's
-    next renewal is refused: it learns who holds it now, and its ``on_lost`` runs."""
+@contextlib.asynccontextmanager
+async def _renewing_holder(server: EmbeddedNats) -> AsyncIterator[tuple[Any, KeyValue, Lease, list[dict[str, Any]]]]:
+    """A lease held and renewed every 0.2 s on a connection of its own, and what its ``on_lost``
+    was told: (the JetStream context, the bucket, the lease, the told holders)."""
     nc = await nats.connect(server.url, **server.connect_options())
     try:
         js = nc.jetstream()
-        name = unique("lease")
         told: list[dict[str, Any]] = []
-        holder = Lease(js, name, renew_every=0.2, on_lost=told.append)
+        holder = Lease(js, unique("lease"), renew_every=0.2, on_lost=told.append)
         await holder.take(patience=1)
-        kv = await js.key_value(BUCKET)
+        yield js, await js.key_value(BUCKET), holder, told
+    finally:
+        await nc.close()
+
+
+async def test_a_holder_that_lost_its_lease_is_told(server: EmbeddedNats) -> None:
+    """When another bus took the lease over (this one could not renew it in time), the holder's
+    next renewal is refused: it learns who holds it now, and its ``on_lost`` runs."""
+    async with _renewing_holder(server) as (js, kv, holder, told):
+        name = holder.name
         await kv.put(name, orjson.dumps({"host": "standby-host", "pid": 7, "token": "z"}))  # as a takeover writes it
         deadline = time.monotonic() + 5
         while not told:
@@ -114,22 +126,14 @@ async def test_a_holder_that_lost_its_lease_is_told(server: EmbeddedNats) -> Non
         assert told[0]["host"] == "standby-host" and holder.lost == told[0] and not holder.held
         await holder.release()  # the key is the new holder's: left alone
         assert (await holder_of(js, name) or {}).get("host") == "standby-host"
-    finally:
-        await nc.close()
 
 
 async def test_a_renewal_refused_because_an_earlier_one_went_through_is_no_loss(server: EmbeddedNats) -> None:
     """A renewal whose answer was lost (a timeout, a reconnect) may have been written all the same;
     the next one, expecting the older revision, is refused: finding its own value in the key, the
     holder carries on from there instead of stopping."""
-    nc = await nats.connect(server.url, **server.connect_options())
-    try:
-        js = nc.jetstream()
-        name = unique("lease")
-        told: list[dict[str, Any]] = []
-        holder = Lease(js, name, renew_every=0.2, on_lost=told.append)
-        await holder.take(patience=1)
-        kv = await js.key_value(BUCKET)
+    async with _renewing_holder(server) as (js, kv, holder, told):
+        name = holder.name
         await kv.put(name, holder._value())  # as a renewal whose answer never came back
         before = (await kv.get(name)).revision or 0
         await asyncio.sleep(1.0)
@@ -137,8 +141,6 @@ async def test_a_renewal_refused_because_an_earlier_one_went_through_is_no_loss(
         assert ((await kv.get(name)).revision or 0) > before + 1  # renewed again from the revision it found
         await holder.release()
         assert await holder_of(js, name) is None
-    finally:
-        await nc.close()
 
 
 async def test_a_holder_cut_off_from_nats_stops_applying_before_anyone_may_take_over(tmp_path: Path) -> None:
