@@ -31,10 +31,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import orjson
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 

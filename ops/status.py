@@ -19,14 +19,14 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from nats.js import JetStreamContext
 from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from bus import lease
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from handlers.bookkeeping import outbox_backlog
 from handlers.db import reading
-from bus import lease
 from ops import dlq
 from ops.backup import last_backup
 
