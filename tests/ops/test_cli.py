@@ -361,6 +361,16 @@ def member_with_token(env: dict[str, str], prefix: str, name: str) -> tuple[str,
     return member, cli("institutions", "token", member, env=env).stdout.strip()
 
 
+def member_with_creds(env: dict[str, str], tmp_path: Path, prefix: str, name: str, country: str = "FI") -> tuple[str, Path]:
+    """A new municipality of the running bus (added with the CLI) and the path of NATS credentials of its."""
+    member = unique(prefix)
+    added = cli("institutions", "add", member, "--name", name, "--kind", "municipality", "--country", country, env=env)
+    assert added.returncode == 0, added.stderr + added.stdout
+    creds = tmp_path / "member.creds"
+    assert cli("institutions", "creds", member, "--output", str(creds), env=env).returncode == 0
+    return member, creds
+
+
 async def test_institutions_creds_writes_credentials_that_work(running_bus: dict[str, str], tmp_path: Path) -> None:
     """A member's credentials from `collabbus institutions creds`, used by a plain NATS client."""
     import nats
@@ -700,11 +710,7 @@ def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credential
     ``nats`` package alone), as a partner's client in any language would do it."""
     env = running_bus
     example = [sys.executable, str(EXAMPLES / "nats_partner.py")] if language == "python" else request.getfixturevalue("node_example")
-    member = unique("tr-nats")
-    added = cli("institutions", "add", member, "--name", "NATS partner", "--kind", "municipality", "--country", "TR", env=env)
-    assert added.returncode == 0, added.stderr + added.stdout
-    creds = tmp_path / "member.creds"
-    assert cli("institutions", "creds", member, "--output", str(creds), env=env).returncode == 0
+    member, creds = member_with_creds(env, tmp_path, "tr-nats", "NATS partner", "TR")
 
     def run_example(event: dict[str, object], *flags: str) -> subprocess.CompletedProcess[str]:
         path = tmp_path / f"{event['id']}.json"
@@ -744,11 +750,7 @@ def test_the_nats_follower_example_prints_public_events_live_and_is_refused_a_co
     """``examples/nats_follower.py`` (nats-py alone) and ``examples/node/nats_follower.mjs`` (the
     ``nats`` package alone): a member's client following the public log over NATS."""
     env = running_bus
-    member = unique("fi-follow")
-    added = cli("institutions", "add", member, "--name", "NATS follower", "--kind", "municipality", "--country", "FI", env=env)
-    assert added.returncode == 0, added.stderr + added.stdout
-    creds = tmp_path / "member.creds"
-    assert cli("institutions", "creds", member, "--output", str(creds), env=env).returncode == 0
+    member, creds = member_with_creds(env, tmp_path, "fi-follow", "NATS follower")
     url = f"nats://{env['COLLABBUS_NATS_LISTEN']}"
     if language == "python":
         example = [sys.executable, str(EXAMPLES / "nats_follower.py"), url, str(creds), member]
@@ -784,11 +786,7 @@ def test_the_nats_follower_example_resumes_without_missing_or_repeating_an_event
     it was away) is read over HTTP, then it carries on live; each event once, in log order, also
     across a restart — the README's recipe for a follower that must miss nothing."""
     env = running_bus
-    member = unique("fi-resume")
-    added = cli("institutions", "add", member, "--name", "NATS resumer", "--kind", "municipality", "--country", "FI", env=env)
-    assert added.returncode == 0, added.stderr + added.stdout
-    creds = tmp_path / "member.creds"
-    assert cli("institutions", "creds", member, "--output", str(creds), env=env).returncode == 0
+    member, creds = member_with_creds(env, tmp_path, "fi-resume", "NATS resumer")
     token = cli("institutions", "token", member, env=env).stdout.strip()
 
     def publish() -> int:
