@@ -379,7 +379,8 @@ def up(
     """Start the bus: embedded NATS (unless a URL is set), streams, gatekeeper. Ctrl-C drains and stops.
 
     One bus applies a log. With --standby, a bus finding another one applying it waits (judging
-    NATS offers meanwhile, its HTTP gateway not yet listening) and takes over within seconds when
+    NATS offers meanwhile; over HTTP alive, /healthz 200, and not ready, /readyz 503, the rest of
+    the API 503) and takes over within seconds when
     that one stops or stops renewing its lease (killed, cut off from NATS); the read models,
     tokens and webhooks it takes over are in the database both use. Exits 1 when this bus loses
     the log to another while it runs."""
@@ -411,10 +412,17 @@ def up(
         bus = Bus(settings)
         stop = _stop_on_signals()
         await bus.start(state=False)  # NATS, the streams, the operator; offers are judged here until a gatekeeper is ready
-        if standby and not await _wait_for_the_log(bus, stop):
-            await bus.stop()
-            err.print("stopped")
-            return
+        if standby:
+            try:
+                taken = await _wait_for_the_log(bus, stop)
+            except OSError as exc:
+                await bus.stop()
+                err.print(f"[red]error:[/red] {exc.strerror or exc} (set COLLABBUS_HTTP to another address)")
+                raise typer.Exit(1) from None
+            if not taken:
+                await bus.stop()
+                err.print("stopped")
+                return
 
         async def state_and_gateway() -> None:
             await bus.start_state()
@@ -471,10 +479,26 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
     another holds it; False when stopped first."""
     from bus.lease import describe
 
-    def waiting(holder: dict[str, Any]) -> None:
-        err.print(f"standby: {describe(holder)} applies the log; this bus judges NATS offers and takes over when it goes")
+    from connectors.http.server import HttpGateway
+    from connectors.http.standby import standby_app
 
-    taken = await _unless_stopped(bus.take_lease(patience=None, on_wait=waiting), stop)
+    applying = ["another bus"]
+
+    def waiting(holder: dict[str, Any]) -> None:
+        applying[0] = describe(holder)
+        err.print(f"standby: {applying[0]} applies the log; this bus judges NATS offers and takes over when it goes "
+                  f"(meanwhile http://{bus.settings.http}/healthz is 200, /readyz 503)")
+
+    def nats_state() -> str:
+        return "ok" if bus.nc.is_connected else "reconnecting" if bus.nc.is_reconnecting else "disconnected"
+
+    host, port = bus.settings.http_host_port
+    health = HttpGateway(bus, host, port, app=standby_app(nats_state, lambda: applying[0]))
+    await health.start()  # (an address in use: OSError, as for the gateway)
+    try:
+        taken = await _unless_stopped(bus.take_lease(patience=None, on_wait=waiting), stop)
+    finally:
+        await health.stop()  # the gateway takes its place once the read models run
     if taken is None:
         return False
     taken.result()

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -35,12 +35,13 @@ class _Server(uvicorn.Server):
 class HttpGateway:
     """The HTTP gateway of ``bus`` at ``host:port`` (port 0: any free port, see :attr:`port`)."""
 
-    def __init__(self, bus: "Bus", host: str, port: int, *, rate_limiter: RateLimiter | None = None) -> None:
+    def __init__(self, bus: "Bus", host: str, port: int, *, rate_limiter: RateLimiter | None = None, app: Any = None) -> None:
         self.bus = bus
         self.host = host
         self.port = port
-        self.app = create_app(bus, rate_limiter=rate_limiter)
-        if bus.tracing is not None:
+        self.app = app if app is not None else create_app(bus, rate_limiter=rate_limiter)
+        """The gateway (``connectors.http.app``), or another app served the same way (a standby's)."""
+        if app is None and bus.tracing is not None:
             bus.tracing.instrument_gateway(self.app)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None

@@ -242,8 +242,8 @@ def _wait_for_line(proc: subprocess.Popen[str], wanted: str, timeout: float = 60
 
 @pytest.mark.timeout(180)
 async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None) -> None:
-    """Two buses on one NATS and one PostgreSQL database, the second `up --standby`: it waits
-    (its HTTP gateway not listening). The first is frozen (alive, silent: as a bus cut off from
+    """Two buses on one NATS and one PostgreSQL database, the second `up --standby`: it waits,
+    alive but not ready over HTTP. The first is frozen (alive, silent: as a bus cut off from
     NATS or stalled); once its lease has stood still for 5 s the standby takes over, carrying on
     from the database's position — an event offered before is there, one offered after is applied
     by the standby — with the first one's tokens. Thawed, the first finds the log taken, stops
@@ -267,8 +267,14 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
         standby = _up(envs[1], "--standby")
         line = _wait_for_line(standby, "standby:")
         assert f"the bus at {(tmp_path / 'first').resolve()} (pid {first.pid}" in line
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"http://127.0.0.1:{ports[1]}/healthz", timeout=2)
+        # Alive for a supervisor, not ready for a load balancer, and no API of its own yet.
+        assert httpx.get(f"http://127.0.0.1:{ports[1]}/healthz", timeout=5).json() == {"status": "ok"}
+        ready = httpx.get(f"http://127.0.0.1:{ports[1]}/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["status"] == "standby", ready.text
+        assert ready.json()["checks"]["nats"] == "ok" and f"pid {first.pid}" in ready.json()["checks"]["log"]
+        elsewhere = httpx.get(f"http://127.0.0.1:{ports[1]}/projects", timeout=5)
+        assert elsewhere.status_code == 503 and elsewhere.headers["content-type"] == "application/problem+json"
+        assert elsewhere.json()["type"] == "urn:collabbus:problem:standby" and elsewhere.headers["retry-after"] == "5"
 
         headers = {"Authorization": f"Bearer {secret}"}
         before, after = unique("before"), unique("after")
@@ -282,6 +288,7 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
             assert 3.9 <= time.monotonic() - frozen < 40  # its last renewal, at most a second before, stood still for 5 s
             # The standby serves the same read models, with the first one's token.
             await _until_applied(http, ports[1], before)
+            assert (await http.get(f"http://127.0.0.1:{ports[1]}/readyz")).status_code == 200  # the whole gateway now
             offered = await http.post(f"http://127.0.0.1:{ports[1]}/events", json=_joined(after))
             assert offered.status_code == 202, offered.text
             await _until_applied(http, ports[1], after)
