@@ -200,6 +200,11 @@ class Lease:
         return self._renewing is not None and not self._renewing.done() and self.lost is None
 
     @property
+    def renewed_ago(self) -> float | None:
+        """Seconds since the last renewal that went through (or the take) was sent; None when not held."""
+        return time.monotonic() - self._renewed if self.held else None
+
+    @property
     def fresh(self) -> bool:
         """Held, and renewed recently enough that no other bus can have taken it over yet: what
         applies the log asks this before each batch (a taker waits ``stale_after`` from the last

@@ -250,6 +250,16 @@ class _Backup(Collector):
                                 "dir's network was made (Unix time; 0: none was)", value=self.at)
 
 
+class _Value(Collector):
+    """One metric family, as it is."""
+
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.family
+
+
 def exposition(
     status: Mapping[str, Any] | None,
     webhook_attempts: Mapping[str, int] | None,
@@ -260,13 +270,15 @@ def exposition(
     outbox: tuple[int, float | None] | None = None,
     backup: Mapping[str, Any] | None = None,
     expiries: Mapping[tuple[str, str], float] | None = None,
+    lease_age: float | None = None,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
     gatekeeper processes ``gates``, when the bus runs any), a status snapshot (None: NATS could
     not be read; everything else is still served), the background checkpoints of SQLite files
     and the outbox (:func:`outbox_waiting`); ``backup``: the data dir's last backup record
     (``ops.backup.last_backup``, ``{}`` when there is none); ``expiries``: when members lose
-    access (:func:`access_expiries`)."""
+    access (:func:`access_expiries`); ``lease_age``: seconds since this bus last renewed its lease
+    on the log (``bus.lease.Lease.renewed_ago``; None: it holds none)."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
     if outbox is not None:
@@ -275,6 +287,10 @@ def exposition(
         snapshot.register(_Backup(backup))
     if expiries is not None:
         snapshot.register(_AccessExpiries(expiries))
+    if lease_age is not None:
+        snapshot.register(_Value(GaugeMetricFamily(
+            "collabbus_log_lease_renewed_age_seconds", "seconds since this bus last renewed its lease on the log (it "
+            "applies events only while this is under 3.5; another bus may take the log over after 5)", value=lease_age)))
     if checkpointers:
         snapshot.register(_Checkpoints(checkpointers))
     process: Any = REGISTRY

@@ -175,7 +175,8 @@ async def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics
     return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=bus.nc.is_connected,
                                checkpointers=bus.checkpointers, outbox=outbox,
-                               backup=last_backup(bus.settings.data_dir) or {}, expiries=expiries),
+                               backup=last_backup(bus.settings.data_dir) or {}, expiries=expiries,
+                               lease_age=bus.lease.renewed_ago if bus.lease is not None else None),
                     media_type=CONTENT_TYPE_LATEST)
 
 

@@ -244,6 +244,8 @@ async def test_every_metric_the_shipped_alert_rules_and_dashboard_use_is_served(
     families = list(text_string_to_metric_families(text))
     served = {sample.name for family in families for sample in family.samples}
     assert used <= served, sorted(used - served)
+    lease_age = next(s.value for f in families for s in f.samples if s.name == "collabbus_log_lease_renewed_age_seconds")
+    assert 0 <= lease_age < 2  # this bus holds the lease and renews it every second
     # A counter's or histogram's labelled series appear once something is counted: the dashboard's
     # names are checked against the families served, whose samples are the name with these endings.
     endings = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
