@@ -35,7 +35,7 @@ from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
 from bus.tasks import stop_if_cancelled
@@ -161,6 +161,79 @@ def _ended_here(holder: dict[str, Any]) -> bool:
     return False
 
 
+def _identity(data_dir: str, role: str) -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(), "data_dir": data_dir, "role": role,
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "token": secrets.token_hex(8)}
+
+
+def public_view(holder: dict[str, Any]) -> dict[str, Any]:
+    """What a key says of a bus, for people: not its token, nor its machine's boot id."""
+    return {k: v for k, v in holder.items() if k not in ("token", "machine")}
+
+
+class Standby:
+    """A bus waiting for the lease ``name`` (``collabbus up --standby``), announced under
+    ``{name}.standby.{token}`` in the bucket and renewed every second, so that ``collabbus status``
+    lists the standbys there are (:func:`standbys_of`). Its key goes when it stops waiting."""
+
+    def __init__(self, js: JetStreamContext, name: str, data_dir: str = "", *, replicas: int = 1) -> None:
+        self.js, self.name, self.replicas = js, name, replicas
+        self.me = _identity(data_dir, "standby")
+        self.key = f"{name}.standby.{self.me['token']}"
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        kv = await bucket(self.js, replicas=self.replicas)
+        self._task = asyncio.create_task(self._announce(kv), name=f"standby-{self.name}")
+
+    async def _announce(self, kv: KeyValue) -> None:
+        while not self._stopped:
+            try:
+                await kv.put(self.key, orjson.dumps({**self.me, "renewed_at": _now()}))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: said again on the next round
+                log.info("standby %s: not announced (%s)", self.name, exc)
+            await asyncio.sleep(RENEW_EVERY)
+            stop_if_cancelled()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        try:
+            await (await self.js.key_value(BUCKET)).purge(self.key)
+        except Exception as exc:  # it goes stale, and status leaves it out
+            log.info("standby %s: its key was not removed (%s)", self.name, exc)
+
+
+async def standbys_of(js: JetStreamContext, name: str) -> list[dict[str, Any]]:
+    """The standbys waiting for the lease ``name`` that announced themselves within the last
+    ``3 × STALE_AFTER`` seconds (by their clocks), the longest waiting first."""
+    try:
+        kv = await js.key_value(BUCKET)
+        keys = await kv.keys()
+    except (BucketNotFoundError, NoKeysError):
+        return []
+    found = []
+    for key in keys:
+        if not key.startswith(f"{name}.standby."):
+            continue
+        try:
+            standby = _holder((await kv.get(key)).value)
+        except KeyNotFoundError:
+            continue
+        ago = renewed_ago(standby)
+        if ago is not None and ago <= 3 * STALE_AFTER:
+            found.append(public_view(standby))
+    return sorted(found, key=lambda standby: str(standby.get("since")))
+
+
 @dataclass
 class Lease:
     """The lease ``name`` (the network consumer's name), for one bus."""
@@ -188,9 +261,7 @@ class Lease:
     me: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(), "data_dir": self.data_dir, "role": self.role,
-                   "since": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-                   "token": secrets.token_hex(8)}
+        self.me = _identity(self.data_dir, self.role)
 
     def _value(self) -> bytes:
         return orjson.dumps({**self.me, "renewed_at": _now()})

@@ -477,8 +477,7 @@ def up(
 async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
     """``up --standby``: hold the lease by which one bus applies the log, waiting for as long as
     another holds it; False when stopped first."""
-    from bus.lease import describe
-
+    from bus.lease import Standby, describe
     from connectors.http.server import HttpGateway
     from connectors.http.standby import standby_app
 
@@ -495,9 +494,13 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
     host, port = bus.settings.http_host_port
     health = HttpGateway(bus, host, port, app=standby_app(nats_state, lambda: applying[0]))
     await health.start()  # (an address in use: OSError, as for the gateway)
+    announced = Standby(bus.js, bus.consumer_settings.name, str(bus.settings.data_dir.resolve()),
+                        replicas=bus.settings.stream_replicas)  # for `collabbus status`
     try:
+        await announced.start()
         taken = await _unless_stopped(bus.take_lease(patience=None, on_wait=waiting), stop)
     finally:
+        await announced.stop()
         await health.stop()  # the gateway takes its place once the read models run
     if taken is None:
         return False
@@ -1168,9 +1171,9 @@ def _render_status(report: dict[str, Any]) -> None:
             str(report["dead_letters"].get(name, 0)),
         )
     out.print(consumers)
-    if report.get("applied_by"):
-        from bus.lease import describe
+    from bus.lease import describe
 
+    if report.get("applied_by"):
         holder = report["applied_by"]
         if holder.get("renewing"):
             out.print(f"log applied by {escape(describe(holder))}")
@@ -1178,6 +1181,8 @@ def _render_status(report: dict[str, Any]) -> None:
             out.print(f"[yellow]log last applied by {escape(describe(holder))}, which no longer renews its lease "
                       f"(last at {escape(str(holder.get('renewed_at')))}): it is not running, and the next bus to start "
                       "takes over[/yellow]")
+    for standby in report.get("standbys") or ():
+        out.print(f"standby: {escape(describe(standby))}, waiting to take over")
     for name, consumer in report["consumers"].items():
         if consumer.get("holding"):
             out.print(f"[red]{escape(name)} is {escape(consumer['holding'])}[/red]")

@@ -46,7 +46,8 @@ async def collect_status(
 
     ``applied_by``: the bus holding the lease by which one bus applies the log (data dir, pid,
     host, since, ``renewing``: whether it still renews it), as the lease's key says (None: none
-    has held it, or the last one stopped).
+    has held it, or the last one stopped); ``standbys``: the buses waiting to take over
+    (``collabbus up --standby``), the longest waiting first.
 
     ``data_dir``: the bus's data dir, whose last backup is reported (``backup``; None when none
     was made from it).
@@ -61,10 +62,11 @@ async def collect_status(
     # Who holds the lease by which one bus applies the log (``bus.lease``), as its key says.
     try:
         holder = await lease.holder_of(js, lease.NETWORK)
+        status["standbys"] = await lease.standbys_of(js, lease.NETWORK)
     except NatsError as exc:  # (the rest of the report does not depend on it)
         log.warning("the lease on the log could not be read: %s", exc)
-        holder = None
-    status["applied_by"] = {k: v for k, v in holder.items() if k not in ("token", "machine")} if holder else None
+        holder, status["standbys"] = None, []
+    status["applied_by"] = lease.public_view(holder) if holder else None
     if data_dir is not None:
         status["backup"] = last_backup(data_dir)
     if engine is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -275,6 +276,12 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
         elsewhere = httpx.get(f"http://127.0.0.1:{ports[1]}/projects", timeout=5)
         assert elsewhere.status_code == 503 and elsewhere.headers["content-type"] == "application/problem+json"
         assert elsewhere.json()["type"] == "urn:collabbus:problem:standby" and elsewhere.headers["retry-after"] == "5"
+        # `collabbus status` names the bus applying the log and the standby waiting.
+        status = subprocess.run([sys.executable, "-m", "ops", "status", "--json"], env=envs[0], capture_output=True, text=True, timeout=60)
+        report = json.loads(status.stdout)
+        assert report["applied_by"]["pid"] == first.pid and report["applied_by"]["renewing"] is True, status.stdout
+        assert [waiting["pid"] for waiting in report["standbys"]] == [standby.pid]
+        assert report["standbys"][0]["data_dir"] == str((tmp_path / "second").resolve())
 
         headers = {"Authorization": f"Bearer {secret}"}
         before, after = unique("before"), unique("after")
@@ -295,6 +302,9 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
             first.send_signal(signal.SIGCONT)
             _wait_for_line(first, "another bus took over the log while this one could not renew its lease")
             assert first.wait(timeout=60) == 1
+        after_takeover = json.loads(subprocess.run([sys.executable, "-m", "ops", "status", "--json"], env=envs[1],
+                                                   capture_output=True, text=True, timeout=60).stdout)
+        assert after_takeover["applied_by"]["pid"] == standby.pid and after_takeover["standbys"] == []
         standby.send_signal(signal.SIGINT)
         assert standby.wait(timeout=60) == 0
     finally:
