@@ -11,8 +11,8 @@ at once; so does one finding that the holder was a process of this host that has
 
 A taker waits :data:`STALE_AFTER` seconds from the first moment it saw a revision; the holder
 applies events only while its last renewal that went through was sent less than
-``STALE_AFTER - FENCE_MARGIN`` seconds ago (:attr:`Lease.fresh`), both on their own monotonic
-clocks. So a holder cut off from NATS, or stalled, has stopped applying before anyone can take
+``STALE_AFTER - FENCE_MARGIN`` seconds ago (:attr:`Lease.fresh`), both on their own clocks of
+time since boot, which count a suspended machine's sleep (:func:`clock`). So a holder cut off from NATS, or stalled, has stopped applying before anyone can take
 over — at most the batch in hand finishes — and it learns that it lost the lease at its next
 renewal, which is refused (:attr:`Lease.lost`): it stops for good then.
 """
@@ -161,6 +161,14 @@ def _ended_here(holder: dict[str, Any]) -> bool:
     return False
 
 
+def clock() -> float:
+    """Seconds since boot, the time a machine spent suspended included (``CLOCK_BOOTTIME``, where
+    there is one; else the monotonic clock): a holder whose machine slept past its lease does not
+    take itself for fresh on waking. (A taker reads the key again before it decides, so its own
+    sleep cannot make a renewing holder look stale.)"""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
 def _identity(data_dir: str, role: str) -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(), "data_dir": data_dir, "role": role,
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -255,7 +263,7 @@ class Lease:
     _revision: int = field(default=0, init=False, repr=False)
     _renewing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     _renewed: float = field(default=0.0, init=False, repr=False)
-    """When (monotonic) the last renewal that went through, or the take, was sent."""
+    """When (:func:`clock`) the last renewal that went through, or the take, was sent."""
     _losing: bool = field(default=False, init=False, repr=False)
     _stopped: bool = field(default=False, init=False, repr=False)
     me: dict[str, Any] = field(init=False)
@@ -273,14 +281,14 @@ class Lease:
     @property
     def renewed_ago(self) -> float | None:
         """Seconds since the last renewal that went through (or the take) was sent; None when not held."""
-        return time.monotonic() - self._renewed if self.held else None
+        return clock() - self._renewed if self.held else None
 
     @property
     def fresh(self) -> bool:
         """Held, and renewed recently enough that no other bus can have taken it over yet: what
         applies the log asks this before each batch (a taker waits ``stale_after`` from the last
         renewal it saw; this stops ``fence_margin`` before)."""
-        return self.held and time.monotonic() - self._renewed < self.stale_after - self.fence_margin
+        return self.held and clock() - self._renewed < self.stale_after - self.fence_margin
 
     async def take(self, *, patience: float | None, on_wait: Callable[[dict[str, Any]], Any] | None = None) -> None:
         """Hold the lease, waiting up to ``patience`` seconds (None: as long as it takes) for its
@@ -302,7 +310,7 @@ class Lease:
         seen: tuple[int, float] | None = None  # (revision, when first seen)
         waited = False
         while True:
-            sent = time.monotonic()
+            sent = clock()
             try:
                 self._revision, self._renewed = await kv.create(self.name, self._value()), sent
                 return
@@ -316,11 +324,11 @@ class Lease:
             stop_if_cancelled()  # (nats-py's requests can swallow a cancellation: see bus.tasks)
             holder = _holder(entry.value)
             revision = entry.revision or 0
-            now = loop.time()
+            now = clock()
             if seen is None or seen[0] != revision:
                 seen = (revision, now)
             if _ended_here(holder) or now - seen[1] >= self.stale_after:
-                sent = time.monotonic()
+                sent = clock()
                 try:
                     self._revision, self._renewed = await kv.update(self.name, self._value(), last=revision), sent
                 except KeyWrongLastSequenceError:
@@ -328,7 +336,7 @@ class Lease:
                     continue  # another bus took it first (or the holder renewed)
                 log.warning("lease %s: took it over from %s, which no longer renewed it", self.name, describe(holder))
                 return
-            if deadline is not None and now >= deadline:
+            if deadline is not None and loop.time() >= deadline:
                 if holder.get("role") == "rebuild":
                     raise LogHeld(f"{describe(holder)} is replaying the log into the read models: start the bus once "
                                   "it has finished (or run it with --standby to start then)", holder)
@@ -347,7 +355,7 @@ class Lease:
         while not self._stopped:
             await asyncio.sleep(self.renew_every)
             stop_if_cancelled()  # (a cancellation a request swallowed on the last round: see bus.tasks)
-            sent = time.monotonic()
+            sent = clock()
             try:
                 self._revision, self._renewed = await self._kv.update(self.name, self._value(), last=self._revision), sent
                 continue

@@ -176,6 +176,25 @@ async def test_a_holder_cut_off_from_nats_stops_applying_before_anyone_may_take_
         await frozen.astop()
 
 
+async def test_freshness_counts_the_time_a_machine_slept(server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder's clock is the time since boot with suspended time in it (a laptop closed, a
+    host suspended): waking past its lease, it is not fresh until a renewal goes through."""
+    import bus.lease
+
+    assert abs(bus.lease.clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 0.1
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        holder = Lease(nc.jetstream(), unique("lease"), renew_every=60)  # no renewal within the test
+        await holder.take(patience=1)
+        assert holder.fresh
+        slept = bus.lease.clock() + 10
+        monkeypatch.setattr(bus.lease, "clock", lambda: slept)  # as if the machine had been suspended 10 s
+        assert not holder.fresh and (holder.renewed_ago or 0) >= 10
+        await holder.release()
+    finally:
+        await nc.close()
+
+
 async def test_a_bus_holds_events_while_its_lease_is_not_fresh(tmp_path: Path, server: EmbeddedNats) -> None:
     """The consumer asks the lease before each batch: while it is not fresh the batch is held (the
     consumer says why, as ``/readyz`` does), and applied once it is."""
