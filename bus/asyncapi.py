@@ -28,7 +28,7 @@ def _documentation_broker() -> NatsBroker:
         spec = registry.spec_for(type_)
         envelope = typed_envelope(spec)
         who = ", ".join(sorted(spec.emitters)) if spec.emitters else "the bus's workflows only"
-        subject = f"`subject` is the event's `data.{spec.subject_field}`. " if spec.subject_field else ""
+        subject = f"`subject` is the event's `data.{spec.subject_field}`. "
         broker.publisher(
             f"collab.events.{{institution}}.{spec.domain}.{spec.event}.{{subject}}",
             title=f"log.{spec.type}",
@@ -63,8 +63,7 @@ def _documentation_broker() -> NatsBroker:
             description=(
                 f"Offer a `{spec.type}` event as `institution` (request/reply); the reply is the gatekeeper's "
                 f"verdict. May be emitted by: {who}. "
-                + (f"The event's `subject` must be its `data.{spec.subject_field}` (else `subject_mismatch`). " if spec.subject_field else "")
-                + _OFFERING
+                f"The event's `subject` must be its `data.{spec.subject_field}` (else `subject_mismatch`). " + _OFFERING
             ),
         )(offer)
     return broker

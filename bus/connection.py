@@ -55,3 +55,8 @@ def embedded_authority(settings: Settings) -> Authority:
 def embedded_server(settings: Settings) -> EmbeddedNats:
     host, port = settings.listen_host_port
     return EmbeddedNats(embedded_store(settings), host, port)  # with authentication (the default)
+
+
+def connection_state(nc: Any) -> str:
+    """``ok``, ``reconnecting`` or ``disconnected``: a NATS connection's state, as ``/readyz`` says it."""
+    return "ok" if nc.is_connected else "reconnecting" if nc.is_reconnecting else "disconnected"

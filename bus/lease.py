@@ -35,9 +35,10 @@ from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from bus.log import stored
 from bus.tasks import stop_if_cancelled
 
 log = logging.getLogger("collabbus.lease")
@@ -223,22 +224,15 @@ class Standby:
 async def standbys_of(js: JetStreamContext, name: str) -> list[dict[str, Any]]:
     """The standbys waiting for the lease ``name`` that announced themselves within the last
     ``3 × STALE_AFTER`` seconds (by their clocks), the longest waiting first."""
-    try:
-        kv = await js.key_value(BUCKET)
-        keys = await kv.keys()
-    except (BucketNotFoundError, NoKeysError):
-        return []
     found = []
-    for key in keys:
-        if not key.startswith(f"{name}.standby."):
-            continue
-        try:
-            standby = _holder((await kv.get(key)).value)
-        except KeyNotFoundError:
-            continue
-        ago = renewed_ago(standby)
-        if ago is not None and ago <= 3 * STALE_AFTER:
-            found.append(public_view(standby))
+    try:  # each standby's last value (a stopped one's: its purge marker, empty), no consumer made for it
+        async for message in stored(js, f"KV_{BUCKET}", f"$KV.{BUCKET}.{name}.standby.>", from_leader=True):
+            standby = _holder(message.data)
+            ago = renewed_ago(standby)
+            if ago is not None and ago <= 3 * STALE_AFTER:
+                found.append(public_view(standby))
+    except NotFoundError:  # no bucket yet
+        return []
     return sorted(found, key=lambda standby: str(standby.get("since")))
 
 

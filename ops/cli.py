@@ -477,6 +477,7 @@ def up(
 async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
     """``up --standby``: hold the lease by which one bus applies the log, waiting for as long as
     another holds it; False when stopped first."""
+    from bus.connection import connection_state
     from bus.lease import Standby, describe
     from connectors.http.server import HttpGateway
     from connectors.http.standby import standby_app
@@ -488,11 +489,8 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
         err.print(f"standby: {applying[0]} applies the log; this bus judges NATS offers and takes over when it goes "
                   f"(meanwhile http://{bus.settings.http}/healthz is 200, /readyz 503)")
 
-    def nats_state() -> str:
-        return "ok" if bus.nc.is_connected else "reconnecting" if bus.nc.is_reconnecting else "disconnected"
-
     host, port = bus.settings.http_host_port
-    health = HttpGateway(bus, host, port, app=standby_app(nats_state, lambda: applying[0]))
+    health = HttpGateway(bus, host, port, app=standby_app(lambda: connection_state(bus.nc), lambda: applying[0]))
     await health.start()  # (an address in use: OSError, as for the gateway)
     announced = Standby(bus.js, bus.consumer_settings.name, str(bus.settings.data_dir.resolve()),
                         replicas=bus.settings.stream_replicas)  # for `collabbus status`

@@ -35,7 +35,7 @@ log = logging.getLogger("collabbus.status")
 
 async def collect_status(
     js: JetStreamContext, engine: sa.Engine | None = None, *, running: Mapping[str, Any] | None = None,
-    data_dir: Path | None = None,
+    data_dir: Path | None = None, lease_holders: bool = True,
 ) -> dict[str, Any]:
     """Streams, durable consumer groups, dead letters per consumer, the database's positions and
     the webhook endpoints' health (when the database has them).
@@ -44,7 +44,7 @@ async def collect_status(
     counters (events applied, dead-lettered since start) are added, and what it is waiting on: an
     event to try again (``retrying``), a database it cannot write (``holding``).
 
-    ``applied_by``: the bus holding the lease by which one bus applies the log (data dir, pid,
+    ``applied_by`` (unless ``lease_holders`` is false): the bus holding the lease by which one bus applies the log (data dir, pid,
     host, since, ``renewing``: whether it still renews it), as the lease's key says (None: none
     has held it, or the last one stopped); ``standbys``: the buses waiting to take over
     (``collabbus up --standby``), the longest waiting first.
@@ -59,14 +59,14 @@ async def collect_status(
             consumers[name].update(applied=consumer.applied, dead_lettered=consumer.dead_lettered,
                                    retrying=consumer.retrying, holding=consumer.trouble)
     status: dict[str, Any] = {"streams": streams, "consumers": consumers, "dead_letters": await dlq.counts(js)}
-    # Who holds the lease by which one bus applies the log (``bus.lease``), as its key says.
-    try:
-        holder = await lease.holder_of(js, lease.NETWORK)
-        status["standbys"] = await lease.standbys_of(js, lease.NETWORK)
-    except NatsError as exc:  # (the rest of the report does not depend on it)
-        log.warning("the lease on the log could not be read: %s", exc)
-        holder, status["standbys"] = None, []
-    status["applied_by"] = lease.public_view(holder) if holder else None
+    if lease_holders:  # who holds the lease by which one bus applies the log (``bus.lease``), and who waits
+        try:
+            holder = await lease.holder_of(js, lease.NETWORK)
+            status["standbys"] = await lease.standbys_of(js, lease.NETWORK)
+        except NatsError as exc:  # (the rest of the report does not depend on it)
+            log.warning("the lease on the log could not be read: %s", exc)
+            holder, status["standbys"] = None, []
+        status["applied_by"] = lease.public_view(holder) if holder else None
     if data_dir is not None:
         status["backup"] = last_backup(data_dir)
     if engine is not None:

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from bus.connection import connection_state
 from bus.verdict import Verdict
 from connectors.http.auth import Member, bus_of
 from connectors.http.problems import ApiProblem, documented
@@ -113,7 +114,7 @@ async def readyz(request: Request) -> JSONResponse:
     bus = bus_of(request)
     nc = bus.nc
     checks = {
-        "nats": "ok" if nc.is_connected else "reconnecting" if nc.is_reconnecting else "disconnected",
+        "nats": connection_state(nc),
         "database": await run_in_threadpool(_database_check, bus.engine),
         "consumer": await _consumers_check(bus, server=nc.is_connected),
     }
@@ -166,7 +167,7 @@ async def metrics(request: Request) -> Response:
 
     bus = bus_of(request)
     try:  # with NATS away, the rest is still served (a scrape must not fail exactly then)
-        status: dict[str, Any] | None = await asyncio.wait_for(collect_status(bus.js), METRICS_NATS_TIMEOUT)
+        status: dict[str, Any] | None = await asyncio.wait_for(collect_status(bus.js, lease_holders=False), METRICS_NATS_TIMEOUT)
     except Exception:
         status = None
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)

@@ -485,9 +485,18 @@ async def test_timers_wait_for_what_was_logged_before_their_deadline(tmp_path: P
     the events logged before it are applied (an application in time found its call closed)."""
     async with recording_bus(tmp_path, server) as (bus, nc, recorder):
         consumer = bus.consumer
-        assert consumer is not None and bus.relay is not None and bus.relay.clock is not None
+        relay, lease = bus.relay, bus.lease
+        assert consumer is not None and relay is not None and relay.clock is not None and lease is not None
         await wait_for(lambda: (now := consumer.timers_now()) is not None
                        and abs((datetime.now(timezone.utc) - now).total_seconds()) < 1)  # caught up: the wall clock
+        clock = relay.clock
+        assert (now := clock()) is not None and abs((datetime.now(timezone.utc) - now).total_seconds()) < 1
+        margin = lease.fence_margin
+        lease.fence_margin = lease.stale_after  # as if no renewal had gone through for too long
+        try:
+            assert clock() is None  # the timers wait: this bus may no longer hold the log
+        finally:
+            lease.fence_margin = margin
 
         release = asyncio.Event()
         handle = consumer.handle
@@ -502,7 +511,7 @@ async def test_timers_wait_for_what_was_logged_before_their_deadline(tmp_path: P
         await asyncio.sleep(0.5)
         behind = consumer.timers_now()
         assert behind is not None and behind < before  # the last event applied was logged before the held one
-        relay_now = bus.relay.clock()  # what the timers act on: the consumer's moment (this bus holds the log)
+        relay_now = clock()  # what the timers act on: the consumer's moment (this bus holds the log)
         assert relay_now == behind
         release.set()
         await wait_for(lambda: recorder.seen == ["held-back"])
