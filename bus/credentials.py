@@ -161,12 +161,13 @@ def account_jwt(
     return encode_jwt(operator, account, name, nats)
 
 
-def user_jwt(account: nkeys.KeyPair, user: str, name: str, permissions: dict[str, Any] | None, *, expires: int | None = None) -> str:
+def user_jwt(account: nkeys.KeyPair, user: str, name: str, permissions: dict[str, Any] | None, *, expires: int | None = None,
+             issued_at: int | None = None) -> str:
     """A user JWT signed by the account; ``permissions`` None means every right within the account."""
     nats: dict[str, Any] = {"subs": _UNLIMITED, "data": _UNLIMITED, "payload": _UNLIMITED, "type": "user", "version": 2}
     if permissions:
         nats.update(permissions)
-    return encode_jwt(account, user, name, nats, expires=expires)
+    return encode_jwt(account, user, name, nats, expires=expires, issued_at=issued_at)
 
 
 def member_inbox_prefix(institution: str) -> str:
@@ -210,12 +211,13 @@ def format_creds(token: str, seed: bytes) -> str:
     )
 
 
-def issue_creds(account: nkeys.KeyPair, name: str, permissions: dict[str, Any] | None, *, expires: int | None = None) -> str:
+def issue_creds(account: nkeys.KeyPair, name: str, permissions: dict[str, Any] | None, *, expires: int | None = None,
+                issued_at: int | None = None) -> str:
     """New credentials (a fresh user key) signed by ``account``, as the text of a ``.creds`` file
-    (valid until ``expires``, s since the epoch, when given)."""
+    (valid until ``expires``, s since the epoch, when given; issued now unless ``issued_at`` says when)."""
     seed = new_seed(nkeys.PREFIX_BYTE_USER)
     user = public_key(nkeys.from_seed(bytearray(seed)))
-    return format_creds(user_jwt(account, user, name, permissions, expires=expires), seed)
+    return format_creds(user_jwt(account, user, name, permissions, expires=expires, issued_at=issued_at), seed)
 
 
 MEMBER_SUBSCRIPTIONS = 100
@@ -223,7 +225,7 @@ MEMBER_SUBSCRIPTIONS = 100
 every public log subject)."""
 
 
-def partner_creds(account: nkeys.KeyPair, institution: str, *, expires: int | None = None) -> str:
+def partner_creds(account: nkeys.KeyPair, institution: str, *, expires: int | None = None, issued_at: int | None = None) -> str:
     """A member's ``.creds``: it may offer events on its own ingress subjects and read its verdicts.
 
     Its message size is the server's: a member's oversize offer is refused by the gate, unread
@@ -231,7 +233,7 @@ def partner_creds(account: nkeys.KeyPair, institution: str, *, expires: int | No
     in the credentials would make the server drop it); a flood of them is what the ingress rate
     limit is for."""
     limits = {"subs": MEMBER_SUBSCRIPTIONS}
-    return issue_creds(account, institution, {**partner_permissions(institution), **limits}, expires=expires)
+    return issue_creds(account, institution, {**partner_permissions(institution), **limits}, expires=expires, issued_at=issued_at)
 
 
 # --------------------------------------------------------------------------- files
@@ -335,12 +337,12 @@ class Authority:
             "}",
         ]
 
-    def member_creds(self, institution: str, *, expires: int | None = None) -> str:
+    def member_creds(self, institution: str, *, expires: int | None = None, issued_at: int | None = None) -> str:
         """New credentials for a member (:func:`partner_creds`; valid until ``expires`` when given),
         noted so that they can be revoked."""
-        text = partner_creds(self.account, institution, expires=expires)
-        user = decode_jwt_claims(text.splitlines()[1])["sub"]
-        noted = {"institution": institution, "user": user, "issued_at": int(time.time()), **({"expires_at": expires} if expires else {})}
+        text = partner_creds(self.account, institution, expires=expires, issued_at=issued_at)
+        claims = decode_jwt_claims(text.splitlines()[1])
+        noted = {"institution": institution, "user": claims["sub"], "issued_at": claims["iat"], **({"expires_at": expires} if expires else {})}
         line = json.dumps(noted) + "\n"
         path = self.directory / self.ISSUED
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -1829,7 +1829,9 @@ def institutions_creds(
     from bus.membership import Membership
     from handlers.confidential import public_live_subjects
 
-    until = int(time.time() + _duration(expires, "--expires").total_seconds()) if expires is not None else None
+    # One reading of the clock for both claims: the credentials are valid for exactly the time asked.
+    issued = int(time.time())
+    until = issued + int(_duration(expires, "--expires").total_seconds()) if expires is not None else None
     try:
         if settings.nats_account_seed is not None:
             account = read_account_seed(settings.nats_account_seed.get_secret_value())
@@ -1862,9 +1864,9 @@ def institutions_creds(
     if settings.nats_account_seed is None and settings.embedded:  # noted, so that `institutions revoke` can revoke them
         authority = embedded_authority(settings)
         earlier = len(authority.valid_credentials(institution_id))  # (before these are noted)
-        creds = authority.member_creds(institution_id, expires=until)
+        creds = authority.member_creds(institution_id, expires=until, issued_at=issued)
     else:
-        creds = partner_creds(account, institution_id, expires=until)
+        creds = partner_creds(account, institution_id, expires=until, issued_at=issued)
     prefix = member_inbox_prefix(institution_id)
     connecting = (f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these "
                   "credentials may read); they may also follow the events every member sees as the log stores them, "

@@ -561,6 +561,27 @@ async def test_a_member_that_leaves_loses_its_credentials_also_when_it_left_whil
         await bus.stop()
 
 
+def test_the_credentials_noted_were_issued_when_their_jwt_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `institutions access` lists as a credential's issue time is its JWT's `iat`, read once:
+    a clock passing a whole second while the credentials are issued does not make them differ;
+    given a time of issue and an expiry, the JWT and the record carry both as given."""
+    import bus.credentials
+    from bus.credentials import Authority
+
+    authority = Authority.load_or_create(tmp_path / "auth")
+    second = int(time.time())
+    readings = iter(second + 0.7 + 0.6 * step for step in range(100))  # each reading 0.6 s after the last
+    monkeypatch.setattr(bus.credentials, "time", type("Clock", (), {"time": staticmethod(lambda: next(readings))}))
+    issued = decode_jwt_claims(authority.member_creds("fi-stepping").splitlines()[1])
+    assert [(entry["user"], entry["issued_at"]) for entry in authority.credentials_of("fi-stepping")] == [(issued["sub"], issued["iat"])]
+    monkeypatch.undo()
+
+    given = decode_jwt_claims(authority.member_creds("fi-given", issued_at=second - 60, expires=second + 3600).splitlines()[1])
+    assert (given["iat"], given["exp"]) == (second - 60, second + 3600)
+    [noted] = authority.credentials_of("fi-given")
+    assert (noted["issued_at"], noted["expires_at"]) == (second - 60, second + 3600)
+
+
 def test_the_end_of_a_rotation_keeps_the_newest_valid_credentials(tmp_path: Path) -> None:
     """`revoke --earlier-creds` keeps the newest credentials still valid, not merely the newest
     issued: credentials issued last and already expired (or revoked) do not leave the member with

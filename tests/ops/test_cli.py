@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -539,6 +539,27 @@ async def test_a_rotation_without_a_gap_retires_the_earlier_credentials_once_the
     assert json.loads(cli("institutions", "access", member, "--json", env=env).stdout)["nats_credentials"][-1]["expires_at"] == expires_at
     both = cli("institutions", "revoke", member, "--earlier-creds", "--token", token, env=env)
     assert both.returncode == 2 and "give one of them" in both.stderr
+
+
+def test_credentials_issued_to_expire_are_valid_for_exactly_the_time_asked(
+    running_bus: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`institutions creds --expires 2w`: the JWT expires two weeks to the second after it says it
+    was issued, however late in a second the command reads the clock (it reads it once)."""
+    from typer.testing import CliRunner
+
+    import ops.cli
+
+    member, _ = member_with_token(running_bus, "exact", "Exact")
+    late_in_a_second = int(time.time()) - 30 + 0.999
+    monkeypatch.setattr(ops.cli, "time", type("Clock", (), {"time": staticmethod(lambda: late_in_a_second)}))
+    path = tmp_path / "exact.creds"
+    result = CliRunner().invoke(ops.cli.app, ["institutions", "creds", member, "--expires", "2w", "--output", str(path), "--json"],
+                                env=running_bus)
+    assert result.exit_code == 0, result.output
+    claims = decode_jwt_claims(path.read_text().splitlines()[1])
+    assert claims["iat"] == int(late_in_a_second) and claims["exp"] == claims["iat"] + 14 * 86400
+    assert json.loads(result.stdout)["expires_at"] == datetime.fromtimestamp(claims["exp"], timezone.utc).isoformat()
 
 
 def test_institutions_creds_replace_is_refused_for_an_external_server() -> None:
