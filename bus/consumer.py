@@ -34,6 +34,7 @@ from nats.js.errors import NotFoundError
 from bus import deadletters
 from bus.pull import Puller, delivery, pending_after
 from bus.streams import EVENTS_STREAM
+from handlers.positions import PositionTaken
 from ops import tracing
 
 log = logging.getLogger("collabbus.consumer")
@@ -45,6 +46,9 @@ WAIT_RETRY = 0.2
 PULL_EXPIRES = 5.0
 """Seconds a consumer's open pull request lasts before it is asked for again."""
 PULL_HEARTBEAT = 1.0
+OVERTAKEN_PAUSE = 2.0
+"""Seconds a consumer whose batch another process applied waits before it continues from the
+database's position: a bus that lost its lease learns it meanwhile (it renews every second)."""
 
 
 @dataclass(frozen=True)
@@ -133,9 +137,15 @@ def _normal(value: object) -> object:
 
 
 class Applier(Protocol):
-    """The database side (``handlers.service.NetworkService``)."""
+    """The database side (``handlers.service.NetworkService``). ``take_position`` makes this
+    process the one that applies the log (before the consumer starts, and when it starts over);
+    ``apply_batch`` and ``skip`` then raise ``handlers.bookkeeping.PositionTaken`` when another
+    process took it over since, or applied the log from where they start (nothing of theirs is
+    written)."""
 
-    def apply_batch(self, items: Sequence[Any], *, live: bool = True) -> tuple[int, Any, int]: ...
+    def take_position(self) -> None: ...
+
+    def apply_batch(self, items: Sequence[Any], *, live: bool = True, replay: bool = False) -> tuple[int, Any, int]: ...
 
     def skip(self, seq: int) -> None: ...
 
@@ -225,6 +235,7 @@ class Consumer:
         await claim_consumer(self.js, self.stream, self.settings.name,
                              patience=self.settings.claim_patience or PULL_EXPIRES + 2 * PULL_HEARTBEAT + 1.0)
         await ensure_consumer(self.js, self.settings, self.stream)
+        await call_database(self.inline, self.applier.take_position)
         await self._continue_from_database()
         info = await self.js.consumer_info(self.stream, self.settings.name)
         self._behind, self._log_time = (info.num_pending or 0) + (info.num_ack_pending or 0), None
@@ -304,6 +315,8 @@ class Consumer:
                     await self._hand_back(msgs)
                     return
                 await self.handle(msgs)
+            except PositionTaken as taken:
+                await self._overtaken(taken, msgs)
             except Exception:  # a fault of the bus itself: the consumer must not end with it
                 log.exception("consumer %s: a batch of %d events could not be handled; continuing from the database's position",
                               self.settings.name, len(msgs))
@@ -317,13 +330,31 @@ class Consumer:
         self._behind = None  # not known until a batch is handled again: timers keep to the last log time
         await self._hand_back(await self._puller.stop())
         while not self._stopping.is_set():
+            if self.may_apply is not None and not self.may_apply():  # not while another bus may apply the log
+                await asyncio.sleep(0.2)
+                continue
             try:
+                await call_database(self.inline, self.applier.take_position)
                 await self._continue_from_database()
                 await self._open_puller()
                 return
             except Exception as exc:
                 log.error("consumer %s: cannot continue yet: %r", self.settings.name, exc)
                 await asyncio.sleep(1.0)
+
+    async def _overtaken(self, taken: PositionTaken, msgs: list[Msg]) -> None:
+        """Another process took over applying the log, or applied it past where the batch in hand
+        starts (this bus held it while its lease lapsed and another took over): the batch was not
+        applied. Hand it back, give a bus that lost its lease the time to learn it (its next
+        renewal is refused and it stops), then — still holding its lease — continue from the
+        database's position."""
+        log.warning("consumer %s: %s; the batch was not applied: continuing from the database's position",
+                    self.settings.name, taken)
+        await self._hand_back(msgs)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), OVERTAKEN_PAUSE)
+        if not self._stopping.is_set():
+            await self._restart()
 
     async def _fetch(self) -> list[Msg]:
         """The next batch, or nothing (none within half a second, or the connection is in trouble)."""
@@ -453,6 +484,9 @@ class Consumer:
                             outcome = await call_database(self._inline_for(items), self.applier.apply_batch, items)
                         self.trouble = self._trouble_since = None
                         return outcome
+                    except PositionTaken:
+                        self.trouble = self._trouble_since = None
+                        raise
                     except Exception as exc:
                         self._trouble_since = self._trouble_since or datetime.now(timezone.utc)
                         self.trouble = f"holding events since {self._trouble_since:%H:%M:%S} UTC: {_first_line(exc)}"

@@ -15,6 +15,7 @@ from sqlalchemy import Column, LargeBinary
 from sqlmodel import Field
 
 from handlers.db import driver_cursor
+from handlers.positions import PositionTaken
 from handlers.rows import TableRow
 
 
@@ -40,12 +41,15 @@ class AppliedEvent(TableRow, table=True):
 
 
 class ConsumerPosition(TableRow, table=True):
-    """The last log sequence a consumer group has applied."""
+    """The last log sequence a consumer group has applied, and which process applies it."""
 
     __tablename__ = "consumer_positions"
 
     consumer: str = Field(primary_key=True, max_length=64)
     seq: int = 0
+    epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    """How many times a process took this consumer over (:func:`take_position`): a process that
+    finds another number here than the one it took has been replaced."""
 
 
 class OutboxEvent(TableRow, table=True):
@@ -71,6 +75,50 @@ def _position_read(table: sa.Table) -> Any:
 def read_position(connection: sa.Connection, table: sa.Table, consumer: str) -> int:
     """``consumer``'s position in a positions table (``consumer``, ``seq``); 0 when it has none."""
     return connection.execute(_position_read(table), {"of_consumer": consumer}).scalar() or 0
+
+
+@cache
+def _position_claim(table: sa.Table) -> Any:
+    return sa.select(table.c.seq, table.c.epoch).where(table.c.consumer == sa.bindparam("of_consumer")).with_for_update()
+
+
+def _position_row(connection: sa.Connection, table: sa.Table, consumer: str) -> None:
+    """Make sure ``consumer`` has a row (a second process inserting it at once waits for the first's commit)."""
+    connection.execute(sa.text(f"INSERT INTO {table.name} (consumer, seq, epoch) VALUES (:of_consumer, 0, 0) "
+                               "ON CONFLICT (consumer) DO NOTHING"), {"of_consumer": consumer})
+
+
+def take_position(connection: sa.Connection, table: sa.Table, consumer: str) -> int:
+    """Take ``consumer``'s position over for this process (a bus that starts applying the log):
+    its epoch moves on, and the number returned is this process's for :func:`claim_position`.
+    Waits for a transaction of the process it replaces that holds the row; any later one of
+    that process's then writes nothing."""
+    _position_row(connection, table, consumer)
+    connection.execute(sa.text(f"UPDATE {table.name} SET epoch = epoch + 1 WHERE consumer = :of_consumer"), {"of_consumer": consumer})
+    return int(connection.execute(_position_claim(table), {"of_consumer": consumer}).one()[1])
+
+
+def claim_position(connection: sa.Connection, table: sa.Table, consumer: str, first: int | None, epoch: int | None = None) -> None:
+    """At the start of a transaction that applies the log from ``first`` on (or, with ``first``
+    None, writes what a process applying it writes: the timers'): hold ``consumer``'s position
+    until it ends (PostgreSQL locks the row; a SQLite writer holds the whole database from its
+    ``BEGIN IMMEDIATE``), and raise :class:`PositionTaken` if it is ``first`` or past it already,
+    or if its epoch is no longer ``epoch`` (when given: this process's, from :func:`take_position`).
+
+    Two processes applying one log — a bus that stalled past its lease with a batch in hand, and
+    the one that took over — thus never both write: whatever the stalled one had in hand is
+    committed before the other takes the position over, or not at all."""
+    if first is None and epoch is None:
+        return
+    found = connection.execute(_position_claim(table), {"of_consumer": consumer}).first()
+    if found is None:
+        _position_row(connection, table, consumer)
+        found = connection.execute(_position_claim(table), {"of_consumer": consumer}).one()
+    position, held_by = int(found[0] or 0), int(found[1] or 0)
+    if epoch is not None and held_by != epoch:
+        raise PositionTaken(consumer, position)
+    if first is not None and position >= first:
+        raise PositionTaken(consumer, position, first)
 
 
 def advance_position(connection: sa.Connection, table: sa.Table, consumer: str, seq: int) -> None:

@@ -25,7 +25,15 @@ import orjson
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent, advance_position, read_position
+from handlers.bookkeeping import (
+    AppliedEvent,
+    ConsumerPosition,
+    OutboxEvent,
+    advance_position,
+    claim_position,
+    read_position,
+    take_position,
+)
 from handlers.db import driver_cursor
 from handlers.rules import Refusal
 from schemas import registry
@@ -256,6 +264,9 @@ class Network:
         self.routes = routes
         self.consumer = consumer
         self.positions_as = consumer
+        self.epoch: int | None = None
+        """This process's number in its consumer's position once it took that over (:meth:`take`);
+        None: not checked (a rebuild's replay)."""
         """Whose position it records how far the log has been applied as: its consumer's, but a
         rebuild's first lane records its own (:data:`REBUILDING`) until the other lanes' rows are
         in (``bus.rebuild``), so that a bus started after the rebuild was cut short starts from
@@ -353,6 +364,17 @@ class Network:
         if seq is None:
             return
         advance_position(session.connection(), _POSITIONS, self.positions_as, seq)
+
+    def take(self, session: Session) -> None:
+        """Take the consumer's position over for this process (:func:`~handlers.bookkeeping.take_position`)."""
+        self.epoch = take_position(session.connection(), _POSITIONS, self.consumer)
+
+    def claim(self, session: Session, first: int | None) -> None:
+        """Hold the position for this transaction, which applies the log from ``first`` on (None:
+        the timers'), and make sure no other process took it over
+        (:func:`~handlers.bookkeeping.claim_position`)."""
+        epoch = self.epoch if self.positions_as == self.consumer else None
+        claim_position(session.connection(), _POSITIONS, self.positions_as, first, epoch)
 
     def position(self, session: Session) -> int:
         """The last log sequence applied."""

@@ -29,6 +29,7 @@ from sqlmodel import Session
 
 from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
 from handlers.db import database_unavailable, reading
+from handlers.positions import PositionTaken
 from handlers.network import REBUILDING, Book, Event, Network, applied_among
 from handlers.session import KnownKeysSession, tracked_tables
 from ops.metrics import HANDLER_SECONDS, TIMERS_SECONDS
@@ -140,8 +141,9 @@ class NetworkService:
             self._forget()
             self._session.close()
 
-    def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True) -> tuple[int, Failure | None, int]:
-        """Apply a batch in log order in one transaction, stopping at the first event that fails.
+    def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True, replay: bool = False) -> tuple[int, Failure | None, int]:
+        """Apply a batch in log order in one transaction, stopping at the first event that fails
+        (``replay``: dead letters applied again, out of the log's order — the position is not held).
 
         Returns how many events were applied (the ones before the failed one are committed, the
         failed one is not), the failure if any, and how many derived events were decided. Raises
@@ -158,7 +160,7 @@ class NetworkService:
             try:
                 timings: list[tuple[str, float]] | None = [] if live else None  # (a rebuild's process serves no metrics)
                 with self._transaction() as session:
-                    derived, decided = self._apply(session, items[:end], live=live, timings=timings)
+                    derived, decided = self._apply(session, items[:end], live=live, timings=timings, replay=replay)
                 with self._mutex:  # handed over once committed
                     self._fresh += decided
                 for event_type, seconds in timings or ():  # only what was committed is counted
@@ -166,19 +168,22 @@ class NetworkService:
                 return end, failure, derived
             except _Failed as failed:
                 end, failure = failed.index, failed.failure
+            except PositionTaken:  # (rolled back: nothing of it was written, and what was held is forgotten)
+                raise
             except Exception as exc:
                 if database_unavailable(exc):  # not the events': the consumer holds them
                     raise
                 log.debug("batch of %d failed as a whole (%s); applying event by event", end, exc)
-                return self._apply_isolated(items, live=live)
+                return self._apply_isolated(items, live=live, replay=replay)
         return 0, failure, 0
 
-    def _apply_isolated(self, items: Sequence[LoggedItem], *, live: bool) -> tuple[int, Failure | None, int]:
+    def _apply_isolated(self, items: Sequence[LoggedItem], *, live: bool, replay: bool) -> tuple[int, Failure | None, int]:
         applied = 0
         failure: Failure | None = None
         book = Book()
         self._outbox_known = False  # what it decides reaches the outbox without being handed over
         with self._transaction() as session:
+            self.network.claim(session, None if replay else items[0].seq)
             seen = self._seen(session, items)
             derived = 0
             for item in items:
@@ -208,11 +213,12 @@ class NetworkService:
         return applied, failure, derived
 
     def _apply(
-        self, session: Session, items: Sequence[LoggedItem], *, live: bool, timings: list[tuple[str, float]] | None
+        self, session: Session, items: Sequence[LoggedItem], *, live: bool, timings: list[tuple[str, float]] | None, replay: bool
     ) -> tuple[int, list[tuple[str, bytes]]]:
         """Apply every item straight through, noting each one's handling time in ``timings`` (if given); a
         failing event raises :class:`_Failed` (and the whole batch is rolled back). Returns how many
         derived events were decided, and what went into the outbox (id, body) in order."""
+        self.network.claim(session, None if replay else items[0].seq)
         seen = self._seen(session, items)
         book = Book()
         derived = 0
@@ -239,15 +245,23 @@ class NetworkService:
     def _seen(session: Session, items: Sequence[LoggedItem]) -> set[str]:
         return applied_among(session, (str(item.envelope.get("id")) for item in items))
 
+    def take_position(self) -> None:
+        """Take the log's position over for this process, before its consumer starts: a process
+        that applied it before (one that stalled past its lease, say) writes nothing from now on."""
+        with self._transaction() as session:
+            self.network.take(session)
+
     def skip(self, seq: int) -> None:
         """Move past an event that was dead-lettered: it is not applied, and later events are."""
         with self._transaction() as session:
+            self.network.claim(session, seq)
             self.network.advance(session, seq)
 
     def tick(self, now: datetime | None = None) -> list[Event[Any]]:
         """Run the timers once; returns the events they decided."""
         started = time.perf_counter()
         with self._transaction() as session:
+            self.network.claim(session, None)
             decided = self.network.tick(session, now)
         if decided:
             self._outbox_known = False  # the timers' events reach the outbox without being handed over

@@ -230,7 +230,7 @@ async def _apply(js: JetStreamContext, appliers: Mapping[str, Applier], letter: 
         return "the dead letter does not say where the event is in the log"
     item = LoggedItem(letter.original_seq, letter.event, await _logged_at(js, letter))
     try:
-        applied, failure, _ = await asyncio.to_thread(applier.apply_batch, [item])
+        applied, failure, _ = await asyncio.to_thread(lambda: applier.apply_batch([item], replay=True))
     except Exception as exc:  # the database, most likely
         return f"{type(exc).__name__}: {exc}"
     if failure is not None:

@@ -248,13 +248,16 @@ class DeliveryRecorder:
         """Whose position in the read models says they have applied an event (they say who takes
         part in a validation)."""
         self.schedule = schedule
+        self.epoch: int | None = None
+        """This process's number in the consumer's position once it took that over (``take_position``)."""
         self.tracing = tracing or Tracing.off()
         self.touched: set[str] = set()
         self.retired: set[str] = set()
         """Endpoints disabled because their institution left: their workers stop."""
 
-    def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True) -> tuple[int, Failure | None, int]:
-        """Record what each event owes, in log order, in one transaction with the position.
+    def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True, replay: bool = False) -> tuple[int, Failure | None, int]:
+        """Record what each event owes, in log order, in one transaction with the position
+        (``replay``: dead letters recorded again, out of the log's order — the position is not held).
 
         The batch is recorded straight through; an event that cannot be recorded rolls the batch
         back, the events before it are recorded again and committed, and it is reported (the
@@ -271,6 +274,7 @@ class DeliveryRecorder:
         while end:
             try:
                 with session_scope(self.engine) as session:
+                    store.claim(session, self.consumer, None if replay else items[0].seq, self.epoch)
                     endpoints = [_Wanting(*row) for row in session.execute(store.ENDPOINTS_ENABLED)]
                     batch = _Batch(session, endpoints, self.network_consumer)
                     recorded = 0
@@ -318,7 +322,12 @@ class DeliveryRecorder:
 
     def skip(self, seq: int) -> None:
         with session_scope(self.engine) as session:
+            store.claim(session, self.consumer, seq, self.epoch)
             store.advance(session, self.consumer, seq)
+
+    def take_position(self) -> None:
+        with session_scope(self.engine) as session:
+            self.epoch = store.take(session, self.consumer)
 
     def position(self) -> int:
         with Session(reading(self.engine)) as session:

@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from connectors.webhooks.signing import new_secret
-from handlers.bookkeeping import advance_position, read_position
+from handlers.bookkeeping import advance_position, claim_position, read_position, take_position
 from handlers.institutions import UtcDateTime
 
 #: The webhook tables, kept out of the read models' metadata (see the module docstring).
@@ -140,6 +140,7 @@ class ConsumerPosition(_Webhooks, table=True):
 
     consumer: str = Field(primary_key=True, max_length=64)
     seq: int = 0
+    epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 # --- endpoints ------------------------------------------------------------------------------------
@@ -357,6 +358,18 @@ def attempts_of(session: Session, delivery_ids: Sequence[int]) -> dict[int, list
 
 def position(session: Session, consumer: str) -> int:
     return read_position(session.connection(), ConsumerPosition.__table__, consumer)  # type: ignore[attr-defined]
+
+
+def take(session: Session, consumer: str) -> int:
+    """Take ``consumer``'s position over for this process (:func:`~handlers.bookkeeping.take_position`)."""
+    return take_position(session.connection(), ConsumerPosition.__table__, consumer)  # type: ignore[attr-defined]
+
+
+def claim(session: Session, consumer: str, first: int | None, epoch: int | None) -> None:
+    """Hold ``consumer``'s position for this transaction, which records the log from ``first`` on
+    (:func:`~handlers.bookkeeping.claim_position`: another process that took it over or recorded
+    it meanwhile is found, and nothing is recorded twice)."""
+    claim_position(session.connection(), ConsumerPosition.__table__, consumer, first, epoch)  # type: ignore[attr-defined]
 
 
 def advance(session: Session, consumer: str, seq: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import nats
 import pytest
+import sqlalchemy as sa
 from nats.aio.client import Client
 from sqlmodel import Session, select
 
@@ -286,7 +287,10 @@ class Batches:
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
 
-    def apply_batch(self, items: Any, *, live: bool = True) -> tuple[int, Any, int]:
+    def take_position(self) -> None:
+        pass
+
+    def apply_batch(self, items: Any, *, live: bool = True, replay: bool = False) -> tuple[int, Any, int]:
         self.batches.append([item.seq for item in items])
         return len(items), None, 0
 
@@ -477,6 +481,45 @@ async def test_a_database_that_cannot_be_written_holds_the_events_says_so_and_re
     finally:
         await nc.close()
         await bus.stop()
+
+
+async def test_a_batch_another_bus_applied_while_this_one_held_it_is_not_applied_again(
+    tmp_path: Path, server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bus holding a batch while its lease lapsed, and another bus taking the log over and
+    applying those events meanwhile: when this one goes on, the batch is not applied a second
+    time — the consumer says so and (here, its lease fresh again) continues from the database's
+    position, and the next events flow, each once."""
+    from handlers.bookkeeping import ConsumerPosition, advance_position, take_position
+
+    async with recording_bus(tmp_path, server) as (bus, nc, recorder):
+        consumer, engine = bus.consumer, bus.engine
+        assert consumer is not None and engine is not None
+        assert (await offer(nc, FIXTURE["as"], project_event("before"))).accepted
+        await wait_for(lambda: "before" in recorder.seen)
+        lapsed = True
+        consumer.may_apply = lambda: not lapsed  # as while its lease could not be renewed
+        verdicts = [await offer(nc, FIXTURE["as"], project_event(f"meanwhile-{i}")) for i in range(3)]
+        seqs = [verdict.seq for verdict in verdicts]
+        assert all(verdict.accepted for verdict in verdicts) and None not in seqs
+        await wait_for(lambda: consumer.trouble is not None)  # held
+        positions = ConsumerPosition.__table__  # type: ignore[attr-defined]
+        with engine.begin() as connection:  # a bus that took over, and applied the first two
+            taken = take_position(connection, positions, "network")
+            advance_position(connection, positions, "network", int(seqs[1] or 0))
+        caplog.set_level(logging.WARNING, logger="collabbus.consumer")
+        lapsed = False
+        await wait_for(lambda: "meanwhile-2" in recorder.seen)
+        assert (await offer(nc, FIXTURE["as"], project_event("after"))).accepted
+        await wait_for(lambda: "after" in recorder.seen)
+        assert recorder.seen == ["before", "meanwhile-2", "after"]  # not the other bus's two
+        warned = [r.getMessage() for r in caplog.records if r.name == "collabbus.consumer" and r.levelno == logging.WARNING]
+        assert any(f"another process took over applying the log (consumer network, applied up to #{seqs[1]})" in message
+                   and "continuing from the database's position" in message for message in warned), warned
+        assert consumer.trouble is None and consumer.dead_lettered == 0
+        with engine.connect() as connection:  # holding its lease still, it took the position back to go on
+            epoch = connection.execute(sa.select(positions.c.epoch).where(positions.c.consumer == "network")).scalar()
+        assert epoch == taken + 1
 
 
 async def test_timers_wait_for_what_was_logged_before_their_deadline(tmp_path: Path, server: EmbeddedNats) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -161,3 +162,136 @@ def test_the_derived_events_committed_are_handed_to_the_relay_in_order(engine: E
         assert [json.loads(body)["subject"] for _, body in service.outbox()] == ["by-timer"]
     finally:
         service.close()
+
+
+def _two_processes(database_url: str) -> tuple[list[list[str]], list[NetworkService], list[Engine]]:
+    """Two services on one database, each with an engine of its own (two bus processes), each
+    noting what it projected."""
+    from handlers.db import make_engine
+
+    def noting(mine: list[str]) -> Callable[[Any, Event[Any]], None]:
+        return lambda _session, event: mine.append(event.subject)
+
+    projected: list[list[str]] = [[], []]
+    engines = [make_engine(database_url) for _ in range(2)]
+    services = [NetworkService(engine, Network(Routes().add(projections={"project.registered": noting(mine)})))
+                for engine, mine in zip(engines, projected)]
+    return projected, services, engines
+
+
+def test_a_batch_another_process_applied_meanwhile_is_not_applied_again(database_url: str) -> None:
+    """A bus that stalled with a batch in hand while another took over the log: when it goes on,
+    the events the other applied are not applied a second time — its transaction finds the
+    position moved, writes nothing and says so (``PositionTaken``); the other's next batch flows.
+    Likewise the other way round: the bus that took over finds what the stalled one committed."""
+    from handlers.positions import PositionTaken
+
+    projected, (stalled, taker), engines = _two_processes(database_url)
+    now = datetime.now(timezone.utc)
+    events = [registered(unique("p")) for _ in range(6)]
+    items = [LoggedItem(seq, event, now) for seq, event in enumerate(events, 1)]
+    try:
+        assert stalled.apply_batch(items[:1])[:2] == (1, None)
+        assert taker.apply_batch(items[1:3])[:2] == (2, None)  # the taker applies #2–#3
+        with pytest.raises(PositionTaken, match="up to #3 .* a batch from #2"):
+            stalled.apply_batch(items[1:4])  # the stalled one's batch #2–#4 (#4 is not applied either)
+        with pytest.raises(PositionTaken):
+            stalled.skip(2)
+        assert projected == [[events[0]["subject"]], [events[1]["subject"], events[2]["subject"]]]
+        assert taker.position() == 3
+        assert stalled.apply_batch(items[3:4])[:2] == (1, None)  # from the position on it may (the lease decides)
+        with pytest.raises(PositionTaken, match="up to #4"):
+            taker.apply_batch(items[3:6])  # the taker finds what the other committed
+        assert taker.apply_batch(items[4:6])[:2] == (2, None)
+        assert projected[1] == [event["subject"] for event in (events[1], events[2], events[4], events[5])]
+        with engines[0].connect() as connection:
+            rows = connection.execute(sa.text("SELECT seq FROM applied_events ORDER BY seq")).scalars().all()
+        assert rows == [1, 2, 3, 4, 5, 6]  # each applied once
+    finally:
+        for service in (stalled, taker):
+            service.close()
+        for engine in engines:
+            engine.dispose()
+
+
+def test_a_process_replaced_writes_nothing_once_another_took_the_position_over(database_url: str) -> None:
+    """The bus that takes the log over takes the position over (its epoch moves on): from then on
+    the one it replaced writes nothing — not a batch from the position on (which the new one has
+    not applied yet: by the position alone it would go), not its timers, not a dead letter's skip
+    — while the new one applies from there."""
+    from handlers.positions import PositionTaken
+
+    projected, (replaced, taker), engines = _two_processes(database_url)
+    now = datetime.now(timezone.utc)
+    events = [registered(unique("p")) for _ in range(3)]
+    items = [LoggedItem(seq, event, now) for seq, event in enumerate(events, 1)]
+    try:
+        replaced.take_position()
+        assert replaced.apply_batch(items[:1])[:2] == (1, None)
+        assert replaced.tick(now) == []
+        taker.take_position()
+        with pytest.raises(PositionTaken, match=r"another process took over applying the log \(consumer network, applied up to #1\)"):
+            replaced.apply_batch(items[1:2])
+        with pytest.raises(PositionTaken):
+            replaced.tick(now)
+        with pytest.raises(PositionTaken):
+            replaced.skip(2)
+        assert taker.apply_batch(items[1:3])[:2] == (2, None)
+        assert taker.tick(now) == []
+        assert projected == [[events[0]["subject"]], [events[1]["subject"], events[2]["subject"]]]
+        assert taker.position() == 3
+    finally:
+        for service in (replaced, taker):
+            service.close()
+        for engine in engines:
+            engine.dispose()
+
+
+def test_two_processes_applying_one_batch_at_once_apply_it_once(database_url: str) -> None:
+    """The same batch applied by two processes at the same moment: the second waits for the
+    first's transaction (the position is held from the start of it), then finds the position
+    moved and applies nothing — its handlers never run."""
+    import threading
+
+    from handlers.positions import PositionTaken
+
+    projected, (first, second), engines = _two_processes(database_url)
+    inside, release = threading.Event(), threading.Event()
+    slow_network = first.network
+
+    def held(_session: Any, event: Event[Any]) -> None:
+        inside.set()
+        assert release.wait(10)
+        projected[0].append(event.subject)
+
+    slow_network.routes = Routes().add(projections={"project.registered": held})
+    now = datetime.now(timezone.utc)
+    items = [LoggedItem(seq, registered(unique("p")), now) for seq in (1, 2)]
+    outcomes: dict[str, Any] = {}
+
+    def apply(name: str, service: NetworkService) -> None:
+        try:
+            outcomes[name] = service.apply_batch(items)[:2]
+        except Exception as exc:
+            outcomes[name] = exc
+
+    try:
+        one = threading.Thread(target=apply, args=("first", first))
+        one.start()
+        assert inside.wait(10)  # the first is inside its transaction
+        two = threading.Thread(target=apply, args=("second", second))
+        two.start()
+        two.join(0.5)
+        assert two.is_alive(), outcomes  # waiting for the first's transaction
+        release.set()
+        one.join(10)
+        two.join(10)
+        assert outcomes["first"] == (2, None)
+        assert isinstance(outcomes["second"], PositionTaken), outcomes
+        assert projected == [[item.envelope["subject"] for item in items], []]
+    finally:
+        release.set()
+        for service in (first, second):
+            service.close()
+        for engine in engines:
+            engine.dispose()

@@ -749,3 +749,34 @@ async def test_reviews_reach_the_parties_until_the_decision_and_every_member_aft
                                                            "limit": 500}, headers=gateway.auth(second))).json()["items"]
     shown = sorted(e["event"]["source"].rsplit("/", 1)[1] for e in logged if e["event"]["data"]["validation_id"] == validation_id)
     assert shown == sorted([first, second])
+
+
+def test_what_another_process_recorded_meanwhile_is_not_recorded_again(database_url: str) -> None:
+    """The webhooks' recorder of a bus that held a batch while another bus took over: it finds
+    the position moved past the batch's start and records nothing (``PositionTaken``), so no
+    delivery is owed twice; from the position on it records."""
+    from connectors.webhooks.dispatcher import DeliveryRecorder, RetrySchedule
+    from connectors.webhooks.store import position
+    from handlers.positions import PositionTaken
+    from handlers.db import make_engine
+    from handlers.service import LoggedItem
+    from sqlmodel import Session
+
+    engines = [make_engine(database_url) for _ in range(2)]
+    stalled, taker = (DeliveryRecorder(engine, "webhooks", RetrySchedule((1.0,))) for engine in engines)
+    now = datetime.now(timezone.utc)
+    items = [LoggedItem(seq, envelope("project.registered", town, project(town)), now) for seq, town in enumerate(["town"] * 3, 1)]
+    try:
+        assert taker.apply_batch(items[:2])[:2] == (2, None)
+        with pytest.raises(PositionTaken, match="up to #2 .* a batch from #1"):
+            stalled.apply_batch(items)
+        with pytest.raises(PositionTaken):
+            stalled.skip(2)
+        with Session(engines[0]) as session:
+            assert position(session, "webhooks") == 2
+        assert stalled.apply_batch(items[2:])[:2] == (1, None)
+        with Session(engines[0]) as session:
+            assert position(session, "webhooks") == 3
+    finally:
+        for engine in engines:
+            engine.dispose()
