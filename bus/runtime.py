@@ -337,9 +337,14 @@ class Bus:
             await relay.stop()
 
     async def start_http(self) -> None:
-        """Serve the HTTP gateway at ``settings.http`` in this event loop (after :meth:`start`)."""
+        """Serve the HTTP gateway at ``settings.http`` in this event loop (after :meth:`start`);
+        a server already listening there (:attr:`http`: a standby's, whose bus took the log over)
+        serves it from now on."""
         from connectors.http.server import HttpGateway
 
+        if self.http is not None:
+            self.http.serve_gateway()
+            return
         host, port = self.settings.http_host_port
         self.http = HttpGateway(self, host, port)
         await self.http.start()

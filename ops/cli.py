@@ -482,7 +482,7 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
     from connectors.http.server import HttpGateway
     from connectors.http.standby import standby_app
 
-    applying = ["another bus"]
+    applying: list[str | None] = ["another bus"]
 
     def waiting(holder: dict[str, Any]) -> None:
         applying[0] = describe(holder)
@@ -497,12 +497,18 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
     try:
         await announced.start()
         taken = await _unless_stopped(bus.take_lease(patience=None, on_wait=waiting), stop)
+        if taken is not None:
+            taken.result()  # (raises what taking it raised)
+    except BaseException:
+        await health.stop()
+        raise
     finally:
         await announced.stop()
-        await health.stop()  # the gateway takes its place once the read models run
     if taken is None:
+        await health.stop()
         return False
-    taken.result()
+    applying[0] = None  # taken over: "starting" until the read models run, then the gateway on this same server
+    bus.http = health  # (see Bus.start_http; stopped with the bus)
     return True
 
 

@@ -39,12 +39,24 @@ class HttpGateway:
         self.bus = bus
         self.host = host
         self.port = port
-        self.app = app if app is not None else create_app(bus, rate_limiter=rate_limiter)
+        self.app: Any = app
         """The gateway (``connectors.http.app``), or another app served the same way (a standby's)."""
-        if app is None and bus.tracing is not None:
-            bus.tracing.instrument_gateway(self.app)
+        if app is None:
+            self.serve_gateway(rate_limiter=rate_limiter)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
+
+    def serve_gateway(self, *, rate_limiter: RateLimiter | None = None) -> None:
+        """Answer with the gateway from now on — a standby's server once its bus took the log
+        over: the address goes on answering throughout, and each request after this one is the
+        gateway's (connections kept alive included)."""
+        app = create_app(self.bus, rate_limiter=rate_limiter)
+        if self.bus.tracing is not None:
+            self.bus.tracing.instrument_gateway(app)
+        self.app = app
+
+    async def _current(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
 
     @property
     def url(self) -> str:
@@ -66,7 +78,7 @@ class HttpGateway:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            KeepConnection(self.app), lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+            KeepConnection(self._current), lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=5,
             log_config=None,  # uvicorn's records go to the process's logging (ops.logs), not handlers of its own
             server_header=False,
             # Longer than the idle time of partners' pooled connections (uvicorn's 5 s default

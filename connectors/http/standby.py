@@ -2,8 +2,9 @@
 
 Alive (``/healthz`` 200: a supervisor's liveness check must not restart it), not ready
 (``/readyz`` 503, saying which bus applies the log: a load balancer sends nobody here), and a 503
-problem for anything else, with ``Retry-After``. The whole gateway takes its place once this bus
-takes the log over.
+problem for anything else, with ``Retry-After``. Once this bus has taken the log over, the same
+server answers so while the read models start (a second or two), then with the whole gateway:
+the address never stops answering.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from fastapi.responses import JSONResponse
 from connectors.http.problems import problem_response, retry_after
 
 
-def standby_app(nats_state: Callable[[], str], applying: Callable[[], str]) -> FastAPI:
+def standby_app(nats_state: Callable[[], str], applying: Callable[[], str | None]) -> FastAPI:
     """The standby's answers; ``nats_state``: ``ok`` or what the connection is doing;
-    ``applying``: which bus applies the log, in words."""
+    ``applying``: which bus applies the log, in words (None once this one has taken it over)."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/healthz")
@@ -28,12 +29,20 @@ def standby_app(nats_state: Callable[[], str], applying: Callable[[], str]) -> F
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        checks = {"nats": nats_state(), "log": f"standby: {applying()} applies the log; this bus takes over when it goes"}
+        holder = applying()
+        if holder is None:
+            checks = {"nats": nats_state(), "log": "taking the log over: the read models start"}
+            return JSONResponse({"status": "starting", "checks": checks}, status_code=503)
+        checks = {"nats": nats_state(), "log": f"standby: {holder} applies the log; this bus takes over when it goes"}
         return JSONResponse({"status": "standby", "checks": checks}, status_code=503)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     async def elsewhere(request: Request, path: str) -> Any:
-        return problem_response(503, f"this bus is a standby: {applying()} applies the log and answers the API",
+        holder = applying()
+        if holder is None:
+            return problem_response(503, "this bus has taken the log over and starts its API in a moment", kind="standby",
+                                    headers=retry_after(1))
+        return problem_response(503, f"this bus is a standby: {holder} applies the log and answers the API",
                                 kind="standby", headers=retry_after(5))
 
     return app

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -308,10 +309,24 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
             offered = await http.post(f"http://127.0.0.1:{ports[0]}/events", json=_joined(before))
             assert offered.status_code == 202, offered.text
             await _until_applied(http, ports[0], before)
-            first.send_signal(signal.SIGSTOP)
-            frozen = time.monotonic()
-            _wait_for_line(standby, "is up")
-            assert 3.9 <= time.monotonic() - frozen < 40  # its last renewal, at most a second before, stood still for 5 s
+            answers: list[str] = []  # what the standby's address answers throughout the takeover
+            polling = threading.Event()
+            poller = threading.Thread(target=_poll_readiness, args=(ports[1], answers, polling))
+            poller.start()
+            try:
+                first.send_signal(signal.SIGSTOP)
+                frozen = time.monotonic()
+                _wait_for_line(standby, "is up")
+                assert 3.9 <= time.monotonic() - frozen < 40  # its last renewal, at most a second before, stood still for 5 s
+                await asyncio.sleep(0.3)
+            finally:
+                polling.set()
+                poller.join()
+            # It never stopped answering: a standby, then (maybe) starting, then the gateway, ready.
+            assert answers and not [answer for answer in answers if answer.startswith("error")], answers
+            phases = [answer for index, answer in enumerate(answers) if index == 0 or answers[index - 1] != answer]
+            assert phases[0] == "503 standby" and phases[-1] == "200 ready", phases
+            assert set(phases) <= {"503 standby", "503 starting", "503 not_ready", "200 ready"}, phases
             # The standby serves the same read models, with the first one's token.
             await _until_applied(http, ports[1], before)
             assert (await http.get(f"http://127.0.0.1:{ports[1]}/readyz")).status_code == 200  # the whole gateway now
@@ -333,6 +348,18 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
                 proc.wait()
         for _ in database:
             pass
+
+
+def _poll_readiness(port: int, answers: list[str], done: threading.Event) -> None:
+    """``/readyz`` at ``port`` every 20 ms until ``done``: its status code and status, or the error."""
+    with httpx.Client(timeout=5) as client:
+        while not done.is_set():
+            try:
+                ready = client.get(f"http://127.0.0.1:{port}/readyz")
+                answers.append(f"{ready.status_code} {ready.json()['status']}")
+            except Exception as exc:
+                answers.append(f"error {exc!r}")
+            done.wait(0.02)
 
 
 def _joined(institution: str) -> dict[str, Any]:
