@@ -294,6 +294,7 @@ class Bus:
         self.webhooks = WebhookDispatcher(
             self.engine, self.js, self.settings, consumer_settings=webhook_consumer(self.consumer_settings),
             timeout=self.webhook_timeout, db_lock=lock, tracing=self.tracing, network_consumer=traced.consumer,  # whose position in the read models says what they have applied
+            may_apply=lambda: lease.fresh,
         )
         await self.webhooks.start()
         from ops.status import keep_consumer_state, running_consumers

@@ -460,6 +460,7 @@ class WebhookDispatcher:
         db_lock: asyncio.Lock | None = None,
         tracing: Tracing | None = None,
         network_consumer: str = "network",
+        may_apply: Callable[[], bool] | None = None,
     ) -> None:
         self.engine = engine
         self.tracing = tracing or Tracing.off()
@@ -476,7 +477,7 @@ class WebhookDispatcher:
         self.consumer = Consumer(
             js, consumer_settings, self.recorder, on_derived=self._recorded, db_lock=self.db_lock,
             inline=engine.dialect.name == "sqlite",  # see bus.consumer.call_database
-            gather=RECORD_GATHER,
+            gather=RECORD_GATHER, may_apply=may_apply,  # (whether this bus holds the log: its lease)
         )
         self.workers: dict[str, EndpointWorker] = {}
         self._ssl_context: ssl.SSLContext | None = None

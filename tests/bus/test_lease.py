@@ -197,8 +197,8 @@ async def test_freshness_counts_the_time_a_machine_slept(server: EmbeddedNats, m
 
 
 async def test_a_bus_holds_events_while_its_lease_is_not_fresh(tmp_path: Path, server: EmbeddedNats) -> None:
-    """The consumer asks the lease before each batch: while it is not fresh the batch is held (the
-    consumer says why, as ``/readyz`` does), and applied once it is."""
+    """The consumers ask the lease before each batch: while it is not fresh the batch is held (the
+    consumer says why, as ``/readyz`` does) — the webhooks' too — and applied once it is."""
     from tests.bus.test_consumer import FIXTURE, project_event, recording_bus, wait_for
     from bus.client import offer
 
@@ -209,11 +209,13 @@ async def test_a_bus_holds_events_while_its_lease_is_not_fresh(tmp_path: Path, s
         try:
             assert (await offer(nc, FIXTURE["as"], project_event("while-unleased"))).accepted
             await wait_for(lambda: bus.consumer is not None and "could not renew its lease" in (bus.consumer.trouble or ""))
+            await wait_for(lambda: bus.webhooks is not None and "could not renew its lease" in (bus.webhooks.consumer.trouble or ""))
             await asyncio.sleep(0.5)
             assert "while-unleased" not in recorder.seen
         finally:
             bus.lease.fence_margin = margin
         await wait_for(lambda: "while-unleased" in recorder.seen)
+        await wait_for(lambda: bus.webhooks is not None and bus.webhooks.consumer.trouble is None)
         assert bus.consumer.trouble is None
 
 
