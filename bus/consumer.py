@@ -139,7 +139,7 @@ def _normal(value: object) -> object:
 class Applier(Protocol):
     """The database side (``handlers.service.NetworkService``). ``take_position`` makes this
     process the one that applies the log (before the consumer starts, and when it starts over);
-    ``apply_batch`` and ``skip`` then raise ``handlers.bookkeeping.PositionTaken`` when another
+    ``apply_batch`` and ``skip`` then raise ``handlers.positions.PositionTaken`` when another
     process took it over since, or applied the log from where they start (nothing of theirs is
     written)."""
 

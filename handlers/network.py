@@ -264,13 +264,13 @@ class Network:
         self.routes = routes
         self.consumer = consumer
         self.positions_as = consumer
-        self.epoch: int | None = None
-        """This process's number in its consumer's position once it took that over (:meth:`take`);
-        None: not checked (a rebuild's replay)."""
         """Whose position it records how far the log has been applied as: its consumer's, but a
         rebuild's first lane records its own (:data:`REBUILDING`) until the other lanes' rows are
         in (``bus.rebuild``), so that a bus started after the rebuild was cut short starts from
         the log's beginning (passing what was applied), not from where that lane got."""
+        self.epoch: int | None = None
+        """This process's number in its consumer's position once it took that over (:meth:`take`);
+        None: not checked (a rebuild's replay)."""
 
     def apply(
         self,
