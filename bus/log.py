@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -175,6 +176,33 @@ async def stored(
                 yield message
     finally:
         await sub.unsubscribe()
+
+
+async def stored_any(
+    js: JetStreamContext, stream: str, subjects: Sequence[str], *, start_seq: int = 1, batch: int = 100, from_leader: bool = False,
+) -> AsyncGenerator[StoredMessage, None]:
+    """The messages of ``stream`` on any of ``subjects`` from ``start_seq`` on, in order, each
+    once however the subjects overlap: :func:`stored` for each, merged by sequence."""
+    wanted = list(dict.fromkeys(subjects))
+    readers = [stored(js, stream, subject, start_seq=start_seq, batch=batch, from_leader=from_leader) for subject in wanted]
+    try:
+        heads: list[tuple[int, int, StoredMessage]] = []
+        for index, reader in enumerate(readers):
+            first = await anext(reader, None)
+            if first is not None:
+                heapq.heappush(heads, (first.seq, index, first))
+        last = 0
+        while heads:
+            seq, index, message = heapq.heappop(heads)
+            if seq != last:
+                last = seq
+                yield message
+            following = await anext(readers[index], None)
+            if following is not None:
+                heapq.heappush(heads, (following.seq, index, following))
+    finally:
+        for reader in readers:
+            await reader.aclose()
 
 
 async def _stored_one_by_one(js: JetStreamContext, stream: str, subject: str, seq: int) -> AsyncGenerator[StoredMessage, None]:

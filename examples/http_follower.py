@@ -2,9 +2,9 @@
 (behind a firewall that lets no request in, say).
 
     pip install httpx
-    COLLABBUS_URL=http://127.0.0.1:8080 COLLABBUS_TOKEN=… python http_follower.py [TYPE]
+    COLLABBUS_URL=http://127.0.0.1:8080 COLLABBUS_TOKEN=… python http_follower.py [TYPE]...
 
-Prints every event the token's institution may see (of ``TYPE``, a type or a domain such as
+Prints every event the token's institution may see (of the ``TYPE``\s, types or domains such as
 ``call``, if given) as one JSON line ``{"seq": …, "event": {…}}``, in log order, as it is logged.
 It asks ``GET /events?after_seq=N&wait=30``: the gateway answers as soon as there is an event
 after ``N``, or with an empty page after 30 seconds. Where it got to is kept in a file
@@ -33,7 +33,7 @@ def handle(item: dict) -> None:
     print(json.dumps(item, ensure_ascii=False), flush=True)
 
 
-def follow(client: httpx.Client, position_file: Path, event_type: str | None) -> int:
+def follow(client: httpx.Client, position_file: Path, event_types: list[str]) -> int:
     kept = (position_file.read_text().strip() if position_file.exists() else "") or "0"
     if not kept.isdigit():
         print(f"{position_file} holds no log sequence ({kept[:40]!r}): correct it, or remove it to start from the beginning",
@@ -42,9 +42,7 @@ def follow(client: httpx.Client, position_file: Path, event_type: str | None) ->
     after = int(kept)
     pause = 1.0
     while True:
-        params: dict[str, str | int] = {"after_seq": after, "wait": WAIT}
-        if event_type:
-            params["type"] = event_type
+        params: dict[str, int | list[str]] = {"after_seq": after, "wait": WAIT, "type": event_types}  # (no types: every one)
         try:
             answer = client.get("/events", params=params, timeout=WAIT + 15)  # longer than the wait
         except httpx.TransportError as exc:
@@ -82,10 +80,9 @@ def main() -> int:
         print("set COLLABBUS_TOKEN (collabbus institutions token <your id>)", file=sys.stderr)
         return 2
     position_file = Path(os.environ.get("COLLABBUS_POSITION_FILE", "collabbus-follower.position"))
-    event_type = sys.argv[1] if len(sys.argv) > 1 else None
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
         try:
-            return follow(client, position_file, event_type)
+            return follow(client, position_file, sys.argv[1:])
         except KeyboardInterrupt:
             return 0
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import StringConstraints
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -231,6 +232,11 @@ def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
     return allowed is None or viewer in allowed
 
 
+TypeOrDomain = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]*(\.[a-z][a-z_]*)?$")]
+MAX_TYPES = 20
+"""Types or domains one ``GET /events`` may ask for (each is a read of the log per page)."""
+
+
 @router.get(
     "/events",
     summary="Page through the event log",
@@ -240,7 +246,8 @@ def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
 async def read_log(
     request: Request,
     viewer: Member,
-    type: Annotated[str | None, Query(pattern=r"^[a-z][a-z_]*(\.[a-z][a-z_]*)?$", description="a type or a domain")] = None,
+    type: Annotated[list[TypeOrDomain] | None, Query(max_length=MAX_TYPES, description=(
+        f"a type or a domain; repeat it for several, up to {MAX_TYPES} (`type=call&type=project.adopted`)"))] = None,
     institution: Annotated[str | None, Query(pattern=INSTITUTION_PATTERN, description="events this institution said (their `source`)")] = None,
     subject: Annotated[str | None, Query(pattern=SUBJECT_PATTERN, description=(
         "events about this thing (their `subject`): a project, call, validation or day id, or a member's id"))] = None,
@@ -265,7 +272,7 @@ async def read_log(
         if not cursor.isdigit() or int(cursor) > MAX_SEQ:
             raise ApiProblem(400, "the cursor of /events is a log sequence (the previous next_cursor)", kind="bad_cursor")
         after_seq = int(cursor)
-    subjects = event_filter(type, institution, subject)
+    subjects = [event_filter(each, institution, subject) for each in type] if type else [event_filter(None, institution, subject)]
     watch = bus.applied
     if not wait or watch is None:
         return await _log_page(request, viewer, subjects, after_seq, limit)
@@ -312,13 +319,13 @@ async def _wait_while_connected(request: Request, watch: AppliedWatch, beyond: i
     return True
 
 
-async def _log_page(request: Request, viewer: str, subjects: str, after_seq: int | None, limit: int) -> dict[str, Any]:
+async def _log_page(request: Request, viewer: str, subjects: list[str], after_seq: int | None, limit: int) -> dict[str, Any]:
     """One page of ``GET /events``: the events after ``after_seq`` on ``subjects`` that ``viewer`` may see."""
     bus = bus_of(request)
     items: list[dict[str, Any]] = []
     # An event is on the page once its 202 was sent: a replica of the log may be a moment behind its leader.
     leader = bus.settings.stream_replicas > 1
-    async with aclosing(log.stored(bus.js, EVENTS_STREAM, subjects, start_seq=(after_seq or 0) + 1, batch=limit + 1,
+    async with aclosing(log.stored_any(bus.js, EVENTS_STREAM, subjects, start_seq=(after_seq or 0) + 1, batch=limit + 1,
                                    from_leader=leader)) as messages:
         async for msg in messages:
             event = log.readable(msg.data)

@@ -2,10 +2,10 @@
 // same steps as http_follower.py): for a member that cannot take webhooks (behind a firewall that
 // lets no request in, say).
 //
-//     COLLABBUS_URL=http://127.0.0.1:8080 COLLABBUS_TOKEN=… node http_follower.mjs [TYPE]
+//     COLLABBUS_URL=http://127.0.0.1:8080 COLLABBUS_TOKEN=… node http_follower.mjs [TYPE]...
 //
-// Prints every event the token's institution may see (of TYPE, a type or a domain such as `call`,
-// if given) as one JSON line {"seq": …, "event": {…}}, in log order, as it is logged. It asks
+// Prints every event the token's institution may see (of the TYPEs, types or domains such as
+// `call`, if given) as one JSON line {"seq": …, "event": {…}}, in log order, as it is logged. It asks
 // GET /events?after_seq=N&wait=30: the gateway answers as soon as there is an event after N, or
 // with an empty page after 30 seconds. Where it got to is kept in a file (COLLABBUS_POSITION_FILE,
 // default collabbus-follower.position: the seq of the last event handled), written after each
@@ -26,7 +26,7 @@ function handle(item) { // what to do with one event: here, print it
   process.stdout.write(JSON.stringify(item) + "\n");
 }
 
-async function follow(eventType) {
+async function follow(eventTypes) {
   const kept = (existsSync(positionFile) ? readFileSync(positionFile, "utf8").trim() : "") || "0";
   if (!/^[0-9]+$/.test(kept)) {
     console.error(`${positionFile} holds no log sequence (${JSON.stringify(kept.slice(0, 40))}): correct it, or remove it to start from the beginning`);
@@ -35,7 +35,7 @@ async function follow(eventType) {
   let after = Number(kept);
   let pause = 1;
   for (;;) {
-    const params = new URLSearchParams({ after_seq: String(after), wait: String(WAIT), ...(eventType ? { type: eventType } : {}) });
+    const params = new URLSearchParams([["after_seq", String(after)], ["wait", String(WAIT)], ...eventTypes.map((type) => ["type", type])]);
     let answer;
     try {
       answer = await fetch(`${base}/events?${params}`, { headers: auth, signal: AbortSignal.timeout((WAIT + 15) * 1000) });
@@ -78,7 +78,7 @@ if (!process.env.COLLABBUS_TOKEN) {
   console.error("set COLLABBUS_TOKEN (collabbus institutions token <your id>)");
   process.exit(2);
 }
-follow(process.argv[2]).then(
+follow(process.argv.slice(2)).then(
   (code) => process.exit(code),
   (error) => {
     console.error(`error: ${error.message}`);

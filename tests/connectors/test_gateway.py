@@ -767,6 +767,32 @@ async def test_events_pages_through_the_log(gateway: Gateway) -> None:
     problem(await gateway.client.get("/events", params={"subject": "a.b"}, headers=auth), 422, "invalid_request")
 
 
+async def test_events_of_several_types_come_as_one_list_in_log_order(gateway: Gateway) -> None:
+    """`type` repeated: the events of any of the types or domains asked for, in log order, each
+    once however the filters overlap, paged as one list; more than 20 is a 422, as is a bad one."""
+    owner = await gateway.join("cooperative")
+    auth = gateway.auth(owner)
+    practices = [project(owner) for _ in range(3)]
+    offered: list[tuple[str, int]] = []
+    for practice in practices:
+        offered.append(("project.registered", (await gateway.offer(owner, "project.registered", practice))["seq"]))
+        changes = {"summary": {"en": f"{practice['project_id']} grows"}}
+        offered.append(("project.updated", (await gateway.offer(owner, "project.updated", {
+            "project_id": practice["project_id"], "changes": changes}))["seq"]))
+        offered.append(("project.completed", (await gateway.offer(owner, "project.completed", {
+            "project_id": practice["project_id"], "outcome": {"en": "done"}, "ended_on": "2026-04-30"}))["seq"]))
+    wanted = [seq for event_type, seq in offered if event_type != "project.updated"]
+    pages = await walk(gateway.client, "/events", auth, institution=owner, type=["project.completed", "project.registered"], limit=4)
+    assert [len(page) for page in pages] == [4, 2]
+    assert [item["seq"] for page in pages for item in page] == wanted  # log order across the types
+    overlapping = await gateway.client.get("/events", params={"institution": owner, "type": ["project", "project.updated"]}, headers=auth)
+    assert [item["seq"] for item in overlapping.json()["items"]] == [seq for _, seq in offered]  # each once
+    one = await gateway.client.get("/events", params={"institution": owner, "type": "project.updated"}, headers=auth)
+    assert [item["event"]["type"] for item in one.json()["items"]] == ["project.updated"] * 3
+    problem(await gateway.client.get("/events", params={"type": ["project"] * 21}, headers=auth), 422, "invalid_request")
+    problem(await gateway.client.get("/events", params={"type": ["project", "Project"]}, headers=auth), 422, "invalid_request")
+
+
 async def test_a_long_poll_of_the_log_is_answered_as_soon_as_an_event_shows(gateway: Gateway) -> None:
     owner = await gateway.join("cooperative")
     first = await gateway.offer(owner, "project.registered", project(owner))

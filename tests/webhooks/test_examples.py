@@ -152,7 +152,7 @@ async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(net
 async def test_the_follower_example_prints_the_log_as_it_grows_and_goes_on_where_it_stopped(
     network: Network, tmp_path: Path, language: str
 ) -> None:
-    command = [*example(language, "http_follower"), "project"]
+    command = [*example(language, "http_follower"), "project.registered", "project.updated"]
     gateway = await network.start()
     owner = await gateway.join("municipality")
     position = tmp_path / "follower.position"
@@ -160,7 +160,8 @@ async def test_the_follower_example_prints_the_log_as_it_grows_and_goes_on_where
     position.write_text(str(network.start_seq - 1))  # the session's log holds other tests' events: after them
     env = {**os.environ, "COLLABBUS_URL": gateway.url, "COLLABBUS_TOKEN": gateway.token(owner),
            "COLLABBUS_POSITION_FILE": str(position)}
-    before = [await gateway.offer(owner, "project.registered", project(owner)) for _ in range(2)]
+    practices = [project(owner) for _ in range(2)]
+    before = [await gateway.offer(owner, "project.registered", practice) for practice in practices]
 
     def start() -> tuple[subprocess.Popen[str], Lines]:
         proc = subprocess.Popen(command, text=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -172,10 +173,13 @@ async def test_the_follower_example_prints_the_log_as_it_grows_and_goes_on_where
     follower, lines = start()
     try:
         assert seqs(await lines.until(2)) == [v["seq"] for v in before]  # what was logged before it started
-        assert {item["event"]["type"] for item in lines.items} == {"project.registered"}  # of the type asked for
+        assert {item["event"]["type"] for item in lines.items} == {"project.registered"}
         await asyncio.sleep(1.0)  # waiting in a long poll now
-        later = await gateway.offer(owner, "project.registered", project(owner))
-        assert seqs(await lines.until(3))[2] == later["seq"]  # printed as it is logged, well within the poll's 30 s
+        await gateway.offer(owner, "project.completed", {  # a type it did not ask for
+            "project_id": practices[1]["project_id"], "outcome": {"en": "done"}, "ended_on": "2026-04-30"})
+        later = await gateway.offer(owner, "project.updated", {"project_id": practices[0]["project_id"], "changes": {"summary": {"en": "more"}}})
+        printed = await lines.until(3)
+        assert seqs(printed)[2] == later["seq"] and printed[2]["event"]["type"] == "project.updated"  # as it is logged, within the poll's 30 s
         assert await eventually(lambda: position.read_text() == str(later["seq"]))
     finally:
         follower.terminate()
