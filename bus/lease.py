@@ -52,6 +52,9 @@ STALE_AFTER = 5.0
 """Seconds a lease's revision must stand still before another bus takes it over."""
 FENCE_MARGIN = 1.5
 """Seconds before a taker may act by which a holder that could not renew stops applying."""
+FORGET_STANDBY_AFTER = 120.0
+"""Seconds after which a standby's announcement nobody renews (the standby was killed) is removed
+by the next standby that starts."""
 
 _HELD_HERE: dict[str, "Lease"] = {}
 """The leases held by this process, by token: a holder of this host and process that is not among
@@ -184,7 +187,8 @@ def public_view(holder: dict[str, Any]) -> dict[str, Any]:
 class Standby:
     """A bus waiting for the lease ``name`` (``collabbus up --standby``), announced under
     ``{name}.standby.{token}`` in the bucket and renewed every second, so that ``collabbus status``
-    lists the standbys there are (:func:`standbys_of`). Its key goes when it stops waiting."""
+    lists the standbys there are (:func:`standbys_of`). Its key goes when it stops waiting; the
+    keys of standbys that were killed, when the next one starts."""
 
     def __init__(self, js: JetStreamContext, name: str, data_dir: str = "", *, replicas: int = 1) -> None:
         self.js, self.name, self.replicas = js, name, replicas
@@ -195,7 +199,27 @@ class Standby:
 
     async def start(self) -> None:
         kv = await bucket(self.js, replicas=self.replicas)
+        await self._forget_the_gone(kv)
         self._task = asyncio.create_task(self._announce(kv), name=f"standby-{self.name}")
+
+    async def _forget_the_gone(self, kv: KeyValue) -> None:
+        """Remove the announcements nobody renewed for :data:`FORGET_STANDBY_AFTER` seconds (by
+        their clocks: a minute's skew between hosts is no harm here)."""
+        prefix = f"$KV.{BUCKET}."
+        gone = []
+        try:
+            async for message in stored(self.js, f"KV_{BUCKET}", f"{prefix}{self.name}.standby.>", from_leader=True):
+                ago = renewed_ago(_holder(message.data))  # (a removed one's: its purge marker, empty: None)
+                if ago is not None and ago > FORGET_STANDBY_AFTER:
+                    gone.append(message.subject.removeprefix(prefix))
+        except Exception as exc:  # (not worth not waiting for: the next standby to start looks again)
+            log.info("standby %s: the announcements were not read (%s)", self.name, exc)
+        for key in gone:
+            try:
+                await kv.purge(key)
+                log.info("standby %s: removed %s, not announced for %.0f s", self.name, key, FORGET_STANDBY_AFTER)
+            except Exception as exc:  # (NATS away: the next standby to start removes it)
+                log.info("standby %s: %s not removed (%s)", self.name, key, exc)
 
     async def _announce(self, kv: KeyValue) -> None:
         while not self._stopped:

@@ -264,6 +264,35 @@ def _wait_for_line(proc: subprocess.Popen[str], wanted: str, timeout: float = 60
 
 
 @pytest.mark.timeout(180)
+async def test_a_standby_that_starts_removes_the_announcements_of_standbys_that_were_killed(server: EmbeddedNats) -> None:
+    """A standby killed leaves its key (it could not remove it): the next standby to start removes
+    those nobody renewed for two minutes, and leaves the others — and the lease — alone."""
+    from datetime import datetime, timedelta, timezone
+
+    from bus.lease import Standby, standbys_of
+
+    nc = await nats.connect(server.url, **server.connect_options())
+    js = nc.jetstream()
+    name = unique("forgetting")
+    starting: Standby | None = None
+    try:
+        kv = await bucket(js)
+        then = (datetime.now(timezone.utc) - timedelta(minutes=3)).isoformat()
+        just_now = (datetime.now(timezone.utc) - timedelta(seconds=20)).isoformat()
+        await kv.put(f"{name}.standby.killed", orjson.dumps({"host": "h", "pid": 1, "token": "killed", "renewed_at": then}))
+        await kv.put(f"{name}.standby.quiet", orjson.dumps({"host": "h", "pid": 2, "token": "quiet", "renewed_at": just_now}))
+        await kv.put(name, orjson.dumps({"host": "h", "pid": 3, "token": "holder", "renewed_at": then}))  # the lease: not a standby's
+        starting = Standby(js, name, "/srv/next")
+        await starting.start()
+        keys = set(await kv.keys())
+        assert f"{name}.standby.killed" not in keys and {f"{name}.standby.quiet", name} <= keys
+        assert [standby["data_dir"] for standby in await standbys_of(js, name)] == ["/srv/next"]  # (quiet: too long ago to list)
+    finally:
+        if starting is not None:
+            await starting.stop()
+        await nc.close()
+
+
 async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None) -> None:
     """Two buses on one NATS and one PostgreSQL database, the second `up --standby`: it waits,
     alive but not ready over HTTP. The first is frozen (alive, silent: as a bus cut off from
