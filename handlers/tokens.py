@@ -66,7 +66,7 @@ _VALID = sa.and_(  # (at the time bound as ``now``)
     col(InstitutionToken.revoked_at).is_(None),
     sa.or_(col(InstitutionToken.expires_at).is_(None), col(InstitutionToken.expires_at) > sa.bindparam("now")),
 )
-_HOLDER = sa.select(InstitutionToken.institution).where(  # type: ignore[call-overload]
+_HOLDER = sa.select(InstitutionToken.institution, InstitutionToken.expires_at).where(  # type: ignore[call-overload]
     InstitutionToken.token_hash == sa.bindparam("token_hash"), _VALID,
 )
 _VALID_EXPIRIES = sa.select(InstitutionToken.institution, InstitutionToken.expires_at).where(_VALID)  # type: ignore[call-overload]
@@ -76,11 +76,19 @@ _ENDED = sa.select(InstitutionToken.revoked_at, InstitutionToken.expires_at).whe
 
 
 def institution_of(connection: sa.Connection, token: str) -> str | None:
-    """The institution a valid token speaks for; None for an unknown, revoked or expired token.
-    One indexed read on a plain connection: the HTTP gateway checks every request."""
+    """The institution a valid token speaks for; None for an unknown, revoked or expired token."""
+    held = holder_of(connection, token)
+    return held[0] if held is not None else None
+
+
+def holder_of(connection: sa.Connection, token: str) -> tuple[str, datetime | None] | None:
+    """The institution a valid token speaks for and when the token expires (None: valid until
+    revoked); None for an unknown, revoked or expired token. One indexed read on a plain
+    connection: the HTTP gateway checks every request."""
     if not token.startswith(PREFIX) or len(token) > 128:
         return None
-    return connection.execute(_HOLDER, {"token_hash": token_hash(token), "now": datetime.now(timezone.utc)}).scalar()
+    row = connection.execute(_HOLDER, {"token_hash": token_hash(token), "now": datetime.now(timezone.utc)}).first()
+    return (str(row[0]), row[1]) if row is not None else None
 
 
 def valid_expiries(connection: sa.Connection) -> list[tuple[str, datetime | None]]:

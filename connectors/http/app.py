@@ -35,6 +35,7 @@ def create_app(bus: "Bus", *, rate_limiter: RateLimiter | None = None) -> FastAP
     app.state.rate_limiter = rate_limiter or RateLimiter(bus.settings.http_rate_limit, bus.settings.http_rate_burst)
     app.state.metrics = operations.Metrics()
     app.state.long_polls = Counter()  # per institution, its long polls of /events waiting now
+    app.add_middleware(operations.TokenExpiry)
     app.add_middleware(operations.MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
     for router in (events.router, read.router, calendar.router, webhooks.router, operations.router):
@@ -64,7 +65,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         schemas.setdefault(name, schema)
     # Who may call: a Bearer token wherever a 401 can come back; the calendar also takes ?token=.
     document["components"]["securitySchemes"] = {
-        "bearer": {"type": "http", "scheme": "bearer", "description": "`collabbus institutions token ID`"},
+        "bearer": {"type": "http", "scheme": "bearer", "description": (
+            "`collabbus institutions token ID`; for a token that expires, every answer says when in "
+            "`collabbus-token-expires` (RFC 3339, UTC)")},
         "token": {"type": "apiKey", "in": "query", "name": "token"},
     }
     for path_name, path in document["paths"].items():

@@ -7,6 +7,7 @@ reasons as over NATS. Reading needs a token of a current member.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Query, Request
@@ -51,9 +52,9 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def _institution_of(engine: Any, token: str) -> str | None:
+def _holder_of(engine: Any, token: str) -> tuple[str, datetime | None] | None:
     with reading(engine).connect() as connection:  # one indexed read: no session or ORM rows needed
-        return tokens.institution_of(connection, token)
+        return tokens.holder_of(connection, token)
 
 
 async def _authenticate(request: Request, token: str | None) -> str:
@@ -61,11 +62,14 @@ async def _authenticate(request: Request, token: str | None) -> str:
         raise ApiProblem(401, "send Authorization: Bearer <token>; `collabbus institutions token ID` issues one", headers=_CHALLENGE)
     engine = engine_of(request)
     if engine.dialect.name == "sqlite":  # a primary-key read takes less than handing it to a thread
-        institution = _institution_of(engine, token)
+        held = _holder_of(engine, token)
     else:
-        institution = await run_in_threadpool(_institution_of, engine, token)
-    if institution is None:
+        held = await run_in_threadpool(_holder_of, engine, token)
+    if held is None:
         raise ApiProblem(401, await run_in_threadpool(_why_refused, engine, token), headers=_CHALLENGE)
+    institution, expires = held
+    if expires is not None:  # said on the answer (operations.TokenExpiry): a client can warn before it stops working
+        request.state.token_expires = expires
     return institution
 
 

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timezone
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -77,6 +78,35 @@ class MetricsMiddleware:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+
+TOKEN_EXPIRES = b"collabbus-token-expires"
+"""The header on every answer to a request whose token expires: when (RFC 3339, UTC), as GitHub's
+API says of its expiring tokens, so that a member's client can warn while there is time to ask
+for a new one."""
+
+
+class TokenExpiry:
+    """Adds :data:`TOKEN_EXPIRES` to the answer when the request's token expires (the auth
+    dependency notes it in the request's state). Plain ASGI, as :class:`MetricsMiddleware`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                expires = scope.get("state", {}).get("token_expires")
+                if expires is not None:
+                    stamp = (expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+                    message = {**message, "headers": [*message.get("headers", []), (TOKEN_EXPIRES, stamp.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 class Health(BaseModel):

@@ -160,6 +160,14 @@ async def test_a_token_that_expires_works_until_then_and_is_401_after(gateway: G
     said = me.json()["token"]  # the token a developer is using, and when it stops working
     assert said["sha256"] == tokens.token_hash(lasting)[:12] and said["label"] == "the intranet's sync"
     assert datetime.fromisoformat(said["expires_at"]) - datetime.fromisoformat(said["created_at"]) == timedelta(seconds=1)
+    # Every answer says when, the refusals too, so that a client can warn in time; a token valid until revoked, nothing.
+    expiry = datetime.fromisoformat(said["expires_at"]).replace(microsecond=0)
+    assert datetime.fromisoformat(me.headers["collabbus-token-expires"]) == expiry
+    missing = await gateway.client.get(f"/projects/{unique('none')}", headers={"Authorization": f"Bearer {lasting}"})
+    assert missing.status_code == 404 and datetime.fromisoformat(missing.headers["collabbus-token-expires"]) == expiry
+    assert me.headers["collabbus-token-expires"].endswith("Z")
+    lasting_ever = await gateway.client.get("/me", headers=gateway.auth(municipality))
+    assert lasting_ever.status_code == 200 and "collabbus-token-expires" not in lasting_ever.headers
     await asyncio.sleep(1.2)
     expired = problem(await gateway.client.get("/me", headers={"Authorization": f"Bearer {lasting}"}), 401, "unauthorized")
     assert expired["detail"].startswith("the token expired at ") and "collabbus institutions token" in expired["detail"]
@@ -1207,9 +1215,9 @@ async def test_filters_take_only_values_that_can_match(gateway: Gateway, municip
         response = await gateway.client.get(path, params=params, headers=auth)
         assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json", (path, response.text)
         assert next(iter(params)) in response.json()["detail"]
-    wrong_case = await gateway.client.get("/events", params={"type": "Project"}, headers=auth)
-    assert problem(wrong_case, 422, "invalid_request")["errors"] == [{
-        "loc": ["query", "type"], "type": "string_pattern_mismatch",
+    wrong_case = await gateway.client.get("/events", params={"type": ["project", "Project"]}, headers=auth)
+    assert problem(wrong_case, 422, "invalid_request")["errors"] == [{  # (the second type given)
+        "loc": ["query", "type", 1], "type": "string_pattern_mismatch",
         "msg": "Input should be an event type or a domain in lower case, e.g. project.registered or project",
     }]
     practice = project(municipality)
