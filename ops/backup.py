@@ -7,8 +7,10 @@ A backup directory holds:
   SNAPSHOT``), kept as the server sends it, in the layout ``nats stream backup`` writes (so ``nats
   stream restore`` reads it too);
 - ``collabbus.db``: a SQLite read-model database, copied with SQLite's online backup (consistent
-  while the bus writes). It holds what the log does not: webhook endpoints, HTTP tokens, the
-  portal connector's cursor and publications. A PostgreSQL database is the operator's to dump;
+  while the bus writes); or ``collabbus.pgdump``: a PostgreSQL one, dumped by ``pg_dump`` (its
+  custom format, one consistent snapshot while the bus writes; restored by ``pg_restore`` in one
+  transaction into an empty database). It holds what the log does not: webhook endpoints, HTTP
+  tokens, the portal connector's cursor and publications;
 - ``nats-auth/``: the embedded server's keys and the credentials it issued, so that members'
   credentials stay valid after a restore (secrets: the directory is the owner's only);
 - ``collabbus-backup.json``: what is there, when, and from which bus, with every file's size and
@@ -30,6 +32,7 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ MANIFEST = "collabbus-backup.json"
 LAST_BACKUP = "last-backup.json"
 """In the data dir: when its network was last backed up, and where to (``collabbus status``, ``/metrics``)."""
 DATABASE = "collabbus.db"
+PG_DUMP = "collabbus.pgdump"
 AUTH = "nats-auth"
 CHUNK_SIZE = 128 * 1024
 """Bytes per message of a snapshot."""
@@ -105,6 +109,52 @@ def sqlite_file(db_url: str) -> Path | None:
     if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
         return None
     return Path(url.database)
+
+
+def postgres_url(db_url: str) -> Any:
+    """The SQLAlchemy URL of a PostgreSQL database URL (None: another database)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url)
+    return url if url.drivername.split("+", 1)[0] == "postgresql" else None
+
+
+def pg_tool(name: str) -> str:
+    """Where PostgreSQL's ``name`` (``pg_dump``, ``pg_restore``) is: on the PATH, else in the
+    newest ``/usr/lib/postgresql/*/bin`` (Debian's layout)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    installed = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda path: path.parts[-3].zfill(4))
+    if installed:
+        return str(installed[-1])
+    raise BackupError(f"{name} is not installed (PostgreSQL's client programs, e.g. the postgresql-client package): "
+                      "it is what backs up and restores read models in PostgreSQL")
+
+
+def _pg_run(tool: str, url: Any, arguments: list[str]) -> None:
+    """Run ``pg_dump``/``pg_restore`` on the database ``url`` (its password in the environment,
+    not on the command line, where other users' ``ps`` would show it)."""
+    env = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
+    if url.password is not None:
+        env["PGPASSWORD"] = str(url.password)
+    target = url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    done = subprocess.run([pg_tool(tool), *arguments, "--dbname", target], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        said = [line for line in done.stderr.splitlines() if line.strip()]
+        raise BackupError(f"{tool} failed (exit {done.returncode}): {said[-1] if said else 'no message'}")
+
+
+def dump_postgres(db_url: str, target: Path) -> int:
+    """``pg_dump`` of the database into ``target`` (custom format); its size."""
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        _pg_run("pg_dump", postgres_url(db_url), ["--format=custom", "--no-owner", "--no-privileges", "--file", str(partial)])
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target.stat().st_size
 
 
 def copy_sqlite(source: Path, target: Path) -> int:
@@ -187,7 +237,7 @@ async def restore(nc: Any, directory: Path, progress: Progress | None = None) ->
 
 
 async def restore_all(nc: Any, source: Path, manifest: dict[str, Any], db_url: str,
-                      progress: Progress | None = None) -> tuple[dict[str, dict[str, Any]], Path | None]:
+                      progress: Progress | None = None) -> tuple[dict[str, dict[str, Any]], Path | str | None]:
     """Restore every stream of the backup, then its SQLite database; the streams' states and where
     the database went. The server must not have the streams yet: on failure, those begun are
     removed again (a :class:`BackupError` says whether that worked)."""
@@ -269,6 +319,13 @@ async def _back_up(nc: Any, target: Path, present: list[str], *, network: str, d
         manifest.database = {"kind": "sqlite", "file": DATABASE, "bytes": size}
         if progress is not None:
             progress(DATABASE, size)
+    elif postgres_url(db_url) is not None:
+        if progress is not None:
+            progress(PG_DUMP, 0)
+        size = await asyncio.to_thread(dump_postgres, db_url, target / PG_DUMP)
+        manifest.database = {"kind": "postgresql", "file": PG_DUMP, "bytes": size}
+        if progress is not None:
+            progress(PG_DUMP, size)
     elif database is None:
         manifest.database = {"kind": db_url.split(":", 1)[0].split("+", 1)[0], "file": None}
     for stream in (s for s in STREAMS if s in present):
@@ -380,8 +437,12 @@ def place_auth(source: Path, auth_dir: Path) -> bool:
 
 
 def check_database_target(source: Path, db_url: str) -> Path | None:
-    """Where the backup's SQLite database goes (None when the backup has none); refuses a
-    database URL that is not a SQLite file, and a file that exists."""
+    """Where the backup's SQLite database goes (None when the backup has none, or a PostgreSQL
+    dump); refuses a database URL that is not of the backup's kind, a SQLite file that exists, and
+    a PostgreSQL database that holds tables."""
+    if (source / PG_DUMP).is_file():
+        _check_empty_postgres(db_url)
+        return None
     if not (source / DATABASE).is_file():
         return None
     target = sqlite_file(db_url)
@@ -392,8 +453,37 @@ def check_database_target(source: Path, db_url: str) -> Path | None:
     return target
 
 
-def place_database(source: Path, db_url: str) -> Path | None:
-    """Put the backup's SQLite database where ``db_url`` says (None when the backup has none)."""
+def _check_empty_postgres(db_url: str) -> None:
+    import sqlalchemy as sa
+
+    url = postgres_url(db_url)
+    if url is None:
+        raise BackupError(f"the backup's read models are a PostgreSQL dump, and the database here is not PostgreSQL "
+                          f"({db_url.split(':', 1)[0]}): set COLLABBUS_DATABASE_URL to an empty PostgreSQL database")
+    pg_tool("pg_restore")  # (said before anything is written)
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            tables = sa.inspect(connection).get_table_names()
+    except sa.exc.OperationalError as exc:
+        raise BackupError(f"the database {url.render_as_string(hide_password=True)} cannot be reached: "
+                          f"{str(exc.orig).strip().splitlines()[0] if exc.orig else exc}") from None
+    finally:
+        engine.dispose()
+    if tables:
+        raise BackupError(f"the database {url.render_as_string(hide_password=True)} holds tables already "
+                          f"({len(tables)}): restore into an empty database (createdb)")
+
+
+def place_database(source: Path, db_url: str) -> Path | str | None:
+    """Put the backup's database where ``db_url`` says: its SQLite file (its path), or its
+    PostgreSQL dump restored in one transaction (the URL, without its password); None when the
+    backup has none."""
+    if (source / PG_DUMP).is_file():
+        check_database_target(source, db_url)
+        url = postgres_url(db_url)
+        _pg_run("pg_restore", url, ["--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction", str(source / PG_DUMP)])
+        return str(url.render_as_string(hide_password=True))
     target = check_database_target(source, db_url)
     if target is None:
         return None

@@ -995,7 +995,7 @@ def backup(
         out.print(f"read models: {database['file']}, {database['bytes']:,} bytes")
     else:
         out.print(f"[yellow]read models:[/yellow] not copied: they are in {database.get('kind')}; back that database up "
-                  "with its own tools (pg_dump), before this backup (the log must hold all it applied)")
+                  "with its own tools, before this backup (the log must hold all it applied)")
     if manifest.auth:
         out.print("the embedded server's keys: copied (members' credentials stay valid after a restore)")
     out.print(f"backed up into {target} — it holds secrets; `collabbus restore {target}` puts it into a new data dir")
@@ -1034,7 +1034,7 @@ def restore(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
 
-    async def main() -> tuple[dict[str, Any], Path | None]:
+    async def main() -> tuple[dict[str, Any], Path | str | None]:
         async with _nats(settings, "collabbus-restore") as nc:
             there = await copies.existing_streams(nc)
             if there:

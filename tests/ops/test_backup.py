@@ -159,14 +159,24 @@ def test_restore_says_what_is_wrong_with_what_it_was_given(tmp_path: Path) -> No
 async def test_a_bus_on_postgresql_and_its_own_nats_is_backed_up_to_another_nats(
     tmp_path: Path, pg_server_url: str | None
 ) -> None:
-    """The log goes to a NATS without the network's streams; the read models in PostgreSQL are
-    the operator's to dump, and both commands say so. The log is a few megabytes, so the snapshot
-    comes in many chunks under the server's flow control and the restore sends many."""
+    """The log goes to a NATS without the network's streams, the read models in PostgreSQL (by
+    ``pg_dump``) into an empty database; a database that holds tables is refused before anything
+    is written. The log is a few megabytes, so the snapshot comes in many chunks under the
+    server's flow control and the restore sends many."""
+    import sqlalchemy as sa
+
     from bus.server import EmbeddedNats
+    from handlers.db import make_engine, table_checksums
     from tests.conftest import fresh_database
 
     databases = fresh_database("postgresql", tmp_path, pg_server_url)
     database_url = next(databases)
+    assert pg_server_url is not None
+    empty_name = unique("restored").replace("-", "_")
+    admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f"CREATE DATABASE {empty_name}"))
+    empty_url = database_url.rsplit("/", 1)[0] + f"/{empty_name}"
     first, second = (EmbeddedNats(tmp_path / name, port=0, sync_always=False) for name in ("nats-a", "nats-b"))
     await first.astart()
     await second.astart()
@@ -187,10 +197,12 @@ async def test_a_bus_on_postgresql_and_its_own_nats_is_backed_up_to_another_nats
         finally:
             await nc.close()
         before = log_state(env)  # (the command starts nothing: the NATS is the bus's own)
-        made = cli("backup", str(tmp_path / "backup"), env=env)
+        made = cli("backup", str(tmp_path / "backup"), "--json", env=env)
         assert made.returncode == 0, made.stderr + made.stdout
         assert (tmp_path / "backup" / "streams" / EVENTS_STREAM / "stream.tar.s2").stat().st_size > 2_500_000
-        assert "not copied: they are in postgresql" in " ".join(made.stdout.split()) and "pg_dump" in made.stdout
+        dumped = json.loads(made.stdout)["database"]
+        assert dumped["kind"] == "postgresql" and dumped["file"] == "collabbus.pgdump"
+        assert dumped["bytes"] == (tmp_path / "backup" / "collabbus.pgdump").stat().st_size > 0
         assert not (tmp_path / "backup" / "collabbus.db").exists() and not (tmp_path / "backup" / "nats-auth").exists()
 
         # A backup interrupted in the middle of the log's snapshot leaves nothing behind.
@@ -213,16 +225,30 @@ async def test_a_bus_on_postgresql_and_its_own_nats_is_backed_up_to_another_nats
 
         target = {**env, "COLLABBUS_DATA_DIR": str(tmp_path / "new"), "COLLABBUS_NATS_URL": second.url,
                   "COLLABBUS_NATS_CREDS": str(second.bus_creds)}
+        onto_tables = cli("restore", str(tmp_path / "backup"), env=target)  # (the bus's own database: it has tables)
+        assert onto_tables.returncode == 1 and "holds tables already" in " ".join(onto_tables.stderr.split())
+        target["COLLABBUS_DATABASE_URL"] = empty_url  # (the streams were not restored either: this one finds none)
         restored = cli("restore", str(tmp_path / "backup"), "--json", env=target)
         assert restored.returncode == 0, restored.stderr + restored.stdout
         report = json.loads(restored.stdout)
-        assert report["database"] is None and report["auth"] is False and report["verified"] is True
+        assert report["database"].endswith(f"/{empty_name}") and report["auth"] is False and report["verified"] is True
         assert {name: state["messages"] for name, state in report["streams"].items()} == before
         assert log_state(target) == before  # read back from the other server
+        engines = [make_engine(url) for url in (database_url, empty_url)]
+        try:  # the read models, tokens and webhooks as they were
+            assert table_checksums(engines[1]) == table_checksums(engines[0])
+            with engines[1].connect() as connection:
+                assert connection.execute(sa.text("SELECT count(*) FROM institutions WHERE id = :id"), {"id": member}).scalar() == 1
+        finally:
+            for engine in engines:
+                engine.dispose()
         onto_a_network = cli("restore", str(tmp_path / "backup"), env=target)
-        assert onto_a_network.returncode == 1 and "has the network's streams already" in onto_a_network.stderr
+        assert onto_a_network.returncode == 1 and "holds tables already" in " ".join(onto_a_network.stderr.split())
     finally:
         await first.astop()
         await second.astop()
         for _ in databases:
             pass
+        with admin.connect() as connection:
+            connection.execute(sa.text(f"DROP DATABASE IF EXISTS {empty_name} WITH (FORCE)"))
+        admin.dispose()
