@@ -153,6 +153,15 @@ def test_restore_says_what_is_wrong_with_what_it_was_given(tmp_path: Path) -> No
     nowhere = cli("backup", str(tmp_path / "b"), env=env)
     assert nowhere.returncode == 1 and "no embedded nats-server store" in nowhere.stderr
     assert not (tmp_path / "b").exists()
+    from ops.backup import FORMAT, MANIFEST, PG_DUMP
+
+    dumped = tmp_path / "dumped"  # read models of PostgreSQL, and this data dir's are SQLite
+    dumped.mkdir()
+    (dumped / MANIFEST).write_text(json.dumps({"format": FORMAT, "created_at": "2026-12-05T08:00:00+00:00", "streams": []}))
+    (dumped / PG_DUMP).write_bytes(b"PGDMP")
+    elsewhere = cli("restore", str(dumped), env=env)
+    assert elsewhere.returncode == 1 and "the database here is not PostgreSQL (sqlite)" in " ".join(elsewhere.stderr.split())
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").rglob("*.db"))
 
 
 @pytest.mark.timeout(300)
