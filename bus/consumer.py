@@ -46,6 +46,8 @@ WAIT_RETRY = 0.2
 PULL_EXPIRES = 5.0
 """Seconds a consumer's open pull request lasts before it is asked for again."""
 PULL_HEARTBEAT = 1.0
+TAKE_WARNING = 5.0
+"""Seconds a consumer waits to take its position over before it says what it waits for."""
 OVERTAKEN_PAUSE = 2.0
 """Seconds a consumer whose batch another process applied waits before it continues from the
 database's position: a bus that lost its lease learns it meanwhile (it renews every second)."""
@@ -235,7 +237,7 @@ class Consumer:
         await claim_consumer(self.js, self.stream, self.settings.name,
                              patience=self.settings.claim_patience or PULL_EXPIRES + 2 * PULL_HEARTBEAT + 1.0)
         await ensure_consumer(self.js, self.settings, self.stream)
-        await call_database(self.inline, self.applier.take_position)
+        await self._take_position()
         await self._continue_from_database()
         info = await self.js.consumer_info(self.stream, self.settings.name)
         self._behind, self._log_time = (info.num_pending or 0) + (info.num_ack_pending or 0), None
@@ -334,13 +336,25 @@ class Consumer:
                 await asyncio.sleep(0.2)
                 continue
             try:
-                await call_database(self.inline, self.applier.take_position)
+                await self._take_position()
                 await self._continue_from_database()
                 await self._open_puller()
                 return
             except Exception as exc:
                 log.error("consumer %s: cannot continue yet: %r", self.settings.name, exc)
                 await asyncio.sleep(1.0)
+
+    async def _take_position(self) -> None:
+        """Take the position over (``Applier.take_position``), saying so when that waits: a
+        transaction of another process holds it — a bus stalled or frozen in the middle of a
+        batch, whose batch is committed or undone once it goes on or its connection ends."""
+        taking = asyncio.ensure_future(call_database(self.inline, self.applier.take_position))
+        done, _ = await asyncio.wait({taking}, timeout=TAKE_WARNING)
+        if not done:
+            log.warning("consumer %s: waiting to take the read models' position over: a transaction of another process "
+                        "holds it (a bus stalled in the middle of a batch?); this one goes on once that one ends",
+                        self.settings.name)
+        await taking
 
     async def _overtaken(self, taken: PositionTaken, msgs: list[Msg]) -> None:
         """Another process took over applying the log, or applied it past where the batch in hand

@@ -522,6 +522,53 @@ async def test_a_batch_another_bus_applied_while_this_one_held_it_is_not_applied
         assert epoch == taken + 1
 
 
+async def test_a_consumer_says_when_another_process_holds_its_position_and_goes_on_once_released(
+    tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Taking the position over waits for a transaction of another process that holds it (on
+    PostgreSQL: a bus frozen in the middle of a batch); the consumer says so, and starts once
+    that transaction ends — with the position's next epoch."""
+    from nats.js.api import StreamConfig
+
+    import bus.consumer
+    from handlers.db import make_engine
+    from handlers.service import NetworkService
+    from tests.conftest import fresh_database
+
+    monkeypatch.setattr(bus.consumer, "TAKE_WARNING", 0.3)
+    caplog.set_level(logging.WARNING, logger="collabbus.consumer")
+    databases = fresh_database("postgresql", tmp_path, pg_server_url)
+    url = next(databases)
+    engines = [make_engine(url) for _ in range(2)]
+    service = NetworkService(engines[0], Network(Routes()))
+    nc = await nats.connect(server.url, **server.connect_options())
+    consumer: Consumer | None = None
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="TAKING", subjects=["taking.>"]))
+        frozen = engines[1].connect()  # another bus's transaction, holding the position
+        held = frozen.begin()
+        frozen.execute(sa.text("INSERT INTO consumer_positions (consumer, seq, epoch) VALUES ('network', 0, 4)"))
+        consumer = Consumer(js, ConsumerSettings("taking", filter_subject="taking.>"), service, stream="TAKING")
+        starting = asyncio.create_task(consumer.start())
+        await wait_for(lambda: any("waiting to take the read models' position over" in r.getMessage() for r in caplog.records))
+        assert not starting.done()
+        held.commit()
+        frozen.close()
+        await asyncio.wait_for(starting, 20)
+        assert service.network.epoch == 5  # the next one after the other process's
+    finally:
+        if consumer is not None:
+            await consumer.stop()
+        await nc.close()
+        service.close()
+        for engine in engines:
+            engine.dispose()
+        for _ in databases:
+            pass
+
+
 async def test_timers_wait_for_what_was_logged_before_their_deadline(tmp_path: Path, server: EmbeddedNats) -> None:
     """While the network consumer is behind the log, the timers' "now" is the log time of the
     last event it handled, not the wall clock: a deadline passing meanwhile is acted on only once
