@@ -312,20 +312,19 @@ async def _back_up(nc: Any, target: Path, present: list[str], *, network: str, d
                    progress: Progress | None, check: bool) -> Manifest:
     manifest = Manifest(created_at=datetime.now(UTC).isoformat(timespec="seconds"), network=network)
     database = sqlite_file(db_url)
+    copying: tuple[str, str, Callable[[], int]] | None = None  # (kind, file, how)
     if database is not None and database.exists():
-        if progress is not None:
-            progress(DATABASE, 0)
-        size = await asyncio.to_thread(copy_sqlite, database, target / DATABASE)
-        manifest.database = {"kind": "sqlite", "file": DATABASE, "bytes": size}
-        if progress is not None:
-            progress(DATABASE, size)
+        copying = ("sqlite", DATABASE, lambda: copy_sqlite(database, target / DATABASE))
     elif postgres_url(db_url) is not None:
+        copying = ("postgresql", PG_DUMP, lambda: dump_postgres(db_url, target / PG_DUMP))
+    if copying is not None:
+        kind, name, copy = copying
         if progress is not None:
-            progress(PG_DUMP, 0)
-        size = await asyncio.to_thread(dump_postgres, db_url, target / PG_DUMP)
-        manifest.database = {"kind": "postgresql", "file": PG_DUMP, "bytes": size}
+            progress(name, 0)
+        size = await asyncio.to_thread(copy)
+        manifest.database = {"kind": kind, "file": name, "bytes": size}
         if progress is not None:
-            progress(PG_DUMP, size)
+            progress(name, size)
     elif database is None:
         manifest.database = {"kind": db_url.split(":", 1)[0].split("+", 1)[0], "file": None}
     for stream in (s for s in STREAMS if s in present):
