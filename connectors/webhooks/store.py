@@ -197,9 +197,9 @@ def insert_ignore(session: Session, table: type[SQLModel], rows: list[dict[str, 
         # One cached statement, executed for every row at once (a multi-row VALUES would be
         # compiled anew for each number of rows).
         statement = module.insert(table.__table__).on_conflict_do_nothing(index_elements=keys)  # type: ignore[attr-defined]
-        if len(rows) == 1:
-            return max(0, session.execute(statement, rows[0]).rowcount)  # type: ignore[attr-defined]
-        count = session.execute(statement, rows).rowcount  # type: ignore[attr-defined]
+        # A count the driver does not know (-1: psycopg's for a single row) is taken as all of them:
+        # what is owed wakes the dispatcher, and waking it for nothing costs a look.
+        count = session.execute(statement, rows[0] if len(rows) == 1 else rows).rowcount  # type: ignore[attr-defined]
         return int(count) if count is not None and count >= 0 else len(rows)
     inserted = 0
     for row in rows:  # other databases: portable, slower

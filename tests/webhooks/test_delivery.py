@@ -756,7 +756,7 @@ def test_what_another_process_recorded_meanwhile_is_not_recorded_again(database_
     the position moved past the batch's start and records nothing (``PositionTaken``), so no
     delivery is owed twice; from the position on it records."""
     from connectors.webhooks.dispatcher import DeliveryRecorder, RetrySchedule
-    from connectors.webhooks.store import position
+    from connectors.webhooks.store import create_endpoint, position
     from handlers.positions import PositionTaken
     from handlers.db import make_engine
     from handlers.service import LoggedItem
@@ -765,18 +765,27 @@ def test_what_another_process_recorded_meanwhile_is_not_recorded_again(database_
     engines = [make_engine(database_url) for _ in range(2)]
     stalled, taker = (DeliveryRecorder(engine, "webhooks", RetrySchedule((1.0,))) for engine in engines)
     now = datetime.now(timezone.utc)
-    items = [LoggedItem(seq, envelope("project.registered", town, project(town)), now) for seq, town in enumerate(["town"] * 3, 1)]
+    with session_scope(engines[0]) as session:  # an endpoint that wants every one of them
+        create_endpoint(session, "town", "https://town.example/hook", ["project.registered"], "", after_seq=0, now=now)
+    items = [LoggedItem(seq, envelope("project.registered", "town", project("town")), now) for seq in (1, 2, 3)]
+
+    def owed() -> list[int]:
+        with engines[0].connect() as connection:
+            return list(connection.execute(sa.text("SELECT seq FROM webhook_deliveries ORDER BY seq")).scalars())
+
     try:
-        assert taker.apply_batch(items[:2])[:2] == (2, None)
+        assert taker.apply_batch(items[:2]) == (2, None, 2)  # (two owed: what wakes the dispatcher, on PostgreSQL too)
         with pytest.raises(PositionTaken, match="up to #2 .* a batch from #1"):
             stalled.apply_batch(items)
         with pytest.raises(PositionTaken):
             stalled.skip(2)
         with Session(engines[0]) as session:
             assert position(session, "webhooks") == 2
-        assert stalled.apply_batch(items[2:])[:2] == (1, None)
+        assert owed() == [1, 2]  # nothing of the refused batch
+        assert stalled.apply_batch(items[2:]) == (1, None, 1)
         with Session(engines[0]) as session:
             assert position(session, "webhooks") == 3
+        assert owed() == [1, 2, 3]  # each owed once
     finally:
         for engine in engines:
             engine.dispose()
