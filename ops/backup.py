@@ -238,8 +238,8 @@ async def restore(nc: Any, directory: Path, progress: Progress | None = None) ->
 
 async def restore_all(nc: Any, source: Path, manifest: dict[str, Any], db_url: str,
                       progress: Progress | None = None) -> tuple[dict[str, dict[str, Any]], Path | str | None]:
-    """Restore every stream of the backup, then its SQLite database; the streams' states and where
-    the database went. The server must not have the streams yet: on failure, those begun are
+    """Restore every stream of the backup, then its database (SQLite's file, or PostgreSQL's dump);
+    the streams' states and where the database went. The server must not have the streams yet: on failure, those begun are
     removed again (a :class:`BackupError` says whether that worked)."""
     states: dict[str, dict[str, Any]] = {}
     begun: list[str] = []
