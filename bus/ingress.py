@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 
 from nats.aio.client import Client
@@ -43,6 +44,12 @@ def reply_allowed(reply: str, institution: str) -> bool:
         return False
     return all(token and token not in ("*", ">") for token in reply.split("."))
 
+
+
+def retry_after(wait: float) -> float:
+    """A rate-limited verdict's ``retry_after``: ``wait`` rounded up to the millisecond (never 0:
+    a client that waits so long finds its offer's token there)."""
+    return max(math.ceil(wait * 1000), 1) / 1000
 
 class Ingress:
     """The gate's subscription to every institution's ingress subjects (queue group ``collabbus-gate``).
@@ -91,9 +98,10 @@ class Ingress:
     async def _throttle(self, msg: Msg, institution: str, wait: float) -> None:
         """Refuse an offer over the institution's rate, unread: the cheapest answer there is."""
         assert self.limiter is not None
+        after = retry_after(wait)
         verdict = Verdict("rejected", None, reason="unavailable", errors=(Problem((), (
             f"{institution!r} is over its rate limit over NATS ({self.limiter.rate:g} offers/s, burst "
-            f"{self.limiter.burst}); retry in {wait:.2f} s with the same id"), "rate_limited"),), retry_after=round(wait, 3))
+            f"{self.limiter.burst}); retry in {after:.3f} s with the same id"), "rate_limited"),), retry_after=after)
         member = institution if self.gate.membership.known(institution) else metrics.OTHER_INSTITUTION
         metrics.count_offer(member, None, split_ingress_subject(msg.subject)[1], verdict)
         if self._first_in_a_minute(("rate", member)):  # a line a minute, not one per offer

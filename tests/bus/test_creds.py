@@ -489,6 +489,15 @@ async def test_the_cli_signs_with_the_account_seed_of_an_external_server(
     assert code == 1 and stdout == "" and "not an account nkey seed" in stderr
 
 
+def test_a_rate_limited_verdict_says_to_wait_at_least_until_the_token_is_there() -> None:
+    """``retry_after`` rounds the wait up to the millisecond: a wait of a few microseconds (a
+    bucket all but refilled) is 0.001, never 0 — a client must not be told to retry at once."""
+    from bus.ingress import retry_after
+
+    assert retry_after(2.5e-6) == 0.001 and retry_after(0.05) == 0.05 and retry_after(0.0501) == 0.051
+    assert retry_after(0.0) == 0.001
+
+
 async def test_a_member_over_its_rate_is_refused_unread_and_the_others_are_served(server: EmbeddedNats, tmp_path: Path) -> None:
     """A member flooding NATS ingress had the gatekeeper judge every message, until the server cut
     the gatekeeper's connection as a slow consumer — and nobody's offers were answered."""
