@@ -45,11 +45,11 @@ def reply_allowed(reply: str, institution: str) -> bool:
     return all(token and token not in ("*", ">") for token in reply.split("."))
 
 
-
 def retry_after(wait: float) -> float:
     """A rate-limited verdict's ``retry_after``: ``wait`` rounded up to the millisecond (never 0:
     a client that waits so long finds its offer's token there)."""
     return max(math.ceil(wait * 1000), 1) / 1000
+
 
 class Ingress:
     """The gate's subscription to every institution's ingress subjects (queue group ``collabbus-gate``).
