@@ -160,17 +160,26 @@ async def test_a_token_that_expires_works_until_then_and_is_401_after(gateway: G
     said = me.json()["token"]  # the token a developer is using, and when it stops working
     assert said["sha256"] == tokens.token_hash(lasting)[:12] and said["label"] == "the intranet's sync"
     assert datetime.fromisoformat(said["expires_at"]) - datetime.fromisoformat(said["created_at"]) == timedelta(seconds=1)
-    # Every answer says when, the refusals too, so that a client can warn in time; a token valid until revoked, nothing.
-    expiry = datetime.fromisoformat(said["expires_at"]).replace(microsecond=0)
-    assert datetime.fromisoformat(me.headers["collabbus-token-expires"]) == expiry
-    missing = await gateway.client.get(f"/projects/{unique('none')}", headers={"Authorization": f"Bearer {lasting}"})
-    assert missing.status_code == 404 and datetime.fromisoformat(missing.headers["collabbus-token-expires"]) == expiry
-    assert me.headers["collabbus-token-expires"].endswith("Z")
-    lasting_ever = await gateway.client.get("/me", headers=gateway.auth(municipality))
-    assert lasting_ever.status_code == 200 and "collabbus-token-expires" not in lasting_ever.headers
+    assert datetime.fromisoformat(me.headers["collabbus-token-expires"]) == datetime.fromisoformat(said["expires_at"]).replace(microsecond=0)
     await asyncio.sleep(1.2)
     expired = problem(await gateway.client.get("/me", headers={"Authorization": f"Bearer {lasting}"}), 401, "unauthorized")
     assert expired["detail"].startswith("the token expired at ") and "collabbus institutions token" in expired["detail"]
+
+
+async def test_every_answer_to_a_request_whose_token_expires_says_when(gateway: Gateway, municipality: str) -> None:
+    """So that a client can warn in time: the answers say when (to the second, UTC), the refusals
+    too; a token valid until revoked, nothing."""
+    with session_scope(gateway.bus.engine) as session:
+        expiring = tokens.issue(session, municipality, valid_for=timedelta(hours=1))
+    auth = {"Authorization": f"Bearer {expiring}"}
+    me = await gateway.client.get("/me", headers=auth)
+    assert me.status_code == 200 and me.headers["collabbus-token-expires"].endswith("Z")
+    expiry = datetime.fromisoformat(me.json()["token"]["expires_at"]).replace(microsecond=0)
+    assert datetime.fromisoformat(me.headers["collabbus-token-expires"]) == expiry
+    missing = await gateway.client.get(f"/projects/{unique('none')}", headers=auth)
+    assert missing.status_code == 404 and datetime.fromisoformat(missing.headers["collabbus-token-expires"]) == expiry
+    lasting = await gateway.client.get("/me", headers=gateway.auth(municipality))
+    assert lasting.status_code == 200 and "collabbus-token-expires" not in lasting.headers
 
 
 async def test_publishing_as_another_institution_or_a_type_your_kind_may_not_emit_is_403(gateway: Gateway, municipality: str) -> None:
