@@ -205,15 +205,11 @@ class Standby:
     async def _forget_the_gone(self, kv: KeyValue) -> None:
         """Remove the announcements nobody renewed for :data:`FORGET_STANDBY_AFTER` seconds (by
         their clocks: a minute's skew between hosts is no harm here)."""
-        prefix = f"$KV.{BUCKET}."
-        gone = []
         try:
-            async for message in stored(self.js, f"KV_{BUCKET}", f"{prefix}{self.name}.standby.>", from_leader=True):
-                ago = renewed_ago(_holder(message.data))  # (a removed one's: its purge marker, empty: None)
-                if ago is not None and ago > FORGET_STANDBY_AFTER:
-                    gone.append(message.subject.removeprefix(prefix))
+            gone = [key for key, ago, _ in await _announcements(self.js, self.name) if ago > FORGET_STANDBY_AFTER]
         except Exception as exc:  # (not worth not waiting for: the next standby to start looks again)
             log.info("standby %s: the announcements were not read (%s)", self.name, exc)
+            return
         for key in gone:
             try:
                 await kv.purge(key)
@@ -245,16 +241,25 @@ class Standby:
             log.info("standby %s: its key was not removed (%s)", self.name, exc)
 
 
+async def _announcements(js: JetStreamContext, name: str) -> list[tuple[str, float, dict[str, Any]]]:
+    """``(key, seconds since renewed, value)`` of each standby announced for the lease ``name``:
+    each key's last value, read without a consumer (a removed one's is its purge marker, empty:
+    left out)."""
+    prefix = f"$KV.{BUCKET}."
+    found = []
+    async for message in stored(js, f"KV_{BUCKET}", f"{prefix}{name}.standby.>", from_leader=True):
+        standby = _holder(message.data)
+        ago = renewed_ago(standby)
+        if ago is not None:
+            found.append((message.subject.removeprefix(prefix), ago, standby))
+    return found
+
+
 async def standbys_of(js: JetStreamContext, name: str) -> list[dict[str, Any]]:
     """The standbys waiting for the lease ``name`` that announced themselves within the last
     ``3 × STALE_AFTER`` seconds (by their clocks), the longest waiting first."""
-    found = []
-    try:  # each standby's last value (a stopped one's: its purge marker, empty), no consumer made for it
-        async for message in stored(js, f"KV_{BUCKET}", f"$KV.{BUCKET}.{name}.standby.>", from_leader=True):
-            standby = _holder(message.data)
-            ago = renewed_ago(standby)
-            if ago is not None and ago <= 3 * STALE_AFTER:
-                found.append(public_view(standby))
+    try:
+        found = [public_view(standby) for _, ago, standby in await _announcements(js, name) if ago <= 3 * STALE_AFTER]
     except NotFoundError:  # no bucket yet
         return []
     return sorted(found, key=lambda standby: str(standby.get("since")))

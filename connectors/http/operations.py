@@ -6,7 +6,6 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timezone
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -100,10 +99,10 @@ class TokenExpiry:
 
         async def sending(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                expires = scope.get("state", {}).get("token_expires")
+                expires = scope.get("state", {}).get("token_expires")  # (UTC: the tokens' column gives it so)
                 if expires is not None:
-                    stamp = (expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-                    message = {**message, "headers": [*message.get("headers", []), (TOKEN_EXPIRES, stamp.encode())]}
+                    stamp = expires.isoformat(timespec="seconds").replace("+00:00", "Z").encode()
+                    message = {**message, "headers": [*message.get("headers", []), (TOKEN_EXPIRES, stamp)]}
             await send(message)
 
         await self.app(scope, receive, sending)
