@@ -7,6 +7,7 @@ and the tests start it and read its parts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 from faststream.nats import NatsBroker
 from nats.aio.client import Client
+from nats.errors import ConnectionClosedError
 from nats.js import JetStreamContext
 
 from bus.connection import connect_options, embedded_bus_creds, embedded_server
@@ -405,7 +407,11 @@ class Bus:
         if hasattr(self, "membership"):
             await self.membership.stop()
         if hasattr(self, "broker"):
-            await self.broker.stop()
+            connection = self.broker._connection  # (None when it never connected)
+            if connection is not None and (connection.is_reconnecting or connection.is_connecting):
+                await connection.close()  # NATS is away (an embedded server gone first, a cut): nothing can be drained
+            with contextlib.suppress(ConnectionClosedError):  # (closed: nothing to drain either)
+                await self.broker.stop()
         if self._watching is not None:
             self._watching.cancel()
             await asyncio.gather(self._watching, return_exceptions=True)

@@ -435,8 +435,10 @@ def up(
             for outcome in started:
                 if isinstance(outcome, BaseException):
                     raise outcome
-        except (OSError, RuntimeError) as exc:
-            await bus.stop()
+        except BaseException as exc:  # (the database's errors are told by `run`, once the bus has stopped)
+            await bus.stop()  # the gatekeepers, the lease: a standby that took over lets it go
+            if not isinstance(exc, (OSError, RuntimeError)):
+                raise
             hint = " (set COLLABBUS_HTTP to another address)" if isinstance(exc, OSError) else ""
             err.print(f"[red]error:[/red] {getattr(exc, 'strerror', None) or exc}{hint}")
             raise typer.Exit(1) from None
@@ -478,9 +480,11 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
     """``up --standby``: hold the lease by which one bus applies the log, waiting for as long as
     another holds it; False when stopped first."""
     from bus.connection import connection_state
-    from bus.lease import Standby, describe
+    from bus.lease import describe
+    from connectors.http.operations import database_check
     from connectors.http.server import HttpGateway
     from connectors.http.standby import standby_app
+    from handlers.db import make_engine
 
     applying: list[str | None] = ["another bus"]
 
@@ -490,8 +494,20 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
                   f"(meanwhile http://{bus.settings.http}/healthz is 200, /readyz 503)")
 
     host, port = bus.settings.http_host_port
-    health = HttpGateway(bus, host, port, app=standby_app(lambda: connection_state(bus.nc), lambda: applying[0]))
-    await health.start()  # (an address in use: OSError, as for the gateway)
+    database = make_engine(bus.settings.db_url)  # for /readyz only: the read models start at the takeover
+    health = HttpGateway(bus, host, port, app=standby_app(lambda: connection_state(bus.nc), lambda: applying[0],
+                                                          lambda: database_check(database)))
+    try:
+        await health.start()  # (an address in use: OSError, as for the gateway)
+        return await _stand_by(bus, stop, health, waiting, applying)
+    finally:
+        database.dispose()
+
+
+async def _stand_by(bus: Any, stop: asyncio.Event, health: Any, waiting: Callable[[dict[str, Any]], None],
+                    applying: list[str | None]) -> bool:
+    from bus.lease import Standby
+
     announced = Standby(bus.js, bus.consumer_settings.name, str(bus.settings.data_dir.resolve()),
                         replicas=bus.settings.stream_replicas)  # for `collabbus status`
     try:

@@ -125,7 +125,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _database_check(engine: Any) -> str:
+def database_check(engine: Any) -> str:
+    """``ok`` when the read models' database answers a query; else why not."""
     if engine is None:
         return "read models not running"
     try:
@@ -144,7 +145,7 @@ async def readyz(request: Request) -> JSONResponse:
     nc = bus.nc
     checks = {
         "nats": connection_state(nc),
-        "database": await run_in_threadpool(_database_check, bus.engine),
+        "database": await run_in_threadpool(database_check, bus.engine),
         "consumer": await _consumers_check(bus, server=nc.is_connected),
     }
     if bus.gates is not None:

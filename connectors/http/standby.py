@@ -14,13 +14,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from connectors.http.problems import problem_response, retry_after
 
 
-def standby_app(nats_state: Callable[[], str], applying: Callable[[], str | None]) -> FastAPI:
+def standby_app(nats_state: Callable[[], str], applying: Callable[[], str | None],
+                database_state: Callable[[], str] | None = None) -> FastAPI:
     """The standby's answers; ``nats_state``: ``ok`` or what the connection is doing;
-    ``applying``: which bus applies the log, in words (None once this one has taken it over)."""
+    ``applying``: which bus applies the log, in words (None once this one has taken it over);
+    ``database_state`` (called in a thread): ``ok`` or why the read models' database does not
+    answer — a standby that could not reach it would take the log over only to fail."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/healthz")
@@ -30,10 +34,13 @@ def standby_app(nats_state: Callable[[], str], applying: Callable[[], str | None
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         holder = applying()
+        checks = {"nats": nats_state()}
+        if database_state is not None:
+            checks["database"] = await run_in_threadpool(database_state)
         if holder is None:
-            checks = {"nats": nats_state(), "log": "taking the log over: the read models start"}
+            checks["log"] = "taking the log over: the read models start"
             return JSONResponse({"status": "starting", "checks": checks}, status_code=503)
-        checks = {"nats": nats_state(), "log": f"standby: {holder} applies the log; this bus takes over when it goes"}
+        checks["log"] = f"standby: {holder} applies the log; this bus takes over when it goes"
         return JSONResponse({"status": "standby", "checks": checks}, status_code=503)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])

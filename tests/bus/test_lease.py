@@ -324,6 +324,7 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
         ready = httpx.get(f"http://127.0.0.1:{ports[1]}/readyz", timeout=5)
         assert ready.status_code == 503 and ready.json()["status"] == "standby", ready.text
         assert ready.json()["checks"]["nats"] == "ok" and f"pid {first.pid}" in ready.json()["checks"]["log"]
+        assert ready.json()["checks"]["database"] == "ok"
         elsewhere = httpx.get(f"http://127.0.0.1:{ports[1]}/projects", timeout=5)
         assert elsewhere.status_code == 503 and elsewhere.headers["content-type"] == "application/problem+json"
         assert elsewhere.json()["type"] == "urn:collabbus:problem:standby" and elsewhere.headers["retry-after"] == "5"
@@ -408,6 +409,40 @@ async def _until_applied(http: httpx.AsyncClient, port: int, institution: str, t
     while (await http.get(f"http://127.0.0.1:{port}/institutions/{institution}")).status_code != 200:
         assert time.monotonic() < deadline, f"{institution} was not applied"
         await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(120)
+async def test_a_standby_says_when_its_database_does_not_answer(tmp_path: Path, server: EmbeddedNats) -> None:
+    """A standby whose database does not answer could only fail when it takes over: its
+    `/readyz` says so while it waits; taking over, it exits 1 with the reason, no traceback, and
+    lets the lease go."""
+    closed = free_port()  # (nothing listens there)
+    env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
+           "COLLABBUS_DATABASE_URL": f"postgresql+psycopg://collabbus:secret@127.0.0.1:{closed}/readmodels",
+           "COLLABBUS_DATA_DIR": str(tmp_path / "standby"), "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
+    nc = await nats.connect(server.url, **server.connect_options())
+    standby: subprocess.Popen[str] | None = None
+    try:
+        holder = Lease(nc.jetstream(), "network", data_dir="/srv/holder", renew_every=0.2)
+        await holder.take(patience=1)
+        standby = _up(env, "--standby")
+        await asyncio.to_thread(_wait_for_line, standby, "standby:")
+        async with httpx.AsyncClient(timeout=10) as http:
+            ready = await http.get(f"http://{env['COLLABBUS_HTTP']}/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "standby", ready.text
+        assert ready.json()["checks"]["database"] == "unreachable: OperationalError", ready.text
+        assert ready.json()["checks"]["nats"] == "ok"
+        await holder.release()
+        assert await asyncio.to_thread(standby.wait, 60) == 1
+        assert standby.stderr is not None
+        said = standby.stderr.read()
+        assert "the read models' database cannot be used" in said and "Traceback" not in said, said
+        assert await holder_of(nc.jetstream(), "network") is None, said  # let go: the next standby may take it
+    finally:
+        if standby is not None and standby.poll() is None:
+            standby.kill()
+            standby.wait()
+        await nc.close()
 
 
 def test_a_standby_needs_a_shared_nats_and_database(tmp_path: Path) -> None:

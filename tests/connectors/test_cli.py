@@ -161,12 +161,16 @@ def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
 
 
 
-@pytest.mark.parametrize("problem", ["database unreachable", "database URL", "data dir is a file"])
+@pytest.mark.parametrize("problem", ["database unreachable", "database unreachable, gatekeepers started",
+                                     "database URL", "data dir is a file"])
 def test_up_says_in_one_line_what_is_wrong(tmp_path: Path, problem: str) -> None:
+    """Also with gatekeeper processes started beside the read models: they are stopped with the
+    bus (before its nats-server), quietly."""
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "data"), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
            "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "0"}
     env.pop("COLLABBUS_NATS_URL", None)
-    if problem == "database unreachable":
+    if problem.startswith("database unreachable"):
+        env["COLLABBUS_GATE_PROCESSES"] = "1" if "gatekeepers" in problem else "0"
         env["COLLABBUS_DATABASE_URL"] = "postgresql+psycopg://nobody:secret@127.0.0.1:1/nodb"
         expected = "the read models' database cannot be used"
     elif problem == "database URL":
@@ -179,6 +183,19 @@ def test_up_says_in_one_line_what_is_wrong(tmp_path: Path, problem: str) -> None
     assert result.returncode == 1
     assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "secret" not in result.stderr
+    assert not _processes_with(f"COLLABBUS_DATA_DIR={tmp_path / 'data'}")  # no gatekeeper left behind
+
+
+def _processes_with(setting: str) -> list[int]:
+    """The processes whose environment holds ``setting`` (``NAME=value``)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if setting.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return found
 
 
 def wait_until_loading(proc: subprocess.Popen[str], timeout: float = 30) -> None:
