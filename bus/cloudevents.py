@@ -112,12 +112,24 @@ def unsupported_content_type(headers: Mapping[str, str] | None) -> str | None:
         return "a batch (application/cloudevents-batch+json) is offered over HTTP (POST /events); over NATS, one event a message"
     if media.startswith("application/cloudevents") and media != "application/cloudevents+json":
         return f"{media} is not supported: a structured event is application/cloudevents+json"
+    if media and _has_attributes(headers) and media != "application/json" and not media.endswith("+json"):
+        return f"{media} is not accepted: an event's data is JSON (ce- headers with application/json data)"
     for parameter in parameters.split(";"):
         name, _, value = parameter.partition("=")
         charset = value.strip().strip('"').lower()
         if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
             return f"charset {charset} is not supported: events are UTF-8"
     return None
+
+
+def offered_id(headers: Mapping[str, str] | None) -> str | None:
+    """The ``ce-id`` of a binary-mode message when it can be read: the id a refusal names even
+    when the data or another attribute cannot be read."""
+    value = header(headers, "ce-id") if not is_structured(headers) else None
+    try:
+        return unquote_to_bytes(value).decode("utf-8") if value is not None else None
+    except UnicodeDecodeError:
+        return None
 
 
 def parse(body: bytes, headers: Mapping[str, str] | None) -> dict[str, Any]:

@@ -222,6 +222,7 @@ class Gate:
         raw: dict[str, Any] | None = None
         try:
             raw = self._parse(body, headers)
+            self._check_size(raw, body, headers)
             # Who may say it is judged before what it says: a sender is not asked to correct data
             # it may not send at all. What could not be judged yet (no readable source or type) is
             # judged once the envelope is valid.
@@ -240,13 +241,13 @@ class Gate:
                 await self._check_membership_change(spec.type, event.subject, raw.get("data"))
             verdict = await self._log(raw, spec, extra_headers)
         except Rejection as exc:
-            event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+            event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else cloudevents.offered_id(headers)
             problems = exc.problems
             if any(p.type == "missing" and p.loc == ("specversion",) for p in problems) and not cloudevents.names_mode(headers):
                 problems = (*problems, Problem((), _MODE_HINT, "mode_unclear"))
             verdict = Verdict("rejected", event_id, errors=problems, reason=exc.reason)
         except Exception:  # a bug must cost one event, never the gate
-            event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+            event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else cloudevents.offered_id(headers)
             log.exception("gate failed on an offered event", extra={"event_id": event_id})
             verdict = Verdict(
                 "rejected", event_id, reason="unavailable",
@@ -339,6 +340,19 @@ class Gate:
             return cloudevents.parse(body, headers)
         except cloudevents.Malformed as exc:
             raise reject("malformed", exc.code, exc.msg, *exc.loc) from None
+
+    def _check_size(self, raw: Mapping[str, Any], body: bytes, headers: Mapping[str, str] | None) -> None:
+        """The size limit on an event parsed, before it is validated: a sender mending a field
+        would meet it next. (What was sent bounds the event serialized, but for the spelling of
+        numbers: only a large one is measured; ``_log`` measures the event as logged.)"""
+        if len(body) + sum(len(k) + len(v) for k, v in (headers or {}).items() if k[:3].lower() == "ce-") <= self.max_event_bytes:
+            return
+        serialized = len(orjson.dumps({name: value for name, value in raw.items() if value is not None}))
+        if serialized > self.max_event_bytes:
+            raise reject(
+                "too_large", "too_large",
+                f"the event is {serialized} bytes serialized; the limit is {self.max_event_bytes} bytes",
+            )
 
     async def _log(
         self, raw: dict[str, Any], spec: registry.EventSpec, extra_headers: Mapping[str, str] | None

@@ -6,6 +6,7 @@ import asyncio
 import copy
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -528,6 +529,37 @@ async def test_content_types_that_are_not_one_json_event_are_unsupported(partner
     fine = await offer_raw(partner, f"collab.ingress.{institution}.project.registered", orjson.dumps(event),
                            {"Content-Type": "application/cloudevents+json; charset=UTF-8"})
     assert fine.accepted, fine.as_dict()
+
+
+async def test_binary_data_that_is_not_json_is_unsupported_as_over_http(partner: Client) -> None:
+    """A binary-mode offer whose Content-Type says its data is not JSON is refused as POST /events
+    refuses it (unsupported, 415 there), naming the id its ce-id header gives."""
+    from bus.cloudevents import to_binary
+
+    institution, event = fresh("project.registered")
+    headers, body = to_binary(event)
+    subject = f"collab.ingress.{institution}.project.registered"
+    verdict = await offer_raw(partner, subject, body, {**headers, "content-type": "text/plain"})
+    assert verdict.reason == "unsupported" and codes(verdict) == {"unsupported_content_type"}, verdict.as_dict()
+    assert "text/plain is not accepted" in verdict.errors[0].msg and verdict.id == event["id"]
+    fine = await offer_raw(partner, subject, body, {**headers, "content-type": "application/json; charset=utf-8"})
+    assert fine.accepted, fine.as_dict()
+
+
+@pytest.mark.parametrize("broken", ["data", "header"])
+async def test_a_binary_offer_whose_data_or_a_header_cannot_be_read_is_refused_by_its_id(partner: Client, broken: str) -> None:
+    """Its ce-id could be read: the refusal names it (as for any other refusal of a readable id)."""
+    from bus.cloudevents import to_binary
+
+    institution, event = fresh("project.registered")
+    headers, body = to_binary(event)
+    headers["ce-id"] = quote(event["id"] + "-ä")  # (percent-encoded, as the binding has it)
+    if broken == "data":
+        body = b"not json"
+    else:
+        headers["ce-tracestate"] = "k=%FF"
+    verdict = await offer_raw(partner, f"collab.ingress.{institution}.project.registered", body, headers)
+    assert verdict.reason == "malformed" and verdict.id == event["id"] + "-ä", verdict.as_dict()
 
 
 TEXTS = {

@@ -161,6 +161,15 @@ async def test_the_limit_is_the_event_as_sent_serialized(bus: Bus, partner: Clie
     headers, body = to_binary(orjson.loads(padded(limit + 1)))
     assert (await offer_raw(partner, SUBJECT, body, headers)).reason == "too_large"
 
+    # Too large and invalid too: the size is judged first (its place in the gate's order), so a
+    # sender mending the data does not learn only then that the event cannot be sent anyway.
+    invalid = orjson.loads(padded(limit + 1000))
+    invalid["data"]["title"] = 12
+    verdict = await offer_raw(partner, SUBJECT, orjson.dumps(invalid), structured)
+    assert verdict.reason == "too_large", verdict.as_dict()
+    assert f"is {len(orjson.dumps(invalid))} bytes serialized" in verdict.errors[0].msg, verdict.as_dict()
+    assert verdict.id == invalid["id"]
+
     far = padded(3 * limit)  # refused before it is parsed
     verdict = await offer_raw(partner, SUBJECT, far, structured)
     assert verdict.reason == "too_large" and "at least" in verdict.errors[0].msg
