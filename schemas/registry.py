@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -238,6 +238,23 @@ def event_types() -> list[str]:
 def domains() -> list[str]:
     """Every domain of the catalog (`project` for `project.registered`), sorted."""
     return sorted({spec.domain for spec in REGISTRY.values()})
+
+
+def unknown_filters(names: Sequence[str]) -> list[tuple[int, str]]:
+    """The place of each name that is neither an event type nor a domain of the catalog
+    (``project``, or ``project.*``), with what is wrong with it and what was likely meant: what a
+    follower's or an endpoint's filter is checked with, so a misspelt one is refused rather
+    than matching nothing for ever."""
+    known = set(event_types())
+    domain_names = set(domains())
+    bare = [*known, *domain_names]
+    starred = [*known, *(f"{domain}.*" for domain in domain_names)]
+    return [
+        (place, f"{name!r} is neither an event type nor a domain such as 'project' or 'project.*'"
+                f"{did_you_mean(name, starred if name.endswith('.*') else bare)}")
+        for place, name in enumerate(names)
+        if name not in known and name.removesuffix(".*") not in domain_names
+    ]
 
 
 def may_emit(kind: str, type: str, major: int = 1) -> bool:

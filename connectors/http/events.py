@@ -26,6 +26,7 @@ from bus.gate import INPUT_FACTOR
 from bus.log import event_filter
 from bus.watch import AppliedWatch
 from bus.streams import EVENTS_STREAM
+from bus.verdict import Problem
 from connectors.http import resources
 from connectors.http.auth import Member, Publisher, bus_of, engine_of
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page
@@ -34,6 +35,7 @@ from bus.ratelimit import RateLimiter
 from handlers.bookkeeping import applied_event
 from handlers.db import reading
 from handlers.audience import CONFIDENTIAL, audience
+from schemas import registry
 from schemas.common import json_type
 from schemas.envelope import EVENT_ID_PATTERN, INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
 
@@ -272,6 +274,9 @@ async def read_log(
         if not cursor.isdigit() or int(cursor) > MAX_SEQ:
             raise ApiProblem(400, "the cursor of /events is a log sequence (the previous next_cursor)", kind="bad_cursor")
         after_seq = int(cursor)
+    if type and (unknown := registry.unknown_filters(type)):
+        errors = [Problem(("query", "type", place), message, "unknown_event_type") for place, message in unknown]
+        raise ApiProblem(422, "; ".join(e.msg for e in errors), kind="invalid", errors=errors)
     subjects = [event_filter(each, institution, subject) for each in type] if type else [event_filter(None, institution, subject)]
     watch = bus.applied
     if not wait or watch is None:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from opentelemetry import trace
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from bus.verdict import Problem as GateProblem
 from bus.verdict import Reason, Verdict
@@ -103,8 +104,30 @@ class ApiProblem(Exception):
         )
 
 
+#: The kind of problem (``urn:collabbus:problem:{kind}``) an answer of each status has unless it
+#: names a narrower one: the gatekeeper's reasons where it has one for the status, so that a bad
+#: query and a bad event are told apart by the status and the place, not by two names.
+KINDS = {
+    400: "malformed", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    409: "conflict", 413: "too_large", 415: "unsupported", 422: "invalid", 429: "rate_limited",
+    500: "internal_error", 503: "unavailable",
+}
+
+
 def _slug(status: int) -> str:
-    return TITLES.get(status, "error").lower().replace(" ", "_")
+    return KINDS.get(status, "error")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the API documents for the request's path (none for a path it does not document)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(request.url.path):
+            methods |= {method.upper() for method in operations if method.upper() in _METHODS}
+    return sorted(methods)
+
+
+_METHODS = {"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"}
 
 
 def problem_response(
@@ -162,8 +185,12 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no resource at {request.url.path}; the API is described at /docs (and /openapi.json)"
         elif exc.status_code == 405 and detail == "Method Not Allowed":
-            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+            # Routing names the methods of the first route on the path only (GET and POST /events
+            # are two): every route's, as RFC 9110 asks of Allow.
+            allowed = ", ".join(_allowed_methods(request)) or (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
             detail = f"{request.method} is not allowed on {request.url.path}" + (f"; allowed: {allowed}" if allowed else "")
+            headers = {name: value for name, value in (exc.headers or {}).items() if name.lower() != "allow"}
+            return problem_response(405, detail, headers={**headers, **({"Allow": allowed} if allowed else {})})
         return problem_response(exc.status_code, detail, headers=exc.headers)
 
     async def invalid_parameters(request: Request, exc: Exception) -> JSONResponse:

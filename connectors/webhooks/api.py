@@ -135,19 +135,11 @@ def _dispatcher(request: Request) -> "WebhookDispatcher | None":
 def _check_event_types(event_types: list[str]) -> list[str]:
     """The types, each once; 422 naming every one that is neither a type nor a domain of the catalog.
     A domain is ``project.*``, or ``project`` as ``GET /events?type=`` takes it (kept as ``project.*``)."""
-    known = set(registry.event_types())
-    domains = set(registry.domains())
-    wanted = [f"{name}.*" if name in domains else name for name in event_types]
-    names = [*known, *(f"{domain}.*" for domain in domains)]
-    errors = [
-        Problem(("event_types", i), f"{name!r} is neither an event type nor a domain such as 'project' or 'project.*'"
-                f"{registry.did_you_mean(name, names)}", "unknown_event_type")
-        for i, name in enumerate(wanted)
-        if name not in known and not (name.endswith(".*") and name[:-2] in domains)
-    ]
+    errors = [Problem(("event_types", place), message, "unknown_event_type") for place, message in registry.unknown_filters(event_types)]
     if errors:
         raise ApiProblem(422, "; ".join(e.msg for e in errors), kind="invalid", errors=errors)
-    return list(dict.fromkeys(wanted))
+    domains = set(registry.domains())
+    return list(dict.fromkeys(f"{name}.*" if name in domains else name for name in event_types))
 
 
 async def _check_url(request: Request, url: str) -> None:

@@ -226,6 +226,12 @@ async def test_a_wrong_path_or_method_is_a_problem_saying_what_was_asked(gateway
     refused = await gateway.client.delete("/projects/p-1", headers=auth)
     assert problem(refused, 405, "method_not_allowed")["detail"] == "DELETE is not allowed on /projects/p-1; allowed: GET"
     assert refused.headers["allow"] == "GET"
+    # A path served by two routes (GET and POST /events) names both's methods.
+    both = await gateway.client.put("/events", headers=auth)
+    assert problem(both, 405, "method_not_allowed")["detail"] == "PUT is not allowed on /events; allowed: GET, POST"
+    assert both.headers["allow"] == "GET, POST"
+    hooks = await gateway.client.put("/webhooks", headers=auth)
+    assert hooks.status_code == 405 and hooks.headers["allow"] == "GET, POST"
 
 
 async def test_a_gzipped_body_is_inflated_within_the_limits(gateway: Gateway, municipality: str) -> None:
@@ -322,7 +328,7 @@ async def test_paging_walks_a_list_without_gaps_or_duplicates(gateway: Gateway) 
 
     for cursor in ("bm90LWEtY3Vyc29y", encode([5]), encode(["a", "b"])):  # not ours, a number for an id, too long
         problem(await gateway.client.get("/projects", params={"cursor": cursor}, headers=auth), 400, "bad_cursor")
-    problem(await gateway.client.get("/projects", params={"limit": 0}, headers=auth), 422, "invalid_request")
+    problem(await gateway.client.get("/projects", params={"limit": 0}, headers=auth), 422, "invalid")
     problem(await gateway.client.get(f"/projects/{owner}-nope", headers=auth), 404, "not_found")
 
 
@@ -359,7 +365,7 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
         found = {item["call_id"] for page in pages for item in page}
         assert soon["call_id"] in found and for_all["call_id"] not in found, written
     problem(await gateway.client.get("/calls", params={"deadline_before": "2026-12-05T10:00:00"}, headers=auth),
-            422, "invalid_request")  # no offset: which moment is meant cannot be told
+            422, "invalid")  # no offset: which moment is meant cannot be told
 
 
 async def test_applications_to_a_call_are_shown_to_its_parties_only(gateway: Gateway, municipality: str) -> None:
@@ -468,7 +474,7 @@ async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applic
     assert "no application" in problem(hidden, 404, "not_found")["detail"]
     assert "no call" in problem(await gateway.client.get("/calls/c-none/applications", headers=gateway.auth(funder)),
                                 404, "not_found")["detail"]
-    problem(await gateway.client.get(path, params={"status": "pending"}, headers=gateway.auth(funder)), 422, "invalid_request")
+    problem(await gateway.client.get(path, params={"status": "pending"}, headers=gateway.auth(funder)), 422, "invalid")
 
 
 async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applications_parties_only(
@@ -781,7 +787,7 @@ async def test_events_pages_through_the_log(gateway: Gateway) -> None:
     assert all(item["event"]["source"] == f"/institutions/{owner}" for page in pages for item in page)
     response = await gateway.client.get("/events", params={"institution": owner, "after_seq": posted[2]}, headers=auth)
     assert [item["seq"] for item in response.json()["items"]] == posted[3:]
-    problem(await gateway.client.get("/events", params={"subject": "a.b"}, headers=auth), 422, "invalid_request")
+    problem(await gateway.client.get("/events", params={"subject": "a.b"}, headers=auth), 422, "invalid")
 
 
 async def test_events_of_several_types_come_as_one_list_in_log_order(gateway: Gateway) -> None:
@@ -806,8 +812,15 @@ async def test_events_of_several_types_come_as_one_list_in_log_order(gateway: Ga
     assert [item["seq"] for item in overlapping.json()["items"]] == [seq for _, seq in offered]  # each once
     one = await gateway.client.get("/events", params={"institution": owner, "type": "project.updated"}, headers=auth)
     assert [item["event"]["type"] for item in one.json()["items"]] == ["project.updated"] * 3
-    problem(await gateway.client.get("/events", params={"type": ["project"] * 21}, headers=auth), 422, "invalid_request")
-    problem(await gateway.client.get("/events", params={"type": ["project", "Project"]}, headers=auth), 422, "invalid_request")
+    problem(await gateway.client.get("/events", params={"type": ["project"] * 21}, headers=auth), 422, "invalid")
+    problem(await gateway.client.get("/events", params={"type": ["project", "Project"]}, headers=auth), 422, "invalid")
+    # A misspelt type or domain is refused, with what was likely meant, rather than matching nothing for ever.
+    misspelt = problem(await gateway.client.get("/events", params={"type": ["project", "call.publised", "calls", "nope"]},
+                                                headers=auth), 422, "invalid")
+    assert [(error["loc"], error["type"]) for error in misspelt["errors"]] == [
+        (["query", "type", 1], "unknown_event_type"), (["query", "type", 2], "unknown_event_type"),
+        (["query", "type", 3], "unknown_event_type")]
+    assert "did you mean 'call.published'?" in misspelt["errors"][0]["msg"] and "'nope'" in misspelt["errors"][2]["msg"]
 
 
 async def test_a_long_poll_of_the_log_is_answered_as_soon_as_an_event_shows(gateway: Gateway) -> None:
@@ -834,7 +847,7 @@ async def test_a_long_poll_of_the_log_is_answered_as_soon_as_an_event_shows(gate
     assert len((await gateway.client.get("/events", params={**params, "after_seq": first["seq"], "wait": 1},
                                          headers=auth)).json()["items"]) == 1  # something to show: at once, as without a wait
     for wait in (61, -1):
-        problem(await gateway.client.get("/events", params={"wait": wait}, headers=auth), 422, "invalid_request")
+        problem(await gateway.client.get("/events", params={"wait": wait}, headers=auth), 422, "invalid")
 
 
 async def test_a_member_has_at_most_eight_long_polls_waiting_at_once(gateway: Gateway) -> None:
@@ -953,7 +966,7 @@ async def test_an_event_can_be_looked_up_with_its_refusal_and_what_it_led_to(gat
 
     missing = problem(await gateway.client.get(f"/events/{unique('e')}", headers=auth), 404, "not_found")
     assert "moments" in missing["detail"]
-    problem(await gateway.client.get("/events/not%20an%20id", headers=auth), 422, "invalid_request")
+    problem(await gateway.client.get("/events/not%20an%20id", headers=auth), 422, "invalid")
     problem(await gateway.client.get(f"/events/{registered['id']}"), 401, "unauthorized")
 
 
@@ -974,7 +987,7 @@ async def test_a_former_member_cannot_read_and_is_shown_as_one(gateway: Gateway,
     current = [item["id"] for page in await walk(gateway.client, "/institutions", reader, limit=500) for item in page]
     assert leaving not in current and municipality in current
     problem(await gateway.client.get("/institutions/t-nobody-here", headers=reader), 404, "not_found")
-    wrong = problem(await gateway.client.get("/institutions/Not_An_Id", headers=reader), 422, "invalid_request")
+    wrong = problem(await gateway.client.get("/institutions/Not_An_Id", headers=reader), 422, "invalid")
     assert "an institution id" in wrong["detail"]
 
 
@@ -1004,7 +1017,7 @@ async def test_the_openapi_document_describes_every_operation_and_parameter(gate
         assert "enum" in str(parameter["schema"]), path
     member = await gateway.join("university")
     typo = problem(await gateway.client.get("/innovation-days", params={"status": "sheduled"}, headers=gateway.auth(member)), 422,
-                   "invalid_request")
+                   "invalid")
     assert "scheduled" in typo["detail"]
 
 
@@ -1225,7 +1238,7 @@ async def test_filters_take_only_values_that_can_match(gateway: Gateway, municip
         assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json", (path, response.text)
         assert next(iter(params)) in response.json()["detail"]
     wrong_case = await gateway.client.get("/events", params={"type": ["project", "Project"]}, headers=auth)
-    assert problem(wrong_case, 422, "invalid_request")["errors"] == [{  # (the second type given)
+    assert problem(wrong_case, 422, "invalid")["errors"] == [{  # (the second type given)
         "loc": ["query", "type", 1], "type": "string_pattern_mismatch",
         "msg": "Input should be an event type or a domain in lower case, e.g. project.registered or project",
     }]
