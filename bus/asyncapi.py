@@ -138,6 +138,12 @@ def _document() -> dict[str, Any]:
         entry["description"] = f"{entry.get('description', 'collabbus')}. {_CONNECTING}"
         entry.pop("protocolVersion", None)
     _name_for_generators(document)
+    # The same document from every process (what the broker's registration gives follows hash
+    # order): generated clients and committed copies change only with the catalog.
+    for section in (document, document.get("components", {})):
+        for key in ("channels", "operations", "messages", "schemas"):
+            if isinstance(section.get(key), dict):
+                section[key] = dict(sorted(section[key].items()))
     return {"asyncapi": document.pop("asyncapi"), **document}
 
 
@@ -227,8 +233,11 @@ _LIVE_HEADERS = {
                                                            "where a follower resumes, `GET /events?after_seq=`"},
         "Nats-Stream": {"const": "COLLAB_EVENTS", "type": "string"},
         "Nats-Time-Stamp": {"type": "string", "description": "when the log stored it (RFC 3339)"},
-        "Nats-Last-Sequence": {"type": "string", "description": "the sequence of the log's previous message (of any "
-                                                               "subject: not a gap detector for one member's view)"},
+        "Nats-Subject": {"type": "string", "description": "the log subject the event is stored under "
+                                                         "(`collab.events.{source}.{domain}.{event}.{subject}`)"},
+        "Nats-Last-Sequence": {"type": "string", "description": "the log sequence of the previous event on the same log "
+                                                               "subject (the same source, type and subject), `0` for "
+                                                               "the first: not a gap detector for a member's view"},
     },
     "required": ["Nats-Msg-Id", "Content-Type", "Nats-Sequence", "Nats-Stream"],
 }

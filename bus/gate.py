@@ -380,7 +380,9 @@ class Gate:
             tracing.inject(headers)
             check_fits(self.nc, payload, headers)
             try:
-                ack = await self.publisher.publish(subject, payload, timeout=self.publish_timeout, stream=self.stream, headers=headers)
+                # (No Nats-Expected-Stream: the log's subjects are its alone, and the live copies
+                # carry the stored headers to partners, who may forward them to streams of theirs.)
+                ack = await self.publisher.publish(subject, payload, timeout=self.publish_timeout, headers=headers)
             except (NatsTimeoutError, NatsError, JetStreamError) as exc:
                 log.warning("log did not confirm %s: %s", event_id, exc, extra={"event_id": event_id})
                 raise reject(

@@ -110,3 +110,19 @@ def test_the_verdict_is_one_of_two_shapes_told_apart_by_status() -> None:
     assert accepted.is_valid(ok) and not rejected.is_valid(ok)
     assert rejected.is_valid(refused) and not accepted.is_valid(refused)
     assert not rejected.is_valid({**refused, "errors": [{"loc": [], "msg": "no type"}]})
+
+
+def test_every_process_writes_the_same_document() -> None:
+    """Processes hash strings differently (PYTHONHASHSEED): the document does not follow it, so
+    a committed copy or a generated client changes only with the catalog."""
+    import os
+    import subprocess
+    import sys
+
+    written = [
+        subprocess.run([sys.executable, "-m", "ops", "asyncapi"], env={**os.environ, "PYTHONHASHSEED": seed},
+                       capture_output=True, check=True, timeout=120).stdout
+        for seed in ("1", "2")
+    ]
+    assert written[0] == written[1] and json.loads(written[0])["channels"]
+    assert list(json.loads(written[0])["channels"]) == sorted(json.loads(written[0])["channels"])

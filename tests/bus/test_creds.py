@@ -7,6 +7,7 @@ the way ``collabbus up`` runs it.
 from __future__ import annotations
 
 import asyncio
+import json
 import base64
 import copy
 import stat
@@ -22,6 +23,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
+from bus.asyncapi import asyncapi_document
 from bus.client import offer, offer_raw
 from bus.credentials import (
     Authority,
@@ -181,6 +183,12 @@ async def test_a_member_follows_the_public_log_live(member: Member, nats_server:
     msg = messages[-1]
     assert msg.headers["Nats-Msg-Id"] == event["id"]
     assert msg.headers["Nats-Stream"] == EVENTS_STREAM and msg.headers["Nats-Sequence"] == str(verdict.seq)
+    # Only the headers the AsyncAPI document names (none a partner forwarding it to a stream of
+    # its own would trip on, as on Nats-Expected-Stream).
+    documented = json.loads(json.dumps(asyncapi_document()))["components"]["messages"]
+    live = next(message for name, message in documented.items() if name.startswith("live"))
+    assert set(msg.headers) <= set(live["headers"]["properties"]), msg.headers
+    assert msg.headers["Nats-Subject"] == f"collab.events.{neighbour.institution}.project.registered.{event['subject']}"
     logged = await partner.jetstream().get_msg(EVENTS_STREAM, verdict.seq)
     assert msg.data == logged.data and orjson.loads(msg.data)["data"]["project_id"] == event["data"]["project_id"]
     # in the log's order: each message's sequence is above the one before it
