@@ -1851,6 +1851,11 @@ def institutions_creds(
     from bus.membership import Membership
     from handlers.confidential import public_live_subjects
 
+    if as_json and output is None:  # (stdout holds the secret: a report there would be mixed into it, or lost)
+        err.print("[red]error:[/red] --json reports where the credentials were written: give --output FILE too; "
+                  "nothing was issued. (`institutions access ID --json` lists a member's credentials, "
+                  "`GET /me` its live subjects)")
+        raise typer.Exit(2)
     # One reading of the clock for both claims: the credentials are valid for exactly the time asked.
     issued = int(time.time())
     until = issued + int(_duration(expires, "--expires").total_seconds()) if expires is not None else None

@@ -399,6 +399,12 @@ async def test_institutions_creds_writes_credentials_that_work(running_bus: dict
     refused = cli("institutions", "creds", "no-such-member", env=env)
     assert refused.returncode == 1 and refused.stdout == "" and "not a member" in refused.stderr
 
+    # --json alone would have printed a secret where a script expects JSON: refused, nothing issued.
+    issued_before = cli("institutions", "access", member, "--json", env=env).stdout
+    no_file = cli("institutions", "creds", member, "--json", env=env)
+    assert no_file.returncode == 2 and no_file.stdout == "" and "give --output FILE" in no_file.stderr
+    assert cli("institutions", "access", member, "--json", env=env).stdout == issued_before
+
     errors: list[Exception] = []
 
     async def record(exc: Exception) -> None:
