@@ -94,6 +94,8 @@ def parse_binary(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
         lkey = key.lower()
         if lkey.startswith("ce-"):
             name = lkey[3:]
+            if name == "data":
+                raise Malformed("data_in_header", "in binary mode the data is the body, not a ce-data header", ("data",))
             event[name] = _decode_header_value(name, value)
     content_type = header(headers, "content-type")
     if "datacontenttype" not in event and content_type:
@@ -138,6 +140,21 @@ def parse(body: bytes, headers: Mapping[str, str] | None) -> dict[str, Any]:
         return parse_structured(body)
     assert headers is not None
     return parse_binary(body, headers)
+
+
+def plain_json_content_type(event: dict[str, Any]) -> bool:
+    """A ``datacontenttype`` of JSON with its own charset said (``application/json;
+    charset=utf-8``, as SDKs may send it) made ``application/json``: the same event. True when it
+    was changed."""
+    content_type = event.get("datacontenttype")
+    if not isinstance(content_type, str) or ";" not in content_type:
+        return False
+    media, _, parameters = content_type.partition(";")
+    said = [parameter.strip().lower().replace('"', "") for parameter in parameters.split(";") if parameter.strip()]
+    if media.strip().lower() != "application/json" or not all(p in ("charset=utf-8", "charset=utf8") for p in said):
+        return False
+    event["datacontenttype"] = "application/json"
+    return True
 
 
 def to_binary(event: Mapping[str, Any]) -> tuple[dict[str, str], bytes]:

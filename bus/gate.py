@@ -223,13 +223,14 @@ class Gate:
         try:
             raw = self._parse(body, headers)
             self._check_size(raw, body, headers)
+            changed = cloudevents.plain_json_content_type(raw)
             # Who may say it is judged before what it says: a sender is not asked to correct data
             # it may not send at all. What could not be judged yet (no readable source or type) is
             # judged once the envelope is valid.
             named = named_spec(raw)
             judged = isinstance(raw.get("source"), str) and named[0] is not None
             await self._check_sender(institution, raw.get("source"), named[0])
-            spec, event = validate(raw, body if cloudevents.is_structured(headers) else None, named)
+            spec, event = validate(raw, body if cloudevents.is_structured(headers) and not changed else None, named)
             if offered_type is not None and offered_type != event.type:
                 raise reject(
                     "invalid", "type_mismatch",

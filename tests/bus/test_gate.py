@@ -546,6 +546,39 @@ async def test_binary_data_that_is_not_json_is_unsupported_as_over_http(partner:
     assert fine.accepted, fine.as_dict()
 
 
+@pytest.mark.parametrize("mode", ["structured", "binary"])
+async def test_json_data_with_its_charset_said_is_json(partner: Client, bus: Bus, mode: str) -> None:
+    """`application/json; charset=utf-8` as the datacontenttype is application/json (what a
+    CloudEvents SDK may send): accepted and logged as that; another charset is still refused."""
+    from bus.cloudevents import to_binary
+
+    institution, event = fresh("project.registered")
+    event["datacontenttype"] = "application/json; charset=UTF-8"
+    subject = f"collab.ingress.{institution}.project.registered"
+    if mode == "structured":
+        verdict = await offer_raw(partner, subject, orjson.dumps(event), {"Content-Type": "application/cloudevents+json"})
+    else:
+        headers, body = to_binary({k: v for k, v in event.items() if k != "datacontenttype"})
+        headers.pop("content-type")
+        headers["ce-datacontenttype"] = "application/json;charset=utf-8"
+        verdict = await offer_raw(partner, subject, body, headers)
+    assert verdict.accepted, verdict.as_dict()
+    logged = orjson.loads((await bus.js.get_msg(EVENTS_STREAM, verdict.seq)).data)
+    assert logged["datacontenttype"] == "application/json"
+    _, other = fresh("project.registered", datacontenttype="application/json; charset=latin-1")
+    refused = await offer_raw(partner, subject, orjson.dumps(other), {"Content-Type": "application/cloudevents+json"})
+    assert refused.reason == "invalid" and refused.errors[0].loc == ("datacontenttype",), refused.as_dict()
+
+
+async def test_a_ce_data_header_is_refused_rather_than_dropped(partner: Client) -> None:
+    from bus.cloudevents import to_binary
+
+    institution, event = fresh("project.registered")
+    headers, body = to_binary(event)
+    verdict = await offer_raw(partner, f"collab.ingress.{institution}.project.registered", body, {**headers, "ce-data": "x"})
+    assert verdict.reason == "malformed" and verdict.errors[0].type == "data_in_header" and verdict.id == event["id"]
+
+
 @pytest.mark.parametrize("broken", ["data", "header"])
 async def test_a_binary_offer_whose_data_or_a_header_cannot_be_read_is_refused_by_its_id(partner: Client, broken: str) -> None:
     """Its ce-id could be read: the refusal names it (as for any other refusal of a readable id)."""
