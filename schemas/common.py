@@ -478,4 +478,6 @@ def error_message(error: Mapping[str, Any]) -> str:
         words = _PATTERN_WORDS.get(str((error.get("ctx") or {}).get("pattern")))
         if words is not None:
             return f"Input should be {words}"
+    if error.get("type") == "timezone_aware":  # (a date alone, or a time without its offset)
+        return "Input should be a time with its UTC offset, such as 2027-01-20T00:00:00Z or 2027-01-20T12:00:00+02:00"
     return str(error.get("msg", ""))

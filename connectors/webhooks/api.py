@@ -115,7 +115,8 @@ class WebhookDelivery(BaseModel):
     waiting_for: int | None = Field(description="the delivery about the same thing still owed that goes first: this one "
                                                 "is sent after it was delivered or given up")
     status: store.DeliveryStatus
-    next_attempt_at: datetime | None
+    next_attempt_at: datetime | None = Field(description="when it is next tried (null once delivered, given up or "
+                                                        "cancelled); one waiting for another, not before that one's")
     created_at: datetime
     delivered_at: datetime | None
     attempts: list[DeliveryAttempt]
@@ -185,9 +186,23 @@ def _deliveries(session: Session, endpoint: Endpoint, deliveries: Sequence[Deliv
     ids = [delivery.id for delivery in deliveries if delivery.id is not None]
     attempts = store.attempts_of(session, ids)
     waiting = store.waiting_for(session, deliveries) if endpoint.ordered else {}
-    return [{**delivery.model_dump(), "waiting_for": waiting.get(delivery.id),
-             "attempts": [attempt.model_dump() for attempt in attempts[delivery.id]]}
-            for delivery in deliveries if delivery.id is not None]
+    shown = []
+    for delivery in deliveries:
+        if delivery.id is None:
+            continue
+        row = {**delivery.model_dump(), "waiting_for": None, "attempts": [attempt.model_dump() for attempt in attempts[delivery.id]]}
+        if delivery.id in waiting:  # not before the delivery it waits for is tried again
+            row["waiting_for"], first_due = waiting[delivery.id]
+            row["next_attempt_at"] = _as_utc(max(delivery.next_attempt_at, first_due, key=_as_utc))
+        shown.append(row)
+    return shown
+
+
+def _as_utc(moment: datetime | None) -> datetime:
+    """(SQLite gives times without their zone, UTC.)"""
+    if moment is None:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 # --- endpoints ------------------------------------------------------------------------------------

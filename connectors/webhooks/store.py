@@ -325,9 +325,9 @@ ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).v
 )
 
 
-def waiting_for(session: Session, deliveries: Sequence[Delivery]) -> dict[int, int]:
+def waiting_for(session: Session, deliveries: Sequence[Delivery]) -> dict[int, tuple[int, datetime]]:
     """Of ``deliveries`` (one ordered endpoint's), those held back by an earlier delivery about the
-    same thing still owed: the id of the oldest such, which goes first."""
+    same thing still owed: the id of the oldest such, which goes first, and when it is next tried."""
     owed = [d for d in deliveries if d.next_attempt_at is not None and d.ordering_key is not None and d.id is not None]
     if not owed:
         return {}
@@ -337,13 +337,13 @@ def waiting_for(session: Session, deliveries: Sequence[Delivery]) -> dict[int, i
                _EARLIER.c.next_attempt_at.is_not(None))
         .scalar_subquery()
     )
-    heads = {  # ordering key -> (seq, id) of its oldest owed delivery
-        key: (seq, delivery_id) for key, seq, delivery_id in session.execute(
-            sa.select(_D.ordering_key, _D.seq, _D.id).where(
+    heads = {  # ordering key -> (seq, id, next attempt) of its oldest owed delivery
+        key: (seq, delivery_id, due) for key, seq, delivery_id, due in session.execute(
+            sa.select(_D.ordering_key, _D.seq, _D.id, _D.next_attempt_at).where(
                 _D.endpoint_id == owed[0].endpoint_id, _D.ordering_key.in_({d.ordering_key for d in owed}), _D.seq == head_seq)
         )
     }
-    return {d.id: heads[d.ordering_key][1] for d in owed  # type: ignore[index, misc]
+    return {d.id: (heads[d.ordering_key][1], heads[d.ordering_key][2]) for d in owed  # type: ignore[index, misc]
             if d.ordering_key in heads and heads[d.ordering_key][0] < d.seq}
 
 

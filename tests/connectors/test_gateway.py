@@ -364,8 +364,9 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
         pages = await walk(gateway.client, "/calls", auth, deadline_before=written)
         found = {item["call_id"] for page in pages for item in page}
         assert soon["call_id"] in found and for_all["call_id"] not in found, written
-    problem(await gateway.client.get("/calls", params={"deadline_before": "2026-12-05T10:00:00"}, headers=auth),
-            422, "invalid")  # no offset: which moment is meant cannot be told
+    for unclear in ("2026-12-05T10:00:00", "2026-12-05"):  # no offset: which moment is meant cannot be told
+        said = problem(await gateway.client.get("/calls", params={"deadline_before": unclear}, headers=auth), 422, "invalid")
+        assert "a time with its UTC offset, such as 2027-01-20T00:00:00Z" in said["errors"][0]["msg"], said
 
 
 async def test_applications_to_a_call_are_shown_to_its_parties_only(gateway: Gateway, municipality: str) -> None:

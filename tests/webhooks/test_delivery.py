@@ -166,6 +166,8 @@ async def test_deliveries_about_one_thing_arrive_in_log_order_and_others_do_not_
     owed = {d["event_id"]: d for d in await deliveries(gateway, owner, endpoint["id"])}
     assert owed[update["id"]]["attempts"] == [] and owed[update["id"]]["next_attempt_at"] is not None
     assert owed[update["id"]]["waiting_for"] == owed[first["id"]]["id"]  # what an integrator sees: why it waits
+    # ... and until when at least: the registration's retry (not its own time of creation, long past).
+    assert owed[update["id"]]["next_attempt_at"] == owed[first["id"]]["next_attempt_at"]
     assert owed[update["id"]]["ordering_key"] == owed[first["id"]]["ordering_key"] == f"project/{first['subject']}"
     assert owed[first["id"]]["waiting_for"] is None and owed[other["id"]]["waiting_for"] is None
     assert owed[first["id"]]["status"] == "pending" and [a["status_code"] for a in owed[first["id"]]["attempts"]] == [503]
