@@ -34,6 +34,7 @@ from nats.js.errors import NotFoundError
 from bus import deadletters
 from bus.pull import Puller, delivery, pending_after
 from bus.streams import EVENTS_STREAM
+from handlers.busy import IN_THE_LOOP, locked_at_begin
 from handlers.positions import PositionTaken
 from ops import tracing
 
@@ -129,9 +130,17 @@ async def call_database(inline: bool, fn: Callable[..., T], *args: Any, **kwargs
     the batch and no longer. A database across the network (PostgreSQL) waits on the network
     instead: that wait belongs in a thread, where the loop goes on meanwhile.
     """
-    if inline:
-        return fn(*args, **kwargs)
-    return await asyncio.to_thread(fn, *args, **kwargs)
+    if inline:  # waiting only briefly for another writer's lock (handlers.busy) ...
+        waiting = IN_THE_LOOP.set(True)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not locked_at_begin(exc):
+                raise
+        finally:
+            IN_THE_LOOP.reset(waiting)
+        log.info("the read models' database is locked by another process: waiting for it outside the event loop")
+    return await asyncio.to_thread(fn, *args, **kwargs)  # ... then as long as it takes, the loop going on
 
 
 def _normal(value: object) -> object:

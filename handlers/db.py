@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine, event, make_url
 from sqlmodel import Session, create_engine
 
+from handlers.busy import IN_THE_LOOP, LOOP_WAIT_MS, THREAD_WAIT_MS
 from ops.wal import FALLBACK_AUTOCHECKPOINT
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -33,7 +34,7 @@ def make_engine(url: str, *, checkpoints_in_background: bool = False, **kwargs: 
         # A pool big enough for the gateway's concurrent readers: a connection opened and closed
         # per request would cost more than the request.
         kwargs = kwargs if in_memory else {"pool_size": 20, "max_overflow": 20, **kwargs}
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **_JSON, **kwargs)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": THREAD_WAIT_MS / 1000}, **_JSON, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -54,6 +55,12 @@ def make_engine(url: str, *, checkpoints_in_background: bool = False, **kwargs: 
             # A writer takes the write lock at once (a deferred one could fail to upgrade its lock
             # later); a reader must not, or every read would wait for the writer's batch.
             read_only = connection.get_execution_options().get(READ_ONLY, False)
+            if not read_only:  # how long to wait for another writer: briefly in the event loop (handlers.busy)
+                wait = LOOP_WAIT_MS if IN_THE_LOOP.get() else THREAD_WAIT_MS
+                info = connection.connection.info
+                if info.get("busy_timeout") != wait:
+                    connection.exec_driver_sql(f"PRAGMA busy_timeout = {wait}")
+                    info["busy_timeout"] = wait
             connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine

@@ -683,3 +683,61 @@ async def test_a_rebuild_whose_reader_stopped_early_fails_unless_the_rest_was_re
             await _check_end(bus.js, seqs[0], seqs[-1])
         # (The log refuses deletes; what its limits removed is not there either.)
         await _check_end(bus.js, seqs[-1], seqs[-1] + 1000)  # the rest is not there: that is its end
+
+
+async def test_a_sqlite_database_locked_by_another_process_does_not_stop_the_bus(tmp_path: Path, server: EmbeddedNats) -> None:
+    """SQLite work runs in the event loop's thread: another process holding the database's write
+    lock (an operator's sqlite3 shell, a backup tool) used to stop the whole bus — HTTP answers,
+    the lease's renewals — for as long as SQLite waits (30 s). Now the loop waits only briefly,
+    the batch waits for the lock in a worker thread, and is applied once the lock is let go."""
+    import sqlite3
+    import threading
+
+    bus = Bus(Settings(data_dir=tmp_path, nats_url=server.url, nats_creds=server.bus_creds))
+    await bus.start()
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        assert bus.engine is not None and bus.lease is not None
+
+        def applied(project_id: str) -> bool:  # (read on a connection of its own: a reader waits for no lock)
+            reader = sqlite3.connect(tmp_path / "collabbus.db")
+            try:
+                return reader.execute("SELECT 1 FROM projects WHERE project_id = ?", (project_id,)).fetchone() is not None
+            finally:
+                reader.close()
+
+        locked, release = threading.Event(), threading.Event()
+
+        def hold_the_lock() -> None:
+            other = sqlite3.connect(tmp_path / "collabbus.db", isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(10)
+            other.execute("COMMIT")
+            other.close()
+
+        holder = threading.Thread(target=hold_the_lock)
+        holder.start()
+        assert await asyncio.to_thread(locked.wait, 10)
+        gaps: list[float] = []  # how long the loop went without running this task, while the lock was held
+        try:
+            assert (await offer(nc, FIXTURE["as"], project_event("during-the-lock"))).accepted
+            loop = asyncio.get_running_loop()
+            last = loop.time()
+            for _ in range(60):  # 3 s
+                await asyncio.sleep(0.05)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+            assert not applied("during-the-lock")  # (it waits for the lock)
+            assert bus.lease.fresh  # renewed meanwhile
+        finally:
+            release.set()
+            await asyncio.to_thread(holder.join)
+        assert max(gaps) < 1.0, max(gaps)  # was 30 s, SQLite's busy timeout, in the loop
+        await wait_for(lambda: applied("during-the-lock"))
+        assert (await offer(nc, FIXTURE["as"], project_event("after-the-lock"))).accepted
+        await wait_for(lambda: applied("after-the-lock"))
+    finally:
+        await nc.close()
+        await bus.stop()
