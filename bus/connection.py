@@ -60,3 +60,20 @@ def embedded_server(settings: Settings) -> EmbeddedNats:
 def connection_state(nc: Any) -> str:
     """``ok``, ``reconnecting`` or ``disconnected``: a NATS connection's state, as ``/readyz`` says it."""
     return "ok" if nc.is_connected else "reconnecting" if nc.is_reconnecting else "disconnected"
+
+
+PING_TIMEOUT = 1.0
+"""Seconds a connection's server has to answer a ping before it is called not answering."""
+
+
+async def answering(nc: Any, timeout: float = PING_TIMEOUT) -> str:
+    """:func:`connection_state`, and for a connection that is up whether its server answers a
+    ping: a server stopped (SIGSTOP) or stuck keeps the connection open but answers nothing."""
+    state = connection_state(nc)
+    if state != "ok":
+        return state
+    try:
+        await nc.flush(timeout=timeout)
+    except Exception as exc:  # (nats-py: its TimeoutError, or the connection closing meanwhile)
+        return f"not answering: no reply to a ping within {timeout:g} s ({type(exc).__name__})"
+    return "ok"

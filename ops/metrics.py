@@ -86,7 +86,7 @@ class _Snapshot(Collector):
         self.nats_connected = nats_connected
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("collabbus_nats_connected", "1 while the bus's connection to NATS is up",
+        yield GaugeMetricFamily("collabbus_nats_connected", "1 while the bus's connection to NATS is up and its server answers",
                                 value=1 if self.nats_connected else 0)
         yield GaugeMetricFamily("collabbus_status_readable", "1 when the log's and consumers' state could be read "
                                 "from NATS for this scrape (0: the log, lag and dead-letter series are missing)",

@@ -11,15 +11,16 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from bus.connection import connection_state
+from bus.connection import answering
 from bus.verdict import Verdict
 from connectors.http.auth import Member, bus_of
-from connectors.http.problems import ApiProblem, documented
+from connectors.http.problems import ApiProblem, documented, retry_after
 from handlers.db import reading
 from ops.status import running_consumers
 
@@ -142,11 +143,11 @@ async def readyz(request: Request) -> JSONResponse:
     """Ready when NATS is connected, the database answers and the consumer groups are bound;
     otherwise each failing check says why."""
     bus = bus_of(request)
-    nc = bus.nc
+    nats = await answering(bus.nc)
     checks = {
-        "nats": connection_state(nc),
+        "nats": nats,
         "database": await run_in_threadpool(database_check, bus.engine),
-        "consumer": await _consumers_check(bus, server=nc.is_connected),
+        "consumer": await _consumers_check(bus, server=nats == "ok"),
     }
     if bus.gates is not None:
         checks["gatekeepers"] = bus.gates.check()
@@ -200,24 +201,35 @@ async def metrics(request: Request) -> Response:
         status: dict[str, Any] | None = await asyncio.wait_for(collect_status(bus.js, lease_holders=False), METRICS_NATS_TIMEOUT)
     except Exception:
         status = None
+    nats_up = (await answering(bus.nc)) == "ok" if status is None else bus.nc.is_connected  # (it answered the status)
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)
     outbox = await run_in_threadpool(outbox_waiting, bus.engine)
     expiries = await run_in_threadpool(access_expiries, bus.engine, bus.server.authority if bus.server is not None else None)
     registry: Metrics = request.app.state.metrics
-    return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=bus.nc.is_connected,
+    return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=nats_up,
                                checkpointers=bus.checkpointers, outbox=outbox,
                                backup=last_backup(bus.settings.data_dir) or {}, expiries=expiries,
                                lease_age=bus.lease.renewed_ago if bus.lease is not None else None),
                     media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/ops/status", responses=documented(401, 403))
+@router.get("/ops/status", responses=documented(401, 403, 503))
 async def ops_status(request: Request, caller: Member) -> dict[str, Any]:
     """The bus's streams and consumers, for the network's operator."""
     bus = bus_of(request)
     if caller != bus.settings.operator:
         raise ApiProblem(403, "the bus's status is for the network's operator", kind="operator_only")
-    return await bus_status(bus)
+    try:
+        return await asyncio.wait_for(bus_status(bus), STATUS_TIMEOUT)
+    except (asyncio.TimeoutError, NatsError) as exc:  # (nats-py's TimeoutError is asyncio's too)
+        raise ApiProblem(
+            503, f"NATS does not answer the bus ({type(exc).__name__}): the status cannot be read now; "
+                 "/readyz and /metrics say what they can", kind="unavailable", headers=retry_after(5),
+        ) from None
+
+
+STATUS_TIMEOUT = 10.0
+"""Seconds /ops/status waits for NATS to tell the log's and consumers' state."""
 
 
 @router.get("/ops/traces/{trace_id}", responses=documented(401, 403, 404))

@@ -148,3 +148,58 @@ async def test_the_embedded_nats_server_is_started_again_when_it_dies(tmp_path: 
             assert "collabbus_status_readable 1.0" in metrics_after.text and 'collabbus_dead_letters{consumer="network"} 0.0' in metrics_after.text
     finally:
         await bus.stop()
+
+
+async def test_a_nats_server_that_stops_answering_is_not_called_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server stopped (SIGSTOP) or stuck keeps the bus's connection open: /readyz said NATS was
+    `ok`, /metrics that it was connected, and /ops/status failed with a 500. Now /readyz says it
+    does not answer, /metrics counts it away, /ops/status is a 503 saying why; all well again once
+    it answers."""
+    import os
+    import signal
+
+    from sqlmodel import Session
+
+    from bus.runtime import Bus
+    from bus.server import free_port
+    from connectors.http import operations
+    from handlers.tokens import issue
+    from ops.settings import Settings
+    from ops.tracing import Tracing
+
+    monkeypatch.setattr(operations, "STATUS_TIMEOUT", 2.0)
+    bus = Bus(Settings(data_dir=tmp_path, nats_listen=f"127.0.0.1:{free_port()}"), tracing=Tracing.off())
+    await bus.start()
+    try:
+        assert bus.engine is not None and bus.server is not None and bus.server.process is not None
+        with Session(bus.engine) as session:
+            token = issue(session, bus.settings.operator)
+            session.commit()
+        auth = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(bus)), base_url="http://bus") as client:
+            for _ in range(100):  # (the operator's joining is applied a moment after the start)
+                if (await client.get("/ops/status", headers=auth)).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await readiness(client)) == (200, {"nats": "ok", "database": "ok", "consumer": "ok"})
+            os.kill(bus.server.process.pid, signal.SIGSTOP)
+            try:
+                status, checks = await readiness(client)
+                assert status == 503 and checks["nats"].startswith("not answering: no reply to a ping within 1 s"), checks
+                stuck = await client.get("/ops/status", headers=auth)
+                assert stuck.status_code == 503 and stuck.json()["type"] == "urn:collabbus:problem:unavailable", stuck.text
+                assert "NATS does not answer the bus" in stuck.json()["detail"] and stuck.headers["retry-after"] == "5"
+                metrics = await client.get("/metrics")
+                assert metrics.status_code == 200 and "collabbus_nats_connected 0.0" in metrics.text
+            finally:
+                os.kill(bus.server.process.pid, signal.SIGCONT)
+            # Answering again: /readyz's NATS check and /metrics say so. (JetStream's API may take
+            # longer to answer the consumers' check again after such a stall.)
+            for _ in range(150):
+                if (await readiness(client))[1]["nats"] == "ok":
+                    break
+                await asyncio.sleep(0.2)
+            assert (await readiness(client))[1]["nats"] == "ok"
+            assert "collabbus_nats_connected 1.0" in (await client.get("/metrics")).text
+    finally:
+        await bus.stop()
