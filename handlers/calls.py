@@ -183,7 +183,9 @@ def decide_application(ctx: Context) -> None:
         country=institution.country if institution else None,
     )
     previous = ctx.session.get(CallApplication, (data.call_id, data.application_id))
-    duplicate = previous is not None and previous.status != "rejected"
+    # A rejected application may be submitted again under its id, by its applicant: the id stays
+    # its (another applicant taking it would take its rejection's record, and be shown its request).
+    duplicate = previous is not None and (previous.status != "rejected" or previous.applicant != event.source)
     currency = data.requested_amount.currency if data.requested_amount is not None else None
     refusal = rules.application_refusal(call, applicant, event.logged_at, duplicate=duplicate, currency=currency)
     answer = {"call_id": data.call_id, "application_id": data.application_id, "applicant": event.source}
@@ -480,7 +482,11 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
         select(CallApplication.applicant, CallApplication.partners)
         .where(CallApplication.call_id == call_id, CallApplication.application_id == application_id)
     ).first()
-    if application is not None:
+    # The application under this id now may be another institution's than the one this event is
+    # about (an id a rejected application had, taken again before that was refused): its parties
+    # see only what is about theirs.
+    about = source if event_type == "call.application_submitted" else data.get("applicant")
+    if application is not None and (about is None or str(about) == application[0]):
         applicant, partners = application
         parties = {applicant, *(partners or ())}
         # A decision, a withdrawal and the refusal of one reach the application's parties when a

@@ -93,8 +93,8 @@ def application_refusal(
     currency: str | None = None,
 ) -> Refusal | None:
     """Why an application logged at ``logged_at`` is rejected, or None when it is received.
-    ``duplicate``: an application with the same id was already received (a rejected one may be
-    submitted again); ``currency``: that of the amount it requests (None: it names none). A
+    ``duplicate``: the id is taken (by an application received, or one of another applicant's
+    that was rejected: a rejected one may be submitted again by its applicant); ``currency``: that of the amount it requests (None: it names none). A
     request in another currency than the call's budget is refused: the publisher could not
     weigh the requests against the budget or against each other.
 
@@ -104,7 +104,7 @@ def application_refusal(
     if call is None:
         return Refusal("unknown_call", "There is no such call.")
     if duplicate:
-        return Refusal("duplicate_application", "An application with this id was already received.")
+        return Refusal("duplicate_application", "An application with this id was already submitted: choose another id.")
     if logged_at < call.opens_at:
         return Refusal("before_opening", f"The call opens at {call.opens_at.isoformat()}.")
     if logged_at > call.deadline:

@@ -252,6 +252,31 @@ async def test_a_rejected_application_may_be_submitted_again_under_its_id(scenar
 # --- decisions and withdrawals ------------------------------------------------------------------
 
 
+async def test_a_rejected_applications_id_stays_its_applicants(scenario: Scenario, call_id: str) -> None:
+    """A rejected application may be sent again under its id by its applicant, not by another:
+    that one would take the rejection's record over, and its parties would be shown the first
+    applicant's request (and the other way round)."""
+    from handlers.calls import audience
+
+    first = application(call_id, "app-1", currency="SEK")
+    await scenario.given(published(call_id), first)
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "rejected" and stored.applicant == COOPERATIVE
+    other = application(call_id, "app-1", by=SWEDISH_COOPERATIVE)
+    taken = the_only(await scenario.when(other), "call.application_rejected")
+    assert taken["data"]["reason"]["code"] == "duplicate_application"
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "rejected" and stored.applicant == COOPERATIVE  # its record kept
+        # Each sees its own: neither the other applicant nor its partners see the other's request.
+        assert SWEDISH_COOPERATIVE not in (audience(session, first) or ())
+        # (PARTNER: both name it, as this module's applications do.)
+        assert COOPERATIVE not in (audience(session, other) or ()) and COOPERATIVE not in (audience(session, taken) or ())
+    again = application(call_id, "app-1")  # its applicant, mended
+    assert the_only(await scenario.when(again), "call.application_received")["data"]["applicant"] == COOPERATIVE
+
+
 async def test_the_publisher_awards_a_received_application_with_the_amount_granted(scenario: Scenario, call_id: str) -> None:
     await scenario.given(published(call_id), application(call_id, "app-1"))
     before = now()
