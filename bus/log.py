@@ -226,6 +226,8 @@ class Outcome:
     """The events decided on it that are logged, in log order."""
     pending: list[str]
     """Ids of events decided on it that are not logged yet."""
+    refused_unseen: bool = False
+    """A workflow rule refused it in a refusal the caller may not see (a confidential step's)."""
 
     @property
     def refusal(self) -> tuple[int, dict[str, Any]] | None:
@@ -236,7 +238,8 @@ class Outcome:
     def refused(self) -> bool:
         from handlers.network import derived_type
 
-        return self.refusal is not None or any(str(derived_type(event_id)).endswith("_rejected") for event_id in self.pending)
+        return (self.refusal is not None or self.refused_unseen
+                or any(str(derived_type(event_id)).endswith("_rejected") for event_id in self.pending))
 
     def as_dict(self) -> dict[str, Any]:
         """As ``GET /events/{id}`` answers it."""
@@ -278,6 +281,7 @@ async def outcome(
         return None
     derived: list[tuple[int, dict[str, Any]]] = []
     pending: list[str] = []
+    unseen = False
     for derived_id, derived_seq in consequences:
         if derived_seq is None:
             pending.append(derived_id)
@@ -285,4 +289,6 @@ async def outcome(
         logged = await logged_at(js, derived_seq)
         if logged is not None and (visible is None or await visible(logged)):
             derived.append((derived_seq, logged))
-    return Outcome(seq, event, derived, pending)
+        elif logged is not None and str(logged.get("type", "")).endswith("_rejected"):
+            unseen = True  # (the event did not take effect: not "applied", though what refused it is not shown)
+    return Outcome(seq, event, derived, pending, unseen)

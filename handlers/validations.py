@@ -572,6 +572,15 @@ CONFIDENTIAL = confidential.VALIDATION_EVENTS
 """The validation workflow's event types that not every member may see (:mod:`handlers.confidential`)."""
 
 
+def _refused(session: Session, event_id: str) -> bool:
+    """Whether the workflow refused the event ``event_id`` (a refusal derived from it was applied)."""
+    from handlers.bookkeeping import AppliedEvent
+
+    table = AppliedEvent.__table__  # type: ignore[attr-defined]
+    return session.execute(sa.select(table.c.event_id).where(
+        table.c.caused_by == event_id, table.c.event_id.like("validation.action_rejected.%")).limit(1)).first() is not None
+
+
 def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | None:
     """The institutions that may see a logged event, as ``GET /events`` shows it and webhooks
     deliver it; None: every member. The rule of :func:`validation_view`:
@@ -604,6 +613,8 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
     requester, coordinator, status = found
     allowed.add(coordinator)  # refused events too: they were refused in its name
     if event_type == "validation.review_submitted":
+        if _refused(session, str(envelope.get("id"))):  # (its reviewer may have another review, taken)
+            return frozenset(allowed)
         taken = session.exec(select(ValidationReview.reviewer).where(
             ValidationReview.validation_id == validation_id, ValidationReview.reviewer == source)).first() is not None
         if taken and status == "decided":

@@ -318,7 +318,9 @@ class EventOutcome(BaseModel):
         description="`refused`: a workflow rule refused it (its effects were not applied; `refusal` says why)"
     )
     refusal: LoggedEvent | None = Field(
-        description="the `…_rejected` event the bus logged about it, with the reason (`data.reason.code`)"
+        description="the `…_rejected` event the bus logged about it, with the reason (`data.reason.code`); null "
+                    "with `refused` when the refusal is a confidential step's that only its parties see "
+                    "(a reviewer assignment the validation's coordinator was refused, say)"
     )
     derived: list[LoggedEvent] = Field(
         description="every event the workflows decided on it (the refusal included), in log order"

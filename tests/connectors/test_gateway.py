@@ -697,6 +697,28 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     listed = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
     assert [v["validation_id"] for page in listed for v in page] == [validation_id]
     assert "reviews" not in listed[0][0]
+    # A review after the decision is refused: nobody but its reviewer and the coordinator sees it
+    # (it is not one of the reviews the decision made public), and to another member the event is
+    # "refused", not "applied", though it may not see the refusal.
+    afterwards = await gateway.offer(first, "validation.review_submitted", {**review, "recommendation": "reject"})
+    await gateway.settle()
+    assert await seen_by(outsider) == ([first, second], 2) and await seen_by(municipality) == ([first, second], 2)
+    assert await seen_by(coordinator) == ([first, second], 4)  # (the intruder's and this refused one too)
+    told = (await gateway.client.get(f"/events/{afterwards['id']}", headers=gateway.auth(coordinator))).json()
+    assert told["outcome"] == "refused" and told["refusal"]["event"]["data"]["reason"]["code"] == "already_decided"
+    assert (await gateway.client.get(f"/events/{afterwards['id']}", headers=gateway.auth(outsider))).status_code == 404
+    # A reviewer assignment the workflow refused: the assignment is public, the refusal the parties'.
+    another = unique("val")
+    await gateway.offer(municipality, "validation.requested", {
+        "validation_id": another, "project_id": practice["project_id"], "coordinator": coordinator, "quorum": 1,
+        "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2, "statement": {"en": "we think it works"}},
+    })
+    conflicted = await gateway.offer(coordinator, "validation.reviewer_assigned", {"validation_id": another, "reviewer": municipality})
+    await gateway.settle()
+    to_coordinator = (await gateway.client.get(f"/events/{conflicted['id']}", headers=gateway.auth(coordinator))).json()
+    assert to_coordinator["refusal"]["event"]["data"]["reason"]["code"] == "conflict_of_interest"
+    to_outsider = (await gateway.client.get(f"/events/{conflicted['id']}", headers=gateway.auth(outsider))).json()
+    assert (to_outsider["outcome"], to_outsider["refusal"], to_outsider["derived"]) == ("refused", None, [])
 
 
 async def test_innovation_days_their_registrations_and_the_calendar(gateway: Gateway, municipality: str) -> None:
