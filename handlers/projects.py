@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
-from handlers.institutions import Institution, UtcDateTime, column_values, upsert
+from handlers.institutions import Institution, UtcDateTime, column_values, member, upsert
 from handlers.network import Context, Decider, Event, Projection, Timer
 from handlers.rows import TableRow
 from handlers.rules.projects import ProjectAction, ProjectSnapshot, action_refusal
@@ -146,7 +146,7 @@ def _action(session: Session, event: Event[Any], project: Project | None) -> Pro
         return replace(action, partner=data.partner.institution)
     if isinstance(data, ProjectAdopted):
         known = session.get(ProjectAdoption, data.adoption_id) is not None
-        return replace(action, adopter=data.adopter, adoption_known=known)
+        return replace(action, adopter=data.adopter, adoption_known=known, adopter_member=member(session, data.adopter) is not None)
     if project is not None and isinstance(data, ProjectUpdated):
         changed = data.changes.model_fields_set
         return replace(

@@ -190,6 +190,8 @@ class ProjectActionRefusal(Reason):
         "not_owner_or_partner",
         "not_owner_or_adopter",
         "duplicate_adoption",
+        "own_project",
+        "unknown_adopter",
         "invalid_dates",
     ]
 

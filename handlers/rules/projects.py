@@ -31,6 +31,8 @@ class ProjectAction:
     """``project.adopted``: the institution taking the practice up."""
     adoption_known: bool = False
     """``project.adopted``: the adoption id was used before."""
+    adopter_member: bool = True
+    """``project.adopted``: the adopter is a member of the network."""
     started_on: date | None = None
     ends_on: date | None = None
     """The project's dates as they would be after the event."""
@@ -53,6 +55,10 @@ def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Re
             return Refusal("not_owner_or_adopter", f"Only {project.owner} or the adopter may record an adoption.")
         if action.adoption_known:
             return Refusal("duplicate_adoption", "An adoption with this id was already recorded.")
+        if action.adopter == project.owner:  # (the spread of a practice counts the others taking it up)
+            return Refusal("own_project", f"{project.owner} owns the project: an adoption is another member taking it up.")
+        if not action.adopter_member:  # a typo would otherwise count an adoption nobody made
+            return Refusal("unknown_adopter", f"{action.adopter} is not a member of the network.")
     if action.started_on is not None and action.ends_on is not None and action.ends_on < action.started_on:
         return Refusal("invalid_dates", "The project would end before it starts.")
     return None

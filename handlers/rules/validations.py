@@ -224,6 +224,8 @@ def action_refusal(
 
 
 def _conflict_message(validation: ValidationState, reviewer: str) -> str:
+    if reviewer == validation.coordinator:
+        return f"{reviewer} coordinates the validation and may not also review it"
     if reviewer == validation.requester:
         role = "the requester"
     elif reviewer == validation.project_owner:

@@ -56,6 +56,11 @@ def test_an_adoption_is_recorded_by_the_adopter_or_the_owner_once() -> None:
     assert code(PROJECT, ProjectAction("project.adopted", OWNER, adopter="tr-tarsus-bld", adoption_known=True)) == (
         "duplicate_adoption"
     )
+    # Not its own owner (the spread counts others taking it up), nor an institution not in the network (a typo).
+    assert code(PROJECT, ProjectAction("project.adopted", OWNER, adopter=OWNER)) == "own_project"
+    assert code(PROJECT, ProjectAction("project.adopted", OWNER, adopter="tr-tarsus-bdl", adopter_member=False)) == (
+        "unknown_adopter"
+    )
 
 
 def test_a_project_does_not_end_before_it_starts() -> None:

@@ -263,6 +263,10 @@ async def test_an_adoption_is_recorded_by_the_adopter_or_the_owner(scenario: Sce
     refused(await scenario.when(by_third), by_third, "not_owner_or_adopter")
     duplicate = adopted(project_id, UNIVERSITY, by=OWNER, adoption_id=f"{project_id}-tarsus")
     refused(await scenario.when(duplicate), duplicate, "duplicate_adoption")
+    own = adopted(project_id, OWNER, by=OWNER)
+    refused(await scenario.when(own), own, "own_project")
+    misspelt = adopted(project_id, "tr-tarsus-bdl", by=OWNER)
+    refused(await scenario.when(misspelt), misspelt, "unknown_adopter")
     with scenario.session() as session:
         adoptions = session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == project_id)).all()
         assert sorted(a.adopter for a in adoptions) == sorted([TARSUS, OUTSIDER])

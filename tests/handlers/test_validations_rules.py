@@ -169,6 +169,8 @@ def test_a_project_is_put_forward_by_its_owner_or_a_partner_to_a_coordinator_wit
 
 def test_the_coordinator_neither_reviews_nor_invents_medians() -> None:
     assert code(VALIDATION, "fi-thl", assigned("fi-thl")) == "conflict_of_interest"
+    itself = action_refusal(VALIDATION, "fi-thl", assigned("fi-thl"))
+    assert itself is not None and itself.message == "fi-thl coordinates the validation and may not also review it"
     invented = ValidationDecided(validation_id="val-1", outcome="validated", decided_by="coordinator",
                                  median_scores={c: 5.0 for c in CRITERIA})
     refusal = action_refusal(VALIDATION, "fi-thl", invented)
