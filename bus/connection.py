@@ -67,13 +67,18 @@ PING_TIMEOUT = 1.0
 
 
 async def answering(nc: Any, timeout: float = PING_TIMEOUT) -> str:
-    """:func:`connection_state`, and for a connection that is up whether its server answers a
-    ping: a server stopped (SIGSTOP) or stuck keeps the connection open but answers nothing."""
+    """:func:`connection_state`, and for a connection that is up whether its server answers:
+    a server stopped (SIGSTOP) or stuck keeps the connection open but answers nothing.
+
+    Asked as JetStream's account information, a request its credentials allow (the bus needs
+    JetStream's API), not a flush: nats-py leaves a flush that timed out waiting for its PONG, and
+    the late PONG then stops its reading of the connection for good (until it finds the
+    connection stale, minutes later). A request that timed out is forgotten cleanly."""
     state = connection_state(nc)
     if state != "ok":
         return state
     try:
-        await nc.flush(timeout=timeout)
+        await nc.jetstream(timeout=timeout).account_info()
     except Exception as exc:  # (nats-py: its TimeoutError, or the connection closing meanwhile)
-        return f"not answering: no reply to a ping within {timeout:g} s ({type(exc).__name__})"
+        return f"not answering: no reply within {timeout:g} s ({type(exc).__name__})"
     return "ok"

@@ -185,7 +185,7 @@ async def test_a_nats_server_that_stops_answering_is_not_called_ok(tmp_path: Pat
             os.kill(bus.server.process.pid, signal.SIGSTOP)
             try:
                 status, checks = await readiness(client)
-                assert status == 503 and checks["nats"].startswith("not answering: no reply to a ping within 1 s"), checks
+                assert status == 503 and checks["nats"].startswith("not answering: no reply within 1 s"), checks
                 stuck = await client.get("/ops/status", headers=auth)
                 assert stuck.status_code == 503 and stuck.json()["type"] == "urn:collabbus:problem:unavailable", stuck.text
                 assert "NATS does not answer the bus" in stuck.json()["detail"] and stuck.headers["retry-after"] == "5"
@@ -193,13 +193,17 @@ async def test_a_nats_server_that_stops_answering_is_not_called_ok(tmp_path: Pat
                 assert metrics.status_code == 200 and "collabbus_nats_connected 0.0" in metrics.text
             finally:
                 os.kill(bus.server.process.pid, signal.SIGCONT)
-            # Answering again: /readyz's NATS check and /metrics say so. (JetStream's API may take
-            # longer to answer the consumers' check again after such a stall.)
-            for _ in range(150):
-                if (await readiness(client))[1]["nats"] == "ok":
+            # Answering again: ready at once, the status read, /metrics says so — the checks made
+            # during the stall left the connection reading (a flush timed out there stopped it).
+            for _ in range(50):
+                if (await readiness(client))[0] == 200:
                     break
                 await asyncio.sleep(0.2)
-            assert (await readiness(client))[1]["nats"] == "ok"
+            assert (await readiness(client)) == (200, {"nats": "ok", "database": "ok", "consumer": "ok"})
+            assert (await client.get("/ops/status", headers=auth)).status_code == 200
             assert "collabbus_nats_connected 1.0" in (await client.get("/metrics")).text
+            from tests.conftest import join
+
+            await join(bus.nc, FIXTURE["as"], FIXTURE["kind"])  # (the gate answers and the log takes it)
     finally:
         await bus.stop()
