@@ -234,6 +234,8 @@ class CallActionRefusal(Reason):
         "not_owner",
         "call_closed",
         "invalid_window",
+        "deadline_in_past",
+        "already_open",
         "unknown_application",
         "not_received",
         "not_applicant",

@@ -129,7 +129,8 @@ def amendment_refusal(
     changed: frozenset[str] = frozenset(),
 ) -> Refusal | None:
     """Only the owner amends, only while the call is not closed, and the amended window must
-    still open before its deadline, and a two-stage call's full proposals come after it
+    still open before its deadline, which may not be moved into the past, nor an opening that
+    has come moved later; and a two-stage call's full proposals come after it
     (``opens_at``/``deadline``/``full_proposal_deadline``: the new values, if changed;
     ``changed``: the fields the amendment sets or clears). Once a two-stage call's first stage
     is over, its deadline for full proposals may still be moved (unless the publisher closed
@@ -146,6 +147,13 @@ def amendment_refusal(
         return refusal
     if (deadline or call.deadline) <= (opens_at or call.opens_at):
         return Refusal("invalid_window", "The amended deadline would not be after the call's opening.")
+    # Applications received stay in time, and those still being prepared are not shut out at once:
+    # a call ends now by its closing (cancelled, filled), not by a deadline moved into the past.
+    if deadline is not None and deadline < logged_at:
+        return Refusal("deadline_in_past", "The amended deadline is already past: to end the call now, close it "
+                                           "(call.closed, cancelled or filled).")
+    if opens_at is not None and call.opens_at <= logged_at < opens_at:
+        return Refusal("already_open", f"The call opened at {call.opens_at.isoformat()}: its opening cannot be moved later.")
     if full_proposal_deadline_given and full_proposal_deadline is not None and not call.two_stage:
         return Refusal("single_stage", "The call has a single stage: it takes no full proposals, and has no deadline for them.")
     second = full_proposal_deadline if full_proposal_deadline_given else call.full_proposal_deadline

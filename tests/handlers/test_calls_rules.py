@@ -189,8 +189,20 @@ def test_an_amended_window_must_still_open_before_its_deadline() -> None:
     assert amendment_refusal(CALL, OWNER, DURING, deadline=DEADLINE + timedelta(days=15)) is None
     assert code(amendment_refusal(CALL, OWNER, DURING, deadline=OPENS)) == "invalid_window"
     assert code(amendment_refusal(CALL, OWNER, DURING, opens_at=DEADLINE + timedelta(days=1))) == "invalid_window"
-    both = amendment_refusal(CALL, OWNER, DURING, opens_at=DEADLINE, deadline=DEADLINE + timedelta(days=1))
+    upcoming = OPENS - timedelta(days=1)
+    both = amendment_refusal(CALL, OWNER, upcoming, opens_at=DEADLINE, deadline=DEADLINE + timedelta(days=1))
     assert both is None
+
+
+def test_an_amendment_neither_moves_the_deadline_into_the_past_nor_an_opening_that_has_come_later() -> None:
+    """Applications received would stand after the deadline, and those being prepared would be
+    shut out at once (the call ends now by its closing); an open call would show as upcoming
+    with applications in hand."""
+    assert code(amendment_refusal(CALL, OWNER, DURING, deadline=DURING - timedelta(minutes=1))) == "deadline_in_past"
+    assert amendment_refusal(CALL, OWNER, DURING, deadline=DURING + timedelta(minutes=1)) is None  # sooner, not past
+    assert code(amendment_refusal(CALL, OWNER, DURING, opens_at=DURING + timedelta(minutes=30))) == "already_open"
+    assert amendment_refusal(CALL, OWNER, DURING, opens_at=OPENS - timedelta(days=1)) is None  # earlier: fine
+    assert amendment_refusal(CALL, OWNER, OPENS - timedelta(days=2), opens_at=OPENS + timedelta(days=1)) is None  # not open yet
 
 
 def test_only_the_owner_closes_an_open_call() -> None:

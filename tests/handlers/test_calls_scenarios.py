@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -538,6 +540,14 @@ def full_proposal(call_id: str, application_id: str, *, by: str = COOPERATIVE, c
     })
 
 
+async def first_stage_over(scenario: Scenario, call_id: str, *, until: datetime | None = None, **changes: Any) -> None:
+    """End a call's first stage: its deadline amended to a moment ahead (a deadline is not moved
+    into the past), with ``changes``, and that moment (or ``until``) let pass."""
+    deadline = now() + timedelta(seconds=1)
+    await scenario.given(amended(call_id, {"deadline": deadline.isoformat(), **changes}))
+    await asyncio.sleep(max(0.0, ((until or deadline) - now()).total_seconds()) + 0.05)
+
+
 def refused(emitted: list[dict[str, Any]], code: str) -> dict[str, Any]:
     refusal = the_only(emitted, "call.action_rejected")
     assert refusal["data"]["reason"]["code"] == code, refusal["data"]["reason"]
@@ -605,7 +615,7 @@ async def test_a_single_stage_call_neither_invites_nor_takes_full_proposals(scen
 async def test_full_proposals_come_by_their_deadline_which_may_move_after_the_first_stage(scenario: Scenario, call_id: str) -> None:
     await scenario.given(two_stage(call_id), application(call_id, "app-1"), decided(call_id, "app-1", "invited"))
     # The first stage ends; the second stage's deadline may still move, only after the first's.
-    await scenario.given(amended(call_id, {"deadline": (now() - timedelta(hours=2)).isoformat()}))
+    await first_stage_over(scenario, call_id)
     refused(await scenario.when(amended(call_id, {"deadline": (now() + timedelta(days=1)).isoformat()})), "call_closed")
     refused(await scenario.when(amended(call_id, {"full_proposal_deadline": (now() - timedelta(hours=3)).isoformat()})), "invalid_window")
     assert await scenario.when(amended(call_id, {"full_proposal_deadline": (now() + timedelta(days=7)).isoformat()})) == []
@@ -623,9 +633,9 @@ async def test_an_invited_application_without_a_full_proposal_lapses_once_their_
     await scenario.given(two_stage(call_id), application(call_id, "app-1"), application(call_id, "app-2", by=PARTNER),
                          application(call_id, "app-3"), decided(call_id, "app-1", "invited"), decided(call_id, "app-2", "invited"))
     assert await scenario.when(full_proposal(call_id, "app-1")) == []
-    # Both deadlines are moved into the past: app-2 sent nothing in time, app-3 was never invited.
-    due = now() - timedelta(hours=1)
-    await scenario.given(amended(call_id, {"deadline": (now() - timedelta(hours=2)).isoformat(), "full_proposal_deadline": due.isoformat()}))
+    # Both deadlines are brought near and pass: app-2 sent nothing in time, app-3 was never invited.
+    due = now() + timedelta(seconds=1.5)
+    await first_stage_over(scenario, call_id, until=due, full_proposal_deadline=due.isoformat())
     late = refused(await scenario.when(full_proposal(call_id, "app-2", by=PARTNER)), "after_full_proposal_deadline")
     assert "deadline for full proposals was" in late["data"]["reason"]["message"]["en"]
     moved = refused(await scenario.when(amended(call_id, {"full_proposal_deadline": (now() + timedelta(days=7)).isoformat()})),
@@ -671,8 +681,8 @@ async def test_a_call_its_publisher_cancelled_takes_no_full_proposals(scenario: 
 
 
 async def test_a_two_stage_call_may_be_cancelled_in_its_second_stage(scenario: Scenario, call_id: str) -> None:
-    await scenario.given(two_stage(call_id), application(call_id, "app-1"), decided(call_id, "app-1", "invited"),
-                         amended(call_id, {"deadline": (now() - timedelta(hours=1)).isoformat()}))  # the first stage is over
+    await scenario.given(two_stage(call_id), application(call_id, "app-1"), decided(call_id, "app-1", "invited"))
+    await first_stage_over(scenario, call_id)
     assert await scenario.when(closed(call_id, "cancelled")) == []
     with scenario.session() as session:
         call = session.get(Call, call_id)
