@@ -82,13 +82,22 @@ def with_settings(func: F) -> F:
         try:
             settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         except ValidationError as exc:
-            err.print(f"[red]invalid settings:[/red] {exc}")
+            for error in exc.errors(include_url=False):
+                name = str(error["loc"][0]) if error["loc"] else ""
+                given = "" if name in _NOT_SHOWN or "secret" in str(Settings.model_fields.get(name, "")).lower() else \
+                    f" (given: {error.get('input')!r})"
+                err.print(f"[red]invalid setting:[/red] COLLABBUS_{name.upper()} (--{name.replace('_', '-')}): "
+                          f"{str(error['msg']).removeprefix('Value error, ')}{given}")
             raise typer.Exit(2) from None
         return func(*args, settings=settings, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=own + extra)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
     return wrapper  # type: ignore[return-value]
+
+
+_NOT_SHOWN = frozenset({"database_url", "nats_url", "nats_public_url", "portal_url", "portal_token", "nats_account_seed"})
+"""Settings whose values an error does not repeat: they may hold credentials."""
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:

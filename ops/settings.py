@@ -74,6 +74,23 @@ class Settings(BaseSettings):
         lambda cls, v: _split(v)
     )
 
+    @field_validator("http", "nats_listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, colon, port = value.rpartition(":")
+        if not colon or not port.isdigit() or not 0 <= int(port) <= 65535 or " " in host:
+            raise ValueError("not an address host:port with a port from 0 to 65535 (such as 127.0.0.1:8080)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        scheme = value.partition("://")[0].lower() if value is not None and "://" in value else None
+        if scheme is not None and scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
+            raise ValueError(f"{scheme} is not a database the read models use: SQLite (sqlite:///path/to/file.db) "
+                             "or PostgreSQL (postgresql+psycopg://user:password@host/database)")
+        return value
+
     @field_validator("webhook_allow_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:

@@ -186,6 +186,24 @@ def test_up_says_in_one_line_what_is_wrong(tmp_path: Path, problem: str) -> None
     assert not _processes_with(f"COLLABBUS_DATA_DIR={tmp_path / 'data'}")  # no gatekeeper left behind
 
 
+@pytest.mark.parametrize(("setting", "value", "says"), [
+    ("COLLABBUS_HTTP", "bogus", "not an address host:port"),
+    ("COLLABBUS_NATS_LISTEN", "127.0.0.1:99999", "with a port from 0 to 65535"),
+    ("COLLABBUS_DATABASE_URL", "mysql://reader:secret@127.0.0.1/db", "mysql is not a database the read models use"),
+    ("COLLABBUS_STREAM_REPLICAS", "abc", "valid integer"),
+])
+def test_a_setting_that_cannot_be_used_is_a_usage_error_naming_it(tmp_path: Path, setting: str, value: str, says: str) -> None:
+    """Refused before anything starts (exit 2), naming the variable and its option, without a
+    traceback; a URL's value is not repeated (it may hold a password)."""
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "data"), setting: value}
+    for command in (["status"], ["up"]):
+        result = subprocess.run([*COLLABBUS, *command], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert f"invalid setting: {setting} (--{setting.removeprefix('COLLABBUS_').lower().replace('_', '-')})" in result.stderr
+        assert says in result.stderr and "Traceback" not in result.stderr and "secret" not in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing started, nothing written
+
+
 def _processes_with(setting: str) -> list[int]:
     """The processes whose environment holds ``setting`` (``NAME=value``)."""
     found = []

@@ -269,9 +269,9 @@ def test_up_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
 
 def test_settings_are_options_too(tmp_path: Path) -> None:
     result = cli("publish", "project.registered", "--as", "x1", "--data", "{}", "--stream-replicas", "nine", env=dict(os.environ))
-    assert result.returncode == 2 and "stream_replicas" in result.stderr
+    assert result.returncode == 2 and "COLLABBUS_STREAM_REPLICAS (--stream-replicas)" in result.stderr
     result = cli("status", "--portal-interval", "0", env=dict(os.environ))  # a sync loop without a pause
-    assert result.returncode == 2 and "portal_interval" in result.stderr
+    assert result.returncode == 2 and "COLLABBUS_PORTAL_INTERVAL (--portal-interval)" in result.stderr
 
 
 def test_the_nats_address_partners_are_told() -> None:
