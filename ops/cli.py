@@ -139,7 +139,9 @@ def _no_network_here(settings: Settings, what: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-async def _connect(settings: Settings, name: str) -> Any:
+async def _connect(settings: Settings, name: str, *, reconnect: bool = False) -> Any:
+    """A connection that fails at once when NATS is not there; ``reconnect``: once made, it
+    reconnects for as long as it takes (a command that follows the log across a restart of NATS)."""
     import nats
 
     from bus.connection import connect_options, embedded_bus_creds
@@ -148,7 +150,9 @@ async def _connect(settings: Settings, name: str) -> Any:
     async def quiet(_exc: Exception) -> None:  # the failure is reported once, below
         return None
 
-    options.update(max_reconnect_attempts=1, connect_timeout=3, allow_reconnect=False, error_cb=quiet)
+    options.update(connect_timeout=3, error_cb=quiet)
+    if not reconnect:
+        options.update(max_reconnect_attempts=1, allow_reconnect=False)
     try:
         return await nats.connect(**options)
     except Exception as exc:  # nats-py raises several kinds here
@@ -163,7 +167,7 @@ async def _connect(settings: Settings, name: str) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
+async def _nats(settings: Settings, name: str, *, reconnect: bool = False) -> AsyncIterator[Any]:
     """A connection to the bus's NATS; when the embedded server is not running, it is started for
     the command (so operations work with the bus stopped) and stopped after it."""
     from bus.connection import embedded_server
@@ -183,7 +187,7 @@ async def _nats(settings: Settings, name: str) -> AsyncIterator[Any]:
         server = embedded_server(settings)
         await server.astart()
     try:
-        nc = await _connect(settings, name)
+        nc = await _connect(settings, name, reconnect=reconnect and server is None)  # (its own server goes with it)
         try:
             yield nc
         finally:
@@ -796,7 +800,7 @@ def tail(
         seen = 0
         # With the bus stopped its log is read all the same (after an incident, say): ``_nats``
         # starts the embedded server for the command.
-        async with _nats(settings, "collabbus-tail") as nc:
+        async with _nats(settings, "collabbus-tail", reconnect=follow) as nc:  # (across a restart of the bus's NATS)
             # Closed before the connection: its subscription ends while the connection still can.
             def unreadable(seq: int, why: str) -> None:
                 err.print(f"[yellow]#{seq} is not an event[/yellow] ({escape(why[:200])}); the consumers dead-letter it")

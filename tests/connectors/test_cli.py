@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from bus.server import free_port
@@ -242,3 +243,39 @@ def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(tmp_path: Pa
     assert "Traceback" not in err, err
     # Interrupted (130), or by the signal itself when it came as the process ended; never a crash.
     assert proc.returncode >= 0 or proc.returncode == -signal.SIGINT, f"ended by signal {-proc.returncode}"
+
+
+@pytest.mark.timeout(120)
+def test_tail_follows_the_log_across_a_restart_of_the_embedded_nats_server(tmp_path: Path) -> None:
+    """The bus starts its nats-server again when it dies; `collabbus tail` reconnects and goes on
+    (it ended with a traceback: its connection did not reconnect)."""
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "0"}
+    for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL"):
+        env.pop(name, None)
+    bus = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    tail: subprocess.Popen[str] | None = None
+    try:
+        assert bus.stderr is not None
+        while "Ctrl-C" not in (line := bus.stderr.readline()):
+            assert line or bus.poll() is None, "collabbus up exited"
+        tail = subprocess.Popen([*COLLABBUS, "tail", "--since", "all", "--json"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert tail.stdout is not None
+        assert orjson.loads(tail.stdout.readline())["type"] == "institution.joined"  # the operator's, #1
+        [server] = child_processes(bus.pid, "nats-server")
+        os.kill(server, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (added := subprocess.run([*COLLABBUS, "institutions", "add", "tr-after-the-restart", "--name", "After",
+                                         "--kind", "ngo", "--country", "TR"], env=env, capture_output=True, text=True,
+                                        timeout=60)).returncode != 0:
+            assert time.monotonic() < deadline, added.stderr  # (until the bus has its server again)
+            time.sleep(0.5)
+        followed = orjson.loads(tail.stdout.readline())
+        assert followed["type"] == "institution.joined" and followed["subject"] == "tr-after-the-restart"
+        assert tail.poll() is None  # still following
+    finally:
+        for proc in (tail, bus):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=30)
