@@ -167,14 +167,19 @@ async def _connect(settings: Settings, name: str, *, reconnect: bool = False) ->
 
 
 @contextlib.asynccontextmanager
-async def _nats(settings: Settings, name: str, *, reconnect: bool = False) -> AsyncIterator[Any]:
+async def _nats(settings: Settings, name: str, *, reconnect: bool = False, fresh: bool = False) -> AsyncIterator[Any]:
     """A connection to the bus's NATS; when the embedded server is not running, it is started for
-    the command (so operations work with the bus stopped) and stopped after it."""
-    from bus.connection import embedded_server
+    the command (so operations work with the bus stopped) and stopped after it — where a bus has
+    run (``fresh``: or not yet, for a restore): in a mistyped data dir a new network of nobody's
+    would be started, and look fine."""
+    from bus.connection import embedded_server, embedded_store
     from bus.server import port_is_taken
 
     server = held = None
     if settings.embedded and not port_is_taken(*settings.listen_host_port):
+        if not fresh and not embedded_store(settings).exists():
+            _no_network_here(settings, f"no bus has run with the data dir {settings.data_dir.resolve()} and none "
+                                       f"answers at {settings.nats_servers[0]} (nothing was created)")
         from ops import datadir
 
         try:  # never a second nats-server on the store of a running bus
@@ -1064,7 +1069,7 @@ def restore(
         raise typer.Exit(1) from None
 
     async def main() -> tuple[dict[str, Any], Path | str | None]:
-        async with _nats(settings, "collabbus-restore") as nc:
+        async with _nats(settings, "collabbus-restore", fresh=True) as nc:
             there = await copies.existing_streams(nc)
             if there:
                 raise copies.BackupError(f"this NATS has the network's streams already ({', '.join(there)}): restore "

@@ -609,8 +609,12 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
            "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
     env.pop("COLLABBUS_NATS_URL", None)
-    never = cli("tail", "--since", "all", "--no-follow", env=env)  # a data dir the bus never ran on
-    assert never.returncode == 1 and "no event log here yet" in never.stderr and "Traceback" not in never.stderr
+    # A data dir the bus never ran on (a mistyped one, say): nothing is started there, nor created.
+    for command in (["tail", "--since", "all", "--no-follow"], ["status", "--json"], ["dlq", "list"]):
+        never = cli(*command, env=env)
+        assert never.returncode == 1 and "no bus has run with the data dir" in never.stderr, never.stderr
+        assert "Traceback" not in never.stderr and never.stdout == ""
+        assert list(tmp_path.iterdir()) == []
     up = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
     assert up.stderr is not None
     deadline = time.monotonic() + 30
