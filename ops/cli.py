@@ -1396,15 +1396,18 @@ def dlq_show(
 
     async def main() -> Any:
         async with _nats(settings, "collabbus-dlq") as nc:
-            return await dlq.dead_letter(nc.jetstream(), seq)
+            letter = await dlq.dead_letter(nc.jetstream(), seq)
+            return letter, (await dlq.later_about_it(nc.jetstream(), letter) if letter is not None else [])
 
-    letter = run(main())
+    letter, later = run(main())
     if letter is None:
         err.print(f"[red]error:[/red] no dead letter #{seq} (see collabbus dlq list)")
         raise typer.Exit(1)
     if as_json:
-        out.print_json(data=letter.as_dict())
+        out.print_json(data={**letter.as_dict(), "later_about_it": later})
         return
+    if later:
+        err.print(_later_warning(later, letter))
     table = Table(show_header=False, box=None)
     for key, value in letter.as_dict().items():
         if key not in ("detail", "event", "raw"):
@@ -1431,27 +1434,47 @@ def dlq_replay(
     leave the dead-letter queue, those failing again stay."""
     from ops import dlq
 
-    async def main() -> list[Any]:
+    async def main() -> tuple[list[Any], dict[int, tuple[Any, list[dict[str, Any]]]]]:
         async with _nats(settings, "collabbus-dlq") as nc:
+            js = nc.jetstream()
+            letters = {letter.seq: letter for letter in await dlq.dead_letters(js) if not seqs or letter.seq in seqs}
+            later = {seq: (letter, await dlq.later_about_it(js, letter)) for seq, letter in letters.items()}
             engine, appliers = await _appliers(settings)
             try:
-                return await dlq.replay(nc.jetstream(), appliers, seqs or None)
+                return await dlq.replay(js, appliers, seqs or None), later
             finally:
                 engine.dispose()
 
-    results = run(main())
+    results, later = run(main())
     if as_json:
-        out.print_json(data={"items": [result.as_dict() for result in results]})
+        out.print_json(data={"items": [{**result.as_dict(), "later_about_it": later.get(result.seq, (None, []))[1]}
+                                       for result in results]})
     elif not results:
         out.print("no dead letters")
     else:
         for result in results:
             if result.applied:
                 out.print(f"[green]replayed[/green] #{result.seq} {escape(result.event_id or '')} ({escape(result.consumer or '')})")
+                letter, after = later.get(result.seq, (None, []))
+                if after:
+                    err.print(_later_warning(after, letter))
             else:
                 out.print(f"[red]kept[/red] #{result.seq} {escape(result.event_id or '')}: {escape(result.error or '')}")
     if any(not result.applied for result in results):
         raise typer.Exit(1)
+
+
+def _later_warning(later: list[dict[str, Any]], letter: Any) -> str:
+    """What an operator is told of the events about the same thing applied while a dead letter waited."""
+    from ops.dlq import LATER_SHOWN
+
+    event = (letter.event or {}) if letter is not None else {}
+    named = ", ".join(f"#{item['seq']} {item['type']}" for item in later)
+    more = f" (the first {LATER_SHOWN})" if len(later) >= LATER_SHOWN else ""
+    return (f"[yellow]warning:[/yellow] {len(later)} later event{'s' if len(later) != 1 else ''} about "
+            f"{escape(str(event.get('subject')))} {'were' if len(later) != 1 else 'was'} applied while it waited here{more}: "
+            f"{escape(named)}. Replayed, it is applied after them, not before (an update refused meanwhile as "
+            "unknown stays refused); `collabbus rebuild` applies the log in its order.")
 
 
 async def _appliers(settings: Settings) -> tuple[Any, dict[str, Any]]:

@@ -250,6 +250,31 @@ async def _logged_at(js: JetStreamContext, letter: DeadLetter) -> datetime:
     return datetime.now(timezone.utc)
 
 
+LATER_SHOWN = 20
+"""How many later events about the same thing ``dlq show`` and ``replay`` name at most."""
+
+
+async def later_about_it(js: JetStreamContext, letter: DeadLetter, limit: int = LATER_SHOWN) -> list[dict[str, Any]]:
+    """The events logged after a dead-lettered one about the same thing (its domain and
+    subject; the workflows' answers to them included), up to ``limit``, as ``{"seq", "type"}``:
+    its consumer applied them while it was set aside, so they met the read models without it (a
+    project's update refused as unknown while its registration waits here). Replayed, it is
+    applied after them; a rebuild applies all in the log's order."""
+    event = letter.event or {}
+    subject, event_type = event.get("subject"), event.get("type")
+    if letter.original_seq is None or not isinstance(subject, str) or not isinstance(event_type, str):
+        return []
+    later: list[dict[str, Any]] = []
+    filter_ = log.event_filter(event_type.split(".", 1)[0], None, subject)
+    async with aclosing(log.stored(js, EVENTS_STREAM, filter_, start_seq=letter.original_seq + 1)) as messages:
+        async for message in messages:
+            logged = log.readable(message.data)
+            later.append({"seq": message.seq, "type": logged.get("type") if isinstance(logged, dict) else None})
+            if len(later) >= limit:
+                break
+    return later
+
+
 async def purge(js: JetStreamContext, consumer: str | None = None) -> int:
     """Delete every dead letter (of ``consumer``, when given); returns how many there were."""
     subject = f"collab.dlq.{consumer}" if consumer else None

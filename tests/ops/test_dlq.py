@@ -162,3 +162,30 @@ def test_a_reason_leaves_out_the_libraries_links_and_statements() -> None:
     ]
     assert dlq.reason_of("OperationalError", traceback) == (
         "OperationalError: (sqlite3.OperationalError) attempt to write a readonly database")
+
+
+async def test_events_about_the_same_thing_applied_while_a_dead_letter_waited_are_named(poisoned: Poisoned) -> None:
+    """A later event about the thing a dead letter is about met the read models without it (an
+    update refused as unknown while the registration waits): `dlq show` and `dlq replay` name
+    them, and say that a replay applies the dead letter after them."""
+    bus, recorder = poisoned.bus, poisoned.recorder
+    recorder.poison.add("poison-c")
+    first = project_event("poison-c")
+    assert (await offer(poisoned.nc, FIXTURE["as"], first)).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+    recorder.poison.clear()
+    later = project_event("poison-c")  # about the same project, applied while the first waits
+    elsewhere = project_event("another-project")
+    seqs = [(await offer(poisoned.nc, FIXTURE["as"], event)).seq for event in (later, elsewhere)]
+    await wait_for(lambda: "another-project" in recorder.seen)
+    [letter] = await dlq.dead_letters(bus.js)
+
+    env = cli_env(bus)
+    code, shown, _ = await collabbus("dlq", "show", str(letter.seq), "--json", env=env)
+    assert code == 0 and orjson.loads(shown)["later_about_it"] == [{"seq": seqs[0], "type": "project.registered"}]
+    code, _, warned = await collabbus("dlq", "show", str(letter.seq), env=env)
+    assert code == 0 and f"1 later event about poison-c was applied while it waited here: #{seqs[0]} project.registered" in warned
+    code, replayed, warned = await collabbus("dlq", "replay", str(letter.seq), env=env)
+    assert code == 0 and f"replayed #{letter.seq}" in replayed
+    assert f"#{seqs[0]} project.registered" in warned and "Replayed, it is applied after them" in warned
+    assert await dlq.dead_letters(bus.js) == []  # (applied by the command's own handlers)
