@@ -250,6 +250,10 @@ class NetworkService:
         that applied it before (one that stalled past its lease, say) writes nothing from now on."""
         with self._transaction() as session:
             self.network.take(session)
+            # A rebuild cut short left its first lane's position: no rebuild runs while a bus
+            # applies the log (it holds the lease), and status would show it as a consumer behind.
+            table = ConsumerPosition.__table__  # type: ignore[attr-defined]
+            session.execute(table.delete().where(table.c.consumer == self.network.consumer + REBUILDING))
 
     def skip(self, seq: int) -> None:
         """Move past an event that was dead-lettered: it is not applied, and later events are."""

@@ -1121,7 +1121,8 @@ def _rebuild_interrupted(settings: Settings) -> None:
             engine.dispose()
     where = f"the log up to #{position}" if position else "part of the log"
     err.print(f"[yellow]rebuild interrupted[/yellow]: the read models hold {where}. Run `collabbus rebuild` "
-              "again to replay it all, or start the bus: it carries on from there.")
+              "again to replay it all, or start the bus: it applies the rest of the log (what the read models "
+              "hold already, once: from their position on, the events of another lane of the rebuild too).")
 
 
 async def _consumer_active(js: Any, stream: str, name: str) -> bool:

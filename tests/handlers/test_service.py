@@ -247,6 +247,25 @@ def test_a_process_replaced_writes_nothing_once_another_took_the_position_over(d
             engine.dispose()
 
 
+def test_a_bus_taking_the_position_over_forgets_the_position_a_rebuild_cut_short_left(database_url: str) -> None:
+    """A rebuild in lanes notes its first lane's progress as `network:rebuild` and drops it when
+    it ends; cut short, the row stayed, and status showed it as a consumer falling behind for good."""
+    _, services, engines = _two_processes(database_url)
+    service = services[0]
+    try:
+        with engines[0].begin() as connection:
+            connection.execute(sa.text("INSERT INTO consumer_positions (consumer, seq, epoch) VALUES ('network:rebuild', 920, 0)"))
+        service.take_position()
+        with engines[0].connect() as connection:
+            left = connection.execute(sa.text("SELECT consumer FROM consumer_positions ORDER BY consumer")).scalars().all()
+        assert left == ["network"]
+    finally:
+        for each in services:
+            each.close()
+        for engine in engines:
+            engine.dispose()
+
+
 def test_two_processes_applying_one_batch_at_once_apply_it_once(database_url: str) -> None:
     """The same batch applied by two processes at the same moment: the second waits for the
     first's transaction (the position is held from the start of it), then finds the position
