@@ -459,7 +459,7 @@ class Consumer:
             else:
                 seq = delivery(head)[0]
                 self.retrying = (f"#{seq} failed {deliveries} of {self.settings.max_deliver} times ({failure.error}); "
-                                 f"tried again at {datetime.now(timezone.utc) + timedelta(seconds=self.settings.delay(deliveries)):%H:%M:%S} UTC, "
+                                 f"to be tried again at {datetime.now(timezone.utc) + timedelta(seconds=self.settings.delay(deliveries)):%H:%M:%S} UTC, "
                                  "the events after it wait")
                 try:
                     if not await self._hold(pending, self.settings.delay(deliveries)):

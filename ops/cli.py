@@ -1022,8 +1022,8 @@ def backup(
         out.print_json(data=manifest.as_dict())
         return
     for stream in manifest.streams:
-        out.print(f"{stream.name}: {stream.messages:,} messages (#{stream.first_seq}–#{stream.last_seq}), "
-                  f"{stream.consumers} consumers, {stream.bytes:,} bytes")
+        span = f" (#{stream.first_seq}–#{stream.last_seq})" if stream.messages else ""
+        out.print(f"{stream.name}: {stream.messages:,} messages{span}, {stream.consumers} consumers, {stream.bytes:,} bytes")
     database = manifest.database
     if database.get("file"):
         out.print(f"read models: {database['file']}, {database['bytes']:,} bytes")
@@ -1092,7 +1092,8 @@ def restore(
         out.print_json(data=report)
         return
     for name, state in states.items():
-        out.print(f"{name}: {state.get('messages', 0):,} messages (#{state.get('first_seq', 0)}–#{state.get('last_seq', 0)})")
+        span = f" (#{state.get('first_seq', 0)}–#{state.get('last_seq', 0)})" if state.get("messages") else ""
+        out.print(f"{name}: {state.get('messages', 0):,} messages{span}")
     if not verified:
         out.print("[yellow]checksums:[/yellow] none in the backup's manifest (made by an older collabbus): its files "
                   "were not checked before the restore")
@@ -2066,7 +2067,11 @@ def schemas_export(directory: Annotated[Path, typer.Argument(metavar="DIR")]) ->
     if (directory / "__init__.py").exists():  # e.g. the catalog's own package, schemas/
         raise typer.BadParameter(f"{directory} holds Python code (__init__.py): choose a directory of its own, "
                                  "e.g. exported-schemas/", param_hint="DIR")
-    paths = registry.export_json_schemas(directory)
+    try:
+        paths = registry.export_json_schemas(directory)
+    except OSError as exc:  # not a directory, not writable, a path under a file
+        err.print(f"[red]error:[/red] cannot write into {directory}: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
     err.print(f"wrote {len(paths)} schemas to {directory}")
 
 

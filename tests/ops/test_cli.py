@@ -306,6 +306,14 @@ def test_schemas_are_not_exported_into_a_python_package(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [tmp_path / "__init__.py"]
 
 
+def test_schemas_exported_where_no_directory_can_be_is_an_error_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    for target in (tmp_path / "a-file", tmp_path / "a-file" / "under"):
+        result = cli("schemas", "export", str(target), env=dict(os.environ))
+        assert result.returncode == 1 and f"cannot write into {target}" in flat(result.stderr), result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_asyncapi_lists_every_event_type() -> None:
     result = cli("asyncapi", env=dict(os.environ))
     assert result.returncode == 0, result.stderr
