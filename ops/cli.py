@@ -1151,6 +1151,7 @@ def status(
     """Streams, consumers and their lag, dead letters, the read models' position, webhook endpoints.
     Exits 1 when the read models' database cannot be read."""
     from bus.server import port_is_taken
+    from ops import datadir
     from ops.status import collect_status, read_consumer_state
 
     async def main() -> dict[str, Any]:
@@ -1159,6 +1160,12 @@ def status(
         try:
             async with _nats(settings, "collabbus-status") as nc:
                 report = await collect_status(nc.jetstream(), engine, data_dir=settings.data_dir)
+        except ConnectionRefusedError as exc:  # (a report still, for a script: what could not be read, and why)
+            held = datadir.holder(settings.data_dir) if settings.embedded else None
+            why = (f"the bus holds its data dir ({held}) but its NATS does not answer at {settings.nats_servers[0]} "
+                   "(stopped, overloaded?)" if held and "collabbus up" in held
+                   else f"cannot reach NATS: {exc}. Is the bus running (collabbus up)?")
+            return {"bus_running": True if held and "collabbus up" in held else None, "error": why}
         finally:
             if engine is not None:
                 engine.dispose()
@@ -1172,6 +1179,11 @@ def status(
         return report
 
     report = run(main())
+    if "error" in report:  # nothing read: the reason, for people and (with --json) for scripts
+        err.print(f"[red]error:[/red] {escape(report['error'])}")
+        if as_json:
+            out.print_json(data=report)
+        raise typer.Exit(1)
     if as_json:
         out.print_json(data=report)
     else:

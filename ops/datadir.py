@@ -49,3 +49,19 @@ def lock(data_dir: Path, what: str) -> IO[str]:
 def _read(text: str) -> tuple[int | None, str | None]:
     pid, _, what = text.strip().partition(" ")
     return (int(pid) if pid.isdigit() else None, what or None)
+
+
+def holder(data_dir: Path) -> str | None:
+    """Who holds the data dir now (``pid 4242: collabbus up``), without taking it; None: nobody."""
+    try:
+        handle = open(data_dir / LOCK_FILE)
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, what = _read(handle.read())
+            return f"pid {pid}" + (f": {what}" if what else "") if pid else "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None

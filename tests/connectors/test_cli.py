@@ -279,3 +279,33 @@ def test_tail_follows_the_log_across_a_restart_of_the_embedded_nats_server(tmp_p
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
                 proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_status_of_a_bus_whose_nats_does_not_answer_says_so_also_as_json(tmp_path: Path) -> None:
+    """A running bus whose nats-server is stopped (SIGSTOP): `status` named no bus and asked
+    whether one was running, and `--json` printed nothing for a script. Now it says the bus holds
+    its data dir but NATS does not answer, in JSON too, and exits 1."""
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "0"}
+    for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL"):
+        env.pop(name, None)
+    bus = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    server = None
+    try:
+        assert bus.stderr is not None
+        while "Ctrl-C" not in (line := bus.stderr.readline()):
+            assert line or bus.poll() is None, "collabbus up exited"
+        [server] = child_processes(bus.pid, "nats-server")
+        os.kill(server, signal.SIGSTOP)
+        result = subprocess.run([*COLLABBUS, "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        report = orjson.loads(result.stdout)
+        assert report["bus_running"] is True
+        assert f"the bus holds its data dir (pid {bus.pid}: collabbus up) but its NATS does not answer" in report["error"]
+        assert report["error"] in " ".join(result.stderr.split())
+    finally:
+        if server is not None:
+            os.kill(server, signal.SIGCONT)
+        bus.send_signal(signal.SIGINT)
+        bus.wait(timeout=30)
