@@ -1270,6 +1270,9 @@ def _render_status(report: dict[str, Any]) -> None:
             hooks.add_row(escape(hook["id"]), escape(hook["institution"]), escape(hook["url"]), enabled,
                           (hook["failing_since"] or "")[:19], (hook["last_success_at"] or "")[:19], str(hook["owed"]))
         out.print(hooks)
+        for hook in report["webhooks"]:
+            if hook.get("last_error"):
+                out.print(f"  [yellow]{escape(hook['id'])}[/yellow] failing: {escape(hook['last_error'])}")
 
 
 # --------------------------------------------------------------------------- traces

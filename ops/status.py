@@ -221,6 +221,7 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
                 "SELECT id, institution, url, enabled, disabled_reason, failing_since, last_success_at "
                 "FROM webhook_endpoints ORDER BY institution, id"
             )).mappings().all()
+            last_errors = {row["id"]: _last_error(connection, row["id"]) for row in rows if row["failing_since"] is not None}
     except sa.exc.SQLAlchemyError as exc:
         database["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         return database, None
@@ -229,10 +230,24 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
             "id": row["id"], "institution": row["institution"], "url": row["url"], "enabled": bool(row["enabled"]),
             "disabled_reason": row["disabled_reason"], "failing_since": _time(row["failing_since"]),
             "last_success_at": _time(row["last_success_at"]), "owed": owed.get(row["id"], 0),
+            "last_error": last_errors.get(row["id"]),
         }
         for row in rows
     ]
     return database, webhooks
+
+
+def _last_error(connection: sa.Connection, endpoint_id: str) -> str | None:
+    """What a failing endpoint's last attempt met (``HTTP 500: its answer's start``), for an
+    operator who cannot read the endpoint's deliveries (its member's)."""
+    row = connection.execute(sa.text(
+        "SELECT a.error, a.response FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id "
+        "WHERE d.endpoint_id = :endpoint ORDER BY a.id DESC LIMIT 1"
+    ), {"endpoint": endpoint_id}).first()
+    if row is None or row[0] is None:
+        return None
+    answer = " ".join(str(row[1] or "").split())[:120]
+    return f"{row[0]}: {answer}" if answer else str(row[0])
 
 
 def _time(value: datetime | str | None) -> str | None:

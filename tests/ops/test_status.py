@@ -29,6 +29,15 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
         endpoint = store.create_endpoint(session, FIXTURE["as"], "https://example.org/hook", ["project.*"], "",
                                          after_seq=10**6, now=datetime.now(timezone.utc))
         endpoint.failing_since = datetime(2026, 12, 2, 3, 0, 1, 250000, tzinfo=timezone.utc)
+        session.flush()
+        failed = store.Delivery(endpoint_id=endpoint.id, event_id="e-1", event_type="project.registered", seq=1,
+                                next_attempt_at=datetime(2099, 1, 1, tzinfo=timezone.utc),  # (not due: nothing tried meanwhile)
+                                created_at=endpoint.failing_since)
+        session.add(failed)
+        session.flush()
+        assert failed.id is not None
+        session.add(store.Attempt(delivery_id=failed.id, attempted_at=endpoint.failing_since, status_code=500,
+                                  error="HTTP 500", response="internal\noops from the receiver"))
     # Given: the operator and one member joined (#1, #2), three projects and one poison event (#3–#6).
     events = [project_event("p-1"), project_event("poison-a"), project_event("p-2"), project_event("p-3")]
     for event in events:
@@ -60,10 +69,13 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
     assert [(w["id"], w["enabled"], w["failing_since"], w["last_success_at"]) for w in status["webhooks"]] == [
         (endpoint.id, True, "2026-12-02T03:00:01.250000Z", None)  # in UTC with its Z, as everywhere else
     ]
+    # What its last attempt met, for an operator who may not read the member's deliveries.
+    assert status["webhooks"][0]["last_error"] == "HTTP 500: internal oops from the receiver"
 
     code, out, err = await collabbus("status", env=cli_env(bus))
     assert code == 0, err
     assert "COLLAB_EVENTS" in out and "network" in out and "webhook endpoints" in out and "(0 behind)" in out
+    assert f"{endpoint.id} failing: HTTP 500: internal oops from the receiver" in out
 
 
 async def test_status_exits_1_when_the_database_cannot_be_read(poisoned: Poisoned) -> None:
