@@ -563,7 +563,7 @@ async def test_json_data_with_its_charset_said_is_json(partner: Client, bus: Bus
         headers["ce-datacontenttype"] = "application/json;charset=utf-8"
         verdict = await offer_raw(partner, subject, body, headers)
     assert verdict.accepted, verdict.as_dict()
-    logged = orjson.loads((await bus.js.get_msg(EVENTS_STREAM, verdict.seq)).data)
+    logged = orjson.loads((await bus.js.get_msg(EVENTS_STREAM, verdict.seq)).data or b"")
     assert logged["datacontenttype"] == "application/json"
     _, other = fresh("project.registered", datacontenttype="application/json; charset=latin-1")
     refused = await offer_raw(partner, subject, orjson.dumps(other), {"Content-Type": "application/cloudevents+json"})
