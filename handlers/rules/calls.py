@@ -159,6 +159,9 @@ def amendment_refusal(
     second = full_proposal_deadline if full_proposal_deadline_given else call.full_proposal_deadline
     if second is not None and second <= (deadline or call.deadline):
         return Refusal("invalid_window", "The deadline for full proposals would not be after the call's deadline.")
+    if full_proposal_deadline_given and full_proposal_deadline is not None and full_proposal_deadline < logged_at:
+        return Refusal("deadline_in_past", "The amended deadline for full proposals is already past: the invited "
+                                           "applications would lapse at once; to end the second stage now, close the call.")
     return None
 
 

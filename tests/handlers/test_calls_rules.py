@@ -203,6 +203,10 @@ def test_an_amendment_neither_moves_the_deadline_into_the_past_nor_an_opening_th
     assert code(amendment_refusal(CALL, OWNER, DURING, opens_at=DURING + timedelta(minutes=30))) == "already_open"
     assert amendment_refusal(CALL, OWNER, DURING, opens_at=OPENS - timedelta(days=1)) is None  # earlier: fine
     assert amendment_refusal(CALL, OWNER, OPENS - timedelta(days=2), opens_at=OPENS + timedelta(days=1)) is None  # not open yet
+    two_stage = replace(CALL, two_stage=True, full_proposal_deadline=DEADLINE + timedelta(days=30))
+    past = amendment_refusal(two_stage, OWNER, DEADLINE + timedelta(days=1), full_proposal_deadline=DEADLINE + timedelta(hours=1),
+                             changed=frozenset({"full_proposal_deadline"}))
+    assert code(past) == "deadline_in_past" and "full proposals" in (past.message if past else "")
 
 
 def test_only_the_owner_closes_an_open_call() -> None:
