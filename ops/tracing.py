@@ -839,8 +839,9 @@ def _span(row: sqlite3.Row) -> dict[str, Any]:
         for event in events
         if event["name"] == "exception"
     ]
-    if row["status"] == "error" and row["status_message"] and row["status_message"] not in errors:
-        errors.insert(0, row["status_message"])
+    said = row["status_message"]
+    if row["status"] == "error" and said:  # (it often repeats an exception's message: "RuntimeError: <message>")
+        errors = [said, *(error for error in errors if error not in said)]
     return {
         "span_id": row["span_id"],
         "parent_id": row["parent_id"],

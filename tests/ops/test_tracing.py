@@ -628,3 +628,16 @@ def test_spans_under_another_sampler_or_an_unsampled_parent_are_the_sdks(tmp_pat
             assert not span.is_recording()
     finally:
         off.shutdown()
+
+
+def test_a_failed_spans_errors_do_not_repeat_its_status() -> None:
+    """A span's status message often repeats its exception's ("RuntimeError: <message>"):
+    `collabbus traces` showed both; the status says it once, other exceptions' messages stay."""
+    from ops.tracing import _span
+
+    row = {"attributes": b"{}", "links": b"[]", "span_id": "s", "parent_id": None, "service": "collabbus", "name": "apply",
+           "kind": "internal", "institution": None, "event_type": None, "event_id": None, "start_ns": 0, "end_ns": 1,
+           "status": "error", "status_message": "RuntimeError: cannot apply poison-a",
+           "events": orjson.dumps([{"name": "exception", "attributes": {"exception.message": "cannot apply poison-a"}},
+                                   {"name": "exception", "attributes": {"exception.message": "the log is gone"}}])}
+    assert _span(row)["errors"] == ["RuntimeError: cannot apply poison-a", "the log is gone"]  # type: ignore[arg-type]
