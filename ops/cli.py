@@ -1419,6 +1419,8 @@ def dlq_show(
     letter, later = run(main())
     if letter is None:
         err.print(f"[red]error:[/red] no dead letter #{seq} (see collabbus dlq list)")
+        if as_json:  # (a script reads why on stdout too)
+            out.print_json(data={"seq": seq, "error": f"no dead letter #{seq}"})
         raise typer.Exit(1)
     if as_json:
         out.print_json(data={**letter.as_dict(), "later_about_it": later})
@@ -1476,7 +1478,8 @@ def dlq_replay(
                 if after:
                     err.print(_later_warning(after, letter))
             else:
-                out.print(f"[red]kept[/red] #{result.seq} {escape(result.event_id or '')}: {escape(result.error or '')}")
+                named = f" {escape(result.event_id)}" if result.event_id else ""
+                out.print(f"[red]kept[/red] #{result.seq}{named}: {escape(result.error or '')}")
     if any(not result.applied for result in results):
         raise typer.Exit(1)
 

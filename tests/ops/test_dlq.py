@@ -44,6 +44,8 @@ async def test_a_poison_event_is_listed_replayed_once_fixed_and_gone(poisoned: P
     assert code == 0 and "Traceback" in shown and '"project_id": "poison-a"' in shown
     code, _, missing = await collabbus("dlq", "show", "999", env=env)
     assert code == 1 and "no dead letter #999" in missing
+    code, said, _ = await collabbus("dlq", "show", "999", "--json", env=env)
+    assert code == 1 and orjson.loads(said) == {"seq": 999, "error": "no dead letter #999"}
 
     # While the handler still fails, a replay keeps the dead letter and says why.
     kept = await dlq.replay(bus.js, {"network": bus.service}, [first.seq])
