@@ -221,8 +221,8 @@ class Gate:
         """
         raw: dict[str, Any] | None = None
         try:
-            raw = self._parse(body, headers)
-            self._check_size(raw, body, headers)
+            raw, size = self._parse(body, headers)
+            self._check_size(raw, size)
             changed = cloudevents.plain_json_content_type(raw)
             # Who may say it is judged before what it says: a sender is not asked to correct data
             # it may not send at all. What could not be judged yet (no readable source or type) is
@@ -326,7 +326,8 @@ class Gate:
         except Rejection as exc:
             return Verdict("rejected", raw.get("id"), errors=exc.problems, reason=exc.reason)
 
-    def _parse(self, body: bytes, headers: Mapping[str, str] | None) -> dict[str, Any]:
+    def _parse(self, body: bytes, headers: Mapping[str, str] | None) -> tuple[dict[str, Any], int]:
+        """The event offered, and its size as sent (the body and its ``ce-`` headers)."""
         # The limit is on the event serialized (``_log``); what is far beyond it is not even read.
         size = len(body) + sum(len(k) + len(v) for k, v in (headers or {}).items() if k[:3].lower() == "ce-")
         if size > INPUT_FACTOR * self.max_event_bytes:
@@ -338,15 +339,15 @@ class Gate:
         if unsupported is not None:
             raise reject("unsupported", "unsupported_content_type", unsupported)
         try:
-            return cloudevents.parse(body, headers)
+            return cloudevents.parse(body, headers), size
         except cloudevents.Malformed as exc:
             raise reject("malformed", exc.code, exc.msg, *exc.loc) from None
 
-    def _check_size(self, raw: Mapping[str, Any], body: bytes, headers: Mapping[str, str] | None) -> None:
+    def _check_size(self, raw: Mapping[str, Any], size: int) -> None:
         """The size limit on an event parsed, before it is validated: a sender mending a field
         would meet it next. (What was sent bounds the event serialized, but for the spelling of
         numbers: only a large one is measured; ``_log`` measures the event as logged.)"""
-        if len(body) + sum(len(k) + len(v) for k, v in (headers or {}).items() if k[:3].lower() == "ce-") <= self.max_event_bytes:
+        if size <= self.max_event_bytes:  # (``size``: as sent, what ``_parse`` measured)
             return
         serialized = len(orjson.dumps({name: value for name, value in raw.items() if value is not None}))
         if serialized > self.max_event_bytes:

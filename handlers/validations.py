@@ -20,7 +20,7 @@ from handlers.institutions import (  # moments stored in UTC, read back aware, o
     UtcDateTime,
     member,
 )
-from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.network import Context, Decider, Event, Projection, Timer, derived_type
 from handlers.projects import Project, ProjectPartner
 from handlers.rows import TableRow
 from handlers.rules import validations as rules
@@ -573,12 +573,12 @@ CONFIDENTIAL = confidential.VALIDATION_EVENTS
 
 
 def _refused(session: Session, event_id: str) -> bool:
-    """Whether the workflow refused the event ``event_id`` (a refusal derived from it was applied)."""
-    from handlers.bookkeeping import AppliedEvent
+    """Whether the workflow refused the event ``event_id``: a refusal is among what was derived from it
+    (what ``GET /events/{id}`` reads: :func:`handlers.bookkeeping.applied_event`)."""
+    from handlers.bookkeeping import applied_event
 
-    table = AppliedEvent.__table__  # type: ignore[attr-defined]
-    return session.execute(sa.select(table.c.event_id).where(
-        table.c.caused_by == event_id, table.c.event_id.like("validation.action_rejected.%")).limit(1)).first() is not None
+    applied = applied_event(session.connection(), event_id)
+    return applied is not None and any(derived_type(derived) == "validation.action_rejected" for derived, _ in applied[1])
 
 
 def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | None:

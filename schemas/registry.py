@@ -245,16 +245,22 @@ def unknown_filters(names: Sequence[str]) -> list[tuple[int, str]]:
     (``project``, or ``project.*``), with what is wrong with it and what was likely meant: what a
     follower's or an endpoint's filter is checked with, so a misspelt one is refused rather
     than matching nothing for ever."""
-    known = set(event_types())
-    domain_names = set(domains())
+    known, domain_names = _TYPES, _DOMAINS
+    unknown = [(place, name) for place, name in enumerate(names)
+               if name not in known and name.removesuffix(".*") not in domain_names]
+    if not unknown:  # (the usual case: no lists of names built for the guesses)
+        return []
     bare = [*known, *domain_names]
     starred = [*known, *(f"{domain}.*" for domain in domain_names)]
     return [
         (place, f"{name!r} is neither an event type nor a domain such as 'project' or 'project.*'"
                 f"{did_you_mean(name, starred if name.endswith('.*') else bare)}")
-        for place, name in enumerate(names)
-        if name not in known and name.removesuffix(".*") not in domain_names
+        for place, name in unknown
     ]
+
+
+_TYPES = frozenset(event_types())
+_DOMAINS = frozenset(domains())
 
 
 def may_emit(kind: str, type: str, major: int = 1) -> bool:

@@ -108,9 +108,9 @@ class ApiProblem(Exception):
 #: names a narrower one: the gatekeeper's reasons where it has one for the status, so that a bad
 #: query and a bad event are told apart by the status and the place, not by two names.
 KINDS = {
-    400: "malformed", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "too_large", 415: "unsupported", 422: "invalid", 429: "rate_limited",
-    500: "internal_error", 503: "unavailable",
+    **{status: reason for reason, status in STATUS_OF_REASON.items()},
+    401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict", 429: "rate_limited",
+    500: "internal_error",
 }
 
 
