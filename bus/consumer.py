@@ -158,7 +158,7 @@ class Applier(Protocol):
 
     def apply_batch(self, items: Sequence[Any], *, live: bool = True, replay: bool = False) -> tuple[int, Any, int]: ...
 
-    def skip(self, seq: int) -> None: ...
+    def skip(self, seq: int, envelope: Any = None) -> None: ...
 
     def position(self) -> int: ...
 
@@ -451,8 +451,8 @@ class Consumer:
             attempts += 1
             deliveries = head.metadata.num_delivered + attempts - 1
             if failure.permanent or deliveries >= self.settings.max_deliver:
-                await self.dead_letter(head, failure.error, failure.detail, deliveries)
-                await call_database(self.inline, self.applier.skip, head.metadata.sequence.stream)
+                await self.dead_letter(head, failure.error, failure.detail, deliveries, set_aside=failure.behind is not None)
+                await call_database(self.inline, self.applier.skip, head.metadata.sequence.stream, _event_of(head))
                 await head.ack()
                 pending = pending[1:]
                 attempts = 0
@@ -524,8 +524,9 @@ class Consumer:
             await asyncio.sleep(0.1 if unleased else wait)
             wait = wait if unleased else min(wait * 2, 10.0)
 
-    async def dead_letter(self, msg: Msg, error: str, detail: str, deliveries: int | None = None) -> None:
-        """Publish ``msg`` to ``collab.dlq.{consumer}`` with the reason in its headers."""
+    async def dead_letter(self, msg: Msg, error: str, detail: str, deliveries: int | None = None, *, set_aside: bool = False) -> None:
+        """Publish ``msg`` to ``collab.dlq.{consumer}`` with the reason in its headers
+        (``set_aside``: it waits behind an earlier dead letter about the same thing)."""
         meta = msg.metadata
         deliveries = deliveries or meta.num_delivered
         headers = dict(msg.headers or {})
@@ -546,10 +547,21 @@ class Consumer:
         )
         await self.js.publish(f"collab.dlq.{self.settings.name}", msg.data, headers=headers, stream="COLLAB_DLQ")
         self.dead_lettered += 1
+        if set_aside:
+            log.warning("consumer %s: event #%s dead-lettered: %s", self.settings.name, meta.sequence.stream, detail,
+                        extra={"event_id": event_id, "consumer": self.settings.name})
+            return
         log.error(
             "consumer %s: event #%s dead-lettered after %d deliveries: %s", self.settings.name, meta.sequence.stream, deliveries, error,
             extra={"event_id": event_id, "consumer": self.settings.name},
         )
+
+
+def _event_of(msg: Msg) -> Any:
+    """A logged message's event (the JSON it holds), or None when it holds none."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        return orjson.loads(msg.data or b"")
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

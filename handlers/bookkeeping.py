@@ -52,6 +52,24 @@ class ConsumerPosition(TableRow, table=True):
     finds another number here than the one it took has been replaced."""
 
 
+class ParkedSubject(TableRow, table=True):
+    """A thing a consumer sets aside (its events' domain and subject): an event about it is in
+    the dead-letter queue, so the later ones about it wait there behind it instead of meeting the
+    read models without it (``collabbus dlq replay`` applies them in the log's order, and lets
+    the thing go once none of its events is left there)."""
+
+    __tablename__ = "parked_subjects"
+
+    consumer: str = Field(primary_key=True, max_length=64)
+    domain: str = Field(primary_key=True, max_length=64)
+    subject: str = Field(primary_key=True, max_length=128)
+    first_seq: int
+    """The log sequence of the event that set it aside (the first dead-lettered about it)."""
+    last_seq: int
+    """The log sequence of the last event set aside about it: a process letting it go names the
+    one it saw, so an event set aside meanwhile keeps it set aside (:func:`release`)."""
+
+
 class OutboxEvent(TableRow, table=True):
     """A derived event decided but not yet confirmed by the log. Kept across rebuilds."""
 
@@ -153,3 +171,59 @@ def outbox_backlog(connection: sa.Connection) -> tuple[int, datetime | None]:
     if oldest is not None and oldest.tzinfo is None:  # stored without its zone: it was written in UTC
         oldest = oldest.replace(tzinfo=timezone.utc)
     return int(waiting), oldest
+
+
+def aggregate_of(envelope: Any) -> tuple[str, str] | None:
+    """What an event is about, as the log's subjects name it: its type's domain and its subject
+    (``("project", "p-1")``); None when the event does not say (an unreadable one)."""
+    if not isinstance(envelope, dict):
+        return None
+    event_type, subject = envelope.get("type"), envelope.get("subject")
+    if not isinstance(event_type, str) or not isinstance(subject, str) or "." not in event_type:
+        return None
+    return event_type.split(".", 1)[0], subject
+
+
+def _parked_table() -> sa.Table:
+    return ParkedSubject.__table__  # type: ignore[attr-defined,no-any-return]
+
+
+def park(connection: sa.Connection, consumer: str, about: tuple[str, str], seq: int) -> int:
+    """Set ``about`` aside for ``consumer`` from the dead-lettered event at ``seq`` on (or note
+    another event set aside behind it); returns the log sequence of the first event set aside."""
+    table = _parked_table()
+    connection.execute(
+        sa.text(f"INSERT INTO {table.name} (consumer, domain, subject, first_seq, last_seq) "
+                "VALUES (:consumer, :domain, :subject, :seq, :seq) "
+                "ON CONFLICT (consumer, domain, subject) DO UPDATE SET last_seq = excluded.last_seq"),
+        {"consumer": consumer, "domain": about[0], "subject": about[1], "seq": seq},
+    )
+    return int(parked_behind(connection, consumer, about) or seq)
+
+
+def parked_behind(connection: sa.Connection, consumer: str, about: tuple[str, str]) -> int | None:
+    """The log sequence ``about``'s events wait behind, or None when it is not set aside."""
+    table = _parked_table()
+    return connection.execute(
+        sa.select(table.c.first_seq).where(table.c.consumer == consumer, table.c.domain == about[0], table.c.subject == about[1])
+    ).scalar()
+
+
+def parked(connection: sa.Connection, consumer: str) -> list[tuple[str, str, int, int]]:
+    """What ``consumer`` sets aside: (domain, subject, first_seq, last_seq), oldest first."""
+    table = _parked_table()
+    rows = connection.execute(
+        sa.select(table.c.domain, table.c.subject, table.c.first_seq, table.c.last_seq)
+        .where(table.c.consumer == consumer).order_by(table.c.first_seq)
+    ).all()
+    return [(str(d), str(s), int(f), int(l)) for d, s, f, l in rows]
+
+
+def release(connection: sa.Connection, consumer: str, about: tuple[str, str], last_seq: int) -> bool:
+    """Let ``about`` go, unless an event was set aside about it since ``last_seq`` was read
+    (then it stays, with that event in the dead-letter queue); whether it was let go."""
+    table = _parked_table()
+    gone = connection.execute(table.delete().where(
+        table.c.consumer == consumer, table.c.domain == about[0], table.c.subject == about[1], table.c.last_seq == last_seq,
+    ))
+    return bool(gone.rowcount)

@@ -27,7 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy import event as sa_event
 from sqlmodel import Session
 
-from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent
+from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent, ParkedSubject, aggregate_of, park, parked, parked_behind, release
 from handlers.db import database_unavailable, reading
 from handlers.positions import PositionTaken
 from handlers.network import REBUILDING, Book, Event, Network, applied_among
@@ -69,6 +69,14 @@ class Failure:
     detail: str
     permanent: bool
     wait: bool = False
+    behind: int | None = None
+    """Set aside behind the event at this log sequence, an earlier one about the same thing that
+    is in the dead-letter queue (:data:`PARKED`)."""
+
+
+PARKED = "Parked"
+"""The error of an event set aside behind a dead letter about the same thing (its dead letter's
+``Collabbus-Error``)."""
 
 
 class NetworkService:
@@ -84,11 +92,16 @@ class NetworkService:
 
         import handlers.tables  # noqa: F401  (every table on the metadata)
 
-        tracked = tracked_tables(SQLModel.metadata, leave_out=(AppliedEvent, ConsumerPosition))
+        tracked = tracked_tables(SQLModel.metadata, leave_out=(AppliedEvent, ConsumerPosition, ParkedSubject))
         self._session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked)
         self._mutex = threading.Lock()
         self._fresh: list[tuple[str, bytes]] = []
         """Derived events this service committed to the outbox since the relay last asked (:meth:`fresh`)."""
+        self._parked: dict[tuple[str, str], int] = {}
+        """What this consumer sets aside (:class:`~handlers.bookkeeping.ParkedSubject`), as this
+        process last knew it: read when it takes the log over, added to when it sets something
+        aside. ``collabbus dlq`` lets things go from another process, so an event about one of
+        these is checked against the table before it is set aside; while none is, nothing is."""
         self._outbox_known = False
         """Whether the outbox holds nothing committed since its last reading but :attr:`_fresh`
         (not at start; not after the timers or an event-by-event batch wrote to it)."""
@@ -187,6 +200,9 @@ class NetworkService:
             seen = self._seen(session, items)
             derived = 0
             for item in items:
+                if (set_aside := self._set_aside(session, item, seen, live=live, replay=replay)) is not None:
+                    failure = set_aside
+                    break
                 try:
                     event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at, read=item.envelope.get("id") not in seen)
                 except Exception as exc:  # the gate validated it; a schema change can still make it unreadable
@@ -223,6 +239,8 @@ class NetworkService:
         book = Book()
         derived = 0
         for index, item in enumerate(items):
+            if (set_aside := self._set_aside(session, item, seen, live=live, replay=replay)) is not None:
+                raise _Failed(index, set_aside)
             try:
                 event = Event.from_envelope(item.envelope, seq=item.seq, logged_at=item.logged_at, read=item.envelope.get("id") not in seen)
             except Exception as exc:  # the gate validated it; a schema change can still make it unreadable
@@ -241,6 +259,23 @@ class NetworkService:
         self.network.record(session, book)
         return derived, decided
 
+    def _set_aside(self, session: Session, item: LoggedItem, seen: set[str], *, live: bool, replay: bool) -> Failure | None:
+        """Why ``item`` is set aside — an earlier event about the same thing is in the dead-letter
+        queue — or None: it is applied. Only the live bus sets events aside (a rebuild applies the
+        whole log in order; a replay applies the dead letters); an event already applied (a
+        derived event's copy) has nothing to wait for."""
+        if not self._parked or not live or replay:
+            return None
+        about = aggregate_of(item.envelope)
+        if about is None or about not in self._parked or item.envelope.get("id") in seen:
+            return None
+        behind = parked_behind(session.connection(), self.network.consumer, about)
+        if behind is None:  # let go since (collabbus dlq, in another process)
+            del self._parked[about]
+            return None
+        return Failure(PARKED, f"set aside behind #{behind}: an earlier event about {about[0]} {about[1]} is in the dead-letter "
+                       "queue; `collabbus dlq replay` applies them in the log's order", permanent=True, behind=behind)
+
     @staticmethod
     def _seen(session: Session, items: Sequence[LoggedItem]) -> set[str]:
         return applied_among(session, (str(item.envelope.get("id")) for item in items))
@@ -250,16 +285,40 @@ class NetworkService:
         that applied it before (one that stalled past its lease, say) writes nothing from now on."""
         with self._transaction() as session:
             self.network.take(session)
+            self._parked = {(domain, subject): first for domain, subject, first, _ in parked(session.connection(), self.network.consumer)}
             # A rebuild cut short left its first lane's position: no rebuild runs while a bus
             # applies the log (it holds the lease), and status would show it as a consumer behind.
             table = ConsumerPosition.__table__  # type: ignore[attr-defined]
             session.execute(table.delete().where(table.c.consumer == self.network.consumer + REBUILDING))
 
-    def skip(self, seq: int) -> None:
-        """Move past an event that was dead-lettered: it is not applied, and later events are."""
+    def skip(self, seq: int, envelope: Any = None) -> None:
+        """Move past an event that was dead-lettered (``envelope``: the event, when readable): it
+        is not applied, and what it is about is set aside — the later events about it are
+        dead-lettered behind it (:meth:`_set_aside`) until ``collabbus dlq`` lets it go. A
+        rebuild's process passes no envelope: it applies the rest of the log."""
+        about = aggregate_of(envelope)
         with self._transaction() as session:
             self.network.claim(session, seq)
             self.network.advance(session, seq)
+            first = park(session.connection(), self.network.consumer, about, seq) if about is not None else None
+        if about is not None and first is not None:
+            self._parked[about] = first
+
+    def parked(self) -> list[tuple[str, str, int, int]]:
+        """What this consumer sets aside: (domain, subject, first_seq, last_seq) — the log
+        sequences of the first and the last event set aside about it."""
+        with reading(self.engine).connect() as connection:
+            return parked(connection, self.network.consumer)
+
+    def release(self, about: tuple[str, str], last_seq: int) -> bool:
+        """Let ``about`` go (none of its events is left in the dead-letter queue), unless an event
+        about it was set aside after ``last_seq``; whether it was let go."""
+        with self.engine.begin() as connection:
+            gone = release(connection, self.network.consumer, about, last_seq)
+        if gone:
+            with self._mutex:
+                self._parked.pop(about, None)
+        return gone
 
     def tick(self, now: datetime | None = None) -> list[Event[Any]]:
         """Run the timers once; returns the events they decided."""
@@ -314,6 +373,7 @@ class NetworkService:
         with self._mutex:
             self._forget()
             self._session.know_empty()
+            self._parked = {}
 
     def drop_position(self, consumer: str) -> None:
         """Forget ``consumer``'s position (a rebuild's, once it is done)."""

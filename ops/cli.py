@@ -1425,8 +1425,8 @@ def dlq_show(
     if as_json:
         out.print_json(data={**letter.as_dict(), "later_about_it": later})
         return
-    if later:
-        err.print(_later_warning(later, letter))
+    for said in _later_said(later, letter):
+        err.print(said)
     table = Table(show_header=False, box=None)
     for key, value in letter.as_dict().items():
         if key not in ("detail", "event", "raw"):
@@ -1475,8 +1475,10 @@ def dlq_replay(
             if result.applied:
                 out.print(f"[green]replayed[/green] #{result.seq} {escape(result.event_id or '')} ({escape(result.consumer or '')})")
                 letter, after = later.get(result.seq, (None, []))
-                if after:
-                    err.print(_later_warning(after, letter))
+                for said in _later_said([item for item in after if not item["waiting"]], letter):
+                    err.print(said)
+                if result.released:
+                    out.print(_released(result.released))
             else:
                 named = f" {escape(result.event_id)}" if result.event_id else ""
                 out.print(f"[red]kept[/red] #{result.seq}{named}: {escape(result.error or '')}")
@@ -1484,17 +1486,35 @@ def dlq_replay(
         raise typer.Exit(1)
 
 
-def _later_warning(later: list[dict[str, Any]], letter: Any) -> str:
-    """What an operator is told of the events about the same thing applied while a dead letter waited."""
+def _later_said(later: list[dict[str, Any]], letter: Any) -> list[str]:
+    """What an operator is told of the later events about the same thing as a dead letter: those
+    applied while it waited (a warning), and those waiting behind it in the queue."""
     from ops.dlq import LATER_SHOWN
 
     event = (letter.event or {}) if letter is not None else {}
-    named = ", ".join(f"#{item['seq']} {item['type']}" for item in later)
-    more = f" (the first {LATER_SHOWN})" if len(later) >= LATER_SHOWN else ""
-    return (f"[yellow]warning:[/yellow] {len(later)} later event{'s' if len(later) != 1 else ''} about "
-            f"{escape(str(event.get('subject')))} {'were' if len(later) != 1 else 'was'} applied while it waited here{more}: "
-            f"{escape(named)}. Replayed, it is applied after them, not before (an update refused meanwhile as "
-            "unknown stays refused); `collabbus rebuild` applies the log in its order.")
+    thing = escape(str(event.get("subject")))
+    more = f" (of the first {LATER_SHOWN} later events)" if len(later) >= LATER_SHOWN else ""
+    said = []
+    applied = [item for item in later if not item.get("waiting")]
+    if applied:
+        named = ", ".join(f"#{item['seq']} {item['type']}" for item in applied)
+        said.append(f"[yellow]warning:[/yellow] {len(applied)} later event{'s' if len(applied) != 1 else ''} about "
+                    f"{thing} {'were' if len(applied) != 1 else 'was'} applied while it waited here{more}: "
+                    f"{escape(named)}. Replayed, it is applied after them, not before (an update refused meanwhile as "
+                    "unknown stays refused); `collabbus rebuild` applies the log in its order.")
+    waiting = [item for item in later if item.get("waiting")]
+    if waiting:
+        named = ", ".join(f"#{item['seq']} {item['type']}" for item in waiting)
+        said.append(f"{len(waiting)} later event{'s' if len(waiting) != 1 else ''} about {thing} "
+                    f"{'wait' if len(waiting) != 1 else 'waits'} behind it in the dead-letter queue{more}: {escape(named)}. "
+                    "`collabbus dlq replay` applies them after it, in the log's order.")
+    return said
+
+
+def _released(thing: dict[str, str]) -> str:
+    """What an operator is told when a thing set aside behind dead letters is let go."""
+    return (f"[green]let go[/green] {escape(thing['domain'])} {escape(thing['subject'])}: none of its events is left in the "
+            "dead-letter queue, its later events are applied as they come")
 
 
 async def _appliers(settings: Settings) -> tuple[Any, dict[str, Any]]:
@@ -1526,30 +1546,42 @@ def dlq_purge(
     """Delete dead letters for good (after a confirmation): the ones given, or all (of --consumer)."""
     from ops import dlq
 
-    async def main() -> int:
+    async def main() -> tuple[int, list[Any]]:
         async with _nats(settings, "collabbus-dlq") as nc:
             js = nc.jetstream()
-            if seqs:
-                found = [letter.seq for letter in await dlq.dead_letters(js, consumer) if letter.seq in set(seqs)]
-                missing = sorted(set(seqs) - set(found))
-                if missing:
-                    err.print(f"no dead letter {', '.join(f'#{n}' for n in missing)}" + (f" of {consumer}" if consumer else ""))
-                if not found:
-                    raise typer.Exit(1)
-                if not yes and not typer.confirm(f"delete {len(found)} dead letter{'s' if len(found) != 1 else ''} for good?"):
-                    err.print("nothing deleted")
-                    raise typer.Exit(1)
-                return len(await dlq.discard(js, found))
-            count = sum(n for name, n in (await dlq.counts(js)).items() if consumer in (None, name))
-            if not count:
-                return 0
-            if not yes and not typer.confirm(f"delete {count} dead letter{'s' if count != 1 else ''} for good?"):
+            deleted = await delete(js)
+            if not deleted:
+                return 0, []
+            engine, appliers = await _appliers(settings)
+            try:
+                return deleted, await dlq.settle(js, appliers)
+            finally:
+                engine.dispose()
+
+    async def delete(js: Any) -> int:
+        if seqs:
+            found = [letter.seq for letter in await dlq.dead_letters(js, consumer) if letter.seq in set(seqs)]
+            missing = sorted(set(seqs) - set(found))
+            if missing:
+                err.print(f"no dead letter {', '.join(f'#{n}' for n in missing)}" + (f" of {consumer}" if consumer else ""))
+            if not found:
+                raise typer.Exit(1)
+            if not yes and not typer.confirm(f"delete {len(found)} dead letter{'s' if len(found) != 1 else ''} for good?"):
                 err.print("nothing deleted")
                 raise typer.Exit(1)
-            return await dlq.purge(js, consumer)
+            return len(await dlq.discard(js, found))
+        count = sum(n for name, n in (await dlq.counts(js)).items() if consumer in (None, name))
+        if not count:
+            return 0
+        if not yes and not typer.confirm(f"delete {count} dead letter{'s' if count != 1 else ''} for good?"):
+            err.print("nothing deleted")
+            raise typer.Exit(1)
+        return await dlq.purge(js, consumer)
 
-    deleted = run(main())
+    deleted, released = run(main())
     out.print(f"deleted {deleted} dead letter{'s' if deleted != 1 else ''}" if deleted else "no dead letters")
+    for _consumer, (domain, subject) in released:
+        out.print(_released({"domain": domain, "subject": subject}))
 
 
 # --------------------------------------------------------------------------- institutions

@@ -6,6 +6,12 @@ consumer's normal applier — for ``network`` the ``NetworkService``, which reco
 by id, so a replay applies an event at most once however often it is run — and deletes the dead
 letter only once the event is applied. Workflows' derived events go to the outbox as usual; the
 bus's relay logs them (at once when a bus runs, else on its next start).
+
+The ``network`` consumer sets a dead letter's thing (its domain and subject) aside: the later
+events about it are dead-lettered behind it (``Parked``) rather than applied without it. A replay
+applies them in the log's order — one waits while an earlier dead letter about the same thing
+stays in the queue — and once none is left, the thing is let go (:func:`settle`, also after a
+purge) and its events are applied as they come again.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -181,16 +187,31 @@ async def counts(js: JetStreamContext) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Replayed:
-    """What replaying one dead letter came to: ``applied`` (and removed from the DLQ), or not and why."""
+    """What replaying one dead letter came to: ``applied`` (and removed from the DLQ), or not and
+    why; ``released``: what it was about is let go after it (none of its events is left in the
+    queue)."""
 
     seq: int
     consumer: str | None
     event_id: str | None
     applied: bool
     error: str | None = None
+    released: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def about(letter: DeadLetter) -> tuple[str, str] | None:
+    """What a dead letter's event is about: its domain and subject (None when unreadable)."""
+    from handlers.bookkeeping import aggregate_of
+
+    return aggregate_of(letter.event)
+
+
+def _parks(applier: Any) -> bool:
+    """Whether a consumer's applier sets things aside behind its dead letters (the network's)."""
+    return callable(getattr(applier, "release", None))
 
 
 async def replay(
@@ -201,20 +222,64 @@ async def replay(
     A dead letter is deleted once its event is applied; one that fails again stays, with why.
     The appliers are idempotent by event id, so an event already applied is not applied again.
     """
+    queued = await dead_letters(js)
     if seqs is None:
-        letters: list[DeadLetter | int] = list(await dead_letters(js))
+        letters: list[DeadLetter | int] = list(queued)
     else:
-        letters = [await dead_letter(js, seq) or seq for seq in sorted(set(seqs))]
+        listed = {letter.seq: letter for letter in queued}
+        letters = [listed.get(seq) or await dead_letter(js, seq) or seq for seq in sorted(set(seqs))]
+    left = {letter.seq: letter for letter in queued}
     results = []
+    applied: dict[tuple[str, tuple[str, str] | None], int] = {}
+    """The index in ``results`` of the last dead letter applied about each thing, per consumer."""
     for letter in letters:
         if isinstance(letter, int):
             results.append(Replayed(letter, None, None, False, f"no dead letter #{letter}"))
             continue
-        error = await _apply(js, appliers, letter)
+        error = _waits(letter, left.values(), appliers) or await _apply(js, appliers, letter)
         if error is None:
             await js.delete_msg(DLQ_STREAM, letter.seq)
+            left.pop(letter.seq, None)
+            applied[letter.consumer, about(letter)] = len(results)
         results.append(Replayed(letter.seq, letter.consumer, letter.event_id, error is None, error))
+    for consumer, (domain, subject) in await settle(js, appliers):  # named on the last of its events applied
+        if (index := applied.get((consumer, (domain, subject)))) is not None:
+            results[index] = replace(results[index], released={"domain": domain, "subject": subject})
     return results
+
+
+def _waits(letter: DeadLetter, queued: Iterable[DeadLetter], appliers: Mapping[str, Any]) -> str | None:
+    """Why ``letter`` waits, when an earlier dead letter about the same thing is still in the
+    queue (a consumer that sets things aside applies their events in the log's order)."""
+    thing = about(letter)
+    if thing is None or letter.original_seq is None or not _parks(appliers.get(letter.consumer)):
+        return None
+    earlier = next((x for x in queued if x.consumer == letter.consumer and x.seq != letter.seq and x.original_seq is not None
+                    and x.original_seq < letter.original_seq and about(x) == thing), None)
+    if earlier is None:
+        return None
+    return (f"waits for dead letter #{earlier.seq} (log #{earlier.original_seq} {earlier.type}), an earlier event about "
+            f"{thing[0]} {thing[1]} still in the queue: it is applied after that one (replay both, or that one first)")
+
+
+async def settle(js: JetStreamContext, appliers: Mapping[str, Any]) -> list[tuple[str, tuple[str, str]]]:
+    """Let go what a consumer sets aside once none of its events is left in the dead-letter
+    queue (replayed or purged); returns what was let go, as (consumer, (domain, subject)).
+
+    What was set aside is read before the queue: an event set aside meanwhile either is in the
+    listing (and its thing stays) or moved its thing's ``last_seq`` (and ``release`` leaves it)."""
+    released = []
+    for consumer, applier in appliers.items():
+        if not _parks(applier):
+            continue
+        rows = await asyncio.to_thread(applier.parked)
+        if not rows:
+            continue
+        still = {about(letter) for letter in await dead_letters(js, consumer)}
+        for domain, subject, _first, last in rows:
+            if (domain, subject) not in still and await asyncio.to_thread(applier.release, (domain, subject), last):
+                released.append((consumer, (domain, subject)))
+    return released
 
 
 async def _apply(js: JetStreamContext, appliers: Mapping[str, Applier], letter: DeadLetter) -> str | None:
@@ -256,20 +321,23 @@ LATER_SHOWN = 20
 
 async def later_about_it(js: JetStreamContext, letter: DeadLetter, limit: int = LATER_SHOWN) -> list[dict[str, Any]]:
     """The events logged after a dead-lettered one about the same thing (its domain and
-    subject; the workflows' answers to them included), up to ``limit``, as ``{"seq", "type"}``:
-    its consumer applied them while it was set aside, so they met the read models without it (a
-    project's update refused as unknown while its registration waits here). Replayed, it is
-    applied after them; a rebuild applies all in the log's order."""
-    event = letter.event or {}
-    subject, event_type = event.get("subject"), event.get("type")
-    if letter.original_seq is None or not isinstance(subject, str) or not isinstance(event_type, str):
+    subject; the workflows' answers to them included), up to ``limit``, as ``{"seq", "type",
+    "waiting"}``. ``waiting``: it is in the dead-letter queue too, set aside behind this one (or
+    failed itself), and a replay applies it after this one. The others its consumer applied
+    without it (before things were set aside; a derived event decided meanwhile, such as a
+    call's closing at its deadline): replayed, this one is applied after them, while a rebuild
+    applies all in the log's order."""
+    thing = about(letter)
+    if letter.original_seq is None or thing is None:
         return []
+    waiting = {x.original_seq for x in await dead_letters(js, letter.consumer)}
     later: list[dict[str, Any]] = []
-    filter_ = log.event_filter(event_type.split(".", 1)[0], None, subject)
+    filter_ = log.event_filter(thing[0], None, thing[1])
     async with aclosing(log.stored(js, EVENTS_STREAM, filter_, start_seq=letter.original_seq + 1)) as messages:
         async for message in messages:
             logged = log.readable(message.data)
-            later.append({"seq": message.seq, "type": logged.get("type") if isinstance(logged, dict) else None})
+            later.append({"seq": message.seq, "type": logged.get("type") if isinstance(logged, dict) else None,
+                          "waiting": message.seq in waiting})
             if len(later) >= limit:
                 break
     return later

@@ -368,7 +368,8 @@ async def read_event(
     A ``202`` from ``POST /events`` means the event is logged; it is applied moments later, and
     a refusal (say, a change to a project by a member who is not its owner) is an event of its
     own, in the owner's name: this is where its sender finds it. 404 while the event is not
-    applied yet (or never was: refused at the gate, or dead-lettered) and for confidential events
+    applied yet (or never was: refused at the gate, or dead-lettered, or set aside behind a dead
+    letter about the same thing until the operator replays it) and for confidential events
     the caller may not see."""
     engine = engine_of(request)
 
@@ -381,7 +382,8 @@ async def read_event(
         raise ApiProblem(
             404,
             f"no applied event {event_id!r} that you may see: an event is applied moments after its 202 "
-            "(try again), one the gateway refused was never logged, and the workflows' confidential events "
+            "(try again), one the gateway refused was never logged, one the bus could not apply — or one about the "
+            "same thing as such an event, set aside behind it — waits for the network's operator, and the workflows' confidential events "
             "(a validation's reviews and questions, applications to a call) are shown to their parties only",
             kind="not_found",
         )

@@ -320,7 +320,7 @@ class DeliveryRecorder:
                 owed += store.owe(batch.session, ids, envelope, item.seq, due_at)
         return owed
 
-    def skip(self, seq: int) -> None:
+    def skip(self, seq: int, envelope: Any = None) -> None:
         with session_scope(self.engine) as session:
             store.claim(session, self.consumer, seq, self.epoch)
             store.advance(session, self.consumer, seq)

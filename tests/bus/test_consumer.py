@@ -294,7 +294,7 @@ class Batches:
         self.batches.append([item.seq for item in items])
         return len(items), None, 0
 
-    def skip(self, seq: int) -> None:
+    def skip(self, seq: int, envelope: Any = None) -> None:
         raise AssertionError("nothing fails here")
 
     def position(self) -> int:

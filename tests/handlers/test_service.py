@@ -314,3 +314,58 @@ def test_two_processes_applying_one_batch_at_once_apply_it_once(database_url: st
             service.close()
         for engine in engines:
             engine.dispose()
+
+
+def test_the_later_events_about_a_dead_lettered_thing_are_set_aside_until_it_is_let_go(engine: Engine) -> None:
+    """Once an event is dead-lettered (skipped with its envelope), the later ones about the same
+    thing fail as set aside behind it, whichever process takes the log over; other things flow.
+    Letting it go (from another process: ``collabbus dlq``) is refused when an event was set
+    aside since the caller looked; once let go, its events are applied again. A rebuild's
+    replay and a dead letter's replay are never set aside."""
+    from handlers.service import PARKED
+
+    projected: list[str] = []
+
+    def project(_session: Any, event: Event[Any]) -> None:
+        projected.append(event.id)
+
+    def network() -> Network:
+        return Network(Routes().add(projections={"project.registered": project}))
+
+    service, elsewhere = NetworkService(engine, network()), NetworkService(engine, network())
+    now = datetime.now(timezone.utc)
+    held, other = unique("p"), unique("p")
+    dead, later, unrelated, last, replayed = (registered(held), registered(held), registered(other), registered(held), registered(held))
+    try:
+        service.take_position()
+        service.skip(1, dead)  # dead-lettered: what it is about is set aside
+        applied, failure, _ = service.apply_batch([LoggedItem(2, later, now), LoggedItem(3, unrelated, now)])
+        assert applied == 0 and failure is not None
+        assert (failure.error, failure.behind, failure.permanent) == (PARKED, 1, True)
+        assert f"set aside behind #1: an earlier event about project {held}" in failure.detail
+        service.skip(2, later)
+        assert service.apply_batch([LoggedItem(3, unrelated, now)])[:2] == (1, None)
+        assert projected == [unrelated["id"]] and service.position() == 3
+
+        # Another process taking the log over sets it aside too; a dead letter's replay is applied.
+        elsewhere.take_position()
+        failure = elsewhere.apply_batch([LoggedItem(4, last, now)])[1]
+        assert failure is not None and failure.behind == 1
+        assert elsewhere.apply_batch([LoggedItem(1, replayed, now)], replay=True)[:2] == (1, None)
+
+        # Let go by another process: not while an event was set aside since it looked.
+        assert elsewhere.parked() == [("project", held, 1, 2)]
+        elsewhere.skip(4, last)
+        assert service.release(("project", held), 2) is False
+        assert service.release(("project", held), 4) is True
+        assert elsewhere.parked() == []
+        assert elsewhere.apply_batch([LoggedItem(5, last, now)])[:2] == (1, None)  # (it still remembered it set aside)
+
+        # A rebuild's replay (not live) is not set aside; nor is anything after a rebuild's reset.
+        elsewhere.skip(6, later)
+        assert elsewhere.apply_batch([LoggedItem(7, registered(held), now)], live=False)[:2] == (1, None)
+        elsewhere.reset()
+        assert elsewhere.parked() == []
+    finally:
+        service.close()
+        elsewhere.close()
