@@ -1251,6 +1251,10 @@ def _render_status(report: dict[str, Any]) -> None:
     else:
         behind = ", ".join(f"{escape(k)} at #{v['seq']} ({v['behind']} behind)" for k, v in positions.items()) or "nothing applied yet"
         out.print(f"database {escape(database['url'])}: {behind}")
+        for thing in database.get("set_aside") or ():
+            out.print(f"[yellow]set aside: {escape(thing['domain'])} {escape(thing['subject'])} behind #{thing['behind']}[/yellow] "
+                      f"({escape(thing['consumer'])}: its later events wait in the dead-letter queue, the last #{thing['last']}; "
+                      "collabbus dlq list, replay)")
         outbox = database.get("outbox")
         if outbox and outbox["waiting"]:
             out.print(f"[yellow]outbox: {outbox['waiting']} derived event(s) not logged yet, the oldest since "

@@ -209,6 +209,12 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
             database["positions"] = {
                 name: {"seq": seq, "behind": max(last_seq - seq, 0)} for name, seq in sorted(positions.items())
             }
+            if "parked_subjects" in tables:  # what a consumer sets aside behind its dead letters
+                database["set_aside"] = [
+                    {"consumer": consumer, "domain": domain, "subject": subject, "behind": first, "last": last}
+                    for consumer, domain, subject, first, last in connection.execute(sa.text(
+                        "SELECT consumer, domain, subject, first_seq, last_seq FROM parked_subjects ORDER BY first_seq"))
+                ]
             if "outbox" in tables:
                 waiting, oldest = outbox_backlog(connection)
                 database["outbox"] = {"waiting": waiting, "oldest": _time(oldest)}

@@ -71,11 +71,14 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
     ]
     # What its last attempt met, for an operator who may not read the member's deliveries.
     assert status["webhooks"][0]["last_error"] == "HTTP 500: internal oops from the receiver"
+    # What the dead letter is about is set aside behind it (#4): its later events would wait there.
+    assert status["database"]["set_aside"] == [{"consumer": "network", "domain": "project", "subject": "poison-a", "behind": 4, "last": 4}]
 
     code, out, err = await collabbus("status", env=cli_env(bus))
     assert code == 0, err
     assert "COLLAB_EVENTS" in out and "network" in out and "webhook endpoints" in out and "(0 behind)" in out
     assert f"{endpoint.id} failing: HTTP 500: internal oops from the receiver" in out
+    assert "set aside: project poison-a behind #4" in out
 
 
 async def test_status_exits_1_when_the_database_cannot_be_read(poisoned: Poisoned) -> None:
