@@ -1449,22 +1449,31 @@ def dlq_show(
 @with_settings
 def dlq_replay(
     seqs: Annotated[Optional[list[int]], typer.Argument(metavar="[N]...", help="dead letters to replay; none: all")] = None,
+    consumer: Annotated[Optional[str], typer.Option(help="only this consumer's dead letters")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
     *,
     settings: Settings,
 ) -> None:
-    """Apply dead-lettered events again through their consumer (each at most once); those applied
-    leave the dead-letter queue, those failing again stay."""
+    """Apply dead-lettered events again through their consumer (each at most once), in the log's
+    order; those applied leave the dead-letter queue, those failing again stay."""
     from ops import dlq
+
+    if consumer is not None and seqs:
+        err.print("[red]error:[/red] give dead letters' numbers or --consumer, not both")
+        raise typer.Exit(2)
 
     async def main() -> tuple[list[Any], dict[int, tuple[Any, list[dict[str, Any]]]]]:
         async with _nats(settings, "collabbus-dlq") as nc:
             js = nc.jetstream()
-            letters = {letter.seq: letter for letter in await dlq.dead_letters(js) if not seqs or letter.seq in seqs}
+            letters = {letter.seq: letter for letter in await dlq.dead_letters(js)
+                       if (not seqs or letter.seq in seqs) and consumer in (None, letter.consumer)}
             later = {seq: (letter, await dlq.later_about_it(js, letter)) for seq, letter in letters.items()}
+            if consumer is not None and not letters:
+                return [], later
+            chosen = sorted(letters) if consumer is not None else seqs or None
             engine, appliers = await _appliers(settings)
             try:
-                return await dlq.replay(js, appliers, seqs or None), later
+                return await dlq.replay(js, appliers, chosen), later
             finally:
                 engine.dispose()
 
@@ -1544,10 +1553,14 @@ def dlq_purge(
     seqs: Annotated[Optional[list[int]], typer.Argument(metavar="[N]...", help="only these dead letters (numbers from `dlq list`)")] = None,
     consumer: Annotated[Optional[str], typer.Option(help="only this consumer's dead letters")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print what was deleted and let go as JSON (with --yes)")] = False,
     *,
     settings: Settings,
 ) -> None:
     """Delete dead letters for good (after a confirmation): the ones given, or all (of --consumer)."""
+    if as_json and not yes:
+        err.print("[red]error:[/red] --json needs --yes (a script cannot answer the confirmation)")
+        raise typer.Exit(2)
     from ops import dlq
 
     async def main() -> tuple[int, list[Any]]:
@@ -1566,9 +1579,12 @@ def dlq_purge(
         if seqs:
             found = [letter.seq for letter in await dlq.dead_letters(js, consumer) if letter.seq in set(seqs)]
             missing = sorted(set(seqs) - set(found))
+            said = f"no dead letter {', '.join(f'#{n}' for n in missing)}" + (f" of {consumer}" if consumer else "")
             if missing:
-                err.print(f"no dead letter {', '.join(f'#{n}' for n in missing)}" + (f" of {consumer}" if consumer else ""))
+                err.print(said)
             if not found:
+                if as_json:
+                    out.print_json(data={"deleted": 0, "released": [], "error": said})
                 raise typer.Exit(1)
             if not yes and not typer.confirm(f"delete {len(found)} dead letter{'s' if len(found) != 1 else ''} for good?"):
                 err.print("nothing deleted")
@@ -1583,6 +1599,10 @@ def dlq_purge(
         return await dlq.purge(js, consumer)
 
     deleted, released = run(main())
+    if as_json:
+        out.print_json(data={"deleted": deleted, "released": [{"consumer": name, "domain": domain, "subject": subject}
+                                                              for name, (domain, subject) in released]})
+        return
     out.print(f"deleted {deleted} dead letter{'s' if deleted != 1 else ''}" if deleted else "no dead letters")
     for _consumer, (domain, subject) in released:
         out.print(_released({"domain": domain, "subject": subject}))

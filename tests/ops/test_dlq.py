@@ -197,7 +197,11 @@ async def test_the_later_events_about_a_dead_lettered_thing_wait_behind_it_and_a
     assert code == 1 and f"kept #{behind.seq}" in kept and f"waits for dead letter #{head.seq}" in kept
     assert later["id"] not in poisoned.applied()
 
-    code, replayed, _ = await collabbus("dlq", "replay", "--json", env=env)
+    code, replayed, _ = await collabbus("dlq", "replay", "--consumer", "webhooks", "--json", env=env)
+    assert code == 0 and orjson.loads(replayed) == {"items": []} and len(await dlq.dead_letters(bus.js)) == 2
+    code, _, said = await collabbus("dlq", "replay", str(head.seq), "--consumer", "network", env=env)
+    assert code == 2 and "not both" in said
+    code, replayed, _ = await collabbus("dlq", "replay", "--consumer", "network", "--json", env=env)
     items = orjson.loads(replayed)["items"]
     assert code == 0 and [(item["seq"], item["applied"]) for item in items] == [(head.seq, True), (behind.seq, True)]
     assert items[1]["released"] == {"domain": "project", "subject": "poison-c"} and items[0]["released"] is None
@@ -225,8 +229,12 @@ async def test_purging_a_dead_letter_lets_its_thing_go_once_none_of_its_events_i
     env = cli_env(bus)
     code, said, _ = await collabbus("dlq", "purge", str(head.seq), "--yes", env=env)
     assert code == 0 and "deleted 1 dead letter" in said and "let go" not in said  # (the later one is still there)
-    code, said, _ = await collabbus("dlq", "purge", "--yes", env=env)
-    assert code == 0 and "deleted 1 dead letter" in said and "let go project poison-d" in said
+    code, _, said = await collabbus("dlq", "purge", "--json", env=env)
+    assert code == 2 and "--json needs --yes" in said
+    code, said, _ = await collabbus("dlq", "purge", "--yes", "--json", env=env)
+    assert code == 0 and orjson.loads(said) == {"deleted": 1, "released": [{"consumer": "network", "domain": "project", "subject": "poison-d"}]}
+    code, said, _ = await collabbus("dlq", "purge", str(head.seq), "--yes", "--json", env=env)
+    assert code == 1 and orjson.loads(said)["error"] == f"no dead letter #{head.seq}"
     after = project_event("poison-d")
     assert (await offer(poisoned.nc, FIXTURE["as"], after)).accepted
     await wait_for(lambda: after["id"] in poisoned.applied())
