@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -66,6 +67,9 @@ class Call(TableRow, table=True):
     published_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     closed_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
     closed_reason: str | None = Field(default=None, max_length=16)
+    awarded: str | None = Field(default=None, max_length=64)
+    """What the call has awarded so far, in its budget's currency (decimal text; None: no award
+    with an amount): an award is weighed against what is left of the budget."""
 
     def snapshot(self) -> CallSnapshot:
         """What the workflow rules see of this call."""
@@ -79,6 +83,8 @@ class Call(TableRow, table=True):
             closed_at=self.closed_at,
             closed_reason=self.closed_reason,
             currency=self.budget.get("currency") if self.budget else None,
+            budget=Decimal(self.budget["amount"]) if self.budget and self.budget.get("amount") is not None else None,
+            awarded=Decimal(self.awarded or 0),
             two_stage=self.deadline_model == "two_stage",
             full_proposal_deadline=self.full_proposal_deadline,
         )
@@ -208,9 +214,10 @@ def decide_decision(ctx: Context) -> None:
     assert ctx.event is not None
     data: ApplicationDecided = ctx.event.data
     currency = data.awarded_amount.currency if data.awarded_amount is not None else None
+    amount = Decimal(data.awarded_amount.amount) if data.awarded_amount is not None else None
     logged_at = ctx.event.logged_at
     _judge_application_action(ctx, lambda call, application, actor: rules.decision_refusal(
-        call, application, actor, decision=data.decision, currency=currency, logged_at=logged_at))
+        call, application, actor, decision=data.decision, currency=currency, logged_at=logged_at, amount=amount))
 
 
 def decide_full_proposal(ctx: Context) -> None:
@@ -247,9 +254,11 @@ def decide_amendment(ctx: Context) -> None:
     assert event is not None
     data: CallAmended = event.data
     call = _snapshot(ctx.session, data.call_id)
+    budget = data.changes.budget
     refusal = rules.amendment_refusal(
         call, event.source, event.logged_at, opens_at=data.changes.opens_at, deadline=data.changes.deadline,
         full_proposal_deadline=data.changes.full_proposal_deadline, changed=frozenset(data.changes.model_fields_set),
+        budget=(Decimal(budget.amount), budget.currency) if budget is not None else None,
     )
     if refusal is not None:
         _refuse_action(ctx, call, refusal)
@@ -381,6 +390,11 @@ def application_decided(session: Session, event: Event[ApplicationDecided]) -> N
         _update(session, event, {"status": "invited", "invited_at": event.logged_at, "invitation_comment": comment})
         return
     _answered(session, event, event.data.decision, column_values(event.data, {"awarded_amount", "comment"}))
+    if event.data.awarded_amount is not None:  # (the workflow took it in the budget's currency)
+        call = session.get(Call, event.data.call_id)
+        assert call is not None
+        call.awarded = str(Decimal(call.awarded or 0) + Decimal(event.data.awarded_amount.amount))
+        session.add(call)
 
 
 def full_proposal_submitted(session: Session, event: Event[FullProposalSubmitted]) -> None:

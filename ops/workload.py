@@ -155,7 +155,7 @@ class Workload:
         yield self._event("call.published", funder, call_id, {
             "call_id": call_id, "title": {"en": f"Call {len(self.calls)}"}, "kind": "funding",
             "eligible_kinds": ["municipality", "ngo"], "eligible_countries": ["TR", "FI"],
-            "budget": {"amount": "250000.00", "currency": "EUR"},
+            "budget": {"amount": "100000000.00", "currency": "EUR"},
             "opens_at": (self.now - timedelta(days=1)).isoformat(), "deadline": (self.now + timedelta(days=30)).isoformat(),
             **stages,
         })

@@ -242,6 +242,7 @@ class CallActionRefusal(Reason):
         "already_decided",
         "already_withdrawn",
         "currency_mismatch",
+        "over_budget",
         "single_stage",
         "not_invited",
         "no_full_proposal",

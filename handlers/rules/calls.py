@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Literal
 
 from handlers.rules import Refusal
@@ -35,6 +36,10 @@ class CallSnapshot:
     closed_at: datetime | None = None
     currency: str | None = None
     """The currency of the call's budget (None: the call states no budget)."""
+    budget: Decimal | None = None
+    """The amount of the call's budget (None: the call states no budget)."""
+    awarded: Decimal = Decimal(0)
+    """What the call has awarded so far (in its budget's currency)."""
     closed_reason: str | None = None
     two_stage: bool = False
     full_proposal_deadline: datetime | None = None
@@ -127,12 +132,15 @@ def amendment_refusal(
     deadline: datetime | None = None,
     full_proposal_deadline: datetime | None = None,
     changed: frozenset[str] = frozenset(),
+    budget: tuple[Decimal, str] | None = None,
 ) -> Refusal | None:
     """Only the owner amends, only while the call is not closed, and the amended window must
     still open before its deadline, which may not be moved into the past, nor an opening that
     has come moved later; and a two-stage call's full proposals come after it
     (``opens_at``/``deadline``/``full_proposal_deadline``: the new values, if changed;
-    ``changed``: the fields the amendment sets or clears). Once a two-stage call's first stage
+    ``changed``: the fields the amendment sets or clears; ``budget``: the new budget's amount and
+    currency, if set, which may not be less than what the call has awarded, nor in
+    another currency once it has awarded any). Once a two-stage call's first stage
     is over, its deadline for full proposals may still be moved (unless the publisher closed
     the call before its deadline), until it has passed: the invited applications without a full
     proposal lapse then."""
@@ -162,6 +170,12 @@ def amendment_refusal(
     if full_proposal_deadline_given and full_proposal_deadline is not None and full_proposal_deadline < logged_at:
         return Refusal("deadline_in_past", "The amended deadline for full proposals is already past: the invited "
                                            "applications would lapse at once; to end the second stage now, close the call.")
+    awarded = call.awarded
+    if budget is not None and awarded > 0 and call.currency is not None and budget[1] != call.currency:
+        return Refusal("currency_mismatch", f"The call has awarded {_money(awarded, call.currency)}: its budget stays in {call.currency}.")
+    if budget is not None and budget[0] < awarded:
+        return Refusal("over_budget", f"The call has awarded {_money(awarded, call.currency)} already: its budget cannot be "
+                                      f"less than that ({_money(budget[0], budget[1])}).")
     return None
 
 
@@ -186,9 +200,11 @@ def decision_refusal(
     decision: str,
     currency: str | None,
     logged_at: datetime,
+    amount: Decimal | None = None,
 ) -> Refusal | None:
     """Only the call's publisher decides, on a received application, once. ``currency``: that of
-    the amount awarded (None: none named); it must be the call's budget's. In a two-stage call it
+    the amount awarded (None: none named); it must be the call's budget's, and with what the call
+    awarded before the ``amount`` may not exceed its budget. In a two-stage call it
     first invites applications to the second stage (``invited``, once, while the deadline for full
     proposals has not passed at ``logged_at``) and awards only those that sent their full
     proposal; it may decline at either stage."""
@@ -209,7 +225,20 @@ def decision_refusal(
     elif decision == "awarded" and call.two_stage and application.status != "proposal_sent":
         return Refusal("no_full_proposal", f"Application {application.application_id} has no full proposal: a two-stage call "
                                            "awards an application once it sent one (invite it first).")
-    return _currency_refusal(call, currency, "award")
+    if refusal := _currency_refusal(call, currency, "award"):
+        return refusal
+    awarded = call.awarded
+    if decision == "awarded" and amount is not None and call.budget is not None and awarded + amount > call.budget:
+        left = max(call.budget - awarded, Decimal(0))
+        return Refusal("over_budget", f"The call's budget is {_money(call.budget, call.currency)} and "
+                                      f"{_money(awarded, call.currency)} is awarded already: award at most "
+                                      f"{_money(left, call.currency)}, or raise the budget first (call.amended).")
+    return None
+
+
+def _money(amount: Decimal, currency: str | None) -> str:
+    """An amount as a message shows it: ``100,000 EUR``, ``2,500.50 EUR``."""
+    return f"{amount:,f} {currency or ''}".strip()
 
 
 def full_proposal_refusal(

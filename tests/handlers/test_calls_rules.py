@@ -228,3 +228,42 @@ def test_the_deadline_closing_is_accepted_once_after_the_deadline() -> None:
 def test_a_call_closes_when_logged_but_never_after_its_deadline() -> None:
     assert closed_at(CALL, DURING) == DURING
     assert closed_at(CALL, DEADLINE + timedelta(days=3)) == DEADLINE
+
+
+def test_awards_may_not_exceed_the_budget_with_what_was_awarded_before() -> None:
+    """A funder's award of more than is left of the call's budget (a digit too many, a second
+    award the budget does not cover) is refused, saying how much is left; an award without an
+    amount, or in a call that states no budget, is not weighed."""
+    from decimal import Decimal
+
+    from handlers.rules.calls import ApplicationSnapshot, decision_refusal
+
+    budgeted = replace(CALL, currency="EUR", budget=Decimal("100000"))
+    received = ApplicationSnapshot("app-1", COOPERATIVE.institution, "received")
+
+    def award(call: CallSnapshot, amount: str | None, awarded: str = "0") -> Refusal | None:
+        return decision_refusal(replace(call, awarded=Decimal(awarded)), received, OWNER, decision="awarded",
+                                currency="EUR" if amount else None, logged_at=DURING, amount=Decimal(amount) if amount else None)
+
+    assert award(budgeted, "100000.00") is None and award(budgeted, "40000", awarded="60000") is None
+    too_much = award(budgeted, "1000000.00")
+    assert code(too_much) == "over_budget" and too_much is not None
+    assert too_much.message == ("The call's budget is 100,000 EUR and 0 EUR is awarded already: award at most 100,000 EUR, "
+                                "or raise the budget first (call.amended).")
+    assert code(award(budgeted, "40000.01", awarded="60000")) == "over_budget"
+    assert "at most 0 EUR" in (award(budgeted, "1", awarded="120000") or Refusal("", "")).message  # (never a negative rest)
+    assert award(budgeted, None, awarded="100000") is None
+    assert award(replace(budgeted, budget=None, currency=None), "5000000") is None
+
+
+def test_an_amended_budget_is_not_less_than_the_call_awarded_nor_in_another_currency() -> None:
+    from decimal import Decimal
+
+    def amend(budget: tuple[str, str], awarded: str) -> Refusal | None:
+        return amendment_refusal(replace(CALL, currency="EUR", budget=Decimal("100000"), awarded=Decimal(awarded)), OWNER, DURING,
+                                 budget=(Decimal(budget[0]), budget[1]), changed=frozenset({"budget"}))
+
+    assert amend(("50000", "EUR"), "50000") is None and amend(("80000", "TRY"), "0") is None
+    lowered = amend(("49999.99", "EUR"), "50000")
+    assert code(lowered) == "over_budget" and lowered is not None and "awarded 50,000 EUR already" in lowered.message
+    assert code(amend(("5000000", "TRY"), "50000")) == "currency_mismatch"

@@ -305,6 +305,27 @@ async def test_the_publisher_awards_a_received_application_with_the_amount_grant
     assert duplicate["data"]["reason"]["code"] == "duplicate_application"
 
 
+async def test_awards_beyond_the_calls_budget_are_refused_until_the_budget_is_raised(scenario: Scenario, call_id: str) -> None:
+    """The call's budget is 1.5 million: a first award of 1.2 million leaves 300,000; a second of
+    400,000 is refused (`over_budget`, saying what is left) and changes nothing; the budget is
+    not lowered below what was awarded; raised, the second award is taken."""
+    await scenario.given(published(call_id), application(call_id, "app-1"), application(call_id, "app-2"))
+    assert await scenario.when(decided(call_id, "app-1", amount={"amount": "1200000.00", "currency": "EUR"})) == []
+    over = the_only(await scenario.when(decided(call_id, "app-2", amount={"amount": "400000", "currency": "EUR"})), "call.action_rejected")
+    assert over["data"]["reason"]["code"] == "over_budget"
+    assert "1,200,000.00 EUR is awarded already: award at most 300,000.00 EUR" in over["data"]["reason"]["message"]["en"]
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-2"))
+        assert stored is not None and stored.status == "received" and stored.awarded_amount is None
+    lowered = the_only(await scenario.when(amended(call_id, {"budget": {"amount": "1000000", "currency": "EUR"}})), "call.action_rejected")
+    assert lowered["data"]["reason"]["code"] == "over_budget"
+    assert await scenario.when(amended(call_id, {"budget": {"amount": "1600000", "currency": "EUR"}})) == []
+    assert await scenario.when(decided(call_id, "app-2", amount={"amount": "400000", "currency": "EUR"})) == []
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-2"))
+        assert stored is not None and stored.status == "awarded"
+
+
 async def test_the_publisher_declines_an_application_without_an_amount(scenario: Scenario, call_id: str) -> None:
     await scenario.given(published(call_id), application(call_id, "app-1"))
     assert await scenario.when(decided(call_id, "app-1", "declined")) == []

@@ -194,3 +194,32 @@ def test_statements_on_the_driver_s_cursor_fail_as_sqlalchemy_s_own_would(databa
         if statement.startswith("INSERT"):
             assert isinstance(ours.value, sa.exc.IntegrityError) and not database_unavailable(ours.value)
     engine.dispose()
+
+
+def test_what_a_call_awarded_before_its_running_total_is_filled_in_from_its_applications(database_url: str) -> None:
+    """A database from before ``calls.awarded`` (an award is weighed against what is left of the
+    budget): the migration adds up each call's awards in decimal, never rounding, and leaves a
+    call without awards at none."""
+    engine = make_engine(database_url)  # a migrated copy (tests/conftest.py)
+    now = "2026-03-01 08:00:00"
+    call = ("INSERT INTO calls (call_id, owner, title, kind, themes, eligible_kinds, eligible_countries, budget, opens_at, "
+            "deadline, deadline_model, published_at) VALUES (:id, 'eu-esf-fund', '{\"en\": \"C\"}', 'funding', '[]', '[]', '[]', "
+            "'{\"amount\": \"100000\", \"currency\": \"EUR\"}', :now, :now, 'single_stage', :now)")
+    application = ("INSERT INTO call_applications (call_id, application_id, applicant, partners, status, submitted_at, awarded_amount) "
+                   "VALUES (:call, :id, 'fi-diak', '[]', :status, :now, :amount)")
+    try:
+        with engine.begin() as connection:
+            for call_id in ("c-awarded", "c-none"):
+                connection.execute(text(call), {"id": call_id, "now": now})
+            for application_id, status, amount in (("a-1", "awarded", "0.10"), ("a-2", "awarded", "0.20"), ("a-3", "declined", None),
+                                                   ("a-4", "awarded", None)):
+                money = '{"amount": "%s", "currency": "EUR"}' % amount if amount else None
+                connection.execute(text(application), {"call": "c-awarded", "id": application_id, "status": status, "now": now, "amount": money})
+            connection.execute(text("UPDATE alembic_version SET version_num = '0018_open_calls_deadline' WHERE version_num = '0024_call_awarded'"))
+            connection.execute(text("ALTER TABLE calls DROP COLUMN awarded"))
+        migrate(engine)
+        with engine.connect() as connection:
+            totals: dict[str, str | None] = dict(connection.execute(text("SELECT call_id, awarded FROM calls ORDER BY call_id")).tuples().all())
+        assert totals == {"c-awarded": "0.30", "c-none": None}
+    finally:
+        engine.dispose()
