@@ -338,6 +338,7 @@ def _candidates(session: Session, day: InnovationDay) -> list[rules.Candidate]:
                 themes=frozenset(themes or day.themes),
                 order=order,
                 project_id=row.project_id if row.role == "innovator" else None,
+                stated=bool(themes),
             )
         )
     return candidates

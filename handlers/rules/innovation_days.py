@@ -255,7 +255,7 @@ class Candidate:
     """A confirmed innovator or funder taking part in matchmaking.
 
     ``themes``: the registration's interests, for an innovator together with its project's
-    themes; the glue falls back to the day's themes when these are empty.
+    themes; the glue falls back to the day's themes when these are empty (``stated`` false).
     """
 
     registration_id: str
@@ -265,6 +265,9 @@ class Candidate:
     order: int
     """Registration order (log order of the requests): earlier registrations are served first."""
     project_id: str | None = None
+    stated: bool = True
+    """Whether ``themes`` are the participant's own (interests, a project's themes), not the
+    day's themes taken for a participant that named none."""
 
 
 @dataclass(frozen=True)
@@ -310,8 +313,10 @@ def propose_meetings(
 ) -> list[ProposedMeeting]:
     """Pair innovators and funders who share at least one theme, greedily and deterministically.
 
-    Pairs are served by most shared themes, then by the innovator's and the funder's registration
-    order; each gets the earliest slot in which neither institution is busy, as long as the funder
+    Pairs are served first by how many of the two named their themes themselves (a pair that met
+    only through the day's themes, taken for participants who named none, shares all of them and
+    would otherwise come before those whose own interests meet), then by most shared themes,
+    then by the innovator's and the funder's registration order; each gets the earliest slot in which neither institution is busy, as long as the funder
     has fewer than ``per_funder`` meetings. The result does not depend on the order of
     ``candidates``, so a rebuild or a second run reproduces exactly the same meetings.
     """
@@ -327,7 +332,7 @@ def propose_meetings(
         if innovator.participant != funder.participant
         and (shared := shared_themes(innovator.themes, funder.themes))
     ]
-    pairs.sort(key=lambda p: (-len(p[0]), p[1].order, p[1].registration_id, p[2].order, p[2].registration_id))
+    pairs.sort(key=lambda p: (-(p[1].stated + p[2].stated), -len(p[0]), p[1].order, p[1].registration_id, p[2].order, p[2].registration_id))
 
     busy: dict[str, set[int]] = {}
     per_funder_count: Counter[str] = Counter()

@@ -202,6 +202,27 @@ def test_a_funder_gets_at_most_n_meetings_and_more_shared_themes_go_first() -> N
     assert [m.innovator for m in meetings] == ["i9", "i0"]
 
 
+def test_pairs_whose_own_themes_meet_go_before_those_met_through_the_day_s_themes() -> None:
+    """A funder and an innovator who named no interests both take the day's themes, and share all
+    of them: they came before a pair whose own interests meet on one, and took the funder's only
+    meeting. Now what both named goes first, then what one named, then the day's themes alone."""
+    day = {"health_care", "education", "migration_population"}
+    silent = Candidate("silent", "silent", "innovator", frozenset(day), 0, stated=False)
+    named = candidate("named", "innovator", {"health_care"}, 1)
+    funder = candidate("f", "funder", {"health_care"}, 2)
+    open_funder = Candidate("open", "open", "funder", frozenset(day), 3, stated=False)
+    meetings = propose_meetings([silent, named, funder, open_funder], starts_at=NOON, ends_at=NOON + timedelta(hours=1), per_funder=1)
+    # Both named health care; then the innovator named it and the funder took the day's themes;
+    # the pairs of the innovator who named nothing come last, and both funders have their meeting.
+    assert [(m.innovator, m.funder, m.shared_themes) for m in meetings] == [
+        ("named", "f", ("health_care",)),
+        ("named", "open", ("health_care",)),
+    ]
+    # Alone with the silent funder, it is met through the day's themes.
+    alone = propose_meetings([silent, open_funder], starts_at=NOON, ends_at=NOON + timedelta(hours=1), per_funder=1)
+    assert [(m.innovator, m.funder, m.shared_themes) for m in alone] == [("silent", "open", tuple(sorted(day)))]
+
+
 def test_nobody_is_double_booked_when_slots_run_out() -> None:
     candidates = [candidate("i", "innovator", {"health_care"}, 0), candidate("f1", "funder", {"health_care"}, 1), candidate("f2", "funder", {"health_care"}, 2)]
     meetings = propose_meetings(candidates, starts_at=NOON, ends_at=NOON + timedelta(minutes=20))
@@ -228,6 +249,7 @@ def candidate_lists(draw: st.DrawFn) -> list[Candidate]:
             themes=frozenset(draw(st.sets(st.sampled_from(THEMES), max_size=3))),
             order=n,
             project_id=draw(st.none() | st.sampled_from(["p1", "p2"])),
+            stated=draw(st.booleans()),
         )
         for n in range(count)
     ]
