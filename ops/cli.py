@@ -1465,9 +1465,9 @@ def dlq_replay(
     async def main() -> tuple[list[Any], dict[int, tuple[Any, list[dict[str, Any]]]]]:
         async with _nats(settings, "collabbus-dlq") as nc:
             js = nc.jetstream()
-            letters = {letter.seq: letter for letter in await dlq.dead_letters(js)
-                       if (not seqs or letter.seq in seqs) and consumer in (None, letter.consumer)}
-            later = {seq: (letter, await dlq.later_about_it(js, letter)) for seq, letter in letters.items()}
+            queued = await dlq.dead_letters(js)
+            letters = {letter.seq: letter for letter in queued if (not seqs or letter.seq in seqs) and consumer in (None, letter.consumer)}
+            later = {seq: (letter, await dlq.later_about_it(js, letter, queued=queued)) for seq, letter in letters.items()}
             if consumer is not None and not letters:
                 return [], later
             chosen = sorted(letters) if consumer is not None else seqs or None

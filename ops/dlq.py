@@ -228,7 +228,10 @@ async def replay(
     else:
         listed = {letter.seq: letter for letter in queued}
         letters = [listed.get(seq) or await dead_letter(js, seq) or seq for seq in sorted(set(seqs))]
-    left = {letter.seq: letter for letter in queued}
+    left: dict[tuple[str, tuple[str, str] | None], list[DeadLetter]] = {}
+    """The dead letters still in the queue about each thing, per consumer, in the log's order."""
+    for queued_letter in sorted(queued, key=lambda x: (x.original_seq is None, x.original_seq or 0, x.seq)):
+        left.setdefault((queued_letter.consumer, about(queued_letter)), []).append(queued_letter)
     results = []
     applied: dict[tuple[str, tuple[str, str] | None], int] = {}
     """The index in ``results`` of the last dead letter applied about each thing, per consumer."""
@@ -236,11 +239,12 @@ async def replay(
         if isinstance(letter, int):
             results.append(Replayed(letter, None, None, False, f"no dead letter #{letter}"))
             continue
-        error = _waits(letter, left.values(), appliers) or await _apply(js, appliers, letter)
+        thing = (letter.consumer, about(letter))
+        error = _waits(letter, left.get(thing, ()), appliers) or await _apply(js, appliers, letter)
         if error is None:
             await js.delete_msg(DLQ_STREAM, letter.seq)
-            left.pop(letter.seq, None)
-            applied[letter.consumer, about(letter)] = len(results)
+            left[thing] = [x for x in left.get(thing, ()) if x.seq != letter.seq]
+            applied[thing] = len(results)
         results.append(Replayed(letter.seq, letter.consumer, letter.event_id, error is None, error))
     for consumer, (domain, subject) in await settle(js, appliers):  # named on the last of its events applied
         if (index := applied.get((consumer, (domain, subject)))) is not None:
@@ -249,13 +253,14 @@ async def replay(
 
 
 def _waits(letter: DeadLetter, queued: Iterable[DeadLetter], appliers: Mapping[str, Any]) -> str | None:
-    """Why ``letter`` waits, when an earlier dead letter about the same thing is still in the
-    queue (a consumer that sets things aside applies their events in the log's order)."""
+    """Why ``letter`` waits, when an earlier dead letter about the same thing (``queued``: those
+    still in the queue, in the log's order) is still there: a consumer that sets things aside
+    applies their events in the log's order."""
     thing = about(letter)
     if thing is None or letter.original_seq is None or not _parks(appliers.get(letter.consumer)):
         return None
-    earlier = next((x for x in queued if x.consumer == letter.consumer and x.seq != letter.seq and x.original_seq is not None
-                    and x.original_seq < letter.original_seq and about(x) == thing), None)
+    earlier = next((x for x in queued if x.seq != letter.seq and x.original_seq is not None
+                    and x.original_seq < letter.original_seq), None)
     if earlier is None:
         return None
     return (f"waits for dead letter #{earlier.seq} (log #{earlier.original_seq} {earlier.type}), an earlier event about "
@@ -319,18 +324,22 @@ LATER_SHOWN = 20
 """How many later events about the same thing ``dlq show`` and ``replay`` name at most."""
 
 
-async def later_about_it(js: JetStreamContext, letter: DeadLetter, limit: int = LATER_SHOWN) -> list[dict[str, Any]]:
+async def later_about_it(
+    js: JetStreamContext, letter: DeadLetter, limit: int = LATER_SHOWN, queued: Iterable[DeadLetter] | None = None,
+) -> list[dict[str, Any]]:
     """The events logged after a dead-lettered one about the same thing (its domain and
     subject; the workflows' answers to them included), up to ``limit``, as ``{"seq", "type",
     "waiting"}``. ``waiting``: it is in the dead-letter queue too, set aside behind this one (or
     failed itself), and a replay applies it after this one. The others its consumer applied
     without it (before things were set aside; a derived event decided meanwhile, such as a
     call's closing at its deadline): replayed, this one is applied after them, while a rebuild
-    applies all in the log's order."""
+    applies all in the log's order. ``queued``: the dead-letter queue as just listed (read when
+    not given)."""
     thing = about(letter)
     if letter.original_seq is None or thing is None:
         return []
-    waiting = {x.original_seq for x in await dead_letters(js, letter.consumer)}
+    waiting = {x.original_seq for x in (queued if queued is not None else await dead_letters(js, letter.consumer))
+               if x.consumer == letter.consumer}
     later: list[dict[str, Any]] = []
     filter_ = log.event_filter(thing[0], None, thing[1])
     async with aclosing(log.stored(js, EVENTS_STREAM, filter_, start_seq=letter.original_seq + 1)) as messages:

@@ -219,7 +219,7 @@ def test_what_a_call_awarded_before_its_running_total_is_filled_in_from_its_appl
             connection.execute(text("ALTER TABLE calls DROP COLUMN awarded"))
         migrate(engine)
         with engine.connect() as connection:
-            totals: dict[str, str | None] = dict(connection.execute(text("SELECT call_id, awarded FROM calls ORDER BY call_id")).tuples().all())
+            totals = {str(call_id): awarded for call_id, awarded in connection.execute(text("SELECT call_id, awarded FROM calls ORDER BY call_id"))}
         assert totals == {"c-awarded": "0.30", "c-none": None}
     finally:
         engine.dispose()
