@@ -16,6 +16,8 @@ import re
 import signal
 import sys
 import time
+import types
+import typing
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
@@ -68,7 +70,7 @@ def with_settings(func: F) -> F:
         inspect.Parameter(
             name,
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, help=(field.description or f"setting COLLABBUS_{name.upper()}"),
+            default=typer.Option(None, help=(field.description or f"setting COLLABBUS_{name.upper()}"), metavar=_kind_of(field.annotation),
                                  rich_help_panel="Settings (also COLLABBUS_* variables)", show_default=False),
             annotation=Optional[str],
         )
@@ -94,6 +96,17 @@ def with_settings(func: F) -> F:
     wrapper.__signature__ = signature.replace(parameters=own + extra)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
     return wrapper  # type: ignore[return-value]
+
+
+def _kind_of(annotation: Any) -> str:
+    """How ``--help`` names what a setting takes (its option passes text on to ``Settings``,
+    which reads and checks it): ``<int>``, ``<float>``, ``<path>``, ``<list>`` (comma-separated), ``<str>``."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = [kind for kind in typing.get_args(annotation) if kind is not type(None)] if optional else [annotation]
+    kind = kinds[0] if kinds else str
+    if typing.get_origin(kind) is list:
+        return "<list>"
+    return f"<{ {int: 'int', float: 'float', Path: 'path'}.get(kind, 'str') }>"
 
 
 _NOT_SHOWN = frozenset({"database_url", "nats_url", "nats_public_url", "portal_url", "portal_token", "nats_account_seed"})

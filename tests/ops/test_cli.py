@@ -699,6 +699,16 @@ def test_the_command_lists_show_each_summary_as_flowing_text() -> None:
     assert all(len(line.rstrip()) > 60 for line in paragraph[:-2]), paragraph  # filled lines, not the source's breaks
 
 
+def test_help_names_what_each_setting_takes() -> None:
+    """Every setting's option passes text on to the settings, which read and check it; `--help`
+    still says what each takes (it said `<str>` of a port, a count and a list alike)."""
+    helped = cli("up", "--help", env={**os.environ, "COLUMNS": "200"}).stdout
+    kinds = {line.split()[1]: line.split()[2] for line in helped.splitlines() if line.startswith("│ --") and len(line.split()) > 2}
+    assert (kinds["--data-dir"], kinds["--http-rate-burst"], kinds["--http-rate-limit"], kinds["--gate-processes"]) == (
+        "<path>", "<int>", "<float>", "<int>")
+    assert (kinds["--webhook-retry-schedule"], kinds["--nats-url"], kinds["--nats-creds"]) == ("<list>", "<str>", "<path>")
+
+
 def test_commands_that_only_connect_and_read_the_log_load_neither_the_bus_nor_the_catalog() -> None:
     """`institutions list`, `tail`, `status`, `dlq list` start in well under a second: the modules
     they connect and read with keep the whole bus (``bus.runtime``) and the event catalog out."""
