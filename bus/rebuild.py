@@ -201,6 +201,9 @@ async def rebuild(
     helpers = lanes.start() if lanes is not None else []  # (started now unless the caller did) they start up while the read models are emptied
     reader: _Reader | None = None
     try:
+        epochs = await asyncio.to_thread(service.rules_epochs) if hasattr(service, "rules_epochs") else []
+        for helper in helpers:  # each lane judges the events by the rules they were applied by, as this one does
+            helper.send_first(epochs)
         if total:  # the reader starts up and reads ahead (into the pipes) while the read models are emptied
             try:
                 reader = _start_reader(connect, report.last_seq, batch, [helper.frames_fd for helper in helpers],
@@ -296,6 +299,9 @@ class _Frames:
         frame = pickle.loads(blob)
         if frame is None:
             return False
+        if isinstance(frame, dict):  # (before the events: the rules epochs, ``_Helper.send_first``)
+            self.service.use_rules_epochs(frame["rules_epochs"])
+            return True
         if isinstance(frame, str):
             raise LogReadError(frame)
         if frame:
@@ -373,6 +379,15 @@ class _Helper:
     kept: tuple[str, ...]
     """The domains whose rows it keeps (see :meth:`Lanes.kept`)."""
     database: Path
+
+    def send_first(self, epochs: list[tuple[int, int]]) -> None:
+        """Tell the lane, before its events, which rules applied which part of the log."""
+        if self.frames_fd >= 0:
+            out = Connection(os.dup(self.frames_fd), readable=False)
+            try:
+                out.send_bytes(pickle.dumps({"rules_epochs": epochs}))
+            finally:
+                out.close()
 
     def hand_over(self) -> None:
         """Close this process's copy of the pipe the lane reads (the reader has its own)."""

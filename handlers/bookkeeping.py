@@ -70,6 +70,18 @@ class ParkedSubject(TableRow, table=True):
     one it saw, so an event set aside meanwhile keeps it set aside (:func:`release`)."""
 
 
+class RulesEpoch(TableRow, table=True):
+    """From which log sequence on the events were applied by which version of the workflow rules
+    (``handlers.rules.RULES``): a bus applying the log with another version than the last one
+    recorded notes where it starts. A rebuild judges each event by the version it was applied by,
+    and keeps these (as it keeps the outbox)."""
+
+    __tablename__ = "rules_epochs"
+
+    from_seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    version: int
+
+
 class OutboxEvent(TableRow, table=True):
     """A derived event decided but not yet confirmed by the log. Kept across rebuilds."""
 
@@ -227,3 +239,24 @@ def release(connection: sa.Connection, consumer: str, about: tuple[str, str], la
         table.c.consumer == consumer, table.c.domain == about[0], table.c.subject == about[1], table.c.last_seq == last_seq,
     ))
     return bool(gone.rowcount)
+
+
+def rules_epochs(connection: sa.Connection) -> list[tuple[int, int]]:
+    """(from_seq, version) of each rules epoch, in log order."""
+    table = RulesEpoch.__table__  # type: ignore[attr-defined]
+    return [(int(seq), int(version)) for seq, version in connection.execute(
+        sa.select(table.c.from_seq, table.c.version).order_by(table.c.from_seq))]
+
+
+def begin_rules_epoch(connection: sa.Connection, from_seq: int, version: int) -> list[tuple[int, int]]:
+    """Note that the events from ``from_seq`` on are applied by rules of ``version``, unless the
+    last epoch is of that version already; returns the epochs. An epoch that would begin where
+    the last one begins (nothing applied in between) replaces it."""
+    epochs = rules_epochs(connection)
+    if epochs and epochs[-1][1] == version:
+        return epochs
+    table = RulesEpoch.__table__  # type: ignore[attr-defined]
+    if epochs and epochs[-1][0] >= from_seq:
+        connection.execute(table.delete().where(table.c.from_seq >= from_seq))
+    connection.execute(table.insert().values(from_seq=from_seq, version=version))
+    return rules_epochs(connection)

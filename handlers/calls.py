@@ -20,7 +20,7 @@ from handlers import confidential
 from handlers.institutions import UtcDateTime, column_values, member, upsert
 from handlers.network import Context, Decider, Event, Projection, Timer
 from handlers.rows import TableRow
-from handlers.rules import Refusal
+from handlers.rules import Refusal, since
 from handlers.rules import calls as rules
 from handlers.rules.calls import Applicant, ApplicationSnapshot, CallSnapshot, CallStatus
 from schemas.calls import (
@@ -191,7 +191,7 @@ def decide_application(ctx: Context) -> None:
     previous = ctx.session.get(CallApplication, (data.call_id, data.application_id))
     # A rejected application may be submitted again under its id, by its applicant: the id stays
     # its (another applicant taking it would take its rejection's record, and be shown its request).
-    duplicate = previous is not None and (previous.status != "rejected" or previous.applicant != event.source)
+    duplicate = previous is not None and (previous.status != "rejected" or (previous.applicant != event.source and since(1)))
     currency = data.requested_amount.currency if data.requested_amount is not None else None
     refusal = rules.application_refusal(call, applicant, event.logged_at, duplicate=duplicate, currency=currency)
     answer = {"call_id": data.call_id, "application_id": data.application_id, "applicant": event.source}

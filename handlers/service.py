@@ -12,6 +12,7 @@ events touch are read once, not once per event.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -27,10 +28,24 @@ from sqlalchemy import Engine
 from sqlalchemy import event as sa_event
 from sqlmodel import Session
 
-from handlers.bookkeeping import AppliedEvent, ConsumerPosition, OutboxEvent, ParkedSubject, aggregate_of, park, parked, parked_behind, release
+from handlers.bookkeeping import (
+    AppliedEvent,
+    ConsumerPosition,
+    OutboxEvent,
+    ParkedSubject,
+    RulesEpoch,
+    aggregate_of,
+    begin_rules_epoch,
+    park,
+    parked,
+    parked_behind,
+    release,
+    rules_epochs,
+)
 from handlers.db import database_unavailable, reading
 from handlers.positions import PositionTaken
 from handlers.network import REBUILDING, Book, Event, Network, applied_among
+from handlers.rules import RULES, judged_by
 from handlers.session import KnownKeysSession, tracked_tables
 from ops.metrics import HANDLER_SECONDS, TIMERS_SECONDS
 
@@ -92,7 +107,7 @@ class NetworkService:
 
         import handlers.tables  # noqa: F401  (every table on the metadata)
 
-        tracked = tracked_tables(SQLModel.metadata, leave_out=(AppliedEvent, ConsumerPosition, ParkedSubject))
+        tracked = tracked_tables(SQLModel.metadata, leave_out=(AppliedEvent, ConsumerPosition, ParkedSubject, RulesEpoch))
         self._session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked)
         self._mutex = threading.Lock()
         self._fresh: list[tuple[str, bytes]] = []
@@ -102,6 +117,12 @@ class NetworkService:
         process last knew it: read when it takes the log over, added to when it sets something
         aside. ``collabbus dlq`` lets things go from another process, so an event about one of
         these is checked against the table before it is set aside; while none is, nothing is."""
+        self._epochs: list[tuple[int, int]] = []
+        """(from_seq, version) of the rules epochs before the current one (``RulesEpoch``): an
+        event before the last epoch's start is judged by the version it was applied by. Read when
+        this process takes the log over or rebuilds it (:meth:`rules_epochs`)."""
+        self._current_from = 0
+        """Where the current rules' last epoch begins: events from here on are judged by them."""
         self._outbox_known = False
         """Whether the outbox holds nothing committed since its last reading but :attr:`_fresh`
         (not at start; not after the timers or an event-by-event batch wrote to it)."""
@@ -211,7 +232,7 @@ class NetworkService:
                 started = time.perf_counter()
                 mark = len(book.applied), len(book.logged), book.seq
                 try:
-                    with session.begin_nested():
+                    with session.begin_nested(), self._judging(item.seq):
                         derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
                 except Exception as exc:
                     if database_unavailable(exc):
@@ -247,7 +268,11 @@ class NetworkService:
                 raise _Failed(index, Failure(type(exc).__name__, str(exc)[:2000], permanent=True)) from exc
             started = time.perf_counter()
             try:
-                derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
+                if item.seq >= self._current_from:
+                    derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
+                else:
+                    with self._judging(item.seq):
+                        derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
             except Exception as exc:
                 if database_unavailable(exc):  # (a handler's query flushed the session, say)
                     raise
@@ -276,6 +301,40 @@ class NetworkService:
         return Failure(PARKED, f"set aside behind #{behind}: an earlier event about {about[0]} {about[1]} is in the dead-letter "
                        "queue; `collabbus dlq replay` applies them in the log's order", permanent=True, behind=behind)
 
+    @contextmanager
+    def _judging(self, seq: int) -> Iterator[None]:
+        """Judge the event at ``seq`` by the rules it was applied by (``handlers.rules.since``)."""
+        if seq >= self._current_from or not self._epochs:
+            yield
+            return
+        index = bisect.bisect_right(self._epochs, (seq, float("inf"))) - 1
+        with judged_by(self._epochs[index][1] if index >= 0 else RULES):
+            yield
+
+    def _know_epochs(self, epochs: Sequence[tuple[int, int]]) -> None:
+        """Keep the rules epochs (from_seq, version), in log order: the last of the current
+        version begins :attr:`_current_from`, unless an older version follows it (a bus of an
+        older version applied the log after it: then every event asks)."""
+        ordered = sorted((int(seq), int(version)) for seq, version in epochs)
+        current = ordered[-1][0] if ordered and ordered[-1][1] == RULES else None
+        self._epochs = ordered
+        self._current_from = current if current is not None else (0 if not ordered else 2**62)
+
+    def rules_epochs(self, *, record: bool = True) -> list[tuple[int, int]]:
+        """The rules epochs, which judge the events applied before by the rules they were applied
+        by (a rebuild, a dead letter's replay): what the database records. ``record``: a database
+        without any (new, or rebuilt without them) records that this version applies the whole log."""
+        with self._transaction() as session:
+            epochs = rules_epochs(session.connection())
+            if not epochs and record:
+                epochs = begin_rules_epoch(session.connection(), 1, RULES)
+        self._know_epochs(epochs)
+        return epochs
+
+    def use_rules_epochs(self, epochs: Sequence[tuple[int, int]]) -> None:
+        """Judge by these rules epochs (a rebuild's other lanes get them from the rebuilding process)."""
+        self._know_epochs(epochs)
+
     @staticmethod
     def _seen(session: Session, items: Sequence[LoggedItem]) -> set[str]:
         return applied_among(session, (str(item.envelope.get("id")) for item in items))
@@ -286,6 +345,10 @@ class NetworkService:
         with self._transaction() as session:
             self.network.take(session)
             self._parked = {(domain, subject): first for domain, subject, first, _ in parked(session.connection(), self.network.consumer)}
+            # What this process applies from here on is judged by its rules; what was applied before, by theirs.
+            applied = self.network.position(session)
+            epochs = rules_epochs(session.connection())
+            self._know_epochs(begin_rules_epoch(session.connection(), applied + 1 if epochs else 1, RULES))
             # A rebuild cut short left its first lane's position: no rebuild runs while a bus
             # applies the log (it holds the lease), and status would show it as a consumer behind.
             table = ConsumerPosition.__table__  # type: ignore[attr-defined]
@@ -360,7 +423,7 @@ class NetworkService:
     def reset(self) -> None:
         """Empty every read model and the bookkeeping of what was applied (not the outbox: it
         holds derived events the log has not confirmed yet; not the positions of other consumers
-        of the log, such as the webhooks')."""
+        of the log, such as the webhooks'; not which rules applied which part of the log)."""
         from sqlmodel import SQLModel
 
         with self._transaction() as session:
@@ -368,7 +431,7 @@ class NetworkService:
                 if table.name == ConsumerPosition.__tablename__:  # other consumers' positions are theirs
                     own = (self.network.consumer, self.network.consumer + REBUILDING)  # (one a rebuild cut short left)
                     session.execute(table.delete().where(table.c.consumer.in_(own)))
-                elif table.name != OutboxEvent.__tablename__:
+                elif table.name not in (OutboxEvent.__tablename__, RulesEpoch.__tablename__):  # (which rules applied the log stays)
                     session.execute(table.delete())
         with self._mutex:
             self._forget()

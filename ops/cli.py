@@ -1554,8 +1554,10 @@ async def _appliers(settings: Settings) -> tuple[Any, dict[str, Any]]:
     engine = make_engine(settings.db_url)
     await asyncio.to_thread(migrate, engine)
     schedule = RetrySchedule(tuple(settings.webhook_retry_schedule) or (0.0,))
+    service = NetworkService(engine, network())
+    await asyncio.to_thread(lambda: service.rules_epochs(record=False))  # a dead letter is judged as a rebuild judges it
     return engine, {
-        NETWORK_CONSUMER: NetworkService(engine, network()),
+        NETWORK_CONSUMER: service,
         WEBHOOKS_CONSUMER: DeliveryRecorder(engine, WEBHOOKS_CONSUMER, schedule),
     }
 

@@ -1,10 +1,45 @@
 """Workflow decisions as pure functions over small frozen snapshots of the state: no database, no
-clock, no I/O, so they are unit-tested directly and give the same answer live and in a rebuild."""
+clock, no I/O, so they are unit-tested directly and give the same answer live and in a rebuild.
+
+The rules have a version (:data:`RULES`). A rule added to the workflows gets the next number and
+asks :func:`since` before it refuses, so that an event is judged, in a rebuild too, by the rules it
+was judged by when it was applied (``handlers.bookkeeping.RulesEpoch``): a log applied by an
+older version rebuilds as it was applied, not with refusals nobody was told of.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+
+RULES = 1
+"""The version of the workflow rules this code judges by. 1: an owner's adoption of its own
+project (``own_project``), an adopter that is not a member (``unknown_adopter``), a call's deadline
+amended into the past (``deadline_in_past``) or its opening moved later once open
+(``already_open``), an award beyond the budget (``over_budget``, and a budget amended below what
+was awarded or into another currency), a rejected application's id taken by another applicant
+(``duplicate_application``)."""
+
+_JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
+
+
+def since(version: int) -> bool:
+    """Whether the event being judged is judged by rules of ``version`` or later (outside the
+    application of a logged event — a test, a rule called directly — the current ones)."""
+    return _JUDGED_BY.get() >= version
+
+
+@contextmanager
+def judged_by(version: int) -> Iterator[None]:
+    """Judge the events applied within by the rules of ``version``."""
+    token = _JUDGED_BY.set(version)
+    try:
+        yield
+    finally:
+        _JUDGED_BY.reset(token)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
-from handlers.rules import Refusal
+from handlers.rules import Refusal, since
 
 CallStatus = Literal["upcoming", "open", "closed"]
 ApplicationStatus = Literal["received", "rejected", "invited", "proposal_sent", "awarded", "declined", "withdrawn", "lapsed"]
@@ -157,23 +157,23 @@ def amendment_refusal(
         return Refusal("invalid_window", "The amended deadline would not be after the call's opening.")
     # Applications received stay in time, and those still being prepared are not shut out at once:
     # a call ends now by its closing (cancelled, filled), not by a deadline moved into the past.
-    if deadline is not None and deadline < logged_at:
+    if deadline is not None and deadline < logged_at and since(1):
         return Refusal("deadline_in_past", "The amended deadline is already past: to end the call now, close it "
                                            "(call.closed, cancelled or filled).")
-    if opens_at is not None and call.opens_at <= logged_at < opens_at:
+    if opens_at is not None and call.opens_at <= logged_at < opens_at and since(1):
         return Refusal("already_open", f"The call opened at {call.opens_at.isoformat()}: its opening cannot be moved later.")
     if full_proposal_deadline_given and full_proposal_deadline is not None and not call.two_stage:
         return Refusal("single_stage", "The call has a single stage: it takes no full proposals, and has no deadline for them.")
     second = full_proposal_deadline if full_proposal_deadline_given else call.full_proposal_deadline
     if second is not None and second <= (deadline or call.deadline):
         return Refusal("invalid_window", "The deadline for full proposals would not be after the call's deadline.")
-    if full_proposal_deadline_given and full_proposal_deadline is not None and full_proposal_deadline < logged_at:
+    if full_proposal_deadline_given and full_proposal_deadline is not None and full_proposal_deadline < logged_at and since(1):
         return Refusal("deadline_in_past", "The amended deadline for full proposals is already past: the invited "
                                            "applications would lapse at once; to end the second stage now, close the call.")
     awarded = call.awarded
-    if budget is not None and awarded > 0 and call.currency is not None and budget[1] != call.currency:
+    if budget is not None and awarded > 0 and call.currency is not None and budget[1] != call.currency and since(1):
         return Refusal("currency_mismatch", f"The call has awarded {_money(awarded, call.currency)}: its budget stays in {call.currency}.")
-    if budget is not None and budget[0] < awarded:
+    if budget is not None and budget[0] < awarded and since(1):
         return Refusal("over_budget", f"The call has awarded {_money(awarded, call.currency)} already: its budget cannot be "
                                       f"less than that ({_money(budget[0], budget[1])}).")
     return None
@@ -228,7 +228,7 @@ def decision_refusal(
     if refusal := _currency_refusal(call, currency, "award"):
         return refusal
     awarded = call.awarded
-    if decision == "awarded" and amount is not None and call.budget is not None and awarded + amount > call.budget:
+    if decision == "awarded" and amount is not None and call.budget is not None and awarded + amount > call.budget and since(1):
         left = max(call.budget - awarded, Decimal(0))
         return Refusal("over_budget", f"The call's budget is {_money(call.budget, call.currency)} and "
                                       f"{_money(awarded, call.currency)} is awarded already: award at most "

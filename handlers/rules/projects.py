@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 
-from handlers.rules import Refusal
+from handlers.rules import Refusal, since
 
 OWNER_ONLY = frozenset({"project.updated", "project.impact_reported", "project.completed"})
 
@@ -55,9 +55,9 @@ def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Re
             return Refusal("not_owner_or_adopter", f"Only {project.owner} or the adopter may record an adoption.")
         if action.adoption_known:
             return Refusal("duplicate_adoption", "An adoption with this id was already recorded.")
-        if action.adopter == project.owner:  # (the spread of a practice counts the others taking it up)
+        if action.adopter == project.owner and since(1):  # (the spread of a practice counts the others taking it up)
             return Refusal("own_project", f"{project.owner} owns the project: an adoption is another member taking it up.")
-        if not action.adopter_member:  # a typo would otherwise count an adoption nobody made
+        if not action.adopter_member and since(1):  # a typo would otherwise count an adoption nobody made
             return Refusal("unknown_adopter", f"{action.adopter} is not a member of the network.")
     if action.started_on is not None and action.ends_on is not None and action.ends_on < action.started_on:
         return Refusal("invalid_dates", "The project would end before it starts.")

@@ -415,3 +415,52 @@ async def test_by_default_a_rebuild_takes_one_lane_per_core_it_may_run_on(tmp_pa
         assert report["lanes"] is None, stderr.decode()[-2000:]  # one process: the one core
         assert report["events"] == report["last_seq"] and _position(engine) == report["last_seq"]
     assert default_count() == 1  # and a gatekeeper process beside the bus, where there is a second core
+
+
+async def test_a_rebuild_judges_each_event_by_the_rules_it_was_applied_by(tmp_path: Path, server: EmbeddedNats) -> None:
+    """A log applied by a version of the rules before awards were weighed against the budget
+    holds an award beyond it, applied then. Rebuilt — in lanes: the calls are another process's —
+    with the database's record of which rules applied the log, the award stands as it did; in a
+    database without that record (a new one), the whole log is judged by today's rules, which
+    refuse it, and that is recorded for the next rebuild."""
+    from handlers.calls import CallApplication
+    from tests.handlers.test_calls_scenarios import COOPERATIVE, MEMBERS, OWNER, application, decided, published
+
+    database_url = f"sqlite:///{tmp_path / 'network.db'}"
+    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, database_url=database_url),
+              tracing=Tracing.off())
+    await bus.start(ingress=False, state=False)
+    call_id = "esf-2026-rules"
+    events = [*MEMBERS, published(call_id), application(call_id, "app-1"),
+              decided(call_id, "app-1", amount={"amount": "9000000.00", "currency": "EUR"})]  # the budget is 1.5 million
+    for event in events:
+        await bus.js.publish(log_subject(event), canonical_bytes(event), headers={"Nats-Msg-Id": event["id"]})
+    connect = {"servers": [server.url], **server.connect_options()}
+    engine = make_engine(database_url)
+    migrate(engine)
+
+    async def rebuilt() -> str:
+        lanes = Lanes(rebuild_lanes(2), tmp_path / "scratch", held_rows=50_000)
+        assert "call" in lanes.domains[1]  # (judged in the other lane's process)
+        report = await rebuild(bus.js, NetworkService(engine, network(lanes.domains[0])), connect=connect, lanes=lanes)
+        assert report.failures == []
+        with engine.connect() as connection:
+            return str(connection.execute(sa.select(CallApplication.status).where(  # type: ignore[call-overload]
+                CallApplication.application_id == "app-1")).scalar())
+
+    def epochs() -> list[tuple[int, int]]:
+        with engine.connect() as connection:
+            return [(int(s), int(v)) for s, v in connection.execute(sa.text("SELECT from_seq, version FROM rules_epochs ORDER BY from_seq"))]
+
+    try:
+        with engine.begin() as connection:  # applied by the rules before their first version, as the migration records it
+            connection.execute(sa.text("INSERT INTO rules_epochs (from_seq, version) VALUES (1, 0)"))
+        assert await rebuilt() == "awarded"
+        assert epochs() == [(1, 0)]  # (kept by the rebuild)
+        with engine.begin() as connection:
+            connection.execute(sa.text("DELETE FROM rules_epochs"))
+        assert await rebuilt() == "received"  # refused: over budget
+        assert epochs() == [(1, 1)]
+    finally:
+        engine.dispose()
+        await bus.stop()

@@ -369,3 +369,55 @@ def test_the_later_events_about_a_dead_lettered_thing_are_set_aside_until_it_is_
     finally:
         service.close()
         elsewhere.close()
+
+
+def test_a_bus_notes_from_where_its_rules_apply_the_log_and_older_events_are_judged_by_theirs(engine: Engine) -> None:
+    """A new database: the bus's rules apply the whole log. One an older version applied (the
+    migration notes version 0 from the start): the bus notes where its own rules begin, an event
+    from there is judged by them (an owner adopting its own project: refused), and a dead letter
+    from before — replayed now — by the rules it would have been applied by (accepted, as then)."""
+    from handlers.routes import network
+    from handlers.rules import RULES
+    from tests.handlers.harness import envelope
+
+    fixtures = load_fixtures()
+    owner = fixtures["project.registered"]["as"]
+    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p")}
+    events = [envelope("institution.joined", "operator", {"id": owner, "name": {"en": owner}, "kind": "municipality", "country": "TR"}),
+              envelope("project.registered", owner, project)]
+
+    def own_adoption() -> dict[str, Any]:
+        return envelope("project.adopted", owner, {**fixtures["project.adopted"]["event"]["data"], "adoption_id": unique("a"),
+                                                   "project_id": project["project_id"], "adopter": owner})
+
+    def epochs() -> list[tuple[int, int]]:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(sa.text("SELECT from_seq, version FROM rules_epochs ORDER BY from_seq"))]  # type: ignore[misc]
+
+    now = datetime.now(timezone.utc)
+    first = NetworkService(engine, network())
+    try:
+        first.take_position()
+        assert epochs() == [(1, RULES)]
+        assert first.apply_batch([LoggedItem(seq, event, now) for seq, event in enumerate(events, 1)])[:2] == (2, None)
+    finally:
+        first.close()
+    with engine.begin() as connection:  # as if an older version had applied #1–#2 (what the migration records)
+        connection.execute(sa.text("DELETE FROM rules_epochs"))
+        connection.execute(sa.text("INSERT INTO rules_epochs (from_seq, version) VALUES (1, 0)"))
+
+    service = NetworkService(engine, network())
+    try:
+        service.take_position()
+        assert epochs() == [(1, 0), (3, RULES)]
+        refused = own_adoption()
+        assert service.apply_batch([LoggedItem(3, refused, now)])[:3] == (1, None, 1)  # its refusal derived
+        late = own_adoption()
+        assert service.apply_batch([LoggedItem(2, late, now)], replay=True)[:3] == (1, None, 0)  # judged as #2 was
+        with engine.connect() as connection:
+            adopted = connection.execute(sa.text("SELECT adoption_id FROM project_adoptions")).scalars().all()
+        assert adopted == [late["data"]["adoption_id"]]
+        service.take_position()  # (again, with the same rules: nothing new to note)
+        assert epochs() == [(1, 0), (3, RULES)]
+    finally:
+        service.close()
