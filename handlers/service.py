@@ -118,9 +118,9 @@ class NetworkService:
         aside. ``collabbus dlq`` lets things go from another process, so an event about one of
         these is checked against the table before it is set aside; while none is, nothing is."""
         self._epochs: list[tuple[int, int]] = []
-        """(from_seq, version) of the rules epochs before the current one (``RulesEpoch``): an
-        event before the last epoch's start is judged by the version it was applied by. Read when
-        this process takes the log over or rebuilds it (:meth:`rules_epochs`)."""
+        """(from_seq, version) of the rules epochs (``RulesEpoch``), in log order: an event before
+        :attr:`_current_from` is judged by the version that applied its part of the log. Read when
+        this process takes the log over, rebuilds it or replays dead letters (:meth:`rules_epochs`)."""
         self._current_from = 0
         """Where the current rules' last epoch begins: events from here on are judged by them."""
         self._outbox_known = False
