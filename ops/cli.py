@@ -143,13 +143,25 @@ def _database_problem(exc: Exception) -> NoReturn:
     raise typer.Exit(1) from None
 
 
+_ANSWER_IN_JSON = False
+"""Whether the command running was asked for ``--json`` (backup, restore): a failure is then also
+said on standard output, as ``{"error": …}``, for the script reading it."""
+
+
+def _fail(message: str, *, code: int = 1) -> NoReturn:
+    """End the command with ``message`` (plain text): on standard error, and as JSON on standard
+    output when the command was asked for ``--json``."""
+    err.print(f"[red]error:[/red] {escape(message)}")
+    if _ANSWER_IN_JSON:
+        out.print_json(data={"error": message})
+    raise typer.Exit(code)
+
+
 def _no_network_here(settings: Settings, what: str) -> NoReturn:
     """End a command run where the bus's network is not (usually: another directory than the
     bus's, whose default data dir ``./.collabbus`` is then another one)."""
-    err.print(f"[red]error:[/red] {what}: is {settings.data_dir.resolve()} the running bus's data dir? Run the "
-              "command in the bus's project directory, or set COLLABBUS_DATA_DIR (or COLLABBUS_DATABASE_URL and "
-              "COLLABBUS_NATS_CREDS) as the bus has them.")
-    raise typer.Exit(1)
+    _fail(f"{what}: is {settings.data_dir.resolve()} the running bus's data dir? Run the command in the bus's project "
+          "directory, or set COLLABBUS_DATA_DIR (or COLLABBUS_DATABASE_URL and COLLABBUS_NATS_CREDS) as the bus has them.")
 
 
 async def _connect(settings: Settings, name: str, *, reconnect: bool = False) -> Any:
@@ -1015,6 +1027,8 @@ def backup(
     from bus.credentials import Authority
     from ops import backup as copies
 
+    global _ANSWER_IN_JSON
+    _ANSWER_IN_JSON = as_json
     if settings.embedded and not embedded_store(settings).is_dir():
         _no_network_here(settings, f"no embedded nats-server store at {embedded_store(settings)}")
     auth_dir = embedded_store(settings) / Authority.DIRECTORY if settings.embedded else None
@@ -1028,8 +1042,7 @@ def backup(
     try:
         manifest = run(main())
     except copies.BackupError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     copies.note_done(settings.data_dir, target, manifest)
     if as_json:
         out.print_json(data=manifest.as_dict())
@@ -1067,6 +1080,8 @@ def restore(
     from bus.server import port_is_taken
     from ops import backup as copies
 
+    global _ANSWER_IN_JSON
+    _ANSWER_IN_JSON = as_json
     try:
         manifest = copies.read_manifest(source)
         copies.check_database_target(source, settings.db_url)  # before anything is written
@@ -1078,8 +1093,7 @@ def restore(
         auth_dir = embedded_store(settings) / Authority.DIRECTORY if settings.embedded else None
         auth_placed = copies.place_auth(source, auth_dir) if auth_dir is not None else False
     except copies.BackupError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        _fail(str(exc))
 
     async def main() -> tuple[dict[str, Any], Path | str | None]:
         async with _nats(settings, "collabbus-restore", fresh=True) as nc:
@@ -1096,8 +1110,7 @@ def restore(
         if auth_placed and auth_dir is not None:  # the restore is undone: it can be run again
             shutil.rmtree(auth_dir, ignore_errors=True)
         if isinstance(exc, copies.BackupError):
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
+            _fail(str(exc))
         raise
     report = {"source": str(source), "created_at": manifest["created_at"], "streams": states,
               "database": str(database) if database else None, "auth": auth_placed, "verified": verified}

@@ -153,6 +153,11 @@ def test_restore_says_what_is_wrong_with_what_it_was_given(tmp_path: Path) -> No
     nowhere = cli("backup", str(tmp_path / "b"), env=env)
     assert nowhere.returncode == 1 and "no embedded nats-server store" in nowhere.stderr
     assert not (tmp_path / "b").exists()
+    # A script asking for JSON reads why on standard output too.
+    said = cli("restore", str(tmp_path), "--json", env=env)
+    assert said.returncode == 1 and "holds no collabbus backup" in json.loads(said.stdout)["error"]
+    said = cli("backup", str(tmp_path / "b"), "--json", env=env)
+    assert said.returncode == 1 and json.loads(said.stdout)["error"].startswith("no embedded nats-server store")
     from ops.backup import FORMAT, MANIFEST, PG_DUMP
 
     dumped = tmp_path / "dumped"  # read models of PostgreSQL, and this data dir's are SQLite
