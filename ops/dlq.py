@@ -376,3 +376,28 @@ async def discard(js: JetStreamContext, seqs: Iterable[int]) -> list[int]:
         except NotFoundError:
             continue
     return deleted
+
+
+class Waiting:
+    """A consumer's dead letters by event id, for ``GET /events/{id}`` (an event its sender was
+    told is logged, which the bus could not apply or set aside): read again only when the
+    dead-letter queue has changed, so that a sender polling for its event's outcome does not
+    have the queue read each time."""
+
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+        self._state: tuple[int, int, int] | None = None
+        self._by_id: dict[str, DeadLetter] = {}
+
+    async def find(self, js: JetStreamContext, event_id: str) -> DeadLetter | None:
+        try:
+            state = (await js.stream_info(DLQ_STREAM)).state
+        except NotFoundError:
+            return None
+        if not state.messages:
+            return None
+        key = (state.first_seq or 0, state.last_seq or 0, state.messages)
+        if key != self._state:
+            self._by_id = {letter.event_id: letter for letter in await dead_letters(js, self.consumer) if letter.event_id}
+            self._state = key
+        return self._by_id.get(event_id)

@@ -346,6 +346,37 @@ async def _log_page(request: Request, viewer: str, subjects: list[str], after_se
     return {"items": items, "next_cursor": str(items[-1]["seq"]) if more else None}
 
 
+_WAITING: dict[str, Any] = {}
+"""Per consumer, its dead letters by event id (``ops.dlq.Waiting``)."""
+
+
+async def _waiting(bus: Any, event_id: str, viewer: str) -> dict[str, Any] | None:
+    """An event in the read models' dead-letter queue, as ``GET /events/{id}`` shows it to its
+    sender or the operator (None for anyone else, and when it is not there): it waits for the
+    operator, and why — in words for a partner, without the bus's internal error."""
+    from handlers.service import PARKED
+    from ops.dlq import Waiting
+
+    consumer = bus.consumer_settings.name
+    index = _WAITING.get(consumer)
+    if index is None:
+        index = _WAITING[consumer] = Waiting(consumer)
+    letter = await index.find(bus.js, event_id)
+    if letter is None or letter.event is None or letter.original_seq is None:
+        return None
+    if viewer not in (str(letter.event.get("source", "")).removeprefix("/institutions/"), bus.settings.operator):
+        return None
+    subject = f"{str(letter.event.get('type', '')).partition('.')[0]} {letter.event.get('subject')}"
+    if letter.error == PARKED:
+        why = (f"set aside: an earlier event about {subject} could not be applied, and the events about it after that one wait "
+               "behind it for the network's operator, who applies them in the log's order")
+    else:
+        why = "the bus could not apply it; it waits for the network's operator, and the later events about " \
+              f"{subject} wait behind it"
+    return {"seq": letter.original_seq, "event": letter.event, "outcome": "waiting", "refusal": None, "derived": [],
+            "derived_pending": [], "waiting": why}
+
+
 def _applied(engine: Any, event_id: str) -> tuple[int | None, list[tuple[str, int | None]]] | None:
     with reading(engine).connect() as connection:
         return applied_event(connection, event_id)
@@ -377,7 +408,10 @@ async def read_event(
         return event.get("type") not in CONFIDENTIAL or bool(await run_in_threadpool(_visible, engine, event, viewer))
 
     applied = await run_in_threadpool(_applied, engine, event_id)
-    found = await log.outcome(bus_of(request).js, applied, visible)
+    bus = bus_of(request)
+    found = await log.outcome(bus.js, applied, visible)
+    if found is None and applied is None and (waiting := await _waiting(bus, event_id, viewer)) is not None:
+        return waiting
     if found is None:
         raise ApiProblem(
             404,

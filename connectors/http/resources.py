@@ -314,8 +314,11 @@ class EventOutcome(BaseModel):
 
     seq: int = Field(description="its log sequence")
     event: dict[str, Any] = Field(description="the event as logged (canonical structured CloudEvent)")
-    outcome: Literal["applied", "refused"] = Field(
-        description="`refused`: a workflow rule refused it (its effects were not applied; `refusal` says why)"
+    outcome: Literal["applied", "refused", "waiting"] = Field(
+        description="`refused`: a workflow rule refused it (its effects were not applied; `refusal` says why); "
+                    "`waiting` (shown to its sender and the operator only): the bus could not apply it, or set it "
+                    "aside behind an earlier event about the same thing that it could not apply — it waits in the "
+                    "dead-letter queue for the network's operator (`waiting` says which)"
     )
     refusal: LoggedEvent | None = Field(
         description="the `…_rejected` event the bus logged about it, with the reason (`data.reason.code`); null "
@@ -327,6 +330,9 @@ class EventOutcome(BaseModel):
     )
     derived_pending: list[str] = Field(
         description="ids of events decided on it that the bus is still logging (they appear in `derived` moments later)"
+    )
+    waiting: str | None = Field(
+        default=None, description="with `waiting`: why it was not applied, for its sender (no internal error is repeated)"
     )
 
 

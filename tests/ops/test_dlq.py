@@ -3,12 +3,15 @@ and gone from the dead-letter queue; purge asks first."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import nats
 import orjson
 from sqlmodel import Session
 
 from bus.client import offer
+from bus.server import EmbeddedNats
 from bus.streams import DLQ_STREAM
 from handlers.network import Event
 from ops import dlq
@@ -266,3 +269,59 @@ async def test_later_events_applied_without_a_dead_letter_are_named_with_a_warni
     assert code == 0 and f"replayed #{letter.seq}" in replayed and "let go" not in replayed
     assert f"#{seq} project.registered" in warned and "Replayed, it is applied after them" in warned
     assert await dlq.dead_letters(bus.js) == []
+
+
+async def test_a_sender_asking_for_its_event_is_told_it_waits_for_the_operator(tmp_path: Path, server: EmbeddedNats) -> None:
+    """Over HTTP, `GET /events/{id}` of an event the bus could not apply, or set aside behind one
+    it could not, said 404 — as of an event never logged — for as long as it waited. Its sender
+    (and the operator) now read `waiting`, with why in words for a partner (no internal error);
+    any other member still gets the 404; once replayed, it is `applied`."""
+    import httpx
+
+    from bus.runtime import Bus
+    from bus.server import free_port
+    from handlers import tokens
+    from handlers.db import session_scope
+    from bus.consumer import ConsumerSettings
+    from ops.settings import Settings
+    from tests.bus.test_consumer import recording
+    from tests.conftest import join
+
+    recorder = Recorder()
+    recorder.poison.add("poison-h")
+    bus = Bus(Settings(data_dir=tmp_path, nats_url=server.url, nats_creds=server.bus_creds, http=f"127.0.0.1:{free_port()}"),
+              network_factory=recording(recorder), consumer_settings=ConsumerSettings("network", max_deliver=2, backoff=(0.05,)))
+    await bus.start()
+    await bus.start_http()
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        sender, other = FIXTURE["as"], "fi-another-member"
+        await join(nc, sender, FIXTURE["kind"])
+        await join(nc, other, "ngo")
+        failed, behind = project_event("poison-h"), project_event("poison-h")
+        for event in (failed, behind):
+            assert (await offer(nc, sender, event)).accepted
+        await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 2)
+        with session_scope(bus.engine) as session:
+            keys = {who: tokens.issue(session, who) for who in (sender, other, bus.settings.operator)}
+        async with httpx.AsyncClient(base_url=bus.http.url, timeout=30) as client:
+            async def read(event_id: str, who: str) -> httpx.Response:
+                return await client.get(f"/events/{event_id}", headers={"Authorization": f"Bearer {keys[who]}"})
+
+            answer = await read(behind["id"], sender)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert (body["outcome"], body["event"], body["refusal"], body["derived"]) == ("waiting", behind, None, [])
+            assert body["waiting"].startswith("set aside: an earlier event about project poison-h could not be applied")
+            first = (await read(failed["id"], sender)).json()
+            assert first["outcome"] == "waiting" and first["waiting"].startswith("the bus could not apply it")
+            assert "RuntimeError" not in (await read(failed["id"], sender)).text  # (the bus's own error stays the operator's)
+            assert (await read(behind["id"], bus.settings.operator)).json()["outcome"] == "waiting"
+            assert (await read(behind["id"], other)).status_code == 404
+
+            recorder.poison.clear()
+            assert [r.applied for r in await dlq.replay(bus.js, {"network": bus.service})] == [True, True]
+            assert (await read(behind["id"], sender)).json()["outcome"] == "applied"
+    finally:
+        await nc.close()
+        await bus.stop()
