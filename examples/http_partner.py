@@ -7,7 +7,8 @@
 is ``/institutions/<your id>``). The gateway's ``202`` means the event is in the log; the network
 applies it moments later, and a workflow rule may still refuse it then: the refusal is an event of
 its own, found under the event's id at ``GET /events/{id}``. Exit code: 0 applied, 1 refused by the
-gateway or a workflow, 2 for anything else. A place to start from, not a library.
+gateway or a workflow, 3 logged but waiting for the network's operator (the bus could not apply
+it), 2 for anything else. A place to start from, not a library.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def offer(client: httpx.Client, event: dict) -> int:
                 derived = ", ".join(item["event"]["type"] for item in outcome["derived"])
                 print("applied" + (f"; it led to {derived}" if derived else ""))
                 return 0
+            if outcome["outcome"] == "waiting":  # the network's operator has it in hand
+                print(f"logged, not applied yet: {outcome['waiting']}")
+                return 3
             refusal = outcome["refusal"]
             if refusal is not None:  # (else its refusal is decided and on its way to the log)
                 reason = refusal["event"]["data"]["reason"]

@@ -7,7 +7,8 @@
 // `/institutions/<your id>`). The gateway's 202 means the event is in the log; the network applies
 // it moments later, and a workflow rule may still refuse it then: the refusal is an event of its
 // own, found under the event's id at GET /events/{id}. Exit code: 0 applied, 1 refused by the
-// gateway or a workflow, 2 for anything else. A place to start from, not a library.
+// gateway or a workflow, 3 logged but waiting for the network's operator (the bus could not apply
+// it), 2 for anything else. A place to start from, not a library.
 
 import { readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -48,6 +49,10 @@ async function offer(event) {
         const derived = outcome.derived.map((item) => item.event.type).join(", ");
         console.log("applied" + (derived ? `; it led to ${derived}` : ""));
         return 0;
+      }
+      if (outcome.outcome === "waiting") { // the network's operator has it in hand
+        console.log(`logged, not applied yet: ${outcome.waiting}`);
+        return 3;
       }
       if (outcome.refusal !== null) { // (else its refusal is decided and on its way to the log)
         const reason = outcome.refusal.event.data.reason;
