@@ -271,6 +271,7 @@ def exposition(
     backup: Mapping[str, Any] | None = None,
     expiries: Mapping[tuple[str, str], float] | None = None,
     lease_age: float | None = None,
+    set_aside: Mapping[str, int] | None = None,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
     gatekeeper processes ``gates``, when the bus runs any), a status snapshot (None: NATS could
@@ -278,7 +279,8 @@ def exposition(
     and the outbox (:func:`outbox_waiting`); ``backup``: the data dir's last backup record
     (``ops.backup.last_backup``, ``{}`` when there is none); ``expiries``: when members lose
     access (:func:`access_expiries`); ``lease_age``: seconds since this bus last renewed its lease
-    on the log (``bus.lease.Lease.renewed_ago``; None: it holds none)."""
+    on the log (``bus.lease.Lease.renewed_ago``; None: it holds none); ``set_aside``: per consumer,
+    how many things it sets aside behind its dead letters (:func:`set_aside_counts`)."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
     if outbox is not None:
@@ -291,6 +293,12 @@ def exposition(
         snapshot.register(_Value(GaugeMetricFamily(
             "collabbus_log_lease_renewed_age_seconds", "seconds since this bus last renewed its lease on the log (it "
             "applies events only while this is under 3.5; another bus may take the log over after 5)", value=lease_age)))
+    if set_aside is not None:
+        aside = GaugeMetricFamily("collabbus_set_aside", "things (a project, a call…) whose later events wait in the dead-letter "
+                                  "queue behind one the consumer could not apply, per consumer", labels=["consumer"])
+        for consumer, count in sorted(set_aside.items()):
+            aside.add_metric([consumer], count)
+        snapshot.register(_Value(aside))
     if checkpointers:
         snapshot.register(_Checkpoints(checkpointers))
     process: Any = REGISTRY
@@ -318,6 +326,24 @@ def outbox_waiting(engine: Any) -> tuple[int, float | None] | None:
         return None
     age = None if oldest is None else max((datetime.now(timezone.utc) - oldest).total_seconds(), 0.0)
     return waiting, age
+
+
+def set_aside_counts(engine: Any, consumers: Sequence[str] = ("network",)) -> dict[str, int] | None:
+    """Per consumer (``consumers`` with 0 when none), how many things it sets aside behind its
+    dead letters; None without the read models (or when they cannot be read)."""
+    import sqlalchemy as sa
+
+    if engine is None:
+        return None
+    try:
+        from handlers.db import reading
+
+        with reading(engine).connect() as connection:
+            counts = {str(consumer): int(count) for consumer, count in
+                      connection.execute(sa.text("SELECT consumer, COUNT(*) FROM parked_subjects GROUP BY consumer"))}
+    except sa.exc.SQLAlchemyError:
+        return None
+    return {**{consumer: 0 for consumer in consumers}, **counts}
 
 
 def webhook_attempts(engine: Any) -> dict[str, int] | None:

@@ -193,7 +193,7 @@ async def metrics(request: Request) -> Response:
     """Prometheus text exposition: the gateway's, the process's (gate, handlers) and the bus's
     state read now (log, consumer lag, dead letters, webhook attempts; ``ops.metrics``)."""
     from ops.backup import last_backup
-    from ops.metrics import access_expiries, exposition, outbox_waiting, webhook_attempts
+    from ops.metrics import access_expiries, exposition, outbox_waiting, set_aside_counts, webhook_attempts
     from ops.status import collect_status
 
     bus = bus_of(request)
@@ -204,12 +204,13 @@ async def metrics(request: Request) -> Response:
     nats_up = (await answering(bus.nc)) == "ok" if status is None else bus.nc.is_connected  # (it answered the status)
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)
     outbox = await run_in_threadpool(outbox_waiting, bus.engine)
+    set_aside = await run_in_threadpool(set_aside_counts, bus.engine, (bus.consumer_settings.name,))
     expiries = await run_in_threadpool(access_expiries, bus.engine, bus.server.authority if bus.server is not None else None)
     registry: Metrics = request.app.state.metrics
     return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=nats_up,
                                checkpointers=bus.checkpointers, outbox=outbox,
                                backup=last_backup(bus.settings.data_dir) or {}, expiries=expiries,
-                               lease_age=bus.lease.renewed_ago if bus.lease is not None else None),
+                               lease_age=bus.lease.renewed_ago if bus.lease is not None else None, set_aside=set_aside),
                     media_type=CONTENT_TYPE_LATEST)
 
 

@@ -81,6 +81,7 @@ async def test_counters_move_with_offers_rejections_and_failures(poisoned: Poiso
     assert moved("collabbus_events_rejected_total", institution="other", reason="forbidden", **registered) == 1
     assert moved("collabbus_handler_duration_seconds_count", **registered) == 2  # the poison event never completed
     assert sample(after, "collabbus_dead_letters", consumer="network") == 1
+    assert (sample(before, "collabbus_set_aside", consumer="network"), sample(after, "collabbus_set_aside", consumer="network")) == (0, 1)
     assert sample(after, "collabbus_log_last_seq") == 5
 
 
