@@ -221,14 +221,14 @@ def parked_behind(connection: sa.Connection, consumer: str, about: tuple[str, st
     ).scalar()
 
 
-def parked(connection: sa.Connection, consumer: str) -> list[tuple[str, str, int, int]]:
-    """What ``consumer`` sets aside: (domain, subject, first_seq, last_seq), oldest first."""
+def parked(connection: sa.Connection, consumer: str | None = None) -> list[tuple[str, str, str, int, int]]:
+    """What ``consumer`` (None: every consumer) sets aside: (consumer, domain, subject,
+    first_seq, last_seq), oldest first."""
     table = _parked_table()
-    rows = connection.execute(
-        sa.select(table.c.domain, table.c.subject, table.c.first_seq, table.c.last_seq)
-        .where(table.c.consumer == consumer).order_by(table.c.first_seq)
-    ).all()
-    return [(str(d), str(s), int(f), int(l)) for d, s, f, l in rows]
+    query = sa.select(table.c.consumer, table.c.domain, table.c.subject, table.c.first_seq, table.c.last_seq)
+    if consumer is not None:
+        query = query.where(table.c.consumer == consumer)
+    return [(str(c), str(d), str(s), int(f), int(l)) for c, d, s, f, l in connection.execute(query.order_by(table.c.first_seq))]
 
 
 def release(connection: sa.Connection, consumer: str, about: tuple[str, str], last_seq: int) -> bool:
@@ -250,13 +250,16 @@ def rules_epochs(connection: sa.Connection) -> list[tuple[int, int]]:
 
 def begin_rules_epoch(connection: sa.Connection, from_seq: int, version: int) -> list[tuple[int, int]]:
     """Note that the events from ``from_seq`` on are applied by rules of ``version``, unless the
-    last epoch is of that version already; returns the epochs. An epoch that would begin where
-    the last one begins (nothing applied in between) replaces it."""
+    last epoch is of that version already; returns the epochs. The first epoch begins at the
+    log's start (whatever ``from_seq``: what was applied before any was noted, this version
+    applied — a rebuild without the record); one that would begin where the last one begins
+    (nothing applied in between) replaces it."""
     epochs = rules_epochs(connection)
     if epochs and epochs[-1][1] == version:
         return epochs
+    from_seq = from_seq if epochs else 1
     table = RulesEpoch.__table__  # type: ignore[attr-defined]
     if epochs and epochs[-1][0] >= from_seq:
         connection.execute(table.delete().where(table.c.from_seq >= from_seq))
     connection.execute(table.insert().values(from_seq=from_seq, version=version))
-    return rules_epochs(connection)
+    return [*(epoch for epoch in epochs if epoch[0] < from_seq), (from_seq, version)]

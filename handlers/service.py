@@ -324,10 +324,12 @@ class NetworkService:
         """The rules epochs, which judge the events applied before by the rules they were applied
         by (a rebuild, a dead letter's replay): what the database records. ``record``: a database
         without any (new, or rebuilt without them) records that this version applies the whole log."""
-        with self._transaction() as session:
-            epochs = rules_epochs(session.connection())
-            if not epochs and record:
-                epochs = begin_rules_epoch(session.connection(), 1, RULES)
+        if record:
+            with self._transaction() as session:
+                epochs = rules_epochs(session.connection()) or begin_rules_epoch(session.connection(), 1, RULES)
+        else:
+            with reading(self.engine).connect() as connection:
+                epochs = rules_epochs(connection)
         self._know_epochs(epochs)
         return epochs
 
@@ -344,11 +346,9 @@ class NetworkService:
         that applied it before (one that stalled past its lease, say) writes nothing from now on."""
         with self._transaction() as session:
             self.network.take(session)
-            self._parked = {(domain, subject): first for domain, subject, first, _ in parked(session.connection(), self.network.consumer)}
+            self._parked = {(domain, subject): first for _, domain, subject, first, _ in parked(session.connection(), self.network.consumer)}
             # What this process applies from here on is judged by its rules; what was applied before, by theirs.
-            applied = self.network.position(session)
-            epochs = rules_epochs(session.connection())
-            self._know_epochs(begin_rules_epoch(session.connection(), applied + 1 if epochs else 1, RULES))
+            self._know_epochs(begin_rules_epoch(session.connection(), self.network.position(session) + 1, RULES))
             # A rebuild cut short left its first lane's position: no rebuild runs while a bus
             # applies the log (it holds the lease), and status would show it as a consumer behind.
             table = ConsumerPosition.__table__  # type: ignore[attr-defined]
@@ -371,7 +371,7 @@ class NetworkService:
         """What this consumer sets aside: (domain, subject, first_seq, last_seq) — the log
         sequences of the first and the last event set aside about it."""
         with reading(self.engine).connect() as connection:
-            return parked(connection, self.network.consumer)
+            return [(domain, subject, first, last) for _, domain, subject, first, last in parked(connection, self.network.consumer)]
 
     def release(self, about: tuple[str, str], last_seq: int) -> bool:
         """Let ``about`` go (none of its events is left in the dead-letter queue), unless an event

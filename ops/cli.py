@@ -1499,7 +1499,7 @@ def dlq_replay(
             chosen = sorted(letters) if consumer is not None else seqs or None
             engine, appliers = await _appliers(settings)
             try:
-                return await dlq.replay(js, appliers, chosen), later
+                return await dlq.replay(js, appliers, chosen, queued=queued), later
             finally:
                 engine.dispose()
 

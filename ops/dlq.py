@@ -215,14 +215,16 @@ def _parks(applier: Any) -> bool:
 
 
 async def replay(
-    js: JetStreamContext, appliers: Mapping[str, Applier], seqs: Iterable[int] | None = None
+    js: JetStreamContext, appliers: Mapping[str, Applier], seqs: Iterable[int] | None = None,
+    queued: list[DeadLetter] | None = None,
 ) -> list[Replayed]:
     """Re-apply dead letters (``seqs``, or all) through their consumer's applier, oldest first.
 
     A dead letter is deleted once its event is applied; one that fails again stays, with why.
     The appliers are idempotent by event id, so an event already applied is not applied again.
     """
-    queued = await dead_letters(js)
+    if queued is None:  # (``queued``: the queue as the caller just listed it)
+        queued = await dead_letters(js)
     if seqs is None:
         letters: list[DeadLetter | int] = list(queued)
     else:

@@ -336,14 +336,17 @@ def set_aside_counts(engine: Any, consumers: Sequence[str] = ("network",)) -> di
     if engine is None:
         return None
     try:
+        from handlers.bookkeeping import parked
         from handlers.db import reading
 
         with reading(engine).connect() as connection:
-            counts = {str(consumer): int(count) for consumer, count in
-                      connection.execute(sa.text("SELECT consumer, COUNT(*) FROM parked_subjects GROUP BY consumer"))}
+            things = parked(connection)
     except sa.exc.SQLAlchemyError:
         return None
-    return {**{consumer: 0 for consumer in consumers}, **counts}
+    counts = {consumer: 0 for consumer in consumers}
+    for consumer, *_ in things:
+        counts[consumer] = counts.get(consumer, 0) + 1
+    return counts
 
 
 def webhook_attempts(engine: Any) -> dict[str, int] | None:

@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 
 from bus import lease
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
-from handlers.bookkeeping import outbox_backlog
+from handlers.bookkeeping import outbox_backlog, parked
 from handlers.db import reading
 from ops import dlq
 from ops.backup import last_backup
@@ -212,8 +212,7 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
             if "parked_subjects" in tables:  # what a consumer sets aside behind its dead letters
                 database["set_aside"] = [
                     {"consumer": consumer, "domain": domain, "subject": subject, "behind": first, "last": last}
-                    for consumer, domain, subject, first, last in connection.execute(sa.text(
-                        "SELECT consumer, domain, subject, first_seq, last_seq FROM parked_subjects ORDER BY first_seq"))
+                    for consumer, domain, subject, first, last in parked(connection)
                 ]
             if "outbox" in tables:
                 waiting, oldest = outbox_backlog(connection)
