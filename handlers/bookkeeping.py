@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import Column, LargeBinary
 from sqlmodel import Field
 
-from handlers.db import driver_cursor
+from handlers.db import driver_cursor, reading
 from handlers.positions import PositionTaken
 from handlers.rows import TableRow
 
@@ -239,6 +239,60 @@ def release(connection: sa.Connection, consumer: str, about: tuple[str, str], la
         table.c.consumer == consumer, table.c.domain == about[0], table.c.subject == about[1], table.c.last_seq == last_seq,
     ))
     return bool(gone.rowcount)
+
+
+class SetAside:
+    """What one consumer sets aside behind its dead letters (:class:`ParkedSubject`), as this
+    process last knew it: read when the process takes the log over (:meth:`load`), added to when
+    it sets something aside. ``collabbus dlq`` lets things go from another process, so a thing
+    remembered is checked against the table (:meth:`behind`); while none is, nothing is read."""
+
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+        self.known: dict[tuple[str, str], int] = {}
+        """(domain, subject) → the log sequence of the first event set aside about it."""
+
+    def __bool__(self) -> bool:
+        return bool(self.known)
+
+    def load(self, connection: sa.Connection) -> None:
+        self.known = {(domain, subject): first for _, domain, subject, first, _ in parked(connection, self.consumer)}
+
+    def behind(self, connection: sa.Connection, about: tuple[str, str] | None) -> int | None:
+        """The log sequence events about ``about`` wait behind, or None: not set aside (or let go
+        since, by another process)."""
+        if about is None or about not in self.known:
+            return None
+        first = parked_behind(connection, self.consumer, about)
+        if first is None:
+            self.known.pop(about, None)
+        return first
+
+    def park(self, connection: sa.Connection, about: tuple[str, str], seq: int) -> None:
+        """Set ``about`` aside from the dead-lettered event at ``seq`` on (:func:`park`), in the
+        caller's transaction (remembered at once: were it not committed, :meth:`behind` finds so)."""
+        self.known[about] = park(connection, self.consumer, about, seq)
+
+    def listed(self, engine: sa.Engine) -> list[tuple[str, str, int, int]]:
+        """What is set aside: (domain, subject, first_seq, last_seq) — the log sequences of the
+        first and the last event set aside about it."""
+        with reading(engine).connect() as connection:
+            return [(domain, subject, first, last) for _, domain, subject, first, last in parked(connection, self.consumer)]
+
+    def release(self, engine: sa.Engine, about: tuple[str, str], last_seq: int) -> bool:
+        """Let ``about`` go (none of its events is left in the dead-letter queue), unless an event
+        about it was set aside after ``last_seq`` (:func:`release`); whether it was let go."""
+        with engine.begin() as connection:
+            gone = release(connection, self.consumer, about, last_seq)
+        if gone:
+            self.known.pop(about, None)
+        return gone
+
+    @staticmethod
+    def reason(about: tuple[str, str], behind: int) -> str:
+        """Why an event about ``about`` is set aside, for its dead letter's detail."""
+        return (f"set aside behind #{behind}: an earlier event about {about[0]} {about[1]} is in the dead-letter queue; "
+                "`collabbus dlq replay` applies them in the log's order")
 
 
 def rules_epochs(connection: sa.Connection) -> list[tuple[int, int]]:

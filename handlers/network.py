@@ -330,15 +330,19 @@ class Network:
         book.logged.clear()
         book.outbox.clear()
 
-    def tick(self, session: Session, now: datetime | None = None, *, live: bool = True) -> list[Event[Any]]:
-        """Run the timers (deadlines): events due at ``now`` are decided and applied."""
+    def tick(self, session: Session, now: datetime | None = None, *, live: bool = True,
+             withheld: Callable[[Event[Any]], bool] | None = None) -> list[Event[Any]]:
+        """Run the timers (deadlines): events due at ``now`` are decided and applied. ``withheld``:
+        which of them wait (about a thing set aside behind a dead letter): not applied now, they
+        are decided again at a later tick — the timers act on the state as it is then."""
         context = Context(session, None, now=now or datetime.now(timezone.utc), live=live)
         for timer in self.routes.timers:
             timer(context)
+        decided = context.derived if withheld is None else [event for event in context.derived if not withheld(event)]
         book = Book()
-        self._apply_derived(session, context.derived, live=live, check=True, book=book)
+        self._apply_derived(session, decided, live=live, check=True, book=book)
         self.record(session, book)
-        return context.derived
+        return decided
 
     def _project(self, session: Session, event: Event[Any]) -> None:
         for project in self.routes.projections.get(event.type, ()):

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,12 +34,9 @@ from handlers.bookkeeping import (
     OutboxEvent,
     ParkedSubject,
     RulesEpoch,
+    SetAside,
     aggregate_of,
     begin_rules_epoch,
-    park,
-    parked,
-    parked_behind,
-    release,
     rules_epochs,
 )
 from handlers.db import database_unavailable, reading
@@ -112,11 +109,10 @@ class NetworkService:
         self._mutex = threading.Lock()
         self._fresh: list[tuple[str, bytes]] = []
         """Derived events this service committed to the outbox since the relay last asked (:meth:`fresh`)."""
-        self._parked: dict[tuple[str, str], int] = {}
-        """What this consumer sets aside (:class:`~handlers.bookkeeping.ParkedSubject`), as this
-        process last knew it: read when it takes the log over, added to when it sets something
-        aside. ``collabbus dlq`` lets things go from another process, so an event about one of
-        these is checked against the table before it is set aside; while none is, nothing is."""
+        self._parked = SetAside(network.consumer)
+        """What this consumer sets aside behind its dead letters."""
+        self._withheld: set[str] = set()
+        """The timers' events about things set aside, named in the log once each (:meth:`_withholding`)."""
         self._epochs: list[tuple[int, int]] = []
         """(from_seq, version) of the rules epochs (``RulesEpoch``), in log order: an event before
         :attr:`_current_from` is judged by the version that applied its part of the log. Read when
@@ -292,14 +288,12 @@ class NetworkService:
         if not self._parked or not live or replay:
             return None
         about = aggregate_of(item.envelope)
-        if about is None or about not in self._parked or item.envelope.get("id") in seen:
+        if about is None or about not in self._parked.known or item.envelope.get("id") in seen:
             return None
-        behind = parked_behind(session.connection(), self.network.consumer, about)
-        if behind is None:  # let go since (collabbus dlq, in another process)
-            del self._parked[about]
+        behind = self._parked.behind(session.connection(), about)
+        if behind is None:
             return None
-        return Failure(PARKED, f"set aside behind #{behind}: an earlier event about {about[0]} {about[1]} is in the dead-letter "
-                       "queue; `collabbus dlq replay` applies them in the log's order", permanent=True, behind=behind)
+        return Failure(PARKED, SetAside.reason(about, behind), permanent=True, behind=behind)
 
     @contextmanager
     def _judging(self, seq: int) -> Iterator[None]:
@@ -346,7 +340,7 @@ class NetworkService:
         that applied it before (one that stalled past its lease, say) writes nothing from now on."""
         with self._transaction() as session:
             self.network.take(session)
-            self._parked = {(domain, subject): first for _, domain, subject, first, _ in parked(session.connection(), self.network.consumer)}
+            self._parked.load(session.connection())
             # What this process applies from here on is judged by its rules; what was applied before, by theirs.
             self._know_epochs(begin_rules_epoch(session.connection(), self.network.position(session) + 1, RULES))
             # A rebuild cut short left its first lane's position: no rebuild runs while a bus
@@ -363,24 +357,20 @@ class NetworkService:
         with self._transaction() as session:
             self.network.claim(session, seq)
             self.network.advance(session, seq)
-            first = park(session.connection(), self.network.consumer, about, seq) if about is not None else None
-        if about is not None and first is not None:
-            self._parked[about] = first
+            if about is not None:
+                self._parked.park(session.connection(), about, seq)
 
     def parked(self) -> list[tuple[str, str, int, int]]:
         """What this consumer sets aside: (domain, subject, first_seq, last_seq) — the log
         sequences of the first and the last event set aside about it."""
-        with reading(self.engine).connect() as connection:
-            return [(domain, subject, first, last) for _, domain, subject, first, last in parked(connection, self.network.consumer)]
+        return self._parked.listed(self.engine)
 
     def release(self, about: tuple[str, str], last_seq: int) -> bool:
         """Let ``about`` go (none of its events is left in the dead-letter queue), unless an event
         about it was set aside after ``last_seq``; whether it was let go."""
-        with self.engine.begin() as connection:
-            gone = release(connection, self.network.consumer, about, last_seq)
-        if gone:
-            with self._mutex:
-                self._parked.pop(about, None)
+        gone = self._parked.release(self.engine, about, last_seq)
+        if not self._parked:
+            self._withheld.clear()
         return gone
 
     def tick(self, now: datetime | None = None) -> list[Event[Any]]:
@@ -388,11 +378,33 @@ class NetworkService:
         started = time.perf_counter()
         with self._transaction() as session:
             self.network.claim(session, None)
-            decided = self.network.tick(session, now)
+            decided = self.network.tick(session, now, withheld=self._withholding(session) if self._parked else None)
         if decided:
             self._outbox_known = False  # the timers' events reach the outbox without being handed over
         TIMERS_SECONDS.observe(time.perf_counter() - started)
         return decided
+
+    def _withholding(self, session: Session) -> Callable[[Event[Any]], bool]:
+        """Which of the timers' events wait: those about a thing set aside (a call's closing at
+        its deadline while an amendment moving the deadline is in the dead-letter queue). They are
+        decided again at each tick, and applied at the first one after the thing is let go."""
+        behind: dict[tuple[str, str], int | None] = {}
+
+        def withheld(event: Event[Any]) -> bool:
+            about = aggregate_of(event.envelope)
+            if about is None or about not in self._parked.known:
+                return False
+            if about not in behind:
+                behind[about] = self._parked.behind(session.connection(), about)
+            if behind[about] is None:
+                return False
+            if event.id not in self._withheld:
+                self._withheld.add(event.id)
+                log.warning("timers: %s about %s %s waits: set aside behind #%s (collabbus dlq replay lets it go)",
+                            event.type, about[0], about[1], behind[about])
+            return True
+
+        return withheld
 
     def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
         """Derived events waiting to be logged, oldest first."""
@@ -428,7 +440,7 @@ class NetworkService:
 
         with self._transaction() as session:
             for table in reversed(SQLModel.metadata.sorted_tables):
-                if table.name == ConsumerPosition.__tablename__:  # other consumers' positions are theirs
+                if table.name in (ConsumerPosition.__tablename__, ParkedSubject.__tablename__):  # other consumers' are theirs
                     own = (self.network.consumer, self.network.consumer + REBUILDING)  # (one a rebuild cut short left)
                     session.execute(table.delete().where(table.c.consumer.in_(own)))
                 elif table.name not in (OutboxEvent.__tablename__, RulesEpoch.__tablename__):  # (which rules applied the log stays)
@@ -436,7 +448,8 @@ class NetworkService:
         with self._mutex:
             self._forget()
             self._session.know_empty()
-            self._parked = {}
+            self._parked.known.clear()
+            self._withheld.clear()
 
     def drop_position(self, consumer: str) -> None:
         """Forget ``consumer``'s position (a rebuild's, once it is done)."""

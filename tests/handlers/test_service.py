@@ -371,6 +371,41 @@ def test_the_later_events_about_a_dead_lettered_thing_are_set_aside_until_it_is_
         elsewhere.close()
 
 
+def test_the_timers_leave_a_thing_set_aside_alone_until_it_is_let_go(engine: Engine) -> None:
+    """A call whose amendment (its deadline moved on) is in the dead-letter queue is not closed at
+    the deadline it had before: the timers' closing waits, decided again at each tick, while
+    another overdue call closes; at the first tick after the call is let go, it closes."""
+    from datetime import timedelta
+
+    from handlers.routes import network
+    from tests.handlers.test_calls_scenarios import MEMBERS, amended, published
+
+    held, other = unique("call"), unique("call")
+    now = datetime.now(timezone.utc)
+    events = [*MEMBERS, published(held, closes_in=timedelta(hours=1)), published(other, closes_in=timedelta(hours=1))]
+    moved = amended(held, {"deadline": (now + timedelta(days=10)).isoformat()})
+    later = now + timedelta(hours=2)
+
+    def closed() -> set[str]:
+        with engine.connect() as connection:
+            return set(connection.execute(sa.text("SELECT call_id FROM calls WHERE closed_at IS NOT NULL")).scalars())
+
+    service = NetworkService(engine, network())
+    try:
+        service.take_position()
+        assert service.apply_batch([LoggedItem(seq, event, now) for seq, event in enumerate(events, 1)])[:2] == (len(events), None)
+        service.skip(len(events) + 1, moved)  # the amendment dead-lettered: the call is set aside
+        decided = service.tick(later)
+        assert [(e.type, e.subject) for e in decided] == [("call.closed", other)]
+        assert closed() == {other}
+        assert service.tick(later) == []  # decided again, still waiting
+        assert service.release(("call", held), len(events) + 1) is True
+        assert [(e.type, e.subject) for e in service.tick(later)] == [("call.closed", held)]
+        assert closed() == {held, other}
+    finally:
+        service.close()
+
+
 def test_a_bus_notes_from_where_its_rules_apply_the_log_and_older_events_are_judged_by_theirs(engine: Engine) -> None:
     """A new database: the bus's rules apply the whole log. One an older version applied (the
     migration notes version 0 from the start): the bus notes where its own rules begin, an event
