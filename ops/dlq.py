@@ -7,11 +7,12 @@ by id, so a replay applies an event at most once however often it is run — and
 letter only once the event is applied. Workflows' derived events go to the outbox as usual; the
 bus's relay logs them (at once when a bus runs, else on its next start).
 
-The ``network`` consumer sets a dead letter's thing (its domain and subject) aside: the later
-events about it are dead-lettered behind it (``Parked``) rather than applied without it. A replay
-applies them in the log's order — one waits while an earlier dead letter about the same thing
-stays in the queue — and once none is left, the thing is let go (:func:`settle`, also after a
-purge) and its events are applied as they come again.
+The ``network`` and ``webhooks`` consumers set a dead letter's thing (its domain and subject)
+aside: the later events about it are dead-lettered behind it (``Parked``) rather than applied —
+or owed to webhook endpoints — without it. A replay applies them in the log's order — one waits
+while an earlier dead letter about the same thing stays in the queue — and once none is left,
+the thing is let go (:func:`settle`, also after a purge) and its events are applied as they come
+again.
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def about(letter: DeadLetter) -> tuple[str, str] | None:
 
 
 def _parks(applier: Any) -> bool:
-    """Whether a consumer's applier sets things aside behind its dead letters (the network's)."""
+    """Whether a consumer's applier sets things aside behind its dead letters (the network's and
+    the webhooks')."""
     return callable(getattr(applier, "release", None))
 
 
@@ -333,9 +335,9 @@ async def later_about_it(
     subject; the workflows' answers to them included), up to ``limit``, as ``{"seq", "type",
     "waiting"}``. ``waiting``: it is in the dead-letter queue too, set aside behind this one (or
     failed itself), and a replay applies it after this one. The others its consumer applied
-    without it (before things were set aside; a derived event decided meanwhile, such as a
-    call's closing at its deadline): replayed, this one is applied after them, while a rebuild
-    applies all in the log's order. ``queued``: the dead-letter queue as just listed (read when
+    without it (before things were set aside, or let go by hand; a workflow's answer to an event
+    about something else): replayed, this one is applied after them, while a rebuild applies all
+    in the log's order. ``queued``: the dead-letter queue as just listed (read when
     not given)."""
     thing = about(letter)
     if letter.original_seq is None or thing is None:

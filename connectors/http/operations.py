@@ -204,7 +204,10 @@ async def metrics(request: Request) -> Response:
     nats_up = (await answering(bus.nc)) == "ok" if status is None else bus.nc.is_connected  # (it answered the status)
     attempts = await run_in_threadpool(webhook_attempts, bus.engine)
     outbox = await run_in_threadpool(outbox_waiting, bus.engine)
-    set_aside = await run_in_threadpool(set_aside_counts, bus.engine, (bus.consumer_settings.name,))
+    from connectors.webhooks.dispatcher import webhook_consumer
+
+    consumers = (bus.consumer_settings.name, webhook_consumer(bus.consumer_settings).name)
+    set_aside = await run_in_threadpool(set_aside_counts, bus.engine, consumers)
     expiries = await run_in_threadpool(access_expiries, bus.engine, bus.server.authority if bus.server is not None else None)
     registry: Metrics = request.app.state.metrics
     return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=nats_up,

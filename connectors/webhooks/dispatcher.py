@@ -46,9 +46,9 @@ from bus.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 from connectors.webhooks import http, store, targets
 from connectors.webhooks.signing import signature_header
 from connectors.webhooks.store import Endpoint
-from handlers.bookkeeping import ConsumerPosition, read_position
+from handlers.bookkeeping import ConsumerPosition, SetAside, aggregate_of, read_position
 from handlers.db import database_unavailable, reading, session_scope
-from handlers.service import Failure, LoggedItem
+from handlers.service import PARKED, Failure, LoggedItem
 from handlers.audience import CONFIDENTIAL, audience
 from ops import tracing as traces
 from ops.settings import Settings
@@ -254,6 +254,9 @@ class DeliveryRecorder:
         self.touched: set[str] = set()
         self.retired: set[str] = set()
         """Endpoints disabled because their institution left: their workers stop."""
+        self._parked = SetAside(consumer)
+        """What this consumer sets aside behind its dead letters: the later events about the same
+        thing are not owed anywhere before it (ordered deliveries would go out without it)."""
 
     def apply_batch(self, items: Sequence[LoggedItem], *, live: bool = True, replay: bool = False) -> tuple[int, Failure | None, int]:
         """Record what each event owes, in log order, in one transaction with the position
@@ -279,6 +282,8 @@ class DeliveryRecorder:
                     batch = _Batch(session, endpoints, self.network_consumer)
                     recorded = 0
                     for index, item in enumerate(items[:end]):
+                        if self._parked and not replay:
+                            self._check_set_aside(session, index, item)
                         try:
                             recorded += self._record(batch, index, item, due_at)
                         except _Unrecordable:
@@ -320,14 +325,34 @@ class DeliveryRecorder:
                 owed += store.owe(batch.session, ids, envelope, item.seq, due_at)
         return owed
 
+    def _check_set_aside(self, session: Session, index: int, item: LoggedItem) -> None:
+        """Refuse ``item`` when it is about a thing set aside: it waits behind that dead letter."""
+        about = aggregate_of(item.envelope)
+        behind = self._parked.behind(session.connection(), about)
+        if behind is not None and about is not None:
+            raise _Unrecordable(index, Failure(PARKED, SetAside.reason(about, behind), permanent=True, behind=behind))
+
     def skip(self, seq: int, envelope: Any = None) -> None:
+        """Move past a dead-lettered event; what it is about is set aside (the service's ``skip``)."""
+        about = aggregate_of(envelope)
         with session_scope(self.engine) as session:
             store.claim(session, self.consumer, seq, self.epoch)
             store.advance(session, self.consumer, seq)
+            if about is not None:
+                self._parked.park(session.connection(), about, seq)
+
+    def parked(self) -> list[tuple[str, str, int, int]]:
+        """What this consumer sets aside (the service's ``parked``)."""
+        return self._parked.listed(self.engine)
+
+    def release(self, about: tuple[str, str], last_seq: int) -> bool:
+        """Let ``about`` go (the service's ``release``)."""
+        return self._parked.release(self.engine, about, last_seq)
 
     def take_position(self) -> None:
         with session_scope(self.engine) as session:
             self.epoch = store.take(session, self.consumer)
+            self._parked.load(session.connection())
 
     def position(self) -> int:
         with Session(reading(self.engine)) as session:

@@ -82,6 +82,8 @@ async def test_counters_move_with_offers_rejections_and_failures(poisoned: Poiso
     assert moved("collabbus_handler_duration_seconds_count", **registered) == 2  # the poison event never completed
     assert sample(after, "collabbus_dead_letters", consumer="network") == 1
     assert (sample(before, "collabbus_set_aside", consumer="network"), sample(after, "collabbus_set_aside", consumer="network")) == (0, 1)
+    webhooks = ("collabbus_set_aside", frozenset({"consumer": "webhooks"}.items()))
+    assert after.get(webhooks) == 0  # served, as zero, for each consumer that sets things aside
     assert sample(after, "collabbus_log_last_seq") == 5
 
 

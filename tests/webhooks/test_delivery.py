@@ -791,3 +791,106 @@ def test_what_another_process_recorded_meanwhile_is_not_recorded_again(database_
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_the_later_events_about_a_thing_the_recorder_dead_lettered_wait_behind_it(database_url: str) -> None:
+    """Once the recorder dead-letters an event (skipped with it), the later events about the
+    same thing are not owed before it — ordered deliveries would go out without it — but fail as
+    set aside behind it, also for a recorder taking the position over; another thing's are owed.
+    The dead letter's replay records it; once let go, the thing's events are owed again."""
+    from connectors.webhooks.dispatcher import DeliveryRecorder, RetrySchedule
+    from connectors.webhooks.store import create_endpoint
+    from handlers.db import make_engine, migrate
+    from handlers.service import PARKED, LoggedItem
+
+    engine = make_engine(database_url)
+    migrate(engine)
+    now = datetime.now(timezone.utc)
+    with session_scope(engine) as session:
+        create_endpoint(session, "town", "https://town.example/hook", ["project.registered"], "", after_seq=0, now=now)
+    held, other = project("town"), project("town")
+    dead, later, unrelated, last = (envelope("project.registered", "town", data) for data in (held, held, other, held))
+
+    def owed() -> list[int]:
+        with engine.connect() as connection:
+            return list(connection.execute(sa.text("SELECT seq FROM webhook_deliveries ORDER BY seq")).scalars())
+
+    recorder = DeliveryRecorder(engine, "webhooks", RetrySchedule((1.0,)))
+    try:
+        recorder.take_position()
+        recorder.skip(1, dead)
+        applied, failure, _ = recorder.apply_batch([LoggedItem(2, later, now), LoggedItem(3, unrelated, now)])
+        assert applied == 0 and failure is not None
+        assert (failure.error, failure.behind, failure.permanent) == (PARKED, 1, True)
+        assert f"an earlier event about project {held['project_id']}" in failure.detail
+        recorder.skip(2, later)
+        assert recorder.apply_batch([LoggedItem(3, unrelated, now)]) == (1, None, 1)
+        assert owed() == [3]
+
+        taker = DeliveryRecorder(engine, "webhooks", RetrySchedule((1.0,)))
+        taker.take_position()
+        failure = taker.apply_batch([LoggedItem(4, last, now)])[1]
+        assert failure is not None and failure.behind == 1
+        assert taker.parked() == [("project", held["project_id"], 1, 2)]
+        assert taker.apply_batch([LoggedItem(1, dead, now)], replay=True) == (1, None, 1)  # the dead letter's replay
+        assert taker.apply_batch([LoggedItem(2, later, now)], replay=True) == (1, None, 1)
+        assert taker.release(("project", held["project_id"]), 2) is True
+        assert taker.apply_batch([LoggedItem(4, last, now)]) == (1, None, 1)
+        assert owed() == [1, 2, 3, 4]
+    finally:
+        engine.dispose()
+
+
+async def test_an_event_the_recorder_dead_letters_holds_back_the_later_events_about_it_until_replayed(
+    network: Network, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event the webhooks' recorder cannot record (its retries spent) is dead-lettered, and
+    the later events about the same project wait behind it in the dead-letter queue: an ordered
+    endpoint does not get the project's update without its registration, while another
+    project's event is delivered. Replaying the dead letters records them in the log's order and
+    lets the project go; they are delivered in that order, and the project's next event as it comes."""
+    from connectors.webhooks import dispatcher
+    from ops import dlq
+
+    poison: set[str] = set()
+    audience = dispatcher.audience
+
+    def failing(session: Any, event: dict[str, Any]) -> Any:
+        if event.get("id") in poison:
+            raise ValueError("the audience could not be worked out")
+        return audience(session, event)
+
+    monkeypatch.setattr(dispatcher, "audience", failing)
+    gateway = await network.start()
+    bus = network.bus
+    assert bus is not None and bus.webhooks is not None
+    recorder, name = bus.webhooks.recorder, f"{network.consumer}-webhooks"
+    owner = await gateway.join("municipality")
+    await register(gateway, owner, receiver.url("/ordered"), ["project.*"])
+    first = project_event(owner)
+    poison.add(first["id"])
+    assert (await gateway.post(owner, first)).status_code == 202
+    await eventually(lambda: bus.webhooks is not None and bus.webhooks.consumer.dead_lettered == 1, what="the dead letter")
+    poison.clear()  # (fixed: only the order keeps the update back)
+
+    def updated(status: str) -> dict[str, Any]:
+        return envelope("project.updated", owner, {"project_id": first["subject"], "changes": {"status": status}}, id=unique("up"))
+
+    update = updated("completed")
+    assert (await gateway.post(owner, update)).status_code == 202
+    other = await offer_project(gateway, owner)
+    await eventually(lambda: other["id"] in ids(receiver.at("/ordered")), what="the other project's delivery")
+    await eventually(lambda: bus.webhooks is not None and bus.webhooks.consumer.dead_lettered == 2, what="the update set aside")
+    head, behind = await dlq.dead_letters(bus.js, name)
+    assert (head.event_id, behind.event_id, behind.error) == (first["id"], update["id"], "Parked")
+    assert ids(receiver.at("/ordered")) == [other["id"]]
+
+    replayed = await dlq.replay(bus.js, {name: recorder}, queued=[head, behind])
+    assert [(r.seq, r.applied) for r in replayed] == [(head.seq, True), (behind.seq, True)]
+    assert replayed[1].released == {"domain": "project", "subject": first["subject"]}
+    await eventually(lambda: update["id"] in ids(receiver.at("/ordered")), what="the replayed deliveries")
+    assert ids(receiver.at("/ordered")) == [other["id"], first["id"], update["id"]]
+    after = updated("active")
+    assert (await gateway.post(owner, after)).status_code == 202
+    await eventually(lambda: after["id"] in ids(receiver.at("/ordered")), what="the project's next event")
+    assert await dlq.dead_letters(bus.js, name) == [] and bus.webhooks.consumer.dead_lettered == 2
