@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
@@ -350,10 +350,11 @@ _WAITING: dict[str, Any] = {}
 """Per consumer, its dead letters by event id (``ops.dlq.Waiting``)."""
 
 
-async def _waiting(bus: Any, event_id: str, viewer: str) -> dict[str, Any] | None:
-    """An event in the read models' dead-letter queue, as ``GET /events/{id}`` shows it to its
-    sender or the operator (None for anyone else, and when it is not there): it waits for the
-    operator, and why — in words for a partner, without the bus's internal error."""
+async def _waiting(bus: Any, event_id: str, viewer: str, visible: Callable[[dict[str, Any]], Awaitable[bool]]) -> dict[str, Any] | None:
+    """An event in the read models' dead-letter queue, as ``GET /events/{id}`` shows it to those
+    who may see it in the log (a confidential one: its sender, the operator and the parties the
+    read models know; ``visible``) — None for anyone else, and when it is not there: it waits for
+    the operator, and why — in words for a partner, without the bus's internal error."""
     from handlers.service import PARKED
     from ops.dlq import Waiting
 
@@ -364,7 +365,8 @@ async def _waiting(bus: Any, event_id: str, viewer: str) -> dict[str, Any] | Non
     letter = await index.find(bus.js, event_id)
     if letter is None or letter.event is None or letter.original_seq is None:
         return None
-    if viewer not in (str(letter.event.get("source", "")).removeprefix("/institutions/"), bus.settings.operator):
+    sender = str(letter.event.get("source", "")).removeprefix("/institutions/")
+    if viewer not in (sender, bus.settings.operator) and not await visible(letter.event):
         return None
     subject = f"{str(letter.event.get('type', '')).partition('.')[0]} {letter.event.get('subject')}"
     if letter.error == PARKED:
@@ -398,10 +400,11 @@ async def read_event(
 
     A ``202`` from ``POST /events`` means the event is logged; it is applied moments later, and
     a refusal (say, a change to a project by a member who is not its owner) is an event of its
-    own, in the owner's name: this is where its sender finds it. 404 while the event is not
-    applied yet (or never was: refused at the gate, or dead-lettered, or set aside behind a dead
-    letter about the same thing until the operator replays it) and for confidential events
-    the caller may not see."""
+    own, in the owner's name: this is where its sender finds it. An event the bus could not
+    apply, or one set aside behind such an event about the same thing, is ``"outcome":
+    "waiting"`` with why in ``waiting`` until the operator replays it. 404 while the event is not
+    applied yet (or never was: refused at the gate) and for confidential events the caller may
+    not see."""
     engine = engine_of(request)
 
     async def visible(event: dict[str, Any]) -> bool:
@@ -410,7 +413,7 @@ async def read_event(
     applied = await run_in_threadpool(_applied, engine, event_id)
     bus = bus_of(request)
     found = await log.outcome(bus.js, applied, visible)
-    if found is None and applied is None and (waiting := await _waiting(bus, event_id, viewer)) is not None:
+    if found is None and applied is None and (waiting := await _waiting(bus, event_id, viewer, visible)) is not None:
         return waiting
     if found is None:
         raise ApiProblem(

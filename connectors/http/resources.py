@@ -316,7 +316,8 @@ class EventOutcome(BaseModel):
     event: dict[str, Any] = Field(description="the event as logged (canonical structured CloudEvent)")
     outcome: Literal["applied", "refused", "waiting"] = Field(
         description="`refused`: a workflow rule refused it (its effects were not applied; `refusal` says why); "
-                    "`waiting` (shown to its sender and the operator only): the bus could not apply it, or set it "
+                    "`waiting` (shown to whoever may see the event: a confidential one to its sender, its parties and the "
+                    "operator): the bus could not apply it, or set it "
                     "aside behind an earlier event about the same thing that it could not apply — it waits in the "
                     "dead-letter queue for the network's operator (`waiting` says which)"
     )

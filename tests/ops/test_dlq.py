@@ -273,9 +273,10 @@ async def test_later_events_applied_without_a_dead_letter_are_named_with_a_warni
 
 async def test_a_sender_asking_for_its_event_is_told_it_waits_for_the_operator(tmp_path: Path, server: EmbeddedNats) -> None:
     """Over HTTP, `GET /events/{id}` of an event the bus could not apply, or set aside behind one
-    it could not, said 404 — as of an event never logged — for as long as it waited. Its sender
-    (and the operator) now read `waiting`, with why in words for a partner (no internal error);
-    any other member still gets the 404; once replayed, it is `applied`."""
+    it could not, said 404 — as of an event never logged — for as long as it waited. Whoever may
+    see the event reads `waiting`, with why in words for a partner (no internal error): any
+    member a public event; a confidential application its sender, the partners it names and the
+    operator, any other member still the 404. Once replayed, it is `applied`."""
     import httpx
 
     from bus.runtime import Bus
@@ -284,26 +285,34 @@ async def test_a_sender_asking_for_its_event_is_told_it_waits_for_the_operator(t
     from handlers.db import session_scope
     from bus.consumer import ConsumerSettings
     from ops.settings import Settings
-    from tests.bus.test_consumer import recording
     from tests.conftest import join
 
+    from handlers.network import Network, Routes
+    from tests.conftest import load_fixtures, unique
+
     recorder = Recorder()
-    recorder.poison.add("poison-h")
+    recorder.poison.update({"poison-h", "poison-call"})
+    projections = {"project.registered": recorder, "call.application_submitted": recorder}
     bus = Bus(Settings(data_dir=tmp_path, nats_url=server.url, nats_creds=server.bus_creds, http=f"127.0.0.1:{free_port()}"),
-              network_factory=recording(recorder), consumer_settings=ConsumerSettings("network", max_deliver=2, backoff=(0.05,)))
+              network_factory=lambda: Network(Routes().add(projections=projections)),
+              consumer_settings=ConsumerSettings("network", max_deliver=2, backoff=(0.05,)))
     await bus.start()
     await bus.start_http()
     nc = await nats.connect(server.url, **server.connect_options())
     try:
-        sender, other = FIXTURE["as"], "fi-another-member"
-        await join(nc, sender, FIXTURE["kind"])
-        await join(nc, other, "ngo")
+        submitted = load_fixtures()["call.application_submitted"]
+        sender, other, applicant, partner = FIXTURE["as"], "fi-another-member", submitted["as"], submitted["event"]["data"]["partners"][0]
+        for who, kind in ((sender, FIXTURE["kind"]), (other, "ngo"), (applicant, submitted["kind"]), (partner, "municipality")):
+            await join(nc, who, kind)
         failed, behind = project_event("poison-h"), project_event("poison-h")
         for event in (failed, behind):
             assert (await offer(nc, sender, event)).accepted
-        await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 2)
+        application = {**submitted["event"], "id": unique("app"), "subject": "poison-call",
+                       "data": {**submitted["event"]["data"], "call_id": "poison-call"}}
+        assert (await offer(nc, applicant, application)).accepted
+        await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 3)
         with session_scope(bus.engine) as session:
-            keys = {who: tokens.issue(session, who) for who in (sender, other, bus.settings.operator)}
+            keys = {who: tokens.issue(session, who) for who in (sender, other, applicant, partner, bus.settings.operator)}
         async with httpx.AsyncClient(base_url=bus.http.url, timeout=30) as client:
             async def read(event_id: str, who: str) -> httpx.Response:
                 return await client.get(f"/events/{event_id}", headers={"Authorization": f"Bearer {keys[who]}"})
@@ -317,10 +326,13 @@ async def test_a_sender_asking_for_its_event_is_told_it_waits_for_the_operator(t
             assert first["outcome"] == "waiting" and first["waiting"].startswith("the bus could not apply it")
             assert "RuntimeError" not in (await read(failed["id"], sender)).text  # (the bus's own error stays the operator's)
             assert (await read(behind["id"], bus.settings.operator)).json()["outcome"] == "waiting"
-            assert (await read(behind["id"], other)).status_code == 404
+            assert (await read(behind["id"], other)).json()["outcome"] == "waiting"  # (a public event: in the log for all)
+            for party in (applicant, partner, bus.settings.operator):
+                assert (await read(application["id"], party)).json()["outcome"] == "waiting", party
+            assert (await read(application["id"], other)).status_code == 404  # confidential: not a party of it
 
             recorder.poison.clear()
-            assert [r.applied for r in await dlq.replay(bus.js, {"network": bus.service})] == [True, True]
+            assert [r.applied for r in await dlq.replay(bus.js, {"network": bus.service})] == [True, True, True]
             assert (await read(behind["id"], sender)).json()["outcome"] == "applied"
     finally:
         await nc.close()
