@@ -149,6 +149,42 @@ async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(net
 
 
 @pytest.mark.parametrize("language", ["python", "node"])
+async def test_the_partner_example_says_when_its_event_waits_for_the_operator(
+    network: Network, tmp_path: Path, language: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event the bus could not apply (its projection failing, its retries spent) and one about
+    the same project set aside behind it: the HTTP partner example says each is logged and waits
+    for the network's operator, and exits 3 — not 404's "not applied within 30 s"."""
+    from handlers import projects
+
+    offering, _ = commands(language)
+    project_registered = projects.PROJECTIONS["project.registered"]
+    broken: set[str] = set()
+
+    def failing(session: Any, event: Any) -> None:
+        if event.subject in broken:
+            raise RuntimeError("the read model cannot take it")
+        project_registered(session, event)
+
+    monkeypatch.setitem(projects.PROJECTIONS, "project.registered", failing)
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    data = project(owner)
+    broken.add(data["project_id"])
+    registered = envelope("project.registered", owner, data, id=unique("ex"))
+    offered = await partner(gateway, owner, registered, tmp_path, offering)
+    assert offered.returncode == 3, offered.stdout + offered.stderr
+    assert "accepted as #" in offered.stdout and "logged, not applied yet: the bus could not apply it" in offered.stdout
+    assert "RuntimeError" not in offered.stdout
+
+    update = envelope("project.updated", owner, {"project_id": data["project_id"], "changes": {"status": "completed"}},
+                      id=unique("ex"))
+    behind = await partner(gateway, owner, update, tmp_path, offering)
+    assert behind.returncode == 3, behind.stdout + behind.stderr
+    assert f"logged, not applied yet: set aside: an earlier event about project {data['project_id']}" in behind.stdout
+
+
+@pytest.mark.parametrize("language", ["python", "node"])
 async def test_the_follower_example_prints_the_log_as_it_grows_and_goes_on_where_it_stopped(
     network: Network, tmp_path: Path, language: str
 ) -> None:
