@@ -146,19 +146,21 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-async def dead_letters(js: JetStreamContext, consumer: str | None = None) -> list[DeadLetter]:
-    """Every dead letter (of ``consumer``, when given), oldest first."""
+async def dead_letters(js: JetStreamContext, consumer: str | None = None, *, after: int = 0) -> list[DeadLetter]:
+    """Every dead letter (of ``consumer``, when given; ``after``: only those after that number
+    in the queue), oldest first."""
     subject = f"collab.dlq.{consumer}" if consumer else DLQ_SUBJECTS
     try:
         info = await js.stream_info(DLQ_STREAM)
     except NotFoundError:
         return []
     state = info.state
-    if not state.messages:
+    start = max(state.first_seq or 1, after + 1)
+    if not state.messages or start > (state.last_seq or 0):
         return []
     replicated = (info.config.num_replicas or 1) > 1  # a replica may be a moment behind: what is listed is acted on
     found: list[DeadLetter] = []
-    reading = log.stored(js, DLQ_STREAM, subject, start_seq=state.first_seq or 1, batch=DLQ_BATCH, from_leader=replicated)
+    reading = log.stored(js, DLQ_STREAM, subject, start_seq=start, batch=DLQ_BATCH, from_leader=replicated)
     async with aclosing(reading) as messages:
         async for msg in messages:
             if msg.seq > state.last_seq:  # dead-lettered since the listing began
@@ -384,13 +386,17 @@ async def discard(js: JetStreamContext, seqs: Iterable[int]) -> list[int]:
 
 class Waiting:
     """A consumer's dead letters by event id, for ``GET /events/{id}`` (an event its sender was
-    told is logged, which the bus could not apply or set aside): read again only when the
-    dead-letter queue has changed, so that a sender polling for its event's outcome does not
-    have the queue read each time."""
+    told is logged, which the bus could not apply or set aside). Only the dead letters added
+    since the last look are read (a sender polling for its event's outcome does not have a queue
+    of thousands read at each new one); one found is checked to be still there (replayed or
+    purged since)."""
 
     def __init__(self, consumer: str) -> None:
         self.consumer = consumer
-        self._state: tuple[int, int, int] | None = None
+        self._read_to = 0
+        """The last number in the queue read."""
+        self._first = 0
+        """The queue's first number at the last look."""
         self._by_id: dict[str, DeadLetter] = {}
 
     async def find(self, js: JetStreamContext, event_id: str) -> DeadLetter | None:
@@ -398,10 +404,26 @@ class Waiting:
             state = (await js.stream_info(DLQ_STREAM)).state
         except NotFoundError:
             return None
-        if not state.messages:
+        last = state.last_seq or 0
+        if last < self._read_to or not state.messages:  # (a queue made anew, or emptied)
+            self._by_id.clear()
+            self._read_to = 0 if last < self._read_to else last
+            self._first = 0
+        first = state.first_seq or 0
+        if first > self._first:  # the oldest gone: forget them (one found is checked anyway)
+            self._by_id = {key: letter for key, letter in self._by_id.items() if letter.seq >= first}
+            self._first = first
+        if last > self._read_to:
+            for letter in await dead_letters(js, self.consumer, after=self._read_to):
+                if letter.seq <= last and letter.event_id:
+                    self._by_id[letter.event_id] = letter
+            self._read_to = last
+        letter = self._by_id.get(event_id)
+        if letter is None:
             return None
-        key = (state.first_seq or 0, state.last_seq or 0, state.messages)
-        if key != self._state:
-            self._by_id = {letter.event_id: letter for letter in await dead_letters(js, self.consumer) if letter.event_id}
-            self._state = key
-        return self._by_id.get(event_id)
+        try:
+            await js.get_msg(DLQ_STREAM, seq=letter.seq)
+        except NotFoundError:  # replayed or purged since
+            del self._by_id[event_id]
+            return None
+        return letter

@@ -337,3 +337,38 @@ async def test_a_sender_asking_for_its_event_is_told_it_waits_for_the_operator(t
     finally:
         await nc.close()
         await bus.stop()
+
+
+async def test_the_gateways_index_of_waiting_events_reads_only_new_dead_letters_and_forgets_deleted_ones(
+    poisoned: Poisoned, monkeypatch: Any,
+) -> None:
+    """``GET /events/{id}``'s index of a consumer's dead letters reads, at each look after the
+    queue grew, only the dead letters added since; one replayed or purged since is not found."""
+    bus, recorder = poisoned.bus, poisoned.recorder
+    recorder.poison.update({"poison-w1", "poison-w2", "poison-w3"})
+    reads: list[int] = []
+    listing = dlq.dead_letters
+
+    async def counted(js: Any, consumer: str | None = None, *, after: int = 0) -> list[dlq.DeadLetter]:
+        reads.append(after)
+        return await listing(js, consumer, after=after)
+
+    monkeypatch.setattr(dlq, "dead_letters", counted)
+    events = [project_event(f"poison-w{i}") for i in (1, 2, 3)]
+    for event in events[:2]:
+        assert (await offer(poisoned.nc, FIXTURE["as"], event)).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 2)
+    index = dlq.Waiting("network")
+    first = await index.find(bus.js, events[0]["id"])
+    assert first is not None and first.event_id == events[0]["id"] and reads == [0]
+    assert (await index.find(bus.js, events[1]["id"])) is not None and reads == [0]  # the queue did not change
+
+    assert (await offer(poisoned.nc, FIXTURE["as"], events[2])).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 3)
+    third = await index.find(bus.js, events[2]["id"])
+    assert third is not None and len(reads) == 2 and reads[1] >= first.seq + 1  # only what came after
+
+    assert await dlq.discard(bus.js, [first.seq]) == [first.seq]
+    assert await index.find(bus.js, events[0]["id"]) is None
+    assert (await index.find(bus.js, events[1]["id"])) is not None
+    assert await index.find(bus.js, "never-dead-lettered") is None
