@@ -414,9 +414,9 @@ class Waiting:
             self._by_id = {key: letter for key, letter in self._by_id.items() if letter.seq >= first}
             self._first = first
         if last > self._read_to:
-            for letter in await dead_letters(js, self.consumer, after=self._read_to):
-                if letter.seq <= last and letter.event_id:
-                    self._by_id[letter.event_id] = letter
+            for added in await dead_letters(js, self.consumer, after=self._read_to):
+                if added.seq <= last and added.event_id:
+                    self._by_id[added.event_id] = added
             self._read_to = last
         letter = self._by_id.get(event_id)
         if letter is None:
