@@ -98,6 +98,10 @@ class Delivery(_Webhooks, table=True):
         sa.UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
         sa.Index("ix_webhook_deliveries_due", "endpoint_id", "next_attempt_at"),
         sa.Index("ix_webhook_deliveries_order", "endpoint_id", "ordering_key", "seq"),
+        # What is still owed, by key: what an ordered endpoint's claim asks of each delivery due
+        # (without walking the key's delivered history).
+        sa.Index("ix_webhook_deliveries_owed", "endpoint_id", "ordering_key", "seq",
+                 sqlite_where=sa.text("next_attempt_at IS NOT NULL"), postgresql_where=sa.text("next_attempt_at IS NOT NULL")),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -340,7 +344,8 @@ def waiting_for(session: Session, deliveries: Sequence[Delivery]) -> dict[int, t
     heads = {  # ordering key -> (seq, id, next attempt) of its oldest owed delivery
         key: (seq, delivery_id, due) for key, seq, delivery_id, due in session.execute(
             sa.select(_D.ordering_key, _D.seq, _D.id, _D.next_attempt_at).where(
-                _D.endpoint_id == owed[0].endpoint_id, _D.ordering_key.in_({d.ordering_key for d in owed}), _D.seq == head_seq)
+                _D.endpoint_id == owed[0].endpoint_id, _D.ordering_key.in_({d.ordering_key for d in owed}),
+                _D.next_attempt_at.is_not(None), _D.seq == head_seq)  # (a head is owed: only those are looked at)
         )
     }
     return {d.id: (heads[d.ordering_key][1], heads[d.ordering_key][2]) for d in owed  # type: ignore[index, misc]

@@ -894,3 +894,48 @@ async def test_an_event_the_recorder_dead_letters_holds_back_the_later_events_ab
     assert (await gateway.post(owner, after)).status_code == 202
     await eventually(lambda: after["id"] in ids(receiver.at("/ordered")), what="the project's next event")
     assert await dlq.dead_letters(bus.js, name) == [] and bus.webhooks.consumer.dead_lettered == 2
+
+
+def test_an_ordered_claim_looks_only_at_what_is_owed_not_at_a_things_delivered_history(database_url: str) -> None:
+    """An ordered endpoint's claim asks, of each delivery due, whether an earlier one about the
+    same thing is still owed. With a thing's long delivered history (a busy call's applications)
+    that question must not walk it: the database answers it from the index of what is owed
+    (created by the migrations, with its condition), and the claim still holds each later
+    delivery back behind the earliest owed one; ``waiting_for`` names that one."""
+    from sqlmodel import col, select
+
+    from connectors.webhooks import store
+    from handlers.db import make_engine, migrate
+
+    engine = make_engine(database_url)
+    migrate(engine)
+    now = datetime.now(timezone.utc)
+    with session_scope(engine) as session:
+        endpoint = store.create_endpoint(session, "funder", "https://funder.example/hook", ["call.*"], "", after_seq=0, now=now)
+    delivered = [{"endpoint_id": endpoint.id, "event_id": f"ev-{seq}", "event_type": "call.application_submitted", "seq": seq,
+                  "ordering_key": "call/busy", "status": "delivered", "attempts": 1, "next_attempt_at": None, "created_at": now}
+                 for seq in range(1, 2001)]
+    owed = [{**row, "event_id": f"ev-{seq}", "seq": seq, "status": "pending", "attempts": 0, "next_attempt_at": now}
+            for seq, row in zip(range(2001, 2004), delivered)]
+    try:
+        with engine.begin() as connection:
+            connection.execute(store.Delivery.__table__.insert(), delivered + owed)  # type: ignore[attr-defined]
+            due = [row.seq for row in connection.execute(store.DUE, {"endpoint_id": endpoint.id, "limit": 10})]
+            assert due == [2001]  # the later two wait behind it
+            if engine.dialect.name == "sqlite":
+                sql = str(store.DUE.compile(engine))
+                plan = [row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", (endpoint.id, 10, 0))]
+                probe = [step for step in plan if step.startswith("SEARCH earlier")]
+                assert probe and all("ix_webhook_deliveries_owed" in step for step in probe), plan
+            else:
+                definition = connection.execute(sa.text(
+                    "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_webhook_deliveries_owed'")).scalar_one()
+                assert "(endpoint_id, ordering_key, seq) WHERE (next_attempt_at IS NOT NULL)" in definition
+        with session_scope(engine) as session:
+            rows = list(session.exec(select(store.Delivery).where(col(store.Delivery.seq) > 2000)).all())
+            held = store.waiting_for(session, rows)
+            head = next(row for row in rows if row.seq == 2001)
+            assert set(held) == {row.id for row in rows if row.seq > 2001}
+            assert {value[0] for value in held.values()} == {head.id}
+    finally:
+        engine.dispose()
