@@ -349,27 +349,42 @@ def set_aside_counts(engine: Any, consumers: Sequence[str] = ("network",)) -> di
     return counts
 
 
-def webhook_attempts(engine: Any) -> dict[str, int] | None:
-    """Webhook attempts recorded in the database, by outcome; None without webhook tables.
+class WebhookAttempts:
+    """Webhook attempts recorded in the database, by outcome, for ``/metrics``.
 
     Read from the attempt log the dispatcher keeps (CONTRACT §7), so the numbers hold across
-    processes and restarts without a hook in the dispatcher.
-    """
-    import sqlalchemy as sa
+    processes and restarts without a hook in the dispatcher. The log only grows (an attempt is
+    never changed): the first scrape counts it all, each later one only the attempts recorded
+    since (their ids past the last one counted) — a scrape does not read a year of attempts.
+    The counts never go down: attempts deleted with their endpoint stay counted, as a counter
+    wants."""
 
-    if engine is None:
-        return None
-    try:
-        from handlers.db import reading
+    def __init__(self) -> None:
+        self.counted: dict[str, int] = {}
+        self._last_id = 0
 
-        with reading(engine).connect() as connection:
-            if not sa.inspect(connection).has_table("webhook_attempts"):
-                return None
-            rows = connection.execute(sa.text(
-                "SELECT CASE WHEN status_code IS NULL THEN 'error' "
-                "WHEN status_code BETWEEN 200 AND 299 THEN 'delivered' ELSE 'failed' END AS outcome, COUNT(*) "
-                "FROM webhook_attempts GROUP BY 1"
-            )).all()
-    except sa.exc.SQLAlchemyError:
-        return None
-    return {outcome: count for outcome, count in rows}
+    def read(self, engine: Any) -> dict[str, int] | None:
+        """The counts so far; None without webhook tables (or when they cannot be read)."""
+        import sqlalchemy as sa
+
+        if engine is None:
+            return None
+        try:
+            from handlers.db import reading
+
+            with reading(engine).connect() as connection:
+                if not sa.inspect(connection).has_table("webhook_attempts"):
+                    return None
+                newest = connection.execute(sa.text("SELECT MAX(id) FROM webhook_attempts")).scalar() or 0
+                self._last_id = min(self._last_id, newest)  # (the newest deleted: their ids may be given again)
+                rows = connection.execute(sa.text(
+                    "SELECT CASE WHEN status_code IS NULL THEN 'error' "
+                    "WHEN status_code BETWEEN 200 AND 299 THEN 'delivered' ELSE 'failed' END AS outcome, COUNT(*) "
+                    "FROM webhook_attempts WHERE id > :last AND id <= :newest GROUP BY 1"
+                ), {"last": self._last_id, "newest": newest}).all()
+        except sa.exc.SQLAlchemyError:
+            return None
+        for outcome, count in rows:
+            self.counted[outcome] = self.counted.get(outcome, 0) + int(count)
+        self._last_id = newest
+        return dict(self.counted)

@@ -22,6 +22,7 @@ from bus.verdict import Verdict
 from connectors.http.auth import Member, bus_of
 from connectors.http.problems import ApiProblem, documented, retry_after
 from handlers.db import reading
+from ops.metrics import WebhookAttempts
 from ops.status import running_consumers
 
 router = APIRouter(tags=["operations"])
@@ -45,6 +46,7 @@ class Metrics:
             "collabbus_http_long_polls", "long polls of GET /events waiting now (their time counts in the request duration)",
             registry=self.registry,
         )
+        self.webhook_attempts = WebhookAttempts()
 
     def verdict(self, verdict: Verdict) -> None:
         self.verdicts.labels(verdict.status, verdict.reason or "").inc()
@@ -193,7 +195,7 @@ async def metrics(request: Request) -> Response:
     """Prometheus text exposition: the gateway's, the process's (gate, handlers) and the bus's
     state read now (log, consumer lag, dead letters, webhook attempts; ``ops.metrics``)."""
     from ops.backup import last_backup
-    from ops.metrics import access_expiries, exposition, outbox_waiting, set_aside_counts, webhook_attempts
+    from ops.metrics import access_expiries, exposition, outbox_waiting, set_aside_counts
     from ops.status import collect_status
 
     bus = bus_of(request)
@@ -202,14 +204,14 @@ async def metrics(request: Request) -> Response:
     except Exception:
         status = None
     nats_up = (await answering(bus.nc)) == "ok" if status is None else bus.nc.is_connected  # (it answered the status)
-    attempts = await run_in_threadpool(webhook_attempts, bus.engine)
+    registry: Metrics = request.app.state.metrics
+    attempts = await run_in_threadpool(registry.webhook_attempts.read, bus.engine)
     outbox = await run_in_threadpool(outbox_waiting, bus.engine)
     from connectors.webhooks.dispatcher import webhook_consumer
 
     consumers = (bus.consumer_settings.name, webhook_consumer(bus.consumer_settings).name)
     set_aside = await run_in_threadpool(set_aside_counts, bus.engine, consumers)
     expiries = await run_in_threadpool(access_expiries, bus.engine, bus.server.authority if bus.server is not None else None)
-    registry: Metrics = request.app.state.metrics
     return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=nats_up,
                                checkpointers=bus.checkpointers, outbox=outbox,
                                backup=last_backup(bus.settings.data_dir) or {}, expiries=expiries,

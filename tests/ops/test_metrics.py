@@ -136,6 +136,29 @@ async def test_webhook_attempts_by_outcome(poisoned: Poisoned, scrape: Scrape) -
     counts = {o: sample(samples, "collabbus_webhook_attempts_total", outcome=o) for o in ("delivered", "failed", "error")}
     assert counts == {"delivered": 2, "failed": 1, "error": 1}
 
+    # Later scrapes add what was recorded since; an endpoint deleted with its attempts leaves the
+    # counter as it was (a counter never goes down), and attempts recorded after it still count.
+    with session_scope(poisoned.bus.engine) as session:
+        session.add(store.Attempt(delivery_id=delivery.id, attempted_at=now, status_code=503))
+    samples = await scrape()
+    assert sample(samples, "collabbus_webhook_attempts_total", outcome="failed") == 2
+    with session_scope(poisoned.bus.engine) as session:
+        gone = session.get(store.Endpoint, endpoint.id)
+        assert gone is not None
+        store.delete_endpoint(session, gone)
+    await scrape()
+    with session_scope(poisoned.bus.engine) as session:
+        other = store.create_endpoint(session, MEMBER, "https://example.org/other", [], "", after_seq=0, now=now)
+        session.flush()
+        again = store.Delivery(endpoint_id=other.id, event_id="e-2", event_type="project.registered", seq=2, created_at=now)
+        session.add(again)
+        session.flush()
+        assert again.id is not None
+        session.add(store.Attempt(delivery_id=again.id, attempted_at=now, status_code=200))
+    samples = await scrape()
+    counts = {o: sample(samples, "collabbus_webhook_attempts_total", outcome=o) for o in ("delivered", "failed", "error")}
+    assert counts == {"delivered": 3, "failed": 2, "error": 1}
+
 
 async def test_the_background_checkpoints_of_the_sqlite_files_are_counted_with_their_logs_size(poisoned: Poisoned, scrape: Scrape) -> None:
     checkpointers = {c.path.name: c for c in poisoned.bus.checkpointers}
