@@ -288,10 +288,7 @@ class NetworkService:
         if not self._parked or not live or replay:
             return None
         about = aggregate_of(item.envelope)
-        if about is None or about not in self._parked.known or item.envelope.get("id") in seen:
-            return None
-        behind = self._parked.behind(session.connection(), about)
-        if behind is None:
+        if about is None or item.envelope.get("id") in seen or (behind := self._parked.behind(session.connection(), about)) is None:
             return None
         return Failure(PARKED, SetAside.reason(about, behind), permanent=True, behind=behind)
 
@@ -392,7 +389,7 @@ class NetworkService:
 
         def withheld(event: Event[Any]) -> bool:
             about = aggregate_of(event.envelope)
-            if about is None or about not in self._parked.known:
+            if about is None:
                 return False
             if about not in behind:
                 behind[about] = self._parked.behind(session.connection(), about)

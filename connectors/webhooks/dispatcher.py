@@ -328,8 +328,7 @@ class DeliveryRecorder:
     def _check_set_aside(self, session: Session, index: int, item: LoggedItem) -> None:
         """Refuse ``item`` when it is about a thing set aside: it waits behind that dead letter."""
         about = aggregate_of(item.envelope)
-        behind = self._parked.behind(session.connection(), about)
-        if behind is not None and about is not None:
+        if about is not None and (behind := self._parked.behind(session.connection(), about)) is not None:
             raise _Unrecordable(index, Failure(PARKED, SetAside.reason(about, behind), permanent=True, behind=behind))
 
     def skip(self, seq: int, envelope: Any = None) -> None:
