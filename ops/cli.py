@@ -1401,11 +1401,14 @@ def _span_line(span: Mapping[str, Any]) -> str:
 @with_settings
 def dlq_list(
     consumer: Annotated[Optional[str], typer.Option(help="only this consumer's dead letters")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the list as JSON")] = False,
+    every: Annotated[bool, typer.Option("--all", help="list the events set aside behind a dead letter one by one too")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the list as JSON (every dead letter)")] = False,
     *,
     settings: Settings,
 ) -> None:
-    """The dead letters, oldest first: where each came from and why it failed."""
+    """The dead letters, oldest first: where each came from and why it failed. The events set
+    aside behind one (Parked: a later event about the same thing) are counted on its line;
+    --all lists them too."""
     from ops import dlq
 
     async def main() -> list[Any]:
@@ -1413,21 +1416,35 @@ def dlq_list(
             return await dlq.dead_letters(nc.jetstream(), consumer)
 
     letters = run(main())
+    behind = dlq.set_aside_behind(letters)
     if as_json:
-        out.print_json(data={"items": [letter.summary() for letter in letters]})
+        out.print_json(data={"items": [{**letter.summary(), "waits_behind": behind[letter.seq].seq if letter.seq in behind else None}
+                                       for letter in letters]})
         return
     if not letters:
         out.print("no dead letters")
         return
-    table = Table("#", "consumer", "event id", "type", "log #", "deliveries", "failed at", "reason",
-                  title=f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}")
-    for letter in letters:
+    waiting: dict[int, int] = {}
+    for head in behind.values():
+        waiting[head.seq] = waiting.get(head.seq, 0) + 1
+    shown = letters if every else [letter for letter in letters if letter.seq not in behind]
+    title = f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}"
+    if behind:
+        title += (f", {len(behind)} of them set aside behind the others" + ("" if every else " (counted on their lines; --all lists them)"))
+    table = Table("#", "consumer", "event id", "type", "log #", "deliveries", "failed at", "reason", "set aside", title=title)
+    for letter in shown:
         table.add_row(
             str(letter.seq), escape(letter.consumer), escape(letter.event_id or "") or "[dim]unreadable[/dim]",
             escape(letter.type or ""), str(letter.original_seq or ""), str(letter.deliveries or ""),
             (letter.failed_at or "")[:19].replace("T", " "), escape(letter.reason),
+            f"[yellow]{_events_wait(waiting[letter.seq])} behind it[/yellow]" if letter.seq in waiting
+            else f"behind #{behind[letter.seq].seq} (log #{behind[letter.seq].original_seq})" if letter.seq in behind else "",
         )
     out.print(table)
+
+
+def _events_wait(count: int) -> str:
+    return "1 event waits" if count == 1 else f"{count:,} events wait"
 
 
 @dlq_app.command("show")

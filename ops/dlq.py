@@ -212,6 +212,24 @@ def about(letter: DeadLetter) -> tuple[str, str] | None:
     return aggregate_of(letter.event)
 
 
+def set_aside_behind(letters: Iterable[DeadLetter]) -> dict[int, DeadLetter]:
+    """Of ``letters`` (the queue, or a consumer's part of it), those set aside (``Parked``) and
+    the earliest dead letter about the same thing they wait behind, by their number in the queue
+    (one whose earlier letter is gone — purged meanwhile — is not among them)."""
+    from handlers.service import PARKED
+
+    heads: dict[tuple[str, tuple[str, str]], DeadLetter] = {}
+    behind: dict[int, DeadLetter] = {}
+    for letter in sorted(letters, key=lambda x: (x.original_seq is None, x.original_seq or 0, x.seq)):
+        thing = about(letter)
+        if thing is None or letter.original_seq is None:
+            continue
+        head = heads.setdefault((letter.consumer, thing), letter)
+        if head is not letter and letter.error == PARKED:
+            behind[letter.seq] = head
+    return behind
+
+
 def _parks(applier: Any) -> bool:
     """Whether a consumer's applier sets things aside behind its dead letters (the network's and
     the webhooks')."""

@@ -190,6 +190,13 @@ async def test_the_later_events_about_a_dead_lettered_thing_wait_behind_it_and_a
     assert behind.error == "Parked" and behind.reason.startswith(f"Parked: set aside behind #{head.original_seq}: an earlier event about project poison-c")
 
     env = cli_env(bus)
+    code, listed, _ = await collabbus("dlq", "list", env=env)  # the events set aside are counted on the line of the one they wait behind
+    assert code == 0 and "2 dead letters, 1 of them set aside behind the others (counted on their lines; --all lists them)" in listed
+    assert first["id"] in listed and later["id"] not in listed and "1 event waits behind it" in listed
+    code, listed, _ = await collabbus("dlq", "list", "--all", env=env)
+    assert code == 0 and later["id"] in listed and f"behind #{head.seq} (log #{head.original_seq})" in listed
+    code, listed, _ = await collabbus("dlq", "list", "--json", env=env)
+    assert [item["waits_behind"] for item in orjson.loads(listed)["items"]] == [None, head.seq]
     code, shown, _ = await collabbus("dlq", "show", str(head.seq), "--json", env=env)
     assert code == 0 and orjson.loads(shown)["later_about_it"] == [{"seq": seqs[1], "type": "project.registered", "waiting": True}]
     code, _, said = await collabbus("dlq", "show", str(head.seq), env=env)
