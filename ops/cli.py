@@ -1498,48 +1498,79 @@ def dlq_replay(
     settings: Settings,
 ) -> None:
     """Apply dead-lettered events again through their consumer (each at most once), in the log's
-    order; those applied leave the dead-letter queue, those failing again stay."""
+    order; those applied leave the dead-letter queue, those failing again stay. The events set
+    aside behind a dead letter that are replayed with it are counted on its line (--json names each)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from ops import dlq
 
     if consumer is not None and seqs:
         err.print("[red]error:[/red] give dead letters' numbers or --consumer, not both")
         raise typer.Exit(2)
 
-    async def main() -> tuple[list[Any], dict[int, tuple[Any, list[dict[str, Any]]]]]:
+    async def main() -> tuple[list[Any], dict[int, tuple[Any, list[dict[str, Any]]]], dict[int, Any]]:
         async with _nats(settings, "collabbus-dlq") as nc:
             js = nc.jetstream()
             queued = await dlq.dead_letters(js)
+            behind = dlq.set_aside_behind(queued)
             letters = {letter.seq: letter for letter in queued if (not seqs or letter.seq in seqs) and consumer in (None, letter.consumer)}
-            later = {seq: (letter, await dlq.later_about_it(js, letter, queued=queued)) for seq, letter in letters.items()}
+            # What was applied while a dead letter waited is asked of the ones the others wait behind.
+            later = {seq: (letter, await dlq.later_about_it(js, letter, queued=queued))
+                     for seq, letter in letters.items() if seq not in behind}
             if consumer is not None and not letters:
-                return [], later
+                return [], later, behind
             chosen = sorted(letters) if consumer is not None else seqs or None
             engine, appliers = await _appliers(settings)
             try:
-                return await dlq.replay(js, appliers, chosen, queued=queued), later
+                with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                              console=err, disable=as_json or len(letters) < 2, transient=True) as bar:
+                    task = bar.add_task("replay", total=len(letters))
+                    results = await dlq.replay(js, appliers, chosen, queued=queued,
+                                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+                return results, later, behind
             finally:
                 engine.dispose()
 
-    results, later = run(main())
+    results, later, behind = run(main())
     if as_json:
         out.print_json(data={"items": [{**result.as_dict(), "later_about_it": later.get(result.seq, (None, []))[1]}
                                        for result in results]})
     elif not results:
         out.print("no dead letters")
     else:
-        for result in results:
-            if result.applied:
-                out.print(f"[green]replayed[/green] #{result.seq} {escape(result.event_id or '')} ({escape(result.consumer or '')})")
-                letter, after = later.get(result.seq, (None, []))
-                for said in _later_said([item for item in after if not item["waiting"]], letter):
-                    err.print(said)
-                if result.released:
-                    out.print(_released(result.released))
-            else:
-                named = f" {escape(result.event_id)}" if result.event_id else ""
-                out.print(f"[red]kept[/red] #{result.seq}{named}: {escape(result.error or '')}")
+        _replayed_said(results, later, behind)
     if any(not result.applied for result in results):
         raise typer.Exit(1)
+
+
+def _replayed_said(results: list[Any], later: dict[int, tuple[Any, list[dict[str, Any]]]], behind: dict[int, Any]) -> None:
+    """What a replay came to, for people: each dead letter replayed or kept; the events set aside
+    behind one and replayed with it counted on its line, not listed one by one."""
+    along: dict[int, int] = {}
+    for result in results:
+        if result.applied and result.seq in behind:
+            along[behind[result.seq].seq] = along.get(behind[result.seq].seq, 0) + 1
+    for result in results:
+        if result.applied and result.seq in behind and behind[result.seq].seq in along:
+            if result.released:  # (the last of its thing's events: told once all are replayed)
+                out.print(_released(result.released))
+            continue
+        if result.applied:
+            count = along.get(result.seq, 0)
+            with_it = f", with the {_events_set_aside(count)} behind it" if count else ""
+            out.print(f"[green]replayed[/green] #{result.seq} {escape(result.event_id or '')} ({escape(result.consumer or '')}){with_it}")
+            letter, after = later.get(result.seq, (None, []))
+            for said in _later_said([item for item in after if not item["waiting"]], letter):
+                err.print(said)
+            if result.released:
+                out.print(_released(result.released))
+        else:
+            named = f" {escape(result.event_id)}" if result.event_id else ""
+            out.print(f"[red]kept[/red] #{result.seq}{named}: {escape(result.error or '')}")
+
+
+def _events_set_aside(count: int) -> str:
+    return "event set aside" if count == 1 else f"{count:,} events set aside"
 
 
 def _later_said(later: list[dict[str, Any]], letter: Any) -> list[str]:

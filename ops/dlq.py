@@ -18,7 +18,7 @@ again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -238,12 +238,13 @@ def _parks(applier: Any) -> bool:
 
 async def replay(
     js: JetStreamContext, appliers: Mapping[str, Applier], seqs: Iterable[int] | None = None,
-    queued: list[DeadLetter] | None = None,
+    queued: list[DeadLetter] | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> list[Replayed]:
     """Re-apply dead letters (``seqs``, or all) through their consumer's applier, oldest first.
 
     A dead letter is deleted once its event is applied; one that fails again stays, with why.
     The appliers are idempotent by event id, so an event already applied is not applied again.
+    ``progress(done, total)`` is told after each.
     """
     if queued is None:  # (``queued``: the queue as the caller just listed it)
         queued = await dead_letters(js)
@@ -270,6 +271,8 @@ async def replay(
             left[thing] = [x for x in left.get(thing, ()) if x.seq != letter.seq]
             applied[thing] = len(results)
         results.append(Replayed(letter.seq, letter.consumer, letter.event_id, error is None, error))
+        if progress is not None:
+            progress(len(results), len(letters))
     for consumer, (domain, subject) in await settle(js, appliers):  # named on the last of its events applied
         if (index := applied.get((consumer, (domain, subject)))) is not None:
             results[index] = replace(results[index], released={"domain": domain, "subject": subject})

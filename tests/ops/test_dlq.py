@@ -379,3 +379,24 @@ async def test_the_gateways_index_of_waiting_events_reads_only_new_dead_letters_
     assert await index.find(bus.js, events[0]["id"]) is None
     assert (await index.find(bus.js, events[1]["id"])) is not None
     assert await index.find(bus.js, "never-dead-lettered") is None
+
+
+async def test_a_replay_tells_people_of_the_events_set_aside_on_the_line_of_the_one_they_waited_behind(poisoned: Poisoned) -> None:
+    """`dlq replay` for people: the dead letter, then the events set aside behind it counted on
+    its line (not a line each: a busy thing set aside has thousands), and the thing let go."""
+    bus, recorder = poisoned.bus, poisoned.recorder
+    recorder.poison.add("poison-r")
+    events = [project_event("poison-r") for _ in range(3)]
+    for event in events:
+        assert (await offer(poisoned.nc, FIXTURE["as"], event)).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 3)
+    recorder.poison.clear()
+    head = (await dlq.dead_letters(bus.js))[0]
+
+    code, said, _ = await collabbus("dlq", "replay", "--consumer", "network", env=cli_env(bus))
+    assert code == 0, said
+    lines = [line for line in said.splitlines() if line.strip()]
+    assert lines == [f"replayed #{head.seq} {events[0]['id']} (network), with the 2 events set aside behind it",
+                     "let go project poison-r: none of its events is left in the dead-letter queue, its later events are "
+                     "applied as they come"], lines
+    assert {event["id"] for event in events} <= poisoned.applied()
