@@ -215,6 +215,7 @@ async def test_the_later_events_about_a_dead_lettered_thing_wait_behind_it_and_a
     items = orjson.loads(replayed)["items"]
     assert code == 0 and [(item["seq"], item["applied"]) for item in items] == [(head.seq, True), (behind.seq, True)]
     assert items[1]["released"] == {"domain": "project", "subject": "poison-c"} and items[0]["released"] is None
+    assert (items[0]["waited_behind"], items[1]["waited_behind"]) == (None, head.seq)
     assert await dlq.dead_letters(bus.js) == [] and {first["id"], later["id"]} <= poisoned.applied()
 
     after = project_event("poison-c")
