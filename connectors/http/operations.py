@@ -194,6 +194,7 @@ METRICS_NATS_TIMEOUT = 2.0
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition: the gateway's, the process's (gate, handlers) and the bus's
     state read now (log, consumer lag, dead letters, webhook attempts; ``ops.metrics``)."""
+    from connectors.webhooks.dispatcher import webhook_consumer
     from ops.backup import last_backup
     from ops.metrics import access_expiries, exposition, outbox_waiting, set_aside_counts
     from ops.status import collect_status
@@ -207,8 +208,6 @@ async def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics
     attempts = await run_in_threadpool(registry.webhook_attempts.read, bus.engine)
     outbox = await run_in_threadpool(outbox_waiting, bus.engine)
-    from connectors.webhooks.dispatcher import webhook_consumer
-
     consumers = (bus.consumer_settings.name, webhook_consumer(bus.consumer_settings).name)
     set_aside = await run_in_threadpool(set_aside_counts, bus.engine, consumers)
     expiries = await run_in_threadpool(access_expiries, bus.engine, bus.server.authority if bus.server is not None else None)
