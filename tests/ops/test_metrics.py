@@ -10,6 +10,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -121,43 +122,43 @@ async def test_consumer_lag_follows_a_stopped_consumer(poisoned: Poisoned, scrap
     assert poisoned.recorder.seen[-3:] == ["lag-0", "lag-1", "lag-2"]
 
 
-async def test_webhook_attempts_by_outcome(poisoned: Poisoned, scrape: Scrape) -> None:
+def attempts_to_endpoint(engine: Any, url: str, event_id: str, status_codes: tuple[int | None, ...]) -> tuple[str, int]:
+    """An endpoint with one delivery that had attempts answered with ``status_codes``: (its id, the delivery's)."""
     now = datetime.now(timezone.utc)
-    with session_scope(poisoned.bus.engine) as session:
-        endpoint = store.create_endpoint(session, MEMBER, "https://example.org/hook", [], "", after_seq=0, now=now)
+    with session_scope(engine) as session:
+        endpoint = store.create_endpoint(session, MEMBER, url, [], "", after_seq=0, now=now)
         session.flush()
-        delivery = store.Delivery(endpoint_id=endpoint.id, event_id="e-1", event_type="project.registered", seq=1, created_at=now)
+        delivery = store.Delivery(endpoint_id=endpoint.id, event_id=event_id, event_type="project.registered", seq=1, created_at=now)
         session.add(delivery)
         session.flush()
         assert delivery.id is not None
-        for status_code in (200, 204, 500, None):
+        for status_code in status_codes:
             session.add(store.Attempt(delivery_id=delivery.id, attempted_at=now, status_code=status_code))
-    samples = await scrape()
-    counts = {o: sample(samples, "collabbus_webhook_attempts_total", outcome=o) for o in ("delivered", "failed", "error")}
-    assert counts == {"delivered": 2, "failed": 1, "error": 1}
+        return endpoint.id, delivery.id
+
+
+async def test_webhook_attempts_by_outcome(poisoned: Poisoned, scrape: Scrape) -> None:
+    engine = poisoned.bus.engine
+    endpoint_id, delivery_id = attempts_to_endpoint(engine, "https://example.org/hook", "e-1", (200, 204, 500, None))
+
+    async def counts() -> dict[str, float]:
+        samples = await scrape()
+        return {o: sample(samples, "collabbus_webhook_attempts_total", outcome=o) for o in ("delivered", "failed", "error")}
+
+    assert await counts() == {"delivered": 2, "failed": 1, "error": 1}
 
     # Later scrapes add what was recorded since; an endpoint deleted with its attempts leaves the
     # counter as it was (a counter never goes down), and attempts recorded after it still count.
-    with session_scope(poisoned.bus.engine) as session:
-        session.add(store.Attempt(delivery_id=delivery.id, attempted_at=now, status_code=503))
-    samples = await scrape()
-    assert sample(samples, "collabbus_webhook_attempts_total", outcome="failed") == 2
-    with session_scope(poisoned.bus.engine) as session:
-        gone = session.get(store.Endpoint, endpoint.id)
+    with session_scope(engine) as session:
+        session.add(store.Attempt(delivery_id=delivery_id, attempted_at=datetime.now(timezone.utc), status_code=503))
+    assert await counts() == {"delivered": 2, "failed": 2, "error": 1}
+    with session_scope(engine) as session:
+        gone = session.get(store.Endpoint, endpoint_id)
         assert gone is not None
         store.delete_endpoint(session, gone)
-    await scrape()
-    with session_scope(poisoned.bus.engine) as session:
-        other = store.create_endpoint(session, MEMBER, "https://example.org/other", [], "", after_seq=0, now=now)
-        session.flush()
-        again = store.Delivery(endpoint_id=other.id, event_id="e-2", event_type="project.registered", seq=2, created_at=now)
-        session.add(again)
-        session.flush()
-        assert again.id is not None
-        session.add(store.Attempt(delivery_id=again.id, attempted_at=now, status_code=200))
-    samples = await scrape()
-    counts = {o: sample(samples, "collabbus_webhook_attempts_total", outcome=o) for o in ("delivered", "failed", "error")}
-    assert counts == {"delivered": 3, "failed": 2, "error": 1}
+    assert await counts() == {"delivered": 2, "failed": 2, "error": 1}
+    attempts_to_endpoint(engine, "https://example.org/other", "e-2", (200,))
+    assert await counts() == {"delivered": 3, "failed": 2, "error": 1}
 
 
 async def test_the_background_checkpoints_of_the_sqlite_files_are_counted_with_their_logs_size(poisoned: Poisoned, scrape: Scrape) -> None:
