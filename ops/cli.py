@@ -887,6 +887,7 @@ def rebuild(
     from bus.connection import connect_options
     from bus.lease import Lease, LogHeld, describe
     from bus.runtime import NETWORK_CONSUMER, keep_startup_objects
+    from ops import dlq
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
     from handlers.routes import REBUILD_LANES, network, rebuild_lanes
@@ -903,6 +904,7 @@ def rebuild(
     lanes = Lanes(rebuild_lanes(lane_count), settings.data_dir / ".rebuild", rows) if lane_count > 1 else None
 
     lost: list[dict[str, Any]] = []  # the bus that took the log over while the rebuild could not renew its lease
+    dead_letters: list[int] = []  # the read models' dead letters still in the queue after the rebuild
 
     async def main() -> Any:
         command = asyncio.current_task()
@@ -952,6 +954,7 @@ def rebuild(
                         reader = connect_options(settings, "collabbus-rebuild-reader")
                         report = await replay(js, service, connect=reader, progress=progress, lanes=lanes)
                     engine.dispose()
+                    dead_letters[:] = [(await dlq.counts(js)).get(NETWORK_CONSUMER, 0)]
                     return report
                 finally:
                     if lease is not None:  # (before the connection closes)
@@ -972,8 +975,8 @@ def rebuild(
             raise typer.Exit(1) from None
         _rebuild_interrupted(settings)
         raise typer.Exit(130 if isinstance(stopped, KeyboardInterrupt) else 128 + signal.SIGTERM) from None
-    if as_json:
-        out.print_json(data=report.as_dict())
+    if as_json:  # (dead_letters: the read models' still in the queue)
+        out.print_json(data={**report.as_dict(), "dead_letters": dead_letters[0] if dead_letters else 0})
     else:
         out.print(f"rebuilt the read models from {report.events} events in {report.seconds:.1f} s "
                   f"({report.rate:,.0f} events/s), up to #{report.last_seq}")
@@ -985,6 +988,11 @@ def rebuild(
                       "go on the way (--held-rows)[/dim]")
         for failure in report.failures:
             out.print(f"  [red]failed[/red] #{failure['seq']} {failure['id']}: {failure['error']}")
+        if dead_letters and dead_letters[0]:
+            count = dead_letters[0]
+            out.print(f"  [yellow]the dead-letter queue still holds {count:,} of the read models' dead letter{'s' if count != 1 else ''}"
+                      "[/yellow]: the rebuild applied the log in its order, those events included (any it could not apply are "
+                      "named above); `collabbus dlq replay --consumer network` removes the ones applied (each is applied once)")
     if report.failures:
         raise typer.Exit(1)
 

@@ -401,3 +401,38 @@ async def test_a_replay_tells_people_of_the_events_set_aside_on_the_line_of_the_
                      "let go project poison-r: none of its events is left in the dead-letter queue, its later events are "
                      "applied as they come"], lines
     assert {event["id"] for event in events} <= poisoned.applied()
+
+
+async def test_a_rebuild_says_the_read_models_dead_letters_are_still_in_the_queue(tmp_path: Path, server: EmbeddedNats) -> None:
+    """A rebuild applies the log in its order, a dead-lettered event included (here the handler
+    that failed on it is fixed): it says the queue still holds it, and `dlq replay` removes it."""
+    from bus.consumer import ConsumerSettings
+    from bus.runtime import Bus
+    from ops.settings import Settings
+    from tests.bus.test_consumer import recording
+    from tests.conftest import join
+
+    recorder = Recorder()
+    recorder.poison.add("poison-rb")
+    bus = Bus(Settings(data_dir=tmp_path, nats_url=server.url, nats_creds=server.bus_creds),
+              network_factory=recording(recorder), consumer_settings=ConsumerSettings("network", max_deliver=2, backoff=(0.05,)))
+    await bus.start()
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        assert (await offer(nc, FIXTURE["as"], project_event("poison-rb"))).accepted
+        await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+    finally:
+        await nc.close()
+        await bus.stop()
+    env = cli_env(bus)
+    code, said, _ = await collabbus("rebuild", "--processes", "1", env=env)
+    assert code == 0, said
+    assert "the dead-letter queue still holds 1 of the read models' dead letter" in said
+    assert "collabbus dlq replay --consumer network" in said
+    code, said, _ = await collabbus("dlq", "replay", "--consumer", "network", env=env)
+    assert code == 0 and "replayed #1" in said, said
+    code, said, _ = await collabbus("rebuild", "--processes", "1", env=env)
+    assert code == 0 and "dead-letter queue" not in said
+    code, said, _ = await collabbus("rebuild", "--processes", "1", "--json", env=env)
+    assert code == 0 and orjson.loads(said)["dead_letters"] == 0
