@@ -18,6 +18,7 @@ again.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, replace
@@ -253,10 +254,10 @@ async def replay(
     else:
         listed = {letter.seq: letter for letter in queued}
         letters = [listed.get(seq) or await dead_letter(js, seq) or seq for seq in sorted(set(seqs))]
-    left: dict[tuple[str, tuple[str, str] | None], list[DeadLetter]] = {}
+    left: dict[tuple[str, tuple[str, str] | None], deque[DeadLetter]] = {}
     """The dead letters still in the queue about each thing, per consumer, in the log's order."""
     for queued_letter in sorted(queued, key=lambda x: (x.original_seq is None, x.original_seq or 0, x.seq)):
-        left.setdefault((queued_letter.consumer, about(queued_letter)), []).append(queued_letter)
+        left.setdefault((queued_letter.consumer, about(queued_letter)), deque()).append(queued_letter)
     results = []
     applied: dict[tuple[str, tuple[str, str] | None], int] = {}
     """The index in ``results`` of the last dead letter applied about each thing, per consumer."""
@@ -268,7 +269,7 @@ async def replay(
         error = _waits(letter, left.get(thing, ()), appliers) or await _apply(js, appliers, letter)
         if error is None:
             await js.delete_msg(DLQ_STREAM, letter.seq)
-            left[thing] = [x for x in left.get(thing, ()) if x.seq != letter.seq]
+            _gone(left.get(thing), letter)
             applied[thing] = len(results)
         results.append(Replayed(letter.seq, letter.consumer, letter.event_id, error is None, error))
         if progress is not None:
@@ -286,12 +287,31 @@ def _waits(letter: DeadLetter, queued: Iterable[DeadLetter], appliers: Mapping[s
     thing = about(letter)
     if thing is None or letter.original_seq is None or not _parks(appliers.get(letter.consumer)):
         return None
-    earlier = next((x for x in queued if x.seq != letter.seq and x.original_seq is not None
-                    and x.original_seq < letter.original_seq), None)
+    earlier = None
+    for queued_letter in queued:  # (in the log's order: the first other one is the earliest)
+        if queued_letter.seq == letter.seq:
+            continue
+        if queued_letter.original_seq is not None and queued_letter.original_seq < letter.original_seq:
+            earlier = queued_letter
+        break
     if earlier is None:
         return None
     return (f"waits for dead letter #{earlier.seq} (log #{earlier.original_seq} {earlier.type}), an earlier event about "
             f"{thing[0]} {thing[1]} still in the queue: it is applied after that one (replay both, or that one first)")
+
+
+def _gone(queued: deque[DeadLetter] | None, letter: DeadLetter) -> None:
+    """Take a dead letter applied out of its thing's queue: the first of it, when replayed in the
+    log's order."""
+    if not queued:
+        return
+    if queued[0].seq == letter.seq:
+        queued.popleft()
+    else:
+        for index, queued_letter in enumerate(queued):
+            if queued_letter.seq == letter.seq:
+                del queued[index]
+                break
 
 
 async def settle(js: JetStreamContext, appliers: Mapping[str, Any]) -> list[tuple[str, tuple[str, str]]]:
