@@ -887,11 +887,11 @@ def rebuild(
     from bus.connection import connect_options
     from bus.lease import Lease, LogHeld, describe
     from bus.runtime import NETWORK_CONSUMER, keep_startup_objects
-    from ops import dlq
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
     from handlers.routes import REBUILD_LANES, network, rebuild_lanes
     from handlers.service import REBUILD_HELD_ROWS, NetworkService
+    from ops import dlq
 
     if projection not in (None, NETWORK_CONSUMER):
         raise typer.BadParameter(f"unknown projection {projection!r}; the consumer groups are: {NETWORK_CONSUMER}", param_hint="--projection")
@@ -1561,7 +1561,7 @@ def _replayed_said(results: list[Any], later: dict[int, tuple[Any, list[dict[str
         if result.applied and result.seq in behind:
             along[behind[result.seq].seq] = along.get(behind[result.seq].seq, 0) + 1
     for result in results:
-        if result.applied and result.seq in behind and behind[result.seq].seq in along:
+        if result.applied and result.seq in behind:
             if result.released:  # (the last of its thing's events: told once all are replayed)
                 out.print(_released(result.released))
             continue
