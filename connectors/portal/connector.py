@@ -22,8 +22,9 @@ How an entry maps onto a project:
 - ``status``: ``draft`` → ``planned``, ``published`` → ``active``, ``archived`` → ``completed``
   (an archived Innokylä entry is a practice no longer developed; it is not deleted);
 - ``location``: ``{country: "FI", region, municipality}`` (Innokylä is Finnish);
-- not carried: ``tags`` (free text, not theme codes), ``funder`` (a name, not a member),
-  ``parent_id``, ``validation`` (the bus's own validations are pushed *to* the portal).
+- not carried: ``tags`` (free text, not theme codes), ``funder`` (a name, not a member: the
+  funders of a published project are pushed *to* the portal), ``parent_id``, ``validation``
+  (the bus's own validations are pushed *to* the portal).
 
 Push: :func:`push_decisions` follows ``validation.decided`` in the log and writes each decision
 about a project that came from the portal (or names an ``innokyla`` reference) to the entry (``PUT /entries/{id}/validation``). That changes the entry's
@@ -38,7 +39,8 @@ the entry back). After every complete pull, :meth:`PortalSync.push_publications`
 
 - creates the entry of a newly marked project (``POST /entries``; title, summary, organisation,
   region, municipality, status mapped back: ``planned`` → ``draft``, ``active`` → ``published``,
-  the rest → ``archived``), tagged ``collabbus:{project id}``; stores entry ↔ project *before*
+  the rest → ``archived``; ``funder``: the names of the partners the project names as its
+  funders, :func:`funder_of`), tagged ``collabbus:{project id}``; stores entry ↔ project *before*
   anything else, as a synced entry, so the pull maps the entry to the project and never registers
   it again; then offers ``project.updated`` adding ``{system: "innokyla", id, url}`` to the
   project's ``external_refs``, through the gate in the owner's name. A creation whose answer was
@@ -73,14 +75,14 @@ import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from sqlalchemy import Engine
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from bus import cloudevents
 from connectors.portal import store
 from handlers.db import session_scope
 from handlers.bookkeeping import AppliedEvent
 from handlers.institutions import Institution
-from handlers.projects import Project
+from handlers.projects import Project, ProjectPartner
 from ops import tracing as traces
 
 log = logging.getLogger("collabbus.portal")
@@ -92,7 +94,7 @@ RETRYABLE = frozenset({429, 500, 502, 503, 504})
 PORTAL_STATUS = {"planned": "draft", "active": "published", "completed": "archived",
                  "cancelled": "archived", "suspended": "archived"}
 ENTRY_TYPES = ("whole", "practice")
-PUSHED_FIELDS = ("title", "summary", "organisation", "region", "municipality", "status")
+PUSHED_FIELDS = ("title", "summary", "organisation", "region", "municipality", "status", "funder")
 """The entry fields a published project determines; the others are the portal's own."""
 WRITABLE_FIELDS = ("type", "title", "summary", "organisation", "region", "municipality", "funder", "parent_id", "tags", "status")
 FACT_SOURCES = {"title": ("title",), "summary": ("summary",), "status": ("status",), "location": ("region", "municipality")}
@@ -299,13 +301,30 @@ def organisation_of(institution: Institution) -> dict[str, str] | None:
     """The portal's ``organisation`` for a member: its name and business id (None without one)."""
     for identifier in institution.identifiers:
         if identifier.get("scheme") == BUSINESS_ID_SCHEME and identifier.get("value"):
-            names = institution.name or {}
-            name = names.get("fi") or names.get("en") or next(iter(names.values()), institution.id)
-            return {"name": name, "business_id": str(identifier["value"])}
+            return {"name": _name_of(institution), "business_id": str(identifier["value"])}
     return None
 
 
-def entry_fields(project: Project, organisation: Mapping[str, str]) -> dict[str, Any]:
+def _name_of(institution: Institution) -> str:
+    """A member's name as the (Finnish) portal shows it: in Finnish, else English, else the first."""
+    names = institution.name or {}
+    return names.get("fi") or names.get("en") or next(iter(names.values()), institution.id)
+
+
+def funder_of(session: Session, project_id: str) -> str | None:
+    """The portal's ``funder`` of a project: the names of the partners the project names as its
+    funders (role ``funder``; public, as the project's events are), in id order — None without
+    any. Awards are not carried: what a call awarded is its parties' business."""
+    funders = session.exec(select(ProjectPartner.institution).where(
+        ProjectPartner.project_id == project_id, ProjectPartner.role == "funder").order_by(col(ProjectPartner.institution))).all()
+    names = []
+    for funder in funders:
+        member = session.get(Institution, funder)
+        names.append(_name_of(member) if member is not None else funder)
+    return ", ".join(names) or None
+
+
+def entry_fields(project: Project, organisation: Mapping[str, str], funder: str | None = None) -> dict[str, Any]:
     """The entry fields a published project determines (:data:`PUSHED_FIELDS`)."""
     return {
         "title": dict(project.title),
@@ -314,6 +333,7 @@ def entry_fields(project: Project, organisation: Mapping[str, str]) -> dict[str,
         "region": project.region,
         "municipality": project.municipality,
         "status": PORTAL_STATUS.get(project.status, "published"),
+        "funder": funder,
     }
 
 
@@ -740,6 +760,7 @@ class PortalSync:
             waiting = mark.waiting_for is not None and session.get(AppliedEvent, mark.waiting_for) is None
             project = session.get(Project, mark.project_id)
             owner = session.get(Institution, project.owner) if project is not None else None
+            funder = funder_of(session, mark.project_id) if project is not None else None
         if project is None or owner is None:
             return "the project is not in the read model"
         if waiting:
@@ -748,7 +769,7 @@ class PortalSync:
         organisation = organisation_of(owner)
         if organisation is None:
             return f"the owner {owner.id} has no {BUSINESS_ID_SCHEME} identifier"
-        desired = entry_fields(project, organisation)
+        desired = entry_fields(project, organisation, funder)
         if mark.entry_id is None:
             created = await self._create(mark, project, desired, report)
             if created is None:
@@ -781,7 +802,7 @@ class PortalSync:
         if not await asyncio.to_thread(self._claim, mark.project_id):
             report.waiting.append(mark.project_id)
             return None
-        body = {"type": mark.entry_type, **desired, "funder": None, "parent_id": None,
+        body = {"type": mark.entry_type, **desired, "parent_id": None,
                 "tags": [publication_tag(mark.project_id)]}
         entry_id = await self.client.create_entry(body)
         fetched = await self.client.get_entry(entry_id)

@@ -111,6 +111,36 @@ async def test_a_marked_project_is_published_once_and_does_not_come_back(
     assert (await updates_of(gateway, owner, project_id))[1:] == [{"title": edited}]
 
 
+async def test_a_published_project_names_its_funders_on_the_portal(gateway: Gateway, sandbox: PortalSandbox, network: Network) -> None:
+    """The entry's ``funder`` is the names of the partners the project names as its funders: set
+    when the entry is created, written again when a funder joins, never pulled back as a change;
+    a project without one leaves a funder the portal wrote alone."""
+    from tests.portal.conftest import business_id, join
+
+    first, second = [await join(gateway, "funder", business_id()) for _ in range(2)]
+    project_id, owner, _ = await bus_project(gateway, network)
+    await offer(gateway, owner, "project.partner_joined",
+                {"project_id": project_id, "partner": {"institution": second, "role": "funder", "relation": "donation"}})
+    await offer(gateway, owner, "project.partner_joined",
+                {"project_id": project_id, "partner": {"institution": list(network.members.values())[1], "role": "partner"}})
+    await gateway.settle()
+    sync = portal_sync(gateway, sandbox)
+    mark_for_publication(gateway.bus.engine, sync.portal, project_id)
+    assert (await sync.sync()).published == 1
+    [entry] = tagged(sandbox, project_id)
+    assert entry["funder"] == second  # (the members' names are their ids here)
+    await gateway.settle()
+
+    await offer(gateway, owner, "project.partner_joined",
+                {"project_id": project_id, "partner": {"institution": first, "role": "funder", "relation": "donation"}})
+    await gateway.settle()
+    pushed = await sync.sync()
+    assert (pushed.pushed, pushed.emitted) == (1, 0)
+    stored = sandbox.store.get(entry["id"])
+    assert stored is not None and stored[0]["funder"] == ", ".join(sorted((first, second)))
+    assert (await sync.sync()).emitted == 0  # the connector's own write is not pulled back
+
+
 async def test_a_change_is_written_with_if_match_and_a_concurrent_portal_edit_is_kept(
     gateway: Gateway, sandbox: PortalSandbox, network: Network
 ) -> None:
