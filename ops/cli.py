@@ -1285,10 +1285,14 @@ def _render_status(report: dict[str, Any]) -> None:
     else:
         behind = ", ".join(f"{escape(k)} at #{v['seq']} ({v['behind']} behind)" for k, v in positions.items()) or "nothing applied yet"
         out.print(f"database {escape(database['url'])}: {behind}")
-        for thing in database.get("set_aside") or ():
+        set_aside = database.get("set_aside") or []
+        for thing in set_aside[:SET_ASIDE_SHOWN]:
             out.print(f"[yellow]set aside: {escape(thing['domain'])} {escape(thing['subject'])} behind #{thing['behind']}[/yellow] "
                       f"({escape(thing['consumer'])}: its later events wait in the dead-letter queue, the last #{thing['last']}; "
                       "collabbus dlq list, replay)")
+        if len(set_aside) > SET_ASIDE_SHOWN:
+            out.print(f"[yellow]… and {len(set_aside) - SET_ASIDE_SHOWN:,} more things set aside[/yellow] (status --json lists "
+                      "them all; collabbus dlq list)")
         outbox = database.get("outbox")
         if outbox and outbox["waiting"]:
             out.print(f"[yellow]outbox: {outbox['waiting']} derived event(s) not logged yet, the oldest since "
@@ -1449,6 +1453,10 @@ def dlq_list(
             else f"behind #{behind[letter.seq].seq} (log #{behind[letter.seq].original_seq})" if letter.seq in behind else "",
         )
     out.print(table)
+
+
+SET_ASIDE_SHOWN = 10
+"""How many things set aside ``collabbus status`` names one by one (the oldest first)."""
 
 
 def _events_wait(count: int) -> str:

@@ -140,6 +140,19 @@ def test_the_status_table_warns_of_derived_events_waiting_in_the_outbox(capsys: 
     assert "outbox" not in capsys.readouterr().out  # nothing to say when nothing waits
 
 
+def test_the_status_table_names_the_oldest_things_set_aside_and_counts_the_rest(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bug that sets a thousand things aside does not print a thousand lines: the oldest ten,
+    then how many more (the JSON lists them all)."""
+    from ops.cli import SET_ASIDE_SHOWN, _render_status
+
+    things = [{"consumer": "network", "domain": "project", "subject": f"p-{i}", "behind": 10 + i, "last": 10 + i} for i in range(12)]
+    database = {"url": "sqlite:///collabbus.db", "positions": {"network": {"seq": 30, "behind": 0}}, "set_aside": things}
+    _render_status({"streams": {}, "consumers": {}, "dead_letters": {}, "database": database})
+    shown = capsys.readouterr().out
+    assert [line.split()[3] for line in shown.splitlines() if line.startswith("set aside:")] == [f"p-{i}" for i in range(SET_ASIDE_SHOWN)]
+    assert "… and 2 more things set aside (status --json lists them all; collabbus dlq list)" in " ".join(shown.split())
+
+
 def test_the_status_table_says_when_the_network_was_last_backed_up(capsys: pytest.CaptureFixture[str]) -> None:
     from ops.cli import _render_status
 
