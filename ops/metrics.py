@@ -16,6 +16,7 @@ the gate does not know as a member is ``other`` (an ingress subject can name any
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from functools import cache
@@ -362,9 +363,14 @@ class WebhookAttempts:
     def __init__(self) -> None:
         self.counted: dict[str, int] = {}
         self._last_id = 0
+        self._lock = threading.Lock()  # two scrapes at once count each attempt once
 
     def read(self, engine: Any) -> dict[str, int] | None:
         """The counts so far; None without webhook tables (or when they cannot be read)."""
+        with self._lock:
+            return self._read(engine)
+
+    def _read(self, engine: Any) -> dict[str, int] | None:
         import sqlalchemy as sa
 
         if engine is None:

@@ -278,3 +278,31 @@ async def test_every_metric_the_shipped_alert_rules_and_dashboard_use_is_served(
     endings = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
     offered = {family.name + ending for family in families for ending in endings.get(family.type, ("",))}
     assert charted <= offered | served, sorted(charted - offered - served)
+
+
+def test_scrapes_at_once_count_each_webhook_attempt_once(tmp_path: Path) -> None:
+    """Two scrapes reading the attempt log at the same moment (two Prometheus servers, a person
+    with curl) add what was recorded since the last one once, not twice."""
+    import threading
+
+    from handlers.db import make_engine, migrate
+    from ops.metrics import WebhookAttempts
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'attempts.db'}")
+    migrate(engine)
+    attempts_to_endpoint(engine, "https://example.org/hook", "e-1", (200,) * 50)
+    counter = WebhookAttempts()
+    start = threading.Barrier(8)
+    read: list[dict[str, int] | None] = []
+
+    def scrape() -> None:
+        start.wait()
+        read.append(counter.read(engine))
+
+    threads = [threading.Thread(target=scrape) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    engine.dispose()
+    assert read == [{"delivered": 50}] * 8
