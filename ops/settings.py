@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0],
         description="comma-separated seconds before each webhook delivery attempt (jitter ±20 % on all but the first)",
     )
+    webhook_retention_days: float = Field(
+        90.0, ge=0, description="days a settled webhook delivery (delivered, given up or cancelled) and its attempts "
+        "are kept, counted from when it was owed (0: for ever); deliveries still owed are never removed",
+    )
     webhook_allow_networks: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="comma-separated CIDRs that webhook and portal targets may resolve to besides public addresses",

@@ -311,7 +311,9 @@ async def list_deliveries(
 ) -> dict[str, Any]:
     """The endpoint's deliveries, oldest first, each with every attempt made (time, HTTP status,
     latency, error, the first KiB of the response), and for one held back by an earlier delivery
-    about the same thing, which (``waiting_for``)."""
+    about the same thing, which (``waiting_for``). Those delivered or given up are kept for the
+    network's retention (``COLLABBUS_WEBHOOK_RETENTION_DAYS``, 90 days by default) after they were
+    owed; ``POST …/recover`` owes events again from the log whatever was removed."""
 
     def page(session: Session) -> dict[str, Any]:
         endpoint = store.endpoint_of(session, institution, endpoint_id)

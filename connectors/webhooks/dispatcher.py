@@ -72,6 +72,9 @@ RECORD_GATHER = 0.05
 starts at most this much later, and a trickle of events costs a transaction per few dozen."""
 FAILING_LIMIT = timedelta(days=5)
 """An endpoint failing without a success for this long is disabled."""
+PRUNE_EVERY = 3600.0
+"""Seconds between two removals of the settled deliveries older than the retention (the first a
+minute after the start: not in the way of a bus starting)."""
 RESPONSE_KEPT = 1024
 JITTER = 0.2
 RETRY_AFTER_STATUSES = frozenset({429, 502, 503, 504})
@@ -495,6 +498,9 @@ class WebhookDispatcher:
         self.concurrency = concurrency
         self.failing_limit = failing_limit
         self.poll = poll
+        self.retention = timedelta(days=settings.webhook_retention_days) if settings.webhook_retention_days else None
+        """How long a settled delivery and its attempts are kept (``webhook_retention_days``; None: for ever)."""
+        self._pruner: asyncio.Task[None] | None = None
         consumer_settings = consumer_settings or ConsumerSettings(WEBHOOKS_CONSUMER)
         self.recorder = DeliveryRecorder(engine, consumer_settings.name, self.schedule, self.tracing, network_consumer=network_consumer)
         self.db_lock = db_lock or asyncio.Lock()
@@ -526,12 +532,49 @@ class WebhookDispatcher:
         for endpoint_id in enabled:
             self._worker(endpoint_id)
         await self.consumer.start()
+        if self.retention is not None:
+            self._pruner = asyncio.create_task(self._prune_every(PRUNE_EVERY, first=60.0), name="webhooks-prune")
 
     async def stop(self) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+            await asyncio.gather(self._pruner, return_exceptions=True)
+            self._pruner = None
         await self.consumer.stop()
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(worker.stop(grace=min(self.timeout, 5.0)) for worker in workers))
         await asyncio.gather(*self._retiring, return_exceptions=True)  # claims given back, workers retired
+
+    async def prune(self, now: datetime | None = None) -> int:
+        """Remove the settled deliveries owed longer ago than the retention, with their attempts,
+        a batch a transaction (between the dispatcher's own); returns how many."""
+        if self.retention is None:
+            return 0
+        before = (now or datetime.now(timezone.utc)) - self.retention
+        removed = 0
+        while True:
+            async with self.db_lock:
+                batch = await asyncio.to_thread(self._prune_batch, before)
+            removed += batch
+            if batch < store.PRUNE_BATCH:
+                break
+        if removed:
+            log.info("webhooks: removed %d settled deliveries owed before %s, with their attempts (COLLABBUS_WEBHOOK_RETENTION_DAYS)",
+                     removed, f"{before:%Y-%m-%d %H:%M} UTC")
+        return removed
+
+    def _prune_batch(self, before: datetime) -> int:
+        with self.engine.begin() as connection:
+            return store.prune(connection, before)
+
+    async def _prune_every(self, every: float, first: float) -> None:
+        await asyncio.sleep(first)
+        while True:
+            try:
+                await self.prune()
+            except Exception as exc:  # the database, most likely: next time
+                log.warning("webhooks: could not remove old deliveries: %s", exc)
+            await asyncio.sleep(every)
 
     def _worker(self, endpoint_id: str) -> EndpointWorker:
         worker = self.workers.get(endpoint_id)

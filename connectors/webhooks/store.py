@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, Column, Connection
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -327,6 +327,23 @@ ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).v
     disabled_at=sa.bindparam("b_updated_at"),
     updated_at=sa.bindparam("b_updated_at"),
 )
+
+
+PRUNE_BATCH = 1_000
+"""Settled deliveries removed (with their attempts) in one transaction."""
+
+
+def prune(connection: Connection, before: datetime, limit: int = PRUNE_BATCH) -> int:
+    """Remove up to ``limit`` settled deliveries (nothing more owed) owed before ``before``, the
+    oldest first, with their attempts; returns how many. Deliveries still owed stay, however old
+    (an ordered endpoint's later deliveries wait for them)."""
+    ids = list(connection.execute(
+        sa.select(_D.id).where(_D.next_attempt_at.is_(None), _D.created_at < before).order_by(_D.id).limit(limit)
+    ).scalars())
+    if ids:
+        connection.execute(sa.delete(_ATTEMPTS).where(_ATTEMPTS.c.delivery_id.in_(ids)))
+        connection.execute(sa.delete(_DELIVERIES).where(_D.id.in_(ids)))
+    return len(ids)
 
 
 def waiting_for(session: Session, deliveries: Sequence[Delivery]) -> dict[int, tuple[int, datetime]]:

@@ -939,3 +939,65 @@ def test_an_ordered_claim_looks_only_at_what_is_owed_not_at_a_things_delivered_h
             assert {value[0] for value in held.values()} == {head.id}
     finally:
         engine.dispose()
+
+
+async def test_settled_deliveries_older_than_the_retention_are_removed_with_their_attempts(network: Network, receiver: Receiver) -> None:
+    """``COLLABBUS_WEBHOOK_RETENTION_DAYS`` (90): a delivery delivered (or given up) and its
+    attempts go once it was owed longer ago than that; one still owed stays, however old."""
+    gateway = await network.start()
+    bus = network.bus
+    assert bus is not None and bus.webhooks is not None
+    owner = await gateway.join("municipality")
+    receiver.answer("/stuck", Answer(503, {"retry-after": "600"}))
+    done = await register(gateway, owner, receiver.url("/done"), ["project.*"])
+    stuck = await register(gateway, owner, receiver.url("/stuck"), ["project.*"])
+    event = await offer_project(gateway, owner)
+    await settled(gateway, owner, done["id"], 1)
+    await eventually(lambda: len(receiver.at("/stuck")) == 1, what="the failing attempt")
+
+    def rows() -> tuple[int, int]:
+        with bus.engine.connect() as connection:
+            return (connection.execute(sa.text("SELECT COUNT(*) FROM webhook_deliveries")).scalar_one(),
+                    connection.execute(sa.text("SELECT COUNT(*) FROM webhook_attempts")).scalar_one())
+
+    assert rows() == (2, 2)
+    assert await bus.webhooks.prune() == 0  # nothing is 90 days old
+    assert await bus.webhooks.prune(now=datetime.now(timezone.utc) + timedelta(days=91)) == 1
+    assert rows() == (1, 1)
+    assert await deliveries(gateway, owner, done["id"]) == []
+    [owed] = await deliveries(gateway, owner, stuck["id"])
+    assert owed["event_id"] == event["id"] and owed["next_attempt_at"] is not None and len(owed["attempts"]) == 1
+
+
+def test_pruning_takes_the_oldest_settled_deliveries_a_batch_at_a_time(database_url: str) -> None:
+    from connectors.webhooks import store
+    from handlers.db import make_engine, migrate
+
+    engine = make_engine(database_url)
+    migrate(engine)
+    now = datetime.now(timezone.utc)
+    old = now - timedelta(days=100)
+    with session_scope(engine) as session:
+        endpoint = store.create_endpoint(session, "town", "https://town.example/hook", ["project.*"], "", after_seq=0, now=now)
+    rows = [{"endpoint_id": endpoint.id, "event_id": f"ev-{seq}", "event_type": "project.registered", "seq": seq,
+             "ordering_key": "project/p", "status": "delivered", "attempts": 1, "next_attempt_at": None, "created_at": old}
+            for seq in range(1, 6)]
+    rows.append({**rows[0], "event_id": "owed", "seq": 6, "status": "pending", "next_attempt_at": now})  # old, still owed
+    rows.append({**rows[0], "event_id": "recent", "seq": 7, "created_at": now - timedelta(days=1)})
+    try:
+        with engine.begin() as connection:
+            connection.execute(store.Delivery.__table__.insert(), rows)  # type: ignore[attr-defined]
+            ids = list(connection.execute(sa.text("SELECT id FROM webhook_deliveries ORDER BY id")).scalars())
+            connection.execute(store.Attempt.__table__.insert(),  # type: ignore[attr-defined]
+                               [{"delivery_id": delivery_id, "attempted_at": old, "status_code": 200, "latency_ms": 1} for delivery_id in ids])
+        removed = []
+        for _ in range(4):
+            with engine.begin() as connection:
+                removed.append(store.prune(connection, now - timedelta(days=90), limit=2))
+        assert removed == [2, 2, 1, 0]
+        with engine.connect() as connection:
+            left = list(connection.execute(sa.text("SELECT event_id FROM webhook_deliveries ORDER BY id")).scalars())
+            attempts = connection.execute(sa.text("SELECT COUNT(*) FROM webhook_attempts")).scalar_one()
+        assert (left, attempts) == (["owed", "recent"], 2)
+    finally:
+        engine.dispose()
