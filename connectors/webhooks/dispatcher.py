@@ -552,20 +552,19 @@ class WebhookDispatcher:
             return 0
         before = (now or datetime.now(timezone.utc)) - self.retention
         removed = 0
-        while True:
+        after: int | None = 0
+        while after is not None:  # window after window, from the oldest, until the young ones
             async with self.db_lock:
-                batch = await asyncio.to_thread(self._prune_batch, before)
+                batch, after = await asyncio.to_thread(self._prune_batch, before, after)
             removed += batch
-            if batch < store.PRUNE_BATCH:
-                break
         if removed:
             log.info("webhooks: removed %d settled deliveries owed before %s, with their attempts (COLLABBUS_WEBHOOK_RETENTION_DAYS)",
                      removed, f"{before:%Y-%m-%d %H:%M} UTC")
         return removed
 
-    def _prune_batch(self, before: datetime) -> int:
+    def _prune_batch(self, before: datetime, after: int) -> tuple[int, int | None]:
         with self.engine.begin() as connection:
-            return store.prune(connection, before)
+            return store.prune(connection, before, after)
 
     async def _prune_every(self, every: float, first: float) -> None:
         await asyncio.sleep(first)

@@ -330,20 +330,27 @@ ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).v
 
 
 PRUNE_BATCH = 1_000
-"""Settled deliveries removed (with their attempts) in one transaction."""
+"""Deliveries looked at (and the settled ones among them removed, with their attempts) in one transaction."""
 
 
-def prune(connection: Connection, before: datetime, limit: int = PRUNE_BATCH) -> int:
-    """Remove up to ``limit`` settled deliveries (nothing more owed) owed before ``before``, the
-    oldest first, with their attempts; returns how many. Deliveries still owed stay, however old
-    (an ordered endpoint's later deliveries wait for them)."""
-    ids = list(connection.execute(
-        sa.select(_D.id).where(_D.next_attempt_at.is_(None), _D.created_at < before).order_by(_D.id).limit(limit)
-    ).scalars())
+def prune(connection: Connection, before: datetime, after: int = 0, limit: int = PRUNE_BATCH) -> tuple[int, int | None]:
+    """Of the ``limit`` deliveries after id ``after`` (in the order they were owed), remove the
+    settled ones (nothing more owed) owed before ``before``, with their attempts. Returns how many
+    were removed and the id the next window starts after — None once this one reached a delivery
+    owed since ``before`` (the rest are younger) or the end. Deliveries still owed stay, however
+    old (an ordered endpoint's later deliveries wait for them)."""
+    window = connection.execute(
+        sa.select(_D.id, _D.created_at, _D.next_attempt_at).where(_D.id > after).order_by(_D.id).limit(limit)
+    ).all()
+    if not window:
+        return 0, None
+    since = before.replace(tzinfo=None) if window[0].created_at.tzinfo is None else before  # (SQLite hands back naive UTC)
+    ids = [row.id for row in window if row.next_attempt_at is None and row.created_at < since]
     if ids:
         connection.execute(sa.delete(_ATTEMPTS).where(_ATTEMPTS.c.delivery_id.in_(ids)))
         connection.execute(sa.delete(_DELIVERIES).where(_D.id.in_(ids)))
-    return len(ids)
+    reached = window[-1].created_at >= since or len(window) < limit
+    return len(ids), None if reached else window[-1].id
 
 
 def waiting_for(session: Session, deliveries: Sequence[Delivery]) -> dict[int, tuple[int, datetime]]:

@@ -969,7 +969,7 @@ async def test_settled_deliveries_older_than_the_retention_are_removed_with_thei
     assert owed["event_id"] == event["id"] and owed["next_attempt_at"] is not None and len(owed["attempts"]) == 1
 
 
-def test_pruning_takes_the_oldest_settled_deliveries_a_batch_at_a_time(database_url: str) -> None:
+def test_pruning_takes_the_oldest_settled_deliveries_a_window_at_a_time_and_stops_at_the_young_ones(database_url: str) -> None:
     from connectors.webhooks import store
     from handlers.db import make_engine, migrate
 
@@ -984,20 +984,25 @@ def test_pruning_takes_the_oldest_settled_deliveries_a_batch_at_a_time(database_
             for seq in range(1, 6)]
     rows.append({**rows[0], "event_id": "owed", "seq": 6, "status": "pending", "next_attempt_at": now})  # old, still owed
     rows.append({**rows[0], "event_id": "recent", "seq": 7, "created_at": now - timedelta(days=1)})
+    rows.append({**rows[0], "event_id": "recent-2", "seq": 8, "created_at": now})
     try:
         with engine.begin() as connection:
             connection.execute(store.Delivery.__table__.insert(), rows)  # type: ignore[attr-defined]
             ids = list(connection.execute(sa.text("SELECT id FROM webhook_deliveries ORDER BY id")).scalars())
             connection.execute(store.Attempt.__table__.insert(),  # type: ignore[attr-defined]
                                [{"delivery_id": delivery_id, "attempted_at": old, "status_code": 200, "latency_ms": 1} for delivery_id in ids])
-        removed = []
-        for _ in range(4):
+        windows: list[tuple[int, int | None]] = []
+        after: int | None = 0
+        while after is not None:
             with engine.begin() as connection:
-                removed.append(store.prune(connection, now - timedelta(days=90), limit=2))
-        assert removed == [2, 2, 1, 0]
+                removed, after = store.prune(connection, now - timedelta(days=90), after, limit=2)
+            windows.append((removed, after))
+        # Two at a time, the oldest first; the old delivery still owed stays; the window that
+        # reaches a recent delivery is the last.
+        assert windows == [(2, ids[1]), (2, ids[3]), (1, ids[5]), (0, None)]
         with engine.connect() as connection:
             left = list(connection.execute(sa.text("SELECT event_id FROM webhook_deliveries ORDER BY id")).scalars())
             attempts = connection.execute(sa.text("SELECT COUNT(*) FROM webhook_attempts")).scalar_one()
-        assert (left, attempts) == (["owed", "recent"], 2)
+        assert (left, attempts) == (["owed", "recent", "recent-2"], 3)
     finally:
         engine.dispose()
