@@ -433,6 +433,7 @@ class Consumer:
             else:
                 failure = unreadable
             derived += decided
+            failed_event = items[applied].envelope if applied < len(items) else None  # (None: the unreadable one)
             if applied:
                 await pending[applied - 1].ack()  # acknowledges the ones before it too (AckPolicy.ALL)
             self.applied += applied
@@ -452,7 +453,7 @@ class Consumer:
             deliveries = head.metadata.num_delivered + attempts - 1
             if failure.permanent or deliveries >= self.settings.max_deliver:
                 await self.dead_letter(head, failure.error, failure.detail, deliveries, set_aside=failure.behind is not None)
-                await call_database(self.inline, self.applier.skip, head.metadata.sequence.stream, _event_of(head))
+                await call_database(self.inline, self.applier.skip, head.metadata.sequence.stream, failed_event)
                 await head.ack()
                 pending = pending[1:]
                 attempts = 0
@@ -555,13 +556,6 @@ class Consumer:
             "consumer %s: event #%s dead-lettered after %d deliveries: %s", self.settings.name, meta.sequence.stream, deliveries, error,
             extra={"event_id": event_id, "consumer": self.settings.name},
         )
-
-
-def _event_of(msg: Msg) -> Any:
-    """A logged message's event (the JSON it holds), or None when it holds none."""
-    with contextlib.suppress(orjson.JSONDecodeError):
-        return orjson.loads(msg.data or b"")
-    return None
 
 
 def _first_line(exc: BaseException) -> str:

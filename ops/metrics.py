@@ -354,11 +354,11 @@ class WebhookAttempts:
     """Webhook attempts recorded in the database, by outcome, for ``/metrics``.
 
     Read from the attempt log the dispatcher keeps (CONTRACT §7), so the numbers hold across
-    processes and restarts without a hook in the dispatcher. The log only grows (an attempt is
-    never changed): the first scrape counts it all, each later one only the attempts recorded
-    since (their ids past the last one counted) — a scrape does not read a year of attempts.
-    The counts never go down: attempts deleted with their endpoint stay counted, as a counter
-    wants."""
+    processes and restarts without a hook in the dispatcher. An attempt is never changed, only
+    added or (with its endpoint, or past the retention) deleted: the first scrape counts the log,
+    each later one only the attempts recorded since (their ids past the last one counted) — a
+    scrape does not read a year of attempts. The counts never go down: deleted attempts stay
+    counted, as a counter wants."""
 
     def __init__(self) -> None:
         self.counted: dict[str, int] = {}

@@ -346,11 +346,7 @@ async def _log_page(request: Request, viewer: str, subjects: list[str], after_se
     return {"items": items, "next_cursor": str(items[-1]["seq"]) if more else None}
 
 
-_WAITING: dict[str, Any] = {}
-"""Per consumer, its dead letters by event id (``ops.dlq.Waiting``)."""
-
-
-async def _waiting(bus: Any, event_id: str, viewer: str, visible: Callable[[dict[str, Any]], Awaitable[bool]]) -> dict[str, Any] | None:
+async def _waiting(request: Request, event_id: str, viewer: str, visible: Callable[[dict[str, Any]], Awaitable[bool]]) -> dict[str, Any] | None:
     """An event in the read models' dead-letter queue, as ``GET /events/{id}`` shows it to those
     who may see it in the log (a confidential one: its sender, the operator and the parties the
     read models know; ``visible``) — None for anyone else, and when it is not there: it waits for
@@ -358,10 +354,10 @@ async def _waiting(bus: Any, event_id: str, viewer: str, visible: Callable[[dict
     from handlers.service import PARKED
     from ops.dlq import Waiting
 
-    consumer = bus.consumer_settings.name
-    index = _WAITING.get(consumer)
+    bus = bus_of(request)
+    index: Waiting | None = getattr(request.app.state, "waiting", None)  # (this bus's: its dead letters by event id)
     if index is None:
-        index = _WAITING[consumer] = Waiting(consumer)
+        index = request.app.state.waiting = Waiting(bus.consumer_settings.name)
     letter = await index.find(bus.js, event_id)
     if letter is None or letter.event is None or letter.original_seq is None:
         return None
@@ -413,7 +409,7 @@ async def read_event(
     applied = await run_in_threadpool(_applied, engine, event_id)
     bus = bus_of(request)
     found = await log.outcome(bus.js, applied, visible)
-    if found is None and applied is None and (waiting := await _waiting(bus, event_id, viewer, visible)) is not None:
+    if found is None and applied is None and (waiting := await _waiting(request, event_id, viewer, visible)) is not None:
         return waiting
     if found is None:
         raise ApiProblem(
