@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import random
 import re
 import shutil
 import signal
@@ -53,8 +54,32 @@ def port_is_taken(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel draws outbound connections' local ports from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; other systems differ, and the port is still checked
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """An unused TCP port on host (for tests and the benchmark)."""
+    """An unused TCP port on host, for a server started afterwards (tests and the benchmark).
+
+    Chosen at random below the ephemeral range: a port the kernel hands out (bind to port 0)
+    is one it may hand to any outbound connection in the meantime (a client of another server
+    on the machine), so a child server that binds it a second later can find it taken.
+    """
+    low, _ = _ephemeral_ports()
+    if low > 11024:
+        for _ in range(200):
+            port = random.randrange(low - 10000, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

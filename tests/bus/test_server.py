@@ -137,3 +137,17 @@ async def test_the_log_refuses_deletes_and_purges(bus: Bus) -> None:
         await bus.js.purge_stream(EVENTS_STREAM)
     with pytest.raises(APIError, match="delete not permitted"):
         await bus.js.delete_msg(EVENTS_STREAM, 1)
+
+
+def test_a_free_port_is_one_outbound_connections_are_not_given() -> None:
+    """An outbound connection draws its local port from the ephemeral range: a server's port
+    picked there could be taken between the pick and the server's bind."""
+    from bus.server import _ephemeral_ports
+
+    low, high = _ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= port < low for port in ports), (ports, low, high)
+    assert len(ports) > 1  # picked at random, not one port for everyone
+    for port in ports:  # each free to bind
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))

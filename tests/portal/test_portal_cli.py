@@ -123,9 +123,8 @@ async def test_publish_command_marks_a_project_and_sync_creates_its_entry(
 
 async def test_the_sandbox_seeds_only_when_it_is_empty(tmp_path: Path) -> None:
     async def start_and_stop() -> str:
-        port = free_port()
         sandbox = await asyncio.create_subprocess_exec(
-            *COLLABBUS, "portal", "sandbox", "--listen", f"127.0.0.1:{port}", "--seed", "3",
+            *COLLABBUS, "portal", "sandbox", "--listen", "127.0.0.1:0", "--seed", "3",
             "--data-dir", str(tmp_path / "sandbox"), stderr=asyncio.subprocess.PIPE,
         )
         assert sandbox.stderr is not None
