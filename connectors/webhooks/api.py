@@ -124,6 +124,9 @@ class WebhookDelivery(BaseModel):
 
 class Recovered(BaseModel):
     queued: int = Field(description="events owed to the endpoint again")
+    held_back: int = Field(description="events of the window not owed now: the bus set them aside behind one it could not "
+                                       "record for webhooks (in its dead-letter queue); they are owed, in the log's order, "
+                                       "when the operator replays it")
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -383,7 +386,9 @@ async def recover(request: Request, endpoint_id: EndpointId, body: Recovery, ins
     if until < body.since:
         raise ApiProblem(422, "until is before since", kind="invalid", errors=[Problem(("until",), "before since", "invalid_window")])
     endpoint = await _owned(request, institution, endpoint_id)
-    queued = await dispatcher.recover(bus_of(request).js, engine_of(request), endpoint, body.since, until)
+    bus = bus_of(request)
+    queued, held_back = await dispatcher.recover(bus.js, engine_of(request), endpoint, body.since, until,
+                                                 consumer=dispatcher.webhook_consumer(bus.consumer_settings).name)
     if (running := _dispatcher(request)) is not None:
         running.wake(endpoint_id)
-    return {"queued": queued}
+    return {"queued": queued, "held_back": held_back}

@@ -46,7 +46,7 @@ from bus.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 from connectors.webhooks import http, store, targets
 from connectors.webhooks.signing import signature_header
 from connectors.webhooks.store import Endpoint
-from handlers.bookkeeping import ConsumerPosition, SetAside, aggregate_of, read_position
+from handlers.bookkeeping import ConsumerPosition, SetAside, aggregate_of, parked, read_position
 from handlers.db import database_unavailable, reading, session_scope
 from handlers.service import PARKED, Failure, LoggedItem
 from handlers.audience import CONFIDENTIAL, audience
@@ -900,24 +900,32 @@ def _ended(span: trace.Span | None, outcome: Outcome) -> Outcome:
 # --- recovery ----------------------------------------------------------------------------------
 
 
-async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, since: datetime, until: datetime) -> int:
+async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, since: datetime, until: datetime,
+                  consumer: str = WEBHOOKS_CONSUMER) -> tuple[int, int]:
     """Owe the endpoint again every event it asked for (and may see) that the log took between
-    ``since`` and ``until``, delivered before or not; returns how many. Who may see a
-    confidential event is judged by the read models as they are now (a review the workflow took
-    is every member's once the validation is decided, as over HTTP)."""
+    ``since`` and ``until``, delivered before or not; returns how many, and how many of the
+    window's events were held back instead: those ``consumer`` (the webhooks' consumer) set
+    aside behind a dead letter, from the dead letter on, are owed when ``collabbus dlq replay``
+    records them in the log's order — owed now, an ordered endpoint would get a thing's later
+    events before the one still waiting. Who may see a confidential event is judged by the read
+    models as they are now (a review the workflow took is every member's once the validation is
+    decided, as over HTTP)."""
     events = [
         (seq, envelope)
         async for seq, envelope in logged_between(js, since, until)
         if store.matches(endpoint.event_types, str(envelope.get("type")))
     ]
 
-    def owe_again() -> int:
+    def owe_again() -> tuple[int, int]:
         with session_scope(engine) as session:
+            aside = {(domain, subject): first for _, domain, subject, first, _ in parked(session.connection(), consumer)}
+            waiting = {seq for seq, envelope in events
+                       if (about := aggregate_of(envelope)) is not None and seq >= aside.get(about, seq + 1)}
             visible = [
                 (seq, envelope) for seq, envelope in events
-                if (allowed := audience(session, envelope)) is None or endpoint.institution in allowed
+                if seq not in waiting and ((allowed := audience(session, envelope)) is None or endpoint.institution in allowed)
             ]
-            return store.owe_again(session, endpoint.id, visible, datetime.now(timezone.utc))
+            return store.owe_again(session, endpoint.id, visible, datetime.now(timezone.utc)), len(waiting)
 
     return await asyncio.to_thread(owe_again)
 
