@@ -1549,8 +1549,10 @@ def dlq_replay(
 
     results, later, behind = run(main())
     if as_json:
-        # (an event set aside waited behind another: the later events about its thing are that one's)
-        out.print_json(data={"items": [{**result.as_dict(), "later_about_it": later.get(result.seq, (None, []))[1],
+        # (an event set aside waited behind another: the later events about its thing are that
+        # one's, so its own are null — not asked — rather than an empty list)
+        out.print_json(data={"items": [{**result.as_dict(),
+                                        "later_about_it": None if result.seq in behind else later.get(result.seq, (None, []))[1],
                                         "waited_behind": behind[result.seq].seq if result.seq in behind else None}
                                        for result in results]})
     elif not results:

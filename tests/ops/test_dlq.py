@@ -216,6 +216,8 @@ async def test_the_later_events_about_a_dead_lettered_thing_wait_behind_it_and_a
     assert code == 0 and [(item["seq"], item["applied"]) for item in items] == [(head.seq, True), (behind.seq, True)]
     assert items[1]["released"] == {"domain": "project", "subject": "poison-c"} and items[0]["released"] is None
     assert (items[0]["waited_behind"], items[1]["waited_behind"]) == (None, head.seq)
+    assert items[0]["later_about_it"] == [{"seq": behind.original_seq, "type": "project.registered", "waiting": True}]
+    assert items[1]["later_about_it"] is None  # (its head's list names it)
     assert await dlq.dead_letters(bus.js) == [] and {first["id"], later["id"]} <= poisoned.applied()
 
     after = project_event("poison-c")
