@@ -38,6 +38,7 @@ from handlers.bookkeeping import (
     aggregate_of,
     begin_rules_epoch,
     rules_epochs,
+    things_of,
 )
 from handlers.db import database_unavailable, reading
 from handlers.positions import PositionTaken
@@ -281,16 +282,17 @@ class NetworkService:
         return derived, decided
 
     def _set_aside(self, session: Session, item: LoggedItem, seen: set[str], *, live: bool, replay: bool) -> Failure | None:
-        """Why ``item`` is set aside — an earlier event about the same thing is in the dead-letter
-        queue — or None: it is applied. Only the live bus sets events aside (a rebuild applies the
-        whole log in order; a replay applies the dead letters); an event already applied (a
-        derived event's copy) has nothing to wait for."""
-        if not self._parked or not live or replay:
+        """Why ``item`` is set aside — an earlier event about the same thing, or about a thing its
+        workflow reads to judge it (a validation request's project: ``things_of``), is in the
+        dead-letter queue — or None: it is applied. Only the live bus sets events aside (a rebuild
+        applies the whole log in order; a replay applies the dead letters); an event already
+        applied (a derived event's copy) has nothing to wait for."""
+        if not self._parked or not live or replay or item.envelope.get("id") in seen:
             return None
-        about = aggregate_of(item.envelope)
-        if about is None or item.envelope.get("id") in seen or (behind := self._parked.behind(session.connection(), about)) is None:
-            return None
-        return Failure(PARKED, SetAside.reason(about, behind), permanent=True, behind=behind)
+        for thing in things_of(item.envelope):
+            if (behind := self._parked.behind(session.connection(), thing)) is not None:
+                return Failure(PARKED, SetAside.reason(thing, behind), permanent=True, behind=behind)
+        return None
 
     @contextmanager
     def _judging(self, seq: int) -> Iterator[None]:

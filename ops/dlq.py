@@ -213,22 +213,36 @@ def about(letter: DeadLetter) -> tuple[str, str] | None:
     return aggregate_of(letter.event)
 
 
+def things(letter: DeadLetter) -> list[tuple[str, str]]:
+    """What a dead letter's event is about, then what its workflow reads to judge it
+    (``handlers.bookkeeping.things_of``: a validation request's project)."""
+    from handlers.bookkeeping import things_of
+
+    return things_of(letter.event)
+
+
 def set_aside_behind(letters: Iterable[DeadLetter]) -> dict[int, DeadLetter]:
     """Of ``letters`` (the queue, or a consumer's part of it), those set aside (``Parked``) and
-    the earliest dead letter about the same thing they wait behind, by their number in the queue
-    (one whose earlier letter is gone — purged meanwhile — is not among them)."""
+    the earliest dead letter they wait behind — the first about the same thing, or about a thing
+    their workflow reads (:func:`things`) — by their number in the queue (one whose earlier
+    letter is gone — purged meanwhile — is not among them)."""
     from handlers.service import PARKED
 
     heads: dict[tuple[str, tuple[str, str]], DeadLetter] = {}
     behind: dict[int, DeadLetter] = {}
-    for letter in sorted(letters, key=lambda x: (x.original_seq is None, x.original_seq or 0, x.seq)):
-        thing = about(letter)
-        if thing is None or letter.original_seq is None:
+    for letter in sorted(letters, key=_in_log_order):
+        named = things(letter)
+        if not named or letter.original_seq is None:
             continue
-        head = heads.setdefault((letter.consumer, thing), letter)
-        if head is not letter and letter.error == PARKED:
-            behind[letter.seq] = head
+        earlier = [heads[(letter.consumer, thing)] for thing in named if (letter.consumer, thing) in heads]
+        heads.setdefault((letter.consumer, named[0]), letter)
+        if earlier and letter.error == PARKED:
+            behind[letter.seq] = min(earlier, key=_in_log_order)
     return behind
+
+
+def _in_log_order(letter: DeadLetter) -> tuple[bool, int, int]:
+    return letter.original_seq is None, letter.original_seq or 0, letter.seq
 
 
 def _parks(applier: Any) -> bool:
@@ -256,7 +270,7 @@ async def replay(
         letters = [listed.get(seq) or await dead_letter(js, seq) or seq for seq in sorted(set(seqs))]
     left: dict[tuple[str, tuple[str, str] | None], deque[DeadLetter]] = {}
     """The dead letters still in the queue about each thing, per consumer, in the log's order."""
-    for queued_letter in sorted(queued, key=lambda x: (x.original_seq is None, x.original_seq or 0, x.seq)):
+    for queued_letter in sorted(queued, key=_in_log_order):
         left.setdefault((queued_letter.consumer, about(queued_letter)), deque()).append(queued_letter)
     results = []
     applied: dict[tuple[str, tuple[str, str] | None], int] = {}
@@ -266,7 +280,8 @@ async def replay(
             results.append(Replayed(letter, None, None, False, f"no dead letter #{letter}"))
             continue
         thing = (letter.consumer, about(letter))
-        error = _waits(letter, left.get(thing, ()), appliers) or await _apply(js, appliers, letter)
+        waiting_on = {named: left.get((letter.consumer, named), deque()) for named in things(letter)}
+        error = _waits(letter, waiting_on, appliers) or await _apply(js, appliers, letter)
         if error is None:
             await js.delete_msg(DLQ_STREAM, letter.seq)
             _gone(left.get(thing), letter)
@@ -280,22 +295,24 @@ async def replay(
     return results
 
 
-def _waits(letter: DeadLetter, queued: Iterable[DeadLetter], appliers: Mapping[str, Any]) -> str | None:
-    """Why ``letter`` waits, when an earlier dead letter about the same thing (``queued``: those
-    still in the queue, in the log's order) is still there: a consumer that sets things aside
-    applies their events in the log's order."""
-    thing = about(letter)
-    if thing is None or letter.original_seq is None or not _parks(appliers.get(letter.consumer)):
+def _waits(letter: DeadLetter, queued: Mapping[tuple[str, str], Iterable[DeadLetter]], appliers: Mapping[str, Any]) -> str | None:
+    """Why ``letter`` waits, when an earlier dead letter about the same thing, or about a thing
+    its workflow reads (``queued``: by thing, those still in the queue, in the log's order), is
+    still there: a consumer that sets things aside applies their events in the log's order."""
+    if letter.original_seq is None or not _parks(appliers.get(letter.consumer)):
         return None
-    earlier = None
-    for queued_letter in queued:  # (in the log's order: the first other one is the earliest)
-        if queued_letter.seq == letter.seq:
-            continue
-        if queued_letter.original_seq is not None and queued_letter.original_seq < letter.original_seq:
-            earlier = queued_letter
-        break
-    if earlier is None:
+    earliest: tuple[DeadLetter, tuple[str, str]] | None = None
+    for thing, letters in queued.items():
+        for queued_letter in letters:  # (in the log's order: the first other one is the earliest)
+            if queued_letter.seq == letter.seq:
+                continue
+            if queued_letter.original_seq is not None and queued_letter.original_seq < letter.original_seq and (
+                    earliest is None or queued_letter.original_seq < (earliest[0].original_seq or 0)):
+                earliest = queued_letter, thing
+            break
+    if earliest is None:
         return None
+    earlier, thing = earliest
     return (f"waits for dead letter #{earlier.seq} (log #{earlier.original_seq} {earlier.type}), an earlier event about "
             f"{thing[0]} {thing[1]} still in the queue: it is applied after that one (replay both, or that one first)")
 

@@ -371,6 +371,63 @@ def test_the_later_events_about_a_dead_lettered_thing_are_set_aside_until_it_is_
         elsewhere.close()
 
 
+def test_a_validation_request_waits_behind_its_project_set_aside(engine: Engine) -> None:
+    """A request to validate a project is judged on the project (unknown: refused; its sender
+    must be the owner or a partner). While the project's registration is in the dead-letter
+    queue the request is set aside behind it, and its validation with it, instead of being
+    refused as ``unknown_project``; replayed in the log's order, the request is accepted."""
+    from handlers.projects import Project
+    from handlers.routes import network_routes
+    from handlers.service import PARKED
+    from handlers.validations import Validation
+    from tests.handlers.harness import envelope
+
+    owner, centre, reviewer = unique("town"), unique("centre"), unique("uni")
+    members = [envelope("institution.joined", "operator", {"id": i, "name": {"en": i}, "kind": kind, "country": "FI"})
+               for i, kind in ((owner, "municipality"), (centre, "competence_centre"), (reviewer, "university"))]
+    project_id, validation_id = unique("p"), unique("val")
+    registration = envelope("project.registered", owner, {**FIXTURE["event"]["data"], "project_id": project_id, "owner": owner,
+                                                          "partners": []})
+    request = envelope("validation.requested", owner, {"validation_id": validation_id, "project_id": project_id, "coordinator": centre,
+                                                       "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2}})
+    assigned = envelope("validation.reviewer_assigned", centre, {"validation_id": validation_id, "reviewer": reviewer})
+    poison = {registration["id"]}
+
+    def failing(_session: Any, event: Event[Any]) -> None:
+        if event.id in poison:
+            raise RuntimeError("cannot apply it")
+
+    service = NetworkService(engine, Network(network_routes().add(projections={"project.registered": failing})))
+    now = datetime.now(timezone.utc)
+    try:
+        service.take_position()
+        assert service.apply_batch([LoggedItem(seq, event, now) for seq, event in enumerate(members, 1)])[:2] == (3, None)
+        failure = service.apply_batch([LoggedItem(4, registration, now)])[1]
+        assert failure is not None and failure.error == "RuntimeError"
+        service.skip(4, registration)
+
+        applied, failure, derived = service.apply_batch([LoggedItem(5, request, now)])
+        assert (applied, derived) == (0, 0) and failure is not None
+        assert (failure.error, failure.behind) == (PARKED, 4)
+        assert f"an earlier event about project {project_id} is in the dead-letter queue" in failure.detail
+        service.skip(5, request)
+        failure = service.apply_batch([LoggedItem(6, assigned, now)])[1]  # the validation waits with it
+        assert failure is not None and (failure.error, failure.behind) == (PARKED, 5)
+        service.skip(6, assigned)
+        assert [(domain, subject) for domain, subject, _, _ in service.parked()] == [("project", project_id), ("validation", validation_id)]
+
+        poison.clear()  # fixed: the dead letters are replayed in the log's order
+        for seq, event in ((4, registration), (5, request), (6, assigned)):
+            assert service.apply_batch([LoggedItem(seq, event, now)], replay=True) == (1, None, 0)
+        with engine.connect() as connection:
+            assert connection.execute(sa.select(Project.__table__.c.owner).where(  # type: ignore[attr-defined]
+                Project.__table__.c.project_id == project_id)).scalar_one() == owner  # type: ignore[attr-defined]
+            assert connection.execute(sa.select(Validation.__table__.c.status).where(  # type: ignore[attr-defined]
+                Validation.__table__.c.validation_id == validation_id)).scalar_one() == "in_review"  # type: ignore[attr-defined]
+    finally:
+        service.close()
+
+
 def test_the_timers_leave_a_thing_set_aside_alone_until_it_is_let_go(engine: Engine) -> None:
     """A call whose amendment (its deadline moved on) is in the dead-letter queue is not closed at
     the deadline it had before: the timers' closing waits, decided again at each tick, while

@@ -226,6 +226,37 @@ async def test_the_later_events_about_a_dead_lettered_thing_wait_behind_it_and_a
     assert bus.consumer is not None and bus.consumer.dead_lettered == 2
 
 
+async def test_a_validation_request_waits_behind_its_projects_dead_letter(poisoned: Poisoned) -> None:
+    """A request to validate a project whose registration is in the dead-letter queue is set
+    aside behind it (its workflow would judge it without the project): listed behind it, kept
+    when replayed alone before it, applied after it when all are replayed; both are let go."""
+    from tests.handlers.harness import envelope
+
+    bus, recorder = poisoned.bus, poisoned.recorder
+    recorder.poison.add("poison-v")
+    registration = project_event("poison-v")
+    assert (await offer(poisoned.nc, FIXTURE["as"], registration)).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+    request = envelope("validation.requested", FIXTURE["as"], {
+        "validation_id": "val-poison-v", "project_id": "poison-v", "coordinator": "fi-thl",
+        "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2}})
+    assert (await offer(poisoned.nc, FIXTURE["as"], request)).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 2)
+    head, behind = await dlq.dead_letters(bus.js)
+    assert (behind.event_id, behind.error) == (request["id"], "Parked")
+    assert "an earlier event about project poison-v is in the dead-letter queue" in behind.reason
+    assert dlq.set_aside_behind([head, behind]) == {behind.seq: head}
+    assert sorted(subject for _, subject, _, _ in bus.service.parked()) == ["poison-v", "val-poison-v"]
+
+    recorder.poison.clear()
+    kept = await dlq.replay(bus.js, {"network": bus.service}, [behind.seq])
+    assert not kept[0].applied and f"waits for dead letter #{head.seq}" in (kept[0].error or "") and "project poison-v" in (kept[0].error or "")
+    replayed = await dlq.replay(bus.js, {"network": bus.service})
+    assert [(r.event_id, r.applied) for r in replayed] == [(registration["id"], True), (request["id"], True)]
+    assert await dlq.dead_letters(bus.js) == [] and bus.service.parked() == []
+    assert {registration["id"], request["id"]} <= poisoned.applied()
+
+
 async def test_purging_a_dead_letter_lets_its_thing_go_once_none_of_its_events_is_left(poisoned: Poisoned) -> None:
     """An operator who gives up on a dead letter purges it, and the events set aside behind it;
     the thing is let go only once none of its events is left, and its next event is applied."""
