@@ -49,6 +49,10 @@ PULL_EXPIRES = 5.0
 PULL_HEARTBEAT = 1.0
 TAKE_WARNING = 5.0
 """Seconds a consumer waits to take its position over before it says what it waits for."""
+STALLED_AFTER = 10.0
+"""Seconds a transaction holding the position (PostgreSQL) may have sat idle before a consumer
+taking the position over ends it: a bus frozen in the middle of a batch (a live one's
+transactions never wait between statements that long)."""
 OVERTAKEN_PAUSE = 2.0
 """Seconds a consumer whose batch another process applied waits before it continues from the
 database's position: a bus that lost its lease learns it meanwhile (it renews every second)."""
@@ -361,8 +365,20 @@ class Consumer:
         done, _ = await asyncio.wait({taking}, timeout=TAKE_WARNING)
         if not done:
             log.warning("consumer %s: waiting to take the read models' position over: a transaction of another process "
-                        "holds it (a bus stalled in the middle of a batch?); this one goes on once that one ends",
-                        self.settings.name)
+                        "holds it (a bus stalled in the middle of a batch?); this one goes on once that one ends, "
+                        "or ends it once it has sat idle for %.0f s", self.settings.name, STALLED_AFTER)
+        end_stalled: Callable[[float], list[int]] | None = getattr(self.applier, "end_stalled", None)
+        while not done and end_stalled is not None:
+            try:
+                ended = await asyncio.to_thread(end_stalled, STALLED_AFTER)
+            except Exception as exc:  # (not allowed to, say: it waits as before)
+                log.warning("consumer %s: could not end the transaction holding the position: %r", self.settings.name, exc)
+                break
+            if ended:
+                log.warning("consumer %s: ended the database session(s) %s of a process stalled in a transaction holding "
+                            "the position (idle for over %.0f s): its batch is undone, and it applies nothing more",
+                            self.settings.name, ", ".join(map(str, ended)), STALLED_AFTER)
+            done, _ = await asyncio.wait({taking}, timeout=min(TAKE_WARNING, STALLED_AFTER))
         await taking
 
     async def _overtaken(self, taken: PositionTaken, msgs: list[Msg]) -> None:

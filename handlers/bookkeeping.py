@@ -118,6 +118,34 @@ def _position_row(connection: sa.Connection, table: sa.Table, consumer: str) -> 
                                "ON CONFLICT (consumer) DO NOTHING"), {"of_consumer": consumer})
 
 
+def backend_pid(connection: sa.Connection) -> int | None:
+    """The PostgreSQL server process of ``connection`` (None on SQLite), for :func:`end_stalled`."""
+    if connection.dialect.name != "postgresql":
+        return None
+    return int(connection.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def end_stalled(engine: sa.Engine, blocked: int | None, idle_for: float) -> list[int]:
+    """End the PostgreSQL sessions that the session ``blocked`` (:func:`backend_pid`) waits for
+    and that have sat idle in a transaction for over ``idle_for`` seconds — a bus frozen in the
+    middle of a batch (stopped, its machine paused) holding the position another process takes
+    over once its lease lapsed. Its transaction is undone: it could not commit anyway (the
+    position's epoch moves on), and it would hold the row until the process woke up. Returns
+    the sessions' process ids (none on SQLite, whose write lock a frozen process keeps)."""
+    if blocked is None or engine.dialect.name != "postgresql":
+        return []
+    with engine.connect() as connection:
+        stalled = [int(pid) for pid in connection.execute(sa.text(
+            "SELECT pid FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids(:blocked)) "
+            "AND state IN ('idle in transaction', 'idle in transaction (aborted)') "
+            "AND state_change < clock_timestamp() - make_interval(secs => :idle)"),
+            {"blocked": blocked, "idle": float(idle_for)}).scalars()]
+        for pid in stalled:
+            connection.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        connection.commit()
+    return stalled
+
+
 def take_position(connection: sa.Connection, table: sa.Table, consumer: str) -> int:
     """Take ``consumer``'s position over for this process (a bus that starts applying the log):
     its epoch moves on, and the number returned is this process's for :func:`claim_position`.

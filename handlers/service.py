@@ -36,7 +36,9 @@ from handlers.bookkeeping import (
     RulesEpoch,
     SetAside,
     aggregate_of,
+    backend_pid,
     begin_rules_epoch,
+    end_stalled,
     rules_epochs,
     things_of,
 )
@@ -111,6 +113,8 @@ class NetworkService:
         self._fresh: list[tuple[str, bytes]] = []
         """Derived events this service committed to the outbox since the relay last asked (:meth:`fresh`)."""
         self._parked = SetAside(network.consumer)
+        self._taking: int | None = None
+        """The database session taking the position over (:meth:`take_position`; PostgreSQL)."""
         """What this consumer sets aside behind its dead letters."""
         self._withheld: set[str] = set()
         """The timers' events about things set aside, named in the log once each (:meth:`_withholding`)."""
@@ -338,6 +342,7 @@ class NetworkService:
         """Take the log's position over for this process, before its consumer starts: a process
         that applied it before (one that stalled past its lease, say) writes nothing from now on."""
         with self._transaction() as session:
+            self._taking = backend_pid(session.connection())
             self.network.take(session)
             self._parked.load(session.connection())
             # What this process applies from here on is judged by its rules; what was applied before, by theirs.
@@ -346,6 +351,11 @@ class NetworkService:
             # applies the log (it holds the lease), and status would show it as a consumer behind.
             table = ConsumerPosition.__table__  # type: ignore[attr-defined]
             session.execute(table.delete().where(table.c.consumer == self.network.consumer + REBUILDING))
+
+    def end_stalled(self, idle_for: float) -> list[int]:
+        """While :meth:`take_position` waits: end the sessions it waits for that sat idle in a
+        transaction for over ``idle_for`` seconds (:func:`~handlers.bookkeeping.end_stalled`)."""
+        return end_stalled(self.engine, self._taking, idle_for)
 
     def skip(self, seq: int, envelope: Any = None) -> None:
         """Move past an event that was dead-lettered (``envelope``: the event, when readable): it

@@ -46,7 +46,7 @@ from bus.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 from connectors.webhooks import http, store, targets
 from connectors.webhooks.signing import signature_header
 from connectors.webhooks.store import Endpoint
-from handlers.bookkeeping import ConsumerPosition, SetAside, aggregate_of, parked, read_position
+from handlers.bookkeeping import ConsumerPosition, SetAside, aggregate_of, backend_pid, end_stalled, parked, read_position
 from handlers.db import database_unavailable, reading, session_scope
 from handlers.service import PARKED, Failure, LoggedItem
 from handlers.audience import CONFIDENTIAL, audience
@@ -257,6 +257,8 @@ class DeliveryRecorder:
         self.touched: set[str] = set()
         self.retired: set[str] = set()
         """Endpoints disabled because their institution left: their workers stop."""
+        self._taking: int | None = None
+        """The database session taking the position over (PostgreSQL)."""
         self._parked = SetAside(consumer)
         """What this consumer sets aside behind its dead letters: the later events about the same
         thing are not owed anywhere before it (ordered deliveries would go out without it)."""
@@ -353,8 +355,13 @@ class DeliveryRecorder:
 
     def take_position(self) -> None:
         with session_scope(self.engine) as session:
+            self._taking = backend_pid(session.connection())
             self.epoch = store.take(session, self.consumer)
             self._parked.load(session.connection())
+
+    def end_stalled(self, idle_for: float) -> list[int]:
+        """While :meth:`take_position` waits: the service's ``end_stalled``."""
+        return end_stalled(self.engine, self._taking, idle_for)
 
     def position(self) -> int:
         with Session(reading(self.engine)) as session:

@@ -569,6 +569,62 @@ async def test_a_consumer_says_when_another_process_holds_its_position_and_goes_
             pass
 
 
+async def test_a_consumer_ends_a_transaction_that_sat_idle_holding_its_position(
+    tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bus frozen in the middle of a batch (stopped, its machine paused) holds the position on
+    PostgreSQL until it wakes: the process taking over (its lease lapsed) ends that transaction
+    once it has sat idle for ``STALLED_AFTER`` and starts. A transaction that keeps working is
+    not ended: it is waited for."""
+    from nats.js.api import StreamConfig
+
+    import bus.consumer
+    from handlers.db import make_engine
+    from handlers.service import NetworkService
+    from tests.conftest import fresh_database
+
+    monkeypatch.setattr(bus.consumer, "TAKE_WARNING", 0.2)
+    monkeypatch.setattr(bus.consumer, "STALLED_AFTER", 1.5)
+    caplog.set_level(logging.WARNING, logger="collabbus.consumer")
+    databases = fresh_database("postgresql", tmp_path, pg_server_url)
+    url = next(databases)
+    engines = [make_engine(url) for _ in range(2)]
+    service = NetworkService(engines[0], Network(Routes()))
+    nc = await nats.connect(server.url, **server.connect_options())
+    consumer: Consumer | None = None
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="STALLED", subjects=["stalled.>"]))
+        frozen = engines[1].connect()  # another bus's transaction, holding the position, then silent
+        frozen.begin()
+        frozen.execute(sa.text("INSERT INTO consumer_positions (consumer, seq, epoch) VALUES ('network', 0, 4)"))
+        consumer = Consumer(js, ConsumerSettings("stalled", filter_subject="stalled.>"), service, stream="STALLED")
+        starting = asyncio.create_task(consumer.start())
+        busy = time.monotonic() + 1.0
+        while time.monotonic() < busy:  # working (a statement now and then): waited for
+            frozen.execute(sa.text("SELECT 1"))
+            await asyncio.sleep(0.1)
+        assert not starting.done()
+        idle = time.monotonic()
+        await asyncio.wait_for(starting, 20)  # idle from here on: ended after 1.5 s
+        assert time.monotonic() - idle >= 1.4
+        assert service.network.epoch == 1  # its row was never committed: this one's is the first epoch
+        assert any("ended the database session" in r.getMessage() for r in caplog.records)
+        with pytest.raises(sa.exc.OperationalError):
+            frozen.execute(sa.text("SELECT 1"))
+        frozen.invalidate()
+    finally:
+        if consumer is not None:
+            await consumer.stop()
+        await nc.close()
+        service.close()
+        for engine in engines:
+            engine.dispose()
+        for _ in databases:
+            pass
+
+
 async def test_timers_wait_for_what_was_logged_before_their_deadline(tmp_path: Path, server: EmbeddedNats) -> None:
     """While the network consumer is behind the log, the timers' "now" is the log time of the
     last event it handled, not the wall clock: a deadline passing meanwhile is acted on only once
