@@ -89,6 +89,12 @@ class WebhookEndpoint(BaseModel):
     previous_secret_until: datetime | None = Field(description="until then the previous secret signs too")
 
 
+class WebhookEndpointShown(WebhookEndpoint):
+    held_back: int = Field(description="events for this endpoint in the bus's dead-letter queue: ones it could not record "
+                                       "for webhooks, and the later events about the same things set aside behind them; "
+                                       "delivered, in the log's order, once the operator replays them")
+
+
 class WebhookEndpointWithSecret(WebhookEndpoint):
     secret: str = Field(description="`whsec_…`: verify deliveries with it (Standard Webhooks)")
 
@@ -242,10 +248,15 @@ async def list_endpoints(request: Request, institution: Member, limit: Limit = D
     return await _in_transaction(request, page, read_only=True)
 
 
-@router.get("/{endpoint_id}", response_model=WebhookEndpoint, responses=ERRORS)
+@router.get("/{endpoint_id}", response_model=WebhookEndpointShown, responses=ERRORS)
 async def get_endpoint(request: Request, endpoint_id: EndpointId, institution: Member) -> dict[str, Any]:
-    """One of the caller's endpoints: where it sends what, whether it is enabled and how it fares."""
-    return _endpoint(await _owned(request, institution, endpoint_id))
+    """One of the caller's endpoints: where it sends what, whether it is enabled and how it fares,
+    and how many of its events the bus holds back in its dead-letter queue (``held_back``)."""
+    endpoint = await _owned(request, institution, endpoint_id)
+    bus = bus_of(request)
+    held = await dispatcher.held_back(bus.js, engine_of(request), endpoint,
+                                      consumer=dispatcher.webhook_consumer(bus.consumer_settings).name)
+    return {**_endpoint(endpoint), "held_back": held}
 
 
 @router.patch("/{endpoint_id}", response_model=WebhookEndpointChanged, responses=ERRORS)

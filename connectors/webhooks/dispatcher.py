@@ -937,6 +937,34 @@ async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, sinc
     return await asyncio.to_thread(owe_again)
 
 
+async def held_back(js: JetStreamContext, engine: Engine, endpoint: Endpoint, consumer: str = WEBHOOKS_CONSUMER) -> int:
+    """How many events the endpoint asked for (and may see) wait in the dead-letter queue of
+    ``consumer`` (the webhooks'): those the bus could not record for webhooks and those set
+    aside behind them, owed in the log's order once the operator replays them (none while the
+    endpoint is disabled: a replay owes it nothing then). One whose audience cannot be worked
+    out is not counted."""
+    from ops import dlq
+
+    if not endpoint.enabled or not (await dlq.counts(js)).get(consumer):
+        return 0
+    letters = [letter.event for letter in await dlq.dead_letters(js, consumer)
+               if letter.event is not None and (letter.original_seq or 0) > endpoint.after_seq
+               and store.matches(endpoint.event_types, str(letter.type))]
+
+    def visible() -> int:
+        with Session(reading(engine)) as session:
+            count = 0
+            for event in letters:
+                try:
+                    allowed = audience(session, event)
+                except Exception:  # (what the recorder may have failed on)
+                    continue
+                count += allowed is None or endpoint.institution in allowed
+            return count
+
+    return await asyncio.to_thread(visible) if letters else 0
+
+
 async def logged_between(js: JetStreamContext, since: datetime, until: datetime) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """(seq, envelope) of the events the log took from ``since`` to ``until``, in order."""
     last = (await js.stream_info(EVENTS_STREAM)).state.last_seq

@@ -888,6 +888,11 @@ async def test_an_event_the_recorder_dead_letters_holds_back_the_later_events_ab
     assert (head.event_id, behind.event_id, behind.error) == (first["id"], update["id"], "Parked")
     assert ids(receiver.at("/ordered")) == [other["id"]]
 
+    shown = await gateway.client.get(f"/webhooks/{endpoint['id']}", headers=gateway.auth(owner))
+    assert shown.status_code == 200 and shown.json()["held_back"] == 2, shown.text
+    stranger = await gateway.join("municipality")
+    elsewhere = await register(gateway, stranger, receiver.url("/elsewhere"), ["call.*"])
+    assert (await gateway.client.get(f"/webhooks/{elsewhere['id']}", headers=gateway.auth(stranger))).json()["held_back"] == 0
     response = await gateway.client.post(f"/webhooks/{endpoint['id']}/recover", json={"since": since.isoformat()},
                                          headers=gateway.auth(owner))
     assert response.status_code == 202 and response.json() == {"queued": 1, "held_back": 2}, response.text
@@ -898,6 +903,7 @@ async def test_an_event_the_recorder_dead_letters_holds_back_the_later_events_ab
     assert replayed[1].released == {"domain": "project", "subject": first["subject"]}
     await eventually(lambda: update["id"] in ids(receiver.at("/ordered")), what="the replayed deliveries")
     assert ids(receiver.at("/ordered")) == [other["id"], other["id"], first["id"], update["id"]]
+    assert (await gateway.client.get(f"/webhooks/{endpoint['id']}", headers=gateway.auth(owner))).json()["held_back"] == 0
     after = updated("active")
     assert (await gateway.post(owner, after)).status_code == 202
     await eventually(lambda: after["id"] in ids(receiver.at("/ordered")), what="the project's next event")
