@@ -468,7 +468,8 @@ class Consumer:
             attempts += 1
             deliveries = head.metadata.num_delivered + attempts - 1
             if failure.permanent or deliveries >= self.settings.max_deliver:
-                await self.dead_letter(head, failure.error, failure.detail, deliveries, set_aside=failure.behind is not None)
+                await self.dead_letter(head, failure.error, failure.detail, deliveries, set_aside=failure.behind is not None,
+                                       waits_for=getattr(failure, "about", None))
                 await call_database(self.inline, self.applier.skip, head.metadata.sequence.stream, failed_event)
                 await head.ack()
                 pending = pending[1:]
@@ -541,9 +542,11 @@ class Consumer:
             await asyncio.sleep(0.1 if unleased else wait)
             wait = wait if unleased else min(wait * 2, 10.0)
 
-    async def dead_letter(self, msg: Msg, error: str, detail: str, deliveries: int | None = None, *, set_aside: bool = False) -> None:
+    async def dead_letter(self, msg: Msg, error: str, detail: str, deliveries: int | None = None, *, set_aside: bool = False,
+                          waits_for: tuple[str, str] | None = None) -> None:
         """Publish ``msg`` to ``collab.dlq.{consumer}`` with the reason in its headers
-        (``set_aside``: it waits behind an earlier dead letter about the same thing)."""
+        (``set_aside``: it waits behind an earlier dead letter about ``waits_for``, its own thing
+        or one its workflow reads)."""
         meta = msg.metadata
         deliveries = deliveries or meta.num_delivered
         headers = dict(msg.headers or {})
@@ -560,6 +563,7 @@ class Consumer:
                 deadletters.DLQ_STREAM_SEQ: str(meta.sequence.stream),
                 deadletters.DLQ_FAILED_AT: datetime.now(timezone.utc).isoformat(),
                 **({deadletters.DLQ_EVENT_ID: deadletters.header_value(event_id)} if event_id else {}),
+                **({deadletters.DLQ_WAITS_FOR: deadletters.header_value("/".join(waits_for))} if waits_for else {}),
             }
         )
         await self.js.publish(f"collab.dlq.{self.settings.name}", msg.data, headers=headers, stream="COLLAB_DLQ")

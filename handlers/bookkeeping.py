@@ -224,29 +224,6 @@ def aggregate_of(envelope: Any) -> tuple[str, str] | None:
     return event_type.split(".", 1)[0], subject
 
 
-REFERENCES: dict[str, tuple[tuple[str, str], ...]] = {
-    "validation.requested": (("project_id", "project"),),
-}
-"""The things of another domain a type's workflow reads to judge an event of it, by the field of
-its data naming them, and their domain: a request to validate a project is refused when the
-project is unknown, or when its sender is not the project's owner or a partner."""
-
-
-def things_of(envelope: Any) -> list[tuple[str, str]]:
-    """What an event is about (:func:`aggregate_of`) first, then the things of other domains its
-    workflow reads to judge it (:data:`REFERENCES`); empty when the event does not say."""
-    about = aggregate_of(envelope)
-    if about is None:
-        return []
-    things = [about]
-    data = envelope.get("data")
-    for field, domain in REFERENCES.get(str(envelope.get("type")), ()):
-        named = data.get(field) if isinstance(data, dict) else None
-        if isinstance(named, str) and (domain, named) not in things:
-            things.append((domain, named))
-    return things
-
-
 def _parked_table() -> sa.Table:
     return ParkedSubject.__table__  # type: ignore[attr-defined,no-any-return]
 

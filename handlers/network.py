@@ -193,6 +193,9 @@ class Context:
 Projection = Callable[[Session, Event[Any]], None]
 Decider = Callable[[Context], None]
 Timer = Callable[[Context], None]
+Reads = Callable[[Session, Mapping[str, Any]], Iterable[tuple[str, str]]]
+"""The things of other domains (domain, subject) a type's workflow reads to judge an event of it
+(the envelope as logged): while one is set aside behind a dead letter, the event waits too."""
 
 
 @dataclass
@@ -202,14 +205,16 @@ class Routes:
     projections: dict[str, list[Projection]] = field(default_factory=dict)
     deciders: dict[str, list[Decider]] = field(default_factory=dict)
     timers: list[Timer] = field(default_factory=list)
+    reads: dict[str, list[Reads]] = field(default_factory=dict)
 
     def add(
         self,
         projections: Mapping[str, Projection | Iterable[Projection]] = {},
         deciders: Mapping[str, Decider | Iterable[Decider]] = {},
         timers: Iterable[Timer] = (),
+        reads: Mapping[str, Reads | Iterable[Reads]] = {},
     ) -> "Routes":
-        for table, target in ((projections, self.projections), (deciders, self.deciders)):
+        for table, target in ((projections, self.projections), (deciders, self.deciders), (reads, self.reads)):
             for event_type, handlers in table.items():
                 registry.spec_for(event_type)  # a typo in a route fails at start-up, not at run time
                 items = [handlers] if callable(handlers) else list(handlers)
@@ -271,6 +276,11 @@ class Network:
         self.epoch: int | None = None
         """This process's number in its consumer's position once it took that over (:meth:`take`);
         None: not checked (a rebuild's replay)."""
+
+    def reads_of(self, session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The things of other domains the event's workflow reads to judge it (:data:`Reads`)."""
+        readers = self.routes.reads.get(str(envelope.get("type")), ())
+        return [thing for read in readers for thing in read(session, envelope)]
 
     def apply(
         self,

@@ -42,15 +42,18 @@ def network_routes(selectors: Iterable[str] | None = None) -> Routes:
     of a domain alone), in one table."""
     routes = Routes()
     wanted = list(DOMAINS) if selectors is None else list(selectors)
-    # Each domain module contributes PROJECTIONS, DECIDERS and TIMERS.
+    # Each domain module contributes PROJECTIONS, DECIDERS and TIMERS, and READS where its
+    # workflows judge events on things of other domains.
     for domain, module in DOMAINS.items():
+        reads = getattr(module, "READS", {})
         if domain in wanted:
-            routes.add(projections=module.PROJECTIONS, deciders=module.DECIDERS, timers=module.TIMERS)
+            routes.add(projections=module.PROJECTIONS, deciders=module.DECIDERS, timers=module.TIMERS, reads=reads)
             continue
         types = [selector for selector in wanted if selector.partition(".")[0] == domain and "." in selector]
         if types:  # timers act on a domain's whole state: not for part of it
             routes.add(projections={t: module.PROJECTIONS[t] for t in types if t in module.PROJECTIONS},
-                       deciders={t: module.DECIDERS[t] for t in types if t in module.DECIDERS})
+                       deciders={t: module.DECIDERS[t] for t in types if t in module.DECIDERS},
+                       reads={t: reads[t] for t in types if t in reads})
     unknown = [s for s in wanted if s.partition(".")[0] not in DOMAINS]
     if unknown:
         raise ValueError(f"no such domain: {', '.join(unknown)}")

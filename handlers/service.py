@@ -40,7 +40,6 @@ from handlers.bookkeeping import (
     begin_rules_epoch,
     end_stalled,
     rules_epochs,
-    things_of,
 )
 from handlers.db import database_unavailable, reading
 from handlers.positions import PositionTaken
@@ -85,8 +84,10 @@ class Failure:
     permanent: bool
     wait: bool = False
     behind: int | None = None
-    """Set aside behind the event at this log sequence, an earlier one about the same thing that
-    is in the dead-letter queue (:data:`PARKED`)."""
+    """Set aside behind the event at this log sequence, an earlier one about the same thing (or
+    about a thing its workflow reads: ``about``) that is in the dead-letter queue (:data:`PARKED`)."""
+    about: tuple[str, str] | None = None
+    """What it was set aside behind: the thing whose dead letter it waits for."""
 
 
 PARKED = "Parked"
@@ -287,15 +288,18 @@ class NetworkService:
 
     def _set_aside(self, session: Session, item: LoggedItem, seen: set[str], *, live: bool, replay: bool) -> Failure | None:
         """Why ``item`` is set aside — an earlier event about the same thing, or about a thing its
-        workflow reads to judge it (a validation request's project: ``things_of``), is in the
+        workflow reads to judge it (``Network.reads_of``: a validation's project), is in the
         dead-letter queue — or None: it is applied. Only the live bus sets events aside (a rebuild
         applies the whole log in order; a replay applies the dead letters); an event already
         applied (a derived event's copy) has nothing to wait for."""
         if not self._parked or not live or replay or item.envelope.get("id") in seen:
             return None
-        for thing in things_of(item.envelope):
+        about = aggregate_of(item.envelope)
+        if about is None:
+            return None
+        for thing in [about, *self.network.reads_of(session, item.envelope)]:
             if (behind := self._parked.behind(session.connection(), thing)) is not None:
-                return Failure(PARKED, SetAside.reason(thing, behind), permanent=True, behind=behind)
+                return Failure(PARKED, SetAside.reason(thing, behind), permanent=True, behind=behind, about=thing)
         return None
 
     @contextmanager

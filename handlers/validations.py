@@ -20,7 +20,7 @@ from handlers.institutions import (  # moments stored in UTC, read back aware, o
     UtcDateTime,
     member,
 )
-from handlers.network import Context, Decider, Event, Projection, Timer, derived_type
+from handlers.network import Context, Decider, Event, Projection, Reads, Timer, derived_type
 from handlers.projects import Project, ProjectPartner
 from handlers.rows import TableRow
 from handlers.rules import validations as rules
@@ -437,6 +437,27 @@ DECIDERS: dict[str, Decider] = {
     **{event_type: check_action for event_type in PROJECTIONS if event_type not in ("validation.requested", "validation.review_overdue")},
 }
 TIMERS: list[Timer] = [note_overdue_reviews]
+
+
+def _requested_project(_session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A request is judged on the project it names (unknown: refused; its sender must be the
+    owner or a partner)."""
+    data = envelope.get("data")
+    named = data.get("project_id") if isinstance(data, dict) else None
+    return [("project", named)] if isinstance(named, str) else []
+
+
+def _validations_project(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every later event is judged with the parties of the validation's project (a reviewer may
+    be neither its owner nor a partner)."""
+    validation = session.get(Validation, envelope.get("subject"))
+    return [("project", validation.project_id)] if validation is not None and validation.project_id else []
+
+
+READS: dict[str, Reads] = {
+    "validation.requested": _requested_project,
+    **{event_type: _validations_project for event_type in DECIDERS if event_type != "validation.requested"},
+}
 
 
 # --- the resource, for the read API ---------------------------------------------------------------

@@ -40,6 +40,7 @@ from bus.deadletters import (
     DLQ_STREAM_NAME,
     DLQ_STREAM_SEQ,
     DLQ_SUBJECT,
+    DLQ_WAITS_FOR,
     header_text,
 )
 from bus.streams import DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM
@@ -93,6 +94,9 @@ class DeadLetter:
     event: dict[str, Any] | None = field(repr=False)
     """The event as logged; None when it is not readable JSON (then ``raw`` holds it)."""
     raw: str | None = field(default=None, repr=False)
+    waits_for: tuple[str, str] | None = None
+    """Set aside: the thing (domain, subject) whose earlier dead letter goes first — its own, or
+    one its workflow reads (a validation's project)."""
 
     @classmethod
     def from_message(cls, seq: int, subject: str, headers: Mapping[str, str] | None, data: bytes | None) -> "DeadLetter":
@@ -118,6 +122,7 @@ class DeadLetter:
             failed_at=headers.get(DLQ_FAILED_AT),
             event=event,
             raw=raw,
+            waits_for=_thing(header_text(headers.get(DLQ_WAITS_FOR))),
         )
 
     @property
@@ -128,16 +133,21 @@ class DeadLetter:
     def summary(self) -> dict[str, Any]:
         """What ``dlq list`` shows."""
         hidden = ("detail", "event", "raw", "original_subject", "original_stream")
-        return {**{k: v for k, v in asdict(self).items() if k not in hidden}, "reason": self.reason}
+        return {k: v for k, v in self.as_dict().items() if k not in hidden}
 
     def as_dict(self) -> dict[str, Any]:
-        """Everything, as ``dlq show`` prints it."""
-        return {**asdict(self), "reason": self.reason}
+        """Everything, as ``dlq show`` prints it (``waits_for`` as ``{domain}/{subject}``)."""
+        return {**asdict(self), "waits_for": "/".join(self.waits_for) if self.waits_for else None, "reason": self.reason}
 
 
 def _text(event: Any, key: str) -> str | None:
     value = event.get(key) if isinstance(event, dict) else None
     return value if isinstance(value, str) else None
+
+
+def _thing(value: str) -> tuple[str, str] | None:
+    domain, _, subject = value.partition("/")
+    return (domain, subject) if domain and subject else None
 
 
 def _int(value: str | None) -> int | None:
@@ -214,11 +224,13 @@ def about(letter: DeadLetter) -> tuple[str, str] | None:
 
 
 def things(letter: DeadLetter) -> list[tuple[str, str]]:
-    """What a dead letter's event is about, then what its workflow reads to judge it
-    (``handlers.bookkeeping.things_of``: a validation request's project)."""
-    from handlers.bookkeeping import things_of
-
-    return things_of(letter.event)
+    """What a dead letter's event is about, then — set aside behind a thing its workflow reads
+    (a validation's project) — that thing."""
+    own = about(letter)
+    if own is None:
+        return []
+    waits_for = letter.waits_for
+    return [own] if waits_for is None or waits_for == own else [own, waits_for]
 
 
 def set_aside_behind(letters: Iterable[DeadLetter]) -> dict[int, DeadLetter]:

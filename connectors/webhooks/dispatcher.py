@@ -334,7 +334,7 @@ class DeliveryRecorder:
         """Refuse ``item`` when it is about a thing set aside: it waits behind that dead letter."""
         about = aggregate_of(item.envelope)
         if about is not None and (behind := self._parked.behind(session.connection(), about)) is not None:
-            raise _Unrecordable(index, Failure(PARKED, SetAside.reason(about, behind), permanent=True, behind=behind))
+            raise _Unrecordable(index, Failure(PARKED, SetAside.reason(about, behind), permanent=True, behind=behind, about=about))
 
     def skip(self, seq: int, envelope: Any = None) -> None:
         """Move past a dead-lettered event; what it is about is set aside (the service's ``skip``)."""

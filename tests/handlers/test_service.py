@@ -428,6 +428,48 @@ def test_a_validation_request_waits_behind_its_project_set_aside(engine: Engine)
         service.close()
 
 
+def test_a_validations_events_wait_behind_its_project_set_aside(engine: Engine) -> None:
+    """Every event of a validation is judged with its project's parties (a reviewer may be
+    neither owner nor partner): while an event about the project (a partner joining) is in the
+    dead-letter queue, the validation's next event waits behind it — the reviewer it assigns,
+    the partner who joined, is refused once both are replayed in the log's order."""
+    from handlers.routes import network
+    from handlers.service import PARKED
+    from handlers.validations import ValidationReviewer
+    from tests.handlers.harness import envelope
+
+    owner, centre, reviewer = unique("town"), unique("centre"), unique("uni")
+    members = [envelope("institution.joined", "operator", {"id": i, "name": {"en": i}, "kind": kind, "country": "FI"})
+               for i, kind in ((owner, "municipality"), (centre, "competence_centre"), (reviewer, "university"))]
+    project_id, validation_id = unique("p"), unique("val")
+    registration = envelope("project.registered", owner, {**FIXTURE["event"]["data"], "project_id": project_id, "owner": owner,
+                                                          "partners": []})
+    request = envelope("validation.requested", owner, {"validation_id": validation_id, "project_id": project_id, "coordinator": centre,
+                                                       "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2}})
+    joined = envelope("project.partner_joined", owner, {"project_id": project_id,
+                                                        "partner": {"institution": reviewer, "role": "partner", "relation": "partnership"}})
+    assigned = envelope("validation.reviewer_assigned", centre, {"validation_id": validation_id, "reviewer": reviewer})
+    service = NetworkService(engine, network())
+    now = datetime.now(timezone.utc)
+    try:
+        service.take_position()
+        items = [LoggedItem(seq, event, now) for seq, event in enumerate([*members, registration, request], 1)]
+        assert service.apply_batch(items)[:2] == (5, None)
+        service.skip(6, joined)  # (as if its projection had failed)
+        applied, failure, _ = service.apply_batch([LoggedItem(7, assigned, now)])
+        assert applied == 0 and failure is not None
+        assert (failure.error, failure.behind, failure.about) == (PARKED, 6, ("project", project_id))
+        service.skip(7, assigned)
+        for seq, event in ((6, joined), (7, assigned)):
+            assert service.apply_batch([LoggedItem(seq, event, now)], replay=True)[:2] == (1, None)
+        with engine.connect() as connection:
+            reviewers = connection.execute(sa.select(ValidationReviewer.__table__.c.reviewer).where(  # type: ignore[attr-defined]
+                ValidationReviewer.__table__.c.validation_id == validation_id)).all()  # type: ignore[attr-defined]
+        assert reviewers == []  # a partner of the project by then: refused, as a rebuild would
+    finally:
+        service.close()
+
+
 def test_the_timers_leave_a_thing_set_aside_alone_until_it_is_let_go(engine: Engine) -> None:
     """A call whose amendment (its deadline moved on) is in the dead-letter queue is not closed at
     the deadline it had before: the timers' closing waits, decided again at each tick, while

@@ -230,9 +230,12 @@ async def test_a_validation_request_waits_behind_its_projects_dead_letter(poison
     """A request to validate a project whose registration is in the dead-letter queue is set
     aside behind it (its workflow would judge it without the project): listed behind it, kept
     when replayed alone before it, applied after it when all are replayed; both are let go."""
+    from handlers.validations import READS
     from tests.handlers.harness import envelope
 
     bus, recorder = poisoned.bus, poisoned.recorder
+    assert bus.service is not None
+    bus.service.network.routes.add(reads={"validation.requested": READS["validation.requested"]})  # (its one projection aside)
     recorder.poison.add("poison-v")
     registration = project_event("poison-v")
     assert (await offer(poisoned.nc, FIXTURE["as"], registration)).accepted
@@ -243,7 +246,8 @@ async def test_a_validation_request_waits_behind_its_projects_dead_letter(poison
     assert (await offer(poisoned.nc, FIXTURE["as"], request)).accepted
     await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 2)
     head, behind = await dlq.dead_letters(bus.js)
-    assert (behind.event_id, behind.error) == (request["id"], "Parked")
+    assert (behind.event_id, behind.error, behind.waits_for) == (request["id"], "Parked", ("project", "poison-v"))
+    assert behind.summary()["waits_for"] == "project/poison-v" and head.summary()["waits_for"] is None
     assert "an earlier event about project poison-v is in the dead-letter queue" in behind.reason
     assert dlq.set_aside_behind([head, behind]) == {behind.seq: head}
     assert sorted(subject for _, subject, _, _ in bus.service.parked()) == ["poison-v", "val-poison-v"]
