@@ -290,6 +290,8 @@ def _add_dead_letters(document: dict[str, Any]) -> None:
                 (deadletters.DLQ_STREAM_SEQ, "its sequence there"),
                 (deadletters.DLQ_FAILED_AT, "when the consumer gave up (RFC 3339)"),
                 (deadletters.DLQ_EVENT_ID, "the event's id, when it could be read"),
+                (deadletters.DLQ_WAITS_FOR, "set aside (error `Parked`): `{domain}/{subject}` of the thing whose earlier "
+                                            "dead letter goes first (percent-encoded)"),
             )},
         },
         "payload": {"description": "the original message's bytes"},
