@@ -19,10 +19,10 @@ DLQ_STREAM_SEQ = "Collabbus-Original-Seq"
 DLQ_STREAM_NAME = "Collabbus-Original-Stream"
 DLQ_FAILED_AT = "Collabbus-Failed-At"
 DLQ_EVENT_ID = "Collabbus-Event-Id"
+"""The logged message's ``Nats-Msg-Id`` (the event id, also when the event cannot be read)."""
 DLQ_WAITS_FOR = "Collabbus-Waits-For"
 """On an event set aside: what it waits for, ``{domain}/{subject}`` — the thing whose earlier
 dead letter goes first (its own, or one its workflow reads)."""
-"""The logged message's ``Nats-Msg-Id`` (the event id, also when the event cannot be read)."""
 
 _HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
 

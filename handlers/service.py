@@ -114,9 +114,9 @@ class NetworkService:
         self._fresh: list[tuple[str, bytes]] = []
         """Derived events this service committed to the outbox since the relay last asked (:meth:`fresh`)."""
         self._parked = SetAside(network.consumer)
+        """What this consumer sets aside behind its dead letters."""
         self._taking: int | None = None
         """The database session taking the position over (:meth:`take_position`; PostgreSQL)."""
-        """What this consumer sets aside behind its dead letters."""
         self._withheld: set[str] = set()
         """The timers' events about things set aside, named in the log once each (:meth:`_withholding`)."""
         self._epochs: list[tuple[int, int]] = []
