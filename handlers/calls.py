@@ -18,7 +18,7 @@ from sqlmodel import Field, Session, col, select
 
 from handlers import confidential
 from handlers.institutions import UtcDateTime, column_values, member, upsert
-from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.network import Context, Decider, Event, Projection, Reads, Timer, sender
 from handlers.rows import TableRow
 from handlers.rules import Refusal, since
 from handlers.rules import calls as rules
@@ -451,6 +451,8 @@ DECIDERS: dict[str, Decider] = {
     "call.closed": decide_closing,
 }
 TIMERS: tuple[Timer, ...] = (close_overdue_calls, lapse_invitations)
+READS: dict[str, Reads] = {"call.application_submitted": sender}
+"""An application is judged on its applicant's membership, kind and country."""
 
 
 # --- who may see the workflow's events -------------------------------------------------------------

@@ -198,6 +198,21 @@ Reads = Callable[[Session, Mapping[str, Any]], Iterable[tuple[str, str]]]
 (the envelope as logged): while one is set aside behind a dead letter, the event waits too."""
 
 
+def named(domain: str, field_name: str) -> Reads:
+    """:data:`Reads` of the thing of ``domain`` that the event's data names in ``field_name``."""
+    def read(_session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+        data = envelope.get("data")
+        value = data.get(field_name) if isinstance(data, dict) else None
+        return [(domain, value)] if isinstance(value, str) else []
+    return read
+
+
+def sender(_session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """:data:`Reads` of the institution saying the event (its membership, kind, country)."""
+    source = envelope.get("source")
+    return [("institution", source.removeprefix("/institutions/"))] if isinstance(source, str) else []
+
+
 @dataclass
 class Routes:
     """Which projections and deciders handle which event types: the whole routing in one table."""

@@ -17,7 +17,7 @@ from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
 from handlers.institutions import Institution, UtcDateTime, column_values, member, upsert
-from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named
 from handlers.rows import TableRow
 from handlers.rules.projects import ProjectAction, ProjectSnapshot, action_refusal
 from handlers.session import children
@@ -275,6 +275,8 @@ PROJECTIONS: dict[str, Projection] = {
 }
 DECIDERS: dict[str, Decider] = {event_type: decide for event_type in PROJECTIONS}
 TIMERS: tuple[Timer, ...] = ()
+READS: dict[str, Reads] = {"project.adopted": named("institution", "adopter")}
+"""An adoption is judged on its adopter's membership."""
 
 THEMES_DECIDED_BY: tuple[str, ...] = ("project.registered", "project.updated", "project.completed")
 """What a project's row, owner and themes come from: the events that set them (a registration,

@@ -20,7 +20,7 @@ from handlers.institutions import (  # moments stored in UTC, read back aware, o
     UtcDateTime,
     member,
 )
-from handlers.network import Context, Decider, Event, Projection, Reads, Timer, derived_type
+from handlers.network import Context, Decider, Event, Projection, Reads, Timer, derived_type, named
 from handlers.projects import Project, ProjectPartner
 from handlers.rows import TableRow
 from handlers.rules import validations as rules
@@ -439,24 +439,19 @@ DECIDERS: dict[str, Decider] = {
 TIMERS: list[Timer] = [note_overdue_reviews]
 
 
-def _requested_project(_session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """A request is judged on the project it names (unknown: refused; its sender must be the
-    owner or a partner)."""
-    data = envelope.get("data")
-    named = data.get("project_id") if isinstance(data, dict) else None
-    return [("project", named)] if isinstance(named, str) else []
-
-
 def _validations_project(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Every later event is judged with the parties of the validation's project (a reviewer may
-    be neither its owner nor a partner)."""
+    """Every event after the request is judged with the parties of the validation's project (a
+    reviewer may be neither its owner nor a partner)."""
     validation = session.get(Validation, envelope.get("subject"))
     return [("project", validation.project_id)] if validation is not None and validation.project_id else []
 
 
-READS: dict[str, Reads] = {
-    "validation.requested": _requested_project,
-    **{event_type: _validations_project for event_type in DECIDERS if event_type != "validation.requested"},
+READS: dict[str, list[Reads]] = {
+    # A request names the project (unknown: refused; its sender must be owner or partner) and
+    # the coordinator (a member competence centre); an assignment, a member reviewer.
+    "validation.requested": [named("project", "project_id"), named("institution", "coordinator")],
+    **{event_type: [_validations_project] for event_type in DECIDERS if event_type != "validation.requested"},
+    "validation.reviewer_assigned": [_validations_project, named("institution", "reviewer")],
 }
 
 

@@ -470,6 +470,33 @@ def test_a_validations_events_wait_behind_its_project_set_aside(engine: Engine) 
         service.close()
 
 
+def test_what_the_workflows_read_of_other_domains_is_declared_with_them(engine: Engine) -> None:
+    """The things of other domains each workflow judges an event on — what it waits behind when
+    one of them is set aside: an application its applicant (membership, kind, country), an
+    adoption its adopter, a validation request its project and coordinator, an assignment its
+    reviewer (and the validation's project, once the validation is known)."""
+    from sqlmodel import Session
+
+    from handlers.routes import network
+    from tests.handlers.harness import envelope
+
+    fixtures = load_fixtures()
+    application = fixtures["call.application_submitted"]["event"]
+    adoption = envelope("project.adopted", "tr-tarsus-bld", {"adoption_id": "a-1", "project_id": "p-1", "adopter": "tr-tarsus-bld",
+                                                             "support": ["study_visit"]})
+    request = envelope("validation.requested", "tr-mersin-bb", {"validation_id": "v-1", "project_id": "p-1", "coordinator": "fi-thl",
+                                                                "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2}})
+    assigned = envelope("validation.reviewer_assigned", "fi-thl", {"validation_id": "v-1", "reviewer": "fi-lut"})
+    registered = envelope("project.registered", "tr-mersin-bb", {**FIXTURE["event"]["data"], "project_id": "p-1", "owner": "tr-mersin-bb"})
+    routes = network()
+    with Session(engine) as session:
+        assert routes.reads_of(session, application) == [("institution", "tr-genc-isi-koop")]
+        assert routes.reads_of(session, adoption) == [("institution", "tr-tarsus-bld")]
+        assert routes.reads_of(session, request) == [("project", "p-1"), ("institution", "fi-thl")]
+        assert routes.reads_of(session, assigned) == [("institution", "fi-lut")]  # (no such validation yet)
+        assert routes.reads_of(session, registered) == []
+
+
 def test_the_timers_leave_a_thing_set_aside_alone_until_it_is_let_go(engine: Engine) -> None:
     """A call whose amendment (its deadline moved on) is in the dead-letter queue is not closed at
     the deadline it had before: the timers' closing waits, decided again at each tick, while
