@@ -15,7 +15,7 @@ scheduled); the projections apply only what stands.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
-from handlers.network import Context, Decider, Event, Projection, Timer
+from handlers.network import Context, Decider, Event, Projection, Reads, Timer
 from handlers.rows import TableRow
 from handlers.rules import innovation_days as rules
 from handlers.session import children
@@ -647,6 +647,21 @@ DECIDERS: dict[str, Decider | list[Decider]] = {
     "innovation_day.registration_cancelled": decide_cancellation,
 }
 TIMERS: list[Timer] = [propose_meetings]
+
+
+def _innovators_projects(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Meetings are matched on the confirmed innovators' projects' themes."""
+    data = envelope.get("data")
+    day_id = data.get("day_id") if isinstance(data, dict) else None
+    if not isinstance(day_id, str):
+        return []
+    projects = session.exec(select(Registration.project_id).where(
+        Registration.day_id == day_id, Registration.status == "confirmed", Registration.role == "innovator",
+        col(Registration.project_id).is_not(None))).all()
+    return [("project", project_id) for project_id in sorted({p for p in projects if p is not None})]
+
+
+READS: dict[str, Reads] = {"innovation_day.meetings_proposed": _innovators_projects}
 
 
 # --- queries (the read API) -------------------------------------------------------------------

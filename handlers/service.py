@@ -399,23 +399,26 @@ class NetworkService:
 
     def _withholding(self, session: Session) -> Callable[[Event[Any]], bool]:
         """Which of the timers' events wait: those about a thing set aside (a call's closing at
-        its deadline while an amendment moving the deadline is in the dead-letter queue). They are
-        decided again at each tick, and applied at the first one after the thing is let go."""
+        its deadline while an amendment moving the deadline is in the dead-letter queue), or
+        decided on one (a day's meetings on an innovator's project: ``Network.reads_of``). They
+        are decided again at each tick, and applied at the first one after the thing is let go."""
         behind: dict[tuple[str, str], int | None] = {}
 
         def withheld(event: Event[Any]) -> bool:
             about = aggregate_of(event.envelope)
             if about is None:
                 return False
-            if about not in behind:
-                behind[about] = self._parked.behind(session.connection(), about)
-            if behind[about] is None:
-                return False
-            if event.id not in self._withheld:
-                self._withheld.add(event.id)
-                log.warning("timers: %s about %s %s waits: set aside behind #%s (collabbus dlq replay lets it go)",
-                            event.type, about[0], about[1], behind[about])
-            return True
+            for thing in [about, *self.network.reads_of(session, event.envelope)]:
+                if thing not in behind:
+                    behind[thing] = self._parked.behind(session.connection(), thing)
+                if behind[thing] is None:
+                    continue
+                if event.id not in self._withheld:
+                    self._withheld.add(event.id)
+                    log.warning("timers: %s about %s %s waits: %s %s is set aside behind #%s (collabbus dlq replay lets it go)",
+                                event.type, about[0], about[1], thing[0], thing[1], behind[thing])
+                return True
+            return False
 
         return withheld
 

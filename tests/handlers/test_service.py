@@ -497,6 +497,43 @@ def test_what_the_workflows_read_of_other_domains_is_declared_with_them(engine: 
         assert routes.reads_of(session, registered) == []
 
 
+def test_a_days_meetings_wait_for_an_innovators_project_set_aside(engine: Engine) -> None:
+    """Meetings are matched on the innovators' projects' themes: at the registration deadline,
+    while an update of an innovator's project is in the dead-letter queue, the day's meetings
+    wait (decided again at each tick); once the project is let go, they are proposed."""
+    from datetime import timedelta
+
+    from handlers.routes import network
+    from tests.handlers.harness import envelope
+    from tests.handlers.test_innovation_days_scenarios import ESF, MEMBERS, MERSIN, Day
+
+    members = [envelope("institution.joined", "operator", {"id": member, "name": {"en": member}, "kind": kind, "country": country})
+               for member, (kind, country) in MEMBERS.items()]
+    project_id = unique("p")
+    registered = envelope("project.registered", MERSIN, {**FIXTURE["event"]["data"], "project_id": project_id, "owner": MERSIN,
+                                                         "partners": [], "themes": ["economy.disadvantaged_groups"]})
+    day = Day.fresh(deadline_in=timedelta(hours=1))
+    events = [*members, registered, day.scheduled(20, themes=("health_care",)),
+              day.registration(MERSIN, role="innovator", interests=("economy",), project_id=project_id),
+              day.registration(ESF, role="funder", interests=("economy",))]
+    update = envelope("project.updated", MERSIN, {"project_id": project_id, "changes": {"themes": ["education.lifelong_learning"]}})
+    after = day.deadline + timedelta(seconds=1)
+    service = NetworkService(engine, network())
+    now = datetime.now(timezone.utc)
+    try:
+        service.take_position()
+        assert service.apply_batch([LoggedItem(seq, event, now) for seq, event in enumerate(events, 1)])[:2] == (len(events), None)
+        service.skip(len(events) + 1, update)  # the project set aside
+        assert service.tick(after) == []
+        assert service.tick(after) == []  # decided again, still waiting
+        assert service.release(("project", project_id), len(events) + 1) is True
+        [proposed] = service.tick(after)
+        assert proposed.type == "innovation_day.meetings_proposed" and proposed.subject == day.day_id
+        assert [m["project_id"] for m in proposed.envelope["data"]["meetings"]] == [project_id]
+    finally:
+        service.close()
+
+
 def test_the_timers_leave_a_thing_set_aside_alone_until_it_is_let_go(engine: Engine) -> None:
     """A call whose amendment (its deadline moved on) is in the dead-letter queue is not closed at
     the deadline it had before: the timers' closing waits, decided again at each tick, while
