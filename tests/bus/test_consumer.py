@@ -522,22 +522,19 @@ async def test_a_batch_another_bus_applied_while_this_one_held_it_is_not_applied
         assert epoch == taken + 1
 
 
-async def test_a_consumer_says_when_another_process_holds_its_position_and_goes_on_once_released(
-    tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None, caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Taking the position over waits for a transaction of another process that holds it (on
-    PostgreSQL: a bus frozen in the middle of a batch); the consumer says so, and starts once
-    that transaction ends — with the position's next epoch."""
+@contextlib.asynccontextmanager
+async def another_process_holding_the_position(
+    tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None,
+) -> AsyncIterator[tuple[sa.Connection, asyncio.Task[None], Any]]:
+    """A consumer starting (its task) while a transaction of another process holds the read
+    models' position on PostgreSQL (a bus frozen in the middle of a batch): that process's
+    connection, its transaction open, and the starting consumer's service."""
     from nats.js.api import StreamConfig
 
-    import bus.consumer
     from handlers.db import make_engine
     from handlers.service import NetworkService
     from tests.conftest import fresh_database
 
-    monkeypatch.setattr(bus.consumer, "TAKE_WARNING", 0.3)
-    caplog.set_level(logging.WARNING, logger="collabbus.consumer")
     databases = fresh_database("postgresql", tmp_path, pg_server_url)
     url = next(databases)
     engines = [make_engine(url) for _ in range(2)]
@@ -547,17 +544,11 @@ async def test_a_consumer_says_when_another_process_holds_its_position_and_goes_
     try:
         js = nc.jetstream()
         await js.add_stream(StreamConfig(name="TAKING", subjects=["taking.>"]))
-        frozen = engines[1].connect()  # another bus's transaction, holding the position
-        held = frozen.begin()
+        frozen = engines[1].connect()
+        frozen.begin()
         frozen.execute(sa.text("INSERT INTO consumer_positions (consumer, seq, epoch) VALUES ('network', 0, 4)"))
         consumer = Consumer(js, ConsumerSettings("taking", filter_subject="taking.>"), service, stream="TAKING")
-        starting = asyncio.create_task(consumer.start())
-        await wait_for(lambda: any("waiting to take the read models' position over" in r.getMessage() for r in caplog.records))
-        assert not starting.done()
-        held.commit()
-        frozen.close()
-        await asyncio.wait_for(starting, 20)
-        assert service.network.epoch == 5  # the next one after the other process's
+        yield frozen, asyncio.create_task(consumer.start()), service
     finally:
         if consumer is not None:
             await consumer.stop()
@@ -569,6 +560,26 @@ async def test_a_consumer_says_when_another_process_holds_its_position_and_goes_
             pass
 
 
+async def test_a_consumer_says_when_another_process_holds_its_position_and_goes_on_once_released(
+    tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Taking the position over waits for a transaction of another process that holds it (on
+    PostgreSQL: a bus frozen in the middle of a batch); the consumer says so, and starts once
+    that transaction ends — with the position's next epoch."""
+    import bus.consumer
+
+    monkeypatch.setattr(bus.consumer, "TAKE_WARNING", 0.3)
+    caplog.set_level(logging.WARNING, logger="collabbus.consumer")
+    async with another_process_holding_the_position(tmp_path, server, pg_server_url) as (frozen, starting, service):
+        await wait_for(lambda: any("waiting to take the read models' position over" in r.getMessage() for r in caplog.records))
+        assert not starting.done()
+        frozen.commit()
+        frozen.close()
+        await asyncio.wait_for(starting, 20)
+        assert service.network.epoch == 5  # the next one after the other process's
+
+
 async def test_a_consumer_ends_a_transaction_that_sat_idle_holding_its_position(
     tmp_path: Path, server: EmbeddedNats, pg_server_url: str | None, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -577,30 +588,12 @@ async def test_a_consumer_ends_a_transaction_that_sat_idle_holding_its_position(
     PostgreSQL until it wakes: the process taking over (its lease lapsed) ends that transaction
     once it has sat idle for ``STALLED_AFTER`` and starts. A transaction that keeps working is
     not ended: it is waited for."""
-    from nats.js.api import StreamConfig
-
     import bus.consumer
-    from handlers.db import make_engine
-    from handlers.service import NetworkService
-    from tests.conftest import fresh_database
 
     monkeypatch.setattr(bus.consumer, "TAKE_WARNING", 0.2)
     monkeypatch.setattr(bus.consumer, "STALLED_AFTER", 1.5)
     caplog.set_level(logging.WARNING, logger="collabbus.consumer")
-    databases = fresh_database("postgresql", tmp_path, pg_server_url)
-    url = next(databases)
-    engines = [make_engine(url) for _ in range(2)]
-    service = NetworkService(engines[0], Network(Routes()))
-    nc = await nats.connect(server.url, **server.connect_options())
-    consumer: Consumer | None = None
-    try:
-        js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="STALLED", subjects=["stalled.>"]))
-        frozen = engines[1].connect()  # another bus's transaction, holding the position, then silent
-        frozen.begin()
-        frozen.execute(sa.text("INSERT INTO consumer_positions (consumer, seq, epoch) VALUES ('network', 0, 4)"))
-        consumer = Consumer(js, ConsumerSettings("stalled", filter_subject="stalled.>"), service, stream="STALLED")
-        starting = asyncio.create_task(consumer.start())
+    async with another_process_holding_the_position(tmp_path, server, pg_server_url) as (frozen, starting, service):
         busy = time.monotonic() + 1.0
         while time.monotonic() < busy:  # working (a statement now and then): waited for
             frozen.execute(sa.text("SELECT 1"))
@@ -614,15 +607,6 @@ async def test_a_consumer_ends_a_transaction_that_sat_idle_holding_its_position(
         with pytest.raises(sa.exc.OperationalError):
             frozen.execute(sa.text("SELECT 1"))
         frozen.invalidate()
-    finally:
-        if consumer is not None:
-            await consumer.stop()
-        await nc.close()
-        service.close()
-        for engine in engines:
-            engine.dispose()
-        for _ in databases:
-            pass
 
 
 async def test_timers_wait_for_what_was_logged_before_their_deadline(tmp_path: Path, server: EmbeddedNats) -> None:

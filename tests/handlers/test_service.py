@@ -371,6 +371,25 @@ def test_the_later_events_about_a_dead_lettered_thing_are_set_aside_until_it_is_
         elsewhere.close()
 
 
+class ValidationOfAProject:
+    """A project of a member municipality and a request to validate it, coordinated by a member
+    competence centre, who assigns a member university to review it: fresh ids each time."""
+
+    def __init__(self) -> None:
+        from tests.handlers.harness import envelope
+
+        self.owner, self.centre, self.reviewer = unique("town"), unique("centre"), unique("uni")
+        self.project_id, self.validation_id = unique("p"), unique("val")
+        self.members = [envelope("institution.joined", "operator", {"id": i, "name": {"en": i}, "kind": kind, "country": "FI"})
+                        for i, kind in ((self.owner, "municipality"), (self.centre, "competence_centre"), (self.reviewer, "university"))]
+        self.registration = envelope("project.registered", self.owner, {
+            **FIXTURE["event"]["data"], "project_id": self.project_id, "owner": self.owner, "partners": []})
+        self.request = envelope("validation.requested", self.owner, {
+            "validation_id": self.validation_id, "project_id": self.project_id, "coordinator": self.centre,
+            "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2}})
+        self.assigned = envelope("validation.reviewer_assigned", self.centre, {"validation_id": self.validation_id, "reviewer": self.reviewer})
+
+
 def test_a_validation_request_waits_behind_its_project_set_aside(engine: Engine) -> None:
     """A request to validate a project is judged on the project (unknown: refused; its sender
     must be the owner or a partner). While the project's registration is in the dead-letter
@@ -380,17 +399,10 @@ def test_a_validation_request_waits_behind_its_project_set_aside(engine: Engine)
     from handlers.routes import network_routes
     from handlers.service import PARKED
     from handlers.validations import Validation
-    from tests.handlers.harness import envelope
 
-    owner, centre, reviewer = unique("town"), unique("centre"), unique("uni")
-    members = [envelope("institution.joined", "operator", {"id": i, "name": {"en": i}, "kind": kind, "country": "FI"})
-               for i, kind in ((owner, "municipality"), (centre, "competence_centre"), (reviewer, "university"))]
-    project_id, validation_id = unique("p"), unique("val")
-    registration = envelope("project.registered", owner, {**FIXTURE["event"]["data"], "project_id": project_id, "owner": owner,
-                                                          "partners": []})
-    request = envelope("validation.requested", owner, {"validation_id": validation_id, "project_id": project_id, "coordinator": centre,
-                                                       "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2}})
-    assigned = envelope("validation.reviewer_assigned", centre, {"validation_id": validation_id, "reviewer": reviewer})
+    v = ValidationOfAProject()
+    owner, project_id, validation_id = v.owner, v.project_id, v.validation_id
+    members, registration, request, assigned = v.members, v.registration, v.request, v.assigned
     poison = {registration["id"]}
 
     def failing(_session: Any, event: Event[Any]) -> None:
@@ -438,17 +450,11 @@ def test_a_validations_events_wait_behind_its_project_set_aside(engine: Engine) 
     from handlers.validations import ValidationReviewer
     from tests.handlers.harness import envelope
 
-    owner, centre, reviewer = unique("town"), unique("centre"), unique("uni")
-    members = [envelope("institution.joined", "operator", {"id": i, "name": {"en": i}, "kind": kind, "country": "FI"})
-               for i, kind in ((owner, "municipality"), (centre, "competence_centre"), (reviewer, "university"))]
-    project_id, validation_id = unique("p"), unique("val")
-    registration = envelope("project.registered", owner, {**FIXTURE["event"]["data"], "project_id": project_id, "owner": owner,
-                                                          "partners": []})
-    request = envelope("validation.requested", owner, {"validation_id": validation_id, "project_id": project_id, "coordinator": centre,
-                                                       "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2}})
+    v = ValidationOfAProject()
+    owner, project_id, validation_id = v.owner, v.project_id, v.validation_id
+    members, registration, request, assigned = v.members, v.registration, v.request, v.assigned
     joined = envelope("project.partner_joined", owner, {"project_id": project_id,
-                                                        "partner": {"institution": reviewer, "role": "partner", "relation": "partnership"}})
-    assigned = envelope("validation.reviewer_assigned", centre, {"validation_id": validation_id, "reviewer": reviewer})
+                                                        "partner": {"institution": v.reviewer, "role": "partner", "relation": "partnership"}})
     service = NetworkService(engine, network())
     now = datetime.now(timezone.utc)
     try:
