@@ -649,7 +649,7 @@ DECIDERS: dict[str, Decider | list[Decider]] = {
 TIMERS: list[Timer] = [propose_meetings]
 
 
-def _innovators_projects(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _innovators_projects(session: Session, envelope: Mapping[str, Any]) -> list[str]:
     """Meetings are matched on the confirmed innovators' projects' themes."""
     data = envelope.get("data")
     day_id = data.get("day_id") if isinstance(data, dict) else None
@@ -658,10 +658,10 @@ def _innovators_projects(session: Session, envelope: Mapping[str, Any]) -> list[
     projects = session.exec(select(Registration.project_id).where(
         Registration.day_id == day_id, Registration.status == "confirmed", Registration.role == "innovator",
         col(Registration.project_id).is_not(None))).all()
-    return [("project", project_id) for project_id in sorted({p for p in projects if p is not None})]
+    return sorted({project_id for project_id in projects if project_id is not None})
 
 
-READS: dict[str, Reads] = {"innovation_day.meetings_proposed": _innovators_projects}
+READS: dict[str, Reads] = {"innovation_day.meetings_proposed": Reads("project", _innovators_projects)}
 
 
 # --- queries (the read API) -------------------------------------------------------------------

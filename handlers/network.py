@@ -193,24 +193,35 @@ class Context:
 Projection = Callable[[Session, Event[Any]], None]
 Decider = Callable[[Context], None]
 Timer = Callable[[Context], None]
-Reads = Callable[[Session, Mapping[str, Any]], Iterable[tuple[str, str]]]
-"""The things of other domains (domain, subject) a type's workflow reads to judge an event of it
-(the envelope as logged): while one is set aside behind a dead letter, the event waits too."""
+@dataclass(frozen=True)
+class Reads:
+    """What a type's workflow reads of another ``domain`` to judge an event of it: the subjects
+    there, from the read models and the event as logged. While one of those things is set aside
+    behind a dead letter, the event waits too."""
+
+    domain: str
+    subjects: Callable[[Session, Mapping[str, Any]], Iterable[str]]
+
+    def __call__(self, session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [(self.domain, subject) for subject in self.subjects(session, envelope)]
 
 
 def named(domain: str, field_name: str) -> Reads:
-    """:data:`Reads` of the thing of ``domain`` that the event's data names in ``field_name``."""
-    def read(_session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """:class:`Reads` of the thing of ``domain`` that the event's data names in ``field_name``."""
+    def subjects(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
         data = envelope.get("data")
         value = data.get(field_name) if isinstance(data, dict) else None
-        return [(domain, value)] if isinstance(value, str) else []
-    return read
+        return [value] if isinstance(value, str) else []
+    return Reads(domain, subjects)
 
 
-def sender(_session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """:data:`Reads` of the institution saying the event (its membership, kind, country)."""
+def _the_sender(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
     source = envelope.get("source")
-    return [("institution", source.removeprefix("/institutions/"))] if isinstance(source, str) else []
+    return [source.removeprefix("/institutions/")] if isinstance(source, str) else []
+
+
+sender = Reads("institution", _the_sender)
+""":class:`Reads` of the institution saying the event (its membership, kind, country)."""
 
 
 @dataclass

@@ -439,19 +439,21 @@ DECIDERS: dict[str, Decider] = {
 TIMERS: list[Timer] = [note_overdue_reviews]
 
 
-def _validations_project(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Every event after the request is judged with the parties of the validation's project (a
-    reviewer may be neither its owner nor a partner)."""
+def _the_validations_project(session: Session, envelope: Mapping[str, Any]) -> list[str]:
     validation = session.get(Validation, envelope.get("subject"))
-    return [("project", validation.project_id)] if validation is not None and validation.project_id else []
+    return [validation.project_id] if validation is not None and validation.project_id else []
 
+
+_VALIDATIONS_PROJECT = Reads("project", _the_validations_project)
+"""Every event after the request is judged with the parties of the validation's project (a
+reviewer may be neither its owner nor a partner)."""
 
 READS: dict[str, list[Reads]] = {
     # A request names the project (unknown: refused; its sender must be owner or partner) and
     # the coordinator (a member competence centre); an assignment, a member reviewer.
     "validation.requested": [named("project", "project_id"), named("institution", "coordinator")],
-    **{event_type: [_validations_project] for event_type in DECIDERS if event_type != "validation.requested"},
-    "validation.reviewer_assigned": [_validations_project, named("institution", "reviewer")],
+    **{event_type: [_VALIDATIONS_PROJECT] for event_type in DECIDERS if event_type != "validation.requested"},
+    "validation.reviewer_assigned": [_VALIDATIONS_PROJECT, named("institution", "reviewer")],
 }
 
 

@@ -86,6 +86,22 @@ def test_each_lane_holds_every_domain_its_handlers_read() -> None:
                     assert not (len(key) == 1 and isinstance(key[0].type, sa.Integer)), table.name
 
 
+def test_each_domain_declares_what_its_workflows_read_of_other_domains() -> None:
+    """An event waits behind a thing set aside that its workflow reads (``READS``): a domain
+    whose code reads another domain — its tables, or a member's facts through ``member`` —
+    declares it, or its events would be judged while that thing waits in the dead-letter queue."""
+    from handlers.network import Reads
+
+    for domain, module in DOMAINS.items():
+        read = {other for name in _tables_used_by(module) if (other := _domain_of_table(name)) not in (None, domain)}
+        if domain != "institution" and re.search(r"\bmember\(", inspect.getsource(module)):
+            read.add("institution")
+        declared = {reads.domain for entry in getattr(module, "READS", {}).values()
+                    for reads in ([entry] if isinstance(entry, Reads) else entry)}
+        assert read <= declared, (domain, sorted(read - declared))
+    assert {reads.domain for reads in DOMAINS["validation"].READS["validation.reviewer_assigned"]} == {"project", "institution"}
+
+
 def test_fewer_processes_replay_the_last_lanes_together() -> None:
     assert rebuild_lanes(1) == (tuple(DOMAINS),)
     assert rebuild_lanes(2) == (REBUILD_LANES[0], ("institution", "call", "innovation_day", *sorted(THEMES_DECIDED_BY)))
