@@ -469,7 +469,7 @@ class Consumer:
             deliveries = head.metadata.num_delivered + attempts - 1
             if failure.permanent or deliveries >= self.settings.max_deliver:
                 await self.dead_letter(head, failure.error, failure.detail, deliveries, set_aside=failure.behind is not None,
-                                       waits_for=getattr(failure, "about", None))
+                                       waits_for=failure.about)
                 await call_database(self.inline, self.applier.skip, head.metadata.sequence.stream, failed_event)
                 await head.ack()
                 pending = pending[1:]

@@ -193,6 +193,8 @@ class Context:
 Projection = Callable[[Session, Event[Any]], None]
 Decider = Callable[[Context], None]
 Timer = Callable[[Context], None]
+
+
 @dataclass(frozen=True)
 class Reads:
     """What a type's workflow reads of another ``domain`` to judge an event of it: the subjects
@@ -304,7 +306,7 @@ class Network:
         None: not checked (a rebuild's replay)."""
 
     def reads_of(self, session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
-        """The things of other domains the event's workflow reads to judge it (:data:`Reads`)."""
+        """The things of other domains the event's workflow reads to judge it (:class:`Reads`)."""
         readers = self.routes.reads.get(str(envelope.get("type")), ())
         return [thing for read in readers for thing in read(session, envelope)]
 

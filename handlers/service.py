@@ -294,12 +294,29 @@ class NetworkService:
         applied (a derived event's copy) has nothing to wait for."""
         if not self._parked or not live or replay or item.envelope.get("id") in seen:
             return None
-        about = aggregate_of(item.envelope)
+        if (found := self._waits_behind(session, item.envelope)) is None:
+            return None
+        thing, behind = found
+        return Failure(PARKED, SetAside.reason(thing, behind), permanent=True, behind=behind, about=thing)
+
+    def _waits_behind(self, session: Session, envelope: Any,
+                      known: dict[tuple[str, str], int | None] | None = None) -> tuple[tuple[str, str], int] | None:
+        """The first thing set aside that an event is about or its workflow reads to judge it
+        (``Network.reads_of``: a validation's project), with the log sequence it waits behind;
+        None when none is. ``known``: what was found of each thing already (the timers' events
+        of one tick ask about the same things)."""
+        about = aggregate_of(envelope)
         if about is None:
             return None
-        for thing in [about, *self.network.reads_of(session, item.envelope)]:
-            if (behind := self._parked.behind(session.connection(), thing)) is not None:
-                return Failure(PARKED, SetAside.reason(thing, behind), permanent=True, behind=behind, about=thing)
+        for thing in [about, *self.network.reads_of(session, envelope)]:
+            if known is None or thing not in known:
+                behind = self._parked.behind(session.connection(), thing)
+                if known is not None:
+                    known[thing] = behind
+            else:
+                behind = known[thing]
+            if behind is not None:
+                return thing, behind
         return None
 
     @contextmanager
@@ -402,23 +419,17 @@ class NetworkService:
         its deadline while an amendment moving the deadline is in the dead-letter queue), or
         decided on one (a day's meetings on an innovator's project: ``Network.reads_of``). They
         are decided again at each tick, and applied at the first one after the thing is let go."""
-        behind: dict[tuple[str, str], int | None] = {}
+        known: dict[tuple[str, str], int | None] = {}
 
         def withheld(event: Event[Any]) -> bool:
-            about = aggregate_of(event.envelope)
-            if about is None:
+            if (found := self._waits_behind(session, event.envelope, known)) is None:
                 return False
-            for thing in [about, *self.network.reads_of(session, event.envelope)]:
-                if thing not in behind:
-                    behind[thing] = self._parked.behind(session.connection(), thing)
-                if behind[thing] is None:
-                    continue
-                if event.id not in self._withheld:
-                    self._withheld.add(event.id)
-                    log.warning("timers: %s about %s %s waits: %s %s is set aside behind #%s (collabbus dlq replay lets it go)",
-                                event.type, about[0], about[1], thing[0], thing[1], behind[thing])
-                return True
-            return False
+            if event.id not in self._withheld:
+                self._withheld.add(event.id)
+                (domain, subject), behind = found
+                log.warning("timers: %s about %s waits: %s %s is set aside behind #%s (collabbus dlq replay lets it go)",
+                            event.type, event.subject, domain, subject, behind)
+            return True
 
         return withheld
 

@@ -313,18 +313,12 @@ def _waits(letter: DeadLetter, queued: Mapping[tuple[str, str], Iterable[DeadLet
     still there: a consumer that sets things aside applies their events in the log's order."""
     if letter.original_seq is None or not _parks(appliers.get(letter.consumer)):
         return None
-    earliest: tuple[DeadLetter, tuple[str, str]] | None = None
-    for thing, letters in queued.items():
-        for queued_letter in letters:  # (in the log's order: the first other one is the earliest)
-            if queued_letter.seq == letter.seq:
-                continue
-            if queued_letter.original_seq is not None and queued_letter.original_seq < letter.original_seq and (
-                    earliest is None or queued_letter.original_seq < (earliest[0].original_seq or 0)):
-                earliest = queued_letter, thing
-            break
-    if earliest is None:
+    firsts = [(first, thing) for thing, letters in queued.items()  # (in the log's order: the first other is the earliest)
+              if (first := next((x for x in letters if x.seq != letter.seq), None)) is not None]
+    earlier_ones = [(first, thing) for first, thing in firsts if first.original_seq is not None and first.original_seq < letter.original_seq]
+    if not earlier_ones:
         return None
-    earlier, thing = earliest
+    earlier, thing = min(earlier_ones, key=lambda pair: pair[0].original_seq or 0)
     return (f"waits for dead letter #{earlier.seq} (log #{earlier.original_seq} {earlier.type}), an earlier event about "
             f"{thing[0]} {thing[1]} still in the queue: it is applied after that one (replay both, or that one first)")
 
