@@ -12,6 +12,16 @@ from bus.server import EmbeddedNats
 from ops.settings import Settings
 
 
+PING_INTERVAL = 10
+"""Seconds between a connection's pings to its server. Two left unanswered and the third due, the
+connection is stale: nats-py closes it and reconnects (~30 s; with its own default of 2 minutes,
+six). What goes unnoticed till then: a connection the network cut without closing it (a moved
+machine, a firewall's forgotten flow), and a connection nats-py stopped reading (the PONG of a
+flush that timed out, coming late, ends its reading: it flushes so itself after a reconnect)."""
+
+MAX_OUTSTANDING_PINGS = 2
+
+
 def connect_options(settings: Settings, name: str) -> dict[str, Any]:
     """nats-py connection options for a bus process.
 
@@ -24,6 +34,8 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
         "name": name,
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
+        "ping_interval": PING_INTERVAL,
+        "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
         "inbox_prefix": BUS_INBOX_PREFIX,  # replies to the bus out of every member's sight
     }
     creds = settings.nats_creds

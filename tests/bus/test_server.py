@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from pathlib import Path
@@ -151,3 +152,50 @@ def test_a_free_port_is_one_outbound_connections_are_not_given() -> None:
     for port in ports:  # each free to bind
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+async def test_a_connection_that_stopped_reading_is_found_stale_and_reconnected(
+    server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-py stops reading a connection for good when the PONG of a flush that timed out comes
+    late (a server stalled past the flush's timeout: nats-py flushes so itself after a reconnect):
+    nothing arrives on it any more, though it looks connected. The bus's connections ping their
+    server often enough to find that out and reconnect, reading again — with nats-py's own
+    settings (a ping every 2 minutes, stale after the third unanswered) it took six minutes."""
+    import os
+    import signal
+
+    import nats.errors
+
+    from bus import connection
+
+    monkeypatch.setattr(connection, "PING_INTERVAL", 1)  # stale after ~3 s rather than ~30
+    options = connection.connect_options(Settings(data_dir=tmp_path, nats_url=server.url, nats_creds=server.bus_creds), "t")
+    nc = await nats.connect(**options)
+    other = await nats.connect(server.url, **server.connect_options())
+    try:
+        sub = await nc.subscribe("stale.test")
+        await nc.flush()
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.flush(timeout=1)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        # The late PONG has ended nats-py's reading of the connection; the next message is read
+        # only on the connection that replaces it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        received = None
+        while received is None:
+            assert loop.time() < deadline, "the connection still reads nothing"
+            await other.publish("stale.test", b"after")
+            try:
+                received = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                continue
+        assert received.data == b"after"
+    finally:
+        await other.close()
+        await nc.close()
