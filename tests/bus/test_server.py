@@ -199,3 +199,11 @@ async def test_a_connection_that_stopped_reading_is_found_stale_and_reconnected(
     finally:
         await other.close()
         await nc.close()
+
+
+async def test_the_bus_and_its_gatekeepers_connect_with_those_pings(bus: Bus) -> None:
+    """The ping settings reach the connection FastStream's broker makes (the bus's and each
+    gatekeeper process's), not only ``nats.connect``'s."""
+    from bus.connection import MAX_OUTSTANDING_PINGS, PING_INTERVAL
+
+    assert (bus.nc.options["ping_interval"], bus.nc.options["max_outstanding_pings"]) == (PING_INTERVAL, MAX_OUTSTANDING_PINGS)
