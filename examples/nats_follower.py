@@ -122,8 +122,10 @@ async def follow(url: str, creds: str, institution: str, subjects: list[str], co
     async def take(msg: Msg) -> None:
         await live.put(msg)
 
+    # A ping every 10 s, and a connection the network cut without closing it is reconnected (and
+    # what it missed read over HTTP) within ~30 s, not the six minutes of nats-py's defaults.
     nc = await nats.connect(url, user_credentials=creds, inbox_prefix=f"_INBOX.{institution}", error_cb=error,
-                            reconnected_cb=reconnected)
+                            reconnected_cb=reconnected, ping_interval=10, max_outstanding_pings=2)
     try:
         for subject in subjects:
             await nc.subscribe(subject, cb=take)

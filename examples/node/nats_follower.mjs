@@ -31,6 +31,9 @@ async function follow(url, creds, institution, subjects, count) {
     servers: url,
     authenticator: credsAuthenticator(readFileSync(creds)),
     inboxPrefix: `_INBOX.${institution}`,
+    // A connection the network cut without closing it is found out within ~30 s, not minutes.
+    pingInterval: 10_000,
+    maxPingOut: 2,
   });
   const decoder = new TextDecoder();
   let printed = 0;
