@@ -172,18 +172,22 @@ class RegistrationWaitlisted(EventData):
     participant: InstitutionId | None = None
 
 
+RegistrationRefusalCode = Literal[
+    "unknown_day",
+    "after_deadline",
+    "day_cancelled",
+    "already_registered",
+    "unknown_registration",
+    "not_participant",
+    "exceeds_capacity",
+]
+"""The registration workflow's refusal codes (the rules decide them; the catalog carries them)."""
+
+
 class RegistrationRefusal(Reason):
     """Why a registration (or its cancellation) was refused."""
 
-    code: Literal[
-        "unknown_day",
-        "after_deadline",
-        "day_cancelled",
-        "already_registered",
-        "unknown_registration",
-        "not_participant",
-        "exceeds_capacity",
-    ]
+    code: RegistrationRefusalCode
 
 
 class RegistrationRejected(EventData):

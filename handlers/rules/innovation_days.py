@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from handlers.rules import Refusal
+from schemas.innovation_days import RegistrationRefusalCode
 
 __all__ = [
     "MEETINGS_PER_FUNDER",
@@ -61,15 +62,7 @@ SLOT_LENGTH = timedelta(minutes=20)
 
 DayStatus = Literal["scheduled", "cancelled", "held"]
 SeatStatus = Literal["confirmed", "waitlisted"]
-RefusalCode = Literal[
-    "unknown_day",
-    "after_deadline",
-    "day_cancelled",
-    "already_registered",
-    "unknown_registration",
-    "not_participant",
-    "exceeds_capacity",
-]
+RefusalCode = RegistrationRefusalCode
 
 
 @dataclass(frozen=True)
