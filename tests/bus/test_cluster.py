@@ -1,0 +1,108 @@
+"""A bus on a replicated log: three nats-servers in a cluster, ``COLLABBUS_STREAM_REPLICAS=3``
+(README, Operations: the deployment a standby is for)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlmodel import Session
+
+from bus.client import offer
+from bus.runtime import Bus
+from bus.server import free_port
+from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from handlers.tokens import issue
+from ops.settings import Settings
+from ops.tracing import Tracing
+from tests.cluster import NatsCluster
+from tests.conftest import OPERATOR, join, unique
+
+MEMBER = "fi-cluster-member"
+
+
+async def offered(bus: Bus, project_id: str) -> int:
+    """Register a project, offering it again (the same id) while the log answers that it is
+    unavailable — a stream electing its leader — as a partner does; returns its place in the log."""
+    event = {
+        "specversion": "1.0", "id": f"register-{project_id}", "source": f"/institutions/{MEMBER}",
+        "type": "project.registered", "subject": project_id,
+        "data": {"project_id": project_id, "title": {"en": project_id}, "owner": MEMBER, "status": "active"},
+    }
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        verdict = await offer(bus.nc, MEMBER, event, timeout=5)
+        if verdict.accepted:
+            assert verdict.seq is not None
+            return verdict.seq
+        assert verdict.reason == "unavailable", verdict.as_dict()
+        assert loop.time() < deadline, f"the log stayed unavailable: {verdict.as_dict()}"
+        await asyncio.sleep(0.25)
+
+
+async def applied(bus: Bus, seq: int) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while (await asyncio.to_thread(bus.service.position)) < seq:
+        assert loop.time() < deadline, f"#{seq} was not applied"
+        await asyncio.sleep(0.1)
+
+
+async def listed(client: httpx.AsyncClient, token: str) -> list[dict[str, Any]]:
+    """Every project registration in the log, page by page over ``GET /events``."""
+    items: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page = await client.get("/events", params={"type": "project.registered", "after_seq": after, "limit": 7},
+                                headers={"Authorization": f"Bearer {token}"})
+        assert page.status_code == 200, page.text
+        body = page.json()
+        items += body["items"]
+        if body["next_cursor"] is None:
+            return items
+        after = int(body["next_cursor"])
+
+
+@pytest.mark.timeout(240)
+async def test_a_bus_on_a_three_node_cluster_keeps_its_log_through_the_loss_of_the_logs_leader(tmp_path: Path) -> None:
+    cluster = NatsCluster(tmp_path / "cluster")
+    await cluster.start()
+    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=cluster.urls, stream_replicas=3, operator=OPERATOR,
+                       http=f"127.0.0.1:{free_port()}"), tracing=Tracing.off())
+    try:
+        await bus.start()
+        await bus.start_http()
+        assert bus.http is not None and bus.engine is not None
+        for stream in (EVENTS_STREAM, DLQ_STREAM):
+            info = await bus.js.stream_info(stream)
+            assert info.config.num_replicas == 3 and info.cluster is not None
+            assert len(info.cluster.replicas or []) == 2, info.cluster
+        await join(bus.nc, MEMBER, "ngo")
+        with Session(bus.engine) as session:
+            token = issue(session, MEMBER)
+            session.commit()
+        before = [await offered(bus, unique("p")) for _ in range(10)]
+        await applied(bus, before[-1])
+
+        leader = (await bus.js.stream_info(EVENTS_STREAM)).cluster.leader  # type: ignore[union-attr]
+        assert leader is not None
+        cluster.kill(cluster.node(leader))  # the log's leader, and with it maybe the bus's own connection
+        after = [await offered(bus, unique("p")) for _ in range(10)]
+        await applied(bus, after[-1])
+
+        info = await bus.js.stream_info(EVENTS_STREAM)
+        assert info.cluster is not None and info.cluster.leader not in (None, leader)
+        async with httpx.AsyncClient(base_url=bus.http.url, timeout=30) as client:
+            items = await listed(client, token)
+            assert [item["seq"] for item in items] == before + after  # every one, once each, in the log's order
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            project = await client.get(f"/projects/{items[-1]['event']['subject']}", headers={"Authorization": f"Bearer {token}"})
+            assert project.status_code == 200 and project.json()["owner"] == MEMBER
+    finally:
+        await bus.stop()
+        cluster.stop()
