@@ -77,7 +77,7 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_through_the_loss_of_t
         await bus.start()
         await bus.start_http()
         assert bus.http is not None and bus.engine is not None
-        for stream in (EVENTS_STREAM, DLQ_STREAM):
+        for stream in (EVENTS_STREAM, DLQ_STREAM, "KV_collabbus_buses"):  # (the last: the buses' leases on the log)
             info = await bus.js.stream_info(stream)
             assert info.config.num_replicas == 3 and info.cluster is not None
             assert len(info.cluster.replicas or []) == 2, info.cluster
