@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import re
+from contextlib import aclosing
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -12,6 +13,7 @@ from typing import Any
 import orjson
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NotFoundError
 
 from bus.streams import EVENTS_STREAM
@@ -143,24 +145,45 @@ async def stored(
     at a time with one request each (a page of the log: one round trip, not one per message).
 
     Direct gets need the stream's ``allow_direct`` (the bus's streams have it), and any replica
-    of the stream answers them: one a moment behind its leader may not have the newest messages
-    yet. ``from_leader`` (for a replicated stream whose reader must see everything acknowledged)
-    and a server older than 2.11 ask the leader for each message on its own."""
-    nc = js._nc
-    version = nc.connected_server_version
-    if from_leader or (version.major, version.minor) < DIRECT_BATCH_SINCE:
-        async for message in _stored_one_by_one(js, stream, subject, start_seq):
-            yield message
-        return
-    request_subject = f"{js._prefix}.DIRECT.GET.{stream}"
+    of the stream answers them from its copy: one a moment behind its leader may not have the
+    newest messages yet. ``from_leader`` is for a reader of a replicated stream that must see
+    everything acknowledged: a replica's copy is the beginning of the leader's, so once the copy
+    has no more, the leader is asked whether anything follows (one request when nothing does),
+    and what does is read from the leader; so is everything when no replica answers in time. A
+    server older than 2.11 is asked for each message on its own."""
+    version = js._nc.connected_server_version
     seq = max(start_seq, 1)
+    if (version.major, version.minor) >= DIRECT_BATCH_SINCE:
+        async with aclosing(_stored_in_batches(js, stream, subject, seq, batch, fallback=from_leader)) as batches:
+            async for message in batches:
+                seq = message.seq + 1
+                yield message
+        if not from_leader:
+            return
+    async for message in _stored_one_by_one(js, stream, subject, seq):
+        yield message
+
+
+async def _stored_in_batches(
+    js: JetStreamContext, stream: str, subject: str, seq: int, batch: int, *, fallback: bool,
+) -> AsyncGenerator[StoredMessage, None]:
+    """Batched direct gets from ``seq`` on until the answering server has no more; ``fallback``:
+    a request nobody answers (in time) ends the reading instead of failing it (the caller reads
+    the rest from the leader)."""
+    nc = js._nc
+    request_subject = f"{js._prefix}.DIRECT.GET.{stream}"
     sub = await nc.subscribe(nc.new_inbox())  # each batch is read to its end before the next is asked for
     try:
         while True:
             await nc.publish(request_subject, orjson.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}),
                              reply=sub.subject)
             while True:
-                msg = await sub.next_msg(timeout=js._timeout)
+                try:
+                    msg = await sub.next_msg(timeout=js._timeout)
+                except NatsTimeoutError:
+                    if fallback:
+                        return
+                    raise
                 headers = dict(msg.headers or {})
                 status = headers.get("Status")
                 if status == "404":  # nothing (more) at or after seq on the subject
@@ -169,6 +192,8 @@ async def stored(
                     if int(headers.get("Nats-Num-Pending") or 0) == 0:
                         return
                     break
+                if status == "503" and fallback:  # no responders: nobody serves direct gets of the stream
+                    return
                 if status:
                     raise APIError(code=int(status), description=headers.get("Description") or f"direct get of {stream} failed")
                 message = StoredMessage(int(headers["Nats-Sequence"]), headers["Nats-Subject"], headers, msg.data)

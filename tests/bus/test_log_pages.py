@@ -4,12 +4,15 @@ nats-server: what ``GET /events`` and ``collabbus dlq list`` page with."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 from contextlib import aclosing
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
+from nats.js.errors import APIError
 
 from bus import log
 from bus.server import EmbeddedNats
@@ -111,12 +114,50 @@ async def test_a_server_without_batched_direct_gets_is_read_one_message_at_a_tim
     assert requested.count(f"$JS.API.STREAM.MSG.GET.{STREAM}") == len(batched) + 1  # and one finding no more
 
 
-async def test_a_reader_that_must_see_all_that_was_acknowledged_asks_the_leader(nc: Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any replica answers a direct get; the leader answers the stream API's own get."""
-    sequences = await fill(nc, 6)
+async def test_a_reader_that_must_see_all_that_was_acknowledged_asks_the_leader_what_follows(
+    nc: Client, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any replica answers a direct get, from its copy of the stream; the leader answers the
+    stream API's own get. A reader that must see all that was acknowledged (a replicated log's)
+    reads in batches, then asks the leader whether anything follows: one request, not one per
+    message."""
+    sequences = await fill(nc, 30)
     requested = count_requests(nc, monkeypatch)
-    found = []
-    async for message in log.stored(nc.jetstream(), STREAM, "pagetest.a", batch=50, from_leader=True):
-        found.append(message.seq)
+    found = [message.seq async for message in log.stored(nc.jetstream(), STREAM, "pagetest.a", batch=4, from_leader=True)]
     assert found == sequences["pagetest.a"]
-    assert requested == [f"$JS.API.STREAM.MSG.GET.{STREAM}"] * (len(found) + 1)
+    assert requested == [f"$JS.API.STREAM.MSG.GET.{STREAM}"]  # (the batches are published, not requested)
+
+
+async def test_what_a_replica_does_not_have_yet_is_read_from_the_leader(nc: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica a moment behind its leader answers with the beginning of the stream only: the
+    rest comes from the leader. A stream whose replicas do not answer direct gets (not in time,
+    or none serves them) is read from the leader whole."""
+    sequences = await fill(nc, 20)
+    batches = log._stored_in_batches
+
+    async def behind(*args: Any, **kwargs: Any) -> AsyncIterator[log.StoredMessage]:
+        async with aclosing(batches(*args, **kwargs)) as messages:
+            async for message in messages:
+                if message.seq > 11:  # the replica's copy ends here
+                    return
+                yield message
+
+    monkeypatch.setattr(log, "_stored_in_batches", behind)
+    found = [m.seq async for m in log.stored(nc.jetstream(), STREAM, "pagetest.b", batch=3, from_leader=True)]
+    assert found == sequences["pagetest.b"]
+    assert [m.seq async for m in log.stored(nc.jetstream(), STREAM, "pagetest.b", batch=3)] == [s for s in sequences["pagetest.b"] if s <= 11]
+    monkeypatch.setattr(log, "_stored_in_batches", batches)
+
+    js = nc.jetstream(timeout=0.5)
+    await js.update_stream(StreamConfig(name=STREAM, subjects=["pagetest.>"], allow_direct=False))
+    silent = await nc.subscribe(f"$JS.API.DIRECT.GET.{STREAM}")  # a replica that takes requests and says nothing
+    requested = count_requests(nc, monkeypatch)
+    assert [m.seq async for m in log.stored(js, STREAM, "pagetest.a", batch=3, from_leader=True)] == sequences["pagetest.a"]
+    assert requested.count(f"$JS.API.STREAM.MSG.GET.{STREAM}") == len(sequences["pagetest.a"]) + 1
+    with pytest.raises(nats.errors.TimeoutError):  # a reader content with a replica's copy is told
+        [m async for m in log.stored(js, STREAM, "pagetest.a", batch=3)]
+    await silent.unsubscribe()
+    # Nobody serving direct gets at all (no responders): the same.
+    assert [m.seq async for m in log.stored(js, STREAM, "pagetest.a", batch=3, from_leader=True)] == sequences["pagetest.a"]
+    with pytest.raises(APIError):
+        [m async for m in log.stored(js, STREAM, "pagetest.a", batch=3)]
