@@ -22,6 +22,7 @@ from tests.cluster import NatsCluster
 from tests.conftest import OPERATOR, join, unique
 
 MEMBER = "fi-cluster-member"
+LEASES = "KV_collabbus_buses"
 
 
 async def offered(bus: Bus, project_id: str) -> int:
@@ -42,6 +43,19 @@ async def offered(bus: Bus, project_id: str) -> int:
         assert verdict.reason == "unavailable", verdict.as_dict()
         assert loop.time() < deadline, f"the log stayed unavailable: {verdict.as_dict()}"
         await asyncio.sleep(0.25)
+
+
+async def caught_up(bus: Bus, node: str) -> None:
+    """Until ``node`` is a current replica of the log and of the leases' bucket again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    for stream in (EVENTS_STREAM, LEASES):
+        while True:
+            replicas = (await bus.js.stream_info(stream)).cluster.replicas or []  # type: ignore[union-attr]
+            if any(peer.name == node and peer.current for peer in replicas):
+                break
+            assert loop.time() < deadline, f"{node} did not catch up on {stream}: {replicas}"
+            await asyncio.sleep(0.2)
 
 
 async def applied(bus: Bus, seq: int) -> None:
@@ -68,7 +82,7 @@ async def listed(client: httpx.AsyncClient, token: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.timeout(240)
-async def test_a_bus_on_a_three_node_cluster_keeps_its_log_through_the_loss_of_the_logs_leader(tmp_path: Path) -> None:
+async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through_the_loss_of_their_leaders(tmp_path: Path) -> None:
     cluster = NatsCluster(tmp_path / "cluster")
     await cluster.start()
     bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=cluster.urls, stream_replicas=3, operator=OPERATOR,
@@ -77,7 +91,7 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_through_the_loss_of_t
         await bus.start()
         await bus.start_http()
         assert bus.http is not None and bus.engine is not None
-        for stream in (EVENTS_STREAM, DLQ_STREAM, "KV_collabbus_buses"):  # (the last: the buses' leases on the log)
+        for stream in (EVENTS_STREAM, DLQ_STREAM, LEASES):
             info = await bus.js.stream_info(stream)
             assert info.config.num_replicas == 3 and info.cluster is not None
             assert len(info.cluster.replicas or []) == 2, info.cluster
@@ -96,6 +110,17 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_through_the_loss_of_t
 
         info = await bus.js.stream_info(EVENTS_STREAM)
         assert info.cluster is not None and info.cluster.leader not in (None, leader)
+
+        # The lost node comes back and catches up; then the node leading the bucket of the buses'
+        # leases goes: the bus's renewals fail until another leads it, and the bus keeps its lease.
+        cluster.start_node(cluster.node(leader))
+        await caught_up(bus, leader)
+        lease_leader = (await bus.js.stream_info(LEASES)).cluster.leader  # type: ignore[union-attr]
+        assert lease_leader is not None
+        cluster.kill(cluster.node(lease_leader))
+        after += [await offered(bus, unique("p")) for _ in range(10)]
+        await applied(bus, after[-1])
+        assert not bus.lost_lease.is_set() and bus.lease is not None
         async with httpx.AsyncClient(base_url=bus.http.url, timeout=30) as client:
             items = await listed(client, token)
             assert [item["seq"] for item in items] == before + after  # every one, once each, in the log's order
