@@ -332,33 +332,52 @@ class Lease:
                     on_wait: Callable[[dict[str, Any]], Any] | None) -> None:
         seen: tuple[int, float] | None = None  # (revision, when first seen)
         waited = False
+        unanswered = False
         while True:
             sent = clock()
             try:
-                self._revision, self._renewed = await kv.create(self.name, self._value()), sent
-                return
-            except KeyWrongLastSequenceError:
-                pass
-            try:
-                entry = await kv.get(self.name)
-            except KeyNotFoundError:
-                await asyncio.sleep(0.05)
-                continue  # deleted meanwhile: create again
-            stop_if_cancelled()  # (nats-py's requests can swallow a cancellation: see bus.tasks)
-            holder = _holder(entry.value)
-            revision = entry.revision or 0
-            now = clock()
-            if seen is None or seen[0] != revision:
-                seen = (revision, now)
-            if _ended_here(holder) or now - seen[1] >= self.stale_after:
-                sent = clock()
                 try:
-                    self._revision, self._renewed = await kv.update(self.name, self._value(), last=revision), sent
+                    self._revision, self._renewed = await kv.create(self.name, self._value()), sent
+                    return
                 except KeyWrongLastSequenceError:
+                    pass
+                try:
+                    entry = await kv.get(self.name)
+                except KeyNotFoundError:
                     await asyncio.sleep(0.05)
-                    continue  # another bus took it first (or the holder renewed)
-                log.warning("lease %s: took it over from %s, which no longer renewed it", self.name, describe(holder))
-                return
+                    continue  # deleted meanwhile: create again
+                stop_if_cancelled()  # (nats-py's requests can swallow a cancellation: see bus.tasks)
+                holder = _holder(entry.value)
+                revision = entry.revision or 0
+                now = clock()
+                if seen is None or seen[0] != revision:
+                    seen = (revision, now)
+                if _ended_here(holder) or now - seen[1] >= self.stale_after:
+                    sent = clock()
+                    try:
+                        self._revision, self._renewed = await kv.update(self.name, self._value(), last=revision), sent
+                    except KeyWrongLastSequenceError:
+                        await asyncio.sleep(0.05)
+                        continue  # another bus took it first (or the holder renewed)
+                    log.warning("lease %s: took it over from %s, which no longer renewed it", self.name, describe(holder))
+                    return
+                if unanswered:
+                    log.info("lease %s: the leases answer again", self.name)
+                    unanswered = False
+            except (asyncio.CancelledError, ConnectionClosedError):
+                raise
+            except NatsError as exc:
+                # The leases do not answer (their bucket electing a leader, NATS away): wait on. The
+                # holder cannot be seen renewing meanwhile, so that time does not count towards its
+                # staleness: it is measured again from the first answer.
+                if not unanswered:
+                    log.warning("lease %s: the leases do not answer (%s); waiting on", self.name, exc)
+                unanswered = True
+                seen = None
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(min(0.25, self.renew_every / 2))
+                continue
             if deadline is not None and loop.time() >= deadline:
                 if holder.get("role") == "rebuild":
                     raise LogHeld(f"{describe(holder)} is replaying the log into the read models: start the bus once "

@@ -134,3 +134,47 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through
     finally:
         await bus.stop()
         cluster.stop()
+
+
+@pytest.mark.timeout(240)
+async def test_a_standby_waits_on_through_the_loss_of_the_lease_buckets_leader_and_takes_over_when_the_bus_goes(
+    tmp_path: Path,
+) -> None:
+    """Two buses on the cluster and one database, the second waiting to take over. The node
+    leading the leases' bucket goes: for seconds nobody can read or write the lease. The standby
+    keeps waiting (it gave up with the bucket's first error), and does not take the time it could
+    not look for time the bus did not renew: once the bucket answers again the bus renews and
+    keeps the log. When the bus stops, the standby takes over."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    await cluster.start()
+    common: dict[str, Any] = {"nats_url": cluster.urls, "stream_replicas": 3, "operator": OPERATOR,
+                              "database_url": f"sqlite:///{tmp_path / 'shared.db'}"}
+    first = Bus(Settings(data_dir=tmp_path / "first", http=f"127.0.0.1:{free_port()}", **common), tracing=Tracing.off())
+    second = Bus(Settings(data_dir=tmp_path / "second", http=f"127.0.0.1:{free_port()}", **common), tracing=Tracing.off())
+    waiting: asyncio.Task[None] | None = None
+    try:
+        await first.start()
+        await second.start(state=False)
+        waiting = asyncio.create_task(second.take_lease(patience=None))
+        await asyncio.sleep(1.5)
+        assert not waiting.done()
+        lease_leader = (await first.js.stream_info(LEASES)).cluster.leader  # type: ignore[union-attr]
+        assert lease_leader is not None
+        cluster.kill(cluster.node(lease_leader))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while first.lease is None or not first.lease.fresh or loop.time() < deadline - 50:  # (10 s at least)
+            assert not waiting.done(), waiting.exception() if not waiting.cancelled() else "cancelled"
+            assert loop.time() < deadline, "the bus did not renew its lease again"
+            await asyncio.sleep(0.2)
+        assert not first.lost_lease.is_set() and not waiting.done()
+        await first.stop()  # (gives the lease up)
+        await asyncio.wait_for(waiting, 30)
+        assert second.lease is not None and second.lease.held
+    finally:
+        if waiting is not None and not waiting.done():
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+        await second.stop()
+        await first.stop()
+        cluster.stop()

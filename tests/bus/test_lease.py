@@ -100,6 +100,49 @@ async def test_a_lease_nobody_renews_is_taken_over(server: EmbeddedNats) -> None
         await nc.close()
 
 
+async def test_a_takeover_whose_answer_was_lost_holds_the_lease(server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write taking a stale lease over went through, but its answer was lost (the bucket
+    electing a leader, a cut): the taker waits on, finds its own value in the key — a lease of
+    this process that nothing renews — and holds it at once, rather than waiting for itself to
+    stand still."""
+    from nats.js.errors import NoStreamResponseError
+
+    from bus import lease as lease_module
+
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        js = nc.jetstream()
+        name = unique("lease")
+        await (await bucket(js)).put(name, orjson.dumps({"host": "another-host", "pid": 1, "token": "x"}))
+        lost: list[int] = []
+
+        async def answers_lost_once(js: Any, *, replicas: int = 1) -> KeyValue:
+            kv = await bucket(js, replicas=replicas)
+            update = kv.update
+
+            async def update_answer_lost(key: str, value: bytes, last: int | None = None) -> int:
+                revision = await update(key, value, last=last)
+                if not lost:
+                    lost.append(revision)
+                    raise NoStreamResponseError
+                return revision
+
+            kv.update = update_answer_lost  # type: ignore[method-assign,assignment]
+            return kv
+
+        monkeypatch.setattr(lease_module, "bucket", answers_lost_once)
+        taker = Lease(js, name, stale_after=3.0, renew_every=0.2)
+        started = time.monotonic()
+        await taker.take(patience=20)
+        assert lost and time.monotonic() - started < 5.0  # (3 s standing still, not 3 more after its own write)
+        assert taker.held and (await holder_of(js, name) or {}).get("token") == taker.me["token"]
+        await asyncio.sleep(0.5)
+        assert taker.held and not taker.lost  # and it renews from the revision its write made
+        await taker.release()
+    finally:
+        await nc.close()
+
+
 @contextlib.asynccontextmanager
 async def _renewing_holder(server: EmbeddedNats) -> AsyncIterator[tuple[Any, KeyValue, Lease, list[dict[str, Any]]]]:
     """A lease held and renewed every 0.2 s on a connection of its own, and what its ``on_lost``
