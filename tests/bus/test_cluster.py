@@ -25,18 +25,18 @@ MEMBER = "fi-cluster-member"
 LEASES = "KV_collabbus_buses"
 
 
-async def offered(bus: Bus, project_id: str) -> int:
+async def offered(bus: Bus, project_id: str, member: str = MEMBER) -> int:
     """Register a project, offering it again (the same id) while the log answers that it is
     unavailable — a stream electing its leader — as a partner does; returns its place in the log."""
     event = {
-        "specversion": "1.0", "id": f"register-{project_id}", "source": f"/institutions/{MEMBER}",
+        "specversion": "1.0", "id": f"register-{project_id}", "source": f"/institutions/{member}",
         "type": "project.registered", "subject": project_id,
-        "data": {"project_id": project_id, "title": {"en": project_id}, "owner": MEMBER, "status": "active"},
+        "data": {"project_id": project_id, "title": {"en": project_id}, "owner": member, "status": "active"},
     }
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     while True:
-        verdict = await offer(bus.nc, MEMBER, event, timeout=5)
+        verdict = await offer(bus.nc, member, event, timeout=5)
         if verdict.accepted:
             assert verdict.seq is not None
             return verdict.seq
@@ -121,6 +121,11 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through
         after += [await offered(bus, unique("p")) for _ in range(10)]
         await applied(bus, after[-1])
         assert not bus.lost_lease.is_set() and bus.lease is not None
+        # A member admitted now is known to the gate (it learns members from the log's copies).
+        newcomer = unique("fi-new").lower()
+        await join(bus.nc, newcomer, "ngo")
+        after.append(await offered(bus, unique("p"), newcomer))
+        await applied(bus, after[-1])
         async with httpx.AsyncClient(base_url=bus.http.url, timeout=30) as client:
             items = await listed(client, token)
             assert [item["seq"] for item in items] == before + after  # every one, once each, in the log's order
@@ -130,7 +135,7 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through
                 assert loop.time() < deadline, ready.text                     # cluster has its meta leader again)
                 await asyncio.sleep(0.2)
             project = await client.get(f"/projects/{items[-1]['event']['subject']}", headers={"Authorization": f"Bearer {token}"})
-            assert project.status_code == 200 and project.json()["owner"] == MEMBER
+            assert project.status_code == 200 and project.json()["owner"] == newcomer
     finally:
         await bus.stop()
         cluster.stop()
