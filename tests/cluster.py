@@ -14,7 +14,7 @@ from pathlib import Path
 import nats
 import nats.errors
 
-from bus.server import find_binary, free_port
+from bus.server import find_binary, free_port, stop_with_parent
 
 
 @dataclass
@@ -63,7 +63,7 @@ class NatsCluster:
         ]) + "\n")
         log = open(node.log, "ab")
         node.process = subprocess.Popen([str(find_binary()), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=stop_with_parent)  # (no orphan if the test dies)
         log.close()
 
     def kill(self, node: Node) -> None:

@@ -137,8 +137,10 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through
             project = await client.get(f"/projects/{items[-1]['event']['subject']}", headers={"Authorization": f"Bearer {token}"})
             assert project.status_code == 200 and project.json()["owner"] == newcomer
     finally:
-        await bus.stop()
-        cluster.stop()
+        try:
+            await bus.stop()
+        finally:
+            cluster.stop()
 
 
 @pytest.mark.timeout(240)
@@ -180,6 +182,8 @@ async def test_a_standby_waits_on_through_the_loss_of_the_lease_buckets_leader_a
         if waiting is not None and not waiting.done():
             waiting.cancel()
             await asyncio.gather(waiting, return_exceptions=True)
-        await second.stop()
-        await first.stop()
-        cluster.stop()
+        try:
+            await second.stop()
+            await first.stop()
+        finally:
+            cluster.stop()
