@@ -23,9 +23,16 @@ import httpx
 
 
 def offer(client: httpx.Client, event: dict) -> int:
+    # Over the member's rate (429), or the log cannot take it just now (503: electing a leader after
+    # a server was lost): wait as told and send the same event again — safe, it is one event — for
+    # up to 30 seconds.
+    give_up_at = time.monotonic() + 30
     answer = client.post("/events", json=event)
-    if answer.status_code == 429:  # over the member's rate: wait as told, then once more
-        time.sleep(float(answer.headers.get("Retry-After", "1")))
+    while answer.status_code in (429, 503):
+        wait = float(answer.headers.get("Retry-After", "1"))
+        if time.monotonic() + wait > give_up_at:
+            break
+        time.sleep(wait)
         answer = client.post("/events", json=event)
     body = answer.json()
     if answer.status_code != 202:

@@ -15,6 +15,10 @@ nothing of collabbus, so the same steps carry over to a NATS client in any langu
 - The reply is the verdict: ``{"status": "accepted", "id", "seq", "duplicate"}``, or
   ``{"status": "rejected", "id", "errors": [{"loc", "msg", "type"}]}``. Sending the same event
   again is safe: it answers ``duplicate: true`` with the same ``seq``.
+- So an offer the network cannot take just now — ``"reason": "unavailable"`` (the log electing a
+  leader after a server was lost, your institution over its rate: then ``retry_after`` says how
+  long), no verdict in time, no gatekeeper listening — is sent again, the same event, for up to
+  30 seconds. Any other rejection is final: the event needs mending.
 
 Exit code: 0 accepted, 1 rejected, 2 for anything else. A place to start from, not a library.
 """
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 
 
 def percent_encoded(value: str) -> str:
@@ -45,6 +50,10 @@ def binary(event: dict[str, Any]) -> tuple[dict[str, str], bytes]:
     return headers, json.dumps(event["data"], ensure_ascii=False).encode("utf-8")
 
 
+RETRY_FOR = 30.0
+"""Seconds an offer the network cannot take just now is sent again."""
+
+
 async def offer(url: str, creds: str, institution: str, event: dict[str, Any], *, binary_mode: bool) -> int:
     nc = await nats.connect(url, user_credentials=creds, inbox_prefix=f"_INBOX.{institution}")
     try:
@@ -54,10 +63,29 @@ async def offer(url: str, creds: str, institution: str, event: dict[str, Any], *
         else:
             headers = {"Content-Type": "application/cloudevents+json"}
             body = json.dumps(event, ensure_ascii=False).encode("utf-8")
-        reply = await nc.request(subject, body, headers=headers, timeout=10)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + RETRY_FOR
+        while True:
+            verdict: dict[str, Any] | None = None
+            try:
+                reply = await nc.request(subject, body, headers=headers, timeout=10)
+                verdict = json.loads(reply.data)
+                if verdict["status"] == "accepted" or verdict.get("reason") != "unavailable":
+                    break
+                wait, why = float(verdict.get("retry_after") or 1.0), verdict["errors"][0]["msg"]
+            except nats.errors.NoRespondersError:
+                wait, why = 1.0, "no gatekeeper is listening"
+            except nats.errors.TimeoutError:
+                wait, why = 1.0, "no verdict within 10 s"
+            if loop.time() + wait > give_up_at:
+                if verdict is None:
+                    print(f"not offered: {why}")
+                    return 2
+                break
+            print(f"not taken just now ({why}); sending it again in {wait:g} s", file=sys.stderr)
+            await asyncio.sleep(wait)
     finally:
         await nc.close()
-    verdict = json.loads(reply.data)
     if verdict["status"] == "accepted":
         print(f"accepted as #{verdict['seq']}" + (" (sent before: the same event)" if verdict["duplicate"] else ""))
         return 0

@@ -26,9 +26,15 @@ async function post(event) {
 }
 
 async function offer(event) {
+  // Over the member's rate (429), or the log cannot take it just now (503: electing a leader after
+  // a server was lost): wait as told and send the same event again — safe, it is one event — for
+  // up to 30 seconds.
+  const giveUpAt = Date.now() + 30_000;
   let answer = await post(event);
-  if (answer.status === 429) { // over the member's rate: wait as told, then once more
-    await sleep(1000 * Number(answer.headers.get("Retry-After") ?? "1"));
+  while (answer.status === 429 || answer.status === 503) {
+    const wait = 1000 * Number(answer.headers.get("Retry-After") ?? "1");
+    if (Date.now() + wait > giveUpAt) break;
+    await sleep(wait);
     answer = await post(event);
   }
   const body = await answer.json();

@@ -14,12 +14,19 @@
 // - The reply is the verdict: {"status": "accepted", "id", "seq", "duplicate"}, or
 //   {"status": "rejected", "id", "errors": [{"loc", "msg", "type"}]}. Sending the same event again
 //   is safe: it answers duplicate: true with the same seq.
+// - So an offer the network cannot take just now — "reason": "unavailable" (the log electing a
+//   leader after a server was lost, your institution over its rate: then retry_after says how
+//   long), no verdict in time, no gatekeeper listening — is sent again, the same event, for up to
+//   30 seconds. Any other rejection is final: the event needs mending.
 //
 // Exit code: 0 accepted, 1 rejected, 2 for anything else. A place to start from, not a library.
 
 import { readFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
-import { connect, credsAuthenticator, headers as natsHeaders } from "nats";
+import { connect, credsAuthenticator, ErrorCode, headers as natsHeaders } from "nats";
+
+/** Milliseconds an offer the network cannot take just now is sent again. */
+const RETRY_FOR_MS = 30_000;
 
 const utf8 = new TextEncoder();
 
@@ -50,7 +57,7 @@ async function offer(url, creds, institution, event, binaryMode) {
     authenticator: credsAuthenticator(readFileSync(creds)),
     inboxPrefix: `_INBOX.${institution}`,
   });
-  let reply;
+  let verdict;
   try {
     const subject = `collab.ingress.${institution}.${event.type}`; // the type is <domain>.<event>
     let message;
@@ -61,11 +68,34 @@ async function offer(url, creds, institution, event, binaryMode) {
       headers.set("Content-Type", "application/cloudevents+json");
       message = { headers, body: utf8.encode(JSON.stringify(event)) };
     }
-    reply = await nc.request(subject, message.body, { headers: message.headers, timeout: 10_000 });
+    const giveUpAt = Date.now() + RETRY_FOR_MS;
+    for (;;) {
+      let wait;
+      let why;
+      verdict = undefined;
+      try {
+        const reply = await nc.request(subject, message.body, { headers: message.headers, timeout: 10_000 });
+        verdict = JSON.parse(new TextDecoder().decode(reply.data));
+        if (verdict.status === "accepted" || verdict.reason !== "unavailable") break;
+        [wait, why] = [1000 * (verdict.retry_after ?? 1), verdict.errors[0].msg];
+      } catch (error) {
+        if (error.code === ErrorCode.NoResponders) [wait, why] = [1000, "no gatekeeper is listening"];
+        else if (error.code === ErrorCode.Timeout) [wait, why] = [1000, "no verdict within 10 s"];
+        else throw error;
+      }
+      if (Date.now() + wait > giveUpAt) {
+        if (verdict === undefined) {
+          console.log(`not offered: ${why}`);
+          return 2;
+        }
+        break;
+      }
+      console.error(`not taken just now (${why}); sending it again in ${wait / 1000} s`);
+      await new Promise((resolve) => setTimeout(resolve, wait));
+    }
   } finally {
     await nc.close();
   }
-  const verdict = JSON.parse(new TextDecoder().decode(reply.data));
   if (verdict.status === "accepted") {
     console.log(`accepted as #${verdict.seq}` + (verdict.duplicate ? " (sent before: the same event)" : ""));
     return 0;

@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 
 from bus.credentials import decode_jwt_claims
-from bus.server import free_port
+from bus.server import EmbeddedNats, free_port
 from handlers.confidential import CONFIDENTIAL, public_live_subjects
 from schemas import registry
 from tests.conftest import load_fixtures, unique
@@ -790,6 +790,61 @@ def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credential
 
     wrong = run_example({**registered({"tr": "x"}), "source": "/institutions/someone-else"}, "--binary")
     assert wrong.returncode == 1 and "rejected (forbidden)" in wrong.stdout and "source:" in wrong.stdout, wrong.stdout
+
+
+@pytest.mark.parametrize("language", ["python", "node"])
+async def test_the_nats_partner_example_offers_again_what_the_network_cannot_take_just_now(
+    server: EmbeddedNats, tmp_path: Path, language: str, request: pytest.FixtureRequest
+) -> None:
+    """A gatekeeper stands in, scripted, on a real nats-server: first the log is unavailable (as
+    while it elects a leader after a server was lost), then the event is accepted. The example
+    sends the same event again after the `retry_after` it was told, and reports it accepted. A
+    rejection for cause is final: sent once."""
+    import nats
+    from nats.aio.msg import Msg
+
+    example = [sys.executable, str(EXAMPLES / "nats_partner.py")] if language == "python" else request.getfixturevalue("node_example")
+    assert server.authority is not None
+    creds = tmp_path / "member.creds"
+    creds.write_text(server.authority.member_creds("fi-retry"))
+    unavailable = {"status": "rejected", "id": "retry-1", "reason": "unavailable", "retry_after": 0.2,
+                   "errors": [{"loc": [], "msg": "the event log did not confirm the event; retry with the same id",
+                               "type": "log_unavailable"}]}
+    accepted = {"status": "accepted", "id": "retry-1", "seq": 7, "duplicate": False}
+    forbidden = {"status": "rejected", "id": "retry-1", "reason": "forbidden",
+                 "errors": [{"loc": ["source"], "msg": "not a member", "type": "not_member"}]}
+    script: list[dict[str, Any]] = [unavailable, accepted]
+    offers: list[bytes] = []
+
+    async def gate(msg: Msg) -> None:
+        offers.append(msg.data)
+        await msg.respond(json.dumps(script[min(len(offers), len(script)) - 1]).encode())
+
+    event = {"specversion": "1.0", "id": "retry-1", "source": "/institutions/fi-retry", "type": "project.registered",
+             "subject": "p-retry", "data": {"project_id": "p-retry", "title": {"fi": "Uusi yritys"}, "owner": "fi-retry"}}
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event, ensure_ascii=False), encoding="utf-8")
+
+    async def run() -> tuple[int | None, str, str]:
+        process = await asyncio.create_subprocess_exec(*example, server.url, str(creds), "fi-retry", str(path),
+                                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        return process.returncode, out.decode(), err.decode()
+
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await nc.subscribe("collab.ingress.fi-retry.>", cb=gate)
+        await nc.flush()
+        code, out, err = await run()
+        assert code == 0 and "accepted as #7" in out, out + err
+        assert len(offers) == 2 and offers[0] == offers[1]  # the same event, sent again
+        assert "retry with the same id); sending it again in 0.2 s" in err, err
+        offers.clear()
+        script[:] = [forbidden]
+        code, out, err = await run()
+        assert code == 1 and "rejected (forbidden)" in out and len(offers) == 1, out + err
+    finally:
+        await nc.close()
 
 
 @pytest.mark.parametrize("language", ["python", "node"])

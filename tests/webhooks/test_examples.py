@@ -237,3 +237,57 @@ async def test_the_follower_example_prints_the_log_as_it_grows_and_goes_on_where
     position.write_text("not a number")
     garbled = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True, timeout=60)
     assert garbled.returncode == 2 and "holds no log sequence ('not a number'" in garbled.stderr.replace('"', "'"), garbled.stderr
+
+
+@pytest.mark.parametrize("language", ["python", "node"])
+def test_the_http_partner_example_sends_again_what_the_gateway_cannot_take_just_now(tmp_path: Path, language: str) -> None:
+    """A gateway stands in, scripted, on a real socket: the first offer is answered 503 with
+    `Retry-After` (the log electing a leader), the second accepted. The example waits as told,
+    sends the same event again and follows it to its outcome."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    offering, _ = commands(language)
+    posted: list[bytes] = []
+
+    class Scripted(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def answer(self, status: int, body: dict[str, Any], **headers: str) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/problem+json" if status >= 400 else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            posted.append(self.rfile.read(int(self.headers["Content-Length"])))
+            if len(posted) == 1:
+                self.answer(503, {"type": "urn:collabbus:problem:unavailable", "title": "Unavailable", "status": 503,
+                                  "detail": "the event log did not confirm the event; retry with the same id"},
+                            **{"Retry-After": "1"})
+            else:
+                self.answer(202, {"status": "accepted", "id": "again-1", "seq": 12, "duplicate": False})
+
+        def do_GET(self) -> None:
+            self.answer(200, {"seq": 12, "event": {}, "outcome": "applied", "refusal": None, "derived": [], "derived_pending": []})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        event = {"specversion": "1.0", "id": "again-1", "source": "/institutions/fi-again", "type": "project.registered",
+                 "subject": "p-again", "data": {"project_id": "p-again", "title": {"fi": "Uudestaan"}, "owner": "fi-again"}}
+        path = tmp_path / "event.json"
+        path.write_text(json.dumps(event, ensure_ascii=False), encoding="utf-8")
+        env = {**os.environ, "COLLABBUS_URL": f"http://127.0.0.1:{server.server_address[1]}", "COLLABBUS_TOKEN": "t"}
+        started = time.monotonic()
+        done = subprocess.run([*offering, str(path)], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "accepted as #12" in done.stdout and "applied" in done.stdout, done.stdout + done.stderr
+        assert len(posted) == 2 and posted[0] == posted[1] and time.monotonic() - started >= 1.0  # the same event, after the wait
+    finally:
+        server.shutdown()
+        server.server_close()
