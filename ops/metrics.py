@@ -98,6 +98,15 @@ class _Snapshot(Collector):
         events = self.status["streams"].get(EVENTS_STREAM)
         if events is not None:
             yield GaugeMetricFamily("collabbus_log_last_seq", "last sequence of the event log", value=events["last_seq"])
+        wanted = GaugeMetricFamily("collabbus_stream_replicas", "copies a stream of the bus is to have (COLLABBUS_STREAM_REPLICAS)",
+                                   labels=["stream"])
+        current = GaugeMetricFamily("collabbus_stream_replicas_current", "copies of a stream of the bus that are online and "
+                                    "caught up, its leader's included", labels=["stream"])
+        for name, stream in sorted(self.status["streams"].items()):
+            if stream is not None:
+                wanted.add_metric([name], stream["replicas"])
+                current.add_metric([name], stream.get("replicas_current", stream["replicas"]))
+        yield from (wanted, current)
         pending = GaugeMetricFamily("collabbus_consumer_pending", "logged events not yet delivered to a consumer group", labels=["consumer"])
         acks = GaugeMetricFamily("collabbus_consumer_ack_pending", "events delivered to a consumer group, not yet acknowledged", labels=["consumer"])
         lag = GaugeMetricFamily("collabbus_consumer_lag", "logged events a consumer group has not applied yet (pending + ack pending)", labels=["consumer"])

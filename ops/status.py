@@ -161,12 +161,26 @@ async def _stream(js: JetStreamContext, name: str) -> dict[str, Any] | None:
     except NotFoundError:
         return None
     state = info.state
+    replicas = info.config.num_replicas or 1
+    cluster = info.cluster
+    if cluster is None or replicas == 1:  # one copy, the server's own (or a server outside a cluster)
+        leader, behind = (cluster.leader if cluster is not None else None), []
+    else:  # the leader's copy and each follower's: one offline, or not caught up, is behind
+        leader = cluster.leader
+        peers = cluster.replicas or []
+        behind = sorted(peer.name or "(a replica)" for peer in peers if peer.offline or not peer.current)
+        behind += ["(a replica not placed)"] * max(0, replicas - 1 - len(peers))
+        if leader is None:
+            behind.append("(no leader)")
     return {
         "messages": state.messages,
         "bytes": state.bytes,
         "first_seq": state.first_seq,
         "last_seq": state.last_seq,
-        "replicas": info.config.num_replicas or 1,
+        "replicas": replicas,
+        "leader": leader,
+        "replicas_current": max(0, replicas - len(behind)),
+        "replicas_behind": behind,
         "consumers": state.consumer_count,
     }
 

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,31 @@ async def caught_up(bus: Bus, node: str) -> None:
             await asyncio.sleep(0.2)
 
 
+async def replicas_seen(client: httpx.AsyncClient, *, current: int, behind: list[str]) -> None:
+    """Until ``/ops/status`` says the log has ``current`` copies online and caught up (``behind``
+    naming the others), and ``/metrics`` says the same."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        status = await client.get("/ops/status")
+        log = status.json()["streams"][EVENTS_STREAM] if status.status_code == 200 else {}
+        metrics = (await client.get("/metrics")).text
+        counted = f'collabbus_stream_replicas_current{{stream="{EVENTS_STREAM}"}} {float(current)}' in metrics
+        if log.get("replicas_current") == current and log.get("replicas_behind") == behind and counted:
+            assert log["replicas"] == 3 and f'collabbus_stream_replicas{{stream="{EVENTS_STREAM}"}} 3.0' in metrics
+            return
+        assert loop.time() < deadline, (status.text, [line for line in metrics.splitlines() if "replicas" in line])
+        await asyncio.sleep(0.3)
+
+
+def status_table(bus: Bus) -> str:
+    """What ``collabbus status`` prints of the bus's streams."""
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(bus.settings.data_dir), "COLLABBUS_NATS_URL": bus.settings.nats_url or "",
+           "COLLABBUS_STREAM_REPLICAS": "3", "COLLABBUS_OPERATOR": OPERATOR, "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "ops", "status"], env=env, capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
 async def applied(bus: Bus, seq: int) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
@@ -110,11 +138,21 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through
 
         info = await bus.js.stream_info(EVENTS_STREAM)
         assert info.cluster is not None and info.cluster.leader not in (None, leader)
+        # The operator sees the copy that is gone: in the status, its table and the metrics.
+        with Session(bus.engine) as session:
+            operator = issue(session, OPERATOR)
+            session.commit()
+        async with httpx.AsyncClient(base_url=bus.http.url, timeout=30, headers={"Authorization": f"Bearer {operator}"}) as client:
+            await replicas_seen(client, current=2, behind=[leader])
+        shown = await asyncio.to_thread(status_table, bus)
+        assert f"2 of 3 current ({leader} behind)" in shown, shown
 
         # The lost node comes back and catches up; then the node leading the bucket of the buses'
         # leases goes: the bus's renewals fail until another leads it, and the bus keeps its lease.
         cluster.start_node(cluster.node(leader))
         await caught_up(bus, leader)
+        async with httpx.AsyncClient(base_url=bus.http.url, timeout=30, headers={"Authorization": f"Bearer {operator}"}) as client:
+            await replicas_seen(client, current=3, behind=[])
         lease_leader = (await bus.js.stream_info(LEASES)).cluster.leader  # type: ignore[union-attr]
         assert lease_leader is not None
         cluster.kill(cluster.node(lease_leader))
