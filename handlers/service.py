@@ -308,14 +308,11 @@ class NetworkService:
         about = aggregate_of(envelope)
         if about is None:
             return None
+        known = {} if known is None else known
         for thing in [about, *self.network.reads_of(session, envelope)]:
-            if known is None or thing not in known:
-                behind = self._parked.behind(session.connection(), thing)
-                if known is not None:
-                    known[thing] = behind
-            else:
-                behind = known[thing]
-            if behind is not None:
+            if thing not in known:
+                known[thing] = self._parked.behind(session.connection(), thing)
+            if (behind := known[thing]) is not None:
                 return thing, behind
         return None
 

@@ -1243,7 +1243,7 @@ def _render_status(report: dict[str, Any]) -> None:
             streams.add_row(name, "[red]missing[/red]", "", "", "", "")
         else:
             replicas = str(stream["replicas"])
-            if stream.get("replicas_behind"):  # (a copy offline or not caught up: one more lost and the log may stop)
+            if stream["replicas_behind"]:  # (a copy offline or not caught up: one more lost and the log may stop)
                 replicas = (f"[yellow]{stream['replicas_current']} of {stream['replicas']} current"
                             f" ({', '.join(stream['replicas_behind'])} behind)[/yellow]")
             streams.add_row(name, f"{stream['messages']:,}", f"{stream['bytes']:,}", str(stream["first_seq"]),

@@ -105,7 +105,7 @@ class _Snapshot(Collector):
         for name, stream in sorted(self.status["streams"].items()):
             if stream is not None:
                 wanted.add_metric([name], stream["replicas"])
-                current.add_metric([name], stream.get("replicas_current", stream["replicas"]))
+                current.add_metric([name], stream["replicas_current"])
         yield from (wanted, current)
         pending = GaugeMetricFamily("collabbus_consumer_pending", "logged events not yet delivered to a consumer group", labels=["consumer"])
         acks = GaugeMetricFamily("collabbus_consumer_ack_pending", "events delivered to a consumer group, not yet acknowledged", labels=["consumer"])

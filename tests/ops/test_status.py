@@ -59,6 +59,7 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
     status = json.loads(out)
     events_stream = status["streams"]["COLLAB_EVENTS"]
     assert (events_stream["messages"], events_stream["first_seq"], events_stream["last_seq"], events_stream["replicas"]) == (6, 1, 6, 1)
+    assert (events_stream["replicas_current"], events_stream["replicas_behind"]) == (1, [])  # one server: its one copy
     assert status["streams"]["COLLAB_DLQ"]["messages"] == 1
     assert set(status["consumers"]) == {"network", "webhooks"}
     assert status["bus_running"] is True  # its consumers are pulling (a script tells a stopped bus by it)
