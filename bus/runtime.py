@@ -22,12 +22,12 @@ from bus.connection import connect_options, embedded_bus_creds, embedded_server
 from bus.consumer import Consumer, ConsumerSettings
 from bus.gate import Gate
 from bus.ingress import Ingress
-from bus.lease import Lease
+from bus.lease import BUCKET, Lease
 from bus.membership import Membership
 from bus.ratelimit import RateLimiter
 from bus.relay import Relay
 from bus.server import EmbeddedNats, EmbeddedServerError
-from bus.streams import desired_streams, ensure_streams
+from bus.streams import EVENTS_STREAM, desired_streams, ensure_streams, wait_for_jetstream
 from bus.verdict import Verdict
 from bus.watch import AppliedWatch
 from ops.settings import Settings
@@ -53,6 +53,9 @@ def broker_options(settings: Settings, name: str) -> dict[str, Any]:
     elif "nkeys_seed" in options:
         options["security"] = NatsNKey(options.pop("nkeys_seed"))
     return options
+
+JETSTREAM_PROBE_TIMEOUT = 2.0
+"""Seconds a starting bus gives JetStream to answer before it says it waits (and asks again)."""
 
 
 @dataclass
@@ -91,6 +94,9 @@ class Bus:
     lease: Lease | None = None
     """The lease by which this bus applies the log (``bus.lease``), once it holds it."""
     lost_lease: asyncio.Event = field(default_factory=asyncio.Event)
+    denied: str | None = None
+    """The last permissions violation NATS reported on this bus's connection (a subject its
+    credentials do not allow), logged as it comes."""
     """Set when another bus took the lease over while this one could not renew it: this one has
     stopped applying the log then, and should stop."""
     _own_tracing: bool = field(default=False, init=False, repr=False)
@@ -115,14 +121,14 @@ class Bus:
             await self.server.astart()
             self._watching = asyncio.create_task(self._watch_server(), name="embedded-nats-watch")
         await self._connect("collabbus")
-        await ensure_streams(
-            self.js,
-            desired_streams(
-                replicas=settings.stream_replicas,
-                duplicate_window=settings.duplicate_window,
-                max_msg_size=min(self.nc.max_payload, settings.max_event_bytes + 4096),
-            ),
+        streams = desired_streams(
+            replicas=settings.stream_replicas,
+            duplicate_window=settings.duplicate_window,
+            max_msg_size=min(self.nc.max_payload, settings.max_event_bytes + 4096),
         )
+        await wait_for_jetstream(self.nc.jetstream(timeout=JETSTREAM_PROBE_TIMEOUT),
+                                 [str(stream.name) for stream in streams] + [f"KV_{BUCKET}"], denied=lambda: self.denied)
+        await ensure_streams(self.js, streams)
         await self._start_gate()
         await self.ensure_operator()
         await self.revoke_departed()
@@ -138,6 +144,7 @@ class Bus:
         self._trace()
         self._checkpoint_in_background(self._span_store_checkpointer())  # a gatekeeper on another machine has no bus beside it
         await self._connect("collabbus-gate")
+        await wait_for_jetstream(self.nc.jetstream(timeout=JETSTREAM_PROBE_TIMEOUT), [EVENTS_STREAM], denied=lambda: self.denied)
         await self._start_gate()
         await self.open_ingress()
 
@@ -184,8 +191,16 @@ class Bus:
         activate(self.tracing)
 
     async def _connect(self, name: str) -> None:
-        self.broker = NatsBroker(**broker_options(self.settings, name), logger=None)
+        self.broker = NatsBroker(**broker_options(self.settings, name), error_cb=self._nats_error, logger=None)
         await self.broker.connect()
+
+    async def _nats_error(self, exc: Exception) -> None:
+        """nats-py's asynchronous errors: a permissions violation (a subject the credentials do not
+        allow) is logged and kept (:attr:`denied`); the connection's coming and going is watched
+        and said elsewhere (``/readyz``, the reconnection's own log lines)."""
+        if "permissions violation" in str(exc).lower():
+            self.denied = str(exc).removeprefix("nats: ")
+            log.error("NATS refused this bus: %s", self.denied)
 
     async def _start_gate(self) -> None:
         """The members as the log knows them, and the gate that judges offers against them."""

@@ -7,12 +7,15 @@ stream cannot change in place (storage) are reported as an error instead of bein
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 EVENTS_STREAM = "COLLAB_EVENTS"
 DLQ_STREAM = "COLLAB_DLQ"
@@ -108,6 +111,72 @@ async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> l
                 log.warning("stream %s: %s changed from %r to %r", change.stream, change.field, change.old, change.new)
             changes.extend(diff)
     return changes
+
+
+class JetStreamUnusable(RuntimeError):
+    """JetStream cannot be used here, and waiting will not change it (not enabled, not allowed)."""
+
+
+JETSTREAM_NOT_ENABLED = 10039
+"""JetStream's error code for an account it is not enabled for."""
+
+REMIND_EVERY = 30.0
+"""Seconds between the reminders that a bus is still waiting for JetStream."""
+
+
+async def wait_for_jetstream(js: JetStreamContext, streams: Iterable[str], *, denied: Callable[[], str | None] = lambda: None,
+                             every: float = 0.5, remind: float = REMIND_EVERY) -> float:
+    """Wait until JetStream answers, and each of ``streams`` that exists answers through its leader
+    (a missing one is the caller's to create): a bus starting while its cluster elects its leaders
+    — the nodes restarted together, a node lost — waits for them, saying so, rather than fail on
+    the first unanswered request. Returns the seconds waited.
+
+    :class:`JetStreamUnusable` at once for what waiting will not mend: JetStream not enabled for the
+    account or on the server (no responders), or ``denied()`` — the connection's permissions
+    violation — naming JetStream's API."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    said: float | None = None
+    names = list(streams)
+    while True:
+        waiting_for = "JetStream"
+        try:
+            await js.account_info()
+            for name in names:
+                waiting_for = f"the stream {name}"
+                try:
+                    await js.stream_info(name)
+                except NotFoundError:
+                    pass
+            if said is not None:
+                log.warning("JetStream answers (after %.1f s)", loop.time() - started)
+            return loop.time() - started
+        except APIError as exc:
+            if isinstance(exc.__context__, nats.errors.NoRespondersError):  # (how nats-py's JetStream API says it)
+                raise _no_jetstream() from exc
+            if exc.err_code == JETSTREAM_NOT_ENABLED:
+                raise JetStreamUnusable(f"JetStream is not enabled for the bus's NATS account ({exc.description}): "
+                                        "the account needs JetStream (its limits, or `jetstream: enabled`)") from exc
+            problem = f"{exc.description or exc} ({exc.code}/{exc.err_code})"
+        except nats.errors.NoRespondersError as exc:
+            raise _no_jetstream() from exc
+        except (nats.errors.TimeoutError, NoStreamResponseError) as exc:
+            problem = f"no answer ({type(exc).__name__})"
+        refused = denied()
+        if refused is not None and "$js.api." in refused.lower():  # (nats-py lower-cases the server's words)
+            raise JetStreamUnusable(f"NATS refused the bus JetStream's API ({refused}): its credentials must allow "
+                                    "publishing to $JS.API.> besides the bus's subjects")
+        now = loop.time()
+        if said is None or now - said >= remind:
+            log.warning("waiting for %s: %s — a cluster electing its leaders (seconds after a node is lost or the "
+                        "nodes restart), or a NATS that has not started (%.0f s so far)", waiting_for, problem, now - started)
+            said = now
+        await asyncio.sleep(every)
+
+
+def _no_jetstream() -> JetStreamUnusable:
+    return JetStreamUnusable("nothing answers JetStream's API on this NATS (no responders): JetStream is not enabled on "
+                             "its server (nats-server -js, or `jetstream {}` in its configuration)")
 
 
 def _normal(value: object) -> object:

@@ -116,13 +116,14 @@ _NOT_SHOWN = frozenset({"database_url", "nats_url", "nats_public_url", "portal_u
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run a command's coroutine; an operation that fails prints why and exits 1."""
     from bus.server import EmbeddedServerError
+    from bus.streams import JetStreamUnusable, StreamConfigError
 
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
         return asyncio.run(coro)
-    except EmbeddedServerError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+    except (EmbeddedServerError, JetStreamUnusable, StreamConfigError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     except SQLAlchemyError as exc:  # the read models' database: unreachable, refused, or a URL it cannot use
         _database_problem(exc)
@@ -454,7 +455,9 @@ def up(
     async def main() -> None:
         bus = Bus(settings)
         stop = _stop_on_signals()
-        await bus.start(state=False)  # NATS, the streams, the operator; offers are judged here until a gatekeeper is ready
+        # NATS, the streams, the operator (waiting while a cluster elects); offers are judged here until a gatekeeper is ready
+        if not await _started(bus, bus.start(state=False), stop):
+            return
         if standby:
             try:
                 taken = await _wait_for_the_log(bus, stop)
@@ -517,6 +520,21 @@ def up(
         run(main())
     finally:
         held.close()
+
+
+async def _started(bus: Any, starting: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Start ``bus`` (``starting``, one of its start methods) unless Ctrl-C or SIGTERM comes first —
+    a start can wait for JetStream (a cluster electing) — and stop what it started then, or when
+    it failed (which is raised); False when stopped first."""
+    started = await _unless_stopped(starting, stop)
+    if started is not None and started.exception() is None:
+        return True
+    await bus.stop()
+    if started is None:
+        err.print("stopped")
+        return False
+    started.result()  # (raises what starting raised)
+    return False
 
 
 async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
@@ -658,11 +676,8 @@ def gate(*, settings: Settings) -> None:
     async def main() -> None:
         bus = Bus(settings)
         stop = _stop_on_signals()
-        try:
-            await bus.start_gatekeeper()
-        except BaseException:
-            await bus.stop()
-            raise
+        if not await _started(bus, bus.start_gatekeeper(), stop):
+            return
         keep_startup_objects()
         sys.stdout.buffer.write(READY_LINE + b"\n")
         sys.stdout.flush()

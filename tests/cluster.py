@@ -66,6 +66,16 @@ class NatsCluster:
                                         start_new_session=True, preexec_fn=stop_with_parent)  # (no orphan if the test dies)
         log.close()
 
+    async def serving(self, node: Node, timeout: float = 30.0) -> None:
+        """Until ``node`` accepts clients (JetStream may still have no leader)."""
+        deadline = time.monotonic() + timeout
+        while "Server is ready" not in node.log.read_text(errors="replace"):
+            if node.process is not None and node.process.poll() is not None:
+                raise RuntimeError(f"nats-server {node.name} exited: {node.log.read_text(errors='replace')[-500:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server {node.name} did not start")
+            await asyncio.sleep(0.05)
+
     def kill(self, node: Node) -> None:
         """End a node abruptly (SIGKILL): what a crashed machine does to the cluster."""
         if node.process is not None:
@@ -92,12 +102,7 @@ class NatsCluster:
             self.start_node(node)
         deadline = time.monotonic() + timeout
         for node in self.nodes:
-            while "Server is ready" not in node.log.read_text(errors="replace"):
-                if node.process is not None and node.process.poll() is not None:
-                    raise RuntimeError(f"nats-server {node.name} exited: {node.log.read_text(errors='replace')[-500:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"nats-server {node.name} did not start")
-                await asyncio.sleep(0.05)
+            await self.serving(node, deadline - time.monotonic())
         nc = await nats.connect([node.url for node in self.nodes])
         try:
             while True:

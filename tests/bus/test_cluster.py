@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 from sqlmodel import Session
 
@@ -225,3 +229,67 @@ async def test_a_standby_waits_on_through_the_loss_of_the_lease_buckets_leader_a
             await first.stop()
         finally:
             cluster.stop()
+
+
+
+def said(process: subprocess.Popen[str], wanted: str, timeout: float = 60) -> str:
+    """What ``process`` wrote on standard error up to the line containing ``wanted``."""
+    assert process.stderr is not None
+    seen = ""
+    until = time.monotonic() + timeout
+    while wanted not in seen:
+        assert process.poll() is None, f"exited with {process.returncode}: {seen}{process.stderr.read()}"
+        left = until - time.monotonic()
+        assert left > 0, f"{wanted!r} not said within {timeout} s: {seen}"
+        if select.select([process.stderr], [], [], left)[0]:
+            seen += process.stderr.readline()
+    return seen
+
+
+@pytest.mark.timeout(240)
+async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops_on_ctrl_c_meanwhile(tmp_path: Path) -> None:
+    """Nodes restarted together, or one left alone: JetStream answers nothing until the cluster has
+    elected its leaders. `collabbus up` waits for them, saying so — it exited on the first
+    unanswered request ("nats: timeout") — and stops on Ctrl-C while it waits."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    first, *others = cluster.nodes
+    cluster.start_node(first)  # one of three: no quorum, no JetStream
+    await cluster.serving(first)
+    http = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_NATS_URL": first.url,
+           "COLLABBUS_STREAM_REPLICAS": "3", "COLLABBUS_OPERATOR": OPERATOR, "COLLABBUS_HTTP": http,
+           "COLLABBUS_GATE_PROCESSES": "0"}
+    try:
+        up = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            said(up, "waiting for JetStream")
+            up.send_signal(signal.SIGINT)
+            assert up.wait(timeout=30) == 0
+            assert up.stderr is not None and "stopped" in up.stderr.read()
+        finally:
+            up.kill()
+            up.wait()
+
+        up = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            said(up, "waiting for JetStream")
+            for node in others:
+                cluster.start_node(node)
+            shown = said(up, "is up")
+            assert "JetStream answers" in shown and "Traceback" not in shown, shown
+            async with httpx.AsyncClient(base_url=f"http://{http}", timeout=30) as client:
+                ready = await client.get("/readyz")
+                assert ready.status_code == 200, ready.text
+            nc = await nats.connect([node.url for node in cluster.nodes])
+            try:
+                info = await nc.jetstream().stream_info(EVENTS_STREAM)
+                assert info.config.num_replicas == 3 and info.state.messages == 1  # the operator's joining
+            finally:
+                await nc.close()
+            up.send_signal(signal.SIGINT)
+            assert up.wait(timeout=60) == 0
+        finally:
+            up.kill()
+            up.wait()
+    finally:
+        cluster.stop()

@@ -10,7 +10,10 @@ import asyncio
 import json
 import base64
 import copy
+import os
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -495,6 +498,28 @@ async def test_the_cli_signs_with_the_account_seed_of_an_external_server(
     env["COLLABBUS_NATS_ACCOUNT_SEED"] = new_seed(nkeys.PREFIX_BYTE_OPERATOR).decode()
     code, stdout, stderr = await collabbus("institutions", "creds", institution, env=env)
     assert code == 1 and stdout == "" and "not an account nkey seed" in stderr
+
+
+async def test_a_bus_whose_credentials_do_not_allow_jetstream_says_so_at_once(
+    nats_server: EmbeddedNats, partner: Client, tmp_path: Path
+) -> None:
+    """Credentials without JetStream's API (a member's, given as the bus's by mistake): NATS drops
+    the requests and says why on the connection; `collabbus up` names it and exits, rather than
+    wait for a JetStream that will never answer it (or time out saying "Is the bus running?")."""
+    institution = unique("nojs")
+    await join(partner, institution, FIXTURE["kind"], country="TR")
+    assert nats_server.authority is not None
+    creds = tmp_path / "member.creds"
+    creds.write_text(partner_creds(nats_server.authority.account, institution))
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_NATS_URL": nats_server.url,
+           "COLLABBUS_NATS_CREDS": str(creds), "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_GATE_PROCESSES": "0", "COLUMNS": "300"}
+    result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops", "up"], env=env, capture_output=True,
+                                     text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "error: NATS refused the bus JetStream's API" in result.stderr, result.stderr
+    assert 'publish to "$js.api.info"' in result.stderr.lower() and "must allow publishing to $JS.API.>" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_rate_limited_verdict_says_to_wait_at_least_until_the_token_is_there() -> None:

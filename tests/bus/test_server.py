@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import subprocess
 from pathlib import Path
 
 import nats
@@ -13,8 +14,10 @@ from nats.js.api import RePublish, StorageType
 
 from bus.client import offer
 from bus.runtime import Bus
-from bus.server import EmbeddedNats, EmbeddedServerError, free_port
-from bus.streams import DLQ_STREAM, EVENTS_STREAM, StreamConfigError, desired_streams, ensure_streams
+from bus.server import EmbeddedNats, EmbeddedServerError, find_binary, free_port
+from bus.streams import (
+    DLQ_STREAM, EVENTS_STREAM, JetStreamUnusable, StreamConfigError, desired_streams, ensure_streams, wait_for_jetstream,
+)
 from ops.settings import Settings
 from tests.conftest import load_fixtures, unique
 
@@ -207,3 +210,35 @@ async def test_the_bus_and_its_gatekeepers_connect_with_those_pings(bus: Bus) ->
     from bus.connection import MAX_OUTSTANDING_PINGS, PING_INTERVAL
 
     assert (bus.nc.options["ping_interval"], bus.nc.options["max_outstanding_pings"]) == (PING_INTERVAL, MAX_OUTSTANDING_PINGS)
+
+
+@pytest.mark.parametrize("where", ["server", "account"])
+async def test_a_nats_without_jetstream_is_named_at_once_not_waited_for(tmp_path: Path, where: str) -> None:
+    """A bus starting waits while JetStream does not answer (a cluster electing), but not for a
+    JetStream that is not there: not enabled on the server (nothing answers its API), or not for
+    the account (JetStream answers so)."""
+    port = free_port()
+    config = tmp_path / "nats-server.conf"
+    lines = [f'listen: "127.0.0.1:{port}"']
+    if where == "account":  # JetStream on the server, not for the account the client is in
+        lines += [f'jetstream {{ store_dir: "{tmp_path / "js"}" }}',
+                  "accounts { A: { users: [{user: a, password: a}] } }"]
+    config.write_text("\n".join(lines) + "\n")
+    server = subprocess.Popen([str(find_binary()), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"nats://a:a@127.0.0.1:{port}" if where == "account" else f"nats://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                nc = await nats.connect(url, allow_reconnect=False)
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        try:
+            expected = "not enabled on its server" if where == "server" else "not enabled for the bus's NATS account"
+            with pytest.raises(JetStreamUnusable, match=expected):
+                await asyncio.wait_for(wait_for_jetstream(nc.jetstream(timeout=2), [EVENTS_STREAM]), 10)
+        finally:
+            await nc.close()
+    finally:
+        server.terminate()
+        server.wait()
