@@ -157,21 +157,44 @@ async def wait_for_jetstream(js: JetStreamContext, streams: Iterable[str], *, de
             if exc.err_code == JETSTREAM_NOT_ENABLED:
                 raise JetStreamUnusable(f"JetStream is not enabled for the bus's NATS account ({exc.description}): "
                                         "the account needs JetStream (its limits, or `jetstream: enabled`)") from exc
-            problem = f"{exc.description or exc} ({exc.code}/{exc.err_code})"
+            problem = jetstream_answered(exc)
         except nats.errors.NoRespondersError as exc:
             raise _no_jetstream() from exc
         except (nats.errors.TimeoutError, NoStreamResponseError) as exc:
-            problem = f"no answer ({type(exc).__name__})"
+            problem = jetstream_answered(exc)
         refused = denied()
         if refused is not None and "$js.api." in refused.lower():  # (nats-py lower-cases the server's words)
             raise JetStreamUnusable(f"NATS refused the bus JetStream's API ({refused}): its credentials must allow "
                                     "publishing to $JS.API.> besides the bus's subjects")
         now = loop.time()
         if said is None or now - said >= remind:
-            log.warning("waiting for %s: %s — a cluster electing its leaders (seconds after a node is lost or the "
-                        "nodes restart), or a NATS that has not started (%.0f s so far)", waiting_for, problem, now - started)
+            log.warning("waiting for %s: %s — %s (%.0f s so far)", waiting_for, problem, ELECTING, now - started)
             said = now
         await asyncio.sleep(every)
+
+
+ELECTING = ("a cluster electing its leaders (for seconds after a node is lost or the nodes restart), or one with fewer "
+            "than a quorum of its nodes running")
+
+JETSTREAM_ERRORS = (nats.errors.TimeoutError, NoStreamResponseError, APIError)
+"""What a JetStream request that was not answered, or answered with an error, raises (nats-py)."""
+
+
+def jetstream_answered(exc: BaseException) -> str:
+    """What a JetStream request met, in words: no answer, or JetStream's error."""
+    if isinstance(exc, APIError) and (exc.code is not None or exc.description):
+        return f"JetStream answered {exc.description or 'an error'!r} ({exc.code}/{exc.err_code})"
+    if isinstance(exc, APIError) and isinstance(exc.__context__, nats.errors.NoRespondersError):
+        return "nothing answers JetStream's API (no responders)"
+    return f"no answer from JetStream ({type(exc).__name__})"
+
+
+def jetstream_problem(exc: BaseException) -> str:
+    """A one-off command's JetStream request that failed, said for an operator: what it met and
+    what it may mean."""
+    if isinstance(exc, APIError) and exc.code not in (None, 503):  # an answer: JetStream refused what was asked
+        return jetstream_answered(exc)
+    return f"{jetstream_answered(exc)}: {ELECTING}; try again in a few seconds"
 
 
 def _no_jetstream() -> JetStreamUnusable:

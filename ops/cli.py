@@ -116,7 +116,7 @@ _NOT_SHOWN = frozenset({"database_url", "nats_url", "nats_public_url", "portal_u
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run a command's coroutine; an operation that fails prints why and exits 1."""
     from bus.server import EmbeddedServerError
-    from bus.streams import JetStreamUnusable, StreamConfigError
+    from bus.streams import JETSTREAM_ERRORS, JetStreamUnusable, StreamConfigError, jetstream_problem
 
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -124,6 +124,9 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run(coro)
     except (EmbeddedServerError, JetStreamUnusable, StreamConfigError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    except JETSTREAM_ERRORS as exc:  # (before OSError: nats-py's timeout is one)
+        err.print(f"[red]error:[/red] {escape(jetstream_problem(exc))}")
         raise typer.Exit(1) from None
     except SQLAlchemyError as exc:  # the read models' database: unreachable, refused, or a URL it cannot use
         _database_problem(exc)
@@ -1200,6 +1203,7 @@ def status(
     """Streams, consumers and their lag, dead letters, the read models' position, webhook endpoints.
     Exits 1 when the read models' database cannot be read."""
     from bus.server import port_is_taken
+    from bus.streams import JETSTREAM_ERRORS, jetstream_problem
     from ops import datadir
     from ops.status import collect_status, read_consumer_state
 
@@ -1215,6 +1219,8 @@ def status(
                    "(stopped, overloaded?)" if held and "collabbus up" in held
                    else f"cannot reach NATS: {exc}. Is the bus running (collabbus up)?")
             return {"bus_running": True if held and "collabbus up" in held else None, "error": why}
+        except JETSTREAM_ERRORS as exc:
+            return {"bus_running": None, "error": jetstream_problem(exc)}
         finally:
             if engine is not None:
                 engine.dispose()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
@@ -250,7 +251,8 @@ def said(process: subprocess.Popen[str], wanted: str, timeout: float = 60) -> st
 async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops_on_ctrl_c_meanwhile(tmp_path: Path) -> None:
     """Nodes restarted together, or one left alone: JetStream answers nothing until the cluster has
     elected its leaders. `collabbus up` waits for them, saying so — it exited on the first
-    unanswered request ("nats: timeout") — and stops on Ctrl-C while it waits."""
+    unanswered request ("nats: timeout") — and stops on Ctrl-C while it waits. The commands an
+    operator runs then say what they met, in a line (some printed a traceback)."""
     cluster = NatsCluster(tmp_path / "cluster")
     first, *others = cluster.nodes
     cluster.start_node(first)  # one of three: no quorum, no JetStream
@@ -269,6 +271,13 @@ async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops
         finally:
             up.kill()
             up.wait()
+        for command in (["status", "--json"], ["dlq", "list"], ["tail", "--since", "all", "--no-follow"]):
+            done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops", *command], env={**env, "COLUMNS": "300"},
+                                           capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, (command, done.stderr)
+            assert "error: " in done.stderr and "a cluster electing its leaders" in done.stderr, (command, done.stderr)
+            if command[0] == "status":  # (a script reads why)
+                assert "try again in a few seconds" in json.loads(done.stdout)["error"]
 
         up = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stderr=subprocess.PIPE, text=True)
         try:
