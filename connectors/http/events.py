@@ -243,7 +243,7 @@ MAX_TYPES = 20
     "/events",
     summary="Page through the event log",
     response_model=Page[resources.LoggedEvent],
-    responses=documented(400, 401, 403, 422, 429),
+    responses=documented(400, 401, 403, 422, 429, 503),
 )
 async def read_log(
     request: Request,
@@ -384,7 +384,7 @@ def _applied(engine: Any, event_id: str) -> tuple[int | None, list[tuple[str, in
     "/events/{event_id}",
     summary="One event and what became of it",
     response_model=resources.EventOutcome,
-    responses=documented(401, 403, 404, 422),
+    responses=documented(401, 403, 404, 422, 503),
 )
 async def read_event(
     request: Request,

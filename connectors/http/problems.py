@@ -19,6 +19,10 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
+import nats.errors
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+from bus.streams import jetstream_answered
 from bus.verdict import Problem as GateProblem
 from bus.verdict import Reason, Verdict
 from ops import tracing
@@ -212,13 +216,31 @@ def install(app: FastAPI) -> None:
         detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
         return problem_response(422, detail or "invalid request", errors=errors)
 
+    async def log_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # What the log answered, or that it did not: a stream electing its leader, a cluster
+        # without its quorum, NATS away. Nothing is wrong with the request: it is asked again.
+        detail = f"the event log does not answer just now ({jetstream_answered(exc)}); retry in a few seconds"
+        log.warning("HTTP %s %s: %s", request.method, request.url.path, detail)
+        return problem_response(503, detail, kind="unavailable", headers=retry_after(UNAVAILABLE_RETRY_AFTER),
+                                errors=[{"loc": [], "msg": detail, "type": "log_unavailable"}])
+
     async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
         return problem_response(500, "the bus could not answer this request; the error is in its log", kind="internal_error")
 
     app.add_exception_handler(ApiProblem, api_problem)
     app.add_exception_handler(StarletteHTTPException, http_exception)
     app.add_exception_handler(RequestValidationError, invalid_parameters)
+    for unavailable in LOG_UNAVAILABLE:
+        app.add_exception_handler(unavailable, log_unavailable)
     app.add_exception_handler(Exception, internal_error)
+
+
+LOG_UNAVAILABLE: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError, nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+)
+"""What a request reading the log meets when the log cannot answer it just now: answered 503
+``unavailable`` with ``Retry-After``, as an offer then is (not 500)."""
 
 
 def _loc(loc: Any) -> list[Any]:

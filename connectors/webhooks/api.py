@@ -219,7 +219,7 @@ def _as_utc(moment: datetime | None) -> datetime:
 ERRORS = documented(401, 403, 404, 422)
 
 
-@router.post("", status_code=201, response_model=WebhookEndpointWithSecret, responses=documented(401, 403, 422))
+@router.post("", status_code=201, response_model=WebhookEndpointWithSecret, responses=documented(401, 403, 422, 503))
 async def create_endpoint(request: Request, body: EndpointCreate, institution: Member) -> dict[str, Any]:
     """Register an endpoint; it receives the events logged from now on. Keep the secret: it is not shown again."""
     event_types = _check_event_types(body.event_types)
@@ -248,7 +248,7 @@ async def list_endpoints(request: Request, institution: Member, limit: Limit = D
     return await _in_transaction(request, page, read_only=True)
 
 
-@router.get("/{endpoint_id}", response_model=WebhookEndpointShown, responses=ERRORS)
+@router.get("/{endpoint_id}", response_model=WebhookEndpointShown, responses={**ERRORS, **documented(503)})
 async def get_endpoint(request: Request, endpoint_id: EndpointId, institution: Member) -> dict[str, Any]:
     """One of the caller's endpoints: where it sends what, whether it is enabled and how it fares,
     and how many of its events the bus holds back in its dead-letter queue (``held_back``)."""
@@ -387,7 +387,7 @@ async def _change_delivery(request: Request, institution: str, endpoint_id: str,
     return answer
 
 
-@router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovered, responses=ERRORS)
+@router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovered, responses={**ERRORS, **documented(503)})
 async def recover(request: Request, endpoint_id: EndpointId, body: Recovery, institution: Member) -> dict[str, Any]:
     """Deliver again the endpoint's events that the log took between ``since`` and ``until``
     (read back from the log), whether they were delivered before or not."""

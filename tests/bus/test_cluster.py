@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import select
 import signal
@@ -115,7 +116,9 @@ async def listed(client: httpx.AsyncClient, token: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.timeout(240)
-async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through_the_loss_of_their_leaders(tmp_path: Path) -> None:
+async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through_the_loss_of_their_leaders(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
     cluster = NatsCluster(tmp_path / "cluster")
     await cluster.start()
     bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=cluster.urls, stream_replicas=3, operator=OPERATOR,
@@ -160,10 +163,17 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through
             await replicas_seen(client, current=3, behind=[])
         lease_leader = (await bus.js.stream_info(LEASES)).cluster.leader  # type: ignore[union-attr]
         assert lease_leader is not None
-        cluster.kill(cluster.node(lease_leader))
-        after += [await offered(bus, unique("p")) for _ in range(10)]
-        await applied(bus, after[-1])
+        with caplog.at_level(logging.WARNING, logger="collabbus.lease"):
+            cluster.kill(cluster.node(lease_leader))
+            after += [await offered(bus, unique("p")) for _ in range(10)]
+            await applied(bus, after[-1])
         assert not bus.lost_lease.is_set() and bus.lease is not None
+        # The renewals that failed meanwhile (one a second, for seconds) are said once, and their end.
+        said = [line for record in caplog.records if record.name == "collabbus.lease"
+                and ("could not renew it" in (line := record.getMessage()) or "renewed again" in line)]
+        assert said and all(("could not renew it" in line) == (i % 2 == 0) for i, line in enumerate(said)), said
+        failed = sum(int(line.split("(")[1].split()[0]) for line in said if "renewed again" in line)
+        assert failed > len(said) // 2, said  # (more renewals failed than were said)
         # A member admitted now is known to the gate (it learns members from the log's copies).
         newcomer = unique("fi-new").lower()
         await join(bus.nc, newcomer, "ngo")
@@ -231,6 +241,52 @@ async def test_a_standby_waits_on_through_the_loss_of_the_lease_buckets_leader_a
         finally:
             cluster.stop()
 
+
+
+
+@pytest.mark.timeout(240)
+async def test_without_a_quorum_the_gateway_answers_reads_of_the_log_503_and_serves_the_read_models(tmp_path: Path) -> None:
+    """Two nodes of three lost: the log has no leader until one is back. A partner reading it over
+    HTTP is told to retry (503 `unavailable`, `Retry-After`: it was a 500 `internal_error`), the
+    read models still answer, and once the cluster is whole the log is read again."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    await cluster.start()
+    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=cluster.urls, stream_replicas=3, operator=OPERATOR,
+                       http=f"127.0.0.1:{free_port()}"), tracing=Tracing.off())
+    try:
+        await bus.start()
+        await bus.start_http()
+        assert bus.http is not None and bus.engine is not None
+        await join(bus.nc, MEMBER, "ngo")
+        with Session(bus.engine) as session:
+            token = issue(session, MEMBER)
+            session.commit()
+        project = unique("p")
+        await applied(bus, await offered(bus, project))
+        for node in cluster.nodes[1:]:
+            cluster.kill(node)
+        async with httpx.AsyncClient(base_url=bus.http.url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
+            for path in ("/events?type=project.registered", f"/events/register-{project}"):
+                answer = await client.get(path)
+                assert answer.status_code == 503, (path, answer.text)
+                problem = answer.json()
+                assert problem["type"] == "urn:collabbus:problem:unavailable" and answer.headers["Retry-After"] == "2"
+                assert "the event log does not answer just now" in problem["detail"], problem
+                assert problem["errors"][0]["type"] == "log_unavailable"
+            assert (await client.get(f"/projects/{project}")).status_code == 200
+            for node in cluster.nodes[1:]:
+                cluster.start_node(node)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while (answer := await client.get(f"/events/register-{project}")).status_code != 200:
+                assert answer.status_code == 503 and loop.time() < deadline, answer.text
+                await asyncio.sleep(0.5)
+            assert answer.json()["event"]["subject"] == project
+    finally:
+        try:
+            await bus.stop()
+        finally:
+            cluster.stop()
 
 
 def said(process: subprocess.Popen[str], wanted: str, timeout: float = 60) -> str:
