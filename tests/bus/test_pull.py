@@ -105,16 +105,20 @@ async def test_a_consumer_that_goes_away_and_comes_back(nc: Client, caplog: pyte
         assert await puller.fetch(timeout=0.05) == []  # a request is open when the consumer goes
         await nc.jetstream().delete_consumer(STREAM, name)
         with caplog.at_level("WARNING", logger="collabbus.consumer"):
-            assert await puller.fetch(timeout=1.0) == []
-        assert any("pull request refused" in r.getMessage() for r in caplog.records), caplog.text
-        await consumer(nc)
-        await publish(nc, b"again")
-        got: list[bytes] = []
-        for _ in range(20):
-            got += [m.data for m in await puller.fetch(timeout=0.5)]
-            if got:
-                break
+            for _ in range(4):  # refused each time: said once (not twice a second), in one line
+                assert await puller.fetch(timeout=1.0) == []
+            said = [r.getMessage() for r in caplog.records]
+            assert len([line for line in said if "pull request" in line]) == 1, said
+            assert "pull request refused: " in said[0] and "\n" not in said[0], said
+            await consumer(nc)
+            await publish(nc, b"again")
+            got: list[bytes] = []
+            for _ in range(20):
+                got += [m.data for m in await puller.fetch(timeout=0.5)]
+                if got:
+                    break
         assert got == [b"again"]
+        assert any("pull requests answered again (refused " in r.getMessage() for r in caplog.records), caplog.text
     finally:
         await puller.stop()
 
