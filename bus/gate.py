@@ -30,6 +30,7 @@ from bus.publisher import LogPublisher
 from bus.streams import EVENTS_STREAM
 from bus.verdict import Problem, Rejection, Verdict, reject
 from ops import metrics, tracing
+from ops.logs import Spell
 from schemas import registry
 from schemas.common import InstitutionKind, error_message
 from schemas.envelope import ATTRIBUTES, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, CloudEvent, source_of
@@ -198,6 +199,10 @@ class Gate:
         self.stream = stream
         self.publish_timeout = publish_timeout
         self.publisher = LogPublisher(nc)
+        self.unconfirmed = Spell(
+            log, first="the log did not confirm {event_id} ({why}): offers are answered unavailable (log_unavailable) while it does not",
+            still="the log still does not confirm offers ({why}): {n} answered unavailable in {seconds:.0f} s",
+            ended="the log confirms offers again ({n} answered unavailable in {seconds:.0f} s)")
 
     async def start(self) -> None:
         """Open the subscription the log's acknowledgements come back on (before the first event)."""
@@ -386,11 +391,12 @@ class Gate:
                 # carry the stored headers to partners, who may forward them to streams of theirs.)
                 ack = await self.publisher.publish(subject, payload, timeout=self.publish_timeout, headers=headers)
             except (NatsTimeoutError, NatsError, JetStreamError) as exc:
-                log.warning("log did not confirm %s: %s", event_id, exc, extra={"event_id": event_id})
+                self.unconfirmed.failed(why=exc, event_id=event_id)
                 raise reject(
                     "unavailable", "log_unavailable",
                     f"the event log did not confirm the event ({type(exc).__name__}); retry with the same id",
                 ) from None
+            self.unconfirmed.ended()
             if span.is_recording():
                 span.set_attributes({tracing.LOG_SEQ: ack.seq, tracing.DUPLICATE: bool(ack.duplicate)})
             if ack.duplicate:

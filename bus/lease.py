@@ -40,6 +40,7 @@ from nats.js.kv import KeyValue
 
 from bus.log import stored
 from bus.tasks import stop_if_cancelled
+from ops.logs import Spell
 
 log = logging.getLogger("collabbus.lease")
 
@@ -52,8 +53,6 @@ STALE_AFTER = 5.0
 """Seconds a lease's revision must stand still before another bus takes it over."""
 FENCE_MARGIN = 1.5
 """Seconds before a taker may act by which a holder that could not renew stops applying."""
-REMIND_EVERY = 30.0
-"""Seconds between the log lines saying that renewals still fail."""
 FORGET_STANDBY_AFTER = 120.0
 """Seconds after which a standby's announcement nobody renews (the standby was killed) is removed
 by the next standby that starts."""
@@ -396,16 +395,16 @@ class Lease:
 
     async def _renew(self) -> None:
         assert self._kv is not None
-        failing: tuple[float, int, float] | None = None  # (since, failed renewals, last said): said at once, then every 30 s
+        failing = Spell(log, first=f"lease {self.name}: could not renew it ({{why}}); trying again",
+                        still=f"lease {self.name}: still could not renew it ({{why}}): {{n}} tries in {{seconds:.0f}} s",
+                        ended=f"lease {self.name}: renewed again ({{n}} renewals failed in {{seconds:.1f}} s)", clock=clock)
         while not self._stopped:
             await asyncio.sleep(self.renew_every)
             stop_if_cancelled()  # (a cancellation a request swallowed on the last round: see bus.tasks)
             sent = clock()
             try:
                 self._revision, self._renewed = await self._kv.update(self.name, self._value(), last=self._revision), sent
-                if failing is not None:
-                    log.warning("lease %s: renewed again (%d renewals failed in %.1f s)", self.name, failing[1], sent - failing[0])
-                    failing = None
+                failing.ended()
                 continue
             except asyncio.CancelledError:
                 raise
@@ -416,16 +415,7 @@ class Lease:
             except KeyWrongLastSequenceError:
                 pass
             except Exception as exc:  # NATS away: try again (meanwhile ``fresh`` lapses, and nothing is applied)
-                now = clock()
-                if failing is None:
-                    failing = (now, 1, now)
-                    log.warning("lease %s: could not renew it (%s); trying again", self.name, exc)
-                elif now - failing[2] >= REMIND_EVERY:
-                    failing = (failing[0], failing[1] + 1, now)
-                    log.warning("lease %s: still could not renew it (%s): %d tries in %.0f s", self.name, exc, failing[1],
-                                now - failing[0])
-                else:
-                    failing = (failing[0], failing[1] + 1, failing[2])
+                failing.failed(why=exc)
                 continue
             # Refused: the key moved. An earlier renewal whose answer was lost (a timeout, a reconnect)
             # may have gone through after all; only another holder's value is a loss.

@@ -27,6 +27,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import Header
 
+from ops.logs import Spell
+
 log = logging.getLogger("collabbus.consumer")
 
 _STATUS = Header.STATUS
@@ -35,8 +37,6 @@ _HEARTBEAT = "100"
 _DELIVERY = "$JS.ACK."
 _ENDED = ("404", "408")  # no messages (no_wait), request expired: the request is over, nothing wrong
 _NO_RESPONDERS = "503"
-REMIND_EVERY = 30.0
-"""Seconds between the log lines saying that pull requests are still refused."""
 
 
 def delivery(msg: Msg) -> tuple[int, datetime]:
@@ -104,10 +104,10 @@ class Puller:
         self._heard = 0.0
         """When the server last sent anything for the open request (a message or a heartbeat)."""
         self._trouble: str | None = None
-        self._refused_since: float | None = None
-        """Since when (the loop's time) pull requests are refused, once said (None: they are not)."""
-        self._refusals = 0
-        self._said_at = 0.0
+        self._refused = Spell(  # (a stream electing its leader refuses them for seconds, one short of its quorum until it is back)
+            log, first=f"consumer {consumer}: pull request refused: {{why}}; asking again",
+            still=f"consumer {consumer}: pull requests still refused: {{why}} ({{n}} times in {{seconds:.0f}} s)",
+            ended=f"consumer {consumer}: pull requests answered again (refused {{n}} times in {{seconds:.0f}} s)")
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
         self._inbox = ""
@@ -148,7 +148,7 @@ class Puller:
                 except asyncio.TimeoutError:
                     pass
             if not self._buffer and self._trouble is not None:
-                self._refused(self._trouble)
+                self._refused.failed(why=self._trouble)
                 self._trouble = None
                 await asyncio.sleep(min(timeout, 0.5))  # e.g. the consumer is being made again
         msgs = self._buffer[: self.batch]
@@ -181,34 +181,13 @@ class Puller:
         except Exception as exc:  # reconnecting: asked again after the deadline
             log.warning("consumer %s: pull request not sent: %r", self.consumer, exc)
 
-    def _refused(self, trouble: str) -> None:
-        """Say that a pull request was refused: at once the first time, then every
-        :data:`REMIND_EVERY` seconds while they are (a stream electing its leader refuses them for
-        seconds, one that lost its quorum until it is back: twice a second each)."""
-        now = asyncio.get_running_loop().time()
-        self._refusals += 1
-        if self._refused_since is None:
-            self._refused_since = self._said_at = now
-            log.warning("consumer %s: pull request refused: %s; asking again", self.consumer, trouble)
-        elif now - self._said_at >= REMIND_EVERY:
-            self._said_at = now
-            log.warning("consumer %s: pull requests still refused: %s (%d times in %.0f s)", self.consumer, trouble,
-                        self._refusals, now - self._refused_since)
-
-    def _answered(self) -> None:
-        """The server answers pull requests again (a heartbeat, a message, an expiry)."""
-        if self._refused_since is not None:
-            log.warning("consumer %s: pull requests answered again (refused %d times in %.0f s)", self.consumer,
-                        self._refusals, asyncio.get_running_loop().time() - self._refused_since)
-            self._refused_since, self._refusals = None, 0
-
     async def _take(self, msg: Msg) -> None:
         self._heard = asyncio.get_running_loop().time()
         headers = msg.headers
         if headers and not msg.data and _STATUS in headers:
             status = headers[_STATUS]
             if status == _HEARTBEAT:
-                self._answered()
+                self._refused.ended()
                 return
             self._open = 0
             if status not in _ENDED:
@@ -217,7 +196,7 @@ class Puller:
                     description = "no responders: the consumer has no leader (its stream electing one, or the consumer deleted)"
                 self._trouble = f"{status} {description}".strip()
             else:
-                self._answered()
+                self._refused.ended()  # (a request that ended: the server answers again)
             self._wake.set()
             return
         if not msg.reply.startswith(_DELIVERY):
@@ -227,7 +206,7 @@ class Puller:
                         self.consumer, msg.reply[:100])
             return
         self._buffer.append(msg)
-        self._answered()
+        self._refused.ended()
         if self._open:
             self._open -= 1
         self._wake.set()

@@ -82,3 +82,44 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     root.setLevel(level)
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))  # every migration step is noise at start
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # a line per request of the bus's own clients
+
+
+REMIND_EVERY = 30.0
+"""Seconds between the lines saying that a failure still repeats (:class:`Spell`)."""
+
+
+class Spell:
+    """A failure that repeats while something is away — a pull request refused twice a second
+    while a stream elects its leader, a lease's renewal each second, every offer while the log
+    does not confirm — said when it starts, every :data:`REMIND_EVERY` seconds while it lasts, and
+    when it ends, with how often it failed: not a line each time.
+
+    ``first``, ``still`` and ``ended`` are format strings of the fields given to :meth:`failed`
+    (``why`` at least), ``n`` (the failures so far) and ``seconds`` (since the first)."""
+
+    def __init__(self, logger: logging.Logger, *, first: str, still: str, ended: str, remind: float = REMIND_EVERY,
+                 clock: Any = None) -> None:
+        import time
+
+        self.logger, self.first, self.still, self.ended_line, self.remind = logger, first, still, ended, remind
+        self.clock = clock or time.monotonic
+        self.since: float | None = None
+        """When the failures began (None: they are not failing)."""
+        self.failures = 0
+        self._said = 0.0
+
+    def failed(self, **fields: Any) -> None:
+        now = self.clock()
+        self.failures += 1
+        if self.since is None:
+            self.since = self._said = now
+            self.logger.warning(self.first.format(n=1, seconds=0.0, **fields))
+        elif now - self._said >= self.remind:
+            self._said = now
+            self.logger.warning(self.still.format(n=self.failures, seconds=now - self.since, **fields))
+
+    def ended(self) -> None:
+        """It works again (nothing is said when it was not failing)."""
+        if self.since is not None:
+            self.logger.warning(self.ended_line.format(n=self.failures, seconds=self.clock() - self.since))
+            self.since, self.failures = None, 0

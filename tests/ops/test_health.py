@@ -16,7 +16,7 @@ import pytest
 from bus.client import offer
 from bus.streams import EVENTS_STREAM
 from connectors.http.app import create_app
-from ops.logs import JsonLines, Readable, configure_logging
+from ops.logs import JsonLines, Readable, Spell, configure_logging
 from tests.bus.test_consumer import FIXTURE, project_event, wait_for
 from tests.ops.conftest import Poisoned
 
@@ -75,6 +75,30 @@ def test_json_lines_carry_the_extras_and_the_exception() -> None:
 
     first = Readable().format(record(event_id="e-1")).splitlines()[0]
     assert first.endswith("ERROR   collabbus.test: event e-1 failed  event_id=e-1")
+
+
+def test_a_repeating_failure_is_said_when_it_starts_every_30_s_while_it_lasts_and_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    spell = Spell(logging.getLogger("collabbus.test"), first="{what} failed ({why})", still="still failing ({why}): {n} in {seconds:.0f} s",
+                  ended="works again ({n} failed in {seconds:.0f} s)", clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="collabbus.test"):
+        spell.ended()  # nothing was failing: nothing to say
+        for _ in range(10):  # twice a second for 5 s
+            spell.failed(why="no answer", what="a request")
+            now[0] += 0.5
+        now[0] += 26.0  # 31 s after the first
+        spell.failed(why="503", what="a request")
+        spell.failed(why="503", what="a request")
+        spell.ended()
+        spell.ended()
+        spell.failed(why="again", what="a request")  # a new spell
+    assert [r.getMessage() for r in caplog.records] == [
+        "a request failed (no answer)", "still failing (503): 11 in 31 s", "works again (12 failed in 31 s)",
+        "a request failed (again)",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
 def test_json_unless_a_terminal() -> None:
