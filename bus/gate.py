@@ -201,8 +201,8 @@ class Gate:
         self.publisher = LogPublisher(nc)
         self.unconfirmed = Spell(
             log, first="the log did not confirm {event_id} ({why}): offers are answered unavailable (log_unavailable) while it does not",
-            still="the log still does not confirm offers ({why}): {n} answered unavailable in {seconds:.0f} s",
-            ended="the log confirms offers again ({n} answered unavailable in {seconds:.0f} s)")
+            still="the log still does not confirm offers ({why}): offers answered unavailable {times} in {seconds:.0f} s",
+            ended="the log confirms offers again (offers answered unavailable {times} in {seconds:.0f} s)")
 
     async def start(self) -> None:
         """Open the subscription the log's acknowledgements come back on (before the first event)."""

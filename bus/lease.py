@@ -396,8 +396,8 @@ class Lease:
     async def _renew(self) -> None:
         assert self._kv is not None
         failing = Spell(log, first=f"lease {self.name}: could not renew it ({{why}}); trying again",
-                        still=f"lease {self.name}: still could not renew it ({{why}}): {{n}} tries in {{seconds:.0f}} s",
-                        ended=f"lease {self.name}: renewed again ({{n}} renewals failed in {{seconds:.1f}} s)", clock=clock)
+                        still=f"lease {self.name}: still could not renew it ({{why}}): failed {{times}} in {{seconds:.0f}} s",
+                        ended=f"lease {self.name}: renewed again (failed {{times}} in {{seconds:.1f}} s)", clock=clock)
         while not self._stopped:
             await asyncio.sleep(self.renew_every)
             stop_if_cancelled()  # (a cancellation a request swallowed on the last round: see bus.tasks)

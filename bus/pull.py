@@ -106,8 +106,8 @@ class Puller:
         self._trouble: str | None = None
         self._refused = Spell(  # (a stream electing its leader refuses them for seconds, one short of its quorum until it is back)
             log, first=f"consumer {consumer}: pull request refused: {{why}}; asking again",
-            still=f"consumer {consumer}: pull requests still refused: {{why}} ({{n}} times in {{seconds:.0f}} s)",
-            ended=f"consumer {consumer}: pull requests answered again (refused {{n}} times in {{seconds:.0f}} s)")
+            still=f"consumer {consumer}: pull requests still refused: {{why}} (refused {{times}} in {{seconds:.0f}} s)",
+            ended=f"consumer {consumer}: pull requests answered again (refused {{times}} in {{seconds:.0f}} s)")
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
         self._inbox = ""

