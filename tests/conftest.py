@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import os
@@ -235,3 +236,15 @@ def fresh_database(kind: str, tmp_path: object, pg_server_url: str | None) -> It
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: object, pg_server_url: str | None) -> Iterator[str]:
     yield from fresh_database(request.param, tmp_path, pg_server_url)
+
+
+async def all_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of the process ``pid`` is stopped (SIGSTOP reaches them one by one)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in Path(f"/proc/{pid}/task").iterdir()]
+        if all(state in "Tt" for state in states):
+            return
+        assert loop.time() < deadline, f"the process {pid} is not stopped: {states}"
+        await asyncio.sleep(0.01)

@@ -19,7 +19,7 @@ from bus.streams import (
     DLQ_STREAM, EVENTS_STREAM, JetStreamUnusable, StreamConfigError, desired_streams, ensure_streams, wait_for_jetstream,
 )
 from ops.settings import Settings
-from tests.conftest import load_fixtures, unique
+from tests.conftest import all_stopped, load_fixtures, unique
 
 
 def embedded_settings(data_dir: Path, port: int, **extra: object) -> Settings:
@@ -182,6 +182,7 @@ async def test_a_connection_that_stopped_reading_is_found_stale_and_reconnected(
         assert server.process is not None
         os.kill(server.process.pid, signal.SIGSTOP)
         try:
+            await all_stopped(server.process.pid)  # (not at once: a thread may still answer the PING otherwise)
             with pytest.raises(nats.errors.TimeoutError):
                 await nc.flush(timeout=1)
         finally:

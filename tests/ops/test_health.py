@@ -18,6 +18,7 @@ from bus.streams import EVENTS_STREAM
 from connectors.http.app import create_app
 from ops.logs import JsonLines, Readable, Spell, configure_logging
 from tests.bus.test_consumer import FIXTURE, project_event, wait_for
+from tests.conftest import all_stopped
 from tests.ops.conftest import Poisoned
 
 
@@ -209,6 +210,7 @@ async def test_a_nats_server_that_stops_answering_is_not_called_ok(tmp_path: Pat
             assert (await readiness(client)) == (200, {"nats": "ok", "database": "ok", "consumer": "ok"})
             os.kill(bus.server.process.pid, signal.SIGSTOP)
             try:
+                await all_stopped(bus.server.process.pid)
                 status, checks = await readiness(client)
                 assert status == 503 and checks["nats"].startswith("not answering: no reply within 1 s"), checks
                 stuck = await client.get("/ops/status", headers=auth)
