@@ -109,6 +109,11 @@ class PortalUnavailable(Exception):
     """The portal kept failing after every retry."""
 
 
+class LogUnavailable(Exception):
+    """The event log did not confirm an entry's event (a cluster electing its leader, NATS away):
+    the sync stops before storing the page, and the next one reads it again."""
+
+
 class PublicationRefused(Exception):
     """A project that cannot be marked for publication (the reason is the message)."""
 
@@ -537,7 +542,7 @@ class PortalSync:
                 if not position.cursor:
                     break
             report.complete = True
-        except (PortalUnavailable, httpx.HTTPError, ValueError) as exc:
+        except (PortalUnavailable, LogUnavailable, httpx.HTTPError, ValueError) as exc:
             report.error = _portal_problem(exc)
             log.warning("portal sync stopped: %s (the next sync resumes from the last page)", report.error)
         if report.complete:
@@ -669,6 +674,9 @@ class PortalSync:
             "data": data,
         }
         verdict = await self.gate.admit(owner, orjson.dumps(event), cloudevents.structured_headers())
+        if verdict.reason == "unavailable":  # not the entry's fault: it must not be passed by (its page is read again)
+            why = "; ".join(problem.msg for problem in verdict.errors) or "unavailable"
+            raise LogUnavailable(f"the event log did not take entry {entry_id}'s event {event['id']} ({why})")
         if not verdict.accepted:
             report.rejected.append({"entry": entry_id, "event_id": event["id"], "reason": verdict.reason,
                                     "errors": [p.as_dict() for p in verdict.errors]})
@@ -733,7 +741,7 @@ class PortalSync:
         for mark in marks:
             try:
                 problem = await self._push(mark, report)
-            except (PortalUnavailable, httpx.HTTPError, ValueError) as exc:
+            except (PortalUnavailable, LogUnavailable, httpx.HTTPError, ValueError) as exc:
                 problem = str(exc) or type(exc).__name__
             if problem is not None:
                 report.publish_errors.append({"project": mark.project_id, "error": problem})

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from sqlmodel import select
 
 from bus.streams import EVENTS_STREAM
+from bus.verdict import Problem, Verdict
 from connectors.portal.connector import (
     PortalClient,
     PortalSync,
@@ -198,6 +200,41 @@ async def test_a_page_that_keeps_failing_resumes_from_the_cursor(gateway: Gatewa
     resumed = await portal_sync(gateway, sandbox, page_size=25).sync()  # a new process: the cursor is in the database
     assert resumed.complete and resumed.registered == 150 and resumed.pages == 6
     assert len(await assert_exact(gateway, sandbox, network, check_read_model=False)) == 200
+
+
+async def test_entries_whose_events_the_log_could_not_take_are_read_again_by_the_next_sync(
+    gateway: Gateway, sandbox: PortalSandbox, network: Network,
+) -> None:
+    """The gate answers `unavailable` while the log cannot take events (its cluster electing a
+    leader, NATS away). Such an entry was reported refused and its page stored with the cursor
+    past it: the next incremental sync never listed it again, and the portal's change was lost.
+    The sync stops at that page instead, and the next one reads it again."""
+    seed(sandbox, network, 60)
+    gate = gateway.bus.gate
+    admit = gate.admit
+    refusing = False
+
+    async def log_away(institution: str, body: bytes, headers: Any) -> Verdict:
+        if not refusing:
+            return await admit(institution, body, headers)
+        event_id = orjson.loads(body)["id"]
+        return Verdict("rejected", event_id, reason="unavailable", errors=(
+            Problem((), "the event log did not confirm the event (TimeoutError); retry with the same id", "log_unavailable"),))
+
+    def away_after_the_first_page(report: SyncReport) -> None:
+        nonlocal refusing
+        refusing = report.pages == 1
+
+    gate.admit = log_away  # type: ignore[method-assign,assignment]
+    try:
+        stopped = await portal_sync(gateway, sandbox, page_size=20).sync(progress=away_after_the_first_page)
+    finally:
+        gate.admit = admit  # type: ignore[method-assign]
+    assert not stopped.complete and stopped.registered == 20 and stopped.rejected == []
+    assert stopped.error is not None and "the event log did not take entry" in stopped.error, stopped.error
+    resumed = await portal_sync(gateway, sandbox, page_size=20).sync()
+    assert resumed.complete and resumed.registered == 40, resumed.as_dict()
+    assert len(await assert_exact(gateway, sandbox, network, check_read_model=False)) == 60
 
 
 async def test_a_wrong_token_is_said_plainly(gateway: Gateway, sandbox: PortalSandbox, network: Network) -> None:
