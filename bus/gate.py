@@ -199,10 +199,11 @@ class Gate:
         self.stream = stream
         self.publish_timeout = publish_timeout
         self.publisher = LogPublisher(nc)
-        self.unconfirmed = Spell(
-            log, first="the log did not confirm {event_id} ({why}): offers are answered unavailable (log_unavailable) while it does not",
-            still="the log still does not confirm offers ({why}): offers answered unavailable {times} in {seconds:.0f} s",
-            ended="the log confirms offers again (offers answered unavailable {times} in {seconds:.0f} s)")
+        self.unanswered = Spell(
+            log, first="the log does not answer ({why}; {event_id} first): offers are answered unavailable (log_unavailable) "
+                       "until it does",
+            still="the log still does not answer ({why}): offers answered unavailable {times} in {seconds:.0f} s",
+            ended="the log answers offers again (offers answered unavailable {times} in {seconds:.0f} s)")
 
     async def start(self) -> None:
         """Open the subscription the log's acknowledgements come back on (before the first event)."""
@@ -252,6 +253,11 @@ class Gate:
             if any(p.type == "missing" and p.loc == ("specversion",) for p in problems) and not cloudevents.names_mode(headers):
                 problems = (*problems, Problem((), _MODE_HINT, "mode_unclear"))
             verdict = Verdict("rejected", event_id, errors=problems, reason=exc.reason)
+        except (NatsTimeoutError, NatsError, JetStreamError) as exc:  # the log did not answer a look-up (a member not cached)
+            event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else cloudevents.offered_id(headers)
+            self.unanswered.failed(why=exc, event_id=event_id)
+            verdict = Verdict("rejected", event_id, reason="unavailable", errors=(
+                Problem((), f"the event log did not answer ({type(exc).__name__}); retry with the same id", "log_unavailable"),))
         except Exception:  # a bug must cost one event, never the gate
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else cloudevents.offered_id(headers)
             log.exception("gate failed on an offered event", extra={"event_id": event_id})
@@ -391,12 +397,12 @@ class Gate:
                 # carry the stored headers to partners, who may forward them to streams of theirs.)
                 ack = await self.publisher.publish(subject, payload, timeout=self.publish_timeout, headers=headers)
             except (NatsTimeoutError, NatsError, JetStreamError) as exc:
-                self.unconfirmed.failed(why=exc, event_id=event_id)
+                self.unanswered.failed(why=exc, event_id=event_id)
                 raise reject(
                     "unavailable", "log_unavailable",
                     f"the event log did not confirm the event ({type(exc).__name__}); retry with the same id",
                 ) from None
-            self.unconfirmed.ended()
+            self.unanswered.ended()
             if span.is_recording():
                 span.set_attributes({tracing.LOG_SEQ: ack.seq, tracing.DUPLICATE: bool(ack.duplicate)})
             if ack.duplicate:
