@@ -54,6 +54,7 @@ def broker_options(settings: Settings, name: str) -> dict[str, Any]:
         options["security"] = NatsNKey(options.pop("nkeys_seed"))
     return options
 
+
 JETSTREAM_PROBE_TIMEOUT = 2.0
 """Seconds a starting bus gives JetStream to answer before it says it waits (and asks again)."""
 
@@ -94,11 +95,11 @@ class Bus:
     lease: Lease | None = None
     """The lease by which this bus applies the log (``bus.lease``), once it holds it."""
     lost_lease: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when another bus took the lease over while this one could not renew it: this one has
+    stopped applying the log then, and should stop."""
     denied: str | None = None
     """The last permissions violation NATS reported on this bus's connection (a subject its
     credentials do not allow), logged as it comes."""
-    """Set when another bus took the lease over while this one could not renew it: this one has
-    stopped applying the log then, and should stop."""
     _own_tracing: bool = field(default=False, init=False, repr=False)
     _state_file: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     """Writes what the consumers wait on for ``collabbus status`` (``ops.status.keep_consumer_state``)."""

@@ -17,6 +17,8 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
+from ops.logs import Spell
+
 EVENTS_STREAM = "COLLAB_EVENTS"
 DLQ_STREAM = "COLLAB_DLQ"
 EVENTS_SUBJECTS = "collab.events.>"
@@ -120,36 +122,40 @@ class JetStreamUnusable(RuntimeError):
 JETSTREAM_NOT_ENABLED = 10039
 """JetStream's error code for an account it is not enabled for."""
 
-REMIND_EVERY = 30.0
-"""Seconds between the reminders that a bus is still waiting for JetStream."""
+ELECTING = ("a cluster electing its leaders (for seconds after a node is lost or the nodes restart), or one with fewer "
+            "than a quorum of its nodes running")
+
+JETSTREAM_ERRORS = (nats.errors.TimeoutError, NoStreamResponseError, APIError)
+"""What a JetStream request that was not answered, or answered with an error, raises (nats-py)."""
 
 
 async def wait_for_jetstream(js: JetStreamContext, streams: Iterable[str], *, denied: Callable[[], str | None] = lambda: None,
-                             every: float = 0.5, remind: float = REMIND_EVERY) -> float:
+                             every: float = 0.5) -> float:
     """Wait until JetStream answers, and each of ``streams`` that exists answers through its leader
     (a missing one is the caller's to create): a bus starting while its cluster elects its leaders
-    — the nodes restarted together, a node lost — waits for them, saying so, rather than fail on
-    the first unanswered request. Returns the seconds waited.
+    — the nodes restarted together, a node lost — waits for them, saying so (at once, then every
+    30 s), rather than fail on the first unanswered request. Returns the seconds waited.
 
     :class:`JetStreamUnusable` at once for what waiting will not mend: JetStream not enabled for the
     account or on the server (no responders), or ``denied()`` — the connection's permissions
     violation — naming JetStream's API."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    said: float | None = None
+    waiting = Spell(log, first=f"waiting for {{what}}: {{why}} — {ELECTING}",
+                    still="still waiting for {what}: {why} ({seconds:.0f} s so far)",
+                    ended="JetStream answers (after {seconds:.1f} s)", clock=loop.time)
     names = list(streams)
     while True:
-        waiting_for = "JetStream"
+        what = "JetStream"
         try:
             await js.account_info()
             for name in names:
-                waiting_for = f"the stream {name}"
+                what = f"the stream {name}"
                 try:
                     await js.stream_info(name)
                 except NotFoundError:
                     pass
-            if said is not None:
-                log.warning("JetStream answers (after %.1f s)", loop.time() - started)
+            waiting.ended()
             return loop.time() - started
         except APIError as exc:
             if isinstance(exc.__context__, nats.errors.NoRespondersError):  # (how nats-py's JetStream API says it)
@@ -166,18 +172,8 @@ async def wait_for_jetstream(js: JetStreamContext, streams: Iterable[str], *, de
         if refused is not None and "$js.api." in refused.lower():  # (nats-py lower-cases the server's words)
             raise JetStreamUnusable(f"NATS refused the bus JetStream's API ({refused}): its credentials must allow "
                                     "publishing to $JS.API.> besides the bus's subjects")
-        now = loop.time()
-        if said is None or now - said >= remind:
-            log.warning("waiting for %s: %s — %s (%.0f s so far)", waiting_for, problem, ELECTING, now - started)
-            said = now
+        waiting.failed(what=what, why=problem)
         await asyncio.sleep(every)
-
-
-ELECTING = ("a cluster electing its leaders (for seconds after a node is lost or the nodes restart), or one with fewer "
-            "than a quorum of its nodes running")
-
-JETSTREAM_ERRORS = (nats.errors.TimeoutError, NoStreamResponseError, APIError)
-"""What a JetStream request that was not answered, or answered with an error, raises (nats-py)."""
 
 
 def jetstream_answered(exc: BaseException) -> str:
