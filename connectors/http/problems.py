@@ -11,16 +11,15 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import nats.errors
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from opentelemetry import trace
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
-
-import nats.errors
-from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from bus.streams import jetstream_answered
 from bus.verdict import Problem as GateProblem
@@ -220,7 +219,7 @@ def install(app: FastAPI) -> None:
         # What the log answered, or that it did not: a stream electing its leader, a cluster
         # without its quorum, NATS away. Nothing is wrong with the request: it is asked again.
         detail = f"the event log does not answer just now ({jetstream_answered(exc)}); retry in a few seconds"
-        log.warning("HTTP %s %s: %s", request.method, request.url.path, detail)
+        log.info("HTTP %s %s: %s", request.method, request.url.path, detail)  # (the consumers and the gate say it too)
         return problem_response(503, detail, kind="unavailable", headers=retry_after(UNAVAILABLE_RETRY_AFTER),
                                 errors=[{"loc": [], "msg": detail, "type": "log_unavailable"}])
 
