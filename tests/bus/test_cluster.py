@@ -17,13 +17,16 @@ from typing import Any
 
 import httpx
 import nats
+import orjson
 import pytest
+from nats.aio.client import Client
 from sqlmodel import Session
 
 from bus.client import offer
+from bus.credentials import Authority, member_inbox_prefix
 from bus.runtime import Bus
 from bus.server import free_port
-from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from bus.streams import DLQ_STREAM, EVENTS_STREAM, LIVE_PREFIX
 from handlers.tokens import issue
 from ops.settings import Settings
 from ops.tracing import Tracing
@@ -301,8 +304,9 @@ async def test_without_a_quorum_the_gateway_answers_reads_of_the_log_503_and_ser
             assert answer.json()["event"]["subject"] == project
         with caplog.at_level(logging.WARNING, logger="collabbus.gate"):
             await offered(bus, unique("p"))
-        assert any(record.getMessage().startswith("the log answers offers again (offers answered unavailable 4 times")
-                   for record in caplog.records), caplog.text
+        # (as many as reached the gate: an offer sent as the bus's connection was moving to another node may be lost)
+        assert any(record.getMessage().startswith("the log answers offers again (offers answered unavailable ")
+                   and " once " not in record.getMessage() for record in caplog.records), caplog.text
     finally:
         try:
             await bus.stop()
@@ -378,4 +382,70 @@ async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops
             up.kill()
             up.wait()
     finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(240)
+async def test_on_a_cluster_with_the_networks_trust_chain_a_members_credentials_work_through_every_node(tmp_path: Path) -> None:
+    """The README's external deployment with authentication: each node of the cluster trusts the
+    operator and the account (the lines the embedded server carries, `Authority.server_config`);
+    `collabbus up` connects with the bus's credentials, `institutions creds` signs a member's with
+    the account's seed (`COLLABBUS_NATS_ACCOUNT_SEED`), and the member offers as itself through
+    any node and follows the log live on another; offering as another member is refused by the
+    server, whichever node it reaches."""
+    authority = Authority.load_or_create(tmp_path / "auth")
+    bus_creds: dict[str, object] = {"user_credentials": str(authority.bus_creds)}
+    cluster = NatsCluster(tmp_path / "cluster", trust=authority.server_config(), connect=bus_creds)
+    await cluster.start()
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_NATS_URL": cluster.urls,
+           "COLLABBUS_NATS_CREDS": str(authority.bus_creds), "COLLABBUS_NATS_ACCOUNT_SEED": str(authority.account_seed_path),
+           "COLLABBUS_STREAM_REPLICAS": "3", "COLLABBUS_OPERATOR": OPERATOR, "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_GATE_PROCESSES": "0"}
+    up = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stderr=subprocess.PIPE, text=True)
+    operator: Client | None = None
+    try:
+        said(up, "is up")
+        operator = await nats.connect([node.url for node in cluster.nodes], **bus_creds)  # type: ignore[arg-type]
+        member = unique("fi-trusted").lower()
+        await join(operator, member, "ngo")
+        creds = tmp_path / "member.creds"
+        issued = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops", "institutions", "creds", member,
+                                                          "--output", str(creds)], env=env, capture_output=True, text=True, timeout=60)
+        assert issued.returncode == 0, issued.stderr
+
+        async def connect(node: Any, errors: list[Exception]) -> Client:
+            async def record(exc: Exception) -> None:
+                errors.append(exc)
+            return await nats.connect(node.url, user_credentials=str(creds), inbox_prefix=member_inbox_prefix(member),
+                                      allow_reconnect=False, error_cb=record)
+
+        errors: list[Exception] = []
+        follower = await connect(cluster.nodes[-1], errors)
+        live = await follower.subscribe(f"{LIVE_PREFIX}.{member}.project.registered.>")
+        try:
+            for node in cluster.nodes:
+                client = await connect(node, errors)
+                try:
+                    project = unique("p")
+                    event = {"specversion": "1.0", "id": f"register-{project}", "source": f"/institutions/{member}",
+                             "type": "project.registered", "subject": project,
+                             "data": {"project_id": project, "title": {"en": project}, "owner": member, "status": "active"}}
+                    verdict = await offer(client, member, event, timeout=10)
+                    assert verdict.accepted, (node.name, verdict.as_dict())
+                    seen = await live.next_msg(timeout=10)  # (republished by the log's leader, read on the last node)
+                    assert orjson.loads(seen.data)["id"] == event["id"]
+                    impostor = await offer(client, OPERATOR, {**event, "id": unique("as-operator")}, timeout=2)
+                    assert not impostor.accepted
+                finally:
+                    await client.close()
+            assert sum("permissions violation" in str(error).lower() for error in errors) >= len(cluster.nodes), errors
+        finally:
+            await follower.close()
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+    finally:
+        if operator is not None:
+            await operator.close()
+        up.kill()
+        up.wait()
         cluster.stop()
