@@ -39,6 +39,11 @@ class NatsCluster:
     root: Path
     size: int = 3
     nodes: list[Node] = field(default_factory=list)
+    trust: list[str] = field(default_factory=list)
+    """Configuration lines every node carries besides its own: an operator's trust chain
+    (``bus.credentials.Authority.server_config``); none, an open cluster."""
+    connect: dict[str, object] = field(default_factory=dict)
+    """How the cluster's own check of JetStream connects (credentials, for a cluster with trust)."""
 
     def __post_init__(self) -> None:
         self.nodes = [Node(f"n{i + 1}", self.root / f"n{i + 1}", free_port(), free_port()) for i in range(self.size)]
@@ -60,6 +65,7 @@ class NatsCluster:
             f'listen: "127.0.0.1:{node.port}"',
             f'jetstream {{ store_dir: "{(node.store / "jetstream").resolve()}" }}',
             f'cluster {{ name: collabtest, listen: "127.0.0.1:{node.route_port}", routes: [{routes}] }}',
+            *self.trust,
         ]) + "\n")
         log = open(node.log, "ab")
         node.process = subprocess.Popen([str(find_binary()), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
@@ -103,7 +109,7 @@ class NatsCluster:
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             await self.serving(node, deadline - time.monotonic())
-        nc = await nats.connect([node.url for node in self.nodes])
+        nc = await nats.connect([node.url for node in self.nodes], **self.connect)  # type: ignore[arg-type]
         try:
             while True:
                 try:

@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from sqlmodel import Session
 
 from bus.client import offer
-from bus.credentials import Authority, member_inbox_prefix
+from bus.credentials import BUS_INBOX_PREFIX, Authority, member_inbox_prefix
 from bus.runtime import Bus
 from bus.server import free_port
 from bus.streams import DLQ_STREAM, EVENTS_STREAM, LIVE_PREFIX
@@ -394,7 +394,7 @@ async def test_on_a_cluster_with_the_networks_trust_chain_a_members_credentials_
     any node and follows the log live on another; offering as another member is refused by the
     server, whichever node it reaches."""
     authority = Authority.load_or_create(tmp_path / "auth")
-    bus_creds: dict[str, object] = {"user_credentials": str(authority.bus_creds)}
+    bus_creds: dict[str, object] = {"user_credentials": str(authority.bus_creds), "inbox_prefix": BUS_INBOX_PREFIX}
     cluster = NatsCluster(tmp_path / "cluster", trust=authority.server_config(), connect=bus_creds)
     await cluster.start()
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_NATS_URL": cluster.urls,
