@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -118,17 +120,30 @@ async def listed(client: httpx.AsyncClient, token: str) -> list[dict[str, Any]]:
         after = int(body["next_cursor"])
 
 
+@contextlib.asynccontextmanager
+async def bus_on_a_cluster(tmp_path: Path) -> AsyncIterator[tuple[NatsCluster, Bus]]:
+    """Three nodes, and a bus on them whose streams have three replicas, its gateway serving; both
+    stopped after (the cluster even when the bus's stop fails)."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    try:
+        await cluster.start()
+        bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=cluster.urls, stream_replicas=3, operator=OPERATOR,
+                           http=f"127.0.0.1:{free_port()}"), tracing=Tracing.off())
+        try:
+            await bus.start()
+            await bus.start_http()
+            yield cluster, bus
+        finally:
+            await bus.stop()
+    finally:
+        cluster.stop()
+
+
 @pytest.mark.timeout(240)
 async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through_the_loss_of_their_leaders(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cluster = NatsCluster(tmp_path / "cluster")
-    await cluster.start()
-    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=cluster.urls, stream_replicas=3, operator=OPERATOR,
-                       http=f"127.0.0.1:{free_port()}"), tracing=Tracing.off())
-    try:
-        await bus.start()
-        await bus.start_http()
+    async with bus_on_a_cluster(tmp_path) as (cluster, bus):
         assert bus.http is not None and bus.engine is not None
         for stream in (EVENTS_STREAM, DLQ_STREAM, LEASES):
             info = await bus.js.stream_info(stream)
@@ -191,11 +206,6 @@ async def test_a_bus_on_a_three_node_cluster_keeps_its_log_and_its_lease_through
                 await asyncio.sleep(0.2)
             project = await client.get(f"/projects/{items[-1]['event']['subject']}", headers={"Authorization": f"Bearer {token}"})
             assert project.status_code == 200 and project.json()["owner"] == newcomer
-    finally:
-        try:
-            await bus.stop()
-        finally:
-            cluster.stop()
 
 
 @pytest.mark.timeout(240)
@@ -244,8 +254,6 @@ async def test_a_standby_waits_on_through_the_loss_of_the_lease_buckets_leader_a
             cluster.stop()
 
 
-
-
 @pytest.mark.timeout(240)
 async def test_without_a_quorum_the_gateway_answers_reads_of_the_log_503_and_serves_the_read_models(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
@@ -253,13 +261,7 @@ async def test_without_a_quorum_the_gateway_answers_reads_of_the_log_503_and_ser
     """Two nodes of three lost: the log has no leader until one is back. A partner reading it over
     HTTP is told to retry (503 `unavailable`, `Retry-After`: it was a 500 `internal_error`), the
     read models still answer, and once the cluster is whole the log is read again."""
-    cluster = NatsCluster(tmp_path / "cluster")
-    await cluster.start()
-    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=cluster.urls, stream_replicas=3, operator=OPERATOR,
-                       http=f"127.0.0.1:{free_port()}"), tracing=Tracing.off())
-    try:
-        await bus.start()
-        await bus.start_http()
+    async with bus_on_a_cluster(tmp_path) as (cluster, bus):
         assert bus.http is not None and bus.engine is not None
         await join(bus.nc, MEMBER, "ngo")
         with Session(bus.engine) as session:
@@ -307,11 +309,6 @@ async def test_without_a_quorum_the_gateway_answers_reads_of_the_log_503_and_ser
         # (as many as reached the gate: an offer sent as the bus's connection was moving to another node may be lost)
         assert any(record.getMessage().startswith("the log answers offers again (offers answered unavailable ")
                    and " once " not in record.getMessage() for record in caplog.records), caplog.text
-    finally:
-        try:
-            await bus.stop()
-        finally:
-            cluster.stop()
 
 
 def said(process: subprocess.Popen[str], wanted: str, timeout: float = 60) -> str:
