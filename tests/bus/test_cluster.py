@@ -272,6 +272,15 @@ async def test_without_a_quorum_the_gateway_answers_reads_of_the_log_503_and_ser
         await applied(bus, await offered(bus, project))
         for node in cluster.nodes[1:]:
             cluster.kill(node)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while True:  # until the log has no leader (one left alone answers for a moment, then steps down)
+            try:
+                await bus.nc.jetstream(timeout=1).stream_info(EVENTS_STREAM)
+            except Exception:
+                break
+            assert loop.time() < deadline, "the log kept its leader without a quorum"
+            await asyncio.sleep(0.2)
         with caplog.at_level(logging.WARNING, logger="collabbus.gate"):
             for _ in range(3):  # a partner's offers over NATS, refused for now: the gate says so once
                 away = unique("p")
