@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from ops.logs import Spell
 
@@ -90,7 +90,7 @@ async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> l
         try:
             info = await js.stream_info(wanted.name)
         except NotFoundError:
-            await js.add_stream(wanted)
+            await _placed(lambda: js.add_stream(wanted), wanted)
             log.info("created stream %s", wanted.name)
             continue
         current = info.config
@@ -108,7 +108,7 @@ async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> l
         if diff:
             for name in _OWNED:
                 setattr(current, name, getattr(wanted, name))
-            await js.update_stream(current)
+            await _placed(lambda: js.update_stream(current), wanted)
             for change in diff:
                 log.warning("stream %s: %s changed from %r to %r", change.stream, change.field, change.old, change.new)
             changes.extend(diff)
@@ -196,6 +196,33 @@ def jetstream_problem(exc: BaseException) -> str:
 def _no_jetstream() -> JetStreamUnusable:
     return JetStreamUnusable("nothing answers JetStream's API on this NATS (no responders): JetStream is not enabled on "
                              "its server (nats-server -js, or `jetstream {}` in its configuration)")
+
+
+NO_SUITABLE_PEERS = 10005
+"""JetStream's error code for a stream whose replicas the cluster has too few servers for."""
+
+
+async def _placed(change: Callable[[], Awaitable[object]], wanted: StreamConfig) -> None:
+    """Make or change a stream, waiting while the cluster has fewer servers up than its replicas
+    (nodes still joining after a restart, one of three down when the streams are first made),
+    saying so at once and then every 30 s."""
+    loop = asyncio.get_running_loop()
+    waiting = Spell(log, first=f"stream {wanted.name}: waiting for servers for its {wanted.num_replicas} replicas ({{why}}): "
+                               "nodes of the cluster still starting, or COLLABBUS_STREAM_REPLICAS more than its servers",
+                    still=f"stream {wanted.name}: still waiting for servers for its {wanted.num_replicas} replicas "
+                          "({why}; {seconds:.0f} s so far)",
+                    ended=f"stream {wanted.name}: placed (after {{seconds:.1f}} s)", clock=loop.time)
+    while True:
+        try:
+            await change()
+        except BadRequestError as exc:
+            if exc.err_code != NO_SUITABLE_PEERS:
+                raise
+            waiting.failed(why=exc.description)
+            await asyncio.sleep(0.5)
+            continue
+        waiting.ended()
+        return
 
 
 def _normal(value: object) -> object:

@@ -321,6 +321,45 @@ async def test_without_a_quorum_the_gateway_answers_reads_of_the_log_503_and_ser
                    and " once " not in record.getMessage() for record in caplog.records), caplog.text
 
 
+@pytest.mark.timeout(240)
+async def test_a_bus_making_its_streams_waits_for_servers_enough_for_their_replicas(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two nodes of three up: the cluster has its quorum and JetStream answers, but a stream with
+    three replicas cannot be placed ("no suitable peers", as when nodes are still joining after a
+    restart). The bus's start waited for JetStream and then failed on that; it waits for the
+    servers, saying so, and makes its streams once the third is up."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=cluster.urls, stream_replicas=3, operator=OPERATOR,
+                       http=f"127.0.0.1:{free_port()}"), tracing=Tracing.off())
+    starting: asyncio.Task[None] | None = None
+    try:
+        for node in cluster.nodes[:2]:
+            cluster.start_node(node)
+        for node in cluster.nodes[:2]:
+            await cluster.serving(node)
+        with caplog.at_level(logging.INFO, logger="collabbus.streams"):
+            starting = asyncio.create_task(bus.start(ingress=False, state=False))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while not any("waiting for servers for its 3 replicas" in r.getMessage() for r in caplog.records):
+                assert not starting.done(), starting.exception() if not starting.cancelled() else "cancelled"
+                assert loop.time() < deadline, caplog.text
+                await asyncio.sleep(0.1)
+            cluster.start_node(cluster.nodes[2])
+            await asyncio.wait_for(starting, 60)
+        for stream in (EVENTS_STREAM, DLQ_STREAM):
+            assert (await bus.js.stream_info(stream)).config.num_replicas == 3
+        assert any(r.getMessage().startswith(f"stream {EVENTS_STREAM}: placed (after ") for r in caplog.records), caplog.text
+    finally:
+        if starting is not None and not starting.done():
+            starting.cancel()
+        try:
+            await bus.stop()
+        finally:
+            cluster.stop()
+
+
 _UNREAD: dict[int, bytes] = {}
 """What :func:`said` read of a process's standard error past the line it waited for, by pid."""
 
