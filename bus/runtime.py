@@ -11,14 +11,15 @@ import contextlib
 import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from faststream.nats import NatsBroker
 from nats.aio.client import Client
 from nats.errors import ConnectionClosedError
 from nats.js import JetStreamContext
 
-from bus.connection import connect_options, embedded_bus_creds, embedded_server
+from bus.connection import connect_options, connection_state, embedded_bus_creds, embedded_server
 from bus.consumer import Consumer, ConsumerSettings
 from bus.gate import Gate
 from bus.ingress import Ingress
@@ -27,7 +28,8 @@ from bus.membership import Membership
 from bus.ratelimit import RateLimiter
 from bus.relay import Relay
 from bus.server import EmbeddedNats, EmbeddedServerError
-from bus.streams import EVENTS_STREAM, desired_streams, ensure_streams, wait_for_jetstream
+from bus.streams import (EVENTS_STREAM, UNANSWERED, desired_streams, ensure_streams, jetstream_answered,
+                          wait_for_jetstream)
 from bus.verdict import Verdict
 from bus.watch import AppliedWatch
 from ops.settings import Settings
@@ -59,6 +61,13 @@ JETSTREAM_PROBE_TIMEOUT = 2.0
 """Seconds a starting bus gives JetStream to answer before it says it waits (and asks again)."""
 
 
+T = TypeVar("T")
+
+
+class LogUnanswered(RuntimeError):
+    """The gate answered an offer of the bus's own ``unavailable``: the log did not take it just now."""
+
+
 @dataclass
 class Bus:
     """Everything that touches NATS in one bus process."""
@@ -79,7 +88,8 @@ class Bus:
     applied: AppliedWatch | None = None
     """How far the read models have applied the log (``bus.watch``), once :meth:`start_state` ran."""
     http: Any = None
-    """The HTTP gateway (``connectors.http.server.HttpGateway``) once :meth:`start_http` ran."""
+    """The HTTP gateway (``connectors.http.server.HttpGateway``) once :meth:`start_http` ran, or
+    the server that serves it then (``collabbus up`` listens before the bus starts)."""
     webhooks: Any = None
     """The webhook dispatcher (``connectors.webhooks.dispatcher.WebhookDispatcher``) once :meth:`start_state` ran."""
     webhook_timeout: float = 15.0
@@ -97,6 +107,9 @@ class Bus:
     lost_lease: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when another bus took the lease over while this one could not renew it: this one has
     stopped applying the log then, and should stop."""
+    doing: str = "starting"
+    """What the start is doing, in words, while it does: ``/readyz`` says it until the gateway
+    serves (``collabbus up`` listens from its first moment)."""
     denied: str | None = None
     """The last permissions violation NATS reported on this bus's connection (a subject its
     credentials do not allow), logged as it comes."""
@@ -112,28 +125,36 @@ class Bus:
     def js(self) -> JetStreamContext:
         return self.broker.config.connection_state.stream
 
+    def nats_state(self) -> str:
+        """``bus.connection.connection_state`` of this bus's connection, ``connecting`` before it has one."""
+        connection = self.broker._connection if hasattr(self, "broker") else None
+        return "connecting" if connection is None else connection_state(connection)
+
     async def start(self, *, ingress: bool = True, state: bool = True) -> None:
         """Start NATS if embedded, declare the streams, bootstrap the operator, open the ingress."""
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self._trace()
         if settings.embedded and self.server is None:
+            self.doing = "starting the embedded nats-server"
             self.server = embedded_server(settings)
             await self.server.astart()
             self._watching = asyncio.create_task(self._watch_server(), name="embedded-nats-watch")
+        self.doing = f"connecting to NATS at {', '.join(settings.nats_servers)}"
         await self._connect("collabbus")
         streams = desired_streams(
             replicas=settings.stream_replicas,
             duplicate_window=settings.duplicate_window,
             max_msg_size=min(self.nc.max_payload, settings.max_event_bytes + 4096),
         )
-        await wait_for_jetstream(self.nc.jetstream(timeout=JETSTREAM_PROBE_TIMEOUT),
-                                 [str(stream.name) for stream in streams] + [f"KV_{BUCKET}"], denied=lambda: self.denied)
-        await ensure_streams(self.js, streams)
+        names = [str(stream.name) for stream in streams] + [f"KV_{BUCKET}"]
+        await self._through_elections(names, "making the streams", lambda: ensure_streams(self.js, streams, on_wait=self._doing))
+        self.doing = "reading the network's members from the log"
         await self._start_gate()
-        await self.ensure_operator()
+        await self._through_elections(names, "registering the network's operator", self.ensure_operator)
         await self.revoke_departed()
         if ingress:
+            self.doing = "opening the ingress"
             await self.open_ingress()
         await self.broker.start()
         if state:
@@ -148,6 +169,24 @@ class Bus:
         await wait_for_jetstream(self.nc.jetstream(timeout=JETSTREAM_PROBE_TIMEOUT), [EVENTS_STREAM], denied=lambda: self.denied)
         await self._start_gate()
         await self.open_ingress()
+
+    async def _through_elections(self, streams: list[str], doing: str, step: Callable[[], Awaitable[T]]) -> T:
+        """A step of the start, once JetStream and ``streams`` answer (``wait_for_jetstream``):
+        one that meets them not answering — an election begun after the wait — waits for them
+        again and is taken again, rather than failing the start."""
+        js = self.nc.jetstream(timeout=JETSTREAM_PROBE_TIMEOUT)
+        while True:
+            self.doing = "waiting for JetStream"
+            await wait_for_jetstream(js, streams, denied=lambda: self.denied, on_wait=self._doing)
+            self.doing = doing
+            try:
+                return await step()
+            except (*UNANSWERED, LogUnanswered) as exc:
+                log.warning("%s: %s; waiting for JetStream again", doing,
+                            exc if isinstance(exc, LogUnanswered) else f"JetStream stopped answering ({jetstream_answered(exc)})")
+
+    def _doing(self, words: str) -> None:
+        self.doing = words
 
     async def _watch_server(self, every: float = 0.5) -> None:
         """The embedded nats-server is the bus's own: when it exits, it is started again (with
@@ -279,9 +318,12 @@ class Bus:
 
         # Before anything is migrated or applied: a bus that applies the log elsewhere (perhaps an
         # older version, on this database) is not disturbed.
+        self.doing = "taking the lease by which one bus applies the log"
         await self.take_lease(patience=self.consumer_settings.claim_patience or CLAIM_PATIENCE)
+        self.doing = "migrating the read models"
         self.engine = make_engine(self.settings.db_url, checkpoints_in_background=True)
         await asyncio.to_thread(migrate, self.engine)
+        self.doing = "starting the read models' consumers"
         assert self.tracing is not None
         self._checkpoint_in_background(WalCheckpointer.for_engine(self.engine), self._span_store_checkpointer())
         traced: Any = TracedNetwork((self.network_factory or network)(), self.consumer_settings.name, self.tracing)
@@ -357,8 +399,8 @@ class Bus:
 
     async def start_http(self) -> None:
         """Serve the HTTP gateway at ``settings.http`` in this event loop (after :meth:`start`);
-        a server already listening there (:attr:`http`: a standby's, whose bus took the log over)
-        serves it from now on."""
+        a server already listening there (:attr:`http`: what ``collabbus up`` answers while it starts
+        or stands by, ``connectors.http.starting``) serves it from now on."""
         from connectors.http.server import HttpGateway
 
         if self.http is not None:
@@ -388,6 +430,9 @@ class Bus:
                 },
             }
         )
+        if verdict.reason == "unavailable":
+            raise LogUnanswered(f"the log did not take the operator {operator!r}'s joining "
+                                f"({'; '.join(problem.msg for problem in verdict.errors)})")
         if not verdict.accepted:
             raise RuntimeError(f"could not register the operator {operator!r}: {verdict.as_dict()}")
         log.info("registered the network operator %r", operator)

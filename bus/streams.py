@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from ops.logs import Spell
 
@@ -82,15 +82,17 @@ _OWNED = ("subjects", "num_replicas", "duplicate_window", "deny_delete", "deny_p
 _IMMUTABLE = ("storage", "retention")
 
 
-async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> list[StreamChange]:
-    """Create missing streams and bring existing ones to ``configs``; returns the changes made."""
+async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig], *,
+                         on_wait: Callable[[str], None] | None = None) -> list[StreamChange]:
+    """Create missing streams and bring existing ones to ``configs``; returns the changes made.
+    ``on_wait`` is told, in words, what a stream waits for (servers for its replicas)."""
     changes: list[StreamChange] = []
     for wanted in configs:
         assert wanted.name
         try:
             info = await js.stream_info(wanted.name)
         except NotFoundError:
-            await _placed(lambda: js.add_stream(wanted), wanted)
+            await _placed(lambda: js.add_stream(wanted), wanted, on_wait)
             log.info("created stream %s", wanted.name)
             continue
         current = info.config
@@ -108,7 +110,7 @@ async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> l
         if diff:
             for name in _OWNED:
                 setattr(current, name, getattr(wanted, name))
-            await _placed(lambda: js.update_stream(current), wanted)
+            await _placed(lambda: js.update_stream(current), wanted, on_wait)
             for change in diff:
                 log.warning("stream %s: %s changed from %r to %r", change.stream, change.field, change.old, change.new)
             changes.extend(diff)
@@ -128,9 +130,13 @@ ELECTING = ("a cluster electing its leaders (for seconds after a node is lost or
 JETSTREAM_ERRORS = (nats.errors.TimeoutError, NoStreamResponseError, APIError)
 """What a JetStream request that was not answered, or answered with an error, raises (nats-py)."""
 
+UNANSWERED = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError)
+"""What a JetStream request raises while JetStream, or the stream asked, cannot answer just now
+(its cluster electing a leader, short of a quorum): worth waiting through."""
+
 
 async def wait_for_jetstream(js: JetStreamContext, streams: Iterable[str], *, denied: Callable[[], str | None] = lambda: None,
-                             every: float = 0.5) -> float:
+                             every: float = 0.5, on_wait: Callable[[str], None] | None = None) -> float:
     """Wait until JetStream answers, and each of ``streams`` that exists answers through its leader
     (a missing one is the caller's to create): a bus starting while its cluster elects its leaders
     — the nodes restarted together, a node lost — waits for them, saying so (at once, then every
@@ -138,7 +144,8 @@ async def wait_for_jetstream(js: JetStreamContext, streams: Iterable[str], *, de
 
     :class:`JetStreamUnusable` at once for what waiting will not mend: JetStream not enabled for the
     account or on the server (no responders), or ``denied()`` — the connection's permissions
-    violation — naming JetStream's API."""
+    violation — naming JetStream's API. ``on_wait`` is told what it waits for, in words, each time
+    it asks again."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     waiting = Spell(log, first=f"waiting for {{what}}: {{why}} — {ELECTING}",
@@ -173,6 +180,8 @@ async def wait_for_jetstream(js: JetStreamContext, streams: Iterable[str], *, de
             raise JetStreamUnusable(f"NATS refused the bus JetStream's API ({refused}): its credentials must allow "
                                     "publishing to $JS.API.> besides the bus's subjects")
         waiting.failed(what=what, why=problem)
+        if on_wait is not None:
+            on_wait(f"waiting for {what}: {problem}")
         await asyncio.sleep(every)
 
 
@@ -202,7 +211,8 @@ NO_SUITABLE_PEERS = 10005
 """JetStream's error code for a stream whose replicas the cluster has too few servers for."""
 
 
-async def _placed(change: Callable[[], Awaitable[object]], wanted: StreamConfig) -> None:
+async def _placed(change: Callable[[], Awaitable[object]], wanted: StreamConfig,
+                  on_wait: Callable[[str], None] | None = None) -> None:
     """Make or change a stream, waiting while the cluster has fewer servers up than its replicas
     (nodes still joining after a restart, one of three down when the streams are first made),
     saying so at once and then every 30 s."""
@@ -219,6 +229,8 @@ async def _placed(change: Callable[[], Awaitable[object]], wanted: StreamConfig)
             if exc.err_code != NO_SUITABLE_PEERS:
                 raise
             waiting.failed(why=exc.description)
+            if on_wait is not None:
+                on_wait(f"the stream {wanted.name} waits for servers for its {wanted.num_replicas} replicas ({exc.description})")
             await asyncio.sleep(0.5)
             continue
         waiting.ended()

@@ -456,18 +456,30 @@ def up(
         raise typer.Exit(1) from None
 
     async def main() -> None:
+        from connectors.http.server import HttpGateway
+        from connectors.http.starting import Starting, starting_app
+
         bus = Bus(settings)
         stop = _stop_on_signals()
+        # The address answers from the first moment, however long the start waits: alive, not ready, saying why.
+        starting = Starting(nats=bus.nats_state, doing=lambda: bus.doing)
+        host, port = settings.http_host_port
+        listening = HttpGateway(bus, host, port, app=starting_app(starting))
+        try:
+            await listening.start()
+        except OSError as exc:
+            err.print(f"[red]error:[/red] {exc.strerror or exc} (set COLLABBUS_HTTP to another address)")
+            raise typer.Exit(1) from None
+        bus.http = listening  # (see Bus.start_http: the gateway is served there once the bus has started; stopped with the bus)
         # NATS, the streams, the operator (waiting while a cluster elects); offers are judged here until a gatekeeper is ready
         if not await _started(bus, bus.start(state=False), stop):
             return
         if standby:
             try:
-                taken = await _wait_for_the_log(bus, stop)
-            except OSError as exc:
+                taken = await _wait_for_the_log(bus, stop, starting)
+            except BaseException:
                 await bus.stop()
-                err.print(f"[red]error:[/red] {exc.strerror or exc} (set COLLABBUS_HTTP to another address)")
-                raise typer.Exit(1) from None
+                raise
             if not taken:
                 await bus.stop()
                 err.print("stopped")
@@ -488,8 +500,7 @@ def up(
             await bus.stop()  # the gatekeepers, the lease: a standby that took over lets it go
             if not isinstance(exc, (OSError, RuntimeError)):
                 raise
-            hint = " (set COLLABBUS_HTTP to another address)" if isinstance(exc, OSError) else ""
-            err.print(f"[red]error:[/red] {getattr(exc, 'strerror', None) or exc}{hint}")
+            err.print(f"[red]error:[/red] {getattr(exc, 'strerror', None) or exc}")
             raise typer.Exit(1) from None
         where = f"embedded nats-server at {settings.nats_servers[0]}" if settings.embedded else ", ".join(settings.nats_servers)
         err.print(f"[bold]collabbus[/bold] is up: NATS {where}, data in {settings.data_dir.resolve()}")
@@ -540,38 +551,21 @@ async def _started(bus: Any, starting: Coroutine[Any, Any, None], stop: asyncio.
     return False
 
 
-async def _wait_for_the_log(bus: Any, stop: asyncio.Event) -> bool:
+async def _wait_for_the_log(bus: Any, stop: asyncio.Event, starting: Any) -> bool:
     """``up --standby``: hold the lease by which one bus applies the log, waiting for as long as
-    another holds it; False when stopped first."""
-    from bus.connection import connection_state
-    from bus.lease import describe
+    another holds it, its address saying so (``starting``: ``connectors.http.starting.Starting``);
+    False when stopped first."""
+    from bus.lease import Standby, describe
     from connectors.http.operations import database_check
-    from connectors.http.server import HttpGateway
-    from connectors.http.standby import standby_app
     from handlers.db import make_engine
 
-    applying: list[str | None] = ["another bus"]
-
     def waiting(holder: dict[str, Any]) -> None:
-        applying[0] = describe(holder)
-        err.print(f"standby: {applying[0]} applies the log; this bus judges NATS offers and takes over when it goes "
+        starting.applying = describe(holder)
+        err.print(f"standby: {starting.applying} applies the log; this bus judges NATS offers and takes over when it goes "
                   f"(meanwhile http://{bus.settings.http}/healthz is 200, /readyz 503)")
 
-    host, port = bus.settings.http_host_port
     database = make_engine(bus.settings.db_url)  # for /readyz only: the read models start at the takeover
-    health = HttpGateway(bus, host, port, app=standby_app(lambda: connection_state(bus.nc), lambda: applying[0],
-                                                          lambda: database_check(database)))
-    try:
-        await health.start()  # (an address in use: OSError, as for the gateway)
-        return await _stand_by(bus, stop, health, waiting, applying)
-    finally:
-        database.dispose()
-
-
-async def _stand_by(bus: Any, stop: asyncio.Event, health: Any, waiting: Callable[[dict[str, Any]], None],
-                    applying: list[str | None]) -> bool:
-    from bus.lease import Standby
-
+    starting.applying, starting.database = "another bus", lambda: database_check(database)
     announced = Standby(bus.js, bus.consumer_settings.name, str(bus.settings.data_dir.resolve()),
                         replicas=bus.settings.stream_replicas)  # for `collabbus status`
     try:
@@ -579,17 +573,11 @@ async def _stand_by(bus: Any, stop: asyncio.Event, health: Any, waiting: Callabl
         taken = await _unless_stopped(bus.take_lease(patience=None, on_wait=waiting), stop)
         if taken is not None:
             taken.result()  # (raises what taking it raised)
-    except BaseException:
-        await health.stop()
-        raise
     finally:
+        starting.applying = starting.database = None  # taken over: "starting" until the read models run, then the gateway
         await announced.stop()
-    if taken is None:
-        await health.stop()
-        return False
-    applying[0] = None  # taken over: "starting" until the read models run, then the gateway on this same server
-    bus.http = health  # (see Bus.start_http; stopped with the bus)
-    return True
+        database.dispose()
+    return taken is not None
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> "asyncio.Task[T] | None":

@@ -392,8 +392,9 @@ def said(process: subprocess.Popen[str], wanted: str, timeout: float = 60) -> st
 async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops_on_ctrl_c_meanwhile(tmp_path: Path) -> None:
     """Nodes restarted together, or one left alone: JetStream answers nothing until the cluster has
     elected its leaders. `collabbus up` waits for them, saying so — it exited on the first
-    unanswered request ("nats: timeout") — and stops on Ctrl-C while it waits. The commands an
-    operator runs then say what they met, in a line (some printed a traceback)."""
+    unanswered request ("nats: timeout") — and stops on Ctrl-C while it waits; its HTTP address
+    answers meanwhile (nothing listened there), alive and not ready, saying what the start waits
+    for. The commands an operator runs then say what they met, in a line (some printed a traceback)."""
     cluster = NatsCluster(tmp_path / "cluster")
     first, *others = cluster.nodes
     cluster.start_node(first)  # one of three: no quorum, no JetStream
@@ -423,11 +424,21 @@ async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops
         up = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stderr=subprocess.PIPE, text=True)
         try:
             said(up, "waiting for JetStream")
-            for node in others:
-                cluster.start_node(node)
-            shown = said(up, "is up")
-            assert "JetStream answers" in shown and "Traceback" not in shown, shown
             async with httpx.AsyncClient(base_url=f"http://{http}", timeout=30) as client:
+                # Its address answers meanwhile: alive for a supervisor, not ready and saying why, the API 503.
+                assert (await client.get("/healthz")).json() == {"status": "ok"}
+                waiting = await client.get("/readyz")
+                assert waiting.status_code == 503 and waiting.json()["status"] == "starting", waiting.text
+                assert waiting.json()["checks"]["nats"] == "ok", waiting.text
+                assert waiting.json()["checks"]["start"].startswith("waiting for JetStream: "), waiting.text
+                elsewhere = await client.get("/projects")
+                assert elsewhere.status_code == 503 and elsewhere.headers["retry-after"] == "2", elsewhere.text
+                assert elsewhere.json()["type"] == "urn:collabbus:problem:unavailable", elsewhere.text
+                assert "the bus is starting (waiting for JetStream: " in elsewhere.json()["detail"], elsewhere.text
+                for node in others:
+                    cluster.start_node(node)
+                shown = said(up, "is up")
+                assert "JetStream answers" in shown and "Traceback" not in shown, shown
                 ready = await client.get("/readyz")
                 assert ready.status_code == 200, ready.text
             nc = await nats.connect([node.url for node in cluster.nodes])

@@ -243,3 +243,51 @@ async def test_a_nats_without_jetstream_is_named_at_once_not_waited_for(tmp_path
     finally:
         server.terminate()
         server.wait()
+
+
+async def test_a_start_that_meets_jetstream_not_answering_after_its_wait_waits_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An election can begin after the start's wait for JetStream: the streams' declaration then
+    meets a request unanswered, or the log answers the operator's joining `unavailable`. Each
+    failed the start (exit 1); each now waits for JetStream again and is taken again — the
+    streams made, the operator joined once. (The failures are injected once each, in front of
+    the real calls: a cluster cannot be made to begin an election at that moment.)"""
+    from nats.errors import TimeoutError as NatsTimeout
+
+    import bus.runtime as runtime
+    from bus.gate import Gate
+    from bus.verdict import Problem, Verdict
+
+    real_ensure, real_publish = runtime.ensure_streams, Gate.publish_internal
+    met: list[str] = []
+
+    async def ensure_once_unanswered(*args: object, **kwargs: object) -> object:
+        if "streams" not in met:
+            met.append("streams")
+            raise NatsTimeout
+        return await real_ensure(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def publish_once_unavailable(self: Gate, event: dict[str, object], *args: object, **kwargs: object) -> Verdict:
+        if "operator" not in met:
+            met.append("operator")
+            return Verdict("rejected", str(event["id"]), reason="unavailable",
+                           errors=[Problem((), "the log did not confirm it (nats: timeout)", "log_unavailable")])
+        return await real_publish(self, event, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "ensure_streams", ensure_once_unanswered)
+    monkeypatch.setattr(Gate, "publish_internal", publish_once_unavailable)
+    bus = Bus(embedded_settings(tmp_path, free_port(), operator="fi-operator"))
+    caplog.set_level(logging.INFO, logger="collabbus")
+    try:
+        await asyncio.wait_for(bus.start(state=False), 60)
+        assert met == ["streams", "operator"]
+        said = [record.getMessage() for record in caplog.records if record.name == "collabbus.bus"]
+        assert ("making the streams: JetStream stopped answering (no answer from JetStream (TimeoutError)); "
+                "waiting for JetStream again") in said, said
+        assert ("registering the network's operator: the log did not take the operator 'fi-operator''s joining "
+                "(the log did not confirm it (nats: timeout)); waiting for JetStream again") in said, said
+        info = await bus.js.stream_info(EVENTS_STREAM)
+        assert info.state.messages == 1  # the operator's joining, once
+        assert await bus.membership.kind_of("fi-operator") == "operator"
+    finally:
+        await bus.stop()
