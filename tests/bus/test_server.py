@@ -271,7 +271,7 @@ async def test_a_start_that_meets_jetstream_not_answering_after_its_wait_waits_a
         if "operator" not in met:
             met.append("operator")
             return Verdict("rejected", str(event["id"]), reason="unavailable",
-                           errors=[Problem((), "the log did not confirm it (nats: timeout)", "log_unavailable")])
+                           errors=(Problem((), "the log did not confirm it (nats: timeout)", "log_unavailable"),))
         return await real_publish(self, event, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(runtime, "ensure_streams", ensure_once_unanswered)
