@@ -707,6 +707,9 @@ def test_help_names_what_each_setting_takes() -> None:
     assert (kinds["--data-dir"], kinds["--http-rate-burst"], kinds["--http-rate-limit"], kinds["--gate-processes"]) == (
         "<path>", "<int>", "<float>", "<int>")
     assert (kinds["--webhook-retry-schedule"], kinds["--nats-url"], kinds["--nats-creds"]) == ("<list>", "<str>", "<path>")
+    # A flag takes no value, and says none (Typer 0.29 labelled each `<bool>`: `--demo <bool>`, `--help <bool>`).
+    flags = [line for line in helped.splitlines() if line.startswith(("│ --demo ", "│ --standby ", "│ --help "))]
+    assert len(flags) == 3 and not [line for line in flags if "<" in line], flags
 
 
 def test_commands_that_only_connect_and_read_the_log_load_neither_the_bus_nor_the_catalog() -> None:
