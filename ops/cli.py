@@ -81,8 +81,9 @@ def with_settings(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in Settings.model_fields and name not in taken}
+        passed = {k: v for k, v in overrides.items() if v is not None}
         try:
-            settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+            settings = _where_the_bus_runs(Settings(**passed), passed)
         except ValidationError as exc:
             for error in exc.errors(include_url=False):
                 name = str(error["loc"][0]) if error["loc"] else ""
@@ -96,6 +97,31 @@ def with_settings(func: F) -> F:
     wrapper.__signature__ = signature.replace(parameters=own + extra)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
     return wrapper  # type: ignore[return-value]
+
+
+def _where_the_bus_runs(settings: Settings, given: dict[str, Any]) -> Settings:
+    """``settings`` with the addresses of the bus running on their data dir where they set none
+    (``ops.datadir.announce``): a command run on the data dir of a bus started with --nats-listen
+    or --http of its own finds it there, as it finds its credentials and read models."""
+    if not settings.embedded:
+        return settings
+    from ops import datadir
+
+    announced = datadir.running_addresses(settings.data_dir)
+    found: dict[str, Any] = {name: announced[name] for name in ("nats_listen", "http")
+             if name in announced and name not in settings.model_fields_set and announced[name] != getattr(settings, name)}
+    return Settings(**given, **found) if found else settings
+
+
+def _listening_elsewhere(settings: Settings) -> str:
+    """Where the bus on the settings' data dir listens for NATS when the settings name another
+    address, in words for an error (empty otherwise)."""
+    from ops import datadir
+
+    announced = datadir.running_addresses(settings.data_dir).get("nats_listen")
+    if announced is None or announced == settings.nats_listen:
+        return ""
+    return f": that bus listens at nats://{announced}, not where COLLABBUS_NATS_LISTEN (--nats-listen) says"
 
 
 def _kind_of(annotation: Any) -> str:
@@ -214,8 +240,9 @@ async def _nats(settings: Settings, name: str, *, reconnect: bool = False, fresh
         try:  # never a second nats-server on the store of a running bus
             held = datadir.lock(settings.data_dir, _this_command())
         except datadir.DataDirBusy as exc:
+            elsewhere = _listening_elsewhere(settings)
             raise ConnectionRefusedError(
-                f"nothing answers at {settings.nats_servers[0]}, yet {exc}: its nats-server is down or starting"
+                f"nothing answers at {settings.nats_servers[0]}, yet {exc}" + (elsewhere or ": its nats-server is down or starting")
             ) from None
         err.print(f"[yellow]the bus is not running[/yellow]: its nats-server was started for this command ({settings.nats_servers[0]})")
         server = embedded_server(settings)
@@ -474,6 +501,8 @@ def up(
         # NATS, the streams, the operator (waiting while a cluster elects); offers are judged here until a gatekeeper is ready
         if not await _started(bus, bus.start(state=False), stop):
             return
+        if bus.server is not None:  # (for the commands run on this data dir: _where_the_bus_runs)
+            datadir.announce(held, "collabbus up", nats_listen=f"{bus.server.host}:{bus.server.port}", http=f"{host}:{listening.port}")
         if standby:
             try:
                 taken = await _wait_for_the_log(bus, stop, starting)
@@ -1203,8 +1232,8 @@ def status(
                 report = await collect_status(nc.jetstream(), engine, data_dir=settings.data_dir)
         except ConnectionRefusedError as exc:  # (a report still, for a script: what could not be read, and why)
             held = datadir.holder(settings.data_dir) if settings.embedded else None
-            why = (f"the bus holds its data dir ({held}) but its NATS does not answer at {settings.nats_servers[0]} "
-                   "(stopped, overloaded?)" if held and "collabbus up" in held
+            why = (f"the bus holds its data dir ({held}) but its NATS does not answer at {settings.nats_servers[0]}"
+                   + (_listening_elsewhere(settings) or " (stopped, overloaded?)") if held and "collabbus up" in held
                    else f"cannot reach NATS: {exc}. Is the bus running (collabbus up)?")
             return {"bus_running": True if held and "collabbus up" in held else None, "error": why}
         except JETSTREAM_ERRORS as exc:

@@ -5,11 +5,15 @@ accepted can vanish from the log. ``collabbus up`` holds an exclusive lock on
 ``<data dir>/collabbus.lock`` (``flock``: the kernel lets go when the process ends, however it
 ends) with its pid in the file; a command that would start the embedded server for itself takes
 the same lock for as long as it runs.
+
+A running bus writes where it listens into the file too (:func:`announce`): a command run on its
+data dir reaches it there without being told (:func:`running_addresses`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 from typing import IO
@@ -46,8 +50,38 @@ def lock(data_dir: Path, what: str) -> IO[str]:
     return handle
 
 
+def announce(handle: IO[str], what: str, **addresses: str) -> None:
+    """Say in the lock held as ``handle`` where the bus listens (``nats_listen``, ``http``), for
+    :func:`running_addresses`."""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {what}\n{json.dumps(addresses)}\n")
+    handle.flush()
+
+
+def running_addresses(data_dir: Path) -> dict[str, str]:
+    """Where the bus holding ``data_dir`` listens, as it announced it; empty when no process
+    holds it, or the one holding it announced nothing."""
+    try:
+        handle = open(data_dir / LOCK_FILE)
+    except OSError:
+        return {}
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _, _, announced = handle.read().partition("\n")
+            try:
+                addresses = json.loads(announced) if announced.strip() else {}
+            except ValueError:
+                return {}
+            return {k: v for k, v in addresses.items() if isinstance(v, str)} if isinstance(addresses, dict) else {}
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return {}
+
+
 def _read(text: str) -> tuple[int | None, str | None]:
-    pid, _, what = text.strip().partition(" ")
+    pid, _, what = text.strip().partition("\n")[0].partition(" ")
     return (int(pid) if pid.isdigit() else None, what or None)
 
 

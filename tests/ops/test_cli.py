@@ -87,6 +87,26 @@ def test_a_rebuild_is_refused_while_a_bus_applies_the_log(running_bus: dict[str,
     assert "--force" in refused.stderr
 
 
+def test_commands_on_a_running_buss_data_dir_find_where_it_listens(running_bus: dict[str, str]) -> None:
+    """The bus runs with NATS and HTTP addresses of its own (COLLABBUS_NATS_LISTEN, COLLABBUS_HTTP):
+    a command given only its data dir reaches it there — it looked for NATS at the default
+    address and said the bus's nats-server was "down or starting". An address the command is
+    given still counts, and the error then says where the bus listens."""
+    env = {name: value for name, value in running_bus.items() if name not in ("COLLABBUS_NATS_LISTEN", "COLLABBUS_HTTP")}
+    status = cli("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["bus_running"] is True and report["streams"]["COLLAB_EVENTS"]["messages"] >= 1, report
+    listed = cli("institutions", "list", "--json", env=env)
+    assert listed.returncode == 0 and "operator" in [row["id"] for row in json.loads(listed.stdout)["items"]], listed.stderr
+    listen = running_bus["COLLABBUS_NATS_LISTEN"]
+    elsewhere = cli("status", "--json", env={**env, "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}"})
+    assert elsewhere.returncode == 1, elsewhere.stdout
+    assert f"that bus listens at nats://{listen}" in json.loads(elsewhere.stdout)["error"], elsewhere.stdout
+    refused = cli("dlq", "list", env={**env, "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}"})
+    assert refused.returncode == 1 and f"that bus listens at nats://{listen}" in flat(refused.stderr), refused.stderr
+
+
 def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp_path: Path) -> None:
     env = running_bus
     fixture = load_fixtures()["project.registered"]
