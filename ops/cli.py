@@ -1896,9 +1896,8 @@ def institutions_list(
     from bus import log
 
     async def main() -> dict[str, dict[str, Any]]:
-        nc = await _connect(settings, "collabbus-cli")
         members: dict[str, dict[str, Any]] = {}
-        try:
+        async with _nats(settings, "collabbus-cli") as nc:  # (the bus stopped: its log is read all the same)
             async for logged in log.read(nc.jetstream(), log.event_filter("institution"), since="all"):
                 event = logged.event
                 if event["type"] == "institution.left":
@@ -1907,8 +1906,6 @@ def institutions_list(
                     members[event["subject"]] = dict(event["data"])
                 else:
                     members.setdefault(event["subject"], {}).update(event["data"])
-        finally:
-            await nc.close()
         return members
 
     members = run(main())

@@ -638,7 +638,7 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
            "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
     env.pop("COLLABBUS_NATS_URL", None)
     # A data dir the bus never ran on (a mistyped one, say): nothing is started there, nor created.
-    for command in (["tail", "--since", "all", "--no-follow"], ["status", "--json"], ["dlq", "list"]):
+    for command in (["tail", "--since", "all", "--no-follow"], ["status", "--json"], ["dlq", "list"], ["institutions", "list"]):
         never = cli(*command, env=env)
         assert never.returncode == 1 and "no bus has run with the data dir" in never.stderr, never.stderr
         assert "Traceback" not in never.stderr and never.stdout == ""
@@ -658,6 +658,9 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
     logged = cli("tail", "--since", "all", "--no-follow", "--json", env=env)
     assert logged.returncode == 0, logged.stderr
     assert [json.loads(line)["type"] for line in logged.stdout.splitlines()] == ["institution.joined"]  # the operator
+    members = cli("institutions", "list", "--json", env=env)  # (it said "cannot reach NATS")
+    assert members.returncode == 0, members.stderr
+    assert [member["id"] for member in json.loads(members.stdout)["items"]] == ["operator"]
     # A command following the stopped bus's log holds its store: `up` says which one to stop.
     follower = subprocess.Popen([*COLLABBUS, "tail"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
