@@ -37,6 +37,7 @@ class Starting:
 
 
 def starting_app(state: Starting) -> FastAPI:
+    """The answers of a bus's address before its gateway serves, as ``state`` says them."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/healthz")
