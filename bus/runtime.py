@@ -323,7 +323,6 @@ class Bus:
         self.doing = "migrating the read models"
         self.engine = make_engine(self.settings.db_url, checkpoints_in_background=True)
         await asyncio.to_thread(migrate, self.engine)
-        self.doing = "starting the read models' consumers"
         assert self.tracing is not None
         self._checkpoint_in_background(WalCheckpointer.for_engine(self.engine), self._span_store_checkpointer())
         traced: Any = TracedNetwork((self.network_factory or network)(), self.consumer_settings.name, self.tracing)
@@ -340,11 +339,16 @@ class Bus:
         )
         # Deadlines wait for what was logged before them; and timers act only while this bus holds the log.
         self.relay.clock = lambda: consumer.timers_now() if lease.fresh else None
-        if not lease.held:  # lost while migrating: what _lost stopped had not started yet
-            self.consumer = self.relay = None
-            raise RuntimeError("another bus took over the log while this one was starting")
-        try:
-            await self.consumer.start()  # (refused while another process applies the log: bus.consumer.claim_consumer)
+
+        def holding(start: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+            async def started() -> None:
+                if not lease.held:  # lost while migrating (or waiting for JetStream): what _lost stopped had not started yet
+                    raise RuntimeError("another bus took over the log while this one was starting")
+                await start()
+            return started
+
+        try:  # (the consumer is refused while another process applies the log: bus.consumer.claim_consumer)
+            await self._through_elections([EVENTS_STREAM], "starting the read models' consumer", holding(consumer.start))
         except BaseException:
             self.consumer = self.relay = None  # never started: nothing of theirs to stop or drain
             raise
@@ -356,7 +360,7 @@ class Bus:
             timeout=self.webhook_timeout, db_lock=lock, tracing=self.tracing, network_consumer=traced.consumer,  # whose position in the read models says what they have applied
             may_apply=lambda: lease.fresh,
         )
-        await self.webhooks.start()
+        await self._through_elections([EVENTS_STREAM], "starting the webhooks' consumer", holding(self.webhooks.start))
         from ops.status import keep_consumer_state, running_consumers
 
         self._state_file = asyncio.create_task(

@@ -291,3 +291,42 @@ async def test_a_start_that_meets_jetstream_not_answering_after_its_wait_waits_a
         assert await bus.membership.kind_of("fi-operator") == "operator"
     finally:
         await bus.stop()
+
+
+async def test_consumers_that_meet_jetstream_not_answering_as_they_start_wait_for_it_and_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The read models' consumer and the webhooks' are made as the bus starts (after the wait for
+    JetStream, the lease and the migrations): a request unanswered there — an election begun
+    meanwhile — failed the start. Each now waits for JetStream again and starts, and the log is
+    applied. (The failure is injected once for each consumer, in front of the real request.)"""
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js import JetStreamContext
+    from sqlalchemy import text
+
+    real_add = JetStreamContext.add_consumer
+    failed: list[str] = []
+
+    async def add_once_unanswered(self: JetStreamContext, stream: str, config: object = None, **params: object) -> object:
+        name = getattr(config, "durable_name", None)
+        if name not in failed:
+            failed.append(str(name))
+            raise NatsTimeout
+        return await real_add(self, stream, config, **params)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(JetStreamContext, "add_consumer", add_once_unanswered)
+    bus = Bus(embedded_settings(tmp_path, free_port(), operator="fi-operator"))
+    caplog.set_level(logging.INFO, logger="collabbus")
+    try:
+        await asyncio.wait_for(bus.start(), 60)
+        assert failed == ["network", "webhooks"], failed
+        said = [record.getMessage() for record in caplog.records if record.name == "collabbus.bus"]
+        for consumer in ("read models'", "webhooks'"):
+            assert (f"starting the {consumer} consumer: JetStream stopped answering (no answer from JetStream "
+                    "(TimeoutError)); waiting for JetStream again") in said, said
+        names = {info.name for info in await bus.js.consumers_info(EVENTS_STREAM)}
+        assert {"network", "webhooks"} <= names, names
+        assert bus.applied is not None and await bus.applied.wait_beyond(0, timeout=30)  # the operator's joining, applied
+        with bus.engine.connect() as connection:
+            assert connection.execute(text("SELECT id FROM institutions")).scalars().all() == ["fi-operator"]
+    finally:
+        await bus.stop()
