@@ -673,8 +673,8 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
 
 
 def test_up_on_a_taken_http_port_says_so(tmp_path: Path) -> None:
-    """The gatekeeper process starts while the gateway is built: when the gateway cannot listen,
-    the bus stops it again, with its nats-server."""
+    """`collabbus up` listens before it starts anything: an address in use ends it at once, and
+    nothing of the data dir is left running (no nats-server, no gatekeeper process)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
