@@ -39,6 +39,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from nats.js.kv import KeyValue
 
 from bus.log import stored
+from bus.streams import UNANSWERED, Unanswered
 from bus.tasks import stop_if_cancelled
 from ops.logs import Spell
 
@@ -91,7 +92,9 @@ def _now() -> str:
 
 
 async def bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
-    """The leases' bucket, made when missing (one value a key: only the newest counts)."""
+    """The leases' bucket, made when missing (one value a key: only the newest counts); what it
+    needs said when it cannot be used — as ``bus.streams.Unanswered`` when a request was not
+    answered, for a starting bus to wait through."""
     try:
         try:
             return await js.key_value(BUCKET)
@@ -100,7 +103,10 @@ async def bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
                 bucket=BUCKET, description="collabbus: which bus applies the log", history=1,
                 storage=StorageType.FILE, replicas=replicas))
     except (BucketNotFoundError, NatsError) as exc:  # (permissions, no JetStream, too few servers for the replicas)
-        raise RuntimeError(
+        # (Unanswered for a request that was not answered: an election, or a permission NATS
+        # denied — which a starting bus learns from its connection while it waits, bus.streams.)
+        kind = Unanswered if isinstance(exc, UNANSWERED) else RuntimeError
+        raise kind(
             f"the bus cannot use the NATS key-value bucket {BUCKET!r} by which one bus applies the log "
             f"({str(exc) or type(exc).__name__}): JetStream must be enabled for its account, and its credentials must "
             f"allow the stream KV_{BUCKET} and the subjects $KV.{BUCKET}.>") from exc

@@ -28,7 +28,7 @@ from bus.membership import Membership
 from bus.ratelimit import RateLimiter
 from bus.relay import Relay
 from bus.server import EmbeddedNats, EmbeddedServerError
-from bus.streams import (EVENTS_STREAM, UNANSWERED, desired_streams, ensure_streams, jetstream_answered,
+from bus.streams import (EVENTS_STREAM, UNANSWERED, Unanswered, desired_streams, ensure_streams, jetstream_answered,
                           wait_for_jetstream)
 from bus.verdict import Verdict
 from bus.watch import AppliedWatch
@@ -62,10 +62,6 @@ JETSTREAM_PROBE_TIMEOUT = 2.0
 
 
 T = TypeVar("T")
-
-
-class LogUnanswered(RuntimeError):
-    """The gate answered an offer of the bus's own ``unavailable``: the log did not take it just now."""
 
 
 @dataclass
@@ -148,10 +144,10 @@ class Bus:
             max_msg_size=min(self.nc.max_payload, settings.max_event_bytes + 4096),
         )
         names = [str(stream.name) for stream in streams] + [f"KV_{BUCKET}"]
-        await self._through_elections(names, "making the streams", lambda: ensure_streams(self.js, streams, on_wait=self._doing))
+        await self.through_elections(names, "making the streams", lambda: ensure_streams(self.js, streams, on_wait=self._doing))
         self.doing = "reading the network's members from the log"
         await self._start_gate()
-        await self._through_elections(names, "registering the network's operator", self.ensure_operator)
+        await self.through_elections(names, "registering the network's operator", self.ensure_operator)
         await self.revoke_departed()
         if ingress:
             self.doing = "opening the ingress"
@@ -170,7 +166,7 @@ class Bus:
         await self._start_gate()
         await self.open_ingress()
 
-    async def _through_elections(self, streams: list[str], doing: str, step: Callable[[], Awaitable[T]]) -> T:
+    async def through_elections(self, streams: list[str], doing: str, step: Callable[[], Awaitable[T]]) -> T:
         """A step of the start, once JetStream and ``streams`` answer (``wait_for_jetstream``):
         one that meets them not answering — an election begun after the wait — waits for them
         again and is taken again, rather than failing the start."""
@@ -181,9 +177,10 @@ class Bus:
             self.doing = doing
             try:
                 return await step()
-            except (*UNANSWERED, LogUnanswered) as exc:
+            except UNANSWERED as exc:
+                said = isinstance(exc, Unanswered) and exc.__cause__ is None  # (else: the request's own error)
                 log.warning("%s: %s; waiting for JetStream again", doing,
-                            exc if isinstance(exc, LogUnanswered) else f"JetStream stopped answering ({jetstream_answered(exc)})")
+                            exc if said else f"JetStream stopped answering ({jetstream_answered(exc.__cause__ or exc)})")
 
     def _doing(self, words: str) -> None:
         self.doing = words
@@ -318,8 +315,8 @@ class Bus:
 
         # Before anything is migrated or applied: a bus that applies the log elsewhere (perhaps an
         # older version, on this database) is not disturbed.
-        self.doing = "taking the lease by which one bus applies the log"
-        await self.take_lease(patience=self.consumer_settings.claim_patience or CLAIM_PATIENCE)
+        await self.through_elections([f"KV_{BUCKET}"], "taking the lease by which one bus applies the log",
+                                     lambda: self.take_lease(patience=self.consumer_settings.claim_patience or CLAIM_PATIENCE))
         self.doing = "migrating the read models"
         self.engine = make_engine(self.settings.db_url, checkpoints_in_background=True)
         await asyncio.to_thread(migrate, self.engine)
@@ -348,7 +345,7 @@ class Bus:
             return started
 
         try:  # (the consumer is refused while another process applies the log: bus.consumer.claim_consumer)
-            await self._through_elections([EVENTS_STREAM], "starting the read models' consumer", holding(consumer.start))
+            await self.through_elections([EVENTS_STREAM], "starting the read models' consumer", holding(consumer.start))
         except BaseException:
             self.consumer = self.relay = None  # never started: nothing of theirs to stop or drain
             raise
@@ -360,7 +357,7 @@ class Bus:
             timeout=self.webhook_timeout, db_lock=lock, tracing=self.tracing, network_consumer=traced.consumer,  # whose position in the read models says what they have applied
             may_apply=lambda: lease.fresh,
         )
-        await self._through_elections([EVENTS_STREAM], "starting the webhooks' consumer", holding(self.webhooks.start))
+        await self.through_elections([EVENTS_STREAM], "starting the webhooks' consumer", holding(self.webhooks.start))
         from ops.status import keep_consumer_state, running_consumers
 
         self._state_file = asyncio.create_task(
@@ -435,7 +432,7 @@ class Bus:
             }
         )
         if verdict.reason == "unavailable":
-            raise LogUnanswered(f"the log did not take the operator {operator!r}'s joining "
+            raise Unanswered(f"the log did not take the operator {operator!r}'s joining "
                                 f"({'; '.join(problem.msg for problem in verdict.errors)})")
         if not verdict.accepted:
             raise RuntimeError(f"could not register the operator {operator!r}: {verdict.as_dict()}")

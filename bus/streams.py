@@ -130,7 +130,13 @@ ELECTING = ("a cluster electing its leaders (for seconds after a node is lost or
 JETSTREAM_ERRORS = (nats.errors.TimeoutError, NoStreamResponseError, APIError)
 """What a JetStream request that was not answered, or answered with an error, raises (nats-py)."""
 
-UNANSWERED = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError)
+class Unanswered(RuntimeError):
+    """What the bus asked of JetStream was not answered just now, said in words (the request's own
+    error its ``__cause__``, if any): the log not taking an event of the bus's own, the leases'
+    bucket not answering."""
+
+
+UNANSWERED = (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError, Unanswered)
 """What a JetStream request raises while JetStream, or the stream asked, cannot answer just now
 (its cluster electing a leader, short of a quorum): worth waiting through."""
 

@@ -584,7 +584,7 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event, starting: Any) -> boo
     """``up --standby``: hold the lease by which one bus applies the log, waiting for as long as
     another holds it, its address saying so (``starting``: ``connectors.http.starting.Starting``);
     False when stopped first."""
-    from bus.lease import Standby, describe
+    from bus.lease import BUCKET, Standby, describe
     from connectors.http.operations import database_check
     from handlers.db import make_engine
 
@@ -597,9 +597,14 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event, starting: Any) -> boo
     starting.applying, starting.database = "another bus", lambda: database_check(database)
     announced = Standby(bus.js, bus.consumer_settings.name, str(bus.settings.data_dir.resolve()),
                         replicas=bus.settings.stream_replicas)  # for `collabbus status`
-    try:
-        await announced.start()
-        taken = await _unless_stopped(bus.take_lease(patience=None, on_wait=waiting), stop)
+    leases = [f"KV_{BUCKET}"]
+    try:  # (what an election begun meanwhile leaves unanswered is waited through: Bus.through_elections)
+        announcing = await _unless_stopped(bus.through_elections(leases, "announcing this standby", announced.start), stop)
+        if announcing is None:
+            return False
+        announcing.result()
+        taken = await _unless_stopped(bus.through_elections(leases, "standing by for the lease",
+                                                            lambda: bus.take_lease(patience=None, on_wait=waiting)), stop)
         if taken is not None:
             taken.result()  # (raises what taking it raised)
     finally:

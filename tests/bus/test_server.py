@@ -293,12 +293,12 @@ async def test_a_start_that_meets_jetstream_not_answering_after_its_wait_waits_a
         await bus.stop()
 
 
-async def test_consumers_that_meet_jetstream_not_answering_as_they_start_wait_for_it_and_start(
+async def test_the_lease_and_consumers_meeting_jetstream_not_answering_as_they_start_wait_for_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The read models' consumer and the webhooks' are made as the bus starts (after the wait for
-    JetStream, the lease and the migrations): a request unanswered there — an election begun
-    meanwhile — failed the start. Each now waits for JetStream again and starts, and the log is
-    applied. (The failure is injected once for each consumer, in front of the real request.)"""
+    """The lease's bucket is looked up, and the read models' consumer and the webhooks' are made,
+    as the bus starts (after the wait for JetStream): a request unanswered there — an election
+    begun meanwhile — failed the start. Each now waits for JetStream again and is taken again,
+    and the log is applied. (The failure is injected once for each, in front of the real request.)"""
     from nats.errors import TimeoutError as NatsTimeout
     from nats.js import JetStreamContext
     from sqlalchemy import text
@@ -313,16 +313,27 @@ async def test_consumers_that_meet_jetstream_not_answering_as_they_start_wait_fo
             raise NatsTimeout
         return await real_add(self, stream, config, **params)  # type: ignore[arg-type]
 
+    real_bucket = JetStreamContext.key_value
+
+    async def bucket_once_unanswered(self: JetStreamContext, bucket: str) -> object:
+        if "bucket" not in failed:
+            failed.append("bucket")
+            raise NatsTimeout
+        return await real_bucket(self, bucket)
+
     monkeypatch.setattr(JetStreamContext, "add_consumer", add_once_unanswered)
+    monkeypatch.setattr(JetStreamContext, "key_value", bucket_once_unanswered)
     bus = Bus(embedded_settings(tmp_path, free_port(), operator="fi-operator"))
     caplog.set_level(logging.INFO, logger="collabbus")
     try:
         await asyncio.wait_for(bus.start(), 60)
-        assert failed == ["network", "webhooks"], failed
+        assert failed == ["bucket", "network", "webhooks"], failed
         said = [record.getMessage() for record in caplog.records if record.name == "collabbus.bus"]
-        for consumer in ("read models'", "webhooks'"):
-            assert (f"starting the {consumer} consumer: JetStream stopped answering (no answer from JetStream "
-                    "(TimeoutError)); waiting for JetStream again") in said, said
+        for step in ("taking the lease by which one bus applies the log", "starting the read models' consumer",
+                     "starting the webhooks' consumer"):
+            assert (f"{step}: JetStream stopped answering (no answer from JetStream (TimeoutError)); "
+                    "waiting for JetStream again") in said, said
+        assert bus.lease is not None and bus.lease.held
         names = {info.name for info in await bus.js.consumers_info(EVENTS_STREAM)}
         assert {"network", "webhooks"} <= names, names
         assert bus.applied is not None and await bus.applied.wait_beyond(0, timeout=30)  # the operator's joining, applied
