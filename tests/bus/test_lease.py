@@ -570,3 +570,45 @@ async def test_credentials_without_the_bucket_are_told_what_they_need(server: Em
             await Lease(nc.jetstream(timeout=2), "network").take(patience=1)
     finally:
         await nc.close()
+
+
+async def test_a_standby_meeting_jetstream_not_answering_as_it_announces_itself_waits_and_stands_by(
+        tmp_path: Path, server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """`up --standby` announces itself in the leases' bucket, then waits for the lease: a request
+    unanswered there (an election begun after the start's wait) failed it. It waits for JetStream
+    again, announces itself and takes the lease (nobody holding it here). (The failure is injected
+    once, in front of the real look-up of the bucket.)"""
+    import logging
+
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js import JetStreamContext
+
+    from bus.runtime import Bus
+    from connectors.http.starting import Starting
+    from ops.cli import _wait_for_the_log
+    from ops.settings import Settings
+
+    bus = Bus(Settings(data_dir=tmp_path / "standby", nats_url=server.url, nats_creds=server.bus_creds,
+                       operator="fi-operator"))  # type: ignore[call-arg]
+    await bus.start(state=False)
+    real_bucket = JetStreamContext.key_value
+    failed: list[str] = []
+
+    async def bucket_once_unanswered(self: JetStreamContext, name: str) -> object:
+        if not failed:
+            failed.append(name)
+            raise NatsTimeout
+        return await real_bucket(self, name)
+
+    monkeypatch.setattr(JetStreamContext, "key_value", bucket_once_unanswered)
+    caplog.set_level(logging.INFO, logger="collabbus")
+    starting = Starting(nats=bus.nats_state, doing=lambda: bus.doing)
+    try:
+        assert await asyncio.wait_for(_wait_for_the_log(bus, asyncio.Event(), starting), 60) is True
+        assert failed == [BUCKET]
+        said = [record.getMessage() for record in caplog.records if record.name == "collabbus.bus"]
+        assert ("announcing this standby: JetStream stopped answering (no answer from JetStream (TimeoutError)); "
+                "waiting for JetStream again") in said, said
+        assert bus.lease is not None and bus.lease.held and starting.applying is None  # taken: "starting" from here
+    finally:
+        await bus.stop()
