@@ -103,14 +103,24 @@ def _where_the_bus_runs(settings: Settings, given: dict[str, Any]) -> Settings:
     """``settings`` with the addresses of the bus running on their data dir where they set none
     (``ops.datadir.announce``): a command run on the data dir of a bus started with --nats-listen
     or --http of its own finds it there, as it finds its credentials and read models."""
-    if not settings.embedded:
-        return settings
     from ops import datadir
 
     announced = datadir.running_addresses(settings.data_dir)
     found: dict[str, Any] = {name: announced[name] for name in ("nats_listen", "http")
-             if name in announced and name not in settings.model_fields_set and announced[name] != getattr(settings, name)}
+                             if name in announced and name not in settings.model_fields_set and announced[name] != getattr(settings, name)}
     return Settings(**given, **found) if found else settings
+
+
+def _on_external_nats(settings: Settings) -> str | None:
+    """For a command not told the external NATS of the bus running on its data dir (it would look
+    for an embedded server): what to give it, in words; None otherwise."""
+    from ops import datadir
+
+    if not settings.embedded or datadir.running_addresses(settings.data_dir).get("nats") != "external":
+        return None
+    return (f"the bus running on the data dir {settings.data_dir.resolve()} ({datadir.holder(settings.data_dir)}) uses an "
+            "external NATS: give this command its COLLABBUS_NATS_URL and COLLABBUS_NATS_CREDS (and its "
+            "COLLABBUS_DATABASE_URL, if it has one), as the bus has them")
 
 
 def _listening_elsewhere(settings: Settings) -> str:
@@ -218,6 +228,8 @@ async def _connect(settings: Settings, name: str, *, reconnect: bool = False) ->
             else:
                 what = f"with {used or 'no credentials'}"
             _no_network_here(settings, f"NATS at {', '.join(settings.nats_servers)} refused this command ({what})")
+        if (external := _on_external_nats(settings)) is not None:
+            _fail(external)
         raise ConnectionRefusedError(f"{', '.join(settings.nats_servers)} ({exc.__class__.__name__})") from None
 
 
@@ -232,6 +244,8 @@ async def _nats(settings: Settings, name: str, *, reconnect: bool = False, fresh
 
     server = held = None
     if settings.embedded and not port_is_taken(*settings.listen_host_port):
+        if (external := _on_external_nats(settings)) is not None:
+            _fail(external)
         if not fresh and not embedded_store(settings).exists():
             _no_network_here(settings, f"no bus has run with the data dir {settings.data_dir.resolve()} and none "
                                        f"answers at {settings.nats_servers[0]} (nothing was created)")
@@ -501,8 +515,9 @@ def up(
         # NATS, the streams, the operator (waiting while a cluster elects); offers are judged here until a gatekeeper is ready
         if not await _started(bus, bus.start(state=False), stop):
             return
-        if bus.server is not None:  # (for the commands run on this data dir: _where_the_bus_runs)
-            datadir.announce(held, "collabbus up", nats_listen=f"{bus.server.host}:{bus.server.port}", http=f"{host}:{listening.port}")
+        # For the commands run on this data dir (_where_the_bus_runs, _on_external_nats):
+        nats = {"nats_listen": f"{bus.server.host}:{bus.server.port}"} if bus.server is not None else {"nats": "external"}
+        datadir.announce(held, "collabbus up", http=f"{host}:{listening.port}", **nats)
         if standby:
             try:
                 taken = await _wait_for_the_log(bus, stop, starting)

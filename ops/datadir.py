@@ -51,8 +51,8 @@ def lock(data_dir: Path, what: str) -> IO[str]:
 
 
 def announce(handle: IO[str], what: str, **addresses: str) -> None:
-    """Say in the lock held as ``handle`` where the bus listens (``nats_listen``, ``http``), for
-    :func:`running_addresses`."""
+    """Say in the lock held as ``handle`` where the bus listens (``http``, and ``nats_listen`` for
+    its embedded nats-server or ``nats="external"``), for :func:`running_addresses`."""
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()} {what}\n{json.dumps(addresses)}\n")

@@ -107,6 +107,28 @@ def test_commands_on_a_running_buss_data_dir_find_where_it_listens(running_bus: 
     assert refused.returncode == 1 and f"that bus listens at nats://{listen}" in flat(refused.stderr), refused.stderr
 
 
+def test_commands_not_given_the_external_nats_of_the_bus_on_their_data_dir_are_told_so(tmp_path: Path) -> None:
+    """A bus on an external NATS (the production set-up): a command on its data dir without the
+    bus's COLLABBUS_NATS_URL looked for an embedded server and said no bus had run there, or that
+    NATS could not be reached at 127.0.0.1:4222. It says what to give it."""
+    nats_server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
+    nats_server.start()
+    try:
+        env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_NATS_URL": nats_server.url,
+               "COLLABBUS_NATS_CREDS": str(nats_server.bus_creds), "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}",
+               "COLLABBUS_GATE_PROCESSES": "0"}
+        with collabbus_up(env):
+            told = {name: value for name, value in env.items() if name not in ("COLLABBUS_NATS_URL", "COLLABBUS_NATS_CREDS")}
+            for command in (["status", "--json"], ["dlq", "list"], ["institutions", "list"]):
+                refused = cli(*command, env=told)
+                assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+                assert "uses an external NATS: give this command its COLLABBUS_NATS_URL and COLLABBUS_NATS_CREDS" in flat(
+                    refused.stderr), (command, refused.stderr)
+            assert cli("status", "--json", env=env).returncode == 0  # told, it reads the bus's log
+    finally:
+        nats_server.stop()
+
+
 def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp_path: Path) -> None:
     env = running_bus
     fixture = load_fixtures()["project.registered"]
