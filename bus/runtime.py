@@ -471,8 +471,11 @@ class Bus:
         if hasattr(self, "broker"):
             connection = self.broker._connection  # (None when it never connected)
             if connection is not None and (connection.is_reconnecting or connection.is_connecting):
-                await connection.close()  # NATS is away (an embedded server gone first, a cut): nothing can be drained
-            with contextlib.suppress(ConnectionClosedError):  # (closed: nothing to drain either)
+                # NATS is away (an embedded server gone first, a cut): nothing can be drained, and
+                # nats-py's closing may meet the socket already reset.
+                with contextlib.suppress(OSError):
+                    await connection.close()
+            with contextlib.suppress(ConnectionClosedError, OSError):  # (closed or reset: nothing to drain either)
                 await self.broker.stop()
         if self._watching is not None:
             self._watching.cancel()

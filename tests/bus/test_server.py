@@ -341,3 +341,21 @@ async def test_the_lease_and_consumers_meeting_jetstream_not_answering_as_they_s
             assert connection.execute(text("SELECT id FROM institutions")).scalars().all() == ["fi-operator"]
     finally:
         await bus.stop()
+
+
+async def test_a_bus_whose_nats_went_away_stops_cleanly(tmp_path: Path) -> None:
+    """NATS gone while the bus runs (an external server stopped, the embedded one signalled with
+    the bus by a service manager): stopping the bus then met nats-py's close on a socket already
+    reset — "cannot reach NATS: Connection lost", exit 1 of a bus that was only asked to stop."""
+    nats_server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
+    await nats_server.astart()
+    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=nats_server.url, nats_creds=nats_server.bus_creds,
+                       operator="fi-operator", http=f"127.0.0.1:{free_port()}"))  # type: ignore[call-arg]
+    try:
+        await bus.start()
+        await bus.start_http()
+    finally:
+        await nats_server.astop()
+    await asyncio.sleep(0.3)
+    await asyncio.wait_for(bus.stop(), 60)  # (raised ConnectionResetError)
+    assert bus.http is None and bus.consumer is None
