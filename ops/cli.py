@@ -533,11 +533,18 @@ def up(
             await bus.start_state()
             await bus.start_http()
 
-        try:
+        async def the_rest() -> tuple[BaseException | None, BaseException | None]:
             # The gatekeeper processes start (a Python process each, loading the bus) while this one
             # migrates the read models and builds the gateway: on two cores, side by side.
-            started = await asyncio.gather(bus.start_gatekeepers(), state_and_gateway(), return_exceptions=True)
-            for outcome in started:
+            return await asyncio.gather(bus.start_gatekeepers(), state_and_gateway(), return_exceptions=True)
+
+        try:
+            finished = await _unless_stopped(the_rest(), stop)  # (it may wait: the lease, an election)
+            if finished is None:
+                await bus.stop()
+                err.print("stopped")
+                return
+            for outcome in finished.result():
                 if isinstance(outcome, BaseException):
                     raise outcome
         except BaseException as exc:  # (the database's errors are told by `run`, once the bus has stopped)

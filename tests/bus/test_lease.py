@@ -612,3 +612,40 @@ async def test_a_standby_meeting_jetstream_not_answering_as_it_announces_itself_
         assert bus.lease is not None and bus.lease.held and starting.applying is None  # taken: "starting" from here
     finally:
         await bus.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_ctrl_c_stops_a_bus_waiting_for_the_lease_at_once(tmp_path: Path, server: EmbeddedNats) -> None:
+    """A bus started while another applies the log waits up to 8 s for it to go (and the rest of
+    its start may wait for JetStream): Ctrl-C meanwhile went unheard until the wait ended, and the
+    bus then exited 1 saying another bus applies the log. It stops at once ("stopped", exit 0);
+    its address said what it waited for."""
+    env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
+           "COLLABBUS_DATA_DIR": str(tmp_path / "second"), "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_GATE_PROCESSES": "0"}
+    nc = await nats.connect(server.url, **server.connect_options())
+    up: subprocess.Popen[str] | None = None
+    try:
+        holder = Lease(nc.jetstream(), "network", data_dir="/srv/holder", renew_every=0.2)
+        await holder.take(patience=1)
+        up = _up(env)
+        async with httpx.AsyncClient(timeout=5) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                assert time.monotonic() < deadline and up.poll() is None, "the lease was not waited for"
+                try:
+                    ready = (await http.get(f"http://{env['COLLABBUS_HTTP']}/readyz")).json()
+                    if ready["checks"].get("start") == "taking the lease by which one bus applies the log":
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        up.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(up.wait, 30) == 0  # (unheard, the wait ended in 8 s: exit 1, "another bus applies the log")
+        assert up.stderr is not None and "stopped" in up.stderr.read()
+        await holder.release()
+    finally:
+        if up is not None and up.poll() is None:
+            up.kill()
+            up.wait()
+        await nc.close()
