@@ -501,7 +501,7 @@ def up(
         from connectors.http.starting import Starting, starting_app
 
         bus = Bus(settings)
-        stop = _stop_on_signals()
+        stop = _stop_on_signals(again_at_once=True)
         # The address answers from the first moment, however long the start waits: alive, not ready, saying why.
         starting = Starting(nats=bus.nats_state, doing=lambda: bus.doing)
         host, port = settings.http_host_port
@@ -572,7 +572,7 @@ def up(
             if loading is not None and not loading.done():
                 loading.cancel()
                 await asyncio.gather(loading, return_exceptions=True)
-            err.print("draining…")
+            err.print("draining… (Ctrl-C again stops at once)")
             await bus.stop()
             err.print("stopped")
         if lost:
@@ -661,12 +661,22 @@ async def _until_stopped_or_lost(stop: asyncio.Event, lost: asyncio.Event) -> bo
     return lost.is_set()
 
 
-def _stop_on_signals() -> asyncio.Event:
-    """An event set by Ctrl-C or SIGTERM: a long-running command drains and stops when it is."""
+def _stop_on_signals(*, again_at_once: bool = False) -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM: a long-running command drains and stops when it is.
+    ``again_at_once``: a second signal ends the process there and then (exit 130), as a kill would —
+    for a bus whose drain an operator will not wait for; the log, the read models and the
+    consumers are made to survive that (its nats-server and gatekeepers stop with it)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        if again_at_once and stop.is_set():
+            err.print("stopped at once (a second signal): nothing more was drained")
+            os._exit(130)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled)
     return stop
 
 

@@ -694,6 +694,44 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
         follower.wait(timeout=30)
 
 
+def test_a_second_ctrl_c_stops_the_bus_at_once_and_it_starts_again_where_it_was(tmp_path: Path) -> None:
+    """Ctrl-C drains the bus; a drain can wait (a request in flight gets 5 s). A second Ctrl-C went
+    unheard; it ends the process there and then, as a kill would — its nats-server and its
+    gatekeeper go with it, and the next `up` carries on from the log as it was."""
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "1"}
+    env.pop("COLLABBUS_NATS_URL", None)
+    up = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    assert up.stderr is not None
+    try:
+        deadline = time.monotonic() + 60
+        while "is up" not in up.stderr.readline():
+            assert time.monotonic() < deadline and up.poll() is None, "collabbus up did not come up"
+        host, port = env["COLLABBUS_HTTP"].split(":")
+        with socket.create_connection((host, int(port))) as slow:  # a request in flight: its body never comes
+            slow.sendall(b"POST /events HTTP/1.1\r\nHost: bus\r\nContent-Type: application/cloudevents+json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")
+            time.sleep(0.5)
+            up.send_signal(signal.SIGINT)
+            while "draining" not in (line := up.stderr.readline()):
+                assert line, "no drain"
+            assert "Ctrl-C again stops at once" in line
+            up.send_signal(signal.SIGINT)
+            assert up.wait(timeout=30) == 130
+        assert "stopped at once" in up.stderr.read()
+        deadline = time.monotonic() + 10
+        while subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.strip():
+            assert time.monotonic() < deadline, "processes of this data dir are still running"
+            time.sleep(0.1)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    with collabbus_up(env):  # the same log, the operator joined once
+        logged = cli("tail", "--since", "all", "--no-follow", "--json", env=env)
+        assert [json.loads(line)["type"] for line in logged.stdout.splitlines()] == ["institution.joined"], logged.stderr
+
+
 def test_up_on_a_taken_http_port_says_so(tmp_path: Path) -> None:
     """`collabbus up` listens before it starts anything: an address in use ends it at once, and
     nothing of the data dir is left running (no nats-server, no gatekeeper process)."""
