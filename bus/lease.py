@@ -474,6 +474,11 @@ class Lease:
         """Delete the key if it holds this lease's value (whatever revision the last answer said)."""
         if self._kv is None:
             return
+        connection = getattr(self.js, "_nc", None)  # (nats-py's: the context's connection)
+        if connection is not None and not connection.is_connected:  # (asking would only wait for its timeout)
+            log.info("lease %s: not deleted, NATS being away: it goes stale in %.0f s (at once for a bus started on "
+                     "this host)", self.name, self.stale_after)
+            return
         try:
             entry = await self._kv.get(self.name)
             if _holder(entry.value).get("token") == self.me["token"]:

@@ -343,10 +343,11 @@ async def test_the_lease_and_consumers_meeting_jetstream_not_answering_as_they_s
         await bus.stop()
 
 
-async def test_a_bus_whose_nats_went_away_stops_cleanly(tmp_path: Path) -> None:
+async def test_a_bus_whose_nats_went_away_stops_cleanly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """NATS gone while the bus runs (an external server stopped, the embedded one signalled with
     the bus by a service manager): stopping the bus then met nats-py's close on a socket already
-    reset — "cannot reach NATS: Connection lost", exit 1 of a bus that was only asked to stop."""
+    reset — "cannot reach NATS: Connection lost", exit 1 of a bus that was only asked to stop. Nor
+    does it wait for the lease's deletion to time out (5 s): it goes stale."""
     nats_server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
     await nats_server.astart()
     bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=nats_server.url, nats_creds=nats_server.bus_creds,
@@ -357,5 +358,8 @@ async def test_a_bus_whose_nats_went_away_stops_cleanly(tmp_path: Path) -> None:
     finally:
         await nats_server.astop()
     await asyncio.sleep(0.3)
+    caplog.set_level(logging.INFO, logger="collabbus")
     await asyncio.wait_for(bus.stop(), 60)  # (raised ConnectionResetError)
     assert bus.http is None and bus.consumer is None
+    said = [record.getMessage() for record in caplog.records if record.name == "collabbus.lease"]
+    assert "lease network: not deleted, NATS being away: it goes stale in 5 s (at once for a bus started on this host)" in said, said
