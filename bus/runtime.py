@@ -144,6 +144,9 @@ class Bus:
             max_msg_size=min(self.nc.max_payload, settings.max_event_bytes + 4096),
         )
         names = [str(stream.name) for stream in streams] + [f"KV_{BUCKET}"]
+        self.doing = "waiting for JetStream"
+        await wait_for_jetstream(self.nc.jetstream(timeout=JETSTREAM_PROBE_TIMEOUT), names, denied=lambda: self.denied,
+                                 on_wait=self._doing)
         await self.through_elections(names, "making the streams", lambda: ensure_streams(self.js, streams, on_wait=self._doing))
         self.doing = "reading the network's members from the log"
         await self._start_gate()
@@ -167,13 +170,10 @@ class Bus:
         await self.open_ingress()
 
     async def through_elections(self, streams: list[str], doing: str, step: Callable[[], Awaitable[T]]) -> T:
-        """A step of the start, once JetStream and ``streams`` answer (``wait_for_jetstream``):
-        one that meets them not answering — an election begun after the wait — waits for them
-        again and is taken again, rather than failing the start."""
-        js = self.nc.jetstream(timeout=JETSTREAM_PROBE_TIMEOUT)
+        """A step of the start (after its first wait for JetStream): one that meets JetStream or
+        ``streams`` not answering — an election begun after that wait — waits for them again
+        (``wait_for_jetstream``) and is taken again, rather than failing the start."""
         while True:
-            self.doing = "waiting for JetStream"
-            await wait_for_jetstream(js, streams, denied=lambda: self.denied, on_wait=self._doing)
             self.doing = doing
             try:
                 return await step()
@@ -181,6 +181,9 @@ class Bus:
                 said = isinstance(exc, Unanswered) and exc.__cause__ is None  # (else: the request's own error)
                 log.warning("%s: %s; waiting for JetStream again", doing,
                             exc if said else f"JetStream stopped answering ({jetstream_answered(exc.__cause__ or exc)})")
+            self.doing = "waiting for JetStream"
+            await wait_for_jetstream(self.nc.jetstream(timeout=JETSTREAM_PROBE_TIMEOUT), streams, denied=lambda: self.denied,
+                                     on_wait=self._doing)
 
     def _doing(self, words: str) -> None:
         self.doing = words
@@ -433,7 +436,7 @@ class Bus:
         )
         if verdict.reason == "unavailable":
             raise Unanswered(f"the log did not take the operator {operator!r}'s joining "
-                                f"({'; '.join(problem.msg for problem in verdict.errors)})")
+                             f"({'; '.join(problem.msg for problem in verdict.errors)})")
         if not verdict.accepted:
             raise RuntimeError(f"could not register the operator {operator!r}: {verdict.as_dict()}")
         log.info("registered the network operator %r", operator)

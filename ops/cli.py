@@ -619,14 +619,13 @@ async def _wait_for_the_log(bus: Any, stop: asyncio.Event, starting: Any) -> boo
     starting.applying, starting.database = "another bus", lambda: database_check(database)
     announced = Standby(bus.js, bus.consumer_settings.name, str(bus.settings.data_dir.resolve()),
                         replicas=bus.settings.stream_replicas)  # for `collabbus status`
-    leases = [f"KV_{BUCKET}"]
-    try:  # (what an election begun meanwhile leaves unanswered is waited through: Bus.through_elections)
-        announcing = await _unless_stopped(bus.through_elections(leases, "announcing this standby", announced.start), stop)
-        if announcing is None:
-            return False
-        announcing.result()
-        taken = await _unless_stopped(bus.through_elections(leases, "standing by for the lease",
-                                                            lambda: bus.take_lease(patience=None, on_wait=waiting)), stop)
+    async def stand_by() -> None:  # (what an election begun meanwhile leaves unanswered is waited through)
+        leases = [f"KV_{BUCKET}"]
+        await bus.through_elections(leases, "announcing this standby", announced.start)
+        await bus.through_elections(leases, "standing by for the lease", lambda: bus.take_lease(patience=None, on_wait=waiting))
+
+    try:
+        taken = await _unless_stopped(stand_by(), stop)
         if taken is not None:
             taken.result()  # (raises what taking it raised)
     finally:

@@ -62,22 +62,12 @@ def announce(handle: IO[str], what: str, **addresses: str) -> None:
 def running_addresses(data_dir: Path) -> dict[str, str]:
     """Where the bus holding ``data_dir`` listens, as it announced it; empty when no process
     holds it, or the one holding it announced nothing."""
+    _, _, announced = (_held(data_dir) or "").partition("\n")
     try:
-        handle = open(data_dir / LOCK_FILE)
-    except OSError:
+        addresses = json.loads(announced) if announced.strip() else {}
+    except ValueError:
         return {}
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _, _, announced = handle.read().partition("\n")
-            try:
-                addresses = json.loads(announced) if announced.strip() else {}
-            except ValueError:
-                return {}
-            return {k: v for k, v in addresses.items() if isinstance(v, str)} if isinstance(addresses, dict) else {}
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return {}
+    return {k: v for k, v in addresses.items() if isinstance(v, str)} if isinstance(addresses, dict) else {}
 
 
 def _read(text: str) -> tuple[int | None, str | None]:
@@ -87,6 +77,15 @@ def _read(text: str) -> tuple[int | None, str | None]:
 
 def holder(data_dir: Path) -> str | None:
     """Who holds the data dir now (``pid 4242: collabbus up``), without taking it; None: nobody."""
+    held = _held(data_dir)
+    if held is None:
+        return None
+    pid, what = _read(held)
+    return f"pid {pid}" + (f": {what}" if what else "") if pid else "another process"
+
+
+def _held(data_dir: Path) -> str | None:
+    """What the lock file says while another process holds it, without taking it; None: nobody."""
     try:
         handle = open(data_dir / LOCK_FILE)
     except OSError:
@@ -95,7 +94,6 @@ def holder(data_dir: Path) -> str | None:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid, what = _read(handle.read())
-            return f"pid {pid}" + (f": {what}" if what else "") if pid else "another process"
+            return handle.read()
         fcntl.flock(handle, fcntl.LOCK_UN)
         return None
