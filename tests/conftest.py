@@ -17,6 +17,7 @@ from typing import Any
 import nats
 import pluggy
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import sqlalchemy as sa
 from nats.aio.client import Client
 
@@ -96,6 +97,16 @@ _CPU_AT_START = pytest.StashKey[float]()
 def load_fixtures() -> dict[str, dict[str, Any]]:
     """type → {"as", "kind", "event"} for every catalog fixture."""
     return {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in sorted(FIXTURES.glob("*.json"))}
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """The samples of metric ``name`` in a Prometheus text, by their one label's value ("" for none)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[next(iter(sample.labels.values()), "")] = sample.value
+    return found
 
 
 def unique(prefix: str = "t") -> str:

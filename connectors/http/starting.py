@@ -5,7 +5,9 @@ stands by (``collabbus up --standby``) for another bus that applies the log.
 start waits (a cluster electing its leaders or short of a quorum, another bus's lease): alive
 (``/healthz`` 200: a supervisor's liveness check must not restart a bus that waits), not ready
 (``/readyz`` 503, saying what the start does or which bus applies the log: a load balancer sends
-nobody here), and a 503 problem for anything else, with ``Retry-After``. Once the bus has started,
+nobody here), its metrics (``/metrics``: the process's, ``collabbus_state`` and whether NATS answers
+— a Prometheus target that is up, saying the bus starts or stands by), and a 503 problem for
+anything else, with ``Retry-After``. Once the bus has started,
 the same server answers with the whole gateway (``HttpGateway.serve_gateway``).
 """
 
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from connectors.http.problems import UNAVAILABLE_RETRY_AFTER, problem_response, retry_after
@@ -55,6 +58,13 @@ def starting_app(state: Starting) -> FastAPI:
             return JSONResponse({"status": "starting", "checks": checks}, status_code=503)
         checks["log"] = f"standby: {holder} applies the log; this bus takes over when it goes"
         return JSONResponse({"status": "standby", "checks": checks}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from ops.metrics import waiting_exposition
+
+        text = waiting_exposition("standby" if state.applying is not None else "starting", nats_connected=state.nats() == "ok")
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     async def elsewhere(request: Request, path: str) -> Any:

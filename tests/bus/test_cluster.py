@@ -33,7 +33,7 @@ from handlers.tokens import issue
 from ops.settings import Settings
 from ops.tracing import Tracing
 from tests.cluster import NatsCluster
-from tests.conftest import OPERATOR, join, unique
+from tests.conftest import OPERATOR, join, samples, unique
 
 MEMBER = "fi-cluster-member"
 LEASES = "KV_collabbus_buses"
@@ -435,12 +435,22 @@ async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops
                 assert elsewhere.status_code == 503 and elsewhere.headers["retry-after"] == "2", elsewhere.text
                 assert elsewhere.json()["type"] == "urn:collabbus:problem:unavailable", elsewhere.text
                 assert "the bus is starting (waiting for JetStream: " in elsewhere.json()["detail"], elsewhere.text
+                # A Prometheus target that is up, saying the bus starts (the log's series come once it runs).
+                scraped = await client.get("/metrics")
+                assert scraped.status_code == 200, scraped.text
+                assert samples(scraped.text, "collabbus_state") == {"starting": 1, "standby": 0, "running": 0}
+                assert samples(scraped.text, "collabbus_nats_connected") == {"": 1}
+                assert samples(scraped.text, "process_resident_memory_bytes")[""] > 0
+                assert "collabbus_consumer_lag" not in scraped.text
                 for node in others:
                     cluster.start_node(node)
                 shown = said(up, "is up")
                 assert "JetStream answers" in shown and "Traceback" not in shown, shown
                 ready = await client.get("/readyz")
                 assert ready.status_code == 200, ready.text
+                running = (await client.get("/metrics")).text
+                assert samples(running, "collabbus_state") == {"starting": 0, "standby": 0, "running": 1}
+                assert samples(running, "collabbus_consumer_lag")["network"] == 0
             nc = await nats.connect([node.url for node in cluster.nodes])
             try:
                 info = await nc.jetstream().stream_info(EVENTS_STREAM)

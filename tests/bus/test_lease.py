@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 
 from bus.lease import BUCKET, Lease, LogHeld, _machine, bucket, holder_of
 from bus.server import EmbeddedNats, free_port
-from tests.conftest import unique
+from tests.conftest import samples, unique
 
 
 async def test_of_two_buses_taking_the_lease_at_once_one_holds_it(server: EmbeddedNats) -> None:
@@ -371,6 +371,10 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
         elsewhere = httpx.get(f"http://127.0.0.1:{ports[1]}/projects", timeout=5)
         assert elsewhere.status_code == 503 and elsewhere.headers["content-type"] == "application/problem+json"
         assert elsewhere.json()["type"] == "urn:collabbus:problem:standby" and elsewhere.headers["retry-after"] == "5"
+        scraped = httpx.get(f"http://127.0.0.1:{ports[1]}/metrics", timeout=5)
+        assert scraped.status_code == 200, scraped.text
+        assert samples(scraped.text, "collabbus_state") == {"starting": 0, "standby": 1, "running": 0}
+        assert samples(httpx.get(f"http://127.0.0.1:{ports[0]}/metrics", timeout=5).text, "collabbus_state")["running"] == 1
         # `collabbus status` names the bus applying the log and the standby waiting.
         status = subprocess.run([sys.executable, "-m", "ops", "status", "--json"], env=envs[0], capture_output=True, text=True, timeout=60)
         report = json.loads(status.stdout)
