@@ -17,9 +17,9 @@ from typing import Any
 import nats
 import pluggy
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 import sqlalchemy as sa
 from nats.aio.client import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from bus.client import offer
 from bus.runtime import Bus
