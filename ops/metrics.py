@@ -78,7 +78,6 @@ def count_offer(institution: str, raw: Mapping[str, Any] | None, offered_type: s
 _offer_counters: dict[tuple[str, str, str | None], tuple[Any, Any]] = {}
 
 
-NATS_CONNECTED_HELP = "1 while the bus's connection to NATS is up and its server answers"
 BUS_STATES = ("starting", "standby", "running")
 """What a bus's address serves: ``starting`` (it waits — for JetStream, another bus's lease —,
 ``/readyz`` saying for what), ``standby`` (another bus applies the log), ``running`` (the gateway)."""
@@ -95,13 +94,19 @@ def state_family(state: str) -> GaugeMetricFamily:
     return family
 
 
+def nats_family(connected: bool) -> GaugeMetricFamily:
+    """``collabbus_nats_connected``: 1 while the connection is up and its server answers."""
+    return GaugeMetricFamily("collabbus_nats_connected", "1 while the bus's connection to NATS is up and its server answers",
+                             value=1 if connected else 0)
+
+
 def waiting_exposition(state: str, *, nats_connected: bool) -> bytes:
     """The Prometheus text of a bus that starts or stands by (``state``): its process's metrics,
     its state and whether NATS answers it. The log's and the read models' series come once it
     runs: a scrape meanwhile must not wait on what the bus itself waits for."""
     waiting = CollectorRegistry(auto_describe=False)
     waiting.register(_Value(state_family(state)))
-    waiting.register(_Value(GaugeMetricFamily("collabbus_nats_connected", NATS_CONNECTED_HELP, value=1 if nats_connected else 0)))
+    waiting.register(_Value(nats_family(nats_connected)))
     return generate_latest(REGISTRY) + generate_latest(waiting)
 
 
@@ -115,7 +120,7 @@ class _Snapshot(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield state_family("running")
-        yield GaugeMetricFamily("collabbus_nats_connected", NATS_CONNECTED_HELP, value=1 if self.nats_connected else 0)
+        yield nats_family(self.nats_connected)
         yield GaugeMetricFamily("collabbus_status_readable", "1 when the log's and consumers' state could be read "
                                 "from NATS for this scrape (0: the log, lag and dead-letter series are missing)",
                                 value=0 if self.status is None else 1)
