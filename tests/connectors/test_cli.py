@@ -15,13 +15,14 @@ import pytest
 
 from bus.server import free_port
 from ops.bench import child_processes
+from tests.commands import collabbus
 from tests.connectors.conftest import Gateway, institution_id
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 
 
 def token_command(institution: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*COLLABBUS, "institutions", "token", institution], env=env, capture_output=True, text=True, timeout=60)
+    return collabbus("institutions", "token", institution, env=env)
 
 
 async def test_the_cli_prints_a_token_that_works(gateway: Gateway, tmp_path: Path) -> None:
@@ -53,8 +54,7 @@ async def test_the_cli_revokes_one_token_or_all_of_a_member(gateway: Gateway, tm
         return (await gateway.client.get("/institutions", headers={"Authorization": f"Bearer {token}"})).status_code
 
     def revoke(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*COLLABBUS, "institutions", "revoke", *args], env=env, input=stdin, capture_output=True, text=True,
-                              timeout=60)
+        return collabbus("institutions", "revoke", *args, env=env, stdin=stdin)
 
     assert [await status(t) for t in (first, second, stranger)] == [200, 200, 200]
     refused = revoke(member, "--token", stranger)  # not the member's: left alone
@@ -81,7 +81,7 @@ async def test_the_cli_lists_a_members_tokens_and_revokes_one_by_its_listed_hash
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_DATABASE_URL": gateway.database_url}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*COLLABBUS, "institutions", *args], env=env, capture_output=True, text=True, timeout=60)
+        return collabbus("institutions", *args, env=env)
 
     empty = cli("access", member, "--json")
     assert empty.returncode == 0 and json.loads(empty.stdout)["tokens"] == [], empty.stderr
@@ -106,23 +106,19 @@ async def test_the_cli_lists_a_members_tokens_and_revokes_one_by_its_listed_hash
 
     from datetime import datetime, timedelta, timezone
 
-    lasting = subprocess.run([*COLLABBUS, "institutions", "token", member, "--expires", "12h", "--label", "CI pipeline (Ana)"],
-                             env=env, capture_output=True, text=True, timeout=60)
+    lasting = collabbus("institutions", "token", member, "--expires", "12h", "--label", "CI pipeline (Ana)", env=env)
     assert lasting.returncode == 0 and lasting.stdout.startswith("cb_"), lasting.stderr
     expiring = json.loads(cli("access", member, "--json").stdout)["tokens"][-1]
     assert expiring["sha256"] == token_hash(lasting.stdout.strip())[:12] and expiring["label"] == "CI pipeline (Ana)"
-    table = subprocess.run([*COLLABBUS, "institutions", "access", member], env={**env, "COLUMNS": "200"}, capture_output=True,
-                           text=True, timeout=60).stdout  # (wide enough for the label on one line)
+    table = collabbus("institutions", "access", member, env={**env, "COLUMNS": "200"}).stdout  # (wide enough for the label on one line)
     assert listed["tokens"][0]["label"] is None and "CI pipeline (Ana)" in table
     expires_in = datetime.fromisoformat(expiring["expires_at"]) - datetime.now(timezone.utc)
     assert timedelta(hours=11, minutes=59) < expires_in <= timedelta(hours=12)
     assert all(row["expires_at"] is None for row in listed["tokens"])  # the others: until revoked
     assert "12h" not in cli("access", member).stdout and "never" in cli("access", member).stdout
-    wrong = subprocess.run([*COLLABBUS, "institutions", "token", member, "--expires", "soon"], env=env, capture_output=True,
-                           text=True, timeout=60)
+    wrong = collabbus("institutions", "token", member, "--expires", "soon", env=env)
     assert wrong.returncode == 2 and "not a duration" in wrong.stderr and wrong.stdout == ""
-    unlabelled = subprocess.run([*COLLABBUS, "institutions", "token", member, "--label", " "], env=env, capture_output=True,
-                                text=True, timeout=60)
+    unlabelled = collabbus("institutions", "token", member, "--label", " ", env=env)
     assert unlabelled.returncode == 2 and "1 to 100 characters" in unlabelled.stderr and unlabelled.stdout == ""
 
 
@@ -198,7 +194,7 @@ def test_a_setting_that_cannot_be_used_is_a_usage_error_naming_it(tmp_path: Path
     traceback; a URL's value is not repeated (it may hold a password)."""
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "data"), setting: value}
     for command in (["status"], ["up"]):
-        result = subprocess.run([*COLLABBUS, *command], env=env, capture_output=True, text=True, timeout=60)
+        result = collabbus(*command, env=env)
         assert result.returncode == 2, result.stderr
         assert f"invalid setting: {setting} (--{setting.removeprefix('COLLABBUS_').lower().replace('_', '-')})" in result.stderr
         assert says in result.stderr and "Traceback" not in result.stderr and "secret" not in result.stderr

@@ -32,6 +32,7 @@ from handlers import tokens
 from handlers.db import make_engine, session_scope
 from ops import demo_data as d
 from ops.settings import Settings
+from tests.commands import acollabbus
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 CRITERIA = ("novelty", "effectiveness", "user_involvement", "transferability", "sustainability", "equity")
@@ -39,12 +40,8 @@ CRITERIA = ("novelty", "effectiveness", "user_involvement", "transferability", "
 
 async def collabbus(*args: str, env: dict[str, str], timeout: float = 45) -> tuple[int, str, str]:
     """Run the command line in its own process."""
-    proc = await asyncio.create_subprocess_exec(
-        *COLLABBUS, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
+    done = await acollabbus(*args, env=env, timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
 
 
 @dataclass

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,20 +16,13 @@ from bus.server import EmbeddedNats
 from handlers.bookkeeping import AppliedEvent
 from handlers.network import Network, Routes
 from tests.bus.test_consumer import FIXTURE, Recorder, start_bus
+from tests.commands import acollabbus
 from tests.conftest import join
-
-COLLABBUS = [sys.executable, "-m", "ops"]
-
 
 async def collabbus(*args: str, env: dict[str, str], stdin: bytes = b"") -> tuple[int, str, str]:
     """The command line in its own process (without blocking the bus running in this one)."""
-    proc = await asyncio.create_subprocess_exec(
-        *COLLABBUS, *args, env=env, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(stdin), 60)
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
+    done = await acollabbus(*args, env=env, stdin=stdin)
+    return done.returncode, done.stdout, done.stderr
 
 
 def cli_env(bus: Bus) -> dict[str, str]:

@@ -25,15 +25,14 @@ from bus.credentials import decode_jwt_claims
 from bus.server import EmbeddedNats, free_port
 from handlers.confidential import CONFIDENTIAL, public_live_subjects
 from schemas import registry
+from tests.commands import collabbus
 from tests.conftest import load_fixtures, unique
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*COLLABBUS, *args], env=env, capture_output=True, text=True, timeout=timeout, input=stdin
-    )
+    return collabbus(*args, env=env, timeout=timeout, stdin=stdin)
 
 
 def flat(text: str) -> str:
@@ -245,8 +244,7 @@ def test_publish_of_an_unknown_type_suggests_the_near_ones_before_offering(tmp_p
 
 def test_data_naming_a_file_without_the_at_sign_says_how(tmp_path: Path) -> None:
     (tmp_path / "project.json").write_text("{}")
-    result = subprocess.run([*COLLABBUS, "publish", "project.registered", "--as", "x1", "--data", "project.json"],
-                            env=dict(os.environ), capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = collabbus("publish", "project.registered", "--as", "x1", "--data", "project.json", env=dict(os.environ), cwd=tmp_path)
     assert result.returncode == 2
     assert "write @project.json" in flat(result.stderr)
 

@@ -16,6 +16,7 @@ import orjson
 from bus.server import free_port
 from connectors.portal.sandbox import PortalSandbox
 from ops.tracing import STORE_FILE, recent_traces
+from tests.commands import acollabbus
 from tests.connectors.conftest import Gateway
 from tests.handlers.harness import envelope
 from tests.portal.conftest import TOKEN, Network
@@ -47,20 +48,16 @@ async def test_sandbox_and_sync_commands(gateway: Gateway, network: Network, tmp
                "COLLABBUS_NATS_CREDS": str(gateway.bus.settings.nats_creds),
                "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
                "COLLABBUS_PORTAL_URL": f"http://127.0.0.1:{port}", "COLLABBUS_PORTAL_TOKEN": "cli-token"}
-        refused = await asyncio.create_subprocess_exec(*COLLABBUS, "portal", "sync", "--once", env=env,
-                                                       stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        _, stderr = await refused.communicate()
-        assert refused.returncode == 1 and b"COLLABBUS_WEBHOOK_ALLOW_NETWORKS" in stderr  # loopback is not a portal by default
+        refused = await acollabbus("portal", "sync", "--once", env=env)
+        assert refused.returncode == 1 and "COLLABBUS_WEBHOOK_ALLOW_NETWORKS" in refused.stderr  # loopback is not a portal by default
 
         env["COLLABBUS_WEBHOOK_ALLOW_NETWORKS"] = "127.0.0.0/8"
         env["COLLABBUS_PORTAL_TRACED_ENTRIES"] = "2"
         for name in ("OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_ENDPOINT"):  # spans in the data dir's store
             env.pop(name, None)
-        sync = await asyncio.create_subprocess_exec(*COLLABBUS, "portal", "sync", "--once", "--json", env=env,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        stdout, stderr = await sync.communicate()
-        assert sync.returncode == 0, stderr.decode()
-        summary = json.loads(stdout)
+        sync = await acollabbus("portal", "sync", "--once", "--json", env=env)
+        assert sync.returncode == 0, sync.stderr
+        summary = json.loads(sync.stdout)
         assert (summary["complete"], summary["listed"], summary["registered"], summary["unmapped_entries"]) == (True, 12, 6, 6)
         assert summary["unmapped"] == {network.unmapped["business_id"]: {"name": network.unmapped["name"], "entries": 6}}
         # The setting reaches the connector: 2 of the 6 changed entries traced, the pass says so.
@@ -89,11 +86,8 @@ async def test_publish_command_marks_a_project_and_sync_creates_its_entry(
            "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}
 
     async def collabbus(*args: str) -> tuple[int, str, str]:
-        process = await asyncio.create_subprocess_exec(*COLLABBUS, *args, env=env, stdout=asyncio.subprocess.PIPE,
-                                                       stderr=asyncio.subprocess.PIPE)
-        stdout, stderr = await process.communicate()
-        assert process.returncode is not None
-        return process.returncode, stdout.decode(), stderr.decode()
+        done = await acollabbus(*args, env=env)
+        return done.returncode, done.stdout, done.stderr
 
     code, _, stderr = await collabbus("portal", "publish", "no-such-project")
     assert code == 1 and "no project 'no-such-project'" in stderr
