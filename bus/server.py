@@ -26,6 +26,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from bus.credentials import BUS_INBOX_PREFIX, Authority
@@ -68,21 +69,63 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     Chosen at random below the ephemeral range: a port the kernel hands out (bind to port 0)
     is one it may hand to any outbound connection in the meantime (a client of another server
-    on the machine), so a child server that binds it a second later can find it taken.
+    on the machine), so a child server that binds it a second later can find it taken. A port
+    handed out is not handed out again for a minute, to this process or another of the same
+    user on the machine (its server may not listen yet: the port looks free until it does).
     """
     low, _ = _ephemeral_ports()
-    if low > 11024:
-        for _ in range(200):
-            port = random.randrange(low - 10000, low)
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:
+    with _handed_out() as recent:
+        if low > 11024:
+            for _ in range(200):
+                port = random.randrange(low - 10000, low)
+                if port in recent:
                     continue
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    try:
+                        sock.bind((host, port))
+                    except OSError:
+                        continue
+                recent[port] = time.time()
                 return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        recent[port] = time.time()
+        return port
+
+
+HANDED_OUT_FOR = 60.0
+"""Seconds a port :func:`free_port` handed out is kept from the others."""
+
+
+@contextlib.contextmanager
+def _handed_out() -> Iterator[dict[int, float]]:
+    """The ports :func:`free_port` handed out in the last minute (port → when), held under a lock
+    on a file in the temporary directory while the block runs, and written back after it."""
+    import json
+    import tempfile
+
+    try:
+        import fcntl
+
+        path = Path(tempfile.gettempdir()) / f"collabbus-free-ports-{os.getuid()}"
+        registry = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+", encoding="utf-8")
+    except (ImportError, OSError):  # no such locks here, or a temporary directory that cannot be written
+        yield {}
+        return
+    with registry:
+        fcntl.flock(registry, fcntl.LOCK_EX)
+        registry.seek(0)
+        try:
+            kept = {int(port): when for port, when in json.loads(registry.read() or "{}").items()}
+        except (ValueError, AttributeError):
+            kept = {}
+        now = time.time()
+        recent = {port: when for port, when in kept.items() if now - when < HANDED_OUT_FOR}
+        yield recent
+        registry.seek(0)
+        registry.truncate()
+        registry.write(json.dumps(recent))
 
 
 # Loaded in the parent: a child between fork and exec must not import (another thread of the

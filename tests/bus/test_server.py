@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import nats
@@ -155,6 +157,18 @@ def test_a_free_port_is_one_outbound_connections_are_not_given() -> None:
     for port in ports:  # each free to bind
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_processes_picking_ports_at_once_are_not_handed_the_same_one() -> None:
+    """Test workers pick ports for servers they start a moment later: until a server listens, its
+    port looks free to every other process. Three processes picking 400 each at once (from the
+    10,000 below the ephemeral range, a common port among them is all but certain by chance)
+    are handed none in common."""
+    pick = "import json; from bus.server import free_port; print(json.dumps([free_port() for _ in range(400)]))"
+    pickers = [subprocess.Popen([sys.executable, "-c", pick], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    picked = [json.loads(picker.communicate(timeout=60)[0]) for picker in pickers]
+    assert all(len(set(ports)) == 400 for ports in picked)
+    assert len(set().union(*picked)) == 1200
 
 
 async def test_a_connection_that_stopped_reading_is_found_stale_and_reconnected(
