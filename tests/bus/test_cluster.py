@@ -33,6 +33,7 @@ from handlers.tokens import issue
 from ops.settings import Settings
 from ops.tracing import Tracing
 from tests.cluster import NatsCluster
+from tests.commands import acollabbus, collabbus
 from tests.conftest import OPERATOR, join, samples, unique
 
 MEMBER = "fi-cluster-member"
@@ -93,7 +94,7 @@ def status_table(bus: Bus) -> str:
     """What ``collabbus status`` prints of the bus's streams."""
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(bus.settings.data_dir), "COLLABBUS_NATS_URL": bus.settings.nats_url or "",
            "COLLABBUS_STREAM_REPLICAS": "3", "COLLABBUS_OPERATOR": OPERATOR, "COLUMNS": "200"}
-    done = subprocess.run([sys.executable, "-m", "ops", "status"], env=env, capture_output=True, text=True, timeout=60)
+    done = collabbus("status", env=env)
     return done.stdout + done.stderr
 
 
@@ -414,8 +415,7 @@ async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops
             up.kill()
             up.wait()
         for command in (["status", "--json"], ["dlq", "list"], ["tail", "--since", "all", "--no-follow"]):
-            done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops", *command], env={**env, "COLUMNS": "300"},
-                                           capture_output=True, text=True, timeout=60)
+            done = await acollabbus(*command, env={**env, "COLUMNS": "300"})
             assert done.returncode == 1 and "Traceback" not in done.stderr, (command, done.stderr)
             assert "error: " in done.stderr and "a cluster electing its leaders" in done.stderr, (command, done.stderr)
             if command[0] == "status":  # (a script reads why)
@@ -490,8 +490,7 @@ async def test_on_a_cluster_with_the_networks_trust_chain_a_members_credentials_
         member = unique("fi-trusted").lower()
         await join(operator, member, "ngo")
         creds = tmp_path / "member.creds"
-        issued = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops", "institutions", "creds", member,
-                                                          "--output", str(creds)], env=env, capture_output=True, text=True, timeout=60)
+        issued = await acollabbus("institutions", "creds", member, "--output", str(creds), env=env)
         assert issued.returncode == 0, issued.stderr
 
         async def connect(node: Any, errors: list[Exception]) -> Client:

@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 
 from bus.lease import BUCKET, Lease, LogHeld, _machine, bucket, holder_of
 from bus.server import EmbeddedNats, free_port
+from tests.commands import collabbus
 from tests.conftest import samples, unique
 
 
@@ -356,8 +357,8 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
     standby: subprocess.Popen[str] | None = None
     try:
         _wait_for_line(first, "is up")
-        token = subprocess.run([sys.executable, "-m", "ops", "institutions", "token", "operator"], env=envs[0],
-                               capture_output=True, text=True, check=True, timeout=60)
+        token = collabbus("institutions", "token", "operator", env=envs[0])
+        assert token.returncode == 0, token.stderr
         secret = token.stdout.strip()
         standby = _up(envs[1], "--standby")
         line = _wait_for_line(standby, "standby:")
@@ -376,7 +377,7 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
         assert samples(scraped.text, "collabbus_state") == {"starting": 0, "standby": 1, "running": 0}
         assert samples(httpx.get(f"http://127.0.0.1:{ports[0]}/metrics", timeout=5).text, "collabbus_state")["running"] == 1
         # `collabbus status` names the bus applying the log and the standby waiting.
-        status = subprocess.run([sys.executable, "-m", "ops", "status", "--json"], env=envs[0], capture_output=True, text=True, timeout=60)
+        status = collabbus("status", "--json", env=envs[0])
         report = json.loads(status.stdout)
         assert report["applied_by"]["pid"] == first.pid and report["applied_by"]["renewing"] is True, status.stdout
         assert [waiting["pid"] for waiting in report["standbys"]] == [standby.pid]
@@ -418,8 +419,7 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
             first.send_signal(signal.SIGCONT)
             _wait_for_line(first, "another bus took over the log while this one could not renew its lease")
             assert first.wait(timeout=60) == 1
-        after_takeover = json.loads(subprocess.run([sys.executable, "-m", "ops", "status", "--json"], env=envs[1],
-                                                   capture_output=True, text=True, timeout=60).stdout)
+        after_takeover = json.loads(collabbus("status", "--json", env=envs[1]).stdout)
         assert after_takeover["applied_by"]["pid"] == standby.pid and after_takeover["standbys"] == []
         standby.send_signal(signal.SIGINT)
         assert standby.wait(timeout=60) == 0
