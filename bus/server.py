@@ -25,8 +25,8 @@ import subprocess
 import sys
 import sysconfig
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from bus.credentials import BUS_INBOX_PREFIX, Authority

@@ -20,6 +20,7 @@ import atexit
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,10 +140,12 @@ def _connect() -> socket.socket:
     global _server, _socket_path  # one server per test worker
     with _lock:
         if _server is None or _server.poll() is not None:
-            _socket_path = str(Path(tempfile.mkdtemp(prefix="collabbus-commands-")) / "socket")
+            place = tempfile.mkdtemp(prefix="collabbus-commands-")
+            _socket_path = str(Path(place) / "socket")
             _server = subprocess.Popen([sys.executable, "-m", "tests.commands", _socket_path],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert _server.stdout is not None and _server.stdout.readline() == "ready\n", "the command server did not start"
+            atexit.register(shutil.rmtree, place, ignore_errors=True)
             atexit.register(_server.terminate)
         assert _socket_path is not None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -153,6 +156,7 @@ def _connect() -> socket.socket:
 def collabbus(*args: str, env: dict[str, str], stdin: str | bytes | None = None, timeout: float = 60,
               cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
     """``collabbus ARGS`` run to its end, as ``subprocess.run(..., capture_output=True, text=True)``."""
+    global cpu_seconds
     with tempfile.TemporaryFile() as given, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         given.write(stdin.encode() if isinstance(stdin, str) else stdin or b"")
         given.seek(0)
@@ -166,7 +170,6 @@ def collabbus(*args: str, env: dict[str, str], stdin: str | bytes | None = None,
             except TimeoutError:
                 os.kill(pid, signal.SIGKILL)
                 raise subprocess.TimeoutExpired(["collabbus", *args], timeout) from None
-        global cpu_seconds
         with _lock:
             cpu_seconds += float(cpu)
         out.seek(0)
