@@ -38,7 +38,6 @@ app = typer.Typer(
     help="collabbus — an event-driven collaboration bus for networks of institutions.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 institutions_app = typer.Typer(help="Membership of the network.", no_args_is_help=True)
 schemas_app = typer.Typer(help="The event catalog's JSON Schemas.", no_args_is_help=True)
@@ -283,6 +282,21 @@ def _this_command() -> str:
             break
         words.append(word)
     return " ".join(words)
+
+
+def _complete_type(incomplete: str) -> list[str]:
+    """The event types a word being typed may become: the shell's completion of a type
+    (``collabbus --install-completion``)."""
+    from schemas import registry
+
+    return sorted(name for name in registry.event_types() if name.startswith(incomplete))
+
+
+def _complete_type_or_domain(incomplete: str) -> list[str]:
+    """The event types and domains a word being typed may become."""
+    from schemas import registry
+
+    return sorted(name for name in {*registry.event_types(), *registry.domains()} if name.startswith(incomplete))
 
 
 def _known_type(event_type: str, hint: str, *, domains: bool = False) -> None:
@@ -803,7 +817,8 @@ def new_event_id() -> str:
 @app.command()
 @with_settings
 def publish(
-    event_type: Annotated[str, typer.Argument(metavar="TYPE", help="event type, e.g. project.registered")],
+    event_type: Annotated[str, typer.Argument(metavar="TYPE", help="event type, e.g. project.registered",
+                                              autocompletion=_complete_type)],
     as_: Annotated[str, typer.Option("--as", help="the publishing institution's id")],
     data: Annotated[str, typer.Option(help="the data: @file.json, - for standard input, or inline JSON")],
     subject: Annotated[Optional[str], typer.Option(help="the aggregate id; default: taken from the data")] = None,
@@ -874,7 +889,8 @@ def _render_line(logged: Any) -> str:
 @app.command()
 @with_settings
 def tail(
-    event_type: Annotated[Optional[str], typer.Option("--type", help="a type (project.registered) or domain (project)")] = None,
+    event_type: Annotated[Optional[str], typer.Option("--type", help="a type (project.registered) or domain (project)",
+                                                      autocompletion=_complete_type_or_domain)] = None,
     institution: Annotated[Optional[str], typer.Option(help="only events of this institution")] = None,
     subject: Annotated[Optional[str], typer.Option(help="only events about this aggregate")] = None,
     since: Annotated[str, typer.Option(help="all, new, a sequence number, a duration (10m, 2h) or an RFC 3339 time")] = "new",

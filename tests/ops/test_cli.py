@@ -780,6 +780,33 @@ def test_the_command_lists_show_each_summary_as_flowing_text() -> None:
     assert all(len(line.rstrip()) > 60 for line in paragraph[:-2]), paragraph  # filled lines, not the source's breaks
 
 
+def test_the_shell_completes_commands_options_and_event_types(tmp_path: Path) -> None:
+    """`collabbus --install-completion bash` installs a completion that bash runs: the commands,
+    their options, and the catalog's event types where a type is asked for (`publish TYPE`;
+    `tail --type`, which takes a domain too)."""
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    installed = cli("--install-completion", "bash", env=env)
+    assert installed.returncode == 0, installed.stderr
+    script = tmp_path / ".bash_completions" / "collabbus.sh"
+    assert script.is_file() and str(script) in (tmp_path / ".bashrc").read_text()
+
+    def complete(*words: str) -> list[str]:
+        """What bash offers for the last word of ``collabbus WORDS``, through the installed script."""
+        shell = (f"source {script}; COMP_WORDS=(collabbus {' '.join(words)}); COMP_CWORD={len(words)}; "
+                 '_collabbus_completion collabbus; printf "%s\\n" "${COMPREPLY[@]}"')
+        done = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("dl") == ["dlq"]
+    assert complete("dlq", "re") == ["replay"]
+    assert "--json" in complete("status", "--j")
+    assert complete("publish", "project.regi") == ["project.registered"]
+    offered = complete("tail", "--type", "innovation_d")
+    assert offered[0] == "innovation_day" and "innovation_day.scheduled" in offered
+    assert all(name.startswith("innovation_day") for name in offered)
+
+
 def test_help_names_what_each_setting_takes() -> None:
     """Every setting's option passes text on to the settings, which read and check it; `--help`
     still says what each takes (it said `<str>` of a port, a count and a list alike)."""
