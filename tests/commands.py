@@ -163,13 +163,19 @@ def collabbus(*args: str, env: dict[str, str], stdin: str | bytes | None = None,
         request = {"args": list(args), "env": dict(env), "cwd": str(cwd or os.getcwd())}
         with _connect() as connection, connection.makefile("r") as answers:
             socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], [given.fileno(), out.fileno(), err.fileno()])
-            pid = int(answers.readline())
+            started = answers.readline()
+            if not started:
+                raise RuntimeError(f"the command server did not start `collabbus {' '.join(args)}` (its errors are on this worker's stderr)")
+            pid = int(started)
             connection.settimeout(timeout)
             try:
-                status, cpu = answers.readline().split()
+                ended = answers.readline()
             except TimeoutError:
                 os.kill(pid, signal.SIGKILL)
                 raise subprocess.TimeoutExpired(["collabbus", *args], timeout) from None
+            if not ended:
+                raise RuntimeError(f"`collabbus {' '.join(args)}` (pid {pid}): the command server's process watching it ended first")
+            status, cpu = ended.split()
         with _lock:
             cpu_seconds += float(cpu)
         out.seek(0)
