@@ -292,6 +292,31 @@ def _complete_type(incomplete: str) -> list[str]:
     return sorted(name for name in registry.event_types() if name.startswith(incomplete))
 
 
+def _complete_member(incomplete: str) -> list[str]:
+    """The members' ids a word being typed may become, read from the read models of the settings
+    in the environment (``COLLABBUS_DATA_DIR`` …); none when they cannot be read in a moment. It
+    writes nothing: a data dir without a database stays without one."""
+    import sqlalchemy as sa
+
+    try:
+        url = Settings().db_url
+        if url.startswith("sqlite"):
+            path = sa.make_url(url).database or ""
+            if not Path(path).is_file():
+                return []
+            engine = sa.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+        else:
+            engine = sa.create_engine(url, connect_args={"connect_timeout": 2}, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                members = connection.execute(sa.text("SELECT id FROM institutions WHERE left_at IS NULL ORDER BY id")).scalars()
+                return [str(member) for member in members if str(member).startswith(incomplete)]
+        finally:
+            engine.dispose()
+    except Exception:  # a completion says nothing rather than fail the shell's line
+        return []
+
+
 def _complete_type_or_domain(incomplete: str) -> list[str]:
     """The event types and domains a word being typed may become."""
     from schemas import registry
@@ -819,7 +844,7 @@ def new_event_id() -> str:
 def publish(
     event_type: Annotated[str, typer.Argument(metavar="TYPE", help="event type, e.g. project.registered",
                                               autocompletion=_complete_type)],
-    as_: Annotated[str, typer.Option("--as", help="the publishing institution's id")],
+    as_: Annotated[str, typer.Option("--as", help="the publishing institution's id", autocompletion=_complete_member)],
     data: Annotated[str, typer.Option(help="the data: @file.json, - for standard input, or inline JSON")],
     subject: Annotated[Optional[str], typer.Option(help="the aggregate id; default: taken from the data")] = None,
     event_id: Annotated[Optional[str], typer.Option("--id", help="event id; default: a new UUID")] = None,
@@ -891,7 +916,7 @@ def _render_line(logged: Any) -> str:
 def tail(
     event_type: Annotated[Optional[str], typer.Option("--type", help="a type (project.registered) or domain (project)",
                                                       autocompletion=_complete_type_or_domain)] = None,
-    institution: Annotated[Optional[str], typer.Option(help="only events of this institution")] = None,
+    institution: Annotated[Optional[str], typer.Option(help="only events of this institution", autocompletion=_complete_member)] = None,
     subject: Annotated[Optional[str], typer.Option(help="only events about this aggregate")] = None,
     since: Annotated[str, typer.Option(help="all, new, a sequence number, a duration (10m, 2h) or an RFC 3339 time")] = "new",
     count: Annotated[Optional[int], typer.Option(help="stop after this many events")] = None,
@@ -1848,7 +1873,7 @@ _CLEARABLE = ("region", "municipality_level", "website", "contact_email")
 @institutions_app.command("update")
 @with_settings
 def institutions_update(
-    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member, e.g. tr-mersin-bb")],
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member, e.g. tr-mersin-bb", autocompletion=_complete_member)],
     name: Annotated[Optional[str], typer.Option(help="the institution's name (in --lang; replaces every language)")] = None,
     kind: Annotated[Optional[str], typer.Option()] = None,
     country: Annotated[Optional[str], typer.Option(help="ISO 3166-1 alpha-2 code")] = None,
@@ -1974,7 +1999,7 @@ def institutions_list(
 @institutions_app.command("token")
 @with_settings
 def institutions_token(
-    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's id")],
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's id", autocompletion=_complete_member)],
     expires: Annotated[Optional[str], typer.Option(
         "--expires", metavar="DURATION", help="valid for this long: 90d, 12h, 30m, 2w (default: until revoked)")] = None,
     label: Annotated[Optional[str], typer.Option(
@@ -2013,7 +2038,7 @@ def _duration(text: str, hint: str) -> timedelta:
 @institutions_app.command("revoke")
 @with_settings
 def institutions_revoke(
-    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's (or former member's) id")],
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's (or former member's) id", autocompletion=_complete_member)],
     token: Annotated[Optional[str], typer.Option(
         "--token", help="revoke this token only: the token ('-': read it from stdin), or the start of its SHA-256 "
         "as `institutions access ID` lists it")] = None,
@@ -2128,7 +2153,7 @@ def _revoke_nats_credentials(settings: Settings, institution_id: str, *, keep_ne
 @institutions_app.command("creds")
 @with_settings
 def institutions_creds(
-    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's id")],
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's id", autocompletion=_complete_member)],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the file here (0600) instead of stdout")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="report where the file went, as JSON (with --output)")] = False,
     replace: Annotated[bool, typer.Option("--replace", help="revoke the member's earlier NATS credentials first (its HTTP tokens stay)")] = False,
@@ -2230,7 +2255,7 @@ def institutions_creds(
 @institutions_app.command("access")
 @with_settings
 def institutions_access(
-    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's (or former member's) id")],
+    institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member's (or former member's) id", autocompletion=_complete_member)],
     as_json: Annotated[bool, typer.Option("--json", help="print {institution, tokens, nats_credentials} as JSON")] = False,
     *,
     settings: Settings,

@@ -780,21 +780,23 @@ def test_the_command_lists_show_each_summary_as_flowing_text() -> None:
     assert all(len(line.rstrip()) > 60 for line in paragraph[:-2]), paragraph  # filled lines, not the source's breaks
 
 
-def test_the_shell_completes_commands_options_and_event_types(tmp_path: Path) -> None:
+def test_the_shell_completes_commands_options_event_types_and_members(tmp_path: Path, running_bus: dict[str, str]) -> None:
     """`collabbus --install-completion bash` installs a completion that bash runs: the commands,
-    their options, and the catalog's event types where a type is asked for (`publish TYPE`;
-    `tail --type`, which takes a domain too)."""
-    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    their options, the catalog's event types where a type is asked for (`publish TYPE`; `tail
+    --type`, which takes a domain too) and the members' ids where a member is (read from the
+    read models of the data dir; nothing, and nothing written, where no bus has run)."""
+    env = {**running_bus, "HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     installed = cli("--install-completion", "bash", env=env)
     assert installed.returncode == 0, installed.stderr
     script = tmp_path / ".bash_completions" / "collabbus.sh"
     assert script.is_file() and str(script) in (tmp_path / ".bashrc").read_text()
 
-    def complete(*words: str) -> list[str]:
+    def complete(*words: str, data_dir: Path | None = None) -> list[str]:
         """What bash offers for the last word of ``collabbus WORDS``, through the installed script."""
         shell = (f"source {script}; COMP_WORDS=(collabbus {' '.join(words)}); COMP_CWORD={len(words)}; "
                  '_collabbus_completion collabbus; printf "%s\\n" "${COMPREPLY[@]}"')
-        done = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60)
+        given = env if data_dir is None else {**env, "COLLABBUS_DATA_DIR": str(data_dir)}
+        done = subprocess.run(["bash", "-c", shell], env=given, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return done.stdout.split()
 
@@ -805,6 +807,10 @@ def test_the_shell_completes_commands_options_and_event_types(tmp_path: Path) ->
     offered = complete("tail", "--type", "innovation_d")
     assert offered[0] == "innovation_day" and "innovation_day.scheduled" in offered
     assert all(name.startswith("innovation_day") for name in offered)
+    assert complete("institutions", "token", "oper") == ["operator"]
+    assert complete("publish", "project.registered", "--as", "op") == ["operator"]
+    assert complete("institutions", "access", "oper", data_dir=tmp_path / "no-bus") == []
+    assert not (tmp_path / "no-bus").exists()
 
 
 def test_help_names_what_each_setting_takes() -> None:
