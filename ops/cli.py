@@ -296,6 +296,9 @@ def _complete_member(incomplete: str) -> list[str]:
     """The members' ids a word being typed may become, read from the read models of the settings
     in the environment (``COLLABBUS_DATA_DIR`` …); none when they cannot be read in a moment. It
     writes nothing: a data dir without a database stays without one."""
+    import sqlite3
+    import urllib.parse
+
     import sqlalchemy as sa
 
     try:
@@ -304,7 +307,8 @@ def _complete_member(incomplete: str) -> list[str]:
             path = sa.make_url(url).database or ""
             if not Path(path).is_file():
                 return []
-            engine = sa.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+            read_only = f"file:{urllib.parse.quote(path)}?mode=ro"
+            engine = sa.create_engine("sqlite://", creator=lambda: sqlite3.connect(read_only, uri=True))
         else:
             engine = sa.create_engine(url, connect_args={"connect_timeout": 2}, poolclass=sa.pool.NullPool)
         try:
