@@ -292,10 +292,18 @@ def _complete_type(incomplete: str) -> list[str]:
     return sorted(name for name in registry.event_types() if name.startswith(incomplete))
 
 
+def _complete_type_or_domain(incomplete: str) -> list[str]:
+    """The event types and domains a word being typed may become."""
+    from schemas import registry
+
+    return sorted(name for name in {*registry.event_types(), *registry.domains()} if name.startswith(incomplete))
+
+
 def _complete_member(incomplete: str) -> list[str]:
     """The members' ids a word being typed may become, read from the read models of the settings
-    in the environment (``COLLABBUS_DATA_DIR`` …); none when they cannot be read in a moment. It
-    writes nothing: a data dir without a database stays without one."""
+    in the environment (``COLLABBUS_DATA_DIR`` …, not the options typed on the line); none when
+    they cannot be read in a moment. It writes nothing: a data dir without a database stays
+    without one."""
     import sqlite3
     import urllib.parse
 
@@ -319,13 +327,6 @@ def _complete_member(incomplete: str) -> list[str]:
             engine.dispose()
     except Exception:  # a completion says nothing rather than fail the shell's line
         return []
-
-
-def _complete_type_or_domain(incomplete: str) -> list[str]:
-    """The event types and domains a word being typed may become."""
-    from schemas import registry
-
-    return sorted(name for name in {*registry.event_types(), *registry.domains()} if name.startswith(incomplete))
 
 
 def _known_type(event_type: str, hint: str, *, domains: bool = False) -> None:
