@@ -6,8 +6,8 @@ before it does anything, and the suite runs a few hundred commands. Each test wo
 command: a process of its own, with the arguments, environment, working directory, standard
 streams and exit status it is given, running the command line's app as ``collabbus`` does (the
 ``ops.cli`` module is loaded in the fork, after the environment is set: it sizes its consoles by
-``COLUMNS`` and the streams). What a fork shares with a fresh interpreter's start is the modules'
-state after import, and Python's hash seed.
+``COLUMNS`` and the streams). Where a fork differs from a fresh interpreter: it starts with the
+server's modules as they were after their import, and with the server's hash seed.
 
 Tests of the process's start itself — Ctrl-C while the command loads, ``collabbus up`` and its
 signals, output that must not depend on the hash seed — run ``python -m ops`` as before.
