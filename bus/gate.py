@@ -65,16 +65,46 @@ def canonical_bytes(event: Mapping[str, Any]) -> bytes:
     return orjson.dumps(ordered)
 
 
-def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[Problem]:
+def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = (), spec: registry.EventSpec | None = None) -> list[Problem]:
     errors = exc.errors(include_url=False)
     # A list whose only item is invalid is also "too short" once that item is left out: the item's
     # own error says what is wrong, the count would send the sender looking for a missing item.
     inner = {tuple(err["loc"][:i]) for err in errors for i in range(len(err["loc"]))}
     return [
-        Problem(prefix + tuple(err["loc"]), error_message(err), err["type"])
+        Problem(prefix + tuple(err["loc"]), _message(err, spec), err["type"])
         for err in errors
         if not (err["type"] == "too_short" and tuple(err["loc"]) in inner)
     ]
+
+
+def _message(err: Mapping[str, Any], spec: registry.EventSpec | None) -> str:
+    unknown = _unknown_name(tuple(err["loc"]), spec) if err["type"] == "extra_forbidden" else None
+    return unknown or error_message(err)
+
+
+ENVELOPE_NAMES = (*ATTRIBUTES, "data")
+
+
+def _unknown_name(loc: tuple[str | int, ...], spec: registry.EventSpec | None) -> str | None:
+    """What to say of a name an event has and its type does not, where the names it may have are
+    known (an attribute of the envelope, a field of the data), with the nearest one, which is
+    most often what was meant; None deeper in the data (pydantic's message then)."""
+    import difflib
+
+    name = loc[-1] if loc else None
+    if not isinstance(name, str):
+        return None
+    known: tuple[str, ...]
+    if len(loc) == 1:
+        known, what = ENVELOPE_NAMES, "an attribute the network's events have"
+        rest = f" (they have {', '.join(ATTRIBUTES)} and data: no other CloudEvents extension)"
+    elif len(loc) == 2 and loc[0] == "data" and spec is not None:
+        known = tuple(field.alias or field_name for field_name, field in spec.model.model_fields.items())
+        what, rest = f"a field of {spec.type}'s data", ""  # (`collabbus schemas export` writes them all)
+    else:
+        return None
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"{name!r} is not {what}" + (f"; did you mean {near[0]!r}?" if near else "") + rest
 
 
 _typed_envelopes: dict[tuple[str, int], type[CloudEvent]] = {}
@@ -141,7 +171,7 @@ def validate(
     try:
         event = model.model_validate_json(body)
     except ValidationError as exc:
-        problems.extend(_problems(exc))
+        problems.extend(_problems(exc, spec=spec))
         raise Rejection("invalid", *problems) from None
     if problems or spec is None:
         raise Rejection("invalid", *problems)

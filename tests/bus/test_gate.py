@@ -133,10 +133,32 @@ async def test_missing_and_mistyped_fields_are_all_listed(partner: Client) -> No
 
 
 async def test_unknown_fields_in_data_are_refused(partner: Client) -> None:
+    """A field the type's data does not have is refused, naming the type and the field most
+    likely meant."""
     institution, event = fresh("project.registered")
     event["data"]["titel"] = {"en": "typo"}
+    event["data"]["budget_eur"] = 1000
     verdict = await offer(partner, institution, event)
-    assert ("data", "titel") in locs(verdict) and codes(verdict) == {"extra_forbidden"}
+    assert locs(verdict) == {("data", "titel"), ("data", "budget_eur")} and codes(verdict) == {"extra_forbidden"}
+    said = {p.loc: p.msg for p in verdict.errors}
+    assert said[("data", "titel")] == "'titel' is not a field of project.registered's data; did you mean 'title'?"
+    assert said[("data", "budget_eur")] == "'budget_eur' is not a field of project.registered's data"
+
+
+async def test_an_attribute_the_envelope_does_not_have_is_refused_saying_which_it_has(partner: Client) -> None:
+    """A CloudEvents extension from an SDK or a platform (`partitionkey`) and a misspelt
+    attribute are refused with the attributes the network's events have, and the one meant."""
+    institution, event = fresh("project.registered")
+    event["partitionkey"] = "mersin"
+    event["sujbect"] = event["subject"]
+    verdict = await offer(partner, institution, event)
+    assert verdict.reason == "invalid" and locs(verdict) == {("partitionkey",), ("sujbect",)}
+    said = {p.loc: p.msg for p in verdict.errors}
+    assert said[("partitionkey",)].startswith("'partitionkey' is not an attribute the network's events have (they have specversion, id,")
+    assert "correlationid, causationid, traceparent, tracestate and data: no other CloudEvents extension)" in said[("partitionkey",)]
+    assert said[("sujbect",)].startswith("'sujbect' is not an attribute the network's events have; did you mean 'subject'? (they have")
+    del event["partitionkey"], event["sujbect"]
+    assert (await offer(partner, institution, event)).accepted  # the next good event flows
 
 
 async def test_unknown_type_and_unknown_major_version(partner: Client) -> None:
