@@ -87,8 +87,9 @@ ENVELOPE_NAMES = (*ATTRIBUTES, "data")
 
 def _unknown_name(loc: tuple[str | int, ...], spec: registry.EventSpec | None) -> str | None:
     """What to say of a name an event has and its type does not, where the names it may have are
-    known (an attribute of the envelope, a field of the data), with the nearest one, which is
-    most often what was meant; None deeper in the data (pydantic's message then)."""
+    known (an attribute of the envelope, a field of the data or of an object in it), with the
+    nearest one, which is most often what was meant; None where they are not (pydantic's message
+    then: inside a mapping such as a LocalizedText, say)."""
     import difflib
 
     name = loc[-1] if loc else None
@@ -98,13 +99,41 @@ def _unknown_name(loc: tuple[str | int, ...], spec: registry.EventSpec | None) -
     if len(loc) == 1:
         known, what = ENVELOPE_NAMES, "an attribute the network's events have"
         rest = f" (they have {', '.join(ATTRIBUTES)} and data: no other CloudEvents extension)"
-    elif len(loc) == 2 and loc[0] == "data" and spec is not None:
-        known = tuple(field.alias or field_name for field_name, field in spec.model.model_fields.items())
-        what, rest = f"a field of {spec.type}'s data", ""  # (`collabbus schemas export` writes them all)
+    elif len(loc) >= 2 and loc[0] == "data" and spec is not None:
+        model = _model_at(spec.model, loc[1:-1])
+        if model is None:
+            return None
+        known = tuple(field.alias or field_name for field_name, field in model.model_fields.items())
+        place = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:-1])
+        what = f"a field of data{place} in {spec.type}" if place else f"a field of {spec.type}'s data"
+        rest = ""  # (`collabbus schemas export` writes them all)
     else:
         return None
     near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f"{name!r} is not {what}" + (f"; did you mean {near[0]!r}?" if near else "") + rest
+
+
+def _model_at(model: type[BaseModel], path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model of the object at ``path`` inside an instance of ``model`` (through its fields,
+    lists and optional values), or None where the path leads to anything else."""
+    import typing
+
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue  # an item of the list just stepped into: its model is that list's
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part) or next((f for f in current.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return None
+        current = field.annotation
+        while typing.get_origin(current) is not None and not (isinstance(current, type) and issubclass(current, BaseModel)):
+            inner = [arg for arg in typing.get_args(current) if arg is not type(None) and arg is not Ellipsis]
+            if len(inner) != 1:
+                return None
+            current = inner[0]
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
 _typed_envelopes: dict[tuple[str, int], type[CloudEvent]] = {}

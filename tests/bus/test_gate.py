@@ -145,6 +145,19 @@ async def test_unknown_fields_in_data_are_refused(partner: Client) -> None:
     assert said[("data", "budget_eur")] == "'budget_eur' is not a field of project.registered's data"
 
 
+async def test_an_unknown_field_inside_the_data_is_named_with_its_place_and_the_one_meant(partner: Client) -> None:
+    institution, event = fresh("project.impact_reported")
+    event["data"]["period"]["strat"] = event["data"]["period"].pop("start")
+    event["data"]["indicators"][0]["unti"] = "meal"
+    verdict = await offer(partner, institution, event)
+    said = {p.loc: p.msg for p in verdict.errors if p.type == "extra_forbidden"}
+    assert said == {
+        ("data", "period", "strat"): "'strat' is not a field of data.period in project.impact_reported; did you mean 'start'?",
+        ("data", "indicators", 0, "unti"): "'unti' is not a field of data.indicators[0] in project.impact_reported; did you mean 'unit'?",
+    }
+    assert {p.loc: p.type for p in verdict.errors}[("data", "period", "start")] == "missing"
+
+
 async def test_an_attribute_the_envelope_does_not_have_is_refused_saying_which_it_has(partner: Client) -> None:
     """A CloudEvents extension from an SDK or a platform (`partitionkey`) and a misspelt
     attribute are refused with the attributes the network's events have, and the one meant."""
