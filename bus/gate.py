@@ -106,7 +106,7 @@ def _unknown_name(loc: tuple[str | int, ...], spec: registry.EventSpec | None) -
         known = tuple(field.alias or field_name for field_name, field in model.model_fields.items())
         place = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:-1])
         what = f"a field of data{place} in {spec.type}" if place else f"a field of {spec.type}'s data"
-        rest = ""  # (`collabbus schemas export` writes them all)
+        rest = ""
     else:
         return None
     near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
@@ -129,9 +129,12 @@ def _model_at(model: type[BaseModel], path: tuple[str | int, ...]) -> type[BaseM
             return None
         current = field.annotation
         while typing.get_origin(current) is not None and not (isinstance(current, type) and issubclass(current, BaseModel)):
+            if typing.get_origin(current) is typing.Annotated:
+                current = typing.get_args(current)[0]
+                continue
             inner = [arg for arg in typing.get_args(current) if arg is not type(None) and arg is not Ellipsis]
             if len(inner) != 1:
-                return None
+                return None  # a mapping, a union of models, a tuple of several: not one model's names
             current = inner[0]
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
