@@ -284,19 +284,22 @@ def _this_command() -> str:
     return " ".join(words)
 
 
+def _type_names(*, domains: bool = False) -> set[str]:
+    """The catalog's event types, and its domains (``project``) when ``domains``."""
+    from schemas import registry
+
+    return {*registry.event_types(), *(registry.domains() if domains else ())}
+
+
 def _complete_type(incomplete: str) -> list[str]:
     """The event types a word being typed may become: the shell's completion of a type
     (``collabbus --install-completion``)."""
-    from schemas import registry
-
-    return sorted(name for name in registry.event_types() if name.startswith(incomplete))
+    return sorted(name for name in _type_names() if name.startswith(incomplete))
 
 
 def _complete_type_or_domain(incomplete: str) -> list[str]:
     """The event types and domains a word being typed may become."""
-    from schemas import registry
-
-    return sorted(name for name in {*registry.event_types(), *registry.domains()} if name.startswith(incomplete))
+    return sorted(name for name in _type_names(domains=True) if name.startswith(incomplete))
 
 
 def _complete_member(incomplete: str) -> list[str]:
@@ -308,6 +311,10 @@ def _complete_member(incomplete: str) -> list[str]:
     import urllib.parse
 
     import sqlalchemy as sa
+
+    from sqlmodel import col
+
+    from handlers.institutions import Institution
 
     try:
         url = Settings().db_url
@@ -321,8 +328,8 @@ def _complete_member(incomplete: str) -> list[str]:
             engine = sa.create_engine(url, connect_args={"connect_timeout": 2}, poolclass=sa.pool.NullPool)
         try:
             with engine.connect() as connection:
-                members = connection.execute(sa.text("SELECT id FROM institutions WHERE left_at IS NULL ORDER BY id")).scalars()
-                return [str(member) for member in members if str(member).startswith(incomplete)]
+                current = sa.select(col(Institution.id)).where(col(Institution.left_at).is_(None)).order_by(col(Institution.id))
+                return [str(member) for member in connection.execute(current).scalars() if str(member).startswith(incomplete)]
         finally:
             engine.dispose()
     except Exception:  # a completion says nothing rather than fail the shell's line
@@ -334,10 +341,7 @@ def _known_type(event_type: str, hint: str, *, domains: bool = False) -> None:
     ``domains``), suggesting the nearest ones."""
     import difflib
 
-    from schemas import registry
-
-    types = registry.event_types()
-    known = set(types) | ({t.partition(".")[0] for t in types} if domains else set())
+    known = _type_names(domains=domains)
     if event_type in known:
         return
     near = difflib.get_close_matches(event_type, sorted(known), n=3, cutoff=0.6)
