@@ -11,6 +11,11 @@ Two kinds:
 
 Label values are bounded: an event type the catalog does not know is ``unknown``, an institution
 the gate does not know as a member is ``other`` (an ingress subject can name anything).
+
+``/metrics`` answers whoever reaches the gateway (Prometheus scrapes it without a token), so it says
+nothing the members' own reads would not: an offer of a confidential type (an application, a review
+before the decision: :mod:`handlers.confidential`) is counted under the institution ``confidential``,
+not its member — which members applied to calls or reviewed is for the parties alone.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ TIMERS_SECONDS = Histogram(
 )
 
 OTHER_INSTITUTION = "other"
+CONFIDENTIAL_INSTITUTION = "confidential"
 UNKNOWN_TYPE = "unknown"
 
 
@@ -57,6 +63,13 @@ def _known_types() -> frozenset[str]:
     return frozenset(registry.event_types())
 
 
+@cache
+def _confidential_types() -> frozenset[str]:
+    from handlers.confidential import CONFIDENTIAL
+
+    return CONFIDENTIAL
+
+
 def event_type_label(*candidates: object) -> str:
     """The first candidate that is a catalog type, else ``unknown``."""
     known = _known_types()
@@ -64,8 +77,11 @@ def event_type_label(*candidates: object) -> str:
 
 
 def count_offer(institution: str, raw: Mapping[str, Any] | None, offered_type: str | None, verdict: Verdict) -> None:
-    """Count one offer the gate judged (``institution``: already bounded by the caller)."""
+    """Count one offer the gate judged (``institution``: already bounded by the caller; an offer of a
+    confidential type is counted without it)."""
     event_type = event_type_label(raw.get("type") if raw else None, offered_type)
+    if event_type in _confidential_types():
+        institution = CONFIDENTIAL_INSTITUTION
     key = (event_type, institution, None if verdict.accepted else verdict.reason or "unknown")
     counters = _offer_counters.get(key)
     if counters is None:  # the labelled children, looked up once per label set (the labels are bounded)

@@ -27,7 +27,7 @@ from handlers.db import session_scope
 from tests.bus.test_consumer import FIXTURE, project_event, wait_for
 from ops.settings import Settings
 from ops.tracing import Tracing
-from tests.conftest import OPERATOR
+from tests.conftest import OPERATOR, load_fixtures, unique
 from tests.ops.conftest import Poisoned
 
 ALERT_RULES = Path(__file__).parents[2] / "ops" / "prometheus-alerts.yml"
@@ -86,6 +86,26 @@ async def test_counters_move_with_offers_rejections_and_failures(poisoned: Poiso
     webhooks = ("collabbus_set_aside", frozenset({"consumer": "webhooks"}.items()))
     assert after.get(webhooks) == 0  # served, as zero, for each consumer that sets things aside
     assert sample(after, "collabbus_log_last_seq") == 5
+
+
+async def test_offers_of_confidential_types_are_counted_without_their_member(poisoned: Poisoned, scrape: Scrape) -> None:
+    """``/metrics`` answers without a token: which members applied to a call or reviewed is not in it."""
+    application = copy.deepcopy(load_fixtures()["call.application_submitted"]["event"])
+    application["id"] = unique("ev")
+    application["source"] = f"/institutions/{MEMBER}"
+    before = await scrape()
+    await offer(poisoned.nc, MEMBER, application)  # judged whatever the verdict: a member's offer of the type
+    await offer(poisoned.nc, MEMBER, project_event("counted-by-member"))
+    after = await scrape()
+
+    def moved(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    submitted = {"type": "call.application_submitted"}
+    assert moved("collabbus_events_offered_total", institution="confidential", **submitted) == 1
+    assert not any(name.startswith("collabbus_events_") and dict(labels).get("institution") == MEMBER
+                   and dict(labels).get("type") == "call.application_submitted" for name, labels in after)
+    assert moved("collabbus_events_offered_total", institution=MEMBER, type="project.registered") == 1
 
 
 async def test_the_timers_are_timed_each_time_they_run(poisoned: Poisoned, scrape: Scrape) -> None:
