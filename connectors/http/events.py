@@ -157,9 +157,10 @@ def _split_batch(body: bytes) -> list[bytes]:
     try:
         events = cloudevents.loads(body)
     except cloudevents.Malformed as exc:
-        raise ApiProblem(400, exc.msg, kind="malformed") from None
+        raise ApiProblem(400, exc.msg, kind="malformed", errors=[Problem(exc.loc, exc.msg, exc.code)]) from None
     if not isinstance(events, list):
-        raise ApiProblem(400, f"a batch is a JSON array of structured events, not {json_type(events)}", kind="malformed")
+        msg = f"a batch is a JSON array of structured events, not {json_type(events)}"
+        raise ApiProblem(400, msg, kind="malformed", errors=[Problem((), msg, "json_invalid")])  # as for one event not an object
     return [orjson.dumps(event) for event in events]
 
 

@@ -131,6 +131,10 @@ async def test_malformed_bodies_are_400(gateway: Gateway, municipality: str) -> 
     batch_headers = {**auth, "content-type": "application/cloudevents-batch+json"}
     not_a_list = problem(await gateway.client.post("/events", content=b'{"not": "a list"}', headers=batch_headers), 400, "malformed")
     assert not_a_list["detail"].endswith("not an object")  # in JSON's words: clients are written in any language
+    assert [(e["type"], e["msg"]) for e in not_a_list["errors"]] == [("json_invalid", not_a_list["detail"])]
+    for bad, code in ((b'[{"specversion": ', "json_invalid"), (b'[{"id": "caf\xe9"}]', "utf8_invalid")):
+        refused = problem(await gateway.client.post("/events", content=bad, headers=batch_headers), 400, "malformed")
+        assert [e["type"] for e in refused["errors"]] == [code], refused  # each problem listed, as for one event
     answered = await gateway.client.post("/events", content=b'[1, "x", null, []]', headers=batch_headers)
     assert answered.status_code == 202
     assert [v["errors"][0]["msg"].rpartition(", not ")[2] for v in answered.json()] == ["a number", "a string", "null", "an array"]
