@@ -480,4 +480,29 @@ def error_message(error: Mapping[str, Any]) -> str:
             return f"Input should be {words}"
     if error.get("type") == "timezone_aware":  # (a date alone, or a time without its offset)
         return "Input should be a time with its UTC offset, such as 2027-01-20T00:00:00Z or 2027-01-20T12:00:00+02:00"
+    if error.get("type") in ("too_short", "too_long"):
+        return _count_words(error) or str(error.get("msg", ""))
     return str(error.get("msg", ""))
+
+
+def _count_words(error: Mapping[str, Any]) -> str | None:
+    """Too few or too many items, in JSON's words (pydantic's name Python's types: "Tuple should
+    have at least 1 item after validation"), or in a query's: how often a parameter is given."""
+    ctx = error.get("ctx") or {}
+    least = error.get("type") == "too_short"
+    bound = ctx.get("min_length" if least else "max_length")
+    if not isinstance(bound, int):
+        return None
+    actual = ctx.get("actual_length")
+    loc = tuple(error.get("loc") or ())
+    if loc[:1] == ("query",):
+        times = "once" if bound == 1 else f"{bound} times"
+        said = f"at least {times}" if least else f"at most {times}"
+        return f"Input should be given {said}" + (f", not {actual}" if isinstance(actual, int) else "")
+    if ctx.get("field_type") == "Dictionary":
+        what, one, many = "an object with", "entry", "entries"
+    else:
+        what, one, many = "an array of", "item", "items"
+    noun = one if bound == 1 else many
+    return f"Input should be {what} {'at least' if least else 'at most'} {bound} {noun}" + (
+        f", not {actual}" if isinstance(actual, int) else "")

@@ -839,7 +839,8 @@ async def test_events_of_several_types_come_as_one_list_in_log_order(gateway: Ga
     assert [item["seq"] for item in overlapping.json()["items"]] == [seq for _, seq in offered]  # each once
     one = await gateway.client.get("/events", params={"institution": owner, "type": "project.updated"}, headers=auth)
     assert [item["event"]["type"] for item in one.json()["items"]] == ["project.updated"] * 3
-    problem(await gateway.client.get("/events", params={"type": ["project"] * 21}, headers=auth), 422, "invalid")
+    too_many = problem(await gateway.client.get("/events", params={"type": ["project"] * 21}, headers=auth), 422, "invalid")
+    assert [(e["loc"], e["msg"]) for e in too_many["errors"]] == [(["query", "type"], "Input should be given at most 20 times, not 21")]
     problem(await gateway.client.get("/events", params={"type": ["project", "Project"]}, headers=auth), 422, "invalid")
     # A misspelt type or domain is refused, with what was likely meant, rather than matching nothing for ever.
     misspelt = problem(await gateway.client.get("/events", params={"type": ["project", "call.publised", "calls", "nope"]},

@@ -323,6 +323,17 @@ def test_a_pattern_mismatch_says_what_is_wanted_in_words() -> None:
     assert error_message(other) == other["msg"]  # a pattern without words keeps pydantic's message
 
 
+def test_too_few_items_are_said_in_json_words() -> None:
+    """An empty array or object where one item is needed, as JSON names them (pydantic says
+    "Tuple …" and "Dictionary … after validation")."""
+    from schemas.common import error_message
+
+    (indicators,) = errors("project.impact_reported", data_of("project.impact_reported", indicators=[]))
+    assert (indicators["type"], error_message(indicators)) == ("too_short", "Input should be an array of at least 1 item, not 0")
+    (title,) = errors("project.registered", data_of("project.registered", title={}))
+    assert (title["type"], error_message(title)) == ("too_short", "Input should be an object with at least 1 entry, not 0")
+
+
 def test_a_municipality_level_is_given_to_municipalities_only() -> None:
     [error] = errors("institution.joined", data_of("institution.joined", kind="university", municipality_level="district"))
     assert (error["loc"], error["type"]) == (("municipality_level",), "municipalities_only")
