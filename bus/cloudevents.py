@@ -7,6 +7,7 @@ attribute is a ``ce-<name>`` header whose value is percent-encoded; ``data`` is 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
@@ -72,6 +73,12 @@ def names_mode(headers: Mapping[str, str] | None) -> bool:
     return _says_structured(headers) or _has_attributes(headers)
 
 
+def ignores_attributes(headers: Mapping[str, str] | None) -> bool:
+    """Whether a message carries ``ce-`` headers that are not read: its Content-Type says it is a
+    structured event, whose attributes are all in the body."""
+    return _says_structured(headers) and _has_attributes(headers)
+
+
 def parse_structured(body: bytes) -> dict[str, Any]:
     """A structured-mode CloudEvent: the whole event is one JSON object."""
     event = loads(body)
@@ -80,7 +87,16 @@ def parse_structured(body: bytes) -> dict[str, Any]:
     return event
 
 
+_STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def _decode_header_value(name: str, value: str) -> str:
+    if "%" in value and _STRAY_PERCENT.search(value):
+        raise Malformed(
+            "percent_encoding_invalid",
+            f"header ce-{name} has a '%' not followed by two hex digits: its value is percent-encoded "
+            "(a '%' itself is %25)", (name,),
+        )
     try:
         return unquote_to_bytes(value).decode("utf-8")
     except UnicodeDecodeError:

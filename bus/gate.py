@@ -53,6 +53,22 @@ _MODE_HINT = (
 )
 
 
+def _mode_hint(raw: Mapping[str, Any] | None, headers: Mapping[str, str] | None) -> str | None:
+    """Why an event without a ``specversion`` may have been read in the mode its sender did not
+    mean, and what to send (None when nothing suggests it)."""
+    if not cloudevents.names_mode(headers):
+        return _MODE_HINT
+    if cloudevents.ignores_attributes(headers):
+        return ("read as a structured CloudEvent (Content-Type application/cloudevents+json), whose attributes are in "
+                "the body: its ce- headers were not read. Send the attributes as ce- headers with the data's Content-Type "
+                "(application/json), or the whole event in the body")
+    data = raw.get("data") if raw is not None else None
+    if not cloudevents.is_structured(headers) and isinstance(data, dict) and "specversion" in data:
+        return ("read in binary mode (it has ce- headers), where the body is the data alone, and the body is a whole "
+                "event: send it with Content-Type application/cloudevents+json and no ce- headers")
+    return None
+
+
 INPUT_FACTOR = 2
 """Input (a body and its ``ce-`` headers) this many times the event size limit is refused before
 it is parsed; within it, the limit is checked on the event serialized."""
@@ -312,8 +328,10 @@ class Gate:
         except Rejection as exc:
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else cloudevents.offered_id(headers)
             problems = exc.problems
-            if any(p.type == "missing" and p.loc == ("specversion",) for p in problems) and not cloudevents.names_mode(headers):
-                problems = (*problems, Problem((), _MODE_HINT, "mode_unclear"))
+            if any(p.type == "missing" and p.loc == ("specversion",) for p in problems):
+                hint = _mode_hint(raw, headers)
+                if hint is not None:
+                    problems = (*problems, Problem((), hint, "mode_unclear"))
             verdict = Verdict("rejected", event_id, errors=problems, reason=exc.reason)
         except (NatsTimeoutError, NatsError, JetStreamError) as exc:  # the log did not answer a look-up (a member not cached)
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else cloudevents.offered_id(headers)

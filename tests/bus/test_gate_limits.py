@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from bus.client import offer, offer_raw
 from bus.runtime import Bus
 from bus.server import EmbeddedNats
+from bus.verdict import Verdict
 from ops.settings import Settings
 from tests.conftest import join, load_fixtures, unique
 
@@ -183,3 +184,36 @@ async def test_data_sent_without_ce_headers_is_told_how_to_name_the_mode(partner
         assert verdict.reason == "invalid" and "mode_unclear" in {p.type for p in verdict.errors}, verdict.as_dict()
     verdict = await offer_raw(partner, SUBJECT, data, {"content-type": "application/cloudevents+json"})
     assert verdict.reason == "invalid" and "mode_unclear" not in {p.type for p in verdict.errors}
+
+
+async def test_an_event_read_in_the_mode_its_sender_did_not_mean_is_told_so(partner: Client) -> None:
+    from bus.cloudevents import to_binary
+
+    event = valid_event()
+    attributes, data = to_binary(event)
+
+    def hint(verdict: Verdict) -> str:
+        assert verdict.reason == "invalid", verdict.as_dict()
+        [said] = [p.msg for p in verdict.errors if p.type == "mode_unclear"]
+        return said
+
+    # ce- headers under a structured Content-Type are not read: the body must be the whole event.
+    ignored = await offer_raw(partner, SUBJECT, data, {**attributes, "content-type": "application/cloudevents+json"})
+    assert "its ce- headers were not read" in hint(ignored)
+    # A stray ce- header makes a whole event in the body the data of a binary one.
+    stray = await offer_raw(partner, SUBJECT, orjson.dumps(event), {"ce-id": str(event["id"])})
+    assert "the body is a whole event" in hint(stray)
+    assert {p.loc for p in stray.errors if p.type == "missing"} >= {("specversion",), ("source",), ("type",)}
+    assert (await offer_raw(partner, SUBJECT, data, attributes)).accepted  # the same in binary mode, as meant
+
+
+async def test_a_stray_percent_in_a_ce_header_is_malformed(partner: Client) -> None:
+    from bus.cloudevents import to_binary
+
+    attributes, data = to_binary(valid_event())
+    verdict = await offer_raw(partner, SUBJECT, data, {**attributes, "ce-source": "%ZZinstitutions/" + FIXTURE["as"]})
+    assert verdict.reason == "malformed", verdict.as_dict()
+    [problem] = verdict.errors
+    assert (problem.type, problem.loc) == ("percent_encoding_invalid", ("source",))
+    assert "ce-source" in problem.msg and "%25" in problem.msg
+    assert (await offer_raw(partner, SUBJECT, data, attributes)).accepted
