@@ -96,7 +96,11 @@ _CONNECTING = (
     "`inboxPrefix`, nats-py `inbox_prefix`): the credentials allow publishing to `collab.ingress.{ID}.>`, "
     "reading the inboxes `_INBOX.{ID}.>`, where verdicts come back (a verdict is sent only to an inbox of the "
     "offering institution's own), and subscribing to `collab.live.…`, where the log's server republishes the "
-    "stored events every member may see, each with its log sequence."
+    "stored events every member may see, each with its log sequence. A message, headers and body together, "
+    "is at most the server's `max_payload` (in its INFO; 1 MiB for the embedded server): nats-server closes the "
+    "connection of a client that publishes more, before the gate sees it (nats-py checks the body alone). An "
+    "event is at most `COLLABBUS_MAX_EVENT_BYTES` (262,144 bytes by default), serialized as the log keeps it; "
+    "a larger one is refused (`too_large`)."
 )
 
 
@@ -148,7 +152,9 @@ def _document() -> dict[str, Any]:
 
 
 _PARAMETERS = {
-    "institution": "id of the institution (the authenticated publisher, equal to the event's source)",
+    "institution": "id of an institution: on `collab.ingress` the sender (as its credentials authenticate it, "
+                   "equal to the event's source); on the log the event's source (its sender, or for a workflow's "
+                   "answer the institution in whose name the bus emits it: the owner of what it is about)",
     "subject": "id of the aggregate the event is about (the CloudEvent subject)",
 }
 
@@ -248,8 +254,9 @@ _INGRESS_HEADERS = {
         "Content-Type": {
             "enum": ["application/cloudevents+json", "application/json"],
             "type": "string",
-            "description": "structured mode (the whole event in the body) or binary mode (the data in the body, "
-                           "every other attribute in a `ce-<name>` header)",
+            "description": "structured mode (the whole event in the body) or binary mode (the event's `data` alone "
+                           "in the body, every other attribute in a `ce-<name>` header: the payload's other "
+                           "properties as headers)",
         },
         "traceparent": {"type": "string", "description": "W3C trace context, to continue the sender's trace"},
     },

@@ -30,6 +30,7 @@ from bus.asyncapi import asyncapi_document
 from bus.client import offer, offer_raw
 from bus.credentials import (
     Authority,
+    MEMBER_SUBSCRIPTIONS,
     CredentialsError,
     decode_jwt_claims,
     member_inbox_prefix,
@@ -255,6 +256,23 @@ async def test_a_member_cannot_read_the_whole_log_nor_confidential_subjects_nor_
         await member.nc.jetstream(timeout=1.0).stream_info(EVENTS_STREAM)
     violations = await member.violations(5)
     assert any('publish to "$js.api.stream.info.collab_events"' in v.lower() for v in violations), violations
+
+
+async def test_a_members_connection_holds_a_hundred_subscriptions(member: Member) -> None:
+    """Its request inbox's and 99 more; the server refuses the next (and keeps the connection),
+    and nats-py closes the connection on that refusal, as the README says."""
+    assert (await offer(member.nc, member.institution, project_event(member.institution))).accepted  # the inbox's
+    for n in range(MEMBER_SUBSCRIPTIONS - 1):
+        await member.nc.subscribe(f"collab.live.*.project.registered.s{n}")
+    await member.nc.flush()
+    assert (await offer(member.nc, member.institution, project_event(member.institution))).accepted
+    assert member.errors == [] and member.nc.is_connected
+    await member.nc.subscribe("collab.live.*.project.registered.one-more")
+    deadline = asyncio.get_running_loop().time() + 5
+    while not member.nc.is_closed:
+        assert asyncio.get_running_loop().time() < deadline, "the connection stayed open"
+        await asyncio.sleep(0.05)
+    assert str(member.nc.last_error) == "nats: maximum subscriptions exceeded"  # (its closed callback, not its error one)
 
 
 async def test_a_member_sees_neither_the_bus_nor_other_members_through_inboxes(
