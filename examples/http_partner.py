@@ -58,7 +58,8 @@ def offer(client: httpx.Client, event: dict) -> int:
             refusal = outcome["refusal"]
             if refusal is not None:  # (else its refusal is decided and on its way to the log)
                 reason = refusal["event"]["data"]["reason"]
-                print(f"refused by the workflow: {reason['code']}: {reason['message']}")
+                message = reason["message"]  # a LocalizedText: English when it has it
+                print(f"refused by the workflow: {reason['code']} — {message.get('en') or next(iter(message.values()))}")
                 return 1
         elif found.status_code != 404:
             found.raise_for_status()

@@ -62,7 +62,8 @@ async function offer(event) {
       }
       if (outcome.refusal !== null) { // (else its refusal is decided and on its way to the log)
         const reason = outcome.refusal.event.data.reason;
-        console.log(`refused by the workflow: ${reason.code}: ${JSON.stringify(reason.message)}`);
+        const message = reason.message.en ?? Object.values(reason.message)[0]; // a LocalizedText: English when it has it
+        console.log(`refused by the workflow: ${reason.code} — ${message}`);
         return 1;
       }
     } else if (found.status !== 404) {

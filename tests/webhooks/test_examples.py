@@ -97,7 +97,7 @@ async def test_the_examples_offer_events_and_receive_them_as_signed_webhooks(net
         change = envelope("project.updated", other, {"project_id": data["project_id"], "changes": {"status": "completed"}},
                           id=unique("ex"))
         refused = await partner(gateway, other, change, tmp_path, offering)
-        assert refused.returncode == 1 and "refused by the workflow: not_owner" in refused.stdout, refused.stdout
+        assert refused.returncode == 1 and f"refused by the workflow: not_owner — Only {owner}" in refused.stdout, refused.stdout
 
         broken = envelope("project.registered", owner, {**project(owner), "status": "finished"}, id=unique("ex"))
         rejected = await partner(gateway, owner, broken, tmp_path, offering)
