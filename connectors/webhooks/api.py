@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -26,6 +26,7 @@ from connectors.webhooks.signing import new_secret
 from connectors.webhooks.store import Delivery, Endpoint
 from handlers.db import session_scope
 from schemas import registry
+from schemas.common import Timestamp
 
 if TYPE_CHECKING:
     from connectors.webhooks.dispatcher import WebhookDispatcher
@@ -44,7 +45,10 @@ T = TypeVar("T")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: its own fields only, each of its JSON type (``true``, not ``"yes"`` or
+    ``1``; a list, not a string), and times as RFC 3339 text (not Unix timestamps)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class EndpointCreate(_Body):
@@ -67,8 +71,8 @@ class EndpointChange(_Body):
 
 
 class Recovery(_Body):
-    since: AwareDatetime
-    until: AwareDatetime | None = Field(None, description="default: now")
+    since: Timestamp
+    until: Timestamp | None = Field(None, description="default: now")
 
 
 class WebhookEndpoint(BaseModel):
@@ -387,7 +391,8 @@ async def _change_delivery(request: Request, institution: str, endpoint_id: str,
     return answer
 
 
-@router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovered, responses={**ERRORS, **documented(503)})
+@router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovered,
+             responses={**ERRORS, **documented(503)})
 async def recover(request: Request, endpoint_id: EndpointId, body: Recovery, institution: Member) -> dict[str, Any]:
     """Deliver again the endpoint's events that the log took between ``since`` and ``until``
     (read back from the log), whether they were delivered before or not."""

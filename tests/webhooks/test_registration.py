@@ -97,3 +97,43 @@ async def test_loopback_targets_are_refused_unless_allowed(network: Network, rec
         body = problem(response, 422, "refused_target")
         assert "COLLABBUS_WEBHOOK_ALLOW_NETWORKS" in body["detail"], body  # says why, and what would allow it
     assert (await gateway.client.get("/webhooks", headers=gateway.auth(owner))).json()["items"] == []
+
+
+async def test_the_bodies_take_json_booleans_and_times_as_rfc_3339_text_only(network: Network, receiver: Receiver) -> None:
+    """What pydantic's lax mode would read as a boolean ("no", "off", 0) or a time (a Unix
+    timestamp) is refused, and changes nothing."""
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    created = await register(gateway, owner, receiver.url("/strict"))
+    endpoint = f"/webhooks/{created['id']}"
+
+    for change in ({"enabled": "no"}, {"enabled": "off"}, {"enabled": 0}, {"enabled": "true"}, {"ordered": "yes"},
+                   {"ordered": 0}, {"rotate_secret": "true"}, {"rotate_secret": 1}):
+        refused = problem(await gateway.client.patch(endpoint, json=change, headers=auth), 422, "invalid")
+        (name,) = change
+        assert refused["errors"] == [{"loc": [name], "msg": "Input should be a valid boolean", "type": "bool_type"}], change
+    shown = (await gateway.client.get(endpoint, headers=auth)).json()
+    assert shown["enabled"] is True and shown["ordered"] is True and shown["disabled_reason"] is None
+    assert shown["previous_secret_until"] is None
+    refused = problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/"), "ordered": "no"}, headers=auth),
+                      422, "invalid")
+    assert [(e["loc"], e["type"]) for e in refused["errors"]] == [(["ordered"], "bool_type")]
+    refused = problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/"), "event_types": "project.*"},
+                                                headers=auth), 422, "invalid")
+    assert [(e["loc"], e["type"]) for e in refused["errors"]] == [(["event_types"], "list_type")]
+    assert [e["id"] for e in (await gateway.client.get("/webhooks", headers=auth)).json()["items"]] == [created["id"]]
+
+    for since in (1767225600, "1767225600", "2026-01-01 00:00:00Z"):
+        refused = problem(await gateway.client.post(f"{endpoint}/recover", json={"since": since}, headers=auth), 422, "invalid")
+        assert [e["loc"] for e in refused["errors"]] == [["since"]], since
+    refused = problem(await gateway.client.post(f"{endpoint}/recover", json={"since": "2026-01-01T00:00:00Z", "until": 1767312000},
+                                                headers=auth), 422, "invalid")
+    assert [e["loc"] for e in refused["errors"]] == [["until"]]
+    recovered = await gateway.client.post(f"{endpoint}/recover", json={"since": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00+02:00"},
+                                          headers=auth)
+    assert recovered.status_code == 202, recovered.text
+    changed = await gateway.client.patch(endpoint, json={"enabled": False, "ordered": False, "rotate_secret": True}, headers=auth)
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["enabled"] is False and changed.json()["ordered"] is False and changed.json()["secret"]
+
