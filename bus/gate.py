@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -106,30 +106,37 @@ def _unknown_name(loc: tuple[str | int, ...], spec: registry.EventSpec | None) -
     known (an attribute of the envelope, a field of the data or of an object in it), with the
     nearest one, which is most often what was meant; None where they are not (pydantic's message
     then: inside a mapping such as a LocalizedText, say)."""
-    import difflib
-
     name = loc[-1] if loc else None
     if not isinstance(name, str):
         return None
-    known: tuple[str, ...]
     if len(loc) == 1:
-        known, what = ENVELOPE_NAMES, "an attribute the network's events have"
-        rest = f" (they have {', '.join(ATTRIBUTES)} and data: no other CloudEvents extension)"
-    elif len(loc) >= 2 and loc[0] == "data" and spec is not None:
-        model = _model_at(spec.model, loc[1:-1])
+        return not_one_of(name, ENVELOPE_NAMES, "an attribute the network's events have",
+                          f" (they have {', '.join(ATTRIBUTES)} and data: no other CloudEvents extension)")
+    if len(loc) >= 2 and loc[0] == "data" and spec is not None:
+        model = model_at(spec.model, loc[1:-1])
         if model is None:
             return None
-        known = tuple(field.alias or field_name for field_name, field in model.model_fields.items())
         place = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:-1])
         what = f"a field of data{place} in {spec.type}" if place else f"a field of {spec.type}'s data"
-        rest = ""
-    else:
-        return None
+        return not_one_of(name, field_names(model), what)
+    return None
+
+
+def not_one_of(name: str, known: Sequence[str], what: str, rest: str = "") -> str:
+    """``'name' is not {what}``, naming the nearest of the ``known`` names (most often the one
+    meant) when one is near, then ``rest``."""
+    import difflib
+
     near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f"{name!r} is not {what}" + (f"; did you mean {near[0]!r}?" if near else "") + rest
 
 
-def _model_at(model: type[BaseModel], path: tuple[str | int, ...]) -> type[BaseModel] | None:
+def field_names(model: type[BaseModel]) -> tuple[str, ...]:
+    """The names a model's fields take in JSON (their aliases, where they have one)."""
+    return tuple(field.alias or field_name for field_name, field in model.model_fields.items())
+
+
+def model_at(model: type[BaseModel], path: tuple[str | int, ...]) -> type[BaseModel] | None:
     """The model of the object at ``path`` inside an instance of ``model`` (through its fields,
     lists and optional values), or None where the path leads to anything else."""
     import typing

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
+from bus.gate import field_names, model_at, not_one_of
 from bus.streams import jetstream_answered
 from bus.verdict import Problem as GateProblem
 from bus.verdict import Reason, Verdict
@@ -198,7 +199,8 @@ def install(app: FastAPI) -> None:
 
     async def invalid_parameters(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = [{"loc": _loc(e.get("loc", ())), "msg": error_message(e), "type": str(e.get("type", ""))} for e in exc.errors()]
+        errors = [{"loc": _loc(e.get("loc", ())), "msg": _unknown_field(request, e) or error_message(e), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         not_json = media_type != "application/json" and not media_type.endswith("+json")
         if not_json and any(e["loc"] == [] for e in errors):  # JSON sent as a form (curl -d), or not JSON at all
@@ -240,6 +242,23 @@ LOG_UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 """What a request reading the log meets when the log cannot answer it just now: answered 503
 ``unavailable`` with ``Retry-After``, as an offer then is (not 500)."""
+
+
+def _unknown_field(request: Request, error: Mapping[str, Any]) -> str | None:
+    """What to say of a field a request's JSON body has and its model does not: the fields it
+    takes, and the one most likely meant (as the gatekeeper says it of an event's); None for any
+    other error, or where the fields taken are not known."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") != "extra_forbidden" or loc[:1] != ("body",) or not isinstance(loc[-1], str):
+        return None
+    body = getattr(request.scope.get("route"), "body_field", None)
+    model = body.field_info.annotation if body is not None else None
+    inner = model_at(model, loc[1:-1]) if isinstance(model, type) and issubclass(model, BaseModel) else None
+    if inner is None:
+        return None
+    names = field_names(inner)
+    what = f"a field of {'.'.join(map(str, loc[1:-1]))}" if len(loc) > 2 else "a field of the body"
+    return not_one_of(loc[-1], names, what, f" (it takes {', '.join(names)})")
 
 
 def _loc(loc: Any) -> list[Any]:

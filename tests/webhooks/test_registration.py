@@ -137,3 +137,33 @@ async def test_the_bodies_take_json_booleans_and_times_as_rfc_3339_text_only(net
     assert changed.status_code == 200, changed.text
     assert changed.json()["enabled"] is False and changed.json()["ordered"] is False and changed.json()["secret"]
 
+
+async def test_an_unknown_field_in_a_body_is_named_with_the_fields_taken_and_the_one_meant(network: Network, receiver: Receiver) -> None:
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    created = await register(gateway, owner, receiver.url("/fields"))
+    endpoint = f"/webhooks/{created['id']}"
+
+    refused = problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/"), "secret": "mine", "evnet_types": []},
+                                                headers=auth), 422, "invalid")
+    said = {tuple(e["loc"]): e for e in refused["errors"]}
+    assert said[("secret",)] == {"loc": ["secret"], "type": "extra_forbidden",
+                                 "msg": "'secret' is not a field of the body (it takes url, event_types, description, ordered)"}
+    assert said[("evnet_types",)]["msg"] == (
+        "'evnet_types' is not a field of the body; did you mean 'event_types'? (it takes url, event_types, description, ordered)")
+    assert said[("evnet_types",)]["type"] == "extra_forbidden" and set(said) == {("secret",), ("evnet_types",)}
+    assert "did you mean 'event_types'?" in refused["detail"]
+
+    refused = problem(await gateway.client.patch(endpoint, json={"enabeld": False}, headers=auth), 422, "invalid")
+    assert refused["errors"] == [{"loc": ["enabeld"], "type": "extra_forbidden", "msg": (
+        "'enabeld' is not a field of the body; did you mean 'enabled'? "
+        "(it takes url, event_types, description, enabled, ordered, rotate_secret)")}]
+    assert (await gateway.client.get(endpoint, headers=auth)).json()["enabled"] is True
+
+    refused = problem(await gateway.client.post(f"{endpoint}/recover", json={"sinse": "2026-01-01T00:00:00Z"}, headers=auth),
+                      422, "invalid")
+    said = {tuple(e["loc"]): e for e in refused["errors"]}
+    assert said[("since",)]["type"] == "missing"
+    assert said[("sinse",)]["msg"] == "'sinse' is not a field of the body; did you mean 'since'? (it takes since, until)"
+
