@@ -86,11 +86,10 @@ def transport_mode(headers: Mapping[str, str]) -> Mode:
         return "binary" if binary else "structured"
     if binary and not media_type:
         return "binary"
-    shown = media_type or "no Content-Type"
+    refused = f"{media_type} is not accepted:" if media_type else "the request has no Content-Type;"
     raise ApiProblem(
         415,
-        f"{shown} is not accepted: send {STRUCTURED_CONTENT_TYPE}, {BATCH_CONTENT_TYPE}, "
-        "or ce- headers with application/json data",
+        f"{refused} send {STRUCTURED_CONTENT_TYPE}, {BATCH_CONTENT_TYPE}, or ce- headers with application/json data",
         kind="unsupported",
     )
 

@@ -203,10 +203,15 @@ def install(app: FastAPI) -> None:
                   for e in exc.errors()]
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         not_json = media_type != "application/json" and not media_type.endswith("+json")
-        if not_json and any(e["loc"] == [] for e in errors):  # JSON sent as a form (curl -d), or not JSON at all
+        whole = [e for e in errors if e["loc"] == []]
+        if whole and not media_type and whole[0]["type"] == "missing":  # (a body without a Content-Type is read as JSON)
             return problem_response(
-                415, f"the body is read as JSON: send it with Content-Type: application/json (not {media_type or 'none'})",
+                415, "the request has no body and no Content-Type: send the body as JSON, with Content-Type: application/json",
                 kind="unsupported",
+            )
+        if whole and media_type and not_json:  # JSON sent as a form (curl -d), or not JSON at all
+            return problem_response(
+                415, f"the body is read as JSON: send it with Content-Type: application/json (not {media_type})", kind="unsupported",
             )
         broken = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
         if broken is not None:  # not JSON at all: malformed, as POST /events answers it (FastAPI: "8: JSON decode error")

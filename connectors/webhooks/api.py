@@ -221,9 +221,11 @@ def _as_utc(moment: datetime | None) -> datetime:
 # --- endpoints ------------------------------------------------------------------------------------
 
 ERRORS = documented(401, 403, 404, 422)
+BODY_ERRORS = documented(400, 415)
+"""A body that is not JSON; one sent as another media type, or none at all."""
 
 
-@router.post("", status_code=201, response_model=WebhookEndpointWithSecret, responses=documented(401, 403, 422, 503))
+@router.post("", status_code=201, response_model=WebhookEndpointWithSecret, responses={**documented(401, 403, 422, 503), **BODY_ERRORS})
 async def create_endpoint(request: Request, body: EndpointCreate, institution: Member) -> dict[str, Any]:
     """Register an endpoint; it receives the events logged from now on. Keep the secret: it is not shown again."""
     event_types = _check_event_types(body.event_types)
@@ -263,7 +265,7 @@ async def get_endpoint(request: Request, endpoint_id: EndpointId, institution: M
     return {**_endpoint(endpoint), "held_back": held}
 
 
-@router.patch("/{endpoint_id}", response_model=WebhookEndpointChanged, responses=ERRORS)
+@router.patch("/{endpoint_id}", response_model=WebhookEndpointChanged, responses={**ERRORS, **BODY_ERRORS})
 async def change_endpoint(request: Request, endpoint_id: EndpointId, body: EndpointChange, institution: Member) -> dict[str, Any]:
     """Change the URL, the event types, the description or whether deliveries are ordered; enable
     or disable; rotate the secret (the answer then holds the new one)."""
@@ -392,7 +394,7 @@ async def _change_delivery(request: Request, institution: str, endpoint_id: str,
 
 
 @router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovered,
-             responses={**ERRORS, **documented(503)})
+             responses={**ERRORS, **BODY_ERRORS, **documented(503)})
 async def recover(request: Request, endpoint_id: EndpointId, body: Recovery, institution: Member) -> dict[str, Any]:
     """Deliver again the endpoint's events that the log took between ``since`` and ``until``
     (read back from the log), whether they were delivered before or not."""

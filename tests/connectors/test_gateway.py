@@ -274,7 +274,11 @@ async def test_unsupported_content_types_are_415(gateway: Gateway, municipality:
     headers = gateway.auth(municipality)
     if content_type:
         headers["content-type"] = content_type
-    problem(await gateway.client.post("/events", content=b"<event/>", headers=headers), 415, "unsupported")
+    detail = problem(await gateway.client.post("/events", content=b"<event/>", headers=headers), 415, "unsupported")["detail"]
+    if content_type is None:  # said as what is missing, not as a media type refused
+        assert detail.startswith("the request has no Content-Type; send application/cloudevents+json,"), detail
+    else:
+        assert detail.startswith(f"{content_type} is not "), detail
 
 
 async def test_over_the_rate_limit_is_429_with_retry_after(gateway: Gateway, municipality: str) -> None:

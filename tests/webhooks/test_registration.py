@@ -167,3 +167,27 @@ async def test_an_unknown_field_in_a_body_is_named_with_the_fields_taken_and_the
     assert said[("since",)]["type"] == "missing"
     assert said[("sinse",)]["msg"] == "'sinse' is not a field of the body; did you mean 'since'? (it takes since, until)"
 
+
+async def test_what_a_body_that_cannot_be_read_is_answered_is_in_the_api_description(network: Network, receiver: Receiver) -> None:
+    """A body that is not JSON (400), one sent as another media type or none at all (415): each
+    answer is one the OpenAPI document lists for the operation."""
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    created = await register(gateway, owner, receiver.url("/described"))
+    paths = (await gateway.client.get("/openapi.json")).json()["paths"]
+    operations = [("POST", "/webhooks", "/webhooks"), ("PATCH", f"/webhooks/{created['id']}", "/webhooks/{endpoint_id}"),
+                  ("POST", f"/webhooks/{created['id']}/recover", "/webhooks/{endpoint_id}/recover")]
+    for method, path, template in operations:
+        documented = paths[template][method.lower()]["responses"]
+        not_json = await gateway.client.request(method, path, content=b'{"url":', headers={**auth, "content-type": "application/json"})
+        problem(not_json, 400, "malformed")
+        as_text = await gateway.client.request(method, path, content=b'{"url": "http://x"}', headers={**auth, "content-type": "text/plain"})
+        assert problem(as_text, 415, "unsupported")["detail"] == (
+            "the body is read as JSON: send it with Content-Type: application/json (not text/plain)")
+        for status in (400, 415):
+            assert str(status) in documented, (method, template, status)
+            assert "application/problem+json" in documented[str(status)]["content"]
+    nothing = await gateway.client.post(f"/webhooks/{created['id']}/recover", headers=auth)
+    assert problem(nothing, 415, "unsupported")["detail"] == (
+        "the request has no body and no Content-Type: send the body as JSON, with Content-Type: application/json")
