@@ -168,6 +168,17 @@ def _not_found(endpoint_id: str) -> ApiProblem:
     return ApiProblem(404, f"no webhook endpoint {endpoint_id!r}", kind="not_found")
 
 
+def _check_enabled(endpoint: Endpoint) -> None:
+    """409 ``endpoint_disabled`` for a disabled endpoint: nothing is sent to it, so nothing is
+    owed to it by hand either (what it was owed waits, and goes once it is enabled again)."""
+    if endpoint.enabled:
+        return
+    why = f" ({endpoint.disabled_reason})" if endpoint.disabled_reason else ""
+    detail = (f"webhook endpoint {endpoint.id!r} is disabled{why}: nothing is sent to it; "
+              f'PATCH /webhooks/{endpoint.id} {{"enabled": true}} enables it again')
+    raise ApiProblem(409, detail, kind="endpoint_disabled", errors=[Problem((), detail, "endpoint_disabled")])
+
+
 async def _in_transaction(request: Request, work: Callable[[Session], T], *, read_only: bool = False) -> T:
     """``work`` in one transaction; ``read_only``: one that only reads, so what it reads in several
     statements (deliveries, then their attempts) is one moment while the dispatcher settles attempts."""
@@ -348,12 +359,17 @@ async def list_deliveries(
     return await _in_transaction(request, page, read_only=True)
 
 
-@router.post("/{endpoint_id}/deliveries/{delivery_id}/resend", status_code=202, response_model=WebhookDelivery, responses=ERRORS)
+@router.post("/{endpoint_id}/deliveries/{delivery_id}/resend", status_code=202, response_model=WebhookDelivery,
+             responses={**ERRORS, **documented(409)})
 async def resend_delivery(request: Request, endpoint_id: EndpointId, delivery_id: DeliveryId, institution: Member) -> dict[str, Any]:
-    """Send the delivery again now, with the same ``webhook-id``, from a new round of the schedule
-    (a disabled endpoint gets it once enabled again)."""
-    return await _change_delivery(request, institution, endpoint_id, delivery_id,
-                                  lambda delivery: store.requeue(delivery, datetime.now(timezone.utc)))
+    """Send the delivery again now, with the same ``webhook-id``, from a new round of the schedule.
+    409 ``endpoint_disabled`` while the endpoint is disabled: ``PATCH {"enabled": true}`` first."""
+
+    def resend(endpoint: Endpoint, delivery: Delivery) -> None:
+        _check_enabled(endpoint)
+        store.requeue(delivery, datetime.now(timezone.utc))
+
+    return await _change_delivery(request, institution, endpoint_id, delivery_id, resend)
 
 
 @router.post("/{endpoint_id}/deliveries/{delivery_id}/cancel", response_model=WebhookDelivery, responses=documented(401, 403, 404, 409, 422))
@@ -362,7 +378,7 @@ async def cancel_delivery(request: Request, endpoint_id: EndpointId, delivery_id
     deliveries about the same thing held back behind it go (``resend`` sends it again later).
     409 for a delivery already delivered."""
 
-    def cancel(delivery: Delivery) -> None:
+    def cancel(_endpoint: Endpoint, delivery: Delivery) -> None:
         if delivery.status == store.DELIVERED:
             raise ApiProblem(409, f"delivery {delivery.id} was delivered already: there is nothing to cancel", kind="conflict")
         store.give_up(delivery)
@@ -371,7 +387,7 @@ async def cancel_delivery(request: Request, endpoint_id: EndpointId, delivery_id
 
 
 async def _change_delivery(request: Request, institution: str, endpoint_id: str, delivery_id: int,
-                           change: Callable[[Delivery], None]) -> dict[str, Any]:
+                           change: Callable[[Endpoint, Delivery], None]) -> dict[str, Any]:
     """Apply ``change`` to one of the institution's deliveries (404 for any other), answer the
     delivery as it is then, and let the endpoint's worker look at what is due."""
 
@@ -382,7 +398,7 @@ async def _change_delivery(request: Request, institution: str, endpoint_id: str,
         endpoint = store.endpoint_of(session, institution, endpoint_id)
         if endpoint is None or delivery is None or delivery.endpoint_id != endpoint_id:
             raise ApiProblem(404, f"no delivery {delivery_id} of webhook endpoint {endpoint_id!r}", kind="not_found")
-        change(delivery)
+        change(endpoint, delivery)
         session.add(delivery)
         session.flush()
         return _deliveries(session, endpoint, [delivery])[0]
@@ -394,16 +410,18 @@ async def _change_delivery(request: Request, institution: str, endpoint_id: str,
 
 
 @router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovered,
-             responses={**ERRORS, **BODY_ERRORS, **documented(503)})
+             responses={**ERRORS, **BODY_ERRORS, **documented(409, 503)})
 async def recover(request: Request, endpoint_id: EndpointId, body: Recovery, institution: Member) -> dict[str, Any]:
     """Deliver again the endpoint's events that the log took between ``since`` and ``until``
-    (read back from the log), whether they were delivered before or not."""
+    (read back from the log), whether they were delivered before or not. 409
+    ``endpoint_disabled`` while the endpoint is disabled: ``PATCH {"enabled": true}`` first."""
     until = body.until or datetime.now(timezone.utc)
     if body.until is None and until < body.since:
         raise ApiProblem(422, "since is in the future", kind="invalid", errors=[Problem(("since",), "in the future", "invalid_window")])
     if until < body.since:
         raise ApiProblem(422, "until is before since", kind="invalid", errors=[Problem(("until",), "before since", "invalid_window")])
     endpoint = await _owned(request, institution, endpoint_id)
+    _check_enabled(endpoint)
     bus = bus_of(request)
     queued, held_back = await dispatcher.recover(bus.js, engine_of(request), endpoint, body.since, until,
                                                  consumer=dispatcher.webhook_consumer(bus.consumer_settings).name)

@@ -424,6 +424,57 @@ async def test_410_disables_the_endpoint(network: Network, receiver: Receiver) -
     assert probed["last_success_at"] is not None and probed["failing_since"] is None
 
 
+async def test_resend_and_recover_are_refused_while_the_endpoint_is_disabled_and_owe_it_nothing(
+    network: Network, receiver: Receiver
+) -> None:
+    """A disabled endpoint is sent nothing: resending to it or recovering for it is refused (409,
+    saying why it is disabled and how to enable it) rather than accepted and left waiting."""
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    receiver.answer("/gone", Answer(410), Answer(200))
+    gone = await register(gateway, owner, receiver.url("/gone"))
+    path = f"/webhooks/{gone['id']}"
+    since = datetime.now(timezone.utc)
+    first = await offer_project(gateway, owner)
+    (delivery,) = await settled(gateway, owner, gone["id"], 1)
+    reason = (await gateway.client.get(path, headers=auth)).json()["disabled_reason"]
+    assert "410" in reason
+
+    resend = f"{path}/deliveries/{delivery['id']}/resend"
+    refused = problem(await gateway.client.post(resend, headers=auth), 409, "endpoint_disabled")
+    assert refused["detail"] == (f"webhook endpoint {gone['id']!r} is disabled ({reason}): nothing is sent to it; "
+                                 f'PATCH {path} {{"enabled": true}} enables it again')
+    assert refused["errors"] == [{"loc": [], "msg": refused["detail"], "type": "endpoint_disabled"}]
+    refused = problem(await gateway.client.post(f"{path}/recover", json={"since": since.isoformat()}, headers=auth),
+                      409, "endpoint_disabled")
+    assert f"is disabled ({reason})" in refused["detail"]
+    (unchanged,) = await deliveries(gateway, owner, gone["id"])
+    assert unchanged["status"] == "failed" and unchanged["next_attempt_at"] is None and len(unchanged["attempts"]) == 1
+
+    assert (await gateway.client.patch(path, json={"enabled": False}, headers=auth)).status_code == 200  # still disabled
+    refused = problem(await gateway.client.post(resend, headers=auth), 409, "endpoint_disabled")
+    assert f"is disabled ({reason})" in refused["detail"]
+    enabled = await gateway.client.patch(path, json={"enabled": True}, headers=auth)
+    assert enabled.status_code == 200 and enabled.json()["enabled"] is True
+    await asyncio.sleep(0.5)
+    assert len(receiver.at("/gone")) == 1  # nothing was owed while it was disabled
+
+    assert (await gateway.client.patch(path, json={"enabled": False}, headers=auth)).status_code == 200
+    refused = problem(await gateway.client.post(f"{path}/recover", json={"since": since.isoformat()}, headers=auth),
+                      409, "endpoint_disabled")
+    assert "is disabled (disabled by its owner)" in refused["detail"]
+    await gateway.client.patch(path, json={"enabled": True}, headers=auth)
+    response = await gateway.client.post(resend, headers=auth)
+    assert response.status_code == 202, response.text
+    await eventually(lambda: len(receiver.at("/gone")) == 2, what="the resent delivery")
+    assert ids(receiver.at("/gone")) == [first["id"], first["id"]]
+
+    paths = (await gateway.client.get("/openapi.json")).json()["paths"]
+    for template in ("/webhooks/{endpoint_id}/deliveries/{delivery_id}/resend", "/webhooks/{endpoint_id}/recover"):
+        assert "409" in paths[template]["post"]["responses"], template
+
+
 async def test_an_endpoint_failing_for_five_days_is_disabled(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner = await gateway.join("municipality")
