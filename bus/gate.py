@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,7 +32,7 @@ from bus.verdict import Problem, Rejection, Verdict, reject
 from ops import metrics, tracing
 from ops.logs import Spell
 from schemas import registry
-from schemas.common import InstitutionKind, error_message
+from schemas.common import InstitutionKind, error_message, unknown_name
 from schemas.envelope import ATTRIBUTES, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, CloudEvent, source_of
 
 log = logging.getLogger("collabbus.gate")
@@ -110,25 +110,16 @@ def _unknown_name(loc: tuple[str | int, ...], spec: registry.EventSpec | None) -
     if not isinstance(name, str):
         return None
     if len(loc) == 1:
-        return not_one_of(name, ENVELOPE_NAMES, "an attribute the network's events have",
-                          f" (they have {', '.join(ATTRIBUTES)} and data: no other CloudEvents extension)")
+        return unknown_name(name, "an attribute the network's events have", ENVELOPE_NAMES,
+                            f" (they have {', '.join(ATTRIBUTES)} and data: no other CloudEvents extension)")
     if len(loc) >= 2 and loc[0] == "data" and spec is not None:
         model = model_at(spec.model, loc[1:-1])
         if model is None:
             return None
         place = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:-1])
         what = f"a field of data{place} in {spec.type}" if place else f"a field of {spec.type}'s data"
-        return not_one_of(name, field_names(model), what)
+        return unknown_name(name, what, field_names(model))
     return None
-
-
-def not_one_of(name: str, known: Sequence[str], what: str, rest: str = "") -> str:
-    """``'name' is not {what}``, naming the nearest of the ``known`` names (most often the one
-    meant) when one is near, then ``rest``."""
-    import difflib
-
-    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f"{name!r} is not {what}" + (f"; did you mean {near[0]!r}?" if near else "") + rest
 
 
 def field_names(model: type[BaseModel]) -> tuple[str, ...]:

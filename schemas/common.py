@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self, TypeVar
@@ -453,7 +453,6 @@ _PATTERN_WORDS = {
     r"^[A-Za-z0-9._:-]{1,128}$": "an id of 1 to 128 letters (A-Z, a-z), digits, '.', '_', ':' and '-' (no spaces)",
     r"^[a-z][a-z_]*\.[a-z][a-z_]*$": "an event type: its domain and name in lower case joined by a dot, "
                                       "e.g. project.registered",
-    r"^[a-z][a-z_]*(\.[a-z][a-z_]*)?$": "an event type or a domain in lower case, e.g. project.registered or project",
     r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$": "a W3C traceparent in lower-case hex: "
                                                             "version-trace id-parent id-flags, e.g. "
                                                             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -472,6 +471,10 @@ _PATTERN_WORDS = {
 }
 
 
+AWARE_TIME = "Input should be a time with its UTC offset, such as 2027-01-20T00:00:00Z or 2027-01-20T12:00:00+02:00"
+"""What a moment with its offset is, for a value that is none: a date alone, or a time without it."""
+
+
 def error_message(error: Mapping[str, Any]) -> str:
     """The message of one of pydantic's errors, with a pattern the value did not match said in words."""
     if error.get("type") == "string_pattern_mismatch":
@@ -479,7 +482,7 @@ def error_message(error: Mapping[str, Any]) -> str:
         if words is not None:
             return f"Input should be {words}"
     if error.get("type") == "timezone_aware":  # (a date alone, or a time without its offset)
-        return "Input should be a time with its UTC offset, such as 2027-01-20T00:00:00Z or 2027-01-20T12:00:00+02:00"
+        return AWARE_TIME
     if error.get("type") in ("too_short", "too_long"):
         return _count_words(error) or str(error.get("msg", ""))
     return str(error.get("msg", ""))
@@ -506,3 +509,11 @@ def _count_words(error: Mapping[str, Any]) -> str | None:
     noun = one if bound == 1 else many
     return f"Input should be {what} {'at least' if least else 'at most'} {bound} {noun}" + (
         f", not {actual}" if isinstance(actual, int) else "")
+
+
+def unknown_name(name: str, what: str, known: Iterable[str], rest: str = "") -> str:
+    """What to say of a name that is not one of ``known`` (``what`` it is not), with the nearest of
+    them, which is most often what was meant: ``'sujbect' is not an attribute …; did you mean
+    'subject'?`` and then ``rest`` (what the names are, say)."""
+    near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"{name!r} is not {what}" + (f"; did you mean {near[0]!r}?" if near else "") + rest

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
-from connectors.http import calendar, events, operations, problems, read
+from connectors.http import calendar, events, operations, parameters, problems, read
 from bus.ratelimit import RateLimiter
 from connectors.webhooks import api as webhooks
 
@@ -38,8 +38,11 @@ def create_app(bus: "Bus", *, rate_limiter: RateLimiter | None = None) -> FastAP
     app.add_middleware(operations.TokenExpiry)
     app.add_middleware(operations.MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
-    for router in (events.router, read.router, calendar.router, webhooks.router, operations.router):
-        app.include_router(router)
+    # A member's requests take only the query parameters their routes name; the operations' pages
+    # (health, metrics, the documents) are left to what probes, browsers and caches add to a URL.
+    for router in (events.router, read.router, calendar.router, webhooks.router):
+        app.include_router(router, dependencies=[Depends(parameters.known_parameters)])
+    app.include_router(operations.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -234,7 +234,9 @@ def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
     return allowed is None or viewer in allowed
 
 
-TypeOrDomain = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]*(\.[a-z][a-z_]*)?$")]
+TypeOrDomain = Annotated[str, StringConstraints(max_length=128)]
+"""An event type, or a domain (``project``, or ``project.*`` as webhooks take it too): judged by
+the catalog (``registry.unknown_filters``), which names the one likely meant."""
 MAX_TYPES = 20
 """Types or domains one ``GET /events`` may ask for (each is a read of the log per page)."""
 
@@ -249,11 +251,13 @@ async def read_log(
     request: Request,
     viewer: Member,
     type: Annotated[list[TypeOrDomain] | None, Query(max_length=MAX_TYPES, description=(
-        f"a type or a domain; repeat it for several, up to {MAX_TYPES} (`type=call&type=project.adopted`)"))] = None,
+        f"a type or a domain (`project`, or `project.*`); repeat it for several, up to {MAX_TYPES} "
+        "(`type=call&type=project.adopted`)"))] = None,
     institution: Annotated[str | None, Query(pattern=INSTITUTION_PATTERN, description="events this institution said (their `source`)")] = None,
     subject: Annotated[str | None, Query(pattern=SUBJECT_PATTERN, description=(
         "events about this thing (their `subject`): a project, call, validation or day id, or a member's id"))] = None,
-    after_seq: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="start after this log sequence")] = None,
+    after_seq: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description=(
+        "start after this log sequence; `cursor` goes on from there, so the two are not given together"))] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
     wait: Annotated[int, Query(ge=0, le=MAX_WAIT, description=(
@@ -270,6 +274,9 @@ async def read_log(
     the ``seq`` of the last item seen and ``wait`` a number of seconds: an empty page then
     comes only after that long, and an event that shows meanwhile is answered at once."""
     bus = bus_of(request)
+    if cursor is not None and after_seq is not None:
+        msg = "give after_seq or cursor, not both: after_seq starts a listing, a cursor goes on with one (the previous page's next_cursor)"
+        raise ApiProblem(422, msg, kind="invalid", errors=[Problem(("query", "cursor"), msg, "cursor_with_after_seq")])
     if cursor is not None:
         if not cursor.isdigit() or int(cursor) > MAX_SEQ:
             raise ApiProblem(400, "the cursor of /events is a log sequence (the previous next_cursor)", kind="bad_cursor")

@@ -21,12 +21,12 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from bus.gate import field_names, model_at, not_one_of
+from bus.gate import field_names, model_at
 from bus.streams import jetstream_answered
 from bus.verdict import Problem as GateProblem
 from bus.verdict import Reason, Verdict
 from ops import tracing
-from schemas.common import error_message
+from schemas.common import error_message, unknown_name
 
 log = logging.getLogger("collabbus.http")
 
@@ -263,7 +263,7 @@ def _unknown_field(request: Request, error: Mapping[str, Any]) -> str | None:
         return None
     names = field_names(inner)
     what = f"a field of {'.'.join(map(str, loc[1:-1]))}" if len(loc) > 2 else "a field of the body"
-    return not_one_of(loc[-1], names, what, f" (it takes {', '.join(names)})")
+    return unknown_name(loc[-1], what, names, f" (it takes {', '.join(names)})")
 
 
 def _loc(loc: Any) -> list[Any]:

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 import sqlalchemy as sa
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import AwareDatetime, BeforeValidator
+from pydantic import AwareDatetime, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic_core import PydanticCustomError
 from sqlmodel import Session, col, select
 
 from bus.credentials import member_inbox_prefix, member_ingress
@@ -42,7 +43,7 @@ from handlers.rules.innovation_days import DayStatus
 from handlers.rules.validations import Outcome as ValidationOutcome
 from handlers.rules.validations import Status as ValidationStatus
 from handlers.validations import Validation, ValidationReviewer, assignments_of, overdue_reviewers, validation_view
-from schemas.common import InstitutionKind
+from schemas.common import AWARE_TIME, InstitutionKind
 from schemas.envelope import INSTITUTION_PATTERN
 from schemas.projects import ProjectStatus
 from schemas.registry import event_types, may_emit
@@ -55,7 +56,18 @@ def _offset_as_meant(value: object) -> object:
     return value
 
 
-QueryTime = Annotated[AwareDatetime, BeforeValidator(_offset_as_meant)]
+def _a_moment(value: object, read: ValidatorFunctionWrapHandler) -> datetime:
+    """A time with its offset; anything else is told what that is, a date alone (which moment of
+    it is meant depends on the zone) as text that is no time at all, of which pydantic would say
+    "a valid datetime or date" and then refuse the date."""
+    try:
+        moment: datetime = read(_offset_as_meant(value))
+    except ValidationError as exc:
+        raise PydanticCustomError(exc.errors()[0]["type"], AWARE_TIME) from None
+    return moment
+
+
+QueryTime = Annotated[AwareDatetime, WrapValidator(_a_moment)]
 """A time in a query string, with its offset."""
 
 router = APIRouter(tags=["read"])
@@ -112,7 +124,7 @@ def list_institutions(
     return _page([row.model_dump() for row in rows], next_cursor)
 
 
-@router.get("/me", response_model=resources.Me, responses=documented(401, 403))
+@router.get("/me", response_model=resources.Me, responses=documented(401, 403, 422))
 async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
     """The member the token speaks for, and the event types its kind may offer: what to check
     first when the gate refuses an event as ``forbidden``; and what its NATS credentials let its
@@ -173,7 +185,8 @@ def list_calls(
     country: Annotated[str | None, Query(pattern=COUNTRY, description="calls open to institutions of this country")] = None,
     deadline_before: Annotated[QueryTime | None, Query(
         description="calls whose deadline is before this time (RFC 3339, with its offset: `Z`, `+03:00` — a `+` "
-                    "left bare in a query string, which reads as a space, is taken as meant)")] = None,
+                    "left bare in a query string, which reads as a space, is taken as meant; a date alone is not "
+                    "taken, as which moment it means depends on the zone: `2026-12-31T00:00:00+02:00`)")] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:

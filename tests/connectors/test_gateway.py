@@ -372,9 +372,11 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
         pages = await walk(gateway.client, "/calls", auth, deadline_before=written)
         found = {item["call_id"] for page in pages for item in page}
         assert soon["call_id"] in found and for_all["call_id"] not in found, written
-    for unclear in ("2026-12-05T10:00:00", "2026-12-05"):  # no offset: which moment is meant cannot be told
+    # No offset: which moment is meant cannot be told; and what is no time at all is told the same (not "datetime or date").
+    for unclear in ("2026-12-05T10:00:00", "2026-12-05", "notadate"):
         said = problem(await gateway.client.get("/calls", params={"deadline_before": unclear}, headers=auth), 422, "invalid")
-        assert "a time with its UTC offset, such as 2027-01-20T00:00:00Z" in said["errors"][0]["msg"], said
+        assert [(e["loc"], e["msg"]) for e in said["errors"]] == [(["query", "deadline_before"], (
+            "Input should be a time with its UTC offset, such as 2027-01-20T00:00:00Z or 2027-01-20T12:00:00+02:00"))], said
 
 
 async def test_applications_to_a_call_are_shown_to_its_parties_only(gateway: Gateway, municipality: str) -> None:
@@ -818,6 +820,11 @@ async def test_events_pages_through_the_log(gateway: Gateway) -> None:
     assert all(item["event"]["source"] == f"/institutions/{owner}" for page in pages for item in page)
     response = await gateway.client.get("/events", params={"institution": owner, "after_seq": posted[2]}, headers=auth)
     assert [item["seq"] for item in response.json()["items"]] == posted[3:]
+    # A cursor goes on with a listing that after_seq started: both at once, one would be dropped without a word.
+    both = problem(await gateway.client.get("/events", params={"institution": owner, "limit": 2, "cursor": str(posted[1]),
+                                                                "after_seq": posted[3]}, headers=auth), 422, "invalid")
+    assert [(e["loc"], e["type"]) for e in both["errors"]] == [(["query", "cursor"], "cursor_with_after_seq")]
+    assert "give after_seq or cursor, not both" in both["detail"]
     problem(await gateway.client.get("/events", params={"subject": "a.b"}, headers=auth), 422, "invalid")
 
 
@@ -841,6 +848,9 @@ async def test_events_of_several_types_come_as_one_list_in_log_order(gateway: Ga
     assert [item["seq"] for page in pages for item in page] == wanted  # log order across the types
     overlapping = await gateway.client.get("/events", params={"institution": owner, "type": ["project", "project.updated"]}, headers=auth)
     assert [item["seq"] for item in overlapping.json()["items"]] == [seq for _, seq in offered]  # each once
+    for domain in ("project", "project.*"):  # a domain as webhooks take it too
+        whole = await gateway.client.get("/events", params={"institution": owner, "type": domain}, headers=auth)
+        assert whole.status_code == 200 and [item["seq"] for item in whole.json()["items"]] == [seq for _, seq in offered], whole.text
     one = await gateway.client.get("/events", params={"institution": owner, "type": "project.updated"}, headers=auth)
     assert [item["event"]["type"] for item in one.json()["items"]] == ["project.updated"] * 3
     too_many = problem(await gateway.client.get("/events", params={"type": ["project"] * 21}, headers=auth), 422, "invalid")
@@ -1270,9 +1280,9 @@ async def test_filters_take_only_values_that_can_match(gateway: Gateway, municip
         assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json", (path, response.text)
         assert next(iter(params)) in response.json()["detail"]
     wrong_case = await gateway.client.get("/events", params={"type": ["project", "Project"]}, headers=auth)
-    assert problem(wrong_case, 422, "invalid")["errors"] == [{  # (the second type given)
-        "loc": ["query", "type", 1], "type": "string_pattern_mismatch",
-        "msg": "Input should be an event type or a domain in lower case, e.g. project.registered or project",
+    assert problem(wrong_case, 422, "invalid")["errors"] == [{  # (the second type given), as webhooks' event_types are told
+        "loc": ["query", "type", 1], "type": "unknown_event_type",
+        "msg": "'Project' is neither an event type nor a domain such as 'project' or 'project.*'; did you mean 'project'?",
     }]
     practice = project(municipality)
     await gateway.offer(municipality, "project.registered", practice)
@@ -1283,6 +1293,47 @@ async def test_filters_take_only_values_that_can_match(gateway: Gateway, municip
         pages = await walk(gateway.client, "/projects", auth, country=code, owner=municipality)
         found[code] = [item["project_id"] for page in pages for item in page]
     assert found[country] == found[country.lower()] and practice["project_id"] in found[country]
+
+
+async def test_a_query_parameter_a_route_does_not_take_is_refused_naming_the_one_meant(gateway: Gateway, municipality: str) -> None:
+    """A misspelt filter answered the whole list as if it were the one asked for. Every route of a
+    member's API refuses a parameter it does not take, naming the one likely meant and those it
+    takes; the operations' pages take whatever probes, browsers and caches add."""
+    auth = gateway.auth(municipality)
+    typo = problem(await gateway.client.get("/projects", params={"ownr": "fi-tampere", "limit": 1}, headers=auth), 422, "invalid")
+    assert typo["errors"] == [{"loc": ["query", "ownr"], "type": "extra_forbidden", "msg": (
+        "'ownr' is not a parameter of GET /projects; did you mean 'owner'? "
+        "(it takes theme, country, municipality, status, owner, limit and cursor)")}]
+    unknown = problem(await gateway.client.get("/projects", params={"foo": "bar"}, headers=auth), 422, "invalid")
+    assert [e["loc"] for e in unknown["errors"]] == [["query", "foo"]] and "did you mean" not in unknown["detail"]
+    for path, params, meant in (
+        ("/events", {"after_sq": 1}, "after_seq"),
+        ("/calls", {"deadline": "2027-01-20T00:00:00Z"}, "deadline_before"),
+        ("/calls/no-call/applications", {"applicnt": municipality}, "applicant"),
+        ("/innovation-days.ics", {"tokn": "x"}, "token"),
+        ("/webhooks", {"limt": 1}, "limit"),
+        ("/webhooks/ep_none/deliveries", {"stauts": "failed"}, "status"),
+    ):
+        said = problem(await gateway.client.get(path, params=params, headers=auth), 422, "invalid")
+        assert f"did you mean {meant!r}?" in said["errors"][0]["msg"], (path, said)
+    takes_none = problem(await gateway.client.get("/events/no-such-event", params={"verbose": 1}, headers=auth), 422, "invalid")
+    assert takes_none["errors"][0]["msg"] == "'verbose' is not a parameter of GET /events/{event_id} (it takes no query parameters)"
+    in_the_body = problem(await gateway.client.patch("/webhooks/ep_none", params={"enabled": "false"}, json={}, headers=auth),
+                          422, "invalid")
+    assert in_the_body["detail"].endswith("(it takes no query parameters: what it is given goes in its JSON body)")
+    calendar = await gateway.client.get("/innovation-days.ics", params={"token": gateway.token(municipality), "lang": "fi"})
+    assert calendar.status_code == 200, calendar.text
+    # The same value twice is that value; two values where one is taken cannot both be meant.
+    twice = await gateway.client.get("/projects", params=[("owner", municipality), ("owner", municipality)], headers=auth)
+    assert twice.status_code == 200, twice.text
+    two = problem(await gateway.client.get("/calls", params=[("status", "open"), ("status", "closed")], headers=auth), 422, "invalid")
+    assert two["errors"] == [{"loc": ["query", "status"], "type": "multiple_values",
+                              "msg": "'status' is given 2 values, 'open' and 'closed': GET /calls takes one"}]
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/asyncapi.json", "/docs/asyncapi"):
+        answer = await gateway.client.get(path, params={"_": "1765000000", "utm_source": "newsletter"})
+        assert answer.status_code == 200, (path, answer.text[:500])
+    one_domain = await gateway.client.get("/docs/asyncapi", params={"domain": "call", "v": "2"})
+    assert one_domain.status_code == 200 and "collab.live.{institution}.call.published.{subject}" in one_domain.text
 
 
 async def test_an_invalid_item_of_a_list_is_one_problem_named_by_its_place(gateway: Gateway, municipality: str) -> None:
