@@ -135,6 +135,7 @@ def _document() -> dict[str, Any]:
     _pin_envelopes(document)
     _add_headers(document)
     _add_dead_letters(document)
+    _add_log_requests(document)
     document["defaultContentType"] = "application/cloudevents+json"
     for message in document.get("components", {}).get("messages", {}).values():
         message.pop("correlationId", None)  # NATS request/reply correlates by the reply inbox, no header
@@ -309,6 +310,61 @@ def _add_dead_letters(document: dict[str, Any]) -> None:
                        "COLLAB_DLQ stream; the bus's own subjects.",
         "parameters": {"consumer": {"description": "the consumer that gave up on it (network, webhooks, relay)"}},
         "messages": {"DeadLetter": {"$ref": "#/components/messages/DeadLetter"}},
+    }
+
+
+def _add_log_requests(document: dict[str, Any]) -> None:
+    """``collab.log.{institution}``: a member asks for a page of the log it may see (request/reply)."""
+    from bus import logpages
+
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    request = logpages.PageRequest.model_json_schema()
+    request.pop("title", None)
+    _drop_titles(request)
+    schemas["LogPageRequest"] = request
+    schemas["LogPage"] = {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": {
+                "type": "object",
+                "properties": {"seq": {"type": "integer", "description": "the event's place in the log"},
+                               "event": {"type": "object", "description": "the structured CloudEvent as the log keeps it"}},
+                "required": ["seq", "event"],
+            }},
+            "next_cursor": {"type": ["string", "null"], "description": "the `after_seq` of the next page while more follow; "
+                                                                         "null on the last"},
+        },
+        "required": ["items", "next_cursor"],
+    }
+    messages = document["components"].setdefault("messages", {})
+    messages["LogPageRequest"] = {"name": "LogPageRequest", "title": "request for a page of the log",
+                                  "contentType": "application/json", "payload": {"$ref": "#/components/schemas/LogPageRequest"}}
+    messages["LogPage"] = {
+        "name": "LogPage", "title": "a page of the log", "contentType": "application/json",
+        "payload": {"oneOf": [{"$ref": "#/components/schemas/LogPage"}, {"$ref": "#/components/schemas/Verdict"}]},
+        "description": "the page, or a refusal shaped as a rejected verdict (`reason` and `errors`)",
+    }
+    document["channels"]["log-requests"] = {
+        "address": f"{logpages.LOG_REQUESTS}.{{institution}}",
+        "description": (
+            "Ask for a page of the log as `institution` (request/reply; the reply goes to an inbox of the institution's "
+            "own): the events logged after `after_seq`, in log order, each with its sequence, of the types asked for "
+            "(`type`: types or domains; none: all) — those `GET /events` shows the institution, confidential ones it is a "
+            "party of included. What a follower of `collab.live` reads on starting and after each reconnection, from "
+            "the last sequence it handled, until `next_cursor` is null. An empty body asks for the first page."),
+        "parameters": {"institution": {"description": "the asking member's id (its credentials allow only its own)"}},
+        "messages": {"request": {"$ref": "#/components/messages/LogPageRequest"}},
+    }
+    document["channels"]["log-reply"] = {
+        "address": None,
+        "description": "The reply inbox of a request for a page of the log: `_INBOX.{institution}.…` for a member.",
+        "messages": {"page": {"$ref": "#/components/messages/LogPage"}},
+    }
+    document["operations"]["log-requests"] = {
+        "action": "receive",
+        "channel": {"$ref": "#/channels/log-requests"},
+        "messages": [{"$ref": "#/channels/log-requests/messages/request"}],
+        "reply": {"channel": {"$ref": "#/channels/log-reply"}, "messages": [{"$ref": "#/channels/log-reply/messages/page"}]},
     }
 
 

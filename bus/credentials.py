@@ -16,6 +16,7 @@ JWT allows publishing to ``collab.ingress.{their id}.>`` and subscribing to thei
 ``_INBOX.{their id}``, which every NATS client takes as its custom inbox prefix), and to the
 subjects where the log's server republishes the stored events of the types every member may see
 (``handlers.confidential.public_live_subjects``: ``collab.live.…``, each with its log sequence),
+and asking the bus for pages of the log it may see (``collab.log.{their id}``: ``bus.logpages``),
 nothing else: not the log's own subjects (what is published there is what was offered, before the
 log took or refused it: a repeat, an id another event holds), not the confidential events' subjects
 (reviews stay confidential until a decision, applications are the call's and the applicant's),
@@ -182,12 +183,14 @@ def member_ingress(institution: str) -> str:
 
 
 def partner_permissions(institution: str) -> dict[str, Any]:
-    """What a member's connection may do: offer events as itself, receive its verdicts, and
-    follow the events every member may see as the log stores them (``collab.live``)."""
+    """What a member's connection may do: offer events as itself, receive its verdicts, follow
+    the events every member may see as the log stores them (``collab.live``), and ask for pages of
+    the log it may see (``collab.log.{institution}``: what it missed while away)."""
+    from bus.logpages import member_log_requests
     from handlers.confidential import public_live_subjects
 
     return {
-        "pub": {"allow": [member_ingress(institution)]},
+        "pub": {"allow": [member_ingress(institution), member_log_requests(institution)]},
         "sub": {"allow": [f"{member_inbox_prefix(institution)}.>", *public_live_subjects()]},
     }
 

@@ -23,6 +23,7 @@ from bus.connection import connect_options, connection_state, embedded_bus_creds
 from bus.consumer import Consumer, ConsumerSettings
 from bus.gate import Gate
 from bus.ingress import Ingress
+from bus.logpages import LogPages
 from bus.lease import BUCKET, Lease
 from bus.membership import Membership
 from bus.ratelimit import RateLimiter
@@ -83,6 +84,9 @@ class Bus:
     ingress: Ingress | None = None
     applied: AppliedWatch | None = None
     """How far the read models have applied the log (``bus.watch``), once :meth:`start_state` ran."""
+    log_pages: LogPages | None = None
+    """Answers members' requests for pages of the log over NATS (``bus.logpages``), once
+    :meth:`start_state` ran."""
     http: Any = None
     """The HTTP gateway (``connectors.http.server.HttpGateway``) once :meth:`start_http` ran, or
     the server that serves it then (``collabbus up`` listens before the bus starts)."""
@@ -361,6 +365,9 @@ class Bus:
             may_apply=lambda: lease.fresh,
         )
         await self.through_elections([EVENTS_STREAM], "starting the webhooks' consumer", holding(self.webhooks.start))
+        # Members read pages of the log over NATS where the read models (for what they may see) are.
+        self.log_pages = LogPages(self.nc, self.js, self.engine, self.membership, from_leader=self.settings.stream_replicas > 1)
+        await self.log_pages.start()
         from ops.status import keep_consumer_state, running_consumers
 
         self._state_file = asyncio.create_task(
@@ -391,6 +398,9 @@ class Bus:
     async def _stop_state(self) -> None:
         """Stop what applies the log; each part is taken before it is stopped, so that two callers
         (a stop while a lost lease is being handled) do not stop one twice."""
+        log_pages, self.log_pages = self.log_pages, None
+        if log_pages is not None:
+            await log_pages.stop()
         webhooks, self.webhooks = self.webhooks, None
         if webhooks is not None:
             await webhooks.stop()

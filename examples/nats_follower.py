@@ -3,8 +3,7 @@ nats-py and nothing of collabbus, so the same steps carry over to a NATS client 
 
     pip install nats-py
     python nats_follower.py nats://127.0.0.1:4222 mersin.creds tr-mersin-bb [SUBJECT ...] [--count N]
-    COLLABBUS_URL=http://127.0.0.1:8080 COLLABBUS_TOKEN=… \
-        python nats_follower.py … --resume follower.position     # miss nothing, across restarts
+    python nats_follower.py … --resume follower.position     # miss nothing, across restarts
 
 - Connect with the ``.creds`` file the operator issued (``collabbus institutions creds``) and the
   inbox prefix ``_INBOX.<your id>``.
@@ -18,12 +17,14 @@ nats-py and nothing of collabbus, so the same steps carry over to a NATS client 
   It is printed as one JSON line on standard output: ``{"seq": …, "event": {…}}``.
 - Live, at most once: what is logged while this is not connected does not come again. With
   ``--resume FILE`` it misses nothing: it keeps the ``seq`` of the last event it handled in FILE
-  and, once subscribed (and again after each reconnection), reads what came after it over HTTP
-  (``GET /events?after_seq={seq}``, with ``COLLABBUS_URL`` and the member's ``COLLABBUS_TOKEN``),
-  keeping the events whose live subject its subscriptions match, then carries on live, dropping
-  what it already handled by ``Nats-Sequence``. Each event is printed once, in log order, also
-  across restarts. The confidential events (applications, reviews before a decision) are not on
-  these subjects for anyone: their parties read them over HTTP and webhooks.
+  and, once subscribed (and again after each reconnection), asks the bus for what came after it,
+  a page at a time, on ``collab.log.<your id>`` (a request ``{"after_seq": seq, "limit": 500}``,
+  answered ``{"items": [{"seq": …, "event": {…}}, …], "next_cursor": …}`` as ``GET /events``
+  answers it over HTTP), keeping the events whose live subject its subscriptions match, then
+  carries on live, dropping what it already handled by ``Nats-Sequence``. Each event is printed
+  once, in log order, also across restarts. The confidential events (applications, reviews
+  before a decision) are not on the live subjects for anyone: their parties read them on
+  ``collab.log.<id>``, over HTTP and by webhooks.
 - A subject the credentials do not allow is refused by the server: said on standard error, exit 2.
 
 Runs until interrupted, or until ``--count`` events were printed (exit 0). A place to start
@@ -36,13 +37,11 @@ import asyncio
 import json
 import os
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.msg import Msg
 
 DEFAULT_SUBJECTS = ("collab.live.*.call.published.*", "collab.live.*.project.>")
@@ -87,20 +86,25 @@ class Follower:
         if self.count is not None and self.printed >= self.count:
             self.done.set()
 
-    def catch_up(self, base_url: str, token: str) -> None:
-        """What was logged after ``last`` (and before the subscriptions took over), over HTTP."""
+    async def catch_up(self, nc: nats.NATS, institution: str) -> None:
+        """What was logged after ``last`` (and before the subscriptions took over), a page at a
+        time from the bus; :class:`Refused` when it will not give them."""
         while not self.done.is_set():
-            query = urllib.parse.urlencode({"after_seq": self.last, "limit": PAGE})
-            request = urllib.request.Request(f"{base_url}/events?{query}", headers={"Authorization": f"Bearer {token}"})
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                items = json.load(answer)["items"]
-            for item in items:
+            request = json.dumps({"after_seq": self.last, "limit": PAGE}).encode()
+            page = json.loads((await nc.request(f"collab.log.{institution}", request, timeout=10)).data)
+            if page.get("status") == "rejected":
+                raise Refused(page)
+            for item in page["items"]:
                 if any(matches(pattern, live_subject(item["event"])) for pattern in self.subjects):
                     self.handle(item["seq"], item["event"])
                 else:
                     self.last = max(self.last, item["seq"])  # not followed: passed over
-            if len(items) < PAGE:
+            if page["next_cursor"] is None:
                 return
+
+
+class Refused(Exception):
+    """The bus answered a request for a page of the log with a refusal."""
 
 
 async def follow(url: str, creds: str, institution: str, subjects: list[str], count: int | None,
@@ -133,18 +137,19 @@ async def follow(url: str, creds: str, institution: str, subjects: list[str], co
         await asyncio.sleep(0.2)
         if not refused:
             print(f"following {', '.join(subjects)}", file=sys.stderr, flush=True)
-            base_url, token = os.environ.get("COLLABBUS_URL", "http://127.0.0.1:8080"), os.environ.get("COLLABBUS_TOKEN", "")
             while not follower.done.is_set():
                 if position is not None and behind.is_set():
                     behind.clear()
                     try:
-                        await asyncio.to_thread(follower.catch_up, base_url, token)
-                    except urllib.error.HTTPError as exc:  # a wrong token, say: trying again cannot help
-                        print(f"the gateway refused the catch-up ({exc.code}): {exc.read()[:300].decode(errors='replace')}",
-                              file=sys.stderr)
+                        await follower.catch_up(nc, institution)
+                    except Refused as exc:  # trying again cannot help
+                        print(f"the bus refused the catch-up: {json.dumps(exc.args[0], ensure_ascii=False)[:500]}", file=sys.stderr)
                         return 2
-                    except (urllib.error.URLError, OSError) as exc:  # not reachable: again in a while
-                        print(f"cannot read what was missed over HTTP ({exc}); again in 5 s", file=sys.stderr, flush=True)
+                    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+                        if refused:  # credentials that may not ask for pages (issued before they could)
+                            break
+                        print(f"cannot read what was missed ({type(exc).__name__}: is the bus running?); again in 5 s",
+                              file=sys.stderr, flush=True)
                         await asyncio.sleep(5)
                         behind.set()
                     continue
@@ -156,8 +161,13 @@ async def follow(url: str, creds: str, institution: str, subjects: list[str], co
     finally:
         await nc.close()
     if refused:
-        print(f"the server refused a subscription: {refused[0]} (only the public live subjects are allowed; "
-              "`collabbus institutions creds ID --json` lists them)", file=sys.stderr)
+        if "publish" in refused[0].lower():
+            print(f"the server refused the request for what was missed: {refused[0]} (credentials issued before members "
+                  "could ask for pages of the log: `collabbus institutions creds ID --replace` issues ones that may)",
+                  file=sys.stderr)
+        else:
+            print(f"the server refused a subscription: {refused[0]} (only the public live subjects are allowed; "
+                  "`collabbus institutions creds ID --json` lists them)", file=sys.stderr)
         return 2
     return 0
 
@@ -173,10 +183,6 @@ def main(argv: list[str]) -> int:
         at = arguments.index("--resume")
         position = Path(arguments[at + 1])
         del arguments[at:at + 2]
-        if not os.environ.get("COLLABBUS_TOKEN"):
-            print("--resume reads what it missed over HTTP: set COLLABBUS_TOKEN (collabbus institutions token <your id>) "
-                  "and COLLABBUS_URL", file=sys.stderr)
-            return 2
     if len(arguments) < 3:
         print(__doc__, file=sys.stderr)
         return 2

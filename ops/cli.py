@@ -2186,6 +2186,7 @@ def institutions_creds(
     connections."""
     from bus.connection import embedded_authority
     from bus.credentials import CredentialsError, member_inbox_prefix, partner_creds, public_key, read_account_seed, write_secret
+    from bus.logpages import member_log_requests
     from bus.membership import Membership
     from handlers.confidential import public_live_subjects
 
@@ -2235,7 +2236,8 @@ def institutions_creds(
     prefix = member_inbox_prefix(institution_id)
     connecting = (f"connect with the inbox prefix {prefix} (verdicts come to {prefix}.>, the only inboxes these "
                   "credentials may read); they may also follow the events every member sees as the log stores them, "
-                  "each with its log sequence (the Nats-Sequence header), on " + ", ".join(public_live_subjects()))
+                  "each with its log sequence (the Nats-Sequence header), on " + ", ".join(public_live_subjects())
+                  + f", and ask for pages of the log on {member_log_requests(institution_id)} (what they missed while away)")
     expiry = datetime.fromtimestamp(until, timezone.utc).isoformat() if until is not None else None
     if expiry is not None:
         connecting = f"valid until {expiry[:19].replace('T', ' ')} UTC (the server closes their connections then); " + connecting
@@ -2254,7 +2256,8 @@ def institutions_creds(
     write_secret(output, creds)
     if as_json:
         out.print_json(data={"institution": institution_id, "output": str(output), "account": public_key(account),
-                             "inbox_prefix": prefix, "live_subjects": public_live_subjects(), "expires_at": expiry,
+                             "inbox_prefix": prefix, "live_subjects": public_live_subjects(),
+                             "log_requests": member_log_requests(institution_id), "expires_at": expiry,
                              **({"replaced": replaced} if replace else {}),
                              **({"earlier_valid": earlier} if earlier is not None and not replace else {})})
     else:

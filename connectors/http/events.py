@@ -11,21 +11,19 @@ import asyncio
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import StringConstraints
-from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from bus import cloudevents, log
+from bus import cloudevents, log, logpages
+from bus.logpages import MAX_SEQ, MAX_TYPES
 from bus.gate import INPUT_FACTOR
 from bus.log import event_filter
 from bus.watch import AppliedWatch
-from bus.streams import EVENTS_STREAM
 from bus.verdict import Problem
 from connectors.http import resources
 from connectors.http.auth import Member, Publisher, bus_of, engine_of
@@ -34,7 +32,6 @@ from connectors.http.problems import ApiProblem, documented, rejection, retry_af
 from bus.ratelimit import RateLimiter
 from handlers.bookkeeping import applied_event
 from handlers.db import reading
-from handlers.audience import CONFIDENTIAL, audience
 from schemas import registry
 from schemas.common import json_type
 from schemas.envelope import EVENT_ID_PATTERN, INSTITUTION_PATTERN, STRUCTURED_CONTENT_TYPE, SUBJECT_PATTERN
@@ -43,8 +40,6 @@ router = APIRouter(tags=["events"])
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 STRUCTURED = {"content-type": STRUCTURED_CONTENT_TYPE}
-MAX_SEQ = 2**63 - 1
-"""The largest log sequence ``after_seq`` may name (JetStream's sequences are 64-bit)."""
 MAX_WAIT = 60
 """The longest long poll of ``GET /events``, in seconds."""
 LONG_POLL_RECHECK = 5.0
@@ -225,20 +220,9 @@ async def offer_events(request: Request, institution: Publisher) -> JSONResponse
 
 # --- reading the log ---------------------------------------------------------------------------
 
-#: Events whose content the resources show only to some members: shown here on the same terms.
-def _visible(engine: Any, event: dict[str, Any], viewer: str) -> bool:
-    """Whether ``viewer`` may see a workflow's confidential event (``handlers.audience``, the
-    rule webhooks deliver by)."""
-    with Session(reading(engine)) as session:
-        allowed = audience(session, event)
-    return allowed is None or viewer in allowed
-
-
 TypeOrDomain = Annotated[str, StringConstraints(max_length=128)]
 """An event type, or a domain (``project``, or ``project.*`` as webhooks take it too): judged by
 the catalog (``registry.unknown_filters``), which names the one likely meant."""
-MAX_TYPES = 20
-"""Types or domains one ``GET /events`` may ask for (each is a read of the log per page)."""
 
 
 @router.get(
@@ -334,23 +318,9 @@ async def _wait_while_connected(request: Request, watch: AppliedWatch, beyond: i
 async def _log_page(request: Request, viewer: str, subjects: list[str], after_seq: int | None, limit: int) -> dict[str, Any]:
     """One page of ``GET /events``: the events after ``after_seq`` on ``subjects`` that ``viewer`` may see."""
     bus = bus_of(request)
-    items: list[dict[str, Any]] = []
     # An event is on the page once its 202 was sent: a replica of the log may be a moment behind its leader.
-    leader = bus.settings.stream_replicas > 1
-    async with aclosing(log.stored_any(bus.js, EVENTS_STREAM, subjects, start_seq=(after_seq or 0) + 1, batch=limit + 1,
-                                   from_leader=leader)) as messages:
-        async for msg in messages:
-            event = log.readable(msg.data)
-            if not isinstance(event, dict):  # not an event (put in the log by hand; dead-lettered by the consumers)
-                continue
-            if event.get("type") in CONFIDENTIAL and not await run_in_threadpool(_visible, engine_of(request), event, viewer):
-                continue
-            items.append({"seq": msg.seq, "event": event})
-            if len(items) > limit:
-                break
-    more = len(items) > limit
-    items = items[:limit]
-    return {"items": items, "next_cursor": str(items[-1]["seq"]) if more else None}
+    return await logpages.page(bus.js, engine_of(request), viewer, subjects, after_seq, limit,
+                               from_leader=bus.settings.stream_replicas > 1)
 
 
 async def _waiting(request: Request, event_id: str, viewer: str, visible: Callable[[dict[str, Any]], Awaitable[bool]]) -> dict[str, Any] | None:
@@ -411,7 +381,7 @@ async def read_event(
     engine = engine_of(request)
 
     async def visible(event: dict[str, Any]) -> bool:
-        return event.get("type") not in CONFIDENTIAL or bool(await run_in_threadpool(_visible, engine, event, viewer))
+        return await logpages.visible(engine, event, viewer)
 
     applied = await run_in_threadpool(_applied, engine, event_id)
     bus = bus_of(request)

@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from sqlmodel import Session, col, select
 
 from bus.credentials import member_inbox_prefix, member_ingress
+from bus.logpages import member_log_requests
 from bus.verdict import Problem
 from connectors.http import resources
 from connectors.http.auth import Member, SessionDep, bearer_token, bus_of, engine_of
@@ -150,7 +151,7 @@ async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
         "may_emit": [event_type for event_type in event_types() if kind is not None and may_emit(kind, event_type)],
         "nats": {"url": bus_of(request).settings.nats_public, "ingress": member_ingress(viewer),
                  "inbox_prefix": member_inbox_prefix(viewer),
-                 "live_subjects": public_live_subjects()},
+                 "live_subjects": public_live_subjects(), "log_requests": member_log_requests(viewer)},
     }
 
 

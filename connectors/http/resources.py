@@ -50,6 +50,9 @@ class MemberNats(Resource):
     """The subjects it may subscribe to: where the log's server republishes each stored event every
     member may see (``collab.live.{institution}.{domain}.{event}.{subject}``), with its sequence
     in the ``Nats-Sequence`` header."""
+    log_requests: str
+    """Where it asks for pages of the log it may see, what it missed while away (NATS
+    request/reply: ``collab.log.{id}``, ``GET /events``'s query as JSON)."""
 
 
 class MeToken(Resource):

@@ -419,7 +419,7 @@ def test_issued_credentials_are_a_standard_creds_file(nats_server: EmbeddedNats)
     user = public_key(nkeys.from_seed(bytearray(seed.encode())))
     assert claims["iss"] == public_key(account) and claims["sub"] == user and claims["name"] == "fi-thl"
     assert len(claims["jti"]) == 52  # base32 of a SHA-512/256 digest, as nats-io/jwt computes it
-    assert claims["nats"]["pub"] == {"allow": ["collab.ingress.fi-thl.>"]}
+    assert claims["nats"]["pub"] == {"allow": ["collab.ingress.fi-thl.>", "collab.log.fi-thl"]}  # offers, and pages of the log
     # its own inboxes, not everyone's, and the public log subjects
     assert claims["nats"]["sub"] == {"allow": ["_INBOX.fi-thl.>", *public_live_subjects()]}
     assert claims["nats"]["type"] == "user" and claims["nats"]["version"] == 2

@@ -1193,7 +1193,8 @@ async def test_a_token_tells_whom_it_speaks_for_and_what_its_kind_may_offer(gate
     assert body["may_emit"] == sorted(body["may_emit"])
     assert body["token"]["sha256"] == tokens.token_hash(token)[:12] and body["token"]["expires_at"] is None  # valid until revoked
     assert body["nats"] == {"url": f"nats://{gateway.bus.settings.nats_address}", "ingress": f"collab.ingress.{municipality}.>",
-                            "inbox_prefix": f"_INBOX.{municipality}", "live_subjects": public_live_subjects()}  # what its NATS credentials allow
+                            "inbox_prefix": f"_INBOX.{municipality}", "live_subjects": public_live_subjects(),
+                            "log_requests": f"collab.log.{municipality}"}  # what its NATS credentials allow
     centre = (await gateway.client.get("/me", headers=gateway.auth(await gateway.join("competence_centre")))).json()
     assert {"validation.reviewer_assigned", "validation.decided"} <= set(centre["may_emit"])
     operator = (await gateway.client.get("/me", headers=gateway.auth("operator"))).json()
