@@ -320,15 +320,18 @@ class Lease:
         renewal it saw; this stops ``fence_margin`` before)."""
         return self.held and clock() - self._renewed < self.stale_after - self.fence_margin
 
-    async def take(self, *, patience: float | None, on_wait: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    async def take(self, *, patience: float | None, on_wait: Callable[[dict[str, Any]], Any] | None = None,
+                   force: bool = False) -> None:
         """Hold the lease, waiting up to ``patience`` seconds (None: as long as it takes) for its
         holder to go; raise :class:`LogHeld` when it is still held then. ``on_wait`` is called
-        once, with the holder, when this has to wait."""
+        once, with the holder, when this has to wait. ``force``: take it from a holder that still
+        renews it (``rebuild --force``), which learns it at its next renewal and stops applying the
+        log; what it was applying meanwhile is fenced off in the database (``claim_position``)."""
         loop = asyncio.get_running_loop()
         deadline = None if patience is None else loop.time() + patience
         self._kv = kv = await bucket(self.js, replicas=self.replicas)
         try:
-            await self._take(kv, loop, deadline, on_wait)
+            await self._take(kv, loop, deadline, on_wait, force)
         except asyncio.CancelledError:  # a write may have reached the server all the same
             await self._delete_if_ours()
             raise
@@ -336,7 +339,7 @@ class Lease:
         self._renewing = asyncio.create_task(self._renew(), name=f"lease-{self.name}")
 
     async def _take(self, kv: KeyValue, loop: asyncio.AbstractEventLoop, deadline: float | None,
-                    on_wait: Callable[[dict[str, Any]], Any] | None) -> None:
+                    on_wait: Callable[[dict[str, Any]], Any] | None, force: bool = False) -> None:
         seen: tuple[int, float] | None = None  # (revision, when first seen)
         waited = False
         unanswered = False
@@ -359,14 +362,17 @@ class Lease:
                 now = clock()
                 if seen is None or seen[0] != revision:
                     seen = (revision, now)
-                if _ended_here(holder) or now - seen[1] >= self.stale_after:
+                if _ended_here(holder) or force or now - seen[1] >= self.stale_after:
                     sent = clock()
                     try:
                         self._revision, self._renewed = await kv.update(self.name, self._value(), last=revision), sent
                     except KeyWrongLastSequenceError:
                         await asyncio.sleep(0.05)
                         continue  # another bus took it first (or the holder renewed)
-                    log.warning("lease %s: took it over from %s, which no longer renewed it", self.name, describe(holder))
+                    if force and not _ended_here(holder) and now - seen[1] < self.stale_after:
+                        log.warning("lease %s: took it from %s, which still renewed it (by force)", self.name, describe(holder))
+                    else:
+                        log.warning("lease %s: took it over from %s, which no longer renewed it", self.name, describe(holder))
                     return
                 if unanswered:
                     log.info("lease %s: the leases answer again", self.name)

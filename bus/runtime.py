@@ -105,6 +105,8 @@ class Bus:
     lease: Lease | None = None
     """The lease by which this bus applies the log (``bus.lease``), once it holds it."""
     lost_lease: asyncio.Event = field(default_factory=asyncio.Event)
+    lost_to: dict[str, Any] | None = None
+    """Who holds the lease since this bus lost it (``bus.lease.describe`` says it)."""
     """Set when another bus took the lease over while this one could not renew it: this one has
     stopped applying the log then, and should stop."""
     doing: str = "starting"
@@ -390,10 +392,32 @@ class Bus:
     async def _lost(self, holder: dict[str, Any]) -> None:
         """Another bus took the lease over: this one stops applying the log at once (its consumers,
         the relay, the webhooks) and says so (:attr:`lost_lease`); what it applied stays committed."""
+        self.lost_to = holder
         try:
             await self._stop_state()
         finally:
             self.lost_lease.set()
+
+    async def resume_after_rebuild(self) -> None:
+        """Apply the log again once the rebuild that took it over from this bus (``rebuild --force``,
+        :attr:`lost_to`) has finished: wait for it to let the lease go, then start the read models
+        on what it rebuilt, as a bus starting on them does."""
+        self.lease = None  # (taken from it: nothing of this bus's to release)
+        await self.through_elections([f"KV_{BUCKET}"], "waiting for the rebuild to finish",
+                                     lambda: self.take_lease(patience=None))
+        if self._state_file is not None:
+            self._state_file.cancel()
+            await asyncio.gather(self._state_file, return_exceptions=True)
+            self._state_file = None
+        for checkpointer in self.checkpointers:
+            await asyncio.to_thread(checkpointer.stop)
+        self.checkpointers = []
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
+        self.lost_to = None
+        self.lost_lease.clear()
+        await self.start_state()
 
     async def _stop_state(self) -> None:
         """Stop what applies the log; each part is taken before it is stopped, so that two callers

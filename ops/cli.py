@@ -520,6 +520,7 @@ def up(
     that one stops or stops renewing its lease (killed, cut off from NATS); the read models,
     tokens and webhooks it takes over are in the database both use. Exits 1 when this bus loses
     the log to another while it runs."""
+    from bus.lease import describe
     from bus.runtime import Bus, keep_startup_objects
     from ops import datadir
     from ops.logs import configure_logging
@@ -613,6 +614,22 @@ def up(
         lost = False
         try:
             lost = await _until_stopped_or_lost(stop, bus.lost_lease)
+            # Taken over by a rebuild (--force), or taken and let go again (its key deleted: a rebuild
+            # that finished before this bus's next renewal, say): applied again once the lease is free.
+            while lost and (not bus.lost_to or bus.lost_to.get("role") == "rebuild"):
+                if bus.lost_to:
+                    err.print(f"{describe(bus.lost_to)} took the log over (--force): this bus stopped applying it, "
+                              "and applies it again once the rebuild has finished")
+                else:
+                    err.print("the log was taken over from this bus and let go again (by a rebuild with --force, say): "
+                              "this bus applies it again, from where the read models are")
+                resumed = await _unless_stopped(bus.resume_after_rebuild(), stop)
+                if resumed is None:
+                    lost = False
+                    break
+                resumed.result()
+                err.print("the rebuild has finished: this bus applies the log again")
+                lost = await _until_stopped_or_lost(stop, bus.lost_lease)
         finally:
             if portal is not None:  # safe mid-page: the cursor is stored per page and event ids are deterministic
                 portal.cancel()
@@ -985,7 +1002,8 @@ def tail(
 @with_settings
 def rebuild(
     projection: Annotated[Optional[str], typer.Option(help="the consumer group to rebuild (network)")] = None,
-    force: Annotated[bool, typer.Option(help="rebuild even though a bus seems to be consuming")] = False,
+    force: Annotated[bool, typer.Option(help="rebuild even while a bus applies the log: the rebuild takes the log over "
+                                              "from it, and it applies the log again once the rebuild has finished")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     held_rows: Annotated[Optional[int], typer.Option(
         "--held-rows", min=1000, show_default=False,
@@ -1006,7 +1024,7 @@ def rebuild(
     from bus.rebuild import Lanes
     from bus.rebuild import rebuild as replay
     from bus.connection import connect_options
-    from bus.lease import Lease, LogHeld, describe
+    from bus.lease import Lease, LogHeld, describe, holder_of
     from bus.runtime import NETWORK_CONSUMER, keep_startup_objects
     from bus.streams import EVENTS_STREAM
     from handlers.db import make_engine, migrate
@@ -1041,20 +1059,26 @@ def rebuild(
                     err.print("[red]error:[/red] a running bus is consuming the log; stop it (Ctrl-C on collabbus up) "
                               "before a rebuild, or pass --force")
                     raise typer.Exit(1)
-                if not force:  # held while the read models are replayed: a bus starting meanwhile waits or refuses
-                    def stop_rebuilding(holder: dict[str, Any]) -> None:
-                        lost.append(holder)
-                        command.cancel()
+                # Held while the read models are replayed: a bus starting meanwhile waits or refuses.
+                # With --force it is taken from a bus that holds it, which then stops applying the
+                # log (and exits, saying so) rather than applying it beside the rebuild.
+                def stop_rebuilding(holder: dict[str, Any]) -> None:
+                    lost.append(holder)
+                    command.cancel()
 
-                    lease = Lease(js, NETWORK_CONSUMER, data_dir=str(settings.data_dir.resolve()), role="rebuild",
-                                  replicas=settings.stream_replicas, on_lost=stop_rebuilding)
-                    try:
-                        await lease.take(patience=1.0)
-                    except LogHeld as exc:
-                        lease = None
-                        err.print(f"[red]error:[/red] {describe(exc.holder)} applies the log; stop it (Ctrl-C on "
-                                  "collabbus up) before a rebuild, or pass --force")
-                        raise typer.Exit(1) from None
+                holder = await holder_of(js, NETWORK_CONSUMER) if force else None
+                lease = Lease(js, NETWORK_CONSUMER, data_dir=str(settings.data_dir.resolve()), role="rebuild",
+                              replicas=settings.stream_replicas, on_lost=stop_rebuilding)
+                try:
+                    await lease.take(patience=1.0, force=force)
+                except LogHeld as exc:
+                    lease = None
+                    err.print(f"[red]error:[/red] {describe(exc.holder)} applies the log; stop it (Ctrl-C on "
+                              "collabbus up) before a rebuild, or pass --force")
+                    raise typer.Exit(1) from None
+                if holder is not None and holder.get("renewing"):
+                    err.print(f"[yellow]took the log over from {describe(holder)}[/yellow]: it stops applying the log "
+                              "and applies it again once the rebuild has finished")
                 try:
                     engine = make_engine(settings.db_url)
                     await asyncio.to_thread(migrate, engine)

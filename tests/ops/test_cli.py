@@ -86,6 +86,58 @@ def test_a_rebuild_is_refused_while_a_bus_applies_the_log(running_bus: dict[str,
     assert "--force" in refused.stderr
 
 
+def test_a_forced_rebuild_takes_the_log_over_and_the_bus_applies_it_again_after(tmp_path: Path) -> None:
+    """`rebuild --force` under a running bus takes the log over from it (its lease): the bus stops
+    applying the log meanwhile, rather than applying it beside the rebuild, and applies it again
+    — timers included — once the rebuild has finished, on what it rebuilt."""
+    import threading
+
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "data"), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
+    env.pop("COLLABBUS_NATS_URL", None)
+    bus = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    said: list[str] = []
+    assert bus.stderr is not None
+    reading = threading.Thread(target=lambda: said.extend(iter(bus.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reading.start()
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 60
+        while not any(text in line for line in said):
+            assert bus.poll() is None and time.monotonic() < deadline, "".join(said)
+            time.sleep(0.1)
+
+    try:
+        wait_for("is up")
+        owner = unique("fi-forced")
+        assert cli("institutions", "add", owner, "--name", "Forced", "--kind", "municipality", "--country", "FI",
+                   env=env).returncode == 0
+
+        def register() -> subprocess.CompletedProcess[str]:
+            return cli("publish", "project.registered", "--as", owner, "--data", json.dumps({
+                "project_id": unique("p"), "title": {"fi": "Kotihoito"}, "owner": owner, "status": "active"}), env=env)
+
+        assert "applied #" in register().stdout
+        rebuilt = cli("rebuild", "--force", "--processes", "1", env=env, timeout=120)
+        assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+        assert "took the log over from the bus at" in rebuilt.stderr, rebuilt.stderr
+        wait_for("the rebuild has finished: this bus applies the log again")
+        assert any("took the log over (--force)" in line or "taken over from this bus and let go again" in line
+                   for line in said), "".join(said)
+        again = register()
+        assert again.returncode == 0 and "applied #" in again.stdout, again.stdout + again.stderr  # the bus applies the log again
+        resumed = next(at for at, line in enumerate(said) if "this bus applies the log again" in line)
+        time.sleep(1.5)  # the timers run every second
+        assert not any("timers not run" in line for line in said[resumed:]), "".join(said)  # they run again
+        listed = cli("institutions", "list", "--json", env=env)
+        assert owner in [row["id"] for row in json.loads(listed.stdout)["items"]]  # what the rebuild rebuilt
+    finally:
+        bus.send_signal(signal.SIGINT)
+        assert bus.wait(timeout=60) == 0, "".join(said)
+        reading.join(timeout=10)
+    assert "stopped" in "".join(said)
+
+
 def test_commands_on_a_running_buss_data_dir_find_where_it_listens(running_bus: dict[str, str]) -> None:
     """The bus runs with NATS and HTTP addresses of its own (COLLABBUS_NATS_LISTEN, COLLABBUS_HTTP):
     a command given only its data dir reaches it there — it looked for NATS at the default
