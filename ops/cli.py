@@ -1972,8 +1972,9 @@ def _operator_event(settings: Settings, event_type: str, data: dict[str, Any]) -
 
 
 def _current_member(settings: Settings, institution_id: str) -> str | None:
-    """How the read models here describe ``institution_id`` while it is a member, else ``None``
-    (also when there are no read models here to ask)."""
+    """How the read models here describe ``institution_id`` while it is a member, else how the
+    log does (joined, and not applied by the read models yet: the bus is behind), else ``None``
+    (also when there is nothing here to ask)."""
     from sqlalchemy.exc import SQLAlchemyError
     from sqlmodel import Session
 
@@ -1985,14 +1986,31 @@ def _current_member(settings: Settings, institution_id: str) -> str | None:
     try:
         with Session(engine) as session:
             found = member(session, institution_id)
-            if found is None:
-                return None
-            name = next(iter(found.name.values()), found.id)
-            return f"{name}, {found.kind}, {found.country}"
+            if found is not None:
+                name = next(iter(found.name.values()), found.id)
+                return f"{name}, {found.kind}, {found.country}"
     except SQLAlchemyError:  # not migrated yet, or not reachable: the bus decides as it always does
         return None
     finally:
         engine.dispose()
+    kind = _member_per_log(settings, institution_id)
+    return f"a {kind} per the log, which the read models have not applied yet" if kind is not None else None
+
+
+def _member_per_log(settings: Settings, institution_id: str) -> str | None:
+    """The kind of ``institution_id`` while the log says it is a member (None: it does not, or the
+    log cannot be asked): what a command asks when the read models do not know it — they may be
+    behind the log."""
+    from bus.membership import Membership
+
+    async def main() -> str | None:
+        async with _nats(settings, "collabbus-cli") as nc:
+            return await Membership(nc, nc.jetstream()).kind_of(institution_id)
+
+    try:
+        return run(main())
+    except (typer.Exit, Exception):  # (NATS not reachable: the read models' word stands)
+        return None
 
 
 @institutions_app.command("list")
@@ -2049,10 +2067,18 @@ def institutions_token(
     if label is not None and not 0 < len(label.strip()) <= 100:
         raise typer.BadParameter("a label is 1 to 100 characters", param_hint="--label")
     with _read_models(settings) as engine, session_scope(engine) as session:
-        if member(session, institution_id) is None:
+        unknown = member(session, institution_id) is None
+    if unknown:
+        kind = _member_per_log(settings, institution_id)
+        if kind is not None:
+            err.print(f"[red]error:[/red] {institution_id!r} joined the network (a {kind}, per the log), but the read "
+                      f"models at {settings.db_url} have not applied it yet: the bus is behind or not running "
+                      "(`collabbus status`); ask again once they have")
+        else:
             err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the read models "
                       f"at {settings.db_url}); add it with `collabbus institutions add` first")
-            raise typer.Exit(1)
+        raise typer.Exit(1)
+    with _read_models(settings) as engine, session_scope(engine) as session:
         token = tokens.issue(session, institution_id, valid_for=valid_for, label=label.strip() if label else None)
     sys.stdout.write(token + "\n")
 

@@ -26,7 +26,9 @@ from bus.server import EmbeddedNats, free_port
 from handlers.confidential import CONFIDENTIAL, public_live_subjects
 from schemas import registry
 from tests.commands import collabbus
-from tests.conftest import load_fixtures, unique
+from tests.conftest import join, load_fixtures, unique
+from tests.ops.conftest import Poisoned, cli_env
+from tests.ops.conftest import collabbus as acli
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 
@@ -1125,3 +1127,21 @@ def test_the_node_example_percent_encodes_header_values_as_the_python_one(node_e
     assert encoded.returncode == 0, encoded.stderr
     python = python_nats_example()
     assert json.loads(encoded.stdout) == [python.percent_encoded(value) for value in HEADER_VALUES]
+
+
+async def test_a_member_the_read_models_have_not_applied_yet_is_named_as_the_log_has_it(poisoned: Poisoned) -> None:
+    """The read models behind the log (here they never apply institutions): `institutions token`
+    says the member joined and the read models are behind — not "add it first" — and `institutions
+    add` refuses to admit it a second time."""
+    member = unique("fi-behind")
+    await join(poisoned.nc, member, "municipality", country="FI")
+    env = cli_env(poisoned.bus)
+    code, out, err = await acli("institutions", "token", member, env=env)
+    assert code == 1 and out == "", err
+    assert f"{member!r} joined the network (a municipality, per the log)" in flat(err) and "have not applied it yet" in flat(err)
+    assert "institutions add" not in err
+    code, out, err = await acli("institutions", "add", member, "--name", "Again", "--kind", "municipality",
+                                     "--country", "FI", env=env)
+    assert code == 1 and f"{member} is already a member (a municipality per the log" in flat(err), err
+    code, out, err = await acli("institutions", "token", unique("fi-nobody"), env=env)
+    assert code == 1 and "add it with `collabbus institutions add` first" in flat(err), err
