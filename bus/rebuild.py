@@ -68,6 +68,9 @@ class RebuildReport:
     lanes: list[dict[str, Any]] | None = None
     """Each process that replayed domains side by side (None: one process did it all): its
     ``domains``, the ``events`` it applied and the ``cpu_seconds`` it took."""
+    dead_lettered: int = 0
+    """Failures put into the read models' dead-letter queue (``ops.dlq.dead_letter_failures``):
+    those not in it already."""
 
     @property
     def rate(self) -> float:
@@ -82,7 +85,8 @@ class RebuildReport:
             "held_rows": self.held_rows,
             "rows_let_go": self.rows_let_go,
             "lanes": self.lanes,
-            "failures": self.failures,
+            "failures": [{key: value for key, value in failure.items() if key != "detail"} for failure in self.failures],
+            "dead_lettered": self.dead_lettered,
         }
 
 
@@ -358,7 +362,8 @@ def _apply(service: Any, items: list[Any], report: RebuildReport) -> None:
         if failure is None:
             break
         failed = rest[applied]
-        report.failures.append({"seq": failed.seq, "id": failed.envelope.get("id"), "error": failure.error})
+        report.failures.append({"seq": failed.seq, "id": failed.envelope.get("id"), "error": failure.error,
+                                "detail": failure.detail})
         service.skip(failed.seq)
         rest = rest[applied + 1:]
     report.events += len(items)

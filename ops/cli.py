@@ -1099,6 +1099,9 @@ def rebuild(
                         reader = connect_options(settings, "collabbus-rebuild-reader")
                         report = await replay(js, service, connect=reader, progress=progress, lanes=lanes)
                     engine.dispose()
+                    # What it could not apply waits for the operator in the dead-letter queue, as the
+                    # consumer leaves it: the read models lack it until `dlq replay` applies it.
+                    report.dead_lettered = await dlq.dead_letter_failures(js, report.failures, NETWORK_CONSUMER)
                     dead_letters[:] = [(await dlq.counts(js)).get(NETWORK_CONSUMER, 0)]
                     return report
                 finally:
@@ -1133,6 +1136,10 @@ def rebuild(
                       "go on the way (--held-rows)[/dim]")
         for failure in report.failures:
             out.print(f"  [red]failed[/red] #{failure['seq']} {failure['id']}: {failure['error']}")
+        if report.dead_lettered:
+            out.print(f"  [yellow]{report.dead_lettered} event{'s' if report.dead_lettered != 1 else ''} it could not apply "
+                      f"{'are' if report.dead_lettered != 1 else 'is'} in the dead-letter queue[/yellow]: the read models lack "
+                      "them until `collabbus dlq replay --consumer network` applies them (once what failed is mended)")
         if dead_letters and dead_letters[0]:
             count = dead_letters[0]
             out.print(f"  [yellow]the dead-letter queue still holds {count:,} of the read models' dead letter{'s' if count != 1 else ''}"

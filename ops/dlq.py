@@ -18,6 +18,7 @@ again.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import aclosing
@@ -42,6 +43,7 @@ from bus.deadletters import (
     DLQ_SUBJECT,
     DLQ_WAITS_FOR,
     header_text,
+    header_value,
 )
 from bus.streams import DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM
 
@@ -188,6 +190,45 @@ async def dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:
         return None
     assert msg.subject is not None
     return DeadLetter.from_message(seq, msg.subject, msg.headers, msg.data)
+
+
+async def dead_letter_failures(js: JetStreamContext, failures: Iterable[Mapping[str, Any]], consumer: str) -> int:
+    """Put each event a rebuild of ``consumer``'s read models could not apply (``failures``: the
+    report's, each with its log ``seq``) into its dead-letter queue, as the consumer puts one it
+    gives up on — unless the queue holds it already (a dead letter the rebuild applied in its place
+    and failed on again) — so that the operator sees it (``dlq list``, ``status``, ``GET
+    /events/{id}``) and applies it once mended (``dlq replay``); returns how many it put there.
+    (The read models lack it otherwise, with nothing left to say so but the rebuild's report.)"""
+    wanted = [failure for failure in failures if isinstance(failure.get("seq"), int)]
+    if not wanted:
+        return 0
+    queued = {letter.original_seq for letter in await dead_letters(js, consumer)}
+    put = 0
+    for failure in wanted:
+        seq = failure["seq"]
+        if seq in queued:
+            continue
+        try:
+            msg = await js.get_msg(EVENTS_STREAM, seq=seq)
+        except NotFoundError:  # (removed from the log meanwhile: nothing to replay)
+            continue
+        error = str(failure.get("error") or "failed")
+        detail = f"a rebuild of the read models could not apply it: {failure.get('detail') or error}"
+        headers = {
+            "Nats-Msg-Id": f"dlq.{consumer}.{seq}.rebuild.{time.time_ns()}",
+            DLQ_ERROR: header_value(error[:200]),
+            DLQ_DETAIL: header_value(detail),
+            DLQ_CONSUMER: consumer,
+            DLQ_DELIVERIES: "1",
+            DLQ_SUBJECT: str(msg.subject),
+            DLQ_STREAM_NAME: EVENTS_STREAM,
+            DLQ_STREAM_SEQ: str(seq),
+            DLQ_FAILED_AT: datetime.now(timezone.utc).isoformat(),
+            **({DLQ_EVENT_ID: header_value(str(failure["id"]))} if failure.get("id") else {}),
+        }
+        await js.publish(f"collab.dlq.{consumer}", msg.data or b"", headers=headers, stream=DLQ_STREAM)
+        put += 1
+    return put
 
 
 async def counts(js: JetStreamContext) -> dict[str, int]:

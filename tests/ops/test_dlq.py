@@ -473,3 +473,50 @@ async def test_a_rebuild_says_the_read_models_dead_letters_are_still_in_the_queu
     assert code == 0 and "dead-letter queue" not in said
     code, said, _ = await collabbus("rebuild", "--processes", "1", "--json", env=env)
     assert code == 0 and orjson.loads(said)["dead_letters"] == 0
+
+
+async def test_an_event_a_rebuild_cannot_apply_waits_in_the_dead_letter_queue(tmp_path: Path, server: EmbeddedNats) -> None:
+    """A rebuild passes an event it cannot apply (here the database refuses its row) and names it:
+    it is also put into the read models' dead-letter queue — where the read models' lack of it
+    shows (`dlq list`, `status`) and whence `dlq replay` applies it once what failed is mended —
+    instead of being gone from them with nothing but the rebuild's report to say so."""
+    import sqlite3
+
+    from bus.runtime import Bus
+    from ops.settings import Settings
+    from tests.conftest import join
+
+    bus = Bus(Settings(data_dir=tmp_path, nats_url=server.url, nats_creds=server.bus_creds))
+    await bus.start()
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        events = [project_event("fine-before"), project_event("refused-row"), project_event("fine-after")]
+        for event in events:
+            assert (await offer(nc, FIXTURE["as"], event)).accepted
+        logged = (await bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
+        await wait_for(lambda: bus.service is not None and bus.service.position() == logged)
+    finally:
+        await nc.close()
+        await bus.stop()
+    database = tmp_path / "collabbus.db"
+    with sqlite3.connect(database) as db:
+        db.execute("CREATE TRIGGER refuse_row BEFORE INSERT ON projects WHEN NEW.project_id = 'refused-row' "
+                   "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    env = cli_env(bus)
+    code, said, _ = await collabbus("rebuild", "--processes", "1", env=env)
+    assert code == 1, said
+    assert f"failed #{logged - 1} {events[1]['id']}" in said
+    assert "1 event it could not apply is in the dead-letter queue" in said and "collabbus dlq replay --consumer network" in said
+    code, listed, _ = await collabbus("dlq", "list", "--json", env=env)
+    [letter] = orjson.loads(listed)["items"]
+    assert (letter["consumer"], letter["original_seq"], letter["event_id"]) == ("network", logged - 1, events[1]["id"]), letter
+    code, said, _ = await collabbus("rebuild", "--processes", "1", "--json", env=env)  # again: not put in twice
+    assert code == 1 and orjson.loads(said)["dead_lettered"] == 0 and orjson.loads(said)["dead_letters"] == 1, said
+    with sqlite3.connect(database) as db:
+        db.execute("DROP TRIGGER refuse_row")
+    code, said, _ = await collabbus("dlq", "replay", "--consumer", "network", env=env)
+    assert code == 0 and f"{events[1]['id']}" in said, said
+    with sqlite3.connect(database) as db:
+        found = {row[0] for row in db.execute("SELECT project_id FROM projects")}
+    assert {"fine-before", "refused-row", "fine-after"} <= found
