@@ -381,27 +381,40 @@ def _offer_and_report(
     workflow rule may refuse it there: exit 1 then too)."""
     from bus.client import offer
 
-    async def main() -> tuple[Any, Any, bool]:
+    async def main() -> tuple[Any, Any, Any, bool]:
+        from bus.runtime import NETWORK_CONSUMER
+        from ops.dlq import Waiting
+
         nc = await _connect(settings, "collabbus-cli")
         try:
             verdict = await offer(nc, institution, event, binary=binary)
             if not (wait and verdict.accepted and verdict.id):
-                return verdict, None, False
-            found = await _outcome_of(settings, nc.jetstream(), verdict.id, OUTCOME_WAIT)
-            return verdict, found, True
+                return verdict, None, None, False
+            # Until it is applied — or found in the dead-letter queue: the bus could not apply it, or set it aside.
+            waiting, letter = Waiting(NETWORK_CONSUMER), None
+            deadline = asyncio.get_running_loop().time() + OUTCOME_WAIT
+            while (found := await _outcome_of(settings, nc.jetstream(), verdict.id, 1.0)) is None:
+                with contextlib.suppress(Exception):
+                    letter = await waiting.find(nc.jetstream(), verdict.id)
+                if letter is not None or asyncio.get_running_loop().time() >= deadline:
+                    break
+                await asyncio.sleep(0.2)  # (no read models here to wait on: not a busy loop)
+            return verdict, found, letter, True
         finally:
             await nc.close()
 
-    verdict, found, waited = run(main())
+    verdict, found, letter, waited = run(main())
     if as_json:
         body = verdict.as_dict()
         if waited:
             body["outcome"] = found.as_dict() if found is not None else None
+            if letter is not None:
+                body["waiting"] = _waiting(letter)
         out.print_json(data=body)
     else:
         _print_verdict(verdict)
         if waited:
-            _print_outcome(verdict.id, found)
+            _print_outcome(verdict.id, found, letter)
     if not verdict.accepted or (found is not None and found.refused):
         raise typer.Exit(1)
 
@@ -463,7 +476,26 @@ def _existing_read_models(settings: Settings) -> Any:
     return reading(make_engine(settings.db_url))
 
 
-def _print_outcome(event_id: str, found: Any) -> None:
+def _waiting(letter: Any) -> dict[str, Any]:
+    """Why an accepted event is not applied, from its dead letter: set aside behind an earlier one
+    about the same thing, or one the bus could not apply."""
+    from handlers.service import PARKED
+
+    return {"dead_letter": letter.seq, "set_aside": letter.error == PARKED,
+            "waits_for": "/".join(letter.waits_for) if letter.waits_for else None, "reason": letter.reason}
+
+
+def _print_outcome(event_id: str, found: Any, letter: Any = None) -> None:
+    if found is None and letter is not None:
+        waiting = _waiting(letter)
+        if waiting["set_aside"]:
+            about = f" about {escape(waiting['waits_for'].replace('/', ' '))}" if waiting["waits_for"] else ""
+            out.print(f"[yellow]set aside[/yellow]: an earlier event{about} could not be applied, and this one waits behind "
+                      f"it for the network's operator (dead letter #{letter.seq}: `collabbus dlq list`)")
+        else:
+            out.print(f"[yellow]not applied[/yellow]: the bus could not apply it ({escape(waiting['reason'])}); it waits for "
+                      f"the network's operator as dead letter #{letter.seq} (`collabbus dlq show {letter.seq}`)")
+        return
     if found is None:
         out.print(
             f"[yellow]not applied yet[/yellow]: the network did not apply it within {OUTCOME_WAIT:.0f} s "

@@ -520,3 +520,22 @@ async def test_an_event_a_rebuild_cannot_apply_waits_in_the_dead_letter_queue(tm
     with sqlite3.connect(database) as db:
         found = {row[0] for row in db.execute("SELECT project_id FROM projects")}
     assert {"fine-before", "refused-row", "fine-after"} <= found
+
+
+async def test_publish_says_why_an_event_it_offered_is_not_applied(poisoned: Poisoned) -> None:
+    """`collabbus publish` waits for what became of the event: one the bus could not apply, and one
+    set aside behind it, are named as the dead-letter queue has them — not "is the bus running?"."""
+    import json
+
+    env = cli_env(poisoned.bus)
+    failing, behind = project_event("poison-a"), project_event("poison-a")
+    code, said, err = await collabbus("publish", "project.registered", "--as", FIXTURE["as"], "--data",
+                                      json.dumps(failing["data"]), env=env)
+    assert code == 0, said + err
+    assert "not applied: the bus could not apply it (RuntimeError: cannot apply poison-a)" in said, said
+    assert "is the bus running" not in said
+    code, said, err = await collabbus("publish", "project.registered", "--as", FIXTURE["as"], "--data",
+                                      json.dumps(behind["data"]), "--json", env=env)
+    assert code == 0, said + err
+    waiting = json.loads(said)["waiting"]
+    assert waiting["set_aside"] is True and waiting["waits_for"] == "project/poison-a", waiting
