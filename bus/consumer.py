@@ -442,7 +442,7 @@ class Consumer:
                 items.append(LoggedItem(seq, envelope, logged_at, traceparent))
             applied, failure, decided = (0, None, 0)
             if items:
-                outcome = await self._apply_holding(pending, items)
+                outcome = await self._apply_holding(pending, items, attempts)
                 if outcome is None:  # stopping while the database is down: the messages were handed back
                     return
                 applied, failure, decided = outcome
@@ -508,9 +508,11 @@ class Consumer:
         await self._hand_back(msgs)
         return False
 
-    async def _apply_holding(self, msgs: list[Msg], items: list[Any]) -> tuple[int, Any, int] | None:
-        """Apply in a worker thread; while the database is unreachable, keep the batch in progress."""
+    async def _apply_holding(self, msgs: list[Msg], items: list[Any], attempts: int = 0) -> tuple[int, Any, int] | None:
+        """Apply in a worker thread; while the database is unreachable, keep the batch in progress.
+        ``attempts``: how many times the first of ``msgs`` failed already since it was delivered."""
         wait = 0.2
+        deliveries = tracing.Deliveries(lambda seq: _delivery_number(msgs, items, attempts, seq), self.settings.max_deliver)
         while True:
             unleased = False
             async with self.db_lock:
@@ -521,7 +523,7 @@ class Consumer:
                                     "lease on the log (is NATS reachable?)")
                 else:
                     try:
-                        with tracing.log_contexts(items):  # the worker thread starts in this context
+                        with tracing.log_contexts(items, deliveries):  # the worker thread starts in this context
                             outcome = await call_database(self._inline_for(items), self.applier.apply_batch, items)
                         self.trouble = self._trouble_since = None
                         return outcome
@@ -566,7 +568,13 @@ class Consumer:
                 **({deadletters.DLQ_WAITS_FOR: deadletters.header_value("/".join(waits_for))} if waits_for else {}),
             }
         )
-        await self.js.publish(f"collab.dlq.{self.settings.name}", msg.data, headers=headers, stream="COLLAB_DLQ")
+        destination = f"collab.dlq.{self.settings.name}"
+        with tracing.dead_letter_span(
+            self.settings.name, _envelope(msg.data), meta.sequence.stream, (msg.headers or {}).get(tracing.TRACEPARENT), destination,
+            event_id=event_id, deliveries=deliveries, error=error, reason=_reason(error, detail, set_aside),
+        ) as context:
+            headers.update(context)  # a replay continues the trace from the dead-lettering
+            await self.js.publish(destination, msg.data, headers=headers, stream="COLLAB_DLQ")
         self.dead_lettered += 1
         if set_aside:
             log.warning("consumer %s: event #%s dead-lettered: %s", self.settings.name, meta.sequence.stream, detail,
@@ -576,6 +584,31 @@ class Consumer:
             "consumer %s: event #%s dead-lettered after %d deliveries: %s", self.settings.name, meta.sequence.stream, deliveries, error,
             extra={"event_id": event_id, "consumer": self.settings.name},
         )
+
+
+def _delivery_number(msgs: Sequence[Msg], items: Sequence[Any], attempts: int, seq: int) -> int | None:
+    """Which delivery of the event at log sequence ``seq`` (one of ``items``, read from ``msgs``)
+    an attempt at it is: the server's count, and the first message's failed attempts since it
+    was delivered (retried in place)."""
+    for index, item in enumerate(items):
+        if item.seq == seq:
+            return msgs[index].metadata.num_delivered + (attempts if index == 0 else 0)
+    return None
+
+
+def _envelope(data: bytes | None) -> dict[str, Any] | None:
+    try:
+        envelope = orjson.loads(data or b"")
+    except orjson.JSONDecodeError:
+        return None
+    return envelope if isinstance(envelope, dict) else None
+
+
+def _reason(error: str, detail: str, set_aside: bool) -> str:
+    """Why an event is dead-lettered, in one line."""
+    from ops.dlq import reason_of  # (read on the way to the dead-letter queue only)
+
+    return detail.strip() if set_aside else reason_of(error, detail.splitlines())
 
 
 def _first_line(exc: BaseException) -> str:

@@ -318,12 +318,15 @@ class Network:
         live: bool,
         seen: set[str] | None = None,
         book: "Book | None" = None,
+        flush: bool = False,
     ) -> list[Event[Any]]:
         """Apply one logged event; returns the derived events decided. A seen id changes nothing.
 
         ``seen``: the ids among a batch already applied, when the caller looked them up at once.
         ``book``: collect what was applied and how far the log was read, for the caller to record
-        once per batch (:meth:`record`); without it, both are recorded at once.
+        once per batch (:meth:`record`); without it, both are recorded at once. ``flush``: write
+        the event's changes before returning, so that a write the database refuses fails here,
+        in the event's own span, rather than at the commit.
         """
         own = book is None
         book = book or Book()
@@ -346,6 +349,8 @@ class Network:
             book.seq = event.seq
         if own:
             self.record(session, book)
+        if flush:
+            session.flush()
         return derived
 
     def record(self, session: Session, book: "Book") -> None:

@@ -235,7 +235,7 @@ class NetworkService:
                 mark = len(book.applied), len(book.logged), book.seq
                 try:
                     with session.begin_nested(), self._judging(item.seq):
-                        derived += len(self.network.apply(session, event, live=live, seen=seen, book=book))
+                        derived += len(self.network.apply(session, event, live=live, seen=seen, book=book, flush=True))
                 except Exception as exc:
                     if database_unavailable(exc):
                         raise

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +69,13 @@ LOG_SEQ = "collabbus.log.seq"
 DUPLICATE = "collabbus.duplicate"
 VERDICT = "collabbus.verdict"
 PORTAL = "collabbus.portal"
+DELIVERY = "collabbus.delivery"
+"""On a failed consumer span: which delivery of the event the attempt was (1 the first)."""
+MAX_DELIVER = "collabbus.max_deliver"
+"""On a failed consumer span: the deliveries the consumer makes before it dead-letters an event."""
+DEAD_LETTER_REASON = "collabbus.dead_letter.reason"
+WEBHOOK_ENDPOINT = "collabbus.webhook.endpoint"
+ERROR_TYPE = "error.type"
 
 TRACE_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
@@ -389,6 +396,20 @@ def otlp_traces_endpoint(env: Mapping[str, str]) -> str | None:
 _active: ContextVar[Tracing | None] = ContextVar("collabbus_tracing", default=None)
 _consuming: ContextVar[tuple[str, int | None] | None] = ContextVar("collabbus_consuming", default=None)
 _log_contexts: ContextVar[Mapping[int, str]] = ContextVar("collabbus_log_contexts", default={})
+_deliveries: ContextVar["Deliveries | None"] = ContextVar("collabbus_deliveries", default=None)
+_failed: dict[tuple[str, int | None], SpanContext] = {}
+"""The span of each consumer's last failed attempt, by (consumer, log sequence): the parent of its
+dead-lettering (:func:`dead_letter_span`)."""
+_failed_lock = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class Deliveries:
+    """Which delivery of its event an attempt is: ``of(seq)``, asked only when the attempt fails,
+    out of the ``limit`` the consumer makes before it dead-letters the event."""
+
+    of: Callable[[int], int | None]
+    limit: int
 
 
 def active() -> Tracing | None:
@@ -538,6 +559,7 @@ def _current(span: trace.Span, consumer: str, seq: int | None) -> Iterator[None]
         yield
     except Exception as exc:
         _record_failure(span, exc)
+        _failed_attempt(span, consumer, seq)
         raise
     finally:
         _consuming.reset(consuming)
@@ -551,6 +573,21 @@ def _record_failure(span: trace.Span, exc: Exception) -> None:
         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
+def _failed_attempt(span: trace.Span, consumer: str, seq: int | None) -> None:
+    """Say on a failed consumer span which delivery of its event it was, and keep its context as
+    the parent of the event's dead-lettering, should the consumer give up on it."""
+    if not span.is_recording():
+        return
+    deliveries = _deliveries.get()
+    if deliveries is not None and seq is not None and (number := deliveries.of(seq)) is not None:
+        span.set_attributes({DELIVERY: number, MAX_DELIVER: deliveries.limit})
+    with _failed_lock:
+        _failed.pop((consumer, seq), None)
+        _failed[(consumer, seq)] = span.get_span_context()
+        while len(_failed) > 256:
+            del _failed[next(iter(_failed))]
+
+
 def _traceparent_of(span: trace.Span) -> str | None:
     """The ``traceparent`` naming ``span`` (what :func:`current_traceparent` gives inside it)."""
     context = span.get_span_context()
@@ -560,14 +597,54 @@ def _traceparent_of(span: trace.Span) -> str | None:
 
 
 @contextlib.contextmanager
-def log_contexts(items: Sequence[Any]) -> Iterator[None]:
+def log_contexts(items: Sequence[Any], deliveries: Deliveries | None = None) -> Iterator[None]:
     """Make the log messages' ``traceparent`` headers of a batch (``LoggedItem``s) known to
-    :class:`TracedNetwork` in this context and the worker thread applying the batch."""
+    :class:`TracedNetwork` in this context and the worker thread applying the batch, and
+    ``deliveries``: which delivery of its event a failed attempt was."""
     token = _log_contexts.set({item.seq: item.traceparent for item in items if getattr(item, "traceparent", None)})
+    counted = _deliveries.set(deliveries)
     try:
         yield
     finally:
+        _deliveries.reset(counted)
         _log_contexts.reset(token)
+
+
+@contextlib.contextmanager
+def dead_letter_span(
+    consumer: str, envelope: Mapping[str, Any] | None, seq: int, traceparent: str | None, destination: str, *,
+    event_id: str | None, deliveries: int, error: str, reason: str, tracing: Tracing | None = None,
+) -> Iterator[dict[str, str]]:
+    """A consumer's giving up on the event at log sequence ``seq``: a producer span for its publish
+    to the dead-letter queue ``destination``, the child of the event's last failed attempt (else
+    of its log message, ``traceparent``). Yields the trace context to put in the dead letter's
+    headers (empty without tracing), which a replay continues."""
+    tracing = tracing or _active.get()
+    if tracing is None or not tracing.enabled:
+        yield {}
+        return
+    with _failed_lock:
+        failed = _failed.pop((consumer, seq), None)
+    logged = _remote_context(traceparent)
+    parent = failed if failed is not None and (logged is None or logged.trace_id == failed.trace_id) else logged
+    attributes: dict[str, Any] = {
+        **(event_attributes(envelope) if envelope is not None else {MESSAGING_MESSAGE_ID: event_id}),
+        MESSAGING_SYSTEM: "nats",
+        MESSAGING_DESTINATION: destination,
+        MESSAGING_OPERATION_TYPE: "send",
+        MESSAGING_CONSUMER_GROUP: consumer,
+        LOG_SEQ: seq,
+        DELIVERY: deliveries,
+        ERROR_TYPE: error,
+        DEAD_LETTER_REASON: reason,
+    }
+    context = trace.set_span_in_context(NonRecordingSpan(parent), _ROOT) if parent is not None else _ROOT
+    with tracing.tracer.start_as_current_span(f"dead-letter {destination}", context=context, kind=SpanKind.PRODUCER,
+                                              attributes={k: v for k, v in attributes.items() if v is not None}) as span:
+        headers: dict[str, str] = {}
+        if (said := _traceparent_of(span)) is not None:
+            headers[TRACEPARENT] = said
+        yield headers
 
 
 class TracedNetwork:

@@ -825,7 +825,7 @@ class WebhookDispatcher:
         }
         # The attempt is a client span continuing the event's trace from its log message (the
         # gatekeeper's publish); the receiver gets the span's own trace context to continue.
-        span = _client_span(self.tracing, target, traceparent)
+        span = _client_span(self.tracing, target, traceparent, claim.endpoint_id)
         sent_traceparent = _traceparent_of(span) if span is not None else traceparent
         if sent_traceparent and TRACEPARENT_FORM.fullmatch(sent_traceparent):
             headers["traceparent"] = sent_traceparent
@@ -868,8 +868,10 @@ class WebhookDispatcher:
 
 
 
-def _client_span(tracing: Tracing, target: targets.Target, traceparent: str | None) -> trace.Span | None:
-    """A client span for one attempt, the child of the event's log context; None without tracing.
+def _client_span(tracing: Tracing, target: targets.Target, traceparent: str | None, endpoint_id: str) -> trace.Span | None:
+    """A client span for one attempt at endpoint ``endpoint_id``, the child of the event's log
+    context; None without tracing. Its URL is the endpoint's as registered, without the query
+    (which may hold the receiver's token) or credentials.
 
     One span made directly, not through an instrumentation of the HTTP client (which costs as
     much as the request itself)."""
@@ -877,9 +879,10 @@ def _client_span(tracing: Tracing, target: targets.Target, traceparent: str | No
         return None
     url, host = target.url, target.host
     address = host[1:host.index("]")] if host.startswith("[") else host.partition(":")[0]
+    path = url.raw_path.partition(b"?")[0].decode("ascii")
     attributes: dict[str, Any] = {
-        "http.request.method": "POST", "url.full": str(url), "server.address": address,
-        "server.port": url.port or (443 if url.scheme == "https" else 80),
+        "http.request.method": "POST", "url.full": f"{url.scheme}://{host}{path}", "server.address": address,
+        "server.port": url.port or (443 if url.scheme == "https" else 80), traces.WEBHOOK_ENDPOINT: endpoint_id,
     }
     return tracing.tracer.start_span("POST", context=traces.context_of(traceparent), kind=SpanKind.CLIENT, attributes=attributes)
 

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,18 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from bus.client import offer
 from bus.consumer import ConsumerSettings
 from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
-from bus.streams import EVENTS_STREAM
-from ops import tracing
+from bus.streams import DLQ_STREAM, EVENTS_STREAM
+from handlers.network import Network as NetworkOfHandlers
+from handlers.network import Routes
+from handlers.projects import ProjectImpactReport
+from ops import dlq, tracing
 from ops.settings import Settings
-from tests.conftest import OPERATOR, load_fixtures, unique
+from tests.bus.test_consumer import FIXTURE, project_event, start_bus, wait_for
+from tests.conftest import OPERATOR, join, load_fixtures, unique
 from tests.connectors.conftest import Gateway
 from tests.handlers.harness import envelope
 from tests.ops.conftest import cli_env, collabbus
@@ -42,6 +48,8 @@ from tests.webhooks.conftest import Receiver, eventually, register
 PARTNER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARTNER_SPAN = "b7ad6b7169203331"
 CONFIRMED = "innovation_day.registration_confirmed"
+RECEIVER_KEY = "k3y-in-the-query"
+"""What the organizer's endpoint URL carries in its query: a receiver's token, kept out of traces."""
 
 
 # --- an OTLP/HTTP receiver ----------------------------------------------------------------------
@@ -211,7 +219,7 @@ async def start_network(data_dir: Path, server: EmbeddedNats, receiver: Receiver
         registration_deadline="2099-09-03T23:59:00+03:00",
     )
     await gateway.offer(organizer, "innovation_day.scheduled", day)
-    endpoint = await register(gateway, organizer, receiver.url("/confirmed"), [CONFIRMED])
+    endpoint = await register(gateway, organizer, receiver.url("/confirmed") + f"?key={RECEIVER_KEY}", [CONFIRMED])
     return Network(gateway, organizer, participant, day["day_id"], endpoint)
 
 
@@ -447,6 +455,10 @@ async def test_collabbus_traces_and_the_operations_endpoint_show_a_trace_from_th
     assert f"trace {trace_id}" in out
     for text in ("POST /events", "publish COLLAB_EVENTS", "process network", "POST", CONFIRMED, network.participant):
         assert text in out, (text, out)
+    assert f"to {network.endpoint['id']} at 127.0.0.1  HTTP 200" in out, out  # which endpoint, where, and what came of it
+    (delivery,) = [span for span in tracing.walk(shown) if span["kind"] == "client"]
+    assert delivery["attributes"]["url.full"] == receiver.url("/confirmed")
+    assert RECEIVER_KEY not in out and RECEIVER_KEY not in sqlite3.connect(store).execute("SELECT group_concat(attributes) FROM spans").fetchone()[0]
 
     code, out, err = await collabbus("traces", "--json", "--limit", "50", env=env)
     assert code == 0, err
@@ -641,3 +653,61 @@ def test_a_failed_spans_errors_do_not_repeat_its_status() -> None:
            "events": orjson.dumps([{"name": "exception", "attributes": {"exception.message": "cannot apply poison-a"}},
                                    {"name": "exception", "attributes": {"exception.message": "the log is gone"}}])}
     assert _span(row)["errors"] == ["RuntimeError: cannot apply poison-a", "the log is gone"]  # type: ignore[arg-type]
+
+
+# --- an event that fails: its attempts, and its dead-lettering, in its trace ---------------------
+
+
+def _impact_report(session: Any, event: Any) -> None:
+    """A projection writing a row that is flushed only when the batch is committed."""
+    session.add(ProjectImpactReport(project_id=event.subject, period_start=date(2025, 1, 1), period_end=date(2025, 6, 30),
+                                    indicators=[], reported_at=event.logged_at))
+
+
+async def test_a_failed_attempt_says_why_and_which_delivery_it_was_and_its_dead_lettering_follows(
+    local_store: None, tmp_path: Path, server: EmbeddedNats
+) -> None:
+    """The read models refuse the event's row (a trigger: IntegrityError when the batch is
+    written, not inside the handler): each attempt's span fails with the error and its delivery,
+    and the dead-lettering after the last is a span under it."""
+    bus = await start_bus(tmp_path, server, lambda: NetworkOfHandlers(Routes().add(projections={"project.registered": _impact_report})),
+                          max_deliver=2, backoff=(0.05,))
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        with bus.engine.begin() as connection:
+            connection.exec_driver_sql(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON project_impact_reports WHEN NEW.project_id LIKE 'poison%' "
+                "BEGIN SELECT RAISE(ABORT, 'impact reports of poison projects are refused'); END"
+            )
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        event = project_event("poison-a")
+        assert (await offer(nc, FIXTURE["as"], event)).accepted
+        await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+        bus.tracing.flush()  # type: ignore[union-attr]
+        env = cli_env(bus)
+
+        code, out, err = await collabbus("traces", "--event", event["id"], "--json", env=env)
+        assert code == 0, err
+        shown = json.loads(out)
+        failed = [span for span in tracing.walk(shown) if span["operation"] == "process network" and span["status"] == "error"]
+        assert [(span["attributes"][tracing.DELIVERY], span["attributes"][tracing.MAX_DELIVER]) for span in failed] == [(1, 2), (2, 2)]
+        for span in failed:
+            assert span["errors"][0].startswith("IntegrityError: ") and "impact reports of poison projects are refused" in span["errors"][0]
+        (dead_lettered,) = failed[-1]["children"]
+        assert (dead_lettered["operation"], dead_lettered["kind"], dead_lettered["event_id"]) == (
+            "dead-letter collab.dlq.network", "producer", event["id"])
+        assert dead_lettered["attributes"][tracing.DELIVERY] == 2 and dead_lettered["attributes"]["error.type"] == "IntegrityError"
+        assert shown["errors"] == 2
+
+        code, out, err = await collabbus("traces", "--event", event["id"], env=env)
+        assert code == 0, err
+        assert "failed: IntegrityError: " in out and "delivery 1 of 2" in out and "delivery 2 of 2" in out, out
+        assert "dead-letter collab.dlq.network" in out and "dead-lettered after 2 deliveries: IntegrityError: " in out, out
+
+        # The dead letter carries the dead-lettering's trace context, which a replay continues.
+        (letter,) = await dlq.dead_letters(bus.js)
+        stored = await bus.js.get_msg(DLQ_STREAM, seq=letter.seq)
+        assert (stored.headers or {})["traceparent"].split("-")[1:3] == [shown["trace_id"], dead_lettered["span_id"]]
+    finally:
+        await nc.close()
+        await bus.stop()
