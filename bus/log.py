@@ -92,7 +92,12 @@ async def read(
 ) -> AsyncGenerator[LoggedEvent, None]:
     """Yield logged events matching the filter; stop when caught up unless ``follow``. What in the
     log is not an event (it can only have been put there by hand: the consumers dead-letter it) is
-    passed, told to ``on_unreadable`` (its sequence and why)."""
+    passed, told to ``on_unreadable`` (its sequence and why).
+
+    Each event once, in the log's order, also across a restart of NATS: ``new`` starts after the
+    log's last sequence when the reading starts, and a consumer made again after a reconnection
+    (nats-py's ordered consumer does that) carries on after the last event delivered — or, none
+    delivered yet, after where the reading started, not from the log's beginning."""
     from nats.errors import TimeoutError as NatsTimeoutError
     from nats.js.api import ConsumerConfig
 
@@ -101,8 +106,14 @@ async def read(
     info = await js.stream_info(EVENTS_STREAM, subjects_filter=None)
     if not follow and info.state.messages == 0:
         return
-    config = ConsumerConfig(**start)
-    sub = await js.subscribe(subject_filter, ordered_consumer=True, config=config, stream=EVENTS_STREAM)
+    if start["deliver_policy"] == DeliverPolicy.NEW:  # the log as it is now: a reconnection cannot move it
+        start = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": info.state.last_seq + 1}
+    passed = _before(start)  # the last sequence not to be read (None: a time, not known)
+    logged_from = datetime.fromisoformat(start["opt_start_time"]) if passed is None else None
+    sub = await js.subscribe(subject_filter, ordered_consumer=True, config=ConsumerConfig(**start), stream=EVENTS_STREAM)
+    ordered = sub._sub._jsi
+    if ordered is not None and passed is not None:  # where nats-py makes the consumer again from (the last delivered + 1)
+        ordered._sseq = max(ordered._sseq, passed)
     try:
         while True:
             try:
@@ -112,15 +123,37 @@ async def read(
                     continue
                 return
             meta = msg.metadata
-            event = readable(msg.data)
-            if isinstance(event, dict):
-                yield LoggedEvent(meta.sequence.stream, msg.subject, event, meta.num_pending)
-            elif on_unreadable is not None:
-                on_unreadable(meta.sequence.stream, event)
+            seq = meta.sequence.stream
+            again = seq <= passed if passed is not None else logged_from is not None and _logged_at(meta) < logged_from
+            if not again:
+                passed = seq
+                event = readable(msg.data)
+                if isinstance(event, dict):
+                    yield LoggedEvent(seq, msg.subject, event, meta.num_pending)
+                elif on_unreadable is not None:
+                    on_unreadable(seq, event)
             if not follow and meta.num_pending == 0:
                 return
     finally:
         await sub.unsubscribe()
+
+
+def _before(start: dict[str, Any]) -> int | None:
+    """The log's sequence just before where a reading from ``start`` (:func:`parse_since`, ``new``
+    made a sequence) begins; None for a time (the sequence is not known before the first event
+    after it)."""
+    policy = start["deliver_policy"]
+    if policy == DeliverPolicy.BY_START_SEQUENCE:
+        return max(int(start["opt_start_seq"]) - 1, 0)
+    if policy == DeliverPolicy.BY_START_TIME:
+        return None
+    return 0
+
+
+def _logged_at(meta: Any) -> datetime:
+    """When the log took a delivered message."""
+    stamp: datetime = meta.timestamp
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=timezone.utc)
 
 
 DIRECT_BATCH_SINCE = (2, 11)

@@ -215,10 +215,24 @@ async def _connect(settings: Settings, name: str, *, reconnect: bool = False) ->
         return None
 
     options.update(connect_timeout=3, error_cb=quiet)
-    if not reconnect:
+    made: list[Any] = []
+
+    async def lost() -> None:
+        if made and not made[0].is_closed:  # (not the command closing it)
+            err.print(f"[yellow]lost the connection to NATS[/yellow] at {', '.join(settings.nats_servers)}: "
+                      "reconnecting until it is back (the bus restarting?)")
+
+    async def back() -> None:
+        url = made[0].connected_url if made else None
+        err.print(f"[green]reconnected to NATS[/green]{f' at {url.hostname}:{url.port}' if url else ''}: carrying on where it was")
+
+    if reconnect:
+        options.update(disconnected_cb=lost, reconnected_cb=back)
+    else:
         options.update(max_reconnect_attempts=1, allow_reconnect=False)
     try:
-        return await nats.connect(**options)
+        made.append(await nats.connect(**options))
+        return made[0]
     except Exception as exc:  # nats-py raises several kinds here
         if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
             used = options.get("user_credentials") or options.get("nkeys_seed")

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -746,6 +747,89 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
     finally:
         follower.terminate()
         follower.wait(timeout=30)
+
+
+class Following:
+    """A command in its own process whose standard output and error are read as they come."""
+
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([*COLLABBUS, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        for stream, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
+            threading.Thread(target=lambda stream=stream, lines=lines: lines.extend(iter(stream.readline, "")), daemon=True).start()
+
+    def wait_for(self, what: str, lines: list[str], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(what in line for line in lines):
+            assert time.monotonic() < deadline and self.proc.poll() is None, (what, self.stdout, self.stderr)
+            time.sleep(0.1)
+
+    def ids(self) -> list[str]:
+        return [json.loads(line)["id"] for line in self.stdout]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def test_tail_carries_on_across_a_restart_of_the_bus_printing_each_event_once(tmp_path: Path) -> None:
+    """`tail` follows the log while the bus is stopped and started again, its nats-server with it.
+    When it had printed nothing yet, it printed the whole history again on reconnection, as if new
+    (nats-py makes its consumer again after the last event it delivered: the log's beginning, when
+    none was). It carries on after the last event it printed — or after the log's end when it
+    started — and says when the connection is lost and when it is back."""
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "0", "COLUMNS": "200"}
+    env.pop("COLLABBUS_NATS_URL", None)
+    member = unique("fi-tail")
+
+    def project(project_id: str) -> str:
+        published = cli("publish", "project.registered", "--as", member, "--json", "--data", json.dumps({
+            "project_id": project_id, "title": {"fi": "Kotihoito"}, "owner": member, "status": "active"}), env=env)
+        assert published.returncode == 0, published.stdout + published.stderr
+        return str(json.loads(published.stdout)["id"])
+
+    def consumers() -> int:
+        status = cli("status", "--json", env=env)
+        assert status.returncode == 0, status.stderr
+        return int(json.loads(status.stdout)["streams"]["COLLAB_EVENTS"]["consumers"])
+
+    with collabbus_up(env):
+        assert cli("institutions", "add", member, "--name", "Tail", "--kind", "ngo", "--country", "FI", env=env).returncode == 0
+        project(unique("p-before"))  # history its filter matches, printed by neither
+        before = consumers()
+        projects = Following("tail", "--type", "project", "--json", env=env)  # prints nothing before the restart
+        everything = Following("tail", "--json", env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while consumers() < before + 2:
+                assert time.monotonic() < deadline, "the tails did not subscribe"
+            other = unique("fi-other")
+            joined = cli("institutions", "add", other, "--name", "Other", "--kind", "ngo", "--country", "FI", "--json", env=env)
+            assert joined.returncode == 0, joined.stderr
+            everything.wait_for(other, everything.stdout)
+        except BaseException:
+            projects.stop()
+            everything.stop()
+            raise
+    try:
+        for tail in (projects, everything):
+            tail.wait_for("lost the connection to NATS", tail.stderr)
+        with collabbus_up(env):
+            for tail in (projects, everything):
+                tail.wait_for("reconnected to NATS", tail.stderr)
+            after = project(unique("p-after"))
+            for tail in (projects, everything):
+                tail.wait_for(after, tail.stdout)
+                tail.stop()  # (before this bus stops)
+    finally:
+        projects.stop()
+        everything.stop()
+    assert projects.ids() == [after], projects.stdout
+    assert everything.ids()[-1] == after and len(everything.ids()) == 2, everything.stdout
+    assert len([line for line in projects.stderr if "lost the connection" in line]) == 1, projects.stderr
+    assert "Traceback" not in "".join(projects.stderr + everything.stderr)
 
 
 def test_a_second_ctrl_c_stops_the_bus_at_once_and_it_starts_again_where_it_was(tmp_path: Path) -> None:
