@@ -19,7 +19,7 @@ import time
 import types
 import typing
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional, TypeVar
@@ -353,15 +353,27 @@ def _complete_member(incomplete: str) -> list[str]:
 def _known_type(event_type: str, hint: str, *, domains: bool = False) -> None:
     """Refuse an event type the catalog does not have (a domain such as ``project`` too, when
     ``domains``), suggesting the nearest ones."""
-    import difflib
-
     known = _type_names(domains=domains)
     if event_type in known:
         return
-    near = difflib.get_close_matches(event_type, sorted(known), n=3, cutoff=0.6)
-    suggestion = f"did you mean {' or '.join(near)}? " if near else ""
-    raise typer.BadParameter(f"unknown event type {event_type!r}; {suggestion}`collabbus schemas list` lists them",
+    raise typer.BadParameter(f"unknown event type {event_type!r}; {_meant(event_type, known)}`collabbus schemas list` lists them",
                              param_hint=hint)
+
+
+def _meant(word: str, known: Iterable[str], *, most: int = 3) -> str:
+    """``did you mean …? `` naming the nearest of ``known`` to a word not among them, or nothing."""
+    import difflib
+
+    near = difflib.get_close_matches(word, sorted(known), n=most, cutoff=0.6)
+    return f"did you mean {' or '.join(near)}? " if near else ""
+
+
+async def _ever_joined(js: Any) -> set[str]:
+    """Every institution the log says joined the network, those that left since included."""
+    from bus.streams import EVENTS_STREAM
+
+    state = (await js.stream_info(EVENTS_STREAM, subjects_filter="collab.events.*.institution.joined.*")).state
+    return {subject.rsplit(".", 1)[-1] for subject in state.subjects or {}}
 
 
 def _load_data(value: str) -> Any:
@@ -1015,6 +1027,10 @@ def tail(
         # With the bus stopped its log is read all the same (after an incident, say): ``_nats``
         # starts the embedded server for the command.
         async with _nats(settings, "collabbus-tail", reconnect=follow) as nc:  # (across a restart of the bus's NATS)
+            if institution is not None and institution not in (joined := await _ever_joined(nc.jetstream())):
+                raise typer.BadParameter(f"{institution!r} is not a member of the network and never was (per the log): it has "
+                                         f"no events to follow; {_meant(institution, joined)}`collabbus institutions list` "
+                                         "lists the members", param_hint="--institution")
             # Closed before the connection: its subscription ends while the connection still can.
             def unreadable(seq: int, why: str) -> None:
                 err.print(f"[yellow]#{seq} is not an event[/yellow] ({escape(why[:200])}); the consumers dead-letter it")
@@ -1656,6 +1672,7 @@ def dlq_list(
 
     async def main() -> list[Any]:
         async with _nats(settings, "collabbus-dlq") as nc:
+            await _known_consumer(nc.jetstream(), consumer)
             return await dlq.dead_letters(nc.jetstream(), consumer)
 
     letters = run(main())
@@ -1684,6 +1701,19 @@ def dlq_list(
             else f"behind #{behind[letter.seq].seq} (log #{behind[letter.seq].original_seq})" if letter.seq in behind else "",
         )
     out.print(table)
+
+
+async def _known_consumer(js: Any, consumer: str | None) -> None:
+    """Refuse a consumer group that is none of the bus's and has no dead letters (a typo would
+    find none, and look fine), naming those there are."""
+    from ops import dlq
+
+    if consumer is None or consumer in dlq.CONSUMERS:
+        return
+    known = {*dlq.CONSUMERS, *await dlq.counts(js)}
+    if consumer not in known:
+        raise typer.BadParameter(f"unknown consumer {consumer!r}; {_meant(consumer, known)}the consumer groups are: "
+                                 f"{', '.join(sorted(known))}", param_hint="--consumer")
 
 
 SET_ASIDE_SHOWN = 10
@@ -1758,6 +1788,7 @@ def dlq_replay(
     async def main() -> tuple[list[Any], dict[int, tuple[Any, list[dict[str, Any]]]], dict[int, Any]]:
         async with _nats(settings, "collabbus-dlq") as nc:
             js = nc.jetstream()
+            await _known_consumer(js, consumer)
             queued = await dlq.dead_letters(js)
             behind = dlq.set_aside_behind(queued)
             letters = {letter.seq: letter for letter in queued if (not seqs or letter.seq in seqs) and consumer in (None, letter.consumer)}
@@ -1893,6 +1924,7 @@ def dlq_purge(
     async def main() -> tuple[int, list[Any]]:
         async with _nats(settings, "collabbus-dlq") as nc:
             js = nc.jetstream()
+            await _known_consumer(js, consumer)
             deleted = await delete(js)
             if not deleted:
                 return 0, []
@@ -2092,6 +2124,29 @@ def _member_per_log(settings: Settings, institution_id: str) -> str | None:
         return None
 
 
+def _ever_a_member(settings: Settings, session: Any, institution_id: str, nothing_done: str) -> None:
+    """Refuse an id that is not a member and never was: the read models have no institution of
+    it, and no HTTP token or NATS credentials were issued to it (a typo, which would otherwise
+    find nothing and look fine). A member that left may still hold some, and stays a valid id."""
+    from sqlmodel import col, select
+
+    from bus.connection import embedded_authority, embedded_store
+    from bus.credentials import Authority
+    from handlers import tokens
+    from handlers.institutions import Institution
+
+    if session.get(Institution, institution_id) is not None or tokens.tokens_of(session, institution_id):
+        return
+    if settings.embedded and (embedded_store(settings) / Authority.DIRECTORY).is_dir() \
+            and embedded_authority(settings).issued_to(institution_id):
+        return
+    known = session.exec(select(col(Institution.id))).all()
+    err.print(f"[red]error:[/red] {escape(repr(institution_id))} is not a member of the network and never was (per the read "
+              f"models); {escape(_meant(institution_id, known, most=1))}`collabbus institutions list` lists the members"
+              + (f". {nothing_done}" if nothing_done else ""))
+    raise typer.Exit(1)
+
+
 @institutions_app.command("list")
 @with_settings
 def institutions_list(
@@ -2204,6 +2259,7 @@ def institutions_revoke(
     if token == "-":
         token = sys.stdin.readline().strip()
     with _read_models(settings) as engine, session_scope(engine) as session:
+        _ever_a_member(settings, session, institution_id, "Nothing was revoked")
         if token is not None and re.fullmatch(r"[0-9a-f]{8,64}", token):  # as `institutions access` names it
             listed = [row.token_hash for row in tokens.tokens_of(session, institution_id) if row.token_hash.startswith(token)]
             if len(listed) > 1:
@@ -2415,6 +2471,7 @@ def institutions_access(
 
     now = datetime.now(timezone.utc)
     with _read_models(settings) as engine, session_scope(engine) as session:
+        _ever_a_member(settings, session, institution_id, "")
         held: list[dict[str, Any]] = [{"sha256": row.token_hash[:12], "label": row.label, "created_at": stamp(row.created_at),
                  "expires_at": stamp(row.expires_at), "revoked_at": stamp(row.revoked_at), "valid": tokens.is_valid(row, now)}
                 for row in tokens.tokens_of(session, institution_id)]

@@ -50,6 +50,10 @@ from bus.streams import DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM
 if TYPE_CHECKING:
     from bus.consumer import Applier
 
+CONSUMERS = ("network", "webhooks")
+"""The bus's consumer groups that dead-letter what they give up on (``bus.runtime.NETWORK_CONSUMER``,
+``connectors.webhooks.dispatcher.WEBHOOKS_CONSUMER``): named here so that the commands need not load them."""
+
 REASON_LENGTH = 300
 """How much of an error ``DeadLetter.reason`` keeps (the whole is in ``detail``)."""
 

@@ -474,6 +474,54 @@ def member_with_creds(env: dict[str, str], tmp_path: Path, prefix: str, name: st
     return member, creds
 
 
+def test_revoke_and_access_refuse_an_id_that_never_was_a_member(running_bus: dict[str, str]) -> None:
+    """During a leak a typo in the id looked like success: `revoke` said "revoked 0 tokens" and
+    exited 0, `access` listed nothing. An id that never was a member is refused (exit 1), naming
+    the nearest; a member that left stays revocable and inspectable (it may hold tokens still),
+    and its past events can be tailed."""
+    env = running_bus
+    member, _token = member_with_token(env, "fi-gone", "Gone")
+    left = cli("publish", "institution.left", "--as", "operator", "--data", json.dumps({"id": member}), env=env)
+    assert left.returncode == 0 and "applied #" in left.stdout, left.stdout + left.stderr
+    access = cli("institutions", "access", member, "--json", env=env)
+    assert access.returncode == 0 and len(json.loads(access.stdout)["tokens"]) == 1, access.stderr
+    revoked = cli("institutions", "revoke", member, env=env)
+    assert revoked.returncode == 0 and f"revoked 1 token of {member}" in revoked.stdout, revoked.stderr
+    assert cli("tail", "--institution", member, "--since", "all", "--no-follow", env=env).returncode == 0
+    for command in ("revoke", "access"):
+        typo = cli("institutions", command, f"{member}x", env=env)
+        said = flat(typo.stderr)
+        assert typo.returncode == 1 and typo.stdout == "", typo.stdout
+        assert f"'{member}x' is not a member of the network and never was" in said and f"did you mean {member}?" in said, said
+    nobody = cli("institutions", "revoke", "nobody-here", "--json", env=env)
+    assert nobody.returncode == 1 and nobody.stdout == "" and "Nothing was revoked" in flat(nobody.stderr), nobody.stderr
+
+
+def test_a_consumer_or_an_institution_that_names_nothing_is_a_usage_error(running_bus: dict[str, str]) -> None:
+    """`dlq list --consumer nosuch` said "no dead letters" and `tail --institution nobody` followed
+    nothing, silently, as `rebuild --projection nosuch` and `tail --type nosuch` do not: each is a
+    usage error (exit 2) naming what there is."""
+    from bus.runtime import NETWORK_CONSUMER
+    from connectors.webhooks.dispatcher import WEBHOOKS_CONSUMER
+    from ops.dlq import CONSUMERS
+
+    assert CONSUMERS == (NETWORK_CONSUMER, WEBHOOKS_CONSUMER)
+    env = running_bus
+    for command in (["dlq", "list"], ["dlq", "replay"], ["dlq", "purge", "--yes"]):
+        refused = cli(*command, "--consumer", "netwrk", env=env)
+        said = flat(refused.stderr)
+        assert refused.returncode == 2 and "unknown consumer 'netwrk'; did you mean network?" in said, (command, said)
+        assert "the consumer groups are: network, webhooks" in said and refused.stdout == ""
+    assert cli("dlq", "list", "--consumer", "webhooks", env=env).returncode == 0
+    missing = cli("dlq", "replay", "987654", env=env)  # nothing asked for was replayed
+    assert missing.returncode == 1 and "no dead letter #987654" in missing.stdout, missing.stdout
+    for institution in ("nobody-here", "operatr"):
+        tailed = cli("tail", "--institution", institution, "--no-follow", env=env)
+        said = flat(tailed.stderr)
+        assert tailed.returncode == 2 and f"'{institution}' is not a member of the network and never was" in said, said
+    assert "did you mean operator?" in said
+
+
 async def test_institutions_creds_writes_credentials_that_work(running_bus: dict[str, str], tmp_path: Path) -> None:
     """A member's credentials from `collabbus institutions creds`, used by a plain NATS client."""
     import nats
