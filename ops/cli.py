@@ -2203,14 +2203,17 @@ def institutions_token(
     with _read_models(settings) as engine, session_scope(engine) as session:
         unknown = member(session, institution_id) is None
     if unknown:
+        from sqlalchemy.engine import make_url
+
+        where = make_url(settings.db_url).render_as_string(hide_password=True)  # (a password is not for a terminal)
         kind = _member_per_log(settings, institution_id)
         if kind is not None:
             err.print(f"[red]error:[/red] {institution_id!r} joined the network (a {kind}, per the log), but the read "
-                      f"models at {settings.db_url} have not applied it yet: the bus is behind or not running "
+                      f"models at {where} have not applied it yet: the bus is behind or not running "
                       "(`collabbus status`); ask again once they have")
         else:
             err.print(f"[red]error:[/red] {institution_id!r} is not a member of the network (per the read models "
-                      f"at {settings.db_url}); add it with `collabbus institutions add` first")
+                      f"at {where}); add it with `collabbus institutions add` first")
         raise typer.Exit(1)
     with _read_models(settings) as engine, session_scope(engine) as session:
         token = tokens.issue(session, institution_id, valid_for=valid_for, label=label.strip() if label else None)
