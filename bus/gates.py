@@ -167,6 +167,8 @@ class GateProcesses:
             COLLABBUS_DATA_DIR=str(settings.data_dir.resolve()),
             COLLABBUS_NATS_URL=",".join(settings.nats_servers),
             COLLABBUS_MAX_EVENT_BYTES=str(settings.max_event_bytes),
+            COLLABBUS_LOG_FORMAT=settings.log_format,
+            COLLABBUS_LOG_LEVEL=settings.log_level,
             PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir),
         )
         if nats_creds is not None:

@@ -583,7 +583,7 @@ def up(
     from ops import datadir
     from ops.logs import configure_logging
 
-    configure_logging()
+    configure_logging(settings.log_level, form=settings.log_format)
     if standby and settings.embedded:
         err.print("[red]error:[/red] a standby waits for another bus on a NATS both reach: set COLLABBUS_NATS_URL "
                   "(the embedded nats-server is this bus's own)")
@@ -850,7 +850,7 @@ def gate(*, settings: Settings) -> None:
     from bus.runtime import Bus, keep_startup_objects
     from ops.logs import configure_logging
 
-    configure_logging()
+    configure_logging(settings.log_level, form=settings.log_format)
 
     async def main() -> None:
         bus = Bus(settings)

@@ -2,7 +2,8 @@
 
 ``collabbus up`` configures it once. When standard error is not a terminal (a container, a
 service manager, a pipe) every record is one JSON object per line, so a log pipeline can search
-by field; on a terminal it is one readable line. Context the code passes with ``extra`` — above
+by field; on a terminal it is one readable line — unless ``COLLABBUS_LOG_FORMAT`` says which
+(``json`` under tmux for a pipeline, ``text`` for a journal read by people). Context the code passes with ``extra`` — above
 all ``event_id`` where a log line is about an event — is kept in both, and a line written inside a
 traced operation carries its ``trace_id`` and ``span_id``.
 """
@@ -69,11 +70,16 @@ class Readable(logging.Formatter):
         return f"{first}  {context}{sep}{rest}"
 
 
-def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> None:
-    """Send every logger's records to ``stream`` (standard error), JSON unless it is a terminal."""
+def configure_logging(level: int | str = logging.INFO, stream: TextIO | None = None, form: str = "auto") -> None:
+    """Send every logger's records at ``level`` or above (a number, or a name: ``warning``) to
+    ``stream`` (standard error) as ``form`` says: ``json``, ``text``, or ``auto`` — JSON unless it
+    is a terminal (``COLLABBUS_LOG_FORMAT``, ``COLLABBUS_LOG_LEVEL``)."""
     stream = stream or sys.stderr
+    if isinstance(level, str):
+        level = logging.getLevelNamesMapping()[level.upper()]
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(Readable() if stream.isatty() else JsonLines())
+    readable = form == "text" or (form == "auto" and stream.isatty())
+    handler.setFormatter(Readable() if readable else JsonLines())
     handler.addFilter(TraceContext())
     root = logging.getLogger()
     for old in list(root.handlers):

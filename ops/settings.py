@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing import Annotated
+from typing import Annotated, Literal
 
 
 def _split(value: object) -> object:
@@ -66,6 +66,10 @@ class Settings(BaseSettings):
         default_factory=list,
         description="comma-separated CIDRs that webhook and portal targets may resolve to besides public addresses",
     )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="how `collabbus up` and its gatekeepers write their log to standard error: json (a JSON "
+        "object per line), text (a readable line), or auto (text on a terminal, else json)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="the least severe log lines written")
     portal_url: str | None = Field(None, description="the portal's base URL; the portal connector runs when it is set")
     portal_token: str | None = Field(None, description="the Bearer token the portal connector sends")
     portal_interval: float = Field(300.0, gt=0, description="seconds between the portal connector's syncs")

@@ -116,6 +116,31 @@ def test_json_unless_a_terminal() -> None:
     assert json.loads(stream.getvalue().splitlines()[-1])["event_id"] == "e-2"
 
 
+def test_the_log_format_and_level_are_settings() -> None:
+    """COLLABBUS_LOG_FORMAT=text writes readable lines where JSON would go (not a terminal), json
+    JSON where readable lines would; COLLABBUS_LOG_LEVEL=warning leaves out the info lines."""
+    from ops.settings import Settings
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    written: dict[str, list[str]] = {}
+    try:
+        for form in ("text", "json"):
+            settings = Settings(log_format=form, log_level="warning")  # type: ignore[arg-type]
+            stream = io.StringIO()
+            configure_logging(settings.log_level, stream=stream, form=settings.log_format)
+            logging.getLogger("collabbus.test").info("left out")
+            logging.getLogger("collabbus.test").warning("kept %s", form, extra={"event_id": "e-3"})
+            written[form] = stream.getvalue().splitlines()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    [text] = written["text"]
+    assert " WARNING collabbus.test: kept text  event_id=e-3" in text and not text.startswith("{")
+    [line] = written["json"]
+    assert json.loads(line)["message"] == "kept json" and json.loads(line)["level"] == "warning"
+
+
 def test_a_line_written_inside_a_span_names_its_trace() -> None:
     from opentelemetry.sdk.trace import TracerProvider
 
