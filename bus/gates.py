@@ -202,10 +202,12 @@ class GateProcesses:
         self._stopping = True
         await asyncio.gather(*(process.stop(grace) for process in self.processes), return_exceptions=True)
 
-    def check(self) -> str:
-        """``ok`` when every gatekeeper is ready; else how many are (for ``/readyz``)."""
+    def check(self, *, judging_here: bool = False) -> str:
+        """``ok`` when every gatekeeper is ready; else how many are, and who judges offers
+        meanwhile (``judging_here``: the bus's own process), for ``/readyz``."""
         ready = self.ready
         if ready == self.count:
             return "ok"
-        return f"{ready} of {self.count} gatekeeper processes ready (the others are restarting)"
+        meanwhile = "; the bus's own process judges NATS offers meanwhile" if judging_here else ""
+        return f"{ready} of {self.count} gatekeeper processes ready (the others are restarting){meanwhile}"
 

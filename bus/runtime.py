@@ -290,8 +290,15 @@ class Bus:
         if count == 0:
             return
 
+        seen_ready = False  # (at the start this process judges offers until the first is ready: not "again")
+
         async def ready(processes: int) -> None:
+            nonlocal seen_ready
             if processes:
+                if self.ingress is not None and seen_ready:
+                    log.info("%d gatekeeper process%s ready again: %s NATS offers", processes,
+                             " is" if processes == 1 else "es are", "it judges" if processes == 1 else "they judge")
+                seen_ready = True
                 await self.close_ingress()
             else:
                 log.warning("no gatekeeper process is ready: this process judges NATS offers until one is")

@@ -142,8 +142,10 @@ def database_check(engine: Any) -> str:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
-    """Ready when NATS is connected, the database answers and the consumer groups are bound;
-    otherwise each failing check says why."""
+    """Ready when NATS is connected, the database answers, the consumer groups are bound and NATS
+    offers are judged (by the gatekeeper processes, or by this one while none is ready: a
+    gatekeeper restarting says so in its check, and the bus stays ready); otherwise each failing
+    check says why."""
     bus = bus_of(request)
     nats = await answering(bus.nc)
     checks = {
@@ -151,9 +153,12 @@ async def readyz(request: Request) -> JSONResponse:
         "database": await run_in_threadpool(database_check, bus.engine),
         "consumer": await _consumers_check(bus, server=nats == "ok"),
     }
+    judged = True
     if bus.gates is not None:
-        checks["gatekeepers"] = bus.gates.check()
-    ready = all(value == "ok" for value in checks.values())
+        checks["gatekeepers"] = bus.gates.check(judging_here=bus.ingress is not None)
+        # One restarting leaves the others, or this process, judging offers: still ready.
+        judged = checks["gatekeepers"] == "ok" or bus.gates.ready > 0 or bus.ingress is not None
+    ready = judged and all(value == "ok" for name, value in checks.items() if name != "gatekeepers")
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503)
 
 

@@ -158,6 +158,46 @@ def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
 
 
 
+def test_a_gatekeeper_restarting_leaves_the_bus_ready(tmp_path: Path) -> None:
+    """A gatekeeper process that dies is started again; meanwhile the bus's own process judges
+    NATS offers, so /readyz stays 200 (its gatekeepers check says so), and the bus says when the
+    gatekeeper is back."""
+    import signal as signals
+    import threading
+
+    http = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_HTTP": http,
+           "COLLABBUS_GATE_PROCESSES": "1", "COLLABBUS_LOG_FORMAT": "text"}
+    for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL"):
+        env.pop(name, None)
+    proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    reading = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reading.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("Ctrl-C" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        [gatekeeper] = child_processes(proc.pid, "ops gate")
+        os.kill(gatekeeper, signals.SIGKILL)
+        answers: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 30
+        while not any("ready again" in line for line in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            response = httpx.get(f"http://{http}/readyz")
+            answers.append((response.status_code, response.json()["checks"].get("gatekeepers", "")))
+            time.sleep(0.05)
+        assert {status for status, _ in answers} == {200}, answers
+        assert any("judges NATS offers meanwhile" in said for _, said in answers), answers
+        assert httpx.get(f"http://{http}/readyz").json()["checks"]["gatekeepers"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, "".join(lines)
+        reading.join(timeout=10)
+
+
 @pytest.mark.parametrize("problem", ["database unreachable", "database unreachable, gatekeepers started",
                                      "database URL", "data dir is a file"])
 def test_up_says_in_one_line_what_is_wrong(tmp_path: Path, problem: str) -> None:
