@@ -237,13 +237,23 @@ class Bus:
         activate(self.tracing)
 
     async def _connect(self, name: str) -> None:
-        self.broker = NatsBroker(**broker_options(self.settings, name), error_cb=self._nats_error, logger=None)
+        self.broker = NatsBroker(**broker_options(self.settings, name), error_cb=self._nats_error, logger=None,
+                                 disconnected_cb=self._nats_lost, reconnected_cb=self._nats_back)
         await self.broker.connect()
+
+    async def _nats_lost(self) -> None:
+        if self.broker._connection is not None and not self.broker._connection.is_closed:  # (not the bus closing it)
+            log.warning("lost the connection to NATS at %s: reconnecting; offers, the log and the consumers wait until "
+                        "it is back", ", ".join(self.settings.nats_servers))
+
+    async def _nats_back(self) -> None:
+        url = self.broker._connection.connected_url if self.broker._connection is not None else None
+        log.info("reconnected to NATS%s", f" at {url.hostname}:{url.port}" if url is not None else "")
 
     async def _nats_error(self, exc: Exception) -> None:
         """nats-py's asynchronous errors: a permissions violation (a subject the credentials do not
-        allow) is logged and kept (:attr:`denied`); the connection's coming and going is watched
-        and said elsewhere (``/readyz``, the reconnection's own log lines)."""
+        allow) is logged and kept (:attr:`denied`); the connection's going and coming back are said
+        by :meth:`_nats_lost` and :meth:`_nats_back` (and ``/readyz``)."""
         if "permissions violation" in str(exc).lower():
             self.denied = str(exc).removeprefix("nats: ")
             log.error("NATS refused this bus: %s", self.denied)

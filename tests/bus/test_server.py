@@ -219,6 +219,30 @@ async def test_a_connection_that_stopped_reading_is_found_stale_and_reconnected(
         await nc.close()
 
 
+async def test_the_bus_says_when_it_loses_nats_and_when_it_is_back(
+    server: EmbeddedNats, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator reading the bus's log sees the connection go and come back (before, only the
+    lease's renewals failing said anything); stopping the bus says neither."""
+    bus = Bus(Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds))
+    await bus.start(state=False)
+    try:
+        with caplog.at_level(logging.INFO, logger="collabbus.bus"):
+            await server.astop()
+            await server.astart()  # same port, same store
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while not any("reconnected to NATS at 127.0.0.1" in r.getMessage() for r in caplog.records):
+                assert loop.time() < deadline, caplog.text
+                await asyncio.sleep(0.05)
+        [lost] = [r for r in caplog.records if "lost the connection to NATS" in r.getMessage()]
+        assert lost.levelno == logging.WARNING and server.url in lost.getMessage()
+        caplog.clear()
+    finally:
+        await bus.stop()
+    assert "lost the connection" not in caplog.text
+
+
 async def test_the_bus_and_its_gatekeepers_connect_with_those_pings(bus: Bus) -> None:
     """The ping settings reach the connection FastStream's broker makes (the bus's and each
     gatekeeper process's), not only ``nats.connect``'s."""
