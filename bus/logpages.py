@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from bus import log
 from bus.ingress import REPLY_HEADERS, reply_allowed
 from bus.membership import Membership
+from bus.ratelimit import RateLimiter
 from bus.streams import EVENTS_STREAM
 from bus.verdict import Problem, Reason, Verdict
 from schemas.envelope import INSTITUTION_PATTERN, SUBJECT_PATTERN
@@ -48,6 +49,11 @@ MAX_TYPES = 20
 """Types or domains one page may be asked for (each is a read of the log per page)."""
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+PAGES_PER_SECOND = 10.0
+PAGES_AT_ONCE = 50
+"""How many pages a member may ask for, per second sustained and at once (per bus process): a
+follower catching up reads 5,000 events a second so; one asking without end does not keep the
+bus from others."""
 _ITEM_OVERHEAD = 64
 """Bytes an item adds to a page besides its event (``{"seq":…,"event":…}``, the comma)."""
 _PAGE_OVERHEAD = 256
@@ -171,6 +177,7 @@ class LogPages:
                  from_leader: bool = False, workers: int = 8) -> None:
         self.nc, self.js, self.engine, self.membership = nc, js, engine, membership
         self.from_leader = from_leader
+        self.limiter = RateLimiter(PAGES_PER_SECOND, PAGES_AT_ONCE)
         self._slots = asyncio.Semaphore(workers)
         self._tasks: set[asyncio.Task[None]] = set()
         self._said: dict[tuple[str, str], float] = {}
@@ -218,6 +225,10 @@ class LogPages:
 
         if not await self.membership.kind_of(institution):
             return _refusal("forbidden", [Problem((), f"{institution!r} is not a member of the network", "not_member")])
+        if (wait := self.limiter.take(institution)) is not None:
+            return Verdict("rejected", None, reason="unavailable", retry_after=wait, errors=(Problem((), (
+                f"{institution!r} asks for pages faster than {self.limiter.rate:g} a second (at once {self.limiter.burst}); "
+                f"ask again in {wait:.3f} s"), "rate_limited"),)).to_json()
         try:
             request = read_request(body)
         except Refused as exc:

@@ -149,3 +149,23 @@ async def test_a_page_holds_no_more_than_the_server_takes_in_one_message(
         assert len(seen) == 6 and seen == sorted(seen)
     finally:
         await nc.close()
+
+
+async def test_a_member_asking_for_pages_without_end_is_told_when_to_ask_again(
+    gateway: Gateway, nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bus.ratelimit import RateLimiter
+
+    member = await gateway.join("ngo")
+    pages = gateway.bus.log_pages
+    assert pages is not None
+    monkeypatch.setattr(pages, "limiter", RateLimiter(2.0, 3))  # (10 a second, 50 at once, made small)
+    nc = await connect_member(nats_server, tmp_path, member)
+    try:
+        answers = [await ask(nc, member, {"limit": 1}) for _ in range(5)]
+    finally:
+        await nc.close()
+    assert [("items" in answer) for answer in answers] == [True, True, True, False, False]
+    refused = answers[3]
+    assert (refused["reason"], refused["errors"][0]["type"]) == ("unavailable", "rate_limited")
+    assert 0 < refused["retry_after"] <= 0.5
