@@ -7,6 +7,7 @@ The secret is shown twice only: when the endpoint is created and when it is rota
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from connectors.webhooks.dispatcher import WebhookDispatcher
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+log = logging.getLogger("collabbus.webhooks")
 
 ROTATION_OVERLAP = timedelta(hours=24)
 """How long a rotated-out secret keeps signing, so receivers can switch at their own pace."""
@@ -284,6 +286,7 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
     if body.url is not None:
         await _check_url(request, body.url)
     now = datetime.now(timezone.utc)
+    disabled: list[str] = []
 
     def change(session: Session) -> Endpoint:
         endpoint = store.endpoint_of(session, institution, endpoint_id)
@@ -294,7 +297,8 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
             if value is not None:
                 setattr(endpoint, name, value)
         if body.enabled is False and endpoint.enabled:
-            store.disable(endpoint, "disabled by its owner", now)
+            store.disable(endpoint, store.OWNER_REASON, now)
+            disabled.append(endpoint.id)
         elif body.enabled and not endpoint.enabled:
             endpoint.enabled, endpoint.disabled_reason, endpoint.failing_since = True, None, None
         if body.rotate_secret:
@@ -305,6 +309,9 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
         return endpoint
 
     endpoint = await _in_transaction(request, change)
+    if disabled:
+        log.info("webhooks: endpoint %s of %s disabled by its owner", endpoint.id, institution,
+                 extra={"endpoint_id": endpoint.id, "institution": institution, "disabled_reason": store.OWNER_REASON})
     if (running := _dispatcher(request)) is not None:
         await running.endpoint_changed(endpoint.id, endpoint.enabled)
     return _endpoint(endpoint, secret=body.rotate_secret)

@@ -65,7 +65,6 @@ log = logging.getLogger("collabbus.webhooks")
 WEBHOOKS_CONSUMER = "webhooks"
 TIMEOUT = 15.0
 """Seconds a delivery request may take (CONTRACT §7)."""
-LEFT_REASON = "the institution left the network"
 _NETWORK_POSITIONS = ConsumerPosition.__table__  # type: ignore[attr-defined]
 RECORD_GATHER = 0.05
 """Seconds the webhooks consumer lets a batch grow before recording what it owes: a delivery
@@ -76,6 +75,8 @@ PRUNE_EVERY = 3600.0
 """Seconds between two removals of the settled deliveries older than the retention (the first a
 minute after the start: not in the way of a bus starting)."""
 RESPONSE_KEPT = 1024
+RESPONSE_LOGGED = 200
+"""Characters of an endpoint's answer quoted in the log line of a failed attempt (on one line)."""
 JITTER = 0.2
 RETRY_AFTER_STATUSES = frozenset({429, 502, 503, 504})
 TRACEPARENT_FORM = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -219,7 +220,7 @@ class _Batch:
         receives nothing more, and its token no longer lets it manage them); returns their ids."""
         gone = [e.id for e in self.endpoints if e.institution == institution]
         if gone:
-            self.session.execute(store.ENDPOINT_DISABLED, [{"b_id": e, "b_disabled_reason": LEFT_REASON, "b_updated_at": now} for e in gone])
+            self.session.execute(store.ENDPOINT_DISABLED, [{"b_id": e, "b_disabled_reason": store.LEFT_REASON, "b_updated_at": now} for e in gone])
             self.endpoints = [e for e in self.endpoints if e.institution != institution]
             self._by_type.clear()
         return gone
@@ -255,8 +256,8 @@ class DeliveryRecorder:
         """This process's number in the consumer's position once it took that over (``take_position``)."""
         self.tracing = tracing or Tracing.off()
         self.touched: set[str] = set()
-        self.retired: set[str] = set()
-        """Endpoints disabled because their institution left: their workers stop."""
+        self.retired: dict[str, str] = {}
+        """Endpoints disabled because their institution left (id → institution): their workers stop."""
         self._taking: int | None = None
         """The database session taking the position over (PostgreSQL)."""
         self._parked = SetAside(consumer)
@@ -313,8 +314,9 @@ class DeliveryRecorder:
         owed = 0
         if event_type == "institution.left":  # its endpoints stop, its own leaving included
             data = envelope.get("data")
-            gone = batch.leave(str(data.get("id")) if isinstance(data, dict) else "", due_at)
-            self.retired.update(gone)
+            leaving = str(data.get("id")) if isinstance(data, dict) else ""
+            gone = batch.leave(leaving, due_at)
+            self.retired.update(dict.fromkeys(gone, leaving))
             owed += len(gone)  # (what tells the dispatcher to look)
         wanted = [e for e in batch.wanting(event_type) if e.after_seq < item.seq]
         if wanted and event_type in CONFIDENTIAL and batch.applied() < item.seq:
@@ -592,8 +594,9 @@ class WebhookDispatcher:
         touched, self.recorder.touched = self.recorder.touched, set()
         for endpoint_id in touched:
             self.wake(endpoint_id)
-        retired, self.recorder.retired = self.recorder.retired, set()
-        for endpoint_id in retired:
+        retired, self.recorder.retired = self.recorder.retired, {}
+        for endpoint_id, institution in retired.items():
+            _log_disabled(endpoint_id, institution, store.LEFT_REASON)
             task = asyncio.get_running_loop().create_task(self.endpoint_changed(endpoint_id, False))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
@@ -708,23 +711,25 @@ class WebhookDispatcher:
             interrupted = Outcome(None, 0, "interrupted: the bus stopped during the attempt")
             await asyncio.shield(asyncio.to_thread(self._settle, claim, interrupted))
             raise
-        disabled = await self._turns(("settle", (claim, outcome)))
-        if disabled:
-            log.warning("webhooks: endpoint %s disabled", claim.endpoint_id)
+        disabled: _Disabled | None = await self._turns(("settle", (claim, outcome)))
+        if disabled is not None:
+            if disabled.now:
+                _log_disabled(claim.endpoint_id, disabled.institution, disabled.reason)
             task = asyncio.get_running_loop().create_task(self.endpoint_changed(claim.endpoint_id, False))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
-    def _settle(self, claim: Claim, outcome: Outcome) -> bool:
+    def _settle(self, claim: Claim, outcome: Outcome) -> _Disabled | None:
         return self._settle_all([(claim, outcome)])[0]
 
-    def _settle_all(self, settled: Sequence[tuple[Claim, Outcome]]) -> list[bool]:
+    def _settle_all(self, settled: Sequence[tuple[Claim, Outcome]]) -> list[_Disabled | None]:
         """Record attempts, in one transaction."""
         with self.engine.begin() as connection:
             return self._settle_in(connection, settled, datetime.now(timezone.utc))
 
-    def _settle_in(self, connection: Connection, settled: Sequence[tuple[Claim, Outcome]], now: datetime) -> list[bool]:
-        """Record attempts and what follows from them: for each, whether the endpoint got disabled."""
+    def _settle_in(self, connection: Connection, settled: Sequence[tuple[Claim, Outcome]], now: datetime) -> list[_Disabled | None]:
+        """Record attempts and what follows from them: for each, None while its endpoint is
+        enabled, else how it is disabled (by this attempt or before it)."""
         endpoint_ids = list(dict.fromkeys(claim.endpoint_id for claim, _ in settled))
         endpoints = {row.id: dict(row._mapping) for row in connection.execute(store.ENDPOINTS_TO_SETTLE, {"ids": endpoint_ids})}
         leases = {row.id: row.next_attempt_at for row in connection.execute(store.DELIVERIES_LEASED, {"ids": [claim.delivery_id for claim, _ in settled]})}
@@ -733,11 +738,11 @@ class WebhookDispatcher:
         failed: list[dict[str, Any]] = []
         changed: set[str] = set()
         disabled: set[str] = set()
-        answers: list[bool] = []
+        answers: list[_Disabled | None] = []
         for claim, outcome in settled:
             endpoint = endpoints.get(claim.endpoint_id)
             if endpoint is None or claim.delivery_id not in leases:  # deleted meanwhile
-                answers.append(False)
+                answers.append(None)
                 continue
             kept = leases[claim.delivery_id] != claim.lease  # given up or sent again meanwhile (see Claim.lease)
             attempts.append({
@@ -752,7 +757,7 @@ class WebhookDispatcher:
                     delivered.append({"b_id": claim.delivery_id, "b_at": now})
                 # else sent again (resend, recover) after this attempt went out: it goes again, as
                 # asked (a receiver restoring a backup asks for what it may have lost since)
-                answers.append(False)
+                answers.append(None)
                 continue
             endpoint["failing_since"] = endpoint["failing_since"] or now
             if kept:
@@ -767,18 +772,18 @@ class WebhookDispatcher:
                 then = f"next attempt at {next_at.isoformat(timespec='seconds')}" if next_at is not None else "no more attempts"
             log.warning(
                 "webhooks: endpoint %s did not take event %s (attempt %d: %s); %s", claim.endpoint_id, claim.event_id,
-                claim.attempts_before + 1,
-                f"HTTP {outcome.status_code}" if outcome.status_code is not None else (outcome.error or "no answer")[:200],
-                then, extra={"event_id": claim.event_id, "endpoint_id": claim.endpoint_id},
+                claim.attempts_before + 1, _met(outcome), then,
+                extra={"event_id": claim.event_id, "endpoint_id": claim.endpoint_id, "institution": endpoint["institution"]},
             )
-            if endpoint["enabled"] and outcome.status_code == 410:
-                endpoint["enabled"], endpoint["disabled_reason"] = False, "the endpoint answered 410 Gone"
+            was_enabled = endpoint["enabled"]
+            if was_enabled and outcome.status_code == 410:
+                endpoint["enabled"], endpoint["disabled_reason"] = False, store.GONE_REASON
                 disabled.add(claim.endpoint_id)
-            elif endpoint["enabled"] and now - endpoint["failing_since"] >= self.failing_limit:
+            elif was_enabled and now - endpoint["failing_since"] >= self.failing_limit:
                 days = self.failing_limit / timedelta(days=1)
-                endpoint["enabled"], endpoint["disabled_reason"] = False, f"no successful delivery for {days:g} days"
+                endpoint["enabled"], endpoint["disabled_reason"] = False, store.FAILING_REASON.format(days=days)
                 disabled.add(claim.endpoint_id)
-            answers.append(not endpoint["enabled"])
+            answers.append(None if endpoint["enabled"] else _Disabled(endpoint["institution"], endpoint["disabled_reason"] or "", was_enabled))
         if attempts:
             connection.execute(store.ADD_ATTEMPT, attempts)
         if delivered:
@@ -905,6 +910,34 @@ def _ended(span: trace.Span | None, outcome: Outcome) -> Outcome:
             span.set_status(Status(StatusCode.ERROR, outcome.error or ""))
         span.end()
     return outcome
+
+
+@dataclass(frozen=True)
+class _Disabled:
+    """An endpoint found disabled as an attempt was recorded: its institution, why, and whether
+    that attempt disabled it (``now``; else it was before, by its owner meanwhile)."""
+
+    institution: str
+    reason: str
+    now: bool
+
+
+def _log_disabled(endpoint_id: str, institution: str, reason: str) -> None:
+    """The operator's line for an endpoint the bus disabled, saying why (``collabbus status`` and
+    ``GET /webhooks/{id}`` say it too)."""
+    log.warning("webhooks: endpoint %s of %s disabled: %s", endpoint_id, institution, reason,
+                extra={"endpoint_id": endpoint_id, "institution": institution, "disabled_reason": reason})
+
+
+def _met(outcome: Outcome) -> str:
+    """What a failed attempt met, for its log line: the status and the start of the endpoint's
+    answer on one line (at most :data:`RESPONSE_LOGGED` characters of it), or the error."""
+    if outcome.status_code is None:
+        return (outcome.error or "no answer")[:200]
+    status = outcome.error or f"HTTP {outcome.status_code}"
+    answer = "".join(c if c.isprintable() else " " for c in (outcome.response or "")[:RESPONSE_LOGGED * 2])
+    answer = " ".join(answer.split())[:RESPONSE_LOGGED]
+    return f"{status}: {answer}" if answer else status
 
 
 # --- recovery ----------------------------------------------------------------------------------

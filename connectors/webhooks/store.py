@@ -173,6 +173,13 @@ def disable(endpoint: Endpoint, reason: str, now: datetime) -> None:
     endpoint.enabled, endpoint.disabled_reason, endpoint.disabled_at, endpoint.updated_at = False, reason[:200], now, now
 
 
+GONE_REASON = "the endpoint answered 410 Gone"
+OWNER_REASON = "disabled by its owner"
+LEFT_REASON = "the institution left the network"
+FAILING_REASON = "no successful delivery for {days:g} days"
+"""Why an endpoint was disabled, as ``disabled_reason`` says (``days``: the failing limit)."""
+
+
 def delete_endpoint(session: Session, endpoint: Endpoint) -> None:
     """Forget the endpoint with its deliveries and their attempts."""
     deliveries = select(Delivery.id).where(Delivery.endpoint_id == endpoint.id)
@@ -314,7 +321,7 @@ DELIVERIES_LEASED = (
 """The next attempt of the deliveries ``ids`` that still exist: what a claim wrote, unless they
 were changed meanwhile."""
 ENDPOINTS_TO_SETTLE = (
-    sa.select(_E.id, _E.enabled, _E.disabled_reason, _E.updated_at, _E.last_success_at, _E.failing_since)
+    sa.select(_E.id, _E.institution, _E.enabled, _E.disabled_reason, _E.updated_at, _E.last_success_at, _E.failing_since)
     .where(_E.id.in_(sa.bindparam("ids", expanding=True)))
     .with_for_update()
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from datetime import datetime, timedelta, timezone
@@ -422,6 +423,52 @@ async def test_410_disables_the_endpoint(network: Network, receiver: Receiver) -
     assert len(await deliveries(gateway, owner, gone["id"])) == 1 and len(receiver.at("/gone")) == 1
     probed = (await gateway.client.get(f"/webhooks/{probe['id']}", headers=gateway.auth(owner))).json()
     assert probed["last_success_at"] is not None and probed["failing_since"] is None
+
+
+async def test_the_log_says_why_an_endpoint_was_disabled_and_what_a_failed_attempt_met(
+    network: Network, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator's log, searched by endpoint: each failed attempt quotes the start of the
+    answer on one line; an endpoint disabled says why (410, five days failing, its owner) —
+    never with its secret or a signature."""
+    caplog.set_level(logging.INFO, logger="collabbus.webhooks")
+    gateway = await network.start(schedule=[0])
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    receiver.answer("/down", Answer(500, body=b"Internal error:\n\tdatabase\x1b[31m down\r\n" + b"y" * 3000))
+    receiver.answer("/gone", Answer(410, body=b"gone for good"))
+    receiver.answer("/flaky", Answer(503, body=b""))
+    down, gone, flaky, mine = [await register(gateway, owner, receiver.url(path)) for path in ("/down", "/gone", "/flaky", "/mine")]
+    with session_scope(gateway.bus.engine) as session:  # its last success was six days ago
+        session.execute(sa.text("UPDATE webhook_endpoints SET failing_since = :since WHERE id = :id"),
+                        {"since": datetime.now(timezone.utc) - timedelta(days=6), "id": flaky["id"]})
+    event = await offer_project(gateway, owner)
+    for endpoint in (down, gone, flaky):
+        await settled(gateway, owner, endpoint["id"], 1)
+    assert (await gateway.client.patch(f"/webhooks/{mine['id']}", json={"enabled": False}, headers=auth)).status_code == 200
+
+    def about(endpoint: dict[str, Any]) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "endpoint_id", None) == endpoint["id"]]
+
+    (failed,) = about(down)
+    excerpt = ("Internal error: database [31m down " + "y" * 200)[:200]  # one line, control characters blanked
+    assert failed.getMessage() == (f"webhooks: endpoint {down['id']} did not take event {event['id']} (attempt 1: HTTP 500: "
+                                   f"{excerpt}); no more attempts")
+    assert (failed.event_id, failed.institution) == (event["id"], owner)  # type: ignore[attr-defined]
+    gone_attempt, gone_disabled = about(gone)
+    assert "(attempt 1: HTTP 410: gone for good)" in gone_attempt.getMessage()
+    assert gone_disabled.getMessage() == f"webhooks: endpoint {gone['id']} of {owner} disabled: the endpoint answered 410 Gone"
+    assert (gone_disabled.levelname, gone_disabled.institution) == ("WARNING", owner)  # type: ignore[attr-defined]
+    assert gone_disabled.disabled_reason == "the endpoint answered 410 Gone"  # type: ignore[attr-defined]
+    flaky_attempt, flaky_disabled = about(flaky)
+    assert "(attempt 1: HTTP 503); no more attempts" in flaky_attempt.getMessage()  # (an empty answer: the status alone)
+    assert flaky_disabled.getMessage() == f"webhooks: endpoint {flaky['id']} of {owner} disabled: no successful delivery for 5 days"
+    (by_owner,) = about(mine)
+    assert by_owner.getMessage() == f"webhooks: endpoint {mine['id']} of {owner} disabled by its owner"
+    signatures = {r.headers["webhook-signature"] for r in receiver.requests}
+    logged = [r.getMessage() + repr(vars(r)) for r in caplog.records]
+    for secret in (*(e["secret"] for e in (down, gone, flaky, mine)), *signatures):
+        assert not any(secret in line for line in logged)
 
 
 async def test_resend_and_recover_are_refused_while_the_endpoint_is_disabled_and_owe_it_nothing(
