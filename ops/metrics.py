@@ -6,16 +6,20 @@ Two kinds:
   on prometheus-client's process-wide registry (beside its process and GC metrics);
 - what is read from the shared sources of truth when scraped (:func:`snapshot`): the log's last
   sequence, each consumer group's lag, the dead letters per consumer, webhook attempts by outcome,
-  the derived events waiting in the outbox.
+  the webhook endpoints failing or disabled, the derived events waiting in the outbox.
   Those hold for the whole bus, whichever process serves them, and survive restarts.
 
 Label values are bounded: an event type the catalog does not know is ``unknown``, an institution
-the gate does not know as a member is ``other`` (an ingress subject can name anything).
+the gate does not know as a member is ``other`` (an ingress subject can name anything), and a
+webhook endpoint is named by its id (never its URL), as many as the members registered.
 
 ``/metrics`` answers whoever reaches the gateway (Prometheus scrapes it without a token), so it says
 nothing the members' own reads would not: an offer of a confidential type (an application, a review
 before the decision: :mod:`handlers.confidential`) is counted under the institution ``confidential``,
-not its member — which members applied to calls or reviewed is for the parties alone.
+not its member — which members applied to calls or reviewed is for the parties alone. A webhook
+endpoint is named by its id and member (the deliveries it is owed; since when it fails, or when it
+was disabled) for the operator's alerts: its URL is not served, and its id is of no use without
+its member's token.
 """
 
 from __future__ import annotations
@@ -297,6 +301,86 @@ def access_expiries(engine: Any, authority: Any = None) -> dict[tuple[str, str],
     return {key: at for key, at in latest.items() if at is not None}
 
 
+ENDPOINT_STATES = ("enabled", "failing", "disabled")
+"""A webhook endpoint is ``enabled`` (delivering), ``failing`` (enabled, no success since an
+attempt failed) or ``disabled`` (nothing is sent to it)."""
+
+
+class _WebhookEndpoints(Collector):
+    """How the webhook endpoints fare (:func:`webhook_endpoints`)."""
+
+    def __init__(self, endpoints: Sequence[Mapping[str, Any]]) -> None:
+        self.endpoints = endpoints
+
+    def collect(self) -> Iterator[Metric]:
+        from connectors.webhooks.store import disabled_cause
+
+        states = GaugeMetricFamily("collabbus_webhook_endpoints", "webhook endpoints by state: enabled (delivering), failing "
+                                   "(enabled, no success since an attempt failed) or disabled (nothing is sent to it)",
+                                   labels=["state"])
+        failing = GaugeMetricFamily(
+            "collabbus_webhook_endpoint_failing_since_timestamp_seconds", "when an enabled webhook endpoint's first failed "
+            "attempt since its last success was made (Unix time; it is disabled after five days of it); no series while it "
+            "delivers or is disabled", labels=["endpoint", "institution"])
+        disabled = GaugeMetricFamily(
+            "collabbus_webhook_endpoint_disabled_timestamp_seconds", "when a disabled webhook endpoint was disabled (Unix "
+            "time), and why: gone (it answered 410), failing (no success for five days), owner, left (its institution left "
+            "the network) or other; no series while it is enabled", labels=["endpoint", "institution", "reason"])
+        owed = GaugeMetricFamily("collabbus_webhook_owed", "deliveries still owed to a webhook endpoint (waiting for their "
+                                 "next attempt; a disabled endpoint's wait until it is enabled again)",
+                                 labels=["endpoint", "institution"])
+        counts = dict.fromkeys(ENDPOINT_STATES, 0)
+        for endpoint in self.endpoints:
+            labels = [endpoint["id"], endpoint["institution"]]
+            if not endpoint["enabled"]:
+                counts["disabled"] += 1
+                at = endpoint["disabled_at"]
+                disabled.add_metric([*labels, disabled_cause(endpoint["disabled_reason"])], at.timestamp() if at else 0.0)
+            elif endpoint["failing_since"] is not None:
+                counts["failing"] += 1
+                failing.add_metric(labels, endpoint["failing_since"].timestamp())
+            else:
+                counts["enabled"] += 1
+            owed.add_metric(labels, endpoint["owed"])
+        for state, count in counts.items():
+            states.add_metric([state], count)
+        yield from (states, failing, disabled, owed)
+
+
+def webhook_endpoints(engine: Any) -> list[dict[str, Any]] | None:
+    """Every webhook endpoint's id, institution, whether it is enabled, since when it fails, when
+    and why it was disabled, and how many deliveries it is owed; None without webhook tables (or
+    when they cannot be read)."""
+    import sqlalchemy as sa
+
+    if engine is None:
+        return None
+    try:
+        from handlers.db import reading
+
+        with reading(engine).connect() as connection:
+            if not sa.inspect(connection).has_table("webhook_endpoints"):
+                return None
+            owed: dict[str, int] = dict(connection.execute(sa.text(
+                "SELECT endpoint_id, COUNT(*) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL GROUP BY endpoint_id"
+            )).all())
+            rows = connection.execute(sa.text(
+                "SELECT id, institution, enabled, failing_since, disabled_at, disabled_reason FROM webhook_endpoints ORDER BY id"
+            )).mappings().all()
+    except sa.exc.SQLAlchemyError:
+        return None
+    return [{**row, "enabled": bool(row["enabled"]), "failing_since": _utc(row["failing_since"]),
+             "disabled_at": _utc(row["disabled_at"]), "owed": owed.get(row["id"], 0)} for row in rows]
+
+
+def _utc(value: datetime | str | None) -> datetime | None:
+    """A stored moment, aware (SQLite hands back naive UTC text)."""
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 class _Backup(Collector):
     """When the network was last backed up from this data dir (``collabbus backup``)."""
 
@@ -330,6 +414,7 @@ def exposition(
     expiries: Mapping[tuple[str, str], float] | None = None,
     lease_age: float | None = None,
     set_aside: Mapping[str, int] | None = None,
+    webhook_endpoints: Sequence[Mapping[str, Any]] | None = None,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
     gatekeeper processes ``gates``, when the bus runs any), a status snapshot (None: NATS could
@@ -338,7 +423,9 @@ def exposition(
     (``ops.backup.last_backup``, ``{}`` when there is none); ``expiries``: when members lose
     access (:func:`access_expiries`); ``lease_age``: seconds since this bus last renewed its lease
     on the log (``bus.lease.Lease.renewed_ago``; None: it holds none); ``set_aside``: per consumer,
-    how many things it sets aside behind its dead letters (:func:`set_aside_counts`)."""
+    how many things it sets aside behind its dead letters (:func:`set_aside_counts`);
+    ``webhook_endpoints``: how the webhook endpoints fare (:func:`webhook_endpoints`; None: the
+    database has no webhook tables, or could not be read)."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
     if outbox is not None:
@@ -357,6 +444,8 @@ def exposition(
         for consumer, count in sorted(set_aside.items()):
             aside.add_metric([consumer], count)
         snapshot.register(_Value(aside))
+    if webhook_endpoints is not None:
+        snapshot.register(_WebhookEndpoints(webhook_endpoints))
     if checkpointers:
         snapshot.register(_Checkpoints(checkpointers))
     process: Any = REGISTRY

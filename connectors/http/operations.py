@@ -198,10 +198,10 @@ METRICS_NATS_TIMEOUT = 2.0
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition: the gateway's, the process's (gate, handlers) and the bus's
-    state read now (log, consumer lag, dead letters, webhook attempts; ``ops.metrics``)."""
+    state read now (log, consumer lag, dead letters, webhook attempts and endpoints; ``ops.metrics``)."""
     from connectors.webhooks.dispatcher import webhook_consumer
     from ops.backup import last_backup
-    from ops.metrics import access_expiries, exposition, outbox_waiting, set_aside_counts
+    from ops.metrics import access_expiries, exposition, outbox_waiting, set_aside_counts, webhook_endpoints
     from ops.status import collect_status
 
     bus = bus_of(request)
@@ -212,6 +212,7 @@ async def metrics(request: Request) -> Response:
     nats_up = (await answering(bus.nc)) == "ok" if status is None else bus.nc.is_connected  # (it answered the status)
     registry: Metrics = request.app.state.metrics
     attempts = await run_in_threadpool(registry.webhook_attempts.read, bus.engine)
+    endpoints = await run_in_threadpool(webhook_endpoints, bus.engine)
     outbox = await run_in_threadpool(outbox_waiting, bus.engine)
     consumers = (bus.consumer_settings.name, webhook_consumer(bus.consumer_settings).name)
     set_aside = await run_in_threadpool(set_aside_counts, bus.engine, consumers)
@@ -219,7 +220,8 @@ async def metrics(request: Request) -> Response:
     return Response(exposition(status, attempts, registry.registry, gates=bus.gates, nats_connected=nats_up,
                                checkpointers=bus.checkpointers, outbox=outbox,
                                backup=last_backup(bus.settings.data_dir) or {}, expiries=expiries,
-                               lease_age=bus.lease.renewed_ago if bus.lease is not None else None, set_aside=set_aside),
+                               lease_age=bus.lease.renewed_ago if bus.lease is not None else None, set_aside=set_aside,
+                               webhook_endpoints=endpoints),
                     media_type=CONTENT_TYPE_LATEST)
 
 

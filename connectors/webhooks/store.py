@@ -179,6 +179,23 @@ LEFT_REASON = "the institution left the network"
 FAILING_REASON = "no successful delivery for {days:g} days"
 """Why an endpoint was disabled, as ``disabled_reason`` says (``days``: the failing limit)."""
 
+DisabledCause = Literal["gone", "failing", "owner", "left", "other"]
+
+
+def disabled_cause(reason: str | None) -> DisabledCause:
+    """A disabling reason as one of a few words (``/metrics`` labels by it): ``gone`` (410),
+    ``failing`` (no success for the failing limit), ``owner``, ``left`` (the institution left the
+    network), ``other`` (a reason recorded otherwise)."""
+    if reason == GONE_REASON:
+        return "gone"
+    if reason == OWNER_REASON:
+        return "owner"
+    if reason == LEFT_REASON:
+        return "left"
+    if reason is not None and reason.startswith(FAILING_REASON.partition("{")[0]):
+        return "failing"
+    return "other"
+
 
 def delete_endpoint(session: Session, endpoint: Endpoint) -> None:
     """Forget the endpoint with its deliveries and their attempts."""

@@ -181,6 +181,52 @@ async def test_webhook_attempts_by_outcome(poisoned: Poisoned, scrape: Scrape) -
     assert await counts() == {"delivered": 3, "failed": 2, "error": 1}
 
 
+def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Every sample of ``name``, by its labels."""
+    return {labels: value for (sample_name, labels), value in samples.items() if sample_name == name}
+
+
+def failing_and_disabled_endpoints(engine: Any, now: datetime) -> dict[str, str]:
+    """Four endpoints of ``MEMBER`` — delivering, failing for two hours, disabled on a 410 and by
+    its owner half an hour ago — with deliveries owed to two of them: their ids by what they are."""
+    later = datetime(2099, 1, 1, tzinfo=timezone.utc)  # (owed, not due: nothing is attempted meanwhile)
+    with session_scope(engine) as session:
+        made = {name: store.create_endpoint(session, MEMBER, f"https://example.org/{name}?token=s3cret", [], "",
+                                            after_seq=10**6, now=now) for name in ("fine", "failing", "gone", "mine")}
+        made["failing"].failing_since = now - timedelta(hours=2)
+        made["gone"].failing_since = now - timedelta(minutes=31)
+        store.disable(made["gone"], store.GONE_REASON, now - timedelta(minutes=30))
+        store.disable(made["mine"], store.OWNER_REASON, now - timedelta(minutes=30))
+        session.flush()
+        for name, event_id, next_at in (("failing", "e-1", later), ("failing", "e-2", later), ("gone", "e-1", later),
+                                        ("fine", "e-1", None)):
+            session.add(store.Delivery(endpoint_id=made[name].id, event_id=event_id, event_type="project.registered", seq=1,
+                                       next_attempt_at=next_at, created_at=now))
+        return {name: endpoint.id for name, endpoint in made.items()}
+
+
+async def test_webhook_endpoints_by_state_with_the_failing_and_disabled_ones_named(poisoned: Poisoned, scrape: Scrape) -> None:
+    """A dead endpoint makes hardly any attempts once its retries are hours apart: what an alert
+    needs is its state, served per endpoint (by id, never by URL) while it fails or is disabled."""
+    now = datetime.now(timezone.utc)
+    ids = failing_and_disabled_endpoints(poisoned.bus.engine, now)
+    samples = await scrape()
+
+    def labels(name: str, **more: str) -> frozenset[tuple[str, str]]:
+        return frozenset({"endpoint": ids[name], "institution": MEMBER, **more}.items())
+
+    states = {state: sample(samples, "collabbus_webhook_endpoints", state=state) for state in ("enabled", "failing", "disabled")}
+    assert states == {"enabled": 1, "failing": 1, "disabled": 2}
+    failing = series(samples, "collabbus_webhook_endpoint_failing_since_timestamp_seconds")
+    assert failing == {labels("failing"): pytest.approx((now - timedelta(hours=2)).timestamp(), abs=0.01)}
+    disabled = series(samples, "collabbus_webhook_endpoint_disabled_timestamp_seconds")
+    at = pytest.approx((now - timedelta(minutes=30)).timestamp(), abs=0.01)
+    assert disabled == {labels("gone", reason="gone"): at, labels("mine", reason="owner"): at}
+    owed = series(samples, "collabbus_webhook_owed")
+    assert owed == {labels("fine"): 0, labels("failing"): 2, labels("gone"): 1, labels("mine"): 0}
+    assert not any("example.org" in value for _, found in samples for _, value in found)
+
+
 async def test_the_background_checkpoints_of_the_sqlite_files_are_counted_with_their_logs_size(poisoned: Poisoned, scrape: Scrape) -> None:
     checkpointers = {c.path.name: c for c in poisoned.bus.checkpointers}
     assert set(checkpointers) == {"collabbus.db", "traces.db"}
@@ -283,6 +329,7 @@ async def test_every_metric_the_shipped_alert_rules_and_dashboard_use_is_served(
         await bus.start_http()
         with session_scope(bus.engine) as session:  # (a member's access expiring is a series of its own)
             tokens.issue(session, OPERATOR, valid_for=timedelta(days=3))
+        failing_and_disabled_endpoints(bus.engine, datetime.now(timezone.utc))  # (so are endpoints failing or disabled)
         assert bus.http is not None
         async with httpx.AsyncClient(base_url=bus.http.url) as client:
             text = (await client.get("/metrics")).text
