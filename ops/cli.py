@@ -1526,16 +1526,47 @@ def _render_status(report: dict[str, Any]) -> None:
         else:
             out.print(f"backup: the last at {backup['at'][:19].replace('T', ' ')} UTC into {escape(backup['into'])}")
     if report.get("webhooks"):
-        hooks = Table("endpoint", "institution", "url", "enabled", "failing since", "last success", "owed",
-                      title="webhook endpoints", title_justify="left")
+        now = datetime.now(timezone.utc)
+        hooks = Table("endpoint", "institution", "url", "state", "last success", "owed", title="webhook endpoints",
+                      title_justify="left")
         for hook in report["webhooks"]:
-            enabled = "[green]yes[/green]" if hook["enabled"] else f"[red]no[/red] {escape(hook['disabled_reason'] or '')}"
-            hooks.add_row(escape(hook["id"]), escape(hook["institution"]), escape(hook["url"]), enabled,
-                          (hook["failing_since"] or "")[:19], (hook["last_success_at"] or "")[:19], str(hook["owed"]))
+            hooks.add_row(escape(hook["id"]), escape(hook["institution"]), escape(hook["url"]), _endpoint_state(hook, now),
+                          _in_utc(hook["last_success_at"]) or "never", str(hook["owed"]))
         out.print(hooks)
         for hook in report["webhooks"]:
             if hook.get("last_error"):
-                out.print(f"  [yellow]{escape(hook['id'])}[/yellow] failing: {escape(hook['last_error'])}")
+                met = "failing" if hook["enabled"] else "its last attempt"
+                out.print(f"  [yellow]{escape(hook['id'])}[/yellow] {met}: {escape(hook['last_error'])}")
+
+
+def _endpoint_state(hook: Mapping[str, Any], now: datetime) -> str:
+    """A webhook endpoint's state for people: ``enabled``, ``failing since … (2 h)`` or ``disabled …: why``."""
+    if not hook["enabled"]:
+        when = _in_utc(hook.get("disabled_at"))
+        return f"[red]disabled{' ' + when if when else ''}: {escape(hook['disabled_reason'] or 'no reason recorded')}[/red]"
+    if hook["failing_since"]:
+        since = datetime.fromisoformat(hook["failing_since"])
+        return f"[yellow]failing since {_in_utc(hook['failing_since'])} ({_how_long(now - since)})[/yellow]"
+    return "[green]enabled[/green]"
+
+
+def _in_utc(moment: str | None) -> str | None:
+    """An RFC 3339 moment (``status --json``'s) as ``2026-12-06 09:15 UTC``."""
+    if not moment:
+        return None
+    return f"{datetime.fromisoformat(moment).astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+def _how_long(lasted: timedelta) -> str:
+    """``under a minute``, ``40 min``, ``2 h``, ``3 d`` (rounded down)."""
+    seconds = max(lasted.total_seconds(), 0.0)
+    if seconds < 60:
+        return "under a minute"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min"
+    if seconds < 2 * 86400:
+        return f"{int(seconds // 3600)} h"
+    return f"{int(seconds // 86400)} d"
 
 
 # --------------------------------------------------------------------------- traces

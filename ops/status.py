@@ -237,7 +237,7 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
                 "SELECT endpoint_id, COUNT(*) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL GROUP BY endpoint_id"
             )).all())
             rows = connection.execute(sa.text(
-                "SELECT id, institution, url, enabled, disabled_reason, failing_since, last_success_at "
+                "SELECT id, institution, url, enabled, disabled_reason, disabled_at, failing_since, last_success_at "
                 "FROM webhook_endpoints ORDER BY institution, id"
             )).mappings().all()
             last_errors = {row["id"]: _last_error(connection, row["id"]) for row in rows if row["failing_since"] is not None}
@@ -247,7 +247,8 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
     webhooks = [
         {
             "id": row["id"], "institution": row["institution"], "url": row["url"], "enabled": bool(row["enabled"]),
-            "disabled_reason": row["disabled_reason"], "failing_since": _time(row["failing_since"]),
+            "disabled_reason": row["disabled_reason"], "disabled_at": _time(row["disabled_at"]),
+            "failing_since": _time(row["failing_since"]),
             "last_success_at": _time(row["last_success_at"]), "owed": owed.get(row["id"], 0),
             "last_error": last_errors.get(row["id"]),
         }

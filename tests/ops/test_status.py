@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
         assert failed.id is not None
         session.add(store.Attempt(delivery_id=failed.id, attempted_at=endpoint.failing_since, status_code=500,
                                   error="HTTP 500", response="internal\noops from the receiver"))
+        gone = store.create_endpoint(session, FIXTURE["as"], "https://example.org/gone", [], "", after_seq=10**6,
+                                     now=datetime.now(timezone.utc))
+        store.disable(gone, store.GONE_REASON, datetime(2026, 12, 6, 9, 15, 24, 500000, tzinfo=timezone.utc))
     # Given: the operator and one member joined (#1, #2), three projects and one poison event (#3–#6).
     events = [project_event("p-1"), project_event("poison-a"), project_event("p-2"), project_event("p-3")]
     for event in events:
@@ -67,11 +70,14 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
     assert (network["pending"], network["ack_pending"], network["last_delivered"], network["acked"]) == (0, 0, 6, 6)
     assert status["dead_letters"] == {"network": 1}
     assert status["database"]["positions"] == {"network": {"seq": 6, "behind": 0}, "webhooks": {"seq": 6, "behind": 0}}
-    assert [(w["id"], w["enabled"], w["failing_since"], w["last_success_at"]) for w in status["webhooks"]] == [
-        (endpoint.id, True, "2026-12-02T03:00:01.250000Z", None)  # in UTC with its Z, as everywhere else
+    hooks = {w["id"]: w for w in status["webhooks"]}
+    assert [(w["enabled"], w["failing_since"], w["last_success_at"], w["disabled_at"]) for w in (hooks[endpoint.id], hooks[gone.id])] == [
+        (True, "2026-12-02T03:00:01.250000Z", None, None),  # in UTC with its Z, as everywhere else
+        (False, None, None, "2026-12-06T09:15:24.500000Z"),
     ]
+    assert hooks[gone.id]["disabled_reason"] == "the endpoint answered 410 Gone"
     # What its last attempt met, for an operator who may not read the member's deliveries.
-    assert status["webhooks"][0]["last_error"] == "HTTP 500: internal oops from the receiver"
+    assert hooks[endpoint.id]["last_error"] == "HTTP 500: internal oops from the receiver"
     # What the dead letter is about is set aside behind it (#4): its later events would wait there.
     assert status["database"]["set_aside"] == [{"consumer": "network", "domain": "project", "subject": "poison-a", "behind": 4, "last": 4}]
 
@@ -79,6 +85,8 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
     assert code == 0, err
     assert "COLLAB_EVENTS" in out and "network" in out and "webhook endpoints" in out and "(0 behind)" in out
     assert f"{endpoint.id} failing: HTTP 500: internal oops from the receiver" in out
+    assert "failing since 2026-12-02 03:00 UTC (" in out
+    assert "disabled 2026-12-06 09:15 UTC: the endpoint answered 410 Gone" in out
     assert "set aside: project poison-a behind #4" in out
 
 
@@ -164,3 +172,41 @@ def test_the_status_table_says_when_the_network_was_last_backed_up(capsys: pytes
     assert "backup: the last at 2026-12-03 14:00:05 UTC into /srv/backups/b1" in capsys.readouterr().out
     _render_status({k: v for k, v in report.items() if k != "backup"})  # a report without it (an older bus's)
     assert "backup" not in capsys.readouterr().out
+
+
+def test_the_status_table_says_when_an_endpoint_was_disabled_and_why_and_how_long_one_has_failed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint's state reads as a sentence with its times in UTC: since when one fails, and
+    for how long; when another was disabled, and why."""
+    from ops import cli
+
+    monkeypatch.setattr(cli.out, "width", 200)
+    failing_since = (datetime.now(timezone.utc) - timedelta(hours=2, minutes=5)).replace(microsecond=250000)
+    hook = {"institution": "fi-diak", "url": "https://example.org/hook", "enabled": True, "disabled_reason": None,
+            "disabled_at": None, "failing_since": None, "last_success_at": "2026-12-06T08:00:00.500000Z", "owed": 0,
+            "last_error": None}
+    hooks = [
+        {**hook, "id": "ep_fine"},
+        {**hook, "id": "ep_failing", "failing_since": failing_since.isoformat().replace("+00:00", "Z"), "owed": 3,
+         "last_error": "HTTP 500: internal error"},
+        {**hook, "id": "ep_gone", "enabled": False, "disabled_reason": "the endpoint answered 410 Gone",
+         "disabled_at": "2026-12-06T09:15:24.123456Z", "failing_since": "2026-12-06T09:15:24.100000Z", "last_success_at": None,
+         "last_error": "HTTP 410: gone"},
+    ]
+    cli._render_status({"streams": {}, "consumers": {}, "dead_letters": {}, "webhooks": hooks})
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("│ ep_")}
+    assert rows["ep_fine"][2:] == ["enabled", "2026-12-06 08:00 UTC", "0"]
+    assert rows["ep_failing"][2:] == [f"failing since {failing_since:%Y-%m-%d %H:%M} UTC (2 h)", "2026-12-06 08:00 UTC", "3"]
+    assert rows["ep_gone"][2:] == ["disabled 2026-12-06 09:15 UTC: the endpoint answered 410 Gone", "never", "0"]
+
+
+@pytest.mark.parametrize(("lasted", "shown"), [
+    (timedelta(seconds=30), "under a minute"), (timedelta(minutes=40, seconds=59), "40 min"), (timedelta(hours=47), "47 h"),
+    (timedelta(days=4, hours=23), "4 d"),
+])
+def test_how_long_an_endpoint_has_failed_is_said_in_one_unit(lasted: timedelta, shown: str) -> None:
+    from ops.cli import _how_long
+
+    assert _how_long(lasted) == shown
