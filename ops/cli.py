@@ -593,6 +593,7 @@ def up(
                   "they must be in a database both reach (COLLABBUS_DATABASE_URL=postgresql+psycopg://…), not SQLite "
                   "in a data dir")
         raise typer.Exit(2)
+    before = datadir.contents(settings.data_dir)
     try:
         held = datadir.lock(settings.data_dir, "collabbus up")
     except datadir.DataDirBusy as exc:
@@ -602,6 +603,7 @@ def up(
     except OSError as exc:
         err.print(f"[red]error:[/red] the data dir {settings.data_dir} cannot be used: {exc.strerror or exc}")
         raise typer.Exit(1) from None
+    started: list[bool] = []  # (once its nats-server and streams are: a bus has run with the data dir)
 
     async def main() -> None:
         from connectors.http.server import HttpGateway
@@ -622,6 +624,7 @@ def up(
         # NATS, the streams, the operator (waiting while a cluster elects); offers are judged here until a gatekeeper is ready
         if not await _started(bus, bus.start(state=False), stop):
             return
+        started.append(True)
         # For the commands run on this data dir (_where_the_bus_runs, _on_external_nats):
         nats = {"nats_listen": f"{bus.server.host}:{bus.server.port}"} if bus.server is not None else {"nats": "external"}
         datadir.announce(held, "collabbus up", http=f"{host}:{listening.port}", **nats)
@@ -707,7 +710,10 @@ def up(
     try:
         run(main())
     finally:
-        held.close()
+        if started:
+            held.close()
+        else:  # (stopped, or failed, before its nats-server and streams were there: the data dir is as it was)
+            datadir.take_back(held, settings.data_dir, before)
 
 
 async def _started(bus: Any, starting: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:

@@ -8,13 +8,20 @@ the same lock for as long as it runs.
 
 A running bus writes where it listens into the file too (:func:`announce`): a command run on its
 data dir reaches it there without being told (:func:`running_addresses`).
+
+A first start that fails takes back what it created (:func:`take_back`), the lock file with it: the
+data dir is again one no bus has run with, which the commands refuse rather than start a network
+of nobody's there. A process that took the lock checks that the file it locked is still the one at
+its path, so that removing it never lets two processes hold the data dir at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import IO
 
@@ -34,20 +41,64 @@ class DataDirBusy(RuntimeError):
 def lock(data_dir: Path, what: str) -> IO[str]:
     """Take the data dir for this process (``what`` it is, for the message another one gets);
     keep the returned file open for as long as it is held. Raises :class:`DataDirBusy`."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        pid, found = _read(handle.read())
-        handle.close()
-        raise DataDirBusy(data_dir, pid, found) from None
+    while True:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid, found = _read(handle.read())
+            handle.close()
+            raise DataDirBusy(data_dir, pid, found) from None
+        if _still_there(handle, data_dir / LOCK_FILE):
+            break
+        handle.close()  # taken back by the process that held it (take_back): the file at the path now is the lock
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()} {what}\n")
     handle.flush()
     return handle
+
+
+def _still_there(handle: IO[str], path: Path) -> bool:
+    """Whether ``handle`` is open on the file at ``path`` (not on one removed from there)."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (opened.st_dev, opened.st_ino) == (found.st_dev, found.st_ino)
+
+
+def contents(data_dir: Path) -> set[str] | None:
+    """The names in ``data_dir`` now, for :func:`take_back`; None when there is no such directory."""
+    try:
+        return {entry.name for entry in data_dir.iterdir()}
+    except FileNotFoundError:
+        return None
+
+
+def take_back(handle: IO[str], data_dir: Path, before: set[str] | None) -> None:
+    """Remove what was created in ``data_dir`` since it held ``before`` (its :func:`contents`;
+    None: it was not there) while this process held it as ``handle``, the lock file with it, and
+    let go — the data dir itself too, when it was created and nothing else is in it now."""
+    for name in contents(data_dir) or set():
+        if name in (before or set()) or name == LOCK_FILE:
+            continue
+        path = data_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    try:
+        if LOCK_FILE not in (before or set()):
+            (data_dir / LOCK_FILE).unlink(missing_ok=True)
+    finally:
+        handle.close()
+    if before is None:
+        with contextlib.suppress(OSError):  # (not empty: another process uses it now)
+            data_dir.rmdir()
 
 
 def announce(handle: IO[str], what: str, **addresses: str) -> None:

@@ -935,6 +935,69 @@ def test_up_on_a_taken_http_port_says_so(tmp_path: Path) -> None:
     assert left.stdout.strip() == "", "processes of this data dir are still running"
 
 
+def test_a_first_start_that_fails_leaves_a_data_dir_no_bus_has_run_with(tmp_path: Path) -> None:
+    """A first `up` that fails (its NATS or HTTP address taken) takes back what it created: it
+    left the lock and the embedded server's keys, and `status` there then started a nats-server,
+    created its store and reported the streams missing, exit 0 — a mistyped data dir looked like
+    a network. The data dir is as it was, and the commands refuse it as one no bus has run with."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "README").write_text("an operator's note")
+
+    def as_it_was(data_dir: Path) -> bool:
+        return [path.name for path in kept.iterdir()] == ["README"] if data_dir == kept else not data_dir.exists()
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for data_dir, setting in ((tmp_path / "data2", "COLLABBUS_NATS_LISTEN"), (kept, "COLLABBUS_NATS_LISTEN"),
+                                  (tmp_path / "data3", "COLLABBUS_HTTP")):
+            env = {**os.environ, "COLLABBUS_DATA_DIR": str(data_dir), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+                   "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "0", setting: f"127.0.0.1:{port}"}
+            env.pop("COLLABBUS_NATS_URL", None)
+            failed = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+            assert failed.returncode == 1 and "already in use" in failed.stderr, failed.stderr
+            assert as_it_was(data_dir), list(data_dir.iterdir())
+            for command in (["status", "--json"], ["dlq", "list"]):
+                refused = cli(*command, env={**env, "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}"})
+                assert refused.returncode == 1 and "no bus has run with the data dir" in refused.stderr, refused.stderr
+            assert as_it_was(data_dir), list(data_dir.iterdir())
+    env["COLLABBUS_HTTP"] = f"127.0.0.1:{free_port()}"
+    with collabbus_up(env):  # (and a start that succeeds keeps what it made)
+        pass
+    assert (tmp_path / "data3" / "nats").is_dir()
+    assert cli("status", "--json", env=env).returncode == 0
+
+
+def test_the_data_dir_lock_is_never_held_twice_across_a_removal_of_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed first start removes the lock file it holds (ops.datadir.take_back). A process that
+    opened the file just before, and locks it once it is let go, holds a file no longer there:
+    it takes the lock at the path again, so that it and the next process do not both hold the data dir."""
+    import fcntl
+
+    from ops import datadir
+
+    first = datadir.lock(tmp_path, "collabbus up")
+    flock = fcntl.flock
+
+    def let_go_meanwhile(handle: Any, operation: int) -> None:  # the holder takes back the data dir between open and flock
+        if not first.closed:
+            datadir.take_back(first, tmp_path, before=set())
+        flock(handle, operation)
+
+    monkeypatch.setattr(datadir.fcntl, "flock", let_go_meanwhile)
+    held = datadir.lock(tmp_path, "collabbus status")
+    monkeypatch.undo()
+    try:
+        assert os.fstat(held.fileno()).st_ino == os.stat(tmp_path / datadir.LOCK_FILE).st_ino
+        with pytest.raises(datadir.DataDirBusy):
+            datadir.lock(tmp_path, "collabbus up")
+        assert datadir.holder(tmp_path) == f"pid {os.getpid()}: collabbus status"
+    finally:
+        held.close()
+
+
 def test_the_portal_sandbox_on_a_taken_port_says_so(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
