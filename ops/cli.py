@@ -570,7 +570,9 @@ def up(
     *,
     settings: Settings,
 ) -> None:
-    """Start the bus: embedded NATS (unless a URL is set), streams, gatekeeper. Ctrl-C drains and stops.
+    """Start everything: embedded NATS (unless a URL is set), streams, gatekeepers, database migrations, read
+    models and workflows (the handlers), webhook dispatcher, the connectors configured, HTTP gateway. Ctrl-C
+    drains and stops.
 
     One bus applies a log. With --standby, a bus finding another one applying it waits (judging
     NATS offers meanwhile; over HTTP alive, /healthz 200, and not ready, /readyz 503, the rest of
@@ -2015,14 +2017,14 @@ def institutions_add(
     kind: Annotated[str, typer.Option(help="university, municipality, ngo, cooperative, competence_centre, …")],
     country: Annotated[str, typer.Option(help="ISO 3166-1 alpha-2 code, e.g. TR")],
     lang: Annotated[str, typer.Option(help="language of the name (BCP 47)")] = "en",
-    region: Annotated[Optional[str], typer.Option()] = None,
+    region: Annotated[Optional[str], typer.Option(help="the region it is in, as it writes it, e.g. Mersin")] = None,
     municipality_level: Annotated[Optional[str], typer.Option(help="metropolitan, provincial or district")] = None,
     theme: Annotated[Optional[list[str]], typer.Option(help="theme code; repeat for several")] = None,
     identifier: Annotated[Optional[list[str]], typer.Option(help="SCHEME=VALUE, e.g. fi-business-id=0245895-8")] = None,
-    website: Annotated[Optional[str], typer.Option()] = None,
-    contact_email: Annotated[Optional[str], typer.Option()] = None,
+    website: Annotated[Optional[str], typer.Option(help="its web site, an http(s) URL")] = None,
+    contact_email: Annotated[Optional[str], typer.Option(help="an email address to reach it at")] = None,
     replace: Annotated[bool, typer.Option(help="an existing member: restate all its facts (those not given are cleared)")] = False,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdict (and what the network made of it) as JSON")] = False,
     *,
     settings: Settings,
 ) -> None:
@@ -2056,17 +2058,17 @@ _CLEARABLE = ("region", "municipality_level", "website", "contact_email")
 def institutions_update(
     institution_id: Annotated[str, typer.Argument(metavar="ID", help="a member, e.g. tr-mersin-bb", autocompletion=_complete_member)],
     name: Annotated[Optional[str], typer.Option(help="the institution's name (in --lang; replaces every language)")] = None,
-    kind: Annotated[Optional[str], typer.Option()] = None,
+    kind: Annotated[Optional[str], typer.Option(help="university, municipality, ngo, cooperative, competence_centre, …")] = None,
     country: Annotated[Optional[str], typer.Option(help="ISO 3166-1 alpha-2 code")] = None,
     lang: Annotated[str, typer.Option(help="language of the name (BCP 47)")] = "en",
-    region: Annotated[Optional[str], typer.Option()] = None,
+    region: Annotated[Optional[str], typer.Option(help="the region it is in, as it writes it, e.g. Mersin")] = None,
     municipality_level: Annotated[Optional[str], typer.Option(help="metropolitan, provincial or district")] = None,
     theme: Annotated[Optional[list[str]], typer.Option(help="theme code; repeat for several (replaces the list)")] = None,
     identifier: Annotated[Optional[list[str]], typer.Option(help="SCHEME=VALUE; repeat for several (replaces the list)")] = None,
-    website: Annotated[Optional[str], typer.Option()] = None,
-    contact_email: Annotated[Optional[str], typer.Option()] = None,
+    website: Annotated[Optional[str], typer.Option(help="its web site, an http(s) URL")] = None,
+    contact_email: Annotated[Optional[str], typer.Option(help="an email address to reach it at")] = None,
     clear: Annotated[Optional[list[str]], typer.Option(help=f"a fact to clear: {', '.join(_CLEARABLE)}, themes, identifiers; repeat for several")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdict (and what the network made of it) as JSON")] = False,
     *,
     settings: Settings,
 ) -> None:
@@ -2187,7 +2189,7 @@ def _ever_a_member(settings: Settings, session: Any, institution_id: str, nothin
 @institutions_app.command("list")
 @with_settings
 def institutions_list(
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the members as JSON, each with all its facts")] = False,
     *,
     settings: Settings,
 ) -> None:
@@ -2584,7 +2586,7 @@ def schemas_list(
 
 
 @schemas_app.command("export")
-def schemas_export(directory: Annotated[Path, typer.Argument(metavar="DIR")]) -> None:
+def schemas_export(directory: Annotated[Path, typer.Argument(metavar="DIR", help="a directory of its own (created if need be)")]) -> None:
     """Write one JSON Schema per event type (and major version) into DIR."""
     from schemas import registry
 

@@ -1077,6 +1077,33 @@ def test_help_names_what_each_setting_takes() -> None:
     assert len(flags) == 3 and not [line for line in flags if "<" in line], flags
 
 
+def test_every_option_and_argument_of_every_command_says_what_it_is() -> None:
+    """`--help` described no `--json` of `institutions add`, `update` and `list`, nor their
+    `--region`, `--website`, `--contact-email` or `update --kind`: each command's parameters are
+    walked, the settings' options with them. `up`'s summary names what it starts, the HTTP
+    gateway, handlers and webhooks included (it said "embedded NATS, streams, gatekeeper")."""
+    import typer
+
+    from ops.cli import app
+
+    def commands(command: Any, words: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            yield from commands(sub, (*words, name))
+        if getattr(command, "commands", None) is None:
+            yield " ".join(words), command
+
+    walked = dict(commands(typer.main.get_command(app)))
+    assert {"up", "status", "tail", "dlq replay", "institutions add", "institutions update", "schemas export"} <= set(walked)
+    undescribed = [f"{name} {param.opts[0] if param.opts else param.name}" for name, command in walked.items()
+                   for param in command.params if not (getattr(param, "help", None) or "").strip()]
+    assert undescribed == [], undescribed
+    helped = cli("institutions", "update", "--help", env={**os.environ, "COLUMNS": "200"}).stdout
+    rows = {line.split()[1]: line for line in helped.splitlines() if line.startswith("│ --")}
+    assert "university, municipality" in rows["--kind"] and "as JSON" in rows["--json"], helped
+    summary = walked["up"].short_help
+    assert all(part in summary for part in ("HTTP gateway", "webhook dispatcher", "handlers", "database migrations")), summary
+
+
 def test_commands_that_only_connect_and_read_the_log_load_neither_the_bus_nor_the_catalog() -> None:
     """`institutions list`, `tail`, `status`, `dlq list` start in well under a second: the modules
     they connect and read with keep the whole bus (``bus.runtime``) and the event catalog out."""
