@@ -1013,7 +1013,7 @@ def tail(
     since: Annotated[str, typer.Option(help="all, new, a sequence number, a duration (10m, 2h) or an RFC 3339 time")] = "new",
     count: Annotated[Optional[int], typer.Option(help="stop after this many events")] = None,
     follow: Annotated[bool, typer.Option(help="keep following new events")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="one canonical event per line (JSON Lines)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one canonical event per line (JSON Lines), with its log sequence as `seq`")] = False,
     *,
     settings: Settings,
 ) -> None:
@@ -1047,7 +1047,7 @@ def tail(
             async with contextlib.aclosing(reading) as events:
                 async for logged in events:
                     if as_json:
-                        sys.stdout.write(orjson.dumps(logged.event).decode() + "\n")
+                        sys.stdout.write(orjson.dumps({"seq": logged.seq, **logged.event}).decode() + "\n")
                         sys.stdout.flush()
                     else:
                         out.print(_render_line(logged))

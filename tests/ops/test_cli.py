@@ -219,6 +219,27 @@ def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp
     assert {"operator", fixture["as"]} <= ids
 
 
+def test_tail_json_lines_carry_the_log_sequence_a_script_resumes_from(running_bus: dict[str, str]) -> None:
+    """Each line of `tail --json` is the canonical event with its place in the log, `seq` (the
+    readable lines' `#N`): a script resumes after the last one it read with `--since` seq + 1."""
+    members = [unique("fi-tailed"), unique("fi-tailed")]
+    for member in members:
+        added = cli("institutions", "add", member, "--name", "Tailed", "--kind", "ngo", "--country", "FI", env=running_bus)
+        assert added.returncode == 0, added.stderr
+    logged = cli("tail", "--type", "institution", "--since", "all", "--no-follow", "--json", env=running_bus)
+    assert logged.returncode == 0, logged.stderr
+    lines = [json.loads(line) for line in logged.stdout.splitlines()]
+    seqs = [line["seq"] for line in lines]
+    assert all(isinstance(seq, int) for seq in seqs) and seqs == sorted(set(seqs)), seqs
+    first = next(line for line in lines if line["subject"] == members[0])
+    assert first["type"] == "institution.joined" and first["specversion"] == "1.0"  # the event as it was, and its seq
+    readable = cli("tail", "--since", str(first["seq"]), "--count", "1", "--no-follow", env=running_bus)
+    assert readable.stdout.startswith(f"#{first['seq']} ") and members[0] in readable.stdout, readable.stdout
+    resumed = cli("tail", "--type", "institution", "--since", str(first["seq"] + 1), "--count", "1", "--no-follow", "--json",
+                  env=running_bus)
+    assert json.loads(resumed.stdout)["subject"] == members[1], resumed.stdout
+
+
 def test_publish_reports_a_rejection_with_its_reasons(running_bus: dict[str, str]) -> None:
     fixture = load_fixtures()["project.registered"]
     # A member (again, with the same facts, when the test before it ran on this bus): the gate
