@@ -1866,12 +1866,18 @@ def dlq_replay(
 
 def _replayed_said(results: list[Any], later: dict[int, tuple[Any, list[dict[str, Any]]]], behind: dict[int, Any]) -> None:
     """What a replay came to, for people: each dead letter replayed or kept; the events set aside
-    behind one and replayed with it counted on its line, not listed one by one."""
+    behind one and replayed with it counted on its line, not listed one by one; the numbers asked
+    for that name no dead letter, on standard error."""
+    missing = [result.seq for result in results if not result.found]
+    if missing:
+        err.print(f"no dead letter {', '.join(f'#{seq}' for seq in missing)}")
     along: dict[int, int] = {}
     for result in results:
         if result.applied and result.seq in behind:
             along[behind[result.seq].seq] = along.get(behind[result.seq].seq, 0) + 1
     for result in results:
+        if not result.found:
+            continue
         if result.applied and result.seq in behind:
             if result.released:  # (the last of its thing's events: told once all are replayed)
                 out.print(_released(result.released))

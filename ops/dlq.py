@@ -260,6 +260,11 @@ class Replayed:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def found(self) -> bool:
+        """Whether there was such a dead letter to replay (a number asked for may name none)."""
+        return self.consumer is not None
+
 
 def about(letter: DeadLetter) -> tuple[str, str] | None:
     """What a dead letter's event is about: its domain and subject (None when unreadable)."""

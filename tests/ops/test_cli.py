@@ -535,7 +535,7 @@ def test_a_consumer_or_an_institution_that_names_nothing_is_a_usage_error(runnin
         assert "the consumer groups are: network, webhooks" in said and refused.stdout == ""
     assert cli("dlq", "list", "--consumer", "webhooks", env=env).returncode == 0
     missing = cli("dlq", "replay", "987654", env=env)  # nothing asked for was replayed
-    assert missing.returncode == 1 and "no dead letter #987654" in missing.stdout, missing.stdout
+    assert missing.returncode == 1 and "no dead letter #987654" in missing.stderr and missing.stdout == "", missing.stdout
     for institution in ("nobody-here", "operatr"):
         tailed = cli("tail", "--institution", institution, "--no-follow", env=env)
         said = flat(tailed.stderr)

@@ -136,6 +136,33 @@ async def test_one_dead_letter_is_purged_alone(poisoned: Poisoned) -> None:
     assert code == 1 and "no dead letter #999999" in err
 
 
+async def test_a_replay_of_a_number_naming_no_dead_letter_says_so_apart_from_those_kept(poisoned: Poisoned) -> None:
+    """`dlq replay 99` said "kept #99: no dead letter #99" on standard output, as if there were one
+    kept: a number naming none is said on standard error ("no dead letter #99"), apart from the
+    dead letters replayed or kept; the replay still exits 1."""
+    bus, recorder = poisoned.bus, poisoned.recorder
+    recorder.poison.add("poison-c")
+    assert (await offer(poisoned.nc, FIXTURE["as"], project_event("poison-c"))).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+    recorder.poison.clear()
+    assert (await offer(poisoned.nc, FIXTURE["as"], project_event("poison-c"))).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 2)
+    head, behind = await dlq.dead_letters(bus.js)
+    env = cli_env(bus)
+    code, out, err = await collabbus("dlq", "replay", "999998", "999999", env=env)
+    assert (code, out) == (1, "") and "no dead letter #999998, #999999" in err and "kept" not in err, err
+    code, out, err = await collabbus("dlq", "replay", str(behind.seq), "999999", env=env)
+    assert code == 1 and f"kept #{behind.seq} {behind.event_id}: waits for dead letter #{head.seq}" in out, out
+    assert "999999" not in out and "no dead letter #999999" in err, (out, err)
+    code, out, _ = await collabbus("dlq", "replay", "999999", "--json", env=env)  # (for scripts, as before)
+    assert code == 1 and orjson.loads(out)["items"] == [{"seq": 999999, "consumer": None, "event_id": None, "applied": False,
+                                                         "error": "no dead letter #999999", "released": None,
+                                                         "later_about_it": [], "waited_behind": None}]
+    code, out, err = await collabbus("dlq", "replay", str(head.seq), "999999", env=env)
+    assert code == 1 and f"replayed #{head.seq} {head.event_id} (network)" in out and "no dead letter #999999" in err, (out, err)
+    assert [letter.seq for letter in await dlq.dead_letters(bus.js)] == [behind.seq]
+
+
 async def test_a_dead_letter_in_any_language_is_listed_with_a_readable_reason(poisoned: Poisoned) -> None:
     """An error text with Turkish in it (the event's own title) is kept as written: nats-py read
     such a header back as an ``email.header.Header``, and ``dlq list`` crashed on the whole queue."""
