@@ -290,7 +290,7 @@ def _add_dead_letters(document: dict[str, Any]) -> None:
             "type": "object",
             "properties": {name: {"type": "string", "description": text} for name, text in (
                 (deadletters.DLQ_ERROR, "what went wrong (percent-encoded)"),
-                (deadletters.DLQ_DETAIL, "the details (percent-encoded)"),
+                (deadletters.DLQ_DETAIL, "the details, a traceback's lines among them (percent-encoded, a line break as %0A)"),
                 (deadletters.DLQ_CONSUMER, "the consumer that gave up on it"),
                 (deadletters.DLQ_DELIVERIES, "how often it was tried"),
                 (deadletters.DLQ_SUBJECT, "its subject in the log"),

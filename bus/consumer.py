@@ -531,9 +531,11 @@ class Consumer:
                         self.trouble = self._trouble_since = None
                         raise
                     except Exception as exc:
+                        from handlers.db import in_a_line  # (the read models' errors are SQLAlchemy's: loaded by now)
+
                         self._trouble_since = self._trouble_since or datetime.now(timezone.utc)
                         self.trouble = f"holding events since {self._trouble_since:%H:%M:%S} UTC: {_first_line(exc)}"
-                        log.error("consumer %s: database unavailable, holding %d events: %s", self.settings.name, len(msgs), exc)
+                        log.error("consumer %s: database unavailable, holding %d events: %s", self.settings.name, len(msgs), in_a_line(exc))
             if self._stopping.is_set():
                 for msg in msgs:
                     await msg.nak()

@@ -27,12 +27,25 @@ dead letter goes first (its own, or one its workflow reads)."""
 _HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
 
 
+DETAIL_LENGTH = 2000
+"""The most of a text a header value keeps (a detail: ``handlers.service`` makes a traceback fit)."""
+
+
 def header_value(text: str) -> str:
-    """Header values are one line of printable ASCII: any other character (a Turkish title in an
-    error, say) is percent-encoded, as the CloudEvents NATS binding encodes attributes — nats-py
-    reads a header with other bytes back as an ``email.header.Header``, not as text."""
-    line = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())[-1500:]
-    return quote(line, safe=_HEADER_SAFE)
+    """Header values are one line of printable ASCII: any other character — a line break of a
+    traceback, a Turkish title in an error — is percent-encoded, as the CloudEvents NATS binding
+    encodes attributes (nats-py reads a header with other bytes back as an ``email.header.Header``,
+    not as text). A text longer than :data:`DETAIL_LENGTH` keeps its beginning."""
+    text = text.strip()
+    if len(text) > DETAIL_LENGTH:
+        text = text[:DETAIL_LENGTH - 1] + "…"
+    return quote(text, safe=_HEADER_SAFE)
+
+
+def detail_lines(text: str) -> list[str]:
+    """The lines of a dead letter's detail as :func:`header_text` reads it: written with its line
+    breaks (a traceback, indented), or by a bus before, which joined them with `` | ``."""
+    return text.splitlines() if "\n" in text else text.split(" | ") if text else []
 
 
 def header_text(value: object) -> str:

@@ -107,6 +107,34 @@ def driver_cursor(connection: sa.Connection) -> Iterator[tuple[Any, str]]:
         cursor.close()
 
 
+def in_a_line(exc: BaseException) -> str:
+    """``exc`` for a log line: a database error's message and the first line of its statement,
+    without the statement's parameters (an event's data, which every attempt at the event would
+    log again; the dead letter's detail keeps them); any other error as it says itself."""
+    statement = getattr(exc, "statement", None)
+    if not isinstance(exc, sa.exc.StatementError) or not isinstance(statement, str):
+        return str(exc)
+    orig = exc.orig
+    said = (f"({type(orig).__module__}.{type(orig).__name__}) {_first_line(str(orig))}" if orig is not None
+            else _first_line(str(exc.args[0]) if exc.args else type(exc).__name__))
+    lines = statement.strip().splitlines() or [""]
+    first = lines[0].strip()
+    if len(first) > STATEMENT_SHOWN:
+        first = first[:STATEMENT_SHOWN] + " …"
+    elif len(lines) > 1:
+        first += " …"
+    return f"{said} [SQL: {first}]"
+
+
+STATEMENT_SHOWN = 200
+"""How much of a failed statement's first line :func:`in_a_line` shows."""
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` is the database failing (it cannot be written, reached or opened; the
     schema is not there), not an event's handling: the event is then held, never dead-lettered."""

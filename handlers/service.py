@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import threading
 import time
 import traceback
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -41,7 +43,7 @@ from handlers.bookkeeping import (
     end_stalled,
     rules_epochs,
 )
-from handlers.db import database_unavailable, reading
+from handlers.db import database_unavailable, in_a_line, reading
 from handlers.positions import PositionTaken
 from handlers.network import REBUILDING, Book, Event, Network, applied_among
 from handlers.rules import RULES, judged_by
@@ -242,7 +244,7 @@ class NetworkService:
                     del book.applied[mark[0]:]
                     del book.logged[mark[1]:]
                     book.seq = mark[2]
-                    log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
+                    log.warning("handler failed on %s (#%s): %s", event.id, item.seq, in_a_line(exc), extra={"event_id": event.id})
                     failure = Failure(type(exc).__name__, _describe(exc), permanent=False)
                     break
                 if live:
@@ -278,7 +280,7 @@ class NetworkService:
             except Exception as exc:
                 if database_unavailable(exc):  # (a handler's query flushed the session, say)
                     raise
-                log.warning("handler failed on %s (#%s): %s", event.id, item.seq, exc, extra={"event_id": event.id})
+                log.warning("handler failed on %s (#%s): %s", event.id, item.seq, in_a_line(exc), extra={"event_id": event.id})
                 raise _Failed(index, Failure(type(exc).__name__, _describe(exc), permanent=False)) from exc
             if timings is not None:
                 timings.append((event.type, time.perf_counter() - started))
@@ -506,4 +508,51 @@ class _Failed(Exception):
 
 
 def _describe(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))[-2000:]
+    """A handler's failure for its dead letter, within ``DETAIL_LENGTH`` characters: a traceback
+    of the project's own frames, the innermost first to be kept when not all fit, and of the frame
+    where it was raised, counting those left out where they were; then the exception as it says
+    itself (a database error with its statement and parameters), cut short if it is long."""
+    from bus.deadletters import DETAIL_LENGTH
+
+    summary = traceback.TracebackException.from_exception(exc)
+    said = "".join(summary.format_exception_only()).strip()
+    if len(said) > DETAIL_LENGTH // 2:
+        said = said[:DETAIL_LENGTH // 2 - 1] + "…"
+    frames = list(summary.stack)
+    shown = {index: _frame(frame) for index, frame in enumerate(frames)}
+    room = DETAIL_LENGTH - len(said) - 200  # (a line said before it, by a rebuild)
+    kept: set[int] = set()
+    for index in [*(i for i in reversed(range(len(frames))) if _own(frames[i].filename)), len(frames) - 1]:
+        if index >= 0 and index not in kept and len(shown[index]) + 40 <= room:
+            kept.add(index)
+            room -= len(shown[index]) + 40  # (and a line counting frames left out before it)
+    lines, left_out = ["Traceback (most recent call last):"], 0
+    for index in range(len(frames)):
+        if index not in kept:
+            left_out += 1
+            continue
+        if left_out:
+            lines.append(f"  … {left_out} frame{'s' if left_out != 1 else ''} left out")
+            left_out = 0
+        lines.append(shown[index])
+    if left_out:
+        lines.append(f"  … {left_out} frame{'s' if left_out != 1 else ''} left out")
+    return "\n".join([*lines, said])
+
+
+_PROJECT = Path(__file__).resolve().parents[1]
+_OWN_CODE = tuple(f"{_PROJECT / package}{os.sep}" for package in ("bus", "connectors", "handlers", "ops", "schemas"))
+
+
+def _own(filename: str) -> bool:
+    """Whether a frame is of the project's own code (not a library's)."""
+    return filename.startswith(_OWN_CODE)
+
+
+def _frame(frame: traceback.FrameSummary) -> str:
+    """A frame as a traceback shows it, the project's own files named from the project's root."""
+    filename = frame.filename
+    if _own(filename):
+        filename = filename[len(f"{_PROJECT}{os.sep}"):]
+    code = (frame.line or "").strip()
+    return f'  File "{filename}", line {frame.lineno}, in {frame.name}' + (f"\n    {code}" if code else "")

@@ -1796,7 +1796,7 @@ def dlq_show(
             table.add_row(f"[bold]{key}[/bold]", "" if value is None else escape(str(value)))
     out.print(table)
     out.print("[bold]detail[/bold]")
-    out.print("\n".join(f"  {line}" for line in letter.detail.split(" | ")), markup=False)
+    out.print("\n".join(f"  {line}" for line in letter.detail.splitlines()), markup=False)
     out.print("[bold]event[/bold]")
     if letter.event is not None:
         out.print_json(data=letter.event)

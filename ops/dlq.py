@@ -42,6 +42,7 @@ from bus.deadletters import (
     DLQ_STREAM_SEQ,
     DLQ_SUBJECT,
     DLQ_WAITS_FOR,
+    detail_lines,
     header_text,
     header_value,
 )
@@ -59,8 +60,8 @@ REASON_LENGTH = 300
 
 
 _NOISE = ("For further information visit", "(Background on this error at:", "[SQL:", "[parameters:")
-"""Lines of an error that point elsewhere (pydantic's and SQLAlchemy's links, the statement and
-its parameters): the detail keeps them, the reason leaves them out."""
+"""Lines of an error that point elsewhere (pydantic's and SQLAlchemy's links, the statement — all
+its lines — and its parameters): the detail keeps them, the reason leaves them out."""
 
 DLQ_BATCH = 256
 """Dead letters read with one request when listing them."""
@@ -70,7 +71,14 @@ def reason_of(error: str, detail: Iterable[str]) -> str:
     """An error in one line: from the line of a traceback that names the exception (without its
     module), with what follows it (a validation error's fields); else the error's name and the
     detail's own lines (``str`` of a validation error) — never the libraries' reference links."""
-    lines = [line.strip() for line in detail if line.strip() and not line.strip().startswith(_NOISE)]
+    lines, statement = [], False
+    for line in (line.strip() for line in detail):
+        if line.startswith(_NOISE):  # (a statement ends where its parameters begin, if not before)
+            statement = line.startswith("[SQL:") and not line.endswith("]")
+        elif statement:
+            statement = not line.endswith("]")
+        elif line:
+            lines.append(line)
     named = [i for i, line in enumerate(lines) if error and f"{error}:" in line.split(" ", 1)[0] + " "]
     if named:
         first = lines[named[-1]]
@@ -124,7 +132,7 @@ class DeadLetter:
             original_stream=headers.get(DLQ_STREAM_NAME),
             deliveries=_int(headers.get(DLQ_DELIVERIES)),
             error=header_text(headers.get(DLQ_ERROR)),
-            detail=header_text(headers.get(DLQ_DETAIL)),
+            detail="\n".join(detail_lines(header_text(headers.get(DLQ_DETAIL)))),
             failed_at=headers.get(DLQ_FAILED_AT),
             event=event,
             raw=raw,
@@ -134,7 +142,7 @@ class DeadLetter:
     @property
     def reason(self) -> str:
         """The error in one line (:func:`reason_of`)."""
-        return reason_of(self.error, self.detail.split(" | "))
+        return reason_of(self.error, self.detail.splitlines())
 
     def summary(self) -> dict[str, Any]:
         """What ``dlq list`` shows."""
@@ -217,7 +225,7 @@ async def dead_letter_failures(js: JetStreamContext, failures: Iterable[Mapping[
         except NotFoundError:  # (removed from the log meanwhile: nothing to replay)
             continue
         error = str(failure.get("error") or "failed")
-        detail = f"a rebuild of the read models could not apply it: {failure.get('detail') or error}"
+        detail = f"a rebuild of the read models could not apply it:\n{failure.get('detail') or error}"
         headers = {
             "Nats-Msg-Id": f"dlq.{consumer}.{seq}.rebuild.{time.time_ns()}",
             DLQ_ERROR: header_value(error[:200]),

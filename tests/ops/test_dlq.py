@@ -3,19 +3,25 @@ and gone from the dead-letter queue; purge asks first."""
 
 from __future__ import annotations
 
+import logging
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import nats
 import orjson
+import pytest
 from sqlmodel import Session
 
 from bus.client import offer
+from bus.deadletters import DETAIL_LENGTH
 from bus.server import EmbeddedNats
 from bus.streams import DLQ_STREAM
-from handlers.network import Event
+from handlers.network import Event, Network, Routes
+from handlers.projects import ProjectImpactReport
 from ops import dlq
-from tests.bus.test_consumer import FIXTURE, Recorder, project_event, wait_for
+from tests.bus.test_consumer import FIXTURE, Recorder, project_event, start_bus, wait_for
+from tests.conftest import join
 from tests.ops.conftest import Poisoned, cli_env, collabbus
 
 
@@ -161,6 +167,94 @@ async def test_a_replay_of_a_number_naming_no_dead_letter_says_so_apart_from_tho
     code, out, err = await collabbus("dlq", "replay", str(head.seq), "999999", env=env)
     assert code == 1 and f"replayed #{head.seq} {head.event_id} (network)" in out and "no dead letter #999999" in err, (out, err)
     assert [letter.seq for letter in await dlq.dead_letters(bus.js)] == [behind.seq]
+
+
+def _impact_report(session: Any, event: Any) -> None:
+    """A projection writing a row, which the database may refuse."""
+    session.add(ProjectImpactReport(project_id=event.subject, period_start=date(2025, 1, 1), period_end=date(2025, 6, 30),
+                                    indicators=[], reported_at=event.logged_at))
+    session.flush()
+
+
+async def test_a_dead_letters_detail_is_a_traceback_of_the_projects_frames_and_the_log_leaves_out_the_parameters(
+    tmp_path: Path, server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The detail was the traceback's last 1,500 characters, its lines joined by " | ": it began
+    mid-word, without its indentation or the frames naming the handler, while every attempt's log
+    line carried the whole statement with its parameters (the event's data). The detail keeps the
+    project's own frames and the exception, and `dlq show` prints it as a traceback; the log line
+    names the statement by its first line, without parameters."""
+    bus = await start_bus(tmp_path, server, lambda: Network(Routes().add(projections={"project.registered": _impact_report})),
+                          max_deliver=2, backoff=(0.05,))
+    nc = await nats.connect(server.url, **server.connect_options())
+    try:
+        with bus.engine.begin() as connection:
+            connection.exec_driver_sql(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON project_impact_reports WHEN NEW.project_id LIKE 'poison%' "
+                "BEGIN SELECT RAISE(ABORT, 'impact reports of poison projects are refused'); END")
+        await join(nc, FIXTURE["as"], FIXTURE["kind"])
+        with caplog.at_level(logging.WARNING, logger="collabbus"):
+            assert (await offer(nc, FIXTURE["as"], project_event("poison-secret-7"))).accepted
+            await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+        failed = [record.getMessage() for record in caplog.records if "handler failed on" in record.getMessage()]
+        assert len(failed) == 2, failed
+        for said in failed:
+            assert "(sqlite3.IntegrityError) impact reports of poison projects are refused [SQL: INSERT INTO project_impact_reports" in said
+            assert "poison-secret-7" not in said and "parameters" not in said and "\n" not in said, said
+        (letter,) = await dlq.dead_letters(bus.js)
+        stored = await bus.js.get_msg(DLQ_STREAM, seq=letter.seq)
+        assert len((stored.headers or {})["Collabbus-Error-Detail"]) <= 3 * DETAIL_LENGTH
+        lines = letter.detail.splitlines()
+        assert lines[0] == "Traceback (most recent call last):", lines
+        assert lines[1].startswith('  File "handlers/service.py", line ') and lines[2].startswith("    derived += "), lines
+        assert any(line.startswith('  File "handlers/network.py", line ') and line.endswith(", in _project") for line in lines), lines
+        assert any(line.startswith("    ") for line in lines) and any(line.startswith("  … ") and "left out" in line for line in lines)
+        exception = next(at for at, line in enumerate(lines) if line.startswith("sqlalchemy.exc.IntegrityError: "))
+        assert lines[exception + 1].startswith("[SQL: INSERT INTO project_impact_reports") and "poison-secret-7" in lines[exception + 2]
+        assert letter.reason == "IntegrityError: (sqlite3.IntegrityError) impact reports of poison projects are refused"
+
+        env = cli_env(bus)
+        code, shown, _ = await collabbus("dlq", "show", str(letter.seq), env=env)
+        assert code == 0 and "\n  Traceback (most recent call last):\n" in shown, shown
+        assert '\n    File "handlers/service.py", line ' in shown and "\n  sqlalchemy.exc.IntegrityError: (sqlite3" in shown, shown
+        code, listed, _ = await collabbus("dlq", "list", "--json", env=env)
+        assert orjson.loads(listed)["items"][0]["reason"] == letter.reason
+
+        # One written before (its lines joined by " | ", cut to its end) is read as it was.
+        old = ("in apply_batch | derived += len(self.network.apply(session, event)) | RuntimeError: cannot apply poison-old | "
+               "[SQL: INSERT INTO projects (project_id) VALUES (?)] | [parameters: ('poison-old',)]")
+        await bus.js.publish("collab.dlq.network", orjson.dumps(project_event("poison-old")), stream=DLQ_STREAM, headers={
+            "Collabbus-Consumer": "network", "Collabbus-Error": "RuntimeError", "Collabbus-Error-Detail": old})
+        (_, written_before) = await dlq.dead_letters(bus.js)
+        assert written_before.detail.splitlines()[:3] == ["in apply_batch", "derived += len(self.network.apply(session, event))",
+                                                          "RuntimeError: cannot apply poison-old"]
+        assert written_before.reason == "RuntimeError: cannot apply poison-old"
+        code, shown, _ = await collabbus("dlq", "show", str(written_before.seq), env=env)
+        assert code == 0 and "\n  in apply_batch\n  derived += len(self.network.apply(session, event))\n  RuntimeError: " in shown, shown
+    finally:
+        await nc.close()
+        await bus.stop()
+
+
+def test_a_failures_detail_fits_and_keeps_where_it_was_raised_and_what_it_says() -> None:
+    """However deep the failure and long its message, the detail fits a dead letter's header: the
+    traceback's frames are left out from the outermost, the exception's text is cut at its end."""
+    from handlers.service import _describe
+
+    def deep(depth: int) -> None:
+        if depth == 0:
+            raise ValueError("the innermost says: " + "x" * 5000)
+        deep(depth - 1)
+
+    try:
+        deep(200)
+    except ValueError as exc:
+        detail = _describe(exc)
+    assert len(detail) <= DETAIL_LENGTH, len(detail)
+    lines = detail.splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and lines[-1].startswith("ValueError: the innermost says: xxx")
+    assert lines[-1].endswith("…") and 'raise ValueError("the innermost says: " + "x" * 5000)' in detail  # where it was raised
+    assert any(line.startswith("  … ") and line.endswith(" frames left out") for line in lines), lines
 
 
 async def test_a_dead_letter_in_any_language_is_listed_with_a_readable_reason(poisoned: Poisoned) -> None:
