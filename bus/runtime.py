@@ -426,15 +426,19 @@ class Bus:
             self._state_file.cancel()
             await asyncio.gather(self._state_file, return_exceptions=True)
             self._state_file = None
+        await self._close_database()
+        self.lost_to = None
+        self.lost_lease.clear()
+        await self.start_state()
+
+    async def _close_database(self) -> None:
+        """Stop the background checkpoints of the SQLite files and let the read models' engine go."""
         for checkpointer in self.checkpointers:
             await asyncio.to_thread(checkpointer.stop)
         self.checkpointers = []
         if self.engine is not None:
             self.engine.dispose()
             self.engine = None
-        self.lost_to = None
-        self.lost_lease.clear()
-        await self.start_state()
 
     async def _stop_state(self) -> None:
         """Stop what applies the log; each part is taken before it is stopped, so that two callers
@@ -512,12 +516,7 @@ class Bus:
         if self.lease is not None:
             await self.lease.release()  # the next bus takes it at once
             self.lease = None
-        for checkpointer in self.checkpointers:
-            await asyncio.to_thread(checkpointer.stop)
-        self.checkpointers = []
-        if self.engine is not None:
-            self.engine.dispose()
-            self.engine = None
+        await self._close_database()
         if hasattr(self, "gate"):
             await self.gate.stop()
         if hasattr(self, "membership"):

@@ -5,7 +5,6 @@ models on SQLite and PostgreSQL, a real nats-server and a real HTTP gateway."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from bus.credentials import member_inbox_prefix, partner_creds
 from bus.server import EmbeddedNats
 from tests.conftest import unique
 from tests.connectors.conftest import Gateway
-from tests.connectors.test_gateway import project
+from tests.connectors.test_gateway import open_funding_call, project
 
 
 async def connect_member(nats_server: EmbeddedNats, tmp_path: Path, institution: str) -> Client:
@@ -41,13 +40,7 @@ async def test_a_member_reads_the_pages_of_the_log_it_may_see_over_nats_as_over_
 ) -> None:
     funder, applicant, outsider = await gateway.join("funder", "SE"), await gateway.join("ngo"), await gateway.join("university")
     start = (await gateway.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
-    now = datetime.now(timezone.utc)
-    call_id = unique("c")
-    await gateway.offer(funder, "call.published", {
-        "call_id": call_id, "title": {"en": "Care at home"}, "kind": "funding",
-        "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat(),
-        "deadline_model": "single_stage",
-    })
+    call_id = await open_funding_call(gateway, funder)
     await gateway.offer(applicant, "call.application_submitted", {
         "call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": "9000", "currency": "EUR"}})
     for _ in range(3):

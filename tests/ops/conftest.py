@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -56,3 +57,26 @@ async def poisoned(tmp_path: Path, server: EmbeddedNats) -> AsyncIterator[Poison
     finally:
         await nc.close()
         await bus.stop()
+
+
+async def bus_refusing_poison_rows(tmp_path: Path, server: EmbeddedNats, *, flush_in_handler: bool) -> Bus:
+    """A bus whose projection of ``project.registered`` writes an impact report, which the database
+    refuses for the poison projects (a trigger: IntegrityError) — in the handler when it flushes
+    (``flush_in_handler``), else when the batch is written."""
+    from datetime import date
+
+    from handlers.projects import ProjectImpactReport
+
+    def report(session: Any, event: Any) -> None:
+        session.add(ProjectImpactReport(project_id=event.subject, period_start=date(2025, 1, 1), period_end=date(2025, 6, 30),
+                                        indicators=[], reported_at=event.logged_at))
+        if flush_in_handler:
+            session.flush()
+
+    bus = await start_bus(tmp_path, server, lambda: Network(Routes().add(projections={"project.registered": report})),
+                          max_deliver=2, backoff=(0.05,))
+    with bus.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON project_impact_reports WHEN NEW.project_id LIKE 'poison%' "
+            "BEGIN SELECT RAISE(ABORT, 'impact reports of poison projects are refused'); END")
+    return bus

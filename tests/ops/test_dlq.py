@@ -4,7 +4,6 @@ and gone from the dead-letter queue; purge asks first."""
 from __future__ import annotations
 
 import logging
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,11 @@ from bus.client import offer
 from bus.deadletters import DETAIL_LENGTH
 from bus.server import EmbeddedNats
 from bus.streams import DLQ_STREAM
-from handlers.network import Event, Network, Routes
-from handlers.projects import ProjectImpactReport
+from handlers.network import Event
 from ops import dlq
-from tests.bus.test_consumer import FIXTURE, Recorder, project_event, start_bus, wait_for
+from tests.bus.test_consumer import FIXTURE, Recorder, project_event, wait_for
 from tests.conftest import join
-from tests.ops.conftest import Poisoned, cli_env, collabbus
+from tests.ops.conftest import Poisoned, bus_refusing_poison_rows, cli_env, collabbus
 
 
 async def test_a_poison_event_is_listed_replayed_once_fixed_and_gone(poisoned: Poisoned) -> None:
@@ -169,13 +167,6 @@ async def test_a_replay_of_a_number_naming_no_dead_letter_says_so_apart_from_tho
     assert [letter.seq for letter in await dlq.dead_letters(bus.js)] == [behind.seq]
 
 
-def _impact_report(session: Any, event: Any) -> None:
-    """A projection writing a row, which the database may refuse."""
-    session.add(ProjectImpactReport(project_id=event.subject, period_start=date(2025, 1, 1), period_end=date(2025, 6, 30),
-                                    indicators=[], reported_at=event.logged_at))
-    session.flush()
-
-
 async def test_a_dead_letters_detail_is_a_traceback_of_the_projects_frames_and_the_log_leaves_out_the_parameters(
     tmp_path: Path, server: EmbeddedNats, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -184,14 +175,9 @@ async def test_a_dead_letters_detail_is_a_traceback_of_the_projects_frames_and_t
     line carried the whole statement with its parameters (the event's data). The detail keeps the
     project's own frames and the exception, and `dlq show` prints it as a traceback; the log line
     names the statement by its first line, without parameters."""
-    bus = await start_bus(tmp_path, server, lambda: Network(Routes().add(projections={"project.registered": _impact_report})),
-                          max_deliver=2, backoff=(0.05,))
+    bus = await bus_refusing_poison_rows(tmp_path, server, flush_in_handler=True)
     nc = await nats.connect(server.url, **server.connect_options())
     try:
-        with bus.engine.begin() as connection:
-            connection.exec_driver_sql(
-                "CREATE TRIGGER refuse_poison BEFORE INSERT ON project_impact_reports WHEN NEW.project_id LIKE 'poison%' "
-                "BEGIN SELECT RAISE(ABORT, 'impact reports of poison projects are refused'); END")
         await join(nc, FIXTURE["as"], FIXTURE["kind"])
         with caplog.at_level(logging.WARNING, logger="collabbus"):
             assert (await offer(nc, FIXTURE["as"], project_event("poison-secret-7"))).accepted

@@ -14,7 +14,6 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,16 +32,13 @@ from bus.consumer import ConsumerSettings
 from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
-from handlers.network import Network as NetworkOfHandlers
-from handlers.network import Routes
-from handlers.projects import ProjectImpactReport
 from ops import dlq, tracing
 from ops.settings import Settings
-from tests.bus.test_consumer import FIXTURE, project_event, start_bus, wait_for
+from tests.bus.test_consumer import FIXTURE, project_event, wait_for
 from tests.conftest import OPERATOR, join, load_fixtures, unique
 from tests.connectors.conftest import Gateway
 from tests.handlers.harness import envelope
-from tests.ops.conftest import cli_env, collabbus
+from tests.ops.conftest import bus_refusing_poison_rows, cli_env, collabbus
 from tests.webhooks.conftest import Receiver, eventually, register
 
 PARTNER_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -658,27 +654,15 @@ def test_a_failed_spans_errors_do_not_repeat_its_status() -> None:
 # --- an event that fails: its attempts, and its dead-lettering, in its trace ---------------------
 
 
-def _impact_report(session: Any, event: Any) -> None:
-    """A projection writing a row that is flushed only when the batch is committed."""
-    session.add(ProjectImpactReport(project_id=event.subject, period_start=date(2025, 1, 1), period_end=date(2025, 6, 30),
-                                    indicators=[], reported_at=event.logged_at))
-
-
 async def test_a_failed_attempt_says_why_and_which_delivery_it_was_and_its_dead_lettering_follows(
     local_store: None, tmp_path: Path, server: EmbeddedNats
 ) -> None:
     """The read models refuse the event's row (a trigger: IntegrityError when the batch is
     written, not inside the handler): each attempt's span fails with the error and its delivery,
     and the dead-lettering after the last is a span under it."""
-    bus = await start_bus(tmp_path, server, lambda: NetworkOfHandlers(Routes().add(projections={"project.registered": _impact_report})),
-                          max_deliver=2, backoff=(0.05,))
+    bus = await bus_refusing_poison_rows(tmp_path, server, flush_in_handler=False)
     nc = await nats.connect(server.url, **server.connect_options())
     try:
-        with bus.engine.begin() as connection:
-            connection.exec_driver_sql(
-                "CREATE TRIGGER refuse_poison BEFORE INSERT ON project_impact_reports WHEN NEW.project_id LIKE 'poison%' "
-                "BEGIN SELECT RAISE(ABORT, 'impact reports of poison projects are refused'); END"
-            )
         await join(nc, FIXTURE["as"], FIXTURE["kind"])
         event = project_event("poison-a")
         assert (await offer(nc, FIXTURE["as"], event)).accepted
