@@ -1013,7 +1013,7 @@ def tail(
     since: Annotated[str, typer.Option(help="all, new, a sequence number, a duration (10m, 2h) or an RFC 3339 time")] = "new",
     count: Annotated[Optional[int], typer.Option(help="stop after this many events")] = None,
     follow: Annotated[bool, typer.Option(help="keep following new events")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="one canonical event per line (JSON Lines), with its log sequence as `seq`")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help='a line per event (JSON Lines): {"seq": its place in the log, "event": the canonical event}')] = False,
     *,
     settings: Settings,
 ) -> None:
@@ -1047,7 +1047,7 @@ def tail(
             async with contextlib.aclosing(reading) as events:
                 async for logged in events:
                     if as_json:
-                        sys.stdout.write(orjson.dumps({"seq": logged.seq, **logged.event}).decode() + "\n")
+                        sys.stdout.write(orjson.dumps({"seq": logged.seq, "event": logged.event}).decode() + "\n")
                         sys.stdout.flush()
                     else:
                         out.print(_render_line(logged))
@@ -1131,7 +1131,7 @@ def rebuild(
                     raise typer.Exit(1)
                 # Held while the read models are replayed: a bus starting meanwhile waits or refuses.
                 # With --force it is taken from a bus that holds it, which then stops applying the
-                # log (and exits, saying so) rather than applying it beside the rebuild.
+                # log rather than apply it beside the rebuild, and applies it again afterwards.
                 def stop_rebuilding(holder: dict[str, Any]) -> None:
                     lost.append(holder)
                     command.cancel()

@@ -72,10 +72,11 @@ def _still_there(handle: IO[str], path: Path) -> bool:
 
 
 def contents(data_dir: Path) -> set[str] | None:
-    """The names in ``data_dir`` now, for :func:`take_back`; None when there is no such directory."""
+    """The names in ``data_dir`` now, for :func:`take_back`; None when there is no such directory
+    (or it cannot be read, a file where it should be: :func:`lock` then says so)."""
     try:
         return {entry.name for entry in data_dir.iterdir()}
-    except FileNotFoundError:
+    except OSError:
         return None
 
 

@@ -298,7 +298,7 @@ def test_tail_follows_the_log_across_a_restart_of_the_embedded_nats_server(tmp_p
         tail = subprocess.Popen([*COLLABBUS, "tail", "--since", "all", "--json"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         assert tail.stdout is not None
-        assert orjson.loads(tail.stdout.readline())["type"] == "institution.joined"  # the operator's, #1
+        assert orjson.loads(tail.stdout.readline())["event"]["type"] == "institution.joined"  # the operator's, #1
         [server] = child_processes(bus.pid, "nats-server")
         os.kill(server, signal.SIGKILL)
         deadline = time.monotonic() + 60
@@ -307,7 +307,7 @@ def test_tail_follows_the_log_across_a_restart_of_the_embedded_nats_server(tmp_p
                                         timeout=60)).returncode != 0:
             assert time.monotonic() < deadline, added.stderr  # (until the bus has its server again)
             time.sleep(0.5)
-        followed = orjson.loads(tail.stdout.readline())
+        followed = orjson.loads(tail.stdout.readline())["event"]
         assert followed["type"] == "institution.joined" and followed["subject"] == "tr-after-the-restart"
         assert tail.poll() is None  # still following
     finally:

@@ -206,7 +206,7 @@ def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp
 
     tailed = cli("tail", "--type", "project.registered", "--since", "all", "--count", "1", "--json", env=env)
     assert tailed.returncode == 0, tailed.stderr
-    event = json.loads(tailed.stdout.splitlines()[0])
+    event = json.loads(tailed.stdout.splitlines()[0])["event"]
     assert event["id"] == event_id and event["data"] == fixture["event"]["data"]
 
     readable = cli("tail", "--since", "all", "--count", "3", env=env)
@@ -221,7 +221,8 @@ def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp
 
 def test_tail_json_lines_carry_the_log_sequence_a_script_resumes_from(running_bus: dict[str, str]) -> None:
     """Each line of `tail --json` is the canonical event with its place in the log, `seq` (the
-    readable lines' `#N`): a script resumes after the last one it read with `--since` seq + 1."""
+    readable lines' `#N`), as `GET /events` gives them: a script resumes after the last one it
+    read with `--since` seq + 1."""
     members = [unique("fi-tailed"), unique("fi-tailed")]
     for member in members:
         added = cli("institutions", "add", member, "--name", "Tailed", "--kind", "ngo", "--country", "FI", env=running_bus)
@@ -231,13 +232,13 @@ def test_tail_json_lines_carry_the_log_sequence_a_script_resumes_from(running_bu
     lines = [json.loads(line) for line in logged.stdout.splitlines()]
     seqs = [line["seq"] for line in lines]
     assert all(isinstance(seq, int) for seq in seqs) and seqs == sorted(set(seqs)), seqs
-    first = next(line for line in lines if line["subject"] == members[0])
-    assert first["type"] == "institution.joined" and first["specversion"] == "1.0"  # the event as it was, and its seq
+    first = next(line for line in lines if line["event"]["subject"] == members[0])
+    assert first["event"]["type"] == "institution.joined" and set(first) == {"seq", "event"}  # the event as it was, and its seq
     readable = cli("tail", "--since", str(first["seq"]), "--count", "1", "--no-follow", env=running_bus)
     assert readable.stdout.startswith(f"#{first['seq']} ") and members[0] in readable.stdout, readable.stdout
     resumed = cli("tail", "--type", "institution", "--since", str(first["seq"] + 1), "--count", "1", "--no-follow", "--json",
                   env=running_bus)
-    assert json.loads(resumed.stdout)["subject"] == members[1], resumed.stdout
+    assert json.loads(resumed.stdout)["event"]["subject"] == members[1], resumed.stdout
 
 
 def test_publish_reports_a_rejection_with_its_reasons(running_bus: dict[str, str]) -> None:
@@ -803,7 +804,7 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
     # Its log is read all the same (after an incident, when it is down).
     logged = cli("tail", "--since", "all", "--no-follow", "--json", env=env)
     assert logged.returncode == 0, logged.stderr
-    assert [json.loads(line)["type"] for line in logged.stdout.splitlines()] == ["institution.joined"]  # the operator
+    assert [json.loads(line)["event"]["type"] for line in logged.stdout.splitlines()] == ["institution.joined"]  # the operator
     members = cli("institutions", "list", "--json", env=env)  # (it said "cannot reach NATS")
     assert members.returncode == 0, members.stderr
     assert [member["id"] for member in json.loads(members.stdout)["items"]] == ["operator"]
@@ -835,7 +836,7 @@ class Following:
             time.sleep(0.1)
 
     def ids(self) -> list[str]:
-        return [json.loads(line)["id"] for line in self.stdout]
+        return [json.loads(line)["event"]["id"] for line in self.stdout]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -936,7 +937,7 @@ def test_a_second_ctrl_c_stops_the_bus_at_once_and_it_starts_again_where_it_was(
             up.wait()
     with collabbus_up({**env, "COLLABBUS_GATE_PROCESSES": "0"}):  # the same log, the operator joined once
         logged = cli("tail", "--since", "all", "--no-follow", "--json", env=env)
-        assert [json.loads(line)["type"] for line in logged.stdout.splitlines()] == ["institution.joined"], logged.stderr
+        assert [json.loads(line)["event"]["type"] for line in logged.stdout.splitlines()] == ["institution.joined"], logged.stderr
 
 
 def test_up_on_a_taken_http_port_says_so(tmp_path: Path) -> None:
@@ -1200,7 +1201,7 @@ def test_the_nats_partner_example_offers_in_both_modes_with_a_members_credential
     seq = second.stdout.split("#")[1].split()[0]
     logged = cli("tail", "--since", seq, "--count", "1", "--no-follow", "--json", env=env)
     assert logged.returncode == 0, logged.stderr
-    event = json.loads(logged.stdout.splitlines()[0])
+    event = json.loads(logged.stdout.splitlines()[0])["event"]
     assert (event["id"], event["time"]) == (as_headers["id"], "2026-12-03T12:00:00+03:00")
     assert event["data"]["title"] == {"ar": "مطابخ الأحياء", "fi": "Kortteli \"keittiöt\" 100%"}
 
