@@ -51,6 +51,10 @@ def retry_after(wait: float) -> float:
     return max(math.ceil(wait * 1000), 1) / 1000
 
 
+DRAIN_TIMEOUT = 10.0
+"""Seconds the ingress takes at most to judge the offers it holds queued when it stops."""
+
+
 class Ingress:
     """The gate's subscription to every institution's ingress subjects (queue group ``collabbus-gate``).
 
@@ -75,11 +79,17 @@ class Ingress:
         self._sub = await self.nc.subscribe(INGRESS_SUBJECT, queue=GATE_QUEUE, cb=self._take)
 
     async def stop(self) -> None:
-        """Stop taking offers, then let the ones in hand be answered."""
+        """Stop taking offers, then answer the ones in hand — those the subscription holds queued
+        too (drained: the server sends this process no more, and what it sent is judged). Handing
+        the ingress to a gatekeeper process, or to another bus, loses no offer: an offer dropped
+        here would be answered by nobody, its sender's request timing out."""
         if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+            sub, self._sub = self._sub, None
+            try:
+                await asyncio.wait_for(sub.drain(), DRAIN_TIMEOUT)
+            except Exception:  # (the connection closing or gone: nothing more comes, nor can be answered)
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

@@ -18,6 +18,7 @@ the server's ``max_payload``: it then holds fewer events, and ``next_cursor`` go
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -187,12 +188,16 @@ class LogPages:
         self._sub = await self.nc.subscribe(f"{LOG_REQUESTS}.*", queue=LOG_QUEUE, cb=self._received)
 
     async def stop(self) -> None:
+        """Stop taking requests, answering those in hand (drained, as the ingress is)."""
+        from bus.ingress import DRAIN_TIMEOUT
+
         if self._sub is not None:
             sub, self._sub = self._sub, None
             try:
-                await sub.unsubscribe()
-            except Exception:  # (the connection is closing or gone: nothing is delivered any more)
-                pass
+                await asyncio.wait_for(sub.drain(), DRAIN_TIMEOUT)
+            except Exception:  # (the connection closing or gone: nothing more comes, nor can be answered)
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

@@ -161,3 +161,32 @@ async def test_no_gatekeeper_processes_when_asked_for_none(server: EmbeddedNats,
         assert running.gates is None and running.ingress is not None
     finally:
         await running.stop()
+
+
+async def test_handing_the_ingress_over_loses_no_offer(server: EmbeddedNats, tmp_path: Path) -> None:
+    """When a gatekeeper process becomes ready the bus stops judging offers itself; the offers its
+    subscription held queued then were dropped — their senders' requests went unanswered ("no
+    verdict within 10 s"), as the benchmark met once the bus was ready before its gatekeeper. They
+    are judged before the bus lets the ingress go."""
+    from bus.ingress import Ingress
+
+    settings = Settings(data_dir=tmp_path / "data", nats_url=server.url, nats_creds=server.bus_creds, operator=OPERATOR,
+                        gate_processes=0)
+    here = Bus(settings)
+    await here.start(state=False)  # judging offers itself
+    sender = await nats.connect(server.url, name="sender", **server.connect_options())
+    taker = await nats.connect(server.url, name="taker", **server.connect_options())
+    other = Ingress(taker, here.gate)  # (a gatekeeper process's, in this process)
+    try:
+        offers = [asyncio.create_task(offer(sender, OPERATOR, joined(unique("handed")), timeout=8)) for _ in range(400)]
+        await sender.flush()
+        await asyncio.sleep(0.05)  # the bus's subscription holds most of them queued (64 judged at once)
+        await other.start()
+        await here.close_ingress()
+        verdicts = await asyncio.gather(*offers)
+    finally:
+        await other.stop()
+        await asyncio.gather(sender.close(), taker.close())
+        await here.stop()
+    lost = [v.as_dict() for v in verdicts if not v.accepted]
+    assert lost == [], (len(lost), lost[:2])
