@@ -150,6 +150,9 @@ class GateProcesses:
         self._last_ready = -1
         self._changing = asyncio.Lock()
         self._stopping = False
+        self.started = False
+        """Whether every gatekeeper was ready once (:meth:`start` returned): until then the bus is
+        starting, not ready, whoever judges offers meanwhile."""
 
     @property
     def ready(self) -> int:
@@ -188,6 +191,7 @@ class GateProcesses:
         except BaseException:
             await self.stop()
             raise
+        self.started = True
 
     async def _changed(self) -> None:
         async with self._changing:
@@ -208,6 +212,8 @@ class GateProcesses:
         ready = self.ready
         if ready == self.count:
             return "ok"
+        if not self.started:
+            return f"{ready} of {self.count} gatekeeper processes ready (starting)"
         meanwhile = "; the bus's own process judges NATS offers meanwhile" if judging_here else ""
         return f"{ready} of {self.count} gatekeeper processes ready (the others are restarting){meanwhile}"
 

@@ -156,8 +156,9 @@ async def readyz(request: Request) -> JSONResponse:
     judged = True
     if bus.gates is not None:
         checks["gatekeepers"] = bus.gates.check(judging_here=bus.ingress is not None)
-        # One restarting leaves the others, or this process, judging offers: still ready.
-        judged = checks["gatekeepers"] == "ok" or bus.gates.ready > 0 or bus.ingress is not None
+        # Not before every gatekeeper has been ready once (the bus starts); then one restarting
+        # leaves the others, or this process, judging offers: still ready.
+        judged = checks["gatekeepers"] == "ok" or (bus.gates.started and (bus.gates.ready > 0 or bus.ingress is not None))
     ready = judged and all(value == "ok" for name, value in checks.items() if name != "gatekeepers")
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503)
 
