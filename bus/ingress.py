@@ -55,6 +55,19 @@ DRAIN_TIMEOUT = 10.0
 """Seconds the ingress takes at most to judge the offers it holds queued when it stops."""
 
 
+async def drained(sub: Subscription | None, tasks: set[asyncio.Task[None]]) -> None:
+    """End ``sub`` handling what it holds (drained: the server sends no more, and what it sent is
+    handed to its callback), then wait for ``tasks``, the work the callback started."""
+    if sub is not None:
+        try:
+            await asyncio.wait_for(sub.drain(), DRAIN_TIMEOUT)
+        except Exception:  # (the connection closing or gone: nothing more comes, nor can be answered)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Ingress:
     """The gate's subscription to every institution's ingress subjects (queue group ``collabbus-gate``).
 
@@ -83,15 +96,8 @@ class Ingress:
         too (drained: the server sends this process no more, and what it sent is judged). Handing
         the ingress to a gatekeeper process, or to another bus, loses no offer: an offer dropped
         here would be answered by nobody, its sender's request timing out."""
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            try:
-                await asyncio.wait_for(sub.drain(), DRAIN_TIMEOUT)
-            except Exception:  # (the connection closing or gone: nothing more comes, nor can be answered)
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        sub, self._sub = self._sub, None
+        await drained(sub, self._tasks)
 
     async def _take(self, msg: Msg) -> None:
         if self.limiter is not None:

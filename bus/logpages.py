@@ -18,7 +18,6 @@ the server's ``max_payload``: it then holds fewer events, and ``next_cursor`` go
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from bus import log
-from bus.ingress import REPLY_HEADERS, reply_allowed
+from bus.ingress import REPLY_HEADERS, drained, reply_allowed
 from bus.membership import Membership
 from bus.ratelimit import RateLimiter
 from bus.streams import EVENTS_STREAM
@@ -189,17 +188,8 @@ class LogPages:
 
     async def stop(self) -> None:
         """Stop taking requests, answering those in hand (drained, as the ingress is)."""
-        from bus.ingress import DRAIN_TIMEOUT
-
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            try:
-                await asyncio.wait_for(sub.drain(), DRAIN_TIMEOUT)
-            except Exception:  # (the connection closing or gone: nothing more comes, nor can be answered)
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        sub, self._sub = self._sub, None
+        await drained(sub, self._tasks)
 
     async def _received(self, msg: Msg) -> None:
         await self._slots.acquire()
