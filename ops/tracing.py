@@ -117,7 +117,7 @@ class Tracing:
         if endpoint is not None or chosen == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            otlp = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint))
+            otlp = BatchSpanProcessor(WithoutParameters(OTLPSpanExporter(endpoint=endpoint)))
             provider.add_span_processor(otlp)
             return cls(_tracer(provider, otlp), "otlp", provider, endpoint=endpoint)
         store = data_dir / STORE_FILE
@@ -126,7 +126,7 @@ class Tracing:
         # which the events arriving meanwhile waited out (the benchmark's p99 at 500 events/s:
         # 19-22 ms against 14-17 ms). ``collabbus traces`` shows at once what just happened.
         delay = None if env.get("OTEL_BSP_SCHEDULE_DELAY") else 100
-        processor = BatchSpanProcessor(SpanStore(store), schedule_delay_millis=delay, max_queue_size=8192, max_export_batch_size=1024)
+        processor = BatchSpanProcessor(WithoutParameters(SpanStore(store)), schedule_delay_millis=delay, max_queue_size=8192, max_export_batch_size=1024)
         provider.add_span_processor(processor)
         return cls(_tracer(provider, processor), "local", provider, store=store)
 
@@ -740,6 +740,47 @@ def _connect(path: Path) -> sqlite3.Connection:
 _INSERT = f"INSERT INTO spans ({_COLUMNS}) VALUES ({', '.join('?' * 16)})"
 _KINDS = {kind: kind.name.lower() for kind in SpanKind}
 _STATUSES = {code: code.name.lower() for code in StatusCode}
+
+
+class WithoutParameters(SpanExporter):
+    """Exports spans through ``exporter`` with a failed database statement's parameters left out
+    of their errors (the status and the exceptions' messages and stack traces): they are an
+    event's data, a confidential one's too, which the span store and a collector are not the
+    place for (the dead letter keeps them, beside the event). Spans without an error pass as they are."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self.exporter = exporter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self.exporter.export([_without_parameters(span) if span.events or span.status.description else span for span in spans])
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+
+_PARAMETERS = re.compile(r"^\[parameters: .*$\n?", re.MULTILINE)
+"""SQLAlchemy's line of a failed statement's parameters, in its errors' text."""
+
+
+def _without_parameters(span: ReadableSpan) -> ReadableSpan:
+    def scrubbed(text: Any) -> Any:
+        return _PARAMETERS.sub("", text) if isinstance(text, str) and "[parameters: " in text else text
+
+    status = span.status
+    events = tuple(event if not any(scrubbed(value) is not value for value in (event.attributes or {}).values())
+                   else SpanEvent(event.name, {key: scrubbed(value) for key, value in (event.attributes or {}).items()}, event.timestamp)
+                   for event in span.events)
+    description = scrubbed(status.description)
+    if description is status.description and all(new is old for new, old in zip(events, span.events)):
+        return span
+    return ReadableSpan(
+        name=span.name, context=span.context, parent=span.parent, resource=span.resource, attributes=span.attributes,
+        events=events, links=span.links, kind=span.kind, status=Status(status.status_code, description.rstrip() if description else description),
+        start_time=span.start_time, end_time=span.end_time, instrumentation_scope=span.instrumentation_scope,
+    )
 
 
 class SpanStore(SpanExporter):

@@ -659,7 +659,8 @@ async def test_a_failed_attempt_says_why_and_which_delivery_it_was_and_its_dead_
 ) -> None:
     """The read models refuse the event's row (a trigger: IntegrityError when the batch is
     written, not inside the handler): each attempt's span fails with the error and its delivery,
-    and the dead-lettering after the last is a span under it."""
+    and the dead-lettering after the last is a span under it. The spans keep the failed
+    statement, not its parameters (the event's data: the store kept them)."""
     bus = await bus_refusing_poison_rows(tmp_path, server, flush_in_handler=False)
     nc = await nats.connect(server.url, **server.connect_options())
     try:
@@ -682,6 +683,14 @@ async def test_a_failed_attempt_says_why_and_which_delivery_it_was_and_its_dead_
             "dead-letter collab.dlq.network", "producer", event["id"])
         assert dead_lettered["attributes"][tracing.DELIVERY] == 2 and dead_lettered["attributes"]["error.type"] == "IntegrityError"
         assert shown["errors"] == 2
+        assert all("[SQL: INSERT INTO project_impact_reports" in span["errors"][0] for span in failed), failed
+        store = sqlite3.connect(tmp_path / tracing.STORE_FILE)
+        try:
+            kept = [" ".join(str(value) for value in row) for row in store.execute("SELECT * FROM spans")]
+        finally:
+            store.close()
+        assert any("[SQL: INSERT INTO project_impact_reports" in row for row in kept)
+        assert not [row for row in kept if "2025-06-30" in row or "[parameters: " in row]  # (the report's period_end)
 
         code, out, err = await collabbus("traces", "--event", event["id"], env=env)
         assert code == 0, err
