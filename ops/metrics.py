@@ -415,6 +415,7 @@ def exposition(
     lease_age: float | None = None,
     set_aside: Mapping[str, int] | None = None,
     webhook_endpoints: Sequence[Mapping[str, Any]] | None = None,
+    consumers: Mapping[str, Mapping[str, str | None]] | None = None,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
     gatekeeper processes ``gates``, when the bus runs any), a status snapshot (None: NATS could
@@ -425,7 +426,8 @@ def exposition(
     on the log (``bus.lease.Lease.renewed_ago``; None: it holds none); ``set_aside``: per consumer,
     how many things it sets aside behind its dead letters (:func:`set_aside_counts`);
     ``webhook_endpoints``: how the webhook endpoints fare (:func:`webhook_endpoints`; None: the
-    database has no webhook tables, or could not be read)."""
+    database has no webhook tables, or could not be read); ``consumers``: what the consumer groups
+    this process runs wait on (``ops.status.consumer_state``)."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
     if outbox is not None:
@@ -446,6 +448,18 @@ def exposition(
         snapshot.register(_Value(aside))
     if webhook_endpoints is not None:
         snapshot.register(_WebhookEndpoints(webhook_endpoints))
+    if consumers is not None:
+        retrying = GaugeMetricFamily("collabbus_consumer_retrying", "1 while a consumer group waits to try an event "
+                                     "again that failed (the events after it wait; dead-lettered after its last delivery)",
+                                     labels=["consumer"])
+        holding = GaugeMetricFamily("collabbus_consumer_holding", "1 while a consumer group holds its events back because "
+                                    "it cannot write its database or has lost its lease on the log (/readyz says why)",
+                                    labels=["consumer"])
+        for name, waits in sorted(consumers.items()):
+            retrying.add_metric([name], 1 if waits.get("retrying") else 0)
+            holding.add_metric([name], 1 if waits.get("holding") else 0)
+        snapshot.register(_Value(retrying))
+        snapshot.register(_Value(holding))
     if checkpointers:
         snapshot.register(_Checkpoints(checkpointers))
     process: Any = REGISTRY

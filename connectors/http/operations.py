@@ -203,7 +203,7 @@ async def metrics(request: Request) -> Response:
     from connectors.webhooks.dispatcher import webhook_consumer
     from ops.backup import last_backup
     from ops.metrics import access_expiries, exposition, outbox_waiting, set_aside_counts, webhook_endpoints
-    from ops.status import collect_status
+    from ops.status import collect_status, consumer_state, running_consumers
 
     bus = bus_of(request)
     try:  # with NATS away, the rest is still served (a scrape must not fail exactly then)
@@ -222,7 +222,7 @@ async def metrics(request: Request) -> Response:
                                checkpointers=bus.checkpointers, outbox=outbox,
                                backup=last_backup(bus.settings.data_dir) or {}, expiries=expiries,
                                lease_age=bus.lease.renewed_ago if bus.lease is not None else None, set_aside=set_aside,
-                               webhook_endpoints=endpoints),
+                               webhook_endpoints=endpoints, consumers=consumer_state(running_consumers(bus))),
                     media_type=CONTENT_TYPE_LATEST)
 
 

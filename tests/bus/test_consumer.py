@@ -470,6 +470,7 @@ async def test_a_database_that_cannot_be_written_holds_the_events_says_so_and_re
             assert ready.status_code == 503, ready.text
             assert "network is holding events since" in ready.json()["checks"]["consumer"]
             assert "readonly database" in ready.json()["checks"]["consumer"]
+            assert 'collabbus_consumer_holding{consumer="network"} 1.0' in (await client.get("/metrics")).text
 
             read_only.clear()  # the file can be written again
             await wait_for(lambda: "held-1" in recorder.seen)
@@ -477,6 +478,7 @@ async def test_a_database_that_cannot_be_written_holds_the_events_says_so_and_re
             await wait_for(lambda: bus.consumer is not None and bus.consumer.trouble is None
                            and bus.webhooks is not None and bus.webhooks.consumer.trouble is None, timeout=30)
             assert (await client.get("/readyz")).status_code == 200
+            assert 'collabbus_consumer_holding{consumer="network"} 0.0' in (await client.get("/metrics")).text
             assert bus.consumer.dead_lettered == 0
     finally:
         await nc.close()

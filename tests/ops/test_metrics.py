@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,10 +25,11 @@ from connectors.http.app import create_app
 from connectors.webhooks import store
 from handlers import tokens
 from handlers.db import session_scope
-from tests.bus.test_consumer import FIXTURE, project_event, wait_for
+from handlers.network import Network, Routes
+from tests.bus.test_consumer import FIXTURE, Recorder, project_event, start_bus, wait_for
 from ops.settings import Settings
 from ops.tracing import Tracing
-from tests.conftest import OPERATOR, load_fixtures, unique
+from tests.conftest import OPERATOR, join, load_fixtures, unique
 from tests.ops.conftest import Poisoned
 
 ALERT_RULES = Path(__file__).parents[2] / "ops" / "prometheus-alerts.yml"
@@ -140,6 +142,35 @@ async def test_consumer_lag_follows_a_stopped_consumer(poisoned: Poisoned, scrap
         assert asyncio.get_running_loop().time() < deadline, "the consumer did not catch up"
         await asyncio.sleep(0.05)
     assert poisoned.recorder.seen[-3:] == ["lag-0", "lag-1", "lag-2"]
+
+
+async def test_a_consumer_retrying_an_event_is_a_series_until_it_gives_up(tmp_path: Path, server: EmbeddedNats) -> None:
+    """While the read models' consumer waits to try a failing event again (the events after it
+    waiting), ``collabbus_consumer_retrying`` is 1 for it; 0 once the event is dead-lettered."""
+    recorder = Recorder()
+    recorder.poison.add("poison-slow")
+    bus = await start_bus(tmp_path, server, lambda: Network(Routes().add(projections={"project.registered": recorder})),
+                          max_deliver=2, backoff=(2.0,))
+    nc = await nats.connect(server.url, **server.connect_options())
+    transport = httpx.ASGITransport(app=create_app(bus))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://bus") as client:
+            async def retrying() -> dict[str, float]:
+                text = (await client.get("/metrics")).text
+                return {s.labels["consumer"]: s.value for family in text_string_to_metric_families(text)
+                        for s in family.samples if s.name == "collabbus_consumer_retrying"}
+
+            await join(nc, FIXTURE["as"], FIXTURE["kind"])
+            await wait_for(lambda: bus.consumer is not None and bus.consumer.applied >= 1)
+            assert await retrying() == {"network": 0, "webhooks": 0}
+            assert (await offer(nc, MEMBER, project_event("poison-slow"))).accepted
+            await wait_for(lambda: bus.consumer is not None and bus.consumer.retrying is not None)
+            assert await retrying() == {"network": 1, "webhooks": 0}
+            await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+            assert await retrying() == {"network": 0, "webhooks": 0}
+    finally:
+        await nc.close()
+        await bus.stop()
 
 
 def attempts_to_endpoint(engine: Any, url: str, event_id: str, status_codes: tuple[int | None, ...]) -> tuple[str, int]:
