@@ -14,6 +14,7 @@ from fastapi import Depends, Query, Request
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from connectors.http import parameters
 from connectors.http.problems import ApiProblem
 from handlers import tokens
 from handlers.db import reading
@@ -70,6 +71,9 @@ async def _authenticate(request: Request, token: str | None) -> str:
     institution, expires = held
     if expires is not None:  # said on the answer (operations.TokenExpiry): a client can warn before it stops working
         request.state.token_expires = expires
+    refused = getattr(request.state, parameters.REFUSED, None)  # (a query parameter the route does not take)
+    if refused is not None:
+        raise refused
     return institution
 
 

@@ -56,9 +56,16 @@ def _what_it_takes(route: APIRoute, names: list[str]) -> str:
     return " (it takes no query parameters)"
 
 
+REFUSED = "refused_parameters"
+"""Where :func:`known_parameters` leaves its refusal, in the request's state."""
+
+
 async def known_parameters(request: Request) -> None:
     """Refuse (422) a request with a query parameter its route does not take, or one given with
-    several values where it takes one."""
+    several values where it takes one — once its caller is known: the refusal waits in the
+    request's state (:data:`REFUSED`) for the route's authentication (``connectors.http.auth``),
+    which raises it, so that a request without a valid token is told that first (401), as for
+    any other invalid query."""
     route = request.scope.get("route")
     if not request.scope.get("query_string") or not isinstance(route, APIRoute):
         return
@@ -74,4 +81,4 @@ async def known_parameters(request: Request) -> None:
             errors.append(Problem(("query", name), f"{name!r} is given {len(values)} values, {given}: {operation} takes one",
                                   "multiple_values"))
     if errors:
-        raise ApiProblem(422, "; ".join(error.msg for error in errors), kind="invalid", errors=errors)
+        setattr(request.state, REFUSED, ApiProblem(422, "; ".join(error.msg for error in errors), kind="invalid", errors=errors))

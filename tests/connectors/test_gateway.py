@@ -1324,6 +1324,11 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused_naming_the_one
     assert in_the_body["detail"].endswith("(it takes no query parameters: what it is given goes in its JSON body)")
     calendar = await gateway.client.get("/innovation-days.ics", params={"token": gateway.token(municipality), "lang": "fi"})
     assert calendar.status_code == 200, calendar.text
+    # A caller without a valid token is told that first, whatever its query.
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}):
+        refused = await gateway.client.get("/projects", params={"ownr": municipality}, headers=headers)
+        assert refused.status_code == 401, refused.text
+    assert (await gateway.client.get("/innovation-days.ics", params={"tokn": gateway.token(municipality)})).status_code == 401
     # The same value twice is that value; two values where one is taken cannot both be meant.
     twice = await gateway.client.get("/projects", params=[("owner", municipality), ("owner", municipality)], headers=auth)
     assert twice.status_code == 200, twice.text
@@ -1335,6 +1340,22 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused_naming_the_one
         assert answer.status_code == 200, (path, answer.text[:500])
     one_domain = await gateway.client.get("/docs/asyncapi", params={"domain": "call", "v": "2"})
     assert one_domain.status_code == 200 and "collab.live.{institution}.call.published.{subject}" in one_domain.text
+
+
+def test_every_route_of_a_members_api_authenticates_its_caller() -> None:
+    """A query parameter a route does not take is refused by the route's authentication, once the
+    caller is known (``connectors.http.parameters``): every route checked for it authenticates."""
+    from connectors.http import auth, calendar, events, read
+    from connectors.webhooks import api as webhooks
+
+    def calls(dependant: Any) -> list[Any]:
+        return [dependant.call, *(call for dependency in dependant.dependencies for call in calls(dependency))]
+
+    routes = [route for router in (events.router, read.router, calendar.router, webhooks.router) for route in router.routes]
+    assert len(routes) > 20
+    for route in routes:
+        found = [call for call in calls(route.dependant) if call in (auth.member, auth.token_holder, auth.calendar_member)]
+        assert len(found) == 1, (route.path, found)
 
 
 async def test_an_invalid_item_of_a_list_is_one_problem_named_by_its_place(gateway: Gateway, municipality: str) -> None:
