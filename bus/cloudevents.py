@@ -7,6 +7,7 @@ attribute is a ``ce-<name>`` header whose value is percent-encoded; ``data`` is 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -42,16 +43,82 @@ def header(headers: Mapping[str, str] | None, name: str) -> str | None:
     return None
 
 
-def loads(body: bytes, what: str = "body") -> Any:
-    """Parse JSON, telling invalid UTF-8 apart from invalid JSON."""
+def loads(body: bytes, what: str = "body", at: tuple[str | int, ...] = ()) -> Any:
+    """Parse JSON, telling invalid UTF-8 apart from invalid JSON, and refusing an object that
+    names a member twice (:func:`_names_twice`; ``at``: where the text is in the event)."""
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as uexc:
             raise Malformed("utf8_invalid", f"the {what} is not valid UTF-8 (byte {uexc.start})") from None
         raise Malformed("json_invalid", f"the {what} is not valid JSON: {exc}") from None
+    if len(_NAME_ENDS.findall(body)) != _members(value):
+        _names_twice(body, what, at)
+    return value
+
+
+_NAME_ENDS = re.compile(rb'"\s*:')
+"""Where a member's name ends in JSON text, and where a string holds the same characters: at least
+as many as the members parsed, as many only when no object names a member twice."""
+
+
+def _members(value: Any) -> int:
+    """How many members the objects in ``value`` have in all (without recursion: JSON may nest
+    deeper than the interpreter's stack)."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            count += len(item)
+            stack += [inner for inner in item.values() if type(inner) is dict or type(inner) is list]
+        elif type(item) is list:
+            stack += [inner for inner in item if type(inner) is dict or type(inner) is list]
+    return count
+
+
+class _Twice(dict):  # type: ignore[type-arg]
+    """An object of JSON text that names ``name`` more than once."""
+
+    name: str
+
+
+def _names_twice(body: bytes, what: str, at: tuple[str | int, ...]) -> None:
+    """Refuse JSON text with an object that names a member twice (``{"id": "a", "id": "b"}``):
+    JSON's parsers differ on which one counts (the last, the first, an error), so what its sender
+    meant — or what a proxy before the bus checked — cannot be told."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        kept = dict(items)
+        if len(kept) == len(items):
+            return kept
+        twice = _Twice(kept)
+        seen: set[str] = set()
+        twice.name = next(name for name, _ in items if name in seen or seen.add(name))  # type: ignore[func-returns-value]
+        return twice
+
+    try:
+        found = _first_twice(json.loads(body, object_pairs_hook=pairs))
+    except RecursionError:  # (orjson reads up to 1,024 levels, the interpreter's recursion not quite)
+        raise Malformed("json_invalid", f"the {what} is nested too deeply") from None
+    if found is not None:
+        loc, name = (*at, *found[0]), found[1]
+        place = f" (at {'.'.join(map(str, loc))})" if loc else ""
+        raise Malformed("duplicate_name", f"the {what} names {name!r} twice in one object{place}: which one is meant "
+                        "cannot be told", loc)
+
+
+def _first_twice(value: Any) -> tuple[tuple[str | int, ...], str] | None:
+    """Where the first object naming a member twice is in ``value``, and the name."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        item, loc = stack.pop()
+        if isinstance(item, _Twice):
+            return loc, item.name
+        inner = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        stack += reversed([(each, (*loc, key)) for key, each in inner])
+    return None
 
 
 def _says_structured(headers: Mapping[str, str] | None) -> bool:
@@ -117,7 +184,7 @@ def parse_binary(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
     if "datacontenttype" not in event and content_type:
         event["datacontenttype"] = content_type.split(";")[0].strip()
     if body:
-        event["data"] = loads(body, "data")
+        event["data"] = loads(body, "data", ("data",))
     return event
 
 

@@ -119,6 +119,36 @@ async def test_malformed_bytes_are_rejected_with_a_specific_error(partner: Clien
     assert codes(verdict) == {code}
 
 
+async def test_an_object_naming_a_member_twice_is_refused_with_its_place_and_the_next_event_flows(bus: Bus, partner: Client) -> None:
+    """JSON's parsers differ on ``{"id": "a", "id": "b"}`` (the last wins, the first, an error): which
+    one the sender meant — or a proxy before the bus checked — cannot be told. The gate read the
+    last; now it refuses the event, naming the member and where, in either mode."""
+    institution, event = fresh("project.registered")
+    subject = f"collab.ingress.{institution}.project.registered"
+    text = orjson.dumps(event)
+    twice_id = text.replace(b'"id":', b'"id":"ev-the-first","id":', 1)
+    verdict = await offer_raw(partner, subject, twice_id)
+    assert verdict.reason == "malformed" and [(p.type, p.loc) for p in verdict.errors] == [("duplicate_name", ())], verdict.as_dict()
+    assert verdict.errors[0].msg == "the body names 'id' twice in one object: which one is meant cannot be told"
+    title = orjson.dumps(event["data"]["title"])
+    nested = text.replace(b'"title":' + title, b'"title":' + title[:-1] + b',"en":"twice"}', 1)
+    assert nested != text and b'"en":' in title  # (the fixture's title has an English text)
+    verdict = await offer_raw(partner, subject, nested)
+    assert [(p.type, p.loc) for p in verdict.errors] == [("duplicate_name", ("data", "title"))], verdict.as_dict()
+    assert "(at data.title)" in verdict.errors[0].msg
+    headers = {"ce-specversion": "1.0", "ce-id": event["id"], "ce-source": event["source"], "ce-type": event["type"],
+               "ce-subject": event["subject"], "Content-Type": "application/json"}
+    data = orjson.dumps(event["data"])
+    binary = await offer_raw(partner, subject, data.replace(b'"title":', b'"title":{},"title":', 1), headers)
+    assert [(p.type, p.loc) for p in binary.errors] == [("duplicate_name", ("data",))], binary.as_dict()
+    # Text that only looks like a member's name twice is the text it is; the next event flows.
+    event["data"]["summary"] = {"en": 'the "title": and the "title": again'}
+    verdict = await offer(partner, institution, event)
+    assert verdict.accepted, verdict.as_dict()
+    stored, _ = await logged(bus, verdict.seq or 0)
+    assert stored["id"] == event["id"] and stored["data"]["summary"] == event["data"]["summary"]
+
+
 async def test_missing_and_mistyped_fields_are_all_listed(partner: Client) -> None:
     institution, event = fresh("innovation_day.registration_requested")
     del event["data"]["registration_id"]

@@ -135,6 +135,15 @@ async def test_malformed_bodies_are_400(gateway: Gateway, municipality: str) -> 
     for bad, code in ((b'[{"specversion": ', "json_invalid"), (b'[{"id": "caf\xe9"}]', "utf8_invalid")):
         refused = problem(await gateway.client.post("/events", content=bad, headers=batch_headers), 400, "malformed")
         assert [e["type"] for e in refused["errors"]] == [code], refused  # each problem listed, as for one event
+    event = envelope("project.registered", municipality, project(municipality))
+    twice = orjson.dumps(event).replace(b'"source":', b'"source":"/institutions/someone-else","source":', 1)
+    refused = problem(await gateway.client.post("/events", content=twice, headers=auth), 400, "malformed")
+    assert [(e["type"], e["loc"]) for e in refused["errors"]] == [("duplicate_name", [])], refused
+    assert refused["detail"] == "the body names 'source' twice in one object: which one is meant cannot be told"
+    in_a_batch = b"[" + orjson.dumps(envelope("project.registered", municipality, project(municipality))) + b"," + twice + b"]"
+    refused = problem(await gateway.client.post("/events", content=in_a_batch, headers=batch_headers), 400, "malformed")
+    assert [(e["type"], e["loc"]) for e in refused["errors"]] == [("duplicate_name", [1])], refused
+    assert (await gateway.post(municipality, event)).status_code == 202  # the same event, once each name
     answered = await gateway.client.post("/events", content=b'[1, "x", null, []]', headers=batch_headers)
     assert answered.status_code == 202
     assert [v["errors"][0]["msg"].rpartition(", not ")[2] for v in answered.json()] == ["a number", "a string", "null", "an array"]
