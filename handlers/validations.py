@@ -203,8 +203,20 @@ def _submitted(event: Event[ReviewSubmitted]) -> rules.Review:
 
 
 def _refuse(ctx: Context, event: Event[Any], refusal: rules.Refusal, *, name: str) -> None:
-    """Refuse ``event``, answering in the name of ``name`` (the coordinator when one is known)."""
-    ctx.refuse_action(refusal, source=name)
+    """Refuse ``event``, answering in the name of ``name`` (the coordinator when one is known),
+    and naming whom the event named (:func:`_named`): it saw the event and sees the refusal."""
+    named = _named(event.data)
+    ctx.refuse_action(refusal, source=name, **({"named": named} if named is not None and named != event.source else {}))
+
+
+def _named(data: Any) -> str | None:
+    """The institution an event of the workflow names besides its sender: the reviewer assigned or
+    taken off, the coordinator asked."""
+    if isinstance(data, (ReviewerAssigned, ReviewerUnassigned)):
+        return data.reviewer
+    if isinstance(data, ValidationRequested):
+        return data.coordinator
+    return None
 
 
 def check_request(ctx: Context) -> None:
@@ -607,7 +619,8 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
       (its reviewer has a review); every member once the validation is decided, when it took it;
     - information asked and given, and a reviewer named late: the parties (coordinator,
       requester, assigned reviewers; the late reviewer also once taken off);
-    - a refusal (``validation.action_rejected``): the parties and the institution it refused.
+    - a refusal (``validation.action_rejected``): the parties, the institution it refused and the
+      one the refused event named (``named``: a reviewer assigned, a coordinator asked).
 
     Whoever said an event sees it. The parties are those the workflow accepted, as the read models
     have them — never a request or an assignment it refused; of a validation the read models do
@@ -622,7 +635,7 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
     source = str(envelope.get("source")).removeprefix("/institutions/")
     allowed = {source}
     if event_type == "validation.action_rejected":
-        allowed.add(str(data.get("actor")))
+        allowed.update(str(data[name]) for name in ("actor", "named") if data.get(name))
     found = session.exec(
         select(Validation.requester, Validation.coordinator, Validation.status).where(Validation.validation_id == validation_id)
     ).first()

@@ -241,3 +241,6 @@ class ValidationActionRejected(EventData):
     rejected_event_id: EventId
     actor: InstitutionId
     reason: ValidationRefusal
+    named: InstitutionId | None = Field(None, description=(
+        "the institution the refused event named besides its sender — the reviewer of an assignment "
+        "or of taking one off, the coordinator of a request —, which is told of the refusal too"))

@@ -740,6 +740,42 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     assert (to_outsider["outcome"], to_outsider["refusal"], to_outsider["derived"]) == ("refused", None, [])
 
 
+async def test_whom_a_refused_validation_event_named_is_told_of_the_refusal(gateway: Gateway, municipality: str) -> None:
+    """An assignment and a request are public: the reviewer and the coordinator they name see them
+    (a reviewer's integration starts work on its assignment). When the workflow refuses one, they
+    were told nothing of it; the refusal names them now (``named``) and they see it — nobody else
+    but the parties."""
+    coordinator = await gateway.join("competence_centre")
+    reviewer, outsider = await gateway.join("university"), await gateway.join("competence_centre")  # (another centre)
+    practice = project(municipality)
+    await gateway.offer(municipality, "project.registered", practice)
+    validation_id = unique("val")
+    request = {"validation_id": validation_id, "project_id": practice["project_id"], "coordinator": coordinator, "quorum": 1,
+               "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2, "statement": {"en": "we think it works"}}}
+    await gateway.offer(municipality, "validation.requested", request)
+    not_by_the_coordinator = await gateway.offer(outsider, "validation.reviewer_assigned",
+                                                 {"validation_id": validation_id, "reviewer": reviewer})
+    no_such_project = await gateway.offer(municipality, "validation.requested",
+                                          {**request, "validation_id": unique("val"), "project_id": "no-such-project"})
+    await gateway.settle()
+
+    async def told(event: dict[str, Any], who: str) -> dict[str, Any] | None:
+        seen = (await gateway.client.get(f"/events/{event['id']}", headers=gateway.auth(who))).json()
+        assert seen["outcome"] == "refused", seen
+        return seen["refusal"]
+
+    refusal = await told(not_by_the_coordinator, reviewer)
+    assert refusal is not None and refusal["event"]["data"]["reason"]["code"] == "not_coordinator"
+    assert refusal["event"]["data"]["named"] == reviewer and refusal["event"]["data"]["actor"] == outsider
+    refusal = await told(no_such_project, coordinator)
+    assert refusal is not None and refusal["event"]["data"]["reason"]["code"] == "unknown_project"
+    assert refusal["event"]["data"]["named"] == coordinator
+    other = await gateway.join("ngo")
+    assert await told(not_by_the_coordinator, other) is None and await told(no_such_project, other) is None
+    listed = await gateway.client.get("/events", params={"type": "validation.action_rejected"}, headers=gateway.auth(reviewer))
+    assert [item["event"]["data"]["rejected_event_id"] for item in listed.json()["items"]] == [not_by_the_coordinator["id"]]
+
+
 async def test_innovation_days_their_registrations_and_the_calendar(gateway: Gateway, municipality: str) -> None:
     organiser = await gateway.join("competence_centre")
     funder = await gateway.join("funder")
