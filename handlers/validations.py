@@ -508,6 +508,24 @@ def _late_at(now: datetime) -> tuple[Any, Any]:
     return ~reviewed.exists(), _due() < sa.bindparam("now", now, type_=UtcDateTime())
 
 
+def late_reviewers_of(session: Session, validations: list[Validation], now: datetime) -> dict[str, list[dict[str, Any]]]:
+    """The reviewers late with their review at ``now`` in each of ``validations`` that is open, with
+    their due dates (its own, else the validation's): whom its coordinator chases."""
+    ids = [v.validation_id for v in validations]
+    if not ids:
+        return {}
+    late: dict[str, list[dict[str, Any]]] = {}
+    rows = session.exec(
+        select(ValidationReviewer.validation_id, ValidationReviewer.reviewer, _due())
+        .join(Validation, col(Validation.validation_id) == col(ValidationReviewer.validation_id))
+        .where(col(ValidationReviewer.validation_id).in_(ids), col(Validation.status).in_(sorted(rules.OPEN)), *_late_at(now))
+        .order_by(_due(), col(ValidationReviewer.reviewer))
+    )
+    for validation_id, reviewer, due in rows:
+        late.setdefault(validation_id, []).append({"reviewer": reviewer, "due_by": due})
+    return late
+
+
 def assignments_of(session: Session, reviewer: str, validations: list[Validation]) -> dict[str, dict[str, Any]]:
     """``reviewer``'s own assignment in each of ``validations`` it is assigned to (its work list)."""
     ids = [v.validation_id for v in validations]
@@ -579,6 +597,7 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
                 "comments": r.comments,
                 "submitted_at": _iso(r.submitted_at),
                 "revision": r.revision,
+                "counted": not rules.is_conflicted(state, r.reviewer),
             }
             for r in rules.visible_reviews(state, reviews, viewer)
         ]

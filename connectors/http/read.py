@@ -43,7 +43,14 @@ from handlers.rules.calls import ApplicationStatus
 from handlers.rules.innovation_days import DayStatus
 from handlers.rules.validations import Outcome as ValidationOutcome
 from handlers.rules.validations import Status as ValidationStatus
-from handlers.validations import Validation, ValidationReviewer, assignments_of, overdue_reviewers, validation_view
+from handlers.validations import (
+    Validation,
+    ValidationReviewer,
+    assignments_of,
+    late_reviewers_of,
+    overdue_reviewers,
+    validation_view,
+)
 from schemas.common import AWARE_TIME, InstitutionKind
 from schemas.envelope import INSTITUTION_PATTERN
 from schemas.projects import ProjectStatus
@@ -430,6 +437,10 @@ def list_validations(
         mine = assignments_of(session, viewer, rows)
         for item in items:
             item["assignment"] = mine.get(item["validation_id"])
+    if overdue and viewer in (coordinator, requester):  # whom to chase, of the caller's own validations
+        late = late_reviewers_of(session, rows, datetime.now(timezone.utc))
+        for item in items:
+            item["late_reviewers"] = late.get(item["validation_id"], [])
     return _page(items, next_cursor)
 
 

@@ -220,6 +220,10 @@ class Validation(Resource):
         "with `?reviewer=` naming the caller: its own assignment — `due_by` (its own, else the validation's), "
         "`reviewed`, `overdue`"
     ))
+    late_reviewers: list[dict[str, Any]] | None = Field(default=None, description=(
+        "with `?overdue=true` and `coordinator` or `requester` naming the caller: whom to chase — each reviewer "
+        "late with its review, `reviewer` and `due_by` (its own, else the validation's)"
+    ))
 
 
 class Review(Resource):
@@ -230,6 +234,9 @@ class Review(Resource):
     comments: LocalizedText | None = None
     submitted_at: datetime
     revision: int
+    counted: bool = Field(description=(
+        "whether the review counts towards the decision: its reviewer has had no stake in the practice since "
+        "(one that became a partner or the owner does not count)"))
 
 
 class ValidationDetail(Validation):

@@ -674,6 +674,11 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
         return [v["validation_id"] for page in pages for v in page]
 
     assert await late(coordinator, coordinator=coordinator) == [validation_id]  # the coordinator's list to chase
+    chase = await walk(gateway.client, "/validations", gateway.auth(coordinator), coordinator=coordinator, overdue="true")
+    assert chase[0][0]["late_reviewers"] == [{"reviewer": second, "due_by": soon.isoformat().replace("+00:00", "Z")}]
+    for who, filters in ((outsider, {"coordinator": coordinator}), (coordinator, {"coordinator": coordinator, "overdue": "false"})):
+        listed = await walk(gateway.client, "/validations", gateway.auth(who), **filters)
+        assert all(item["late_reviewers"] is None for page in listed for item in page), (who, listed)
 
     async def named_late(who: str) -> list[str]:
         found = await gateway.client.get("/events", params={"type": "validation.review_overdue", "subject": validation_id},
@@ -713,6 +718,13 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     assert response.json()["status"] == "decided" and response.json()["outcome"] == "validated"
     assert await late(coordinator, coordinator=coordinator) == []  # decided: nobody is late any more
     assert await seen_by(outsider) == ([first, second], 2)
+    public = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(outsider))).json()
+    assert [(r["reviewer"], r["counted"]) for r in public["reviews"]] == [(first, True), (second, True)]
+    await gateway.offer(municipality, "project.partner_joined", {  # a stake: the first's review no longer counts
+        "project_id": practice["project_id"], "partner": {"institution": first, "role": "funder", "relation": "donation"}})
+    await gateway.settle()
+    public = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(outsider))).json()
+    assert [(r["reviewer"], r["counted"]) for r in public["reviews"]] == [(first, False), (second, True)]
     listed = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
     assert [v["validation_id"] for page in listed for v in page] == [validation_id]
     assert "reviews" not in listed[0][0]
