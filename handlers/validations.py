@@ -7,7 +7,8 @@ domains' tables, read here with plain SQL so this module depends on their column
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -17,6 +18,7 @@ from sqlmodel import Field, Session, col, select
 
 from handlers import confidential
 from handlers.institutions import (  # moments stored in UTC, read back aware, on every database
+    Institution,
     UtcDateTime,
     member,
 )
@@ -234,8 +236,22 @@ def check_request(ctx: Context) -> None:
         requester=event.source, project=project, names_project=event.data.project_id is not None,
         due_by=event.data.due_by, now=event.logged_at,
     )
+    if refusal is not None and refusal.code == "coordinator_not_competence_centre" and kind is None:
+        centres = select(Institution.id).where(Institution.kind == "competence_centre", col(Institution.left_at).is_(None))
+        refusal = _meant(refusal, event.data.coordinator, ctx.session.exec(centres))
+    elif refusal is not None and refusal.code == "unknown_project" and event.data.project_id is not None:
+        partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == event.source)
+        theirs = select(Project.project_id).where(sa.or_(col(Project.owner) == event.source, col(Project.project_id).in_(partnered)))
+        refusal = _meant(refusal, event.data.project_id, ctx.session.exec(theirs))
     if refusal is not None:
         _refuse(ctx, event, refusal, name=existing.coordinator if existing else event.source)
+
+
+def _meant(refusal: rules.Refusal, name: str, candidates: Iterable[str]) -> rules.Refusal:
+    """``refusal`` of a name that names nothing, with the nearest of ``candidates``, which is most
+    often what was meant (a typo in an id)."""
+    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return rules.Refusal(refusal.code, f"{refusal.message}; did you mean {near[0]!r}?") if near else refusal
 
 
 def check_action(ctx: Context) -> None:
@@ -249,6 +265,9 @@ def check_action(ctx: Context) -> None:
     reviews = [_review(r) for r in _reviews(ctx.session, state.validation_id)] if state and judged_on_reviews else []
     refusal = rules.action_refusal(state, event.source, event.data, reviews=reviews, now=event.logged_at,
                                    is_member=lambda institution: _member_kind(ctx.session, institution) not in may_review)
+    if refusal is not None and refusal.code == "not_member" and isinstance(event.data, ReviewerAssigned):
+        members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
+        refusal = _meant(refusal, event.data.reviewer, ctx.session.exec(members))
     if refusal is not None:
         _refuse(ctx, event, refusal, name=state.coordinator if state else event.source)
         return

@@ -784,6 +784,19 @@ async def test_whom_a_refused_validation_event_named_is_told_of_the_refusal(gate
     assert refusal["event"]["data"]["named"] == coordinator
     other = await gateway.join("ngo")
     assert await told(not_by_the_coordinator, other) is None and await told(no_such_project, other) is None
+    # A typo in an id the workflow looks up is answered with the one most likely meant.
+    typos = [
+        await gateway.offer(municipality, "validation.requested",
+                            {**request, "validation_id": unique("val"), "project_id": practice["project_id"] + "x"}),
+        await gateway.offer(municipality, "validation.requested",
+                            {**request, "validation_id": unique("val"), "coordinator": coordinator + "x"}),
+        await gateway.offer(coordinator, "validation.reviewer_assigned", {"validation_id": validation_id, "reviewer": reviewer + "x"}),
+    ]
+    await gateway.settle()
+    said = [(await told(typo, municipality if at < 2 else coordinator) or {})["event"]["data"]["reason"] for at, typo in enumerate(typos)]
+    assert [reason["code"] for reason in said] == ["unknown_project", "coordinator_not_competence_centre", "not_member"]
+    for reason, meant in zip(said, (practice["project_id"], coordinator, reviewer)):
+        assert reason["message"]["en"].endswith(f"; did you mean {meant!r}?"), reason
     listed = await gateway.client.get("/events", params={"type": "validation.action_rejected"}, headers=gateway.auth(reviewer))
     assert [item["event"]["data"]["rejected_event_id"] for item in listed.json()["items"]] == [not_by_the_coordinator["id"]]
 
