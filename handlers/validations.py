@@ -656,7 +656,8 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
     - a review: its reviewer and the coordinator; the requester too when the workflow took it
       (its reviewer has a review); every member once the validation is decided, when it took it;
     - information asked and given, and a reviewer named late: the parties (coordinator,
-      requester, assigned reviewers; the late reviewer also once taken off);
+      requester, assigned reviewers; the late reviewer also once taken off); information asked or
+      given that the workflow refused, its sender and the coordinator only;
     - a refusal (``validation.action_rejected``): the parties, the institution it refused and the
       one the refused event named (``named``: a reviewer assigned, a coordinator asked).
 
@@ -681,6 +682,8 @@ def audience(session: Session, envelope: Mapping[str, Any]) -> frozenset[str] | 
         return frozenset(allowed)
     requester, coordinator, status = found
     allowed.add(coordinator)  # refused events too: they were refused in its name
+    if event_type in ("validation.info_requested", "validation.info_provided") and _refused(session, str(envelope.get("id"))):
+        return frozenset(allowed)  # (questions from outside the workflow, say: not delivered to its parties)
     if event_type == "validation.review_submitted":
         if _refused(session, str(envelope.get("id"))):  # (its reviewer may have another review, taken)
             return frozenset(allowed)

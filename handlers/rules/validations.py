@@ -202,7 +202,8 @@ def action_refusal(
             return Refusal("not_requester", f"only the requester {validation.requester} provides information")
         unknown = sorted({a.question_id for a in data.answers} - validation.asked_questions)
         if unknown:
-            return Refusal("unknown_question", f"no such question was asked: {', '.join(unknown)}")
+            asked = ", ".join(sorted(validation.asked_questions)) or "none yet"
+            return Refusal("unknown_question", f"no such question was asked: {', '.join(unknown)} (asked: {asked})")
     elif isinstance(data, ValidationDecided):
         if actor != coordinator:
             return Refusal("not_coordinator", f"only the coordinator {coordinator} decides")

@@ -797,6 +797,13 @@ async def test_whom_a_refused_validation_event_named_is_told_of_the_refusal(gate
     assert [reason["code"] for reason in said] == ["unknown_project", "coordinator_not_competence_centre", "not_member"]
     for reason, meant in zip(said, (practice["project_id"], coordinator, reviewer)):
         assert reason["message"]["en"].endswith(f"; did you mean {meant!r}?"), reason
+    # Questions from outside the workflow are refused, and not delivered to the validation's parties.
+    nosy = await gateway.offer(outsider, "validation.info_requested", {
+        "validation_id": validation_id, "questions": [{"question_id": "q1", "text": {"en": "Who are you?"}}]})
+    await gateway.settle()
+    refusal = await told(nosy, coordinator)
+    assert refusal is not None and refusal["event"]["data"]["reason"]["code"] == "not_assigned"
+    assert (await gateway.client.get(f"/events/{nosy['id']}", headers=gateway.auth(municipality))).status_code == 404
     listed = await gateway.client.get("/events", params={"type": "validation.action_rejected"}, headers=gateway.auth(reviewer))
     assert [item["event"]["data"]["rejected_event_id"] for item in listed.json()["items"]] == [not_by_the_coordinator["id"]]
 

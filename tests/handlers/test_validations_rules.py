@@ -232,6 +232,10 @@ def test_the_coordinator_or_a_reviewer_asks_and_the_requester_answers_asked_ques
     assert code(VALIDATION, "tr-mersin-bb", answered()) is None
     assert code(VALIDATION, "fi-thl", answered()) == "not_requester"
     assert code(VALIDATION, "tr-mersin-bb", answered("q9")) == "unknown_question"
+    unknown = action_refusal(VALIDATION, "tr-mersin-bb", answered("q9"))  # the questions asked are named
+    assert unknown is not None and unknown.message == f"no such question was asked: q9 (asked: {', '.join(sorted(VALIDATION.asked_questions))})"
+    nothing = action_refusal(replace(VALIDATION, asked_questions=frozenset()), "tr-mersin-bb", answered("q1"))
+    assert nothing is not None and nothing.message == "no such question was asked: q1 (asked: none yet)"
 
 
 def test_the_coordinator_decides_and_the_requester_withdraws() -> None:
