@@ -893,7 +893,7 @@ def demo(
     *,
     settings: Settings,
 ) -> None:
-    """Publish the demo network (institutions and stories from the seed documents) through the public
+    """Publish the demo network (institutions and stories from the reports behind the project, README) through the public
     interfaces of a running bus, then print what happened, read back from the HTTP read API."""
     from handlers.db import make_engine
     from ops import demo as demo_network
