@@ -37,8 +37,9 @@ def offer(client: httpx.Client, event: dict) -> int:
     body = answer.json()
     if answer.status_code != 202:
         # A problem (RFC 9457): `errors` says where, as [{"loc": [...], "msg": ..., "type": ...}]
-        print(f"refused by the gateway ({answer.status_code} {body.get('title')}): {body.get('detail')}")
-        for error in body.get("errors", []):
+        errors = body.get("errors", [])  # (the detail joins them: each is printed on its own line instead)
+        print(f"refused by the gateway ({answer.status_code} {body.get('title')})" + ("" if errors else f": {body.get('detail')}"))
+        for error in errors:
             print(f"  {'.'.join(str(part) for part in error['loc'])}: {error['msg']} [{error['type']}]")
         return 1
     print(f"accepted as #{body['seq']}" + (" (a repeat of an event already logged)" if body["duplicate"] else ""))

@@ -40,8 +40,9 @@ async function offer(event) {
   const body = await answer.json();
   if (answer.status !== 202) {
     // A problem (RFC 9457): `errors` says where, as [{"loc": [...], "msg": ..., "type": ...}]
-    console.log(`refused by the gateway (${answer.status} ${body.title}): ${body.detail}`);
-    for (const error of body.errors ?? []) console.log(`  ${error.loc.join(".")}: ${error.msg} [${error.type}]`);
+    const errors = body.errors ?? []; // (the detail joins them: each is printed on its own line instead)
+    console.log(`refused by the gateway (${answer.status} ${body.title})` + (errors.length ? "" : `: ${body.detail}`));
+    for (const error of errors) console.log(`  ${error.loc.join(".")}: ${error.msg} [${error.type}]`);
     return 1;
   }
   console.log(`accepted as #${body.seq}` + (body.duplicate ? " (a repeat of an event already logged)" : ""));
