@@ -752,6 +752,10 @@ class WebhookDispatcher:
             })
             changed.add(claim.endpoint_id)
             if outcome.delivered:
+                if endpoint["failing_since"] is not None:
+                    log.info("webhooks: endpoint %s of %s takes deliveries again (failing since %s)", claim.endpoint_id,
+                             endpoint["institution"], endpoint["failing_since"].isoformat(timespec="seconds"),
+                             extra={"endpoint_id": claim.endpoint_id, "institution": endpoint["institution"]})
                 endpoint["last_success_at"], endpoint["failing_since"] = now, None
                 if not kept or leases[claim.delivery_id] is None:  # (a cancelled one too: the receiver has it)
                     delivered.append({"b_id": claim.delivery_id, "b_at": now})
@@ -759,6 +763,7 @@ class WebhookDispatcher:
                 # asked (a receiver restoring a backup asks for what it may have lost since)
                 answers.append(None)
                 continue
+            already_failing = endpoint["failing_since"] is not None
             endpoint["failing_since"] = endpoint["failing_since"] or now
             if kept:
                 next_at = leases[claim.delivery_id]
@@ -770,9 +775,14 @@ class WebhookDispatcher:
                     next_at, status = now + timedelta(seconds=max(claim.retry_in, outcome.retry_after or 0.0)), store.PENDING
                 failed.append({"b_id": claim.delivery_id, "b_status": status, "b_next": next_at})
                 then = f"next attempt at {next_at.isoformat(timespec='seconds')}" if next_at is not None else "no more attempts"
-            log.warning(
-                "webhooks: endpoint %s did not take event %s (attempt %d: %s); %s", claim.endpoint_id, claim.event_id,
+            # The first failure since the endpoint last took a delivery is a warning; the others, while
+            # it fails, are details (one a delivery and attempt: a receiver down for a day would fill
+            # the log), which `collabbus status`, /metrics and its deliveries' attempts tell anyway.
+            log.log(
+                logging.DEBUG if already_failing else logging.WARNING,
+                "webhooks: endpoint %s did not take event %s (attempt %d: %s); %s%s", claim.endpoint_id, claim.event_id,
                 claim.attempts_before + 1, _met(outcome), then,
+                "" if already_failing else "; while it fails, its failed attempts are logged at debug level",
                 extra={"event_id": claim.event_id, "endpoint_id": claim.endpoint_id, "institution": endpoint["institution"]},
             )
             was_enabled = endpoint["enabled"]

@@ -431,7 +431,7 @@ async def test_the_log_says_why_an_endpoint_was_disabled_and_what_a_failed_attem
     """The operator's log, searched by endpoint: each failed attempt quotes the start of the
     answer on one line; an endpoint disabled says why (410, five days failing, its owner) —
     never with its secret or a signature."""
-    caplog.set_level(logging.INFO, logger="collabbus.webhooks")
+    caplog.set_level(logging.DEBUG, logger="collabbus.webhooks")
     gateway = await network.start(schedule=[0])
     owner = await gateway.join("municipality")
     auth = gateway.auth(owner)
@@ -453,7 +453,7 @@ async def test_the_log_says_why_an_endpoint_was_disabled_and_what_a_failed_attem
     (failed,) = about(down)
     excerpt = ("Internal error: database [31m down " + "y" * 200)[:200]  # one line, control characters blanked
     assert failed.getMessage() == (f"webhooks: endpoint {down['id']} did not take event {event['id']} (attempt 1: HTTP 500: "
-                                   f"{excerpt}); no more attempts")
+                                   f"{excerpt}); no more attempts; while it fails, its failed attempts are logged at debug level")
     assert (failed.event_id, failed.institution) == (event["id"], owner)  # type: ignore[attr-defined]
     gone_attempt, gone_disabled = about(gone)
     assert "(attempt 1: HTTP 410: gone for good)" in gone_attempt.getMessage()
@@ -462,6 +462,7 @@ async def test_the_log_says_why_an_endpoint_was_disabled_and_what_a_failed_attem
     assert gone_disabled.disabled_reason == "the endpoint answered 410 Gone"  # type: ignore[attr-defined]
     flaky_attempt, flaky_disabled = about(flaky)
     assert "(attempt 1: HTTP 503); no more attempts" in flaky_attempt.getMessage()  # (an empty answer: the status alone)
+    assert flaky_attempt.levelname == "DEBUG"  # failing for six days already: not a warning each time
     assert flaky_disabled.getMessage() == f"webhooks: endpoint {flaky['id']} of {owner} disabled: no successful delivery for 5 days"
     (by_owner,) = about(mine)
     assert by_owner.getMessage() == f"webhooks: endpoint {mine['id']} of {owner} disabled by its owner"
@@ -469,6 +470,29 @@ async def test_the_log_says_why_an_endpoint_was_disabled_and_what_a_failed_attem
     logged = [r.getMessage() + repr(vars(r)) for r in caplog.records]
     for secret in (*(e["secret"] for e in (down, gone, flaky, mine)), *signatures):
         assert not any(secret in line for line in logged)
+
+
+async def test_an_endpoint_failing_is_one_warning_and_its_recovery_a_line(
+    network: Network, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver down while events keep coming: its first failed attempt is a warning, those after
+    it while it fails are details (one warning a delivery and attempt filled the log); the line
+    after says when it takes deliveries again."""
+    caplog.set_level(logging.DEBUG, logger="collabbus.webhooks")
+    gateway = await network.start(schedule=[0])
+    owner = await gateway.join("municipality")
+    receiver.answer("/down", Answer(503, body=b"maintenance"))
+    down = await register(gateway, owner, receiver.url("/down"))
+    for expected in (1, 2, 3):
+        await offer_project(gateway, owner)
+        await settled(gateway, owner, down["id"], expected)
+    receiver.answer("/down", Answer(204))
+    await offer_project(gateway, owner)
+    await settled(gateway, owner, down["id"], 4)
+    about = [r for r in caplog.records if getattr(r, "endpoint_id", None) == down["id"]]
+    assert [(r.levelname, "did not take" in r.getMessage()) for r in about] == [
+        ("WARNING", True), ("DEBUG", True), ("DEBUG", True), ("INFO", False)], [r.getMessage() for r in about]
+    assert about[-1].getMessage().startswith(f"webhooks: endpoint {down['id']} of {owner} takes deliveries again (failing since ")
 
 
 async def test_resend_and_recover_are_refused_while_the_endpoint_is_disabled_and_owe_it_nothing(
