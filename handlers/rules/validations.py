@@ -165,7 +165,8 @@ def action_refusal(
     if validation is None:
         return Refusal("unknown_validation", "no validation with this id was requested")
     if validation.status == "decided":
-        return Refusal("already_decided", "the validation is decided; nothing more is accepted")
+        return Refusal("already_decided", "the validation is decided; nothing more is accepted (a practice revised "
+                                          "after the decision is put forward again by a new request, with a new validation_id)")
     if validation.status == "withdrawn":
         return Refusal("withdrawn", "the validation was withdrawn; nothing more is accepted")
     coordinator = validation.coordinator

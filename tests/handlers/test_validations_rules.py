@@ -258,6 +258,9 @@ def test_nothing_is_accepted_after_a_decision_or_withdrawal(status: str, refused
         ("tr-mersin-bb", WITHDRAWN),
     ]
     assert {code(closed, actor, data) for actor, data in actions} == {refused}
+    if status == "decided":  # what a requester whose practice needs revision does next
+        said = action_refusal(closed, "tr-mersin-bb", WITHDRAWN)
+        assert said is not None and "put forward again by a new request, with a new validation_id" in said.message
 
 
 def test_events_about_an_unknown_validation_are_refused() -> None:
