@@ -103,6 +103,7 @@ async def test_deliveries_are_signed_and_verify_across_a_secret_rotation(network
 async def test_failing_attempts_follow_the_retry_schedule_and_are_logged(
     network: Network, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="collabbus.webhooks")
     gateway = await network.start()  # schedule 0, 0.2, 0.4, 0.8 s
     owner = await gateway.join("municipality")
     receiver.answer("/down", Answer(500, body=b"x" * 3000))
@@ -124,10 +125,13 @@ async def test_failing_attempts_follow_the_retry_schedule_and_are_logged(
         assert attempt["response"] == "x" * 1024  # the first KiB
     shown = (await gateway.client.get(f"/webhooks/{endpoint['id']}", headers=gateway.auth(owner))).json()
     assert shown["failing_since"] is not None and shown["last_success_at"] is None and shown["enabled"] is True
-    # The operator's log has a line per failed attempt, with the event, the answer and what comes next.
-    lines = [r.getMessage() for r in caplog.records if getattr(r, "endpoint_id", None) == endpoint["id"]]
+    # The operator's log has a line per failed attempt, with the event, the answer and what comes next:
+    # the first a warning, the others (the endpoint failing already) details.
+    records = [r for r in caplog.records if getattr(r, "endpoint_id", None) == endpoint["id"]]
+    lines = [r.getMessage() for r in records]
     assert len(lines) == len(SCHEDULE) and all(f"event {event['id']}" in line and "HTTP 500" in line for line in lines)
     assert "next attempt at" in lines[0] and lines[-1].endswith("no more attempts")
+    assert [r.levelname for r in records] == ["WARNING"] + ["DEBUG"] * (len(SCHEDULE) - 1)
 
 
 async def test_retry_after_is_honoured_and_redirects_are_not_followed(network: Network, receiver: Receiver) -> None:
@@ -670,7 +674,10 @@ async def test_confidential_validation_events_reach_only_its_parties(network: Ne
 
     for role in ("requester", "coordinator", "reviewer"):  # the parties: every refusal of the validation
         await eventually(lambda: refusals(role) == sorted([outsider, intruder]), what=f"the {role}'s refusals")
-    assert refusals("outsider") == [outsider]  # its own only; not that the intruder tried
+    # Its own, and the refusal of the intruder's assignment, which named it (it saw the assignment).
+    await eventually(lambda: refusals("outsider") == sorted([outsider, intruder]), what="the outsider's refusals")
+    outsiders = [json.loads(r.body)["data"] for r in receiver.at("/outsider") if json.loads(r.body)["type"] == "validation.action_rejected"]
+    assert {(data["actor"], data.get("named")) for data in outsiders} == {(outsider, coordinator), (intruder, outsider)}
 
 
 async def test_applications_to_a_call_reach_only_its_parties(network: Network, receiver: Receiver) -> None:
