@@ -4,7 +4,10 @@ Pull, incrementally: list the entries changed since the last sync, page by page,
 id) order. An entry whose organisation's business id names a member (an ``fi-business-id``
 identifier) becomes ``project.registered`` the first time and ``project.updated`` with what
 changed afterwards, offered through the gate as that member. Organisations that name no member
-are reported, never guessed.
+are reported, never guessed. An entry the connector cannot read (:func:`entry_problems`: not an
+object, no id, an organisation that is not an object, text JSON cannot carry) is reported rejected,
+as one the gate refuses is, and the rest of its page synced; an answer that is no page at all (an
+HTML login page) stops the sync, saying what it was.
 
 Exactly once, structurally:
 - what each entry became (its content hash and the facts emitted) is stored per entry, so an
@@ -62,10 +65,12 @@ import asyncio
 import contextlib
 import email.utils
 import hashlib
+import json
 import logging
+import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -78,6 +83,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from bus import cloudevents
+from bus.verdict import Problem
 from connectors.portal import store
 from handlers.db import session_scope
 from handlers.bookkeeping import AppliedEvent
@@ -116,6 +122,21 @@ class LogUnavailable(Exception):
 
 class PublicationRefused(Exception):
     """A project that cannot be marked for publication (the reason is the message)."""
+
+
+class UnreadableAnswer(ValueError):
+    """The portal answered something that is not what §8 says (an HTML login page, a page that is
+    not an object with ``items``): the sync stops there, saying so, and the next one asks again."""
+
+
+class MalformedEntry(UnreadableAnswer):
+    """An entry the connector cannot read (:func:`entry_problems`): refused on its own, with its
+    problems, while the rest of its page is synced."""
+
+    def __init__(self, entry_id: str, problems: list[Problem]) -> None:
+        self.entry_id, self.problems = entry_id, problems
+        said = "; ".join(f"{'.'.join(map(str, p.loc)) or 'the entry'}: {p.msg}" for p in problems)
+        super().__init__(f"the portal's entry {entry_id} cannot be read ({said})")
 
 
 # --- the portal's HTTP API ----------------------------------------------------------------------
@@ -158,16 +179,16 @@ class PortalClient:
             try:
                 response = await self.http.request(method, path, **kwargs)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                problem = f"{type(exc).__name__}"
+                problem = self._failure(exc)
                 if not idempotent and not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-                    raise PortalUnavailable(f"{method} {path}: {problem}; the portal may have acted on it") from exc
+                    raise PortalUnavailable(f"{problem} ({method} {path}); the portal may have acted on it") from exc
                 wait = self._backoff(attempt)
             else:
                 if response.status_code not in RETRYABLE:
                     return response
+                problem = f"the portal at {self.where} answered {response.status_code} {response.reason_phrase}".rstrip()
                 if not idempotent and response.status_code not in (429, 503):
-                    raise PortalUnavailable(f"{method} {path}: HTTP {response.status_code}; the portal may have acted on it")
-                problem = f"HTTP {response.status_code}"
+                    raise PortalUnavailable(f"{problem} ({method} {path}); the portal may have acted on it")
                 told = _retry_after(response)
                 wait = self._backoff(attempt) if told is None else told
             if attempt + 1 < self.attempts:
@@ -176,7 +197,30 @@ class PortalClient:
                 self.waited += wait
                 log.debug("portal %s %s: %s; retrying in %.2f s", method, path, problem, wait)  # counted in the pass's retries
                 await asyncio.sleep(wait)
-        raise PortalUnavailable(f"{method} {path}: {problem} after {self.attempts} attempts")
+        raise PortalUnavailable(f"{problem} ({method} {path}, {self.attempts} attempts)")
+
+    @property
+    def where(self) -> str:
+        """The portal's host (and port), as a message names it."""
+        return self.http.base_url.netloc.decode("ascii", "replace")
+
+    def _failure(self, exc: Exception) -> str:
+        """What a request that got no answer met, for people: httpx's class names say little
+        (``ConnectError``), and what the system said is deep in its causes."""
+        timeout = self.http.timeout
+        if isinstance(exc, httpx.ConnectTimeout):
+            return f"no connection to the portal at {self.where} within {timeout.connect:g} s"
+        if isinstance(exc, httpx.ReadTimeout):
+            return f"the portal at {self.where} did not answer within {timeout.read:g} s"
+        if isinstance(exc, httpx.WriteTimeout):
+            return f"the portal at {self.where} did not take the request within {timeout.write:g} s"
+        if isinstance(exc, httpx.PoolTimeout):
+            return f"no connection to the portal at {self.where} was free within {timeout.pool:g} s"
+        if isinstance(exc, httpx.ConnectError):
+            return f"cannot connect to the portal at {self.where}: {_system_said(exc)}"
+        if isinstance(exc, httpx.RemoteProtocolError):
+            return f"the portal at {self.where} closed the connection without a whole answer"
+        return f"the connection to the portal at {self.where} failed: {_system_said(exc)}"
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self.backoff * 2**attempt, self.max_wait))
@@ -189,21 +233,55 @@ class PortalClient:
             params["cursor"] = cursor
         response = await self.request("GET", "/api/v1/entries", params=params)
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        page = self.json_of(response)
+        if not isinstance(page, dict) or not isinstance(page.get("items"), list):
+            what = f"items that are {_json_kind(page.get('items'))}" if isinstance(page, dict) else _json_kind(page)
+            raise UnreadableAnswer(f"the portal at {self.where} answered GET /api/v1/entries with {what}, "
+                                   'not an object with items ({"items": [...], "next_cursor": ...})')
+        cursor = page.get("next_cursor")
+        if cursor is not None and (not isinstance(cursor, str) or len(cursor) > 2048):
+            what = "longer than 2048 characters" if isinstance(cursor, str) else f"{_json_kind(cursor)}, not a string"
+            raise UnreadableAnswer(f"the portal at {self.where} answered GET /api/v1/entries with a next_cursor {what}")
+        return page
 
     async def get_entry(self, entry_id: str) -> tuple[dict[str, Any], str | None] | None:
-        """The entry and its ETag; None when it no longer exists."""
+        """The entry and its ETag; None when it no longer exists. :class:`MalformedEntry` when
+        the connector cannot read what the portal answered (:func:`entry_problems`)."""
         response = await self.request("GET", f"/api/v1/entries/{entry_id}")
         if response.status_code in (404, 410):
             return None
         response.raise_for_status()
-        return response.json(), response.headers.get("etag")
+        entry = self.json_of(response)
+        problems = entry_problems(entry)
+        if problems:
+            raise MalformedEntry(entry_id, problems)
+        return entry, response.headers.get("etag")
+
+    def json_of(self, response: httpx.Response) -> Any:
+        """The answer's JSON, or :class:`UnreadableAnswer` saying what came instead.
+
+        Bytes that are not UTF-8 are kept as lone surrogates (``surrogateescape``) rather than
+        failing the whole answer: a page holding one such entry is synced all the same, and
+        :func:`entry_problems` refuses that entry alone."""
+        request = response.request
+        asked = f"{request.method} {request.url.path}"
+        try:
+            return json.loads(response.content.decode("utf-8-sig", "surrogateescape"))
+        except (ValueError, RecursionError) as exc:
+            kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if not response.content:
+                raise UnreadableAnswer(f"the portal at {self.where} answered {asked} with nothing, not JSON") from None
+            if kind != "application/json" and not kind.endswith("+json"):
+                raise UnreadableAnswer(f"the portal at {self.where} answered {kind or 'no content type'}, not JSON, "
+                                       f"to {asked}") from None
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise UnreadableAnswer(f"the portal at {self.where} answered {asked} with JSON that cannot be read ({why})") from None
 
     async def create_entry(self, body: Mapping[str, Any]) -> str:
         """Create an entry (``POST /entries``); its id."""
         response = await self.request("POST", "/api/v1/entries", json=dict(body), idempotent=False)
         response.raise_for_status()
-        created = response.json()
+        created = self.json_of(response)
         if not isinstance(created, dict) or not created.get("id"):
             raise ValueError("the portal created an entry but did not say its id")
         return str(created["id"])
@@ -220,7 +298,7 @@ class PortalClient:
         if response.status_code in (404, 410):
             return None
         response.raise_for_status()
-        written = response.json() if response.content else None
+        written = self.json_of(response) if response.content else None
         if isinstance(written, dict) and written.get("id"):
             return written, response.headers.get("etag")
         return await self.get_entry(entry_id)  # a portal that answers the write without the entry
@@ -232,6 +310,30 @@ class PortalClient:
             return False
         response.raise_for_status()
         return True
+
+
+def _system_said(exc: BaseException) -> str:
+    """What the system said of a failed connection (``connection refused``), from the first
+    cause that carries an errno; else the exception's own words."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:  # (asyncio's strerror names the address again)
+            return (os.strerror(cause.errno) if cause.errno > 0 else cause.strerror or str(cause)).lower()
+        cause = cause.__cause__ or cause.__context__
+    return str(exc).lower() or type(exc).__name__
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, for a message: ``an array``, ``null``, ``a string``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a string" if isinstance(value, str) else "a number"
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -250,6 +352,89 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 # --- mapping ------------------------------------------------------------------------------------
+
+
+def entry_problems(entry: Any) -> list[Problem]:
+    """What keeps the connector from reading an entry (none: it can), each with its place.
+
+    Only what the connector itself relies on: an object with an id, an ``organisation`` object,
+    ``tags`` a list, ``updated_at`` a time (the next sync lists from the newest), and text that
+    JSON can carry (a lone surrogate such as ``"\\ud800"`` is valid JSON but no text, and bytes
+    that are not UTF-8 arrive as such). Whether its title is LocalizedText and the like is the
+    gate's to judge, as for any event."""
+    if not isinstance(entry, dict):
+        return [Problem((), f"an entry is a JSON object, not {_json_kind(entry)}", "entry_type")]
+    problems = []
+    entry_id = entry.get("id")
+    if entry_id is None or entry_id == "":
+        problems.append(Problem(("id",), "the entry has no id", "missing"))
+    elif isinstance(entry_id, bool) or not isinstance(entry_id, (str, int)):
+        problems.append(Problem(("id",), f"an id is a string, not {_json_kind(entry_id)}", "string_type"))
+    elif len(str(entry_id)) > 256:
+        problems.append(Problem(("id",), "an id of more than 256 characters", "string_too_long"))
+    organisation = entry.get("organisation")
+    if organisation is not None and not isinstance(organisation, dict):
+        problems.append(Problem(("organisation",), f"an organisation is an object {{name, business_id}}, not "
+                                                   f"{_json_kind(organisation)}", "dict_type"))
+    elif organisation is not None and not isinstance(organisation.get("business_id"), (str, type(None))):
+        problems.append(Problem(("organisation", "business_id"), "a business id is a string, not "
+                                f"{_json_kind(organisation.get('business_id'))}", "string_type"))
+    if entry.get("tags") is not None and not isinstance(entry.get("tags"), list):
+        problems.append(Problem(("tags",), f"tags are a list, not {_json_kind(entry.get('tags'))}", "list_type"))
+    updated = entry.get("updated_at")
+    if updated is not None and not _is_time(updated):
+        problems.append(Problem(("updated_at",), "not an RFC 3339 time", "datetime_parsing"))
+    try:
+        orjson.dumps(entry)
+    except orjson.JSONEncodeError:
+        problems.extend(_unencodable(entry, ()))
+        if not problems:
+            problems.append(Problem((), "the entry cannot be carried as JSON", "json_invalid"))
+    return problems
+
+
+def _is_time(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 64:
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _unencodable(value: Any, loc: tuple[str | int, ...]) -> list[Problem]:
+    """Where in ``value`` JSON cannot carry it: text with a lone surrogate (or a byte that was
+    not UTF-8), an integer past 64 bits, nesting too deep."""
+    if len(loc) > 64:
+        return [Problem(loc, "nested too deeply", "json_invalid")]
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(value[exc.start])
+            if 0xDC80 <= code <= 0xDCFF:  # a byte decoding kept (surrogateescape)
+                return [Problem(loc, f"not UTF-8 text (the byte 0x{code - 0xDC00:02x} at character {exc.start})", "utf8_invalid")]
+            return [Problem(loc, f"not text: a lone surrogate (\\u{code:04x}) at character {exc.start}", "string_unicode")]
+        return []
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [] if -(2**63) <= value < 2**64 else [Problem(loc, "an integer past 64 bits", "int_too_large")]
+    if isinstance(value, dict):
+        found = []
+        for key, item in value.items():
+            place = (*loc, printable(key))
+            found += _unencodable(key, place) or _unencodable(item, place)
+        return found
+    if isinstance(value, list):
+        return [problem for n, item in enumerate(value) for problem in _unencodable(item, (*loc, n))]
+    return []
+
+
+def printable(text: Any) -> str:
+    """``text`` as a message can hold it: a lone surrogate written as its escape."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def project_id_of(entry_id: str) -> str:
@@ -378,8 +563,7 @@ def _portal_problem(exc: Exception) -> str:
     if isinstance(exc, httpx.HTTPStatusError):
         status = exc.response.status_code
         if status in (401, 403):
-            return (f"the portal refused the token ({status} from {exc.request.url.host}): check COLLABBUS_PORTAL_TOKEN; "
-                    "no later sync gets further until it is right")
+            return f"the portal refused the token ({status} from {exc.request.url.host}): check COLLABBUS_PORTAL_TOKEN"
         return f"the portal answered {status} {exc.response.reason_phrase} to {exc.request.method} {exc.request.url.path}"
     return str(exc) or type(exc).__name__
 
@@ -401,6 +585,9 @@ class SyncReport:
     unmapped: dict[str, dict[str, Any]] = field(default_factory=dict)
     """business id → {name, entries}: organisations that name no member."""
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    """{entry, event_id, reason, errors: [{loc, msg, type}]}: entries refused, by the gate or as
+    malformed (those also say their ``page`` and ``item``, from 1: one may have no id). The pass
+    goes on past them; one is read again when it changes on the portal."""
     owner_changed: list[str] = field(default_factory=list)
     published: int = 0
     """Projects marked for publication that became entries on the portal."""
@@ -424,6 +611,17 @@ class SyncReport:
     @property
     def emitted(self) -> int:
         return self.registered + self.updated
+
+    def reject(self, entry: Any, reason: str, problems: Iterable[Problem], *, event_id: str | None = None,
+               page: int | None = None, item: int | None = None) -> None:
+        """Report an entry refused (its id as given, None without one)."""
+        rejected: dict[str, Any] = {"entry": None if entry is None or entry == "" else printable(entry),
+                                    "event_id": event_id, "reason": reason,
+                                    "errors": [{**p.as_dict(), "loc": [printable(part) if isinstance(part, str) else part
+                                                                      for part in p.loc]} for p in problems]}
+        if page is not None:
+            rejected.update(page=page, item=item)
+        self.rejected.append(rejected)
 
     @property
     def rate(self) -> float:
@@ -526,9 +724,16 @@ class PortalSync:
                 page = await self.client.list_entries(
                     updated_since=position.updated_since, cursor=position.cursor, limit=self.page_size
                 )
-                items = [item for item in page.get("items") or [] if isinstance(item, dict) and item.get("id")]
                 report.pages += 1
-                report.listed += len(items)
+                report.listed += len(page["items"])
+                items = []
+                for place, item in enumerate(page["items"], 1):
+                    problems = entry_problems(item)
+                    if problems:  # the entry's problem, not the page's: the rest is synced
+                        report.reject(item.get("id") if isinstance(item, dict) else None, "malformed_entry", problems,
+                                      page=report.pages, item=place)
+                    else:
+                        items.append(item)
                 rows = await self._apply_page(items, members, report)
                 if items:
                     newest = max(str(item.get("updated_at") or "") for item in items)
@@ -543,8 +748,7 @@ class PortalSync:
                     break
             report.complete = True
         except (PortalUnavailable, LogUnavailable, httpx.HTTPError, ValueError) as exc:
-            report.error = _portal_problem(exc)
-            log.warning("portal sync stopped: %s (the next sync resumes from the last page)", report.error)
+            report.error = _portal_problem(exc)  # logged with the pass (_log_pass), by whoever runs it
         if report.complete:
             # After a complete pull only: it has adopted entries whose creation was cut short and
             # has carried the portal's own changes, which a push must not undo.
@@ -640,7 +844,11 @@ class PortalSync:
         members: dict[str, str], report: SyncReport,
     ) -> list[Any] | None:
         # Changed or new as listed: read the entry itself, which may have moved on (or gone) since.
-        fetched = await self.client.get_entry(entry_id)
+        try:
+            fetched = await self.client.get_entry(entry_id)
+        except MalformedEntry as exc:
+            report.reject(entry_id, "malformed_entry", exc.problems)
+            return None
         if fetched is None:
             report.deleted.append(entry_id)
             return None
@@ -678,8 +886,7 @@ class PortalSync:
             why = "; ".join(problem.msg for problem in verdict.errors) or "unavailable"
             raise LogUnavailable(f"the event log did not take entry {entry_id}'s event {event['id']} ({why})")
         if not verdict.accepted:
-            report.rejected.append({"entry": entry_id, "event_id": event["id"], "reason": verdict.reason,
-                                    "errors": [p.as_dict() for p in verdict.errors]})
+            report.reject(entry_id, verdict.reason or "rejected", verdict.errors, event_id=str(event["id"]))
             return None
         if verdict.duplicate:
             report.duplicates += 1
@@ -712,9 +919,9 @@ class PortalSync:
         entry with the tag (a copy) is reported, never registered as a new project."""
         entry_id = str(entry["id"])
         if publication.entry_id is not None and publication.entry_id != entry_id:
-            report.rejected.append({"entry": entry_id, "event_id": None, "reason": "copy_of_published_entry",
-                                    "errors": [f"carries the tag of project {publication.project_id}, "
-                                               f"published as entry {publication.entry_id}"]})
+            report.reject(entry_id, "copy_of_published_entry", [Problem(("tags",), (
+                f"carries the tag of project {publication.project_id}, published as entry {publication.entry_id}"),
+                "copy_of_published_entry")])
             return None
         country = await asyncio.to_thread(self._country, publication.project_id)
         facts = project_facts(entry, owner, project_id=publication.project_id, country=country)
@@ -743,9 +950,8 @@ class PortalSync:
                 problem = await self._push(mark, report)
             except (PortalUnavailable, LogUnavailable, httpx.HTTPError, ValueError) as exc:
                 problem = str(exc) or type(exc).__name__
-            if problem is not None:
+            if problem is not None:  # logged with the pass (_log_pass)
                 report.publish_errors.append({"project": mark.project_id, "error": problem})
-                log.warning("publishing project %s on the portal: %s", mark.project_id, problem)
             if problem != mark.error:
                 await asyncio.to_thread(self._note, mark.project_id, error=problem)
 
@@ -1074,11 +1280,13 @@ def _log_pass(report: SyncReport) -> None:
     publications that failed."""
     summary = report.as_dict()
     counts = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
-    log.info("portal sync %s: %d listed, %d registered, %d updated, %d unchanged, %d retries, %.1f s",
-             "complete" if report.complete else f"stopped ({report.error})", report.listed, report.registered,
-             report.updated, report.unchanged, report.retries, report.seconds, extra={"portal_sync": counts})
+    log.log(logging.INFO if report.complete else logging.WARNING,
+            "portal sync %s: %d listed, %d registered, %d updated, %d unchanged, %d rejected, %d retries, %.1f s",
+            "complete" if report.complete else f"stopped ({report.error}; the next sync resumes from the last page stored)",
+            report.listed, report.registered, report.updated, report.unchanged, len(report.rejected), report.retries,
+            report.seconds, extra={"portal_sync": counts})
     for rejected in summary["rejected"]:
-        log.warning("portal entry refused by the gate: %s", rejected, extra={"portal_sync": {"rejected": rejected}})
+        log.warning("portal %s", describe_rejection(rejected), extra={"portal_sync": {"rejected": rejected}})
     for organisation, unmapped in summary["unmapped"].items():
         log.warning("portal organisation %s (business id %s) maps to no member (%s entries read in this pass): add the "
                     "business id to a member's identifiers (collabbus institutions update ID --identifier "
@@ -1088,7 +1296,28 @@ def _log_pass(report: SyncReport) -> None:
     for changed in summary["owner_changed"]:
         log.warning("portal entry's organisation changed to another member (not applied): %s", changed)
     for problem in summary["publish_errors"]:
-        log.warning("portal publication failed: %s", problem)
+        log.warning("publishing project %s on the portal failed: %s (the next sync tries again)", problem["project"],
+                    problem["error"])
+
+
+def describe_rejection(rejected: Mapping[str, Any]) -> str:
+    """A refused entry of :attr:`SyncReport.rejected` in a line: which, why, and each problem as
+    ``loc: msg [type]`` (as ``collabbus publish`` shows a rejection)."""
+    return f"{rejected_entry(rejected)} rejected ({rejected['reason']}): " + "; ".join(
+        problem_line(problem) for problem in rejected["errors"])
+
+
+def rejected_entry(rejected: Mapping[str, Any]) -> str:
+    """``entry e-1``, or where an entry without an id was: ``item 3 of page 1 (no id)``."""
+    if rejected.get("entry") is not None:
+        return f"entry {rejected['entry']}"
+    return f"item {rejected.get('item')} of page {rejected.get('page')} (no id)"
+
+
+def problem_line(problem: Mapping[str, Any]) -> str:
+    """A problem ``{loc, msg, type}`` as ``data.title: Field required [missing]``."""
+    loc = ".".join(str(part) for part in problem.get("loc") or ()) or "-"
+    return f"{loc}: {problem.get('msg')} [{problem.get('type')}]"
 
 
 async def sync_periodically(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -45,6 +48,63 @@ async def sandbox(tmp_path: Path) -> AsyncIterator[PortalSandbox]:
         yield portal
     finally:
         await portal.stop()
+
+
+class RawPortal:
+    """A portal on 127.0.0.1 that answers exactly the bytes it is given, for what the sandbox
+    cannot serve (text that is not UTF-8, lone surrogates, HTML): ``page`` answers the list, and
+    ``entries`` (id → the entry's JSON text) each ``GET /api/v1/entries/{id}``."""
+
+    def __init__(self) -> None:
+        self.page: tuple[int, str, bytes] = (200, "application/json", b'{"items": [], "next_cursor": null}')
+        self.entries: dict[str, bytes] = {}
+        self.silent = False
+        """Take requests and never answer them."""
+        self.server: asyncio.Server | None = None
+        self.closing = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def list(self, *entries: bytes) -> None:
+        """A page of these entries (raw JSON texts), each also answered on its own by its id."""
+        for raw in entries:
+            with contextlib.suppress(ValueError, LookupError, TypeError):
+                self.entries[str(json.loads(raw.decode("utf-8", "surrogateescape"))["id"])] = raw
+        self.page = (200, "application/json", b'{"items": [' + b", ".join(entries) + b'], "next_cursor": null}')
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                if self.silent:
+                    await self.closing.wait()
+                    break
+                path = head.split(" ")[1].partition("?")[0]
+                status, kind, body = self.page
+                if path != "/api/v1/entries":
+                    found = self.entries.get(path.removeprefix("/api/v1/entries/"))
+                    status, kind, body = (200, "application/json", found) if found is not None else (404, "application/json", b"{}")
+                writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {kind}\r\ncontent-length: {len(body)}\r\n"
+                             f"etag: \"1\"\r\n\r\n".encode() + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_portal() -> AsyncIterator[RawPortal]:
+    portal = RawPortal()
+    portal.server = await asyncio.start_server(portal.handle, "127.0.0.1", 0)
+    try:
+        yield portal
+    finally:
+        portal.closing.set()
+        portal.server.close()
 
 
 async def join(gateway: Gateway, kind: str, bid: str) -> str:  # noqa: F811
@@ -94,4 +154,4 @@ async def project_events(gateway: Gateway, members: list[str]) -> list[dict[str,
     return [event for _, event in sorted(found, key=lambda pair: pair[0])]
 
 
-__all__ = ["Faults", "Network", "business_id", "portal_sync", "project_events"]
+__all__ = ["Faults", "Network", "RawPortal", "business_id", "portal_sync", "project_events"]

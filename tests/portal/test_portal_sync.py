@@ -443,4 +443,4 @@ def test_a_pass_is_logged_in_one_line_and_what_needs_an_operator_in_one_each(cap
     assert lines[0].startswith("portal sync complete: 3 listed, 1 registered")
     assert any("Silta-Valmennus" in line and "1234567-8" in line and "institutions update ID --identifier" in line
                and "reads the whole portal again by itself" in line for line in lines)
-    assert any("refused by the gate" in line and "e-1" in line for line in lines)
+    assert any("entry e-1 rejected (invalid)" in line for line in lines)

@@ -1,0 +1,126 @@
+"""What the portal sends that the connector cannot use, against a portal on 127.0.0.1 answering
+exactly the bytes given (RawPortal): an entry it cannot read is rejected on its own, with its
+place, and the rest of its page synced; an answer that is no page stops the pass with one line;
+a portal that cannot be reached is said in words, not httpx's class names."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bus.server import free_port
+from connectors.portal import store
+from connectors.portal.connector import PortalClient, PortalSync, project_id_of
+from handlers.db import session_scope
+from handlers.projects import Project
+from tests.connectors.conftest import Gateway
+from tests.portal.conftest import TOKEN, Network, RawPortal, project_events
+
+
+def entry(entry_id: str, organisation: object, *, title: str = '{"fi": "Toimintamalli"}', stamp: str = "01") -> bytes:
+    """An entry's JSON text; ``title`` as JSON text, so that it can hold what JSON allows and text does not."""
+    return (f'{{"id": "{entry_id}", "type": "practice", "title": {title}, "organisation": {json.dumps(organisation)}, '
+            f'"status": "published", "tags": [], "url": "https://innokyla.example/practice/{entry_id}", '
+            f'"updated_at": "2026-12-{stamp}T10:00:00.000000Z"}}').encode()
+
+
+def connector(gateway: Gateway, portal: RawPortal, **client: Any) -> PortalSync:
+    options: dict[str, Any] = {"timeout": 5.0, "backoff": 0.01, "attempts": 2, **client}
+    return PortalSync(gateway.bus.gate, gateway.bus.engine, PortalClient(portal.url, TOKEN, **options), portal=portal.url)
+
+
+def malformed_page(network: Network) -> list[bytes]:
+    """The page the tests list: two good entries among every kind of entry the connector cannot read."""
+    organisation = network.organisations[0]
+    return [
+        entry("good-1", organisation, stamp="01"),
+        entry("org-text", "Esimerkki ry", stamp="02"),
+        entry("surrogate", organisation, title='{"fi": "\\ud800"}', stamp="03"),
+        b"null",
+        b'"just text"',
+        b'{"title": {"fi": "no id"}, "organisation": null}',
+        entry("bad-bytes", organisation, title='{"fi": "Toimintamalli BYTE"}', stamp="04").replace(b"BYTE", b"\xff"),
+        entry("good-2", organisation, stamp="05"),
+    ]
+
+
+async def test_entries_the_connector_cannot_read_are_rejected_and_the_rest_of_the_page_synced(
+    gateway: Gateway, network: Network, raw_portal: RawPortal,
+) -> None:
+    raw_portal.list(*malformed_page(network))
+    report = await connector(gateway, raw_portal).sync()
+    assert report.complete and report.error is None, report.error
+    assert (report.listed, report.registered) == (8, 2)
+    said = {(r["entry"], r.get("item")): [(".".join(map(str, e["loc"])), e["msg"]) for e in r["errors"]] for r in report.rejected}
+    assert said == {
+        ("org-text", 2): [("organisation", "an organisation is an object {name, business_id}, not a string")],
+        ("surrogate", 3): [("title.fi", "not text: a lone surrogate (\\ud800) at character 0")],
+        (None, 4): [("", "an entry is a JSON object, not null")],
+        (None, 5): [("", "an entry is a JSON object, not a string")],
+        (None, 6): [("id", "the entry has no id")],
+        ("bad-bytes", 7): [("title.fi", "not UTF-8 text (the byte 0xff at character 14)")],
+    }
+    assert {r["reason"] for r in report.rejected} == {"malformed_entry"} and all(r["page"] == 1 for r in report.rejected)
+    json.dumps(report.as_dict(), ensure_ascii=False).encode()  # printable as it is
+
+    # The good entries are in the log and stored with the page's cursor, as any page's.
+    events = await project_events(gateway, list(network.members.values()))
+    assert sorted(e["subject"] for e in events) == [project_id_of("good-1"), project_id_of("good-2")]
+    await gateway.settle()
+    with session_scope(gateway.bus.engine) as session:
+        position = store.load_cursor(session, raw_portal.url)
+        assert position.high_water == "2026-12-05T10:00:00.000000Z" and position.cursor is None
+        assert set(store.known_entries(session, raw_portal.url, ["good-1", "good-2", "org-text"])) == {"good-1", "good-2"}
+        assert session.get(Project, project_id_of("good-2")) is not None
+
+    again = await connector(gateway, raw_portal).sync()  # not stuck: the same page again, the same verdicts
+    assert again.complete and (again.unchanged, len(again.rejected), again.emitted) == (2, 6, 0)
+
+
+async def test_an_entry_that_reads_differently_on_its_own_is_rejected_by_its_id(
+    gateway: Gateway, network: Network, raw_portal: RawPortal,
+) -> None:
+    organisation = network.organisations[0]
+    raw_portal.list(entry("moved-on", organisation), entry("fine", organisation, stamp="02"))
+    raw_portal.entries["moved-on"] = entry("moved-on", {"name": "X", "business_id": 123})
+    report = await connector(gateway, raw_portal).sync()
+    assert report.complete and report.registered == 1
+    [rejected] = report.rejected
+    assert (rejected["entry"], rejected["errors"][0]["loc"]) == ("moved-on", ["organisation", "business_id"])
+
+
+async def test_an_answer_that_is_no_page_stops_the_pass_saying_what_it_was(
+    gateway: Gateway, network: Network, raw_portal: RawPortal,
+) -> None:
+    for answer, said in [
+        ((200, "text/html; charset=utf-8", b"<html><body>Kirjaudu sis\xc3\xa4\xc3\xa4n</body></html>"),
+         f"the portal at {raw_portal.url.removeprefix('http://')} answered text/html, not JSON, to GET /api/v1/entries"),
+        ((200, "application/json", b"[]"), "answered GET /api/v1/entries with an array, not an object with items"),
+        ((200, "application/json", b'{"entries": []}'), "with items that are null, not an object with items"),
+        ((200, "application/json", b'{"items": [], "next_cursor": 7}'), "with a next_cursor a number, not a string"),
+        ((200, "application/json", b'{"items": ['), "answered GET /api/v1/entries with JSON that cannot be read"),
+    ]:
+        raw_portal.page = answer
+        report = await connector(gateway, raw_portal).sync()
+        assert not report.complete and report.error is not None and said in report.error, (answer, report.error)
+
+
+async def test_a_portal_that_cannot_be_reached_is_said_in_words(gateway: Gateway, raw_portal: RawPortal) -> None:
+    port = free_port()  # nothing listens there
+    closed = PortalSync(gateway.bus.gate, gateway.bus.engine, PortalClient(f"http://127.0.0.1:{port}", TOKEN, backoff=0.01, attempts=2),
+                        portal=f"closed-{port}")
+    report = await closed.sync()
+    assert report.error == f"cannot connect to the portal at 127.0.0.1:{port}: connection refused (GET /api/v1/entries, 2 attempts)"
+
+    raw_portal.silent = True
+    report = await connector(gateway, raw_portal, timeout=0.3).sync()
+    where = raw_portal.url.removeprefix("http://")
+    assert report.error == f"the portal at {where} did not answer within 0.3 s (GET /api/v1/entries, 2 attempts)"
+
+
+async def test_a_portal_failing_past_its_retries_is_said_with_its_status(gateway: Gateway, raw_portal: RawPortal) -> None:
+    raw_portal.page = (503, "text/plain", b"busy")
+    report = await connector(gateway, raw_portal).sync()
+    where = raw_portal.url.removeprefix("http://")
+    assert report.error == f"the portal at {where} answered 503 X (GET /api/v1/entries, 2 attempts)"
+
