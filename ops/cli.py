@@ -553,8 +553,18 @@ def _print_verdict(verdict: Any) -> None:
     else:
         out.print(f"[red]rejected[/red] {verdict.id or '(no id)'} ({verdict.reason})")
         for problem in verdict.errors:
-            loc = ".".join(str(part) for part in problem.loc) or "-"
-            out.print(f"  {loc}: {problem.msg} [dim]\\[{problem.type}][/dim]")
+            out.print(f"  {_problem_text(problem.loc, problem.msg, problem.type)}")
+
+
+def _problem_text(loc: Any, msg: str, kind: str) -> str:
+    """A problem of a rejection as ``data.title: Field required [missing]`` (markup)."""
+    where = ".".join(str(part) for part in loc) or "-"
+    return f"{escape(where)}: {escape(str(msg))} [dim]\\[{escape(str(kind))}][/dim]"
+
+
+def _plural(count: int, word: str, words: str | None = None) -> str:
+    """``1 entry``, ``2 entries``."""
+    return f"{count:,} {word if count == 1 else words or word + 's'}"
 
 
 # --------------------------------------------------------------------------- up
@@ -2639,13 +2649,25 @@ app.add_typer(portal_app, name="portal")
 
 
 def _render_portal_report(report: Any) -> None:
+    """A pass for people. One that completed with entries rejected says so on its first line and
+    exits 0 all the same: the rest of the portal is synced, and each rejected entry is read
+    again once it changes on the portal."""
+    from connectors.portal.connector import rejected_entry
+
     summary = report.as_dict()
-    state = "[green]complete[/green]" if report.complete else f"[red]stopped[/red]: {escape(report.error or '')} (the next sync resumes)"
+    state = ("[green]complete[/green]" if report.complete else
+             f"[red]stopped[/red]: {escape(report.error or '')} (the next sync resumes from the last page stored)")
+    if report.rejected:
+        state += f"; [yellow]{_plural(len(report.rejected), 'entry', 'entries')} rejected[/yellow]"
     out.print(f"portal sync of {escape(report.portal)}: {state}")
-    out.print(f"  listed {report.listed} entries in {report.pages} pages, {report.seconds:.1f} s "
+    out.print(f"  listed {_plural(report.listed, 'entry', 'entries')} in {_plural(report.pages, 'page')}, {report.seconds:.1f} s "
               f"({summary['entries_per_second']:,.0f} entries/s); retries {report.retries}")
-    out.print(f"  emitted {report.registered} project.registered, {report.updated} project.updated"
-              f" ({report.duplicates} already in the log); unchanged {report.unchanged}")
+    events = f"{report.registered} project.registered, {report.updated} project.updated"
+    if report.duplicates:  # a pass cut short after the log took them, before they were stored
+        out.print(f"  emitted {_plural(report.emitted - report.duplicates, 'event')} ({events}, of which {report.duplicates} "
+                  f"{'was' if report.duplicates == 1 else 'were'} in the log already: not emitted again); unchanged {report.unchanged}")
+    else:
+        out.print(f"  emitted {events}; unchanged {report.unchanged}")
     if report.deleted:
         out.print(f"  [yellow]deleted before they could be read[/yellow] ({len(report.deleted)}): {', '.join(report.deleted[:10])}")
     if report.unmapped:
@@ -2655,7 +2677,11 @@ def _render_portal_report(report: Any) -> None:
         for business_id, seen in sorted(report.unmapped.items()):
             out.print(f"    {escape(business_id)} {escape(str(seen['name'] or ''))}: {seen['entries']} entries in this pass")
     for rejected in report.rejected[:10]:
-        out.print(f"  [red]rejected[/red] entry {escape(rejected['entry'])}: {rejected['reason']} {rejected['errors']}")
+        out.print(f"  [red]rejected[/red] {escape(rejected_entry(rejected))} ({escape(rejected['reason'])})", soft_wrap=True)
+        for problem in rejected["errors"]:
+            out.print(f"    {_problem_text(problem['loc'], problem['msg'], problem['type'])}", soft_wrap=True)
+    if len(report.rejected) > 10:
+        out.print(f"  … and {len(report.rejected) - 10} more rejected (--json lists them all)")
     if report.owner_changed:
         out.print(f"  [yellow]organisation changed to another member[/yellow] (not applied): {', '.join(report.owner_changed[:10])}")
     if report.published or report.pushed or report.conflicts or report.waiting:
@@ -2848,8 +2874,8 @@ def portal_publications(
         return
     for mark in found:
         entry = f"entry {escape(mark['entry_id'])}" if mark["entry_id"] else "no entry yet"
-        pushed = f", last push {mark['pushed_at'][:19]}" if mark["pushed_at"] else ""
-        out.print(f"{escape(mark['project_id'])} ({mark['entry_type']}): {entry}, marked {mark['marked_at'][:19]}{pushed}",
+        pushed = f", last push {_in_utc(mark['pushed_at'])}" if mark["pushed_at"] else ""
+        out.print(f"{escape(mark['project_id'])} ({mark['entry_type']}): {entry}, marked {_in_utc(mark['marked_at'])}{pushed}",
                   soft_wrap=True)
         if mark["error"]:
             out.print(f"  [yellow]last error:[/yellow] {escape(mark['error'])}", soft_wrap=True)

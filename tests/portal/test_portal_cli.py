@@ -8,18 +8,25 @@ import os
 import signal
 import sys
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import orjson
 
+from sqlmodel import select
+
 from bus.server import free_port
-from connectors.portal.sandbox import PortalSandbox
+from connectors.portal.connector import portal_key
+from connectors.portal.sandbox import PortalSandbox, sample_entries
+from connectors.portal.store import PortalEntry
+from handlers.db import session_scope
 from ops.tracing import STORE_FILE, recent_traces
 from tests.commands import acollabbus
 from tests.connectors.conftest import Gateway
 from tests.handlers.harness import envelope
-from tests.portal.conftest import TOKEN, Network
+from tests.portal.conftest import TOKEN, Network, RawPortal
+from tests.portal.test_portal_answers import entry, malformed_page
 
 COLLABBUS = [sys.executable, "-m", "ops"]
 
@@ -113,6 +120,8 @@ async def test_publish_command_marks_a_project_and_sync_creates_its_entry(
     assert listed["pushed_at"] is not None
     code, stdout, _ = await collabbus("portal", "publications")
     assert code == 0 and project_id in stdout and entry["id"] in stdout
+    marked_at = datetime.fromisoformat(listed["marked_at"]).astimezone(timezone.utc)
+    assert f"marked {marked_at:%Y-%m-%d %H:%M} UTC" in " ".join(stdout.split())  # in UTC, saying so
 
 
 async def test_the_sandbox_seeds_only_when_it_is_empty(tmp_path: Path) -> None:
@@ -137,3 +146,81 @@ async def test_the_sandbox_seeds_only_when_it_is_empty(tmp_path: Path) -> None:
     assert "3 entries" in first and "not seeding" not in first
     again = await start_and_stop()  # a restart keeps what it had and adds nothing
     assert "not seeding" in again and "3 entries" in again
+
+
+def _env(gateway: Gateway, tmp_path: Path, url: str, token: str = TOKEN) -> dict[str, str]:
+    return {**os.environ, "COLLABBUS_NATS_URL": gateway.bus.settings.nats_url or "",
+            "COLLABBUS_NATS_CREDS": str(gateway.bus.settings.nats_creds),
+            "COLLABBUS_DATABASE_URL": gateway.database_url, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"),
+            "COLLABBUS_PORTAL_URL": url, "COLLABBUS_PORTAL_TOKEN": token, "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8"}
+
+
+async def test_sync_reports_entries_it_cannot_use_and_exits_0_having_synced_the_rest(
+    gateway: Gateway, network: Network, raw_portal: RawPortal, tmp_path: Path
+) -> None:
+    """Malformed entries and one the gate refuses are rejected, each said as `collabbus publish`
+    says a rejection (loc: msg [type]); the pass completes (exit 0) and its first line counts them."""
+    env = _env(gateway, tmp_path, raw_portal.url)
+    refused_title = entry("plain-title", network.organisations[0], title='"Toimintamalli"', stamp="06")
+    raw_portal.list(*malformed_page(network), refused_title)
+    done = await acollabbus("portal", "sync", "--once", env=env)
+    said = " ".join(done.stdout.split())
+    assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert f"portal sync of {raw_portal.url}: complete; 7 entries rejected" in said, said
+    assert "listed 9 entries in 1 page," in said
+    assert "rejected entry org-text (malformed_entry) organisation: an organisation is an object {name, business_id}, " \
+           "not a string [dict_type]" in said
+    assert "rejected entry surrogate (malformed_entry) title.fi: not text: a lone surrogate (\\ud800) at character 0 " \
+           "[string_unicode]" in said
+    assert "rejected item 4 of page 1 (no id) (malformed_entry) -: an entry is a JSON object, not null [entry_type]" in said
+    assert "rejected entry plain-title (invalid) data.title: " in said and "{'loc'" not in said
+
+    done = await acollabbus("portal", "sync", "--once", "--json", "--full", env=env)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["complete"], summary["listed"], len(summary["rejected"])) == (True, 9, 7)
+
+
+async def test_sync_says_in_one_line_what_the_portal_answered_instead_of_a_page(
+    gateway: Gateway, raw_portal: RawPortal, tmp_path: Path
+) -> None:
+    env = _env(gateway, tmp_path, raw_portal.url)
+    raw_portal.page = (200, "text/html", b"<!doctype html><title>Kirjaudu</title>")
+    done = await acollabbus("portal", "sync", "--once", env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "answered text/html, not JSON, to GET /api/v1/entries" in " ".join(done.stdout.split())
+    assert done.stderr.strip() == "", done.stderr
+    done = await acollabbus("portal", "sync", "--once", "--json", env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["complete"] is False and "answered text/html, not JSON" in summary["error"]
+
+
+async def test_a_wrong_token_is_said_once(gateway: Gateway, network: Network, sandbox: PortalSandbox, tmp_path: Path) -> None:
+    done = await acollabbus("portal", "sync", "--once", env=_env(gateway, tmp_path, sandbox.url, token="wrong"))
+    both = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1
+    assert both.count("refused the token") == 1 and "COLLABBUS_PORTAL_TOKEN" in both, both
+    assert "no later sync" not in both
+
+
+async def test_the_summary_counts_in_words_and_does_not_call_an_event_in_the_log_emitted(
+    gateway: Gateway, network: Network, sandbox: PortalSandbox, tmp_path: Path
+) -> None:
+    sandbox.store.seed(sample_entries(1, network.organisations))
+    env = _env(gateway, tmp_path, sandbox.url)
+    done = await acollabbus("portal", "sync", "--once", env=env)
+    said = " ".join(done.stdout.split())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "listed 1 entry in 1 page," in said and "emitted 1 project.registered, 0 project.updated; unchanged 0" in said
+
+    # As if that pass had been cut short after the log took the event, before it was stored.
+    portal = portal_key(sandbox.url)
+    with session_scope(gateway.bus.engine) as session:
+        for row in session.exec(select(PortalEntry).where(PortalEntry.portal == portal)):
+            session.delete(row)
+    done = await acollabbus("portal", "sync", "--once", "--full", env=env)
+    said = " ".join(done.stdout.split())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("emitted 0 events (1 project.registered, 0 project.updated, of which 1 was in the log already: "
+            "not emitted again); unchanged 0") in said, said
