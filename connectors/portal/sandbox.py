@@ -3,7 +3,8 @@
 Innokylä publishes no API, so the connector is developed and tested against this: entries
 (practices, *toimintamalli*, and projects/programmes, *kokonaisuus*) in a SQLite file, listed in
 (updated_at, id) order with keyset cursors, ``ETag``/``If-Match`` on single entries, Bearer auth,
-and the faults a real portal has, switchable while it runs (``POST /_sandbox/faults``):
+and the faults a real portal has, switchable while it runs (``POST /_sandbox/faults`` with the
+faults to change; those it does not name stay as they were):
 
 - ``rate_limit_every``: every Nth API request answers 429 with ``Retry-After: retry_after``;
 - ``error_every``: every Nth answers 503;
@@ -378,7 +379,9 @@ def create_app(store: PortalStore, *, token: str | None, faults: Faults | None =
         if wrong:
             expected = ", ".join(f"{name}: {_FAULT_TYPES[name]}" for name in wrong)
             return JSONResponse({"error": f"invalid faults ({expected})"}, status_code=422)
-        state.faults = Faults(**body)
+        # A partial update: the faults named change, the others stay as they were (switching one
+        # on must not switch the others off); 0 turns one off.
+        state.faults = Faults(**{**asdict(state.faults), **body})
         return asdict(state.faults)
 
     @app.get("/_sandbox/faults")

@@ -279,3 +279,13 @@ async def test_a_fault_the_sandbox_does_not_know_is_a_422_naming_the_known_ones(
         assert quoted.status_code == 422 and "rate_limit_every" in quoted.json()["error"]
         assert (await http.get("/_sandbox/faults")).json()["faults"]["rate_limit_every"] == 0  # left as it was
         assert (await http.post("/_sandbox/faults", json={"rate_limit_every": 3, "slow_seconds": 1})).json()["rate_limit_every"] == 3
+
+
+async def test_posting_faults_changes_those_it_names_and_leaves_the_others_on(sandbox: PortalSandbox) -> None:
+    async with httpx.AsyncClient(base_url=sandbox.url) as http:
+        assert (await http.post("/_sandbox/faults", json={"error_every": 5})).status_code == 200
+        both = (await http.post("/_sandbox/faults", json={"slow_every": 7, "slow_seconds": 0.5})).json()
+        assert (both["error_every"], both["slow_every"], both["slow_seconds"]) == (5, 7, 0.5)
+        off = (await http.post("/_sandbox/faults", json={"error_every": 0})).json()  # 0 turns one off
+        assert (off["error_every"], off["slow_every"]) == (0, 7)
+        assert (await http.get("/_sandbox/faults")).json()["faults"]["slow_every"] == 7
