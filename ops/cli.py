@@ -2644,7 +2644,7 @@ def asyncapi(
 
 # --------------------------------------------------------------------------- portal (CONTRACT §8)
 
-portal_app = typer.Typer(help="The portal connector (an Innokylä-style portal, CONTRACT §8).", no_args_is_help=True)
+portal_app = typer.Typer(help="The portal connector: keeps an Innokylä-style portal and the network in sync (README: The Innokylä-style portal).", no_args_is_help=True)
 app.add_typer(portal_app, name="portal")
 
 
@@ -2890,8 +2890,8 @@ def portal_sandbox(
     *,
     settings: Settings,
 ) -> None:
-    """Serve a local portal that speaks CONTRACT §8 (entries in <data dir>/portal-sandbox.db), with
-    switchable faults (POST /_sandbox/faults) for trying the connector."""
+    """Serve a local portal for trying the connector: the portal's API as the connector uses it
+    (entries in <data dir>/portal-sandbox.db), with switchable faults (POST /_sandbox/faults)."""
     from connectors.portal.sandbox import PortalSandbox, sample_entries
 
     host, _, port = listen.rpartition(":")
