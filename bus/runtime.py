@@ -100,6 +100,9 @@ class Bus:
     gates: Any = None
     """The gatekeeper processes (``bus.gates.GateProcesses``) once :meth:`start_gatekeepers` ran
     with any to start."""
+    portal_passes: Any = None
+    """How the portal connector's passes have gone (``connectors.portal.connector.Passes``) while
+    this bus runs it (``COLLABBUS_PORTAL_URL``): ``/metrics`` serves them."""
     tracing: Tracing | None = None
     """Where this bus's spans go; by default as the ``OTEL_*`` variables say (``ops.tracing``)."""
     lease: Lease | None = None

@@ -822,7 +822,7 @@ def _stop_on_signals(*, again_at_once: bool = False) -> asyncio.Event:
 
 async def _run_portal(settings: Settings, bus: Any, stop: asyncio.Event) -> None:
     """``up`` with ``COLLABBUS_PORTAL_URL``: the portal connector, every ``COLLABBUS_PORTAL_INTERVAL`` s."""
-    from connectors.portal.connector import from_settings, push_decisions, sync_periodically
+    from connectors.portal.connector import Passes, from_settings, push_decisions, sync_periodically
     from connectors.webhooks.targets import RefusedTarget
 
     try:
@@ -833,8 +833,10 @@ async def _run_portal(settings: Settings, bus: Any, stop: asyncio.Event) -> None
     if bus.tracing is not None:
         bus.tracing.instrument_httpx(sync.client.http)  # portal calls as client spans
     err.print(f"  portal connector: {settings.portal_url} every {settings.portal_interval:g} s")
+    bus.portal_passes = passes = Passes()
     try:
-        await asyncio.gather(sync_periodically(sync, settings.portal_interval, stop), push_decisions(bus.js, sync, stop))
+        await asyncio.gather(sync_periodically(sync, settings.portal_interval, stop, on_report=passes.note),
+                             push_decisions(bus.js, sync, stop))
     finally:
         await sync.client.aclose()
 

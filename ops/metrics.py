@@ -224,6 +224,28 @@ class _Gatekeepers(Collector):
         )
 
 
+class _Portal(Collector):
+    """How the portal connector's passes have gone (``connectors.portal.connector.Passes``)."""
+
+    def __init__(self, passes: Any) -> None:
+        self.passes = passes
+
+    def collect(self) -> Iterator[Metric]:
+        passes = CounterMetricFamily("collabbus_portal_sync_passes", "portal sync passes, by outcome (complete; stopped: "
+                                     "the portal or the log failed it, and the next pass resumes from the last page stored)",
+                                     labels=["outcome"])
+        passes.add_metric(["complete"], self.passes.complete)
+        passes.add_metric(["stopped"], self.passes.stopped)
+        yield passes
+        yield CounterMetricFamily("collabbus_portal_entries_rejected", "portal entries the sync rejected (malformed, or refused "
+                                  "by the gate): read again only once they change on the portal", value=self.passes.rejected)
+        yield GaugeMetricFamily("collabbus_portal_sync_stopped", "1 when the last portal sync pass stopped before its end",
+                                value=1 if self.passes.last_stopped else 0)
+        if self.passes.last_complete_at is not None:
+            yield GaugeMetricFamily("collabbus_portal_sync_last_complete_timestamp_seconds",
+                                    "when the last complete portal sync pass ended", value=self.passes.last_complete_at)
+
+
 class _Checkpoints(Collector):
     """The SQLite files the bus checkpoints in the background (``ops.wal``): how far their
     write-ahead logs have grown (one that keeps growing is not being checkpointed) and how many
@@ -416,6 +438,7 @@ def exposition(
     set_aside: Mapping[str, int] | None = None,
     webhook_endpoints: Sequence[Mapping[str, Any]] | None = None,
     consumers: Mapping[str, Mapping[str, str | None]] | None = None,
+    portal: Any = None,
 ) -> bytes:
     """The Prometheus text of ``registries``, the process-wide metrics (with the counters of the
     gatekeeper processes ``gates``, when the bus runs any), a status snapshot (None: NATS could
@@ -427,7 +450,8 @@ def exposition(
     how many things it sets aside behind its dead letters (:func:`set_aside_counts`);
     ``webhook_endpoints``: how the webhook endpoints fare (:func:`webhook_endpoints`; None: the
     database has no webhook tables, or could not be read); ``consumers``: what the consumer groups
-    this process runs wait on (``ops.status.consumer_state``)."""
+    this process runs wait on (``ops.status.consumer_state``); ``portal``: how the portal
+    connector's passes have gone (``connectors.portal.connector.Passes``; None: it does not run)."""
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(status, webhook_attempts, nats_connected))
     if outbox is not None:
@@ -460,6 +484,8 @@ def exposition(
             holding.add_metric([name], 1 if waits.get("holding") else 0)
         snapshot.register(_Value(retrying))
         snapshot.register(_Value(holding))
+    if portal is not None:
+        snapshot.register(_Portal(portal))
     if checkpointers:
         snapshot.register(_Checkpoints(checkpointers))
     process: Any = REGISTRY

@@ -222,7 +222,8 @@ async def metrics(request: Request) -> Response:
                                checkpointers=bus.checkpointers, outbox=outbox,
                                backup=last_backup(bus.settings.data_dir) or {}, expiries=expiries,
                                lease_age=bus.lease.renewed_ago if bus.lease is not None else None, set_aside=set_aside,
-                               webhook_endpoints=endpoints, consumers=consumer_state(running_consumers(bus))),
+                               webhook_endpoints=endpoints, consumers=consumer_state(running_consumers(bus)),
+                               portal=bus.portal_passes),
                     media_type=CONTENT_TYPE_LATEST)
 
 

@@ -1320,19 +1320,46 @@ def problem_line(problem: Mapping[str, Any]) -> str:
     return f"{loc}: {problem.get('msg')} [{problem.get('type')}]"
 
 
+@dataclass
+class Passes:
+    """How a running bus's portal sync passes have gone, for ``/metrics`` (``ops.metrics``): an
+    operator learns that the sync stops, or rejects entries, without reading the log."""
+
+    complete: int = 0
+    stopped: int = 0
+    """Passes that ended before their end: the portal or the log failed them (the next resumes)."""
+    rejected: int = 0
+    """Entries the passes rejected (malformed, or refused by the gate)."""
+    last_stopped: bool = False
+    last_complete_at: float | None = None
+    """When the last complete pass ended (seconds since the epoch)."""
+
+    def note(self, report: SyncReport | None) -> None:
+        """A pass's report; None: the pass failed on something unforeseen (logged)."""
+        if report is not None and report.complete:
+            self.complete += 1
+            self.last_complete_at = time.time()
+        else:
+            self.stopped += 1
+        self.rejected += len(report.rejected) if report is not None else 0
+        self.last_stopped = report is None or not report.complete
+
+
 async def sync_periodically(
-    sync: PortalSync, interval: float, stop: asyncio.Event, *, on_report: Callable[[SyncReport], None] | None = None
+    sync: PortalSync, interval: float, stop: asyncio.Event, *, on_report: Callable[[SyncReport | None], None] | None = None
 ) -> None:
-    """Sync now and then every ``interval`` seconds until ``stop`` is set (``collabbus up``)."""
+    """Sync now and then every ``interval`` seconds until ``stop`` is set (``collabbus up``);
+    ``on_report`` is given each pass's report (None for a pass that failed on something unforeseen)."""
     while not stop.is_set():
+        report: SyncReport | None = None
         try:
             report = await sync.sync()
         except Exception:  # a bug in one pass must not end the connector; the cursor is safe
             log.exception("portal sync failed")
         else:
             _log_pass(report)
-            if on_report is not None:
-                on_report(report)
+        if on_report is not None:
+            on_report(report)
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)
         except TimeoutError:

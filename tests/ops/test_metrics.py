@@ -22,6 +22,7 @@ from bus.client import offer
 from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
 from connectors.http.app import create_app
+from connectors.portal.connector import Passes
 from connectors.webhooks import store
 from handlers import tokens
 from handlers.db import session_scope
@@ -361,6 +362,7 @@ async def test_every_metric_the_shipped_alert_rules_and_dashboard_use_is_served(
         with session_scope(bus.engine) as session:  # (a member's access expiring is a series of its own)
             tokens.issue(session, OPERATOR, valid_for=timedelta(days=3))
         failing_and_disabled_endpoints(bus.engine, datetime.now(timezone.utc))  # (so are endpoints failing or disabled)
+        bus.portal_passes = Passes()  # (and the portal connector's passes, when it runs: COLLABBUS_PORTAL_URL)
         assert bus.http is not None
         async with httpx.AsyncClient(base_url=bus.http.url) as client:
             text = (await client.get("/metrics")).text

@@ -10,9 +10,11 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from sqlmodel import select
 
@@ -224,3 +226,46 @@ async def test_the_summary_counts_in_words_and_does_not_call_an_event_in_the_log
     assert done.returncode == 0, done.stdout + done.stderr
     assert ("emitted 0 events (1 project.registered, 0 project.updated, of which 1 was in the log already: "
             "not emitted again); unchanged 0") in said, said
+
+
+async def test_a_bus_running_the_connector_serves_how_its_passes_go(raw_portal: RawPortal, tmp_path: Path) -> None:
+    """``collabbus up`` with a portal: ``/metrics`` says when the sync stops (an answer that is no
+    page) and how many entries it rejected, which the alert rules follow (they were in the log only)."""
+    http = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
+           "COLLABBUS_HTTP": http, "COLLABBUS_PORTAL_URL": raw_portal.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
+           "COLLABBUS_PORTAL_INTERVAL": "0.3", "COLLABBUS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8", "COLLABBUS_GATE_PROCESSES": "0"}
+    for name in ("COLLABBUS_NATS_URL", "COLLABBUS_NATS_CREDS", "COLLABBUS_DATABASE_URL"):
+        env.pop(name, None)
+    raw_portal.page = (200, "text/html", b"<html>Kirjaudu</html>")  # a login page: every pass stops
+    up = await asyncio.create_subprocess_exec(*COLLABBUS, "up", env=env, stderr=asyncio.subprocess.PIPE)
+    assert up.stderr is not None
+    said = []
+    try:
+        while not any("is up" in line for line in said):
+            line = (await asyncio.wait_for(up.stderr.readline(), 60)).decode()
+            assert line, "collabbus up exited: " + "".join(said)
+            said.append(line)
+
+        async def scraped(client: httpx.AsyncClient, until: Any) -> dict[str, float]:
+            for _ in range(200):
+                text = (await client.get("/metrics")).text
+                found = {(s.name + "".join(f"{{{v}}}" for v in s.labels.values())): s.value
+                         for family in text_string_to_metric_families(text) for s in family.samples if "portal" in s.name}
+                if until(found):
+                    return found
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"/metrics never said so: {found}")
+
+        async with httpx.AsyncClient(base_url=f"http://{http}") as client:
+            stopped = await scraped(client, lambda m: m.get("collabbus_portal_sync_passes_total{stopped}", 0) >= 1)
+            assert stopped["collabbus_portal_sync_stopped"] == 1 and stopped["collabbus_portal_sync_passes_total{complete}"] == 0
+            assert "collabbus_portal_sync_last_complete_timestamp_seconds" not in stopped
+            raw_portal.list(entry("no-org", "Esimerkki ry"), b"null")  # a page again, with two entries it cannot read
+            complete = await scraped(client, lambda m: m.get("collabbus_portal_sync_passes_total{complete}", 0) >= 1)
+            assert complete["collabbus_portal_sync_stopped"] == 0 and complete["collabbus_portal_entries_rejected_total"] >= 2
+            assert complete["collabbus_portal_sync_last_complete_timestamp_seconds"] > 0
+    finally:
+        up.send_signal(signal.SIGINT)
+        await asyncio.wait_for(up.communicate(), 30)
+    assert up.returncode == 0
