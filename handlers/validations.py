@@ -231,10 +231,15 @@ def check_request(ctx: Context) -> None:
     existing = ctx.session.get(Validation, event.data.validation_id)
     kind = _member_kind(ctx.session, event.data.coordinator)
     project = _project_of(ctx.session, event.data.project_id) if event.data.project_id is not None else None
+    open_already = None
+    if existing is None and event.data.project_id is not None:
+        open_already = ctx.session.exec(select(Validation.validation_id).where(
+            Validation.project_id == event.data.project_id, Validation.coordinator == event.data.coordinator,
+            col(Validation.status).in_(sorted(rules.OPEN)))).first()
     refusal = rules.request_refusal(
         existing is not None, event.data.coordinator, kind,
         requester=event.source, project=project, names_project=event.data.project_id is not None,
-        due_by=event.data.due_by, now=event.logged_at,
+        due_by=event.data.due_by, now=event.logged_at, open_with_coordinator=open_already,
     )
     if refusal is not None and refusal.code == "coordinator_not_competence_centre" and kind is None:
         centres = select(Institution.id).where(Institution.kind == "competence_centre", col(Institution.left_at).is_(None))

@@ -221,6 +221,7 @@ ValidationRefusalCode = Literal[
     "question_taken",
     "medians_not_from_reviews",
     "due_in_past",
+    "already_open",
 ]
 """The validation workflow's refusal codes (the rules decide them; the catalog carries them)."""
 

@@ -15,13 +15,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-RULES = 1
+RULES = 2
 """The version of the workflow rules this code judges by. 1: an owner's adoption of its own
 project (``own_project``), an adopter that is not a member (``unknown_adopter``), a call's deadline
 amended into the past (``deadline_in_past``) or its opening moved later once open
 (``already_open``), an award beyond the budget (``over_budget``, and a budget amended below what
 was awarded or into another currency), a rejected application's id taken by another applicant
-(``duplicate_application``)."""
+(``duplicate_application``). 2: a second open validation of a project by the same coordinator
+(the validations' ``already_open``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

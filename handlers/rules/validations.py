@@ -109,12 +109,19 @@ def request_refusal(
     names_project: bool = False,
     due_by: datetime | None = None,
     now: datetime | None = None,
+    open_with_coordinator: str | None = None,
 ) -> Refusal | None:
     """A new validation needs a fresh id, a member competence centre as coordinator that has no
     stake in the practice, and — for a project of the network (``names_project``; ``project`` its
-    owner and partners, None when unknown) — a requester that is its owner or a partner."""
+    owner and partners, None when unknown) — a requester that is its owner or a partner; and no
+    validation of the project by the same coordinator may be open already
+    (``open_with_coordinator``: its id; a request sent twice under new ids, a double click, would
+    have the coordinator assign reviewers twice)."""
     if already_requested:
         return Refusal("already_requested", "a validation with this id was already requested")
+    if open_with_coordinator is not None and handlers.rules.since(2):
+        return Refusal("already_open", f"{coordinator} is validating the project already, in {open_with_coordinator}, "
+                                       "which is open; a practice is put forward again once that one is decided or withdrawn")
     if coordinator_kind != "competence_centre":
         what = "not a member" if coordinator_kind is None else f"a {coordinator_kind}"
         return Refusal(

@@ -804,6 +804,20 @@ async def test_whom_a_refused_validation_event_named_is_told_of_the_refusal(gate
     refusal = await told(nosy, coordinator)
     assert refusal is not None and refusal["event"]["data"]["reason"]["code"] == "not_assigned"
     assert (await gateway.client.get(f"/events/{nosy['id']}", headers=gateway.auth(municipality))).status_code == 404
+    # The same project put forward twice to one coordinator (a double click): the second is refused
+    # while the first is open; to another centre, or once the first is withdrawn, it is taken.
+    twice = await gateway.offer(municipality, "validation.requested", {**request, "validation_id": unique("val")})
+    elsewhere = await gateway.offer(municipality, "validation.requested",
+                                    {**request, "validation_id": unique("val"), "coordinator": outsider})
+    await gateway.offer(municipality, "validation.withdrawn", {"validation_id": validation_id, "reason": {"en": "put forward again"}})
+    after_withdrawal = await gateway.offer(municipality, "validation.requested", {**request, "validation_id": unique("val")})
+    await gateway.settle()
+    refusal = await told(twice, municipality)
+    assert refusal is not None and refusal["event"]["data"]["reason"]["code"] == "already_open"
+    assert f"in {validation_id}, which is open" in refusal["event"]["data"]["reason"]["message"]["en"]
+    for taken in (elsewhere, after_withdrawal):
+        seen = (await gateway.client.get(f"/events/{taken['id']}", headers=gateway.auth(municipality))).json()
+        assert seen["outcome"] == "applied", seen
     listed = await gateway.client.get("/events", params={"type": "validation.action_rejected"}, headers=gateway.auth(reviewer))
     assert [item["event"]["data"]["rejected_event_id"] for item in listed.json()["items"]] == [not_by_the_coordinator["id"]]
 

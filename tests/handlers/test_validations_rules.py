@@ -167,6 +167,21 @@ def test_a_project_is_put_forward_by_its_owner_or_a_partner_to_a_coordinator_wit
     assert own is not None and own.code == "conflict_of_interest"
 
 
+def test_a_coordinator_validates_a_project_once_at_a_time() -> None:
+    """A request sent twice under new ids (a double click) would have the coordinator assign
+    reviewers twice: while one validation of the project by the coordinator is open, another is
+    refused, naming it; by the rules before version 2 (a log applied then), it was taken."""
+    from handlers.rules import judged_by
+
+    project = ("tr-mersin-bb", frozenset[str]())
+    again = request_refusal(False, "fi-thl", "competence_centre", requester="tr-mersin-bb", project=project,
+                            names_project=True, open_with_coordinator="val-1")
+    assert again is not None and again.code == "already_open" and "in val-1, which is open" in again.message
+    with judged_by(1):
+        assert request_refusal(False, "fi-thl", "competence_centre", requester="tr-mersin-bb", project=project,
+                               names_project=True, open_with_coordinator="val-1") is None
+
+
 def test_the_coordinator_neither_reviews_nor_invents_medians() -> None:
     assert code(VALIDATION, "fi-thl", assigned("fi-thl")) == "conflict_of_interest"
     itself = action_refusal(VALIDATION, "fi-thl", assigned("fi-thl"))
