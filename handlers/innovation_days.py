@@ -7,9 +7,10 @@ event carries what its projection needs (a waitlist position, a promotion), so a
 log gives the same state. Waitlist positions close up in the projections whenever a registration
 leaves the waitlist: they follow from the order of the events, so no renumbering event is needed.
 
-The organiser's own events (`scheduled`, `rescheduled`, `cancelled`, `held`) are refused by an
-`innovation_day.action_rejected` when they cannot stand (another's day, a day no longer
-scheduled); the projections apply only what stands.
+The organiser's own events (`scheduled`, `rescheduled`, `cancelled`, `held`) and a participant's
+cancellation are refused by an `innovation_day.action_rejected` when they cannot stand (another's
+day or registration, a day no longer scheduled, registration closed); the projections apply only
+what stands. `innovation_day.registration_rejected` answers a registration request alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sqlmodel import Field, Session, col, select
 
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer
 from handlers.rows import TableRow
+from handlers.rules import Refusal, since
 from handlers.rules import innovation_days as rules
 from handlers.session import children
 from schemas.innovation_days import (
@@ -193,8 +195,9 @@ def _answerer(session: Session, day_id: str, fallback: str) -> str:
 def _refuse(
     ctx: Context, refusal: rules.Refuse, *, day_id: str, registration_id: str, participant: str | None, **asked: Any
 ) -> None:
-    """Refuse the current request or cancellation; ``asked``: what a refused request asked for
-    (its role, attendees, project), repeated in the rejection."""
+    """Refuse the current registration request (or, judged by rules before version 2, a
+    cancellation); ``asked``: what a refused request asked for (its role, attendees, project),
+    repeated in the rejection."""
     assert ctx.event is not None
     ctx.refuse(
         "innovation_day.registration_rejected",
@@ -275,15 +278,24 @@ def decide_registration(ctx: Context) -> None:
 
 
 def decide_cancellation(ctx: Context) -> None:
-    """Refuse a cancellation, or promote the waitlisted registrations it makes room for."""
+    """Refuse a cancellation, or promote the waitlisted registrations it makes room for.
+
+    A refused cancellation is answered as the refusal of the cancellation, naming who tried and
+    the registration (``innovation_day.action_rejected``): a ``registration_rejected`` of the
+    registration it named told every member, its participant too, that a registration which
+    stands was rejected. A log judged by rules before version 2 answered so, and is rebuilt so."""
     assert ctx.event is not None
     data: RegistrationCancelled = ctx.event.data
-    registration = ctx.session.get(Registration, data.registration_id)
     day = _day_state(ctx.session, data.day_id)
     decision = rules.decide_cancellation(
         day, registration_id=data.registration_id, by=ctx.event.source, at=_utc(ctx.event.logged_at)
     )
     if isinstance(decision, rules.Refuse):
+        if since(2):
+            answerer = _answerer(ctx.session, data.day_id, ctx.event.source)
+            ctx.refuse_action(Refusal(decision.code, decision.message), source=answerer, registration_id=data.registration_id)
+            return
+        registration = ctx.session.get(Registration, data.registration_id)
         participant = registration.participant if registration is not None else None
         _refuse(ctx, decision, day_id=data.day_id, registration_id=data.registration_id, participant=participant)
         return
@@ -584,8 +596,8 @@ def on_registration_waitlisted(session: Session, event: Event[RegistrationWaitli
 
 
 def on_registration_rejected(session: Session, event: Event[RegistrationRejected]) -> None:
-    """Keep a refused request with its reason. A refused cancellation (or a duplicate id) leaves
-    the registration it names as it was."""
+    """Keep a refused request with its reason. A duplicate id (or a refused cancellation, in a
+    log judged by rules before version 2) leaves the registration it names as it was."""
     data = event.data
     if data.reason.code == "unknown_registration" or session.get(Registration, data.registration_id) is not None:
         return

@@ -181,18 +181,24 @@ RegistrationRefusalCode = Literal[
     "not_participant",
     "exceeds_capacity",
 ]
-"""The registration workflow's refusal codes (the rules decide them; the catalog carries them)."""
+"""The registration workflow's refusal codes (the rules decide them; the catalog carries them).
+`unknown_registration` and `not_participant` refuse a cancellation: a log from before version 2
+of the rules answers one in `innovation_day.registration_rejected`, later ones in
+`innovation_day.action_rejected`."""
 
 
 class RegistrationRefusal(Reason):
-    """Why a registration (or its cancellation) was refused."""
+    """Why a registration request was refused (or, in a log from before version 2 of the rules, a
+    cancellation)."""
 
     code: RegistrationRefusalCode
 
 
 class RegistrationRejected(EventData):
-    """The workflow refused a registration request (or a cancellation); `causationid` names it.
-    A refused request is repeated: as what (`role`), how many `attendees`, with which project."""
+    """The workflow refused a registration request; `causationid` names it. The request is
+    repeated: as what (`role`), how many `attendees`, with which project. Only a request is
+    answered so (a log from before version 2 of the rules answers a refused cancellation so too,
+    naming the registration it left as it was)."""
 
     day_id: AggregateId
     registration_id: AggregateId
@@ -238,7 +244,9 @@ class MeetingsProposed(EventData):
 
 class DayActionRefusal(Reason):
     """Why the innovation days' workflow refused an announcement, a move, a cancellation or the
-    report that a day was held."""
+    report that a day was held, or the cancellation of a registration: no live registration of that
+    id for the day (`unknown_registration`), another's (`not_participant`), or registration closed
+    (`after_deadline`, `day_cancelled`)."""
 
     code: Literal[
         "unknown_day",
@@ -246,18 +254,25 @@ class DayActionRefusal(Reason):
         "not_organizer",
         "day_cancelled",
         "day_held",
+        "unknown_registration",
+        "not_participant",
+        "after_deadline",
     ]
 
 
 class InnovationDayActionRejected(EventData):
-    """The workflow refused an organiser's event about a day that passed the gate (a state rule);
-    emitted in the organiser's name (for an unknown day: the refused event's source), with
-    `causationid` naming the refused event, repeated here with its type and source."""
+    """The workflow refused an event about a day that passed the gate (a state rule): an
+    organiser's, or a registration's cancellation (the registration stands as it was). Emitted in
+    the organiser's name (for an unknown day: the refused event's source), with `causationid`
+    naming the refused event, repeated here with its type and source."""
 
     day_id: AggregateId
     rejected_type: Annotated[
-        str, Field(pattern=r"^innovation_day\.(scheduled|rescheduled|cancelled|held)$")
+        str, Field(pattern=r"^innovation_day\.(scheduled|rescheduled|cancelled|held|registration_cancelled)$")
     ]
     rejected_event_id: EventId
     actor: InstitutionId
     reason: DayActionRefusal
+    registration_id: AggregateId | None = Field(None, description=(
+        "the registration a refused cancellation named: it stands as it was (a refusal of the "
+        "cancellation, not of the registration)"))

@@ -22,7 +22,9 @@ amended into the past (``deadline_in_past``) or its opening moved later once ope
 (``already_open``), an award beyond the budget (``over_budget``, and a budget amended below what
 was awarded or into another currency), a rejected application's id taken by another applicant
 (``duplicate_application``). 2: a second open validation of a project by the same coordinator
-(the validations' ``already_open``)."""
+(the validations' ``already_open``); a refused cancellation of a registration is answered by an
+``innovation_day.action_rejected`` (before, by an ``innovation_day.registration_rejected`` of the
+registration it named, whose id a rebuild of such a log derives again)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

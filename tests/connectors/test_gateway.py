@@ -884,6 +884,46 @@ async def test_innovation_days_their_registrations_and_the_calendar(gateway: Gat
     problem(await gateway.client.get("/innovation-days.ics"), 401, "unauthorized")
 
 
+async def open_day(gateway: Gateway, organiser: str, capacity: int = 10) -> str:
+    """A day of ``organiser``'s, open for registration for a week more; returns its id."""
+    day_id = unique("day")
+    start = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=30)
+    await gateway.offer(organiser, "innovation_day.scheduled", {
+        "day_id": day_id, "title": {"en": "Innovation day"}, "format": "innovation_day",
+        "starts_at": start.isoformat(), "ends_at": (start + timedelta(hours=6)).isoformat(), "attendance_mode": "online",
+        "online_url": "https://meet.example.org/day", "capacity": capacity,
+        "registration_deadline": (start - timedelta(days=23)).isoformat(), "themes": ["health_care"], "languages": ["en"]})
+    return day_id
+
+
+async def test_a_refused_cancellation_is_the_cancellations_refusal_and_the_registration_stands(gateway: Gateway) -> None:
+    """A member cancelling another's registration is refused. Every member (the participant too)
+    sees the cancellation refused, naming who tried and the registration — at GET /events/{id}
+    and in the day's events a webhook delivers —, and no registration_rejected tells anybody that
+    the registration, which stands confirmed, was rejected."""
+    organiser, participant, other = await gateway.join("competence_centre"), await gateway.join("ngo"), await gateway.join("university")
+    day_id, registration_id = await open_day(gateway, organiser), unique("reg")
+    await gateway.offer(participant, "innovation_day.registration_requested", {
+        "day_id": day_id, "registration_id": registration_id, "participant": participant, "role": "observer", "attendees": 1})
+    cancellation = await gateway.offer(other, "innovation_day.registration_cancelled", {"day_id": day_id, "registration_id": registration_id})
+    await gateway.settle()
+
+    for who in (other, participant, organiser):
+        seen = (await gateway.client.get(f"/events/{cancellation['id']}", headers=gateway.auth(who))).json()
+        assert seen["outcome"] == "refused" and [item["event"]["type"] for item in seen["derived"]] == ["innovation_day.action_rejected"]
+        refusal = seen["refusal"]["event"]
+        assert refusal["source"] == f"/institutions/{organiser}" and refusal["causationid"] == cancellation["id"]
+        assert (refusal["data"]["rejected_type"], refusal["data"]["rejected_event_id"]) == ("innovation_day.registration_cancelled", cancellation["id"])
+        assert (refusal["data"]["actor"], refusal["data"]["registration_id"], refusal["data"]["reason"]["code"]) == (
+            other, registration_id, "not_participant")
+    about_the_day = (await gateway.client.get("/events", params={"subject": day_id}, headers=gateway.auth(participant))).json()["items"]
+    assert sorted(item["event"]["type"] for item in about_the_day) == [  # (the confirmation may come after the cancellation)
+        "innovation_day.action_rejected", "innovation_day.registration_cancelled", "innovation_day.registration_confirmed",
+        "innovation_day.registration_requested", "innovation_day.scheduled"]
+    registrations = (await gateway.client.get(f"/innovation-days/{day_id}/registrations", headers=gateway.auth(participant))).json()
+    assert [(r["registration_id"], r["status"]) for r in registrations["items"]] == [(registration_id, "confirmed")]
+
+
 async def test_adoptions_are_counted_by_municipality_level(gateway: Gateway, municipality: str) -> None:
     district = await gateway.join("municipality", "TR", municipality_level="district")
     practice = project(municipality)

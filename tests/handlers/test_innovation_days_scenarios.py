@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
+from sqlmodel import Session
 
 from handlers import innovation_days
 from handlers.db import session_scope
@@ -152,6 +153,12 @@ def view(scenario: Scenario, day_id: str) -> dict[str, Any]:
     return found
 
 
+def registrations_of(scenario: Scenario, day_id: str) -> dict[str, str]:
+    """The day's registrations and their status."""
+    with scenario.session() as session:
+        return {r["registration_id"]: r["status"] for r in registrations(session, day_id)}
+
+
 def waitlist(scenario: Scenario, day_id: str) -> list[tuple[str, int]]:
     return [(w["registration_id"], w["position"]) for w in view(scenario, day_id)["waitlisted"]]
 
@@ -162,6 +169,20 @@ def assert_rejected(derived: list[dict[str, Any]], code: str, *, source: str = O
     assert rejected["data"]["reason"]["code"] == code
     assert rejected["source"] == f"/institutions/{source}"
     return rejected
+
+
+def assert_cancellation_refused(derived: list[dict[str, Any]], cancellation: dict[str, Any], code: str) -> dict[str, Any]:
+    """The cancellation is refused as what it is, naming who tried and the registration, which
+    stands: no registration_rejected tells anybody that registration was rejected."""
+    refused = the_only(derived, "innovation_day.action_rejected")
+    assert refused["source"] == f"/institutions/{ORGANIZER}" and refused["causationid"] == cancellation["id"]
+    assert refused["data"] == {
+        "day_id": cancellation["data"]["day_id"], "rejected_type": "innovation_day.registration_cancelled",
+        "rejected_event_id": cancellation["id"], "actor": cancellation["source"].removeprefix("/institutions/"),
+        "registration_id": rid(cancellation), "reason": refused["data"]["reason"],
+    }
+    assert refused["data"]["reason"]["code"] == code
+    return refused
 
 
 # --- scheduling and the organiser -------------------------------------------------------------
@@ -324,7 +345,8 @@ async def test_a_cancellation_after_the_deadline_is_rejected(scenario: Scenario)
     # the organiser moves the deadline into the past: registration is closed
     await scenario.given(day.scheduled(), seated, day.rescheduled(deadline=datetime.now(timezone.utc) - timedelta(seconds=1)))
 
-    assert_rejected(await scenario.when(day.cancellation(seated)), "after_deadline")
+    late = day.cancellation(seated)
+    assert_cancellation_refused(await scenario.when(late), late, "after_deadline")
     assert_rejected(await scenario.when(day.registration(AMMAN)), "after_deadline")
     assert view(scenario, day.day_id)["confirmed"] == 2
 
@@ -380,11 +402,15 @@ async def test_only_the_participant_cancels_a_live_registration(scenario: Scenar
     seated = day.registration(MERSIN, 2)
     await scenario.given(day.scheduled(), seated)
 
-    assert_rejected(await scenario.when(day.cancellation(seated, by=OUTSIDER)), "not_participant")
-    unknown = day.registration(MERSIN)  # never offered
-    assert_rejected(await scenario.when(day.cancellation(unknown)), "unknown_registration")
+    foreign = day.cancellation(seated, by=OUTSIDER)
+    refused = assert_cancellation_refused(await scenario.when(foreign), foreign, "not_participant")
+    assert "participant" in refused["data"]["reason"]["message"]["en"]
+    assert (view(scenario, day.day_id)["confirmed"], registrations_of(scenario, day.day_id)) == (2, {rid(seated): "confirmed"})
+    unknown = day.cancellation(day.registration(MERSIN))  # of a registration never offered
+    assert_cancellation_refused(await scenario.when(unknown), unknown, "unknown_registration")
     assert await scenario.when(day.cancellation(seated)) == []
-    assert_rejected(await scenario.when(day.cancellation(seated)), "unknown_registration")
+    again = day.cancellation(seated)
+    assert_cancellation_refused(await scenario.when(again), again, "unknown_registration")
     assert view(scenario, day.day_id)["confirmed"] == 0
     with scenario.session() as session:
         assert [r["registration_id"] for r in registrations(session, day.day_id)] == [rid(seated)]
@@ -610,6 +636,35 @@ def test_a_rebuild_from_the_log_gives_the_same_state(engine: Engine) -> None:
         for event in [*log, proposal_from_log]:
             net.apply(session, event, live=False)
     assert state() == before
+
+
+def test_a_log_applied_by_older_rules_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
+    """Rules before version 2 answered a refused cancellation with a registration_rejected of the
+    registration it named. A log they applied is rebuilt so — the rebuild derives the very
+    events the log holds, under their ids —, and what today's rules applied after it as they do."""
+    from handlers.network import derived_type
+    from handlers.rules import RULES
+    from handlers.service import LoggedItem, NetworkService
+
+    day = Day.fresh()
+    seated = day.registration(MERSIN, 2)
+    then, now = day.cancellation(seated, by=OUTSIDER), day.cancellation(seated, by=OUTSIDER)
+    log = [day.scheduled(), seated, then, now]
+    service = NetworkService(engine, network())
+    try:
+        service.use_rules_epochs([(1, 1), (4, RULES)])  # (a rebuild's record: version 1 applied #1–#3)
+        at = datetime.now(timezone.utc)
+        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (4, None)
+        with engine.connect() as connection:
+            answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
+                sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
+        with Session(engine) as session:
+            statuses = {r["registration_id"]: r["status"] for r in registrations(session, day.day_id)}
+    finally:
+        service.close()
+    assert derived_type(answers[then["id"]]) == "innovation_day.registration_rejected"
+    assert derived_type(answers[now["id"]]) == "innovation_day.action_rejected"
+    assert statuses == {rid(seated): "confirmed"}
 
 
 # --- properties over the real network ---------------------------------------------------------
