@@ -182,6 +182,8 @@ RegistrationRefusalCode = Literal[
     "exceeds_capacity",
 ]
 """The registration workflow's refusal codes (the rules decide them; the catalog carries them).
+`already_registered`: the registration id is taken, or the participant holds a confirmed or
+waitlisted registration for the day already (the message names it).
 `unknown_registration` and `not_participant` refuse a cancellation: a log from before version 2
 of the rules answers one in `innovation_day.registration_rejected`, later ones in
 `innovation_day.action_rejected`."""

@@ -24,7 +24,8 @@ was awarded or into another currency), a rejected application's id taken by anot
 (``duplicate_application``). 2: a second open validation of a project by the same coordinator
 (the validations' ``already_open``); a refused cancellation of a registration is answered by an
 ``innovation_day.action_rejected`` (before, by an ``innovation_day.registration_rejected`` of the
-registration it named, whose id a rebuild of such a log derives again)."""
+registration it named, whose id a rebuild of such a log derives again); an institution's second
+live registration for a gathering (``already_registered``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

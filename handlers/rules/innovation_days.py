@@ -8,6 +8,10 @@ visits are all gatherings with a capacity counted in attendees. The rules:
 - a cancellation promotes the waitlist **in strict FIFO order**: the head is confirmed while it
   fits and promotion stops at the first registration that does not (no later, smaller
   registration overtakes it);
+- an institution registers once per gathering: a registration counts all the attendees it brings,
+  and a second one while the first is live (confirmed or waitlisted) — which would take it more
+  seats, or a place in the queue besides its seat — is refused, naming the first. (A log from
+  before this rule may hold two: both stand.)
 - a registration that brings more attendees than the whole capacity is refused: it could never
   be seated (the capacity does not change), and a place on the waitlist would only tell its
   participant to wait. (A log from before this rule may hold one on the waitlist: it keeps its
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from handlers.rules import Refusal
+from handlers.rules import Refusal, since
 from schemas.innovation_days import RegistrationRefusalCode
 
 __all__ = [
@@ -190,6 +194,9 @@ def decide_registration(
         return Refuse("unknown_day", "no such gathering")
     if (closed := _closed(day, at)) is not None:
         return closed
+    held = next((s for s in day.seats if s.participant == participant), None)
+    if held is not None and since(2):
+        return Refuse("already_registered", f"{participant} is registered for this gathering already, as {held.registration_id}")
     if attendees > day.capacity:
         return Refuse("exceeds_capacity", f"{attendees} attendees is more than the gathering's whole capacity of {day.capacity}")
     waitlist = day.waitlist

@@ -924,6 +924,26 @@ async def test_a_refused_cancellation_is_the_cancellations_refusal_and_the_regis
     assert [(r["registration_id"], r["status"]) for r in registrations["items"]] == [(registration_id, "confirmed")]
 
 
+async def test_a_second_registration_for_a_day_is_refused_while_the_first_is_live(gateway: Gateway) -> None:
+    """An institution registers once per day: a second registration (under another id) would take
+    the last seat as well, and is refused, naming the first."""
+    organiser, participant, other = await gateway.join("competence_centre"), await gateway.join("ngo"), await gateway.join("ngo")
+    day_id, first, second = await open_day(gateway, organiser, capacity=3), unique("reg"), unique("reg")
+    offered = [await gateway.offer(who, "innovation_day.registration_requested", {
+        "day_id": day_id, "registration_id": registration_id, "participant": who, "role": "observer", "attendees": attendees})
+        for who, registration_id, attendees in ((participant, first, 2), (participant, second, 1), (other, unique("reg"), 1))]
+    await gateway.settle()
+
+    seen = (await gateway.client.get(f"/events/{offered[1]['id']}", headers=gateway.auth(participant))).json()
+    assert seen["outcome"] == "refused"
+    reason = seen["refusal"]["event"]["data"]["reason"]
+    assert seen["refusal"]["event"]["type"] == "innovation_day.registration_rejected" and reason["code"] == "already_registered"
+    assert first in reason["message"]["en"]
+    day = (await gateway.client.get(f"/innovation-days/{day_id}", headers=gateway.auth(other))).json()
+    assert (day["confirmed"], day["waitlisted"]) == (3, [])  # the last seat is the other member's
+    assert (await gateway.client.get(f"/events/{offered[2]['id']}", headers=gateway.auth(other))).json()["outcome"] == "applied"
+
+
 async def test_adoptions_are_counted_by_municipality_level(gateway: Gateway, municipality: str) -> None:
     district = await gateway.join("municipality", "TR", municipality_level="district")
     practice = project(municipality)

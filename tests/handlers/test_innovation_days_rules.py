@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from handlers.rules import judged_by
 from handlers.rules.innovation_days import (
     Candidate,
     Confirm,
@@ -72,6 +73,14 @@ def test_a_registration_bigger_than_the_whole_day_is_refused() -> None:
 
 def test_one_bigger_than_the_day_from_an_older_log_does_not_hold_up_the_queue() -> None:
     assert register(day(5, confirmed("a", 3), waiting("huge", 9, 1)), 2) == Confirm("r-new", "p-new", 2)
+
+
+def test_an_institution_registers_once_per_day_while_its_registration_is_live() -> None:
+    for held in (confirmed("mine", 2, participant="p-new"), waiting("mine", 2, 1, participant="p-new")):
+        assert register(day(2, held), 1) == Refuse("already_registered", "p-new is registered for this gathering already, as mine")
+    assert register(day(10, confirmed("a", 2)), 1) == Confirm("r-new", "p-new", 1)  # (a cancelled or rejected one is no seat)
+    with judged_by(1):  # a log from before the rule keeps both
+        assert register(day(2, confirmed("mine", 2, participant="p-new")), 1) == Waitlist("r-new", "p-new", 1)
 
 
 def test_refusals() -> None:

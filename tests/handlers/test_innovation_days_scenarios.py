@@ -397,6 +397,25 @@ async def test_a_duplicate_registration_id_is_rejected_and_the_first_stands(scen
 
 
 @pytest.mark.usefixtures("members")
+async def test_an_institution_registers_once_for_a_day_while_its_registration_is_live(scenario: Scenario) -> None:
+    """A second registration would take a second seat (or a place in the queue besides the seat):
+    it is refused, naming the first, which stands. Once that is cancelled, it may register again."""
+    day = Day.fresh()
+    first = day.registration(MERSIN, 2)
+    await scenario.given(day.scheduled(2), first)
+
+    second = day.registration(MERSIN, 1, role="speaker")
+    rejected = assert_rejected(await scenario.when(second), "already_registered")
+    assert rid(first) in rejected["data"]["reason"]["message"]["en"]
+    assert (rejected["data"]["registration_id"], rejected["data"]["participant"], rejected["data"]["role"]) == (rid(second), MERSIN, "speaker")
+    assert registrations_of(scenario, day.day_id) == {rid(first): "confirmed", rid(second): "rejected"}
+    assert (view(scenario, day.day_id)["confirmed"], waitlist(scenario, day.day_id)) == (2, [])
+
+    await scenario.given(day.cancellation(first))
+    assert only(await scenario.when(day.registration(MERSIN, 1)))["type"] == "innovation_day.registration_confirmed"
+
+
+@pytest.mark.usefixtures("members")
 async def test_only_the_participant_cancels_a_live_registration(scenario: Scenario) -> None:
     day = Day.fresh()
     seated = day.registration(MERSIN, 2)
@@ -640,21 +659,22 @@ def test_a_rebuild_from_the_log_gives_the_same_state(engine: Engine) -> None:
 
 def test_a_log_applied_by_older_rules_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
     """Rules before version 2 answered a refused cancellation with a registration_rejected of the
-    registration it named. A log they applied is rebuilt so — the rebuild derives the very
-    events the log holds, under their ids —, and what today's rules applied after it as they do."""
+    registration it named, and took an institution's second registration for a day. A log they
+    applied is rebuilt so — the rebuild derives the very events the log holds, under their ids —,
+    and what today's rules applied after it as they do."""
     from handlers.network import derived_type
     from handlers.rules import RULES
     from handlers.service import LoggedItem, NetworkService
 
     day = Day.fresh()
-    seated = day.registration(MERSIN, 2)
+    seated, twice_then, twice_now = day.registration(MERSIN, 2), day.registration(MERSIN, 1), day.registration(MERSIN, 1)
     then, now = day.cancellation(seated, by=OUTSIDER), day.cancellation(seated, by=OUTSIDER)
-    log = [day.scheduled(), seated, then, now]
+    log = [day.scheduled(2), seated, twice_then, then, now, twice_now]
     service = NetworkService(engine, network())
     try:
-        service.use_rules_epochs([(1, 1), (4, RULES)])  # (a rebuild's record: version 1 applied #1–#3)
+        service.use_rules_epochs([(1, 1), (5, RULES)])  # (a rebuild's record: version 1 applied #1–#4)
         at = datetime.now(timezone.utc)
-        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (4, None)
+        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (6, None)
         with engine.connect() as connection:
             answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
                 sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
@@ -664,7 +684,9 @@ def test_a_log_applied_by_older_rules_is_rebuilt_as_it_was_applied(engine: Engin
         service.close()
     assert derived_type(answers[then["id"]]) == "innovation_day.registration_rejected"
     assert derived_type(answers[now["id"]]) == "innovation_day.action_rejected"
-    assert statuses == {rid(seated): "confirmed"}
+    assert derived_type(answers[twice_then["id"]]) == "innovation_day.registration_waitlisted"
+    assert derived_type(answers[twice_now["id"]]) == "innovation_day.registration_rejected"
+    assert statuses == {rid(seated): "confirmed", rid(twice_then): "waitlisted", rid(twice_now): "rejected"}
 
 
 # --- properties over the real network ---------------------------------------------------------
@@ -696,9 +718,15 @@ async def test_capacity_holds_and_the_waitlist_keeps_log_order(scenario: Scenari
     participants = [MERSIN, GENC_ISI, AMMAN, ESF, SITRA, OUTSIDER]
     for action, value in steps:
         if action == "register" or not requested:
-            request = day.registration(participants[len(requested) % len(participants)], value if action == "register" else 1)
+            participant = participants[len(requested) % len(participants)]
+            with scenario.session() as session:
+                registered = any(r["participant"] == participant and r["status"] in ("confirmed", "waitlisted")
+                                 for r in registrations(session, day.day_id))
+            request = day.registration(participant, value if action == "register" else 1)
             requested.append(request)
             answer = only(await scenario.when(request))
+            if registered:  # one live registration per institution and day
+                assert (answer["type"], answer["data"]["reason"]["code"]) == ("innovation_day.registration_rejected", "already_registered")
             if answer["type"] == "innovation_day.registration_waitlisted":
                 assert (rid(request), answer["data"]["position"]) == waitlist(scenario, day.day_id)[-1]
         else:
