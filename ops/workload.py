@@ -124,7 +124,11 @@ class Workload:
         if not self.days:
             return
         day_id, _, registrations = self.random.choice(self.days)
-        participant, kind = self.random.choice(self.members)
+        registered = {participant for _, participant in registrations}  # (a member registers once a day)
+        free = [(member, kind) for member, kind in self.members if member not in registered]
+        if not free:
+            return
+        participant, kind = self.random.choice(free)
         registration_id = f"{self.run}-r{self.count}"
         registrations.append((registration_id, participant))
         yield self._event("innovation_day.registration_requested", participant, day_id, {

@@ -240,7 +240,7 @@ async def test_a_bus_running_the_connector_serves_how_its_passes_go(raw_portal: 
     raw_portal.page = (200, "text/html", b"<html>Kirjaudu</html>")  # a login page: every pass stops
     up = await asyncio.create_subprocess_exec(*COLLABBUS, "up", env=env, stderr=asyncio.subprocess.PIPE)
     assert up.stderr is not None
-    said = []
+    said: list[str] = []
     try:
         while not any("is up" in line for line in said):
             line = (await asyncio.wait_for(up.stderr.readline(), 60)).decode()
