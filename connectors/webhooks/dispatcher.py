@@ -860,7 +860,10 @@ class WebhookDispatcher:
         status = answer.status
         error = None
         if not 200 <= status < 300:
-            error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
+            error = f"HTTP {status}"
+            if 300 <= status < 400:  # where it points says what to register instead (https://…, say)
+                location = answer.headers.get("location", "")[:300]
+                error += f" (redirects are not followed: to {location})" if location else " (redirects are not followed)"
         retry_after = None
         if status in RETRY_AFTER_STATUSES:
             retry_after = retry_after_seconds(answer.headers.get("retry-after"), datetime.now(timezone.utc))

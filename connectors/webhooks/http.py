@@ -84,7 +84,7 @@ class Client:
         try:
             return await self._exchange(origin, connection, request, keep)
         except _Unanswered as exc:
-            raise HttpError(f"the connection closed before an answer: {exc.__cause__!r}") from None
+            raise HttpError("the connection closed before an answer" + (f": {exc.__cause__!r}" if exc.__cause__ else "")) from None
 
     async def _connect(self, origin: Origin) -> _Connection:
         address, port, server_name = origin
@@ -171,7 +171,9 @@ async def _body(reader: asyncio.StreamReader, status: int, headers: Mapping[str,
                         return bytes(kept), False
                 return bytes(kept), True
             total += size
-            if total > DRAIN_LIMIT and len(kept) >= keep:
+            if total > DRAIN_LIMIT:  # more than is worth reading to keep the connection (a chunk of gigabytes, say):
+                if len(kept) < keep:  # what is kept of it, and the connection closed
+                    kept += await reader.readexactly(min(size, keep - len(kept)))
                 return bytes(kept), False
             chunk = await reader.readexactly(size + 2)
             if len(kept) < keep:

@@ -93,6 +93,28 @@ async def test_chunked_and_interim_answers_are_read_and_the_first_kib_kept(serve
     await sender.aclose()
 
 
+async def test_a_huge_chunk_is_not_read_whole(serve: Serve) -> None:
+    """An answer of one chunk of 50 MB (a receiver's bug, or a hostile one): the first KiB is kept
+    and the connection closed, as for a long Content-Length; the chunk was read whole, in memory
+    (a chunk of gigabytes would have taken the bus down with it)."""
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + f"{50 * 1024 * 1024:x}\r\n".encode()
+    raw = await serve([head + b"y" * 4096])  # and the rest never comes: the server keeps the connection open
+    sender = client()
+    answer = await asyncio.wait_for(sender.post(raw.origin, "/", HEADERS, b"{}", keep=1024), 5)
+    assert (answer.status, answer.body) == (200, b"y" * 1024)
+    assert (await sender.post(raw.origin, "/", HEADERS, b"{}")).status == 200 and raw.connections == 2  # not kept
+    await sender.aclose()
+
+
+async def test_a_connection_closed_without_an_answer_says_so(serve: Serve) -> None:
+    raw = await serve([b""], close_after=True)  # it reads the request and closes
+    sender = client()
+    with pytest.raises(http.HttpError) as refused:
+        await sender.post(raw.origin, "/", HEADERS, b"{}")
+    assert str(refused.value) == "the connection closed before an answer"
+    await sender.aclose()
+
+
 async def test_a_connection_the_server_closed_is_replaced(serve: Serve) -> None:
     raw = await serve([b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"], close_after=True)
     sender = client()
