@@ -8,7 +8,8 @@ Register the endpoint with ``POST /webhooks`` (its answer shows the secret, once
 is a structured CloudEvent signed as Standard Webhooks prescribe. This receiver
 
 - checks the signature and the timestamp, and answers 400 to anything that fails;
-- answers 204 at once (the bus tries again on anything but a 2xx, and waits for no one);
+- keeps the event, then answers 204 (a 2xx tells the bus the receiver has it: it is not sent
+  again; anything else is tried again, and the bus waits for no one);
 - drops repeats: a retry carries the same ``webhook-id``, the event's id;
 - keeps, of the events about one thing (type domain and subject), the latest in the log: the
   bus sends those in log order, but a resend or a recovery brings older ones again, and each
@@ -16,7 +17,7 @@ is a structured CloudEvent signed as Standard Webhooks prescribe. This receiver
 
 and prints every new event as one JSON line (``"stale": true`` for one older than what it holds
 already). A place to start from, not a product: a real receiver keeps ``seen`` and ``latest`` in
-its database, and does the work after answering.
+its database, stores the event (or queues its work) before answering, and does the work after.
 """
 
 from __future__ import annotations
@@ -45,22 +46,20 @@ class Receiver(BaseHTTPRequestHandler):
         except WebhookVerificationError as exc:
             self.send_error(400, f"not a delivery of this endpoint: {exc}")
             return
-        self.send_response(204)
-        self.end_headers()
-
         sequence = int(headers.get("collabbus-sequence", 0))
         thing = (event["type"].split(".", 1)[0], event.get("subject", ""))
         with LOCK:
-            if headers["webhook-id"] in seen:
-                return  # a retry of a delivery handled already
-            seen.add(headers["webhook-id"])
-            stale = sequence < latest.get(thing, 0)
-            if not stale:
-                latest[thing] = sequence
-            line = {"id": event["id"], "type": event["type"], "subject": event.get("subject"), "sequence": sequence,
-                    "source": event["source"], "stale": stale}
-            # Under the lock: deliveries are handled in parallel, and two prints could interleave.
-            print(json.dumps(line, ensure_ascii=False), flush=True)
+            if headers["webhook-id"] not in seen:  # (else a retry of a delivery handled already)
+                seen.add(headers["webhook-id"])
+                stale = sequence < latest.get(thing, 0)
+                if not stale:
+                    latest[thing] = sequence
+                line = {"id": event["id"], "type": event["type"], "subject": event.get("subject"), "sequence": sequence,
+                        "source": event["source"], "stale": stale}
+                # Under the lock: deliveries are handled in parallel, and two prints could interleave.
+                print(json.dumps(line, ensure_ascii=False), flush=True)
+        self.send_response(204)  # kept: now the bus may take it as delivered
+        self.end_headers()
 
     def log_message(self, format: str, *args: object) -> None:  # quiet: the JSON lines are the output
         pass

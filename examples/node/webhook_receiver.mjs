@@ -9,7 +9,8 @@
 // after `whsec_`. This receiver
 //
 // - checks the signature and the timestamp (within 5 minutes), and answers 400 to anything that fails;
-// - answers 204 at once (the bus tries again on anything but a 2xx, and waits for no one);
+// - keeps the event, then answers 204 (a 2xx tells the bus the receiver has it: it is not sent
+//   again; anything else is tried again, and the bus waits for no one);
 // - drops repeats: a retry carries the same webhook-id, the event's id;
 // - keeps, of the events about one thing (type domain and subject), the latest in the log: the bus
 //   sends those in log order, but a resend or a recovery brings older ones again, and each carries
@@ -17,7 +18,7 @@
 //
 // and prints every new event as one JSON line ("stale": true for one older than what it holds
 // already). A place to start from, not a product: a real receiver keeps `seen` and `latest` in its
-// database, and does the work after answering.
+// database, stores the event (or queues its work) before answering, and does the work after.
 
 import { createHmac, timingSafeEqual } from "node:crypto";
 import { createServer } from "node:http";
@@ -54,16 +55,16 @@ function handle(request, response) {
       response.writeHead(400, { "Content-Type": "text/plain" }).end(`not a delivery of this endpoint: ${error}`);
       return;
     }
-    response.writeHead(204).end();
-
     const id = request.headers["webhook-id"];
-    if (seen.has(id)) return; // a retry of a delivery handled already
-    seen.add(id);
-    const sequence = Number(request.headers["collabbus-sequence"] ?? 0);
-    const thing = `${event.type.split(".")[0]} ${event.subject ?? ""}`;
-    const stale = sequence < (latest.get(thing) ?? 0);
-    if (!stale) latest.set(thing, sequence);
-    console.log(JSON.stringify({ id: event.id, type: event.type, subject: event.subject ?? null, sequence, source: event.source, stale }));
+    if (!seen.has(id)) { // (else a retry of a delivery handled already)
+      seen.add(id);
+      const sequence = Number(request.headers["collabbus-sequence"] ?? 0);
+      const thing = `${event.type.split(".")[0]} ${event.subject ?? ""}`;
+      const stale = sequence < (latest.get(thing) ?? 0);
+      if (!stale) latest.set(thing, sequence);
+      console.log(JSON.stringify({ id: event.id, type: event.type, subject: event.subject ?? null, sequence, source: event.source, stale }));
+    }
+    response.writeHead(204).end(); // kept: now the bus may take it as delivered
   });
 }
 
