@@ -1,7 +1,8 @@
 """The read API's resources as response models, so ``/openapi.json`` describes every answer.
 
-Field names are the catalog's (CONTRACT §5). Resources allow extra fields: a read model that
-grows a column shows it without breaking the schema.
+Field names are the catalog's. A resource answers only the fields it declares: a column a read
+model grows reaches members once a resource names it, never by itself (a call's running total of
+awards, which only the applications' parties may know, was shown to every member that way).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ LocalizedText = dict[str, str]
 
 
 class Resource(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
 
 class Institution(Resource):

@@ -525,6 +525,9 @@ async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applicat
     assert item["decided_at"] is not None and item["requested_amount"] == ours["requested_amount"]
     awarded = await gateway.client.get(path, params={"status": "awarded"}, headers=gateway.auth(competitor))
     assert awarded.json()["items"] == []  # a competitor learns nothing of the award
+    for shown in ((await gateway.client.get(f"/calls/{call_id}", headers=gateway.auth(competitor))).json(),
+                  *(await gateway.client.get("/calls", headers=gateway.auth(competitor))).json()["items"]):
+        assert "awarded" not in shown and "75000" not in orjson.dumps(shown).decode()  # nor does the call say what it awarded
 
     async def seen_by(institution: str) -> list[tuple[str, str]]:
         found = await gateway.client.get("/events", params={"type": "call", "subject": call_id}, headers=gateway.auth(institution))
