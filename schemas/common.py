@@ -485,6 +485,10 @@ def error_message(error: Mapping[str, Any]) -> str:
         return AWARE_TIME
     if error.get("type") in ("too_short", "too_long"):
         return _count_words(error) or str(error.get("msg", ""))
+    given = error.get("input")
+    if error.get("type") == "string_type" and isinstance(given, (int, float)) and not isinstance(given, bool):
+        # An amount sent as a JSON number: it is text here, so that no parser rounds it.
+        return f'Input should be a string: write the number as one, "{given}"'
     return str(error.get("msg", ""))
 
 

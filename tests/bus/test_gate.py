@@ -162,6 +162,17 @@ async def test_missing_and_mistyped_fields_are_all_listed(partner: Client) -> No
     assert problems[("data", "attendees")].type == "int_type"
 
 
+async def test_an_amount_sent_as_a_number_is_told_to_be_text(partner: Client) -> None:
+    """Amounts are decimal text (no parser rounds them): one sent as a JSON number was told
+    "Input should be a valid string", which says nothing of why or how."""
+    institution, event = fresh("call.published")
+    event["data"]["budget"]["amount"] = 100000
+    verdict = await offer(partner, institution, event)
+    problems = {p.loc: p for p in verdict.errors}
+    assert problems[("data", "budget", "amount")].msg == 'Input should be a string: write the number as one, "100000"'
+    assert problems[("data", "budget", "amount")].type == "string_type"
+
+
 async def test_unknown_fields_in_data_are_refused(partner: Client) -> None:
     """A field the type's data does not have is refused, naming the type and the field most
     likely meant."""
