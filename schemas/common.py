@@ -60,6 +60,7 @@ __all__ = [
     "ValueObject",
     "Whole",
     "WebUrl",
+    "check_theme",
     "theme_codes",
 ]
 
@@ -274,7 +275,7 @@ def theme_codes() -> list[str]:
     return sorted([*THEMES, *(f"{d}.{s}" for d, subs in THEMES.items() for s in subs)])
 
 
-def _check_theme(value: str) -> str:
+def check_theme(value: str) -> str:
     domain, dot, sub = value.partition(".")
     if domain not in THEMES or (dot and sub not in THEMES[domain]):
         raise ValueError(f"unknown theme code {value!r}{_theme_hint(value)}")
@@ -295,7 +296,7 @@ def _theme_hint(value: str) -> str:
 
 Theme = Annotated[
     str,
-    AfterValidator(_check_theme),
+    AfterValidator(check_theme),
     # Built when the schema is, so an extended THEMES shows up in the exported schemas too.
     Field(json_schema_extra=lambda schema: schema.update(enum=theme_codes())),
 ]
@@ -485,6 +486,8 @@ def error_message(error: Mapping[str, Any]) -> str:
         return AWARE_TIME
     if error.get("type") in ("too_short", "too_long"):
         return _count_words(error) or str(error.get("msg", ""))
+    if error.get("type") == "value_error":  # a check of the catalog's own, which says what it means
+        return str(error.get("msg", "")).removeprefix("Value error, ")
     given = error.get("input")
     if error.get("type") == "string_type" and isinstance(given, (int, float)) and not isinstance(given, bool):
         # An amount sent as a JSON number: it is text here, so that no parser rounds it.

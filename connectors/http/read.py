@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import sqlalchemy as sa
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import AwareDatetime, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import AfterValidator, AwareDatetime, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic_core import PydanticCustomError
 from sqlmodel import Session, col, select
 
@@ -51,7 +51,7 @@ from handlers.validations import (
     overdue_reviewers,
     validation_view,
 )
-from schemas.common import AWARE_TIME, InstitutionKind
+from schemas.common import AWARE_TIME, COUNTRY_CODES, InstitutionKind, check_theme
 from schemas.envelope import INSTITUTION_PATTERN
 from schemas.projects import ProjectStatus
 from schemas.registry import event_types, may_emit
@@ -89,8 +89,27 @@ ProjectId = Annotated[str, Path(min_length=1, max_length=128, description="the p
 ValidationId = Annotated[str, Path(min_length=1, max_length=128, description="the validation's `validation_id`")]
 DayId = Annotated[str, Path(min_length=1, max_length=128, description="the day's `day_id`")]
 COUNTRY = r"^[A-Za-z]{2}$"
-Country = Annotated[str | None, Query(pattern=COUNTRY, description="an ISO 3166-1 alpha-2 code (either case)")]
-Theme = Annotated[str | None, Query(max_length=64, description="a theme code; an area (`health_care`) matches its sub-themes")]
+
+
+def _known_country(value: str | None) -> str | None:
+    """An assigned country code, in either case: a typo (``XX``) would answer an empty page, as if
+    nothing were there, where an event is refused for it."""
+    if value is None:
+        return None
+    if value.upper() not in COUNTRY_CODES:
+        raise ValueError(f"{value!r} is not an assigned ISO 3166-1 alpha-2 country code, such as FI or TR")
+    return value.upper()
+
+
+def _known_theme(value: str | None) -> str | None:
+    """A theme code of the catalog (a typo is answered with the one meant, as in an event)."""
+    return None if value is None else check_theme(value)
+
+
+Country = Annotated[str | None, Query(pattern=COUNTRY, description="an ISO 3166-1 alpha-2 code (either case)"),
+                    AfterValidator(_known_country)]
+Theme = Annotated[str | None, Query(max_length=64, description="a theme code; an area (`health_care`) matches its sub-themes"),
+                  AfterValidator(_known_theme)]
 
 
 def _has_theme(themes: list[str], wanted: str) -> bool:
@@ -190,7 +209,9 @@ def list_calls(
         description="upcoming: not open yet (`opens_at` ahead); open: taking applications; closed: past its deadline or closed early")] = None,
     theme: Theme = None,
     eligible_kind: Annotated[InstitutionKind | None, Query(description="calls open to this kind of institution")] = None,
-    country: Annotated[str | None, Query(pattern=COUNTRY, description="calls open to institutions of this country")] = None,
+    country: Annotated[str | None, Query(pattern=COUNTRY, description="calls open to institutions of this country"),
+                       AfterValidator(_known_country)] = None,
+    owner: Annotated[str | None, Query(max_length=63, description="calls this institution published")] = None,
     deadline_before: Annotated[QueryTime | None, Query(
         description="calls whose deadline is before this time (RFC 3339, with its offset: `Z`, `+03:00` — a `+` "
                     "left bare in a query string, which reads as a space, is taken as meant; a date alone is not "
@@ -206,6 +227,8 @@ def list_calls(
         query = query.where(status_is(status, now))
     if deadline_before is not None:
         query = query.where(col(Call.deadline) < deadline_before)
+    if owner is not None:
+        query = query.where(Call.owner == owner)
 
     def keep(call: Call) -> bool:
         return (

@@ -173,6 +173,14 @@ async def test_an_amount_sent_as_a_number_is_told_to_be_text(partner: Client) ->
     assert problems[("data", "budget", "amount")].type == "string_type"
 
 
+async def test_a_checks_words_are_not_prefixed_with_pydantics(partner: Client) -> None:
+    institution, event = fresh("project.registered")
+    event["data"]["themes"] = ["econmy"]
+    verdict = await offer(partner, institution, event)
+    assert [(p.loc, p.msg) for p in verdict.errors] == [
+        (("data", "themes", 0), "unknown theme code 'econmy'; did you mean 'economy'?")]  # not "Value error, unknown …"
+
+
 async def test_unknown_fields_in_data_are_refused(partner: Client) -> None:
     """A field the type's data does not have is refused, naming the type and the field most
     likely meant."""
