@@ -56,7 +56,8 @@ class _Body(BaseModel):
 class EndpointCreate(_Body):
     url: str = Field(max_length=targets.MAX_URL_LENGTH, description="http(s) URL that receives the events")
     event_types: list[str] = Field(
-        default_factory=list, max_length=100, description="types (`project.registered`) or domains (`project` or `project.*`); empty: all"
+        default_factory=list, max_length=100,
+        description="types (`project.registered`) or domains (`project` or `project.*`); left out or empty: every type (there is no `*`)"
     )
     description: str = Field("", max_length=1000)
     ordered: bool = Field(True, description="deliveries about one thing (an event's domain and subject) in log order, "
@@ -150,12 +151,24 @@ def _dispatcher(request: Request) -> "WebhookDispatcher | None":
 
 def _check_event_types(event_types: list[str]) -> list[str]:
     """The types, each once; 422 naming every one that is neither a type nor a domain of the catalog.
-    A domain is ``project.*``, or ``project`` as ``GET /events?type=`` takes it (kept as ``project.*``)."""
-    errors = [Problem(("event_types", place), message, "unknown_event_type") for place, message in registry.unknown_filters(event_types)]
+    A domain is ``project.*``, or ``project`` as ``GET /events?type=`` takes it (kept as ``project.*``).
+    A wildcard for everything (``*``) is told how every type is asked for: there is no such name."""
+    errors = [
+        Problem(("event_types", place), message + (EVERY_TYPE if _everything(event_types[place]) else ""), "unknown_event_type")
+        for place, message in registry.unknown_filters(event_types)
+    ]
     if errors:
         raise ApiProblem(422, "; ".join(e.msg for e in errors), kind="invalid", errors=errors)
     domains = set(registry.domains())
     return list(dict.fromkeys(f"{name}.*" if name in domains else name for name in event_types))
+
+
+EVERY_TYPE = "; every type is asked for by leaving event_types out (or [])"
+
+
+def _everything(name: str) -> bool:
+    """Whether a name is a wildcard meant for every type (``*``, ``*.*``)."""
+    return "*" in name and not name.strip("*. ")
 
 
 async def _check_url(request: Request, url: str) -> None:
@@ -239,8 +252,9 @@ BODY_ERRORS = documented(400, 415)
 
 
 @router.post("", status_code=201, response_model=WebhookEndpointWithSecret, responses={**documented(401, 403, 422, 503), **BODY_ERRORS})
-async def create_endpoint(request: Request, body: EndpointCreate, institution: Member) -> dict[str, Any]:
-    """Register an endpoint; it receives the events logged from now on. Keep the secret: it is not shown again."""
+async def create_endpoint(request: Request, response: Response, body: EndpointCreate, institution: Member) -> dict[str, Any]:
+    """Register an endpoint; it receives the events logged from now on. Keep the secret: it is not shown again.
+    The answer's ``Location`` is the endpoint's (``/webhooks/{id}``)."""
     event_types = _check_event_types(body.event_types)
     await _check_url(request, body.url)
     after_seq = (await bus_of(request).js.stream_info(EVENTS_STREAM)).state.last_seq
@@ -252,6 +266,7 @@ async def create_endpoint(request: Request, body: EndpointCreate, institution: M
     )
     if (running := _dispatcher(request)) is not None:
         await running.endpoint_changed(endpoint.id, True)
+    response.headers["location"] = f"{router.prefix}/{endpoint.id}"
     return _endpoint(endpoint, secret=True)
 
 

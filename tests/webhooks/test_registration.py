@@ -15,7 +15,11 @@ async def test_an_institution_manages_its_own_endpoints(network: Network, receiv
     owner, other = await gateway.join("municipality"), await gateway.join("ngo")
     auth, foreign = gateway.auth(owner), gateway.auth(other)
 
-    created = await register(gateway, owner, receiver.url("/hooks"), ["project.*", "call.published", "validation", "project"])
+    response = await gateway.client.post("/webhooks", headers=auth, json={
+        "url": receiver.url("/hooks"), "event_types": ["project.*", "call.published", "validation", "project"], "description": "test"})
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert response.headers["location"] == f"/webhooks/{created['id']}"  # where the new endpoint is
     assert created["id"].startswith("ep_") and created["enabled"] is True and created["disabled_at"] is None
     # A bare domain, as /events?type= takes it, is the domain's wildcard; each is kept once.
     assert created["event_types"] == ["project.*", "call.published", "validation.*"] and created["description"] == "test"
@@ -70,6 +74,10 @@ async def test_bad_registrations_are_refused_with_problems(network: Network, rec
     assert "did you mean" not in body["errors"][1]["msg"]  # nothing near
     body = await refused({"url": receiver.url("/"), "event_types": ["validaton.*"]}, "invalid")
     assert body["errors"][0]["msg"].endswith("did you mean 'validation.*'?")
+    for everything in ("*", "*.*"):  # a wildcard for every type: told how that is asked for
+        body = await refused({"url": receiver.url("/"), "event_types": [everything]}, "invalid")
+        assert body["errors"][0]["msg"] == (f"{everything!r} is neither an event type nor a domain such as 'project' or "
+                                            "'project.*'; every type is asked for by leaving event_types out (or [])")
     for url in ("ftp://127.0.0.1/x", "not a url", "http:///path"):
         await refused({"url": url}, "refused_target")
     with_credentials = await refused({"url": receiver.url("/").replace("http://", "http://user:secret@")}, "refused_target")
