@@ -296,7 +296,8 @@ async def get_endpoint(request: Request, endpoint_id: EndpointId, institution: M
 @router.patch("/{endpoint_id}", response_model=WebhookEndpointChanged, responses={**ERRORS, **BODY_ERRORS})
 async def change_endpoint(request: Request, endpoint_id: EndpointId, body: EndpointChange, institution: Member) -> dict[str, Any]:
     """Change the URL, the event types, the description or whether deliveries are ordered; enable
-    or disable; rotate the secret (the answer then holds the new one)."""
+    or disable; rotate the secret (the answer then holds the new one). A new URL is not failing
+    (``failing_since``) for what the old one did."""
     event_types = None if body.event_types is None else _check_event_types(body.event_types)
     if body.url is not None:
         await _check_url(request, body.url)
@@ -307,6 +308,10 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
         endpoint = store.endpoint_of(session, institution, endpoint_id)
         if endpoint is None:
             raise _not_found(endpoint_id)
+        if body.url is not None and body.url != endpoint.url:
+            # A receiver at a new URL starts afresh: it is not failing for what the old one did
+            # (it would be disabled by its first failure, for the old URL's days without a success).
+            endpoint.failing_since = None
         for name, value in (("url", body.url), ("event_types", event_types), ("description", body.description),
                             ("ordered", body.ordered)):
             if value is not None:

@@ -572,6 +572,31 @@ async def test_an_endpoint_failing_for_five_days_is_disabled(network: Network, r
     assert len(receiver.at("/flaky")) == 1
 
 
+async def test_an_endpoint_moved_to_a_new_url_is_no_longer_failing_since_the_old_one_failed(network: Network, receiver: Receiver) -> None:
+    """A receiver moved after failing for days starts afresh at its new URL: its first failure
+    there does not disable it for the old URL's days without a success."""
+    gateway = await network.start(schedule=[0])
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    receiver.answer("/new", Answer(500), Answer(200))
+    endpoint = await register(gateway, owner, receiver.url("/old"))
+    with session_scope(gateway.bus.engine) as session:  # the old URL has not taken a delivery for six days
+        session.execute(sa.text("UPDATE webhook_endpoints SET failing_since = :since WHERE id = :id"),
+                        {"since": datetime.now(timezone.utc) - timedelta(days=6), "id": endpoint["id"]})
+    kept = await gateway.client.patch(f"/webhooks/{endpoint['id']}", json={"url": receiver.url("/old")}, headers=auth)
+    assert kept.json()["failing_since"] is not None  # the same URL: still failing
+    moved = await gateway.client.patch(f"/webhooks/{endpoint['id']}", json={"url": receiver.url("/new")}, headers=auth)
+    assert moved.status_code == 200 and moved.json()["failing_since"] is None
+
+    await offer_project(gateway, owner)
+    (delivery,) = await settled(gateway, owner, endpoint["id"], 1)
+    assert [a["status_code"] for a in delivery["attempts"]] == [500]
+    shown = (await gateway.client.get(f"/webhooks/{endpoint['id']}", headers=auth)).json()
+    assert shown["enabled"] is True and shown["disabled_reason"] is None and shown["failing_since"] is not None
+    second = await offer_project(gateway, owner)
+    await eventually(lambda: second["id"] in ids(receiver.at("/new")), what="the next delivery at the new URL")
+
+
 async def test_resend_and_recover_deliver_the_right_events_again(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner = await gateway.join("municipality")
