@@ -75,13 +75,13 @@ def _python_value(column: Any, value: Any) -> Any:
     raise ApiProblem(400, "the cursor is not valid", kind="bad_cursor")
 
 
-def _after(keys: Sequence[Any], values: Sequence[Any]) -> sa.ColumnElement[bool]:
+def _after(keys: Sequence[Any], values: Sequence[Any], descending: bool = False) -> sa.ColumnElement[bool]:
     """Rows strictly after ``values`` in the order of ``keys`` (written out, so every database and
-    column type compares the same way: k1 > v1 OR (k1 = v1 AND k2 > v2) …)."""
+    column type compares the same way: k1 > v1 OR (k1 = v1 AND k2 > v2) …; ``descending``: <)."""
     clauses = []
     for i, key in enumerate(keys):
         equal = [keys[j] == values[j] for j in range(i)]
-        clauses.append(sa.and_(*equal, key > values[i]))
+        clauses.append(sa.and_(*equal, key < values[i] if descending else key > values[i]))
     return sa.or_(*clauses)
 
 
@@ -93,18 +93,20 @@ def keyset_page(
     limit: int,
     cursor: str | None,
     keep: Callable[[Any], bool] | None = None,
+    descending: bool = False,
 ) -> tuple[list[Any], str | None]:
     """A page of ``query``'s rows in the order of ``keys`` (mapped columns, unique together,
-    non-null), after ``cursor``. ``keep`` filters rows in Python where SQL cannot portably
-    (themes in JSON lists): rows are then read in chunks until the page is full."""
+    non-null), after ``cursor``; ``descending``: in the reverse order, a cursor going on towards
+    the smallest. ``keep`` filters rows in Python where SQL cannot portably (themes in JSON
+    lists): rows are then read in chunks until the page is full."""
     after = [_python_value(k, v) for k, v in zip(keys, decode(cursor, len(keys)))] if cursor else None
     chunk = limit + 1 if keep is None else max(limit + 1, 200)
     names = [k.key for k in keys]
     found: list[Any] = []
     while True:
-        select = query.order_by(*keys).limit(chunk)
+        select = query.order_by(*((key.desc() for key in keys) if descending else keys)).limit(chunk)
         if after is not None:
-            select = select.where(_after(keys, after))
+            select = select.where(_after(keys, after, descending))
         rows = session.exec(select).all()
         for row in rows:
             if keep is None or keep(row):

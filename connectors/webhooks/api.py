@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -364,14 +364,25 @@ async def list_deliveries(
     institution: Member,
     status: Annotated[store.DeliveryStatus | None, Query(
         description="pending: owed (in flight or waiting for its retry); delivered; failed: given up or cancelled")] = None,
+    event_id: Annotated[str | None, Query(min_length=1, max_length=128, description=(
+        "the delivery of this event (its `id`, which deliveries carry as `webhook-id`)"))] = None,
+    event_type: Annotated[str | None, Query(max_length=128, description=(
+        "deliveries of this type, or of a domain (`project`, or `project.*`)"))] = None,
+    order: Annotated[Literal["asc", "desc"], Query(description=(
+        "asc: the oldest first; desc: the newest first (ask for the next page, with `cursor`, in the same order)"))] = "asc",
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
-    """The endpoint's deliveries, oldest first, each with every attempt made (time, HTTP status,
-    latency, error, the first KiB of the response), and for one held back by an earlier delivery
-    about the same thing, which (``waiting_for``). Those delivered or given up are kept for the
-    network's retention (``COLLABBUS_WEBHOOK_RETENTION_DAYS``, 90 days by default) after they were
-    owed; ``POST …/recover`` owes events again from the log whatever was removed."""
+    """The endpoint's deliveries, oldest first (``order=desc``: newest first), each with every
+    attempt made (time, HTTP status, latency, error, the first KiB of the response), and for one
+    held back by an earlier delivery about the same thing, which (``waiting_for``). ``event_id``
+    finds an event's delivery (to ``resend`` it, say), ``event_type`` a type's or a domain's.
+    Those delivered or given up are kept for the network's retention
+    (``COLLABBUS_WEBHOOK_RETENTION_DAYS``, 90 days by default) after they were owed; ``POST
+    …/recover`` owes events again from the log whatever was removed."""
+    if event_type and (unknown := registry.unknown_filters([event_type])):
+        errors = [Problem(("query", "event_type"), message, "unknown_event_type") for _, message in unknown]
+        raise ApiProblem(422, errors[0].msg, kind="invalid", errors=errors)
 
     def page(session: Session) -> dict[str, Any]:
         endpoint = store.endpoint_of(session, institution, endpoint_id)
@@ -380,7 +391,15 @@ async def list_deliveries(
         query = select(Delivery).where(Delivery.endpoint_id == endpoint_id)
         if status is not None:
             query = query.where(Delivery.status == status)
-        rows, next_cursor = keyset_page(session, query, [col(Delivery.id)], limit=limit, cursor=cursor)
+        if event_id is not None:
+            query = query.where(Delivery.event_id == event_id)
+        if event_type:
+            domain = event_type.removesuffix(".*")
+            if domain in registry.domains():
+                query = query.where(col(Delivery.event_type).startswith(f"{domain}.", autoescape=True))
+            else:
+                query = query.where(Delivery.event_type == event_type)
+        rows, next_cursor = keyset_page(session, query, [col(Delivery.id)], limit=limit, cursor=cursor, descending=order == "desc")
         return {"items": _deliveries(session, endpoint, rows), "next_cursor": next_cursor}
 
     return await _in_transaction(request, page, read_only=True)

@@ -296,6 +296,48 @@ async def test_a_page_of_deliveries_shows_each_with_the_attempts_it_had_at_one_m
     assert now["status"] == "delivered" and [a["status_code"] for a in now["attempts"]] == [200]
 
 
+async def test_a_delivery_is_found_by_its_event_and_the_newest_are_listed_first(network: Network, receiver: Receiver) -> None:
+    """A developer with an event id from the receiver's logs (its ``webhook-id``) finds the delivery
+    to resend; deliveries of a type or domain are listed alone; ``order=desc`` pages from the newest,
+    each delivery once."""
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    endpoint = await register(gateway, owner, receiver.url("/found"))
+    projects = [await offer_project(gateway, owner) for _ in range(4)]
+    await gateway.join("ngo")  # an institution.joined
+    everything = await settled(gateway, owner, endpoint["id"], 5)
+    path = f"/webhooks/{endpoint['id']}/deliveries"
+
+    async def listed(**params: Any) -> list[dict[str, Any]]:
+        """Every delivery the query selects, following the pages (two a page)."""
+        found, cursor = [], None
+        while True:
+            response = await gateway.client.get(path, params={"limit": 2, **params, **({"cursor": cursor} if cursor else {})},
+                                                headers=auth)
+            assert response.status_code == 200, response.text
+            found += response.json()["items"]
+            if (cursor := response.json()["next_cursor"]) is None:
+                return found
+
+    (by_event,) = await listed(event_id=projects[2]["id"])
+    assert by_event["event_id"] == projects[2]["id"] and by_event["attempts"][0]["status_code"] == 200
+    resent = await gateway.client.post(f"{path}/{by_event['id']}/resend", headers=auth)
+    assert resent.status_code == 202, resent.text
+    assert await listed(event_id="no-such-event") == []
+    assert [d["event_id"] for d in await listed(event_type="project.registered")] == [p["id"] for p in projects]
+    (joined,) = await listed(event_type="institution")  # a domain, as event_types takes it
+    assert joined["event_type"] == "institution.joined" and (await listed(event_type="institution.*")) == [joined]
+    typo = problem(await gateway.client.get(path, params={"event_type": "project.registerd"}, headers=auth), 422, "invalid")
+    assert "did you mean 'project.registered'?" in typo["detail"]
+
+    oldest_first = [d["id"] for d in everything]
+    assert [d["id"] for d in await listed(order="desc")] == oldest_first[::-1]
+    assert [d["id"] for d in await listed(order="asc")] == oldest_first
+    assert [d["event_id"] for d in await listed(order="desc", event_type="project")] == [p["id"] for p in projects[::-1]]
+    problem(await gateway.client.get(path, params={"order": "newest"}, headers=auth), 422, "invalid")
+
+
 async def test_a_delivery_sent_again_while_its_attempt_is_under_way_is_not_undone_by_it(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner, endpoint_id, delivery, go_on = await attempt_under_way(gateway, receiver, "/sent-again")
