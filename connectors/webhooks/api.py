@@ -74,8 +74,12 @@ class EndpointChange(_Body):
 
 
 class Recovery(_Body):
-    since: Timestamp
-    until: Timestamp | None = Field(None, description="default: now")
+    since: Timestamp | None = Field(None, description="the events logged from then on (give this or `after_seq`)")
+    until: Timestamp | None = Field(None, description="the events logged until then (default: now)")
+    after_seq: int | None = Field(None, ge=0, le=2**63 - 1, description=(
+        "the events after this log sequence: the endpoint's `disabled_after_seq` for what it missed while disabled"))
+    until_seq: int | None = Field(None, ge=0, le=2**63 - 1, description=(
+        "the events up to this log sequence: the endpoint's `enabled_after_seq` for what it missed while disabled"))
 
 
 class WebhookEndpoint(BaseModel):
@@ -87,7 +91,16 @@ class WebhookEndpoint(BaseModel):
     ordered: bool = Field(description="deliveries about one thing go in log order")
     disabled_reason: str | None
     disabled_at: datetime | None = Field(
-        description="when it was last disabled (kept after it is enabled again: `POST …/recover` from then fetches what it missed)"
+        description="when it was last disabled (kept after it is enabled again)"
+    )
+    disabled_after_seq: int | None = Field(
+        description="where the log was when it was last disabled: the events up to this sequence are owed to it (sent "
+                    "once it is enabled again), the later ones not while it is disabled"
+    )
+    enabled_after_seq: int | None = Field(
+        description="where the log was when it was last enabled again (null while it is disabled): the events after "
+                    "this sequence are owed again; those between the two, logged while it was disabled, are not — "
+                    '`POST …/recover {"after_seq": disabled_after_seq, "until_seq": enabled_after_seq}` fetches them'
     )
     created_at: datetime
     updated_at: datetime
@@ -216,7 +229,7 @@ async def _owned(request: Request, institution: str, endpoint_id: str) -> Endpoi
 
 
 def _endpoint(endpoint: Endpoint, *, secret: bool = False) -> dict[str, Any]:
-    hidden = {"institution", "after_seq", "previous_secret"} | (set() if secret else {"secret"})
+    hidden = {"institution", "after_seq", "earlier_gaps", "previous_secret"} | (set() if secret else {"secret"})
     return endpoint.model_dump(exclude=hidden)
 
 
@@ -301,10 +314,18 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
     event_types = None if body.event_types is None else _check_event_types(body.event_types)
     if body.url is not None:
         await _check_url(request, body.url)
+    bus = bus_of(request)
+    # Where the log is: an endpoint disabled is owed what was logged up to here, one enabled again
+    # what is logged after it (never what the recorder happens to get to before or after the change).
+    logged = (await bus.js.stream_info(EVENTS_STREAM)).state.last_seq if body.enabled is not None else 0
     now = datetime.now(timezone.utc)
     disabled: list[str] = []
 
     def change(session: Session) -> Endpoint:
+        # The recorder's position first (before the endpoint's row, as the recorder takes them):
+        # what it recorded already is behind the place the change is made at.
+        at = max(logged, store.hold_recorded(session, dispatcher.webhook_consumer(bus.consumer_settings).name)) \
+            if body.enabled is not None else 0
         endpoint = store.endpoint_of(session, institution, endpoint_id)
         if endpoint is None:
             raise _not_found(endpoint_id)
@@ -317,10 +338,10 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
             if value is not None:
                 setattr(endpoint, name, value)
         if body.enabled is False and endpoint.enabled:
-            store.disable(endpoint, store.OWNER_REASON, now)
+            store.disable(endpoint, store.OWNER_REASON, now, after_seq=at)
             disabled.append(endpoint.id)
         elif body.enabled and not endpoint.enabled:
-            endpoint.enabled, endpoint.disabled_reason, endpoint.failing_since = True, None, None
+            store.enable(endpoint, now, after_seq=at)
         if body.rotate_secret:
             endpoint.previous_secret, endpoint.previous_secret_until = endpoint.secret, now + ROTATION_OVERLAP
             endpoint.secret = new_secret()
@@ -458,19 +479,28 @@ async def _change_delivery(request: Request, institution: str, endpoint_id: str,
 @router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovered,
              responses={**ERRORS, **BODY_ERRORS, **documented(409, 503)})
 async def recover(request: Request, endpoint_id: EndpointId, body: Recovery, institution: Member) -> dict[str, Any]:
-    """Deliver again the endpoint's events that the log took between ``since`` and ``until``
-    (read back from the log), whether they were delivered before or not. 409
+    """Deliver again the endpoint's events that the log took between ``since`` and ``until``, or
+    after ``after_seq`` and up to ``until_seq`` (read back from the log), whether they were
+    delivered before or not. What it missed while it was disabled is ``{"after_seq":
+    disabled_after_seq, "until_seq": enabled_after_seq}`` (of ``GET /webhooks/{id}``). 409
     ``endpoint_disabled`` while the endpoint is disabled: ``PATCH {"enabled": true}`` first."""
+    if body.since is None and body.after_seq is None:
+        message = "since or after_seq is required: where the window starts"
+        raise ApiProblem(422, message, kind="invalid", errors=[Problem(("since",), message, "missing")])
     until = body.until or datetime.now(timezone.utc)
-    if body.until is None and until < body.since:
+    if body.since is not None and body.until is None and until < body.since:
         raise ApiProblem(422, "since is in the future", kind="invalid", errors=[Problem(("since",), "in the future", "invalid_window")])
-    if until < body.since:
+    if body.since is not None and until < body.since:
         raise ApiProblem(422, "until is before since", kind="invalid", errors=[Problem(("until",), "before since", "invalid_window")])
+    if body.after_seq is not None and body.until_seq is not None and body.until_seq < body.after_seq:
+        raise ApiProblem(422, "until_seq is before after_seq", kind="invalid",
+                         errors=[Problem(("until_seq",), "before after_seq", "invalid_window")])
     endpoint = await _owned(request, institution, endpoint_id)
     _check_enabled(endpoint)
     bus = bus_of(request)
     queued, held_back = await dispatcher.recover(bus.js, engine_of(request), endpoint, body.since, until,
-                                                 consumer=dispatcher.webhook_consumer(bus.consumer_settings).name)
+                                                 consumer=dispatcher.webhook_consumer(bus.consumer_settings).name,
+                                                 after_seq=body.after_seq, until_seq=body.until_seq)
     if (running := _dispatcher(request)) is not None:
         running.wake(endpoint_id)
     return {"queued": queued, "held_back": held_back}

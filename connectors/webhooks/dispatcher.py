@@ -3,9 +3,10 @@
 Two halves, joined by the database:
 
 - :class:`DeliveryRecorder` is the applier of the durable consumer ``webhooks``: for each logged
-  event it records one delivery per enabled endpoint that asked for it and may see it, in the
-  same transaction as its position. Nothing owed is forgotten across restarts; a replay or a
-  redelivery adds nothing (one delivery per endpoint and event).
+  event it records one delivery per endpoint that is owed it (by where it is in the log:
+  ``store.owes``), asked for it and may see it, in the same transaction as its position. Nothing
+  owed is forgotten across restarts; a replay or a redelivery adds nothing (one delivery per
+  endpoint and event).
 - :class:`EndpointWorker` — one per enabled endpoint, each with its own bounded queue, its own
   connections and a few concurrent attempts — sends what is due. A slow or dead endpoint holds
   only its own worker, never another endpoint's deliveries.
@@ -190,17 +191,25 @@ class _Unrecordable(Exception):
 
 @dataclass(frozen=True)
 class _Wanting:
-    """What the recorder needs of an enabled endpoint."""
+    """What the recorder needs of an endpoint that may be owed events (:data:`store.ENDPOINTS_OWING`)."""
 
     id: str
     institution: str
     event_types: list[str]
     after_seq: int
+    enabled: bool
+    disabled_after_seq: int | None
+    enabled_after_seq: int | None
+    earlier_gaps: list[list[int]]
+
+    def owes(self, seq: int) -> bool:
+        return store.owes(self.after_seq, self.disabled_after_seq, self.enabled_after_seq, self.earlier_gaps, seq)
 
 
 class _Batch:
-    """The state of recording one batch: its transaction, the enabled endpoints (and which want
-    each type met so far), and how far the read models have applied the log (read when needed)."""
+    """The state of recording one batch: its transaction, the endpoints that may be owed its
+    events (and which want each type met so far), and how far the read models have applied the
+    log (read when needed)."""
 
     def __init__(self, session: Session, endpoints: list[_Wanting], network_consumer: str) -> None:
         self.session = session
@@ -215,15 +224,17 @@ class _Batch:
             self._applied = read_position(self.session.connection(), _NETWORK_POSITIONS, self.network_consumer)
         return self._applied
 
-    def leave(self, institution: str, now: datetime) -> list[str]:
-        """Disable the endpoints of an institution that left the network (a former member
-        receives nothing more, and its token no longer lets it manage them); returns their ids."""
-        gone = [e.id for e in self.endpoints if e.institution == institution]
-        if gone:
-            self.session.execute(store.ENDPOINT_DISABLED, [{"b_id": e, "b_disabled_reason": store.LEFT_REASON, "b_updated_at": now} for e in gone])
+    def leave(self, institution: str, seq: int, now: datetime) -> list[str]:
+        """Disable the endpoints of an institution that left the network at ``seq`` (a former
+        member receives nothing logged from its leaving on, and its token no longer lets it
+        manage them); returns the ids of those that were enabled."""
+        leaving = [e for e in self.endpoints if e.institution == institution]
+        if leaving:
+            self.session.execute(store.ENDPOINT_DISABLED, [
+                store.disabled_row(e.id, store.LEFT_REASON, now, vars(e), seq - 1) for e in leaving])
             self.endpoints = [e for e in self.endpoints if e.institution != institution]
             self._by_type.clear()
-        return gone
+        return [e.id for e in leaving if e.enabled]
 
     def wanting(self, event_type: str) -> list[_Wanting]:
         found = self._by_type.get(event_type)
@@ -284,7 +295,8 @@ class DeliveryRecorder:
             try:
                 with session_scope(self.engine) as session:
                     store.claim(session, self.consumer, None if replay else items[0].seq, self.epoch)
-                    endpoints = [_Wanting(*row) for row in session.execute(store.ENDPOINTS_ENABLED)]
+                    first = min(item.seq for item in items[:end])  # (a replay's dead letters come in any order)
+                    endpoints = [_Wanting(*row) for row in session.execute(store.ENDPOINTS_OWING, {"first": first})]
                     batch = _Batch(session, endpoints, self.network_consumer)
                     recorded = 0
                     for index, item in enumerate(items[:end]):
@@ -315,10 +327,10 @@ class DeliveryRecorder:
         if event_type == "institution.left":  # its endpoints stop, its own leaving included
             data = envelope.get("data")
             leaving = str(data.get("id")) if isinstance(data, dict) else ""
-            gone = batch.leave(leaving, due_at)
+            gone = batch.leave(leaving, item.seq, due_at)
             self.retired.update(dict.fromkeys(gone, leaving))
             owed += len(gone)  # (what tells the dispatcher to look)
-        wanted = [e for e in batch.wanting(event_type) if e.after_seq < item.seq]
+        wanted = [e for e in batch.wanting(event_type) if e.owes(item.seq)]
         if wanted and event_type in CONFIDENTIAL and batch.applied() < item.seq:
             raise _Unrecordable(index, Failure(
                 "waiting", f"the read models have not applied #{item.seq} yet: its audience is not known", permanent=False, wait=True,
@@ -806,8 +818,13 @@ class WebhookDispatcher:
                 for e in changed
             ])
         if disabled:
+            # Disabled where the recorder has got to: what it recorded stays owed (sent once the
+            # endpoint is enabled again); what it records later is not, and is in the gap the
+            # endpoint shows for /recover. (Read without holding it: the recorder holds its
+            # position while it inserts deliveries, which wait for the endpoints held here.)
+            recorded = read_position(connection, store.ConsumerPosition.__table__, self.recorder.consumer)  # type: ignore[attr-defined]
             connection.execute(store.ENDPOINT_DISABLED, [
-                {"b_id": e, "b_disabled_reason": endpoints[e]["disabled_reason"], "b_updated_at": now} for e in disabled
+                store.disabled_row(e, endpoints[e]["disabled_reason"], now, endpoints[e], recorded) for e in disabled
             ])
         return answers
 
@@ -956,10 +973,11 @@ def _met(outcome: Outcome) -> str:
 # --- recovery ----------------------------------------------------------------------------------
 
 
-async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, since: datetime, until: datetime,
-                  consumer: str = WEBHOOKS_CONSUMER) -> tuple[int, int]:
+async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, since: datetime | None, until: datetime,
+                  consumer: str = WEBHOOKS_CONSUMER, *, after_seq: int | None = None, until_seq: int | None = None) -> tuple[int, int]:
     """Owe the endpoint again every event it asked for (and may see) that the log took between
-    ``since`` and ``until``, delivered before or not; returns how many, and how many of the
+    ``since`` and ``until`` (and after ``after_seq``, up to ``until_seq``: the window is where
+    they all hold), delivered before or not; returns how many, and how many of the
     window's events were held back instead: those ``consumer`` (the webhooks' consumer) set
     aside behind a dead letter, from the dead letter on, are owed when ``collabbus dlq replay``
     records them in the log's order — owed now, an ordered endpoint would get a thing's later
@@ -968,7 +986,7 @@ async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, sinc
     decided, as over HTTP)."""
     events = [
         (seq, envelope)
-        async for seq, envelope in logged_between(js, since, until)
+        async for seq, envelope in logged_between(js, since, until, after_seq=after_seq, until_seq=until_seq)
         if store.matches(endpoint.event_types, str(envelope.get("type")))
     ]
 
@@ -989,15 +1007,15 @@ async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, sinc
 async def held_back(js: JetStreamContext, engine: Engine, endpoint: Endpoint, consumer: str = WEBHOOKS_CONSUMER) -> int:
     """How many events the endpoint asked for (and may see) wait in the dead-letter queue of
     ``consumer`` (the webhooks'): those the bus could not record for webhooks and those set
-    aside behind them, owed in the log's order once the operator replays them (none while the
-    endpoint is disabled: a replay owes it nothing then). One whose audience cannot be worked
-    out is not counted."""
+    aside behind them, owed in the log's order once the operator replays them (to a disabled
+    endpoint, those logged before it was disabled: sent once it is enabled again). One whose
+    audience cannot be worked out is not counted."""
     from ops import dlq
 
-    if not endpoint.enabled or not (await dlq.counts(js)).get(consumer):
+    if not (await dlq.counts(js)).get(consumer):
         return 0
     letters = [letter.event for letter in await dlq.dead_letters(js, consumer)
-               if letter.event is not None and (letter.original_seq or 0) > endpoint.after_seq
+               if letter.event is not None and endpoint.owes(letter.original_seq or 0)
                and store.matches(endpoint.event_types, str(letter.type))]
 
     def visible() -> int:
@@ -1014,12 +1032,18 @@ async def held_back(js: JetStreamContext, engine: Engine, endpoint: Endpoint, co
     return await asyncio.to_thread(visible) if letters else 0
 
 
-async def logged_between(js: JetStreamContext, since: datetime, until: datetime) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-    """(seq, envelope) of the events the log took from ``since`` to ``until``, in order."""
+async def logged_between(js: JetStreamContext, since: datetime | None, until: datetime | None, *, after_seq: int | None = None,
+                         until_seq: int | None = None) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """(seq, envelope) of the events the log took from ``since`` to ``until`` and after
+    ``after_seq`` up to ``until_seq`` (None: no bound), in order."""
     last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
-    if last == 0 or since > until:
+    start = (after_seq or 0) + 1
+    if last == 0 or (since is not None and until is not None and since > until) or start > min(last, last if until_seq is None else until_seq):
         return
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+    if after_seq is not None or since is None:  # (a sequence is exact: it starts there)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+    else:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
     sub = await js.subscribe(EVENTS_SUBJECTS, ordered_consumer=True, config=config, stream=EVENTS_STREAM)
     try:
         while True:
@@ -1029,8 +1053,12 @@ async def logged_between(js: JetStreamContext, since: datetime, until: datetime)
                 return  # nothing logged since then
             meta = msg.metadata
             logged_at = meta.timestamp if meta.timestamp.tzinfo else meta.timestamp.replace(tzinfo=timezone.utc)
-            if logged_at > until:
+            if (until is not None and logged_at > until) or (until_seq is not None and meta.sequence.stream > until_seq):
                 return
+            if since is not None and logged_at < since:  # (started by sequence, before the time asked for)
+                if meta.sequence.stream >= last or meta.num_pending == 0:
+                    return
+                continue
             event = readable(msg.data)
             if isinstance(event, dict):  # (what is not an event was never delivered: nothing to recover)
                 yield meta.sequence.stream, event

@@ -9,6 +9,13 @@ a rebuild does not replay the log into deliveries.
 A delivery is owed while it has a ``next_attempt_at``; the body is not stored: it is the event's
 canonical bytes, read back from the log by sequence.
 
+What an endpoint is owed depends on where an event is in the log, not on when the recorder gets
+to it (:func:`owes`): the events logged after it was registered (``after_seq``), except those
+logged while it was disabled — after where the log was when it was disabled
+(``disabled_after_seq``), up to where it was when it was enabled again (``enabled_after_seq``).
+Those are what ``/recover`` is for. A disabled endpoint is owed what was logged before it was
+disabled, sent once it is enabled again.
+
 Deliveries about one thing (an event's domain and subject: a project, a call, a validation, a
 day, a member) go to an endpoint in log order: one is not sent while an earlier one about the
 same thing is still owed to that endpoint (in flight, or waiting for its retry). Deliveries
@@ -19,7 +26,7 @@ unordered (``ordered``: a receiver that orders by itself need not wait behind a 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -71,6 +78,15 @@ class Endpoint(_Webhooks, table=True):
     fetches what it missed."""
     after_seq: int = 0
     """Events logged after this sequence are delivered: an endpoint starts with the log as it is."""
+    disabled_after_seq: int | None = None
+    """Where the log was when it was last disabled: the events up to there are owed to it (sent
+    once it is enabled again), the later ones not while it is disabled."""
+    enabled_after_seq: int | None = None
+    """Where the log was when it was last enabled again (None while it is disabled): the events
+    after it are owed again; those between the two are the gap ``/recover`` fetches."""
+    earlier_gaps: list[list[int]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
+    """The (``disabled_after_seq``, ``enabled_after_seq``) of its earlier disablings: an event the
+    recorder gets to late (one behind, a dead letter replayed) is not owed for one of those either."""
     created_at: datetime = _when(nullable=False)
     updated_at: datetime = _when(nullable=False)
     last_success_at: datetime | None = _when()
@@ -81,6 +97,35 @@ class Endpoint(_Webhooks, table=True):
         """The secrets that sign a delivery now: the current one, and the previous one for a day
         after a rotation."""
         return signing_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
+
+    def owes(self, seq: int) -> bool:
+        """Whether the endpoint is owed the event at ``seq`` of the log (:func:`owes`)."""
+        return owes(self.after_seq, self.disabled_after_seq, self.enabled_after_seq, self.earlier_gaps, seq)
+
+
+def owes(after_seq: int, disabled_after_seq: int | None, enabled_after_seq: int | None, earlier_gaps: Sequence[Sequence[int]],
+         seq: int) -> bool:
+    """Whether an endpoint (its positions in the log: see :class:`Endpoint`) is owed the event at
+    ``seq``: one logged after it was registered, and neither while it is disabled nor in a gap of
+    an earlier disabling. Where the event is in the log decides, not when the recorder gets to it."""
+    if seq <= after_seq:
+        return False
+    if disabled_after_seq is not None and disabled_after_seq < seq and (enabled_after_seq is None or seq <= enabled_after_seq):
+        return False
+    return not any(disabled < seq <= enabled for disabled, enabled in earlier_gaps)
+
+
+def disabled_where(disabled_after_seq: int | None, enabled_after_seq: int | None, earlier_gaps: Sequence[Sequence[int]],
+                   at: int) -> tuple[int, list[list[int]]]:
+    """The ``disabled_after_seq`` and ``earlier_gaps`` of an endpoint disabled where the log is at
+    ``at``: the gap of a disabling before (enabled again since) joins the earlier ones; one
+    disabled already stays so from the earlier of the two places (its institution leaving, say)."""
+    gaps = [list(gap) for gap in earlier_gaps]
+    if disabled_after_seq is not None and enabled_after_seq is not None:
+        gaps.append([disabled_after_seq, enabled_after_seq])
+    elif disabled_after_seq is not None:
+        at = min(at, disabled_after_seq)
+    return at, gaps
 
 
 def signing_secrets(secret: str, previous: str | None, previous_until: datetime | None, now: datetime) -> tuple[str, ...]:
@@ -169,8 +214,30 @@ def endpoint_of(session: Session, institution: str, endpoint_id: str) -> Endpoin
     return endpoint if endpoint is not None and endpoint.institution == institution else None
 
 
-def disable(endpoint: Endpoint, reason: str, now: datetime) -> None:
-    endpoint.enabled, endpoint.disabled_reason, endpoint.disabled_at, endpoint.updated_at = False, reason[:200], now, now
+def disable(endpoint: Endpoint, reason: str, now: datetime, *, after_seq: int) -> None:
+    """Disable the endpoint where the log is at ``after_seq``: the events up to there stay owed to it."""
+    endpoint.disabled_after_seq, endpoint.earlier_gaps = disabled_where(
+        endpoint.disabled_after_seq, endpoint.enabled_after_seq, endpoint.earlier_gaps, after_seq)
+    endpoint.enabled, endpoint.enabled_after_seq = False, None
+    endpoint.disabled_reason, endpoint.disabled_at, endpoint.updated_at = reason[:200], now, now
+
+
+def enable(endpoint: Endpoint, now: datetime, *, after_seq: int) -> None:
+    """Enable the endpoint again where the log is at ``after_seq``: the events after it are owed
+    again (those since it was disabled are not: ``/recover`` fetches them). Its failures are
+    forgotten: it is not failing since before it was disabled."""
+    endpoint.enabled, endpoint.disabled_reason, endpoint.failing_since, endpoint.updated_at = True, None, None, now
+    endpoint.enabled_after_seq = max(after_seq, endpoint.disabled_after_seq or 0)
+
+
+def hold_recorded(session: Session, consumer: str) -> int:
+    """The position of the webhooks' recorder ``consumer``, held until the transaction ends (the
+    row locked on PostgreSQL, as the recorder locks it for each batch; a SQLite writer holds the
+    database): an endpoint disabled or enabled in this transaction is so for the recorder from one
+    place of the log on, neither in the middle of a batch nor behind what it recorded already."""
+    table: sa.Table = ConsumerPosition.__table__  # type: ignore[attr-defined]
+    found = session.execute(sa.select(table.c.seq).where(table.c.consumer == consumer).with_for_update()).first()
+    return int(found[0] or 0) if found is not None else 0
 
 
 GONE_REASON = "the endpoint answered 410 Gone"
@@ -291,8 +358,11 @@ _DELIVERIES: sa.Table = Delivery.__table__  # type: ignore[attr-defined]
 _ATTEMPTS: sa.Table = Attempt.__table__  # type: ignore[attr-defined]
 _E, _D = _ENDPOINTS.c, _DELIVERIES.c
 
-ENDPOINTS_ENABLED = sa.select(_E.id, _E.institution, _E.event_types, _E.after_seq).where(_E.enabled == True)  # noqa: E712
-"""What the recorder needs of the enabled endpoints."""
+ENDPOINTS_OWING = sa.select(
+    _E.id, _E.institution, _E.event_types, _E.after_seq, _E.enabled, _E.disabled_after_seq, _E.enabled_after_seq, _E.earlier_gaps,
+).where(sa.or_(_E.enabled == True, _E.disabled_after_seq >= sa.bindparam("first")))  # noqa: E712
+"""What the recorder needs of the endpoints that may be owed events from ``first`` on: the
+enabled ones, and those disabled after it (owed what was logged before)."""
 ENDPOINTS_TO_SEND = sa.select(_E.id, _E.url, _E.secret, _E.previous_secret, _E.previous_secret_until, _E.enabled, _E.ordered).where(
     _E.id.in_(sa.bindparam("ids", expanding=True))
 )
@@ -338,7 +408,8 @@ DELIVERIES_LEASED = (
 """The next attempt of the deliveries ``ids`` that still exist: what a claim wrote, unless they
 were changed meanwhile."""
 ENDPOINTS_TO_SETTLE = (
-    sa.select(_E.id, _E.institution, _E.enabled, _E.disabled_reason, _E.updated_at, _E.last_success_at, _E.failing_since)
+    sa.select(_E.id, _E.institution, _E.enabled, _E.disabled_reason, _E.updated_at, _E.last_success_at, _E.failing_since,
+              _E.disabled_after_seq, _E.enabled_after_seq, _E.earlier_gaps)
     .where(_E.id.in_(sa.bindparam("ids", expanding=True)))
     .with_for_update()
 )
@@ -350,7 +421,20 @@ ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).v
     disabled_reason=sa.bindparam("b_disabled_reason"),
     disabled_at=sa.bindparam("b_updated_at"),
     updated_at=sa.bindparam("b_updated_at"),
+    disabled_after_seq=sa.bindparam("b_disabled_after_seq"),
+    enabled_after_seq=None,
+    earlier_gaps=sa.bindparam("b_earlier_gaps", type_=JSON),
 )
+"""An endpoint disabled (see :func:`disabled_where` for ``b_disabled_after_seq`` and ``b_earlier_gaps``)."""
+
+
+def disabled_row(endpoint_id: str, reason: str, now: datetime, positions: Mapping[str, Any], at: int) -> dict[str, Any]:
+    """The parameters of :data:`ENDPOINT_DISABLED` for an endpoint (``positions``: its
+    ``disabled_after_seq``, ``enabled_after_seq`` and ``earlier_gaps``) disabled where the log is at ``at``."""
+    disabled_after_seq, gaps = disabled_where(positions["disabled_after_seq"], positions["enabled_after_seq"],
+                                              positions["earlier_gaps"] or [], at)
+    return {"b_id": endpoint_id, "b_disabled_reason": reason, "b_updated_at": now, "b_disabled_after_seq": disabled_after_seq,
+            "b_earlier_gaps": gaps}
 
 
 PRUNE_BATCH = 1_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import FunctionType
@@ -221,5 +222,33 @@ def test_what_a_call_awarded_before_its_running_total_is_filled_in_from_its_appl
         with engine.connect() as connection:
             totals = {str(call_id): awarded for call_id, awarded in connection.execute(text("SELECT call_id, awarded FROM calls ORDER BY call_id"))}
         assert totals == {"c-awarded": "0.30", "c-none": None}
+    finally:
+        engine.dispose()
+
+
+def test_a_webhook_endpoint_disabled_before_its_positions_were_kept_counts_as_disabled_where_the_recorder_got_to(
+    database_url: str,
+) -> None:
+    """A database from before ``webhook_endpoints.disabled_after_seq``: an endpoint disabled then was
+    owed what the webhooks' recorder had recorded and nothing after, and stays so; an enabled one
+    was never disabled, and has no gap."""
+    engine = make_engine(database_url)  # a migrated copy (tests/conftest.py)
+    endpoint = ("INSERT INTO webhook_endpoints (id, institution, url, event_types, description, secret, enabled, ordered, after_seq, "
+                "created_at, updated_at) VALUES (:id, 'fi-diak', 'https://diak.example/hook', '[]', '', 'whsec_x', :enabled, :enabled, 3, "
+                ":now, :now)")
+    try:
+        with engine.begin() as connection:
+            for endpoint_id, enabled in (("ep_disabled", False), ("ep_enabled", True)):
+                connection.execute(text(endpoint), {"id": endpoint_id, "enabled": enabled, "now": "2026-03-01 08:00:00"})
+            connection.execute(text("INSERT INTO webhook_consumer_positions (consumer, seq, epoch) VALUES ('webhooks', 42, 1)"))
+            connection.execute(text("UPDATE alembic_version SET version_num = '0026_webhook_owed_order' "
+                                    "WHERE version_num = '0027_webhook_disabled_positions'"))
+            for column in ("disabled_after_seq", "enabled_after_seq", "earlier_gaps"):
+                connection.execute(text(f"ALTER TABLE webhook_endpoints DROP COLUMN {column}"))
+        migrate(engine)
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT id, disabled_after_seq, enabled_after_seq, earlier_gaps FROM webhook_endpoints ORDER BY id"))
+            found = {str(row[0]): (row[1], row[2], row[3] if isinstance(row[3], list) else json.loads(row[3])) for row in rows}
+        assert found == {"ep_disabled": (42, None, []), "ep_enabled": (None, None, [])}
     finally:
         engine.dispose()

@@ -227,8 +227,8 @@ def failing_and_disabled_endpoints(engine: Any, now: datetime) -> dict[str, str]
                                             after_seq=10**6, now=now) for name in ("fine", "failing", "gone", "mine")}
         made["failing"].failing_since = now - timedelta(hours=2)
         made["gone"].failing_since = now - timedelta(minutes=31)
-        store.disable(made["gone"], store.GONE_REASON, now - timedelta(minutes=30))
-        store.disable(made["mine"], store.OWNER_REASON, now - timedelta(minutes=30))
+        store.disable(made["gone"], store.GONE_REASON, now - timedelta(minutes=30), after_seq=10**6)
+        store.disable(made["mine"], store.OWNER_REASON, now - timedelta(minutes=30), after_seq=10**6)
         session.flush()
         for name, event_id, next_at in (("failing", "e-1", later), ("failing", "e-2", later), ("gone", "e-1", later),
                                         ("fine", "e-1", None)):

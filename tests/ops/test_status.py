@@ -40,7 +40,7 @@ async def test_status_reports_streams_consumers_dead_letters_and_positions(poiso
                                   error="HTTP 500", response="internal\noops from the receiver"))
         gone = store.create_endpoint(session, FIXTURE["as"], "https://example.org/gone", [], "", after_seq=10**6,
                                      now=datetime.now(timezone.utc))
-        store.disable(gone, store.GONE_REASON, datetime(2026, 12, 6, 9, 15, 24, 500000, tzinfo=timezone.utc))
+        store.disable(gone, store.GONE_REASON, datetime(2026, 12, 6, 9, 15, 24, 500000, tzinfo=timezone.utc), after_seq=10**6)
     # Given: the operator and one member joined (#1, #2), three projects and one poison event (#3–#6).
     events = [project_event("p-1"), project_event("poison-a"), project_event("p-2"), project_event("p-3")]
     for event in events:

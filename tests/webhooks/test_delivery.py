@@ -463,12 +463,60 @@ async def test_410_disables_the_endpoint(network: Network, receiver: Receiver) -
     assert delivery["status"] == "failed" and [a["status_code"] for a in delivery["attempts"]] == [410]
     shown = (await gateway.client.get(f"/webhooks/{gone['id']}", headers=gateway.auth(owner))).json()
     assert shown["enabled"] is False and "410" in shown["disabled_reason"] and shown["disabled_at"] is not None
+    assert shown["disabled_after_seq"] >= delivery["seq"] and shown["enabled_after_seq"] is None  # disabled after it was recorded
 
     later = await offer_project(gateway, owner)
     await eventually(lambda: later["id"] in ids(receiver.at("/probe")), what="the probe's delivery")
     assert len(await deliveries(gateway, owner, gone["id"])) == 1 and len(receiver.at("/gone")) == 1
     probed = (await gateway.client.get(f"/webhooks/{probe['id']}", headers=gateway.auth(owner))).json()
     assert probed["last_success_at"] is not None and probed["failing_since"] is None
+
+
+async def test_what_an_endpoint_is_owed_is_what_the_log_held_when_it_was_disabled_and_recover_takes_the_gap_exactly(
+    network: Network, receiver: Receiver
+) -> None:
+    """Whether an endpoint is owed an event depends on where the event is in the log, not on when
+    the webhooks' recorder gets to it: an event logged just before the endpoint was disabled is
+    owed (and sent once it is enabled again), one logged while it was disabled is not, even when
+    the recorder gets to it after it was enabled again. The endpoint shows where the log was at
+    both moments, and a recovery of that gap brings exactly what was logged while it was disabled."""
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    endpoint = await register(gateway, owner, receiver.url("/paused"), ["project.*"])
+    path = f"/webhooks/{endpoint['id']}"
+    first = await offer_project(gateway, owner)
+    await eventually(lambda: ids(receiver.at("/paused")) == [first["id"]], what="the first delivery")
+
+    recorder = gateway.bus.webhooks.db_lock  # held: the recorder gets to what is logged meanwhile only afterwards
+    async with recorder:
+        before = await offer_project(gateway, owner)  # logged while the endpoint is enabled
+        disabled = await gateway.client.patch(path, json={"enabled": False}, headers=auth)
+        assert disabled.status_code == 200, disabled.text
+    during = await offer_project(gateway, owner)
+    async with recorder:
+        also_during = await offer_project(gateway, owner)  # logged while disabled, recorded once enabled again
+        enabled = await gateway.client.patch(path, json={"enabled": True}, headers=auth)
+        assert enabled.status_code == 200, enabled.text
+    after = await offer_project(gateway, owner)
+    await eventually(lambda: after["id"] in ids(receiver.at("/paused")), what="the delivery after enabling")
+    await asyncio.sleep(0.5)
+    assert sorted(ids(receiver.at("/paused"))[1:]) == sorted([before["id"], after["id"]])  # owed before disabling: sent now
+
+    shown = (await gateway.client.get(path, headers=auth)).json()
+    logged = {item["event"]["id"]: item["seq"] for item in (await gateway.client.get(
+        "/events", params={"type": "project.registered", "after_seq": 0, "limit": 500}, headers=auth)).json()["items"]}
+    assert logged[before["id"]] <= shown["disabled_after_seq"] < logged[during["id"]]
+    assert logged[also_during["id"]] <= shown["enabled_after_seq"] < logged[after["id"]]
+    gap = {"after_seq": shown["disabled_after_seq"], "until_seq": shown["enabled_after_seq"]}
+    recovered = await gateway.client.post(f"{path}/recover", json=gap, headers=auth)
+    assert recovered.status_code == 202 and recovered.json() == {"queued": 2, "held_back": 0}, recovered.text
+    await eventually(lambda: len(receiver.at("/paused")) == 5, what="the recovered deliveries")
+    assert sorted(ids(receiver.at("/paused"))[3:]) == sorted([during["id"], also_during["id"]])
+
+    # Disabled again, the endpoint shows the new disabling, and no enabling after it yet.
+    again = (await gateway.client.patch(path, json={"enabled": False}, headers=auth)).json()
+    assert again["disabled_after_seq"] >= logged[after["id"]] and again["enabled_after_seq"] is None
 
 
 async def test_the_log_says_why_an_endpoint_was_disabled_and_what_a_failed_attempt_met(
@@ -889,8 +937,11 @@ async def test_an_institution_that_leaves_receives_nothing_more(network: Network
         endpoint = session.get(Endpoint, leaving["id"])
         assert endpoint is not None and endpoint.enabled is False and endpoint.disabled_reason == "the institution left the network"
         assert endpoint.disabled_at is not None
+        disabled_after_seq = endpoint.disabled_after_seq
         assert session.get(Endpoint, staying["id"]).enabled is True  # type: ignore[union-attr]
     assert leaving["id"] not in gateway.bus.webhooks.workers
+    (leaving_seq,) = [d["seq"] for d in await deliveries(gateway, stayer, staying["id"]) if d["event_id"] == left["id"]]
+    assert disabled_after_seq == leaving_seq - 1  # owed nothing from its leaving on
 
 
 async def test_reviews_reach_the_parties_until_the_decision_and_every_member_after_it(network: Network, receiver: Receiver) -> None:

@@ -171,9 +171,14 @@ async def test_an_unknown_field_in_a_body_is_named_with_the_fields_taken_and_the
 
     refused = problem(await gateway.client.post(f"{endpoint}/recover", json={"sinse": "2026-01-01T00:00:00Z"}, headers=auth),
                       422, "invalid")
-    said = {tuple(e["loc"]): e for e in refused["errors"]}
-    assert said[("since",)]["type"] == "missing"
-    assert said[("sinse",)]["msg"] == "'sinse' is not a field of the body; did you mean 'since'? (it takes since, until)"
+    assert refused["errors"] == [{"loc": ["sinse"], "type": "extra_forbidden", "msg": (
+        "'sinse' is not a field of the body; did you mean 'since'? (it takes since, until, after_seq, until_seq)")}]
+    refused = problem(await gateway.client.post(f"{endpoint}/recover", json={"until": "2026-01-01T00:00:00Z"}, headers=auth),
+                      422, "invalid")
+    assert refused["errors"] == [{"loc": ["since"], "type": "missing", "msg": "since or after_seq is required: where the window starts"}]
+    refused = problem(await gateway.client.post(f"{endpoint}/recover", json={"after_seq": 5, "until_seq": 4}, headers=auth),
+                      422, "invalid")
+    assert refused["errors"] == [{"loc": ["until_seq"], "type": "invalid_window", "msg": "before after_seq"}]
 
 
 async def test_what_a_body_that_cannot_be_read_is_answered_is_in_the_api_description(network: Network, receiver: Receiver) -> None:
