@@ -1040,6 +1040,41 @@ def test_what_another_process_recorded_meanwhile_is_not_recorded_again(database_
             engine.dispose()
 
 
+def test_a_recorder_behind_owes_each_endpoint_the_events_logged_while_it_was_enabled(database_url: str) -> None:
+    """The recorder getting to events after the endpoints were disabled and enabled again, twice:
+    each is owed what was logged while it was enabled — before a disabling, after an enabling —
+    and none of what was logged in either gap; one still disabled, what was logged before."""
+    from connectors.webhooks.dispatcher import DeliveryRecorder, RetrySchedule
+    from connectors.webhooks.store import Endpoint, create_endpoint, disable, enable
+    from handlers.db import make_engine
+    from handlers.service import LoggedItem
+    from sqlmodel import Session
+
+    engine = make_engine(database_url)
+    recorder = DeliveryRecorder(engine, "webhooks", RetrySchedule((1.0,)))
+    now = datetime.now(timezone.utc)
+    with session_scope(engine) as session:
+        toggled = create_endpoint(session, "town", "https://town.example/toggled", [], "", after_seq=0, now=now)
+        off = create_endpoint(session, "town", "https://town.example/off", [], "", after_seq=0, now=now)
+        for disabled_at, enabled_at in ((2, 4), (6, 8)):  # the recorder has got to none of it yet
+            disable(toggled, "disabled by its owner", now, after_seq=disabled_at)
+            enable(toggled, now, after_seq=enabled_at)
+        disable(off, "disabled by its owner", now, after_seq=3)
+    items = [LoggedItem(seq, envelope("project.registered", "town", project("town")), now) for seq in range(1, 10)]
+    try:
+        recorder.apply_batch(items[:5])
+        recorder.apply_batch(items[5:])
+        with engine.connect() as connection:
+            owed = connection.execute(sa.text("SELECT endpoint_id, seq FROM webhook_deliveries ORDER BY seq")).all()
+        assert [seq for endpoint_id, seq in owed if endpoint_id == toggled.id] == [1, 2, 5, 6, 9]
+        assert [seq for endpoint_id, seq in owed if endpoint_id == off.id] == [1, 2, 3]
+        with Session(engine) as session:
+            shown = session.get(Endpoint, toggled.id)
+            assert shown is not None and (shown.disabled_after_seq, shown.enabled_after_seq, shown.earlier_gaps) == (6, 8, [[2, 4]])
+    finally:
+        engine.dispose()
+
+
 def test_the_later_events_about_a_thing_the_recorder_dead_lettered_wait_behind_it(database_url: str) -> None:
     """Once the recorder dead-letters an event (skipped with it), the later events about the
     same thing are not owed before it — ordered deliveries would go out without it — but fail as
