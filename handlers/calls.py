@@ -8,6 +8,7 @@ events about it are emitted in the publisher's name.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -150,8 +151,20 @@ class CallApplication(TableRow, table=True):
 
 
 def _snapshot(session: Session, call_id: str) -> CallSnapshot | None:
+    """What the workflow rules see of a call, with what its applications tell of it: whether it
+    received any, and the currency of its first award (that of a call without a budget's awards)."""
     call = session.get(Call, call_id)
-    return call.snapshot() if call is not None else None
+    if call is None:
+        return None
+    of_call = col(CallApplication.call_id) == call_id
+    received = session.exec(select(CallApplication.application_id).where(
+        of_call, col(CallApplication.status) != "rejected").limit(1)).first() is not None
+    awarded_currency = None
+    if call.awarded is not None:
+        awards = session.exec(select(CallApplication.awarded_amount).where(of_call, col(CallApplication.status) == "awarded")
+                              .order_by(col(CallApplication.decided_at), col(CallApplication.application_id))).all()
+        awarded_currency = next((award["currency"] for award in awards if award), None)
+    return replace(call.snapshot(), received=received, awarded_currency=awarded_currency)
 
 
 # --- workflow ------------------------------------------------------------------------------------

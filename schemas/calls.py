@@ -92,7 +92,9 @@ class CallPublished(EventData):
 
 class CallChanges(Changes):
     """The amendable fields of a call. Only the window given here is checked; whether a new
-    deadline fits the call's stored `opens_at` is the calls workflow's business."""
+    deadline fits the call's stored `opens_at` is the calls workflow's business, as is the
+    `budget`: not below what the call awarded, nor removed once it awarded anything, nor in
+    another currency once it received an application or awarded."""
 
     title: NotClearable[LocalizedText] = None
     summary: LocalizedText | None = None
@@ -121,7 +123,8 @@ class CallAmended(EventData):
 
 
 class CallClosed(EventData):
-    """No more applications: by the owner, or by the bus at the deadline."""
+    """No more applications: by the owner, or by the bus at the deadline (`deadline_passed`, once
+    the deadline has come; before it, the owner closes as `cancelled` or `filled`)."""
 
     call_id: AggregateId
     reason: Literal["deadline_passed", "cancelled", "filled"]
@@ -175,7 +178,8 @@ class ApplicationRejected(EventData):
 
 class ApplicationDecided(EventData):
     """The call's publisher decides on a received application: it is `awarded` (with the amount
-    granted, when the call gives money) or `declined`; in a two-stage call it is first `invited`
+    granted, when the call gives money: a call with a budget does; a call without one awards in
+    the currency of its first award) or `declined`; in a two-stage call it is first `invited`
     to send a full proposal, and awarded only once it has. The `comment` is for the applicant and
     its partners, who alone see the decision with the publisher."""
 
@@ -249,6 +253,9 @@ class CallActionRefusal(Reason):
         "already_submitted",
         "after_full_proposal_deadline",
         "lapsed",
+        "already_awarded",
+        "before_deadline",
+        "no_amount",
     ]
 
 

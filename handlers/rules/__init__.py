@@ -25,7 +25,13 @@ was awarded or into another currency), a rejected application's id taken by anot
 (the validations' ``already_open``); a refused cancellation of a registration is answered by an
 ``innovation_day.action_rejected`` (before, by an ``innovation_day.registration_rejected`` of the
 registration it named, whose id a rebuild of such a log derives again); an institution's second
-live registration for a gathering (``already_registered``)."""
+live registration for a gathering (``already_registered``); a call's budget removed once it
+awarded (``already_awarded``) or moved into another currency once it received an application, an
+award in another currency than a call without a budget awarded before (``currency_mismatch``), an
+award without an amount on a call with a budget (``no_amount``), a call closed as
+``deadline_passed`` before its deadline (``before_deadline``), an amendment's refusal naming the
+field it changed before the window (``deadline_in_past``, ``already_open``, then
+``invalid_window``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -39,11 +39,21 @@ class CallSnapshot:
     budget: Decimal | None = None
     """The amount of the call's budget (None: the call states no budget)."""
     awarded: Decimal = Decimal(0)
-    """What the call has awarded so far (in its budget's currency)."""
+    """What the call has awarded so far (in its budget's currency, or in that of its first award)."""
+    awarded_currency: str | None = None
+    """The currency of the call's first award with an amount (None: none yet): a call without a
+    budget keeps its awards in it, so that what it awarded stays one sum of one currency."""
+    received: bool = False
+    """Whether the call has received an application (whatever became of it since)."""
     closed_reason: str | None = None
     two_stage: bool = False
     full_proposal_deadline: datetime | None = None
     """A two-stage call's deadline for full proposals (None: no limit)."""
+
+    @property
+    def money(self) -> str | None:
+        """The currency the call's amounts are in: its budget's, else that of its first award."""
+        return self.currency or self.awarded_currency
 
 
 @dataclass(frozen=True)
@@ -139,11 +149,13 @@ def amendment_refusal(
     has come moved later; and a two-stage call's full proposals come after it
     (``opens_at``/``deadline``/``full_proposal_deadline``: the new values, if changed;
     ``changed``: the fields the amendment sets or clears; ``budget``: the new budget's amount and
-    currency, if set, which may not be less than what the call has awarded, nor in
-    another currency once it has awarded any). Once a two-stage call's first stage
-    is over, its deadline for full proposals may still be moved (unless the publisher closed
-    the call before its deadline), until it has passed: the invited applications without a full
-    proposal lapse then."""
+    currency, if set, which may not be less than what the call has awarded, nor in another
+    currency once it has awarded any or received an application, nor removed once it has awarded
+    any). A refusal names the field changed: a deadline moved into the past, or an opening that
+    has come moved later, is named so before the window it would also break. Once a two-stage
+    call's first stage is over, its deadline for full proposals may still be moved (unless the
+    publisher closed the call before its deadline), until it has passed: the invited applications
+    without a full proposal lapse then."""
     full_proposal_deadline_given = "full_proposal_deadline" in changed
     if full_proposal_deadline_given and call is not None and actor == call.owner and (over := _second_stage_over(call, logged_at)):
         return over
@@ -153,8 +165,11 @@ def amendment_refusal(
         refusal = None  # the second stage's deadline, after the first stage
     if refusal is not None or call is None:
         return refusal
+    window = None
     if (deadline or call.deadline) <= (opens_at or call.opens_at):
-        return Refusal("invalid_window", "The amended deadline would not be after the call's opening.")
+        window = Refusal("invalid_window", "The amended deadline would not be after the call's opening.")
+    if window is not None and not since(2):  # (before, the window was named first, whatever was changed)
+        return window
     # Applications received stay in time, and those still being prepared are not shut out at once:
     # a call ends now by its closing (cancelled, filled), not by a deadline moved into the past.
     if deadline is not None and deadline < logged_at and since(1):
@@ -162,6 +177,8 @@ def amendment_refusal(
                                            "(call.closed, cancelled or filled).")
     if opens_at is not None and call.opens_at <= logged_at < opens_at and since(1):
         return Refusal("already_open", f"The call opened at {call.opens_at.isoformat()}: its opening cannot be moved later.")
+    if window is not None:
+        return window
     if full_proposal_deadline_given and full_proposal_deadline is not None and not call.two_stage:
         return Refusal("single_stage", "The call has a single stage: it takes no full proposals, and has no deadline for them.")
     second = full_proposal_deadline if full_proposal_deadline_given else call.full_proposal_deadline
@@ -170,11 +187,21 @@ def amendment_refusal(
     if full_proposal_deadline_given and full_proposal_deadline is not None and full_proposal_deadline < logged_at and since(1):
         return Refusal("deadline_in_past", "The amended deadline for full proposals is already past: the invited "
                                            "applications would lapse at once; to end the second stage now, close the call.")
-    awarded = call.awarded
-    if budget is not None and awarded > 0 and call.currency is not None and budget[1] != call.currency and since(1):
-        return Refusal("currency_mismatch", f"The call has awarded {_money(awarded, call.currency)}: its budget stays in {call.currency}.")
+    awarded, money = call.awarded, call.money
+    # What was awarded stays within a budget of its currency: without one, nothing would weigh the
+    # next awards against it, and awards in any currency would be added into one sum.
+    if "budget" in changed and budget is None and awarded > 0 and since(2):
+        return Refusal("already_awarded", f"The call has awarded {_money(awarded, money)}: its budget cannot be removed "
+                                          f"(it may be raised, or lowered to what was awarded).")
+    if budget is not None and awarded > 0 and money is not None and budget[1] != money and since(1 if call.currency else 2):
+        return Refusal("currency_mismatch", f"The call has awarded {_money(awarded, money)}: its budget stays in {money}.")
+    # The applications received asked in the budget's currency: the publisher could not weigh them
+    # against a budget in another one.
+    if budget is not None and call.received and call.currency is not None and budget[1] != call.currency and since(2):
+        return Refusal("currency_mismatch", f"The call has received applications asking in {call.currency}: "
+                                            f"its budget stays in {call.currency}.")
     if budget is not None and budget[0] < awarded and since(1):
-        return Refusal("over_budget", f"The call has awarded {_money(awarded, call.currency)} already: its budget cannot be "
+        return Refusal("over_budget", f"The call has awarded {_money(awarded, money)} already: its budget cannot be "
                                       f"less than that ({_money(budget[0], budget[1])}).")
     return None
 
@@ -183,8 +210,14 @@ def closing_refusal(call: CallSnapshot | None, actor: str, logged_at: datetime, 
     """Only the owner closes, and only a call still open. A ``deadline_passed`` closing after the
     deadline is the bus's own (or the owner saying the same): it is the one closing that is
     accepted once the deadline is over, except that a two-stage call in its second stage may
-    still be cancelled or declared filled by its owner (no more full proposals)."""
+    still be cancelled or declared filled by its owner (no more full proposals). Before the
+    deadline, a call is not closed as ``deadline_passed`` (``before_deadline``): it would close
+    early under a reason saying it did not, and its second stage, if any, would go on as after
+    its deadline."""
     if call is not None and reason == "deadline_passed" and call.closed_at is None and actor == call.owner:
+        if logged_at < call.deadline and since(2):
+            return Refusal("before_deadline", f"The call's deadline is {call.deadline.isoformat()}: to close it before, "
+                                              "close it as cancelled or filled.")
         return None
     if (call is not None and call.two_stage and actor == call.owner and reason != "deadline_passed"
             and logged_at > call.deadline and not _closed_early(call)):
@@ -204,7 +237,8 @@ def decision_refusal(
 ) -> Refusal | None:
     """Only the call's publisher decides, on a received application, once. ``currency``: that of
     the amount awarded (None: none named); it must be the call's budget's, and with what the call
-    awarded before the ``amount`` may not exceed its budget. In a two-stage call it
+    awarded before the ``amount`` may not exceed its budget; a call without a budget awards in
+    the currency of its first award; a call with a budget awards with an amount. In a two-stage call it
     first invites applications to the second stage (``invited``, once, while the deadline for full
     proposals has not passed at ``logged_at``) and awards only those that sent their full
     proposal; it may decline at either stage."""
@@ -227,6 +261,14 @@ def decision_refusal(
                                            "awards an application once it sent one (invite it first).")
     if refusal := _currency_refusal(call, currency, "award"):
         return refusal
+    if (decision == "awarded" and currency is not None and call.currency is None and call.awarded_currency is not None
+            and currency != call.awarded_currency and since(2)):
+        return Refusal("currency_mismatch", f"The call has awarded {_money(call.awarded, call.awarded_currency)}: award "
+                                            f"the amount in {call.awarded_currency} too, not {currency} (or give the "
+                                            f"call a budget in {call.awarded_currency} first).")
+    if decision == "awarded" and amount is None and call.budget is not None and since(2):
+        return Refusal("no_amount", f"The call gives money (its budget is {_money(call.budget, call.currency)}): "
+                                    "name the awarded_amount granted.")
     awarded = call.awarded
     if decision == "awarded" and amount is not None and call.budget is not None and awarded + amount > call.budget and since(1):
         left = max(call.budget - awarded, Decimal(0))

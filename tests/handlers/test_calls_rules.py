@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.rules import Refusal
+from handlers.rules import Refusal, judged_by
 from handlers.rules.calls import (
     Applicant,
     CallSnapshot,
@@ -187,9 +187,9 @@ def test_only_the_owner_amends_an_unclosed_call() -> None:
 
 def test_an_amended_window_must_still_open_before_its_deadline() -> None:
     assert amendment_refusal(CALL, OWNER, DURING, deadline=DEADLINE + timedelta(days=15)) is None
-    assert code(amendment_refusal(CALL, OWNER, DURING, deadline=OPENS)) == "invalid_window"
-    assert code(amendment_refusal(CALL, OWNER, DURING, opens_at=DEADLINE + timedelta(days=1))) == "invalid_window"
     upcoming = OPENS - timedelta(days=1)
+    assert code(amendment_refusal(CALL, OWNER, upcoming, deadline=OPENS)) == "invalid_window"
+    assert code(amendment_refusal(CALL, OWNER, upcoming, opens_at=DEADLINE + timedelta(days=1))) == "invalid_window"
     both = amendment_refusal(CALL, OWNER, upcoming, opens_at=DEADLINE, deadline=DEADLINE + timedelta(days=1))
     assert both is None
 
@@ -252,8 +252,77 @@ def test_awards_may_not_exceed_the_budget_with_what_was_awarded_before() -> None
                                 "or raise the budget first (call.amended).")
     assert code(award(budgeted, "40000.01", awarded="60000")) == "over_budget"
     assert "at most 0 EUR" in (award(budgeted, "1", awarded="120000") or Refusal("", "")).message  # (never a negative rest)
-    assert award(budgeted, None, awarded="100000") is None
+    assert code(award(budgeted, None, awarded="100000")) == "no_amount"  # the call gives money: how much?
+    with judged_by(1):
+        assert award(budgeted, None, awarded="100000") is None  # (a log applied before: as it was)
     assert award(replace(budgeted, budget=None, currency=None), "5000000") is None
+
+
+def test_a_call_without_a_budget_awards_in_the_currency_of_its_first_award() -> None:
+    """What a call awarded is one sum: a call without a budget (or whose budget was removed by a
+    log applied before that was refused) takes its awards in the currency of the first one."""
+    from decimal import Decimal
+
+    from handlers.rules.calls import ApplicationSnapshot, decision_refusal
+
+    unbudgeted = replace(CALL, awarded=Decimal("40000"), awarded_currency="USD")
+    received = ApplicationSnapshot("app-2", COOPERATIVE.institution, "received")
+
+    def award(currency: str) -> Refusal | None:
+        return decision_refusal(unbudgeted, received, OWNER, decision="awarded", currency=currency, logged_at=DURING,
+                                amount=Decimal("99999999"))
+
+    assert award("USD") is None
+    eur = award("EUR")
+    assert code(eur) == "currency_mismatch" and eur is not None and "in USD too, not EUR" in eur.message
+    with judged_by(1):
+        assert award("EUR") is None
+    # A budget given to it later is in that currency, and covers what was awarded.
+    assert code(amendment_refusal(unbudgeted, OWNER, DURING, changed=frozenset({"budget"}),
+                                  budget=(Decimal("50000"), "EUR"))) == "currency_mismatch"
+    assert amendment_refusal(unbudgeted, OWNER, DURING, changed=frozenset({"budget"}), budget=(Decimal("50000"), "USD")) is None
+
+
+def test_a_budget_is_not_removed_once_awarded_nor_its_currency_changed_once_applied_to() -> None:
+    from decimal import Decimal
+
+    budgeted = replace(CALL, currency="USD", budget=Decimal("120000"))
+
+    def amended(call: CallSnapshot, budget: tuple[Decimal, str] | None) -> Refusal | None:
+        return amendment_refusal(call, OWNER, DURING, changed=frozenset({"budget"}), budget=budget)
+
+    assert amended(budgeted, None) is None  # nothing awarded yet
+    awarded = replace(budgeted, awarded=Decimal("40000"))
+    removed = amended(awarded, None)
+    assert code(removed) == "already_awarded" and removed is not None and "40,000 USD" in removed.message
+    with judged_by(1):
+        assert amended(awarded, None) is None
+    into_eur = (Decimal("120000"), "EUR")
+    assert amended(budgeted, into_eur) is None  # nobody applied yet
+    applied = replace(budgeted, received=True)
+    moved = amended(applied, into_eur)
+    assert code(moved) == "currency_mismatch" and moved is not None and "stays in USD" in moved.message
+    assert amended(applied, (Decimal("150000"), "USD")) is None
+    with judged_by(1):
+        assert amended(applied, into_eur) is None
+
+
+def test_an_amendment_refusal_names_the_field_changed() -> None:
+    """An opening moved later than the deadline on an open call is named as the opening moved
+    (already_open), a deadline moved into the past as such, not as the window they also break."""
+    assert code(amendment_refusal(CALL, OWNER, DURING, opens_at=DEADLINE + timedelta(days=1))) == "already_open"
+    assert code(amendment_refusal(CALL, OWNER, DURING, deadline=OPENS - timedelta(days=1))) == "deadline_in_past"
+    with judged_by(1):
+        assert code(amendment_refusal(CALL, OWNER, DURING, opens_at=DEADLINE + timedelta(days=1))) == "invalid_window"
+
+
+def test_a_call_is_not_closed_as_past_its_deadline_before_it() -> None:
+    early = closing_refusal(CALL, OWNER, DURING, "deadline_passed")
+    assert code(early) == "before_deadline" and early is not None and "cancelled or filled" in early.message
+    assert closing_refusal(CALL, OWNER, DEADLINE, "deadline_passed") is None  # at the deadline, as the bus does
+    assert closing_refusal(CALL, OWNER, DURING, "cancelled") is None
+    with judged_by(1):
+        assert closing_refusal(CALL, OWNER, DURING, "deadline_passed") is None
 
 
 def test_an_amended_budget_is_not_less_than_the_call_awarded_nor_in_another_currency() -> None:

@@ -444,7 +444,9 @@ async def test_an_amendment_from_another_institution_is_refused_and_changes_noth
 @pytest.mark.parametrize(
     ("given", "changes", "reason"),
     [
-        ("open", {"deadline": "opens_before"}, "invalid_window"),
+        ("open", {"deadline": "opens_before"}, "deadline_in_past"),  # (past, and before the opening: the past named)
+        ("open", {"opens_at": "after_deadline"}, "already_open"),  # (later, and after the deadline: the opening named)
+        ("upcoming", {"deadline": "opens_before"}, "invalid_window"),
         ("closed", {"budget": None}, "call_closed"),
         ("unknown", {"budget": None}, "unknown_call"),
     ],
@@ -453,11 +455,13 @@ async def test_amendments_the_call_cannot_take_are_refused(
     scenario: Scenario, call_id: str, given: str, changes: dict[str, Any], reason: str
 ) -> None:
     if given != "unknown":
-        await scenario.given(published(call_id))
+        await scenario.given(published(call_id, opens_in=timedelta(days=3) if given == "upcoming" else -timedelta(days=1)))
     if given == "closed":
         await scenario.given(closed(call_id))
-    if changes.get("deadline") == "opens_before":
-        changes = {"deadline": (now() - timedelta(days=2)).isoformat()}  # before the stored opens_at
+    if changes.get("deadline") == "opens_before":  # before the stored opens_at
+        changes = {"deadline": (now() + (timedelta(days=2) if given == "upcoming" else -timedelta(days=2))).isoformat()}
+    if changes.get("opens_at") == "after_deadline":
+        changes = {"opens_at": (now() + timedelta(days=40)).isoformat()}
     rejection = the_only(await scenario.when(amended(call_id, changes)), "call.action_rejected")
     assert rejection["data"]["reason"]["code"] == reason
     assert rejection["source"] == f"/institutions/{OWNER}"  # the owner's call, or the owner's own event
@@ -727,15 +731,66 @@ async def test_no_invitation_lapses_in_a_call_closed_early_and_in_one_closed_at_
     for each in (filled, early, on_time):
         await scenario.given(two_stage(each, full_proposals_in=timedelta(hours=2), closes_in=soon), application(each, "app-1"),
                              decided(each, "app-1", "invited"))
-    # One filled in its second stage (its first stage ended an hour ago); one closed by its
-    # publisher before its first deadline (saying "deadline_passed", which closes a call early as
-    # any closing before the deadline does); one the bus closes at its deadline.
-    await scenario.given(amended(filled, {"deadline": (now() - timedelta(hours=1)).isoformat()}), closed(filled, "filled"),
-                         closed(early, "deadline_passed"))
+    # One filled by its publisher before its deadline; one its publisher tries to close before
+    # its deadline saying "deadline_passed" (refused: it would close early under a reason saying
+    # it did not), which the bus closes at its deadline as the third.
+    await scenario.given(closed(filled, "filled"))
+    refused(await scenario.when(closed(early, "deadline_passed")), "before_deadline")
     closings = await scenario.tick(now() + timedelta(hours=1))
-    assert [e["data"]["call_id"] for e in closings] == [on_time]
-    lapsed = the_only(await scenario.tick(now() + timedelta(hours=3)), "call.application_lapsed")
-    assert lapsed["data"]["call_id"] == on_time
+    assert [e["data"]["call_id"] for e in closings] == [early, on_time]
+    lapses = await scenario.tick(now() + timedelta(hours=3))
+    assert sorted(e["data"]["call_id"] for e in lapses) == sorted([early, on_time])
     with scenario.session() as session:
         statuses = {c: session.get(CallApplication, (c, "app-1")) for c in (filled, early, on_time)}
-        assert {c: a.status for c, a in statuses.items() if a is not None} == {filled: "invited", early: "invited", on_time: "lapsed"}
+        assert {c: a.status for c, a in statuses.items() if a is not None} == {filled: "invited", early: "lapsed", on_time: "lapsed"}
+
+
+# --- what an award, an amendment and an application must hold to -------------------------------------
+
+
+async def test_a_budget_with_awards_is_not_removed_and_awards_without_one_stay_in_one_currency(scenario: Scenario, call_id: str) -> None:
+    """Removing the budget after an award would switch the money checks off: the next award, in
+    any currency, would be added to the first into one sum. It is refused; and a call without a
+    budget awards in the currency of its first award."""
+    await scenario.given(published(call_id), amended(call_id, {"budget": {"amount": "120000.00", "currency": "USD"}}),
+                         application(call_id, "app-1", currency="USD"), application(call_id, "app-2", currency="USD"))
+    assert await scenario.when(decided(call_id, "app-1", amount={"amount": "40000", "currency": "USD"})) == []
+    removed = refused(await scenario.when(amended(call_id, {"budget": None})), "already_awarded")
+    assert "40,000 USD" in removed["data"]["reason"]["message"]["en"]
+    euros = refused(await scenario.when(amended(call_id, {"budget": {"amount": "120000.00", "currency": "EUR"}})), "currency_mismatch")
+    assert "stays in USD" in euros["data"]["reason"]["message"]["en"]
+    refused(await scenario.when(decided(call_id, "app-2", amount={"amount": "99999999", "currency": "EUR"})), "currency_mismatch")
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.budget == {"amount": "120000.00", "currency": "USD"} and call.awarded == "40000"
+
+    unbudgeted = f"{call_id}-no-budget"
+    await scenario.given(published(unbudgeted), amended(unbudgeted, {"budget": None}),
+                         application(unbudgeted, "app-1"), application(unbudgeted, "app-2"))
+    assert await scenario.when(decided(unbudgeted, "app-1", amount={"amount": "40000", "currency": "USD"})) == []
+    other = refused(await scenario.when(decided(unbudgeted, "app-2", amount={"amount": "99999999", "currency": "EUR"})), "currency_mismatch")
+    assert "in USD too, not EUR" in other["data"]["reason"]["message"]["en"]
+    assert await scenario.when(decided(unbudgeted, "app-2", amount={"amount": "10000", "currency": "USD"})) == []
+    with scenario.session() as session:
+        call = session.get(Call, unbudgeted)
+        assert call is not None and call.awarded == "50000"
+
+
+async def test_a_budget_keeps_its_currency_once_applied_to_and_its_awards_name_an_amount(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id), application(call_id, "app-1"))
+    refused(await scenario.when(amended(call_id, {"budget": {"amount": "1500000.00", "currency": "USD"}})), "currency_mismatch")
+    refused(await scenario.when(decided(call_id, "app-1")), "no_amount")  # an award of a call with a budget: how much?
+    assert await scenario.when(decided(call_id, "app-1", amount={"amount": "240000.00", "currency": "EUR"})) == []
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.budget == {"amount": "1500000.00", "currency": "EUR"} and call.awarded == "240000.00"
+
+
+async def test_a_call_is_closed_as_past_its_deadline_only_once_it_has_passed(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id))
+    early = refused(await scenario.when(closed(call_id, "deadline_passed")), "before_deadline")
+    assert "cancelled or filled" in early["data"]["reason"]["message"]["en"]
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.closed_at is None
+    the_only(await scenario.when(application(call_id, "app-1")), "call.application_received")
