@@ -18,8 +18,10 @@ from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
 from handlers import confidential
-from handlers.institutions import UtcDateTime, column_values, member, upsert
-from handlers.network import Context, Decider, Event, Projection, Reads, Timer, sender
+from handlers.institutions import Institution, UtcDateTime, column_values, member, upsert
+from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, sender
+from handlers.projects import Project, ProjectPartner
+from handlers.session import children
 from handlers.rows import TableRow
 from handlers.rules import Refusal, since
 from handlers.rules import calls as rules
@@ -35,6 +37,7 @@ from schemas.calls import (
     CallPublished,
     FullProposalSubmitted,
 )
+from schemas.common import unknown_name
 
 
 class Call(TableRow, table=True):
@@ -195,18 +198,17 @@ def decide_application(ctx: Context) -> None:
     assert event is not None
     data: ApplicationSubmitted = event.data
     call = _snapshot(ctx.session, data.call_id)
-    institution = member(ctx.session, event.source)
-    applicant = Applicant(
-        institution=event.source,
-        kind=institution.kind if institution else None,
-        country=institution.country if institution else None,
-    )
+    applicant = _applicant(ctx.session, event.source)
     previous = ctx.session.get(CallApplication, (data.call_id, data.application_id))
     # A rejected application may be submitted again under its id, by its applicant: the id stays
     # its (another applicant taking it would take its rejection's record, and be shown its request).
     duplicate = previous is not None and (previous.status != "rejected" or (previous.applicant != event.source and since(1)))
     currency = data.requested_amount.currency if data.requested_amount is not None else None
-    refusal = rules.application_refusal(call, applicant, event.logged_at, duplicate=duplicate, currency=currency)
+    project = _project_of(ctx.session, data.project_id) if data.project_id is not None else None
+    refusal = rules.application_refusal(
+        call, applicant, event.logged_at, duplicate=duplicate, currency=currency,
+        partners=[_applicant(ctx.session, partner) for partner in data.partners], project_id=data.project_id, project=project)
+    refusal = _meant(ctx.session, refusal, data, event.source)
     answer = {"call_id": data.call_id, "application_id": data.application_id, "applicant": event.source}
     owner = call.owner if call is not None else event.source
     if refusal is None:
@@ -214,6 +216,38 @@ def decide_application(ctx: Context) -> None:
     else:
         asked = column_values(data, data.model_fields_set & {"project_id", "partners", "requested_amount"})
         ctx.refuse("call.application_rejected", {**answer, "reason": refusal.as_reason(), **asked}, source=owner)
+
+
+def _applicant(session: Session, institution: str) -> Applicant:
+    """An institution as the rules see an applicant or a partner (its kind None: not a member)."""
+    found = member(session, institution)
+    return Applicant(institution=institution, kind=found.kind if found else None, country=found.country if found else None)
+
+
+def _project_of(session: Session, project_id: str) -> tuple[str, frozenset[str]] | None:
+    """A registered project's owner and partners; None when it is not registered."""
+    project = session.get(Project, project_id)
+    if project is None:
+        return None
+    return project.owner, frozenset(p.institution for p in children(session, ProjectPartner, "project_id", project_id))
+
+
+def _meant(session: Session, refusal: Refusal | None, data: ApplicationSubmitted, applicant: str) -> Refusal | None:
+    """``refusal`` of a name that names nothing (a partner, a project), with the nearest one that
+    does, which is most often what was meant (a typo in an id): among the members, the projects
+    the applicant owns or is a partner of."""
+    if refusal is None:
+        return None
+    if refusal.code == "unknown_partner":
+        partner = next(p for p in data.partners if member(session, p) is None)
+        members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
+        return Refusal(refusal.code, unknown_name(partner, "a member of the network", session.exec(members),
+                                                  " (a partner must be one: it sees the application)."))
+    if refusal.code == "unknown_project" and data.project_id is not None:
+        partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == applicant)
+        theirs = select(Project.project_id).where(sa.or_(col(Project.owner) == applicant, col(Project.project_id).in_(partnered)))
+        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(theirs)))
+    return refusal
 
 
 def _application(session: Session, call_id: str, application_id: str) -> ApplicationSnapshot | None:
@@ -464,8 +498,17 @@ DECIDERS: dict[str, Decider] = {
     "call.closed": decide_closing,
 }
 TIMERS: tuple[Timer, ...] = (close_overdue_calls, lapse_invitations)
-READS: dict[str, Reads] = {"call.application_submitted": sender}
-"""An application is judged on its applicant's membership, kind and country."""
+def _partners(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
+    data = envelope.get("data")
+    partners = data.get("partners") if isinstance(data, dict) else None
+    return [partner for partner in partners if isinstance(partner, str)] if isinstance(partners, list) else []
+
+
+READS: dict[str, list[Reads]] = {
+    # An application is judged on its applicant's membership, kind and country, its partners'
+    # membership, and the owner and partners of the project it names.
+    "call.application_submitted": [sender, Reads("institution", _partners), named("project", "project_id")],
+}
 
 
 # --- who may see the workflow's events -------------------------------------------------------------

@@ -285,3 +285,8 @@ registration; the dates, which a completion can move). Applied alone, with their
 give every project's ``owner``, ``themes`` and dates as all of the domain's events do (adoptions,
 partners and impact reports change none of them): what another domain may read of projects
 without applying the rest (a rebuild's lane, ``handlers.routes.REBUILD_LANES``)."""
+
+PARTIES_DECIDED_BY: tuple[str, ...] = (*THEMES_DECIDED_BY, "project.partner_joined")
+"""What a project's owner and partners come from, as :data:`THEMES_DECIDED_BY` for its themes:
+those events, and a partner joining (judged on the owner alone). Applied alone, they give every
+project's ``owner`` and ``project_partners`` as all of the domain's events do."""

@@ -131,7 +131,9 @@ class CallClosed(EventData):
 
 
 class ApplicationSubmitted(EventData):
-    """An institution (the source) applies to a call, possibly with partners and a project."""
+    """An institution (the source) applies to a call, possibly with partners and a project. The
+    `partners` are other members, each named once (they see the application); the `project_id` is
+    a registered project the applicant owns or is a partner of."""
 
     call_id: AggregateId
     application_id: AggregateId
@@ -160,6 +162,10 @@ class ApplicationRefusal(Reason):
         "ineligible_country",
         "duplicate_application",
         "currency_mismatch",
+        "unknown_partner",
+        "invalid_partner",
+        "unknown_project",
+        "not_project_party",
     ]
 
 

@@ -31,7 +31,9 @@ award in another currency than a call without a budget awarded before (``currenc
 award without an amount on a call with a budget (``no_amount``), a call closed as
 ``deadline_passed`` before its deadline (``before_deadline``), an amendment's refusal naming the
 field it changed before the window (``deadline_in_past``, ``already_open``, then
-``invalid_window``)."""
+``invalid_window``); an application's partners that are not other members, each named once
+(``unknown_partner``, ``invalid_partner``), and its project one registered that its applicant
+owns or takes part in (``unknown_project``, ``not_project_party``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -3,7 +3,7 @@ received, when the bus closes a call. Times are the log's acceptance times."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -106,12 +106,20 @@ def application_refusal(
     *,
     duplicate: bool = False,
     currency: str | None = None,
+    partners: Sequence[Applicant] = (),
+    project_id: str | None = None,
+    project: tuple[str, frozenset[str]] | None = None,
 ) -> Refusal | None:
     """Why an application logged at ``logged_at`` is rejected, or None when it is received.
     ``duplicate``: the id is taken (by an application received, or one of another applicant's
     that was rejected: a rejected one may be submitted again by its applicant); ``currency``: that of the amount it requests (None: it names none). A
     request in another currency than the call's budget is refused: the publisher could not
-    weigh the requests against the budget or against each other.
+    weigh the requests against the budget or against each other. ``partners``: the partners it
+    names, as the membership read model knows them; ``project_id``: the project it names, and
+    ``project`` that project's owner and partners (None: not registered). The partners are other
+    members, each named once (a partner sees the application: a name that is no member's, most
+    often a typo, would hide it from the partner meant, and show it to an institution admitted
+    later under that name), and the project one the applicant owns or is a partner of.
 
     The deadline is checked before the closing, so an application after the deadline gets the
     same answer whether or not the bus's closing came first (live and in a rebuild).
@@ -130,7 +138,35 @@ def application_refusal(
         return Refusal("ineligible_kind", f"The call is open to {_listed(call.eligible_kinds)} only.")
     if not _eligible(applicant.country, call.eligible_countries):
         return Refusal("ineligible_country", f"The call is open to institutions in {_listed(call.eligible_countries)} only.")
+    if since(2) and (refusal := _parties_refusal(applicant, partners, project_id, project)):
+        return refusal
     return _currency_refusal(call, currency, "request")
+
+
+def _parties_refusal(
+    applicant: Applicant, partners: Sequence[Applicant], project_id: str | None, project: tuple[str, frozenset[str]] | None
+) -> Refusal | None:
+    """Why the partners or the project an application names do not stand (see
+    :func:`application_refusal`)."""
+    seen: set[str] = set()
+    for partner in partners:
+        name = partner.institution
+        if name == applicant.institution:
+            return Refusal("invalid_partner", f"{name} is the applicant: the partners are the other members taking part.")
+        if name in seen:
+            return Refusal("invalid_partner", f"{name} is named twice among the partners.")
+        seen.add(name)
+        if partner.kind is None:
+            return Refusal("unknown_partner", f"{name} is not a member of the network: a partner must be one, as it sees "
+                                              "the application.")
+        if partner.kind == "operator":
+            return Refusal("invalid_partner", f"{name} runs the network: it takes part in no application.")
+    if project_id is not None and project is None:
+        return Refusal("unknown_project", f"No project {project_id} is registered.")
+    if project is not None and applicant.institution != project[0] and applicant.institution not in project[1]:
+        return Refusal("not_project_party", f"Only {project[0]}, the project's owner, and its partners apply with "
+                                            f"project {project_id}.")
+    return None
 
 
 def amendment_refusal(

@@ -29,7 +29,7 @@ from bus.runtime import Bus
 from bus.server import EmbeddedNats
 from bus.streams import EVENTS_STREAM
 from handlers.db import make_engine, migrate, table_checksums
-from handlers.projects import THEMES_DECIDED_BY
+from handlers.projects import PARTIES_DECIDED_BY, THEMES_DECIDED_BY
 from handlers.routes import DOMAINS, REBUILD_LANES, domain_tables, network, rebuild_lanes
 from handlers.service import LoggedItem, NetworkService
 from ops import bench
@@ -62,9 +62,13 @@ def _domain_of_table(name: str) -> str | None:
 
 def test_each_lane_holds_every_domain_its_handlers_read() -> None:
     # what keeps domains together: validations read projects (conflicts of interest), innovation
-    # days read projects' themes in SQL of their own (matchmaking when a day moves)
+    # days read projects' themes in SQL of their own (matchmaking when a day moves), calls the
+    # parties of an application's project
     assert "projects" in _tables_used_by(DOMAINS["validation"])
     assert "projects" in _tables_used_by(DOMAINS["innovation_day"])
+    assert {"projects", "project_partners"} <= _tables_used_by(DOMAINS["call"])
+    # what a lane applies of projects, by what its domains read of them
+    applied = {"innovation_day": (set(THEMES_DECIDED_BY), {"projects"}), "call": (set(PARTIES_DECIDED_BY), {"projects", "project_partners"})}
     for processes in range(1, len(REBUILD_LANES) + 1):
         lanes = Lanes(rebuild_lanes(processes), Path("unused"), held_rows=1_000)
         assert {entry for lane in lanes.domains for entry in lane if "." not in entry} == set(DOMAINS)  # every domain is replayed
@@ -74,8 +78,9 @@ def test_each_lane_holds_every_domain_its_handlers_read() -> None:
             for domain in whole:
                 read = {_domain_of_table(name) for name in _tables_used_by(DOMAINS[domain])} - {None}
                 for other in read - whole:  # what is not whole in the lane: what decides it is there
-                    assert other == "project" and alone == set(THEMES_DECIDED_BY), (domain, lane, other)
-                    assert _tables_used_by(DOMAINS[domain]) & {t.name for t in domain_tables(other)} == {"projects"}
+                    types, tables = applied[domain]
+                    assert other == "project" and types <= alone, (domain, lane, other)
+                    assert _tables_used_by(DOMAINS[domain]) & {t.name for t in domain_tables(other)} == tables
         kept = [domain for index in range(len(lanes.domains)) for domain in lanes.kept(index)]
         assert sorted(kept) == sorted(DOMAINS)  # each domain's rows are kept by one lane
         # a later lane's rows are copied with their keys: no table there has keys the database makes up
@@ -104,7 +109,7 @@ def test_each_domain_declares_what_its_workflows_read_of_other_domains() -> None
 
 def test_fewer_processes_replay_the_last_lanes_together() -> None:
     assert rebuild_lanes(1) == (tuple(DOMAINS),)
-    assert rebuild_lanes(2) == (REBUILD_LANES[0], ("institution", "call", "innovation_day", *sorted(THEMES_DECIDED_BY)))
+    assert rebuild_lanes(2) == (REBUILD_LANES[0], ("institution", "call", "innovation_day", *sorted(PARTIES_DECIDED_BY)))
     assert rebuild_lanes(len(REBUILD_LANES)) == rebuild_lanes(99)
     assert [set(lane) for lane in rebuild_lanes(99)] == [set(lane) for lane in REBUILD_LANES]
     lanes = Lanes(rebuild_lanes(2), Path("unused"), held_rows=1_000)

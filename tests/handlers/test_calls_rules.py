@@ -325,6 +325,26 @@ def test_a_call_is_not_closed_as_past_its_deadline_before_it() -> None:
         assert closing_refusal(CALL, OWNER, DURING, "deadline_passed") is None
 
 
+def test_an_applications_partners_are_other_members_named_once_and_its_project_one_of_the_applicants() -> None:
+    municipality = Applicant("tr-mersin-bb", "municipality", "TR")
+    call = replace(CALL, eligible_kinds=frozenset())
+
+    def refused(partners: tuple[Applicant, ...] = (), project_id: str | None = None,
+                project: tuple[str, frozenset[str]] | None = None) -> str | None:
+        return code(application_refusal(call, COOPERATIVE, DURING, partners=partners, project_id=project_id, project=project))
+
+    assert refused((municipality,), "p-1", (COOPERATIVE.institution, frozenset())) is None
+    assert refused((municipality,), "p-1", ("tr-mersin-bb", frozenset({COOPERATIVE.institution}))) is None  # a partner of it
+    assert refused((Applicant("tr-mersin-b", None, None),)) == "unknown_partner"
+    assert refused((COOPERATIVE,)) == "invalid_partner"
+    assert refused((municipality, municipality)) == "invalid_partner"
+    assert refused((Applicant("operator", "operator", None),)) == "invalid_partner"
+    assert refused(project_id="p-none") == "unknown_project"
+    assert refused(project_id="p-2", project=("tr-mersin-bb", frozenset({"fi-other"}))) == "not_project_party"
+    with judged_by(1):
+        assert refused((Applicant("tr-mersin-b", None, None),), "p-none") is None
+
+
 def test_an_amended_budget_is_not_less_than_the_call_awarded_nor_in_another_currency() -> None:
     from decimal import Decimal
 

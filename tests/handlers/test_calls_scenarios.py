@@ -29,6 +29,10 @@ def joined(institution: str, kind: str, country: str) -> dict[str, Any]:
     return envelope("institution.joined", "operator", data)
 
 
+PROJECT = "genc-isi-belediye-isbirligi"
+"""The project this module's applications name: the cooperative's, with the other applicants
+among its partners (an application names a project its applicant owns or is a partner of)."""
+
 MEMBERS = [
     joined(OWNER, "funder", "BE"),
     joined(OTHER_FUNDER, "funder", "FI"),
@@ -36,6 +40,9 @@ MEMBERS = [
     joined(UNIVERSITY, "university", "TR"),
     joined(SWEDISH_COOPERATIVE, "cooperative", "SE"),
     joined(PARTNER, "municipality", "TR"),
+    envelope("project.registered", COOPERATIVE, {
+        "project_id": PROJECT, "title": {"en": "Genç İşi municipal cooperation"}, "owner": COOPERATIVE, "status": "active",
+        "partners": [{"institution": p, "role": "partner"} for p in (PARTNER, UNIVERSITY, SWEDISH_COOPERATIVE)]}),
 ]
 
 
@@ -66,8 +73,8 @@ def application(call_id: str, application_id: str, *, by: str = COOPERATIVE, cur
     data = {
         "call_id": call_id,
         "application_id": application_id,
-        "project_id": "genc-isi-belediye-isbirligi",
-        "partners": [PARTNER],
+        "project_id": PROJECT,
+        "partners": [partner for partner in (PARTNER,) if partner != by],  # (not the applicant itself)
         "requested_amount": {"amount": "240000.00", "currency": currency},
     }
     return envelope("call.application_submitted", by, data)
@@ -794,3 +801,31 @@ async def test_a_call_is_closed_as_past_its_deadline_only_once_it_has_passed(sce
         call = session.get(Call, call_id)
         assert call is not None and call.closed_at is None
     the_only(await scenario.when(application(call_id, "app-1")), "call.application_received")
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "said"),
+    [
+        ({"partners": ["tr-mersin-b"]}, "unknown_partner", "did you mean 'tr-mersin-bb'?"),
+        ({"partners": [COOPERATIVE]}, "invalid_partner", "is the applicant"),
+        ({"partners": [PARTNER, PARTNER]}, "invalid_partner", "named twice"),
+        ({"partners": ["operator"]}, "invalid_partner", "runs the network"),
+        ({"project_id": "genc-isi-belediye-isbirligii"}, "unknown_project", f"did you mean {PROJECT!r}?"),
+        ({"project_id": "esf-project"}, "not_project_party", "Only eu-esf-fund"),
+    ],
+)
+async def test_an_application_names_member_partners_and_a_project_of_its_applicants(
+    scenario: Scenario, call_id: str, data: dict[str, Any], code: str, said: str
+) -> None:
+    """A partner sees the application: a typo in its id would hide it from the partner meant, and
+    show it to an institution admitted later under that id. The project is one the applicant owns
+    or takes part in."""
+    others = envelope("project.registered", OWNER, {"project_id": "esf-project", "title": {"en": "ESF"}, "owner": OWNER, "status": "active"})
+    await scenario.given(published(call_id), others)
+    submission = application(call_id, "app-1")
+    submission["data"].update(data)
+    rejection = the_only(await scenario.when(submission), "call.application_rejected")
+    assert rejection["data"]["reason"]["code"] == code and said in rejection["data"]["reason"]["message"]["en"], rejection["data"]["reason"]
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-1"))
+        assert stored is not None and stored.status == "rejected"

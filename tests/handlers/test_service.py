@@ -478,7 +478,8 @@ def test_a_validations_events_wait_behind_its_project_set_aside(engine: Engine) 
 
 def test_what_the_workflows_read_of_other_domains_is_declared_with_them(engine: Engine) -> None:
     """The things of other domains each workflow judges an event on — what it waits behind when
-    one of them is set aside: an application its applicant (membership, kind, country), an
+    one of them is set aside: an application its applicant (membership, kind, country), the
+    partners it names and its project (their membership; the project's owner and partners), an
     adoption its adopter, a validation request its project and coordinator, an assignment its
     reviewer (and the validation's project, once the validation is known)."""
     from sqlmodel import Session
@@ -496,7 +497,8 @@ def test_what_the_workflows_read_of_other_domains_is_declared_with_them(engine: 
     registered = envelope("project.registered", "tr-mersin-bb", {**FIXTURE["event"]["data"], "project_id": "p-1", "owner": "tr-mersin-bb"})
     routes = network()
     with Session(engine) as session:
-        assert routes.reads_of(session, application) == [("institution", "tr-genc-isi-koop")]
+        assert routes.reads_of(session, application) == [("institution", "tr-genc-isi-koop"), ("institution", "tr-mersin-bb"),
+                                                         ("institution", "tr-tarsus-bld"), ("project", "genc-isi-belediye-isbirligi")]
         assert routes.reads_of(session, adoption) == [("institution", "tr-tarsus-bld")]
         assert routes.reads_of(session, request) == [("project", "p-1"), ("institution", "fi-thl")]
         assert routes.reads_of(session, assigned) == [("institution", "fi-lut")]  # (no such validation yet)
