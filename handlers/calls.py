@@ -7,6 +7,7 @@ events about it are emitted in the publisher's name.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
@@ -179,6 +180,8 @@ def _refuse_action(ctx: Context, call: CallSnapshot | None, refusal: Refusal, **
     or withdrawal was about: its parties see the refusal when they saw what it refuses,
     :func:`audience`)."""
     assert ctx.event is not None
+    if refusal.code == "unknown_call":
+        refusal = _call_meant(ctx.session, refusal, ctx.event.data.call_id)
     ctx.refuse_action(refusal, source=call.owner if call is not None else ctx.event.source, **extra)
 
 
@@ -233,11 +236,13 @@ def _project_of(session: Session, project_id: str) -> tuple[str, frozenset[str]]
 
 
 def _meant(session: Session, refusal: Refusal | None, data: ApplicationSubmitted, applicant: str) -> Refusal | None:
-    """``refusal`` of a name that names nothing (a partner, a project), with the nearest one that
-    does, which is most often what was meant (a typo in an id): among the members, the projects
-    the applicant owns or is a partner of."""
+    """``refusal`` of a name that names nothing (a call, a partner, a project), with the nearest
+    one that does, which is most often what was meant (a typo in an id): among the calls, the
+    members, the projects the applicant owns or is a partner of."""
     if refusal is None:
         return None
+    if refusal.code == "unknown_call":
+        return _call_meant(session, refusal, data.call_id)
     if refusal.code == "unknown_partner":
         partner = next(p for p in data.partners if member(session, p) is None)
         members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
@@ -248,6 +253,12 @@ def _meant(session: Session, refusal: Refusal | None, data: ApplicationSubmitted
         theirs = select(Project.project_id).where(sa.or_(col(Project.owner) == applicant, col(Project.project_id).in_(partnered)))
         return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(theirs)))
     return refusal
+
+
+def _call_meant(session: Session, refusal: Refusal, call_id: str) -> Refusal:
+    """An ``unknown_call`` naming the call most likely meant."""
+    near = difflib.get_close_matches(call_id, list(session.exec(select(Call.call_id))), n=1, cutoff=0.6)
+    return Refusal(refusal.code, f"There is no call {call_id!r}; did you mean {near[0]!r}?") if near else refusal
 
 
 def _application(session: Session, call_id: str, application_id: str) -> ApplicationSnapshot | None:

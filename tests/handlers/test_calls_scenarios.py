@@ -829,3 +829,11 @@ async def test_an_application_names_member_partners_and_a_project_of_its_applica
     with scenario.session() as session:
         stored = session.get(CallApplication, (call_id, "app-1"))
         assert stored is not None and stored.status == "rejected"
+
+
+async def test_an_unknown_call_is_named_with_the_call_most_likely_meant(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id))
+    rejection = the_only(await scenario.when(application(call_id[:-1], "app-1")), "call.application_rejected")
+    assert rejection["data"]["reason"]["message"]["en"] == f"There is no call {call_id[:-1]!r}; did you mean {call_id!r}?"
+    refusal = refused(await scenario.when(closed(call_id + "x")), "unknown_call")
+    assert f"did you mean {call_id!r}?" in refusal["data"]["reason"]["message"]["en"]
