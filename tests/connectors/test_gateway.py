@@ -390,14 +390,14 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
     theirs = await walk(gateway.client, "/calls", auth, owner=funder)
     assert {item["call_id"] for page in theirs for item in page} == {c["call_id"] for c in (for_municipalities, for_ngos, for_all, soon)}
     assert await walk(gateway.client, "/calls", auth, owner=municipality) == [[]]
-    for params, loc, said in ((({"country": "XX"}), "country", "'XX' is not an assigned ISO 3166-1 alpha-2 country code"),
+    for params, loc, meant in ((({"country": "XX"}), "country", "'XX' is not an assigned ISO 3166-1 alpha-2 country code"),
                               (({"theme": "econmy"}), "theme", "did you mean 'economy'?"),
                               (({"theme": "econmy"}), "theme", "unknown theme code 'econmy'")):
         for path in ("/calls", "/projects", "/institutions"):
             if loc == "theme" and path == "/institutions":
                 continue
             refused = problem(await gateway.client.get(path, params=params, headers=auth), 422, "invalid")
-            assert [e["loc"] for e in refused["errors"]] == [["query", loc]] and said in refused["errors"][0]["msg"], (path, refused)
+            assert [e["loc"] for e in refused["errors"]] == [["query", loc]] and meant in refused["errors"][0]["msg"], (path, refused)
             assert not refused["errors"][0]["msg"].startswith("Value error"), refused  # (pydantic's words for a check's)
     lower = await walk(gateway.client, "/calls", auth, country="tr", eligible_kind="municipality")  # either case, as before
     assert for_municipalities["call_id"] in {item["call_id"] for page in lower for item in page}
