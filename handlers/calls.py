@@ -154,21 +154,26 @@ class CallApplication(TableRow, table=True):
         )
 
 
-def _snapshot(session: Session, call_id: str) -> CallSnapshot | None:
-    """What the workflow rules see of a call, with what its applications tell of it: whether it
-    received any, and the currency of its first award (that of a call without a budget's awards)."""
+def _snapshot(session: Session, call_id: str, *, received: bool = False, awarded_currency: bool = False) -> CallSnapshot | None:
+    """What the workflow rules see of a call; with ``received``, whether it received an
+    application (an amendment's currency depends on it), and with ``awarded_currency`` the
+    currency of its first award (that of a call without a budget's awards; a decision's). Each is
+    a query of the call's applications, asked only by the events they judge: every application
+    and answer reads the call."""
     call = session.get(Call, call_id)
     if call is None:
         return None
+    snapshot = call.snapshot()
     of_call = col(CallApplication.call_id) == call_id
-    received = session.exec(select(CallApplication.application_id).where(
-        of_call, col(CallApplication.status) != "rejected").limit(1)).first() is not None
-    awarded_currency = None
-    if call.awarded is not None:
-        awards = session.exec(select(CallApplication.awarded_amount).where(of_call, col(CallApplication.status) == "awarded")
-                              .order_by(col(CallApplication.decided_at), col(CallApplication.application_id))).all()
-        awarded_currency = next((award["currency"] for award in awards if award), None)
-    return replace(call.snapshot(), received=received, awarded_currency=awarded_currency)
+    if received:
+        snapshot = replace(snapshot, received=session.exec(select(CallApplication.application_id).where(
+            of_call, col(CallApplication.status) != "rejected").limit(1)).first() is not None)
+    if awarded_currency and call.awarded is not None and snapshot.currency is None:
+        first = session.exec(select(CallApplication.awarded_amount).where(
+            of_call, col(CallApplication.status) == "awarded", col(CallApplication.awarded_amount).is_not(None))
+            .order_by(col(CallApplication.decided_at), col(CallApplication.application_id)).limit(1)).first()
+        snapshot = replace(snapshot, awarded_currency=first["currency"] if first else None)
+    return snapshot
 
 
 # --- workflow ------------------------------------------------------------------------------------
@@ -300,7 +305,7 @@ def _judge_application_action(
     the actor) says why."""
     event = ctx.event
     assert event is not None
-    call = _snapshot(ctx.session, event.data.call_id)
+    call = _snapshot(ctx.session, event.data.call_id, awarded_currency=isinstance(event.data, ApplicationDecided))
     refusal = refusal_of(call, _application(ctx.session, event.data.call_id, event.data.application_id), event.source)
     if refusal is not None:
         _refuse_action(ctx, call, refusal, application_id=event.data.application_id)
@@ -311,7 +316,8 @@ def decide_amendment(ctx: Context) -> None:
     event = ctx.event
     assert event is not None
     data: CallAmended = event.data
-    call = _snapshot(ctx.session, data.call_id)
+    touches_budget = "budget" in data.changes.model_fields_set  # (given, or removed)
+    call = _snapshot(ctx.session, data.call_id, received=touches_budget, awarded_currency=touches_budget)
     budget = data.changes.budget
     refusal = rules.amendment_refusal(
         call, event.source, event.logged_at, opens_at=data.changes.opens_at, deadline=data.changes.deadline,

@@ -232,10 +232,9 @@ def check_request(ctx: Context) -> None:
     kind = _member_kind(ctx.session, event.data.coordinator)
     project = _project_of(ctx.session, event.data.project_id) if event.data.project_id is not None else None
     open_already = None
-    if existing is None and event.data.project_id is not None:
-        open_already = ctx.session.exec(select(Validation.validation_id).where(
-            Validation.project_id == event.data.project_id, Validation.coordinator == event.data.coordinator,
-            col(Validation.status).in_(sorted(rules.OPEN)))).first()
+    if existing is None and event.data.project_id is not None:  # (the batch's rows as they are, without a flush)
+        open_already = next((v.validation_id for v in children(ctx.session, Validation, "project_id", event.data.project_id)
+                             if v.coordinator == event.data.coordinator and v.status in rules.OPEN), None)
     refusal = rules.request_refusal(
         existing is not None, event.data.coordinator, kind,
         requester=event.source, project=project, names_project=event.data.project_id is not None,
