@@ -90,6 +90,7 @@ from handlers.bookkeeping import AppliedEvent
 from handlers.institutions import Institution
 from handlers.projects import Project, ProjectPartner
 from ops import tracing as traces
+from schemas.common import json_type
 
 log = logging.getLogger("collabbus.portal")
 
@@ -235,12 +236,12 @@ class PortalClient:
         response.raise_for_status()
         page = self.json_of(response)
         if not isinstance(page, dict) or not isinstance(page.get("items"), list):
-            what = f"items that are {_json_kind(page.get('items'))}" if isinstance(page, dict) else _json_kind(page)
+            what = f"items that are {json_type(page.get('items'))}" if isinstance(page, dict) else json_type(page)
             raise UnreadableAnswer(f"the portal at {self.where} answered GET /api/v1/entries with {what}, "
                                    'not an object with items ({"items": [...], "next_cursor": ...})')
         cursor = page.get("next_cursor")
         if cursor is not None and (not isinstance(cursor, str) or len(cursor) > 2048):
-            what = "longer than 2048 characters" if isinstance(cursor, str) else f"{_json_kind(cursor)}, not a string"
+            what = "longer than 2048 characters" if isinstance(cursor, str) else f"{json_type(cursor)}, not a string"
             raise UnreadableAnswer(f"the portal at {self.where} answered GET /api/v1/entries with a next_cursor {what}")
         return page
 
@@ -323,19 +324,6 @@ def _system_said(exc: BaseException) -> str:
     return str(exc).lower() or type(exc).__name__
 
 
-def _json_kind(value: Any) -> str:
-    """What a JSON value is, for a message: ``an array``, ``null``, ``a string``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    return "a string" if isinstance(value, str) else "a number"
-
-
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     if value is None:
@@ -363,24 +351,24 @@ def entry_problems(entry: Any) -> list[Problem]:
     that are not UTF-8 arrive as such). Whether its title is LocalizedText and the like is the
     gate's to judge, as for any event."""
     if not isinstance(entry, dict):
-        return [Problem((), f"an entry is a JSON object, not {_json_kind(entry)}", "entry_type")]
+        return [Problem((), f"an entry is a JSON object, not {json_type(entry)}", "entry_type")]
     problems = []
     entry_id = entry.get("id")
     if entry_id is None or entry_id == "":
         problems.append(Problem(("id",), "the entry has no id", "missing"))
     elif isinstance(entry_id, bool) or not isinstance(entry_id, (str, int)):
-        problems.append(Problem(("id",), f"an id is a string, not {_json_kind(entry_id)}", "string_type"))
+        problems.append(Problem(("id",), f"an id is a string, not {json_type(entry_id)}", "string_type"))
     elif len(str(entry_id)) > 256:
         problems.append(Problem(("id",), "an id of more than 256 characters", "string_too_long"))
     organisation = entry.get("organisation")
     if organisation is not None and not isinstance(organisation, dict):
         problems.append(Problem(("organisation",), f"an organisation is an object {{name, business_id}}, not "
-                                                   f"{_json_kind(organisation)}", "dict_type"))
+                                                   f"{json_type(organisation)}", "dict_type"))
     elif organisation is not None and not isinstance(organisation.get("business_id"), (str, type(None))):
         problems.append(Problem(("organisation", "business_id"), "a business id is a string, not "
-                                f"{_json_kind(organisation.get('business_id'))}", "string_type"))
+                                f"{json_type(organisation.get('business_id'))}", "string_type"))
     if entry.get("tags") is not None and not isinstance(entry.get("tags"), list):
-        problems.append(Problem(("tags",), f"tags are a list, not {_json_kind(entry.get('tags'))}", "list_type"))
+        problems.append(Problem(("tags",), f"tags are a list, not {json_type(entry.get('tags'))}", "list_type"))
     updated = entry.get("updated_at")
     if updated is not None and not _is_time(updated):
         problems.append(Problem(("updated_at",), "not an RFC 3339 time", "datetime_parsing"))

@@ -314,7 +314,11 @@ def test_tail_follows_the_log_across_a_restart_of_the_embedded_nats_server(tmp_p
         for proc in (tail, bus):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
-                proc.wait(timeout=30)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # (how fast a loaded machine ends them is not what this test is about)
+                    proc.kill()
+                    proc.wait(timeout=30)
 
 
 @pytest.mark.timeout(120)
