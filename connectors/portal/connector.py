@@ -143,6 +143,15 @@ class MalformedEntry(UnreadableAnswer):
 # --- the portal's HTTP API ----------------------------------------------------------------------
 
 
+_TIMEOUTS: tuple[tuple[type[httpx.TimeoutException], str, str], ...] = (
+    (httpx.ConnectTimeout, "connect", "no connection to the portal at {where} within {seconds:g} s"),
+    (httpx.ReadTimeout, "read", "the portal at {where} did not answer within {seconds:g} s"),
+    (httpx.WriteTimeout, "write", "the portal at {where} did not take the request within {seconds:g} s"),
+    (httpx.PoolTimeout, "pool", "no connection to the portal at {where} was free within {seconds:g} s"),
+)
+"""httpx's timeouts, the client's limit each is, and what it means to an operator."""
+
+
 class PortalClient:
     """§8 over httpx, with retries: 429/5xx (honouring ``Retry-After``), timeouts and dropped
     connections are retried with exponential backoff, up to ``attempts`` times per request."""
@@ -208,15 +217,9 @@ class PortalClient:
     def _failure(self, exc: Exception) -> str:
         """What a request that got no answer met, for people: httpx's class names say little
         (``ConnectError``), and what the system said is deep in its causes."""
-        timeout = self.http.timeout
-        if isinstance(exc, httpx.ConnectTimeout):
-            return f"no connection to the portal at {self.where} within {timeout.connect:g} s"
-        if isinstance(exc, httpx.ReadTimeout):
-            return f"the portal at {self.where} did not answer within {timeout.read:g} s"
-        if isinstance(exc, httpx.WriteTimeout):
-            return f"the portal at {self.where} did not take the request within {timeout.write:g} s"
-        if isinstance(exc, httpx.PoolTimeout):
-            return f"no connection to the portal at {self.where} was free within {timeout.pool:g} s"
+        for kind, limit, said in _TIMEOUTS:
+            if isinstance(exc, kind):
+                return said.format(where=self.where, seconds=getattr(self.http.timeout, limit))
         if isinstance(exc, httpx.ConnectError):
             return f"cannot connect to the portal at {self.where}: {_system_said(exc)}"
         if isinstance(exc, httpx.RemoteProtocolError):

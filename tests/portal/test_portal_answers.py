@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
+
 from bus.server import free_port
 from connectors.portal import store
 from connectors.portal.connector import PortalClient, PortalSync, project_id_of
@@ -116,6 +118,21 @@ async def test_a_portal_that_cannot_be_reached_is_said_in_words(gateway: Gateway
     report = await connector(gateway, raw_portal, timeout=0.3).sync()
     where = raw_portal.url.removeprefix("http://")
     assert report.error == f"the portal at {where} did not answer within 0.3 s (GET /api/v1/entries, 2 attempts)"
+
+
+def test_each_of_the_clients_timeouts_is_said_with_its_own_limit() -> None:
+    """httpx's four timeouts are four limits of the client: each is named by what did not happen
+    in time, with the limit it had (its class's name said nothing to an operator)."""
+    client = PortalClient("http://portal.example:8443", TOKEN)
+    client.http.timeout = httpx.Timeout(connect=1, read=2, write=3, pool=4)
+    said = {kind.__name__: client._failure(kind("timed out")) for kind in
+            (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout)}
+    assert said == {
+        "ConnectTimeout": "no connection to the portal at portal.example:8443 within 1 s",
+        "ReadTimeout": "the portal at portal.example:8443 did not answer within 2 s",
+        "WriteTimeout": "the portal at portal.example:8443 did not take the request within 3 s",
+        "PoolTimeout": "no connection to the portal at portal.example:8443 was free within 4 s",
+    }
 
 
 async def test_a_portal_failing_past_its_retries_is_said_with_its_status(gateway: Gateway, raw_portal: RawPortal) -> None:
