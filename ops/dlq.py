@@ -429,8 +429,8 @@ async def _apply(js: JetStreamContext, appliers: Mapping[str, Applier], letter: 
     item = LoggedItem(letter.original_seq, letter.event, await _logged_at(js, letter))
     try:
         applied, failure, _ = await asyncio.to_thread(lambda: applier.apply_batch([item], replay=True))
-    except Exception as exc:  # the database, most likely
-        return f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # the database, most likely: its statement's parameters (the event's data) left out
+        return reason_of(type(exc).__name__, str(exc).splitlines())
     if failure is not None:
         return reason_of(failure.error, failure.detail.splitlines())
     return None if applied == 1 else "not applied"

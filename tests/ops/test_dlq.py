@@ -77,6 +77,29 @@ async def test_a_poison_event_is_listed_replayed_once_fixed_and_gone(poisoned: P
     assert await dlq.replay(bus.js, {"network": bus.service}) == []
 
 
+async def test_a_replay_the_database_fails_says_why_without_the_statements_parameters(poisoned: Poisoned) -> None:
+    """A replay whose database failed answered the exception's whole text: the statement with its
+    parameters (the event's data, a confidential one's too) on the operator's terminal and in
+    `--json` for a script's log. It is one line now, as the dead letter's own reason."""
+    import sqlalchemy.exc
+
+    bus = poisoned.bus
+    assert (await offer(poisoned.nc, FIXTURE["as"], project_event("poison-a"))).accepted
+    await wait_for(lambda: bus.consumer is not None and bus.consumer.dead_lettered == 1)
+
+    class Failing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(bus.service, name)
+
+        def apply_batch(self, *args: Any, **kwargs: Any) -> Any:
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO projects (project_id, title) VALUES (?, ?)",
+                                                ("poison-a", "a confidential title"), Exception("UNIQUE constraint failed: projects.project_id"))
+
+    (kept,) = await dlq.replay(bus.js, {"network": Failing()})  # type: ignore[dict-item]
+    assert (kept.applied, kept.error) == (False, "IntegrityError: (builtins.Exception) UNIQUE constraint failed: projects.project_id")
+    assert [letter.event_id for letter in await dlq.dead_letters(bus.js)] == [kept.event_id]
+
+
 async def test_purge_asks_first(poisoned: Poisoned) -> None:
     bus = poisoned.bus
     event = project_event("poison-a")
