@@ -102,7 +102,8 @@ class Bus:
     with any to start."""
     portal_passes: Any = None
     """How the portal connector's passes have gone (``connectors.portal.connector.Passes``) while
-    this bus runs it (``COLLABBUS_PORTAL_URL``): ``/metrics`` serves them."""
+    this bus runs it (``COLLABBUS_PORTAL_URL``): ``/metrics`` serves them, and ``collabbus status``
+    and ``/ops/status`` show them."""
     tracing: Tracing | None = None
     """Where this bus's spans go; by default as the ``OTEL_*`` variables say (``ops.tracing``)."""
     lease: Lease | None = None
@@ -393,7 +394,9 @@ class Bus:
         from ops.status import keep_consumer_state, running_consumers
 
         self._state_file = asyncio.create_task(
-            keep_consumer_state(self.settings.data_dir, lambda: running_consumers(self)), name="consumer-state")
+            keep_consumer_state(self.settings.data_dir, lambda: running_consumers(self),
+                                portal=lambda: self.portal_passes.state() if self.portal_passes is not None else None),
+            name="consumer-state")
 
     async def take_lease(self, *, patience: float | None, on_wait: Any = None) -> None:
         """Hold the lease by which one bus applies the log (``bus.lease``), waiting up to

@@ -833,7 +833,7 @@ async def _run_portal(settings: Settings, bus: Any, stop: asyncio.Event) -> None
     if bus.tracing is not None:
         bus.tracing.instrument_httpx(sync.client.http)  # portal calls as client spans
     err.print(f"  portal connector: {settings.portal_url} every {settings.portal_interval:g} s")
-    bus.portal_passes = passes = Passes()
+    bus.portal_passes = passes = Passes(portal=sync.client.where)
     try:
         await asyncio.gather(sync_periodically(sync, settings.portal_interval, stop, on_report=passes.note),
                              push_decisions(bus.js, sync, stop))
@@ -1421,7 +1421,7 @@ def status(
     from bus.server import port_is_taken
     from bus.streams import JETSTREAM_ERRORS, jetstream_problem
     from ops import datadir
-    from ops.status import collect_status, read_consumer_state
+    from ops.status import collect_status, read_consumer_state, read_portal_state
 
     async def main() -> dict[str, Any]:
         engine = _existing_database(settings)
@@ -1447,6 +1447,8 @@ def status(
         for name, state in (waiting_on or {}).items():  # what the running bus's consumers wait on, as /ops/status says
             if name in report["consumers"] and isinstance(state, dict):
                 report["consumers"][name].update(retrying=state.get("retrying"), holding=state.get("holding"))
+        if not stopped and (portal := read_portal_state(settings.data_dir)) is not None:
+            report["portal"] = portal
         return report
 
     report = run(main())
@@ -1461,6 +1463,33 @@ def status(
         _render_status(report)
     if "error" in report.get("database", {}):  # for scripts and health checks: not a healthy report
         raise typer.Exit(1)
+
+
+def _render_portal(report: dict[str, Any]) -> None:
+    """The portal connector's passes (a running bus's) and what the database holds of each sync."""
+    passes = report.get("portal")
+    if passes is not None:
+        where = f"portal sync ({escape(passes['portal'])})"
+        if not passes["passes"]:
+            out.print(f"{where}: no pass ended yet since the bus started")
+        else:
+            last = _in_utc(passes["last_pass_at"])
+            if passes["last_stopped"]:
+                out.print(f"[red]{where}: the last pass, at {last}, stopped: {escape(passes['last_error'] or '')}[/red] (the next "
+                          f"resumes from the last page stored; the last complete pass: {_in_utc(passes['last_complete_at']) or 'none yet'})")
+            else:
+                out.print(f"{where}: the last pass complete, at {last}")
+            out.print(f"  {_plural(passes['passes'], 'pass', 'passes')} since the bus started, {passes['stopped']} stopped; "
+                      f"{_plural(passes['rejected'], 'entry', 'entries')} rejected"
+                      + (f" ([yellow]{passes['last_rejected']} by the last pass[/yellow]: collabbus portal sync lists them)"
+                         if passes["last_rejected"] else ""))
+    for portal in report.get("database", {}).get("portals") or ():
+        failing = portal["publications_failing"]
+        out.print(f"portal {escape(portal['portal'])}: {_plural(portal['entries'], 'entry', 'entries')} synced, the newest change "
+                  f"read {escape(portal['high_water'] or 'none yet')}, the last page stored at {_in_utc(portal['saved_at'])}"
+                  + (" (a paged read under way)" if portal["reading"] else "")
+                  + (f"; {_plural(portal['publications'], 'project')} published"
+                     + (f", [yellow]{failing} whose last push failed[/yellow]" if failing else "") if portal["publications"] else ""))
 
 
 def _existing_database(settings: Settings) -> Any:
@@ -1539,6 +1568,7 @@ def _render_status(report: dict[str, Any]) -> None:
             out.print(f"[yellow]outbox: {outbox['waiting']} derived event(s) not logged yet, the oldest since "
                       f"{(outbox['oldest'] or '')[:19]}[/yellow] (the relay logs them; a count that keeps growing "
                       "means it cannot)")
+    _render_portal(report)
     if "backup" in report:
         backup = report["backup"]
         if backup is None:

@@ -35,7 +35,7 @@ log = logging.getLogger("collabbus.status")
 
 async def collect_status(
     js: JetStreamContext, engine: sa.Engine | None = None, *, running: Mapping[str, Any] | None = None,
-    data_dir: Path | None = None, lease_holders: bool = True,
+    data_dir: Path | None = None, lease_holders: bool = True, portal: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Streams, durable consumer groups, dead letters per consumer, the database's positions and
     the webhook endpoints' health (when the database has them).
@@ -51,6 +51,9 @@ async def collect_status(
 
     ``data_dir``: the bus's data dir, whose last backup is reported (``backup``; None when none
     was made from it).
+
+    ``portal``: how the running bus's portal connector's passes have gone (``Passes.state``),
+    reported as ``portal`` with what the database holds of the sync (``_portal``).
     """
     streams = {name: await _stream(js, name) for name in (EVENTS_STREAM, DLQ_STREAM)}
     consumers = await _consumers(js, EVENTS_STREAM)
@@ -75,6 +78,8 @@ async def collect_status(
         status["database"] = database
         if webhooks is not None:
             status["webhooks"] = webhooks
+    if portal is not None:
+        status["portal"] = portal
     return status
 
 
@@ -101,16 +106,20 @@ def consumer_state(running: Mapping[str, Any]) -> dict[str, dict[str, str | None
             for name, consumer in running.items() if consumer is not None}
 
 
-async def keep_consumer_state(data_dir: Path, running: Callable[[], Mapping[str, Any]], every: float = STATE_EVERY) -> None:
+async def keep_consumer_state(
+    data_dir: Path, running: Callable[[], Mapping[str, Any]], every: float = STATE_EVERY, *,
+    portal: Callable[[], dict[str, Any] | None] = lambda: None,
+) -> None:
     """Keep :func:`consumer_state` in ``<data dir>/consumers.state.json`` (written when it changes,
     its time renewed every ``every`` s) until cancelled, then remove it: ``collabbus status`` runs in another process and reads it there
-    (``/ops/status`` asks the consumers directly)."""
+    (``/ops/status`` asks the consumers directly). With them, how the portal connector's passes
+    have gone (``portal``: ``Passes.state``, None without the connector)."""
     path = data_dir / STATE_FILE
     staging = path.with_name(f".{STATE_FILE}.{os.getpid()}")
     written: bytes | None = None
     try:
         while True:
-            state = orjson.dumps({"pid": os.getpid(), "consumers": consumer_state(running())})
+            state = orjson.dumps({"pid": os.getpid(), "consumers": consumer_state(running()), "portal": portal()})
             try:
                 if state == written:
                     os.utime(path)  # unchanged: only says the bus still runs
@@ -131,6 +140,18 @@ async def keep_consumer_state(data_dir: Path, running: Callable[[], Mapping[str,
 def read_consumer_state(data_dir: Path) -> dict[str, dict[str, Any]] | None:
     """The running bus's consumer state (:func:`keep_consumer_state`), or None when there is none,
     or it is a stopped bus's (not written lately, or its process is gone)."""
+    consumers = (_running_bus_state(data_dir) or {}).get("consumers")
+    return consumers if isinstance(consumers, dict) else None
+
+
+def read_portal_state(data_dir: Path) -> dict[str, Any] | None:
+    """How the running bus's portal connector's passes have gone (``Passes.state``), or None
+    when no bus runs here, or it runs no portal connector."""
+    portal = (_running_bus_state(data_dir) or {}).get("portal")
+    return portal if isinstance(portal, dict) else None
+
+
+def _running_bus_state(data_dir: Path) -> dict[str, Any] | None:
     path = data_dir / STATE_FILE
     try:
         written = path.stat().st_mtime
@@ -139,8 +160,7 @@ def read_consumer_state(data_dir: Path) -> dict[str, dict[str, Any]] | None:
         return None
     if time.time() - written > STATE_FRESH or not isinstance(state, dict) or not _alive(state.get("pid")):
         return None
-    consumers = state.get("consumers")
-    return consumers if isinstance(consumers, dict) else None
+    return state
 
 
 def _alive(pid: Any) -> bool:
@@ -231,6 +251,8 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
             if "outbox" in tables:
                 waiting, oldest = outbox_backlog(connection)
                 database["outbox"] = {"waiting": waiting, "oldest": _time(oldest)}
+            if "portal_cursors" in tables:
+                database["portals"] = _portals(connection, tables)
             if "webhook_endpoints" not in tables:
                 return database, None
             owed: dict[str, int] = dict(connection.execute(sa.text(
@@ -255,6 +277,25 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
         for row in rows
     ]
     return database, webhooks
+
+
+def _portals(connection: sa.Connection, tables: set[str]) -> list[dict[str, Any]]:
+    """What the database holds of each portal's sync: how far it read (the newest change applied,
+    when its last page was stored, whether a paged read is under way), the entries it knows, and
+    the network's projects marked for publication there, with those whose last push failed."""
+    entries: dict[str, int] = dict(connection.execute(sa.text(
+        "SELECT portal, COUNT(*) FROM portal_entries GROUP BY portal")).all()) if "portal_entries" in tables else {}
+    published: dict[str, tuple[int, int]] = {
+        portal: (marked, int(failing or 0)) for portal, marked, failing in connection.execute(sa.text(
+            "SELECT portal, COUNT(*), SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END) FROM portal_publications GROUP BY portal"))
+    } if "portal_publications" in tables else {}
+    return [
+        {"portal": portal, "high_water": high_water, "saved_at": _time(saved_at), "reading": cursor is not None,
+         "entries": entries.get(portal, 0), "publications": published.get(portal, (0, 0))[0],
+         "publications_failing": published.get(portal, (0, 0))[1]}
+        for portal, high_water, saved_at, cursor in connection.execute(sa.text(
+            "SELECT portal, high_water, saved_at, cursor FROM portal_cursors ORDER BY portal"))
+    ]
 
 
 def _last_error(connection: sa.Connection, endpoint_id: str) -> str | None:

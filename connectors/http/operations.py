@@ -189,7 +189,8 @@ async def bus_status(bus: Any) -> dict[str, Any]:
     last backup: what ``collabbus status`` shows (``ops.status.collect_status``)."""
     from ops.status import collect_status
 
-    return await collect_status(bus.js, bus.engine, running=running_consumers(bus), data_dir=bus.settings.data_dir)
+    return await collect_status(bus.js, bus.engine, running=running_consumers(bus), data_dir=bus.settings.data_dir,
+                                portal=bus.portal_passes.state() if bus.portal_passes is not None else None)
 
 
 METRICS_NATS_TIMEOUT = 2.0

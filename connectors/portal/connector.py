@@ -1313,9 +1313,12 @@ def problem_line(problem: Mapping[str, Any]) -> str:
 
 @dataclass
 class Passes:
-    """How a running bus's portal sync passes have gone, for ``/metrics`` (``ops.metrics``): an
-    operator learns that the sync stops, or rejects entries, without reading the log."""
+    """How a running bus's portal sync passes have gone, for ``/metrics`` (``ops.metrics``) and
+    ``collabbus status`` (:meth:`state`): an operator learns that the sync stops, or rejects
+    entries, without reading the log."""
 
+    portal: str = ""
+    """The portal synced (its host and port)."""
     complete: int = 0
     stopped: int = 0
     """Passes that ended before their end: the portal or the log failed them (the next resumes)."""
@@ -1324,16 +1327,34 @@ class Passes:
     last_stopped: bool = False
     last_complete_at: float | None = None
     """When the last complete pass ended (seconds since the epoch)."""
+    last_pass_at: float | None = None
+    last_error: str | None = None
+    """Why the last pass stopped (None: it was complete)."""
+    last_rejected: int = 0
+    """Entries the last pass rejected."""
 
     def note(self, report: SyncReport | None) -> None:
         """A pass's report; None: the pass failed on something unforeseen (logged)."""
+        self.last_pass_at = time.time()
         if report is not None and report.complete:
             self.complete += 1
-            self.last_complete_at = time.time()
+            self.last_complete_at = self.last_pass_at
         else:
             self.stopped += 1
-        self.rejected += len(report.rejected) if report is not None else 0
+        self.last_rejected = len(report.rejected) if report is not None else 0
+        self.rejected += self.last_rejected
         self.last_stopped = report is None or not report.complete
+        self.last_error = None if not self.last_stopped else (
+            report.error if report is not None and report.error else "the pass failed on something unforeseen (the bus's log says what)")
+
+    def state(self) -> dict[str, Any]:
+        """The passes as ``collabbus status`` shows them (times in UTC, RFC 3339)."""
+        def moment(at: float | None) -> str | None:
+            return None if at is None else datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+        return {"portal": self.portal, "passes": self.complete + self.stopped, "complete": self.complete, "stopped": self.stopped,
+                "rejected": self.rejected, "last_pass_at": moment(self.last_pass_at), "last_complete_at": moment(self.last_complete_at),
+                "last_stopped": self.last_stopped, "last_error": self.last_error, "last_rejected": self.last_rejected}
 
 
 async def sync_periodically(

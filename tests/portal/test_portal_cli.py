@@ -228,9 +228,10 @@ async def test_the_summary_counts_in_words_and_does_not_call_an_event_in_the_log
             "not emitted again); unchanged 0") in said, said
 
 
-async def test_a_bus_running_the_connector_serves_how_its_passes_go(raw_portal: RawPortal, tmp_path: Path) -> None:
+async def test_a_bus_running_the_connector_serves_how_its_passes_go_and_status_shows_them(raw_portal: RawPortal, tmp_path: Path) -> None:
     """``collabbus up`` with a portal: ``/metrics`` says when the sync stops (an answer that is no
-    page) and how many entries it rejected, which the alert rules follow (they were in the log only)."""
+    page) and how many entries it rejected, which the alert rules follow, and ``collabbus status``
+    says it in words, with why the last pass stopped (they were in the log only)."""
     http = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
            "COLLABBUS_HTTP": http, "COLLABBUS_PORTAL_URL": raw_portal.url, "COLLABBUS_PORTAL_TOKEN": TOKEN,
@@ -261,10 +262,34 @@ async def test_a_bus_running_the_connector_serves_how_its_passes_go(raw_portal: 
             stopped = await scraped(client, lambda m: m.get("collabbus_portal_sync_passes_total{stopped}", 0) >= 1)
             assert stopped["collabbus_portal_sync_stopped"] == 1 and stopped["collabbus_portal_sync_passes_total{complete}"] == 0
             assert "collabbus_portal_sync_last_complete_timestamp_seconds" not in stopped
+            where = raw_portal.url.removeprefix("http://")
+            for _ in range(100):  # (the bus writes its state for other processes every second)
+                if "portal sync (" in (shown := await acollabbus("status", env=env)).stdout:
+                    break
+                await asyncio.sleep(0.2)
+            said_now = " ".join(shown.stdout.split())
+            assert shown.returncode == 0, shown.stdout + shown.stderr
+            assert (f"portal sync ({where}): the last pass, at " in said_now and f", stopped: the portal at {where} answered "
+                    "text/html, not JSON, to GET /api/v1/entries" in said_now and "the last complete pass: none yet" in said_now), said_now
+            reported = orjson.loads((await acollabbus("status", "--json", env=env)).stdout)["portal"]
+            assert reported["portal"] == where and reported["last_stopped"] is True and reported["complete"] == 0
+            assert reported["stopped"] >= 1 and "answered text/html" in reported["last_error"] and reported["last_complete_at"] is None
             raw_portal.list(entry("no-org", "Esimerkki ry"), b"null")  # a page again, with two entries it cannot read
             complete = await scraped(client, lambda m: m.get("collabbus_portal_sync_passes_total{complete}", 0) >= 1)
             assert complete["collabbus_portal_sync_stopped"] == 0 and complete["collabbus_portal_entries_rejected_total"] >= 2
             assert complete["collabbus_portal_sync_last_complete_timestamp_seconds"] > 0
+            for _ in range(100):  # (the bus writes its state for other processes every second)
+                report = orjson.loads((await acollabbus("status", "--json", env=env)).stdout)
+                if (reported := report["portal"])["complete"] >= 1:
+                    break
+                await asyncio.sleep(0.2)
+            assert reported["complete"] >= 1 and reported["rejected"] >= 2 and reported["last_complete_at"] is not None
+            if not reported["last_stopped"]:  # (a pass may have begun since; its own report is the state)
+                assert reported["last_error"] is None and reported["last_rejected"] == 2
+            [stored] = report["database"]["portals"]
+            assert stored["portal"] == portal_key(raw_portal.url) and stored["reading"] is False and stored["entries"] == 0
+            said_now = " ".join((await acollabbus("status", env=env)).stdout.split())
+            assert f"portal {portal_key(raw_portal.url)}: 0 entries synced" in said_now and "entries rejected" in said_now, said_now
     finally:
         up.send_signal(signal.SIGINT)
         await asyncio.wait_for(up.communicate(), 30)
