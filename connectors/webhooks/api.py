@@ -315,9 +315,12 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
     if body.url is not None:
         await _check_url(request, body.url)
     bus = bus_of(request)
-    # Where the log is: an endpoint disabled is owed what was logged up to here, one enabled again
-    # what is logged after it (never what the recorder happens to get to before or after the change).
-    logged = (await bus.js.stream_info(EVENTS_STREAM)).state.last_seq if body.enabled is not None else 0
+    # Where the log is, asked only of a change that enables or disables the endpoint: one disabled
+    # is owed what was logged up to here, one enabled again what is logged after it (never what the
+    # recorder happens to get to before or after the change). A body naming the endpoint's present
+    # state changes nothing of it, and neither asks NATS nor holds the recorder.
+    toggles = body.enabled is not None and body.enabled != (await _owned(request, institution, endpoint_id)).enabled
+    logged = (await bus.js.stream_info(EVENTS_STREAM)).state.last_seq if toggles else None
     now = datetime.now(timezone.utc)
     disabled: list[str] = []
 
@@ -325,10 +328,12 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
         # The recorder's position first (before the endpoint's row, as the recorder takes them):
         # what it recorded already is behind the place the change is made at.
         at = max(logged, store.hold_recorded(session, dispatcher.webhook_consumer(bus.consumer_settings).name)) \
-            if body.enabled is not None else 0
+            if logged is not None else 0
         endpoint = store.endpoint_of(session, institution, endpoint_id)
         if endpoint is None:
             raise _not_found(endpoint_id)
+        if logged is None and body.enabled is not None and body.enabled != endpoint.enabled:
+            raise _Toggled()  # enabled or disabled by the bus meanwhile (a 410, say): asked again, with the log's place
         if body.url is not None and body.url != endpoint.url:
             # A receiver at a new URL starts afresh: it is not failing for what the old one did
             # (it would be disabled by its first failure, for the old URL's days without a success).
@@ -349,13 +354,21 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
         session.add(endpoint)
         return endpoint
 
-    endpoint = await _in_transaction(request, change)
+    try:
+        endpoint = await _in_transaction(request, change)
+    except _Toggled:
+        logged = (await bus.js.stream_info(EVENTS_STREAM)).state.last_seq
+        endpoint = await _in_transaction(request, change)
     if disabled:
         log.info("webhooks: endpoint %s of %s disabled by its owner", endpoint.id, institution,
                  extra={"endpoint_id": endpoint.id, "institution": institution, "disabled_reason": store.OWNER_REASON})
     if (running := _dispatcher(request)) is not None:
         await running.endpoint_changed(endpoint.id, endpoint.enabled)
     return _endpoint(endpoint, secret=body.rotate_secret)
+
+
+class _Toggled(Exception):
+    """The endpoint was enabled or disabled between a change's look at it and the change."""
 
 
 @router.delete("/{endpoint_id}", status_code=204, response_class=Response, responses=ERRORS)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import pytest
+from nats.errors import NoServersError
+
 from tests.connectors.test_gateway import problem
 from tests.webhooks.conftest import Network, Receiver, register
 
@@ -204,3 +207,38 @@ async def test_what_a_body_that_cannot_be_read_is_answered_is_in_the_api_descrip
     nothing = await gateway.client.post(f"/webhooks/{created['id']}/recover", headers=auth)
     assert problem(nothing, 415, "unsupported")["detail"] == (
         "the request has no body and no Content-Type: send the body as JSON, with Content-Type: application/json")
+
+
+async def test_a_change_naming_the_endpoints_present_state_neither_asks_where_the_log_is_nor_moves_its_places(
+    network: Network, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A form that sends every field sends ``enabled`` as it is: that changes nothing of where the
+    endpoint was disabled or enabled, so it is answered while NATS does not answer, and the
+    endpoint's places in the log stay as they were."""
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    path = f"/webhooks/{(await register(gateway, owner, receiver.url('/same')))['id']}"
+    disabled = (await gateway.client.patch(path, json={"enabled": False}, headers=auth)).json()
+    enabled = (await gateway.client.patch(path, json={"enabled": True}, headers=auth)).json()
+    assert enabled["enabled"] is True and enabled["enabled_after_seq"] is not None
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise NoServersError()
+
+    assert gateway.bus is not None
+    with monkeypatch.context() as nats_down:
+        nats_down.setattr(gateway.bus.js, "stream_info", unreachable)
+        same = await gateway.client.patch(path, json={"enabled": True, "description": "kitchens"}, headers=auth)
+        assert same.status_code == 200, same.text
+    assert same.json()["description"] == "kitchens" and same.json()["enabled"] is True
+    assert (same.json()["disabled_after_seq"], same.json()["enabled_after_seq"]) == (disabled["disabled_after_seq"],
+                                                                                     enabled["enabled_after_seq"])
+
+    again = (await gateway.client.patch(path, json={"enabled": False}, headers=auth)).json()
+    with monkeypatch.context() as nats_down:
+        nats_down.setattr(gateway.bus.js, "stream_info", unreachable)
+        same = await gateway.client.patch(path, json={"enabled": False, "description": "paused"}, headers=auth)
+        assert same.status_code == 200, same.text
+    assert same.json()["enabled"] is False and same.json()["disabled_at"] == again["disabled_at"]
+    assert (same.json()["disabled_after_seq"], same.json()["enabled_after_seq"]) == (again["disabled_after_seq"], None)
