@@ -140,7 +140,9 @@ class WebhookDelivery(BaseModel):
                                                  "key reach the endpoint in log order")
     waiting_for: int | None = Field(description="the delivery about the same thing still owed that goes first: this one "
                                                 "is sent after it was delivered or given up")
-    status: store.DeliveryStatus
+    status: store.DeliveryStatus = Field(description=(
+        "pending: owed; delivered; failed: given up by the bus (its retry schedule ended, the endpoint answered 410); "
+        "cancelled: by the endpoint's owner (…/cancel, or its type no longer asked for)"))
     next_attempt_at: datetime | None = Field(description="when it is next tried (null once delivered, given up or "
                                                         "cancelled); one waiting for another, not before that one's")
     created_at: datetime
@@ -397,7 +399,8 @@ async def list_deliveries(
     endpoint_id: EndpointId,
     institution: Member,
     status: Annotated[store.DeliveryStatus | None, Query(
-        description="pending: owed (in flight or waiting for its retry); delivered; failed: given up or cancelled")] = None,
+        description="pending: owed (in flight or waiting for its retry); delivered; failed: given up by the bus (its "
+                    "retry schedule ended, a 410); cancelled: by the endpoint's owner (…/cancel, or its type no longer asked for)")] = None,
     event_id: Annotated[str | None, Query(min_length=1, max_length=128, description=(
         "the delivery of this event (its `id`, which deliveries carry as `webhook-id`)"))] = None,
     event_type: Annotated[str | None, Query(max_length=128, description=(
@@ -454,14 +457,15 @@ async def resend_delivery(request: Request, endpoint_id: EndpointId, delivery_id
 
 @router.post("/{endpoint_id}/deliveries/{delivery_id}/cancel", response_model=WebhookDelivery, responses=documented(401, 403, 404, 409, 422))
 async def cancel_delivery(request: Request, endpoint_id: EndpointId, delivery_id: DeliveryId, institution: Member) -> dict[str, Any]:
-    """Attempt a delivery no more: it is ``failed``, as when its retry schedule ends, and the
-    deliveries about the same thing held back behind it go (``resend`` sends it again later).
-    409 for a delivery already delivered."""
+    """Attempt a delivery no more: it is ``cancelled`` (not ``failed``, as one the bus gave up is),
+    and the deliveries about the same thing held back behind it go (``resend`` sends it again
+    later). 409 for a delivery already delivered."""
 
     def cancel(_endpoint: Endpoint, delivery: Delivery) -> None:
         if delivery.status == store.DELIVERED:
             raise ApiProblem(409, f"delivery {delivery.id} was delivered already: there is nothing to cancel", kind="conflict")
-        store.give_up(delivery)
+        if delivery.next_attempt_at is not None:  # (one the bus gave up already stays so)
+            store.cancel(delivery)
 
     return await _change_delivery(request, institution, endpoint_id, delivery_id, cancel)
 

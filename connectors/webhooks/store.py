@@ -42,8 +42,11 @@ from handlers.institutions import UtcDateTime
 #: The webhook tables, kept out of the read models' metadata (see the module docstring).
 WEBHOOKS = sa.MetaData()
 
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-DeliveryStatus = Literal["pending", "delivered", "failed"]
+PENDING, DELIVERED, FAILED, CANCELLED = "pending", "delivered", "failed", "cancelled"
+DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]
+"""``failed``: the bus gave it up (its retry schedule ended, the endpoint answered 410, the bus
+stopped during its last attempt); ``cancelled``: its endpoint's owner did (by hand, or by no
+longer asking for its type), so it is no part of what the endpoint missed."""
 
 
 class _Webhooks(SQLModel):
@@ -346,9 +349,10 @@ def requeue(delivery: Delivery, at: datetime) -> None:
     delivery.status, delivery.attempts, delivery.next_attempt_at = PENDING, 0, at
 
 
-def give_up(delivery: Delivery) -> None:
-    """Attempt the delivery no more (as when the schedule ends): deliveries held back behind it go."""
-    delivery.status, delivery.next_attempt_at = FAILED, None
+def cancel(delivery: Delivery) -> None:
+    """Attempt the delivery no more, as its endpoint's owner asks (``cancelled``, not ``failed``:
+    the bus did not give it up): deliveries held back behind it go."""
+    delivery.status, delivery.next_attempt_at = CANCELLED, None
 
 
 # --- what the dispatcher runs: Core statements, compiled once and cached ---------------------------

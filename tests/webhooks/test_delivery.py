@@ -208,10 +208,16 @@ async def test_a_delivery_cancelled_by_its_owner_lets_those_behind_it_go(network
     owed = await eventually(held, what="the update held back")
     cancelled = await gateway.client.post(f"{path}/{owed[first['id']]['id']}/cancel", headers=gateway.auth(owner))
     assert cancelled.status_code == 200, cancelled.text
-    assert cancelled.json()["status"] == "failed" and cancelled.json()["next_attempt_at"] is None
+    # Cancelled, not failed: it does not look like one whose retries ran out (the bus gave up on).
+    assert cancelled.json()["status"] == "cancelled" and cancelled.json()["next_attempt_at"] is None
     await eventually(lambda: update["id"] in ids(receiver.at("/cancel")), what="the update, no longer held back")
-    await settled(gateway, owner, endpoint["id"], 2)
+    done = {d["event_id"]: d for d in await settled(gateway, owner, endpoint["id"], 2)}
     assert ids(receiver.at("/cancel")) == [first["id"], update["id"]]  # the registration was not attempted again
+    assert (done[first["id"]]["status"], done[update["id"]]["status"]) == ("cancelled", "delivered")
+    listed = await gateway.client.get(path, params={"status": "cancelled"}, headers=gateway.auth(owner))
+    assert [d["event_id"] for d in listed.json()["items"]] == [first["id"]], listed.text
+    listed = await gateway.client.get(path, params={"status": "failed"}, headers=gateway.auth(owner))
+    assert listed.json()["items"] == []  # what the bus gave up: the endpoint missed it; this one its owner let go
 
     delivered = await gateway.client.post(f"{path}/{owed[update['id']]['id']}/cancel", headers=gateway.auth(owner))
     assert "delivered already" in problem(delivered, 409, "conflict")["detail"]
@@ -234,14 +240,14 @@ async def attempt_under_way(gateway: Gateway, receiver: Receiver, path: str, ans
     return owner, endpoint["id"], delivery, go_on
 
 
-@pytest.mark.parametrize(("answer", "ends"), [(500, "failed"), (200, "delivered")])
+@pytest.mark.parametrize(("answer", "ends"), [(500, "cancelled"), (200, "delivered")])
 async def test_a_delivery_given_up_while_its_attempt_is_under_way_ends_as_that_attempt_does(
         network: Network, receiver: Receiver, answer: int, ends: str) -> None:
     gateway = await network.start()
     path = f"/given-up-{answer}"
     owner, endpoint_id, delivery, go_on = await attempt_under_way(gateway, receiver, path, answer)
     cancelled = await gateway.client.post(f"/webhooks/{endpoint_id}/deliveries/{delivery['id']}/cancel", headers=gateway.auth(owner))
-    assert cancelled.status_code == 200 and cancelled.json()["status"] == "failed", cancelled.text
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
     go_on.set()  # the attempt ends now: a failure leaves it given up, a success marks it delivered (the receiver has it)
 
     async def recorded() -> dict[str, Any] | None:
@@ -257,12 +263,12 @@ async def test_a_delivery_given_up_while_its_attempt_is_under_way_ends_as_that_a
 
 async def test_a_page_of_deliveries_shows_each_with_the_attempts_it_had_at_one_moment(network: Network, receiver: Receiver) -> None:
     """The page reads the deliveries, then their attempts. An attempt settled between the two
-    reads is not half shown: on PostgreSQL a cancelled delivery was once shown still ``failed``
+    reads is not half shown: on PostgreSQL a cancelled delivery was once shown still ``cancelled``
     beside the attempt that had just delivered it (each statement read its own moment)."""
     gateway = await network.start()
     owner, endpoint_id, delivery, go_on = await attempt_under_way(gateway, receiver, "/one-moment", 200)
     cancelled = await gateway.client.post(f"/webhooks/{endpoint_id}/deliveries/{delivery['id']}/cancel", headers=gateway.auth(owner))
-    assert cancelled.status_code == 200 and cancelled.json()["status"] == "failed", cancelled.text
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
     engine = gateway.bus.engine
     loop = asyncio.get_running_loop()
     attempts_read = sa.text("SELECT count(*) FROM webhook_attempts WHERE delivery_id = :id")
@@ -291,7 +297,7 @@ async def test_a_page_of_deliveries_shows_each_with_the_attempts_it_had_at_one_m
     finally:
         sa.event.remove(engine, "before_cursor_execute", settle_between)
     assert between == [1], "the attempt was not settled between the page's reads"
-    assert (shown["status"], shown["attempts"]) == ("failed", [])  # the moment before the attempt was settled
+    assert (shown["status"], shown["attempts"]) == ("cancelled", [])  # the moment before the attempt was settled
     [now] = await deliveries(gateway, owner, endpoint_id)
     assert now["status"] == "delivered" and [a["status_code"] for a in now["attempts"]] == [200]
 
