@@ -121,6 +121,8 @@ class WebhookEndpointWithSecret(WebhookEndpoint):
 
 class WebhookEndpointChanged(WebhookEndpoint):
     secret: str | None = Field(None, description="the new secret, when the change rotated it")
+    cancelled: int = Field(0, description="deliveries still owed of types the changed `event_types` no longer asks for: "
+                                          "cancelled by this change (`status` cancelled), not sent")
 
 
 class DeliveryAttempt(BaseModel):
@@ -312,7 +314,8 @@ async def get_endpoint(request: Request, endpoint_id: EndpointId, institution: M
 async def change_endpoint(request: Request, endpoint_id: EndpointId, body: EndpointChange, institution: Member) -> dict[str, Any]:
     """Change the URL, the event types, the description or whether deliveries are ordered; enable
     or disable; rotate the secret (the answer then holds the new one). A new URL is not failing
-    (``failing_since``) for what the old one did."""
+    (``failing_since``) for what the old one did. Event types changed, the deliveries still owed
+    of types no longer asked for are cancelled, not sent (the answer counts them: ``cancelled``)."""
     event_types = None if body.event_types is None else _check_event_types(body.event_types)
     if body.url is not None:
         await _check_url(request, body.url)
@@ -321,16 +324,22 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
     # is owed what was logged up to here, one enabled again what is logged after it (never what the
     # recorder happens to get to before or after the change). A body naming the endpoint's present
     # state changes nothing of it, and neither asks NATS nor holds the recorder.
-    toggles = body.enabled is not None and body.enabled != (await _owned(request, institution, endpoint_id)).enabled
+    current = await _owned(request, institution, endpoint_id) if body.enabled is not None or event_types is not None else None
+    toggles = current is not None and body.enabled is not None and body.enabled != current.enabled
+    retypes = current is not None and event_types is not None and event_types != current.event_types
     logged = (await bus.js.stream_info(EVENTS_STREAM)).state.last_seq if toggles else None
     now = datetime.now(timezone.utc)
     disabled: list[str] = []
+    cancelled: list[int] = []
 
     def change(session: Session) -> Endpoint:
         # The recorder's position first (before the endpoint's row, as the recorder takes them):
-        # what it recorded already is behind the place the change is made at.
-        at = max(logged, store.hold_recorded(session, dispatcher.webhook_consumer(bus.consumer_settings).name)) \
-            if logged is not None else 0
+        # what it recorded already is behind the place the change is made at; of event types
+        # changed, what it records from now on is of the new ones, and what it recorded is here
+        # to cancel.
+        recorded = store.hold_recorded(session, dispatcher.webhook_consumer(bus.consumer_settings).name) \
+            if logged is not None or retypes else 0
+        at = max(logged, recorded) if logged is not None else 0
         endpoint = store.endpoint_of(session, institution, endpoint_id)
         if endpoint is None:
             raise _not_found(endpoint_id)
@@ -349,6 +358,8 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
             disabled.append(endpoint.id)
         elif body.enabled and not endpoint.enabled:
             store.enable(endpoint, now, after_seq=at)
+        if event_types is not None:  # what it no longer asks for is not sent, though owed from before
+            cancelled.append(store.cancel_unwanted(session, endpoint.id, event_types))
         if body.rotate_secret:
             endpoint.previous_secret, endpoint.previous_secret_until = endpoint.secret, now + ROTATION_OVERLAP
             endpoint.secret = new_secret()
@@ -365,8 +376,8 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
         log.info("webhooks: endpoint %s of %s disabled by its owner", endpoint.id, institution,
                  extra={"endpoint_id": endpoint.id, "institution": institution, "disabled_reason": store.OWNER_REASON})
     if (running := _dispatcher(request)) is not None:
-        await running.endpoint_changed(endpoint.id, endpoint.enabled)
-    return _endpoint(endpoint, secret=body.rotate_secret)
+        await running.endpoint_changed(endpoint.id, endpoint.enabled)  # (what waited behind a cancelled delivery goes)
+    return {**_endpoint(endpoint, secret=body.rotate_secret), "cancelled": sum(cancelled[-1:])}
 
 
 class _Toggled(Exception):

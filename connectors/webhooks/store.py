@@ -349,6 +349,20 @@ def requeue(delivery: Delivery, at: datetime) -> None:
     delivery.status, delivery.attempts, delivery.next_attempt_at = PENDING, 0, at
 
 
+def cancel_unwanted(session: Session, endpoint_id: str, event_types: Sequence[str]) -> int:
+    """Cancel the endpoint's deliveries still owed (due, waiting for a retry or behind another,
+    owed from before it was disabled) of the types ``event_types`` no longer asks for; returns
+    how many. One under way ends as a cancelled one does (:class:`Delivery`)."""
+    owed = sa.and_(col(Delivery.endpoint_id) == endpoint_id, col(Delivery.next_attempt_at).is_not(None))
+    types = session.exec(select(Delivery.event_type).where(owed).distinct()).all()
+    unwanted = [event_type for event_type in types if not matches(event_types, event_type)]
+    if not unwanted:
+        return 0
+    done = session.execute(sa.update(Delivery).where(owed, col(Delivery.event_type).in_(unwanted))
+                           .values(status=CANCELLED, next_attempt_at=None))
+    return int(done.rowcount)  # type: ignore[attr-defined]
+
+
 def cancel(delivery: Delivery) -> None:
     """Attempt the delivery no more, as its endpoint's owner asks (``cancelled``, not ``failed``:
     the bus did not give it up): deliveries held back behind it go."""

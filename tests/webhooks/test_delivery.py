@@ -1308,3 +1308,40 @@ def test_pruning_takes_the_oldest_settled_deliveries_a_window_at_a_time_and_stop
         assert (left, attempts) == (["owed", "recent", "recent-2"], 3)
     finally:
         engine.dispose()
+
+
+async def test_deliveries_of_types_an_endpoint_no_longer_asks_for_are_cancelled_not_sent(network: Network, receiver: Receiver) -> None:
+    """An endpoint narrowed to fewer types (PATCH event_types) is not sent what it was still owed
+    of the others — a retry pending, or what was owed when it was disabled: those deliveries are
+    cancelled, shown so, and counted in the answer; what it still asks for goes."""
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    receiver.answer("/narrowed", Answer(503, {"retry-after": "600"}), Answer(200))
+    endpoint = await register(gateway, owner, receiver.url("/narrowed"), ["project.registered", "project.updated"])
+    path = f"/webhooks/{endpoint['id']}"
+    first = await offer_project(gateway, owner)  # refused: its retry comes in ten minutes
+    await eventually(lambda: len(receiver.at("/narrowed")) == 1, what="the first attempt")
+    update = envelope("project.updated", owner, {"project_id": first["subject"], "changes": {"status": "completed"}},
+                      id=unique("up"))
+    assert (await gateway.post(owner, update)).status_code == 202  # held back behind the registration
+    async with gateway.bus.webhooks.db_lock:  # logged before the endpoint is disabled: owed to it, sent once enabled
+        second = await offer_project(gateway, owner)
+        assert (await gateway.client.patch(path, json={"enabled": False}, headers=auth)).status_code == 200
+    await eventually(lambda: _count(gateway, owner, endpoint["id"], 3), what="three deliveries owed")
+
+    narrowed = await gateway.client.patch(path, json={"event_types": ["project.updated"], "enabled": True}, headers=auth)
+    assert narrowed.status_code == 200, narrowed.text
+    await eventually(lambda: update["id"] in ids(receiver.at("/narrowed")), what="the update, no longer held back")
+    done = {d["event_id"]: d for d in await settled(gateway, owner, endpoint["id"], 3)}
+    await asyncio.sleep(0.5)
+    assert ids(receiver.at("/narrowed")) == [first["id"], update["id"]]  # the second registration was not sent
+    assert {e: d["status"] for e, d in done.items()} == {first["id"]: "cancelled", second["id"]: "cancelled", update["id"]: "delivered"}
+    assert [a["status_code"] for a in done[first["id"]]["attempts"]] == [503] and done[second["id"]]["attempts"] == []
+    assert narrowed.json()["cancelled"] == 2 and narrowed.json()["event_types"] == ["project.updated"]
+    again = (await gateway.client.patch(path, json={"event_types": ["project.updated"]}, headers=auth)).json()
+    assert again["cancelled"] == 0
+
+
+async def _count(gateway: Gateway, owner: str, endpoint_id: str, count: int) -> bool:
+    return len(await deliveries(gateway, owner, endpoint_id)) == count
