@@ -105,7 +105,10 @@ class WebhookEndpoint(BaseModel):
     created_at: datetime
     updated_at: datetime
     last_success_at: datetime | None
-    failing_since: datetime | None
+    failing_since: datetime | None = Field(description=(
+        "the first failed attempt of its current run of failures (null while it takes deliveries): a run ends with a "
+        "success, a new `url`, or a pause longer than the retry schedule's longest wait; five days of it disable the endpoint"))
+    last_failure_at: datetime | None = Field(description="its last failed attempt")
     previous_secret_until: datetime | None = Field(description="until then the previous secret signs too")
 
 

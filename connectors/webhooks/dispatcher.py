@@ -71,7 +71,8 @@ RECORD_GATHER = 0.05
 """Seconds the webhooks consumer lets a batch grow before recording what it owes: a delivery
 starts at most this much later, and a trickle of events costs a transaction per few dozen."""
 FAILING_LIMIT = timedelta(days=5)
-"""An endpoint failing without a success for this long is disabled."""
+"""An endpoint failing without a success for this long is disabled: a run of failures, each at
+most :meth:`WebhookDispatcher.failing_gap` after the one before it."""
 PRUNE_EVERY = 3600.0
 """Seconds between two removals of the settled deliveries older than the retention (the first a
 minute after the start: not in the way of a bus starting)."""
@@ -519,6 +520,13 @@ class WebhookDispatcher:
         self.concurrency = concurrency
         self.failing_limit = failing_limit
         self.poll = poll
+        self.failing_gap = timedelta(seconds=max(max(self.schedule.delays) * (1 + JITTER), RETRY_AFTER_MOST) + timeout + poll)
+        """The longest pause between two failed attempts of one run of failures: the longest wait
+        the schedule (with its jitter) or a ``Retry-After`` makes before a retry, and the attempt's
+        own time. An endpoint failing after a longer pause — sent nothing meanwhile, or only what
+        it took — is failing since then, not since its earlier run: five days without a success
+        are five days of trying it (a quiet endpoint that failed once days ago is not disabled by
+        its next failure)."""
         self.retention = timedelta(days=settings.webhook_retention_days) if settings.webhook_retention_days else None
         """How long a settled delivery and its attempts are kept (``webhook_retention_days``; None: for ever)."""
         self._pruner: asyncio.Task[None] | None = None
@@ -775,8 +783,12 @@ class WebhookDispatcher:
                 # asked (a receiver restoring a backup asks for what it may have lost since)
                 answers.append(None)
                 continue
+            last_failure = endpoint["last_failure_at"] or endpoint["failing_since"]
+            if last_failure is not None and now - last_failure > self.failing_gap:
+                endpoint["failing_since"] = None  # a run of failures that ended long ago: this one starts anew
             already_failing = endpoint["failing_since"] is not None
             endpoint["failing_since"] = endpoint["failing_since"] or now
+            endpoint["last_failure_at"] = now
             if kept:
                 next_at = leases[claim.delivery_id]
                 then = "its delivery was given up or sent again meanwhile"
@@ -814,7 +826,8 @@ class WebhookDispatcher:
             connection.execute(store.NOT_DELIVERED, failed)
         if changed:
             connection.execute(store.ENDPOINT_HEALTH, [
-                {"b_id": e, "b_last_success_at": endpoints[e]["last_success_at"], "b_failing_since": endpoints[e]["failing_since"]}
+                {"b_id": e, "b_last_success_at": endpoints[e]["last_success_at"], "b_failing_since": endpoints[e]["failing_since"],
+                 "b_last_failure_at": endpoints[e]["last_failure_at"]}
                 for e in changed
             ])
         if disabled:

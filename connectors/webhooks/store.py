@@ -94,7 +94,10 @@ class Endpoint(_Webhooks, table=True):
     updated_at: datetime = _when(nullable=False)
     last_success_at: datetime | None = _when()
     failing_since: datetime | None = _when()
-    """The first failed attempt since the last success (None while healthy)."""
+    """The first failed attempt of its current run of failures (None while healthy): since the last
+    success, a new URL, or a pause longer than the retry schedule allows between two attempts."""
+    last_failure_at: datetime | None = _when()
+    """Its last failed attempt: a failure long after it starts a new run (``failing_since``)."""
 
     def signing_secrets(self, now: datetime) -> tuple[str, ...]:
         """The secrets that sign a delivery now: the current one, and the previous one for a day
@@ -427,12 +430,13 @@ DELIVERIES_LEASED = (
 were changed meanwhile."""
 ENDPOINTS_TO_SETTLE = (
     sa.select(_E.id, _E.institution, _E.enabled, _E.disabled_reason, _E.updated_at, _E.last_success_at, _E.failing_since,
-              _E.disabled_after_seq, _E.enabled_after_seq, _E.earlier_gaps)
+              _E.last_failure_at, _E.disabled_after_seq, _E.enabled_after_seq, _E.earlier_gaps)
     .where(_E.id.in_(sa.bindparam("ids", expanding=True)))
     .with_for_update()
 )
 ENDPOINT_HEALTH = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).values(
-    last_success_at=sa.bindparam("b_last_success_at"), failing_since=sa.bindparam("b_failing_since")
+    last_success_at=sa.bindparam("b_last_success_at"), failing_since=sa.bindparam("b_failing_since"),
+    last_failure_at=sa.bindparam("b_last_failure_at"),
 )
 ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).values(
     enabled=False,

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 from types import FunctionType
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -242,13 +242,42 @@ def test_a_webhook_endpoint_disabled_before_its_positions_were_kept_counts_as_di
                 connection.execute(text(endpoint), {"id": endpoint_id, "enabled": enabled, "now": "2026-03-01 08:00:00"})
             connection.execute(text("INSERT INTO webhook_consumer_positions (consumer, seq, epoch) VALUES ('webhooks', 42, 1)"))
             connection.execute(text("UPDATE alembic_version SET version_num = '0026_webhook_owed_order' "
-                                    "WHERE version_num = '0027_webhook_disabled_positions'"))
-            for column in ("disabled_after_seq", "enabled_after_seq", "earlier_gaps"):
+                                    "WHERE version_num = '0028_webhook_last_failure'"))
+            for column in ("disabled_after_seq", "enabled_after_seq", "earlier_gaps", "last_failure_at"):
                 connection.execute(text(f"ALTER TABLE webhook_endpoints DROP COLUMN {column}"))
         migrate(engine)
         with engine.connect() as connection:
             rows = connection.execute(text("SELECT id, disabled_after_seq, enabled_after_seq, earlier_gaps FROM webhook_endpoints ORDER BY id"))
             found = {str(row[0]): (row[1], row[2], row[3] if isinstance(row[3], list) else json.loads(row[3])) for row in rows}
         assert found == {"ep_disabled": (42, None, []), "ep_enabled": (None, None, [])}
+    finally:
+        engine.dispose()
+
+
+def test_a_failing_webhook_endpoint_is_given_its_latest_attempt_as_its_last_failure(database_url: str) -> None:
+    """A database from before ``webhook_endpoints.last_failure_at``: an endpoint failing then has
+    failed last at its latest attempt (its failing run goes on from there); a healthy one has not."""
+    engine = make_engine(database_url)  # a migrated copy (tests/conftest.py)
+    endpoint = ("INSERT INTO webhook_endpoints (id, institution, url, event_types, description, secret, enabled, ordered, after_seq, "
+                "created_at, updated_at, failing_since, earlier_gaps) VALUES (:id, 'fi-diak', 'https://diak.example/hook', '[]', '', "
+                "'whsec_x', true, true, 3, :now, :now, :failing, '[]')")
+    try:
+        with engine.begin() as connection:
+            for endpoint_id, failing in (("ep_failing", "2026-03-01 09:00:00+00:00"), ("ep_healthy", None)):
+                connection.execute(text(endpoint), {"id": endpoint_id, "now": "2026-03-01 08:00:00+00:00", "failing": failing})
+                connection.execute(text("INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event_type, seq, status, attempts, "
+                                        "created_at) VALUES (:delivery, :id, 'ev-1', 'project.registered', 4, 'pending', 2, "
+                                        "'2026-03-01 08:30:00+00:00')"), {"delivery": 1 if failing else 2, "id": endpoint_id})
+                for attempted_at in ("2026-03-01 09:00:00+00:00", "2026-03-02 10:30:00+00:00"):
+                    connection.execute(text("INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, latency_ms) "
+                                            "VALUES (:delivery, :at, 500, 3)"), {"delivery": 1 if failing else 2, "at": attempted_at})
+            connection.execute(text("UPDATE alembic_version SET version_num = '0027_webhook_disabled_positions' "
+                                    "WHERE version_num = '0028_webhook_last_failure'"))
+            connection.execute(text("ALTER TABLE webhook_endpoints DROP COLUMN last_failure_at"))
+        migrate(engine)
+        with engine.connect() as connection:
+            found: dict[str, Any] = {str(row[0]): row[1] for row in connection.execute(text("SELECT id, last_failure_at FROM webhook_endpoints"))}
+        assert found["ep_healthy"] is None
+        assert str(found["ep_failing"]).startswith("2026-03-02 10:30:00"), found
     finally:
         engine.dispose()

@@ -539,9 +539,7 @@ async def test_the_log_says_why_an_endpoint_was_disabled_and_what_a_failed_attem
     receiver.answer("/gone", Answer(410, body=b"gone for good"))
     receiver.answer("/flaky", Answer(503, body=b""))
     down, gone, flaky, mine = [await register(gateway, owner, receiver.url(path)) for path in ("/down", "/gone", "/flaky", "/mine")]
-    with session_scope(gateway.bus.engine) as session:  # its last success was six days ago
-        session.execute(sa.text("UPDATE webhook_endpoints SET failing_since = :since WHERE id = :id"),
-                        {"since": datetime.now(timezone.utc) - timedelta(days=6), "id": flaky["id"]})
+    failing_for_days(gateway, flaky["id"], 6)
     event = await offer_project(gateway, owner)
     for endpoint in (down, gone, flaky):
         await settled(gateway, owner, endpoint["id"], 1)
@@ -652,11 +650,7 @@ async def test_an_endpoint_failing_for_five_days_is_disabled(network: Network, r
     receiver.answer("/flaky", Answer(500))
     endpoint = await register(gateway, owner, receiver.url("/flaky"))
     assert network.bus is not None
-    with session_scope(network.bus.engine) as session:  # its last success was six days ago
-        session.execute(
-            sa.text("UPDATE webhook_endpoints SET failing_since = :since WHERE id = :id"),
-            {"since": datetime.now(timezone.utc) - timedelta(days=6), "id": endpoint["id"]},
-        )
+    failing_for_days(gateway, endpoint["id"], 6)
     await offer_project(gateway, owner)
 
     async def disabled() -> dict[str, Any] | None:
@@ -666,6 +660,42 @@ async def test_an_endpoint_failing_for_five_days_is_disabled(network: Network, r
     shown = await eventually(disabled, what="the endpoint disabled")
     assert shown["disabled_reason"] == "no successful delivery for 5 days" and shown["disabled_at"] is not None
     assert len(receiver.at("/flaky")) == 1
+
+
+def failing_for_days(gateway: Gateway, endpoint_id: str, days: float, *, last_failure: timedelta = timedelta(hours=1)) -> None:
+    """The endpoint's last success was ``days`` ago, and it has failed since, the last time
+    ``last_failure`` ago (an hour: it is failing still; days: it was quiet since)."""
+    now = datetime.now(timezone.utc)
+    with session_scope(gateway.bus.engine) as session:
+        session.execute(sa.text("UPDATE webhook_endpoints SET failing_since = :since, last_failure_at = :last WHERE id = :id"),
+                        {"since": now - timedelta(days=days), "last": now - last_failure, "id": endpoint_id})
+
+
+async def test_an_endpoint_that_failed_long_ago_and_was_quiet_since_is_failing_from_its_next_failure(
+        network: Network, receiver: Receiver) -> None:
+    """Five days failing are a run of failures that is current: an endpoint that failed six days
+    ago and was sent nothing since is not disabled by its next failure, which starts a new run
+    (``failing_since``); one that failed all along (the last time an hour ago) is."""
+    gateway = await network.start(schedule=[0])
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    receiver.answer("/quiet", Answer(500))
+    receiver.answer("/failing", Answer(500))
+    quiet, failing = [await register(gateway, owner, receiver.url(path)) for path in ("/quiet", "/failing")]
+    failing_for_days(gateway, quiet["id"], 6, last_failure=timedelta(days=6))  # one failure, six days ago
+    failing_for_days(gateway, failing["id"], 6)
+    before = datetime.now(timezone.utc)
+    await offer_project(gateway, owner)
+    for endpoint in (quiet, failing):
+        await settled(gateway, owner, endpoint["id"], 1)
+
+    shown = (await gateway.client.get(f"/webhooks/{quiet['id']}", headers=auth)).json()
+    assert shown["enabled"] is True and shown["disabled_reason"] is None, shown
+    assert datetime.fromisoformat(shown["failing_since"]) >= before  # failing since this failure
+    assert shown["failing_since"] == shown["last_failure_at"]
+    shown = (await gateway.client.get(f"/webhooks/{failing['id']}", headers=auth)).json()
+    assert shown["enabled"] is False and shown["disabled_reason"] == "no successful delivery for 5 days"
+    assert datetime.fromisoformat(shown["last_failure_at"]) >= before > datetime.fromisoformat(shown["failing_since"])
 
 
 async def test_an_endpoint_moved_to_a_new_url_is_no_longer_failing_since_the_old_one_failed(network: Network, receiver: Receiver) -> None:
