@@ -340,8 +340,8 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
         # what it recorded already is behind the place the change is made at; of event types
         # changed, what it records from now on is of the new ones, and what it recorded is here
         # to cancel.
-        recorded = store.hold_recorded(session, dispatcher.webhook_consumer(bus.consumer_settings).name) \
-            if logged is not None or retypes else 0
+        consumer = dispatcher.webhook_consumer(bus.consumer_settings).name
+        recorded = store.hold_recorded(session, consumer) if logged is not None or retypes else 0
         at = max(logged, recorded) if logged is not None else 0
         endpoint = store.endpoint_of(session, institution, endpoint_id)
         if endpoint is None:
@@ -357,7 +357,7 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
             if value is not None:
                 setattr(endpoint, name, value)
         if body.enabled is False and endpoint.enabled:
-            store.disable(endpoint, store.OWNER_REASON, now, after_seq=at)
+            store.disable(endpoint, store.OWNER_REASON, now, after_seq=at, settled=store.settled_up_to(session.connection(), consumer))
             disabled.append(endpoint.id)
         elif body.enabled and not endpoint.enabled:
             store.enable(endpoint, now, after_seq=at)

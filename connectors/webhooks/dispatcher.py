@@ -212,8 +212,10 @@ class _Batch:
     events (and which want each type met so far), and how far the read models have applied the
     log (read when needed)."""
 
-    def __init__(self, session: Session, endpoints: list[_Wanting], network_consumer: str) -> None:
+    def __init__(self, session: Session, endpoints: list[_Wanting], network_consumer: str, consumer: str) -> None:
         self.session = session
+        self.consumer = consumer
+        """The webhooks consumer recording the batch."""
         self.endpoints = endpoints
         self._by_type: dict[str, list[_Wanting]] = {}
         self.network_consumer = network_consumer
@@ -231,8 +233,9 @@ class _Batch:
         manage them); returns the ids of those that were enabled."""
         leaving = [e for e in self.endpoints if e.institution == institution]
         if leaving:
+            settled = store.settled_up_to(self.session.connection(), self.consumer)
             self.session.execute(store.ENDPOINT_DISABLED, [
-                store.disabled_row(e.id, store.LEFT_REASON, now, vars(e), seq - 1) for e in leaving])
+                store.disabled_row(e.id, store.LEFT_REASON, now, vars(e), seq - 1, settled) for e in leaving])
             self.endpoints = [e for e in self.endpoints if e.institution != institution]
             self._by_type.clear()
         return [e.id for e in leaving if e.enabled]
@@ -298,7 +301,7 @@ class DeliveryRecorder:
                     store.claim(session, self.consumer, None if replay else items[0].seq, self.epoch)
                     first = min(item.seq for item in items[:end])  # (a replay's dead letters come in any order)
                     endpoints = [_Wanting(*row) for row in session.execute(store.ENDPOINTS_OWING, {"first": first})]
-                    batch = _Batch(session, endpoints, self.network_consumer)
+                    batch = _Batch(session, endpoints, self.network_consumer, self.consumer)
                     recorded = 0
                     for index, item in enumerate(items[:end]):
                         if self._parked and not replay:
@@ -836,8 +839,9 @@ class WebhookDispatcher:
             # endpoint shows for /recover. (Read without holding it: the recorder holds its
             # position while it inserts deliveries, which wait for the endpoints held here.)
             recorded = read_position(connection, store.ConsumerPosition.__table__, self.recorder.consumer)  # type: ignore[attr-defined]
+            past = store.settled_up_to(connection, self.recorder.consumer)
             connection.execute(store.ENDPOINT_DISABLED, [
-                store.disabled_row(e, endpoints[e]["disabled_reason"], now, endpoints[e], recorded) for e in disabled
+                store.disabled_row(e, endpoints[e]["disabled_reason"], now, endpoints[e], recorded, past) for e in disabled
             ])
         return answers
 

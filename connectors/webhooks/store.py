@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from connectors.webhooks.signing import new_secret
-from handlers.bookkeeping import advance_position, claim_position, read_position, take_position
+from handlers.bookkeeping import advance_position, claim_position, parked, read_position, take_position
 from handlers.institutions import UtcDateTime
 
 #: The webhook tables, kept out of the read models' metadata (see the module docstring).
@@ -89,7 +89,8 @@ class Endpoint(_Webhooks, table=True):
     after it are owed again; those between the two are the gap ``/recover`` fetches."""
     earlier_gaps: list[list[int]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
     """The (``disabled_after_seq``, ``enabled_after_seq``) of its earlier disablings: an event the
-    recorder gets to late (one behind, a dead letter replayed) is not owed for one of those either."""
+    recorder gets to late (one behind, a dead letter replayed) is not owed for one of those either.
+    Only those it may still get to an event of are kept (:func:`disabled_where`)."""
     created_at: datetime = _when(nullable=False)
     updated_at: datetime = _when(nullable=False)
     last_success_at: datetime | None = _when()
@@ -122,16 +123,30 @@ def owes(after_seq: int, disabled_after_seq: int | None, enabled_after_seq: int 
 
 
 def disabled_where(disabled_after_seq: int | None, enabled_after_seq: int | None, earlier_gaps: Sequence[Sequence[int]],
-                   at: int) -> tuple[int, list[list[int]]]:
+                   at: int, settled: int = 0) -> tuple[int, list[list[int]]]:
     """The ``disabled_after_seq`` and ``earlier_gaps`` of an endpoint disabled where the log is at
     ``at``: the gap of a disabling before (enabled again since) joins the earlier ones; one
-    disabled already stays so from the earlier of the two places (its institution leaving, say)."""
+    disabled already stays so from the earlier of the two places (its institution leaving, say).
+    A gap is kept only while the recorder may still get to an event in it: the gaps that end at or
+    before ``settled`` (:func:`settled_up_to`) are dropped — one is added each time the endpoint
+    is enabled again and disabled, and they would grow for ever."""
     gaps = [list(gap) for gap in earlier_gaps]
     if disabled_after_seq is not None and enabled_after_seq is not None:
         gaps.append([disabled_after_seq, enabled_after_seq])
     elif disabled_after_seq is not None:
         at = min(at, disabled_after_seq)
-    return at, gaps
+    return at, [gap for gap in gaps if gap[1] > settled]
+
+
+def settled_up_to(connection: Connection, consumer: str) -> int:
+    """The place in the log up to which the webhooks' recorder ``consumer`` will record nothing
+    more: what it recorded (its position), but for the events it set aside behind a dead letter
+    (recorded when the operator replays them), from the first of them on. What an endpoint is
+    owed of the events up to there is settled, so the gaps of its disablings there are no longer
+    needed (:func:`disabled_where`)."""
+    recorded = read_position(connection, ConsumerPosition.__table__, consumer)  # type: ignore[attr-defined]
+    aside = [first for _, _, _, first, _ in parked(connection, consumer)]
+    return min([recorded, *(first - 1 for first in aside)])
 
 
 def signing_secrets(secret: str, previous: str | None, previous_until: datetime | None, now: datetime) -> tuple[str, ...]:
@@ -220,10 +235,11 @@ def endpoint_of(session: Session, institution: str, endpoint_id: str) -> Endpoin
     return endpoint if endpoint is not None and endpoint.institution == institution else None
 
 
-def disable(endpoint: Endpoint, reason: str, now: datetime, *, after_seq: int) -> None:
-    """Disable the endpoint where the log is at ``after_seq``: the events up to there stay owed to it."""
+def disable(endpoint: Endpoint, reason: str, now: datetime, *, after_seq: int, settled: int = 0) -> None:
+    """Disable the endpoint where the log is at ``after_seq``: the events up to there stay owed to
+    it (``settled``: see :func:`disabled_where`)."""
     endpoint.disabled_after_seq, endpoint.earlier_gaps = disabled_where(
-        endpoint.disabled_after_seq, endpoint.enabled_after_seq, endpoint.earlier_gaps, after_seq)
+        endpoint.disabled_after_seq, endpoint.enabled_after_seq, endpoint.earlier_gaps, after_seq, settled)
     endpoint.enabled, endpoint.enabled_after_seq = False, None
     endpoint.disabled_reason, endpoint.disabled_at, endpoint.updated_at = reason[:200], now, now
 
@@ -450,11 +466,13 @@ ENDPOINT_DISABLED = sa.update(_ENDPOINTS).where(_E.id == sa.bindparam("b_id")).v
 """An endpoint disabled (see :func:`disabled_where` for ``b_disabled_after_seq`` and ``b_earlier_gaps``)."""
 
 
-def disabled_row(endpoint_id: str, reason: str, now: datetime, positions: Mapping[str, Any], at: int) -> dict[str, Any]:
+def disabled_row(endpoint_id: str, reason: str, now: datetime, positions: Mapping[str, Any], at: int,
+                 settled: int = 0) -> dict[str, Any]:
     """The parameters of :data:`ENDPOINT_DISABLED` for an endpoint (``positions``: its
-    ``disabled_after_seq``, ``enabled_after_seq`` and ``earlier_gaps``) disabled where the log is at ``at``."""
+    ``disabled_after_seq``, ``enabled_after_seq`` and ``earlier_gaps``) disabled where the log is at
+    ``at`` (``settled``: see :func:`disabled_where`)."""
     disabled_after_seq, gaps = disabled_where(positions["disabled_after_seq"], positions["enabled_after_seq"],
-                                              positions["earlier_gaps"] or [], at)
+                                              positions["earlier_gaps"] or [], at, settled)
     return {"b_id": endpoint_id, "b_disabled_reason": reason, "b_updated_at": now, "b_disabled_after_seq": disabled_after_seq,
             "b_earlier_gaps": gaps}
 

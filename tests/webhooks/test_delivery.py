@@ -1375,3 +1375,42 @@ async def test_deliveries_of_types_an_endpoint_no_longer_asks_for_are_cancelled_
 
 async def _count(gateway: Gateway, owner: str, endpoint_id: str, count: int) -> bool:
     return len(await deliveries(gateway, owner, endpoint_id)) == count
+
+
+async def test_an_endpoint_keeps_the_gaps_of_its_earlier_disablings_only_while_the_recorder_may_get_to_them(
+        network: Network, receiver: Receiver) -> None:
+    """Each time an endpoint is enabled again and disabled, the gap of the disabling before is kept
+    for the recorder (an event it gets to late is not owed for that gap): once the recorder is past
+    a gap, with no dead letter in it waiting to be replayed, the gap is dropped rather than kept
+    for ever."""
+    from handlers.bookkeeping import park
+
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    endpoint = await register(gateway, owner, receiver.url("/toggled"))
+    path = f"/webhooks/{endpoint['id']}"
+    recorder = gateway.bus.webhooks.recorder
+
+    async def cycle() -> tuple[int, int, list[list[int]]]:
+        """Disable and enable the endpoint, once the recorder got past where the log was; returns where
+        it was disabled and enabled, and the earlier gaps the disabling kept."""
+        disabled = (await gateway.client.patch(path, json={"enabled": False}, headers=auth)).json()
+        with session_scope(gateway.bus.engine) as session:
+            gaps = session.execute(sa.text("SELECT earlier_gaps FROM webhook_endpoints WHERE id = :id"), {"id": endpoint["id"]}).scalar()
+        enabled = (await gateway.client.patch(path, json={"enabled": True}, headers=auth)).json()
+        await offer_project(gateway, owner)
+        await eventually(lambda: recorder.position() > enabled["enabled_after_seq"], what="the recorder past the enabling")
+        return disabled["disabled_after_seq"], enabled["enabled_after_seq"], gaps if isinstance(gaps, list) else json.loads(str(gaps))
+
+    first_disabled, first_enabled, gaps = await cycle()
+    assert gaps == []
+    with session_scope(gateway.bus.engine) as session:  # an event of the first gap waits in the dead-letter queue
+        park(session.connection(), recorder.consumer, ("project", "p-dead-letter"), first_enabled)
+    *_, gaps = await cycle()
+    assert gaps == [[first_disabled, first_enabled]]  # kept: the recorder gets to that event when it is replayed
+    with session_scope(gateway.bus.engine) as session:  # replayed
+        session.execute(sa.text("DELETE FROM parked_subjects WHERE consumer = :consumer"), {"consumer": recorder.consumer})
+    for _ in range(3):
+        *_, gaps = await cycle()
+        assert gaps == []  # the recorder is past every gap: none is kept
