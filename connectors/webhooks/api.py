@@ -8,10 +8,12 @@ The secret is shown twice only: when the endpoint is created and when it is rota
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
+import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
@@ -28,6 +30,7 @@ from connectors.webhooks.store import Delivery, Endpoint
 from handlers.db import session_scope
 from schemas import registry
 from schemas.common import Timestamp
+from schemas.envelope import source_of
 
 if TYPE_CHECKING:
     from connectors.webhooks.dispatcher import WebhookDispatcher
@@ -153,6 +156,11 @@ class WebhookDelivery(BaseModel):
     created_at: datetime
     delivered_at: datetime | None
     attempts: list[DeliveryAttempt]
+
+
+class TestSent(DeliveryAttempt):
+    id: str = Field(description="the `webhook-id` the test delivery was sent as (`test_…`: no event of the log)")
+    delivered: bool = Field(description="whether the endpoint answered 2xx, as a delivery needs")
 
 
 class Recovered(BaseModel):
@@ -402,6 +410,35 @@ async def delete_endpoint(request: Request, endpoint_id: EndpointId, institution
         await running.endpoint_changed(endpoint_id, False)  # its attempts under way end before the delete
     await _in_transaction(request, delete)
     return Response(status_code=204)
+
+
+@router.post("/{endpoint_id}/test", response_model=TestSent, responses=documented(401, 403, 404, 422))
+async def test_endpoint(request: Request, endpoint_id: EndpointId, institution: Member) -> dict[str, Any]:
+    """Send the endpoint a test delivery now, signed as deliveries are, and answer what it
+    answered: its status, how long it took, what went wrong in words, the first KiB of its answer.
+    The delivery is a CloudEvent of type ``webhook.test`` (no event of the log: it has no
+    ``collabbus-sequence``) with a ``webhook-id`` of its own (``test_…``). It is neither logged nor
+    owed: it is not retried, not listed among the deliveries, and changes nothing of how the
+    endpoint fares (``failing_since``, a 410 does not disable it); a disabled endpoint is sent it
+    too, to try a receiver before enabling it again."""
+    endpoint = await _owned(request, institution, endpoint_id)
+    bus = bus_of(request)
+    now = datetime.now(timezone.utc)
+    msg_id = "test_" + secrets.token_hex(12)
+    event = {
+        "specversion": "1.0", "id": msg_id, "source": source_of(bus.settings.operator), "type": dispatcher.TEST_EVENT_TYPE,
+        "subject": endpoint.id, "time": now.isoformat().replace("+00:00", "Z"), "datacontenttype": "application/json",
+        "data": {"endpoint_id": endpoint.id, "url": endpoint.url,
+                 "message": "a test delivery from collabbus: not an event of the log, nothing to keep"},
+    }
+    running = _dispatcher(request)
+    outcome = await dispatcher.send_test(
+        endpoint.url, endpoint.signing_secrets(now), msg_id, orjson.dumps(event),
+        allow=targets.networks(bus.settings.webhook_allow_networks), timeout=running.timeout if running else dispatcher.TIMEOUT,
+        **({"ssl_context": lambda: running.ssl_context} if running else {}),
+    )
+    return {"id": msg_id, "attempted_at": now, "status_code": outcome.status_code, "latency_ms": outcome.latency_ms,
+            "error": outcome.error, "response": outcome.response, "delivered": outcome.delivered}
 
 
 # --- deliveries -----------------------------------------------------------------------------------

@@ -860,49 +860,17 @@ class WebhookDispatcher:
             body, traceparent = await self._event(claim.seq)
         except Exception as exc:
             return Outcome(None, elapsed(), f"the event could not be read from the log: {exc!r}")
-        timestamp = int(time.time())
-        headers = {
-            "host": target.host,
-            "content-type": STRUCTURED_CONTENT_TYPE,
-            "user-agent": "collabbus-webhooks",
-            "webhook-id": claim.event_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature_header(claim.secrets, claim.event_id, timestamp, body),
-            # Deliveries about different things are in no order, and a resend or recovery brings
-            # older events again: the event's place in the log tells a receiver which is the later.
-            SEQUENCE_HEADER: str(claim.seq),
-        }
+        # Deliveries about different things are in no order, and a resend or recovery brings older
+        # events again: the event's place in the log tells a receiver which is the later.
+        headers = {SEQUENCE_HEADER: str(claim.seq)}
         # The attempt is a client span continuing the event's trace from its log message (the
         # gatekeeper's publish); the receiver gets the span's own trace context to continue.
         span = _client_span(self.tracing, target, traceparent, claim.endpoint_id)
         sent_traceparent = _traceparent_of(span) if span is not None else traceparent
         if sent_traceparent and TRACEPARENT_FORM.fullmatch(sent_traceparent):
             headers["traceparent"] = sent_traceparent
-        url = target.url
-        origin = (url.host, url.port or (443 if url.scheme == "https" else 80), target.sni)
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.timeout):
-                answer = await client.post(origin, url.raw_path.decode("ascii"), headers, body, keep=RESPONSE_KEPT)
-        except TimeoutError:
-            return _ended(span, Outcome(None, elapsed(), f"no answer within {self.timeout:g} s"))
-        except (http.HttpError, OSError) as exc:  # OSError: connecting, TLS included
-            return _ended(span, Outcome(None, elapsed(), f"{type(exc).__name__}: {exc}"))
-        except BaseException as exc:
-            _ended(span, Outcome(None, elapsed(), f"{type(exc).__name__}: {exc}"))
-            raise
-        status = answer.status
-        error = None
-        if not 200 <= status < 300:
-            error = f"HTTP {status}"
-            if 300 <= status < 400:  # where it points says what to register instead (https://…, say)
-                location = answer.headers.get("location", "")[:300]
-                error += f" (redirects are not followed: to {location})" if location else " (redirects are not followed)"
-        retry_after = None
-        if status in RETRY_AFTER_STATUSES:
-            retry_after = retry_after_seconds(answer.headers.get("retry-after"), datetime.now(timezone.utc))
-        text = answer.body[:RESPONSE_KEPT].decode("utf-8", "replace")
-        return _ended(span, Outcome(status, elapsed(), error, text, retry_after))
+        return await post_signed(client, target, claim.event_id, claim.secrets, body, timeout=self.timeout, headers=headers,
+                                 span=span)
 
     async def _event(self, seq: int) -> tuple[bytes, str | None]:
         """The event's canonical bytes from the log, and the trace context to deliver it in: the
@@ -918,6 +886,73 @@ class WebhookDispatcher:
                 self._bodies.popitem(last=False)
         return cached
 
+
+
+async def post_signed(client: http.Client, target: targets.Target, msg_id: str, secrets: tuple[str, ...], body: bytes, *,
+                      timeout: float, headers: dict[str, str] | None = None, span: trace.Span | None = None) -> Outcome:
+    """POST ``body`` to ``target`` as ``msg_id``, signed with ``secrets`` (Standard Webhooks), with
+    ``headers`` besides; what the endpoint answered, never raising for its faults (``span``: the
+    attempt's, ended with it)."""
+    timestamp = int(time.time())
+    sent = {
+        "host": target.host,
+        "content-type": STRUCTURED_CONTENT_TYPE,
+        "user-agent": "collabbus-webhooks",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature_header(secrets, msg_id, timestamp, body),
+        **(headers or {}),
+    }
+    url = target.url
+    origin = (url.host, url.port or (443 if url.scheme == "https" else 80), target.sni)
+    started = time.perf_counter()
+
+    def elapsed() -> int:
+        return round((time.perf_counter() - started) * 1000)
+
+    try:
+        async with asyncio.timeout(timeout):
+            answer = await client.post(origin, url.raw_path.decode("ascii"), sent, body, keep=RESPONSE_KEPT)
+    except TimeoutError:
+        return _ended(span, Outcome(None, elapsed(), f"no answer within {timeout:g} s"))
+    except (http.HttpError, OSError) as exc:  # OSError: connecting, TLS included
+        return _ended(span, Outcome(None, elapsed(), f"{type(exc).__name__}: {exc}"))
+    except BaseException as exc:
+        _ended(span, Outcome(None, elapsed(), f"{type(exc).__name__}: {exc}"))
+        raise
+    status = answer.status
+    error = None
+    if not 200 <= status < 300:
+        error = f"HTTP {status}"
+        if 300 <= status < 400:  # where it points says what to register instead (https://…, say)
+            location = answer.headers.get("location", "")[:300]
+            error += f" (redirects are not followed: to {location})" if location else " (redirects are not followed)"
+    retry_after = None
+    if status in RETRY_AFTER_STATUSES:
+        retry_after = retry_after_seconds(answer.headers.get("retry-after"), datetime.now(timezone.utc))
+    text = answer.body[:RESPONSE_KEPT].decode("utf-8", "replace")
+    return _ended(span, Outcome(status, elapsed(), error, text, retry_after))
+
+
+TEST_EVENT_TYPE = "webhook.test"
+"""The type of a test delivery (``POST /webhooks/{id}/test``): no event of the log has it."""
+
+
+async def send_test(url: str, secrets: tuple[str, ...], msg_id: str, body: bytes, *, allow: Sequence[targets.IPNetwork], timeout: float,
+                    ssl_context: Callable[[], ssl.SSLContext] = httpx.create_ssl_context) -> Outcome:
+    """Send a test delivery (``body``, signed as ``msg_id``) to ``url`` now, as deliveries are
+    sent (the same targets refused, the same timeout), outside the log and the deliveries owed:
+    what the endpoint answered, recorded nowhere."""
+    started = time.perf_counter()
+    client = http.Client(ssl_context, keep_alive=0)
+    try:
+        try:
+            target = await targets.resolve(url, allow)
+        except targets.RefusedTarget as exc:
+            return Outcome(None, round((time.perf_counter() - started) * 1000), f"refused: {exc}")
+        return await post_signed(client, target, msg_id, secrets, body, timeout=timeout)
+    finally:
+        await client.aclose()
 
 
 def _client_span(tracing: Tracing, target: targets.Target, traceparent: str | None, endpoint_id: str) -> trace.Span | None:

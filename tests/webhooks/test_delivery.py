@@ -1414,3 +1414,43 @@ async def test_an_endpoint_keeps_the_gaps_of_its_earlier_disablings_only_while_t
     for _ in range(3):
         *_, gaps = await cycle()
         assert gaps == []  # the recorder is past every gap: none is kept
+
+
+async def test_a_test_delivery_is_sent_now_signed_and_answered_with_what_the_receiver_answered(
+        network: Network, receiver: Receiver) -> None:
+    """``POST /webhooks/{id}/test``: a signed delivery, marked a test (``webhook.test``, no place in
+    the log), sent now; the answer is the receiver's (status, time, error in words, the start of its
+    answer). It is neither owed nor listed, is not retried, and changes nothing of how the endpoint
+    fares — a disabled endpoint is sent it too."""
+    from bus.server import free_port
+
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    receiver.answer("/ping", Answer(200, body=b"pong"), Answer(500, body=b"broken"))
+    endpoint = await register(gateway, owner, receiver.url("/ping"))
+    path = f"/webhooks/{endpoint['id']}"
+
+    sent = await gateway.client.post(f"{path}/test", headers=auth)
+    assert sent.status_code == 200, sent.text
+    answer = sent.json()
+    assert answer["delivered"] is True and answer["status_code"] == 200 and answer["error"] is None
+    assert answer["response"] == "pong" and answer["latency_ms"] >= 0 and answer["id"].startswith("test_")
+    (received,) = receiver.at("/ping")
+    event = received.verify(endpoint["secret"])  # signed as every delivery is
+    assert received.headers["webhook-id"] == event["id"] == answer["id"]
+    assert event["type"] == "webhook.test" and event["subject"] == endpoint["id"] and event["specversion"] == "1.0"
+    assert received.headers["content-type"] == "application/cloudevents+json" and "collabbus-sequence" not in received.headers
+
+    failed = (await gateway.client.post(f"{path}/test", headers=auth)).json()
+    assert (failed["delivered"], failed["status_code"], failed["error"], failed["response"]) == (False, 500, "HTTP 500", "broken")
+    await asyncio.sleep(SCHEDULE[1] + 1.0)  # past when a retry would come
+    assert len(receiver.at("/ping")) == 2 and await deliveries(gateway, owner, endpoint["id"]) == []
+    shown = (await gateway.client.get(path, headers=auth)).json()
+    assert shown["failing_since"] is None and shown["last_success_at"] is None and shown["enabled"] is True
+
+    assert (await gateway.client.patch(path, json={"enabled": False, "url": f"http://127.0.0.1:{free_port()}/nobody"},
+                                       headers=auth)).status_code == 200
+    nobody = (await gateway.client.post(f"{path}/test", headers=auth)).json()
+    assert nobody["delivered"] is False and nobody["status_code"] is None and "ConnectionRefusedError" in nobody["error"]
+    problem(await gateway.client.post(f"{path}/test", headers=gateway.auth(await gateway.join("ngo"))), 404, "not_found")
