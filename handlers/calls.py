@@ -7,7 +7,6 @@ events about it are emitted in the publisher's name.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
@@ -38,7 +37,7 @@ from schemas.calls import (
     CallPublished,
     FullProposalSubmitted,
 )
-from schemas.common import unknown_name
+from schemas.common import nearest, unknown_name
 
 
 class Call(TableRow, table=True):
@@ -262,8 +261,8 @@ def _meant(session: Session, refusal: Refusal | None, data: ApplicationSubmitted
 
 def _call_meant(session: Session, refusal: Refusal, call_id: str) -> Refusal:
     """An ``unknown_call`` naming the call most likely meant."""
-    near = difflib.get_close_matches(call_id, list(session.exec(select(Call.call_id))), n=1, cutoff=0.6)
-    return Refusal(refusal.code, f"There is no call {call_id!r}; did you mean {near[0]!r}?") if near else refusal
+    near = nearest(call_id, session.exec(select(Call.call_id)))
+    return Refusal(refusal.code, f"There is no call {call_id!r}; did you mean {near!r}?") if near else refusal
 
 
 def _application(session: Session, call_id: str, application_id: str) -> ApplicationSnapshot | None:

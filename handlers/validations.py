@@ -7,7 +7,6 @@ domains' tables, read here with plain SQL so this module depends on their column
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, cast
@@ -27,7 +26,7 @@ from handlers.projects import Project, ProjectPartner
 from handlers.rows import TableRow
 from handlers.rules import validations as rules
 from handlers.session import children
-from schemas.common import CRITERIA, Criterion
+from schemas.common import CRITERIA, Criterion, nearest
 from schemas.validations import (
     CriterionScores,
     InfoProvided,
@@ -254,8 +253,8 @@ def check_request(ctx: Context) -> None:
 def _meant(refusal: rules.Refusal, name: str, candidates: Iterable[str]) -> rules.Refusal:
     """``refusal`` of a name that names nothing, with the nearest of ``candidates``, which is most
     often what was meant (a typo in an id)."""
-    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return rules.Refusal(refusal.code, f"{refusal.message}; did you mean {near[0]!r}?") if near else refusal
+    near = nearest(name, candidates)
+    return rules.Refusal(refusal.code, f"{refusal.message}; did you mean {near!r}?") if near else refusal
 
 
 def check_action(ctx: Context) -> None:

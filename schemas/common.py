@@ -518,9 +518,17 @@ def _count_words(error: Mapping[str, Any]) -> str | None:
         f", not {actual}" if isinstance(actual, int) else "")
 
 
+def nearest(name: str, candidates: Iterable[str]) -> str | None:
+    """The one of ``candidates`` nearest to ``name``, which is most often what was meant by a name
+    that names nothing (a typo in an id); None when none is near enough. Every "did you mean" of an
+    unknown id or name asks this one, so they all suggest alike."""
+    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
 def unknown_name(name: str, what: str, known: Iterable[str], rest: str = "") -> str:
     """What to say of a name that is not one of ``known`` (``what`` it is not), with the nearest of
-    them, which is most often what was meant: ``'sujbect' is not an attribute …; did you mean
-    'subject'?`` and then ``rest`` (what the names are, say)."""
-    near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f"{name!r} is not {what}" + (f"; did you mean {near[0]!r}?" if near else "") + rest
+    them (:func:`nearest`): ``'sujbect' is not an attribute …; did you mean 'subject'?`` and then
+    ``rest`` (what the names are, say)."""
+    near = nearest(name, known)
+    return f"{name!r} is not {what}" + (f"; did you mean {near!r}?" if near else "") + rest

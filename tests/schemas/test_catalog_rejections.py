@@ -356,3 +356,14 @@ def test_a_municipality_level_logged_before_the_check_is_read_as_it_was() -> Non
     data = data_of("institution.joined", kind="university", municipality_level="district")
     read = cast(InstitutionJoined, spec_for("institution.joined").adapter.validate_python(data, context={LOGGED: True}))
     assert (read.kind, read.municipality_level) == ("university", "district")
+
+
+def test_the_nearest_name_is_the_one_did_you_mean_offers() -> None:
+    """One choice of the name most likely meant, for every "did you mean": the nearest of the
+    candidates, none when none is near enough."""
+    from schemas.common import nearest, unknown_name
+
+    assert nearest("call-2026-kitchens", ["call-2026-kitchen", "call-2025-kitchens-x", "other"]) == "call-2026-kitchen"
+    assert nearest("proj-a", ["completely-different", "zzz"]) is None
+    assert nearest("x", []) is None
+    assert unknown_name("sujbect", "an attribute", iter(["subject", "source"])) == "'sujbect' is not an attribute; did you mean 'subject'?"
