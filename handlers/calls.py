@@ -133,7 +133,10 @@ class CallApplication(TableRow, table=True):
     awarded_amount: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     """``{amount, currency}`` granted with an ``awarded`` decision, when it names one."""
     comment: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
-    """The decision's comment, or the reason given for the withdrawal."""
+    """The decision's comment, or the reason given for the withdrawal (kept there too, as before
+    :attr:`withdrawal_reason`)."""
+    withdrawal_reason: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """The reason the applicant gave for withdrawing the application."""
     invited_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
     """When the invitation to a two-stage call's second stage was logged."""
     invitation_comment: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
@@ -154,8 +157,8 @@ class CallApplication(TableRow, table=True):
 
 
 def _snapshot(session: Session, call_id: str, *, received: bool = False, awarded_currency: bool = False) -> CallSnapshot | None:
-    """What the workflow rules see of a call; with ``received``, whether it received an
-    application (an amendment's currency depends on it), and with ``awarded_currency`` the
+    """What the workflow rules see of a call; with ``received``, whether it has an application
+    standing (an amendment's currency depends on it), and with ``awarded_currency`` the
     currency of its first award (that of a call without a budget's awards; a decision's). Each is
     a query of the call's applications, asked only by the events they judge: every application
     and answer reads the call."""
@@ -165,8 +168,11 @@ def _snapshot(session: Session, call_id: str, *, received: bool = False, awarded
     snapshot = call.snapshot()
     of_call = col(CallApplication.call_id) == call_id
     if received:
+        # Since rules 3, an application withdrawn, declined or lapsed is weighed no more (before,
+        # every application the call received counted, whatever became of it).
+        gone = rules.GONE if since(3) else frozenset({"rejected"})
         snapshot = replace(snapshot, received=session.exec(select(CallApplication.application_id).where(
-            of_call, col(CallApplication.status) != "rejected").limit(1)).first() is not None)
+            of_call, col(CallApplication.status).not_in(gone)).limit(1)).first() is not None)
     if awarded_currency and call.awarded is not None and snapshot.currency is None:
         first = session.exec(select(CallApplication.awarded_amount).where(
             of_call, col(CallApplication.status) == "awarded", col(CallApplication.awarded_amount).is_not(None))
@@ -468,7 +474,8 @@ def full_proposal_submitted(session: Session, event: Event[FullProposalSubmitted
 
 def application_withdrawn(session: Session, event: Event[ApplicationWithdrawn]) -> None:
     """Projected only when the workflow accepted the withdrawal."""
-    _answered(session, event, "withdrawn", {"comment": dict(event.data.reason) if event.data.reason else None})
+    reason = dict(event.data.reason) if event.data.reason else None
+    _answered(session, event, "withdrawn", {"comment": reason, "withdrawal_reason": reason})
 
 
 def application_lapsed(session: Session, event: Event[ApplicationLapsed]) -> None:

@@ -118,7 +118,7 @@ class FullProposal(Resource):
 class Application(Resource):
     """An application to a call as it stands: ``received`` or ``rejected`` (with the ``reason``)
     by the call; then ``awarded`` or ``declined`` by the call's publisher, or ``withdrawn`` by the
-    applicant (``decided_at``, and the decision's ``comment`` or the withdrawal's reason). In a
+    applicant (``decided_at``, and the decision's ``comment`` or the ``withdrawal_reason``). In a
     two-stage call a received application is ``invited`` to the second stage first
     (``invited_at``, ``invitation_comment``), then ``proposal_sent`` (``full_proposal``,
     ``full_proposal_at``), or ``lapsed`` without one when the deadline for full proposals has
@@ -139,7 +139,10 @@ class Application(Resource):
     awarded_amount: dict[str, str] | None = None
     """``{amount, currency}`` granted, when the decision names it."""
     comment: LocalizedText | None = None
-    """The publisher's comment on its decision, or the applicant's reason for withdrawing."""
+    """The publisher's comment on its decision (or the applicant's reason for withdrawing, which
+    ``withdrawal_reason`` names as such)."""
+    withdrawal_reason: LocalizedText | None = None
+    """The applicant's reason for withdrawing the application (``withdrawn``), when it gave one."""
     invited_at: datetime | None = None
     invitation_comment: LocalizedText | None = None
     full_proposal: FullProposal | None = None

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-RULES = 2
+RULES = 3
 """The version of the workflow rules this code judges by. 1: an owner's adoption of its own
 project (``own_project``), an adopter that is not a member (``unknown_adopter``), a call's deadline
 amended into the past (``deadline_in_past``) or its opening moved later once open
@@ -33,7 +33,9 @@ award without an amount on a call with a budget (``no_amount``), a call closed a
 field it changed before the window (``deadline_in_past``, ``already_open``, then
 ``invalid_window``); an application's partners that are not other members, each named once
 (``unknown_partner``, ``invalid_partner``), and its project one registered that its applicant
-owns or takes part in (``unknown_project``, ``not_project_party``)."""
+owns or takes part in (``unknown_project``, ``not_project_party``). 3: a call's budget keeps its
+currency while the call has an application standing, not one withdrawn, declined or lapsed (before,
+any application it had received kept it; ``currency_mismatch``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -22,6 +22,11 @@ invited one without a full proposal when the deadline for them has passed is ``l
 FINAL: frozenset[str] = frozenset({"awarded", "declined", "withdrawn", "lapsed"})
 """The statuses after which an application does not change any more."""
 
+GONE: frozenset[str] = frozenset({"rejected", "withdrawn", "declined", "lapsed"})
+"""The statuses of an application its call weighs no more: rejected by the call, taken back by its
+applicant, declined by the publisher, or lapsed; the others stand (``received``, ``invited``,
+``proposal_sent``, ``awarded``)."""
+
 
 @dataclass(frozen=True)
 class CallSnapshot:
@@ -44,7 +49,9 @@ class CallSnapshot:
     """The currency of the call's first award with an amount (None: none yet): a call without a
     budget keeps its awards in it, so that what it awarded stays one sum of one currency."""
     received: bool = False
-    """Whether the call has received an application (whatever became of it since)."""
+    """Whether the call has an application standing (one not :data:`GONE`: a withdrawn one is no
+    longer the call's to weigh; by rules before 3, any application it received, whatever became of
+    it since)."""
     closed_reason: str | None = None
     two_stage: bool = False
     full_proposal_deadline: datetime | None = None
@@ -186,7 +193,7 @@ def amendment_refusal(
     (``opens_at``/``deadline``/``full_proposal_deadline``: the new values, if changed;
     ``changed``: the fields the amendment sets or clears; ``budget``: the new budget's amount and
     currency, if set, which may not be less than what the call has awarded, nor in another
-    currency once it has awarded any or received an application, nor removed once it has awarded
+    currency once it has awarded any or has an application standing, nor removed once it has awarded
     any). A refusal names the field changed: a deadline moved into the past, or an opening that
     has come moved later, is named so before the window it would also break. Once a two-stage
     call's first stage is over, its deadline for full proposals may still be moved (unless the
@@ -231,8 +238,8 @@ def amendment_refusal(
                                           f"(it may be raised, or lowered to what was awarded).")
     if budget is not None and awarded > 0 and money is not None and budget[1] != money and since(1 if call.currency else 2):
         return Refusal("currency_mismatch", f"The call has awarded {_money(awarded, money)}: its budget stays in {money}.")
-    # The applications received asked in the budget's currency: the publisher could not weigh them
-    # against a budget in another one.
+    # The applications standing asked in the budget's currency: the publisher could not weigh them
+    # against a budget in another one (one withdrawn, declined or lapsed it weighs no more).
     if budget is not None and call.received and call.currency is not None and budget[1] != call.currency and since(2):
         return Refusal("currency_mismatch", f"The call has received applications asking in {call.currency}: "
                                             f"its budget stays in {call.currency}.")

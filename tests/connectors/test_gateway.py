@@ -527,7 +527,8 @@ async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applicat
         "call_id": call_id, "application_id": ours["application_id"], "decision": "awarded",
         "awarded_amount": {"amount": "75000", "currency": "EUR"}, "comment": {"en": "Funded for 18 months"},
     })
-    await gateway.offer(competitor, "call.application_withdrawn", {"call_id": call_id, "application_id": theirs["application_id"]})
+    await gateway.offer(competitor, "call.application_withdrawn", {"call_id": call_id, "application_id": theirs["application_id"],
+                                                                    "reason": {"en": "Our partner left"}})
     snooping = await gateway.offer(outsider, "call.application_withdrawn", {"call_id": call_id, "application_id": ours["application_id"]})
     await gateway.settle()
 
@@ -538,6 +539,9 @@ async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applicat
     item = (await gateway.client.get(f"{path}/{ours['application_id']}", headers=gateway.auth(partner))).json()
     assert item["awarded_amount"] == {"amount": "75000", "currency": "EUR"} and item["comment"] == {"en": "Funded for 18 months"}
     assert item["decided_at"] is not None and item["requested_amount"] == ours["requested_amount"]
+    assert item["withdrawal_reason"] is None  # (an award has none)
+    taken_back = (await gateway.client.get(f"{path}/{theirs['application_id']}", headers=gateway.auth(funder))).json()
+    assert taken_back["status"] == "withdrawn" and taken_back["withdrawal_reason"] == {"en": "Our partner left"}
     awarded = await gateway.client.get(path, params={"status": "awarded"}, headers=gateway.auth(competitor))
     assert awarded.json()["items"] == []  # a competitor learns nothing of the award
     for shown in ((await gateway.client.get(f"/calls/{call_id}", headers=gateway.auth(competitor))).json(),

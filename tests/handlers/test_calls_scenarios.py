@@ -376,7 +376,7 @@ async def test_the_applicant_withdraws_an_application_before_the_decision(scenar
     with scenario.session() as session:
         stored = session.get(CallApplication, (call_id, "app-1"))
         assert stored is not None and stored.status == "withdrawn" and stored.decided_at is not None
-        assert stored.comment == {"en": "No co-funding this year"}
+        assert stored.withdrawal_reason == {"en": "No co-funding this year"} == stored.comment  # (comment: as before)
     refused = the_only(await scenario.when(decided(call_id, "app-1")), "call.action_rejected")
     assert refused["data"]["reason"]["code"] == "already_withdrawn"
     again = the_only(await scenario.when(withdrawn(call_id, "app-1")), "call.action_rejected")
@@ -791,6 +791,21 @@ async def test_a_budget_keeps_its_currency_once_applied_to_and_its_awards_name_a
     with scenario.session() as session:
         call = session.get(Call, call_id)
         assert call is not None and call.budget == {"amount": "1500000.00", "currency": "EUR"} and call.awarded == "240000.00"
+
+
+async def test_a_budget_moves_into_another_currency_once_the_applications_asking_in_its_own_are_withdrawn(
+    scenario: Scenario, call_id: str
+) -> None:
+    """An application withdrawn (or declined) is weighed against the budget no more: it does not
+    keep the budget in its currency, as those still standing do."""
+    await scenario.given(published(call_id), application(call_id, "app-1"), application(call_id, "app-2"))
+    await scenario.given(withdrawn(call_id, "app-1"))
+    refused(await scenario.when(amended(call_id, {"budget": {"amount": "1500000.00", "currency": "USD"}})), "currency_mismatch")
+    await scenario.given(decided(call_id, "app-2", "declined"))
+    assert await scenario.when(amended(call_id, {"budget": {"amount": "1500000.00", "currency": "USD"}})) == []
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.budget == {"amount": "1500000.00", "currency": "USD"}
 
 
 async def test_a_call_is_closed_as_past_its_deadline_only_once_it_has_passed(scenario: Scenario, call_id: str) -> None:

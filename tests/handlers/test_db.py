@@ -216,8 +216,10 @@ def test_what_a_call_awarded_before_its_running_total_is_filled_in_from_its_appl
                                                    ("a-4", "awarded", None)):
                 money = '{"amount": "%s", "currency": "EUR"}' % amount if amount else None
                 connection.execute(text(application), {"call": "c-awarded", "id": application_id, "status": status, "now": now, "amount": money})
-            connection.execute(text("UPDATE alembic_version SET version_num = '0018_open_calls_deadline' WHERE version_num = '0024_call_awarded'"))
+            connection.execute(text("UPDATE alembic_version SET version_num = '0018_open_calls_deadline' "
+                                    "WHERE version_num = '0029_withdrawal_reason'"))
             connection.execute(text("ALTER TABLE calls DROP COLUMN awarded"))
+            connection.execute(text("ALTER TABLE call_applications DROP COLUMN withdrawal_reason"))  # (0029, after 0024)
         migrate(engine)
         with engine.connect() as connection:
             totals = {str(call_id): awarded for call_id, awarded in connection.execute(text("SELECT call_id, awarded FROM calls ORDER BY call_id"))}
@@ -279,5 +281,29 @@ def test_a_failing_webhook_endpoint_is_given_its_latest_attempt_as_its_last_fail
             found: dict[str, Any] = {str(row[0]): row[1] for row in connection.execute(text("SELECT id, last_failure_at FROM webhook_endpoints"))}
         assert found["ep_healthy"] is None
         assert str(found["ep_failing"]).startswith("2026-03-02 10:30:00"), found
+    finally:
+        engine.dispose()
+
+
+def test_a_withdrawal_s_reason_kept_as_the_application_s_comment_becomes_its_withdrawal_reason(database_url: str) -> None:
+    """A database from before ``call_applications.withdrawal_reason``: a withdrawn application's
+    reason was kept as its ``comment``, and is its ``withdrawal_reason`` now; a decision's comment
+    is not one."""
+    engine = make_engine(database_url)  # a migrated copy (tests/conftest.py)
+    application = ("INSERT INTO call_applications (call_id, application_id, applicant, partners, status, submitted_at, comment) "
+                   "VALUES ('c-1', :id, 'fi-diak', '[]', :status, '2026-03-01 08:00:00', :comment)")
+    try:
+        with engine.begin() as connection:
+            for application_id, status, comment in (("a-withdrawn", "withdrawn", '{"en": "No co-funding"}'), ("a-silent", "withdrawn", None),
+                                                    ("a-declined", "declined", '{"en": "Thank you"}')):
+                connection.execute(text(application), {"id": application_id, "status": status, "comment": comment})
+            connection.execute(text("UPDATE alembic_version SET version_num = '0024_call_awarded' "
+                                    "WHERE version_num = '0029_withdrawal_reason'"))
+            connection.execute(text("ALTER TABLE call_applications DROP COLUMN withdrawal_reason"))
+        migrate(engine)
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT application_id, withdrawal_reason FROM call_applications ORDER BY application_id"))
+            found = {str(row[0]): row[1] if row[1] is None or isinstance(row[1], dict) else json.loads(row[1]) for row in rows}
+        assert found == {"a-declined": None, "a-silent": None, "a-withdrawn": {"en": "No co-funding"}}
     finally:
         engine.dispose()
