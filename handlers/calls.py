@@ -156,11 +156,15 @@ class CallApplication(TableRow, table=True):
         )
 
 
-def _snapshot(session: Session, call_id: str, *, received: bool = False, awarded_currency: bool = False) -> CallSnapshot | None:
+def _snapshot(
+    session: Session, call_id: str, *, received: bool = False, awarded_currency: bool = False, requested_currency: bool = False
+) -> CallSnapshot | None:
     """What the workflow rules see of a call; with ``received``, whether it has an application
     standing (an amendment's currency depends on it), and with ``awarded_currency`` the
-    currency of its first award (that of a call without a budget's awards; a decision's). Each is
-    a query of the call's applications, asked only by the events they judge: every application
+    currency of its first award (that of a call without a budget's awards; a decision's), with
+    ``requested_currency`` (for a call without a budget, by rules 3) the currency its first
+    application standing asks in (a request's, a full proposal's, a budget's given later). Each
+    is a read of the call's applications, asked only by the events they judge: every application
     and answer reads the call."""
     call = session.get(Call, call_id)
     if call is None:
@@ -178,6 +182,12 @@ def _snapshot(session: Session, call_id: str, *, received: bool = False, awarded
             of_call, col(CallApplication.status) == "awarded", col(CallApplication.awarded_amount).is_not(None))
             .order_by(col(CallApplication.decided_at), col(CallApplication.application_id)).limit(1)).first()
         snapshot = replace(snapshot, awarded_currency=first["currency"] if first else None)
+    if requested_currency and snapshot.currency is None and since(3):
+        # (the batch's rows as they are, without a flush: the applications received before in it too)
+        asking = sorted((a.submitted_at, a.application_id, a.requested_amount["currency"])
+                        for a in children(session, CallApplication, "call_id", call_id)
+                        if a.status not in rules.GONE and a.requested_amount is not None)
+        snapshot = replace(snapshot, requested_currency=asking[0][2] if asking else None)
     return snapshot
 
 
@@ -210,16 +220,17 @@ def decide_application(ctx: Context) -> None:
     event = ctx.event
     assert event is not None
     data: ApplicationSubmitted = event.data
-    call = _snapshot(ctx.session, data.call_id)
+    call = _snapshot(ctx.session, data.call_id, requested_currency=data.requested_amount is not None)
     applicant = _applicant(ctx.session, event.source)
     previous = ctx.session.get(CallApplication, (data.call_id, data.application_id))
     # A rejected application may be submitted again under its id, by its applicant: the id stays
     # its (another applicant taking it would take its rejection's record, and be shown its request).
     duplicate = previous is not None and (previous.status != "rejected" or (previous.applicant != event.source and since(1)))
     currency = data.requested_amount.currency if data.requested_amount is not None else None
+    amount = Decimal(data.requested_amount.amount) if data.requested_amount is not None else None
     project = _project_of(ctx.session, data.project_id) if data.project_id is not None else None
     refusal = rules.application_refusal(
-        call, applicant, event.logged_at, duplicate=duplicate, currency=currency,
+        call, applicant, event.logged_at, duplicate=duplicate, currency=currency, amount=amount,
         partners=[_applicant(ctx.session, partner) for partner in data.partners], project_id=data.project_id, project=project)
     refusal = _meant(ctx.session, refusal, data, event.source)
     answer = {"call_id": data.call_id, "application_id": data.application_id, "applicant": event.source}
@@ -294,8 +305,9 @@ def decide_full_proposal(ctx: Context) -> None:
     assert event is not None
     data: FullProposalSubmitted = event.data
     currency = data.requested_amount.currency if data.requested_amount is not None else None
+    amount = Decimal(data.requested_amount.amount) if data.requested_amount is not None else None
     _judge_application_action(ctx, lambda call, application, actor: rules.full_proposal_refusal(
-        call, application, actor, event.logged_at, currency=currency))
+        call, application, actor, event.logged_at, currency=currency, amount=amount), asks=amount is not None)
 
 
 def decide_withdrawal(ctx: Context) -> None:
@@ -304,13 +316,16 @@ def decide_withdrawal(ctx: Context) -> None:
 
 
 def _judge_application_action(
-    ctx: Context, refusal_of: Callable[[CallSnapshot | None, ApplicationSnapshot | None, str], Refusal | None]
+    ctx: Context, refusal_of: Callable[[CallSnapshot | None, ApplicationSnapshot | None, str], Refusal | None], *,
+    asks: bool = False,
 ) -> None:
     """Refuse the current decision or withdrawal when ``refusal_of`` (the call, the application,
-    the actor) says why."""
+    the actor) says why (``asks``: the event asks for an amount, weighed against the call's
+    requests)."""
     event = ctx.event
     assert event is not None
-    call = _snapshot(ctx.session, event.data.call_id, awarded_currency=isinstance(event.data, ApplicationDecided))
+    call = _snapshot(ctx.session, event.data.call_id, awarded_currency=isinstance(event.data, ApplicationDecided),
+                     requested_currency=asks)
     refusal = refusal_of(call, _application(ctx.session, event.data.call_id, event.data.application_id), event.source)
     if refusal is not None:
         _refuse_action(ctx, call, refusal, application_id=event.data.application_id)
@@ -322,8 +337,9 @@ def decide_amendment(ctx: Context) -> None:
     assert event is not None
     data: CallAmended = event.data
     touches_budget = "budget" in data.changes.model_fields_set  # (given, or removed)
-    call = _snapshot(ctx.session, data.call_id, received=touches_budget, awarded_currency=touches_budget)
     budget = data.changes.budget
+    call = _snapshot(ctx.session, data.call_id, received=touches_budget, awarded_currency=touches_budget,
+                     requested_currency=budget is not None)
     refusal = rules.amendment_refusal(
         call, event.source, event.logged_at, opens_at=data.changes.opens_at, deadline=data.changes.deadline,
         full_proposal_deadline=data.changes.full_proposal_deadline, changed=frozenset(data.changes.model_fields_set),

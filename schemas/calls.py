@@ -166,6 +166,8 @@ class ApplicationRefusal(Reason):
         "invalid_partner",
         "unknown_project",
         "not_project_party",
+        "too_many_decimals",
+        "over_budget",
     ]
 
 
@@ -262,6 +264,7 @@ class CallActionRefusal(Reason):
         "already_awarded",
         "before_deadline",
         "no_amount",
+        "too_many_decimals",
     ]
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "COUNTRY_CODES",
     "CRITERIA",
     "CURRENCY_CODES",
+    "MINOR_UNITS",
     "THEMES",
     "AggregateId",
     "Changes",
@@ -61,6 +62,8 @@ __all__ = [
     "Whole",
     "WebUrl",
     "check_theme",
+    "minor_units",
+    "nearest",
     "theme_codes",
 ]
 
@@ -155,6 +158,19 @@ CURRENCY_CODES: frozenset[str] = frozenset(
     VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG
     """.split()
 )
+
+MINOR_UNITS: dict[str, int] = {
+    **{code: 0 for code in "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split()},
+    **{code: 3 for code in "BHD IQD JOD KWD LYD OMR TND".split()},
+}
+"""ISO 4217's minor units of the currencies that do not count in hundredths (every other one of
+:data:`CURRENCY_CODES` has two decimals: cents, kuruş)."""
+
+
+def minor_units(currency: str) -> int:
+    """How many decimals an amount in ``currency`` has (ISO 4217: 2 for EUR, TRY, USD; 0 for JPY,
+    ISK; 3 for KWD)."""
+    return MINOR_UNITS.get(currency, 2)
 
 
 def _member_of(codes: frozenset[str], what: str, example: str) -> AfterValidator:

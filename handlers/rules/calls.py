@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Literal
 
 from handlers.rules import Refusal, since
+from schemas.common import minor_units
 
 CallStatus = Literal["upcoming", "open", "closed"]
 ApplicationStatus = Literal["received", "rejected", "invited", "proposal_sent", "awarded", "declined", "withdrawn", "lapsed"]
@@ -56,6 +57,9 @@ class CallSnapshot:
     two_stage: bool = False
     full_proposal_deadline: datetime | None = None
     """A two-stage call's deadline for full proposals (None: no limit)."""
+    requested_currency: str | None = None
+    """For a call without a budget, the currency its first application standing (not :data:`GONE`)
+    asks in, which the others ask in too (None: none asks for an amount, or it was not read)."""
 
     @property
     def money(self) -> str | None:
@@ -113,6 +117,7 @@ def application_refusal(
     *,
     duplicate: bool = False,
     currency: str | None = None,
+    amount: Decimal | None = None,
     partners: Sequence[Applicant] = (),
     project_id: str | None = None,
     project: tuple[str, frozenset[str]] | None = None,
@@ -121,7 +126,9 @@ def application_refusal(
     ``duplicate``: the id is taken (by an application received, or one of another applicant's
     that was rejected: a rejected one may be submitted again by its applicant); ``currency``: that of the amount it requests (None: it names none). A
     request in another currency than the call's budget is refused: the publisher could not
-    weigh the requests against the budget or against each other. ``partners``: the partners it
+    weigh the requests against the budget or against each other; so is one (``amount``) in more
+    decimals than its currency has, or above the call's whole budget, and, in a call without a
+    budget, one in another currency than the requests standing (:func:`request_refusal`). ``partners``: the partners it
     names, as the membership read model knows them; ``project_id``: the project it names, and
     ``project`` that project's owner and partners (None: not registered). The partners are other
     members, each named once (a partner sees the application: a name that is no member's, most
@@ -147,7 +154,43 @@ def application_refusal(
         return Refusal("ineligible_country", f"The call is open to institutions in {_listed(call.eligible_countries)} only.")
     if since(2) and (refusal := _parties_refusal(applicant, partners, project_id, project)):
         return refusal
-    return _currency_refusal(call, currency, "request")
+    return _currency_refusal(call, currency, "request") or request_refusal(call, amount, currency)
+
+
+def request_refusal(call: CallSnapshot, amount: Decimal | None, currency: str | None) -> Refusal | None:
+    """Why an amount an application or a full proposal asks for (``amount`` in ``currency``; None:
+    none) does not stand, by rules 3: more decimals than its currency has (``too_many_decimals``:
+    no sum of money is that precise, and a typo there hides one of a larger amount), more than the
+    call's whole budget (``over_budget``: the publisher could never grant it), or, in a call
+    without a budget, another currency than the requests standing (``currency_mismatch``: the
+    publisher could not weigh them against each other)."""
+    if amount is None or currency is None or not since(3):
+        return None
+    if refusal := _precision_refusal(amount, currency, "request"):
+        return refusal
+    if call.budget is not None and call.currency == currency and amount > call.budget:
+        return Refusal("over_budget", f"The call's whole budget is {_money(call.budget, call.currency)}: a request of "
+                                      f"{_money(amount, currency)} exceeds it; ask for at most that.")
+    asked = call.requested_currency
+    if call.currency is None and asked is not None and currency != asked:
+        return Refusal("currency_mismatch", f"The call has no budget and the applications to it ask in {asked}: request "
+                                            f"the amount in {asked} too, not {currency}.")
+    return None
+
+
+def _precision_refusal(amount: Decimal, currency: str, verb: str) -> Refusal | None:
+    """``too_many_decimals`` for an amount written more precisely than its currency counts (ISO
+    4217's minor units: a cent of a euro, a whole yen), by rules 3 (``verb``: what the amount is
+    for, in the message)."""
+    places = max(0, -int(amount.normalize().as_tuple().exponent))
+    minor = minor_units(currency)
+    if places <= minor or not since(3):
+        return None
+    if minor == 0:
+        return Refusal("too_many_decimals", f"{amount:f} {currency} has decimals, and {currency} has none (ISO 4217): "
+                                            f"{verb} a whole amount.")
+    return Refusal("too_many_decimals", f"{amount:f} {currency} has {places} decimals, and {currency} has {minor} "
+                                        f"(ISO 4217): {verb} an amount of at most {minor} decimals.")
 
 
 def _parties_refusal(
@@ -243,6 +286,10 @@ def amendment_refusal(
     if budget is not None and call.received and call.currency is not None and budget[1] != call.currency and since(2):
         return Refusal("currency_mismatch", f"The call has received applications asking in {call.currency}: "
                                             f"its budget stays in {call.currency}.")
+    asked = call.requested_currency
+    if budget is not None and call.currency is None and asked is not None and budget[1] != asked and since(3):
+        return Refusal("currency_mismatch", f"The applications to the call ask in {asked}: give it a budget in {asked}, "
+                                            f"not {budget[1]}.")
     if budget is not None and budget[0] < awarded and since(1):
         return Refusal("over_budget", f"The call has awarded {_money(awarded, money)} already: its budget cannot be "
                                       f"less than that ({_money(budget[0], budget[1])}).")
@@ -309,6 +356,9 @@ def decision_refusal(
         return Refusal("currency_mismatch", f"The call has awarded {_money(call.awarded, call.awarded_currency)}: award "
                                             f"the amount in {call.awarded_currency} too, not {currency} (or give the "
                                             f"call a budget in {call.awarded_currency} first).")
+    if decision == "awarded" and amount is not None and currency is not None and (
+            refusal := _precision_refusal(amount, currency, "award")):
+        return refusal
     if decision == "awarded" and amount is None and call.budget is not None and since(2):
         return Refusal("no_amount", f"The call gives money (its budget is {_money(call.budget, call.currency)}): "
                                     "name the awarded_amount granted.")
@@ -333,10 +383,12 @@ def full_proposal_refusal(
     logged_at: datetime,
     *,
     currency: str | None = None,
+    amount: Decimal | None = None,
 ) -> Refusal | None:
     """Only the applicant sends the full proposal of an application invited to the second stage,
     once, by the call's deadline for full proposals, while the call was not cancelled or filled
-    by its publisher; an amount in the budget's currency (``currency``: that asked for, if any)."""
+    by its publisher; an amount in the budget's currency (``currency``: that asked for, if any),
+    which stands as an application's does (``amount``, :func:`request_refusal`)."""
     refusal = _applicant_action_refusal(call, application, actor, "sends its full proposal")
     if refusal is not None or call is None or application is None:
         return refusal
@@ -349,7 +401,7 @@ def full_proposal_refusal(
         return over
     if _closed_early(call):
         return Refusal("call_closed", "The call was closed by its publisher.")
-    return _currency_refusal(call, currency, "request")
+    return _currency_refusal(call, currency, "request") or request_refusal(call, amount, currency)
 
 
 def withdrawal_refusal(call: CallSnapshot | None, application: ApplicationSnapshot | None, actor: str) -> Refusal | None:

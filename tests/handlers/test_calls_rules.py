@@ -356,3 +356,82 @@ def test_an_amended_budget_is_not_less_than_the_call_awarded_nor_in_another_curr
     lowered = amend(("49999.99", "EUR"), "50000")
     assert code(lowered) == "over_budget" and lowered is not None and "awarded 50,000 EUR already" in lowered.message
     assert code(amend(("5000000", "TRY"), "50000")) == "currency_mismatch"
+
+
+# --- rules 3: what an amount asked for or awarded holds to ------------------------------------------
+
+
+def test_an_amount_has_no_more_decimals_than_its_currency() -> None:
+    """ISO 4217's minor units: two decimals for EUR and TRY, none for JPY and ISK, three for KWD;
+    trailing zeros are not decimals more."""
+    from decimal import Decimal
+
+    from handlers.rules.calls import ApplicationSnapshot, decision_refusal
+
+    call = replace(CALL, eligible_kinds=frozenset())
+
+    def asked(amount: str, currency: str) -> Refusal | None:
+        return application_refusal(call, COOPERATIVE, DURING, currency=currency, amount=Decimal(amount))
+
+    for amount, currency in (("240000.50", "EUR"), ("240000.500", "TRY"), ("1500000", "JPY"), ("1500000.00", "ISK"),
+                             ("1.125", "KWD")):
+        assert asked(amount, currency) is None, (amount, currency)
+    cents = asked("240000.005", "EUR")
+    assert code(cents) == "too_many_decimals" and cents is not None
+    assert cents.message == "240000.005 EUR has 3 decimals, and EUR has 2 (ISO 4217): request an amount of at most 2 decimals."
+    yen = asked("1500000.5", "JPY")
+    assert code(yen) == "too_many_decimals" and yen is not None and "JPY has none (ISO 4217): request a whole amount" in yen.message
+    assert code(asked("1.1255", "KWD")) == "too_many_decimals"
+    received = ApplicationSnapshot("app-1", COOPERATIVE.institution, "received")
+    award = decision_refusal(call, received, OWNER, decision="awarded", currency="EUR", logged_at=DURING, amount=Decimal("10.001"))
+    assert code(award) == "too_many_decimals" and award is not None and award.message.endswith("award an amount of at most 2 decimals.")
+    with judged_by(2):  # (a log applied before: taken, as it was)
+        assert asked("240000.005", "EUR") is None and asked("1500000.5", "JPY") is None
+        assert decision_refusal(call, received, OWNER, decision="awarded", currency="EUR", logged_at=DURING,
+                                amount=Decimal("10.001")) is None
+
+
+def test_a_request_is_not_more_than_the_calls_whole_budget() -> None:
+    from decimal import Decimal
+
+    from handlers.rules.calls import ApplicationSnapshot, full_proposal_refusal
+
+    budgeted = replace(CALL, eligible_kinds=frozenset(), currency="EUR", budget=Decimal("100000"), awarded=Decimal("90000"))
+
+    def asked(amount: str) -> Refusal | None:
+        return application_refusal(budgeted, COOPERATIVE, DURING, currency="EUR", amount=Decimal(amount))
+
+    assert asked("100000.00") is None  # (what is left is the publisher's to weigh: a request is no award)
+    over = asked("100000.01")
+    assert code(over) == "over_budget" and over is not None
+    assert over.message == "The call's whole budget is 100,000 EUR: a request of 100,000.01 EUR exceeds it; ask for at most that."
+    invited = ApplicationSnapshot("app-1", COOPERATIVE.institution, "invited")
+    two_stage = replace(budgeted, two_stage=True)
+    assert code(full_proposal_refusal(two_stage, invited, COOPERATIVE.institution, DURING, currency="EUR",
+                                      amount=Decimal("250000"))) == "over_budget"
+    with judged_by(2):
+        assert asked("100000.01") is None
+
+
+def test_a_call_without_a_budget_takes_requests_in_the_currency_of_those_standing() -> None:
+    """Its first application standing that asks for an amount names the currency the others ask
+    in, and a budget given later is in it."""
+    from decimal import Decimal
+
+    unbudgeted = replace(CALL, eligible_kinds=frozenset())
+    asking_eur = replace(unbudgeted, requested_currency="EUR")
+
+    def asked(call: CallSnapshot, currency: str) -> Refusal | None:
+        return application_refusal(call, COOPERATIVE, DURING, currency=currency, amount=Decimal("1000"))
+
+    assert asked(unbudgeted, "USD") is None and asked(asking_eur, "EUR") is None
+    dollars = asked(asking_eur, "USD")
+    assert code(dollars) == "currency_mismatch" and dollars is not None
+    assert dollars.message == ("The call has no budget and the applications to it ask in EUR: request the amount in EUR too, "
+                               "not USD.")
+    budget = amendment_refusal(asking_eur, OWNER, DURING, changed=frozenset({"budget"}), budget=(Decimal("50000"), "USD"))
+    assert code(budget) == "currency_mismatch" and budget is not None and "give it a budget in EUR, not USD" in budget.message
+    assert amendment_refusal(asking_eur, OWNER, DURING, changed=frozenset({"budget"}), budget=(Decimal("50000"), "EUR")) is None
+    with judged_by(2):
+        assert asked(asking_eur, "USD") is None
+        assert amendment_refusal(asking_eur, OWNER, DURING, changed=frozenset({"budget"}), budget=(Decimal("50000"), "USD")) is None

@@ -69,13 +69,14 @@ def published(call_id: str, *, opens_in: timedelta = -timedelta(days=1), closes_
     return envelope("call.published", by, data)
 
 
-def application(call_id: str, application_id: str, *, by: str = COOPERATIVE, currency: str = "EUR") -> dict[str, Any]:
+def application(call_id: str, application_id: str, *, by: str = COOPERATIVE, currency: str = "EUR",
+                amount: str = "240000.00") -> dict[str, Any]:
     data = {
         "call_id": call_id,
         "application_id": application_id,
         "project_id": PROJECT,
         "partners": [partner for partner in (PARTNER,) if partner != by],  # (not the applicant itself)
-        "requested_amount": {"amount": "240000.00", "currency": currency},
+        "requested_amount": {"amount": amount, "currency": currency},
     }
     return envelope("call.application_submitted", by, data)
 
@@ -216,6 +217,45 @@ async def test_an_amount_requested_in_another_currency_than_the_budgets_is_rejec
     assert "EUR" in rejection["data"]["reason"]["message"]["en"]
     received = the_only(await scenario.when(application(call_id, "app-2")), "call.application_received")
     assert received["data"]["application_id"] == "app-2"
+
+
+async def test_an_amount_with_more_decimals_than_its_currency_has_is_refused(scenario: Scenario, call_id: str) -> None:
+    """A request or an award of a fraction of a cent is no sum of money (and most often a typo):
+    rejected, or refused, saying how many decimals the currency has."""
+    await scenario.given(published(call_id))  # a budget in EUR
+    rejection = the_only(await scenario.when(application(call_id, "app-1", amount="240000.005")), "call.application_rejected")
+    assert rejection["data"]["reason"] == {"code": "too_many_decimals", "message": {
+        "en": "240000.005 EUR has 3 decimals, and EUR has 2 (ISO 4217): request an amount of at most 2 decimals."}}
+    the_only(await scenario.when(application(call_id, "app-2", amount="240000.50")), "call.application_received")
+    refusal = refused(await scenario.when(decided(call_id, "app-2", amount={"amount": "200000.125", "currency": "EUR"})),
+                      "too_many_decimals")
+    assert refusal["data"]["application_id"] == "app-2"
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-2"))
+        call = session.get(Call, call_id)
+        assert stored is not None and stored.status == "received" and call is not None and call.awarded is None
+
+
+async def test_a_request_above_the_calls_whole_budget_is_rejected(scenario: Scenario, call_id: str) -> None:
+    await scenario.given(published(call_id))  # a budget of 1,500,000 EUR
+    rejection = the_only(await scenario.when(application(call_id, "app-1", amount="15000000.00")), "call.application_rejected")
+    assert rejection["data"]["reason"]["code"] == "over_budget"
+    assert "whole budget is 1,500,000.00 EUR" in rejection["data"]["reason"]["message"]["en"]
+    the_only(await scenario.when(application(call_id, "app-2", amount="1500000.00")), "call.application_received")
+
+
+async def test_a_call_without_a_budget_takes_requests_in_the_currency_of_those_standing(scenario: Scenario, call_id: str) -> None:
+    """Its publisher weighs the requests against each other: the first standing names their
+    currency, until it is withdrawn; a budget given later is in it."""
+    await scenario.given(published(call_id), amended(call_id, {"budget": None}))
+    the_only(await scenario.when(application(call_id, "app-1", currency="TRY")), "call.application_received")
+    dollars = the_only(await scenario.when(application(call_id, "app-2", currency="USD")), "call.application_rejected")
+    assert dollars["data"]["reason"]["code"] == "currency_mismatch"
+    assert "ask in TRY: request the amount in TRY too, not USD" in dollars["data"]["reason"]["message"]["en"]
+    refused(await scenario.when(amended(call_id, {"budget": {"amount": "1000000.00", "currency": "USD"}})), "currency_mismatch")
+    await scenario.given(withdrawn(call_id, "app-1"))
+    the_only(await scenario.when(application(call_id, "app-3", currency="USD")), "call.application_received")
+    assert await scenario.when(amended(call_id, {"budget": {"amount": "1000000.00", "currency": "USD"}})) == []
 
 
 async def test_an_application_to_a_call_closed_by_its_owner_is_rejected(scenario: Scenario, call_id: str) -> None:
@@ -760,7 +800,8 @@ async def test_a_budget_with_awards_is_not_removed_and_awards_without_one_stay_i
     any currency, would be added to the first into one sum. It is refused; and a call without a
     budget awards in the currency of its first award."""
     await scenario.given(published(call_id), amended(call_id, {"budget": {"amount": "120000.00", "currency": "USD"}}),
-                         application(call_id, "app-1", currency="USD"), application(call_id, "app-2", currency="USD"))
+                         application(call_id, "app-1", currency="USD", amount="100000.00"),
+                         application(call_id, "app-2", currency="USD", amount="100000.00"))  # (within the whole budget)
     assert await scenario.when(decided(call_id, "app-1", amount={"amount": "40000", "currency": "USD"})) == []
     removed = refused(await scenario.when(amended(call_id, {"budget": None})), "already_awarded")
     assert "40,000 USD" in removed["data"]["reason"]["message"]["en"]
