@@ -184,6 +184,7 @@ def _state(session: Session, validation: Validation) -> rules.ValidationState:
         ),
         project_owner=owner,
         project_partners=partners,
+        due_by=validation.due_by,
     )
 
 

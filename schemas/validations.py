@@ -222,6 +222,7 @@ ValidationRefusalCode = Literal[
     "medians_not_from_reviews",
     "due_in_past",
     "already_open",
+    "due_after_validation",
 ]
 """The validation workflow's refusal codes (the rules decide them; the catalog carries them)."""
 

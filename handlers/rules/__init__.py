@@ -38,7 +38,8 @@ currency while the call has an application standing, not one withdrawn, declined
 any application it had received kept it; ``currency_mismatch``); an amount requested or awarded
 with more decimals than its currency has (``too_many_decimals``), a request above the call's
 whole budget (``over_budget``), a request to a call without a budget in another currency than
-the requests standing, or a budget given to it later in another one (``currency_mismatch``)."""
+the requests standing, or a budget given to it later in another one (``currency_mismatch``); a
+reviewer due after the validation it reviews (``due_after_validation``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -70,6 +70,8 @@ class ValidationState:
     project_owner: str | None = None
     """None when the validation names an ``external_ref``: the requester then counts as owner."""
     project_partners: frozenset[str] = frozenset()
+    due_by: datetime | None = None
+    """When the validation is due (None: no date)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,13 @@ def action_refusal(
             return Refusal("conflict_of_interest", _conflict_message(validation, data.reviewer))
         if (past := _past(data.due_by, now)) is not None:
             return past
+        # A review due after the validation would be late by the date the requester was given (once
+        # that date has passed, a later one is how the coordinator gives a late reviewer more time).
+        if (data.due_by is not None and validation.due_by is not None and data.due_by > validation.due_by
+                and (now is None or now < validation.due_by) and handlers.rules.since(3)):
+            return Refusal("due_after_validation", f"the reviewer's due date {data.due_by.isoformat()} is after the "
+                                                   f"validation's own, {validation.due_by.isoformat()}: give a date by then, "
+                                                   "or none (the reviewer is due with the validation)")
     elif isinstance(data, ReviewerUnassigned):
         if actor != coordinator:
             return Refusal("not_coordinator", f"only the coordinator {coordinator} unassigns reviewers")

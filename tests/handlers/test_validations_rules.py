@@ -385,3 +385,23 @@ def test_the_decision_is_the_rule_over_the_current_reviews_and_ends_the_validati
         ]
         for event_type, source, late in after:
             assert [d.data.reason.code for d in apply(event_type, source, late)] == ["already_decided"]
+
+
+def test_a_reviewer_is_not_due_after_the_validation_it_reviews() -> None:
+    """A review due after the validation would make it late by the date the requester was given;
+    once that date has passed, a later one is how a late reviewer is given more time."""
+    from handlers.rules import judged_by
+
+    now = datetime(2026, 12, 2, 9, 0, tzinfo=timezone.utc)
+    due = now + timedelta(days=60)
+    validation = replace(VALIDATION, due_by=due)
+    late = ReviewerAssigned(validation_id="val-1", reviewer="fi-soste", due_by=due + timedelta(days=1))
+    refusal = action_refusal(validation, "fi-thl", late, now=now)
+    assert refusal is not None and refusal.code == "due_after_validation"
+    assert refusal.message == (f"the reviewer's due date {late.due_by.isoformat() if late.due_by else ''} is after the validation's "
+                               f"own, {due.isoformat()}: give a date by then, or none (the reviewer is due with the validation)")
+    assert action_refusal(validation, "fi-thl", replace_due(late, due), now=now) is None  # by then
+    assert action_refusal(VALIDATION, "fi-thl", late, now=now) is None  # a validation without a date
+    assert action_refusal(validation, "fi-thl", late, now=due + timedelta(hours=1)) is None  # the validation is late already
+    with judged_by(2):
+        assert action_refusal(validation, "fi-thl", late, now=now) is None

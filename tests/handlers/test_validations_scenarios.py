@@ -437,7 +437,6 @@ async def test_a_reviewer_late_with_its_review_is_named_once_for_each_due_date(s
         validation = session.get(Validation, flow.validation_id)
         assert validation is not None and validation.due_by is not None
         due = validation.due_by  # the reviewers have no due date of their own: the validation's
-    now = datetime.now(timezone.utc)
     assert await scenario.tick(due - timedelta(seconds=1)) == []  # not late yet
     ticked = await scenario.tick(due + timedelta(days=1))
     assert [(e["type"], e["data"]["reviewer"]) for e in ticked] == [
@@ -450,12 +449,13 @@ async def test_a_reviewer_late_with_its_review_is_named_once_for_each_due_date(s
             select(ValidationReviewer).where(ValidationReviewer.validation_id == flow.validation_id))}
         assert noted == {"fi-lut": due, "fi-diak": None, "fi-soste": due}
 
-    # Assigned again with a later date of its own: named again once that one has passed, not before.
-    later = now + timedelta(days=90)
+    # Assigned again with another date of its own (by the validation's: it is logged before that
+    # one has passed): named again once that one has passed, not before.
+    later = due - timedelta(days=1)
     again = envelope("validation.reviewer_assigned", COORDINATOR,
                      {"validation_id": flow.validation_id, "reviewer": "fi-lut", "due_by": later.isoformat()})
     assert await scenario.when(again) == []
-    assert await scenario.tick(due + timedelta(days=3)) == []
+    assert await scenario.tick(later - timedelta(seconds=1)) == []
     [renamed] = await scenario.tick(later + timedelta(seconds=1))
     assert renamed["type"] == "validation.review_overdue" and renamed["data"]["reviewer"] == "fi-lut"
     assert datetime.fromisoformat(renamed["data"]["due_by"]) == later
@@ -473,3 +473,22 @@ async def test_a_reviewer_late_with_its_review_is_named_once_for_each_due_date(s
         assert ended == {decided.validation_id: "decided", withdrawn.validation_id: "withdrawn"}
         assert session.get(ValidationReviewer, (decided.validation_id, "fi-soste")) is not None
     assert await scenario.tick(later + timedelta(days=100)) == []
+
+
+async def test_a_reviewer_due_after_the_validation_is_refused_naming_both_dates(scenario: Any, flow: Workflow) -> None:
+    await open_validation(scenario, flow)
+    validation = stored(scenario, flow)
+    assert validation is not None and validation.due_by is not None
+    due = validation.due_by
+    after = envelope("validation.reviewer_assigned", COORDINATOR,
+                     {"validation_id": flow.validation_id, "reviewer": "fi-lut", "due_by": (due + timedelta(days=7)).isoformat()})
+    derived = await scenario.when(after)
+    refused(derived, after, code="due_after_validation")
+    message = derived[0]["data"]["reason"]["message"]["en"]
+    assert (due + timedelta(days=7)).isoformat() in message and f"the validation's own, {due.isoformat()}" in message
+    by_then = envelope("validation.reviewer_assigned", COORDINATOR,
+                       {"validation_id": flow.validation_id, "reviewer": "fi-lut", "due_by": due.isoformat()})
+    assert await scenario.when(by_then) == []
+    with scenario.session() as session:
+        assigned = session.exec(select(ValidationReviewer).where(ValidationReviewer.validation_id == flow.validation_id)).all()
+        assert [(r.reviewer, r.due_by) for r in assigned] == [("fi-lut", due)]
