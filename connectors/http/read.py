@@ -51,7 +51,7 @@ from handlers.validations import (
     overdue_reviewers,
     validation_view,
 )
-from schemas.common import AWARE_TIME, COUNTRY_CODES, InstitutionKind, check_theme
+from schemas.common import AWARE_TIME, COUNTRY_CODES, InstitutionKind, check_theme, nearest
 from schemas.envelope import INSTITUTION_PATTERN
 from schemas.projects import ProjectStatus
 from schemas.registry import event_types, may_emit
@@ -478,7 +478,11 @@ def get_validation(validation_id: ValidationId, viewer: Member, session: Session
     reviewer (their own) and, after the decision, everyone."""
     view = validation_view(session, validation_id, viewer)
     if view is None:
-        raise _not_found("validation", validation_id)
+        # Every member sees every validation (``/validations`` lists them): the nearest of their
+        # ids is most often the one meant (a typo in an id).
+        meant = nearest(validation_id, session.exec(select(Validation.validation_id)))
+        raise ApiProblem(404, f"no validation {validation_id!r}" + (f"; did you mean {meant!r}?" if meant else ""),
+                         kind="not_found")
     return view
 
 

@@ -729,6 +729,11 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     outsiders_view = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(outsider))).json()
     assert all("reviewed" not in r and "overdue" not in r for r in outsiders_view["reviewers"])
     assert "quorum_reachable" not in outsiders_view
+    # An id that names no validation is answered with the one most likely meant (any member sees them all).
+    typo = problem(await gateway.client.get(f"/validations/{validation_id[:-1]}", headers=gateway.auth(outsider)), 404, "not_found")
+    assert typo["detail"] == f"no validation {validation_id[:-1]!r}; did you mean {validation_id!r}?"
+    unlike = problem(await gateway.client.get("/validations/zzzz-qqqq-wwww", headers=gateway.auth(outsider)), 404, "not_found")
+    assert unlike["detail"] == "no validation 'zzzz-qqqq-wwww'"
     assert detail["requested_at"].endswith("Z")
     assert await seen_by(first) == ([first], 1)
     assert await seen_by(municipality) == ([first], 1)
