@@ -627,3 +627,83 @@ def test_a_bus_notes_from_where_its_rules_apply_the_log_and_older_events_are_jud
         assert epochs() == [(1, 0), (3, RULES)]
     finally:
         service.close()
+
+
+def test_a_log_applied_by_rules_of_version_2_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
+    """Rules before version 3 took amounts in more decimals than their currency has, requests in
+    several currencies to a call without a budget and a reviewer due after its validation, and kept
+    a budget in its currency once an application had asked in it, withdrawn since or not. A log
+    they applied is rebuilt so — in one batch, the applications received before in it read as they
+    are —, and what today's rules applied after it as they do."""
+    from datetime import timedelta
+
+    from sqlmodel import Session, col, select
+
+    from handlers.calls import Call, CallApplication
+    from handlers.network import derived_type
+    from handlers.routes import network
+    from handlers.rules import RULES
+    from handlers.validations import ValidationReviewer
+    from tests.handlers.harness import envelope
+
+    now = datetime.now(timezone.utc)
+    funder, applicant, centre, reviewer = unique("fund"), unique("coop"), unique("centre"), unique("uni")
+    budgeted, unbudgeted, validation_id = unique("c"), unique("c"), unique("v")
+    due = now + timedelta(days=60)
+
+    def joined(institution: str, kind: str) -> dict[str, Any]:
+        return envelope("institution.joined", "operator", {"id": institution, "name": {"en": institution}, "kind": kind, "country": "TR"})
+
+    def call(call_id: str, budget: dict[str, str] | None) -> dict[str, Any]:
+        return envelope("call.published", funder, {
+            "call_id": call_id, "title": {"en": call_id}, "kind": "funding", "budget": budget, "deadline_model": "single_stage",
+            "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat()})
+
+    def applied(call_id: str, application_id: str, amount: str, currency: str) -> dict[str, Any]:
+        return envelope("call.application_submitted", applicant, {
+            "call_id": call_id, "application_id": application_id, "requested_amount": {"amount": amount, "currency": currency}})
+
+    def assigned(due_by: datetime) -> dict[str, Any]:
+        return envelope("validation.reviewer_assigned", centre,
+                        {"validation_id": validation_id, "reviewer": reviewer, "due_by": due_by.isoformat()})
+
+    requested = envelope("validation.requested", applicant, {
+        "validation_id": validation_id, "external_ref": {"system": "innokyla", "id": "1234"}, "coordinator": centre,
+        "self_assessment": {"scores": {"novelty": 4}, "evidence_level": 2, "statement": {"en": "It works"}}, "due_by": due.isoformat()})
+    cents_then, cents_now = applied(budgeted, "a-1", "240000.005", "EUR"), applied(budgeted, "a-2", "100.005", "EUR")
+    lira, dollars_then, dollars_now = (applied(unbudgeted, "y-1", "1000", "TRY"), applied(unbudgeted, "y-2", "1000", "USD"),
+                                       applied(unbudgeted, "y-3", "1000", "USD"))
+    moved = envelope("call.amended", funder, {"call_id": budgeted, "changes": {"budget": {"amount": "100000", "currency": "USD"}},
+                                              "reason": {"en": "Dollars"}})
+    late_then, late_now = assigned(due + timedelta(days=30)), assigned(due + timedelta(days=31))
+    then = [joined(funder, "funder"), joined(applicant, "cooperative"), joined(centre, "competence_centre"), joined(reviewer, "university"),
+            call(budgeted, {"amount": "100000", "currency": "EUR"}), call(unbudgeted, None), cents_then, lira, dollars_then,
+            envelope("call.application_withdrawn", applicant, {"call_id": budgeted, "application_id": "a-1"}), moved,
+            requested, late_then]
+    log = [*then, cents_now, dollars_now, late_now]
+    service = NetworkService(engine, network())
+    try:
+        service.use_rules_epochs([(1, 2), (len(then) + 1, RULES)])  # (a rebuild's record: version 2 applied the first part)
+        items = [LoggedItem(seq, event, now) for seq, event in enumerate(log, 1)]
+        assert service.apply_batch(items, live=False)[:2] == (len(log), None)
+        with engine.connect() as connection:
+            answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
+                sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
+        with Session(engine) as session:
+            statuses = {(a.call_id, a.application_id): a.status for a in session.exec(
+                select(CallApplication).where(col(CallApplication.call_id).in_([budgeted, unbudgeted])))}
+            stored = session.get(Call, budgeted)
+            budget = stored.budget if stored is not None else None
+            reviewers = [(r.reviewer, r.due_by) for r in session.exec(
+                select(ValidationReviewer).where(ValidationReviewer.validation_id == validation_id))]
+    finally:
+        service.close()
+    kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None
+             for cause in (cents_then, dollars_then, moved, late_then, cents_now, dollars_now, late_now)]
+    assert kinds == [
+        "call.application_received", "call.application_received", "call.action_rejected", None,  # as version 2 judged them
+        "call.application_rejected", "call.application_rejected", "validation.action_rejected"]  # as version 3 does
+    assert statuses == {(budgeted, "a-1"): "withdrawn", (budgeted, "a-2"): "rejected", (unbudgeted, "y-1"): "received",
+                        (unbudgeted, "y-2"): "received", (unbudgeted, "y-3"): "rejected"}
+    assert budget == {"amount": "100000", "currency": "EUR"}
+    assert reviewers == [(reviewer, due + timedelta(days=30))]
