@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, Column, Text
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from handlers.institutions import UtcDateTime
@@ -57,7 +57,8 @@ class PortalEntry(_PortalState, table=True):
     """How many events the entry has produced (registered + updates)."""
     data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     """The project's facts as last emitted (what the next change is computed against)."""
-    etag: str | None = Field(default=None, max_length=256)
+    etag: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    """The version the portal gave the entry (its ETag, opaque: of any length)."""
     synced_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
 
 
@@ -74,7 +75,7 @@ class PortalPublication(_PortalState, table=True):
     project_id: str = Field(primary_key=True, max_length=128)
     entry_type: str = Field(max_length=16)
     entry_id: str | None = Field(default=None, index=True, max_length=256)
-    etag: str | None = Field(default=None, max_length=256)
+    etag: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     pushed: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     announced: bool = False
     """The ``innokyla`` external reference was accepted into the log."""

@@ -60,6 +60,8 @@ class RawPortal:
         self.entries: dict[str, bytes] = {}
         self.silent = False
         """Take requests and never answer them."""
+        self.etag = '"1"'
+        """The ETag every answer has."""
         self.server: asyncio.Server | None = None
         self.closing = asyncio.Event()
 
@@ -88,7 +90,7 @@ class RawPortal:
                     found = self.entries.get(path.removeprefix("/api/v1/entries/"))
                     status, kind, body = (200, "application/json", found) if found is not None else (404, "application/json", b"{}")
                 writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {kind}\r\ncontent-length: {len(body)}\r\n"
-                             f"etag: \"1\"\r\n\r\n".encode() + body)
+                             f"etag: {self.etag}\r\n\r\n".encode() + body)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

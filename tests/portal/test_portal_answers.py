@@ -120,6 +120,18 @@ async def test_a_portal_that_cannot_be_reached_is_said_in_words(gateway: Gateway
     assert report.error == f"the portal at {where} did not answer within 0.3 s (GET /api/v1/entries, 2 attempts)"
 
 
+async def test_an_entry_versioned_by_a_long_etag_is_synced(gateway: Gateway, network: Network, raw_portal: RawPortal) -> None:
+    """An ETag is opaque and HTTP sets it no length: one of 640 characters (a hash of the entry
+    and its revision, say) failed the page's storing on PostgreSQL, and every pass after it."""
+    raw_portal.etag = '"' + "0123456789abcdef" * 40 + '"'
+    raw_portal.list(entry("long-etag", network.organisations[0], stamp="06"))
+    report = await connector(gateway, raw_portal).sync()
+    assert report.complete and report.error is None and report.registered == 1, report.error
+    with session_scope(gateway.bus.engine) as session:
+        known = store.known_entries(session, raw_portal.url, ["long-etag"])["long-etag"]
+        assert known.etag == raw_portal.etag
+
+
 def test_each_of_the_clients_timeouts_is_said_with_its_own_limit() -> None:
     """httpx's four timeouts are four limits of the client: each is named by what did not happen
     in time, with the limit it had (its class's name said nothing to an operator)."""
