@@ -170,23 +170,21 @@ def _snapshot(
     if call is None:
         return None
     snapshot = call.snapshot()
-    of_call = col(CallApplication.call_id) == call_id
+    # The call's applications as the batch has them, without a flush (a query would write every
+    # row the batch holds first): read once, by the few events that weigh them.
+    applications = children(session, CallApplication, "call_id", call_id) if received or awarded_currency or requested_currency else []
     if received:
         # Since rules 3, an application withdrawn, declined or lapsed is weighed no more (before,
         # every application the call received counted, whatever became of it).
         gone = rules.GONE if since(3) else frozenset({"rejected"})
-        snapshot = replace(snapshot, received=session.exec(select(CallApplication.application_id).where(
-            of_call, col(CallApplication.status).not_in(gone)).limit(1)).first() is not None)
+        snapshot = replace(snapshot, received=any(a.status not in gone for a in applications))
     if awarded_currency and call.awarded is not None and snapshot.currency is None:
-        first = session.exec(select(CallApplication.awarded_amount).where(
-            of_call, col(CallApplication.status) == "awarded", col(CallApplication.awarded_amount).is_not(None))
-            .order_by(col(CallApplication.decided_at), col(CallApplication.application_id)).limit(1)).first()
-        snapshot = replace(snapshot, awarded_currency=first["currency"] if first else None)
+        awards = sorted((a.decided_at is not None, a.decided_at, a.application_id, a.awarded_amount["currency"])
+                        for a in applications if a.status == "awarded" and a.awarded_amount is not None)
+        snapshot = replace(snapshot, awarded_currency=awards[0][3] if awards else None)
     if requested_currency and snapshot.currency is None and since(3):
-        # (the batch's rows as they are, without a flush: the applications received before in it too)
         asking = sorted((a.submitted_at, a.application_id, a.requested_amount["currency"])
-                        for a in children(session, CallApplication, "call_id", call_id)
-                        if a.status not in rules.GONE and a.requested_amount is not None)
+                        for a in applications if a.status not in rules.GONE and a.requested_amount is not None)
         snapshot = replace(snapshot, requested_currency=asking[0][2] if asking else None)
     return snapshot
 

@@ -84,3 +84,33 @@ def test_adding_a_row_walks_no_cascade_and_is_what_the_orm_s_add_is(engine: Engi
     with engine.connect() as connection:
         assert connection.execute(INSTITUTIONS.select().where(INSTITUTIONS.c.id == added.id)).one().country == "SE"
     session.close()
+
+
+def test_what_a_call_s_checks_read_of_its_applications_is_read_without_flushing_the_batch(engine: Engine) -> None:
+    """A decision, an amendment or a request to a call without a budget weighs the call's
+    applications: read by a query, that wrote every row the batch held first (an amendment of a
+    big batch's call flushed all of it). They are the batch's rows as they stand, pending ones too."""
+    from handlers.calls import CallApplication, _snapshot
+
+    session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked_tables(SQLModel.metadata))
+    now = datetime.now(timezone.utc)
+    call_id = unique("c")
+    with session.begin():
+        assert session.get(Call, call_id) is None
+        session.add(Call(call_id=call_id, owner="fi-funder", title={"en": "A call"}, kind="grant", opens_at=now, deadline=now,
+                         deadline_model="single", published_at=now, awarded="100.00"))
+        for application_id, status, requested, awarded in (("a-1", "awarded", "USD", "USD"), ("a-2", "withdrawn", "EUR", None)):
+            session.add(CallApplication(call_id=call_id, application_id=application_id, applicant="fi-diak", status=status, submitted_at=now,
+                                        decided_at=now if awarded else None, requested_amount={"amount": "100.00", "currency": requested},
+                                        awarded_amount={"amount": "100.00", "currency": awarded} if awarded else None))
+        session.children(CallApplication, "call_id", call_id)  # (which calls have applications: read once a session)
+    flushes: list[int] = []
+    event.listen(session, "before_flush", lambda *_: flushes.append(1))
+    with session.begin():
+        session.add(CallApplication(call_id=call_id, application_id="a-3", applicant="fi-soste", status="received",
+                                    submitted_at=now, requested_amount={"amount": "5.00", "currency": "TRY"}))  # pending
+        snapshot = _snapshot(session, call_id, received=True, awarded_currency=True, requested_currency=True)
+        assert flushes == []
+        assert snapshot is not None and snapshot.received and snapshot.awarded_currency == "USD"
+        assert snapshot.requested_currency == "USD"  # the first standing (a-2 withdrawn, a-3 after a-1)
+    session.close()
