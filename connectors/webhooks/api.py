@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 from starlette.concurrency import run_in_threadpool
 
 from bus.streams import EVENTS_STREAM
@@ -39,6 +39,9 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 log = logging.getLogger("collabbus.webhooks")
 
 ROTATION_OVERLAP = timedelta(hours=24)
+MAX_ENDPOINTS = 50
+"""The endpoints a member may have (enabled or not): each is sent every event it asks for, by the
+one webhooks dispatcher of the bus, so one member's thousands would slow every other's."""
 """How long a rotated-out secret keeps signing, so receivers can switch at their own pace."""
 
 EndpointId = Annotated[str, Path(min_length=1, max_length=32, description="the endpoint's `id`")]
@@ -279,7 +282,7 @@ BODY_ERRORS = documented(400, 415)
 """A body that is not JSON; one sent as another media type, or none at all."""
 
 
-@router.post("", status_code=201, response_model=WebhookEndpointWithSecret, responses={**documented(401, 403, 422, 503), **BODY_ERRORS})
+@router.post("", status_code=201, response_model=WebhookEndpointWithSecret, responses={**documented(401, 403, 409, 422, 503), **BODY_ERRORS})
 async def create_endpoint(request: Request, response: Response, body: EndpointCreate, institution: Member) -> dict[str, Any]:
     """Register an endpoint; it receives the events logged from now on. Keep the secret: it is not shown again.
     The answer's ``Location`` is the endpoint's (``/webhooks/{id}``)."""
@@ -287,11 +290,17 @@ async def create_endpoint(request: Request, response: Response, body: EndpointCr
     await _check_url(request, body.url)
     after_seq = (await bus_of(request).js.stream_info(EVENTS_STREAM)).state.last_seq
     now = datetime.now(timezone.utc)
-    endpoint = await _in_transaction(
-        request,
-        lambda s: store.create_endpoint(s, institution, body.url, event_types, body.description, after_seq=after_seq, now=now,
-                                        ordered=body.ordered),
-    )
+
+    def create(session: Session) -> Endpoint:
+        held = session.exec(select(func.count()).select_from(Endpoint).where(Endpoint.institution == institution)).one()
+        if held >= MAX_ENDPOINTS:
+            raise ApiProblem(409, (
+                f"{institution} has {held} webhook endpoints, as many as a member may have: delete one it no longer uses "
+                "(DELETE /webhooks/{id}), or let one endpoint take more event types"), kind="conflict")
+        return store.create_endpoint(session, institution, body.url, event_types, body.description, after_seq=after_seq, now=now,
+                                     ordered=body.ordered)
+
+    endpoint = await _in_transaction(request, create)
     if (running := _dispatcher(request)) is not None:
         await running.endpoint_changed(endpoint.id, True)
     response.headers["location"] = f"{router.prefix}/{endpoint.id}"

@@ -242,3 +242,23 @@ async def test_a_change_naming_the_endpoints_present_state_neither_asks_where_th
         assert same.status_code == 200, same.text
     assert same.json()["enabled"] is False and same.json()["disabled_at"] == again["disabled_at"]
     assert (same.json()["disabled_after_seq"], same.json()["enabled_after_seq"]) == (again["disabled_after_seq"], None)
+
+
+async def test_a_member_has_at_most_so_many_endpoints(network: Network, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each endpoint is sent every event it asks for by the bus's one dispatcher: a member could
+    register endpoints without end (a script's loop), and slow every other member's deliveries."""
+    from connectors.webhooks import api
+
+    monkeypatch.setattr(api, "MAX_ENDPOINTS", 2)
+    gateway = await network.start()
+    owner, other = await gateway.join("municipality"), await gateway.join("ngo")
+    first = await register(gateway, owner, receiver.url("/a"))
+    await register(gateway, owner, receiver.url("/b"))
+    refused = await gateway.client.post("/webhooks", json={"url": receiver.url("/c")}, headers=gateway.auth(owner))
+    said = problem(refused, 409, "conflict")
+    assert said["detail"].startswith(f"{owner} has 2 webhook endpoints, as many as a member may have: delete one"), said
+    await register(gateway, other, receiver.url("/c"))  # another member's are its own
+    assert (await gateway.client.patch(f"/webhooks/{first['id']}", json={"enabled": False}, headers=gateway.auth(owner))).status_code == 200
+    problem(await gateway.client.post("/webhooks", json={"url": receiver.url("/c")}, headers=gateway.auth(owner)), 409, "conflict")
+    assert (await gateway.client.delete(f"/webhooks/{first['id']}", headers=gateway.auth(owner))).status_code == 204
+    await register(gateway, owner, receiver.url("/c"))
