@@ -23,7 +23,7 @@ from bus.streams import EVENTS_STREAM
 from bus.verdict import Problem
 from connectors.http.auth import Member, bus_of, engine_of
 from connectors.http.paging import DEFAULT_LIMIT, Cursor, Limit, Page, keyset_page
-from connectors.http.problems import ApiProblem, documented
+from connectors.http.problems import ApiProblem, documented, retry_after
 from connectors.webhooks import dispatcher, store, targets
 from connectors.webhooks.signing import new_secret
 from connectors.webhooks.store import Delivery, Endpoint
@@ -421,7 +421,7 @@ async def delete_endpoint(request: Request, endpoint_id: EndpointId, institution
     return Response(status_code=204)
 
 
-@router.post("/{endpoint_id}/test", response_model=TestSent, responses=documented(401, 403, 404, 422))
+@router.post("/{endpoint_id}/test", response_model=TestSent, responses=documented(401, 403, 404, 422, 429))
 async def test_endpoint(request: Request, endpoint_id: EndpointId, institution: Member) -> dict[str, Any]:
     """Send the endpoint a test delivery now, signed as deliveries are, and answer what it
     answered: its status, how long it took, what went wrong in words, the first KiB of its answer.
@@ -441,13 +441,24 @@ async def test_endpoint(request: Request, endpoint_id: EndpointId, institution: 
                  "message": "a test delivery from collabbus: not an event of the log, nothing to keep"},
     }
     running = _dispatcher(request)
-    outcome = await dispatcher.send_test(
-        endpoint.url, endpoint.signing_secrets(now), msg_id, orjson.dumps(event),
-        allow=targets.networks(bus.settings.webhook_allow_networks), timeout=running.timeout if running else dispatcher.TIMEOUT,
-        **({"ssl_context": lambda: running.ssl_context} if running else {}),
-    )
+    if endpoint.id in _TESTING:  # (each test an outgoing request of up to the delivery timeout: one at a time)
+        raise ApiProblem(429, f"a test delivery to {endpoint.id} is under way: ask again once it is answered",
+                         kind="rate_limited", headers=retry_after(1))
+    _TESTING.add(endpoint.id)
+    try:
+        outcome = await dispatcher.send_test(
+            endpoint.url, endpoint.signing_secrets(now), msg_id, orjson.dumps(event),
+            allow=targets.networks(bus.settings.webhook_allow_networks), timeout=running.timeout if running else dispatcher.TIMEOUT,
+            **({"ssl_context": lambda: running.ssl_context} if running else {}),
+        )
+    finally:
+        _TESTING.discard(endpoint.id)
     return {"id": msg_id, "attempted_at": now, "status_code": outcome.status_code, "latency_ms": outcome.latency_ms,
             "error": outcome.error, "response": outcome.response, "delivered": outcome.delivered}
+
+
+_TESTING: set[str] = set()
+"""The endpoints a test delivery is being sent to (by this bus process)."""
 
 
 # --- deliveries -----------------------------------------------------------------------------------

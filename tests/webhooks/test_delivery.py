@@ -1454,3 +1454,19 @@ async def test_a_test_delivery_is_sent_now_signed_and_answered_with_what_the_rec
     nobody = (await gateway.client.post(f"{path}/test", headers=auth)).json()
     assert nobody["delivered"] is False and nobody["status_code"] is None and "ConnectionRefusedError" in nobody["error"]
     problem(await gateway.client.post(f"{path}/test", headers=gateway.auth(await gateway.join("ngo"))), 404, "not_found")
+
+    # One test at a time to an endpoint: each is a request of the bus's, up to the delivery timeout.
+    held = asyncio.Event()
+    receiver.answer("/slow", Answer(200, hold=held))
+    assert (await gateway.client.patch(path, json={"url": receiver.url("/slow")}, headers=auth)).status_code == 200
+    first = asyncio.create_task(gateway.client.post(f"{path}/test", headers=auth))
+    for _ in range(100):
+        if receiver.at("/slow"):
+            break
+        await asyncio.sleep(0.05)
+    busy = await gateway.client.post(f"{path}/test", headers=auth)
+    assert problem(busy, 429, "rate_limited")["detail"] == f"a test delivery to {endpoint['id']} is under way: ask again once it is answered"
+    assert busy.headers["retry-after"] == "1"
+    held.set()
+    assert (await first).json()["delivered"] is True
+    assert (await gateway.client.post(f"{path}/test", headers=auth)).json()["delivered"] is True
