@@ -8,7 +8,7 @@ functions where they have one (``validation_view``, ``day_view``, ``registration
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -124,8 +124,11 @@ def _page(items: list[Any], next_cursor: str | None) -> dict[str, Any]:
     return {"items": items, "next_cursor": next_cursor}
 
 
-def _not_found(what: str, id: str) -> ApiProblem:
-    return ApiProblem(404, f"no {what} {id!r}", kind="not_found")
+def _not_found(what: str, id: str, known: Iterable[str] = ()) -> ApiProblem:
+    """404 for an id that names no ``what``, with the nearest of the ``known`` ones (those every
+    member may see), which is most often the one meant (a typo in an id)."""
+    meant = nearest(id, known)
+    return ApiProblem(404, f"no {what} {id!r}" + (f"; did you mean {meant!r}?" if meant else ""), kind="not_found")
 
 
 # --- institutions ------------------------------------------------------------------------------
@@ -190,7 +193,7 @@ def get_institution(
     """A member, or a former one (``left_at`` set): the log still names those as sources."""
     institution = session.get(Institution, institution_id)
     if institution is None:
-        raise _not_found("institution", institution_id)
+        raise _not_found("institution", institution_id, session.exec(select(Institution.id)))
     return institution.model_dump()
 
 
@@ -247,7 +250,7 @@ def list_calls(
 def _known_call(session: Any, call_id: str) -> Call:
     call = session.get(Call, call_id)
     if call is None:
-        raise _not_found("call", call_id)
+        raise _not_found("call", call_id, session.exec(select(Call.call_id)))
     return call
 
 
@@ -376,7 +379,7 @@ def get_project(project_id: ProjectId, _viewer: Member, session: SessionDep) -> 
     """A project with its partners, the adoptions of it as a good practice, and its impact reports."""
     project = session.get(Project, project_id)
     if project is None:
-        raise _not_found("project", project_id)
+        raise _not_found("project", project_id, session.exec(select(Project.project_id)))
     partners = session.exec(
         select(ProjectPartner).where(ProjectPartner.project_id == project_id).order_by(col(ProjectPartner.institution))
     ).all()
@@ -478,11 +481,7 @@ def get_validation(validation_id: ValidationId, viewer: Member, session: Session
     reviewer (their own) and, after the decision, everyone."""
     view = validation_view(session, validation_id, viewer)
     if view is None:
-        # Every member sees every validation (``/validations`` lists them): the nearest of their
-        # ids is most often the one meant (a typo in an id).
-        meant = nearest(validation_id, session.exec(select(Validation.validation_id)))
-        raise ApiProblem(404, f"no validation {validation_id!r}" + (f"; did you mean {meant!r}?" if meant else ""),
-                         kind="not_found")
+        raise _not_found("validation", validation_id, session.exec(select(Validation.validation_id)))  # (every member sees them all)
     return view
 
 
@@ -492,7 +491,7 @@ def get_validation(validation_id: ValidationId, viewer: Member, session: Session
 def _day(session: Any, day_id: str) -> dict[str, Any]:
     view = days.day_view(session, day_id)
     if view is None:
-        raise _not_found("innovation day", day_id)
+        raise _not_found("innovation day", day_id, session.exec(select(days.InnovationDay.day_id)))
     return view
 
 

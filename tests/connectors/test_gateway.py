@@ -347,6 +347,8 @@ async def test_paging_walks_a_list_without_gaps_or_duplicates(gateway: Gateway) 
         problem(await gateway.client.get("/projects", params={"cursor": cursor}, headers=auth), 400, "bad_cursor")
     problem(await gateway.client.get("/projects", params={"limit": 0}, headers=auth), 422, "invalid")
     problem(await gateway.client.get(f"/projects/{owner}-nope", headers=auth), 404, "not_found")
+    typo = problem(await gateway.client.get(f"/projects/{ids[3]}x", headers=auth), 404, "not_found")  # answered with the one meant
+    assert typo["detail"] == f"no project '{ids[3]}x'; did you mean {ids[3]!r}?"
 
 
 async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, municipality: str) -> None:
@@ -371,6 +373,8 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
     assert for_municipalities["call_id"] in found and for_all["call_id"] in found and for_ngos["call_id"] not in found
     response = await gateway.client.get(f"/calls/{for_ngos['call_id']}", headers=auth)
     assert response.json()["status"] == "open" and response.json()["eligible_kinds"] == ["ngo"]
+    typo = problem(await gateway.client.get(f"/calls/{for_ngos['call_id']}x", headers=auth), 404, "not_found")
+    assert typo["detail"] == f"no call '{for_ngos['call_id']}x'; did you mean {for_ngos['call_id']!r}?"
 
     # By deadline: the offset written as a developer writes it, also with its `+` left bare in the URL.
     soon = {**call([], []), "deadline": (now + timedelta(days=3)).isoformat()}
@@ -885,6 +889,8 @@ async def test_innovation_days_their_registrations_and_the_calendar(gateway: Gat
     meetings = await gateway.client.get(f"/innovation-days/{days[0]}/meetings", headers=auth)
     assert meetings.json() == {"items": [], "next_cursor": None}
     problem(await gateway.client.get(f"/innovation-days/{unique('day')}", headers=auth), 404, "not_found")
+    typo = problem(await gateway.client.get(f"/innovation-days/{days[0]}x", headers=auth), 404, "not_found")
+    assert typo["detail"] == f"no innovation day '{days[0]}x'; did you mean {days[0]!r}?"
 
     all_days = [d["day_id"] for page in await walk(gateway.client, "/innovation-days", auth, limit=500) for d in page]
     token = gateway.token(funder)
@@ -1207,6 +1213,8 @@ async def test_a_former_member_cannot_read_and_is_shown_as_one(gateway: Gateway,
     current = [item["id"] for page in await walk(gateway.client, "/institutions", reader, limit=500) for item in page]
     assert leaving not in current and municipality in current
     problem(await gateway.client.get("/institutions/t-nobody-here", headers=reader), 404, "not_found")
+    typo = problem(await gateway.client.get(f"/institutions/{municipality}x", headers=reader), 404, "not_found")
+    assert typo["detail"] == f"no institution '{municipality}x'; did you mean {municipality!r}?"
     wrong = problem(await gateway.client.get("/institutions/Not_An_Id", headers=reader), 422, "invalid")
     assert "an institution id" in wrong["detail"]
 
