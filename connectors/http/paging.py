@@ -42,15 +42,27 @@ def encode(key: Sequence[Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode().rstrip("=")
 
 
-def decode(cursor: str, arity: int) -> list[Any]:
-    """The sort key in a cursor; a problem (400) when it is not one of ours."""
+DESCENDING = "desc"
+"""What a cursor of a list in descending order ends with, after its sort key: it goes on in that
+order only."""
+
+
+def decode(cursor: str, arity: int, *, descending: bool = False) -> list[Any]:
+    """The sort key in a cursor; a problem (400) when it is not one of ours, or one of the list in
+    the other order."""
     try:
         key = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, binascii.Error, orjson.JSONDecodeError):
         key = None
-    if not isinstance(key, list) or len(key) != arity:
+    ordered = isinstance(key, list) and len(key) == arity + 1 and key[-1] == DESCENDING
+    if isinstance(key, list) and (len(key) == arity or ordered) and ordered != descending:
+        raise ApiProblem(400, (
+            "the cursor is of the list newest first: ask with order=desc, as for the page it came with"
+            if ordered else "the cursor is of the list oldest first: ask without order=desc, as for the page it came with"),
+            kind="bad_cursor")
+    if not isinstance(key, list) or len(key) != arity + descending:
         raise ApiProblem(400, "the cursor is not valid; use next_cursor of the previous page as it is", kind="bad_cursor")
-    return key
+    return key[:arity]
 
 
 def _python_value(column: Any, value: Any) -> Any:
@@ -99,7 +111,7 @@ def keyset_page(
     non-null), after ``cursor``; ``descending``: in the reverse order, a cursor going on towards
     the smallest. ``keep`` filters rows in Python where SQL cannot portably (themes in JSON
     lists): rows are then read in chunks until the page is full."""
-    after = [_python_value(k, v) for k, v in zip(keys, decode(cursor, len(keys)))] if cursor else None
+    after = [_python_value(k, v) for k, v in zip(keys, decode(cursor, len(keys), descending=descending))] if cursor else None
     chunk = limit + 1 if keep is None else max(limit + 1, 200)
     names = [k.key for k in keys]
     found: list[Any] = []
@@ -113,7 +125,7 @@ def keyset_page(
                 found.append(row)
                 if len(found) > limit:
                     last = found[limit - 1]
-                    return found[:limit], encode([_jsonable(getattr(last, n)) for n in names])
+                    return found[:limit], encode([_jsonable(getattr(last, n)) for n in names] + ([DESCENDING] if descending else []))
         if len(rows) < chunk:
             return found, None
         after = [getattr(rows[-1], n) for n in names]

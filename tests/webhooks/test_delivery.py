@@ -342,6 +342,13 @@ async def test_a_delivery_is_found_by_its_event_and_the_newest_are_listed_first(
     assert [d["id"] for d in await listed(order="asc")] == oldest_first
     assert [d["event_id"] for d in await listed(order="desc", event_type="project")] == [p["id"] for p in projects[::-1]]
     problem(await gateway.client.get(path, params={"order": "newest"}, headers=auth), 422, "invalid")
+    # A cursor goes on in the order of the page it came with: in the other, it skipped or repeated deliveries.
+    newest = (await gateway.client.get(path, params={"limit": 2, "order": "desc"}, headers=auth)).json()["next_cursor"]
+    oldest = (await gateway.client.get(path, params={"limit": 2}, headers=auth)).json()["next_cursor"]
+    mixed = problem(await gateway.client.get(path, params={"limit": 2, "cursor": newest}, headers=auth), 400, "bad_cursor")
+    assert mixed["detail"] == "the cursor is of the list newest first: ask with order=desc, as for the page it came with"
+    mixed = problem(await gateway.client.get(path, params={"limit": 2, "cursor": oldest, "order": "desc"}, headers=auth), 400, "bad_cursor")
+    assert mixed["detail"] == "the cursor is of the list oldest first: ask without order=desc, as for the page it came with"
 
 
 async def test_a_delivery_sent_again_while_its_attempt_is_under_way_is_not_undone_by_it(network: Network, receiver: Receiver) -> None:
