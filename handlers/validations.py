@@ -112,6 +112,10 @@ class ValidationReview(TableRow, table=True):
     comments: dict[str, str] | None = _json()
     submitted_at: datetime = _when(nullable=False)
     revision: int = 1
+    counted: bool | None = None
+    """Whether the decision counted the review (its reviewer had no stake in the practice then),
+    set when the validation is decided; None before (and for a decision applied before it was
+    kept: then judged by the stakes as they are)."""
 
 
 class InfoRequest(TableRow, table=True):
@@ -186,6 +190,11 @@ def _state(session: Session, validation: Validation) -> rules.ValidationState:
         project_partners=partners,
         due_by=validation.due_by,
     )
+
+
+def _counted(state: rules.ValidationState, review: ValidationReview) -> bool:
+    """Whether ``review`` counts: as the decision counted it, else as its reviewer's stakes are now."""
+    return review.counted if review.counted is not None else not rules.is_conflicted(state, review.reviewer)
 
 
 def _review(row: ValidationReview) -> rules.Review:
@@ -418,6 +427,11 @@ def on_decided(session: Session, event: Event[ValidationDecided]) -> None:
     validation.median_scores = dict(data.median_scores)
     validation.decided_by = data.decided_by
     validation.decided_at = event.logged_at
+    # Which reviews the decision stood on, as the stakes were then: a partner joining the project
+    # later does not make a review it counted one it did not.
+    state = _state(session, validation)
+    for review in _reviews(session, data.validation_id):
+        review.counted = not rules.is_conflicted(state, review.reviewer)
 
 
 def on_withdrawn(session: Session, event: Event[ValidationWithdrawn]) -> None:
@@ -601,13 +615,14 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
     parties = {state.coordinator, state.requester, *state.reviewers}
     reviews = _reviews(session, validation_id)
     if viewer in parties:  # who has reviewed, and who is late, is the workflow's own business
-        reviewed = {r.reviewer for r in reviews}
+        reviewed = {r.reviewer: r for r in reviews}
         now = datetime.now(timezone.utc)
         eligible = 0
         for shown, row in zip(view["reviewers"], reviewers):
             progress = _progress(validation, row, row.reviewer in reviewed, now)
             free = not rules.is_conflicted(state, row.reviewer)
-            shown.update(reviewed=progress["reviewed"], counted=progress["reviewed"] and free, overdue=progress["overdue"])
+            counted = progress["reviewed"] and _counted(state, reviewed[row.reviewer])
+            shown.update(reviewed=progress["reviewed"], counted=counted, overdue=progress["overdue"])
             eligible += free
         view["quorum_reachable"] = state.status not in rules.OPEN or eligible >= validation.quorum
     if state.status == "decided" or viewer in parties:
@@ -620,7 +635,7 @@ def validation_view(session: Session, validation_id: str, viewer: str) -> dict[s
                 "comments": r.comments,
                 "submitted_at": _iso(r.submitted_at),
                 "revision": r.revision,
-                "counted": not rules.is_conflicted(state, r.reviewer),
+                "counted": _counted(state, r),
             }
             for r in rules.visible_reviews(state, reviews, viewer)
         ]

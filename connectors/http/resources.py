@@ -240,7 +240,7 @@ class Review(Resource):
     revision: int
     counted: bool = Field(description=(
         "whether the review counts towards the decision: its reviewer has had no stake in the practice since "
-        "(one that became a partner or the owner does not count)"))
+        "(one that became a partner or the owner does not count); once decided, whether the decision counted it"))
 
 
 class ValidationDetail(Validation):

@@ -751,11 +751,13 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
     assert await seen_by(outsider) == ([first, second], 2)
     public = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(outsider))).json()
     assert [(r["reviewer"], r["counted"]) for r in public["reviews"]] == [(first, True), (second, True)]
-    await gateway.offer(municipality, "project.partner_joined", {  # a stake: the first's review no longer counts
+    await gateway.offer(municipality, "project.partner_joined", {  # a stake gained after the decision: it stood on both reviews
         "project_id": practice["project_id"], "partner": {"institution": first, "role": "funder", "relation": "donation"}})
     await gateway.settle()
-    public = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(outsider))).json()
-    assert [(r["reviewer"], r["counted"]) for r in public["reviews"]] == [(first, False), (second, True)]
+    for viewer in (outsider, coordinator):
+        shown = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(viewer))).json()
+        assert [(r["reviewer"], r["counted"]) for r in shown["reviews"]] == [(first, True), (second, True)], viewer
+    assert [(r["reviewer"], r["counted"]) for r in shown["reviewers"]] == [(first, True), (second, True)]
     listed = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
     assert [v["validation_id"] for page in listed for v in page] == [validation_id]
     assert "reviews" not in listed[0][0]
