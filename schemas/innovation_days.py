@@ -176,12 +176,15 @@ RegistrationRefusalCode = Literal[
     "unknown_day",
     "after_deadline",
     "day_cancelled",
+    "day_held",
     "already_registered",
     "unknown_registration",
     "not_participant",
     "exceeds_capacity",
 ]
 """The registration workflow's refusal codes (the rules decide them; the catalog carries them).
+`day_held`: the organiser reported the gathering held (version 3 of the rules; before,
+`after_deadline`).
 `already_registered`: the registration id is taken, or the participant holds a confirmed or
 waitlisted registration for the day already (the message names it).
 `unknown_registration` and `not_participant` refuse a cancellation: a log from before version 2
@@ -248,7 +251,7 @@ class DayActionRefusal(Reason):
     """Why the innovation days' workflow refused an announcement, a move, a cancellation or the
     report that a day was held, or the cancellation of a registration: no live registration of that
     id for the day (`unknown_registration`), another's (`not_participant`), or registration closed
-    (`after_deadline`, `day_cancelled`)."""
+    (`after_deadline`, `day_cancelled`, `day_held`)."""
 
     code: Literal[
         "unknown_day",

@@ -39,7 +39,9 @@ any application it had received kept it; ``currency_mismatch``); an amount reque
 with more decimals than its currency has (``too_many_decimals``), a request above the call's
 whole budget (``over_budget``), a request to a call without a budget in another currency than
 the requests standing, or a budget given to it later in another one (``currency_mismatch``); a
-reviewer due after the validation it reviews (``due_after_validation``)."""
+reviewer due after the validation it reviews (``due_after_validation``); a registration or a
+cancellation of a registration for a gathering its organiser reported held is refused as
+``day_held`` (before, as ``after_deadline``, as if its deadline had merely passed)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

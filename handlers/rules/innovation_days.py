@@ -19,7 +19,9 @@ visits are all gatherings with a capacity counted in attendees. The rules:
 - waitlist positions are 1, 2, 3… in log order among the waitlisted registrations; they close up
   when a registration leaves the waitlist (promoted or cancelled), so the position of a
   registration is derived from the order and needs no event of its own;
-- nothing is accepted at or after the registration deadline (the log's acceptance time counts);
+- nothing is accepted at or after the registration deadline (the log's acceptance time counts),
+  nor once the day is cancelled (``day_cancelled``) or reported held (``day_held``; before version 3
+  of the rules ``after_deadline``);
 - matchmaking at the deadline pairs innovators and funders sharing a theme, at most
   ``MEETINGS_PER_FUNDER`` meetings per funder, no participant twice in one slot.
 
@@ -168,6 +170,9 @@ def _closed(day: DayState, at: datetime) -> Refuse | None:
     if day.status == "cancelled":
         return Refuse("day_cancelled", "the gathering is cancelled")
     if day.status == "held":
+        if since(3):
+            return Refuse("day_held", "the gathering has already taken place (its organiser reported it held): registrations "
+                          "and cancellations closed with it")
         return Refuse("after_deadline", "the gathering has already taken place")
     if at >= day.registration_deadline:
         return Refuse("after_deadline", f"registration closed at {day.registration_deadline.isoformat()}")

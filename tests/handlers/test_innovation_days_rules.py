@@ -87,7 +87,9 @@ def test_refusals() -> None:
     assert register(day(), already=True) == Refuse("already_registered", "registration r-new already exists")
     assert isinstance(refused := register(None), Refuse) and refused.code == "unknown_day"
     assert isinstance(refused := register(day(status="cancelled")), Refuse) and refused.code == "day_cancelled"
-    assert isinstance(refused := register(day(status="held")), Refuse) and refused.code == "after_deadline"
+    assert isinstance(refused := register(day(status="held")), Refuse) and refused.code == "day_held"
+    with judged_by(2):  # a log applied before version 3 was refused as after the deadline
+        assert isinstance(refused := register(day(status="held")), Refuse) and refused.code == "after_deadline"
     assert isinstance(refused := register(day(), at=DEADLINE), Refuse) and refused.code == "after_deadline"
     assert isinstance(register(day(), at=DEADLINE - timedelta(microseconds=1)), Confirm)
 
@@ -128,6 +130,8 @@ def test_cancellation_refusals() -> None:
     assert isinstance(refused := cancel(state, "zzz"), Refuse) and refused.code == "unknown_registration"
     assert isinstance(refused := cancel(None, "a"), Refuse) and refused.code == "unknown_registration"
     assert isinstance(refused := cancel(state, "a", by="someone-else"), Refuse) and refused.code == "not_participant"
+    held = day(10, confirmed("a", 4), status="held")
+    assert isinstance(refused := cancel(held, "a"), Refuse) and refused.code == "day_held" and "held" in refused.message
     assert isinstance(refused := cancel(state, "a", at=DEADLINE), Refuse) and refused.code == "after_deadline"
     cancelled = day(10, confirmed("a", 4), status="cancelled")
     assert isinstance(refused := cancel(cancelled, "a"), Refuse) and refused.code == "day_cancelled"

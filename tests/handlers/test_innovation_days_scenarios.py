@@ -352,6 +352,22 @@ async def test_a_cancellation_after_the_deadline_is_rejected(scenario: Scenario)
 
 
 @pytest.mark.usefixtures("members")
+async def test_a_day_held_refuses_registrations_and_cancellations_as_held(scenario: Scenario) -> None:
+    """Once the organiser reports the day held, a cancellation (and a registration) is refused
+    saying so (day_held): after_deadline told the participant its deadline had passed, while
+    registration was still open."""
+    day = Day.fresh()
+    seated = day.registration(MERSIN, 2)
+    await scenario.given(day.scheduled(), seated, day.held())
+
+    late = day.cancellation(seated)
+    refused = assert_cancellation_refused(await scenario.when(late), late, "day_held")
+    assert "held" in refused["data"]["reason"]["message"]["en"]
+    assert assert_rejected(await scenario.when(day.registration(AMMAN)), "day_held")["data"]["reason"]["message"]["en"]
+    assert registrations_of(scenario, day.day_id)[rid(seated)] == "confirmed"
+
+
+@pytest.mark.usefixtures("members")
 async def test_registrations_to_an_unknown_or_cancelled_day_are_rejected(scenario: Scenario) -> None:
     unknown = Day.fresh()
     assert_rejected(await scenario.when(unknown.registration(MERSIN)), "unknown_day", source=MERSIN)
