@@ -222,8 +222,8 @@ def decide_day_action(ctx: Context) -> None:
     assert event is not None
     data = event.data
     day = ctx.session.get(InnovationDay, data.day_id)
-    facts = None if day is None else rules.DayFacts(day.organizer, cast(rules.DayStatus, day.status))
-    refusal = rules.day_action_refusal(facts, event.type.removeprefix("innovation_day."), event.source)
+    facts = None if day is None else rules.DayFacts(day.organizer, cast(rules.DayStatus, day.status), _utc(day.starts_at))
+    refusal = rules.day_action_refusal(facts, event.type.removeprefix("innovation_day."), event.source, _utc(event.logged_at))
     if refusal is None:
         return
     ctx.refuse_action(refusal, source=day.organizer if day is not None else event.source)

@@ -249,7 +249,8 @@ class MeetingsProposed(EventData):
 
 class DayActionRefusal(Reason):
     """Why the innovation days' workflow refused an announcement, a move, a cancellation or the
-    report that a day was held, or the cancellation of a registration: no live registration of that
+    report that a day was held (`not_started`: before it started), or the cancellation of a
+    registration: no live registration of that
     id for the day (`unknown_registration`), another's (`not_participant`), or registration closed
     (`after_deadline`, `day_cancelled`, `day_held`)."""
 
@@ -259,6 +260,7 @@ class DayActionRefusal(Reason):
         "not_organizer",
         "day_cancelled",
         "day_held",
+        "not_started",
         "unknown_registration",
         "not_participant",
         "after_deadline",

@@ -41,7 +41,8 @@ whole budget (``over_budget``), a request to a call without a budget in another 
 the requests standing, or a budget given to it later in another one (``currency_mismatch``); a
 reviewer due after the validation it reviews (``due_after_validation``); a registration or a
 cancellation of a registration for a gathering its organiser reported held is refused as
-``day_held`` (before, as ``after_deadline``, as if its deadline had merely passed)."""
+``day_held`` (before, as ``after_deadline``, as if its deadline had merely passed); the report
+that a gathering was held before it started (``not_started``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -141,14 +141,17 @@ class DayFacts:
 
     organizer: str
     status: DayStatus
+    starts_at: datetime | None = None
+    """When it starts (None: not known, the report that it was held is not judged by it)."""
 
 
-def day_action_refusal(day: DayFacts | None, action: str, actor: str) -> Refusal | None:
-    """Why ``action`` (``scheduled``, ``rescheduled``, ``cancelled``, ``held``) by ``actor`` is
-    refused, or None when it stands.
+def day_action_refusal(day: DayFacts | None, action: str, actor: str, at: datetime | None = None) -> Refusal | None:
+    """Why ``action`` (``scheduled``, ``rescheduled``, ``cancelled``, ``held``) by ``actor``,
+    accepted into the log at ``at``, is refused, or None when it stands.
 
     A day id is announced once; only its organiser moves, cancels or reports it, while it is
-    scheduled. (Whether its meetings were proposed is no rule's business: the matchmaking is a
+    scheduled; it is reported held once it has started (a report before closes its registration
+    and its matchmaking for good, and cannot be taken back). (Whether its meetings were proposed is no rule's business: the matchmaking is a
     timer's, logged after the events before it were applied, so a replay in log order could see
     the day otherwise.)"""
     if action == "scheduled":
@@ -162,6 +165,9 @@ def day_action_refusal(day: DayFacts | None, action: str, actor: str) -> Refusal
         return Refusal("day_cancelled", "the gathering is cancelled")
     elif day.status == "held":
         return Refusal("day_held", "the gathering has already taken place")
+    elif action == "held" and day.starts_at is not None and at is not None and at < day.starts_at and since(3):
+        return Refusal("not_started", f"the gathering starts at {day.starts_at.isoformat()}: it can be reported held once "
+                       "it has started (to move it, send innovation_day.rescheduled)")
     return None
 
 

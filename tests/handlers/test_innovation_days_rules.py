@@ -12,10 +12,12 @@ from handlers.rules import judged_by
 from handlers.rules.innovation_days import (
     Candidate,
     Confirm,
+    DayFacts,
     DayState,
     Refuse,
     Seat,
     Waitlist,
+    day_action_refusal,
     decide_cancellation,
     decide_registration,
     promotions,
@@ -92,6 +94,16 @@ def test_refusals() -> None:
         assert isinstance(refused := register(day(status="held")), Refuse) and refused.code == "after_deadline"
     assert isinstance(refused := register(day(), at=DEADLINE), Refuse) and refused.code == "after_deadline"
     assert isinstance(register(day(), at=DEADLINE - timedelta(microseconds=1)), Confirm)
+
+
+def test_a_day_is_reported_held_once_it_has_started() -> None:
+    facts = DayFacts("fi-thl", "scheduled", NOON)
+    refused = day_action_refusal(facts, "held", "fi-thl", NOON - timedelta(seconds=1))
+    assert refused is not None and refused.code == "not_started" and NOON.isoformat() in refused.message
+    assert day_action_refusal(facts, "held", "fi-thl", NOON) is None
+    assert day_action_refusal(facts, "cancelled", "fi-thl", NOON - timedelta(days=1)) is None  # (called off before it starts)
+    with judged_by(2):  # a log applied before version 3 took the report at any time
+        assert day_action_refusal(facts, "held", "fi-thl", NOON - timedelta(days=1)) is None
 
 
 # --- cancellation and promotion ---------------------------------------------------------------

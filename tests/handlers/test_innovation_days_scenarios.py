@@ -130,6 +130,13 @@ class Day:
             data["registration_deadline"] = _iso(deadline)
         return envelope("innovation_day.rescheduled", by, data)
 
+    def begun(self, *, by: str = ORGANIZER) -> dict[str, Any]:
+        """The organiser moves the day to have begun a minute ago (registration closes with it):
+        a day is reported held once it has started."""
+        started = datetime.now(timezone.utc) - timedelta(minutes=1)
+        return envelope("innovation_day.rescheduled", by, {
+            "day_id": self.day_id, "starts_at": _iso(started), "ends_at": _iso(started + timedelta(hours=2))})
+
     def cancelled(self, *, by: str = ORGANIZER) -> dict[str, Any]:
         return envelope("innovation_day.cancelled", by, {"day_id": self.day_id, "reason": {"en": "storm warning"}})
 
@@ -224,11 +231,31 @@ async def test_only_the_organiser_reschedules_cancels_or_marks_a_day_held(scenar
     assert datetime.fromisoformat(moved["starts_at"]) == day.starts_at + timedelta(days=1)
     assert datetime.fromisoformat(moved["registration_deadline"]) == new_deadline
 
-    await scenario.when(day.held())
+    await scenario.given(day.begun(), day.held())
     held = view(scenario, day.day_id)
     assert (held["status"], held["held_attendees"]) == ("held", 7)
     for late in (day.cancelled(), day.rescheduled(deadline=new_deadline)):  # a day held stays held
         assert the_only(await scenario.when(late), "innovation_day.action_rejected")["data"]["reason"]["code"] == "day_held"
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_day_is_reported_held_once_it_has_started(scenario: Scenario) -> None:
+    """A report that the day was held before it started closed its registration and matchmaking
+    for good: it is refused (not_started), saying when it starts and how to move it."""
+    day = Day.fresh()
+    seated = day.registration(MERSIN, 2)
+    await scenario.given(day.scheduled(), seated)
+
+    early = day.held()
+    refusal = the_only(await scenario.when(early), "innovation_day.action_rejected")
+    assert (refusal["causationid"], refusal["data"]["reason"]["code"]) == (early["id"], "not_started")
+    assert day.starts_at.isoformat() in refusal["data"]["reason"]["message"]["en"]
+    assert (view(scenario, day.day_id)["status"], view(scenario, day.day_id)["held_attendees"]) == ("scheduled", None)
+    assert only(await scenario.when(day.registration(AMMAN)))["type"] == "innovation_day.registration_confirmed"
+
+    await scenario.given(day.begun())
+    assert await scenario.when(day.held()) == []
+    assert view(scenario, day.day_id)["status"] == "held"
 
 
 @pytest.mark.usefixtures("members")
@@ -358,7 +385,7 @@ async def test_a_day_held_refuses_registrations_and_cancellations_as_held(scenar
     registration was still open."""
     day = Day.fresh()
     seated = day.registration(MERSIN, 2)
-    await scenario.given(day.scheduled(), seated, day.held())
+    await scenario.given(day.scheduled(), seated, day.begun(), day.held())
 
     late = day.cancellation(seated)
     refused = assert_cancellation_refused(await scenario.when(late), late, "day_held")
