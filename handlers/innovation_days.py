@@ -277,6 +277,15 @@ def decide_registration(ctx: Context) -> None:
         )
 
 
+def _ended(session: Session, day_id: str, registration_id: str) -> rules.Ended | None:
+    """The day's registration of that id if it is cancelled or refused (among the day's
+    registrations the state was read from: no query, no flush of the batch)."""
+    found = next((r for r in children(session, Registration, "day_id", day_id) if r.registration_id == registration_id), None)
+    if found is None or found.status not in ("cancelled", "rejected"):
+        return None
+    return rules.Ended(found.registration_id, found.participant, cast(Any, found.status))
+
+
 def decide_cancellation(ctx: Context) -> None:
     """Refuse a cancellation, or promote the waitlisted registrations it makes room for.
 
@@ -288,7 +297,9 @@ def decide_cancellation(ctx: Context) -> None:
     data: RegistrationCancelled = ctx.event.data
     day = _day_state(ctx.session, data.day_id)
     decision = rules.decide_cancellation(
-        day, registration_id=data.registration_id, by=ctx.event.source, at=_utc(ctx.event.logged_at)
+        day, registration_id=data.registration_id, by=ctx.event.source, at=_utc(ctx.event.logged_at),
+        ended=None if day is None or any(s.registration_id == data.registration_id for s in day.seats)
+        else _ended(ctx.session, data.day_id, data.registration_id),
     )
     if isinstance(decision, rules.Refuse):
         if since(2):

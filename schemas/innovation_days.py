@@ -251,7 +251,8 @@ class DayActionRefusal(Reason):
     """Why the innovation days' workflow refused an announcement, a move, a cancellation or the
     report that a day was held (`not_started`: before it started), or the cancellation of a
     registration: no live registration of that
-    id for the day (`unknown_registration`), another's (`not_participant`), or registration closed
+    id for the day (`unknown_registration`), one its participant cancelled already
+    (`already_cancelled`, version 3 of the rules), another's (`not_participant`), or registration closed
     (`after_deadline`, `day_cancelled`, `day_held`)."""
 
     code: Literal[
@@ -262,6 +263,7 @@ class DayActionRefusal(Reason):
         "day_held",
         "not_started",
         "unknown_registration",
+        "already_cancelled",
         "not_participant",
         "after_deadline",
     ]

@@ -42,7 +42,8 @@ the requests standing, or a budget given to it later in another one (``currency_
 reviewer due after the validation it reviews (``due_after_validation``); a registration or a
 cancellation of a registration for a gathering its organiser reported held is refused as
 ``day_held`` (before, as ``after_deadline``, as if its deadline had merely passed); the report
-that a gathering was held before it started (``not_started``)."""
+that a gathering was held before it started (``not_started``); its participant's cancellation of
+a registration it cancelled already (``already_cancelled``, before ``unknown_registration``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -48,6 +48,7 @@ __all__ = [
     "Candidate",
     "Confirm",
     "DayState",
+    "Ended",
     "ProposedMeeting",
     "Refuse",
     "Seat",
@@ -68,7 +69,7 @@ SLOT_LENGTH = timedelta(minutes=20)
 
 DayStatus = Literal["scheduled", "cancelled", "held"]
 SeatStatus = Literal["confirmed", "waitlisted"]
-RefusalCode = RegistrationRefusalCode
+RefusalCode = RegistrationRefusalCode | Literal["already_cancelled"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ class Seat:
     attendees: int
     status: SeatStatus
     position: int | None = None
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A registration of the day that holds no seat or place any more: cancelled, or refused."""
+
+    registration_id: str
+    participant: str
+    status: Literal["cancelled", "rejected"]
 
 
 @dataclass(frozen=True)
@@ -200,7 +210,8 @@ def decide_registration(
     joins the end of the waitlist (strict FIFO: a small late request does not overtake).
     """
     if already_registered:
-        return Refuse("already_registered", f"registration {registration_id} already exists")
+        return Refuse("already_registered", f"the registration id {registration_id} is taken already (by a registration "
+                      "made, cancelled or refused before): send the request under a new registration_id")
     if day is None:
         return Refuse("unknown_day", "no such gathering")
     if (closed := _closed(day, at)) is not None:
@@ -223,11 +234,21 @@ def decide_cancellation(
     registration_id: str,
     by: str,
     at: datetime,
+    ended: Ended | None = None,
 ) -> list[Confirm] | Refuse:
     """Answer a cancellation by ``by`` at ``at``: refuse it, or list the waitlisted registrations
-    it promotes (strict FIFO, see the module docstring)."""
+    it promotes (strict FIFO, see the module docstring). ``ended``: the day's registration of that
+    id when it is no longer live, so that its participant learns what became of it (cancelled
+    already, or refused) rather than that there is no such registration."""
     seat = next((s for s in day.seats if s.registration_id == registration_id), None) if day else None
     if day is None or seat is None:
+        if ended is not None and ended.participant == by:
+            if ended.status == "cancelled" and since(3):
+                return Refuse("already_cancelled", f"registration {registration_id} was cancelled already: it holds no seat "
+                              "and no place on the waitlist")
+            if ended.status == "rejected":
+                return Refuse("unknown_registration", f"registration {registration_id} was refused, never seated or "
+                              "waitlisted: there is nothing to cancel")
         return Refuse("unknown_registration", f"no live registration {registration_id} for this gathering")
     if seat.participant != by:
         return Refuse("not_participant", "only the registered participant may cancel")

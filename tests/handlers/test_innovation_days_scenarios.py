@@ -472,10 +472,35 @@ async def test_only_the_participant_cancels_a_live_registration(scenario: Scenar
     assert_cancellation_refused(await scenario.when(unknown), unknown, "unknown_registration")
     assert await scenario.when(day.cancellation(seated)) == []
     again = day.cancellation(seated)
-    assert_cancellation_refused(await scenario.when(again), again, "unknown_registration")
+    assert_cancellation_refused(await scenario.when(again), again, "already_cancelled")
     assert view(scenario, day.day_id)["confirmed"] == 0
     with scenario.session() as session:
         assert [r["registration_id"] for r in registrations(session, day.day_id)] == [rid(seated)]
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_participant_cancelling_again_or_registering_again_is_told_what_became_of_its_registration(scenario: Scenario) -> None:
+    """A second click on "cancel" was answered that there is no such registration, and a
+    registration again under the cancelled one's id that the registration exists: the participant
+    learns it cancelled already, that a refused registration holds nothing to cancel, and that
+    a new request needs a new id."""
+    day = Day.fresh()
+    seated, too_big = day.registration(MERSIN, 2), day.registration(AMMAN, 11)
+    await scenario.given(day.scheduled(), seated, too_big, day.cancellation(seated))
+
+    again = day.cancellation(seated)
+    refused = assert_cancellation_refused(await scenario.when(again), again, "already_cancelled")
+    assert "cancelled already" in refused["data"]["reason"]["message"]["en"]
+    never = day.cancellation(too_big)
+    refused = assert_cancellation_refused(await scenario.when(never), never, "unknown_registration")
+    assert "was refused" in refused["data"]["reason"]["message"]["en"]
+    foreign = day.cancellation(seated, by=OUTSIDER)  # another's learns nothing of it
+    assert assert_cancellation_refused(await scenario.when(foreign), foreign, "unknown_registration")
+
+    reused = day.registration(MERSIN, 1, registration_id=rid(seated))
+    message = assert_rejected(await scenario.when(reused), "already_registered")["data"]["reason"]["message"]["en"]
+    assert "new registration_id" in message
+    assert registrations_of(scenario, day.day_id) == {rid(seated): "cancelled", rid(too_big): "rejected"}
 
 
 # --- matchmaking ------------------------------------------------------------------------------
