@@ -50,6 +50,7 @@ __all__ = [
     "ProposedMeetingRow",
     "Registration",
     "day_view",
+    "days_of",
     "meetings",
     "propose_meetings",
     "registrations",
@@ -688,6 +689,18 @@ READS: dict[str, Reads] = {"innovation_day.meetings_proposed": Reads("project", 
 
 
 # --- queries (the read API) -------------------------------------------------------------------
+
+
+def days_of(query: Any, *, participant: str | None = None, organizer: str | None = None) -> Any:
+    """``query`` (of days) narrowed to those ``organizer`` organises and ``participant`` holds a
+    confirmed or waitlisted registration for."""
+    if organizer is not None:
+        query = query.where(InnovationDay.organizer == organizer)
+    if participant is not None:
+        registered = select(Registration.day_id).where(
+            Registration.participant == participant, col(Registration.status).in_(LIVE))
+        query = query.where(col(InnovationDay.day_id).in_(registered))
+    return query
 
 
 def _iso(moment: datetime | None) -> str | None:

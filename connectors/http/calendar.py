@@ -16,7 +16,8 @@ from sqlmodel import col, select
 
 from connectors.http.auth import CalendarMember, SessionDep
 from connectors.http.problems import documented
-from handlers.innovation_days import InnovationDay
+from connectors.http.read import DayOrganizer, DayParticipant
+from handlers.innovation_days import InnovationDay, days_of
 
 router = APIRouter(tags=["read"])
 
@@ -86,7 +87,12 @@ def calendar_feed(
     _viewer: CalendarMember,
     session: SessionDep,
     lang: Annotated[str, Query(max_length=35, description="preferred language (BCP 47)")] = "en",
+    participant: DayParticipant = None,
+    organizer: DayOrganizer = None,
 ) -> Response:
-    """Every innovation day (and other gathering) as an iCalendar feed."""
-    days = session.exec(select(InnovationDay).order_by(col(InnovationDay.starts_at), col(InnovationDay.day_id))).all()
+    """Every innovation day (and other gathering) as an iCalendar feed; ``participant``: only
+    those an institution is registered for (a member's own calendar), ``organizer``: those it
+    organises."""
+    query = days_of(select(InnovationDay), participant=participant, organizer=organizer)
+    days = session.exec(query.order_by(col(InnovationDay.starts_at), col(InnovationDay.day_id))).all()
     return Response(feed(list(days), lang), media_type=f"{ICS}; charset=utf-8")

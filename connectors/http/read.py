@@ -88,6 +88,9 @@ ApplicationId = Annotated[str, Path(min_length=1, max_length=128, description="t
 ProjectId = Annotated[str, Path(min_length=1, max_length=128, description="the project's `project_id`")]
 ValidationId = Annotated[str, Path(min_length=1, max_length=128, description="the validation's `validation_id`")]
 DayId = Annotated[str, Path(min_length=1, max_length=128, description="the day's `day_id`")]
+DayParticipant = Annotated[str | None, Query(max_length=63, description=(
+    "gatherings this institution is registered for (confirmed or waitlisted): a member's own are `participant={its id}`"))]
+DayOrganizer = Annotated[str | None, Query(max_length=63, description="gatherings this institution organises")]
 COUNTRY = r"^[A-Za-z]{2}$"
 
 
@@ -501,11 +504,13 @@ def list_innovation_days(
     session: SessionDep,
     status: Annotated[DayStatus | None, Query(description="scheduled (ahead, or not marked held yet), cancelled or held")] = None,
     theme: Theme = None,
+    participant: DayParticipant = None,
+    organizer: DayOrganizer = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """Innovation days and other gatherings, by start."""
-    query = select(days.InnovationDay)
+    query = days.days_of(select(days.InnovationDay), participant=participant, organizer=organizer)
     if status is not None:
         query = query.where(days.InnovationDay.status == status)
     rows, next_cursor = keyset_page(

@@ -931,6 +931,30 @@ async def open_day(gateway: Gateway, organiser: str, capacity: int = 10) -> str:
     return day_id
 
 
+async def test_a_member_finds_the_gatherings_it_is_registered_for_and_has_them_in_its_calendar(gateway: Gateway) -> None:
+    """A participant found its registrations only by reading every day's registrations, and its
+    calendar held every gathering of the network: ?participant= keeps the days it holds a
+    confirmed or waitlisted registration for (not one it cancelled), ?organizer= a centre's own."""
+    organiser, other_organiser = await gateway.join("competence_centre"), await gateway.join("competence_centre")
+    participant, someone = await gateway.join("ngo"), await gateway.join("ngo")
+    full, open_, left, elsewhere = (await open_day(gateway, organiser, capacity=1), await open_day(gateway, organiser),
+                                    await open_day(gateway, organiser), await open_day(gateway, other_organiser))
+    for who, day_id in ((someone, full), (participant, full), (participant, open_), (participant, left), (someone, elsewhere)):
+        await gateway.offer(who, "innovation_day.registration_requested", {
+            "day_id": day_id, "registration_id": f"{day_id}-{who}", "participant": who, "role": "observer", "attendees": 1})
+    await gateway.offer(participant, "innovation_day.registration_cancelled", {"day_id": left, "registration_id": f"{left}-{participant}"})
+    await gateway.settle()
+
+    auth = gateway.auth(someone)
+    mine = [d["day_id"] for page in await walk(gateway.client, "/innovation-days", auth, limit=1, participant=participant) for d in page]
+    assert sorted(mine) == sorted([full, open_])  # waitlisted on the full one, confirmed on the other
+    organised = (await gateway.client.get("/innovation-days", params={"organizer": other_organiser}, headers=auth)).json()
+    assert [d["day_id"] for d in organised["items"]] == [elsewhere]
+    feed = await gateway.client.get("/innovation-days.ics", params={"token": gateway.token(participant), "participant": participant})
+    assert feed.status_code == 200
+    assert sorted(str(e["uid"]).removesuffix("@collabbus") for e in Calendar.from_ical(feed.content).walk("VEVENT")) == sorted([full, open_])
+
+
 async def test_a_refused_cancellation_is_the_cancellations_refusal_and_the_registration_stands(gateway: Gateway) -> None:
     """A member cancelling another's registration is refused. Every member (the participant too)
     sees the cancellation refused, naming who tried and the registration — at GET /events/{id}
