@@ -86,6 +86,19 @@ def test_an_institution_registers_once_per_day_while_its_registration_is_live() 
         assert register(day(2, confirmed("mine", 2, participant="p-new")), 1) == Waitlist("r-new", "p-new", 1)
 
 
+def test_a_registration_brings_a_registered_project_of_its_participants() -> None:
+    def bringing(project: tuple[str, frozenset[str]] | None) -> object:
+        return decide_registration(day(), registration_id="r-new", participant="p-new", attendees=1,
+                                   already_registered=False, at=BEFORE, project_id="kitchens", project=project)
+
+    assert isinstance(refused := bringing(None), Refuse) and refused.code == "unknown_project" and "kitchens" in refused.message
+    assert isinstance(refused := bringing(("p-owner", frozenset({"p-other"}))), Refuse) and refused.code == "not_project_party"
+    assert bringing(("p-new", frozenset())) == Confirm("r-new", "p-new", 1)
+    assert bringing(("p-owner", frozenset({"p-new"}))) == Confirm("r-new", "p-new", 1)
+    with judged_by(2):  # a log applied before version 3 took any project id
+        assert bringing(None) == Confirm("r-new", "p-new", 1)
+
+
 def test_refusals() -> None:
     assert isinstance(refused := register(day(), already=True), Refuse) and refused.code == "already_registered"
     assert "new registration_id" in refused.message
@@ -144,13 +157,13 @@ def test_cancellation_refusals() -> None:
     assert isinstance(refused := cancel(state, "zzz"), Refuse) and refused.code == "unknown_registration"
     assert isinstance(refused := cancel(None, "a"), Refuse) and refused.code == "unknown_registration"
     assert isinstance(refused := cancel(state, "a", by="someone-else"), Refuse) and refused.code == "not_participant"
-    cancelled = Ended("b", "p-b", "cancelled")
-    assert isinstance(refused := cancel(state, "b", ended=cancelled), Refuse) and refused.code == "already_cancelled"
-    assert isinstance(refused := cancel(state, "b", by="someone-else", ended=cancelled), Refuse) and refused.code == "unknown_registration"
+    gone = Ended("b", "p-b", "cancelled")
+    assert isinstance(refused := cancel(state, "b", ended=gone), Refuse) and refused.code == "already_cancelled"
+    assert isinstance(refused := cancel(state, "b", by="someone-else", ended=gone), Refuse) and refused.code == "unknown_registration"
     refused = cancel(state, "b", ended=Ended("b", "p-b", "rejected"))
     assert isinstance(refused, Refuse) and refused.code == "unknown_registration" and "was refused" in refused.message
     with judged_by(2):  # a log applied before version 3 was answered that there is no such registration
-        assert isinstance(refused := cancel(state, "b", ended=cancelled), Refuse) and refused.code == "unknown_registration"
+        assert isinstance(refused := cancel(state, "b", ended=gone), Refuse) and refused.code == "unknown_registration"
     held = day(10, confirmed("a", 4), status="held")
     assert isinstance(refused := cancel(held, "a"), Refuse) and refused.code == "day_held" and "held" in refused.message
     assert isinstance(refused := cancel(state, "a", at=DEADLINE), Refuse) and refused.code == "after_deadline"
