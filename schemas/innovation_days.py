@@ -181,12 +181,16 @@ RegistrationRefusalCode = Literal[
     "unknown_registration",
     "not_participant",
     "exceeds_capacity",
+    "unknown_project",
+    "not_project_party",
 ]
 """The registration workflow's refusal codes (the rules decide them; the catalog carries them).
 `day_held`: the organiser reported the gathering held (version 3 of the rules; before,
 `after_deadline`).
 `already_registered`: the registration id is taken, or the participant holds a confirmed or
 waitlisted registration for the day already (the message names it).
+`unknown_project`, `not_project_party`: the `project_id` names no registered project, or one its
+participant neither owns nor is a partner of (version 3 of the rules).
 `unknown_registration` and `not_participant` refuse a cancellation: a log from before version 2
 of the rules answers one in `innovation_day.registration_rejected`, later ones in
 `innovation_day.action_rejected`."""

@@ -43,7 +43,9 @@ reviewer due after the validation it reviews (``due_after_validation``); a regis
 cancellation of a registration for a gathering its organiser reported held is refused as
 ``day_held`` (before, as ``after_deadline``, as if its deadline had merely passed); the report
 that a gathering was held before it started (``not_started``); its participant's cancellation of
-a registration it cancelled already (``already_cancelled``, before ``unknown_registration``)."""
+a registration it cancelled already (``already_cancelled``, before ``unknown_registration``); a
+registration for a gathering bringing a project not registered (``unknown_project``) or not its
+participant's own or partnered (``not_project_party``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

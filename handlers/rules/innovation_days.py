@@ -203,11 +203,16 @@ def decide_registration(
     attendees: int,
     already_registered: bool,
     at: datetime,
+    project_id: str | None = None,
+    project: tuple[str, frozenset[str]] | None = None,
 ) -> Confirm | Waitlist | Refuse:
-    """Answer a registration request accepted into the log at ``at``.
+    """Answer a registration request accepted into the log at ``at``; ``project``: the owner and
+    partners of the project it names (``project_id``), None when none is registered under it.
 
     It is confirmed when it fits and nobody who could fit is waiting ahead of it; otherwise it
-    joins the end of the waitlist (strict FIFO: a small late request does not overtake).
+    joins the end of the waitlist (strict FIFO: a small late request does not overtake). The
+    project it brings to the matchmaking is one registered, of its participant's (its owner's or
+    a partner's): funders are proposed meetings about it.
     """
     if already_registered:
         return Refuse("already_registered", f"the registration id {registration_id} is taken already (by a registration "
@@ -221,6 +226,13 @@ def decide_registration(
         return Refuse("already_registered", f"{participant} is registered for this gathering already, as {held.registration_id}")
     if attendees > day.capacity:
         return Refuse("exceeds_capacity", f"{attendees} attendees is more than the gathering's whole capacity of {day.capacity}")
+    if project_id is not None and since(3):
+        if project is None:
+            return Refuse("unknown_project", f"no project {project_id} is registered: register it (project.registered) "
+                          "or leave project_id out")
+        if participant != project[0] and participant not in project[1]:
+            return Refuse("not_project_party", f"only {project[0]}, the project's owner, and its partners bring project "
+                          f"{project_id} to a gathering")
     waitlist = day.waitlist
     queue_ahead = any(day.fits_ever(s) for s in waitlist)
     if not queue_ahead and day.confirmed_attendees + attendees <= day.capacity:

@@ -62,13 +62,14 @@ def _domain_of_table(name: str) -> str | None:
 
 def test_each_lane_holds_every_domain_its_handlers_read() -> None:
     # what keeps domains together: validations read projects (conflicts of interest), innovation
-    # days read projects' themes in SQL of their own (matchmaking when a day moves), calls the
-    # parties of an application's project
+    # days read projects' themes in SQL of their own (matchmaking when a day moves) and the parties
+    # of a registration's project, calls the parties of an application's project
     assert "projects" in _tables_used_by(DOMAINS["validation"])
-    assert "projects" in _tables_used_by(DOMAINS["innovation_day"])
+    assert {"projects", "project_partners"} <= _tables_used_by(DOMAINS["innovation_day"])
     assert {"projects", "project_partners"} <= _tables_used_by(DOMAINS["call"])
     # what a lane applies of projects, by what its domains read of them
-    applied = {"innovation_day": (set(THEMES_DECIDED_BY), {"projects"}), "call": (set(PARTIES_DECIDED_BY), {"projects", "project_partners"})}
+    applied = {"innovation_day": (set(PARTIES_DECIDED_BY), {"projects", "project_partners"}),
+               "call": (set(PARTIES_DECIDED_BY), {"projects", "project_partners"})}
     for processes in range(1, len(REBUILD_LANES) + 1):
         lanes = Lanes(rebuild_lanes(processes), Path("unused"), held_rows=1_000)
         assert {entry for lane in lanes.domains for entry in lane if "." not in entry} == set(DOMAINS)  # every domain is replayed

@@ -503,6 +503,34 @@ async def test_a_participant_cancelling_again_or_registering_again_is_told_what_
     assert registrations_of(scenario, day.day_id) == {rid(seated): "cancelled", rid(too_big): "rejected"}
 
 
+def kitchens(owner: str = MERSIN, *, project_id: str = "mahalle-mutfaklari", partners: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Mersin's neighbourhood kitchens registered as a project (once: a second registration of
+    the id is refused and changes nothing)."""
+    return envelope("project.registered", owner, {
+        "project_id": project_id, "title": {"tr": "Mahalle Mutfakları"}, "owner": owner, "status": "active",
+        "themes": ["health_care.basic_services"],
+        "partners": [{"institution": p, "role": "partner", "relation": "partnership"} for p in partners]})
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_registration_brings_a_registered_project_of_its_participants(scenario: Scenario) -> None:
+    """Funders were proposed meetings about the project a registration named, registered or not,
+    anybody's: a registration brings a registered project it owns or is a partner of."""
+    project_id = f"p-{uuid.uuid4().hex[:8]}"
+    day = Day.fresh()
+    await scenario.given(kitchens(project_id=project_id, partners=(GENC_ISI,)), day.scheduled())
+
+    unregistered = assert_rejected(await scenario.when(
+        day.registration(AMMAN, role="innovator", project_id=f"{project_id}-typo")), "unknown_project")
+    assert f"{project_id}-typo" in unregistered["data"]["reason"]["message"]["en"]
+    foreign = assert_rejected(await scenario.when(day.registration(AMMAN, role="innovator", project_id=project_id)), "not_project_party")
+    assert MERSIN in foreign["data"]["reason"]["message"]["en"]
+    for party in (MERSIN, GENC_ISI):  # the owner and a partner
+        assert only(await scenario.when(day.registration(party, role="innovator", project_id=project_id)))["type"] == (
+            "innovation_day.registration_confirmed")
+    assert sorted(registrations_of(scenario, day.day_id).values()) == ["confirmed", "confirmed", "rejected", "rejected"]
+
+
 # --- matchmaking ------------------------------------------------------------------------------
 
 
@@ -511,6 +539,7 @@ async def test_the_timer_proposes_meetings_once_at_the_deadline(scenario: Scenar
     day = Day.fresh(deadline_in=timedelta(hours=1))
     later = Day.fresh(deadline_in=timedelta(days=3))
     await scenario.given(
+        kitchens(),
         day.scheduled(20, themes=("health_care",)),
         later.scheduled(20),
         day.registration(MERSIN, role="innovator", interests=("economy.disadvantaged_groups",), project_id="mahalle-mutfaklari"),
