@@ -787,8 +787,9 @@ def test_a_log_applied_by_older_rules_is_rebuilt_as_it_was_applied(engine: Engin
 
 
 def test_a_log_applied_by_version_2_of_the_rules_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
-    """Rules before version 3 took the report that a day was held before it started, and refused
-    a registration for the day then as after_deadline. A log they applied is rebuilt so: the day
+    """Rules before version 3 took a registration bringing a project nobody registered and the
+    report that a day was held before it started, and refused a registration for the day then as
+    after_deadline. A log they applied is rebuilt so: the day
     stays held and the registration's reason stays what its participant was told; what version 3
     applied after it is judged as it was (an early report refused, the day open)."""
     from handlers.network import derived_type
@@ -797,12 +798,14 @@ def test_a_log_applied_by_version_2_of_the_rules_is_rebuilt_as_it_was_applied(en
 
     then, now = Day.fresh(), Day.fresh()
     early_then, late, early_now, seated = then.held(), then.registration(AMMAN), now.held(), now.registration(AMMAN)
-    log = [then.scheduled(2), early_then, late, now.scheduled(2), early_now, seated]
+    phantom_then, phantom_now = (day.registration(MERSIN, role="innovator", project_id=f"nowhere-{uuid.uuid4().hex[:8]}")
+                                 for day in (then, now))
+    log = [then.scheduled(2), phantom_then, early_then, late, now.scheduled(2), early_now, seated, phantom_now]
     service = NetworkService(engine, network())
     try:
-        service.use_rules_epochs([(1, 2), (4, RULES)])  # (a rebuild's record: version 2 applied #1–#3)
+        service.use_rules_epochs([(1, 2), (5, RULES)])  # (a rebuild's record: version 2 applied #1–#4)
         at = datetime.now(timezone.utc)
-        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (6, None)
+        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (8, None)
         with engine.connect() as connection:
             answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
                 sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
@@ -814,7 +817,8 @@ def test_a_log_applied_by_version_2_of_the_rules_is_rebuilt_as_it_was_applied(en
         service.close()
     assert early_then["id"] not in answers and derived_type(answers[early_now["id"]]) == "innovation_day.action_rejected"
     assert days == {then.day_id: "held", now.day_id: "scheduled"}
-    assert reasons == {rid(late): ("rejected", "after_deadline"), rid(seated): ("confirmed", None)}
+    assert reasons == {rid(late): ("rejected", "after_deadline"), rid(seated): ("confirmed", None),
+                       rid(phantom_then): ("confirmed", None), rid(phantom_now): ("rejected", "unknown_project")}
 
 
 # --- properties over the real network ---------------------------------------------------------
