@@ -22,6 +22,10 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from handlers.institutions import UtcDateTime
 
 PREFIX = "cb_"
+CALENDAR_PREFIX = "cbcal_"
+"""A calendar token's: it reads the calendar feed only (``/innovation-days.ics?token=``), whose URL
+a member hands to calendar services and may be seen by others; it publishes and reads nothing
+else. (Not ``cb_``'s start: a member's token never passes for one.)"""
 
 #: Tables of credentials, kept out of the read models' metadata (see the module docstring).
 CREDENTIALS = sa.MetaData()
@@ -52,10 +56,12 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def issue(session: Session, institution: str, *, valid_for: timedelta | None = None, label: str | None = None) -> str:
+def issue(session: Session, institution: str, *, valid_for: timedelta | None = None, label: str | None = None,
+          calendar: bool = False) -> str:
     """A new token for ``institution`` (valid for ``valid_for`` when given, else until revoked;
-    ``label``: whose or what for); the only moment the token itself exists in clear."""
-    token = PREFIX + secrets.token_urlsafe(32)
+    ``label``: whose or what for; ``calendar``: one that reads the calendar feed only); the only
+    moment the token itself exists in clear."""
+    token = (CALENDAR_PREFIX if calendar else PREFIX) + secrets.token_urlsafe(32)
     now = datetime.now(timezone.utc)
     session.add(InstitutionToken(token_hash=token_hash(token), institution=institution, created_at=now,
                                  expires_at=now + valid_for if valid_for is not None else None, label=label))
@@ -75,6 +81,15 @@ _ENDED = sa.select(InstitutionToken.revoked_at, InstitutionToken.expires_at).whe
 )
 
 
+def _well_formed(token: str) -> bool:
+    return token.startswith((PREFIX, CALENDAR_PREFIX)) and len(token) <= 128
+
+
+def calendar_only(token: str) -> bool:
+    """Whether ``token`` reads the calendar feed only (:data:`CALENDAR_PREFIX`)."""
+    return token.startswith(CALENDAR_PREFIX)
+
+
 def institution_of(connection: sa.Connection, token: str) -> str | None:
     """The institution a valid token speaks for; None for an unknown, revoked or expired token."""
     held = holder_of(connection, token)
@@ -85,7 +100,7 @@ def holder_of(connection: sa.Connection, token: str) -> tuple[str, datetime | No
     """The institution a valid token speaks for and when the token expires (None: valid until
     revoked); None for an unknown, revoked or expired token. One indexed read on a plain
     connection: the HTTP gateway checks every request."""
-    if not token.startswith(PREFIX) or len(token) > 128:
+    if not _well_formed(token):
         return None
     row = connection.execute(_HOLDER, {"token_hash": token_hash(token), "now": datetime.now(timezone.utc)}).first()
     return (str(row[0]), row[1]) if row is not None else None
@@ -103,7 +118,7 @@ def is_valid(row: InstitutionToken, now: datetime) -> bool:
 
 def why_refused(connection: sa.Connection, token: str) -> str:
     """Why :func:`institution_of` found no institution for ``token``, for the caller to read."""
-    found = connection.execute(_ENDED, {"token_hash": token_hash(token)}).first() if token.startswith(PREFIX) and len(token) <= 128 else None
+    found = connection.execute(_ENDED, {"token_hash": token_hash(token)}).first() if _well_formed(token) else None
     if found is None:
         return "the token is unknown"
     if found.revoked_at is not None:

@@ -2276,6 +2276,9 @@ def institutions_token(
         "--expires", metavar="DURATION", help="valid for this long: 90d, 12h, 30m, 2w (default: until revoked)")] = None,
     label: Annotated[Optional[str], typer.Option(
         "--label", help="whose or what for (up to 100 characters), as `institutions access` lists it")] = None,
+    calendar: Annotated[bool, typer.Option(
+        "--calendar", help="a token that reads the calendar feed only (/innovation-days.ics?token=…), for a calendar "
+        "subscription's URL: it publishes and reads nothing else")] = False,
     *,
     settings: Settings,
 ) -> None:
@@ -2303,7 +2306,8 @@ def institutions_token(
                       f"at {where}); add it with `collabbus institutions add` first")
         raise typer.Exit(1)
     with _read_models(settings) as engine, session_scope(engine) as session:
-        token = tokens.issue(session, institution_id, valid_for=valid_for, label=label.strip() if label else None)
+        token = tokens.issue(session, institution_id, valid_for=valid_for, calendar=calendar,
+                             label=label.strip() if label else ("calendar feed only" if calendar else None))
     sys.stdout.write(token + "\n")
 
 

@@ -58,7 +58,7 @@ def _holder_of(engine: Any, token: str) -> tuple[str, datetime | None] | None:
         return tokens.holder_of(connection, token)
 
 
-async def _authenticate(request: Request, token: str | None) -> str:
+async def _authenticate(request: Request, token: str | None, *, calendar: bool = False) -> str:
     if token is None:
         raise ApiProblem(401, "send Authorization: Bearer <token>; `collabbus institutions token ID` issues one", headers=_CHALLENGE)
     engine = engine_of(request)
@@ -69,6 +69,9 @@ async def _authenticate(request: Request, token: str | None) -> str:
     if held is None:
         raise ApiProblem(401, await run_in_threadpool(_why_refused, engine, token), headers=_CHALLENGE)
     institution, expires = held
+    if tokens.calendar_only(token) and not calendar:
+        raise ApiProblem(403, "a calendar token reads the calendar feed only (/innovation-days.ics?token=…): send a "
+                         "member's token (`collabbus institutions token ID`)", kind="calendar_token")
     if expires is not None:  # said on the answer (operations.TokenExpiry): a client can warn before it stops working
         request.state.token_expires = expires
     refused = getattr(request.state, parameters.REFUSED, None)  # (a query parameter the route does not take)
@@ -102,8 +105,9 @@ async def calendar_member(
     request: Request,
     token: Annotated[str | None, Query(description="the token, for calendar clients that cannot send headers")] = None,
 ) -> str:
-    """Like :func:`member`, also accepting ``?token=``."""
-    return await _require_member(request, await _authenticate(request, bearer_token(request) or token))
+    """Like :func:`member`, also accepting ``?token=``, and a calendar token (``institutions token
+    ID --calendar``: a URL handed to a calendar service should not carry a token that publishes)."""
+    return await _require_member(request, await _authenticate(request, bearer_token(request) or token, calendar=True))
 
 
 Publisher = Annotated[str, Depends(token_holder)]

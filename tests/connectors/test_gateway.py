@@ -955,6 +955,28 @@ async def test_a_member_finds_the_gatherings_it_is_registered_for_and_has_them_i
     assert sorted(str(e["uid"]).removesuffix("@collabbus") for e in Calendar.from_ical(feed.content).walk("VEVENT")) == sorted([full, open_])
 
 
+async def test_a_calendar_token_reads_the_calendar_feed_and_nothing_else(gateway: Gateway) -> None:
+    """The calendar feed's URL, handed to a calendar service, carried a member's token, which
+    publishes in its name and reads the whole API: a calendar token reads the feed only."""
+    from handlers import tokens
+    from handlers.db import session_scope
+
+    organiser, participant = await gateway.join("competence_centre"), await gateway.join("ngo")
+    day_id = await open_day(gateway, organiser)
+    await gateway.settle()
+    with session_scope(gateway.bus.engine) as session:
+        token = tokens.issue(session, participant, calendar=True)
+
+    feed = await gateway.client.get("/innovation-days.ics", params={"token": token})
+    assert feed.status_code == 200 and f"{day_id}@collabbus" in {str(e["uid"]) for e in Calendar.from_ical(feed.content).walk("VEVENT")}
+    bearer = {"Authorization": f"Bearer {token}"}
+    for refused in (await gateway.client.get(f"/innovation-days/{day_id}", headers=bearer), await gateway.client.get("/me", headers=bearer),
+                    await gateway.post(bearer, envelope("innovation_day.registration_requested", participant, {
+                        "day_id": day_id, "registration_id": unique("reg"), "participant": participant, "role": "observer",
+                        "attendees": 1}))):
+        assert problem(refused, 403, "calendar_token")["detail"].startswith("a calendar token reads the calendar feed only")
+
+
 async def test_a_refused_cancellation_is_the_cancellations_refusal_and_the_registration_stands(gateway: Gateway) -> None:
     """A member cancelling another's registration is refused. Every member (the participant too)
     sees the cancellation refused, naming who tried and the registration — at GET /events/{id}
