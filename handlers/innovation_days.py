@@ -751,16 +751,20 @@ def registrations(session: Session, day_id: str) -> list[dict[str, Any]]:
     return [_registration_view(r) for r in _in_log_order(rows)]
 
 
-def meetings(session: Session, day_id: str) -> list[dict[str, Any]]:
-    """The proposed meetings of a day, by slot."""
-    rows = session.exec(select(ProposedMeetingRow).where(ProposedMeetingRow.day_id == day_id)).all()
-    rows = sorted(rows, key=lambda m: (_utc(m.slot_start), m.funder, m.innovator, m.project_id or ""))
+def meetings(session: Session, day_id: str, *, participant: str | None = None) -> list[dict[str, Any]]:
+    """The proposed meetings of a day, by slot (``participant``: those it has, as innovator or
+    funder), each with the end of its slot."""
+    query = select(ProposedMeetingRow).where(ProposedMeetingRow.day_id == day_id)
+    if participant is not None:
+        query = query.where(sa.or_(col(ProposedMeetingRow.innovator) == participant, col(ProposedMeetingRow.funder) == participant))
+    rows = sorted(session.exec(query).all(), key=lambda m: (_utc(m.slot_start), m.funder, m.innovator, m.project_id or ""))
     return [
         {
             "innovator": m.innovator,
             "funder": m.funder,
             "project_id": m.project_id,
             "slot_start": _iso(m.slot_start),
+            "slot_end": _iso(_utc(m.slot_start) + rules.SLOT_LENGTH),
             "shared_themes": list(m.shared_themes),
         }
         for m in rows

@@ -17,7 +17,7 @@ from sqlmodel import col, select
 from connectors.http.auth import CalendarMember, SessionDep
 from connectors.http.problems import documented
 from connectors.http.read import DayOrganizer, DayParticipant
-from handlers.innovation_days import InnovationDay, days_of
+from handlers.innovation_days import InnovationDay, days_of, meetings
 
 router = APIRouter(tags=["read"])
 
@@ -65,8 +65,30 @@ def _vevent(day: InnovationDay, lang: str, stamp: datetime) -> Event:
     return event
 
 
-def feed(days: list[InnovationDay], lang: str) -> bytes:
-    """The calendar of ``days``."""
+def _meeting_vevent(day: InnovationDay, meeting: dict[str, Any], lang: str, stamp: datetime) -> Event:
+    """A meeting the matchmaking proposed, in the calendar of one of its two parties: named by its
+    day, slot and funder (a day moved gets its meetings anew, under new names)."""
+    start = datetime.fromisoformat(meeting["slot_start"])
+    event = Event()
+    event.add("uid", f"{day.day_id}.meeting.{start.strftime('%Y%m%dT%H%M%SZ')}.{meeting['funder']}@collabbus")
+    event.add("dtstamp", stamp)
+    event.add("dtstart", start)
+    event.add("dtend", datetime.fromisoformat(meeting["slot_end"]))
+    title = _text(day.title, lang) or day.day_id
+    event.add("summary", f"{meeting['innovator']} – {meeting['funder']} ({title})")
+    about = [f"project {meeting['project_id']}"] if meeting["project_id"] else []
+    event.add("description", "; ".join([*about, "shared themes: " + ", ".join(meeting["shared_themes"])]))
+    location = _location(day, lang)
+    if location:
+        event.add("location", location)
+    event.add("related-to", f"{day.day_id}@collabbus")
+    event.add("categories", [vText(theme) for theme in meeting["shared_themes"]])
+    event.add("status", "CONFIRMED")
+    return event
+
+
+def feed(days: list[InnovationDay], lang: str, meetings: dict[str, list[dict[str, Any]]] | None = None) -> bytes:
+    """The calendar of ``days``, with ``meetings`` (by day id) of those in it."""
     calendar = Calendar()
     calendar.add("prodid", "-//collabbus//innovation days//EN")
     calendar.add("version", "2.0")
@@ -75,6 +97,8 @@ def feed(days: list[InnovationDay], lang: str) -> bytes:
     stamp = datetime.now(timezone.utc).replace(microsecond=0)
     for day in days:
         calendar.add_component(_vevent(day, lang, stamp))
+        for meeting in (meetings or {}).get(day.day_id, []):
+            calendar.add_component(_meeting_vevent(day, meeting, lang, stamp))
     return calendar.to_ical()
 
 
@@ -91,8 +115,11 @@ def calendar_feed(
     organizer: DayOrganizer = None,
 ) -> Response:
     """Every innovation day (and other gathering) as an iCalendar feed; ``participant``: only
-    those an institution is registered for (a member's own calendar), ``organizer``: those it
-    organises."""
+    those an institution is registered for (a member's own calendar), with the meetings the
+    matchmaking proposed to it in each not cancelled; ``organizer``: those it organises."""
     query = days_of(select(InnovationDay), participant=participant, organizer=organizer)
     days = session.exec(query.order_by(col(InnovationDay.starts_at), col(InnovationDay.day_id))).all()
-    return Response(feed(list(days), lang), media_type=f"{ICS}; charset=utf-8")
+    proposed = {} if participant is None else {
+        day.day_id: meetings(session, day.day_id, participant=participant)
+        for day in days if day.status != "cancelled" and day.meetings_proposed_at is not None}
+    return Response(feed(list(days), lang, proposed), media_type=f"{ICS}; charset=utf-8")

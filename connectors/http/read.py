@@ -543,10 +543,17 @@ def list_registrations(day_id: DayId, _viewer: Member, session: SessionDep, limi
     response_model=Page[resources.Meeting],
     responses=documented(400, 401, 403, 404, 422),
 )
-def list_meetings(day_id: DayId, _viewer: Member, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict[str, Any]:
-    """The meetings the matchmaking proposed for a day, by slot."""
+def list_meetings(
+    day_id: DayId,
+    _viewer: Member,
+    session: SessionDep,
+    participant: Annotated[str | None, Query(max_length=63, description="the meetings of this institution (innovator or funder)")] = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    """The meetings the matchmaking proposed for a day, by slot, each with its end."""
     _day(session, day_id)
     rows, next_cursor = list_page(
-        days.meetings(session, day_id), lambda m: f"{m['slot_start']}|{m['funder']}", limit=limit, cursor=cursor
+        days.meetings(session, day_id, participant=participant), lambda m: f"{m['slot_start']}|{m['funder']}", limit=limit, cursor=cursor
     )
     return _page(rows, next_cursor)

@@ -313,6 +313,7 @@ class Meeting(Resource):
     funder: str
     project_id: str | None = None
     slot_start: datetime
+    slot_end: datetime
     shared_themes: list[str] = []
 
 

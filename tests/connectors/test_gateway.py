@@ -955,6 +955,41 @@ async def test_a_member_finds_the_gatherings_it_is_registered_for_and_has_them_i
     assert sorted(str(e["uid"]).removesuffix("@collabbus") for e in Calendar.from_ical(feed.content).walk("VEVENT")) == sorted([full, open_])
 
 
+async def test_a_participants_calendar_holds_its_meetings_and_the_meetings_say_when_they_end(gateway: Gateway) -> None:
+    """The meetings the matchmaking proposed were only in /meetings, each with its start alone: a
+    participant's calendar (?participant=) holds its own meetings, and each meeting says when its
+    slot ends; ?participant= on /meetings keeps an institution's."""
+    organiser, innovator, funder, other = (await gateway.join("competence_centre"), await gateway.join("ngo"),
+                                           await gateway.join("funder"), await gateway.join("ngo"))
+    day_id, start = unique("day"), datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=30)
+    await gateway.offer(organiser, "innovation_day.scheduled", {
+        "day_id": day_id, "title": {"en": "Innovation day"}, "format": "innovation_day", "starts_at": start.isoformat(),
+        "ends_at": (start + timedelta(hours=2)).isoformat(), "attendance_mode": "online", "online_url": "https://meet.example.org/day",
+        "capacity": 10, "registration_deadline": (datetime.now(timezone.utc) + timedelta(seconds=3)).isoformat(), "themes": ["health_care"]})
+    for who, role in ((innovator, "innovator"), (funder, "funder"), (other, "observer")):
+        await gateway.offer(who, "innovation_day.registration_requested", {
+            "day_id": day_id, "registration_id": unique("reg"), "participant": who, "role": role, "attendees": 1})
+    await gateway.settle()
+    auth = gateway.auth(other)
+    for _ in range(150):  # the matchmaking runs once the deadline has passed
+        if (await gateway.client.get(f"/innovation-days/{day_id}", headers=auth)).json()["meetings_proposed_at"]:
+            break
+        await asyncio.sleep(0.2)
+
+    [meeting] = (await gateway.client.get(f"/innovation-days/{day_id}/meetings", params={"participant": innovator}, headers=auth)).json()["items"]
+    assert (meeting["innovator"], meeting["funder"]) == (innovator, funder)
+    assert datetime.fromisoformat(meeting["slot_end"]) - datetime.fromisoformat(meeting["slot_start"]) == timedelta(minutes=20)
+    assert (await gateway.client.get(f"/innovation-days/{day_id}/meetings", params={"participant": other}, headers=auth)).json()["items"] == []
+    for who in (innovator, funder):
+        feed = Calendar.from_ical((await gateway.client.get("/innovation-days.ics", params={"token": gateway.token(who), "participant": who})).content)
+        [booked] = [e for e in feed.walk("VEVENT") if ".meeting." in str(e["uid"])]
+        assert booked.decoded("dtstart") == datetime.fromisoformat(meeting["slot_start"]) == start
+        assert booked.decoded("dtend") == datetime.fromisoformat(meeting["slot_end"])
+        assert innovator in str(booked["summary"]) and funder in str(booked["summary"])
+    feed = Calendar.from_ical((await gateway.client.get("/innovation-days.ics", params={"token": gateway.token(other), "participant": other})).content)
+    assert [str(e["uid"]) for e in feed.walk("VEVENT")] == [f"{day_id}@collabbus"]  # its day, no meeting of others
+
+
 async def test_a_calendar_token_reads_the_calendar_feed_and_nothing_else(gateway: Gateway) -> None:
     """The calendar feed's URL, handed to a calendar service, carried a member's token, which
     publishes in its name and reads the whole API: a calendar token reads the feed only."""
