@@ -755,9 +755,9 @@ async def test_a_token_cannot_read_confidential_reviews_of_others(gateway: Gatew
         "project_id": practice["project_id"], "partner": {"institution": first, "role": "funder", "relation": "donation"}})
     await gateway.settle()
     for viewer in (outsider, coordinator):
-        shown = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(viewer))).json()
-        assert [(r["reviewer"], r["counted"]) for r in shown["reviews"]] == [(first, True), (second, True)], viewer
-    assert [(r["reviewer"], r["counted"]) for r in shown["reviewers"]] == [(first, True), (second, True)]
+        as_decided = (await gateway.client.get(f"/validations/{validation_id}", headers=gateway.auth(viewer))).json()
+        assert [(r["reviewer"], r["counted"]) for r in as_decided["reviews"]] == [(first, True), (second, True)], viewer
+    assert [(r["reviewer"], r["counted"]) for r in as_decided["reviewers"]] == [(first, True), (second, True)]
     listed = await walk(gateway.client, "/validations", gateway.auth(outsider), coordinator=coordinator)
     assert [v["validation_id"] for page in listed for v in page] == [validation_id]
     assert "reviews" not in listed[0][0]
