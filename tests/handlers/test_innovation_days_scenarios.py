@@ -754,31 +754,37 @@ def test_a_rebuild_from_the_log_gives_the_same_state(engine: Engine) -> None:
     assert state() == before
 
 
+def rebuilt(engine: Engine, log: list[dict[str, Any]], *, older: int) -> dict[str, str]:
+    """Apply ``log`` in one batch as a rebuild does, its first four events as rules of version
+    ``older`` applied them and the rest as today's; what was derived from each (cause → event id)."""
+    from handlers.rules import RULES
+    from handlers.service import LoggedItem, NetworkService
+
+    service = NetworkService(engine, network())
+    try:
+        service.use_rules_epochs([(1, older), (5, RULES)])  # (a rebuild's record: version ``older`` applied #1–#4)
+        at = datetime.now(timezone.utc)
+        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (len(log), None)
+        with engine.connect() as connection:
+            return dict(connection.execute(sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
+    finally:
+        service.close()
+
+
 def test_a_log_applied_by_older_rules_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
     """Rules before version 2 answered a refused cancellation with a registration_rejected of the
     registration it named, and took an institution's second registration for a day. A log they
     applied is rebuilt so — the rebuild derives the very events the log holds, under their ids —,
     and what today's rules applied after it as they do."""
     from handlers.network import derived_type
-    from handlers.rules import RULES
-    from handlers.service import LoggedItem, NetworkService
 
     day = Day.fresh()
     seated, twice_then, twice_now = day.registration(MERSIN, 2), day.registration(MERSIN, 1), day.registration(MERSIN, 1)
     then, now = day.cancellation(seated, by=OUTSIDER), day.cancellation(seated, by=OUTSIDER)
     log = [day.scheduled(2), seated, twice_then, then, now, twice_now]
-    service = NetworkService(engine, network())
-    try:
-        service.use_rules_epochs([(1, 1), (5, RULES)])  # (a rebuild's record: version 1 applied #1–#4)
-        at = datetime.now(timezone.utc)
-        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (6, None)
-        with engine.connect() as connection:
-            answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
-                sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
-        with Session(engine) as session:
-            statuses = {r["registration_id"]: r["status"] for r in registrations(session, day.day_id)}
-    finally:
-        service.close()
+    answers = rebuilt(engine, log, older=1)
+    with Session(engine) as session:
+        statuses = {r["registration_id"]: r["status"] for r in registrations(session, day.day_id)}
     assert derived_type(answers[then["id"]]) == "innovation_day.registration_rejected"
     assert derived_type(answers[now["id"]]) == "innovation_day.action_rejected"
     assert derived_type(answers[twice_then["id"]]) == "innovation_day.registration_waitlisted"
@@ -793,28 +799,17 @@ def test_a_log_applied_by_version_2_of_the_rules_is_rebuilt_as_it_was_applied(en
     stays held and the registration's reason stays what its participant was told; what version 3
     applied after it is judged as it was (an early report refused, the day open)."""
     from handlers.network import derived_type
-    from handlers.rules import RULES
-    from handlers.service import LoggedItem, NetworkService
 
     then, now = Day.fresh(), Day.fresh()
     early_then, late, early_now, seated = then.held(), then.registration(AMMAN), now.held(), now.registration(AMMAN)
     phantom_then, phantom_now = (day.registration(MERSIN, role="innovator", project_id=f"nowhere-{uuid.uuid4().hex[:8]}")
                                  for day in (then, now))
     log = [then.scheduled(2), phantom_then, early_then, late, now.scheduled(2), early_now, seated, phantom_now]
-    service = NetworkService(engine, network())
-    try:
-        service.use_rules_epochs([(1, 2), (5, RULES)])  # (a rebuild's record: version 2 applied #1–#4)
-        at = datetime.now(timezone.utc)
-        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (8, None)
-        with engine.connect() as connection:
-            answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
-                sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
-        with Session(engine) as session:
-            days = {day.day_id: (day_view(session, day.day_id) or {})["status"] for day in (then, now)}
-            reasons = {r["registration_id"]: (r["status"], (r["reason"] or {}).get("code"))
-                       for day in (then, now) for r in registrations(session, day.day_id)}
-    finally:
-        service.close()
+    answers = rebuilt(engine, log, older=2)
+    with Session(engine) as session:
+        days = {day.day_id: (day_view(session, day.day_id) or {})["status"] for day in (then, now)}
+        reasons = {r["registration_id"]: (r["status"], (r["reason"] or {}).get("code"))
+                   for day in (then, now) for r in registrations(session, day.day_id)}
     assert early_then["id"] not in answers and derived_type(answers[early_now["id"]]) == "innovation_day.action_rejected"
     assert days == {then.day_id: "held", now.day_id: "scheduled"}
     assert reasons == {rid(late): ("rejected", "after_deadline"), rid(seated): ("confirmed", None),
