@@ -405,7 +405,30 @@ def propose_meetings(ctx: Context) -> None:
         # A timer's events are told apart by their key: the day's first proposal has the day's id
         # (as it always had), one after registration was opened again also names its deadline.
         key = day.day_id if day.meetings_proposed_at is None else f"{day.day_id} {deadline.isoformat()}"
+        _close_waitlist(ctx, day, deadline)
         _propose(ctx, day, starts_at=_utc(day.starts_at), ends_at=_utc(day.ends_at), key=key)
+
+
+def _close_waitlist(ctx: Context, day: InnovationDay, deadline: datetime) -> None:
+    """At the registration deadline nothing is taken any more, cancellations neither: a
+    registration still waiting will not be seated. Each is told so, in the organiser's name
+    (``registration_rejected``, ``waitlist_closed``), so that its participant does not wait for a
+    seat until the day (it stayed ``waitlisted`` for good)."""
+    waiting = sorted(_registrations(ctx.session, day.day_id, ("waitlisted",)), key=lambda r: r.waitlist_position or 0)
+    for registration in waiting:
+        message = (f"registration closed at {deadline.isoformat()} with the gathering full: no seat came free for this "
+                   f"registration, number {registration.waitlist_position} of the waitlist")
+        ctx.emit(
+            "innovation_day.registration_rejected",
+            RegistrationRejected.model_validate({
+                "day_id": day.day_id, "registration_id": registration.registration_id, "participant": registration.participant,
+                "reason": {"code": "waitlist_closed", "message": {"en": message}}, "role": registration.role,
+                "attendees": registration.attendees,
+                **({"project_id": registration.project_id} if registration.project_id else {}),
+            }),
+            source=day.organizer,
+            key=f"{registration.registration_id} waitlist_closed {deadline.isoformat()}",
+        )
 
 
 def rematch_moved_day(ctx: Context) -> None:
@@ -624,6 +647,12 @@ def on_registration_rejected(session: Session, event: Event[RegistrationRejected
     """Keep a refused request with its reason. A duplicate id (or a refused cancellation, in a
     log judged by rules before version 2) leaves the registration it names as it was."""
     data = event.data
+    if data.reason.code == "waitlist_closed":  # a registration the deadline left waiting: it will not be seated
+        waiting = session.get(Registration, data.registration_id)
+        if waiting is not None and waiting.status == "waitlisted":
+            waiting.reason = data.reason.model_dump(mode="json", exclude_none=True)
+            _leave_waitlist_or_seat(session, data.registration_id, "rejected", event.time)
+        return
     if data.reason.code == "unknown_registration" or session.get(Registration, data.registration_id) is not None:
         return
     session.add(
@@ -772,8 +801,9 @@ def meetings(session: Session, day_id: str, *, participant: str | None = None) -
 
 
 def day_view(session: Session, day_id: str) -> dict[str, Any] | None:
-    """A day with the catalog's field names plus ``capacity``, ``confirmed`` (attendees) and
-    ``waitlisted`` (in order, with positions); None when there is no such day. JSON-ready."""
+    """A day with the catalog's field names plus ``capacity``, ``confirmed`` (attendees),
+    ``seats_left`` and ``waitlisted`` (in order, with positions); None when there is no such day.
+    JSON-ready."""
     day = session.get(InnovationDay, day_id)
     if day is None:
         return None
@@ -801,7 +831,8 @@ def day_view(session: Session, day_id: str) -> dict[str, Any] | None:
         "held_attendees": day.held_attendees,
         "held_summary": day.held_summary,
         "meetings_proposed_at": _iso(day.meetings_proposed_at),
-        "confirmed": sum(r.attendees or 0 for r in live if r.status == "confirmed"),
+        "confirmed": (confirmed := sum(r.attendees or 0 for r in live if r.status == "confirmed")),
+        "seats_left": max(day.capacity - confirmed, 0),
         "waitlisted": [
             {
                 "registration_id": r.registration_id,

@@ -509,11 +509,14 @@ def _render_validation(validation: dict[str, Any], console: Console) -> None:
 def _render_day(day: dict[str, Any], console: Console) -> None:
     table = Table("registration", "role", "attendees", "status", title=(
         f"{text(day['title'])} ({day['format']}, {day['starts_at'][:10]}): {day['confirmed']}/{day['capacity']} "
-        f"confirmed, {len(day['waitlisted'])} waiting"), title_justify="left")
+        f"confirmed, {len(day['waitlisted'])} waiting" + (f", {closed} not seated" if (closed := sum(
+            (r.get("reason") or {}).get("code") == "waitlist_closed" for r in day["registrations"])) else "")), title_justify="left")
     for registration in day["registrations"]:
         status = registration["status"]
         if registration["promoted"]:
             status += " (promoted from the waitlist)"
+        elif (registration.get("reason") or {}).get("code") == "waitlist_closed":
+            status += " (no seat came free by the deadline)"
         elif registration.get("position"):
             status += f" #{registration['position']}"
         table.add_row(registration["participant"], registration.get("role") or "", str(registration.get("attendees")),

@@ -183,6 +183,7 @@ RegistrationRefusalCode = Literal[
     "exceeds_capacity",
     "unknown_project",
     "not_project_party",
+    "waitlist_closed",
 ]
 """The registration workflow's refusal codes (the rules decide them; the catalog carries them).
 `day_held`: the organiser reported the gathering held (version 3 of the rules; before,
@@ -191,6 +192,8 @@ RegistrationRefusalCode = Literal[
 waitlisted registration for the day already (the message names it).
 `unknown_project`, `not_project_party`: the `project_id` names no registered project, or one its
 participant neither owns nor is a partner of (version 3 of the rules).
+`waitlist_closed`: the registration deadline came while the registration waited on the waitlist;
+no seat will come free for it (the workflow tells each registration still waiting, then).
 `unknown_registration` and `not_participant` refuse a cancellation: a log from before version 2
 of the rules answers one in `innovation_day.registration_rejected`, later ones in
 `innovation_day.action_rejected`."""

@@ -290,6 +290,7 @@ class InnovationDay(Resource):
     held_summary: LocalizedText | None = Field(None, description="its organiser's summary (status held)")
     meetings_proposed_at: datetime | None = Field(None, description="when the matchmaking proposed its meetings")
     confirmed: int = Field(description="confirmed attendees")
+    seats_left: int = Field(description="attendees the gathering still seats (its capacity less those confirmed)")
     waitlisted: list[WaitlistEntry] = []
 
 

@@ -204,9 +204,11 @@ async def test_the_social_innovation_day_is_full_with_a_waitlist_a_promotion_and
     day = await demo_bus.get(f"/innovation-days/{d.SI_DAY}")
     assert day["starts_at"][5:7] == "11"  # November
     assert day["confirmed"] == day["capacity"]  # a full house, never more
-    assert [w["participant"] for w in day["waitlisted"]] == [d.SOSYOKENT, d.SOSTE]
+    assert day["waitlisted"] == [] and day["seats_left"] == 0  # the deadline passed: the waitlist is closed
     listed = (await demo_bus.get(f"/innovation-days/{d.SI_DAY}/registrations", limit=500))["items"]
     registrations = {r["participant"]: r for r in listed}
+    for waited in (d.SOSYOKENT, d.SOSTE):  # still waiting at the deadline: told that no seat came free
+        assert (registrations[waited]["status"], registrations[waited]["reason"]["code"]) == ("rejected", "waitlist_closed")
     assert registrations[d.DIAK]["status"] == "cancelled"
     assert registrations[d.KUNTOUTUSSAATIO]["status"] == "confirmed"
     # The promotion, as the log tells it: waitlisted first, confirmed because Diak cancelled.

@@ -572,6 +572,30 @@ async def test_the_timer_proposes_meetings_once_at_the_deadline(scenario: Scenar
 
 
 @pytest.mark.usefixtures("members")
+async def test_the_registrations_still_waiting_at_the_deadline_are_told_no_seat_came_free(scenario: Scenario) -> None:
+    """After the registration deadline nothing is taken, cancellations neither: the waitlist does
+    not move again. Its registrations stayed `waitlisted` for good, their participants waiting for
+    a seat until the day; each is told at the deadline, in the organiser's name, and the day says
+    how many seats are left."""
+    day = Day.fresh(deadline_in=timedelta(hours=1))
+    seated, first, second = day.registration(MERSIN, 3), day.registration(AMMAN, 2), day.registration(ESF, 1)
+    await scenario.given(day.scheduled(4), seated, first, second)
+    assert waitlist(scenario, day.day_id) == [(rid(first), 1), (rid(second), 2)]
+    assert (view(scenario, day.day_id)["confirmed"], view(scenario, day.day_id)["seats_left"]) == (3, 1)
+
+    told = await scenario.tick(day.deadline + timedelta(seconds=1))
+    assert [e["type"] for e in told] == ["innovation_day.registration_rejected"] * 2 + ["innovation_day.meetings_proposed"]
+    for event, waiting, number in zip(told, (first, second), (1, 2)):
+        assert event["source"] == f"/institutions/{ORGANIZER}" and rid(event) == rid(waiting)
+        assert event["data"]["participant"] == waiting["data"]["participant"] and event["data"]["attendees"] == waiting["data"]["attendees"]
+        assert event["data"]["reason"]["code"] == "waitlist_closed"
+        assert event["data"]["reason"]["message"]["en"].endswith(f"no seat came free for this registration, number {number} of the waitlist")
+    assert registrations_of(scenario, day.day_id) == {rid(seated): "confirmed", rid(first): "rejected", rid(second): "rejected"}
+    assert waitlist(scenario, day.day_id) == [] and view(scenario, day.day_id)["seats_left"] == 1
+    assert await scenario.tick(day.deadline + timedelta(minutes=5)) == []  # told once
+
+
+@pytest.mark.usefixtures("members")
 async def test_the_meetings_timer_reads_only_the_days_whose_deadline_has_come(scenario: Scenario) -> None:
     """The timer runs every second: the days still open for registration, most of the scheduled
     ones on a living network, are not read, nor a day whose meetings were proposed."""
@@ -739,17 +763,19 @@ def test_a_rebuild_from_the_log_gives_the_same_state(engine: Engine) -> None:
         for event in log:
             net.apply(session, event, live=True)
     with session_scope(engine) as session:
-        [proposal] = net.tick(session, day.deadline + timedelta(seconds=1))
-    proposal_from_log = Event.from_envelope(dict(proposal.envelope), seq=len(log) + 1, logged_at=day.deadline + timedelta(seconds=2))
+        timed = net.tick(session, day.deadline + timedelta(seconds=1))  # the waitlist closed, the meetings proposed
+    assert [e.envelope["type"] for e in timed][-1] == "innovation_day.meetings_proposed" and len(timed) == 2
+    timed_from_log = [Event.from_envelope(dict(e.envelope), seq=len(log) + n, logged_at=day.deadline + timedelta(seconds=1 + n))
+                      for n, e in enumerate(timed, start=1)]
     before = state()
-    assert before[0]["waitlisted"] and before[2]
+    assert [r["reason"]["code"] for r in before[1] if r["status"] == "rejected"] == ["waitlist_closed"] and before[2]
 
     with session_scope(engine) as session:
         for table in (Registration, InnovationDay, ProposedMeetingRow):
             session.execute(sa.delete(table))
         session.execute(sa.text("DELETE FROM applied_events"))
     with session_scope(engine) as session:
-        for event in [*log, proposal_from_log]:
+        for event in [*log, *timed_from_log]:
             net.apply(session, event, live=False)
     assert state() == before
 
