@@ -264,7 +264,7 @@ async def test_a_bus_running_the_connector_serves_how_its_passes_go_and_status_s
             assert "collabbus_portal_sync_last_complete_timestamp_seconds" not in stopped
             where = raw_portal.url.removeprefix("http://")
             for _ in range(100):  # (the bus writes its state for other processes every second)
-                if "portal sync (" in (shown := await acollabbus("status", env=env)).stdout:
+                if "the last pass, at" in (shown := await acollabbus("status", env=env)).stdout:
                     break
                 await asyncio.sleep(0.2)
             said_now = " ".join(shown.stdout.split())
