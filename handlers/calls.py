@@ -208,7 +208,7 @@ def decide_publication(ctx: Context) -> None:
     assert ctx.event is not None
     data: CallPublished = ctx.event.data
     existing = _snapshot(ctx.session, data.call_id)
-    refusal = rules.publication_refusal(existing)
+    refusal = rules.publication_refusal(existing, (Decimal(data.budget.amount), data.budget.currency) if data.budget else None)
     if refusal is not None:
         _refuse_action(ctx, existing, refusal)
 

@@ -35,8 +35,8 @@ field it changed before the window (``deadline_in_past``, ``already_open``, then
 (``unknown_partner``, ``invalid_partner``), and its project one registered that its applicant
 owns or takes part in (``unknown_project``, ``not_project_party``). 3: a call's budget keeps its
 currency while the call has an application standing, not one withdrawn, declined or lapsed (before,
-any application it had received kept it; ``currency_mismatch``); an amount requested or awarded
-with more decimals than its currency has (``too_many_decimals``), a request above the call's
+any application it had received kept it; ``currency_mismatch``); an amount requested or awarded,
+or a call's budget, with more decimals than its currency has (``too_many_decimals``), a request above the call's
 whole budget (``over_budget``), a request to a call without a budget in another currency than
 the requests standing, or a budget given to it later in another one (``currency_mismatch``); a
 reviewer due after the validation it reviews (``due_after_validation``); a registration or a

@@ -103,11 +103,13 @@ def call_status(call: CallSnapshot, now: datetime) -> CallStatus:
     return "open"
 
 
-def publication_refusal(existing: CallSnapshot | None) -> Refusal | None:
-    """A call id names one call: publishing it again is refused (amend it instead)."""
+def publication_refusal(existing: CallSnapshot | None, budget: tuple[Decimal, str] | None = None) -> Refusal | None:
+    """A call id names one call: publishing it again is refused (amend it instead). Its budget
+    (``budget``: amount and currency, if any) is in no more decimals than its currency has, by
+    rules 3 (``too_many_decimals``, as the requests and awards weighed against it)."""
     if existing is not None:
         return Refusal("already_published", f"Call {existing.call_id} was already published by {existing.owner}.")
-    return None
+    return _precision_refusal(budget[0], budget[1], "give the budget as") if budget is not None else None
 
 
 def application_refusal(
@@ -273,6 +275,8 @@ def amendment_refusal(
     if full_proposal_deadline_given and full_proposal_deadline is not None and full_proposal_deadline < logged_at and since(1):
         return Refusal("deadline_in_past", "The amended deadline for full proposals is already past: the invited "
                                            "applications would lapse at once; to end the second stage now, close the call.")
+    if budget is not None and (refusal := _precision_refusal(budget[0], budget[1], "give the budget as")):
+        return refusal
     awarded, money = call.awarded, call.money
     # What was awarded stays within a budget of its currency: without one, nothing would weigh the
     # next awards against it, and awards in any currency would be added into one sum.

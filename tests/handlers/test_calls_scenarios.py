@@ -236,6 +236,22 @@ async def test_an_amount_with_more_decimals_than_its_currency_has_is_refused(sce
         assert stored is not None and stored.status == "received" and call is not None and call.awarded is None
 
 
+async def test_a_budget_with_more_decimals_than_its_currency_has_is_refused(scenario: Scenario, call_id: str) -> None:
+    """The budget the requests and awards are weighed against is a sum of money too: a call
+    published or amended with a fraction of a yen or of a cent is refused, saying why."""
+    precise = published(call_id)
+    precise["data"]["budget"] = {"amount": "1500000.5", "currency": "JPY"}
+    refusal = refused(await scenario.when(precise), "too_many_decimals")
+    assert refusal["data"]["reason"]["message"]["en"] == ("1500000.5 JPY has decimals, and JPY has none (ISO 4217): "
+                                                          "give the budget as a whole amount.")
+    with scenario.session() as session:
+        assert session.get(Call, call_id) is None
+    await scenario.given(published(call_id))
+    refusal = refused(await scenario.when(amended(call_id, {"budget": {"amount": "2000000.125", "currency": "EUR"}})), "too_many_decimals")
+    assert refusal["data"]["reason"]["message"]["en"].endswith("EUR has 2 (ISO 4217): give the budget as an amount of at most 2 decimals.")
+    assert await scenario.when(amended(call_id, {"budget": {"amount": "2000000.10", "currency": "EUR"}})) == []
+
+
 async def test_a_request_above_the_calls_whole_budget_is_rejected(scenario: Scenario, call_id: str) -> None:
     await scenario.given(published(call_id))  # a budget of 1,500,000 EUR
     rejection = the_only(await scenario.when(application(call_id, "app-1", amount="15000000.00")), "call.application_rejected")
