@@ -1151,11 +1151,22 @@ class PortalSync:
 
     async def push_decision(self, event: Mapping[str, Any]) -> bool | None:
         """Push a logged ``validation.decided`` event when its validation is about a portal entry
-        (a project that came from the portal, or an ``innokyla`` external reference)."""
+        (a project that came from the portal, or an ``innokyla`` external reference) and the
+        workflow took it: a decision in the log may be one it refused (from another than the
+        coordinator, on a decided validation, with medians no review gives), which the portal
+        must not show. :class:`NotAppliedYet` while the read models have not judged it."""
+        from handlers.bookkeeping import AppliedEvent
+        from handlers.network import derived_type
         from handlers.validations import Validation
 
         data = event["data"]
         with session_scope(self.engine, read_only=True) as session:
+            if session.get(AppliedEvent, event["id"]) is None:
+                raise NotAppliedYet(event["id"])
+            answers = session.exec(select(AppliedEvent.event_id).where(AppliedEvent.caused_by == event["id"])).all()
+            if any(derived_type(answer) == "validation.action_rejected" for answer in answers):
+                log.info("the validation decision %s was refused by the workflow: not pushed to the portal", event["id"])
+                return None
             validation = session.get(Validation, data["validation_id"])
             entry_id: str | None = None
             if validation is not None and validation.external_ref and validation.external_ref.get("system") == SYSTEM:
@@ -1181,6 +1192,10 @@ def _validation_body(decided: Mapping[str, Any], url: str | None) -> dict[str, A
 PUSH_CONSUMER = "portal-push"
 
 
+class NotAppliedYet(Exception):
+    """A logged event the read models have not applied (nor refused) yet."""
+
+
 async def push_decisions(js: Any, sync: PortalSync, stop: asyncio.Event, *, durable: str = PUSH_CONSUMER) -> None:
     """Follow ``validation.decided`` in the log (a durable consumer, so nothing is missed while
     the bus is down) and push those about portal entries. Pushing twice writes the same thing."""
@@ -1200,6 +1215,8 @@ async def push_decisions(js: Any, sync: PortalSync, stop: asyncio.Event, *, dura
             for msg in messages:
                 try:
                     await sync.push_decision(orjson.loads(msg.data))
+                except NotAppliedYet:  # (the read models judge it in a moment: asked again then)
+                    await msg.nak(delay=1)
                 except (PortalUnavailable, httpx.HTTPError) as exc:
                     log.warning("pushing a validation decision to the portal failed: %s; retrying later", exc)
                     await msg.nak(delay=30)

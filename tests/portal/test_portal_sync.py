@@ -290,7 +290,11 @@ async def test_entries_of_an_organisation_that_becomes_a_member_are_synced(
     assert len(await assert_exact(gateway, sandbox, network, check_read_model=False)) == 20
 
 
-async def test_logged_decisions_about_portal_projects_are_pushed(gateway: Gateway, sandbox: PortalSandbox, network: Network) -> None:
+async def test_logged_decisions_about_portal_projects_are_pushed_those_refused_not(
+        gateway: Gateway, sandbox: PortalSandbox, network: Network) -> None:
+    """The decisions the workflow took are pushed; one it refused (here: from another than the
+    coordinator, on a decided validation) is in the log too, and was pushed as if it were one:
+    the portal showed an outcome the validation never had."""
     import asyncio
     import uuid
     from datetime import UTC, datetime
@@ -324,6 +328,22 @@ async def test_logged_decisions_about_portal_projects_are_pushed(gateway: Gatewa
             await asyncio.sleep(0.05)
         assert stored is not None and stored[0]["validation"]["validation_id"] == validation_id
         assert stored[0]["validation"]["outcome"] == "validated" and stored[0]["validation"]["evidence_level"] == 2
+        intruder = next(member for member in network.members.values() if member != owner)
+        refused = await gateway.bus.gate.publish_internal({
+            "specversion": "1.0", "id": f"overruled-{validation_id}", "source": f"/institutions/{intruder}",
+            "type": "validation.decided", "subject": validation_id,
+            "data": {"validation_id": validation_id, "outcome": "not_validated", "evidence_level": 5, "decided_by": "coordinator"},
+        })
+        assert refused.accepted, refused.as_dict()  # (logged: the workflow refuses it, not_coordinator)
+        for _ in range(200):  # until the push consumer has settled both
+            info = await gateway.bus.js.consumer_info(EVENTS_STREAM, durable)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (info.num_pending, info.num_ack_pending) == (0, 0)
+        after = sandbox.store.get(entry["id"])
+        assert after is not None
+        assert (after[0]["validation"]["outcome"], after[0]["validation"]["evidence_level"]) == ("validated", 2), after[0]["validation"]
     finally:
         stop.set()
         await pushing
