@@ -1198,7 +1198,9 @@ class NotAppliedYet(Exception):
 
 async def push_decisions(js: Any, sync: PortalSync, stop: asyncio.Event, *, durable: str = PUSH_CONSUMER) -> None:
     """Follow ``validation.decided`` in the log (a durable consumer, so nothing is missed while
-    the bus is down) and push those about portal entries. Pushing twice writes the same thing."""
+    the bus is down) and push those about portal entries that the workflow took. Pushing twice
+    writes the same thing. One the read models have not judged yet is asked for again, a second
+    later, then two, four … up to a minute (one dead-lettered waits so until it is replayed)."""
     from nats.errors import TimeoutError as NatsTimeoutError
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -1215,8 +1217,8 @@ async def push_decisions(js: Any, sync: PortalSync, stop: asyncio.Event, *, dura
             for msg in messages:
                 try:
                     await sync.push_decision(orjson.loads(msg.data))
-                except NotAppliedYet:  # (the read models judge it in a moment: asked again then)
-                    await msg.nak(delay=1)
+                except NotAppliedYet:  # (the read models judge it in a moment; one dead-lettered, once replayed)
+                    await msg.nak(delay=min(2.0 ** (msg.metadata.num_delivered - 1), 60.0))
                 except (PortalUnavailable, httpx.HTTPError) as exc:
                     log.warning("pushing a validation decision to the portal failed: %s; retrying later", exc)
                     await msg.nak(delay=30)
