@@ -20,7 +20,7 @@ from sqlmodel import Field, Session, col, select
 from handlers import confidential
 from handlers.institutions import Institution, UtcDateTime, column_values, member, upsert
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, sender
-from handlers.projects import Project, ProjectPartner
+from handlers.projects import Project, ProjectPartner, parties as project_parties
 from handlers.session import children
 from handlers.rows import TableRow
 from handlers.rules import Refusal, since
@@ -226,7 +226,7 @@ def decide_application(ctx: Context) -> None:
     duplicate = previous is not None and (previous.status != "rejected" or (previous.applicant != event.source and since(1)))
     currency = data.requested_amount.currency if data.requested_amount is not None else None
     amount = Decimal(data.requested_amount.amount) if data.requested_amount is not None else None
-    project = _project_of(ctx.session, data.project_id) if data.project_id is not None else None
+    project = project_parties(ctx.session, data.project_id) if data.project_id is not None else None
     refusal = rules.application_refusal(
         call, applicant, event.logged_at, duplicate=duplicate, currency=currency, amount=amount,
         partners=[_applicant(ctx.session, partner) for partner in data.partners], project_id=data.project_id, project=project)
@@ -244,14 +244,6 @@ def _applicant(session: Session, institution: str) -> Applicant:
     """An institution as the rules see an applicant or a partner (its kind None: not a member)."""
     found = member(session, institution)
     return Applicant(institution=institution, kind=found.kind if found else None, country=found.country if found else None)
-
-
-def _project_of(session: Session, project_id: str) -> tuple[str, frozenset[str]] | None:
-    """A registered project's owner and partners; None when it is not registered."""
-    project = session.get(Project, project_id)
-    if project is None:
-        return None
-    return project.owner, frozenset(p.institution for p in children(session, ProjectPartner, "project_id", project_id))
 
 
 def _meant(session: Session, refusal: Refusal | None, data: ApplicationSubmitted, applicant: str) -> Refusal | None:

@@ -25,7 +25,7 @@ from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named
-from handlers.projects import Project, ProjectPartner
+from handlers.projects import parties as project_parties
 from handlers.rows import TableRow
 from handlers.rules import Refusal, since
 from handlers.rules import innovation_days as rules
@@ -245,16 +245,6 @@ def _confirm(ctx: Context, day_id: str, organizer: str, confirm: rules.Confirm) 
     )
 
 
-def _project_parties(session: Session, project_id: str) -> tuple[str, frozenset[str]] | None:
-    """A registered project's owner and partners; None when it is not registered (read without
-    flushing the batch)."""
-    with session.no_autoflush:
-        project = session.get(Project, project_id)
-        if project is None:
-            return None
-        return project.owner, frozenset(p.institution for p in children(session, ProjectPartner, "project_id", project_id))
-
-
 def decide_registration(ctx: Context) -> None:
     """Confirm, waitlist or reject a registration request."""
     assert ctx.event is not None
@@ -268,7 +258,7 @@ def decide_registration(ctx: Context) -> None:
         already_registered=ctx.session.get(Registration, data.registration_id) is not None,
         at=_utc(ctx.event.logged_at),
         project_id=data.project_id,
-        project=None if data.project_id is None else _project_parties(ctx.session, data.project_id),
+        project=None if data.project_id is None else project_parties(ctx.session, data.project_id),
     )
     if isinstance(decision, rules.Refuse):
         _refuse(ctx, decision, day_id=data.day_id, registration_id=data.registration_id, participant=data.participant,

@@ -103,6 +103,18 @@ class ProjectImpactReport(TableRow, table=True):
 
 # --- queries -----------------------------------------------------------------------------------
 
+
+def parties(session: Session, project_id: str) -> tuple[str, frozenset[str]] | None:
+    """A registered project's owner and partners, as the workflows that read them judge by them
+    (conflicts of interest, whose project an application or a registration brings); None when no
+    project is registered under ``project_id``. Read without flushing the batch."""
+    with session.no_autoflush:
+        project = session.get(Project, project_id)
+        if project is None:
+            return None
+        return project.owner, frozenset(p.institution for p in children(session, ProjectPartner, "project_id", project_id))
+
+
 MUNICIPALITY_LEVELS: tuple[MunicipalityLevel, ...] = ("metropolitan", "provincial", "district")
 
 

@@ -27,10 +27,9 @@ REBUILD_LANES: tuple[tuple[str, ...], ...] = (
 )
 """The domains a rebuild may replay in processes of their own, one lane each. A lane holds what
 its domains read: every domain reads the members (institutions), validations read projects
-(conflicts of interest), innovation days read projects' themes (matchmaking when a day moves) and the owner and partners
-of the project a registration brings,
-calls the owner and partners of the project an application names: their lanes apply the events
-those come from (:data:`handlers.projects.THEMES_DECIDED_BY`, ``PARTIES_DECIDED_BY``), not the
+(conflicts of interest), innovation days read projects' themes (matchmaking when a day moves)
+and the owner and partners of the project a registration brings, calls the owner and partners
+of the project an application names: their lanes apply the events those come from (:data:`handlers.projects.THEMES_DECIDED_BY`, ``PARTIES_DECIDED_BY``), not the
 whole domain. An entry is a domain or one event type of a domain. A domain in several lanes
 is applied by each and kept by the first that has it whole (its rows, and the record of its
 events applied); event types alone are applied, never kept. An event and the events derived from

@@ -22,7 +22,7 @@ from handlers.institutions import (  # moments stored in UTC, read back aware, o
     member,
 )
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, derived_type, named
-from handlers.projects import Project, ProjectPartner
+from handlers.projects import Project, ProjectPartner, parties as project_parties
 from handlers.rows import TableRow
 from handlers.rules import validations as rules
 from handlers.session import children
@@ -142,17 +142,9 @@ def _member_kind(session: Session, institution: str) -> str | None:
     return found.kind if found is not None else None
 
 
-def _project_of(session: Session, project_id: str) -> tuple[str, frozenset[str]] | None:
-    """A registered project's owner and partners; None when it is not registered."""
-    project = session.get(Project, project_id)
-    if project is None:
-        return None
-    return project.owner, frozenset(p.institution for p in children(session, ProjectPartner, "project_id", project_id))
-
-
 def _project_parties(session: Session, validation: Validation) -> tuple[str, frozenset[str]]:
     """The project's owner and partners; for an external practice, the requester and nobody."""
-    found = _project_of(session, validation.project_id) if validation.project_id is not None else None
+    found = project_parties(session, validation.project_id) if validation.project_id is not None else None
     return found if found is not None else (validation.requester, frozenset())
 
 
@@ -239,7 +231,7 @@ def check_request(ctx: Context) -> None:
     event = cast(Event[ValidationRequested], ctx.event)
     existing = ctx.session.get(Validation, event.data.validation_id)
     kind = _member_kind(ctx.session, event.data.coordinator)
-    project = _project_of(ctx.session, event.data.project_id) if event.data.project_id is not None else None
+    project = project_parties(ctx.session, event.data.project_id) if event.data.project_id is not None else None
     open_already = None
     if existing is None and event.data.project_id is not None:  # (the batch's rows as they are, without a flush)
         open_already = next((v.validation_id for v in children(ctx.session, Validation, "project_id", event.data.project_id)

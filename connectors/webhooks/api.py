@@ -374,7 +374,7 @@ async def change_endpoint(request: Request, endpoint_id: EndpointId, body: Endpo
             if value is not None:
                 setattr(endpoint, name, value)
         if body.enabled is False and endpoint.enabled:
-            store.disable(endpoint, store.OWNER_REASON, now, after_seq=at, settled=store.settled_up_to(session.connection(), consumer))
+            store.disable(endpoint, store.OWNER_REASON, now, after_seq=at, settled=store.settled_up_to(session.connection(), consumer, recorded))
             disabled.append(endpoint.id)
         elif body.enabled and not endpoint.enabled:
             store.enable(endpoint, now, after_seq=at)

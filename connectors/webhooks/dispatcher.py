@@ -839,7 +839,7 @@ class WebhookDispatcher:
             # endpoint shows for /recover. (Read without holding it: the recorder holds its
             # position while it inserts deliveries, which wait for the endpoints held here.)
             recorded = read_position(connection, store.ConsumerPosition.__table__, self.recorder.consumer)  # type: ignore[attr-defined]
-            past = store.settled_up_to(connection, self.recorder.consumer)
+            past = store.settled_up_to(connection, self.recorder.consumer, recorded)
             connection.execute(store.ENDPOINT_DISABLED, [
                 store.disabled_row(e, endpoints[e]["disabled_reason"], now, endpoints[e], recorded, past) for e in disabled
             ])

@@ -138,13 +138,14 @@ def disabled_where(disabled_after_seq: int | None, enabled_after_seq: int | None
     return at, [gap for gap in gaps if gap[1] > settled]
 
 
-def settled_up_to(connection: Connection, consumer: str) -> int:
+def settled_up_to(connection: Connection, consumer: str, recorded: int | None = None) -> int:
     """The place in the log up to which the webhooks' recorder ``consumer`` will record nothing
     more: what it recorded (its position), but for the events it set aside behind a dead letter
     (recorded when the operator replays them), from the first of them on. What an endpoint is
     owed of the events up to there is settled, so the gaps of its disablings there are no longer
-    needed (:func:`disabled_where`)."""
-    recorded = read_position(connection, ConsumerPosition.__table__, consumer)  # type: ignore[attr-defined]
+    needed (:func:`disabled_where`). ``recorded``: the recorder's position, when read already."""
+    if recorded is None:
+        recorded = read_position(connection, ConsumerPosition.__table__, consumer)  # type: ignore[attr-defined]
     aside = [first for _, _, _, first, _ in parked(connection, consumer)]
     return min([recorded, *(first - 1 for first in aside)])
 

@@ -42,13 +42,21 @@ WORKLOAD_EVENTS = 1_500
 
 
 def _tables_used_by(module: ModuleType) -> set[str]:
-    """The read-model tables a domain module's code names: its own, the classes it imports, and
-    tables its SQL text reads."""
+    """The read-model tables a domain module's code names: its own, the classes it imports, those
+    the functions it imports from another module name (``handlers.projects.parties``), and tables
+    its SQL text reads."""
     import handlers.tables  # noqa: F401
 
     tables = {table.name for table in SQLModel.metadata.sorted_tables}
-    named = {getattr(value, "__tablename__") for value in vars(module).values()
-             if isinstance(value, type) and getattr(value, "__tablename__", None) in tables}
+
+    def table_of(value: object) -> str | None:
+        name = getattr(value, "__tablename__", None) if isinstance(value, type) else None
+        return name if name in tables else None
+
+    named = {name for value in vars(module).values() if (name := table_of(value)) is not None}
+    for value in vars(module).values():
+        if inspect.isfunction(value) and value.__module__ != module.__name__:
+            named |= {name for used in value.__code__.co_names if (name := table_of(value.__globals__.get(used))) is not None}
     source = inspect.getsource(module)
     return named | {name for name in tables if re.search(rf"\b(FROM|JOIN)\s+\"?{name}\b", source, re.IGNORECASE)}
 
