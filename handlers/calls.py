@@ -257,18 +257,18 @@ def _meant(session: Session, refusal: Refusal | None, data: ApplicationSubmitted
     if refusal.code == "unknown_partner":
         partner = next(p for p in data.partners if member(session, p) is None)
         members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
-        return Refusal(refusal.code, unknown_name(partner, "a member of the network", session.exec(members),
+        return Refusal(refusal.code, unknown_name(partner, "a member of the network", session.exec(members.order_by(Institution.id)),
                                                   " (a partner must be one: it sees the application)."))
     if refusal.code == "unknown_project" and data.project_id is not None:
         partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == applicant)
         theirs = select(Project.project_id).where(sa.or_(col(Project.owner) == applicant, col(Project.project_id).in_(partnered)))
-        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(theirs)))
+        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(theirs.order_by(Project.project_id))))
     return refusal
 
 
 def _call_meant(session: Session, refusal: Refusal, call_id: str) -> Refusal:
     """An ``unknown_call`` naming the call most likely meant."""
-    near = nearest(call_id, session.exec(select(Call.call_id)))
+    near = nearest(call_id, session.exec(select(Call.call_id).order_by(Call.call_id)))
     return Refusal(refusal.code, f"There is no call {call_id!r}; did you mean {near!r}?") if near else refusal
 
 

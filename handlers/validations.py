@@ -243,11 +243,11 @@ def check_request(ctx: Context) -> None:
     )
     if refusal is not None and refusal.code == "coordinator_not_competence_centre" and kind is None:
         centres = select(Institution.id).where(Institution.kind == "competence_centre", col(Institution.left_at).is_(None))
-        refusal = _meant(refusal, event.data.coordinator, ctx.session.exec(centres))
+        refusal = _meant(refusal, event.data.coordinator, ctx.session.exec(centres.order_by(Institution.id)))
     elif refusal is not None and refusal.code == "unknown_project" and event.data.project_id is not None:
         partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == event.source)
         theirs = select(Project.project_id).where(sa.or_(col(Project.owner) == event.source, col(Project.project_id).in_(partnered)))
-        refusal = _meant(refusal, event.data.project_id, ctx.session.exec(theirs))
+        refusal = _meant(refusal, event.data.project_id, ctx.session.exec(theirs.order_by(Project.project_id)))
     if refusal is not None:
         _refuse(ctx, event, refusal, name=existing.coordinator if existing else event.source)
 
@@ -272,7 +272,7 @@ def check_action(ctx: Context) -> None:
                                    is_member=lambda institution: _member_kind(ctx.session, institution) not in may_review)
     if refusal is not None and refusal.code == "not_member" and isinstance(event.data, ReviewerAssigned):
         members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
-        refusal = _meant(refusal, event.data.reviewer, ctx.session.exec(members))
+        refusal = _meant(refusal, event.data.reviewer, ctx.session.exec(members.order_by(Institution.id)))
     if refusal is not None:
         _refuse(ctx, event, refusal, name=state.coordinator if state else event.source)
         return

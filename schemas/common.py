@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from rapidfuzz import fuzz, process
 
 __all__ = [
     "COUNTRY_CODES",
@@ -536,10 +537,15 @@ def _count_words(error: Mapping[str, Any]) -> str | None:
 
 def nearest(name: str, candidates: Iterable[str]) -> str | None:
     """The one of ``candidates`` nearest to ``name``, which is most often what was meant by a name
-    that names nothing (a typo in an id); None when none is near enough. Every "did you mean" of an
-    unknown id or name asks this one, so they all suggest alike."""
-    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return near[0] if near else None
+    that names nothing (a typo in an id); None when none is near enough (an edit similarity under
+    60 %). Of equally near ones, the first. Every "did you mean" of an unknown id or name asks this
+    one, so they all suggest alike. The comparison is compiled (RapidFuzz): it is asked of every id of
+    a kind — a portal's 100,000 projects take milliseconds, where difflib took seconds of the
+    worker or of the bus's apply holding its batch."""
+    if isinstance(candidates, Mapping):  # (its keys, as iterating it gives; RapidFuzz would compare its values)
+        candidates = candidates.keys()
+    near = process.extractOne(name, candidates, scorer=fuzz.ratio, score_cutoff=60)
+    return near[0] if near is not None else None
 
 
 def unknown_name(name: str, what: str, known: Iterable[str], rest: str = "") -> str:

@@ -196,7 +196,7 @@ def get_institution(
     """A member, or a former one (``left_at`` set): the log still names those as sources."""
     institution = session.get(Institution, institution_id)
     if institution is None:
-        raise _not_found("institution", institution_id, session.exec(select(Institution.id)))
+        raise _not_found("institution", institution_id, session.exec(select(Institution.id).order_by(Institution.id)))
     return institution.model_dump()
 
 
@@ -253,7 +253,7 @@ def list_calls(
 def _known_call(session: Any, call_id: str) -> Call:
     call = session.get(Call, call_id)
     if call is None:
-        raise _not_found("call", call_id, session.exec(select(Call.call_id)))
+        raise _not_found("call", call_id, session.exec(select(Call.call_id).order_by(Call.call_id)))
     return call
 
 
@@ -382,7 +382,7 @@ def get_project(project_id: ProjectId, _viewer: Member, session: SessionDep) -> 
     """A project with its partners, the adoptions of it as a good practice, and its impact reports."""
     project = session.get(Project, project_id)
     if project is None:
-        raise _not_found("project", project_id, session.exec(select(Project.project_id)))
+        raise _not_found("project", project_id, session.exec(select(Project.project_id).order_by(Project.project_id)))
     partners = session.exec(
         select(ProjectPartner).where(ProjectPartner.project_id == project_id).order_by(col(ProjectPartner.institution))
     ).all()
@@ -484,7 +484,7 @@ def get_validation(validation_id: ValidationId, viewer: Member, session: Session
     reviewer (their own) and, after the decision, everyone."""
     view = validation_view(session, validation_id, viewer)
     if view is None:
-        raise _not_found("validation", validation_id, session.exec(select(Validation.validation_id)))  # (every member sees them all)
+        raise _not_found("validation", validation_id, session.exec(select(Validation.validation_id).order_by(Validation.validation_id)))  # (every member sees them all)
     return view
 
 
@@ -494,7 +494,7 @@ def get_validation(validation_id: ValidationId, viewer: Member, session: Session
 def _day(session: Any, day_id: str) -> dict[str, Any]:
     view = days.day_view(session, day_id)
     if view is None:
-        raise _not_found("innovation day", day_id, session.exec(select(days.InnovationDay.day_id)))
+        raise _not_found("innovation day", day_id, session.exec(select(days.InnovationDay.day_id).order_by(days.InnovationDay.day_id)))
     return view
 
 

@@ -349,6 +349,8 @@ async def test_paging_walks_a_list_without_gaps_or_duplicates(gateway: Gateway) 
     problem(await gateway.client.get(f"/projects/{owner}-nope", headers=auth), 404, "not_found")
     typo = problem(await gateway.client.get(f"/projects/{ids[3]}x", headers=auth), 404, "not_found")  # answered with the one meant
     assert typo["detail"] == f"no project '{ids[3]}x'; did you mean {ids[3]!r}?"
+    short = problem(await gateway.client.get(f"/projects/{owner}-0", headers=auth), 404, "not_found")  # as near to all seven
+    assert short["detail"] == f"no project '{owner}-0'; did you mean {ids[0]!r}?"  # the first by id, on either database
 
 
 async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, municipality: str) -> None:

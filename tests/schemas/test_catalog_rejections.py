@@ -366,4 +366,6 @@ def test_the_nearest_name_is_the_one_did_you_mean_offers() -> None:
     assert nearest("call-2026-kitchens", ["call-2026-kitchen", "call-2025-kitchens-x", "other"]) == "call-2026-kitchen"
     assert nearest("proj-a", ["completely-different", "zzz"]) is None
     assert nearest("x", []) is None
+    assert nearest("proj-a", ["proj-a2", "proj-a1"]) == "proj-a2"  # of equally near ones, the first given
+    assert nearest("ownr", {"owner": True, "theme": False}) == "owner"  # a mapping's keys, as iterating it gives
     assert unknown_name("sujbect", "an attribute", iter(["subject", "source"])) == "'sujbect' is not an attribute; did you mean 'subject'?"
