@@ -158,6 +158,8 @@ _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def _decode_header_value(name: str, value: str) -> str:
+    if not value.isascii():
+        raise _outside_ascii(name, value)
     if "%" in value and _STRAY_PERCENT.search(value):
         raise Malformed(
             "percent_encoding_invalid",
@@ -168,6 +170,22 @@ def _decode_header_value(name: str, value: str) -> str:
         return unquote_to_bytes(value).decode("utf-8")
     except UnicodeDecodeError:
         raise Malformed("utf8_invalid", f"header ce-{name} is not percent-encoded UTF-8", (name,)) from None
+
+
+def _outside_ascii(name: str, value: str) -> Malformed:
+    """A ``ce-`` header's value holding more than ASCII, which the bindings percent-encode: bytes
+    that are not UTF-8 (nats-py reads them as U+FFFD), or UTF-8 sent as it is (read as Latin-1
+    over HTTP, as UTF-8 over NATS)."""
+    if "\ufffd" in value:
+        return Malformed("utf8_invalid", f"header ce-{name} holds bytes that are not UTF-8: a value is percent-encoded "
+                         "UTF-8 (é is %C3%A9)", (name,))
+    try:
+        value = value.encode("latin-1").decode("utf-8")  # (UTF-8 read as Latin-1, as HTTP's are: the character sent)
+    except UnicodeError:
+        pass
+    first = next(c for c in value if not c.isascii())
+    return Malformed("percent_encoding_invalid", f"header ce-{name} holds {first!r}, outside ASCII: a value is "
+                     "percent-encoded UTF-8 (é is %C3%A9)", (name,))
 
 
 def parse_binary(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:

@@ -584,6 +584,33 @@ async def test_binary_mode_with_bad_percent_encoding_is_rejected(partner: Client
     assert verdict.reason == "malformed" and codes(verdict) == {"utf8_invalid"}
 
 
+async def test_a_ce_header_value_outside_ascii_is_refused_saying_so_and_the_next_event_flows(partner: Client) -> None:
+    """A binding's header values are percent-encoded UTF-8: a value sent as UTF-8 as it is, or as
+    bytes that are not UTF-8 (nats-py reads them as U+FFFD), is told so, not that it misses a
+    pattern."""
+    from bus.cloudevents import to_binary
+
+    institution, event = fresh("project.registered")
+    attributes, data = to_binary(event)
+    subject = f"collab.ingress.{institution}.project.registered"
+    as_is = await offer_raw(partner, subject, data, {**attributes, "ce-subject": "proj-köök"})
+    assert as_is.reason == "malformed" and codes(as_is) == {"percent_encoding_invalid"}, as_is.as_dict()
+    assert as_is.errors[0].loc == ("subject",) and "'ö', outside ASCII" in as_is.errors[0].msg
+    sent = partner._send_command
+
+    async def not_utf8(command: bytes, priority: bool = False) -> None:  # the same length on the wire
+        await sent(command.replace(b"proj-NOTUTF8", b"proj-\xff\xfe\xfdUTF8"), priority)
+
+    partner._send_command = not_utf8  # type: ignore[method-assign, assignment]
+    try:
+        garbled = await offer_raw(partner, subject, data, {**attributes, "ce-subject": "proj-NOTUTF8"})
+    finally:
+        partner._send_command = sent  # type: ignore[method-assign]
+    assert garbled.reason == "malformed" and codes(garbled) == {"utf8_invalid"}, garbled.as_dict()
+    assert "ce-subject holds bytes that are not UTF-8" in garbled.errors[0].msg
+    assert (await offer_raw(partner, subject, data, attributes)).accepted
+
+
 async def test_deeply_nested_data_is_refused_in_either_mode_and_the_next_event_flows(partner: Client) -> None:
     institution, event = fresh("project.registered")
     nested = b'{"zz": ' + b"[" * 400 + b"]" * 400 + b"}"

@@ -135,6 +135,15 @@ async def test_malformed_bodies_are_400(gateway: Gateway, municipality: str) -> 
     for bad, code in ((b'[{"specversion": ', "json_invalid"), (b'[{"id": "caf\xe9"}]', "utf8_invalid")):
         refused = problem(await gateway.client.post("/events", content=bad, headers=batch_headers), 400, "malformed")
         assert [e["type"] for e in refused["errors"]] == [code], refused  # each problem listed, as for one event
+    headers, data = to_binary(envelope("project.registered", municipality, project(municipality)))
+    for value, code, said in (("proj-köök".encode(), "percent_encoding_invalid", "holds 'ö', outside ASCII"),  # UTF-8 as it is
+                              (b"proj-k\xf6\xf6k", "percent_encoding_invalid", "holds 'ö', outside ASCII"),  # Latin-1
+                              (b"proj-k\xff", "percent_encoding_invalid", "holds 'ÿ', outside ASCII")):
+        sent = {key.encode(): text.encode() for key, text in {**headers, **gateway.auth(municipality)}.items()}
+        raw = problem(await gateway.client.post("/events", content=data, headers={**sent, b"ce-subject": value}), 400, "malformed")
+        assert [(e["type"], e["loc"]) for e in raw["errors"]] == [(code, ["subject"])], raw
+        assert said in raw["errors"][0]["msg"] and "%C3%A9" in raw["errors"][0]["msg"], raw
+    assert (await gateway.client.post("/events", content=data, headers={**headers, **gateway.auth(municipality)})).status_code == 202
     event = envelope("project.registered", municipality, project(municipality))
     twice = orjson.dumps(event).replace(b'"source":', b'"source":"/institutions/someone-else","source":', 1)
     refused = problem(await gateway.client.post("/events", content=twice, headers=auth), 400, "malformed")
