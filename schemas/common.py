@@ -27,7 +27,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-from rapidfuzz import fuzz, process
 
 __all__ = [
     "COUNTRY_CODES",
@@ -542,6 +541,8 @@ def nearest(name: str, candidates: Iterable[str]) -> str | None:
     one, so they all suggest alike. The comparison is compiled (RapidFuzz): it is asked of every id of
     a kind — a portal's 100,000 projects take milliseconds, where difflib took seconds of the
     worker or of the bus's apply holding its batch."""
+    from rapidfuzz import fuzz, process  # (on the first unknown id: ~5 MB a process that meets none does without)
+
     if isinstance(candidates, Mapping):  # (its keys, as iterating it gives; RapidFuzz would compare its values)
         candidates = candidates.keys()
     near = process.extractOne(name, candidates, scorer=fuzz.ratio, score_cutoff=60)
