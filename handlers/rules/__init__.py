@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-RULES = 3
+RULES = 4
 """The version of the workflow rules this code judges by. 1: an owner's adoption of its own
 project (``own_project``), an adopter that is not a member (``unknown_adopter``), a call's deadline
 amended into the past (``deadline_in_past``) or its opening moved later once open
@@ -45,7 +45,11 @@ cancellation of a registration for a gathering its organiser reported held is re
 that a gathering was held before it started (``not_started``); its participant's cancellation of
 a registration it cancelled already (``already_cancelled``, before ``unknown_registration``); a
 registration for a gathering bringing a project not registered (``unknown_project``) or not its
-participant's own or partnered (``not_project_party``)."""
+participant's own or partnered (``not_project_party``).
+
+4: a gathering announced or moved to start at a moment passed already when the log took the event,
+or announced with its registration deadline passed already (``in_the_past``: it got its meetings
+proposed in slots gone by, and registration never opened)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 
