@@ -88,8 +88,11 @@ ApplicationId = Annotated[str, Path(min_length=1, max_length=128, description="t
 ProjectId = Annotated[str, Path(min_length=1, max_length=128, description="the project's `project_id`")]
 ValidationId = Annotated[str, Path(min_length=1, max_length=128, description="the validation's `validation_id`")]
 DayId = Annotated[str, Path(min_length=1, max_length=128, description="the day's `day_id`")]
-DayParticipant = Annotated[str | None, Query(max_length=63, description=(
-    "gatherings this institution is registered for (confirmed or waitlisted): a member's own are `participant={its id}`"))]
+DayParticipant = Annotated[str | None, Query(pattern=INSTITUTION_PATTERN, description=(
+    "an institution's id (a member's own: `participant={its id}`): the gatherings it is registered for (confirmed or "
+    "waitlisted), in the calendar with the meetings proposed to it; of a day's meetings, those it has (innovator or funder)"))]
+"""The institution whose gatherings, or whose meetings of a day, are read: one parameter, checked
+and described alike wherever it is taken (the list of days, the calendar, a day's meetings)."""
 DayOrganizer = Annotated[str | None, Query(max_length=63, description="gatherings this institution organises")]
 COUNTRY = r"^[A-Za-z]{2}$"
 
@@ -547,7 +550,7 @@ def list_meetings(
     day_id: DayId,
     _viewer: Member,
     session: SessionDep,
-    participant: Annotated[str | None, Query(max_length=63, description="the meetings of this institution (innovator or funder)")] = None,
+    participant: DayParticipant = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:

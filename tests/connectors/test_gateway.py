@@ -966,6 +966,31 @@ async def test_a_member_finds_the_gatherings_it_is_registered_for_and_has_them_i
     assert sorted(str(e["uid"]).removesuffix("@collabbus") for e in Calendar.from_ical(feed.content).walk("VEVENT")) == sorted([full, open_])
 
 
+async def test_participant_is_one_parameter_checked_and_described_alike_on_the_days_the_calendar_and_the_meetings(gateway: Gateway) -> None:
+    """?participant= on a day's meetings was declared apart from the lists': a value no
+    institution id can be (in capitals, with a space) read an empty page of meetings as if the
+    institution had none, where the days and the calendar refused it. It is refused alike, saying
+    what an institution id is, and described alike."""
+    organiser, member = await gateway.join("competence_centre"), await gateway.join("ngo")
+    day_id = await open_day(gateway, organiser)
+    await gateway.settle()
+    auth = gateway.auth(member)
+    said: dict[str, set[str]] = {}
+    for path, params in (("/innovation-days", {}), (f"/innovation-days/{day_id}/meetings", {}),
+                         ("/innovation-days.ics", {"token": gateway.token(member)})):
+        for wrong in (member.upper(), f"{member} ", "x" * 64):
+            refused = problem(await gateway.client.get(path, params={**params, "participant": wrong}, headers=auth), 422, "invalid")
+            assert [error["loc"] for error in refused["errors"]] == [["query", "participant"]], (path, wrong)
+            said.setdefault(wrong, set()).add(refused["errors"][0]["msg"])
+        assert (await gateway.client.get(path, params={**params, "participant": member}, headers=auth)).status_code == 200
+    assert all(len(messages) == 1 for messages in said.values()), said
+    assert "an institution id" in said[member.upper()].pop()
+    openapi = (await gateway.client.get("/openapi.json")).json()["paths"]
+    declared = [next(p for p in openapi[path]["get"]["parameters"] if p["name"] == "participant")
+                for path in ("/innovation-days", "/innovation-days/{day_id}/meetings", "/innovation-days.ics")]
+    assert declared[0] == declared[1] == declared[2]
+
+
 async def test_a_participants_calendar_holds_its_meetings_and_the_meetings_say_when_they_end(gateway: Gateway) -> None:
     """The meetings the matchmaking proposed were only in /meetings, each with its start alone: a
     participant's calendar (?participant=) holds its own meetings, and each meeting says when its
