@@ -53,6 +53,7 @@ __all__ = [
     "day_view",
     "days_of",
     "meetings",
+    "meetings_of",
     "propose_meetings",
     "registrations",
 ]
@@ -778,21 +779,30 @@ def registrations(session: Session, day_id: str) -> list[dict[str, Any]]:
 def meetings(session: Session, day_id: str, *, participant: str | None = None) -> list[dict[str, Any]]:
     """The proposed meetings of a day, by slot (``participant``: those it has, as innovator or
     funder), each with the end of its slot."""
-    query = select(ProposedMeetingRow).where(ProposedMeetingRow.day_id == day_id)
+    return meetings_of(session, [day_id], participant=participant).get(day_id, [])
+
+
+def meetings_of(session: Session, day_ids: Sequence[str] | Any, *, participant: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The proposed meetings of the days ``day_ids`` — ids, or a query of them — (a day without
+    any is left out), each day's as :func:`meetings` gives them, read in one query."""
+    if isinstance(day_ids, Sequence) and not day_ids:
+        return {}
+    chosen = sorted(set(day_ids)) if isinstance(day_ids, Sequence) else day_ids
+    query = select(ProposedMeetingRow).where(col(ProposedMeetingRow.day_id).in_(chosen))
     if participant is not None:
         query = query.where(sa.or_(col(ProposedMeetingRow.innovator) == participant, col(ProposedMeetingRow.funder) == participant))
     rows = sorted(session.exec(query).all(), key=lambda m: (_utc(m.slot_start), m.funder, m.innovator, m.project_id or ""))
-    return [
-        {
+    found: dict[str, list[dict[str, Any]]] = {}
+    for m in rows:
+        found.setdefault(m.day_id, []).append({
             "innovator": m.innovator,
             "funder": m.funder,
             "project_id": m.project_id,
             "slot_start": _iso(m.slot_start),
             "slot_end": _iso(_utc(m.slot_start) + rules.SLOT_LENGTH),
             "shared_themes": list(m.shared_themes),
-        }
-        for m in rows
-    ]
+        })
+    return found
 
 
 def day_view(session: Session, day_id: str) -> dict[str, Any] | None:

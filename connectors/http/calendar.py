@@ -17,7 +17,7 @@ from sqlmodel import col, select
 from connectors.http.auth import CalendarMember, SessionDep
 from connectors.http.problems import documented
 from connectors.http.read import DayOrganizer, DayParticipant
-from handlers.innovation_days import InnovationDay, days_of, meetings
+from handlers.innovation_days import InnovationDay, days_of, meetings_of
 
 router = APIRouter(tags=["read"])
 
@@ -119,7 +119,8 @@ def calendar_feed(
     matchmaking proposed to it in each not cancelled; ``organizer``: those it organises."""
     query = days_of(select(InnovationDay), participant=participant, organizer=organizer)
     days = session.exec(query.order_by(col(InnovationDay.starts_at), col(InnovationDay.day_id))).all()
-    proposed = {} if participant is None else {
-        day.day_id: meetings(session, day.day_id, participant=participant)
-        for day in days if day.status != "cancelled" and day.meetings_proposed_at is not None}
+    # The meetings of all its days in one query, of the days the feed holds (not one per day).
+    matched = query.where(col(InnovationDay.status) != "cancelled", col(InnovationDay.meetings_proposed_at).is_not(None))
+    proposed = {} if participant is None else meetings_of(
+        session, matched.with_only_columns(col(InnovationDay.day_id)), participant=participant)
     return Response(feed(list(days), lang, proposed), media_type=f"{ICS}; charset=utf-8")

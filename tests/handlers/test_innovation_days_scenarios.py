@@ -965,3 +965,59 @@ async def test_capacity_holds_and_the_waitlist_keeps_log_order(scenario: Scenari
         assert [w["position"] for w in found["waitlisted"]] == list(range(1, len(queue) + 1))
         fitting = [w for w in found["waitlisted"] if w["attendees"] <= capacity]
         assert not fitting or fitting[0]["attendees"] > capacity - found["confirmed"]  # strict FIFO: nobody is left waiting who fits
+
+
+# --- the calendar feed --------------------------------------------------------------------------
+
+
+def test_a_participants_calendar_reads_the_meetings_of_all_its_days_in_one_query(engine: Engine) -> None:
+    """The calendar feed read a participant's meetings with one query per day it is registered
+    for: the statements a feed takes do not grow with its days, and each day holds its own
+    meetings (no other day's, no other institution's), as a day's meetings read alone give them."""
+    from icalendar import Calendar
+
+    from connectors.http.calendar import calendar_feed
+
+    participant, now = f"p-{uuid.uuid4().hex[:8]}", datetime.now(timezone.utc).replace(microsecond=0)
+
+    def days_with_meetings(count: int) -> list[str]:
+        ids = [f"day-{uuid.uuid4().hex[:12]}" for _ in range(count)]
+        with session_scope(engine) as session:
+            for n, day_id in enumerate(ids):
+                starts = now + timedelta(days=30 + n)
+                session.add(InnovationDay(
+                    day_id=day_id, organizer=ORGANIZER, title={"en": f"Day {n}"}, format="innovation_day", starts_at=starts,
+                    ends_at=starts + timedelta(hours=2), attendance_mode="online", capacity=10, registration_deadline=now,
+                    themes=["health_care"], languages=["en"], meetings_proposed_at=now))
+                session.add(Registration(registration_id=f"{day_id}-r", day_id=day_id, participant=participant, role="innovator",
+                                         attendees=1, interests=[], status="confirmed", requested_at=now))
+                for slot, (innovator, funder) in enumerate(((participant, ESF), (MERSIN, SITRA), (participant, SITRA))):
+                    session.add(ProposedMeetingRow(day_id=day_id, slot_start=starts + slot * timedelta(minutes=20), funder=funder,
+                                                   innovator=innovator, shared_themes=["health_care"]))
+        return ids
+
+    def feed(day_ids: list[str]) -> tuple[int, dict[str, list[str]]]:
+        statements: list[str] = []
+
+        def counted(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            statements.append(statement)
+
+        with Session(engine) as session:
+            session.connection()  # (the connection is taken before counting)
+            sa.event.listen(engine, "before_cursor_execute", counted)
+            try:
+                answer = calendar_feed(participant, session, "en", participant, None)
+            finally:
+                sa.event.remove(engine, "before_cursor_execute", counted)
+            expected = {day_id: [f"{day_id}.meeting.{datetime.fromisoformat(m['slot_start']).strftime('%Y%m%dT%H%M%SZ')}.{m['funder']}@collabbus"
+                                 for m in meetings(session, day_id, participant=participant)] for day_id in day_ids}
+        uids = [str(e["uid"]) for e in Calendar.from_ical(bytes(answer.body)).walk("VEVENT")]
+        got = {day_id: [uid for uid in uids if uid.startswith(f"{day_id}.meeting.")] for day_id in day_ids}
+        assert got == expected and all(len(found) == 2 for found in got.values())
+        assert sorted(uid for uid in uids if ".meeting." not in uid) == sorted(f"{day_id}@collabbus" for day_id in day_ids)
+        return len(statements), got
+
+    one = days_with_meetings(1)
+    alone, _ = feed(one)
+    more = days_with_meetings(4)
+    assert feed(one + more)[0] == alone
