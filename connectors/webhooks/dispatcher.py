@@ -545,6 +545,8 @@ class WebhookDispatcher:
         self._ssl_context: ssl.SSLContext | None = None
         self._bodies: OrderedDict[int, tuple[bytes, str | None]] = OrderedDict()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._changing = asyncio.Lock()
+        """Held while an endpoint's change is told (:meth:`endpoint_changed`)."""
         # Every worker's claims and every sender's record go to the database together: one
         # transaction for all that are waiting (records first, then claims), not one each.
         self._turns: Batched[_Work, Any] = Batched(self._turn, self.db_lock)
@@ -620,7 +622,7 @@ class WebhookDispatcher:
         retired, self.recorder.retired = self.recorder.retired, {}
         for endpoint_id, institution in retired.items():
             _log_disabled(endpoint_id, institution, store.LEFT_REASON)
-            task = asyncio.get_running_loop().create_task(self.endpoint_changed(endpoint_id, False))
+            task = asyncio.get_running_loop().create_task(self.endpoint_changed(endpoint_id, False, by_the_bus=True))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
@@ -630,12 +632,26 @@ class WebhookDispatcher:
         if worker is not None:
             worker.wake.set()
 
-    async def endpoint_changed(self, endpoint_id: str, enabled: bool) -> None:
-        """An endpoint was created, enabled, disabled or deleted: run its worker or stop it."""
-        if enabled:
-            self._worker(endpoint_id).wake.set()
-        elif (worker := self.workers.pop(endpoint_id, None)) is not None:
-            await worker.stop(grace=0)
+    async def endpoint_changed(self, endpoint_id: str, enabled: bool, *, by_the_bus: bool = False) -> None:
+        """An endpoint was created, enabled, disabled or deleted: run its worker or stop it.
+
+        ``by_the_bus``: the bus disabled it (a 410, failing for too long, its institution left)
+        and tells so in a task of its own, which may come after its owner enabled it again (a
+        change made meanwhile, told first): its worker is stopped only while the endpoint is still
+        disabled. The changes are told one at a time, so that the last one told is what holds."""
+        async with self._changing:
+            if enabled:
+                self._worker(endpoint_id).wake.set()
+                return
+            if by_the_bus and await asyncio.to_thread(self._enabled, endpoint_id):
+                return  # enabled again since: its worker stays (stopped, nothing more was sent to it)
+            if (worker := self.workers.pop(endpoint_id, None)) is not None:
+                await worker.stop(grace=0)
+
+    def _enabled(self, endpoint_id: str) -> bool:
+        with Session(reading(self.engine)) as session:
+            endpoint = session.get(Endpoint, endpoint_id)
+            return endpoint is not None and endpoint.enabled
 
     # --- claiming -------------------------------------------------------------------------------
 
@@ -738,7 +754,7 @@ class WebhookDispatcher:
         if disabled is not None:
             if disabled.now:
                 _log_disabled(claim.endpoint_id, disabled.institution, disabled.reason)
-            task = asyncio.get_running_loop().create_task(self.endpoint_changed(claim.endpoint_id, False))
+            task = asyncio.get_running_loop().create_task(self.endpoint_changed(claim.endpoint_id, False, by_the_bus=True))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 

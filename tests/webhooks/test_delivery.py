@@ -20,6 +20,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from bus.runtime import Bus
+from connectors.webhooks.store import Endpoint
 from handlers.db import session_scope
 from tests.conftest import load_fixtures, unique
 from tests.connectors.conftest import Gateway
@@ -483,6 +484,79 @@ async def test_410_disables_the_endpoint(network: Network, receiver: Receiver) -
     assert len(await deliveries(gateway, owner, gone["id"])) == 1 and len(receiver.at("/gone")) == 1
     probed = (await gateway.client.get(f"/webhooks/{probe['id']}", headers=gateway.auth(owner))).json()
     assert probed["last_success_at"] is not None and probed["failing_since"] is None
+
+
+async def test_an_endpoint_the_bus_disables_while_its_owner_changes_it_is_changed_as_if_disabled_before(
+    network: Network, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change sending the endpoint's state as its owner saw it (enabled, with a new description)
+    looks at the endpoint, then changes it: when the bus disables it in between (a 410 from the
+    receiver), the change is made as if the endpoint had been disabled before the owner sent it
+    (enabled again where the log is then, the 410 staying what disabled it), and the bus sends
+    the endpoint what is logged after it — also when the dispatcher, which stops the worker of
+    an endpoint it disabled in a task of its own, gets to it only after the owner's change (it
+    stopped the worker of the endpoint enabled again, and nothing more was sent to it)."""
+    from connectors.webhooks import api
+
+    gateway = await network.start()
+    assert gateway.bus is not None and gateway.bus.webhooks is not None
+    dispatcher = gateway.bus.webhooks
+    told = dispatcher.endpoint_changed
+    answered = asyncio.Event()
+
+    async def late(endpoint_id: str, enabled: bool, **how: Any) -> None:
+        if not enabled and not answered.is_set():  # the bus's own telling of the 410: after the owner's change
+            await answered.wait()
+        await told(endpoint_id, enabled, **how)
+
+    monkeypatch.setattr(dispatcher, "endpoint_changed", late)
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    receiver.answer("/flaky", Answer(410), Answer(200))  # gone, then back
+    endpoint = await register(gateway, owner, receiver.url("/flaky"), ["project.registered"])
+    path = f"/webhooks/{endpoint['id']}"
+    looked = api._owned
+    gone: list[dict[str, Any]] = []
+
+    async def disabled_by_the_bus_after_the_look(*args: Any, **kwargs: Any) -> Any:
+        seen = await looked(*args, **kwargs)
+        if not gone:  # the change's look, once: the bus disables the endpoint before the change is made
+            gone.append(await offer_project(gateway, owner))
+            (delivery,) = await settled(gateway, owner, endpoint["id"], 1)
+            assert [a["status_code"] for a in delivery["attempts"]] == [410]
+            assert await eventually(lambda: not _enabled(gateway, endpoint["id"]), what="the endpoint disabled by its 410")
+            assert seen.enabled is True
+            between = project_event(owner)  # logged while it is disabled: in the gap, not owed
+            logged = await gateway.post(owner, between)
+            assert logged.status_code == 202, logged.text
+            gone.append(between | {"seq": logged.json()["seq"]})
+            await gateway.settle()
+        return seen
+
+    monkeypatch.setattr(api, "_owned", disabled_by_the_bus_after_the_look)
+    changed = await gateway.client.patch(path, json={"enabled": True, "description": "back"}, headers=auth)
+    monkeypatch.setattr(api, "_owned", looked)
+    answered.set()
+    await asyncio.gather(*dispatcher._retiring)  # (the dispatcher told of the 410, late)
+    assert changed.status_code == 200, changed.text
+    shown = changed.json()
+    assert gone and (shown["enabled"], shown["description"], shown["disabled_reason"]) == (True, "back", None)
+    assert shown["disabled_at"] is not None  # (from when to recover what it missed)
+    assert shown["disabled_after_seq"] >= (await deliveries(gateway, owner, endpoint["id"]))[0]["seq"]
+    assert shown["enabled_after_seq"] >= gone[1]["seq"] > shown["disabled_after_seq"]  # enabled where the log was at the change
+    stored = (await gateway.client.get(path, headers=auth)).json()
+    assert {key: shown[key] for key in stored if key != "held_back"} == {key: value for key, value in stored.items() if key != "held_back"}
+
+    later = await offer_project(gateway, owner)
+    await eventually(lambda: later["id"] in ids(receiver.at("/flaky")), what="the delivery after the endpoint was enabled again")
+    assert ids(receiver.at("/flaky")) == [gone[0]["id"], later["id"]]  # (not the one logged while it was disabled)
+
+
+def _enabled(gateway: Gateway, endpoint_id: str) -> bool:
+    with session_scope(gateway.bus.engine) as session:
+        found = session.get(Endpoint, endpoint_id)
+        assert found is not None
+        return found.enabled
 
 
 async def test_what_an_endpoint_is_owed_is_what_the_log_held_when_it_was_disabled_and_recover_takes_the_gap_exactly(
