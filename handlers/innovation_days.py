@@ -445,6 +445,41 @@ def rematch_moved_day(ctx: Context) -> None:
              candidates=[] if reopened else None)
 
 
+def reopen_waitlist(ctx: Context) -> None:
+    """A day moved so that registration opens again after its waitlist closed at the old deadline
+    (:func:`_close_waitlist`): the registrations told then that no seat came free are back on the
+    waitlist, in the order they waited, each told so in the organiser's name
+    (``registration_waitlisted``), as they would have stayed had the day been moved before its
+    deadline: a seat freed is theirs before a newcomer's, and a participant that no longer comes
+    cancels. (One whose participant holds another live registration for the day stays refused.)
+    Nothing is promoted: no seat came free since the deadline (cancellations were closed). A rule
+    of version 4: a log applied before left them refused."""
+    event = ctx.event
+    assert event is not None
+    if ctx.refused or not since(4):
+        return
+    data: InnovationDayRescheduled = event.data
+    day = ctx.session.get(InnovationDay, data.day_id)
+    if day is None or day.status != "scheduled" or _moved_deadline(day, data) <= _utc(ctx.now):
+        return
+    closed = [r for r in _registrations(ctx.session, day.day_id, ("rejected",)) if (r.reason or {}).get("code") == "waitlist_closed"]
+    live = _registrations(ctx.session, day.day_id, LIVE)
+    holding = {r.participant for r in live}
+    position = sum(1 for r in live if r.status == "waitlisted")
+    for registration in closed:
+        if registration.participant in holding:
+            continue
+        holding.add(registration.participant)
+        position += 1
+        ctx.emit(
+            "innovation_day.registration_waitlisted",
+            RegistrationWaitlisted(day_id=day.day_id, registration_id=registration.registration_id, position=position,
+                                   participant=registration.participant),
+            source=day.organizer,
+            key=registration.registration_id,
+        )
+
+
 def withdraw_meetings_of_cancelled_day(ctx: Context) -> None:
     """A day cancelled after its meetings were proposed: they are withdrawn by an empty proposal,
     as when a move opens registration again, so that whoever follows the meetings hears of it."""
@@ -635,6 +670,7 @@ def on_registration_waitlisted(session: Session, event: Event[RegistrationWaitli
         return
     registration.status = "waitlisted"
     registration.waitlist_position = event.data.position
+    registration.reason = None  # (one the deadline closed the waitlist on, back on it: registration opened again)
     registration.decided_at = _utc(event.time)
     session.add(registration)
 
@@ -702,7 +738,7 @@ PROJECTIONS: dict[str, Projection] = {
 }
 DECIDERS: dict[str, Decider | list[Decider]] = {
     "innovation_day.scheduled": decide_day_action,
-    "innovation_day.rescheduled": [decide_day_action, rematch_moved_day],
+    "innovation_day.rescheduled": [decide_day_action, rematch_moved_day, reopen_waitlist],
     "innovation_day.cancelled": [decide_day_action, withdraw_meetings_of_cancelled_day],
     "innovation_day.held": decide_day_action,
     "innovation_day.registration_requested": decide_registration,

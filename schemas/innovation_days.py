@@ -164,7 +164,9 @@ class RegistrationConfirmed(EventData):
 
 
 class RegistrationWaitlisted(EventData):
-    """No seat yet: the registration waits at `position` (1 = next to be promoted)."""
+    """No seat yet: the registration waits at `position` (1 = next to be promoted). Also the answer
+    to a move of the day that opens registration again, for a registration refused at the old
+    deadline as `waitlist_closed`: it waits again, in its order (version 4 of the rules)."""
 
     day_id: AggregateId
     registration_id: AggregateId

@@ -49,7 +49,9 @@ participant's own or partnered (``not_project_party``).
 
 4: a gathering announced or moved to start at a moment passed already when the log took the event,
 or announced with its registration deadline passed already (``in_the_past``: it got its meetings
-proposed in slots gone by, and registration never opened)."""
+proposed in slots gone by, and registration never opened); a move of a gathering that opens
+registration again puts the registrations its deadline refused as ``waitlist_closed`` back on the
+waitlist, in their order (``innovation_day.registration_waitlisted``; before, they stayed refused)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

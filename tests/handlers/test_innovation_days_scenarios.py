@@ -638,6 +638,47 @@ async def test_the_registrations_still_waiting_at_the_deadline_are_told_no_seat_
 
 
 @pytest.mark.usefixtures("members")
+async def test_a_move_that_opens_registration_again_puts_the_waitlist_the_deadline_closed_back_in_its_order(scenario: Scenario) -> None:
+    """The registrations the deadline told that no seat came free waited for nothing more once the
+    organiser moved the day and opened registration again: a seat freed then went to a newcomer,
+    and they had to register again behind it. They are back on the waitlist in their order, each
+    told so in the organiser's name, as had the day been moved before its deadline."""
+    day = Day.fresh(deadline_in=timedelta(hours=1))
+    seated, first, second = day.registration(MERSIN, 2), day.registration(AMMAN, 1), day.registration(ESF, 1)
+    await scenario.given(day.scheduled(2), seated, first, second)
+    told = await scenario.tick(day.deadline + timedelta(seconds=1))
+    assert [e["data"]["reason"]["code"] for e in told if e["type"] == "innovation_day.registration_rejected"] == ["waitlist_closed"] * 2
+
+    move = day.rescheduled(deadline=datetime.now(timezone.utc) + timedelta(hours=2))
+    answers = await scenario.when(move)
+    back = [e for e in answers if e["type"] == "innovation_day.registration_waitlisted"]
+    assert [(rid(e), e["data"]["position"], e["data"]["participant"], e["source"], e["causationid"]) for e in back] == [
+        (rid(first), 1, AMMAN, f"/institutions/{ORGANIZER}", move["id"]), (rid(second), 2, ESF, f"/institutions/{ORGANIZER}", move["id"])]
+    assert waitlist(scenario, day.day_id) == [(rid(first), 1), (rid(second), 2)]
+    with scenario.session() as session:
+        assert {r["registration_id"]: r["reason"] for r in registrations(session, day.day_id)}[rid(first)] is None
+
+    newcomer = day.registration(GENC_ISI, 1)
+    assert only(await scenario.when(newcomer))["data"]["position"] == 3  # behind those who waited
+    promoted = await scenario.when(day.cancellation(seated))
+    assert sorted(rid(e) for e in promoted) == sorted([rid(first), rid(second)])
+    assert waitlist(scenario, day.day_id) == [(rid(newcomer), 1)]
+    again = await scenario.when(day.rescheduled(deadline=datetime.now(timezone.utc) + timedelta(hours=3)))
+    assert "innovation_day.registration_waitlisted" not in [e["type"] for e in again]  # (nothing closed, nothing put back)
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_move_that_keeps_registration_closed_leaves_the_waitlist_closed(scenario: Scenario) -> None:
+    day = Day.fresh(deadline_in=timedelta(hours=1))
+    seated, waiting = day.registration(MERSIN, 2), day.registration(AMMAN, 1)
+    await scenario.given(day.scheduled(2), seated, waiting)
+    await scenario.tick(day.deadline + timedelta(seconds=1))
+    answers = await scenario.when(day.rescheduled(deadline=datetime.now(timezone.utc) - timedelta(seconds=1)))
+    assert [e["type"] for e in answers] == ["innovation_day.meetings_proposed"]
+    assert registrations_of(scenario, day.day_id)[rid(waiting)] == "rejected"
+
+
+@pytest.mark.usefixtures("members")
 async def test_the_meetings_timer_reads_only_the_days_whose_deadline_has_come(scenario: Scenario) -> None:
     """The timer runs every second: the days still open for registration, most of the scheduled
     ones on a living network, are not read, nor a day whose meetings were proposed."""
@@ -912,6 +953,32 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
     assert days == {gone_then.day_id: _iso(gone_then.starts_at), gone_now.day_id: None,
                     moved_then.day_id: _iso(now - timedelta(days=1)), moved_now.day_id: _iso(moved_now.starts_at)}
     assert reasons == {rid(late): ("rejected", "after_deadline")}
+
+
+def test_a_move_applied_by_version_3_of_the_rules_left_the_closed_waitlist_refused(engine: Engine) -> None:
+    """Rules before version 4 left the registrations the deadline refused (waitlist_closed) refused
+    when a move opened registration again; a log they applied is applied so, and version 4 puts
+    them back on the waitlist."""
+    from handlers.rules import RULES, judged_by
+
+    def moved_after_the_deadline(version: int) -> tuple[list[str], str]:
+        net = network()
+        day = Day.fresh(deadline_in=timedelta(hours=1))
+        waiting = day.registration(AMMAN, 1)
+        start = datetime.now(timezone.utc)
+        with judged_by(version), session_scope(engine) as session:
+            for n, offered in enumerate([day.scheduled(2), day.registration(MERSIN, 2), waiting], start=1):
+                net.apply(session, Event.from_envelope(offered, seq=None, logged_at=start + timedelta(seconds=n)), live=True)
+            net.tick(session, day.deadline + timedelta(seconds=1))
+            move = day.rescheduled(deadline=day.deadline + timedelta(hours=2))
+            derived = net.apply(session, Event.from_envelope(move, seq=None, logged_at=day.deadline + timedelta(seconds=2)), live=True)
+        with Session(engine) as session:
+            [status] = [r["status"] for r in registrations(session, day.day_id) if r["registration_id"] == rid(waiting)]
+        return [d.type for d in derived], status
+
+    assert moved_after_the_deadline(3) == (["innovation_day.meetings_proposed"], "rejected")
+    assert moved_after_the_deadline(RULES) == (
+        ["innovation_day.meetings_proposed", "innovation_day.registration_waitlisted"], "waitlisted")
 
 
 # --- properties over the real network ---------------------------------------------------------
