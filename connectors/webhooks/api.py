@@ -153,7 +153,11 @@ class WebhookDelivery(BaseModel):
                                                 "is sent after it was delivered or given up")
     status: store.DeliveryStatus = Field(description=(
         "pending: owed; delivered; failed: given up by the bus (its retry schedule ended, the endpoint answered 410); "
-        "cancelled: by the endpoint's owner (…/cancel, or its type no longer asked for)"))
+        "cancelled: by the endpoint's owner (…/cancel, or its type no longer asked for: see `cancelled_by`)"))
+    cancelled_by: store.CancelledBy | None = Field(None, description=(
+        "how a cancelled delivery was cancelled: owner, by hand (…/cancel); filter, by a change of the endpoint's "
+        "`event_types` that no longer asks for its type. Null for any other delivery (and for one cancelled before "
+        "the bus kept it)"))
     next_attempt_at: datetime | None = Field(description="when it is next tried (null once delivered, given up or "
                                                         "cancelled); one waiting for another, not before that one's")
     created_at: datetime

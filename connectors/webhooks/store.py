@@ -48,6 +48,11 @@ DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]
 stopped during its last attempt); ``cancelled``: its endpoint's owner did (by hand, or by no
 longer asking for its type), so it is no part of what the endpoint missed."""
 
+OWNER, FILTER = "owner", "filter"
+CancelledBy = Literal["owner", "filter"]
+"""How its owner cancelled a delivery (``cancelled_by``): ``owner``, by hand (``…/cancel``);
+``filter``, by changing the endpoint's ``event_types`` so that they no longer ask for its type."""
+
 
 class _Webhooks(SQLModel):
     metadata = WEBHOOKS
@@ -181,6 +186,9 @@ class Delivery(_Webhooks, table=True):
     """What the event is about (:func:`ordering_key`): deliveries with the same key go in log
     order. None for deliveries recorded before there was one (they go in any order)."""
     status: str = Field(default=PENDING, max_length=16)
+    cancelled_by: str | None = Field(default=None, max_length=16)
+    """A cancelled delivery's :data:`CancelledBy`; None for any other (and for one cancelled
+    before it was kept)."""
     attempts: int = 0
     """Attempts made in this round of the retry schedule (a resend starts a new round)."""
     next_attempt_at: datetime | None = _when()
@@ -356,7 +364,7 @@ def owe_again(session: Session, endpoint_id: str, events: Sequence[tuple[int, di
         session.execute(
             sa.update(Delivery)
             .where(col(Delivery.endpoint_id) == endpoint_id, col(Delivery.event_id).in_(known))
-            .values(status=PENDING, attempts=0, next_attempt_at=at)
+            .values(status=PENDING, cancelled_by=None, attempts=0, next_attempt_at=at)
         )
     for seq, envelope in events:
         if envelope.get("id") not in known:
@@ -366,7 +374,7 @@ def owe_again(session: Session, endpoint_id: str, events: Sequence[tuple[int, di
 
 def requeue(delivery: Delivery, at: datetime) -> None:
     """Send the delivery again, from a new round of the schedule."""
-    delivery.status, delivery.attempts, delivery.next_attempt_at = PENDING, 0, at
+    delivery.status, delivery.cancelled_by, delivery.attempts, delivery.next_attempt_at = PENDING, None, 0, at
 
 
 def cancel_unwanted(session: Session, endpoint_id: str, event_types: Sequence[str]) -> int:
@@ -379,14 +387,14 @@ def cancel_unwanted(session: Session, endpoint_id: str, event_types: Sequence[st
     if not unwanted:
         return 0
     done = session.execute(sa.update(Delivery).where(owed, col(Delivery.event_type).in_(unwanted))
-                           .values(status=CANCELLED, next_attempt_at=None))
+                           .values(status=CANCELLED, cancelled_by=FILTER, next_attempt_at=None))
     return int(done.rowcount)  # type: ignore[attr-defined]
 
 
 def cancel(delivery: Delivery) -> None:
     """Attempt the delivery no more, as its endpoint's owner asks (``cancelled``, not ``failed``:
     the bus did not give it up): deliveries held back behind it go."""
-    delivery.status, delivery.next_attempt_at = CANCELLED, None
+    delivery.status, delivery.cancelled_by, delivery.next_attempt_at = CANCELLED, OWNER, None
 
 
 # --- what the dispatcher runs: Core statements, compiled once and cached ---------------------------
@@ -430,7 +438,7 @@ CLAIM = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(
 """A delivery's attempts and next attempt (``b_id``, ``b_attempts``, ``b_next``): claimed, or given back."""
 GIVE_UP = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(status=FAILED, next_attempt_at=None)
 DELIVERED_NOW = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(
-    status=DELIVERED, delivered_at=sa.bindparam("b_at"), next_attempt_at=None
+    status=DELIVERED, cancelled_by=None, delivered_at=sa.bindparam("b_at"), next_attempt_at=None
 )
 NOT_DELIVERED = sa.update(_DELIVERIES).where(_D.id == sa.bindparam("b_id")).values(
     status=sa.bindparam("b_status"), next_attempt_at=sa.bindparam("b_next")

@@ -244,9 +244,10 @@ def test_a_webhook_endpoint_disabled_before_its_positions_were_kept_counts_as_di
                 connection.execute(text(endpoint), {"id": endpoint_id, "enabled": enabled, "now": "2026-03-01 08:00:00"})
             connection.execute(text("INSERT INTO webhook_consumer_positions (consumer, seq, epoch) VALUES ('webhooks', 42, 1)"))
             connection.execute(text("UPDATE alembic_version SET version_num = '0026_webhook_owed_order' "
-                                    "WHERE version_num = '0028_webhook_last_failure'"))
+                                    "WHERE version_num = '0034_webhook_cancelled_by'"))
             for column in ("disabled_after_seq", "enabled_after_seq", "earlier_gaps", "last_failure_at"):
                 connection.execute(text(f"ALTER TABLE webhook_endpoints DROP COLUMN {column}"))
+            connection.execute(text("ALTER TABLE webhook_deliveries DROP COLUMN cancelled_by"))
         migrate(engine)
         with engine.connect() as connection:
             rows = connection.execute(text("SELECT id, disabled_after_seq, enabled_after_seq, earlier_gaps FROM webhook_endpoints ORDER BY id"))
@@ -274,8 +275,9 @@ def test_a_failing_webhook_endpoint_is_given_its_latest_attempt_as_its_last_fail
                     connection.execute(text("INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, latency_ms) "
                                             "VALUES (:delivery, :at, 500, 3)"), {"delivery": 1 if failing else 2, "at": attempted_at})
             connection.execute(text("UPDATE alembic_version SET version_num = '0027_webhook_disabled_positions' "
-                                    "WHERE version_num = '0028_webhook_last_failure'"))
+                                    "WHERE version_num = '0034_webhook_cancelled_by'"))
             connection.execute(text("ALTER TABLE webhook_endpoints DROP COLUMN last_failure_at"))
+            connection.execute(text("ALTER TABLE webhook_deliveries DROP COLUMN cancelled_by"))
         migrate(engine)
         with engine.connect() as connection:
             found: dict[str, Any] = {str(row[0]): row[1] for row in connection.execute(text("SELECT id, last_failure_at FROM webhook_endpoints"))}

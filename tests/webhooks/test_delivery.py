@@ -191,6 +191,8 @@ async def test_deliveries_about_one_thing_arrive_in_log_order_and_others_do_not_
 
 
 async def test_a_delivery_cancelled_by_its_owner_lets_those_behind_it_go(network: Network, receiver: Receiver) -> None:
+    """A delivery its owner cancels by hand is shown so (``cancelled_by`` owner: one cancelled by
+    narrowing the endpoint's types read ``cancelled`` alike), and sent again it is owed as any."""
     gateway = await network.start()
     owner = await gateway.join("municipality")
     receiver.answer("/cancel", Answer(503, {"retry-after": "600"}), Answer(200))
@@ -211,10 +213,12 @@ async def test_a_delivery_cancelled_by_its_owner_lets_those_behind_it_go(network
     assert cancelled.status_code == 200, cancelled.text
     # Cancelled, not failed: it does not look like one whose retries ran out (the bus gave up on).
     assert cancelled.json()["status"] == "cancelled" and cancelled.json()["next_attempt_at"] is None
+    assert cancelled.json()["cancelled_by"] == "owner"
     await eventually(lambda: update["id"] in ids(receiver.at("/cancel")), what="the update, no longer held back")
     done = {d["event_id"]: d for d in await settled(gateway, owner, endpoint["id"], 2)}
     assert ids(receiver.at("/cancel")) == [first["id"], update["id"]]  # the registration was not attempted again
     assert (done[first["id"]]["status"], done[update["id"]]["status"]) == ("cancelled", "delivered")
+    assert (done[first["id"]]["cancelled_by"], done[update["id"]]["cancelled_by"]) == ("owner", None)
     listed = await gateway.client.get(path, params={"status": "cancelled"}, headers=gateway.auth(owner))
     assert [d["event_id"] for d in listed.json()["items"]] == [first["id"]], listed.text
     listed = await gateway.client.get(path, params={"status": "failed"}, headers=gateway.auth(owner))
@@ -224,6 +228,8 @@ async def test_a_delivery_cancelled_by_its_owner_lets_those_behind_it_go(network
     assert "delivered already" in problem(delivered, 409, "conflict")["detail"]
     other = await gateway.join("ngo")
     problem(await gateway.client.post(f"{path}/{owed[first['id']]['id']}/cancel", headers=gateway.auth(other)), 404, "not_found")
+    again = await gateway.client.post(f"{path}/{owed[first['id']]['id']}/resend", headers=gateway.auth(owner))
+    assert again.status_code == 202 and (again.json()["status"], again.json()["cancelled_by"]) == ("pending", None), again.text
 
 
 async def attempt_under_way(gateway: Gateway, receiver: Receiver, path: str, answer: int = 500) -> tuple[str, str, dict[str, Any], asyncio.Event]:
@@ -258,6 +264,7 @@ async def test_a_delivery_given_up_while_its_attempt_is_under_way_ends_as_that_a
     settled_one = await eventually(recorded, what="the attempt recorded")
     assert [a["status_code"] for a in settled_one["attempts"]] == [answer]
     assert settled_one["status"] == ends and settled_one["next_attempt_at"] is None
+    assert settled_one["cancelled_by"] == ("owner" if ends == "cancelled" else None)  # (delivered: the receiver has it)
     await asyncio.sleep(SCHEDULE[1] + 1.0)  # past when its retry would have come
     assert len(receiver.at(path)) == 1
 
@@ -1424,7 +1431,8 @@ def test_pruning_takes_the_oldest_settled_deliveries_a_window_at_a_time_and_stop
 async def test_deliveries_of_types_an_endpoint_no_longer_asks_for_are_cancelled_not_sent(network: Network, receiver: Receiver) -> None:
     """An endpoint narrowed to fewer types (PATCH event_types) is not sent what it was still owed
     of the others — a retry pending, or what was owed when it was disabled: those deliveries are
-    cancelled, shown so, and counted in the answer; what it still asks for goes."""
+    cancelled, shown so (``cancelled_by`` filter, not owner: they were not cancelled one by one),
+    and counted in the answer; what it still asks for goes."""
     gateway = await network.start()
     owner = await gateway.join("municipality")
     auth = gateway.auth(owner)
@@ -1449,6 +1457,7 @@ async def test_deliveries_of_types_an_endpoint_no_longer_asks_for_are_cancelled_
     assert ids(receiver.at("/narrowed")) == [first["id"], update["id"]]  # the second registration was not sent
     assert {e: d["status"] for e, d in done.items()} == {first["id"]: "cancelled", second["id"]: "cancelled", update["id"]: "delivered"}
     assert [a["status_code"] for a in done[first["id"]]["attempts"]] == [503] and done[second["id"]]["attempts"] == []
+    assert {e: d["cancelled_by"] for e, d in done.items()} == {first["id"]: "filter", second["id"]: "filter", update["id"]: None}
     assert narrowed.json()["cancelled"] == 2 and narrowed.json()["event_types"] == ["project.updated"]
     again = (await gateway.client.patch(path, json={"event_types": ["project.updated"]}, headers=auth)).json()
     assert again["cancelled"] == 0
