@@ -22,6 +22,9 @@ visits are all gatherings with a capacity counted in attendees. The rules:
 - nothing is accepted at or after the registration deadline (the log's acceptance time counts),
   nor once the day is cancelled (``day_cancelled``) or reported held (``day_held``; before version 3
   of the rules ``after_deadline``);
+- a gathering is announced or moved to start later than the log takes the event, and announced
+  with its registration deadline still to come (``in_the_past``, version 4 of the rules; a move
+  may close registration with a deadline passed);
 - matchmaking at the deadline pairs innovators and funders sharing a theme, at most
   ``MEETINGS_PER_FUNDER`` meetings per funder, no participant twice in one slot.
 
