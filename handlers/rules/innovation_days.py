@@ -176,7 +176,8 @@ def day_action_refusal(
     and its matchmaking for good, and cannot be taken back). It is announced or moved to start
     after ``at`` (version 4: a day in the past got its meetings proposed in slots gone by), and
     announced with registration open (a deadline after ``at``); a move may close registration
-    with a deadline passed already. (Whether its meetings were proposed is no rule's business: the matchmaking is a
+    with a deadline passed already, and a day under way may be moved keeping its start (to end
+    later, say). (Whether its meetings were proposed is no rule's business: the matchmaking is a
     timer's, logged after the events before it were applied, so a replay in log order could see
     the day otherwise.)"""
     if action == "scheduled":
@@ -194,8 +195,8 @@ def day_action_refusal(
     elif action == "held" and day.starts_at is not None and at is not None and at < day.starts_at and since(3):
         return Refusal("not_started", f"the gathering starts at {day.starts_at.isoformat()}: it can be reported held once "
                        "it has started (to move it, send innovation_day.rescheduled)")
-    elif action == "rescheduled":
-        return _in_the_past(action, at, starts_at, None)
+    elif action == "rescheduled" and not (starts_at is not None and starts_at == day.starts_at):
+        return _in_the_past(action, at, starts_at, None)  # (a day under way keeps its start: its end may move)
     return None
 
 
