@@ -7,6 +7,7 @@ Other domains read ``projects.owner``, ``projects.themes`` and ``project_partner
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any
@@ -19,8 +20,10 @@ from sqlmodel import Field, Session, col, select
 from handlers.institutions import Institution, UtcDateTime, column_values, member, upsert
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named
 from handlers.rows import TableRow
+from handlers.rules import Refusal
 from handlers.rules.projects import ProjectAction, ProjectSnapshot, action_refusal
 from handlers.session import children
+from schemas.common import unknown_name
 from schemas.institutions import MunicipalityLevel
 from schemas.projects import (
     ImpactReported,
@@ -150,15 +153,46 @@ def adoptions_by_municipality_level(session: Session, *, owner: str | None = Non
 # --- workflow ----------------------------------------------------------------------------------
 
 
+def _named_partners(data: Any) -> tuple[Partner, ...]:
+    """The partners a registration, an update or a partner joining names."""
+    if isinstance(data, ProjectRegistered):
+        return data.partners
+    if isinstance(data, ProjectUpdated):
+        return data.changes.partners or ()
+    if isinstance(data, PartnerJoined):
+        return (data.partner,)
+    return ()
+
+
+def _strangers(session: Session, project_id: str, partners: tuple[Partner, ...]) -> tuple[str, ...]:
+    """Of ``partners``, those not listed already that are not members (never were, or left): a
+    partner listed before it left stays listed when its owner restates the list."""
+    if not partners:
+        return ()
+    with session.no_autoflush:
+        listed = {row.institution for row in children(session, ProjectPartner, "project_id", project_id)}
+        return tuple(dict.fromkeys(
+            p.institution for p in partners if p.institution not in listed and member(session, p.institution) is None))
+
+
+def _adopted_as(session: Session, project_id: str, adopter: str) -> str | None:
+    """The id of an adoption of ``project_id`` by ``adopter`` recorded before, if there is one."""
+    with session.no_autoflush:
+        earlier = sorted(a.adoption_id for a in children(session, ProjectAdoption, "project_id", project_id) if a.adopter == adopter)
+    return earlier[0] if earlier else None
+
+
 def _action(session: Session, event: Event[Any], project: Project | None) -> ProjectAction:
     """The event as the rules see it, with the dates the project would have afterwards."""
     data = event.data
-    action = ProjectAction(type=event.type, actor=event.source)
+    action = ProjectAction(type=event.type, actor=event.source,
+                           strangers=_strangers(session, data.project_id, _named_partners(data)))
     if isinstance(data, PartnerJoined):
         return replace(action, partner=data.partner.institution)
     if isinstance(data, ProjectAdopted):
         known = session.get(ProjectAdoption, data.adoption_id) is not None
-        return replace(action, adopter=data.adopter, adoption_known=known, adopter_member=member(session, data.adopter) is not None)
+        return replace(action, adopter=data.adopter, adoption_known=known, adopter_member=member(session, data.adopter) is not None,
+                       adopted_as=_adopted_as(session, data.project_id, data.adopter))
     if project is not None and isinstance(data, ProjectUpdated):
         changed = data.changes.model_fields_set
         return replace(
@@ -171,13 +205,31 @@ def _action(session: Session, event: Event[Any], project: Project | None) -> Pro
     return action
 
 
+def _meant(session: Session, refusal: Refusal | None, event: Event[Any]) -> Refusal | None:
+    """``refusal`` of a partner that names no member, with the nearest one that does, which is
+    most often what was meant (a typo in an id); a partner that left is told so."""
+    if refusal is None:
+        return None
+    data = event.data
+    if refusal.code == "unknown_partner":
+        stranger = _strangers(session, data.project_id, _named_partners(data))[0]
+        former = session.get(Institution, stranger)
+        if former is not None and former.left_at is not None:
+            return Refusal(refusal.code, f"{stranger} left the network on {former.left_at:%Y-%m-%d}: a partner must be a member.")
+        members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
+        return Refusal(refusal.code, unknown_name(stranger, "a member of the network", session.exec(members),
+                                                  " (a partner must be one: name it as the network does, GET /institutions)."))
+    return refusal
+
+
 def decide(ctx: Context) -> None:
     """Refuse an event about a project from someone who may not say it (see the rules), in the
     owner's name (unknown project: in the source's name)."""
     event = ctx.event
     assert event is not None
     project = ctx.session.get(Project, event.data.project_id)
-    refusal = action_refusal(project.snapshot() if project else None, _action(ctx.session, event, project))
+    refusal = _meant(ctx.session, action_refusal(project.snapshot() if project else None, _action(ctx.session, event, project)),
+                     event)
     if refusal is None:
         return
     ctx.refuse_action(refusal, source=project.owner if project is not None else event.source)
@@ -277,6 +329,18 @@ def completed(session: Session, event: Event[ProjectCompleted]) -> None:
         project.ends_on = event.data.ended_on
 
 
+def _partners_named(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
+    """The institutions a registration (``partners``), an update (``changes.partners``) or a
+    partner joining (``partner``) names as the event was logged."""
+    given = envelope.get("data")
+    data: dict[str, Any] = given if isinstance(given, dict) else {}
+    changes: dict[str, Any] = data["changes"] if isinstance(data.get("changes"), dict) else {}
+    listed = [data["partner"]] if "partner" in data else data.get("partners", changes.get("partners"))
+    if not isinstance(listed, list):
+        return []
+    return [p["institution"] for p in listed if isinstance(p, dict) and isinstance(p.get("institution"), str)]
+
+
 PROJECTIONS: dict[str, Projection] = {
     "project.registered": registered,
     "project.updated": updated,
@@ -287,8 +351,13 @@ PROJECTIONS: dict[str, Projection] = {
 }
 DECIDERS: dict[str, Decider] = {event_type: decide for event_type in PROJECTIONS}
 TIMERS: tuple[Timer, ...] = ()
-READS: dict[str, Reads] = {"project.adopted": named("institution", "adopter")}
-"""An adoption is judged on its adopter's membership."""
+READS: dict[str, Reads] = {
+    "project.adopted": named("institution", "adopter"),
+    **{event_type: Reads("institution", _partners_named)
+       for event_type in ("project.registered", "project.updated", "project.partner_joined")},
+}
+"""An adoption is judged on its adopter's membership; a registration, an update or a partner
+joining on the membership of the partners it names."""
 
 THEMES_DECIDED_BY: tuple[str, ...] = ("project.registered", "project.updated", "project.completed")
 """What a project's row, owner and themes come from: the events that set them (a registration,

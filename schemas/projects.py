@@ -181,7 +181,10 @@ class ProjectCompleted(EventData):
 
 
 class ProjectActionRefusal(Reason):
-    """Why the projects workflow refused an event about a project."""
+    """Why the projects workflow refused an event about a project. `already_adopted`: the adopter
+    took the practice up before, under another adoption id (the message names it);
+    `unknown_partner`: a partner a registration, an update or a partner joining names anew is not
+    a member of the network, or has left it (both version 4 of the rules)."""
 
     code: Literal[
         "unknown_project",
@@ -193,6 +196,8 @@ class ProjectActionRefusal(Reason):
         "own_project",
         "unknown_adopter",
         "invalid_dates",
+        "already_adopted",
+        "unknown_partner",
     ]
 
 

@@ -51,7 +51,10 @@ participant's own or partnered (``not_project_party``).
 or announced with its registration deadline passed already (``in_the_past``: it got its meetings
 proposed in slots gone by, and registration never opened); a move of a gathering that opens
 registration again puts the registrations its deadline refused as ``waitlist_closed`` back on the
-waitlist, in their order (``innovation_day.registration_waitlisted``; before, they stayed refused)."""
+waitlist, in their order (``innovation_day.registration_waitlisted``; before, they stayed refused);
+a practice's second adoption by the same adopter, under another adoption id
+(``already_adopted``); a project's partner, named anew by its registration, an update or a
+partner joining, that is not a member of the network or has left it (``unknown_partner``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

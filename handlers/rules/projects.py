@@ -36,6 +36,11 @@ class ProjectAction:
     started_on: date | None = None
     ends_on: date | None = None
     """The project's dates as they would be after the event."""
+    strangers: tuple[str, ...] = ()
+    """A registration, an update or a partner joining: the partners it names anew (not listed
+    already) that are not members of the network, never were or left it."""
+    adopted_as: str | None = None
+    """``project.adopted``: the adoption id under which its adopter took the practice up before."""
 
 
 def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Refusal | None:
@@ -43,7 +48,7 @@ def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Re
     if action.type == "project.registered":
         if project is not None and action.actor != project.owner:
             return Refusal("already_registered", f"Project {project.project_id} is already registered by {project.owner}.")
-        return None
+        return _stranger_refusal(action)
     if project is None:
         return Refusal("unknown_project", "There is no such project.")
     if action.type in OWNER_ONLY and action.actor != project.owner:
@@ -59,6 +64,21 @@ def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Re
             return Refusal("own_project", f"{project.owner} owns the project: an adoption is another member taking it up.")
         if not action.adopter_member and since(1):  # a typo would otherwise count an adoption nobody made
             return Refusal("unknown_adopter", f"{action.adopter} is not a member of the network.")
+        if action.adopted_as is not None and since(4):  # (the spread would count one municipality's uptake twice)
+            return Refusal("already_adopted", f"{action.adopter} took this practice up already (adoption "
+                                              f"{action.adopted_as}): the adoption stands as recorded.")
+    stranger = _stranger_refusal(action)
+    if stranger is not None:
+        return stranger
     if action.started_on is not None and action.ends_on is not None and action.ends_on < action.started_on:
         return Refusal("invalid_dates", "The project would end before it starts.")
+    return None
+
+
+def _stranger_refusal(action: ProjectAction) -> Refusal | None:
+    """A partner named anew that is not a member (a typo, or one that left): listed, it would be
+    shown as taking part and judged by (conflicts of interest, whose project a registration or an
+    application brings) though nobody is, or nobody is any more."""
+    if action.strangers and since(4):
+        return Refusal("unknown_partner", f"{action.strangers[0]} is not a member of the network: a partner must be one.")
     return None

@@ -150,14 +150,15 @@ def test_the_events_projects_themes_are_decided_by_give_the_themes_all_of_the_do
     adopter["data"] = {**adopter["data"], "id": adopter["subject"]}
     log = [
         LoggedItem(1, adopter, when),
-        event("project.registered", owner, {"themes": ["environment_urbanisation.climate"], "ends_on": "2027-12-31"}, 2),
+        event("project.registered", owner, {"themes": ["environment_urbanisation.climate"], "ends_on": "2027-12-31", "partners": []}, 2),
         event("project.adopted", owner, {}, 3),
         event("project.updated", owner, {"changes": {"themes": ["education.lifelong_learning"]}}, 4),
         event("project.updated", other, {"changes": {"themes": ["health_care.elderly_care"]}}, 5),  # not the owner
         event("project.completed", owner, {"project_id": registered["project_id"], "ended_on": "2026-04-30"}, 6),
         event("project.updated", owner, {"changes": {"started_on": "2026-07-01", "themes": ["economy.disadvantaged_groups"]}}, 7),
         event("project.registered", other, {"owner": other, "themes": ["health_care.elderly_care"]}, 8),  # taken
-        event("project.registered", other, {"project_id": "another", "owner": other, "themes": ["health_care.elderly_care"]}, 9),
+        event("project.registered", other, {"project_id": "another", "owner": other, "themes": ["health_care.elderly_care"],
+                                            "partners": []}, 9),
     ]
     states = []
     for name, selectors in (("whole", ["institution", "project"]), ("alone", ["institution", *THEMES_DECIDED_BY])):

@@ -70,3 +70,15 @@ def test_a_project_does_not_end_before_it_starts() -> None:
     assert code(PROJECT, ProjectAction("project.completed", OWNER, started_on=start, ends_on=date(2019, 12, 31))) == (
         "invalid_dates"
     )
+
+
+def test_an_adopter_takes_a_practice_up_once() -> None:
+    again = ProjectAction("project.adopted", "tr-tarsus-bld", adopter="tr-tarsus-bld", adopted_as="adopt-1")
+    refusal = action_refusal(PROJECT, again)
+    assert refusal is not None and refusal.code == "already_adopted" and "adopt-1" in refusal.message
+
+
+@pytest.mark.parametrize("type_", ["project.registered", "project.updated", "project.partner_joined"])
+def test_a_partner_named_anew_is_a_member(type_: str) -> None:
+    assert code(PROJECT, ProjectAction(type_, OWNER, partner="tr-mersin-uni")) is None
+    assert code(PROJECT, ProjectAction(type_, OWNER, partner="tr-mersin-unii", strangers=("tr-mersin-unii",))) == "unknown_partner"

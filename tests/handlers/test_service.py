@@ -502,7 +502,13 @@ def test_what_the_workflows_read_of_other_domains_is_declared_with_them(engine: 
         assert routes.reads_of(session, adoption) == [("institution", "tr-tarsus-bld")]
         assert routes.reads_of(session, request) == [("project", "p-1"), ("institution", "fi-thl")]
         assert routes.reads_of(session, assigned) == [("institution", "fi-lut")]  # (no such validation yet)
-        assert routes.reads_of(session, registered) == []
+        # a registration, an update and a partner joining the partners they name (their membership)
+        assert routes.reads_of(session, registered) == [("institution", "tr-genc-isi-koop")]
+        changed = envelope("project.updated", "tr-mersin-bb", {"project_id": "p-1", "changes": {
+            "partners": [{"institution": "fi-lut", "role": "supporter"}]}})
+        joining = envelope("project.partner_joined", "fi-lut", {"project_id": "p-1", "partner": {"institution": "fi-lut", "role": "partner"}})
+        assert routes.reads_of(session, changed) == [("institution", "fi-lut")] == routes.reads_of(session, joining)
+        assert routes.reads_of(session, envelope("project.updated", "tr-mersin-bb", {"project_id": "p-1", "changes": {"status": "active"}})) == []
 
 
 def test_a_days_meetings_wait_for_an_innovators_project_set_aside(engine: Engine) -> None:
@@ -588,7 +594,7 @@ def test_a_bus_notes_from_where_its_rules_apply_the_log_and_older_events_are_jud
 
     fixtures = load_fixtures()
     owner = fixtures["project.registered"]["as"]
-    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p")}
+    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p"), "partners": []}  # (no other member)
     events = [envelope("institution.joined", "operator", {"id": owner, "name": {"en": owner}, "kind": "municipality", "country": "TR"}),
               envelope("project.registered", owner, project)]
 
@@ -707,3 +713,41 @@ def test_a_log_applied_by_rules_of_version_2_is_rebuilt_as_it_was_applied(engine
                         (unbudgeted, "y-2"): "received", (unbudgeted, "y-3"): "rejected"}
     assert budget == {"amount": "100000", "currency": "EUR"}
     assert reviewers == [(reviewer, due + timedelta(days=30))]
+
+
+def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
+    """Rules before version 4 took a practice's second adoption by the same adopter and partners
+    that are not members. A log they applied is rebuilt so — both adoptions counted, the misspelt
+    partner listed —, and what version 4 applied after it as version 4 judges it."""
+    from sqlmodel import Session, col, select
+
+    from handlers.network import derived_type
+    from handlers.projects import ProjectAdoption
+    from handlers.routes import network
+    from handlers.rules import RULES
+    from tests.handlers.test_projects_scenarios import adopted, joined, partner_joined, partners_of, registered
+
+    tag = unique("t")[-8:]
+    owner, adopter, practice = f"tr-owner-{tag}", f"tr-adopter-{tag}", f"practice-{tag}"
+    partnered = registered(practice, by=owner, owner=owner, partners=[{"institution": f"tr-nobody-{tag}", "role": "partner"}])
+    first, second_then, second_now = (adopted(practice, adopter, adoption_id=f"{practice}-{n}") for n in range(3))
+    joins_now = partner_joined(practice, f"tr-noone-{tag}", by=owner)
+    log = [joined(owner, "municipality", level="metropolitan"), joined(adopter, "municipality", level="district"),
+           partnered, first, second_then, second_now, joins_now]
+    service = NetworkService(engine, network())
+    try:
+        service.use_rules_epochs([(1, 3), (6, RULES)])  # (a rebuild's record: version 3 applied #1–#5)
+        at = datetime.now(timezone.utc)
+        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (len(log), None)
+        with engine.connect() as connection:
+            answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
+                sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
+        with Session(engine) as session:
+            adoptions = sorted(a.adoption_id for a in session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == practice)))
+            partners = partners_of(session, practice)
+    finally:
+        service.close()
+    assert [derived_type(answers[e["id"]]) if e["id"] in answers else None for e in (partnered, second_then, second_now, joins_now)] == [
+        None, None, "project.action_rejected", "project.action_rejected"]
+    assert adoptions == [f"{practice}-0", f"{practice}-1"]
+    assert partners == {f"tr-nobody-{tag}": ("partner", None)}

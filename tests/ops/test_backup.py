@@ -52,7 +52,7 @@ async def test_a_backup_of_a_running_bus_restores_into_a_new_data_dir_with_its_l
     with collabbus_up(old):
         added = cli("institutions", "add", member, "--name", "Backup", "--kind", fixture["kind"], "--country", "TR", env=old)
         assert added.returncode == 0, added.stderr + added.stdout
-        data = dict(fixture["event"]["data"], owner=member, project_id=project)
+        data = dict(fixture["event"]["data"], owner=member, project_id=project, partners=[])  # (no other member)
         published = cli("publish", "project.registered", "--as", member, "--data", json.dumps(data), env=old)
         assert published.returncode == 0 and "applied #" in published.stdout, published.stdout + published.stderr
         token = cli("institutions", "token", member, env=old).stdout.strip()

@@ -192,6 +192,9 @@ def test_publish_and_tail_through_a_running_bus(running_bus: dict[str, str], tmp
     )
     assert added.returncode == 0, added.stderr + added.stdout
     assert "accepted" in added.stdout
+    partner = fixture["event"]["data"]["partners"][0]["institution"]  # (a partner is a member)
+    assert cli("institutions", "add", partner, "--name", "Genç İşi Kooperatifi", "--lang", "tr", "--kind", "cooperative",
+               "--country", "TR", env=env).returncode == 0
 
     data_file = tmp_path / "project.json"
     data_file.write_text(json.dumps(fixture["event"]["data"], ensure_ascii=False), encoding="utf-8")

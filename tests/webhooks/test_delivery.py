@@ -878,7 +878,7 @@ async def test_confidential_validation_events_reach_only_its_parties(network: Ne
         return envelope(event_type, source, {**template, "validation_id": validation_id, **data})
 
     intruder = await gateway.join("competence_centre")
-    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p"), "owner": requester}
+    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p"), "owner": requester, "partners": []}
     for offered in (
         envelope("project.registered", requester, project),
         event("validation.requested", requester, coordinator=coordinator, project_id=project["project_id"]),
@@ -1090,7 +1090,7 @@ async def test_reviews_reach_the_parties_until_the_decision_and_every_member_aft
         response = await gateway.post(str(offered["source"]).rsplit("/", 1)[1], offered)
         assert response.status_code == 202, response.text
 
-    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p"), "owner": requester}
+    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p"), "owner": requester, "partners": []}
     await offer(envelope("project.registered", requester, project))
     await offer(event("validation.requested", requester, coordinator=coordinator, project_id=project["project_id"], quorum=2))
     await offer(event("validation.reviewer_assigned", coordinator, reviewer=first))
