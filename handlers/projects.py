@@ -21,7 +21,7 @@ from handlers.institutions import Institution, UtcDateTime, column_values, membe
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named
 from handlers.rows import TableRow
 from handlers.rules import Refusal
-from handlers.rules.projects import ProjectAction, ProjectSnapshot, action_refusal
+from handlers.rules.projects import OWNER_ONLY, ProjectAction, ProjectSnapshot, action_refusal
 from handlers.session import children
 from schemas.common import unknown_name
 from schemas.institutions import MunicipalityLevel
@@ -206,11 +206,19 @@ def _action(session: Session, event: Event[Any], project: Project | None) -> Pro
 
 
 def _meant(session: Session, refusal: Refusal | None, event: Event[Any]) -> Refusal | None:
-    """``refusal`` of a partner that names no member, with the nearest one that does, which is
-    most often what was meant (a typo in an id); a partner that left is told so."""
+    """``refusal`` of a name that names nothing (a project, a partner), saying which and the
+    nearest one that does, which is most often what was meant (a typo in an id): among the
+    projects (the source's own or partnered, for what only an owner says), among the members; a
+    partner that left is told so."""
     if refusal is None:
         return None
     data = event.data
+    if refusal.code == "unknown_project":
+        known = select(Project.project_id)
+        if event.type in OWNER_ONLY:  # (an owner's own; another member's practice is what one adopts or joins)
+            partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == event.source)
+            known = known.where(sa.or_(col(Project.owner) == event.source, col(Project.project_id).in_(partnered)))
+        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(known)))
     if refusal.code == "unknown_partner":
         stranger = _strangers(session, data.project_id, _named_partners(data))[0]
         former = session.get(Institution, stranger)

@@ -292,6 +292,22 @@ async def test_events_about_an_unknown_project_are_refused_in_the_sources_name(
         assert session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == project_id)).all() == []
 
 
+async def test_an_event_about_a_misspelt_project_is_told_the_project_meant(scenario: Scenario, project_id: str) -> None:
+    """The refusal named no project ("There is no such project."): the owner is told its own project
+    nearest to the id it sent, an adopter the practice nearest to it, whoever owns it."""
+    await scenario.given(registered(project_id))
+    misspelt = project_id[:-1]
+    for event in (updated(misspelt, {"status": "suspended"}), adopted(misspelt, TARSUS)):
+        [rejection] = await scenario.when(event)
+        assert rejection["data"]["reason"] == {"code": "unknown_project", "message": {
+            "en": f"{misspelt!r} is not a registered project; did you mean {project_id!r}?"}}
+    # What only an owner says is matched among the sender's own projects (and those it is a partner of).
+    stranger = f"tr-ilce-{uuid.uuid4().hex[:8]}"  # (owning nothing, partner in nothing)
+    await scenario.given(joined(stranger, "municipality", level="district"))
+    [rejection] = await scenario.when(impact_reported(misspelt, by=stranger))
+    assert rejection["data"]["reason"]["message"]["en"] == f"{misspelt!r} is not a registered project"
+
+
 async def test_adoptions_counted_by_municipality_level(scenario: Scenario) -> None:
     """Mersin spreads its practices: how many metropolitan, provincial and district municipalities
     took them up, in how many adoptions (the same municipality may adopt several practices)."""
