@@ -142,12 +142,36 @@ def adoptions_by_municipality_level(session: Session, *, owner: str | None = Non
         .where(level.is_not(None), col(Institution.kind) == "municipality")  # (a level given to another kind by an older bus)
         .group_by(level)
     )
-    if owner is not None:
-        query = query.join(Project, col(Project.project_id) == col(ProjectAdoption.project_id)).where(
-            col(Project.owner) == owner
-        )
-    counts = {row[0]: (row[1], row[2]) for row in session.exec(query)}
+    counts = {row[0]: (row[1], row[2]) for row in session.exec(_of_owner(query, owner))}
     return [AdoptionSpread(lvl, *counts.get(lvl, (0, 0))) for lvl in MUNICIPALITY_LEVELS]
+
+
+@dataclass(frozen=True)
+class UncountedAdoptions:
+    """The adoptions by municipalities that have no municipality level, which no level counts:
+    who they are, so that the operator can give them theirs (``institution.updated``)."""
+
+    municipalities: list[str]
+    adoptions: int
+
+
+def adoptions_without_level(session: Session, *, owner: str | None = None) -> UncountedAdoptions:
+    """The adoptions :func:`adoptions_by_municipality_level` leaves out for want of a level (of
+    ``owner``'s practices only, when given)."""
+    query = (
+        select(ProjectAdoption.adopter)
+        .join(Institution, col(Institution.id) == col(ProjectAdoption.adopter))
+        .where(col(Institution.municipality_level).is_(None), col(Institution.kind) == "municipality")
+    )
+    adopters = list(session.exec(_of_owner(query, owner)))
+    return UncountedAdoptions(municipalities=sorted(set(adopters)), adoptions=len(adopters))
+
+
+def _of_owner(query: Any, owner: str | None) -> Any:
+    """``query`` of adoptions narrowed to those of ``owner``'s practices (None: every one)."""
+    if owner is None:
+        return query
+    return query.join(Project, col(Project.project_id) == col(ProjectAdoption.project_id)).where(col(Project.owner) == owner)
 
 
 # --- workflow ----------------------------------------------------------------------------------

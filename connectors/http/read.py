@@ -38,6 +38,7 @@ from handlers.projects import (
     ProjectImpactReport,
     ProjectPartner,
     adoptions_by_municipality_level,
+    adoptions_without_level,
 )
 from handlers.rules.calls import ApplicationStatus
 from handlers.rules.innovation_days import DayStatus
@@ -51,7 +52,7 @@ from handlers.validations import (
     overdue_reviewers,
     validation_view,
 )
-from schemas.common import AWARE_TIME, COUNTRY_CODES, InstitutionKind, check_theme, nearest
+from schemas.common import AWARE_TIME, COUNTRY_CODES, InstitutionKind, check_theme, nearest, unknown_name
 from schemas.envelope import INSTITUTION_PATTERN
 from schemas.projects import ProjectStatus
 from schemas.registry import event_types, may_emit
@@ -135,6 +136,17 @@ def _not_found(what: str, id: str, known: Iterable[str] = ()) -> ApiProblem:
     member may see), which is most often the one meant (a typo in an id)."""
     meant = nearest(id, known)
     return ApiProblem(404, f"no {what} {id!r}" + (f"; did you mean {meant!r}?" if meant else ""), kind="not_found")
+
+
+def _known_institution(session: Session, parameter: str, value: str | None) -> None:
+    """Refuse (422) a query's ``parameter`` naming an institution that is none, member or former
+    member, with the one most likely meant: a typo would be answered with an empty page, or with
+    counts of nothing, as if the institution had nothing."""
+    if value is None or session.get(Institution, value) is not None:
+        return
+    message = unknown_name(value, "an institution of the network", session.exec(select(Institution.id)))
+    raise ApiProblem(422, f"query.{parameter}: {message}", kind="invalid",
+                     errors=[Problem(("query", parameter), message, "unknown_institution")])
 
 
 # --- institutions ------------------------------------------------------------------------------
@@ -368,6 +380,7 @@ def list_projects(
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """Projects and good practices, by id."""
+    _known_institution(session, "owner", owner)
     country = country.upper() if country else None
     query = select(Project)
     for column, value in ((Project.country, country), (Project.municipality, municipality), (Project.status, status), (Project.owner, owner)):
@@ -414,11 +427,14 @@ def get_project(project_id: ProjectId, _viewer: Member, session: SessionDep) -> 
 def adoption_stats(
     _viewer: Member,
     session: SessionDep,
-    owner: Annotated[str | None, Query(description="only the practices of this institution")] = None,
+    owner: Annotated[str | None, Query(max_length=63, description="only the practices of this institution")] = None,
 ) -> dict[str, Any]:
-    """How far good practices spread: adopting municipalities and adoptions per municipality level."""
+    """How far good practices spread: adopting municipalities and adoptions per municipality level,
+    and those of municipalities whose level is not known (``without_level``)."""
+    _known_institution(session, "owner", owner)
     spread = adoptions_by_municipality_level(session, owner=owner)
-    return {"by_municipality_level": [vars(level) for level in spread]}
+    return {"by_municipality_level": [vars(level) for level in spread],
+            "without_level": vars(adoptions_without_level(session, owner=owner))}
 
 
 # --- validations -------------------------------------------------------------------------------

@@ -359,8 +359,16 @@ class LevelSpread(BaseModel):
     adoptions: int
 
 
+class UncountedAdoptions(BaseModel):
+    municipalities: list[str] = Field(description="the adopting municipalities that have no `municipality_level`, by id")
+    adoptions: int = Field(description="their adoptions, which no level counts")
+
+
 class AdoptionStats(BaseModel):
     by_municipality_level: list[LevelSpread]
+    without_level: UncountedAdoptions = Field(description=(
+        "adoptions by municipalities whose level is not known, counted under no level: the operator gives them "
+        "theirs with `institution.updated`"))
 
 
 Verdict = VerdictBody

@@ -1113,6 +1113,34 @@ async def test_adoptions_are_counted_by_municipality_level(gateway: Gateway, mun
     assert [a["adopter"] for a in detail["adoptions"]] == [district]
 
 
+async def test_adoptions_by_municipalities_without_a_level_are_shown_and_an_unknown_owner_is_told_so(gateway: Gateway) -> None:
+    """A municipality that joined without its level took a practice up: no level counts it, and the
+    statistics say whose adoptions those are (they added up to less than the adoptions, silently).
+    An owner that is no institution (a typo) is refused with the one meant, on the statistics and on
+    /projects, where it answered nothing adopted and no projects; a former member's are answered."""
+    owner = await gateway.join("municipality", "TR", municipality_level="metropolitan")
+    unlevelled, district = await gateway.join("municipality", "TR"), await gateway.join("municipality", "TR", municipality_level="district")
+    practice = project(owner)
+    await gateway.offer(owner, "project.registered", practice)
+    for adopter in (unlevelled, district):
+        await gateway.offer(adopter, "project.adopted", {
+            "adoption_id": unique("a"), "project_id": practice["project_id"], "adopter": adopter, "support": ["study_visit"]})
+    await gateway.settle()
+    auth = gateway.auth(district)
+    stats = (await gateway.client.get("/stats/adoptions", params={"owner": owner}, headers=auth)).json()
+    assert [level["adoptions"] for level in stats["by_municipality_level"]] == [0, 0, 1]
+    assert stats["without_level"] == {"municipalities": [unlevelled], "adoptions": 1}
+
+    for path in ("/stats/adoptions", "/projects"):
+        typo = problem(await gateway.client.get(path, params={"owner": owner + "x"}, headers=auth), 422, "invalid")
+        assert [(e["loc"], e["type"]) for e in typo["errors"]] == [(["query", "owner"], "unknown_institution")], typo
+        assert typo["errors"][0]["msg"] == f"'{owner}x' is not an institution of the network; did you mean {owner!r}?"
+    await gateway.offer("operator", "institution.left", {"id": owner})
+    await gateway.settle()
+    listed = await walk(gateway.client, "/projects", auth, owner=owner)
+    assert [item["project_id"] for page in listed for item in page] == [practice["project_id"]]
+
+
 async def test_events_pages_through_the_log(gateway: Gateway) -> None:
     owner = await gateway.join("cooperative")
     posted = [(await gateway.offer(owner, "project.registered", project(owner)))["seq"] for _ in range(5)]
