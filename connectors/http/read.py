@@ -8,6 +8,7 @@ functions where they have one (``validation_view``, ``day_view``, ``registration
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
@@ -367,28 +368,52 @@ def _project(row: Project) -> dict[str, Any]:
     return values
 
 
+def _folded(name: str) -> str:
+    """A place name as it is compared: without case or accents, Turkish's dotless ı as i, so that
+    ``yenisehir`` and ``YENİŞEHİR`` find the projects in ``Yenişehir``."""
+    letters = unicodedata.normalize("NFKD", name.replace("ı", "i"))
+    return "".join(c for c in letters if not unicodedata.combining(c)).casefold().strip()
+
+
 @router.get("/projects", response_model=Page[resources.Project], responses=LIST_ERRORS)
 def list_projects(
     _viewer: Member,
     session: SessionDep,
     theme: Theme = None,
     country: Country = None,
-    municipality: Annotated[str | None, Query(max_length=300, description="projects in this municipality (as their location names it)")] = None,
+    region: Annotated[str | None, Query(max_length=300, description=(
+        "projects in this region (as their location names it; case and accents aside)"))] = None,
+    municipality: Annotated[str | None, Query(max_length=300, description=(
+        "projects in this municipality (as their location names it; case and accents aside)"))] = None,
     status: Annotated[ProjectStatus | None, Query(description="projects in this state")] = None,
     owner: Annotated[str | None, Query(max_length=63, description="projects this institution owns")] = None,
+    partner: Annotated[str | None, Query(max_length=63, description="projects this institution is a partner of")] = None,
+    adopter: Annotated[str | None, Query(max_length=63, description="practices this institution adopted")] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """Projects and good practices, by id."""
-    _known_institution(session, "owner", owner)
+    for parameter, institution in (("owner", owner), ("partner", partner), ("adopter", adopter)):
+        _known_institution(session, parameter, institution)
     country = country.upper() if country else None
     query = select(Project)
-    for column, value in ((Project.country, country), (Project.municipality, municipality), (Project.status, status), (Project.owner, owner)):
+    for column, value in ((Project.country, country), (Project.status, status), (Project.owner, owner)):
         if value is not None:
             query = query.where(column == value)
+    if partner is not None:
+        query = query.where(col(Project.project_id).in_(select(ProjectPartner.project_id).where(ProjectPartner.institution == partner)))
+    if adopter is not None:
+        query = query.where(col(Project.project_id).in_(select(ProjectAdoption.project_id).where(ProjectAdoption.adopter == adopter)))
+    places = [(attribute, _folded(value)) for attribute, value in (("region", region), ("municipality", municipality))
+              if value is not None]
+
+    def keep(project: Project) -> bool:
+        return (theme is None or _has_theme(project.themes, theme)) and all(
+            _folded(getattr(project, attribute) or "") == wanted for attribute, wanted in places)
+
     rows, next_cursor = keyset_page(
         session, query, [col(Project.project_id)], limit=limit, cursor=cursor,
-        keep=_theme_filter(theme, lambda project: project.themes),
+        keep=keep if theme is not None or places else None,
     )
     return _page([_project(row) for row in rows], next_cursor)
 

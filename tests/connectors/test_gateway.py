@@ -1141,6 +1141,37 @@ async def test_adoptions_by_municipalities_without_a_level_are_shown_and_an_unkn
     assert [item["project_id"] for page in listed for item in page] == [practice["project_id"]]
 
 
+async def test_projects_are_found_by_partner_adopter_and_place_as_people_write_it(gateway: Gateway) -> None:
+    """An NGO finds the projects it is a partner of, a municipality the practices it adopted, and
+    anyone the projects of a place written without its accents or in capitals (``yenisehir``,
+    ``YENİŞEHİR`` for Yenişehir): each answered nothing, or was refused as a parameter."""
+    owner = await gateway.join("municipality", "TR", municipality_level="metropolitan")
+    ngo, district = await gateway.join("ngo", "TR"), await gateway.join("municipality", "TR", municipality_level="district")
+    place = {"country": "TR", "region": "Mersin", "municipality": "Yenişehir"}
+    partnered, adopted_, elsewhere = (
+        project(owner, location=place, partners=[{"institution": ngo, "role": "partner", "relation": "partnership"}]),
+        project(owner, location={"country": "TR", "region": "Mersin"}),
+        project(owner, location={"country": "TR", "region": "Adana", "municipality": "Seyhan"}))
+    for data in (partnered, adopted_, elsewhere):
+        await gateway.offer(owner, "project.registered", data)
+    await gateway.offer(district, "project.adopted", {
+        "adoption_id": unique("a"), "project_id": adopted_["project_id"], "adopter": district, "support": ["study_visit"]})
+    await gateway.settle()
+    auth = gateway.auth(ngo)
+
+    async def found(**params: Any) -> list[str]:
+        return [item["project_id"] for page in await walk(gateway.client, "/projects", auth, owner=owner, **params) for item in page]
+
+    assert await found(partner=ngo) == [partnered["project_id"]]
+    assert await found(adopter=district) == [adopted_["project_id"]]
+    for written in ("Yenişehir", "yenisehir", "YENİŞEHİR", "yenişehir"):
+        assert await found(municipality=written) == [partnered["project_id"]], written
+    assert sorted(await found(region="MERSIN")) == sorted([partnered["project_id"], adopted_["project_id"]])
+    assert await found(region="mersin", municipality="seyhan") == []
+    typo = problem(await gateway.client.get("/projects", params={"partner": ngo + "x"}, headers=auth), 422, "invalid")
+    assert [(e["loc"], e["type"]) for e in typo["errors"]] == [(["query", "partner"], "unknown_institution")]
+
+
 async def test_events_pages_through_the_log(gateway: Gateway) -> None:
     owner = await gateway.join("cooperative")
     posted = [(await gateway.offer(owner, "project.registered", project(owner)))["seq"] for _ in range(5)]
@@ -1637,7 +1668,7 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused_naming_the_one
     typo = problem(await gateway.client.get("/projects", params={"ownr": "fi-tampere", "limit": 1}, headers=auth), 422, "invalid")
     assert typo["errors"] == [{"loc": ["query", "ownr"], "type": "extra_forbidden", "msg": (
         "'ownr' is not a parameter of GET /projects; did you mean 'owner'? "
-        "(it takes theme, country, municipality, status, owner, limit and cursor)")}]
+        "(it takes theme, country, region, municipality, status, owner, partner, adopter, limit and cursor)")}]
     unknown = problem(await gateway.client.get("/projects", params={"foo": "bar"}, headers=auth), 422, "invalid")
     assert [e["loc"] for e in unknown["errors"]] == [["query", "foo"]] and "did you mean" not in unknown["detail"]
     for path, params, meant in (
