@@ -55,6 +55,7 @@ from handlers.validations import (
 )
 from schemas.common import AWARE_TIME, COUNTRY_CODES, InstitutionKind, check_theme, nearest, unknown_name
 from schemas.envelope import INSTITUTION_PATTERN
+from schemas.institutions import MunicipalityLevel
 from schemas.projects import ProjectStatus
 from schemas.registry import event_types, may_emit
 
@@ -159,6 +160,9 @@ def list_institutions(
     session: SessionDep,
     kind: Annotated[InstitutionKind | None, Query(description="members of this kind")] = None,
     country: Country = None,
+    municipality_level: Annotated[MunicipalityLevel | None, Query(
+        description="municipalities of this level (those the adoption statistics count under it)")] = None,
+    theme: Theme = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
@@ -169,7 +173,10 @@ def list_institutions(
         query = query.where(Institution.kind == kind)
     if country is not None:
         query = query.where(Institution.country == country)
-    rows, next_cursor = keyset_page(session, query, [col(Institution.id)], limit=limit, cursor=cursor)
+    if municipality_level is not None:
+        query = query.where(Institution.municipality_level == municipality_level, Institution.kind == "municipality")
+    rows, next_cursor = keyset_page(session, query, [col(Institution.id)], limit=limit, cursor=cursor,
+                                    keep=_theme_filter(theme, lambda institution: institution.themes))
     return _page([row.model_dump() for row in rows], next_cursor)
 
 

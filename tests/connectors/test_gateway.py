@@ -409,8 +409,6 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
                               (({"theme": "econmy"}), "theme", "did you mean 'economy'?"),
                               (({"theme": "econmy"}), "theme", "unknown theme code 'econmy'")):
         for path in ("/calls", "/projects", "/institutions"):
-            if loc == "theme" and path == "/institutions":
-                continue
             refused = problem(await gateway.client.get(path, params=params, headers=auth), 422, "invalid")
             assert [e["loc"] for e in refused["errors"]] == [["query", loc]] and meant in refused["errors"][0]["msg"], (path, refused)
             assert not refused["errors"][0]["msg"].startswith("Value error"), refused  # (pydantic's words for a check's)
@@ -1372,6 +1370,27 @@ async def test_an_event_can_be_looked_up_with_its_refusal_and_what_it_led_to(gat
     assert "moments" in missing["detail"]
     problem(await gateway.client.get("/events/not%20an%20id", headers=auth), 422, "invalid")
     problem(await gateway.client.get(f"/events/{registered['id']}"), 401, "unauthorized")
+
+
+async def test_members_are_listed_by_municipality_level_and_theme(gateway: Gateway) -> None:
+    """A network reading the spread by municipality level lists the municipalities of a level (those
+    that took nothing up as well), and the members working on a theme (an area takes its sub-themes):
+    both parameters were refused."""
+    district = await gateway.join("municipality", "TR", municipality_level="district", themes=["health_care.elderly_care"])
+    metropolitan = await gateway.join("municipality", "TR", municipality_level="metropolitan", themes=["education.literacy"])
+    ngo = await gateway.join("ngo", "TR", themes=["health_care"])
+    auth = gateway.auth(ngo)
+
+    async def listed(**params: Any) -> set[str]:
+        return {item["id"] for page in await walk(gateway.client, "/institutions", auth, country="TR", **params) for item in page}
+
+    districts = await listed(municipality_level="district")
+    assert district in districts and not districts & {metropolitan, ngo}
+    caring = await listed(theme="health_care")
+    assert {district, ngo} <= caring and metropolitan not in caring
+    assert await listed(theme="health_care.elderly_care", municipality_level="district") >= {district}
+    wrong = problem(await gateway.client.get("/institutions", params={"municipality_level": "county"}, headers=auth), 422, "invalid")
+    assert [e["loc"] for e in wrong["errors"]] == [["query", "municipality_level"]]
 
 
 async def test_a_former_member_cannot_read_and_is_shown_as_one(gateway: Gateway, municipality: str) -> None:
