@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -224,6 +224,9 @@ def _action(session: Session, event: Event[Any], project: Project | None) -> Pro
             started_on=data.changes.started_on if "started_on" in changed else project.started_on,
             ends_on=data.changes.ends_on if "ends_on" in changed else project.ends_on,
         )
+    if project is not None and isinstance(data, ImpactReported):
+        return replace(action, period=(data.period.start, data.period.end), project_started_on=project.started_on,
+                       reported_on=event.logged_at.astimezone(timezone.utc).date())
     if project is not None and isinstance(data, ProjectCompleted):
         return replace(action, started_on=project.started_on, ends_on=data.ended_on or project.ends_on)
     return action

@@ -184,7 +184,9 @@ class ProjectActionRefusal(Reason):
     """Why the projects workflow refused an event about a project. `already_adopted`: the adopter
     took the practice up before, under another adoption id (the message names it);
     `unknown_partner`: a partner a registration, an update or a partner joining names anew is not
-    a member of the network, or has left it (both version 4 of the rules)."""
+    a member of the network, or has left it; `period_before_start`, `period_ahead`: an impact
+    report's period ended before the project started, or starts after the day it is reported
+    (all version 4 of the rules)."""
 
     code: Literal[
         "unknown_project",
@@ -198,6 +200,8 @@ class ProjectActionRefusal(Reason):
         "invalid_dates",
         "already_adopted",
         "unknown_partner",
+        "period_before_start",
+        "period_ahead",
     ]
 
 

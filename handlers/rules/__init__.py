@@ -54,7 +54,9 @@ registration again puts the registrations its deadline refused as ``waitlist_clo
 waitlist, in their order (``innovation_day.registration_waitlisted``; before, they stayed refused);
 a practice's second adoption by the same adopter, under another adoption id
 (``already_adopted``); a project's partner, named anew by its registration, an update or a
-partner joining, that is not a member of the network or has left it (``unknown_partner``)."""
+partner joining, that is not a member of the network or has left it (``unknown_partner``); an
+impact report of a period that ended before the project started (``period_before_start``) or
+that starts after the day it is reported (``period_ahead``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 
 from handlers.rules import Refusal, since
 
@@ -41,6 +41,12 @@ class ProjectAction:
     already) that are not members of the network, never were or left it."""
     adopted_as: str | None = None
     """``project.adopted``: the adoption id under which its adopter took the practice up before."""
+    period: tuple[date, date] | None = None
+    """``project.impact_reported``: the first and last day of the period reported on."""
+    project_started_on: date | None = None
+    """``project.impact_reported``: when the project started, as registered."""
+    reported_on: date | None = None
+    """``project.impact_reported``: the day the report was logged (UTC)."""
 
 
 def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Refusal | None:
@@ -70,6 +76,9 @@ def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Re
     stranger = _stranger_refusal(action)
     if stranger is not None:
         return stranger
+    period = _period_refusal(action)
+    if period is not None:
+        return period
     if action.started_on is not None and action.ends_on is not None and action.ends_on < action.started_on:
         return Refusal("invalid_dates", "The project would end before it starts.")
     return None
@@ -81,4 +90,20 @@ def _stranger_refusal(action: ProjectAction) -> Refusal | None:
     application brings) though nobody is, or nobody is any more."""
     if action.strangers and since(4):
         return Refusal("unknown_partner", f"{action.strangers[0]} is not a member of the network: a partner must be one.")
+    return None
+
+
+def _period_refusal(action: ProjectAction) -> Refusal | None:
+    """An impact report of a period that ended before the project started, or that has not begun
+    when it is reported (a day's leeway: the owner's day may be ahead of UTC's): measured results
+    of neither can be, and such a report is most often a year mistyped."""
+    if action.period is None or not since(4):
+        return None
+    start, end = action.period
+    if action.project_started_on is not None and end < action.project_started_on:
+        return Refusal("period_before_start", f"The period reported on ends on {end}, before the project started on "
+                                              f"{action.project_started_on}: report on a period of the project.")
+    if action.reported_on is not None and start > action.reported_on + timedelta(days=1):
+        return Refusal("period_ahead", f"The period reported on starts on {start}, after today ({action.reported_on}): "
+                                       "report the results of a period once it has begun.")
     return None

@@ -82,3 +82,16 @@ def test_an_adopter_takes_a_practice_up_once() -> None:
 def test_a_partner_named_anew_is_a_member(type_: str) -> None:
     assert code(PROJECT, ProjectAction(type_, OWNER, partner="tr-mersin-uni")) is None
     assert code(PROJECT, ProjectAction(type_, OWNER, partner="tr-mersin-unii", strangers=("tr-mersin-unii",))) == "unknown_partner"
+
+
+def test_an_impact_report_is_of_a_period_of_the_project_that_has_begun() -> None:
+    def report(start: date, end: date) -> ProjectAction:
+        return ProjectAction("project.impact_reported", OWNER, period=(start, end), project_started_on=date(2020, 4, 1),
+                             reported_on=date(2026, 12, 6))
+
+    assert code(PROJECT, report(date(2025, 1, 1), date(2025, 12, 31))) is None
+    assert code(PROJECT, report(date(2020, 1, 1), date(2020, 4, 1))) is None  # (its first day)
+    assert code(PROJECT, report(date(2026, 12, 1), date(2026, 12, 31))) is None  # (under way)
+    assert code(PROJECT, report(date(2026, 12, 7), date(2026, 12, 31))) is None  # (a day ahead of UTC)
+    assert code(PROJECT, report(date(2019, 1, 1), date(2019, 12, 31))) == "period_before_start"
+    assert code(PROJECT, report(date(2062, 1, 1), date(2062, 12, 31))) == "period_ahead"

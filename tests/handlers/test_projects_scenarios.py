@@ -82,10 +82,10 @@ def adopted(project_id: str, adopter: str, *, by: str | None = None, adoption_id
     return envelope("project.adopted", by or adopter, data)
 
 
-def impact_reported(project_id: str, *, by: str = OWNER) -> dict[str, Any]:
+def impact_reported(project_id: str, *, by: str = OWNER, start: str = "2025-01-01", end: str = "2025-12-31") -> dict[str, Any]:
     data = {
         "project_id": project_id,
-        "period": {"start": "2025-01-01", "end": "2025-12-31"},
+        "period": {"start": start, "end": end},
         "indicators": [{"name": {"tr": "Dağıtılan sıcak yemek", "en": "Hot meals served"}, "value": "412500", "unit": "meals"}],
     }
     return envelope("project.impact_reported", by, data)
@@ -418,3 +418,19 @@ async def test_a_partner_named_anew_is_a_member(scenario: Scenario, project_id: 
         assert partners_of(session, project_id) == {COOPERATIVE: ("partner", "procurement")}
         assert partners_of(session, kept) == {gone: ("partner", None), UNIVERSITY: ("supporter", None)}
 
+
+async def test_an_impact_report_is_of_a_period_of_the_project_that_has_begun(scenario: Scenario, project_id: str) -> None:
+    """A report of a period that ended before the project started, or that has not begun (a year
+    mistyped, 2019 for 2025 or 2062 for 2026), is refused saying which dates are amiss; the
+    project's impact stays as reported."""
+    await scenario.given(registered(project_id))  # (started on 2020-04-01)
+    before = impact_reported(project_id, start="2019-01-01", end="2019-12-31")
+    refused(await scenario.when(before), before, "period_before_start")
+    [rejection] = await scenario.when(impact_reported(project_id, start="2019-01-01", end="2019-12-31"))
+    assert "ends on 2019-12-31, before the project started on 2020-04-01" in rejection["data"]["reason"]["message"]["en"]
+    ahead = impact_reported(project_id, start="2062-01-01", end="2062-06-30")
+    refused(await scenario.when(ahead), ahead, "period_ahead")
+    assert await scenario.when(impact_reported(project_id)) == []
+    with scenario.session() as session:
+        reports = session.exec(select(ProjectImpactReport).where(col(ProjectImpactReport.project_id) == project_id)).all()
+        assert [(r.period_start, r.period_end) for r in reports] == [(date(2025, 1, 1), date(2025, 12, 31))]

@@ -716,27 +716,29 @@ def test_a_log_applied_by_rules_of_version_2_is_rebuilt_as_it_was_applied(engine
 
 
 def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
-    """Rules before version 4 took a practice's second adoption by the same adopter and partners
-    that are not members. A log they applied is rebuilt so — both adoptions counted, the misspelt
-    partner listed —, and what version 4 applied after it as version 4 judges it."""
+    """Rules before version 4 took a practice's second adoption by the same adopter, partners
+    that are not members and impact reports of a period before the project started. A log they
+    applied is rebuilt so — both adoptions counted, the misspelt partner listed, the report kept —,
+    and what version 4 applied after it as version 4 judges it."""
     from sqlmodel import Session, col, select
 
     from handlers.network import derived_type
-    from handlers.projects import ProjectAdoption
+    from handlers.projects import ProjectAdoption, ProjectImpactReport
     from handlers.routes import network
     from handlers.rules import RULES
-    from tests.handlers.test_projects_scenarios import adopted, joined, partner_joined, partners_of, registered
+    from tests.handlers.test_projects_scenarios import adopted, impact_reported, joined, partner_joined, partners_of, registered
 
     tag = unique("t")[-8:]
     owner, adopter, practice = f"tr-owner-{tag}", f"tr-adopter-{tag}", f"practice-{tag}"
     partnered = registered(practice, by=owner, owner=owner, partners=[{"institution": f"tr-nobody-{tag}", "role": "partner"}])
     first, second_then, second_now = (adopted(practice, adopter, adoption_id=f"{practice}-{n}") for n in range(3))
     joins_now = partner_joined(practice, f"tr-noone-{tag}", by=owner)
+    early_then, early_now = (impact_reported(practice, by=owner, start="2019-01-01", end="2019-12-31") for _ in range(2))
     log = [joined(owner, "municipality", level="metropolitan"), joined(adopter, "municipality", level="district"),
-           partnered, first, second_then, second_now, joins_now]
+           partnered, first, early_then, second_then, second_now, joins_now, early_now]
     service = NetworkService(engine, network())
     try:
-        service.use_rules_epochs([(1, 3), (6, RULES)])  # (a rebuild's record: version 3 applied #1–#5)
+        service.use_rules_epochs([(1, 3), (7, RULES)])  # (a rebuild's record: version 3 applied #1–#6)
         at = datetime.now(timezone.utc)
         assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (len(log), None)
         with engine.connect() as connection:
@@ -745,9 +747,12 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
         with Session(engine) as session:
             adoptions = sorted(a.adoption_id for a in session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == practice)))
             partners = partners_of(session, practice)
+            reports = session.exec(select(ProjectImpactReport).where(col(ProjectImpactReport.project_id) == practice)).all()
     finally:
         service.close()
-    assert [derived_type(answers[e["id"]]) if e["id"] in answers else None for e in (partnered, second_then, second_now, joins_now)] == [
-        None, None, "project.action_rejected", "project.action_rejected"]
+    causes = (partnered, early_then, second_then, second_now, joins_now, early_now)
+    assert [derived_type(answers[e["id"]]) if e["id"] in answers else None for e in causes] == [
+        None, None, None, "project.action_rejected", "project.action_rejected", "project.action_rejected"]
+    assert len(reports) == 1
     assert adoptions == [f"{practice}-0", f"{practice}-1"]
     assert partners == {f"tr-nobody-{tag}": ("partner", None)}
