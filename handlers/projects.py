@@ -233,10 +233,10 @@ def _action(session: Session, event: Event[Any], project: Project | None) -> Pro
 
 
 def _meant(session: Session, refusal: Refusal | None, event: Event[Any]) -> Refusal | None:
-    """``refusal`` of a name that names nothing (a project, a partner), saying which and the
-    nearest one that does, which is most often what was meant (a typo in an id): among the
+    """``refusal`` of a name that names nothing (a project, a partner, an adopter), saying which
+    and the nearest one that does, which is most often what was meant (a typo in an id): among the
     projects (the source's own or partnered, for what only an owner says), among the members; a
-    partner that left is told so."""
+    partner or an adopter that left is told so."""
     if refusal is None:
         return None
     data = event.data
@@ -246,14 +246,15 @@ def _meant(session: Session, refusal: Refusal | None, event: Event[Any]) -> Refu
             partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == event.source)
             known = known.where(sa.or_(col(Project.owner) == event.source, col(Project.project_id).in_(partnered)))
         return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(known)))
-    if refusal.code == "unknown_partner":
-        stranger = _strangers(session, data.project_id, _named_partners(data))[0]
+    if refusal.code in ("unknown_partner", "unknown_adopter"):
+        what = "a partner" if refusal.code == "unknown_partner" else "an adopter"
+        stranger = _strangers(session, data.project_id, _named_partners(data))[0] if what == "a partner" else data.adopter
         former = session.get(Institution, stranger)
         if former is not None and former.left_at is not None:
-            return Refusal(refusal.code, f"{stranger} left the network on {former.left_at:%Y-%m-%d}: a partner must be a member.")
+            return Refusal(refusal.code, f"{stranger} left the network on {former.left_at:%Y-%m-%d}: {what} must be a member.")
         members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
         return Refusal(refusal.code, unknown_name(stranger, "a member of the network", session.exec(members),
-                                                  " (a partner must be one: name it as the network does, GET /institutions)."))
+                                                  f" ({what} must be one: name it as the network does, GET /institutions)."))
     return refusal
 
 

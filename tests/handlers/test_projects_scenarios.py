@@ -267,6 +267,14 @@ async def test_an_adoption_is_recorded_by_the_adopter_or_the_owner(scenario: Sce
     refused(await scenario.when(own), own, "own_project")
     misspelt = adopted(project_id, "tr-tarsus-bdl", by=OWNER)
     refused(await scenario.when(misspelt), misspelt, "unknown_adopter")
+    [rejection] = await scenario.when(adopted(project_id, "tr-tarsus-bdl", by=OWNER))  # told the member meant
+    assert rejection["data"]["reason"]["message"]["en"] == (
+        "'tr-tarsus-bdl' is not a member of the network; did you mean 'tr-tarsus-bld'? (an adopter must be one: name it as "
+        "the network does, GET /institutions).")
+    gone = f"tr-gone-{uuid.uuid4().hex[:8]}"
+    await scenario.given(joined(gone, "municipality", level="district"), envelope("institution.left", "operator", {"id": gone}))
+    [rejection] = await scenario.when(adopted(project_id, gone, by=OWNER))  # told it left
+    assert rejection["data"]["reason"]["message"]["en"].startswith(f"{gone} left the network on ")
     with scenario.session() as session:
         adoptions = session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == project_id)).all()
         assert sorted(a.adopter for a in adoptions) == sorted([TARSUS, OUTSIDER])
