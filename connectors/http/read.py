@@ -427,7 +427,9 @@ def list_projects(
 
 @router.get("/projects/{project_id}", response_model=resources.ProjectDetail, responses=ITEM_ERRORS)
 def get_project(project_id: ProjectId, _viewer: Member, session: SessionDep) -> dict[str, Any]:
-    """A project with its partners, the adoptions of it as a good practice, and its impact reports."""
+    """A project with its partners, the adoptions of it as a good practice, and its impact reports;
+    when its owner, a partner or an adopter left the network (``owner_left_at``, ``left_at``,
+    ``adopter_left_at``)."""
     project = session.get(Project, project_id)
     if project is None:
         raise _not_found("project", project_id, session.exec(select(Project.project_id).order_by(Project.project_id)))
@@ -444,10 +446,16 @@ def get_project(project_id: ProjectId, _viewer: Member, session: SessionDep) -> 
         .where(ProjectImpactReport.project_id == project_id)
         .order_by(col(ProjectImpactReport.period_start), col(ProjectImpactReport.id))
     ).all()
+    # Who of them left the network: they stay listed (they took part, took the practice up), and
+    # the reader sees they are members no more without asking for each.
+    named = {project.owner, *(p.institution for p in partners), *(a.adopter for a in adoptions)}
+    left = {id: at for id, at in session.exec(select(Institution.id, Institution.left_at).where(
+        col(Institution.id).in_(named), col(Institution.left_at).is_not(None)))}
     return {
         **_project(project),
-        "partners": [p.model_dump(exclude={"project_id"}) for p in partners],
-        "adoptions": [a.model_dump(exclude={"project_id"}) for a in adoptions],
+        "owner_left_at": left.get(project.owner),
+        "partners": [{**p.model_dump(exclude={"project_id"}), "left_at": left.get(p.institution)} for p in partners],
+        "adoptions": [{**a.model_dump(exclude={"project_id"}), "adopter_left_at": left.get(a.adopter)} for a in adoptions],
         "impact": [
             {"period": {"start": r.period_start, "end": r.period_end}, "indicators": r.indicators, "reported_at": r.reported_at}
             for r in reports

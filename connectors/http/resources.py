@@ -178,6 +178,7 @@ class Partner(Resource):
     institution: str
     role: str
     relation: str | None = None
+    left_at: datetime | None = Field(default=None, description="when the partner left the network (it stays listed: it took part)")
 
 
 class Adoption(Resource):
@@ -186,6 +187,8 @@ class Adoption(Resource):
     support: list[str]
     adapted_project_id: str | None = None
     adopted_at: datetime
+    adopter_left_at: datetime | None = Field(default=None, description=(
+        "when the adopter left the network (the adoption stands, and the statistics count it)"))
 
 
 class Period(Resource):
@@ -200,6 +203,8 @@ class ImpactReport(Resource):
 
 
 class ProjectDetail(Project):
+    owner_left_at: datetime | None = Field(default=None, description=(
+        "when the owner left the network (the project stays, and nobody may change it any more)"))
     partners: list[Partner]
     adoptions: list[Adoption]
     impact: list[ImpactReport]

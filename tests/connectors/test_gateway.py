@@ -1170,6 +1170,30 @@ async def test_projects_are_found_by_partner_adopter_and_place_as_people_write_i
     assert [(e["loc"], e["type"]) for e in typo["errors"]] == [(["query", "partner"], "unknown_institution")]
 
 
+async def test_a_project_shows_which_of_its_owner_partners_and_adopters_left_the_network(gateway: Gateway) -> None:
+    """When a member leaves, the projects it owns, took part in or adopted keep it — it did — and
+    say since when it is a member no more, where the project read as if nothing had changed."""
+    owner, staying, leaving = (await gateway.join("municipality", "TR", municipality_level="metropolitan"),
+                               await gateway.join("ngo", "TR"), await gateway.join("university", "TR"))
+    adopter = await gateway.join("municipality", "TR", municipality_level="district")
+    practice = project(owner, partners=[{"institution": staying, "role": "partner"}, {"institution": leaving, "role": "supporter"}])
+    await gateway.offer(owner, "project.registered", practice)
+    await gateway.offer(adopter, "project.adopted", {
+        "adoption_id": unique("a"), "project_id": practice["project_id"], "adopter": adopter, "support": ["presentation"]})
+    await gateway.settle()
+    auth = gateway.auth(staying)
+    before = (await gateway.client.get(f"/projects/{practice['project_id']}", headers=auth)).json()
+    assert before["owner_left_at"] is None and [p["left_at"] for p in before["partners"]] == [None, None]
+    for gone in (leaving, adopter, owner):
+        await gateway.offer("operator", "institution.left", {"id": gone})
+    await gateway.settle()
+    after = (await gateway.client.get(f"/projects/{practice['project_id']}", headers=auth)).json()
+    left_at = {gone: (await gateway.client.get(f"/institutions/{gone}", headers=auth)).json()["left_at"] for gone in (leaving, adopter, owner)}
+    assert after["owner_left_at"] == left_at[owner]
+    assert {p["institution"]: p["left_at"] for p in after["partners"]} == {staying: None, leaving: left_at[leaving]}
+    assert [(a["adopter"], a["adopter_left_at"]) for a in after["adoptions"]] == [(adopter, left_at[adopter])]
+
+
 async def test_events_pages_through_the_log(gateway: Gateway) -> None:
     owner = await gateway.join("cooperative")
     posted = [(await gateway.offer(owner, "project.registered", project(owner)))["seq"] for _ in range(5)]
