@@ -245,7 +245,7 @@ def _meant(session: Session, refusal: Refusal | None, event: Event[Any]) -> Refu
         if event.type in OWNER_ONLY:  # (an owner's own; another member's practice is what one adopts or joins)
             partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == event.source)
             known = known.where(sa.or_(col(Project.owner) == event.source, col(Project.project_id).in_(partnered)))
-        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(known)))
+        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(known.order_by(Project.project_id))))
     if refusal.code in ("unknown_partner", "unknown_adopter"):
         what = "a partner" if refusal.code == "unknown_partner" else "an adopter"
         stranger = _strangers(session, data.project_id, _named_partners(data))[0] if what == "a partner" else data.adopter
@@ -253,7 +253,7 @@ def _meant(session: Session, refusal: Refusal | None, event: Event[Any]) -> Refu
         if former is not None and former.left_at is not None:
             return Refusal(refusal.code, f"{stranger} left the network on {former.left_at:%Y-%m-%d}: {what} must be a member.")
         members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
-        return Refusal(refusal.code, unknown_name(stranger, "a member of the network", session.exec(members),
+        return Refusal(refusal.code, unknown_name(stranger, "a member of the network", session.exec(members.order_by(Institution.id)),
                                                   f" ({what} must be one: name it as the network does, GET /institutions)."))
     return refusal
 

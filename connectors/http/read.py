@@ -146,7 +146,7 @@ def _known_institution(session: Session, parameter: str, value: str | None) -> N
     counts of nothing, as if the institution had nothing."""
     if value is None or session.get(Institution, value) is not None:
         return
-    message = unknown_name(value, "an institution of the network", session.exec(select(Institution.id)))
+    message = unknown_name(value, "an institution of the network", session.exec(select(Institution.id).order_by(Institution.id)))
     raise ApiProblem(422, f"query.{parameter}: {message}", kind="invalid",
                      errors=[Problem(("query", parameter), message, "unknown_institution")])
 
