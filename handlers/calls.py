@@ -109,6 +109,34 @@ def status_is(status: CallStatus, now: datetime) -> sa.ColumnElement[bool]:
     return sa.and_(sa.not_(closed), col(Call.opens_at) <= now)
 
 
+def application_counts(session: Session, calls: list[Call]) -> dict[str, dict[str, Any]]:
+    """For each of ``calls``, how many applications it has in each status (and in all,
+    ``total``), and what it has awarded so far (``awarded_amount``: in its budget's currency, or in
+    that of its awards for a call without a budget; None: nothing awarded with an amount). For the
+    call's publisher alone: how crowded a call is, is not its applicants' competitors' business."""
+    ids = [call.call_id for call in calls]
+    counts: dict[str, dict[str, Any]] = {call_id: {"total": 0} for call_id in ids}
+    if not ids:
+        return counts
+    grouped = session.exec(
+        select(CallApplication.call_id, CallApplication.status, sa.func.count())
+        .where(col(CallApplication.call_id).in_(ids))
+        .group_by(col(CallApplication.call_id), col(CallApplication.status))
+    ).all()
+    for call_id, status, count in grouped:
+        counts[call_id][status] = count
+        counts[call_id]["total"] += count
+    for call in calls:
+        currency = call.budget.get("currency") if call.budget else None
+        if call.awarded is not None and currency is None:  # (a call without a budget awards in one currency)
+            awards = session.exec(select(CallApplication.awarded_amount).where(
+                CallApplication.call_id == call.call_id, CallApplication.status == "awarded")).all()
+            currency = next((award["currency"] for award in awards if award), None)
+        counts[call.call_id]["awarded_amount"] = (
+            {"amount": call.awarded, "currency": currency} if call.awarded is not None and currency is not None else None)
+    return counts
+
+
 class CallApplication(TableRow, table=True):
     """An application to a known call as it stands: the call's answer, then the publisher's
     decision or the applicant's withdrawal. A rejected one keeps why, and what it asked for as its

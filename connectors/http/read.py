@@ -30,7 +30,7 @@ from connectors.http.problems import ApiProblem, documented
 from handlers import innovation_days as days
 from handlers import tokens
 from handlers.confidential import public_live_subjects
-from handlers.calls import Call, CallApplication, may_see_application, status_is
+from handlers.calls import Call, CallApplication, application_counts, may_see_application, status_is
 from handlers.db import reading
 from handlers.institutions import Institution
 from handlers.projects import (
@@ -226,13 +226,20 @@ def get_institution(
 # --- calls -------------------------------------------------------------------------------------
 
 
-def _call(row: Call, now: datetime) -> dict[str, Any]:
-    return {**row.model_dump(), "status": row.status(now)}
+def _call(row: Call, now: datetime, counts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A call as members see it; ``counts``: its applications' counts, for its publisher
+    (:func:`handlers.calls.application_counts`; None to anyone else)."""
+    return {**row.model_dump(), "status": row.status(now), "applications": (counts or {}).get(row.call_id)}
+
+
+def _publishers_counts(session: Any, rows: list[Call], viewer: str) -> dict[str, dict[str, Any]]:
+    """The application counts of those of ``rows`` that ``viewer`` published."""
+    return application_counts(session, [row for row in rows if row.owner == viewer])
 
 
 @router.get("/calls", response_model=Page[resources.Call], responses=LIST_ERRORS)
 def list_calls(
-    _viewer: Member,
+    viewer: Member,
     session: SessionDep,
     status: Annotated[Literal["upcoming", "open", "closed"] | None, Query(
         description="upcoming: not open yet (`opens_at` ahead); open: taking applications; closed: past its deadline or closed early")] = None,
@@ -248,7 +255,8 @@ def list_calls(
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
-    """Calls by deadline. An empty eligibility list means open to all."""
+    """Calls by deadline. An empty eligibility list means open to all. The caller's own calls come
+    with how many applications they have (``applications``), which no other member sees."""
     now = datetime.now(timezone.utc)
     country = country.upper() if country else None
     query = select(Call)
@@ -270,7 +278,8 @@ def list_calls(
     rows, next_cursor = keyset_page(
         session, query, [col(Call.deadline), col(Call.call_id)], limit=limit, cursor=cursor, keep=keep if filtered else None
     )
-    return _page([_call(row, now) for row in rows], next_cursor)
+    counts = _publishers_counts(session, rows, viewer)
+    return _page([_call(row, now, counts) for row in rows], next_cursor)
 
 
 def _known_call(session: Any, call_id: str) -> Call:
@@ -281,9 +290,11 @@ def _known_call(session: Any, call_id: str) -> Call:
 
 
 @router.get("/calls/{call_id}", response_model=resources.Call, responses=ITEM_ERRORS)
-def get_call(call_id: CallId, _viewer: Member, session: SessionDep) -> dict[str, Any]:
-    """A funding call: its terms, stages and status now."""
-    return _call(_known_call(session, call_id), datetime.now(timezone.utc))
+def get_call(call_id: CallId, viewer: Member, session: SessionDep) -> dict[str, Any]:
+    """A funding call: its terms, stages and status now; for its publisher, how many
+    applications it has (``applications``), which no other member sees."""
+    call = _known_call(session, call_id)
+    return _call(call, datetime.now(timezone.utc), _publishers_counts(session, [call], viewer))
 
 
 @router.get("/applications", response_model=Page[resources.Application], responses=LIST_ERRORS)

@@ -85,6 +85,24 @@ class Me(Resource):
     """The token this request was made with."""
 
 
+class ApplicationCounts(Resource):
+    """How many applications a call has had, for its publisher alone (its competitors must not
+    learn how crowded a call is): every one the call answered (``total``), and how many stand in
+    each status now; with what the call has awarded so far (``awarded_amount``, in its budget's
+    currency; None: nothing awarded with an amount)."""
+
+    total: int
+    received: int = 0
+    rejected: int = 0
+    invited: int = 0
+    proposal_sent: int = 0
+    awarded: int = 0
+    declined: int = 0
+    withdrawn: int = 0
+    lapsed: int = 0
+    awarded_amount: dict[str, str] | None = None
+
+
 class Call(Resource):
     call_id: str
     owner: str
@@ -105,6 +123,9 @@ class Call(Resource):
     published_at: datetime
     closed_at: datetime | None = None
     closed_reason: str | None = None
+    applications: ApplicationCounts | None = None
+    """How many applications the call has, by status: shown to its publisher only (None to
+    every other member)."""
 
 
 class FullProposal(Resource):

@@ -525,6 +525,39 @@ async def test_a_calls_applications_are_listed_for_its_publisher_and_each_applic
     problem(await gateway.client.get(path, params={"status": "pending"}, headers=gateway.auth(funder)), 422, "invalid")
 
 
+async def test_a_calls_publisher_reads_how_many_applications_it_has_and_no_other_member_does(
+    gateway: Gateway, municipality: str
+) -> None:
+    funder, competitor, outsider = await gateway.join("funder", "SE"), await gateway.join("ngo"), await gateway.join("university")
+    call_id = await open_funding_call(gateway, funder)
+
+    def applying(amount: str, currency: str = "EUR") -> dict[str, Any]:
+        return {"call_id": call_id, "application_id": unique("a"), "requested_amount": {"amount": amount, "currency": currency}}
+
+    ours, theirs, taken_back, refused = applying("90000"), applying("60000"), applying("1000"), applying("1000", "SEK")
+    for institution, data in ((municipality, ours), (competitor, theirs), (competitor, taken_back), (outsider, refused)):
+        await gateway.offer(institution, "call.application_submitted", data)
+    await gateway.settle()
+    await gateway.offer(competitor, "call.application_withdrawn", {"call_id": call_id, "application_id": taken_back["application_id"]})
+    await gateway.offer(funder, "call.application_decided", {"call_id": call_id, "application_id": ours["application_id"],
+                                                             "decision": "awarded",
+                                                             "awarded_amount": {"amount": "80000.50", "currency": "EUR"}})
+    await gateway.settle()
+    counts = {"total": 4, "received": 1, "rejected": 1, "invited": 0, "proposal_sent": 0, "awarded": 1, "declined": 0,
+              "withdrawn": 1, "lapsed": 0, "awarded_amount": {"amount": "80000.50", "currency": "EUR"}}
+    for institution, expected in ((funder, counts), (municipality, None), (competitor, None), (outsider, None)):
+        answer = await gateway.client.get(f"/calls/{call_id}", headers=gateway.auth(institution))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["applications"] == expected, institution
+        pages = await walk(gateway.client, "/calls", gateway.auth(institution), owner=funder)
+        assert [item["applications"] for page in pages for item in page if item["call_id"] == call_id] == [expected], institution
+    # A call nobody applied to yet: none, said so to its publisher.
+    quiet = await open_funding_call(gateway, funder)
+    await gateway.settle()
+    answer = (await gateway.client.get(f"/calls/{quiet}", headers=gateway.auth(funder))).json()
+    assert answer["applications"] == {**dict.fromkeys(counts, 0), "awarded_amount": None}
+
+
 async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applications_parties_only(
     gateway: Gateway, municipality: str
 ) -> None:
