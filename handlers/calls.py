@@ -232,11 +232,12 @@ def _refuse_action(ctx: Context, call: CallSnapshot | None, refusal: Refusal, **
 
 
 def decide_publication(ctx: Context) -> None:
-    """A call id is published once."""
+    """A call id is published once, with its deadline ahead."""
     assert ctx.event is not None
     data: CallPublished = ctx.event.data
     existing = _snapshot(ctx.session, data.call_id)
-    refusal = rules.publication_refusal(existing, (Decimal(data.budget.amount), data.budget.currency) if data.budget else None)
+    refusal = rules.publication_refusal(existing, (Decimal(data.budget.amount), data.budget.currency) if data.budget else None,
+                                        deadline=data.deadline, logged_at=ctx.event.logged_at)
     if refusal is not None:
         _refuse_action(ctx, existing, refusal)
 

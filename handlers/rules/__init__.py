@@ -56,7 +56,9 @@ a practice's second adoption by the same adopter, under another adoption id
 (``already_adopted``); a project's partner, named anew by its registration, an update or a
 partner joining, that is not a member of the network or has left it (``unknown_partner``); an
 impact report of a period that ended before the project started (``period_before_start``) or
-that starts after the day it is reported (``period_ahead``)."""
+that starts after the day it is reported (``period_ahead``);
+a call published with its deadline passed already (``deadline_in_past``,
+as an amendment's; before, it was taken and closed at once)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -103,12 +103,24 @@ def call_status(call: CallSnapshot, now: datetime) -> CallStatus:
     return "open"
 
 
-def publication_refusal(existing: CallSnapshot | None, budget: tuple[Decimal, str] | None = None) -> Refusal | None:
+def publication_refusal(
+    existing: CallSnapshot | None,
+    budget: tuple[Decimal, str] | None = None,
+    *,
+    deadline: datetime | None = None,
+    logged_at: datetime | None = None,
+) -> Refusal | None:
     """A call id names one call: publishing it again is refused (amend it instead). Its budget
     (``budget``: amount and currency, if any) is in no more decimals than its currency has, by
-    rules 3 (``too_many_decimals``, as the requests and awards weighed against it)."""
+    rules 3 (``too_many_decimals``, as the requests and awards weighed against it). Its
+    ``deadline`` has not passed when the log takes it (``logged_at``), by rules 4
+    (``deadline_in_past``: such a call was closed the moment it was published, before anybody
+    could apply, most often by a date typed in the wrong year or month)."""
     if existing is not None:
         return Refusal("already_published", f"Call {existing.call_id} was already published by {existing.owner}.")
+    if deadline is not None and logged_at is not None and deadline < logged_at and since(4):
+        return Refusal("deadline_in_past", f"The call's deadline {deadline.isoformat()} has passed already: nobody could "
+                                           "apply to it. Publish it with a deadline ahead.")
     return _precision_refusal(budget[0], budget[1], "give the budget as") if budget is not None else None
 
 

@@ -176,6 +176,17 @@ def test_a_call_id_is_published_once() -> None:
     assert code(publication_refusal(CALL)) == "already_published"
 
 
+def test_a_call_is_not_published_with_its_deadline_passed() -> None:
+    """Such a call would be closed the moment it is published, before anybody could apply."""
+    past = publication_refusal(None, deadline=DEADLINE, logged_at=DEADLINE + timedelta(seconds=1))
+    assert past == Refusal("deadline_in_past", f"The call's deadline {DEADLINE.isoformat()} has passed already: nobody could "
+                                               "apply to it. Publish it with a deadline ahead.")
+    assert publication_refusal(None, deadline=DEADLINE, logged_at=DEADLINE) is None  # (at its deadline: still open)
+    assert code(publication_refusal(CALL, deadline=DEADLINE, logged_at=DEADLINE + timedelta(days=1))) == "already_published"
+    with judged_by(3):  # (a log applied before: taken, and closed at once)
+        assert publication_refusal(None, deadline=DEADLINE, logged_at=DEADLINE + timedelta(seconds=1)) is None
+
+
 def test_only_the_owner_amends_an_unclosed_call() -> None:
     assert amendment_refusal(CALL, OWNER, OPENS - timedelta(days=1)) is None  # upcoming
     assert amendment_refusal(CALL, OWNER, DURING) is None

@@ -156,6 +156,24 @@ async def test_a_call_id_is_published_once(scenario: Scenario, call_id: str) -> 
         assert call is not None and call.owner == OWNER and call.deadline > now() + timedelta(days=20)
 
 
+async def test_a_call_is_not_published_with_its_deadline_passed(scenario: Scenario, call_id: str) -> None:
+    """A deadline typed in the wrong year: the call was taken, and closed at once, before anybody
+    could apply to it."""
+    typo = published(call_id, opens_in=-timedelta(days=400), closes_in=-timedelta(days=335))
+    rejection = the_only(await scenario.when(typo), "call.action_rejected")
+    assert rejection["source"] == f"/institutions/{OWNER}" and rejection["causationid"] == typo["id"]
+    assert rejection["data"]["reason"]["code"] == "deadline_in_past" and rejection["data"]["actor"] == OWNER
+    assert typo["data"]["deadline"] in rejection["data"]["reason"]["message"]["en"]
+    with scenario.session() as session:
+        assert session.get(Call, call_id) is None
+    assert await scenario.tick(now()) == []  # nothing to close
+    # Published again with the year meant, under its id: taken.
+    assert await scenario.when(published(call_id)) == []
+    with scenario.session() as session:
+        call = session.get(Call, call_id)
+        assert call is not None and call.status(now()) == "open"
+
+
 # --- applications --------------------------------------------------------------------------------
 
 
@@ -177,7 +195,7 @@ async def test_an_eligible_application_in_the_window_is_received(scenario: Scena
     ("window", "applicant", "reason"),
     [
         ((timedelta(days=1), timedelta(days=30)), COOPERATIVE, "before_opening"),
-        ((-timedelta(days=30), -timedelta(days=1)), COOPERATIVE, "after_deadline"),
+        ((-timedelta(days=30), timedelta(seconds=1)), COOPERATIVE, "after_deadline"),  # (applied once it passed)
         ((-timedelta(days=1), timedelta(days=30)), UNIVERSITY, "ineligible_kind"),
         ((-timedelta(days=1), timedelta(days=30)), SWEDISH_COOPERATIVE, "ineligible_country"),
     ],
@@ -187,6 +205,8 @@ async def test_an_application_outside_the_window_or_from_an_ineligible_member_is
 ) -> None:
     opens_in, closes_in = window
     await scenario.given(published(call_id, opens_in=opens_in, closes_in=closes_in))
+    if closes_in < timedelta(minutes=1):  # (a call is published before its deadline: wait for it to pass)
+        await asyncio.sleep(closes_in.total_seconds() + 0.1)
     submission = application(call_id, "app-1", by=applicant)
     rejection = the_only(await scenario.when(submission), "call.application_rejected")
     assert rejection["source"] == f"/institutions/{OWNER}" and rejection["causationid"] == submission["id"]
@@ -561,9 +581,10 @@ async def test_closing_by_another_institution_or_of_an_unknown_call_is_refused(s
 
 async def test_the_bus_closes_an_overdue_call_exactly_once(scenario: Scenario, call_id: str) -> None:
     """The deadline passed while the bus was down: the first tick after the restart closes it."""
-    overdue = published(call_id, opens_in=-timedelta(days=30), closes_in=-timedelta(days=2))
+    overdue = published(call_id, opens_in=-timedelta(days=30), closes_in=timedelta(seconds=1))
     future = f"{call_id}-later"
     await scenario.given(overdue, published(future))
+    await asyncio.sleep(1.1)  # (published before its deadline, which passes while nothing ticks)
     closing = the_only(await scenario.tick(now()), "call.closed")
     assert closing["source"] == f"/institutions/{OWNER}"  # in the name of the call's owner
     assert closing["data"] == {"call_id": call_id, "reason": "deadline_passed"}

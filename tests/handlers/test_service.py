@@ -756,3 +756,47 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
     assert len(reports) == 1
     assert adoptions == [f"{practice}-0", f"{practice}-1"]
     assert partners == {f"tr-nobody-{tag}": ("partner", None)}
+
+
+
+def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
+    """Rules before version 4 took a call published with its deadline passed already. A log they
+    applied is rebuilt so, and what today's rules applied after it as they do."""
+    from datetime import timedelta
+
+    from sqlmodel import Session, col, select
+
+    from handlers.calls import Call
+    from handlers.network import derived_type
+    from handlers.routes import network
+    from handlers.rules import RULES
+    from tests.handlers.harness import envelope
+
+    now = datetime.now(timezone.utc)
+    funder = unique("fund")
+    ended_then, ended_now = unique("c"), unique("c")
+
+    def call(call_id: str) -> dict[str, Any]:
+        return envelope("call.published", funder, {
+            "call_id": call_id, "title": {"en": call_id}, "kind": "funding", "deadline_model": "single_stage",
+            "opens_at": (now - timedelta(days=30)).isoformat(), "deadline": (now - timedelta(days=1)).isoformat()})
+
+    past_then, past_now = call(ended_then), call(ended_now)
+    then = [envelope("institution.joined", "operator", {"id": funder, "name": {"en": funder}, "kind": "funder", "country": "FI"}),
+            past_then]
+    log = [*then, past_now]
+    service = NetworkService(engine, network())
+    try:
+        service.use_rules_epochs([(1, 3), (len(then) + 1, RULES)])  # (a rebuild's record: version 3 applied the first part)
+        items = [LoggedItem(seq, event, now) for seq, event in enumerate(log, 1)]
+        assert service.apply_batch(items, live=False)[:2] == (len(log), None)
+        with engine.connect() as connection:
+            answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
+                sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
+        with Session(engine) as session:
+            calls = set(session.exec(select(Call.call_id).where(col(Call.call_id).in_([ended_then, ended_now]))))
+    finally:
+        service.close()
+    kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None for cause in (past_then, past_now)]
+    assert kinds == [None, "call.action_rejected"]  # taken as version 3 took it; refused as version 4 does
+    assert calls == {ended_then}
