@@ -760,7 +760,8 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
 
 
 def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
-    """Rules before version 4 took a call published with its deadline passed already. A log they
+    """Rules before version 4 took a call published with its deadline passed already, and a
+    coordinator's decision validating a practice on no review, with any evidence level. A log they
     applied is rebuilt so, and what today's rules applied after it as they do."""
     from datetime import timedelta
 
@@ -770,21 +771,36 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
     from handlers.network import derived_type
     from handlers.routes import network
     from handlers.rules import RULES
+    from handlers.validations import Validation
     from tests.handlers.harness import envelope
 
     now = datetime.now(timezone.utc)
-    funder = unique("fund")
+    funder, centre, requester = unique("fund"), unique("centre"), unique("ngo")
     ended_then, ended_now = unique("c"), unique("c")
+    validated_then, validated_now = unique("v"), unique("v")
+
+    def joined(institution: str, kind: str) -> dict[str, Any]:
+        return envelope("institution.joined", "operator", {"id": institution, "name": {"en": institution}, "kind": kind, "country": "FI"})
 
     def call(call_id: str) -> dict[str, Any]:
         return envelope("call.published", funder, {
             "call_id": call_id, "title": {"en": call_id}, "kind": "funding", "deadline_model": "single_stage",
             "opens_at": (now - timedelta(days=30)).isoformat(), "deadline": (now - timedelta(days=1)).isoformat()})
 
+    def requested(validation_id: str) -> dict[str, Any]:
+        return envelope("validation.requested", requester, {
+            "validation_id": validation_id, "external_ref": {"system": "innokyla", "id": validation_id}, "coordinator": centre,
+            "self_assessment": {"statement": {"en": "It works"}}})
+
+    def decided(validation_id: str) -> dict[str, Any]:
+        return envelope("validation.decided", centre, {"validation_id": validation_id, "outcome": "validated", "evidence_level": 5,
+                                                       "decided_by": "coordinator"})
+
     past_then, past_now = call(ended_then), call(ended_now)
-    then = [envelope("institution.joined", "operator", {"id": funder, "name": {"en": funder}, "kind": "funder", "country": "FI"}),
-            past_then]
-    log = [*then, past_now]
+    unfounded_then, unfounded_now = decided(validated_then), decided(validated_now)
+    then = [joined(funder, "funder"), joined(centre, "competence_centre"), joined(requester, "ngo"),
+            past_then, requested(validated_then), unfounded_then]
+    log = [*then, past_now, requested(validated_now), unfounded_now]
     service = NetworkService(engine, network())
     try:
         service.use_rules_epochs([(1, 3), (len(then) + 1, RULES)])  # (a rebuild's record: version 3 applied the first part)
@@ -795,8 +811,13 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
                 sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
         with Session(engine) as session:
             calls = set(session.exec(select(Call.call_id).where(col(Call.call_id).in_([ended_then, ended_now]))))
+            outcomes = {v.validation_id: (v.status, v.outcome, v.evidence_level) for v in session.exec(
+                select(Validation).where(col(Validation.validation_id).in_([validated_then, validated_now])))}
     finally:
         service.close()
-    kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None for cause in (past_then, past_now)]
-    assert kinds == [None, "call.action_rejected"]  # taken as version 3 took it; refused as version 4 does
+    kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None
+             for cause in (past_then, unfounded_then, past_now, unfounded_now)]
+    assert kinds == [None, None,  # taken as version 3 took them
+                     "call.action_rejected", "validation.action_rejected"]  # refused as version 4 does
     assert calls == {ended_then}
+    assert outcomes == {validated_then: ("decided", "validated", 5), validated_now: ("requested", None, None)}
