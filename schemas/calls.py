@@ -168,6 +168,7 @@ class ApplicationRefusal(Reason):
         "not_project_party",
         "too_many_decimals",
         "over_budget",
+        "own_call",
     ]
 
 

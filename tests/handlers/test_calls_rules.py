@@ -115,6 +115,20 @@ def test_a_duplicate_is_refused_before_anything_else() -> None:
     assert code(application_refusal(CALL, COOPERATIVE, DEADLINE + timedelta(days=1), duplicate=True)) == "duplicate_application"
 
 
+def test_a_publisher_does_not_apply_to_its_own_call() -> None:
+    """It would decide on its own application, and award itself from the budget; by the rules
+    before version 4 (a log applied then), it was received."""
+    open_to_all = replace(CALL, eligible_kinds=frozenset(), eligible_countries=frozenset())
+    itself = Applicant(OWNER, "funder", "BE")
+    refusal = application_refusal(open_to_all, itself, DURING)
+    assert refusal == Refusal("own_call", f"{OWNER} published the call: it decides on the applications to it, and does not "
+                                          "apply to it itself.")
+    assert code(application_refusal(CALL, itself, DEADLINE + timedelta(days=1))) == "own_call"  # whatever else is wrong
+    assert code(application_refusal(open_to_all, itself, DURING, duplicate=True)) == "duplicate_application"
+    with judged_by(3):
+        assert application_refusal(open_to_all, itself, DURING) is None
+
+
 def test_after_the_deadline_is_said_whether_or_not_the_closing_came_first() -> None:
     """The bus's closing is applied before it reaches the log: live it precedes a late
     application, in a rebuild it may follow it. Both must give the same answer."""

@@ -220,6 +220,25 @@ async def test_an_application_outside_the_window_or_from_an_ineligible_member_is
         assert (stored.project_id, stored.partners, stored.requested_amount) == tuple(asked.values())
 
 
+async def test_a_publisher_applying_to_its_own_call_is_rejected(scenario: Scenario, call_id: str) -> None:
+    """Received, it could be awarded by its own applicant from the call's budget."""
+    open_to_all = published(call_id)
+    open_to_all["data"].update(eligible_kinds=[], eligible_countries=[])
+    await scenario.given(open_to_all)
+    own = envelope("call.application_submitted", OWNER, {"call_id": call_id, "application_id": "app-own",
+                                                         "requested_amount": {"amount": "100000.00", "currency": "EUR"}})
+    rejection = the_only(await scenario.when(own), "call.application_rejected")
+    assert rejection["data"]["reason"]["code"] == "own_call" and rejection["data"]["applicant"] == OWNER
+    award = envelope("call.application_decided", OWNER, {"call_id": call_id, "application_id": "app-own", "decision": "awarded",
+                                                         "awarded_amount": {"amount": "100000.00", "currency": "EUR"}})
+    assert the_only(await scenario.when(award), "call.action_rejected")["data"]["reason"]["code"] == "not_received"
+    with scenario.session() as session:
+        stored = session.get(CallApplication, (call_id, "app-own"))
+        assert stored is not None and stored.status == "rejected"
+        call = session.get(Call, call_id)
+        assert call is not None and call.awarded is None
+
+
 async def test_a_rejection_repeats_only_what_the_application_named(scenario: Scenario, call_id: str) -> None:
     await scenario.given(published(call_id, opens_in=timedelta(days=1)))
     bare = envelope("call.application_submitted", COOPERATIVE, {"call_id": call_id, "application_id": "app-1"})

@@ -760,8 +760,9 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
 
 
 def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
-    """Rules before version 4 took a call published with its deadline passed already, and a
-    coordinator's decision validating a practice on no review, with any evidence level. A log they
+    """Rules before version 4 took a call published with its deadline passed already, an
+    application of a call's publisher to its own call, and a coordinator's decision validating a
+    practice on no review, with any evidence level. A log they
     applied is rebuilt so, and what today's rules applied after it as they do."""
     from datetime import timedelta
 
@@ -776,16 +777,19 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
 
     now = datetime.now(timezone.utc)
     funder, centre, requester = unique("fund"), unique("centre"), unique("ngo")
-    ended_then, ended_now = unique("c"), unique("c")
+    ended_then, ended_now, open_call = unique("c"), unique("c"), unique("c")
     validated_then, validated_now = unique("v"), unique("v")
 
     def joined(institution: str, kind: str) -> dict[str, Any]:
         return envelope("institution.joined", "operator", {"id": institution, "name": {"en": institution}, "kind": kind, "country": "FI"})
 
-    def call(call_id: str) -> dict[str, Any]:
+    def call(call_id: str, deadline: datetime = now - timedelta(days=1)) -> dict[str, Any]:
         return envelope("call.published", funder, {
             "call_id": call_id, "title": {"en": call_id}, "kind": "funding", "deadline_model": "single_stage",
-            "opens_at": (now - timedelta(days=30)).isoformat(), "deadline": (now - timedelta(days=1)).isoformat()})
+            "opens_at": (now - timedelta(days=30)).isoformat(), "deadline": deadline.isoformat()})
+
+    def own(application_id: str) -> dict[str, Any]:
+        return envelope("call.application_submitted", funder, {"call_id": open_call, "application_id": application_id})
 
     def requested(validation_id: str) -> dict[str, Any]:
         return envelope("validation.requested", requester, {
@@ -797,10 +801,11 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
                                                        "decided_by": "coordinator"})
 
     past_then, past_now = call(ended_then), call(ended_now)
+    own_then, own_now = own("a-1"), own("a-2")
     unfounded_then, unfounded_now = decided(validated_then), decided(validated_now)
     then = [joined(funder, "funder"), joined(centre, "competence_centre"), joined(requester, "ngo"),
-            past_then, requested(validated_then), unfounded_then]
-    log = [*then, past_now, requested(validated_now), unfounded_now]
+            past_then, call(open_call, now + timedelta(days=30)), own_then, requested(validated_then), unfounded_then]
+    log = [*then, past_now, own_now, requested(validated_now), unfounded_now]
     service = NetworkService(engine, network())
     try:
         service.use_rules_epochs([(1, 3), (len(then) + 1, RULES)])  # (a rebuild's record: version 3 applied the first part)
@@ -816,8 +821,8 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
     finally:
         service.close()
     kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None
-             for cause in (past_then, unfounded_then, past_now, unfounded_now)]
-    assert kinds == [None, None,  # taken as version 3 took them
-                     "call.action_rejected", "validation.action_rejected"]  # refused as version 4 does
+             for cause in (past_then, own_then, unfounded_then, past_now, own_now, unfounded_now)]
+    assert kinds == [None, "call.application_received", None,  # taken as version 3 took them
+                     "call.action_rejected", "call.application_rejected", "validation.action_rejected"]  # refused as version 4 does
     assert calls == {ended_then}
     assert outcomes == {validated_then: ("decided", "validated", 5), validated_now: ("requested", None, None)}
