@@ -270,7 +270,11 @@ def check_action(ctx: Context) -> None:
     reviews = [_review(r) for r in _reviews(ctx.session, state.validation_id)] if state and judged_on_reviews else []
     refusal = rules.action_refusal(state, event.source, event.data, reviews=reviews, now=event.logged_at,
                                    is_member=lambda institution: _member_kind(ctx.session, institution) not in may_review)
-    if refusal is not None and refusal.code == "not_member" and isinstance(event.data, ReviewerAssigned):
+    if refusal is not None and refusal.code == "unknown_validation":  # (a typo in the id, most often: every member sees them all)
+        validation_id = event.data.validation_id
+        refusal = _meant(rules.Refusal(refusal.code, f"no validation {validation_id!r} was requested"), validation_id,
+                         ctx.session.exec(select(Validation.validation_id)))
+    elif refusal is not None and refusal.code == "not_member" and isinstance(event.data, ReviewerAssigned):
         members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
         refusal = _meant(refusal, event.data.reviewer, ctx.session.exec(members.order_by(Institution.id)))
     if refusal is not None:

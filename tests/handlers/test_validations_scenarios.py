@@ -180,6 +180,19 @@ async def test_events_about_an_unknown_validation_are_refused(scenario: Any, flo
     assert rows(scenario, ValidationReview, flow) == []
 
 
+async def test_an_event_about_a_validation_id_mistyped_is_told_the_one_meant(scenario: Any, flow: Workflow) -> None:
+    """A reviewer, coordinator or requester who mistyped the id was told only that there was no
+    such validation, as if it had not been requested."""
+    await open_validation(scenario, flow, REVIEWERS[0])
+    typo = Workflow(validation_id=flow.validation_id[:-1], project_id=flow.project_id)  # (its last character left out)
+    review = typo.review(REVIEWERS[0])
+    derived = await scenario.when(review)
+    refused(derived, review, code="unknown_validation", name=REVIEWERS[0])
+    assert derived[0]["data"]["reason"]["message"]["en"] == (
+        f"no validation {typo.validation_id!r} was requested; did you mean {flow.validation_id!r}?")
+    assert rows(scenario, ValidationReview, flow) == []
+
+
 # --- reviewers ------------------------------------------------------------------------------------
 
 
