@@ -53,6 +53,7 @@ from handlers.validations import (
     overdue_reviewers,
     validation_view,
 )
+from schemas.calls import CallKind
 from schemas.common import AWARE_TIME, COUNTRY_CODES, InstitutionKind, check_theme, nearest, unknown_name
 from schemas.envelope import INSTITUTION_PATTERN
 from schemas.institutions import MunicipalityLevel
@@ -244,6 +245,7 @@ def list_calls(
     status: Annotated[Literal["upcoming", "open", "closed"] | None, Query(
         description="upcoming: not open yet (`opens_at` ahead); open: taking applications; closed: past its deadline or closed early")] = None,
     theme: Theme = None,
+    kind: Annotated[CallKind | None, Query(description="calls of this kind: funding, partnership, tender, challenge or training")] = None,
     eligible_kind: Annotated[InstitutionKind | None, Query(description="calls open to this kind of institution")] = None,
     country: Annotated[str | None, Query(pattern=COUNTRY, description="calls open to institutions of this country"),
                        AfterValidator(_known_country)] = None,
@@ -266,6 +268,8 @@ def list_calls(
         query = query.where(col(Call.deadline) < deadline_before)
     if owner is not None:
         query = query.where(Call.owner == owner)
+    if kind is not None:
+        query = query.where(Call.kind == kind)
 
     def keep(call: Call) -> bool:
         return (

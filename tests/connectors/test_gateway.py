@@ -416,6 +416,29 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
     assert for_municipalities["call_id"] in {item["call_id"] for page in lower for item in page}
 
 
+async def test_calls_are_filtered_by_their_kind(gateway: Gateway, municipality: str) -> None:
+    """A cooperative looking for a tender, a municipality for funding: the kind of call is what
+    they look for first."""
+    funder = await gateway.join("funder", "SE")
+    now = datetime.now(timezone.utc)
+    published: dict[str, str] = {}
+    for kind in ("funding", "tender", "training"):
+        published[kind] = unique("c")
+        await gateway.offer(funder, "call.published", {
+            "call_id": published[kind], "title": {"en": f"A {kind}"}, "kind": kind, "deadline_model": "single_stage",
+            "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat()})
+    await gateway.settle()
+    auth = gateway.auth(municipality)
+    for kind, call_id in published.items():
+        pages = await walk(gateway.client, "/calls", auth, kind=kind, owner=funder, limit=1)
+        assert [(item["call_id"], item["kind"]) for page in pages for item in page] == [(call_id, kind)]
+    pages = await walk(gateway.client, "/calls", auth, kind="tender", status="open")
+    assert published["tender"] in {item["call_id"] for page in pages for item in page}
+    assert all(item["kind"] == "tender" for page in pages for item in page)
+    refused = problem(await gateway.client.get("/calls", params={"kind": "grant"}, headers=auth), 422, "invalid")
+    assert [e["loc"] for e in refused["errors"]] == [["query", "kind"]], refused
+
+
 async def test_applications_to_a_call_are_shown_to_its_parties_only(gateway: Gateway, municipality: str) -> None:
     funder, partner = await gateway.join("funder", "SE"), await gateway.join("ngo")
     competitor, outsider = await gateway.join("ngo"), await gateway.join("university")
