@@ -176,11 +176,14 @@ class CallApplication(TableRow, table=True):
 
     def snapshot(self) -> ApplicationSnapshot:
         """What the workflow rules see of this application."""
+        proposed = (self.full_proposal or {}).get("requested_amount")
+        asked = proposed or self.requested_amount
         return ApplicationSnapshot(
             application_id=self.application_id,
             applicant=self.applicant,
             status=self.status,  # type: ignore[arg-type]
             partners=frozenset(self.partners),
+            requested=(Decimal(asked["amount"]), asked["currency"]) if asked else None,
         )
 
 

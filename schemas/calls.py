@@ -266,6 +266,7 @@ class CallActionRefusal(Reason):
         "before_deadline",
         "no_amount",
         "too_many_decimals",
+        "above_request",
     ]
 
 

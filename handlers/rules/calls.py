@@ -75,6 +75,9 @@ class ApplicationSnapshot:
     applicant: str
     status: ApplicationStatus
     partners: frozenset[str] = frozenset()
+    requested: tuple[Decimal, str] | None = None
+    """What it asks for now, amount and currency (its full proposal's request, once it sent one
+    that names an amount; None: it names none)."""
 
 
 def may_see(application: ApplicationSnapshot, owner: str | None, viewer: str) -> bool:
@@ -353,7 +356,9 @@ def decision_refusal(
     the currency of its first award; a call with a budget awards with an amount. In a two-stage call it
     first invites applications to the second stage (``invited``, once, while the deadline for full
     proposals has not passed at ``logged_at``) and awards only those that sent their full
-    proposal; it may decline at either stage."""
+    proposal; it may decline at either stage. By rules 4, an award is no more than the application
+    asks for (``above_request``: its full proposal's request, once it sent one; an award above it is
+    most often a typo, a zero too many, which the budget catches only when it is too small)."""
     if call is None:
         return Refusal("unknown_call", "There is no such call.")
     if actor != call.owner:
@@ -384,6 +389,11 @@ def decision_refusal(
     if decision == "awarded" and amount is None and call.budget is not None and since(2):
         return Refusal("no_amount", f"The call gives money (its budget is {_money(call.budget, call.currency)}): "
                                     "name the awarded_amount granted.")
+    asked = application.requested
+    if (decision == "awarded" and amount is not None and asked is not None and currency == asked[1] and amount > asked[0]
+            and since(4)):
+        return Refusal("above_request", f"Application {application.application_id} asks for {_money(*asked)}: award at most "
+                                        f"that, not {_money(amount, currency)}.")
     awarded = call.awarded
     if decision == "awarded" and amount is not None and call.budget is not None and awarded + amount > call.budget and since(1):
         left = max(call.budget - awarded, Decimal(0))

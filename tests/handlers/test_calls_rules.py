@@ -283,6 +283,36 @@ def test_awards_may_not_exceed_the_budget_with_what_was_awarded_before() -> None
     assert award(replace(budgeted, budget=None, currency=None), "5000000") is None
 
 
+def test_an_award_is_no_more_than_the_application_asks_for() -> None:
+    """A zero too many in an award: the budget catches it only when it is too small. By the rules
+    before version 4 (a log applied then), it was taken."""
+    from decimal import Decimal
+
+    from handlers.rules.calls import ApplicationSnapshot, decision_refusal
+
+    budgeted = replace(CALL, currency="EUR", budget=Decimal("1500000"))
+    asking = ApplicationSnapshot("app-1", COOPERATIVE.institution, "received", requested=(Decimal("24000.00"), "EUR"))
+
+    def award(application: ApplicationSnapshot, amount: str, currency: str = "EUR", call: CallSnapshot = budgeted) -> Refusal | None:
+        return decision_refusal(call, application, OWNER, decision="awarded", currency=currency, logged_at=DURING,
+                                amount=Decimal(amount))
+
+    typo = award(asking, "240000.00")
+    assert typo == Refusal("above_request", "Application app-1 asks for 24,000.00 EUR: award at most that, not 240,000.00 EUR.")
+    assert award(asking, "24000") is None and award(asking, "20000.00") is None  # what it asks, or less
+    assert award(replace(asking, requested=None), "240000.00") is None  # it named no amount: the budget weighs it
+    unbudgeted = replace(CALL)
+    assert award(asking, "240000", "USD", call=unbudgeted) is None  # (another currency: not comparable)
+    assert code(award(asking, "240000", call=unbudgeted)) == "above_request"
+    # A two-stage call's application asks, once its full proposal came, what the proposal asks.
+    two_stage = replace(budgeted, two_stage=True)
+    proposed = replace(asking, status="proposal_sent", requested=(Decimal("30000.00"), "EUR"))
+    assert award(proposed, "30000.00", call=two_stage) is None
+    assert code(award(proposed, "30000.01", call=two_stage)) == "above_request"
+    with judged_by(3):
+        assert award(asking, "240000.00") is None
+
+
 def test_a_call_without_a_budget_awards_in_the_currency_of_its_first_award() -> None:
     """What a call awarded is one sum: a call without a budget (or whose budget was removed by a
     log applied before that was refused) takes its awards in the currency of the first one."""

@@ -411,7 +411,8 @@ async def test_awards_beyond_the_calls_budget_are_refused_until_the_budget_is_ra
     """The call's budget is 1.5 million: a first award of 1.2 million leaves 300,000; a second of
     400,000 is refused (`over_budget`, saying what is left) and changes nothing; the budget is
     not lowered below what was awarded; raised, the second award is taken."""
-    await scenario.given(published(call_id), application(call_id, "app-1"), application(call_id, "app-2"))
+    await scenario.given(published(call_id), application(call_id, "app-1", amount="1200000.00"),
+                         application(call_id, "app-2", amount="400000.00"))
     assert await scenario.when(decided(call_id, "app-1", amount={"amount": "1200000.00", "currency": "EUR"})) == []
     over = the_only(await scenario.when(decided(call_id, "app-2", amount={"amount": "400000", "currency": "EUR"})), "call.action_rejected")
     assert over["data"]["reason"]["code"] == "over_budget"
@@ -849,6 +850,21 @@ async def test_no_invitation_lapses_in_a_call_closed_early_and_in_one_closed_at_
 
 
 # --- what an award, an amendment and an application must hold to -------------------------------------
+
+
+async def test_an_award_above_what_the_application_asks_for_is_refused(scenario: Scenario, call_id: str) -> None:
+    """A zero too many: 2.4 million awarded on a request of 240,000 was taken while the budget
+    covered it, and the rest of the budget was gone."""
+    await scenario.given(published(call_id), amended(call_id, {"budget": {"amount": "5000000.00", "currency": "EUR"}}),
+                         application(call_id, "app-1"))
+    typo = refused(await scenario.when(decided(call_id, "app-1", amount={"amount": "2400000.00", "currency": "EUR"})), "above_request")
+    assert typo["data"]["reason"]["message"]["en"] == ("Application app-1 asks for 240,000.00 EUR: award at most that, "
+                                                       "not 2,400,000.00 EUR.")
+    assert typo["data"]["application_id"] == "app-1"
+    with scenario.session() as session:
+        stored, call = session.get(CallApplication, (call_id, "app-1")), session.get(Call, call_id)
+        assert stored is not None and stored.status == "received" and call is not None and call.awarded is None
+    assert await scenario.when(decided(call_id, "app-1", amount={"amount": "240000.00", "currency": "EUR"})) == []
 
 
 async def test_a_budget_with_awards_is_not_removed_and_awards_without_one_stay_in_one_currency(scenario: Scenario, call_id: str) -> None:
