@@ -169,6 +169,7 @@ class ApplicationRefusal(Reason):
         "too_many_decimals",
         "over_budget",
         "own_call",
+        "already_applied",
     ]
 
 

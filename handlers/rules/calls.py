@@ -138,6 +138,7 @@ def application_refusal(
     partners: Sequence[Applicant] = (),
     project_id: str | None = None,
     project: tuple[str, frozenset[str]] | None = None,
+    standing: str | None = None,
 ) -> Refusal | None:
     """Why an application logged at ``logged_at`` is rejected, or None when it is received.
     ``duplicate``: the id is taken (by an application received, or one of another applicant's
@@ -153,7 +154,10 @@ def application_refusal(
     later under that name), and the project one the applicant owns or is a partner of.
 
     The call's publisher does not apply to its own call, by rules 4 (``own_call``): it would
-    decide on its own application, and award itself from the budget.
+    decide on its own application, and award itself from the budget. Nor does an applicant apply
+    with a project it has an application standing for already (``standing``: that one's id), by
+    rules 4 (``already_applied``: a request sent twice under new ids, a double click, would have
+    the publisher weigh, and perhaps fund, the project twice).
 
     The deadline is checked before the closing, so an application after the deadline gets the
     same answer whether or not the bus's closing came first (live and in a rebuild).
@@ -177,6 +181,10 @@ def application_refusal(
         return Refusal("ineligible_country", f"The call is open to institutions in {_listed(call.eligible_countries)} only.")
     if since(2) and (refusal := _parties_refusal(applicant, partners, project_id, project)):
         return refusal
+    if standing is not None and since(4):
+        return Refusal("already_applied", f"{applicant.institution} applied to the call with project {project_id} already, "
+                                          f"in {standing}, which stands: the call weighs a project once (withdraw that "
+                                          "one first to apply with it again).")
     return _currency_refusal(call, currency, "request") or request_refusal(call, amount, currency)
 
 

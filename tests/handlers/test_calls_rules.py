@@ -129,6 +129,15 @@ def test_a_publisher_does_not_apply_to_its_own_call() -> None:
         assert application_refusal(open_to_all, itself, DURING) is None
 
 
+def test_an_applicant_applies_with_a_project_once_while_its_application_stands() -> None:
+    project = (COOPERATIVE.institution, frozenset[str]())
+    twice = application_refusal(CALL, COOPERATIVE, DURING, project_id="kitchens", project=project, standing="app-1")
+    assert code(twice) == "already_applied" and twice is not None and "in app-1, which stands" in twice.message
+    assert application_refusal(CALL, COOPERATIVE, DURING, project_id="kitchens", project=project) is None
+    with judged_by(3):
+        assert application_refusal(CALL, COOPERATIVE, DURING, project_id="kitchens", project=project, standing="app-1") is None
+
+
 def test_after_the_deadline_is_said_whether_or_not_the_closing_came_first() -> None:
     """The bus's closing is applied before it reaches the log: live it precedes a late
     application, in a rebuild it may follow it. Both must give the same answer."""

@@ -761,8 +761,9 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
 
 def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
     """Rules before version 4 took a call published with its deadline passed already, an
-    application of a call's publisher to its own call, an award above what the application asks
-    for, and a coordinator's decision validating a
+    application of a call's publisher to its own call, a second one of an applicant with a project
+    it has an application standing for, an award above what the application asks for, and a
+    coordinator's decision validating a
     practice on no review, with any evidence level. A log they
     applied is rebuilt so, and what today's rules applied after it as they do."""
     from datetime import timedelta
@@ -797,6 +798,10 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
         return envelope("call.application_submitted", applicant, {
             "call_id": open_call, "application_id": application_id, "requested_amount": {"amount": "1000", "currency": "EUR"}})
 
+    def with_project(application_id: str) -> dict[str, Any]:
+        return envelope("call.application_submitted", applicant, {
+            "call_id": open_call, "application_id": application_id, "project_id": practice})
+
     def awarding(application_id: str) -> dict[str, Any]:
         return envelope("call.application_decided", funder, {
             "call_id": open_call, "application_id": application_id, "decision": "awarded",
@@ -814,11 +819,15 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
     past_then, past_now = call(ended_then), call(ended_now)
     own_then, own_now = own("a-1"), own("a-2")
     above_then, above_now = awarding("b-1"), awarding("b-2")
+    practice = unique("p")
+    twice_then, twice_now = with_project("p-2"), with_project("p-3")
+    registered = envelope("project.registered", applicant, {"project_id": practice, "title": {"en": practice}, "owner": applicant,
+                                                            "status": "active"})
     unfounded_then, unfounded_now = decided(validated_then), decided(validated_now)
     then = [joined(funder, "funder"), joined(centre, "competence_centre"), joined(requester, "ngo"),
             past_then, call(open_call, now + timedelta(days=30)), own_then, asking("b-1"), above_then,
-            requested(validated_then), unfounded_then]
-    log = [*then, past_now, own_now, asking("b-2"), above_now, requested(validated_now), unfounded_now]
+            registered, with_project("p-1"), twice_then, requested(validated_then), unfounded_then]
+    log = [*then, past_now, own_now, asking("b-2"), above_now, twice_now, requested(validated_now), unfounded_now]
     service = NetworkService(engine, network())
     try:
         service.use_rules_epochs([(1, 3), (len(then) + 1, RULES)])  # (a rebuild's record: version 3 applied the first part)
@@ -834,9 +843,10 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
     finally:
         service.close()
     kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None
-             for cause in (past_then, own_then, above_then, unfounded_then, past_now, own_now, above_now, unfounded_now)]
-    assert kinds == [None, "call.application_received", None, None,  # taken as version 3 took them
+             for cause in (past_then, own_then, above_then, twice_then, unfounded_then,
+                           past_now, own_now, above_now, twice_now, unfounded_now)]
+    assert kinds == [None, "call.application_received", None, "call.application_received", None,  # taken as version 3 took them
                      "call.action_rejected", "call.application_rejected", "call.action_rejected",  # refused as version 4 does
-                     "validation.action_rejected"]
+                     "call.application_rejected", "validation.action_rejected"]
     assert calls == {ended_then}
     assert outcomes == {validated_then: ("decided", "validated", 5), validated_now: ("requested", None, None)}
