@@ -61,7 +61,7 @@ a call published with its deadline passed already (``deadline_in_past``,
 as an amendment's; before, it was taken and closed at once); an application of a call's publisher
 to its own call (``own_call``), or of an applicant with a project it has an application to the
 call standing for already (``already_applied``); an award above what the application asks for, its full
-proposal's request once it sent one (``above_request``); a coordinator's decision validating a
+proposal's request once it sent one (``above_request``), or of nothing (``no_amount``); a coordinator's decision validating a
 practice on no review that counts (``no_reviews``), or giving an evidence level above the one the
 reviews that count give, the median of theirs rounded down (``evidence_not_from_reviews``)."""
 

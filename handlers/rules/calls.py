@@ -366,7 +366,8 @@ def decision_refusal(
     proposals has not passed at ``logged_at``) and awards only those that sent their full
     proposal; it may decline at either stage. By rules 4, an award is no more than the application
     asks for (``above_request``: its full proposal's request, once it sent one; an award above it is
-    most often a typo, a zero too many, which the budget catches only when it is too small)."""
+    most often a typo, a zero too many, which the budget catches only when it is too small), and
+    one of nothing is refused (``no_amount``: a decline shown as an award)."""
     if call is None:
         return Refusal("unknown_call", "There is no such call.")
     if actor != call.owner:
@@ -397,6 +398,9 @@ def decision_refusal(
     if decision == "awarded" and amount is None and call.budget is not None and since(2):
         return Refusal("no_amount", f"The call gives money (its budget is {_money(call.budget, call.currency)}): "
                                     "name the awarded_amount granted.")
+    if decision == "awarded" and amount is not None and amount == 0 and since(4):  # (an award of nothing is a decline)
+        return Refusal("no_amount", f"An award of {_money(amount, currency)} grants nothing: name the awarded_amount granted, "
+                                    "or decline the application.")
     asked = application.requested
     if (decision == "awarded" and amount is not None and asked is not None and currency == asked[1] and amount > asked[0]
             and since(4)):

@@ -322,6 +322,24 @@ def test_an_award_is_no_more_than_the_application_asks_for() -> None:
         assert award(asking, "240000.00") is None
 
 
+def test_an_award_of_nothing_is_refused() -> None:
+    """Awarded, with an amount of zero: a decline shown to the applicant as an award."""
+    from decimal import Decimal
+
+    from handlers.rules.calls import ApplicationSnapshot, decision_refusal
+
+    received = ApplicationSnapshot("app-1", COOPERATIVE.institution, "received", requested=(Decimal("24000.00"), "EUR"))
+    for call in (replace(CALL, currency="EUR", budget=Decimal("1500000")), CALL):
+        for zero in ("0", "0.00"):
+            refusal = decision_refusal(call, received, OWNER, decision="awarded", currency="EUR", logged_at=DURING,
+                                       amount=Decimal(zero))
+            assert refusal == Refusal("no_amount", f"An award of {zero} EUR grants nothing: name the awarded_amount granted, "
+                                                   "or decline the application.")
+            with judged_by(3):
+                assert decision_refusal(call, received, OWNER, decision="awarded", currency="EUR", logged_at=DURING,
+                                        amount=Decimal(zero)) is None
+
+
 def test_a_call_without_a_budget_awards_in_the_currency_of_its_first_award() -> None:
     """What a call awarded is one sum: a call without a budget (or whose budget was removed by a
     log applied before that was refused) takes its awards in the currency of the first one."""

@@ -876,7 +876,8 @@ async def test_no_invitation_lapses_in_a_call_closed_early_and_in_one_closed_at_
 
 async def test_an_award_above_what_the_application_asks_for_is_refused(scenario: Scenario, call_id: str) -> None:
     """A zero too many: 2.4 million awarded on a request of 240,000 was taken while the budget
-    covered it, and the rest of the budget was gone."""
+    covered it, and the rest of the budget was gone; an award of nothing was shown to the
+    applicant as an award."""
     await scenario.given(published(call_id), amended(call_id, {"budget": {"amount": "5000000.00", "currency": "EUR"}}),
                          application(call_id, "app-1"))
     typo = refused(await scenario.when(decided(call_id, "app-1", amount={"amount": "2400000.00", "currency": "EUR"})), "above_request")
@@ -886,6 +887,8 @@ async def test_an_award_above_what_the_application_asks_for_is_refused(scenario:
     with scenario.session() as session:
         stored, call = session.get(CallApplication, (call_id, "app-1")), session.get(Call, call_id)
         assert stored is not None and stored.status == "received" and call is not None and call.awarded is None
+    nothing = refused(await scenario.when(decided(call_id, "app-1", amount={"amount": "0.00", "currency": "EUR"})), "no_amount")
+    assert "grants nothing" in nothing["data"]["reason"]["message"]["en"]
     assert await scenario.when(decided(call_id, "app-1", amount={"amount": "240000.00", "currency": "EUR"})) == []
 
 

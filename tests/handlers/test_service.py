@@ -762,8 +762,8 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
 def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
     """Rules before version 4 took a call published with its deadline passed already, an
     application of a call's publisher to its own call, a second one of an applicant with a project
-    it has an application standing for, an award above what the application asks for, and a
-    coordinator's decision validating a
+    it has an application standing for, an award above what the application asks for or of
+    nothing, and a coordinator's decision validating a
     practice on no review, with any evidence level. A log they
     applied is rebuilt so, and what today's rules applied after it as they do."""
     from datetime import timedelta
@@ -802,10 +802,10 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
         return envelope("call.application_submitted", applicant, {
             "call_id": open_call, "application_id": application_id, "project_id": practice})
 
-    def awarding(application_id: str) -> dict[str, Any]:
+    def awarding(application_id: str, amount: str = "10000") -> dict[str, Any]:
         return envelope("call.application_decided", funder, {
             "call_id": open_call, "application_id": application_id, "decision": "awarded",
-            "awarded_amount": {"amount": "10000", "currency": "EUR"}})
+            "awarded_amount": {"amount": amount, "currency": "EUR"}})
 
     def requested(validation_id: str) -> dict[str, Any]:
         return envelope("validation.requested", requester, {
@@ -819,6 +819,7 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
     past_then, past_now = call(ended_then), call(ended_now)
     own_then, own_now = own("a-1"), own("a-2")
     above_then, above_now = awarding("b-1"), awarding("b-2")
+    nothing_then, nothing_now = awarding("d-1", "0"), awarding("d-2", "0")
     practice = unique("p")
     twice_then, twice_now = with_project("p-2"), with_project("p-3")
     registered = envelope("project.registered", applicant, {"project_id": practice, "title": {"en": practice}, "owner": applicant,
@@ -826,8 +827,9 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
     unfounded_then, unfounded_now = decided(validated_then), decided(validated_now)
     then = [joined(funder, "funder"), joined(centre, "competence_centre"), joined(requester, "ngo"),
             past_then, call(open_call, now + timedelta(days=30)), own_then, asking("b-1"), above_then,
-            registered, with_project("p-1"), twice_then, requested(validated_then), unfounded_then]
-    log = [*then, past_now, own_now, asking("b-2"), above_now, twice_now, requested(validated_now), unfounded_now]
+            registered, with_project("p-1"), twice_then, asking("d-1"), nothing_then, requested(validated_then), unfounded_then]
+    log = [*then, past_now, own_now, asking("b-2"), above_now, twice_now, asking("d-2"), nothing_now, requested(validated_now),
+           unfounded_now]
     service = NetworkService(engine, network())
     try:
         service.use_rules_epochs([(1, 3), (len(then) + 1, RULES)])  # (a rebuild's record: version 3 applied the first part)
@@ -843,10 +845,10 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
     finally:
         service.close()
     kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None
-             for cause in (past_then, own_then, above_then, twice_then, unfounded_then,
-                           past_now, own_now, above_now, twice_now, unfounded_now)]
-    assert kinds == [None, "call.application_received", None, "call.application_received", None,  # taken as version 3 took them
+             for cause in (past_then, own_then, above_then, twice_then, nothing_then, unfounded_then,
+                           past_now, own_now, above_now, twice_now, nothing_now, unfounded_now)]
+    assert kinds == [None, "call.application_received", None, "call.application_received", None, None,  # as version 3 took them
                      "call.action_rejected", "call.application_rejected", "call.action_rejected",  # refused as version 4 does
-                     "call.application_rejected", "validation.action_rejected"]
+                     "call.application_rejected", "call.action_rejected", "validation.action_rejected"]
     assert calls == {ended_then}
     assert outcomes == {validated_then: ("decided", "validated", 5), validated_now: ("requested", None, None)}
