@@ -97,6 +97,10 @@ class Call(TableRow, table=True):
         """``upcoming``, ``open`` or ``closed`` at ``now``."""
         return rules.call_status(self.snapshot(), now)
 
+    def stage(self, now: datetime) -> rules.CallStage | None:
+        """A two-stage call's stage at ``now`` (:func:`rules.call_stage`; None: a single-stage call)."""
+        return rules.call_stage(self.snapshot(), now)
+
 
 def status_is(status: CallStatus, now: datetime) -> sa.ColumnElement[bool]:
     """A WHERE clause selecting the calls whose :meth:`Call.status` at ``now`` is ``status``

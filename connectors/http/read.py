@@ -230,7 +230,7 @@ def get_institution(
 def _call(row: Call, now: datetime, counts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """A call as members see it; ``counts``: its applications' counts, for its publisher
     (:func:`handlers.calls.application_counts`; None to anyone else)."""
-    return {**row.model_dump(), "status": row.status(now), "applications": (counts or {}).get(row.call_id)}
+    return {**row.model_dump(), "status": row.status(now), "stage": row.stage(now), "applications": (counts or {}).get(row.call_id)}
 
 
 def _publishers_counts(session: Any, rows: list[Call], viewer: str) -> dict[str, dict[str, Any]]:

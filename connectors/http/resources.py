@@ -120,6 +120,11 @@ class Call(Resource):
     """A two-stage call's deadline for full proposals (none: no limit)."""
     url: str | None = None
     status: Literal["upcoming", "open", "closed"]
+    stage: Literal["first", "second", "ended"] | None = None
+    """A two-stage call's stage: ``first`` until its deadline, ``second`` while those invited send
+    their full proposals (its status is ``closed`` then: it takes no more applications),
+    ``ended`` once the deadline for them has passed or its publisher closed it early; None for a
+    single-stage call."""
     published_at: datetime
     closed_at: datetime | None = None
     closed_reason: str | None = None

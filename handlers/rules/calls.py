@@ -106,6 +106,25 @@ def call_status(call: CallSnapshot, now: datetime) -> CallStatus:
     return "open"
 
 
+CallStage = Literal["first", "second", "ended"]
+
+
+def call_stage(call: CallSnapshot, now: datetime) -> CallStage | None:
+    """Where a two-stage call stands at ``now`` (None for a single-stage call): its ``first``
+    stage until its deadline (applications), its ``second`` after it while it takes full
+    proposals from those invited (until the deadline for them, if it has one), ``ended`` once
+    that deadline has passed or its publisher closed the call before its deadline or in its
+    second stage (cancelled, filled). Its :func:`call_status` is ``closed`` from its deadline on,
+    in the second stage too: this says that the invited may still send their full proposals."""
+    if not call.two_stage:
+        return None
+    if call_status(call, now) != "closed":
+        return "first"
+    if _closed_early(call) or (call.full_proposal_deadline is not None and now > call.full_proposal_deadline):
+        return "ended"
+    return "second"
+
+
 def publication_refusal(
     existing: CallSnapshot | None,
     budget: tuple[Decimal, str] | None = None,

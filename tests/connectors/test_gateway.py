@@ -416,6 +416,32 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
     assert for_municipalities["call_id"] in {item["call_id"] for page in lower for item in page}
 
 
+async def test_a_two_stage_call_says_which_stage_it_is_in(gateway: Gateway, municipality: str) -> None:
+    """Past its deadline a two-stage call is closed to applications, and an invited applicant
+    read it closed while it still took its full proposal."""
+    funder = await gateway.join("funder", "SE")
+    now = datetime.now(timezone.utc)
+    two_stage, single = unique("c"), await open_funding_call(gateway, funder)
+    await gateway.offer(funder, "call.published", {
+        "call_id": two_stage, "title": {"en": "Care at home"}, "kind": "funding", "deadline_model": "two_stage",
+        "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(seconds=2)).isoformat(),
+        "full_proposal_deadline": (now + timedelta(days=30)).isoformat()})
+    await gateway.settle()
+
+    async def read(call_id: str) -> tuple[str, str | None]:
+        answer = (await gateway.client.get(f"/calls/{call_id}", headers=gateway.auth(municipality))).json()
+        return answer["status"], answer["stage"]
+
+    assert await read(two_stage) == ("open", "first") and await read(single) == ("open", None)
+    await asyncio.sleep(max(0.0, (now + timedelta(seconds=2.2) - datetime.now(timezone.utc)).total_seconds()))
+    assert await read(two_stage) == ("closed", "second")
+    pages = await walk(gateway.client, "/calls", gateway.auth(municipality), owner=funder)
+    assert {item["call_id"]: item["stage"] for page in pages for item in page} == {two_stage: "second", single: None}
+    await gateway.offer(funder, "call.closed", {"call_id": two_stage, "reason": "filled"})
+    await gateway.settle()
+    assert await read(two_stage) == ("closed", "ended")
+
+
 async def test_calls_are_filtered_by_their_kind(gateway: Gateway, municipality: str) -> None:
     """A cooperative looking for a tender, a municipality for funding: the kind of call is what
     they look for first."""

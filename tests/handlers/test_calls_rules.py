@@ -50,6 +50,23 @@ def test_status_follows_the_window() -> None:
     assert call_status(CALL, DEADLINE + timedelta(microseconds=1)) == "closed"
 
 
+def test_a_two_stage_calls_stage_follows_its_deadlines_and_its_closing() -> None:
+    from handlers.rules.calls import call_stage
+
+    second_deadline = DEADLINE + timedelta(days=30)
+    two_stage = replace(CALL, two_stage=True, full_proposal_deadline=second_deadline)
+    assert call_stage(CALL, DEADLINE + timedelta(days=1)) is None  # a single stage
+    assert [call_stage(two_stage, moment) for moment in (OPENS - timedelta(days=1), DURING, DEADLINE)] == ["first"] * 3
+    closed_at_deadline = replace(two_stage, closed_at=DEADLINE, closed_reason="deadline_passed")
+    for call in (two_stage, closed_at_deadline):  # (before and after the bus said it closed)
+        assert call_stage(call, DEADLINE + timedelta(seconds=1)) == "second" == call_stage(call, second_deadline)
+        assert call_stage(call, second_deadline + timedelta(seconds=1)) == "ended"
+    assert call_stage(replace(two_stage, full_proposal_deadline=None), DEADLINE + timedelta(days=400)) == "second"  # no limit
+    filled = replace(closed_at_deadline, closed_reason="filled")  # in its second stage
+    cancelled = replace(two_stage, closed_at=DURING, closed_reason="cancelled")  # in its first
+    assert call_stage(filled, DEADLINE + timedelta(days=1)) == "ended" == call_stage(cancelled, DURING + timedelta(days=1))
+
+
 def test_a_closed_call_is_closed_whatever_the_time() -> None:
     cancelled = replace(CALL, closed_at=OPENS - timedelta(days=1))
     assert call_status(cancelled, OPENS - timedelta(hours=1)) == "closed"
