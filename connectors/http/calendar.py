@@ -16,7 +16,7 @@ from sqlmodel import col, select
 
 from connectors.http.auth import CalendarMember, SessionDep
 from connectors.http.problems import documented
-from connectors.http.read import DayOrganizer, DayParticipant
+from connectors.http.read import DayOrganizer, DayParticipant, known_institutions
 from handlers.innovation_days import InnovationDay, days_of, meetings_of
 
 router = APIRouter(tags=["read"])
@@ -117,6 +117,7 @@ def calendar_feed(
     """Every innovation day (and other gathering) as an iCalendar feed; ``participant``: only
     those an institution is registered for (a member's own calendar), with the meetings the
     matchmaking proposed to it in each not cancelled; ``organizer``: those it organises."""
+    known_institutions(session, participant=participant, organizer=organizer)
     query = days_of(select(InnovationDay), participant=participant, organizer=organizer)
     days = session.exec(query.order_by(col(InnovationDay.starts_at), col(InnovationDay.day_id))).all()
     # The meetings of all its days in one query, of the days the feed holds (not one per day).

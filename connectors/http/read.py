@@ -141,6 +141,12 @@ def _not_found(what: str, id: str, known: Iterable[str] = ()) -> ApiProblem:
     return ApiProblem(404, f"no {what} {id!r}" + (f"; did you mean {meant!r}?" if meant else ""), kind="not_found")
 
 
+def known_institutions(session: Session, **given: str | None) -> None:
+    """:func:`_known_institution` of each query parameter naming an institution (None: not given)."""
+    for parameter, value in given.items():
+        _known_institution(session, parameter, value)
+
+
 def _known_institution(session: Session, parameter: str, value: str | None) -> None:
     """Refuse (422) a query's ``parameter`` naming an institution that is none, member or former
     member, with the one most likely meant: a typo would be answered with an empty page, or with
@@ -259,6 +265,7 @@ def list_calls(
 ) -> dict[str, Any]:
     """Calls by deadline. An empty eligibility list means open to all. The caller's own calls come
     with how many applications they have (``applications``), which no other member sees."""
+    known_institutions(session, owner=owner)
     now = datetime.now(timezone.utc)
     country = country.upper() if country else None
     query = select(Call)
@@ -315,6 +322,7 @@ def list_my_applications(
     """The applications the caller is a party to, across calls, in the order they were
     answered: those it made, those naming it a partner, and every application to a call it
     published."""
+    known_institutions(session, applicant=applicant)
     owned = set(session.exec(select(Call.call_id).where(Call.owner == viewer)).all())
     query = select(CallApplication).where(sa.or_(
         col(CallApplication.call_id).in_(owned),
@@ -354,6 +362,7 @@ def list_applications(
     one; any other member only those it made or is named a partner in (applications are not the
     competitors' business)."""
     call = _known_call(session, call_id)
+    known_institutions(session, applicant=applicant)
     query = select(CallApplication).where(CallApplication.call_id == call_id)
     if status is not None:
         query = query.where(CallApplication.status == status)
@@ -415,8 +424,7 @@ def list_projects(
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """Projects and good practices, by id."""
-    for parameter, institution in (("owner", owner), ("partner", partner), ("adopter", adopter)):
-        _known_institution(session, parameter, institution)
+    known_institutions(session, owner=owner, partner=partner, adopter=adopter)
     country = country.upper() if country else None
     query = select(Project)
     for column, value in ((Project.country, country), (Project.status, status), (Project.owner, owner)):
@@ -486,7 +494,7 @@ def adoption_stats(
 ) -> dict[str, Any]:
     """How far good practices spread: adopting municipalities and adoptions per municipality level,
     and those of municipalities whose level is not known (``without_level``)."""
-    _known_institution(session, "owner", owner)
+    known_institutions(session, owner=owner)
     spread = adoptions_by_municipality_level(session, owner=owner)
     return {"by_municipality_level": [vars(level) for level in spread],
             "without_level": vars(adoptions_without_level(session, owner=owner))}
@@ -515,6 +523,7 @@ def list_validations(
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """Validations by request time; reviews are only on ``/validations/{id}``, for those who may see them."""
+    known_institutions(session, coordinator=coordinator, requester=requester, reviewer=reviewer)
     query = select(Validation)
     if reviewer is not None:
         assigned = select(ValidationReviewer.validation_id).where(ValidationReviewer.reviewer == reviewer)
@@ -584,6 +593,7 @@ def list_innovation_days(
     cursor: Cursor = None,
 ) -> dict[str, Any]:
     """Innovation days and other gatherings, by start."""
+    known_institutions(session, participant=participant, organizer=organizer)
     query = days.days_of(select(days.InnovationDay), participant=participant, organizer=organizer)
     if status is not None:
         query = query.where(days.InnovationDay.status == status)
@@ -627,6 +637,7 @@ def list_meetings(
 ) -> dict[str, Any]:
     """The meetings the matchmaking proposed for a day, by slot, each with its end."""
     _day(session, day_id)
+    known_institutions(session, participant=participant)
     rows, next_cursor = list_page(
         days.meetings(session, day_id, participant=participant), lambda m: f"{m['slot_start']}|{m['funder']}", limit=limit, cursor=cursor
     )

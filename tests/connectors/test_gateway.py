@@ -1221,6 +1221,34 @@ async def test_adoptions_by_municipalities_without_a_level_are_shown_and_an_unkn
     assert [item["project_id"] for page in listed for item in page] == [practice["project_id"]]
 
 
+async def test_every_filter_naming_an_institution_refuses_one_that_is_none_with_the_one_meant(gateway: Gateway) -> None:
+    """A typo in an institution filter of the calls, the applications, the validations, the
+    gatherings or the calendar answered an empty page (or an empty calendar), as
+    if the institution had nothing: each is told the one meant, as /projects' and the statistics'
+    are; a former member's are answered."""
+    member = await gateway.join("funder", "FI")
+    auth = gateway.auth(member)
+    call = {"call_id": unique("c"), "title": {"en": "Call"}, "kind": "funding", "deadline_model": "single_stage",
+            "opens_at": (datetime.now(timezone.utc) - timedelta(days=1)).isoformat(),
+            "deadline": (datetime.now(timezone.utc) + timedelta(days=30)).isoformat()}
+    await gateway.offer(member, "call.published", call)
+    await gateway.settle()
+    asked = [("/calls", "owner"), ("/applications", "applicant"), (f"/calls/{call['call_id']}/applications", "applicant"),
+             ("/validations", "coordinator"), ("/validations", "requester"), ("/validations", "reviewer"),
+             ("/innovation-days", "participant"), ("/innovation-days", "organizer"), ("/innovation-days.ics", "participant"),
+             ("/innovation-days.ics", "organizer")]
+    for path, parameter in asked:
+        typo = problem(await gateway.client.get(path, params={parameter: member + "x"}, headers=auth), 422, "invalid")
+        assert [(e["loc"], e["type"]) for e in typo["errors"]] == [(["query", parameter], "unknown_institution")], (path, typo)
+        assert typo["errors"][0]["msg"] == f"'{member}x' is not an institution of the network; did you mean {member!r}?"
+    await gateway.offer("operator", "institution.left", {"id": member})
+    await gateway.settle()
+    other = gateway.auth(await gateway.join("ngo", "FI"))
+    for path, parameter in asked:
+        answered = await gateway.client.get(path, params={parameter: member}, headers=other)
+        assert answered.status_code == 200, (path, answered.text)
+
+
 async def test_projects_are_found_by_partner_adopter_and_place_as_people_write_it(gateway: Gateway) -> None:
     """An NGO finds the projects it is a partner of, a municipality the practices it adopted, and
     anyone the projects of a place written without its accents or in capitals (``yenisehir``,

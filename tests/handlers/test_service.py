@@ -758,7 +758,6 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
     assert partners == {f"tr-nobody-{tag}": ("partner", None)}
 
 
-
 def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
     """Rules before version 4 took a call published with its deadline passed already, an
     application of a call's publisher to its own call, a second one of an applicant with a project
