@@ -239,12 +239,11 @@ def _refuse_action(ctx: Context, call: CallSnapshot | None, refusal: Refusal, **
 
 
 def decide_publication(ctx: Context) -> None:
-    """A call id is published once, with its deadline ahead."""
+    """A call id is published once."""
     assert ctx.event is not None
     data: CallPublished = ctx.event.data
     existing = _snapshot(ctx.session, data.call_id)
-    refusal = rules.publication_refusal(existing, (Decimal(data.budget.amount), data.budget.currency) if data.budget else None,
-                                        deadline=data.deadline, logged_at=ctx.event.logged_at)
+    refusal = rules.publication_refusal(existing, (Decimal(data.budget.amount), data.budget.currency) if data.budget else None)
     if refusal is not None:
         _refuse_action(ctx, existing, refusal)
 
@@ -263,11 +262,9 @@ def decide_application(ctx: Context) -> None:
     currency = data.requested_amount.currency if data.requested_amount is not None else None
     amount = Decimal(data.requested_amount.amount) if data.requested_amount is not None else None
     project = project_parties(ctx.session, data.project_id) if data.project_id is not None else None
-    standing = _standing_for_project(ctx.session, data.call_id, event.source, data.project_id) if call is not None else None
     refusal = rules.application_refusal(
         call, applicant, event.logged_at, duplicate=duplicate, currency=currency, amount=amount,
-        partners=[_applicant(ctx.session, partner) for partner in data.partners], project_id=data.project_id, project=project,
-        standing=standing)
+        partners=[_applicant(ctx.session, partner) for partner in data.partners], project_id=data.project_id, project=project)
     refusal = _meant(ctx.session, refusal, data, event.source)
     answer = {"call_id": data.call_id, "application_id": data.application_id, "applicant": event.source}
     owner = call.owner if call is not None else event.source
@@ -276,17 +273,6 @@ def decide_application(ctx: Context) -> None:
     else:
         asked = column_values(data, data.model_fields_set & {"project_id", "partners", "requested_amount"})
         ctx.refuse("call.application_rejected", {**answer, "reason": refusal.as_reason(), **asked}, source=owner)
-
-
-def _standing_for_project(session: Session, call_id: str, applicant: str, project_id: str | None) -> str | None:
-    """The id of ``applicant``'s first application to the call with ``project_id`` that stands
-    (not :data:`rules.GONE`), if any (None also for an application naming no project)."""
-    if project_id is None:
-        return None
-    # (as the batch has them, without a flush: see _snapshot)
-    standing = sorted((a.submitted_at, a.application_id) for a in children(session, CallApplication, "call_id", call_id)
-                      if a.applicant == applicant and a.project_id == project_id and a.status not in rules.GONE)
-    return standing[0][1] if standing else None
 
 
 def _applicant(session: Session, institution: str) -> Applicant:

@@ -226,12 +226,7 @@ def decide_day_action(ctx: Context) -> None:
     data = event.data
     day = ctx.session.get(InnovationDay, data.day_id)
     facts = None if day is None else rules.DayFacts(day.organizer, cast(rules.DayStatus, day.status), _utc(day.starts_at))
-    moved = data if isinstance(data, (InnovationDayScheduled, InnovationDayRescheduled)) else None
-    refusal = rules.day_action_refusal(
-        facts, event.type.removeprefix("innovation_day."), event.source, _utc(event.logged_at),
-        starts_at=None if moved is None else _utc(moved.starts_at),
-        registration_deadline=_utc(data.registration_deadline) if isinstance(data, InnovationDayScheduled) else None,
-    )
+    refusal = rules.day_action_refusal(facts, event.type.removeprefix("innovation_day."), event.source, _utc(event.logged_at))
     if refusal is None:
         return
     ctx.refuse_action(refusal, source=day.organizer if day is not None else event.source)

@@ -7,7 +7,6 @@ Other domains read ``projects.owner``, ``projects.themes`` and ``project_partner
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
 from typing import Any
@@ -177,28 +176,6 @@ def _of_owner(query: Any, owner: str | None) -> Any:
 # --- workflow ----------------------------------------------------------------------------------
 
 
-def _named_partners(data: Any) -> tuple[Partner, ...]:
-    """The partners a registration, an update or a partner joining names."""
-    if isinstance(data, ProjectRegistered):
-        return data.partners
-    if isinstance(data, ProjectUpdated):
-        return data.changes.partners or ()
-    if isinstance(data, PartnerJoined):
-        return (data.partner,)
-    return ()
-
-
-def _strangers(session: Session, project_id: str, partners: tuple[Partner, ...]) -> tuple[str, ...]:
-    """Of ``partners``, those not listed already that are not members (never were, or left): a
-    partner listed before it left stays listed when its owner restates the list."""
-    if not partners:
-        return ()
-    with session.no_autoflush:
-        listed = {row.institution for row in children(session, ProjectPartner, "project_id", project_id)}
-        return tuple(dict.fromkeys(
-            p.institution for p in partners if p.institution not in listed and member(session, p.institution) is None))
-
-
 def _adopted_as(session: Session, project_id: str, adopter: str) -> str | None:
     """The id of an adoption of ``project_id`` by ``adopter`` recorded before, if there is one."""
     with session.no_autoflush:
@@ -209,8 +186,7 @@ def _adopted_as(session: Session, project_id: str, adopter: str) -> str | None:
 def _action(session: Session, event: Event[Any], project: Project | None) -> ProjectAction:
     """The event as the rules see it, with the dates the project would have afterwards."""
     data = event.data
-    action = ProjectAction(type=event.type, actor=event.source,
-                           strangers=_strangers(session, data.project_id, _named_partners(data)))
+    action = ProjectAction(type=event.type, actor=event.source)
     if isinstance(data, PartnerJoined):
         return replace(action, partner=data.partner.institution)
     if isinstance(data, ProjectAdopted):
@@ -233,10 +209,10 @@ def _action(session: Session, event: Event[Any], project: Project | None) -> Pro
 
 
 def _meant(session: Session, refusal: Refusal | None, event: Event[Any]) -> Refusal | None:
-    """``refusal`` of a name that names nothing (a project, a partner, an adopter), saying which
-    and the nearest one that does, which is most often what was meant (a typo in an id): among the
-    projects (the source's own or partnered, for what only an owner says), among the members; a
-    partner or an adopter that left is told so."""
+    """``refusal`` of a name that names nothing (a project, an adopter), saying which and the
+    nearest one that does, which is most often what was meant (a typo in an id): among the
+    projects (the source's own or partnered, for what only an owner says), among the members; an
+    adopter that left is told so."""
     if refusal is None:
         return None
     data = event.data
@@ -246,15 +222,13 @@ def _meant(session: Session, refusal: Refusal | None, event: Event[Any]) -> Refu
             partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == event.source)
             known = known.where(sa.or_(col(Project.owner) == event.source, col(Project.project_id).in_(partnered)))
         return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(known.order_by(Project.project_id))))
-    if refusal.code in ("unknown_partner", "unknown_adopter"):
-        what = "a partner" if refusal.code == "unknown_partner" else "an adopter"
-        stranger = _strangers(session, data.project_id, _named_partners(data))[0] if what == "a partner" else data.adopter
-        former = session.get(Institution, stranger)
+    if refusal.code == "unknown_adopter":
+        former = session.get(Institution, data.adopter)
         if former is not None and former.left_at is not None:
-            return Refusal(refusal.code, f"{stranger} left the network on {former.left_at:%Y-%m-%d}: {what} must be a member.")
+            return Refusal(refusal.code, f"{data.adopter} left the network on {former.left_at:%Y-%m-%d}: an adopter must be a member.")
         members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
-        return Refusal(refusal.code, unknown_name(stranger, "a member of the network", session.exec(members.order_by(Institution.id)),
-                                                  f" ({what} must be one: name it as the network does, GET /institutions)."))
+        return Refusal(refusal.code, unknown_name(data.adopter, "a member of the network", session.exec(members.order_by(Institution.id)),
+                                                  " (an adopter must be one: name it as the network does, GET /institutions)."))
     return refusal
 
 
@@ -365,18 +339,6 @@ def completed(session: Session, event: Event[ProjectCompleted]) -> None:
         project.ends_on = event.data.ended_on
 
 
-def _partners_named(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
-    """The institutions a registration (``partners``), an update (``changes.partners``) or a
-    partner joining (``partner``) names as the event was logged."""
-    given = envelope.get("data")
-    data: dict[str, Any] = given if isinstance(given, dict) else {}
-    changes: dict[str, Any] = data["changes"] if isinstance(data.get("changes"), dict) else {}
-    listed = [data["partner"]] if "partner" in data else data.get("partners", changes.get("partners"))
-    if not isinstance(listed, list):
-        return []
-    return [p["institution"] for p in listed if isinstance(p, dict) and isinstance(p.get("institution"), str)]
-
-
 PROJECTIONS: dict[str, Projection] = {
     "project.registered": registered,
     "project.updated": updated,
@@ -387,13 +349,8 @@ PROJECTIONS: dict[str, Projection] = {
 }
 DECIDERS: dict[str, Decider] = {event_type: decide for event_type in PROJECTIONS}
 TIMERS: tuple[Timer, ...] = ()
-READS: dict[str, Reads] = {
-    "project.adopted": named("institution", "adopter"),
-    **{event_type: Reads("institution", _partners_named)
-       for event_type in ("project.registered", "project.updated", "project.partner_joined")},
-}
-"""An adoption is judged on its adopter's membership; a registration, an update or a partner
-joining on the membership of the partners it names."""
+READS: dict[str, Reads] = {"project.adopted": named("institution", "adopter")}
+"""An adoption is judged on its adopter's membership."""
 
 THEMES_DECIDED_BY: tuple[str, ...] = ("project.registered", "project.updated", "project.completed")
 """What a project's row, owner and themes come from: the events that set them (a registration,

@@ -169,7 +169,6 @@ class ApplicationRefusal(Reason):
         "too_many_decimals",
         "over_budget",
         "own_call",
-        "already_applied",
     ]
 
 

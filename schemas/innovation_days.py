@@ -258,9 +258,7 @@ class MeetingsProposed(EventData):
 
 class DayActionRefusal(Reason):
     """Why the innovation days' workflow refused an announcement, a move, a cancellation or the
-    report that a day was held (`not_started`: before it started; `in_the_past`: an announcement
-    or a move to a start, or an announcement with a registration deadline, passed already when the
-    log took it, version 4 of the rules), or the cancellation of a
+    report that a day was held (`not_started`: before it started), or the cancellation of a
     registration: no live registration of that
     id for the day (`unknown_registration`), one its participant cancelled already
     (`already_cancelled`, version 3 of the rules), another's (`not_participant`), or registration closed
@@ -273,7 +271,6 @@ class DayActionRefusal(Reason):
         "day_cancelled",
         "day_held",
         "not_started",
-        "in_the_past",
         "unknown_registration",
         "already_cancelled",
         "not_participant",

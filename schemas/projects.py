@@ -183,8 +183,7 @@ class ProjectCompleted(EventData):
 class ProjectActionRefusal(Reason):
     """Why the projects workflow refused an event about a project. `already_adopted`: the adopter
     took the practice up before, under another adoption id (the message names it);
-    `unknown_partner`: a partner a registration, an update or a partner joining names anew is not
-    a member of the network, or has left it; `period_before_start`, `period_ahead`: an impact
+    `period_before_start`, `period_ahead`: an impact
     report's period ended before the project started, or starts after the day it is reported
     (all version 4 of the rules)."""
 
@@ -199,7 +198,6 @@ class ProjectActionRefusal(Reason):
         "unknown_adopter",
         "invalid_dates",
         "already_adopted",
-        "unknown_partner",
         "period_before_start",
         "period_ahead",
     ]

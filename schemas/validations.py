@@ -223,8 +223,6 @@ ValidationRefusalCode = Literal[
     "due_in_past",
     "already_open",
     "due_after_validation",
-    "no_reviews",
-    "evidence_not_from_reviews",
 ]
 """The validation workflow's refusal codes (the rules decide them; the catalog carries them)."""
 

@@ -47,23 +47,14 @@ a registration it cancelled already (``already_cancelled``, before ``unknown_reg
 registration for a gathering bringing a project not registered (``unknown_project``) or not its
 participant's own or partnered (``not_project_party``).
 
-4: a gathering announced or moved to start at a moment passed already when the log took the event,
-or announced with its registration deadline passed already (``in_the_past``: it got its meetings
-proposed in slots gone by, and registration never opened); a move of a gathering that opens
-registration again puts the registrations its deadline refused as ``waitlist_closed`` back on the
-waitlist, in their order (``innovation_day.registration_waitlisted``; before, they stayed refused);
-a practice's second adoption by the same adopter, under another adoption id
-(``already_adopted``); a project's partner, named anew by its registration, an update or a
-partner joining, that is not a member of the network or has left it (``unknown_partner``); an
-impact report of a period that ended before the project started (``period_before_start``) or
-that starts after the day it is reported (``period_ahead``);
-a call published with its deadline passed already (``deadline_in_past``,
-as an amendment's; before, it was taken and closed at once); an application of a call's publisher
-to its own call (``own_call``), or of an applicant with a project it has an application to the
-call standing for already (``already_applied``); an award above what the application asks for, its full
-proposal's request once it sent one (``above_request``), or of nothing (``no_amount``); a coordinator's decision validating a
-practice on no review that counts (``no_reviews``), or giving an evidence level above the one the
-reviews that count give, the median of theirs rounded down (``evidence_not_from_reviews``)."""
+4: a move of a gathering that opens registration again puts the registrations its deadline
+refused as ``waitlist_closed`` back on the waitlist, in their order
+(``innovation_day.registration_waitlisted``; before, they stayed refused); a practice's second
+adoption by the same adopter, under another adoption id (``already_adopted``); an impact report of
+a period that ended before the project started (``period_before_start``) or that starts after the
+day it is reported (``period_ahead``); an application of a call's publisher to its own call
+(``own_call``); an award above what the application asks for, its full proposal's request once it
+sent one (``above_request``), or of nothing (``no_amount``)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

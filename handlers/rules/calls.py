@@ -125,24 +125,12 @@ def call_stage(call: CallSnapshot, now: datetime) -> CallStage | None:
     return "second"
 
 
-def publication_refusal(
-    existing: CallSnapshot | None,
-    budget: tuple[Decimal, str] | None = None,
-    *,
-    deadline: datetime | None = None,
-    logged_at: datetime | None = None,
-) -> Refusal | None:
+def publication_refusal(existing: CallSnapshot | None, budget: tuple[Decimal, str] | None = None) -> Refusal | None:
     """A call id names one call: publishing it again is refused (amend it instead). Its budget
     (``budget``: amount and currency, if any) is in no more decimals than its currency has, by
-    rules 3 (``too_many_decimals``, as the requests and awards weighed against it). Its
-    ``deadline`` has not passed when the log takes it (``logged_at``), by rules 4
-    (``deadline_in_past``: such a call was closed the moment it was published, before anybody
-    could apply, most often by a date typed in the wrong year or month)."""
+    rules 3 (``too_many_decimals``, as the requests and awards weighed against it)."""
     if existing is not None:
         return Refusal("already_published", f"Call {existing.call_id} was already published by {existing.owner}.")
-    if deadline is not None and logged_at is not None and deadline < logged_at and since(4):
-        return Refusal("deadline_in_past", f"The call's deadline {deadline.isoformat()} has passed already: nobody could "
-                                           "apply to it. Publish it with a deadline ahead.")
     return _precision_refusal(budget[0], budget[1], "give the budget as") if budget is not None else None
 
 
@@ -157,7 +145,6 @@ def application_refusal(
     partners: Sequence[Applicant] = (),
     project_id: str | None = None,
     project: tuple[str, frozenset[str]] | None = None,
-    standing: str | None = None,
 ) -> Refusal | None:
     """Why an application logged at ``logged_at`` is rejected, or None when it is received.
     ``duplicate``: the id is taken (by an application received, or one of another applicant's
@@ -173,10 +160,7 @@ def application_refusal(
     later under that name), and the project one the applicant owns or is a partner of.
 
     The call's publisher does not apply to its own call, by rules 4 (``own_call``): it would
-    decide on its own application, and award itself from the budget. Nor does an applicant apply
-    with a project it has an application standing for already (``standing``: that one's id), by
-    rules 4 (``already_applied``: a request sent twice under new ids, a double click, would have
-    the publisher weigh, and perhaps fund, the project twice).
+    decide on its own application, and award itself from the budget.
 
     The deadline is checked before the closing, so an application after the deadline gets the
     same answer whether or not the bus's closing came first (live and in a rebuild).
@@ -200,10 +184,6 @@ def application_refusal(
         return Refusal("ineligible_country", f"The call is open to institutions in {_listed(call.eligible_countries)} only.")
     if since(2) and (refusal := _parties_refusal(applicant, partners, project_id, project)):
         return refusal
-    if standing is not None and since(4):
-        return Refusal("already_applied", f"{applicant.institution} applied to the call with project {project_id} already, "
-                                          f"in {standing}, which stands: the call weighs a project once (withdraw that "
-                                          "one first to apply with it again).")
     return _currency_refusal(call, currency, "request") or request_refusal(call, amount, currency)
 
 

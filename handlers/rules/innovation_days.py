@@ -22,9 +22,6 @@ visits are all gatherings with a capacity counted in attendees. The rules:
 - nothing is accepted at or after the registration deadline (the log's acceptance time counts),
   nor once the day is cancelled (``day_cancelled``) or reported held (``day_held``; before version 3
   of the rules ``after_deadline``);
-- a gathering is announced or moved to start later than the log takes the event, and announced
-  with its registration deadline still to come (``in_the_past``, version 4 of the rules; a move
-  may close registration with a deadline passed);
 - matchmaking at the deadline pairs innovators and funders sharing a theme, at most
   ``MEETINGS_PER_FUNDER`` meetings per funder, no participant twice in one slot.
 
@@ -158,32 +155,18 @@ class DayFacts:
     """When it starts (None: not known, the report that it was held is not judged by it)."""
 
 
-def day_action_refusal(
-    day: DayFacts | None,
-    action: str,
-    actor: str,
-    at: datetime | None = None,
-    *,
-    starts_at: datetime | None = None,
-    registration_deadline: datetime | None = None,
-) -> Refusal | None:
+def day_action_refusal(day: DayFacts | None, action: str, actor: str, at: datetime | None = None) -> Refusal | None:
     """Why ``action`` (``scheduled``, ``rescheduled``, ``cancelled``, ``held``) by ``actor``,
-    accepted into the log at ``at``, is refused, or None when it stands; ``starts_at`` and
-    ``registration_deadline``: the start and the deadline an announcement or a move gives.
+    accepted into the log at ``at``, is refused, or None when it stands.
 
     A day id is announced once; only its organiser moves, cancels or reports it, while it is
     scheduled; it is reported held once it has started (a report before closes its registration
-    and its matchmaking for good, and cannot be taken back). It is announced or moved to start
-    after ``at`` (version 4: a day in the past got its meetings proposed in slots gone by), and
-    announced with registration open (a deadline after ``at``); a move may close registration
-    with a deadline passed already, and a day under way may be moved keeping its start (to end
-    later, say). (Whether its meetings were proposed is no rule's business: the matchmaking is a
+    and its matchmaking for good, and cannot be taken back). (Whether its meetings were proposed is no rule's business: the matchmaking is a
     timer's, logged after the events before it were applied, so a replay in log order could see
     the day otherwise.)"""
     if action == "scheduled":
         if day is not None:
             return Refusal("already_scheduled", f"the day was announced already by {day.organizer}")
-        return _in_the_past(action, at, starts_at, registration_deadline)
     elif day is None:
         return Refusal("unknown_day", "no such day has been announced")
     elif actor != day.organizer:
@@ -195,24 +178,6 @@ def day_action_refusal(
     elif action == "held" and day.starts_at is not None and at is not None and at < day.starts_at and since(3):
         return Refusal("not_started", f"the gathering starts at {day.starts_at.isoformat()}: it can be reported held once "
                        "it has started (to move it, send innovation_day.rescheduled)")
-    elif action == "rescheduled" and not (starts_at is not None and starts_at == day.starts_at):
-        return _in_the_past(action, at, starts_at, None)  # (a day under way keeps its start: its end may move)
-    return None
-
-
-def _in_the_past(action: str, at: datetime | None, starts_at: datetime | None, deadline: datetime | None) -> Refusal | None:
-    """Why a day announced or moved at ``at`` to start at ``starts_at`` (with registration until
-    ``deadline``, for an announcement) is refused as in the past, if it is (version 4)."""
-    if at is None or not since(4):
-        return None
-    if starts_at is not None and starts_at <= at:
-        verb = "announced" if action == "scheduled" else "moved"
-        return Refusal("in_the_past", f"starts_at {starts_at.isoformat()} has passed already (the event was logged at "
-                       f"{at.isoformat()}): a gathering is {verb} to start later than that")
-    if deadline is not None and deadline <= at:
-        return Refusal("in_the_past", f"registration_deadline {deadline.isoformat()} has passed already (the event was "
-                       f"logged at {at.isoformat()}): announce the gathering with a deadline still to come, so that "
-                       "registration is open")
     return None
 
 

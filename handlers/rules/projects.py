@@ -36,9 +36,6 @@ class ProjectAction:
     started_on: date | None = None
     ends_on: date | None = None
     """The project's dates as they would be after the event."""
-    strangers: tuple[str, ...] = ()
-    """A registration, an update or a partner joining: the partners it names anew (not listed
-    already) that are not members of the network, never were or left it."""
     adopted_as: str | None = None
     """``project.adopted``: the adoption id under which its adopter took the practice up before."""
     period: tuple[date, date] | None = None
@@ -54,7 +51,7 @@ def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Re
     if action.type == "project.registered":
         if project is not None and action.actor != project.owner:
             return Refusal("already_registered", f"Project {project.project_id} is already registered by {project.owner}.")
-        return _stranger_refusal(action)
+        return None
     if project is None:
         return Refusal("unknown_project", "There is no such project.")
     if action.type in OWNER_ONLY and action.actor != project.owner:
@@ -73,23 +70,11 @@ def action_refusal(project: ProjectSnapshot | None, action: ProjectAction) -> Re
         if action.adopted_as is not None and since(4):  # (the spread would count one municipality's uptake twice)
             return Refusal("already_adopted", f"{action.adopter} took this practice up already (adoption "
                                               f"{action.adopted_as}): the adoption stands as recorded.")
-    stranger = _stranger_refusal(action)
-    if stranger is not None:
-        return stranger
     period = _period_refusal(action)
     if period is not None:
         return period
     if action.started_on is not None and action.ends_on is not None and action.ends_on < action.started_on:
         return Refusal("invalid_dates", "The project would end before it starts.")
-    return None
-
-
-def _stranger_refusal(action: ProjectAction) -> Refusal | None:
-    """A partner named anew that is not a member (a typo, or one that left): listed, it would be
-    shown as taking part and judged by (conflicts of interest, whose project a registration or an
-    application brings) though nobody is, or nobody is any more."""
-    if action.strangers and since(4):
-        return Refusal("unknown_partner", f"{action.strangers[0]} is not a member of the network: a partner must be one.")
     return None
 
 

@@ -235,33 +235,9 @@ def action_refusal(
                 "the medians given must be those of the reviews that count: "
                 + (", ".join(f"{c} {m:g}" for c, m in medians.items()) if medians else "(there are none: leave them out)"),
             )
-        if handlers.rules.since(4) and (refusal := _decision_evidence_refusal(data, counted)):
-            return refusal
     elif isinstance(data, ValidationWithdrawn):
         if actor != validation.requester:
             return Refusal("not_requester", f"only the requester {validation.requester} withdraws")
-    return None
-
-
-def _decision_evidence_refusal(data: ValidationDecided, counted: Sequence[Review]) -> Refusal | None:
-    """A coordinator's decision rests on the reviews that count (``counted``), by rules 4: a
-    practice is not ``validated`` on none (``no_reviews``: the network and the portal would show
-    it validated with nothing assessed; ``needs_revision`` or ``not_validated`` may still end a
-    validation no reviewer takes up), and the evidence level it gives is no higher than the one
-    they give, the median of theirs rounded down, as the rule's (``evidence_not_from_reviews``:
-    the decision claims no more evidence than the middle reviewer saw)."""
-    if not counted and data.outcome == "validated":
-        return Refusal("no_reviews", "no review counts yet: a practice is validated on the reviews of those assigned; "
-                                     "decide once one counts (or decide needs_revision or not_validated)")
-    if data.evidence_level is None:
-        return None
-    if not counted:
-        return Refusal("evidence_not_from_reviews", f"no review counts yet, so none gives evidence level {data.evidence_level}: "
-                                                    "leave the evidence level out")
-    seen = decide(counted).evidence_level
-    if data.evidence_level > seen:
-        return Refusal("evidence_not_from_reviews", f"the reviews that count give evidence level {seen} (the median of "
-                                                    f"theirs, rounded down): give at most that, not {data.evidence_level}")
     return None
 
 

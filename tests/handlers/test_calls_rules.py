@@ -146,15 +146,6 @@ def test_a_publisher_does_not_apply_to_its_own_call() -> None:
         assert application_refusal(open_to_all, itself, DURING) is None
 
 
-def test_an_applicant_applies_with_a_project_once_while_its_application_stands() -> None:
-    project = (COOPERATIVE.institution, frozenset[str]())
-    twice = application_refusal(CALL, COOPERATIVE, DURING, project_id="kitchens", project=project, standing="app-1")
-    assert code(twice) == "already_applied" and twice is not None and "in app-1, which stands" in twice.message
-    assert application_refusal(CALL, COOPERATIVE, DURING, project_id="kitchens", project=project) is None
-    with judged_by(3):
-        assert application_refusal(CALL, COOPERATIVE, DURING, project_id="kitchens", project=project, standing="app-1") is None
-
-
 def test_after_the_deadline_is_said_whether_or_not_the_closing_came_first() -> None:
     """The bus's closing is applied before it reaches the log: live it precedes a late
     application, in a rebuild it may follow it. Both must give the same answer."""
@@ -214,17 +205,6 @@ def test_received_iff_in_the_window_not_closed_and_eligible(
 def test_a_call_id_is_published_once() -> None:
     assert publication_refusal(None) is None
     assert code(publication_refusal(CALL)) == "already_published"
-
-
-def test_a_call_is_not_published_with_its_deadline_passed() -> None:
-    """Such a call would be closed the moment it is published, before anybody could apply."""
-    past = publication_refusal(None, deadline=DEADLINE, logged_at=DEADLINE + timedelta(seconds=1))
-    assert past == Refusal("deadline_in_past", f"The call's deadline {DEADLINE.isoformat()} has passed already: nobody could "
-                                               "apply to it. Publish it with a deadline ahead.")
-    assert publication_refusal(None, deadline=DEADLINE, logged_at=DEADLINE) is None  # (at its deadline: still open)
-    assert code(publication_refusal(CALL, deadline=DEADLINE, logged_at=DEADLINE + timedelta(days=1))) == "already_published"
-    with judged_by(3):  # (a log applied before: taken, and closed at once)
-        assert publication_refusal(None, deadline=DEADLINE, logged_at=DEADLINE + timedelta(seconds=1)) is None
 
 
 def test_only_the_owner_amends_an_unclosed_call() -> None:

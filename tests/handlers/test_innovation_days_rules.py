@@ -121,29 +121,6 @@ def test_a_day_is_reported_held_once_it_has_started() -> None:
         assert day_action_refusal(facts, "held", "fi-thl", NOON - timedelta(days=1)) is None
 
 
-def test_a_day_is_announced_or_moved_to_start_later_and_announced_with_registration_open() -> None:
-    """A day whose start had passed when the log took its announcement or its move got its
-    meetings proposed in slots gone by; one announced with its deadline passed never opened."""
-    new, facts = None, DayFacts("fi-thl", "scheduled", NOON)
-    for action, known in (("scheduled", new), ("rescheduled", facts)):
-        gone = NOON - timedelta(minutes=1)
-        refused = day_action_refusal(known, action, "fi-thl", NOON, starts_at=gone, registration_deadline=NOON - timedelta(days=1))
-        assert refused is not None and refused.code == "in_the_past" and refused.message.startswith(f"starts_at {gone.isoformat()}")
-        assert day_action_refusal(known, action, "fi-thl", NOON - timedelta(seconds=1), starts_at=NOON) is None
-    shut = day_action_refusal(None, "scheduled", "fi-thl", BEFORE, starts_at=NOON, registration_deadline=BEFORE)
-    assert shut is not None and shut.code == "in_the_past" and shut.message.startswith(f"registration_deadline {BEFORE.isoformat()}")
-    assert day_action_refusal(None, "scheduled", "fi-thl", BEFORE, starts_at=NOON, registration_deadline=DEADLINE) is None
-    # A move may close registration at once (a deadline passed), as long as the day is to come.
-    assert day_action_refusal(facts, "rescheduled", "fi-thl", NOON - timedelta(hours=1), starts_at=NOON + timedelta(days=1),
-                              registration_deadline=BEFORE) is None
-    # A day under way keeps its start and may end later (running late): not a move into the past.
-    assert day_action_refusal(facts, "rescheduled", "fi-thl", NOON + timedelta(hours=3), starts_at=NOON) is None
-    assert day_action_refusal(facts, "cancelled", "fi-thl", NOON + timedelta(days=1)) is None  # (called off late: stands)
-    with judged_by(3):  # a log applied before version 4 took both
-        assert day_action_refusal(None, "scheduled", "fi-thl", NOON, starts_at=NOON, registration_deadline=BEFORE) is None
-        assert day_action_refusal(facts, "rescheduled", "fi-thl", NOON, starts_at=NOON - timedelta(days=1)) is None
-
-
 # --- cancellation and promotion ---------------------------------------------------------------
 
 

@@ -78,12 +78,6 @@ def test_an_adopter_takes_a_practice_up_once() -> None:
     assert refusal is not None and refusal.code == "already_adopted" and "adopt-1" in refusal.message
 
 
-@pytest.mark.parametrize("type_", ["project.registered", "project.updated", "project.partner_joined"])
-def test_a_partner_named_anew_is_a_member(type_: str) -> None:
-    assert code(PROJECT, ProjectAction(type_, OWNER, partner="tr-mersin-uni")) is None
-    assert code(PROJECT, ProjectAction(type_, OWNER, partner="tr-mersin-unii", strangers=("tr-mersin-unii",))) == "unknown_partner"
-
-
 def test_an_impact_report_is_of_a_period_of_the_project_that_has_begun() -> None:
     def report(start: date, end: date) -> ProjectAction:
         return ProjectAction("project.impact_reported", OWNER, period=(start, end), project_started_on=date(2020, 4, 1),

@@ -397,36 +397,6 @@ async def test_an_adopter_takes_a_practice_up_once(scenario: Scenario, project_i
         assert sorted(a.adopter for a in adoptions) == sorted([TARSUS, UNIVERSITY])
 
 
-@pytest.mark.parametrize("make", [
-    lambda p, partner: registered(f"{p}-new", partners=[{"institution": partner, "role": "partner"}]),
-    lambda p, partner: updated(p, {"partners": [{"institution": COOPERATIVE, "role": "partner"},
-                                                {"institution": partner, "role": "supporter"}]}),
-    lambda p, partner: partner_joined(p, partner),
-], ids=["registered", "updated", "partner_joined"])  # fmt: skip
-async def test_a_partner_named_anew_is_a_member(scenario: Scenario, project_id: str, make: Any) -> None:
-    """A partner misspelt is refused with the member meant, one that left with when it left; the
-    project and its partners stay as they were."""
-    gone = f"tr-gone-{uuid.uuid4().hex[:8]}"
-    kept = f"{project_id}-kept"
-    await scenario.given(registered(project_id), joined(gone, "ngo"),
-                         registered(kept, partners=[{"institution": gone, "role": "partner"}]))
-    typo = make(project_id, "tr-genc-isi-kop")
-    refused(await scenario.when(typo), typo, "unknown_partner")
-    [rejection] = await scenario.when(make(project_id, "tr-genc-isi-kop"))
-    assert "did you mean 'tr-genc-isi-koop'?" in rejection["data"]["reason"]["message"]["en"]
-    await scenario.given(envelope("institution.left", "operator", {"id": gone}))
-    [rejection] = await scenario.when(make(project_id, gone))
-    assert rejection["data"]["reason"]["code"] == "unknown_partner"
-    assert f"{gone} left the network on " in rejection["data"]["reason"]["message"]["en"]
-    # A partner listed before it left stays listed when the owner restates the partners.
-    restated = [{"institution": gone, "role": "partner"}, {"institution": UNIVERSITY, "role": "supporter"}]
-    assert await scenario.when(updated(kept, {"partners": restated})) == []
-    with scenario.session() as session:
-        assert session.get(Project, f"{project_id}-new") is None
-        assert partners_of(session, project_id) == {COOPERATIVE: ("partner", "procurement")}
-        assert partners_of(session, kept) == {gone: ("partner", None), UNIVERSITY: ("supporter", None)}
-
-
 async def test_an_impact_report_is_of_a_period_of_the_project_that_has_begun(scenario: Scenario, project_id: str) -> None:
     """A report of a period that ended before the project started, or that has not begun (a year
     mistyped, 2019 for 2025 or 2062 for 2026), is refused saying which dates are amiss; the

@@ -502,13 +502,7 @@ def test_what_the_workflows_read_of_other_domains_is_declared_with_them(engine: 
         assert routes.reads_of(session, adoption) == [("institution", "tr-tarsus-bld")]
         assert routes.reads_of(session, request) == [("project", "p-1"), ("institution", "fi-thl")]
         assert routes.reads_of(session, assigned) == [("institution", "fi-lut")]  # (no such validation yet)
-        # a registration, an update and a partner joining the partners they name (their membership)
-        assert routes.reads_of(session, registered) == [("institution", "tr-genc-isi-koop")]
-        changed = envelope("project.updated", "tr-mersin-bb", {"project_id": "p-1", "changes": {
-            "partners": [{"institution": "fi-lut", "role": "supporter"}]}})
-        joining = envelope("project.partner_joined", "fi-lut", {"project_id": "p-1", "partner": {"institution": "fi-lut", "role": "partner"}})
-        assert routes.reads_of(session, changed) == [("institution", "fi-lut")] == routes.reads_of(session, joining)
-        assert routes.reads_of(session, envelope("project.updated", "tr-mersin-bb", {"project_id": "p-1", "changes": {"status": "active"}})) == []
+        assert routes.reads_of(session, registered) == []
 
 
 def test_a_days_meetings_wait_for_an_innovators_project_set_aside(engine: Engine) -> None:
@@ -594,7 +588,7 @@ def test_a_bus_notes_from_where_its_rules_apply_the_log_and_older_events_are_jud
 
     fixtures = load_fixtures()
     owner = fixtures["project.registered"]["as"]
-    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p"), "partners": []}  # (no other member)
+    project = {**fixtures["project.registered"]["event"]["data"], "project_id": unique("p")}
     events = [envelope("institution.joined", "operator", {"id": owner, "name": {"en": owner}, "kind": "municipality", "country": "TR"}),
               envelope("project.registered", owner, project)]
 
@@ -716,26 +710,25 @@ def test_a_log_applied_by_rules_of_version_2_is_rebuilt_as_it_was_applied(engine
 
 
 def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
-    """Rules before version 4 took a practice's second adoption by the same adopter, partners
-    that are not members and impact reports of a period before the project started. A log they
-    applied is rebuilt so — both adoptions counted, the misspelt partner listed, the report kept —,
-    and what version 4 applied after it as version 4 judges it."""
+    """Rules before version 4 took a practice's second adoption by the same adopter and impact
+    reports of a period before the project started. A log they applied is rebuilt so — both
+    adoptions counted, the report kept —, and what version 4 applied after it as version 4 judges
+    it."""
     from sqlmodel import Session, col, select
 
     from handlers.network import derived_type
     from handlers.projects import ProjectAdoption, ProjectImpactReport
     from handlers.routes import network
     from handlers.rules import RULES
-    from tests.handlers.test_projects_scenarios import adopted, impact_reported, joined, partner_joined, partners_of, registered
+    from tests.handlers.test_projects_scenarios import adopted, impact_reported, joined, registered
 
     tag = unique("t")[-8:]
     owner, adopter, practice = f"tr-owner-{tag}", f"tr-adopter-{tag}", f"practice-{tag}"
-    partnered = registered(practice, by=owner, owner=owner, partners=[{"institution": f"tr-nobody-{tag}", "role": "partner"}])
+    partnered = registered(practice, by=owner, owner=owner)
     first, second_then, second_now = (adopted(practice, adopter, adoption_id=f"{practice}-{n}") for n in range(3))
-    joins_now = partner_joined(practice, f"tr-noone-{tag}", by=owner)
     early_then, early_now = (impact_reported(practice, by=owner, start="2019-01-01", end="2019-12-31") for _ in range(2))
     log = [joined(owner, "municipality", level="metropolitan"), joined(adopter, "municipality", level="district"),
-           partnered, first, early_then, second_then, second_now, joins_now, early_now]
+           partnered, first, early_then, second_then, second_now, early_now]
     service = NetworkService(engine, network())
     try:
         service.use_rules_epochs([(1, 3), (7, RULES)])  # (a rebuild's record: version 3 applied #1–#6)
@@ -746,49 +739,32 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
                 sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
         with Session(engine) as session:
             adoptions = sorted(a.adoption_id for a in session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == practice)))
-            partners = partners_of(session, practice)
             reports = session.exec(select(ProjectImpactReport).where(col(ProjectImpactReport.project_id) == practice)).all()
     finally:
         service.close()
-    causes = (partnered, early_then, second_then, second_now, joins_now, early_now)
+    causes = (partnered, early_then, second_then, second_now, early_now)
     assert [derived_type(answers[e["id"]]) if e["id"] in answers else None for e in causes] == [
-        None, None, None, "project.action_rejected", "project.action_rejected", "project.action_rejected"]
+        None, None, None, "project.action_rejected", "project.action_rejected"]
     assert len(reports) == 1
     assert adoptions == [f"{practice}-0", f"{practice}-1"]
-    assert partners == {f"tr-nobody-{tag}": ("partner", None)}
 
 
 def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
-    """Rules before version 4 took a call published with its deadline passed already, an
-    application of a call's publisher to its own call, a second one of an applicant with a project
-    it has an application standing for, an award above what the application asks for or of
-    nothing, and a coordinator's decision validating a
-    practice on no review, with any evidence level. A log they
-    applied is rebuilt so, and what today's rules applied after it as they do."""
+    """Rules before version 4 took an application of a call's publisher to its own call, and an
+    award above what the application asks for or of nothing. A log they applied is rebuilt so,
+    and what today's rules applied after it as they do."""
     from datetime import timedelta
 
-    from sqlmodel import Session, col, select
-
-    from handlers.calls import Call
     from handlers.network import derived_type
     from handlers.routes import network
     from handlers.rules import RULES
-    from handlers.validations import Validation
     from tests.handlers.harness import envelope
 
     now = datetime.now(timezone.utc)
-    funder, centre, requester = unique("fund"), unique("centre"), unique("ngo")
-    applicant = requester
-    ended_then, ended_now, open_call = unique("c"), unique("c"), unique("c")
-    validated_then, validated_now = unique("v"), unique("v")
+    funder, applicant, open_call = unique("fund"), unique("ngo"), unique("c")
 
     def joined(institution: str, kind: str) -> dict[str, Any]:
         return envelope("institution.joined", "operator", {"id": institution, "name": {"en": institution}, "kind": kind, "country": "FI"})
-
-    def call(call_id: str, deadline: datetime = now - timedelta(days=1)) -> dict[str, Any]:
-        return envelope("call.published", funder, {
-            "call_id": call_id, "title": {"en": call_id}, "kind": "funding", "deadline_model": "single_stage",
-            "opens_at": (now - timedelta(days=30)).isoformat(), "deadline": deadline.isoformat()})
 
     def own(application_id: str) -> dict[str, Any]:
         return envelope("call.application_submitted", funder, {"call_id": open_call, "application_id": application_id})
@@ -797,38 +773,20 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
         return envelope("call.application_submitted", applicant, {
             "call_id": open_call, "application_id": application_id, "requested_amount": {"amount": "1000", "currency": "EUR"}})
 
-    def with_project(application_id: str) -> dict[str, Any]:
-        return envelope("call.application_submitted", applicant, {
-            "call_id": open_call, "application_id": application_id, "project_id": practice})
-
     def awarding(application_id: str, amount: str = "10000") -> dict[str, Any]:
         return envelope("call.application_decided", funder, {
             "call_id": open_call, "application_id": application_id, "decision": "awarded",
             "awarded_amount": {"amount": amount, "currency": "EUR"}})
 
-    def requested(validation_id: str) -> dict[str, Any]:
-        return envelope("validation.requested", requester, {
-            "validation_id": validation_id, "external_ref": {"system": "innokyla", "id": validation_id}, "coordinator": centre,
-            "self_assessment": {"statement": {"en": "It works"}}})
-
-    def decided(validation_id: str) -> dict[str, Any]:
-        return envelope("validation.decided", centre, {"validation_id": validation_id, "outcome": "validated", "evidence_level": 5,
-                                                       "decided_by": "coordinator"})
-
-    past_then, past_now = call(ended_then), call(ended_now)
+    published = envelope("call.published", funder, {
+        "call_id": open_call, "title": {"en": open_call}, "kind": "funding", "deadline_model": "single_stage",
+        "opens_at": (now - timedelta(days=30)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat()})
     own_then, own_now = own("a-1"), own("a-2")
     above_then, above_now = awarding("b-1"), awarding("b-2")
     nothing_then, nothing_now = awarding("d-1", "0"), awarding("d-2", "0")
-    practice = unique("p")
-    twice_then, twice_now = with_project("p-2"), with_project("p-3")
-    registered = envelope("project.registered", applicant, {"project_id": practice, "title": {"en": practice}, "owner": applicant,
-                                                            "status": "active"})
-    unfounded_then, unfounded_now = decided(validated_then), decided(validated_now)
-    then = [joined(funder, "funder"), joined(centre, "competence_centre"), joined(requester, "ngo"),
-            past_then, call(open_call, now + timedelta(days=30)), own_then, asking("b-1"), above_then,
-            registered, with_project("p-1"), twice_then, asking("d-1"), nothing_then, requested(validated_then), unfounded_then]
-    log = [*then, past_now, own_now, asking("b-2"), above_now, twice_now, asking("d-2"), nothing_now, requested(validated_now),
-           unfounded_now]
+    then = [joined(funder, "funder"), joined(applicant, "ngo"), published, own_then, asking("b-1"), above_then,
+            asking("d-1"), nothing_then]
+    log = [*then, own_now, asking("b-2"), above_now, asking("d-2"), nothing_now]
     service = NetworkService(engine, network())
     try:
         service.use_rules_epochs([(1, 3), (len(then) + 1, RULES)])  # (a rebuild's record: version 3 applied the first part)
@@ -837,17 +795,9 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
         with engine.connect() as connection:
             answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
                 sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
-        with Session(engine) as session:
-            calls = set(session.exec(select(Call.call_id).where(col(Call.call_id).in_([ended_then, ended_now]))))
-            outcomes = {v.validation_id: (v.status, v.outcome, v.evidence_level) for v in session.exec(
-                select(Validation).where(col(Validation.validation_id).in_([validated_then, validated_now])))}
     finally:
         service.close()
     kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None
-             for cause in (past_then, own_then, above_then, twice_then, nothing_then, unfounded_then,
-                           past_now, own_now, above_now, twice_now, nothing_now, unfounded_now)]
-    assert kinds == [None, "call.application_received", None, "call.application_received", None, None,  # as version 3 took them
-                     "call.action_rejected", "call.application_rejected", "call.action_rejected",  # refused as version 4 does
-                     "call.application_rejected", "call.action_rejected", "validation.action_rejected"]
-    assert calls == {ended_then}
-    assert outcomes == {validated_then: ("decided", "validated", 5), validated_now: ("requested", None, None)}
+             for cause in (own_then, above_then, nothing_then, own_now, above_now, nothing_now)]
+    assert kinds == ["call.application_received", None, None,  # as version 3 took them
+                     "call.application_rejected", "call.action_rejected", "call.action_rejected"]  # refused as version 4 does

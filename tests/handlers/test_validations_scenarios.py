@@ -319,27 +319,6 @@ async def test_the_coordinator_may_decide_before_quorum(scenario: Any, flow: Wor
     refused(await scenario.when(late), late, code="already_decided")
 
 
-async def test_the_coordinator_validates_on_the_reviews_that_count_and_their_evidence(scenario: Any, flow: Workflow) -> None:
-    """A practice validated with nothing assessed, or with more evidence than the reviews saw, was
-    taken, shown so to every member and pushed to the portal."""
-    await open_validation(scenario, flow, *REVIEWERS[:2])
-    unfounded = flow.decided(outcome="validated")
-    refused(await scenario.when(unfounded), unfounded, code="no_reviews")
-    await scenario.given(flow.review(REVIEWERS[0], evidence_level=2))
-    claimed = envelope("validation.decided", COORDINATOR, {"validation_id": flow.validation_id, "outcome": "validated",
-                                                           "evidence_level": 4, "decided_by": "coordinator"})
-    derived = await scenario.when(claimed)
-    refused(derived, claimed, code="evidence_not_from_reviews")
-    assert "give evidence level 2" in derived[0]["data"]["reason"]["message"]["en"]
-    assert state(scenario, flow).status == "in_review"  # still open, its review kept
-    assert [r.reviewer for r in rows(scenario, ValidationReview, flow)] == [REVIEWERS[0]]
-    founded = envelope("validation.decided", COORDINATOR, {"validation_id": flow.validation_id, "outcome": "validated",
-                                                           "evidence_level": 2, "decided_by": "coordinator"})
-    assert await scenario.when(founded) == []
-    validation = state(scenario, flow)
-    assert (validation.status, validation.outcome, validation.evidence_level) == ("decided", "validated", 2)
-
-
 async def test_only_the_coordinator_decides(scenario: Any, flow: Workflow) -> None:
     await open_validation(scenario, flow, REVIEWERS[0])
     decision = flow.decided(by=OTHER_CENTRE, outcome="validated")

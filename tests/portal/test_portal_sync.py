@@ -301,8 +301,7 @@ async def test_logged_decisions_about_portal_projects_are_pushed_those_refused_n
     from datetime import UTC, datetime
 
     from connectors.portal.connector import push_decisions
-    from handlers.validations import Validation, ValidationReview
-    from schemas.common import CRITERIA
+    from handlers.validations import Validation
 
     [entry] = seed(sandbox, network, 1)
     sync = portal_sync(gateway, sandbox)
@@ -311,10 +310,7 @@ async def test_logged_decisions_about_portal_projects_are_pushed_those_refused_n
     validation_id = f"val-{uuid.uuid4().hex[:12]}"
     with session_scope(gateway.bus.engine) as session:  # as validation.requested leaves it in the read model
         session.add(Validation(validation_id=validation_id, requester=owner, coordinator=owner, project_id=project_id_of(entry["id"]),
-                               self_assessment={}, quorum=2, status="in_review", requested_at=datetime.now(UTC)))
-        # (and a review of evidence level 2, on which its coordinator validates it)
-        session.add(ValidationReview(validation_id=validation_id, reviewer="fi-reviewer", scores=dict.fromkeys(CRITERIA, 4),
-                                     evidence_level=2, recommendation="validate", submitted_at=datetime.now(UTC)))
+                               self_assessment={}, quorum=2, status="requested", requested_at=datetime.now(UTC)))
     gateway.bus.service.forget()  # written beside the network service, which keeps what it read
     verdict = await gateway.bus.gate.publish_internal({
         "specversion": "1.0", "id": f"decided-{validation_id}", "source": f"/institutions/{owner}",
