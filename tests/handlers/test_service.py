@@ -629,6 +629,23 @@ def test_a_bus_notes_from_where_its_rules_apply_the_log_and_older_events_are_jud
         service.close()
 
 
+def applied_in_parts(engine: Engine, log: list[dict[str, Any]], older: int, first: int, at: datetime) -> dict[str, str]:
+    """``log`` applied as a rebuild applies it whose record says rules of version ``older``
+    applied its first ``first`` events and today's the rest, each logged ``at``: what each event
+    caused (its id → the id of the event derived from it)."""
+    from handlers.routes import network
+    from handlers.rules import RULES
+
+    service = NetworkService(engine, network())
+    try:
+        service.use_rules_epochs([(1, older), (first + 1, RULES)])
+        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (len(log), None)
+    finally:
+        service.close()
+    with engine.connect() as connection:
+        return dict(connection.execute(sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
+
+
 def test_a_log_applied_by_rules_of_version_2_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
     """Rules before version 3 took amounts in more decimals than their currency has, requests in
     several currencies to a call without a budget and a reviewer due after its validation, and kept
@@ -641,8 +658,6 @@ def test_a_log_applied_by_rules_of_version_2_is_rebuilt_as_it_was_applied(engine
 
     from handlers.calls import Call, CallApplication
     from handlers.network import derived_type
-    from handlers.routes import network
-    from handlers.rules import RULES
     from handlers.validations import ValidationReviewer
     from tests.handlers.harness import envelope
 
@@ -681,23 +696,14 @@ def test_a_log_applied_by_rules_of_version_2_is_rebuilt_as_it_was_applied(engine
             envelope("call.application_withdrawn", applicant, {"call_id": budgeted, "application_id": "a-1"}), moved,
             requested, late_then]
     log = [*then, cents_now, dollars_now, late_now]
-    service = NetworkService(engine, network())
-    try:
-        service.use_rules_epochs([(1, 2), (len(then) + 1, RULES)])  # (a rebuild's record: version 2 applied the first part)
-        items = [LoggedItem(seq, event, now) for seq, event in enumerate(log, 1)]
-        assert service.apply_batch(items, live=False)[:2] == (len(log), None)
-        with engine.connect() as connection:
-            answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
-                sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
-        with Session(engine) as session:
-            statuses = {(a.call_id, a.application_id): a.status for a in session.exec(
-                select(CallApplication).where(col(CallApplication.call_id).in_([budgeted, unbudgeted])))}
-            stored = session.get(Call, budgeted)
-            budget = stored.budget if stored is not None else None
-            reviewers = [(r.reviewer, r.due_by) for r in session.exec(
-                select(ValidationReviewer).where(ValidationReviewer.validation_id == validation_id))]
-    finally:
-        service.close()
+    answers = applied_in_parts(engine, log, 2, len(then), now)
+    with Session(engine) as session:
+        statuses = {(a.call_id, a.application_id): a.status for a in session.exec(
+            select(CallApplication).where(col(CallApplication.call_id).in_([budgeted, unbudgeted])))}
+        stored = session.get(Call, budgeted)
+        budget = stored.budget if stored is not None else None
+        reviewers = [(r.reviewer, r.due_by) for r in session.exec(
+            select(ValidationReviewer).where(ValidationReviewer.validation_id == validation_id))]
     kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None
              for cause in (cents_then, dollars_then, moved, late_then, cents_now, dollars_now, late_now)]
     assert kinds == [
@@ -718,8 +724,6 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
 
     from handlers.network import derived_type
     from handlers.projects import ProjectAdoption, ProjectImpactReport
-    from handlers.routes import network
-    from handlers.rules import RULES
     from tests.handlers.test_projects_scenarios import adopted, impact_reported, joined, registered
 
     tag = unique("t")[-8:]
@@ -729,19 +733,10 @@ def test_a_log_applied_by_version_3_of_the_rules_is_rebuilt_as_it_was_applied(en
     early_then, early_now = (impact_reported(practice, by=owner, start="2019-01-01", end="2019-12-31") for _ in range(2))
     log = [joined(owner, "municipality", level="metropolitan"), joined(adopter, "municipality", level="district"),
            partnered, first, early_then, second_then, second_now, early_now]
-    service = NetworkService(engine, network())
-    try:
-        service.use_rules_epochs([(1, 3), (7, RULES)])  # (a rebuild's record: version 3 applied #1–#6)
-        at = datetime.now(timezone.utc)
-        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (len(log), None)
-        with engine.connect() as connection:
-            answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
-                sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
-        with Session(engine) as session:
-            adoptions = sorted(a.adoption_id for a in session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == practice)))
-            reports = session.exec(select(ProjectImpactReport).where(col(ProjectImpactReport.project_id) == practice)).all()
-    finally:
-        service.close()
+    answers = applied_in_parts(engine, log, 3, 6, datetime.now(timezone.utc))
+    with Session(engine) as session:
+        adoptions = sorted(a.adoption_id for a in session.exec(select(ProjectAdoption).where(col(ProjectAdoption.project_id) == practice)))
+        reports = session.exec(select(ProjectImpactReport).where(col(ProjectImpactReport.project_id) == practice)).all()
     causes = (partnered, early_then, second_then, second_now, early_now)
     assert [derived_type(answers[e["id"]]) if e["id"] in answers else None for e in causes] == [
         None, None, None, "project.action_rejected", "project.action_rejected"]
@@ -756,8 +751,6 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
     from datetime import timedelta
 
     from handlers.network import derived_type
-    from handlers.routes import network
-    from handlers.rules import RULES
     from tests.handlers.harness import envelope
 
     now = datetime.now(timezone.utc)
@@ -787,16 +780,7 @@ def test_a_log_applied_by_rules_of_version_3_is_rebuilt_as_it_was_applied(engine
     then = [joined(funder, "funder"), joined(applicant, "ngo"), published, own_then, asking("b-1"), above_then,
             asking("d-1"), nothing_then]
     log = [*then, own_now, asking("b-2"), above_now, asking("d-2"), nothing_now]
-    service = NetworkService(engine, network())
-    try:
-        service.use_rules_epochs([(1, 3), (len(then) + 1, RULES)])  # (a rebuild's record: version 3 applied the first part)
-        items = [LoggedItem(seq, event, now) for seq, event in enumerate(log, 1)]
-        assert service.apply_batch(items, live=False)[:2] == (len(log), None)
-        with engine.connect() as connection:
-            answers: dict[str, str] = dict(connection.execute(  # cause → what was derived from it
-                sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
-    finally:
-        service.close()
+    answers = applied_in_parts(engine, log, 3, len(then), now)
     kinds = [derived_type(answers[cause["id"]]) if cause["id"] in answers else None
              for cause in (own_then, above_then, nothing_then, own_now, above_now, nothing_now)]
     assert kinds == ["call.application_received", None, None,  # as version 3 took them
