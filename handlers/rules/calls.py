@@ -160,7 +160,8 @@ def application_refusal(
     later under that name), and the project one the applicant owns or is a partner of.
 
     The call's publisher does not apply to its own call, by rules 4 (``own_call``): it would
-    decide on its own application, and award itself from the budget.
+    decide on its own application, and award itself from the budget. (Judged after the window and
+    the eligibility, whose answers an application gets as before.)
 
     The deadline is checked before the closing, so an application after the deadline gets the
     same answer whether or not the bus's closing came first (live and in a rebuild).
@@ -169,9 +170,6 @@ def application_refusal(
         return Refusal("unknown_call", "There is no such call.")
     if duplicate:
         return Refusal("duplicate_application", "An application with this id was already submitted: choose another id.")
-    if applicant.institution == call.owner and since(4):  # (it would decide on, and award, its own application)
-        return Refusal("own_call", f"{call.owner} published the call: it decides on the applications to it, and does not "
-                                   "apply to it itself.")
     if logged_at < call.opens_at:
         return Refusal("before_opening", f"The call opens at {call.opens_at.isoformat()}.")
     if logged_at > call.deadline:
@@ -182,6 +180,9 @@ def application_refusal(
         return Refusal("ineligible_kind", f"The call is open to {_listed(call.eligible_kinds)} only.")
     if not _eligible(applicant.country, call.eligible_countries):
         return Refusal("ineligible_country", f"The call is open to institutions in {_listed(call.eligible_countries)} only.")
+    if applicant.institution == call.owner and since(4):  # (it would decide on, and award, its own application)
+        return Refusal("own_call", f"{call.owner} published the call: it decides on the applications to it, and does not "
+                                   "apply to it itself.")
     if since(2) and (refusal := _parties_refusal(applicant, partners, project_id, project)):
         return refusal
     return _currency_refusal(call, currency, "request") or request_refusal(call, amount, currency)

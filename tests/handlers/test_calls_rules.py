@@ -140,7 +140,9 @@ def test_a_publisher_does_not_apply_to_its_own_call() -> None:
     refusal = application_refusal(open_to_all, itself, DURING)
     assert refusal == Refusal("own_call", f"{OWNER} published the call: it decides on the applications to it, and does not "
                                           "apply to it itself.")
-    assert code(application_refusal(CALL, itself, DEADLINE + timedelta(days=1))) == "own_call"  # whatever else is wrong
+    # What the contract's rules answer (the window, the eligibility) comes first, as before version 4.
+    assert code(application_refusal(CALL, itself, DEADLINE + timedelta(days=1))) == "after_deadline"
+    assert code(application_refusal(CALL, itself, DURING)) == "ineligible_kind"
     assert code(application_refusal(open_to_all, itself, DURING, duplicate=True)) == "duplicate_application"
     with judged_by(3):
         assert application_refusal(open_to_all, itself, DURING) is None
