@@ -18,9 +18,9 @@ from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
 from handlers import confidential
-from handlers.institutions import Institution, UtcDateTime, column_values, member, upsert
+from handlers.institutions import Institution, UtcDateTime, column_values, member, member_ids, upsert
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, sender
-from handlers.projects import Project, ProjectPartner, parties as project_parties
+from handlers.projects import parties as project_parties, project_ids_of
 from handlers.session import children
 from handlers.rows import TableRow
 from handlers.rules import Refusal, since
@@ -131,11 +131,10 @@ def application_counts(session: Session, calls: list[Call]) -> dict[str, dict[st
         counts[call_id][status] = count
         counts[call_id]["total"] += count
     for call in calls:
-        currency = call.budget.get("currency") if call.budget else None
-        if call.awarded is not None and currency is None:  # (a call without a budget awards in one currency)
-            awards = session.exec(select(CallApplication.awarded_amount).where(
-                CallApplication.call_id == call.call_id, CallApplication.status == "awarded")).all()
-            currency = next((award["currency"] for award in awards if award), None)
+        currency = None
+        if call.awarded is not None:  # (a call without a budget awards in the currency of its first award)
+            snapshot = _snapshot(session, call.call_id, awarded_currency=True)
+            currency = snapshot.currency or snapshot.awarded_currency if snapshot is not None else None
         counts[call.call_id]["awarded_amount"] = (
             {"amount": call.awarded, "currency": currency} if call.awarded is not None and currency is not None else None)
     return counts
@@ -291,13 +290,10 @@ def _meant(session: Session, refusal: Refusal | None, data: ApplicationSubmitted
         return _call_meant(session, refusal, data.call_id)
     if refusal.code == "unknown_partner":
         partner = next(p for p in data.partners if member(session, p) is None)
-        members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
-        return Refusal(refusal.code, unknown_name(partner, "a member of the network", session.exec(members.order_by(Institution.id)),
+        return Refusal(refusal.code, unknown_name(partner, "a member of the network", member_ids(session),
                                                   " (a partner must be one: it sees the application)."))
     if refusal.code == "unknown_project" and data.project_id is not None:
-        partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == applicant)
-        theirs = select(Project.project_id).where(sa.or_(col(Project.owner) == applicant, col(Project.project_id).in_(partnered)))
-        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(theirs.order_by(Project.project_id))))
+        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", project_ids_of(session, applicant)))
     return refusal
 
 

@@ -127,6 +127,13 @@ def member(session: Session, institution: str) -> Institution | None:
     return found if found is not None and found.active else None
 
 
+def member_ids(session: Session, kind: str | None = None) -> Iterable[str]:
+    """The ids of the members (of ``kind``, if given), the operator's institution aside, in id
+    order: what a "did you mean" of an institution named for a part in an event is chosen among."""
+    query = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
+    return session.exec((query if kind is None else query.where(Institution.kind == kind)).order_by(Institution.id))
+
+
 def member_by_identifier(session: Session, scheme: str, value: str) -> Institution | None:
     """The member another register names ``value`` in ``scheme`` (e.g. a business id)."""
     for candidate in session.exec(select(Institution).where(col(Institution.left_at).is_(None))):

@@ -7,6 +7,7 @@ Other domains read ``projects.owner``, ``projects.themes`` and ``project_partner
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
 from typing import Any
@@ -16,7 +17,7 @@ from pydantic import BaseModel
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
-from handlers.institutions import Institution, UtcDateTime, column_values, member, upsert
+from handlers.institutions import Institution, UtcDateTime, column_values, member, member_ids, upsert
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named
 from handlers.rows import TableRow
 from handlers.rules import Refusal
@@ -115,6 +116,14 @@ def parties(session: Session, project_id: str) -> tuple[str, frozenset[str]] | N
         if project is None:
             return None
         return project.owner, frozenset(p.institution for p in children(session, ProjectPartner, "project_id", project_id))
+
+
+def project_ids_of(session: Session, institution: str) -> Iterable[str]:
+    """The ids of the projects ``institution`` owns or is a partner of, in id order: what a "did
+    you mean" of a project a member names as its own is chosen among."""
+    partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == institution)
+    return session.exec(select(Project.project_id).where(
+        sa.or_(col(Project.owner) == institution, col(Project.project_id).in_(partnered))).order_by(Project.project_id))
 
 
 MUNICIPALITY_LEVELS: tuple[MunicipalityLevel, ...] = ("metropolitan", "provincial", "district")
@@ -217,17 +226,14 @@ def _meant(session: Session, refusal: Refusal | None, event: Event[Any]) -> Refu
         return None
     data = event.data
     if refusal.code == "unknown_project":
-        known = select(Project.project_id)
-        if event.type in OWNER_ONLY:  # (an owner's own; another member's practice is what one adopts or joins)
-            partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == event.source)
-            known = known.where(sa.or_(col(Project.owner) == event.source, col(Project.project_id).in_(partnered)))
-        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", session.exec(known.order_by(Project.project_id))))
+        known = (project_ids_of(session, event.source) if event.type in OWNER_ONLY  # (an owner's own; another member's
+                 else session.exec(select(Project.project_id).order_by(Project.project_id)))  # practice is adopted or joined)
+        return Refusal(refusal.code, unknown_name(data.project_id, "a registered project", known))
     if refusal.code == "unknown_adopter":
         former = session.get(Institution, data.adopter)
         if former is not None and former.left_at is not None:
             return Refusal(refusal.code, f"{data.adopter} left the network on {former.left_at:%Y-%m-%d}: an adopter must be a member.")
-        members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
-        return Refusal(refusal.code, unknown_name(data.adopter, "a member of the network", session.exec(members.order_by(Institution.id)),
+        return Refusal(refusal.code, unknown_name(data.adopter, "a member of the network", member_ids(session),
                                                   " (an adopter must be one: name it as the network does, GET /institutions)."))
     return refusal
 

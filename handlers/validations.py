@@ -20,9 +20,10 @@ from handlers.institutions import (  # moments stored in UTC, read back aware, o
     Institution,
     UtcDateTime,
     member,
+    member_ids,
 )
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, derived_type, named
-from handlers.projects import Project, ProjectPartner, parties as project_parties
+from handlers.projects import parties as project_parties, project_ids_of
 from handlers.rows import TableRow
 from handlers.rules import validations as rules
 from handlers.session import children
@@ -242,12 +243,9 @@ def check_request(ctx: Context) -> None:
         due_by=event.data.due_by, now=event.logged_at, open_with_coordinator=open_already,
     )
     if refusal is not None and refusal.code == "coordinator_not_competence_centre" and kind is None:
-        centres = select(Institution.id).where(Institution.kind == "competence_centre", col(Institution.left_at).is_(None))
-        refusal = _meant(refusal, event.data.coordinator, ctx.session.exec(centres.order_by(Institution.id)))
+        refusal = _meant(refusal, event.data.coordinator, member_ids(ctx.session, "competence_centre"))
     elif refusal is not None and refusal.code == "unknown_project" and event.data.project_id is not None:
-        partnered = select(ProjectPartner.project_id).where(ProjectPartner.institution == event.source)
-        theirs = select(Project.project_id).where(sa.or_(col(Project.owner) == event.source, col(Project.project_id).in_(partnered)))
-        refusal = _meant(refusal, event.data.project_id, ctx.session.exec(theirs.order_by(Project.project_id)))
+        refusal = _meant(refusal, event.data.project_id, project_ids_of(ctx.session, event.source))
     if refusal is not None:
         _refuse(ctx, event, refusal, name=existing.coordinator if existing else event.source)
 
@@ -273,10 +271,9 @@ def check_action(ctx: Context) -> None:
     if refusal is not None and refusal.code == "unknown_validation":  # (a typo in the id, most often: every member sees them all)
         validation_id = event.data.validation_id
         refusal = _meant(rules.Refusal(refusal.code, f"no validation {validation_id!r} was requested"), validation_id,
-                         ctx.session.exec(select(Validation.validation_id)))
+                         ctx.session.exec(select(Validation.validation_id).order_by(Validation.validation_id)))
     elif refusal is not None and refusal.code == "not_member" and isinstance(event.data, ReviewerAssigned):
-        members = select(Institution.id).where(col(Institution.left_at).is_(None), Institution.kind != "operator")
-        refusal = _meant(refusal, event.data.reviewer, ctx.session.exec(members.order_by(Institution.id)))
+        refusal = _meant(refusal, event.data.reviewer, member_ids(ctx.session))
     if refusal is not None:
         _refuse(ctx, event, refusal, name=state.coordinator if state else event.source)
         return
