@@ -407,6 +407,9 @@ def _offer_and_report(
     workflow rule may refuse it there: exit 1 then too)."""
     from bus.client import offer
 
+    hint: list[str] = []
+    """For ``--as`` naming no member: ``did you mean …? `` of the one meant among those that joined."""
+
     async def main() -> tuple[Any, Any, Any, bool]:
         from bus.runtime import NETWORK_CONSUMER
         from ops.dlq import Waiting
@@ -414,6 +417,9 @@ def _offer_and_report(
         nc = await _connect(settings, "collabbus-cli")
         try:
             verdict = await offer(nc, institution, event, binary=binary)
+            if not verdict.accepted and any(problem.type == "not_member" for problem in verdict.errors):
+                with contextlib.suppress(Exception):  # (the hint only: the verdict stands without it)
+                    hint[:] = [_meant(institution, await _ever_joined(nc.jetstream()), most=1)]
             if not (wait and verdict.accepted and verdict.id):
                 return verdict, None, None, False
             # Until it is applied — or found in the dead-letter queue: the bus could not apply it, or set it aside.
@@ -439,6 +445,9 @@ def _offer_and_report(
         out.print_json(data=body)
     else:
         _print_verdict(verdict)
+        if hint:
+            err.print(f"{escape(repr(institution))} is not a member of the network (per the log): "
+                      f"{escape(hint[0])}`collabbus institutions list` lists the members")
         if waited:
             _print_outcome(verdict.id, found, letter)
     if not verdict.accepted or (found is not None and found.refused):

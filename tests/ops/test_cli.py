@@ -260,6 +260,12 @@ def test_publish_reports_a_rejection_with_its_reasons(running_bus: dict[str, str
     result = cli("publish", "project.registered", "--as", fixture["as"], "--data", "@/no/such/file.json", env=running_bus)
     assert result.returncode == 2 and "no such file" in result.stderr
 
+    # An --as that is no member: the gate's refusal, and the member meant.
+    misspelt = fixture["as"][:-1] + ("x" if fixture["as"][-1] != "x" else "y")
+    result = cli("publish", "project.registered", "--as", misspelt, "--data", json.dumps(fixture["event"]["data"]), env=running_bus)
+    assert result.returncode == 1 and "rejected" in result.stdout and "not_member" in result.stdout, result.stdout
+    assert f"did you mean {fixture['as']}?" in result.stderr and "collabbus institutions list" in result.stderr, result.stderr
+
 
 def test_publish_reports_a_refusal_by_the_workflow(running_bus: dict[str, str]) -> None:
     env = running_bus
