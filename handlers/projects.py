@@ -280,12 +280,25 @@ def _columns(facts: BaseModel, fields: set[str]) -> dict[str, Any]:
     return values
 
 
+def _completed_at(project: Project | None, status: str, at: datetime) -> datetime | None:
+    """When the project became ``completed`` as its status is set to ``status`` at ``at``: kept
+    while it stays completed, ``at`` when it becomes so (an update or a registration saying so,
+    an archived portal entry, say, as well as ``project.completed``), none while it is not."""
+    if status != "completed":
+        return None
+    if project is not None and project.status == "completed" and project.completed_at is not None:
+        return project.completed_at
+    return at
+
+
 def registered(session: Session, event: Event[ProjectRegistered]) -> None:
     """A new project, or its owner restating every fact of it (e.g. a re-sync)."""
     data = event.data
     values = {**_columns(data, set(ProjectRegistered.model_fields)), "updated_at": event.logged_at}
-    if session.get(Project, data.project_id) is None:
+    known = session.get(Project, data.project_id)
+    if known is None:
         values["registered_at"] = event.logged_at
+    values["completed_at"] = _completed_at(known, data.status, event.logged_at)
     upsert(session, Project, data.project_id, values)
     _set_partners(session, data.project_id, data.partners)
 
@@ -302,6 +315,8 @@ def updated(session: Session, event: Event[ProjectUpdated]) -> None:
     """Only the fields present change; a present null clears; lists are replaced whole."""
     project = _project(session, event.data.project_id, event)
     changes = event.data.changes
+    if changes.status is not None:
+        project.completed_at = _completed_at(project, changes.status, event.logged_at)
     project.sqlmodel_update(_columns(changes, set(changes.model_fields_set)))
     if changes.partners is not None:
         _set_partners(session, project.project_id, changes.partners)
@@ -338,8 +353,8 @@ def impact_reported(session: Session, event: Event[ImpactReported]) -> None:
 
 def completed(session: Session, event: Event[ProjectCompleted]) -> None:
     project = _project(session, event.data.project_id, event)
+    project.completed_at = _completed_at(project, "completed", event.logged_at)  # (a second one: the outcome restated)
     project.status = "completed"
-    project.completed_at = event.logged_at
     project.outcome = dict(event.data.outcome)
     if event.data.ended_on is not None:
         project.ends_on = event.data.ended_on

@@ -197,6 +197,7 @@ class Project(Resource):
     registered_at: datetime
     updated_at: datetime
     completed_at: datetime | None = None
+    """When the status became ``completed`` (by ``project.completed``, an update or a registration); null while it is not."""
     outcome: LocalizedText | None = None
 
 

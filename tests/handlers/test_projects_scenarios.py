@@ -237,6 +237,38 @@ async def test_the_owner_completes_the_project(scenario: Scenario, project_id: s
         assert project.ends_on == date(2026, 4, 30) and project.completed_at is not None
 
 
+async def test_a_project_is_completed_since_its_status_says_so_however_it_came_to(scenario: Scenario, project_id: str) -> None:
+    """``completed_at`` is set whenever the status becomes ``completed`` — by ``project.completed``,
+    by an update (a portal entry archived) or by a registration — kept while it stays completed
+    (a second completion restates the outcome) and cleared when the owner takes the project up again."""
+
+    def completed_at() -> Any:
+        with scenario.session() as session:
+            project = session.get(Project, project_id)
+            assert project is not None
+            return project.status, project.completed_at
+
+    await scenario.given(registered(project_id))
+    assert completed_at() == ("active", None)
+    assert await scenario.when(updated(project_id, {"status": "completed"})) == []
+    status, first = completed_at()
+    assert status == "completed" and first is not None
+    assert await scenario.when(updated(project_id, {"status": "completed", "summary": {"en": "Done."}})) == []
+    assert await scenario.when(completed(project_id)) == []
+    assert completed_at() == ("completed", first)
+    assert await scenario.when(updated(project_id, {"status": "active"})) == []
+    assert completed_at() == ("active", None)
+    assert await scenario.when(completed(project_id)) == []
+    status, again = completed_at()
+    assert status == "completed" and again is not None and again > first
+
+    archived = f"{project_id}-archived"
+    assert await scenario.when(registered(archived, status="completed")) == []
+    with scenario.session() as session:
+        project = session.get(Project, archived)
+        assert project is not None and project.completed_at == project.registered_at
+
+
 # --- partners and adoptions ----------------------------------------------------------------------
 
 
