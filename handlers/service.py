@@ -432,8 +432,14 @@ class NetworkService:
 
         return withheld
 
-    def outbox(self, limit: int = 500) -> list[tuple[str, bytes]]:
-        """Derived events waiting to be logged, oldest first."""
+    def outbox(self, limit: int = 500, *, peek: bool = False) -> list[tuple[str, bytes]]:
+        """Derived events waiting to be logged, oldest first. Read by the relay, which publishes
+        them: what was handed over (:meth:`fresh`) is among them. ``peek``: read by someone else
+        (how much waits, say), which leaves the hand-over to the relay: taken here, the relay
+        would not publish what was committed meanwhile before its next reading of the table."""
+        if peek:
+            with reading(self.engine).connect() as connection:
+                return [(event_id, body) for event_id, body in connection.execute(_OUTBOX, {"most": limit})]
         with self._mutex:  # what was handed over is committed, so it is read here too
             self._fresh = []
             self._outbox_known = True

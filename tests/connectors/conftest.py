@@ -81,7 +81,7 @@ class Gateway:
         while True:
             last = (await self.bus.js.stream_info(EVENTS_STREAM)).state.last_seq
             position = await asyncio.to_thread(service.position)
-            if position >= last and not await asyncio.to_thread(service.outbox):
+            if position >= last and not await asyncio.to_thread(service.outbox, peek=True):
                 return
             assert loop.time() < deadline, f"the read models did not catch up (at {position}, log at {last})"
             relay.wake.set()

@@ -1676,7 +1676,7 @@ async def test_derived_events_the_relay_has_not_logged_show_in_metrics_and_statu
         await gateway.offer(municipality, "call.application_submitted", {"call_id": call_id, "application_id": unique("a")})
         while (await asyncio.to_thread(service.position)) < (await bus.js.stream_info(EVENTS_STREAM)).state.last_seq:
             await asyncio.sleep(0.05)
-        waiting = await asyncio.to_thread(service.outbox)
+        waiting = await asyncio.to_thread(service.outbox, peek=True)
         assert any(event_id.startswith("call.application_received.") for event_id, _ in waiting)
 
         def scraped(text: str, name: str) -> float:

@@ -127,7 +127,7 @@ class BusScenario:
         deadline = loop.time() + 30
         while True:
             position = await asyncio.to_thread(service.position)
-            pending = await asyncio.to_thread(service.outbox)
+            pending = await asyncio.to_thread(service.outbox, peek=True)
             last = (await self.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
             if position >= (seq or 0) and not pending and position >= last:
                 return

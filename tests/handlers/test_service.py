@@ -152,6 +152,8 @@ def test_the_derived_events_committed_are_handed_to_the_relay_in_order(engine: E
         assert [json.loads(body)["subject"] for _, body in waiting] == [first["subject"]]
         assert service.fresh() == []
         assert service.apply_batch([LoggedItem(2, second, now), LoggedItem(3, third, now)])[2] == 2
+        peeked = service.outbox(peek=True)  # someone else looking (how much waits) takes nothing from the relay
+        assert [json.loads(body)["subject"] for _, body in peeked] == [first["subject"], second["subject"], third["subject"]]
         handed = service.fresh()
         assert handed is not None and [json.loads(body)["subject"] for _, body in handed] == [second["subject"], third["subject"]]
         assert [event_id for event_id, _ in handed] == [event_id for event_id, _ in service.outbox()][1:]  # still in the outbox
