@@ -395,8 +395,21 @@ def on_info_requested(session: Session, event: Event[InfoRequested]) -> None:
     _refresh_status(session, validation)
 
 
+def _answer(given: dict[str, Any], before: dict[str, Any] | None, at: datetime) -> dict[str, Any]:
+    """The answer to keep: ``given``, which replaces the one ``before`` — that one's text kept in its
+    ``earlier`` (with when it was replaced), so that a reviewer who read it sees the answer changed.
+    The same text given again changes nothing."""
+    if before is None:
+        return given
+    if before.get("text") == given.get("text"):
+        return before
+    earlier = [*before.get("earlier", ()), {"text": before.get("text"), "replaced_at": _iso(at)}]
+    return {**given, "earlier": earlier}
+
+
 def on_info_provided(session: Session, event: Event[InfoProvided]) -> None:
-    """Each answer goes to every request that asked its question; a new answer replaces an old one."""
+    """Each answer goes to every request that asked its question; a new answer replaces an old one
+    (whose text it keeps in its ``earlier``)."""
     data = event.data
     validation = _validation(session, data.validation_id)
     answers = {a.question_id: _dump(a) for a in data.answers}
@@ -404,7 +417,8 @@ def on_info_provided(session: Session, event: Event[InfoProvided]) -> None:
         asked = [q["question_id"] for q in request.questions]
         if not answers.keys() & set(asked):
             continue
-        merged = {a["question_id"]: a for a in request.answers} | {q: answers[q] for q in asked if q in answers}
+        given = {a["question_id"]: a for a in request.answers}
+        merged = given | {q: _answer(answers[q], given.get(q), event.logged_at) for q in asked if q in answers}
         request.answers = [merged[q] for q in asked if q in merged]  # a new list: JSON columns track assignment
         if len(request.answers) == len(asked) and request.answered_at is None:
             request.answered_at = event.logged_at

@@ -291,7 +291,9 @@ class ValidationDetail(Validation):
         "quorum (false: the rule cannot decide until the coordinator assigns more)"
     ))
     reviews: list[Review] | None = Field(default=None, description="absent when the caller may not see reviews")
-    info_requests: list[dict[str, Any]] | None = Field(default=None, description="for the workflow's parties only")
+    info_requests: list[dict[str, Any]] | None = Field(default=None, description=(
+        "for the workflow's parties only: who asked, the questions, the answers (an answer given again replaces the first, "
+        "kept in its `earlier` with when it was replaced) and when every question had one"))
 
 
 class WaitlistEntry(Resource):

@@ -370,6 +370,41 @@ async def test_info_requested_and_provided(scenario: Any, flow: Workflow) -> Non
     assert requests[1].answers[0] == {"question_id": "q1", "text": {"tr": "Yanıt q1"}}
 
 
+async def test_an_answer_given_again_replaces_the_first_which_it_keeps_as_earlier(scenario: Any, flow: Workflow) -> None:
+    """A requester may correct an answer; a reviewer who read the first one sees that it changed,
+    what it said and when it was replaced. The same answer given again changes nothing."""
+    await open_validation(scenario, flow, REVIEWERS[0])
+    await scenario.given(flow.asked(COORDINATOR, "q1", "q2"), flow.answered(REQUESTER, "q1", "q2"))
+
+    def corrected(text: str) -> dict[str, Any]:
+        return envelope("validation.info_provided", REQUESTER, {
+            "validation_id": flow.validation_id, "answers": [{"question_id": "q1", "text": {"tr": text}}]})
+
+    def answers() -> list[dict[str, Any]]:
+        [request] = rows(scenario, InfoRequest, flow)
+        assert request.answered_at is not None
+        return request.answers
+
+    assert await scenario.when(corrected("Düzeltilmiş yanıt")) == []
+    first, second = answers()
+    assert (first["question_id"], first["text"]) == ("q1", {"tr": "Düzeltilmiş yanıt"})
+    [earlier] = first["earlier"]
+    assert earlier["text"] == {"tr": "Yanıt q1"} and earlier["replaced_at"].endswith("Z")
+    assert second == {"question_id": "q2", "text": {"tr": "Yanıt q2"}}  # not answered again: as it was
+
+    assert await scenario.when(corrected("Düzeltilmiş yanıt")) == []
+    assert answers()[0] == first  # the same text again: nothing replaced
+    assert await scenario.when(corrected("Üçüncü yanıt")) == []
+    third = answers()[0]
+    assert third["text"] == {"tr": "Üçüncü yanıt"}
+    assert [e["text"] for e in third["earlier"]] == [{"tr": "Yanıt q1"}, {"tr": "Düzeltilmiş yanıt"}]
+    with scenario.session() as session:  # what the workflow's parties read over HTTP
+        view = validation_view(session, flow.validation_id, COORDINATOR)
+        assert view is not None
+        [request] = view["info_requests"]
+        assert request["answers"][0] == third
+
+
 async def test_only_the_coordinator_or_a_reviewer_asks(scenario: Any, flow: Workflow) -> None:
     await open_validation(scenario, flow, REVIEWERS[0])
     for asker in (REVIEWERS[1], REQUESTER):
