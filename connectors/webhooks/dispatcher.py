@@ -638,12 +638,13 @@ class WebhookDispatcher:
         ``by_the_bus``: the bus disabled it (a 410, failing for too long, its institution left)
         and tells so in a task of its own, which may come after its owner enabled it again (a
         change made meanwhile, told first): its worker is stopped only while the endpoint is still
-        disabled. The changes are told one at a time, so that the last one told is what holds."""
+        disabled; an enabling told after a later disabling (the bus's, told first) runs no worker.
+        The changes are told one at a time, so that the last one told is what holds."""
         async with self._changing:
-            if enabled:
+            if enabled and await asyncio.to_thread(self._enabled, endpoint_id):
                 self._worker(endpoint_id).wake.set()
                 return
-            if by_the_bus and await asyncio.to_thread(self._enabled, endpoint_id):
+            if not enabled and by_the_bus and await asyncio.to_thread(self._enabled, endpoint_id):
                 return  # enabled again since: its worker stays (stopped, nothing more was sent to it)
             if (worker := self.workers.pop(endpoint_id, None)) is not None:
                 await worker.stop(grace=0)

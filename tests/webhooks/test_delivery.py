@@ -559,6 +559,30 @@ async def test_an_endpoint_the_bus_disables_while_its_owner_changes_it_is_change
     assert ids(receiver.at("/flaky")) == [gone[0]["id"], later["id"]]  # (not the one logged while it was disabled)
 
 
+async def test_an_enabling_told_after_a_later_disabling_runs_no_worker(network: Network, receiver: Receiver) -> None:
+    """The dispatcher told of an endpoint enabled after it was disabled again (its owner enabled
+    it, then the bus disabled it, and the owner's change reached the dispatcher last) runs no
+    worker for it; enabled again for real, the endpoint gets a worker and what is logged after."""
+    gateway = await network.start()
+    assert gateway.bus is not None and gateway.bus.webhooks is not None
+    dispatcher = gateway.bus.webhooks
+    owner = await gateway.join("municipality")
+    auth = gateway.auth(owner)
+    endpoint = await register(gateway, owner, receiver.url("/late"), ["project.registered"])
+    assert endpoint["id"] in dispatcher.workers
+    path = f"/webhooks/{endpoint['id']}"
+    assert (await gateway.client.patch(path, json={"enabled": False}, headers=auth)).status_code == 200
+    assert endpoint["id"] not in dispatcher.workers
+
+    await dispatcher.endpoint_changed(endpoint["id"], True)  # an enabling told late: the endpoint is disabled now
+    assert endpoint["id"] not in dispatcher.workers
+
+    assert (await gateway.client.patch(path, json={"enabled": True}, headers=auth)).status_code == 200
+    assert endpoint["id"] in dispatcher.workers
+    later = await offer_project(gateway, owner)
+    await eventually(lambda: later["id"] in ids(receiver.at("/late")), what="the delivery after the endpoint was enabled")
+
+
 def _enabled(gateway: Gateway, endpoint_id: str) -> bool:
     with session_scope(gateway.bus.engine) as session:
         found = session.get(Endpoint, endpoint_id)
