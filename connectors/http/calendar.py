@@ -11,13 +11,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from icalendar import Calendar, Event, vText
-from sqlmodel import col, select
+from icalendar import Calendar, Event, vCalAddress, vText
+from sqlmodel import Session, col, select
 
 from connectors.http.auth import CalendarMember, SessionDep
 from connectors.http.problems import documented
 from connectors.http.read import DayOrganizer, DayParticipant, known_institutions
 from handlers.innovation_days import InnovationDay, days_of, meetings_of
+from handlers.institutions import Institution
 
 router = APIRouter(tags=["read"])
 
@@ -42,7 +43,25 @@ def _location(day: InnovationDay, lang: str) -> str | None:
     return text or day.online_url
 
 
-def _vevent(day: InnovationDay, lang: str, stamp: datetime) -> Event:
+def _organizer(day: InnovationDay, names: dict[str, dict[str, str]], lang: str) -> vCalAddress:
+    """The organising institution, with its name (``CN``) for calendar clients to show in its stead."""
+    address = vCalAddress(f"urn:collabbus:institution:{day.organizer}")
+    name = _text(names.get(day.organizer), lang)
+    if name:
+        address.params["cn"] = vText(name)
+    return address
+
+
+def names_of(session: Session, days: list[InnovationDay]) -> dict[str, dict[str, str]]:
+    """The names of the days' organisers, by id, in one query."""
+    ids = sorted({day.organizer for day in days})
+    if not ids:
+        return {}
+    rows = session.exec(select(col(Institution.id), col(Institution.name)).where(col(Institution.id).in_(ids)))
+    return {institution_id: name for institution_id, name in rows}
+
+
+def _vevent(day: InnovationDay, lang: str, stamp: datetime, names: dict[str, dict[str, str]] | None = None) -> Event:
     event = Event()
     event.add("uid", f"{day.day_id}@collabbus")
     event.add("dtstamp", stamp)
@@ -61,7 +80,7 @@ def _vevent(day: InnovationDay, lang: str, stamp: datetime) -> Event:
     if day.themes:
         event.add("categories", [vText(theme) for theme in day.themes])
     event.add("status", _STATUS.get(day.status, "TENTATIVE"))
-    event.add("organizer", f"urn:collabbus:institution:{day.organizer}")
+    event.add("organizer", _organizer(day, names or {}, lang))
     return event
 
 
@@ -87,8 +106,10 @@ def _meeting_vevent(day: InnovationDay, meeting: dict[str, Any], lang: str, stam
     return event
 
 
-def feed(days: list[InnovationDay], lang: str, meetings: dict[str, list[dict[str, Any]]] | None = None) -> bytes:
-    """The calendar of ``days``, with ``meetings`` (by day id) of those in it."""
+def feed(days: list[InnovationDay], lang: str, meetings: dict[str, list[dict[str, Any]]] | None = None,
+         names: dict[str, dict[str, str]] | None = None) -> bytes:
+    """The calendar of ``days``, with ``meetings`` (by day id) of those in it; ``names``: the
+    organisers' (``names_of``)."""
     calendar = Calendar()
     calendar.add("prodid", "-//collabbus//innovation days//EN")
     calendar.add("version", "2.0")
@@ -96,7 +117,7 @@ def feed(days: list[InnovationDay], lang: str, meetings: dict[str, list[dict[str
     calendar.add("x-wr-calname", "collabbus innovation days")
     stamp = datetime.now(timezone.utc).replace(microsecond=0)
     for day in days:
-        calendar.add_component(_vevent(day, lang, stamp))
+        calendar.add_component(_vevent(day, lang, stamp, names))
         for meeting in (meetings or {}).get(day.day_id, []):
             calendar.add_component(_meeting_vevent(day, meeting, lang, stamp))
     return calendar.to_ical()
@@ -124,4 +145,4 @@ def calendar_feed(
     matched = query.where(col(InnovationDay.status) != "cancelled", col(InnovationDay.meetings_proposed_at).is_not(None))
     proposed = {} if participant is None else meetings_of(
         session, matched.with_only_columns(col(InnovationDay.day_id)), participant=participant)
-    return Response(feed(list(days), lang, proposed), media_type=f"{ICS}; charset=utf-8")
+    return Response(feed(list(days), lang, proposed, names_of(session, list(days))), media_type=f"{ICS}; charset=utf-8")

@@ -996,6 +996,10 @@ async def test_innovation_days_their_registrations_and_the_calendar(gateway: Gat
     assert str(first["summary"]) == "Sosiaalisten innovaatioiden päivä 0"
     assert first.decoded("dtstart") == start and "Tieteiden talo" in str(first["location"])
     assert int(cast(vInt, first["sequence"])) == 0
+    # The organiser by its id, and by its name for calendar clients to show (a urn they may not).
+    named = (await gateway.client.get(f"/institutions/{organiser}", headers=auth)).json()["name"]
+    assert str(first["organizer"]) == f"urn:collabbus:institution:{organiser}"
+    assert first["organizer"].params["CN"] == (named.get("fi") or named.get("en") or next(iter(named.values())))
 
     # Moved, then cancelled: each change raises SEQUENCE, so calendars replace what they keep.
     await gateway.offer(organiser, "innovation_day.rescheduled", {
