@@ -169,14 +169,31 @@ def typed_envelope(spec: registry.EventSpec) -> type[CloudEvent]:
     return model
 
 
+def _json_kind(value: Any) -> str:
+    """What JSON calls a value's kind: ``an object``, ``a number``…"""
+    kinds = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (dict, "an object"), (list, "an array"), (str, "a string"))
+    return next((kind for python, kind in kinds if isinstance(value, python)), "null")
+
+
 def named_spec(raw: Mapping[str, Any]) -> tuple[registry.EventSpec | None, list[Problem]]:
     """The spec of the type and dataschema an event names, or what is wrong with them (no type
     at all: neither; :func:`validate` reports it as a missing attribute)."""
     etype = raw.get("type")
     if not isinstance(etype, str):
         return None, []
+    dataschema = raw.get("dataschema")
+    if dataschema is not None and not isinstance(dataschema, str):
+        problems = [Problem(("dataschema",), f"dataschema is a string, {registry.DATASCHEMA_PREFIX}{{type}}:{{major}} "
+                                              f"(or absent: major 1), not {_json_kind(dataschema)}", "string_type")]
+        try:
+            registry.spec_for(etype, 1)
+        except registry.UnknownEventType as exc:
+            problems.insert(0, Problem(("type",), str(exc), "unknown_type"))
+        except registry.UnknownMajorVersion:
+            pass
+        return None, problems
     try:
-        return registry.spec_for(etype, registry.parse_dataschema(raw.get("dataschema"), etype)), []
+        return registry.spec_for(etype, registry.parse_dataschema(dataschema, etype)), []
     except registry.UnknownEventType as exc:
         return None, [Problem(("type",), str(exc), "unknown_type")]
     except registry.UnknownMajorVersion as exc:
@@ -217,7 +234,9 @@ def validate(
     try:
         event = model.model_validate_json(body)
     except ValidationError as exc:
-        problems.extend(_problems(exc, spec=spec))
+        # A dataschema of another JSON type is told by named_spec, not again in pydantic's words.
+        told = {problem.loc for problem in problems} & {("dataschema",)}
+        problems.extend(problem for problem in _problems(exc, spec=spec) if problem.loc not in told)
         raise Rejection("invalid", *problems) from None
     if problems or spec is None:
         raise Rejection("invalid", *problems)

@@ -237,6 +237,21 @@ async def test_unknown_type_and_unknown_major_version(partner: Client) -> None:
     assert codes(verdict) == {"unknown_major"} and locs(verdict) == {("dataschema",)}
 
 
+@pytest.mark.parametrize("dataschema", [{}, [], 1, True], ids=["object", "array", "number", "boolean"])
+async def test_a_dataschema_that_is_no_string_is_refused_as_such_not_as_the_bus_failing(partner: Client, dataschema: Any) -> None:
+    """A dataschema of another JSON type is the sender's mistake, named where it is: the bus once
+    failed on it and answered ``unavailable`` (retry with the same id), which a sender would do forever."""
+    institution, event = fresh("project.registered", dataschema=dataschema)
+    verdict = await offer(partner, institution, event)
+    assert verdict.reason == "invalid" and locs(verdict) == {("dataschema",)}, verdict.as_dict()
+    assert codes(verdict) == {"string_type"}
+    institution, event = fresh("project.registered", type="project.registred", dataschema=dataschema)  # its type is judged all the same
+    verdict = await offer(partner, institution, event)
+    assert verdict.reason == "invalid" and codes(verdict) == {"unknown_type", "string_type"}, verdict.as_dict()
+    institution, event = fresh("project.registered")
+    assert (await offer(partner, institution, event)).accepted  # the next good event flows
+
+
 @pytest.mark.parametrize(
     ("attribute", "value", "loc"),
     [
