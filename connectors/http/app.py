@@ -58,8 +58,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     for path in document["paths"].values():
         for operation in path.values():
             for status, response in operation.get("responses", {}).items():
-                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
-                if schema.get("$ref", "").endswith("/ProblemDetail") or status == "422":  # 422: FastAPI's own
+                # (under the route's own media type when it answers another: text/html, text/calendar)
+                schemas_given = [media.get("schema", {}) for media in response.get("content", {}).values()]
+                if any(schema.get("$ref", "").endswith("/ProblemDetail") for schema in schemas_given) or status == "422":  # 422: FastAPI's own
                     response["content"] = {problems.PROBLEM_JSON: problem}
                     response["description"] = problems.TITLES[int(status)]
     schemas = document.setdefault("components", {}).setdefault("schemas", {})

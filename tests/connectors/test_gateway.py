@@ -1614,6 +1614,12 @@ async def test_operations_endpoints(gateway: Gateway) -> None:
     openapi = (await client.get("/openapi.json")).json()
     assert {"/events", "/projects/{project_id}", "/innovation-days.ics"} <= set(openapi["paths"])
     assert "application/problem+json" in openapi["paths"]["/events"]["post"]["responses"]["422"]["content"]
+    for path, operation in ((path, operation) for path, item in openapi["paths"].items() for operation in item.values()):
+        for status, response in operation.get("responses", {}).items():  # a page's or a calendar's problems too
+            if status.startswith(("4", "5")) and "ProblemDetail" in str(response):
+                assert set(response.get("content", {})) == {"application/problem+json"}, (path, status, response)
+    unknown = await client.get("/docs/asyncapi", params={"domain": "projekt"})
+    assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/problem+json"
     docs = await client.get("/docs")  # its UI from the gateway itself, not a CDN a closed network cannot reach
     assert docs.status_code == 200 and "/docs/static/swagger-ui-bundle.js" in docs.text and "cdn." not in docs.text
     for asset in ("/docs/static/swagger-ui-bundle.js", "/docs/static/swagger-ui.css", "/docs/static/redoc.standalone.js"):
