@@ -32,7 +32,7 @@ from bus.verdict import Problem, Rejection, Verdict, reject
 from ops import metrics, tracing
 from ops.logs import Spell
 from schemas import registry
-from schemas.common import InstitutionKind, error_message, unknown_name
+from schemas.common import InstitutionKind, error_message, json_type, unknown_name
 from schemas.envelope import ATTRIBUTES, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, CloudEvent, source_of
 
 log = logging.getLogger("collabbus.gate")
@@ -169,12 +169,6 @@ def typed_envelope(spec: registry.EventSpec) -> type[CloudEvent]:
     return model
 
 
-def _json_kind(value: Any) -> str:
-    """What JSON calls a value's kind: ``an object``, ``a number``…"""
-    kinds = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (dict, "an object"), (list, "an array"), (str, "a string"))
-    return next((kind for python, kind in kinds if isinstance(value, python)), "null")
-
-
 def named_spec(raw: Mapping[str, Any]) -> tuple[registry.EventSpec | None, list[Problem]]:
     """The spec of the type and dataschema an event names, or what is wrong with them (no type
     at all: neither; :func:`validate` reports it as a missing attribute)."""
@@ -184,7 +178,7 @@ def named_spec(raw: Mapping[str, Any]) -> tuple[registry.EventSpec | None, list[
     dataschema = raw.get("dataschema")
     if dataschema is not None and not isinstance(dataschema, str):
         problems = [Problem(("dataschema",), f"dataschema is a string, {registry.DATASCHEMA_PREFIX}{{type}}:{{major}} "
-                                              f"(or absent: major 1), not {_json_kind(dataschema)}", "string_type")]
+                                              f"(or absent: major 1), not {json_type(dataschema)}", "string_type")]
         try:
             registry.spec_for(etype, 1)
         except registry.UnknownEventType as exc:
