@@ -406,6 +406,14 @@ def _folded(name: str) -> str:
     return "".join(c for c in letters if not unicodedata.combining(c)).casefold().strip()
 
 
+def _spellings(session: Session, column: Any, place: str) -> list[str]:
+    """How the projects' locations write ``place`` in ``column`` (``Yenişehir``, ``YENİŞEHİR``…),
+    case and accents aside: the projects are then chosen in SQL, and paged there, from the few
+    names of places the projects have rather than by reading every project."""
+    wanted = _folded(place)
+    return [name for name in session.exec(select(column).where(col(column).is_not(None)).distinct()) if _folded(name) == wanted]
+
+
 @router.get("/projects", response_model=Page[resources.Project], responses=LIST_ERRORS)
 def list_projects(
     _viewer: Member,
@@ -434,16 +442,12 @@ def list_projects(
         query = query.where(col(Project.project_id).in_(select(ProjectPartner.project_id).where(ProjectPartner.institution == partner)))
     if adopter is not None:
         query = query.where(col(Project.project_id).in_(select(ProjectAdoption.project_id).where(ProjectAdoption.adopter == adopter)))
-    places = [(attribute, _folded(value)) for attribute, value in (("region", region), ("municipality", municipality))
-              if value is not None]
-
-    def keep(project: Project) -> bool:
-        return (theme is None or _has_theme(project.themes, theme)) and all(
-            _folded(getattr(project, attribute) or "") == wanted for attribute, wanted in places)
-
+    for column, place in ((Project.region, region), (Project.municipality, municipality)):
+        if place is not None:
+            query = query.where(col(column).in_(_spellings(session, column, place)))
     rows, next_cursor = keyset_page(
         session, query, [col(Project.project_id)], limit=limit, cursor=cursor,
-        keep=keep if theme is not None or places else None,
+        keep=_theme_filter(theme, lambda project: project.themes),
     )
     return _page([_project(row) for row in rows], next_cursor)
 
