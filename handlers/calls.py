@@ -132,11 +132,10 @@ def application_counts(session: Session, calls: list[Call]) -> dict[str, dict[st
         counts[call_id]["total"] += count
     for call in calls:
         currency = None
-        if call.awarded is not None:  # (a call without a budget awards in the currency of its first award)
-            snapshot = _snapshot(session, call.call_id, awarded_currency=True)
-            currency = snapshot.currency or snapshot.awarded_currency if snapshot is not None else None
-        counts[call.call_id]["awarded_amount"] = (
-            {"amount": call.awarded, "currency": currency} if call.awarded is not None and currency is not None else None)
+        if call.awarded is not None:  # (a call without a budget awards in the currency of its first award: read then only)
+            snapshot = None if call.budget else _snapshot(session, call.call_id, awarded_currency=True)
+            currency = call.budget["currency"] if call.budget else snapshot.awarded_currency if snapshot else None
+        counts[call.call_id]["awarded_amount"] = {"amount": call.awarded, "currency": currency} if currency is not None else None
     return counts
 
 

@@ -605,6 +605,22 @@ async def test_a_calls_publisher_reads_how_many_applications_it_has_and_no_other
     await gateway.settle()
     answer = (await gateway.client.get(f"/calls/{quiet}", headers=gateway.auth(funder))).json()
     assert answer["applications"] == {**dict.fromkeys(counts, 0), "awarded_amount": None}
+    # A call without a budget: what it awarded, in the currency of its awards.
+    now, unbudgeted = datetime.now(timezone.utc), unique("c")
+    await gateway.offer(funder, "call.published", {
+        "call_id": unbudgeted, "title": {"en": "Seed money"}, "kind": "funding", "deadline_model": "single_stage",
+        "opens_at": (now - timedelta(days=1)).isoformat(), "deadline": (now + timedelta(days=30)).isoformat()})
+    await gateway.settle()
+    asked = {"call_id": unbudgeted, "application_id": unique("a"), "requested_amount": {"amount": "50000", "currency": "SEK"}}
+    await gateway.offer(municipality, "call.application_submitted", asked)
+    await gateway.settle()
+    await gateway.offer(funder, "call.application_decided", {"call_id": unbudgeted, "application_id": asked["application_id"],
+                                                             "decision": "awarded",
+                                                             "awarded_amount": {"amount": "40000", "currency": "SEK"}})
+    await gateway.settle()
+    answer = (await gateway.client.get(f"/calls/{unbudgeted}", headers=gateway.auth(funder))).json()
+    assert answer["applications"]["awarded"] == 1, answer
+    assert answer["applications"]["awarded_amount"] == {"amount": "40000", "currency": "SEK"}, answer
 
 
 async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applications_parties_only(
