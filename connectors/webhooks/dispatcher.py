@@ -641,12 +641,11 @@ class WebhookDispatcher:
         disabled; an enabling told after a later disabling (the bus's, told first) runs no worker.
         The changes are told one at a time, so that the last one told is what holds."""
         async with self._changing:
-            if enabled and await asyncio.to_thread(self._enabled, endpoint_id):
+            if enabled or by_the_bus:  # (told late, maybe: what holds is what the database says now)
+                enabled = await asyncio.to_thread(self._enabled, endpoint_id)
+            if enabled:
                 self._worker(endpoint_id).wake.set()
-                return
-            if not enabled and by_the_bus and await asyncio.to_thread(self._enabled, endpoint_id):
-                return  # enabled again since: its worker stays (stopped, nothing more was sent to it)
-            if (worker := self.workers.pop(endpoint_id, None)) is not None:
+            elif (worker := self.workers.pop(endpoint_id, None)) is not None:
                 await worker.stop(grace=0)
 
     def _enabled(self, endpoint_id: str) -> bool:
