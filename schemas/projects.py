@@ -183,9 +183,8 @@ class ProjectCompleted(EventData):
 class ProjectActionRefusal(Reason):
     """Why the projects workflow refused an event about a project. `already_adopted`: the adopter
     took the practice up before, under another adoption id (the message names it);
-    `period_before_start`, `period_ahead`: an impact
-    report's period ended before the project started, or starts after the day it is reported
-    (all version 4 of the rules)."""
+    `period_before_start`, `period_ahead`: an impact report's period ended before the project
+    started, or starts after the day it is reported (all version 4 of the rules)."""
 
     code: Literal[
         "unknown_project",
