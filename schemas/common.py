@@ -508,7 +508,30 @@ def error_message(error: Mapping[str, Any]) -> str:
     if error.get("type") == "string_type" and isinstance(given, (int, float)) and not isinstance(given, bool):
         # An amount sent as a JSON number: it is text here, so that no parser rounds it.
         return f'Input should be a string: write the number as one, "{given}"'
-    return str(error.get("msg", ""))
+    message = str(error.get("msg", ""))
+    if error.get("type") in ("enum", "literal_error") and "input" in error:
+        return message + _not_one_of(given, re.findall(r"'([^']*)'", str((error.get("ctx") or {}).get("expected", ""))))
+    if error.get("type") in _TYPE_ERRORS and "input" in error:
+        return f"{message}, not {json_type(given)}"
+    return message
+
+
+_TYPE_ERRORS = frozenset({"string_type", "int_type", "float_type", "bool_type", "dict_type", "list_type", "tuple_type",
+                          "model_type", "model_attributes_type", "date_type", "datetime_type", "decimal_type"})
+"""Pydantic's errors of a value of another JSON type than the one asked for: their message says
+what it should be, and the sender is told what it was too (null, most often, from a serializer
+writing every field)."""
+
+
+def _not_one_of(given: object, choices: list[str]) -> str:
+    """What to add to "Input should be 'a', 'b' or 'c'": what was given instead, and the choice
+    nearest to it, which is most often what was meant (a misspelt kind, role or status)."""
+    if not isinstance(given, str):
+        return f", not {json_type(given)}"
+    if len(given) > 64:
+        return ", not this string"
+    near = nearest(given, choices) if choices else None
+    return f", not {given!r}" + (f"; did you mean {near!r}?" if near else "")
 
 
 def _count_words(error: Mapping[str, Any]) -> str | None:

@@ -173,6 +173,26 @@ async def test_an_amount_sent_as_a_number_is_told_to_be_text(partner: Client) ->
     assert problems[("data", "budget", "amount")].type == "string_type"
 
 
+async def test_a_value_of_another_type_or_outside_the_choices_is_told_what_it_was_and_the_choice_meant(
+        partner: Client) -> None:
+    """"Input should be a valid string" left a sender to find what it sent (a serializer's null,
+    most often); a misspelt choice was answered with the whole list of choices."""
+    institution, event = fresh("innovation_day.registration_requested")
+    event["data"]["role"] = "funderr"
+    event["data"]["attendees"] = None
+    event["data"]["interests"] = {"theme": "education"}
+    event["specversion"] = 1.0
+    event["subject"] = None
+    verdict = await offer(partner, institution, event)
+    said = {p.loc: p.msg for p in verdict.errors}
+    assert said[("data", "role")] == ("Input should be 'innovator', 'funder', 'observer' or 'speaker', not 'funderr'; "
+                                      "did you mean 'funder'?")
+    assert said[("data", "attendees")] == "Input should be a valid integer, not null"
+    assert said[("data", "interests")] == "Input should be a valid array, not an object"
+    assert said[("specversion",)] == "Input should be '1.0', not a number"
+    assert said[("subject",)] == "Input should be a valid string, not null"
+
+
 async def test_a_checks_words_are_not_prefixed_with_pydantics(partner: Client) -> None:
     institution, event = fresh("project.registered")
     event["data"]["themes"] = ["econmy"]

@@ -1860,6 +1860,9 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused_naming_the_one
     ):
         said = problem(await gateway.client.get(path, params=params, headers=auth), 422, "invalid")
         assert f"did you mean {meant!r}?" in said["errors"][0]["msg"], (path, said)
+    for path, params, meant in (("/projects", {"status": "activ"}, "active"), ("/calls", {"status": "opne"}, "open")):
+        (misspelt,) = problem(await gateway.client.get(path, params=params, headers=auth), 422, "invalid")["errors"]
+        assert misspelt["msg"].endswith(f", not {params['status']!r}; did you mean {meant!r}?"), misspelt
     takes_none = problem(await gateway.client.get("/events/no-such-event", params={"verbose": 1}, headers=auth), 422, "invalid")
     assert takes_none["errors"][0]["msg"] == "'verbose' is not a parameter of GET /events/{event_id} (it takes no query parameters)"
     in_the_body = problem(await gateway.client.patch("/webhooks/ep_none", params={"enabled": "false"}, json={}, headers=auth),
