@@ -7,7 +7,7 @@ events about it are emitted in the publisher's name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
@@ -130,13 +130,31 @@ def application_counts(session: Session, calls: list[Call]) -> dict[str, dict[st
     for call_id, status, count in grouped:
         counts[call_id][status] = count
         counts[call_id]["total"] += count
+    # A call without a budget awards in the currency of its first award: its awards are read, in one query for the page.
+    budgetless = [call.call_id for call in calls if call.awarded is not None and not call.budget]
+    awards: dict[str, list[tuple[datetime | None, str, Mapping[str, str] | None]]] = {call_id: [] for call_id in budgetless}
+    if budgetless:
+        for call_id, decided_at, application_id, amount in session.exec(
+            select(CallApplication.call_id, CallApplication.decided_at, CallApplication.application_id,
+                   CallApplication.awarded_amount)
+            .where(col(CallApplication.call_id).in_(budgetless), CallApplication.status == "awarded")
+        ):
+            awards[call_id].append((decided_at, application_id, amount))
     for call in calls:
         currency = None
-        if call.awarded is not None:  # (a call without a budget awards in the currency of its first award: read then only)
-            snapshot = None if call.budget else _snapshot(session, call.call_id, awarded_currency=True)
-            currency = call.budget["currency"] if call.budget else snapshot.awarded_currency if snapshot else None
+        if call.awarded is not None:
+            currency = call.budget["currency"] if call.budget else _first_award_currency(awards[call.call_id])
         counts[call.call_id]["awarded_amount"] = {"amount": call.awarded, "currency": currency} if currency is not None else None
     return counts
+
+
+def _first_award_currency(awards: Iterable[tuple[datetime | None, str, Mapping[str, str] | None]]) -> str | None:
+    """The currency of the first of a call's awards (``(decided_at, application_id,
+    awarded_amount)``: logged first, then by id; one logged without its moment before any), that
+    of a call without a budget's awards; None before an award names an amount."""
+    firsts = sorted((at is not None, at, application_id, amount["currency"])
+                    for at, application_id, amount in awards if amount is not None)
+    return firsts[0][3] if firsts else None
 
 
 class CallApplication(TableRow, table=True):
@@ -212,9 +230,8 @@ def _snapshot(
         gone = rules.GONE if since(3) else frozenset({"rejected"})
         snapshot = replace(snapshot, received=any(a.status not in gone for a in applications))
     if awarded_currency and call.awarded is not None and snapshot.currency is None:
-        awards = sorted((a.decided_at is not None, a.decided_at, a.application_id, a.awarded_amount["currency"])
-                        for a in applications if a.status == "awarded" and a.awarded_amount is not None)
-        snapshot = replace(snapshot, awarded_currency=awards[0][3] if awards else None)
+        snapshot = replace(snapshot, awarded_currency=_first_award_currency(
+            (a.decided_at, a.application_id, a.awarded_amount) for a in applications if a.status == "awarded"))
     if requested_currency and snapshot.currency is None and since(3):
         asking = sorted((a.submitted_at, a.application_id, a.requested_amount["currency"])
                         for a in applications if a.status not in rules.GONE and a.requested_amount is not None)

@@ -621,6 +621,10 @@ async def test_a_calls_publisher_reads_how_many_applications_it_has_and_no_other
     answer = (await gateway.client.get(f"/calls/{unbudgeted}", headers=gateway.auth(funder))).json()
     assert answer["applications"]["awarded"] == 1, answer
     assert answer["applications"]["awarded_amount"] == {"amount": "40000", "currency": "SEK"}, answer
+    # A page of its calls, with and without a budget, says each one's in its own currency.
+    pages = await walk(gateway.client, "/calls", gateway.auth(funder), owner=funder)
+    awarded = {item["call_id"]: item["applications"]["awarded_amount"] for page in pages for item in page}
+    assert awarded == {call_id: counts["awarded_amount"], quiet: None, unbudgeted: {"amount": "40000", "currency": "SEK"}}
 
 
 async def test_a_publishers_decisions_and_a_withdrawal_are_seen_by_each_applications_parties_only(
