@@ -474,14 +474,15 @@ def get_project(project_id: ProjectId, _viewer: Member, session: SessionDep) -> 
         .order_by(col(ProjectImpactReport.period_start), col(ProjectImpactReport.id))
     ).all()
     # Who of them left the network: they stay listed (they took part, took the practice up), and
-    # the reader sees they are members no more without asking for each.
+    # the reader sees they are members no more without asking for each; and which partners never
+    # joined it (a project names its partners, members or not).
     named = {project.owner, *(p.institution for p in partners), *(a.adopter for a in adoptions)}
-    left = {id: at for id, at in session.exec(select(Institution.id, Institution.left_at).where(
-        col(Institution.id).in_(named), col(Institution.left_at).is_not(None)))}
+    left = dict(session.exec(select(Institution.id, Institution.left_at).where(col(Institution.id).in_(named))).all())
     return {
         **_project(project),
         "owner_left_at": left.get(project.owner),
-        "partners": [{**p.model_dump(exclude={"project_id"}), "left_at": left.get(p.institution)} for p in partners],
+        "partners": [{**p.model_dump(exclude={"project_id"}), "joined": p.institution in left, "left_at": left.get(p.institution)}
+                     for p in partners],
         "adoptions": [{**a.model_dump(exclude={"project_id"}), "adopter_left_at": left.get(a.adopter)} for a in adoptions],
         "impact": [
             {"period": {"start": r.period_start, "end": r.period_end}, "indicators": r.indicators, "reported_at": r.reported_at}

@@ -205,6 +205,8 @@ class Partner(Resource):
     institution: str
     role: str
     relation: str | None = None
+    joined: bool = Field(description=(
+        "whether the partner joined the network (false: the project names an institution that is no member)"))
     left_at: datetime | None = Field(default=None, description="when the partner left the network (it stays listed: it took part)")
 
 

@@ -1306,25 +1306,30 @@ async def test_projects_are_found_by_partner_adopter_and_place_as_people_write_i
 
 async def test_a_project_shows_which_of_its_owner_partners_and_adopters_left_the_network(gateway: Gateway) -> None:
     """When a member leaves, the projects it owns, took part in or adopted keep it — it did — and
-    say since when it is a member no more, where the project read as if nothing had changed."""
+    say since when it is a member no more, where the project read as if nothing had changed. A
+    partner that never joined is told from a member (both had no ``left_at``)."""
     owner, staying, leaving = (await gateway.join("municipality", "TR", municipality_level="metropolitan"),
                                await gateway.join("ngo", "TR"), await gateway.join("university", "TR"))
     adopter = await gateway.join("municipality", "TR", municipality_level="district")
-    practice = project(owner, partners=[{"institution": staying, "role": "partner"}, {"institution": leaving, "role": "supporter"}])
+    stranger = unique("tr-coop")
+    practice = project(owner, partners=[{"institution": staying, "role": "partner"}, {"institution": leaving, "role": "supporter"},
+                                        {"institution": stranger, "role": "partner"}])
     await gateway.offer(owner, "project.registered", practice)
     await gateway.offer(adopter, "project.adopted", {
         "adoption_id": unique("a"), "project_id": practice["project_id"], "adopter": adopter, "support": ["presentation"]})
     await gateway.settle()
     auth = gateway.auth(staying)
     before = (await gateway.client.get(f"/projects/{practice['project_id']}", headers=auth)).json()
-    assert before["owner_left_at"] is None and [p["left_at"] for p in before["partners"]] == [None, None]
+    assert before["owner_left_at"] is None and [p["left_at"] for p in before["partners"]] == [None, None, None]
+    assert {p["institution"]: p["joined"] for p in before["partners"]} == {staying: True, leaving: True, stranger: False}
     for gone in (leaving, adopter, owner):
         await gateway.offer("operator", "institution.left", {"id": gone})
     await gateway.settle()
     after = (await gateway.client.get(f"/projects/{practice['project_id']}", headers=auth)).json()
     left_at = {gone: (await gateway.client.get(f"/institutions/{gone}", headers=auth)).json()["left_at"] for gone in (leaving, adopter, owner)}
     assert after["owner_left_at"] == left_at[owner]
-    assert {p["institution"]: p["left_at"] for p in after["partners"]} == {staying: None, leaving: left_at[leaving]}
+    assert {p["institution"]: (p["joined"], p["left_at"]) for p in after["partners"]} == {
+        staying: (True, None), leaving: (True, left_at[leaving]), stranger: (False, None)}
     assert [(a["adopter"], a["adopter_left_at"]) for a in after["adoptions"]] == [(adopter, left_at[adopter])]
 
 
