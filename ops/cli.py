@@ -238,6 +238,12 @@ async def _connect(settings: Settings, name: str, *, reconnect: bool = False) ->
             used = options.get("user_credentials") or options.get("nkeys_seed")
             if used is None and settings.embedded:
                 what = f"no bus credentials at {embedded_bus_creds(settings)}"
+            elif used is None and embedded_bus_creds(settings).exists():
+                # COLLABBUS_NATS_URL naming the data dir's own embedded server: its credentials are there.
+                _fail(f"NATS at {', '.join(settings.nats_servers)} refused this command (with no credentials): the data dir "
+                      f"{settings.data_dir.resolve()} has the bus's credentials for its embedded server at "
+                      f"{embedded_bus_creds(settings)}; set COLLABBUS_NATS_CREDS to them, or unset COLLABBUS_NATS_URL "
+                      "(the embedded server is found at COLLABBUS_NATS_LISTEN)")
             else:
                 what = f"with {used or 'no credentials'}"
             _no_network_here(settings, f"NATS at {', '.join(settings.nats_servers)} refused this command ({what})")

@@ -380,6 +380,13 @@ def test_a_command_run_in_another_directory_says_that_it_found_no_network_there(
     text = flat(token.stderr)
     assert token.returncode == 1 and "no read models at" in text and "COLLABBUS_DATA_DIR" in text
     assert not (tmp_path / "not-the-bus" / "collabbus.db").exists()
+    # The bus's own data dir, with its embedded server named as an existing one: its credentials are where it says.
+    by_url = {**running_bus, "COLLABBUS_NATS_URL": f"nats://{running_bus['COLLABBUS_NATS_LISTEN']}"}
+    status = cli("status", env=by_url)
+    creds = Path(running_bus["COLLABBUS_DATA_DIR"]) / "nats" / "auth" / "bus.creds"
+    assert status.returncode == 1 and f"credentials for its embedded server at {creds}" in flat(status.stderr), status.stderr
+    assert "set COLLABBUS_NATS_CREDS" in flat(status.stderr)
+    assert cli("status", env={**by_url, "COLLABBUS_NATS_CREDS": str(creds)}).returncode == 0
 
 
 def test_up_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
