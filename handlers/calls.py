@@ -22,6 +22,7 @@ from handlers.institutions import Institution, UtcDateTime, column_values, membe
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, sender
 from handlers.projects import parties as project_parties, project_ids_of
 from handlers.session import children
+from handlers.words import SEARCHED, words
 from handlers.rows import TableRow
 from handlers.rules import Refusal, since
 from handlers.rules import calls as rules
@@ -74,6 +75,8 @@ class Call(TableRow, table=True):
     awarded: str | None = Field(default=None, max_length=64)
     """What the call has awarded so far, in its budget's currency (decimal text; None: no award
     with an amount): an award is weighed against what is left of the budget."""
+    words: str = Field(default="", sa_column=Column(sa.Text, nullable=False, server_default=""))
+    """The title and summary as a search (``?q=``) reads them (:mod:`handlers.words`)."""
 
     def snapshot(self) -> CallSnapshot:
         """What the workflow rules see of this call."""
@@ -446,6 +449,7 @@ def published(session: Session, event: Event[CallPublished]) -> None:
             **column_values(event.data, CallPublished.model_fields.keys()),
             owner=event.source,
             published_at=event.logged_at,
+            words=words(event.data.title, event.data.summary),
         )
     )
 
@@ -456,6 +460,8 @@ def amended(session: Session, event: Event[CallAmended]) -> None:
     assert call is not None  # the decider refused amendments of unknown calls
     changes = event.data.changes
     call.sqlmodel_update(column_values(changes, changes.model_fields_set))
+    if changes.model_fields_set & set(SEARCHED):
+        call.words = words(call.title, call.summary)
     session.add(call)
 
 

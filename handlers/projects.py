@@ -23,6 +23,7 @@ from handlers.rows import TableRow
 from handlers.rules import Refusal
 from handlers.rules.projects import OWNER_ONLY, ProjectAction, ProjectSnapshot, action_refusal
 from handlers.session import children
+from handlers.words import SEARCHED, words
 from schemas.common import unknown_name
 from schemas.institutions import MunicipalityLevel
 from schemas.projects import (
@@ -60,6 +61,8 @@ class Project(TableRow, table=True):
     updated_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     completed_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
     outcome: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    words: str = Field(default="", sa_column=Column(sa.Text, nullable=False, server_default=""))
+    """The title and summary as a search (``?q=``) reads them (:mod:`handlers.words`)."""
 
     def snapshot(self) -> ProjectSnapshot:
         """What the workflow rules see of this project."""
@@ -299,6 +302,7 @@ def registered(session: Session, event: Event[ProjectRegistered]) -> None:
     if known is None:
         values["registered_at"] = event.logged_at
     values["completed_at"] = _completed_at(known, data.status, event.logged_at)
+    values["words"] = words(data.title, data.summary)
     upsert(session, Project, data.project_id, values)
     _set_partners(session, data.project_id, data.partners)
 
@@ -318,6 +322,8 @@ def updated(session: Session, event: Event[ProjectUpdated]) -> None:
     if changes.status is not None:
         project.completed_at = _completed_at(project, changes.status, event.logged_at)
     project.sqlmodel_update(_columns(changes, set(changes.model_fields_set)))
+    if changes.model_fields_set & set(SEARCHED):
+        project.words = words(project.title, project.summary)
     if changes.partners is not None:
         _set_partners(session, project.project_id, changes.partners)
 

@@ -8,7 +8,6 @@ functions where they have one (``validation_view``, ``day_view``, ``registration
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
@@ -53,6 +52,7 @@ from handlers.validations import (
     overdue_reviewers,
     validation_view,
 )
+from handlers.words import folded, matching
 from schemas.calls import CallKind
 from schemas.common import AWARE_TIME, COUNTRY_CODES, InstitutionKind, check_theme, nearest, unknown_name
 from schemas.envelope import INSTITUTION_PATTERN
@@ -120,6 +120,18 @@ Country = Annotated[str | None, Query(pattern=COUNTRY, description="an ISO 3166-
                     AfterValidator(_known_country)]
 Theme = Annotated[str | None, Query(max_length=64, description="a theme code; an area (`health_care`) matches its sub-themes"),
                   AfterValidator(_known_theme)]
+
+
+def _some_word(value: str | None) -> str | None:
+    if value is not None and not value.split():
+        raise ValueError("Input should have a word to look for, not only spaces")
+    return value
+
+
+Search = Annotated[str | None, Query(max_length=200, description=(
+    "those whose title or summary, in any of its languages, contains every word of this (case and accents "
+    "aside: `yasli` finds Yaşlı, `tyoelama` työelämä; a word's beginning or middle will do)")),
+                   AfterValidator(_some_word)]
 
 
 def _has_theme(themes: list[str], wanted: str) -> bool:
@@ -236,7 +248,8 @@ def get_institution(
 def _call(row: Call, now: datetime, counts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """A call as members see it; ``counts``: its applications' counts, for its publisher
     (:func:`handlers.calls.application_counts`; None to anyone else)."""
-    return {**row.model_dump(), "status": row.status(now), "stage": row.stage(now), "applications": (counts or {}).get(row.call_id)}
+    return {**row.model_dump(exclude={"words"}), "status": row.status(now), "stage": row.stage(now),
+            "applications": (counts or {}).get(row.call_id)}
 
 
 def _publishers_counts(session: Any, rows: list[Call], viewer: str) -> dict[str, dict[str, Any]]:
@@ -256,6 +269,7 @@ def list_calls(
     country: Annotated[str | None, Query(pattern=COUNTRY, description="calls open to institutions of this country"),
                        AfterValidator(_known_country)] = None,
     owner: Annotated[str | None, Query(max_length=63, description="calls this institution published")] = None,
+    q: Search = None,
     deadline_before: Annotated[QueryTime | None, Query(
         description="calls whose deadline is before this time (RFC 3339, with its offset: `Z`, `+03:00` — a `+` "
                     "left bare in a query string, which reads as a space, is taken as meant; a date alone is not "
@@ -277,6 +291,8 @@ def list_calls(
         query = query.where(Call.owner == owner)
     if kind is not None:
         query = query.where(Call.kind == kind)
+    if q is not None:
+        query = query.where(*matching(Call.words, q))
 
     def keep(call: Call) -> bool:
         return (
@@ -393,25 +409,18 @@ def get_application(call_id: CallId, application_id: ApplicationId, viewer: Memb
 
 
 def _project(row: Project) -> dict[str, Any]:
-    values = row.model_dump(exclude={"country", "region", "municipality"})
+    values = row.model_dump(exclude={"country", "region", "municipality", "words"})
     location = {"country": row.country, "region": row.region, "municipality": row.municipality}
     values["location"] = location if any(location.values()) else None
     return values
 
 
-def _folded(name: str) -> str:
-    """A place name as it is compared: without case or accents, Turkish's dotless ı as i, so that
-    ``yenisehir`` and ``YENİŞEHİR`` find the projects in ``Yenişehir``."""
-    letters = unicodedata.normalize("NFKD", name.replace("ı", "i"))
-    return "".join(c for c in letters if not unicodedata.combining(c)).casefold().strip()
-
-
 def _spellings(session: Session, column: Any, place: str) -> list[str]:
     """How the projects' locations write ``place`` in ``column`` (``Yenişehir``, ``YENİŞEHİR``…),
-    case and accents aside: the projects are then chosen in SQL, and paged there, from the few
+    case and accents aside (:func:`handlers.words.folded`): the projects are then chosen in SQL, and paged there, from the few
     names of places the projects have rather than by reading every project."""
-    wanted = _folded(place)
-    return [name for name in session.exec(select(column).where(col(column).is_not(None)).distinct()) if _folded(name) == wanted]
+    wanted = folded(place)
+    return [name for name in session.exec(select(column).where(col(column).is_not(None)).distinct()) if folded(name) == wanted]
 
 
 @router.get("/projects", response_model=Page[resources.Project], responses=LIST_ERRORS)
@@ -428,6 +437,7 @@ def list_projects(
     owner: Annotated[str | None, Query(max_length=63, description="projects this institution owns")] = None,
     partner: Annotated[str | None, Query(max_length=63, description="projects this institution is a partner of")] = None,
     adopter: Annotated[str | None, Query(max_length=63, description="practices this institution adopted")] = None,
+    q: Search = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
@@ -445,6 +455,8 @@ def list_projects(
     for column, place in ((Project.region, region), (Project.municipality, municipality)):
         if place is not None:
             query = query.where(col(column).in_(_spellings(session, column, place)))
+    if q is not None:
+        query = query.where(*matching(Project.words, q))
     rows, next_cursor = keyset_page(
         session, query, [col(Project.project_id)], limit=limit, cursor=cursor,
         keep=_theme_filter(theme, lambda project: project.themes),

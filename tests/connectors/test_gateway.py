@@ -1304,6 +1304,48 @@ async def test_projects_are_found_by_partner_adopter_and_place_as_people_write_i
     assert [(e["loc"], e["type"]) for e in typo["errors"]] == [(["query", "partner"], "unknown_institution")]
 
 
+async def test_projects_and_calls_are_found_by_the_words_of_their_title_and_summary_in_any_language(gateway: Gateway) -> None:
+    """A municipality looking for a practice to take up, or an applicant for a call, searches by
+    words as people type them: without Turkish or Finnish letters, in capitals, a word's part.
+    Every word must be there, in the title or the summary, in any of their languages; what the
+    owner changes is searched as it reads now; LIKE's own characters are taken as themselves."""
+    owner = await gateway.join("municipality", "TR", municipality_level="metropolitan")
+    elderly = project(owner, title={"tr": "Evde Yaşlı Destek Hizmetleri", "en": "Home-based support for older people"},
+                      summary={"fi": "Ikääntyneiden kotipalvelu ja työelämä"})
+    kitchens = project(owner)  # Mahalle Mutfakları, Neighbourhood Kitchens
+    centre = project(owner, title={"ar": "برنامج دعم المبتكرين الاجتماعيين"}, summary={"en": "Funding 100% of 50_50 pilots"})
+    for data in (elderly, kitchens, centre):
+        await gateway.offer(owner, "project.registered", data)
+    await gateway.settle()
+    auth = gateway.auth(owner)
+
+    async def found(path: str = "/projects", **params: Any) -> list[str]:
+        key = "project_id" if path == "/projects" else "call_id"
+        pages = await walk(gateway.client, path, auth, owner=params.pop("owner", owner), **params)
+        return sorted(item[key] for page in pages for item in page)
+
+    for q, expected in (("yasli", [elderly]), ("YAŞLI destek", [elderly]), ("tyoelama", [elderly]), ("OLDER home", [elderly]),
+                        ("kitchen", [kitchens]), ("mutfaklari", [kitchens]), ("support kitchens", []),
+                        ("المبتكرين", [centre]), ("100%", [centre]), ("%", [centre]), ("_", [centre]), ("0_5", [centre])):
+        assert await found(q=q) == sorted(p["project_id"] for p in expected), q
+    await gateway.offer(owner, "project.updated", {"project_id": kitchens["project_id"], "changes": {"title": {"en": "Community canteens"}}})
+    await gateway.settle()
+    assert await found(q="kitchens") == [] and await found(q="canteen") == [kitchens["project_id"]]
+    for blank in (" ", "\t"):
+        (refused,) = problem(await gateway.client.get("/projects", params={"q": blank}, headers=auth), 422, "invalid")["errors"]
+        assert refused["loc"] == ["query", "q"] and "a word to look for" in refused["msg"], refused
+
+    funder = await gateway.join("funder", "FI")
+    call_id = await open_funding_call(gateway, funder)  # "Care at home"
+    await gateway.settle()
+    assert await found("/calls", owner=funder, q="CARE home") == [call_id] and await found("/calls", owner=funder, q="kitchen") == []
+    await gateway.offer(funder, "call.amended", {"call_id": call_id, "reason": {"en": "Wider"}, "changes": {
+        "title": {"fi": "Työelämäosallisuus"}, "summary": {"en": "Care at home, and work"}}})
+    await gateway.settle()
+    assert await found("/calls", owner=funder, q="tyoelamaosallisuus work") == [call_id]
+    assert await found("/calls", owner=funder, q="care") == [call_id] and await found("/calls", owner=funder, q="Mahalle") == []
+
+
 async def test_a_project_shows_which_of_its_owner_partners_and_adopters_left_the_network(gateway: Gateway) -> None:
     """When a member leaves, the projects it owns, took part in or adopted keep it — it did — and
     say since when it is a member no more, where the project read as if nothing had changed. A
@@ -1856,7 +1898,7 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused_naming_the_one
     typo = problem(await gateway.client.get("/projects", params={"ownr": "fi-tampere", "limit": 1}, headers=auth), 422, "invalid")
     assert typo["errors"] == [{"loc": ["query", "ownr"], "type": "extra_forbidden", "msg": (
         "'ownr' is not a parameter of GET /projects; did you mean 'owner'? "
-        "(it takes theme, country, region, municipality, status, owner, partner, adopter, limit and cursor)")}]
+        "(it takes theme, country, region, municipality, status, owner, partner, adopter, q, limit and cursor)")}]
     unknown = problem(await gateway.client.get("/projects", params={"foo": "bar"}, headers=auth), 422, "invalid")
     assert [e["loc"] for e in unknown["errors"]] == [["query", "foo"]] and "did you mean" not in unknown["detail"]
     for path, params, meant in (

@@ -217,13 +217,46 @@ def test_what_a_call_awarded_before_its_running_total_is_filled_in_from_its_appl
                 money = '{"amount": "%s", "currency": "EUR"}' % amount if amount else None
                 connection.execute(text(application), {"call": "c-awarded", "id": application_id, "status": status, "now": now, "amount": money})
             connection.execute(text("UPDATE alembic_version SET version_num = '0018_open_calls_deadline' "
-                                    "WHERE version_num = '0029_withdrawal_reason'"))
+                                    "WHERE version_num = '0035_search_words'"))
             connection.execute(text("ALTER TABLE calls DROP COLUMN awarded"))
             connection.execute(text("ALTER TABLE call_applications DROP COLUMN withdrawal_reason"))  # (0029, after 0024)
+            for table in ("projects", "calls"):  # (0035, after 0029)
+                connection.execute(text(f"ALTER TABLE {table} DROP COLUMN words"))
         migrate(engine)
         with engine.connect() as connection:
             totals = {str(call_id): awarded for call_id, awarded in connection.execute(text("SELECT call_id, awarded FROM calls ORDER BY call_id"))}
         assert totals == {"c-awarded": "0.30", "c-none": None}
+    finally:
+        engine.dispose()
+
+
+def test_the_words_a_search_reads_are_filled_in_for_the_projects_and_calls_already_there(database_url: str) -> None:
+    """A database from before ``projects.words`` and ``calls.words`` (``?q=``): the migration
+    folds each row's title and summary, in every language, so that a search finds what was
+    registered before it as it finds what comes after."""
+    engine = make_engine(database_url)  # a migrated copy (tests/conftest.py)
+    now = "2026-03-01 08:00:00"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO projects (project_id, owner, title, summary, themes, status, external_refs, sdgs, registered_at, updated_at) "
+                "VALUES (:id, 'tr-mersin-bb', :title, :summary, '[]', 'active', '[]', '[]', :now, :now)"),
+                [{"id": "p-elderly", "title": '{"tr": "Evde Ya\\u015fl\\u0131 Destek", "en": "Home care"}',
+                  "summary": '{"fi": "Ty\\u00f6el\\u00e4m\\u00e4"}', "now": now},
+                 {"id": "p-bare", "title": '{"en": "KITCHENS"}', "summary": None, "now": now}])
+            connection.execute(text(
+                "INSERT INTO calls (call_id, owner, title, kind, themes, eligible_kinds, eligible_countries, opens_at, deadline, "
+                "deadline_model, published_at) VALUES ('c-1', 'eu-esf-fund', '{\"ar\": \"\u062f\u064e\u0639\u0652\u0645\"}', "
+                "'funding', '[]', '[]', '[]', :now, :now, 'single_stage', :now)"), {"now": now})
+            connection.execute(text("UPDATE alembic_version SET version_num = '0029_withdrawal_reason' "
+                                    "WHERE version_num = '0035_search_words'"))
+            for table in ("projects", "calls"):
+                connection.execute(text(f"ALTER TABLE {table} DROP COLUMN words"))
+        migrate(engine)
+        with engine.connect() as connection:
+            found = {str(key): words for key, words in connection.execute(text(
+                "SELECT project_id, words FROM projects UNION ALL SELECT call_id, words FROM calls"))}
+        assert found == {"p-elderly": "evde yasli destek\nhome care\ntyoelama", "p-bare": "kitchens", "c-1": "\u062f\u0639\u0645"}
     finally:
         engine.dispose()
 
@@ -300,8 +333,10 @@ def test_a_withdrawal_s_reason_kept_as_the_application_s_comment_becomes_its_wit
                                                     ("a-declined", "declined", '{"en": "Thank you"}')):
                 connection.execute(text(application), {"id": application_id, "status": status, "comment": comment})
             connection.execute(text("UPDATE alembic_version SET version_num = '0024_call_awarded' "
-                                    "WHERE version_num = '0029_withdrawal_reason'"))
+                                    "WHERE version_num = '0035_search_words'"))
             connection.execute(text("ALTER TABLE call_applications DROP COLUMN withdrawal_reason"))
+            for table in ("projects", "calls"):  # (0035, after 0029)
+                connection.execute(text(f"ALTER TABLE {table} DROP COLUMN words"))
         migrate(engine)
         with engine.connect() as connection:
             rows = connection.execute(text("SELECT application_id, withdrawal_reason FROM call_applications ORDER BY application_id"))

@@ -13,7 +13,7 @@ from alembic import op
 revision = "0017_review_overdue"
 down_revision = "0016_application_status_index"
 branch_labels = None
-depends_on = None
+depends_on = "0003"  # (validation_reviewers is the validations branch's table)
 
 
 def upgrade() -> None:

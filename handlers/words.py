@@ -1,0 +1,36 @@
+"""What a search of the read API (``?q=``) looks in: a row's texts for people — its title and
+summary, in every language they are given in — folded as a search is: without case or accents,
+Turkish's dotless ı as i. They are kept in a column of the row (``words``), so that a search is a
+SQL ``LIKE`` of each word asked for, on SQLite and PostgreSQL alike, and pages in SQL."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+SEARCHED = ("title", "summary")
+"""The fields whose texts are searched (each a LocalizedText, the summary optional)."""
+
+
+def folded(text: str) -> str:
+    """``text`` as it is compared: without case or accents, Turkish's dotless ı as i, so that
+    ``yenisehir`` and ``YENİŞEHİR`` find ``Yenişehir``, and ``tyoelama`` ``työelämä``."""
+    letters = unicodedata.normalize("NFKD", text.replace("ı", "i"))
+    return "".join(c for c in letters if not unicodedata.combining(c)).casefold().strip()
+
+
+def words(*texts: Mapping[str, str] | None) -> str:
+    """The folded texts of ``texts`` (LocalizedTexts, or none), one a line."""
+    return "\n".join(folded(value) for text in texts if text for value in text.values())
+
+
+def matching(column: Any, q: str) -> list[Any]:
+    """Conditions on a ``words`` column: it contains each whitespace-separated word of ``q``,
+    folded, anywhere (a word's start or middle: ``kitchen`` finds ``kitchens``)."""
+    from sqlmodel import col
+
+    def literal(word: str) -> str:  # LIKE's own characters taken as themselves
+        return word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+    return [col(column).like(f"%{literal(word)}%", escape="\\") for word in folded(q).split()]
