@@ -32,7 +32,7 @@ from bus.verdict import Problem, Rejection, Verdict, reject
 from ops import metrics, tracing
 from ops.logs import Spell
 from schemas import registry
-from schemas.common import InstitutionKind, error_message, json_type, unknown_name
+from schemas.common import NUL_MESSAGE, InstitutionKind, error_message, json_type, unknown_name
 from schemas.envelope import ATTRIBUTES, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE, CloudEvent, source_of
 
 log = logging.getLogger("collabbus.gate")
@@ -196,6 +196,20 @@ def named_spec(raw: Mapping[str, Any]) -> tuple[registry.EventSpec | None, list[
         return None, [Problem(("dataschema",), str(exc), "dataschema_invalid")]
 
 
+def _with_nul(value: Any, loc: tuple[str | int, ...] = ()) -> list[Problem]:
+    """A problem for each text in an event (a name of an object's member, or a value) holding the
+    NUL character: an event the log took with one would fail its projection on PostgreSQL, and be
+    in the log for good."""
+    if isinstance(value, str):
+        return [Problem(loc, NUL_MESSAGE, "string_nul")] if "\x00" in value else []
+    if isinstance(value, dict):
+        found = [Problem((*loc, name), NUL_MESSAGE, "string_nul") for name in value if "\x00" in name]
+        return found + [problem for name, item in value.items() for problem in _with_nul(item, (*loc, name))]
+    if isinstance(value, list):
+        return [problem for i, item in enumerate(value) for problem in _with_nul(item, (*loc, i))]
+    return []
+
+
 SENDER_NAMED: dict[str, str] = {"project.registered": "owner", "innovation_day.registration_requested": "participant"}
 """Types whose data names the institution saying them: it must be the event's source. A member
 registers its own projects (one registered in another's name would be a project its registrant
@@ -225,15 +239,18 @@ def validate(
             body = orjson.dumps(raw)
     except orjson.JSONEncodeError as exc:  # data read from binary mode nested deeper than JSON is written
         raise reject("invalid", "json_invalid", f"the event cannot be read: {exc} (nested too deeply)", "data") from None
+    nul = _with_nul(raw) if b"\\u0000" in body else []  # (JSON writes the character so, and only so)
     try:
         event = model.model_validate_json(body)
     except ValidationError as exc:
-        # A dataschema of another JSON type is told by named_spec, not again in pydantic's words.
+        # A dataschema of another JSON type is told by named_spec, not again in pydantic's words;
+        # a text with a NUL that pydantic refuses anyway (an id's pattern), in pydantic's.
         told = {problem.loc for problem in problems} & {("dataschema",)}
-        problems.extend(problem for problem in _problems(exc, spec=spec) if problem.loc not in told)
-        raise Rejection("invalid", *problems) from None
-    if problems or spec is None:
-        raise Rejection("invalid", *problems)
+        theirs = [problem for problem in _problems(exc, spec=spec) if problem.loc not in told]
+        places = {problem.loc for problem in theirs}
+        raise Rejection("invalid", *problems, *(problem for problem in nul if problem.loc not in places), *theirs) from None
+    if problems or nul or spec is None:
+        raise Rejection("invalid", *problems, *nul)
     data = event.data
     assert isinstance(data, BaseModel)
     expected = getattr(data, spec.subject_field, None)

@@ -77,7 +77,7 @@ class ProblemBody(BaseModel):
         "a stable code: the gate's own (e.g. `json_invalid`, `utf8_invalid`, `percent_encoding_invalid`, `unknown_type`, `unknown_major`, "
         "`dataschema_invalid`, `type_mismatch`, `subject_invalid`, `subject_mismatch`, `source_mismatch`, "
         "`owner_mismatch`, `participant_mismatch`, `not_member`, `operator_kept`, `municipalities_only`, `kind_may_not_emit`, "
-        "`too_large`, `too_large_for_nats`, `id_taken`, `log_unavailable`, `rate_limited`, `mode_unclear`, `unsupported_content_type`) "
+        "`string_nul`, `too_large`, `too_large_for_nats`, `id_taken`, `log_unavailable`, `rate_limited`, `mode_unclear`, `unsupported_content_type`) "
         "or pydantic's error type for a field (e.g. `missing`, `string_type`, `extra_forbidden`)"
     ))
 

@@ -488,6 +488,18 @@ _PATTERN_WORDS = {
 }
 
 
+NUL_MESSAGE = "Input should be text without the NUL character (U+0000), which the network's databases cannot store"
+"""What a text holding U+0000 is told: PostgreSQL's text cannot hold it (its driver fails the
+statement), so nothing the network stores or looks up may have it."""
+
+
+def without_nul(text: str | None) -> str | None:
+    """``text``, refused (``string_nul``) when it holds the NUL character (:data:`NUL_MESSAGE`)."""
+    if text is not None and "\x00" in text:
+        raise PydanticCustomError("string_nul", NUL_MESSAGE)
+    return text
+
+
 AWARE_TIME = "Input should be a time with its UTC offset, such as 2027-01-20T00:00:00Z or 2027-01-20T12:00:00+02:00"
 """What a moment with its offset is, for a value that is none: a date alone, or a time without it."""
 

@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 
 from bus.verdict import Problem
 from connectors.http.problems import ApiProblem
-from schemas.common import unknown_name
+from schemas.common import NUL_MESSAGE, unknown_name
 
 
 def _query_parameters(dependant: Dependant) -> Iterator[tuple[str, bool]]:
@@ -62,23 +62,27 @@ REFUSED = "refused_parameters"
 
 async def known_parameters(request: Request) -> None:
     """Refuse (422) a request with a query parameter its route does not take, or one given with
-    several values where it takes one — once its caller is known: the refusal waits in the
-    request's state (:data:`REFUSED`) for the route's authentication (``connectors.http.auth``),
-    which raises it, so that a request without a valid token is told that first (401), as for
-    any other invalid query."""
+    several values where it takes one, or a parameter (of the query or the path) holding the NUL
+    character, which no row has (PostgreSQL's text cannot hold it: its driver fails the query) —
+    once its caller is known: the refusal waits in the request's state (:data:`REFUSED`) for the
+    route's authentication (``connectors.http.auth``), which raises it, so that a request without
+    a valid token is told that first (401), as for any other invalid query."""
     route = request.scope.get("route")
-    if not request.scope.get("query_string") or not isinstance(route, APIRoute):
+    if not isinstance(route, APIRoute):
         return
+    given = [("path", name, value) for name, value in request.path_params.items()]
+    given += [("query", name, value) for name, value in request.query_params.multi_items()]
+    errors = list({(place, name): Problem((place, name), NUL_MESSAGE, "string_nul")
+                   for place, name, value in given if isinstance(value, str) and "\x00" in value}.values())
     names = taken(route)
     operation = f"{request.method} {route.path_format}"
-    errors = []
     for name in dict.fromkeys(request.query_params):
         if name not in names:
             msg = unknown_name(name, f"a parameter of {operation}", names, _what_it_takes(route, list(names)))
             errors.append(Problem(("query", name), msg, "extra_forbidden"))
         elif not names[name] and len(values := dict.fromkeys(request.query_params.getlist(name))) > 1:
-            given = _listed([repr(value[:100]) for value in values])
-            errors.append(Problem(("query", name), f"{name!r} is given {len(values)} values, {given}: {operation} takes one",
+            listed = _listed([repr(value[:100]) for value in values])
+            errors.append(Problem(("query", name), f"{name!r} is given {len(values)} values, {listed}: {operation} takes one",
                                   "multiple_values"))
     if errors:
         setattr(request.state, REFUSED, ApiProblem(422, "; ".join(error.msg for error in errors), kind="invalid", errors=errors))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, func, select
 from starlette.concurrency import run_in_threadpool
 
@@ -29,7 +29,7 @@ from connectors.webhooks.signing import new_secret
 from connectors.webhooks.store import Delivery, Endpoint
 from handlers.db import session_scope
 from schemas import registry
-from schemas.common import Timestamp
+from schemas.common import Timestamp, without_nul
 from schemas.envelope import source_of
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class EndpointCreate(_Body):
         default_factory=list, max_length=100,
         description="types (`project.registered`) or domains (`project` or `project.*`); left out or empty: every type (there is no `*`)"
     )
-    description: str = Field("", max_length=1000)
+    description: Annotated[str, AfterValidator(without_nul)] = Field("", max_length=1000)
     ordered: bool = Field(True, description="deliveries about one thing (an event's domain and subject) in log order, "
                                             "each after the one before it was delivered or given up; false: all in any order")
 
@@ -73,7 +73,7 @@ class EndpointCreate(_Body):
 class EndpointChange(_Body):
     url: str | None = Field(None, max_length=targets.MAX_URL_LENGTH)
     event_types: list[str] | None = Field(None, max_length=100)
-    description: str | None = Field(None, max_length=1000)
+    description: Annotated[str | None, AfterValidator(without_nul)] = Field(None, max_length=1000)
     enabled: bool | None = Field(None, description="false disables the endpoint, true enables it again")
     ordered: bool | None = Field(None, description="deliveries about one thing in log order (true) or all in any order (false)")
     rotate_secret: bool = Field(False, description="issue a new secret; the old one keeps signing for 24 h")

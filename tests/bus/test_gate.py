@@ -646,6 +646,36 @@ async def test_a_ce_header_value_outside_ascii_is_refused_saying_so_and_the_next
     assert (await offer_raw(partner, subject, data, attributes)).accepted
 
 
+async def test_a_text_holding_the_nul_character_is_refused_where_it_is_and_the_next_event_flows(partner: Client) -> None:
+    """U+0000 is valid JSON and was logged; PostgreSQL's text cannot hold it, so the event's
+    projection failed there, for good (the log keeps what it took). It is refused, in either mode,
+    at each place it is (a text, a member's name); an attribute's or an id's pattern refuses it in
+    its own words."""
+    from bus.cloudevents import to_binary
+
+    institution, event = fresh("project.registered")
+    event["data"]["title"]["en"] = "Neighbourhood\u0000kitchens"
+    event["data"]["location"] = {"country": "TR", "region": "Mersin\u0000"}
+    event["id"] = "ev\u0000nul"
+    verdict = await offer(partner, institution, event)
+    assert verdict.reason == "invalid", verdict.as_dict()
+    said = {p.loc: (p.type, p.msg) for p in verdict.errors}
+    nul = ("string_nul", "Input should be text without the NUL character (U+0000), which the network's databases cannot store")
+    assert said[("data", "title", "en")] == said[("data", "location", "region")] == nul
+    assert said[("id",)][0] == "string_pattern_mismatch" and len(verdict.errors) == 3, verdict.as_dict()
+    institution, event = fresh("project.registered")
+    attributes, data = to_binary(event)
+    subject = f"collab.ingress.{institution}.project.registered"
+    binary = await offer_raw(partner, subject, data.replace(b'"title":{', b'"title":{"en-GB":"a\\u0000",', 1), attributes)
+    assert [(p.loc, p.type) for p in binary.errors] == [(("data", "title", "en-GB"), "string_nul")], binary.as_dict()
+    named = await offer_raw(partner, subject, data.replace(b'"title":{', b'"title":{"x\\u0000":"y",', 1), attributes)
+    assert (("data", "title", "x\x00"), "string_nul") in [(p.loc, p.type) for p in named.errors], named.as_dict()
+    assert (await offer_raw(partner, subject, data, attributes)).accepted
+    escaped = copy.deepcopy(event)  # a backslash before u0000 is text, no NUL
+    escaped["id"], escaped["data"]["title"]["en"] = unique("ev"), "C:\\u0000"
+    assert (await offer(partner, institution, escaped)).accepted
+
+
 async def test_deeply_nested_data_is_refused_in_either_mode_and_the_next_event_flows(partner: Client) -> None:
     institution, event = fresh("project.registered")
     nested = b'{"zz": ' + b"[" * 400 + b"]" * 400 + b"}"

@@ -1890,6 +1890,19 @@ async def test_filters_take_only_values_that_can_match(gateway: Gateway, municip
     assert found[country] == found[country.lower()] and practice["project_id"] in found[country]
 
 
+async def test_a_nul_character_in_an_id_or_a_filter_is_refused_where_postgresql_failed_on_it(gateway: Gateway, municipality: str) -> None:
+    """No row has U+0000 (PostgreSQL's text cannot hold it): a path or a query holding it made
+    PostgreSQL's driver fail the query, answered 500. It is refused, naming the parameter."""
+    auth = gateway.auth(municipality)
+    for path, params, loc in (("/projects/a%00b", {}, ["path", "project_id"]), ("/calls/a%00b", {}, ["path", "call_id"]),
+                              ("/validations/a%00b", {}, ["path", "validation_id"]), ("/webhooks/a%00b", {}, ["path", "endpoint_id"]),
+                              ("/innovation-days/a%00b", {}, ["path", "day_id"]), ("/projects", {"owner": "a\x00b"}, ["query", "owner"]),
+                              ("/projects", {"q": "\x00"}, ["query", "q"]), ("/calls", {"q": "kitchen\x00"}, ["query", "q"])):
+        refused = problem(await gateway.client.get(path, params=params, headers=auth), 422, "invalid")
+        assert [(e["loc"], e["type"]) for e in refused["errors"]] == [(loc, "string_nul")], (path, refused)
+    assert (await gateway.client.get("/projects", params={"q": "kitchen"}, headers=auth)).status_code == 200
+
+
 async def test_a_query_parameter_a_route_does_not_take_is_refused_naming_the_one_meant(gateway: Gateway, municipality: str) -> None:
     """A misspelt filter answered the whole list as if it were the one asked for. Every route of a
     member's API refuses a parameter it does not take, naming the one likely meant and those it

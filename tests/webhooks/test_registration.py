@@ -86,6 +86,12 @@ async def test_bad_registrations_are_refused_with_problems(network: Network, rec
     with_credentials = await refused({"url": receiver.url("/").replace("http://", "http://user:secret@")}, "refused_target")
     assert "password" in with_credentials["detail"] and "secret" not in with_credentials["detail"]
     await refused({"url": "http://no-such-host.invalid/hook"}, "refused_target")
+    # U+0000, which PostgreSQL's text cannot hold (it answered 500 there), in a description or a change of it.
+    nul = await refused({"url": receiver.url("/"), "description": "Hook\u0000"}, "invalid")
+    assert [(e["loc"], e["type"]) for e in nul["errors"]] == [(["description"], "string_nul")]
+    endpoint = (await register(gateway, owner, receiver.url("/")))["id"]
+    nul = problem(await gateway.client.patch(f"/webhooks/{endpoint}", json={"description": "\u0000"}, headers=auth), 422, "invalid")
+    assert [(e["loc"], e["type"]) for e in nul["errors"]] == [(["description"], "string_nul")]
     malformed = await gateway.client.post("/webhooks", content=b'{"url": ', headers={**auth, "content-type": "application/json"})
     body = problem(malformed, 400, "malformed")  # as POST /events answers what is not JSON
     assert body["detail"] == "the body is not valid JSON: expecting value at character 8"  # (FastAPI's: "8: JSON decode error")
