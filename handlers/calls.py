@@ -521,7 +521,7 @@ def application_decided(session: Session, event: Event[ApplicationDecided]) -> N
     if event.data.awarded_amount is not None:  # (the workflow took it in the budget's currency)
         call = session.get(Call, event.data.call_id)
         assert call is not None
-        call.awarded = str(Decimal(call.awarded or 0) + Decimal(event.data.awarded_amount.amount))
+        call.awarded = str(rules.EXACT.add(Decimal(call.awarded or 0), Decimal(event.data.awarded_amount.amount)))
         session.add(call)
 
 

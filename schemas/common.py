@@ -198,8 +198,6 @@ CurrencyCode = Annotated[
 DecimalString = Annotated[str, StringConstraints(pattern=r"^-?[0-9]+(\.[0-9]+)?$")]
 """A decimal number as a string ("1500000.00"), so no amount is rounded through a float."""
 
-NonNegativeDecimalString = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?$")]
-
 # --- time -------------------------------------------------------------------------------------
 
 
@@ -265,6 +263,31 @@ def at_most(limit: int) -> tuple[Any, ...]:
     return (AfterValidator(check), Field(json_schema_extra={"maximum": limit}))
 
 
+
+AMOUNT_WHOLE_DIGITS, AMOUNT_DECIMALS = 15, 12
+"""The most digits an amount has before its point and after it, checked at the gate: an amount of
+a quadrillion or more is a mistake, and the sums of what a call awarded are then exact (the
+decimal arithmetic keeps 28 digits)."""
+
+
+def _bounded_amount(value: str, info: ValidationInfo) -> str:
+    whole, _, decimals = value.partition(".")
+    if logged(info):  # accepted by an earlier gate: read as it was then
+        return value
+    if len(whole) > AMOUNT_WHOLE_DIGITS:
+        raise PydanticCustomError("decimal_whole_digits", f"Input should be an amount of at most {AMOUNT_WHOLE_DIGITS} digits "
+                                                          f"before the decimal point, not {len(whole)}")
+    if len(decimals) > AMOUNT_DECIMALS:
+        raise PydanticCustomError("decimal_max_places", f"Input should be an amount of at most {AMOUNT_DECIMALS} digits "
+                                                        f"after the decimal point, not {len(decimals)}")
+    return value
+
+
+NonNegativeDecimalString = Annotated[
+    str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?$"), AfterValidator(_bounded_amount),
+    Field(json_schema_extra={"pattern": rf"^[0-9]{{1,{AMOUNT_WHOLE_DIGITS}}}(\.[0-9]{{1,{AMOUNT_DECIMALS}}})?$"}),
+]
+"""An amount of money as decimal text (never rounded): ``"1500000.00"``."""
 
 Timestamp = Annotated[AwareDatetime, _text_or(datetime)]
 """A moment with its UTC offset; naive datetimes are refused."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from typing import Literal
 
 from handlers.rules import Refusal, since
@@ -407,12 +407,17 @@ def decision_refusal(
         return Refusal("above_request", f"Application {application.application_id} asks for {_money(*asked)}: award at most "
                                         f"that, not {_money(amount, currency)}.")
     awarded = call.awarded
-    if decision == "awarded" and amount is not None and call.budget is not None and awarded + amount > call.budget and since(1):
-        left = max(call.budget - awarded, Decimal(0))
+    if decision == "awarded" and amount is not None and call.budget is not None and EXACT.add(awarded, amount) > call.budget and since(1):
+        left = max(EXACT.subtract(call.budget, awarded), Decimal(0))
         return Refusal("over_budget", f"The call's budget is {_money(call.budget, call.currency)} and "
                                       f"{_money(awarded, call.currency)} is awarded already: award at most "
                                       f"{_money(left, call.currency)}, or raise the budget first (call.amended).")
     return None
+
+
+EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
+"""Sums and differences of amounts, never rounded (the default context keeps 28 digits: an amount
+the log holds may have more)."""
 
 
 def _money(amount: Decimal, currency: str | None) -> str:

@@ -368,6 +368,20 @@ async def test_counts_have_an_upper_bound(partner: Client) -> None:
     assert locs(verdict) == {("data", "quorum")} and codes(verdict) == {"less_than_equal"}
 
 
+async def test_amounts_have_at_most_fifteen_digits_before_the_point_and_twelve_after(bus: Bus, partner: Client) -> None:
+    """An amount of any length was taken: past 28 digits the sum of what a call awarded was
+    rounded (and written with an exponent, which is no decimal text); a quadrillion or more is a
+    mistake. The most there is, is taken, and its sums are exact."""
+    institution, event = fresh("call.published")
+    for amount, loc_type in (("1" + "0" * 15, "decimal_whole_digits"), ("1." + "0" * 13, "decimal_max_places")):
+        event["id"], event["data"]["budget"]["amount"] = unique("ev"), amount
+        verdict = await offer(partner, institution, event)
+        assert [(p.loc, p.type) for p in verdict.errors] == [(("data", "budget", "amount"), loc_type)], verdict.as_dict()
+        assert verdict.errors[0].msg.endswith(f"not {16 if loc_type == 'decimal_whole_digits' else 13}")
+    event["id"], event["data"]["budget"]["amount"] = unique("ev"), "9" * 15 + "." + "9" * 12
+    assert (await offer(partner, institution, event)).accepted
+
+
 def test_events_the_log_holds_are_read_as_an_earlier_gate_accepted_them() -> None:
     """The checks added to the gate (RFC 3339 text, bounds on counts, well-formed addresses) are
     not applied again to logged events: a replay of an older log (rebuild, dlq replay, the live
@@ -382,6 +396,9 @@ def test_events_the_log_holds_are_read_as_an_earlier_gate_accepted_them() -> Non
     with pytest.raises(ValueError) as refused:  # the gate's own reading
         registry.spec_for("innovation_day.scheduled").adapter.validate_python(event["data"])
     assert {error["loc"] for error in refused.value.errors()} == {("starts_at",), ("capacity",), ("online_url",)}  # type: ignore[attr-defined]
+    institution, event = fresh("call.published")
+    event["data"]["budget"]["amount"] = "1" + "0" * 30
+    assert Event.from_envelope(event, seq=8, logged_at=datetime.now(timezone.utc)).data.budget.amount == "1" + "0" * 30
 
 
 async def test_subject_must_name_the_aggregate(partner: Client) -> None:

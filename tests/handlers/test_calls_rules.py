@@ -289,6 +289,11 @@ def test_awards_may_not_exceed_the_budget_with_what_was_awarded_before() -> None
     with judged_by(1):
         assert award(budgeted, None, awarded="100000") is None  # (a log applied before: as it was)
     assert award(replace(budgeted, budget=None, currency=None), "5000000") is None
+    # Amounts the log holds from before their bound, past the 28 digits of decimal arithmetic: weighed exactly.
+    huge = replace(CALL, currency="EUR", budget=Decimal("1" + "0" * 30))
+    assert award(huge, "1", awarded="9" * 30) is None
+    beyond = award(huge, "2", awarded="9" * 30)
+    assert code(beyond) == "over_budget" and beyond is not None and "award at most 1 EUR" in beyond.message
 
 
 def test_an_award_is_no_more_than_the_application_asks_for() -> None:
