@@ -143,13 +143,21 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one attempt came to."""
+    """What one attempt came to. Its texts come from the receiver (its body, a header quoted in
+    the error) and are kept: a NUL character in them, which PostgreSQL's text cannot hold (a
+    binary body, say), reads as U+FFFD, as bytes that are not UTF-8 do."""
 
     status_code: int | None
     latency_ms: int
     error: str | None = None
     response: str | None = None
     retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("error", "response"):
+            text = getattr(self, name)
+            if text is not None and "\x00" in text:
+                object.__setattr__(self, name, text.replace("\x00", "\ufffd"))
 
     @property
     def delivered(self) -> bool:

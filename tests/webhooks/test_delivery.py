@@ -155,6 +155,22 @@ async def test_retry_after_is_honoured_and_redirects_are_not_followed(network: N
     assert receiver.at("/elsewhere") == []
 
 
+async def test_a_receiver_answering_with_a_binary_body_has_its_attempts_recorded(network: Network, receiver: Receiver) -> None:
+    """A body holding NUL bytes (a binary answer) was kept as it came, which PostgreSQL's text
+    cannot hold: the attempts could not be recorded, and a delivery the receiver took ended
+    ``failed``, "interrupted". The NUL reads as U+FFFD, as bytes that are not UTF-8 do."""
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    receiver.answer("/binary", Answer(500, {}, b"\x00oops"), Answer(200, {}, b"\x00\x01PNG\x00"))
+    endpoint = await register(gateway, owner, receiver.url("/binary"))
+    await offer_project(gateway, owner)
+
+    (delivery,) = await settled(gateway, owner, endpoint["id"], 1)
+    assert delivery["status"] == "delivered", delivery
+    assert [(a["status_code"], a["error"], a["response"]) for a in delivery["attempts"]] == [
+        (500, "HTTP 500", "\ufffdoops"), (200, None, "\ufffd\x01PNG\ufffd")]
+
+
 async def test_deliveries_about_one_thing_arrive_in_log_order_and_others_do_not_wait(network: Network, receiver: Receiver) -> None:
     gateway = await network.start()
     owner = await gateway.join("municipality")
