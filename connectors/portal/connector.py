@@ -243,8 +243,9 @@ class PortalClient:
             raise UnreadableAnswer(f"the portal at {self.where} answered GET /api/v1/entries with {what}, "
                                    'not an object with items ({"items": [...], "next_cursor": ...})')
         cursor = page.get("next_cursor")
-        if cursor is not None and (not isinstance(cursor, str) or len(cursor) > 2048):
-            what = "longer than 2048 characters" if isinstance(cursor, str) else f"{json_type(cursor)}, not a string"
+        if cursor is not None and (not isinstance(cursor, str) or len(cursor) > 2048 or "\x00" in cursor):
+            what = (f"{json_type(cursor)}, not a string" if not isinstance(cursor, str) else "longer than 2048 characters"
+                    if len(cursor) > 2048 else "holding the NUL character (U+0000), which no database of the bus can store")
             raise UnreadableAnswer(f"the portal at {self.where} answered GET /api/v1/entries with a next_cursor {what}")
         return page
 
@@ -288,6 +289,9 @@ class PortalClient:
         created = self.json_of(response)
         if not isinstance(created, dict) or not created.get("id"):
             raise ValueError("the portal created an entry but did not say its id")
+        for problem in entry_problems(created):
+            if problem.loc == ("id",):  # (an entry's other fields are its answer to a GET's business)
+                raise ValueError(f"the portal created an entry but its id cannot be kept: {problem.msg}")
         return str(created["id"])
 
     async def put_entry(
@@ -363,6 +367,9 @@ def entry_problems(entry: Any) -> list[Problem]:
         problems.append(Problem(("id",), f"an id is a string, not {json_type(entry_id)}", "string_type"))
     elif len(str(entry_id)) > 256:
         problems.append(Problem(("id",), "an id of more than 256 characters", "string_too_long"))
+    elif "\x00" in str(entry_id):
+        problems.append(Problem(("id",), "an id holding the NUL character (U+0000), which no database of the bus can store",
+                                "string_nul"))
     organisation = entry.get("organisation")
     if organisation is not None and not isinstance(organisation, dict):
         problems.append(Problem(("organisation",), f"an organisation is an object {{name, business_id}}, not "
@@ -370,6 +377,9 @@ def entry_problems(entry: Any) -> list[Problem]:
     elif organisation is not None and not isinstance(organisation.get("business_id"), (str, type(None))):
         problems.append(Problem(("organisation", "business_id"), "a business id is a string, not "
                                 f"{json_type(organisation.get('business_id'))}", "string_type"))
+    elif organisation is not None and "\x00" in (organisation.get("business_id") or ""):
+        problems.append(Problem(("organisation", "business_id"), "a business id holding the NUL character (U+0000), which "
+                                "no database of the bus can store or look up", "string_nul"))
     if entry.get("tags") is not None and not isinstance(entry.get("tags"), list):
         problems.append(Problem(("tags",), f"tags are a list, not {json_type(entry.get('tags'))}", "list_type"))
     updated = entry.get("updated_at")

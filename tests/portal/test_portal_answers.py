@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 
 from bus.server import free_port
 from connectors.portal import store
@@ -79,6 +80,38 @@ async def test_entries_the_connector_cannot_read_are_rejected_and_the_rest_of_th
     assert again.complete and (again.unchanged, len(again.rejected), again.emitted) == (2, 6, 0)
 
 
+async def test_an_entry_holding_the_nul_character_is_rejected_and_the_rest_of_the_page_synced(
+    gateway: Gateway, network: Network, raw_portal: RawPortal,
+) -> None:
+    """U+0000 in an entry's id or its organisation's business id was kept or looked up as it came,
+    which PostgreSQL's text cannot hold (the pass failed there); in its texts, the gate refuses it."""
+    organisation = network.organisations[0]
+    raw_portal.list(entry("nul\\u0000id", organisation), entry("nul-org", {**organisation, "business_id": "x\u0000"}, stamp="02"),
+                    entry("nul-title", organisation, title='{"fi": "Toiminta\\u0000malli"}', stamp="03"),
+                    entry("good", organisation, stamp="04"))
+    report = await connector(gateway, raw_portal).sync()
+    assert report.complete and report.error is None and report.registered == 1, report.as_dict()
+    said = {r["entry"]: [(".".join(map(str, e["loc"])), e.get("type")) for e in r["errors"]] for r in report.rejected}
+    assert said["nul\x00id"] == [("id", "string_nul")] and said["nul-org"] == [("organisation.business_id", "string_nul")]
+    assert said["nul-title"] == [("data.title.fi", "string_nul")], report.rejected
+    events = await project_events(gateway, list(network.members.values()))
+    assert [e["subject"] for e in events] == [project_id_of("good")]
+
+
+async def test_an_entry_created_under_an_id_the_bus_cannot_keep_is_said_so(raw_portal: RawPortal) -> None:
+    """The id a portal answers a creation with was kept as it came: an object as its Python text,
+    one too long or holding U+0000 failed the write on PostgreSQL."""
+    for answer, said in ((b'{"id": "a\\u0000"}', "holding the NUL character"), (b'{"id": "' + b"x" * 300 + b'"}', "more than 256"),
+                         (b'{"id": {"n": 1}}', "a string, not an object")):
+        raw_portal.page = (201, "application/json", answer)
+        client = PortalClient(raw_portal.url, TOKEN, timeout=5.0, backoff=0.01, attempts=1)
+        try:
+            with pytest.raises(ValueError, match="the portal created an entry but its id cannot be kept: .*" + said):
+                await client.create_entry({"type": "practice", "title": {"fi": "Toimintamalli"}})
+        finally:
+            await client.aclose()
+
+
 async def test_an_entry_that_reads_differently_on_its_own_is_rejected_by_its_id(
     gateway: Gateway, network: Network, raw_portal: RawPortal,
 ) -> None:
@@ -100,6 +133,7 @@ async def test_an_answer_that_is_no_page_stops_the_pass_saying_what_it_was(
         ((200, "application/json", b"[]"), "answered GET /api/v1/entries with an array, not an object with items"),
         ((200, "application/json", b'{"entries": []}'), "with items that are null, not an object with items"),
         ((200, "application/json", b'{"items": [], "next_cursor": 7}'), "with a next_cursor a number, not a string"),
+        ((200, "application/json", b'{"items": [], "next_cursor": "a\\u0000"}'), "with a next_cursor holding the NUL character"),
         ((200, "application/json", b'{"items": ['), "answered GET /api/v1/entries with JSON that cannot be read"),
     ]:
         raw_portal.page = answer
