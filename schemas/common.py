@@ -270,6 +270,11 @@ a quadrillion or more is a mistake, and the sums of what a call awarded are then
 decimal arithmetic keeps 28 digits)."""
 
 
+AMOUNT_PATTERN = rf"^[0-9]{{1,{AMOUNT_WHOLE_DIGITS}}}(\.[0-9]{{1,{AMOUNT_DECIMALS}}})?$"
+"""An amount as the JSON Schema gives it (the gate reads a logged one of any length, and says the
+bound in its own words)."""
+
+
 def _bounded_amount(value: str, info: ValidationInfo) -> str:
     whole, _, decimals = value.partition(".")
     if logged(info):  # accepted by an earlier gate: read as it was then
@@ -285,7 +290,7 @@ def _bounded_amount(value: str, info: ValidationInfo) -> str:
 
 NonNegativeDecimalString = Annotated[
     str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?$"), AfterValidator(_bounded_amount),
-    Field(json_schema_extra={"pattern": rf"^[0-9]{{1,{AMOUNT_WHOLE_DIGITS}}}(\.[0-9]{{1,{AMOUNT_DECIMALS}}})?$"}),
+    Field(json_schema_extra={"pattern": AMOUNT_PATTERN}),
 ]
 """An amount of money as decimal text (never rounded): ``"1500000.00"``."""
 
@@ -501,6 +506,8 @@ _PATTERN_WORDS = {
     r"^[A-Z]{3}$": "an ISO 4217 currency code in capitals, e.g. EUR",
     r"^-?[0-9]+(\.[0-9]+)?$": 'a decimal number written as a string, e.g. "1500000.00"',
     r"^[0-9]+(\.[0-9]+)?$": 'a decimal number of at least 0 written as a string, e.g. "1500000.00"',
+    AMOUNT_PATTERN: f'a decimal number of at least 0 written as a string, of at most {AMOUNT_WHOLE_DIGITS} digits before '
+                    f'the point and {AMOUNT_DECIMALS} after it, e.g. "1500000.00"',
     r"^[A-Za-z]{2}$": "a two-letter country code (ISO 3166-1 alpha-2), e.g. FI",
     r"^https?://[^\s/?#]+[^\s]*$": "an http(s) address, e.g. https://example.fi/page",
     _WEB_URL: "an http(s) address, e.g. https://example.fi/page",
