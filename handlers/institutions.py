@@ -17,6 +17,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from handlers.network import Decider, Event, Projection, Timer
 from handlers.rows import TableRow
+from handlers.words import words
 from schemas.institutions import InstitutionJoined, InstitutionLeft, InstitutionUpdated
 
 # --- storage helpers shared by this package's read models --------------------------------------
@@ -114,6 +115,8 @@ class Institution(TableRow, table=True):
     contact_email: str | None = Field(default=None, max_length=320)
     joined_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     left_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
+    words: str = Field(default="", sa_column=Column(sa.Text, nullable=False, server_default=""))
+    """The name as a search (``?q=``) reads it (:mod:`handlers.words`)."""
 
     @property
     def active(self) -> bool:
@@ -148,7 +151,8 @@ def member_by_identifier(session: Session, scheme: str, value: str) -> Instituti
 def joined(session: Session, event: Event[InstitutionJoined]) -> None:
     """A (re)joining member: every fact is restated, so earlier values do not linger."""
     facts = column_values(event.data, InstitutionJoined.model_fields.keys())
-    upsert(session, Institution, event.data.id, {**facts, "joined_at": event.logged_at, "left_at": None})
+    upsert(session, Institution, event.data.id,
+           {**facts, "joined_at": event.logged_at, "left_at": None, "words": words(event.data.name)})
 
 
 def updated(session: Session, event: Event[InstitutionUpdated]) -> None:
@@ -158,6 +162,8 @@ def updated(session: Session, event: Event[InstitutionUpdated]) -> None:
     if institution is None:  # the gate admits updates of members only (one logged before it did: nothing to change)
         return
     institution.sqlmodel_update(column_values(event.data, event.data.model_fields_set - {"id"}))
+    if "name" in event.data.model_fields_set:
+        institution.words = words(institution.name)
     if institution.kind != "municipality":
         institution.municipality_level = None
     session.add(institution)

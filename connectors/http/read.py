@@ -132,6 +132,9 @@ Search = Annotated[str | None, Query(max_length=200, description=(
     "those whose title or summary, in any of its languages, contains every word of this (case and accents "
     "aside: `yasli` finds Yaşlı, `tyoelama` työelämä; a word's beginning or middle will do)")),
                    AfterValidator(_some_word)]
+NameSearch = Annotated[str | None, Query(max_length=200, description=(
+    "members whose name, in any of its languages, contains every word of this (case and accents aside: "
+    "`buyuksehir` finds Büyükşehir; a word's beginning or middle will do)")), AfterValidator(_some_word)]
 
 
 def _has_theme(themes: list[str], wanted: str) -> bool:
@@ -182,6 +185,7 @@ def list_institutions(
     municipality_level: Annotated[MunicipalityLevel | None, Query(
         description="municipalities of this level (those the adoption statistics count under it)")] = None,
     theme: Theme = None,
+    q: NameSearch = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
@@ -194,9 +198,11 @@ def list_institutions(
         query = query.where(Institution.country == country)
     if municipality_level is not None:
         query = query.where(Institution.municipality_level == municipality_level, Institution.kind == "municipality")
+    if q is not None:
+        query = query.where(*matching(Institution.words, q))
     rows, next_cursor = keyset_page(session, query, [col(Institution.id)], limit=limit, cursor=cursor,
                                     keep=_theme_filter(theme, lambda institution: institution.themes))
-    return _page([row.model_dump() for row in rows], next_cursor)
+    return _page([row.model_dump(exclude={"words"}) for row in rows], next_cursor)
 
 
 @router.get("/me", response_model=resources.Me, responses=documented(401, 403, 422))
@@ -214,7 +220,7 @@ async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
             held = session.get(tokens.InstitutionToken, tokens.token_hash(bearer)) if bearer is not None else None
             token = None if held is None else {
                 "sha256": held.token_hash[:12], "label": held.label, "created_at": held.created_at, "expires_at": held.expires_at}
-            return (row.model_dump() if row is not None else None), token
+            return (row.model_dump(exclude={"words"}) if row is not None else None), token
 
     institution, token = await run_in_threadpool(read)
     return {
@@ -239,7 +245,7 @@ def get_institution(
     institution = session.get(Institution, institution_id)
     if institution is None:
         raise _not_found("institution", institution_id, session.exec(select(Institution.id).order_by(Institution.id)))
-    return institution.model_dump()
+    return institution.model_dump(exclude={"words"})
 
 
 # --- calls -------------------------------------------------------------------------------------

@@ -1304,9 +1304,10 @@ async def test_projects_are_found_by_partner_adopter_and_place_as_people_write_i
     assert [(e["loc"], e["type"]) for e in typo["errors"]] == [(["query", "partner"], "unknown_institution")]
 
 
-async def test_projects_and_calls_are_found_by_the_words_of_their_title_and_summary_in_any_language(gateway: Gateway) -> None:
-    """A municipality looking for a practice to take up, or an applicant for a call, searches by
-    words as people type them: without Turkish or Finnish letters, in capitals, a word's part.
+async def test_projects_calls_and_members_are_found_by_the_words_of_their_texts_in_any_language(gateway: Gateway) -> None:
+    """A municipality looking for a practice to take up, an applicant for a call, a partner for a
+    member's id searches by words as people type them: without Turkish or Finnish letters, in
+    capitals, a word's part (a project's or a call's title and summary, a member's name).
     Every word must be there, in the title or the summary, in any of their languages; what the
     owner changes is searched as it reads now; LIKE's own characters are taken as themselves."""
     owner = await gateway.join("municipality", "TR", municipality_level="metropolitan")
@@ -1344,6 +1345,20 @@ async def test_projects_and_calls_are_found_by_the_words_of_their_title_and_summ
     await gateway.settle()
     assert await found("/calls", owner=funder, q="tyoelamaosallisuus work") == [call_id]
     assert await found("/calls", owner=funder, q="care") == [call_id] and await found("/calls", owner=funder, q="Mahalle") == []
+
+    # Members, by their names.
+    mersin = await gateway.join("municipality", "TR", municipality_level="metropolitan",
+                                name={"tr": "Mersin Büyükşehir Belediyesi", "en": "Mersin Metropolitan Municipality"})
+    thl = await gateway.join("competence_centre", "FI", name={"fi": "Terveyden ja hyvinvoinnin laitos"})
+
+    async def members(q: str) -> list[str]:
+        return sorted(item["id"] for page in await walk(gateway.client, "/institutions", auth, q=q) for item in page)
+
+    assert await members("buyuksehir") == [mersin] and await members("METROPOLITAN mersin") == [mersin]
+    assert await members("hyvinvoinnin") == [thl] and await members("mersin laitos") == []
+    await gateway.offer("operator", "institution.updated", {"id": thl, "name": {"en": "Finnish Institute for Health and Welfare"}})
+    await gateway.settle()
+    assert await members("welfare") == [thl] and await members("laitos") == []
 
 
 async def test_a_project_shows_which_of_its_owner_partners_and_adopters_left_the_network(gateway: Gateway) -> None:

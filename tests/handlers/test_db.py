@@ -220,7 +220,7 @@ def test_what_a_call_awarded_before_its_running_total_is_filled_in_from_its_appl
                                     "WHERE version_num = '0035_search_words'"))
             connection.execute(text("ALTER TABLE calls DROP COLUMN awarded"))
             connection.execute(text("ALTER TABLE call_applications DROP COLUMN withdrawal_reason"))  # (0029, after 0024)
-            for table in ("projects", "calls"):  # (0035, after 0029)
+            for table in ("projects", "calls", "institutions"):  # (0035, after 0029)
                 connection.execute(text(f"ALTER TABLE {table} DROP COLUMN words"))
         migrate(engine)
         with engine.connect() as connection:
@@ -230,10 +230,10 @@ def test_what_a_call_awarded_before_its_running_total_is_filled_in_from_its_appl
         engine.dispose()
 
 
-def test_the_words_a_search_reads_are_filled_in_for_the_projects_and_calls_already_there(database_url: str) -> None:
-    """A database from before ``projects.words`` and ``calls.words`` (``?q=``): the migration
-    folds each row's title and summary, in every language, so that a search finds what was
-    registered before it as it finds what comes after."""
+def test_the_words_a_search_reads_are_filled_in_for_the_projects_calls_and_members_already_there(database_url: str) -> None:
+    """A database from before ``projects.words``, ``calls.words`` and ``institutions.words``
+    (``?q=``): the migration folds each row's title and summary, or name, in every language, so
+    that a search finds what was registered before it as it finds what comes after."""
     engine = make_engine(database_url)  # a migrated copy (tests/conftest.py)
     now = "2026-03-01 08:00:00"
     try:
@@ -248,15 +248,20 @@ def test_the_words_a_search_reads_are_filled_in_for_the_projects_and_calls_alrea
                 "INSERT INTO calls (call_id, owner, title, kind, themes, eligible_kinds, eligible_countries, opens_at, deadline, "
                 "deadline_model, published_at) VALUES ('c-1', 'eu-esf-fund', '{\"ar\": \"\u062f\u064e\u0639\u0652\u0645\"}', "
                 "'funding', '[]', '[]', '[]', :now, :now, 'single_stage', :now)"), {"now": now})
+            connection.execute(text("INSERT INTO institutions (id, name, kind, country, themes, identifiers, joined_at) "
+                                    "VALUES ('tr-mersin-bb', '{\"tr\": \"MERS\u0130N B\u00fcy\u00fck\u015fehir\"}', "
+                                    "'municipality', 'TR', '[]', '[]', :now)"), {"now": now})
             connection.execute(text("UPDATE alembic_version SET version_num = '0029_withdrawal_reason' "
                                     "WHERE version_num = '0035_search_words'"))
-            for table in ("projects", "calls"):
+            for table in ("projects", "calls", "institutions"):
                 connection.execute(text(f"ALTER TABLE {table} DROP COLUMN words"))
         migrate(engine)
         with engine.connect() as connection:
             found = {str(key): words for key, words in connection.execute(text(
-                "SELECT project_id, words FROM projects UNION ALL SELECT call_id, words FROM calls"))}
-        assert found == {"p-elderly": "evde yasli destek\nhome care\ntyoelama", "p-bare": "kitchens", "c-1": "\u062f\u0639\u0645"}
+                "SELECT project_id, words FROM projects UNION ALL SELECT call_id, words FROM calls "
+                "UNION ALL SELECT id, words FROM institutions"))}
+        assert found == {"p-elderly": "evde yasli destek\nhome care\ntyoelama", "p-bare": "kitchens", "c-1": "\u062f\u0639\u0645",
+                         "tr-mersin-bb": "mersin buyuksehir"}
     finally:
         engine.dispose()
 
@@ -335,7 +340,7 @@ def test_a_withdrawal_s_reason_kept_as_the_application_s_comment_becomes_its_wit
             connection.execute(text("UPDATE alembic_version SET version_num = '0024_call_awarded' "
                                     "WHERE version_num = '0035_search_words'"))
             connection.execute(text("ALTER TABLE call_applications DROP COLUMN withdrawal_reason"))
-            for table in ("projects", "calls"):  # (0035, after 0029)
+            for table in ("projects", "calls", "institutions"):  # (0035, after 0029)
                 connection.execute(text(f"ALTER TABLE {table} DROP COLUMN words"))
         migrate(engine)
         with engine.connect() as connection:

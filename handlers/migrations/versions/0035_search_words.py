@@ -1,6 +1,6 @@
-"""What a search of projects and calls (``?q=``) looks in: ``projects.words`` and ``calls.words``,
-their titles and summaries in every language, without case or accents (``handlers.words``);
-filled in from the rows already there.
+"""What a search of projects, calls and institutions (``?q=``) looks in: ``projects.words``,
+``calls.words`` (their titles and summaries) and ``institutions.words`` (their names), in every
+language, without case or accents (``handlers.words``); filled in from the rows already there.
 
 Revision ID: 0035_search_words
 Revises: 0029_withdrawal_reason
@@ -20,7 +20,8 @@ down_revision = "0029_withdrawal_reason"
 branch_labels = None
 depends_on = None
 
-TABLES = {"projects": "project_id", "calls": "call_id"}
+TABLES = {"projects": ("project_id", ("title", "summary")), "calls": ("call_id", ("title", "summary")),
+          "institutions": ("id", ("name",))}
 
 
 def _folded(text: str) -> str:
@@ -36,11 +37,11 @@ def _texts(value: Any) -> list[str]:
 
 def upgrade() -> None:
     connection = op.get_bind()
-    for table, key in TABLES.items():
+    for table, (key, columns) in TABLES.items():
         with op.batch_alter_table(table) as batch:
             batch.add_column(sa.Column("words", sa.Text(), nullable=False, server_default=""))
-        for row_id, title, summary in connection.execute(sa.text(f"SELECT {key}, title, summary FROM {table}")).all():
-            words = "\n".join(_folded(text) for text in (*_texts(title), *_texts(summary)))
+        for row_id, *texts in connection.execute(sa.text(f"SELECT {key}, {', '.join(columns)} FROM {table}")).all():
+            words = "\n".join(_folded(text) for value in texts for text in _texts(value))
             connection.execute(sa.text(f"UPDATE {table} SET words = :words WHERE {key} = :id"), {"words": words, "id": row_id})
 
 
