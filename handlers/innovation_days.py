@@ -30,6 +30,7 @@ from handlers.rows import TableRow
 from handlers.rules import Refusal, since
 from handlers.rules import innovation_days as rules
 from handlers.session import children
+from handlers.words import words
 from schemas.innovation_days import (
     InnovationDayCancelled,
     InnovationDayHeld,
@@ -108,6 +109,8 @@ class InnovationDay(TableRow, table=True):
     meetings_proposed_at: datetime | None = _timestamp(nullable=True)
     revision: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     """How often the organiser changed the day (moved, cancelled, held): the calendar's SEQUENCE."""
+    words: str = Field(default="", sa_column=Column(sa.Text, nullable=False, server_default=""))
+    """The title and summary as a search (``?q=``) reads them (:mod:`handlers.words`)."""
 
 
 class Registration(TableRow, table=True):
@@ -557,6 +560,7 @@ def on_scheduled(session: Session, event: Event[InnovationDayScheduled]) -> None
             themes=list(data.themes),
             languages=list(data.languages),
             status="scheduled",
+            words=words(data.title, data.summary),
         )
     )
 

@@ -612,6 +612,7 @@ def list_innovation_days(
     theme: Theme = None,
     participant: DayParticipant = None,
     organizer: DayOrganizer = None,
+    q: Search = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
@@ -620,6 +621,8 @@ def list_innovation_days(
     query = days.days_of(select(days.InnovationDay), participant=participant, organizer=organizer)
     if status is not None:
         query = query.where(days.InnovationDay.status == status)
+    if q is not None:
+        query = query.where(*matching(days.InnovationDay.words, q))
     rows, next_cursor = keyset_page(
         session, query, [col(days.InnovationDay.starts_at), col(days.InnovationDay.day_id)], limit=limit, cursor=cursor,
         keep=_theme_filter(theme, lambda day: day.themes),

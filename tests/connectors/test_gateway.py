@@ -1304,10 +1304,11 @@ async def test_projects_are_found_by_partner_adopter_and_place_as_people_write_i
     assert [(e["loc"], e["type"]) for e in typo["errors"]] == [(["query", "partner"], "unknown_institution")]
 
 
-async def test_projects_calls_and_members_are_found_by_the_words_of_their_texts_in_any_language(gateway: Gateway) -> None:
+async def test_projects_calls_members_and_days_are_found_by_the_words_of_their_texts_in_any_language(gateway: Gateway) -> None:
     """A municipality looking for a practice to take up, an applicant for a call, a partner for a
-    member's id searches by words as people type them: without Turkish or Finnish letters, in
-    capitals, a word's part (a project's or a call's title and summary, a member's name).
+    member's id, a funder for a gathering searches by words as people type them: without Turkish or
+    Finnish letters, in capitals, a word's part (the title and summary of a project, a call or a
+    gathering; a member's name).
     Every word must be there, in the title or the summary, in any of their languages; what the
     owner changes is searched as it reads now; LIKE's own characters are taken as themselves."""
     owner = await gateway.join("municipality", "TR", municipality_level="metropolitan")
@@ -1359,6 +1360,18 @@ async def test_projects_calls_and_members_are_found_by_the_words_of_their_texts_
     await gateway.offer("operator", "institution.updated", {"id": thl, "name": {"en": "Finnish Institute for Health and Welfare"}})
     await gateway.settle()
     assert await members("welfare") == [thl] and await members("laitos") == []
+
+    # Gatherings, by their titles and summaries.
+    starts = datetime.now(timezone.utc) + timedelta(days=40)
+    day = {"day_id": unique("d"), "title": {"fi": "Sosiaalisten innovaatioiden päivä"}, "summary": {"en": "Innovators meet funders"},
+           "format": "innovation_day", "starts_at": starts.isoformat(), "ends_at": (starts + timedelta(hours=6)).isoformat(),
+           "attendance_mode": "online", "online_url": "https://example.fi/day", "capacity": 10,
+           "registration_deadline": (starts - timedelta(days=7)).isoformat()}
+    await gateway.offer(thl, "innovation_day.scheduled", day)
+    await gateway.settle()
+    pages = await walk(gateway.client, "/innovation-days", auth, organizer=thl, q="PAIVA funders")
+    assert [item["day_id"] for page in pages for item in page] == [day["day_id"]]
+    assert await walk(gateway.client, "/innovation-days", auth, organizer=thl, q="kitchens") == [[]]
 
 
 async def test_a_project_shows_which_of_its_owner_partners_and_adopters_left_the_network(gateway: Gateway) -> None:

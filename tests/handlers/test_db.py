@@ -48,7 +48,7 @@ def test_a_current_schema_is_known_without_alembic_and_an_older_one_is_migrated(
     try:
         with engine.connect() as connection:
             written = frozenset(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
-        assert written == migration_heads() and "0012_day_revision" in written
+        assert written == migration_heads() and "0036_day_words" in written
 
         upgrades: list[str] = []
         real_upgrade = command.upgrade
@@ -61,8 +61,9 @@ def test_a_current_schema_is_known_without_alembic_and_an_older_one_is_migrated(
         migrate(engine)
         assert upgrades == []  # current: Alembic not asked
         with engine.begin() as connection:  # as if the newest migration had not run yet
-            connection.execute(text("UPDATE alembic_version SET version_num = '0004' WHERE version_num = '0012_day_revision'"))
+            connection.execute(text("UPDATE alembic_version SET version_num = '0004' WHERE version_num = '0036_day_words'"))
             connection.execute(text("ALTER TABLE innovation_days DROP COLUMN revision"))
+            connection.execute(text("ALTER TABLE innovation_days DROP COLUMN words"))
         migrate(engine)
         assert upgrades == ["heads"]
         with engine.connect() as connection:
@@ -230,10 +231,10 @@ def test_what_a_call_awarded_before_its_running_total_is_filled_in_from_its_appl
         engine.dispose()
 
 
-def test_the_words_a_search_reads_are_filled_in_for_the_projects_calls_and_members_already_there(database_url: str) -> None:
-    """A database from before ``projects.words``, ``calls.words`` and ``institutions.words``
-    (``?q=``): the migration folds each row's title and summary, or name, in every language, so
-    that a search finds what was registered before it as it finds what comes after."""
+def test_the_words_a_search_reads_are_filled_in_for_the_projects_calls_members_and_days_already_there(database_url: str) -> None:
+    """A database from before ``projects.words``, ``calls.words``, ``institutions.words`` and
+    ``innovation_days.words`` (``?q=``): the migrations fold each row's title and summary, or name,
+    in every language, so that a search finds what was there before them as what comes after."""
     engine = make_engine(database_url)  # a migrated copy (tests/conftest.py)
     now = "2026-03-01 08:00:00"
     try:
@@ -251,17 +252,24 @@ def test_the_words_a_search_reads_are_filled_in_for_the_projects_calls_and_membe
             connection.execute(text("INSERT INTO institutions (id, name, kind, country, themes, identifiers, joined_at) "
                                     "VALUES ('tr-mersin-bb', '{\"tr\": \"MERS\u0130N B\u00fcy\u00fck\u015fehir\"}', "
                                     "'municipality', 'TR', '[]', '[]', :now)"), {"now": now})
+            connection.execute(text(
+                "INSERT INTO innovation_days (day_id, organizer, title, summary, format, starts_at, ends_at, attendance_mode, "
+                "capacity, registration_deadline, themes, languages, status) VALUES ('d-1', 'fi-thl', "
+                "'{\"fi\": \"Sosiaalisten innovaatioiden p\u00e4iv\u00e4\"}', '{\"en\": \"Meet FUNDERS\"}', 'innovation_day', "
+                ":now, :now, 'online', 10, :now, '[]', '[]', 'scheduled')"), {"now": now})
             connection.execute(text("UPDATE alembic_version SET version_num = '0029_withdrawal_reason' "
                                     "WHERE version_num = '0035_search_words'"))
-            for table in ("projects", "calls", "institutions"):
+            connection.execute(text("UPDATE alembic_version SET version_num = '0012_day_revision' "
+                                    "WHERE version_num = '0036_day_words'"))
+            for table in ("projects", "calls", "institutions", "innovation_days"):
                 connection.execute(text(f"ALTER TABLE {table} DROP COLUMN words"))
         migrate(engine)
         with engine.connect() as connection:
             found = {str(key): words for key, words in connection.execute(text(
                 "SELECT project_id, words FROM projects UNION ALL SELECT call_id, words FROM calls "
-                "UNION ALL SELECT id, words FROM institutions"))}
+                "UNION ALL SELECT id, words FROM institutions UNION ALL SELECT day_id, words FROM innovation_days"))}
         assert found == {"p-elderly": "evde yasli destek\nhome care\ntyoelama", "p-bare": "kitchens", "c-1": "\u062f\u0639\u0645",
-                         "tr-mersin-bb": "mersin buyuksehir"}
+                         "tr-mersin-bb": "mersin buyuksehir", "d-1": "sosiaalisten innovaatioiden paiva\nmeet funders"}
     finally:
         engine.dispose()
 
