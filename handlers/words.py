@@ -5,6 +5,7 @@ SQL ``LIKE`` of each word asked for, on SQLite and PostgreSQL alike, and pages i
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,13 @@ def folded(text: str) -> str:
 def words(*texts: Mapping[str, str] | None) -> str:
     """The folded texts of ``texts`` (LocalizedTexts, or none), one a line."""
     return "\n".join(folded(value) for text in texts if text for value in text.values())
+
+
+def stored_words(*texts: Any) -> str:
+    """:func:`words` of LocalizedTexts as a database returns them (JSON text on SQLite, objects on
+    PostgreSQL, or none): what a migration fills the column of the rows already there with."""
+    read = (json.loads(text) if isinstance(text, str) else text for text in texts)
+    return words(*(text for text in read if isinstance(text, dict)))
 
 
 def matching(column: Any, q: str) -> list[Any]:
