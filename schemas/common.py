@@ -263,12 +263,10 @@ def at_most(limit: int) -> tuple[Any, ...]:
     return (AfterValidator(check), Field(json_schema_extra={"maximum": limit}))
 
 
-
 AMOUNT_WHOLE_DIGITS, AMOUNT_DECIMALS = 15, 12
 """The most digits an amount has before its point and after it, checked at the gate: an amount of
 a quadrillion or more is a mistake, and the sums of what a call awarded are then exact (the
 decimal arithmetic keeps 28 digits)."""
-
 
 AMOUNT_PATTERN = rf"^[0-9]{{1,{AMOUNT_WHOLE_DIGITS}}}(\.[0-9]{{1,{AMOUNT_DECIMALS}}})?$"
 """An amount as the JSON Schema gives it (the gate reads a logged one of any length, and says the
@@ -276,9 +274,9 @@ bound in its own words)."""
 
 
 def _bounded_amount(value: str, info: ValidationInfo) -> str:
-    whole, _, decimals = value.partition(".")
     if logged(info):  # accepted by an earlier gate: read as it was then
         return value
+    whole, _, decimals = value.partition(".")
     if len(whole) > AMOUNT_WHOLE_DIGITS:
         raise PydanticCustomError("decimal_whole_digits", f"Input should be an amount of at most {AMOUNT_WHOLE_DIGITS} digits "
                                                           f"before the decimal point, not {len(whole)}")
@@ -293,6 +291,7 @@ NonNegativeDecimalString = Annotated[
     Field(json_schema_extra={"pattern": AMOUNT_PATTERN}),
 ]
 """An amount of money as decimal text (never rounded): ``"1500000.00"``."""
+
 
 Timestamp = Annotated[AwareDatetime, _text_or(datetime)]
 """A moment with its UTC offset; naive datetimes are refused."""
