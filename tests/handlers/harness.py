@@ -118,6 +118,14 @@ class BusScenario:
         await self.settle(last + len(derived))
         return derived
 
+    def _relay_state(self) -> str:
+        """How the relay stands, for a failed wait: whether its loop still runs, and what it published."""
+        relay = self.bus.relay
+        task = relay._task
+        running = "has no loop" if task is None else "runs" if not task.done() else (
+            f"loop ended: {task.exception()!r}" if not task.cancelled() and task.exception() else "loop ended")
+        return f"{running}, published {relay.published}"
+
     async def settle(self, seq: int | None) -> None:
         """Wait until the consumer applied ``seq`` and the outbox is empty and applied too."""
         import asyncio
@@ -131,7 +139,9 @@ class BusScenario:
             last = (await self.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
             if position >= (seq or 0) and not pending and position >= last:
                 return
-            assert loop.time() < deadline, f"the network consumer did not catch up (at {position}, log at {last})"
+            assert loop.time() < deadline, (
+                f"the network consumer did not catch up (at {position}, log at {last}, waiting for {seq}; "
+                f"{len(pending)} derived events unpublished; the relay {self._relay_state()})")
             self.bus.relay.wake.set()
             await asyncio.sleep(0.005)
 
