@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Mapping
-from datetime import date, datetime
+from datetime import date, datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self, TypeVar
 
@@ -224,6 +224,20 @@ RFC3339_FULL_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _LOCAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?")
 
 
+def _representable(moment: datetime) -> bool:
+    """Whether ``moment`` is a day or more inside the years 1 to 9999 in UTC, where the bus keeps,
+    compares and counts from it (``9999-12-31T23:59:59-14:00`` is in year 10000 there, which no
+    date holds: its projection failed, for good)."""
+    try:
+        utc = moment.astimezone(timezone.utc)
+    except OverflowError:
+        return False
+    return datetime.min.replace(tzinfo=timezone.utc) + _A_DAY <= utc <= datetime.max.replace(tzinfo=timezone.utc) - _A_DAY
+
+
+_A_DAY = timedelta(days=1)
+
+
 def _text_or(kind: type) -> BeforeValidator:
     """Refuse numbers (Unix timestamps) that pydantic would otherwise turn into times, and text
     that is not RFC 3339: the contract, and the JSON Schema, say RFC 3339 text."""
@@ -241,9 +255,12 @@ def _text_or(kind: type) -> BeforeValidator:
                     raise PydanticCustomError("timezone_aware", "Input should have timezone info (Z or an offset such as +02:00)")
                 raise PydanticCustomError(code, problem)
             try:  # read here, as the strict models take no text (``t``/``z`` may be lower case)
-                return datetime.fromisoformat(value.upper()) if kind is datetime else date.fromisoformat(value)
+                moment = datetime.fromisoformat(value.upper()) if kind is datetime else date.fromisoformat(value)
             except ValueError:
                 raise PydanticCustomError(code, f"{problem}: this one does not exist") from None
+            if isinstance(moment, datetime) and moment.tzinfo is not None and not logged(info) and not _representable(moment):
+                raise PydanticCustomError(code, f"{problem}: in UTC, this one is not a day or more inside the years 1 to 9999")
+            return moment
         if not isinstance(value, kind):
             raise ValueError(f"expected an RFC 3339 string, got {json_type(value)}")
         return value

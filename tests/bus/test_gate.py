@@ -331,6 +331,26 @@ async def test_lower_case_t_and_z_are_rfc_3339_too(bus: Bus, partner: Client) ->
     assert applied.time == datetime(2026, 11, 23, 10, tzinfo=timezone.utc)
 
 
+async def test_a_moment_its_offset_takes_past_year_9999_or_before_year_1_is_refused(partner: Client) -> None:
+    """Moments are kept, compared and counted from in UTC: `9999-12-31T23:59:59-14:00` is in year
+    10000 there, which no date holds. It was logged, and its projection failed (OverflowError) for
+    good. A moment is taken a day or more inside the years 1 to 9999."""
+    for attribute, moment in (("ends_at", "9999-12-31T23:59:59-14:00"), ("time", "0001-01-01T00:00:00+14:00")):
+        institution, event = fresh("innovation_day.scheduled")
+        if attribute == "time":
+            event["time"] = moment
+        else:
+            event["data"][attribute] = moment
+        verdict = await offer(partner, institution, event)
+        place = ("time",) if attribute == "time" else ("data", attribute)
+        assert [(p.loc, p.type) for p in verdict.errors] == [(place, "datetime_parsing")], verdict.as_dict()
+        assert verdict.errors[0].msg.endswith("in UTC, this one is not a day or more inside the years 1 to 9999")
+    institution, event = fresh("innovation_day.scheduled")
+    event["data"]["ends_at"] = "9999-12-30T09:59:59+14:00"  # (9999-12-29 in UTC: room for a meeting's slot after it)
+    event["data"]["starts_at"] = "9999-12-30T08:00:00+14:00"
+    assert (await offer(partner, institution, event)).accepted
+
+
 async def test_dates_are_dates(partner: Client) -> None:
     institution, event = fresh("project.registered")
     event["data"]["started_on"] = "2026-01-01T00:00:00Z"
