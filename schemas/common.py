@@ -224,7 +224,7 @@ RFC3339_FULL_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _LOCAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?")
 
 
-def _representable(moment: datetime) -> bool:
+def representable(moment: datetime) -> bool:
     """Whether ``moment`` is a day or more inside the years 1 to 9999 in UTC, where the bus keeps,
     compares and counts from it (``9999-12-31T23:59:59-14:00`` is in year 10000 there, which no
     date holds: its projection failed, for good)."""
@@ -236,6 +236,8 @@ def _representable(moment: datetime) -> bool:
 
 
 _A_DAY = timedelta(days=1)
+OUT_OF_RANGE = "in UTC, this one is not a day or more inside the years 1 to 9999"
+"""What a moment :func:`representable` refuses is told."""
 
 
 def _text_or(kind: type) -> BeforeValidator:
@@ -258,8 +260,8 @@ def _text_or(kind: type) -> BeforeValidator:
                 moment = datetime.fromisoformat(value.upper()) if kind is datetime else date.fromisoformat(value)
             except ValueError:
                 raise PydanticCustomError(code, f"{problem}: this one does not exist") from None
-            if isinstance(moment, datetime) and moment.tzinfo is not None and not logged(info) and not _representable(moment):
-                raise PydanticCustomError(code, f"{problem}: in UTC, this one is not a day or more inside the years 1 to 9999")
+            if isinstance(moment, datetime) and moment.tzinfo is not None and not logged(info) and not representable(moment):
+                raise PydanticCustomError(code, f"{problem}: {OUT_OF_RANGE}")
             return moment
         if not isinstance(value, kind):
             raise ValueError(f"expected an RFC 3339 string, got {json_type(value)}")

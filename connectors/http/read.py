@@ -54,7 +54,16 @@ from handlers.validations import (
 )
 from handlers.words import folded, matching
 from schemas.calls import CallKind
-from schemas.common import AWARE_TIME, COUNTRY_CODES, InstitutionKind, check_theme, nearest, unknown_name
+from schemas.common import (
+    AWARE_TIME,
+    COUNTRY_CODES,
+    OUT_OF_RANGE,
+    InstitutionKind,
+    check_theme,
+    nearest,
+    representable,
+    unknown_name,
+)
 from schemas.envelope import INSTITUTION_PATTERN
 from schemas.institutions import MunicipalityLevel
 from schemas.projects import ProjectStatus
@@ -76,6 +85,8 @@ def _a_moment(value: object, read: ValidatorFunctionWrapHandler) -> datetime:
         moment: datetime = read(_offset_as_meant(value))
     except ValidationError as exc:
         raise PydanticCustomError(exc.errors()[0]["type"], AWARE_TIME) from None
+    if not representable(moment):  # (compared in UTC, where it would be no date: the query failed)
+        raise PydanticCustomError("datetime_parsing", f"{AWARE_TIME}: {OUT_OF_RANGE}")
     return moment
 
 

@@ -401,6 +401,10 @@ async def test_calls_are_filtered_by_status_and_eligibility(gateway: Gateway, mu
         said = problem(await gateway.client.get("/calls", params={"deadline_before": unclear}, headers=auth), 422, "invalid")
         assert [(e["loc"], e["msg"]) for e in said["errors"]] == [(["query", "deadline_before"], (
             "Input should be a time with its UTC offset, such as 2027-01-20T00:00:00Z or 2027-01-20T12:00:00+02:00"))], said
+    # A moment that is no date in UTC, where it is compared (it answered 500).
+    for extreme in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"):
+        said = problem(await gateway.client.get("/calls", params={"deadline_before": extreme}, headers=auth), 422, "invalid")
+        assert said["errors"][0]["msg"].endswith("in UTC, this one is not a day or more inside the years 1 to 9999"), said
     # A funder's own calls; a country or theme that is none is told so, as in an event (it answered an empty page).
     theirs = await walk(gateway.client, "/calls", auth, owner=funder)
     assert {item["call_id"] for page in theirs for item in page} == {c["call_id"] for c in (for_municipalities, for_ngos, for_all, soon)}
