@@ -75,8 +75,8 @@ class Call(TableRow, table=True):
     awarded: str | None = Field(default=None, max_length=64)
     """What the call has awarded so far, in its budget's currency (decimal text; None: no award
     with an amount): an award is weighed against what is left of the budget."""
-    words: str = Field(default="", sa_column=Column(sa.Text, nullable=False, server_default=""))
-    """The title and summary as a search (``?q=``) reads them (:mod:`handlers.words`)."""
+    words: str = Field(default="", exclude=True, sa_column=Column(sa.Text, nullable=False, server_default=""))
+    """The title and summary as a search (``?q=``) reads them (:mod:`handlers.words`); no resource shows them."""
 
     def snapshot(self) -> CallSnapshot:
         """What the workflow rules see of this call."""

@@ -109,8 +109,8 @@ class InnovationDay(TableRow, table=True):
     meetings_proposed_at: datetime | None = _timestamp(nullable=True)
     revision: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     """How often the organiser changed the day (moved, cancelled, held): the calendar's SEQUENCE."""
-    words: str = Field(default="", sa_column=Column(sa.Text, nullable=False, server_default=""))
-    """The title and summary as a search (``?q=``) reads them (:mod:`handlers.words`)."""
+    words: str = Field(default="", exclude=True, sa_column=Column(sa.Text, nullable=False, server_default=""))
+    """The title and summary as a search (``?q=``) reads them (:mod:`handlers.words`); no resource shows them."""
 
 
 class Registration(TableRow, table=True):

@@ -115,8 +115,8 @@ class Institution(TableRow, table=True):
     contact_email: str | None = Field(default=None, max_length=320)
     joined_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     left_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
-    words: str = Field(default="", sa_column=Column(sa.Text, nullable=False, server_default=""))
-    """The name as a search (``?q=``) reads it (:mod:`handlers.words`)."""
+    words: str = Field(default="", exclude=True, sa_column=Column(sa.Text, nullable=False, server_default=""))
+    """The name as a search (``?q=``) reads it (:mod:`handlers.words`); no resource shows it."""
 
     @property
     def active(self) -> bool:

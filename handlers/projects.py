@@ -61,8 +61,8 @@ class Project(TableRow, table=True):
     updated_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     completed_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
     outcome: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
-    words: str = Field(default="", sa_column=Column(sa.Text, nullable=False, server_default=""))
-    """The title and summary as a search (``?q=``) reads them (:mod:`handlers.words`)."""
+    words: str = Field(default="", exclude=True, sa_column=Column(sa.Text, nullable=False, server_default=""))
+    """The title and summary as a search (``?q=``) reads them (:mod:`handlers.words`); no resource shows them."""
 
     def snapshot(self) -> ProjectSnapshot:
         """What the workflow rules see of this project."""

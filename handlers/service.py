@@ -437,12 +437,10 @@ class NetworkService:
         them: what was handed over (:meth:`fresh`) is among them. ``peek``: read by someone else
         (how much waits, say), which leaves the hand-over to the relay: taken here, the relay
         would not publish what was committed meanwhile before its next reading of the table."""
-        if peek:
-            with reading(self.engine).connect() as connection:
-                return [(event_id, body) for event_id, body in connection.execute(_OUTBOX, {"most": limit})]
-        with self._mutex:  # what was handed over is committed, so it is read here too
-            self._fresh = []
-            self._outbox_known = True
+        if not peek:
+            with self._mutex:  # what was handed over is committed, so it is read here too
+                self._fresh = []
+                self._outbox_known = True
         with reading(self.engine).connect() as connection:  # a read of its own: no session, no write lock
             return [(event_id, body) for event_id, body in connection.execute(_OUTBOX, {"most": limit})]
 

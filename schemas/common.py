@@ -229,13 +229,13 @@ def representable(moment: datetime) -> bool:
     compares and counts from it (``9999-12-31T23:59:59-14:00`` is in year 10000 there, which no
     date holds: its projection failed, for good)."""
     try:
-        utc = moment.astimezone(timezone.utc)
+        return _EARLIEST <= moment.astimezone(timezone.utc) <= _LATEST
     except OverflowError:
         return False
-    return datetime.min.replace(tzinfo=timezone.utc) + _A_DAY <= utc <= datetime.max.replace(tzinfo=timezone.utc) - _A_DAY
 
 
-_A_DAY = timedelta(days=1)
+_EARLIEST = datetime.min.replace(tzinfo=timezone.utc) + timedelta(days=1)
+_LATEST = datetime.max.replace(tzinfo=timezone.utc) - timedelta(days=1)
 OUT_OF_RANGE = "in UTC, this one is not a day or more inside the years 1 to 9999"
 """What a moment :func:`representable` refuses is told."""
 

@@ -140,9 +140,9 @@ def calendar_feed(
     matchmaking proposed to it in each not cancelled; ``organizer``: those it organises."""
     known_institutions(session, participant=participant, organizer=organizer)
     query = days_of(select(InnovationDay), participant=participant, organizer=organizer)
-    days = session.exec(query.order_by(col(InnovationDay.starts_at), col(InnovationDay.day_id))).all()
+    days = list(session.exec(query.order_by(col(InnovationDay.starts_at), col(InnovationDay.day_id))).all())
     # The meetings of all its days in one query, of the days the feed holds (not one per day).
     matched = query.where(col(InnovationDay.status) != "cancelled", col(InnovationDay.meetings_proposed_at).is_not(None))
     proposed = {} if participant is None else meetings_of(
         session, matched.with_only_columns(col(InnovationDay.day_id)), participant=participant)
-    return Response(feed(list(days), lang, proposed, names_of(session, list(days))), media_type=f"{ICS}; charset=utf-8")
+    return Response(feed(days, lang, proposed, names_of(session, days)), media_type=f"{ICS}; charset=utf-8")

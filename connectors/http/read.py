@@ -213,7 +213,7 @@ def list_institutions(
         query = query.where(*matching(Institution.words, q))
     rows, next_cursor = keyset_page(session, query, [col(Institution.id)], limit=limit, cursor=cursor,
                                     keep=_theme_filter(theme, lambda institution: institution.themes))
-    return _page([row.model_dump(exclude={"words"}) for row in rows], next_cursor)
+    return _page([row.model_dump() for row in rows], next_cursor)
 
 
 @router.get("/me", response_model=resources.Me, responses=documented(401, 403, 422))
@@ -231,7 +231,7 @@ async def whoami(request: Request, viewer: Member) -> dict[str, Any]:
             held = session.get(tokens.InstitutionToken, tokens.token_hash(bearer)) if bearer is not None else None
             token = None if held is None else {
                 "sha256": held.token_hash[:12], "label": held.label, "created_at": held.created_at, "expires_at": held.expires_at}
-            return (row.model_dump(exclude={"words"}) if row is not None else None), token
+            return (row.model_dump() if row is not None else None), token
 
     institution, token = await run_in_threadpool(read)
     return {
@@ -256,7 +256,7 @@ def get_institution(
     institution = session.get(Institution, institution_id)
     if institution is None:
         raise _not_found("institution", institution_id, session.exec(select(Institution.id).order_by(Institution.id)))
-    return institution.model_dump(exclude={"words"})
+    return institution.model_dump()
 
 
 # --- calls -------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def get_institution(
 def _call(row: Call, now: datetime, counts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """A call as members see it; ``counts``: its applications' counts, for its publisher
     (:func:`handlers.calls.application_counts`; None to anyone else)."""
-    return {**row.model_dump(exclude={"words"}), "status": row.status(now), "stage": row.stage(now),
+    return {**row.model_dump(), "status": row.status(now), "stage": row.stage(now),
             "applications": (counts or {}).get(row.call_id)}
 
 
@@ -426,7 +426,7 @@ def get_application(call_id: CallId, application_id: ApplicationId, viewer: Memb
 
 
 def _project(row: Project) -> dict[str, Any]:
-    values = row.model_dump(exclude={"country", "region", "municipality", "words"})
+    values = row.model_dump(exclude={"country", "region", "municipality"})
     location = {"country": row.country, "region": row.region, "municipality": row.municipality}
     values["location"] = location if any(location.values()) else None
     return values
@@ -434,8 +434,9 @@ def _project(row: Project) -> dict[str, Any]:
 
 def _spellings(session: Session, column: Any, place: str) -> list[str]:
     """How the projects' locations write ``place`` in ``column`` (``Yenişehir``, ``YENİŞEHİR``…),
-    case and accents aside (:func:`handlers.words.folded`): the projects are then chosen in SQL, and paged there, from the few
-    names of places the projects have rather than by reading every project."""
+    case and accents aside (:func:`handlers.words.folded`): the projects are then chosen in SQL,
+    and paged there, from the few names of places the projects have rather than by reading every
+    project."""
     wanted = folded(place)
     return [name for name in session.exec(select(column).where(col(column).is_not(None)).distinct()) if folded(name) == wanted]
 

@@ -243,10 +243,15 @@ class PortalClient:
             raise UnreadableAnswer(f"the portal at {self.where} answered GET /api/v1/entries with {what}, "
                                    'not an object with items ({"items": [...], "next_cursor": ...})')
         cursor = page.get("next_cursor")
-        if cursor is not None and (not isinstance(cursor, str) or len(cursor) > 2048 or "\x00" in cursor):
-            what = (f"{json_type(cursor)}, not a string" if not isinstance(cursor, str) else "longer than 2048 characters"
-                    if len(cursor) > 2048 else "holding the NUL character (U+0000), which no database of the bus can store")
-            raise UnreadableAnswer(f"the portal at {self.where} answered GET /api/v1/entries with a next_cursor {what}")
+        wrong: str | None = None
+        if cursor is not None and not isinstance(cursor, str):
+            wrong = f"{json_type(cursor)}, not a string"
+        elif cursor is not None and len(cursor) > 2048:
+            wrong = "longer than 2048 characters"
+        elif cursor is not None and "\x00" in cursor:
+            wrong = "holding the NUL character (U+0000), which no database of the bus can store"
+        if wrong is not None:
+            raise UnreadableAnswer(f"the portal at {self.where} answered GET /api/v1/entries with a next_cursor {wrong}")
         return page
 
     async def get_entry(self, entry_id: str) -> tuple[dict[str, Any], str | None] | None:
