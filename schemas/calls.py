@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from schemas.common import (
@@ -62,6 +62,11 @@ class CallPublished(EventData):
     (`call.full_proposal_submitted`) by the `full_proposal_deadline` (none: no limit), and awards
     only applications with one. An invited application without one when that deadline has
     passed lapses (`call.application_lapsed`), unless the publisher cancelled or filled the call."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["deadline_model"], "properties": {"deadline_model": {"not": {"const": "two_stage"}}}},
+        "then": {"properties": {"full_proposal_deadline": {"type": "null"}}},
+    })
 
     call_id: AggregateId
     title: LocalizedText
@@ -191,6 +196,11 @@ class ApplicationDecided(EventData):
     the currency of its first award) or `declined`; in a two-stage call it is first `invited`
     to send a full proposal, and awarded only once it has. The `comment` is for the applicant and
     its partners, who alone see the decision with the publisher."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["decision"], "properties": {"decision": {"not": {"const": "awarded"}}}},
+        "then": {"properties": {"awarded_amount": {"type": "null"}}},
+    })
 
     call_id: AggregateId
     application_id: AggregateId

@@ -13,6 +13,7 @@ from schemas.common import (
     EventData,
     InstitutionId,
     InstitutionKind,
+    JsonDict,
     Label,
     LocalizedText,
     NotClearable,
@@ -25,6 +26,13 @@ from schemas.common import (
 __all__ = ["Identifier", "InstitutionJoined", "InstitutionLeft", "InstitutionUpdated"]
 
 MunicipalityLevel = Literal["metropolitan", "provincial", "district"]
+
+LEVEL_OF_A_MUNICIPALITY_SCHEMA: JsonDict = {
+    "if": {"required": ["kind"], "properties": {"kind": {"not": {"const": "municipality"}}}},
+    "then": {"properties": {"municipality_level": {"type": "null"}}},
+}
+"""The JSON Schema's words for :func:`level_of_a_municipality`: with a kind other than
+`municipality`, a level is null or absent."""
 
 
 def level_of_a_municipality(level: MunicipalityLevel | None, info: ValidationInfo) -> MunicipalityLevel | None:
@@ -52,6 +60,8 @@ class InstitutionJoined(EventData):
     """An institution became a member; its kind decides what it may offer to the network. A
     `municipality_level` is given to a municipality only."""
 
+    model_config = ConfigDict(json_schema_extra=LEVEL_OF_A_MUNICIPALITY_SCHEMA)
+
     id: InstitutionId
     name: LocalizedText
     kind: InstitutionKind
@@ -75,7 +85,7 @@ class InstitutionUpdated(EventData):
     and `country` cannot be cleared; lists are replaced whole. A member whose kind changes from
     `municipality` to another loses its `municipality_level`."""
 
-    model_config = ConfigDict(json_schema_extra={"minProperties": 2})
+    model_config = ConfigDict(json_schema_extra={"minProperties": 2, **LEVEL_OF_A_MUNICIPALITY_SCHEMA})
 
     id: InstitutionId
     name: NotClearable[LocalizedText] = None

@@ -177,7 +177,7 @@ class ValidationDecided(EventData):
 
     model_config = ConfigDict(json_schema_extra={
         "if": {"properties": {"decided_by": {"const": "rule"}}},
-        "then": {"properties": {"median_scores": {"required": list(CRITERIA)}}},
+        "then": {"required": ["median_scores"], "properties": {"median_scores": {"required": list(CRITERIA)}}},
     })
 
     validation_id: AggregateId

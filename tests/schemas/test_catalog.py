@@ -273,6 +273,19 @@ DROP = object()
     # A decision by the rule carries every criterion's median; a coordinator's need not.
     ("validation.decided", {"decided_by": "rule", "median_scores": {"novelty": 4}}, False),
     ("validation.decided", {"decided_by": "coordinator", "median_scores": {"novelty": 4}}, True),
+    ("validation.decided", {"decided_by": "rule", "median_scores": DROP}, False),
+    ("validation.decided", {"decided_by": "coordinator", "median_scores": DROP}, True),
+    # An amount is awarded with the decision 'awarded' alone.
+    ("call.application_decided", {"decision": "declined"}, False),
+    ("call.application_decided", {"decision": "invited", "awarded_amount": None}, True),
+    # A full proposal's deadline is a two-stage call's.
+    ("call.published", {"deadline_model": "single_stage", "full_proposal_deadline": "2026-10-01T12:00:00+02:00"}, False),
+    ("call.published", {"deadline_model": "single_stage", "full_proposal_deadline": DROP}, True),
+    # A municipality level is a municipality's.
+    ("institution.joined", {"municipality_level": "district"}, False),
+    ("institution.joined", {"kind": "municipality", "municipality_level": "district"}, True),
+    ("institution.updated", {"kind": "ngo", "municipality_level": "district"}, False),
+    ("institution.updated", {"municipality_level": "district"}, True),
 ])
 def test_exported_schema_says_which_fields_go_together_as_the_model_does(
     tmp_path: Path, event_type: str, changes: dict[str, Any], valid: bool
