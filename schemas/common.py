@@ -87,13 +87,19 @@ EventId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 LanguageTag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
 """A BCP 47 language tag such as `fi`, `tr`, `ar`, `sv-FI`."""
 
+WITHOUT_NUL_PATTERN = r"^[^\u0000]*$"
+"""A text without the NUL character, in the JSON Schemas' words: the gate refuses one holding it
+(:data:`NUL_MESSAGE`) with one search of the body, so the models leave it to the gate."""
+
+WITHOUT_NUL = Field(json_schema_extra={"pattern": WITHOUT_NUL_PATTERN})
+
 LocalizedText = Annotated[
-    dict[LanguageTag, Annotated[str, StringConstraints(min_length=1)]],
+    dict[LanguageTag, Annotated[str, StringConstraints(min_length=1), WITHOUT_NUL]],
     Field(min_length=1, json_schema_extra={"additionalProperties": False}),
 ]
 """Text meant for people, per language. Stored exactly as sent: no stripping, no normalising."""
 
-Label = Annotated[str, StringConstraints(min_length=1, max_length=300)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=300), WITHOUT_NUL]
 """A short single-language string (a region, an address, a unit), kept exactly as sent."""
 
 _WEB_URL = (
@@ -440,7 +446,7 @@ class ExternalRef(ValueObject):
     """How another system (e.g. Innokylä) names the same thing."""
 
     system: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-    id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    id: Annotated[str, StringConstraints(min_length=1, max_length=256), WITHOUT_NUL]
     url: WebUrl | None = None
 
 
@@ -529,6 +535,7 @@ _PATTERN_WORDS = {
     r"^[A-Za-z]{2}$": "a two-letter country code (ISO 3166-1 alpha-2), e.g. FI",
     r"^https?://[^\s/?#]+[^\s]*$": "an http(s) address, e.g. https://example.fi/page",
     _WEB_URL: "an http(s) address, e.g. https://example.fi/page",
+    WITHOUT_NUL_PATTERN: "text without the NUL character (U+0000)",
     r"^[a-z0-9][a-z0-9_-]{0,62}$": "a code of 1 to 63 lower-case letters (a-z), digits, '_' and '-', "
                                    "not beginning with either, e.g. innokyla",
     r"^[a-z0-9][a-z0-9-]{0,62}$": "a code of 1 to 63 lower-case letters (a-z), digits and '-', "

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from schemas.common import Timestamp
+from schemas.common import WITHOUT_NUL, Timestamp
 
 EVENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 SUBJECT_PATTERN = r"^[A-Za-z0-9_:-]{1,128}$"
@@ -54,11 +54,11 @@ class CloudEvent(BaseModel):
     subject: Annotated[str, StringConstraints(pattern=SUBJECT_PATTERN)]
     time: Timestamp | None = None
     datacontenttype: Literal["application/json"] = "application/json"
-    dataschema: str | None = None
+    dataschema: Annotated[str, WITHOUT_NUL] | None = None
     correlationid: EventId | None = None
     causationid: EventId | None = None
     traceparent: Annotated[str, StringConstraints(pattern=TRACEPARENT_PATTERN)] | None = None
-    tracestate: Annotated[str, StringConstraints(max_length=512)] | None = None
+    tracestate: Annotated[str, StringConstraints(max_length=512), WITHOUT_NUL] | None = None
     data: dict[str, Any]
 
     @property

@@ -18,6 +18,7 @@ from schemas.common import (
     LocalizedText,
     NotClearable,
     Theme,
+    WITHOUT_NUL,
     ValueObject,
     WebUrl,
     logged,
@@ -53,7 +54,7 @@ class Identifier(ValueObject):
     connector maps organisations to members through these."""
 
     scheme: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
-    value: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    value: Annotated[str, StringConstraints(min_length=1, max_length=128), WITHOUT_NUL]
 
 
 class InstitutionJoined(EventData):

@@ -303,6 +303,30 @@ def test_exported_schema_says_which_fields_go_together_as_the_model_does(
             spec_for(event_type).adapter.validate_python(data)
 
 
+def test_exported_schemas_refuse_the_nul_character_the_gate_refuses(tmp_path: Path) -> None:
+    """The gate refuses U+0000 in any text (`string_nul`, by one search of the body, not by the
+    models): the schemas say so of every free text, so a partner's validator refuses it first."""
+    from schemas.envelope import CloudEvent
+
+    export_json_schemas(tmp_path)
+    project = Draft202012Validator(load(tmp_path / "project.registered.v1.json"))
+    data = load(FIXTURES / "project.registered.json")["event"]["data"]
+    assert project.is_valid(data)
+    for invalid in (
+        {**data, "title": {"en": "Mahalle\u0000Mutfakları"}},
+        {**data, "location": {**data["location"], "region": "Mersin\u0000"}},
+        {**data, "external_refs": [{"system": "innokyla", "id": "\u0000"}]},
+    ):
+        assert not project.is_valid(invalid), invalid
+    member = Draft202012Validator(load(tmp_path / "institution.joined.v1.json"))
+    joined = load(FIXTURES / "institution.joined.json")["event"]["data"]
+    assert not member.is_valid({**joined, "identifiers": [{"scheme": "fi-business-id", "value": "1234567-8\u0000"}]})
+    envelope = Draft202012Validator(CloudEvent.model_json_schema())
+    event = load(FIXTURES / "project.registered.json")["event"]
+    assert envelope.is_valid({**event, "tracestate": "vendor=1"})
+    assert not envelope.is_valid({**event, "tracestate": "vendor=\u0000"})
+
+
 def test_exported_schema_refuses_what_the_model_refuses_in_vocabularies(tmp_path: Path) -> None:
     export_json_schemas(tmp_path)
     validator = Draft202012Validator(load(tmp_path / "project.registered.v1.json"))
