@@ -423,7 +423,7 @@ class Consumer:
 
     async def handle(self, msgs: list[Msg]) -> None:
         """Apply a batch in order; ack what was applied, retry a failure in place, then dead-letter it."""
-        from handlers.service import Failure, LoggedItem  # the port's value types; handlers never import nats
+        from handlers.service import Failure, LoggedItem, read_logged  # the port's value types; handlers never import nats
 
         pending = list(msgs)
         attempts = 0
@@ -433,7 +433,7 @@ class Consumer:
             unreadable: Failure | None = None
             for msg in pending:
                 try:
-                    envelope = orjson.loads(msg.data)
+                    envelope = read_logged(msg.data)
                 except orjson.JSONDecodeError as exc:
                     unreadable = Failure("JSONDecodeError", str(exc), permanent=True)
                     break

@@ -320,12 +320,12 @@ class _Frames:
 def replay_frame(service: Any, frame: list[tuple[int, int, str | None, bytes]], report: RebuildReport,
                  lane: _Lane | None = None) -> None:
     """Read and apply one batch from the reader, in order; what is no event is noted and passed."""
-    from handlers.service import LoggedItem
+    from handlers.service import LoggedItem, read_logged
 
     items: list[Any] = []
     for seq, nanos, msg_id, data in frame:
         try:
-            envelope = orjson.loads(data)
+            envelope = read_logged(data)
         except orjson.JSONDecodeError as exc:  # not an event (the live consumer dead-letters it): past it
             _apply(service, items, report)
             items = []

@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy import event as sa_event
@@ -49,6 +50,7 @@ from handlers.network import REBUILDING, Book, Event, Network, applied_among
 from handlers.rules import RULES, judged_by
 from handlers.session import KnownKeysSession, tracked_tables
 from ops.metrics import HANDLER_SECONDS, TIMERS_SECONDS
+from schemas.common import nul_replaced
 
 log = logging.getLogger("collabbus.handlers")
 
@@ -73,6 +75,14 @@ class LoggedItem:
     logged_at: datetime
     traceparent: str | None = None
     """The W3C trace context the log message carries (its producer's span)."""
+
+
+def read_logged(data: bytes) -> dict[str, Any]:
+    """An event of the log (its JSON) as the read models take it: a text holding U+0000, which
+    the gate has refused since and PostgreSQL cannot store, reads as U+FFFD (:func:`nul_replaced`),
+    on every database alike. Raises ``orjson.JSONDecodeError`` for what is no JSON."""
+    envelope = orjson.loads(data)
+    return nul_replaced(envelope) if b"\\u0000" in data else envelope  # (JSON writes the character so, and only so)
 
 
 @dataclass(frozen=True)

@@ -418,6 +418,7 @@ async def settle(js: JetStreamContext, appliers: Mapping[str, Any]) -> list[tupl
 async def _apply(js: JetStreamContext, appliers: Mapping[str, Applier], letter: DeadLetter) -> str | None:
     """Apply one dead letter's event; None when applied, else why not."""
     from handlers.service import LoggedItem
+    from schemas.common import nul_replaced
 
     applier = appliers.get(letter.consumer)
     if applier is None:
@@ -426,7 +427,7 @@ async def _apply(js: JetStreamContext, appliers: Mapping[str, Applier], letter: 
         return "the dead letter is not a readable event"
     if letter.original_seq is None:
         return "the dead letter does not say where the event is in the log"
-    item = LoggedItem(letter.original_seq, letter.event, await _logged_at(js, letter))
+    item = LoggedItem(letter.original_seq, nul_replaced(letter.event), await _logged_at(js, letter))  # as the consumer reads it
     try:
         applied, failure, _ = await asyncio.to_thread(lambda: applier.apply_batch([item], replay=True))
     except Exception as exc:  # the database, most likely: its statement's parameters (the event's data) left out

@@ -548,6 +548,18 @@ NUL_MESSAGE = "Input should be text without the NUL character (U+0000), which th
 statement), so nothing the network stores or looks up may have it."""
 
 
+def nul_replaced(value: Any) -> Any:
+    """``value`` (JSON) with U+0000 as U+FFFD in every text and member's name: how the read models
+    take an event the log holds from before the gate refused NUL (PostgreSQL cannot store it)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {nul_replaced(name): nul_replaced(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [nul_replaced(item) for item in value]
+    return value
+
+
 def without_nul(text: str | None) -> str | None:
     """``text``, refused (``string_nul``) when it holds the NUL character (:data:`NUL_MESSAGE`)."""
     if text is not None and "\x00" in text:

@@ -7,15 +7,16 @@ with the derived events the workflows emitted.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from handlers.db import session_scope
+from handlers.db import make_engine, session_scope
 from handlers.network import Event, Network
 from schemas import registry
 
@@ -160,3 +161,27 @@ class BusScenario:
     def session(self) -> Iterator[Session]:
         with Session(self.bus.engine) as session:
             yield session
+
+
+@asynccontextmanager
+async def rebuilt(bus: Any, database_url: str, directory: Path, pg_server_url: str | None) -> AsyncIterator[Engine]:
+    """A database of the kind of ``database_url`` (a new one, dropped after) holding ``bus``'s log
+    replayed by a rebuild, which met no failure."""
+    from bus.rebuild import rebuild
+    from bus.server import BUS_INBOX_PREFIX
+    from handlers.routes import network
+    from handlers.service import NetworkService
+    from tests.conftest import fresh_database
+
+    kind = "sqlite" if database_url.startswith("sqlite") else "postgresql"
+    directory.mkdir()
+    with contextmanager(fresh_database)(kind, directory, pg_server_url) as url:
+        engine = make_engine(url)
+        try:
+            connect = {"servers": [bus.settings.nats_url], "user_credentials": str(bus.settings.nats_creds),
+                       "inbox_prefix": BUS_INBOX_PREFIX}
+            report = await rebuild(bus.js, NetworkService(engine, network()), connect=connect)
+            assert report.failures == [], report.failures
+            yield engine
+        finally:
+            engine.dispose()

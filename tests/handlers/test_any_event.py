@@ -10,7 +10,6 @@ times they keep."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,10 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from bus.rebuild import rebuild
-from bus.server import BUS_INBOX_PREFIX
-from handlers.db import make_engine, table_checksums
-from handlers.routes import network
-from handlers.service import NetworkService
+from handlers.db import table_checksums
 from schemas import registry
 from schemas.common import InstitutionKind
-from tests.conftest import fresh_database
-from tests.handlers.harness import BusScenario, envelope
+from tests.handlers.harness import BusScenario, envelope, rebuilt
 from tests.schemas.strategies import catalog_data
 from tests.schemas.test_schemas_agree import UNSTATABLE
 
@@ -176,16 +170,6 @@ async def test_any_event_the_schemas_take_is_applied_or_refused_never_dead_lette
     network_holds = _things(bus.engine)
     assert network_holds["project_id"] and sum(1 for ids in network_holds.values() if ids) >= 4, network_holds
 
-    kind = "sqlite" if database_url.startswith("sqlite") else "postgresql"
-    (tmp_path / "rebuilt").mkdir()
-    with contextlib.contextmanager(fresh_database)(kind, tmp_path / "rebuilt", pg_server_url) as rebuilt_url:
-        rebuilt = make_engine(rebuilt_url)
-        try:
-            connect = {"servers": [bus.settings.nats_url], "user_credentials": str(bus.settings.nats_creds),
-                       "inbox_prefix": BUS_INBOX_PREFIX}
-            report = await rebuild(bus.js, NetworkService(rebuilt, network()), connect=connect)
-            assert report.failures == []
-            live, again = table_checksums(bus.engine), table_checksums(rebuilt)
-            assert sorted(name for name in live if again.get(name) != live[name]) == []
-        finally:
-            rebuilt.dispose()
+    async with rebuilt(bus, database_url, tmp_path / "rebuilt", pg_server_url) as again:
+        live, replayed = table_checksums(bus.engine), table_checksums(again)
+        assert sorted(name for name in live if replayed.get(name) != live[name]) == []

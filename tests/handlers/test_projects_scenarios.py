@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
+from bus.gate import canonical_bytes, log_subject
+from bus.streams import DLQ_STREAM
 from handlers.institutions import Institution
+from ops import dlq
 from handlers.projects import (
     AdoptionSpread,
     Project,
@@ -19,7 +23,7 @@ from handlers.projects import (
     ProjectPartner,
     adoptions_by_municipality_level,
 )
-from tests.handlers.harness import Scenario, envelope
+from tests.handlers.harness import BusScenario, Scenario, envelope, rebuilt
 
 OWNER = "tr-mersin-bb"
 COOPERATIVE = "tr-genc-isi-koop"
@@ -444,3 +448,37 @@ async def test_an_impact_report_is_of_a_period_of_the_project_that_has_begun(sce
     with scenario.session() as session:
         reports = session.exec(select(ProjectImpactReport).where(col(ProjectImpactReport.project_id) == project_id)).all()
         assert [(r.period_start, r.period_end) for r in reports] == [(date(2025, 1, 1), date(2025, 12, 31))]
+
+
+async def test_a_text_with_nul_the_log_holds_from_before_the_gate_refused_it_is_kept_as_u_fffd(
+    scenario: BusScenario, project_id: str, tmp_path: Path, database_url: str, pg_server_url: str | None
+) -> None:
+    """PostgreSQL cannot store U+0000: a log that took such an event before the gate refused it
+    (`string_nul`) had it dead-lettered there, for good. The read models take the character as
+    U+FFFD, as live, in a rebuild and in a dead letter's replay, on every database."""
+    await scenario.given(*MEMBERS)
+    event = registered(project_id, title={"tr": "Mahalle\u0000Mutfakları"}, summary={"en": "hot\u0000meals"})
+    bus = scenario.bus
+    logged = await bus.js.publish(log_subject(event), canonical_bytes(event), headers={"Nats-Msg-Id": event["id"]})
+    await scenario.settle(logged.seq)
+    assert bus.consumer is not None and bus.consumer.dead_lettered == 0
+    with scenario.session() as session:
+        project = session.get(Project, project_id)
+        assert project is not None and project.title == {"tr": "Mahalle\ufffdMutfakları"}
+        assert project.summary == {"en": "hot\ufffdmeals"}
+
+    async with rebuilt(bus, database_url, tmp_path / "rebuilt", pg_server_url) as engine:
+        with Session(engine) as session:
+            again = session.get(Project, project_id)
+            assert again is not None and again.title == project.title and again.summary == project.summary
+
+    # One that a PostgreSQL network dead-lettered then is applied so when the operator replays it.
+    waiting = registered(f"{project_id}-2", title={"tr": "\u0000"})
+    headers = {"Collabbus-Consumer": "network", "Collabbus-Original-Seq": str(logged.seq), "Collabbus-Original-Stream": "COLLAB_EVENTS",
+               "Collabbus-Error": "DataError", "Nats-Msg-Id": "dead-letter-of-nul"}
+    await bus.js.publish("collab.dlq.network", canonical_bytes(waiting), headers=headers, stream=DLQ_STREAM)
+    replayed = await dlq.replay(bus.js, {"network": bus.service})
+    assert [(r.event_id, r.applied, r.error) for r in replayed] == [(waiting["id"], True, None)]
+    with scenario.session() as session:
+        project = session.get(Project, f"{project_id}-2")
+        assert project is not None and project.title == {"tr": "\ufffd"}
