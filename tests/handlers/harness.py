@@ -113,8 +113,10 @@ class BusScenario:
             def run() -> list[dict[str, Any]]:
                 return [dict(d.envelope) for d in self.bus.service.tick(now)]
 
+            # The log's end before the tick: once the lock is let go, the relay's own round may
+            # publish what the tick decided before this reads the log again.
+            last = (await self.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
             derived = await asyncio.to_thread(run)
-        last = (await self.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
         await relay.drain()
         await self.settle(last + len(derived))
         return derived
