@@ -181,6 +181,14 @@ class Location(Resource):
     municipality: str | None = None
 
 
+class ExternalRef(Resource):
+    """How another system (Innokylä, say) names the project."""
+
+    system: str
+    id: str
+    url: str | None = None
+
+
 class Project(Resource):
     project_id: str
     owner: str
@@ -192,7 +200,7 @@ class Project(Resource):
     ends_on: date | None = None
     location: Location | None = None
     service_model: str | None = None
-    external_refs: list[dict[str, str]] = []
+    external_refs: list[ExternalRef] = []
     sdgs: list[int] = []
     registered_at: datetime
     updated_at: datetime

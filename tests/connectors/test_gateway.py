@@ -1407,6 +1407,20 @@ async def test_a_project_shows_which_of_its_owner_partners_and_adopters_left_the
     assert [(a["adopter"], a["adopter_left_at"]) for a in after["adoptions"]] == [(adopter, left_at[adopter])]
 
 
+async def test_a_projects_reference_elsewhere_without_an_address_is_shown(gateway: Gateway) -> None:
+    """An external reference's `url` is optional; one sent as null (as serializers write what is
+    unset) made the project's page answer 500."""
+    owner = await gateway.join("municipality", municipality_level="district")
+    practice = project(owner, external_refs=[{"system": "innokyla", "id": "1234", "url": None},
+                                             {"system": "tyokokeilu", "id": "77", "url": "https://example.fi/77"}])
+    await gateway.offer(owner, "project.registered", practice)
+    await gateway.settle()
+    shown = await gateway.client.get(f"/projects/{practice['project_id']}", headers=gateway.auth(owner))
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["external_refs"] == [{"system": "innokyla", "id": "1234", "url": None},
+                                             {"system": "tyokokeilu", "id": "77", "url": "https://example.fi/77"}]
+
+
 async def test_events_pages_through_the_log(gateway: Gateway) -> None:
     owner = await gateway.join("cooperative")
     posted = [(await gateway.offer(owner, "project.registered", project(owner)))["seq"] for _ in range(5)]

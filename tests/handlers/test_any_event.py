@@ -10,17 +10,26 @@ times they keep."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from handlers.db import table_checksums
+from bus.consumer import ConsumerSettings
+from bus.runtime import Bus
+from bus.server import EmbeddedNats, free_port
+from connectors.http.paging import MAX_LIMIT
+from handlers import tokens
+from handlers.db import session_scope, table_checksums
+from ops.settings import Settings
 from schemas import registry
 from schemas.common import InstitutionKind
 from tests.handlers.harness import BusScenario, envelope, rebuilt
@@ -56,8 +65,8 @@ THINGS = {
 
 
 def _pointed(value: Any, draw: Any, members: list[str], things: dict[str, list[str]], source: str) -> Any:
-    """``value`` with its institutions among ``members`` (its owner or participant the source, its
-    coordinator the competence centre) and, mostly, its things' ids among those the network has."""
+    """``value`` with its other institutions among ``members`` (its owner or participant the source,
+    its coordinator the competence centre) and, mostly, its things' ids among those the network has."""
     if isinstance(value, list):
         return [_pointed(item, draw, members, things, source) for item in value]
     if not isinstance(value, dict):
@@ -104,19 +113,73 @@ def _things(engine: sa.Engine) -> dict[str, list[str]]:
         return {key: sorted(connection.execute(sa.text(query)).scalars()) for key, query in THINGS.items()}
 
 
-GATE_CHECKS = {"not_member"}
-"""What the gate checks beyond an event's data: that the member an `institution.*` event is
-about is one (the others are the workflows')."""
+GATE_CHECKS = {"not_member", "municipalities_only"}
+"""What the gate checks of the network beyond an event's data: that the member an
+`institution.*` event is about is one, and that a level is given to a municipality (the rest is
+the workflows')."""
 
 
 def _expected(problem: dict[str, Any]) -> bool:
     return problem.get("type") in GATE_CHECKS or any(rule in str(problem.get("msg", "")) for rule in UNSTATABLE)
 
 
+@pytest.fixture
+async def scenario(database_url: str, tmp_path: Path) -> AsyncIterator[BusScenario]:
+    """A bus of its own, as the handler tests' (own nats-server, own log), serving its HTTP API."""
+    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
+    await server.astart()
+    settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, database_url=database_url,
+                        http=f"127.0.0.1:{free_port()}")
+    bus = Bus(settings, consumer_settings=ConsumerSettings("network", backoff=(0.05, 0.1)))
+    await bus.start(ingress=False)
+    await bus.start_http()
+    assert bus.relay is not None
+    bus.relay.clock = lambda: None  # the timers act only when told (as in the handler tests)
+    try:
+        yield BusScenario(bus)
+    finally:
+        await bus.stop()
+        await server.astop()
+
+
+async def _read_back(client: httpx.AsyncClient, type_: str, data: dict[str, Any], source: str) -> str | None:
+    """What the read API shows of a thing ``data`` made is its texts as sent, byte for byte, and a
+    search of a word of its title finds it; returns the word found by, if any."""
+    if type_ == "project.registered":
+        path, thing, own = "/projects", data["project_id"], "owner"
+    elif type_ == "call.published":
+        path, thing, own = "/calls", data["call_id"], "owner"
+    elif type_ == "innovation_day.scheduled":
+        path, thing, own = "/innovation-days", data["day_id"], "organizer"
+    else:
+        return None
+    shown = await client.get(f"{path}/{thing}")
+    if shown.status_code == 404:  # the workflow refused it (a deadline passed, say)
+        return None
+    assert shown.status_code == 200, shown.text
+    body = shown.json()
+    assert body["title"] == data["title"] and body.get("summary") == data.get("summary"), (body, data)
+    word = next((word for text in data["title"].values() for word in text.split() if len(word) <= 200), None)
+    if word is None:
+        return None
+    cursor: str | None = None
+    for _ in range(50):  # pages of what else has the word, the owner's own
+        params = {"q": word, own: source, "limit": MAX_LIMIT, **({"cursor": cursor} if cursor else {})}
+        page = await client.get(path, params=params)
+        assert page.status_code == 200, (word, page.text)
+        if any(thing in (item.get("project_id"), item.get("call_id"), item.get("day_id")) for item in page.json()["items"]):
+            return word
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    raise AssertionError(f"a search of {word!r}, a word of its title, does not find {thing}: {data['title']}")
+
+
 async def test_any_event_the_schemas_take_is_applied_or_refused_never_dead_lettered_and_rebuilds_alike(
     scenario: BusScenario, database_url: str, tmp_path: Path, pg_server_url: str | None
 ) -> None:
     bus = scenario.bus
+    assert bus.http is not None
     operator = bus.settings.operator
     for kind, member in MEMBERS.items():
         level = {"municipality_level": "district"} if kind == "municipality" else {}
@@ -126,6 +189,7 @@ async def test_any_event_the_schemas_take_is_applied_or_refused_never_dead_lette
     kept: dict[str, int] = {}
     refused_at_gate: list[str] = []
     made = 0
+    searched: list[str] = []
 
     def run(coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=60)
@@ -142,9 +206,11 @@ async def test_any_event_the_schemas_take_is_applied_or_refused_never_dead_lette
         kinds = sorted(kind for kind in MEMBERS if kind in spec.emitters)
         source = MEMBERS[data.draw(st.sampled_from(kinds))] if kinds else operator
         things = run(asyncio.to_thread(_things, bus.engine))
-        drawn = _pointed(_in_order(data.draw(catalog_data(type_), label="data")), data.draw, sorted(MEMBERS.values()), things, source)
-        if type_ == "institution.updated":
-            drawn["id"] = data.draw(st.sampled_from(sorted(MEMBERS.values())))
+        others = sorted(member for member in MEMBERS.values() if member != source)  # (a project's partners are others)
+        drawn = _pointed(_in_order(data.draw(catalog_data(type_), label="data")), data.draw, others, things, source)
+        if type_ == "institution.updated":  # of a member, whose kind stays what the sources are drawn by
+            drawn = {"id": data.draw(st.sampled_from(sorted(MEMBERS.values()))), "region": "?",
+                     **{name: value for name, value in drawn.items() if name not in ("id", "kind")}}
         if type_ in MADE_BY:  # a new thing (the draws repeat their simplest ids)
             made += 1
             drawn[MADE_BY[type_]] = f"{drawn[MADE_BY[type_]]:.118}-{made}"
@@ -162,13 +228,22 @@ async def test_any_event_the_schemas_take_is_applied_or_refused_never_dead_lette
             f"the network could not apply {orjson.dumps(event).decode()[:2000]} "
             f"(dead-lettered: {consumer and consumer.dead_lettered}; retrying: {consumer and consumer.retrying})")
         kept[type_] = kept.get(type_, 0) + 1
+        found_by = run(_read_back(clients[source], type_, drawn, source))
+        if found_by is not None:
+            searched.append(found_by)
 
-    await asyncio.to_thread(offer_any)
+    async with contextlib.AsyncExitStack() as stack:
+        with session_scope(bus.engine) as session:
+            tokens_of = {member: tokens.issue(session, member) for member in [*MEMBERS.values(), operator]}
+        clients = {member: await stack.enter_async_context(httpx.AsyncClient(
+            base_url=bus.http.url, timeout=30, headers={"Authorization": f"Bearer {token}"})) for member, token in tokens_of.items()}
+        await asyncio.to_thread(offer_any)
 
     # The gate took most, and the workflows got past the unknown ids to the data.
     assert sum(kept.values()) >= 60, (kept, refused_at_gate)
     network_holds = _things(bus.engine)
-    assert network_holds["project_id"] and sum(1 for ids in network_holds.values() if ids) >= 4, network_holds
+    assert sum(1 for ids in network_holds.values() if ids) >= 3, network_holds
+    assert len(searched) >= 5, searched  # and what it made was shown as sent, and found by its words
 
     async with rebuilt(bus, database_url, tmp_path / "rebuilt", pg_server_url) as again:
         live, replayed = table_checksums(bus.engine), table_checksums(again)
