@@ -106,6 +106,12 @@ def _meeting_vevent(day: InnovationDay, meeting: dict[str, Any], lang: str, stam
     return event
 
 
+CONTROLS = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+"""The control characters RFC 5545 keeps out of a text (all but the tab; line breaks in a text are
+escaped, ``\\n``): a title or a name sent with one is shown without it, where a strict calendar
+client could refuse the whole feed. UTF-8 writes no other character with these bytes."""
+
+
 def feed(days: list[InnovationDay], lang: str, meetings: dict[str, list[dict[str, Any]]] | None = None,
          names: dict[str, dict[str, str]] | None = None) -> bytes:
     """The calendar of ``days``, with ``meetings`` (by day id) of those in it; ``names``: the
@@ -120,7 +126,7 @@ def feed(days: list[InnovationDay], lang: str, meetings: dict[str, list[dict[str
         calendar.add_component(_vevent(day, lang, stamp, names))
         for meeting in (meetings or {}).get(day.day_id, []):
             calendar.add_component(_meeting_vevent(day, meeting, lang, stamp))
-    return calendar.to_ical()
+    return calendar.to_ical().translate(None, CONTROLS)
 
 
 @router.get(

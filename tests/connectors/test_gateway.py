@@ -970,6 +970,28 @@ async def test_whom_a_refused_validation_event_named_is_told_of_the_refusal(gate
     assert [item["event"]["data"]["rejected_event_id"] for item in listed.json()["items"]] == [not_by_the_coordinator["id"]]
 
 
+async def test_the_calendar_shows_texts_without_the_control_characters_rfc_5545_keeps_out(gateway: Gateway) -> None:
+    """A title, summary or venue sent with a control character (a form feed, an escape) was written
+    into the feed as it came: RFC 5545 allows none in a text but the tab, and a strict calendar
+    client may refuse the whole feed for one."""
+    organiser = await gateway.join("competence_centre")
+    start = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=60)
+    day_id = unique("day")
+    await gateway.offer(organiser, "innovation_day.scheduled", {
+        "day_id": day_id, "title": {"en": "Innovation\x0cDay\x1b[1m\tone"}, "summary": {"en": "a\x7fb\nc"},
+        "format": "innovation_day", "starts_at": start.isoformat(), "ends_at": (start + timedelta(hours=7)).isoformat(),
+        "attendance_mode": "offline", "venue": {"name": {"en": "Hall\x07 A"}, "address": "Street 6", "country": "FI"},
+        "capacity": 10, "registration_deadline": (start - timedelta(days=7)).isoformat(),
+    })
+    await gateway.settle()
+    feed = await gateway.client.get("/innovation-days.ics", params={"token": gateway.token(organiser), "lang": "en"})
+    assert feed.status_code == 200
+    assert not {byte for byte in feed.content if byte < 0x20 and byte not in b"\t\r\n" or byte == 0x7F}
+    shown = {str(e["uid"]): e for e in Calendar.from_ical(feed.content).walk("VEVENT")}[f"{day_id}@collabbus"]
+    assert str(shown["summary"]) == "InnovationDay[1m\tone" and str(shown["description"]) == "ab\nc"
+    assert str(shown["location"]).startswith("Hall A")
+
+
 async def test_innovation_days_their_registrations_and_the_calendar(gateway: Gateway, municipality: str) -> None:
     organiser = await gateway.join("competence_centre")
     funder = await gateway.join("funder")

@@ -20,12 +20,14 @@ import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
+from icalendar import Calendar
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from bus.consumer import ConsumerSettings
 from bus.runtime import Bus
 from bus.server import EmbeddedNats, free_port
+from connectors.http.calendar import CONTROLS
 from connectors.http.paging import MAX_LIMIT
 from handlers import tokens
 from handlers.db import session_scope, table_checksums
@@ -175,6 +177,40 @@ async def _read_back(client: httpx.AsyncClient, type_: str, data: dict[str, Any]
     raise AssertionError(f"a search of {word!r}, a word of its title, does not find {thing}: {data['title']}")
 
 
+def _pages(type_: str, data: dict[str, Any], source: str) -> list[str]:
+    """The read API's pages about what an event of ``type_`` with ``data`` is about, or by whom."""
+    pages = ["/me", f"/institutions/{source}"]
+    if type_.startswith("project."):
+        pages += [f"/projects/{data['project_id']}", f"/projects?owner={source}", "/stats/adoptions"]
+    elif type_.startswith("call."):
+        call = data["call_id"]
+        pages += [f"/calls/{call}", f"/calls?owner={source}", f"/calls/{call}/applications", "/applications"]
+        if "application_id" in data:
+            pages.append(f"/calls/{call}/applications/{data['application_id']}")
+    elif type_.startswith("validation."):
+        pages += [f"/validations/{data['validation_id']}", "/validations"]
+    elif type_.startswith("innovation_day."):
+        day = data["day_id"]
+        pages += [f"/innovation-days/{day}", f"/innovation-days/{day}/registrations", f"/innovation-days/{day}/meetings",
+                  "/innovation-days", "/innovation-days.ics"]
+    elif type_.startswith("institution."):
+        pages += [f"/institutions/{data['id']}", "/institutions"]
+    return pages
+
+
+async def _read_all(client: httpx.AsyncClient, type_: str, data: dict[str, Any], source: str) -> None:
+    """Every page about what the event is about answers — shown, or not the caller's to see, or
+    not there (refused) — and never fails; a calendar is one a calendar parser reads."""
+    for page in _pages(type_, data, source):
+        answer = await client.get(page)
+        assert answer.status_code in (200, 403, 404), (page, answer.status_code, answer.text[:2000])
+        if answer.status_code == 200 and page.endswith(".ics"):
+            assert not set(answer.content) & set(CONTROLS), answer.content  # (RFC 5545: no controls in a text)
+            Calendar.from_ical(answer.content)
+        elif answer.status_code == 200:
+            answer.json()
+
+
 async def test_any_event_the_schemas_take_is_applied_or_refused_never_dead_lettered_and_rebuilds_alike(
     scenario: BusScenario, database_url: str, tmp_path: Path, pg_server_url: str | None
 ) -> None:
@@ -228,6 +264,7 @@ async def test_any_event_the_schemas_take_is_applied_or_refused_never_dead_lette
             f"the network could not apply {orjson.dumps(event).decode()[:2000]} "
             f"(dead-lettered: {consumer and consumer.dead_lettered}; retrying: {consumer and consumer.retrying})")
         kept[type_] = kept.get(type_, 0) + 1
+        run(_read_all(clients[source], type_, drawn, source))
         found_by = run(_read_back(clients[source], type_, drawn, source))
         if found_by is not None:
             searched.append(found_by)
