@@ -550,8 +550,8 @@ def _print_outcome(event_id: str, found: Any, letter: Any = None) -> None:
         message = reason.get("message")
         text = next(iter(message.values())) if isinstance(message, dict) and message else ""
         owner = str(rejected.get("source", "")).removeprefix("/institutions/")
-        out.print(f"[red]refused[/red] by the workflow: {reason.get('code', '?')}" + (f" — {text}" if text else ""))
-        out.print(f"  {rejected.get('type')} #{seq} in {owner}'s name")
+        out.print(f"[red]refused[/red] by the workflow: {shown(reason.get('code', '?'))}" + (f" — {shown(text)}" if text else ""))
+        out.print(f"  {shown(rejected.get('type'))} #{seq} in {shown(owner)}'s name")
     elif found.refused:
         out.print("[red]refused[/red] by the workflow (its refusal is being logged)")
     else:
@@ -569,6 +569,21 @@ def _print_verdict(verdict: Any) -> None:
         out.print(f"[red]rejected[/red] {verdict.id or '(no id)'} ({verdict.reason})")
         for problem in verdict.errors:
             out.print(f"  {_problem_text(problem.loc, problem.msg, problem.type)}")
+
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def visible(text: object) -> str:
+    """``text`` with each control character written as ``\\x1b``: a terminal acts on its escapes."""
+    return _CONTROLS.sub(lambda control: f"\\x{ord(control.group()):02x}", str(text))
+
+
+def shown(text: object) -> str:
+    """``text`` from the network (a title, a member's name, a reason) as markup that prints it as
+    it is: :func:`visible`, and Rich's brackets escaped (``[/fi]`` in a name failed the whole
+    listing)."""
+    return escape(visible(text))
 
 
 def _problem_text(loc: Any, msg: str, kind: str) -> str:
@@ -1025,8 +1040,8 @@ def _render_line(logged: Any) -> str:
     time = str(event.get("time", ""))[:19].replace("T", " ")
     summary = _summary(event)
     return (
-        f"[dim]#{logged.seq:<6}[/dim] {time}  [bold cyan]{event.get('type', '?'):<40}[/bold cyan] "
-        f"{institution} → {event.get('subject', '')}" + (f"  [italic]{summary}[/italic]" if summary else "")
+        f"[dim]#{logged.seq:<6}[/dim] {shown(time)}  [bold cyan]{shown(event.get('type', '?')):<40}[/bold cyan] "
+        f"{shown(institution)} → {shown(event.get('subject', ''))}" + (f"  [italic]{shown(summary)}[/italic]" if summary else "")
     )
 
 
@@ -1783,16 +1798,16 @@ def dlq_list(
     waiting: dict[int, int] = {}
     for head in behind.values():
         waiting[head.seq] = waiting.get(head.seq, 0) + 1
-    shown = letters if every else [letter for letter in letters if letter.seq not in behind]
+    listed = letters if every else [letter for letter in letters if letter.seq not in behind]
     title = f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}"
     if behind:
         title += (f", {len(behind)} of them set aside behind the others" + ("" if every else " (counted on their lines; --all lists them)"))
     table = Table("#", "consumer", "event id", "type", "log #", "deliveries", "failed at", "reason", "set aside", title=title)
-    for letter in shown:
+    for letter in listed:
         table.add_row(
             str(letter.seq), escape(letter.consumer), escape(letter.event_id or "") or "[dim]unreadable[/dim]",
             escape(letter.type or ""), str(letter.original_seq or ""), str(letter.deliveries or ""),
-            (letter.failed_at or "")[:19].replace("T", " "), escape(letter.reason),
+            (letter.failed_at or "")[:19].replace("T", " "), shown(letter.reason),
             f"[yellow]{_events_wait(waiting[letter.seq])} behind it[/yellow]" if letter.seq in waiting
             else f"behind #{behind[letter.seq].seq} (log #{behind[letter.seq].original_seq})" if letter.seq in behind else "",
         )
@@ -1850,15 +1865,15 @@ def dlq_show(
     table = Table(show_header=False, box=None)
     for key, value in letter.as_dict().items():
         if key not in ("detail", "event", "raw"):
-            table.add_row(f"[bold]{key}[/bold]", "" if value is None else escape(str(value)))
+            table.add_row(f"[bold]{key}[/bold]", "" if value is None else shown(value))
     out.print(table)
     out.print("[bold]detail[/bold]")
-    out.print("\n".join(f"  {line}" for line in letter.detail.splitlines()), markup=False)
+    out.print("\n".join(f"  {visible(line)}" for line in letter.detail.splitlines()), markup=False)
     out.print("[bold]event[/bold]")
     if letter.event is not None:
-        out.print_json(data=letter.event)
+        out.print_json(visible(orjson.dumps(letter.event).decode()))  # (JSON escapes C0, not DEL or C1)
     else:
-        out.print(letter.raw or "", markup=False)
+        out.print(visible(letter.raw or ""), markup=False)
 
 
 @dlq_app.command("replay")
@@ -2279,7 +2294,8 @@ def institutions_list(
     table = Table("id", "name", "kind", "country", "level")
     for member in members.values():
         name = member.get("name") or {}
-        table.add_row(member.get("id"), next(iter(name.values()), ""), member.get("kind"), member.get("country"), member.get("municipality_level") or "")
+        table.add_row(*(shown(value) for value in (member.get("id"), next(iter(name.values()), ""), member.get("kind"),
+                                                    member.get("country"), member.get("municipality_level") or "")))
     out.print(table)
 
 

@@ -244,6 +244,24 @@ def test_tail_json_lines_carry_the_log_sequence_a_script_resumes_from(running_bu
     assert json.loads(resumed.stdout)["event"]["subject"] == members[1], resumed.stdout
 
 
+def test_tail_and_the_members_list_print_a_networks_texts_as_they_are(running_bus: dict[str, str]) -> None:
+    """A name or title is a member's text: Rich read its brackets as markup (`[/fi]` failed the
+    whole `tail` or listing with a MarkupError) and a terminal acts on its escapes (`\x1b[2J`
+    clears the screen). Both print as written, a control character as `\x1b`."""
+    member = unique("fi-brackets")
+    name = "Kaupunki [/fi] [bold]ja\x1b[2J kylä"
+    added = cli("institutions", "add", member, "--name", name, "--kind", "ngo", "--country", "FI", env=running_bus)
+    assert added.returncode == 0, added.stderr
+    shown = "Kaupunki [/fi] [bold]ja\\x1b[2J kylä"
+    tailed = cli("tail", "--type", "institution.joined", "--since", "all", "--no-follow", env=running_bus)
+    assert tailed.returncode == 0, tailed.stderr
+    line = next(line for line in tailed.stdout.splitlines() if member in line)
+    assert shown in line and "\x1b" not in tailed.stdout, line
+    listed = cli("institutions", "list", env={**running_bus, "COLUMNS": "300"})
+    assert listed.returncode == 0, listed.stderr
+    assert shown in listed.stdout and "\x1b" not in listed.stdout
+
+
 def test_publish_reports_a_rejection_with_its_reasons(running_bus: dict[str, str]) -> None:
     fixture = load_fixtures()["project.registered"]
     # A member (again, with the same facts, when the test before it ran on this bus): the gate
