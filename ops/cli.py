@@ -1616,7 +1616,7 @@ def _render_status(report: dict[str, Any]) -> None:
         for hook in report["webhooks"]:
             if hook.get("last_error"):
                 met = "failing" if hook["enabled"] else "its last attempt"
-                out.print(f"  [yellow]{escape(hook['id'])}[/yellow] {met}: {escape(hook['last_error'])}")
+                out.print(f"  [yellow]{escape(hook['id'])}[/yellow] {met}: {shown(hook['last_error'])}")
 
 
 def _endpoint_state(hook: Mapping[str, Any], now: datetime) -> str:
@@ -1682,17 +1682,17 @@ def traces(
             found = tracing.load_trace(store, trace_id)
             if found is None:
                 _no_trace(f"no trace {trace_id.lower()} in {store}")
-            shown = [found]
+            traces = [found]
         else:
-            shown = tracing.recent_traces(store, limit)
+            traces = tracing.recent_traces(store, limit)
     except tracing.TraceStoreMissing as exc:
         _no_trace(str(exc))
     if as_json:
-        out.print_json(data=shown[0] if trace_id is not None else {"traces": shown})
+        out.print_json(data=traces[0] if trace_id is not None else {"traces": traces})
         return
-    if not shown:
+    if not traces:
         out.print(f"no traces in {store} yet")
-    for number, one in enumerate(shown):
+    for number, one in enumerate(traces):
         if number:
             out.print()
         _render_trace(one)
