@@ -22,7 +22,7 @@ from handlers.institutions import Institution, UtcDateTime, column_values, membe
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, sender
 from handlers.projects import parties as project_parties, project_ids_of
 from handlers.session import children
-from handlers.words import SEARCHED, words
+from handlers.words import SEARCHED, trigram_index, words
 from handlers.rows import TableRow
 from handlers.rules import Refusal, since
 from handlers.rules import calls as rules
@@ -50,6 +50,7 @@ class Call(TableRow, table=True):
         # past deadlines, so the index on the deadline alone grows with the network's history).
         sa.Index("ix_calls_open_deadline", "deadline",
                  sqlite_where=sa.text("closed_at IS NULL"), postgresql_where=sa.text("closed_at IS NULL")),
+        trigram_index("calls"),
     )
 
     call_id: str = Field(primary_key=True, max_length=128)

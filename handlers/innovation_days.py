@@ -30,7 +30,7 @@ from handlers.rows import TableRow
 from handlers.rules import Refusal, since
 from handlers.rules import innovation_days as rules
 from handlers.session import children
-from handlers.words import words
+from handlers.words import trigram_index, words
 from schemas.innovation_days import (
     InnovationDayCancelled,
     InnovationDayHeld,
@@ -86,6 +86,7 @@ class InnovationDay(TableRow, table=True):
     """A gathering as the catalog describes it, with its status and matchmaking mark."""
 
     __tablename__ = "innovation_days"
+    __table_args__ = (trigram_index("innovation_days"),)
 
     day_id: str = Field(primary_key=True, max_length=128)
     organizer: str = Field(index=True, max_length=63)

@@ -17,7 +17,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from handlers.network import Decider, Event, Projection, Timer
 from handlers.rows import TableRow
-from handlers.words import words
+from handlers.words import trigram_index, words
 from schemas.institutions import InstitutionJoined, InstitutionLeft, InstitutionUpdated
 
 # --- storage helpers shared by this package's read models --------------------------------------
@@ -101,6 +101,7 @@ class Institution(TableRow, table=True):
     """A member of the network (or a former one: ``left_at`` is set)."""
 
     __tablename__ = "institutions"
+    __table_args__ = (trigram_index("institutions"),)
 
     id: str = Field(primary_key=True, max_length=63)
     name: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))

@@ -23,7 +23,7 @@ from handlers.rows import TableRow
 from handlers.rules import Refusal
 from handlers.rules.projects import OWNER_ONLY, ProjectAction, ProjectSnapshot, action_refusal
 from handlers.session import children
-from handlers.words import SEARCHED, words
+from handlers.words import SEARCHED, trigram_index, words
 from schemas.common import unknown_name
 from schemas.institutions import MunicipalityLevel
 from schemas.projects import (
@@ -41,6 +41,7 @@ class Project(TableRow, table=True):
     """A project or good practice, with its location flattened for filtering."""
 
     __tablename__ = "projects"
+    __table_args__ = (trigram_index("projects"),)
 
     project_id: str = Field(primary_key=True, max_length=128)
     owner: str = Field(index=True, max_length=63)

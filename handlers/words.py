@@ -6,9 +6,12 @@ SQL ``LIKE`` of each word asked for, on SQLite and PostgreSQL alike, and pages i
 from __future__ import annotations
 
 import json
+import logging
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import sqlalchemy as sa
 
 SEARCHED = ("title", "summary")
 """The fields whose texts are searched (each a LocalizedText, the summary optional)."""
@@ -42,3 +45,31 @@ def matching(column: Any, q: str) -> list[Any]:
         return word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
     return [col(column).like(f"%{literal(word)}%", escape="\\") for word in folded(q).split()]
+
+
+def trigram_index(table: str) -> sa.Index:
+    """The index that serves a search's ``LIKE '%word%'`` of ``table``'s ``words`` on PostgreSQL:
+    pg_trgm's GIN operator class, for words of three letters or more (a shorter one reads the
+    index whole). SQLite has none: its ``LIKE`` reads the rows, which a network of its size
+    does in milliseconds."""
+    return sa.Index(f"ix_{table}_words", "words", postgresql_using="gin",
+                    postgresql_ops={"words": "gin_trgm_ops"}).ddl_if(dialect="postgresql")
+
+
+def create_trigram_indexes(connection: sa.Connection, tables: Iterable[str]) -> None:
+    """Create :func:`trigram_index` of each of ``tables`` (a migration's step) with the pg_trgm
+    extension it needs, trusted since PostgreSQL 13: the database's owner may create it. Where it
+    cannot be had, a search reads the rows as before, and the migration says how to index it."""
+    if connection.dialect.name != "postgresql":
+        return
+    statements = [f"CREATE INDEX ix_{table}_words ON {table} USING gin (words gin_trgm_ops)" for table in tables]
+    try:
+        with connection.begin_nested():
+            connection.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
+    except sa.exc.DBAPIError as exc:
+        logging.getLogger("alembic").warning(
+            "pg_trgm cannot be had here (%s): a search (?q=) reads the rows; a superuser's CREATE EXTENSION pg_trgm, "
+            "then %s, index it", str(exc.orig).strip().splitlines()[0], "; ".join(statements))
+        return
+    for statement in statements:
+        connection.execute(sa.text(statement))
