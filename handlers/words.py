@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -56,13 +56,16 @@ def trigram_index(table: str) -> sa.Index:
                     postgresql_ops={"words": "gin_trgm_ops"}).ddl_if(dialect="postgresql")
 
 
-def create_trigram_indexes(connection: sa.Connection, tables: Iterable[str]) -> None:
+def create_trigram_indexes(connection: sa.Connection, tables: Sequence[str]) -> None:
     """Create :func:`trigram_index` of each of ``tables`` (a migration's step) with the pg_trgm
     extension it needs, trusted since PostgreSQL 13: the database's owner may create it. Where it
     cannot be had, a search reads the rows as before, and the migration says how to index it."""
     if connection.dialect.name != "postgresql":
         return
-    statements = [f"CREATE INDEX ix_{table}_words ON {table} USING gin (words gin_trgm_ops)" for table in tables]
+    indexes = [trigram_index(table) for table in tables]
+    for table, index in zip(tables, indexes):  # (each on a table of its one column, as the migration knows it)
+        sa.Table(table, sa.MetaData(), sa.Column("words", sa.Text), index)
+    statements = [str(sa.schema.CreateIndex(index).compile(connection)) for index in indexes]
     try:
         with connection.begin_nested():
             connection.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
