@@ -211,6 +211,7 @@ async def _read_all(client: httpx.AsyncClient, type_: str, data: dict[str, Any],
             answer.json()
 
 
+@pytest.mark.early
 async def test_any_event_the_schemas_take_is_applied_or_refused_never_dead_lettered_and_rebuilds_alike(
     scenario: BusScenario, database_url: str, tmp_path: Path, pg_server_url: str | None
 ) -> None:
@@ -232,7 +233,7 @@ async def test_any_event_the_schemas_take_is_applied_or_refused_never_dead_lette
 
     # Each example changes the network the next meets, so a failing one is reported as it was met,
     # not shrunk (smaller examples would meet another network).
-    @settings(max_examples=150, deadline=None, database=None, phases=[Phase.generate],
+    @settings(max_examples=120, deadline=None, database=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(st.data())
     def offer_any(data: st.DataObject) -> None:

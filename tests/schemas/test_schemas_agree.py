@@ -29,7 +29,7 @@ UNSTATABLE = (
 def test_data_the_json_schema_takes_is_taken_by_the_gate(type_: str) -> None:
     adapter = registry.spec_for(type_).adapter
 
-    @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(data=catalog_data(type_))
     def check(data: dict[str, Any]) -> None:
         try:
