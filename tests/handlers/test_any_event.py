@@ -1,7 +1,8 @@
 """Any event the published JSON Schemas take, with texts of any Unicode, offered through the gate
 of a real bus: the gate takes it or refuses it for a rule JSON Schema cannot state, and what it
 takes is applied on SQLite and on PostgreSQL alike — decided or refused by the workflows, never
-dead-lettered — and a rebuild of the log equals the state applied event by event.
+dead-lettered — the read API's pages about it answer (never 5xx) with its texts as sent, a search
+finds what it made, and a rebuild of the log equals the state applied event by event.
 
 The references in the drawn data are pointed at the network's members and at the things the
 events before created, so that workflows get past "unknown project" to the texts, amounts and
@@ -20,9 +21,9 @@ import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
-from icalendar import Calendar
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from icalendar import Calendar
 
 from bus.consumer import ConsumerSettings
 from bus.runtime import Bus
