@@ -23,6 +23,7 @@ from schemas.common import (
     Theme,
     Timestamp,
     WebUrl,
+    null_unless,
 )
 
 __all__ = [
@@ -63,10 +64,7 @@ class CallPublished(EventData):
     only applications with one. An invited application without one when that deadline has
     passed lapses (`call.application_lapsed`), unless the publisher cancelled or filled the call."""
 
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"required": ["deadline_model"], "properties": {"deadline_model": {"not": {"const": "two_stage"}}}},
-        "then": {"properties": {"full_proposal_deadline": {"type": "null"}}},
-    })
+    model_config = ConfigDict(json_schema_extra=null_unless("deadline_model", "two_stage", "full_proposal_deadline"))
 
     call_id: AggregateId
     title: LocalizedText
@@ -197,10 +195,7 @@ class ApplicationDecided(EventData):
     to send a full proposal, and awarded only once it has. The `comment` is for the applicant and
     its partners, who alone see the decision with the publisher."""
 
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"required": ["decision"], "properties": {"decision": {"not": {"const": "awarded"}}}},
-        "then": {"properties": {"awarded_amount": {"type": "null"}}},
-    })
+    model_config = ConfigDict(json_schema_extra=null_unless("decision", "awarded", "awarded_amount"))
 
     call_id: AggregateId
     application_id: AggregateId

@@ -13,7 +13,6 @@ from schemas.common import (
     EventData,
     InstitutionId,
     InstitutionKind,
-    JsonDict,
     Label,
     LocalizedText,
     NotClearable,
@@ -22,18 +21,15 @@ from schemas.common import (
     ValueObject,
     WebUrl,
     logged,
+    null_unless,
 )
 
 __all__ = ["Identifier", "InstitutionJoined", "InstitutionLeft", "InstitutionUpdated"]
 
 MunicipalityLevel = Literal["metropolitan", "provincial", "district"]
 
-LEVEL_OF_A_MUNICIPALITY_SCHEMA: JsonDict = {
-    "if": {"required": ["kind"], "properties": {"kind": {"not": {"const": "municipality"}}}},
-    "then": {"properties": {"municipality_level": {"type": "null"}}},
-}
-"""The JSON Schema's words for :func:`level_of_a_municipality`: with a kind other than
-`municipality`, a level is null or absent."""
+LEVEL_OF_A_MUNICIPALITY_SCHEMA = null_unless("kind", "municipality", "municipality_level")
+"""The JSON Schema's words for :func:`level_of_a_municipality`."""
 
 
 def level_of_a_municipality(level: MunicipalityLevel | None, info: ValidationInfo) -> MunicipalityLevel | None:
