@@ -36,8 +36,7 @@ from ops.settings import Settings
 from schemas import registry
 from schemas.common import InstitutionKind
 from tests.handlers.harness import BusScenario, envelope, rebuilt
-from tests.schemas.strategies import catalog_data
-from tests.schemas.test_schemas_agree import UNSTATABLE
+from tests.schemas.strategies import UNSTATABLE, catalog_data
 
 MEMBERS = {kind.value: f"any-{kind.value.replace('_', '-')}" for kind in InstitutionKind if kind is not InstitutionKind.OPERATOR}
 

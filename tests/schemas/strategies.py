@@ -14,6 +14,19 @@ from hypothesis import strategies as st
 from schemas import registry
 
 
+UNSTATABLE = (
+    # The order of two times or dates: JSON Schema compares no two values.
+    "must be after",
+    "must not be after",
+    "must not be before",
+    # Two fields naming different institutions.
+    "must be different institutions",
+    # A moment a day or more inside the years 1 to 9999 once its offset is applied.
+    "not a day or more inside the years 1 to 9999",
+)
+"""What the gate refuses that the JSON Schemas cannot state, by the words of its messages."""
+
+
 def _refs_to_components(schema: Any, type_: str) -> Any:
     """A schema's `#/$defs/X` as `#/components/schemas/{type_}.X`, where an OpenAPI document keeps it."""
     if isinstance(schema, dict):
