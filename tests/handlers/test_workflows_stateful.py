@@ -1,0 +1,788 @@
+"""The workflows' rules (CONTRACT.md §5) hold whatever members do, in any order, as time passes.
+
+A Hypothesis state machine plays a network: members register projects and take partners on,
+request validations of them, coordinators assign and unassign reviewers and ask questions,
+reviewers review (the assigned and the others), requesters answer and withdraw, organisers
+announce, move, cancel and report gatherings, members register for them and cancel — and the
+clock moves on past due dates and registration deadlines, the timers running at each step. After
+every step the read models must show what the contract's rules say, stated here as properties of
+the whole state rather than re-derived answers:
+
+- innovation days: confirmed attendees never exceed the capacity; the waitlist is numbered 1, 2, 3…
+  in the order the log took the requests, and no confirmed registration was requested after one
+  still waiting (strict FIFO); nobody who fits waits at its head; one live registration per member
+  and day; every request is answered; nothing is taken at or after the registration deadline or
+  once the day is cancelled or held; the meetings proposed pair a confirmed innovator and funder
+  sharing a theme, inside the day, at most three a funder, nobody twice in a slot;
+- validations: no reviewer has a stake in the practice when assigned; only assigned reviewers'
+  reviews are kept; an open validation has fewer counted reviews than its quorum (at quorum the
+  rule decides), and the rule's decision is the contract's rule of the counted reviews; nothing
+  changes once a validation is decided or withdrawn.
+
+Each run then replays its log — the members' events and what the workflows and timers derived, at
+the times the log took them — into a new database of the same kind, as a rebuild does, which must
+equal the state applied event by event.
+
+The events go through the network service, as the bus's consumer applies them, with the log
+played by the test so that its acceptance times — which the deadline rules read — follow a clock
+of the test's (a real log's are the wall clock's: `test_any_event` offers drawn events through a
+real bus and its gate).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from decimal import Decimal
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+
+from handlers.db import make_engine, table_checksums
+from handlers.routes import network
+from handlers.service import LoggedItem, NetworkService
+from schemas.common import CRITERIA
+from tests.conftest import fresh_database
+from tests.handlers.harness import envelope
+
+OPERATOR = "operator"
+COORDINATORS = ["sm-centre-a", "sm-centre-b"]
+INNOVATORS = ["sm-municipality", "sm-university", "sm-ngo", "sm-cooperative"]
+FUNDERS = ["sm-funder-a", "sm-funder-b"]
+MEMBERS = {
+    **dict.fromkeys(COORDINATORS, "competence_centre"), "sm-municipality": "municipality", "sm-university": "university",
+    "sm-ngo": "ngo", "sm-cooperative": "cooperative", **dict.fromkeys(FUNDERS, "funder"),
+}
+COUNTRIES = {"sm-ngo": "TR", "sm-cooperative": "TR"}
+"""The members' countries but Finland."""
+EVERYONE = sorted(MEMBERS)
+KINDS = sorted(set(MEMBERS.values()))
+THEMES = ["health_care", "health_care.elderly_care", "economy", "economy.disadvantaged_groups", "education.literacy"]
+ROLES = ["innovator", "funder", "observer", "speaker"]
+MEETINGS_PER_FUNDER = 3
+OPEN = ("requested", "in_review", "info_requested")
+FINAL = ("awarded", "declined", "withdrawn", "lapsed")
+START = datetime(2031, 3, 3, 9, 0, tzinfo=timezone.utc)
+EVENT_TIME = timedelta(milliseconds=1)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def _moment(value: Any) -> datetime:
+    """A timestamp as the database gives it (SQLite: naive UTC text or datetime)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _json(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def contract_decision(reviews: list[dict[str, Any]]) -> tuple[str, dict[str, float], int]:
+    """CONTRACT.md §5's rule, as written there: `validated` when the median of every criterion is
+    ≥ 3 and most recommendations are `validate`; `not_validated` when any criterion's median is < 2
+    or most recommend `reject`; otherwise `needs_revision` (with the evidence level the middle
+    reviewer's, rounded down)."""
+    medians: dict[str, float] = {criterion: float(statistics.median(r["scores"][criterion] for r in reviews)) for criterion in CRITERIA}
+    most = {rec: 2 * sum(r["recommendation"] == rec for r in reviews) > len(reviews) for rec in ("validate", "reject")}
+    if all(m >= 3 for m in medians.values()) and most["validate"]:
+        outcome = "validated"
+    elif any(m < 2 for m in medians.values()) or most["reject"]:
+        outcome = "not_validated"
+    else:
+        outcome = "needs_revision"
+    return outcome, medians, int(math.floor(statistics.median(r["evidence_level"] for r in reviews)))
+
+
+class Log:
+    """The log as the network service meets it: each event taken at the test's clock, applied in
+    order, and what the workflows derived logged after it and applied again (a copy the service
+    knows), as the relay does."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.service = NetworkService(engine, network())
+        self.service.take_position()
+        self.items: list[LoggedItem] = []
+        self.now = START
+        self._state: State | None = None
+        self.ticked = START
+        """When the timers last ran."""
+
+    @property
+    def state(self) -> "State":
+        """The read models as they are now (read again once the log or the timers changed them)."""
+        if self._state is None:
+            self._state = State(self)
+        return self._state
+
+    def _log(self, envelopes: list[dict[str, Any]]) -> None:
+        self._state = None
+        items = []
+        for event in envelopes:  # (a log's times increase: a millisecond an event here)
+            items.append(LoggedItem(len(self.items) + 1, event, self.now))
+            self.items.append(items[-1])
+            self.now += EVENT_TIME
+        if items:
+            applied, failure, _ = self.service.apply_batch(items)
+            assert failure is None and applied == len(items), (failure, [item.envelope for item in items])
+
+    def _relay(self) -> list[dict[str, Any]]:
+        waiting = self.service.outbox()
+        derived = [orjson.loads(body) for _, body in waiting]
+        self._log(derived)
+        self.service.outbox_done([event_id for event_id, _ in waiting])
+        return derived
+
+    def offer(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """Log ``event`` now; returns what the workflows derived from it."""
+        self._log([event])
+        return self._relay()
+
+    def tick(self) -> list[dict[str, Any]]:
+        self._state = None
+        self.service.tick(self.now)
+        self.ticked = self.now
+        return self._relay()
+
+    def rows(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        with self.engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(sa.text(query), params)]
+
+
+class State:
+    """The rows of the read models the rules are stated on, read at one moment."""
+
+    def __init__(self, log: Log) -> None:
+        self.days = {row["day_id"]: row for row in log.rows("SELECT * FROM innovation_days")}
+        self.registrations = log.rows("SELECT * FROM innovation_day_registrations ORDER BY requested_seq")
+        self.meetings = log.rows("SELECT * FROM innovation_day_meetings")
+        self.validations = {row["validation_id"]: row for row in log.rows("SELECT * FROM validations")}
+        self.reviewers = log.rows("SELECT validation_id, reviewer FROM validation_reviewers")
+        self.reviews = log.rows("SELECT * FROM validation_reviews")
+        self.owners = {row["project_id"]: row["owner"] for row in log.rows("SELECT project_id, owner FROM projects")}
+        self.partners = log.rows("SELECT project_id, institution FROM project_partners")
+        self.calls = {row["call_id"]: row for row in log.rows("SELECT * FROM calls")}
+        self.applications = log.rows("SELECT * FROM call_applications")
+
+    def parties(self, project: str) -> set[str]:
+        """A project's owner and partners."""
+        return {self.owners[project], *(row["institution"] for row in self.partners if row["project_id"] == project)}
+
+    def of(self, rows: list[dict[str, Any]], **matching: Any) -> list[dict[str, Any]]:
+        return [row for row in rows if all(row[name] == value for name, value in matching.items())]
+
+
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "awarded_amount": _json(row["awarded_amount"])}
+
+
+def _reached(event: dict[str, Any] | None, derived: list[dict[str, Any]]) -> list[str]:
+    """What an event and its consequences got to: each derived event's type, a refusal's code."""
+    found = [event["type"] for event in derived]
+    found += [f"{event['type']} {_code(event)}" for event in derived if _code(event)]
+    if event is not None and not any(_code(d) for d in derived if d["data"].get("registration_id", "") != "x"):
+        found.append(f"taken {event['type']}")
+    return found
+
+
+def _mostly(data: st.DataObject, times: int = 6) -> bool:
+    """True but one time in ``times``."""
+    return data.draw(st.integers(0, times - 1)) != 0
+
+
+def _pick(data: st.DataObject, among: Any) -> Any:
+    """One of ``among`` (a list the network's state makes), drawn as a number whatever it holds:
+    the draws of a run do not depend on what the database answered."""
+    among = list(among)
+    return among[data.draw(st.integers(0, 10**6)) % len(among)]
+
+
+def _answer(derived: list[dict[str, Any]], types: tuple[str, ...]) -> dict[str, Any]:
+    answers = [event for event in derived if event["type"] in types]
+    assert len(answers) == 1, derived
+    return answers[0]
+
+
+def _known_to(by: str, party: str, derived: list[dict[str, Any]]) -> None:
+    """An application received is known to its call's publisher and its applicant (``party``):
+    when ``by`` is that party, a refusal does not say it is unknown (to others it says so, by
+    design: an application is theirs to see)."""
+    if by == party:
+        assert not [d for d in derived if _code(d) in ("unknown_call", "unknown_application")], derived
+
+
+def _code(answer: dict[str, Any]) -> str | None:
+    reason = answer["data"].get("reason")
+    return reason.get("code") if isinstance(reason, dict) else None
+
+
+def network_machine(kind: str, directory: Path, pg_server_url: str | None, reached: Counter[str]) -> type[RuleBasedStateMachine]:
+    """The state machine on databases of ``kind``; ``reached`` counts what its runs got to."""
+    @contextmanager
+    def database() -> Iterator[sa.Engine]:
+        place = directory / uuid.uuid4().hex
+        place.mkdir()
+        urls = fresh_database(kind, place, pg_server_url)
+        url = next(urls)
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+            next(urls, None)
+
+    class Network(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self._database = database()
+            self.log = Log(self._database.__enter__())
+            for member, member_kind in MEMBERS.items():
+                level = {"municipality_level": "district"} if member_kind == "municipality" else {}
+                self._offer(envelope("institution.joined", OPERATOR, {
+                    "id": member, "name": {"en": member}, "kind": member_kind, "country": COUNTRIES.get(member, "FI"), **level}))
+            self.projects: list[str] = []
+            self.validations: list[str] = []
+            self.days: list[str] = []
+            self.registrations: list[tuple[str, str]] = []  # (day, registration)
+            self.calls: list[str] = []
+            self.applications: list[tuple[str, str]] = []  # (call, application)
+            self.ended: dict[tuple[str, str], dict[str, Any]] = {}  # applications decided for good, as they were then
+            self.questions: dict[str, list[str]] = {}
+            self.frozen: dict[str, Any] = {}  # validations decided or withdrawn, as they were then
+            self.assigned_seen: set[tuple[str, str]] = set()
+            self.decisions_checked: set[str] = set()
+            self.made = 0
+
+        def _offer(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+            derived = self.log.offer(event)
+            reached.update(_reached(event, derived))
+            return derived
+
+        def _id(self, prefix: str) -> str:
+            self.made += 1
+            return f"{prefix}-{self.made}"
+
+        # --- the clock ---------------------------------------------------------------------------
+
+        @rule(minutes=st.sampled_from([1, 1, 7, 7, 30, 90, 240, 1440]))
+        def time_passes(self, minutes: int) -> None:
+            self.log.now += timedelta(minutes=minutes)
+            reached.update(_reached(None, self.log.tick()))
+
+        # --- projects ----------------------------------------------------------------------------
+
+        @initialize(data=st.data())
+        def some_projects(self, data: st.DataObject) -> None:
+            """Projects to validate and bring to gatherings from the start."""
+            for owner in INNOVATORS[:3]:
+                self.register_project(owner, data.draw(st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True)),
+                                      data.draw(st.lists(st.sampled_from(THEMES), max_size=2, unique=True)))
+
+        @rule(owner=st.sampled_from(INNOVATORS + FUNDERS), partners=st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True),
+              themes=st.lists(st.sampled_from(THEMES), max_size=2, unique=True))
+        def register_project(self, owner: str, partners: list[str], themes: list[str]) -> None:
+            project = self._id("p")
+            self._offer(envelope("project.registered", owner, {
+                "project_id": project, "title": {"en": project}, "owner": owner, "themes": themes, "status": "active",
+                "partners": [{"institution": p, "role": "partner", "relation": "partnership"} for p in partners if p != owner]}))
+            if project in self.log.state.owners:
+                self.projects.append(project)
+
+        @precondition(lambda self: self.projects)
+        @rule(data=st.data(), partner=st.sampled_from(EVERYONE))
+        def partner_joins(self, data: st.DataObject, partner: str) -> None:
+            project = _pick(data, self.projects)
+            by = _pick(data, [self.log.state.owners[project], partner])
+            self._offer(envelope("project.partner_joined", by, {
+                "project_id": project, "partner": {"institution": partner, "role": "supporter", "relation": "coordination"}}))
+
+        # --- validations -------------------------------------------------------------------------
+
+        @precondition(lambda self: self.projects)
+        @rule(data=st.data(), coordinator=st.sampled_from([*COORDINATORS, *COORDINATORS, "sm-ngo"]), quorum=st.integers(1, 3),
+              due_in=st.none() | st.sampled_from([timedelta(hours=2), timedelta(days=3)]))
+        def request_validation(self, data: st.DataObject, coordinator: str, quorum: int, due_in: timedelta | None) -> None:
+            project = _pick(data, self.projects)
+            parties = self._parties(project)
+            requester = _pick(data, sorted(parties) if _mostly(data) else EVERYONE)
+            validation = self._id("v")
+            due = {"due_by": _iso(self.log.now + due_in)} if due_in else {}
+            self._offer(envelope("validation.requested", requester, {
+                "validation_id": validation, "project_id": project, "coordinator": coordinator, "quorum": quorum,
+                "self_assessment": {"statement": {"en": "we assess ourselves"}}, **due}))
+            if validation in self.log.state.validations:
+                self.validations.append(validation)
+                self.questions[validation] = []
+
+        def _open_validation(self, data: st.DataObject) -> str:
+            """Mostly a validation still open (one decided or withdrawn at times: it refuses)."""
+            open_ = [v for v in self.validations if self._validation(v)["status"] in OPEN]
+            return _pick(data, open_ if open_ and _mostly(data) else self.validations)
+
+        def _parties(self, project: str) -> set[str]:
+            return self.log.state.parties(project)
+
+        def _validation(self, validation: str) -> dict[str, Any]:
+            return self.log.state.validations[validation]
+
+        def _actor(self, data: st.DataObject, usual: str) -> str:
+            """Mostly who may act, at times anybody."""
+            return usual if _mostly(data) else _pick(data, EVERYONE)
+
+        @precondition(lambda self: self.validations)
+        @rule(data=st.data(), reviewer=st.sampled_from(EVERYONE), due_in=st.none() | st.sampled_from([timedelta(hours=1), timedelta(days=2)]))
+        def assign_reviewer(self, data: st.DataObject, reviewer: str, due_in: timedelta | None) -> None:
+            validation = self._open_validation(data)
+            by = self._actor(data, self._validation(validation)["coordinator"])
+            due = {"due_by": _iso(self.log.now + due_in)} if due_in else {}
+            self._offer(envelope("validation.reviewer_assigned", by, {"validation_id": validation, "reviewer": reviewer, **due}))
+
+        @precondition(lambda self: self.validations)
+        @rule(data=st.data())
+        def unassign_reviewer(self, data: st.DataObject) -> None:
+            validation = self._open_validation(data)
+            reviewer = _pick(data, self._reviewers(validation) or EVERYONE)
+            by = self._actor(data, self._validation(validation)["coordinator"])
+            self._offer(envelope("validation.reviewer_unassigned", by, {"validation_id": validation, "reviewer": reviewer}))
+
+        @precondition(lambda self: self.validations)
+        @rule(data=st.data())
+        def review(self, data: st.DataObject) -> None:
+            validation = self._open_validation(data)
+            assigned = self._reviewers(validation)
+            by = _pick(data, assigned) if assigned and _mostly(data) else _pick(data, EVERYONE)
+            self._review(data, validation, by)
+
+        @precondition(lambda self: self.validations)
+        @rule(data=st.data(), many=st.integers(1, 3))
+        def panel(self, data: st.DataObject, many: int) -> None:
+            """The coordinator assigns reviewers (mostly free of a stake in the practice; the others
+            are refused) and each one assigned reviews."""
+            validation = self._open_validation(data)
+            found = self._validation(validation)
+            free = [m for m in EVERYONE if m not in {found["coordinator"], found["requester"], *self._parties(found["project_id"])}]
+            for _ in range(many):
+                self._offer(envelope("validation.reviewer_assigned", found["coordinator"], {
+                    "validation_id": validation, "reviewer": _pick(data, free if free and _mostly(data) else EVERYONE)}))
+            for reviewer in self._reviewers(validation):
+                self._review(data, validation, reviewer)
+
+        def _reviewers(self, validation: str) -> list[str]:
+            return sorted(row["reviewer"] for row in self.log.state.of(self.log.state.reviewers, validation_id=validation))
+
+        def _review(self, data: st.DataObject, validation: str, by: str) -> None:
+            scores = data.draw(st.lists(st.integers(1, 5), min_size=len(CRITERIA), max_size=len(CRITERIA)))
+            self._offer(envelope("validation.review_submitted", by, {
+                "validation_id": validation, "scores": dict(zip(CRITERIA, scores)), "evidence_level": data.draw(st.integers(1, 5)),
+                "recommendation": data.draw(st.sampled_from(["validate", "revise", "reject"]))}))
+
+        @precondition(lambda self: self.validations)
+        @rule(data=st.data())
+        def ask(self, data: st.DataObject) -> None:
+            validation = self._open_validation(data)
+            by = self._actor(data, self._validation(validation)["coordinator"])
+            question = self._id("q")
+            derived = self._offer(envelope("validation.info_requested", by, {
+                "validation_id": validation, "questions": [{"question_id": question, "text": {"en": "why?"}}]}))
+            if not any(event["type"] == "validation.action_rejected" for event in derived):
+                self.questions[validation].append(question)
+
+        @precondition(lambda self: any(self.questions.values()))
+        @rule(data=st.data())
+        def answer(self, data: st.DataObject) -> None:
+            validation = _pick(data, sorted(v for v, asked in self.questions.items() if asked))
+            question = _pick(data, self.questions[validation])
+            by = self._actor(data, self._validation(validation)["requester"])
+            self._offer(envelope("validation.info_provided", by, {
+                "validation_id": validation, "answers": [{"question_id": question, "text": {"en": "because"}}]}))
+
+        @precondition(lambda self: self.validations)
+        @rule(data=st.data(), outcome=st.sampled_from(["validated", "needs_revision", "not_validated"]))
+        def coordinator_decides(self, data: st.DataObject, outcome: str) -> None:
+            if not self._seldom(data):
+                return
+            validation = self._open_validation(data)
+            by = self._actor(data, self._validation(validation)["coordinator"])
+            self._offer(envelope("validation.decided", by, {"validation_id": validation, "outcome": outcome, "decided_by": "coordinator"}))
+
+        @precondition(lambda self: self.validations)
+        @rule(data=st.data())
+        def withdraw(self, data: st.DataObject) -> None:
+            if not self._seldom(data):
+                return
+            validation = self._open_validation(data)
+            by = self._actor(data, self._validation(validation)["requester"])
+            self._offer(envelope("validation.withdrawn", by, {"validation_id": validation, "reason": {"en": "not yet"}}))
+
+        # --- innovation days ---------------------------------------------------------------------
+
+        @rule(organizer=st.sampled_from(EVERYONE), capacity=st.integers(1, 6),
+              deadline_in=st.sampled_from([timedelta(minutes=5), timedelta(hours=2), timedelta(days=1)]),
+              starts_after=st.sampled_from([timedelta(0), timedelta(hours=3)]), hours=st.integers(1, 3),
+              themes=st.lists(st.sampled_from(THEMES), max_size=2, unique=True))
+        def schedule_day(self, organizer: str, capacity: int, deadline_in: timedelta, starts_after: timedelta, hours: int,
+                         themes: list[str]) -> None:
+            day = self._id("d")
+            deadline = self.log.now + deadline_in
+            starts = deadline + starts_after
+            self._offer(envelope("innovation_day.scheduled", organizer, {
+                "day_id": day, "title": {"en": day}, "format": "workshop", "attendance_mode": "online",
+                "online_url": "https://meet.example.org/x", "capacity": capacity, "registration_deadline": _iso(deadline),
+                "starts_at": _iso(starts), "ends_at": _iso(starts + timedelta(hours=hours)), "themes": themes, "languages": ["en"]}))
+            if day in self.log.state.days:
+                self.days.append(day)
+
+        def _open_day(self, data: st.DataObject) -> str:
+            """Mostly a day still taking registrations (one closed at times: it refuses)."""
+            open_ = [d for d in self.days if (day := self._day(d))["status"] == "scheduled"
+                     and self.log.now < _moment(day["registration_deadline"])]
+            return _pick(data, open_ if open_ and _mostly(data) else self.days)
+
+        def _seldom(self, data: st.DataObject) -> bool:
+            """Whether a step that ends a thing acts this time (a third of the times): things
+            ended early leave nothing for the other steps to do."""
+            return data.draw(st.integers(0, 2)) == 0
+
+        def _day(self, day: str) -> dict[str, Any]:
+            return self.log.state.days[day]
+
+        @precondition(lambda self: self.days)
+        @rule(data=st.data())
+        def register(self, data: st.DataObject) -> None:
+            self._register(data, self._open_day(data))
+
+        @precondition(lambda self: self.days)
+        @rule(data=st.data(), many=st.integers(2, 6))
+        def crowd(self, data: st.DataObject, many: int) -> None:
+            """Several members register for one day, one after the other."""
+            day_id = self._open_day(data)
+            for _ in range(many):
+                self._register(data, day_id)
+
+        def _register(self, data: st.DataObject, day_id: str) -> None:
+            participant = _pick(data, EVERYONE)
+            role = data.draw(st.sampled_from(ROLES))
+            attendees = data.draw(st.integers(1, 4))
+            interests = data.draw(st.lists(st.sampled_from(THEMES), max_size=2, unique=True))
+            day = self._day(day_id)
+            own = [p for p in self.projects if participant in self._parties(p)]
+            project = {"project_id": _pick(data, own)} if own and role == "innovator" and data.draw(st.booleans()) else {}
+            live_before = [r for r in self.log.state.of(self.log.state.registrations, day_id=day_id, participant=participant)
+                           if r["status"] in ("confirmed", "waitlisted")]
+            registration = self._id("r")
+            derived = self._offer(envelope("innovation_day.registration_requested", participant, {
+                "day_id": day_id, "registration_id": registration, "participant": participant, "role": role,
+                "attendees": attendees, "interests": interests, **project}))
+            answer = _answer(derived, ("innovation_day.registration_confirmed", "innovation_day.registration_waitlisted",
+                                       "innovation_day.registration_rejected"))
+            # What the contract says of a request, whatever else the day holds.
+            expected = ("day_cancelled" if day["status"] == "cancelled" else "day_held" if day["status"] == "held"
+                        else "after_deadline" if self.log.now >= _moment(day["registration_deadline"])
+                        else "already_registered" if live_before else "exceeds_capacity" if attendees > day["capacity"] else None)
+            if expected is not None:
+                assert (answer["type"], _code(answer)) == ("innovation_day.registration_rejected", expected), (day, answer)
+            else:
+                assert answer["type"] != "innovation_day.registration_rejected", (day, answer)
+                self.registrations.append((day_id, registration))
+
+        @precondition(lambda self: self.registrations)
+        @rule(data=st.data())
+        def cancel_registration(self, data: st.DataObject) -> None:
+            day_id, registration = _pick(data, self.registrations)
+            before = self.log.state.of(self.log.state.registrations, registration_id=registration)[0]
+            participant = before["participant"]
+            by = self._actor(data, participant)
+            day = self._day(day_id)
+            closed = day["status"] != "scheduled" or self.log.now >= _moment(day["registration_deadline"])
+            derived = self._offer(envelope("innovation_day.registration_cancelled", by, {"day_id": day_id, "registration_id": registration}))
+            after = self.log.state.of(self.log.state.registrations, registration_id=registration)[0]
+            if by != participant or closed or before["status"] not in ("confirmed", "waitlisted"):
+                assert after["status"] == before["status"], (by, participant, day, derived)  # refused: it holds what it held
+            else:
+                assert after["status"] == "cancelled", derived
+
+        @precondition(lambda self: self.days)
+        @rule(data=st.data(), deadline_in=st.sampled_from([timedelta(minutes=10), timedelta(hours=3)]), hours=st.integers(1, 3))
+        def reschedule_day(self, data: st.DataObject, deadline_in: timedelta, hours: int) -> None:
+            day_id = self._open_day(data)
+            by = self._actor(data, self._day(day_id)["organizer"])
+            deadline = self.log.now + deadline_in
+            self._offer(envelope("innovation_day.rescheduled", by, {
+                "day_id": day_id, "registration_deadline": _iso(deadline), "starts_at": _iso(deadline + timedelta(hours=1)),
+                "ends_at": _iso(deadline + timedelta(hours=1 + hours)), "reason": {"en": "moved"}}))
+
+        @precondition(lambda self: self.days)
+        @rule(data=st.data())
+        def cancel_day(self, data: st.DataObject) -> None:
+            if not self._seldom(data):
+                return
+            day_id = self._open_day(data)
+            by = self._actor(data, self._day(day_id)["organizer"])
+            self._offer(envelope("innovation_day.cancelled", by, {"day_id": day_id, "reason": {"en": "rain"}}))
+
+        @precondition(lambda self: self.days)
+        @rule(data=st.data())
+        def report_held(self, data: st.DataObject) -> None:
+            if not self._seldom(data):
+                return
+            day_id = self._open_day(data)
+            by = self._actor(data, self._day(day_id)["organizer"])
+            self._offer(envelope("innovation_day.held", by, {"day_id": day_id, "attendees": 3}))
+
+        # --- calls -------------------------------------------------------------------------------
+
+        @rule(owner=st.sampled_from(EVERYONE), kinds=st.lists(st.sampled_from(KINDS), max_size=3, unique=True),
+              countries=st.sampled_from([[], ["FI"], ["TR"]]), budget=st.sampled_from([None, "1000", "250.50"]),
+              opens_in=st.sampled_from([timedelta(0), timedelta(minutes=20)]),
+              open_for=st.sampled_from([timedelta(minutes=30), timedelta(hours=3), timedelta(days=1)]), two_stage=st.booleans())
+        def publish_call(self, owner: str, kinds: list[str], countries: list[str], budget: str | None, opens_in: timedelta,
+                         open_for: timedelta, two_stage: bool) -> None:
+            call = self._id("c")
+            opens = self.log.now + opens_in
+            stages = {"deadline_model": "two_stage", "full_proposal_deadline": _iso(opens + 2 * open_for)} if two_stage else {
+                "deadline_model": "single_stage"}
+            self._offer(envelope("call.published", owner, {
+                "call_id": call, "title": {"en": call}, "kind": "funding", "eligible_kinds": kinds, "eligible_countries": countries,
+                **({"budget": {"amount": budget, "currency": "EUR"}} if budget else {}), "opens_at": _iso(opens),
+                "deadline": _iso(opens + open_for), **stages}))
+            if call in self.log.state.calls:
+                self.calls.append(call)
+
+        def _open_call(self, data: st.DataObject) -> str:
+            """Mostly a call taking applications (one closed or not yet open at times: it refuses)."""
+            state = self.log.state
+            open_ = [c for c in self.calls if state.calls[c]["closed_at"] is None
+                     and _moment(state.calls[c]["opens_at"]) <= self.log.now <= _moment(state.calls[c]["deadline"])]
+            return _pick(data, open_ if open_ and _mostly(data) else self.calls)
+
+        @precondition(lambda self: self.calls)
+        @rule(data=st.data(), many=st.integers(1, 4))
+        def apply(self, data: st.DataObject, many: int) -> None:
+            call_id = self._open_call(data)
+            for _ in range(many):
+                self._apply(data, call_id)
+
+        def _apply(self, data: st.DataObject, call_id: str) -> None:
+            applicant = _pick(data, EVERYONE)
+            call = self.log.state.calls[call_id]
+            own = [p for p in self.projects if applicant in self._parties(p)]
+            project = {"project_id": _pick(data, own)} if own and _mostly(data, 2) else {}
+            amount = data.draw(st.sampled_from([None, "100", "600", "2000"]))
+            application = self._id("a")
+            derived = self._offer(envelope("call.application_submitted", applicant, {
+                "call_id": call_id, "application_id": application, **project,
+                **({"requested_amount": {"amount": amount, "currency": "EUR"}} if amount else {})}))
+            answer = _answer(derived, ("call.application_received", "call.application_rejected"))
+            # What the contract says is rejected (the gate's other reasons aside).
+            kinds, countries = _json(call["eligible_kinds"]), _json(call["eligible_countries"])
+            rejected = {code for code, holds in {
+                "before_opening": self.log.now < _moment(call["opens_at"]),
+                "after_deadline": self.log.now > _moment(call["deadline"]),
+                "call_closed": call["closed_at"] is not None,
+                "ineligible_kind": bool(kinds) and MEMBERS[applicant] not in kinds,
+                "ineligible_country": bool(countries) and COUNTRIES.get(applicant, "FI") not in countries,
+            }.items() if holds}
+            if rejected:
+                assert answer["type"] == "call.application_rejected" and _code(answer) in rejected, (rejected, call, answer)
+            if answer["type"] == "call.application_received":
+                self.applications.append((call_id, application))
+
+        def _application(self, call: str, application: str) -> dict[str, Any]:
+            return self.log.state.of(self.log.state.applications, call_id=call, application_id=application)[0]
+
+        @precondition(lambda self: self.applications)
+        @rule(data=st.data(), decision=st.sampled_from(["awarded", "awarded", "declined", "invited"]),
+              amount=st.sampled_from([None, "100", "450", "900"]))
+        def decide_application(self, data: st.DataObject, decision: str, amount: str | None) -> None:
+            call, application = _pick(data, self.applications)
+            by = self._actor(data, party := self.log.state.calls[call]["owner"])
+            awarded = {"awarded_amount": {"amount": amount, "currency": "EUR"}} if amount and decision == "awarded" else {}
+            derived = self._offer(envelope("call.application_decided", by, {
+                "call_id": call, "application_id": application, "decision": decision, **awarded}))
+            _known_to(by, party, derived)
+
+        @precondition(lambda self: self.applications)
+        @rule(data=st.data(), amount=st.sampled_from([None, "300"]))
+        def send_full_proposal(self, data: st.DataObject, amount: str | None) -> None:
+            call, application = _pick(data, self.applications)
+            by = self._actor(data, party := self._application(call, application)["applicant"])
+            derived = self._offer(envelope("call.full_proposal_submitted", by, {
+                "call_id": call, "application_id": application, "summary": {"en": "in full"},
+                **({"requested_amount": {"amount": amount, "currency": "EUR"}} if amount else {})}))
+            _known_to(by, party, derived)
+
+        @precondition(lambda self: self.applications)
+        @rule(data=st.data())
+        def withdraw_application(self, data: st.DataObject) -> None:
+            if not self._seldom(data):
+                return
+            call, application = _pick(data, self.applications)
+            by = self._actor(data, party := self._application(call, application)["applicant"])
+            derived = self._offer(envelope("call.application_withdrawn", by, {
+                "call_id": call, "application_id": application, "reason": {"en": "elsewhere"}}))
+            _known_to(by, party, derived)
+
+        @precondition(lambda self: self.calls)
+        @rule(data=st.data(), deadline_in=st.sampled_from([timedelta(minutes=-5), timedelta(minutes=15), timedelta(hours=5)]),
+              budget=st.sampled_from([None, "500", "5000"]))
+        def amend_call(self, data: st.DataObject, deadline_in: timedelta, budget: str | None) -> None:
+            call = self._open_call(data)
+            by = self._actor(data, self.log.state.calls[call]["owner"])
+            changes: dict[str, Any] = {"deadline": _iso(self.log.now + deadline_in)}
+            if budget and data.draw(st.booleans()):
+                changes = {"budget": {"amount": budget, "currency": "EUR"}}
+            self._offer(envelope("call.amended", by, {"call_id": call, "changes": changes, "reason": {"en": "changed"}}))
+
+        @precondition(lambda self: self.calls)
+        @rule(data=st.data())
+        def close_call(self, data: st.DataObject) -> None:
+            if not self._seldom(data):
+                return
+            call = self._open_call(data)
+            by = self._actor(data, self.log.state.calls[call]["owner"])
+            self._offer(envelope("call.closed", by, {"call_id": call, "reason": "cancelled"}))
+
+        # --- what always holds -------------------------------------------------------------------
+
+        @invariant()
+        def calls_keep_their_rules(self) -> None:
+            state = self.log.state
+            for call_id in self.calls:
+                call = state.calls[call_id]
+                applications = state.of(state.applications, call_id=call_id)
+                awards = [Decimal(a["awarded_amount"]["amount"]) for a in map(_decoded, applications)
+                          if a["status"] == "awarded" and a["awarded_amount"]]
+                if budget := _json(call["budget"]):
+                    assert sum(awards) <= Decimal(budget["amount"]), ("over budget", call, applications)
+                assert sum(awards) == Decimal(call["awarded"] or 0), (call, applications)
+                if _moment(call["deadline"]) <= self.log.ticked:  # the bus closes it at its deadline
+                    assert call["closed_at"] is not None, ("open after its deadline", call, self.log.ticked)
+                second = call["full_proposal_deadline"]
+                for application in applications:
+                    if application["status"] != "rejected":
+                        assert _moment(call["opens_at"]) <= _moment(application["submitted_at"]) <= _moment(call["deadline"]), (
+                            "received outside the call's window", call, application)
+                    if application["status"] == "invited" and second is not None:
+                        assert self.log.ticked < _moment(second), ("invited after the deadline for full proposals", call, application)
+                    key = (call_id, application["application_id"])
+                    if key in self.ended:
+                        assert application == self.ended[key], ("a decided application changed", self.ended[key], application)
+                    elif application["status"] in FINAL:
+                        self.ended[key] = application
+
+        @invariant()
+        def days_keep_their_rules(self) -> None:
+            state = self.log.state
+            for day_id in self.days:
+                day = state.days[day_id]
+                registrations = state.of(state.registrations, day_id=day_id)
+                assert all(r["status"] != "requested" for r in registrations), registrations  # every request answered
+                confirmed = [r for r in registrations if r["status"] == "confirmed"]
+                waiting = [r for r in registrations if r["status"] == "waitlisted"]
+                assert sum(r["attendees"] for r in confirmed) <= day["capacity"], (day, confirmed)
+                assert [r["waitlist_position"] for r in waiting] == list(range(1, len(waiting) + 1)), waiting
+                if waiting:
+                    assert max(r["requested_seq"] for r in confirmed or [{"requested_seq": 0}]) < waiting[0]["requested_seq"], (
+                        "a registration was confirmed while an earlier one waits", registrations)
+                    free = day["capacity"] - sum(r["attendees"] for r in confirmed)
+                    assert waiting[0]["attendees"] > free, ("the head of the waitlist fits and waits", day, registrations)
+                live = [r["participant"] for r in confirmed + waiting]
+                assert len(live) == len(set(live)), registrations
+                deadline = _moment(day["registration_deadline"])
+                if day["status"] == "scheduled" and deadline <= self.log.ticked:  # the timers have met its deadline
+                    assert day["meetings_proposed_at"] is not None and _moment(day["meetings_proposed_at"]) >= deadline, (
+                        "no meetings proposed at the deadline", day)
+                    assert not waiting, ("waiting after the deadline", day, waiting)
+                if day["status"] == "scheduled" and self.log.now < deadline:
+                    assert not state.of(state.meetings, day_id=day_id), ("meetings before the deadline", day)
+                self._meetings_keep_their_rules(day, confirmed, state.of(state.meetings, day_id=day_id))
+
+        def _meetings_keep_their_rules(self, day: dict[str, Any], confirmed: list[dict[str, Any]], meetings: list[dict[str, Any]]) -> None:
+            if day["status"] == "cancelled":
+                assert meetings == [], meetings
+                return
+            roles = {(r["participant"], r["role"]) for r in confirmed}
+            per_funder: dict[str, int] = {}
+            taken: set[tuple[datetime, str]] = set()
+            for meeting in meetings:
+                slot = _moment(meeting["slot_start"])
+                assert _moment(day["starts_at"]) <= slot < _moment(day["ends_at"]), (day, meeting)
+                assert _json(meeting["shared_themes"]), meeting
+                if day["status"] == "scheduled":  # (once held, who cancelled since is history)
+                    assert (meeting["innovator"], "innovator") in roles and (meeting["funder"], "funder") in roles, (meeting, confirmed)
+                per_funder[meeting["funder"]] = per_funder.get(meeting["funder"], 0) + 1
+                for party in (meeting["innovator"], meeting["funder"]):
+                    assert (slot, party) not in taken, ("double-booked", meetings)
+                    taken.add((slot, party))
+            assert all(count <= MEETINGS_PER_FUNDER for count in per_funder.values()), per_funder
+
+        @invariant()
+        def validations_keep_their_rules(self) -> None:
+            state = self.log.state
+            for validation_id in self.validations:
+                validation = state.validations[validation_id]
+                parties = {validation["coordinator"], validation["requester"], *state.parties(validation["project_id"])}
+                reviewers = {r["reviewer"] for r in state.of(state.reviewers, validation_id=validation_id)}
+                for reviewer in reviewers - {r for v, r in self.assigned_seen if v == validation_id}:
+                    assert reviewer not in parties, ("a reviewer with a stake was assigned", validation, reviewer)
+                    self.assigned_seen.add((validation_id, reviewer))
+                reviews = state.of(state.reviews, validation_id=validation_id)
+                assert {r["reviewer"] for r in reviews} <= reviewers, (reviews, reviewers)
+                counted = [{**r, "scores": _json(r["scores"])} for r in reviews if r["reviewer"] not in parties]
+                if validation["status"] in OPEN:
+                    assert len(counted) < validation["quorum"], ("open at quorum", validation, counted)
+                    continue
+                if validation_id not in self.decisions_checked:  # at the step that decided it
+                    self.decisions_checked.add(validation_id)
+                    if validation["status"] == "decided" and validation["decided_by"] == "rule":
+                        outcome, medians, evidence = contract_decision(counted)
+                        assert (validation["outcome"], _json(validation["median_scores"]), validation["evidence_level"]) == (
+                            outcome, medians, evidence), (validation, counted)
+                    self.frozen[validation_id] = (validation, sorted(reviewers), reviews)
+                assert self.frozen[validation_id] == (validation, sorted(reviewers), reviews), (
+                    "a decided or withdrawn validation changed", self.frozen[validation_id], validation)
+
+        def teardown(self) -> None:
+            try:
+                self._replayed_equals_live()
+            finally:
+                self.log.service.close()
+                self._database.__exit__(None, None, None)
+
+        def _replayed_equals_live(self) -> None:
+            with database() as again:
+                service = NetworkService(again, network())
+                service.rules_epochs()  # (as a rebuild does first)
+                items = self.log.items
+                for start in range(0, len(items), 200):
+                    applied, failure, _ = service.apply_batch(items[start:start + 200], live=False)
+                    assert failure is None, failure
+                service.close()
+                live, replayed = table_checksums(self.log.engine), table_checksums(again)
+                assert sorted(name for name in live if replayed.get(name) != live[name]) == []
+
+    return Network
+
+
+def test_the_workflows_rules_hold_whatever_members_do_as_time_passes(database_url: str, tmp_path: Path, pg_server_url: str | None) -> None:
+    kind = "sqlite" if database_url.startswith("sqlite") else "postgresql"
+    reached: Counter[str] = Counter()
+    machine = network_machine(kind, tmp_path, pg_server_url, reached)
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=20 if kind == "sqlite" else 8, stateful_step_count=60, deadline=None, phases=[Phase.generate], database=None, suppress_health_check=list(HealthCheck)))
+    print(sorted(reached.items()))
