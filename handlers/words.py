@@ -56,23 +56,45 @@ def trigram_index(table: str) -> sa.Index:
                     postgresql_ops={"words": "gin_trgm_ops"}).ddl_if(dialect="postgresql")
 
 
+SEARCHED_TABLES = ("projects", "calls", "institutions", "innovation_days")
+"""The tables a search (``?q=``) reads, each with its :func:`trigram_index` on PostgreSQL."""
+
+
+def unindexed(connection: sa.Connection) -> list[str]:
+    """Those of :data:`SEARCHED_TABLES` whose search reads every row on PostgreSQL: they have no
+    :func:`trigram_index` (pg_trgm could not be had when they were migrated). None on SQLite."""
+    if connection.dialect.name != "postgresql":
+        return []
+    names = [f"ix_{table}_words" for table in SEARCHED_TABLES]
+    found = set(connection.execute(sa.text("SELECT indexname FROM pg_indexes WHERE indexname = ANY(:names)"),
+                                   {"names": names}).scalars())
+    return [table for table, name in zip(SEARCHED_TABLES, names) if name not in found]
+
+
+def trigram_statements(tables: Sequence[str]) -> list[str]:
+    """The statements creating :func:`trigram_index` of each of ``tables`` on PostgreSQL."""
+    from sqlalchemy.dialects import postgresql
+
+    indexes = [trigram_index(table) for table in tables]
+    for table, index in zip(tables, indexes):  # (each on a table of its one column, as the migration knows it)
+        sa.Table(table, sa.MetaData(), sa.Column("words", sa.Text), index)
+    return [str(sa.schema.CreateIndex(index).compile(dialect=postgresql.dialect())) for index in indexes]
+
+
 def create_trigram_indexes(connection: sa.Connection, tables: Sequence[str]) -> None:
     """Create :func:`trigram_index` of each of ``tables`` (a migration's step) with the pg_trgm
     extension it needs, trusted since PostgreSQL 13: the database's owner may create it. Where it
     cannot be had, a search reads the rows as before, and the migration says how to index it."""
     if connection.dialect.name != "postgresql":
         return
-    indexes = [trigram_index(table) for table in tables]
-    for table, index in zip(tables, indexes):  # (each on a table of its one column, as the migration knows it)
-        sa.Table(table, sa.MetaData(), sa.Column("words", sa.Text), index)
-    statements = [str(sa.schema.CreateIndex(index).compile(connection)) for index in indexes]
+    statements = trigram_statements(tables)
     try:
         with connection.begin_nested():
             connection.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
     except sa.exc.DBAPIError as exc:
         logging.getLogger("alembic").warning(
-            "pg_trgm cannot be had here (%s): a search (?q=) reads the rows; a superuser's CREATE EXTENSION pg_trgm, "
-            "then %s, index it", str(exc.orig).strip().splitlines()[0], "; ".join(statements))
+            "pg_trgm cannot be had here (%s): a search (?q=) of %s reads every row. A superuser indexes them with: %s",
+            str(exc.orig).strip().splitlines()[0], ", ".join(tables), "; ".join(["CREATE EXTENSION IF NOT EXISTS pg_trgm", *statements]))
         return
     for statement in statements:
         connection.execute(sa.text(statement))

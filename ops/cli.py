@@ -1593,6 +1593,12 @@ def _render_status(report: dict[str, Any]) -> None:
         if len(set_aside) > SET_ASIDE_SHOWN:
             out.print(f"[yellow]… and {len(set_aside) - SET_ASIDE_SHOWN:,} more things set aside[/yellow] (status --json lists "
                       "them all; collabbus dlq list)")
+        if unsearched := database.get("search_unindexed"):
+            from handlers.words import trigram_statements
+
+            out.print(f"[yellow]search: no index of {', '.join(unsearched)}[/yellow] (pg_trgm could not be had when they were "
+                      "migrated: each ?q= reads every row). A superuser indexes them with: "
+                      + escape("; ".join(["CREATE EXTENSION IF NOT EXISTS pg_trgm", *trigram_statements(unsearched)])))
         outbox = database.get("outbox")
         if outbox and outbox["waiting"]:
             out.print(f"[yellow]outbox: {outbox['waiting']} derived event(s) not logged yet, the oldest since "

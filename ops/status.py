@@ -27,6 +27,7 @@ from bus import lease
 from bus.streams import DLQ_STREAM, EVENTS_STREAM
 from handlers.bookkeeping import outbox_backlog, parked
 from handlers.db import reading
+from handlers.words import unindexed
 from ops import dlq
 from ops.backup import last_backup
 
@@ -253,6 +254,8 @@ def _database(engine: sa.Engine, last_seq: int) -> tuple[dict[str, Any], list[di
                 database["outbox"] = {"waiting": waiting, "oldest": _time(oldest)}
             if "portal_cursors" in tables:
                 database["portals"] = _portals(connection, tables)
+            if connection.dialect.name == "postgresql" and "projects" in tables:  # (SQLite's search has no index)
+                database["search_unindexed"] = unindexed(connection)
             if "webhook_endpoints" not in tables:
                 return database, None
             owed: dict[str, int] = dict(connection.execute(sa.text(

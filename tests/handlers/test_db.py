@@ -386,3 +386,68 @@ def test_a_search_is_served_by_an_index_on_postgresql(tmp_path: Path, pg_server_
     finally:
         engine.dispose()
         next(databases, None)
+
+
+def test_where_pg_trgm_cannot_be_had_the_migrations_say_how_to_index_the_search_and_status_says_it_is_not(
+    tmp_path: Path, pg_server_url: str | None, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A role that may create tables but not extensions (the database is not its own: a
+    PostgreSQL its operator was given a schema in) migrates the read models all the same: the
+    search's indexes are left out, and the migrations' warning gives the statements that add them.
+    `collabbus status` names the tables searched without an index, and the same statements, until
+    a superuser has run them."""
+    import uuid
+
+    from handlers.db import migration_heads
+    from handlers.words import SEARCHED_TABLES, unindexed
+    from ops.cli import _render_status
+    from ops.status import _database
+
+    if pg_server_url is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is required in CI")
+        pytest.skip("no PostgreSQL on this machine (set COLLABBUS_TEST_POSTGRES_URL)")
+    name, role = f"t_{uuid.uuid4().hex[:12]}", f"r_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE ROLE {role} LOGIN"))
+        connection.execute(text(f"CREATE DATABASE {name} TEMPLATE template0"))  # (owned by the superuser, without pg_trgm)
+    superuser_url = pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+    superuser = sa.create_engine(superuser_url, isolation_level="AUTOCOMMIT")
+    with superuser.connect() as connection:
+        connection.execute(text(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}"))
+    engine = make_engine(sa.make_url(superuser_url).set(username=role).render_as_string(hide_password=False))
+    try:
+        with caplog.at_level("WARNING", logger="alembic"):
+            migrate(engine)
+        with engine.connect() as connection:
+            assert set(connection.execute(text("SELECT version_num FROM alembic_version")).scalars()) == migration_heads()
+            assert unindexed(connection) == list(SEARCHED_TABLES)
+        warnings = [record.getMessage() for record in caplog.records if "pg_trgm cannot be had" in record.getMessage()]
+        assert len(warnings) == 2 and all("permission denied" in warning for warning in warnings), warnings
+        told = " ".join(warnings)
+        for table in SEARCHED_TABLES:
+            assert f"CREATE INDEX ix_{table}_words ON {table} USING gin (words gin_trgm_ops)" in told, told
+
+        database, _ = _database(engine, 0)
+        assert database["search_unindexed"] == list(SEARCHED_TABLES)
+        _render_status({"streams": {}, "consumers": {}, "dead_letters": {}, "database": database})
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "search: no index of projects, calls, institutions, innovation_days" in shown, shown
+        statements = shown.split("A superuser indexes them with: ")[1].split("; ")
+        assert statements[0] == "CREATE EXTENSION IF NOT EXISTS pg_trgm" and len(statements) == 1 + len(SEARCHED_TABLES), statements
+
+        with superuser.connect() as connection:  # what status says to do, as a superuser
+            for statement in statements:
+                connection.execute(text(statement))
+        database, _ = _database(engine, 0)
+        assert database["search_unindexed"] == []
+        _render_status({"streams": {}, "consumers": {}, "dead_letters": {}, "database": database})
+        assert "search:" not in capsys.readouterr().out
+    finally:
+        engine.dispose()
+        superuser.dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            connection.execute(text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()
