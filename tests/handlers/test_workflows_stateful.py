@@ -1,6 +1,7 @@
 """The workflows' rules (CONTRACT.md §5) hold whatever members do, in any order, as time passes.
 
-A Hypothesis state machine plays a network: members register projects and take partners on;
+A Hypothesis state machine plays a network: members register projects, take partners on, take
+each other's practices up and complete them;
 publish calls, apply (the eligible and the others, before the opening, after the deadline),
 decide, invite to a second stage, send full proposals, withdraw, amend and close; request
 validations, assign and unassign reviewers, review (the assigned and the others), ask, answer,
@@ -10,6 +11,7 @@ and due dates, the timers running at each step. After every step the read models
 the contract's rules say, stated as properties of the whole state rather than answers derived
 again (but for the decision rule, which the contract gives as a formula):
 
+- projects: a practice is taken up by members other than its owner, once by each;
 - calls: an application before the opening, after the deadline, to a closed call or from an
   ineligible kind or country is rejected, and what is received was sent inside the call's window;
   the bus closes a call at its deadline; what a call awarded is within its budget and is its
@@ -49,6 +51,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -177,19 +180,55 @@ class Log:
 
 
 class State:
-    """The rows of the read models the rules are stated on, read at one moment."""
+    """The rows of the read models the rules are stated on, read at one moment (each table when
+    first asked for)."""
 
     def __init__(self, log: Log) -> None:
-        self.days = {row["day_id"]: row for row in log.rows("SELECT * FROM innovation_days")}
-        self.registrations = log.rows("SELECT * FROM innovation_day_registrations ORDER BY requested_seq")
-        self.meetings = log.rows("SELECT * FROM innovation_day_meetings")
-        self.validations = {row["validation_id"]: row for row in log.rows("SELECT * FROM validations")}
-        self.reviewers = log.rows("SELECT validation_id, reviewer FROM validation_reviewers")
-        self.reviews = log.rows("SELECT * FROM validation_reviews")
-        self.owners = {row["project_id"]: row["owner"] for row in log.rows("SELECT project_id, owner FROM projects")}
-        self.partners = log.rows("SELECT project_id, institution FROM project_partners")
-        self.calls = {row["call_id"]: row for row in log.rows("SELECT * FROM calls")}
-        self.applications = log.rows("SELECT * FROM call_applications")
+        self.rows = log.rows
+
+    @cached_property
+    def days(self) -> dict[str, dict[str, Any]]:
+        return {row["day_id"]: row for row in self.rows("SELECT * FROM innovation_days")}
+
+    @cached_property
+    def registrations(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT * FROM innovation_day_registrations ORDER BY requested_seq")
+
+    @cached_property
+    def meetings(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT * FROM innovation_day_meetings")
+
+    @cached_property
+    def validations(self) -> dict[str, dict[str, Any]]:
+        return {row["validation_id"]: row for row in self.rows("SELECT * FROM validations")}
+
+    @cached_property
+    def reviewers(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT validation_id, reviewer FROM validation_reviewers")
+
+    @cached_property
+    def reviews(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT * FROM validation_reviews")
+
+    @cached_property
+    def owners(self) -> dict[str, str]:
+        return {row["project_id"]: row["owner"] for row in self.rows("SELECT project_id, owner FROM projects")}
+
+    @cached_property
+    def partners(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT project_id, institution FROM project_partners")
+
+    @cached_property
+    def adoptions(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT project_id, adopter FROM project_adoptions")
+
+    @cached_property
+    def calls(self) -> dict[str, dict[str, Any]]:
+        return {row["call_id"]: row for row in self.rows("SELECT * FROM calls")}
+
+    @cached_property
+    def applications(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT * FROM call_applications")
 
     def parties(self, project: str) -> set[str]:
         """A project's owner and partners."""
@@ -331,6 +370,24 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             by = _pick(data, [self.log.state.owners[project], partner])
             self._offer(envelope("project.partner_joined", by, {
                 "project_id": project, "partner": {"institution": partner, "role": "supporter", "relation": "coordination"}}))
+
+        @precondition(lambda self: self.projects)
+        @rule(data=st.data(), adopter=st.sampled_from(EVERYONE))
+        def adopt(self, data: st.DataObject, adopter: str) -> None:
+            """A member takes a practice up (recorded by it or by the project's owner)."""
+            project = _pick(data, self.projects)
+            by = _pick(data, [adopter, self.log.state.owners[project]])
+            self._offer(envelope("project.adopted", by, {
+                "adoption_id": self._id("ad"), "project_id": project, "adopter": adopter, "support": ["study_visit"]}))
+
+        @precondition(lambda self: self.projects)
+        @rule(data=st.data())
+        def complete_project(self, data: st.DataObject) -> None:
+            if not self._seldom(data):
+                return
+            project = _pick(data, self.projects)
+            by = self._actor(data, self.log.state.owners[project])
+            self._offer(envelope("project.completed", by, {"project_id": project, "outcome": {"en": "done"}}))
 
         # --- validations -------------------------------------------------------------------------
 
@@ -704,6 +761,15 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
         # --- what always holds -------------------------------------------------------------------
 
         @invariant()
+        def adoptions_are_others_once_each(self) -> None:
+            """A practice is taken up by another member than its owner, once by each (the spread
+            of a practice counts the others taking it up)."""
+            state = self.log.state
+            adoptions = [(row["project_id"], row["adopter"]) for row in state.adoptions]
+            assert len(adoptions) == len(set(adoptions)), adoptions
+            assert all(adopter != state.owners[project] for project, adopter in adoptions), adoptions
+
+        @invariant()
         def calls_keep_their_rules(self) -> None:
             state = self.log.state
             for call_id in self.calls:
@@ -829,7 +895,7 @@ def test_the_workflows_rules_hold_whatever_members_do_as_time_passes(database_ur
     reached: Counter[str] = Counter()
     machine = network_machine(kind, tmp_path, pg_server_url, reached)
     run_state_machine_as_test(machine, settings=settings(
-        max_examples=20 if kind == "sqlite" else 8, stateful_step_count=60, deadline=None, phases=[Phase.generate], database=None, suppress_health_check=list(HealthCheck)))
+        max_examples=20 if kind == "sqlite" else 6, stateful_step_count=60, deadline=None, phases=[Phase.generate], database=None, suppress_health_check=list(HealthCheck)))
     # The runs got past the refusals to the workflows' decisions (each in nearly every run's
     # start): the properties were checked on states worth checking.
     assert all(reached[outcome] for outcome in REACHED), ("not reached", [outcome for outcome in REACHED if not reached[outcome]])
