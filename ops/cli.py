@@ -1735,32 +1735,33 @@ def _render_trace(found: dict[str, Any]) -> None:
 def _span_line(span: Mapping[str, Any]) -> str:
     """One span of a trace for people: what and where, then what came of it — a webhook
     delivery's endpoint, host and HTTP status; a failed attempt's error and which delivery of
-    its event it was; a dead-lettering's reason."""
+    its event it was; a dead-lettering's reason. Each as it is (an error may quote a member's
+    text: :func:`shown`)."""
     from ops import tracing
 
     attributes = span["attributes"]
-    parts = [f"[bold]{escape(span['operation'])}[/bold]", f"[dim]{span['kind']} · {escape(span['service'] or '')}[/dim]"]
+    parts = [f"[bold]{shown(span['operation'])}[/bold]", f"[dim]{span['kind']} · {shown(span['service'] or '')}[/dim]"]
     if span["event_type"]:
-        parts.append(escape(span["event_type"]))
+        parts.append(shown(span["event_type"]))
     if span["institution"]:
-        parts.append(f"[cyan]{escape(span['institution'])}[/cyan]")
+        parts.append(f"[cyan]{shown(span['institution'])}[/cyan]")
     if span["kind"] == "client" and "http.request.method" in attributes:
         endpoint = attributes.get(tracing.WEBHOOK_ENDPOINT)
         host = attributes.get("server.address")
-        parts.append("to " + " at ".join(escape(str(part)) for part in (endpoint, host) if part))
+        parts.append("to " + " at ".join(shown(str(part)) for part in (endpoint, host) if part))
         status = attributes.get("http.response.status_code")
         if status is not None:
-            parts.append(f"[{'green' if 200 <= int(status) < 300 else 'red'}]HTTP {escape(str(status))}[/]")
+            parts.append(f"[{'green' if 200 <= int(status) < 300 else 'red'}]HTTP {shown(str(status))}[/]")
     parts.append(f"{span['duration_ms']:.1f} ms")
     if (delivery := attributes.get(tracing.DELIVERY)) is not None and span["kind"] == "consumer":
         limit = attributes.get(tracing.MAX_DELIVER)
         parts.append(f"[yellow]delivery {delivery}{f' of {limit}' if limit else ''}[/yellow]")
     if span["status"] == "error":
         said = [line for text in span["errors"][:3] if (line := _first_of(text))]
-        parts.append("[red]failed" + (": " + escape("; ".join(said)) if said else "") + "[/red]")
+        parts.append("[red]failed" + (": " + shown("; ".join(said)) if said else "") + "[/red]")
     if (reason := attributes.get(tracing.DEAD_LETTER_REASON)) is not None:
         deliveries = attributes.get(tracing.DELIVERY)
-        parts.append(f"[red]dead-lettered{f' after {deliveries} deliveries' if deliveries else ''}: {escape(_first_of(str(reason)))}[/red]")
+        parts.append(f"[red]dead-lettered{f' after {deliveries} deliveries' if deliveries else ''}: {shown(_first_of(str(reason)))}[/red]")
     return "  ".join(parts)
 
 

@@ -246,8 +246,8 @@ def test_tail_json_lines_carry_the_log_sequence_a_script_resumes_from(running_bu
 
 def test_tail_and_the_members_list_print_a_networks_texts_as_they_are(running_bus: dict[str, str]) -> None:
     """A name or title is a member's text: Rich read its brackets as markup (`[/fi]` failed the
-    whole `tail` or listing with a MarkupError) and a terminal acts on its escapes (`\x1b[2J`
-    clears the screen). Both print as written, a control character as `\x1b`."""
+    whole `tail` or listing with a MarkupError) and a terminal acts on its escapes (`\\x1b[2J`
+    clears the screen). Both print as written, a control character as `\\x1b`."""
     member = unique("fi-brackets")
     name = "Kaupunki [/fi] [bold]ja\x1b[2J kylä"
     added = cli("institutions", "add", member, "--name", name, "--kind", "ngo", "--country", "FI", env=running_bus)

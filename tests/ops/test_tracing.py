@@ -651,6 +651,23 @@ def test_a_failed_spans_errors_do_not_repeat_its_status() -> None:
     assert _span(row)["errors"] == ["RuntimeError: cannot apply poison-a", "the log is gone"]  # type: ignore[arg-type]
 
 
+def test_a_spans_errors_print_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    """An error may quote a member's text (a title refused, a reason): Rich read its brackets as
+    markup (`[/fi]` failed `collabbus traces` with a MarkupError) and a terminal acts on its
+    escapes. The trace's lines print it as written, a control character as `\\x1b`."""
+    from ops.cli import _span_line, out
+    from ops.tracing import DEAD_LETTER_REASON, _span
+
+    said = "ValueError: title 'Kylä [/fi] ja\x1b[2J' is not allowed"
+    row = {"attributes": orjson.dumps({DEAD_LETTER_REASON: said}), "links": b"[]", "span_id": "s", "parent_id": None,
+           "service": "collabbus", "name": "process network", "kind": "consumer", "institution": "fi-kyla",
+           "event_type": "project.registered", "event_id": "e-1", "start_ns": 0, "end_ns": 1, "status": "error",
+           "status_message": said, "events": b"[]"}
+    out.print(_span_line(_span(row)))  # type: ignore[arg-type]
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.count("title 'Kylä [/fi] ja\\x1b[2J' is not allowed") == 2 and "\x1b" not in printed, printed
+
+
 # --- an event that fails: its attempts, and its dead-lettering, in its trace ---------------------
 
 
