@@ -29,7 +29,8 @@ again (but for the decision rule, which the contract gives as a formula):
 - validations: no reviewer has a stake in the practice when assigned; only assigned reviewers'
   reviews are kept; an open validation has fewer counted reviews than its quorum (at quorum the
   rule decides), and the rule's decision is the contract's rule of the counted reviews; nothing
-  changes once a validation is decided or withdrawn.
+  changes once a validation is decided or withdrawn; until the decision a member sees the
+  reviews only as coordinator, requester or their reviewer (as the read API shows them).
 
 Each run then replays its log — the members' events and what the workflows and timers derived, at
 the times the log took them — into a new database of the same kind, as a rebuild does, which must
@@ -61,10 +62,12 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from sqlmodel import Session
 
 from handlers.db import make_engine, table_checksums
 from handlers.routes import network
 from handlers.service import LoggedItem, NetworkService
+from handlers.validations import validation_view
 from schemas.common import CRITERIA
 from tests.conftest import fresh_database
 from tests.handlers.harness import envelope
@@ -349,9 +352,9 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             self.schedule_day(_pick(data, EVERYONE), data.draw(st.integers(1, 3)), timedelta(hours=2), timedelta(hours=1), 2,
                               data.draw(st.lists(st.sampled_from(THEMES), max_size=2, unique=True)))
             self.crowd(data, 6)
-            self.request_validation(data, COORDINATORS[0], data.draw(st.integers(1, 2)), None)
-            if self.validations:
-                self.panel(data, 3)
+            self.request_validation(data, COORDINATORS[0], data.draw(st.integers(2, 3)), None)
+            if self.validations:  # (two reviews of a quorum of three: open, with reviews others may not see)
+                self.panel(data, 2)
 
         @rule(owner=st.sampled_from(INNOVATORS + FUNDERS), partners=st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True),
               themes=st.lists(st.sampled_from(THEMES), max_size=2, unique=True))
@@ -445,6 +448,7 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             assigned = self._reviewers(validation)
             by = _pick(data, assigned) if assigned and _mostly(data) else _pick(data, EVERYONE)
             self._review(data, validation, by)
+            self._reviews_are_seen_by_whom_the_contract_says(validation)
 
         @precondition(lambda self: self.validations)
         @rule(data=st.data(), many=st.integers(1, 3))
@@ -459,6 +463,24 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                     "validation_id": validation, "reviewer": _pick(data, free if free and _mostly(data) else EVERYONE)}))
             for reviewer in self._reviewers(validation):
                 self._review(data, validation, reviewer)
+            self._reviews_are_seen_by_whom_the_contract_says(validation)
+
+        def _reviews_are_seen_by_whom_the_contract_says(self, validation_id: str) -> None:
+            """Until the decision a review is seen by the coordinator, the requester and its
+            reviewer only; once decided, by every member (CONTRACT.md §5). As the read API shows
+            a validation to each member."""
+            state = self.log.state
+            validation = state.validations[validation_id]
+            written = {row["reviewer"] for row in state.of(state.reviews, validation_id=validation_id)}
+            with Session(self.log.engine) as session:
+                for viewer in EVERYONE:
+                    view = validation_view(session, validation_id, viewer)
+                    assert view is not None
+                    seen = {review["reviewer"] for review in view.get("reviews", [])}
+                    if validation["status"] == "decided" or viewer in (validation["coordinator"], validation["requester"]):
+                        assert seen == written, (viewer, validation, seen, written)
+                    else:
+                        assert seen == written & {viewer}, ("a review seen before the decision", viewer, validation, seen)
 
         def _reviewers(self, validation: str) -> list[str]:
             return sorted(row["reviewer"] for row in self.log.state.of(self.log.state.reviewers, validation_id=validation))
@@ -869,6 +891,8 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
 
         def teardown(self) -> None:
             try:
+                for validation in self.validations:
+                    self._reviews_are_seen_by_whom_the_contract_says(validation)
                 self._replayed_equals_live()
             finally:
                 self.log.service.close()
@@ -895,7 +919,7 @@ def test_the_workflows_rules_hold_whatever_members_do_as_time_passes(database_ur
     reached: Counter[str] = Counter()
     machine = network_machine(kind, tmp_path, pg_server_url, reached)
     run_state_machine_as_test(machine, settings=settings(
-        max_examples=20 if kind == "sqlite" else 6, stateful_step_count=60, deadline=None, phases=[Phase.generate], database=None, suppress_health_check=list(HealthCheck)))
+        max_examples=15 if kind == "sqlite" else 5, stateful_step_count=60, deadline=None, phases=[Phase.generate], database=None, suppress_health_check=list(HealthCheck)))
     # The runs got past the refusals to the workflows' decisions (each in nearly every run's
     # start): the properties were checked on states worth checking.
     assert all(reached[outcome] for outcome in REACHED), ("not reached", [outcome for outcome in REACHED if not reached[outcome]])
