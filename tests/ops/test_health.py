@@ -33,9 +33,20 @@ async def readiness(client: httpx.AsyncClient) -> tuple[int, dict[str, str]]:
     return response.status_code, response.json()["checks"]
 
 
+async def ready(client: httpx.AsyncClient) -> tuple[int, dict[str, str]]:
+    """``/readyz`` once it answers 200, or after 20 s: on a loaded machine a renewal of the bus's
+    lease can come later than applying the log allows, and the bus holds its events (and says so,
+    503) until the next one."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while (answer := await readiness(client))[0] != 200 and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    return answer
+
+
 async def test_readiness_names_what_is_missing(poisoned: Poisoned, client: httpx.AsyncClient) -> None:
     bus = poisoned.bus
-    assert await readiness(client) == (200, {"nats": "ok", "database": "ok", "consumer": "ok"})
+    assert await ready(client) == (200, {"nats": "ok", "database": "ok", "consumer": "ok"})
 
     assert bus.consumer is not None
     await bus.consumer.stop()
