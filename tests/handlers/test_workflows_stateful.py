@@ -246,10 +246,10 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reached(event: dict[str, Any] | None, derived: list[dict[str, Any]]) -> list[str]:
-    """What an event and its consequences got to: each derived event's type, a refusal's code."""
-    found = [event["type"] for event in derived]
-    found += [f"{event['type']} {_code(event)}" for event in derived if _code(event)]
-    if event is not None and not any(_code(d) for d in derived if d["data"].get("registration_id", "") != "x"):
+    """What an event (None: the timers) and its consequences got to: each derived event's type
+    and refusal's code, and ``taken`` and the event's type when nothing refused it."""
+    found = [d["type"] for d in derived] + [f"{d['type']} {_code(d)}" for d in derived if _code(d)]
+    if event is not None and not any(_code(d) for d in derived):
         found.append(f"taken {event['type']}")
     return found
 
@@ -287,6 +287,7 @@ def _code(answer: dict[str, Any]) -> str | None:
 
 def network_machine(kind: str, directory: Path, pg_server_url: str | None, reached: Counter[str]) -> type[RuleBasedStateMachine]:
     """The state machine on databases of ``kind``; ``reached`` counts what its runs got to."""
+
     @contextmanager
     def database() -> Iterator[sa.Engine]:
         place = directory / uuid.uuid4().hex
@@ -301,6 +302,9 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             next(urls, None)
 
     class Network(RuleBasedStateMachine):
+        """The :data:`MEMBERS` of a network of its own (a database a run), what they made (the ids
+        the steps pick among), and what the properties remember from step to step."""
+
         def __init__(self) -> None:
             super().__init__()
             self._database = database()
