@@ -222,6 +222,15 @@ def _template(kind: str, pg_server_url: str | None) -> str:
     return _templates[key]
 
 
+def require_postgres(pg_server_url: str | None) -> str:
+    """The session's PostgreSQL; a test without one fails in CI and is skipped elsewhere."""
+    if pg_server_url is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is required in CI: no PostgreSQL binaries or COLLABBUS_TEST_POSTGRES_URL")
+        pytest.skip("no PostgreSQL on this machine (set COLLABBUS_TEST_POSTGRES_URL)")
+    return pg_server_url
+
+
 def fresh_database(kind: str, tmp_path: object, pg_server_url: str | None) -> Iterator[str]:
     """A migrated database of ``kind`` for one test, dropped afterwards."""
     if kind == "sqlite":
@@ -229,10 +238,7 @@ def fresh_database(kind: str, tmp_path: object, pg_server_url: str | None) -> It
         shutil.copyfile(_template("sqlite", None), target)
         yield f"sqlite:///{target}"
         return
-    if pg_server_url is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is required in CI: no PostgreSQL binaries or COLLABBUS_TEST_POSTGRES_URL")
-        pytest.skip("no PostgreSQL on this machine (set COLLABBUS_TEST_POSTGRES_URL)")
+    pg_server_url = require_postgres(pg_server_url)
     template = _template("postgresql", pg_server_url)
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")

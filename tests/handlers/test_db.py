@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import FunctionType
 from typing import Any, cast
@@ -14,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.pool import QueuePool
 
 from handlers.db import make_engine, migrate
+from tests.conftest import require_postgres
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
@@ -76,10 +76,7 @@ def test_a_current_schema_is_known_without_alembic_and_an_older_one_is_migrated(
 def test_postgresql_sessions_keep_time_in_utc_whatever_the_client_s_zone(pg_server_url: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A column without a zone (the outbox's ``created_at``) is written and read in the session's
     zone: the bus's sessions are in UTC even where the client's PGTZ or the server say otherwise."""
-    if pg_server_url is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is required in CI")
-        pytest.skip("no PostgreSQL on this machine (set COLLABBUS_TEST_POSTGRES_URL)")
+    pg_server_url = require_postgres(pg_server_url)
     monkeypatch.setenv("PGTZ", "Asia/Tokyo")
     engine = make_engine(pg_server_url)
     try:
@@ -403,10 +400,7 @@ def test_where_pg_trgm_cannot_be_had_the_migrations_say_how_to_index_the_search_
     from ops.cli import _render_status
     from ops.status import _database
 
-    if pg_server_url is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is required in CI")
-        pytest.skip("no PostgreSQL on this machine (set COLLABBUS_TEST_POSTGRES_URL)")
+    pg_server_url = require_postgres(pg_server_url)
     name, role = f"t_{uuid.uuid4().hex[:12]}", f"r_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:

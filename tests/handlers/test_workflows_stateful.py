@@ -292,14 +292,12 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
     def database() -> Iterator[sa.Engine]:
         place = directory / uuid.uuid4().hex
         place.mkdir()
-        urls = fresh_database(kind, place, pg_server_url)
-        url = next(urls)
-        engine = make_engine(url)
-        try:
-            yield engine
-        finally:
-            engine.dispose()
-            next(urls, None)
+        with contextmanager(fresh_database)(kind, place, pg_server_url) as url:
+            engine = make_engine(url)
+            try:
+                yield engine
+            finally:
+                engine.dispose()
 
     class Network(RuleBasedStateMachine):
         """The :data:`MEMBERS` of a network of its own (a database a run), what they made (the ids
