@@ -324,6 +324,46 @@ def decide_cancellation(ctx: Context) -> None:
         _confirm(ctx, data.day_id, day.organizer, promoted)
 
 
+def release_departed_member(ctx: Context) -> None:
+    """A member leaves the network (``institution.left``): its registrations for the gatherings
+    still taking them are released, each told so in the organiser's name
+    (``registration_rejected``, ``member_left``), and each day's waitlist is promoted into the
+    seats freed, in order, as after a cancellation. (A former member cannot cancel: the gate takes
+    nothing from it, and its seats stayed taken with the waitlist waiting behind them.) A day
+    whose registration closed keeps its registrations, as its meetings stand: nobody could take a
+    seat freed then. A rule of version 5: a log applied before left them."""
+    event = ctx.event
+    assert event is not None
+    if ctx.refused or not since(5):
+        return
+    member = event.data.id
+    at = _utc(event.logged_at)
+    for day_id in _days_registered_for(ctx.session, event.envelope):
+        day = _day_state(ctx.session, day_id)
+        if day is None:
+            continue
+        released, promoted = rules.release(day, member, at)
+        for seat in released:
+            registration = ctx.session.get(Registration, seat.registration_id)
+            assert registration is not None
+            held_as = (f"its {seat.attendees} seat{'s' if seat.attendees != 1 else ''} go to the waitlist"
+                       if seat.status == "confirmed" else f"it leaves the waitlist, where it was number {seat.position}")
+            ctx.emit(
+                "innovation_day.registration_rejected",
+                RegistrationRejected.model_validate({
+                    "day_id": day_id, "registration_id": seat.registration_id, "participant": member,
+                    "reason": {"code": "member_left", "message": {
+                        "en": f"{member} left the network on {at:%Y-%m-%d}: its registration is released and {held_as}"}},
+                    "role": registration.role, "attendees": registration.attendees,
+                    **({"project_id": registration.project_id} if registration.project_id else {}),
+                }),
+                source=day.organizer,
+                key=f"{seat.registration_id} member_left",
+            )
+        for confirm in promoted:
+            _confirm(ctx, day_id, day.organizer, confirm)
+
+
 # --- matchmaking (timer) ----------------------------------------------------------------------
 
 
@@ -675,14 +715,21 @@ def on_registration_waitlisted(session: Session, event: Event[RegistrationWaitli
     session.add(registration)
 
 
+_RELEASES: dict[str, tuple[str, ...]] = {"waitlist_closed": ("waitlisted",), "member_left": LIVE}
+"""The refusals of a registration that stood (the workflow's, in the organiser's name), and what
+the registration was."""
+
+
 def on_registration_rejected(session: Session, event: Event[RegistrationRejected]) -> None:
     """Keep a refused request with its reason. A duplicate id (or a refused cancellation, in a
     log judged by rules before version 2) leaves the registration it names as it was."""
     data = event.data
-    if data.reason.code == "waitlist_closed":  # a registration the deadline left waiting: it will not be seated
-        waiting = session.get(Registration, data.registration_id)
-        if waiting is not None and waiting.status == "waitlisted":
-            waiting.reason = data.reason.model_dump(mode="json", exclude_none=True)
+    # A registration the deadline left waiting (it will not be seated), or one of a member that
+    # left the network (its seat or place on the waitlist released): refused, with the reason.
+    if data.reason.code in _RELEASES:
+        live = session.get(Registration, data.registration_id)
+        if live is not None and live.status in _RELEASES[data.reason.code]:
+            live.reason = data.reason.model_dump(mode="json", exclude_none=True)
             _leave_waitlist_or_seat(session, data.registration_id, "rejected", event.time)
         return
     if data.reason.code == "unknown_registration" or session.get(Registration, data.registration_id) is not None:
@@ -743,6 +790,7 @@ DECIDERS: dict[str, Decider | list[Decider]] = {
     "innovation_day.held": decide_day_action,
     "innovation_day.registration_requested": decide_registration,
     "innovation_day.registration_cancelled": decide_cancellation,
+    "institution.left": release_departed_member,
 }
 TIMERS: list[Timer] = [propose_meetings]
 
@@ -759,10 +807,22 @@ def _innovators_projects(session: Session, envelope: Mapping[str, Any]) -> list[
     return sorted({project_id for project_id in projects if project_id is not None})
 
 
+def _days_registered_for(session: Session, envelope: Mapping[str, Any]) -> list[str]:
+    """The days the institution leaving holds a live registration for."""
+    data = envelope.get("data")
+    member = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(member, str):
+        return []
+    return sorted(set(session.exec(select(Registration.day_id).where(
+        Registration.participant == member, col(Registration.status).in_(LIVE))).all()))
+
+
 READS: dict[str, Reads] = {
     "innovation_day.meetings_proposed": Reads("project", _innovators_projects),
     # A registration is judged on the owner and partners of the project it brings.
     "innovation_day.registration_requested": named("project", "project_id"),
+    # A member's leaving releases its registrations for the days it holds one for.
+    "institution.left": Reads("innovation_day", _days_registered_for),
 }
 
 

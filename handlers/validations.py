@@ -25,6 +25,7 @@ from handlers.institutions import (  # moments stored in UTC, read back aware, o
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, derived_type, named
 from handlers.projects import parties as project_parties, project_ids_of
 from handlers.rows import TableRow
+from handlers.rules import since
 from handlers.rules import validations as rules
 from handlers.session import children
 from schemas.common import CRITERIA, Criterion, nearest
@@ -477,6 +478,46 @@ def note_overdue_reviews(ctx: Context) -> None:
         )
 
 
+def _assignments_of_leaver(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(validation, coordinator) of each open validation the institution leaving reviews and has
+    not reviewed yet, in the validations' order."""
+    data = envelope.get("data")
+    member = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(member, str):
+        return []
+    reviewed = select(ValidationReview.validation_id).where(ValidationReview.reviewer == member)
+    assigned = (
+        select(ValidationReviewer.validation_id, Validation.coordinator)
+        .join(Validation, col(Validation.validation_id) == col(ValidationReviewer.validation_id))
+        .where(ValidationReviewer.reviewer == member, col(Validation.status).in_(sorted(rules.OPEN)),
+               col(ValidationReviewer.validation_id).not_in(reviewed))
+        .order_by(col(ValidationReviewer.validation_id))
+    )
+    return [(validation_id, coordinator) for validation_id, coordinator in session.exec(assigned).all()]
+
+
+def release_departed_reviewer(ctx: Context) -> None:
+    """A member leaves the network (``institution.left``): each open validation it was assigned
+    to review and has not reviewed takes it off, in the coordinator's name
+    (``validation.reviewer_unassigned``, saying why): it could no longer review, yet the
+    validation waited for it (``quorum_reachable`` counted it) and the timer went on naming it
+    late. A review it gave while a member stands. A rule of version 5: a log applied before left
+    the assignments."""
+    event = ctx.event
+    assert event is not None
+    if ctx.refused or not since(5):
+        return
+    member = event.data.id
+    for validation_id, coordinator in _assignments_of_leaver(ctx.session, event.envelope):
+        ctx.emit(
+            "validation.reviewer_unassigned",
+            {"validation_id": validation_id, "reviewer": member,
+             "reason": {"en": f"{member} left the network on {event.logged_at:%Y-%m-%d}: it can no longer review"}},
+            source=coordinator,
+            key=f"{validation_id}/{member}",
+        )
+
+
 PROJECTIONS: dict[str, Projection] = {
     "validation.requested": on_requested,
     "validation.reviewer_assigned": on_reviewer_assigned,
@@ -491,6 +532,7 @@ PROJECTIONS: dict[str, Projection] = {
 DECIDERS: dict[str, Decider] = {
     "validation.requested": check_request,
     **{event_type: check_action for event_type in PROJECTIONS if event_type not in ("validation.requested", "validation.review_overdue")},
+    "institution.left": release_departed_reviewer,
 }
 TIMERS: list[Timer] = [note_overdue_reviews]
 
@@ -508,8 +550,10 @@ READS: dict[str, list[Reads]] = {
     # A request names the project (unknown: refused; its sender must be owner or partner) and
     # the coordinator (a member competence centre); an assignment, a member reviewer.
     "validation.requested": [named("project", "project_id"), named("institution", "coordinator")],
-    **{event_type: [_VALIDATIONS_PROJECT] for event_type in DECIDERS if event_type != "validation.requested"},
+    **{event_type: [_VALIDATIONS_PROJECT] for event_type in DECIDERS if event_type.startswith("validation.") and event_type != "validation.requested"},
     "validation.reviewer_assigned": [_VALIDATIONS_PROJECT, named("institution", "reviewer")],
+    # A member's leaving takes it off the validations it was to review.
+    "institution.left": [Reads("validation", lambda session, envelope: [v for v, _ in _assignments_of_leaver(session, envelope)])],
 }
 
 

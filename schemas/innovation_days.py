@@ -186,6 +186,7 @@ RegistrationRefusalCode = Literal[
     "unknown_project",
     "not_project_party",
     "waitlist_closed",
+    "member_left",
 ]
 """The registration workflow's refusal codes (the rules decide them; the catalog carries them).
 `day_held`: the organiser reported the gathering held (version 3 of the rules; before,
@@ -196,6 +197,8 @@ waitlisted registration for the day already (the message names it).
 participant neither owns nor is a partner of (version 3 of the rules).
 `waitlist_closed`: the registration deadline came while the registration waited on the waitlist;
 no seat will come free for it (the workflow tells each registration still waiting, then).
+`member_left`: its participant left the network while registration was open; its seat or place on
+the waitlist is released, and the waitlist promoted into the seats freed (version 5 of the rules).
 `unknown_registration` and `not_participant` refuse a cancellation: a log from before version 2
 of the rules answers one in `innovation_day.registration_rejected`, later ones in
 `innovation_day.action_rejected`."""

@@ -113,7 +113,9 @@ class ReviewerAssigned(EventData):
 class ReviewerUnassigned(EventData):
     """The coordinator takes an assigned reviewer off the validation before it has reviewed (a
     conflict of interest found late, a reviewer who cannot do it); it may be assigned again.
-    Public, as the assignment is: so is the reason, if one is given."""
+    Public, as the assignment is: so is the reason, if one is given. The bus takes off, in the
+    coordinator's name, a reviewer that leaves the network before it reviewed (version 5 of the
+    rules)."""
 
     validation_id: AggregateId
     reviewer: InstitutionId

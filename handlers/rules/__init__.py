@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-RULES = 4
+RULES = 5
 """The version of the workflow rules this code judges by. 1: an owner's adoption of its own
 project (``own_project``), an adopter that is not a member (``unknown_adopter``), a call's deadline
 amended into the past (``deadline_in_past``) or its opening moved later once open
@@ -54,7 +54,13 @@ adoption by the same adopter, under another adoption id (``already_adopted``); a
 a period that ended before the project started (``period_before_start``) or that starts after the
 day it is reported (``period_ahead``); an application of a call's publisher to its own call
 (``own_call``); an award above what the application asks for, its full proposal's request once it
-sent one (``above_request``), or of nothing (``no_amount``)."""
+sent one (``above_request``), or of nothing (``no_amount``).
+
+5: a member that leaves the network gives up its registrations for the gatherings still taking
+them, each refused in the organiser's name as ``member_left``, and each day's waitlist is promoted
+into the seats freed (before, a former member kept its seats and places on the waitlist); an open
+validation it was assigned to review and had not reviewed takes it off, in the coordinator's name
+(``validation.reviewer_unassigned``; before, the validation waited for it)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -19,6 +19,9 @@ visits are all gatherings with a capacity counted in attendees. The rules:
 - waitlist positions are 1, 2, 3… in log order among the waitlisted registrations; they close up
   when a registration leaves the waitlist (promoted or cancelled), so the position of a
   registration is derived from the order and needs no event of its own;
+- a member that leaves the network gives up its registrations for the gatherings still taking them:
+  each is released (a seat, or a place on the waitlist) and the waitlist promoted into the seats
+  freed, in order (version 5 of the rules; before, a former member kept them);
 - nothing is accepted at or after the registration deadline (the log's acceptance time counts),
   nor once the day is cancelled (``day_cancelled``) or reported held (``day_held``; before version 3
   of the rules ``after_deadline``);
@@ -56,6 +59,7 @@ __all__ = [
     "decide_cancellation",
     "decide_registration",
     "promotions",
+    "release",
     "propose_meetings",
     "shared_themes",
     "slots",
@@ -289,6 +293,19 @@ def promotions(day: DayState) -> list[Confirm]:
         promoted.append(Confirm(seat.registration_id, seat.participant, seat.attendees))
         free -= seat.attendees
     return promoted
+
+
+def release(day: DayState, member: str, at: datetime) -> tuple[list[Seat], list[Confirm]]:
+    """What ``member``, leaving the network at ``at``, gives up of ``day``: its live registrations
+    (seats and places on the waitlist), and the waitlisted registrations promoted into the seats
+    freed (strict FIFO, as after a cancellation). Nothing once registration closed (the deadline,
+    the day cancelled or held): nobody could take a seat freed then."""
+    released = [seat for seat in day.seats if seat.participant == member]
+    if not released or _closed(day, at) is not None:
+        return [], []
+    remaining = DayState(day.day_id, day.organizer, day.status, day.capacity, day.registration_deadline,
+                         tuple(seat for seat in day.seats if seat.participant != member))
+    return released, promotions(remaining)
 
 
 # --- matchmaking ------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from ops.bench import child_processes
 from ops.settings import Settings
 from ops.tracing import Tracing
 from tests.conftest import load_fixtures
+from tests.handlers.harness import envelope
 
 WORKLOAD_EVENTS = 1_500
 
@@ -196,7 +197,26 @@ async def _log(tmp_path: Path, server: EmbeddedNats, database_url: str) -> Bus:
     refused.update(id="refused-1", source="/institutions/lanes-m001", time="2026-01-01T00:00:00Z")
     refused["data"]["project_id"] = refused["subject"] = "no-such-project"
     await bus.js.publish(log_subject(refused), canonical_bytes(refused), headers={"Nats-Msg-Id": "refused-1"})
+    # A member leaving while it holds the one seat of a gathering still taking registrations: an
+    # event every lane applies, from which the lane keeping innovation days derives the seat's
+    # release and the waitlist's promotion (events of another domain than their cause's).
+    for offered in _a_member_leaving_its_seat():
+        await bus.js.publish(log_subject(offered), canonical_bytes(offered), headers={"Nats-Msg-Id": offered["id"]})
     return bus
+
+
+def _a_member_leaving_its_seat() -> list[dict[str, object]]:
+    starts = datetime.now(timezone.utc) + timedelta(days=30)
+    day = {"day_id": "lanes-leaving-day", "title": {"en": "Study visit"}, "format": "study_visit",
+           "starts_at": starts.isoformat(), "ends_at": (starts + timedelta(hours=3)).isoformat(), "attendance_mode": "online",
+           "online_url": "https://events.example.org/visit", "capacity": 1,
+           "registration_deadline": (starts - timedelta(days=7)).isoformat()}
+    registrations = [{"day_id": "lanes-leaving-day", "registration_id": f"lanes-leaving-{member}", "participant": member,
+                      "role": "observer", "attendees": 1} for member in ("lanes-m002", "lanes-m003")]
+    return [envelope("innovation_day.scheduled", "lanes-m001", day, id="leaving-1"),
+            *(envelope("innovation_day.registration_requested", str(data["participant"]), data, id=f"leaving-{n}")
+              for n, data in enumerate(registrations, start=2)),
+            envelope("institution.left", "operator", {"id": "lanes-m002"}, id="leaving-left")]
 
 
 def _position(engine: sa.Engine, consumer: str = "network") -> int:
@@ -242,6 +262,12 @@ async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path
                 assert connection.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar()
             refusals = connection.execute(sa.text("SELECT COUNT(*) FROM applied_events WHERE caused_by = 'refused-1'")).scalar()
             assert refusals == 1  # kept once, by the lane that keeps projects
+            released = connection.execute(sa.text("SELECT event_id FROM applied_events WHERE caused_by = 'leaving-left'")).scalars().all()
+            assert {event_id.rpartition(".")[0] for event_id in released} == {  # (the workload's days too)
+                "innovation_day.registration_confirmed", "innovation_day.registration_rejected"}
+            assert connection.execute(sa.text("SELECT participant, status FROM innovation_day_registrations "
+                                              "WHERE day_id = 'lanes-leaving-day' ORDER BY participant")).all() == [
+                ("lanes-m002", "rejected"), ("lanes-m003", "confirmed")]
             applied = connection.execute(sa.text("SELECT COUNT(*) FROM applied_events")).scalar()
         assert applied and applied > WORKLOAD_EVENTS
 

@@ -23,6 +23,7 @@ from handlers.rules.innovation_days import (
     decide_registration,
     promotions,
     propose_meetings,
+    release,
     shared_themes,
     slots,
 )
@@ -150,6 +151,25 @@ def test_cancelling_the_blocking_head_lets_the_next_in() -> None:
 
 def test_promotion_skips_a_registration_that_can_never_fit() -> None:
     assert promotions(day(5, confirmed("a", 2), waiting("huge", 6, 1), waiting("d", 3, 2))) == [Confirm("d", "p-d", 3)]
+
+
+def test_a_member_leaving_releases_its_seat_and_place_and_promotes_in_order() -> None:
+    """Its live registrations are given up (a seat, a place on the waitlist: both count); the
+    seats freed go to the head of the waitlist while it fits, never past it."""
+    state = day(4, confirmed("a", 2, "leaver"), confirmed("b", 2), waiting("c", 3, 1), waiting("d", 1, 2, "leaver"), waiting("e", 1, 3))
+    released, promoted = release(state, "leaver", BEFORE)
+    assert [s.registration_id for s in released] == ["a", "d"]
+    assert promoted == []  # the head needs 3 of the 2 seats freed: nobody overtakes it
+    state = day(4, confirmed("a", 3, "leaver"), confirmed("b", 1), waiting("c", 2, 1), waiting("d", 1, 2), waiting("e", 1, 3))
+    assert release(state, "leaver", BEFORE)[1] == [Confirm("c", "p-c", 2), Confirm("d", "p-d", 1)]
+
+
+def test_a_member_leaving_once_registration_closed_releases_nothing() -> None:
+    for state, at in ((day(2, confirmed("a", 2, "leaver"), waiting("b", 1, 1)), DEADLINE),
+                      (day(2, confirmed("a", 2, "leaver"), status="cancelled"), BEFORE),
+                      (day(2, confirmed("a", 2, "leaver"), status="held"), BEFORE)):
+        assert release(state, "leaver", at) == ([], [])
+    assert release(day(2, confirmed("a", 2)), "leaver", BEFORE) == ([], [])  # it holds nothing
 
 
 def test_cancellation_refusals() -> None:

@@ -534,6 +534,71 @@ async def test_a_registration_brings_a_registered_project_of_its_participants(sc
 # --- matchmaking ------------------------------------------------------------------------------
 
 
+def left(member: str) -> dict[str, Any]:
+    return envelope("institution.left", "operator", {"id": member, "reason": {"en": "the cooperative was wound up"}})
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_member_that_leaves_gives_up_its_registrations_and_the_waitlists_move_up(scenario: Scenario) -> None:
+    """A member leaving the network held its seats and places on the waitlists for good: it could
+    not cancel (the gate takes nothing from a former member), and those waiting behind it waited
+    for nothing. Its registrations for the days still taking them are released, each told so in
+    the organiser's name, and each day's waitlist is promoted into the seats freed, in order; a
+    day cancelled keeps what it had."""
+    full, queue, cancelled = Day.fresh(), Day.fresh(), Day.fresh()
+    seated, other, first, second = (full.registration(GENC_ISI, 2), full.registration(AMMAN, 1),
+                                    full.registration(ESF, 1), full.registration(SITRA, 2))
+    ahead, waiting, behind = queue.registration(MERSIN, 1), queue.registration(GENC_ISI, 1), queue.registration(AMMAN, 1)
+    kept = cancelled.registration(GENC_ISI, 1)
+    await scenario.given(full.scheduled(3), seated, other, first, second,
+                         queue.scheduled(1, by=SITRA), ahead, waiting, behind,
+                         cancelled.scheduled(5), kept, cancelled.cancelled())
+    assert waitlist(scenario, full.day_id) == [(rid(first), 1), (rid(second), 2)]
+    assert waitlist(scenario, queue.day_id) == [(rid(waiting), 1), (rid(behind), 2)]
+
+    leaving = left(GENC_ISI)
+    told = await scenario.when(leaving)
+    by_day = {day.day_id: [(e["type"].removeprefix("innovation_day."), rid(e), e["source"].removeprefix("/institutions/"))
+                           for e in told if e["data"]["day_id"] == day.day_id] for day in (full, queue, cancelled)}
+    # its seats (2) go to the head of the waitlist (1), and the next (2) does not fit: strict order
+    assert by_day[full.day_id] == [("registration_rejected", rid(seated), ORGANIZER), ("registration_confirmed", rid(first), ORGANIZER)]
+    assert by_day[queue.day_id] == [("registration_rejected", rid(waiting), SITRA)]
+    assert by_day[cancelled.day_id] == []
+    assert len(told) == 3 and all(e["causationid"] == leaving["id"] for e in told)
+    said = {rid(e): e for e in told}
+    for registration in (seated, waiting):
+        data = said[rid(registration)]["data"]
+        assert (data["participant"], data["attendees"], data["role"]) == (GENC_ISI, registration["data"]["attendees"], "observer")
+        assert data["reason"]["code"] == "member_left" and data["reason"]["message"]["en"].startswith(f"{GENC_ISI} left the network on ")
+    assert said[rid(seated)]["data"]["reason"]["message"]["en"].endswith("its 2 seats go to the waitlist")
+    assert said[rid(waiting)]["data"]["reason"]["message"]["en"].endswith("it leaves the waitlist, where it was number 1")
+
+    assert registrations_of(scenario, full.day_id) == {
+        rid(seated): "rejected", rid(other): "confirmed", rid(first): "confirmed", rid(second): "waitlisted"}
+    assert waitlist(scenario, full.day_id) == [(rid(second), 1)] and view(scenario, full.day_id)["confirmed"] == 2
+    assert waitlist(scenario, queue.day_id) == [(rid(behind), 1)]
+    assert registrations_of(scenario, cancelled.day_id) == {rid(kept): "confirmed"}
+    with scenario.session() as session:
+        reasons = {r["registration_id"]: (r["reason"] or {}).get("code") for r in registrations(session, full.day_id)}
+    assert reasons[rid(seated)] == "member_left"
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_member_that_leaves_after_the_deadline_keeps_its_seat_and_its_meetings(scenario: Scenario) -> None:
+    """Once registration closed nobody could take a seat freed: the registration stands, as do
+    the meetings proposed with it."""
+    day = Day.fresh(deadline_in=timedelta(seconds=2))
+    innovator, funder = (day.registration(MERSIN, role="innovator", interests=("health_care",)),
+                         day.registration(ESF, role="funder", interests=("health_care",)))
+    await scenario.given(day.scheduled(2, themes=("health_care",)), innovator, funder)
+    await asyncio.sleep(max(0.0, (day.deadline - datetime.now(timezone.utc)).total_seconds()) + 0.1)
+    assert "innovation_day.meetings_proposed" in [e["type"] for e in await scenario.tick(day.deadline + timedelta(seconds=1))]
+    assert await scenario.when(left(MERSIN)) == []
+    assert registrations_of(scenario, day.day_id) == {rid(innovator): "confirmed", rid(funder): "confirmed"}
+    with scenario.session() as session:
+        assert [m["innovator"] for m in meetings(session, day.day_id)] == [MERSIN]
+
+
 @pytest.mark.usefixtures("members")
 async def test_the_timer_proposes_meetings_once_at_the_deadline(scenario: Scenario) -> None:
     day = Day.fresh(deadline_in=timedelta(hours=1))
@@ -881,6 +946,26 @@ def test_a_log_applied_by_version_2_of_the_rules_is_rebuilt_as_it_was_applied(en
     assert days == {then.day_id: "held", now.day_id: "scheduled"}
     assert reasons == {rid(late): ("rejected", "after_deadline"), rid(seated): ("confirmed", None),
                        rid(phantom_then): ("confirmed", None), rid(phantom_now): ("rejected", "unknown_project")}
+
+
+def test_a_leaving_applied_by_version_4_of_the_rules_left_the_members_registrations(engine: Engine) -> None:
+    """Rules before version 5 left a former member its seats; a log they applied is rebuilt so, and
+    a member leaving after them gives its registrations up."""
+    from handlers.network import derived_type
+
+    day = Day.fresh()
+    seated, waiting, later = day.registration(MERSIN, 2), day.registration(AMMAN, 1), day.registration(ESF, 1)
+    then, now = left(MERSIN), left(AMMAN)
+    answers = rebuilt(engine, [day.scheduled(2), seated, waiting, then, later, now], older=4)
+    assert then["id"] not in answers and derived_type(answers[now["id"]]) == "innovation_day.registration_rejected"
+    assert registrations_of_engine(engine, day.day_id) == {rid(seated): "confirmed", rid(waiting): "rejected", rid(later): "waitlisted"}
+    with Session(engine) as session:
+        assert [(w["registration_id"], w["position"]) for w in (day_view(session, day.day_id) or {})["waitlisted"]] == [(rid(later), 1)]
+
+
+def registrations_of_engine(engine: Engine, day_id: str) -> dict[str, str]:
+    with Session(engine) as session:
+        return {r["registration_id"]: r["status"] for r in registrations(session, day_id)}
 
 
 def test_a_move_applied_by_version_3_of_the_rules_left_the_closed_waitlist_refused(engine: Engine) -> None:

@@ -245,6 +245,30 @@ async def test_the_coordinator_takes_a_reviewer_off_who_may_then_not_review(scen
     assert await scenario.when(flow.review(REVIEWERS[0])) == []
 
 
+async def test_a_reviewer_that_leaves_the_network_before_reviewing_is_taken_off(scenario: Any, flow: Workflow) -> None:
+    """A member that left could no longer review, yet the validation waited for it. It is taken off
+    each open validation it had not reviewed, in the coordinator's name and saying why; a review it
+    gave while a member counts, and a decided validation keeps its reviewers."""
+    await open_validation(scenario, flow, *REVIEWERS, quorum=3)
+    await scenario.given(flow.review(REVIEWERS[0]))
+    decided = Workflow(validation_id=f"{flow.validation_id}-b", project_id=flow.project_id)
+    await scenario.given(decided.requested(coordinator=OTHER_CENTRE), decided.assigned(REVIEWERS[1], by=OTHER_CENTRE),
+                         decided.decided(by=OTHER_CENTRE))
+
+    leaving = envelope("institution.left", "operator", {"id": REVIEWERS[1]})
+    [off] = await scenario.when(leaving)
+    assert (off["type"], off["source"], off["causationid"]) == (
+        "validation.reviewer_unassigned", f"/institutions/{COORDINATOR}", leaving["id"])
+    assert off["data"]["validation_id"] == flow.validation_id and off["data"]["reviewer"] == REVIEWERS[1]
+    assert off["data"]["reason"]["en"].startswith(f"{REVIEWERS[1]} left the network on ")
+    assert sorted(r.reviewer for r in rows(scenario, ValidationReviewer, flow)) == [REVIEWERS[0], REVIEWERS[2]]
+    assert [r.reviewer for r in rows(scenario, ValidationReviewer, decided)] == [REVIEWERS[1]]
+
+    assert await scenario.when(envelope("institution.left", "operator", {"id": REVIEWERS[0]})) == []  # it reviewed
+    assert sorted(r.reviewer for r in rows(scenario, ValidationReviewer, flow)) == [REVIEWERS[0], REVIEWERS[2]]
+    assert state(scenario, flow).status == "in_review"
+
+
 async def test_only_the_coordinator_unassigns_only_an_assigned_reviewer_who_has_not_reviewed(scenario: Any, flow: Workflow) -> None:
     await open_validation(scenario, flow, *REVIEWERS)
     await scenario.given(flow.review(REVIEWERS[0]))

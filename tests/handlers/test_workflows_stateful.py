@@ -90,7 +90,8 @@ MEETINGS_PER_FUNDER = 3
 OPEN = ("requested", "in_review", "info_requested")
 FINAL = ("awarded", "declined", "withdrawn", "lapsed")
 REACHED = ("innovation_day.registration_confirmed", "innovation_day.registration_waitlisted", "call.application_received",
-           "taken call.application_decided", "taken validation.reviewer_assigned")
+           "taken call.application_decided", "taken validation.reviewer_assigned", "innovation_day.registration_rejected member_left",
+           "validation.reviewer_unassigned")
 START = datetime(2031, 3, 3, 9, 0, tzinfo=timezone.utc)
 EVENT_TIME = timedelta(milliseconds=1)
 
@@ -307,10 +308,8 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             super().__init__()
             self._database = database()
             self.log = Log(self._database.__enter__())
-            for member, member_kind in MEMBERS.items():
-                level = {"municipality_level": "district"} if member_kind == "municipality" else {}
-                self._offer(envelope("institution.joined", OPERATOR, {
-                    "id": member, "name": {"en": member}, "kind": member_kind, "country": COUNTRIES.get(member, "FI"), **level}))
+            for member in MEMBERS:
+                self._offer(self._joins(member))
             self.projects: list[str] = []
             self.validations: list[str] = []
             self.days: list[str] = []
@@ -340,12 +339,52 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             self.log.now += timedelta(minutes=minutes)
             reached.update(_reached(None, self.log.tick()))
 
+        # --- members -----------------------------------------------------------------------------
+
+        def _joins(self, member: str) -> dict[str, Any]:
+            member_kind = MEMBERS[member]
+            level = {"municipality_level": "district"} if member_kind == "municipality" else {}
+            return envelope("institution.joined", OPERATOR, {
+                "id": member, "name": {"en": member}, "kind": member_kind, "country": COUNTRIES.get(member, "FI"), **level})
+
+        def _held(self) -> list[tuple[str, str]]:
+            """(member, what) of what each member holds that its leaving gives up: a
+            live registration while registration is open, a review it owes an open validation."""
+            state = self.log.state
+            open_days = {day_id for day_id, day in state.days.items()
+                         if day["status"] == "scheduled" and self.log.now < _moment(day["registration_deadline"])}
+            reviewed = {(r["validation_id"], r["reviewer"]) for r in state.reviews}
+            return [*((r["participant"], f"registration {r['registration_id']}") for r in state.registrations
+                      if r["status"] in ("confirmed", "waitlisted") and r["day_id"] in open_days),
+                    *((a["reviewer"], f"review of {a['validation_id']}") for a in state.reviewers
+                      if (a["validation_id"], a["reviewer"]) not in reviewed and state.validations[a["validation_id"]]["status"] in OPEN)]
+
+        @rule(data=st.data())
+        def member_leaves_and_joins_again(self, data: st.DataObject) -> None:
+            """A member leaves the network, giving up what it held while registration is open and
+            the reviews it owed, and joins again (a step of its own: the gate, which takes nothing
+            from a former member, is not in this test's way of offering)."""
+            held = self._held()
+            kinds = sorted({what.partition(" ")[0] for _, what in held})
+            if kinds and _mostly(data):  # mostly one holding something, of either kind
+                kind = _pick(data, kinds)
+                member = _pick(data, sorted({holder for holder, what in held if what.startswith(kind)}))
+            else:
+                member = _pick(data, EVERYONE)
+            self._leaves_and_joins_again(member)
+
+        def _leaves_and_joins_again(self, member: str) -> None:
+            self._offer(envelope("institution.left", OPERATOR, {"id": member}))
+            assert not [what for holder, what in self._held() if holder == member], ("a former member holds on", member, self._held())
+            self._offer(self._joins(member))
+
         # --- projects ----------------------------------------------------------------------------
 
         @initialize(data=st.data())
         def something_of_each(self, data: st.DataObject) -> None:
-            """Projects, a call's round, a gathering a crowd registers for and a validation a panel
-            reviews, from the start: whichever steps a run then takes (Hypothesis leaves some out
+            """Projects, a call's round, a gathering a crowd registers for, a validation a panel
+            reviews and one a reviewer is to review, and members leaving that held a seat and a
+            review, from the start: whichever steps a run then takes (Hypothesis leaves some out
             of each run), every workflow has come to its decisions in it."""
             for owner in INNOVATORS[:3]:
                 self.register_project(owner, data.draw(st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True)),
@@ -357,6 +396,16 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             self.request_validation(data, COORDINATORS[0], data.draw(st.integers(2, 3)), None)
             if self.validations:  # (two reviews of a quorum of three: open, with reviews others may not see)
                 self.panel(data, 2)
+            self.request_validation(data, COORDINATORS[1], 2, None)
+            if len(self.validations) == 2:  # (and one whose reviewer is still to review)
+                found = self._validation(self.validations[1])
+                free = [m for m in EVERYONE if m not in {found["coordinator"], found["requester"], *self._parties(found["project_id"])}]
+                self._offer(envelope("validation.reviewer_assigned", found["coordinator"], {
+                    "validation_id": found["validation_id"], "reviewer": _pick(data, free or EVERYONE)}))
+            for kind in ("registration", "review"):  # a member leaves holding one, and joins again
+                holders = sorted({holder for holder, what in self._held() if what.startswith(kind)})
+                if holders:
+                    self._leaves_and_joins_again(_pick(data, holders))
 
         @rule(owner=st.sampled_from(INNOVATORS + FUNDERS), partners=st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True),
               themes=st.lists(st.sampled_from(THEMES), max_size=2, unique=True))
