@@ -415,6 +415,34 @@ def close_overdue_calls(ctx: Context) -> None:
         )
 
 
+def _open_calls_of(session: Session, envelope: Mapping[str, Any]) -> list[str]:
+    """The calls still open (not closed) that the institution leaving published."""
+    data = envelope.get("data")
+    member = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(member, str):
+        return []
+    return list(session.exec(select(Call.call_id).where(Call.owner == member, col(Call.closed_at).is_(None))
+                             .order_by(col(Call.call_id))).all())
+
+
+def close_calls_of_departed_publisher(ctx: Context) -> None:
+    """A member leaves the network (``institution.left``): its calls still open are closed, in
+    its name, as ``cancelled``. Nobody is left to decide on what they receive (the gate takes
+    nothing from a former member): a call left open went on taking applications that would wait
+    for good. What the calls received stays as it was; a call whose deadline has come is left to
+    the timer, which closes it as ``deadline_passed``. A rule of version 5: a log applied before
+    left them open."""
+    event = ctx.event
+    assert event is not None
+    if ctx.refused or not since(5):
+        return
+    for call_id in _open_calls_of(ctx.session, event.envelope):
+        call = ctx.session.get(Call, call_id)
+        if call is None or call.deadline <= event.logged_at:
+            continue  # (its deadline has come: the timer closes it as deadline_passed)
+        ctx.emit("call.closed", {"call_id": call_id, "reason": "cancelled"}, source=event.data.id, key=f"{call_id} member_left")
+
+
 def lapse_invitations(ctx: Context) -> None:
     """Timer: an application invited to a two-stage call's second stage that sent no full
     proposal lapses once the call's deadline for full proposals has passed (a proposal logged at
@@ -579,6 +607,7 @@ DECIDERS: dict[str, Decider] = {
     "call.full_proposal_submitted": decide_full_proposal,
     "call.amended": decide_amendment,
     "call.closed": decide_closing,
+    "institution.left": close_calls_of_departed_publisher,
 }
 TIMERS: tuple[Timer, ...] = (close_overdue_calls, lapse_invitations)
 def _partners(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
@@ -591,6 +620,8 @@ READS: dict[str, list[Reads]] = {
     # An application is judged on its applicant's membership, kind and country, its partners'
     # membership, and the owner and partners of the project it names.
     "call.application_submitted": [sender, Reads("institution", _partners), named("project", "project_id")],
+    # A member's leaving closes the calls it has open.
+    "institution.left": [Reads("call", _open_calls_of)],
 }
 
 

@@ -127,7 +127,9 @@ class CallAmended(EventData):
 
 class CallClosed(EventData):
     """No more applications: by the owner, or by the bus at the deadline (`deadline_passed`, once
-    the deadline has come; before it, the owner closes as `cancelled` or `filled`)."""
+    the deadline has come; before it, the owner closes as `cancelled` or `filled`). The bus closes
+    the calls still open of an owner that leaves the network, in its name, as `cancelled`
+    (version 5 of the rules)."""
 
     call_id: AggregateId
     reason: Literal["deadline_passed", "cancelled", "filled"]

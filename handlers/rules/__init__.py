@@ -60,7 +60,9 @@ sent one (``above_request``), or of nothing (``no_amount``).
 them, each refused in the organiser's name as ``member_left``, and each day's waitlist is promoted
 into the seats freed (before, a former member kept its seats and places on the waitlist); an open
 validation it was assigned to review and had not reviewed takes it off, in the coordinator's name
-(``validation.reviewer_unassigned``; before, the validation waited for it)."""
+(``validation.reviewer_unassigned``; before, the validation waited for it); its calls still open
+before their deadline are closed, in its name, as ``cancelled`` (before, they took applications
+nobody would decide on)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -626,6 +626,29 @@ async def test_a_call_closed_by_its_owner_is_not_closed_again_by_the_bus(scenari
         assert call is not None and call.closed_reason == "cancelled"
 
 
+async def test_a_publisher_that_leaves_the_network_has_its_open_calls_closed(scenario: Scenario, call_id: str) -> None:
+    """Nobody is left to decide on what a former member's call receives: its calls still open are
+    closed, in its name, as cancelled, and take no application after; one closed already, one
+    whose deadline has come (the timer's to close) and other publishers' calls stay as they were,
+    and so do the applications received."""
+    later, ended, others, overdue = f"{call_id}-later", f"{call_id}-ended", f"{call_id}-others", f"{call_id}-overdue"
+    await scenario.given(published(call_id), published(later, opens_in=timedelta(days=3)), published(ended), closed(ended, "filled"),
+                         published(others, by=OTHER_FUNDER), published(overdue, opens_in=-timedelta(days=9), closes_in=-timedelta(days=1)),
+                         application(call_id, "app-before"))
+    leaving = envelope("institution.left", "operator", {"id": OWNER})
+    closings = await scenario.when(leaving)
+    assert sorted((e["type"], e["subject"], e["source"], e["data"]["reason"], e["causationid"]) for e in closings) == sorted(
+        ("call.closed", call, f"/institutions/{OWNER}", "cancelled", leaving["id"]) for call in (call_id, later))
+    with scenario.session() as session:
+        reasons = {call: (found.closed_reason if (found := session.get(Call, call)) else "?") for call in (call_id, later, ended, others, overdue)}
+        received = session.get(CallApplication, (call_id, "app-before"))
+    assert reasons == {call_id: "cancelled", later: "cancelled", ended: "filled", others: None, overdue: None}
+    assert received is not None and received.status == "received"
+    rejection = the_only(await scenario.when(application(call_id, "app-after")), "call.application_rejected")
+    assert rejection["data"]["reason"]["code"] == "call_closed"
+    the_only(await scenario.when(application(others, "app-elsewhere")), "call.application_received")
+
+
 # --- two-stage calls -----------------------------------------------------------------------------
 
 

@@ -90,8 +90,8 @@ MEETINGS_PER_FUNDER = 3
 OPEN = ("requested", "in_review", "info_requested")
 FINAL = ("awarded", "declined", "withdrawn", "lapsed")
 REACHED = ("innovation_day.registration_confirmed", "innovation_day.registration_waitlisted", "call.application_received",
-           "taken call.application_decided", "taken validation.reviewer_assigned", "innovation_day.registration_rejected member_left",
-           "validation.reviewer_unassigned")
+           "taken call.application_decided", "taken validation.reviewer_assigned", "left holding registration",
+           "left holding review", "left holding call")
 START = datetime(2031, 3, 3, 9, 0, tzinfo=timezone.utc)
 EVENT_TIME = timedelta(milliseconds=1)
 
@@ -349,7 +349,8 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
 
         def _held(self) -> list[tuple[str, str]]:
             """(member, what) of what each member holds that its leaving gives up: a
-            live registration while registration is open, a review it owes an open validation."""
+            live registration while registration is open, a review it owes an open validation, a
+            call open before its deadline."""
             state = self.log.state
             open_days = {day_id for day_id, day in state.days.items()
                          if day["status"] == "scheduled" and self.log.now < _moment(day["registration_deadline"])}
@@ -357,7 +358,9 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             return [*((r["participant"], f"registration {r['registration_id']}") for r in state.registrations
                       if r["status"] in ("confirmed", "waitlisted") and r["day_id"] in open_days),
                     *((a["reviewer"], f"review of {a['validation_id']}") for a in state.reviewers
-                      if (a["validation_id"], a["reviewer"]) not in reviewed and state.validations[a["validation_id"]]["status"] in OPEN)]
+                      if (a["validation_id"], a["reviewer"]) not in reviewed and state.validations[a["validation_id"]]["status"] in OPEN),
+                    *((call["owner"], f"call {call_id}") for call_id, call in state.calls.items()
+                      if call["closed_at"] is None and self.log.now < _moment(call["deadline"]))]
 
         @rule(data=st.data())
         def member_leaves_and_joins_again(self, data: st.DataObject) -> None:
@@ -374,6 +377,7 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             self._leaves_and_joins_again(member)
 
         def _leaves_and_joins_again(self, member: str) -> None:
+            reached.update({f"left holding {what.partition(' ')[0]}" for holder, what in self._held() if holder == member})
             self._offer(envelope("institution.left", OPERATOR, {"id": member}))
             assert not [what for holder, what in self._held() if holder == member], ("a former member holds on", member, self._held())
             self._offer(self._joins(member))
@@ -383,8 +387,8 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
         @initialize(data=st.data())
         def something_of_each(self, data: st.DataObject) -> None:
             """Projects, a call's round, a gathering a crowd registers for, a validation a panel
-            reviews and one a reviewer is to review, and members leaving that held a seat and a
-            review, from the start: whichever steps a run then takes (Hypothesis leaves some out
+            reviews and one a reviewer is to review, and members leaving that held a seat, a review
+            and a call, from the start: whichever steps a run then takes (Hypothesis leaves some out
             of each run), every workflow has come to its decisions in it."""
             for owner in INNOVATORS[:3]:
                 self.register_project(owner, data.draw(st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True)),
@@ -402,7 +406,7 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                 free = [m for m in EVERYONE if m not in {found["coordinator"], found["requester"], *self._parties(found["project_id"])}]
                 self._offer(envelope("validation.reviewer_assigned", found["coordinator"], {
                     "validation_id": found["validation_id"], "reviewer": _pick(data, free or EVERYONE)}))
-            for kind in ("registration", "review"):  # a member leaves holding one, and joins again
+            for kind in ("registration", "review", "call"):  # a member leaves holding one, and joins again
                 holders = sorted({holder for holder, what in self._held() if what.startswith(kind)})
                 if holders:
                     self._leaves_and_joins_again(_pick(data, holders))
