@@ -231,6 +231,10 @@ def decide_day_action(ctx: Context) -> None:
     day = ctx.session.get(InnovationDay, data.day_id)
     facts = None if day is None else rules.DayFacts(day.organizer, cast(rules.DayStatus, day.status), _utc(day.starts_at))
     refusal = rules.day_action_refusal(facts, event.type.removeprefix("innovation_day."), event.source, _utc(event.logged_at))
+    if refusal is None and day is not None and getattr(data, "capacity", None) is not None and since(5):
+        state = _day_state(ctx.session, day.day_id)
+        assert state is not None
+        refusal = rules.capacity_refusal(state, data.capacity)
     if refusal is None:
         return
     ctx.refuse_action(refusal, source=day.organizer if day is not None else event.source)
@@ -519,6 +523,33 @@ def reopen_waitlist(ctx: Context) -> None:
         )
 
 
+def seat_by_capacity(ctx: Context) -> None:
+    """A move to a larger capacity seats the waitlist in order while registration is open (by the
+    day's deadline as moved), those the move put back on it (:func:`reopen_waitlist`) included:
+    each is confirmed in the organiser's name, as after a cancellation. (A capacity below the
+    attendees confirmed is refused: :func:`decide_day_action`.) A rule of version 5."""
+    event = ctx.event
+    assert event is not None
+    data: InnovationDayRescheduled = event.data
+    if ctx.refused or not since(5) or data.capacity is None:
+        return
+    day = ctx.session.get(InnovationDay, data.day_id)
+    state = _day_state(ctx.session, data.day_id)
+    if day is None or state is None or day.status != "scheduled":
+        return
+    back = []
+    for derived in ctx.derived:  # (put back on the waitlist by this move)
+        if derived.type == "innovation_day.registration_waitlisted" and derived.data.day_id == day.day_id:
+            registration = ctx.session.get(Registration, derived.data.registration_id)
+            assert registration is not None
+            back.append(rules.Seat(registration.registration_id, registration.participant, registration.attendees or 1,
+                                   "waitlisted", derived.data.position))
+    moved = rules.DayState(state.day_id, state.organizer, state.status, state.capacity, _moved_deadline(day, data),
+                           (*state.seats, *back))
+    for confirm in rules.seated_by_capacity(moved, data.capacity, _utc(event.logged_at)):
+        _confirm(ctx, day.day_id, day.organizer, confirm)
+
+
 def withdraw_meetings_of_cancelled_day(ctx: Context) -> None:
     """A day cancelled after its meetings were proposed: they are withdrawn by an empty proposal,
     as when a move opens registration again, so that whoever follows the meetings hears of it."""
@@ -613,7 +644,7 @@ def _moved_deadline(day: InnovationDay, moved: InnovationDayRescheduled) -> date
 
 
 def on_rescheduled(session: Session, event: Event[InnovationDayRescheduled]) -> None:
-    """Move the day (:func:`_moved_deadline`)."""
+    """Move the day (:func:`_moved_deadline`), to its new capacity if it has one."""
     day = _organised_day(session, event)
     if day is None:
         return
@@ -621,6 +652,8 @@ def on_rescheduled(session: Session, event: Event[InnovationDayRescheduled]) -> 
     day.registration_deadline = _moved_deadline(day, data)
     day.starts_at = _utc(data.starts_at)
     day.ends_at = _utc(data.ends_at)
+    if data.capacity is not None:
+        day.capacity = data.capacity
     day.revision += 1
     session.add(day)
 
@@ -785,7 +818,7 @@ PROJECTIONS: dict[str, Projection] = {
 }
 DECIDERS: dict[str, Decider | list[Decider]] = {
     "innovation_day.scheduled": decide_day_action,
-    "innovation_day.rescheduled": [decide_day_action, rematch_moved_day, reopen_waitlist],
+    "innovation_day.rescheduled": [decide_day_action, rematch_moved_day, reopen_waitlist, seat_by_capacity],
     "innovation_day.cancelled": [decide_day_action, withdraw_meetings_of_cancelled_day],
     "innovation_day.held": decide_day_action,
     "innovation_day.registration_requested": decide_registration,

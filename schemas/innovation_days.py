@@ -109,12 +109,16 @@ class InnovationDayScheduled(EventData):
 
 
 class InnovationDayRescheduled(EventData):
-    """The organiser moved the gathering; a registration deadline left out stays as it was."""
+    """The organiser moved the gathering, or changed its terms; a registration deadline left out
+    stays as it was. A `capacity` given replaces the day's (a larger room, a smaller one): not
+    below the attendees confirmed (`below_confirmed`); a larger one seats the waitlist in order
+    while registration is open (version 5 of the rules). Left out, the capacity stays."""
 
     day_id: AggregateId
     starts_at: Timestamp
     ends_at: Timestamp
     registration_deadline: Timestamp | None = None
+    capacity: Attendees | None = None
     reason: LocalizedText | None = None
 
     @model_validator(mode="after")
@@ -265,7 +269,8 @@ class DayActionRefusal(Reason):
     registration: no live registration of that
     id for the day (`unknown_registration`), one its participant cancelled already
     (`already_cancelled`, version 3 of the rules), another's (`not_participant`), or registration closed
-    (`after_deadline`, `day_cancelled`, `day_held`)."""
+    (`after_deadline`, `day_cancelled`, `day_held`); a move to a capacity below the attendees
+    confirmed (`below_confirmed`, version 5 of the rules)."""
 
     code: Literal[
         "unknown_day",
@@ -278,6 +283,7 @@ class DayActionRefusal(Reason):
         "already_cancelled",
         "not_participant",
         "after_deadline",
+        "below_confirmed",
     ]
 
 

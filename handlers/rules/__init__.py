@@ -62,7 +62,9 @@ into the seats freed (before, a former member kept its seats and places on the w
 validation it was assigned to review and had not reviewed takes it off, in the coordinator's name
 (``validation.reviewer_unassigned``; before, the validation waited for it); its calls still open
 before their deadline are closed, in its name, as ``cancelled`` (before, they took applications
-nobody would decide on)."""
+nobody would decide on); a move of a gathering to a capacity below the attendees confirmed
+(``below_confirmed``; the capacity is new in version 5, and a larger one seats the waitlist in
+order while registration is open)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -22,6 +22,8 @@ visits are all gatherings with a capacity counted in attendees. The rules:
 - a member that leaves the network gives up its registrations for the gatherings still taking them:
   each is released (a seat, or a place on the waitlist) and the waitlist promoted into the seats
   freed, in order (version 5 of the rules; before, a former member kept them);
+- the organiser may change the capacity when it moves the day, not below the attendees confirmed;
+  a larger capacity seats the waitlist in order while registration is open (version 5);
 - nothing is accepted at or after the registration deadline (the log's acceptance time counts),
   nor once the day is cancelled (``day_cancelled``) or reported held (``day_held``; before version 3
   of the rules ``after_deadline``);
@@ -59,7 +61,9 @@ __all__ = [
     "decide_cancellation",
     "decide_registration",
     "promotions",
+    "capacity_refusal",
     "release",
+    "seated_by_capacity",
     "propose_meetings",
     "shared_themes",
     "slots",
@@ -293,6 +297,24 @@ def promotions(day: DayState) -> list[Confirm]:
         promoted.append(Confirm(seat.registration_id, seat.participant, seat.attendees))
         free -= seat.attendees
     return promoted
+
+
+def capacity_refusal(day: DayState, capacity: int) -> Refusal | None:
+    """Why a move of ``day`` to ``capacity`` is refused: below the attendees confirmed (their
+    seats stand; a confirmed participant that will not come cancels first)."""
+    confirmed = day.confirmed_attendees
+    if capacity < confirmed:
+        return Refusal("below_confirmed", f"{confirmed} attendees are confirmed: the capacity cannot be {capacity}, fewer "
+                       "than the seats taken (a participant that will not come cancels its registration first)")
+    return None
+
+
+def seated_by_capacity(day: DayState, capacity: int, at: datetime) -> list[Confirm]:
+    """The waitlisted registrations a larger ``capacity`` seats at ``at``, from the head while
+    they fit (strict FIFO, as after a cancellation); none once registration closed."""
+    if capacity <= day.capacity or _closed(day, at) is not None:
+        return []
+    return promotions(DayState(day.day_id, day.organizer, day.status, capacity, day.registration_deadline, day.seats))
 
 
 def release(day: DayState, member: str, at: datetime) -> tuple[list[Seat], list[Confirm]]:

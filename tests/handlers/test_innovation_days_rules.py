@@ -23,7 +23,9 @@ from handlers.rules.innovation_days import (
     decide_registration,
     promotions,
     propose_meetings,
+    capacity_refusal,
     release,
+    seated_by_capacity,
     shared_themes,
     slots,
 )
@@ -162,6 +164,21 @@ def test_a_member_leaving_releases_its_seat_and_place_and_promotes_in_order() ->
     assert promoted == []  # the head needs 3 of the 2 seats freed: nobody overtakes it
     state = day(4, confirmed("a", 3, "leaver"), confirmed("b", 1), waiting("c", 2, 1), waiting("d", 1, 2), waiting("e", 1, 3))
     assert release(state, "leaver", BEFORE)[1] == [Confirm("c", "p-c", 2), Confirm("d", "p-d", 1)]
+
+
+def test_a_larger_capacity_seats_the_waitlist_in_order_while_registration_is_open() -> None:
+    state = day(3, confirmed("a", 3), waiting("b", 2, 1), waiting("c", 3, 2), waiting("d", 1, 3))
+    assert seated_by_capacity(state, 6, BEFORE) == [Confirm("b", "p-b", 2)]  # c needs 3 of the 1 left: d waits behind it
+    assert seated_by_capacity(state, 9, BEFORE) == [Confirm("b", "p-b", 2), Confirm("c", "p-c", 3), Confirm("d", "p-d", 1)]
+    assert seated_by_capacity(state, 3, BEFORE) == seated_by_capacity(state, 9, DEADLINE) == []
+    assert seated_by_capacity(day(3, confirmed("a", 3), waiting("b", 1, 1), status="cancelled"), 9, BEFORE) == []
+
+
+def test_a_capacity_below_the_confirmed_attendees_is_refused() -> None:
+    state = day(6, confirmed("a", 3), confirmed("b", 1), waiting("c", 2, 1))
+    refusal = capacity_refusal(state, 3)
+    assert refusal is not None and refusal.code == "below_confirmed"
+    assert capacity_refusal(state, 4) is None and capacity_refusal(state, 1_000) is None
 
 
 def test_a_member_leaving_once_registration_closed_releases_nothing() -> None:

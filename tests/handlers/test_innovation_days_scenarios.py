@@ -120,7 +120,7 @@ class Day:
         data = {"day_id": self.day_id, "registration_id": registration["data"]["registration_id"]}
         return envelope("innovation_day.registration_cancelled", by or registration["data"]["participant"], data)
 
-    def rescheduled(self, *, deadline: datetime | None = None, by: str = ORGANIZER) -> dict[str, Any]:
+    def rescheduled(self, *, deadline: datetime | None = None, capacity: int | None = None, by: str = ORGANIZER) -> dict[str, Any]:
         data: dict[str, Any] = {
             "day_id": self.day_id,
             "starts_at": _iso(self.starts_at + timedelta(days=1)),
@@ -128,6 +128,8 @@ class Day:
         }
         if deadline is not None:
             data["registration_deadline"] = _iso(deadline)
+        if capacity is not None:
+            data["capacity"] = capacity
         return envelope("innovation_day.rescheduled", by, data)
 
     def begun(self, *, by: str = ORGANIZER) -> dict[str, Any]:
@@ -688,6 +690,58 @@ async def test_a_move_that_opens_registration_again_puts_the_waitlist_the_deadli
     assert waitlist(scenario, day.day_id) == [(rid(newcomer), 1)]
     again = await scenario.when(day.rescheduled(deadline=datetime.now(timezone.utc) + timedelta(hours=3)))
     assert "innovation_day.registration_waitlisted" not in [e["type"] for e in again]  # (nothing closed, nothing put back)
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_larger_capacity_seats_the_waitlist_in_order(scenario: Scenario) -> None:
+    """The organiser found a larger room: the move says so, and the waitlist is seated from its
+    head while it fits, each confirmed in the organiser's name (strict order: the one behind a
+    registration that does not fit waits too)."""
+    day = Day.fresh()
+    seated, first, second, blocked, behind = (day.registration(MERSIN, 3), day.registration(AMMAN, 2), day.registration(ESF, 1),
+                                              day.registration(SITRA, 2), day.registration(GENC_ISI, 1))
+    await scenario.given(day.scheduled(3), seated, first, second, blocked, behind)
+    move = day.rescheduled(capacity=7)
+    answers = await scenario.when(move)
+    assert [(e["type"], rid(e), e["source"], e["causationid"]) for e in answers] == [
+        ("innovation_day.registration_confirmed", rid(r), f"/institutions/{ORGANIZER}", move["id"]) for r in (first, second)]
+    assert (view(scenario, day.day_id)["capacity"], view(scenario, day.day_id)["confirmed"]) == (7, 6)
+    assert waitlist(scenario, day.day_id) == [(rid(blocked), 1), (rid(behind), 2)]
+    assert await scenario.when(day.rescheduled(capacity=6)) == []  # smaller, not below the confirmed: taken
+    assert (view(scenario, day.day_id)["capacity"], waitlist(scenario, day.day_id)) == (6, [(rid(blocked), 1), (rid(behind), 2)])
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_capacity_below_the_confirmed_attendees_is_refused_and_the_day_stays_as_it_was(scenario: Scenario) -> None:
+    day = Day.fresh()
+    await scenario.given(day.scheduled(5), day.registration(MERSIN, 3), day.registration(AMMAN, 1))
+    before = view(scenario, day.day_id)
+    move = day.rescheduled(capacity=3)
+    refused = the_only(await scenario.when(move), "innovation_day.action_rejected")
+    assert refused["source"] == f"/institutions/{ORGANIZER}" and refused["data"]["rejected_event_id"] == move["id"]
+    assert refused["data"]["reason"]["code"] == "below_confirmed"
+    assert refused["data"]["reason"]["message"]["en"].startswith("4 attendees are confirmed: the capacity cannot be 3")
+    assert view(scenario, day.day_id) == before
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_larger_capacity_seats_the_waitlist_once_registration_opens_again_but_not_while_it_is_closed(scenario: Scenario) -> None:
+    """After the deadline nothing is taken: a larger room seats nobody (the waitlist was told no
+    seat came free). A move that opens registration again puts that waitlist back, and a larger
+    capacity with it seats it."""
+    day = Day.fresh(deadline_in=timedelta(hours=1))
+    seated, first, second = day.registration(MERSIN, 2), day.registration(AMMAN, 1), day.registration(ESF, 2)
+    await scenario.given(day.scheduled(2), seated, first, second)
+    await scenario.tick(day.deadline + timedelta(seconds=1))
+    kept_closed = day.rescheduled(deadline=datetime.now(timezone.utc) - timedelta(seconds=1), capacity=4)
+    assert [e["type"] for e in await scenario.when(kept_closed)] == ["innovation_day.meetings_proposed"]
+    assert registrations_of(scenario, day.day_id) == {rid(seated): "confirmed", rid(first): "rejected", rid(second): "rejected"}
+    reopened = await scenario.when(day.rescheduled(deadline=datetime.now(timezone.utc) + timedelta(hours=2), capacity=5))
+    assert [(e["type"].removeprefix("innovation_day."), rid(e)) for e in reopened if e["type"] != "innovation_day.meetings_proposed"] == [
+        ("registration_waitlisted", rid(first)), ("registration_waitlisted", rid(second)),
+        ("registration_confirmed", rid(first)), ("registration_confirmed", rid(second))]
+    assert registrations_of(scenario, day.day_id) == dict.fromkeys((rid(seated), rid(first), rid(second)), "confirmed")
+    assert waitlist(scenario, day.day_id) == [] and view(scenario, day.day_id)["seats_left"] == 0
 
 
 @pytest.mark.usefixtures("members")

@@ -386,9 +386,9 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
 
         @initialize(data=st.data())
         def something_of_each(self, data: st.DataObject) -> None:
-            """Projects, a call's round, a gathering a crowd registers for, a validation a panel
-            reviews and one a reviewer is to review, and members leaving that held a seat, a review
-            and a call, from the start: whichever steps a run then takes (Hypothesis leaves some out
+            """Projects, a call's round, a gathering a crowd registers for (moved to another room), a
+            validation a panel reviews and one a reviewer is to review, and members leaving that
+            held a seat, a review and a call, from the start: whichever steps a run then takes (Hypothesis leaves some out
             of each run), every workflow has come to its decisions in it."""
             for owner in INNOVATORS[:3]:
                 self.register_project(owner, data.draw(st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True)),
@@ -397,6 +397,7 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             self.schedule_day(_pick(data, EVERYONE), data.draw(st.integers(1, 3)), timedelta(hours=2), timedelta(hours=1), 2,
                               data.draw(st.lists(st.sampled_from(THEMES), max_size=2, unique=True)))
             self.crowd(data, 6)
+            self.reschedule_day(data, timedelta(hours=3), 2, data.draw(st.integers(1, 8)))  # (below, at or above the seats taken)
             self.request_validation(data, COORDINATORS[0], data.draw(st.integers(2, 3)), None)
             if self.validations:  # (two reviews of a quorum of three: open, with reviews others may not see)
                 self.panel(data, 2)
@@ -672,14 +673,17 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                 assert after["status"] == "cancelled", derived
 
         @precondition(lambda self: self.days)
-        @rule(data=st.data(), deadline_in=st.sampled_from([timedelta(minutes=10), timedelta(hours=3)]), hours=st.integers(1, 3))
-        def reschedule_day(self, data: st.DataObject, deadline_in: timedelta, hours: int) -> None:
+        @rule(data=st.data(), deadline_in=st.sampled_from([timedelta(minutes=10), timedelta(hours=3)]), hours=st.integers(1, 3),
+              capacity=st.none() | st.integers(1, 8))
+        def reschedule_day(self, data: st.DataObject, deadline_in: timedelta, hours: int, capacity: int | None) -> None:
+            """The organiser (mostly) moves a day, now and then to another room (a capacity)."""
             day_id = self._open_day(data)
             by = self._actor(data, self._day(day_id)["organizer"])
             deadline = self.log.now + deadline_in
             self._offer(envelope("innovation_day.rescheduled", by, {
                 "day_id": day_id, "registration_deadline": _iso(deadline), "starts_at": _iso(deadline + timedelta(hours=1)),
-                "ends_at": _iso(deadline + timedelta(hours=1 + hours)), "reason": {"en": "moved"}}))
+                "ends_at": _iso(deadline + timedelta(hours=1 + hours)), "reason": {"en": "moved"},
+                **({"capacity": capacity} if capacity is not None else {})}))
 
         @precondition(lambda self: self.days)
         @rule(data=st.data())
