@@ -445,3 +445,17 @@ def test_where_pg_trgm_cannot_be_had_the_migrations_say_how_to_index_the_search_
             connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             connection.execute(text(f"DROP ROLE IF EXISTS {role}"))
         admin.dispose()
+
+
+def test_status_checks_the_index_of_every_table_searched() -> None:
+    """``collabbus status`` names the searches without their index from
+    :data:`~handlers.words.SEARCHED_TABLES`: a table made searchable (its model's
+    ``trigram_index``) is among them."""
+    from sqlmodel import SQLModel
+
+    import handlers.tables  # noqa: F401  (every table on the metadata)
+    from handlers.words import SEARCHED_TABLES
+
+    indexed = {table.name for table in SQLModel.metadata.tables.values()
+               if any(index.name == f"ix_{table.name}_words" for index in table.indexes)}
+    assert indexed and set(SEARCHED_TABLES) == indexed
