@@ -38,6 +38,7 @@ from schemas.innovation_days import (
     InnovationDayScheduled,
     MeetingsProposed,
     RegistrationCancelled,
+    RegistrationChanged,
     RegistrationConfirmed,
     RegistrationRejected,
     RegistrationRequested,
@@ -366,6 +367,27 @@ def release_departed_member(ctx: Context) -> None:
             )
         for confirm in promoted:
             _confirm(ctx, day_id, day.organizer, confirm)
+
+
+def decide_change(ctx: Context) -> None:
+    """Refuse a change of a registration's attendees (an ``innovation_day.action_rejected``
+    naming who tried and the registration, which stands as it was), or seat the waitlisted
+    registrations the seats it frees let in (:func:`handlers.rules.innovation_days.decide_change`)."""
+    assert ctx.event is not None
+    data: RegistrationChanged = ctx.event.data
+    day = _day_state(ctx.session, data.day_id)
+    decision = rules.decide_change(
+        day, registration_id=data.registration_id, by=ctx.event.source, attendees=data.attendees, at=_utc(ctx.event.logged_at),
+        ended=None if day is None or any(s.registration_id == data.registration_id for s in day.seats)
+        else _ended(ctx.session, data.day_id, data.registration_id),
+    )
+    if isinstance(decision, rules.Refuse):
+        answerer = _answerer(ctx.session, data.day_id, ctx.event.source)
+        ctx.refuse_action(Refusal(decision.code, decision.message), source=answerer, registration_id=data.registration_id)
+        return
+    assert day is not None
+    for promoted in decision:
+        _confirm(ctx, data.day_id, day.organizer, promoted)
 
 
 # --- matchmaking (timer) ----------------------------------------------------------------------
@@ -733,6 +755,15 @@ def on_registration_confirmed(session: Session, event: Event[RegistrationConfirm
     _leave_waitlist_or_seat(session, event.data.registration_id, "confirmed", event.time)
 
 
+def on_registration_changed(session: Session, event: Event[RegistrationChanged]) -> None:
+    """The registration brings the attendees it says (the decider refused any change it could not
+    take); a waitlisted one keeps its place."""
+    registration = session.get(Registration, event.data.registration_id)
+    if registration is not None:
+        registration.attendees = event.data.attendees
+        session.add(registration)
+
+
 def on_registration_cancelled(session: Session, event: Event[RegistrationCancelled]) -> None:
     _leave_waitlist_or_seat(session, event.data.registration_id, "cancelled", event.logged_at)
 
@@ -813,6 +844,7 @@ PROJECTIONS: dict[str, Projection] = {
     "innovation_day.registration_confirmed": on_registration_confirmed,
     "innovation_day.registration_waitlisted": on_registration_waitlisted,
     "innovation_day.registration_rejected": on_registration_rejected,
+    "innovation_day.registration_changed": on_registration_changed,
     "innovation_day.registration_cancelled": on_registration_cancelled,
     "innovation_day.meetings_proposed": on_meetings_proposed,
 }
@@ -822,6 +854,7 @@ DECIDERS: dict[str, Decider | list[Decider]] = {
     "innovation_day.cancelled": [decide_day_action, withdraw_meetings_of_cancelled_day],
     "innovation_day.held": decide_day_action,
     "innovation_day.registration_requested": decide_registration,
+    "innovation_day.registration_changed": decide_change,
     "innovation_day.registration_cancelled": decide_cancellation,
     "institution.left": release_departed_member,
 }

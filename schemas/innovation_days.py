@@ -38,6 +38,7 @@ __all__ = [
     "Meeting",
     "MeetingsProposed",
     "RegistrationCancelled",
+    "RegistrationChanged",
     "RegistrationConfirmed",
     "RegistrationRefusal",
     "RegistrationRejected",
@@ -230,6 +231,20 @@ class RegistrationRejected(EventData):
     project_id: AggregateId | None = None
 
 
+class RegistrationChanged(EventData):
+    """The participant changes how many `attendees` its live registration brings, while
+    registration is open (version 5 of the rules). Fewer frees seats: the waitlist is seated from
+    its head while it fits. More takes seats left free, when nobody waits who could be seated
+    (`no_room` otherwise: to wait for more, cancel and register again); a waitlisted registration
+    keeps its place. Refused as a cancellation is (`unknown_registration`, `not_participant`,
+    `after_deadline`, `day_cancelled`, `day_held`) and above the day's whole capacity
+    (`exceeds_capacity`), by an `innovation_day.action_rejected`; the registration stands as it was."""
+
+    day_id: AggregateId
+    registration_id: AggregateId
+    attendees: Attendees
+
+
 class RegistrationCancelled(EventData):
     """The participant gives up its registration; the waitlist moves up."""
 
@@ -270,7 +285,9 @@ class DayActionRefusal(Reason):
     id for the day (`unknown_registration`), one its participant cancelled already
     (`already_cancelled`, version 3 of the rules), another's (`not_participant`), or registration closed
     (`after_deadline`, `day_cancelled`, `day_held`); a move to a capacity below the attendees
-    confirmed (`below_confirmed`, version 5 of the rules)."""
+    confirmed (`below_confirmed`, version 5 of the rules); a change of a registration's attendees
+    refused as a cancellation is, above the whole capacity (`exceeds_capacity`) or more than the
+    seats free while others wait (`no_room`)."""
 
     code: Literal[
         "unknown_day",
@@ -284,6 +301,8 @@ class DayActionRefusal(Reason):
         "not_participant",
         "after_deadline",
         "below_confirmed",
+        "exceeds_capacity",
+        "no_room",
     ]
 
 
@@ -295,11 +314,11 @@ class InnovationDayActionRejected(EventData):
 
     day_id: AggregateId
     rejected_type: Annotated[
-        str, Field(pattern=r"^innovation_day\.(scheduled|rescheduled|cancelled|held|registration_cancelled)$")
+        str, Field(pattern=r"^innovation_day\.(scheduled|rescheduled|cancelled|held|registration_cancelled|registration_changed)$")
     ]
     rejected_event_id: EventId
     actor: InstitutionId
     reason: DayActionRefusal
     registration_id: AggregateId | None = Field(None, description=(
-        "the registration a refused cancellation named: it stands as it was (a refusal of the "
-        "cancellation, not of the registration)"))
+        "the registration a refused cancellation or change named: it stands as it was (a refusal "
+        "of the cancellation or change, not of the registration)"))

@@ -16,6 +16,9 @@ visits are all gatherings with a capacity counted in attendees. The rules:
   be seated (the capacity does not change), and a place on the waitlist would only tell its
   participant to wait. (A log from before this rule may hold one on the waitlist: it keeps its
   place there without holding up the queue.)
+- a participant changes how many attendees its live registration brings while registration is
+  open (version 5): fewer frees seats for the waitlist, in order; more takes seats left free only
+  when nobody waits who could be seated (``no_room``); a waitlisted registration keeps its place;
 - waitlist positions are 1, 2, 3… in log order among the waitlisted registrations; they close up
   when a registration leaves the waitlist (promoted or cancelled), so the position of a
   registration is derived from the order and needs no event of its own;
@@ -59,6 +62,7 @@ __all__ = [
     "Seat",
     "Waitlist",
     "decide_cancellation",
+    "decide_change",
     "decide_registration",
     "promotions",
     "capacity_refusal",
@@ -77,7 +81,7 @@ SLOT_LENGTH = timedelta(minutes=20)
 
 DayStatus = Literal["scheduled", "cancelled", "held"]
 SeatStatus = Literal["confirmed", "waitlisted"]
-RefusalCode = RegistrationRefusalCode | Literal["already_cancelled"]
+RefusalCode = RegistrationRefusalCode | Literal["already_cancelled", "no_room"]
 
 
 @dataclass(frozen=True)
@@ -260,20 +264,10 @@ def decide_cancellation(
     it promotes (strict FIFO, see the module docstring). ``ended``: the day's registration of that
     id when it is no longer live, so that its participant learns what became of it (cancelled
     already, or refused) rather than that there is no such registration."""
-    seat = next((s for s in day.seats if s.registration_id == registration_id), None) if day else None
-    if day is None or seat is None:
-        if ended is not None and ended.participant == by:
-            if ended.status == "cancelled" and since(3):
-                return Refuse("already_cancelled", f"registration {registration_id} was cancelled already: it holds no seat "
-                              "and no place on the waitlist")
-            if ended.status == "rejected":
-                return Refuse("unknown_registration", f"registration {registration_id} was refused, never seated or "
-                              "waitlisted: there is nothing to cancel")
-        return Refuse("unknown_registration", f"no live registration {registration_id} for this gathering")
-    if seat.participant != by:
-        return Refuse("not_participant", "only the registered participant may cancel")
-    if (closed := _closed(day, at)) is not None:
-        return closed
+    seat = _own_live_seat(day, registration_id=registration_id, by=by, at=at, ended=ended, doing="cancel")
+    if isinstance(seat, Refuse):
+        return seat
+    assert day is not None
     remaining = DayState(
         day.day_id,
         day.organizer,
@@ -283,6 +277,65 @@ def decide_cancellation(
         tuple(s for s in day.seats if s.registration_id != registration_id),
     )
     return promotions(remaining)
+
+
+def _own_live_seat(
+    day: DayState | None, *, registration_id: str, by: str, at: datetime, ended: Ended | None, doing: str
+) -> Seat | Refuse:
+    """``by``'s live registration of that id, which it may ``doing`` (cancel, change) at ``at``,
+    or why it may not."""
+    seat = next((s for s in day.seats if s.registration_id == registration_id), None) if day else None
+    if day is None or seat is None:
+        if ended is not None and ended.participant == by:
+            if ended.status == "cancelled" and since(3):
+                return Refuse("already_cancelled", f"registration {registration_id} was cancelled already: it holds no seat "
+                              "and no place on the waitlist")
+            if ended.status == "rejected":
+                return Refuse("unknown_registration", f"registration {registration_id} was refused, never seated or "
+                              f"waitlisted: there is nothing to {doing}")
+        return Refuse("unknown_registration", f"no live registration {registration_id} for this gathering")
+    if seat.participant != by:
+        return Refuse("not_participant", f"only the registered participant may {doing}")
+    if (closed := _closed(day, at)) is not None:
+        return closed
+    return seat
+
+
+def decide_change(
+    day: DayState | None,
+    *,
+    registration_id: str,
+    by: str,
+    attendees: int,
+    at: datetime,
+    ended: Ended | None = None,
+) -> list[Confirm] | Refuse:
+    """Answer ``by``'s change of its registration to bring ``attendees`` at ``at``: refuse it, or
+    list the waitlisted registrations it lets in (version 5 of the rules).
+
+    Refused as a cancellation is (whose, live, registration open), and above the day's whole
+    capacity (``exceeds_capacity``). A confirmed registration bringing fewer frees seats: the
+    waitlist is seated from its head while it fits. One bringing more takes seats left free, when
+    nobody waits who could be seated (the newcomers do not pass the waitlist: ``no_room``; the
+    participant may cancel and register again, to wait). A waitlisted one keeps its place, and is
+    seated once it fits at the head."""
+    seat = _own_live_seat(day, registration_id=registration_id, by=by, at=at, ended=ended, doing="change")
+    if isinstance(seat, Refuse):
+        return seat
+    assert day is not None
+    if attendees > day.capacity:
+        return Refuse("exceeds_capacity", f"{attendees} attendees is more than the gathering's whole capacity of {day.capacity}")
+    if seat.status == "confirmed" and attendees > seat.attendees:
+        free = day.capacity - day.confirmed_attendees
+        waiting = sum(1 for s in day.waitlist if day.fits_ever(s))
+        if waiting or attendees - seat.attendees > free:
+            queue = f" and {waiting} registration{'s' if waiting != 1 else ''} waiting for them" if waiting else ""
+            return Refuse("no_room", f"{free} seat{'s are' if free != 1 else ' is'} free{queue}: the registration keeps its "
+                          f"{seat.attendees} (to wait for more, cancel it and register again)")
+        return []
+    changed = Seat(seat.registration_id, seat.participant, attendees, seat.status, seat.position)
+    return promotions(DayState(day.day_id, day.organizer, day.status, day.capacity, day.registration_deadline,
+                               tuple(changed if s.registration_id == registration_id else s for s in day.seats)))
 
 
 def promotions(day: DayState) -> list[Confirm]:

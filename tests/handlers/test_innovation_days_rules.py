@@ -20,6 +20,7 @@ from handlers.rules.innovation_days import (
     Waitlist,
     day_action_refusal,
     decide_cancellation,
+    decide_change,
     decide_registration,
     promotions,
     propose_meetings,
@@ -179,6 +180,30 @@ def test_a_capacity_below_the_confirmed_attendees_is_refused() -> None:
     refusal = capacity_refusal(state, 3)
     assert refusal is not None and refusal.code == "below_confirmed"
     assert capacity_refusal(state, 4) is None and capacity_refusal(state, 1_000) is None
+
+
+def change(state: DayState, rid: str, attendees: int, *, by: str = "", at: datetime = BEFORE) -> object:
+    return decide_change(state, registration_id=rid, by=by or f"p-{rid}", attendees=attendees, at=at)
+
+
+def test_a_change_to_fewer_seats_the_waitlist_and_to_more_never_passes_it() -> None:
+    state = day(5, confirmed("a", 4), waiting("b", 2, 1), waiting("c", 2, 2), waiting("d", 1, 3))
+    assert change(state, "a", 3) == [Confirm("b", "p-b", 2)]  # c needs 2 of the none left: d waits behind it
+    assert change(state, "a", 1) == [Confirm("b", "p-b", 2), Confirm("c", "p-c", 2)]
+    assert isinstance(refused := change(state, "a", 5), Refuse) and refused.code == "no_room"  # a seat free, and the waitlist
+    assert change(day(5, confirmed("a", 3)), "a", 5) == []  # free seats, nobody waiting
+    assert isinstance(refused := change(day(5, confirmed("a", 3), confirmed("b", 1)), "a", 5), Refuse) and refused.code == "no_room"
+    assert change(day(5, confirmed("a", 3), waiting("x", 9, 1)), "a", 5) == []  # one that never fits holds nobody up
+    assert change(state, "c", 1) == []  # waiting, it keeps its place behind b
+    assert change(state, "b", 1) == [Confirm("b", "p-b", 1)]  # the head now fits
+
+
+def test_a_change_is_refused_as_a_cancellation_is_and_above_the_capacity() -> None:
+    state = day(5, confirmed("a", 2), waiting("b", 4, 1))
+    for decision, code in ((change(state, "a", 6), "exceeds_capacity"), (change(state, "a", 1, by="p-b"), "not_participant"),
+                           (change(state, "zz", 1), "unknown_registration"), (change(state, "a", 1, at=DEADLINE), "after_deadline"),
+                           (change(day(5, confirmed("a", 2), status="cancelled"), "a", 1), "day_cancelled")):
+        assert isinstance(decision, Refuse) and decision.code == code, decision
 
 
 def test_a_member_leaving_once_registration_closed_releases_nothing() -> None:

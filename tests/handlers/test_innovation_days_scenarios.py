@@ -116,6 +116,10 @@ class Day:
             data["project_id"] = project_id
         return envelope("innovation_day.registration_requested", participant, data)
 
+    def change(self, registration: dict[str, Any], attendees: int, *, by: str | None = None) -> dict[str, Any]:
+        data = {"day_id": self.day_id, "registration_id": registration["data"]["registration_id"], "attendees": attendees}
+        return envelope("innovation_day.registration_changed", by or registration["data"]["participant"], data)
+
     def cancellation(self, registration: dict[str, Any], *, by: str | None = None) -> dict[str, Any]:
         data = {"day_id": self.day_id, "registration_id": registration["data"]["registration_id"]}
         return envelope("innovation_day.registration_cancelled", by or registration["data"]["participant"], data)
@@ -181,12 +185,13 @@ def assert_rejected(derived: list[dict[str, Any]], code: str, *, source: str = O
 
 
 def assert_cancellation_refused(derived: list[dict[str, Any]], cancellation: dict[str, Any], code: str) -> dict[str, Any]:
-    """The cancellation is refused as what it is, naming who tried and the registration, which
-    stands: no registration_rejected tells anybody that registration was rejected."""
+    """The cancellation (or change) is refused as what it is, naming who tried and the
+    registration, which stands: no registration_rejected tells anybody that registration was
+    rejected."""
     refused = the_only(derived, "innovation_day.action_rejected")
     assert refused["source"] == f"/institutions/{ORGANIZER}" and refused["causationid"] == cancellation["id"]
     assert refused["data"] == {
-        "day_id": cancellation["data"]["day_id"], "rejected_type": "innovation_day.registration_cancelled",
+        "day_id": cancellation["data"]["day_id"], "rejected_type": cancellation["type"],
         "rejected_event_id": cancellation["id"], "actor": cancellation["source"].removeprefix("/institutions/"),
         "registration_id": rid(cancellation), "reason": refused["data"]["reason"],
     }
@@ -365,6 +370,79 @@ async def test_a_registration_after_the_deadline_is_rejected(scenario: Scenario)
     with scenario.session() as session:
         [kept] = registrations(session, day.day_id)
     assert (kept["status"], kept["reason"]["code"]) == ("rejected", "after_deadline")
+
+
+def attendees_of(scenario: Scenario, day_id: str) -> dict[str, tuple[str, int]]:
+    with scenario.session() as session:
+        return {r["registration_id"]: (r["status"], r["attendees"]) for r in registrations(session, day_id)}
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_registration_bringing_fewer_frees_seats_for_the_waitlist_in_order(scenario: Scenario) -> None:
+    """A participant bringing fewer gives the seats back: the waitlist is seated from its head
+    while it fits, in the organiser's name, as after a cancellation."""
+    day = Day.fresh()
+    seated, first, second, blocked = day.registration(MERSIN, 4), day.registration(AMMAN, 1), day.registration(ESF, 1), day.registration(SITRA, 3)
+    await scenario.given(day.scheduled(5), seated, day.registration(GENC_ISI, 1), first, second, blocked)
+    change = day.change(seated, 1)
+    answers = await scenario.when(change)
+    assert [(e["type"], rid(e), e["source"], e["causationid"]) for e in answers] == [
+        ("innovation_day.registration_confirmed", rid(r), f"/institutions/{ORGANIZER}", change["id"]) for r in (first, second)]
+    assert attendees_of(scenario, day.day_id)[rid(seated)] == ("confirmed", 1)
+    assert waitlist(scenario, day.day_id) == [(rid(blocked), 1)] and view(scenario, day.day_id)["confirmed"] == 4
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_registration_bringing_more_takes_free_seats_but_never_passes_the_waitlist(scenario: Scenario) -> None:
+    day = Day.fresh()
+    seated, other = day.registration(MERSIN, 2), day.registration(AMMAN, 1)
+    await scenario.given(day.scheduled(5), seated, other)
+    assert await scenario.when(day.change(seated, 4)) == []  # two of the two seats free
+    assert attendees_of(scenario, day.day_id)[rid(seated)] == ("confirmed", 4) and view(scenario, day.day_id)["seats_left"] == 0
+
+    for change, code, message in ((day.change(other, 2), "no_room", "0 seats are free: the registration keeps its 1"),
+                                  (day.change(seated, 6), "exceeds_capacity", "6 attendees is more than the gathering's whole capacity of 5"),
+                                  (day.change(seated, 3, by=AMMAN), "not_participant", "only the registered participant may change")):
+        refused = assert_cancellation_refused(await scenario.when(change), change, code)
+        assert refused["data"]["rejected_type"] == "innovation_day.registration_changed"
+        assert refused["data"]["reason"]["message"]["en"].startswith(message), refused
+    waiting = day.registration(ESF, 1)
+    await scenario.given(waiting, day.change(seated, 3))  # a seat frees, and goes to the one waiting
+    assert waitlist(scenario, day.day_id) == [] and view(scenario, day.day_id)["seats_left"] == 0
+    late = day.registration(SITRA, 2)
+    await scenario.given(late)
+    await scenario.given(day.change(seated, 2))  # one seat free, the waitlist's head needs two
+    more = day.change(other, 2)
+    refused = assert_cancellation_refused(await scenario.when(more), more, "no_room")
+    assert refused["data"]["reason"]["message"]["en"].startswith("1 seat is free and 1 registration waiting for them")
+    assert attendees_of(scenario, day.day_id) == {rid(seated): ("confirmed", 2), rid(other): ("confirmed", 1),
+                                                  rid(waiting): ("confirmed", 1), rid(late): ("waitlisted", 2)}
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_waitlisted_registration_changed_keeps_its_place_and_is_seated_once_it_fits(scenario: Scenario) -> None:
+    day = Day.fresh()
+    head, behind = day.registration(AMMAN, 3), day.registration(ESF, 1)
+    await scenario.given(day.scheduled(4), day.registration(MERSIN, 2), head, behind)
+    assert waitlist(scenario, day.day_id) == [(rid(head), 1), (rid(behind), 2)]
+    assert await scenario.when(day.change(behind, 2)) == []  # more, in its place
+    assert waitlist(scenario, day.day_id) == [(rid(head), 1), (rid(behind), 2)]
+    seated = only(await scenario.when(day.change(head, 2)))  # now it fits: seated, and the one behind waits on
+    assert (seated["type"], rid(seated)) == ("innovation_day.registration_confirmed", rid(head))
+    assert attendees_of(scenario, day.day_id)[rid(head)] == ("confirmed", 2) and waitlist(scenario, day.day_id) == [(rid(behind), 1)]
+
+
+@pytest.mark.usefixtures("members")
+async def test_a_change_once_registration_closed_or_of_a_registration_no_longer_live_is_refused(scenario: Scenario) -> None:
+    day = Day.fresh()
+    seated, gone = day.registration(MERSIN, 2), day.registration(AMMAN, 1)
+    await scenario.given(day.scheduled(), seated, gone, day.cancellation(gone))
+    change = day.change(gone, 2)
+    assert_cancellation_refused(await scenario.when(change), change, "already_cancelled")
+    await scenario.given(day.rescheduled(deadline=datetime.now(timezone.utc) - timedelta(seconds=1)))
+    late = day.change(seated, 1)
+    assert_cancellation_refused(await scenario.when(late), late, "after_deadline")
+    assert attendees_of(scenario, day.day_id)[rid(seated)] == ("confirmed", 2)
 
 
 @pytest.mark.usefixtures("members")

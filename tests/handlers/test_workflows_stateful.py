@@ -672,6 +672,26 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             else:
                 assert after["status"] == "cancelled", derived
 
+        @precondition(lambda self: self.registrations)
+        @rule(data=st.data(), attendees=st.integers(1, 4))
+        def change_attendees(self, data: st.DataObject, attendees: int) -> None:
+            """A participant (now and then another) changes how many attendees a registration
+            brings: more is taken only into seats nobody waits for (the invariants say the rest)."""
+            day_id, registration = _pick(data, self.registrations)
+            before = self.log.state.of(self.log.state.registrations, registration_id=registration)[0]
+            by = self._actor(data, before["participant"])
+            day = self._day(day_id)
+            waiting = [r for r in self.log.state.of(self.log.state.registrations, day_id=day_id, status="waitlisted")
+                       if r["attendees"] <= day["capacity"]]
+            self._offer(envelope("innovation_day.registration_changed", by, {
+                "day_id": day_id, "registration_id": registration, "attendees": attendees}))
+            after = self.log.state.of(self.log.state.registrations, registration_id=registration)[0]
+            if before["status"] == "confirmed" and after["attendees"] > before["attendees"]:
+                assert not waiting, ("more seats taken past the waitlist", before, after, waiting)
+            if after["attendees"] != before["attendees"]:
+                assert by == before["participant"] and before["status"] in ("confirmed", "waitlisted"), (by, before, after)
+                assert day["status"] == "scheduled" and self.log.now < _moment(day["registration_deadline"]), (day, after)
+
         @precondition(lambda self: self.days)
         @rule(data=st.data(), deadline_in=st.sampled_from([timedelta(minutes=10), timedelta(hours=3)]), hours=st.integers(1, 3),
               capacity=st.none() | st.integers(1, 8))
