@@ -232,7 +232,7 @@ def decide_day_action(ctx: Context) -> None:
     day = ctx.session.get(InnovationDay, data.day_id)
     facts = None if day is None else rules.DayFacts(day.organizer, cast(rules.DayStatus, day.status), _utc(day.starts_at))
     refusal = rules.day_action_refusal(facts, event.type.removeprefix("innovation_day."), event.source, _utc(event.logged_at))
-    if refusal is None and day is not None and getattr(data, "capacity", None) is not None and since(5):
+    if refusal is None and day is not None and event.type == "innovation_day.rescheduled" and data.capacity is not None and since(5):
         state = _day_state(ctx.session, day.day_id)
         assert state is not None
         refusal = rules.capacity_refusal(state, data.capacity)
@@ -351,7 +351,7 @@ def release_departed_member(ctx: Context) -> None:
         for seat in released:
             registration = ctx.session.get(Registration, seat.registration_id)
             assert registration is not None
-            held_as = (f"its {seat.attendees} seat{'s' if seat.attendees != 1 else ''} go to the waitlist"
+            held_as = (f"its {seat.attendees} seat{'s go' if seat.attendees != 1 else ' goes'} to the waitlist"
                        if seat.status == "confirmed" else f"it leaves the waitlist, where it was number {seat.position}")
             ctx.emit(
                 "innovation_day.registration_rejected",
