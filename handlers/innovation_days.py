@@ -545,10 +545,13 @@ def reopen_waitlist(ctx: Context) -> None:
         )
 
 
-def seat_by_capacity(ctx: Context) -> None:
-    """A move to a larger capacity seats the waitlist in order while registration is open (by the
-    day's deadline as moved), those the move put back on it (:func:`reopen_waitlist`) included:
-    each is confirmed in the organiser's name, as after a cancellation. (A capacity below the
+def resize_day(ctx: Context) -> None:
+    """A move to another capacity, while registration is open (by the day's deadline as moved),
+    the registrations the move put back on the waitlist (:func:`reopen_waitlist`) included: a
+    waitlisted registration bringing more attendees than a smaller capacity is refused, in the
+    organiser's name (``registration_rejected``, ``capacity_reduced``: it could never be seated,
+    and those behind it would pass it); a larger capacity seats the waitlist from its head while it
+    fits, each confirmed in the organiser's name, as after a cancellation. (A capacity below the
     attendees confirmed is refused: :func:`decide_day_action`.) A rule of version 5."""
     event = ctx.event
     assert event is not None
@@ -568,7 +571,23 @@ def seat_by_capacity(ctx: Context) -> None:
                                    "waitlisted", derived.data.position))
     moved = rules.DayState(state.day_id, state.organizer, state.status, state.capacity, _moved_deadline(day, data),
                            (*state.seats, *back))
-    for confirm in rules.seated_by_capacity(moved, data.capacity, _utc(event.logged_at)):
+    never, seated = rules.moved_to_capacity(moved, data.capacity, _utc(event.logged_at))
+    for seat in never:
+        registration = ctx.session.get(Registration, seat.registration_id)
+        assert registration is not None
+        message = (f"the gathering moved to a capacity of {data.capacity}: the {seat.attendees} attendees of this registration, "
+                   f"number {seat.position} of the waitlist, can never be seated")
+        ctx.emit(
+            "innovation_day.registration_rejected",
+            RegistrationRejected.model_validate({
+                "day_id": day.day_id, "registration_id": seat.registration_id, "participant": seat.participant,
+                "reason": {"code": "capacity_reduced", "message": {"en": message}}, "role": registration.role,
+                "attendees": registration.attendees, **({"project_id": registration.project_id} if registration.project_id else {}),
+            }),
+            source=day.organizer,
+            key=f"{seat.registration_id} capacity_reduced",
+        )
+    for confirm in seated:
         _confirm(ctx, day.day_id, day.organizer, confirm)
 
 
@@ -779,7 +798,7 @@ def on_registration_waitlisted(session: Session, event: Event[RegistrationWaitli
     session.add(registration)
 
 
-_RELEASES: dict[str, tuple[str, ...]] = {"waitlist_closed": ("waitlisted",), "member_left": LIVE}
+_RELEASES: dict[str, tuple[str, ...]] = {"waitlist_closed": ("waitlisted",), "member_left": LIVE, "capacity_reduced": ("waitlisted",)}
 """The refusals of a registration that stood (the workflow's, in the organiser's name), and what
 the registration was."""
 
@@ -788,8 +807,9 @@ def on_registration_rejected(session: Session, event: Event[RegistrationRejected
     """Keep a refused request with its reason. A duplicate id (or a refused cancellation, in a
     log judged by rules before version 2) leaves the registration it names as it was."""
     data = event.data
-    # A registration the deadline left waiting (it will not be seated), or one of a member that
-    # left the network (its seat or place on the waitlist released): refused, with the reason.
+    # A registration the deadline left waiting (it will not be seated), one of a member that left
+    # the network (its seat or place on the waitlist released), or one waiting that a smaller
+    # capacity can never seat: refused, with the reason.
     if data.reason.code in _RELEASES:
         live = session.get(Registration, data.registration_id)
         if live is not None and live.status in _RELEASES[data.reason.code]:
@@ -850,7 +870,7 @@ PROJECTIONS: dict[str, Projection] = {
 }
 DECIDERS: dict[str, Decider | list[Decider]] = {
     "innovation_day.scheduled": decide_day_action,
-    "innovation_day.rescheduled": [decide_day_action, rematch_moved_day, reopen_waitlist, seat_by_capacity],
+    "innovation_day.rescheduled": [decide_day_action, rematch_moved_day, reopen_waitlist, resize_day],
     "innovation_day.cancelled": [decide_day_action, withdraw_meetings_of_cancelled_day],
     "innovation_day.held": decide_day_action,
     "innovation_day.registration_requested": decide_registration,

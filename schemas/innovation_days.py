@@ -113,7 +113,8 @@ class InnovationDayRescheduled(EventData):
     """The organiser moved the gathering, or changed its terms; a registration deadline left out
     stays as it was. A `capacity` given replaces the day's (a larger room, a smaller one): not
     below the attendees confirmed (`below_confirmed`); a larger one seats the waitlist in order
-    while registration is open (version 5 of the rules). Left out, the capacity stays."""
+    while registration is open, and a smaller one refuses a waitlisted registration bringing more
+    (`capacity_reduced`) (version 5 of the rules). Left out, the capacity stays."""
 
     day_id: AggregateId
     starts_at: Timestamp
@@ -192,6 +193,7 @@ RegistrationRefusalCode = Literal[
     "not_project_party",
     "waitlist_closed",
     "member_left",
+    "capacity_reduced",
 ]
 """The registration workflow's refusal codes (the rules decide them; the catalog carries them).
 `day_held`: the organiser reported the gathering held (version 3 of the rules; before,
@@ -204,6 +206,8 @@ participant neither owns nor is a partner of (version 3 of the rules).
 no seat will come free for it (the workflow tells each registration still waiting, then).
 `member_left`: its participant left the network while registration was open; its seat or place on
 the waitlist is released, and the waitlist promoted into the seats freed (version 5 of the rules).
+`capacity_reduced`: the organiser moved the gathering to a capacity smaller than the attendees of
+this waitlisted registration, which could never be seated (version 5 of the rules).
 `unknown_registration` and `not_participant` refuse a cancellation: a log from before version 2
 of the rules answers one in `innovation_day.registration_rejected`, later ones in
 `innovation_day.action_rejected`."""

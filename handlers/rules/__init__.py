@@ -63,8 +63,9 @@ validation it was assigned to review and had not reviewed takes it off, in the c
 (``validation.reviewer_unassigned``; before, the validation waited for it); its calls still open
 before their deadline are closed, in its name, as ``cancelled`` (before, they took applications
 nobody would decide on); a move of a gathering to a capacity below the attendees confirmed
-(``below_confirmed``; the capacity is new in version 5, and a larger one seats the waitlist in
-order while registration is open); a change of a registration's attendees
+(``below_confirmed``; the capacity is new in version 5: a larger one seats the waitlist in order
+while registration is open, a smaller one refuses a waitlisted registration bigger than it,
+``capacity_reduced``); a change of a registration's attendees
 (``innovation_day.registration_changed``, new in version 5) refused as a cancellation is, above
 the day's capacity (``exceeds_capacity``) or taking seats past the waitlist (``no_room``)."""
 

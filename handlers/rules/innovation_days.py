@@ -26,7 +26,8 @@ visits are all gatherings with a capacity counted in attendees. The rules:
   each is released (a seat, or a place on the waitlist) and the waitlist promoted into the seats
   freed, in order (version 5 of the rules; before, a former member kept them);
 - the organiser may change the capacity when it moves the day, not below the attendees confirmed;
-  a larger capacity seats the waitlist in order while registration is open (version 5);
+  a larger capacity seats the waitlist in order while registration is open, and a waitlisted
+  registration bigger than a smaller one is refused (version 5);
 - nothing is accepted at or after the registration deadline (the log's acceptance time counts),
   nor once the day is cancelled (``day_cancelled``) or reported held (``day_held``; before version 3
   of the rules ``after_deadline``);
@@ -67,7 +68,7 @@ __all__ = [
     "promotions",
     "capacity_refusal",
     "release",
-    "seated_by_capacity",
+    "moved_to_capacity",
     "propose_meetings",
     "shared_themes",
     "slots",
@@ -362,12 +363,18 @@ def capacity_refusal(day: DayState, capacity: int) -> Refusal | None:
     return None
 
 
-def seated_by_capacity(day: DayState, capacity: int, at: datetime) -> list[Confirm]:
-    """The waitlisted registrations a larger ``capacity`` seats at ``at``, from the head while
-    they fit (strict FIFO, as after a cancellation); none once registration closed."""
-    if capacity <= day.capacity or _closed(day, at) is not None:
-        return []
-    return promotions(DayState(day.day_id, day.organizer, day.status, capacity, day.registration_deadline, day.seats))
+def moved_to_capacity(day: DayState, capacity: int, at: datetime) -> tuple[list[Seat], list[Confirm]]:
+    """What a move of ``day`` to ``capacity`` at ``at`` does to its waitlist while registration is
+    open: the waitlisted registrations bringing more attendees than the new capacity, which could
+    never be seated (refused, as a request for more than the whole day is: a place on the waitlist
+    would only tell them to wait, and those behind would pass them), and those a larger capacity
+    seats from the head while they fit (strict FIFO, as after a cancellation). Nothing once
+    registration closed."""
+    if capacity == day.capacity or _closed(day, at) is not None:
+        return [], []
+    resized = DayState(day.day_id, day.organizer, day.status, capacity, day.registration_deadline, day.seats)
+    never = [seat for seat in resized.waitlist if not resized.fits_ever(seat)]
+    return never, promotions(resized) if capacity > day.capacity else []
 
 
 def release(day: DayState, member: str, at: datetime) -> tuple[list[Seat], list[Confirm]]:

@@ -26,7 +26,7 @@ from handlers.rules.innovation_days import (
     propose_meetings,
     capacity_refusal,
     release,
-    seated_by_capacity,
+    moved_to_capacity,
     shared_themes,
     slots,
 )
@@ -169,10 +169,17 @@ def test_a_member_leaving_releases_its_seat_and_place_and_promotes_in_order() ->
 
 def test_a_larger_capacity_seats_the_waitlist_in_order_while_registration_is_open() -> None:
     state = day(3, confirmed("a", 3), waiting("b", 2, 1), waiting("c", 3, 2), waiting("d", 1, 3))
-    assert seated_by_capacity(state, 6, BEFORE) == [Confirm("b", "p-b", 2)]  # c needs 3 of the 1 left: d waits behind it
-    assert seated_by_capacity(state, 9, BEFORE) == [Confirm("b", "p-b", 2), Confirm("c", "p-c", 3), Confirm("d", "p-d", 1)]
-    assert seated_by_capacity(state, 3, BEFORE) == seated_by_capacity(state, 9, DEADLINE) == []
-    assert seated_by_capacity(day(3, confirmed("a", 3), waiting("b", 1, 1), status="cancelled"), 9, BEFORE) == []
+    assert moved_to_capacity(state, 6, BEFORE) == ([], [Confirm("b", "p-b", 2)])  # c needs 3 of the 1 left: d waits behind it
+    assert moved_to_capacity(state, 9, BEFORE) == ([], [Confirm("b", "p-b", 2), Confirm("c", "p-c", 3), Confirm("d", "p-d", 1)])
+    assert moved_to_capacity(state, 3, BEFORE) == moved_to_capacity(state, 9, DEADLINE) == ([], [])
+    assert moved_to_capacity(day(3, confirmed("a", 3), waiting("b", 1, 1), status="cancelled"), 9, BEFORE) == ([], [])
+
+
+def test_a_smaller_capacity_refuses_the_waitlisted_registrations_it_could_never_seat() -> None:
+    state = day(6, confirmed("a", 3), waiting("b", 4, 1), waiting("c", 1, 2), waiting("d", 5, 3))
+    never, seated = moved_to_capacity(state, 3, BEFORE)
+    assert [seat.registration_id for seat in never] == ["b", "d"] and seated == []
+    assert moved_to_capacity(state, 3, DEADLINE) == ([], [])
 
 
 def test_a_capacity_below_the_confirmed_attendees_is_refused() -> None:

@@ -790,6 +790,26 @@ async def test_a_larger_capacity_seats_the_waitlist_in_order(scenario: Scenario)
 
 
 @pytest.mark.usefixtures("members")
+async def test_a_smaller_capacity_refuses_the_waitlisted_registrations_it_could_never_seat(scenario: Scenario) -> None:
+    """A registration waiting with more attendees than the smaller room holds could never be
+    seated, and those behind it would be seated past it: it is told so, in the organiser's name,
+    and the waitlist closes up behind it."""
+    day = Day.fresh()
+    seated, big, small = day.registration(MERSIN, 2), day.registration(AMMAN, 3), day.registration(ESF, 1)
+    await scenario.given(day.scheduled(4), seated, big, small)
+    assert waitlist(scenario, day.day_id) == [(rid(big), 1), (rid(small), 2)]
+    move = day.rescheduled(capacity=2)
+    refused = only(await scenario.when(move))
+    assert (refused["type"], rid(refused), refused["source"], refused["causationid"]) == (
+        "innovation_day.registration_rejected", rid(big), f"/institutions/{ORGANIZER}", move["id"])
+    assert refused["data"]["reason"]["code"] == "capacity_reduced" and refused["data"]["attendees"] == 3
+    assert refused["data"]["reason"]["message"]["en"].startswith("the gathering moved to a capacity of 2: the 3 attendees")
+    assert registrations_of(scenario, day.day_id)[rid(big)] == "rejected"
+    assert waitlist(scenario, day.day_id) == [(rid(small), 1)] and view(scenario, day.day_id)["capacity"] == 2
+    assert only(await scenario.when(day.registration(GENC_ISI, 1)))["type"] == "innovation_day.registration_waitlisted"  # behind
+
+
+@pytest.mark.usefixtures("members")
 async def test_a_capacity_below_the_confirmed_attendees_is_refused_and_the_day_stays_as_it_was(scenario: Scenario) -> None:
     day = Day.fresh()
     await scenario.given(day.scheduled(5), day.registration(MERSIN, 3), day.registration(AMMAN, 1))

@@ -907,6 +907,7 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                 waiting = [r for r in registrations if r["status"] == "waitlisted"]
                 assert sum(r["attendees"] for r in confirmed) <= day["capacity"], (day, confirmed)
                 assert [r["waitlist_position"] for r in waiting] == list(range(1, len(waiting) + 1)), waiting
+                assert all(r["attendees"] <= day["capacity"] for r in waiting), ("waiting for a seat it can never have", day, waiting)
                 if waiting:
                     assert max(r["requested_seq"] for r in confirmed or [{"requested_seq": 0}]) < waiting[0]["requested_seq"], (
                         "a registration was confirmed while an earlier one waits", registrations)
