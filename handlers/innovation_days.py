@@ -353,18 +353,9 @@ def release_departed_member(ctx: Context) -> None:
             assert registration is not None
             held_as = (f"its {seat.attendees} seat{'s go' if seat.attendees != 1 else ' goes'} to the waitlist"
                        if seat.status == "confirmed" else f"it leaves the waitlist, where it was number {seat.position}")
-            ctx.emit(
-                "innovation_day.registration_rejected",
-                RegistrationRejected.model_validate({
-                    "day_id": day_id, "registration_id": seat.registration_id, "participant": member,
-                    "reason": {"code": "member_left", "message": {
-                        "en": f"{member} left the network on {at:%Y-%m-%d}: its registration is released and {held_as}"}},
-                    "role": registration.role, "attendees": registration.attendees,
-                    **({"project_id": registration.project_id} if registration.project_id else {}),
-                }),
-                source=day.organizer,
-                key=f"{seat.registration_id} member_left",
-            )
+            _release(ctx, day.organizer, registration, "member_left",
+                     f"{member} left the network on {at:%Y-%m-%d}: its registration is released and {held_as}",
+                     key=f"{seat.registration_id} member_left")
         for confirm in promoted:
             _confirm(ctx, day_id, day.organizer, confirm)
 
@@ -479,17 +470,24 @@ def _close_waitlist(ctx: Context, day: InnovationDay, deadline: datetime) -> Non
     for registration in waiting:
         message = (f"registration closed at {deadline.isoformat()} with the gathering full: no seat came free for this "
                    f"registration, number {registration.waitlist_position} of the waitlist")
-        ctx.emit(
-            "innovation_day.registration_rejected",
-            RegistrationRejected.model_validate({
-                "day_id": day.day_id, "registration_id": registration.registration_id, "participant": registration.participant,
-                "reason": {"code": "waitlist_closed", "message": {"en": message}}, "role": registration.role,
-                "attendees": registration.attendees,
-                **({"project_id": registration.project_id} if registration.project_id else {}),
-            }),
-            source=day.organizer,
-            key=f"{registration.registration_id} waitlist_closed {deadline.isoformat()}",
-        )
+        _release(ctx, day.organizer, registration, "waitlist_closed", message,
+                 key=f"{registration.registration_id} waitlist_closed {deadline.isoformat()}")
+
+
+def _release(ctx: Context, organizer: str, registration: Registration, code: str, message: str, *, key: str) -> None:
+    """Refuse a registration that stood (confirmed or waiting) for ``code``'s reason, one of
+    :data:`_RELEASES`, in the organiser's name (``registration_rejected``), repeating what it
+    asked for."""
+    ctx.emit(
+        "innovation_day.registration_rejected",
+        RegistrationRejected.model_validate({
+            "day_id": registration.day_id, "registration_id": registration.registration_id, "participant": registration.participant,
+            "reason": {"code": code, "message": {"en": message}}, "role": registration.role, "attendees": registration.attendees,
+            **({"project_id": registration.project_id} if registration.project_id else {}),
+        }),
+        source=organizer,
+        key=key,
+    )
 
 
 def rematch_moved_day(ctx: Context) -> None:
@@ -577,16 +575,7 @@ def resize_day(ctx: Context) -> None:
         assert registration is not None
         message = (f"the gathering moved to a capacity of {data.capacity}: the {seat.attendees} attendees of this registration, "
                    f"number {seat.position} of the waitlist, can never be seated")
-        ctx.emit(
-            "innovation_day.registration_rejected",
-            RegistrationRejected.model_validate({
-                "day_id": day.day_id, "registration_id": seat.registration_id, "participant": seat.participant,
-                "reason": {"code": "capacity_reduced", "message": {"en": message}}, "role": registration.role,
-                "attendees": registration.attendees, **({"project_id": registration.project_id} if registration.project_id else {}),
-            }),
-            source=day.organizer,
-            key=f"{seat.registration_id} capacity_reduced",
-        )
+        _release(ctx, day.organizer, registration, "capacity_reduced", message, key=f"{seat.registration_id} capacity_reduced")
     for confirm in seated:
         _confirm(ctx, day.day_id, day.organizer, confirm)
 
