@@ -19,7 +19,7 @@ from sqlmodel import Field, Session, col, select
 
 from handlers import confidential
 from handlers.institutions import Institution, UtcDateTime, column_values, member, member_ids, upsert
-from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, sender
+from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, named_in, sender
 from handlers.projects import parties as project_parties, project_ids_of
 from handlers.session import children
 from handlers.words import SEARCHED, trigram_index, words
@@ -417,9 +417,8 @@ def close_overdue_calls(ctx: Context) -> None:
 
 def _open_calls_of(session: Session, envelope: Mapping[str, Any]) -> list[str]:
     """The calls still open (not closed) that the institution leaving published."""
-    data = envelope.get("data")
-    member = data.get("id") if isinstance(data, dict) else None
-    if not isinstance(member, str):
+    member = named_in(envelope, "id")
+    if member is None:
         return []
     return list(session.exec(select(Call.call_id).where(Call.owner == member, col(Call.closed_at).is_(None))
                              .order_by(col(Call.call_id))).all())

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
-from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named
+from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, named_in
 from handlers.projects import parties as project_parties
 from handlers.rows import TableRow
 from handlers.rules import Refusal, since
@@ -884,9 +884,8 @@ def _innovators_projects(session: Session, envelope: Mapping[str, Any]) -> list[
 
 def _days_registered_for(session: Session, envelope: Mapping[str, Any]) -> list[str]:
     """The days the institution leaving holds a live registration for."""
-    data = envelope.get("data")
-    member = data.get("id") if isinstance(data, dict) else None
-    if not isinstance(member, str):
+    member = named_in(envelope, "id")
+    if member is None:
         return []
     return sorted(set(session.exec(select(Registration.day_id).where(
         Registration.participant == member, col(Registration.status).in_(LIVE))).all()))

@@ -208,12 +208,19 @@ class Reads:
         return [(self.domain, subject) for subject in self.subjects(session, envelope)]
 
 
+def named_in(envelope: Mapping[str, Any], field_name: str) -> str | None:
+    """What the event's data names in ``field_name``, when it is a string (an envelope as logged,
+    before its data is read)."""
+    data = envelope.get("data")
+    value = data.get(field_name) if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def named(domain: str, field_name: str) -> Reads:
     """:class:`Reads` of the thing of ``domain`` that the event's data names in ``field_name``."""
     def subjects(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
-        data = envelope.get("data")
-        value = data.get(field_name) if isinstance(data, dict) else None
-        return [value] if isinstance(value, str) else []
+        value = named_in(envelope, field_name)
+        return [value] if value is not None else []
     return Reads(domain, subjects)
 
 

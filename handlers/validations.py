@@ -22,7 +22,7 @@ from handlers.institutions import (  # moments stored in UTC, read back aware, o
     member,
     member_ids,
 )
-from handlers.network import Context, Decider, Event, Projection, Reads, Timer, derived_type, named
+from handlers.network import Context, Decider, Event, Projection, Reads, Timer, derived_type, named, named_in
 from handlers.projects import parties as project_parties, project_ids_of
 from handlers.rows import TableRow
 from handlers.rules import since
@@ -481,9 +481,8 @@ def note_overdue_reviews(ctx: Context) -> None:
 def _assignments_of_leaver(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(validation, coordinator) of each open validation the institution leaving reviews and has
     not reviewed yet, in the validations' order."""
-    data = envelope.get("data")
-    member = data.get("id") if isinstance(data, dict) else None
-    if not isinstance(member, str):
+    member = named_in(envelope, "id")
+    if member is None:
         return []
     reviewed = select(ValidationReview.validation_id).where(ValidationReview.reviewer == member)
     assigned = (
