@@ -26,7 +26,7 @@ from bus.runtime import Bus
 from bus.server import EmbeddedNats
 from handlers.db import make_engine, migrate
 from ops.settings import Settings
-from tests.postgres import postgres_url
+from tests.postgres import DatabasePool, postgres_url
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 OPERATOR = "operator"
@@ -191,7 +191,13 @@ async def members(partner: Client) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str | None]:
     with postgres_url() as url:
-        yield url
+        try:
+            yield url
+        finally:
+            for template, pool in list(_pools.items()):
+                pool.close(template=True)
+                del _pools[template]
+                _templates.pop(f"postgresql:{url}", None)
 
 
 _templates: dict[str, str] = {}
@@ -232,7 +238,8 @@ def require_postgres(pg_server_url: str | None) -> str:
 
 
 def fresh_database(kind: str, tmp_path: object, pg_server_url: str | None) -> Iterator[str]:
-    """A migrated database of ``kind`` for one test, dropped afterwards."""
+    """A migrated database of ``kind`` for one test, its own while it runs: a copy of the
+    template (SQLite), or one emptied after an earlier test or copied (PostgreSQL)."""
     if kind == "sqlite":
         target = Path(str(tmp_path)) / "network.db"
         shutil.copyfile(_template("sqlite", None), target)
@@ -240,16 +247,18 @@ def fresh_database(kind: str, tmp_path: object, pg_server_url: str | None) -> It
         return
     pg_server_url = require_postgres(pg_server_url)
     template = _template("postgresql", pg_server_url)
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE {template}"))
+    pool = _pools.get(template)
+    if pool is None:
+        pool = _pools[template] = DatabasePool(pg_server_url, template)
+    name = pool.take()
     try:
-        yield pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+        yield pool.url(name)
     finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+        pool.give_back(name)
+
+
+_pools: dict[str, DatabasePool] = {}
+"""template → the databases copied from it (``tests.postgres.DatabasePool``)."""
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
