@@ -360,6 +360,29 @@ def release_departed_member(ctx: Context) -> None:
             _confirm(ctx, day_id, day.organizer, confirm)
 
 
+def cancel_days_of_departed_organiser(ctx: Context) -> None:
+    """A member leaves the network (``institution.left``): the gatherings it organises that have
+    not begun are called off, in its name (``innovation_day.cancelled``, the reason saying it
+    left), and their meetings withdrawn as for any cancellation. Nobody is left to move, cancel
+    or report them (the gate takes nothing from a former member): they went on taking
+    registrations, and matchmaking ran, for a gathering nobody would hold. One that has begun
+    stands as it is. A rule of version 6: a log applied before left them scheduled."""
+    event = ctx.event
+    assert event is not None
+    if ctx.refused or not since(6):
+        return
+    member = event.data.id
+    at = _utc(event.logged_at)
+    for day_id in _days_organised_by(ctx.session, event.envelope):
+        day = ctx.session.get(InnovationDay, day_id)
+        if day is None or _utc(day.starts_at) <= at:
+            continue  # (begun: it stands as it is)
+        reason = {"en": f"{member}, its organiser, left the network on {at:%Y-%m-%d}: the gathering is called off"}
+        ctx.emit("innovation_day.cancelled", {"day_id": day_id, "reason": reason}, source=member, key=f"{day_id} member_left")
+        if day.meetings_proposed_at is not None:  # (an event derived is applied, not decided on: withdrawn here)
+            _propose(ctx, day, starts_at=_utc(day.starts_at), ends_at=_utc(day.ends_at), key=day.day_id, candidates=[])
+
+
 def decide_change(ctx: Context) -> None:
     """Refuse a change of a registration's attendees (an ``innovation_day.action_rejected``
     naming who tried and the registration, which stands as it was), or seat the waitlisted
@@ -865,7 +888,7 @@ DECIDERS: dict[str, Decider | list[Decider]] = {
     "innovation_day.registration_requested": decide_registration,
     "innovation_day.registration_changed": decide_change,
     "innovation_day.registration_cancelled": decide_cancellation,
-    "institution.left": release_departed_member,
+    "institution.left": [release_departed_member, cancel_days_of_departed_organiser],
 }
 TIMERS: list[Timer] = [propose_meetings]
 
@@ -891,12 +914,26 @@ def _days_registered_for(session: Session, envelope: Mapping[str, Any]) -> list[
         Registration.participant == member, col(Registration.status).in_(LIVE))).all()))
 
 
+def _days_of_leaving_member(session: Session, envelope: Mapping[str, Any]) -> list[str]:
+    return sorted({*_days_registered_for(session, envelope), *_days_organised_by(session, envelope)})
+
+
+def _days_organised_by(session: Session, envelope: Mapping[str, Any]) -> list[str]:
+    """The days the institution leaving organises that are still scheduled."""
+    member = named_in(envelope, "id")
+    if member is None:
+        return []
+    return sorted(session.exec(select(InnovationDay.day_id).where(
+        InnovationDay.organizer == member, InnovationDay.status == "scheduled")).all())
+
+
 READS: dict[str, Reads] = {
     "innovation_day.meetings_proposed": Reads("project", _innovators_projects),
     # A registration is judged on the owner and partners of the project it brings.
     "innovation_day.registration_requested": named("project", "project_id"),
-    # A member's leaving releases its registrations for the days it holds one for.
-    "institution.left": Reads("innovation_day", _days_registered_for),
+    # A member's leaving releases its registrations for the days it holds one for, and calls off
+    # the days it organises.
+    "institution.left": Reads("innovation_day", _days_of_leaving_member),
 }
 
 

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-RULES = 5
+RULES = 6
 """The version of the workflow rules this code judges by. 1: an owner's adoption of its own
 project (``own_project``), an adopter that is not a member (``unknown_adopter``), a call's deadline
 amended into the past (``deadline_in_past``) or its opening moved later once open
@@ -67,7 +67,11 @@ nobody would decide on); a move of a gathering to a capacity below the attendees
 while registration is open, a smaller one refuses a waitlisted registration bigger than it,
 ``capacity_reduced``); a change of a registration's attendees
 (``innovation_day.registration_changed``, new in version 5) refused as a cancellation is, above
-the day's capacity (``exceeds_capacity``) or taking seats past the waitlist (``no_room``)."""
+the day's capacity (``exceeds_capacity``) or taking seats past the waitlist (``no_room``).
+
+6: a member that leaves the network calls off the gatherings it organises that have not begun, in
+its name (``innovation_day.cancelled``; before, they stayed scheduled, taking registrations and
+matched, with nobody left to move, cancel or report them)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

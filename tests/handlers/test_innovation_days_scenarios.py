@@ -680,6 +680,46 @@ async def test_a_member_that_leaves_after_the_deadline_keeps_its_seat_and_its_me
 
 
 @pytest.mark.usefixtures("members")
+async def test_an_organiser_that_leaves_calls_off_its_gatherings_that_have_not_begun(scenario: Scenario) -> None:
+    """The gatherings of an organiser that left stayed scheduled: they took registrations and were
+    matched, and nobody could move, cancel or report them. Those that have not begun are called
+    off in its name, their meetings withdrawn; one that has begun, and one cancelled already,
+    stand as they were; another organiser's gathering is not touched."""
+    matched, ahead, begun, called_off, others = (Day.fresh(deadline_in=timedelta(seconds=2)), Day.fresh(), Day.fresh(),
+                                                 Day.fresh(), Day.fresh())
+    innovator, funder = (matched.registration(MERSIN, role="innovator", interests=("health_care",)),
+                         matched.registration(ESF, role="funder", interests=("health_care",)))
+    seated = ahead.registration(AMMAN, 2)
+    await scenario.given(matched.scheduled(4, themes=("health_care",), by=SITRA), innovator, funder,
+                         ahead.scheduled(5, by=SITRA), seated, begun.scheduled(5, by=SITRA), begun.begun(by=SITRA),
+                         called_off.scheduled(5, by=SITRA), called_off.cancelled(by=SITRA), others.scheduled(5))
+    await asyncio.sleep(max(0.0, (matched.deadline - datetime.now(timezone.utc)).total_seconds()) + 0.1)
+    assert "innovation_day.meetings_proposed" in [e["type"] for e in await scenario.tick(matched.deadline + timedelta(seconds=1))]
+    with scenario.session() as session:
+        assert [m["innovator"] for m in meetings(session, matched.day_id)] == [MERSIN]
+
+    leaving = left(SITRA)
+    told = await scenario.when(leaving)
+    assert sorted((e["type"], e["data"]["day_id"]) for e in told) == sorted(
+        [("innovation_day.cancelled", matched.day_id), ("innovation_day.meetings_proposed", matched.day_id),
+         ("innovation_day.cancelled", ahead.day_id)])
+    for event in told:
+        assert event["source"] == f"/institutions/{SITRA}" and event["causationid"] == leaving["id"]
+        if event["type"] == "innovation_day.cancelled":
+            assert event["data"]["reason"]["en"].startswith(f"{SITRA}, its organiser, left the network on ")
+        else:
+            assert event["data"]["meetings"] == []  # withdrawn, as for any cancellation
+    statuses = {day.day_id: view(scenario, day.day_id)["status"] for day in (matched, ahead, begun, called_off, others)}
+    assert statuses == {matched.day_id: "cancelled", ahead.day_id: "cancelled", begun.day_id: "scheduled",
+                        called_off.day_id: "cancelled", others.day_id: "scheduled"}
+    with scenario.session() as session:
+        assert meetings(session, matched.day_id) == []
+        kept = session.get(InnovationDay, called_off.day_id)
+        assert kept is not None and kept.cancelled_reason == {"en": "storm warning"}
+    assert registrations_of(scenario, ahead.day_id) == {rid(seated): "confirmed"}  # (the day is off; what it had stays)
+
+
+@pytest.mark.usefixtures("members")
 async def test_the_timer_proposes_meetings_once_at_the_deadline(scenario: Scenario) -> None:
     day = Day.fresh(deadline_in=timedelta(hours=1))
     later = Day.fresh(deadline_in=timedelta(days=3))
@@ -1113,6 +1153,19 @@ def test_a_leaving_applied_by_version_4_of_the_rules_left_the_members_registrati
     assert registrations_of_engine(engine, day.day_id) == {rid(seated): "confirmed", rid(waiting): "rejected", rid(later): "waitlisted"}
     with Session(engine) as session:
         assert [(w["registration_id"], w["position"]) for w in (day_view(session, day.day_id) or {})["waitlisted"]] == [(rid(later), 1)]
+
+
+def test_a_leaving_applied_by_version_5_of_the_rules_left_the_organisers_gatherings_scheduled(engine: Engine) -> None:
+    """Rules before version 6 left the gatherings of an organiser that left scheduled; a log they
+    applied is rebuilt so, and an organiser leaving after them calls its gatherings off."""
+    then, now = Day.fresh(), Day.fresh()
+    gone_then, gone_now = left(SITRA), left(ESF)
+    answers = rebuilt(engine, [then.scheduled(2, by=SITRA), then.registration(MERSIN, 1), gone_then, now.scheduled(2, by=ESF),
+                               gone_now], older=5)
+    assert gone_then["id"] not in answers and gone_now["id"] in answers
+    with Session(engine) as session:
+        assert {day.day_id: (day_view(session, day.day_id) or {})["status"] for day in (then, now)} == {
+            then.day_id: "scheduled", now.day_id: "cancelled"}
 
 
 def registrations_of_engine(engine: Engine, day_id: str) -> dict[str, str]:

@@ -91,7 +91,7 @@ OPEN = ("requested", "in_review", "info_requested")
 FINAL = ("awarded", "declined", "withdrawn", "lapsed")
 REACHED = ("innovation_day.registration_confirmed", "innovation_day.registration_waitlisted", "call.application_received",
            "taken call.application_decided", "taken validation.reviewer_assigned", "left holding registration",
-           "left holding review", "left holding call")
+           "left holding review", "left holding call", "left holding day")
 START = datetime(2031, 3, 3, 9, 0, tzinfo=timezone.utc)
 EVENT_TIME = timedelta(milliseconds=1)
 
@@ -350,7 +350,7 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
         def _held(self) -> list[tuple[str, str]]:
             """(member, what) of what each member holds that its leaving gives up: a
             live registration while registration is open, a review it owes an open validation, a
-            call open before its deadline."""
+            call open before its deadline, a gathering it organises that has not begun."""
             state = self.log.state
             open_days = {day_id for day_id, day in state.days.items()
                          if day["status"] == "scheduled" and self.log.now < _moment(day["registration_deadline"])}
@@ -360,7 +360,9 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                     *((a["reviewer"], f"review of {a['validation_id']}") for a in state.reviewers
                       if (a["validation_id"], a["reviewer"]) not in reviewed and state.validations[a["validation_id"]]["status"] in OPEN),
                     *((call["owner"], f"call {call_id}") for call_id, call in state.calls.items()
-                      if call["closed_at"] is None and self.log.now < _moment(call["deadline"]))]
+                      if call["closed_at"] is None and self.log.now < _moment(call["deadline"])),
+                    *((day["organizer"], f"day {day_id}") for day_id, day in state.days.items()
+                      if day["status"] == "scheduled" and self.log.now < _moment(day["starts_at"]))]
 
         @rule(data=st.data())
         def member_leaves_and_joins_again(self, data: st.DataObject) -> None:
@@ -388,7 +390,7 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
         def something_of_each(self, data: st.DataObject) -> None:
             """Projects, a call's round, a gathering a crowd registers for (moved to another room), a
             validation a panel reviews and one a reviewer is to review, and members leaving that
-            held a seat, a review and a call, from the start: whichever steps a run then takes (Hypothesis leaves some out
+            held a seat, a review, a call and a gathering, from the start: whichever steps a run then takes (Hypothesis leaves some out
             of each run), every workflow has come to its decisions in it."""
             for owner in INNOVATORS[:3]:
                 self.register_project(owner, data.draw(st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True)),
@@ -407,8 +409,12 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                 free = [m for m in EVERYONE if m not in {found["coordinator"], found["requester"], *self._parties(found["project_id"])}]
                 self._offer(envelope("validation.reviewer_assigned", found["coordinator"], {
                     "validation_id": found["validation_id"], "reviewer": _pick(data, free or EVERYONE)}))
-            for kind in ("registration", "review", "call"):  # a member leaves holding one, and joins again
-                holders = sorted({holder for holder, what in self._held() if what.startswith(kind)})
+            # A member leaves holding one of each, and joins again (not the crowded gathering's
+            # organiser: its leaving would call the gathering off for the rest of the run).
+            crowded = self._day(self.days[0])["organizer"] if self.days else None
+            self.schedule_day(_pick(data, [m for m in EVERYONE if m != crowded]), 2, timedelta(hours=2), timedelta(hours=1), 1, [])
+            for kind in ("registration", "review", "call", "day"):
+                holders = sorted({holder for holder, what in self._held() if what.startswith(kind) and holder != crowded})
                 if holders:
                     self._leaves_and_joins_again(_pick(data, holders))
 
