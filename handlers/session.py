@@ -95,6 +95,15 @@ class KnownKeysSession(Session):
             present = self._parents.get((cls, attribute))
             if present is None:
                 present = self._parents[cls, attribute] = set(self.exec(select(column).distinct()).all())
+                # Rows added before this index was made are followed from now on as those added
+                # after (``_track_added``): read without flushing (the query above may not
+                # flush), they are not in the database yet.
+                added = self._unflushed[cls, attribute] = {}
+                for instance in self.new:
+                    if type(instance) is cls:
+                        value = getattr(instance, attribute)
+                        present.add(value)
+                        added.setdefault(value, []).append(instance)
             rows = self._read_children(cls, attribute, parent) if parent in present else []
         index[parent] = rows
         return list(rows)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import Engine, event
 from sqlmodel import SQLModel
 
@@ -114,3 +115,57 @@ def test_what_a_call_s_checks_read_of_its_applications_is_read_without_flushing_
         assert snapshot is not None and snapshot.received and snapshot.awarded_currency == "USD"
         assert snapshot.requested_currency == "USD"  # the first standing (a-2 withdrawn, a-3 after a-1)
     session.close()
+
+
+def test_rows_added_before_a_parent_s_rows_are_first_asked_for_are_among_them(engine: Engine) -> None:
+    """The rows a batch added are followed per parent once the session has asked for a parent's
+    rows of that kind; one added before the first such question, and read without flushing, was
+    left out (a partner joining a project, then a reviewer assigned in the same batch: the
+    conflict of interest was not seen)."""
+    from handlers.projects import ProjectPartner
+
+    session = KnownKeysSession(engine, expire_on_commit=False, tracked=tracked_tables(SQLModel.metadata))
+    project_id = unique("p")
+    with session.begin():
+        session.add(ProjectPartner(project_id=project_id, institution="fi-diak", role="partner"))
+    with session.begin():
+        session.add(ProjectPartner(project_id=project_id, institution="fi-soste", role="supporter"))  # pending
+        with session.no_autoflush:
+            rows = session.children(ProjectPartner, "project_id", project_id)
+        assert sorted(row.institution for row in rows) == ["fi-diak", "fi-soste"]
+        other = unique("p")
+        session.add(ProjectPartner(project_id=other, institution="fi-diak", role="partner"))  # after: followed as before
+        with session.no_autoflush:
+            assert [row.institution for row in session.children(ProjectPartner, "project_id", other)] == ["fi-diak"]
+    session.close()
+
+
+def test_a_partner_joining_and_a_reviewer_assigned_in_one_batch_are_judged_as_one_by_one(engine: Engine) -> None:
+    """The same log applied one event a batch and in one batch gives the same state: the partner
+    that joined a project is a conflict of interest for its validation in both."""
+    from handlers.network import derived_type
+    from handlers.routes import network
+    from handlers.service import LoggedItem, NetworkService
+    from tests.handlers.harness import envelope
+
+    kinds = {"sm-centre": "competence_centre", "sm-ngo": "ngo", "sm-coop": "cooperative"}
+    before = [envelope("institution.joined", "operator", {"id": member_id, "name": {"en": member_id}, "kind": kind, "country": "FI"})
+              for member_id, kind in kinds.items()]
+    before += [envelope("project.registered", "sm-ngo", {"project_id": "p-1", "title": {"en": "p-1"}, "owner": "sm-ngo", "status": "active"}),
+               envelope("validation.requested", "sm-ngo", {"validation_id": "v-1", "project_id": "p-1", "coordinator": "sm-centre",
+                                                            "self_assessment": {"statement": {"en": "ours"}}})]
+    joined = envelope("project.partner_joined", "sm-ngo", {"project_id": "p-1", "partner": {"institution": "sm-coop", "role": "supporter"}})
+    assigned = envelope("validation.reviewer_assigned", "sm-centre", {"validation_id": "v-1", "reviewer": "sm-coop"})
+    at = datetime.now(timezone.utc)
+    items = [LoggedItem(seq, offered, at) for seq, offered in enumerate([*before, joined, assigned], 1)]
+    service = NetworkService(engine, network())
+    for item in items[:-2]:
+        assert service.apply_batch([item], live=False)[1] is None
+    service.close()
+    service = NetworkService(engine, network())  # a new process's session: it has read nothing yet
+    assert service.apply_batch(items[-2:], live=False)[:2] == (2, None)
+    service.close()
+    with engine.connect() as connection:
+        answers: dict[str, str] = dict(connection.execute(sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
+        reviewers = connection.execute(sa.text("SELECT reviewer FROM validation_reviewers")).scalars().all()
+    assert derived_type(answers[assigned["id"]]) == "validation.action_rejected" and reviewers == []
