@@ -62,7 +62,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
-from sqlmodel import Session
+from sqlmodel import Session, SQLModel
 
 from handlers.db import make_engine, table_checksums
 from handlers.routes import network
@@ -284,6 +284,21 @@ def _known_to(by: str, party: str, derived: list[dict[str, Any]]) -> None:
 def _code(answer: dict[str, Any]) -> str | None:
     reason = answer["data"].get("reason")
     return reason.get("code") if isinstance(reason, dict) else None
+
+
+def _differing_rows(live: sa.Engine, replayed: sa.Engine, tables: list[str], shown: int = 5) -> str:
+    """Per table, the first ``shown`` rows only one of the two databases holds."""
+    from handlers.db import _comparable
+
+    def rows(engine: sa.Engine, name: str) -> set[str]:
+        with engine.connect() as connection:
+            return {repr(tuple(_comparable(v) for v in row)) for row in connection.execute(sa.select(SQLModel.metadata.tables[name]))}
+
+    said = []
+    for name in tables:
+        here, there = rows(live, name), rows(replayed, name)
+        said.append(f"{name}: live only {sorted(here - there)[:shown]}; replayed only {sorted(there - here)[:shown]}")
+    return "\n".join(said)
 
 
 def network_machine(kind: str, directory: Path, pg_server_url: str | None, reached: Counter[str]) -> type[RuleBasedStateMachine]:
@@ -994,7 +1009,13 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                     assert failure is None, failure
                 service.close()
                 live, replayed = table_checksums(self.log.engine), table_checksums(again)
-                assert sorted(name for name in live if replayed.get(name) != live[name]) == []
+                differing = sorted(name for name in live if replayed.get(name) != live[name])
+                if differing:  # what differs, and the log that made it (it replays the difference by itself)
+                    kept = directory / f"log-{uuid.uuid4().hex[:8]}.jsonl"
+                    kept.write_bytes(b"".join(orjson.dumps({"seq": item.seq, "logged_at": item.logged_at.isoformat(),
+                                                            "event": item.envelope}) + b"\n" for item in items))
+                    raise AssertionError(f"the rebuild differs from the state applied live in {differing}:\n"
+                                         f"{_differing_rows(self.log.engine, again, differing)}\nthe log: {kept}")
 
     return Network
 
