@@ -391,8 +391,7 @@ def cancel_days_of_departed_organiser(ctx: Context) -> None:
             continue  # (begun: it stands as it is)
         reason = {"en": f"{member}, its organiser, left the network on {at:%Y-%m-%d}: the gathering is called off"}
         ctx.emit("innovation_day.cancelled", {"day_id": day_id, "reason": reason}, source=member, key=f"{day_id} member_left")
-        if day.meetings_proposed_at is not None:  # (an event derived is applied, not decided on: withdrawn here)
-            _propose(ctx, day, starts_at=_utc(day.starts_at), ends_at=_utc(day.ends_at), key=day.day_id, candidates=[])
+        _withdraw_meetings(ctx, day)  # (an event derived is applied, not decided on: withdrawn here, as its decider would)
 
 
 def decide_change(ctx: Context) -> None:
@@ -623,9 +622,14 @@ def withdraw_meetings_of_cancelled_day(ctx: Context) -> None:
     if ctx.refused:
         return
     day = ctx.session.get(InnovationDay, event.data.day_id)
-    if day is None or day.status != "scheduled" or day.meetings_proposed_at is None:
-        return
-    _propose(ctx, day, starts_at=_utc(day.starts_at), ends_at=_utc(day.ends_at), key=day.day_id, candidates=[])
+    if day is not None and day.status == "scheduled":
+        _withdraw_meetings(ctx, day)
+
+
+def _withdraw_meetings(ctx: Context, day: InnovationDay) -> None:
+    """The day's proposed meetings, if any, withdrawn by an empty proposal in its organiser's name."""
+    if day.meetings_proposed_at is not None:
+        _propose(ctx, day, starts_at=_utc(day.starts_at), ends_at=_utc(day.ends_at), key=day.day_id, candidates=[])
 
 
 def _propose(
