@@ -411,22 +411,33 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                 self.register_project(owner, data.draw(st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True)),
                                       data.draw(st.lists(st.sampled_from(THEMES), max_size=2, unique=True)))
             self.call_round(data, 3)
-            self.schedule_day(_pick(data, EVERYONE), data.draw(st.integers(1, 3)), timedelta(hours=2), timedelta(hours=1), 2,
-                              data.draw(st.lists(st.sampled_from(THEMES), max_size=2, unique=True)))
+            publisher = self.log.state.calls[self.calls[-1]]["owner"] if self.calls else None
+            # (the crowded gathering's organiser does not leave: not the call's publisher, who does)
+            self.schedule_day(_pick(data, [m for m in EVERYONE if m != publisher]), data.draw(st.integers(1, 3)),
+                              timedelta(hours=2), timedelta(hours=1), 2, data.draw(st.lists(st.sampled_from(THEMES), max_size=2, unique=True)))
+            crowded = self._day(self.days[0])["organizer"] if self.days else None
             self.crowd(data, 6)
             self.reschedule_day(data, timedelta(hours=3), 2, data.draw(st.integers(1, 8)))  # (below, at or above the seats taken)
             self.request_validation(data, COORDINATORS[0], data.draw(st.integers(2, 3)), None)
             if self.validations:  # (two reviews of a quorum of three: open, with reviews others may not see)
                 self.panel(data, 2)
-            self.request_validation(data, COORDINATORS[1], 2, None)
-            if len(self.validations) == 2:  # (and one whose reviewer is still to review)
-                found = self._validation(self.validations[1])
-                free = [m for m in EVERYONE if m not in {found["coordinator"], found["requester"], *self._parties(found["project_id"])}]
-                self._offer(envelope("validation.reviewer_assigned", found["coordinator"], {
-                    "validation_id": found["validation_id"], "reviewer": _pick(data, free or EVERYONE)}))
+            # And one whose reviewer is still to review: of a practice of its own, requested by its
+            # owner, the reviewer free of a stake in it and not the crowded gathering's organiser
+            # (who does not leave), so that a member leaves owing a review in every run.
+            self.register_project(INNOVATORS[3], [], [])
+            project = self.projects[-1]
+            validation = self._id("v")
+            self._offer(envelope("validation.requested", INNOVATORS[3], {
+                "validation_id": validation, "project_id": project, "coordinator": COORDINATORS[1], "quorum": 2,
+                "self_assessment": {"statement": {"en": "we assess ourselves"}}}))
+            self.validations.append(validation)
+            self.questions[validation] = []
+            found = self._validation(validation)
+            free = [m for m in EVERYONE if m not in {found["coordinator"], found["requester"], crowded, *self._parties(project)}]
+            self._offer(envelope("validation.reviewer_assigned", found["coordinator"], {"validation_id": validation, "reviewer": _pick(data, free)}))
+            assert self._reviewers(validation), "the reviewer to leave was not assigned"
             # A member leaves holding one of each, and joins again (not the crowded gathering's
             # organiser: its leaving would call the gathering off for the rest of the run).
-            crowded = self._day(self.days[0])["organizer"] if self.days else None
             self.schedule_day(_pick(data, [m for m in EVERYONE if m != crowded]), 2, timedelta(hours=2), timedelta(hours=1), 1, [])
             for kind in ("registration", "review", "call", "day"):
                 holders = sorted({holder for holder, what in self._held() if what.startswith(kind) and holder != crowded})
