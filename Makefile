@@ -4,6 +4,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The suite mostly waits on servers (NATS, PostgreSQL, HTTP): more workers than cores pay off.
 TEST_WORKERS ?= 4
+# Python keeps the compiled form of the project's modules (and pytest its rewritten tests) in
+# __pycache__: else every process compiles them again — the bus, its gatekeepers, a rebuild's
+# lanes, each test worker and command. An environment that turns that off does not reach make's.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: run test typecheck bench clean
 
