@@ -38,14 +38,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     check), collected last, kept the suite waiting on it with the other core idle; put first
     together, both went to the first worker, one after the other. pytest-xdist's default
     scheduler gives each worker a first batch of consecutive tests, a quarter of its share; the
-    order is made in each worker alike, from the worker count it is told."""
+    order is made in each worker alike, from the worker count it is told.
+
+    Tests marked ``quick`` go last: the scheduler hands out the end of the order a few tests at a
+    time, and hundreds of tests of milliseconds share it out evenly among the workers, where
+    tests that wait on servers and timeouts (the webhooks', collected last) left cores idle."""
     early = [item for item in items if item.get_closest_marker("early") is not None]
-    ordered = [item for item in items if item.get_closest_marker("early") is None]
+    ordered = [item for item in items if item.get_closest_marker("early") is None and item.get_closest_marker("quick") is None]
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
     batch = max(len(items) // workers // 4, 2)
     for index, item in enumerate(early):
         ordered.insert(min(index * batch, len(ordered)) if workers > 1 else index, item)
-    items[:] = ordered
+    items[:] = ordered + [item for item in items if item.get_closest_marker("quick") is not None and item not in early]
 
 
 # --- where the suite's CPU goes: ``--cpu-report N`` ------------------------------------------------

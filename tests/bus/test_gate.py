@@ -20,6 +20,8 @@ from bus.verdict import Verdict
 from schemas import registry
 from tests.conftest import load_fixtures, unique
 
+pytestmark = pytest.mark.quick
+
 FIXTURES = load_fixtures()
 
 

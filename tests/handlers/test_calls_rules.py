@@ -21,6 +21,8 @@ from handlers.rules.calls import (
     publication_refusal,
 )
 
+pytestmark = pytest.mark.quick
+
 OPENS = datetime(2026, 3, 1, 8, 0, tzinfo=timezone.utc)
 DEADLINE = datetime(2026, 5, 31, 20, 59, 59, tzinfo=timezone.utc)
 DURING = datetime(2026, 4, 15, 12, 0, tzinfo=timezone.utc)

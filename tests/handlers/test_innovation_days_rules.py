@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,8 @@ from handlers.rules.innovation_days import (
     shared_themes,
     slots,
 )
+
+pytestmark = pytest.mark.quick
 
 NOON = datetime(2026, 9, 17, 12, 0, tzinfo=timezone.utc)
 DEADLINE = datetime(2026, 9, 3, 21, 0, tzinfo=timezone.utc)

@@ -8,6 +8,8 @@ import pytest
 
 from handlers.rules.projects import OWNER_ONLY, ProjectAction, ProjectSnapshot, action_refusal
 
+pytestmark = pytest.mark.quick
+
 OWNER = "tr-mersin-bb"
 PROJECT = ProjectSnapshot(project_id="mersin-mahalle-mutfaklari", owner=OWNER)
 

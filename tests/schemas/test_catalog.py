@@ -31,6 +31,8 @@ from schemas import (
 )
 from schemas.common import InstitutionKind, ValueObject
 
+pytestmark = pytest.mark.quick
+
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "events"
 FIXTURE_FILES = sorted(FIXTURES.glob("*.json"))
 

@@ -16,6 +16,8 @@ from schemas.innovation_days import RegistrationRequested
 from schemas.institutions import InstitutionJoined
 from schemas.validations import ReviewSubmitted
 
+pytestmark = pytest.mark.quick
+
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "events"
 
 

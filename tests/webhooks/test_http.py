@@ -11,6 +11,8 @@ import pytest
 
 from connectors.webhooks import http
 
+pytestmark = pytest.mark.quick
+
 class RawServer:
     """Answers each request with the next of ``answers`` (raw bytes); counts connections."""
 
