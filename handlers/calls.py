@@ -442,6 +442,46 @@ def close_calls_of_departed_publisher(ctx: Context) -> None:
         ctx.emit("call.closed", {"call_id": call_id, "reason": "cancelled"}, source=event.data.id, key=f"{call_id} member_left")
 
 
+def _applications_of_leaver(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(call, application) of each application the institution leaving made that waits for its
+    publisher's decision, in the calls' order."""
+    member = named_in(envelope, "id")
+    if member is None:
+        return []
+    waiting = (select(CallApplication.call_id, CallApplication.application_id)
+               .where(CallApplication.applicant == member, col(CallApplication.status).in_(sorted(rules.AWAITING)))
+               .order_by(col(CallApplication.call_id), col(CallApplication.application_id)))
+    return [(call_id, application_id) for call_id, application_id in session.exec(waiting).all()]
+
+
+def withdraw_applications_of_departed_applicant(ctx: Context) -> None:
+    """A member leaves the network (``institution.left``): each application it made that waits
+    for a decision (received, or invited to a two-stage call's second stage, its full proposal
+    sent or not) is withdrawn, in its name, saying why. It could no longer be told of a decision
+    nor act on one (the gate takes nothing from a former member), yet its publisher was left to
+    decide on it, its request weighed against the call's budget. An application decided stands.
+    A rule of version 7: a log applied before left the applications waiting."""
+    event = ctx.event
+    assert event is not None
+    if ctx.refused or not since(7):
+        return
+    member = event.data.id
+    for call_id, application_id in _applications_of_leaver(ctx.session, event.envelope):
+        ctx.emit(
+            "call.application_withdrawn",
+            {"call_id": call_id, "application_id": application_id,
+             "reason": {"en": f"{member} left the network on {event.logged_at:%Y-%m-%d}: it can no longer take part in the call"}},
+            source=member,
+            key=f"{call_id}/{application_id} member_left",
+        )
+
+
+def on_member_left(ctx: Context) -> None:
+    """A member leaves the network: the calls it published, and its applications to others'."""
+    close_calls_of_departed_publisher(ctx)
+    withdraw_applications_of_departed_applicant(ctx)
+
+
 def lapse_invitations(ctx: Context) -> None:
     """Timer: an application invited to a two-stage call's second stage that sent no full
     proposal lapses once the call's deadline for full proposals has passed (a proposal logged at
@@ -606,7 +646,7 @@ DECIDERS: dict[str, Decider] = {
     "call.full_proposal_submitted": decide_full_proposal,
     "call.amended": decide_amendment,
     "call.closed": decide_closing,
-    "institution.left": close_calls_of_departed_publisher,
+    "institution.left": on_member_left,
 }
 TIMERS: tuple[Timer, ...] = (close_overdue_calls, lapse_invitations)
 def _partners(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
@@ -619,8 +659,9 @@ READS: dict[str, list[Reads]] = {
     # An application is judged on its applicant's membership, kind and country, its partners'
     # membership, and the owner and partners of the project it names.
     "call.application_submitted": [sender, Reads("institution", _partners), named("project", "project_id")],
-    # A member's leaving closes the calls it has open.
-    "institution.left": [Reads("call", _open_calls_of)],
+    # A member's leaving closes the calls it has open and withdraws its applications waiting for a decision.
+    "institution.left": [Reads("call", _open_calls_of), Reads("call", lambda session, envelope: sorted(
+        {call_id for call_id, _ in _applications_of_leaver(session, envelope)}))],
 }
 
 

@@ -215,7 +215,8 @@ class ApplicationDecided(EventData):
 
 class ApplicationWithdrawn(EventData):
     """The applicant takes back an application the call received, before its publisher decided
-    on it."""
+    on it. The bus withdraws, in its name, the applications still waiting for a decision of an
+    applicant that leaves the network, its `reason` saying so (version 7 of the rules)."""
 
     call_id: AggregateId
     application_id: AggregateId

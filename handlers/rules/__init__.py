@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-RULES = 6
+RULES = 7
 """The version of the workflow rules this code judges by. 1: an owner's adoption of its own
 project (``own_project``), an adopter that is not a member (``unknown_adopter``), a call's deadline
 amended into the past (``deadline_in_past``) or its opening moved later once open
@@ -71,7 +71,12 @@ the day's capacity (``exceeds_capacity``) or taking seats past the waitlist (``n
 
 6: a member that leaves the network calls off the gatherings it organises that have not begun, in
 its name (``innovation_day.cancelled``; before, they stayed scheduled, taking registrations and
-matched, with nobody left to move, cancel or report them)."""
+matched, with nobody left to move, cancel or report them).
+
+7: a member that leaves the network withdraws, in its name, the applications it made that wait for
+a decision (received, invited to a second stage, or with their full proposal sent;
+``call.application_withdrawn``, saying why; before, they waited for their publishers to decide on
+an applicant that could no longer be told)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

@@ -23,6 +23,9 @@ invited one without a full proposal when the deadline for them has passed is ``l
 FINAL: frozenset[str] = frozenset({"awarded", "declined", "withdrawn", "lapsed"})
 """The statuses after which an application does not change any more."""
 
+AWAITING: frozenset[str] = frozenset({"received", "invited", "proposal_sent"})
+"""Where an application waits for its publisher's decision (its applicant may still withdraw it)."""
+
 GONE: frozenset[str] = frozenset({"rejected", "withdrawn", "declined", "lapsed"})
 """The statuses of an application its call weighs no more: rejected by the call, taken back by its
 applicant, declined by the publisher, or lapsed; the others stand (``received``, ``invited``,

@@ -199,7 +199,8 @@ async def _log(tmp_path: Path, server: EmbeddedNats, database_url: str) -> Bus:
     await bus.js.publish(log_subject(refused), canonical_bytes(refused), headers={"Nats-Msg-Id": "refused-1"})
     # A member leaving while it holds the one seat of a gathering still taking registrations: an
     # event every lane applies, from which the lane keeping innovation days derives the seat's
-    # release and the waitlist's promotion (events of another domain than their cause's).
+    # release and the waitlist's promotion (events of another domain than their cause's), and the
+    # lane keeping calls the withdrawal of its applications waiting for a decision.
     for offered in _a_member_leaving_its_seat():
         await bus.js.publish(log_subject(offered), canonical_bytes(offered), headers={"Nats-Msg-Id": offered["id"]})
     return bus
@@ -263,8 +264,8 @@ async def test_a_rebuild_in_lanes_equals_a_rebuild_in_one_process(tmp_path: Path
             refusals = connection.execute(sa.text("SELECT COUNT(*) FROM applied_events WHERE caused_by = 'refused-1'")).scalar()
             assert refusals == 1  # kept once, by the lane that keeps projects
             released = connection.execute(sa.text("SELECT event_id FROM applied_events WHERE caused_by = 'leaving-left'")).scalars().all()
-            assert {event_id.rpartition(".")[0] for event_id in released} == {  # (the workload's days too)
-                "innovation_day.registration_confirmed", "innovation_day.registration_rejected"}
+            assert {event_id.rpartition(".")[0] for event_id in released} == {  # (the workload's days and calls too)
+                "innovation_day.registration_confirmed", "innovation_day.registration_rejected", "call.application_withdrawn"}
             assert connection.execute(sa.text("SELECT participant, status FROM innovation_day_registrations "
                                               "WHERE day_id = 'lanes-leaving-day' ORDER BY participant")).all() == [
                 ("lanes-m002", "rejected"), ("lanes-m003", "confirmed")]

@@ -187,3 +187,24 @@ async def rebuilt(bus: Any, database_url: str, directory: Path, pg_server_url: s
             yield engine
         finally:
             engine.dispose()
+
+
+def applied_by_rules(engine: Engine, log: list[dict[str, Any]], *, older: int, newer_from: int = 5) -> dict[str, str]:
+    """Apply ``log`` in one batch as a rebuild does, its events before #``newer_from`` (the first
+    four) as rules of version ``older`` applied them and the rest as today's; what was derived
+    from each (cause → event id)."""
+    import sqlalchemy as sa
+
+    from handlers.rules import RULES
+    from handlers.routes import network
+    from handlers.service import LoggedItem, NetworkService
+
+    service = NetworkService(engine, network())
+    try:
+        service.use_rules_epochs([(1, older), (newer_from, RULES)])  # (a rebuild's record: version ``older`` applied the first)
+        at = datetime.now(timezone.utc)
+        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (len(log), None)
+        with engine.connect() as connection:
+            return dict(connection.execute(sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
+    finally:
+        service.close()

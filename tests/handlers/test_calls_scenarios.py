@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from handlers.calls import Call, CallApplication, status_is
+from handlers.db import make_engine
 from handlers.rules.calls import CallStatus
-from tests.handlers.harness import Scenario, envelope
+from tests.conftest import fresh_database
+from tests.handlers.harness import Scenario, applied_by_rules, envelope
 
 OWNER = "eu-esf-fund"
 OTHER_FUNDER = "fi-stea"
@@ -970,3 +974,59 @@ async def test_an_unknown_call_is_named_with_the_call_most_likely_meant(scenario
     assert rejection["data"]["reason"]["message"]["en"] == f"There is no call {call_id[:-1]!r}; did you mean {call_id!r}?"
     refusal = refused(await scenario.when(closed(call_id + "x")), "unknown_call")
     assert f"did you mean {call_id!r}?" in refusal["data"]["reason"]["message"]["en"]
+
+
+# --- an applicant leaving ------------------------------------------------------------------------
+
+
+def statuses(session: Session, *keys: tuple[str, str]) -> dict[tuple[str, str], str | None]:
+    return {key: (found.status if (found := session.get(CallApplication, key)) else None) for key in keys}
+
+
+async def test_an_applicant_that_leaves_the_network_has_its_applications_waiting_for_a_decision_withdrawn(
+    scenario: Scenario, call_id: str
+) -> None:
+    """A former member can no longer be told of a decision nor act on one: each application it
+    made that waits for one — received, invited to the second stage, its full proposal sent — is
+    withdrawn in its name, saying why; one decided stands, and so do other applicants'."""
+    staged, proposed, done = f"{call_id}-staged", f"{call_id}-proposed", f"{call_id}-done"
+    await scenario.given(
+        published(call_id), application(call_id, "app-received"), application(call_id, "app-other", by=PARTNER),
+        two_stage(staged), application(staged, "app-invited"), decided(staged, "app-invited", "invited"),
+        two_stage(proposed), application(proposed, "app-proposed"), decided(proposed, "app-proposed", "invited"),
+        full_proposal(proposed, "app-proposed"),
+        published(done), application(done, "app-awarded"), decided(done, "app-awarded", amount={"amount": "200000.00", "currency": "EUR"}),
+    )
+    leaving = envelope("institution.left", "operator", {"id": COOPERATIVE})
+    withdrawals = await scenario.when(leaving)
+    assert sorted((e["type"], e["data"]["call_id"], e["data"]["application_id"], e["source"], e["causationid"]) for e in withdrawals) == sorted(
+        ("call.application_withdrawn", call, app, f"/institutions/{COOPERATIVE}", leaving["id"])
+        for call, app in ((call_id, "app-received"), (staged, "app-invited"), (proposed, "app-proposed")))
+    assert all(f"{COOPERATIVE} left the network on " in e["data"]["reason"]["en"] for e in withdrawals), withdrawals
+    with scenario.session() as session:
+        assert statuses(session, (call_id, "app-received"), (staged, "app-invited"), (proposed, "app-proposed"), (done, "app-awarded"),
+                        (call_id, "app-other")) == {
+            (call_id, "app-received"): "withdrawn", (staged, "app-invited"): "withdrawn", (proposed, "app-proposed"): "withdrawn",
+            (done, "app-awarded"): "awarded", (call_id, "app-other"): "received"}
+    assert await scenario.when(envelope("institution.left", "operator", {"id": UNIVERSITY})) == []  # (it applied to nothing)
+
+
+def test_a_leaving_applied_by_version_6_of_the_rules_left_the_applicants_applications_waiting(
+    call_id: str, database_url: str, tmp_path: Path, pg_server_url: str | None
+) -> None:
+    """Rules before version 7 left a former member's applications waiting for a decision; a log
+    they applied is rebuilt so, and an applicant leaving after them has its applications withdrawn."""
+    then, now_ = envelope("institution.left", "operator", {"id": COOPERATIVE}), envelope("institution.left", "operator", {"id": PARTNER})
+    log = [*MEMBERS, published(call_id), application(call_id, "app-1"), application(call_id, "app-2", by=PARTNER), then, now_]
+    kind = "sqlite" if database_url.startswith("sqlite") else "postgresql"
+    (tmp_path / "older").mkdir()
+    with contextmanager(fresh_database)(kind, tmp_path / "older", pg_server_url) as url:  # (a log of its own, from #1)
+        engine = make_engine(url)
+        try:
+            answers = applied_by_rules(engine, log, older=6, newer_from=len(log))
+            assert then["id"] not in answers and now_["id"] in answers
+            with Session(engine) as session:
+                assert statuses(session, (call_id, "app-1"), (call_id, "app-2")) == {
+                    (call_id, "app-1"): "received", (call_id, "app-2"): "withdrawn"}
+        finally:
+            engine.dispose()

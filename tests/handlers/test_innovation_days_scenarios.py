@@ -24,7 +24,7 @@ from handlers.db import session_scope
 from handlers.innovation_days import InnovationDay, ProposedMeetingRow, Registration, day_view, meetings, registrations
 from handlers.network import Event
 from handlers.routes import network
-from tests.handlers.harness import Scenario, envelope
+from tests.handlers.harness import Scenario, applied_by_rules, envelope
 
 ORGANIZER = "fi-thl"
 MERSIN = "tr-mersin-bb"
@@ -1078,23 +1078,6 @@ def test_a_rebuild_from_the_log_gives_the_same_state(engine: Engine) -> None:
     assert state() == before
 
 
-def rebuilt(engine: Engine, log: list[dict[str, Any]], *, older: int) -> dict[str, str]:
-    """Apply ``log`` in one batch as a rebuild does, its first four events as rules of version
-    ``older`` applied them and the rest as today's; what was derived from each (cause → event id)."""
-    from handlers.rules import RULES
-    from handlers.service import LoggedItem, NetworkService
-
-    service = NetworkService(engine, network())
-    try:
-        service.use_rules_epochs([(1, older), (5, RULES)])  # (a rebuild's record: version ``older`` applied #1–#4)
-        at = datetime.now(timezone.utc)
-        assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (len(log), None)
-        with engine.connect() as connection:
-            return dict(connection.execute(sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
-    finally:
-        service.close()
-
-
 def test_a_log_applied_by_older_rules_is_rebuilt_as_it_was_applied(engine: Engine) -> None:
     """Rules before version 2 answered a refused cancellation with a registration_rejected of the
     registration it named, and took an institution's second registration for a day. A log they
@@ -1106,7 +1089,7 @@ def test_a_log_applied_by_older_rules_is_rebuilt_as_it_was_applied(engine: Engin
     seated, twice_then, twice_now = day.registration(MERSIN, 2), day.registration(MERSIN, 1), day.registration(MERSIN, 1)
     then, now = day.cancellation(seated, by=OUTSIDER), day.cancellation(seated, by=OUTSIDER)
     log = [day.scheduled(2), seated, twice_then, then, now, twice_now]
-    answers = rebuilt(engine, log, older=1)
+    answers = applied_by_rules(engine, log, older=1)
     with Session(engine) as session:
         statuses = {r["registration_id"]: r["status"] for r in registrations(session, day.day_id)}
     assert derived_type(answers[then["id"]]) == "innovation_day.registration_rejected"
@@ -1129,7 +1112,7 @@ def test_a_log_applied_by_version_2_of_the_rules_is_rebuilt_as_it_was_applied(en
     phantom_then, phantom_now = (day.registration(MERSIN, role="innovator", project_id=f"nowhere-{uuid.uuid4().hex[:8]}")
                                  for day in (then, now))
     log = [then.scheduled(2), phantom_then, early_then, late, now.scheduled(2), early_now, seated, phantom_now]
-    answers = rebuilt(engine, log, older=2)
+    answers = applied_by_rules(engine, log, older=2)
     with Session(engine) as session:
         days = {day.day_id: (day_view(session, day.day_id) or {})["status"] for day in (then, now)}
         reasons = {r["registration_id"]: (r["status"], (r["reason"] or {}).get("code"))
@@ -1148,7 +1131,7 @@ def test_a_leaving_applied_by_version_4_of_the_rules_left_the_members_registrati
     day = Day.fresh()
     seated, waiting, later = day.registration(MERSIN, 2), day.registration(AMMAN, 1), day.registration(ESF, 1)
     then, now = left(MERSIN), left(AMMAN)
-    answers = rebuilt(engine, [day.scheduled(2), seated, waiting, then, later, now], older=4)
+    answers = applied_by_rules(engine, [day.scheduled(2), seated, waiting, then, later, now], older=4)
     assert then["id"] not in answers and derived_type(answers[now["id"]]) == "innovation_day.registration_rejected"
     assert registrations_of_engine(engine, day.day_id) == {rid(seated): "confirmed", rid(waiting): "rejected", rid(later): "waitlisted"}
     with Session(engine) as session:
@@ -1160,7 +1143,7 @@ def test_a_leaving_applied_by_version_5_of_the_rules_left_the_organisers_gatheri
     applied is rebuilt so, and an organiser leaving after them calls its gatherings off."""
     then, now = Day.fresh(), Day.fresh()
     gone_then, gone_now = left(SITRA), left(ESF)
-    answers = rebuilt(engine, [then.scheduled(2, by=SITRA), then.registration(MERSIN, 1), gone_then, now.scheduled(2, by=ESF),
+    answers = applied_by_rules(engine, [then.scheduled(2, by=SITRA), then.registration(MERSIN, 1), gone_then, now.scheduled(2, by=ESF),
                                gone_now], older=5)
     assert gone_then["id"] not in answers and gone_now["id"] in answers
     with Session(engine) as session:

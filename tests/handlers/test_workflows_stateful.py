@@ -89,9 +89,10 @@ ROLES = ["innovator", "funder", "observer", "speaker"]
 MEETINGS_PER_FUNDER = 3
 OPEN = ("requested", "in_review", "info_requested")
 FINAL = ("awarded", "declined", "withdrawn", "lapsed")
+AWAITING = ("received", "invited", "proposal_sent")
 REACHED = ("innovation_day.registration_confirmed", "innovation_day.registration_waitlisted", "call.application_received",
            "taken call.application_decided", "taken validation.reviewer_assigned", "left holding registration",
-           "left holding review", "left holding call", "left holding day")
+           "left holding review", "left holding call", "left holding day", "left holding application")
 START = datetime(2031, 3, 3, 9, 0, tzinfo=timezone.utc)
 EVENT_TIME = timedelta(milliseconds=1)
 
@@ -365,7 +366,8 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
         def _held(self) -> list[tuple[str, str]]:
             """(member, what) of what each member holds that its leaving gives up: a
             live registration while registration is open, a review it owes an open validation, a
-            call open before its deadline, a gathering it organises that has not begun."""
+            call open before its deadline, a gathering it organises that has not begun, an
+            application waiting for a decision."""
             state = self.log.state
             open_days = {day_id for day_id, day in state.days.items()
                          if day["status"] == "scheduled" and self.log.now < _moment(day["registration_deadline"])}
@@ -377,7 +379,9 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                     *((call["owner"], f"call {call_id}") for call_id, call in state.calls.items()
                       if call["closed_at"] is None and self.log.now < _moment(call["deadline"])),
                     *((day["organizer"], f"day {day_id}") for day_id, day in state.days.items()
-                      if day["status"] == "scheduled" and self.log.now < _moment(day["starts_at"]))]
+                      if day["status"] == "scheduled" and self.log.now < _moment(day["starts_at"])),
+                    *((a["applicant"], f"application {a['call_id']}/{a['application_id']}") for a in state.applications
+                      if a["status"] in AWAITING)]
 
         @rule(data=st.data())
         def member_leaves_and_joins_again(self, data: st.DataObject) -> None:
@@ -405,7 +409,7 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
         def something_of_each(self, data: st.DataObject) -> None:
             """Projects, a call's round, a gathering a crowd registers for (moved to another room), a
             validation a panel reviews and one a reviewer is to review, and members leaving that
-            held a seat, a review, a call and a gathering, from the start: whichever steps a run then takes (Hypothesis leaves some out
+            held a seat, a review, a call, a gathering and an application, from the start: whichever steps a run then takes (Hypothesis leaves some out
             of each run), every workflow has come to its decisions in it."""
             for owner in INNOVATORS[:3]:
                 self.register_project(owner, data.draw(st.lists(st.sampled_from(EVERYONE), max_size=2, unique=True)),
@@ -439,7 +443,13 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             # A member leaves holding one of each, and joins again (not the crowded gathering's
             # organiser: its leaving would call the gathering off for the rest of the run).
             self.schedule_day(_pick(data, [m for m in EVERYONE if m != crowded]), 2, timedelta(hours=2), timedelta(hours=1), 1, [])
-            for kind in ("registration", "review", "call", "day"):
+            self.publish_call(FUNDERS[0], [], [], None, timedelta(0), timedelta(days=1), False)  # (and an application waiting)
+            application = self._id("a")
+            self._offer(envelope("call.application_submitted", _pick(data, [m for m in INNOVATORS if m != crowded]), {
+                "call_id": self.calls[-1], "application_id": application}))
+            self.applications.append((self.calls[-1], application))
+            assert self._application(self.calls[-1], application)["status"] == "received"
+            for kind in ("registration", "review", "call", "day", "application"):
                 holders = sorted({holder for holder, what in self._held() if what.startswith(kind) and holder != crowded})
                 if holders:
                     self._leaves_and_joins_again(_pick(data, holders))
