@@ -18,7 +18,7 @@ from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
 from handlers import confidential
-from handlers.institutions import Institution, UtcDateTime, column_values, member, member_ids, upsert
+from handlers.institutions import Institution, UtcDateTime, column_values, leaving, member, member_ids, upsert
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, named_in, sender
 from handlers.projects import parties as project_parties, project_ids_of
 from handlers.session import children
@@ -431,15 +431,14 @@ def close_calls_of_departed_publisher(ctx: Context) -> None:
     for good. What the calls received stays as it was; a call whose deadline has come is left to
     the timer, which closes it as ``deadline_passed``. A rule of version 5: a log applied before
     left them open."""
-    event = ctx.event
-    assert event is not None
-    if ctx.refused or not since(5):
+    gone = leaving(ctx, 5)
+    if gone is None:
         return
-    for call_id in _open_calls_of(ctx.session, event.envelope):
+    for call_id in _open_calls_of(ctx.session, gone.envelope):
         call = ctx.session.get(Call, call_id)
-        if call is None or call.deadline <= event.logged_at:
+        if call is None or call.deadline <= gone.at:
             continue  # (its deadline has come: the timer closes it as deadline_passed)
-        ctx.emit("call.closed", {"call_id": call_id, "reason": "cancelled"}, source=event.data.id, key=f"{call_id} member_left")
+        ctx.emit("call.closed", {"call_id": call_id, "reason": "cancelled"}, source=gone.member, key=f"{call_id} member_left")
 
 
 def _applications_of_leaver(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -461,17 +460,15 @@ def withdraw_applications_of_departed_applicant(ctx: Context) -> None:
     nor act on one (the gate takes nothing from a former member), yet its publisher was left to
     decide on it, its request weighed against the call's budget. An application decided stands.
     A rule of version 7: a log applied before left the applications waiting."""
-    event = ctx.event
-    assert event is not None
-    if ctx.refused or not since(7):
+    gone = leaving(ctx, 7)
+    if gone is None:
         return
-    member = event.data.id
-    for call_id, application_id in _applications_of_leaver(ctx.session, event.envelope):
+    for call_id, application_id in _applications_of_leaver(ctx.session, gone.envelope):
         ctx.emit(
             "call.application_withdrawn",
             {"call_id": call_id, "application_id": application_id,
-             "reason": {"en": f"{member} left the network on {event.logged_at:%Y-%m-%d}: it can no longer take part in the call"}},
-            source=member,
+             "reason": {"en": f"{gone.member} left the network on {gone.at:%Y-%m-%d}: it can no longer take part in the call"}},
+            source=gone.member,
             key=f"{call_id}/{application_id} member_left",
         )
 

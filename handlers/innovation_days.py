@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
+from handlers.institutions import leaving
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, named_in
 from handlers.projects import parties as project_parties
 from handlers.rows import TableRow
@@ -329,22 +330,6 @@ def decide_cancellation(ctx: Context) -> None:
         _confirm(ctx, data.day_id, day.organizer, promoted)
 
 
-class _Leaving(NamedTuple):
-    member: str
-    at: datetime
-    envelope: Mapping[str, Any]
-
-
-def _leaving(ctx: Context, version: int) -> _Leaving | None:
-    """Who leaves the network (``institution.left``) and when, if its leaving is applied and
-    judged by rules of ``version`` or later."""
-    event = ctx.event
-    assert event is not None
-    if ctx.refused or not since(version):
-        return None
-    return _Leaving(event.data.id, _utc(event.logged_at), event.envelope)
-
-
 def release_departed_member(ctx: Context) -> None:
     """A member leaves the network (``institution.left``): its registrations for the gatherings
     still taking them are released, each told so in the organiser's name
@@ -353,11 +338,11 @@ def release_departed_member(ctx: Context) -> None:
     nothing from it, and its seats stayed taken with the waitlist waiting behind them.) A day
     whose registration closed keeps its registrations, as its meetings stand: nobody could take a
     seat freed then. A rule of version 5: a log applied before left them."""
-    leaving = _leaving(ctx, 5)
-    if leaving is None:
+    gone = leaving(ctx, 5)
+    if gone is None:
         return
-    member, at = leaving.member, leaving.at
-    for day_id in _days_registered_for(ctx.session, leaving.envelope):
+    member, at = gone.member, gone.at
+    for day_id in _days_registered_for(ctx.session, gone.envelope):
         day = _day_state(ctx.session, day_id)
         if day is None:
             continue
@@ -381,11 +366,11 @@ def cancel_days_of_departed_organiser(ctx: Context) -> None:
     or report them (the gate takes nothing from a former member): they went on taking
     registrations, and matchmaking ran, for a gathering nobody would hold. One that has begun
     stands as it is. A rule of version 6: a log applied before left them scheduled."""
-    leaving = _leaving(ctx, 6)
-    if leaving is None:
+    gone = leaving(ctx, 6)
+    if gone is None:
         return
-    member, at = leaving.member, leaving.at
-    for day_id in _days_organised_by(ctx.session, leaving.envelope):
+    member, at = gone.member, gone.at
+    for day_id in _days_organised_by(ctx.session, gone.envelope):
         day = ctx.session.get(InnovationDay, day_id)
         if day is None or _utc(day.starts_at) <= at:
             continue  # (begun: it stands as it is)

@@ -6,17 +6,18 @@ level for adoption counts) through :func:`member`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from handlers.network import Decider, Event, Projection, Timer
+from handlers.network import Context, Decider, Event, Projection, Timer
 from handlers.rows import TableRow
+from handlers.rules import since
 from handlers.words import trigram_index, words
 from schemas.institutions import InstitutionJoined, InstitutionLeft, InstitutionUpdated
 
@@ -176,6 +177,27 @@ def left(session: Session, event: Event[InstitutionLeft]) -> None:
     if institution is not None and institution.left_at is None:
         institution.left_at = event.logged_at
         session.add(institution)
+
+
+class Leaving(NamedTuple):
+    """A member leaving the network, as the workflows of the other domains read it."""
+
+    member: str
+    at: datetime
+    """When its leaving was logged (aware, UTC)."""
+    envelope: Mapping[str, Any]
+
+
+def leaving(ctx: Context, version: int) -> Leaving | None:
+    """Who leaves the network (``institution.left``) and when, if its leaving is applied and
+    judged by rules of ``version`` or later: what a decider of another domain that gives up what
+    the member held asks first."""
+    event = ctx.event
+    assert event is not None
+    if ctx.refused or not since(version):
+        return None
+    at = event.logged_at
+    return Leaving(event.data.id, at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc), event.envelope)
 
 
 PROJECTIONS: dict[str, Projection] = {"institution.joined": joined, "institution.updated": updated, "institution.left": left}

@@ -19,6 +19,7 @@ from handlers import confidential
 from handlers.institutions import (  # moments stored in UTC, read back aware, on every database
     Institution,
     UtcDateTime,
+    leaving,
     member,
     member_ids,
 )
@@ -502,18 +503,16 @@ def release_departed_reviewer(ctx: Context) -> None:
     validation waited for it (``quorum_reachable`` counted it) and the timer went on naming it
     late. A review it gave while a member stands. A rule of version 5: a log applied before left
     the assignments."""
-    event = ctx.event
-    assert event is not None
-    if ctx.refused or not since(5):
+    gone = leaving(ctx, 5)
+    if gone is None:
         return
-    member = event.data.id
-    for validation_id, coordinator in _assignments_of_leaver(ctx.session, event.envelope):
+    for validation_id, coordinator in _assignments_of_leaver(ctx.session, gone.envelope):
         ctx.emit(
             "validation.reviewer_unassigned",
-            {"validation_id": validation_id, "reviewer": member,
-             "reason": {"en": f"{member} left the network on {event.logged_at:%Y-%m-%d}: it can no longer review"}},
+            {"validation_id": validation_id, "reviewer": gone.member,
+             "reason": {"en": f"{gone.member} left the network on {gone.at:%Y-%m-%d}: it can no longer review"}},
             source=coordinator,
-            key=f"{validation_id}/{member}",
+            key=f"{validation_id}/{gone.member}",
         )
 
 
