@@ -33,23 +33,38 @@ OPERATOR = "operator"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``early`` each at the head of another worker's first batch, the rest in
-    collection order. A long test that works one core (the 10,000-entry portal sync, the type
-    check), collected last, kept the suite waiting on it with the other core idle; put first
-    together, both went to the first worker, one after the other. pytest-xdist's default
-    scheduler gives each worker a first batch of consecutive tests, a quarter of its share; the
-    order is made in each worker alike, from the worker count it is told.
+    """Tests marked ``early`` each at the head of another worker's share, tests marked ``quick``
+    last, the rest in collection order between.
 
-    Tests marked ``quick`` go last: the scheduler hands out the end of the order a few tests at a
-    time, and hundreds of tests of milliseconds share it out evenly among the workers, where
-    tests that wait on servers and timeouts (the webhooks', collected last) left cores idle."""
+    A long test that works one core (the 10,000-entry portal sync, the type check), collected
+    last, kept the suite waiting on it with the other core idle; put first together, both went to
+    the first worker, one after the other. pytest-xdist's work-stealing scheduler (``--dist
+    worksteal``, as ``make test`` runs it) gives each worker a quarter of the order, in one piece,
+    and a worker that has run out takes half of what another still has, from its end: there,
+    hundreds of tests of milliseconds are shared out evenly, where tests that wait on servers and
+    timeouts left cores idle (its default scheduler, ``load``, hands out the order in batches it
+    never takes back: one worker ran the webhooks' tests for a minute after the others had
+    finished). The order is made in each worker alike, from the worker count it is told."""
     early = [item for item in items if item.get_closest_marker("early") is not None]
-    ordered = [item for item in items if item.get_closest_marker("early") is None and item.get_closest_marker("quick") is None]
+    quick = [item for item in items if item.get_closest_marker("quick") is not None and item.get_closest_marker("early") is None]
+    chosen = {id(item) for item in early + quick}
+    rest = [item for item in items if id(item) not in chosen] + quick
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
-    batch = max(len(items) // workers // 4, 2)
-    for index, item in enumerate(early):
-        ordered.insert(min(index * batch, len(ordered)) if workers > 1 else index, item)
-    items[:] = ordered + [item for item in items if item.get_closest_marker("quick") is not None and item not in early]
+    if workers == 1:
+        items[:] = early + rest
+    elif config.getoption("dist", "no") == "worksteal":  # each worker's share as the scheduler cuts it, its early tests first
+        ordered: list[pytest.Item] = []
+        for worker in range(workers):
+            head = early[worker::workers]
+            size = max((len(items) - len(ordered)) // (workers - worker) - len(head), 0)
+            ordered += head + rest[:size]
+            rest = rest[size:]
+        items[:] = ordered + rest
+    else:  # the default scheduler's first batches are a quarter of each worker's share
+        batch = max(len(items) // workers // 4, 2)
+        for index, item in enumerate(early):
+            rest.insert(min(index * batch, len(rest)), item)
+        items[:] = rest
 
 
 # --- where the suite's CPU goes: ``--cpu-report N`` ------------------------------------------------
