@@ -453,6 +453,10 @@ def _applications_of_leaver(session: Session, envelope: Mapping[str, Any]) -> li
     return [(call_id, application_id) for call_id, application_id in session.exec(waiting).all()]
 
 
+def _calls_of_leaving_member(session: Session, envelope: Mapping[str, Any]) -> list[str]:
+    return sorted({*_open_calls_of(session, envelope), *(call_id for call_id, _ in _applications_of_leaver(session, envelope))})
+
+
 def withdraw_applications_of_departed_applicant(ctx: Context) -> None:
     """A member leaves the network (``institution.left``): each application it made that waits
     for a decision (received, or invited to a two-stage call's second stage, its full proposal
@@ -471,12 +475,6 @@ def withdraw_applications_of_departed_applicant(ctx: Context) -> None:
             source=gone.member,
             key=f"{call_id}/{application_id} member_left",
         )
-
-
-def on_member_left(ctx: Context) -> None:
-    """A member leaves the network: the calls it published, and its applications to others'."""
-    close_calls_of_departed_publisher(ctx)
-    withdraw_applications_of_departed_applicant(ctx)
 
 
 def lapse_invitations(ctx: Context) -> None:
@@ -635,7 +633,7 @@ PROJECTIONS: dict[str, Projection] = {
     "call.full_proposal_submitted": full_proposal_submitted,
     "call.application_lapsed": application_lapsed,
 }
-DECIDERS: dict[str, Decider] = {
+DECIDERS: dict[str, Decider | list[Decider]] = {
     "call.published": decide_publication,
     "call.application_submitted": decide_application,
     "call.application_decided": decide_decision,
@@ -643,7 +641,7 @@ DECIDERS: dict[str, Decider] = {
     "call.full_proposal_submitted": decide_full_proposal,
     "call.amended": decide_amendment,
     "call.closed": decide_closing,
-    "institution.left": on_member_left,
+    "institution.left": [close_calls_of_departed_publisher, withdraw_applications_of_departed_applicant],
 }
 TIMERS: tuple[Timer, ...] = (close_overdue_calls, lapse_invitations)
 def _partners(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
@@ -657,8 +655,7 @@ READS: dict[str, list[Reads]] = {
     # membership, and the owner and partners of the project it names.
     "call.application_submitted": [sender, Reads("institution", _partners), named("project", "project_id")],
     # A member's leaving closes the calls it has open and withdraws its applications waiting for a decision.
-    "institution.left": [Reads("call", _open_calls_of), Reads("call", lambda session, envelope: sorted(
-        {call_id for call_id, _ in _applications_of_leaver(session, envelope)}))],
+    "institution.left": [Reads("call", _calls_of_leaving_member)],
 }
 
 
