@@ -146,7 +146,9 @@ class BusScenario:
                 f"the network consumer did not catch up (at {position}, log at {last}, waiting for {seq}; "
                 f"{len(pending)} derived events unpublished; the relay {self._relay_state()})")
             self.bus.relay.wake.set()
-            await asyncio.sleep(0.005)
+            # Woken as soon as the consumer applies more of the log; looked at again after a
+            # while in any case (the relay's marking an outbox row published wakes nobody).
+            await self.bus.applied.wait_beyond(position, 0.05)
 
     async def _derived_from(self, cause: str, *, after: int | None) -> list[dict[str, Any]]:
         import orjson

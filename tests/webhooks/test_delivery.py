@@ -147,7 +147,9 @@ async def test_retry_after_is_honoured_and_redirects_are_not_followed(network: N
     (delivery,) = await settled(gateway, owner, busy["id"], 1)
     assert [a["status_code"] for a in delivery["attempts"]] == [503, 200] and delivery["status"] == "delivered"
     (gap,) = gaps(receiver.at("/busy"))
-    assert 1.0 <= gap < 2.0  # Retry-After, later than the schedule's 0.2 s
+    # Retry-After, later than the schedule's 0.2 s; late by at most the machine's own time under load
+    # (a busy 2-core run took 1.47 s more), short of the dispatcher's 5 s poll.
+    assert 1.0 <= gap <= 1.0 * 1.2 + 2.5, gap
 
     (delivery,) = await settled(gateway, owner, moved["id"], 1)
     assert [a["status_code"] for a in delivery["attempts"]] == [302, 200]
