@@ -342,7 +342,9 @@ def _add_log_requests(document: dict[str, Any]) -> None:
     messages["LogPage"] = {
         "name": "LogPage", "title": "a page of the log", "contentType": "application/json",
         "payload": {"oneOf": [{"$ref": "#/components/schemas/LogPage"}, {"$ref": "#/components/schemas/Verdict"}]},
-        "description": "the page, or a refusal shaped as a rejected verdict (`reason` and `errors`)",
+        "description": ("the page, or a refusal shaped as a rejected verdict (`reason` and `errors`); `too_large` "
+                        "(`too_large_for_nats`) when the next event alone does not fit in a reply, naming its sequence: "
+                        "read it over HTTP, then ask again after it"),
     }
     document["channels"]["log-requests"] = {
         "address": f"{logpages.LOG_REQUESTS}.{{institution}}",

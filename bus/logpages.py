@@ -12,7 +12,11 @@ what was logged while it was away, without HTTP: ``{"after_seq": 4182, "type": [
 answers ``{"items": [{"seq": …, "event": {…}}, …], "next_cursor": "…" | null}``, as ``GET
 /events?after_seq=4182&type=project`` does; a request it cannot take is answered
 ``{"status": "rejected", "reason": …, "errors": […]}`` as an offer is. A page is no larger than
-the server's ``max_payload``: it then holds fewer events, and ``next_cursor`` goes on.
+the server's ``max_payload``: it then holds fewer events, and ``next_cursor`` goes on. An event
+that alone does not fit with what a page adds around it (the gate takes events up to
+``max_payload`` with their headers) is not sent: the request is refused ``too_large``
+(``too_large_for_nats``), naming the event's sequence and how to read it over HTTP, and the pages
+after it go on over NATS.
 """
 
 from __future__ import annotations
@@ -107,8 +111,27 @@ async def page(
             if len(items) == limit or (max_bytes is not None and items and size > max_bytes):
                 more = True
                 break
+            if max_bytes is not None and size > max_bytes:
+                raise TooLargeForPage(after_seq or 0, msg.seq, event.get("id"), len(msg.data or b""), max_bytes)
             items.append({"seq": msg.seq, "event": event})
     return {"items": items, "next_cursor": str(items[-1]["seq"]) if more else None}
+
+
+class TooLargeForPage(Exception):
+    """The first event a page would hold does not fit in one with what a page adds around it."""
+
+    def __init__(self, after_seq: int, seq: int, event_id: Any, size: int, max_bytes: int) -> None:
+        super().__init__(after_seq, seq, event_id, size, max_bytes)
+        self.after_seq, self.seq, self.size, self.max_bytes = after_seq, seq, size, max_bytes
+        self.event_id = event_id if isinstance(event_id, str) else None
+
+    def verdict(self) -> Verdict:
+        """The refusal a member reads: which event, and how to read it and go on past it."""
+        return Verdict("rejected", self.event_id, reason="too_large", errors=(Problem((), (
+            f"the event at sequence {self.seq} ({self.size:,} bytes) does not fit in a reply over NATS with what a page "
+            f"adds to it (the server takes {self.max_bytes:,} bytes a message): read it over HTTP, "
+            f"GET /events?after_seq={self.after_seq}&limit=1 with the same filters, then ask for the page after_seq {self.seq}"
+        ), "too_large_for_nats"),))
 
 
 TypeOrDomain = Annotated[str, StringConstraints(max_length=128)]
@@ -234,6 +257,12 @@ class LogPages:
         except (NatsTimeoutError, NatsError, JetStreamError) as exc:
             return _refusal("unavailable", [Problem((), f"the event log did not answer ({type(exc).__name__}); ask again",
                                                     "log_unavailable")])
+        except TooLargeForPage as exc:
+            if self._first_in_a_minute(("too_large", institution)):
+                logger.warning("%s asked over NATS for a page beginning with the event at sequence %d (%d bytes), which "
+                               "does not fit in a reply (max_payload %d): refused, telling it to read that event over HTTP; "
+                               "said once a minute", institution, exc.seq, exc.size, exc.max_bytes)
+            return exc.verdict().to_json()
         return orjson.dumps(found)
 
     def _first_in_a_minute(self, key: tuple[str, str]) -> bool:

@@ -145,6 +145,42 @@ async def test_a_page_holds_no_more_than_the_server_takes_in_one_message(
         await nc.close()
 
 
+async def test_an_event_too_large_for_a_reply_over_nats_is_refused_saying_where_to_read_it_and_the_next_page_goes_on(
+    gateway: Gateway, nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event the gate took fits in one message, but not with what a page adds around it (a page
+    always held one event at least: its reply could not be sent, and the member waited in vain)."""
+    member = await gateway.join("ngo")
+    start = (await gateway.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
+    small = await gateway.offer(member, "project.registered", project(member))
+    large = await gateway.offer(member, "project.registered", project(member, summary={"en": "x" * 4000}))
+    after = await gateway.offer(member, "project.registered", project(member))
+    await gateway.settle()
+    logged = (await gateway.bus.js.get_msg("COLLAB_EVENTS", large["seq"])).data or b""
+    nc = await connect_member(nats_server, tmp_path, member)
+    try:
+        # The server's limit, made a little larger than the large event alone.
+        monkeypatch.setattr(type(gateway.bus.nc), "max_payload", property(lambda _: len(logged) + 100))
+        first = await ask(nc, member, {"after_seq": start, "limit": 500, "institution": member})
+        assert [item["seq"] for item in first["items"]] == [small["seq"]] and first["next_cursor"] == str(small["seq"])
+
+        refused = await ask(nc, member, {"after_seq": small["seq"], "limit": 500, "institution": member})
+        assert (refused["status"], refused["reason"], refused["id"]) == ("rejected", "too_large", large["id"])
+        (problem,) = refused["errors"]
+        assert problem["type"] == "too_large_for_nats" and problem["loc"] == []
+        assert f"the event at sequence {large['seq']} ({len(logged):,} bytes)" in problem["msg"], problem
+        assert f"GET /events?after_seq={small['seq']}&limit=1" in problem["msg"] and f"after_seq {large['seq']}" in problem["msg"]
+
+        # Read over HTTP as it says, and the pages over NATS go on after it.
+        over_http = await gateway.client.get("/events", params={"after_seq": small["seq"], "limit": 1, "institution": member},
+                                             headers=gateway.auth(member))
+        assert [item["seq"] for item in over_http.json()["items"]] == [large["seq"]]
+        rest = await ask(nc, member, {"after_seq": large["seq"], "limit": 500, "institution": member})
+        assert [item["seq"] for item in rest["items"]] == [after["seq"]] and rest["next_cursor"] is None
+    finally:
+        await nc.close()
+
+
 async def test_a_member_asking_for_pages_without_end_is_told_when_to_ask_again(
     gateway: Gateway, nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
