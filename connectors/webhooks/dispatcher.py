@@ -1059,25 +1059,42 @@ async def recover(js: JetStreamContext, engine: Engine, endpoint: Endpoint, sinc
     records them in the log's order — owed now, an ordered endpoint would get a thing's later
     events before the one still waiting. Who may see a confidential event is judged by the read
     models as they are now (a review the workflow took is every member's once the validation is
-    decided, as over HTTP)."""
-    events = [
-        (seq, envelope)
-        async for seq, envelope in logged_between(js, since, until, after_seq=after_seq, until_seq=until_seq)
-        if store.matches(endpoint.event_types, str(envelope.get("type")))
-    ]
+    decided, as over HTTP).
 
-    def owe_again() -> tuple[int, int]:
-        with session_scope(engine) as session:
-            aside = {(domain, subject): first for _, domain, subject, first, _ in parked(session.connection(), consumer)}
-            waiting = {seq for seq, envelope in events
-                       if (about := aggregate_of(envelope)) is not None and seq >= aside.get(about, seq + 1)}
-            visible = [
-                (seq, envelope) for seq, envelope in events
-                if seq not in waiting and ((allowed := audience(session, envelope)) is None or endpoint.institution in allowed)
-            ]
-            return store.owe_again(session, endpoint.id, visible, datetime.now(timezone.utc)), len(waiting)
+    The window is read and owed ``RECOVER_BATCH`` events at a time, each batch in a transaction of
+    its own, so that a window of any size holds no more than a batch in memory and in one
+    statement (SQLite and PostgreSQL bound a statement's parameters). A recovery that fails
+    part-way leaves the batches before owed; asked again, they are owed again from a new round."""
+    queued = waiting = 0
+    batch: list[tuple[int, dict[str, Any]]] = []
+    async for seq, envelope in logged_between(js, since, until, after_seq=after_seq, until_seq=until_seq):
+        if store.matches(endpoint.event_types, str(envelope.get("type"))):
+            batch.append((seq, envelope))
+        if len(batch) >= RECOVER_BATCH:
+            owed, held = await asyncio.to_thread(_owe_again, engine, endpoint, batch, consumer)
+            queued, waiting, batch = queued + owed, waiting + held, []
+    if batch:
+        owed, held = await asyncio.to_thread(_owe_again, engine, endpoint, batch, consumer)
+        queued, waiting = queued + owed, waiting + held
+    return queued, waiting
 
-    return await asyncio.to_thread(owe_again)
+
+RECOVER_BATCH = 1_000
+"""Events of a recovery's window owed in one transaction (:func:`recover`)."""
+
+
+def _owe_again(engine: Engine, endpoint: Endpoint, events: list[tuple[int, dict[str, Any]]], consumer: str) -> tuple[int, int]:
+    """Owe ``events`` (of a recovery's window) to the endpoint again, but those set aside behind a
+    dead letter and those it may not see; returns (how many owed, how many held back)."""
+    with session_scope(engine) as session:
+        aside = {(domain, subject): first for _, domain, subject, first, _ in parked(session.connection(), consumer)}
+        waiting = {seq for seq, envelope in events
+                   if (about := aggregate_of(envelope)) is not None and seq >= aside.get(about, seq + 1)}
+        visible = [
+            (seq, envelope) for seq, envelope in events
+            if seq not in waiting and ((allowed := audience(session, envelope)) is None or endpoint.institution in allowed)
+        ]
+        return store.owe_again(session, endpoint.id, visible, datetime.now(timezone.utc)), len(waiting)
 
 
 async def held_back(js: JetStreamContext, engine: Engine, endpoint: Endpoint, consumer: str = WEBHOOKS_CONSUMER) -> int:

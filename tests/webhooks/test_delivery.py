@@ -897,6 +897,45 @@ async def test_resend_and_recover_deliver_the_right_events_again(network: Networ
     assert refused["detail"] == "since is in the future" and refused["errors"][0]["loc"] == ["since"]
 
 
+async def test_a_recovery_owes_its_window_a_batch_at_a_time(
+    network: Network, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A window of any size: read and owed a batch at a time, never whole (a window of the log's
+    tens of thousands of events was held in memory and owed in one statement, past the number of
+    parameters SQLite and PostgreSQL take in one)."""
+    from connectors.webhooks import dispatcher, store
+
+    gateway = await network.start()
+    owner = await gateway.join("municipality")
+    endpoint = await register(gateway, owner, receiver.url("/r"), ["project.registered"])
+    start = (await gateway.bus.js.stream_info("COLLAB_EVENTS")).state.last_seq
+    offered = []
+    for _ in range(5):
+        response = await gateway.post(owner, event := project_event(owner))
+        assert response.status_code == 202, response.text
+        offered.append((response.json()["seq"], event["id"]))
+    await gateway.join("ngo")  # in the window, not a type the endpoint asked for
+    await settled(gateway, owner, endpoint["id"], 5)
+
+    batches: list[list[int]] = []
+    owe_again = store.owe_again
+
+    def recorded(session: Any, endpoint_id: str, events: Any, at: datetime) -> int:
+        batches.append([seq for seq, _ in events])
+        return owe_again(session, endpoint_id, events, at)
+
+    monkeypatch.setattr(dispatcher, "RECOVER_BATCH", 2)
+    monkeypatch.setattr(store, "owe_again", recorded)
+    response = await gateway.client.post(f"/webhooks/{endpoint['id']}/recover", json={"after_seq": start},
+                                         headers=gateway.auth(owner))
+    assert response.status_code == 202, response.text
+    assert response.json() == {"queued": 5, "held_back": 0}
+    assert [len(batch) for batch in batches] == [2, 2, 1]  # in the log's order, a batch at a time
+    assert [seq for batch in batches for seq in batch] == [seq for seq, _ in offered]
+    await eventually(lambda: len(receiver.at("/r")) == 10, what="the recovered deliveries")
+    assert sorted(ids(receiver.at("/r"))[5:]) == sorted(event_id for _, event_id in offered)
+
+
 async def members_listening(gateway: Gateway, receiver: Receiver, kinds: dict[str, str], event_types: list[str]) -> list[str]:
     """A new member of each kind, in order, each with an endpoint at ``/{role}`` for ``event_types``."""
     members = []
