@@ -453,8 +453,24 @@ def _applications_of_leaver(session: Session, envelope: Mapping[str, Any]) -> li
     return [(call_id, application_id) for call_id, application_id in session.exec(waiting).all()]
 
 
+def _undecided_in_calls_of_leaver(session: Session, envelope: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(call, application) of each application that waits for a decision in a call the
+    institution leaving published, in the calls' order (one it made itself is withdrawn instead)."""
+    member = named_in(envelope, "id")
+    if member is None:
+        return []
+    waiting = (select(CallApplication.call_id, CallApplication.application_id)
+               .join(Call, col(Call.call_id) == col(CallApplication.call_id))
+               .where(Call.owner == member, CallApplication.applicant != member,
+                      col(CallApplication.status).in_(sorted(rules.AWAITING)))
+               .order_by(col(CallApplication.call_id), col(CallApplication.application_id)))
+    return [(call_id, application_id) for call_id, application_id in session.exec(waiting).all()]
+
+
 def _calls_of_leaving_member(session: Session, envelope: Mapping[str, Any]) -> list[str]:
-    return sorted({*_open_calls_of(session, envelope), *(call_id for call_id, _ in _applications_of_leaver(session, envelope))})
+    return sorted({*_open_calls_of(session, envelope),
+                   *(call_id for call_id, _ in _applications_of_leaver(session, envelope)),
+                   *(call_id for call_id, _ in _undecided_in_calls_of_leaver(session, envelope))})
 
 
 def withdraw_applications_of_departed_applicant(ctx: Context) -> None:
@@ -472,6 +488,27 @@ def withdraw_applications_of_departed_applicant(ctx: Context) -> None:
             "call.application_withdrawn",
             {"call_id": call_id, "application_id": application_id,
              "reason": {"en": f"{gone.member} left the network on {gone.at:%Y-%m-%d}: it can no longer take part in the call"}},
+            source=gone.member,
+            key=f"{call_id}/{application_id} member_left",
+        )
+
+
+def decline_applications_left_undecided(ctx: Context) -> None:
+    """A member leaves the network (``institution.left``): each application that waits for its
+    decision in a call it published (received, or invited to a two-stage call's second stage, its
+    full proposal sent or not; the call open or closed) is declined, in its name, the comment
+    saying why. Nobody was left to decide on it, and its applicant, still a member, was left
+    waiting for good (an invited one does not lapse in a call closed early). What was decided
+    stands. A rule of version 8: a log applied before left the applications waiting."""
+    gone = leaving(ctx, 8)
+    if gone is None:
+        return
+    for call_id, application_id in _undecided_in_calls_of_leaver(ctx.session, gone.envelope):
+        ctx.emit(
+            "call.application_decided",
+            {"call_id": call_id, "application_id": application_id, "decision": "declined",
+             "comment": {"en": f"{gone.member}, who published the call, left the network on {gone.at:%Y-%m-%d}: "
+                               "nobody is left to decide on the application"}},
             source=gone.member,
             key=f"{call_id}/{application_id} member_left",
         )
@@ -641,7 +678,8 @@ DECIDERS: dict[str, Decider | list[Decider]] = {
     "call.full_proposal_submitted": decide_full_proposal,
     "call.amended": decide_amendment,
     "call.closed": decide_closing,
-    "institution.left": [close_calls_of_departed_publisher, withdraw_applications_of_departed_applicant],
+    "institution.left": [close_calls_of_departed_publisher, withdraw_applications_of_departed_applicant,
+                         decline_applications_left_undecided],
 }
 TIMERS: tuple[Timer, ...] = (close_overdue_calls, lapse_invitations)
 def _partners(_session: Session, envelope: Mapping[str, Any]) -> list[str]:
@@ -654,7 +692,8 @@ READS: dict[str, list[Reads]] = {
     # An application is judged on its applicant's membership, kind and country, its partners'
     # membership, and the owner and partners of the project it names.
     "call.application_submitted": [sender, Reads("institution", _partners), named("project", "project_id")],
-    # A member's leaving closes the calls it has open and withdraws its applications waiting for a decision.
+    # A member's leaving closes the calls it has open, withdraws its applications waiting for a
+    # decision and declines those waiting for its own.
     "institution.left": [Reads("call", _calls_of_leaving_member)],
 }
 

@@ -195,7 +195,9 @@ class ApplicationDecided(EventData):
     granted, when the call gives money: a call with a budget does; a call without one awards in
     the currency of its first award) or `declined`; in a two-stage call it is first `invited`
     to send a full proposal, and awarded only once it has. The `comment` is for the applicant and
-    its partners, who alone see the decision with the publisher."""
+    its partners, who alone see the decision with the publisher. The bus declines, in its name,
+    the applications still waiting for the decision of a publisher that leaves the network, the
+    `comment` saying so (version 8 of the rules)."""
 
     model_config = ConfigDict(json_schema_extra=null_unless("decision", "awarded", "awarded_amount"))
 

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-RULES = 7
+RULES = 8
 """The version of the workflow rules this code judges by. 1: an owner's adoption of its own
 project (``own_project``), an adopter that is not a member (``unknown_adopter``), a call's deadline
 amended into the past (``deadline_in_past``) or its opening moved later once open
@@ -76,7 +76,11 @@ matched, with nobody left to move, cancel or report them).
 7: a member that leaves the network withdraws, in its name, the applications it made that wait for
 a decision (received, invited to a second stage, or with their full proposal sent;
 ``call.application_withdrawn``, saying why; before, they waited for their publishers to decide on
-an applicant that could no longer be told)."""
+an applicant that could no longer be told).
+
+8: a member that leaves the network declines, in its name, the applications that wait for its
+decision in the calls it published (``call.application_decided``, ``declined``, its comment
+saying why; before, they waited for good, an invited one in a call closed early never lapsing)."""
 
 _JUDGED_BY: ContextVar[int] = ContextVar("collabbus_rules", default=RULES)
 

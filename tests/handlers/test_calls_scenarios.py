@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from handlers.calls import Call, CallApplication, status_is
@@ -633,21 +635,21 @@ async def test_a_call_closed_by_its_owner_is_not_closed_again_by_the_bus(scenari
 async def test_a_publisher_that_leaves_the_network_has_its_open_calls_closed(scenario: Scenario, call_id: str) -> None:
     """Nobody is left to decide on what a former member's call receives: its calls still open are
     closed, in its name, as cancelled, and take no application after; one closed already, one
-    whose deadline has come (the timer's to close) and other publishers' calls stay as they were,
-    and so do the applications received."""
+    whose deadline has come (the timer's to close) and other publishers' calls stay as they were
+    (the applications received are declined: the next test)."""
     later, ended, others, overdue = f"{call_id}-later", f"{call_id}-ended", f"{call_id}-others", f"{call_id}-overdue"
     await scenario.given(published(call_id), published(later, opens_in=timedelta(days=3)), published(ended), closed(ended, "filled"),
                          published(others, by=OTHER_FUNDER), published(overdue, opens_in=-timedelta(days=9), closes_in=-timedelta(days=1)),
                          application(call_id, "app-before"))
     leaving = envelope("institution.left", "operator", {"id": OWNER})
-    closings = await scenario.when(leaving)
+    derived = await scenario.when(leaving)
+    closings = [e for e in derived if e["type"] == "call.closed"]
     assert sorted((e["type"], e["subject"], e["source"], e["data"]["reason"], e["causationid"]) for e in closings) == sorted(
         ("call.closed", call, f"/institutions/{OWNER}", "cancelled", leaving["id"]) for call in (call_id, later))
+    assert [(e["type"], e["data"]["application_id"]) for e in derived if e not in closings] == [("call.application_decided", "app-before")]
     with scenario.session() as session:
         reasons = {call: (found.closed_reason if (found := session.get(Call, call)) else "?") for call in (call_id, later, ended, others, overdue)}
-        received = session.get(CallApplication, (call_id, "app-before"))
     assert reasons == {call_id: "cancelled", later: "cancelled", ended: "filled", others: None, overdue: None}
-    assert received is not None and received.status == "received"
     rejection = the_only(await scenario.when(application(call_id, "app-after")), "call.application_rejected")
     assert rejection["data"]["reason"]["code"] == "call_closed"
     the_only(await scenario.when(application(others, "app-elsewhere")), "call.application_received")
@@ -1011,6 +1013,72 @@ async def test_an_applicant_that_leaves_the_network_has_its_applications_waiting
     assert await scenario.when(envelope("institution.left", "operator", {"id": UNIVERSITY})) == []  # (it applied to nothing)
 
 
+async def test_a_publisher_that_leaves_the_network_has_the_applications_waiting_for_its_decision_declined(
+    scenario: Scenario, call_id: str
+) -> None:
+    """Nobody is left to decide on them, and their applicants are still members: each application
+    waiting for the leaving publisher's decision — received, invited to the second stage, its full
+    proposal sent; its call open, closed early or past its deadline — is declined in its name, the
+    comment saying why. One decided stands; other publishers' applications are untouched."""
+    filled, proposed, past, others = f"{call_id}-filled", f"{call_id}-proposed", f"{call_id}-past", f"{call_id}-others"
+    await scenario.given(
+        published(call_id), application(call_id, "app-received"), application(call_id, "app-awarded", by=PARTNER),
+        decided(call_id, "app-awarded", amount={"amount": "200000.00", "currency": "EUR"}),
+        two_stage(filled), application(filled, "app-invited"), decided(filled, "app-invited", "invited"), closed(filled, "filled"),
+        two_stage(proposed), application(proposed, "app-proposed"), decided(proposed, "app-proposed", "invited"),
+        full_proposal(proposed, "app-proposed"),
+        published(others, by=OTHER_FUNDER), application(others, "app-elsewhere"),
+    )
+    leaving = envelope("institution.left", "operator", {"id": OWNER})
+    derived = await scenario.when(leaving)
+    declines = [e for e in derived if e["type"] == "call.application_decided"]
+    assert sorted((e["data"]["call_id"], e["data"]["application_id"], e["data"]["decision"], e["source"], e["causationid"])
+                  for e in declines) == sorted(
+        (call, app, "declined", f"/institutions/{OWNER}", leaving["id"])
+        for call, app in ((call_id, "app-received"), (filled, "app-invited"), (proposed, "app-proposed")))
+    assert all(e["data"]["comment"]["en"].startswith(f"{OWNER}, who published the call, left the network on ")
+               for e in declines), declines
+    assert {e["type"] for e in derived} == {"call.closed", "call.application_decided"}
+    with scenario.session() as session:
+        assert statuses(session, (call_id, "app-received"), (filled, "app-invited"), (proposed, "app-proposed"),
+                        (call_id, "app-awarded"), (others, "app-elsewhere")) == {
+            (call_id, "app-received"): "declined", (filled, "app-invited"): "declined", (proposed, "app-proposed"): "declined",
+            (call_id, "app-awarded"): "awarded", (others, "app-elsewhere"): "received"}
+        told = session.get(CallApplication, (filled, "app-invited"))
+        assert told is not None and told.decided_at is not None
+    assert await scenario.when(envelope("institution.left", "operator", {"id": UNIVERSITY})) == []  # (it published nothing)
+
+
+@contextmanager
+def database_of_its_own(database_url: str, tmp_path: Path, pg_server_url: str | None) -> Iterator[Engine]:
+    """A migrated database of ``database_url``'s kind for a log of its own (from #1: the calls'
+    module joins its members through a bus), disposed of after."""
+    kind = "sqlite" if database_url.startswith("sqlite") else "postgresql"
+    (tmp_path / "older").mkdir()
+    with contextmanager(fresh_database)(kind, tmp_path / "older", pg_server_url) as url:
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+def test_a_leaving_applied_by_version_7_of_the_rules_left_the_applications_waiting_for_the_publisher(
+    call_id: str, database_url: str, tmp_path: Path, pg_server_url: str | None
+) -> None:
+    """Rules before version 8 left the applications waiting for a former publisher's decision; a
+    log they applied is rebuilt so, and a publisher leaving after them has them declined."""
+    others = f"{call_id}-others"
+    then, now_ = envelope("institution.left", "operator", {"id": OWNER}), envelope("institution.left", "operator", {"id": OTHER_FUNDER})
+    log = [*MEMBERS, published(call_id), published(others, by=OTHER_FUNDER), application(call_id, "app-1"),
+           application(others, "app-2"), then, now_]
+    with database_of_its_own(database_url, tmp_path, pg_server_url) as engine:
+        assert now_["id"] in applied_by_rules(engine, log, older=7, newer_from=len(log))
+        with Session(engine) as session:
+            assert statuses(session, (call_id, "app-1"), (others, "app-2")) == {
+                (call_id, "app-1"): "received", (others, "app-2"): "declined"}
+
+
 def test_a_leaving_applied_by_version_6_of_the_rules_left_the_applicants_applications_waiting(
     call_id: str, database_url: str, tmp_path: Path, pg_server_url: str | None
 ) -> None:
@@ -1018,15 +1086,9 @@ def test_a_leaving_applied_by_version_6_of_the_rules_left_the_applicants_applica
     they applied is rebuilt so, and an applicant leaving after them has its applications withdrawn."""
     then, now_ = envelope("institution.left", "operator", {"id": COOPERATIVE}), envelope("institution.left", "operator", {"id": PARTNER})
     log = [*MEMBERS, published(call_id), application(call_id, "app-1"), application(call_id, "app-2", by=PARTNER), then, now_]
-    kind = "sqlite" if database_url.startswith("sqlite") else "postgresql"
-    (tmp_path / "older").mkdir()
-    with contextmanager(fresh_database)(kind, tmp_path / "older", pg_server_url) as url:  # (a log of its own, from #1)
-        engine = make_engine(url)
-        try:
-            answers = applied_by_rules(engine, log, older=6, newer_from=len(log))
-            assert then["id"] not in answers and now_["id"] in answers
-            with Session(engine) as session:
-                assert statuses(session, (call_id, "app-1"), (call_id, "app-2")) == {
-                    (call_id, "app-1"): "received", (call_id, "app-2"): "withdrawn"}
-        finally:
-            engine.dispose()
+    with database_of_its_own(database_url, tmp_path, pg_server_url) as engine:
+        answers = applied_by_rules(engine, log, older=6, newer_from=len(log))
+        assert then["id"] not in answers and now_["id"] in answers
+        with Session(engine) as session:
+            assert statuses(session, (call_id, "app-1"), (call_id, "app-2")) == {
+                (call_id, "app-1"): "received", (call_id, "app-2"): "withdrawn"}

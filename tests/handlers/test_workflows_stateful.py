@@ -92,7 +92,7 @@ FINAL = ("awarded", "declined", "withdrawn", "lapsed")
 AWAITING = ("received", "invited", "proposal_sent")
 REACHED = ("innovation_day.registration_confirmed", "innovation_day.registration_waitlisted", "call.application_received",
            "taken call.application_decided", "taken validation.reviewer_assigned", "left holding registration",
-           "left holding review", "left holding call", "left holding day", "left holding application")
+           "left holding review", "left holding call", "left holding day", "left holding application", "left holding decision")
 START = datetime(2031, 3, 3, 9, 0, tzinfo=timezone.utc)
 EVENT_TIME = timedelta(milliseconds=1)
 
@@ -367,7 +367,7 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             """(member, what) of what each member holds that its leaving gives up: a
             live registration while registration is open, a review it owes an open validation, a
             call open before its deadline, a gathering it organises that has not begun, an
-            application waiting for a decision."""
+            application waiting for a decision, another's application waiting for its decision."""
             state = self.log.state
             open_days = {day_id for day_id, day in state.days.items()
                          if day["status"] == "scheduled" and self.log.now < _moment(day["registration_deadline"])}
@@ -381,7 +381,9 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                     *((day["organizer"], f"day {day_id}") for day_id, day in state.days.items()
                       if day["status"] == "scheduled" and self.log.now < _moment(day["starts_at"])),
                     *((a["applicant"], f"application {a['call_id']}/{a['application_id']}") for a in state.applications
-                      if a["status"] in AWAITING)]
+                      if a["status"] in AWAITING),
+                    *((owner, f"decision {a['call_id']}/{a['application_id']}") for a in state.applications
+                      if a["status"] in AWAITING and (owner := state.calls[a["call_id"]]["owner"]) != a["applicant"])]
 
         @rule(data=st.data())
         def member_leaves_and_joins_again(self, data: st.DataObject) -> None:
@@ -443,13 +445,16 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
             # A member leaves holding one of each, and joins again (not the crowded gathering's
             # organiser: its leaving would call the gathering off for the rest of the run).
             self.schedule_day(_pick(data, [m for m in EVERYONE if m != crowded]), 2, timedelta(hours=2), timedelta(hours=1), 1, [])
-            self.publish_call(FUNDERS[0], [], [], None, timedelta(0), timedelta(days=1), False)  # (and an application waiting)
-            application = self._id("a")
-            self._offer(envelope("call.application_submitted", _pick(data, [m for m in INNOVATORS if m != crowded]), {
-                "call_id": self.calls[-1], "application_id": application}))
-            self.applications.append((self.calls[-1], application))
-            assert self._application(self.calls[-1], application)["status"] == "received"
-            for kind in ("registration", "review", "call", "day", "application"):
+            # (and two applications waiting, of two applicants: one leaves, and the publisher leaves
+            # holding the other's decision)
+            self.publish_call(_pick(data, [f for f in FUNDERS if f != crowded]), [], [], None, timedelta(0), timedelta(days=1), False)
+            applicants = data.draw(st.lists(st.sampled_from([m for m in INNOVATORS if m != crowded]), min_size=2, max_size=2, unique=True))
+            for applicant in applicants:
+                application = self._id("a")
+                self._offer(envelope("call.application_submitted", applicant, {"call_id": self.calls[-1], "application_id": application}))
+                self.applications.append((self.calls[-1], application))
+                assert self._application(self.calls[-1], application)["status"] == "received"
+            for kind in ("registration", "review", "application", "decision", "call", "day"):
                 holders = sorted({holder for holder, what in self._held() if what.startswith(kind) and holder != crowded})
                 if holders:
                     self._leaves_and_joins_again(_pick(data, holders))
