@@ -454,7 +454,9 @@ def network_machine(kind: str, directory: Path, pg_server_url: str | None, reach
                 self._offer(envelope("call.application_submitted", applicant, {"call_id": self.calls[-1], "application_id": application}))
                 self.applications.append((self.calls[-1], application))
                 assert self._application(self.calls[-1], application)["status"] == "received"
-            for kind in ("registration", "review", "application", "decision", "call", "day"):
+            # (the applications first: a leaving for another holding could take both applicants;
+            # what a leaver gives up of the other kinds is counted as it goes)
+            for kind in ("application", "decision", "registration", "review", "call", "day"):
                 holders = sorted({holder for holder, what in self._held() if what.startswith(kind) and holder != crowded})
                 if holders:
                     self._leaves_and_joins_again(_pick(data, holders))
