@@ -18,7 +18,7 @@ from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, col, select
 
 from handlers import confidential
-from handlers.institutions import Institution, UtcDateTime, column_values, leaving, member, member_ids, upsert
+from handlers.institutions import Institution, Leaving, UtcDateTime, column_values, leaving, member, member_ids, upsert
 from handlers.network import Context, Decider, Event, Projection, Reads, Timer, named, named_in, sender
 from handlers.projects import parties as project_parties, project_ids_of
 from handlers.session import children
@@ -483,14 +483,8 @@ def withdraw_applications_of_departed_applicant(ctx: Context) -> None:
     gone = leaving(ctx, 7)
     if gone is None:
         return
-    for call_id, application_id in _applications_of_leaver(ctx.session, gone.envelope):
-        ctx.emit(
-            "call.application_withdrawn",
-            {"call_id": call_id, "application_id": application_id,
-             "reason": {"en": f"{gone.member} left the network on {gone.at:%Y-%m-%d}: it can no longer take part in the call"}},
-            source=gone.member,
-            key=f"{call_id}/{application_id} member_left",
-        )
+    _answer_for_the_leaver(ctx, gone, _applications_of_leaver(ctx.session, gone.envelope), "call.application_withdrawn",
+                           reason={"en": f"{gone.member} left the network on {gone.at:%Y-%m-%d}: it can no longer take part in the call"})
 
 
 def decline_applications_left_undecided(ctx: Context) -> None:
@@ -503,15 +497,17 @@ def decline_applications_left_undecided(ctx: Context) -> None:
     gone = leaving(ctx, 8)
     if gone is None:
         return
-    for call_id, application_id in _undecided_in_calls_of_leaver(ctx.session, gone.envelope):
-        ctx.emit(
-            "call.application_decided",
-            {"call_id": call_id, "application_id": application_id, "decision": "declined",
-             "comment": {"en": f"{gone.member}, who published the call, left the network on {gone.at:%Y-%m-%d}: "
-                               "nobody is left to decide on the application"}},
-            source=gone.member,
-            key=f"{call_id}/{application_id} member_left",
-        )
+    _answer_for_the_leaver(ctx, gone, _undecided_in_calls_of_leaver(ctx.session, gone.envelope), "call.application_decided",
+                           decision="declined", comment={"en": f"{gone.member}, who published the call, left the network on "
+                                                               f"{gone.at:%Y-%m-%d}: nobody is left to decide on the application"})
+
+
+def _answer_for_the_leaver(ctx: Context, gone: Leaving, applications: list[tuple[str, str]], event_type: str,
+                           **fields: Any) -> None:
+    """Emit ``event_type`` with ``fields`` about each (call, application), in the leaving member's name."""
+    for call_id, application_id in applications:
+        ctx.emit(event_type, {"call_id": call_id, "application_id": application_id, **fields}, source=gone.member,
+                 key=f"{call_id}/{application_id} member_left")
 
 
 def lapse_invitations(ctx: Context) -> None:
