@@ -49,10 +49,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     quick = [item for item in items if item.get_closest_marker("quick") is not None and item.get_closest_marker("early") is None]
     chosen = {id(item) for item in early + quick}
     rest = [item for item in items if id(item) not in chosen] + quick
-    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    workerinput = getattr(config, "workerinput", {})
+    workers = int(workerinput.get("workercount", 1))
     if workers == 1:
         items[:] = early + rest
-    elif config.getoption("dist", "no") == "worksteal":  # each worker's share as the scheduler cuts it, its early tests first
+    elif workerinput.get("dist", config.getoption("dist", "no")) == "worksteal":  # each worker's share as the scheduler cuts it, its early tests first
         ordered: list[pytest.Item] = []
         for worker in range(workers):
             head = early[worker::workers]
@@ -65,6 +66,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for index, item in enumerate(early):
             rest.insert(min(index * batch, len(rest)), item)
         items[:] = rest
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist's, on the controller: tell each worker the scheduler, which a worker's own
+    options do not carry (``--dist`` reads ``no`` there)."""
+    node.workerinput["dist"] = node.config.getoption("dist")
 
 
 # --- where the suite's CPU goes: ``--cpu-report N`` ------------------------------------------------
