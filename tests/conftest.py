@@ -53,7 +53,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     workers = int(workerinput.get("workercount", 1))
     if workers == 1:
         items[:] = early + rest
-    elif workerinput.get("dist", config.getoption("dist", "no")) == "worksteal":  # each worker's share as the scheduler cuts it, its early tests first
+    elif workerinput.get("dist", config.getoption("dist", "no")) == "worksteal":
+        # Each worker's share as the scheduler cuts it, its early tests first.
         ordered: list[pytest.Item] = []
         for worker in range(workers):
             head = early[worker::workers]
