@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import atexit
+import itertools
 import json
 import os
+import random
+import re
 import resource
 import shutil
 import tempfile
@@ -32,6 +36,39 @@ FIXTURES = Path(__file__).parent / "fixtures" / "events"
 OPERATOR = "operator"
 
 
+def _module_share(item: pytest.Item) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The module of a test and the values of its parameters wider than a test (a module's
+    ``gateway`` on SQLite or PostgreSQL): the tests that share one set-up of the module's fixtures."""
+    if not isinstance(item, pytest.Function) or not hasattr(item, "callspec"):
+        return str(item.path), ()
+    fixtures = item._fixtureinfo.name2fixturedefs
+    return str(item.path), tuple(sorted((name, str(value)) for name, value in item.callspec.params.items()
+                                        if name in fixtures and fixtures[name][-1].scope != "function"))
+
+
+def _reorder(items: list[pytest.Item], order: str) -> None:
+    """``--order``: the tests that share a set-up of their module's fixtures, reversed or shuffled
+    among themselves; the modules, and those set-ups, stay where they are."""
+    if order == "collected":
+        return
+    shuffle = random.Random(int(order.removeprefix("shuffle:"))).shuffle if order.startswith("shuffle:") else None
+    reordered: list[pytest.Item] = []
+    for _, shared in itertools.groupby(items, key=_module_share):
+        together = list(shared)
+        if shuffle is not None:
+            shuffle(together)
+        else:
+            together.reverse()
+        reordered += together
+    items[:] = reordered
+
+
+def _order(value: str) -> str:
+    if value in ("collected", "reverse") or re.fullmatch(r"shuffle:\d+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: collected, reverse or shuffle:SEED (a whole number)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``early`` each at the head of another worker's share, tests marked ``quick``
     last, the rest in collection order between.
@@ -45,6 +82,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     timeouts left cores idle (its default scheduler, ``load``, hands out the order in batches it
     never takes back: one worker ran the webhooks' tests for a minute after the others had
     finished). The order is made in each worker alike, from the worker count it is told."""
+    _reorder(items, config.getoption("order"))
     early = [item for item in items if item.get_closest_marker("early") is not None]
     quick = [item for item in items if item.get_closest_marker("quick") is not None and item.get_closest_marker("early") is None]
     chosen = {id(item) for item in early + quick}
@@ -84,6 +122,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--cpu-report", type=int, default=0, metavar="N",
         help="after the run, list the N tests that took the most CPU: the test process's own and that of the processes "
              "it started (nats-servers, collabbus commands), counted when they are reaped",
+    )
+    parser.addoption(
+        "--order", type=_order, default="collected", metavar="ORDER",
+        help="the order of the tests within each module (and each value of its module-wide parameters): collected, "
+             "reverse or shuffle:SEED — a test that passes only after, or before, another shows (xdist's work "
+             "stealing runs a module's tests in other orders too)",
     )
 
 
