@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from handlers.db import make_engine, session_scope
-from handlers.network import Event, Network
+from handlers.network import Event, Network, derived_type
 from schemas import registry
 
 
@@ -191,10 +191,10 @@ async def rebuilt(bus: Any, database_url: str, directory: Path, pg_server_url: s
             engine.dispose()
 
 
-def applied_by_rules(engine: Engine, log: list[dict[str, Any]], *, older: int, newer_from: int = 5) -> dict[str, str]:
+def applied_by_rules(engine: Engine, log: list[dict[str, Any]], *, older: int, newer_from: int = 5) -> dict[str, list[str]]:
     """Apply ``log`` in one batch as a rebuild does, its events before #``newer_from`` (the first
     four) as rules of version ``older`` applied them and the rest as today's; what was derived
-    from each (cause → event id)."""
+    from each (cause → the types of the events derived from it, sorted)."""
     import sqlalchemy as sa
 
     from handlers.rules import RULES
@@ -207,6 +207,10 @@ def applied_by_rules(engine: Engine, log: list[dict[str, Any]], *, older: int, n
         at = datetime.now(timezone.utc)
         assert service.apply_batch([LoggedItem(seq, event, at) for seq, event in enumerate(log, 1)], live=False)[:2] == (len(log), None)
         with engine.connect() as connection:
-            return dict(connection.execute(sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all())
+            derived = connection.execute(sa.text("SELECT caused_by, event_id FROM applied_events WHERE caused_by IS NOT NULL")).all()
+        answers: dict[str, list[str]] = {}
+        for cause, event_id in derived:
+            answers.setdefault(cause, []).append(derived_type(event_id) or event_id)
+        return {cause: sorted(types) for cause, types in answers.items()}
     finally:
         service.close()
