@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import json
 import os
 import selectors
@@ -98,6 +99,8 @@ def serve(path: str) -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     assert threading.active_count() == 1, "a preloaded module started a thread: forking would copy its locks"
+    gc.collect()
+    gc.freeze()  # the forks' collectors leave what was loaded here alone (and its pages shared)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the forked processes reap themselves
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C on the suite is the test worker's (this ends with it)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

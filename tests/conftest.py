@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus.client import offer
-from bus.runtime import Bus
+from bus.runtime import Bus, keep_startup_objects
 from bus.server import EmbeddedNats
 from handlers.db import make_engine, migrate
 from ops.settings import Settings
@@ -112,6 +112,29 @@ def pytest_configure_node(node: Any) -> None:
     """pytest-xdist's, on the controller: tell each worker the scheduler, which a worker's own
     options do not carry (``--dist`` reads ``no`` there)."""
     node.workerinput["dist"] = node.config.getoption("dist")
+
+
+# --- the garbage collector in a test process ------------------------------------------------------
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection built (the tests' modules and all they import: FastAPI, SQLAlchemy,
+    hypothesis, the schemas …) lives as long as the test process: the garbage collector stops
+    walking it, as a bus's does once it has started (``keep_startup_objects``). In a whole run the
+    four workers spent 57 s of their 500 s of CPU collecting garbage, 43 s of it in full
+    collections walking all that; with this and the next, 24 s of 453 s."""
+    keep_startup_objects()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Once a module's tests are done and its fixtures gone, what is still alive is mostly what
+    lives as long as the process (modules, caches, the session's fixtures): it is kept out of the
+    collector's walks too. (An object of it that a cycle holds and that dies later is not
+    collected: memory, not behaviour.)"""
+    if nextitem is None or nextitem.path != item.path:
+        keep_startup_objects()
 
 
 # --- where the suite's CPU goes: ``--cpu-report N`` ------------------------------------------------
