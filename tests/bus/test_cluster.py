@@ -10,8 +10,6 @@ import logging
 import os
 import select
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,7 +31,7 @@ from handlers.tokens import issue
 from ops.settings import Settings
 from ops.tracing import Tracing
 from tests.cluster import NatsCluster
-from tests.commands import acollabbus, collabbus
+from tests.commands import Command, acollabbus, collabbus, spawn
 from tests.conftest import OPERATOR, join, samples, unique
 
 MEMBER = "fi-cluster-member"
@@ -378,7 +376,7 @@ _UNREAD: dict[int, bytes] = {}
 """What :func:`said` read of a process's standard error past the line it waited for, by pid."""
 
 
-def said(process: subprocess.Popen[str], wanted: str, timeout: float = 60) -> str:
+def said(process: Command, wanted: str, timeout: float = 60) -> str:
     """What ``process`` wrote on standard error up to the line containing ``wanted``. Read from the
     pipe itself: a buffered ``readline`` can hold the line wanted where ``select`` does not see it."""
     assert process.stderr is not None
@@ -414,7 +412,7 @@ async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops
            "COLLABBUS_STREAM_REPLICAS": "3", "COLLABBUS_OPERATOR": OPERATOR, "COLLABBUS_HTTP": http,
            "COLLABBUS_GATE_PROCESSES": "0"}
     try:
-        up = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stderr=subprocess.PIPE, text=True)
+        up = spawn("up", env=env)
         try:
             said(up, "waiting for JetStream")
             up.send_signal(signal.SIGINT)
@@ -430,7 +428,7 @@ async def test_collabbus_up_on_a_cluster_without_a_quorum_waits_for_it_and_stops
             if command[0] == "status":  # (a script reads why)
                 assert "try again in a few seconds" in json.loads(done.stdout)["error"]
 
-        up = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stderr=subprocess.PIPE, text=True)
+        up = spawn("up", env=env)
         try:
             said(up, "waiting for JetStream")
             async with httpx.AsyncClient(base_url=f"http://{http}", timeout=30) as client:
@@ -491,7 +489,7 @@ async def test_on_a_cluster_with_the_networks_trust_chain_a_members_credentials_
            "COLLABBUS_NATS_CREDS": str(authority.bus_creds), "COLLABBUS_NATS_ACCOUNT_SEED": str(authority.account_seed_path),
            "COLLABBUS_STREAM_REPLICAS": "3", "COLLABBUS_OPERATOR": OPERATOR, "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}",
            "COLLABBUS_GATE_PROCESSES": "0"}
-    up = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stderr=subprocess.PIPE, text=True)
+    up = spawn("up", env=env)
     operator: Client | None = None
     try:
         said(up, "is up")

@@ -25,13 +25,14 @@ from bus.streams import EVENTS_STREAM
 from handlers.db import make_engine, table_checksums
 from ops.settings import Settings
 from ops.workload import Workload
+from tests.commands import Command, spawn
 
 EVENTS = 3000
 KILLS = 4
 
 
-def start_consumer_process(env: dict[str, str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stderr=subprocess.PIPE, text=True)
+def start_consumer_process(env: dict[str, str]) -> Command:
+    proc = spawn("up", env=env)
     assert proc.stderr is not None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

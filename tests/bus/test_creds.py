@@ -12,8 +12,6 @@ import base64
 import copy
 import os
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,6 +44,7 @@ from bus.streams import EVENTS_STREAM, LIVE_SUBJECTS
 from handlers.confidential import CONFIDENTIAL, public_live_subjects, public_log_subjects
 from ops.settings import Settings
 from schemas import registry
+from tests.commands import acollabbus
 from tests.conftest import OPERATOR, join, load_fixtures, unique
 
 FIXTURE = load_fixtures()["project.registered"]
@@ -532,8 +531,7 @@ async def test_a_bus_whose_credentials_do_not_allow_jetstream_says_so_at_once(
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "bus"), "COLLABBUS_NATS_URL": nats_server.url,
            "COLLABBUS_NATS_CREDS": str(creds), "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}",
            "COLLABBUS_GATE_PROCESSES": "0", "COLUMNS": "300"}
-    result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops", "up"], env=env, capture_output=True,
-                                     text=True, timeout=60)
+    result = await acollabbus("up", env=env)
     assert result.returncode == 1, result.stderr
     assert "error: NATS refused the bus JetStream's API" in result.stderr, result.stderr
     assert 'publish to "$js.api.info"' in result.stderr.lower() and "must allow publishing to $JS.API.>" in result.stderr

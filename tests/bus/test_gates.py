@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from bus.server import EmbeddedNats, free_port
 from ops.bench import child_processes
 from ops import metrics
 from ops.settings import Settings
+from tests.commands import spawn
 from tests.conftest import OPERATOR, unique
 
 
@@ -130,7 +130,7 @@ async def test_a_gatekeeper_whose_bus_is_killed_stops(tmp_path: Path, server: Em
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "killed"), "COLLABBUS_NATS_URL": server.url,
            "COLLABBUS_NATS_CREDS": str(server.bus_creds), "COLLABBUS_GATE_PROCESSES": "1",
            "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
-    bus = subprocess.Popen([sys.executable, "-m", "ops", "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    bus = spawn("up", env=env, stdout=subprocess.DEVNULL)
     try:
         assert bus.stderr is not None
         lines: list[str] = []

@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 
 from bus.lease import BUCKET, Lease, LogHeld, _machine, bucket, holder_of
 from bus.server import EmbeddedNats, free_port
-from tests.commands import collabbus
+from tests.commands import Command, collabbus, spawn
 from tests.conftest import samples, unique
 
 
@@ -289,11 +289,11 @@ async def test_a_bus_that_lost_the_log_stops_applying_it(tmp_path: Path, server:
         assert applied_by["host"] == "standby-host" and applied_by["renewing"] is False  # (its key stands still)
 
 
-def _up(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ops", "up", *args], env=env, stderr=subprocess.PIPE, text=True)
+def _up(env: dict[str, str], *args: str) -> Command:
+    return spawn("up", *args, env=env)
 
 
-def _wait_for_line(proc: subprocess.Popen[str], wanted: str, timeout: float = 60) -> str:
+def _wait_for_line(proc: Command, wanted: str, timeout: float = 60) -> str:
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout
     seen = []
@@ -354,7 +354,7 @@ async def test_a_standby_takes_over_from_a_bus_that_stopped_renewing(tmp_path: P
     envs = [{**common, "COLLABBUS_DATA_DIR": str(tmp_path / name), "COLLABBUS_HTTP": f"127.0.0.1:{port}"}
             for name, port in zip(("first", "second"), ports)]
     first = _up(envs[0])
-    standby: subprocess.Popen[str] | None = None
+    standby: Command | None = None
     try:
         _wait_for_line(first, "is up")
         token = collabbus("institutions", "token", "operator", env=envs[0])
@@ -468,7 +468,7 @@ async def test_a_standby_says_when_its_database_does_not_answer(tmp_path: Path, 
            "COLLABBUS_DATABASE_URL": f"postgresql+psycopg://collabbus:secret@127.0.0.1:{closed}/readmodels",
            "COLLABBUS_DATA_DIR": str(tmp_path / "standby"), "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
     nc = await nats.connect(server.url, **server.connect_options())
-    standby: subprocess.Popen[str] | None = None
+    standby: Command | None = None
     try:
         holder = Lease(nc.jetstream(), "network", data_dir="/srv/holder", renew_every=0.2)
         await holder.take(patience=1)
@@ -497,10 +497,9 @@ def test_a_standby_needs_a_shared_nats_and_database(tmp_path: Path) -> None:
     anything: refused at once, saying what it needs."""
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path)}
     env.pop("COLLABBUS_NATS_URL", None)
-    embedded = subprocess.run([sys.executable, "-m", "ops", "up", "--standby"], env=env, capture_output=True, text=True, timeout=60)
+    embedded = collabbus("up", "--standby", env=env)
     assert embedded.returncode == 2 and "COLLABBUS_NATS_URL" in embedded.stderr
-    sqlite = subprocess.run([sys.executable, "-m", "ops", "up", "--standby"], capture_output=True, text=True, timeout=60,
-                            env={**env, "COLLABBUS_NATS_URL": "nats://127.0.0.1:1"})
+    sqlite = collabbus("up", "--standby", env={**env, "COLLABBUS_NATS_URL": "nats://127.0.0.1:1"})
     assert sqlite.returncode == 2 and "postgresql" in sqlite.stderr and "SQLite" in sqlite.stderr
 
 
@@ -519,8 +518,7 @@ async def test_a_rebuild_holds_the_log_while_it_replays(tmp_path: Path, server: 
             assert (await publisher.gate.admit(institution, orjson.dumps(event))).accepted
         env = {**os.environ, "COLLABBUS_NATS_URL": server.url, "COLLABBUS_NATS_CREDS": str(server.bus_creds),
                "COLLABBUS_DATA_DIR": str(tmp_path / "rebuilt")}
-        rebuilding = subprocess.Popen([sys.executable, "-m", "ops", "rebuild", "--processes", "1"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        rebuilding = spawn("rebuild", "--processes", "1", env=env, stdout=subprocess.PIPE)
         seen: dict[str, Any] | None = None
         while rebuilding.poll() is None and seen is None:
             held = await holder_of(publisher.js, "network")
@@ -628,7 +626,7 @@ async def test_ctrl_c_stops_a_bus_waiting_for_the_lease_at_once(tmp_path: Path, 
            "COLLABBUS_DATA_DIR": str(tmp_path / "second"), "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}",
            "COLLABBUS_GATE_PROCESSES": "0"}
     nc = await nats.connect(server.url, **server.connect_options())
-    up: subprocess.Popen[str] | None = None
+    up: Command | None = None
     try:
         holder = Lease(nc.jetstream(), "network", data_dir="/srv/holder", renew_every=0.2)
         await holder.take(patience=1)

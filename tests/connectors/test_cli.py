@@ -15,7 +15,7 @@ import pytest
 
 from bus.server import free_port
 from ops.bench import child_processes
-from tests.commands import collabbus
+from tests.commands import Command, collabbus, spawn
 from tests.connectors.conftest import Gateway, institution_id
 
 COLLABBUS = [sys.executable, "-m", "ops"]
@@ -128,7 +128,7 @@ def test_collabbus_up_serves_the_gateway(tmp_path: Path) -> None:
            "COLLABBUS_GATE_PROCESSES": "1"}
     for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL"):
         env.pop(name, None)
-    proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = spawn("up", env=env)
     assert proc.stderr is not None
     gatekeepers: list[int] = []
     try:
@@ -170,7 +170,7 @@ def test_a_gatekeeper_restarting_leaves_the_bus_ready(tmp_path: Path) -> None:
            "COLLABBUS_GATE_PROCESSES": "1", "COLLABBUS_LOG_FORMAT": "text"}
     for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL"):
         env.pop(name, None)
-    proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = spawn("up", env=env)
     assert proc.stderr is not None
     lines: list[str] = []
     reading = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
@@ -216,7 +216,7 @@ def test_up_says_in_one_line_what_is_wrong(tmp_path: Path, problem: str) -> None
     else:
         (tmp_path / "data").write_text("")
         expected = "cannot be used"
-    result = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+    result = collabbus("up", env=env)
     assert result.returncode == 1
     assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "secret" not in result.stderr
@@ -289,22 +289,20 @@ def test_tail_follows_the_log_across_a_restart_of_the_embedded_nats_server(tmp_p
            "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "0"}
     for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL"):
         env.pop(name, None)
-    bus = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
-    tail: subprocess.Popen[str] | None = None
+    bus = spawn("up", env=env)
+    tail: Command | None = None
     try:
         assert bus.stderr is not None
         while "Ctrl-C" not in (line := bus.stderr.readline()):
             assert line or bus.poll() is None, "collabbus up exited"
-        tail = subprocess.Popen([*COLLABBUS, "tail", "--since", "all", "--json"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        tail = spawn("tail", "--since", "all", "--json", env=env, stdout=subprocess.PIPE)
         assert tail.stdout is not None
         assert orjson.loads(tail.stdout.readline())["event"]["type"] == "institution.joined"  # the operator's, #1
         [server] = child_processes(bus.pid, "nats-server")
         os.kill(server, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while (added := subprocess.run([*COLLABBUS, "institutions", "add", "tr-after-the-restart", "--name", "After",
-                                         "--kind", "ngo", "--country", "TR"], env=env, capture_output=True, text=True,
-                                        timeout=60)).returncode != 0:
+        while (added := collabbus("institutions", "add", "tr-after-the-restart", "--name", "After", "--kind", "ngo",
+                                   "--country", "TR", env=env)).returncode != 0:
             assert time.monotonic() < deadline, added.stderr  # (until the bus has its server again)
             time.sleep(0.5)
         followed = orjson.loads(tail.stdout.readline())["event"]
@@ -330,7 +328,7 @@ def test_status_of_a_bus_whose_nats_does_not_answer_says_so_also_as_json(tmp_pat
            "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "0"}
     for name in ("COLLABBUS_NATS_URL", "COLLABBUS_DATABASE_URL"):
         env.pop(name, None)
-    bus = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    bus = spawn("up", env=env)
     server = None
     try:
         assert bus.stderr is not None
@@ -338,7 +336,7 @@ def test_status_of_a_bus_whose_nats_does_not_answer_says_so_also_as_json(tmp_pat
             assert line or bus.poll() is None, "collabbus up exited"
         [server] = child_processes(bus.pid, "nats-server")
         os.kill(server, signal.SIGSTOP)
-        result = subprocess.run([*COLLABBUS, "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        result = collabbus("status", "--json", env=env)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         report = orjson.loads(result.stdout)
         assert report["bus_running"] is True

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import statistics
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,9 +31,8 @@ from handlers import tokens
 from handlers.db import make_engine, session_scope
 from ops import demo_data as d
 from ops.settings import Settings
-from tests.commands import acollabbus
+from tests.commands import Command, acollabbus, spawn
 
-COLLABBUS = [sys.executable, "-m", "ops"]
 CRITERIA = ("novelty", "effectiveness", "user_involvement", "transferability", "sustainability", "equity")
 
 
@@ -49,22 +47,20 @@ class Up:
     """A running ``collabbus up --demo``: what it printed, and ways to read its state."""
 
     env: dict[str, str]
-    proc: asyncio.subprocess.Process
+    proc: Command
     stdout: Path
     stderr: list[str] = field(default_factory=list)
 
     @classmethod
     async def start(cls, env: dict[str, str], stdout: Path, until: str, timeout: float = 45) -> "Up":
         with stdout.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *COLLABBUS, "up", "--demo", env=env, stdout=out, stderr=asyncio.subprocess.PIPE
-            )
+            proc = spawn("up", "--demo", env=env, stdout=out)
         up = cls(env, proc, stdout)
         assert proc.stderr is not None
         try:
             async with asyncio.timeout(timeout):
                 while not any(until in line for line in up.stderr):
-                    line = (await proc.stderr.readline()).decode()
+                    line = await asyncio.to_thread(proc.stderr.readline)
                     assert line, "collabbus up --demo exited: " + "".join(up.stderr)
                     up.stderr.append(line)
         except BaseException:
@@ -77,8 +73,8 @@ class Up:
         if self.proc.returncode is not None:
             return ""
         self.proc.send_signal(signal.SIGINT)
-        _, rest = await asyncio.wait_for(self.proc.communicate(), 30)
-        return rest.decode()
+        _, rest = await asyncio.to_thread(self.proc.communicate, timeout=30)
+        return rest or ""
 
     @property
     def printed(self) -> str:

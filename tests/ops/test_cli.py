@@ -26,7 +26,7 @@ from bus.credentials import decode_jwt_claims
 from bus.server import EmbeddedNats, free_port
 from handlers.confidential import CONFIDENTIAL, public_live_subjects
 from schemas import registry
-from tests.commands import collabbus
+from tests.commands import collabbus, spawn
 from tests.conftest import join, load_fixtures, unique
 from tests.ops.conftest import Poisoned, cli_env
 from tests.ops.conftest import collabbus as acli
@@ -46,7 +46,7 @@ def flat(text: str) -> str:
 @contextmanager
 def collabbus_up(env: dict[str, str]) -> Iterator[None]:
     """``collabbus up`` in its own process with ``env`` until the block ends; it stops on Ctrl-C."""
-    proc = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = spawn("up", env=env)
     assert proc.stderr is not None
     lines = []
     deadline = time.monotonic() + 30
@@ -98,7 +98,7 @@ def test_a_forced_rebuild_takes_the_log_over_and_the_bus_applies_it_again_after(
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path / "data"), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
            "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
     env.pop("COLLABBUS_NATS_URL", None)
-    bus = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    bus = spawn("up", env=env)
     said: list[str] = []
     assert bus.stderr is not None
     reading = threading.Thread(target=lambda: said.extend(iter(bus.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
@@ -808,7 +808,7 @@ def test_a_second_bus_on_the_same_data_dir_is_refused(running_bus: dict[str, str
     env = {**running_bus, "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}"}
     config = Path(env["COLLABBUS_DATA_DIR"]) / "nats" / "nats-server.conf"
     before = config.read_text()
-    second = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+    second = cli("up", env=env)
     assert second.returncode == 1
     assert "another collabbus is running on the data dir" in second.stderr and "collabbus up" in second.stderr, second.stderr
     assert config.read_text() == before  # the running server's configuration is untouched
@@ -826,7 +826,7 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
         assert never.returncode == 1 and "no bus has run with the data dir" in never.stderr, never.stderr
         assert "Traceback" not in never.stderr and never.stdout == ""
         assert list(tmp_path.iterdir()) == []
-    up = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    up = spawn("up", env=env)
     assert up.stderr is not None
     deadline = time.monotonic() + 30
     while "is up" not in up.stderr.readline():
@@ -848,7 +848,7 @@ def test_status_and_tail_of_a_stopped_bus(tmp_path: Path) -> None:
     follower = subprocess.Popen([*COLLABBUS, "tail"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         assert follower.stderr is not None and "the bus is not running" in follower.stderr.readline()
-        refused = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+        refused = cli("up", env=env)
         assert refused.returncode == 1 and f"(pid {follower.pid}: collabbus tail)" in refused.stderr, refused.stderr
     finally:
         follower.terminate()
@@ -859,7 +859,7 @@ class Following:
     """A command in its own process whose standard output and error are read as they come."""
 
     def __init__(self, *args: str, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([*COLLABBUS, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = spawn(*args, env=env, stdout=subprocess.PIPE)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         for stream, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
@@ -945,7 +945,7 @@ def test_a_second_ctrl_c_stops_the_bus_at_once_and_it_starts_again_where_it_was(
     env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
            "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "1"}
     env.pop("COLLABBUS_NATS_URL", None)
-    up = subprocess.Popen([*COLLABBUS, "up"], env=env, stderr=subprocess.PIPE, text=True)
+    up = spawn("up", env=env)
     assert up.stderr is not None
     try:
         deadline = time.monotonic() + 60
@@ -986,7 +986,7 @@ def test_up_on_a_taken_http_port_says_so(tmp_path: Path) -> None:
         env = {**os.environ, "COLLABBUS_DATA_DIR": str(tmp_path), "COLLABBUS_HTTP": f"127.0.0.1:{port}",
                "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "1"}
         env.pop("COLLABBUS_NATS_URL", None)
-        result = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+        result = cli("up", env=env)
     assert result.returncode == 1, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "set COLLABBUS_HTTP to another address" in result.stderr
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
@@ -1014,7 +1014,7 @@ def test_a_first_start_that_fails_leaves_a_data_dir_no_bus_has_run_with(tmp_path
             env = {**os.environ, "COLLABBUS_DATA_DIR": str(data_dir), "COLLABBUS_NATS_LISTEN": f"127.0.0.1:{free_port()}",
                    "COLLABBUS_HTTP": f"127.0.0.1:{free_port()}", "COLLABBUS_GATE_PROCESSES": "0", setting: f"127.0.0.1:{port}"}
             env.pop("COLLABBUS_NATS_URL", None)
-            failed = subprocess.run([*COLLABBUS, "up"], env=env, capture_output=True, text=True, timeout=60)
+            failed = cli("up", env=env)
             assert failed.returncode == 1 and "already in use" in failed.stderr, failed.stderr
             assert as_it_was(data_dir), list(data_dir.iterdir())
             for command in (["status", "--json"], ["dlq", "list"]):

@@ -24,7 +24,7 @@ from connectors.portal.sandbox import PortalSandbox, sample_entries
 from connectors.portal.store import PortalEntry
 from handlers.db import session_scope
 from ops.tracing import STORE_FILE, recent_traces
-from tests.commands import acollabbus
+from tests.commands import acollabbus, spawn
 from tests.connectors.conftest import Gateway
 from tests.handlers.harness import envelope
 from tests.portal.conftest import TOKEN, Network, RawPortal
@@ -239,12 +239,12 @@ async def test_a_bus_running_the_connector_serves_how_its_passes_go_and_status_s
     for name in ("COLLABBUS_NATS_URL", "COLLABBUS_NATS_CREDS", "COLLABBUS_DATABASE_URL"):
         env.pop(name, None)
     raw_portal.page = (200, "text/html", b"<html>Kirjaudu</html>")  # a login page: every pass stops
-    up = await asyncio.create_subprocess_exec(*COLLABBUS, "up", env=env, stderr=asyncio.subprocess.PIPE)
+    up = spawn("up", env=env)
     assert up.stderr is not None
     said: list[str] = []
     try:
         while not any("is up" in line for line in said):
-            line = (await asyncio.wait_for(up.stderr.readline(), 60)).decode()
+            line = await asyncio.wait_for(asyncio.to_thread(up.stderr.readline), 60)
             assert line, "collabbus up exited: " + "".join(said)
             said.append(line)
 
@@ -292,5 +292,5 @@ async def test_a_bus_running_the_connector_serves_how_its_passes_go_and_status_s
             assert f"portal {portal_key(raw_portal.url)}: 0 entries synced" in said_now and "entries rejected" in said_now, said_now
     finally:
         up.send_signal(signal.SIGINT)
-        await asyncio.wait_for(up.communicate(), 30)
+        await asyncio.to_thread(up.communicate, timeout=30)
     assert up.returncode == 0
