@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats
 import pytest
 from sqlalchemy import Engine
 
@@ -16,11 +17,22 @@ from ops.settings import Settings
 from tests.handlers.harness import BusScenario
 
 
+@pytest.fixture(scope="module")
+def scenario_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    """The nats-server of a module's scenarios: each test's bus has its streams to itself (:func:`scenario`)."""
+    server = EmbeddedNats(tmp_path_factory.mktemp("scenarios") / "nats", port=0, sync_always=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-async def scenario(database_url: str, tmp_path: Path) -> AsyncIterator[BusScenario]:
-    """A bus of its own — own nats-server, own log — applying to this test's database."""
-    server = EmbeddedNats(tmp_path / "nats", port=0, sync_always=False)
-    await server.astart()
+async def scenario(database_url: str, tmp_path: Path, scenario_server: EmbeddedNats) -> AsyncIterator[BusScenario]:
+    """A bus of its own — its own log — applying to this test's database. The log is the module's
+    nats-server's streams, which each test's bus makes anew and deletes when it has stopped."""
+    server = scenario_server
     settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, database_url=database_url)
     bus = Bus(settings, consumer_settings=ConsumerSettings("network", backoff=(0.05, 0.1)))
     await bus.start(ingress=False)
@@ -32,7 +44,10 @@ async def scenario(database_url: str, tmp_path: Path) -> AsyncIterator[BusScenar
         yield BusScenario(bus)
     finally:
         await bus.stop()
-        await server.astop()
+        async with await nats.connect(server.url, **server.connect_options()) as nc:
+            js = nc.jetstream()
+            for info in await js.streams_info():
+                await js.delete_stream(str(info.config.name))
 
 
 @pytest.fixture
