@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import statistics
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -50,6 +51,10 @@ class Up:
     proc: Command
     stdout: Path
     stderr: list[str] = field(default_factory=list)
+    """What it said on stderr until it was up (:meth:`start`)."""
+    said: list[str] = field(default_factory=list)
+    """What it has said on stderr, read as it comes (a pipe nobody reads would stop the bus once full)."""
+    reading: threading.Thread | None = None
 
     @classmethod
     async def start(cls, env: dict[str, str], stdout: Path, until: str, timeout: float = 45) -> "Up":
@@ -57,24 +62,28 @@ class Up:
             proc = spawn("up", "--demo", env=env, stdout=out)
         up = cls(env, proc, stdout)
         assert proc.stderr is not None
+        up.reading = reading = threading.Thread(target=lambda: up.said.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+        reading.start()
         try:
             async with asyncio.timeout(timeout):
-                while not any(until in line for line in up.stderr):
-                    line = await asyncio.to_thread(proc.stderr.readline)
-                    assert line, "collabbus up --demo exited: " + "".join(up.stderr)
-                    up.stderr.append(line)
+                while not any(until in line for line in up.said):
+                    assert reading.is_alive() or any(until in line for line in up.said), "collabbus up --demo exited: " + "".join(up.said)
+                    await asyncio.sleep(0.05)
         except BaseException:
             await up.stop()
             raise
+        up.stderr = list(up.said)
         return up
 
     async def stop(self) -> str:
         """Ctrl-C; the rest of what it said on stderr."""
-        if self.proc.returncode is not None:
+        if self.proc.poll() is not None:
             return ""
         self.proc.send_signal(signal.SIGINT)
-        _, rest = await asyncio.to_thread(self.proc.communicate, timeout=30)
-        return rest or ""
+        await asyncio.to_thread(self.proc.wait, 30)
+        if self.reading is not None:
+            await asyncio.to_thread(self.reading.join, 10)  # (to the pipe's end)
+        return "".join(self.said[len(self.stderr):])
 
     @property
     def printed(self) -> str:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,14 @@ from sqlalchemy import Engine
 from connectors.portal import store
 from connectors.portal.connector import portal_key
 from connectors.portal.sandbox import PortalSandbox, sample_entries
+from tests.commands import PIPE, spawn
 from tests.connectors.conftest import Gateway
 from tests.portal.conftest import TOKEN, Network, project_events
 from tests.portal.test_portal_sync import assert_exact
 
 ENTRIES = int(os.environ.get("COLLABBUS_PORTAL_KILL_ENTRIES", "1000"))
-COLLABBUS = [sys.executable, "-m", "ops"]
-
-
-SYNC = [*COLLABBUS, "portal", "sync", "--once", "--json"]
+SYNC = ["portal", "sync", "--once", "--json"]
+"""``collabbus portal sync`` in a process of its own (forked by ``tests.commands``)."""
 
 
 def sync_env(gateway: Gateway, sandbox: PortalSandbox, tmp_path: Path) -> dict[str, str]:
@@ -55,22 +53,23 @@ async def test_a_killed_sync_process_restarts_into_the_exact_state(
     portal = portal_key(sandbox.url)
     env = sync_env(gateway, sandbox, tmp_path)
 
-    first = await asyncio.create_subprocess_exec(*SYNC, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    first = spawn(*SYNC, env=env, stdout=PIPE)
+    said = asyncio.ensure_future(asyncio.to_thread(first.communicate))  # (its pipes read as it writes)
     while (progress := await asyncio.to_thread(synced, gateway.bus.engine, portal)) < ENTRIES // 4:
-        assert first.returncode is None, (await first.communicate())[1].decode()
+        assert not said.done(), said.result()[1]
         await asyncio.sleep(0.05)
     first.send_signal(signal.SIGKILL)
-    await first.communicate()
+    await said
     assert first.returncode == -signal.SIGKILL
     stored = await asyncio.to_thread(synced, gateway.bus.engine, portal)
     assert progress <= stored < ENTRIES, "the process was not killed in the middle of the sync"
     registered_before = len(await project_events(gateway, list(network.members.values())))
     assert stored <= registered_before < ENTRIES  # events of the page under way may be logged but not stored
 
-    second = await asyncio.create_subprocess_exec(*SYNC, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await second.communicate()
-    assert second.returncode == 0, stderr.decode()
-    summary = json.loads(stdout)
+    second = spawn(*SYNC, env=env, stdout=PIPE)
+    stdout, stderr = await asyncio.to_thread(second.communicate)
+    assert second.returncode == 0, stderr
+    summary = json.loads(stdout or "")
     assert summary["complete"] and summary["rejected"] == []
     assert summary["registered"] == ENTRIES - stored  # resumed from the stored cursor, not from the start
     assert summary["duplicates"] == registered_before - stored  # the page under way, recognised by its ids
@@ -88,19 +87,20 @@ async def test_sigterm_stops_a_sync_mid_pass_and_the_next_one_carries_on(
     sandbox.store.seed(sample_entries(entries, network.organisations))
     portal = portal_key(sandbox.url)
     env = sync_env(gateway, sandbox, tmp_path)
-    first = await asyncio.create_subprocess_exec(*SYNC, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    first = spawn(*SYNC, env=env, stdout=PIPE)
+    said = asyncio.ensure_future(asyncio.to_thread(first.communicate))  # (its pipes read as it writes)
     while await asyncio.to_thread(synced, gateway.bus.engine, portal) < entries // 4:
-        assert first.returncode is None, (await first.communicate())[1].decode()
+        assert not said.done(), said.result()[1]
         await asyncio.sleep(0.05)
     first.send_signal(signal.SIGTERM)
-    stdout, stderr = await asyncio.wait_for(first.communicate(), 15)  # not at the end of the pass: now
-    assert first.returncode == 1 and "stopped mid-pass" in stderr.decode(), stderr.decode()
-    cut = json.loads(stdout)  # a script still gets a report: what the pass did until then
+    stdout, stderr = await asyncio.wait_for(said, 15)  # not at the end of the pass: now
+    assert first.returncode == 1 and "stopped mid-pass" in (stderr or ""), stderr
+    cut = json.loads(stdout or "")  # a script still gets a report: what the pass did until then
     assert cut["complete"] is False and cut["error"] == "interrupted" and 0 < cut["listed"] < entries
     assert await asyncio.to_thread(synced, gateway.bus.engine, portal) < entries
 
-    second = await asyncio.create_subprocess_exec(*SYNC, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await second.communicate()
-    assert second.returncode == 0 and json.loads(stdout)["complete"], stderr.decode()
+    second = spawn(*SYNC, env=env, stdout=PIPE)
+    stdout, stderr = await asyncio.to_thread(second.communicate)
+    assert second.returncode == 0 and json.loads(stdout or "")["complete"], stderr
     events = await assert_exact(gateway, sandbox, network)
     assert len(events) == entries and {e["type"] for e in events} == {"project.registered"}
