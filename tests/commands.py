@@ -242,8 +242,13 @@ class Command:
     def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
         """Read the pipes to their end (each in a thread of its own, as ``Popen`` does), then wait."""
         read: dict[str, str] = {}
-        readers = [threading.Thread(target=lambda name=name, stream=stream: read.__setitem__(name, stream.read()), daemon=True)
-                   for name, stream in (("stdout", self.stdout), ("stderr", self.stderr)) if stream is not None]
+
+        def read_to_the_end(name: str, stream: IO[str]) -> None:
+            with stream:
+                read[name] = stream.read()
+
+        readers = [threading.Thread(target=read_to_the_end, args=(name, stream), daemon=True)
+                   for name, stream in (("stdout", self.stdout), ("stderr", self.stderr)) if stream is not None and not stream.closed]
         for reader in readers:
             reader.start()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -257,6 +262,12 @@ class Command:
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
             os.kill(self.pid, sig)
+
+    def __del__(self) -> None:
+        # What a test did not read to the end (a pipe it read up to a line, a command it never waited for).
+        for held in (self.stdout, self.stderr, self._connection):
+            if held is not None:
+                held.close()
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
