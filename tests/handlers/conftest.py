@@ -35,19 +35,21 @@ async def scenario(database_url: str, tmp_path: Path, scenario_server: EmbeddedN
     server = scenario_server
     settings = Settings(data_dir=tmp_path / "bus", nats_url=server.url, nats_creds=server.bus_creds, database_url=database_url)
     bus = Bus(settings, consumer_settings=ConsumerSettings("network", backoff=(0.05, 0.1)))
-    await bus.start(ingress=False)
-    # The timers act only when a test ticks them, at the moment it names: the relay's own tick
-    # each second would otherwise act on a deadline between a test's events and its tick.
-    assert bus.relay is not None
-    bus.relay.clock = lambda: None
     try:
+        await bus.start(ingress=False)
+        # The timers act only when a test ticks them, at the moment it names: the relay's own tick
+        # each second would otherwise act on a deadline between a test's events and its tick.
+        assert bus.relay is not None
+        bus.relay.clock = lambda: None
         yield BusScenario(bus)
     finally:
-        await bus.stop()
-        async with await nats.connect(server.url, **server.connect_options()) as nc:
-            js = nc.jetstream()
-            for info in await js.streams_info():
-                await js.delete_stream(str(info.config.name))
+        try:
+            await bus.stop()
+        finally:  # (also after a start or a stop that failed: the next test's log starts empty)
+            async with await nats.connect(server.url, **server.connect_options()) as nc:
+                js = nc.jetstream()
+                for info in await js.streams_info():
+                    await js.delete_stream(str(info.config.name))
 
 
 @pytest.fixture
