@@ -164,36 +164,6 @@ def _connect() -> socket.socket:
     return connection
 
 
-def collabbus(*args: str, env: dict[str, str], stdin: str | bytes | None = None, timeout: float = 60,
-              cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``collabbus ARGS`` run to its end, as ``subprocess.run(..., capture_output=True, text=True)``."""
-    global cpu_seconds
-    with tempfile.TemporaryFile() as given, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        given.write(stdin.encode() if isinstance(stdin, str) else stdin or b"")
-        given.seek(0)
-        request = {"args": list(args), "env": dict(env), "cwd": str(cwd or os.getcwd())}
-        with _connect() as connection, connection.makefile("r") as answers:
-            socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], [given.fileno(), out.fileno(), err.fileno()])
-            started = answers.readline()
-            if not started:
-                raise RuntimeError(f"the command server did not start `collabbus {' '.join(args)}` (its errors are on this worker's stderr)")
-            pid = int(started)
-            connection.settimeout(timeout)
-            try:
-                ended = answers.readline()
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(["collabbus", *args], timeout) from None
-            if not ended:
-                raise RuntimeError(f"`collabbus {' '.join(args)}` (pid {pid}): the command server's process watching it ended first")
-            status, cpu = ended.split()
-        with _lock:
-            cpu_seconds += float(cpu)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(["collabbus", *args], int(status), out.read().decode(), err.read().decode())
-
-
 class Command:
     """``collabbus ARGS`` running in a process forked by the command server: what the tests use of
     :class:`subprocess.Popen` (its pid for signals, its standard streams as pipes, its exit status).
@@ -263,31 +233,31 @@ class Command:
         if self.poll() is None:
             os.kill(self.pid, sig)
 
-    def __del__(self) -> None:
-        # What a test did not read to the end (a pipe it read up to a line, a command it never waited for).
-        for held in (self.stdout, self.stderr, self._connection):
-            if held is not None:
-                held.close()
-
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
+    def __del__(self) -> None:
+        # What a test did not read to the end (a pipe it read up to a line, a command it never waited for).
+        for held in (self.stdout, self.stderr, self._connection):
+            if held is not None:
+                held.close()
+
 
 PIPE, DEVNULL = subprocess.PIPE, subprocess.DEVNULL
 
 
-def spawn(*args: str, env: dict[str, str], stdout: int | IO[Any] | None = None, stderr: int | IO[Any] | None = PIPE,
-          cwd: str | Path | None = None) -> Command:
+def spawn(*args: str, env: dict[str, str], stdin: IO[Any] | None = None, stdout: int | IO[Any] | None = None,
+          stderr: int | IO[Any] | None = PIPE, cwd: str | Path | None = None) -> Command:
     """``collabbus ARGS`` started and left running, as ``subprocess.Popen([...], text=True)``:
     ``stdout``/``stderr`` are ``PIPE``, ``DEVNULL``, an open file or None (this process's own);
-    its standard input is empty."""
+    its standard input is ``stdin``, an open file, or empty."""
     ends: list[int] = []  # what the command is given
     ours: dict[str, IO[str]] = {}
     with open(os.devnull, "rb") as nothing:
-        ends.append(os.dup(nothing.fileno()))
+        ends.append(os.dup((stdin or nothing).fileno()))
         for name, how, own in (("stdout", stdout, 1), ("stderr", stderr, 2)):
             if how == PIPE:
                 reading, writing = os.pipe()
@@ -312,6 +282,23 @@ def spawn(*args: str, env: dict[str, str], stdout: int | IO[Any] | None = None, 
             raise RuntimeError(f"the command server did not start `collabbus {' '.join(args)}` (its errors are on this worker's stderr)")
         said += more
     return Command(["collabbus", *args], int(said), connection, ours.get("stdout"), ours.get("stderr"))
+
+
+def collabbus(*args: str, env: dict[str, str], stdin: str | bytes | None = None, timeout: float = 60,
+              cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``collabbus ARGS`` run to its end, as ``subprocess.run(..., capture_output=True, text=True)``."""
+    with tempfile.TemporaryFile() as given, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        given.write(stdin.encode() if isinstance(stdin, str) else stdin or b"")
+        given.seek(0)
+        command = spawn(*args, env=env, stdin=given, stdout=out, stderr=err, cwd=cwd)
+        try:
+            status = command.wait(timeout)
+        except subprocess.TimeoutExpired:
+            command.kill()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command.args, status, out.read().decode(), err.read().decode())
 
 
 async def acollabbus(*args: str, env: dict[str, str], stdin: str | bytes | None = None, timeout: float = 60,
